@@ -1,0 +1,495 @@
+"""
+LLaMA 2 and LLaMA 3 in one file: the base model that TeamLoRA adapts.
+
+Module names follow Meta's reference code (tok_embeddings, layers.N.attention.wq, ...), so Meta's
+consolidated.*.pth checkpoints load with no renaming; Hugging Face checkpoints are renamed and their
+q/k rows un-permuted on the way in (see hf_to_meta_qk). Every projection is a plain bias-free
+nn.Linear that is only ever called, so an adapter library can swap it for a subclass by name.
+
+The architecture in one breath: token embedding -> n_layers x [RMSNorm -> attention with rotary
+position embeddings and grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -> residual] ->
+RMSNorm -> output projection to the vocabulary.
+"""
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (plain multi-head attention)
+    vocab_size: int = 32000  # Meta's params.json says -1 ("read it from the weights")
+    multiple_of: int = 256  # the FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    hidden_dim: Optional[int] = None  # explicit FFN width (HF's intermediate_size); None: Meta's rule
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even width; choose dim as a multiple of 2*n_heads")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each key/value head must serve a whole group of query heads")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self):
+        # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices instead of two), scaled, rounded up
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        """A preset by name, e.g. ModelArgs.from_name("small", vocab_size=2048)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model name {name!r}; valid names are: {', '.join(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelArgs field(s) {sorted(unknown)}; valid fields are: {', '.join(f.name for f in fields(cls))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),
+    # the paper's base: LLaMA-2-7B with a vocabulary extended by Chinese tokens
+    "chinese-llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=55296, max_seq_len=4096),
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                      ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    # small ones for tests and CPU runs (both use grouped-query attention, so it is always exercised)
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
+    "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=64, max_seq_len=512),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # the mean of squares is computed in float32: in bf16 it loses too many digits
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cos_sin(positions, head_dim, theta):
+    """positions (B, T) or (1, T) -> cos, sin (B, T, 1, head_dim/2) in float32.
+    Pair i of a head turns by the angle position * theta^(-2i/head_dim). Computed on the fly rather
+    than kept as a buffer, so it survives meta-device builds, .to(bfloat16) and per-row positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, T, H, hd). Meta's layout: the rotated pairs are adjacent, (x0, x1), (x2, x3), ..."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, hd/2) each
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, H, hd/2, 2)
+    return rotated.flatten(-2).type_as(x)
+
+
+def hf_to_meta_qk(w, n_heads):
+    """Undo the row permutation Hugging Face's converter applies to wq and wk (pass n_kv_heads for
+    wk). HF's rotary code rotates the first half of a head against the second half, so its
+    converter moves row 2j of each head to j and row 2j+1 to j + hd/2; this moves them back."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def packed_attention(seq_ids):
+    """seq_ids (B, T) -> mask (B, 1, T, T) bool, positions (B, T).
+    A token sees the earlier tokens with its own seq_id, and its position is how many those are,
+    so positions restart at 0 for every packed sequence. Padding (negative ids) sees only padding,
+    never nothing: an all-masked row would give NaN, and NaN values poison later layers."""
+    T = seq_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seq_ids.device).tril()
+    mask = (seq_ids[:, :, None] == seq_ids[:, None, :]) & causal  # (B, T, T)
+    return mask[:, None], mask.sum(-1) - 1
+
+
+def repeat_kv(x, n_rep):
+    """(B, Hkv, S, hd) -> (B, Hkv * n_rep, S, hd): query head h uses key/value head h // n_rep."""
+    B, Hkv, S, hd = x.shape
+    return x[:, :, None].expand(B, Hkv, n_rep, S, hd).reshape(B, Hkv * n_rep, S, hd)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, for one layer, preallocated for the batch."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = 0
+
+    def update(self, k, v):
+        T = k.shape[2]
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]  # (B, Hkv, S, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q = apply_rotary(self.wq(x).view(B, T, H, hd), cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rotary(self.wk(x).view(B, T, Hkv, hd), cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, S, hd): every position so far, this step's included
+        if mask is None:
+            # plain causal attention: the fast path (flash attention on GPUs)
+            y = F.scaled_dot_product_attention(q, repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv), is_causal=True)
+        else:
+            # the mask is the same for every head, so fold each group of query heads into extra query
+            # rows of its key/value head instead of copying K and V (the whole cache, when decoding)
+            S = k.shape[2]
+            q = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # (B, Hkv, rep*T, hd)
+            mask = mask.expand(B, 1, T, S).repeat(1, 1, H // Hkv, 1)  # (B, 1, rep*T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate (HF: gate_proj)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down (HF: down_proj)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up (HF: up_proj)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args, gradient_checkpointing=False):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError(f"vocab_size={args.vocab_size} must be positive; set it to the tokenizer's vocabulary size")
+        self.args = args
+        self.gradient_checkpointing = gradient_checkpointing  # recompute each block in backward to save memory
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Fresh weights for training from scratch (a no-op on the meta device; call it after
+        to_empty() when not loading a checkpoint). GPT-2's scheme: N(0, 0.02), and the projections
+        that write into the residual stream scaled down by sqrt(2 * n_layers)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=0.02 / (2 * self.args.n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def trunk(self, tokens, positions, mask=None, caches=None):
+        """tokens (B, T), positions (B, T) or (1, T) -> final-normed hidden states (B, T, C)."""
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and caches is None:
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, None if caches is None else caches[i])
+        return self.norm(h)
+
+    def forward(self, tokens, targets=None, seq_ids=None, reduction="mean"):
+        """tokens (B, T) -> (logits (B, T, vocab) float32, loss or None).
+
+        targets (B, T) are already aligned with tokens: targets[:, t] is the label for the token that
+        follows tokens[:, t] (the caller shifts), and -100 marks positions without a label. The loss
+        is the cross-entropy over labelled positions, their mean or (reduction="sum") their sum.
+        seq_ids (B, T) packs several sequences in a row: a token attends only to earlier tokens with
+        the same seq_id, rotary positions restart at 0 for each, and a negative seq_id is padding."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be a (batch, time) tensor of token ids, got shape {tuple(tokens.shape)}; add a batch dimension with tokens[None]")
+        B, T = tokens.shape
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}; cut the sequences or raise max_seq_len")
+        for name, t in (("targets", targets), ("seq_ids", seq_ids)):
+            if t is not None and t.shape != tokens.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but tokens have {tuple(tokens.shape)}; give one {name[:-1]} per token")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'")
+        if seq_ids is None:
+            positions, mask = torch.arange(T, device=tokens.device)[None], None  # (1, T)
+        else:
+            mask, positions = packed_attention(seq_ids)
+        logits = self.output(self.trunk(tokens, positions, mask)).float()  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
+        return logits, loss
+
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens, eos_id=None, temperature=0.0, top_p=1.0, seed=None):
+        """Continue each prompt (a list of token ids) by up to max_new_tokens tokens; returns only the
+        new tokens, each list cut before its first eos_id. temperature 0 is greedy decoding.
+        The prompts are left-padded into one batch: padding gets seq_id -1 (so nothing attends to it)
+        and each row's rotary positions start at its first real token."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty list of non-empty prompts; give each prompt at least one token (e.g. BOS)")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature={temperature}, top_p={top_p} are out of range; use temperature >= 0 and 0 < top_p <= 1")
+        B, P = len(prompts), max(len(p) for p in prompts)
+        total = P + max_new_tokens
+        if total > self.args.max_seq_len:
+            raise ValueError(f"the longest prompt ({P} tokens) plus max_new_tokens={max_new_tokens} exceeds max_seq_len={self.args.max_seq_len}; shorten the prompts or lower max_new_tokens")
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        weight = self.tok_embeddings.weight
+        device = weight.device
+        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+        seq_ids = torch.zeros(B, total, dtype=torch.long, device=device)  # 0: a real token, -1: padding
+        for i, p in enumerate(prompts):
+            tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            seq_ids[i, :P - len(p)] = -1
+        lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        caches = [KVCache(B, total, self.args.n_kv_heads, self.args.head_dim, weight.dtype, device) for _ in self.layers]
+        was_training = self.training
+        self.eval()  # adapters may hold dropout
+        try:
+            mask, positions = packed_attention(seq_ids[:, :P])
+            logits = self.output(self.trunk(tokens, positions, mask, caches)[:, -1]).float()  # (B, V)
+            out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                next_token = sample(logits, temperature, top_p, generator)  # (B,)
+                out.append(next_token)
+                if eos_id is not None:
+                    done |= next_token == eos_id
+                    if done.all():
+                        break
+                if step == max_new_tokens - 1:
+                    break
+                mask = (seq_ids[:, :P + step + 1] >= 0)[:, None, None, :]  # (B, 1, 1, S)
+                positions = (lengths + step)[:, None]  # (B, 1)
+                logits = self.output(self.trunk(next_token[:, None], positions, mask, caches)[:, -1]).float()
+        finally:
+            self.train(was_training)
+        results = []
+        for row in torch.stack(out, dim=1).tolist():  # (B, steps)
+            results.append(row[:row.index(eos_id)] if eos_id in row else row)
+        return results
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, max_seq_len=None):
+        """Load a Meta directory (params.json + consolidated.*.pth) or a Hugging Face one
+        (config.json + *.safetensors or pytorch_model*.bin). Files are memory-mapped and the model is
+        built on the meta device, then takes the loaded tensors as its parameters (no second copy).
+        dtype (e.g. torch.bfloat16 for 7B) defaults to the checkpoint's own."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist; pass the folder that holds params.json (Meta) or config.json (Hugging Face)")
+        if os.path.exists(os.path.join(path, "params.json")):
+            args, state = _read_meta(path)
+        elif os.path.exists(os.path.join(path, "config.json")):
+            args, state = _read_hf(path)
+        else:
+            raise ValueError(f"{path!r} holds neither params.json (Meta layout) nor config.json (Hugging Face layout); point to the folder with the weights (for Meta's files in a Hugging Face download, its original/ folder)")
+        if max_seq_len is not None:
+            args = replace(args, max_seq_len=max_seq_len)
+        with torch.device("meta"):
+            model = cls(args)
+        expected = {name: t.shape for name, t in model.state_dict().items()}
+        for problem, names in (("lacks weights the model needs", expected.keys() - state.keys()),
+                               ("has weights this model does not know", state.keys() - expected.keys())):
+            if names:
+                names = sorted(names)
+                listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                raise ValueError(f"the checkpoint in {path!r} {problem}: {listed}; check that all weight files are present and that they belong to a LLaMA model")
+        for name in expected:
+            if state[name].shape != expected[name]:
+                raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model expects {tuple(expected[name])}; the config and the weights do not match")
+            state[name] = state[name].to(device=device, dtype=dtype)  # one tensor at a time
+        model.load_state_dict(state, assign=True)
+        return model
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """logits (B, V) -> next tokens (B,). Top-p keeps the smallest set of most likely tokens whose
+    probabilities add up to at least top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    probs, order = probs.sort(dim=-1, descending=True)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # mass above it already >= top_p
+    choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1); multinomial renormalises
+    return order.gather(-1, choice).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoint reading
+
+def _read_meta(path):
+    with open(os.path.join(path, "params.json")) as f:
+        params = json.load(f)
+    if params.pop("use_scaled_rope", False):
+        raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose rotary scaling this model does not implement; use a LLaMA 2 or LLaMA 3 checkpoint")
+    unknown = params.keys() - {f.name for f in fields(ModelArgs)}
+    if unknown:
+        raise ValueError(f"params.json in {path!r} has fields this model does not know: {sorted(unknown)}; only LLaMA 2 and LLaMA 3 checkpoints are supported")
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not files:
+        raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth weight files; put the weights in the same folder")
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    state = {}
+    for name in shards[0]:
+        if name == "rope.freqs":  # precomputed rotary frequencies in old checkpoints; we compute them
+            continue
+        parts = [s[name] for s in shards if name in s]
+        if len(parts) == 1 or parts[0].dim() == 1:  # a single shard, or a norm (replicated on every shard)
+            state[name] = parts[0]
+        else:
+            state[name] = torch.cat(parts, dim=_meta_split_dim(name, parts[0], params["dim"]))
+    if params.get("vocab_size", -1) <= 0:  # -1 in Meta's files: the embedding's row count says it
+        if "tok_embeddings.weight" not in state:
+            raise ValueError(f"the checkpoint in {path!r} lacks weights the model needs: tok_embeddings.weight; check that all weight files are present")
+        params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    return ModelArgs(**params), state
+
+
+def _meta_split_dim(name, part, dim):
+    # Meta's model-parallel shards (fairscale): column-parallel layers (wq, wk, wv, w1, w3, output)
+    # split their output rows, row-parallel ones (wo, w2) their input columns. The embedding is
+    # split along the embedding dim in LLaMA 2 and along the vocabulary in LLaMA 3.
+    if name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    if name == "tok_embeddings.weight":
+        return 0 if part.shape[1] == dim else 1
+    return 0
+
+
+_HF_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+_HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _hf_to_meta_name(name):
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+    if name.endswith(".weight") and name[:-len(".weight")] in _HF_NAMES:
+        return _HF_NAMES[name[:-len(".weight")]] + ".weight"
+    return name  # unknown: reported as unexpected
+
+
+def _read_hf(path):
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    unsupported = {"model_type": ("llama", None), "hidden_act": ("silu", None), "rope_scaling": (None,),
+                   "attention_bias": (False, None), "mlp_bias": (False, None)}
+    for key, allowed in unsupported.items():
+        if config.get(key) not in allowed:
+            raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this LLaMA does not implement; only LLaMA 2/3-style checkpoints are supported")
+    n_heads = config["num_attention_heads"]
+    if config.get("head_dim", config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
+        raise ValueError(f"config.json in {path!r} has head_dim={config['head_dim']} != hidden_size / num_attention_heads; this model does not support that")
+    # HF's defaults where a key is absent (rms_norm_eps 1e-6, max_position_embeddings 2048)
+    args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                     n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+                     hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+                     rope_theta=config.get("rope_theta", 10000.0), max_seq_len=config.get("max_position_embeddings", 2048))
+    state = {}
+    for file in _hf_weight_files(path):
+        for hf_name, t in _read_tensors(os.path.join(path, file)):
+            if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer that older conversions saved
+                continue
+            name = _hf_to_meta_name(hf_name)
+            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
+                if t.shape == (heads * args.head_dim, args.dim):  # else: reported as a shape mismatch
+                    t = hf_to_meta_qk(t, heads)
+            state[name] = t
+    if "output.weight" not in state and config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]  # tied: one tensor serves both
+    return args, state
+
+
+def _hf_weight_files(path):
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, single)):
+            return [single]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise FileNotFoundError(f"{path!r} has config.json but no *.safetensors or pytorch_model*.bin weight files; put the weights in the same folder")
+    return [os.path.basename(f) for f in files]
+
+
+def _read_tensors(file):
+    """Yield (name, tensor) from one weight file, memory-mapped where the format allows."""
+    if file.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise ImportError(f"reading {file} needs the safetensors package: pip install safetensors (or load Meta's consolidated.*.pth files, e.g. the original/ folder of a Hugging Face download)") from None
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
