@@ -1,0 +1,193 @@
+"""TeamLoRA (Lin et al., ACL 2025, arXiv 2408.09856) as a drop-in replacement for nn.Linear.
+
+    h = x W0^T + b + sum_i omega_i(x) * scaling * z_i B_i^T          (Eq. 13)
+    z = dropout(x A^T) split into k segments z_i of width r_B = r/k    (Eq. 8, 9: collaboration)
+    omega = k * rownorm(phi (I + M)),  phi = softmax(x W_r^T)          (Eq. 11, 12: competition)
+
+One shared A (r x d_in) feeds k expert matrices B_i (d_out x r_B), stored side by side as
+B = [B_1 ... B_k] (d_out x r). Because sum_i omega_i z_i B_i^T = (z * omega repeated r_B times)
+B^T, the whole layer costs two GEMMs plus a tiny d_in -> k router: the price of one LoRA of rank r.
+Copy this file into any project: it needs torch and nothing else.
+"""
+import math
+import os
+import shutil
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign kept (see _omega)
+
+
+def _omega(x, router, M):
+    """Per-token expert weights (..., k) in float32 (or float64), summing to k over the last dim."""
+    logits = F.linear(x, router)  # (..., k)
+    phi = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # Eq. 11
+    if M is None:  # collaboration only (Table 4): omega = k * softmax
+        return phi * phi.shape[-1]
+    adj = phi + phi @ M.to(phi.dtype)  # (..., k)  Eq. 12 as phi (I + M): M starts near 0, diagonal 1
+    s = adj.sum(-1, keepdim=True)
+    # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
+    s = torch.where(s < 0, s.clamp(max=-EPS), s.clamp(min=EPS))
+    return adj / s * phi.shape[-1]
+
+
+def team_lora_delta(x, A, B, router, M, scaling, dropout):
+    """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None)."""
+    z = F.dropout(F.linear(x, A), dropout, dropout > 0)  # (..., r)  Eq. 8, dropout on z_i
+    if router is None:  # one expert: plain LoRA
+        return F.linear(z * scaling, B), None
+    omega = _omega(x, router, M)
+    k = omega.shape[-1]
+    w = (omega * scaling).to(z.dtype)  # fold the scaling into the k weights, not the r columns
+    zw = (z.unflatten(-1, (k, -1)) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r_B) -> (..., r)
+    return F.linear(zw, B), omega  # Eq. 9 + 13 in one GEMM: sum_i omega_i z_i B_i^T
+
+
+def team_lora_delta_loop(x, A, B, router, M, scaling, dropout):
+    """Eq. 9 and 13 written literally, one expert at a time. The readable reference; slower."""
+    z = F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling
+    if router is None:
+        return F.linear(z, B), None
+    omega = _omega(x, router, M)
+    k = omega.shape[-1]
+    zs, Bs = z.chunk(k, -1), B.chunk(k, -1)  # z_i (..., r_B), B_i (d_out, r_B)
+    delta = sum(omega[..., i:i + 1].to(z.dtype) * F.linear(zs[i], Bs[i]) for i in range(k))
+    return delta, omega
+
+
+_compiled = {}  # device type -> the compiled (or, without a C++ compiler, eager) fused function
+
+
+def _fused_compiled(device_type):
+    if device_type not in _compiled:
+        if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+            warnings.warn("TeamLoRA: torch.compile on CPU needs a C++ compiler and none was found "
+                          "(install g++ or set CXX); the fused path runs eagerly instead.")
+            _compiled[device_type] = team_lora_delta
+        else:  # dynamic=True: one graph for every sequence length, not a recompile for each
+            _compiled[device_type] = torch.compile(team_lora_delta, dynamic=True)
+    return _compiled[device_type]
+
+
+class TeamLoRALinear(nn.Linear):
+    """nn.Linear plus a TeamLoRA adapter. Takes over the base layer's `weight` and `bias`
+    (the same tensors, never copied), so base checkpoints load into an adapted model unchanged."""
+
+    def __init__(self, base: nn.Linear, r=8, experts=4, alpha=16.0, dropout=0.05, competition=True,
+                 adapter_dtype=torch.float32, compile=False):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second base weight
+        if r <= 0 or experts <= 0 or r % experts:
+            raise ValueError(f"TeamLoRA needs r to be a positive multiple of experts, got r={r}, "
+                             f"experts={experts}: choose r = experts * r_B (e.g. r={experts * max(1, r // experts)}).")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.experts, self.competition = r, experts, competition and experts > 1
+        self.scaling = alpha / (r // experts)  # alpha / r_B, as in the authors' code
+        self.dropout, self.compile = dropout, compile
+        kw = dict(device=self.weight.device, dtype=adapter_dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))  # [B_1 ... B_k]
+        self.lora_router = nn.Parameter(torch.empty(experts, self.in_features, **kw)) if experts > 1 else None
+        self.lora_M = nn.Parameter(torch.empty(experts, experts, **kw)) if self.competition else None
+        self.last_omega = None  # (..., k) float32 of the last forward: balance loss and expert load
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self):
+        """The authors' initialisation; call it again after `to_empty()` on a meta-built model."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)  # a fresh adapter leaves the base output unchanged
+        if self.lora_router is not None:
+            nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
+        if self.lora_M is not None:
+            self.lora_M.uniform_(-0.1, 0.1).fill_diagonal_(0.0)
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"TeamLoRALinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
+        out = F.linear(x, self.weight, self.bias)
+        fused = _fused_compiled(x.device.type) if self.compile else team_lora_delta
+        delta, self.last_omega = fused(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
+                                       self.lora_M, self.scaling, self.dropout if self.training else 0.0)
+        return out + delta.to(out.dtype)
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, r={self.r}, experts={self.experts}, "
+                f"competition={self.competition}, scaling={self.scaling:g}")
+
+
+def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, **kw):
+    """Replace every nn.Linear whose qualified name ends with one of `targets` (e.g. ("w1", "w2",
+    "w3") or ("gate_proj", "up_proj", "down_proj")) by a TeamLoRALinear, freeze everything else,
+    and return the model. experts=1 is plain LoRA. Extra keywords go to TeamLoRALinear."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    matched = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    if not matched:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
+        raise ValueError(f"no module name ends with any of targets={list(targets)}; "
+                         f"linear layers of this model are named like {linears}.")
+    for name in matched:
+        module = model.get_submodule(name)
+        if isinstance(module, TeamLoRALinear) or not isinstance(module, nn.Linear):
+            what = "already has an adapter" if isinstance(module, TeamLoRALinear) else f"is a {type(module).__name__}"
+            raise ValueError(f"target module '{name}' {what}, not a plain nn.Linear: name linear layers in targets.")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, TeamLoRALinear(module, r, experts, alpha, dropout, competition, **kw))
+    for n, p in model.named_parameters():
+        p.requires_grad_(is_adapter(n))
+    return model
+
+
+def is_adapter(name):
+    return name.rpartition(".")[2].startswith("lora_")
+
+
+def adapter_state_dict(model):
+    """The adapter tensors only, by their names in the model: a plain name -> tensor dict."""
+    return {n: p.detach() for n, p in model.named_parameters() if is_adapter(n)}
+
+
+def load_adapter_state_dict(model, state):
+    """Copy adapter tensors into an injected model; names and shapes must match exactly."""
+    own = dict((n, p) for n, p in model.named_parameters() if is_adapter(n))
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{n} {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
+              for n in sorted(own.keys() & state.keys()) if state[n].shape != own[n].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"the adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"shape mismatches {shapes[:3]}): inject with the targets, r, experts and competition it was trained with.")
+    with torch.no_grad():
+        for n, t in state.items():
+            own[n].copy_(t)
+
+
+def _omegas(model, mask):
+    """(name, omega of valid tokens (N, k)) for every multi-expert layer that ran a forward."""
+    for name, m in model.named_modules():
+        if isinstance(m, TeamLoRALinear) and m.last_omega is not None:
+            om = m.last_omega
+            if mask is not None:
+                if mask.shape != om.shape[:-1]:
+                    raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the tokens {tuple(om.shape[:-1])}.")
+                om = om[mask.to(om.device, torch.bool)]
+            yield name, om.reshape(-1, om.shape[-1])
+
+
+def balance_loss(model, mask=None, reduction="mean"):
+    """Load-balancing loss of the authors' code: per layer mean_f (mean_tokens(omega_f) - 1)^2 (their
+    form subtracts 1/k; the difference is a constant), averaged (or summed: their harness) over
+    layers. `mask` (the token shape, True = real token) leaves padding out of the means."""
+    per_layer = [((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask)]
+    if not per_layer:
+        return torch.zeros(())
+    stacked = torch.stack(per_layer)
+    return stacked.sum() if reduction == "sum" else stacked.mean()
+
+
+@torch.no_grad()
+def expert_load(model, mask=None):
+    """name -> share of the k experts (mean omega / k, sums to 1) over the last forward's tokens."""
+    return {n: om.mean(0) / om.shape[-1] for n, om in _omegas(model, mask)}

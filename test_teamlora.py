@@ -1,0 +1,482 @@
+"""The specification of the project, as tests. CPU only, seconds to a few minutes in all.
+Run: python -m pytest -q test_teamlora.py"""
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import teamlora
+from teamlora import TeamLoRALinear, inject
+
+# ---------------------------------------------------------------------------------------------
+# teamlora.py: the layer
+# ---------------------------------------------------------------------------------------------
+
+
+class FFN(nn.Module):
+    """A LLaMA-style SwiGLU block with Meta's names, enough to exercise inject()."""
+
+    def __init__(self, dim=16, hidden=40, device=None, dtype=None):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False, device=device, dtype=dtype)
+        self.w3 = nn.Linear(dim, hidden, bias=False, device=device, dtype=dtype)
+        self.w2 = nn.Linear(hidden, dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, n=2, **kw):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"feed_forward": FFN(**kw)}) for _ in range(n))
+        self.head = nn.Linear(kw.get("dim", 16), 7, device=kw.get("device"), dtype=kw.get("dtype"))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["feed_forward"](x)
+        return self.head(x)
+
+
+def randomize(layer, seed=0):
+    """Give a layer's adapter random, non-trivial values (a fresh B is zero, which hides bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M):
+            if p is not None:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return layer
+
+
+def make_layer(d_in=12, d_out=10, r=8, experts=4, alpha=16.0, competition=True, bias=True, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+    layer = TeamLoRALinear(base, r=r, experts=experts, alpha=alpha, dropout=0.0, competition=competition,
+                           adapter_dtype=dtype)
+    return randomize(layer, seed)
+
+
+def reference_forward(x, W, b, A, B, router, M, k, alpha, competition=True):
+    """Eq. 8-13 and the authors' layer, written independently, in float64 and one expert at a time."""
+    r = A.shape[0]
+    rb = r // k
+    scaling = alpha / rb
+    z = (x @ A.T) * scaling  # Eq. 8
+    out = x @ W.T + (b if b is not None else 0)
+    if k == 1:
+        return out + z @ B.T
+    phi = torch.softmax(x @ router.T, dim=-1)  # Eq. 11
+    if competition:
+        adj = phi + phi @ M  # Eq. 12, the authors' "diagonal 1" form
+        adj = adj / adj.sum(-1, keepdim=True)
+    else:
+        adj = phi
+    omega = k * adj
+    for i in range(k):
+        h_i = z[..., i * rb:(i + 1) * rb] @ B[:, i * rb:(i + 1) * rb].T  # Eq. 9
+        out = out + omega[..., i:i + 1] * h_i  # Eq. 13
+    return out
+
+
+@pytest.mark.parametrize("k,r,shape,competition,bias", [
+    (4, 8, (5, 12), True, True), (2, 8, (2, 3, 12), True, False), (8, 16, (1, 7, 12), True, True),
+    (4, 8, (3, 12), False, True), (1, 4, (2, 5, 12), True, True), (3, 9, (4, 2, 2, 12), True, True)])
+def test_forward_matches_equations_float64(k, r, shape, competition, bias):
+    layer = make_layer(r=r, experts=k, competition=competition, bias=bias)
+    x = torch.randn(shape, dtype=torch.float64)
+    M = layer.lora_M.detach() if layer.lora_M is not None else None
+    router = layer.lora_router.detach() if layer.lora_router is not None else None
+    ref = reference_forward(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
+                            layer.lora_A.detach(), layer.lora_B.detach(), router, M, k, 16.0, competition)
+    out = layer(x)
+    assert out.shape == shape[:-1] + (10,)
+    assert isinstance(out, torch.Tensor)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-12
+
+
+def _grads(fn, layer, x):
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("k,r,shape,competition", [
+    (2, 8, (6, 12), True), (4, 16, (2, 5, 12), True), (8, 16, (3, 4, 12), True), (4, 8, (9, 12), False),
+    (1, 4, (2, 3, 12), True)])
+def test_fused_equals_expert_loop_in_outputs_and_every_gradient(k, r, shape, competition):
+    layer = make_layer(r=r, experts=k, competition=competition)
+    x = torch.randn(shape, dtype=torch.float64)
+
+    def run(impl):
+        def fn(inp):
+            out = F.linear(inp, layer.weight, layer.bias)
+            delta, _ = impl(inp, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M, layer.scaling, 0.0)
+            return out + delta
+        return _grads(fn, layer, x)
+
+    out_f, gx_f, g_f = run(teamlora.team_lora_delta)
+    out_l, gx_l, g_l = run(teamlora.team_lora_delta_loop)
+    torch.testing.assert_close(out_f, out_l, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_f, gx_l, rtol=1e-12, atol=1e-12)
+    assert g_f.keys() == g_l.keys() and {"lora_A", "lora_B"} <= g_f.keys()
+    for n in g_f:
+        torch.testing.assert_close(g_f[n], g_l[n], rtol=1e-10, atol=1e-12, msg=n)
+    # and the layer's own forward is the fused path
+    out_layer, gx_layer, _ = _grads(layer, layer, x)
+    torch.testing.assert_close(out_layer, out_f, rtol=0, atol=0)
+    torch.testing.assert_close(gx_layer, gx_f, rtol=0, atol=0)
+
+
+def _has_compiler():
+    return any(shutil.which(c) for c in ("g++", "clang++"))
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_equals_eager_trains_and_does_not_recompile_per_length():
+    torch._dynamo.reset()
+    teamlora._compiled.clear()
+    layer = make_layer(d_in=16, d_out=24, r=8, experts=4, dtype=torch.float32)
+    compiled = make_layer(d_in=16, d_out=24, r=8, experts=4, dtype=torch.float32)
+    compiled.load_state_dict(layer.state_dict())
+    compiled.compile = True
+    from torch._dynamo.utils import counters
+    counters.clear()
+    graphs = []
+    for T in (5, 9, 13, 31):
+        x = torch.randn(2, T, 16)
+        out_e, gx_e, g_e = _grads(layer, layer, x)
+        out_c, gx_c, g_c = _grads(compiled, compiled, x)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-5)
+        for n in g_e:
+            torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-4, atol=1e-5, msg=n)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 4, graphs  # compiled once, reused at every length
+    teamlora._compiled.clear()
+
+
+def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypatch):
+    teamlora._compiled.clear()
+    monkeypatch.setattr(teamlora.shutil, "which", lambda name: None)
+    layer = make_layer(dtype=torch.float32)
+    eager = layer(torch.randn(3, 12)).detach()
+    layer.compile = True
+    x = torch.randn(3, 12)
+    with pytest.warns(UserWarning, match="C\\+\\+ compiler"):
+        out1 = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out2 = layer(x)  # warned once, not at every call
+    torch.testing.assert_close(out1, out2)
+    layer.compile = False
+    torch.testing.assert_close(out1, layer(x))
+    assert eager.shape == out1.shape
+    teamlora._compiled.clear()
+
+
+def test_fresh_adapter_leaves_base_output_unchanged():
+    torch.manual_seed(0)
+    model = Stack(n=2)
+    x = torch.randn(4, 16)
+    before = model(x)
+    inject(model, ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_official_initialisation_and_parameter_layout():
+    torch.manual_seed(0)
+    base = nn.Linear(256, 96, bias=True)
+    layer = TeamLoRALinear(base, r=16, experts=4, alpha=32, dropout=0.05)
+    assert layer.weight is base.weight and layer.bias is base.bias  # taken over, not copied
+    assert isinstance(layer, nn.Linear)
+    shapes = {n: tuple(p.shape) for n, p in layer.named_parameters()}
+    assert shapes == {"weight": (96, 256), "bias": (96,), "lora_A": (16, 256), "lora_B": (96, 16),
+                      "lora_router": (4, 256), "lora_M": (4, 4)}
+    assert layer.scaling == 32 / 4  # alpha / r_B
+    assert torch.all(layer.lora_B == 0)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt 5) on fan_in 256
+    for p in (layer.lora_A, layer.lora_router):
+        assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    M = layer.lora_M.detach()
+    assert torch.all(M.diagonal() == 0)
+    off = M[~torch.eye(4, dtype=torch.bool)]
+    assert off.abs().max() <= 0.1 and off.abs().min() > 0
+    assert all(p.dtype == torch.float32 for n, p in layer.named_parameters() if n.startswith("lora_"))
+    # one expert is plain LoRA: no router, no interaction matrix; competition=False: no M
+    lora = TeamLoRALinear(nn.Linear(8, 8), r=4, experts=1, alpha=8)
+    assert lora.lora_router is None and lora.lora_M is None and lora.scaling == 2.0
+    assert TeamLoRALinear(nn.Linear(8, 8), r=4, experts=2, competition=False).lora_M is None
+
+
+def test_dropout_is_applied_to_the_rank_segments_not_to_x():
+    layer = make_layer(dtype=torch.float32)
+    layer.dropout = 0.5
+    layer.train()
+    x = torch.randn(6, 12)
+    torch.manual_seed(123)
+    out = layer(x)
+    torch.manual_seed(123)
+    z = F.dropout(x @ layer.lora_A.T, 0.5, True) * layer.scaling  # same RNG draw, on z
+    omega = layer.last_omega
+    zw = (z.view(6, 4, 2) * omega.unsqueeze(-1)).view(6, 8)
+    expected = F.linear(x, layer.weight, layer.bias) + zw @ layer.lora_B.T
+    torch.testing.assert_close(out, expected)
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference_forward(
+        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M, 4, 16.0))
+
+
+class MoELoRA(nn.Module):
+    """MoELoRA as paper Eq. 7 defines it: k independent (A_i, B_i) of rank r_B, softmax weights."""
+
+    def __init__(self, base, r_b, k, alpha):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r_b
+        self.A = nn.ParameterList(nn.Parameter(torch.randn(r_b, base.in_features, dtype=torch.float64)) for _ in range(k))
+        self.B = nn.ParameterList(nn.Parameter(torch.randn(base.out_features, r_b, dtype=torch.float64)) for _ in range(k))
+        self.router = nn.Parameter(torch.randn(k, base.in_features, dtype=torch.float64))
+
+    def forward(self, x):
+        w = torch.softmax(x @ self.router.T, -1)
+        return self.base(x) + sum(w[..., i:i + 1] * self.scaling * (x @ A.T @ B.T)
+                                  for i, (A, B) in enumerate(zip(self.A, self.B)))
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_moelora_equals_teamlora_with_stacked_A_without_competition_and_alpha_over_k(k):
+    torch.manual_seed(k)
+    base = nn.Linear(12, 10, dtype=torch.float64)
+    moe = MoELoRA(base, r_b=3, k=k, alpha=16.0)
+    team = TeamLoRALinear(base, r=3 * k, experts=k, alpha=16.0 / k, dropout=0.0, competition=False,
+                          adapter_dtype=torch.float64)
+    with torch.no_grad():
+        team.lora_A.copy_(torch.cat(list(moe.A), 0))  # A = [A_1; ...; A_k]
+        team.lora_B.copy_(torch.cat(list(moe.B), 1))  # B = [B_1 ... B_k]
+        team.lora_router.copy_(moe.router)
+    x = torch.randn(5, 7, 12, dtype=torch.float64)
+    torch.testing.assert_close(team(x), moe(x), rtol=1e-12, atol=1e-12)
+
+
+def test_inject_trains_only_adapters_and_the_base_never_moves():
+    torch.manual_seed(0)
+    model = Stack(n=2)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inject(model, ("w1", "w2", "w3"), r=8, experts=4, alpha=16, dropout=0.0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rpartition(".")[2].startswith("lora_") for n in trainable)
+    assert sum(isinstance(m, TeamLoRALinear) for m in model.modules()) == 6
+    adapters_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(32, 16), torch.randint(0, 7, (32,))
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(x), y) + 0.01 * teamlora.balance_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    params = dict(model.named_parameters())
+    for n, t in base_before.items():
+        assert torch.equal(params[n], t), f"base parameter {n} moved"
+    for n, t in adapters_before.items():
+        assert not torch.equal(params[n], t), f"adapter parameter {n} did not train"
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_adapter_state_dict_round_trip_and_mismatch_messages(tmp_path):
+    torch.manual_seed(0)
+    model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=len(m.lora_B))
+    state = teamlora.adapter_state_dict(model)
+    assert state and all(n.rpartition(".")[2].startswith("lora_") for n in state)
+    assert "layers.0.feed_forward.w1.lora_A" in state and "layers.0.feed_forward.w1.weight" not in state
+    torch.save(state, tmp_path / "adapter.pt")
+    loaded = torch.load(tmp_path / "adapter.pt", weights_only=True)
+
+    torch.manual_seed(0)
+    other = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
+    model.eval(), other.eval()  # no dropout
+    x = torch.randn(3, 16)
+    assert not torch.allclose(other(x), model(x))
+    teamlora.load_adapter_state_dict(other, loaded)
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+    wrong_rank = inject(Stack(n=2), ("w1", "w2", "w3"), r=16, experts=4, alpha=16)
+    with pytest.raises(ValueError, match="shape mismatches.*lora_A"):
+        teamlora.load_adapter_state_dict(wrong_rank, loaded)
+    wrong_targets = inject(Stack(n=2), ("w1",), r=8, experts=4, alpha=16)
+    with pytest.raises(ValueError, match="unexpected.*w2"):
+        teamlora.load_adapter_state_dict(wrong_targets, loaded)
+    no_competition = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16, competition=False)
+    with pytest.raises(ValueError, match="unexpected.*lora_M"):
+        teamlora.load_adapter_state_dict(no_competition, loaded)
+
+
+def _official_balance(omega):
+    """The authors' per-layer form on the k-scaled omega, padding included: mean_f (mean_t omega_f - 1/k)^2."""
+    k = omega.shape[-1]
+    return ((omega.reshape(-1, k).mean(0) - 1.0 / k) ** 2).mean()
+
+
+def test_balance_loss_zero_when_balanced_positive_otherwise_and_blind_to_masked_tokens():
+    layer = make_layer(dtype=torch.float64)
+    model = nn.Sequential(layer)
+    layer.last_omega = torch.ones(2, 5, 4, dtype=torch.float64)  # perfectly balanced
+    assert teamlora.balance_loss(model).item() == 0.0
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    model(x)
+    omega = layer.last_omega
+    torch.testing.assert_close(omega.sum(-1), torch.full((2, 5), 4.0, dtype=torch.float64))
+    loss = teamlora.balance_loss(model)
+    assert loss.item() > 0
+    # our form is the authors' minus the constant (1 - 1/k)^2: same gradient, zero at balance
+    torch.testing.assert_close(loss, _official_balance(omega) - (1 - 1 / 4) ** 2)
+    # masked tokens do not count: garbage in padding positions leaves the loss unchanged
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    masked = teamlora.balance_loss(model, mask)
+    layer.last_omega = omega.clone()
+    layer.last_omega[~mask] = torch.tensor([4.0, 0, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(teamlora.balance_loss(model, mask), masked)
+    assert not torch.allclose(teamlora.balance_loss(model), loss)
+    # and it is differentiable with respect to the router
+    model(x)
+    teamlora.balance_loss(model).backward()
+    assert layer.lora_router.grad.abs().sum() > 0
+
+
+def test_balance_loss_mean_and_sum_over_layers():
+    torch.manual_seed(0)
+    model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
+    model(torch.randn(3, 4, 16))
+    per_layer = [((m.last_omega.reshape(-1, 4).mean(0) - 1) ** 2).mean()
+                 for m in model.modules() if isinstance(m, TeamLoRALinear)]
+    assert len(per_layer) == 6
+    torch.testing.assert_close(teamlora.balance_loss(model), torch.stack(per_layer).mean())
+    torch.testing.assert_close(teamlora.balance_loss(model, reduction="sum"), torch.stack(per_layer).sum())
+    assert teamlora.balance_loss(nn.Linear(2, 2)).item() == 0.0  # no adapters: nothing to balance
+
+
+def test_expert_load_is_a_distribution_per_layer_and_respects_the_mask():
+    torch.manual_seed(0)
+    model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m)
+    model(torch.randn(2, 6, 16))
+    load = teamlora.expert_load(model)
+    assert set(load) == {f"layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3")}
+    for v in load.values():
+        assert v.shape == (4,) and abs(v.sum().item() - 1) < 1e-5
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 0] = True
+    one = teamlora.expert_load(model, mask)["layers.0.feed_forward.w1"]
+    first = model.layers[0]["feed_forward"].w1.last_omega[0, 0] / 4
+    torch.testing.assert_close(one, first)
+
+
+def test_row_sum_guard_keeps_outputs_finite_when_phi_I_plus_M_sums_to_zero():
+    layer = make_layer(dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_M.copy_(-torch.eye(4, dtype=torch.float64))  # phi (I + M) = 0 for every token
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(layer.lora_M.grad).all()
+
+
+def test_bf16_base_with_fp32_adapters_and_under_autocast():
+    torch.manual_seed(0)
+    model = Stack(n=1, dtype=torch.bfloat16)
+    inject(model, ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            assert m.weight.dtype == torch.bfloat16 and m.lora_A.dtype == torch.float32
+            randomize(m)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    w1 = model.layers[0]["feed_forward"].w1
+    assert w1.lora_B.grad is not None and w1.lora_B.grad.dtype == torch.float32
+    assert w1.last_omega.dtype == torch.float32
+    # the same layer in float64 agrees to bf16 precision
+    w1.eval()
+    ref = reference_forward(x[0].double(), w1.weight.double(), None, w1.lora_A.double(), w1.lora_B.double(),
+                            w1.lora_router.double(), w1.lora_M.double(), 4, 16.0)
+    assert (w1(x[0]).double() - ref).abs().max() < 0.02 * ref.abs().max()
+    w1.train()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x.float())
+    out.float().sum().backward()
+    assert torch.isfinite(w1.lora_A.grad).all() and w1.lora_A.grad.abs().sum() > 0
+
+
+def test_inject_on_the_meta_device_allocates_nothing_then_materialises():
+    with torch.device("meta"):
+        model = Stack(n=4, dim=4096, hidden=11008)
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    inject(model, ("w1", "w2", "w3"), r=64, experts=4, alpha=32)
+    params = dict(model.named_parameters())
+    assert all(p.is_meta for p in params.values())
+    for n, i in ids.items():  # the very same base parameters, not copies
+        assert id(params[n.replace("w1.weight", "w1.weight")]) == i
+    n_adapter = sum(p.numel() for n, p in params.items() if p.requires_grad)
+    assert n_adapter == 4 * (2 * (64 * 4096 + 11008 * 64 + 4 * 4096 + 16) + (64 * 11008 + 4096 * 64 + 4 * 11008 + 16))
+    # real-device materialisation of a small one: to_empty + reset_lora_parameters gives the official init
+    with torch.device("meta"):
+        small = inject(Stack(n=1), ("w1",), r=8, experts=4, alpha=16)
+    small.to_empty(device="cpu")
+    w1 = small.layers[0]["feed_forward"].w1
+    w1.reset_lora_parameters()
+    assert torch.all(w1.lora_B == 0) and torch.all(w1.lora_M.diagonal() == 0)
+
+
+def test_inject_shares_base_storage_on_a_real_device():
+    model = Stack(n=1)
+    ptr = model.layers[0]["feed_forward"].w2.weight.data_ptr()
+    inject(model, "w2", r=4, experts=2, alpha=8)
+    assert model.layers[0]["feed_forward"].w2.weight.data_ptr() == ptr
+
+
+def test_inject_matches_hugging_face_style_names_by_suffix_only():
+    class HFMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+            self.not_up_proj = nn.Linear(8, 8)  # ends with "up_proj" as text, not as a name part
+
+    model = nn.ModuleDict({"mlp": HFMLP()})
+    inject(model, ("gate_proj", "up_proj", "down_proj"), r=4, experts=2, alpha=8)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds == {"mlp.gate_proj": "TeamLoRALinear", "mlp.up_proj": "TeamLoRALinear",
+                     "mlp.down_proj": "TeamLoRALinear", "mlp.not_up_proj": "Linear"}
+
+
+def test_user_errors_give_one_clear_sentence():
+    with pytest.raises(ValueError, match="r to be a positive multiple of experts.*r=10, experts=4"):
+        TeamLoRALinear(nn.Linear(4, 4), r=10, experts=4)
+    with pytest.raises(ValueError, match="r to be a positive multiple"):
+        inject(Stack(), ("w1",), r=6, experts=4, alpha=16)
+    with pytest.raises(ValueError, match="no module name ends with.*'q_proj'.*w1"):
+        inject(Stack(), ("q_proj",), r=8, experts=4, alpha=16)
+    with pytest.raises(ValueError, match="'layers.0.feed_forward' is a FFN, not a plain nn.Linear"):
+        inject(Stack(), ("feed_forward",), r=8, experts=4, alpha=16)
+    twice = inject(Stack(), ("w1",), r=8, experts=4, alpha=16)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        inject(twice, ("w1",), r=8, experts=4, alpha=16)
+    layer = make_layer()
+    with pytest.raises(ValueError, match=r"expects inputs \(\.\.\., 12\), got \(3, 5\)"):
+        layer(torch.randn(3, 5, dtype=torch.float64))
+    layer(torch.randn(2, 3, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mask of shape"):
+        teamlora.balance_loss(nn.Sequential(layer), torch.ones(3, 2, dtype=torch.bool))
