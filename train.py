@@ -1,0 +1,727 @@
+"""
+Fine-tune a LLaMA with TeamLoRA (or LoRA, MoELoRA, or full training), from a 2-core laptop to
+8-GPU FSDP. One plain loop, nanoGPT-style:
+
+    python train.py                                   # the built-in demo on the synthetic mini-CME
+    python train.py config/cme_llama2_7b.py --dry_run=True         # check a full config, no weights
+    torchrun --standalone --nproc_per_node=8 train.py config/cme_llama2_7b.py
+
+Configuration: the defaults below, then a config file (plain Python assignments), then
+--key=value flags. An unknown key or a value of the wrong type is an error naming the key.
+"""
+import ast
+import builtins
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import teamlora
+from model import ModelArgs, Transformer
+
+# -------------------------------------------------------------------------------------------------
+# defaults (every key here can be set by a config file or --key=value)
+out_dir = "out/demo"
+device = "auto"  # auto: cuda when available, else cpu
+dtype = "float32"  # or "bfloat16": the base weights' dtype (adapters always train in float32)
+seed = 1337
+# data: a folder written by `python data.py prepare`, and a folder of <task>.jsonl evaluation sets
+data_dir = "data/mini_cme/tokens"
+eval_dir = "data/mini_cme/test"
+tokenizer = "data/mini_cme/tokenizer.model"
+batch_mode = "pad"  # "pad": whole examples padded to the longest, "pack": several per row
+max_len = 256  # tokens per example (pad) or per row (pack)
+batch_size = 16  # examples per optimizer step, over all processes and accumulation steps
+grad_accum = 1
+# model
+init_from = "data/mini_cme/base.pt"  # "scratch", "resume", a .pt written by train.py, or a Meta/HF folder
+model = "small"  # the ModelArgs preset used when init_from="scratch"
+activation_checkpointing = False
+compile = False  # torch.compile the fused TeamLoRA path
+# adapter
+adapter = "teamlora"  # "teamlora", "moelora", "lora", or "none" (full training)
+targets = "w1,w2,w3"  # the FFN (the paper's setting); add wq,wk,wv,wo for attention
+r = 32  # total rank r_A; each expert has r / experts
+experts = 4
+alpha = 32.0
+dropout = 0.05
+competition = True
+balance_coef = 0.01  # weight of the load-balancing loss (0 turns it off)
+balance_reduction = "mean"  # over adapted layers; the authors' harness: "sum" with balance_coef=1
+# optimizer
+learning_rate = 2e-3
+min_lr_ratio = 0.0  # cosine decays to learning_rate * min_lr_ratio
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.999
+grad_clip = 1.0
+max_iters = 200
+lr_decay_iters = None  # the schedule's length; None: max_iters
+warmup_iters = 6
+# evaluation, checkpoints and logs
+eval_interval = 100  # validation loss and a checkpoint every this many steps (and at the end)
+eval_iters = 4  # validation batches
+eval_only = False
+eval_limit = 200  # test records per task (0: all)
+eval_batch_size = 64
+log_interval = 10
+load_layers = 2  # the expert load is shown for this many last layers (the paper's Figure 5)
+fsdp = False  # under torchrun: FSDP2 instead of DDP
+dry_run = False  # build on the meta device, print parameters and a memory estimate, exit
+dry_run_world_size = 8
+# -------------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))
+            and k not in ("DEFAULTS",)}
+DEMO = {"data_dir": data_dir, "eval_dir": eval_dir, "tokenizer": tokenizer, "init_from": init_from}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one sentence, without a traceback."""
+
+
+def parse_config(argv):
+    """[config/FILE.py] [--key=value ...] -> a full config dict (defaults overridden in that order)."""
+    cfg = dict(DEFAULTS)
+
+    def set_key(key, value, origin):
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            raise UserError(f"unknown config key '{key}' in {origin}" + (f"; did you mean '{close[0]}'?" if close else "."))
+        default = DEFAULTS[key]
+        if default is not None and not isinstance(value, type(default)):
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
+        cfg[key] = value
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string, e.g. --adapter=lora
+            set_key(key, value, f"flag {arg}")
+        else:
+            if not os.path.isfile(arg):
+                raise UserError(f"config file '{arg}' does not exist; the configs are in config/.")
+            namespace = {}
+            try:  # builtins.compile: this module's `compile` is a config key
+                exec(builtins.compile(open(arg).read(), arg, "exec"), namespace)
+            except Exception as e:
+                raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {e}); it should hold plain key = value lines.")
+            for key, value in namespace.items():
+                if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
+                    set_key(key, value, f"config file {arg}")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    choices = {"adapter": ("teamlora", "moelora", "lora", "none"), "dtype": ("float32", "bfloat16"),
+               "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum")}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got {cfg[key]!r}.")
+    if cfg["adapter"] in ("teamlora", "moelora") and cfg["r"] % cfg["experts"]:
+        raise UserError(f"r={cfg['r']} is not a multiple of experts={cfg['experts']}: set r = experts * (rank per expert).")
+    for key in ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval"):
+        if cfg[key] <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {cfg[key]}.")
+    if cfg["batch_size"] % cfg["grad_accum"]:
+        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of grad_accum={cfg['grad_accum']}.")
+
+
+# -------------------------------------------------------------------------------------------------
+# distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+
+
+def setup_distributed(cfg):
+    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu.")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(dev)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = f"cuda:{local_rank}"
+    dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    return rank, world, torch.device(dev)
+
+
+def all_reduce_sum(t, world):
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# -------------------------------------------------------------------------------------------------
+# the model: a base (scratch, a .pt of ours, or Meta/HF weights) plus adapters
+
+
+def adapter_kwargs(cfg):
+    """MoELoRA (paper Eq. 7) is TeamLoRA's collaboration module with A stacked, no competition and
+    alpha / k (TeamLoRA's weights sum to k, MoELoRA's to 1): the same function, computed fused."""
+    kind, k = cfg["adapter"], cfg["experts"]
+    if kind == "lora":
+        return dict(r=cfg["r"], experts=1, alpha=cfg["alpha"], competition=False)
+    if kind == "moelora":
+        return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"] / k, competition=False)
+    return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"], competition=cfg["competition"])
+
+
+def base_weights(cfg, vocab_size):
+    """(ModelArgs, name -> tensor) of the base. Checkpoint files are memory-mapped, so nothing is
+    read into memory before a tensor is copied to its (possibly sharded) place."""
+    src = cfg["init_from"]
+    if src == "scratch":
+        args = ModelArgs.from_name(cfg["model"], vocab_size=vocab_size, max_seq_len=max(cfg["max_len"], 256))
+        torch.manual_seed(cfg["seed"])  # the same random base on every rank and every resume
+        return args, Transformer(args).state_dict()
+    if src.endswith(".pt"):
+        if not os.path.isfile(src):
+            raise UserError(f"base checkpoint '{src}' does not exist; train one (adapter='none') or use init_from='scratch'.")
+        ckpt = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
+        if "model_args" not in ckpt or "model" not in ckpt:
+            raise UserError(f"'{src}' is not a base model written by train.py (no model_args/model); pass a Meta or Hugging Face folder instead.")
+        return ModelArgs(**ckpt["model_args"]), ckpt["model"]
+    base = Transformer.from_pretrained(src)  # memory-mapped tensors, not copies
+    return base.args, base.state_dict()
+
+
+def init_adapters(model, seed):
+    """The adapters' initial values, drawn on the CPU from one seed in module order: the same
+    numbers whatever the device, the number of processes or the sharding."""
+    torch.manual_seed(seed)
+    state = {}
+    for name, m in model.named_modules():
+        if isinstance(m, teamlora.TeamLoRALinear):
+            cpu = teamlora.TeamLoRALinear(torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta"),
+                                          m.r, m.experts, competition=m.competition)
+            for pname, p in cpu.named_parameters(recurse=False):
+                if teamlora.is_adapter(pname):
+                    setattr(cpu, pname, torch.nn.Parameter(torch.empty(p.shape)))
+            cpu.reset_lora_parameters()
+            state.update({f"{name}.{n}": p.detach() for n, p in cpu.named_parameters() if teamlora.is_adapter(n)})
+    return state
+
+
+def copy_into(model, state):
+    """Copy full tensors into the model's parameters; a sharded (DTensor) parameter takes its own
+    slice of the tensor, so no rank ever holds the whole model."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            p = params[n]
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                t = distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                p.to_local().copy_(t.to_local())
+            else:
+                p.copy_(t)
+
+
+def build_model(cfg, dev, vocab_size, world):
+    """Base + adapters, built on the meta device, sharded (FSDP) or not, then filled in."""
+    args, weights = base_weights(cfg, vocab_size)
+    full = cfg["adapter"] == "none"
+    with torch.device("meta"):
+        model = Transformer(args).to(torch.float32 if full else getattr(torch, cfg["dtype"]))
+    model.gradient_checkpointing = cfg["activation_checkpointing"]
+    if not full:
+        targets = tuple(t.strip() for t in cfg["targets"].split(",") if t.strip())
+        teamlora.inject(model, targets, dropout=cfg["dropout"], compile=cfg["compile"], **adapter_kwargs(cfg))
+    if cfg["fsdp"] and world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16 (or fp32) base as stored, fp32 adapters, gradients reduced in fp32
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg["dtype"]) if full else None, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    model.to_empty(device=dev)
+    copy_into(model, weights)
+    if not full:
+        copy_into(model, init_adapters(model, cfg["seed"] + 1))
+    return model, args
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# -------------------------------------------------------------------------------------------------
+# checkpoints: written to a temporary file, then renamed, so the last good one survives a crash
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def gather_state(model, cfg):
+    """Adapter tensors (or, for full training, all weights) as plain CPU tensors. A collective under
+    FSDP: every rank calls it, and only the adapter shards travel."""
+    full = cfg["adapter"] == "none"
+    out = {}
+    for n, p in model.named_parameters():
+        if full or teamlora.is_adapter(n):
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[n] = t.detach().to("cpu", copy=True)
+    return out
+
+
+def load_state(model, state, cfg):
+    if cfg["adapter"] != "none":
+        own = {n for n, _ in model.named_parameters() if teamlora.is_adapter(n)}
+        if own != set(state):
+            raise UserError(f"the checkpoint's adapter does not fit this model ({len(state)} tensors vs {len(own)}): "
+                            "resume with the same adapter, r, experts, competition and targets.")
+    copy_into(model, state)
+
+
+def optimizer_state(model, opt, world, fsdp):
+    if fsdp and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def set_optimizer_state(model, opt, state, world, fsdp):
+    if fsdp and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def save_checkpoint(model, opt, step, cfg, args, rank, world):
+    state = gather_state(model, cfg)
+    opt_state = optimizer_state(model, opt, world, cfg["fsdp"])
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())  # each rank's dropout stream, for an exact resume
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        if cfg["adapter"] == "none":
+            save_atomic({"model_args": asdict(args), "model": state}, os.path.join(cfg["out_dir"], "model.pt"))
+        else:
+            save_atomic(state, os.path.join(cfg["out_dir"], "adapter.pt"))
+        save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
+                     "model_args": asdict(args)}, os.path.join(cfg["out_dir"], "ckpt.pt"))
+    if world > 1:
+        dist.barrier()
+
+
+# -------------------------------------------------------------------------------------------------
+# the learning rate: linear warmup, then cosine decay
+
+
+def get_lr(step, cfg):
+    total = cfg["lr_decay_iters"] or cfg["max_iters"]
+    lr, warm = cfg["learning_rate"], cfg["warmup_iters"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return lr * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -------------------------------------------------------------------------------------------------
+# evaluation: validation loss, then per-task scores by batched greedy generation
+
+
+@torch.no_grad()
+def val_loss(model, val, cfg, rank, world, dev):
+    model.eval()
+    totals = torch.zeros(2, device=dev)  # (sum of token losses, answer tokens)
+    for i in range(cfg["eval_iters"]):
+        b = data.get_batch(val, i, cfg["batch_size"], cfg["seed"], rank, world, cfg["batch_mode"], cfg["max_len"], device=dev)
+        _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
+        totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
+    model.train()
+    ce_sum, n = all_reduce_sum(totals, world).tolist()
+    return ce_sum / max(n, 1)
+
+
+def task_of(name):
+    tasks = {**data.SYNTHETIC_TASKS, **data.CME_TASKS}
+    if name not in tasks:
+        raise UserError(f"no task named '{name}' (from the file name {name}.jsonl); tasks are: {', '.join(tasks)}.")
+    return tasks[name]
+
+
+def load_eval_sets(cfg):
+    folder = cfg["eval_dir"]
+    if not os.path.isdir(folder):
+        raise UserError(f"eval_dir '{folder}' does not exist; write one with python data.py eval_set, or set --eval_dir.")
+    names = sorted(f[:-6] for f in os.listdir(folder) if f.endswith(".jsonl"))
+    if not names:
+        raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
+    sets = {}
+    for name in names:
+        with open(os.path.join(folder, name + ".jsonl"), encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        sets[name] = (task_of(name), records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)
+    return sets
+
+
+def prompt_ids(tok, record, room):
+    ids = data.encode_prompt(tok, record)
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep BOS and the end
+
+
+def generate_all(model, prompts, max_new, cfg, tok, rank, world, dev, fsdp):
+    """Greedy answers for every prompt, sharded over ranks. Every rank runs the same number of
+    forward passes (FSDP's collectives need it): the same count of equal-size batches, no early stop."""
+    mine = list(range(rank, len(prompts), world))
+    per_rank = -(-len(prompts) // world)
+    mine += mine[:1] * (per_rank - len(mine))  # pad with a repeat so every rank has per_rank prompts
+    mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    out = {}
+    raw = model.module if hasattr(model, "module") else model
+    if fsdp:
+        raw.unshard()  # generate calls the root's own modules directly, outside its forward hook
+    try:
+        for s in range(0, per_rank, cfg["eval_batch_size"]):
+            idx = mine[s:s + cfg["eval_batch_size"]]
+            eos = tok.eos_id if world == 1 else None
+            gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=eos)
+            for i, g in zip(idx, gen):
+                out[i] = tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g)
+    finally:
+        if fsdp:
+            raw.reshard()
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, out)
+        out = {i: t for p in parts for i, t in p.items()}
+    return [out[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def task_expert_load(model, prompts, cfg, n_layers, dev):
+    """Mean expert share over a task's prompt tokens, averaged over the adapted layers of the last
+    `load_layers` blocks: which experts each task recruits (the paper's Figure 5)."""
+    prompts = prompts[:cfg["eval_batch_size"]]
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=dev)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=dev)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+        valid[i, :len(p)] = True
+    model.eval()
+    model(tokens)
+    model.train()
+    raw = model.module if hasattr(model, "module") else model
+    last = tuple(f"layers.{i}." for i in range(n_layers - cfg["load_layers"], n_layers))
+    loads = [v for n, v in teamlora.expert_load(raw, valid).items() if n.startswith(last)]
+    return torch.stack(loads).mean(0).cpu() if loads else None
+
+
+def evaluate(model, cfg, tok, args, rank, world, dev):
+    sets = load_eval_sets(cfg)
+    scores, loads = {}, {}
+    for name, (task, records) in sets.items():
+        room = args.max_seq_len - task.max_new_tokens
+        prompts = [prompt_ids(tok, r, room) for r in records]
+        preds = generate_all(model, prompts, task.max_new_tokens, cfg, tok, rank, world, dev, cfg["fsdp"] and world > 1)
+        scores[name] = data.evaluate(task, preds, records)
+        if cfg["adapter"] in ("teamlora", "moelora") and cfg["experts"] > 1:
+            load = task_expert_load(model, prompts, cfg, args.n_layers, dev)
+            loads[name] = all_reduce_sum(load.to(dev), world).cpu() / world
+    return scores, loads
+
+
+def print_results(scores, loads, cfg):
+    name_w = max(len(n) for n in scores)
+    print(f"\n{'task':<{name_w}}  metric       score")
+    for name, value in scores.items():
+        print(f"{name:<{name_w}}  {task_of(name).metric:<11} {value:6.1f}")
+    print(f"{'average':<{name_w}}  {'':<11} {sum(scores.values()) / len(scores):6.1f}")
+    if loads:
+        print(f"\nexpert load over each task's prompt tokens (last {cfg['load_layers']} layers; even = {1 / cfg['experts']:.2f})")
+        for name, load in loads.items():
+            bars = "  ".join(f"e{i} {'█' * round(v * 20):<20} {v:.2f}" for i, v in enumerate(load.tolist()))
+            print(f"{name:<{name_w}}  {bars}")
+
+
+# -------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg):
+    """Run one configuration; returns a summary dict (also what tests look at)."""
+    rank, world, dev = setup_distributed(cfg)
+    try:
+        if cfg["dry_run"]:
+            return dry_run(cfg) if rank == 0 else {}
+        return run(cfg, rank, world, dev)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg, rank, world, dev):
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        keep = ("max_iters", "eval_only", "eval_limit", "eval_interval", "log_interval", "device", "fsdp", "eval_batch_size")
+        cfg = {**ckpt["config"], **{k: cfg[k] for k in keep}}  # the run's own model, data and schedule
+    if world > 1 and cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = {world * cfg['grad_accum']}.")
+    if master:
+        ensure_demo(cfg)
+    if world > 1:
+        dist.barrier()
+    tok = data.Tokenizer(cfg["tokenizer"])
+    train_ds = data.TokenDataset(cfg["data_dir"], "train")
+    val_ds = data.TokenDataset(cfg["data_dir"], "val") if "val" in train_ds.summary["splits"] else None
+    torch.manual_seed(cfg["seed"] + rank)
+    model, args = build_model(cfg, dev, tok.vocab_size, world)
+    raw = model
+    if world > 1 and not cfg["fsdp"]:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.AdamW(trainable(raw), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
+    n_train, n_base = sum(p.numel() for p in trainable(raw)), sum(p.numel() for n, p in raw.named_parameters() if not teamlora.is_adapter(n))
+    say(f"{cfg['adapter']}: {n_train:,} trainable parameters ({100 * n_train / n_base:.2f}% of the {n_base:,} of the base), "
+        f"{len(train_ds):,} training records, {world} process(es) on {dev}")
+    step = 0
+    if ckpt is not None:
+        load_state(raw, ckpt["state"], cfg)
+        set_optimizer_state(raw, opt, ckpt["optimizer"], world, cfg["fsdp"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        step = ckpt["iter"]
+        say(f"resumed from {cfg['out_dir']}/ckpt.pt at step {step}")
+    autocast = torch.autocast(dev.type, torch.bfloat16) if cfg["adapter"] == "none" and cfg["dtype"] == "bfloat16" else nullcontext()
+    summary = {"config": cfg}
+    if cfg["eval_only"]:
+        if ckpt is None and cfg["adapter"] != "none" and os.path.isfile(os.path.join(cfg["out_dir"], "adapter.pt")):
+            load_state(raw, torch.load(os.path.join(cfg["out_dir"], "adapter.pt"), weights_only=True), cfg)
+        return finish(model, cfg, tok, args, rank, world, dev, summary)
+
+    if master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
+    bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    balance = cfg["balance_coef"] > 0 and cfg["adapter"] in ("teamlora", "moelora") and cfg["experts"] > 1
+    accum, t0, losses = cfg["grad_accum"], time.time(), []
+    try:
+        while step < cfg["max_iters"]:
+            lr = get_lr(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            totals = torch.zeros(2, device=dev)  # (sum of answer-token losses, real tokens) on this rank
+            for micro in range(accum):
+                # the global batch is cut into processes x accum equal slices: the same slices (and
+                # so the same result) for 1 process with accumulation as for several without
+                b = data.get_batch(train_ds, step, cfg["batch_size"], cfg["seed"], rank * accum + micro, world * accum,
+                                   cfg["batch_mode"], cfg["max_len"], pad_id=tok.pad_id, device=dev)
+                last = micro == accum - 1
+                if world > 1 and cfg["fsdp"]:
+                    model.set_requires_gradient_sync(last)
+                elif world > 1:
+                    model.require_backward_grad_sync = last
+                with autocast:
+                    _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
+                # DDP and FSDP average gradients over processes, hence the factor world
+                loss = ce * world / max(b["n_answer_global"], 1)
+                if balance:
+                    loss = loss + cfg["balance_coef"] * teamlora.balance_loss(raw, b["valid"], cfg["balance_reduction"]) / accum
+                loss.backward()
+                totals += torch.stack([ce.detach().float(), b["valid"].sum().float()])
+            ce_sum, n_tokens = all_reduce_sum(totals, world).tolist()
+            train_loss = ce_sum / max(b["n_answer_global"], 1)
+            if not math.isfinite(train_loss):
+                raise UserError(f"the loss became {train_loss} at step {step}; the last good checkpoint in {cfg['out_dir']} "
+                                "is kept: lower learning_rate (or use dtype='float32') and resume with --init_from=resume.")
+            torch.nn.utils.clip_grad_norm_(trainable(raw), cfg["grad_clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(train_loss)
+            elapsed = time.time() - t0
+            tok_s = n_tokens / max(elapsed, 1e-9)
+            t0 = time.time()
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if master and (step % cfg["log_interval"] == 0 or step == cfg["max_iters"]):
+                log.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "time": time.time()}) + "\n")
+                log.flush()
+            if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+                if val_ds is not None:
+                    vl = val_loss(model, val_ds, cfg, rank, world, dev)
+                    summary["val_loss"] = vl
+                    if master:
+                        bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
+                        log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
+                save_checkpoint(model, opt, step, cfg, args, rank, world)
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint(model, opt, step, cfg, args, rank, world)
+        say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with --init_from=resume")
+        return {**summary, "interrupted": True, "step": step}
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    summary.update(train_losses=losses, step=step)
+    return finish(model, cfg, tok, args, rank, world, dev, summary)
+
+
+def finish(model, cfg, tok, args, rank, world, dev, summary):
+    if cfg["adapter"] == "none" or not cfg["eval_dir"]:
+        return summary
+    scores, loads = evaluate(model, cfg, tok, args, rank, world, dev)
+    summary.update(scores=scores, expert_load={k: v.tolist() for k, v in loads.items()})
+    if rank == 0:
+        print_results(scores, loads, cfg)
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "train_losses"}, f, indent=1)
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------
+# the built-in demo: the synthetic suite and a tiny pretrained base, made on first use
+
+DEMO_ROOT = "data/mini_cme"
+PRETRAIN = dict(adapter="none", init_from="scratch", model="small", batch_mode="pack", max_len=256, batch_size=16,
+                learning_rate=3e-3, warmup_iters=20, max_iters=300, eval_interval=300, eval_dir="", out_dir=f"{DEMO_ROOT}/pretrain")
+
+
+def ensure_demo(cfg):
+    """Build whatever of the demo's defaults is missing: nothing is downloaded."""
+    demo = {k: cfg[k] == v for k, v in DEMO.items()}
+    if not any(demo.values()):
+        return
+    if not os.path.isfile(f"{DEMO_ROOT}/suite.json"):
+        print(f"building the synthetic mini-CME suite in {DEMO_ROOT} (once)...")
+        data.make_suite(DEMO_ROOT, seed=0)
+    if demo["data_dir"] and not os.path.isfile(f"{cfg['data_dir']}/summary.json"):
+        data.prepare([f"{DEMO_ROOT}/train.jsonl"], DEMO["tokenizer"], cfg["data_dir"], max_len=256, val_fraction=0.03, quiet=True)
+    if demo["init_from"] and not os.path.isfile(cfg["init_from"]):
+        print(f"no base model yet: pretraining a tiny LLaMA on {DEMO_ROOT}/corpus.txt first (once, about two minutes)...")
+        corpus = f"{DEMO_ROOT}/corpus_tokens"
+        if not os.path.isfile(f"{corpus}/summary.json"):
+            with open(f"{DEMO_ROOT}/corpus.txt", encoding="utf-8") as f:
+                docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+            with open(f"{DEMO_ROOT}/corpus.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+            data.prepare([f"{DEMO_ROOT}/corpus.jsonl"], DEMO["tokenizer"], corpus, max_len=256, quiet=True)
+        run({**DEFAULTS, **PRETRAIN, "data_dir": corpus, "tokenizer": DEMO["tokenizer"], "device": cfg["device"]}, 0, 1,
+            torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else cfg["device"].replace("auto", "cpu")))
+        os.replace(f"{PRETRAIN['out_dir']}/model.pt", cfg["init_from"])
+        print(f"base model written to {cfg['init_from']}; now fine-tuning")
+
+
+# -------------------------------------------------------------------------------------------------
+# dry run: a full configuration checked on the meta device, without weights or GPUs
+
+
+def dry_run(cfg):
+    src = cfg["init_from"]
+    if os.path.isdir(src):
+        with torch.device("meta"):
+            args = Transformer.from_pretrained(src, device="meta").args
+    else:
+        args = ModelArgs.from_name(cfg["model"], max_seq_len=max(cfg["max_len"], 256))
+    with torch.device("meta"):
+        model = Transformer(args)
+    n_base = model.num_params()
+    if cfg["adapter"] != "none":
+        targets = tuple(t.strip() for t in cfg["targets"].split(",") if t.strip())
+        teamlora.inject(model, targets, dropout=cfg["dropout"], **adapter_kwargs(cfg))
+    n_train = sum(p.numel() for p in trainable(model))
+    world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
+    micro = cfg["batch_size"] // (world * cfg["grad_accum"])
+    est = memory_estimate(args, n_base, n_train, cfg, world, micro)
+    print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, {args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
+    print(f"adapter {cfg['adapter']} (r={cfg['r']}, experts={cfg['experts']}, targets={cfg['targets']}): "
+          f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's Params%)")
+    print(f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, {'FSDP' if cfg['fsdp'] else 'DDP'}, "
+          f"activation checkpointing {'on' if cfg['activation_checkpointing'] else 'off'}: about {est['total'] / 2**30:.1f} GiB "
+          f"(weights {est['weights'] / 2**30:.1f}, adapter + AdamW {est['adapter'] / 2**30:.1f}, activations {est['activations'] / 2**30:.1f}, "
+          f"logits {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
+    return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
+
+
+def memory_estimate(args, n_base, n_train, cfg, world, micro):
+    """Bytes per GPU: a back-of-the-envelope sum of the big terms."""
+    wbytes = 2 if cfg["dtype"] == "bfloat16" else 4
+    per_layer = n_base / max(args.n_layers, 1)
+    if cfg["fsdp"]:  # a shard of everything, plus about two gathered blocks (one in use, one prefetched)
+        weights = n_base * wbytes / world + 2 * per_layer * wbytes
+    else:
+        weights = n_base * wbytes
+    adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32 weights, gradients and two AdamW moments
+    tokens = micro * cfg["max_len"]
+    # per token and layer, what backward keeps (in the activation dtype): norms, q/k/v, attention
+    # output, the SwiGLU's three hidden-size tensors and the residual stream; rank-sized adapter terms
+    per_token_layer = (6 * args.dim + 4 * args.ffn_hidden_dim) * wbytes + 4 * 3 * (cfg["r"] + cfg["experts"]) * 2
+    if cfg["activation_checkpointing"]:
+        activations = tokens * (args.n_layers * args.dim * wbytes + per_token_layer)
+    else:
+        activations = tokens * args.n_layers * per_token_layer
+    logits = tokens * args.vocab_size * 4 * 2  # float32 logits and their gradient
+    total = weights + adapter + activations + logits
+    return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits, "total": total}
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+        train(cfg)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("TEAMLORA_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory: lower batch_size per process (raise grad_accum to keep the global batch), "
+              "or set activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
