@@ -288,6 +288,8 @@ class Transformer(nn.Module):
             raise ValueError("generate needs a non-empty list of non-empty prompts; give each prompt at least one token (e.g. BOS)")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature={temperature}, top_p={top_p} are out of range; use temperature >= 0 and 0 < top_p <= 1")
+        if any(not 0 <= t < self.args.vocab_size for p in prompts for t in p):
+            raise ValueError(f"a prompt holds a token id outside [0, {self.args.vocab_size}); encode the prompts with this model's tokenizer")
         B, P = len(prompts), max(len(p) for p in prompts)
         total = P + max_new_tokens
         if total > self.args.max_seq_len:
@@ -339,9 +341,9 @@ class Transformer(nn.Module):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist; pass the folder that holds params.json (Meta) or config.json (Hugging Face)")
         if os.path.exists(os.path.join(path, "params.json")):
-            args, state = _read_meta(path)
+            args, state = _read_meta(path, dtype, device)
         elif os.path.exists(os.path.join(path, "config.json")):
-            args, state = _read_hf(path)
+            args, state = _read_hf(path, dtype, device)
         else:
             raise ValueError(f"{path!r} holds neither params.json (Meta layout) nor config.json (Hugging Face layout); point to the folder with the weights (for Meta's files in a Hugging Face download, its original/ folder)")
         if max_seq_len is not None:
@@ -358,7 +360,6 @@ class Transformer(nn.Module):
         for name in expected:
             if state[name].shape != expected[name]:
                 raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model expects {tuple(expected[name])}; the config and the weights do not match")
-            state[name] = state[name].to(device=device, dtype=dtype)  # one tensor at a time
         model.load_state_dict(state, assign=True)
         return model
 
@@ -378,7 +379,10 @@ def sample(logits, temperature, top_p, generator=None):
 # ----------------------------------------------------------------------------------------------------
 # checkpoint reading
 
-def _read_meta(path):
+# The readers convert each tensor to dtype/device as soon as it is read, so at most one tensor exists
+# twice at any time (memory-mapped files are paged in from disk, not copied).
+
+def _read_meta(path, dtype, device):
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
     if params.pop("use_scaled_rope", False):
@@ -396,13 +400,17 @@ def _read_meta(path):
             continue
         parts = [s[name] for s in shards if name in s]
         if len(parts) == 1 or parts[0].dim() == 1:  # a single shard, or a norm (replicated on every shard)
-            state[name] = parts[0]
+            t = parts[0]
         else:
-            state[name] = torch.cat(parts, dim=_meta_split_dim(name, parts[0], params["dim"]))
+            t = torch.cat(parts, dim=_meta_split_dim(name, parts[0], params["dim"]))
+        state[name] = t.to(device=device, dtype=dtype)
     if params.get("vocab_size", -1) <= 0:  # -1 in Meta's files: the embedding's row count says it
         if "tok_embeddings.weight" not in state:
             raise ValueError(f"the checkpoint in {path!r} lacks weights the model needs: tok_embeddings.weight; check that all weight files are present")
         params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    # params.json does not give the context length: LLaMA 3 (rope_theta 500000) was trained on 8192
+    # tokens, LLaMA 2 on 4096; from_pretrained(max_seq_len=...) overrides this
+    params.setdefault("max_seq_len", 8192 if params.get("rope_theta", 1e4) >= 5e5 else 4096)
     return ModelArgs(**params), state
 
 
@@ -435,14 +443,18 @@ def _hf_to_meta_name(name):
     return name  # unknown: reported as unexpected
 
 
-def _read_hf(path):
+def _read_hf(path, dtype, device):
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    unsupported = {"model_type": ("llama", None), "hidden_act": ("silu", None), "rope_scaling": (None,),
+    unsupported = {"model_type": ("llama", None), "hidden_act": ("silu", None),
                    "attention_bias": (False, None), "mlp_bias": (False, None)}
     for key, allowed in unsupported.items():
         if config.get(key) not in allowed:
             raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this LLaMA does not implement; only LLaMA 2/3-style checkpoints are supported")
+    # transformers 5 writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}, which this model does not implement; use a LLaMA 2 or LLaMA 3 checkpoint")
     n_heads = config["num_attention_heads"]
     if config.get("head_dim", config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
         raise ValueError(f"config.json in {path!r} has head_dim={config['head_dim']} != hidden_size / num_attention_heads; this model does not support that")
@@ -450,7 +462,7 @@ def _read_hf(path):
     args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
                      hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-                     rope_theta=config.get("rope_theta", 10000.0), max_seq_len=config.get("max_position_embeddings", 2048))
+                     rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)), max_seq_len=config.get("max_position_embeddings", 2048))
     state = {}
     for file in _hf_weight_files(path):
         for hf_name, t in _read_tensors(os.path.join(path, file)):
@@ -461,7 +473,7 @@ def _read_hf(path):
                 heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
                 if t.shape == (heads * args.head_dim, args.dim):  # else: reported as a shape mismatch
                     t = hf_to_meta_qk(t, heads)
-            state[name] = t
+            state[name] = t.to(device=device, dtype=dtype)
     if "output.weight" not in state and config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]  # tied: one tensor serves both
     return args, state

@@ -217,9 +217,14 @@ def test_meta_sharded_directory_loads_to_identical_logits(tmp_path, n_kv_heads, 
 
 
 @pytest.mark.parametrize("n_kv_heads", [2, 4])
-def test_hf_sharded_bin_directory_loads_to_identical_logits(tmp_path, n_kv_heads):
-    model = tiny_model(n_kv_heads=n_kv_heads)
+@pytest.mark.parametrize("config_style", ["transformers4", "transformers5"])
+def test_hf_sharded_bin_directory_loads_to_identical_logits(tmp_path, n_kv_heads, config_style):
+    model = tiny_model(n_kv_heads=n_kv_heads, rope_theta=5e5)
     write_hf_bin_dir(model, tmp_path)
+    if config_style == "transformers5":  # rope_theta moved into rope_parameters
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["rope_parameters"] = {"rope_theta": config.pop("rope_theta"), "rope_type": "default"}
+        (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = Transformer.from_pretrained(tmp_path)
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
@@ -452,6 +457,16 @@ def test_llama31_scaled_rope_is_refused(tmp_path):
         Transformer.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_hf_rope_scaling_is_refused(tmp_path, key):
+    model = tiny_model()
+    config = hf_config(model)
+    config[key] = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rotary scaling.*llama3"):
+        Transformer.from_pretrained(tmp_path)
+
+
 def test_bad_inputs_are_reported():
     model = tiny_model()
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
@@ -462,6 +477,8 @@ def test_bad_inputs_are_reported():
         model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model.generate([[1] * 250], 10)
+    with pytest.raises(ValueError, match="token id outside"):
+        model.generate([[1, 512]], 3)
     with pytest.raises(ValueError, match="non-empty prompts"):
         model.generate([[1], []], 3)
     with pytest.raises(ValueError, match="n_kv_heads"):
