@@ -1,12 +1,14 @@
 """
 Tasks, metrics and evaluation data for TeamLoRA's multi-task runs (to be appended to data.py).
 
-1. The metrics of the CME benchmark: accuracy on a label word or option letter, exact match over
-   answer aliases (SQuAD normalisation), ROUGE-L F1 for summaries.
-2. CME_TASKS: the 11 evaluation tasks, each with a loader for its public file format that returns
-   records in the authors' format {"instruction", "input", "output"} (+ "answers" for QA).
-3. mini-CME: make_suite() writes a seeded synthetic multi-task suite, the pretraining corpus of its
-   small invented world and a SentencePiece model, small enough to train and evaluate on a CPU.
+    python data.py eval_set --task anli --raw R1/test.jsonl R2/test.jsonl R3/test.jsonl --out eval/anli.jsonl
+
+- metrics of the CME benchmark: accuracy on a label word or option letter, exact match over answer
+  aliases (SQuAD normalisation), ROUGE-L F1; Task and evaluate() score generated answers with them.
+- CME_TASKS: the 11 evaluation tasks, each with a loader for its public file format that returns
+  records in the authors' format {"instruction", "input", "output"} (+ "answers" for QA).
+- make_suite(): "mini-CME", a seeded synthetic multi-task suite over a small invented world, with
+  the corpus that teaches that world to a tiny base model and a SentencePiece model for it.
 """
 import argparse
 import csv
@@ -22,17 +24,15 @@ from typing import Callable, Optional
 
 import sentencepiece as spm
 
-# -----------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Metrics
 
 
 def normalize_answer(s):
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces. Unicode
-    punctuation ("。", "¿") counts too: SQuAD's ASCII list would keep it."""
-    s = "".join(ch for ch in s.lower()
-                if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
+    punctuation ("。") goes too; SQuAD's ASCII list would keep it."""
+    s = "".join(c for c in s.lower() if c not in string.punctuation and not unicodedata.category(c).startswith("P"))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
 
 
 def exact_match(prediction, answers):
@@ -41,10 +41,9 @@ def exact_match(prediction, answers):
     return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
 
 
-# "Answer: B", "The correct option is B", "label: entailment" -> the part after the prefix
-_ANSWER_PREFIX = re.compile(
-    r"^\s*(?:the\s+)?(?:correct\s+|right\s+|final\s+)?(?:answer|option|choice|label)\b\s*(?:is\b)?\s*[:\-]?\s*",
-    re.I)
+# "Answer: B", "The correct option is B", "label: entailment" -> what follows the prefix
+_ANSWER_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:correct\s+|right\s+|final\s+)?(?:answer|option|choice|label)\b"
+                            r"\s*(?:is\b)?\s*[:\-]?\s*", re.I)
 
 
 def _option_letter(text):
@@ -63,26 +62,23 @@ def _option_letter(text):
 
 
 def _words(s):
-    return re.sub(r"[\W_]+", " ", s.lower()).split()  # "not_entailment" == "Not entailment."
+    return re.sub(r"[\W_]+", " ", s.lower()).split()  # "Not_entailment." -> ["not", "entailment"]
 
 
 def _labels_named(words, labels):
-    """The labels that occur in a word list; a label inside a longer one that occurs there
+    """The labels that occur in a word list; one inside a longer label that occurs there
     ("duplicate" inside "not duplicate") does not count on its own."""
     spans = []
-    for lab in labels:
-        lw = _words(lab)
-        spans += [(i, i + len(lw), tuple(lw)) for i in range(len(words) - len(lw) + 1)
-                  if words[i:i + len(lw)] == lw]
-    return {lw for s, e, lw in spans
-            if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
+    for lw in map(_words, labels):
+        spans += [(i, i + len(lw), tuple(lw)) for i in range(len(words) - len(lw) + 1) if words[i:i + len(lw)] == lw]
+    return {lw for s, e, lw in spans if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
 
 
 def accuracy(prediction, label, labels=None):
     """1.0 if the prediction gives the label: an option letter ("B", "(B)", "B. Paris", "Answer: B")
-    or a label word, ignoring case and punctuation ("Entailment." for "entailment"). With the
-    task's label set, a longer answer counts if it names exactly one label, the right one; a
-    prediction that names two labels ("A or B", "entailment or neutral") is always wrong."""
+    or a label word, whatever the case and punctuation ("Entailment." for "entailment"). Given the
+    task's label set, a longer answer counts when it names exactly one label, the right one. An
+    answer naming two labels ("A or B", "entailment or neutral") is always wrong."""
     text = _ANSWER_PREFIX.sub("", prediction, count=1).strip()
     if re.fullmatch(r"[A-Za-z]", label.strip()):
         return float(_option_letter(text) == label.strip().upper())
@@ -90,29 +86,22 @@ def accuracy(prediction, label, labels=None):
     return float(words == gold or (labels is not None and _labels_named(words, labels) == {tuple(gold)}))
 
 
-def _rouge_tokens(s):
-    """rouge-score's default tokenizer: lower case, anything but [a-z0-9] splits, no stemming."""
-    return re.sub(r"[^a-z0-9]+", " ", s.lower()).split()
-
-
 def _lcs_length(a, b):
-    """Length of the longest common subsequence of two token lists (one DP row at a time)."""
+    """Length of the longest common subsequence of two token lists, one DP row at a time."""
     row = [0] * (len(b) + 1)
     for x in a:
-        diagonal = 0  # row[j - 1] of the previous row
+        diagonal = 0  # row[j - 1] before this pass
         for j, y in enumerate(b, 1):
             diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
     return row[-1]
 
 
 def rouge_l(prediction, reference):
-    """ROUGE-L F1 between two texts, as rouge-score computes it without stemming."""
-    p, r = _rouge_tokens(prediction), _rouge_tokens(reference)
+    """ROUGE-L F1 as rouge-score computes it by default: lower case, every run of characters
+    outside [a-z0-9] splits tokens, no stemming."""
+    p, r = (re.sub(r"[^a-z0-9]+", " ", s.lower()).split() for s in (prediction, reference))
     lcs = _lcs_length(p, r) if p and r else 0
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))  # F1 of precision lcs/|p| and recall lcs/|r|
 
 
 @dataclass
@@ -146,10 +135,10 @@ def evaluate(task, predictions, records):
     return 100.0 * sum(task.score(p, r) for p, r in zip(predictions, records)) / len(records)
 
 
-# -----------------------------------------------------------------------------------------------
-# Record templates in the style of the authors' records (shared/fixtures/official): every
-# instruction below is copied from those 132 records, except RTE's (they hold no two-way NLI item).
-# A kind's first phrasing is the one CME evaluation sets use; the synthetic suite samples them all.
+# -----------------------------------------------------------------------------
+# Record templates in the style of the authors' 132 records (shared/fixtures/official). Every
+# instruction is copied from them except RTE's: they hold no two-way NLI item, so it follows the
+# NLI ones. CME evaluation sets use a kind's first phrasing; the synthetic suite samples them all.
 
 TEMPLATES = {
     "nli": ([
@@ -176,16 +165,12 @@ TEMPLATES = {
         "Read the following review and determine if the sentiment is positive or negative.",
         "Determine whether the sentiment in the following passage is positive or negative.",
         "Classify the sentiment of the following review: is it positive or negative?",
-        "Based on the content of the following passage, is the sentiment positive or negative?"],
-        "{text}"),
+        "Based on the content of the following passage, is the sentiment positive or negative?"], "{text}"),
     "summary": ([
-        "Write a summary that captures the main ideas of the text:",
-        "Provide a concise summary for the given passage:",
-        "Write a concise summary for the provided text:",
-        "Summarize the following text:",
+        "Write a summary that captures the main ideas of the text:", "Provide a concise summary for the given passage:",
+        "Write a concise summary for the provided text:", "Summarize the following text:",
         "Summarize the essential points of the following text:",
-        "Condense the following information into a brief summary:"],
-        "{text}"),
+        "Condense the following information into a brief summary:"], "{text}"),
     "blank": ([
         "Decide the word represented by the blank in the provided sentence.",
         "Determine the proper word that the blank is substituting in the sentence.",
@@ -205,16 +190,17 @@ def make_record(kind, output, instruction=None, **fields):
 
 
 def qa_record(question, answers):
-    """Open-domain QA as the official records have it: the question is the instruction, no input."""
-    answers = list(dict.fromkeys(a for a in answers if a))  # aliases, first one kept as the output
+    """Open-domain QA as in the official records: the question is the instruction, no input.
+    "answers" holds every alias (duplicates dropped); the first is the output."""
+    answers = list(dict.fromkeys(a for a in answers if a))
     return {"instruction": question, "input": "", "output": answers[0] if answers else None, "answers": answers}
 
 
-# -----------------------------------------------------------------------------------------------
-# CME loaders: one per public format. Rows without a label (GLUE test files, WinoGrande's test
-# split) load with output None, so a file can still be turned into prompts; write_eval_set refuses
-# them. Every mistake in a file stops with the file, the line and what to do.
-
+# -----------------------------------------------------------------------------
+# CME loaders, one per public format. A row without a label (GLUE test files, WinoGrande's test
+# split) loads with output None, so the file can still be turned into prompts; write_eval_set
+# refuses it. A malformed file stops with its name, the line and what to do. Files are read as
+# UTF-8, with or without a byte-order mark.
 
 def _check_exists(path):
     if not os.path.exists(path):
@@ -227,10 +213,18 @@ def _get(obj, key, where):
     return obj[key]
 
 
+def _label(value, mapping, where):
+    if value is None or value == "":
+        return None
+    if value not in mapping:
+        raise ValueError(f"{where} has the label {value!r}; expected one of {list(mapping)}.")
+    return mapping[value]
+
+
 def _jsonl(path):
     """(where, object) for each non-empty line of a JSON-lines file."""
     _check_exists(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -245,7 +239,7 @@ def _jsonl(path):
 
 def _json(path):
     _check_exists(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -253,37 +247,31 @@ def _json(path):
 
 
 def _tsv(path, need):
-    """(where, row dict) for each row of a GLUE TSV with a header; reading in text mode turns
-    QQP's CRLF line endings into plain newlines."""
+    """(where, row dict) for each row of a GLUE TSV; text mode turns QQP's CRLF into LF."""
     _check_exists(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         header = f.readline().rstrip("\n").split("\t")
         if not set(need) <= set(header):
-            raise ValueError(f"{path} has the columns {header}; this task needs {list(need)} (a GLUE TSV with its header line).")
+            raise ValueError(f"{path} has the columns {header}; this task needs {list(need)} in a header line.")
         for n, line in enumerate(f, 2):
+            if not line.strip():
+                continue
             cells = line.rstrip("\n").split("\t")
             if len(cells) != len(header):
-                raise ValueError(f"{path} line {n} has {len(cells)} tab-separated fields where the header has {len(header)}; fix or remove that row.")
+                raise ValueError(f"{path} line {n} has {len(cells)} tab-separated fields where the header has "
+                                 f"{len(header)}; fix or remove that row.")
             yield f"{path} line {n}", dict(zip(header, cells))
 
 
-def _label(value, mapping, where):
-    if value is None or value == "":
-        return None
-    if value not in mapping:
-        raise ValueError(f"{where} has the label {value!r}; expected one of {list(mapping)}.")
-    return mapping[value]
-
-
 def load_anli(path):
-    """ANLI jsonl of any round (R1/R2/R3 dev or test): context, hypothesis, label e/n/c."""
+    """ANLI jsonl of any round (R1/R2/R3, dev or test): context, hypothesis, label e/n/c."""
     labels = {"e": "entailment", "n": "neutral", "c": "contradiction"}
     return [make_record("nli", _label(row.get("label"), labels, where), premise=_get(row, "context", where),
                         hypothesis=_get(row, "hypothesis", where)) for where, row in _jsonl(path)]
 
 
 def load_rte(path):
-    """GLUE RTE TSV: index, sentence1, sentence2[, label entailment/not_entailment]."""
+    """GLUE RTE TSV: index, sentence1, sentence2, label entailment/not_entailment (none in test)."""
     labels = {"entailment": "entailment", "not_entailment": "not entailment"}
     return [make_record("rte", _label(row.get("label"), labels, where), premise=row["sentence1"],
                         hypothesis=row["sentence2"]) for where, row in _tsv(path, ("sentence1", "sentence2"))]
@@ -297,48 +285,48 @@ def load_qqp(path):
 
 
 def load_winogrande(path):
-    """WinoGrande jsonl: sentence with "_" for the blank, option1, option2, answer "1"/"2"."""
+    """WinoGrande jsonl: sentence with "_" for the blank, option1, option2, answer "1"/"2" -> A/B."""
     return [make_record("blank", _label(row.get("answer"), {"1": "A", "2": "B"}, where),
                         sentence=_get(row, "sentence", where), option1=_get(row, "option1", where),
                         option2=_get(row, "option2", where)) for where, row in _jsonl(path)]
 
 
 def load_arc(path):
-    """ARC jsonl: question.stem, question.choices [{text, label}], answerKey. Some rows label their
-    choices "1".."4" instead of "A".."D": letters follow the choices' order either way."""
+    """ARC jsonl: question {stem, choices [{text, label}]}, answerKey. Some rows label their choices
+    "1".."4" instead of "A".."D"; the letters follow the choices' order either way."""
     records = []
     for where, row in _jsonl(path):
-        question = _get(row, "question", where)
-        choices = _get(question, "choices", where)
+        choices = _get(_get(row, "question", where), "choices", where)
         keys = {str(_get(c, "label", where)): LETTERS[i] for i, c in enumerate(choices)}
-        records.append(make_record("choice", _label(row.get("answerKey"), keys, where), question=_get(question, "stem", where),
+        records.append(make_record("choice", _label(row.get("answerKey"), keys, where),
+                                   question=_get(row["question"], "stem", where),
                                    options=[_get(c, "text", where) for c in choices]))
     return records
 
 
 def load_mmlu(path):
-    """MMLU CSV of one subject (hendrycks/test data/{dev,test}/<subject>_<split>.csv): no header;
-    question, A, B, C, D, answer; fields may be quoted and span several lines."""
+    """MMLU CSV of one subject (data/{dev,test}/<subject>_<split>.csv): no header; question, A, B,
+    C, D, answer, with quoted fields that may span lines."""
     _check_exists(path)
-    records = []
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": csv handles quoted newlines
+    records, start = [], 1
+    with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": csv sees the quoted newlines
         reader = csv.reader(f)
         for row in reader:
-            where = f"{path} line {reader.line_num}"
+            where, start = f"{path} line {start}", reader.line_num + 1  # the line the record starts on
             if len(row) != 6:
                 raise ValueError(f"{where} has {len(row)} fields; an MMLU row is question, A, B, C, D, answer.")
-            records.append(make_record("choice", _label(row[5].strip(), dict(zip("ABCD", "ABCD")), where),
+            records.append(make_record("choice", _label(row[5].strip(), {c: c for c in "ABCD"}, where),
                                        question=row[0].strip(), options=[o.strip() for o in row[1:5]]))
     return records
 
 
-_DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^\s()"]+))\)')
+_DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^\s()"]+))\)')  # quoted or bare value
 
 
 def load_webqa(path):
-    """Two formats. Baidu's Chinese WebQA: {qid: {"question", "evidences": {eid: {"answer": [...],
-    "evidence"}}}}, the answers of all evidences ("no_answer" dropped). English WebQuestions: a JSON
-    list of {utterance, targetValue: '(list (description X) (description "Y Z"))', url}."""
+    """Baidu's Chinese WebQA, {qid: {"question", "evidences": {eid: {"answer": [...], "evidence"}}}}
+    (every evidence's answers but "no_answer"), or English WebQuestions, a JSON list of
+    {"utterance", "targetValue": '(list (description X) (description "Y Z"))'}."""
     data, records = _json(path), []
     if isinstance(data, dict):
         for qid, item in data.items():
@@ -346,19 +334,19 @@ def load_webqa(path):
             evidences = _get(item, "evidences", where).values()
             answers = [a for ev in evidences for a in _get(ev, "answer", where) if a != "no_answer"]
             records.append(qa_record(_get(item, "question", where), answers))
-    else:
-        for i, item in enumerate(data):
-            where = f"{path} record {i}"
-            target = _get(item, "targetValue", where)
-            answers = [re.sub(r"\\(.)", r"\1", q) if q else bare for q, bare in _DESCRIPTION.findall(target)]
-            if not answers:
-                raise ValueError(f"{where} has the targetValue {target!r}; expected '(list (description ...) ...)'.")
-            records.append(qa_record(_get(item, "utterance", where), answers))
+        return records
+    for i, item in enumerate(data):
+        where = f"{path} record {i}"
+        target = _get(item, "targetValue", where)
+        answers = [re.sub(r"\\(.)", r"\1", quoted) or bare for quoted, bare in _DESCRIPTION.findall(target)]
+        if not answers:
+            raise ValueError(f"{where} has the targetValue {target!r}; expected '(list (description ...) ...)'.")
+        records.append(qa_record(_get(item, "utterance", where), answers))
     return records
 
 
 def load_nq(path):
-    """NQ-open jsonl: {"question", "answer": [aliases]} (the EfficientQA variant's extra fields are ignored)."""
+    """NQ-open jsonl: {"question", "answer": [aliases]} (EfficientQA's extra fields are ignored)."""
     records = []
     for where, row in _jsonl(path):
         answers = _get(row, "answer", where)
@@ -369,97 +357,98 @@ def load_nq(path):
 def load_triviaqa(path):
     """TriviaQA JSON {"Data": [{"Question", "Answer": {"Value", "NormalizedValue", "Aliases",
     "NormalizedAliases"}}]}. The output is the normalised value, lower case as in the official
-    records; all aliases count for exact match. Test files without answers load with output None."""
+    records; every alias counts for exact match. Files without answers load with output None."""
     records = []
     for i, item in enumerate(_get(_json(path), "Data", path)):
-        answer = item.get("Answer") or {}
-        answers = [answer.get("NormalizedValue"), answer.get("Value")]
-        records.append(qa_record(_get(item, "Question", f"{path} record {i}"),
-                                 answers + answer.get("Aliases", []) + answer.get("NormalizedAliases", [])))
+        a = item.get("Answer") or {}
+        answers = [a.get("NormalizedValue"), a.get("Value")] + a.get("Aliases", []) + a.get("NormalizedAliases", [])
+        records.append(qa_record(_get(item, "Question", f"{path} record {i}"), answers))
     return records
 
 
 def load_tldr(path):
-    """OpenAI TL;DR: tldr_3_filtered rows {id, subreddit, title, post, summary} (JSONL), or
-    summarize-from-feedback comparison rows {info: {post, ...}, summaries: [{text, policy}]} (JSON
-    or JSONL), which count once per post and only when one summary is the human reference (policy
-    "ref"). The input is the post alone, as in the official records; the summary's leading space goes."""
-    rows = _jsonl(path) if path.endswith(".jsonl") else _json(path)
-    if not path.endswith(".jsonl"):
-        rows = [(f"{path} record {i}", r) for i, r in enumerate(rows if isinstance(rows, list) else [rows])]
+    """OpenAI TL;DR: tldr_3_filtered rows {id, subreddit, title, post, summary}, or
+    summarize-from-feedback comparisons {info: {id, post, ...}, summaries: [{text, policy}]}, which
+    count once per post and only when a summary is the human reference (policy "ref"). JSONL, or a
+    JSON list or object. The input is the post alone, as in the official records."""
+    if path.endswith(".jsonl"):
+        rows = _jsonl(path)
+    else:
+        data = _json(path)
+        rows = [(f"{path} record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
     records, seen = [], set()
     for where, row in rows:
         if "info" in row:
-            refs = [s.get("text") for s in _get(row, "summaries", where) if s.get("policy") == "ref"]
-            if not refs or row["info"].get("id") in seen:
+            info = _get(row, "info", where)
+            refs = [s["text"] for s in _get(row, "summaries", where) if s.get("policy") == "ref"]
+            if not refs or info.get("id") in seen:
                 continue
-            seen.add(row["info"].get("id"))
-            post, summary = _get(row["info"], "post", where), refs[0]
+            seen.add(info.get("id"))
+            post, summary = _get(info, "post", where), refs[0]
         else:
             post, summary = _get(row, "post", where), row.get("summary")
-        records.append(make_record("summary", summary.strip() if summary else None, text=post))
+        records.append(make_record("summary", summary and summary.strip(), text=post))  # refs start with a space
     return records
 
 
 def load_imdb(path):
-    """IMDB as an aclImdb split folder (pos/ and neg/ of <id>_<rating>.txt, e.g. aclImdb/test), or
-    a file of 'pos<TAB>review' lines (fastNLP's variant). Reviews keep their <br /> tags, as the
+    """IMDB as an aclImdb split folder (pos/ and neg/ of <id>_<rating>.txt, e.g. aclImdb/test) or a
+    file of 'pos<TAB>review' lines (fastNLP's variant). Reviews keep their <br /> tags, as the
     official records do."""
     _check_exists(path)
-    names = {"pos": "positive", "neg": "negative"}
-    records = []
+    names, records = {"pos": "positive", "neg": "negative"}, []
     if not os.path.isdir(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 label, tab, text = line.rstrip("\n").partition("\t")
-                if line.strip():
-                    if not tab or label not in names:
-                        raise ValueError(f"{path} line {n} is not 'pos<TAB>review' or 'neg<TAB>review'; fix or remove that line.")
-                    records.append(make_record("sentiment", names[label], text=text))
+                if not line.strip():
+                    continue
+                if not tab or label not in names:
+                    raise ValueError(f"{path} line {n} is not 'pos<TAB>review' or 'neg<TAB>review'; fix or remove it.")
+                records.append(make_record("sentiment", names[label], text=text))
         return records
-    folders = [lab for lab in names if os.path.isdir(os.path.join(path, lab))]
-    if not folders:
+    if not any(os.path.isdir(os.path.join(path, lab)) for lab in names):
         raise ValueError(f"{path} has no pos/ or neg/ folder; point at an aclImdb split folder such as aclImdb/test.")
-    for lab in folders:
+    for lab in (lab for lab in names if os.path.isdir(os.path.join(path, lab))):
         folder, files = os.path.join(path, lab), []
         for name in os.listdir(folder):
-            m = re.fullmatch(r"(\d+)_(\d+)\.txt", name)
+            m = re.fullmatch(r"(\d+)_\d+\.txt", name)
             if not m:
                 raise ValueError(f"{os.path.join(folder, name)} is not named <id>_<rating>.txt; move it out of {folder}.")
             files.append((int(m.group(1)), name))
         for _, name in sorted(files):
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
+            with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
                 records.append(make_record("sentiment", names[lab], text=f.read()))
     return records
 
 
 @dataclass
 class CMETask(Task):
-    """A CME evaluation task: its metric, plus a loader from its public file format."""
+    """A CME evaluation task: a Task plus the loader of its public file format."""
     load: Callable = None  # path -> list of records in the official format
     source: str = ""  # the files load() reads
 
 
 CME_TASKS = {t.name: t for t in [
-    CMETask("oai_sum", "rouge_l", 128, None, load_tldr, "tldr_3_filtered *.jsonl or summarize-from-feedback comparisons"),
-    CMETask("imdb", "accuracy", 8, ("positive", "negative"), load_imdb, "aclImdb/<split> folder or fastNLP label<TAB>review file"),
-    CMETask("anli", "accuracy", 8, ("entailment", "neutral", "contradiction"), load_anli, "anli_v1.0/R{1,2,3}/{dev,test}.jsonl"),
+    CMETask("oai_sum", "rouge_l", 128, None, load_tldr, "tldr_3_filtered/*.jsonl or summarize-from-feedback comparisons"),
+    CMETask("imdb", "accuracy", 8, ("positive", "negative"), load_imdb, "aclImdb/test folder or label<TAB>review file"),
+    CMETask("anli", "accuracy", 8, ("entailment", "neutral", "contradiction"), load_anli, "anli_v1.0/R*/{dev,test}.jsonl"),
     CMETask("qqp", "accuracy", 8, ("duplicate", "not duplicate"), load_qqp, "GLUE QQP/{train,dev,test}.tsv"),
     CMETask("rte", "accuracy", 8, ("entailment", "not entailment"), load_rte, "GLUE RTE/{train,dev,test}.tsv"),
     CMETask("winogrande", "accuracy", 4, ("A", "B"), load_winogrande, "winogrande_1.1/{train_*,dev,test}.jsonl"),
     CMETask("arc", "accuracy", 4, tuple("ABCDE"), load_arc, "ARC-V1-Feb2018/ARC-*/ARC-*-{Train,Dev,Test}.jsonl"),
-    CMETask("mmlu", "accuracy", 4, tuple("ABCD"), load_mmlu, "hendrycks data/{dev,test}/<subject>_<split>.csv"),
-    CMETask("webqa", "exact_match", 64, None, load_webqa, "WebQA.v1.0 *.ann.json (Baidu) or webquestions.examples.*.json"),
+    CMETask("mmlu", "accuracy", 4, tuple("ABCD"), load_mmlu, "data/{dev,test}/<subject>_<split>.csv"),
+    CMETask("webqa", "exact_match", 64, None, load_webqa, "WebQA.v1.0/*.ann.json or webquestions.examples.*.json"),
     CMETask("nq", "exact_match", 32, None, load_nq, "nq_open/NQ-open.{train,dev}.jsonl"),
-    CMETask("triviaqa", "exact_match", 32, None, load_triviaqa, "triviaqa-rc qa/*.json"),
+    CMETask("triviaqa", "exact_match", 32, None, load_triviaqa, "triviaqa-rc/qa/*.json"),
 ]}
 
 
-def _write_atomic(path, text):
-    """Write a file under a temporary name, then rename: a half-written file never looks complete."""
+def _write_atomic(path, content):
+    """Write text or bytes under a temporary name, then rename: a half-written file never looks complete."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
+    with open(path + ".tmp", "wb") as f:
+        f.write(content.encode("utf-8") if isinstance(content, str) else content)
     os.replace(path + ".tmp", path)
 
 
@@ -468,7 +457,7 @@ def _jsonl_text(records):
 
 
 def write_eval_set(task_name, raw_path, out_path, limit=None):
-    """Load a CME task's raw file(s) (one path or a list, e.g. ANLI's three rounds) and write an
+    """Load a CME task's raw file (a path, or a list of them, e.g. ANLI's three rounds) and write an
     evaluation set in the official format: a JSON list for .json, JSON lines for .jsonl. Returns
     the number of records written."""
     if task_name not in CME_TASKS:
@@ -489,10 +478,11 @@ def write_eval_set(task_name, raw_path, out_path, limit=None):
 
 def main_eval_set(argv=None):
     """python data.py eval_set --task NAME --raw PATH [PATH ...] --out FILE.json[l] [--limit N]"""
-    parser = argparse.ArgumentParser(prog="data.py eval_set", description="Write a CME evaluation set in the official record format.")
+    parser = argparse.ArgumentParser(prog="data.py eval_set", description="Write a CME evaluation set in the "
+                                     "official record format from a task's raw files.")
     parser.add_argument("--task", required=True, choices=list(CME_TASKS))
-    parser.add_argument("--raw", required=True, nargs="+", help="the task's raw file(s) or folder")
-    parser.add_argument("--out", required=True, help="output .json (list) or .jsonl")
+    parser.add_argument("--raw", required=True, nargs="+", help="the task's raw file(s), or aclImdb's split folder")
+    parser.add_argument("--out", required=True, help="output: .json (a list) or .jsonl")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N records")
     args = parser.parse_args(argv)
     try:
@@ -502,32 +492,35 @@ def main_eval_set(argv=None):
     print(f"wrote {n} {args.task} records to {args.out}")
 
 
-# -----------------------------------------------------------------------------------------------
-# mini-CME: a synthetic multi-task suite over a small invented world (cities, people, films) whose
-# facts only its corpus teaches. The tasks share inputs on purpose, as the CME's 22 sources do:
-# fact sentences feed the corpus, NLI premises and reviews; one set of questions feeds closed-book
-# QA, multiple choice and paraphrase pairs; opinion sentences feed reviews and posts. Each task
-# answers differently (label words, letters, duplicate / not duplicate, a name, a sentence), so a
-# single low-rank adapter has to juggle conventions that separate experts could each take.
+# -----------------------------------------------------------------------------
+# mini-CME: a synthetic multi-task suite over an invented world (cities, people, films) whose
+# facts only its corpus teaches. Like the CME's 22 sources, the tasks share inputs: fact sentences
+# feed the corpus, NLI premises and reviews; one set of questions feeds closed-book QA, multiple
+# choice and paraphrase pairs; opinion sentences feed reviews and posts; letters answer both
+# multiple choice and fill-the-blank. Each task answers in its own convention (label words,
+# letters, "duplicate", a name, a sentence): one low-rank adapter has to juggle them all, which
+# is what separate experts can win on.
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
-HELD_OUT = 0.3  # share of facts that only corpus.txt states; the QA and choice test sets ask them
+HELD_OUT = 0.3  # share of facts that only corpus.txt states: the QA and choice test sets ask these
 GENRES = ["drama", "comedy", "western", "thriller", "musical", "documentary", "romance", "horror", "mystery", "fantasy"]
 JOBS = {"film director": "spends long days on film sets", "painter": "mixes colours all day",
         "sailor": "spends weeks at sea", "doctor": "treats sick people", "teacher": "marks homework every evening",
         "baker": "gets up before dawn to bake bread", "singer": "warms up before every concert",
-        "farmer": "watches the sky for rain", "pilot": "flies across the country", "lawyer": "argues cases in court",
-        "carpenter": "builds tables and chairs"}
-PASTIMES = {"chess": "studies chess openings", "fishing": "owns many fishing rods", "gardening": "grows tomatoes at home",
-            "cycling": "rides a bike everywhere", "knitting": "knits scarves for friends", "swimming": "goes to the pool every morning",
-            "rowing": "rows on the lake at dawn", "hiking": "owns good walking boots"}
+        "farmer": "watches the sky for rain", "pilot": "flies across the country",
+        "lawyer": "argues cases in court", "carpenter": "builds tables and chairs"}
+PASTIMES = {"chess": "studies chess openings", "fishing": "owns many fishing rods", "gardening": "grows tomatoes",
+            "cycling": "rides a bike everywhere", "knitting": "knits scarves for friends",
+            "swimming": "goes to the pool every morning", "rowing": "rows on the lake at dawn",
+            "hiking": "owns good walking boots"}
 PRODUCTS = ["glass", "silk", "cheese", "clocks", "wine", "paper", "honey", "salt", "lamps", "carpets"]
-TITLE_WORDS = (["Silver", "Last", "Hidden", "Broken", "Golden", "Quiet", "Burning", "Frozen", "Lonely", "Secret", "Distant", "Crimson"],
-               ["Harbor", "Lantern", "Winter", "Garden", "River", "Crown", "Mirror", "Road", "Island", "Letter", "Tower", "Promise"])
-SYLLABLES = "ba be bi bo da de di do ka ke ki ko la le li lo ma me mi mo na ne ni no ra re ri ro sa se si so ta te ti to va ve vi vo".split()
+TITLE_WORDS = ("Silver Last Hidden Broken Golden Quiet Burning Frozen Lonely Secret Distant Crimson".split(),
+               "Harbor Lantern Winter Garden River Crown Mirror Road Island Letter Tower Promise".split())
+SYLLABLES = "ba be bi bo da de di do ka ke ki ko la le li lo ma me mi mo na ne ni no ra re ri ro sa se si so " \
+            "ta te ti to va ve vi vo".split()
 
-# kind -> attribute -> (statements, questions). Statements go into the corpus and the inputs;
-# questions never appear in the corpus, so QA has to connect two different phrasings of a fact.
+# kind -> attribute -> (statements, questions). Statements appear in the corpus and in task inputs;
+# questions never appear in the corpus, so QA must link two phrasings of one fact.
 ATTRS = {
     "film": {
         "director": (["{e} was directed by {v}.", "{v} directed {e}.", "{v} is the director of {e}."],
@@ -545,7 +538,8 @@ ATTRS = {
         "pastime": (["The favourite pastime of {e} is {v}.", "Of all pastimes, {e} likes {v} best."],
                     ["What is the favourite pastime of {e}?", "Which pastime does {e} like best?"])},
     "city": {
-        "region": (["{e} is a city in {v}.", "{e} lies in the region of {v}."], ["In which region is {e}?", "Where is {e} located?"]),
+        "region": (["{e} is a city in {v}.", "{e} lies in the region of {v}."],
+                   ["In which region is {e}?", "Where is {e} located?"]),
         "river": (["The {v} river flows through {e}.", "{e} stands on the banks of the {v}."],
                   ["Which river flows through {e}?", "What river is {e} on?"]),
         "product": (["{e} is known for its {v}.", "The {v} of {e} is famous across the land."],
@@ -554,15 +548,15 @@ ATTRS = {
 
 
 def _aliases(attr, v):
-    """Every answer that exact match accepts for a fact (the first one is the record's output)."""
+    """The answers exact match accepts for a fact; the first is the record's output."""
     return {"director": [v, v.split()[-1]], "river": [v, f"{v} river"], "genre": [v, f"{v} film"]}.get(attr, [v])
 
 
 def _invent(rng, n, taken):
-    """n new made-up names, so no fact can be known from anywhere but the corpus."""
+    """n new made-up names, so that no fact can be known from anywhere but the corpus."""
     out = []
     while len(out) < n:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize() + rng.choice(("", "n", "r", "s"))
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize() + rng.choice(("", "n", "s"))
         if name not in taken:
             taken.add(name)
             out.append(name)
@@ -570,17 +564,20 @@ def _invent(rng, n, taken):
 
 
 def build_world(seed):
+    """The entities (dicts of attributes), the facts held out of every task input, and the pools
+    that wrong answers are drawn from."""
     rng, taken = random.Random(f"world-{seed}"), set()
     regions, rivers = _invent(rng, 6, taken), _invent(rng, 20, taken)
     cities = [{"kind": "city", "name": c, "region": rng.choice(regions), "river": rng.choice(rivers),
                "product": rng.choice(PRODUCTS)} for c in _invent(rng, N_CITIES, taken)]
     city_names = [c["name"] for c in cities]
+    names = zip(_invent(rng, N_PEOPLE, taken), _invent(rng, N_PEOPLE, taken))
     people = [{"kind": "person", "name": f"{first} {last}", "city": rng.choice(city_names),
-               "job": "film director" if i < N_DIRECTORS else rng.choice(list(JOBS)[1:]), "pastime": rng.choice(list(PASTIMES))}
-              for i, (first, last) in enumerate(zip(_invent(rng, N_PEOPLE, taken), _invent(rng, N_PEOPLE, taken)))]
-    titles = [f"The {a} {b}" for a in TITLE_WORDS[0] for b in TITLE_WORDS[1]]
-    films = [{"kind": "film", "name": title, "director": people[i % N_DIRECTORS]["name"], "year": str(rng.randint(1950, 2020)),
-              "genre": rng.choice(GENRES), "city": rng.choice(city_names)} for i, title in enumerate(rng.sample(titles, N_FILMS))]
+               "job": "film director" if i < N_DIRECTORS else rng.choice(list(JOBS)[1:]),
+               "pastime": rng.choice(list(PASTIMES))} for i, (first, last) in enumerate(names)]
+    titles = rng.sample([f"The {a} {b}" for a in TITLE_WORDS[0] for b in TITLE_WORDS[1]], N_FILMS)
+    films = [{"kind": "film", "name": t, "director": people[i % N_DIRECTORS]["name"], "genre": rng.choice(GENRES),
+              "year": str(rng.randint(1950, 2020)), "city": rng.choice(city_names)} for i, t in enumerate(titles)]
     entities = cities + people + films
     facts = [(e["name"], a) for e in entities for a in ATTRS[e["kind"]]]
     rng.shuffle(facts)
@@ -607,43 +604,43 @@ def _stated(w, e):
 
 
 ASPECTS = ["acting", "story", "music", "ending", "camera work", "dialogue", "pacing", "cast"]
-GOOD, BAD = ["wonderful", "brilliant", "moving", "superb", "charming", "clever"], ["dull", "awful", "clumsy", "boring", "weak", "silly"]
-OPENINGS = ["I watched {f} last night.", "My friends dragged me to {f}.", "I finally caught {f} on television.", "So I saw {f} at last."]
-FEELINGS = (["The people here are friendly.", "I already love my new street.", "Work has been exciting so far.", "My flat gets lovely light."],
-            ["I do not know anyone here yet.", "Most evenings I sit alone in my flat.", "I miss my old friends a lot.", "Work has been hard so far."])
-FILLERS = ["The tickets were expensive.", "It rained the whole week.", "My phone broke on the way home.", "We had pizza afterwards.",
-           "The bus was late again."]
-CLOSINGS = ["Am I overthinking this?", "Has anyone else felt this way?", "Any advice would be appreciated.", "Thanks for reading."]
+GOOD, BAD = "wonderful brilliant moving superb charming clever".split(), "dull awful clumsy boring weak silly".split()
+OPENINGS = ["I watched {} last night.", "My friends dragged me to {}.", "I finally caught {} on television."]
+FEELINGS = (["The people here are friendly.", "I already love my new street.", "Work has been exciting so far."],
+            ["I do not know anyone here yet.", "Most evenings I sit alone in my flat.", "I miss my old friends a lot."])
+FILLERS = ["The tickets were expensive.", "It rained the whole week.", "My phone broke on the way home."]
+CLOSINGS = ["Am I overthinking this?", "Has anyone else felt this way?", "Any advice would be appreciated."]
 
 
 def _opinions(rng, positive):
-    """Three opinion sentences, two or all three of them with the given polarity."""
+    """Three opinion sentences on different aspects, two or three of them with the given polarity."""
     polarities = [positive] * rng.choice((2, 3))
     polarities += [not positive] * (3 - len(polarities))
     rng.shuffle(polarities)
     out = []
-    for p in polarities:
-        a, good, bad = rng.choice(ASPECTS), rng.choice(GOOD), rng.choice(BAD)
-        out.append(rng.choice([f"The {a} was {good}.", f"I loved the {a}.", f"The {a} was not {bad} at all."] if p else
-                              [f"The {a} was {bad}.", f"I could not stand the {a}.", f"The {a} was not {good}."]))
+    for p, a in zip(polarities, rng.sample(ASPECTS, 3)):
+        good, bad = rng.choice(GOOD), rng.choice(BAD)
+        out.append(rng.choice([f"The {a} was {good}.", f"I loved the {a}.", f"The {a} was not {bad} at all."] if p
+                              else [f"The {a} was {bad}.", f"I could not stand the {a}.", f"The {a} was not {good}."]))
     return out
 
 
 def _review(w, rng, positive):
     film = rng.choice(w["films"])
-    text = rng.choice(OPENINGS).format(f=film["name"])
+    text = rng.choice(OPENINGS).format(film["name"])
     if _stated(w, film):
         text += " " + rng.choice(_statements(film, rng.choice(_stated(w, film))))
-    return text + rng.choice([" ", " ", "<br /><br />"]) + " ".join(_opinions(rng, positive))  # IMDB keeps its <br /> tags
+    return text + rng.choice([" ", " ", "<br /><br />"]) + " ".join(_opinions(rng, positive))  # IMDB's <br /> tags
 
 
 def _post(w, rng, positive):
     """A TL;DR-like first-person post and its reference summary."""
     if rng.random() < 0.5:
-        film, city, rel = rng.choice(w["films"])["name"], rng.choice(w["cities"]), rng.choice(["friend", "sister", "brother", "cousin"])
-        post = (f"Last {rng.choice(['Monday', 'Friday', 'Saturday', 'Sunday'])} I went to see {film} with my {rel} "
+        film, rel = rng.choice(w["films"]), rng.choice(["friend", "sister", "brother", "cousin"])
+        city = rng.choice([c for c in w["cities"] if c != film["city"]])  # no hint where the film was shot
+        post = (f"Last {rng.choice(['Monday', 'Friday', 'Sunday'])} I went to see {film['name']} with my {rel} "
                 f"{rng.choice(w['story_names'])} in {city}. " + " ".join(_opinions(rng, positive)))
-        summary = f"Saw {film} with my {rel} in {city} and {'loved it' if positive else 'did not like it'}."
+        summary = f"Saw {film['name']} with my {rel} in {city} and {'loved it' if positive else 'did not like it'}."
     else:
         (a, b), job = rng.sample(w["cities"], 2), rng.choice(list(JOBS))
         post = (f"I ({rng.randint(19, 45)}{rng.choice('mf')}) just moved from {a} to {b} to start a job as a {job}. "
@@ -652,21 +649,25 @@ def _post(w, rng, positive):
     return f"{post} {rng.choice(FILLERS)} {rng.choice(CLOSINGS)}", summary
 
 
-# One generator per task: (world, rng, index, split) -> record. The index balances the labels.
+# One generator per task: (world, rng, index, split) -> record; the index balances the labels.
+
 def gen_sentiment(w, rng, i, split):
     positive = i % 2 == 0
-    return make_record("sentiment", "positive" if positive else "negative", rng.choice(TEMPLATES["sentiment"][0]), text=_review(w, rng, positive))
+    return make_record("sentiment", "positive" if positive else "negative", rng.choice(TEMPLATES["sentiment"][0]),
+                       text=_review(w, rng, positive))
 
 
 def gen_nli(w, rng, i, split):
+    """Entailment restates a premise fact in other words, contradiction changes its value, neutral
+    speaks of an attribute the premise does not mention."""
     label = ("entailment", "neutral", "contradiction")[i % 3]
     e = rng.choice([x for x in w["entities"] if len(_stated(w, x)) >= 2])
     premise_attrs = rng.sample(_stated(w, e), 2)
     sentences = [rng.choice(_statements(e, a)) for a in premise_attrs]
     other = rng.choice(w["entities"])
-    if other is not e and _stated(w, other) and rng.random() < 0.5:  # a distracting fact, as in ANLI's long contexts
+    if other is not e and _stated(w, other) and rng.random() < 0.5:  # a distractor, as in ANLI's long contexts
         sentences.insert(rng.randrange(3), rng.choice(_statements(other, rng.choice(_stated(w, other)))))
-    if label == "neutral":  # an attribute the premise does not mention (never revealing a held-out fact)
+    if label == "neutral":  # any value, but never a held-out fact's true one
         attr = rng.choice([a for a in ATTRS[e["kind"]] if a not in premise_attrs])
         value = rng.choice([v for v in w["pools"][attr] if not (v == e[attr] and (e["name"], attr) in w["held"])])
     else:
@@ -683,9 +684,10 @@ def gen_paraphrase(w, rng, i, split):
     q1, q2 = rng.sample(_questions(e, attr), 2)
     if not duplicate and rng.random() < 0.5:  # same entity, another attribute
         q2 = rng.choice(_questions(e, rng.choice([a for a in ATTRS[e["kind"]] if a != attr])))
-    elif not duplicate:  # same question, another entity
+    elif not duplicate:  # same attribute, another entity
         q2 = rng.choice(_questions(rng.choice([x for x in w["entities"] if x["kind"] == e["kind"] and x is not e]), attr))
-    return make_record("paraphrase", "duplicate" if duplicate else "not duplicate", rng.choice(TEMPLATES["paraphrase"][0]), text1=q1, text2=q2)
+    return make_record("paraphrase", "duplicate" if duplicate else "not duplicate",
+                       rng.choice(TEMPLATES["paraphrase"][0]), text1=q1, text2=q2)
 
 
 def gen_choice(w, rng, i, split):
@@ -697,7 +699,7 @@ def gen_choice(w, rng, i, split):
 
 
 def gen_blank(w, rng, i, split):
-    """WinoGrande-like: who does the blank refer to? Names come from outside the world."""
+    """WinoGrande-like: whom does the blank stand for? The names come from outside the world."""
     names, kind = rng.sample(w["story_names"], 2), rng.choice(("job", "pastime", "city"))
     values = rng.sample(w["cities"] if kind == "city" else list(JOBS if kind == "job" else PASTIMES), 2)
     target = rng.randrange(2)
@@ -735,8 +737,8 @@ _GENERATORS = {"sentiment": gen_sentiment, "nli": gen_nli, "paraphrase": gen_par
 
 
 def _corpus(w, rng, n_docs):
-    """Plain-text documents, blank-line separated: half encyclopedia entries that state every fact
-    of an entity (each entity several times, in varied words), half reviews and posts."""
+    """Plain-text documents: half are encyclopedia entries stating every fact of one entity (each
+    entity several times, in varied words), half are reviews and posts."""
     docs = []
     for j in range(n_docs // 2):
         e = w["entities"][j % len(w["entities"])]
@@ -752,8 +754,8 @@ def _corpus(w, rng, n_docs):
 
 
 def _train_tokenizer(lines, vocab_size):
-    """A LLaMA-like SentencePiece model: BPE, byte fallback (no text is unknown), digits split,
-    no normalisation, unk=0 bos=1 eos=2 and no pad id. One thread keeps it deterministic."""
+    """A LLaMA-like SentencePiece model: BPE, byte fallback (no text is unknown), split digits, no
+    normalisation, unk=0 bos=1 eos=2 and no pad id. One thread keeps the result deterministic."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -762,54 +764,61 @@ def _train_tokenizer(lines, vocab_size):
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
             pad_id=-1, num_threads=1, minloglevel=2)
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece could not build a {vocab_size}-piece vocabulary ({e}); lower vocab_size "
-                         "or raise corpus_docs.") from None
+        raise ValueError(f"SentencePiece could not build {vocab_size} pieces ({e}); lower vocab_size or raise "
+                         "corpus_docs.") from None
     return model.getvalue()
 
 
-def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=20, corpus_docs=2000, vocab_size=2000):
-    """Write mini-CME to out_dir: train.jsonl (all tasks, shuffled, official format plus "task"),
-    val.jsonl (same, small), test/<task>.jsonl (with "answers" for QA), corpus.txt (pretraining text
-    for a tiny base model), tokenizer.model (SentencePiece) and suite.json, the summary returned.
-    The same seed gives byte-identical files."""
+def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=20, corpus_docs=2000,
+               vocab_size=2000):
+    """Write mini-CME to out_dir and return its summary:
+        train.jsonl         every task's training records, shuffled: the official format plus "task"
+        val.jsonl           the same, small (with "answers" for QA)
+        test/<task>.jsonl   one evaluation set per task (with "answers" for QA)
+        corpus.txt          pretraining text for a tiny base model, documents separated by blank lines
+        tokenizer.model     SentencePiece, trained on the corpus and the training records
+        suite.json          the summary, written last: its presence means the suite is complete
+    The same seed gives byte-identical files. QA and choice test sets ask facts that only corpus.txt
+    states; no val or test prompt repeats another prompt of the suite."""
     w = build_world(seed)
     if corpus_docs < 2 * len(w["entities"]):
-        raise ValueError(f"corpus_docs={corpus_docs} is too small; use at least {2 * len(w['entities'])} so every "
-                         "entity's facts reach the corpus.")
+        raise ValueError(f"corpus_docs={corpus_docs} is too small; use at least {2 * len(w['entities'])} so that "
+                         "every entity's facts reach the corpus.")
+    if os.path.exists(os.path.join(out_dir, "suite.json")):
+        os.remove(os.path.join(out_dir, "suite.json"))  # a rebuild cut short must not look complete
     sizes = {"train": n_train_per_task, "val": n_val_per_task, "test": n_test_per_task}
     data = {split: {} for split in sizes}
     for name, generate in _GENERATORS.items():
-        seen = set()  # prompts already used: val and test never repeat one (train may)
+        seen = set()
         for split, n in sizes.items():
             rng, records = random.Random(f"{seed}-{name}-{split}"), []
             for i in range(n):
-                for _ in range(100):  # a few retries; a tiny world may run out of new prompts
+                for _ in range(100):  # retry a prompt seen before; a tiny world may run out of new ones
                     record = generate(w, rng, i, split)
                     if split == "train" or (record["instruction"], record["input"]) not in seen:
                         break
                 seen.add((record["instruction"], record["input"]))
                 records.append(record)
             data[split][name] = records
-    train = [{**{k: r[k] for k in ("instruction", "input", "output")}, "task": name}
+    train = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"], "task": name}
              for name, records in data["train"].items() for r in records]
     val = [{**r, "task": name} for name, records in data["val"].items() for r in records]
     random.Random(f"{seed}-mix").shuffle(train)
     random.Random(f"{seed}-mix-val").shuffle(val)
     docs = _corpus(w, random.Random(f"{seed}-corpus"), corpus_docs)
-    lines = docs + [line for r in train for text in (r["instruction"], r["input"], r["output"]) for line in text.split("\n") if line]
-    tokenizer = _train_tokenizer(lines, vocab_size)
+    texts = docs + [line for r in train for field in ("instruction", "input", "output") for line in r[field].split("\n")]
+    tokenizer = _train_tokenizer([t for t in texts if t], vocab_size)
 
     for name, records in data["test"].items():
         _write_atomic(os.path.join(out_dir, "test", f"{name}.jsonl"), _jsonl_text(records))
     _write_atomic(os.path.join(out_dir, "train.jsonl"), _jsonl_text(train))
     _write_atomic(os.path.join(out_dir, "val.jsonl"), _jsonl_text(val))
     _write_atomic(os.path.join(out_dir, "corpus.txt"), "\n\n".join(docs) + "\n")
-    with open(os.path.join(out_dir, "tokenizer.model.tmp"), "wb") as f:
-        f.write(tokenizer)
-    os.replace(os.path.join(out_dir, "tokenizer.model.tmp"), os.path.join(out_dir, "tokenizer.model"))
+    _write_atomic(os.path.join(out_dir, "tokenizer.model"), tokenizer)
     summary = {"seed": seed, "vocab_size": vocab_size, "corpus_docs": len(docs), "corpus_chars": sum(map(len, docs)),
                "entities": len(w["entities"]), "held_out_facts": len(w["held"]), "train": len(train), "val": len(val),
-               "tasks": {name: {"metric": t.metric, "max_new_tokens": t.max_new_tokens, "labels": t.labels,
-                                **{split: len(data[split][name]) for split in sizes}} for name, t in SYNTHETIC_TASKS.items()}}
-    _write_atomic(os.path.join(out_dir, "suite.json"), json.dumps(summary, indent=1) + "\n")  # last: marks the suite complete
+               "tasks": {name: {"metric": t.metric, "max_new_tokens": t.max_new_tokens,
+                                "labels": t.labels and list(t.labels), **{s: len(data[s][name]) for s in sizes}}
+                         for name, t in SYNTHETIC_TASKS.items()}}
+    _write_atomic(os.path.join(out_dir, "suite.json"), json.dumps(summary, indent=1) + "\n")
     return summary

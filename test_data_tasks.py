@@ -1,4 +1,4 @@
-"""Tests for data_tasks.py: the CME metrics, the CME loaders on the public samples in
+"""Tests for data_tasks.py: the CME_DIR metrics, the CME_DIR loaders on the public samples in
 shared/fixtures/cme, and the synthetic suite. CPU only, a few seconds."""
 import json
 import os
@@ -12,9 +12,9 @@ from data_tasks import (CME_TASKS, SYNTHETIC_TASKS, TEMPLATES, Task, accuracy, e
                         main_eval_set, make_record, make_suite, normalize_answer, qa_record, rouge_l,
                         write_eval_set)
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
-CME = os.path.join(FIXTURES, "cme")
-needs_fixtures = pytest.mark.skipif(not os.path.isdir(CME), reason="shared/fixtures not found next to the repo")
+SHARED_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
+CME_DIR = os.path.join(SHARED_FIXTURES, "cme")
+needs_cme_fixtures = pytest.mark.skipif(not os.path.isdir(CME_DIR), reason="shared/fixtures not found next to the repo")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -123,24 +123,24 @@ def test_evaluate_is_the_mean_score_times_100_and_needs_one_prediction_per_recor
 
 
 # -----------------------------------------------------------------------------------------------
-# CME templates and loaders
+# CME_DIR templates and loaders
 
-def _official():
-    with open(os.path.join(FIXTURES, "official", "train_example.json"), encoding="utf-8") as f:
+def _official_records():
+    with open(os.path.join(SHARED_FIXTURES, "official", "train_example.json"), encoding="utf-8") as f:
         return json.load(f)
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_every_template_phrasing_except_rte_is_copied_from_the_official_records():
-    instructions = {r["instruction"] for r in _official()}
+    instructions = {r["instruction"] for r in _official_records()}
     for kind, (phrasings, _) in TEMPLATES.items():
         if kind != "rte":
             assert set(phrasings) <= instructions, kind
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_templates_rebuild_official_records_exactly():
-    official = _official()
+    official = _official_records()
     by_input = {r["input"]: r for r in official}
     nli = next(r for r in official if r["output"] == "neutral" and r["input"].startswith("Sentence 1: Colorz"))
     premise, hypothesis = nli["input"][len("Sentence 1: "):].split("\nSentence 2: ")
@@ -160,51 +160,51 @@ def test_templates_rebuild_official_records_exactly():
     assert {k: v for k, v in qa_record(qa["instruction"], ["Texas"]).items() if k != "answers"} == qa
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_rte_loader_reads_the_glue_tsv_with_balanced_labels():
-    records = CME_TASKS["rte"].load(os.path.join(CME, "rte", "dev.tsv"))
+    records = CME_TASKS["rte"].load(os.path.join(CME_DIR, "rte", "dev.tsv"))
     assert len(records) == 30
     assert [r["output"] for r in records[:4]] == ["not entailment"] * 3 + ["entailment"]  # indices 57, 81, 115, 129
     assert sum(r["output"] == "entailment" for r in records) == 15
     assert records[0]["input"].startswith("Sentence 1: Workers at the Lufthansa Technik")
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_qqp_loader_handles_crlf_and_keeps_a_labelless_test_file_loadable():
-    dev = CME_TASKS["qqp"].load(os.path.join(CME, "qqp", "dev.tsv"))  # CRLF line endings
+    dev = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "dev.tsv"))  # CRLF line endings
     assert len(dev) == 9 and not any("\r" in r["input"] or "\r" in r["output"] for r in dev)
     assert [r["output"] for r in dev] == ["not duplicate"] * 2 + ["duplicate"] + ["not duplicate"] * 2 + ["duplicate"] * 3 + ["not duplicate"]
     assert dev[0]["input"] == "Text 1: Why are African-Americans so beautiful?\nText 2: Why are hispanics so beautiful?"
-    train = CME_TASKS["qqp"].load(os.path.join(CME, "qqp", "train.tsv"))
+    train = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "train.tsv"))
     assert len(train) == 9 and train[1]["output"] == "duplicate"
-    test = CME_TASKS["qqp"].load(os.path.join(CME, "qqp", "test.tsv"))
+    test = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "test.tsv"))
     assert len(test) == 9 and all(r["output"] is None for r in test)
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_anli_loader_maps_e_n_c_across_the_three_rounds():
     load = CME_TASKS["anli"].load
-    r1 = load(os.path.join(CME, "anli", "R1", "dev.jsonl"))
+    r1 = load(os.path.join(CME_DIR, "anli", "R1", "dev.jsonl"))
     assert [r["output"] for r in r1] == ["contradiction", "entailment", "contradiction", "neutral", "contradiction"]
     assert r1[1]["input"].endswith("\nSentence 2: Franco Zeffirelli had a political career")
-    rounds = [load(os.path.join(CME, "anli", f"R{k}", f"{s}.jsonl")) for k in (1, 2, 3) for s in ("dev", "test")]
+    rounds = [load(os.path.join(CME_DIR, "anli", f"R{k}", f"{s}.jsonl")) for k in (1, 2, 3) for s in ("dev", "test")]
     assert sum(map(len, rounds)) == 30
     assert {r["output"] for rs in rounds for r in rs} == {"entailment", "neutral", "contradiction"}
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_winogrande_loader_turns_answers_1_2_into_letters_and_keeps_the_blank():
-    dev = CME_TASKS["winogrande"].load(os.path.join(CME, "winogrande", "dev.jsonl"))
+    dev = CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "dev.jsonl"))
     assert [r["output"] for r in dev] == ["B", "A"]
     assert dev[0]["input"] == ("Sentence: 'Ian volunteered to eat Dennis's menudo after already having a bowl because "
                                "_ despised eating intestine.'\nOption A: 'Ian'\nOption B: 'Dennis'")
-    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME, "winogrande", "train_xl.jsonl"))] == ["A", "B", "B", "A"]
-    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME, "winogrande", "test.jsonl"))] == [None, None]
+    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "train_xl.jsonl"))] == ["A", "B", "B", "A"]
+    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "test.jsonl"))] == [None, None]
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_arc_loader_reads_nested_questions_and_numeric_choice_labels(tmp_path):
-    dev = CME_TASKS["arc"].load(os.path.join(CME, "arc", "ARC-Challenge-Dev.jsonl"))
+    dev = CME_TASKS["arc"].load(os.path.join(CME_DIR, "arc", "ARC-Challenge-Dev.jsonl"))
     assert [r["output"] for r in dev] == ["D", "C"]
     assert dev[1]["input"].endswith("\nChoices: A.fog, B.rain, C.drought, D.tornado")
     numeric = {"id": "x", "question": {"stem": "Which is a gas?", "choices": [
@@ -214,23 +214,27 @@ def test_arc_loader_reads_nested_questions_and_numeric_choice_labels(tmp_path):
     assert record["output"] == "C" and record["input"] == "Question: Which is a gas?\nChoices: A.ice, B.water, C.steam"
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_mmlu_loader_reads_headerless_csv_with_quoted_and_multiline_fields(tmp_path):
-    law = CME_TASKS["mmlu"].load(os.path.join(CME, "mmlu", "professional_law_test.csv"))
+    law = CME_TASKS["mmlu"].load(os.path.join(CME_DIR, "mmlu", "professional_law_test.csv"))
     assert len(law) == 10 and [r["output"] for r in law[:3]] == ["C", "B", "D"]
-    algebra = CME_TASKS["mmlu"].load(os.path.join(CME, "mmlu", "abstract_algebra_dev.csv"))
+    algebra = CME_TASKS["mmlu"].load(os.path.join(CME_DIR, "mmlu", "abstract_algebra_dev.csv"))
     assert algebra[0]["input"] == ("Question: Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\n"
                                    "Choices: A.0, B.1, C.2, D.3") and algebra[0]["output"] == "B"
     assert '"Whenever a person knows' in law[1]["input"]  # CSV's doubled quotes undone
     (tmp_path / "x_test.csv").write_text('"Line one,\nline two ""quoted""?",a,b,c,d,D\nsecond,1,2,3,4,A\n')
+    (tmp_path / "y_test.csv").write_bytes("\ufeffq?,a,b,c,d,C\n".encode())  # a byte-order mark, as Excel writes
     records = CME_TASKS["mmlu"].load(str(tmp_path / "x_test.csv"))
     assert records[0]["input"].startswith('Question: Line one,\nline two "quoted"?\nChoices: A.a')
     assert [r["output"] for r in records] == ["D", "A"]
+    assert CME_TASKS["mmlu"].load(str(tmp_path / "y_test.csv"))[0]["input"].startswith("Question: q?\n")
+    out = str(tmp_path / "mmlu.jsonl")  # one evaluation set from several subjects' files
+    assert write_eval_set("mmlu", [str(tmp_path / "x_test.csv"), str(tmp_path / "y_test.csv")], out) == 3
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_webqa_loader_reads_webquestions_target_values_and_baidu_webqa(tmp_path):
-    webq = CME_TASKS["webqa"].load(os.path.join(CME, "webquestions", "webquestions.examples.test.json"))
+    webq = CME_TASKS["webqa"].load(os.path.join(CME_DIR, "webquestions", "webquestions.examples.test.json"))
     assert len(webq) == 25
     assert webq[0]["answers"] == ["Jamaican Creole English Language", "Jamaican English"]
     assert webq[1]["answers"] == ["Lawyer"]
@@ -246,71 +250,71 @@ def test_webqa_loader_reads_webquestions_target_values_and_baidu_webqa(tmp_path)
     assert CME_TASKS["webqa"].score("曹操。", record) == 1.0
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_nq_and_triviaqa_loaders_keep_every_answer_alias():
-    nq = CME_TASKS["nq"].load(os.path.join(CME, "nq_open", "NQ-open.dev.jsonl"))
+    nq = CME_TASKS["nq"].load(os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"))
     assert len(nq) == 30 and nq[0]["answers"] == ["14 December 1972 UTC", "December 1972"]
     assert nq[0]["instruction"] == "when was the last time anyone was on the moon" and nq[0]["input"] == ""
-    assert len(CME_TASKS["nq"].load(os.path.join(CME, "nq_open", "NQ-open.efficientqa.test.1.1.jsonl"))) == 10
-    [trivia] = CME_TASKS["triviaqa"].load(os.path.join(CME, "triviaqa", "triviaqa_sample.json"))
+    assert len(CME_TASKS["nq"].load(os.path.join(CME_DIR, "nq_open", "NQ-open.efficientqa.test.1.1.jsonl"))) == 10
+    [trivia] = CME_TASKS["triviaqa"].load(os.path.join(CME_DIR, "triviaqa", "triviaqa_sample.json"))
     assert trivia["instruction"] == "Which Lloyd Webber musical premiered in the US on 10th December 1993?"
     assert trivia["output"] == "sunset boulevard"  # lower case, as the official TriviaQA-style records
     assert {"Sunset Blvd", "West Sunset Boulevard", "sunset bulevard"} <= set(trivia["answers"])
     assert CME_TASKS["triviaqa"].score("Sunset Blvd.", trivia) == 1.0
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_tldr_loader_takes_the_post_and_the_human_reference_summary():
-    [record] = CME_TASKS["oai_sum"].load(os.path.join(CME, "tldr", "README_comparisons_example.json"))
-    with open(os.path.join(CME, "tldr", "README_comparisons_example.json"), encoding="utf-8") as f:
+    [record] = CME_TASKS["oai_sum"].load(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"))
+    with open(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"), encoding="utf-8") as f:
         row = json.load(f)
     assert record["input"] == row["info"]["post"]
     assert record["output"].startswith("we suspect other party")  # policy "ref", leading space gone
     assert record["instruction"] == TEMPLATES["summary"][0][0]
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_imdb_loader_reads_aclimdb_folders_and_the_fastnlp_tsv():
-    records = CME_TASKS["imdb"].load(os.path.join(CME, "imdb", "aclImdb", "test"))
+    records = CME_TASKS["imdb"].load(os.path.join(CME_DIR, "imdb", "aclImdb", "test"))
     assert [r["output"] for r in records] == ["positive", "positive", "negative", "negative"]
     assert [len(r["input"]) for r in records] == [794, 2004, 1179, 1272]  # SOURCES.md's character counts
     assert records[0]["input"].startswith("I went and saw this movie last night")  # pos/0_10.txt comes first
-    tsv = CME_TASKS["imdb"].load(os.path.join(CME, "imdb", "fastnlp_tsv", "dev.txt"))
+    tsv = CME_TASKS["imdb"].load(os.path.join(CME_DIR, "imdb", "fastnlp_tsv", "dev.txt"))
     assert [r["output"] for r in tsv] == ["negative"] * 4 + ["positive"] * 2
     assert "<br /><br />" in tsv[0]["input"]  # kept, as the official IMDB-style records keep them
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_write_eval_set_writes_a_json_list_or_jsonl_in_the_official_format(tmp_path):
-    rounds = [os.path.join(CME, "anli", f"R{k}", "test.jsonl") for k in (1, 2, 3)]
+    rounds = [os.path.join(CME_DIR, "anli", f"R{k}", "test.jsonl") for k in (1, 2, 3)]
     assert write_eval_set("anli", rounds, str(tmp_path / "anli.json")) == 15
     with open(tmp_path / "anli.json", encoding="utf-8") as f:
         records = json.load(f)
     assert len(records) == 15 and all(set(r) == {"instruction", "input", "output"} for r in records)
-    assert write_eval_set("nq", os.path.join(CME, "nq_open", "NQ-open.dev.jsonl"), str(tmp_path / "nq.jsonl"), limit=5) == 5
+    assert write_eval_set("nq", os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"), str(tmp_path / "nq.jsonl"), limit=5) == 5
     lines = (tmp_path / "nq.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 5 and json.loads(lines[0])["answers"] == ["14 December 1972 UTC", "December 1972"]
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_an_eval_set_from_a_labelless_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"9 of 9 records in .*test.tsv have no label .*labelled split"):
-        write_eval_set("qqp", os.path.join(CME, "qqp", "test.tsv"), str(tmp_path / "qqp.json"))
+        write_eval_set("qqp", os.path.join(CME_DIR, "qqp", "test.tsv"), str(tmp_path / "qqp.json"))
     assert not (tmp_path / "qqp.json").exists()
 
 
-@needs_fixtures
+@needs_cme_fixtures
 def test_main_eval_set_writes_the_file_or_exits_with_one_line(tmp_path, capsys):
-    main_eval_set(["--task", "rte", "--raw", os.path.join(CME, "rte", "dev.tsv"), "--out", str(tmp_path / "rte.jsonl")])
+    main_eval_set(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"), "--out", str(tmp_path / "rte.jsonl")])
     assert "wrote 30 rte records" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"^error: .*nope.tsv does not exist"):
         main_eval_set(["--task", "rte", "--raw", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match=r"x.txt must end in .json"):
-        main_eval_set(["--task", "rte", "--raw", os.path.join(CME, "rte", "dev.tsv"), "--out", str(tmp_path / "x.txt")])
+        main_eval_set(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"), "--out", str(tmp_path / "x.txt")])
 
 
-MALFORMED = [  # task, file name, content, what the message must say
+MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "e"}\n{"context": "a", oops}\n', r"dev.jsonl line 2 is not valid JSON"),
     ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "x"}\n', r"dev.jsonl line 1 has the label 'x'"),
     ("anli", "dev.jsonl", '{"premise": "a", "hypothesis": "b", "label": "e"}\n', r"dev.jsonl line 1 has no 'context' field"),
@@ -326,7 +330,7 @@ MALFORMED = [  # task, file name, content, what the message must say
 ]
 
 
-@pytest.mark.parametrize("task, name, content, message", MALFORMED)
+@pytest.mark.parametrize("task, name, content, message", MALFORMED_RAW)
 def test_a_malformed_raw_file_gives_one_sentence_naming_file_and_line(tmp_path, task, name, content, message):
     path = tmp_path / name
     path.write_bytes(content.encode())
@@ -342,6 +346,10 @@ def test_missing_files_and_folders_are_named(tmp_path):
     (tmp_path / "aclImdb").mkdir()
     with pytest.raises(ValueError, match=r"aclImdb has no pos/ or neg/ folder; point at .*aclImdb/test"):
         CME_TASKS["imdb"].load(str(tmp_path / "aclImdb"))
+    (tmp_path / "aclImdb" / "pos").mkdir()
+    (tmp_path / "aclImdb" / "pos" / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"notes.txt is not named <id>_<rating>.txt; move it out of"):
+        CME_TASKS["imdb"].load(str(tmp_path / "aclImdb"))
     with pytest.raises(ValueError, match="unknown task 'squad'"):
         write_eval_set("squad", str(tmp_path), str(tmp_path / "x.json"))
 
@@ -356,10 +364,10 @@ def test_the_registry_holds_the_eleven_cme_tasks_with_their_metrics():
 # -----------------------------------------------------------------------------------------------
 # the synthetic suite
 
-SMALL = dict(n_train_per_task=60, n_test_per_task=40, n_val_per_task=6, corpus_docs=600, vocab_size=800)
+SUITE_SIZES = dict(n_train_per_task=60, n_test_per_task=40, n_val_per_task=6, corpus_docs=600, vocab_size=800)
 
 
-def _files(root):
+def _tree_bytes(root):
     out = {}
     for dirpath, _, names in os.walk(root):
         for name in names:
@@ -369,100 +377,112 @@ def _files(root):
     return out
 
 
-def _jsonl(path):
+def _read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
+def mini_cme(tmp_path_factory):
+    """The built-in demo's suite (default sizes, seed 0) and a small one with another seed."""
     root = tmp_path_factory.mktemp("suite")
-    summary = make_suite(str(root / "a"), seed=0, **SMALL)
-    return root, summary
+    return root, {"default": make_suite(str(root / "default"), seed=0), "small": make_suite(str(root / "small"), seed=1, **SUITE_SIZES)}
 
 
-def test_suite_is_byte_identical_for_one_seed_and_different_for_another(suite):
-    root, _ = suite
-    make_suite(str(root / "b"), seed=0, **SMALL)
-    make_suite(str(root / "c"), seed=1, **SMALL)
-    a, b, c = _files(root / "a"), _files(root / "b"), _files(root / "c")
+BOTH = pytest.mark.parametrize("which", ["default", "small"])
+
+
+def test_suite_is_byte_identical_for_one_seed_and_different_for_another(tmp_path):
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        make_suite(str(tmp_path / name), seed=seed, **SUITE_SIZES)
+    a, b, c = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b"), _tree_bytes(tmp_path / "c")
     assert set(a) == {"train.jsonl", "val.jsonl", "corpus.txt", "tokenizer.model", "suite.json"} | {
         os.path.join("test", f"{t}.jsonl") for t in SYNTHETIC_TASKS}
     assert a == b
     assert all(a[name] != c[name] for name in a if name != "tokenizer.model")
 
 
-def test_suite_has_every_task_in_every_split_with_string_fields(suite):
-    root, summary = suite
-    assert len(SYNTHETIC_TASKS) >= 6
-    train, val = _jsonl(root / "a" / "train.jsonl"), _jsonl(root / "a" / "val.jsonl")
+@BOTH
+def test_suite_has_every_task_in_every_split_with_string_fields(mini_cme, which):
+    root, summaries = mini_cme
+    folder, summary = root / which, summaries[which]
+    assert len(SYNTHETIC_TASKS) >= 6 and not set(SYNTHETIC_TASKS) & set(CME_TASKS)  # train.py finds tasks by file name
+    train, val = _read_jsonl(folder / "train.jsonl"), _read_jsonl(folder / "val.jsonl")
     assert [r["task"] for r in train] != sorted(r["task"] for r in train)  # shuffled
-    for split, records, n in [("train", train, SMALL["n_train_per_task"]), ("val", val, SMALL["n_val_per_task"])]:
-        assert {t: sum(r["task"] == t for r in records) for t in SYNTHETIC_TASKS} == {t: n for t in SYNTHETIC_TASKS}, split
+    for split, records in [("train", train), ("val", val)]:
+        assert {t: sum(r["task"] == t for r in records) for t in SYNTHETIC_TASKS} == {
+            t: summary["tasks"][t][split] for t in SYNTHETIC_TASKS}, split
+        assert all(summary["tasks"][t][split] > 0 for t in SYNTHETIC_TASKS)
     for name, task in SYNTHETIC_TASKS.items():
-        test = _jsonl(root / "a" / "test" / f"{name}.jsonl")
-        assert len(test) == SMALL["n_test_per_task"]
-        for r in test + [r for r in train if r["task"] == name]:
+        test = _read_jsonl(folder / "test" / f"{name}.jsonl")
+        assert len(test) == summary["tasks"][name]["test"] > 0
+        evaluation = test + [r for r in val if r["task"] == name]
+        for r in evaluation + [r for r in train if r["task"] == name]:
             assert all(isinstance(r[k], str) for k in ("instruction", "input", "output")) and r["output"]
-            if task.metric == "exact_match" and "answers" in r:
-                assert r["answers"][0] == r["output"] and all(isinstance(a, str) for a in r["answers"])
-    with open(root / "a" / "suite.json", encoding="utf-8") as f:
-        assert json.load(f) == json.loads(json.dumps(summary))
-    assert summary["train"] == len(train) and summary["tasks"]["qa"]["test"] == SMALL["n_test_per_task"]
+        if task.metric == "exact_match":  # evaluation records carry every alias
+            assert all(r["answers"][0] == r["output"] and all(isinstance(a, str) for a in r["answers"]) for r in evaluation)
+    with open(folder / "suite.json", encoding="utf-8") as f:
+        assert json.load(f) == summary
+    assert summary["train"] == len(train) and summary["val"] == len(val)
 
 
-def test_suite_labels_are_the_task_labels_and_balanced(suite):
-    root, _ = suite
-    train = _jsonl(root / "a" / "train.jsonl")
+@BOTH
+def test_suite_labels_are_the_task_labels_and_balanced(mini_cme, which):
+    root, _ = mini_cme
+    train = _read_jsonl(root / which / "train.jsonl")
     for name, task in SYNTHETIC_TASKS.items():
         if task.labels is None:
             continue
-        for records in ([r for r in train if r["task"] == name], _jsonl(root / "a" / "test" / f"{name}.jsonl")):
+        for records in ([r for r in train if r["task"] == name], _read_jsonl(root / which / "test" / f"{name}.jsonl")):
             counts = [sum(r["output"] == label for r in records) for label in task.labels]
             assert sum(counts) == len(records), name
             assert max(counts) - min(counts) <= 1, (name, counts)
 
 
-def test_suite_gold_outputs_score_100_under_each_task_metric(suite):
-    root, _ = suite
+def test_suite_gold_outputs_score_100_under_each_task_metric(mini_cme):
+    root, _ = mini_cme
     for name, task in SYNTHETIC_TASKS.items():
-        records = _jsonl(root / "a" / "test" / f"{name}.jsonl")
+        records = _read_jsonl(root / "default" / "test" / f"{name}.jsonl")
         assert evaluate(task, [r["output"] for r in records], records) == 100.0
 
 
-def test_suite_qa_facts_are_taught_by_the_corpus_in_other_words_and_by_no_task(suite):
-    root, _ = suite
-    corpus = (root / "a" / "corpus.txt").read_text(encoding="utf-8")
+@BOTH
+def test_suite_qa_facts_are_taught_by_the_corpus_in_other_words_and_by_no_task(mini_cme, which):
+    root, _ = mini_cme
+    corpus = (root / which / "corpus.txt").read_text(encoding="utf-8")
     docs = corpus.split("\n\n")
-    train = _jsonl(root / "a" / "train.jsonl")
+    train = _read_jsonl(root / which / "train.jsonl")
     sentences = [s for r in train for s in re.split(r"(?<=[.?!])\s+|\n", r["input"] + "\n" + r["output"])]
-    for r in _jsonl(root / "a" / "test" / "qa.jsonl"):
+    for r in _read_jsonl(root / which / "test" / "qa.jsonl"):
         # the entity is the longest run of capitalised words after the question word
         entity = max((m.group() for m in re.finditer(r"[A-Z]\w+(?: [A-Z]\w+)*", r["instruction"]) if m.start() > 0), key=len)
-        states = re.compile(rf"\b{re.escape(entity)}\b.*\b{re.escape(r['output'])}\b|\b{re.escape(r['output'])}\b.*\b{re.escape(entity)}\b")
+        e, a = re.escape(entity), re.escape(r["output"])
+        states = re.compile(rf"\b{e}\b.*\b{a}\b|\b{a}\b.*\b{e}\b")
         assert any(states.search(d) for d in docs), r  # the corpus states the fact ...
         assert r["instruction"] not in corpus  # ... never in the question's words ...
-        assert not any(states.search(s) for s in sentences), r  # ... and no training record states it
-        assert r["instruction"] not in {t["instruction"] for t in train}
+        assert not any(states.search(s) for s in sentences if entity in s and r["output"] in s), r  # ... nor a task
 
 
-def test_suite_test_prompts_never_repeat_a_training_prompt(suite):
-    root, _ = suite
-    seen = {(r["instruction"], r["input"]) for r in _jsonl(root / "a" / "train.jsonl")}
+@BOTH
+def test_suite_test_prompts_never_repeat_a_training_prompt(mini_cme, which):
+    root, _ = mini_cme
+    seen = {(r["instruction"], r["input"]) for r in _read_jsonl(root / which / "train.jsonl")}
     for name in SYNTHETIC_TASKS:
-        prompts = [(r["instruction"], r["input"]) for r in _jsonl(root / "a" / "test" / f"{name}.jsonl")]
+        prompts = [(r["instruction"], r["input"]) for r in _read_jsonl(root / which / "test" / f"{name}.jsonl")]
         assert len(set(prompts)) == len(prompts) and not seen & set(prompts), name
 
 
-def test_suite_tokenizer_is_llama_like_and_everything_fits_the_context(suite):
-    root, _ = suite
-    sp = spm.SentencePieceProcessor(model_file=str(root / "a" / "tokenizer.model"))
-    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.vocab_size()) == (0, 1, 2, SMALL["vocab_size"])
+@BOTH
+def test_suite_tokenizer_is_llama_like_and_every_record_fits_a_256_token_context(mini_cme, which):
+    root, summaries = mini_cme
+    sp = spm.SentencePieceProcessor(model_file=str(root / which / "tokenizer.model"))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert sp.vocab_size() == summaries[which]["vocab_size"]
     text = "Zürich 2024 ☃\nnaïve"
     assert sp.unk_id() not in sp.encode(text) and sp.decode(sp.encode(text)) == text  # byte fallback
-    records = _jsonl(root / "a" / "train.jsonl") + _jsonl(root / "a" / "val.jsonl")
-    for name, task in SYNTHETIC_TASKS.items():
-        records += [dict(r, task=name) for r in _jsonl(root / "a" / "test" / f"{name}.jsonl")]
+    records = _read_jsonl(root / which / "train.jsonl") + _read_jsonl(root / which / "val.jsonl")
+    for name in SYNTHETIC_TASKS:
+        records += [dict(r, task=name) for r in _read_jsonl(root / which / "test" / f"{name}.jsonl")]
     for r in records:
         prompt = r["instruction"] + ("\n" + r["input"] if r["input"] else "")
         output = len(sp.encode(r["output"])) + 1  # + EOS
