@@ -1,14 +1,12 @@
 """Tests for model.py: tiny random models on the CPU, each test a property of the model."""
 
 import json
-import math
 import struct
 import sys
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import ModelArgs, PRESETS, Transformer, apply_rotary, hf_to_meta_qk, rope_cos_sin
 
