@@ -1,0 +1,623 @@
+"""
+Data for TeamLoRA: the tokenizer, the authors' record format, token shards, and training batches.
+
+    python data.py prepare --input train.json more.jsonl --tokenizer tokenizer.model --out data/cme
+
+A record is {"instruction", "input", "output"}; files are JSON lists or JSONL. The token ids are
+those of the authors' build_dataset.py run with transformers 4.30's slow LlamaTokenizer:
+    prompt = BOS + tok(instruction ["\n" + input] + "</s>")    labels -100
+    answer = tok(output + eos_text)                             labels = ids
+where tok() splits the text on the special tokens' strings (so the literal "</s>" becomes the EOS
+id, which raw SentencePiece would not do) and SentencePiece-encodes each piece on its own (each
+gets its own dummy-prefix "▁"). Whitespace next to a special token is kept: in the tokenizer files
+of LLaMA-2 and Chinese-LLaMA-2 the special tokens are AddedToken(lstrip=False, rstrip=False), and
+4.30 strips only around special tokens given as plain strings in special_tokens_map.json.
+
+Shards (one set per split, "train" and "val"), read back by TokenDataset:
+    {split}.tokens.bin        all token ids back to back (uint16 if vocab_size <= 65536, else uint32)
+    {split}.offsets.bin       int64, records + 1 entries: record i is tokens[offsets[i]:offsets[i+1]]
+    {split}.prompt_lens.bin   int32: labels are -100 on the first prompt_len tokens of a record
+    summary.json              counts per file, dtype, special ids, tokenizer hash, max_len
+"""
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections import deque
+from functools import lru_cache
+
+import numpy as np
+
+IGNORE_INDEX = -100
+PROMPT_EOS = "</s>"  # build_dataset.py's PROMPT_TEMPLATE is "{instruction}</s>", whatever the tokenizer
+
+
+class DataError(ValueError):
+    """Something wrong in the user's files or arguments; the message says what and how to fix it."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+# LLaMA-3's tokenizer.model is a tiktoken file (base64 token, rank); Meta's tokenizer.py adds this
+# pre-tokenizer regex and 256 special tokens numbered after the 128000 ranks.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
+                    "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|reserved_special_token_4|>", "<|eot_id|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
+LLAMA3_PAD = "<|reserved_special_token_2|>"  # LLaMA-3.1 renamed it <|finetune_right_pad_id|>
+
+
+def _looks_like_tiktoken(path):
+    with open(path, "rb") as f:
+        first = f.readline(4096).split()
+    return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/]+=*", first[0])
+
+
+class Tokenizer:
+    """LLaMA-2 / Chinese-LLaMA-2 SentencePiece model, or LLaMA-3 tiktoken file (told apart by content).
+
+    encode(text) treats all text as text, like Meta's tokenizers; encode(text, special=True) turns
+    special-token strings ("</s>", "<|end_of_text|>", ...) into their ids, like Hugging Face's.
+    LLaMA-2 has no pad token: pad_id is <unk> (0). Batches mark padding with a mask, never by id,
+    so nothing is trained on it whatever it is."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise DataError(f"tokenizer file {self.path} not found; pass the tokenizer.model of your checkpoint")
+        if _looks_like_tiktoken(self.path):
+            self._load_tiktoken()
+        else:
+            self._load_sentencepiece()
+        # split on special tokens, longest first, keeping them (HF's no-split tokens)
+        alternatives = sorted(self.specials, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+
+    def _load_sentencepiece(self):
+        import sentencepiece as spm
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        except Exception:  # sentencepiece raises RuntimeError / OSError with a C++ message
+            raise DataError(f"{self.path} is neither a SentencePiece model (LLaMA-2) nor a tiktoken BPE file "
+                            "(LLaMA-3); pass the checkpoint's tokenizer.model") from None
+        self.kind, self.vocab_size = "sentencepiece", self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
+        # transformers' slow LlamaTokenizer never splits <unk>, <s>, </s> (its special tokens)
+        self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id)}
+        self.eos_text = self.sp.id_to_piece(self.eos_id)
+
+    def _load_tiktoken(self):
+        try:
+            import tiktoken
+        except ImportError:
+            raise DataError(f"{self.path} is a tiktoken BPE file (LLaMA-3); reading it needs the tiktoken "
+                            "package: pip install tiktoken") from None
+        ranks = {}
+        with open(self.path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except (ValueError, binascii.Error):
+                    raise DataError(f"{self.path} line {n}: expected '<base64 token> <rank>' as in LLaMA-3's "
+                                    "tokenizer.model; pass an unmodified tokenizer file") from None
+        self.specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
+        self.enc = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=LLAMA3_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=self.specials)
+        self.kind, self.vocab_size = "tiktoken", self.enc.n_vocab
+        self.bos_id, self.eos_id = self.specials["<|begin_of_text|>"], self.specials["<|end_of_text|>"]
+        self.pad_id, self.eos_text = self.specials[LLAMA3_PAD], "<|end_of_text|>"
+
+    def _encode_plain(self, text):
+        if self.kind == "tiktoken":
+            return self.enc.encode(text, disallowed_special=())
+        return self.sp.encode(text)
+
+    def encode(self, text, bos=False, eos=False, special=False):
+        if not special:
+            ids = self._encode_plain(text)
+        else:  # one SentencePiece call per piece between special tokens, as transformers does
+            ids = []
+            for piece in self._special_re.split(text):
+                if piece in self.specials:
+                    ids.append(self.specials[piece])
+                elif piece:
+                    ids.extend(self._encode_plain(piece))
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        return self.enc.decode(ids) if self.kind == "tiktoken" else self.sp.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# The authors' record format
+
+def _json_kind(value):
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _fields(example, where="record"):
+    """(instruction, input, output) of a record, or a DataError naming `where` and the fix.
+    "input" may be absent or null (build_dataset.py treats None as empty); the others are required."""
+    fix = 'each record must be an object with "instruction", "input" and "output" strings'
+    if not isinstance(example, dict):
+        raise DataError(f"{where} is {_json_kind(example)}, not an object; {fix}")
+    for key in ("instruction", "output"):
+        if key not in example:
+            raise DataError(f'{where} has no "{key}"; {fix}')
+    values = [example["instruction"], example.get("input") or "", example["output"]]
+    for key, value in zip(("instruction", "input", "output"), values):
+        if not isinstance(value, str):
+            raise DataError(f'{where}: "{key}" is {_json_kind(value)}, not a string; {fix}')
+    return values
+
+
+def _encode_parts(tokenizer, example, where="record"):
+    instruction, input_, output = _fields(example, where)
+    prompt = instruction + "\n" + input_ if input_ else instruction
+    source = tokenizer.encode(prompt + PROMPT_EOS, bos=True, special=True)
+    target = tokenizer.encode(output + tokenizer.eos_text, special=True)
+    return source, target
+
+
+def encode_example(tokenizer, example, max_len=1024):
+    """(input_ids, labels) of one record, token for token as the authors' build_dataset.py:
+    labels are -100 on the prompt, and both lists are cut at max_len."""
+    source, target = _encode_parts(tokenizer, example)
+    return (source + target)[:max_len], ([IGNORE_INDEX] * len(source) + target)[:max_len]
+
+
+# -----------------------------------------------------------------------------
+# Reading JSON lists and JSONL, streamed
+
+_BLANK = re.compile(r"[ \t\r\n]*")
+_READ = 1 << 20  # characters read at a time from a JSON list
+
+
+def _iter_json_list(path):
+    """Yield (index, record) from a file holding one JSON list, a piece at a time: memory is
+    bounded by the largest record, not by the file (the CME's 2.5M records would not fit)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8-sig") as f:
+        buf, pos, line0 = "", 0, 1  # line0: line number of buf[0]
+
+        def fill():  # drop what was read, append the next piece; False at the end of the file
+            nonlocal buf, pos, line0
+            try:
+                piece = f.read(max(_READ, len(buf) - pos))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+            if piece:
+                line0 += buf.count("\n", 0, pos)
+                buf, pos = buf[pos:] + piece, 0
+            return bool(piece)
+
+        def peek():  # next non-blank character ("" at the end of the file)
+            nonlocal pos
+            while True:
+                pos = _BLANK.match(buf, pos).end()
+                if pos < len(buf) or not fill():
+                    return buf[pos:pos + 1]
+
+        def fail(at, what):
+            line = line0 + buf.count("\n", 0, at)
+            raise DataError(f"{path} line {line}: {what}; a .json data file must be a valid JSON list "
+                            "of records (or use JSONL, one record per line)")
+
+        fill()
+        peek()
+        pos += 1  # the "[" (checked by _file_kind)
+        index = 0
+        while True:
+            if peek() == "]" and index == 0:
+                pos += 1
+                break
+            while True:  # a record that fails, or ends, at the buffer's end may go on past it
+                try:
+                    record, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or not fill():
+                        break
+                except json.JSONDecodeError as e:
+                    # an error well before the buffer's end is a real one (save for long strings)
+                    real = len(buf) - e.pos > _READ // 2 and not e.msg.startswith("Unterminated string")
+                    if real or not fill():
+                        fail(e.pos, f"record {index} is not valid JSON ({e.msg})")
+            yield index, record
+            index, pos = index + 1, end
+            char = peek()
+            pos += 1
+            if char == "]":
+                break
+            if char != ",":
+                fail(pos - 1, f"expected ',' or ']' after record {index - 1}, found {char or 'the end of the file'}")
+        if peek():
+            fail(pos, "unexpected text after the closing ']'")
+
+
+def _file_kind(path):
+    """'list' for a JSON list, 'jsonl' for one object per line; a DataError for anything else."""
+    if not os.path.isfile(path):
+        raise DataError(f"input file {path} not found; check the --input path")
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head[:1] == b"[":
+        return "list"
+    if head[:1] == b"{":
+        return "jsonl"
+    what = "is empty" if not head else f"starts with {head[:20]!r}"
+    raise DataError(f"{path} {what}; a data file must be a JSON list of records or JSONL (one JSON object per line)")
+
+
+def _records(path, kind):
+    """(where, payload) for each record of a file; JSONL lines stay bytes, parsed by the workers."""
+    if kind == "list":
+        for i, record in _iter_json_list(path):
+            yield f"{path} record {i}", record
+        return
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                line = line[3:]
+            if line.strip():
+                yield f"{path} line {n}", line
+
+
+def _chunks(paths, kinds, max_len, size=512):
+    """Jobs for the workers: (file index, up to `size` records, max_len), in input order."""
+    for i, (path, kind) in enumerate(zip(paths, kinds)):
+        items = []
+        for item in _records(path, kind):
+            items.append(item)
+            if len(items) == size:
+                yield i, items, max_len
+                items = []
+        if items:
+            yield i, items, max_len
+
+
+# -----------------------------------------------------------------------------
+# prepare: records -> token shards
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_path):
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = Tokenizer(tokenizer_path)
+
+
+def _encode_chunk(job):
+    """Encode a chunk of records; returns arrays of the kept records, or ("error", message)."""
+    file_index, items, max_len = job
+    tokens, lens, prompt_lens, kept, truncated = [], [], [], [], 0
+    for where, payload in items:
+        try:
+            if isinstance(payload, bytes):
+                try:
+                    payload = json.loads(payload)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); each line of a "
+                                    "JSONL file must be one whole JSON object") from None
+            source, target = _encode_parts(_WORKER_TOKENIZER, payload, where)
+        except DataError as e:
+            return ("error", str(e))
+        except UnicodeError as e:  # bytes that are not UTF-8, or a lone surrogate like "\ud800"
+            return ("error", f"{where}: text is not valid UTF-8 / Unicode ({e.reason}); fix the encoding")
+        n = min(len(source) + len(target), max_len)
+        truncated += len(source) + len(target) > max_len
+        kept.append(len(source) < n)  # no answer token left: no loss, so the record is dropped
+        if kept[-1]:
+            tokens.extend((source + target)[:n])
+            lens.append(n)
+            prompt_lens.append(len(source))
+    return dict(file=file_index, tokens=np.array(tokens, np.uint32), lens=np.array(lens, np.int64),
+                prompt_lens=np.array(prompt_lens, np.int32), kept=np.array(kept, bool), truncated=truncated)
+
+
+def _map_ordered(fn, jobs, workers, tokenizer_path):
+    """map(fn, jobs) over a process pool, in order, with a bounded number of chunks in flight."""
+    if workers <= 1:
+        _init_worker(tokenizer_path)
+        yield from map(fn, jobs)
+        return
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path,)) as pool:
+        pending = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(fn, (job,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _in_val(seed, index, fraction):
+    """Whether each record (by its index over all inputs) goes to val: a hash of (seed, index), so
+    the split does not depend on chunking or the number of workers."""
+    x = index.astype(np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64 finaliser
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, seed=0, workers=None):
+    """Tokenise JSON / JSONL record files into token shards in out_dir; returns the summary dict.
+    Records go to "val" with probability val_fraction (by a hash of seed and record index). Records
+    whose answer is cut away entirely by max_len are dropped and counted. Output is written to a
+    temporary directory next to out_dir and renamed at the end, so a failure leaves nothing."""
+    from tqdm import tqdm
+    inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    out_dir = str(out_dir).rstrip("/\\") or "."
+    if not inputs:
+        raise DataError("no input files; pass at least one --input FILE")
+    if not (isinstance(max_len, int) and max_len >= 2):
+        raise DataError(f"max_len must be an integer >= 2, got {max_len!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "summary.json")) \
+            and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise DataError(f"{out_dir} exists and is not the output of a previous prepare; choose another --out")
+    kinds = [_file_kind(p) for p in inputs]  # fail on a missing or odd file before any work
+    tok = Tokenizer(tokenizer_path)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    workers = max(1, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = [dict(path=p, format=k, records=0, kept=0, tokens=0, truncated=0, dropped_no_answer=0)
+             for p, k in zip(inputs, kinds)]
+    splits = {s: dict(records=0, tokens=0) for s in ("train", "val")}
+    outs = {}
+    try:
+        outs = {s: {part: open(os.path.join(tmp, f"{s}.{part}.bin"), "wb")
+                    for part in ("tokens", "offsets", "prompt_lens")} for s in splits}
+        for s in splits:
+            np.zeros(1, np.int64).tofile(outs[s]["offsets"])
+        index = 0  # of the record over all inputs, for the val split
+        with tqdm(desc="prepare", unit=" records", disable=None) as bar:
+            for result in _map_ordered(_encode_chunk, _chunks(inputs, kinds, max_len), workers, tok.path):
+                if isinstance(result, tuple):
+                    raise DataError(result[1])
+                stats, kept = files[result["file"]], result["kept"]
+                n, lens = len(kept), result["lens"]
+                val = _in_val(seed, np.arange(index, index + n)[kept], val_fraction)
+                index += n
+                stats["records"] += n
+                stats["kept"] += int(kept.sum())
+                stats["tokens"] += int(lens.sum())
+                stats["truncated"] += result["truncated"]
+                stats["dropped_no_answer"] += int(n - kept.sum())
+                token_in_val = np.repeat(val, lens)
+                for s, mask, tmask in (("train", ~val, ~token_in_val), ("val", val, token_in_val)):
+                    out = outs[s]
+                    result["tokens"][tmask].astype(dtype).tofile(out["tokens"])
+                    ends = splits[s]["tokens"] + np.cumsum(lens[mask])
+                    ends.astype(np.int64).tofile(out["offsets"])
+                    result["prompt_lens"][mask].tofile(out["prompt_lens"])
+                    splits[s]["records"] += int(mask.sum())
+                    splits[s]["tokens"] += int(lens[mask].sum())
+                bar.update(n)
+        for parts in outs.values():
+            for f in parts.values():
+                f.close()
+        if splits["train"]["records"] + splits["val"]["records"] == 0:
+            raise DataError(f"no records left to train on (max_len {max_len} cut away every answer, or the "
+                            "inputs are empty); raise --max_len or check the inputs")
+        summary = dict(
+            format="teamlora-shards-1", max_len=max_len, val_fraction=val_fraction, seed=seed,
+            dtype=np.dtype(dtype).name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+            pad_id=tok.pad_id, tokenizer=dict(path=tok.path, kind=tok.kind, sha256=_sha256(tok.path)),
+            splits=splits, files=files,
+            records=sum(f["records"] for f in files), truncated=sum(f["truncated"] for f in files),
+            dropped_no_answer=sum(f["dropped_no_answer"] for f in files))
+        with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        if os.path.exists(out_dir):  # a previous prepare: swap it out, then delete it
+            old = f"{out_dir}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        for parts in outs.values():
+            for f in parts.values():
+                f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Batches
+
+class TokenDataset:
+    """The records of one split of a prepare output: ds[i] -> (ids, prompt_len), ids a uint array view."""
+
+    def __init__(self, path, split="train"):
+        summary_path = os.path.join(path, "summary.json")
+        if not os.path.isfile(summary_path):
+            raise DataError(f"{path} has no summary.json; make it with: python data.py prepare --out {path} ...")
+        with open(summary_path, encoding="utf-8") as f:
+            self.summary = json.load(f)
+        if split not in self.summary["splits"]:
+            raise DataError(f"{path} has no split {split!r}; the splits are {list(self.summary['splits'])}")
+        self.max_len, self.pad_id = self.summary["max_len"], self.summary["pad_id"]
+        name = lambda part: os.path.join(path, f"{split}.{part}.bin")
+        self.offsets = np.fromfile(name("offsets"), np.int64)  # small: 8 bytes a record, kept in memory
+        self.prompt_lens = np.fromfile(name("prompt_lens"), np.int32)
+        dtype = np.dtype(self.summary["dtype"])
+        self.tokens = np.memmap(name("tokens"), dtype, mode="r") if self.offsets[-1] else np.zeros(0, dtype)
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]], int(self.prompt_lens[i])
+
+
+GROUP_BATCHES = 64  # pad mode sorts by length within windows of this many global batches
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n, seed, epoch):
+    return np.random.default_rng([seed, epoch, 0]).permutation(n)
+
+
+def _stream(n, seed, start, stop):
+    """Example indices at positions [start, stop) of the endless stream: epoch permutations back to back."""
+    pos = np.arange(start, stop)
+    out = np.empty(len(pos), np.int64)
+    for epoch in np.unique(pos // n):
+        here = pos // n == epoch
+        out[here] = _epoch_permutation(n, seed, int(epoch))[pos[here] % n]
+    return out
+
+
+@lru_cache(maxsize=2)
+def _sorted_window(dataset, seed, window, batch_size):
+    """The stream's window of GROUP_BATCHES batches, sorted by length (so a batch holds similar
+    lengths), then its batches shuffled (so the loss does not see short-to-long sweeps)."""
+    size = batch_size * GROUP_BATCHES
+    ex = _stream(len(dataset), seed, window * size, (window + 1) * size)
+    ex = ex[np.argsort(dataset.lengths[ex], kind="stable")].reshape(GROUP_BATCHES, batch_size)
+    return ex[np.random.default_rng([seed, window, 1]).permutation(GROUP_BATCHES)]
+
+
+def global_batch(dataset, step, batch_size, seed, mode="pad"):
+    """Indices of the examples of global batch `step`: a function of (seed, step) only."""
+    if len(dataset) == 0:
+        raise DataError("the dataset split has no records; run prepare with more data or another split")
+    if mode == "pad":
+        return _sorted_window(dataset, seed, step // GROUP_BATCHES, batch_size)[step % GROUP_BATCHES]
+    return _stream(len(dataset), seed, step * batch_size, (step + 1) * batch_size)
+
+
+def epoch_of(dataset, step, batch_size):
+    """How many epochs the first `step` steps consumed (fractional)."""
+    return step * batch_size / len(dataset)
+
+
+def _answer_tokens(dataset, examples, max_len):
+    """Label positions that are not -100: predictions of answer tokens within the first max_len."""
+    lengths = np.minimum(dataset.lengths[examples], max_len or np.iinfo(np.int64).max)
+    return int(np.maximum(lengths - np.maximum(dataset.prompt_lens[examples], 1), 0).sum())
+
+
+def global_answer_tokens(dataset, step, batch_size, seed, mode="pad", max_len=None):
+    """Answer tokens in the whole global batch (every rank), to normalise the loss the same everywhere."""
+    max_len = max_len or (dataset.max_len if mode == "pack" else None)
+    return _answer_tokens(dataset, global_batch(dataset, step, batch_size, seed, mode), max_len)
+
+
+def _place(tokens, labels, valid, row, start, ids, prompt_len):
+    """Write one example at tokens[row, start:]; labels[t] = ids[t+1] where ids[t+1] is an answer token."""
+    n = len(ids)
+    tokens[row, start:start + n] = ids
+    valid[row, start:start + n] = True
+    first = max(prompt_len, 1)  # first answer position; labels are shifted one to the left
+    labels[row, start + first - 1:start + n - 1] = ids[first:]
+
+
+def get_batch(dataset, step, batch_size, seed, rank=0, world_size=1, mode="pad", max_len=None,
+              pad_id=0, device="cpu"):
+    """This rank's share of global batch `step` (batch_size examples over all ranks), as tensors:
+    tokens (B, T), labels (B, T) shifted (-100 on prompt and padding), valid (B, T) True on real
+    tokens, and in mode "pack" seq_ids (B, T): the example's index within its row, -1 on padding.
+    n_answer_global: answer tokens of the whole global batch. Examples longer than max_len are cut."""
+    import torch
+    if mode not in ("pad", "pack"):
+        raise DataError(f"mode must be 'pad' or 'pack', got {mode!r}")
+    if batch_size % world_size:
+        raise DataError(f"batch_size {batch_size} is not divisible by world_size {world_size}; "
+                        "the global batch is split evenly over ranks, so choose a multiple")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+    if mode == "pack":
+        max_len = max_len or dataset.max_len
+    examples = global_batch(dataset, step, batch_size, seed, mode)
+    share = batch_size // world_size
+    mine = [dataset[i] for i in examples[rank * share:(rank + 1) * share]]
+    mine = [(ids[:max_len] if max_len else ids, p) for ids, p in mine]
+
+    if mode == "pad":
+        rows = [[m] for m in mine]
+    else:  # first fit, longest first: whole examples into rows of at most max_len tokens
+        rows, room = [], []
+        for ids, p in sorted(mine, key=lambda m: -len(m[0])):
+            r = next((r for r, free in enumerate(room) if free >= len(ids)), len(rows))
+            if r == len(rows):
+                rows.append([])
+                room.append(max_len)
+            rows[r].append((ids, p))
+            room[r] -= len(ids)
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    tokens = np.full((len(rows), width), pad_id, np.int64)  # (B, T)
+    labels = np.full((len(rows), width), IGNORE_INDEX, np.int64)
+    valid = np.zeros((len(rows), width), bool)
+    seq_ids = np.full((len(rows), width), -1, np.int64)
+    for r, row in enumerate(rows):
+        start = 0
+        for j, (ids, prompt_len) in enumerate(row):
+            _place(tokens, labels, valid, r, start, ids, prompt_len)
+            seq_ids[r, start:start + len(ids)] = j
+            start += len(ids)
+
+    batch = dict(tokens=tokens, labels=labels, valid=valid) | (dict(seq_ids=seq_ids) if mode == "pack" else {})
+    batch = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+    batch["n_answer_global"] = _answer_tokens(dataset, examples, max_len)
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="tokenise JSON / JSONL records into token shards")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSON lists or JSONL of records")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece or tiktoken)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max_len", type=int, default=1024)
+    p.add_argument("--val_fraction", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    try:
+        s = prepare(args.input, args.tokenizer, args.out, args.max_len, args.val_fraction, args.seed, args.workers)
+    except DataError as e:
+        sys.exit(f"data.py {args.command}: error: {e}")
+    print(f"{s['records']} records -> {args.out}: train {s['splits']['train']['records']} records "
+          f"({s['splits']['train']['tokens']} tokens), val {s['splits']['val']['records']}; "
+          f"{s['truncated']} truncated, {s['dropped_no_answer']} dropped (answer cut away); dtype {s['dtype']}")
+
+
+if __name__ == "__main__":
+    main()
