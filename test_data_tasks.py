@@ -273,6 +273,14 @@ def test_tldr_loader_takes_the_post_and_the_human_reference_summary():
     assert record["instruction"] == TEMPLATES["summary"][0][0]
 
 
+def test_tldr_loader_reads_tldr_3_filtered_rows(tmp_path):
+    rows = [{"id": "t3_1", "subreddit": "advice", "title": "T", "post": "Long post.\n\nMore.", "summary": " short one"},
+            {"id": "t3_2", "subreddit": "advice", "title": "U", "post": "Other post.", "summary": " other"}]
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = CME_TASKS["oai_sum"].load(str(tmp_path / "valid.jsonl"))
+    assert [(r["input"], r["output"]) for r in records] == [("Long post.\n\nMore.", "short one"), ("Other post.", "other")]
+
+
 @needs_cme_fixtures
 def test_imdb_loader_reads_aclimdb_folders_and_the_fastnlp_tsv():
     records = CME_TASKS["imdb"].load(os.path.join(CME_DIR, "imdb", "aclImdb", "test"))
