@@ -67,6 +67,8 @@ def test_accuracy_rejects_two_labels_and_keeps_duplicate_apart_from_not_duplicat
     assert accuracy("not duplicate", "duplicate", dup) == 0.0
     assert accuracy("duplicate", "not duplicate", dup) == 0.0
     assert accuracy("Not duplicate.", "not duplicate", dup) == 1.0
+    assert accuracy("These are not duplicate questions.", "not duplicate", dup) == 1.0  # "duplicate" inside it
+    assert accuracy("These are not duplicate questions.", "duplicate", dup) == 0.0
     assert accuracy("entailment or neutral", "entailment", nli) == 0.0
     assert accuracy("It is entailment, not contradiction", "entailment", nli) == 0.0
     assert accuracy("The relationship is entailment.", "entailment", nli) == 1.0  # one label named
