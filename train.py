@@ -80,9 +80,10 @@ fsdp = False  # under torchrun: FSDP2 instead of DDP
 dry_run = False  # build on the meta device, print parameters and a memory estimate, exit
 dry_run_world_size = 8
 # -------------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))
-            and k not in ("DEFAULTS",)}
-DEMO = {"data_dir": data_dir, "eval_dir": eval_dir, "tokenizer": tokenizer, "init_from": init_from}
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+DEMO = {k: DEFAULTS[k] for k in ("data_dir", "eval_dir", "tokenizer", "init_from")}
+for _key in DEFAULTS:  # every function reads its cfg dict: a stray global read would fail loudly
+    del globals()[_key]
 
 
 class UserError(Exception):
@@ -325,9 +326,9 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"])
 
 
-def save_checkpoint(model, opt, step, cfg, args, rank, world):
-    state = gather_state(model, cfg)
-    opt_state = optimizer_state(model, opt, world, cfg["fsdp"])
+def save_checkpoint(raw, opt, step, cfg, args, rank, world):
+    state = gather_state(raw, cfg)
+    opt_state = optimizer_state(raw, opt, world, cfg["fsdp"])
     rngs = [None] * world
     if world > 1:
         dist.all_gather_object(rngs, rng_state())  # each rank's dropout stream, for an exact resume
@@ -486,7 +487,7 @@ def train(cfg):
     rank, world, dev = setup_distributed(cfg)
     try:
         if cfg["dry_run"]:
-            return dry_run(cfg) if rank == 0 else {}
+            return check_full_config(cfg) if rank == 0 else {}
         return run(cfg, rank, world, dev)
     finally:
         if world > 1 and dist.is_initialized():
@@ -592,10 +593,10 @@ def run(cfg, rank, world, dev):
                     if master:
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
-                save_checkpoint(model, opt, step, cfg, args, rank, world)
+                save_checkpoint(raw, opt, step, cfg, args, rank, world)
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(model, opt, step, cfg, args, rank, world)
+        save_checkpoint(raw, opt, step, cfg, args, rank, world)
         say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with --init_from=resume")
         return {**summary, "interrupted": True, "step": step}
     finally:
@@ -656,7 +657,7 @@ def ensure_demo(cfg):
 # dry run: a full configuration checked on the meta device, without weights or GPUs
 
 
-def dry_run(cfg):
+def check_full_config(cfg):
     src = cfg["init_from"]
     if os.path.isdir(src):
         with torch.device("meta"):
