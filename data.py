@@ -3,7 +3,8 @@ Data for TeamLoRA: the tokenizer, the authors' record format, token shards, and 
 
     python data.py prepare --input train.json more.jsonl --tokenizer tokenizer.model --out data/cme
 
-A record is {"instruction", "input", "output"}; files are JSON lists or JSONL. The token ids are
+A record is {"instruction", "input", "output"} ("input" may be empty, null or absent), or
+{"text"} for a plain document; files are JSON lists or JSONL. The token ids of a record are
 those of the authors' build_dataset.py run with transformers 4.30's slow LlamaTokenizer:
     prompt = BOS + tok(instruction ["\n" + input] + "</s>")    labels -100
     answer = tok(output + eos_text)                             labels = ids
@@ -12,6 +13,8 @@ id, which raw SentencePiece would not do) and SentencePiece-encodes each piece o
 gets its own dummy-prefix "▁"). Whitespace next to a special token is kept: in the tokenizer files
 of LLaMA-2 and Chinese-LLaMA-2 the special tokens are AddedToken(lstrip=False, rstrip=False), and
 4.30 strips only around special tokens given as plain strings in special_tokens_map.json.
+eos_text is "</s>" for LLaMA-2; for LLaMA-3 it is "<|end_of_text|>", and the prompt's "</s>" is
+plain text there (build_dataset.py's template hard-codes it).
 
 Shards (one set per split, "train" and "val"), read back by TokenDataset:
     {split}.tokens.bin        all token ids back to back (uint16 if vocab_size <= 65536, else uint32)
@@ -29,6 +32,7 @@ import re
 import shutil
 import sys
 from collections import deque
+from contextlib import ExitStack
 from functools import lru_cache
 
 import numpy as np
@@ -48,10 +52,8 @@ class DataError(ValueError):
 # pre-tokenizer regex and 256 special tokens numbered after the 128000 ranks.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                    "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
-                    "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
-                    "<|reserved_special_token_4|>", "<|eot_id|>"]
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
                    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
 LLAMA3_PAD = "<|reserved_special_token_2|>"  # LLaMA-3.1 renamed it <|finetune_right_pad_id|>
 
@@ -150,28 +152,43 @@ def _json_kind(value):
             type(None): "null"}.get(type(value), "a number")
 
 
-def _fields(example, where="record"):
-    """(instruction, input, output) of a record, or a DataError naming `where` and the fix.
-    "input" may be absent or null (build_dataset.py treats None as empty); the others are required."""
-    fix = 'each record must be an object with "instruction", "input" and "output" strings'
+_FIX = 'each record must be an object with "instruction", "input" and "output" strings (or just a "text" string)'
+
+
+def _field(example, key, where, required=True):
+    """example[key] as a string, or a DataError naming `where`, the problem and the fix. An optional
+    field ("input") may be absent or null: build_dataset.py treats None as empty."""
     if not isinstance(example, dict):
-        raise DataError(f"{where} is {_json_kind(example)}, not an object; {fix}")
-    for key in ("instruction", "output"):
-        if key not in example:
-            raise DataError(f'{where} has no "{key}"; {fix}')
-    values = [example["instruction"], example.get("input") or "", example["output"]]
-    for key, value in zip(("instruction", "input", "output"), values):
-        if not isinstance(value, str):
-            raise DataError(f'{where}: "{key}" is {_json_kind(value)}, not a string; {fix}')
-    return values
+        raise DataError(f"{where} is {_json_kind(example)}, not an object; {_FIX}")
+    if required and key not in example:
+        raise DataError(f'{where} has no "{key}"; {_FIX}')
+    value = example.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f'{where}: "{key}" is {_json_kind(value)}, not a string; {_FIX}')
+    return value
+
+
+def _prompt_ids(tokenizer, example, where):
+    instruction, input_ = _field(example, "instruction", where), _field(example, "input", where, required=False)
+    prompt = instruction + "\n" + input_ if input_ else instruction
+    return tokenizer.encode(prompt + PROMPT_EOS, bos=True, special=True)
 
 
 def _encode_parts(tokenizer, example, where="record"):
-    instruction, input_, output = _fields(example, where)
-    prompt = instruction + "\n" + input_ if input_ else instruction
-    source = tokenizer.encode(prompt + PROMPT_EOS, bos=True, special=True)
-    target = tokenizer.encode(output + tokenizer.eos_text, special=True)
+    """(prompt ids, answer ids) of a record. A record with just "text" is a plain document (to
+    pretrain a base model): BOS is its prompt and every later token is trained on."""
+    if isinstance(example, dict) and "text" in example and not {"instruction", "output"} & example.keys():
+        return [tokenizer.bos_id], tokenizer.encode(_field(example, "text", where), eos=True)
+    source = _prompt_ids(tokenizer, example, where)
+    target = tokenizer.encode(_field(example, "output", where) + tokenizer.eos_text, special=True)
     return source, target
+
+
+def encode_prompt(tokenizer, example):
+    """The prompt ids of a record exactly as in training (BOS ... </s>): what generation starts from."""
+    return _prompt_ids(tokenizer, example, "record")
 
 
 def encode_example(tokenizer, example, max_len=1024):
@@ -355,20 +372,47 @@ def _in_val(seed, index, fraction):
     return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _write_shards(tmp, inputs, kinds, tok, max_len, val_fraction, seed, workers, quiet):
+    """Tokenise every record into tmp/{train,val}.*.bin, appending chunk by chunk; returns the counts."""
+    from tqdm import tqdm
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    files = [dict(path=p, format=k, records=0, kept=0, tokens=0, truncated=0, dropped_no_answer=0)
+             for p, k in zip(inputs, kinds)]
+    splits = {s: dict(records=0, tokens=0) for s in ("train", "val")}
+    with ExitStack() as stack:
+        out = {(s, part): stack.enter_context(open(os.path.join(tmp, f"{s}.{part}.bin"), "wb"))
+               for s in splits for part in ("tokens", "offsets", "prompt_lens")}
+        for s in splits:
+            np.zeros(1, np.int64).tofile(out[s, "offsets"])
+        bar = stack.enter_context(tqdm(desc="prepare", unit=" records", disable=True if quiet else None))
+        index = 0  # of the record over all inputs
+        for result in _map_ordered(_encode_chunk, _chunks(inputs, kinds, max_len), workers, tok.path):
+            if isinstance(result, tuple):
+                raise DataError(result[1])
+            stats, kept, lens = files[result["file"]], result["kept"], result["lens"]
+            val = _in_val(seed, np.arange(index, index + len(kept))[kept], val_fraction)
+            index += len(kept)
+            for key, n in (("records", len(kept)), ("kept", kept.sum()), ("tokens", lens.sum()),
+                           ("truncated", result["truncated"]), ("dropped_no_answer", len(kept) - kept.sum())):
+                stats[key] += int(n)
+            token_in_val = np.repeat(val, lens)
+            for s, mask, token_mask in (("train", ~val, ~token_in_val), ("val", val, token_in_val)):
+                result["tokens"][token_mask].astype(dtype).tofile(out[s, "tokens"])
+                (splits[s]["tokens"] + np.cumsum(lens[mask])).tofile(out[s, "offsets"])
+                result["prompt_lens"][mask].tofile(out[s, "prompt_lens"])
+                splits[s]["records"] += int(mask.sum())
+                splits[s]["tokens"] += int(lens[mask].sum())
+            bar.update(len(kept))
+    return files, splits, np.dtype(dtype).name
 
 
-def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, seed=0, workers=None):
+def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, seed=0, workers=None, quiet=False):
     """Tokenise JSON / JSONL record files into token shards in out_dir; returns the summary dict.
     Records go to "val" with probability val_fraction (by a hash of seed and record index). Records
-    whose answer is cut away entirely by max_len are dropped and counted. Output is written to a
-    temporary directory next to out_dir and renamed at the end, so a failure leaves nothing."""
-    from tqdm import tqdm
+    whose answer is cut away entirely by max_len are dropped (they give no loss) and counted. The
+    output is written to a temporary directory next to out_dir and renamed at the end, so a
+    failure leaves nothing that looks complete. workers: processes (default: all cores);
+    quiet: no progress bar."""
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     out_dir = str(out_dir).rstrip("/\\") or "."
     if not inputs:
@@ -380,74 +424,34 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
     if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "summary.json")) \
             and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise DataError(f"{out_dir} exists and is not the output of a previous prepare; choose another --out")
-    kinds = [_file_kind(p) for p in inputs]  # fail on a missing or odd file before any work
+    kinds = [_file_kind(p) for p in inputs]  # a missing or odd file fails before any work
     tok = Tokenizer(tokenizer_path)
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    workers = max(1, os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
 
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    files = [dict(path=p, format=k, records=0, kept=0, tokens=0, truncated=0, dropped_no_answer=0)
-             for p, k in zip(inputs, kinds)]
-    splits = {s: dict(records=0, tokens=0) for s in ("train", "val")}
-    outs = {}
     try:
-        outs = {s: {part: open(os.path.join(tmp, f"{s}.{part}.bin"), "wb")
-                    for part in ("tokens", "offsets", "prompt_lens")} for s in splits}
-        for s in splits:
-            np.zeros(1, np.int64).tofile(outs[s]["offsets"])
-        index = 0  # of the record over all inputs, for the val split
-        with tqdm(desc="prepare", unit=" records", disable=None) as bar:
-            for result in _map_ordered(_encode_chunk, _chunks(inputs, kinds, max_len), workers, tok.path):
-                if isinstance(result, tuple):
-                    raise DataError(result[1])
-                stats, kept = files[result["file"]], result["kept"]
-                n, lens = len(kept), result["lens"]
-                val = _in_val(seed, np.arange(index, index + n)[kept], val_fraction)
-                index += n
-                stats["records"] += n
-                stats["kept"] += int(kept.sum())
-                stats["tokens"] += int(lens.sum())
-                stats["truncated"] += result["truncated"]
-                stats["dropped_no_answer"] += int(n - kept.sum())
-                token_in_val = np.repeat(val, lens)
-                for s, mask, tmask in (("train", ~val, ~token_in_val), ("val", val, token_in_val)):
-                    out = outs[s]
-                    result["tokens"][tmask].astype(dtype).tofile(out["tokens"])
-                    ends = splits[s]["tokens"] + np.cumsum(lens[mask])
-                    ends.astype(np.int64).tofile(out["offsets"])
-                    result["prompt_lens"][mask].tofile(out["prompt_lens"])
-                    splits[s]["records"] += int(mask.sum())
-                    splits[s]["tokens"] += int(lens[mask].sum())
-                bar.update(n)
-        for parts in outs.values():
-            for f in parts.values():
-                f.close()
+        files, splits, dtype = _write_shards(tmp, inputs, kinds, tok, max_len, val_fraction, seed, workers, quiet)
         if splits["train"]["records"] + splits["val"]["records"] == 0:
             raise DataError(f"no records left to train on (max_len {max_len} cut away every answer, or the "
                             "inputs are empty); raise --max_len or check the inputs")
+        with open(tok.path, "rb") as f:
+            sha256 = hashlib.sha256(f.read()).hexdigest()
         summary = dict(
-            format="teamlora-shards-1", max_len=max_len, val_fraction=val_fraction, seed=seed,
-            dtype=np.dtype(dtype).name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-            pad_id=tok.pad_id, tokenizer=dict(path=tok.path, kind=tok.kind, sha256=_sha256(tok.path)),
-            splits=splits, files=files,
-            records=sum(f["records"] for f in files), truncated=sum(f["truncated"] for f in files),
-            dropped_no_answer=sum(f["dropped_no_answer"] for f in files))
+            format="teamlora-shards-1", max_len=max_len, val_fraction=val_fraction, seed=seed, dtype=dtype,
+            vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            tokenizer=dict(path=tok.path, kind=tok.kind, sha256=sha256), splits=splits, files=files,
+            **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        if os.path.exists(out_dir):  # a previous prepare: swap it out, then delete it
-            old = f"{out_dir}.old-{os.getpid()}"
-            os.rename(out_dir, old)
+            f.write(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        if os.path.exists(out_dir):  # a previous prepare's output: swap it out, then delete it
+            os.rename(out_dir, f"{tmp}.old")
             os.rename(tmp, out_dir)
-            shutil.rmtree(old)
+            shutil.rmtree(f"{tmp}.old")
         else:
             os.rename(tmp, out_dir)
     except BaseException:
-        for parts in outs.values():
-            for f in parts.values():
-                f.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary

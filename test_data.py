@@ -172,6 +172,21 @@ def test_prompt_is_masked_and_truncation_is_a_prefix(tok, official):
 
 
 @needs_fixtures
+def test_encode_prompt_is_the_masked_part_of_the_training_example(tok, official):
+    for example in official[:20] + EDGE_CASES:
+        ids, labels = encode_example(tok, example, 10**6)
+        assert data.encode_prompt(tok, example) == ids[:labels.count(-100)]
+    assert data.encode_prompt(tok, {"instruction": "q", "input": "x"}) == tok.encode("q\nx</s>", bos=True, special=True)
+
+
+@needs_fixtures
+def test_text_record_is_a_document_trained_on_after_bos(tok):
+    text = "A plain document.\n\nWith </s> as text."
+    ids, labels = encode_example(tok, {"text": text})
+    assert ids == tok.encode(text, bos=True, eos=True) and labels == [-100] + ids[1:]
+
+
+@needs_fixtures
 @pytest.mark.parametrize("example, message", [
     ({"instruction": "x", "input": ""}, 'record has no "output"'),
     ({"input": "", "output": "y"}, 'record has no "instruction"'),
