@@ -167,6 +167,11 @@ def _field(example, key, where, required=True):
         return ""
     if not isinstance(value, str):
         raise DataError(f'{where}: "{key}" is {_json_kind(value)}, not a string; {_FIX}')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800" alone; tokenizers do not
+        raise DataError(f'{where}: "{key}" holds a lone surrogate (like "\\ud800"), not valid Unicode; '
+                        "fix the text") from None
     return value
 
 
@@ -332,8 +337,8 @@ def _encode_chunk(job):
             source, target = _encode_parts(_WORKER_TOKENIZER, payload, where)
         except DataError as e:
             return ("error", str(e))
-        except UnicodeError as e:  # bytes that are not UTF-8, or a lone surrogate like "\ud800"
-            return ("error", f"{where}: text is not valid UTF-8 / Unicode ({e.reason}); fix the encoding")
+        except UnicodeDecodeError as e:
+            return ("error", f"{where}: not UTF-8 text ({e.reason}); save the file as UTF-8")
         n = min(len(source) + len(target), max_len)
         truncated += len(source) + len(target) > max_len
         kept.append(len(source) < n)  # no answer token left: no loss, so the record is dropped

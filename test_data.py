@@ -309,7 +309,9 @@ GOOD = '{"instruction": "a", "input": "", "output": "b"}'
     ("empty.json", "  \n", r"empty.json is empty"),
     ("list.jsonl", f'{GOOD}\n["a", "b"]\n', r"list.jsonl line 2 is a list, not an object"),
     ("strings.json", '["a", "b"]', r"strings.json record 0 is a string, not an object"),
-    ("latin1.jsonl", b'{"instruction": "caf\xe9", "input": "", "output": "b"}\n', r"latin1.jsonl line 1: .*UTF-8"),
+    ("latin1.jsonl", b'{"instruction": "caf\xe9", "input": "", "output": "b"}\n', r"latin1.jsonl line 1: not UTF-8"),
+    ("latin1.json", b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]', r"latin1.json is not UTF-8"),
+    ("surrogate.jsonl", b'{"instruction": "\\ud800", "output": "b"}\n', r'line 1: "instruction" holds a lone surrogate'),
 ])
 def test_malformed_input_stops_with_file_place_and_fix_and_leaves_nothing(tmp_path, tiny_model, name, content, message):
     tokenizer = tiny_model
