@@ -559,7 +559,8 @@ def get_batch(dataset, step, batch_size, seed, rank=0, world_size=1, mode="pad",
     """This rank's share of global batch `step` (batch_size examples over all ranks), as tensors:
     tokens (B, T), labels (B, T) shifted (-100 on prompt and padding), valid (B, T) True on real
     tokens, and in mode "pack" seq_ids (B, T): the example's index within its row, -1 on padding.
-    n_answer_global: answer tokens of the whole global batch. Examples longer than max_len are cut."""
+    n_answer_global: answer tokens of the whole global batch. Examples longer than max_len are cut;
+    pack rows hold whole examples, at most max_len (default: the prepare max_len) tokens a row."""
     import torch
     if mode not in ("pad", "pack"):
         raise DataError(f"mode must be 'pad' or 'pack', got {mode!r}")
