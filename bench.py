@@ -1,0 +1,430 @@
+"""
+What TeamLoRA costs, measured against LoRA and MoELoRA: the paper's Figure 4a (training step,
+inference forward and peak memory at k = 2, 4, 8 experts of equal total rank, for one FFN-shaped
+linear and for a small LLaMA), then beyond it (k up to 64), decode/prefill speed with the KV cache,
+and on CUDA a 7B-shaped block stack in bf16 (tokens/s and MFU).
+
+    python bench.py                      # everything, on the CPU (several minutes)
+    python bench.py --quick              # tiny shapes: a smoke test
+    python bench.py --section=layer,model --threads=2 --repeats=15
+    python bench.py --device=cuda        # bf16, adds the 7B-shaped stack
+
+Machines are noisy, so every repeat runs each variant once (round-robin, starting at a different
+variant each time) and the tables show medians and ratios taken side by side in one run: compare
+the ratios, not the milliseconds, across machines.
+"""
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ModelArgs, Transformer
+from teamlora import TeamLoRALinear, team_lora_delta_loop
+
+FULL = dict(tokens=2048, d_in=1024, d_out=2752, r_B=16, ks=(2, 4, 8), scale_ks=(16, 32, 64), scale_rank=64,
+            model="small", batch=4, seq=256, model_r_B=4, prompts=4, prompt_len=64, new_tokens=32,
+            repeats=15, scale_repeats=5)
+QUICK = dict(tokens=64, d_in=32, d_out=88, r_B=2, ks=(2, 4, 8), scale_ks=(16,), scale_rank=16,
+             model="tiny", batch=2, seq=16, model_r_B=2, prompts=2, prompt_len=8, new_tokens=4,
+             repeats=3, scale_repeats=2)
+SECTIONS = ("layer", "model", "scaling", "decode", "cuda7b")
+VARIANTS = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused", "TeamLoRA compiled")
+ALPHA, DROPOUT = 32.0, 0.05
+# dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets; the first name found in the device name wins
+PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70,
+               "RTX 4090": 165, "RTX 3090": 71}
+
+
+class MoELoRALinear(nn.Module):
+    """MoELoRA (paper Eq. 7) the way public implementations write it (MOELoRA-peft, HydraLoRA): k
+    independent LoRA pairs (A_i, B_i) of rank r_B, a softmax router, a Python loop over the experts,
+    dropout on x for each. The baseline of Figure 4a; it lives here, not in teamlora.py."""
+
+    def __init__(self, base, r, experts, alpha, dropout, dtype):
+        super().__init__()
+        r_B, kw = r // experts, dict(bias=False, device=base.weight.device, dtype=dtype)
+        self.base, self.experts, self.scaling = base, experts, alpha / r_B
+        self.lora_A = nn.ModuleList(nn.Linear(base.in_features, r_B, **kw) for _ in range(experts))
+        self.lora_B = nn.ModuleList(nn.Linear(r_B, base.out_features, **kw) for _ in range(experts))
+        self.lora_router = nn.Linear(base.in_features, experts, **kw)
+        self.dropout = nn.Dropout(dropout)
+        for B in self.lora_B:
+            nn.init.zeros_(B.weight)
+
+    def forward(self, x):
+        out = self.base(x)
+        x = x.to(self.lora_router.weight.dtype)
+        weights = self.lora_router(x).softmax(-1)  # (..., k)
+        for i in range(self.experts):
+            out += self.lora_B[i](self.lora_A[i](self.dropout(x))) * self.scaling * weights[..., i:i + 1]
+        return out
+
+
+class ExpertLoop(nn.Module):
+    """A TeamLoRALinear run through teamlora.team_lora_delta_loop: the same parameters and function
+    as the fused path, Eq. 9 and 13 computed one expert at a time."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        m = self.layer
+        delta, m.last_omega = team_lora_delta_loop(x.to(m.lora_A.dtype), m.lora_A, m.lora_B, m.lora_router, m.lora_M,
+                                                   m.scaling, m.dropout if self.training else 0.0)
+        return F.linear(x, m.weight, m.bias) + delta.to(x.dtype)
+
+
+def adapt(base, variant, r, k, dtype):
+    """The nn.Linear `base` with the adapter of `variant` (total rank r, k experts) around it."""
+    if variant == "MoELoRA loop":
+        return MoELoRALinear(base, r, k, ALPHA, DROPOUT, dtype)
+    layer = TeamLoRALinear(base, r, 1 if variant == "LoRA" else k, ALPHA, DROPOUT, adapter_dtype=dtype,
+                           compile=variant == "TeamLoRA compiled")
+    return ExpertLoop(layer) if variant == "TeamLoRA loop" else layer
+
+
+def adapt_ffn(model, variant, r, k, dtype):
+    """Swap every FFN linear (w1, w2, w3: the paper adapts the FFN only) and freeze all but the adapter."""
+    for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if child in ("w1", "w2", "w3"):
+            setattr(model.get_submodule(parent), child, adapt(module, variant, r, k, dtype))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def make_optimizer(module):
+    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# measuring
+
+def timed(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(fns, repeats, device, warmup=2):
+    """Seconds per call of each fn, one per repeat. Each repeat calls every fn once, starting one
+    further along the list each time, so that load from elsewhere falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):  # AdamW state, compilation, caches
+            fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for rep in range(repeats):
+        for j in range(len(names)):
+            name = names[(rep + j) % len(names)]
+            times[name].append(timed(fns[name], device))
+    return times
+
+
+def ms(times):
+    return statistics.median(times) * 1e3
+
+
+def ratio(times, ref):
+    """Median over repeats of the ratio within each repeat: pairs measured seconds apart, so a
+    load that comes and goes cancels out better than in a ratio of two medians."""
+    return statistics.median(a / b for a, b in zip(times, ref))
+
+
+def resident_bytes(*tensors):
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def peak_bytes(fn, resident, device):
+    """Bytes alive at the peak of fn(): what was resident when it started, plus the largest rise of
+    allocations during it (CUDA: max_memory_allocated; CPU: the allocator's alloc/free events as
+    recorded by torch.profiler with profile_memory=True, summed in time order)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return resident + torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = rise = 0
+    for _, nbytes in events:
+        live += nbytes
+        rise = max(rise, live)
+    return resident + rise
+
+
+def layer_steps(layer, x, grad_out, device):
+    """(training step, inference forward, peak bytes of a training step) for one adapted linear."""
+    opt = make_optimizer(layer)
+
+    def train():
+        layer.train()
+        layer(x).backward(grad_out)  # the base weight is frozen; x requires grad, as inside a model
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+
+    @torch.inference_mode()
+    def infer():
+        layer.eval()
+        layer(x)
+
+    return train, infer, lambda: step_memory(train, layer, opt, [x, grad_out], device)
+
+
+def model_steps(model, tokens, targets, device):
+    """(training step, peak bytes of a training step) for a model with adapters."""
+    opt = make_optimizer(model)
+
+    def train():
+        model.train()
+        _, loss = model(tokens, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return train, lambda: step_memory(train, model, opt, [tokens], device)
+
+
+def step_memory(train, module, opt, inputs, device):
+    """Peak bytes of a training step: the module's tensors, the optimizer state, the inputs, and the
+    largest rise during the step."""
+    for m in module.modules():  # the last forward's omega would be freed inside the measured step,
+        if hasattr(m, "last_omega"):  # which the CPU profiler warns about (it never saw it allocated)
+            m.last_omega = None
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return peak_bytes(train, resident_bytes(*inputs, *module.parameters(), *module.buffers(), *state), device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# printing
+
+def table(headers, rows):
+    rows = [[h for h in headers]] + [[c if isinstance(c, str) else f"{c:.2f}" for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    for j, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    print()
+
+
+def check(targets, name, value, limit):
+    targets.append([name, f"{value:.2f}", f"<= {limit:.2f}", "met" if value <= limit else "MISSED"])
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------------------------------
+# sections
+
+def section_layer(cfg, device, dtype, targets):
+    print(f"## 1. Layer level: one FFN-shaped linear, N={cfg.tokens} tokens, {cfg.d_in} -> {cfg.d_out}, "
+          f"r_B={cfg.r_B}, r = k*r_B, dropout {DROPOUT}, base frozen, x requires grad")
+    print("LoRA = TeamLoRALinear(experts=1): dropout on z = xA^T as in TeamLoRA (PEFT's LoRA drops x instead);\n"
+          "MoELoRA = a loop over k (A_i, B_i) pairs with dropout on x per expert, as public code does.\n"
+          "train = forward + backward + AdamW step over the adapter; memory = peak bytes of a training step.\n")
+    base = nn.Linear(cfg.d_in, cfg.d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(cfg.tokens, cfg.d_in, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(cfg.tokens, cfg.d_out, device=device, dtype=dtype)
+    figure, variants = [], cfg.variants
+    for k in cfg.ks:
+        torch.compiler.reset()  # dynamo compiles once per parameter shape: start each k with a clean budget
+        steps = {v: layer_steps(adapt(base, v, k * cfg.r_B, k, dtype), x, grad_out, device) for v in variants}
+        train = bench({v: s[0] for v, s in steps.items()}, cfg.repeats, device)
+        infer = bench({v: s[1] for v, s in steps.items()}, cfg.repeats, device)
+        mem = {v: s[2]() for v, s in steps.items()}
+        print(f"k = {k}, r = {k * cfg.r_B}")
+        table(["variant", "train ms", "x LoRA", "infer ms", "x LoRA", "peak MB", "x LoRA"],
+              [[v, ms(train[v]), ratio(train[v], train["LoRA"]), ms(infer[v]), ratio(infer[v], infer["LoRA"]),
+                mem[v] / 2**20, mem[v] / mem["LoRA"]] for v in variants])
+        figure.append([f"k={k}"] + [ratio(train[v], train["LoRA"]) for v in variants])
+        fused = "TeamLoRA fused"
+        if k in (4, 8):
+            check(targets, f"layer k={k}: fused train / LoRA", ratio(train[fused], train["LoRA"]), 1.05)
+            check(targets, f"layer k={k}: fused train / MoELoRA loop", ratio(train[fused], train["MoELoRA loop"]),
+                  0.55 if k == 4 else 0.40)
+        check(targets, f"layer k={k}: fused infer / LoRA", ratio(infer[fused], infer["LoRA"]), 1.05)
+        check(targets, f"layer k={k}: fused peak memory / LoRA", mem[fused] / mem["LoRA"], 1.05)
+    print("Figure 4a: training step relative to LoRA (paper: MoELoRA 1.19, 1.62, 2.38; TeamLoRA 1.04, 1.13, 1.50)")
+    table(["k"] + list(variants), figure)
+
+
+def section_model(cfg, device, dtype, targets):
+    args = ModelArgs.from_name(cfg.model, max_seq_len=max(cfg.seq, cfg.prompt_len + cfg.new_tokens))
+    print(f"## 2. Model level: LLaMA '{cfg.model}' (dim {args.dim}, {args.n_layers} layers, FFN {args.ffn_hidden_dim}), "
+          f"batch {cfg.batch} x {cfg.seq} tokens, adapters on w1, w2, w3, r_B={cfg.model_r_B}, r = k*r_B")
+    print("training step (forward with loss, backward, AdamW) in ms, and relative to LoRA\n")
+    torch.manual_seed(0)
+    base = Transformer(args).to(device, dtype)
+    tokens = torch.randint(args.vocab_size, (cfg.batch, cfg.seq), device=device)
+    rows, variants = [], cfg.variants
+    for k in cfg.ks:
+        torch.compiler.reset()
+        models = {v: adapt_ffn(copy.deepcopy(base), v, k * cfg.model_r_B, k, dtype) for v in variants}
+        train = bench({v: model_steps(m, tokens, tokens.roll(-1, 1), device)[0] for v, m in models.items()}, cfg.repeats, device)
+        rows.append([f"k={k}, r={k * cfg.model_r_B}"] + [f"{ms(train[v]):.1f} ({ratio(train[v], train['LoRA']):.2f}x)"
+                                                         for v in variants])
+        check(targets, f"model k={k}: fused train / LoRA", ratio(train["TeamLoRA fused"], train["LoRA"]), 1.05)
+    table(["k"] + list(variants), rows)
+
+
+def section_scaling(cfg, device, dtype):
+    print(f"## 3. Beyond the paper: many experts, training step of the layer of section 1 "
+          f"(median of {cfg.scale_repeats})\n")
+    base = nn.Linear(cfg.d_in, cfg.d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(cfg.tokens, cfg.d_in, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(cfg.tokens, cfg.d_out, device=device, dtype=dtype)
+    variants = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
+    rows = []
+    for regime, ranks in ((f"fixed r={cfg.scale_rank}", [cfg.scale_rank] * len(cfg.scale_ks)),
+                          (f"fixed r_B={cfg.r_B}", [k * cfg.r_B for k in cfg.scale_ks])):
+        for k, r in zip(cfg.scale_ks, ranks):
+            steps = {v: layer_steps(adapt(base, v, r, k, dtype), x, grad_out, device) for v in variants}
+            t = bench({v: s[0] for v, s in steps.items()}, cfg.scale_repeats, device, warmup=1)
+            mem = {v: steps[v][2]() / 2**20 for v in ("TeamLoRA loop", "TeamLoRA fused")}
+            rows.append([regime, str(k), str(r), *[ms(t[v]) for v in variants], ratio(t["TeamLoRA fused"], t["LoRA"]),
+                         ratio(t["TeamLoRA loop"], t["TeamLoRA fused"]), mem["TeamLoRA loop"], mem["TeamLoRA fused"]])
+    table(["regime", "k", "r", "LoRA ms", "MoELoRA ms", "loop ms", "fused ms", "fused/LoRA", "loop/fused",
+           "loop MB", "fused MB"], rows)
+
+
+def section_decode(cfg, device, dtype):
+    args = ModelArgs.from_name(cfg.model, max_seq_len=max(cfg.seq, cfg.prompt_len + cfg.new_tokens))
+    k = 4
+    print(f"## 4. Prefill and decode with the KV cache (model.generate, greedy): LLaMA '{cfg.model}', "
+          f"{cfg.prompts} prompts of {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens, FFN adapters r={k * cfg.model_r_B}")
+    print("An adapter with a router cannot be merged into W0, so its cost stays at decode time.\n")
+    torch.manual_seed(0)
+    base = Transformer(args).to(device, dtype).eval()
+    models = {"base model": base}
+    torch.compiler.reset()
+    models.update({v: adapt_ffn(copy.deepcopy(base), v, k * cfg.model_r_B, k, dtype)
+                   for v in ("LoRA", "TeamLoRA fused", "TeamLoRA compiled") if v in cfg.variants})
+    prompts = torch.randint(args.vocab_size, (cfg.prompts, cfg.prompt_len)).tolist()
+    prefill = bench({v: lambda m=m: m.generate(prompts, 1) for v, m in models.items()}, cfg.repeats, device)
+    full = bench({v: lambda m=m: m.generate(prompts, cfg.new_tokens) for v, m in models.items()}, cfg.repeats, device)
+    # decoding time: generating new_tokens minus generating 1 (the prefill and its sample)
+    decode = {v: [a - b for a, b in zip(full[v], prefill[v])] for v in models}
+    rows = [[v, cfg.prompts * cfg.prompt_len / statistics.median(prefill[v]), ratio(prefill["base model"], prefill[v]),
+             cfg.prompts * (cfg.new_tokens - 1) / statistics.median(decode[v]), ratio(decode["base model"], decode[v])]
+            for v in models]
+    table(["variant", "prefill tok/s", "x base", "decode tok/s", "x base"], rows)
+
+
+def section_cuda7b(cfg, device, peak_tflops):
+    if device.type != "cuda":
+        print("## 5. 7B-shaped block stack: skipped (it needs --device=cuda)\n")
+        return
+    n_layers, batch, seq, k, r = (2, 1, 128, 4, 16) if cfg.quick else (4, 2, 1024, 4, 64)
+    args = ModelArgs.from_name("llama2-7b", n_layers=n_layers, max_seq_len=seq)
+    name = torch.cuda.get_device_name()
+    peak = peak_tflops or next((p for key, p in PEAK_TFLOPS.items() if key in name), None)
+    print(f"## 5. 7B-shaped stack on {name}: bf16, dim {args.dim}, FFN {args.ffn_hidden_dim}, {n_layers} layers, "
+          f"vocab {args.vocab_size}, batch {batch} x {seq}, FFN adapters r={r} (TeamLoRA k={k}) in bf16")
+    variants = [v for v in ("LoRA", "TeamLoRA fused", "TeamLoRA compiled") if v in cfg.variants]
+    torch.compiler.reset()
+    models = {}
+    for v in variants:  # the same base weights in each, from the same seed
+        torch.manual_seed(0)
+        with torch.device(device):
+            models[v] = adapt_ffn(Transformer(args).to(torch.bfloat16), v, r, 1 if v == "LoRA" else k, torch.bfloat16)
+    tokens = torch.randint(args.vocab_size, (batch, seq), device=device)
+    steps = {v: model_steps(m, tokens, tokens.roll(-1, 1), device) for v, m in models.items()}
+    train = bench({v: s[0] for v, s in steps.items()}, cfg.repeats, device)
+    infer = bench({v: torch.inference_mode()(lambda m=m: m(tokens)) for v, m in models.items()}, cfg.repeats, device)
+    # model FLOPs per token: the base is frozen, so training does the forward (2 per weight) and the input
+    # gradients (2), no weight gradients; adapters 6 per parameter; causal attention 2*T*dim per layer
+    # forward, 3x that to train
+    P = sum(m.weight.numel() for m in models["LoRA"].modules() if isinstance(m, nn.Linear))  # base matmuls
+    attention = 2 * seq * args.dim * n_layers
+    rows = []
+    for v, m in models.items():
+        P_adapter = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        tps_train, tps_infer = batch * seq / statistics.median(train[v]), batch * seq / statistics.median(infer[v])
+        mfu_train = (4 * P + 6 * P_adapter + 3 * attention) * tps_train / (peak * 1e12) if peak else float("nan")
+        mfu_infer = (2 * P + 2 * P_adapter + attention) * tps_infer / (peak * 1e12) if peak else float("nan")
+        rows.append([v, tps_train, 100 * mfu_train, ratio(train[v], train["LoRA"]), tps_infer, 100 * mfu_infer,
+                     ratio(infer[v], infer["LoRA"]), steps[v][1]() / 2**30])
+    print(f"MFU against {peak if peak else '?'} TFLOPS bf16 dense{'' if peak else ' (unknown GPU: pass --peak_tflops)'}; "
+          "FLOPs per token: train 4P + 6P_adapter + 6*T*dim*layers, inference 2P + 2P_adapter + 2*T*dim*layers\n")
+    table(["variant", "train tok/s", "MFU %", "time x LoRA", "infer tok/s", "MFU %", "time x LoRA", "train peak GiB"], rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="TeamLoRA vs LoRA vs MoELoRA: time and memory, side by side.")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (median reported)")
+    parser.add_argument("--section", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="include the torch.compile variant (its warm-up compiles for a minute or more on a CPU)")
+    args = parser.parse_args(argv)
+    sections = args.section.split(",")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}: choose from {','.join(SECTIONS)}")
+    if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
+        parser.error("--threads and --repeats must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"skipped: --device=cuda asks for a GPU but CUDA is not available to this torch ({torch.__version__}); "
+              "run without --device=cuda for the CPU benchmark.")
+        return
+    cfg = SimpleNamespace(**(QUICK if args.quick else FULL), quick=args.quick,
+                          variants=[v for v in VARIANTS if args.compile or v != "TeamLoRA compiled"])
+    if args.repeats:
+        cfg.repeats = cfg.scale_repeats = args.repeats
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"# python {' '.join(sys.argv if argv is None else ['bench.py'] + list(argv))}")
+    print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
+          f"load average {os.getloadavg()[0]:.2f}\n")
+    targets = []
+    if "layer" in sections:
+        section_layer(cfg, device, dtype, targets)
+    if "model" in sections:
+        section_model(cfg, device, dtype, targets)
+    if "scaling" in sections:
+        section_scaling(cfg, device, dtype)
+    if "decode" in sections:
+        section_decode(cfg, device, dtype)
+    if "cuda7b" in sections:
+        section_cuda7b(cfg, device, args.peak_tflops)
+    if targets:
+        print("## Targets (ratios measured side by side in this run)" +
+              (": --quick uses tiny shapes, where fixed per-op costs dominate; the targets are for the full run" if cfg.quick else ""))
+        table(["target", "measured", "limit", ""], targets)
+    print(f"# load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
