@@ -1941,3 +1941,260 @@ def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
     with pytest.raises(ValueError, match="corpus_docs=10 is too small; use at least"):
         make_suite(str(tmp_path), corpus_docs=10)
     assert not os.listdir(tmp_path)
+
+
+# ===============================================================================================
+# train.py: the loop
+# ===============================================================================================
+
+import train  # noqa: E402  (kept next to its tests)
+
+REPO = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def run_data(tmp_path_factory):
+    """A small mini-CME suite, its training shards, and a tiny base pretrained on its corpus by
+    train.py itself (adapter='none', packed batches): made once for the module."""
+    root = tmp_path_factory.mktemp("mini")
+    make_suite(str(root), seed=0, n_train_per_task=40, n_test_per_task=6, n_val_per_task=4, corpus_docs=400)
+    prepare([str(root / "train.jsonl")], str(root / "tokenizer.model"), str(root / "tokens"), max_len=128,
+            val_fraction=0.1, quiet=True)
+    docs = [d for d in (root / "corpus.txt").read_text().split("\n\n") if d.strip()]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([str(root / "corpus.jsonl")], str(root / "tokenizer.model"), str(root / "corpus"), max_len=128, quiet=True)
+    pre = train.train(train_cfg(root, root / "pre", "--adapter=none", f"--data_dir={root / 'corpus'}", "--batch_mode=pack",
+                                "--batch_size=32", "--eval_dir=", "--max_iters=40", "--eval_interval=40",
+                                "--learning_rate=1e-2", "--warmup_iters=4"))
+    assert all(p.requires_grad for p in pre["model"].parameters())  # full training trains everything
+    assert np.mean(pre["train_losses"][-3:]) < 0.7 * np.mean(pre["train_losses"][:3])
+    os.replace(root / "pre" / "model.pt", root / "base.pt")
+    return root
+
+
+def train_cfg(run_data, out, *flags):
+    """A tiny, fast configuration on the small suite; flags override it."""
+    base = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}", f"--tokenizer={run_data / 'tokenizer.model'}",
+            "--init_from=scratch", "--model=tiny", "--max_len=128", "--batch_size=8", "--max_iters=6", "--eval_interval=3",
+            "--eval_iters=1", "--eval_limit=4", "--r=8", "--experts=4", "--learning_rate=3e-3", "--warmup_iters=1",
+            f"--out_dir={out}"]
+    return train.parse_config(base + list(flags))
+
+
+def adapters_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if teamlora.is_adapter(n)}
+
+
+def assert_same_adapters(a, b, atol=0.0):
+    assert a.keys() == b.keys() and a
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=atol, msg=n)
+
+
+def test_config_file_then_flags_override_the_defaults(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("r = 16\nexperts = 8\nlearning_rate = 1  # an int where a float is expected is fine\nadapter = 'lora'\n")
+    cfg = train.parse_config([str(cfg_file), "--experts=2", "--targets=w1,w3"])
+    assert (cfg["r"], cfg["experts"], cfg["learning_rate"], cfg["adapter"], cfg["targets"]) == (16, 2, 1.0, "lora", "w1,w3")
+    assert cfg["alpha"] == train.DEFAULTS["alpha"]
+    assert train.parse_config([])["adapter"] == "teamlora"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lerning_rate=1e-3"], r"unknown config key 'lerning_rate' in flag --lerning_rate=1e-3; did you mean 'learning_rate'\?"),
+    (["--r=abc"], r"config key 'r' in flag --r=abc must be of type int, got 'abc'"),
+    (["--competition=maybe"], r"config key 'competition' .* must be of type bool"),
+    (["--max_iters=2.5"], r"'max_iters' .* must be of type int, got 2.5"),
+    (["config/nope.py"], r"config file 'config/nope.py' does not exist"),
+    (["--adapter=dora"], r"'adapter' must be one of teamlora, moelora, lora, none, got 'dora'"),
+    (["--r=10", "--experts=4"], r"r=10 is not a multiple of experts=4"),
+    (["--batch_size=10", "--grad_accum=4"], r"batch_size=10 must be a multiple of grad_accum=4"),
+    (["--eval_only"], r"flag '--eval_only' needs a value: write --eval_only=VALUE"),
+    (["--dtype=float16"], r"'dtype' must be one of float32, bfloat16"),
+])
+def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
+    with pytest.raises(train.UserError, match=message):
+        train.parse_config(argv)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data):
+    bad = tmp_path / "bad.py"
+    bad.write_text("r = = 3\n")
+    with pytest.raises(train.UserError, match="config file .*bad.py' failed to run"):
+        train.parse_config([str(bad)])
+    unknown = tmp_path / "unknown.py"
+    unknown.write_text("experst = 8\n")
+    with pytest.raises(train.UserError, match="unknown config key 'experst' in config file .*; did you mean 'experts'"):
+        train.parse_config([str(unknown)])
+    with pytest.raises(train.UserError, match="base checkpoint 'nope.pt' does not exist"):
+        train.train(train_cfg(run_data, tmp_path / "o", "--init_from=nope.pt"))
+    with pytest.raises(train.UserError, match="nothing to resume"):
+        train.train(train_cfg(run_data, tmp_path / "empty", "--init_from=resume"))
+    with pytest.raises(DataError, match="has no summary.json"):
+        train.train(train_cfg(run_data, tmp_path / "o", f"--data_dir={tmp_path}"))
+
+
+def test_loss_falls_and_only_adapters_change(run_data, tmp_path):
+    base = run_data / "base.pt"
+    cfg = train_cfg(run_data, tmp_path / "out", f"--init_from={base}", "--max_iters=30", "--eval_interval=30", "--eval_limit=2")
+    summary = train.train(cfg)
+    losses = summary["train_losses"]
+    assert len(losses) == 30 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    state = torch.load(base, weights_only=True)["model"]
+    for n, p in summary["model"].named_parameters():
+        if teamlora.is_adapter(n):
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and torch.equal(p, state[n]), f"base parameter {n} changed"
+    saved = torch.load(tmp_path / "out" / "adapter.pt", weights_only=True)
+    assert_same_adapters(saved, adapters_of(summary["model"]))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["scores"]) == set(SYNTHETIC_TASKS) and set(results["expert_load"]) == set(SYNTHETIC_TASKS)
+    for load in results["expert_load"].values():
+        assert abs(sum(load) - 1) < 1e-4
+    lines = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert any("val_loss" in line for line in lines) and all(math.isfinite(line.get("loss", 0)) for line in lines)
+
+
+def test_gradient_accumulation_equals_one_large_batch(run_data, tmp_path, monkeypatch):
+    """The gradients handed to the optimizer, step by step (AdamW is blind to a wrong loss scale,
+    so this compares what it is given, not what it makes of it)."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def run(out, *more):
+        grads = []
+
+        def capture(params, *a, **k):
+            params = list(params)
+            grads.append([p.grad.clone() for p in params])
+            return real_clip(params, *a, **k)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+        train.train(train_cfg(run_data, out, "--dropout=0.0", "--balance_coef=0.0", "--eval_dir=", "--max_iters=3", *more))
+        return grads
+
+    one, acc = run(tmp_path / "a"), run(tmp_path / "b", "--grad_accum=4")
+    assert len(one) == len(acc) == 3
+    for a, b in zip(one[0], acc[0]):  # the same weights, so the same gradient up to float rounding
+        assert (b - a).abs().max() <= 1e-5 * a.abs().max()
+    assert sum(g.abs().sum() > 0 for g in one[0]) >= 12  # every lora_B (A and the router wait for B != 0)
+    # later steps start from weights that AdamW's first step (g / |g|) made differ in the last bits
+    final = [torch.load(tmp_path / d / "adapter.pt", weights_only=True) for d in ("a", "b")]
+    assert_same_adapters(final[0], final[1], atol=3e-5)  # one AdamW step moves a weight by ~lr = 3e-3
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
+    flags = ("--dropout=0.1", "--eval_dir=", "--max_iters=6", "--eval_interval=3")
+    whole = train.train(train_cfg(run_data, tmp_path / "whole", *flags))
+    train.train(train_cfg(run_data, tmp_path / "part", *flags, "--max_iters=3", "--lr_decay_iters=6"))
+    resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--max_iters=6"]))
+    assert resumed["step"] == 6
+    assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
+    with pytest.raises(train.UserError, match=r"learning_rate, r cannot change when resuming \(the run was learning_rate=0.003, r=8\)"):
+        train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--r=16", "--learning_rate=1e-3"]))
+
+
+def test_ctrl_c_writes_a_checkpoint_and_nan_stops_keeping_the_last_good_one(run_data, tmp_path, monkeypatch):
+    real_get_batch = data.get_batch
+
+    def interrupt_at_step_4(dataset, step, *a, **k):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_get_batch(dataset, step, *a, **k)
+
+    monkeypatch.setattr(data, "get_batch", interrupt_at_step_4)
+    out = train.train(train_cfg(run_data, tmp_path / "int", "--eval_dir=", "--eval_interval=100"))
+    assert out["interrupted"] and torch.load(tmp_path / "int" / "ckpt.pt", weights_only=False)["iter"] == 4
+    monkeypatch.setattr(data, "get_batch", real_get_batch)
+
+    real_forward = Transformer.forward
+
+    def nan_from_step_4(self, tokens, targets=None, **k):
+        logits, loss = real_forward(self, tokens, targets, **k)
+        nan_from_step_4.calls += 1
+        return logits, (loss * float("nan") if nan_from_step_4.calls > 3 and loss is not None else loss)
+    nan_from_step_4.calls = 0
+    monkeypatch.setattr(Transformer, "forward", nan_from_step_4)
+    with pytest.raises(train.UserError, match="the loss became nan at step 3; the last good checkpoint .* is kept"):
+        train.train(train_cfg(run_data, tmp_path / "nan", "--eval_dir=", "--eval_interval=2", "--eval_iters=0"))
+    assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)["iter"] == 2
+
+
+def test_eval_only_reloads_the_adapter_and_reproduces_the_scores(run_data, tmp_path):
+    first = train.train(train_cfg(run_data, tmp_path / "o", "--max_iters=8", "--eval_interval=8"))
+    again = train.train(train_cfg(run_data, tmp_path / "o", "--eval_only=True"))
+    assert again["scores"] == first["scores"]
+    assert_same_adapters(adapters_of(first["model"]), adapters_of(again["model"]))
+
+
+def test_moelora_and_lora_configurations_build_the_right_layers():
+    cfg = dict(train.DEFAULTS, r=12, experts=3, alpha=24.0)
+    moe = TeamLoRALinear(nn.Linear(6, 5), dropout=0.0, **train.adapter_kwargs({**cfg, "adapter": "moelora"}))
+    assert moe.lora_M is None and moe.experts == 3 and moe.scaling == (24.0 / 3) / 4  # alpha/k over r_B
+    x = torch.randn(4, 6)
+    moe(x)
+    torch.testing.assert_close(moe.last_omega.sum(-1) * moe.scaling, torch.full((4,), 24.0 / 4))  # MoELoRA: sum_i w_i alpha/r_B
+    lora = TeamLoRALinear(nn.Linear(6, 5), **train.adapter_kwargs({**cfg, "adapter": "lora"}))
+    assert lora.experts == 1 and lora.lora_router is None and lora.scaling == 24.0 / 12
+
+
+@pytest.mark.parametrize("adapter,r,pct", [("lora", 32, "0.67"), ("lora", 128, "2.68"), ("teamlora", 128, "2.71")])
+def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsys):
+    """Table 2 of the paper, Chinese-LLaMA-2-7B with FFN adapters, counted on the meta device."""
+    out = train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--model=chinese-llama2-7b",
+                                          "--init_from=nowhere", f"--adapter={adapter}", f"--r={r}"]))
+    assert f"{out['params_pct']:.2f}" == pct
+    assert f"= {pct}% of the base" in capsys.readouterr().out
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _flags(run_data, out, *more):
+    return [f"--data_dir={run_data / 'tokens'}", "--eval_dir=", f"--tokenizer={run_data / 'tokenizer.model'}",
+            "--init_from=scratch", "--model=tiny", "--max_len=128", "--batch_size=8", "--max_iters=4", "--eval_interval=2",
+            "--eval_iters=1", "--r=8", "--dropout=0.0", "--device=cpu", f"--out_dir={out}", *more]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_torchrun_equals_one_process(run_data, tmp_path, mode):
+    """The global batch is cut the same way for 2 processes as for 1 process with 2 accumulation
+    steps, so the adapters must agree to float rounding (gloo on CPU)."""
+    one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--",
+                *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}")])  # "--": torchrun would eat --r=8
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
+    assert_same_adapters(a, b, atol=1e-6)
+    assert any(t.abs().sum() > 0 for n, t in b.items() if n.endswith("lora_B"))  # it trained
+
+
+def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):
+    import signal
+    import time as _time
+    flags = _flags(run_data, tmp_path / "killed", "--max_iters=40", "--eval_interval=1", "--dropout=0.1")
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = tmp_path / "killed" / "ckpt.pt"
+    deadline = _time.time() + 120
+    while _time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=False)["iter"] >= 3):
+        _time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # at any moment: checkpoints are written every step
+    proc.wait()
+    state = torch.load(ckpt, weights_only=False)  # the last good checkpoint loads
+    assert 3 <= state["iter"] < 40
+    resumed = _run([sys.executable, "train.py", f"--out_dir={tmp_path / 'killed'}", "--init_from=resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "whole", "--max_iters=40", "--eval_interval=40",
+                                                      "--dropout=0.1")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert_same_adapters(torch.load(tmp_path / "killed" / "adapter.pt", weights_only=True),
+                         torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True))

@@ -92,7 +92,7 @@ class UserError(Exception):
 
 def parse_config(argv):
     """[config/FILE.py] [--key=value ...] -> a full config dict (defaults overridden in that order)."""
-    cfg = dict(DEFAULTS)
+    cfg, explicit = dict(DEFAULTS), set()
 
     def set_key(key, value, origin):
         if key not in DEFAULTS:
@@ -105,8 +105,11 @@ def parse_config(argv):
             else:
                 raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
         cfg[key] = value
+        explicit.add(key)
 
     for arg in argv:
+        if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
+            continue
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -128,6 +131,7 @@ def parse_config(argv):
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
                     set_key(key, value, f"config file {arg}")
     check_config(cfg)
+    cfg["_explicit"] = sorted(explicit)  # what the user set: a resume keeps everything else from the run
     return cfg
 
 
@@ -494,6 +498,10 @@ def train(cfg):
             dist.destroy_process_group()
 
 
+RESUME_MAY_CHANGE = ("max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size", "log_interval",
+                     "device", "fsdp", "activation_checkpointing", "compile", "out_dir")
+
+
 def run(cfg, rank, world, dev):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
@@ -503,8 +511,13 @@ def run(cfg, rank, world, dev):
         if not os.path.isfile(path):
             raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        keep = ("max_iters", "eval_only", "eval_limit", "eval_interval", "log_interval", "device", "fsdp", "eval_batch_size")
-        cfg = {**ckpt["config"], **{k: cfg[k] for k in keep}}  # the run's own model, data and schedule
+        changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != ckpt["config"][k]]
+        fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+        if fixed:
+            was = ", ".join(f"{k}={ckpt['config'][k]!r}" for k in fixed)
+            raise UserError(f"{', '.join(fixed)} cannot change when resuming (the run was {was}); "
+                            f"only {', '.join(RESUME_MAY_CHANGE)} can.")
+        cfg = {**ckpt["config"], **{k: cfg[k] for k in changed}}  # the run's own model, data and schedule
     if world > 1 and cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = {world * cfg['grad_accum']}.")
     if master:
@@ -513,7 +526,7 @@ def run(cfg, rank, world, dev):
         dist.barrier()
     tok = data.Tokenizer(cfg["tokenizer"])
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
-    val_ds = data.TokenDataset(cfg["data_dir"], "val") if "val" in train_ds.summary["splits"] else None
+    val_ds = data.TokenDataset(cfg["data_dir"], "val") if train_ds.summary["splits"].get("val", {}).get("records") else None
     torch.manual_seed(cfg["seed"] + rank)
     model, args = build_model(cfg, dev, tok.vocab_size, world)
     raw = model
@@ -532,7 +545,7 @@ def run(cfg, rank, world, dev):
         step = ckpt["iter"]
         say(f"resumed from {cfg['out_dir']}/ckpt.pt at step {step}")
     autocast = torch.autocast(dev.type, torch.bfloat16) if cfg["adapter"] == "none" and cfg["dtype"] == "bfloat16" else nullcontext()
-    summary = {"config": cfg}
+    summary = {"config": cfg, "model": raw}
     if cfg["eval_only"]:
         if ckpt is None and cfg["adapter"] != "none" and os.path.isfile(os.path.join(cfg["out_dir"], "adapter.pt")):
             load_state(raw, torch.load(os.path.join(cfg["out_dir"], "adapter.pt"), weights_only=True), cfg)
@@ -616,7 +629,7 @@ def finish(model, cfg, tok, args, rank, world, dev, summary):
         print_results(scores, loads, cfg)
         os.makedirs(cfg["out_dir"], exist_ok=True)
         with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "train_losses"}, f, indent=1)
+            json.dump({k: v for k, v in summary.items() if k not in ("train_losses", "model")}, f, indent=1)
     return summary
 
 
