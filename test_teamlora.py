@@ -2198,3 +2198,19 @@ def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert_same_adapters(torch.load(tmp_path / "killed" / "adapter.pt", weights_only=True),
                          torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True))
+
+
+def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, capsys):
+    """`python train.py` with no arguments, in an empty folder, with the pretraining shrunk."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(train.PRETRAIN, "max_iters", 3)
+    monkeypatch.setitem(train.PRETRAIN, "model", "tiny")
+    cfg = train.parse_config(["--max_iters=2", "--eval_limit=2", "--model=tiny"])
+    summary = train.train(cfg)
+    out = capsys.readouterr().out
+    assert "building the synthetic mini-CME suite" in out and "pretraining a tiny LLaMA" in out
+    assert (tmp_path / "data/mini_cme/base.pt").is_file() and (tmp_path / "out/demo/adapter.pt").is_file()
+    assert set(summary["scores"]) == set(SYNTHETIC_TASKS) and "expert load" in out
+    assert torch.load(tmp_path / "data/mini_cme/base.pt", weights_only=True)["model_args"]["dim"] == 64
+    train.train(cfg)  # a second run reuses everything
+    assert "building" not in capsys.readouterr().out
