@@ -11,7 +11,9 @@ and on CUDA a 7B-shaped block stack in bf16 (tokens/s and MFU).
 
 Machines are noisy, so every repeat runs each variant once (round-robin, starting at a different
 variant each time) and the tables show medians and ratios taken side by side in one run: compare
-the ratios, not the milliseconds, across machines.
+the ratios, not the milliseconds, across machines. On a CPU shared with other jobs, --threads=1
+avoids OpenMP threads waiting on each other (seen here: a model step of 4.7 s with 2 threads, 0.33 s
+with 1, while other tests ran).
 """
 import argparse
 import copy
@@ -248,11 +250,12 @@ def section_layer(cfg, device, dtype, targets):
           f"r_B={cfg.r_B}, r = k*r_B, dropout {DROPOUT}, base frozen, x requires grad")
     print("LoRA = TeamLoRALinear(experts=1): dropout on z = xA^T as in TeamLoRA (PEFT's LoRA drops x instead);\n"
           "MoELoRA = a loop over k (A_i, B_i) pairs with dropout on x per expert, as public code does.\n"
-          "train = forward + backward + AdamW step over the adapter; memory = peak bytes of a training step.\n")
+          "train = forward + backward + AdamW step over the adapter; memory = peak bytes of a training step;\n"
+          f"ms: median of {cfg.repeats} round-robin repeats; x LoRA: median of the ratios within each repeat.\n")
     base = nn.Linear(cfg.d_in, cfg.d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(cfg.tokens, cfg.d_in, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(cfg.tokens, cfg.d_out, device=device, dtype=dtype)
-    figure, variants = [], cfg.variants
+    figure, figure_infer, variants = [], [], cfg.variants
     for k in cfg.ks:
         torch.compiler.reset()  # dynamo compiles once per parameter shape: start each k with a clean budget
         steps = {v: layer_steps(adapt(base, v, k * cfg.r_B, k, dtype), x, grad_out, device) for v in variants}
@@ -264,6 +267,7 @@ def section_layer(cfg, device, dtype, targets):
               [[v, ms(train[v]), ratio(train[v], train["LoRA"]), ms(infer[v]), ratio(infer[v], infer["LoRA"]),
                 mem[v] / 2**20, mem[v] / mem["LoRA"]] for v in variants])
         figure.append([f"k={k}"] + [ratio(train[v], train["LoRA"]) for v in variants])
+        figure_infer.append([f"k={k}"] + [ratio(infer[v], infer["LoRA"]) for v in variants])
         fused = "TeamLoRA fused"
         if k in (4, 8):
             check(targets, f"layer k={k}: fused train / LoRA", ratio(train[fused], train["LoRA"]), 1.05)
@@ -273,13 +277,15 @@ def section_layer(cfg, device, dtype, targets):
         check(targets, f"layer k={k}: fused peak memory / LoRA", mem[fused] / mem["LoRA"], 1.05)
     print("Figure 4a: training step relative to LoRA (paper: MoELoRA 1.19, 1.62, 2.38; TeamLoRA 1.04, 1.13, 1.50)")
     table(["k"] + list(variants), figure)
+    print("Inference forward relative to LoRA (paper: TeamLoRA infers 40% faster than MoELoRA)")
+    table(["k"] + list(variants), figure_infer)
 
 
 def section_model(cfg, device, dtype, targets):
     args = ModelArgs.from_name(cfg.model, max_seq_len=max(cfg.seq, cfg.prompt_len + cfg.new_tokens))
     print(f"## 2. Model level: LLaMA '{cfg.model}' (dim {args.dim}, {args.n_layers} layers, FFN {args.ffn_hidden_dim}), "
           f"batch {cfg.batch} x {cfg.seq} tokens, adapters on w1, w2, w3, r_B={cfg.model_r_B}, r = k*r_B")
-    print("training step (forward with loss, backward, AdamW) in ms, and relative to LoRA\n")
+    print(f"training step (forward with loss, backward, AdamW): ms (median of {cfg.repeats}) and (x LoRA)\n")
     torch.manual_seed(0)
     base = Transformer(args).to(device, dtype)
     tokens = torch.randint(args.vocab_size, (cfg.batch, cfg.seq), device=device)
@@ -334,7 +340,7 @@ def section_decode(cfg, device, dtype):
     rows = [[v, cfg.prompts * cfg.prompt_len / statistics.median(prefill[v]), ratio(prefill["base model"], prefill[v]),
              cfg.prompts * (cfg.new_tokens - 1) / statistics.median(decode[v]), ratio(decode["base model"], decode[v])]
             for v in models]
-    table(["variant", "prefill tok/s", "x base", "decode tok/s", "x base"], rows)
+    table(["variant", "prefill tok/s", "speed x base", "decode tok/s", "speed x base"], rows)
 
 
 def section_cuda7b(cfg, device, peak_tflops):
