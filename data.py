@@ -202,9 +202,10 @@ def _prompt_ids(tokenizer, example, where):
 
 def _encode_parts(tokenizer, example, where="record"):
     """(prompt ids, answer ids) of a record. A record with just "text" is a plain document (to
-    pretrain a base model): BOS is its prompt and every later token is trained on."""
+    pretrain a base model): BOS is its prompt and every later token is trained on; special-token
+    strings in it ("</s>" between two pieces, as in a pretraining stream) become their ids."""
     if isinstance(example, dict) and "text" in example and not {"instruction", "output"} & example.keys():
-        return [tokenizer.bos_id], tokenizer.encode(_field(example, "text", where), eos=True)
+        return [tokenizer.bos_id], tokenizer.encode(_field(example, "text", where) + tokenizer.eos_text, special=True)
     source = _prompt_ids(tokenizer, example, where)
     target = tokenizer.encode(_field(example, "output", where) + tokenizer.eos_text, special=True)
     return source, target

@@ -3,7 +3,7 @@
     python -m pytest -q test_teamlora.py
 
 Sections: teamlora.py (the layer), model.py (LLaMA), data.py (tokenizer, records, prepare,
-batches; then metrics, the CME tasks, the synthetic suite), train.py (the loop). Tests that need
+batches; then metrics, the CME tasks, the synthetic suite), train.py (the loop), bench.py (a smoke test). Tests that need
 ../shared/fixtures (the authors' records, the LLaMA-2 tokenizer, CME samples) skip without them;
 set TEAMLORA_FIXTURES to point elsewhere."""
 import base64
@@ -1146,10 +1146,14 @@ def test_encode_prompt_is_the_masked_part_of_the_training_example(tok, official)
 
 
 @needs_fixtures
-def test_text_record_is_a_document_trained_on_after_bos(tok):
-    text = "A plain document.\n\nWith </s> as text."
-    ids, labels = encode_example(tok, {"text": text})
-    assert ids == tok.encode(text, bos=True, eos=True) and labels == [-100] + ids[1:]
+def test_text_record_is_a_document_trained_on_after_bos_with_special_strings_as_ids(tok):
+    first, second = "A plain document.", "\n\nIts second piece."
+    ids, labels = encode_example(tok, {"text": first + "</s>" + second})
+    # as in a pretraining stream: BOS, the pieces, the literal </s> turned into EOS, a closing EOS
+    expected = [tok.bos_id] + tok.encode(first) + [tok.eos_id] + tok.encode(second) + [tok.eos_id]
+    assert ids == expected and labels == [-100] + ids[1:]
+    plain, _ = encode_example(tok, {"text": first})
+    assert plain == tok.encode(first, bos=True, eos=True)
 
 
 @needs_fixtures
@@ -2033,6 +2037,8 @@ def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data)
         train.parse_config([str(unknown)])
     with pytest.raises(train.UserError, match="base checkpoint 'nope.pt' does not exist"):
         train.train(train_cfg(run_data, tmp_path / "o", "--init_from=nope.pt"))
+    with pytest.raises(train.UserError, match="eval_only: .*adapter.pt does not exist"):
+        train.train(train_cfg(run_data, tmp_path / "never", "--eval_only=True"))
     with pytest.raises(train.UserError, match="nothing to resume"):
         train.train(train_cfg(run_data, tmp_path / "empty", "--init_from=resume"))
     with pytest.raises(DataError, match="has no summary.json"):
@@ -2214,3 +2220,40 @@ def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, c
     assert torch.load(tmp_path / "data/mini_cme/base.pt", weights_only=True)["model_args"]["dim"] == 64
     train.train(cfg)  # a second run reuses everything
     assert "building" not in capsys.readouterr().out
+
+
+# ===============================================================================================
+# bench.py: a smoke test (the measurements themselves are the benchmark's, never a test's)
+# ===============================================================================================
+
+import bench  # noqa: E402
+
+
+def test_quick_run_prints_every_section_with_every_variant(capsys):
+    bench.main(["--quick", "--no-compile", "--threads=1"])  # compile's warm-up alone takes a minute
+    out = capsys.readouterr().out
+    for header in ("## 1. Layer level", "## 2. Model level", "## 3. Beyond the paper", "## 4. Prefill and decode",
+                   "## 5. 7B-shaped", "## Targets"):
+        assert header in out, header
+    layer, model = out.split("## 2.")[0], out.split("## 2.")[1].split("## 3.")[0]
+    variants = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
+    for variant in variants:  # a row in the table of each k (2, 4, 8)
+        assert sum(line.startswith(variant + "  ") for line in layer.splitlines()) == 3, variant
+    for section in (layer.split("Figure 4a")[1], model):  # a column in the summaries
+        header = next(line for line in section.splitlines() if line.startswith("k  "))
+        assert all(v in header for v in variants), header
+    assert "TeamLoRA compiled" not in out
+    assert "nan" not in out.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
+def test_cuda_without_a_gpu_skips_with_one_sentence(capsys):
+    bench.main(["--device=cuda"])
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("skipped:") and "CUDA is not available" in out and len(out.splitlines()) == 1
+
+
+def test_unknown_section_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--section=layer,speed"])
+    assert e.value.code == 2 and "unknown section" in capsys.readouterr().err
