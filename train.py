@@ -706,7 +706,8 @@ def check_full_config(cfg):
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
     est = memory_estimate(args, n_base, n_train, cfg, world, micro)
     print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, {args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
-    print(f"adapter {cfg['adapter']} (r={cfg['r']}, experts={cfg['experts']}, targets={cfg['targets']}): "
+    experts = f", experts={cfg['experts']}" if cfg["adapter"] in ("teamlora", "moelora") else ""
+    print(f"adapter {cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']}): "
           f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's Params%)")
     print(f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, {'FSDP' if cfg['fsdp'] else 'DDP'}, "
           f"activation checkpointing {'on' if cfg['activation_checkpointing'] else 'off'}: about {est['total'] / 2**30:.1f} GiB "
