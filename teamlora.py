@@ -11,7 +11,6 @@ Copy this file into any project: it needs torch and nothing else.
 """
 import math
 import os
-import shutil
 import warnings
 
 import torch
@@ -63,7 +62,8 @@ _compiled = {}  # device type -> the compiled (or, without a C++ compiler, eager
 
 def _fused_compiled(device_type):
     if device_type not in _compiled:
-        if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "clang++") if c]
+        if device_type == "cpu" and not any(os.access(os.path.join(d, c), os.X_OK) for d in os.get_exec_path() for c in compilers):
             warnings.warn("TeamLoRA: torch.compile on CPU needs a C++ compiler and none was found "
                           "(install g++ or set CXX); the fused path runs eagerly instead.")
             _compiled[device_type] = team_lora_delta

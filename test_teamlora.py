@@ -186,7 +186,8 @@ def test_compiled_equals_eager_trains_and_does_not_recompile_per_length():
 
 def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypatch):
     teamlora._compiled.clear()
-    monkeypatch.setattr(teamlora.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(teamlora.os, "get_exec_path", lambda env=None: [])  # no compiler anywhere
     layer = make_layer(dtype=torch.float32)
     eager = layer(torch.randn(3, 12)).detach()
     layer.compile = True
