@@ -182,7 +182,7 @@ class Attention(nn.Module):
             S = k.shape[2]
             q = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # (B, Hkv, rep*T, hd)
             mask = mask.expand(B, 1, T, S).repeat(1, 1, H // Hkv, 1)  # (B, 1, rep*T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, T, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, T, hd)  # CUDA kernels may return it strided
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, C)
 
 
