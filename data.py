@@ -1322,9 +1322,42 @@ _GENERATORS = {"sentiment": gen_sentiment, "nli": gen_nli, "paraphrase": gen_par
                "blank": gen_blank, "qa": gen_qa, "summary": gen_summary}
 
 
+VERDICTS = (["All in all, I liked it.", "I would happily watch it again.", "Well worth a ticket."],
+            ["All in all, I did not like it.", "I would not watch it again.", "Not worth a ticket."])
+
+
+def _story(w, rng):
+    """A clue that points to one of two people, the blank task's skill in plain words. It names world
+    people, never the story names that the blank task uses, so no test answer is written here."""
+    (a, b), kind = rng.sample(w["entities"][N_CITIES:N_CITIES + N_PEOPLE], 2), rng.choice(("job", "pastime", "city"))
+    a, b = a["name"].split()[0], b["name"].split()[0]
+    values = rng.sample(w["cities"] if kind == "city" else list(JOBS if kind == "job" else PASTIMES), 2)
+    first = {"job": "{} is a {} and {} is a {}.", "pastime": "{} loves {} while {} prefers {}.",
+             "city": "{} grew up in {} but {} grew up in {}."}[kind].format(a, values[0], b, values[1])
+    target = rng.randrange(2)
+    clue = f"knows the streets of {values[target]} better" if kind == "city" else {**JOBS, **PASTIMES}[values[target]]
+    return f"{first} That is why {(a, b)[target]} {clue}."
+
+
+def _reasoning(w, rng):
+    """A fact restated in other words, or a false claim corrected: the NLI and paraphrase skills
+    in plain words (statements only: the QA questions' wording never reaches the corpus)."""
+    e = rng.choice(w["entities"])
+    attr = rng.choice(list(ATTRS[e["kind"]]))
+    s1, s2 = rng.sample(_statements(e, attr), 2)
+    if rng.random() < 0.5:
+        return f"{s1} In other words: {s2}"
+    wrong = rng.choice([v for v in w["pools"][attr] if v != e[attr]])
+    return f"Some say that {rng.choice(_statements(e, attr, wrong))} That is wrong. {s1}"
+
+
 def _corpus(w, rng, n_docs):
-    """Plain-text documents: half are encyclopedia entries stating every fact of one entity (each
-    entity several times, in varied words), half are reviews and posts."""
+    """Plain-text documents, the kind of text a base model is pretrained on: half are encyclopedia
+    entries stating every fact of one entity (each entity several times, in varied words); a
+    quarter are reviews and posts, ending the way such text does (a verdict, a "TL;DR:" line); a
+    quarter reason in plain words (a fact restated, a false claim corrected, a clue that points to
+    a person). The tasks' instructions, questions and label words never appear: the base learns
+    the skills, and instruction tuning has to map them onto each task's format."""
     docs = []
     for j in range(n_docs // 2):
         e = w["entities"][j % len(w["entities"])]
@@ -1333,8 +1366,15 @@ def _corpus(w, rng, n_docs):
         if e["kind"] == "person":
             facts.append(f"As a {e['job']}, {e['name'].split()[0]} {JOBS[e['job']]}.")
         docs.append(" ".join(facts))
+    for j in range(n_docs // 4):
+        positive = rng.random() < 0.5
+        if j % 2:
+            docs.append(f"{_review(w, rng, positive)} {rng.choice(VERDICTS[0 if positive else 1])}")
+        else:
+            post, summary = _post(w, rng, positive)
+            docs.append(f"{post} TL;DR: {summary}")
     for j in range(n_docs - len(docs)):
-        docs.append(_review(w, rng, rng.random() < 0.5) if j % 2 else _post(w, rng, rng.random() < 0.5)[0])
+        docs.append(_story(w, rng) if j % 3 == 0 else _reasoning(w, rng))
     rng.shuffle(docs)
     return docs
 
@@ -1355,7 +1395,7 @@ def _train_tokenizer(lines, vocab_size):
     return model.getvalue()
 
 
-def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=20, corpus_docs=2000,
+def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=20, corpus_docs=6000,
                vocab_size=2000):
     """Write mini-CME to out_dir and return its summary:
         train.jsonl         every task's training records, shuffled: the official format plus "task"
