@@ -119,10 +119,10 @@ class TeamLoRALinear(nn.Linear):
                 f"competition={self.competition}, scaling={self.scaling:g}")
 
 
-def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, **kw):
+def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cls=None, **kw):
     """Replace every nn.Linear whose qualified name ends with one of `targets` (e.g. ("w1", "w2",
-    "w3") or ("gate_proj", "up_proj", "down_proj")) by a TeamLoRALinear, freeze everything else,
-    and return the model. experts=1 is plain LoRA. Extra keywords go to TeamLoRALinear."""
+    "w3") or ("gate_proj", "up_proj", "down_proj")) by a TeamLoRALinear (or `cls`, a subclass),
+    freeze everything else, and return the model. experts=1 is plain LoRA. Extra keywords go to the layer."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     matched = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     if not matched:
@@ -135,7 +135,7 @@ def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, **
             what = "already has an adapter" if isinstance(module, TeamLoRALinear) else f"is a {type(module).__name__}"
             raise ValueError(f"target module '{name}' {what}, not a plain nn.Linear: name linear layers in targets.")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, TeamLoRALinear(module, r, experts, alpha, dropout, competition, **kw))
+        setattr(model.get_submodule(parent), child, (cls or TeamLoRALinear)(module, r, experts, alpha, dropout, competition, **kw))
     for n, p in model.named_parameters():
         p.requires_grad_(is_adapter(n))
     return model

@@ -50,13 +50,13 @@ model = "small"  # the ModelArgs preset used when init_from="scratch"
 activation_checkpointing = False
 compile = False  # torch.compile the fused TeamLoRA path
 # adapter
-adapter = "teamlora"  # "teamlora", "moelora", "lora", or "none" (full training)
+adapter = "teamlora"  # "teamlora", "moelora", "hydralora", "lora", or "none" (full training)
 targets = "w1,w2,w3"  # the FFN (the paper's setting); add wq,wk,wv,wo for attention
-r = 32  # total rank r_A; each expert has r / experts
+r = 32  # total rank r_A; each expert has r / experts (hydralora: the shared A's rank; each head B_i has it too)
 experts = 4
 alpha = 32.0
 dropout = 0.05
-competition = True
+competition = None  # the interaction matrix M; None: the method's own (on for teamlora only)
 balance_coef = 0.01  # weight of the load-balancing loss (0 turns it off)
 balance_reduction = "mean"  # over adapted layers; the authors' harness: "sum" with balance_coef=1
 # optimizer
@@ -136,8 +136,10 @@ def parse_config(argv):
 
 
 def check_config(cfg):
-    choices = {"adapter": ("teamlora", "moelora", "lora", "none"), "dtype": ("float32", "bfloat16"),
+    choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
                "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum")}
+    if cfg["competition"] not in (None, True, False):
+        raise UserError(f"config key 'competition' must be True, False or None (the method's own), got {cfg['competition']!r}.")
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got {cfg[key]!r}.")
@@ -178,15 +180,45 @@ def all_reduce_sum(t, world):
 # the model: a base (scratch, a .pt of ours, or Meta/HF weights) plus adapters
 
 
+MULTI_EXPERT = ("teamlora", "moelora", "hydralora")
+
+
+class HydraLoRALinear(teamlora.TeamLoRALinear):
+    """HydraLoRA (Tian et al., NeurIPS 2024), the baseline the authors' code was forked from: one A
+    (r x d_in) shared by k heads B_i (d_out x r each, stored side by side as B, d_out x k r),
+    weighted by a softmax router: h = x W0^T + b + (alpha / r) sum_i phi_i B_i A x. Each head sees
+    all of z = x A^T, where a TeamLoRA expert sees its own r / k slice of it."""
+
+    def __init__(self, base, r=8, experts=4, alpha=16.0, dropout=0.05, competition=False, **kw):
+        if competition:
+            raise ValueError("HydraLoRA has no interaction matrix: use competition=False.")
+        super().__init__(base, r * experts, experts, alpha / experts, dropout, False, **kw)  # B: d_out x k r
+        self.lora_A = torch.nn.Parameter(self.lora_A.detach()[:r].clone())  # r x d_in, shared by every head
+        self.reset_lora_parameters()
+
+    def forward(self, x):
+        out = torch.nn.functional.linear(x, self.weight, self.bias)
+        xa = x.to(self.lora_A.dtype)
+        z = torch.nn.functional.dropout(torch.nn.functional.linear(xa, self.lora_A), self.dropout, self.training)
+        omega = teamlora._omega(xa, self.lora_router, None)  # k * softmax: TeamLoRA's convention, sums to k
+        self.last_omega = omega  # for the balance loss and the expert load
+        w = (omega * self.scaling).to(z.dtype)  # k * (alpha / k) / r = alpha / r per head, weights phi_i
+        zw = (z.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r) -> (..., k r): head i gets phi_i z
+        return out + torch.nn.functional.linear(zw, self.lora_B).to(out.dtype)
+
+
 def adapter_kwargs(cfg):
-    """MoELoRA (paper Eq. 7) is TeamLoRA's collaboration module with A stacked, no competition and
-    alpha / k (TeamLoRA's weights sum to k, MoELoRA's to 1): the same function, computed fused."""
-    kind, k = cfg["adapter"], cfg["experts"]
+    """Keyword arguments of teamlora.inject for cfg's adapter. MoELoRA (paper Eq. 7) is TeamLoRA's
+    collaboration module with A stacked and alpha / k (TeamLoRA's weights sum to k, MoELoRA's to
+    1): the same function, computed fused. competition=None is each method's own choice."""
+    kind, k, comp = cfg["adapter"], cfg["experts"], cfg["competition"]
     if kind == "lora":
         return dict(r=cfg["r"], experts=1, alpha=cfg["alpha"], competition=False)
     if kind == "moelora":
-        return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"] / k, competition=False)
-    return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"], competition=cfg["competition"])
+        return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"] / k, competition=bool(comp))
+    if kind == "hydralora":
+        return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"], competition=bool(comp), cls=HydraLoRALinear)
+    return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"], competition=comp is not False)
 
 
 def base_weights(cfg, vocab_size):
@@ -215,12 +247,12 @@ def init_adapters(model, seed):
     state = {}
     for name, m in model.named_modules():
         if isinstance(m, teamlora.TeamLoRALinear):
-            cpu = teamlora.TeamLoRALinear(torch.nn.Linear(m.in_features, m.out_features, bias=False, device="meta"),
-                                          m.r, m.experts, competition=m.competition)
-            for pname, p in cpu.named_parameters(recurse=False):
-                if teamlora.is_adapter(pname):
-                    setattr(cpu, pname, torch.nn.Parameter(torch.empty(p.shape)))
-            cpu.reset_lora_parameters()
+            cpu = type(m).__new__(type(m))  # an empty twin on the CPU: the adapter tensors only
+            torch.nn.Module.__init__(cpu)
+            for pname in ("lora_A", "lora_B", "lora_router", "lora_M"):
+                p = getattr(m, pname)
+                setattr(cpu, pname, None if p is None else torch.nn.Parameter(torch.empty(p.shape)))
+            type(m).reset_lora_parameters(cpu)
             state.update({f"{name}.{n}": p.detach() for n, p in cpu.named_parameters() if teamlora.is_adapter(n)})
     return state
 
@@ -254,9 +286,11 @@ def build_model(cfg, dev, vocab_size, world):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 (or fp32) base as stored, fp32 adapters, gradients reduced in fp32
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg["dtype"]) if full else None, reduce_dtype=torch.float32)
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh(dev.type, (world,))  # explicit: FSDP on CPU (gloo) even where a GPU is visible
         for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=dev)
     copy_into(model, weights)
     if not full:
@@ -317,27 +351,29 @@ def set_optimizer_state(model, opt, state, world, fsdp):
         opt.load_state_dict(state)
 
 
-def rng_state():
+def rng_state(dev):
+    # the CUDA generator only for a CUDA run: asking for it would start CUDA in a CPU run (a GPU
+    # context, and CPU numerics that differ before and after, so a resume would not match)
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s, dev):
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
+    if s["cuda"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], dev)
 
 
 def save_checkpoint(raw, opt, step, cfg, args, rank, world):
     state = gather_state(raw, cfg)
     opt_state = optimizer_state(raw, opt, world, cfg["fsdp"])
-    rngs = [None] * world
+    rngs, dev = [None] * world, next(raw.parameters()).device
     if world > 1:
-        dist.all_gather_object(rngs, rng_state())  # each rank's dropout stream, for an exact resume
+        dist.all_gather_object(rngs, rng_state(dev))  # each rank's dropout stream, for an exact resume
     else:
-        rngs = [rng_state()]
+        rngs = [rng_state(dev)]
     if rank == 0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if cfg["adapter"] == "none":
@@ -372,7 +408,8 @@ def val_loss(model, val, cfg, rank, world, dev):
     model.eval()
     totals = torch.zeros(2, device=dev)  # (sum of token losses, answer tokens)
     for i in range(cfg["eval_iters"]):
-        b = data.get_batch(val, i, cfg["batch_size"], cfg["seed"], rank, world, cfg["batch_mode"], cfg["max_len"], device=dev)
+        # seed 0, not the run's: the same validation records for every seed, so val losses compare
+        b = data.get_batch(val, i, cfg["batch_size"], 0, rank, world, cfg["batch_mode"], cfg["max_len"], device=dev)
         _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
         totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
     model.train()
@@ -463,7 +500,7 @@ def evaluate(model, cfg, tok, args, rank, world, dev):
         prompts = [prompt_ids(tok, r, room) for r in records]
         preds = generate_all(model, prompts, task.max_new_tokens, cfg, tok, rank, world, dev, cfg["fsdp"] and world > 1)
         scores[name] = data.evaluate(task, preds, records)
-        if cfg["adapter"] in ("teamlora", "moelora") and cfg["experts"] > 1:
+        if cfg["adapter"] in MULTI_EXPERT and cfg["experts"] > 1:
             load = task_expert_load(model, prompts, cfg, args.n_layers, dev)
             loads[name] = all_reduce_sum(load.to(dev), world).cpu() / world
     return scores, loads
@@ -488,6 +525,10 @@ def print_results(scores, loads, cfg):
 
 def train(cfg):
     """Run one configuration; returns a summary dict (also what tests look at)."""
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] == "resume" and "device" not in cfg.get("_explicit", ()) and os.path.isfile(path):
+        # a resume runs where the run ran (a CPU run resumed on a GPU machine stays on the CPU)
+        cfg = {**cfg, "device": torch.load(path, map_location="cpu", mmap=True, weights_only=False)["config"]["device"]}
     rank, world, dev = setup_distributed(cfg)
     try:
         if cfg["dry_run"]:
@@ -542,11 +583,11 @@ def run(cfg, rank, world, dev):
     if ckpt is not None:
         load_state(raw, ckpt["state"], cfg)
         set_optimizer_state(raw, opt, ckpt["optimizer"], world, cfg["fsdp"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], dev)
         step = ckpt["iter"]
         say(f"resumed from {cfg['out_dir']}/ckpt.pt at step {step}")
     autocast = torch.autocast(dev.type, torch.bfloat16) if cfg["adapter"] == "none" and cfg["dtype"] == "bfloat16" else nullcontext()
-    summary = {"config": cfg, "model": raw}
+    summary = {"config": cfg, "model": raw, "trainable_params": n_train, "base_params": n_base}
     if cfg["eval_only"]:
         adapter_file = os.path.join(cfg["out_dir"], "adapter.pt")
         if ckpt is None and cfg["adapter"] != "none":
@@ -559,8 +600,8 @@ def run(cfg, rank, world, dev):
         os.makedirs(cfg["out_dir"], exist_ok=True)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, desc="train")
-    balance = cfg["balance_coef"] > 0 and cfg["adapter"] in ("teamlora", "moelora") and cfg["experts"] > 1
-    accum, t0, losses = cfg["grad_accum"], time.time(), []
+    balance = cfg["balance_coef"] > 0 and cfg["adapter"] in MULTI_EXPERT and cfg["experts"] > 1
+    accum, t0, losses, train_start = cfg["grad_accum"], time.time(), [], time.time()
     try:
         while step < cfg["max_iters"]:
             lr = get_lr(step, cfg)
@@ -620,12 +661,12 @@ def run(cfg, rank, world, dev):
         bar.close()
         if log:
             log.close()
-    summary.update(train_losses=losses, step=step)
+    summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
     return finish(model, cfg, tok, args, rank, world, dev, summary)
 
 
 def finish(model, cfg, tok, args, rank, world, dev, summary):
-    if cfg["adapter"] == "none" or not cfg["eval_dir"]:
+    if not cfg["eval_dir"]:
         return summary
     scores, loads = evaluate(model, cfg, tok, args, rank, world, dev)
     summary.update(scores=scores, expert_load={k: v.tolist() for k, v in loads.items()})
@@ -641,9 +682,9 @@ def finish(model, cfg, tok, args, rank, world, dev, summary):
 # the built-in demo: the synthetic suite and a tiny pretrained base, made on first use
 
 DEMO_ROOT = "data/mini_cme"
-# about 5 epochs of the 82K-token corpus: 64 documents (about 2,600 tokens) a step
+# about 3 epochs of the 250K-token corpus: 64 documents (about 2,600 tokens) a step
 PRETRAIN = dict(adapter="none", init_from="scratch", model="small", batch_mode="pack", max_len=256, batch_size=64,
-                learning_rate=3e-3, warmup_iters=10, max_iters=150, eval_interval=150, eval_dir="", out_dir=f"{DEMO_ROOT}/pretrain")
+                learning_rate=3e-3, warmup_iters=30, max_iters=300, eval_interval=300, eval_dir="", out_dir=f"{DEMO_ROOT}/pretrain")
 
 
 def halves(doc):
@@ -705,7 +746,7 @@ def check_full_config(cfg):
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
     est = memory_estimate(args, n_base, n_train, cfg, world, micro)
     print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, {args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
-    experts = f", experts={cfg['experts']}" if cfg["adapter"] in ("teamlora", "moelora") else ""
+    experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
     print(f"adapter {cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']}): "
           f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's Params%)")
     print(f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, {'FSDP' if cfg['fsdp'] else 'DDP'}, "
