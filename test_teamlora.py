@@ -1987,7 +1987,7 @@ def train_cfg(run_data, out, *flags):
 
 
 def adapters_of(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if teamlora.is_adapter(n)}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if teamlora.is_adapter(n)}
 
 
 def assert_same_adapters(a, b, atol=0.0):
@@ -2008,10 +2008,10 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--lerning_rate=1e-3"], r"unknown config key 'lerning_rate' in flag --lerning_rate=1e-3; did you mean 'learning_rate'\?"),
     (["--r=abc"], r"config key 'r' in flag --r=abc must be of type int, got 'abc'"),
-    (["--competition=maybe"], r"config key 'competition' .* must be of type bool"),
+    (["--competition=maybe"], r"config key 'competition' must be True, False or None \(the method's own\), got 'maybe'"),
     (["--max_iters=2.5"], r"'max_iters' .* must be of type int, got 2.5"),
     (["config/nope.py"], r"config file 'config/nope.py' does not exist"),
-    (["--adapter=dora"], r"'adapter' must be one of teamlora, moelora, lora, none, got 'dora'"),
+    (["--adapter=dora"], r"'adapter' must be one of teamlora, moelora, hydralora, lora, none, got 'dora'"),
     (["--r=10", "--experts=4"], r"r=10 is not a multiple of experts=4"),
     (["--batch_size=10", "--grad_accum=4"], r"batch_size=10 must be a multiple of grad_accum=4"),
     (["--eval_only"], r"flag '--eval_only' needs a value: write --eval_only=VALUE"),
@@ -2057,7 +2057,7 @@ def test_loss_falls_and_only_adapters_change(run_data, tmp_path):
         if teamlora.is_adapter(n):
             assert p.requires_grad
         else:
-            assert not p.requires_grad and torch.equal(p, state[n]), f"base parameter {n} changed"
+            assert not p.requires_grad and torch.equal(p.cpu(), state[n]), f"base parameter {n} changed"
     saved = torch.load(tmp_path / "out" / "adapter.pt", weights_only=True)
     assert_same_adapters(saved, adapters_of(summary["model"]))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -2105,6 +2105,24 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
         train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--r=16", "--learning_rate=1e-3"]))
 
 
+def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
+    """With lr 0 the adapters stay at B = 0 (the base's function), so only the records could differ."""
+    runs = [train.train(train_cfg(run_data, tmp_path / f"s{seed}", "--eval_dir=", "--max_iters=1", "--eval_interval=1",
+                                  "--learning_rate=0.0", f"--seed={seed}", f"--init_from={run_data / 'base.pt'}"))
+            for seed in (1, 2)]
+    assert runs[0]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=1e-6)
+
+
+def test_resume_runs_on_the_runs_own_device_unless_told_otherwise(run_data, tmp_path, monkeypatch):
+    """Found on a GPU machine: a CPU run resumed with the default device='auto' moved to the GPU."""
+    train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=2", "--device=cpu"))
+    seen, real = [], train.setup_distributed
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (seen.append(cfg["device"]), real(cfg))[1])
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=3"]))
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=4", "--device=auto"]))
+    assert seen == ["cpu", "auto"]
+
+
 def test_ctrl_c_writes_a_checkpoint_and_nan_stops_keeping_the_last_good_one(run_data, tmp_path, monkeypatch):
     real_get_batch = data.get_batch
 
@@ -2147,6 +2165,42 @@ def test_moelora_and_lora_configurations_build_the_right_layers():
     torch.testing.assert_close(moe.last_omega.sum(-1) * moe.scaling, torch.full((4,), 24.0 / 4))  # MoELoRA: sum_i w_i alpha/r_B
     lora = TeamLoRALinear(nn.Linear(6, 5), **train.adapter_kwargs({**cfg, "adapter": "lora"}))
     assert lora.experts == 1 and lora.lora_router is None and lora.scaling == 24.0 / 12
+
+
+def test_hydralora_matches_its_equation_in_float64_and_trains_through_train_py(run_data, tmp_path):
+    """HydraLoRA: h = x W0^T + b + (alpha / r) sum_i softmax(x Wr^T)_i B_i A x, with one A (r x d_in)
+    and k heads B_i (d_out x r) side by side; rebuilt here from the equation."""
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7).double()
+    layer = train.HydraLoRALinear(base, r=3, experts=4, alpha=6.0, dropout=0.0, adapter_dtype=torch.float64)
+    assert layer.lora_A.shape == (3, 10) and layer.lora_B.shape == (7, 12) and layer.lora_M is None
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 10, dtype=torch.float64)
+    phi = torch.softmax(x @ layer.lora_router.T, -1)
+    Ax = x @ layer.lora_A.T
+    heads = [Ax @ layer.lora_B[:, 3 * i:3 * (i + 1)].T for i in range(4)]
+    want = base(x) + 6.0 / 3 * sum(phi[..., i:i + 1] * heads[i] for i in range(4))
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.last_omega.sum(-1), torch.full((2, 5), 4.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="HydraLoRA has no interaction matrix"):
+        train.HydraLoRALinear(nn.Linear(4, 4), r=2, experts=2, competition=True)
+    out = train.train(train_cfg(run_data, tmp_path / "h", "--adapter=hydralora", "--r=4"))
+    hydra = [m for m in out["model"].modules() if isinstance(m, train.HydraLoRALinear)]
+    assert hydra and all(m.lora_A.shape[0] == 4 and m.lora_B.shape[1] == 16 for m in hydra)
+    assert any(m.lora_B.abs().sum() > 0 for m in hydra)  # the heads trained
+    assert np.mean(out["train_losses"][-2:]) < out["train_losses"][0]
+    assert set(out["scores"]) == set(SYNTHETIC_TASKS)
+
+
+@pytest.mark.parametrize("adapter,competition,has_m", [
+    ("teamlora", None, True), ("teamlora", False, False), ("moelora", None, False), ("moelora", True, True),
+    ("hydralora", None, False), ("lora", True, False)])
+def test_competition_none_means_each_methods_own_choice(adapter, competition, has_m):
+    cfg = dict(train.DEFAULTS, adapter=adapter, competition=competition, r=8, experts=4)
+    kw = train.adapter_kwargs(cfg)
+    layer = (kw.pop("cls", None) or TeamLoRALinear)(nn.Linear(6, 5), **kw)
+    assert (layer.lora_M is not None) == has_m
 
 
 @pytest.mark.parametrize("adapter,r,pct", [("lora", 32, "0.67"), ("lora", 128, "2.68"), ("teamlora", 128, "2.71")])
@@ -2258,3 +2312,112 @@ def test_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--section=layer,speed"])
     assert e.value.code == 2 and "unknown section" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+# study.py: the mini-CME study's pipeline, end to end on the small suite
+
+import study  # noqa: E402
+
+
+def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_path, capsys):
+    out = tmp_path / "study"
+    flags = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}", f"--tokenizer={run_data / 'tokenizer.model'}",
+             f"--init_from={run_data / 'base.pt'}", "--max_len=128", "--batch_size=8", "--eval_limit=4", "--r=8",
+             "--eval_batch_size=32", f"--out={out}", "--seeds=2", "--steps=3", "--runs=lora32,hydralora,teamlora"]
+    results = study.main(flags)
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert report.strip() in printed
+    for name in ("lora32", "hydralora", "teamlora"):
+        assert len(results[name]) == 2 and all(len(r["curve"]) > 0 for r in results[name])
+    # a cell of the report is the mean and standard deviation of the runs' own results.json
+    scores = [json.loads((out / f"teamlora-seed{s}" / "results.json").read_text())["scores"] for s in (1, 2)]
+    task = sorted(scores[0])[0]
+    m, sd = np.mean([s[task] for s in scores]), np.std([s[task] for s in scores], ddof=1)
+    row = next(line for line in report.splitlines() if line.startswith("| TeamLoRA 4x8 |"))
+    assert row.split(" | ")[2] == f"{m:.1f}±{sd:.1f}"
+    assert "| MoELoRA 4x8 | (not run) |" in report  # rows of runs not made are marked, never dropped
+    assert "| LoRA r=32 |" in report and ("within the seed spread" in report or "exceeds the seed spread" in report)
+    assert "T = TeamLoRA 4x8" in report and "expert load of TeamLoRA 4x8" in report
+    # rerunning finds every run finished and only reprints the tables
+    study.main(flags)
+    assert capsys.readouterr().out.count("done before") == 6
+    # a run stopped after its checkpoint (Ctrl-C) but before its scores is resumed, not redone
+    first = json.loads((out / "lora32-seed1" / "results.json").read_text())
+    (out / "lora32-seed1" / "results.json").unlink()
+    study.main(flags)
+    assert capsys.readouterr().out.count("done before") == 5
+    assert "resumed from" in (out / "lora32-seed1" / "stdout.txt").read_text()
+    assert json.loads((out / "lora32-seed1" / "results.json").read_text())["scores"] == first["scores"]
+
+
+def test_study_rejects_unknown_runs_and_train_keys(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--runs=lora32,dora"])
+    assert "unknown run(s) dora" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--learning_rat=1e-3", "--report"])
+    assert "unknown config key 'learning_rat'" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+# CUDA: the same properties on a GPU (skipped without one; CI has none)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_model_matches_the_cpu_with_packing_masks_and_cached_generation():
+    cpu, gpu = tiny_model(seed=5), tiny_model(seed=5).cuda()
+    tokens = torch.randint(0, 512, (3, 17))
+    seq_ids = torch.tensor([[0] * 9 + [1] * 8, [0] * 17, [0] * 4 + [1] * 6 + [2] * 7])  # the masked (packed) path
+    for kw in ({}, {"seq_ids": seq_ids}):
+        want = cpu(tokens, **kw)[0]
+        got = gpu(tokens.cuda(), **{k: v.cuda() for k, v in kw.items()})[0]
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (1, 6, 11)]
+    uncached = []
+    for p in prompts:  # greedy decoding that recomputes the whole sequence at every step
+        tokens = list(p)
+        for _ in range(10):
+            tokens.append(int(logits_of(gpu, torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
+        uncached.append(tokens[len(p):])
+    assert gpu.generate(prompts, 10) == uncached
+
+
+@cuda
+def test_cuda_bf16_base_with_fp32_adapter_matches_the_equations_fused_loop_and_compiled():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).cuda().to(torch.bfloat16)
+    layer = TeamLoRALinear(base, r=16, experts=4, alpha=16.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    x = torch.randn(4, 9, 64, device="cuda").to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    d = lambda t: t.detach().double().cpu()
+    want = reference_forward(d(x), d(layer.weight), d(layer.bias), d(layer.lora_A), d(layer.lora_B), d(layer.lora_router),
+                             d(layer.lora_M), 4, 16.0)
+    torch.testing.assert_close(d(out), want, rtol=2e-2, atol=2e-2)  # bf16 rounding of the output
+    xf = x.float().requires_grad_()
+    args = (layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M, layer.scaling, 0.0)
+    fused, loop = teamlora.team_lora_delta(xf, *args)[0], teamlora.team_lora_delta_loop(xf, *args)[0]
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
+    g_fused = torch.autograd.grad(fused.square().sum(), [xf, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M])
+    g_loop = torch.autograd.grad(loop.square().sum(), [xf, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M])
+    for a, b in zip(g_fused, g_loop):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    compiled = teamlora._fused_compiled("cuda")
+    torch.testing.assert_close(compiled(xf, *args)[0], fused, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_cuda_bfloat16_training_learns_and_scores(run_data, tmp_path):
+    out = train.train(train_cfg(run_data, tmp_path / "c", "--device=cuda", "--dtype=bfloat16", "--max_iters=12",
+                                "--adapter=teamlora"))
+    params = dict(out["model"].named_parameters())
+    assert params["layers.0.feed_forward.w1.weight"].dtype == torch.bfloat16 and params["layers.0.feed_forward.w1.weight"].is_cuda
+    assert params["layers.0.feed_forward.w1.lora_A"].dtype == torch.float32
+    assert np.mean(out["train_losses"][-3:]) < np.mean(out["train_losses"][:3])
+    assert set(out["scores"]) == set(SYNTHETIC_TASKS)
