@@ -1,7 +1,7 @@
 """
 The mini-CME study: the paper's comparisons and its ablation, in miniature, on a CPU, with seeds.
 
-    python study.py                        # every run below, 3 seeds: about an hour on a 2-core CPU
+    python study.py                        # every run below, 3 seeds: about 45 minutes on a 2-core CPU
     python study.py --seeds=1 --steps=100  # a quick look
     python study.py --report               # print the tables again from the finished runs
 
@@ -66,8 +66,11 @@ def parse(argv):
             raise train.UserError(f"argument '{arg}' is not of the form --key=value; see python study.py --help.")
         if key in OPTIONS:
             default = OPTIONS[key]
-            opts[key] = True if key == "report" and not eq else type(default)(value) if not isinstance(default, bool) \
-                else value.lower() in ("1", "true", "yes")
+            try:
+                opts[key] = True if key == "report" and not eq else type(default)(value) if not isinstance(default, bool) \
+                    else value.lower() in ("1", "true", "yes")
+            except ValueError:
+                raise train.UserError(f"--{key} must be a whole number, got {value!r}.") from None
         else:
             extra.append(arg)  # a train.py key: checked by train.parse_config below
     names = [n for n in opts["runs"].split(",") if n] or list(RUNS)

@@ -2357,6 +2357,9 @@ def test_study_rejects_unknown_runs_and_train_keys(capsys):
         study.main(["--runs=lora32,dora"])
     assert "unknown run(s) dora" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        study.main(["--seeds=three"])
+    assert "--seeds must be a whole number, got 'three'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         study.main(["--learning_rat=1e-3", "--report"])
     assert "unknown config key 'learning_rat'" in capsys.readouterr().err
 
