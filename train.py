@@ -682,7 +682,7 @@ def finish(model, cfg, tok, args, rank, world, dev, summary):
 # the built-in demo: the synthetic suite and a tiny pretrained base, made on first use
 
 DEMO_ROOT = "data/mini_cme"
-# about 3 epochs of the 250K-token corpus: 64 documents (about 2,600 tokens) a step
+# about 3 epochs of the 238K-token corpus: 64 documents (about 2,600 tokens) a step
 PRETRAIN = dict(adapter="none", init_from="scratch", model="small", batch_mode="pack", max_len=256, batch_size=64,
                 learning_rate=3e-3, warmup_iters=30, max_iters=300, eval_interval=300, eval_dir="", out_dir=f"{DEMO_ROOT}/pretrain")
 
