@@ -171,17 +171,33 @@ def comparisons(results):
     return lines
 
 
+def mean_curve(results, name):
+    """(steps, training loss averaged over the seeds) of a run, or None if it has no log."""
+    runs = [r["curve"] for r in results.get(name, []) if r["curve"]]
+    if not runs:
+        return None
+    n = min(len(c) for c in runs)
+    return [runs[0][i][0] for i in range(n)], [sum(c[i][1] for c in runs) / len(runs) for i in range(n)]
+
+
+def mean_loads(results, name):
+    """(number of seeds, task -> expert shares averaged over the seeds) of a run, or None."""
+    runs = [r for r in results.get(name, []) if r.get("expert_load")]
+    if not runs:
+        return None
+    return len(runs), {t: [sum(r["expert_load"][t][i] for r in runs) / len(runs) for i in range(len(load))]
+                       for t, load in sorted(runs[0]["expert_load"].items())}
+
+
 def loss_chart(results, width=64, height=14):
     """Training loss (mean over seeds, smoothed over 5 logged points) against step, in text."""
     series = {}
     for name in CURVES:
-        runs = [r["curve"] for r in results.get(name, []) if r["curve"]]
-        if not runs:
-            continue
-        n = min(len(c) for c in runs)
-        mean = [sum(c[i][1] for c in runs) / len(runs) for i in range(n)]
-        smooth = [sum(mean[max(0, i - 4):i + 1]) / len(mean[max(0, i - 4):i + 1]) for i in range(n)]
-        series[name] = ([runs[0][i][0] for i in range(n)], smooth)
+        curve = mean_curve(results, name)
+        if curve:
+            steps, mean = curve
+            window = [mean[max(0, i - 4):i + 1] for i in range(len(mean))]
+            series[name] = (steps, [sum(w) / len(w) for w in window])
     if not series:
         return []
     top = max(max(v) for _, v in series.values())
@@ -204,49 +220,47 @@ def loss_chart(results, width=64, height=14):
 
 def load_chart(results, name="teamlora"):
     """Each task's mean expert share (last layers, mean over seeds): the paper's Figure 5."""
-    runs = [r for r in results.get(name, []) if r.get("expert_load")]
-    if not runs:
+    loads = mean_loads(results, name)
+    if not loads:
         return []
-    tasks = sorted(runs[0]["expert_load"])
-    k = len(runs[0]["expert_load"][tasks[0]])
-    lines = [f"expert load of {RUNS[name][0]} over each task's prompt tokens (last 2 layers, mean of {len(runs)} "
+    seeds, per_task = loads
+    k = len(next(iter(per_task.values())))
+    lines = [f"expert load of {RUNS[name][0]} over each task's prompt tokens (last 2 layers, mean of {seeds} "
              f"seed(s); even = {1 / k:.2f})"]
-    for t in tasks:
-        load = [sum(r["expert_load"][t][i] for r in runs) / len(runs) for i in range(k)]
+    for t, load in per_task.items():
         lines.append(f"{t:<11}" + "  ".join(f"e{i} {'█' * round(v * 40):<16}{v:.3f}" for i, v in enumerate(load)))
     return lines
 
 
 def pngs(results, out):
+    """loss.png and expert_load.png when matplotlib is installed (never required); the paths written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    written = []
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in CURVES:
-        runs = [r["curve"] for r in results.get(name, []) if r["curve"]]
-        if runs:
-            n = min(len(c) for c in runs)
-            ax.plot([runs[0][i][0] for i in range(n)], [sum(c[i][1] for c in runs) / len(runs) for i in range(n)],
-                    label=RUNS[name][0])
+        curve = mean_curve(results, name)
+        if curve:
+            ax.plot(*curve, label=RUNS[name][0])
     ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss.png"), dpi=120)
-    runs = [r for r in results.get("teamlora", []) if r.get("expert_load")]
-    if runs:
-        tasks = sorted(runs[0]["expert_load"])
-        grid = [[sum(r["expert_load"][t][i] for r in runs) / len(runs) for i in range(len(runs[0]["expert_load"][t]))]
-                for t in tasks]
+    written.append(os.path.join(out, "loss.png"))
+    fig.savefig(written[-1], dpi=120)
+    loads = mean_loads(results, "teamlora")
+    if loads:
         fig, ax = plt.subplots(figsize=(5, 4))
-        im = ax.imshow(grid, cmap="viridis")
-        ax.set(yticks=range(len(tasks)), yticklabels=tasks, xlabel="expert", title="TeamLoRA expert load")
+        im = ax.imshow(list(loads[1].values()), cmap="viridis")
+        ax.set(yticks=range(len(loads[1])), yticklabels=list(loads[1]), xlabel="expert", title="TeamLoRA expert load")
         fig.colorbar(im)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "expert_load.png"), dpi=120)
-    return [os.path.join(out, f) for f in ("loss.png", "expert_load.png")]
+        written.append(os.path.join(out, "expert_load.png"))
+        fig.savefig(written[-1], dpi=120)
+    return written
 
 
 def report(opts, names):
@@ -259,7 +273,8 @@ def report(opts, names):
         lines += table(title, rows, results, tasks) + [""]
     lines += ["### Differences against TeamLoRA (average score)", ""] + comparisons(results) + [""]
     chart, loads = loss_chart(results), load_chart(results)
-    lines += ["### Training loss (the paper's Figure 4b)", "", "```"] + chart + ["```", "", "### Expert load (the paper's Figure 5)", "", "```"] + loads + ["```"]
+    lines += ["### Training loss (the paper's Figure 4b)", "", "```"] + chart + ["```", ""]
+    lines += ["### Expert load (the paper's Figure 5)", "", "```"] + loads + ["```"]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(opts["out"], exist_ok=True)

@@ -24,6 +24,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -193,18 +194,20 @@ class HydraLoRALinear(teamlora.TeamLoRALinear):
         if competition:
             raise ValueError("HydraLoRA has no interaction matrix: use competition=False.")
         super().__init__(base, r * experts, experts, alpha / experts, dropout, False, **kw)  # B: d_out x k r
-        self.lora_A = torch.nn.Parameter(self.lora_A.detach()[:r].clone())  # r x d_in, shared by every head
-        self.reset_lora_parameters()
+        # r x d_in, shared by every head: rows of a kaiming A (its bound depends on d_in only)
+        self.lora_A = torch.nn.Parameter(self.lora_A.detach()[:r].clone())
 
     def forward(self, x):
-        out = torch.nn.functional.linear(x, self.weight, self.bias)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"HydraLoRALinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
+        out = F.linear(x, self.weight, self.bias)
         xa = x.to(self.lora_A.dtype)
-        z = torch.nn.functional.dropout(torch.nn.functional.linear(xa, self.lora_A), self.dropout, self.training)
+        z = F.dropout(F.linear(xa, self.lora_A), self.dropout, self.training)
         omega = teamlora._omega(xa, self.lora_router, None)  # k * softmax: TeamLoRA's convention, sums to k
         self.last_omega = omega  # for the balance loss and the expert load
         w = (omega * self.scaling).to(z.dtype)  # k * (alpha / k) / r = alpha / r per head, weights phi_i
         zw = (z.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r) -> (..., k r): head i gets phi_i z
-        return out + torch.nn.functional.linear(zw, self.lora_B).to(out.dtype)
+        return out + F.linear(zw, self.lora_B).to(out.dtype)
 
 
 def adapter_kwargs(cfg):
