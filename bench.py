@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from baselines import MoELoRALoop
 from model import ModelArgs, Transformer
-from teamlora import TeamLoRALinear, team_lora_delta_loop
+from teamlora import TeamLoRALinear, inject, team_lora_delta_loop
 
 FULL = dict(tokens=2048, d_in=1024, d_out=2752, r_B=16, ks=(2, 4, 8), scale_ks=(16, 32, 64), scale_rank=64,
             model="small", batch=4, seq=256, model_r_B=4, prompts=4, prompt_len=64, new_tokens=32,
@@ -45,64 +46,39 @@ PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 
                "RTX 4090": 165, "RTX 3090": 71}
 
 
-class MoELoRALinear(nn.Module):
-    """MoELoRA (paper Eq. 7) the way public implementations write it (MOELoRA-peft, HydraLoRA): k
-    independent LoRA pairs (A_i, B_i) of rank r_B, a softmax router, a Python loop over the experts,
-    dropout on x for each. The baseline of Figure 4a; it lives here, not in teamlora.py."""
-
-    def __init__(self, base, r, experts, alpha, dropout, dtype):
-        super().__init__()
-        r_B, kw = r // experts, dict(bias=False, device=base.weight.device, dtype=dtype)
-        self.base, self.experts, self.scaling = base, experts, alpha / r_B
-        self.lora_A = nn.ModuleList(nn.Linear(base.in_features, r_B, **kw) for _ in range(experts))
-        self.lora_B = nn.ModuleList(nn.Linear(r_B, base.out_features, **kw) for _ in range(experts))
-        self.lora_router = nn.Linear(base.in_features, experts, **kw)
-        self.dropout = nn.Dropout(dropout)
-        for B in self.lora_B:
-            nn.init.zeros_(B.weight)
+class TeamLoRALoop(TeamLoRALinear):
+    """TeamLoRALinear computed by teamlora.team_lora_delta_loop: the same parameters and function as
+    the fused path, Eq. 9 and 13 one expert at a time."""
 
     def forward(self, x):
-        out = self.base(x)
-        x = x.to(self.lora_router.weight.dtype)
-        weights = self.lora_router(x).softmax(-1)  # (..., k)
-        for i in range(self.experts):
-            out += self.lora_B[i](self.lora_A[i](self.dropout(x))) * self.scaling * weights[..., i:i + 1]
-        return out
+        delta, self.last_omega = team_lora_delta_loop(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
+                                                      self.lora_M, self.scaling, self.dropout if self.training else 0.0)
+        return F.linear(x, self.weight, self.bias) + delta.to(x.dtype)
 
 
-class ExpertLoop(nn.Module):
-    """A TeamLoRALinear run through teamlora.team_lora_delta_loop: the same parameters and function
-    as the fused path, Eq. 9 and 13 computed one expert at a time."""
+# variant -> (layer class, experts: k or 1, keywords)
+LAYERS = {"LoRA": (TeamLoRALinear, False, {}), "MoELoRA loop": (MoELoRALoop, True, {}),
+          "TeamLoRA loop": (TeamLoRALoop, True, {}), "TeamLoRA fused": (TeamLoRALinear, True, {}),
+          "TeamLoRA compiled": (TeamLoRALinear, True, dict(compile=True))}
 
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
 
-    def forward(self, x):
-        m = self.layer
-        delta, m.last_omega = team_lora_delta_loop(x.to(m.lora_A.dtype), m.lora_A, m.lora_B, m.lora_router, m.lora_M,
-                                                   m.scaling, m.dropout if self.training else 0.0)
-        return F.linear(x, m.weight, m.bias) + delta.to(x.dtype)
+def layer_args(variant, r, k, dtype):
+    """(positional, keyword) arguments of the variant's layer class after the base layer, as inject takes them."""
+    cls, multi, kw = LAYERS[variant]
+    competition = cls is not MoELoRALoop  # MoELoRA has no interaction matrix
+    return (r, k if multi else 1, ALPHA, DROPOUT, competition), dict(cls=cls, adapter_dtype=dtype, **kw)
 
 
 def adapt(base, variant, r, k, dtype):
     """The nn.Linear `base` with the adapter of `variant` (total rank r, k experts) around it."""
-    if variant == "MoELoRA loop":
-        return MoELoRALinear(base, r, k, ALPHA, DROPOUT, dtype)
-    layer = TeamLoRALinear(base, r, 1 if variant == "LoRA" else k, ALPHA, DROPOUT, adapter_dtype=dtype,
-                           compile=variant == "TeamLoRA compiled")
-    return ExpertLoop(layer) if variant == "TeamLoRA loop" else layer
+    args, kw = layer_args(variant, r, k, dtype)
+    return kw.pop("cls")(base, *args, **kw)
 
 
 def adapt_ffn(model, variant, r, k, dtype):
-    """Swap every FFN linear (w1, w2, w3: the paper adapts the FFN only) and freeze all but the adapter."""
-    for name, module in list(model.named_modules()):
-        parent, _, child = name.rpartition(".")
-        if child in ("w1", "w2", "w3"):
-            setattr(model.get_submodule(parent), child, adapt(module, variant, r, k, dtype))
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return model
+    """Adapters on every FFN linear (w1, w2, w3: the paper adapts the FFN only), all else frozen."""
+    args, kw = layer_args(variant, r, k, dtype)
+    return inject(model, ("w1", "w2", "w3"), *args, **kw)
 
 
 def make_optimizer(module):

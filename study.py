@@ -59,18 +59,12 @@ CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "ful
 
 
 def parse(argv):
+    """(study options, train.py flags, run names) from --key=value arguments, read as train.py reads them."""
     opts, extra = dict(OPTIONS), []
     for arg in argv:
-        key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or (key in OPTIONS and not eq and key != "report"):
-            raise train.UserError(f"argument '{arg}' is not of the form --key=value; see python study.py --help.")
+        key, value = train.parse_flag("--report=True" if arg == "--report" else arg)
         if key in OPTIONS:
-            default = OPTIONS[key]
-            try:
-                opts[key] = True if key == "report" and not eq else type(default)(value) if not isinstance(default, bool) \
-                    else value.lower() in ("1", "true", "yes")
-            except ValueError:
-                raise train.UserError(f"--{key} must be a whole number, got {value!r}.") from None
+            opts[key] = train.typed(key, value, OPTIONS, f"flag {arg}")
         else:
             extra.append(arg)  # a train.py key: checked by train.parse_config below
     names = [n for n in opts["runs"].split(",") if n] or list(RUNS)
@@ -294,7 +288,7 @@ def main(argv=None):
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
         if not opts["report"]:
-            train.ensure_demo(cfg)  # the suite, its shards and the base, when the demo defaults are used
+            train.build_demo(cfg)  # the suite, its shards and the base, when the demo defaults are used
             jobs = [(n, s) for s in range(1, opts["seeds"] + 1) for n in names]
             threads = max(1, (os.cpu_count() or 1) // opts["workers"])
             print(f"{len(jobs)} runs ({len(names)} configurations x {opts['seeds']} seeds), {opts['workers']} at a time, "

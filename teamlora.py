@@ -7,8 +7,12 @@
 One shared A (r x d_in) feeds k expert matrices B_i (d_out x r_B), stored side by side as
 B = [B_1 ... B_k] (d_out x r). Because sum_i omega_i z_i B_i^T = (z * omega repeated r_B times)
 B^T, the whole layer costs two GEMMs plus a tiny d_in -> k router: the price of one LoRA of rank r.
-Copy this file into any project: it needs torch and nothing else.
+
+Scale: omega sums to k and the scaling is alpha / r_B (the authors' code), so at equal alpha TeamLoRA's
+update is k times that of a LoRA of the same total rank (and of MoELoRA, whose weights sum to 1): compare
+methods each at its own learning rate. Copy this file into any project: it needs only torch.
 """
+import functools
 import math
 import os
 import warnings
@@ -17,16 +21,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign kept (see _omega)
+EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign kept (see expert_weights)
 
 
-def _omega(x, router, M):
-    """Per-token expert weights (..., k) in float32 (or float64), summing to k over the last dim."""
+def expert_weights(x, router, M):
+    """omega, per-token expert weights (..., k) in float32 (or float64) summing to k; M=None: no competition."""
     logits = F.linear(x, router)  # (..., k)
     phi = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # Eq. 11
-    if M is None:  # collaboration only (Table 4): omega = k * softmax
+    if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[-1]
-    adj = phi + phi @ M.to(phi.dtype)  # (..., k)  Eq. 12 as phi (I + M): M starts near 0, diagonal 1
+    adj = phi + phi @ M.to(phi.dtype)  # (..., k)  Eq. 12 as phi (I + M): I + M has diagonal 1 (M's starts at 0)
     s = adj.sum(-1, keepdim=True)
     # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
     s = torch.where(s < 0, s.clamp(max=-EPS), s.clamp(min=EPS))
@@ -38,7 +42,7 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
     z = F.dropout(F.linear(x, A), dropout, dropout > 0)  # (..., r)  Eq. 8, dropout on z_i
     if router is None:  # one expert: plain LoRA
         return F.linear(z * scaling, B), None
-    omega = _omega(x, router, M)
+    omega = expert_weights(x, router, M)
     k = omega.shape[-1]
     w = (omega * scaling).to(z.dtype)  # fold the scaling into the k weights, not the r columns
     zw = (z.unflatten(-1, (k, -1)) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r_B) -> (..., r)
@@ -50,26 +54,22 @@ def team_lora_delta_loop(x, A, B, router, M, scaling, dropout):
     z = F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling
     if router is None:
         return F.linear(z, B), None
-    omega = _omega(x, router, M)
+    omega = expert_weights(x, router, M)
     k = omega.shape[-1]
     zs, Bs = z.chunk(k, -1), B.chunk(k, -1)  # z_i (..., r_B), B_i (d_out, r_B)
     delta = sum(omega[..., i:i + 1].to(z.dtype) * F.linear(zs[i], Bs[i]) for i in range(k))
     return delta, omega
 
 
-_compiled = {}  # device type -> the compiled (or, without a C++ compiler, eager) fused function
-
-
+@functools.cache
 def _fused_compiled(device_type):
-    if device_type not in _compiled:
-        compilers = [c for c in (os.environ.get("CXX"), "g++", "clang++") if c]
-        if device_type == "cpu" and not any(os.access(os.path.join(d, c), os.X_OK) for d in os.get_exec_path() for c in compilers):
-            warnings.warn("TeamLoRA: torch.compile on CPU needs a C++ compiler and none was found "
-                          "(install g++ or set CXX); the fused path runs eagerly instead.")
-            _compiled[device_type] = team_lora_delta
-        else:  # dynamic=True: one graph for every sequence length, not a recompile for each
-            _compiled[device_type] = torch.compile(team_lora_delta, dynamic=True)
-    return _compiled[device_type]
+    """The fused path compiled once per device type; eagerly run on a CPU without a C++ compiler."""
+    cxx = [os.path.join(d, c) for d in os.get_exec_path() for c in (os.environ.get("CXX"), "g++", "clang++") if c]
+    if device_type == "cpu" and not any(os.access(c, os.X_OK) for c in cxx):
+        warnings.warn("TeamLoRA: torch.compile on CPU needs a C++ compiler and none was found "
+                      "(install g++ or set CXX); the fused path runs eagerly instead.")
+        return team_lora_delta
+    return torch.compile(team_lora_delta, dynamic=True)  # dynamic: one graph for every sequence length
 
 
 class TeamLoRALinear(nn.Linear):
@@ -80,8 +80,8 @@ class TeamLoRALinear(nn.Linear):
                  adapter_dtype=torch.float32, compile=False):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second base weight
         if r <= 0 or experts <= 0 or r % experts:
-            raise ValueError(f"TeamLoRA needs r to be a positive multiple of experts, got r={r}, "
-                             f"experts={experts}: choose r = experts * r_B (e.g. r={experts * max(1, r // experts)}).")
+            raise ValueError(f"TeamLoRA needs r to be a positive multiple of experts, got r={r}, experts={experts}: "
+                             f"choose r = experts * r_B (e.g. r={experts * max(1, r // experts)}).")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.r, self.experts, self.competition = r, experts, competition and experts > 1
@@ -95,15 +95,22 @@ class TeamLoRALinear(nn.Linear):
         self.last_omega = None  # (..., k) float32 of the last forward: balance loss and expert load
         self.reset_lora_parameters()
 
+    def initial_lora_state(self):
+        """The authors' initialisation as fresh float32 CPU tensors, drawn from torch's global generator
+        in a fixed order: the same numbers whatever the device or sharding of the parameters."""
+        kaiming = lambda p: nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5))
+        state = {"lora_A": kaiming(self.lora_A), "lora_B": torch.zeros(self.lora_B.shape)}  # B = 0: no change yet
+        if self.lora_router is not None:
+            state["lora_router"] = kaiming(self.lora_router)
+        if self.lora_M is not None:  # U(-0.1, 0.1) with a zero diagonal
+            state["lora_M"] = torch.empty(self.lora_M.shape).uniform_(-0.1, 0.1).fill_diagonal_(0.0)
+        return state
+
     @torch.no_grad()
     def reset_lora_parameters(self):
-        """The authors' initialisation; call it again after `to_empty()` on a meta-built model."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)  # a fresh adapter leaves the base output unchanged
-        if self.lora_router is not None:
-            nn.init.kaiming_uniform_(self.lora_router, a=math.sqrt(5))
-        if self.lora_M is not None:
-            self.lora_M.uniform_(-0.1, 0.1).fill_diagonal_(0.0)
+        """(Re)initialise the adapter in place, e.g. after `to_empty()` on a meta-built model."""
+        for name, t in self.initial_lora_state().items():
+            getattr(self, name).copy_(t)
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
@@ -115,14 +122,13 @@ class TeamLoRALinear(nn.Linear):
         return out + delta.to(out.dtype)
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, r={self.r}, experts={self.experts}, "
-                f"competition={self.competition}, scaling={self.scaling:g}")
+        return f"{super().extra_repr()}, r={self.r}, experts={self.experts}, competition={self.competition}"
 
 
 def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cls=None, **kw):
-    """Replace every nn.Linear whose qualified name ends with one of `targets` (e.g. ("w1", "w2",
-    "w3") or ("gate_proj", "up_proj", "down_proj")) by a TeamLoRALinear (or `cls`, a subclass),
-    freeze everything else, and return the model. experts=1 is plain LoRA. Extra keywords go to the layer."""
+    """Replace every nn.Linear whose qualified name ends with one of `targets` (e.g. ("w1", "w2", "w3") or
+    ("gate_proj", "up_proj", "down_proj")) by a TeamLoRALinear (or `cls`, a subclass), freeze everything
+    else, and return the model. experts=1 is plain LoRA. Extra keywords go to the layer."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     matched = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     if not matched:
@@ -135,7 +141,8 @@ def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cl
             what = "already has an adapter" if isinstance(module, TeamLoRALinear) else f"is a {type(module).__name__}"
             raise ValueError(f"target module '{name}' {what}, not a plain nn.Linear: name linear layers in targets.")
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, (cls or TeamLoRALinear)(module, r, experts, alpha, dropout, competition, **kw))
+        layer = (cls or TeamLoRALinear)(module, r, experts, alpha, dropout, competition, **kw)
+        setattr(model.get_submodule(parent), child, layer)
     for n, p in model.named_parameters():
         p.requires_grad_(is_adapter(n))
     return model
@@ -152,13 +159,14 @@ def adapter_state_dict(model):
 
 def load_adapter_state_dict(model, state):
     """Copy adapter tensors into an injected model; names and shapes must match exactly."""
-    own = dict((n, p) for n, p in model.named_parameters() if is_adapter(n))
+    own = {n: p for n, p in model.named_parameters() if is_adapter(n)}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{n} {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
               for n in sorted(own.keys() & state.keys()) if state[n].shape != own[n].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"the adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"shape mismatches {shapes[:3]}): inject with the targets, r, experts and competition it was trained with.")
+                         f"shape mismatches {shapes[:3]}): inject with the targets, r, experts and competition "
+                         "it was trained with.")
     with torch.no_grad():
         for n, t in state.items():
             own[n].copy_(t)
@@ -171,7 +179,8 @@ def _omegas(model, mask):
             om = m.last_omega
             if mask is not None:
                 if mask.shape != om.shape[:-1]:
-                    raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the tokens {tuple(om.shape[:-1])}.")
+                    raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the tokens "
+                                     f"{tuple(om.shape[:-1])}.")
                 om = om[mask.to(om.device, torch.bool)]
             yield name, om.reshape(-1, om.shape[-1])
 
@@ -180,11 +189,8 @@ def balance_loss(model, mask=None, reduction="mean"):
     """Load-balancing loss of the authors' code: per layer mean_f (mean_tokens(omega_f) - 1)^2 (their
     form subtracts 1/k; the difference is a constant), averaged (or summed: their harness) over
     layers. `mask` (the token shape, True = real token) leaves padding out of the means."""
-    per_layer = [((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask)]
-    if not per_layer:
-        return torch.zeros(())
-    stacked = torch.stack(per_layer)
-    return stacked.sum() if reduction == "sum" else stacked.mean()
+    per_layer = torch.stack([((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask)] or [torch.zeros(())])
+    return per_layer.sum() if reduction == "sum" else per_layer.mean()
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """
-Fine-tune a LLaMA with TeamLoRA (or LoRA, MoELoRA, or full training), from a 2-core laptop to
-8-GPU FSDP. One plain loop, nanoGPT-style:
+Fine-tune a LLaMA with TeamLoRA (or LoRA, MoELoRA, HydraLoRA, or full training), from a 2-core
+laptop to 8-GPU FSDP. One plain loop, nanoGPT-style:
 
     python train.py                                   # the built-in demo on the synthetic mini-CME
     python train.py config/cme_llama2_7b.py --dry_run=True         # check a full config, no weights
@@ -8,6 +8,8 @@ Fine-tune a LLaMA with TeamLoRA (or LoRA, MoELoRA, or full training), from a 2-c
 
 Configuration: the defaults below, then a config file (plain Python assignments), then
 --key=value flags. An unknown key or a value of the wrong type is an error naming the key.
+Reading order: main -> train (resume config, processes, the demo's files) -> run (the loop) ->
+finish (evaluation).
 """
 import ast
 import builtins
@@ -19,16 +21,19 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import minicme
+import tasks
 import teamlora
+from baselines import HydraLoRALinear, moelora_fused_kwargs
+from data import UserError
 from model import ModelArgs, Transformer
 
 # -------------------------------------------------------------------------------------------------
@@ -82,55 +87,60 @@ dry_run = False  # build on the meta device, print parameters and a memory estim
 dry_run_world_size = 8
 # -------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
-DEMO = {k: DEFAULTS[k] for k in ("data_dir", "eval_dir", "tokenizer", "init_from")}
 for _key in DEFAULTS:  # every function reads its cfg dict: a stray global read would fail loudly
     del globals()[_key]
 
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one sentence, without a traceback."""
+def parse_flag(arg):
+    """'--key=value' -> (key, value): a Python literal where the text reads as one (8, 2e-3, True,
+    None), else the text itself (--adapter=lora). study.py reads its own options with it too."""
+    key, eq, text = arg[2:].partition("=")
+    if not arg.startswith("--") or not key:
+        raise UserError(f"argument '{arg}' is not of the form --key=value.")
+    if not eq:
+        raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
+
+
+def typed(key, value, defaults, origin):
+    """value for defaults[key], checked against the default's type (an int may stand for a float)."""
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
+        raise UserError(f"unknown config key '{key}' in {origin}" + (f"; did you mean '{close[0]}'?" if close else "."))
+    default = defaults[key]
+    if default is None or (isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
 
 
 def parse_config(argv):
     """[config/FILE.py] [--key=value ...] -> a full config dict (defaults overridden in that order)."""
     cfg, explicit = dict(DEFAULTS), set()
-
-    def set_key(key, value, origin):
-        if key not in DEFAULTS:
-            close = difflib.get_close_matches(key, DEFAULTS, n=1)
-            raise UserError(f"unknown config key '{key}' in {origin}" + (f"; did you mean '{close[0]}'?" if close else "."))
-        default = DEFAULTS[key]
-        if default is not None and not isinstance(value, type(default)):
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            else:
-                raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
-        cfg[key] = value
-        explicit.add(key)
-
     for arg in argv:
         if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
             continue
         if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string, e.g. --adapter=lora
-            set_key(key, value, f"flag {arg}")
-        else:
-            if not os.path.isfile(arg):
-                raise UserError(f"config file '{arg}' does not exist; the configs are in config/.")
-            namespace = {}
-            try:  # builtins.compile: this module's `compile` is a config key
-                exec(builtins.compile(open(arg).read(), arg, "exec"), namespace)
-            except Exception as e:
-                raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {e}); it should hold plain key = value lines.")
-            for key, value in namespace.items():
-                if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
-                    set_key(key, value, f"config file {arg}")
+            key, value = parse_flag(arg)
+            cfg[key] = typed(key, value, DEFAULTS, f"flag {arg}")
+            explicit.add(key)
+            continue
+        if not os.path.isfile(arg):
+            raise UserError(f"config file '{arg}' does not exist; the configs are in config/.")
+        namespace = {}
+        try:  # builtins.compile: this module's `compile` is a config key
+            exec(builtins.compile(open(arg).read(), arg, "exec"), namespace)
+        except Exception as e:
+            raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {e}); "
+                            "it should hold plain key = value lines.")
+        for key, value in namespace.items():
+            if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
+                cfg[key] = typed(key, value, DEFAULTS, f"config file {arg}")
+                explicit.add(key)
     check_config(cfg)
     cfg["_explicit"] = sorted(explicit)  # what the user set: a resume keeps everything else from the run
     return cfg
@@ -154,13 +164,39 @@ def check_config(cfg):
 
 
 # -------------------------------------------------------------------------------------------------
-# distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+# one run's state, and the processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 
 
-def setup_distributed(cfg):
+@dataclass
+class Run:
+    """What a run's functions share: its configuration, its place among the processes, and the
+    tokenizer and model shape that run() sets up."""
+    cfg: dict
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    tok: data.Tokenizer = None
+    args: ModelArgs = None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def say(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+
+def resolve_device(cfg):
     dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu.")
+    return dev
+
+
+def setup_distributed(cfg):
+    """(rank, world size, device) of this process; joins the process group under torchrun."""
+    dev = resolve_device(cfg)
     if "RANK" not in os.environ:
         return 0, 1, torch.device(dev)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -184,41 +220,15 @@ def all_reduce_sum(t, world):
 MULTI_EXPERT = ("teamlora", "moelora", "hydralora")
 
 
-class HydraLoRALinear(teamlora.TeamLoRALinear):
-    """HydraLoRA (Tian et al., NeurIPS 2024), the baseline the authors' code was forked from: one A
-    (r x d_in) shared by k heads B_i (d_out x r each, stored side by side as B, d_out x k r),
-    weighted by a softmax router: h = x W0^T + b + (alpha / r) sum_i phi_i B_i A x. Each head sees
-    all of z = x A^T, where a TeamLoRA expert sees its own r / k slice of it."""
-
-    def __init__(self, base, r=8, experts=4, alpha=16.0, dropout=0.05, competition=False, **kw):
-        if competition:
-            raise ValueError("HydraLoRA has no interaction matrix: use competition=False.")
-        super().__init__(base, r * experts, experts, alpha / experts, dropout, False, **kw)  # B: d_out x k r
-        # r x d_in, shared by every head: rows of a kaiming A (its bound depends on d_in only)
-        self.lora_A = torch.nn.Parameter(self.lora_A.detach()[:r].clone())
-
-    def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"HydraLoRALinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
-        out = F.linear(x, self.weight, self.bias)
-        xa = x.to(self.lora_A.dtype)
-        z = F.dropout(F.linear(xa, self.lora_A), self.dropout, self.training)
-        omega = teamlora._omega(xa, self.lora_router, None)  # k * softmax: TeamLoRA's convention, sums to k
-        self.last_omega = omega  # for the balance loss and the expert load
-        w = (omega * self.scaling).to(z.dtype)  # k * (alpha / k) / r = alpha / r per head, weights phi_i
-        zw = (z.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r) -> (..., k r): head i gets phi_i z
-        return out + F.linear(zw, self.lora_B).to(out.dtype)
-
-
 def adapter_kwargs(cfg):
-    """Keyword arguments of teamlora.inject for cfg's adapter. MoELoRA (paper Eq. 7) is TeamLoRA's
-    collaboration module with A stacked and alpha / k (TeamLoRA's weights sum to k, MoELoRA's to
-    1): the same function, computed fused. competition=None is each method's own choice."""
+    """Keyword arguments of teamlora.inject for cfg's adapter. MoELoRA (paper Eq. 7) runs fused, as
+    TeamLoRA's collaboration module with A stacked and alpha / k (baselines.py). competition=None is
+    each method's own choice."""
     kind, k, comp = cfg["adapter"], cfg["experts"], cfg["competition"]
     if kind == "lora":
         return dict(r=cfg["r"], experts=1, alpha=cfg["alpha"], competition=False)
     if kind == "moelora":
-        return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"] / k, competition=bool(comp))
+        return {**moelora_fused_kwargs(cfg["r"], k, cfg["alpha"]), "competition": bool(comp)}
     if kind == "hydralora":
         return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"], competition=bool(comp), cls=HydraLoRALinear)
     return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"], competition=comp is not False)
@@ -247,17 +257,8 @@ def init_adapters(model, seed):
     """The adapters' initial values, drawn on the CPU from one seed in module order: the same
     numbers whatever the device, the number of processes or the sharding."""
     torch.manual_seed(seed)
-    state = {}
-    for name, m in model.named_modules():
-        if isinstance(m, teamlora.TeamLoRALinear):
-            cpu = type(m).__new__(type(m))  # an empty twin on the CPU: the adapter tensors only
-            torch.nn.Module.__init__(cpu)
-            for pname in ("lora_A", "lora_B", "lora_router", "lora_M"):
-                p = getattr(m, pname)
-                setattr(cpu, pname, None if p is None else torch.nn.Parameter(torch.empty(p.shape)))
-            type(m).reset_lora_parameters(cpu)
-            state.update({f"{name}.{n}": p.detach() for n, p in cpu.named_parameters() if teamlora.is_adapter(n)})
-    return state
+    return {f"{name}.{n}": t for name, m in model.named_modules() if isinstance(m, teamlora.TeamLoRALinear)
+            for n, t in m.initial_lora_state().items()}
 
 
 def copy_into(model, state):
@@ -310,12 +311,7 @@ def trainable(model):
 
 
 def save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def gather_state(model, cfg):
@@ -369,23 +365,24 @@ def set_rng_state(s, dev):
         torch.cuda.set_rng_state(s["cuda"], dev)
 
 
-def save_checkpoint(raw, opt, step, cfg, args, rank, world):
+def save_checkpoint(r, raw, opt, step):
+    cfg = r.cfg
     state = gather_state(raw, cfg)
-    opt_state = optimizer_state(raw, opt, world, cfg["fsdp"])
-    rngs, dev = [None] * world, next(raw.parameters()).device
-    if world > 1:
-        dist.all_gather_object(rngs, rng_state(dev))  # each rank's dropout stream, for an exact resume
+    opt_state = optimizer_state(raw, opt, r.world, cfg["fsdp"])
+    rngs = [None] * r.world
+    if r.world > 1:
+        dist.all_gather_object(rngs, rng_state(r.device))  # each rank's dropout stream, for an exact resume
     else:
-        rngs = [rng_state(dev)]
-    if rank == 0:
+        rngs = [rng_state(r.device)]
+    if r.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         if cfg["adapter"] == "none":
-            save_atomic({"model_args": asdict(args), "model": state}, os.path.join(cfg["out_dir"], "model.pt"))
+            save_atomic({"model_args": asdict(r.args), "model": state}, os.path.join(cfg["out_dir"], "model.pt"))
         else:
             save_atomic(state, os.path.join(cfg["out_dir"], "adapter.pt"))
         save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
-                     "model_args": asdict(args)}, os.path.join(cfg["out_dir"], "ckpt.pt"))
-    if world > 1:
+                     "model_args": asdict(r.args)}, os.path.join(cfg["out_dir"], "ckpt.pt"))
+    if r.world > 1:
         dist.barrier()
 
 
@@ -407,30 +404,35 @@ def get_lr(step, cfg):
 
 
 @torch.no_grad()
-def val_loss(model, val, cfg, rank, world, dev):
+def val_loss(model, val, r):
+    """Mean cross-entropy over the answer tokens of eval_iters validation batches."""
+    cfg = r.cfg
     model.eval()
-    totals = torch.zeros(2, device=dev)  # (sum of token losses, answer tokens)
+    totals = torch.zeros(2, device=r.device)  # (sum of token losses, answer tokens)
     for i in range(cfg["eval_iters"]):
         # seed 0, not the run's: the same validation records for every seed, so val losses compare
-        b = data.get_batch(val, i, cfg["batch_size"], 0, rank, world, cfg["batch_mode"], cfg["max_len"], device=dev)
+        b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank, r.world, cfg["batch_mode"], cfg["max_len"],
+                           device=r.device)
         _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
         totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
     model.train()
-    ce_sum, n = all_reduce_sum(totals, world).tolist()
+    ce_sum, n = all_reduce_sum(totals, r.world).tolist()
     return ce_sum / max(n, 1)
 
 
+ALL_TASKS = {**minicme.SYNTHETIC_TASKS, **tasks.CME_TASKS}
+
+
 def task_of(name):
-    tasks = {**data.SYNTHETIC_TASKS, **data.CME_TASKS}
-    if name not in tasks:
-        raise UserError(f"no task named '{name}' (from the file name {name}.jsonl); tasks are: {', '.join(tasks)}.")
-    return tasks[name]
+    if name not in ALL_TASKS:
+        raise UserError(f"no task named '{name}' (from the file name {name}.jsonl); tasks are: {', '.join(ALL_TASKS)}.")
+    return ALL_TASKS[name]
 
 
 def load_eval_sets(cfg):
     folder = cfg["eval_dir"]
     if not os.path.isdir(folder):
-        raise UserError(f"eval_dir '{folder}' does not exist; write one with python data.py eval_set, or set --eval_dir.")
+        raise UserError(f"eval_dir '{folder}' does not exist; write one with python tasks.py, or set --eval_dir.")
     names = sorted(f[:-6] for f in os.listdir(folder) if f.endswith(".jsonl"))
     if not names:
         raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
@@ -447,11 +449,12 @@ def prompt_ids(tok, record, room):
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep BOS and the end
 
 
-def generate_all(model, prompts, max_new, cfg, tok, rank, world, dev, fsdp):
+def generate_all(model, prompts, max_new, r):
     """Greedy answers for every prompt, sharded over ranks. Every rank runs the same number of
     forward passes (FSDP's collectives need it): the same count of equal-size batches, no early stop."""
-    mine = list(range(rank, len(prompts), world))
-    per_rank = -(-len(prompts) // world)
+    tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], r.cfg["fsdp"] and r.world > 1
+    mine = list(range(r.rank, len(prompts), r.world))
+    per_rank = -(-len(prompts) // r.world)
     mine += mine[:1] * (per_rank - len(mine))  # pad with a repeat so every rank has per_rank prompts
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
     out = {}
@@ -459,30 +462,29 @@ def generate_all(model, prompts, max_new, cfg, tok, rank, world, dev, fsdp):
     if fsdp:
         raw.unshard()  # generate calls the root's own modules directly, outside its forward hook
     try:
-        for s in range(0, per_rank, cfg["eval_batch_size"]):
-            idx = mine[s:s + cfg["eval_batch_size"]]
-            eos = tok.eos_id if world == 1 else None
-            gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=eos)
+        for s in range(0, per_rank, batch):
+            idx = mine[s:s + batch]
+            gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=tok.eos_id if r.world == 1 else None)
             for i, g in zip(idx, gen):
                 out[i] = tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g)
     finally:
         if fsdp:
             raw.reshard()
-    if world > 1:
-        parts = [None] * world
+    if r.world > 1:
+        parts = [None] * r.world
         dist.all_gather_object(parts, out)
         out = {i: t for p in parts for i, t in p.items()}
     return [out[i] for i in range(len(prompts))]
 
 
 @torch.no_grad()
-def task_expert_load(model, prompts, cfg, n_layers, dev):
+def task_expert_load(model, prompts, r):
     """Mean expert share over a task's prompt tokens, averaged over the adapted layers of the last
     `load_layers` blocks: which experts each task recruits (the paper's Figure 5)."""
-    prompts = prompts[:cfg["eval_batch_size"]]
+    prompts = prompts[:r.cfg["eval_batch_size"]]
     width = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=dev)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=dev)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=r.device)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=r.device)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)
         valid[i, :len(p)] = True
@@ -490,22 +492,22 @@ def task_expert_load(model, prompts, cfg, n_layers, dev):
     model(tokens)
     model.train()
     raw = model.module if hasattr(model, "module") else model
-    last = tuple(f"layers.{i}." for i in range(n_layers - cfg["load_layers"], n_layers))
+    n_layers = r.args.n_layers
+    last = tuple(f"layers.{i}." for i in range(n_layers - r.cfg["load_layers"], n_layers))
     loads = [v for n, v in teamlora.expert_load(raw, valid).items() if n.startswith(last)]
     return torch.stack(loads).mean(0).cpu() if loads else None
 
 
-def evaluate(model, cfg, tok, args, rank, world, dev):
-    sets = load_eval_sets(cfg)
+def evaluate(model, r):
+    """(task -> score, task -> expert load) on the evaluation sets in eval_dir."""
     scores, loads = {}, {}
-    for name, (task, records) in sets.items():
-        room = args.max_seq_len - task.max_new_tokens
-        prompts = [prompt_ids(tok, r, room) for r in records]
-        preds = generate_all(model, prompts, task.max_new_tokens, cfg, tok, rank, world, dev, cfg["fsdp"] and world > 1)
-        scores[name] = data.evaluate(task, preds, records)
-        if cfg["adapter"] in MULTI_EXPERT and cfg["experts"] > 1:
-            load = task_expert_load(model, prompts, cfg, args.n_layers, dev)
-            loads[name] = all_reduce_sum(load.to(dev), world).cpu() / world
+    for name, (task, records) in load_eval_sets(r.cfg).items():
+        room = r.args.max_seq_len - task.max_new_tokens
+        prompts = [prompt_ids(r.tok, rec, room) for rec in records]
+        scores[name] = tasks.evaluate(task, generate_all(model, prompts, task.max_new_tokens, r), records)
+        if r.cfg["adapter"] in MULTI_EXPERT and r.cfg["experts"] > 1:
+            load = task_expert_load(model, prompts, r)
+            loads[name] = all_reduce_sum(load.to(r.device), r.world).cpu() / r.world
     return scores, loads
 
 
@@ -516,215 +518,208 @@ def print_results(scores, loads, cfg):
         print(f"{name:<{name_w}}  {task_of(name).metric:<11} {value:6.1f}")
     print(f"{'average':<{name_w}}  {'':<11} {sum(scores.values()) / len(scores):6.1f}")
     if loads:
-        print(f"\nexpert load over each task's prompt tokens (last {cfg['load_layers']} layers; even = {1 / cfg['experts']:.2f})")
+        print(f"\nexpert load over each task's prompt tokens (last {cfg['load_layers']} layers; "
+              f"even = {1 / cfg['experts']:.2f})")
         for name, load in loads.items():
             bars = "  ".join(f"e{i} {'█' * round(v * 20):<20} {v:.2f}" for i, v in enumerate(load.tolist()))
             print(f"{name:<{name_w}}  {bars}")
+
+
+def finish(r, model, summary):
+    """Score the run on its evaluation sets, print the table and write results.json."""
+    if not r.cfg["eval_dir"]:
+        return summary
+    scores, loads = evaluate(model, r)
+    summary.update(scores=scores, expert_load={k: v.tolist() for k, v in loads.items()})
+    if r.master:
+        print_results(scores, loads, r.cfg)
+        data.write_atomic(os.path.join(r.cfg["out_dir"], "results.json"),
+                          json.dumps({k: v for k, v in summary.items() if k not in ("train_losses", "model")}, indent=1))
+    return summary
 
 
 # -------------------------------------------------------------------------------------------------
 # the training loop
 
 
-def train(cfg):
-    """Run one configuration; returns a summary dict (also what tests look at)."""
+RESUME_MAY_CHANGE = ("max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size", "log_interval",
+                     "device", "fsdp", "activation_checkpointing", "compile", "out_dir")
+
+
+def resume_config(cfg):
+    """(cfg, checkpoint or None). A resume takes the run's own config from its ckpt.pt, with only
+    the keys of RESUME_MAY_CHANGE that the user set changed (a CPU run resumed on a GPU machine
+    stays on the CPU unless --device says otherwise)."""
+    if cfg["init_from"] != "resume":
+        return cfg, None
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if cfg["init_from"] == "resume" and "device" not in cfg.get("_explicit", ()) and os.path.isfile(path):
-        # a resume runs where the run ran (a CPU run resumed on a GPU machine stays on the CPU)
-        cfg = {**cfg, "device": torch.load(path, map_location="cpu", mmap=True, weights_only=False)["config"]["device"]}
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != ckpt["config"][k]]
+    fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if fixed:
+        was = ", ".join(f"{k}={ckpt['config'][k]!r}" for k in fixed)
+        raise UserError(f"{', '.join(fixed)} cannot change when resuming (the run was {was}); "
+                        f"only {', '.join(RESUME_MAY_CHANGE)} can.")
+    return {**ckpt["config"], **{k: cfg[k] for k in changed}}, ckpt
+
+
+def build_demo(cfg):
+    """The demo's suite, shards and base, made before the run that uses them (the first
+    `python train.py` builds them, later ones reuse them): nothing is downloaded."""
+    pretrain = minicme.build_demo_data(cfg)
+    if pretrain:
+        print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first (once, about two minutes)...")
+        run(Run({**DEFAULTS, **pretrain, "device": cfg["device"]}, device=torch.device(resolve_device(cfg))))
+        os.replace(os.path.join(pretrain["out_dir"], "model.pt"), cfg["init_from"])
+        print(f"base model written to {cfg['init_from']}; now fine-tuning")
+
+
+def train(cfg):
+    """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
+    cfg, ckpt = resume_config(cfg)
     rank, world, dev = setup_distributed(cfg)
     try:
         if cfg["dry_run"]:
             return check_full_config(cfg) if rank == 0 else {}
-        return run(cfg, rank, world, dev)
+        if world > 1 and cfg["batch_size"] % (world * cfg["grad_accum"]):
+            raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
+                            f"{world * cfg['grad_accum']}.")
+        if rank == 0:
+            build_demo(cfg)
+        if world > 1:
+            dist.barrier()
+        return run(Run(cfg, rank, world, dev), ckpt)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-RESUME_MAY_CHANGE = ("max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size", "log_interval",
-                     "device", "fsdp", "activation_checkpointing", "compile", "out_dir")
-
-
-def run(cfg, rank, world, dev):
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != ckpt["config"][k]]
-        fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
-        if fixed:
-            was = ", ".join(f"{k}={ckpt['config'][k]!r}" for k in fixed)
-            raise UserError(f"{', '.join(fixed)} cannot change when resuming (the run was {was}); "
-                            f"only {', '.join(RESUME_MAY_CHANGE)} can.")
-        cfg = {**ckpt["config"], **{k: cfg[k] for k in changed}}  # the run's own model, data and schedule
-    if world > 1 and cfg["batch_size"] % (world * cfg["grad_accum"]):
-        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = {world * cfg['grad_accum']}.")
-    if master:
-        ensure_demo(cfg)
-    if world > 1:
-        dist.barrier()
-    tok = data.Tokenizer(cfg["tokenizer"])
+def setup(r):
+    """Tokenizer, data, model (DDP-wrapped under torchrun without FSDP) and optimizer of a run."""
+    cfg = r.cfg
+    r.tok = data.Tokenizer(cfg["tokenizer"])
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
-    val_ds = data.TokenDataset(cfg["data_dir"], "val") if train_ds.summary["splits"].get("val", {}).get("records") else None
-    torch.manual_seed(cfg["seed"] + rank)
-    model, args = build_model(cfg, dev, tok.vocab_size, world)
-    raw = model
-    if world > 1 and not cfg["fsdp"]:
+    has_val = train_ds.summary["splits"].get("val", {}).get("records")
+    val_ds = data.TokenDataset(cfg["data_dir"], "val") if has_val else None
+    torch.manual_seed(cfg["seed"] + r.rank)
+    raw, r.args = build_model(cfg, r.device, r.tok.vocab_size, r.world)
+    model = raw
+    if r.world > 1 and not cfg["fsdp"]:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = trainable(raw)
-    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
-    n_train, n_base = sum(p.numel() for p in params), sum(p.numel() for n, p in raw.named_parameters() if not teamlora.is_adapter(n))
-    say(f"{cfg['adapter']}: {n_train:,} trainable parameters ({100 * n_train / n_base:.2f}% of the {n_base:,} of the base), "
-        f"{len(train_ds):,} training records, {world} process(es) on {dev}")
-    step = 0
-    if ckpt is not None:
-        load_state(raw, ckpt["state"], cfg)
-        set_optimizer_state(raw, opt, ckpt["optimizer"], world, cfg["fsdp"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], dev)
-        step = ckpt["iter"]
-        say(f"resumed from {cfg['out_dir']}/ckpt.pt at step {step}")
-    autocast = torch.autocast(dev.type, torch.bfloat16) if cfg["adapter"] == "none" and cfg["dtype"] == "bfloat16" else nullcontext()
+        model = DDP(raw, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+    opt = torch.optim.AdamW(trainable(raw), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                            weight_decay=cfg["weight_decay"])
+    return train_ds, val_ds, model, raw, opt
+
+
+def restore(r, raw, opt, ckpt):
+    """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
+    load_state(raw, ckpt["state"], r.cfg)
+    set_optimizer_state(raw, opt, ckpt["optimizer"], r.world, r.cfg["fsdp"])
+    set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
+    r.say(f"resumed from {r.cfg['out_dir']}/ckpt.pt at step {ckpt['iter']}")
+    return ckpt["iter"]
+
+
+def load_trained_adapter(r, raw):
+    """eval_only without a checkpoint: the finished run's adapter.pt."""
+    path = os.path.join(r.cfg["out_dir"], "adapter.pt")
+    if r.cfg["adapter"] != "none":
+        if not os.path.isfile(path):
+            raise UserError(f"eval_only: {path} does not exist; train first or point --out_dir at a finished run.")
+        load_state(raw, torch.load(path, weights_only=True), r.cfg)
+
+
+def train_step(r, model, raw, opt, dataset, step):
+    """One optimizer step on global batch `step`, cut into processes x grad_accum equal slices (the
+    same slices, so the same result, for 1 process with accumulation as for several without).
+    Returns (loss over the batch's answer tokens, learning rate, real tokens of this rank)."""
+    cfg, accum = r.cfg, r.cfg["grad_accum"]
+    lr = get_lr(step, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    full_bf16 = cfg["adapter"] == "none" and cfg["dtype"] == "bfloat16"
+    autocast = torch.autocast(r.device.type, torch.bfloat16) if full_bf16 else nullcontext()
+    balance = cfg["balance_coef"] > 0 and cfg["adapter"] in MULTI_EXPERT and cfg["experts"] > 1
+    totals = torch.zeros(2, device=r.device)  # (sum of answer-token losses, real tokens) on this rank
+    for micro in range(accum):
+        b = data.get_batch(dataset, step, cfg["batch_size"], cfg["seed"], r.rank * accum + micro, r.world * accum,
+                           cfg["batch_mode"], cfg["max_len"], pad_id=r.tok.pad_id, device=r.device)
+        last = micro == accum - 1
+        if r.world > 1 and cfg["fsdp"]:
+            model.set_requires_gradient_sync(last)
+        elif r.world > 1:
+            model.require_backward_grad_sync = last
+        with autocast:
+            _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
+        loss = ce * r.world / max(b["n_answer_global"], 1)  # DDP and FSDP average gradients over processes
+        if balance:
+            loss = loss + cfg["balance_coef"] * teamlora.balance_loss(raw, b["valid"], cfg["balance_reduction"]) / accum
+        loss.backward()
+        totals += torch.stack([ce.detach().float(), b["valid"].sum().float()])
+    ce_sum, n_tokens = all_reduce_sum(totals, r.world).tolist()
+    train_loss = ce_sum / max(b["n_answer_global"], 1)
+    if not math.isfinite(train_loss):
+        raise UserError(f"the loss became {train_loss} at step {step}; the last good checkpoint in {cfg['out_dir']} "
+                        "is kept: lower learning_rate (or use dtype='float32') and resume with --init_from=resume.")
+    torch.nn.utils.clip_grad_norm_(trainable(raw), cfg["grad_clip"])
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return train_loss, lr, n_tokens
+
+
+def run(r, ckpt=None):
+    """One run: set up, resume, train with periodic validation and checkpoints, then evaluate."""
+    cfg = r.cfg
+    train_ds, val_ds, model, raw, opt = setup(r)
+    n_train = sum(p.numel() for p in trainable(raw))
+    n_base = sum(p.numel() for n, p in raw.named_parameters() if not teamlora.is_adapter(n))
+    r.say(f"{cfg['adapter']}: {n_train:,} trainable parameters ({100 * n_train / n_base:.2f}% of the {n_base:,} "
+          f"of the base), {len(train_ds):,} training records, {r.world} process(es) on {r.device}")
+    step = restore(r, raw, opt, ckpt) if ckpt is not None else 0
     summary = {"config": cfg, "model": raw, "trainable_params": n_train, "base_params": n_base}
     if cfg["eval_only"]:
-        adapter_file = os.path.join(cfg["out_dir"], "adapter.pt")
-        if ckpt is None and cfg["adapter"] != "none":
-            if not os.path.isfile(adapter_file):
-                raise UserError(f"eval_only: {adapter_file} does not exist; train first or point --out_dir at a finished run.")
-            load_state(raw, torch.load(adapter_file, weights_only=True), cfg)
-        return finish(model, cfg, tok, args, rank, world, dev, summary)
+        if ckpt is None:
+            load_trained_adapter(r, raw)
+        return finish(r, model, summary)
 
-    if master:
+    if r.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
-    bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, desc="train")
-    balance = cfg["balance_coef"] > 0 and cfg["adapter"] in MULTI_EXPERT and cfg["experts"] > 1
-    accum, t0, losses, train_start = cfg["grad_accum"], time.time(), [], time.time()
+    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if r.master else None
+    bar = tqdm(total=cfg["max_iters"], initial=step, disable=not r.master, dynamic_ncols=True, desc="train")
+    t0, losses, train_start = time.time(), [], time.time()
     try:
         while step < cfg["max_iters"]:
-            lr = get_lr(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            totals = torch.zeros(2, device=dev)  # (sum of answer-token losses, real tokens) on this rank
-            for micro in range(accum):
-                # the global batch is cut into processes x accum equal slices: the same slices (and
-                # so the same result) for 1 process with accumulation as for several without
-                b = data.get_batch(train_ds, step, cfg["batch_size"], cfg["seed"], rank * accum + micro, world * accum,
-                                   cfg["batch_mode"], cfg["max_len"], pad_id=tok.pad_id, device=dev)
-                last = micro == accum - 1
-                if world > 1 and cfg["fsdp"]:
-                    model.set_requires_gradient_sync(last)
-                elif world > 1:
-                    model.require_backward_grad_sync = last
-                with autocast:
-                    _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
-                # DDP and FSDP average gradients over processes, hence the factor world
-                loss = ce * world / max(b["n_answer_global"], 1)
-                if balance:
-                    loss = loss + cfg["balance_coef"] * teamlora.balance_loss(raw, b["valid"], cfg["balance_reduction"]) / accum
-                loss.backward()
-                totals += torch.stack([ce.detach().float(), b["valid"].sum().float()])
-            ce_sum, n_tokens = all_reduce_sum(totals, world).tolist()
-            train_loss = ce_sum / max(b["n_answer_global"], 1)
-            if not math.isfinite(train_loss):
-                raise UserError(f"the loss became {train_loss} at step {step}; the last good checkpoint in {cfg['out_dir']} "
-                                "is kept: lower learning_rate (or use dtype='float32') and resume with --init_from=resume.")
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_loss, lr, n_tokens = train_step(r, model, raw, opt, train_ds, step)
             step += 1
             losses.append(train_loss)
-            elapsed = time.time() - t0
-            tok_s = n_tokens / max(elapsed, 1e-9)
-            t0 = time.time()
+            tok_s, t0 = n_tokens / max(time.time() - t0, 1e-9), time.time()
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            if master and (step % cfg["log_interval"] == 0 or step == cfg["max_iters"]):
-                log.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "time": time.time()}) + "\n")
+            if r.master and (step % cfg["log_interval"] == 0 or step == cfg["max_iters"]):
+                log.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
+                                      "time": time.time()}) + "\n")
                 log.flush()
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
                 if val_ds is not None:
-                    vl = val_loss(model, val_ds, cfg, rank, world, dev)
-                    summary["val_loss"] = vl
-                    if master:
+                    summary["val_loss"] = vl = val_loss(model, val_ds, r)
+                    if r.master:
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
-                save_checkpoint(raw, opt, step, cfg, args, rank, world)
+                save_checkpoint(r, raw, opt, step)
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(raw, opt, step, cfg, args, rank, world)
-        say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with --init_from=resume")
+        save_checkpoint(r, raw, opt, step)
+        r.say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with --init_from=resume")
         return {**summary, "interrupted": True, "step": step}
     finally:
         bar.close()
         if log:
             log.close()
     summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
-    return finish(model, cfg, tok, args, rank, world, dev, summary)
-
-
-def finish(model, cfg, tok, args, rank, world, dev, summary):
-    if not cfg["eval_dir"]:
-        return summary
-    scores, loads = evaluate(model, cfg, tok, args, rank, world, dev)
-    summary.update(scores=scores, expert_load={k: v.tolist() for k, v in loads.items()})
-    if rank == 0:
-        print_results(scores, loads, cfg)
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k not in ("train_losses", "model")}, f, indent=1)
-    return summary
-
-
-# -------------------------------------------------------------------------------------------------
-# the built-in demo: the synthetic suite and a tiny pretrained base, made on first use
-
-DEMO_ROOT = "data/mini_cme"
-# about 3 epochs of the 238K-token corpus: 64 documents (about 2,600 tokens) a step
-PRETRAIN = dict(adapter="none", init_from="scratch", model="small", batch_mode="pack", max_len=256, batch_size=64,
-                learning_rate=3e-3, warmup_iters=30, max_iters=300, eval_interval=300, eval_dir="", out_dir=f"{DEMO_ROOT}/pretrain")
-
-
-def halves(doc):
-    """A document as two halves joined by </s>. A real base has seen </s> as an input followed by
-    more text (its pretraining stream separates documents with it); a tiny base pretrained on
-    whole documents has not, and adapters cannot retrain the embedding of the </s> that ends every
-    prompt, so adapters learn the first answer token far more slowly than full fine-tuning does."""
-    sentences = doc.split(". ")
-    if len(sentences) < 2:
-        return doc
-    cut = len(sentences) // 2
-    return ". ".join(sentences[:cut]) + ".</s>" + ". ".join(sentences[cut:])
-
-
-def ensure_demo(cfg):
-    """Build whatever of the demo's defaults is missing: nothing is downloaded."""
-    demo = {k: cfg[k] == v for k, v in DEMO.items()}
-    if not any(demo.values()):
-        return
-    if not os.path.isfile(f"{DEMO_ROOT}/suite.json"):
-        print(f"building the synthetic mini-CME suite in {DEMO_ROOT} (once)...")
-        data.make_suite(DEMO_ROOT, seed=0)
-    if demo["data_dir"] and not os.path.isfile(f"{cfg['data_dir']}/summary.json"):
-        data.prepare([f"{DEMO_ROOT}/train.jsonl"], DEMO["tokenizer"], cfg["data_dir"], max_len=256, val_fraction=0.03, quiet=True)
-    if demo["init_from"] and not os.path.isfile(cfg["init_from"]):
-        print(f"no base model yet: pretraining a tiny LLaMA on {DEMO_ROOT}/corpus.txt first (once, about two minutes)...")
-        corpus = f"{DEMO_ROOT}/corpus_tokens"
-        if not os.path.isfile(f"{corpus}/summary.json"):
-            with open(f"{DEMO_ROOT}/corpus.txt", encoding="utf-8") as f:
-                docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
-            with open(f"{DEMO_ROOT}/corpus.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps({"text": halves(d)}) + "\n" for d in docs)
-            data.prepare([f"{DEMO_ROOT}/corpus.jsonl"], DEMO["tokenizer"], corpus, max_len=256, quiet=True)
-        run({**DEFAULTS, **PRETRAIN, "data_dir": corpus, "tokenizer": DEMO["tokenizer"], "device": cfg["device"]}, 0, 1,
-            torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else cfg["device"].replace("auto", "cpu")))
-        os.replace(f"{PRETRAIN['out_dir']}/model.pt", cfg["init_from"])
-        print(f"base model written to {cfg['init_from']}; now fine-tuning")
+    return finish(r, model, summary)
 
 
 # -------------------------------------------------------------------------------------------------

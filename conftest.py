@@ -1,0 +1,64 @@
+"""What the test files share: where the fixtures are (the authors' records, the LLaMA-2 tokenizer and
+the CME samples of ../shared/fixtures; set TEAMLORA_FIXTURES to point elsewhere; tests that need them
+skip without them), and a small mini-CME suite with a tiny base that train.py pretrained, built once
+per session for the train and study tests."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import teamlora
+import train
+from data import prepare
+from minicme import make_suite
+
+HERE = Path(__file__).resolve().parent
+_candidates = [os.environ.get("TEAMLORA_FIXTURES", ""), HERE / "shared" / "fixtures", HERE.parent / "shared" / "fixtures"]
+FIXTURES = next((Path(p) for p in _candidates if p and (Path(p) / "official").is_dir()), None)
+needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason="shared/fixtures not found (set TEAMLORA_FIXTURES)")
+LLAMA2 = FIXTURES / "tokenizer" / "llama2_tokenizer.model" if FIXTURES else None
+OFFICIAL = FIXTURES / "official" / "train_example.json" if FIXTURES else None
+CME_DIR = str(FIXTURES / "cme") if FIXTURES else "/nonexistent"
+needs_cme_fixtures = pytest.mark.skipif(not os.path.isdir(CME_DIR), reason="shared/fixtures not found next to the repo")
+
+
+@pytest.fixture(scope="session")
+def run_data(tmp_path_factory):
+    """A small mini-CME suite, its training shards, and a tiny base pretrained on its corpus by
+    train.py itself (adapter='none', packed batches): made once for the module."""
+    root = tmp_path_factory.mktemp("mini")
+    make_suite(str(root), seed=0, n_train_per_task=40, n_test_per_task=6, n_val_per_task=4, corpus_docs=400)
+    prepare([str(root / "train.jsonl")], str(root / "tokenizer.model"), str(root / "tokens"), max_len=128,
+            val_fraction=0.1, quiet=True)
+    docs = [d for d in (root / "corpus.txt").read_text().split("\n\n") if d.strip()]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([str(root / "corpus.jsonl")], str(root / "tokenizer.model"), str(root / "corpus"), max_len=128, quiet=True)
+    pre = train.train(train_cfg(root, root / "pre", "--adapter=none", f"--data_dir={root / 'corpus'}", "--batch_mode=pack",
+                                "--batch_size=32", "--eval_dir=", "--max_iters=40", "--eval_interval=40",
+                                "--learning_rate=1e-2", "--warmup_iters=4"))
+    assert all(p.requires_grad for p in pre["model"].parameters())  # full training trains everything
+    assert np.mean(pre["train_losses"][-3:]) < 0.7 * np.mean(pre["train_losses"][:3])
+    os.replace(root / "pre" / "model.pt", root / "base.pt")
+    return root
+
+
+def train_cfg(run_data, out, *flags):
+    """A tiny, fast configuration on the small suite; flags override it."""
+    base = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}", f"--tokenizer={run_data / 'tokenizer.model'}",
+            "--init_from=scratch", "--model=tiny", "--max_len=128", "--batch_size=8", "--max_iters=6", "--eval_interval=3",
+            "--eval_iters=1", "--eval_limit=4", "--r=8", "--experts=4", "--learning_rate=3e-3", "--warmup_iters=1",
+            f"--out_dir={out}"]
+    return train.parse_config(base + list(flags))
+
+
+def adapters_of(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if teamlora.is_adapter(n)}
+
+
+def assert_same_adapters(a, b, atol=0.0):
+    assert a.keys() == b.keys() and a
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=atol, msg=n)

@@ -1,0 +1,456 @@
+"""
+mini-CME: a seeded synthetic multi-task suite for CPU runs, and the built-in demo's data and base.
+
+    python minicme.py --out data/mini_cme --seed 0
+
+The suite is a synthetic multi-task suite over an invented world (cities, people, films) whose
+facts only its corpus teaches. Like the CME's 22 sources, the tasks share inputs: fact sentences
+feed the corpus, NLI premises and reviews; one set of questions feeds closed-book QA, multiple
+choice and paraphrase pairs; opinion sentences feed reviews and posts; letters answer both
+multiple choice and fill-the-blank. Each task answers in its own convention (label words,
+letters, "duplicate", a name, a sentence): one low-rank adapter has to juggle them all, which
+is what separate experts can win on.
+
+make_suite() writes the suite (records in the authors' format, a pretraining corpus, a SentencePiece
+model); build_demo_data() makes whatever of the demo's files a train.py configuration uses and
+lacks, and says how to pretrain its base (train.py runs that, before its fine-tuning run).
+"""
+import argparse
+import io
+import json
+import os
+import random
+import sys
+
+import sentencepiece as spm
+
+from data import UserError, prepare, write_atomic, write_jsonl
+from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
+
+N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
+HELD_OUT = 0.3  # share of facts that only corpus.txt states: the QA and choice test sets ask these
+GENRES = ["drama", "comedy", "western", "thriller", "musical", "documentary", "romance", "horror", "mystery", "fantasy"]
+JOBS = {"film director": "spends long days on film sets", "painter": "mixes colours all day",
+        "sailor": "spends weeks at sea", "doctor": "treats sick people", "teacher": "marks homework every evening",
+        "baker": "gets up before dawn to bake bread", "singer": "warms up before every concert",
+        "farmer": "watches the sky for rain", "pilot": "flies across the country",
+        "lawyer": "argues cases in court", "carpenter": "builds tables and chairs"}
+PASTIMES = {"chess": "studies chess openings", "fishing": "owns many fishing rods", "gardening": "grows tomatoes",
+            "cycling": "rides a bike everywhere", "knitting": "knits scarves for friends",
+            "swimming": "goes to the pool every morning", "rowing": "rows on the lake at dawn",
+            "hiking": "owns good walking boots"}
+PRODUCTS = ["glass", "silk", "cheese", "clocks", "wine", "paper", "honey", "salt", "lamps", "carpets"]
+TITLE_WORDS = ("Silver Last Hidden Broken Golden Quiet Burning Frozen Lonely Secret Distant Crimson".split(),
+               "Harbor Lantern Winter Garden River Crown Mirror Road Island Letter Tower Promise".split())
+SYLLABLES = "ba be bi bo da de di do ka ke ki ko la le li lo ma me mi mo na ne ni no ra re ri ro sa se si so " \
+            "ta te ti to va ve vi vo".split()
+
+# kind -> attribute -> (statements, questions). Statements appear in the corpus and in task inputs;
+# questions never appear in the corpus, so QA must link two phrasings of one fact.
+ATTRS = {
+    "film": {
+        "director": (["{e} was directed by {v}.", "{v} directed {e}.", "{v} is the director of {e}."],
+                     ["Who directed {e}?", "who is the director of {e}", "Which filmmaker made {e}?"]),
+        "year": (["{e} came out in {v}.", "{e} was released in {v}.", "{e} first reached cinemas in {v}."],
+                 ["When was {e} released?", "In what year did {e} come out?", "what year did {e} come out"]),
+        "genre": (["{e} is a {v}.", "{e} belongs to the {v} genre."], ["What genre is {e}?", "What kind of film is {e}?"]),
+        "city": (["{e} was filmed in {v}.", "The cameras for {e} rolled in {v}.", "{e} was shot on location in {v}."],
+                 ["Where was {e} filmed?", "In which city was {e} shot?"])},
+    "person": {
+        "city": (["{e} comes from {v}.", "{e} was born in {v}.", "{v} is the home town of {e}."],
+                 ["Where does {e} come from?", "What is the home town of {e}?", "where was {e} born"]),
+        "job": (["{e} works as a {v}.", "{e} earns a living as a {v}.", "By trade, {e} is a {v}."],
+                ["What does {e} do for a living?", "What is the job of {e}?"]),
+        "pastime": (["The favourite pastime of {e} is {v}.", "Of all pastimes, {e} likes {v} best."],
+                    ["What is the favourite pastime of {e}?", "Which pastime does {e} like best?"])},
+    "city": {
+        "region": (["{e} is a city in {v}.", "{e} lies in the region of {v}."],
+                   ["In which region is {e}?", "Where is {e} located?"]),
+        "river": (["The {v} river flows through {e}.", "{e} stands on the banks of the {v}."],
+                  ["Which river flows through {e}?", "What river is {e} on?"]),
+        "product": (["{e} is known for its {v}.", "The {v} of {e} is famous across the land."],
+                    ["What is {e} known for?", "What is {e} famous for?"])},
+}
+
+
+def _aliases(attr, v):
+    """The answers exact match accepts for a fact; the first is the record's output."""
+    return {"director": [v, v.split()[-1]], "river": [v, f"{v} river"], "genre": [v, f"{v} film"]}.get(attr, [v])
+
+
+def _invent(rng, n, taken):
+    """n new made-up names, so that no fact can be known from anywhere but the corpus."""
+    out = []
+    while len(out) < n:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize() + rng.choice(("", "n", "s"))
+        if name not in taken:
+            taken.add(name)
+            out.append(name)
+    return out
+
+
+def build_world(seed):
+    """The entities (dicts of attributes), the facts held out of every task input, and the pools
+    that wrong answers are drawn from."""
+    rng, taken = random.Random(f"world-{seed}"), set()
+    regions, rivers = _invent(rng, 6, taken), _invent(rng, 20, taken)
+    cities = [{"kind": "city", "name": c, "region": rng.choice(regions), "river": rng.choice(rivers),
+               "product": rng.choice(PRODUCTS)} for c in _invent(rng, N_CITIES, taken)]
+    city_names = [c["name"] for c in cities]
+    names = zip(_invent(rng, N_PEOPLE, taken), _invent(rng, N_PEOPLE, taken))
+    people = [{"kind": "person", "name": f"{first} {last}", "city": rng.choice(city_names),
+               "job": "film director" if i < N_DIRECTORS else rng.choice(list(JOBS)[1:]),
+               "pastime": rng.choice(list(PASTIMES))} for i, (first, last) in enumerate(names)]
+    titles = rng.sample([f"The {a} {b}" for a in TITLE_WORDS[0] for b in TITLE_WORDS[1]], N_FILMS)
+    films = [{"kind": "film", "name": t, "director": people[i % N_DIRECTORS]["name"], "genre": rng.choice(GENRES),
+              "year": str(rng.randint(1950, 2020)), "city": rng.choice(city_names)} for i, t in enumerate(titles)]
+    entities = cities + people + films
+    facts = [(e["name"], a) for e in entities for a in ATTRS[e["kind"]]]
+    rng.shuffle(facts)
+    held = facts[:int(HELD_OUT * len(facts))]
+    pools = {"director": [p["name"] for p in people[:N_DIRECTORS]], "year": [str(y) for y in range(1950, 2021)],
+             "genre": GENRES, "city": city_names, "job": list(JOBS), "pastime": list(PASTIMES), "region": regions,
+             "river": rivers, "product": PRODUCTS}
+    return {"entities": entities, "films": films, "cities": city_names, "by_name": {e["name"]: e for e in entities},
+            "held": set(held), "facts": {"train": facts[len(held):], "val": held, "test": held}, "pools": pools,
+            "story_names": _invent(rng, 40, taken)}  # first names for posts and blanks, never world people
+
+
+def _statements(e, attr, v=None):
+    return [t.format(e=e["name"], v=e[attr] if v is None else v) for t in ATTRS[e["kind"]][attr][0]]
+
+
+def _questions(e, attr):
+    return [t.format(e=e["name"]) for t in ATTRS[e["kind"]][attr][1]]
+
+
+def _stated(w, e):
+    """The attributes of e that task inputs may state (held-out facts live in the corpus only)."""
+    return [a for a in ATTRS[e["kind"]] if (e["name"], a) not in w["held"]]
+
+
+ASPECTS = ["acting", "story", "music", "ending", "camera work", "dialogue", "pacing", "cast"]
+GOOD, BAD = "wonderful brilliant moving superb charming clever".split(), "dull awful clumsy boring weak silly".split()
+OPENINGS = ["I watched {} last night.", "My friends dragged me to {}.", "I finally caught {} on television."]
+FEELINGS = (["The people here are friendly.", "I already love my new street.", "Work has been exciting so far."],
+            ["I do not know anyone here yet.", "Most evenings I sit alone in my flat.", "I miss my old friends a lot."])
+FILLERS = ["The tickets were expensive.", "It rained the whole week.", "My phone broke on the way home."]
+CLOSINGS = ["Am I overthinking this?", "Has anyone else felt this way?", "Any advice would be appreciated."]
+
+
+def _opinions(rng, positive):
+    """Three opinion sentences on different aspects, two or three of them with the given polarity."""
+    polarities = [positive] * rng.choice((2, 3))
+    polarities += [not positive] * (3 - len(polarities))
+    rng.shuffle(polarities)
+    out = []
+    for p, a in zip(polarities, rng.sample(ASPECTS, 3)):
+        good, bad = rng.choice(GOOD), rng.choice(BAD)
+        out.append(rng.choice([f"The {a} was {good}.", f"I loved the {a}.", f"The {a} was not {bad} at all."] if p
+                              else [f"The {a} was {bad}.", f"I could not stand the {a}.", f"The {a} was not {good}."]))
+    return out
+
+
+def _review(w, rng, positive):
+    film = rng.choice(w["films"])
+    text = rng.choice(OPENINGS).format(film["name"])
+    if _stated(w, film):
+        text += " " + rng.choice(_statements(film, rng.choice(_stated(w, film))))
+    return text + rng.choice([" ", " ", "<br /><br />"]) + " ".join(_opinions(rng, positive))  # IMDB's <br /> tags
+
+
+def _post(w, rng, positive):
+    """A TL;DR-like first-person post and its reference summary."""
+    if rng.random() < 0.5:
+        film, rel = rng.choice(w["films"]), rng.choice(["friend", "sister", "brother", "cousin"])
+        city = rng.choice([c for c in w["cities"] if c != film["city"]])  # no hint where the film was shot
+        post = (f"Last {rng.choice(['Monday', 'Friday', 'Sunday'])} I went to see {film['name']} with my {rel} "
+                f"{rng.choice(w['story_names'])} in {city}. " + " ".join(_opinions(rng, positive)))
+        summary = f"Saw {film['name']} with my {rel} in {city} and {'loved it' if positive else 'did not like it'}."
+    else:
+        (a, b), job = rng.sample(w["cities"], 2), rng.choice(list(JOBS))
+        post = (f"I ({rng.randint(19, 45)}{rng.choice('mf')}) just moved from {a} to {b} to start a job as a {job}. "
+                + " ".join(rng.sample(FEELINGS[0 if positive else 1], 2)))
+        summary = f"Moved from {a} to {b} for a {job} job and {'love it so far' if positive else 'feel lonely'}."
+    return f"{post} {rng.choice(FILLERS)} {rng.choice(CLOSINGS)}", summary
+
+
+# One generator per task: (world, rng, index, split) -> record; the index balances the labels.
+
+def gen_sentiment(w, rng, i, split):
+    positive = i % 2 == 0
+    return make_record("sentiment", "positive" if positive else "negative", rng.choice(TEMPLATES["sentiment"][0]),
+                       text=_review(w, rng, positive))
+
+
+def gen_nli(w, rng, i, split):
+    """Entailment restates a premise fact in other words, contradiction changes its value, neutral
+    speaks of an attribute the premise does not mention."""
+    label = ("entailment", "neutral", "contradiction")[i % 3]
+    e = rng.choice([x for x in w["entities"] if len(_stated(w, x)) >= 2])
+    premise_attrs = rng.sample(_stated(w, e), 2)
+    sentences = [rng.choice(_statements(e, a)) for a in premise_attrs]
+    other = rng.choice(w["entities"])
+    if other is not e and _stated(w, other) and rng.random() < 0.5:  # a distractor, as in ANLI's long contexts
+        sentences.insert(rng.randrange(3), rng.choice(_statements(other, rng.choice(_stated(w, other)))))
+    if label == "neutral":  # any value, but never a held-out fact's true one
+        attr = rng.choice([a for a in ATTRS[e["kind"]] if a not in premise_attrs])
+        value = rng.choice([v for v in w["pools"][attr] if not (v == e[attr] and (e["name"], attr) in w["held"])])
+    else:
+        attr = rng.choice(premise_attrs)
+        value = e[attr] if label == "entailment" else rng.choice([v for v in w["pools"][attr] if v != e[attr]])
+    hypothesis = rng.choice([s for s in _statements(e, attr, value) if s not in sentences])
+    return make_record("nli", label, rng.choice(TEMPLATES["nli"][0]), premise=" ".join(sentences), hypothesis=hypothesis)
+
+
+def gen_paraphrase(w, rng, i, split):
+    duplicate = i % 2 == 0
+    e = rng.choice(w["entities"])
+    attr = rng.choice(list(ATTRS[e["kind"]]))
+    q1, q2 = rng.sample(_questions(e, attr), 2)
+    if not duplicate and rng.random() < 0.5:  # same entity, another attribute
+        q2 = rng.choice(_questions(e, rng.choice([a for a in ATTRS[e["kind"]] if a != attr])))
+    elif not duplicate:  # same attribute, another entity
+        q2 = rng.choice(_questions(rng.choice([x for x in w["entities"] if x["kind"] == e["kind"] and x is not e]), attr))
+    return make_record("paraphrase", "duplicate" if duplicate else "not duplicate",
+                       rng.choice(TEMPLATES["paraphrase"][0]), text1=q1, text2=q2)
+
+
+def gen_choice(w, rng, i, split):
+    name, attr = rng.choice(w["facts"][split])
+    e, position = w["by_name"][name], i % 4
+    options = rng.sample([v for v in w["pools"][attr] if v != e[attr]], 3)
+    options.insert(position, e[attr])
+    return make_record("choice", LETTERS[position], question=rng.choice(_questions(e, attr)), options=options)
+
+
+def gen_blank(w, rng, i, split):
+    """WinoGrande-like: whom does the blank stand for? The names come from outside the world."""
+    names, kind = rng.sample(w["story_names"], 2), rng.choice(("job", "pastime", "city"))
+    values = rng.sample(w["cities"] if kind == "city" else list(JOBS if kind == "job" else PASTIMES), 2)
+    target = rng.randrange(2)
+    clue = f"knows the streets of {values[target]} better" if kind == "city" else {**JOBS, **PASTIMES}[values[target]]
+    first = {"job": "{} is a {} and {} is a {}", "pastime": "{} loves {} while {} prefers {}",
+             "city": "{} grew up in {} but {} grew up in {}"}[kind].format(names[0], values[0], names[1], values[1])
+    answer = "AB"[i % 2]
+    options = [names[target], names[1 - target]] if answer == "A" else [names[1 - target], names[target]]
+    return make_record("blank", answer, rng.choice(TEMPLATES["blank"][0]), sentence=f"{first}, so _ {clue}.",
+                       option1=options[0], option2=options[1])
+
+
+def gen_qa(w, rng, i, split):
+    name, attr = rng.choice(w["facts"][split])
+    e = w["by_name"][name]
+    return qa_record(rng.choice(_questions(e, attr)), _aliases(attr, e[attr]))
+
+
+def gen_summary(w, rng, i, split):
+    post, summary = _post(w, rng, rng.random() < 0.5)
+    return make_record("summary", summary, rng.choice(TEMPLATES["summary"][0]), text=post)
+
+
+SYNTHETIC_TASKS = {t.name: t for t in [
+    Task("sentiment", "accuracy", 8, ("positive", "negative")),
+    Task("nli", "accuracy", 8, ("entailment", "neutral", "contradiction")),
+    Task("paraphrase", "accuracy", 8, ("duplicate", "not duplicate")),
+    Task("choice", "accuracy", 4, ("A", "B", "C", "D")),
+    Task("blank", "accuracy", 4, ("A", "B")),
+    Task("qa", "exact_match", 16),
+    Task("summary", "rouge_l", 48),
+]}
+_GENERATORS = {"sentiment": gen_sentiment, "nli": gen_nli, "paraphrase": gen_paraphrase, "choice": gen_choice,
+               "blank": gen_blank, "qa": gen_qa, "summary": gen_summary}
+
+
+VERDICTS = (["All in all, I liked it.", "I would happily watch it again.", "Well worth a ticket."],
+            ["All in all, I did not like it.", "I would not watch it again.", "Not worth a ticket."])
+
+
+def _story(w, rng):
+    """A clue that points to one of two people, the blank task's skill in plain words. It names world
+    people, never the story names that the blank task uses, so no test answer is written here."""
+    (a, b), kind = rng.sample(w["entities"][N_CITIES:N_CITIES + N_PEOPLE], 2), rng.choice(("job", "pastime", "city"))
+    a, b = a["name"].split()[0], b["name"].split()[0]
+    values = rng.sample(w["cities"] if kind == "city" else list(JOBS if kind == "job" else PASTIMES), 2)
+    first = {"job": "{} is a {} and {} is a {}.", "pastime": "{} loves {} while {} prefers {}.",
+             "city": "{} grew up in {} but {} grew up in {}."}[kind].format(a, values[0], b, values[1])
+    target = rng.randrange(2)
+    clue = f"knows the streets of {values[target]} better" if kind == "city" else {**JOBS, **PASTIMES}[values[target]]
+    return f"{first} That is why {(a, b)[target]} {clue}."
+
+
+def _reasoning(w, rng):
+    """A fact restated in other words, or a false claim corrected: the NLI and paraphrase skills
+    in plain words (statements only: the QA questions' wording never reaches the corpus)."""
+    e = rng.choice(w["entities"])
+    attr = rng.choice(list(ATTRS[e["kind"]]))
+    s1, s2 = rng.sample(_statements(e, attr), 2)
+    if rng.random() < 0.5:
+        return f"{s1} In other words: {s2}"
+    wrong = rng.choice([v for v in w["pools"][attr] if v != e[attr]])
+    return f"Some say that {rng.choice(_statements(e, attr, wrong))} That is wrong. {s1}"
+
+
+def _corpus(w, rng, n_docs):
+    """Plain-text documents, the kind of text a base model is pretrained on: half are encyclopedia
+    entries stating every fact of one entity (each entity several times, in varied words); a
+    quarter are reviews and posts, ending the way such text does (a verdict, a "TL;DR:" line); a
+    quarter reason in plain words (a fact restated, a false claim corrected, a clue that points to
+    a person). The tasks' instructions, questions and label words never appear: the base learns
+    the skills, and instruction tuning has to map them onto each task's format."""
+    docs = []
+    for j in range(n_docs // 2):
+        e = w["entities"][j % len(w["entities"])]
+        facts = [rng.choice(_statements(e, a)) for a in ATTRS[e["kind"]]]
+        rng.shuffle(facts)
+        if e["kind"] == "person":
+            facts.append(f"As a {e['job']}, {e['name'].split()[0]} {JOBS[e['job']]}.")
+        docs.append(" ".join(facts))
+    for j in range(n_docs // 4):
+        positive = rng.random() < 0.5
+        if j % 2:
+            docs.append(f"{_review(w, rng, positive)} {rng.choice(VERDICTS[0 if positive else 1])}")
+        else:
+            post, summary = _post(w, rng, positive)
+            docs.append(f"{post} TL;DR: {summary}")
+    for j in range(n_docs - len(docs)):
+        docs.append(_story(w, rng) if j % 3 == 0 else _reasoning(w, rng))
+    rng.shuffle(docs)
+    return docs
+
+
+def _train_tokenizer(lines, vocab_size):
+    """A LLaMA-like SentencePiece model: BPE, byte fallback (no text is unknown), split digits, no
+    normalisation, unk=0 bos=1 eos=2 and no pad id. One thread keeps the result deterministic."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
+            pad_id=-1, num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise UserError(f"SentencePiece could not build {vocab_size} pieces ({e}); lower vocab_size or raise "
+                         "corpus_docs.") from None
+    return model.getvalue()
+
+
+def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=20, corpus_docs=6000,
+               vocab_size=2000):
+    """Write mini-CME to out_dir and return its summary:
+        train.jsonl         every task's training records, shuffled: the official format plus "task"
+        val.jsonl           the same, small (with "answers" for QA)
+        test/<task>.jsonl   one evaluation set per task (with "answers" for QA)
+        corpus.txt          pretraining text for a tiny base model, documents separated by blank lines
+        tokenizer.model     SentencePiece, trained on the corpus and the training records
+        suite.json          the summary, written last: its presence means the suite is complete
+    The same seed gives byte-identical files. QA and choice test sets ask facts that only corpus.txt
+    states; no val or test prompt repeats another prompt of the suite."""
+    w = build_world(seed)
+    if corpus_docs < 2 * len(w["entities"]):
+        raise UserError(f"corpus_docs={corpus_docs} is too small; use at least {2 * len(w['entities'])} so that "
+                         "every entity's facts reach the corpus.")
+    if os.path.exists(os.path.join(out_dir, "suite.json")):
+        os.remove(os.path.join(out_dir, "suite.json"))  # a rebuild cut short must not look complete
+    sizes = {"train": n_train_per_task, "val": n_val_per_task, "test": n_test_per_task}
+    data = {split: {} for split in sizes}
+    for name, generate in _GENERATORS.items():
+        seen = set()
+        for split, n in sizes.items():
+            rng, records = random.Random(f"{seed}-{name}-{split}"), []
+            for i in range(n):
+                for _ in range(100):  # retry a prompt seen before; a tiny world may run out of new ones
+                    record = generate(w, rng, i, split)
+                    if split == "train" or (record["instruction"], record["input"]) not in seen:
+                        break
+                seen.add((record["instruction"], record["input"]))
+                records.append(record)
+            data[split][name] = records
+    train = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"], "task": name}
+             for name, records in data["train"].items() for r in records]
+    val = [{**r, "task": name} for name, records in data["val"].items() for r in records]
+    random.Random(f"{seed}-mix").shuffle(train)
+    random.Random(f"{seed}-mix-val").shuffle(val)
+    docs = _corpus(w, random.Random(f"{seed}-corpus"), corpus_docs)
+    texts = docs + [line for r in train for field in ("instruction", "input", "output") for line in r[field].split("\n")]
+    tokenizer = _train_tokenizer([t for t in texts if t], vocab_size)
+
+    for name, records in data["test"].items():
+        write_jsonl(os.path.join(out_dir, "test", f"{name}.jsonl"), records)
+    write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
+    write_jsonl(os.path.join(out_dir, "val.jsonl"), val)
+    write_atomic(os.path.join(out_dir, "corpus.txt"), "\n\n".join(docs) + "\n")
+    write_atomic(os.path.join(out_dir, "tokenizer.model"), tokenizer)
+    summary = {"seed": seed, "vocab_size": vocab_size, "corpus_docs": len(docs), "corpus_chars": sum(map(len, docs)),
+               "entities": len(w["entities"]), "held_out_facts": len(w["held"]), "train": len(train), "val": len(val),
+               "tasks": {name: {"metric": t.metric, "max_new_tokens": t.max_new_tokens,
+                                "labels": t.labels and list(t.labels), **{s: len(data[s][name]) for s in sizes}}
+                         for name, t in SYNTHETIC_TASKS.items()}}
+    write_atomic(os.path.join(out_dir, "suite.json"), json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# The built-in demo (`python train.py` with no arguments): made on first use, nothing downloaded
+
+ROOT = "data/mini_cme"
+DEMO = dict(data_dir=f"{ROOT}/tokens", eval_dir=f"{ROOT}/test", tokenizer=f"{ROOT}/tokenizer.model",
+            init_from=f"{ROOT}/base.pt")  # train.py's defaults
+# train.py settings that pretrain the demo base: about 3 epochs of the 238K-token corpus, 64
+# documents (about 2,600 tokens) a step
+PRETRAIN = dict(adapter="none", init_from="scratch", model="small", batch_mode="pack", max_len=256, batch_size=64,
+                learning_rate=3e-3, warmup_iters=30, max_iters=300, eval_interval=300, eval_dir="",
+                out_dir=f"{ROOT}/pretrain", data_dir=f"{ROOT}/corpus_tokens", tokenizer=DEMO["tokenizer"])
+
+
+def halves(doc):
+    """A document as two halves joined by </s>. A real base has seen </s> as an input followed by
+    more text (its pretraining stream separates documents with it); a tiny base pretrained on
+    whole documents has not, and adapters cannot retrain the embedding of the </s> that ends every
+    prompt, so adapters learn the first answer token far more slowly than full fine-tuning does."""
+    sentences = doc.split(". ")
+    if len(sentences) < 2:
+        return doc
+    cut = len(sentences) // 2
+    return ". ".join(sentences[:cut]) + ".</s>" + ". ".join(sentences[cut:])
+
+
+def build_demo_data(cfg):
+    """Make whatever of the demo's suite and shards the train.py config `cfg` uses and lacks.
+    Returns the train.py settings that pretrain the demo base when cfg uses it and it is missing
+    (the caller runs them and moves model.pt to cfg["init_from"]), else None."""
+    uses = {k: cfg[k] == v for k, v in DEMO.items()}
+    if not any(uses.values()):
+        return None
+    if not os.path.isfile(f"{ROOT}/suite.json"):
+        print(f"building the synthetic mini-CME suite in {ROOT} (once)...")
+        make_suite(ROOT, seed=0)
+    if uses["data_dir"] and not os.path.isfile(f"{cfg['data_dir']}/summary.json"):
+        prepare([f"{ROOT}/train.jsonl"], DEMO["tokenizer"], cfg["data_dir"], max_len=256, val_fraction=0.03, quiet=True)
+    if not uses["init_from"] or os.path.isfile(cfg["init_from"]):
+        return None
+    corpus = PRETRAIN["data_dir"]
+    if not os.path.isfile(f"{corpus}/summary.json"):
+        with open(f"{ROOT}/corpus.txt", encoding="utf-8") as f:
+            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+        write_jsonl(f"{ROOT}/corpus.jsonl", [{"text": halves(d)} for d in docs])
+        prepare([f"{ROOT}/corpus.jsonl"], DEMO["tokenizer"], corpus, max_len=256, quiet=True)
+    return dict(PRETRAIN)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="minicme.py", description="Write the synthetic mini-CME suite "
+                                     "(deterministic from the seed).")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        summary = make_suite(args.out, args.seed)
+    except (UserError, OSError) as e:
+        sys.exit(f"minicme.py: error: {e}")
+    print(f"mini-CME in {args.out}: {summary['train']} training records over {len(summary['tasks'])} tasks, "
+          f"{summary['corpus_docs']} corpus documents, a {summary['vocab_size']}-piece tokenizer")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""
+The evaluation tasks: the CME benchmark's metrics, its 11 tasks with a loader for each one's public
+file format, the authors' record templates, and the writer of evaluation sets.
+
+    python tasks.py --task anli --raw R1/test.jsonl R2/test.jsonl R3/test.jsonl --out eval/anli.jsonl
+
+- metrics: accuracy on a label word or option letter, exact match over answer aliases (SQuAD
+  normalisation), ROUGE-L F1; Task and evaluate() score generated answers with them.
+- CME_TASKS: the 11 evaluation tasks, each with a loader that returns records in the authors'
+  format {"instruction", "input", "output"} (+ "answers" for QA). An evaluation set is a folder of
+  <task>.jsonl files; train.py scores each with the task its file name names.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import string
+import sys
+import unicodedata
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from data import UserError, write_atomic
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def normalize_answer(s):
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces. Unicode
+    punctuation ("。") goes too; SQuAD's ASCII list would keep it."""
+    s = "".join(c for c in s.lower() if c not in string.punctuation and not unicodedata.category(c).startswith("P"))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def exact_match(prediction, answers):
+    """1.0 if the prediction equals any answer alias after normalisation, else 0.0."""
+    answers = [answers] if isinstance(answers, str) else answers
+    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+# "Answer: B", "The correct option is B", "label: entailment" -> what follows the prefix
+_ANSWER_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:correct\s+|right\s+|final\s+)?(?:answer|option|choice|label)\b"
+                            r"\s*(?:is\b)?\s*[:\-]?\s*", re.I)
+
+
+def _option_letter(text):
+    """The option letter a prediction starts with ("B", "(b)", "B.", "B) Paris", "A.cellular
+    telephone"), or None; None too when it names a second option ("A or B", "A, B", "A B")."""
+    m = re.match(r"([(\[])?([A-Za-z])(?![A-Za-z0-9])([)\]])?", text)
+    if not m:
+        return None
+    letter, rest = m.group(2), text[m.end():]
+    if letter.islower() and rest.strip() and not (m.group(1) or m.group(3) or rest[0] in ".:"):
+        return None  # "a dog" starts with an article, not with option (a)
+    if (re.match(r"\s*(?:,|/|&|\bor\b|\band\b)\s*[(\[]?[A-Za-z](?![A-Za-z0-9])", rest, re.I)
+            or re.fullmatch(r"\s+[(\[]?[A-Z][)\]]?\.?\s*", rest)):
+        return None
+    return letter.upper()
+
+
+def _words(s):
+    return re.sub(r"[\W_]+", " ", s.lower()).split()  # "Not_entailment." -> ["not", "entailment"]
+
+
+def _labels_named(words, labels):
+    """The labels that occur in a word list; one inside a longer label that occurs there
+    ("duplicate" inside "not duplicate") does not count on its own."""
+    spans = []
+    for lw in map(_words, labels):
+        spans += [(i, i + len(lw), tuple(lw)) for i in range(len(words) - len(lw) + 1) if words[i:i + len(lw)] == lw]
+    return {lw for s, e, lw in spans if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
+
+
+def accuracy(prediction, label, labels=None):
+    """1.0 if the prediction gives the label: an option letter ("B", "(B)", "B. Paris", "Answer: B")
+    or a label word, whatever the case and punctuation ("Entailment." for "entailment"). Given the
+    task's label set, a longer answer counts when it names exactly one label, the right one. An
+    answer naming two labels ("A or B", "entailment or neutral") is always wrong."""
+    text = _ANSWER_PREFIX.sub("", prediction, count=1).strip()
+    if re.fullmatch(r"[A-Za-z]", label.strip()):
+        return float(_option_letter(text) == label.strip().upper())
+    words, gold = _words(text), _words(label)
+    return float(words == gold or (labels is not None and _labels_named(words, labels) == {tuple(gold)}))
+
+
+def _lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists, one DP row at a time."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0  # row[j - 1] before this pass
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F1 as rouge-score computes it by default: lower case, every run of characters
+    outside [a-z0-9] splits tokens, no stemming."""
+    p, r = (re.sub(r"[^a-z0-9]+", " ", s.lower()).split() for s in (prediction, reference))
+    lcs = _lcs_length(p, r) if p and r else 0
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))  # F1 of precision lcs/|p| and recall lcs/|r|
+
+
+@dataclass
+class Task:
+    """An evaluation task: how many tokens to generate and how to score them against a record."""
+    name: str
+    metric: str  # "accuracy" | "exact_match" | "rouge_l"
+    max_new_tokens: int
+    labels: Optional[tuple] = None  # the allowed outputs of a classification task
+
+    def __post_init__(self):
+        if self.metric not in ("accuracy", "exact_match", "rouge_l"):
+            raise UserError(f"task {self.name!r} has metric {self.metric!r}; use accuracy, exact_match or rouge_l.")
+
+    def score(self, prediction, record):
+        reference = record.get("output")
+        if reference is None:
+            raise UserError(f"a {self.name} record has no reference output; evaluate on a labelled split.")
+        if self.metric == "accuracy":
+            return accuracy(prediction, reference, self.labels)
+        if self.metric == "exact_match":
+            # the authors' Chinese QA records answer "<short answer>。<explanation>": score the answer
+            return exact_match(prediction.split("。", 1)[0], record.get("answers") or [reference])
+        return rouge_l(prediction, reference)
+
+
+def evaluate(task, predictions, records):
+    """The task's score over a set of records, as a percentage (mean x 100)."""
+    if len(predictions) != len(records) or not records:
+        raise UserError(f"{task.name}: {len(predictions)} predictions for {len(records)} records; "
+                         "give one prediction per record.")
+    return 100.0 * sum(task.score(p, r) for p, r in zip(predictions, records)) / len(records)
+
+
+# -----------------------------------------------------------------------------
+# Record templates in the style of the authors' 132 records (shared/fixtures/official). Every
+# instruction is copied from them except RTE's: they hold no two-way NLI item, so it follows the
+# NLI ones. CME evaluation sets use a kind's first phrasing; the synthetic suite samples them all.
+
+TEMPLATES = {
+    "nli": ([
+        "What kind of relationship exists between the two given sentences: neutral, contradiction, or entailment?",
+        "Can you identify the relationship between these two sentences as neutral, contradiction, or entailment?",
+        "Identify the connection between the given sentences as either neutral, contradiction, or entailment.",
+        "Analyze the connection between the following sentences: neutral, contradiction, or entailment.",
+        "Decide the relationship between these sentences: neutral, contradiction, or entailment.",
+        "Evaluate the relationship between these two sentences: neutral, contradiction, or entailment.",
+        "Decide whether the following statements are neutral, contradiction, or entailment."],
+        "Sentence 1: {premise}\nSentence 2: {hypothesis}"),
+    "rte": (["Identify the connection between the given sentences as either entailment or not entailment."],
+            "Sentence 1: {premise}\nSentence 2: {hypothesis}"),
+    "paraphrase": ([
+        "Determine if the following two sentences are semantically identical or different. Choose 'duplicate' or 'not duplicate'.",
+        "Determine the relationship between the following sentences: are they duplicates or not? Select 'duplicate' or 'not duplicate'.",
+        "Check if the following questions are semantically equivalent. Choose 'duplicate' if they are equivalent, otherwise select 'not duplicate'.",
+        "Analyze the pair of questions to determine if they are asking the same thing. Choose 'duplicate' or 'not duplicate'.",
+        "Evaluate the semantic similarity of the following sentences. If they are the same, choose 'duplicate'; if different, choose 'not duplicate'.",
+        "Based on the content of these sentences, determine if they are duplicates of each other. Select 'duplicate' or 'not duplicate'.",
+        "Judge whether these two sentences have the same meaning. Select 'duplicate' if they do and 'not duplicate' if they do not."],
+        "Text 1: {text1}\nText 2: {text2}"),
+    "sentiment": ([
+        "Read the following review and determine if the sentiment is positive or negative.",
+        "Determine whether the sentiment in the following passage is positive or negative.",
+        "Classify the sentiment of the following review: is it positive or negative?",
+        "Based on the content of the following passage, is the sentiment positive or negative?"], "{text}"),
+    "summary": ([
+        "Write a summary that captures the main ideas of the text:", "Provide a concise summary for the given passage:",
+        "Write a concise summary for the provided text:", "Summarize the following text:",
+        "Summarize the essential points of the following text:",
+        "Condense the following information into a brief summary:"], "{text}"),
+    "blank": ([
+        "Decide the word represented by the blank in the provided sentence.",
+        "Determine the proper word that the blank is substituting in the sentence.",
+        "Determine the correct word to fill in the blank in the given sentence."],
+        "Sentence: '{sentence}'\nOption A: '{option1}'\nOption B: '{option2}'"),
+    "choice": (["Among the options given, choose the correct one."], "Question: {question}\nChoices: {choices}"),
+}
+LETTERS = "ABCDEFGH"
+
+
+def make_record(kind, output, instruction=None, **fields):
+    """A record of one kind; options=[...] become "A.x, B.y, ..." as in the official records."""
+    phrasings, layout = TEMPLATES[kind]
+    if "options" in fields:
+        fields["choices"] = ", ".join(f"{LETTERS[i]}.{o}" for i, o in enumerate(fields.pop("options")))
+    return {"instruction": instruction or phrasings[0], "input": layout.format(**fields), "output": output}
+
+
+def qa_record(question, answers):
+    """Open-domain QA as in the official records: the question is the instruction, no input.
+    "answers" holds every alias (duplicates dropped); the first is the output."""
+    answers = list(dict.fromkeys(a for a in answers if a))
+    return {"instruction": question, "input": "", "output": answers[0] if answers else None, "answers": answers}
+
+
+# -----------------------------------------------------------------------------
+# CME loaders, one per public format. A row without a label (GLUE test files, WinoGrande's test
+# split) loads with output None, so the file can still be turned into prompts; write_eval_set
+# refuses it. A malformed file stops with its name, the line and what to do. Files are read as
+# UTF-8, with or without a byte-order mark.
+
+def _check_exists(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; check the path to the task's raw file.")
+
+
+def _get(obj, key, where):
+    if not isinstance(obj, dict) or key not in obj:
+        raise UserError(f"{where} has no {key!r} field; check that the file is in this task's format.")
+    return obj[key]
+
+
+def _label(value, mapping, where):
+    if value is None or value == "":
+        return None
+    if value not in mapping:
+        raise UserError(f"{where} has the label {value!r}; expected one of {list(mapping)}.")
+    return mapping[value]
+
+
+def _jsonl(path):
+    """(where, object) for each non-empty line of a JSON-lines file."""
+    _check_exists(path)
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
+            yield f"{path} line {n}", obj
+
+
+def _json(path):
+    _check_exists(path)
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file.") from None
+
+
+def _tsv(path, need):
+    """(where, row dict) for each row of a GLUE TSV; text mode turns QQP's CRLF into LF."""
+    _check_exists(path)
+    with open(path, encoding="utf-8-sig") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        if not set(need) <= set(header):
+            raise UserError(f"{path} has the columns {header}; this task needs {list(need)} in a header line.")
+        for n, line in enumerate(f, 2):
+            if not line.strip():
+                continue
+            cells = line.rstrip("\n").split("\t")
+            if len(cells) != len(header):
+                raise UserError(f"{path} line {n} has {len(cells)} tab-separated fields where the header has "
+                                 f"{len(header)}; fix or remove that row.")
+            yield f"{path} line {n}", dict(zip(header, cells))
+
+
+def load_anli(path):
+    """ANLI jsonl of any round (R1/R2/R3, dev or test): context, hypothesis, label e/n/c."""
+    labels = {"e": "entailment", "n": "neutral", "c": "contradiction"}
+    return [make_record("nli", _label(row.get("label"), labels, where), premise=_get(row, "context", where),
+                        hypothesis=_get(row, "hypothesis", where)) for where, row in _jsonl(path)]
+
+
+def load_rte(path):
+    """GLUE RTE TSV: index, sentence1, sentence2, label entailment/not_entailment (none in test)."""
+    labels = {"entailment": "entailment", "not_entailment": "not entailment"}
+    return [make_record("rte", _label(row.get("label"), labels, where), premise=row["sentence1"],
+                        hypothesis=row["sentence2"]) for where, row in _tsv(path, ("sentence1", "sentence2"))]
+
+
+def load_qqp(path):
+    """GLUE QQP TSV: id, qid1, qid2, question1, question2, is_duplicate (test: id, question1, question2)."""
+    labels = {"1": "duplicate", "0": "not duplicate"}
+    return [make_record("paraphrase", _label(row.get("is_duplicate"), labels, where), text1=row["question1"],
+                        text2=row["question2"]) for where, row in _tsv(path, ("question1", "question2"))]
+
+
+def load_winogrande(path):
+    """WinoGrande jsonl: sentence with "_" for the blank, option1, option2, answer "1"/"2" -> A/B."""
+    return [make_record("blank", _label(row.get("answer"), {"1": "A", "2": "B"}, where),
+                        sentence=_get(row, "sentence", where), option1=_get(row, "option1", where),
+                        option2=_get(row, "option2", where)) for where, row in _jsonl(path)]
+
+
+def load_arc(path):
+    """ARC jsonl: question {stem, choices [{text, label}]}, answerKey. Some rows label their choices
+    "1".."4" instead of "A".."D"; the letters follow the choices' order either way."""
+    records = []
+    for where, row in _jsonl(path):
+        choices = _get(_get(row, "question", where), "choices", where)
+        keys = {str(_get(c, "label", where)): LETTERS[i] for i, c in enumerate(choices)}
+        records.append(make_record("choice", _label(row.get("answerKey"), keys, where),
+                                   question=_get(row["question"], "stem", where),
+                                   options=[_get(c, "text", where) for c in choices]))
+    return records
+
+
+def load_mmlu(path):
+    """MMLU CSV of one subject (data/{dev,test}/<subject>_<split>.csv): no header; question, A, B,
+    C, D, answer, with quoted fields that may span lines."""
+    _check_exists(path)
+    records, start = [], 1
+    with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": csv sees the quoted newlines
+        reader = csv.reader(f)
+        for row in reader:
+            where, start = f"{path} line {start}", reader.line_num + 1  # the line the record starts on
+            if len(row) != 6:
+                raise UserError(f"{where} has {len(row)} fields; an MMLU row is question, A, B, C, D, answer.")
+            records.append(make_record("choice", _label(row[5].strip(), {c: c for c in "ABCD"}, where),
+                                       question=row[0].strip(), options=[o.strip() for o in row[1:5]]))
+    return records
+
+
+_DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^\s()"]+))\)')  # quoted or bare value
+
+
+def load_webqa(path):
+    """Baidu's Chinese WebQA, {qid: {"question", "evidences": {eid: {"answer": [...], "evidence"}}}}
+    (every evidence's answers but "no_answer"), or English WebQuestions, a JSON list of
+    {"utterance", "targetValue": '(list (description X) (description "Y Z"))'}."""
+    data, records = _json(path), []
+    if isinstance(data, dict):
+        for qid, item in data.items():
+            where = f"{path} question {qid}"
+            evidences = _get(item, "evidences", where).values()
+            answers = [a for ev in evidences for a in _get(ev, "answer", where) if a != "no_answer"]
+            records.append(qa_record(_get(item, "question", where), answers))
+        return records
+    for i, item in enumerate(data):
+        where = f"{path} record {i}"
+        target = _get(item, "targetValue", where)
+        answers = [re.sub(r"\\(.)", r"\1", quoted) or bare for quoted, bare in _DESCRIPTION.findall(target)]
+        if not answers:
+            raise UserError(f"{where} has the targetValue {target!r}; expected '(list (description ...) ...)'.")
+        records.append(qa_record(_get(item, "utterance", where), answers))
+    return records
+
+
+def load_nq(path):
+    """NQ-open jsonl: {"question", "answer": [aliases]} (EfficientQA's extra fields are ignored)."""
+    records = []
+    for where, row in _jsonl(path):
+        answers = _get(row, "answer", where)
+        records.append(qa_record(_get(row, "question", where), [answers] if isinstance(answers, str) else answers))
+    return records
+
+
+def load_triviaqa(path):
+    """TriviaQA JSON {"Data": [{"Question", "Answer": {"Value", "NormalizedValue", "Aliases",
+    "NormalizedAliases"}}]}. The output is the normalised value, lower case as in the official
+    records; every alias counts for exact match. Files without answers load with output None."""
+    records = []
+    for i, item in enumerate(_get(_json(path), "Data", path)):
+        a = item.get("Answer") or {}
+        answers = [a.get("NormalizedValue"), a.get("Value")] + a.get("Aliases", []) + a.get("NormalizedAliases", [])
+        records.append(qa_record(_get(item, "Question", f"{path} record {i}"), answers))
+    return records
+
+
+def load_tldr(path):
+    """OpenAI TL;DR: tldr_3_filtered rows {id, subreddit, title, post, summary}, or
+    summarize-from-feedback comparisons {info: {id, post, ...}, summaries: [{text, policy}]}, which
+    count once per post and only when a summary is the human reference (policy "ref"). JSONL, or a
+    JSON list or object. The input is the post alone, as in the official records."""
+    if path.endswith(".jsonl"):
+        rows = _jsonl(path)
+    else:
+        data = _json(path)
+        rows = [(f"{path} record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
+    records, seen = [], set()
+    for where, row in rows:
+        if "info" in row:
+            info = _get(row, "info", where)
+            refs = [s["text"] for s in _get(row, "summaries", where) if s.get("policy") == "ref"]
+            if not refs or info.get("id") in seen:
+                continue
+            seen.add(info.get("id"))
+            post, summary = _get(info, "post", where), refs[0]
+        else:
+            post, summary = _get(row, "post", where), row.get("summary")
+        records.append(make_record("summary", summary and summary.strip(), text=post))  # refs start with a space
+    return records
+
+
+def load_imdb(path):
+    """IMDB as an aclImdb split folder (pos/ and neg/ of <id>_<rating>.txt, e.g. aclImdb/test) or a
+    file of 'pos<TAB>review' lines (fastNLP's variant). Reviews keep their <br /> tags, as the
+    official records do."""
+    _check_exists(path)
+    names, records = {"pos": "positive", "neg": "negative"}, []
+    if not os.path.isdir(path):
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                label, tab, text = line.rstrip("\n").partition("\t")
+                if not line.strip():
+                    continue
+                if not tab or label not in names:
+                    raise UserError(f"{path} line {n} is not 'pos<TAB>review' or 'neg<TAB>review'; fix or remove it.")
+                records.append(make_record("sentiment", names[label], text=text))
+        return records
+    if not any(os.path.isdir(os.path.join(path, lab)) for lab in names):
+        raise UserError(f"{path} has no pos/ or neg/ folder; point at an aclImdb split folder such as aclImdb/test.")
+    for lab in (lab for lab in names if os.path.isdir(os.path.join(path, lab))):
+        folder, files = os.path.join(path, lab), []
+        for name in os.listdir(folder):
+            m = re.fullmatch(r"(\d+)_\d+\.txt", name)
+            if not m:
+                raise UserError(f"{os.path.join(folder, name)} is not named <id>_<rating>.txt; move it out of {folder}.")
+            files.append((int(m.group(1)), name))
+        for _, name in sorted(files):
+            with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
+                records.append(make_record("sentiment", names[lab], text=f.read()))
+    return records
+
+
+@dataclass
+class CMETask(Task):
+    """A CME evaluation task: a Task plus the loader of its public file format."""
+    load: Callable = None  # path -> list of records in the official format
+    source: str = ""  # the files load() reads
+
+
+CME_TASKS = {t.name: t for t in [
+    CMETask("oai_sum", "rouge_l", 128, None, load_tldr, "tldr_3_filtered/*.jsonl or summarize-from-feedback comparisons"),
+    CMETask("imdb", "accuracy", 8, ("positive", "negative"), load_imdb, "aclImdb/test folder or label<TAB>review file"),
+    CMETask("anli", "accuracy", 8, ("entailment", "neutral", "contradiction"), load_anli, "anli_v1.0/R*/{dev,test}.jsonl"),
+    CMETask("qqp", "accuracy", 8, ("duplicate", "not duplicate"), load_qqp, "GLUE QQP/{train,dev,test}.tsv"),
+    CMETask("rte", "accuracy", 8, ("entailment", "not entailment"), load_rte, "GLUE RTE/{train,dev,test}.tsv"),
+    CMETask("winogrande", "accuracy", 4, ("A", "B"), load_winogrande, "winogrande_1.1/{train_*,dev,test}.jsonl"),
+    CMETask("arc", "accuracy", 4, tuple("ABCDE"), load_arc, "ARC-V1-Feb2018/ARC-*/ARC-*-{Train,Dev,Test}.jsonl"),
+    CMETask("mmlu", "accuracy", 4, tuple("ABCD"), load_mmlu, "data/{dev,test}/<subject>_<split>.csv"),
+    CMETask("webqa", "exact_match", 64, None, load_webqa, "WebQA.v1.0/*.ann.json or webquestions.examples.*.json"),
+    CMETask("nq", "exact_match", 32, None, load_nq, "nq_open/NQ-open.{train,dev}.jsonl"),
+    CMETask("triviaqa", "exact_match", 32, None, load_triviaqa, "triviaqa-rc/qa/*.json"),
+]}
+
+
+
+def write_eval_set(task_name, raw_path, out_path, limit=None):
+    """Load a CME task's raw file (a path, or a list of them, e.g. ANLI's three rounds) and write an
+    evaluation set in the official format: a JSON list for .json, JSON lines for .jsonl. Returns
+    the number of records written."""
+    if task_name not in CME_TASKS:
+        raise UserError(f"unknown task {task_name!r}; choose one of {', '.join(CME_TASKS)}.")
+    if not out_path.endswith((".json", ".jsonl")):
+        raise UserError(f"{out_path} must end in .json (a JSON list) or .jsonl (one record per line).")
+    paths = [raw_path] if isinstance(raw_path, (str, os.PathLike)) else list(raw_path)
+    records = [r for p in paths for r in CME_TASKS[task_name].load(str(p))]
+    unlabelled = sum(r["output"] is None for r in records)
+    if unlabelled:
+        raise UserError(f"{unlabelled} of {len(records)} records in {', '.join(map(str, paths))} have no label "
+                         "(a test split without answers?); build the evaluation set from a labelled split such as dev.")
+    records = records[:limit] if limit else records
+    text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if out_path.endswith(".jsonl")
+            else json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+    write_atomic(out_path, text)
+    return len(records)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tasks.py", description="Write a CME evaluation set in the official "
+                                     "record format from a task's public raw files.")
+    parser.add_argument("--task", required=True, choices=list(CME_TASKS))
+    parser.add_argument("--raw", required=True, nargs="+", help="the task's raw file(s), or aclImdb's split folder")
+    parser.add_argument("--out", required=True, help="output: .json (a list) or .jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="keep the first N records")
+    args = parser.parse_args(argv)
+    try:
+        n = write_eval_set(args.task, args.raw, args.out, args.limit)
+    except (UserError, OSError) as e:
+        sys.exit(f"tasks.py: error: {e}")
+    print(f"wrote {n} {args.task} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""bench.py: a smoke test (the measurements themselves are the benchmark's, never a test's).
+
+    python -m pytest -q
+"""
+
+import pytest
+import torch
+
+import bench
+
+
+def test_quick_run_prints_every_section_with_every_variant(capsys):
+    bench.main(["--quick", "--no-compile", "--threads=1"])  # compile's warm-up alone takes a minute
+    out = capsys.readouterr().out
+    for header in ("## 1. Layer level", "## 2. Model level", "## 3. Beyond the paper", "## 4. Prefill and decode",
+                   "## 5. 7B-shaped", "## Targets"):
+        assert header in out, header
+    layer, model = out.split("## 2.")[0], out.split("## 2.")[1].split("## 3.")[0]
+    variants = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
+    for variant in variants:  # a row in the table of each k (2, 4, 8)
+        assert sum(line.startswith(variant + "  ") for line in layer.splitlines()) == 3, variant
+    for section in (layer.split("Figure 4a")[1], model):  # a column in the summaries
+        header = next(line for line in section.splitlines() if line.startswith("k  "))
+        assert all(v in header for v in variants), header
+    assert "TeamLoRA compiled" not in out
+    assert "nan" not in out.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
+def test_cuda_without_a_gpu_skips_with_one_sentence(capsys):
+    bench.main(["--device=cuda"])
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("skipped:") and "CUDA is not available" in out and len(out.splitlines()) == 1
+
+
+def test_unknown_section_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--section=layer,speed"])
+    assert e.value.code == 2 and "unknown section" in capsys.readouterr().err

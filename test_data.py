@@ -1,0 +1,478 @@
+"""data.py: the tokenizer, the authors' record format token for token, prepare, batches.
+
+    python -m pytest -q
+"""
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import data
+from conftest import FIXTURES, LLAMA2, OFFICIAL, needs_fixtures
+from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
+
+EDGE_CASES = [
+    {"instruction": "Trailing whitespace", "input": "inp  \n\n", "output": "out \n"},
+    {"instruction": "Leading space in the answer", "input": "", "output": " starts with a space"},
+    {"instruction": "has </s> inside and <s> too", "input": " x </s>y", "output": "a</s> b <s>c <unk> d"},
+    {"instruction": "empty output", "input": "", "output": ""},
+    {"instruction": "中文指令：请回答。", "input": "输入 文本\n", "output": "曹操。他说过这句话。"},
+    {"instruction": "", "input": "only input", "output": "x"},
+    {"instruction": "  spaces  ", "input": "\t", "output": "\n\n"},
+    {"instruction": "</s>", "input": "", "output": "</s>"},
+    {"instruction": "braces {instruction} {0}", "input": None, "output": "emoji 🙂 and é"},
+    {"instruction": "no input key", "output": "ok"},
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent reconstruction of what the authors' build_dataset.py produced with
+# transformers 4.30's slow LlamaTokenizer.from_pretrained (checked against 4.30.2 itself):
+# the text is cut at every special token (<s>, </s>, <unk>) and each piece in between goes
+# through SentencePiece on its own, dummy prefix included. Whitespace next to a special token is
+# kept: the LLaMA-2 / Chinese-LLaMA-2 tokenizer files declare them AddedToken(lstrip=False,
+# rstrip=False).
+
+def reference_llama_tokenizer_430(sp, text, add_bos):
+    specials = {"<s>": sp.bos_id(), "</s>": sp.eos_id(), "<unk>": sp.unk_id()}
+    ids = [sp.bos_id()] if add_bos else []
+    while text:
+        hits = [(text.find(s), s) for s in specials if s in text]
+        if not hits:
+            ids += sp.encode(text)
+            break
+        at, special = min(hits)
+        if at:
+            ids += sp.encode(text[:at])
+        ids.append(specials[special])
+        text = text[at + len(special):]
+    return ids
+
+
+def reference_build_dataset(sp, example, max_len):
+    instruction = example["instruction"]
+    if example.get("input") is not None and example.get("input") != "":
+        instruction = instruction + "\n" + example["input"]
+    s = reference_llama_tokenizer_430(sp, "{instruction}</s>".format_map({"instruction": instruction}), True)
+    t = reference_llama_tokenizer_430(sp, example["output"] + "</s>", False)
+    return (s + t)[:max_len], ([-100] * len(s) + t)[:max_len]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(LLAMA2)
+
+
+@pytest.fixture(scope="module")
+def sp():
+    return spm.SentencePieceProcessor(model_file=str(LLAMA2))
+
+
+@pytest.fixture(scope="module")
+def official():
+    with open(OFFICIAL, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+@needs_fixtures
+def test_sentencepiece_tokenizer_ids_follow_the_model(tok, sp):
+    assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id) == ("sentencepiece", sp.get_piece_size(),
+                                                                  sp.bos_id(), sp.eos_id())
+    assert 0 <= tok.pad_id < tok.vocab_size and tok.pad_id not in (tok.bos_id, tok.eos_id)
+    text = "Hello world\n  中文 🙂"
+    assert tok.encode(text) == sp.encode(text)
+    assert tok.encode(text, bos=True, eos=True) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+    assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
+
+
+@needs_fixtures
+def test_raw_encode_keeps_special_text_as_text_and_special_encode_does_not(tok):
+    assert tok.eos_id not in tok.encode("a</s>b")
+    assert tok.encode("a</s>b", special=True) == tok.encode("a") + [tok.eos_id] + tok.encode("b")
+    assert tok.decode(tok.encode("a</s>b")) == "a</s>b"
+
+
+def test_tokenizer_reports_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        Tokenizer(tmp_path / "nope.model")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(UserError, match="neither a SentencePiece model .* nor a tiktoken"):
+        Tokenizer(junk)
+
+
+def write_tiktoken_file(path, extra_tokens=()):
+    """A tiny LLaMA-3-format tokenizer.model: the 256 bytes, a few merges, then extra tokens."""
+    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor",
+                                                 b"ld", b" world"] + list(extra_tokens)
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return len(tokens)
+
+
+def test_tiktoken_file_is_detected_and_encodes_with_llama3_specials(tmp_path):
+    pytest.importorskip("tiktoken")
+    n = write_tiktoken_file(tmp_path / "tokenizer.model")
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    assert tok.kind == "tiktoken" and tok.vocab_size == n + 256
+    assert (tok.bos_id, tok.eos_id) == (n, n + 1)  # <|begin_of_text|>, <|end_of_text|> follow the ranks
+    assert tok.encode("hello world") == [n - 6, n - 1]
+    assert tok.eos_id not in tok.encode("<|end_of_text|>")  # plain text stays text
+    assert tok.encode("hi<|end_of_text|>", special=True) == tok.encode("hi") + [tok.eos_id]
+    text = "héllo wörld 🙂\n\t</s>"
+    assert tok.decode(tok.encode(text, bos=True)) == "<|begin_of_text|>" + text
+    ids, labels = encode_example(tok, {"instruction": "hello", "input": "", "output": "world"})
+    prompt = ids[:labels.count(-100)]
+    assert prompt == [tok.bos_id] + tok.encode("hello</s>") and ids[-1] == tok.eos_id  # "</s>" is text here
+
+
+def test_tiktoken_file_without_the_package_names_pip_install(tmp_path, monkeypatch):
+    write_tiktoken_file(tmp_path / "tokenizer.model")
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # makes `import tiktoken` fail
+    with pytest.raises(UserError, match="pip install tiktoken"):
+        Tokenizer(tmp_path / "tokenizer.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' record format
+
+@needs_fixtures
+def test_official_records_match_the_reconstruction_of_transformers_430(tok, sp, official):
+    assert len(official) == 132
+    for i, example in enumerate(official + EDGE_CASES):
+        for max_len in (1024, 10**6):
+            assert encode_example(tok, example, max_len) == reference_build_dataset(sp, example, max_len), i
+
+
+@needs_fixtures
+def test_prompt_is_masked_and_truncation_is_a_prefix(tok, official):
+    for example in official[:40] + EDGE_CASES:
+        full_ids, full_labels = encode_example(tok, example, 10**6)
+        n_prompt = full_labels.count(-100)
+        assert full_ids[0] == tok.bos_id and full_ids[n_prompt - 1] == tok.eos_id and full_ids[-1] == tok.eos_id
+        assert full_labels[:n_prompt] == [-100] * n_prompt and full_labels[n_prompt:] == full_ids[n_prompt:]
+        for max_len in (1, 7, n_prompt, n_prompt + 1, len(full_ids) - 1):
+            ids, labels = encode_example(tok, example, max_len)
+            assert ids == full_ids[:max_len] and labels == full_labels[:max_len]
+
+
+@needs_fixtures
+def test_encode_prompt_is_the_masked_part_of_the_training_example(tok, official):
+    for example in official[:20] + EDGE_CASES:
+        ids, labels = encode_example(tok, example, 10**6)
+        assert data.encode_prompt(tok, example) == ids[:labels.count(-100)]
+    assert data.encode_prompt(tok, {"instruction": "q", "input": "x"}) == tok.encode("q\nx</s>", bos=True, special=True)
+
+
+@needs_fixtures
+def test_text_record_is_a_document_trained_on_after_bos_with_special_strings_as_ids(tok):
+    first, second = "A plain document.", "\n\nIts second piece."
+    ids, labels = encode_example(tok, {"text": first + "</s>" + second})
+    # as in a pretraining stream: BOS, the pieces, the literal </s> turned into EOS, a closing EOS
+    expected = [tok.bos_id] + tok.encode(first) + [tok.eos_id] + tok.encode(second) + [tok.eos_id]
+    assert ids == expected and labels == [-100] + ids[1:]
+    plain, _ = encode_example(tok, {"text": first})
+    assert plain == tok.encode(first, bos=True, eos=True)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("example, message", [
+    ({"instruction": "x", "input": ""}, 'record has no "output"'),
+    ({"input": "", "output": "y"}, 'record has no "instruction"'),
+    ({"instruction": 5, "input": "", "output": "y"}, '"instruction" is a number, not a string'),
+    ({"instruction": "x", "input": ["a"], "output": "y"}, '"input" is a list, not a string'),
+    ({"instruction": "x", "input": "", "output": None}, '"output" is null, not a string'),
+    (["x", "", "y"], "record is a list, not an object"),
+])
+def test_bad_records_are_named_with_the_fix(tok, example, message):
+    with pytest.raises(UserError, match=message + ".*each record must be an object"):
+        encode_example(tok, example)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+def shard_records(out, split="train"):
+    ds = TokenDataset(out, split)
+    return [(ds[i][0].tolist(), ds[i][1]) for i in range(len(ds))]
+
+
+@needs_fixtures
+def test_prepare_round_trip_decodes_back_to_the_records(tmp_path, tok, official):
+    jsonl = tmp_path / "extra.jsonl"
+    jsonl.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n\n" for e in EDGE_CASES), encoding="utf-8")
+    summary = prepare([OFFICIAL, jsonl], LLAMA2, tmp_path / "out", max_len=10**6, workers=1)
+    records = official + EDGE_CASES
+    got = shard_records(tmp_path / "out")
+    assert len(got) == len(records) and summary["dtype"] == "uint16"
+    assert TokenDataset(tmp_path / "out").tokens.dtype == np.uint16
+    assert [f["records"] for f in summary["files"]] == [132, len(EDGE_CASES)]
+    assert summary["splits"]["val"]["records"] == 0 and summary["truncated"] == summary["dropped_no_answer"] == 0
+    assert summary["splits"]["train"]["tokens"] == sum(f["tokens"] for f in summary["files"]) \
+        == sum(len(ids) for ids, _ in got)
+    for example, (ids, prompt_len) in zip(records, got):
+        want_ids, want_labels = encode_example(tok, example, 10**6)
+        assert ids == want_ids and prompt_len == want_labels.count(-100)
+        if not any(s in json.dumps(example) for s in ("<s>", "</s>", "<unk>")):
+            prompt = example["instruction"] + ("\n" + example["input"] if example.get("input") else "")
+            assert tok.decode(ids[:prompt_len]) == prompt and tok.decode(ids[prompt_len:]) == example["output"]
+
+
+@needs_fixtures
+def test_prepare_counts_truncated_records_and_drops_those_without_answer(tmp_path, tok, official):
+    max_len = 96
+    summary = prepare([OFFICIAL], LLAMA2, tmp_path / "out", max_len=max_len, workers=1)
+    full = [encode_example(tok, e, 10**6) for e in official]
+    truncated = sum(len(ids) > max_len for ids, _ in full)
+    no_answer = [labels.count(-100) >= max_len for _, labels in full]
+    assert 0 < sum(no_answer) < truncated  # the fixture exercises both cases
+    assert (summary["truncated"], summary["dropped_no_answer"]) == (truncated, sum(no_answer))
+    assert summary["files"][0]["kept"] == summary["splits"]["train"]["records"] == 132 - sum(no_answer)
+    kept = [encode_example(tok, e, max_len) for e, lost in zip(official, no_answer) if not lost]
+    assert shard_records(tmp_path / "out") == [(ids, labels.count(-100)) for ids, labels in kept]
+
+
+@needs_fixtures
+def test_prepare_is_byte_identical_across_runs_and_worker_counts(tmp_path):
+    args = dict(max_len=128, val_fraction=0.25, seed=3)
+    prepare([OFFICIAL], LLAMA2, tmp_path / "a", workers=1, **args)
+    prepare([OFFICIAL], LLAMA2, tmp_path / "b", workers=2, **args)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and "val.tokens.bin" in names
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@needs_fixtures
+def test_val_split_partitions_the_kept_records_by_seed(tmp_path):
+    prepare([OFFICIAL], LLAMA2, tmp_path / "all", workers=1)
+    kept = shard_records(tmp_path / "all")
+    splits = {}
+    for seed in (0, 1):
+        summary = prepare([OFFICIAL], LLAMA2, tmp_path / f"s{seed}", val_fraction=0.3, seed=seed, workers=1)
+        train, val = shard_records(tmp_path / f"s{seed}"), shard_records(tmp_path / f"s{seed}", "val")
+        assert 0 < len(val) < len(kept) and summary["splits"]["val"]["records"] == len(val)
+        merged = iter(sorted([(kept.index(r), r) for r in train + val]))
+        assert [r for _, r in merged] == kept  # disjoint, complete, in input order within each split
+        splits[seed] = val
+    assert splits[0] != splits[1]
+
+
+def test_streamed_json_list_parser_agrees_with_json_load(tmp_path, monkeypatch):
+    records = [{"instruction": f"q{i} " + "x" * (i % 7), "input": "\n" * (i % 3), "output": "é" * i}
+               for i in range(50)] + [{"instruction": "[1, 2] } { \"", "input": "", "output": "]"}]
+    path = tmp_path / "list.json"
+    path.write_text("\ufeff \n" + json.dumps(records, ensure_ascii=False, indent=2) + "\n\n", encoding="utf-8")
+    for read in (1, 5, 64, 1 << 20):  # tiny reads put record boundaries everywhere
+        monkeypatch.setattr(data, "_READ", read)
+        assert [r for _, r in data._iter_json_list(path)] == records
+    path.write_text("[]")
+    assert list(data._iter_json_list(path)) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_spm(tmp_path_factory):
+    """A SentencePiece model trained in a second, so the error tests need no fixtures."""
+    where = tmp_path_factory.mktemp("tiny")
+    text = where / "corpus.txt"
+    text.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(where / "tiny"), vocab_size=300,
+                                   bos_id=1, eos_id=2, unk_id=0, byte_fallback=True, minloglevel=2)
+    return where / "tiny.model"
+
+
+GOOD = '{"instruction": "a", "input": "", "output": "b"}'
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.json", None, "input file .*missing.json not found"),
+    ("bad.jsonl", f"{GOOD}\n\n{{\"instruction\": \"a\",\n", r"bad.jsonl line 3: not valid JSON"),
+    ("bad.json", f"[\n{GOOD},\n{GOOD},\n{{\"instruction\" \"a\"}}\n]", r"bad.json line 4: record 2 is not valid JSON"),
+    ("comma.json", f"[{GOOD} {GOOD}]", r"expected ',' or '\]' after record 0"),
+    ("tail.json", f"[{GOOD}] [", r"unexpected text after the closing"),
+    ("cut.json", f"[{GOOD}, {GOOD[:20]}", r"cut.json line 1: record 1 is not valid JSON"),
+    ("nooutput.jsonl", f'{GOOD}\n{{"instruction": "a", "input": ""}}\n', r'nooutput.jsonl line 2 has no "output"'),
+    ("nooutput.json", f'[{GOOD}, {{"instruction": "a", "input": ""}}]', r'nooutput.json record 1 has no "output"'),
+    ("number.jsonl", '{"instruction": 1, "input": "", "output": "b"}\n', r'line 1: "instruction" is a number'),
+    ("string.json", '"hello"', r"string.json starts with .*JSON list of records or JSONL"),
+    ("empty.json", "  \n", r"empty.json is empty"),
+    ("list.jsonl", f'{GOOD}\n["a", "b"]\n', r"list.jsonl line 2 is a list, not an object"),
+    ("strings.json", '["a", "b"]', r"strings.json record 0 is a string, not an object"),
+    ("latin1.jsonl", b'{"instruction": "caf\xe9", "input": "", "output": "b"}\n', r"latin1.jsonl line 1: not UTF-8"),
+    ("latin1.json", b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]', r"latin1.json is not UTF-8"),
+    ("surrogate.jsonl", b'{"instruction": "\\ud800", "output": "b"}\n', r'line 1: "instruction" holds a lone surrogate'),
+])
+def test_malformed_input_stops_with_file_place_and_fix_and_leaves_nothing(tmp_path, tiny_spm, name, content, message):
+    tokenizer = tiny_spm
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message):
+        prepare([path], tokenizer, out, workers=1)
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_error_deep_in_a_file_with_workers_leaves_no_output(tmp_path, tiny_spm):
+    tokenizer = tiny_spm
+    path = tmp_path / "long.jsonl"
+    path.write_text(f"{GOOD}\n" * 3000 + '{"instruction": "a"}\n' + f"{GOOD}\n" * 10)
+    with pytest.raises(UserError, match=r'long.jsonl line 3001 has no "output"'):
+        prepare([path], tokenizer, tmp_path / "out", workers=2)
+    assert os.listdir(tmp_path) == ["long.jsonl"]
+
+
+def test_command_line_error_is_one_sentence_without_traceback(tmp_path, tiny_spm):
+    tokenizer = tiny_spm
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "data.py"), "prepare", "--input", str(tmp_path / "x.json"),
+                             "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "x.json not found" in result.stderr
+
+
+def test_prepare_replaces_its_own_output_but_not_a_foreign_directory(tmp_path, tiny_spm):
+    tokenizer = tiny_spm
+    path = tmp_path / "d.jsonl"
+    path.write_text(f"{GOOD}\n" * 3)
+    prepare([path], tokenizer, tmp_path / "out", workers=1)
+    path.write_text(f"{GOOD}\n" * 5)
+    assert prepare([path], tokenizer, tmp_path / "out", workers=1)["records"] == 5
+    assert len(TokenDataset(tmp_path / "out")) == 5
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not the output of a previous prepare"):
+        prepare([path], tokenizer, tmp_path / "mine", workers=1)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_large_vocabulary_is_stored_as_uint32(tmp_path):
+    pytest.importorskip("tiktoken")
+    extra = [i.to_bytes(3, "big") for i in range(1 << 16, (1 << 16) + 70000)]
+    write_tiktoken_file(tmp_path / "big.model", extra)
+    tok = Tokenizer(tmp_path / "big.model")
+    assert tok.vocab_size > 65536 and tok.bos_id > 65535
+    path = tmp_path / "d.jsonl"
+    examples = [{"instruction": "hello", "input": "world", "output": "hello world"}, {"instruction": "é", "output": ""}]
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    summary = prepare([path], tmp_path / "big.model", tmp_path / "out", workers=1)
+    assert summary["dtype"] == "uint32" and TokenDataset(tmp_path / "out").tokens.dtype == np.uint32
+    assert shard_records(tmp_path / "out") == [(ids, labels.count(-100)) for ids, labels in
+                                               (encode_example(tok, e) for e in examples)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    if FIXTURES is None:
+        pytest.skip("shared/fixtures not found")
+    out = tmp_path_factory.mktemp("batches") / "out"
+    prepare([OFFICIAL], LLAMA2, out, max_len=200, workers=1)
+    return TokenDataset(out)
+
+
+def segments(batch):
+    """The examples in a batch: (tokens, labels) of each row (pad) or each seq_id run (pack)."""
+    out = []
+    for r in range(batch["tokens"].shape[0]):
+        seq = batch["seq_ids"][r] if "seq_ids" in batch else batch["valid"][r].long() - 1  # pad: a row, an example
+        for j in seq[seq >= 0].unique().tolist():
+            out.append((tuple(batch["tokens"][r][seq == j].tolist()), tuple(batch["labels"][r][seq == j].tolist())))
+    return out
+
+
+def expected(dataset, i, max_len=None):
+    ids, prompt_len = dataset[i]
+    ids = ids[:max_len].tolist() if max_len else ids.tolist()
+    labels = [ids[t + 1] if t + 1 >= max(prompt_len, 1) and t + 1 < len(ids) else -100 for t in range(len(ids))]
+    return tuple(ids), tuple(labels)
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_batches_are_a_function_of_seed_and_step(dataset, mode):
+    a = get_batch(dataset, 5, 8, seed=1, mode=mode)
+    b = get_batch(dataset, 5, 8, seed=1, mode=mode)
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "n_answer_global")
+    assert not torch.equal(a["tokens"], get_batch(dataset, 5, 8, seed=2, mode=mode)["tokens"])
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_rank_slices_together_are_the_single_process_batch(dataset, mode):
+    for step in (0, 3, 40):
+        whole = get_batch(dataset, step, 8, seed=0, mode=mode, max_len=150)
+        for world_size in (2, 4, 8):
+            parts = [get_batch(dataset, step, 8, 0, rank, world_size, mode, max_len=150) for rank in range(world_size)]
+            assert Counter(s for p in parts for s in segments(p)) == Counter(segments(whole))
+            assert {p["n_answer_global"] for p in parts} == {whole["n_answer_global"]}
+            assert sum(int((p["labels"] != -100).sum()) for p in parts) == whole["n_answer_global"]
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_batch_holds_the_global_batch_examples_with_shifted_answer_labels(dataset, mode):
+    for step, max_len in ((0, None), (7, 40)):
+        batch = get_batch(dataset, step, 6, seed=4, mode=mode, max_len=max_len, pad_id=dataset.pad_id)
+        cap = max_len or (dataset.max_len if mode == "pack" else None)
+        want = [expected(dataset, i, cap) for i in global_batch(dataset, step, 6, 4, mode)]
+        assert Counter(segments(batch)) == Counter(want)
+        assert batch["tokens"].dtype == batch["labels"].dtype == torch.long and batch["valid"].dtype == torch.bool
+        assert (batch["labels"][~batch["valid"]] == -100).all()
+        assert batch["n_answer_global"] == sum(sum(l != -100 for l in labels) for _, labels in want)
+
+
+def test_pack_rows_keep_examples_whole_and_apart(dataset):
+    max_len = 160
+    for step in range(4):
+        batch = get_batch(dataset, step, 16, seed=0, mode="pack", max_len=max_len)
+        tokens, labels, valid, seq = batch["tokens"], batch["labels"], batch["valid"], batch["seq_ids"]
+        assert tokens.shape[1] <= max_len and torch.equal(valid, seq >= 0)
+        for r in range(tokens.shape[0]):
+            n = int(valid[r].sum())
+            assert valid[r, :n].all() and not valid[r, n:].any()  # examples first, padding after
+            runs = seq[r, :n]
+            assert runs[0] == 0 and ((runs[1:] - runs[:-1]) >= 0).all() and ((runs[1:] - runs[:-1]) <= 1).all()
+            ends = torch.nonzero(torch.diff(runs, append=torch.tensor([-2]))).flatten()
+            assert (labels[r, ends] == -100).all()  # no example predicts the next one's first token
+            starts = torch.cat([torch.tensor([0]), ends[:-1] + 1])
+            assert (tokens[r, starts] == dataset.summary["bos_id"]).all()
+            positions = torch.arange(n) - starts[runs]  # what the model computes from seq_ids
+            assert (positions >= 0).all() and (positions[starts] == 0).all()
+
+
+def test_pad_mode_groups_similar_lengths(dataset):
+    ranges = []
+    for step in range(data.GROUP_BATCHES):  # one window
+        lengths = get_batch(dataset, step, 4, seed=0)["valid"].sum(1)
+        ranges.append((int(lengths.min()), int(lengths.max())))
+    ranges.sort()
+    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(ranges, ranges[1:]))
+    assert ranges[0][1] < ranges[-1][0]
+
+
+def test_each_epoch_visits_every_example_once(dataset):
+    n, batch_size = len(dataset), 4
+    steps = n * 3 // batch_size
+    pack = np.concatenate([global_batch(dataset, s, batch_size, 9, "pack") for s in range(steps)])
+    for epoch in range(2):
+        assert sorted(pack[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert not np.array_equal(pack[:n], pack[n:2 * n])  # a new order each epoch
+    group = data.GROUP_BATCHES
+    pad = np.concatenate([global_batch(dataset, s, batch_size, 9, "pad") for s in range(group)])
+    pack = np.concatenate([global_batch(dataset, s, batch_size, 9, "pack") for s in range(group)])
+    assert sorted(pad) == sorted(pack)  # pad mode only reorders within a window
+
+
+def test_batch_size_must_divide_over_ranks(dataset):
+    with pytest.raises(UserError, match="batch_size 6 is not divisible by world_size 4"):
+        get_batch(dataset, 0, 6, seed=0, rank=0, world_size=4)

@@ -1,0 +1,147 @@
+"""minicme.py: the synthetic mini-CME suite.
+
+    python -m pytest -q
+"""
+import json
+import os
+import re
+
+import pytest
+import sentencepiece as spm
+
+from minicme import SYNTHETIC_TASKS, make_suite
+from tasks import CME_TASKS, evaluate
+
+# -----------------------------------------------------------------------------------------------
+# the synthetic suite
+
+SUITE_SIZES = dict(n_train_per_task=60, n_test_per_task=40, n_val_per_task=6, corpus_docs=600, vocab_size=800)
+
+
+def _tree_bytes(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def mini_cme(tmp_path_factory):
+    """The built-in demo's suite (default sizes, seed 0) and a small one with another seed."""
+    root = tmp_path_factory.mktemp("suite")
+    return root, {"default": make_suite(str(root / "default"), seed=0), "small": make_suite(str(root / "small"), seed=1, **SUITE_SIZES)}
+
+
+BOTH = pytest.mark.parametrize("which", ["default", "small"])
+
+
+def test_suite_is_byte_identical_for_one_seed_and_different_for_another(tmp_path):
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        make_suite(str(tmp_path / name), seed=seed, **SUITE_SIZES)
+    a, b, c = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b"), _tree_bytes(tmp_path / "c")
+    assert set(a) == {"train.jsonl", "val.jsonl", "corpus.txt", "tokenizer.model", "suite.json"} | {
+        os.path.join("test", f"{t}.jsonl") for t in SYNTHETIC_TASKS}
+    assert a == b
+    assert all(a[name] != c[name] for name in a if name != "tokenizer.model")
+
+
+@BOTH
+def test_suite_has_every_task_in_every_split_with_string_fields(mini_cme, which):
+    root, summaries = mini_cme
+    folder, summary = root / which, summaries[which]
+    assert len(SYNTHETIC_TASKS) >= 6 and not set(SYNTHETIC_TASKS) & set(CME_TASKS)  # train.py finds tasks by file name
+    train, val = _read_jsonl(folder / "train.jsonl"), _read_jsonl(folder / "val.jsonl")
+    assert [r["task"] for r in train] != sorted(r["task"] for r in train)  # shuffled
+    for split, records in [("train", train), ("val", val)]:
+        assert {t: sum(r["task"] == t for r in records) for t in SYNTHETIC_TASKS} == {
+            t: summary["tasks"][t][split] for t in SYNTHETIC_TASKS}, split
+        assert all(summary["tasks"][t][split] > 0 for t in SYNTHETIC_TASKS)
+    for name, task in SYNTHETIC_TASKS.items():
+        test = _read_jsonl(folder / "test" / f"{name}.jsonl")
+        assert len(test) == summary["tasks"][name]["test"] > 0
+        evaluation = test + [r for r in val if r["task"] == name]
+        for r in evaluation + [r for r in train if r["task"] == name]:
+            assert all(isinstance(r[k], str) for k in ("instruction", "input", "output")) and r["output"]
+        if task.metric == "exact_match":  # evaluation records carry every alias
+            assert all(r["answers"][0] == r["output"] and all(isinstance(a, str) for a in r["answers"]) for r in evaluation)
+    with open(folder / "suite.json", encoding="utf-8") as f:
+        assert json.load(f) == summary
+    assert summary["train"] == len(train) and summary["val"] == len(val)
+
+
+@BOTH
+def test_suite_labels_are_the_task_labels_and_balanced(mini_cme, which):
+    root, _ = mini_cme
+    train = _read_jsonl(root / which / "train.jsonl")
+    for name, task in SYNTHETIC_TASKS.items():
+        if task.labels is None:
+            continue
+        for records in ([r for r in train if r["task"] == name], _read_jsonl(root / which / "test" / f"{name}.jsonl")):
+            counts = [sum(r["output"] == label for r in records) for label in task.labels]
+            assert sum(counts) == len(records), name
+            assert max(counts) - min(counts) <= 1, (name, counts)
+
+
+def test_suite_gold_outputs_score_100_under_each_task_metric(mini_cme):
+    root, _ = mini_cme
+    for name, task in SYNTHETIC_TASKS.items():
+        records = _read_jsonl(root / "default" / "test" / f"{name}.jsonl")
+        assert evaluate(task, [r["output"] for r in records], records) == 100.0
+
+
+@BOTH
+def test_suite_qa_facts_are_taught_by_the_corpus_in_other_words_and_by_no_task(mini_cme, which):
+    root, _ = mini_cme
+    corpus = (root / which / "corpus.txt").read_text(encoding="utf-8")
+    docs = corpus.split("\n\n")
+    train = _read_jsonl(root / which / "train.jsonl")
+    sentences = [s for r in train for s in re.split(r"(?<=[.?!])\s+|\n", r["input"] + "\n" + r["output"])]
+    for r in _read_jsonl(root / which / "test" / "qa.jsonl"):
+        # the entity is the longest run of capitalised words after the question word
+        entity = max((m.group() for m in re.finditer(r"[A-Z]\w+(?: [A-Z]\w+)*", r["instruction"]) if m.start() > 0), key=len)
+        e, a = re.escape(entity), re.escape(r["output"])
+        states = re.compile(rf"\b{e}\b.*\b{a}\b|\b{a}\b.*\b{e}\b")
+        assert any(states.search(d) for d in docs), r  # the corpus states the fact ...
+        assert r["instruction"] not in corpus  # ... never in the question's words ...
+        assert not any(states.search(s) for s in sentences if entity in s and r["output"] in s), r  # ... nor a task
+
+
+@BOTH
+def test_suite_test_prompts_never_repeat_a_training_prompt(mini_cme, which):
+    root, _ = mini_cme
+    seen = {(r["instruction"], r["input"]) for r in _read_jsonl(root / which / "train.jsonl")}
+    for name in SYNTHETIC_TASKS:
+        prompts = [(r["instruction"], r["input"]) for r in _read_jsonl(root / which / "test" / f"{name}.jsonl")]
+        assert len(set(prompts)) == len(prompts) and not seen & set(prompts), name
+
+
+@BOTH
+def test_suite_tokenizer_is_llama_like_and_every_record_fits_a_256_token_context(mini_cme, which):
+    root, summaries = mini_cme
+    sp = spm.SentencePieceProcessor(model_file=str(root / which / "tokenizer.model"))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert sp.vocab_size() == summaries[which]["vocab_size"]
+    text = "Zürich 2024 ☃\nnaïve"
+    assert sp.unk_id() not in sp.encode(text) and sp.decode(sp.encode(text)) == text  # byte fallback
+    records = _read_jsonl(root / which / "train.jsonl") + _read_jsonl(root / which / "val.jsonl")
+    for name in SYNTHETIC_TASKS:
+        records += [dict(r, task=name) for r in _read_jsonl(root / which / "test" / f"{name}.jsonl")]
+    for r in records:
+        prompt = r["instruction"] + ("\n" + r["input"] if r["input"] else "")
+        output = len(sp.encode(r["output"])) + 1  # + EOS
+        assert 1 + len(sp.encode(prompt)) + 1 + output < 256, r  # BOS prompt EOS output EOS
+        assert output <= SYNTHETIC_TASKS[r["task"]].max_new_tokens, r
+
+
+def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
+    with pytest.raises(ValueError, match="corpus_docs=10 is too small; use at least"):
+        make_suite(str(tmp_path), corpus_docs=10)
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,506 @@
+"""model.py: the LLaMA against closed forms and independent references, checkpoint loading, generation.
+
+    python -m pytest -q
+"""
+import json
+import struct
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model import PRESETS, ModelArgs, Transformer, apply_rotary, hf_to_meta_qk, rope_cos_sin
+
+
+def tiny_model(seed=0, **overrides):
+    """A tiny model whose every weight (norms included) is random, so a swapped or missed tensor shows."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_name("tiny", **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() == 1 else 0.2) + (1.0 if p.dim() == 1 else 0.0))
+    return model.eval()
+
+
+def logits_of(model, tokens):
+    with torch.no_grad():
+        return model(tokens)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# arguments and presets
+
+def test_ffn_width_follows_meta_rule_for_published_models():
+    # widths of the published checkpoints
+    assert ModelArgs.from_name("llama2-7b").ffn_hidden_dim == 11008
+    assert ModelArgs.from_name("llama2-13b").ffn_hidden_dim == 13824
+    assert ModelArgs.from_name("llama3-8b").ffn_hidden_dim == 14336
+
+
+def test_published_parameter_counts_on_meta_device():
+    with torch.device("meta"):
+        assert Transformer(ModelArgs.from_name("llama2-7b")).num_params() == 6_738_415_616
+        assert Transformer(ModelArgs.from_name("llama3-8b")).num_params() == 8_030_261_248
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_counts_parameters_by_closed_form(name):
+    a = ModelArgs.from_name(name)
+    hd, f = a.dim // a.n_heads, a.ffn_hidden_dim
+    per_layer = 2 * a.dim * a.n_heads * hd + 2 * a.dim * a.n_kv_heads * hd + 3 * a.dim * f + 2 * a.dim
+    with torch.device("meta"):
+        model = Transformer(a)
+    assert model.num_params() == 2 * a.vocab_size * a.dim + a.n_layers * per_layer + a.dim
+
+
+def test_preset_fields_can_be_overridden():
+    assert ModelArgs.from_name("small", vocab_size=1234).vocab_size == 1234
+
+
+# ---------------------------------------------------------------------------------------------------
+# rotary embeddings and the Hugging Face q/k layout
+
+def complex_rope_reference(x, positions, theta):
+    """Meta's formulation: adjacent pairs as complex numbers times exp(i * pos * theta^(-2j/hd)),
+    angles in float32 as Meta computes them (at position 4000 float32 angles are off by ~1e-4 rad)."""
+    hd = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)
+    angles = positions.float()[..., None] * freqs  # (B, T, hd/2)
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], hd // 2, 2).contiguous())
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, :, None]).flatten(-2)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_matches_complex_reference(theta):
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 16)  # (B, T, H, hd)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 0, 1, 2, 250, 251, 4000]])
+    ours = apply_rotary(x, *rope_cos_sin(positions, 16, theta))
+    torch.testing.assert_close(ours, complex_rope_reference(x, positions, theta), atol=1e-5, rtol=1e-5)
+
+
+def meta_to_hf_qk(w, n_heads):
+    """HF's converter direction: within each head, even rows first, then odd rows."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return torch.cat([w.view(n_heads, hd, in_dim)[:, 0::2], w.view(n_heads, hd, in_dim)[:, 1::2]], dim=1).reshape(out_dim, in_dim)
+
+
+def hf_rope(x, positions, theta):
+    """HF's rotary: rotate the first half of each head against the second half."""
+    hd = x.shape[-1]
+    angles = positions.double()[..., None] * theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    cos, sin = torch.cat([angles, angles], -1).cos()[:, :, None], torch.cat([angles, angles], -1).sin()[:, :, None]
+    rotated = torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@pytest.mark.parametrize("n_heads", [1, 2, 4])
+def test_hf_permutation_round_trips(n_heads):
+    w = torch.randn(n_heads * 8, 12)
+    assert torch.equal(hf_to_meta_qk(meta_to_hf_qk(w, n_heads), n_heads), w)
+    assert not torch.equal(meta_to_hf_qk(w, n_heads), w)
+
+
+def test_unpermuted_hf_weights_give_equal_attention_scores():
+    torch.manual_seed(0)
+    dim, H, Hkv, hd, T = 32, 4, 2, 8, 6
+    wq, wk = torch.randn(H * hd, dim, dtype=torch.float64), torch.randn(Hkv * hd, dim, dtype=torch.float64)
+    x, positions = torch.randn(1, T, dim, dtype=torch.float64), torch.arange(T)[None]
+    wq_hf, wk_hf = meta_to_hf_qk(wq, H), meta_to_hf_qk(wk, Hkv)
+    q_hf = hf_rope((x @ wq_hf.T).view(1, T, H, hd), positions, 1e4)
+    k_hf = hf_rope((x @ wk_hf.T).view(1, T, Hkv, hd), positions, 1e4)
+    cos, sin = rope_cos_sin(positions, hd, 1e4)
+    q = apply_rotary((x @ hf_to_meta_qk(wq_hf, H).T).view(1, T, H, hd), cos.double(), sin.double())
+    k = apply_rotary((x @ hf_to_meta_qk(wk_hf, Hkv).T).view(1, T, Hkv, hd), cos.double(), sin.double())
+    scores_hf = torch.einsum("bthd,bshd->bhts", q_hf, k_hf.repeat_interleave(H // Hkv, dim=2))
+    scores = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(H // Hkv, dim=2))
+    torch.testing.assert_close(scores, scores_hf, atol=1e-5, rtol=1e-5)  # apply_rotary works in float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint loading: directories written by the test from the in-memory model's weights
+
+def write_meta_dir(model, path, embedding_split_dim):
+    """Two model-parallel shards as Meta's fairscale layers split them, with rope.freqs and vocab -1."""
+    a = model.args
+    shards = [{}, {}]
+    for name, t in model.state_dict().items():
+        if t.dim() == 1:
+            parts = [t, t]  # norms are replicated
+        elif name.endswith(("wo.weight", "w2.weight")):
+            parts = t.chunk(2, dim=1)  # row-parallel
+        elif name == "tok_embeddings.weight":
+            parts = t.chunk(2, dim=embedding_split_dim)
+        else:
+            parts = t.chunk(2, dim=0)  # column-parallel
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for i, shard in enumerate(shards):
+        shard["rope.freqs"] = torch.randn(a.dim // a.n_heads // 2)
+        torch.save(shard, path / f"consolidated.{i:02d}.pth")
+    params = dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=-1,
+                  multiple_of=a.multiple_of, norm_eps=a.norm_eps, rope_theta=a.rope_theta)
+    (path / "params.json").write_text(json.dumps(params))
+
+
+def hf_state_dict(model):
+    a = model.args
+    layer_names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                   "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                   "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+                   "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+                   "ffn_norm": "post_attention_layernorm"}
+    sd = model.state_dict()
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["output.weight"]}
+    for i in range(a.n_layers):
+        for meta, hf in layer_names.items():
+            t = sd[f"layers.{i}.{meta}.weight"]
+            if meta == "attention.wq":
+                t = meta_to_hf_qk(t, a.n_heads)
+            if meta == "attention.wk":
+                t = meta_to_hf_qk(t, a.n_kv_heads)
+            out[f"model.layers.{i}.{hf}.weight"] = t.clone()
+    return out
+
+
+def hf_config(model):
+    a = model.args
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=a.dim,
+                num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                intermediate_size=a.ffn_hidden_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
+                rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len, hidden_act="silu",
+                tie_word_embeddings=False, torch_dtype="float32")
+
+
+def write_hf_bin_dir(model, path):
+    """pytorch_model-0000{1,2}-of-00002.bin with an index, plus the inv_freq buffers old conversions kept."""
+    sd = hf_state_dict(model)
+    names = list(sd)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, half in enumerate(halves):
+        file = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        shard = {n: sd[n] for n in half}
+        shard["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.randn(4)
+        torch.save(shard, path / file)
+        weight_map.update({n: file for n in shard})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(hf_config(model)))
+
+
+def write_safetensors(tensors, file):
+    """The safetensors format by hand: u64 header length, JSON header, then the raw bytes."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+@pytest.mark.parametrize("embedding_split_dim", [0, 1])  # LLaMA 3 splits the vocabulary, LLaMA 2 the width
+def test_meta_sharded_directory_loads_to_identical_logits(tmp_path, n_kv_heads, embedding_split_dim):
+    model = tiny_model(n_kv_heads=n_kv_heads, rope_theta=5e5)
+    write_meta_dir(model, tmp_path, embedding_split_dim)
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.args.vocab_size == model.args.vocab_size and loaded.args.rope_theta == 5e5
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+@pytest.mark.parametrize("config_style", ["transformers4", "transformers5"])
+def test_hf_sharded_bin_directory_loads_to_identical_logits(tmp_path, n_kv_heads, config_style):
+    model = tiny_model(n_kv_heads=n_kv_heads, rope_theta=5e5)
+    write_hf_bin_dir(model, tmp_path)
+    if config_style == "transformers5":  # rope_theta moved into rope_parameters
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["rope_parameters"] = {"rope_theta": config.pop("rope_theta"), "rope_type": "default"}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_hf_hand_written_safetensors_loads_to_identical_logits(tmp_path):
+    pytest.importorskip("safetensors")
+    model = tiny_model()
+    write_safetensors(hf_state_dict(model), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    loaded = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_from_pretrained_converts_dtype(tmp_path):
+    model = tiny_model()
+    write_hf_bin_dir(model, tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    tokens = torch.randint(0, model.args.vocab_size, (1, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model.to(torch.bfloat16), tokens))
+
+
+def test_meta_device_build_then_assign_or_to_empty_is_correct():
+    model = tiny_model()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    with torch.device("meta"):
+        assigned, emptied = Transformer(model.args), Transformer(model.args)
+    assigned.load_state_dict(model.state_dict(), assign=True)
+    emptied = emptied.to_empty(device="cpu")
+    emptied.load_state_dict(model.state_dict())
+    assert torch.equal(logits_of(assigned, tokens), logits_of(model, tokens))
+    assert torch.equal(logits_of(emptied, tokens), logits_of(model, tokens))
+
+
+# ---------------------------------------------------------------------------------------------------
+# forward: causality, packing, loss
+
+def test_changing_a_future_token_never_changes_earlier_logits():
+    model = tiny_model()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 16))
+    seq_ids = torch.tensor([[0] * 16, [0] * 6 + [1] * 10])
+    for t in (0, 5, 15):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1) % model.args.vocab_size
+        for ids in (None, seq_ids):
+            before, after = model(tokens, seq_ids=ids)[0].detach(), model(changed, seq_ids=ids)[0].detach()
+            torch.testing.assert_close(after[:, :t], before[:, :t], atol=1e-6, rtol=0)
+            assert not torch.allclose(after[:, t], before[:, t])
+
+
+def test_packed_seq_ids_equal_running_each_example_alone():
+    model = tiny_model()
+    lengths = [[5, 7, 4], [3, 15]]  # row 0 ends with 2 padding tokens, row 1 with none
+    T = 18
+    tokens = torch.randint(0, model.args.vocab_size, (2, T))
+    targets = torch.randint(0, model.args.vocab_size, (2, T))
+    seq_ids = torch.full((2, T), -1)
+    targets[0, 16:] = -100
+    for row, lens in enumerate(lengths):
+        start = 0
+        for i, n in enumerate(lens):
+            seq_ids[row, start:start + n] = i
+            start += n
+    logits, loss = model(tokens, targets, seq_ids=seq_ids, reduction="sum")
+    expected_loss = 0.0
+    for row, lens in enumerate(lengths):
+        start = 0
+        for n in lens:
+            alone, alone_loss = model(tokens[row:row + 1, start:start + n], targets[row:row + 1, start:start + n], reduction="sum")
+            torch.testing.assert_close(logits[row, start:start + n], alone[0], atol=1e-5, rtol=1e-5)
+            expected_loss += alone_loss
+            start += n
+    torch.testing.assert_close(loss, expected_loss, atol=1e-4, rtol=1e-5)
+
+
+def test_loss_is_cross_entropy_over_labelled_positions():
+    model = tiny_model()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 10))
+    targets = torch.randint(0, model.args.vocab_size, (2, 10))
+    targets[0, :4] = -100
+    targets[1, 7:] = -100
+    logits, mean = model(tokens, targets)
+    _, total = model(tokens, targets, reduction="sum")
+    labelled = targets != -100
+    nll = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][labelled]
+    torch.testing.assert_close(mean, nll.mean())
+    torch.testing.assert_close(total, nll.sum())
+    assert model(tokens)[1] is None
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    model = tiny_model().train()
+    tokens, targets = torch.randint(0, 512, (2, 10)), torch.randint(0, 512, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(tokens, targets)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_projections_may_be_replaced_by_any_module():
+    class Doubled(nn.Module):  # what an adapter library does: swap a Linear for another module
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return 2 * self.linear(x)
+
+    model = tiny_model()
+    tokens = torch.randint(0, 512, (1, 8))
+    before = logits_of(model, tokens)
+    for layer in model.layers:
+        layer.feed_forward.w2 = Doubled(layer.feed_forward.w2)
+        layer.attention.wq = Doubled(layer.attention.wq)
+    assert not torch.allclose(logits_of(model, tokens), before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# generation
+
+def greedy_without_cache(model, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(logits_of(model, torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_greedy_with_cache_equals_recomputing_without_cache():
+    for n_kv_heads in (2, 4):
+        model = tiny_model(seed=1, n_kv_heads=n_kv_heads)
+        prompt = torch.randint(0, 512, (9,)).tolist()
+        assert model.generate([prompt], 20)[0] == greedy_without_cache(model, prompt, 20)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    model = tiny_model(seed=2)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (1, 6, 11, 3)]
+    batched = model.generate(prompts, 15)
+    assert batched == [model.generate([p], 15) [0] for p in prompts]
+    assert batched == [greedy_without_cache(model, p, 15) for p in prompts]
+
+
+def test_generation_stops_before_eos():
+    model = tiny_model(seed=3)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (4, 7)]
+    free = model.generate(prompts, 12)
+    eos = free[0][3]
+    stopped = model.generate(prompts, 12, eos_id=eos)
+    assert stopped == [row[:row.index(eos)] if eos in row else row for row in free]
+    assert len(stopped[0]) <= 3
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
+    model = tiny_model(seed=4)
+    prompts = [[1, 2, 3], [7]]
+    a = model.generate(prompts, 10, temperature=1.0, seed=123)
+    assert a == model.generate(prompts, 10, temperature=1.0, seed=123)
+    assert a != model.generate(prompts, 10, temperature=1.0, seed=124)
+    assert model.generate(prompts, 10, temperature=1.0, top_p=1e-6, seed=5) == model.generate(prompts, 10)
+
+
+def test_generate_restores_training_mode():
+    model = tiny_model().train()
+    model.generate([[1, 2]], 2)
+    assert model.training
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors a user can cause
+
+def test_unknown_preset_name_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown model name 'llama9'.*llama2-7b.*tiny"):
+        ModelArgs.from_name("llama9")
+
+
+def test_missing_directory_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nope")
+
+
+def test_unknown_layout_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="neither params.json.*nor config.json"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    model = tiny_model()
+    sd = hf_state_dict(model)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    with pytest.raises(ValueError, match=r"lacks weights the model needs: layers\.1\.feed_forward\.w3\.weight"):
+        Transformer.from_pretrained(tmp_path)
+    sd = hf_state_dict(model)
+    sd["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"does not know: model\.layers\.0\.mlp\.extra\.weight"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_weight_and_both_shapes(tmp_path):
+    model = tiny_model()
+    config = hf_config(model)
+    config["intermediate_size"] += 32
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    f = model.args.ffn_hidden_dim
+    with pytest.raises(ValueError, match=rf"layers\.0\.feed_forward\.w1\.weight has shape \({f}, 64\).*expects \({f + 32}, 64\)"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_safetensors_package_says_how_to_install(tmp_path, monkeypatch):
+    model = tiny_model()
+    write_safetensors(hf_state_dict(model), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # makes `import safetensors` fail
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_llama31_scaled_rope_is_refused(tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 8, "use_scaled_rope": True}))
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_hf_rope_scaling_is_refused(tmp_path, key):
+    model = tiny_model()
+    config = hf_config(model)
+    config[key] = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rotary scaling.*llama3"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_are_reported():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(torch.zeros(1, model.args.max_seq_len + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens\\[None\\]"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets has shape"):
+        model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model.generate([[1] * 250], 10)
+    with pytest.raises(ValueError, match="token id outside"):
+        model.generate([[1, 512]], 3)
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        model.generate([[1], []], 3)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_model_matches_the_cpu_with_packing_masks_and_cached_generation():
+    cpu, gpu = tiny_model(seed=5), tiny_model(seed=5).cuda()
+    tokens = torch.randint(0, 512, (3, 17))
+    seq_ids = torch.tensor([[0] * 9 + [1] * 8, [0] * 17, [0] * 4 + [1] * 6 + [2] * 7])  # the masked (packed) path
+    for kw in ({}, {"seq_ids": seq_ids}):
+        want = cpu(tokens, **kw)[0]
+        got = gpu(tokens.cuda(), **{k: v.cuda() for k, v in kw.items()})[0]
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (1, 6, 11)]
+    uncached = []
+    for p in prompts:  # greedy decoding that recomputes the whole sequence at every step
+        tokens = list(p)
+        for _ in range(10):
+            tokens.append(int(logits_of(gpu, torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
+        uncached.append(tokens[len(p):])
+    assert gpu.generate(prompts, 10) == uncached

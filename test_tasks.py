@@ -1,0 +1,367 @@
+"""tasks.py: the metrics, the CME loaders on public samples of each format, evaluation sets.
+
+    python -m pytest -q
+"""
+import json
+import os
+import random
+
+import pytest
+
+import tasks
+from conftest import CME_DIR, FIXTURES, needs_cme_fixtures
+from tasks import (CME_TASKS, TEMPLATES, Task, accuracy, evaluate, exact_match, make_record, normalize_answer,
+                   qa_record, rouge_l, write_eval_set)
+
+# -----------------------------------------------------------------------------------------------
+# metrics
+
+def test_normalize_answer_drops_case_punctuation_articles_and_spaces():
+    assert normalize_answer("  The  Indian-Ocean! ") == "indianocean"
+    assert normalize_answer("An apple, a day") == "apple day"
+    assert normalize_answer("Theatre") == "theatre"  # "the" only as a whole word
+    assert normalize_answer("曹操。") == "曹操"  # Unicode punctuation too
+
+
+def test_exact_match_takes_the_best_alias_after_normalisation():
+    assert exact_match("The Indian Ocean.", ["indian ocean"]) == 1.0
+    assert exact_match("sunset blvd", ["Sunset Boulevard", "Sunset Blvd."]) == 1.0
+    assert exact_match("Sunset", ["Sunset Boulevard", "Sunset Blvd."]) == 0.0
+    assert exact_match("Paris", "paris") == 1.0
+
+
+@pytest.mark.parametrize("prediction", ["B", "b", "(B)", "(b)", "[B]", "B.", "B)", "B. Paris", "B) Paris",
+                                        "B.cellular telephone", "Answer: B", "answer: (B)", "The answer is B",
+                                        "The correct option is B.", " B\n"])
+def test_accuracy_reads_an_option_letter_in_its_common_forms(prediction):
+    assert accuracy(prediction, "B") == 1.0
+    assert accuracy(prediction, "C") == 0.0
+
+
+@pytest.mark.parametrize("prediction", ["A or B", "B or A", "A, B", "A/B", "A and B", "A B", "(A) or (B)"])
+def test_accuracy_rejects_a_prediction_naming_two_options(prediction):
+    assert accuracy(prediction, "A") == 0.0 and accuracy(prediction, "B") == 0.0
+
+
+def test_accuracy_does_not_mistake_words_for_option_letters():
+    assert accuracy("a dog", "A") == 0.0  # an article
+    assert accuracy("Because of gravity", "B") == 0.0
+    assert accuracy("", "A") == 0.0
+    assert accuracy("B. A city in France", "B") == 1.0  # an "A" later in the answer text is fine
+
+
+def test_accuracy_on_label_words_ignores_case_punctuation_and_an_answer_prefix():
+    for prediction in ["entailment", "Entailment.", "  ENTAILMENT\n", "Answer: entailment", "entailment!"]:
+        assert accuracy(prediction, "entailment") == 1.0
+    assert accuracy("not_entailment", "not entailment") == 1.0
+    assert accuracy("neutral", "entailment") == 0.0
+
+
+def test_accuracy_rejects_two_labels_and_keeps_duplicate_apart_from_not_duplicate():
+    dup = ("duplicate", "not duplicate")
+    nli = ("entailment", "neutral", "contradiction")
+    assert accuracy("not duplicate", "duplicate", dup) == 0.0
+    assert accuracy("duplicate", "not duplicate", dup) == 0.0
+    assert accuracy("Not duplicate.", "not duplicate", dup) == 1.0
+    assert accuracy("These are not duplicate questions.", "not duplicate", dup) == 1.0  # "duplicate" inside it
+    assert accuracy("These are not duplicate questions.", "duplicate", dup) == 0.0
+    assert accuracy("entailment or neutral", "entailment", nli) == 0.0
+    assert accuracy("It is entailment, not contradiction", "entailment", nli) == 0.0
+    assert accuracy("The relationship is entailment.", "entailment", nli) == 1.0  # one label named
+    assert accuracy("The relationship is entailment.", "entailment") == 0.0  # no label set: exact only
+
+
+def test_rouge_l_is_one_for_identical_and_zero_for_disjoint_or_empty_texts():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("The CAT, sat!", "the cat sat") == 1.0  # case and punctuation are not tokens
+    assert rouge_l("dogs bark loudly", "the cat sat") == 0.0
+    assert rouge_l("", "the cat sat") == 0.0 and rouge_l("the cat", "") == 0.0 and rouge_l("...", "...") == 0.0
+
+
+def test_rouge_l_on_a_hand_computed_case():
+    # tokens: the cat sat on the mat / the cat lay on a mat; LCS = the cat on mat = 4 of 6 and 6
+    assert rouge_l("the cat sat on the mat", "the cat lay on a mat") == pytest.approx(2 / 3)
+    # LCS(a b c d e, a c e x) = a c e: precision 3/5, recall 3/4
+    p, r = 3 / 5, 3 / 4
+    assert rouge_l("a b c d e", "a c e x") == pytest.approx(2 * p * r / (p + r))
+
+
+def test_rouge_l_agrees_with_rouge_score():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])  # default: no stemming
+    rng = random.Random(0)
+    words = ["the", "Cat", "sat", "on", "mat", "dog's", "it", "2024", "x-ray", "naïve", "Über", "--", "a.b", "!!"]
+    cases = [("", "a"), ("...", "..."), ("Hello, World!", "hello world"), ("naïve café", "naive cafe"),
+             ("I'm in a LDR, 1 year left.", "In an LDR with 1 year of college left")]
+    cases += [(" ".join(rng.choices(words, k=rng.randint(0, 12))), " ".join(rng.choices(words, k=rng.randint(0, 12))))
+              for _ in range(300)]
+    for prediction, reference in cases:
+        expected = scorer.score(reference, prediction)["rougeL"].fmeasure  # score(target, prediction)
+        assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12), (prediction, reference)
+
+
+def test_task_score_reads_the_reference_and_aliases_from_the_record():
+    qa = Task("qa", "exact_match", 8)
+    record = qa_record("Where is it?", ["Sunset Boulevard", "Sunset Blvd."])
+    assert qa.score("sunset blvd", record) == 1.0
+    assert qa.score("sunset", record) == 0.0
+    assert Task("s", "rouge_l", 8).score("the cat", {"output": "the cat"}) == 1.0
+    with pytest.raises(ValueError, match="no reference output"):
+        qa.score("x", {"output": None})
+    with pytest.raises(ValueError, match="metric"):
+        Task("bad", "bleu", 8)
+
+
+def test_evaluate_is_the_mean_score_times_100_and_needs_one_prediction_per_record():
+    task = Task("nli", "accuracy", 8, ("entailment", "neutral", "contradiction"))
+    records = [{"output": "entailment"}, {"output": "neutral"}, {"output": "contradiction"}, {"output": "neutral"}]
+    assert evaluate(task, ["entailment", "Neutral.", "neutral", "neutral"], records) == 75.0
+    with pytest.raises(ValueError, match="one prediction per record"):
+        evaluate(task, ["entailment"], records)
+
+
+# -----------------------------------------------------------------------------------------------
+# CME_DIR templates and loaders
+
+def _official_records():
+    with open(os.path.join(str(FIXTURES), "official", "train_example.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@needs_cme_fixtures
+def test_every_template_phrasing_except_rte_is_copied_from_the_official_records():
+    instructions = {r["instruction"] for r in _official_records()}
+    for kind, (phrasings, _) in TEMPLATES.items():
+        if kind != "rte":
+            assert set(phrasings) <= instructions, kind
+
+
+@needs_cme_fixtures
+def test_templates_rebuild_official_records_exactly():
+    official = _official_records()
+    by_input = {r["input"]: r for r in official}
+    nli = next(r for r in official if r["output"] == "neutral" and r["input"].startswith("Sentence 1: Colorz"))
+    premise, hypothesis = nli["input"][len("Sentence 1: "):].split("\nSentence 2: ")
+    assert make_record("nli", "neutral", nli["instruction"], premise=premise, hypothesis=hypothesis) == nli
+    mc = by_input["Question: Which technology was developed most recently?\nChoices: A.cellular telephone, "
+                  "B.television, C.refrigerator, D.airplane"]
+    assert make_record("choice", "A", question="Which technology was developed most recently?",
+                       options=["cellular telephone", "television", "refrigerator", "airplane"]) == mc
+    blank = by_input["Sentence: 'Kayla was smarter than Maria, so _ had to look up how to keep vinyl records.'\n"
+                     "Option A: 'Kayla'\nOption B: 'Maria'"]
+    assert make_record("blank", "B", blank["instruction"], option1="Kayla", option2="Maria",
+                       sentence="Kayla was smarter than Maria, so _ had to look up how to keep vinyl records.") == blank
+    pair = by_input["Text 1: How do I improve my English speaking?\nText 2: How can I improve my English pronunciation?"]
+    assert make_record("paraphrase", "duplicate", text1="How do I improve my English speaking?",
+                       text2="How can I improve my English pronunciation?") == pair
+    qa = next(r for r in official if r["instruction"] == "where does the movie dazed and confused take place")
+    assert {k: v for k, v in qa_record(qa["instruction"], ["Texas"]).items() if k != "answers"} == qa
+
+
+@needs_cme_fixtures
+def test_rte_loader_reads_the_glue_tsv_with_balanced_labels():
+    records = CME_TASKS["rte"].load(os.path.join(CME_DIR, "rte", "dev.tsv"))
+    assert len(records) == 30
+    assert [r["output"] for r in records[:4]] == ["not entailment"] * 3 + ["entailment"]  # indices 57, 81, 115, 129
+    assert sum(r["output"] == "entailment" for r in records) == 15
+    assert records[0]["input"].startswith("Sentence 1: Workers at the Lufthansa Technik")
+
+
+@needs_cme_fixtures
+def test_qqp_loader_handles_crlf_and_keeps_a_labelless_test_file_loadable():
+    dev = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "dev.tsv"))  # CRLF line endings
+    assert len(dev) == 9 and not any("\r" in r["input"] or "\r" in r["output"] for r in dev)
+    assert [r["output"] for r in dev] == ["not duplicate"] * 2 + ["duplicate"] + ["not duplicate"] * 2 + ["duplicate"] * 3 + ["not duplicate"]
+    assert dev[0]["input"] == "Text 1: Why are African-Americans so beautiful?\nText 2: Why are hispanics so beautiful?"
+    train = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "train.tsv"))
+    assert len(train) == 9 and train[1]["output"] == "duplicate"
+    test = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "test.tsv"))
+    assert len(test) == 9 and all(r["output"] is None for r in test)
+
+
+@needs_cme_fixtures
+def test_anli_loader_maps_e_n_c_across_the_three_rounds():
+    load = CME_TASKS["anli"].load
+    r1 = load(os.path.join(CME_DIR, "anli", "R1", "dev.jsonl"))
+    assert [r["output"] for r in r1] == ["contradiction", "entailment", "contradiction", "neutral", "contradiction"]
+    assert r1[1]["input"].endswith("\nSentence 2: Franco Zeffirelli had a political career")
+    rounds = [load(os.path.join(CME_DIR, "anli", f"R{k}", f"{s}.jsonl")) for k in (1, 2, 3) for s in ("dev", "test")]
+    assert sum(map(len, rounds)) == 30
+    assert {r["output"] for rs in rounds for r in rs} == {"entailment", "neutral", "contradiction"}
+
+
+@needs_cme_fixtures
+def test_winogrande_loader_turns_answers_1_2_into_letters_and_keeps_the_blank():
+    dev = CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "dev.jsonl"))
+    assert [r["output"] for r in dev] == ["B", "A"]
+    assert dev[0]["input"] == ("Sentence: 'Ian volunteered to eat Dennis's menudo after already having a bowl because "
+                               "_ despised eating intestine.'\nOption A: 'Ian'\nOption B: 'Dennis'")
+    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "train_xl.jsonl"))] == ["A", "B", "B", "A"]
+    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "test.jsonl"))] == [None, None]
+
+
+@needs_cme_fixtures
+def test_arc_loader_reads_nested_questions_and_numeric_choice_labels(tmp_path):
+    dev = CME_TASKS["arc"].load(os.path.join(CME_DIR, "arc", "ARC-Challenge-Dev.jsonl"))
+    assert [r["output"] for r in dev] == ["D", "C"]
+    assert dev[1]["input"].endswith("\nChoices: A.fog, B.rain, C.drought, D.tornado")
+    numeric = {"id": "x", "question": {"stem": "Which is a gas?", "choices": [
+        {"text": "ice", "label": "1"}, {"text": "water", "label": "2"}, {"text": "steam", "label": "3"}]}, "answerKey": "3"}
+    (tmp_path / "arc.jsonl").write_text(json.dumps(numeric) + "\n")
+    [record] = CME_TASKS["arc"].load(str(tmp_path / "arc.jsonl"))
+    assert record["output"] == "C" and record["input"] == "Question: Which is a gas?\nChoices: A.ice, B.water, C.steam"
+
+
+@needs_cme_fixtures
+def test_mmlu_loader_reads_headerless_csv_with_quoted_and_multiline_fields(tmp_path):
+    law = CME_TASKS["mmlu"].load(os.path.join(CME_DIR, "mmlu", "professional_law_test.csv"))
+    assert len(law) == 10 and [r["output"] for r in law[:3]] == ["C", "B", "D"]
+    algebra = CME_TASKS["mmlu"].load(os.path.join(CME_DIR, "mmlu", "abstract_algebra_dev.csv"))
+    assert algebra[0]["input"] == ("Question: Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\n"
+                                   "Choices: A.0, B.1, C.2, D.3") and algebra[0]["output"] == "B"
+    assert '"Whenever a person knows' in law[1]["input"]  # CSV's doubled quotes undone
+    (tmp_path / "x_test.csv").write_text('"Line one,\nline two ""quoted""?",a,b,c,d,D\nsecond,1,2,3,4,A\n')
+    (tmp_path / "y_test.csv").write_bytes("\ufeffq?,a,b,c,d,C\n".encode())  # a byte-order mark, as Excel writes
+    records = CME_TASKS["mmlu"].load(str(tmp_path / "x_test.csv"))
+    assert records[0]["input"].startswith('Question: Line one,\nline two "quoted"?\nChoices: A.a')
+    assert [r["output"] for r in records] == ["D", "A"]
+    assert CME_TASKS["mmlu"].load(str(tmp_path / "y_test.csv"))[0]["input"].startswith("Question: q?\n")
+    out = str(tmp_path / "mmlu.jsonl")  # one evaluation set from several subjects' files
+    assert write_eval_set("mmlu", [str(tmp_path / "x_test.csv"), str(tmp_path / "y_test.csv")], out) == 3
+
+
+@needs_cme_fixtures
+def test_webqa_loader_reads_webquestions_target_values_and_baidu_webqa(tmp_path):
+    webq = CME_TASKS["webqa"].load(os.path.join(CME_DIR, "webquestions", "webquestions.examples.test.json"))
+    assert len(webq) == 25
+    assert webq[0]["answers"] == ["Jamaican Creole English Language", "Jamaican English"]
+    assert webq[1]["answers"] == ["Lawyer"]
+    franklin = next(r for r in webq if "ben franklin" in r["instruction"])
+    assert franklin["answers"] == ["Lightning rod", "Franklin stove", "Bifocals", "Glass harmonica"]
+    baidu = {"Q_1": {"question": "三国中谁说出宁教我负天下人", "evidences": {
+        "Q_1_0": {"answer": ["曹操"], "evidence": "宁教我负天下人，休教天下人负我。曹操说。"},
+        "Q_1_1": {"answer": ["no_answer"], "evidence": "无关。"},
+        "Q_1_2": {"answer": ["曹孟德", "曹操"], "evidence": "曹孟德……"}}}}
+    (tmp_path / "me_test.ann.json").write_text(json.dumps(baidu, ensure_ascii=False), encoding="utf-8")
+    [record] = CME_TASKS["webqa"].load(str(tmp_path / "me_test.ann.json"))
+    assert record == {"instruction": "三国中谁说出宁教我负天下人", "input": "", "output": "曹操", "answers": ["曹操", "曹孟德"]}
+    assert CME_TASKS["webqa"].score("曹操。", record) == 1.0
+
+
+@needs_cme_fixtures
+def test_nq_and_triviaqa_loaders_keep_every_answer_alias():
+    nq = CME_TASKS["nq"].load(os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"))
+    assert len(nq) == 30 and nq[0]["answers"] == ["14 December 1972 UTC", "December 1972"]
+    assert nq[0]["instruction"] == "when was the last time anyone was on the moon" and nq[0]["input"] == ""
+    assert len(CME_TASKS["nq"].load(os.path.join(CME_DIR, "nq_open", "NQ-open.efficientqa.test.1.1.jsonl"))) == 10
+    [trivia] = CME_TASKS["triviaqa"].load(os.path.join(CME_DIR, "triviaqa", "triviaqa_sample.json"))
+    assert trivia["instruction"] == "Which Lloyd Webber musical premiered in the US on 10th December 1993?"
+    assert trivia["output"] == "sunset boulevard"  # lower case, as the official TriviaQA-style records
+    assert {"Sunset Blvd", "West Sunset Boulevard", "sunset bulevard"} <= set(trivia["answers"])
+    assert CME_TASKS["triviaqa"].score("Sunset Blvd.", trivia) == 1.0
+
+
+@needs_cme_fixtures
+def test_tldr_loader_takes_the_post_and_the_human_reference_summary():
+    [record] = CME_TASKS["oai_sum"].load(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"))
+    with open(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"), encoding="utf-8") as f:
+        row = json.load(f)
+    assert record["input"] == row["info"]["post"]
+    assert record["output"].startswith("we suspect other party")  # policy "ref", leading space gone
+    assert record["instruction"] == TEMPLATES["summary"][0][0]
+
+
+def test_tldr_loader_reads_tldr_3_filtered_rows(tmp_path):
+    rows = [{"id": "t3_1", "subreddit": "advice", "title": "T", "post": "Long post.\n\nMore.", "summary": " short one"},
+            {"id": "t3_2", "subreddit": "advice", "title": "U", "post": "Other post.", "summary": " other"}]
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = CME_TASKS["oai_sum"].load(str(tmp_path / "valid.jsonl"))
+    assert [(r["input"], r["output"]) for r in records] == [("Long post.\n\nMore.", "short one"), ("Other post.", "other")]
+
+
+@needs_cme_fixtures
+def test_imdb_loader_reads_aclimdb_folders_and_the_fastnlp_tsv():
+    records = CME_TASKS["imdb"].load(os.path.join(CME_DIR, "imdb", "aclImdb", "test"))
+    assert [r["output"] for r in records] == ["positive", "positive", "negative", "negative"]
+    assert [len(r["input"]) for r in records] == [794, 2004, 1179, 1272]  # SOURCES.md's character counts
+    assert records[0]["input"].startswith("I went and saw this movie last night")  # pos/0_10.txt comes first
+    tsv = CME_TASKS["imdb"].load(os.path.join(CME_DIR, "imdb", "fastnlp_tsv", "dev.txt"))
+    assert [r["output"] for r in tsv] == ["negative"] * 4 + ["positive"] * 2
+    assert "<br /><br />" in tsv[0]["input"]  # kept, as the official IMDB-style records keep them
+
+
+@needs_cme_fixtures
+def test_write_eval_set_writes_a_json_list_or_jsonl_in_the_official_format(tmp_path):
+    rounds = [os.path.join(CME_DIR, "anli", f"R{k}", "test.jsonl") for k in (1, 2, 3)]
+    assert write_eval_set("anli", rounds, str(tmp_path / "anli.json")) == 15
+    with open(tmp_path / "anli.json", encoding="utf-8") as f:
+        records = json.load(f)
+    assert len(records) == 15 and all(set(r) == {"instruction", "input", "output"} for r in records)
+    assert write_eval_set("nq", os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"), str(tmp_path / "nq.jsonl"), limit=5) == 5
+    lines = (tmp_path / "nq.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 5 and json.loads(lines[0])["answers"] == ["14 December 1972 UTC", "December 1972"]
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@needs_cme_fixtures
+def test_an_eval_set_from_a_labelless_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"9 of 9 records in .*test.tsv have no label .*labelled split"):
+        write_eval_set("qqp", os.path.join(CME_DIR, "qqp", "test.tsv"), str(tmp_path / "qqp.json"))
+    assert not (tmp_path / "qqp.json").exists()
+
+
+@needs_cme_fixtures
+def test_tasks_command_writes_the_eval_set_or_exits_with_one_line(tmp_path, capsys):
+    tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"), "--out", str(tmp_path / "rte.jsonl")])
+    assert "wrote 30 rte records" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^tasks.py: error: .*nope.tsv does not exist"):
+        tasks.main(["--task", "rte", "--raw", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match=r"x.txt must end in .json"):
+        tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"), "--out", str(tmp_path / "x.txt")])
+
+
+MALFORMED_RAW = [  # task, file name, content, what the message must say
+    ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "e"}\n{"context": "a", oops}\n', r"dev.jsonl line 2 is not valid JSON"),
+    ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "x"}\n', r"dev.jsonl line 1 has the label 'x'"),
+    ("anli", "dev.jsonl", '{"premise": "a", "hypothesis": "b", "label": "e"}\n', r"dev.jsonl line 1 has no 'context' field"),
+    ("qqp", "dev.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\r\n1\t2\t3\ta?\t0\r\n", r"dev.tsv line 2 has 5 tab-separated fields"),
+    ("rte", "dev.tsv", "index\tpremise\tlabel\n0\ta\tentailment\n", r"dev.tsv has the columns .* needs \['sentence1', 'sentence2'\]"),
+    ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,A\n", r"x_test.csv line 2 has 5 fields"),
+    ("mmlu", "x_test.csv", "q,a,b,c,d,E\n", r"x_test.csv line 1 has the label 'E'"),
+    ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n', r"arc.jsonl line 1 has the label 'B'"),
+    ("winogrande", "dev.jsonl", '{"sentence": "_ x", "option1": "a", "answer": "1"}\n', r"dev.jsonl line 1 has no 'option2' field"),
+    ("webqa", "q.json", '[{"utterance": "q", "targetValue": "Paris"}]', r"q.json record 0 has the targetValue 'Paris'"),
+    ("webqa", "q.json", '[{"utterance": "q",\n "targetValue": }]', r"q.json line 2 is not valid JSON"),
+    ("imdb", "train.txt", "pos\tgreat film\nmaybe\tso-so\n", r"train.txt line 2 is not 'pos<TAB>review'"),
+]
+
+
+@pytest.mark.parametrize("task, name, content, message", MALFORMED_RAW)
+def test_a_malformed_raw_file_gives_one_sentence_naming_file_and_line(tmp_path, task, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content.encode())
+    with pytest.raises(ValueError, match=message) as error:
+        CME_TASKS[task].load(str(path))
+    text = str(error.value)
+    assert "\n" not in text and text.endswith(".") and "; " in text  # what is wrong; what to do
+
+
+def test_missing_files_and_folders_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope.jsonl does not exist"):
+        CME_TASKS["nq"].load(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "aclImdb").mkdir()
+    with pytest.raises(ValueError, match=r"aclImdb has no pos/ or neg/ folder; point at .*aclImdb/test"):
+        CME_TASKS["imdb"].load(str(tmp_path / "aclImdb"))
+    (tmp_path / "aclImdb" / "pos").mkdir()
+    (tmp_path / "aclImdb" / "pos" / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"notes.txt is not named <id>_<rating>.txt; move it out of"):
+        CME_TASKS["imdb"].load(str(tmp_path / "aclImdb"))
+    with pytest.raises(ValueError, match="unknown task 'squad'"):
+        write_eval_set("squad", str(tmp_path), str(tmp_path / "x.json"))
+
+
+def test_the_registry_holds_the_eleven_cme_tasks_with_their_metrics():
+    metrics = {name: t.metric for name, t in CME_TASKS.items()}
+    assert metrics == {"oai_sum": "rouge_l", "imdb": "accuracy", "anli": "accuracy", "qqp": "accuracy",
+                       "rte": "accuracy", "winogrande": "accuracy", "arc": "accuracy", "mmlu": "accuracy",
+                       "webqa": "exact_match", "nq": "exact_match", "triviaqa": "exact_match"}

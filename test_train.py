@@ -1,0 +1,322 @@
+"""train.py: configuration, the loop (losses, accumulation, resume, interruptions, torchrun), evaluation.
+
+    python -m pytest -q
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import minicme
+import teamlora
+import train
+from baselines import HydraLoRALinear
+from conftest import adapters_of, assert_same_adapters, train_cfg
+from data import UserError
+from minicme import SYNTHETIC_TASKS
+from model import Transformer
+from teamlora import TeamLoRALinear
+
+REPO = Path(__file__).resolve().parent
+
+
+def test_config_file_then_flags_override_the_defaults(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("r = 16\nexperts = 8\nlearning_rate = 1  # an int where a float is expected is fine\nadapter = 'lora'\n")
+    cfg = train.parse_config([str(cfg_file), "--experts=2", "--targets=w1,w3"])
+    assert (cfg["r"], cfg["experts"], cfg["learning_rate"], cfg["adapter"], cfg["targets"]) == (16, 2, 1.0, "lora", "w1,w3")
+    assert cfg["alpha"] == train.DEFAULTS["alpha"]
+    assert train.parse_config([])["adapter"] == "teamlora"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lerning_rate=1e-3"], r"unknown config key 'lerning_rate' in flag --lerning_rate=1e-3; did you mean 'learning_rate'\?"),
+    (["--r=abc"], r"config key 'r' in flag --r=abc must be of type int, got 'abc'"),
+    (["--competition=maybe"], r"config key 'competition' must be True, False or None \(the method's own\), got 'maybe'"),
+    (["--max_iters=2.5"], r"'max_iters' .* must be of type int, got 2.5"),
+    (["config/nope.py"], r"config file 'config/nope.py' does not exist"),
+    (["--adapter=dora"], r"'adapter' must be one of teamlora, moelora, hydralora, lora, none, got 'dora'"),
+    (["--r=10", "--experts=4"], r"r=10 is not a multiple of experts=4"),
+    (["--batch_size=10", "--grad_accum=4"], r"batch_size=10 must be a multiple of grad_accum=4"),
+    (["--eval_only"], r"flag '--eval_only' needs a value: write --eval_only=VALUE"),
+    (["--dtype=float16"], r"'dtype' must be one of float32, bfloat16"),
+])
+def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
+    with pytest.raises(train.UserError, match=message):
+        train.parse_config(argv)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data):
+    bad = tmp_path / "bad.py"
+    bad.write_text("r = = 3\n")
+    with pytest.raises(train.UserError, match="config file .*bad.py' failed to run"):
+        train.parse_config([str(bad)])
+    unknown = tmp_path / "unknown.py"
+    unknown.write_text("experst = 8\n")
+    with pytest.raises(train.UserError, match="unknown config key 'experst' in config file .*; did you mean 'experts'"):
+        train.parse_config([str(unknown)])
+    with pytest.raises(train.UserError, match="base checkpoint 'nope.pt' does not exist"):
+        train.train(train_cfg(run_data, tmp_path / "o", "--init_from=nope.pt"))
+    with pytest.raises(train.UserError, match="eval_only: .*adapter.pt does not exist"):
+        train.train(train_cfg(run_data, tmp_path / "never", "--eval_only=True"))
+    with pytest.raises(train.UserError, match="nothing to resume"):
+        train.train(train_cfg(run_data, tmp_path / "empty", "--init_from=resume"))
+    with pytest.raises(UserError, match="has no summary.json"):
+        train.train(train_cfg(run_data, tmp_path / "o", f"--data_dir={tmp_path}"))
+
+
+def test_loss_falls_and_only_adapters_change(run_data, tmp_path):
+    base = run_data / "base.pt"
+    cfg = train_cfg(run_data, tmp_path / "out", f"--init_from={base}", "--max_iters=30", "--eval_interval=30", "--eval_limit=2")
+    summary = train.train(cfg)
+    losses = summary["train_losses"]
+    assert len(losses) == 30 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    state = torch.load(base, weights_only=True)["model"]
+    for n, p in summary["model"].named_parameters():
+        if teamlora.is_adapter(n):
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and torch.equal(p.cpu(), state[n]), f"base parameter {n} changed"
+    saved = torch.load(tmp_path / "out" / "adapter.pt", weights_only=True)
+    assert_same_adapters(saved, adapters_of(summary["model"]))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["scores"]) == set(SYNTHETIC_TASKS) and set(results["expert_load"]) == set(SYNTHETIC_TASKS)
+    for load in results["expert_load"].values():
+        assert abs(sum(load) - 1) < 1e-4
+    lines = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert any("val_loss" in line for line in lines) and all(math.isfinite(line.get("loss", 0)) for line in lines)
+
+
+def test_gradient_accumulation_equals_one_large_batch(run_data, tmp_path, monkeypatch):
+    """The gradients handed to the optimizer, step by step (AdamW is blind to a wrong loss scale,
+    so this compares what it is given, not what it makes of it)."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def run(out, *more):
+        grads = []
+
+        def capture(params, *a, **k):
+            params = list(params)
+            grads.append([p.grad.clone() for p in params])
+            return real_clip(params, *a, **k)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+        train.train(train_cfg(run_data, out, "--dropout=0.0", "--balance_coef=0.0", "--eval_dir=", "--max_iters=3", *more))
+        return grads
+
+    one, acc = run(tmp_path / "a"), run(tmp_path / "b", "--grad_accum=4")
+    assert len(one) == len(acc) == 3
+    for a, b in zip(one[0], acc[0]):  # the same weights, so the same gradient up to float rounding
+        assert (b - a).abs().max() <= 1e-5 * a.abs().max()
+    assert sum(g.abs().sum() > 0 for g in one[0]) >= 12  # every lora_B (A and the router wait for B != 0)
+    # later steps start from weights that AdamW's first step (g / |g|) made differ in the last bits
+    final = [torch.load(tmp_path / d / "adapter.pt", weights_only=True) for d in ("a", "b")]
+    assert_same_adapters(final[0], final[1], atol=3e-5)  # one AdamW step moves a weight by ~lr = 3e-3
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
+    flags = ("--dropout=0.1", "--eval_dir=", "--max_iters=6", "--eval_interval=3")
+    whole = train.train(train_cfg(run_data, tmp_path / "whole", *flags))
+    train.train(train_cfg(run_data, tmp_path / "part", *flags, "--max_iters=3", "--lr_decay_iters=6"))
+    resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--max_iters=6"]))
+    assert resumed["step"] == 6
+    assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
+    with pytest.raises(train.UserError, match=r"learning_rate, r cannot change when resuming \(the run was learning_rate=0.003, r=8\)"):
+        train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--r=16", "--learning_rate=1e-3"]))
+
+
+def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
+    """With lr 0 the adapters stay at B = 0 (the base's function), so only the records could differ."""
+    runs = [train.train(train_cfg(run_data, tmp_path / f"s{seed}", "--eval_dir=", "--max_iters=1", "--eval_interval=1",
+                                  "--learning_rate=0.0", f"--seed={seed}", f"--init_from={run_data / 'base.pt'}"))
+            for seed in (1, 2)]
+    assert runs[0]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=1e-6)
+
+
+def test_resume_runs_on_the_runs_own_device_unless_told_otherwise(run_data, tmp_path, monkeypatch):
+    """Found on a GPU machine: a CPU run resumed with the default device='auto' moved to the GPU."""
+    train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=2", "--device=cpu"))
+    seen, real = [], train.setup_distributed
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (seen.append(cfg["device"]), real(cfg))[1])
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=3"]))
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=4", "--device=auto"]))
+    assert seen == ["cpu", "auto"]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_nan_stops_keeping_the_last_good_one(run_data, tmp_path, monkeypatch):
+    real_get_batch = data.get_batch
+
+    def interrupt_at_step_4(dataset, step, *a, **k):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_get_batch(dataset, step, *a, **k)
+
+    monkeypatch.setattr(data, "get_batch", interrupt_at_step_4)
+    out = train.train(train_cfg(run_data, tmp_path / "int", "--eval_dir=", "--eval_interval=100"))
+    assert out["interrupted"] and torch.load(tmp_path / "int" / "ckpt.pt", weights_only=False)["iter"] == 4
+    monkeypatch.setattr(data, "get_batch", real_get_batch)
+
+    real_forward = Transformer.forward
+
+    def nan_from_step_4(self, tokens, targets=None, **k):
+        logits, loss = real_forward(self, tokens, targets, **k)
+        nan_from_step_4.calls += 1
+        return logits, (loss * float("nan") if nan_from_step_4.calls > 3 and loss is not None else loss)
+    nan_from_step_4.calls = 0
+    monkeypatch.setattr(Transformer, "forward", nan_from_step_4)
+    with pytest.raises(train.UserError, match="the loss became nan at step 3; the last good checkpoint .* is kept"):
+        train.train(train_cfg(run_data, tmp_path / "nan", "--eval_dir=", "--eval_interval=2", "--eval_iters=0"))
+    assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)["iter"] == 2
+
+
+def test_eval_only_reloads_the_adapter_and_reproduces_the_scores(run_data, tmp_path):
+    first = train.train(train_cfg(run_data, tmp_path / "o", "--max_iters=8", "--eval_interval=8"))
+    again = train.train(train_cfg(run_data, tmp_path / "o", "--eval_only=True"))
+    assert again["scores"] == first["scores"]
+    assert_same_adapters(adapters_of(first["model"]), adapters_of(again["model"]))
+
+
+def test_moelora_and_lora_configurations_build_the_right_layers():
+    cfg = dict(train.DEFAULTS, r=12, experts=3, alpha=24.0)
+    moe = TeamLoRALinear(nn.Linear(6, 5), dropout=0.0, **train.adapter_kwargs({**cfg, "adapter": "moelora"}))
+    assert moe.lora_M is None and moe.experts == 3 and moe.scaling == (24.0 / 3) / 4  # alpha/k over r_B
+    x = torch.randn(4, 6)
+    moe(x)
+    torch.testing.assert_close(moe.last_omega.sum(-1) * moe.scaling, torch.full((4,), 24.0 / 4))  # MoELoRA: sum_i w_i alpha/r_B
+    lora = TeamLoRALinear(nn.Linear(6, 5), **train.adapter_kwargs({**cfg, "adapter": "lora"}))
+    assert lora.experts == 1 and lora.lora_router is None and lora.scaling == 24.0 / 12
+
+
+def test_hydralora_matches_its_equation_in_float64_and_trains_through_train_py(run_data, tmp_path):
+    """HydraLoRA: h = x W0^T + b + (alpha / r) sum_i softmax(x Wr^T)_i B_i A x, with one A (r x d_in)
+    and k heads B_i (d_out x r) side by side; rebuilt here from the equation."""
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7).double()
+    layer = HydraLoRALinear(base, r=3, experts=4, alpha=6.0, dropout=0.0, adapter_dtype=torch.float64)
+    assert layer.lora_A.shape == (3, 10) and layer.lora_B.shape == (7, 12) and layer.lora_M is None
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 10, dtype=torch.float64)
+    phi = torch.softmax(x @ layer.lora_router.T, -1)
+    Ax = x @ layer.lora_A.T
+    heads = [Ax @ layer.lora_B[:, 3 * i:3 * (i + 1)].T for i in range(4)]
+    want = base(x) + 6.0 / 3 * sum(phi[..., i:i + 1] * heads[i] for i in range(4))
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.last_omega.sum(-1), torch.full((2, 5), 4.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="HydraLoRA has no interaction matrix"):
+        HydraLoRALinear(nn.Linear(4, 4), r=2, experts=2, competition=True)
+    out = train.train(train_cfg(run_data, tmp_path / "h", "--adapter=hydralora", "--r=4"))
+    hydra = [m for m in out["model"].modules() if isinstance(m, HydraLoRALinear)]
+    assert hydra and all(m.lora_A.shape[0] == 4 and m.lora_B.shape[1] == 16 for m in hydra)
+    assert any(m.lora_B.abs().sum() > 0 for m in hydra)  # the heads trained
+    assert np.mean(out["train_losses"][-2:]) < out["train_losses"][0]
+    assert set(out["scores"]) == set(SYNTHETIC_TASKS)
+
+
+@pytest.mark.parametrize("adapter,competition,has_m", [
+    ("teamlora", None, True), ("teamlora", False, False), ("moelora", None, False), ("moelora", True, True),
+    ("hydralora", None, False), ("lora", True, False)])
+def test_competition_none_means_each_methods_own_choice(adapter, competition, has_m):
+    cfg = dict(train.DEFAULTS, adapter=adapter, competition=competition, r=8, experts=4)
+    kw = train.adapter_kwargs(cfg)
+    layer = (kw.pop("cls", None) or TeamLoRALinear)(nn.Linear(6, 5), **kw)
+    assert (layer.lora_M is not None) == has_m
+
+
+@pytest.mark.parametrize("adapter,r,pct", [("lora", 32, "0.67"), ("lora", 128, "2.68"), ("teamlora", 128, "2.71")])
+def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsys):
+    """Table 2 of the paper, Chinese-LLaMA-2-7B with FFN adapters, counted on the meta device."""
+    out = train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--model=chinese-llama2-7b",
+                                          "--init_from=nowhere", f"--adapter={adapter}", f"--r={r}"]))
+    assert f"{out['params_pct']:.2f}" == pct
+    assert f"= {pct}% of the base" in capsys.readouterr().out
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _flags(run_data, out, *more):
+    return [f"--data_dir={run_data / 'tokens'}", "--eval_dir=", f"--tokenizer={run_data / 'tokenizer.model'}",
+            "--init_from=scratch", "--model=tiny", "--max_len=128", "--batch_size=8", "--max_iters=4", "--eval_interval=2",
+            "--eval_iters=1", "--r=8", "--dropout=0.0", "--device=cpu", f"--out_dir={out}", *more]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_torchrun_equals_one_process(run_data, tmp_path, mode):
+    """The global batch is cut the same way for 2 processes as for 1 process with 2 accumulation
+    steps, so the adapters must agree to float rounding (gloo on CPU)."""
+    one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--",
+                *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}")])  # "--": torchrun would eat --r=8
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
+    assert_same_adapters(a, b, atol=1e-6)
+    assert any(t.abs().sum() > 0 for n, t in b.items() if n.endswith("lora_B"))  # it trained
+
+
+def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):
+    import signal
+    import time as _time
+    flags = _flags(run_data, tmp_path / "killed", "--max_iters=40", "--eval_interval=1", "--dropout=0.1")
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = tmp_path / "killed" / "ckpt.pt"
+    deadline = _time.time() + 120
+    while _time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=False)["iter"] >= 3):
+        _time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # at any moment: checkpoints are written every step
+    proc.wait()
+    state = torch.load(ckpt, weights_only=False)  # the last good checkpoint loads
+    assert 3 <= state["iter"] < 40
+    resumed = _run([sys.executable, "train.py", f"--out_dir={tmp_path / 'killed'}", "--init_from=resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "whole", "--max_iters=40", "--eval_interval=40",
+                                                      "--dropout=0.1")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert_same_adapters(torch.load(tmp_path / "killed" / "adapter.pt", weights_only=True),
+                         torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True))
+
+
+def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, capsys):
+    """`python train.py` with no arguments, in an empty folder, with the pretraining shrunk."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 3)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    cfg = train.parse_config(["--max_iters=2", "--eval_limit=2", "--model=tiny"])
+    summary = train.train(cfg)
+    out = capsys.readouterr().out
+    assert "building the synthetic mini-CME suite" in out and "pretraining a tiny LLaMA" in out
+    assert (tmp_path / "data/mini_cme/base.pt").is_file() and (tmp_path / "out/demo/adapter.pt").is_file()
+    assert set(summary["scores"]) == set(SYNTHETIC_TASKS) and "expert load" in out
+    assert torch.load(tmp_path / "data/mini_cme/base.pt", weights_only=True)["model_args"]["dim"] == 64
+    train.train(cfg)  # a second run reuses everything
+    assert "building" not in capsys.readouterr().out
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_bfloat16_training_learns_and_scores(run_data, tmp_path):
+    out = train.train(train_cfg(run_data, tmp_path / "c", "--device=cuda", "--dtype=bfloat16", "--max_iters=12",
+                                "--adapter=teamlora"))
+    params = dict(out["model"].named_parameters())
+    assert params["layers.0.feed_forward.w1.weight"].dtype == torch.bfloat16 and params["layers.0.feed_forward.w1.weight"].is_cuda
+    assert params["layers.0.feed_forward.w1.lora_A"].dtype == torch.float32
+    assert np.mean(out["train_losses"][-3:]) < np.mean(out["train_losses"][:3])
+    assert set(out["scores"]) == set(SYNTHETIC_TASKS)
