@@ -51,8 +51,9 @@ class TeamLoRALoop(TeamLoRALinear):
     the fused path, Eq. 9 and 13 one expert at a time."""
 
     def forward(self, x):
-        delta, self.last_omega = team_lora_delta_loop(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
-                                                      self.lora_M, self.scaling, self.dropout if self.training else 0.0)
+        delta, self.last_omega = team_lora_delta_loop(x.to(self.lora_A.dtype), self.lora_A, self.lora_B,
+                                                      self.lora_router, self.lora_M, self.scaling,
+                                                      self.dropout if self.training else 0.0)
         return F.linear(x, self.weight, self.bias) + delta.to(x.dtype)
 
 
@@ -259,7 +260,8 @@ def section_layer(cfg, device, dtype, targets):
 
 def section_model(cfg, device, dtype, targets):
     args = ModelArgs.from_name(cfg.model, max_seq_len=max(cfg.seq, cfg.prompt_len + cfg.new_tokens))
-    print(f"## 2. Model level: LLaMA '{cfg.model}' (dim {args.dim}, {args.n_layers} layers, FFN {args.ffn_hidden_dim}), "
+    print(f"## 2. Model level: LLaMA '{cfg.model}' (dim {args.dim}, {args.n_layers} layers, "
+          f"FFN {args.ffn_hidden_dim}), "
           f"batch {cfg.batch} x {cfg.seq} tokens, adapters on w1, w2, w3, r_B={cfg.model_r_B}, r = k*r_B")
     print(f"training step (forward with loss, backward, AdamW): ms (median of {cfg.repeats}) and (x LoRA)\n")
     torch.manual_seed(0)
@@ -269,7 +271,8 @@ def section_model(cfg, device, dtype, targets):
     for k in cfg.ks:
         torch.compiler.reset()
         models = {v: adapt_ffn(copy.deepcopy(base), v, k * cfg.model_r_B, k, dtype) for v in variants}
-        train = bench({v: model_steps(m, tokens, tokens.roll(-1, 1), device)[0] for v, m in models.items()}, cfg.repeats, device)
+        steps = {v: model_steps(m, tokens, tokens.roll(-1, 1), device)[0] for v, m in models.items()}
+        train = bench(steps, cfg.repeats, device)
         rows.append([f"k={k}, r={k * cfg.model_r_B}"] + [f"{ms(train[v]):.1f} ({ratio(train[v], train['LoRA']):.2f}x)"
                                                          for v in variants])
         check(targets, f"model k={k}: fused train / LoRA", ratio(train["TeamLoRA fused"], train["LoRA"]), 1.05)
@@ -300,7 +303,8 @@ def section_decode(cfg, device, dtype):
     args = ModelArgs.from_name(cfg.model, max_seq_len=max(cfg.seq, cfg.prompt_len + cfg.new_tokens))
     k = 4
     print(f"## 4. Prefill and decode with the KV cache (model.generate, greedy): LLaMA '{cfg.model}', "
-          f"{cfg.prompts} prompts of {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens, FFN adapters r={k * cfg.model_r_B}")
+          f"{cfg.prompts} prompts of {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens, "
+          f"FFN adapters r={k * cfg.model_r_B}")
     print("An adapter with a router cannot be merged into W0, so its cost stays at decode time.\n")
     torch.manual_seed(0)
     base = Transformer(args).to(device, dtype).eval()
@@ -353,9 +357,11 @@ def section_cuda7b(cfg, device, peak_tflops):
         mfu_infer = (2 * P + 2 * P_adapter + attention) * tps_infer / (peak * 1e12) if peak else float("nan")
         rows.append([v, tps_train, 100 * mfu_train, ratio(train[v], train["LoRA"]), tps_infer, 100 * mfu_infer,
                      ratio(infer[v], infer["LoRA"]), steps[v][1]() / 2**30])
-    print(f"MFU against {peak if peak else '?'} TFLOPS bf16 dense{'' if peak else ' (unknown GPU: pass --peak_tflops)'}; "
+    unknown = "" if peak else " (unknown GPU: pass --peak_tflops)"
+    print(f"MFU against {peak if peak else '?'} TFLOPS bf16 dense{unknown}; "
           "FLOPs per token: train 4P + 6P_adapter + 6*T*dim*layers, inference 2P + 2P_adapter + 2*T*dim*layers\n")
-    table(["variant", "train tok/s", "MFU %", "time x LoRA", "infer tok/s", "MFU %", "time x LoRA", "train peak GiB"], rows)
+    table(["variant", "train tok/s", "MFU %", "time x LoRA", "infer tok/s", "MFU %", "time x LoRA",
+           "train peak GiB"], rows)
 
 
 def main(argv=None):
@@ -403,7 +409,8 @@ def main(argv=None):
         section_cuda7b(cfg, device, args.peak_tflops)
     if targets:
         print("## Targets (ratios measured side by side in this run)" +
-              (": --quick uses tiny shapes, where fixed per-op costs dominate; the targets are for the full run" if cfg.quick else ""))
+              (": --quick uses tiny shapes, where fixed per-op costs dominate; the targets are for the full run"
+               if cfg.quick else ""))
         table(["target", "measured", "limit", ""], targets)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
 

@@ -53,7 +53,8 @@ ATTRS = {
                      ["Who directed {e}?", "who is the director of {e}", "Which filmmaker made {e}?"]),
         "year": (["{e} came out in {v}.", "{e} was released in {v}.", "{e} first reached cinemas in {v}."],
                  ["When was {e} released?", "In what year did {e} come out?", "what year did {e} come out"]),
-        "genre": (["{e} is a {v}.", "{e} belongs to the {v} genre."], ["What genre is {e}?", "What kind of film is {e}?"]),
+        "genre": (["{e} is a {v}.", "{e} belongs to the {v} genre."],
+                  ["What genre is {e}?", "What kind of film is {e}?"]),
         "city": (["{e} was filmed in {v}.", "The cameras for {e} rolled in {v}.", "{e} was shot on location in {v}."],
                  ["Where was {e} filmed?", "In which city was {e} shot?"])},
     "person": {
@@ -82,7 +83,8 @@ def _invent(rng, n, taken):
     """n new made-up names, so that no fact can be known from anywhere but the corpus."""
     out = []
     while len(out) < n:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize() + rng.choice(("", "n", "s"))
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+        name += rng.choice(("", "n", "s"))
         if name not in taken:
             taken.add(name)
             out.append(name)
@@ -200,7 +202,8 @@ def gen_nli(w, rng, i, split):
         attr = rng.choice(premise_attrs)
         value = e[attr] if label == "entailment" else rng.choice([v for v in w["pools"][attr] if v != e[attr]])
     hypothesis = rng.choice([s for s in _statements(e, attr, value) if s not in sentences])
-    return make_record("nli", label, rng.choice(TEMPLATES["nli"][0]), premise=" ".join(sentences), hypothesis=hypothesis)
+    return make_record("nli", label, rng.choice(TEMPLATES["nli"][0]), premise=" ".join(sentences),
+                       hypothesis=hypothesis)
 
 
 def gen_paraphrase(w, rng, i, split):
@@ -211,7 +214,8 @@ def gen_paraphrase(w, rng, i, split):
     if not duplicate and rng.random() < 0.5:  # same entity, another attribute
         q2 = rng.choice(_questions(e, rng.choice([a for a in ATTRS[e["kind"]] if a != attr])))
     elif not duplicate:  # same attribute, another entity
-        q2 = rng.choice(_questions(rng.choice([x for x in w["entities"] if x["kind"] == e["kind"] and x is not e]), attr))
+        other = rng.choice([x for x in w["entities"] if x["kind"] == e["kind"] and x is not e])
+        q2 = rng.choice(_questions(other, attr))
     return make_record("paraphrase", "duplicate" if duplicate else "not duplicate",
                        rng.choice(TEMPLATES["paraphrase"][0]), text1=q1, text2=q2)
 
@@ -372,7 +376,8 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
     random.Random(f"{seed}-mix").shuffle(train)
     random.Random(f"{seed}-mix-val").shuffle(val)
     docs = _corpus(w, random.Random(f"{seed}-corpus"), corpus_docs)
-    texts = docs + [line for r in train for field in ("instruction", "input", "output") for line in r[field].split("\n")]
+    texts = docs + [line for r in train for field in ("instruction", "input", "output")
+                    for line in r[field].split("\n")]
     tokenizer = _train_tokenizer([t for t in texts if t], vocab_size)
 
     for name, records in data["test"].items():

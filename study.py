@@ -94,7 +94,8 @@ def launch(name, seed, opts, extra, threads):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     t = time.time()
     with open(os.path.join(out, "stdout.txt"), "w") as log:
-        p = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")] + flags,
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+        p = subprocess.run([sys.executable, script] + flags,
                            stdout=log, stderr=subprocess.STDOUT, env=env)
     if p.returncode:
         with open(os.path.join(out, "stdout.txt")) as f:
@@ -262,7 +263,8 @@ def report(opts, names):
     if not results:
         raise train.UserError(f"no finished runs in {opts['out']}; run python study.py first.")
     tasks = sorted(next(iter(results.values()))[0]["scores"])
-    lines = [f"## mini-CME study: {opts['steps']} steps, seeds 1..{opts['seeds']}, scores in % (mean±std over seeds)", ""]
+    lines = [f"## mini-CME study: {opts['steps']} steps, seeds 1..{opts['seeds']}, "
+             "scores in % (mean±std over seeds)", ""]
     for title, rows in TABLES.items():
         lines += table(title, rows, results, tasks) + [""]
     lines += ["### Differences against TeamLoRA (average score)", ""] + comparisons(results) + [""]
@@ -291,13 +293,15 @@ def main(argv=None):
             train.build_demo(cfg)  # the suite, its shards and the base, when the demo defaults are used
             jobs = [(n, s) for s in range(1, opts["seeds"] + 1) for n in names]
             threads = max(1, (os.cpu_count() or 1) // opts["workers"])
-            print(f"{len(jobs)} runs ({len(names)} configurations x {opts['seeds']} seeds), {opts['workers']} at a time, "
+            print(f"{len(jobs)} runs ({len(names)} configurations x {opts['seeds']} seeds), "
+                  f"{opts['workers']} at a time, "
                   f"{threads} thread(s) each; results in {opts['out']}/", flush=True)
             start = time.time()
             pool = ThreadPoolExecutor(opts["workers"])
             try:
                 for i, (name, seed, how) in enumerate(pool.map(lambda j: launch(*j, opts, extra, threads), jobs)):
-                    print(f"[{i + 1}/{len(jobs)}] {name} seed {seed}: {how} ({(time.time() - start) / 60:.1f} min so far)",
+                    minutes = (time.time() - start) / 60
+                    print(f"[{i + 1}/{len(jobs)}] {name} seed {seed}: {how} ({minutes:.1f} min so far)",
                           flush=True)
             finally:
                 pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new

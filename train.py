@@ -86,7 +86,8 @@ fsdp = False  # under torchrun: FSDP2 instead of DDP
 dry_run = False  # build on the meta device, print parameters and a memory estimate, exit
 dry_run_world_size = 8
 # -------------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
 for _key in DEFAULTS:  # every function reads its cfg dict: a stray global read would fail loudly
     del globals()[_key]
 
@@ -150,12 +151,14 @@ def check_config(cfg):
     choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
                "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum")}
     if cfg["competition"] not in (None, True, False):
-        raise UserError(f"config key 'competition' must be True, False or None (the method's own), got {cfg['competition']!r}.")
+        raise UserError("config key 'competition' must be True, False or None (the method's own), "
+                        f"got {cfg['competition']!r}.")
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got {cfg[key]!r}.")
     if cfg["adapter"] in ("teamlora", "moelora") and cfg["r"] % cfg["experts"]:
-        raise UserError(f"r={cfg['r']} is not a multiple of experts={cfg['experts']}: set r = experts * (rank per expert).")
+        raise UserError(f"r={cfg['r']} is not a multiple of experts={cfg['experts']}: "
+                        "set r = experts * (rank per expert).")
     for key in ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval"):
         if cfg[key] <= 0:
             raise UserError(f"config key '{key}' must be positive, got {cfg[key]}.")
@@ -244,10 +247,12 @@ def base_weights(cfg, vocab_size):
         return args, Transformer(args).state_dict()
     if src.endswith(".pt"):
         if not os.path.isfile(src):
-            raise UserError(f"base checkpoint '{src}' does not exist; train one (adapter='none') or use init_from='scratch'.")
+            raise UserError(f"base checkpoint '{src}' does not exist; train one (adapter='none') "
+                            "or use init_from='scratch'.")
         ckpt = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
         if "model_args" not in ckpt or "model" not in ckpt:
-            raise UserError(f"'{src}' is not a base model written by train.py (no model_args/model); pass a Meta or Hugging Face folder instead.")
+            raise UserError(f"'{src}' is not a base model written by train.py (no model_args/model); "
+                            "pass a Meta or Hugging Face folder instead.")
         return ModelArgs(**ckpt["model_args"]), ckpt["model"]
     base = Transformer.from_pretrained(src)  # memory-mapped tensors, not copies
     return base.args, base.state_dict()
@@ -289,7 +294,8 @@ def build_model(cfg, dev, vocab_size, world):
     if cfg["fsdp"] and world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 (or fp32) base as stored, fp32 adapters, gradients reduced in fp32
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg["dtype"]) if full else None, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg["dtype"]) if full else None,
+                                  reduce_dtype=torch.float32)
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(dev.type, (world,))  # explicit: FSDP on CPU (gloo) even where a GPU is visible
         for block in model.layers:
@@ -533,8 +539,8 @@ def finish(r, model, summary):
     summary.update(scores=scores, expert_load={k: v.tolist() for k, v in loads.items()})
     if r.master:
         print_results(scores, loads, r.cfg)
-        data.write_atomic(os.path.join(r.cfg["out_dir"], "results.json"),
-                          json.dumps({k: v for k, v in summary.items() if k not in ("train_losses", "model")}, indent=1))
+        results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
+        data.write_atomic(os.path.join(r.cfg["out_dir"], "results.json"), json.dumps(results, indent=1))
     return summary
 
 
@@ -570,7 +576,8 @@ def build_demo(cfg):
     `python train.py` builds them, later ones reuse them): nothing is downloaded."""
     pretrain = minicme.build_demo_data(cfg)
     if pretrain:
-        print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first (once, about two minutes)...")
+        print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
+              "(once, about two minutes)...")
         run(Run({**DEFAULTS, **pretrain, "device": cfg["device"]}, device=torch.device(resolve_device(cfg))))
         os.replace(os.path.join(pretrain["out_dir"], "model.pt"), cfg["init_from"])
         print(f"base model written to {cfg['init_from']}; now fine-tuning")
@@ -743,13 +750,16 @@ def check_full_config(cfg):
     world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
     est = memory_estimate(args, n_base, n_train, cfg, world, micro)
-    print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, {args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
+    print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, "
+          f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
     experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
     print(f"adapter {cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']}): "
           f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's Params%)")
-    print(f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, {'FSDP' if cfg['fsdp'] else 'DDP'}, "
-          f"activation checkpointing {'on' if cfg['activation_checkpointing'] else 'off'}: about {est['total'] / 2**30:.1f} GiB "
-          f"(weights {est['weights'] / 2**30:.1f}, adapter + AdamW {est['adapter'] / 2**30:.1f}, activations {est['activations'] / 2**30:.1f}, "
+    gib = {k: f"{v / 2**30:.1f}" for k, v in est.items()}
+    print(f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, "
+          f"{'FSDP' if cfg['fsdp'] else 'DDP'}, activation checkpointing "
+          f"{'on' if cfg['activation_checkpointing'] else 'off'}: about {gib['total']} GiB "
+          f"(weights {gib['weights']}, adapter + AdamW {gib['adapter']}, activations {gib['activations']}, "
           f"logits {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
     return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
 
