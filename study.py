@@ -20,6 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import data
 import train
 
 OPTIONS = dict(seeds=3, steps=500, workers=2, out="out/study", report=False, runs="")
@@ -70,9 +71,9 @@ def parse(argv):
     names = [n for n in opts["runs"].split(",") if n] or list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
-        raise train.UserError(f"unknown run(s) {', '.join(unknown)}; runs are: {', '.join(RUNS)}.")
+        raise data.UserError(f"unknown run(s) {', '.join(unknown)}; runs are: {', '.join(RUNS)}.")
     if opts["seeds"] < 1 or opts["steps"] < 1 or opts["workers"] < 1:
-        raise train.UserError("seeds, steps and workers must be positive.")
+        raise data.UserError("seeds, steps and workers must be positive.")
     return opts, extra, names
 
 
@@ -100,7 +101,7 @@ def launch(name, seed, opts, extra, threads):
     if p.returncode:
         with open(os.path.join(out, "stdout.txt")) as f:
             tail = f.read().strip().splitlines()[-1:]
-        raise train.UserError(f"run {name} (seed {seed}) failed: {tail[0] if tail else 'no output'}; "
+        raise data.UserError(f"run {name} (seed {seed}) failed: {tail[0] if tail else 'no output'}; "
                               f"its log is {out}/stdout.txt, and the study continues from it when rerun.")
     return name, seed, f"{time.time() - t:.0f} s"
 
@@ -261,7 +262,7 @@ def pngs(results, out):
 def report(opts, names):
     results = load(opts, names)
     if not results:
-        raise train.UserError(f"no finished runs in {opts['out']}; run python study.py first.")
+        raise data.UserError(f"no finished runs in {opts['out']}; run python study.py first.")
     tasks = sorted(next(iter(results.values()))[0]["scores"])
     lines = [f"## mini-CME study: {opts['steps']} steps, seeds 1..{opts['seeds']}, "
              "scores in % (mean±std over seeds)", ""]
@@ -273,9 +274,7 @@ def report(opts, names):
     lines += ["### Expert load (the paper's Figure 5)", "", "```"] + loads + ["```"]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(opts["out"], exist_ok=True)
-    with open(os.path.join(opts["out"], "report.md"), "w") as f:
-        f.write(text)
+    data.write_atomic(os.path.join(opts["out"], "report.md"), text)
     for p in pngs(results, opts["out"]):
         print(f"wrote {p}")
     return results
@@ -306,7 +305,7 @@ def main(argv=None):
             finally:
                 pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new
         return report(opts, names)
-    except train.UserError as e:
+    except data.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

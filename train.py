@@ -577,7 +577,7 @@ def build_demo(cfg):
     pretrain = minicme.build_demo_data(cfg)
     if pretrain:
         print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
-              "(once, about two minutes)...")
+              "(once, a few minutes)...")
         run(Run({**DEFAULTS, **pretrain, "device": cfg["device"]}, device=torch.device(resolve_device(cfg))))
         os.replace(os.path.join(pretrain["out_dir"], "model.pt"), cfg["init_from"])
         print(f"base model written to {cfg['init_from']}; now fine-tuning")

@@ -10,7 +10,7 @@ init_from = "checkpoints/Llama-2-7b"  # a Meta folder (params.json) or a Hugging
 model = "llama2-7b"  # only used by --dry_run=True when init_from is not on disk
 tokenizer = "checkpoints/Llama-2-7b/tokenizer.model"
 data_dir = "data/cme"
-eval_dir = "data/cme_eval"  # <task>.jsonl files written by `python data.py eval_set`
+eval_dir = "data/cme_eval"  # <task>.jsonl files written by `python tasks.py`
 dtype = "bfloat16"
 fsdp = True
 activation_checkpointing = True
