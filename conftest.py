@@ -16,7 +16,8 @@ from data import prepare
 from minicme import make_suite
 
 HERE = Path(__file__).resolve().parent
-_candidates = [os.environ.get("TEAMLORA_FIXTURES", ""), HERE / "shared" / "fixtures", HERE.parent / "shared" / "fixtures"]
+_candidates = [os.environ.get("TEAMLORA_FIXTURES", ""), HERE / "shared" / "fixtures",
+               HERE.parent / "shared" / "fixtures"]
 FIXTURES = next((Path(p) for p in _candidates if p and (Path(p) / "official").is_dir()), None)
 needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason="shared/fixtures not found (set TEAMLORA_FIXTURES)")
 LLAMA2 = FIXTURES / "tokenizer" / "llama2_tokenizer.model" if FIXTURES else None
@@ -36,9 +37,9 @@ def run_data(tmp_path_factory):
     docs = [d for d in (root / "corpus.txt").read_text().split("\n\n") if d.strip()]
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     prepare([str(root / "corpus.jsonl")], str(root / "tokenizer.model"), str(root / "corpus"), max_len=128, quiet=True)
-    pre = train.train(train_cfg(root, root / "pre", "--adapter=none", f"--data_dir={root / 'corpus'}", "--batch_mode=pack",
-                                "--batch_size=32", "--eval_dir=", "--max_iters=40", "--eval_interval=40",
-                                "--learning_rate=1e-2", "--warmup_iters=4"))
+    pre = train.train(train_cfg(root, root / "pre", "--adapter=none", f"--data_dir={root / 'corpus'}",
+                                "--batch_mode=pack", "--batch_size=32", "--eval_dir=", "--max_iters=40",
+                                "--eval_interval=40", "--learning_rate=1e-2", "--warmup_iters=4"))
     assert all(p.requires_grad for p in pre["model"].parameters())  # full training trains everything
     assert np.mean(pre["train_losses"][-3:]) < 0.7 * np.mean(pre["train_losses"][:3])
     os.replace(root / "pre" / "model.pt", root / "base.pt")
@@ -47,10 +48,10 @@ def run_data(tmp_path_factory):
 
 def train_cfg(run_data, out, *flags):
     """A tiny, fast configuration on the small suite; flags override it."""
-    base = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}", f"--tokenizer={run_data / 'tokenizer.model'}",
-            "--init_from=scratch", "--model=tiny", "--max_len=128", "--batch_size=8", "--max_iters=6", "--eval_interval=3",
-            "--eval_iters=1", "--eval_limit=4", "--r=8", "--experts=4", "--learning_rate=3e-3", "--warmup_iters=1",
-            f"--out_dir={out}"]
+    base = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}",
+            f"--tokenizer={run_data / 'tokenizer.model'}", "--init_from=scratch", "--model=tiny", "--max_len=128",
+            "--batch_size=8", "--max_iters=6", "--eval_interval=3", "--eval_iters=1", "--eval_limit=4", "--r=8",
+            "--experts=4", "--learning_rate=3e-3", "--warmup_iters=1", f"--out_dir={out}"]
     return train.parse_config(base + list(flags))
 
 

@@ -310,7 +310,8 @@ GOOD = '{"instruction": "a", "input": "", "output": "b"}'
     ("strings.json", '["a", "b"]', r"strings.json record 0 is a string, not an object"),
     ("latin1.jsonl", b'{"instruction": "caf\xe9", "input": "", "output": "b"}\n', r"latin1.jsonl line 1: not UTF-8"),
     ("latin1.json", b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]', r"latin1.json is not UTF-8"),
-    ("surrogate.jsonl", b'{"instruction": "\\ud800", "output": "b"}\n', r'line 1: "instruction" holds a lone surrogate'),
+    ("surrogate.jsonl", b'{"instruction": "\\ud800", "output": "b"}\n',
+     r'line 1: "instruction" holds a lone surrogate'),
 ])
 def test_malformed_input_stops_with_file_place_and_fix_and_leaves_nothing(tmp_path, tiny_spm, name, content, message):
     tokenizer = tiny_spm
@@ -334,7 +335,8 @@ def test_error_deep_in_a_file_with_workers_leaves_no_output(tmp_path, tiny_spm):
 
 def test_command_line_error_is_one_sentence_without_traceback(tmp_path, tiny_spm):
     tokenizer = tiny_spm
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "data.py"), "prepare", "--input", str(tmp_path / "x.json"),
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "data.py"),
+                             "prepare", "--input", str(tmp_path / "x.json"),
                              "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr

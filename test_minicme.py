@@ -37,7 +37,8 @@ def _read_jsonl(path):
 def mini_cme(tmp_path_factory):
     """The built-in demo's suite (default sizes, seed 0) and a small one with another seed."""
     root = tmp_path_factory.mktemp("suite")
-    return root, {"default": make_suite(str(root / "default"), seed=0), "small": make_suite(str(root / "small"), seed=1, **SUITE_SIZES)}
+    return root, {"default": make_suite(str(root / "default"), seed=0),
+                  "small": make_suite(str(root / "small"), seed=1, **SUITE_SIZES)}
 
 
 BOTH = pytest.mark.parametrize("which", ["default", "small"])
@@ -71,7 +72,8 @@ def test_suite_has_every_task_in_every_split_with_string_fields(mini_cme, which)
         for r in evaluation + [r for r in train if r["task"] == name]:
             assert all(isinstance(r[k], str) for k in ("instruction", "input", "output")) and r["output"]
         if task.metric == "exact_match":  # evaluation records carry every alias
-            assert all(r["answers"][0] == r["output"] and all(isinstance(a, str) for a in r["answers"]) for r in evaluation)
+            assert all(r["answers"][0] == r["output"] and all(isinstance(a, str) for a in r["answers"])
+                       for r in evaluation)
     with open(folder / "suite.json", encoding="utf-8") as f:
         assert json.load(f) == summary
     assert summary["train"] == len(train) and summary["val"] == len(val)
@@ -106,7 +108,8 @@ def test_suite_qa_facts_are_taught_by_the_corpus_in_other_words_and_by_no_task(m
     sentences = [s for r in train for s in re.split(r"(?<=[.?!])\s+|\n", r["input"] + "\n" + r["output"])]
     for r in _read_jsonl(root / which / "test" / "qa.jsonl"):
         # the entity is the longest run of capitalised words after the question word
-        entity = max((m.group() for m in re.finditer(r"[A-Z]\w+(?: [A-Z]\w+)*", r["instruction"]) if m.start() > 0), key=len)
+        entity = max((m.group() for m in re.finditer(r"[A-Z]\w+(?: [A-Z]\w+)*", r["instruction"])
+                      if m.start() > 0), key=len)
         e, a = re.escape(entity), re.escape(r["output"])
         states = re.compile(rf"\b{e}\b.*\b{a}\b|\b{a}\b.*\b{e}\b")
         assert any(states.search(d) for d in docs), r  # the corpus states the fact ...

@@ -6,11 +6,15 @@ import json
 import struct
 import sys
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from model import PRESETS, ModelArgs, Transformer, apply_rotary, hf_to_meta_qk, rope_cos_sin
+from model import (PRESETS, KVCache, ModelArgs, RMSNorm, Transformer, apply_rotary, hf_to_meta_qk, rope_cos_sin,
+                   sample)
 
 
 def tiny_model(seed=0, **overrides):
@@ -84,7 +88,8 @@ def meta_to_hf_qk(w, n_heads):
     """HF's converter direction: within each head, even rows first, then odd rows."""
     out_dim, in_dim = w.shape
     hd = out_dim // n_heads
-    return torch.cat([w.view(n_heads, hd, in_dim)[:, 0::2], w.view(n_heads, hd, in_dim)[:, 1::2]], dim=1).reshape(out_dim, in_dim)
+    return torch.cat([w.view(n_heads, hd, in_dim)[:, 0::2],
+                     w.view(n_heads, hd, in_dim)[:, 1::2]], dim=1).reshape(out_dim, in_dim)
 
 
 def hf_rope(x, positions, theta):
@@ -295,7 +300,8 @@ def test_packed_seq_ids_equal_running_each_example_alone():
     for row, lens in enumerate(lengths):
         start = 0
         for n in lens:
-            alone, alone_loss = model(tokens[row:row + 1, start:start + n], targets[row:row + 1, start:start + n], reduction="sum")
+            alone, alone_loss = model(tokens[row:row + 1, start:start + n],
+                                      targets[row:row + 1, start:start + n], reduction="sum")
             torch.testing.assert_close(logits[row, start:start + n], alone[0], atol=1e-5, rtol=1e-5)
             expected_loss += alone_loss
             start += n
@@ -348,6 +354,121 @@ def test_projections_may_be_replaced_by_any_module():
     assert not torch.allclose(logits_of(model, tokens), before)
 
 
+def naive_rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight: eps inside the square root, as in LLaMA."""
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def naive_attention(attn, x, positions, theta, visible):
+    """Grouped-query attention written head by head: query head h reads key/value head h // n_rep,
+    each key/value head serving a contiguous group of n_rep query heads (Meta's and HF's layout).
+    x (B, T, C), positions (B or 1, T), visible (B, T, T) bool: which keys each query sees."""
+    B, T, _ = x.shape
+    H, Hkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    n_rep = H // Hkv
+    q = complex_rope_reference((x @ attn.wq.weight.T).view(B, T, H, hd), positions, theta)
+    k = complex_rope_reference((x @ attn.wk.weight.T).view(B, T, Hkv, hd), positions, theta)
+    v = (x @ attn.wv.weight.T).view(B, T, Hkv, hd)
+    heads = []
+    for h in range(H):
+        g = h // n_rep  # the key/value head of query head h
+        scores = q[:, :, h] @ k[:, :, g].transpose(1, 2) / math.sqrt(hd)  # (B, T, T)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, :, g])  # (B, T, hd)
+    return torch.cat(heads, -1) @ attn.wo.weight.T  # heads side by side, head h at columns h*hd
+
+
+def naive_llama(model, tokens):
+    """The whole LLaMA forward from its parameters, with the naive norm and attention above."""
+    a = model.args
+    T = tokens.shape[1]
+    positions = torch.arange(T)[None]
+    visible = torch.ones(T, T, dtype=torch.bool).tril()[None].expand(tokens.shape[0], T, T)
+    h = model.tok_embeddings.weight[tokens]
+    for layer in model.layers:
+        h = h + naive_attention(layer.attention, naive_rms_norm(h, layer.attention_norm.weight, a.norm_eps),
+                                positions, a.rope_theta, visible)
+        ff, n = layer.feed_forward, naive_rms_norm(h, layer.ffn_norm.weight, a.norm_eps)
+        h = h + (F.silu(n @ ff.w1.weight.T) * (n @ ff.w3.weight.T)) @ ff.w2.weight.T
+    return naive_rms_norm(h, model.norm.weight, a.norm_eps) @ model.output.weight.T
+
+
+def test_grouped_query_attention_matches_naive_attention_over_repeated_heads():
+    """4 query heads on 2 key/value heads: heads 0, 1 read kv head 0 and heads 2, 3 read kv head 1,
+    on the plain causal path, the masked (packed) path and the KV-cache path of decoding."""
+    model = tiny_model(seed=6)
+    attn, a = model.layers[0].attention, model.args
+    assert (attn.n_heads, attn.n_kv_heads) == (4, 2)
+    torch.manual_seed(0)
+    B, T, P = 2, 9, 5
+    x = torch.randn(B, T, a.dim)
+    positions = torch.arange(T)[None]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    want = naive_attention(attn, x, positions, a.rope_theta, causal[None].expand(B, T, T))
+    cos, sin = rope_cos_sin(positions, a.head_dim, a.rope_theta)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), want, atol=1e-5, rtol=1e-4)  # mask=None
+        torch.testing.assert_close(attn(x, cos, sin, mask=causal[None, None].expand(B, 1, T, T)), want,
+                                   atol=1e-5, rtol=1e-4)
+        # decoding: a prompt of P tokens, then one token at a time against the cached keys and values
+        cache = KVCache(B, T, a.n_kv_heads, a.head_dim, torch.float32, "cpu")
+        got = [attn(x[:, :P], cos[:, :P], sin[:, :P], causal[None, None, :P, :P].expand(B, 1, P, P), cache)]
+        for t in range(P, T):
+            step_mask = torch.ones(B, 1, 1, t + 1, dtype=torch.bool)
+            got.append(attn(x[:, t:t + 1], cos[:, t:t + 1], sin[:, t:t + 1], step_mask, cache))
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=1e-5, rtol=1e-4)
+    # and the kv heads really differ, so a wrong head assignment would show
+    w = attn.wk.weight.view(2, a.head_dim, a.dim)
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_transformer_and_cached_generation_match_a_naive_llama_with_grouped_query_heads():
+    model = tiny_model(seed=7)
+    assert model.args.n_kv_heads < model.args.n_heads
+    tokens = torch.randint(0, model.args.vocab_size, (2, 11))
+    torch.testing.assert_close(logits_of(model, tokens), naive_llama(model, tokens), atol=1e-4, rtol=1e-4)
+    prompt = torch.randint(0, model.args.vocab_size, (6,)).tolist()
+    naive_greedy = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            naive_greedy.append(int(naive_llama(model, torch.tensor([naive_greedy]))[0, -1].argmax()))
+    assert model.generate([prompt], 8)[0] == naive_greedy[len(prompt):]
+
+
+def test_rms_norm_keeps_eps_inside_the_square_root():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=0.1)  # eps comparable to mean(x^2) = 0.01: sqrt(ms + eps) != sqrt(ms) + eps
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = 0.1 * torch.randn(3, 5, 16, dtype=torch.float64)
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 0.1) * norm.weight.double()
+    torch.testing.assert_close(norm(x.float()).double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_initialisation_scales_residual_projections_by_sqrt_two_n_layers():
+    """GPT-2's scheme: N(0, 0.02) everywhere, N(0, 0.02 / sqrt(2 n_layers)) for wo and w2, norms 1."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=1024, multiple_of=64)
+    model = Transformer(args)
+    residual_std = 0.02 / math.sqrt(2 * 8)  # 0.005, a quarter of 0.02
+    groups = {"norm": [], "residual": [], "other": []}
+    for name, p in model.named_parameters():
+        kind = ("norm" if name.endswith("norm.weight") else
+                "residual" if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else "other")
+        groups[kind].append(p.detach().flatten())
+    assert len(groups["residual"]) == 2 * 8 and len(groups["norm"]) == 2 * 8 + 1
+    assert all(torch.equal(p, torch.ones_like(p)) for p in groups["norm"])
+    for kind, std in (("residual", residual_std), ("other", 0.02)):
+        values = torch.cat(groups[kind])
+        assert values.numel() > 500_000  # enough for an estimate within a few parts in a thousand
+        assert abs(values.std().item() / std - 1) < 0.02, (kind, values.std().item(), std)
+        assert abs(values.mean().item()) < 0.01 * std
+    for name, p in model.named_parameters():  # and every tensor on its own, to 5%
+        if not name.endswith("norm.weight"):
+            std = residual_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            assert abs(p.std().item() / std - 1) < 0.05, (name, p.std().item(), std)
+
+
 # ---------------------------------------------------------------------------------------------------
 # generation
 
@@ -390,6 +511,21 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert a == model.generate(prompts, 10, temperature=1.0, seed=123)
     assert a != model.generate(prompts, 10, temperature=1.0, seed=124)
     assert model.generate(prompts, 10, temperature=1.0, top_p=1e-6, seed=5) == model.generate(prompts, 10)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_draws_from_softmax_of_logits_over_temperature(temperature):
+    """Frequencies of many draws against softmax(logits / T), and draw by draw against inverse-CDF
+    sampling with the same generator state (torch.multinomial over the probabilities sorted the same way)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    want = torch.softmax(logits / temperature, -1)
+    n = 40_000
+    draws = sample(logits.expand(n, 5), temperature, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / n
+    torch.testing.assert_close(freq, want, atol=0.01, rtol=0)  # the binomial std is below 0.0025
+    probs, order = want.sort(descending=True)
+    ref = order[torch.multinomial(probs.expand(64, 5), 1, generator=torch.Generator().manual_seed(1))[:, 0]]
+    assert torch.equal(sample(logits.expand(64, 5), temperature, 1.0, torch.Generator().manual_seed(1)), ref)
 
 
 def test_generate_restores_training_mode():
@@ -438,7 +574,8 @@ def test_shape_mismatch_names_weight_and_both_shapes(tmp_path):
     torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(config))
     f = model.args.ffn_hidden_dim
-    with pytest.raises(ValueError, match=rf"layers\.0\.feed_forward\.w1\.weight has shape \({f}, 64\).*expects \({f + 32}, 64\)"):
+    with pytest.raises(ValueError,
+                       match=rf"layers\.0\.feed_forward\.w1\.weight has shape \({f}, 64\).*expects \({f + 32}, 64\)"):
         Transformer.from_pretrained(tmp_path)
 
 
@@ -452,7 +589,8 @@ def test_missing_safetensors_package_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_llama31_scaled_rope_is_refused(tmp_path):
-    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 8, "use_scaled_rope": True}))
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4,
+                                                     "vocab_size": 8, "use_scaled_rope": True}))
     with pytest.raises(ValueError, match="use_scaled_rope"):
         Transformer.from_pretrained(tmp_path)
 

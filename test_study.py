@@ -12,8 +12,9 @@ import study
 
 def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_path, capsys):
     out = tmp_path / "study"
-    flags = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}", f"--tokenizer={run_data / 'tokenizer.model'}",
-             f"--init_from={run_data / 'base.pt'}", "--max_len=128", "--batch_size=8", "--eval_limit=4", "--r=8",
+    flags = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}",
+             f"--tokenizer={run_data / 'tokenizer.model'}", f"--init_from={run_data / 'base.pt'}",
+             "--max_len=128", "--batch_size=8", "--eval_limit=4", "--r=8",
              "--eval_batch_size=32", f"--out={out}", "--seeds=2", "--steps=3", "--runs=lora32,hydralora,teamlora"]
     results = study.main(flags)
     printed = capsys.readouterr().out

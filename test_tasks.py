@@ -79,8 +79,14 @@ def test_rouge_l_is_one_for_identical_and_zero_for_disjoint_or_empty_texts():
 
 
 def test_rouge_l_on_a_hand_computed_case():
-    # tokens: the cat sat on the mat / the cat lay on a mat; LCS = the cat on mat = 4 of 6 and 6
-    assert rouge_l("the cat sat on the mat", "the cat lay on a mat") == pytest.approx(2 / 3)
+    # prediction "the cat on mat" (4 tokens), reference "a cat sat on the red mat" (7 tokens):
+    # LCS = "cat on mat" = 3 ("the ... mat" is only 2), so P = 3/4, R = 3/7,
+    # F1 = 2 P R / (P + R) = (18/28) / (33/28) = 6/11
+    p, r = 3 / 4, 3 / 7
+    assert rouge_l("the cat on mat", "a cat sat on the red mat") == pytest.approx(2 * p * r / (p + r))
+    assert rouge_l("the cat on mat", "a cat sat on the red mat") == pytest.approx(6 / 11)
+    # and F1 is symmetric in P and R: swapping prediction and reference swaps them and keeps F1
+    assert rouge_l("a cat sat on the red mat", "the cat on mat") == pytest.approx(6 / 11)
     # LCS(a b c d e, a c e x) = a c e: precision 3/5, recall 3/4
     p, r = 3 / 5, 3 / 4
     assert rouge_l("a b c d e", "a c e x") == pytest.approx(2 * p * r / (p + r))
@@ -106,10 +112,23 @@ def test_task_score_reads_the_reference_and_aliases_from_the_record():
     assert qa.score("sunset blvd", record) == 1.0
     assert qa.score("sunset", record) == 0.0
     assert Task("s", "rouge_l", 8).score("the cat", {"output": "the cat"}) == 1.0
+    assert Task("s", "rouge_l", 8).score("the cat", {"output": "the cat sat"}) == pytest.approx(2 * 2 / (2 + 3))
     with pytest.raises(ValueError, match="no reference output"):
         qa.score("x", {"output": None})
     with pytest.raises(ValueError, match="metric"):
         Task("bad", "bleu", 8)
+
+
+def test_qa_exact_match_scores_only_the_answer_before_the_first_chinese_full_stop():
+    """The authors' Chinese QA records answer "<short answer>。<explanation>": the explanation is not scored."""
+    qa = Task("qa", "exact_match", 8)
+    record = qa_record("三国中谁说出宁教我负天下人", ["曹操", "曹孟德"])
+    assert qa.score("曹操。他是魏国的奠基者", record) == 1.0
+    assert qa.score("曹孟德。曹操，字孟德。", record) == 1.0  # an alias, then more text with another "。"
+    assert qa.score("刘备。曹操说的", record) == 0.0  # the right name only after the "。" does not count
+    assert qa.score("曹操说的。", record) == 0.0
+    assert exact_match("曹操。他是魏国的奠基者", ["曹操"]) == 0.0  # the metric itself compares the whole text
+    assert evaluate(qa, ["曹操。他是魏国的奠基者", "刘备。曹操"], [record, record]) == 50.0
 
 
 def test_evaluate_is_the_mean_score_times_100_and_needs_one_prediction_per_record():
@@ -151,7 +170,8 @@ def test_templates_rebuild_official_records_exactly():
                      "Option A: 'Kayla'\nOption B: 'Maria'"]
     assert make_record("blank", "B", blank["instruction"], option1="Kayla", option2="Maria",
                        sentence="Kayla was smarter than Maria, so _ had to look up how to keep vinyl records.") == blank
-    pair = by_input["Text 1: How do I improve my English speaking?\nText 2: How can I improve my English pronunciation?"]
+    pair = by_input["Text 1: How do I improve my English speaking?\n"
+                    "Text 2: How can I improve my English pronunciation?"]
     assert make_record("paraphrase", "duplicate", text1="How do I improve my English speaking?",
                        text2="How can I improve my English pronunciation?") == pair
     qa = next(r for r in official if r["instruction"] == "where does the movie dazed and confused take place")
@@ -171,7 +191,8 @@ def test_rte_loader_reads_the_glue_tsv_with_balanced_labels():
 def test_qqp_loader_handles_crlf_and_keeps_a_labelless_test_file_loadable():
     dev = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "dev.tsv"))  # CRLF line endings
     assert len(dev) == 9 and not any("\r" in r["input"] or "\r" in r["output"] for r in dev)
-    assert [r["output"] for r in dev] == ["not duplicate"] * 2 + ["duplicate"] + ["not duplicate"] * 2 + ["duplicate"] * 3 + ["not duplicate"]
+    assert [r["output"] for r in dev] == (["not duplicate"] * 2 + ["duplicate"] + ["not duplicate"] * 2
+                                          + ["duplicate"] * 3 + ["not duplicate"])
     assert dev[0]["input"] == "Text 1: Why are African-Americans so beautiful?\nText 2: Why are hispanics so beautiful?"
     train = CME_TASKS["qqp"].load(os.path.join(CME_DIR, "qqp", "train.tsv"))
     assert len(train) == 9 and train[1]["output"] == "duplicate"
@@ -196,8 +217,10 @@ def test_winogrande_loader_turns_answers_1_2_into_letters_and_keeps_the_blank():
     assert [r["output"] for r in dev] == ["B", "A"]
     assert dev[0]["input"] == ("Sentence: 'Ian volunteered to eat Dennis's menudo after already having a bowl because "
                                "_ despised eating intestine.'\nOption A: 'Ian'\nOption B: 'Dennis'")
-    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "train_xl.jsonl"))] == ["A", "B", "B", "A"]
-    assert [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande", "test.jsonl"))] == [None, None]
+    outputs = lambda name: [r["output"] for r in CME_TASKS["winogrande"].load(os.path.join(CME_DIR, "winogrande",
+                                                                                          name))]
+    assert outputs("train_xl.jsonl") == ["A", "B", "B", "A"]
+    assert outputs("test.jsonl") == [None, None]
 
 
 @needs_cme_fixtures
@@ -206,7 +229,8 @@ def test_arc_loader_reads_nested_questions_and_numeric_choice_labels(tmp_path):
     assert [r["output"] for r in dev] == ["D", "C"]
     assert dev[1]["input"].endswith("\nChoices: A.fog, B.rain, C.drought, D.tornado")
     numeric = {"id": "x", "question": {"stem": "Which is a gas?", "choices": [
-        {"text": "ice", "label": "1"}, {"text": "water", "label": "2"}, {"text": "steam", "label": "3"}]}, "answerKey": "3"}
+        {"text": "ice", "label": "1"}, {"text": "water", "label": "2"},
+        {"text": "steam", "label": "3"}]}, "answerKey": "3"}
     (tmp_path / "arc.jsonl").write_text(json.dumps(numeric) + "\n")
     [record] = CME_TASKS["arc"].load(str(tmp_path / "arc.jsonl"))
     assert record["output"] == "C" and record["input"] == "Question: Which is a gas?\nChoices: A.ice, B.water, C.steam"
@@ -276,7 +300,8 @@ def test_tldr_loader_reads_tldr_3_filtered_rows(tmp_path):
             {"id": "t3_2", "subreddit": "advice", "title": "U", "post": "Other post.", "summary": " other"}]
     (tmp_path / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = CME_TASKS["oai_sum"].load(str(tmp_path / "valid.jsonl"))
-    assert [(r["input"], r["output"]) for r in records] == [("Long post.\n\nMore.", "short one"), ("Other post.", "other")]
+    assert [(r["input"], r["output"]) for r in records] == [("Long post.\n\nMore.", "short one"),
+                                                          ("Other post.", "other")]
 
 
 @needs_cme_fixtures
@@ -297,7 +322,8 @@ def test_write_eval_set_writes_a_json_list_or_jsonl_in_the_official_format(tmp_p
     with open(tmp_path / "anli.json", encoding="utf-8") as f:
         records = json.load(f)
     assert len(records) == 15 and all(set(r) == {"instruction", "input", "output"} for r in records)
-    assert write_eval_set("nq", os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"), str(tmp_path / "nq.jsonl"), limit=5) == 5
+    assert write_eval_set("nq", os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"),
+                          str(tmp_path / "nq.jsonl"), limit=5) == 5
     lines = (tmp_path / "nq.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 5 and json.loads(lines[0])["answers"] == ["14 December 1972 UTC", "December 1972"]
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
@@ -312,24 +338,32 @@ def test_an_eval_set_from_a_labelless_file_is_a_clear_error(tmp_path):
 
 @needs_cme_fixtures
 def test_tasks_command_writes_the_eval_set_or_exits_with_one_line(tmp_path, capsys):
-    tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"), "--out", str(tmp_path / "rte.jsonl")])
+    tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"),
+               "--out", str(tmp_path / "rte.jsonl")])
     assert "wrote 30 rte records" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"^tasks.py: error: .*nope.tsv does not exist"):
         tasks.main(["--task", "rte", "--raw", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match=r"x.txt must end in .json"):
-        tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"), "--out", str(tmp_path / "x.txt")])
+        tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"),
+                   "--out", str(tmp_path / "x.txt")])
 
 
 MALFORMED_RAW = [  # task, file name, content, what the message must say
-    ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "e"}\n{"context": "a", oops}\n', r"dev.jsonl line 2 is not valid JSON"),
+    ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "e"}\n{"context": "a", oops}\n',
+     r"dev.jsonl line 2 is not valid JSON"),
     ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "x"}\n', r"dev.jsonl line 1 has the label 'x'"),
-    ("anli", "dev.jsonl", '{"premise": "a", "hypothesis": "b", "label": "e"}\n', r"dev.jsonl line 1 has no 'context' field"),
-    ("qqp", "dev.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\r\n1\t2\t3\ta?\t0\r\n", r"dev.tsv line 2 has 5 tab-separated fields"),
-    ("rte", "dev.tsv", "index\tpremise\tlabel\n0\ta\tentailment\n", r"dev.tsv has the columns .* needs \['sentence1', 'sentence2'\]"),
+    ("anli", "dev.jsonl", '{"premise": "a", "hypothesis": "b", "label": "e"}\n',
+     r"dev.jsonl line 1 has no 'context' field"),
+    ("qqp", "dev.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\r\n1\t2\t3\ta?\t0\r\n",
+     r"dev.tsv line 2 has 5 tab-separated fields"),
+    ("rte", "dev.tsv", "index\tpremise\tlabel\n0\ta\tentailment\n",
+     r"dev.tsv has the columns .* needs \['sentence1', 'sentence2'\]"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,A\n", r"x_test.csv line 2 has 5 fields"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,E\n", r"x_test.csv line 1 has the label 'E'"),
-    ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n', r"arc.jsonl line 1 has the label 'B'"),
-    ("winogrande", "dev.jsonl", '{"sentence": "_ x", "option1": "a", "answer": "1"}\n', r"dev.jsonl line 1 has no 'option2' field"),
+    ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n',
+     r"arc.jsonl line 1 has the label 'B'"),
+    ("winogrande", "dev.jsonl", '{"sentence": "_ x", "option1": "a", "answer": "1"}\n',
+     r"dev.jsonl line 1 has no 'option2' field"),
     ("webqa", "q.json", '[{"utterance": "q", "targetValue": "Paris"}]', r"q.json record 0 has the targetValue 'Paris'"),
     ("webqa", "q.json", '[{"utterance": "q",\n "targetValue": }]', r"q.json line 2 is not valid JSON"),
     ("imdb", "train.txt", "pos\tgreat film\nmaybe\tso-so\n", r"train.txt line 2 is not 'pos<TAB>review'"),

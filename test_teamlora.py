@@ -94,7 +94,6 @@ def test_forward_matches_equations_float64(k, r, shape, competition, bias):
                             layer.lora_A.detach(), layer.lora_B.detach(), router, M, k, 16.0, competition)
     out = layer(x)
     assert out.shape == shape[:-1] + (10,)
-    assert isinstance(out, torch.Tensor)
     assert (out - ref).abs().max() / ref.abs().max() < 1e-12
 
 
@@ -239,8 +238,10 @@ class MoELoRA(nn.Module):
     def __init__(self, base, r_b, k, alpha):
         super().__init__()
         self.base, self.scaling = base, alpha / r_b
-        self.A = nn.ParameterList(nn.Parameter(torch.randn(r_b, base.in_features, dtype=torch.float64)) for _ in range(k))
-        self.B = nn.ParameterList(nn.Parameter(torch.randn(base.out_features, r_b, dtype=torch.float64)) for _ in range(k))
+        self.A = nn.ParameterList(nn.Parameter(torch.randn(r_b, base.in_features, dtype=torch.float64))
+                                  for _ in range(k))
+        self.B = nn.ParameterList(nn.Parameter(torch.randn(base.out_features, r_b, dtype=torch.float64))
+                                  for _ in range(k))
         self.router = nn.Parameter(torch.randn(k, base.in_features, dtype=torch.float64))
 
     def forward(self, x):
@@ -365,22 +366,57 @@ def test_balance_loss_mean_and_sum_over_layers():
     assert teamlora.balance_loss(nn.Linear(2, 2)).item() == 0.0  # no adapters: nothing to balance
 
 
-def test_expert_load_is_a_distribution_per_layer_and_respects_the_mask():
+def reference_omega(x, router, M):
+    """Eq. 11-12 written out: omega = k * rownorm(phi (I + M)), phi = softmax(x W_r^T)."""
+    phi = torch.softmax(x @ router.T, -1)
+    adj = phi @ (torch.eye(phi.shape[-1], dtype=phi.dtype) + M)
+    return phi.shape[-1] * adj / adj.sum(-1, keepdim=True)
+
+
+def test_expert_load_is_the_mean_of_omega_over_unmasked_tokens_over_k_per_layer():
     torch.manual_seed(0)
-    model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
-    for m in model.modules():
+    model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16, dropout=0.0)
+    inputs = {}
+    for name, m in model.named_modules():
         if isinstance(m, TeamLoRALinear):
-            randomize(m)
+            randomize(m, seed=len(inputs))
+            m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
     model(torch.randn(2, 6, 16))
-    load = teamlora.expert_load(model)
-    assert set(load) == {f"layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3")}
-    for v in load.values():
-        assert v.shape == (4,) and abs(v.sum().item() - 1) < 1e-5
-    mask = torch.zeros(2, 6, dtype=torch.bool)
-    mask[0, 0] = True
-    one = teamlora.expert_load(model, mask)["layers.0.feed_forward.w1"]
-    first = model.layers[0]["feed_forward"].w1.last_omega[0, 0] / 4
-    torch.testing.assert_close(one, first)
+    assert set(inputs) == {f"layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3")}
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    for m_arg, keep in ((None, torch.ones(2, 6, dtype=torch.bool)), (mask, mask)):
+        load = teamlora.expert_load(model, m_arg)
+        assert set(load) == set(inputs)
+        for name, x in inputs.items():
+            layer = model.get_submodule(name)
+            omega = reference_omega(x, layer.lora_router.detach(), layer.lora_M.detach())  # (2, 6, 4)
+            want = omega[keep].mean(0) / 4  # the experts' shares over the kept tokens
+            torch.testing.assert_close(load[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    # the mask matters here: the loads over all tokens and over the kept ones differ
+    assert not torch.allclose(teamlora.expert_load(model)["layers.0.feed_forward.w1"],
+                              teamlora.expert_load(model, mask)["layers.0.feed_forward.w1"])
+
+
+@pytest.mark.parametrize("competition", [False, True])
+def test_router_softmax_runs_in_float32_under_bf16_autocast(competition):
+    """Under autocast the router's logits come out in bf16; omega must still be a float32 softmax of
+    them (bf16 keeps 8 bits: a bf16 softmax would miss the sum k by ~1e-2)."""
+    layer = make_layer(dtype=torch.float32, competition=competition)
+    x = torch.randn(3, 5, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    omega = layer.last_omega
+    assert omega.dtype == torch.float32
+    torch.testing.assert_close(omega.sum(-1), torch.full((3, 5), 4.0), rtol=0, atol=1e-5)
+    logits = F.linear(x.bfloat16(), layer.lora_router.detach().bfloat16())  # what autocast's linear gives
+    assert logits.dtype == torch.bfloat16
+    phi = logits.float().softmax(-1)  # (3, 5, 4) float32
+    if not competition:
+        torch.testing.assert_close(omega, 4 * phi, rtol=1e-6, atol=1e-6)
+    else:
+        # autocast also runs the tiny phi @ M matmul in bf16, so omega is float32 but only bf16-close here
+        adj = phi @ (torch.eye(4) + layer.lora_M.detach())
+        torch.testing.assert_close(omega, 4 * adj / adj.sum(-1, keepdim=True), rtol=0, atol=3e-2)
 
 
 def test_row_sum_guard_keeps_outputs_finite_when_phi_I_plus_M_sums_to_zero():
@@ -496,14 +532,16 @@ def test_cuda_bf16_base_with_fp32_adapter_matches_the_equations_fused_loop_and_c
     out = layer(x)
     assert out.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
     d = lambda t: t.detach().double().cpu()
-    want = reference_forward(d(x), d(layer.weight), d(layer.bias), d(layer.lora_A), d(layer.lora_B), d(layer.lora_router),
+    want = reference_forward(d(x), d(layer.weight), d(layer.bias), d(layer.lora_A), d(layer.lora_B),
+                             d(layer.lora_router),
                              d(layer.lora_M), 4, 16.0)
     torch.testing.assert_close(d(out), want, rtol=2e-2, atol=2e-2)  # bf16 rounding of the output
     xf = x.float().requires_grad_()
     args = (layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M, layer.scaling, 0.0)
     fused, loop = teamlora.team_lora_delta(xf, *args)[0], teamlora.team_lora_delta_loop(xf, *args)[0]
     torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
-    g_fused = torch.autograd.grad(fused.square().sum(), [xf, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M])
+    g_fused = torch.autograd.grad(fused.square().sum(),
+                                  [xf, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M])
     g_loop = torch.autograd.grad(loop.square().sum(), [xf, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M])
     for a, b in zip(g_fused, g_loop):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import minicme
@@ -30,17 +31,21 @@ REPO = Path(__file__).resolve().parent
 
 def test_config_file_then_flags_override_the_defaults(tmp_path):
     cfg_file = tmp_path / "c.py"
-    cfg_file.write_text("r = 16\nexperts = 8\nlearning_rate = 1  # an int where a float is expected is fine\nadapter = 'lora'\n")
+    cfg_file.write_text("r = 16\nexperts = 8\nlearning_rate = 1  # an int where a float is expected is fine\n"
+                        "adapter = 'lora'\n")
     cfg = train.parse_config([str(cfg_file), "--experts=2", "--targets=w1,w3"])
-    assert (cfg["r"], cfg["experts"], cfg["learning_rate"], cfg["adapter"], cfg["targets"]) == (16, 2, 1.0, "lora", "w1,w3")
+    assert (cfg["r"], cfg["experts"], cfg["learning_rate"], cfg["adapter"], cfg["targets"]) == (
+        16, 2, 1.0, "lora", "w1,w3")
     assert cfg["alpha"] == train.DEFAULTS["alpha"]
     assert train.parse_config([])["adapter"] == "teamlora"
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--lerning_rate=1e-3"], r"unknown config key 'lerning_rate' in flag --lerning_rate=1e-3; did you mean 'learning_rate'\?"),
+    (["--lerning_rate=1e-3"],
+     r"unknown config key 'lerning_rate' in flag --lerning_rate=1e-3; did you mean 'learning_rate'\?"),
     (["--r=abc"], r"config key 'r' in flag --r=abc must be of type int, got 'abc'"),
-    (["--competition=maybe"], r"config key 'competition' must be True, False or None \(the method's own\), got 'maybe'"),
+    (["--competition=maybe"],
+     r"config key 'competition' must be True, False or None \(the method's own\), got 'maybe'"),
     (["--max_iters=2.5"], r"'max_iters' .* must be of type int, got 2.5"),
     (["config/nope.py"], r"config file 'config/nope.py' does not exist"),
     (["--adapter=dora"], r"'adapter' must be one of teamlora, moelora, hydralora, lora, none, got 'dora'"),
@@ -80,7 +85,8 @@ def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data)
 
 def test_loss_falls_and_only_adapters_change(run_data, tmp_path):
     base = run_data / "base.pt"
-    cfg = train_cfg(run_data, tmp_path / "out", f"--init_from={base}", "--max_iters=30", "--eval_interval=30", "--eval_limit=2")
+    cfg = train_cfg(run_data, tmp_path / "out", f"--init_from={base}", "--max_iters=30",
+                    "--eval_interval=30", "--eval_limit=2")
     summary = train.train(cfg)
     losses = summary["train_losses"]
     assert len(losses) == 30 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
@@ -94,10 +100,118 @@ def test_loss_falls_and_only_adapters_change(run_data, tmp_path):
     assert_same_adapters(saved, adapters_of(summary["model"]))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["scores"]) == set(SYNTHETIC_TASKS) and set(results["expert_load"]) == set(SYNTHETIC_TASKS)
-    for load in results["expert_load"].values():
-        assert abs(sum(load) - 1) < 1e-4
+    model, args, tok = summary["model"], summary["model"].args, data.Tokenizer(cfg["tokenizer"])
+    for name, (task, records) in train.load_eval_sets(cfg).items():  # each task's load from its own prompts
+        prompts = [train.prompt_ids(tok, rec, args.max_seq_len - task.max_new_tokens) for rec in records]
+        want = reference_task_load(model, prompts, args.n_layers, cfg["load_layers"], cfg["experts"])
+        torch.testing.assert_close(torch.tensor(results["expert_load"][name]), want, rtol=1e-4, atol=1e-5, msg=name)
     lines = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert any("val_loss" in line for line in lines) and all(math.isfinite(line.get("loss", 0)) for line in lines)
+
+
+def reference_task_load(model, prompts, n_layers, load_layers, k):
+    """The experts' shares over a task's prompt tokens, from each prompt run alone (no padding at all):
+    omega of every adapted layer in the last load_layers blocks, pooled over all prompt tokens, over k,
+    then averaged over those layers."""
+    last = [m for n, m in model.named_modules()
+            if isinstance(m, TeamLoRALinear) and int(n.split(".")[1]) >= n_layers - load_layers]
+    assert last
+    omegas = {m: [] for m in last}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for p in prompts:
+            model(torch.tensor([p]))
+            for m in last:
+                omegas[m].append(m.last_omega.reshape(-1, k))
+    model.train(was_training)
+    return torch.stack([torch.cat(o).mean(0) / k for o in omegas.values()]).mean(0)
+
+
+def _run_with_a_trained_looking_adapter(run_data, tmp_path, *flags):
+    """A Run and its model (the pretrained tiny base + TeamLoRA), lora_B random so the adapters act."""
+    cfg = train_cfg(run_data, tmp_path / "o", f"--init_from={run_data / 'base.pt'}", *flags)
+    tok = data.Tokenizer(cfg["tokenizer"])
+    model, args = train.build_model(cfg, torch.device("cpu"), tok.vocab_size, 1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return train.Run(cfg, 0, 1, torch.device("cpu"), tok, args), model
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_val_loss_is_cross_entropy_over_answer_tokens_only(run_data, tmp_path, mode):
+    """val_loss against each validation example run alone: the summed cross-entropy over positions
+    with a label (labels != -100: the answer, not the prompt or padding) over their count."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_iters=3", "--batch_size=4",
+                                                   f"--batch_mode={mode}")
+    cfg, val = r.cfg, data.TokenDataset(r.cfg["data_dir"], "val")
+    model.eval()
+    total, labelled, positions = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(cfg["eval_iters"]):
+            b = data.get_batch(val, i, cfg["batch_size"], 0, mode=mode, max_len=cfg["max_len"])  # seed 0
+            seq_ids = b.get("seq_ids", torch.where(b["valid"], 0, -1))
+            for row in range(len(b["tokens"])):
+                for j in seq_ids[row].unique().tolist():
+                    if j < 0:
+                        continue
+                    at = seq_ids[row] == j
+                    logits = model(b["tokens"][row, at][None])[0][0]
+                    labels = b["labels"][row, at]
+                    keep = labels != -100
+                    total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+                    labelled += int(keep.sum())
+            positions += b["labels"].numel()
+    assert 0 < labelled < positions / 2  # most positions are prompt or padding: the two means differ a lot
+    assert train.val_loss(model, val, r) == pytest.approx(total / labelled, rel=1e-4)
+    assert model.training  # val_loss hands the model back in training mode
+
+
+def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_layers(run_data, tmp_path):
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--load_layers=2", "--eval_batch_size=4")
+    g = torch.Generator().manual_seed(1)
+    lengths = (3, 40, 9, 25, 17)  # very different lengths: the short ones get a lot of padding in a batch
+    prompts = [torch.randint(1, r.tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    got = train.task_expert_load(model, prompts, r)
+    want = reference_task_load(model, prompts[:4], r.args.n_layers, 2, r.cfg["experts"])  # eval_batch_size=4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got.shape == (r.cfg["experts"],) and model.training
+    # the first layers are left out: their load differs from the last two layers'
+    everything = reference_task_load(model, prompts[:4], r.args.n_layers, r.args.n_layers, r.cfg["experts"])
+    assert not torch.allclose(everything, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("warmup,decay,min_ratio", [(6, None, 0.0), (10, 60, 0.1), (1, None, 0.25), (0, 40, 0.0)])
+def test_learning_rate_warms_up_linearly_from_step_0_then_decays_by_cosine(warmup, decay, min_ratio):
+    lr, max_iters = 2e-3, 50
+    cfg = dict(train.DEFAULTS, learning_rate=lr, warmup_iters=warmup, lr_decay_iters=decay, max_iters=max_iters,
+               min_lr_ratio=min_ratio)
+    total = decay or max_iters
+    low = lr * min_ratio
+
+    def want(step):  # the schedule, written out
+        if step < warmup:
+            return lr * (step + 1) / warmup  # step 0 already trains, at lr / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return low + (lr - low) * (1 + math.cos(math.pi * progress)) / 2
+
+    for step in range(total + 10):
+        assert train.get_lr(step, cfg) == pytest.approx(want(step), rel=1e-12, abs=1e-15), step
+    assert train.get_lr(0, cfg) > 0
+    assert train.get_lr(0, cfg) == pytest.approx(lr / warmup if warmup else lr)
+    assert train.get_lr(max(warmup - 1, 0), cfg) == pytest.approx(lr)  # the peak, at the last warmup step
+    assert train.get_lr(warmup, cfg) == pytest.approx(lr)  # cosine starts at the peak
+    mid = warmup + (total - warmup) / 2
+    if mid == int(mid):
+        assert train.get_lr(int(mid), cfg) == pytest.approx((lr + low) / 2)  # half way down
+    assert train.get_lr(total, cfg) == pytest.approx(low, abs=1e-15)  # the end of the decay: lr * min_lr_ratio
+    assert train.get_lr(total + 100, cfg) == pytest.approx(low, abs=1e-15)  # and it stays there
+    lrs = [train.get_lr(s, cfg) for s in range(total + 5)]
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))  # rising through warmup
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # never rising after it
 
 
 def test_gradient_accumulation_equals_one_large_batch(run_data, tmp_path, monkeypatch):
@@ -113,7 +227,8 @@ def test_gradient_accumulation_equals_one_large_batch(run_data, tmp_path, monkey
             grads.append([p.grad.clone() for p in params])
             return real_clip(params, *a, **k)
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
-        train.train(train_cfg(run_data, out, "--dropout=0.0", "--balance_coef=0.0", "--eval_dir=", "--max_iters=3", *more))
+        train.train(train_cfg(run_data, out, "--dropout=0.0", "--balance_coef=0.0", "--eval_dir=",
+                              "--max_iters=3", *more))
         return grads
 
     one, acc = run(tmp_path / "a"), run(tmp_path / "b", "--grad_accum=4")
@@ -133,8 +248,10 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
     resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--max_iters=6"]))
     assert resumed["step"] == 6
     assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
-    with pytest.raises(train.UserError, match=r"learning_rate, r cannot change when resuming \(the run was learning_rate=0.003, r=8\)"):
-        train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--r=16", "--learning_rate=1e-3"]))
+    with pytest.raises(train.UserError,
+                       match=r"learning_rate, r cannot change when resuming \(the run was learning_rate=0.003, r=8\)"):
+        train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume",
+                                        "--r=16", "--learning_rate=1e-3"]))
 
 
 def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
@@ -147,11 +264,13 @@ def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
 
 def test_resume_runs_on_the_runs_own_device_unless_told_otherwise(run_data, tmp_path, monkeypatch):
     """Found on a GPU machine: a CPU run resumed with the default device='auto' moved to the GPU."""
-    train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=2", "--device=cpu"))
+    train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=2",
+                          "--device=cpu"))
     seen, real = [], train.setup_distributed
     monkeypatch.setattr(train, "setup_distributed", lambda cfg: (seen.append(cfg["device"]), real(cfg))[1])
     train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=3"]))
-    train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=4", "--device=auto"]))
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=4",
+                                    "--device=auto"]))
     assert seen == ["cpu", "auto"]
 
 
@@ -194,7 +313,8 @@ def test_moelora_and_lora_configurations_build_the_right_layers():
     assert moe.lora_M is None and moe.experts == 3 and moe.scaling == (24.0 / 3) / 4  # alpha/k over r_B
     x = torch.randn(4, 6)
     moe(x)
-    torch.testing.assert_close(moe.last_omega.sum(-1) * moe.scaling, torch.full((4,), 24.0 / 4))  # MoELoRA: sum_i w_i alpha/r_B
+    # MoELoRA: sum_i w_i alpha/r_B
+    torch.testing.assert_close(moe.last_omega.sum(-1) * moe.scaling, torch.full((4,), 24.0 / 4))
     lora = TeamLoRALinear(nn.Linear(6, 5), **train.adapter_kwargs({**cfg, "adapter": "lora"}))
     assert lora.experts == 1 and lora.lora_router is None and lora.scaling == 24.0 / 12
 
@@ -251,8 +371,8 @@ def _run(cmd, **kw):
 
 def _flags(run_data, out, *more):
     return [f"--data_dir={run_data / 'tokens'}", "--eval_dir=", f"--tokenizer={run_data / 'tokenizer.model'}",
-            "--init_from=scratch", "--model=tiny", "--max_len=128", "--batch_size=8", "--max_iters=4", "--eval_interval=2",
-            "--eval_iters=1", "--r=8", "--dropout=0.0", "--device=cpu", f"--out_dir={out}", *more]
+            "--init_from=scratch", "--model=tiny", "--max_len=128", "--batch_size=8", "--max_iters=4",
+            "--eval_interval=2", "--eval_iters=1", "--r=8", "--dropout=0.0", "--device=cpu", f"--out_dir={out}", *more]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -286,8 +406,8 @@ def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp
     assert 3 <= state["iter"] < 40
     resumed = _run([sys.executable, "train.py", f"--out_dir={tmp_path / 'killed'}", "--init_from=resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "whole", "--max_iters=40", "--eval_interval=40",
-                                                      "--dropout=0.1")])
+    whole = _run([sys.executable, "train.py",
+                  *_flags(run_data, tmp_path / "whole", "--max_iters=40", "--eval_interval=40", "--dropout=0.1")])
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert_same_adapters(torch.load(tmp_path / "killed" / "adapter.pt", weights_only=True),
                          torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True))
@@ -316,7 +436,8 @@ def test_cuda_bfloat16_training_learns_and_scores(run_data, tmp_path):
     out = train.train(train_cfg(run_data, tmp_path / "c", "--device=cuda", "--dtype=bfloat16", "--max_iters=12",
                                 "--adapter=teamlora"))
     params = dict(out["model"].named_parameters())
-    assert params["layers.0.feed_forward.w1.weight"].dtype == torch.bfloat16 and params["layers.0.feed_forward.w1.weight"].is_cuda
+    w1 = params["layers.0.feed_forward.w1.weight"]
+    assert w1.dtype == torch.bfloat16 and w1.is_cuda
     assert params["layers.0.feed_forward.w1.lora_A"].dtype == torch.float32
     assert np.mean(out["train_losses"][-3:]) < np.mean(out["train_losses"][:3])
     assert set(out["scores"]) == set(SYNTHETIC_TASKS)
