@@ -4,9 +4,8 @@
     z = dropout(x A^T) split into k segments z_i of width r_B = r/k    (Eq. 8, 9: collaboration)
     omega = k * rownorm(phi (I + M)),  phi = softmax(x W_r^T)          (Eq. 11, 12: competition)
 
-One shared A (r x d_in) feeds k expert matrices B_i (d_out x r_B), stored side by side as
-B = [B_1 ... B_k] (d_out x r). Because sum_i omega_i z_i B_i^T = (z * omega repeated r_B times)
-B^T, the whole layer costs two GEMMs plus a tiny d_in -> k router: the price of one LoRA of rank r.
+One shared A (r x d_in) feeds k experts B_i (d_out x r_B), kept side by side as B = [B_1 ... B_k]. As sum_i
+omega_i z_i B_i^T = (z * omega repeated r_B times) B^T, two GEMMs and a d_in -> k router do it: one LoRA's cost.
 
 Scale: omega sums to k and the scaling is alpha / r_B (the authors' code), so at equal alpha TeamLoRA's
 update is k times that of a LoRA of the same total rank (and of MoELoRA, whose weights sum to 1): compare
@@ -30,7 +29,8 @@ def expert_weights(x, router, M):
     phi = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[-1]
-    adj = phi + phi @ M.to(phi.dtype)  # (..., k)  Eq. 12 as phi (I + M): I + M has diagonal 1 (M's starts at 0)
+    # Eq. 12 as phi (I + M): I + M has diagonal 1 (M's own starts at 0). phi M as a sum, not a matmul,
+    adj = phi + (phi.unsqueeze(-1) * M.to(phi.dtype)).sum(-2)  # (..., k): so that autocast keeps it float32
     s = adj.sum(-1, keepdim=True)
     # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
     s = torch.where(s < 0, s.clamp(max=-EPS), s.clamp(min=EPS))
