@@ -46,13 +46,16 @@ def run_data(tmp_path_factory):
     return root
 
 
-def train_cfg(run_data, out, *flags):
-    """A tiny, fast configuration on the small suite; flags override it."""
-    base = [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}",
+def train_flags(run_data, out, *flags):
+    """The flags of a tiny, fast configuration on the small suite; later flags override earlier ones."""
+    return [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}",
             f"--tokenizer={run_data / 'tokenizer.model'}", "--init_from=scratch", "--model=tiny", "--max_len=128",
             "--batch_size=8", "--max_iters=6", "--eval_interval=3", "--eval_iters=1", "--eval_limit=4", "--r=8",
-            "--experts=4", "--learning_rate=3e-3", "--warmup_iters=1", f"--out_dir={out}"]
-    return train.parse_config(base + list(flags))
+            "--experts=4", "--learning_rate=3e-3", "--warmup_iters=1", f"--out_dir={out}", *flags]
+
+
+def train_cfg(run_data, out, *flags):
+    return train.parse_config(train_flags(run_data, out, *flags))
 
 
 def adapters_of(model):

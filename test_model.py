@@ -7,6 +7,7 @@ import struct
 import sys
 
 import math
+import re
 
 import pytest
 import torch
@@ -603,6 +604,106 @@ def test_hf_rope_scaling_is_refused(tmp_path, key):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rotary scaling.*llama3"):
         Transformer.from_pretrained(tmp_path)
+
+
+def assert_one_sentence(error, *names):
+    text = str(error.value)
+    assert "\n" not in text and all(n in text for n in names), text
+    assert error.value.__cause__ is None  # no chained traceback
+    assert error.value.__context__ is None or error.value.__suppress_context__
+
+
+def write_single_file_dir(path, layout):
+    """A directory of the given layout holding the tiny model; returns the file whose damage is tested."""
+    model = tiny_model()
+    if layout == "meta":
+        write_meta_dir(model, path, 0)
+        return path / "consolidated.01.pth"
+    (path / "config.json").write_text(json.dumps(hf_config(model)))
+    if layout == "safetensors":
+        write_safetensors(hf_state_dict(model), path / "model.safetensors")
+        return path / "model.safetensors"
+    if layout == "bin index":
+        write_hf_bin_dir(model, path)
+        return path / "pytorch_model-00002-of-00002.bin"
+    torch.save(hf_state_dict(model), path / "pytorch_model.bin")
+    return path / "pytorch_model.bin"
+
+
+CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
+    ("bin", "config.json", lambda c: '{"hidden_size": 64,', "is not valid JSON (line 1"),
+    ("bin", "config.json", lambda c: "[1, 2]", "holds a JSON list, not an object"),
+    ("bin", "config.json", lambda c: b'{"model_type": "llama\xff"}', "is not UTF-8 text"),
+    ("bin", "config.json", lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "has no 'hidden_size'"),
+    ("bin", "config.json", lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"},
+     "has no 'num_attention_heads'"),
+    ("bin", "config.json", lambda c: c | {"num_hidden_layers": "4"}, "has num_hidden_layers='4' where a positive int"),
+    ("bin", "config.json", lambda c: c | {"rms_norm_eps": -1.0}, "has rms_norm_eps=-1.0 where a positive number"),
+    ("bin", "config.json", lambda c: c | {"vocab_size": True}, "has vocab_size=True where a positive integer"),
+    ("meta", "params.json", lambda c: "{'dim': 64}", "is not valid JSON (line 1"),
+    ("meta", "params.json", lambda c: {k: v for k, v in c.items() if k != "dim"}, "has no 'dim'"),
+    ("meta", "params.json", lambda c: c | {"n_heads": 4.0}, "has n_heads=4.0 where a positive integer"),
+    ("meta", "params.json", lambda c: c | {"norm_eps": None}, "has norm_eps=None where a positive number"),
+    ("bin index", "pytorch_model.bin.index.json", lambda c: "{", "is not valid JSON"),
+    ("bin index", "pytorch_model.bin.index.json", lambda c: {"metadata": {}}, 'has no "weight_map"'),
+    ("bin index", "pytorch_model.bin.index.json",
+     lambda c: {"weight_map": c["weight_map"] | {"x.weight": "pytorch_model-00003-of-00003.bin"}},
+     "names weight files that are not in"),
+]
+
+
+@pytest.mark.parametrize("layout, name, damage, message", CONFIG_FAULTS,
+                         ids=[f"{n} {m.split('(')[0].strip()}" for _, n, _, m in CONFIG_FAULTS])
+def test_a_broken_configuration_file_is_one_sentence_naming_file_and_key(tmp_path, layout, name, damage, message):
+    write_single_file_dir(tmp_path, layout)
+    config = json.loads((tmp_path / name).read_text())
+    broken = damage(config)
+    (tmp_path / name).write_bytes(broken if isinstance(broken, bytes) else
+                                  (broken if isinstance(broken, str) else json.dumps(broken)).encode())
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path / name))
+
+
+WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a tensor"]
+
+
+@pytest.mark.parametrize("layout", ["bin", "bin index", "meta", "safetensors"])
+@pytest.mark.parametrize("damage", WEIGHT_FAULTS)
+def test_a_truncated_or_foreign_weight_file_is_one_sentence_naming_it(tmp_path, layout, damage):
+    if layout == "safetensors":
+        pytest.importorskip("safetensors")
+        if damage in ("objects", "a tensor"):
+            pytest.skip("torch.save content")
+    file = write_single_file_dir(tmp_path, layout)
+    raw = file.read_bytes()
+    if damage == "half":
+        file.write_bytes(raw[:len(raw) // 2])
+    elif damage == "all but 10 bytes":
+        file.write_bytes(raw[:-10])
+    elif damage == "empty":
+        file.write_bytes(b"")
+    elif damage == "garbage":
+        file.write_bytes(b"<html>404 Not Found</html>\n" * 50)  # what a failed download often saves
+    elif damage == "objects":
+        torch.save({"model.norm.weight": torch.ones(64), "step": object.__new__(ModelArgs)}, file)
+    else:
+        torch.save(torch.ones(3), file)
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    want = {"objects": "holds Python objects besides tensors", "a tensor": "holds a Tensor, not a dict of named"}
+    assert_one_sentence(error, str(file), want.get(damage, "download it again"))
+    if damage not in want:
+        kind = "a safetensors file" if layout == "safetensors" else "a PyTorch checkpoint"
+        assert f"{file} is truncated or not {kind}" in str(error.value)
+
+
+def test_legacy_non_zip_torch_save_files_still_load(tmp_path):
+    model = tiny_model()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    tokens = torch.randint(0, model.args.vocab_size, (1, 8))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
 
 
 def test_bad_inputs_are_reported():

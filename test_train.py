@@ -53,6 +53,16 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
     (["--batch_size=10", "--grad_accum=4"], r"batch_size=10 must be a multiple of grad_accum=4"),
     (["--eval_only"], r"flag '--eval_only' needs a value: write --eval_only=VALUE"),
     (["--dtype=float16"], r"'dtype' must be one of float32, bfloat16"),
+    (["--experts=0"], r"config key 'experts' must be positive, got 0"),
+    (["--log_interval=0"], r"config key 'log_interval' must be positive, got 0"),
+    (["--eval_batch_size=0"], r"config key 'eval_batch_size' must be positive, got 0"),
+    (["--lr_decay_iters=abc"], r"config key 'lr_decay_iters' must be None or a positive integer, got 'abc'"),
+    (["--r=True"], r"config key 'r' in flag --r=True must be of type int, got True"),
+    (["--device=tpu"], r"config key 'device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--dropout=2.0"], r"config key 'dropout' must be in \[0, 1\), got 2.0"),
+    (["--learning_rate=-1"], r"config key 'learning_rate' must be 0 or more, got -1.0"),
+    (["--min_lr_ratio=1.5"], r"config key 'min_lr_ratio' must be in \[0, 1\], got 1.5"),
+    (["--eval_iters=-1"], r"config key 'eval_iters' must be 0 or more, got -1"),
 ])
 def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
     with pytest.raises(train.UserError, match=message):
@@ -284,7 +294,7 @@ def test_ctrl_c_writes_a_checkpoint_and_nan_stops_keeping_the_last_good_one(run_
 
     monkeypatch.setattr(data, "get_batch", interrupt_at_step_4)
     out = train.train(train_cfg(run_data, tmp_path / "int", "--eval_dir=", "--eval_interval=100"))
-    assert out["interrupted"] and torch.load(tmp_path / "int" / "ckpt.pt", weights_only=False)["iter"] == 4
+    assert out["interrupted"] and torch.load(tmp_path / "int" / "ckpt.pt", weights_only=True)["iter"] == 4
     monkeypatch.setattr(data, "get_batch", real_get_batch)
 
     real_forward = Transformer.forward
@@ -297,7 +307,7 @@ def test_ctrl_c_writes_a_checkpoint_and_nan_stops_keeping_the_last_good_one(run_
     monkeypatch.setattr(Transformer, "forward", nan_from_step_4)
     with pytest.raises(train.UserError, match="the loss became nan at step 3; the last good checkpoint .* is kept"):
         train.train(train_cfg(run_data, tmp_path / "nan", "--eval_dir=", "--eval_interval=2", "--eval_iters=0"))
-    assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=False)["iter"] == 2
+    assert torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)["iter"] == 2
 
 
 def test_eval_only_reloads_the_adapter_and_reproduces_the_scores(run_data, tmp_path):
@@ -398,11 +408,11 @@ def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ckpt = tmp_path / "killed" / "ckpt.pt"
     deadline = _time.time() + 120
-    while _time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=False)["iter"] >= 3):
+    while _time.time() < deadline and not (ckpt.exists() and torch.load(ckpt, weights_only=True)["iter"] >= 3):
         _time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # at any moment: checkpoints are written every step
     proc.wait()
-    state = torch.load(ckpt, weights_only=False)  # the last good checkpoint loads
+    state = torch.load(ckpt, weights_only=True)  # the last good checkpoint loads
     assert 3 <= state["iter"] < 40
     resumed = _run([sys.executable, "train.py", f"--out_dir={tmp_path / 'killed'}", "--init_from=resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -425,7 +435,9 @@ def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, c
     assert (tmp_path / "data/mini_cme/base.pt").is_file() and (tmp_path / "out/demo/adapter.pt").is_file()
     assert set(summary["scores"]) == set(SYNTHETIC_TASKS) and "expert load" in out
     assert torch.load(tmp_path / "data/mini_cme/base.pt", weights_only=True)["model_args"]["dim"] == 64
-    train.train(cfg)  # a second run reuses everything
+    with pytest.raises(train.UserError, match="out/demo already holds a run"):
+        train.train(cfg)  # a run never replaces another by accident
+    train.train({**cfg, "overwrite": True})  # a second run reuses everything
     assert "building" not in capsys.readouterr().out
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

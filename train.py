@@ -14,11 +14,16 @@ finish (evaluation).
 import ast
 import builtins
 import difflib
+import hashlib
 import json
 import math
 import os
 import random
+import re
+import signal
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -85,6 +90,7 @@ load_layers = 2  # the expert load is shown for this many last layers (the paper
 fsdp = False  # under torchrun: FSDP2 instead of DDP
 dry_run = False  # build on the meta device, print parameters and a memory estimate, exit
 dry_run_world_size = 8
+overwrite = False  # a new run may replace the run already in out_dir (otherwise that is refused)
 # -------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
@@ -147,6 +153,17 @@ def parse_config(argv):
     return cfg
 
 
+_positive, _non_negative, _fraction = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v < 1)
+RANGES = [(k, _positive, "positive") for k in ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts",
+                                               "eval_interval", "log_interval", "eval_batch_size", "alpha",
+                                               "grad_clip", "dry_run_world_size")] + \
+         [(k, _non_negative, "0 or more") for k in ("learning_rate", "warmup_iters", "eval_iters", "eval_limit",
+                                                    "load_layers", "balance_coef", "weight_decay")] + \
+         [(k, _fraction, "in [0, 1)") for k in ("dropout", "beta1", "beta2")] + \
+         [("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+          ("lr_decay_iters", lambda v: v is None or (type(v) is int and v > 0), "None or a positive integer")]
+
+
 def check_config(cfg):
     choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
                "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum")}
@@ -156,12 +173,14 @@ def check_config(cfg):
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got {cfg[key]!r}.")
+    for key, ok, valid in RANGES:
+        if not ok(cfg[key]):
+            raise UserError(f"config key '{key}' must be {valid}, got {cfg[key]!r}.")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
+        raise UserError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}.")
     if cfg["adapter"] in ("teamlora", "moelora") and cfg["r"] % cfg["experts"]:
         raise UserError(f"r={cfg['r']} is not a multiple of experts={cfg['experts']}: "
                         "set r = experts * (rank per expert).")
-    for key in ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval"):
-        if cfg[key] <= 0:
-            raise UserError(f"config key '{key}' must be positive, got {cfg[key]}.")
     if cfg["batch_size"] % cfg["grad_accum"]:
         raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of grad_accum={cfg['grad_accum']}.")
 
@@ -180,6 +199,7 @@ class Run:
     device: torch.device = torch.device("cpu")
     tok: data.Tokenizer = None
     args: ModelArgs = None
+    eval_sets: dict = None  # task name -> (Task, records), read before step 1
 
     @property
     def master(self):
@@ -249,11 +269,15 @@ def base_weights(cfg, vocab_size):
         if not os.path.isfile(src):
             raise UserError(f"base checkpoint '{src}' does not exist; train one (adapter='none') "
                             "or use init_from='scratch'.")
-        ckpt = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
-        if "model_args" not in ckpt or "model" not in ckpt:
-            raise UserError(f"'{src}' is not a base model written by train.py (no model_args/model); "
-                            "pass a Meta or Hugging Face folder instead.")
+        ckpt = load_pt(src, "base model")
+        if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+            what = "an adapter" if is_adapter_file(ckpt) else "not a base model written by train.py"
+            raise UserError(f"init_from '{src}' is {what} (it has no model_args and model); give the model.pt of a "
+                            "full training run, or a Meta or Hugging Face folder.")
         return ModelArgs(**ckpt["model_args"]), ckpt["model"]
+    if os.path.isfile(src):
+        raise UserError(f"init_from '{src}' is a file but not a .pt checkpoint; give a model.pt written by train.py, "
+                        "a Meta or Hugging Face folder, 'scratch' or 'resume'.")
     base = Transformer.from_pretrained(src)  # memory-mapped tensors, not copies
     return base.args, base.state_dict()
 
@@ -320,6 +344,33 @@ def save_atomic(obj, path):
     data.write_atomic(path, lambda f: torch.save(obj, f))
 
 
+def load_pt(path, what):
+    """torch.load with weights_only=True, so that no file can run code; a truncated or foreign file is
+    one sentence naming it. Memory-mapped: tensors are read when copied to their place."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # zip errors, unpickling errors, EOF: a file that is not what it claims
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable {what} (truncated, corrupt, or not written by train.py: "
+                        f"{reason}); restore it or start from another checkpoint.") from None
+
+
+def is_adapter_file(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and teamlora.is_adapter(k) for k in obj)
+
+
+CKPT_KEYS = ("state", "optimizer", "iter", "config", "rng", "model_args")
+
+
+def load_checkpoint(path):
+    ckpt = load_pt(path, "training checkpoint")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CKPT_KEYS):
+        what = "an adapter (adapter.pt)" if is_adapter_file(ckpt) else "not a training checkpoint"
+        raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; resume needs that "
+                        "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
+    return ckpt
+
+
 def gather_state(model, cfg):
     """Adapter tensors (or, for full training, all weights) as plain CPU tensors. A collective under
     FSDP: every rank calls it, and only the adapter shards travel."""
@@ -357,18 +408,30 @@ def set_optimizer_state(model, opt, state, world, fsdp):
 
 
 def rng_state(dev):
-    # the CUDA generator only for a CUDA run: asking for it would start CUDA in a CPU run (a GPU
-    # context, and CPU numerics that differ before and after, so a resume would not match)
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    """Every generator's state as tensors and plain values (what weights_only=True can load back). The
+    CUDA generator only for a CUDA run: asking for it would start CUDA in a CPU run (a GPU context, and
+    CPU numerics that differ before and after, so a resume would not match)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
 
 
 def set_rng_state(s, dev):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
     if s["cuda"] is not None and dev.type == "cuda":
         torch.cuda.set_rng_state(s["cuda"], dev)
+
+
+def save_weights(r, state):
+    """adapter.pt (name -> tensor, for teamlora.load_adapter_state_dict), or model.pt for full training."""
+    if r.cfg["adapter"] == "none":
+        save_atomic({"model_args": asdict(r.args), "model": state}, os.path.join(r.cfg["out_dir"], "model.pt"))
+    else:
+        save_atomic(state, os.path.join(r.cfg["out_dir"], "adapter.pt"))
 
 
 def save_checkpoint(r, raw, opt, step):
@@ -380,14 +443,10 @@ def save_checkpoint(r, raw, opt, step):
         dist.all_gather_object(rngs, rng_state(r.device))  # each rank's dropout stream, for an exact resume
     else:
         rngs = [rng_state(r.device)]
-    if r.master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        if cfg["adapter"] == "none":
-            save_atomic({"model_args": asdict(r.args), "model": state}, os.path.join(cfg["out_dir"], "model.pt"))
-        else:
-            save_atomic(state, os.path.join(cfg["out_dir"], "adapter.pt"))
+    if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
         save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
                      "model_args": asdict(r.args)}, os.path.join(cfg["out_dir"], "ckpt.pt"))
+        save_weights(r, state)
     if r.world > 1:
         dist.barrier()
 
@@ -444,9 +503,21 @@ def load_eval_sets(cfg):
         raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
     sets = {}
     for name in names:
-        with open(os.path.join(folder, name + ".jsonl"), encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        sets[name] = (task_of(name), records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)
+        task, path, records = task_of(name), os.path.join(folder, name + ".jsonl"), []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
+                if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
+                        or record.get("output") is None:
+                    raise UserError(f"{path} line {n} is not an evaluation record: it needs an \"instruction\" "
+                                    "string and an \"output\" (write evaluation sets with python tasks.py).")
+                records.append(record)
+        sets[name] = (task, records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)
     return sets
 
 
@@ -507,7 +578,7 @@ def task_expert_load(model, prompts, r):
 def evaluate(model, r):
     """(task -> score, task -> expert load) on the evaluation sets in eval_dir."""
     scores, loads = {}, {}
-    for name, (task, records) in load_eval_sets(r.cfg).items():
+    for name, (task, records) in r.eval_sets.items():
         room = r.args.max_seq_len - task.max_new_tokens
         prompts = [prompt_ids(r.tok, rec, room) for rec in records]
         scores[name] = tasks.evaluate(task, generate_all(model, prompts, task.max_new_tokens, r), records)
@@ -561,14 +632,18 @@ def resume_config(cfg):
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
     changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != ckpt["config"][k]]
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if fixed:
         was = ", ".join(f"{k}={ckpt['config'][k]!r}" for k in fixed)
         raise UserError(f"{', '.join(fixed)} cannot change when resuming (the run was {was}); "
                         f"only {', '.join(RESUME_MAY_CHANGE)} can.")
-    return {**ckpt["config"], **{k: cfg[k] for k in changed}}, ckpt
+    cfg = {**ckpt["config"], **{k: cfg[k] for k in changed}}
+    if cfg["max_iters"] < ckpt["iter"] and not cfg["eval_only"]:
+        raise UserError(f"{path} is at step {ckpt['iter']}, past max_iters={cfg['max_iters']}: raise --max_iters to "
+                        "train on, or pass --eval_only=True to score it.")
+    return cfg, ckpt
 
 
 def build_demo(cfg):
@@ -583,10 +658,17 @@ def build_demo(cfg):
         print(f"base model written to {cfg['init_from']}; now fine-tuning")
 
 
+def on_sigterm(signum, frame):
+    """SLURM and Kubernetes send SIGTERM before they kill a job: stop like Ctrl-C, with a checkpoint."""
+    raise KeyboardInterrupt
+
+
 def train(cfg):
     """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
     cfg, ckpt = resume_config(cfg)
     rank, world, dev = setup_distributed(cfg)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         if cfg["dry_run"]:
             return check_full_config(cfg) if rank == 0 else {}
@@ -599,19 +681,70 @@ def train(cfg):
             dist.barrier()
         return run(Run(cfg, rank, world, dev), ckpt)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, sigterm)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def setup(r):
+RUN_FILES = ("ckpt.pt", "adapter.pt", "model.pt", "results.json")
+
+
+def claim_out_dir(r, resuming):
+    """Before a run trains: out_dir must not hold another run (unless overwrite=True replaces it), must
+    be writable, and loses the temporary files of processes that were killed while writing."""
+    out = r.cfg["out_dir"]
+    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+    if found and not resuming and not r.cfg["overwrite"]:
+        raise UserError(f"{out} already holds a run ({', '.join(found)}); continue it with --init_from=resume, "
+                        "choose another --out_dir, or pass --overwrite=True to replace it.")
+    if not r.master:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(f"out_dir {out} is not writable ({e.strerror or e}); choose another --out_dir.") from None
+    if found and not resuming:  # overwrite=True: nothing of the old run stays beside the new one
+        for f in found + ["log.jsonl"]:
+            if os.path.exists(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
+    data.remove_stale_temporaries(out)
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def preflight(r, train_ds):
+    """What the run will need, checked before step 1 rather than hours into it."""
+    cfg, made_with = r.cfg, train_ds.summary.get("tokenizer", {})
+    if made_with.get("sha256") and made_with["sha256"] != file_sha256(cfg["tokenizer"]):
+        raise UserError(f"tokenizer {cfg['tokenizer']} is not the one {cfg['data_dir']} was made with "
+                        f"({made_with.get('path')}); pass that one, or run data.py prepare again with this one.")
+    if r.tok.vocab_size > r.args.vocab_size:
+        raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model only {r.args.vocab_size:,}: "
+                        "use the tokenizer the base model was trained with.")
+    answered = np.minimum(train_ds.lengths, cfg["max_len"]) > np.maximum(train_ds.prompt_lens, 1)
+    if len(train_ds) and not answered.any():
+        raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every training record (the shortest "
+                        f"prompt has {int(train_ds.prompt_lens.min())} tokens): raise --max_len.")
+    r.eval_sets = load_eval_sets(cfg) if cfg["eval_dir"] else {}
+
+
+def setup(r, resuming):
     """Tokenizer, data, model (DDP-wrapped under torchrun without FSDP) and optimizer of a run."""
     cfg = r.cfg
+    if not cfg["eval_only"]:
+        claim_out_dir(r, resuming)
     r.tok = data.Tokenizer(cfg["tokenizer"])
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
-    has_val = train_ds.summary["splits"].get("val", {}).get("records")
+    has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
     val_ds = data.TokenDataset(cfg["data_dir"], "val") if has_val else None
     torch.manual_seed(cfg["seed"] + r.rank)
     raw, r.args = build_model(cfg, r.device, r.tok.vocab_size, r.world)
+    preflight(r, train_ds)
     model = raw
     if r.world > 1 and not cfg["fsdp"]:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -626,6 +759,8 @@ def restore(r, raw, opt, ckpt):
     load_state(raw, ckpt["state"], r.cfg)
     set_optimizer_state(raw, opt, ckpt["optimizer"], r.world, r.cfg["fsdp"])
     set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
+    if r.master and r.cfg["adapter"] != "none":  # a kill between the two writes left the adapter behind
+        save_weights(r, ckpt["state"])
     r.say(f"resumed from {r.cfg['out_dir']}/ckpt.pt at step {ckpt['iter']}")
     return ckpt["iter"]
 
@@ -636,7 +771,10 @@ def load_trained_adapter(r, raw):
     if r.cfg["adapter"] != "none":
         if not os.path.isfile(path):
             raise UserError(f"eval_only: {path} does not exist; train first or point --out_dir at a finished run.")
-        load_state(raw, torch.load(path, weights_only=True), r.cfg)
+        state = load_pt(path, "adapter")
+        if not is_adapter_file(state):
+            raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
+        load_state(raw, state, r.cfg)
 
 
 def train_step(r, model, raw, opt, dataset, step):
@@ -680,7 +818,7 @@ def train_step(r, model, raw, opt, dataset, step):
 def run(r, ckpt=None):
     """One run: set up, resume, train with periodic validation and checkpoints, then evaluate."""
     cfg = r.cfg
-    train_ds, val_ds, model, raw, opt = setup(r)
+    train_ds, val_ds, model, raw, opt = setup(r, ckpt is not None)
     n_train = sum(p.numel() for p in trainable(raw))
     n_base = sum(p.numel() for n, p in raw.named_parameters() if not teamlora.is_adapter(n))
     r.say(f"{cfg['adapter']}: {n_train:,} trainable parameters ({100 * n_train / n_base:.2f}% of the {n_base:,} "
@@ -692,10 +830,9 @@ def run(r, ckpt=None):
             load_trained_adapter(r, raw)
         return finish(r, model, summary)
 
-    if r.master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if r.master else None
-    bar = tqdm(total=cfg["max_iters"], initial=step, disable=not r.master, dynamic_ncols=True, desc="train")
+    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if step else "w") if r.master else None
+    interactive = r.master and sys.stderr.isatty()  # a SLURM or nohup log gets one line per log_interval instead
+    bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     t0, losses, train_start = time.time(), [], time.time()
     try:
         while step < cfg["max_iters"]:
@@ -709,6 +846,9 @@ def run(r, ckpt=None):
                 log.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
                                       "time": time.time()}) + "\n")
                 log.flush()
+                if not interactive:
+                    print(f"step {step}/{cfg['max_iters']}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s",
+                          flush=True)
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
                 if val_ds is not None:
                     summary["val_loss"] = vl = val_loss(model, val_ds, r)

@@ -1,0 +1,173 @@
+"""train.py under hostile files, broken inputs and interruptions: every fault is one sentence naming the
+file or key (exit code 2, no traceback), found before step 1, and nothing a user wrote or trained is lost.
+
+    python -m pytest -q
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import LLAMA2, OFFICIAL, needs_fixtures, train_flags
+from data import prepare
+
+REPO = Path(__file__).resolve().parent
+
+
+def fails(argv, capsys, *needles):
+    """train.main(argv) exits with code 2 and one line on stderr holding every needle; returns the line."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert str(needle) in err, (needle, err)
+    return err
+
+
+def finished_run(run_data, out, *more):
+    """A finished tiny run (4 steps, a checkpoint every 2, no scoring) in out."""
+    summary = train.main(train_flags(run_data, out, "--max_iters=4", "--eval_interval=2", "--eval_dir=", *more))
+    assert summary is None and (out / "ckpt.pt").is_file()
+    return out
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint would do with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_cannot_run_code_on_resume(run_data, tmp_path, capsys):
+    out = finished_run(run_data, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    torch.save({"state": {}, "optimizer": RunsCode(marker), "iter": 2, "config": {}, "rng": [], "model_args": {}},
+               out / "ckpt.pt")
+    fails(train_flags(run_data, out, "--init_from=resume"), capsys, out / "ckpt.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "adapter"])
+def test_a_damaged_or_wrong_checkpoint_names_itself(run_data, tmp_path, capsys, damage):
+    out = finished_run(run_data, tmp_path / "run")
+    ckpt = out / "ckpt.pt"
+    good = ckpt.read_bytes()
+    new = {"truncated": good[:len(good) // 2], "garbage": os.urandom(4096), "empty": b"",
+           "adapter": (out / "adapter.pt").read_bytes()}[damage]
+    ckpt.write_bytes(new)
+    err = fails(train_flags(run_data, out, "--init_from=resume"), capsys, ckpt)
+    if damage == "adapter":
+        assert "is an adapter (adapter.pt), not the ckpt.pt" in err
+    assert ckpt.read_bytes() == new  # left as it was, for the user to look at
+
+
+@pytest.mark.parametrize("what", ["garbage", "truncated", "adapter", "not_pt"])
+def test_a_bad_init_from_names_itself(run_data, tmp_path, capsys, what):
+    base = (run_data / "base.pt").read_bytes()
+    path = tmp_path / ("base.txt" if what == "not_pt" else "base.pt")
+    if what == "adapter":
+        finished_run(run_data, tmp_path / "run")
+        path.write_bytes((tmp_path / "run" / "adapter.pt").read_bytes())
+    else:
+        path.write_bytes({"garbage": os.urandom(2048), "truncated": base[:len(base) // 3], "not_pt": b"hello"}[what])
+    needle = {"garbage": "is not a readable base model", "truncated": "is not a readable base model",
+              "adapter": "is an adapter", "not_pt": "is a file but not a .pt checkpoint"}[what]
+    fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}"), capsys, path, needle)
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+def test_a_new_run_never_replaces_another_unless_asked(run_data, tmp_path, capsys):
+    out = finished_run(run_data, tmp_path / "run")
+    train.main(train_flags(run_data, out, "--max_iters=4", "--eval_interval=2", "--eval_only=True"))
+    before = contents(out)
+    assert {"ckpt.pt", "adapter.pt", "results.json", "log.jsonl"} <= before.keys()
+    fails(train_flags(run_data, out, "--r=4"), capsys, out, "--init_from=resume", "--overwrite=True")
+    assert contents(out) == before  # not a byte changed
+    train.main(train_flags(run_data, out, "--r=4", "--max_iters=2", "--eval_interval=2", "--eval_dir=",
+                           "--log_interval=1", "--overwrite=True"))
+    assert not (out / "results.json").exists()  # the old scores do not stay beside the new weights
+    assert torch.load(out / "adapter.pt", weights_only=True)["layers.0.feed_forward.w1.lora_A"].shape[0] == 4
+    steps = [line for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 2  # the log starts anew: steps 1 and 2 of the new run only
+
+
+def test_resume_below_the_checkpoints_step_and_a_stale_adapter(run_data, tmp_path, capsys):
+    out = finished_run(run_data, tmp_path / "run")
+    fails(train_flags(run_data, out, "--init_from=resume", "--eval_dir=", "--max_iters=2"), capsys, "at step 4",
+          "max_iters=2", "--eval_only=True")
+    # a kill between the two writes of a checkpoint leaves adapter.pt behind ckpt.pt: a resume mends the pair
+    state = torch.load(out / "adapter.pt", weights_only=True)
+    torch.save({n: torch.zeros_like(t) for n, t in state.items()}, out / "adapter.pt")
+    (out / "ckpt.pt.tmp999999").write_bytes(b"half a checkpoint of a process that was killed")
+    train.main(train_flags(run_data, out, "--init_from=resume", "--eval_dir=", "--max_iters=4"))
+    captured = capsys.readouterr()
+    assert "removed" in captured.out + captured.err
+    assert not (out / "ckpt.pt.tmp999999").exists()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for n, t in torch.load(out / "adapter.pt", weights_only=True).items():
+        assert torch.equal(t, ckpt["state"][n])
+
+
+def test_faults_of_evaluation_and_data_are_found_before_step_1(run_data, tmp_path, capsys):
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "qa.jsonl").write_text('{"instruction": "q", "output": "a"}\n\n{"instruction": "q", oops}\n')
+    fails(train_flags(run_data, tmp_path / "a", f"--eval_dir={evals}"), capsys, evals / "qa.jsonl", "line 3")
+    (evals / "qa.jsonl").write_text('{"instruction": "q"}\n')
+    fails(train_flags(run_data, tmp_path / "b", f"--eval_dir={evals}"), capsys, "line 1", "\"output\"")
+    fails(train_flags(run_data, tmp_path / "c", f"--eval_dir={tmp_path / 'nope'}"), capsys, "nope", "does not exist")
+    fails(train_flags(run_data, tmp_path / "d", "--max_len=3"), capsys, "max_len=3", "every training record")
+    occupied = tmp_path / "file"
+    occupied.write_text("a file where out_dir should be")
+    fails(train_flags(run_data, occupied, "--eval_dir="), capsys, occupied, "not writable")
+    assert not any((tmp_path / d / "ckpt.pt").exists() for d in "abcd")  # nothing trained
+
+
+@needs_fixtures
+def test_a_tokenizer_other_than_the_shards_or_the_bases_is_refused_before_step_1(run_data, tmp_path, capsys):
+    fails(train_flags(run_data, tmp_path / "a", f"--tokenizer={LLAMA2}"), capsys, LLAMA2, "is not the one",
+          run_data / "tokens")
+    prepare([OFFICIAL], LLAMA2, tmp_path / "llama2_tokens", max_len=1024, quiet=True)  # 32,000 tokens
+    capsys.readouterr()  # prepare's warning about a record too long for max_len
+    fails(train_flags(run_data, tmp_path / "b", f"--tokenizer={LLAMA2}", f"--data_dir={tmp_path / 'llama2_tokens'}",
+                      f"--init_from={run_data / 'base.pt'}"), capsys, "32,000 tokens", "base model only")
+    assert not (tmp_path / "b" / "ckpt.pt").exists()
+
+
+def test_no_validation_without_validation_batches(run_data, tmp_path, capsys):
+    summary = train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--eval_iters=0", "--eval_dir=")))
+    assert "val_loss" not in summary and "val loss" not in capsys.readouterr().out
+
+
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(run_data, tmp_path):
+    out = tmp_path / "run"
+    flags = train_flags(run_data, out, "--max_iters=2000", "--eval_interval=1000", "--log_interval=1", "--eval_dir=",
+                        "--device=cpu")
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "log.jsonl").exists() or
+                                      (out / "log.jsonl").read_text().count('"loss"') < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    step = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
+    assert 2 <= step < 2000 and "--init_from=resume" in stdout
+    # without a terminal: one plain line per log interval, no progress-bar frames
+    assert "\r" not in stderr and "step 1/2000: loss" in stdout and "step 2/2000: loss" in stdout
