@@ -477,6 +477,24 @@ def test_inject_on_the_meta_device_allocates_nothing_then_materialises():
     assert torch.all(w1.lora_B == 0) and torch.all(w1.lora_M.diagonal() == 0)
 
 
+def test_reinitialisation_draws_the_same_adapter_on_the_meta_device_as_on_the_cpu():
+    """initial_lora_state() draws on the CPU in a fixed order, whatever the parameters' device: the same
+    seed gives the same adapter to a layer built on the CPU and to one built on meta, then materialised."""
+    base = nn.Linear(12, 10)
+    torch.manual_seed(3)
+    cpu = TeamLoRALinear(base, r=8, experts=4, alpha=16.0)
+    with torch.device("meta"):
+        meta = TeamLoRALinear(nn.Linear(12, 10), r=8, experts=4, alpha=16.0)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(3)
+    meta.reset_lora_parameters()
+    for name in ("lora_A", "lora_B", "lora_router", "lora_M"):
+        assert torch.equal(getattr(cpu, name), getattr(meta, name)), name
+    bound = 1 / math.sqrt(12)  # kaiming_uniform(a=sqrt 5) on a fan-in of 12
+    assert cpu.lora_A.abs().max() <= bound and cpu.lora_A.abs().max() > bound / 2
+    assert (cpu.lora_B == 0).all() and (cpu.lora_M.diagonal() == 0).all() and cpu.lora_M.abs().max() <= 0.1
+
+
 def test_inject_shares_base_storage_on_a_real_device():
     model = Stack(n=1)
     ptr = model.layers[0]["feed_forward"].w2.weight.data_ptr()
