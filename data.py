@@ -77,9 +77,18 @@ class Tokenizer:
 
     def __init__(self, path):
         self.path = str(path)
+        if os.path.isdir(self.path):
+            inside = os.path.join(self.path, "tokenizer.model")
+            hint = f" such as {inside}" if os.path.isfile(inside) else " (tokenizer.model)"
+            raise UserError(f"tokenizer {self.path} is a folder, not a file; pass the tokenizer file inside it{hint}")
         if not os.path.isfile(self.path):
             raise UserError(f"tokenizer file {self.path} not found; pass the tokenizer.model of your checkpoint")
-        if _looks_like_tiktoken(self.path):
+        try:
+            tiktoken_file = _looks_like_tiktoken(self.path)
+        except OSError as e:
+            raise UserError(f"tokenizer file {self.path} cannot be read ({e.strerror or e}); "
+                            "check its permissions") from None
+        if tiktoken_file:
             self._load_tiktoken()
         else:
             self._load_sentencepiece()
@@ -415,36 +424,133 @@ def _write_shards(tmp, inputs, kinds, tok, max_len, val_fraction, seed, workers,
     return files, splits, np.dtype(dtype).name
 
 
+PREPARE_FILES = tuple(f"{split}.{part}.bin" for split in ("train", "val")
+                      for part in ("tokens", "offsets", "prompt_lens")) + ("summary.json",)
+
+
+def _foreign_files(folder):
+    """The names in `folder` that prepare does not write (folders and links count as foreign)."""
+    return sorted(name for name in os.listdir(folder) if name not in PREPARE_FILES
+                  or os.path.islink(os.path.join(folder, name)) or not os.path.isfile(os.path.join(folder, name)))
+
+
+def _inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _listed(names, most=3):
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def process_is_running(pid):
+    """Whether a process with this id runs (or may run: when in doubt, yes, so nothing of it is removed)."""
+    if os.name == "nt" or pid <= 0:  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs under another user
+        return True
+    return True
+
+
+def _remove_stale_prepare_folders(out_dir, keep):
+    """Remove OUT.tmp-PID (and an older version's OUT.tmp-PID.old) folders that a killed prepare left,
+    when that process no longer runs and the folder holds nothing but prepare's own files."""
+    parent, base = os.path.dirname(out_dir) or ".", os.path.basename(out_dir)
+    pattern = re.compile(re.escape(base) + r"\.tmp-(\d+)(\.old)?")
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in sorted(names):
+        match = pattern.fullmatch(name)
+        folder = os.path.join(parent, name)
+        if not match or process_is_running(int(match.group(1))) or os.path.islink(folder) \
+                or not os.path.isdir(folder) or _foreign_files(folder) or any(_inside(p, folder) for p in keep):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            print(f"data.py prepare: removed a leftover temporary folder {folder} of a prepare (process "
+                  f"{match.group(1)}) that no longer runs", file=sys.stderr)
+
+
+def _check_out_dir(out_dir, inputs, tokenizer_path):
+    """Refuse an --out that prepare would not only write its own files into."""
+    for what, path in [("input", p) for p in inputs] + [("tokenizer", tokenizer_path)]:
+        if os.path.exists(path) and _inside(path, out_dir):
+            raise UserError(f"the {what} {path} is inside --out {out_dir}, whose files prepare replaces; keep the "
+                            "inputs and the tokenizer elsewhere or choose another --out")
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    foreign = _foreign_files(out_dir)
+    if foreign and os.path.isfile(os.path.join(out_dir, "summary.json")):
+        raise UserError(f"{out_dir} holds files that prepare did not write ({_listed(foreign)}) beside a previous "
+                        "prepare's output; move them out or choose another --out")
+    if foreign:
+        raise UserError(f"{out_dir} exists and is not the output of a previous prepare (it holds "
+                        f"{_listed(foreign)}); choose another --out")
+
+
+def _move_into(tmp, out_dir):
+    """Put the files of tmp into out_dir, replacing only prepare's own files there: summary.json goes first
+    (its presence means a complete output) and comes back last."""
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    summary = os.path.join(out_dir, "summary.json")
+    if os.path.exists(summary):
+        os.remove(summary)
+    for name in PREPARE_FILES:  # summary.json is the last of them
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
 def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, seed=0, workers=None, quiet=False):
     """Tokenise JSON / JSONL record files into token shards in out_dir; returns the summary dict.
     Records go to "val" with probability val_fraction (by a hash of seed and record index). Records
-    whose answer is cut away entirely by max_len are dropped (they give no loss) and counted. The
-    output is written to a temporary directory next to out_dir and renamed at the end, so a
-    failure leaves nothing that looks complete. workers: processes (default: all cores);
-    quiet: no progress bar."""
+    whose answer is cut away entirely by max_len are dropped (they give no loss), counted, and
+    warned about on stderr. The output is written to a temporary folder OUT.tmp-PID next to out_dir,
+    then moved in file by file, summary.json last, so a failure leaves nothing that looks complete;
+    only prepare's own files in out_dir are replaced, and an out_dir with other files is refused.
+    Temporary folders of killed prepares are removed. workers: processes (default: all cores);
+    quiet: no progress bar (warnings still go to stderr)."""
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     out_dir = str(out_dir).rstrip("/\\") or "."
+    tokenizer_path = str(tokenizer_path)
     if not inputs:
         raise UserError("no input files; pass at least one --input FILE")
     if not (isinstance(max_len, int) and max_len >= 2):
         raise UserError(f"max_len must be an integer >= 2, got {max_len!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if os.path.exists(out_dir) and not os.path.isfile(os.path.join(out_dir, "summary.json")) \
-            and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise UserError(f"{out_dir} exists and is not the output of a previous prepare; choose another --out")
+    _remove_stale_prepare_folders(out_dir, inputs + [tokenizer_path])
+    _check_out_dir(out_dir, inputs, tokenizer_path)
     kinds = [_file_kind(p) for p in inputs]  # a missing or odd file fails before any work
     tok = Tokenizer(tokenizer_path)
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
 
     tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(tmp):  # left by this process id before: a reused id, or an earlier call interrupted
+        if os.path.islink(tmp) or not os.path.isdir(tmp) or _foreign_files(tmp):
+            raise UserError(f"{tmp} exists and is not a temporary folder of prepare; move it away")
+        shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
         files, splits, dtype = _write_shards(tmp, inputs, kinds, tok, max_len, val_fraction, seed, workers, quiet)
+        records, dropped = sum(f["records"] for f in files), sum(f["dropped_no_answer"] for f in files)
         if splits["train"]["records"] + splits["val"]["records"] == 0:
-            raise UserError(f"no records left to train on (max_len {max_len} cut away every answer, or the "
-                            "inputs are empty); raise --max_len or check the inputs")
+            if records:
+                raise UserError(f"no records left to train on: max_len {max_len} cut away the answer of all "
+                                f"{records} records; raise --max_len")
+            raise UserError(f"no records in {_listed(inputs)}; check the inputs")
+        if dropped:
+            print(f"warning: {dropped} of {records} records were dropped because max_len {max_len} cut their "
+                  "answer away entirely; pass a larger --max_len to keep them", file=sys.stderr)
         with open(tok.path, "rb") as f:
             sha256 = hashlib.sha256(f.read()).hexdigest()
         summary = dict(
@@ -454,12 +560,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
             **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-        if os.path.exists(out_dir):  # a previous prepare's output: swap it out, then delete it
-            os.rename(out_dir, f"{tmp}.old")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(f"{tmp}.old")
-        else:
-            os.rename(tmp, out_dir)
+        _move_into(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -485,6 +586,32 @@ def write_atomic(path, content):
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(folder, names=None):
+    """Remove the temporary files NAME.tmpPID that write_atomic leaves when its process is killed, for the
+    processes that no longer run (of `names` only, when given); prints one stderr line for each and returns
+    their paths. A file whose process still runs, or may (another user's), is left alone."""
+    pattern = re.compile(r"(.+)\.tmp(\d+)")
+    removed = []
+    try:
+        entries = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return removed
+    for name in entries:
+        match = pattern.fullmatch(name)
+        path = os.path.join(folder, name)
+        if not match or (names is not None and match.group(1) not in names) or os.path.islink(path) \
+                or not os.path.isfile(path) or process_is_running(int(match.group(2))):
+            continue
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # another process removed it first
+            continue
+        removed.append(path)
+        print(f"removed a leftover temporary file {path} of a process ({match.group(2)}) that no longer runs",
+              file=sys.stderr)
+    return removed
+
+
 def write_jsonl(path, records):
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -492,24 +619,73 @@ def write_jsonl(path, records):
 # -----------------------------------------------------------------------------
 # Batches
 
+def _read_summary(path):
+    """summary.json of a prepare output, checked for what TokenDataset needs; a UserError naming it if not."""
+    summary_path = os.path.join(path, "summary.json")
+    if not os.path.isfile(summary_path):
+        raise UserError(f"{path} has no summary.json; make it with: python data.py prepare --out {path} ...")
+    again = f"run prepare again (python data.py prepare --out {path} ...)"
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{summary_path} is not valid JSON (line {e.lineno}: {e.msg}); {again}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{summary_path} is not UTF-8 text; {again}") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{summary_path} holds {_json_kind(summary)}, not a prepare summary; {again}")
+    for key, ok, want in (("splits", lambda v: isinstance(v, dict), "an object"),
+                          ("dtype", lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"'),
+                          ("max_len", lambda v: type(v) is int and v >= 2, "an integer >= 2"),
+                          ("pad_id", lambda v: type(v) is int and v >= 0, "a token id")):
+        if key not in summary:
+            raise UserError(f'{summary_path} has no "{key}"; {again}')
+        if not ok(summary[key]):
+            raise UserError(f'{summary_path} has "{key}": {summary[key]!r} where {want} belongs; {again}')
+    for split, counts in summary["splits"].items():
+        for key in ("records", "tokens"):
+            if not isinstance(counts, dict) or type(counts.get(key)) is not int or counts[key] < 0:
+                raise UserError(f'{summary_path} gives no record and token counts for the split "{split}"; {again}')
+    return summary
+
+
 class TokenDataset:
-    """The records of one split of a prepare output: ds[i] -> (ids, prompt_len), ids a uint array view."""
+    """The records of one split of a prepare output: ds[i] -> (ids, prompt_len), ids a uint array view.
+    Opening checks every shard against summary.json, so a truncated or foreign file stops with its name
+    instead of training on part of the data."""
 
     def __init__(self, path, split="train"):
-        summary_path = os.path.join(path, "summary.json")
-        if not os.path.isfile(summary_path):
-            raise UserError(f"{path} has no summary.json; make it with: python data.py prepare --out {path} ...")
-        with open(summary_path, encoding="utf-8") as f:
-            self.summary = json.load(f)
+        path = os.fspath(path)
+        self.summary = _read_summary(path)
         if split not in self.summary["splits"]:
             raise UserError(f"{path} has no split {split!r}; the splits are {list(self.summary['splits'])}")
         self.max_len, self.pad_id = self.summary["max_len"], self.summary["pad_id"]
-        name = lambda part: os.path.join(path, f"{split}.{part}.bin")
-        self.offsets = np.fromfile(name("offsets"), np.int64)  # small: 8 bytes a record, kept in memory
-        self.prompt_lens = np.fromfile(name("prompt_lens"), np.int32)
+        records, tokens = self.summary["splits"][split]["records"], self.summary["splits"][split]["tokens"]
         dtype = np.dtype(self.summary["dtype"])
-        self.tokens = np.memmap(name("tokens"), dtype, mode="r") if self.offsets[-1] else np.zeros(0, dtype)
+        again = f"run prepare again (python data.py prepare --out {path} ...)"
+        name = lambda part: os.path.join(path, f"{split}.{part}.bin")
+
+        def check_size(part, count, item):
+            file = name(part)
+            if not os.path.isfile(file):
+                raise UserError(f"{file} is missing; {again}")
+            size = os.path.getsize(file)
+            if size != count * item.itemsize:
+                raise UserError(f"{file} holds {size:,} bytes where summary.json's {records:,} {split} records "
+                                f"need {count * item.itemsize:,} ({count:,} {item.name} values); the file is "
+                                f"truncated or from another run; {again}")
+            return file
+
+        self.offsets = np.fromfile(check_size("offsets", records + 1, np.dtype(np.int64)), np.int64)  # in memory
+        self.prompt_lens = np.fromfile(check_size("prompt_lens", records, np.dtype(np.int32)), np.int32)
         self.lengths = np.diff(self.offsets)
+        if self.offsets[0] != 0 or (self.lengths < 1).any() or self.offsets[-1] != tokens:
+            raise UserError(f"{name('offsets')} does not hold offsets from 0 rising to the {tokens:,} tokens that "
+                            f"summary.json gives (found {self.offsets[0]} to {self.offsets[-1]}); {again}")
+        if ((self.prompt_lens < 1) | (self.prompt_lens >= self.lengths)).any():
+            raise UserError(f"{name('prompt_lens')} holds prompt lengths that leave a record no answer token; {again}")
+        check_size("tokens", tokens, dtype)
+        self.tokens = np.memmap(name("tokens"), dtype, mode="r") if tokens else np.zeros(0, dtype)
 
     def __len__(self):
         return len(self.lengths)

@@ -42,9 +42,11 @@ class ModelArgs:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even width; choose dim as a multiple of 2*n_heads")
+            raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even width; choose dim "
+                             "as a multiple of 2*n_heads")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each key/value head must serve a whole group of query heads")
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each "
+                             "key/value head must serve a whole group of query heads")
 
     @property
     def head_dim(self):
@@ -67,7 +69,8 @@ class ModelArgs:
             raise ValueError(f"unknown model name {name!r}; valid names are: {', '.join(PRESETS)}")
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown ModelArgs field(s) {sorted(unknown)}; valid fields are: {', '.join(f.name for f in fields(cls))}")
+            raise ValueError(f"unknown ModelArgs field(s) {sorted(unknown)}; valid fields are: "
+                             f"{', '.join(f.name for f in fields(cls))}")
         return cls(**{**PRESETS[name], **overrides})
 
 
@@ -182,7 +185,8 @@ class Attention(nn.Module):
             S = k.shape[2]
             q = q.reshape(B, Hkv, (H // Hkv) * T, hd)  # (B, Hkv, rep*T, hd)
             mask = mask.expand(B, 1, T, S).repeat(1, 1, H // Hkv, 1)  # (B, 1, rep*T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, T, hd)  # CUDA kernels may return it strided
+            # reshape, not view: CUDA kernels may return it strided
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, C)
 
 
@@ -215,7 +219,8 @@ class Transformer(nn.Module):
     def __init__(self, args, gradient_checkpointing=False):
         super().__init__()
         if args.vocab_size <= 0:
-            raise ValueError(f"vocab_size={args.vocab_size} must be positive; set it to the tokenizer's vocabulary size")
+            raise ValueError(f"vocab_size={args.vocab_size} must be positive; set it to the tokenizer's vocabulary "
+                             "size")
         self.args = args
         self.gradient_checkpointing = gradient_checkpointing  # recompute each block in backward to save memory
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -259,13 +264,16 @@ class Transformer(nn.Module):
         seq_ids (B, T) packs several sequences in a row: a token attends only to earlier tokens with
         the same seq_id, rotary positions restart at 0 for each, and a negative seq_id is padding."""
         if tokens.dim() != 2:
-            raise ValueError(f"tokens must be a (batch, time) tensor of token ids, got shape {tuple(tokens.shape)}; add a batch dimension with tokens[None]")
+            raise ValueError(f"tokens must be a (batch, time) tensor of token ids, got shape {tuple(tokens.shape)}; "
+                             "add a batch dimension with tokens[None]")
         B, T = tokens.shape
         if T > self.args.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}; cut the sequences or raise max_seq_len")
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}; cut the sequences or "
+                             "raise max_seq_len")
         for name, t in (("targets", targets), ("seq_ids", seq_ids)):
             if t is not None and t.shape != tokens.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but tokens have {tuple(tokens.shape)}; give one {name[:-1]} per token")
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but tokens have {tuple(tokens.shape)}; give one "
+                                 f"{name[:-1]} per token")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'")
         if seq_ids is None:
@@ -285,15 +293,19 @@ class Transformer(nn.Module):
         The prompts are left-padded into one batch: padding gets seq_id -1 (so nothing attends to it)
         and each row's rotary positions start at its first real token."""
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs a non-empty list of non-empty prompts; give each prompt at least one token (e.g. BOS)")
+            raise ValueError("generate needs a non-empty list of non-empty prompts; give each prompt at least one "
+                             "token (e.g. BOS)")
         if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature={temperature}, top_p={top_p} are out of range; use temperature >= 0 and 0 < top_p <= 1")
+            raise ValueError(f"temperature={temperature}, top_p={top_p} are out of range; use temperature >= 0 and 0 < "
+                             "top_p <= 1")
         if any(not 0 <= t < self.args.vocab_size for p in prompts for t in p):
-            raise ValueError(f"a prompt holds a token id outside [0, {self.args.vocab_size}); encode the prompts with this model's tokenizer")
+            raise ValueError(f"a prompt holds a token id outside [0, {self.args.vocab_size}); encode the prompts with "
+                             "this model's tokenizer")
         B, P = len(prompts), max(len(p) for p in prompts)
         total = P + max_new_tokens
         if total > self.args.max_seq_len:
-            raise ValueError(f"the longest prompt ({P} tokens) plus max_new_tokens={max_new_tokens} exceeds max_seq_len={self.args.max_seq_len}; shorten the prompts or lower max_new_tokens")
+            raise ValueError(f"the longest prompt ({P} tokens) plus max_new_tokens={max_new_tokens} exceeds "
+                             f"max_seq_len={self.args.max_seq_len}; shorten the prompts or lower max_new_tokens")
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
         weight = self.tok_embeddings.weight
@@ -305,7 +317,8 @@ class Transformer(nn.Module):
             seq_ids[i, :P - len(p)] = -1
         lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        caches = [KVCache(B, total, self.args.n_kv_heads, self.args.head_dim, weight.dtype, device) for _ in self.layers]
+        caches = [KVCache(B, total, self.args.n_kv_heads, self.args.head_dim, weight.dtype, device)
+                  for _ in self.layers]
         was_training = self.training
         self.eval()  # adapters may hold dropout
         try:
@@ -339,13 +352,16 @@ class Transformer(nn.Module):
         dtype (e.g. torch.bfloat16 for 7B) defaults to the checkpoint's own."""
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist; pass the folder that holds params.json (Meta) or config.json (Hugging Face)")
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist; pass the folder that holds "
+                                    "params.json (Meta) or config.json (Hugging Face)")
         if os.path.exists(os.path.join(path, "params.json")):
             args, state = _read_meta(path, dtype, device)
         elif os.path.exists(os.path.join(path, "config.json")):
             args, state = _read_hf(path, dtype, device)
         else:
-            raise ValueError(f"{path!r} holds neither params.json (Meta layout) nor config.json (Hugging Face layout); point to the folder with the weights (for Meta's files in a Hugging Face download, its original/ folder)")
+            raise ValueError(f"{path!r} holds neither params.json (Meta layout) nor config.json (Hugging Face layout); "
+                             "point to the folder with the weights (for Meta's files in a Hugging Face download, its "
+                             "original/ folder)")
         if max_seq_len is not None:
             args = replace(args, max_seq_len=max_seq_len)
         with torch.device("meta"):
@@ -356,10 +372,12 @@ class Transformer(nn.Module):
             if names:
                 names = sorted(names)
                 listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                raise ValueError(f"the checkpoint in {path!r} {problem}: {listed}; check that all weight files are present and that they belong to a LLaMA model")
+                raise ValueError(f"the checkpoint in {path!r} {problem}: {listed}; check that all weight files are "
+                                 "present and that they belong to a LLaMA model")
         for name in expected:
             if state[name].shape != expected[name]:
-                raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model expects {tuple(expected[name])}; the config and the weights do not match")
+                raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model "
+                                 f"expects {tuple(expected[name])}; the config and the weights do not match")
         model.load_state_dict(state, assign=True)
         return model
 
@@ -382,18 +400,105 @@ def sample(logits, temperature, top_p, generator=None):
 # The readers convert each tensor to dtype/device as soon as it is read, so at most one tensor exists
 # twice at any time (memory-mapped files are paged in from disk, not copied).
 
+def _read_json(file):
+    """The JSON object in a checkpoint's configuration file; a ValueError naming the file if it is not one."""
+    again = "download it again from the checkpoint's source"
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON (line {e.lineno}: {e.msg}); {again}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not UTF-8 text; {again}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object; {again}")
+    return value
+
+
+# what the readers take from a configuration file: key -> (kind, may be null). "positive int" and
+# "positive" (a number) must be > 0; "int" is any integer (Meta's vocab_size is -1).
+_META_PARAMS = {"dim": ("positive int", False), "n_layers": ("positive int", False),
+                "n_heads": ("positive int", False)}
+_META_OPTIONAL = {"n_kv_heads": ("positive int", True), "vocab_size": ("int", False),
+                  "multiple_of": ("positive int", False), "ffn_dim_multiplier": ("positive", True),
+                  "norm_eps": ("positive", False), "rope_theta": ("positive", False),
+                  "max_seq_len": ("positive int", False), "hidden_dim": ("positive int", True)}
+_HF_CONFIG = {"hidden_size": ("positive int", False), "num_hidden_layers": ("positive int", False),
+              "num_attention_heads": ("positive int", False), "vocab_size": ("positive int", False),
+              "intermediate_size": ("positive int", False)}
+_HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": ("positive", True),
+                "rope_theta": ("positive", True), "max_position_embeddings": ("positive int", True),
+                "head_dim": ("positive int", True)}
+
+
+def _check_fields(config, file, required, optional):
+    """A ValueError naming the file and the key when a needed key is absent or not a number of the right kind."""
+    for key, (kind, nullable) in {**required, **optional}.items():
+        if key not in config:
+            if key in required:
+                raise ValueError(f"{file} has no {key!r}, which the model needs; download the complete file again "
+                                 "from the checkpoint's source")
+            continue
+        value = config[key]
+        if value is None and nullable:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind.endswith("int") and not isinstance(value, int)) \
+                or (kind.startswith("positive") and not value > 0):
+            want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number"}[kind]
+            raise ValueError(f"{file} has {key}={value!r} where {want} belongs; fix it or download the file again")
+
+
+def _describe(error):
+    """The first sentence of an exception's message, short: what a loader said about a broken file."""
+    text = str(error).split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0].rstrip(".")
+    return text[:120] or type(error).__name__
+
+
+def _torch_load(file):
+    """The dict of tensors in a torch.save file, memory-mapped (weights_only: no file can run code); a
+    ValueError naming the file when it is truncated, foreign, or holds other Python objects."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "_use_new_zipfile_serialization" not in str(e):
+                raise
+            # the legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it into memory
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (PermissionError, IsADirectoryError) as e:
+        raise ValueError(f"{file} cannot be read ({e.strerror}); check that it is a weight file you may read") from None
+    except Exception as e:  # zip, unpickling, EOF, and OSError(EINVAL) from mmap on a cut file
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # weights_only refused a class: the file holds more than tensors
+            raise ValueError(f"{file} holds Python objects besides tensors ({found.group(1)}), which are not loaded "
+                             "because loading them could run code; use a checkpoint of plain tensors (e.g. its "
+                             ".safetensors)") from None
+        raise ValueError(f"{file} is truncated or not a PyTorch checkpoint ({_describe(e)}); "
+                         "download it again") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a dict of named tensors, so it is not a "
+                         "LLaMA weight file; point to the checkpoint's weight files")
+    return state
+
+
 def _read_meta(path, dtype, device):
-    with open(os.path.join(path, "params.json")) as f:
-        params = json.load(f)
+    params = _read_json(os.path.join(path, "params.json"))
     if params.pop("use_scaled_rope", False):
-        raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose rotary scaling this model does not implement; use a LLaMA 2 or LLaMA 3 checkpoint")
+        raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose rotary scaling this model does "
+                         "not implement; use a LLaMA 2 or LLaMA 3 checkpoint")
     unknown = params.keys() - {f.name for f in fields(ModelArgs)}
     if unknown:
-        raise ValueError(f"params.json in {path!r} has fields this model does not know: {sorted(unknown)}; only LLaMA 2 and LLaMA 3 checkpoints are supported")
+        raise ValueError(f"params.json in {path!r} has fields this model does not know: {sorted(unknown)}; only LLaMA "
+                         "2 and LLaMA 3 checkpoints are supported")
+    _check_fields(params, os.path.join(path, "params.json"), _META_PARAMS, _META_OPTIONAL)
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
-        raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth weight files; put the weights in the same folder")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+        raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth weight files; put the weights in "
+                                "the same folder")
+    shards = [_torch_load(f) for f in files]
     state = {}
     for name in shards[0]:
         if name == "rope.freqs":  # precomputed rotary frequencies in old checkpoints; we compute them
@@ -406,7 +511,8 @@ def _read_meta(path, dtype, device):
         state[name] = t.to(device=device, dtype=dtype)
     if params.get("vocab_size", -1) <= 0:  # -1 in Meta's files: the embedding's row count says it
         if "tok_embeddings.weight" not in state:
-            raise ValueError(f"the checkpoint in {path!r} lacks weights the model needs: tok_embeddings.weight; check that all weight files are present")
+            raise ValueError(f"the checkpoint in {path!r} lacks weights the model needs: tok_embeddings.weight; check "
+                             "that all weight files are present")
         params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
     # params.json does not give the context length: LLaMA 3 (rope_theta 500000) was trained on 8192
     # tokens, LLaMA 2 on 4096; from_pretrained(max_seq_len=...) overrides this
@@ -444,25 +550,34 @@ def _hf_to_meta_name(name):
 
 
 def _read_hf(path, dtype, device):
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
+    config_file = os.path.join(path, "config.json")
+    config = _read_json(config_file)
     unsupported = {"model_type": ("llama", None), "hidden_act": ("silu", None),
                    "attention_bias": (False, None), "mlp_bias": (False, None)}
     for key, allowed in unsupported.items():
         if config.get(key) not in allowed:
-            raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this LLaMA does not implement; only LLaMA 2/3-style checkpoints are supported")
+            raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this LLaMA does not implement; "
+                             "only LLaMA 2/3-style checkpoints are supported")
     # transformers 5 writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{config_file} has rotary settings {rope!r} where an object belongs; fix it or download "
+                         "the file again")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}, which this model does not implement; use a LLaMA 2 or LLaMA 3 checkpoint")
+        raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}, which this model does not "
+                         "implement; use a LLaMA 2 or LLaMA 3 checkpoint")
+    _check_fields(config, config_file, _HF_CONFIG, _HF_OPTIONAL)
+    _check_fields(rope, config_file, {}, {"rope_theta": ("positive", True)})
     n_heads = config["num_attention_heads"]
-    if config.get("head_dim", config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
-        raise ValueError(f"config.json in {path!r} has head_dim={config['head_dim']} != hidden_size / num_attention_heads; this model does not support that")
+    if (config.get("head_dim") or config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
+        raise ValueError(f"config.json in {path!r} has head_dim={config['head_dim']} != hidden_size / "
+                         "num_attention_heads; this model does not support that")
     # HF's defaults where a key is absent (rms_norm_eps 1e-6, max_position_embeddings 2048)
     args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-                     hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-                     rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)), max_seq_len=config.get("max_position_embeddings", 2048))
+                     hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps") or 1e-6,
+                     rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+                     max_seq_len=config.get("max_position_embeddings") or 2048)
     state = {}
     for file in _hf_weight_files(path):
         for hf_name, t in _read_tensors(os.path.join(path, file)):
@@ -481,15 +596,26 @@ def _read_hf(path, dtype, device):
 
 def _hf_weight_files(path):
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if os.path.exists(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                return sorted(set(json.load(f)["weight_map"].values()))
+        index = os.path.join(path, index)
+        if os.path.exists(index):
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index} has no \"weight_map\" of weight names to file names; download it again "
+                                 "from the checkpoint's source")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            if missing:
+                raise FileNotFoundError(f"{index} names weight files that are not in {path!r}: {', '.join(missing)}; "
+                                        "download them into the same folder")
+            return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if os.path.exists(os.path.join(path, single)):
             return [single]
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    files = (sorted(glob.glob(os.path.join(path, "*.safetensors")))
+             or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))))
     if not files:
-        raise FileNotFoundError(f"{path!r} has config.json but no *.safetensors or pytorch_model*.bin weight files; put the weights in the same folder")
+        raise FileNotFoundError(f"{path!r} has config.json but no *.safetensors or pytorch_model*.bin weight files; "
+                                "put the weights in the same folder")
     return [os.path.basename(f) for f in files]
 
 
@@ -499,9 +625,17 @@ def _read_tensors(file):
         try:
             from safetensors import safe_open
         except ImportError:
-            raise ImportError(f"reading {file} needs the safetensors package: pip install safetensors (or load Meta's consolidated.*.pth files, e.g. the original/ folder of a Hugging Face download)") from None
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+            raise ImportError(f"reading {file} needs the safetensors package: pip install safetensors (or load Meta's "
+                              "consolidated.*.pth files, e.g. the original/ folder of a Hugging Face "
+                              "download)") from None
+        if not os.path.isfile(file):  # safetensors reports a missing file without its name
+            raise FileNotFoundError(f"weight file {file} does not exist; download it into the checkpoint folder")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as e:  # SafetensorError: a cut or foreign file (the caller's errors do not come here)
+            raise ValueError(f"{file} is truncated or not a safetensors file ({_describe(e)}); "
+                             "download it again") from None
     else:
-        yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+        yield from _torch_load(file).items()

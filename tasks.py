@@ -414,7 +414,8 @@ def load_imdb(path):
         for name in os.listdir(folder):
             m = re.fullmatch(r"(\d+)_\d+\.txt", name)
             if not m:
-                raise UserError(f"{os.path.join(folder, name)} is not named <id>_<rating>.txt; move it out of {folder}.")
+                raise UserError(f"{os.path.join(folder, name)} is not named <id>_<rating>.txt; move it out of "
+                                f"{folder}.")
             files.append((int(m.group(1)), name))
         for _, name in sorted(files):
             with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
@@ -430,9 +431,11 @@ class CMETask(Task):
 
 
 CME_TASKS = {t.name: t for t in [
-    CMETask("oai_sum", "rouge_l", 128, None, load_tldr, "tldr_3_filtered/*.jsonl or summarize-from-feedback comparisons"),
+    CMETask("oai_sum", "rouge_l", 128, None, load_tldr,
+            "tldr_3_filtered/*.jsonl or summarize-from-feedback comparisons"),
     CMETask("imdb", "accuracy", 8, ("positive", "negative"), load_imdb, "aclImdb/test folder or label<TAB>review file"),
-    CMETask("anli", "accuracy", 8, ("entailment", "neutral", "contradiction"), load_anli, "anli_v1.0/R*/{dev,test}.jsonl"),
+    CMETask("anli", "accuracy", 8, ("entailment", "neutral", "contradiction"), load_anli,
+            "anli_v1.0/R*/{dev,test}.jsonl"),
     CMETask("qqp", "accuracy", 8, ("duplicate", "not duplicate"), load_qqp, "GLUE QQP/{train,dev,test}.tsv"),
     CMETask("rte", "accuracy", 8, ("entailment", "not entailment"), load_rte, "GLUE RTE/{train,dev,test}.tsv"),
     CMETask("winogrande", "accuracy", 4, ("A", "B"), load_winogrande, "winogrande_1.1/{train_*,dev,test}.jsonl"),
@@ -451,15 +454,31 @@ def write_eval_set(task_name, raw_path, out_path, limit=None):
     the number of records written."""
     if task_name not in CME_TASKS:
         raise UserError(f"unknown task {task_name!r}; choose one of {', '.join(CME_TASKS)}.")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit {limit!r} is not a number of records to keep; give --limit N with N >= 1, "
+                        "or leave it out to keep every record.")
+    out_path = os.fspath(out_path)
     if not out_path.endswith((".json", ".jsonl")):
         raise UserError(f"{out_path} must end in .json (a JSON list) or .jsonl (one record per line).")
     paths = [raw_path] if isinstance(raw_path, (str, os.PathLike)) else list(raw_path)
-    records = [r for p in paths for r in CME_TASKS[task_name].load(str(p))]
+    for p in paths:
+        if os.path.exists(out_path) and os.path.exists(p) and os.path.samefile(out_path, p):
+            raise UserError(f"{out_path} is both --out and a --raw file; writing would replace the raw file, "
+                            "so choose another --out.")
+    records = []
+    for p in map(os.fspath, paths):
+        try:
+            records += CME_TASKS[task_name].load(p)
+        except UnicodeDecodeError as e:
+            where = f"a file in {p}" if os.path.isdir(p) else p
+            raise UserError(f"{where} is not UTF-8 text ({e.reason}); save it as UTF-8.") from None
+        except IsADirectoryError:
+            raise UserError(f"{p} is a folder; pass the task's raw file ({CME_TASKS[task_name].source}).") from None
     unlabelled = sum(r["output"] is None for r in records)
     if unlabelled:
         raise UserError(f"{unlabelled} of {len(records)} records in {', '.join(map(str, paths))} have no label "
                          "(a test split without answers?); build the evaluation set from a labelled split such as dev.")
-    records = records[:limit] if limit else records
+    records = records if limit is None else records[:limit]
     text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if out_path.endswith(".jsonl")
             else json.dumps(records, ensure_ascii=False, indent=1) + "\n")
     write_atomic(out_path, text)

@@ -358,6 +358,253 @@ def test_prepare_replaces_its_own_output_but_not_a_foreign_directory(tmp_path, t
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+HERE = Path(__file__).resolve().parent
+LONG = json.dumps({"instruction": "the quick brown fox jumps over the lazy dog " * 3, "input": "", "output": "b"})
+
+
+def write_records(path, n, long=0):
+    path.write_text(f"{GOOD}\n" * n + f"{LONG}\n" * long)
+    return path
+
+
+def dead_pid():
+    """The id of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def leftovers(folder):
+    return sorted(p for p in os.listdir(folder) if ".tmp" in p)
+
+
+@pytest.mark.parametrize("case", ["other file", "other folder", "input inside", "input deeper", "tokenizer inside",
+                                  "out is a file"])
+def test_prepare_refuses_an_out_holding_what_it_did_not_write_and_loses_nothing(tmp_path, tiny_spm, case):
+    out = tmp_path / "out"
+    source = write_records(tmp_path / "d.jsonl", 3)
+    prepare([source], tiny_spm, out, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    inputs, tokenizer, named = [source], tiny_spm, None
+    if case == "other file":
+        named = out / "notes.txt"
+    elif case == "other folder":
+        named = out / "runs" / "log.txt"
+    elif case in ("input inside", "input deeper"):
+        named = out / ("d.jsonl" if case == "input inside" else "raw/d.jsonl")
+        inputs = [named]
+    elif case == "tokenizer inside":
+        named = tokenizer = out / "tokenizer.model"
+    if named:
+        named.parent.mkdir(exist_ok=True)
+        named.write_bytes(tiny_spm.read_bytes() if case == "tokenizer inside" else source.read_bytes())
+    else:
+        out = tmp_path / "out.file"
+        out.write_text("keep me")
+        named = out
+    content = named.read_bytes()
+    with pytest.raises(UserError) as failure:
+        prepare(inputs, tokenizer, out, workers=1)
+    message = str(failure.value)
+    want = {"other file": "notes.txt", "other folder": "runs", "out is a file": "is a file"}.get(case, str(named))
+    assert want in message and str(out) in message and "\n" not in message
+    assert named.read_bytes() == content  # the user's file is untouched
+    if case != "out is a file":
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+        assert len(TokenDataset(out)) == 3  # the previous output is intact
+    assert leftovers(tmp_path) == []
+
+
+def test_prepare_replaces_only_its_files_and_a_half_replaced_output_never_looks_complete(tmp_path, tiny_spm,
+                                                                                        monkeypatch):
+    out = tmp_path / "out"
+    source = write_records(tmp_path / "d.jsonl", 3)
+    prepare([source], tiny_spm, out, workers=1)
+    inode = out.stat().st_ino
+    write_records(source, 5)
+    replace, moved = os.replace, []
+
+    def fail_on_the_third(src, dst):
+        moved.append(os.path.basename(dst))
+        if len(moved) == 3:
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        prepare([source], tiny_spm, out, workers=1)
+    monkeypatch.setattr(os, "replace", replace)
+    assert not (out / "summary.json").exists() and leftovers(tmp_path) == []
+    with pytest.raises(UserError, match="has no summary.json"):
+        TokenDataset(out)
+    assert prepare([source], tiny_spm, out, workers=1)["records"] == 5  # a half-replaced output is prepare's own
+    assert sorted(os.listdir(out)) == sorted(data.PREPARE_FILES) and out.stat().st_ino == inode
+    assert len(TokenDataset(out)) == 5 and leftovers(tmp_path) == []
+    write_records(source, 4)
+    assert prepare([source], tiny_spm, out, workers=1)["records"] == 4 and len(TokenDataset(out)) == 4
+
+
+DAMAGE = [
+    ("cut half", "train.offsets.bin", r"train.offsets.bin holds 160 bytes where summary.json's 40 train records need "
+                                      r"328 \(41 int64 values\); the file is truncated"),
+    ("cut 1", "train.tokens.bin", "train.tokens.bin holds"),
+    ("cut 1", "train.prompt_lens.bin", "train.prompt_lens.bin holds 156 bytes .* need 160 \\(40 int32 values\\)"),
+    ("grow 8", "train.offsets.bin", "train.offsets.bin holds 336 bytes"),
+    ("delete", "train.tokens.bin", "train.tokens.bin is missing"),
+    ("offsets from 1", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0"),
+    ("offsets fall", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0 rising"),
+    ("prompt too long", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
+    ("not json", "summary.json", "summary.json is not valid JSON \\(line 3"),
+    ("a list", "summary.json", "summary.json holds a list"),
+    ("no splits", "summary.json", 'summary.json has no "splits"'),
+    ("no dtype", "summary.json", 'summary.json has no "dtype"'),
+    ("bad dtype", "summary.json", 'summary.json has "dtype": \'float32\''),
+    ("no counts", "summary.json", 'summary.json gives no record and token counts for the split "train"'),
+]
+
+
+@pytest.mark.parametrize("damage, file, expected", DAMAGE, ids=[f"{f} {d}" for d, f, _ in DAMAGE])
+def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, damage, file, expected):
+    out = tmp_path / "out"
+    prepare([write_records(tmp_path / "d.jsonl", 40)], tiny_spm, out, workers=1)
+    path = out / file
+    raw = path.read_bytes()
+    summary = json.loads((out / "summary.json").read_text())
+    if damage == "cut half":  # the issue's case: half the offsets, which used to train half the records
+        path.write_bytes(raw[:20 * 8])
+    elif damage == "cut 1":
+        path.write_bytes(raw[:-4])
+    elif damage == "grow 8":
+        path.write_bytes(raw + raw[-8:])
+    elif damage == "delete":
+        path.unlink()
+    elif damage.startswith("offsets"):
+        offsets = np.frombuffer(raw, np.int64).copy()
+        offsets[0 if damage == "offsets from 1" else 5] += 1 if damage == "offsets from 1" else 10**4
+        path.write_bytes(offsets.tobytes())
+    elif damage == "prompt too long":
+        lens = np.frombuffer(raw, np.int32).copy()
+        lens[7] = 10**4
+        path.write_bytes(lens.tobytes())
+    elif damage == "not json":
+        path.write_text(raw.decode()[:50])
+    elif damage == "a list":
+        path.write_text("[]")
+    elif damage.startswith("no ") and damage != "no counts":
+        del summary[damage[3:]]
+        path.write_text(json.dumps(summary))
+    elif damage == "bad dtype":
+        path.write_text(json.dumps(summary | {"dtype": "float32"}))
+    elif damage == "no counts":
+        path.write_text(json.dumps(summary | {"splits": {"train": {"records": 40}}}))
+    with pytest.raises(UserError, match=expected) as failure:
+        TokenDataset(out)
+    message = str(failure.value)
+    assert str(path) in message and "run prepare again" in message and "\n" not in message
+
+
+def test_prepare_warns_on_stderr_when_max_len_drops_records_even_when_quiet(tmp_path, tiny_spm, capsys):
+    source = write_records(tmp_path / "d.jsonl", 3, long=5)
+    summary = prepare([source], tiny_spm, tmp_path / "out", max_len=12, workers=1, quiet=True)
+    err = capsys.readouterr().err
+    assert summary["dropped_no_answer"] == 5 and len(TokenDataset(tmp_path / "out")) == 3
+    assert err.count("\n") == 1 and err.startswith("warning: 5 of 8 records were dropped because max_len 12 cut "
+                                                   "their answer away") and "--max_len" in err
+    prepare([source], tiny_spm, tmp_path / "all", max_len=1024, workers=1, quiet=True)
+    assert "warning" not in capsys.readouterr().err
+    with pytest.raises(UserError, match="max_len 3 cut away the answer of all 8 records; raise --max_len"):
+        prepare([source], tiny_spm, tmp_path / "none", max_len=3, workers=1)
+    assert sorted(os.listdir(tmp_path)) == ["all", "d.jsonl", "out"]
+    result = subprocess.run([sys.executable, str(HERE / "data.py"), "prepare", "--input", str(source),
+                             "--tokenizer", str(tiny_spm), "--out", str(tmp_path / "cli"), "--max_len", "12"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "warning: 5 of 8 records were dropped" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_broken_jsonl_line_is_named_by_file_and_line(tmp_path, tiny_spm, workers):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(f"{GOOD}\n{GOOD}\n{GOOD[:-5]}\n{GOOD}\n")
+    with pytest.raises(UserError, match=f"{path} line 3: not valid JSON"):
+        prepare([path], tiny_spm, tmp_path / "out", workers=workers)
+    assert os.listdir(tmp_path) == ["broken.jsonl"]
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_tokenizer_folder_is_named_with_the_file_to_pass(tmp_path, tiny_spm, inside):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    if inside:
+        (folder / "tokenizer.model").write_bytes(tiny_spm.read_bytes())
+    with pytest.raises(UserError, match=f"tokenizer {folder} is a folder, not a file") as failure:
+        Tokenizer(folder)
+    assert (str(folder / "tokenizer.model") in str(failure.value)) == inside
+    result = subprocess.run([sys.executable, str(HERE / "data.py"), "prepare", "--input",
+                             str(write_records(tmp_path / "d.jsonl", 2)), "--tokenizer", str(folder),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert "is a folder" in result.stderr and not (tmp_path / "out").exists()
+
+
+KILLED_PREPARE = """import os, signal, sys
+import data
+data._move_into = lambda tmp, out: os.kill(os.getpid(), signal.SIGKILL)  # killed when the shards are written
+data.prepare([sys.argv[1]], sys.argv[2], sys.argv[3], workers=1, quiet=True)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_prepare_removes_what_killed_prepares_left_and_nothing_else(tmp_path, tiny_spm, capsys):
+    out = tmp_path / "out"
+    source = write_records(tmp_path / "d.jsonl", 3)
+    prepare([source], tiny_spm, out, workers=1)
+    write_records(source, 6)
+    for kill in range(2):
+        before = leftovers(tmp_path)
+        killed = subprocess.run([sys.executable, "-c", KILLED_PREPARE, str(source), str(tiny_spm), str(out)],
+                                cwd=HERE, capture_output=True, text=True)
+        assert killed.returncode == -9
+        if kill:  # the second prepare removed what the first left
+            assert f"removed a leftover temporary folder {tmp_path / before[0]} of a prepare" in killed.stderr
+        stale = leftovers(tmp_path)
+        assert len(stale) == 1 and stale != before and stale[0].startswith("out.tmp-")
+    assert len(TokenDataset(out)) == 3  # the kills came before the move: the old output is whole
+    old = tmp_path / f"out.tmp-{dead_pid()}.old"  # an older version's name for the output it swapped out
+    old.mkdir()
+    (old / "summary.json").write_text("{}")
+    kept = {tmp_path / f"out.tmp-{dead_pid()}": "notes.txt",  # not prepare's files: the user's folder
+            tmp_path / f"out.tmp-{os.getppid()}": "summary.json",  # a process that runs
+            tmp_path / f"other.tmp-{dead_pid()}": "summary.json"}  # another output's
+    for folder, name in kept.items():
+        folder.mkdir()
+        (folder / name).write_text("keep me")
+    capsys.readouterr()
+    assert prepare([source], tiny_spm, out, workers=1)["records"] == 6
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 2 and all("removed a leftover temporary folder" in line and "no longer runs" in line
+                                 for line in err)
+    assert sorted(line.split()[7] for line in err) == sorted(str(tmp_path / n) for n in stale + [old.name])
+    assert leftovers(tmp_path) == sorted(f.name for f in kept) and len(TokenDataset(out)) == 6
+    assert all((folder / name).read_text() == "keep me" for folder, name in kept.items())
+
+
+def test_remove_stale_temporaries_removes_dead_processes_files_only(tmp_path, capsys):
+    dead, alive = dead_pid(), os.getppid()
+    gone = [tmp_path / f"ckpt.pt.tmp{dead}", tmp_path / f"model.pt.tmp{dead}"]
+    kept = [tmp_path / f"ckpt.pt.tmp{alive}", tmp_path / "ckpt.pt", tmp_path / f"ckpt.pt.tmp{dead}x",
+            tmp_path / f"notes.tmp-{dead}"]
+    for path in gone + kept:
+        path.write_text("x")
+    (tmp_path / f"dir.tmp{dead}").mkdir()
+    assert data.remove_stale_temporaries(tmp_path, names=("ckpt.pt",)) == [str(gone[0])]
+    assert data.remove_stale_temporaries(tmp_path) == [str(gone[1])]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and f"removed a leftover temporary file {gone[1]} of a process ({dead})" in err
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
+    assert (tmp_path / f"dir.tmp{dead}").is_dir()
+    assert data.remove_stale_temporaries(tmp_path / "absent") == []
+
+
 def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     pytest.importorskip("tiktoken")
     extra = [i.to_bytes(3, "big") for i in range(1 << 16, (1 << 16) + 70000)]

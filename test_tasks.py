@@ -399,3 +399,42 @@ def test_the_registry_holds_the_eleven_cme_tasks_with_their_metrics():
     assert metrics == {"oai_sum": "rouge_l", "imdb": "accuracy", "anli": "accuracy", "qqp": "accuracy",
                        "rte": "accuracy", "winogrande": "accuracy", "arc": "accuracy", "mmlu": "accuracy",
                        "webqa": "exact_match", "nq": "exact_match", "triviaqa": "exact_match"}
+
+
+def write_anli(path, n):
+    path.write_text("".join(json.dumps({"context": f"c{i}", "hypothesis": "h", "label": "e"}) + "\n"
+                            for i in range(n)))
+    return str(path)
+
+
+@pytest.mark.parametrize("limit", [-1, 0, -30])
+def test_a_limit_below_one_is_refused_and_writes_nothing(tmp_path, limit):
+    raw, out = write_anli(tmp_path / "dev.jsonl", 30), str(tmp_path / "anli.jsonl")
+    with pytest.raises(ValueError, match=f"limit {limit} is not a number of records to keep; give --limit N"):
+        write_eval_set("anli", raw, out, limit=limit)
+    with pytest.raises(SystemExit, match=f"^tasks.py: error: limit {limit} .*leave it out to keep every record.$"):
+        tasks.main(["--task", "anli", "--raw", raw, "--out", out, "--limit", str(limit)])
+    assert os.listdir(tmp_path) == ["dev.jsonl"]
+    assert write_eval_set("anli", raw, out, limit=1) == 1 and write_eval_set("anli", raw, out) == 30
+    assert write_eval_set("anli", raw, out, limit=100) == 30 and len(open(out).readlines()) == 30
+
+
+@pytest.mark.parametrize("case", ["out is the raw file", "not UTF-8", "raw is a folder"])
+def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, case):
+    raw = write_anli(tmp_path / "dev.jsonl", 3)
+    out, named = str(tmp_path / "anli.jsonl"), raw
+    if case == "out is the raw file":
+        out = raw = write_anli(tmp_path / "dev.json", 3)
+        named, message = raw, "is both --out and a --raw file"
+    elif case == "not UTF-8":
+        (tmp_path / "dev.jsonl").write_bytes(b'{"context": "caf\xe9", "hypothesis": "h", "label": "e"}\n')
+        message = "is not UTF-8 text"
+    else:
+        named = raw = str(tmp_path)
+        message = "is a folder; pass the task's raw file"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as error:
+        tasks.main(["--task", "anli", "--raw", raw, "--out", out])
+    text = str(error.value)
+    assert text.startswith(f"tasks.py: error: {named} {message}") and "\n" not in text
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
