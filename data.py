@@ -551,8 +551,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
         if dropped:
             print(f"warning: {dropped} of {records} records were dropped because max_len {max_len} cut their "
                   "answer away entirely; pass a larger --max_len to keep them", file=sys.stderr)
-        with open(tok.path, "rb") as f:
-            sha256 = hashlib.sha256(f.read()).hexdigest()
+        sha256 = file_sha256(tok.path)
         summary = dict(
             format="teamlora-shards-1", max_len=max_len, val_fraction=val_fraction, seed=seed, dtype=dtype,
             vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
@@ -610,6 +609,11 @@ def remove_stale_temporaries(folder, names=None):
         print(f"removed a leftover temporary file {path} of a process ({match.group(2)}) that no longer runs",
               file=sys.stderr)
     return removed
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_jsonl(path, records):

@@ -153,13 +153,20 @@ TEMPLATES = {
     "rte": (["Identify the connection between the given sentences as either entailment or not entailment."],
             "Sentence 1: {premise}\nSentence 2: {hypothesis}"),
     "paraphrase": ([
-        "Determine if the following two sentences are semantically identical or different. Choose 'duplicate' or 'not duplicate'.",
-        "Determine the relationship between the following sentences: are they duplicates or not? Select 'duplicate' or 'not duplicate'.",
-        "Check if the following questions are semantically equivalent. Choose 'duplicate' if they are equivalent, otherwise select 'not duplicate'.",
-        "Analyze the pair of questions to determine if they are asking the same thing. Choose 'duplicate' or 'not duplicate'.",
-        "Evaluate the semantic similarity of the following sentences. If they are the same, choose 'duplicate'; if different, choose 'not duplicate'.",
-        "Based on the content of these sentences, determine if they are duplicates of each other. Select 'duplicate' or 'not duplicate'.",
-        "Judge whether these two sentences have the same meaning. Select 'duplicate' if they do and 'not duplicate' if they do not."],
+        "Determine if the following two sentences are semantically identical or different. Choose 'duplicate' or "
+        "'not duplicate'.",
+        "Determine the relationship between the following sentences: are they duplicates or not? Select "
+        "'duplicate' or 'not duplicate'.",
+        "Check if the following questions are semantically equivalent. Choose 'duplicate' if they are equivalent, "
+        "otherwise select 'not duplicate'.",
+        "Analyze the pair of questions to determine if they are asking the same thing. Choose 'duplicate' or 'not "
+        "duplicate'.",
+        "Evaluate the semantic similarity of the following sentences. If they are the same, choose 'duplicate'; "
+        "if different, choose 'not duplicate'.",
+        "Based on the content of these sentences, determine if they are duplicates of each other. Select "
+        "'duplicate' or 'not duplicate'.",
+        "Judge whether these two sentences have the same meaning. Select 'duplicate' if they do and 'not "
+        "duplicate' if they do not."],
         "Text 1: {text1}\nText 2: {text2}"),
     "sentiment": ([
         "Read the following review and determine if the sentiment is positive or negative.",

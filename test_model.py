@@ -3,19 +3,17 @@
     python -m pytest -q
 """
 import json
-import struct
-import sys
-
 import math
 import re
+import struct
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (PRESETS, KVCache, ModelArgs, RMSNorm, Transformer, apply_rotary, hf_to_meta_qk, rope_cos_sin,
-                   sample)
+from model import PRESETS, KVCache, ModelArgs, RMSNorm, Transformer, apply_rotary, hf_to_meta_qk, rope_cos_sin, sample
 
 
 def tiny_model(seed=0, **overrides):

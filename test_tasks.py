@@ -10,8 +10,19 @@ import pytest
 
 import tasks
 from conftest import CME_DIR, FIXTURES, needs_cme_fixtures
-from tasks import (CME_TASKS, TEMPLATES, Task, accuracy, evaluate, exact_match, make_record, normalize_answer,
-                   qa_record, rouge_l, write_eval_set)
+from tasks import (
+    CME_TASKS,
+    TEMPLATES,
+    Task,
+    accuracy,
+    evaluate,
+    exact_match,
+    make_record,
+    normalize_answer,
+    qa_record,
+    rouge_l,
+    write_eval_set,
+)
 
 # -----------------------------------------------------------------------------------------------
 # metrics
@@ -268,7 +279,8 @@ def test_webqa_loader_reads_webquestions_target_values_and_baidu_webqa(tmp_path)
         "Q_1_2": {"answer": ["曹孟德", "曹操"], "evidence": "曹孟德……"}}}}
     (tmp_path / "me_test.ann.json").write_text(json.dumps(baidu, ensure_ascii=False), encoding="utf-8")
     [record] = CME_TASKS["webqa"].load(str(tmp_path / "me_test.ann.json"))
-    assert record == {"instruction": "三国中谁说出宁教我负天下人", "input": "", "output": "曹操", "answers": ["曹操", "曹孟德"]}
+    assert record == {"instruction": "三国中谁说出宁教我负天下人", "input": "", "output": "曹操",
+                      "answers": ["曹操", "曹孟德"]}
     assert CME_TASKS["webqa"].score("曹操。", record) == 1.0
 
 

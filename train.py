@@ -14,7 +14,6 @@ finish (evaluation).
 import ast
 import builtins
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -709,18 +708,13 @@ def claim_out_dir(r, resuming):
         for f in found + ["log.jsonl"]:
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
-    data.remove_stale_temporaries(out)
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    data.remove_stale_temporaries(out, RUN_FILES)
 
 
 def preflight(r, train_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
     cfg, made_with = r.cfg, train_ds.summary.get("tokenizer", {})
-    if made_with.get("sha256") and made_with["sha256"] != file_sha256(cfg["tokenizer"]):
+    if made_with.get("sha256") and made_with["sha256"] != data.file_sha256(cfg["tokenizer"]):
         raise UserError(f"tokenizer {cfg['tokenizer']} is not the one {cfg['data_dir']} was made with "
                         f"({made_with.get('path')}); pass that one, or run data.py prepare again with this one.")
     if r.tok.vocab_size > r.args.vocab_size:
