@@ -17,7 +17,6 @@ import difflib
 import json
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -25,13 +24,14 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import data
 import minicme
 import tasks
@@ -268,9 +268,9 @@ def base_weights(cfg, vocab_size):
         if not os.path.isfile(src):
             raise UserError(f"base checkpoint '{src}' does not exist; train one (adapter='none') "
                             "or use init_from='scratch'.")
-        ckpt = load_pt(src, "base model")
+        ckpt = checkpoint.load_pt(src, "base model")
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-            what = "an adapter" if is_adapter_file(ckpt) else "not a base model written by train.py"
+            what = "an adapter" if checkpoint.is_adapter_file(ckpt) else "not a base model written by train.py"
             raise UserError(f"init_from '{src}' is {what} (it has no model_args and model); give the model.pt of a "
                             "full training run, or a Meta or Hugging Face folder.")
         return ModelArgs(**ckpt["model_args"]), ckpt["model"]
@@ -287,21 +287,6 @@ def init_adapters(model, seed):
     torch.manual_seed(seed)
     return {f"{name}.{n}": t for name, m in model.named_modules() if isinstance(m, teamlora.TeamLoRALinear)
             for n, t in m.initial_lora_state().items()}
-
-
-def copy_into(model, state):
-    """Copy full tensors into the model's parameters; a sharded (DTensor) parameter takes its own
-    slice of the tensor, so no rank ever holds the whole model."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in state.items():
-            p = params[n]
-            if hasattr(p, "device_mesh"):
-                from torch.distributed.tensor import distribute_tensor
-                t = distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-                p.to_local().copy_(t.to_local())
-            else:
-                p.copy_(t)
 
 
 def build_model(cfg, dev, vocab_size, world):
@@ -325,129 +310,14 @@ def build_model(cfg, dev, vocab_size, world):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=dev)
-    copy_into(model, weights)
+    checkpoint.copy_into(model, weights)
     if not full:
-        copy_into(model, init_adapters(model, cfg["seed"] + 1))
+        checkpoint.copy_into(model, init_adapters(model, cfg["seed"] + 1))
     return model, args
 
 
 def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
-
-
-# -------------------------------------------------------------------------------------------------
-# checkpoints: written to a temporary file, then renamed, so the last good one survives a crash
-
-
-def save_atomic(obj, path):
-    data.write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def load_pt(path, what):
-    """torch.load with weights_only=True, so that no file can run code; a truncated or foreign file is
-    one sentence naming it. Memory-mapped: tensors are read when copied to their place."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # zip errors, unpickling errors, EOF: a file that is not what it claims
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable {what} (truncated, corrupt, or not written by train.py: "
-                        f"{reason}); restore it or start from another checkpoint.") from None
-
-
-def is_adapter_file(obj):
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and teamlora.is_adapter(k) for k in obj)
-
-
-CKPT_KEYS = ("state", "optimizer", "iter", "config", "rng", "model_args")
-
-
-def load_checkpoint(path):
-    ckpt = load_pt(path, "training checkpoint")
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CKPT_KEYS):
-        what = "an adapter (adapter.pt)" if is_adapter_file(ckpt) else "not a training checkpoint"
-        raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; resume needs that "
-                        "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
-    return ckpt
-
-
-def gather_state(model, cfg):
-    """Adapter tensors (or, for full training, all weights) as plain CPU tensors. A collective under
-    FSDP: every rank calls it, and only the adapter shards travel."""
-    full = cfg["adapter"] == "none"
-    out = {}
-    for n, p in model.named_parameters():
-        if full or teamlora.is_adapter(n):
-            t = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[n] = t.detach().to("cpu", copy=True)
-    return out
-
-
-def load_state(model, state, cfg):
-    if cfg["adapter"] != "none":
-        own = {n for n, _ in model.named_parameters() if teamlora.is_adapter(n)}
-        if own != set(state):
-            raise UserError(f"the checkpoint's adapter does not fit this model ({len(state)} tensors vs {len(own)}): "
-                            "resume with the same adapter, r, experts, competition and targets.")
-    copy_into(model, state)
-
-
-def optimizer_state(model, opt, world, fsdp):
-    if fsdp and world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
-
-
-def set_optimizer_state(model, opt, state, world, fsdp):
-    if fsdp and world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(state)
-
-
-def rng_state(dev):
-    """Every generator's state as tensors and plain values (what weights_only=True can load back). The
-    CUDA generator only for a CUDA run: asking for it would start CUDA in a CPU run (a GPU context, and
-    CPU numerics that differ before and after, so a resume would not match)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                      gauss],
-            "python": random.getstate(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
-
-
-def set_rng_state(s, dev):
-    torch.set_rng_state(s["torch"])
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(s["python"])
-    if s["cuda"] is not None and dev.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], dev)
-
-
-def save_weights(r, state):
-    """adapter.pt (name -> tensor, for teamlora.load_adapter_state_dict), or model.pt for full training."""
-    if r.cfg["adapter"] == "none":
-        save_atomic({"model_args": asdict(r.args), "model": state}, os.path.join(r.cfg["out_dir"], "model.pt"))
-    else:
-        save_atomic(state, os.path.join(r.cfg["out_dir"], "adapter.pt"))
-
-
-def save_checkpoint(r, raw, opt, step):
-    cfg = r.cfg
-    state = gather_state(raw, cfg)
-    opt_state = optimizer_state(raw, opt, r.world, cfg["fsdp"])
-    rngs = [None] * r.world
-    if r.world > 1:
-        dist.all_gather_object(rngs, rng_state(r.device))  # each rank's dropout stream, for an exact resume
-    else:
-        rngs = [rng_state(r.device)]
-    if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
-        save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
-                     "model_args": asdict(r.args)}, os.path.join(cfg["out_dir"], "ckpt.pt"))
-        save_weights(r, state)
-    if r.world > 1:
-        dist.barrier()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -631,7 +501,7 @@ def resume_config(cfg):
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint.load_checkpoint(path)
     changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != ckpt["config"][k]]
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if fixed:
@@ -750,11 +620,11 @@ def setup(r, resuming):
 
 def restore(r, raw, opt, ckpt):
     """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
-    load_state(raw, ckpt["state"], r.cfg)
-    set_optimizer_state(raw, opt, ckpt["optimizer"], r.world, r.cfg["fsdp"])
-    set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
+    checkpoint.load_state(raw, ckpt["state"], r.cfg)
+    checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], r.world, r.cfg["fsdp"])
+    checkpoint.set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
     if r.master and r.cfg["adapter"] != "none":  # a kill between the two writes left the adapter behind
-        save_weights(r, ckpt["state"])
+        checkpoint.save_weights(r, ckpt["state"])
     r.say(f"resumed from {r.cfg['out_dir']}/ckpt.pt at step {ckpt['iter']}")
     return ckpt["iter"]
 
@@ -765,10 +635,10 @@ def load_trained_adapter(r, raw):
     if r.cfg["adapter"] != "none":
         if not os.path.isfile(path):
             raise UserError(f"eval_only: {path} does not exist; train first or point --out_dir at a finished run.")
-        state = load_pt(path, "adapter")
-        if not is_adapter_file(state):
+        state = checkpoint.load_pt(path, "adapter")
+        if not checkpoint.is_adapter_file(state):
             raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
-        load_state(raw, state, r.cfg)
+        checkpoint.load_state(raw, state, r.cfg)
 
 
 def train_step(r, model, raw, opt, dataset, step):
@@ -849,10 +719,10 @@ def run(r, ckpt=None):
                     if r.master:
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
-                save_checkpoint(r, raw, opt, step)
+                checkpoint.save_checkpoint(r, raw, opt, step)
     except KeyboardInterrupt:
         bar.close()
-        save_checkpoint(r, raw, opt, step)
+        checkpoint.save_checkpoint(r, raw, opt, step)
         r.say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with --init_from=resume")
         return {**summary, "interrupted": True, "step": step}
     finally:

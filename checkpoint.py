@@ -1,0 +1,149 @@
+"""
+Checkpoints of train.py: what a run saves and how it loads it back, on one process or sharded (FSDP).
+
+    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args"}: an exact resume
+    out_dir/adapter.pt   the adapter tensors by name (teamlora.load_adapter_state_dict reads it)
+    out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
+
+Every file is written under a temporary name and renamed (data.write_atomic), ckpt.pt first, so
+that a crash leaves the last good pair and adapter.pt is never ahead of ckpt.pt. Everything is
+read with weights_only=True: RNG states are stored as tensors and plain values, the config as
+plain types, so no file can run code when loaded.
+"""
+import os
+import random
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import teamlora
+from data import UserError
+
+
+def copy_into(model, state):
+    """Copy full tensors into the model's parameters; a sharded (DTensor) parameter takes its own
+    slice of the tensor, so no rank ever holds the whole model."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            p = params[n]
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                t = distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                p.to_local().copy_(t.to_local())
+            else:
+                p.copy_(t)
+
+
+def save_atomic(obj, path):
+    data.write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def load_pt(path, what):
+    """torch.load with weights_only=True, so that no file can run code; a truncated or foreign file is
+    one sentence naming it. Memory-mapped: tensors are read when copied to their place."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # zip errors, unpickling errors, EOF: a file that is not what it claims
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable {what} (truncated, corrupt, or not written by train.py: "
+                        f"{reason}); restore it or start from another checkpoint.") from None
+
+
+def is_adapter_file(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and teamlora.is_adapter(k) for k in obj)
+
+
+CKPT_KEYS = ("state", "optimizer", "iter", "config", "rng", "model_args")
+
+
+def load_checkpoint(path):
+    ckpt = load_pt(path, "training checkpoint")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CKPT_KEYS):
+        what = "an adapter (adapter.pt)" if is_adapter_file(ckpt) else "not a training checkpoint"
+        raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; resume needs that "
+                        "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
+    return ckpt
+
+
+def gather_state(model, cfg):
+    """Adapter tensors (or, for full training, all weights) as plain CPU tensors. A collective under
+    FSDP: every rank calls it, and only the adapter shards travel."""
+    full = cfg["adapter"] == "none"
+    out = {}
+    for n, p in model.named_parameters():
+        if full or teamlora.is_adapter(n):
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[n] = t.detach().to("cpu", copy=True)
+    return out
+
+
+def load_state(model, state, cfg):
+    if cfg["adapter"] != "none":
+        own = {n for n, _ in model.named_parameters() if teamlora.is_adapter(n)}
+        if own != set(state):
+            raise UserError(f"the checkpoint's adapter does not fit this model ({len(state)} tensors vs {len(own)}): "
+                            "resume with the same adapter, r, experts, competition and targets.")
+    copy_into(model, state)
+
+
+def optimizer_state(model, opt, world, fsdp):
+    if fsdp and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def set_optimizer_state(model, opt, state, world, fsdp):
+    if fsdp and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def rng_state(dev):
+    """Every generator's state as tensors and plain values (what weights_only=True can load back). The
+    CUDA generator only for a CUDA run: asking for it would start CUDA in a CPU run (a GPU context, and
+    CPU numerics that differ before and after, so a resume would not match)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss],
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+
+
+def set_rng_state(s, dev):
+    torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+    if s["cuda"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], dev)
+
+
+def save_weights(r, state):
+    """adapter.pt (name -> tensor, for teamlora.load_adapter_state_dict), or model.pt for full training."""
+    if r.cfg["adapter"] == "none":
+        save_atomic({"model_args": asdict(r.args), "model": state}, os.path.join(r.cfg["out_dir"], "model.pt"))
+    else:
+        save_atomic(state, os.path.join(r.cfg["out_dir"], "adapter.pt"))
+
+
+def save_checkpoint(r, raw, opt, step):
+    cfg = r.cfg
+    state = gather_state(raw, cfg)
+    opt_state = optimizer_state(raw, opt, r.world, cfg["fsdp"])
+    rngs = [None] * r.world
+    if r.world > 1:
+        dist.all_gather_object(rngs, rng_state(r.device))  # each rank's dropout stream, for an exact resume
+    else:
+        rngs = [rng_state(r.device)]
+    if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
+        save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
+                     "model_args": asdict(r.args)}, os.path.join(cfg["out_dir"], "ckpt.pt"))
+        save_weights(r, state)
+    if r.world > 1:
+        dist.barrier()
