@@ -11,6 +11,7 @@ read with weights_only=True: RNG states are stored as tensors and plain values, 
 plain types, so no file can run code when loaded.
 """
 import os
+import pickle
 import random
 from dataclasses import asdict
 
@@ -47,7 +48,12 @@ def load_pt(path, what):
     one sentence naming it. Memory-mapped: tensors are read when copied to their place."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # zip errors, unpickling errors, EOF: a file that is not what it claims
+    except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickle it
+        raise UserError(f"{path} holds Python objects beyond tensors and plain values, which could run code when "
+                        f"loaded, so it is not loaded as a {what} (a checkpoint of a train.py before weights_only, "
+                        "or a crafted file); start the run anew, or resume it with the version that wrote it."
+                        ) from None
+    except Exception as e:  # zip errors, EOF, OS errors: a file that is not what it claims
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable {what} (truncated, corrupt, or not written by train.py: "
                         f"{reason}); restore it or start from another checkpoint.") from None

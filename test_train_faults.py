@@ -58,7 +58,7 @@ def test_a_crafted_checkpoint_cannot_run_code_on_resume(run_data, tmp_path, caps
     marker = tmp_path / "pwned"
     torch.save({"state": {}, "optimizer": RunsCode(marker), "iter": 2, "config": {}, "rng": [], "model_args": {}},
                out / "ckpt.pt")
-    fails(train_flags(run_data, out, "--init_from=resume"), capsys, out / "ckpt.pt")
+    fails(train_flags(run_data, out, "--init_from=resume"), capsys, out / "ckpt.pt", "could run code")
     assert not marker.exists()
 
 
