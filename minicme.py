@@ -339,12 +339,12 @@ def _train_tokenizer(lines, vocab_size):
     return model.getvalue()
 
 
-def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=20, corpus_docs=6000,
+def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=100, corpus_docs=6000,
                vocab_size=2000):
     """Write mini-CME to out_dir and return its summary:
         train.jsonl         every task's training records, shuffled: the official format plus "task"
-        val.jsonl           the same, small (with "answers" for QA)
-        test/<task>.jsonl   one evaluation set per task (with "answers" for QA)
+        val/<task>.jsonl    one validation set per task, for choices (learning rates): never the test set
+        test/<task>.jsonl   one evaluation set per task (with "answers" for QA), scored only in final runs
         corpus.txt          pretraining text for a tiny base model, documents separated by blank lines
         tokenizer.model     SentencePiece, trained on the corpus and the training records
         suite.json          the summary, written last: its presence means the suite is complete
@@ -356,7 +356,8 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
                          "every entity's facts reach the corpus.")
     if os.path.exists(os.path.join(out_dir, "suite.json")):
         os.remove(os.path.join(out_dir, "suite.json"))  # a rebuild cut short must not look complete
-    sizes = {"train": n_train_per_task, "val": n_val_per_task, "test": n_test_per_task}
+    # test before val: the test sets stay what they were when val was smaller
+    sizes = {"train": n_train_per_task, "test": n_test_per_task, "val": n_val_per_task}
     data = {split: {} for split in sizes}
     for name, generate in _GENERATORS.items():
         seen = set()
@@ -372,22 +373,21 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
             data[split][name] = records
     train = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"], "task": name}
              for name, records in data["train"].items() for r in records]
-    val = [{**r, "task": name} for name, records in data["val"].items() for r in records]
     random.Random(f"{seed}-mix").shuffle(train)
-    random.Random(f"{seed}-mix-val").shuffle(val)
     docs = _corpus(w, random.Random(f"{seed}-corpus"), corpus_docs)
     texts = docs + [line for r in train for field in ("instruction", "input", "output")
                     for line in r[field].split("\n")]
     tokenizer = _train_tokenizer([t for t in texts if t], vocab_size)
 
-    for name, records in data["test"].items():
-        write_jsonl(os.path.join(out_dir, "test", f"{name}.jsonl"), records)
+    for split in ("val", "test"):
+        for name, records in data[split].items():
+            write_jsonl(os.path.join(out_dir, split, f"{name}.jsonl"), records)
     write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
-    write_jsonl(os.path.join(out_dir, "val.jsonl"), val)
     write_atomic(os.path.join(out_dir, "corpus.txt"), "\n\n".join(docs) + "\n")
     write_atomic(os.path.join(out_dir, "tokenizer.model"), tokenizer)
     summary = {"seed": seed, "vocab_size": vocab_size, "corpus_docs": len(docs), "corpus_chars": sum(map(len, docs)),
-               "entities": len(w["entities"]), "held_out_facts": len(w["held"]), "train": len(train), "val": len(val),
+               "entities": len(w["entities"]), "held_out_facts": len(w["held"]), "train": len(train),
+               "val": sum(map(len, data["val"].values())),
                "tasks": {name: {"metric": t.metric, "max_new_tokens": t.max_new_tokens,
                                 "labels": t.labels and list(t.labels), **{s: len(data[s][name]) for s in sizes}}
                          for name, t in SYNTHETIC_TASKS.items()}}

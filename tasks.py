@@ -135,6 +135,29 @@ def evaluate(task, predictions, records):
     return 100.0 * sum(task.score(p, r) for p, r in zip(predictions, records)) / len(records)
 
 
+def first_sentence(text):
+    """The text up to its first sentence end (. ! ? or a line break): ROUGE-L's trivial baseline."""
+    return re.split(r"(?<=[.!?])\s+|\n", text.strip(), maxsplit=1)[0]
+
+
+def chance_level(task, records):
+    """What a trivial answer scores on these records, as a percentage: the majority label's rate for a
+    classification task, 0 for exact match, and for ROUGE-L the score of the input's first sentence."""
+    if not records:
+        raise UserError(f"{task.name}: no records to compute a chance level on.")
+    if task.metric == "exact_match":
+        return 0.0
+    if task.metric == "rouge_l":
+        return 100.0 * sum(rouge_l(first_sentence(r.get("input") or r["instruction"]), r["output"])
+                           for r in records) / len(records)
+    counts = {}
+    for r in records:  # labels as the metric reads them: "Entailment." and "entailment" are one label
+        letter = re.fullmatch(r"\s*([A-Za-z])\s*", r["output"])
+        key = letter.group(1).upper() if letter else tuple(_words(r["output"]))
+        counts[key] = counts.get(key, 0) + 1
+    return 100.0 * max(counts.values()) / len(records)
+
+
 # -----------------------------------------------------------------------------
 # Record templates in the style of the authors' 132 records (shared/fixtures/official). Every
 # instruction is copied from them except RTE's: they hold no two-way NLI item, so it follows the

@@ -4,11 +4,13 @@
 """
 import json
 import os
+import random
 import re
 
 import pytest
 import sentencepiece as spm
 
+import minicme
 from minicme import SYNTHETIC_TASKS, make_suite
 from tasks import CME_TASKS, evaluate
 
@@ -48,8 +50,8 @@ def test_suite_is_byte_identical_for_one_seed_and_different_for_another(tmp_path
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
         make_suite(str(tmp_path / name), seed=seed, **SUITE_SIZES)
     a, b, c = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b"), _tree_bytes(tmp_path / "c")
-    assert set(a) == {"train.jsonl", "val.jsonl", "corpus.txt", "tokenizer.model", "suite.json"} | {
-        os.path.join("test", f"{t}.jsonl") for t in SYNTHETIC_TASKS}
+    assert set(a) == {"train.jsonl", "corpus.txt", "tokenizer.model", "suite.json"} | {
+        os.path.join(split, f"{t}.jsonl") for t in SYNTHETIC_TASKS for split in ("val", "test")}
     assert a == b
     assert all(a[name] != c[name] for name in a if name != "tokenizer.model")
 
@@ -59,7 +61,8 @@ def test_suite_has_every_task_in_every_split_with_string_fields(mini_cme, which)
     root, summaries = mini_cme
     folder, summary = root / which, summaries[which]
     assert len(SYNTHETIC_TASKS) >= 6 and not set(SYNTHETIC_TASKS) & set(CME_TASKS)  # train.py finds tasks by file name
-    train, val = _read_jsonl(folder / "train.jsonl"), _read_jsonl(folder / "val.jsonl")
+    train = _read_jsonl(folder / "train.jsonl")
+    val = [dict(r, task=t) for t in SYNTHETIC_TASKS for r in _read_jsonl(folder / "val" / f"{t}.jsonl")]
     assert [r["task"] for r in train] != sorted(r["task"] for r in train)  # shuffled
     for split, records in [("train", train), ("val", val)]:
         assert {t: sum(r["task"] == t for r in records) for t in SYNTHETIC_TASKS} == {
@@ -118,12 +121,24 @@ def test_suite_qa_facts_are_taught_by_the_corpus_in_other_words_and_by_no_task(m
 
 
 @BOTH
-def test_suite_test_prompts_never_repeat_a_training_prompt(mini_cme, which):
-    root, _ = mini_cme
+def test_suite_validation_and_test_prompts_never_repeat_a_training_prompt_or_each_other(mini_cme, which):
+    root, summaries = mini_cme
     seen = {(r["instruction"], r["input"]) for r in _read_jsonl(root / which / "train.jsonl")}
     for name in SYNTHETIC_TASKS:
-        prompts = [(r["instruction"], r["input"]) for r in _read_jsonl(root / which / "test" / f"{name}.jsonl")]
-        assert len(set(prompts)) == len(prompts) and not seen & set(prompts), name
+        val, test = ([(r["instruction"], r["input"]) for r in _read_jsonl(root / which / split / f"{name}.jsonl")]
+                     for split in ("val", "test"))
+        for prompts in (val, test):
+            assert len(set(prompts)) == len(prompts) and not seen & set(prompts), name
+        assert not set(val) & set(test), name
+    if which == "default":  # enough validation records per task to choose a learning rate on
+        assert all(summaries[which]["tasks"][t]["val"] >= 100 for t in SYNTHETIC_TASKS)
+
+
+@pytest.mark.parametrize("name", list(SYNTHETIC_TASKS))
+def test_each_task_generator_is_deterministic_by_seed(name):
+    world = minicme.build_world(0)
+    draw = lambda seed: [minicme._GENERATORS[name](world, random.Random(seed), i, "train") for i in range(20)]
+    assert draw(5) == draw(5) and draw(5) != draw(6)
 
 
 @BOTH
@@ -134,9 +149,10 @@ def test_suite_tokenizer_is_llama_like_and_every_record_fits_a_256_token_context
     assert sp.vocab_size() == summaries[which]["vocab_size"]
     text = "Zürich 2024 ☃\nnaïve"
     assert sp.unk_id() not in sp.encode(text) and sp.decode(sp.encode(text)) == text  # byte fallback
-    records = _read_jsonl(root / which / "train.jsonl") + _read_jsonl(root / which / "val.jsonl")
+    records = _read_jsonl(root / which / "train.jsonl")
     for name in SYNTHETIC_TASKS:
-        records += [dict(r, task=name) for r in _read_jsonl(root / which / "test" / f"{name}.jsonl")]
+        records += [dict(r, task=name) for split in ("val", "test")
+                    for r in _read_jsonl(root / which / split / f"{name}.jsonl")]
     for r in records:
         prompt = r["instruction"] + ("\n" + r["input"] if r["input"] else "")
         output = len(sp.encode(r["output"])) + 1  # + EOS

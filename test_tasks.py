@@ -10,19 +10,9 @@ import pytest
 
 import tasks
 from conftest import CME_DIR, FIXTURES, needs_cme_fixtures
-from tasks import (
-    CME_TASKS,
-    TEMPLATES,
-    Task,
-    accuracy,
-    evaluate,
-    exact_match,
-    make_record,
-    normalize_answer,
-    qa_record,
-    rouge_l,
-    write_eval_set,
-)
+from data import UserError
+from tasks import (CME_TASKS, TEMPLATES, Task, accuracy, chance_level, evaluate, exact_match, first_sentence,
+                   make_record, normalize_answer, qa_record, rouge_l, write_eval_set)
 
 # -----------------------------------------------------------------------------------------------
 # metrics
@@ -87,6 +77,22 @@ def test_rouge_l_is_one_for_identical_and_zero_for_disjoint_or_empty_texts():
     assert rouge_l("The CAT, sat!", "the cat sat") == 1.0  # case and punctuation are not tokens
     assert rouge_l("dogs bark loudly", "the cat sat") == 0.0
     assert rouge_l("", "the cat sat") == 0.0 and rouge_l("the cat", "") == 0.0 and rouge_l("...", "...") == 0.0
+
+
+def test_chance_levels_on_hand_made_records():
+    nli = Task("nli", "accuracy", 8, ("entailment", "neutral", "contradiction"))
+    records = [{"output": o} for o in ("entailment", "Entailment.", "neutral", "contradiction")]
+    assert chance_level(nli, records) == 50.0  # two of four name the same label, as the metric reads it
+    letters = Task("blank", "accuracy", 4, ("A", "B"))
+    assert chance_level(letters, [{"output": o} for o in ("A", "b", " B", "C", "B")]) == 60.0
+    assert chance_level(Task("qa", "exact_match", 16), [{"output": "Paris"}]) == 0.0
+    summary = Task("summary", "rouge_l", 48)
+    record = {"instruction": "Summarize:", "input": "The cat sat. It was happy!", "output": "the cat sat on the mat"}
+    # the baseline answers "The cat sat.": LCS 3 of 3 and 6 tokens, F1 = 2 * 3 / (3 + 6)
+    assert chance_level(summary, [record]) == pytest.approx(100 * 6 / 9)
+    assert first_sentence("First line\nsecond. Third.") == "First line"
+    with pytest.raises(UserError, match="no records"):
+        chance_level(nli, [])
 
 
 def test_rouge_l_on_a_hand_computed_case():

@@ -93,7 +93,7 @@ def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data)
         train.train(train_cfg(run_data, tmp_path / "o", f"--data_dir={tmp_path}"))
 
 
-def test_loss_falls_and_only_adapters_change(run_data, tmp_path):
+def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys):
     base = run_data / "base.pt"
     cfg = train_cfg(run_data, tmp_path / "out", f"--init_from={base}", "--max_iters=30",
                     "--eval_interval=30", "--eval_limit=2")
@@ -115,6 +115,12 @@ def test_loss_falls_and_only_adapters_change(run_data, tmp_path):
         prompts = [train.prompt_ids(tok, rec, args.max_seq_len - task.max_new_tokens) for rec in records]
         want = reference_task_load(model, prompts, args.n_layers, cfg["load_layers"], cfg["experts"])
         torch.testing.assert_close(torch.tensor(results["expert_load"][name]), want, rtol=1e-4, atol=1e-5, msg=name)
+        if task.metric == "accuracy":  # chance: the share of the most frequent gold label in these records
+            golds = [rec["output"] for rec in records]
+            assert results["chance"][name] == pytest.approx(100 * max(map(golds.count, golds)) / len(golds))
+    assert set(results["chance"]) == set(results["scores"]) and results["chance"]["qa"] == 0.0
+    printed = capsys.readouterr().out
+    assert "chance   lift" in printed
     lines = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert any("val_loss" in line for line in lines) and all(math.isfinite(line.get("loss", 0)) for line in lines)
 

@@ -457,12 +457,13 @@ def evaluate(model, r):
     return scores, loads
 
 
-def print_results(scores, loads, cfg):
+def print_results(scores, chance, loads, cfg):
     name_w = max(len(n) for n in scores)
-    print(f"\n{'task':<{name_w}}  metric       score")
-    for name, value in scores.items():
-        print(f"{name:<{name_w}}  {task_of(name).metric:<11} {value:6.1f}")
-    print(f"{'average':<{name_w}}  {'':<11} {sum(scores.values()) / len(scores):6.1f}")
+    print(f"\n{'task':<{name_w}}  metric       score  chance   lift")
+    rows = [(name, task_of(name).metric, value, chance[name]) for name, value in scores.items()]
+    rows.append(("average", "", sum(scores.values()) / len(scores), sum(chance.values()) / len(chance)))
+    for name, metric, value, base in rows:
+        print(f"{name:<{name_w}}  {metric:<11} {value:6.1f} {base:7.1f} {value - base:+6.1f}")
     if loads:
         print(f"\nexpert load over each task's prompt tokens (last {cfg['load_layers']} layers; "
               f"even = {1 / cfg['experts']:.2f})")
@@ -476,9 +477,10 @@ def finish(r, model, summary):
     if not r.cfg["eval_dir"]:
         return summary
     scores, loads = evaluate(model, r)
-    summary.update(scores=scores, expert_load={k: v.tolist() for k, v in loads.items()})
+    chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
+    summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
     if r.master:
-        print_results(scores, loads, r.cfg)
+        print_results(scores, chance, loads, r.cfg)
         results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
         data.write_atomic(os.path.join(r.cfg["out_dir"], "results.json"), json.dumps(results, indent=1))
     return summary
