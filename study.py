@@ -1,16 +1,29 @@
 """
-The mini-CME study: the paper's comparisons and its ablation, in miniature, on a CPU, with seeds.
+The mini-CME study: the paper's comparisons and its ablation, in miniature, on a CPU, with seeds,
+each method at the learning rate it does best with on validation data.
 
-    python study.py                        # every run below, 3 seeds: about 45 minutes on a 2-core CPU
-    python study.py --seeds=1 --steps=100  # a quick look
-    python study.py --report               # print the tables again from the finished runs
+    python study.py                  # learning-rate selection, then 5 seeds of every run
+    python study.py --quick          # a smoke version of the same protocol (about 10 minutes)
+    python study.py --seeds=11,12,13 # other seeds (a count, 5, means 1..5)
+    python study.py --report         # print the tables again from the finished runs
 
-Each run is train.py with one configuration (the code path of a real run), fine-tuning the tiny
-base that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in
-out/study/<run>/; a finished run is not run again, so an interrupted study continues where it
-stopped. The tables, the charts and the comparisons are printed and written to out/study/report.md
-(PNG charts as well when matplotlib happens to be installed). Any other --key=value is passed to
-every run (e.g. --device=cuda, or another suite's data_dir, eval_dir, tokenizer and init_from).
+The protocol, fixed before any final run:
+1. Selection. Each method (the first run of each METHODS entry, at matched parameters) trains once,
+   with seed 0 (never a final seed), at every learning rate of GRID, and is scored on the
+   validation sets (val_dir: 100 records a task, disjoint from the test sets). Its learning rate
+   is the one with the best mean validation score; a run that diverges scores nothing. The
+   method's other runs (ablations, k, the balance loss) reuse it: the budget cannot hold the grid
+   for all 12 runs.
+2. Final runs. Every run, every seed, at its method's learning rate, scored on the test sets
+   (eval_dir). Tables show mean±std over seeds, each run's learning rate and each task's chance
+   level; differences against TeamLoRA are paired by seed (a seed fixes the data order) with a 95%
+   interval (Student's t).
+
+Each run is train.py with one configuration (the code path of a real run), fine-tuning the base
+that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
+run is not run again and a stopped one resumes, so an interrupted study continues where it stopped.
+The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
+when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda).
 """
 import json
 import math
@@ -23,13 +36,17 @@ from concurrent.futures import ThreadPoolExecutor
 import data
 import train
 
-OPTIONS = dict(seeds=3, steps=500, workers=2, out="out/study", report=False, runs="")
-COMMON = dict(eval_limit=0, log_interval=10, learning_rate=2e-3, targets="w1,w2,w3", r=32, experts=4, alpha=32.0)
+OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, runs="", quick=False,
+               val_dir="data/mini_cme/val")
+GRID = (2.5e-4, 6.3e-4, 1.6e-3, 4e-3)  # one grid for every method: x2.5 apart, 16x in all
+SELECTION_SEED = 0
+QUICK = dict(steps=60, seeds=(1, 2), grid=(6.3e-4, 4e-3), eval_limit=30)  # --quick: the protocol, smaller
+COMMON = dict(eval_limit=0, log_interval=10, targets="w1,w2,w3", r=32, experts=4, alpha=32.0)
 
 # run name -> (label, train.py settings). One base, one data order per seed, the paper's FFN
-# targets, and the same learning rate and alpha for every adapter; r_A = 32 split into k = 4 experts.
+# targets; r_A = 32 split into k = 4 experts. The learning rate is the run's method's (METHODS).
 RUNS = {
-    "full": ("Full fine-tuning", dict(adapter="none", learning_rate=5e-4)),
+    "full": ("Full fine-tuning", dict(adapter="none")),
     "lora8": ("LoRA r=8", dict(adapter="lora", r=8)),
     "lora32": ("LoRA r=32", dict(adapter="lora")),
     "moelora": ("MoELoRA 4x8", dict(adapter="moelora")),
@@ -42,6 +59,12 @@ RUNS = {
     "teamlora_bal0": ("balance_coef=0", dict(adapter="teamlora", balance_coef=0.0)),
     "teamlora_balsum": ("official: sum, weight 1", dict(adapter="teamlora", balance_coef=1.0, balance_reduction="sum")),
 }
+# method -> its runs; the first is the matched-parameter run on which its learning rate is chosen
+METHODS = {"full": ["full"], "lora": ["lora32", "lora8"], "moelora": ["moelora", "moelora_comp"],
+           "hydralora": ["hydralora"],
+           "teamlora": ["teamlora", "teamlora_nocomp", "teamlora_k2", "teamlora_k8", "teamlora_bal0",
+                        "teamlora_balsum"]}
+METHOD_OF = {run: method for method, runs in METHODS.items() for run in runs}
 # the tables: title -> [(row label, run name)]
 TABLES = {
     "Methods at matched parameters (the paper's Table 2)": [
@@ -63,62 +86,134 @@ def parse(argv):
     """(study options, train.py flags, run names) from --key=value arguments, read as train.py reads them."""
     opts, extra = dict(OPTIONS), []
     for arg in argv:
-        key, value = train.parse_flag("--report=True" if arg == "--report" else arg)
-        if key in OPTIONS:
+        key, value = train.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg)
+        if key == "seeds":  # a count (5: seeds 1..5) or a list (11,12,13)
+            if type(value) is int and value > 0:
+                value = tuple(range(1, value + 1))
+            elif not (isinstance(value, tuple) and value and all(type(v) is int and v > 0 for v in value)):
+                raise data.UserError(f"--seeds must be a count or a comma-separated list of positive seeds, "
+                                     f"got {arg.partition('=')[2]!r}.")
+            opts[key] = value
+        elif key in OPTIONS:
             opts[key] = train.typed(key, value, OPTIONS, f"flag {arg}")
         else:
             extra.append(arg)  # a train.py key: checked by train.parse_config below
+    if type(opts["seeds"]) is int:
+        opts["seeds"] = tuple(range(1, opts["seeds"] + 1))
+    opts["grid"] = GRID
+    if opts["quick"]:
+        opts.update({k: v for k, v in QUICK.items() if k != "eval_limit"}, out=opts["out"] + "_quick")
     names = [n for n in opts["runs"].split(",") if n] or list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise data.UserError(f"unknown run(s) {', '.join(unknown)}; runs are: {', '.join(RUNS)}.")
-    if opts["seeds"] < 1 or opts["steps"] < 1 or opts["workers"] < 1:
-        raise data.UserError("seeds, steps and workers must be positive.")
+    if SELECTION_SEED in opts["seeds"] or opts["steps"] < 1 or opts["workers"] < 1:
+        raise data.UserError(f"steps and workers must be positive, and seed {SELECTION_SEED} is the selection "
+                             "runs' own: choose final seeds from 1 up.")
     return opts, extra, names
 
 
-def run_flags(name, seed, opts, extra):
-    settings = {**COMMON, **RUNS[name][1], "seed": seed, "max_iters": opts["steps"], "eval_interval": opts["steps"],
-                "out_dir": os.path.join(opts["out"], f"{name}-seed{seed}")}
-    return [f"--{k}={v}" for k, v in settings.items()] + extra
+def run_flags(name, seed, lr, opts, extra, eval_dir=None):
+    """train.py flags of one run: a final run (scored on the test sets) or, with eval_dir, a selection run."""
+    folder = f"select/{name}-lr{lr:g}" if eval_dir else f"{name}-lr{lr:g}-seed{seed}"
+    settings = {**COMMON, **RUNS[name][1], "seed": seed, "learning_rate": lr, "max_iters": opts["steps"],
+                "eval_interval": opts["steps"], "out_dir": os.path.join(opts["out"], folder)}
+    if opts["quick"]:
+        settings["eval_limit"] = QUICK["eval_limit"]
+    flags = [f"--{k}={v}" for k, v in settings.items()] + extra
+    return flags + [f"--eval_dir={eval_dir}"] if eval_dir else flags
 
 
-def launch(name, seed, opts, extra, threads):
-    """One run in its own process (one thread budget each); returns its results or raises."""
-    flags = run_flags(name, seed, opts, extra)
-    out = os.path.join(opts["out"], f"{name}-seed{seed}")
+def launch(flags, threads):
+    """One run in its own process (one thread budget each): (status, seconds). A finished run is not
+    rerun, a stopped one resumes; a run whose loss diverged is "diverged", any other failure raises."""
+    out = next(f.partition("=")[2] for f in reversed(flags) if f.startswith("--out_dir="))
     if os.path.isfile(os.path.join(out, "results.json")):
-        return name, seed, "done before"
+        return "done before", 0.0
     if os.path.isfile(os.path.join(out, "ckpt.pt")):  # stopped by Ctrl-C: continue it exactly
-        flags.append("--init_from=resume")
+        flags = flags + ["--init_from=resume"]
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     t = time.time()
     with open(os.path.join(out, "stdout.txt"), "w") as log:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-        p = subprocess.run([sys.executable, script] + flags,
-                           stdout=log, stderr=subprocess.STDOUT, env=env)
+        p = subprocess.run([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT, env=env)
     if p.returncode:
         with open(os.path.join(out, "stdout.txt")) as f:
-            tail = f.read().strip().splitlines()[-1:]
-        raise data.UserError(f"run {name} (seed {seed}) failed: {tail[0] if tail else 'no output'}; "
-                              f"its log is {out}/stdout.txt, and the study continues from it when rerun.")
-    return name, seed, f"{time.time() - t:.0f} s"
+            tail = (f.read().strip().splitlines() or ["no output"])[-1]
+        if "the loss became" in tail:
+            return "diverged", time.time() - t
+        raise data.UserError(f"the run in {out} failed: {tail}; its log is {out}/stdout.txt, and the study "
+                             "continues from it when rerun.")
+    return "done", time.time() - t
 
 
-def load(opts, names):
-    """run name -> list of results dicts (one per finished seed), with the loss log."""
+def run_all(jobs, opts):
+    """Run (label, flags) jobs, `workers` at a time, with progress and an estimate of the time left."""
+    threads = max(1, (os.cpu_count() or 1) // opts["workers"])
+    start, ran, statuses = time.time(), 0, []
+    pool = ThreadPoolExecutor(opts["workers"])
+    try:
+        for i, ((label, _), (status, secs)) in enumerate(zip(jobs, pool.map(lambda j: launch(j[1], threads), jobs))):
+            ran += status != "done before"
+            minutes = (time.time() - start) / 60
+            left = minutes / max(ran, 1) * (len(jobs) - i - 1)
+            print(f"[{i + 1}/{len(jobs)}] {label}: {status}" + (f" in {secs:.0f} s" if secs else "") +
+                  f" ({minutes:.1f} min so far, about {left:.0f} min left)", flush=True)
+            statuses.append(status)
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new
+    return statuses
+
+
+def read_results(folder):
+    """results.json of a finished run with its loss curve, or None."""
+    if not os.path.isfile(os.path.join(folder, "results.json")):
+        return None
+    with open(os.path.join(folder, "results.json")) as f:
+        res = json.load(f)
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+    return res
+
+
+def average(res):
+    return sum(res["scores"].values()) / len(res["scores"])
+
+
+def choose_lr(by_lr):
+    """The learning rate whose selection run has the best mean validation score; {lr: results or None}."""
+    scored = {lr: average(res) for lr, res in by_lr.items() if res is not None}
+    if not scored:
+        raise data.UserError("every selection run diverged or is missing; widen GRID towards smaller rates.")
+    return max(scored, key=lambda lr: (scored[lr], -lr))  # a tie goes to the smaller rate
+
+
+def selection(opts, extra, names):
+    """The selection runs of every method of `names` (run unless --report); {method: (its learning rate,
+    {lr: mean validation score or None})}."""
+    methods = sorted({METHOD_OF[n] for n in names}, key=list(METHODS).index)
+    jobs = [(f"select {METHODS[m][0]} lr {lr:g}", run_flags(METHODS[m][0], SELECTION_SEED, lr, opts, extra,
+                                                            eval_dir=opts["val_dir"]))
+            for m in methods for lr in opts["grid"]]
+    if not opts["report"]:
+        run_all(jobs, opts)
+    chosen = {}
+    for m in methods:
+        by_lr = {lr: read_results(os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}")) for lr in opts["grid"]}
+        chosen[m] = choose_lr(by_lr), {lr: average(res) if res else None for lr, res in by_lr.items()}
+    return chosen
+
+
+def load(opts, names, chosen):
+    """run name -> list of results dicts (one per finished seed, at the run's chosen learning rate)."""
     out = {}
     for name in names:
-        for seed in range(1, opts["seeds"] + 1):
-            folder = os.path.join(opts["out"], f"{name}-seed{seed}")
-            if not os.path.isfile(os.path.join(folder, "results.json")):
-                continue
-            with open(os.path.join(folder, "results.json")) as f:
-                res = json.load(f)
-            with open(os.path.join(folder, "log.jsonl")) as f:
-                res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
-            out.setdefault(name, []).append(res)
+        lr = chosen[METHOD_OF[name]][0]
+        for seed in opts["seeds"]:
+            res = read_results(os.path.join(opts["out"], f"{name}-lr{lr:g}-seed{seed}"))
+            if res is not None:
+                out.setdefault(name, []).append(res)
     return out
 
 
@@ -132,38 +227,60 @@ def fmt(values):
     return f"{m:.1f}±{s:.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
-def table(title, rows, results, tasks):
-    lines = [f"### {title}", "", "| " + " | ".join(["method", "Params%"] + tasks + ["average", "train s"]) + " |",
-             "|" + "---|" * (len(tasks) + 4)]
+def table(title, rows, results, tasks, chosen):
+    chance = next(iter(results.values()))[0].get("chance", {})
+    lines = [f"### {title}", "", "| " + " | ".join(["method", "lr", "Params%"] + tasks + ["average", "train s"]) + " |",
+             "|" + "---|" * (len(tasks) + 5)]
+    if chance:
+        lines.append("| chance | | | " + " | ".join(f"{chance[t]:.1f}" for t in tasks) +
+                     f" | {sum(chance[t] for t in tasks) / len(tasks):.1f} | |")
     for label, name in rows:
         runs = results.get(name)
         if not runs:
-            lines.append(f"| {label} | (not run) |" + " |" * (len(tasks) + 2))
+            lines.append(f"| {label} | (not run) |" + " |" * (len(tasks) + 3))
             continue
         pct = 100 * runs[0]["trainable_params"] / runs[0]["base_params"]
         cells = [fmt([r["scores"][t] for r in runs]) for t in tasks]
-        avg = fmt([sum(r["scores"].values()) / len(r["scores"]) for r in runs])
         secs = fmt([r["train_seconds"] for r in runs])
-        lines.append(f"| {label} | {pct:.2f} | " + " | ".join(cells) + f" | **{avg}** | {secs} |")
+        lr = chosen[METHOD_OF[name]][0]
+        lines.append(f"| {label} | {lr:g} | {pct:.2f} | " + " | ".join(cells) +
+                     f" | **{fmt([average(r) for r in runs])}** | {secs} |")
     return lines
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(a, b):
+    """(mean of a - b, half-width of its 95% interval) over paired values; needs at least 2 pairs."""
+    d = [x - y for x, y in zip(a, b)]
+    m, s = mean_std(d)
+    return m, T95[min(len(d) - 1, len(T95)) - 1] * s / math.sqrt(len(d))
+
+
 def comparisons(results):
-    """TeamLoRA against each other row: the difference of the mean averages and whether it
-    exceeds twice its standard error over seeds (a rough Welch bound, n = seeds)."""
-    base = results.get("teamlora")
-    if not base or len(base) < 2:
-        return ["(comparisons need at least 2 seeds of TeamLoRA)"]
-    avg = lambda runs: [sum(r["scores"].values()) / len(r["scores"]) for r in runs]
-    tm, ts = mean_std(avg(base))
-    lines = ["| TeamLoRA minus | difference | 2 x standard error | verdict |", "|---|---|---|---|"]
+    """Every run against TeamLoRA, paired by seed: the mean difference of the average score and its
+    95% interval. An interval that excludes 0 is a difference the study resolves."""
+    base = {r["config"]["seed"]: average(r) for r in results.get("teamlora", [])}
+    lines = ["| run minus TeamLoRA 4x8 | seeds | difference | 95% interval | verdict |", "|---|---|---|---|---|"]
     for name, runs in results.items():
-        if name == "teamlora" or len(runs) < 2:
+        pairs = [(average(r), base[r["config"]["seed"]]) for r in runs if r["config"]["seed"] in base]
+        if name == "teamlora" or len(pairs) < 2:
             continue
-        m, s = mean_std(avg(runs))
-        se = math.sqrt(ts ** 2 / len(base) + s ** 2 / len(runs))
-        verdict = "exceeds the seed spread" if abs(tm - m) > 2 * se else "within the seed spread"
-        lines.append(f"| {RUNS[name][0]} | {tm - m:+.1f} | {2 * se:.1f} | {verdict} |")
+        m, h = paired_difference(*zip(*pairs))
+        verdict = "higher" if m - h > 0 else "lower" if m + h < 0 else "cannot tell"
+        lines.append(f"| {RUNS[name][0]} | {len(pairs)} | {m:+.1f} | {m - h:+.1f} .. {m + h:+.1f} | {verdict} |")
+    return lines if len(lines) > 2 else ["(comparisons need at least 2 seeds of TeamLoRA and of another run)"]
+
+
+def selection_table(chosen):
+    grid = sorted({lr for _, scores in chosen.values() for lr in scores})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |", "|" + "---|" * (len(grid) + 2)]
+    for m, (lr, scores) in chosen.items():
+        cells = ["diverged" if scores.get(g) is None else f"{scores[g]:.1f}" for g in grid]
+        lines.append(f"| {RUNS[METHODS[m][0]][0]} | " + " | ".join(cells) + f" | {lr:g} |")
     return lines
 
 
@@ -259,16 +376,18 @@ def pngs(results, out):
     return written
 
 
-def report(opts, names):
-    results = load(opts, names)
+def report(opts, names, chosen):
+    results = load(opts, names, chosen)
     if not results:
         raise data.UserError(f"no finished runs in {opts['out']}; run python study.py first.")
     tasks = sorted(next(iter(results.values()))[0]["scores"])
-    lines = [f"## mini-CME study: {opts['steps']} steps, seeds 1..{opts['seeds']}, "
-             "scores in % (mean±std over seeds)", ""]
+    seeds = ",".join(map(str, opts["seeds"]))
+    lines = [f"## mini-CME study: {opts['steps']} steps, seeds {seeds}, scores in % (mean±std over seeds)", "",
+             f"### Learning-rate selection (mean validation score, seed {SELECTION_SEED}; the other runs of a "
+             "method reuse its rate)", ""] + selection_table(chosen) + [""]
     for title, rows in TABLES.items():
-        lines += table(title, rows, results, tasks) + [""]
-    lines += ["### Differences against TeamLoRA (average score)", ""] + comparisons(results) + [""]
+        lines += table(title, rows, results, tasks, chosen) + [""]
+    lines += ["### Differences against TeamLoRA (average score, paired by seed)", ""] + comparisons(results) + [""]
     chart, loads = loss_chart(results), load_chart(results)
     lines += ["### Training loss (the paper's Figure 4b)", "", "```"] + chart + ["```", ""]
     lines += ["### Expert load (the paper's Figure 5)", "", "```"] + loads + ["```"]
@@ -290,21 +409,20 @@ def main(argv=None):
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
         if not opts["report"]:
             train.build_demo(cfg)  # the suite, its shards and the base, when the demo defaults are used
-            jobs = [(n, s) for s in range(1, opts["seeds"] + 1) for n in names]
-            threads = max(1, (os.cpu_count() or 1) // opts["workers"])
-            print(f"{len(jobs)} runs ({len(names)} configurations x {opts['seeds']} seeds), "
-                  f"{opts['workers']} at a time, "
-                  f"{threads} thread(s) each; results in {opts['out']}/", flush=True)
-            start = time.time()
-            pool = ThreadPoolExecutor(opts["workers"])
-            try:
-                for i, (name, seed, how) in enumerate(pool.map(lambda j: launch(*j, opts, extra, threads), jobs)):
-                    minutes = (time.time() - start) / 60
-                    print(f"[{i + 1}/{len(jobs)}] {name} seed {seed}: {how} ({minutes:.1f} min so far)",
-                          flush=True)
-            finally:
-                pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new
-        return report(opts, names)
+            if not os.path.isdir(opts["val_dir"]):
+                raise data.UserError(f"val_dir '{opts['val_dir']}' does not exist; the learning rates are chosen on "
+                                     "it: pass --val_dir (a folder of <task>.jsonl validation sets).")
+        n_final = len(names) * len(opts["seeds"])
+        n_select = len({METHOD_OF[n] for n in names}) * len(opts["grid"])
+        print(f"{n_select} selection runs, then {n_final} final runs ({len(names)} configurations x "
+              f"{len(opts['seeds'])} seeds), {opts['workers']} at a time; results in {opts['out']}/", flush=True)
+        chosen = selection(opts, extra, names)
+        if not opts["report"]:
+            jobs = [(f"{name} seed {seed} lr {chosen[METHOD_OF[name]][0]:g}",
+                     run_flags(name, seed, chosen[METHOD_OF[name]][0], opts, extra))
+                    for seed in opts["seeds"] for name in names]
+            run_all(jobs, opts)
+        return report(opts, names, chosen)
     except data.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
