@@ -429,6 +429,28 @@ def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp
                          torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True))
 
 
+def test_an_interrupted_demo_pretraining_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 4)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    real_get_batch = data.get_batch
+
+    def interrupt_pretraining_at_step_2(dataset, step, *a, **k):
+        if step == 2 and "pack" in a:  # the pretraining packs its batches, the fine-tuning pads them
+            raise KeyboardInterrupt
+        return real_get_batch(dataset, step, *a, **k)
+
+    monkeypatch.setattr(data, "get_batch", interrupt_pretraining_at_step_2)
+    cfg = train.parse_config(["--max_iters=1", "--eval_limit=1", "--model=tiny"])
+    with pytest.raises(train.UserError, match="pretraining the demo's base stopped at step 2; run the same command"):
+        train.train(cfg)
+    assert not (tmp_path / "data/mini_cme/base.pt").exists()  # a half-trained base never passes for the base
+    monkeypatch.setattr(data, "get_batch", real_get_batch)
+    train.train(cfg)
+    assert "resumed from data/mini_cme/pretrain/ckpt.pt at step 2" in capsys.readouterr().out
+    assert (tmp_path / "data/mini_cme/base.pt").is_file()
+
+
 def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, capsys):
     """`python train.py` with no arguments, in an empty folder, with the pretraining shrunk."""
     monkeypatch.chdir(tmp_path)

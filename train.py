@@ -524,8 +524,15 @@ def build_demo(cfg):
     if pretrain:
         print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
               "(once, a few minutes)...")
-        run(Run({**DEFAULTS, **pretrain, "device": cfg["device"]}, device=torch.device(resolve_device(cfg))))
+        stopped = os.path.isfile(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # an interrupted pretraining
+        pre, ckpt = resume_config({**DEFAULTS, **pretrain, "device": cfg["device"],
+                                   "init_from": "resume" if stopped else "scratch"})
+        summary = run(Run(pre, device=torch.device(resolve_device(cfg))), ckpt)
+        if summary.get("interrupted"):
+            raise UserError(f"pretraining the demo's base stopped at step {summary['step']}; run the same command "
+                            "again to continue it.")
         os.replace(os.path.join(pretrain["out_dir"], "model.pt"), cfg["init_from"])
+        os.remove(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # done: the base is the result
         print(f"base model written to {cfg['init_from']}; now fine-tuning")
 
 
