@@ -616,6 +616,26 @@ def file_sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def read_jsonl(path):
+    """(where, object) for each non-empty line of a JSON-lines file; a broken line or one that is not an
+    object is one sentence naming the file and the line."""
+    n = 0
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
+                yield f"{path} line {n}", obj
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (after line {n}: {e.reason}); save it as UTF-8.") from None
+
+
 def write_jsonl(path, records):
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 

@@ -21,7 +21,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data import UserError, write_atomic
+from data import UserError, read_jsonl, write_atomic
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -252,19 +252,9 @@ def _label(value, mapping, where):
 
 
 def _jsonl(path):
-    """(where, object) for each non-empty line of a JSON-lines file."""
+    """(where, object) for each non-empty line of a task's raw JSON-lines file."""
     _check_exists(path)
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
-            yield f"{path} line {n}", obj
+    yield from read_jsonl(path)
 
 
 def _json(path):

@@ -130,6 +130,8 @@ def test_faults_of_evaluation_and_data_are_found_before_step_1(run_data, tmp_pat
     fails(train_flags(run_data, tmp_path / "a", f"--eval_dir={evals}"), capsys, evals / "qa.jsonl", "line 3")
     (evals / "qa.jsonl").write_text('{"instruction": "q"}\n')
     fails(train_flags(run_data, tmp_path / "b", f"--eval_dir={evals}"), capsys, "line 1", "\"output\"")
+    (evals / "qa.jsonl").write_bytes(b'{"instruction": "q", "output": "a"}\n{"instruction": "\xff"}\n')
+    fails(train_flags(run_data, tmp_path / "b", f"--eval_dir={evals}"), capsys, evals / "qa.jsonl", "not UTF-8")
     fails(train_flags(run_data, tmp_path / "c", f"--eval_dir={tmp_path / 'nope'}"), capsys, "nope", "does not exist")
     fails(train_flags(run_data, tmp_path / "d", "--max_len=3"), capsys, "max_len=3", "every training record")
     occupied = tmp_path / "file"

@@ -372,20 +372,12 @@ def load_eval_sets(cfg):
         raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
     sets = {}
     for name in names:
-        task, path, records = task_of(name), os.path.join(folder, name + ".jsonl"), []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
-                if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
-                        or record.get("output") is None:
-                    raise UserError(f"{path} line {n} is not an evaluation record: it needs an \"instruction\" "
-                                    "string and an \"output\" (write evaluation sets with python tasks.py).")
-                records.append(record)
+        task, records = task_of(name), []
+        for where, record in data.read_jsonl(os.path.join(folder, name + ".jsonl")):
+            if not isinstance(record.get("instruction"), str) or record.get("output") is None:
+                raise UserError(f"{where} is not an evaluation record: it needs an \"instruction\" string and an "
+                                "\"output\" (write evaluation sets with python tasks.py).")
+            records.append(record)
         sets[name] = (task, records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)
     return sets
 
