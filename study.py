@@ -148,8 +148,9 @@ def launch(flags, threads):
     return "done", time.time() - t
 
 
-def run_all(jobs, opts):
-    """Run (label, flags) jobs, `workers` at a time, with progress and an estimate of the time left."""
+def run_all(jobs, opts, later=0):
+    """Run (label, flags) jobs, `workers` at a time, with progress and an estimate of the time left
+    (counting `later` runs still to come after these)."""
     threads = max(1, (os.cpu_count() or 1) // opts["workers"])
     start, ran, statuses = time.time(), 0, []
     pool = ThreadPoolExecutor(opts["workers"])
@@ -157,7 +158,7 @@ def run_all(jobs, opts):
         for i, ((label, _), (status, secs)) in enumerate(zip(jobs, pool.map(lambda j: launch(j[1], threads), jobs))):
             ran += status != "done before"
             minutes = (time.time() - start) / 60
-            left = minutes / max(ran, 1) * (len(jobs) - i - 1)
+            left = minutes / max(ran, 1) * (len(jobs) - i - 1 + later)
             print(f"[{i + 1}/{len(jobs)}] {label}: {status}" + (f" in {secs:.0f} s" if secs else "") +
                   f" ({minutes:.1f} min so far, about {left:.0f} min left)", flush=True)
             statuses.append(status)
@@ -189,7 +190,7 @@ def choose_lr(by_lr):
     return max(scored, key=lambda lr: (scored[lr], -lr))  # a tie goes to the smaller rate
 
 
-def selection(opts, extra, names):
+def selection(opts, extra, names, later=0):
     """The selection runs of every method of `names` (run unless --report); {method: (its learning rate,
     {lr: mean validation score or None})}."""
     methods = sorted({METHOD_OF[n] for n in names}, key=list(METHODS).index)
@@ -197,7 +198,7 @@ def selection(opts, extra, names):
                                                             eval_dir=opts["val_dir"]))
             for m in methods for lr in opts["grid"]]
     if not opts["report"]:
-        run_all(jobs, opts)
+        run_all(jobs, opts, later)
     chosen = {}
     for m in methods:
         by_lr = {lr: read_results(os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}")) for lr in opts["grid"]}
@@ -416,7 +417,7 @@ def main(argv=None):
         n_select = len({METHOD_OF[n] for n in names}) * len(opts["grid"])
         print(f"{n_select} selection runs, then {n_final} final runs ({len(names)} configurations x "
               f"{len(opts['seeds'])} seeds), {opts['workers']} at a time; results in {opts['out']}/", flush=True)
-        chosen = selection(opts, extra, names)
+        chosen = selection(opts, extra, names, later=n_final)
         if not opts["report"]:
             jobs = [(f"{name} seed {seed} lr {chosen[METHOD_OF[name]][0]:g}",
                      run_flags(name, seed, chosen[METHOD_OF[name]][0], opts, extra))
