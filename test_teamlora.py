@@ -7,6 +7,7 @@ expert load.
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -564,3 +565,47 @@ def test_cuda_bf16_base_with_fp32_adapter_matches_the_equations_fused_loop_and_c
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     compiled = teamlora._fused_compiled("cuda")
     torch.testing.assert_close(compiled(xf, *args)[0], fused, rtol=1e-5, atol=1e-5)
+
+
+class HFStyleLM(nn.Module):
+    """A tiny causal LM with Hugging Face's FFN names (gate_proj, up_proj, down_proj) and an output with .loss."""
+
+    def __init__(self, vocab=50, dim=16, hidden=40):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(nn.ModuleDict({"mlp": nn.ModuleDict({
+            "gate_proj": nn.Linear(dim, hidden, bias=False), "up_proj": nn.Linear(dim, hidden, bias=False),
+            "down_proj": nn.Linear(hidden, dim, bias=False)})}) for _ in range(2))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask, labels):
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            m = layer["mlp"]
+            h = h + m["down_proj"](F.silu(m["gate_proj"](h)) * m["up_proj"](h))
+        logits = self.lm_head(h)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return type("Output", (), {"loss": loss})()
+
+
+def test_the_readmes_example_runs_as_written_on_a_hugging_face_style_model(tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Use TeamLoRA in your own project"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    torch.manual_seed(0)
+    model = HFStyleLM()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(50, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long), "labels": ids}
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": model, "batch": batch, "torch": torch}
+    exec(compile(code, "README.md", "exec"), namespace)
+    model, optimizer = namespace["model"], namespace["optimizer"]
+    assert torch.isfinite(namespace["loss"]) and (tmp_path / "adapter.pt").is_file()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(teamlora.is_adapter(n) and "mlp" in n for n in trained)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in trained)
+    optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in trained)
+    printed = capsys.readouterr().out
+    assert "layers.0.mlp.gate_proj" in printed and "layers.1.mlp.down_proj" in printed
