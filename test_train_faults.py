@@ -173,3 +173,16 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(run_data, tmp_path):
     assert 2 <= step < 2000 and "--init_from=resume" in stdout
     # without a terminal: one plain line per log interval, no progress-bar frames
     assert "\r" not in stderr and "step 1/2000: loss" in stdout and "step 2/2000: loss" in stdout
+
+
+def test_a_missing_optional_package_is_one_sentence_naming_it(run_data, tmp_path, capsys, monkeypatch):
+    """model.py raises ImportError naming the extra (its own test reads real safetensors files without the
+    package); train.py passes that sentence on instead of a traceback."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+
+    def needs_safetensors(src, **kw):
+        raise ImportError(f"reading {src}/model.safetensors needs the safetensors package: pip install safetensors")
+
+    monkeypatch.setattr(train.Transformer, "from_pretrained", needs_safetensors)
+    fails(train_flags(run_data, tmp_path / "o", f"--init_from={folder}"), capsys, "pip install safetensors", folder)

@@ -277,8 +277,16 @@ def base_weights(cfg, vocab_size):
     if os.path.isfile(src):
         raise UserError(f"init_from '{src}' is a file but not a .pt checkpoint; give a model.pt written by train.py, "
                         "a Meta or Hugging Face folder, 'scratch' or 'resume'.")
-    base = Transformer.from_pretrained(src)  # memory-mapped tensors, not copies
+    base = from_pretrained(src)  # memory-mapped tensors, not copies
     return base.args, base.state_dict()
+
+
+def from_pretrained(src, **kw):
+    """Transformer.from_pretrained; a missing optional package (safetensors) is one sentence naming it."""
+    try:
+        return Transformer.from_pretrained(src, **kw)
+    except ImportError as e:
+        raise UserError(str(e)) from None
 
 
 def init_adapters(model, seed):
@@ -742,7 +750,7 @@ def check_full_config(cfg):
     src = cfg["init_from"]
     if os.path.isdir(src):
         with torch.device("meta"):
-            args = Transformer.from_pretrained(src, device="meta").args
+            args = from_pretrained(src, device="meta").args
     else:
         args = ModelArgs.from_name(cfg["model"], max_seq_len=max(cfg["max_len"], 256))
     with torch.device("meta"):
