@@ -429,6 +429,12 @@ def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp
                          torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True))
 
 
+def test_the_demo_paths_are_train_pys_defaults():
+    """minicme.build_demo_data builds only what a config uses of its DEMO paths: a default of train.py that
+    drifted from them would make `python train.py` skip building its data."""
+    assert {k: train.DEFAULTS[k] for k in minicme.DEMO} == minicme.DEMO
+
+
 def test_an_interrupted_demo_pretraining_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 4)

@@ -682,7 +682,7 @@ def train_step(r, model, raw, opt, dataset, step):
     if not math.isfinite(train_loss):
         raise UserError(f"the loss became {train_loss} at step {step}; the last good checkpoint in {cfg['out_dir']} "
                         "is kept: lower learning_rate (or use dtype='float32') and resume with --init_from=resume.")
-    torch.nn.utils.clip_grad_norm_(trainable(raw), cfg["grad_clip"])
+    torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg["grad_clip"])  # the trainable ones
     opt.step()
     opt.zero_grad(set_to_none=True)
     return train_loss, lr, n_tokens
