@@ -11,6 +11,13 @@ multiple choice and fill-the-blank. Each task answers in its own convention (lab
 letters, "duplicate", a name, a sentence): one low-rank adapter has to juggle them all, which
 is what separate experts can win on.
 
+Each classification task mixes items that a word or phrase of the input decides (a negation, a
+near-miss question, a consequence, a year among names) with items that need the input read as
+a whole (a changed value, another entity's name, options out of order, the fact itself): a
+4M-parameter base fine-tuned for a few minutes learns the first kind, so every method rises above
+chance, and the second kind leaves headroom to rank them. Multiple choice still needs a letter read
+off a list, which nothing learns at this scale (see RESULTS.md).
+
 make_suite() writes the suite (records in the authors' format, a pretraining corpus, a SentencePiece
 model); build_demo_data() makes whatever of the demo's files a train.py configuration uses and
 lacks, and says how to pretrain its base (train.py runs that, before its fine-tuning run).
@@ -177,6 +184,31 @@ def _post(w, rng, positive):
     return f"{post} {rng.choice(FILLERS)} {rng.choice(CLOSINGS)}", summary
 
 
+# WinoGrande-style twin sentences: a comparison and a consequence; the consequence (the twins'
+# trigger) decides whom the blank means. (comparison, what the one with more does, what the other does)
+COMPARISONS = [("taller", "could reach the top shelf", "needed a ladder"),
+               ("stronger", "carried the heavy box alone", "asked for help with the box"),
+               ("older", "remembered the old bridge", "was born after the old bridge fell"),
+               ("richer", "paid for the whole dinner", "could not afford the dinner"),
+               ("faster", "won the race", "came last in the race"),
+               ("louder", "woke up the neighbours", "was never heard in class")]
+EXTRAS = {"film": ["{e} won a prize at a festival.", "{e} was very expensive to make.", "{e} has a sequel."],
+          "person": ["{e} has two brothers.", "{e} owns a red car.", "{e} speaks three languages."],
+          "city": ["{e} has a famous old bridge.", "{e} is crowded in summer.", "{e} has a large airport."]}
+
+
+def _compare(rng, a, b):
+    """(sentence with a blank, the person the blank means): "a is taller than b, so _ needed a ladder"."""
+    word, does_more, does_less = rng.choice(COMPARISONS)
+    consequence = rng.choice((does_more, does_less))
+    return f"{a} is {word} than {b}, so _ {consequence}.", a if consequence == does_more else b
+
+
+def _not(statement):
+    return f"It is not true that {statement[0].lower()}{statement[1:]}" if statement.startswith("The ") else \
+        f"It is not true that {statement}"
+
+
 # One generator per task: (world, rng, index, split) -> record; the index balances the labels.
 
 def gen_sentiment(w, rng, i, split):
@@ -186,8 +218,10 @@ def gen_sentiment(w, rng, i, split):
 
 
 def gen_nli(w, rng, i, split):
-    """Entailment restates a premise fact in other words, contradiction changes its value, neutral
-    speaks of an attribute the premise does not mention."""
+    """Entailment restates a premise fact in other words. Half the contradictions negate a premise
+    fact and half change its value; half the neutral hypotheses add something the world never
+    records and half speak of an attribute the premise does not mention. Negations and additions
+    show in the hypothesis's own words; the other half needs the premise."""
     label = ("entailment", "neutral", "contradiction")[i % 3]
     e = rng.choice([x for x in w["entities"] if len(_stated(w, x)) >= 2])
     premise_attrs = rng.sample(_stated(w, e), 2)
@@ -195,50 +229,95 @@ def gen_nli(w, rng, i, split):
     other = rng.choice(w["entities"])
     if other is not e and _stated(w, other) and rng.random() < 0.5:  # a distractor, as in ANLI's long contexts
         sentences.insert(rng.randrange(3), rng.choice(_statements(other, rng.choice(_stated(w, other)))))
-    if label == "neutral":  # any value, but never a held-out fact's true one
+    shallow = rng.random() < 0.5
+    if label == "neutral" and shallow:
+        hypothesis = rng.choice(EXTRAS[e["kind"]]).format(e=e["name"])
+    elif label == "neutral":  # any value, but never a held-out fact's true one
         attr = rng.choice([a for a in ATTRS[e["kind"]] if a not in premise_attrs])
         value = rng.choice([v for v in w["pools"][attr] if not (v == e[attr] and (e["name"], attr) in w["held"])])
+        hypothesis = rng.choice(_statements(e, attr, value))
     else:
         attr = rng.choice(premise_attrs)
-        value = e[attr] if label == "entailment" else rng.choice([v for v in w["pools"][attr] if v != e[attr]])
-    hypothesis = rng.choice([s for s in _statements(e, attr, value) if s not in sentences])
+        value = e[attr] if label == "entailment" or shallow else rng.choice([v for v in w["pools"][attr]
+                                                                              if v != e[attr]])
+        hypothesis = rng.choice([s for s in _statements(e, attr, value) if s not in sentences])
+        if label == "contradiction" and shallow:
+            hypothesis = _not(hypothesis)
     return make_record("nli", label, rng.choice(TEMPLATES["nli"][0]), premise=" ".join(sentences),
                        hypothesis=hypothesis)
 
 
+# questions on what the world never records: a near miss of a real question (QQP's typical
+# non-duplicate asks something else about the same thing)
+NEAR_MISSES = {"film": ["Who wrote the music for {e}?", "How long is {e}?", "Who starred in {e}?",
+                        "Is {e} worth watching?"],
+               "person": ["How old is {e}?", "Is {e} married?", "What car does {e} drive?", "Where does {e} live now?"],
+               "city": ["How many people live in {e}?", "What is the weather like in {e}?",
+                        "Is {e} a safe place to visit?", "How old is {e}?"]}
+
+
 def gen_paraphrase(w, rng, i, split):
+    """Two questions: a duplicate asks the same thing in other words. Of the non-duplicates, three
+    in five ask a near miss about the same entity (something the world does not record) and two in
+    five the same thing about another entity (only the names differ)."""
     duplicate = i % 2 == 0
     e = rng.choice(w["entities"])
     attr = rng.choice(list(ATTRS[e["kind"]]))
     q1, q2 = rng.sample(_questions(e, attr), 2)
-    if not duplicate and rng.random() < 0.5:  # same entity, another attribute
-        q2 = rng.choice(_questions(e, rng.choice([a for a in ATTRS[e["kind"]] if a != attr])))
-    elif not duplicate:  # same attribute, another entity
+    if not duplicate and rng.random() < 0.6:
+        q2 = rng.choice(NEAR_MISSES[e["kind"]]).format(e=e["name"])
+    elif not duplicate:
         other = rng.choice([x for x in w["entities"] if x["kind"] == e["kind"] and x is not e])
-        q2 = rng.choice(_questions(other, attr))
+        q2 = rng.choice([q for q in _questions(other, attr) if q.replace(other["name"], e["name"]) != q1])
     return make_record("paraphrase", "duplicate" if duplicate else "not duplicate",
                        rng.choice(TEMPLATES["paraphrase"][0]), text1=q1, text2=q2)
 
 
+# answer kinds that look alike (invented one-word names) form one group: choice's type-only
+# distractors come from other groups
+KIND_GROUPS = [("director",), ("year",), ("genre",), ("city", "region", "river"), ("job",), ("pastime",),
+               ("product",)]
+
+
+def _facts(w, name):
+    e = w["by_name"].get(name)
+    return {e[a] for a in ATTRS[e["kind"]]} if e else set()
+
+
+def _hints(w, v, others):
+    """Whether option v and the question's entity, answer or other options would hint at a fact
+    (one is a value of another's: a director or a city is an entity too)."""
+    return any(v in _facts(w, x) or x in _facts(w, v) for x in others)
+
+
 def gen_choice(w, rng, i, split):
+    """A fact's question and four options. In three items of ten the wrong options are of the
+    right kind (knowing the fact decides); otherwise they are of other kinds (a year among names, say)."""
     name, attr = rng.choice(w["facts"][split])
     e, position = w["by_name"][name], i % 4
-    options = rng.sample([v for v in w["pools"][attr] if v != e[attr]], 3)
+    if rng.random() < 0.3:
+        options = rng.sample([v for v in w["pools"][attr] if v != e[attr]], 3)
+    else:
+        options = []
+        for group in rng.sample([g for g in KIND_GROUPS if attr not in g], 6):
+            pool = [v for k in group for v in w["pools"][k] if not _hints(w, v, [e["name"], e[attr], *options])]
+            options += [rng.choice(pool)] if pool and len(options) < 3 else []
     options.insert(position, e[attr])
     return make_record("choice", LETTERS[position], question=rng.choice(_questions(e, attr)), options=options)
 
 
 def gen_blank(w, rng, i, split):
-    """WinoGrande-like: whom does the blank stand for? The names come from outside the world."""
-    names, kind = rng.sample(w["story_names"], 2), rng.choice(("job", "pastime", "city"))
-    values = rng.sample(w["cities"] if kind == "city" else list(JOBS if kind == "job" else PASTIMES), 2)
-    target = rng.randrange(2)
-    clue = f"knows the streets of {values[target]} better" if kind == "city" else {**JOBS, **PASTIMES}[values[target]]
-    first = {"job": "{} is a {} and {} is a {}", "pastime": "{} loves {} while {} prefers {}",
-             "city": "{} grew up in {} but {} grew up in {}"}[kind].format(names[0], values[0], names[1], values[1])
-    answer = "AB"[i % 2]
-    options = [names[target], names[1 - target]] if answer == "A" else [names[1 - target], names[target]]
-    return make_record("blank", answer, rng.choice(TEMPLATES["blank"][0]), sentence=f"{first}, so _ {clue}.",
+    """WinoGrande-like twins: "Ana is taller than Bo, so _ needed a ladder." The consequence decides
+    whom the blank means; one item in seven lists the options out of the
+    sentence's order. The names come from outside the world."""
+    a, b = rng.sample(w["story_names"], 2)
+    while True:
+        sentence, meant = _compare(rng, a, b)
+        options = [a, b] if rng.random() < 0.85 else [b, a]
+        answer = "AB"[options.index(meant)]
+        if answer == "AB"[i % 2]:
+            break
+    return make_record("blank", answer, rng.choice(TEMPLATES["blank"][0]), sentence=sentence,
                        option1=options[0], option2=options[1])
 
 
@@ -271,16 +350,11 @@ VERDICTS = (["All in all, I liked it.", "I would happily watch it again.", "Well
 
 
 def _story(w, rng):
-    """A clue that points to one of two people, the blank task's skill in plain words. It names world
+    """A comparison and its consequence, the blank task's skill in plain words. It names world
     people, never the story names that the blank task uses, so no test answer is written here."""
-    (a, b), kind = rng.sample(w["entities"][N_CITIES:N_CITIES + N_PEOPLE], 2), rng.choice(("job", "pastime", "city"))
-    a, b = a["name"].split()[0], b["name"].split()[0]
-    values = rng.sample(w["cities"] if kind == "city" else list(JOBS if kind == "job" else PASTIMES), 2)
-    first = {"job": "{} is a {} and {} is a {}.", "pastime": "{} loves {} while {} prefers {}.",
-             "city": "{} grew up in {} but {} grew up in {}."}[kind].format(a, values[0], b, values[1])
-    target = rng.randrange(2)
-    clue = f"knows the streets of {values[target]} better" if kind == "city" else {**JOBS, **PASTIMES}[values[target]]
-    return f"{first} That is why {(a, b)[target]} {clue}."
+    a, b = (p["name"].split()[0] for p in rng.sample(w["entities"][N_CITIES:N_CITIES + N_PEOPLE], 2))
+    sentence, meant = _compare(rng, a, b)
+    return sentence.replace("_", meant)
 
 
 def _reasoning(w, rng):
@@ -295,13 +369,35 @@ def _reasoning(w, rng):
     return f"Some say that {rng.choice(_statements(e, attr, wrong))} That is wrong. {s1}"
 
 
+# Ordinary prose that uses the tasks' label words and letters, as any real corpus does. Without it
+# the base never sees those tokens, pretraining pushes their logits far down everywhere, and only
+# full fine-tuning (which retrains the output embedding) can lift them: adapters could not.
+USAGE = ["Plan A was to take the train, and plan B was to walk.", "The flat has rooms A, B, C and D.",
+         "{p} got an A in history and a B in maths.", "Gate C is closed today, so please use gate D.",
+         "Vitamin C is good for you, and so is vitamin D.", "The bus goes from stop A to stop B.",
+         "The critics were positive about {f}.", "Reviews of {f} were mostly negative.",
+         "{p} stayed neutral in the argument.", "The blood test came back negative.",
+         "{p} is always positive in the morning.", "The clerk threw away the duplicate of the letter.",
+         "{p} keeps a duplicate key under the mat.", "What {p} said was a contradiction of what {q} wrote.",
+         "The two reports are in contradiction.", "The logic class covered entailment and proof.",
+         "In the exam on entailment, {p} did well.", "The colour of the wall is a neutral grey.",
+         "A fact is not duplicate news.", "The answer was positive, not negative."]
+
+
+def _usage(w, rng):
+    people = [p["name"] for p in w["entities"][N_CITIES:N_CITIES + N_PEOPLE]]
+    return " ".join(s.format(p=rng.choice(people), q=rng.choice(people), f=rng.choice(w["films"])["name"])
+                    for s in rng.sample(USAGE, 3))
+
+
 def _corpus(w, rng, n_docs):
     """Plain-text documents, the kind of text a base model is pretrained on: half are encyclopedia
     entries stating every fact of one entity (each entity several times, in varied words); a
     quarter are reviews and posts, ending the way such text does (a verdict, a "TL;DR:" line); a
-    quarter reason in plain words (a fact restated, a false claim corrected, a clue that points to
-    a person). The tasks' instructions, questions and label words never appear: the base learns
-    the skills, and instruction tuning has to map them onto each task's format."""
+    quarter are plain prose: a comparison and its consequence, a fact restated or a false claim
+    corrected, and sentences that use the label words and letters in their everyday senses. The
+    tasks' instructions, questions and answers never appear: the base learns the skills, and
+    instruction tuning has to map them onto each task's format."""
     docs = []
     for j in range(n_docs // 2):
         e = w["entities"][j % len(w["entities"])]
@@ -318,7 +414,7 @@ def _corpus(w, rng, n_docs):
             post, summary = _post(w, rng, positive)
             docs.append(f"{post} TL;DR: {summary}")
     for j in range(n_docs - len(docs)):
-        docs.append(_story(w, rng) if j % 3 == 0 else _reasoning(w, rng))
+        docs.append((_story, _reasoning, _usage)[j % 3](w, rng))
     rng.shuffle(docs)
     return docs
 
@@ -337,6 +433,11 @@ def _train_tokenizer(lines, vocab_size):
         raise UserError(f"SentencePiece could not build {vocab_size} pieces ({e}); lower vocab_size or raise "
                          "corpus_docs.") from None
     return model.getvalue()
+
+
+# each task's share of the training records, times n_train_per_task: the tasks that decide from a
+# word or two of a long input get more, the summaries (many answer tokens each) and reviews fewer
+TRAIN_WEIGHT = {"sentiment": 0.6, "nli": 1.6, "paraphrase": 1.6, "choice": 1.6, "blank": 1.6, "qa": 1.0, "summary": 0.3}
 
 
 def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=100, corpus_docs=6000,
@@ -363,6 +464,7 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
         seen = set()
         for split, n in sizes.items():
             rng, records = random.Random(f"{seed}-{name}-{split}"), []
+            n = round(n * TRAIN_WEIGHT[name]) if split == "train" else n
             for i in range(n):
                 for _ in range(100):  # retry a prompt seen before; a tiny world may run out of new ones
                     record = generate(w, rng, i, split)
