@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import data
 import train
 
-OPTIONS = dict(seeds=5, steps=800, workers=2, out="out/study", report=False, runs="", quick=False,
+OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, runs="", quick=False,
                val_dir="data/mini_cme/val")
 GRID = (2.5e-4, 6.3e-4, 1.6e-3, 4e-3)  # one grid for every method: x2.5 apart, 16x in all
 SELECTION_SEED = 0
