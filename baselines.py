@@ -7,6 +7,9 @@ cls=...)) and that balance_loss / expert_load read like TeamLoRA's own layer.
   Python loop over the experts. bench.py times it. train.py's adapter="moelora" computes the same
   function fused instead (moelora_fused_kwargs): TeamLoRA's collaboration module with A stacked,
   no competition and alpha / k.
+- team_lora_delta_loop: TeamLoRA's Eq. 9 and 13 written literally, one expert at a time: the
+  reference that teamlora.team_lora_delta (one GEMM for all experts) is tested against in every
+  gradient, and the loop bench.py times.
 - HydraLoRALinear: HydraLoRA (Tian et al., NeurIPS 2024), the code the authors' file was forked
   from: one A shared by k heads B_i, each head seeing all of A's output.
 
@@ -21,6 +24,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from teamlora import TeamLoRALinear, expert_weights
+
+
+def team_lora_delta_loop(x, A, B, router, M, scaling, dropout):
+    """Eq. 9 and 13 written literally, one expert at a time. The readable reference; slower."""
+    z = F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling
+    if router is None:
+        return F.linear(z, B), None
+    omega = expert_weights(x, router, M)
+    k = omega.shape[-1]
+    zs, Bs = z.chunk(k, -1), B.chunk(k, -1)  # z_i (..., r_B), B_i (d_out, r_B)
+    delta = sum(omega[..., i:i + 1].to(z.dtype) * F.linear(zs[i], Bs[i]) for i in range(k))
+    return delta, omega
 
 
 def moelora_fused_kwargs(r, experts, alpha):

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines import MoELoRALoop
+from baselines import MoELoRALoop, team_lora_delta_loop
 from model import ModelArgs, Transformer
-from teamlora import TeamLoRALinear, inject, team_lora_delta_loop
+from teamlora import TeamLoRALinear, inject
 
 FULL = dict(tokens=2048, d_in=1024, d_out=2752, r_B=16, ks=(2, 4, 8), scale_ks=(16, 32, 64), scale_rank=64,
             model="small", batch=4, seq=256, model_r_B=4, prompts=4, prompt_len=64, new_tokens=32,
@@ -47,7 +47,7 @@ PEAK_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 
 
 
 class TeamLoRALoop(TeamLoRALinear):
-    """TeamLoRALinear computed by teamlora.team_lora_delta_loop: the same parameters and function as
+    """TeamLoRALinear computed by baselines.team_lora_delta_loop: the same parameters and function as
     the fused path, Eq. 9 and 13 one expert at a time."""
 
     def forward(self, x):

@@ -6,10 +6,10 @@
 
 One shared A (r x d_in) feeds k experts B_i (d_out x r_B), kept side by side as B = [B_1 ... B_k]. As sum_i
 omega_i z_i B_i^T = (z * omega repeated r_B times) B^T, two GEMMs and a d_in -> k router do it: one LoRA's cost.
-
-Scale: omega sums to k and the scaling is alpha / r_B (the authors' code), so at equal alpha TeamLoRA's
-update is k times that of a LoRA of the same total rank (and of MoELoRA, whose weights sum to 1): compare
-methods each at its own learning rate. Copy this file into any project: it needs only torch.
+Scale: omega sums to k and the scaling is alpha / r_B (the authors' code), so at equal alpha TeamLoRA's update
+is k times that of a LoRA of the same total rank (and of MoELoRA, whose weights sum to 1): compare methods
+each at its own learning rate. baselines.team_lora_delta_loop writes Eq. 9 and 13 one expert at a time.
+Copy this file into any project: it needs only torch.
 """
 import functools
 import math
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign kept (see expert_weights)
 
 
-def expert_weights(x, router, M):
-    """omega, per-token expert weights (..., k) in float32 (or float64) summing to k; M=None: no competition."""
-    logits = F.linear(x, router)  # (..., k)
+def expert_weights(x, router, M, logits=None):
+    """omega, per-token expert weights (..., k) in float32 (or float64) summing to k; M=None: no competition.
+    `logits` = x W_r^T when the caller has them already (the fused path gets them from A's GEMM)."""
+    logits = F.linear(x, router) if logits is None else logits  # (..., k)
     phi = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[-1]
@@ -38,36 +39,25 @@ def expert_weights(x, router, M):
 
 
 def team_lora_delta(x, A, B, router, M, scaling, dropout):
-    """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None)."""
-    z = F.dropout(F.linear(x, A), dropout, dropout > 0)  # (..., r)  Eq. 8, dropout on z_i
+    """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None). The router rides in
+    A's GEMM, concatenated here (parameter names stay): x is read, and grad x written, once."""
+    r = A.shape[0]
+    zl = F.linear(x, A if router is None else torch.cat([A, router.to(A.dtype)]))  # (..., r + k)
+    z = F.dropout(zl[..., :r], dropout, dropout > 0)  # Eq. 8, dropout on z_i
     if router is None:  # one expert: plain LoRA
         return F.linear(z * scaling, B), None
-    omega = expert_weights(x, router, M)
-    k = omega.shape[-1]
+    omega = expert_weights(x, router, M, logits=zl[..., r:])
     w = (omega * scaling).to(z.dtype)  # fold the scaling into the k weights, not the r columns
-    zw = (z.unflatten(-1, (k, -1)) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r_B) -> (..., r)
+    zw = (z.unflatten(-1, (router.shape[0], -1)) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r_B) -> (..., r)
     return F.linear(zw, B), omega  # Eq. 9 + 13 in one GEMM: sum_i omega_i z_i B_i^T
-
-
-def team_lora_delta_loop(x, A, B, router, M, scaling, dropout):
-    """Eq. 9 and 13 written literally, one expert at a time. The readable reference; slower."""
-    z = F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling
-    if router is None:
-        return F.linear(z, B), None
-    omega = expert_weights(x, router, M)
-    k = omega.shape[-1]
-    zs, Bs = z.chunk(k, -1), B.chunk(k, -1)  # z_i (..., r_B), B_i (d_out, r_B)
-    delta = sum(omega[..., i:i + 1].to(z.dtype) * F.linear(zs[i], Bs[i]) for i in range(k))
-    return delta, omega
 
 
 @functools.cache
 def _fused_compiled(device_type):
-    """The fused path compiled once per device type; eagerly run on a CPU without a C++ compiler."""
+    """The fused path compiled once per device type; eager on a CPU without a C++ compiler."""
     cxx = [os.path.join(d, c) for d in os.get_exec_path() for c in (os.environ.get("CXX"), "g++", "clang++") if c]
     if device_type == "cpu" and not any(os.access(c, os.X_OK) for c in cxx):
-        warnings.warn("TeamLoRA: torch.compile on CPU needs a C++ compiler and none was found "
-                      "(install g++ or set CXX); the fused path runs eagerly instead.")
+        warnings.warn("TeamLoRA: torch.compile on CPU needs a C++ compiler (install g++ or set CXX); running eagerly.")
         return team_lora_delta
     return torch.compile(team_lora_delta, dynamic=True)  # dynamic: one graph for every sequence length
 
@@ -92,7 +82,7 @@ class TeamLoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))  # [B_1 ... B_k]
         self.lora_router = nn.Parameter(torch.empty(experts, self.in_features, **kw)) if experts > 1 else None
         self.lora_M = nn.Parameter(torch.empty(experts, experts, **kw)) if self.competition else None
-        self.last_omega = None  # (..., k) float32 of the last forward: balance loss and expert load
+        self.last_omega, self.merged = None, False  # omega (..., k) of the last forward: balance loss, load
         self.reset_lora_parameters()
 
     def initial_lora_state(self):
@@ -112,10 +102,22 @@ class TeamLoRALinear(nn.Linear):
         for name, t in self.initial_lora_state().items():
             getattr(self, name).copy_(t)
 
+    @torch.no_grad()
+    def merge(self, merged=True):
+        """Fold a one-expert adapter (LoRA) into `weight` to serve at the base's cost; merged=False: take it out."""
+        if self.lora_router is not None:
+            raise ValueError(f"only one expert (LoRA) can merge; the router weighs these {self.experts} per token.")
+        if merged != self.merged:
+            delta = (self.lora_B.double() @ self.lora_A.double()) * self.scaling
+            self.weight += (delta if merged else -delta).to(self.weight.dtype)
+            self.merged = merged
+
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TeamLoRALinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
         out = F.linear(x, self.weight, self.bias)
+        if self.merged:  # for inference: the adapter is inside weight
+            return out
         fused = _fused_compiled(x.device.type) if self.compile else team_lora_delta
         delta, self.last_omega = fused(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
                                        self.lora_M, self.scaling, self.dropout if self.training else 0.0)
@@ -126,9 +128,8 @@ class TeamLoRALinear(nn.Linear):
 
 
 def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cls=None, **kw):
-    """Replace every nn.Linear whose qualified name ends with one of `targets` (e.g. ("w1", "w2", "w3") or
-    ("gate_proj", "up_proj", "down_proj")) by a TeamLoRALinear (or `cls`, a subclass), freeze everything
-    else, and return the model. experts=1 is plain LoRA. Extra keywords go to the layer."""
+    """Replace every nn.Linear whose name ends with one of `targets` (e.g. ("w1", "w2", "w3") or ("gate_proj",
+    "up_proj", "down_proj")) by a TeamLoRALinear (or `cls`), freeze all else. experts=1 is plain LoRA."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     matched = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     if not matched:
@@ -177,18 +178,15 @@ def _omegas(model, mask):
     for name, m in model.named_modules():
         if isinstance(m, TeamLoRALinear) and m.last_omega is not None:
             om = m.last_omega
-            if mask is not None:
-                if mask.shape != om.shape[:-1]:
-                    raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the tokens "
-                                     f"{tuple(om.shape[:-1])}.")
-                om = om[mask.to(om.device, torch.bool)]
+            if mask is not None and mask.shape != om.shape[:-1]:
+                raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the tokens {tuple(om.shape[:-1])}.")
+            om = om if mask is None else om[mask.to(om.device, torch.bool)]
             yield name, om.reshape(-1, om.shape[-1])
 
 
 def balance_loss(model, mask=None, reduction="mean"):
-    """Load-balancing loss of the authors' code: per layer mean_f (mean_tokens(omega_f) - 1)^2 (their
-    form subtracts 1/k; the difference is a constant), averaged (or summed: their harness) over
-    layers. `mask` (the token shape, True = real token) leaves padding out of the means."""
+    """The authors' load-balancing loss: per layer mean_f (mean_tokens(omega_f) - 1)^2 (theirs subtracts 1/k: a
+    constant), averaged (summed: their harness) over layers. `mask` (True = real token) leaves padding out."""
     per_layer = torch.stack([((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask)] or [torch.zeros(())])
     return per_layer.sum() if reduction == "sum" else per_layer.mean()
 

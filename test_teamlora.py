@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import baselines
 import teamlora
 from teamlora import TeamLoRALinear, inject
 
@@ -121,7 +122,7 @@ def test_fused_equals_expert_loop_in_outputs_and_every_gradient(k, r, shape, com
         return _grads(fn, layer, x)
 
     out_f, gx_f, g_f = run(teamlora.team_lora_delta)
-    out_l, gx_l, g_l = run(teamlora.team_lora_delta_loop)
+    out_l, gx_l, g_l = run(baselines.team_lora_delta_loop)
     torch.testing.assert_close(out_f, out_l, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gx_f, gx_l, rtol=1e-12, atol=1e-12)
     assert g_f.keys() == g_l.keys() and {"lora_A", "lora_B"} <= g_f.keys()
@@ -556,7 +557,7 @@ def test_cuda_bf16_base_with_fp32_adapter_matches_the_equations_fused_loop_and_c
     torch.testing.assert_close(d(out), want, rtol=2e-2, atol=2e-2)  # bf16 rounding of the output
     xf = x.float().requires_grad_()
     args = (layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M, layer.scaling, 0.0)
-    fused, loop = teamlora.team_lora_delta(xf, *args)[0], teamlora.team_lora_delta_loop(xf, *args)[0]
+    fused, loop = teamlora.team_lora_delta(xf, *args)[0], baselines.team_lora_delta_loop(xf, *args)[0]
     torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
     g_fused = torch.autograd.grad(fused.square().sum(),
                                   [xf, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M])
@@ -609,3 +610,34 @@ def test_the_readmes_example_runs_as_written_on_a_hugging_face_style_model(tmp_p
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n not in trained)
     printed = capsys.readouterr().out
     assert "layers.0.mlp.gate_proj" in printed and "layers.1.mlp.down_proj" in printed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lora_merges_into_the_weight_and_unmerges_to_float_tolerance(dtype):
+    layer = make_layer(d_in=24, d_out=20, r=8, experts=1, dtype=dtype)  # randomize: B != 0, a real update
+    layer.eval()
+    x = torch.randn(5, 24, dtype=dtype)
+    w0, unmerged = layer.weight.detach().clone(), layer(x).detach()
+    layer.merge()
+    want = x @ (w0 + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()).T + layer.bias.detach()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), unmerged, **tol)  # merged: the same function ...
+    torch.testing.assert_close(layer(x), want, **tol)      # ... computed by the base GEMM alone
+    with torch.no_grad():
+        layer.lora_B.zero_()  # the adapter is no longer read
+    torch.testing.assert_close(layer(x), unmerged, **tol)
+    layer.merge()  # merging twice changes nothing
+    torch.testing.assert_close(layer(x), unmerged, **tol)
+    with torch.no_grad():
+        layer.lora_B.copy_(make_layer(d_in=24, d_out=20, r=8, experts=1, dtype=dtype).lora_B)
+    layer.merge(False)
+    torch.testing.assert_close(layer.weight.detach(), w0, **tol)
+    torch.testing.assert_close(layer(x), unmerged, **tol)
+
+
+def test_several_experts_refuse_to_merge_in_one_sentence():
+    layer = make_layer(experts=4)
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="only one expert \\(LoRA\\) can merge; the router weighs these 4 per token"):
+        layer.merge()
+    assert torch.equal(layer.weight, w0) and not layer.merged
