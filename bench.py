@@ -34,11 +34,12 @@ from teamlora import TeamLoRALinear, inject
 
 FULL = dict(tokens=2048, d_in=1024, d_out=2752, r_B=16, ks=(2, 4, 8), scale_ks=(16, 32, 64), scale_rank=64,
             model="small", batch=4, seq=256, model_r_B=4, prompts=4, prompt_len=64, new_tokens=32,
-            repeats=15, scale_repeats=5)
+            repeats=15, scale_repeats=5, big_shapes=((512, 4096, 11008), (512, 11008, 4096), (1024, 4096, 11008),
+                                                      (1024, 11008, 4096)), big_r_B=16, big_repeats=5, share_repeats=5)
 QUICK = dict(tokens=64, d_in=32, d_out=88, r_B=2, ks=(2, 4, 8), scale_ks=(16,), scale_rank=16,
              model="tiny", batch=2, seq=16, model_r_B=2, prompts=2, prompt_len=8, new_tokens=4,
-             repeats=3, scale_repeats=2)
-SECTIONS = ("layer", "model", "scaling", "decode", "cuda7b")
+             repeats=3, scale_repeats=2, big_shapes=((16, 64, 176),), big_r_B=2, big_repeats=2, share_repeats=2)
+SECTIONS = ("layer", "layer7b", "model", "scaling", "decode", "sharing", "cuda7b")
 VARIANTS = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused", "TeamLoRA compiled")
 ALPHA, DROPOUT = 32.0, 0.05
 # dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets; the first name found in the device name wins
@@ -124,6 +125,12 @@ def ratio(times, ref):
     """Median over repeats of the ratio within each repeat: pairs measured seconds apart, so a
     load that comes and goes cancels out better than in a ratio of two medians."""
     return statistics.median(a / b for a, b in zip(times, ref))
+
+
+def spread(times, ref):
+    """The middle half (25th-75th percentile) of the per-repeat ratios: the noise around the median."""
+    q = statistics.quantiles([a / b for a, b in zip(times, ref)], n=4) if len(times) > 1 else [times[0] / ref[0]] * 3
+    return f"{q[0]:.2f}-{q[2]:.2f}"
 
 
 def resident_bytes(*tensors):
@@ -240,9 +247,9 @@ def section_layer(cfg, device, dtype, targets):
         infer = bench({v: s[1] for v, s in steps.items()}, cfg.repeats, device)
         mem = {v: s[2]() for v, s in steps.items()}
         print(f"k = {k}, r = {k * cfg.r_B}")
-        table(["variant", "train ms", "x LoRA", "infer ms", "x LoRA", "peak MB", "x LoRA"],
-              [[v, ms(train[v]), ratio(train[v], train["LoRA"]), ms(infer[v]), ratio(infer[v], infer["LoRA"]),
-                mem[v] / 2**20, mem[v] / mem["LoRA"]] for v in variants])
+        table(["variant", "train ms", "x LoRA", "middle half", "infer ms", "x LoRA", "peak MB", "x LoRA"],
+              [[v, ms(train[v]), ratio(train[v], train["LoRA"]), spread(train[v], train["LoRA"]), ms(infer[v]),
+                ratio(infer[v], infer["LoRA"]), mem[v] / 2**20, mem[v] / mem["LoRA"]] for v in variants])
         figure.append([f"k={k}"] + [ratio(train[v], train["LoRA"]) for v in variants])
         figure_infer.append([f"k={k}"] + [ratio(infer[v], infer["LoRA"]) for v in variants])
         fused = "TeamLoRA fused"
@@ -258,12 +265,41 @@ def section_layer(cfg, device, dtype, targets):
     table(["k"] + list(variants), figure_infer)
 
 
+def section_layer7b(cfg, device, dtype, targets):
+    print(f"## 1b. Layer level at LLaMA-2-7B's FFN shapes: r_B={cfg.big_r_B}, r = k*r_B, training step (forward, "
+          f"backward, AdamW), median of {cfg.big_repeats} round-robin repeats, middle half of the per-repeat ratios\n")
+    variants = ("LoRA", "MoELoRA loop", "TeamLoRA fused")
+    rows = []
+    for n, d_in, d_out in cfg.big_shapes:
+        base = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
+        x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
+        grad_out = torch.randn(n, d_out, device=device, dtype=dtype)
+        for k in (2, 4, 8):
+            steps = {v: layer_steps(adapt(base, v, k * cfg.big_r_B, k, dtype), x, grad_out, device) for v in variants}
+            t = bench({v: s[0] for v, s in steps.items()}, cfg.big_repeats, device, warmup=1)
+            mem = {v: steps[v][2]() for v in ("LoRA", "TeamLoRA fused")}
+            fused, lora, loop = t["TeamLoRA fused"], t["LoRA"], t["MoELoRA loop"]
+            rows.append([f"N={n}, {d_in}->{d_out}", str(k), ms(lora), ms(loop), ms(fused), ratio(fused, lora),
+                         spread(fused, lora), ratio(loop, lora), ratio(fused, loop),
+                         mem["TeamLoRA fused"] / mem["LoRA"]])
+            check(targets, f"7B FFN N={n} {d_in}->{d_out} k={k}: fused train / LoRA", ratio(fused, lora), 1.03)
+            check(targets, f"7B FFN N={n} {d_in}->{d_out} k={k}: fused / loop vs LoRA / loop",
+                  ratio(fused, loop) / ratio(lora, loop), 1.03)
+            check(targets, f"7B FFN N={n} {d_in}->{d_out} k={k}: fused peak memory / LoRA",
+                  mem["TeamLoRA fused"] / mem["LoRA"], 1.02)
+        del base, x, grad_out
+    table(["shape", "k", "LoRA ms", "MoELoRA ms", "fused ms", "fused/LoRA", "middle half", "MoELoRA/LoRA",
+           "fused/MoELoRA", "peak mem/LoRA"], rows)
+
+
 def section_model(cfg, device, dtype, targets):
     args = ModelArgs.from_name(cfg.model, max_seq_len=max(cfg.seq, cfg.prompt_len + cfg.new_tokens))
     print(f"## 2. Model level: LLaMA '{cfg.model}' (dim {args.dim}, {args.n_layers} layers, "
           f"FFN {args.ffn_hidden_dim}), "
           f"batch {cfg.batch} x {cfg.seq} tokens, adapters on w1, w2, w3, r_B={cfg.model_r_B}, r = k*r_B")
-    print(f"training step (forward with loss, backward, AdamW): ms (median of {cfg.repeats}) and (x LoRA)\n")
+    print(f"training step (forward with loss, backward, AdamW): ms (median of {cfg.repeats}) and (x LoRA, middle half "
+          "of the per-repeat ratios); 'TeamLoRA compiled' compiles the adapter's fused path only, 'blocks compiled'\n"
+          "compiles each transformer block with its adapters, as train.py --compile=True does\n")
     torch.manual_seed(0)
     base = Transformer(args).to(device, dtype)
     tokens = torch.randint(args.vocab_size, (cfg.batch, cfg.seq), device=device)
@@ -271,12 +307,19 @@ def section_model(cfg, device, dtype, targets):
     for k in cfg.ks:
         torch.compiler.reset()
         models = {v: adapt_ffn(copy.deepcopy(base), v, k * cfg.model_r_B, k, dtype) for v in variants}
+        if "TeamLoRA compiled" in variants:  # train.py --compile=True: every block compiled, adapters inside
+            models["blocks compiled"] = adapt_ffn(copy.deepcopy(base), "TeamLoRA fused", k * cfg.model_r_B, k, dtype)
+            for block in models["blocks compiled"].layers:
+                block.compile(dynamic=True)
         steps = {v: model_steps(m, tokens, tokens.roll(-1, 1), device)[0] for v, m in models.items()}
         train = bench(steps, cfg.repeats, device)
-        rows.append([f"k={k}, r={k * cfg.model_r_B}"] + [f"{ms(train[v]):.1f} ({ratio(train[v], train['LoRA']):.2f}x)"
-                                                         for v in variants])
+        rows.append([f"k={k}, r={k * cfg.model_r_B}"] + [f"{ms(train[v]):.1f} ({ratio(train[v], train['LoRA']):.2f}x, "
+                                                         f"{spread(train[v], train['LoRA'])})" for v in models])
         check(targets, f"model k={k}: fused train / LoRA", ratio(train["TeamLoRA fused"], train["LoRA"]), 1.05)
-    table(["k"] + list(variants), rows)
+        if "blocks compiled" in models:
+            check(targets, f"model k={k}: blocks compiled / fused eager",
+                  ratio(train["blocks compiled"], train["TeamLoRA fused"]), 1.00)
+    table(["k"] + list(models), rows)
 
 
 def section_scaling(cfg, device, dtype):
@@ -305,13 +348,18 @@ def section_decode(cfg, device, dtype):
     print(f"## 4. Prefill and decode with the KV cache (model.generate, greedy): LLaMA '{cfg.model}', "
           f"{cfg.prompts} prompts of {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens, "
           f"FFN adapters r={k * cfg.model_r_B}")
-    print("An adapter with a router cannot be merged into W0, so its cost stays at decode time.\n")
+    print("LoRA can be merged into W0 (base cost) or run unmerged; TeamLoRA cannot merge (its router weighs the\n"
+          "experts per token), so each adapted linear adds x A^T, the router and z B^T to every decoded token.\n")
     torch.manual_seed(0)
     base = Transformer(args).to(device, dtype).eval()
     models = {"base model": base}
     torch.compiler.reset()
     models.update({v: adapt_ffn(copy.deepcopy(base), v, k * cfg.model_r_B, k, dtype)
                    for v in ("LoRA", "TeamLoRA fused", "TeamLoRA compiled") if v in cfg.variants})
+    models["LoRA merged"] = copy.deepcopy(models["LoRA"])
+    for m in models["LoRA merged"].modules():
+        if isinstance(m, TeamLoRALinear):
+            m.merge()  # LoRA folds into W0: the base model's cost
     prompts = torch.randint(args.vocab_size, (cfg.prompts, cfg.prompt_len)).tolist()
     prefill = bench({v: lambda m=m: m.generate(prompts, 1) for v, m in models.items()}, cfg.repeats, device)
     full = bench({v: lambda m=m: m.generate(prompts, cfg.new_tokens) for v, m in models.items()}, cfg.repeats, device)
@@ -321,6 +369,35 @@ def section_decode(cfg, device, dtype):
              cfg.prompts * (cfg.new_tokens - 1) / statistics.median(decode[v]), ratio(decode["base model"], decode[v])]
             for v in models]
     table(["variant", "prefill tok/s", "speed x base", "decode tok/s", "speed x base"], rows)
+
+
+def section_sharing(cfg, device, dtype):
+    if device.type != "cpu":
+        return
+    import subprocess
+    args = ModelArgs.from_name(cfg.model, max_seq_len=cfg.seq)
+    print(f"## 6. Sharing the CPU: the model-level TeamLoRA training step of section 2 (k=4), alone and beside one\n"
+          f"other busy process, at each thread count (median of {cfg.share_repeats}; train.py's threads=0 takes the\n"
+          "cores not already busy when a run starts)\n")
+    torch.manual_seed(0)
+    model = adapt_ffn(Transformer(args).to(device, dtype), "TeamLoRA fused", 4 * cfg.model_r_B, 4, dtype)
+    tokens = torch.randint(args.vocab_size, (cfg.batch, cfg.seq), device=device)
+    step = model_steps(model, tokens, tokens.roll(-1, 1), device)[0]
+    threads, counts, rows = torch.get_num_threads(), sorted({1, torch.get_num_threads()}), []
+    for busy in (False, True):
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            times = {}
+            for n in counts:
+                torch.set_num_threads(n)
+                times[n] = bench({n: step}, cfg.share_repeats, device, warmup=1)[n]
+        finally:
+            if neighbour:
+                neighbour.kill()
+                neighbour.wait()
+        rows.append(["one busy neighbour" if busy else "alone"] + [ms(times[n]) for n in counts])
+    torch.set_num_threads(threads)
+    table(["machine"] + [f"{n} thread(s) ms" for n in counts], rows)
 
 
 def section_cuda7b(cfg, device, peak_tflops):
@@ -399,12 +476,16 @@ def main(argv=None):
     targets = []
     if "layer" in sections:
         section_layer(cfg, device, dtype, targets)
+    if "layer7b" in sections:
+        section_layer7b(cfg, device, dtype, targets)
     if "model" in sections:
         section_model(cfg, device, dtype, targets)
     if "scaling" in sections:
         section_scaling(cfg, device, dtype)
     if "decode" in sections:
         section_decode(cfg, device, dtype)
+    if "sharing" in sections:
+        section_sharing(cfg, device, dtype)
     if "cuda7b" in sections:
         section_cuda7b(cfg, device, args.peak_tflops)
     if targets:

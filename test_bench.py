@@ -12,8 +12,9 @@ import bench
 def test_quick_run_prints_every_section_with_every_variant(capsys):
     bench.main(["--quick", "--no-compile", "--threads=1"])  # compile's warm-up alone takes a minute
     out = capsys.readouterr().out
-    for header in ("## 1. Layer level", "## 2. Model level", "## 3. Beyond the paper", "## 4. Prefill and decode",
-                   "## 5. 7B-shaped", "## Targets"):
+    for header in ("## 1. Layer level", "## 1b. Layer level at LLaMA-2-7B's FFN shapes", "## 2. Model level",
+                   "## 3. Beyond the paper", "## 4. Prefill and decode", "## 6. Sharing the CPU", "## 5. 7B-shaped",
+                   "## Targets"):
         assert header in out, header
     layer, model = out.split("## 2.")[0], out.split("## 2.")[1].split("## 3.")[0]
     variants = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
@@ -22,7 +23,14 @@ def test_quick_run_prints_every_section_with_every_variant(capsys):
     for section in (layer.split("Figure 4a")[1], model):  # a column in the summaries
         header = next(line for line in section.splitlines() if line.startswith("k  "))
         assert all(v in header for v in variants), header
-    assert "TeamLoRA compiled" not in out
+    rows_and_headers = [line for line in out.splitlines() if line.startswith(("k  ", "TeamLoRA compiled", "blocks"))]
+    assert not any("compiled" in line for line in rows_and_headers)  # --no-compile: no compiled variant ran
+    decode = out.split("## 4.")[1].split("## 6.")[0]
+    assert all(any(line.startswith(v + "  ") for line in decode.splitlines())
+               for v in ("base model", "LoRA", "LoRA merged", "TeamLoRA fused"))
+    sharing = out.split("## 6.")[1].split("## 5.")[0]
+    assert any(line.startswith("alone") for line in sharing.splitlines())
+    assert any(line.startswith("one busy neighbour") for line in sharing.splitlines())
     assert "nan" not in out.lower()
 
 

@@ -487,3 +487,37 @@ def test_cuda_bfloat16_training_learns_and_scores(run_data, tmp_path):
     assert params["layers.0.feed_forward.w1.lora_A"].dtype == torch.float32
     assert np.mean(out["train_losses"][-3:]) < np.mean(out["train_losses"][:3])
     assert set(out["scores"]) == set(SYNTHETIC_TASKS)
+
+
+@pytest.mark.parametrize("threads, cores, others, want", [(3, 2, 5, 3), (0, 2, 0, 2), (0, 2, 1, 1), (0, 2, 7, 1),
+                                                          (0, 16, 3, 13)])
+def test_cpu_threads_leave_the_cores_other_jobs_run_on(threads, cores, others, want, monkeypatch):
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(train, "others_running", lambda: others)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train.cpu_threads({"threads": threads}) == want
+
+
+def test_others_running_reads_a_count_that_excludes_this_process():
+    n = train.others_running()
+    assert isinstance(n, int) and n >= 0
+
+
+def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="compile=True on the CPU needs a C\\+\\+ compiler and none was found"):
+        train.train(train_cfg(run_data, tmp_path / "c", "--compile=True"))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "clang++")), reason="needs a C++ compiler")
+def test_compile_compiles_each_block_and_trains_like_eager(run_data, tmp_path):
+    eager = train.train(train_cfg(run_data, tmp_path / "e", "--max_iters=3", "--eval_interval=3", "--eval_limit=0",
+                                  "--dropout=0.0", "--eval_dir="))
+    compiled = train.train(train_cfg(run_data, tmp_path / "c", "--max_iters=3", "--eval_interval=3", "--eval_limit=0",
+                                     "--dropout=0.0", "--eval_dir=", "--compile=True"))
+    blocks = compiled["model"].layers
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)  # every block, in place
+    assert compiled["model"].state_dict().keys() == eager["model"].state_dict().keys()  # names stay
+    np.testing.assert_allclose(compiled["train_losses"], eager["train_losses"], rtol=1e-4)
+    assert_same_adapters(adapters_of(compiled["model"]), adapters_of(eager["model"]), atol=1e-4)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -58,7 +59,8 @@ grad_accum = 1
 init_from = "data/mini_cme/base.pt"  # "scratch", "resume", a .pt written by train.py, or a Meta/HF folder
 model = "small"  # the ModelArgs preset used when init_from="scratch"
 activation_checkpointing = False
-compile = False  # torch.compile the fused TeamLoRA path
+compile = False  # torch.compile each transformer block (adapters inside); see bench.py for what it pays
+threads = 0  # CPU threads for torch; 0: the cores not already busy when the run starts (at least 1)
 # adapter
 adapter = "teamlora"  # "teamlora", "moelora", "hydralora", "lora", or "none" (full training)
 targets = "w1,w2,w3"  # the FFN (the paper's setting); add wq,wk,wv,wo for attention
@@ -156,8 +158,8 @@ _positive, _non_negative, _fraction = (lambda v: v > 0), (lambda v: v >= 0), (la
 RANGES = [(k, _positive, "positive") for k in ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts",
                                                "eval_interval", "log_interval", "eval_batch_size", "alpha",
                                                "grad_clip", "dry_run_world_size")] + \
-         [(k, _non_negative, "0 or more") for k in ("learning_rate", "warmup_iters", "eval_iters", "eval_limit",
-                                                    "load_layers", "balance_coef", "weight_decay")] + \
+         [(k, _non_negative, "0 or more") for k in ("threads", "learning_rate", "warmup_iters", "eval_iters",
+                                                    "eval_limit", "load_layers", "balance_coef", "weight_decay")] + \
          [(k, _fraction, "in [0, 1)") for k in ("dropout", "beta1", "beta2")] + \
          [("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
           ("lr_decay_iters", lambda v: v is None or (type(v) is int and v > 0), "None or a positive integer")]
@@ -213,7 +215,37 @@ def resolve_device(cfg):
     dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu.")
+    if dev == "cpu" and cfg["compile"] and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++")
+                                                   if c):
+        raise UserError("compile=True on the CPU needs a C++ compiler and none was found: install g++ (or set CXX), "
+                        "or leave compile off.")
     return dev
+
+
+def others_running():
+    """Tasks other than this one running right now (Linux's /proc/loadavg; elsewhere 0), the median of
+    five samples over 0.1 s."""
+    samples = []
+    for _ in range(5):
+        try:
+            with open("/proc/loadavg") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            samples.append(0)
+        time.sleep(0.02)
+    return sorted(samples)[2]
+
+
+def cpu_threads(cfg):
+    """cfg threads, else this process's cores less those other jobs are running on right now. OpenMP
+    threads that share a core with another job spin while they wait for it: with one other busy
+    process on a 2-core machine a demo step slowed 5-35x at 2 threads, so a run that starts on a
+    busy machine takes fewer."""
+    if cfg["threads"]:
+        return cfg["threads"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun: the processes share the cores
+    return max(1, cores - others_running())
 
 
 def setup_distributed(cfg):
@@ -306,7 +338,7 @@ def build_model(cfg, dev, vocab_size, world):
     model.gradient_checkpointing = cfg["activation_checkpointing"]
     if not full:
         targets = tuple(t.strip() for t in cfg["targets"].split(",") if t.strip())
-        teamlora.inject(model, targets, dropout=cfg["dropout"], compile=cfg["compile"], **adapter_kwargs(cfg))
+        teamlora.inject(model, targets, dropout=cfg["dropout"], **adapter_kwargs(cfg))
     if cfg["fsdp"] and world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 (or fp32) base as stored, fp32 adapters, gradients reduced in fp32
@@ -317,6 +349,9 @@ def build_model(cfg, dev, vocab_size, world):
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+    if cfg["compile"]:  # per block, after sharding, as FSDP2 does: names and state dicts stay
+        for block in model.layers:
+            block.compile(dynamic=True)  # one graph for every sequence length
     model.to_empty(device=dev)
     checkpoint.copy_into(model, weights)
     if not full:
@@ -490,8 +525,8 @@ def finish(r, model, summary):
 # the training loop
 
 
-RESUME_MAY_CHANGE = ("max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size", "log_interval",
-                     "device", "fsdp", "activation_checkpointing", "compile", "out_dir")
+RESUME_MAY_CHANGE = ("threads", "max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size",
+                     "log_interval", "device", "fsdp", "activation_checkpointing", "compile", "out_dir")
 
 
 def resume_config(cfg):
@@ -545,6 +580,8 @@ def train(cfg):
     """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
     cfg, ckpt = resume_config(cfg)
     rank, world, dev = setup_distributed(cfg)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg))
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
@@ -695,7 +732,8 @@ def run(r, ckpt=None):
     n_train = sum(p.numel() for p in trainable(raw))
     n_base = sum(p.numel() for n, p in raw.named_parameters() if not teamlora.is_adapter(n))
     r.say(f"{cfg['adapter']}: {n_train:,} trainable parameters ({100 * n_train / n_base:.2f}% of the {n_base:,} "
-          f"of the base), {len(train_ds):,} training records, {r.world} process(es) on {r.device}")
+          f"of the base), {len(train_ds):,} training records, {r.world} process(es) on {r.device}"
+          + (f" ({torch.get_num_threads()} threads)" if r.device.type == "cpu" else ""))
     step = restore(r, raw, opt, ckpt) if ckpt is not None else 0
     summary = {"config": cfg, "model": raw, "trainable_params": n_train, "base_params": n_base}
     if cfg["eval_only"]:
