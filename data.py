@@ -68,7 +68,11 @@ def _looks_like_tiktoken(path):
 
 
 class Tokenizer:
-    """LLaMA-2 / Chinese-LLaMA-2 SentencePiece model, or LLaMA-3 tiktoken file (told apart by content).
+    """LLaMA-2 / Chinese-LLaMA-2 SentencePiece model, LLaMA-3 tiktoken file (told apart by content), or a
+    Hugging Face tokenizer.json (Qwen2.5, Mistral, ...; a folder holding one works too), read by the
+    `tokenizers` package with BOS and EOS from the tokenizer_config.json beside it. For those, the
+    authors' literal "</s>" (the prompt's end) becomes the model's EOS id; a model without a BOS
+    (Qwen) gets none.
 
     encode(text) treats all text as text, like Meta's tokenizers; encode(text, special=True) turns
     special-token strings ("</s>", "<|end_of_text|>", ...) into their ids, like Hugging Face's.
@@ -77,6 +81,8 @@ class Tokenizer:
 
     def __init__(self, path):
         self.path = str(path)
+        if os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "tokenizer.json")):
+            self.path = os.path.join(self.path, "tokenizer.json")
         if os.path.isdir(self.path):
             inside = os.path.join(self.path, "tokenizer.model")
             hint = f" such as {inside}" if os.path.isfile(inside) else " (tokenizer.model)"
@@ -90,6 +96,8 @@ class Tokenizer:
                             "check its permissions") from None
         if tiktoken_file:
             self._load_tiktoken()
+        elif self.path.endswith(".json"):
+            self._load_hf_json()
         else:
             self._load_sentencepiece()
         # split on special tokens, longest first, keeping them (HF's no-split tokens)
@@ -134,9 +142,48 @@ class Tokenizer:
         self.bos_id, self.eos_id = self.specials["<|begin_of_text|>"], self.specials["<|end_of_text|>"]
         self.pad_id, self.eos_text = self.specials[LLAMA3_PAD], "<|end_of_text|>"
 
+    def _load_hf_json(self):
+        try:
+            import tokenizers
+        except ImportError:
+            raise UserError(f"{self.path} is a Hugging Face tokenizer.json; reading it needs the tokenizers package: "
+                            "pip install tokenizers") from None
+        try:
+            self.hf = tokenizers.Tokenizer.from_file(self.path)
+        except Exception as e:  # the Rust side raises Exception with its own message
+            raise UserError(f"{self.path} is not a valid tokenizer.json ({str(e)[:100]}); pass the checkpoint's "
+                            "unmodified tokenizer.json") from None
+        self.hf.encode_special_tokens = True  # plain text stays text; encode(special=True) splits on specials
+        config_file = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
+        config = {}
+        if os.path.isfile(config_file):
+            try:
+                with open(config_file, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (ValueError, OSError) as e:
+                raise UserError(f"{config_file} cannot be read as JSON ({e}); put the checkpoint's unmodified "
+                                "tokenizer_config.json next to its tokenizer.json") from None
+
+        def token(key):  # a string, an AddedToken dict ({"content": ...}) or null
+            value = config.get(key) if isinstance(config, dict) else None
+            return value.get("content") if isinstance(value, dict) else value
+        added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        ids = {name: self.hf.token_to_id(token(name)) if token(name) else None
+               for name in ("bos_token", "eos_token", "pad_token")}
+        if ids["eos_token"] is None:
+            raise UserError(f"{config_file} gives no eos_token that {self.path} knows; put the checkpoint's "
+                            "tokenizer_config.json next to its tokenizer.json")
+        self.kind, self.vocab_size = "tokenizers", self.hf.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
+        self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
+        self.eos_text = token("eos_token")
+        self.specials = {**added, PROMPT_EOS: added.get(PROMPT_EOS, self.eos_id)}  # the authors' "</s>": EOS
+
     def _encode_plain(self, text):
         if self.kind == "tiktoken":
             return self.enc.encode(text, disallowed_special=())
+        if self.kind == "tokenizers":
+            return self.hf.encode(text, add_special_tokens=False).ids
         return self.sp.encode(text)
 
     def encode(self, text, bos=False, eos=False, special=False):
@@ -149,10 +196,12 @@ class Tokenizer:
                     ids.append(self.specials[piece])
                 elif piece:
                     ids.extend(self._encode_plain(piece))
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
+        if self.kind == "tokenizers":
+            return self.hf.decode(ids, skip_special_tokens=False)
         return self.enc.decode(ids) if self.kind == "tiktoken" else self.sp.decode(ids)
 
 
@@ -198,7 +247,8 @@ def _encode_parts(tokenizer, example, where="record"):
     pretrain a base model): BOS is its prompt and every later token is trained on; special-token
     strings in it ("</s>" between two pieces, as in a pretraining stream) become their ids."""
     if isinstance(example, dict) and "text" in example and not {"instruction", "output"} & example.keys():
-        return [tokenizer.bos_id], tokenizer.encode(_field(example, "text", where) + tokenizer.eos_text, special=True)
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id  # Qwen: no BOS
+        return [start], tokenizer.encode(_field(example, "text", where) + tokenizer.eos_text, special=True)
     source = _prompt_ids(tokenizer, example, where)
     target = tokenizer.encode(_field(example, "output", where) + tokenizer.eos_text, special=True)
     return source, target

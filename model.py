@@ -1,5 +1,5 @@
 """
-LLaMA 2 and LLaMA 3 in one file: the base model that TeamLoRA adapts.
+LLaMA 2 and 3, Qwen2 / Qwen2.5 and Mistral in one file: the base model that TeamLoRA adapts.
 
 Module names follow Meta's reference code (tok_embeddings, layers.N.attention.wq, ...), so Meta's
 consolidated.*.pth checkpoints load with no renaming; Hugging Face checkpoints are renamed and their
@@ -8,7 +8,10 @@ nn.Linear that is only ever called, so an adapter library can swap it for a subc
 
 The architecture in one breath: token embedding -> n_layers x [RMSNorm -> attention with rotary
 position embeddings and grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -> residual] ->
-RMSNorm -> output projection to the vocabulary.
+RMSNorm -> output projection to the vocabulary. Qwen2 adds biases to the q, k and v projections
+(qkv_bias) and, in its small sizes, reuses the token embedding as the output projection
+(tie_embeddings); Mistral is this layout exactly, with a sliding attention window in its v0.1
+(sequences longer than the window are refused, not silently attended in full).
 """
 
 import glob
@@ -37,6 +40,9 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     hidden_dim: Optional[int] = None  # explicit FFN width (HF's intermediate_size); None: Meta's rule
+    qkv_bias: bool = False  # Qwen2: the q, k and v projections have biases
+    tie_embeddings: bool = False  # the output projection is the token embedding (one tensor)
+    sliding_window: Optional[int] = None  # Mistral v0.1: each token sees this many; longer sequences are refused
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -81,6 +87,12 @@ PRESETS = {
     "chinese-llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=55296, max_seq_len=4096),
     "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
                       ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936, hidden_dim=4864,
+                         norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True, tie_embeddings=True),
+    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944,
+                       norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True),
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
+                       rope_theta=10000.0, max_seq_len=32768, sliding_window=4096),  # v0.1
     # small ones for tests and CPU runs (both use grouped-query attention, so it is always exercised)
     "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
     "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=64, max_seq_len=512),
@@ -163,9 +175,9 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
@@ -226,7 +238,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # tied: no second matrix (a shared Parameter would come apart in to_empty() and sharding)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.init_weights()
 
     def init_weights(self):
@@ -236,6 +249,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, std=0.02 / (2 * self.args.n_layers) ** 0.5)
             else:
@@ -243,6 +258,16 @@ class Transformer(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def _check_window(self, length, what):
+        window = self.args.sliding_window
+        if window and length > window:
+            raise ValueError(f"{what} is {length} tokens, longer than this model's sliding_window={window}, which is "
+                             f"not implemented (attention would reach past it); keep sequences to {window} tokens")
+
+    def head(self, h):
+        """Final hidden states -> logits: the output projection, or the token embedding when tied."""
+        return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     def trunk(self, tokens, positions, mask=None, caches=None):
         """tokens (B, T), positions (B, T) or (1, T) -> final-normed hidden states (B, T, C)."""
@@ -280,7 +305,8 @@ class Transformer(nn.Module):
             positions, mask = torch.arange(T, device=tokens.device)[None], None  # (1, T)
         else:
             mask, positions = packed_attention(seq_ids)
-        logits = self.output(self.trunk(tokens, positions, mask)).float()  # (B, T, V)
+        self._check_window(T if seq_ids is None else int(positions.max()) + 1, "a sequence")
+        logits = self.head(self.trunk(tokens, positions, mask)).float()  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
@@ -308,6 +334,7 @@ class Transformer(nn.Module):
                              f"max_seq_len={self.args.max_seq_len}; shorten the prompts or lower max_new_tokens")
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
+        self._check_window(P + max_new_tokens, "the longest prompt plus max_new_tokens")
         weight = self.tok_embeddings.weight
         device = weight.device
         tokens = torch.zeros(B, P, dtype=torch.long, device=device)
@@ -323,7 +350,7 @@ class Transformer(nn.Module):
         self.eval()  # adapters may hold dropout
         try:
             mask, positions = packed_attention(seq_ids[:, :P])
-            logits = self.output(self.trunk(tokens, positions, mask, caches)[:, -1]).float()  # (B, V)
+            logits = self.head(self.trunk(tokens, positions, mask, caches)[:, -1]).float()  # (B, V)
             out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
                 next_token = sample(logits, temperature, top_p, generator)  # (B,)
@@ -336,7 +363,7 @@ class Transformer(nn.Module):
                     break
                 mask = (seq_ids[:, :P + step + 1] >= 0)[:, None, None, :]  # (B, 1, 1, S)
                 positions = (lengths + step)[:, None]  # (B, 1)
-                logits = self.output(self.trunk(next_token[:, None], positions, mask, caches)[:, -1]).float()
+                logits = self.head(self.trunk(next_token[:, None], positions, mask, caches)[:, -1]).float()
         finally:
             self.train(was_training)
         results = []
@@ -541,9 +568,9 @@ _HF_LAYER_NAMES = {
 
 
 def _hf_to_meta_name(name):
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in _HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     if name.endswith(".weight") and name[:-len(".weight")] in _HF_NAMES:
         return _HF_NAMES[name[:-len(".weight")]] + ".weight"
     return name  # unknown: reported as unexpected
@@ -552,12 +579,17 @@ def _hf_to_meta_name(name):
 def _read_hf(path, dtype, device):
     config_file = os.path.join(path, "config.json")
     config = _read_json(config_file)
-    unsupported = {"model_type": ("llama", None), "hidden_act": ("silu", None),
-                   "attention_bias": (False, None), "mlp_bias": (False, None)}
+    unsupported = {"model_type": ("llama", "mistral", "qwen2", None), "hidden_act": ("silu", None),
+                   "attention_bias": (False, None), "mlp_bias": (False, None), "use_sliding_window": (False, None)}
     for key, allowed in unsupported.items():
         if config.get(key) not in allowed:
-            raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this LLaMA does not implement; "
-                             "only LLaMA 2/3-style checkpoints are supported")
+            raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this model does not implement; "
+                             "LLaMA 2/3, Qwen2/Qwen2.5 and Mistral checkpoints are supported")
+    qwen2 = config.get("model_type") == "qwen2"  # q, k, v with biases; its sliding window is off (checked above)
+    window = None if qwen2 else config.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+        raise ValueError(f"{config_file} has sliding_window={window!r} where a positive integer or null belongs; "
+                         "fix it or download the file again")
     # transformers 5 writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict):
@@ -577,20 +609,22 @@ def _read_hf(path, dtype, device):
                      n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
                      hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps") or 1e-6,
                      rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
-                     max_seq_len=config.get("max_position_embeddings") or 2048)
+                     max_seq_len=config.get("max_position_embeddings") or 2048, qkv_bias=qwen2,
+                     tie_embeddings=bool(config.get("tie_word_embeddings")), sliding_window=window)
     state = {}
     for file in _hf_weight_files(path):
         for hf_name, t in _read_tensors(os.path.join(path, file)):
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer that older conversions saved
                 continue
             name = _hf_to_meta_name(hf_name)
-            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads
-                if t.shape == (heads * args.head_dim, args.dim):  # else: reported as a shape mismatch
-                    t = hf_to_meta_qk(t, heads)
+            if name.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wq.bias", "attention.wk.bias")):
+                heads = args.n_heads if ".wq." in name else args.n_kv_heads
+                rows = t if t.dim() == 2 else t[:, None]  # a bias permutes like a one-column weight
+                if rows.shape == (heads * args.head_dim, args.dim if t.dim() == 2 else 1):  # else: a shape mismatch
+                    t = hf_to_meta_qk(rows, heads).reshape(t.shape)
             state[name] = t.to(device=device, dtype=dtype)
-    if "output.weight" not in state and config.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]  # tied: one tensor serves both
+    if args.tie_embeddings:
+        state.pop("output.weight", None)  # tied: the embedding serves both (some files store the copy)
     return args, state
 
 

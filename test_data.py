@@ -725,3 +725,72 @@ def test_each_epoch_visits_every_example_once(dataset):
 def test_batch_size_must_divide_over_ranks(dataset):
     with pytest.raises(UserError, match="batch_size 6 is not divisible by world_size 4"):
         get_batch(dataset, 0, 6, seed=0, rank=0, world_size=4)
+
+
+# -----------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (Qwen2.5, Mistral, ...) through the tokenizers package
+
+TEXTS = ["Determine whether the sentiment is positive or negative.", "The acting was wonderful, the story dull.",
+         "Question: Who directed The Silver Harbor?", "Choices: A.drama, B.1987, C.Vobodan, D.Kimo Res"] * 4
+
+
+def hf_tokenizer_folder(path, bos=None, eos="<|endoftext|>"):
+    """A byte-level BPE tokenizer.json trained here, with Qwen's special tokens and a Qwen-like
+    tokenizer_config.json (no BOS) beside it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS, trainer)
+    path.mkdir(exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": None}))
+    return path
+
+
+def test_hf_tokenizer_folder_gives_eos_from_its_config_no_bos_and_maps_the_prompts_end_to_eos(tmp_path):
+    tok = Tokenizer(hf_tokenizer_folder(tmp_path / "qwen"))
+    assert tok.kind == "tokenizers" and tok.bos_id is None
+    assert tok.eos_id == tok.hf.token_to_id("<|endoftext|>") and tok.eos_text == "<|endoftext|>"
+    record = {"instruction": TEXTS[0], "input": TEXTS[1], "output": "positive"}
+    prompt, answer = data._encode_parts(tok, record)
+    assert prompt == tok.hf.encode(TEXTS[0] + "\n" + TEXTS[1], add_special_tokens=False).ids + [tok.eos_id]
+    assert answer == tok.hf.encode("positive", add_special_tokens=False).ids + [tok.eos_id]
+    text = "x <|endoftext|> y"  # as plain text a special token's string stays text
+    assert tok.eos_id not in tok.encode(text) and tok.eos_id in tok.encode(text, special=True)
+    assert tok.decode(tok.encode(TEXTS[2])) == TEXTS[2]
+    assert tok.encode("hi", bos=True) == tok.encode("hi")  # nothing to put in front
+
+
+def test_hf_tokenizer_with_a_bos_puts_it_in_front(tmp_path):
+    tok = Tokenizer(hf_tokenizer_folder(tmp_path / "bos", bos="<|im_start|>", eos="<|im_end|>"))
+    assert tok.encode("hi", bos=True)[0] == tok.bos_id == tok.hf.token_to_id("<|im_start|>")
+    assert data._encode_parts(tok, {"instruction": "a", "output": "b"})[1][-1] == tok.hf.token_to_id("<|im_end|>")
+
+
+def test_hf_tokenizer_ids_equal_transformers_fast_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = hf_tokenizer_folder(tmp_path / "tok")
+    ours = Tokenizer(folder / "tokenizer.json")
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    for text in TEXTS[:4] + ["  spaces  and\nnew lines\t", "ünïcödé ☃"]:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_hf_tokenizer_problems_are_one_sentence(tmp_path, monkeypatch):
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": None}))
+    with pytest.raises(UserError, match="gives no eos_token"):
+        Tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text("{broken")
+    with pytest.raises(UserError, match="cannot be read as JSON"):
+        Tokenizer(folder)
+    (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(UserError, match="is not a valid tokenizer.json"):
+        Tokenizer(tmp_path / "bad.json")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(UserError, match="needs the tokenizers package: pip install tokenizers"):
+        Tokenizer(folder)

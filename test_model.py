@@ -52,9 +52,11 @@ def test_every_preset_counts_parameters_by_closed_form(name):
     a = ModelArgs.from_name(name)
     hd, f = a.dim // a.n_heads, a.ffn_hidden_dim
     per_layer = 2 * a.dim * a.n_heads * hd + 2 * a.dim * a.n_kv_heads * hd + 3 * a.dim * f + 2 * a.dim
+    per_layer += (a.n_heads + 2 * a.n_kv_heads) * hd if a.qkv_bias else 0
     with torch.device("meta"):
         model = Transformer(a)
-    assert model.num_params() == 2 * a.vocab_size * a.dim + a.n_layers * per_layer + a.dim
+    embeddings = (1 if a.tie_embeddings else 2) * a.vocab_size * a.dim
+    assert model.num_params() == embeddings + a.n_layers * per_layer + a.dim
 
 
 def test_preset_fields_can_be_overridden():
@@ -157,26 +159,31 @@ def hf_state_dict(model):
                    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
                    "ffn_norm": "post_attention_layernorm"}
     sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not a.tie_embeddings:
+        out["lm_head.weight"] = sd["output.weight"]
     for i in range(a.n_layers):
         for meta, hf in layer_names.items():
-            t = sd[f"layers.{i}.{meta}.weight"]
-            if meta == "attention.wq":
-                t = meta_to_hf_qk(t, a.n_heads)
-            if meta == "attention.wk":
-                t = meta_to_hf_qk(t, a.n_kv_heads)
-            out[f"model.layers.{i}.{hf}.weight"] = t.clone()
+            for kind in ("weight", "bias"):
+                if f"layers.{i}.{meta}.{kind}" not in sd:
+                    continue
+                t = sd[f"layers.{i}.{meta}.{kind}"]
+                rows = t if kind == "weight" else t[:, None]
+                if meta == "attention.wq":
+                    t = meta_to_hf_qk(rows, a.n_heads).reshape(t.shape)
+                if meta == "attention.wk":
+                    t = meta_to_hf_qk(rows, a.n_kv_heads).reshape(t.shape)
+                out[f"model.layers.{i}.{hf}.{kind}"] = t.clone()
     return out
 
 
-def hf_config(model):
+def hf_config(model, model_type="llama"):
     a = model.args
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=a.dim,
+    return dict(model_type=model_type, architectures=["LlamaForCausalLM"], hidden_size=a.dim,
                 num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
                 intermediate_size=a.ffn_hidden_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
                 rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len, hidden_act="silu",
-                tie_word_embeddings=False, torch_dtype="float32")
+                tie_word_embeddings=a.tie_embeddings, torch_dtype="float32", sliding_window=a.sliding_window)
 
 
 def write_hf_bin_dir(model, path):
@@ -741,3 +748,108 @@ def test_cuda_model_matches_the_cpu_with_packing_masks_and_cached_generation():
             tokens.append(int(logits_of(gpu, torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
         uncached.append(tokens[len(p):])
     assert gpu.generate(prompts, 10) == uncached
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qwen2 / Qwen2.5 and Mistral
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("qwen2", dict(qkv_bias=True, tie_embeddings=True, rope_theta=1e6)),
+    ("qwen2", dict(qkv_bias=True, n_kv_heads=4)),
+    ("mistral", dict(sliding_window=64)),
+])
+def test_qwen2_and_mistral_folders_round_trip_to_identical_logits(tmp_path, model_type, overrides):
+    """Our own Hugging Face-layout writer (biases permuted like their rows, no lm_head when tied) and reader."""
+    model = tiny_model(**overrides)
+    assert ("layers.0.attention.wq.bias" in model.state_dict()) == (model_type == "qwen2")
+    write_hf_bin_dir(model, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model, model_type)))
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.args.sliding_window == model.args.sliding_window
+    assert (loaded.args.qkv_bias, loaded.args.tie_embeddings) == (model.args.qkv_bias, model.args.tie_embeddings)
+    assert (loaded.output is None) == model.args.tie_embeddings
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_tied_embeddings_are_one_tensor_and_survive_a_meta_build():
+    model = tiny_model(tie_embeddings=True)
+    assert "output.weight" not in model.state_dict()
+    with torch.device("meta"):
+        emptied = Transformer(model.args)
+    emptied = emptied.to_empty(device="cpu")
+    emptied.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(emptied, tokens), logits_of(model, tokens))
+    hidden = model.trunk(tokens, torch.arange(12)[None])
+    torch.testing.assert_close(model.head(hidden), hidden @ model.tok_embeddings.weight.T)
+
+
+def test_a_sequence_longer_than_the_sliding_window_is_refused_in_one_sentence():
+    model = tiny_model(sliding_window=8)
+    logits_of(model, torch.randint(0, 100, (1, 8)))  # up to the window: plain causal attention is exact
+    with pytest.raises(ValueError, match="a sequence is 9 tokens, longer than this model's sliding_window=8"):
+        logits_of(model, torch.randint(0, 100, (1, 9)))
+    seq_ids = torch.tensor([[0] * 6 + [1] * 6])  # packed: each sequence within the window is fine
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 12)), seq_ids=seq_ids)
+    with pytest.raises(ValueError, match="longest prompt plus max_new_tokens is 10 tokens"):
+        model.generate([[1] * 6], 4)
+
+
+@pytest.mark.parametrize("key, value", [("model_type", "qwen3"), ("use_sliding_window", True),
+                                        ("hidden_act", "gelu"), ("sliding_window", "wide")])
+def test_what_qwen2_and_mistral_configs_need_beyond_this_model_is_refused(tmp_path, key, value):
+    model = tiny_model(qkv_bias=True)
+    write_hf_bin_dir(model, tmp_path)
+    config = {**hf_config(model, "qwen2" if key != "sliding_window" else "mistral"), key: value}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}")):
+        Transformer.from_pretrained(tmp_path)
+
+
+def _transformers_model(transformers, model_type, tmp_path, tie=False, window=None):
+    """A small random checkpoint written by transformers itself, biases and norms made non-trivial."""
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie)
+    if model_type == "qwen2":
+        config, cls = transformers.Qwen2Config(rope_theta=1e6, **kw), transformers.Qwen2ForCausalLM
+    else:
+        config, cls = transformers.MistralConfig(sliding_window=window, **kw), transformers.MistralForCausalLM
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("model_type, tie, window", [("qwen2", True, None), ("qwen2", False, None),
+                                                     ("mistral", False, None), ("mistral", False, 32)])
+def test_logits_equal_transformers_qwen2_and_mistral_written_by_transformers(tmp_path, model_type, tie, window):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    hf = _transformers_model(transformers, model_type, tmp_path, tie, window)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    assert ours.args.qkv_bias == (model_type == "qwen2") and ours.args.sliding_window == window
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+    got = logits_of(ours, tokens)
+    assert (got - want).abs().max().item() < 1e-4
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("name, family", [("qwen2.5-0.5b", "Qwen2"), ("qwen2.5-7b", "Qwen2"),
+                                          ("mistral-7b", "Mistral")])
+def test_new_presets_count_parameters_as_transformers_builds_them(name, family):
+    transformers = pytest.importorskip("transformers")
+    a = ModelArgs.from_name(name)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, tie_word_embeddings=a.tie_embeddings)
+    with torch.device("meta"):
+        hf, ours = getattr(transformers, f"{family}ForCausalLM")(config), Transformer(a)
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters())

@@ -589,12 +589,22 @@ class HFStyleLM(nn.Module):
         return type("Output", (), {"loss": loss})()
 
 
-def test_the_readmes_example_runs_as_written_on_a_hugging_face_style_model(tmp_path, monkeypatch, capsys):
+def qwen2_lm():
+    """A tiny random Qwen2ForCausalLM built by transformers (q/k/v biases, tied embeddings)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("make_model", [HFStyleLM, qwen2_lm], ids=["hf-style", "qwen2"])
+def test_the_readmes_example_runs_as_written_on_a_hugging_face_style_model(tmp_path, monkeypatch, capsys,
+                                                                           make_model):
     readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Use TeamLoRA in your own project"):]
     code = section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
     torch.manual_seed(0)
-    model = HFStyleLM()
+    model = make_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(50, (2, 7))
     batch = {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long), "labels": ids}
@@ -641,3 +651,39 @@ def test_several_experts_refuse_to_merge_in_one_sentence():
     with pytest.raises(ValueError, match="only one expert \\(LoRA\\) can merge; the router weighs these 4 per token"):
         layer.merge()
     assert torch.equal(layer.weight, w0) and not layer.merged
+
+
+def test_the_layer_drops_into_a_llava_language_model_unchanged():
+    """The paper's Table 6 adapts LLaVA-1.5: a tiny random LLaVA built by transformers, adapters in its
+    language model's FFN only; a few steps on one image-text batch lower the loss and leave the
+    vision tower and the projector bit-identical."""
+    transformers = pytest.importorskip("transformers")
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=30, patch_size=15, projection_dim=32)
+    text = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=63,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if "vision_tower" in n or "multi_modal_projector" in n}
+    assert frozen
+    inject(model, ("gate_proj", "up_proj", "down_proj"), r=8, experts=4, alpha=16.0, dropout=0.0)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, TeamLoRALinear)]
+    assert len(adapted) == 6 and all("language_model" in n for n in adapted)  # 2 layers x 3; the CLIP MLPs are fc1/fc2
+    image_tokens = (30 // 15) ** 2  # patches; the default strategy drops CLS
+    ids = torch.cat([torch.full((2, image_tokens), 63), torch.randint(1, 60, (2, 10))], dim=1)
+    labels = ids.masked_fill(ids == 63, -100)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 30, 30),
+                 labels=labels)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(10):
+        loss = model(**batch).loss + 0.01 * teamlora.balance_loss(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0] and losses[-1] == min(losses), losses  # the adapters learn the batch
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

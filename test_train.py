@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import data
 import minicme
+import model
 import teamlora
 import train
 from baselines import HydraLoRALinear
@@ -378,6 +379,18 @@ def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsy
                                           "--init_from=nowhere", f"--adapter={adapter}", f"--r={r}"]))
     assert f"{out['params_pct']:.2f}" == pct
     assert f"= {pct}% of the base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", ["config/cme_qwen2.5_7b.py", "config/cme_llama3_8b.py"])
+def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys):
+    train.train(train.parse_config([recipe, "--dry_run=True"]))
+    printed = capsys.readouterr().out
+    args = model.ModelArgs.from_name(train.parse_config([recipe])["model"])
+    assert "% of the base (the paper's Params%)" in printed and "GiB" in printed
+    # FFN adapters, r=128 and 4 experts: A, B, the router and M on w1, w3 (dim -> FFN) and w2 (FFN -> dim)
+    per_layer = 2 * (128 * args.dim + args.ffn_hidden_dim * 128 + 4 * args.dim) \
+        + (128 * args.ffn_hidden_dim + args.dim * 128 + 4 * args.ffn_hidden_dim) + 3 * 16
+    assert f"{args.n_layers * per_layer:,} trainable parameters" in printed, printed
 
 
 def _run(cmd, **kw):
