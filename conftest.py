@@ -66,3 +66,24 @@ def assert_same_adapters(a, b, atol=0.0):
     assert a.keys() == b.keys() and a
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=atol, msg=n)
+
+
+TEXTS = ["Determine whether the sentiment is positive or negative.", "The acting was wonderful, the story dull.",
+         "Question: Who directed The Silver Harbor?", "Choices: A.drama, B.1987, C.Vobodan, D.Kimo Res"] * 4
+
+
+def hf_tokenizer_folder(path, bos=None, eos="<|endoftext|>"):
+    """A byte-level BPE tokenizer.json trained here, with Qwen's special tokens and a Qwen-like
+    tokenizer_config.json (no BOS) beside it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS, trainer)
+    path.mkdir(exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": None}))
+    return path

@@ -16,7 +16,7 @@ import sentencepiece as spm
 import torch
 
 import data
-from conftest import FIXTURES, LLAMA2, OFFICIAL, needs_fixtures
+from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, needs_fixtures
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
 
 EDGE_CASES = [
@@ -729,27 +729,6 @@ def test_batch_size_must_divide_over_ranks(dataset):
 
 # -----------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json (Qwen2.5, Mistral, ...) through the tokenizers package
-
-TEXTS = ["Determine whether the sentiment is positive or negative.", "The acting was wonderful, the story dull.",
-         "Question: Who directed The Silver Harbor?", "Choices: A.drama, B.1987, C.Vobodan, D.Kimo Res"] * 4
-
-
-def hf_tokenizer_folder(path, bos=None, eos="<|endoftext|>"):
-    """A byte-level BPE tokenizer.json trained here, with Qwen's special tokens and a Qwen-like
-    tokenizer_config.json (no BOS) beside it."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS, trainer)
-    path.mkdir(exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": None}))
-    return path
-
 
 def test_hf_tokenizer_folder_gives_eos_from_its_config_no_bos_and_maps_the_prompts_end_to_eos(tmp_path):
     tok = Tokenizer(hf_tokenizer_folder(tmp_path / "qwen"))

@@ -21,7 +21,7 @@ import model
 import teamlora
 import train
 from baselines import HydraLoRALinear
-from conftest import adapters_of, assert_same_adapters, train_cfg
+from conftest import TEXTS, adapters_of, assert_same_adapters, hf_tokenizer_folder, train_cfg
 from data import UserError
 from minicme import SYNTHETIC_TASKS
 from model import Transformer
@@ -391,6 +391,19 @@ def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys):
     per_layer = 2 * (128 * args.dim + args.ffn_hidden_dim * 128 + 4 * args.dim) \
         + (128 * args.ffn_hidden_dim + args.dim * 128 + 4 * args.ffn_hidden_dim) + 3 * 16
     assert f"{args.n_layers * per_layer:,} trainable parameters" in printed, printed
+
+
+def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path):
+    folder = hf_tokenizer_folder(tmp_path / "qwen")  # no BOS, EOS <|endoftext|>, as Qwen2.5's
+    records = [{"instruction": t, "input": "", "output": "positive", "task": "sentiment"} for t in TEXTS]
+    data.write_jsonl(str(tmp_path / "r.jsonl"), records)
+    data.write_jsonl(str(tmp_path / "eval" / "sentiment.jsonl"), records[:3])
+    data.prepare([str(tmp_path / "r.jsonl")], str(folder), str(tmp_path / "tokens"), max_len=64, quiet=True)
+    out = train.train(train.parse_config([
+        f"--data_dir={tmp_path / 'tokens'}", f"--tokenizer={folder}", f"--eval_dir={tmp_path / 'eval'}",
+        "--init_from=scratch", "--model=tiny", "--max_iters=4", "--eval_interval=4", "--batch_size=4", "--max_len=64",
+        "--r=8", "--learning_rate=1e-2", f"--out_dir={tmp_path / 'run'}"]))
+    assert "sentiment" in out["scores"] and (tmp_path / "run" / "adapter.pt").is_file()
 
 
 def _run(cmd, **kw):

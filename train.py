@@ -630,7 +630,7 @@ def claim_out_dir(r, resuming):
 def preflight(r, train_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
     cfg, made_with = r.cfg, train_ds.summary.get("tokenizer", {})
-    if made_with.get("sha256") and made_with["sha256"] != data.file_sha256(cfg["tokenizer"]):
+    if made_with.get("sha256") and made_with["sha256"] != data.file_sha256(r.tok.path):  # a folder: its file
         raise UserError(f"tokenizer {cfg['tokenizer']} is not the one {cfg['data_dir']} was made with "
                         f"({made_with.get('path')}); pass that one, or run data.py prepare again with this one.")
     if r.tok.vocab_size > r.args.vocab_size:
