@@ -521,7 +521,10 @@ def test_cpu_threads_leave_the_cores_other_jobs_run_on(threads, cores, others, w
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(train, "others_running", lambda: others)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert train.cpu_threads({"threads": threads}) == want
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # an explicit choice is left alone
+    assert train.cpu_threads({"threads": threads}) == (threads or torch.get_num_threads())
 
 
 def test_others_running_reads_a_count_that_excludes_this_process():

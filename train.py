@@ -237,12 +237,14 @@ def others_running():
 
 
 def cpu_threads(cfg):
-    """cfg threads, else this process's cores less those other jobs are running on right now. OpenMP
-    threads that share a core with another job spin while they wait for it: with one other busy
-    process on a 2-core machine a demo step slowed 5-35x at 2 threads, so a run that starts on a
-    busy machine takes fewer."""
+    """cfg threads, else OMP_NUM_THREADS, else this process's cores less those other jobs are running on
+    right now. OpenMP threads that share a core with another job spin while they wait for it: with
+    one other busy process on a 2-core machine a model step took 6.5x as long at 2 threads as alone
+    (bench.py --section=sharing), so a run that starts on a busy machine takes fewer."""
     if cfg["threads"]:
         return cfg["threads"]
+    if os.environ.get("OMP_NUM_THREADS"):  # the user's (or study.py's) own choice stands
+        return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun: the processes share the cores
     return max(1, cores - others_running())
