@@ -305,7 +305,8 @@ class Transformer(nn.Module):
             positions, mask = torch.arange(T, device=tokens.device)[None], None  # (1, T)
         else:
             mask, positions = packed_attention(seq_ids)
-        self._check_window(T if seq_ids is None else int(positions.max()) + 1, "a sequence")
+        if self.args.sliding_window:  # positions.max() syncs with the device: only where a window is set
+            self._check_window(T if seq_ids is None else int(positions.max()) + 1, "a sequence")
         logits = self.head(self.trunk(tokens, positions, mask)).float()  # (B, T, V)
         loss = None
         if targets is not None:
