@@ -30,8 +30,9 @@ def expert_weights(x, router, M, logits=None):
     phi = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[-1]
-    # Eq. 12 as phi (I + M): I + M has diagonal 1 (M's own starts at 0). phi M as a sum, not a matmul,
-    adj = phi + (phi.unsqueeze(-1) * M.to(phi.dtype)).sum(-2)  # (..., k): so that autocast keeps it float32
+    flat = phi.reshape(-1, phi.shape[-1])
+    with torch.autocast(phi.device.type, enabled=False):  # Eq. 12 as phi (I + M) = phi + phi M, in float32
+        adj = torch.addmm(flat, flat, M.to(phi.dtype)).view(phi.shape)  # (I + M has diagonal 1: M's starts at 0)
     s = adj.sum(-1, keepdim=True)
     # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
     s = torch.where(s < 0, s.clamp(max=-EPS), s.clamp(min=EPS))
@@ -41,15 +42,15 @@ def expert_weights(x, router, M, logits=None):
 def team_lora_delta(x, A, B, router, M, scaling, dropout):
     """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None). The router rides in
     A's GEMM, concatenated here (parameter names stay): x is read, and grad x written, once."""
-    r = A.shape[0]
-    zl = F.linear(x, A if router is None else torch.cat([A, router.to(A.dtype)]))  # (..., r + k)
-    z = F.dropout(zl[..., :r], dropout, dropout > 0)  # Eq. 8, dropout on z_i
     if router is None:  # one expert: plain LoRA
-        return F.linear(z * scaling, B), None
-    omega = expert_weights(x, router, M, logits=zl[..., r:])
+        return F.linear(F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling, B), None
+    (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
+    z, logits = F.linear(x.reshape(-1, x.shape[-1]), torch.cat([A, router.to(A.dtype)])).split([r, k], -1)
+    z = F.dropout(z, dropout, dropout > 0)  # Eq. 8, dropout on z_i; z (N, r), logits (N, k)
+    omega = expert_weights(x, router, M, logits=logits)
     w = (omega * scaling).to(z.dtype)  # fold the scaling into the k weights, not the r columns
-    zw = (z.unflatten(-1, (router.shape[0], -1)) * w.unsqueeze(-1)).flatten(-2)  # (..., k, r_B) -> (..., r)
-    return F.linear(zw, B), omega  # Eq. 9 + 13 in one GEMM: sum_i omega_i z_i B_i^T
+    zw = (z.view(-1, k, r // k) * w.unsqueeze(-1)).view(-1, r)  # (N, k, r_B) -> (N, r)
+    return F.linear(zw, B).view(*lead, -1), omega.view(*lead, k)  # Eq. 9 + 13 in one GEMM: sum_i omega_i z_i B_i^T
 
 
 @functools.cache
