@@ -45,7 +45,7 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
     if router is None:  # one expert: plain LoRA
         return F.linear(F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling, B), None
     (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
-    z, logits = F.linear(x.reshape(-1, x.shape[-1]), torch.cat([A, router.to(A.dtype)])).split([r, k], -1)
+    z, logits = F.linear(x, torch.cat([A, router.to(A.dtype)])).reshape(-1, r + k).split([r, k], -1)
     z = F.dropout(z, dropout, dropout > 0)  # Eq. 8, dropout on z_i; z (N, r), logits (N, k)
     omega = expert_weights(x, router, M, logits=logits)
     w = (omega * scaling).to(z.dtype)  # fold the scaling into the k weights, not the r columns
