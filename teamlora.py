@@ -11,6 +11,7 @@ is k times that of a LoRA of the same total rank (and of MoELoRA, whose weights 
 each at its own learning rate. baselines.team_lora_delta_loop writes Eq. 9 and 13 one expert at a time.
 Copy this file into any project: it needs only torch.
 """
+import contextlib
 import functools
 import math
 import os
@@ -30,9 +31,9 @@ def expert_weights(x, router, M, logits=None):
     phi = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[-1]
-    flat = phi.reshape(-1, phi.shape[-1])
-    with torch.autocast(phi.device.type, enabled=False):  # Eq. 12 as phi (I + M) = phi + phi M, in float32
-        adj = torch.addmm(flat, flat, M.to(phi.dtype)).view(phi.shape)  # (I + M has diagonal 1: M's starts at 0)
+    flat = phi.reshape(-1, phi.shape[-1])  # Eq. 12 as phi (I + M) = phi + phi M (M's diagonal starts at 0)
+    with torch.autocast(phi.device.type, enabled=False) if not phi.is_meta else contextlib.nullcontext():
+        adj = torch.addmm(flat, flat, M.to(phi.dtype)).view(phi.shape)  # one GEMM, kept float32 under autocast
     s = adj.sum(-1, keepdim=True)
     # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
     s = torch.where(s < 0, s.clamp(max=-EPS), s.clamp(min=EPS))

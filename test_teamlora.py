@@ -479,6 +479,15 @@ def test_inject_on_the_meta_device_allocates_nothing_then_materialises():
     assert torch.all(w1.lora_B == 0) and torch.all(w1.lora_M.diagonal() == 0)
 
 
+@pytest.mark.parametrize("competition", [True, False])
+def test_forward_on_the_meta_device_gives_shapes_only(competition):
+    """Shape inference and FLOP counting run a meta-built model on meta inputs: the layer must too."""
+    with torch.device("meta"):
+        layer = TeamLoRALinear(nn.Linear(16, 24), r=8, experts=4, alpha=16.0, competition=competition)
+        out = layer(torch.empty(2, 5, 16))
+    assert out.is_meta and out.shape == (2, 5, 24) and layer.last_omega.shape == (2, 5, 4)
+
+
 def test_reinitialisation_draws_the_same_adapter_on_the_meta_device_as_on_the_cpu():
     """initial_lora_state() draws on the CPU in a fixed order, whatever the parameters' device: the same
     seed gives the same adapter to a layer built on the CPU and to one built on meta, then materialised."""
