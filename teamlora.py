@@ -11,7 +11,6 @@ is k times that of a LoRA of the same total rank (and of MoELoRA, whose weights 
 each at its own learning rate. baselines.team_lora_delta_loop writes Eq. 9 and 13 one expert at a time.
 Copy this file into any project: it needs only torch.
 """
-import contextlib
 import functools
 import math
 import os
@@ -32,7 +31,7 @@ def expert_weights(x, router, M, logits=None):
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[-1]
     flat = phi.reshape(-1, phi.shape[-1])  # Eq. 12 as phi (I + M) = phi + phi M (M's diagonal starts at 0)
-    with torch.autocast(phi.device.type, enabled=False) if not phi.is_meta else contextlib.nullcontext():
+    with torch.autocast("cpu" if phi.is_meta else phi.device.type, enabled=False):  # meta has no autocast
         adj = torch.addmm(flat, flat, M.to(phi.dtype)).view(phi.shape)  # one GEMM, kept float32 under autocast
     s = adj.sum(-1, keepdim=True)
     # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
