@@ -431,6 +431,21 @@ def test_row_sum_guard_keeps_outputs_finite_when_phi_I_plus_M_sums_to_zero():
     assert torch.isfinite(layer.lora_M.grad).all()
 
 
+@pytest.mark.parametrize("scale", [-2.0, -1.5])
+def test_row_sum_guard_keeps_the_sign_of_a_negative_row_sum(scale):
+    """M = scale * I makes phi (I + M) = (1 + scale) phi: every row sums to 1 + scale < 0, far from 0,
+    so the guard must leave Eq. 12 as it is (omega = k phi), not flip the sign of the row sum."""
+    layer = make_layer(dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_M.copy_(scale * torch.eye(4, dtype=torch.float64))
+    x = torch.randn(5, 12, dtype=torch.float64)
+    omega = teamlora.expert_weights(x, layer.lora_router, layer.lora_M)
+    torch.testing.assert_close(omega, 4 * torch.softmax(x @ layer.lora_router.T, -1), rtol=1e-12, atol=1e-12)
+    expected = reference_forward(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router,
+                                 layer.lora_M, k=4, alpha=16.0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_bf16_base_with_fp32_adapters_and_under_autocast():
     torch.manual_seed(0)
     model = Stack(n=1, dtype=torch.bfloat16)
