@@ -258,6 +258,28 @@ def test_gradient_accumulation_equals_one_large_batch(run_data, tmp_path, monkey
     assert_same_adapters(final[0], final[1], atol=3e-5)  # one AdamW step moves a weight by ~lr = 3e-3
 
 
+def test_the_balance_loss_gets_each_batchs_padding_mask_and_the_configured_reduction(run_data, tmp_path,
+                                                                                    monkeypatch):
+    batches, calls = [], []
+    real_batch, real_balance = data.get_batch, teamlora.balance_loss
+
+    def get_batch(*a, **k):
+        batches.append(real_batch(*a, **k))
+        return batches[-1]
+
+    def balance_loss(model, mask=None, reduction="mean"):
+        calls.append((mask, reduction))
+        return real_balance(model, mask, reduction)
+    monkeypatch.setattr(data, "get_batch", get_batch)
+    monkeypatch.setattr(teamlora, "balance_loss", balance_loss)
+    train.train(train_cfg(run_data, tmp_path / "out", "--balance_reduction=sum", "--balance_coef=0.5", "--eval_dir=",
+                          "--max_iters=2", "--grad_accum=2"))
+    assert len(calls) == 4  # 2 steps x 2 micro-batches
+    for mask, reduction in calls:
+        assert reduction == "sum" and any(mask is b["valid"] for b in batches)
+    assert any(not mask.all() for mask, _ in calls)  # padding there to leave out
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
     flags = ("--dropout=0.1", "--eval_dir=", "--max_iters=6", "--eval_interval=3")
     whole = train.train(train_cfg(run_data, tmp_path / "whole", *flags))
