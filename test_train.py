@@ -268,16 +268,16 @@ def test_the_balance_loss_gets_each_batchs_padding_mask_and_the_configured_reduc
         return batches[-1]
 
     def balance_loss(model, mask=None, reduction="mean"):
-        calls.append((mask, reduction))
+        calls.append((mask, reduction, batches[-1]["valid"]))  # the micro-batch just drawn
         return real_balance(model, mask, reduction)
     monkeypatch.setattr(data, "get_batch", get_batch)
     monkeypatch.setattr(teamlora, "balance_loss", balance_loss)
     train.train(train_cfg(run_data, tmp_path / "out", "--balance_reduction=sum", "--balance_coef=0.5", "--eval_dir=",
                           "--max_iters=2", "--grad_accum=2"))
     assert len(calls) == 4  # 2 steps x 2 micro-batches
-    for mask, reduction in calls:
-        assert reduction == "sum" and any(mask is b["valid"] for b in batches)
-    assert any(not mask.all() for mask, _ in calls)  # padding there to leave out
+    for mask, reduction, valid in calls:
+        assert reduction == "sum" and mask is valid
+    assert any(not mask.all() for mask, _, _ in calls)  # padding there to leave out
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
