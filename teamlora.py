@@ -35,7 +35,7 @@ def expert_weights(x, router, M, logits=None):
         adj = torch.addmm(flat, flat, M.to(phi.dtype)).view(phi.shape)  # one GEMM, kept float32 under autocast
     s = adj.sum(-1, keepdim=True)
     # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
-    s = torch.where(s < 0, s.clamp(max=-EPS), s.clamp(min=EPS))
+    s = torch.where(s.abs() < EPS, torch.where(s < 0, -EPS, EPS), s)  # 0 -> +EPS
     return adj / s * phi.shape[-1]
 
 
