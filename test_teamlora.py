@@ -431,6 +431,24 @@ def test_row_sum_guard_keeps_outputs_finite_when_phi_I_plus_M_sums_to_zero():
     assert torch.isfinite(layer.lora_M.grad).all()
 
 
+@pytest.mark.parametrize("delta", [-1e-8, 0.0, 1e-8])
+def test_row_sum_guard_sets_a_near_zero_row_sum_to_1e_6_with_its_sign(delta):
+    """M = (delta - 1) I makes every row of phi (I + M) = delta * phi sum to delta, inside (-1e-6, 1e-6):
+    the guard must divide by 1e-6 with delta's sign (+1e-6 for 0), so omega = k * phi * delta / +-1e-6,
+    and the gradient must not flow through the clamped row sum."""
+    layer = make_layer(dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_M.copy_((delta - 1.0) * torch.eye(4, dtype=torch.float64))
+    x = torch.randn(5, 12, dtype=torch.float64)
+    phi = torch.softmax(x @ layer.lora_router.detach().T, -1)
+    omega = teamlora.expert_weights(x, layer.lora_router, layer.lora_M)
+    clamped = 1e-6 if delta >= 0 else -1e-6
+    torch.testing.assert_close(omega, 4 * phi * delta / clamped, rtol=1e-6, atol=1e-12)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    (grad_M,) = torch.autograd.grad((omega * g).sum(), layer.lora_M)
+    torch.testing.assert_close(grad_M, phi.T @ (4 * g / clamped), rtol=1e-6, atol=1e-6)  # through adj only
+
+
 @pytest.mark.parametrize("scale", [-2.0, -1.5, -1.01, -0.99])
 def test_row_sum_guard_leaves_every_row_sum_of_magnitude_above_1e_6_as_it_is(scale):
     """M = scale * I makes phi (I + M) = (1 + scale) phi: every row sums to 1 + scale (-1 .. 0.01), small
