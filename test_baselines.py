@@ -61,3 +61,21 @@ def test_hydralora_fresh_initial_state_has_its_own_shapes():
     assert {n: tuple(t.shape) for n, t in state.items()} == {
         n: tuple(p.shape) for n, p in layer.named_parameters() if n.startswith("lora_")}
     assert (state["lora_B"] == 0).all() and state["lora_A"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [HydraLoRALinear, MoELoRALoop])
+def test_baselines_drop_out_in_training_only(cls):
+    """Dropout on the adapter's input in train mode; none in eval mode, where the output is the
+    same function of x on every call and equals the layer's with dropout=0."""
+    torch.manual_seed(0)
+    base = nn.Linear(10, 7).double()
+    layer = cls(base, r=4, experts=2, alpha=6.0, dropout=0.5, adapter_dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    plain = cls(base, r=4, experts=2, alpha=6.0, dropout=0.0, adapter_dtype=torch.float64)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 10, dtype=torch.float64)
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12)
+    layer.train()
+    assert not torch.allclose(layer(x), plain(x))
