@@ -63,7 +63,8 @@ def test_suite_has_every_task_in_every_split_with_string_fields(mini_cme, which)
     assert len(SYNTHETIC_TASKS) >= 6 and not set(SYNTHETIC_TASKS) & set(CME_TASKS)  # train.py finds tasks by file name
     train = _read_jsonl(folder / "train.jsonl")
     val = [dict(r, task=t) for t in SYNTHETIC_TASKS for r in _read_jsonl(folder / "val" / f"{t}.jsonl")]
-    assert [r["task"] for r in train] != sorted(r["task"] for r in train)  # shuffled
+    switches = sum(a["task"] != b["task"] for a, b in zip(train, train[1:]))
+    assert switches > len(train) / 2  # shuffled: the task changes from most records to the next
     for split, records in [("train", train), ("val", val)]:
         assert {t: sum(r["task"] == t for r in records) for t in SYNTHETIC_TASKS} == {
             t: summary["tasks"][t][split] for t in SYNTHETIC_TASKS}, split
@@ -158,6 +159,33 @@ def test_suite_tokenizer_is_llama_like_and_every_record_fits_a_256_token_context
         output = len(sp.encode(r["output"])) + 1  # + EOS
         assert 1 + len(sp.encode(prompt)) + 1 + output < 256, r  # BOS prompt EOS output EOS
         assert output <= SYNTHETIC_TASKS[r["task"]].max_new_tokens, r
+
+
+def test_qa_accepts_a_directors_surname_a_rivers_name_with_river_and_a_genre_with_film(mini_cme):
+    """The aliases exact match accepts, checked by scoring them: "Vitasis" for "Kelemis Vitasis",
+    "Lomira river" for "Lomira", "western film" for "western"."""
+    root, _ = mini_cme
+    world, qa = minicme.build_world(0), SYNTHETIC_TASKS["qa"]
+    records = _read_jsonl(root / "default" / "test" / "qa.jsonl")
+    kinds = {"director": lambda v: v.split()[-1], "river": lambda v: f"{v} river", "genre": lambda v: f"{v} film"}
+    for attr, alias in kinds.items():
+        asked = [r for r in records if r["output"] in world["pools"][attr]]
+        assert asked, attr
+        assert evaluate(qa, [alias(r["output"]) for r in asked], asked) == 100.0, attr
+
+
+def test_an_interrupted_rebuild_does_not_leave_the_old_suite_json_behind(tmp_path, monkeypatch):
+    """suite.json marks a complete suite: rebuilding into a finished folder removes it first, so a
+    rebuild that fails half-way does not look complete."""
+    make_suite(str(tmp_path), seed=0, **SUITE_SIZES)
+    assert (tmp_path / "suite.json").is_file()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped half-way")
+    monkeypatch.setattr(minicme, "_train_tokenizer", fail)
+    with pytest.raises(RuntimeError, match="half-way"):
+        make_suite(str(tmp_path), seed=1, **SUITE_SIZES)
+    assert not (tmp_path / "suite.json").exists()
 
 
 def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
