@@ -322,6 +322,35 @@ def test_tldr_loader_reads_tldr_3_filtered_rows(tmp_path):
                                                           ("Other post.", "other")]
 
 
+def test_tldr_comparisons_count_each_post_once_and_only_with_a_human_reference(tmp_path):
+    """summarize-from-feedback holds one row per compared pair: a post recurs, and only rows with a
+    policy "ref" summary carry the human reference."""
+    def row(post_id, post, *policies):
+        return {"info": {"id": post_id, "post": post},
+                "summaries": [{"text": f" {p} of {post_id}", "policy": p} for p in policies]}
+    rows = [row("a", "Post A.", "sup2", "ref"), row("a", "Post A.", "ref", "sup4"), row("b", "Post B.", "sup2", "sup4"),
+            row("c", "Post C.", "ref", "sup2")]
+    (tmp_path / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = CME_TASKS["oai_sum"].load(str(tmp_path / "comparisons.jsonl"))
+    assert [(r["input"], r["output"]) for r in records] == [("Post A.", "ref of a"), ("Post C.", "ref of c")]
+
+
+def test_webquestions_target_values_undo_backslash_escapes(tmp_path):
+    target = r'(list (description "The \"Boss\"") (description Ok))'
+    rows = [{"utterance": "what did he call it?", "targetValue": target}]
+    (tmp_path / "webquestions.examples.test.json").write_text(json.dumps(rows))
+    [record] = CME_TASKS["webqa"].load(str(tmp_path / "webquestions.examples.test.json"))
+    assert record["answers"] == ['The "Boss"', "Ok"]
+
+
+def test_imdb_folder_reviews_come_in_numeric_id_order(tmp_path):
+    for name in ("10_8.txt", "2_7.txt", "1_9.txt"):
+        os.makedirs(tmp_path / "pos", exist_ok=True)
+        (tmp_path / "pos" / name).write_text(f"review {name}")
+    records = CME_TASKS["imdb"].load(str(tmp_path))
+    assert [r["input"] for r in records] == ["review 1_9.txt", "review 2_7.txt", "review 10_8.txt"]
+
+
 @needs_cme_fixtures
 def test_imdb_loader_reads_aclimdb_folders_and_the_fastnlp_tsv():
     records = CME_TASKS["imdb"].load(os.path.join(CME_DIR, "imdb", "aclImdb", "test"))
@@ -377,6 +406,7 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("rte", "dev.tsv", "index\tpremise\tlabel\n0\ta\tentailment\n",
      r"dev.tsv has the columns .* needs \['sentence1', 'sentence2'\]"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,A\n", r"x_test.csv line 2 has 5 fields"),
+    ("mmlu", "x_test.csv", '"q\nspans two lines",a,b,c,d,A\n"bad\nrow",a,b,c,A\n', r"x_test.csv line 3 has 5 fields"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,E\n", r"x_test.csv line 1 has the label 'E'"),
     ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n',
      r"arc.jsonl line 1 has the label 'B'"),
