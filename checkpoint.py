@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import data
 import teamlora
-from data import UserError
+from errors import UserError
 
 
 def copy_into(model, state):

@@ -1,7 +1,7 @@
 """
-The data pipeline: the tokenizer, the authors' record format token for token, `prepare` (JSON /
-JSONL records -> token shards) and training batches. The evaluation tasks live in tasks.py, the
-synthetic mini-CME suite in minicme.py.
+The data pipeline: the authors' record format token for token, `prepare` (JSON / JSONL records
+-> token shards) and training batches. The tokenizer lives in tokenizer.py, the evaluation tasks in
+tasks.py, the synthetic mini-CME suite in minicme.py.
 
     python data.py prepare --input train.json more.jsonl --tokenizer tokenizer.model --out data/cme
 
@@ -25,8 +25,6 @@ Shards (one set per split, "train" and "val"), read back by TokenDataset:
     summary.json              counts per file, dtype, special ids, tokenizer hash, max_len
 """
 import argparse
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -39,170 +37,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from errors import UserError
+from tokenizer import PROMPT_EOS, Tokenizer
+
 IGNORE_INDEX = -100
-PROMPT_EOS = "</s>"  # build_dataset.py's PROMPT_TEMPLATE is "{instruction}</s>", whatever the tokenizer
-
-
-class UserError(ValueError):
-    """A problem the user can fix (a file, a record, a setting): every script of the project prints
-    it as one sentence that says what is wrong and what to do, without a traceback."""
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-# LLaMA-3's tokenizer.model is a tiktoken file (base64 token, rank); Meta's tokenizer.py adds this
-# pre-tokenizer regex and 256 special tokens numbered after the 128000 ranks.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
-                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
-LLAMA3_PAD = "<|reserved_special_token_2|>"  # LLaMA-3.1 renamed it <|finetune_right_pad_id|>
-
-
-def _looks_like_tiktoken(path):
-    with open(path, "rb") as f:
-        first = f.readline(4096).split()
-    return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/]+=*", first[0])
-
-
-class Tokenizer:
-    """LLaMA-2 / Chinese-LLaMA-2 SentencePiece model, LLaMA-3 tiktoken file (told apart by content), or a
-    Hugging Face tokenizer.json (Qwen2.5, Mistral, ...; a folder holding one works too), read by the
-    `tokenizers` package with BOS and EOS from the tokenizer_config.json beside it. For those, the
-    authors' literal "</s>" (the prompt's end) becomes the model's EOS id; a model without a BOS
-    (Qwen) gets none.
-
-    encode(text) treats all text as text, like Meta's tokenizers; encode(text, special=True) turns
-    special-token strings ("</s>", "<|end_of_text|>", ...) into their ids, like Hugging Face's.
-    LLaMA-2 has no pad token: pad_id is <unk> (0). Batches mark padding with a mask, never by id,
-    so nothing is trained on it whatever it is."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        if os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "tokenizer.json")):
-            self.path = os.path.join(self.path, "tokenizer.json")
-        if os.path.isdir(self.path):
-            inside = os.path.join(self.path, "tokenizer.model")
-            hint = f" such as {inside}" if os.path.isfile(inside) else " (tokenizer.model)"
-            raise UserError(f"tokenizer {self.path} is a folder, not a file; pass the tokenizer file inside it{hint}")
-        if not os.path.isfile(self.path):
-            raise UserError(f"tokenizer file {self.path} not found; pass the tokenizer.model of your checkpoint")
-        try:
-            tiktoken_file = _looks_like_tiktoken(self.path)
-        except OSError as e:
-            raise UserError(f"tokenizer file {self.path} cannot be read ({e.strerror or e}); "
-                            "check its permissions") from None
-        if tiktoken_file:
-            self._load_tiktoken()
-        elif self.path.endswith(".json"):
-            self._load_hf_json()
-        else:
-            self._load_sentencepiece()
-        # split on special tokens, longest first, keeping them (HF's no-split tokens)
-        alternatives = sorted(self.specials, key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
-
-    def _load_sentencepiece(self):
-        import sentencepiece as spm
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        except Exception:  # sentencepiece raises RuntimeError / OSError with a C++ message
-            raise UserError(f"{self.path} is neither a SentencePiece model (LLaMA-2) nor a tiktoken BPE file "
-                            "(LLaMA-3); pass the checkpoint's tokenizer.model") from None
-        self.kind, self.vocab_size = "sentencepiece", self.sp.get_piece_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
-        # transformers' slow LlamaTokenizer never splits <unk>, <s>, </s> (its special tokens)
-        self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id)}
-        self.eos_text = self.sp.id_to_piece(self.eos_id)
-
-    def _load_tiktoken(self):
-        try:
-            import tiktoken
-        except ImportError:
-            raise UserError(f"{self.path} is a tiktoken BPE file (LLaMA-3); reading it needs the tiktoken "
-                            "package: pip install tiktoken") from None
-        ranks = {}
-        with open(self.path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
-                except (ValueError, binascii.Error):
-                    raise UserError(f"{self.path} line {n}: expected '<base64 token> <rank>' as in LLaMA-3's "
-                                    "tokenizer.model; pass an unmodified tokenizer file") from None
-        self.specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
-        self.enc = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=LLAMA3_PATTERN,
-                                     mergeable_ranks=ranks, special_tokens=self.specials)
-        self.kind, self.vocab_size = "tiktoken", self.enc.n_vocab
-        self.bos_id, self.eos_id = self.specials["<|begin_of_text|>"], self.specials["<|end_of_text|>"]
-        self.pad_id, self.eos_text = self.specials[LLAMA3_PAD], "<|end_of_text|>"
-
-    def _load_hf_json(self):
-        try:
-            import tokenizers
-        except ImportError:
-            raise UserError(f"{self.path} is a Hugging Face tokenizer.json; reading it needs the tokenizers package: "
-                            "pip install tokenizers") from None
-        try:
-            self.hf = tokenizers.Tokenizer.from_file(self.path)
-        except Exception as e:  # the Rust side raises Exception with its own message
-            raise UserError(f"{self.path} is not a valid tokenizer.json ({str(e)[:100]}); pass the checkpoint's "
-                            "unmodified tokenizer.json") from None
-        self.hf.encode_special_tokens = True  # plain text stays text; encode(special=True) splits on specials
-        config_file = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
-        config = {}
-        if os.path.isfile(config_file):
-            try:
-                with open(config_file, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (ValueError, OSError) as e:
-                raise UserError(f"{config_file} cannot be read as JSON ({e}); put the checkpoint's unmodified "
-                                "tokenizer_config.json next to its tokenizer.json") from None
-
-        def token(key):  # a string, an AddedToken dict ({"content": ...}) or null
-            value = config.get(key) if isinstance(config, dict) else None
-            return value.get("content") if isinstance(value, dict) else value
-        added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
-        ids = {name: self.hf.token_to_id(token(name)) if token(name) else None
-               for name in ("bos_token", "eos_token", "pad_token")}
-        if ids["eos_token"] is None:
-            raise UserError(f"{config_file} gives no eos_token that {self.path} knows; put the checkpoint's "
-                            "tokenizer_config.json next to its tokenizer.json")
-        self.kind, self.vocab_size = "tokenizers", self.hf.get_vocab_size(with_added_tokens=True)
-        self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
-        self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
-        self.eos_text = token("eos_token")
-        self.specials = {**added, PROMPT_EOS: added.get(PROMPT_EOS, self.eos_id)}  # the authors' "</s>": EOS
-
-    def _encode_plain(self, text):
-        if self.kind == "tiktoken":
-            return self.enc.encode(text, disallowed_special=())
-        if self.kind == "tokenizers":
-            return self.hf.encode(text, add_special_tokens=False).ids
-        return self.sp.encode(text)
-
-    def encode(self, text, bos=False, eos=False, special=False):
-        if not special:
-            ids = self._encode_plain(text)
-        else:  # one SentencePiece call per piece between special tokens, as transformers does
-            ids = []
-            for piece in self._special_re.split(text):
-                if piece in self.specials:
-                    ids.append(self.specials[piece])
-                elif piece:
-                    ids.extend(self._encode_plain(piece))
-        return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
-
-    def decode(self, ids):
-        ids = [int(i) for i in ids]
-        if self.kind == "tokenizers":
-            return self.hf.decode(ids, skip_special_tokens=False)
-        return self.enc.decode(ids) if self.kind == "tiktoken" else self.sp.decode(ids)
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""data.py: the tokenizer, the authors' record format token for token, prepare, batches.
+"""data.py and tokenizer.py: the tokenizer, the authors' record format token for token, prepare, batches.
 
     python -m pytest -q
 """

@@ -38,8 +38,9 @@ import minicme
 import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
-from data import UserError
+from errors import UserError
 from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 # -------------------------------------------------------------------------------------------------
 # defaults (every key here can be set by a config file or --key=value)
@@ -198,7 +199,7 @@ class Run:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
-    tok: data.Tokenizer = None
+    tok: Tokenizer = None
     args: ModelArgs = None
     eval_sets: dict = None  # task name -> (Task, records), read before step 1
 
@@ -650,7 +651,7 @@ def setup(r, resuming):
     cfg = r.cfg
     if not cfg["eval_only"]:
         claim_out_dir(r, resuming)
-    r.tok = data.Tokenizer(cfg["tokenizer"])
+    r.tok = Tokenizer(cfg["tokenizer"])
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
     has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
     val_ds = data.TokenDataset(cfg["data_dir"], "val") if has_val else None
