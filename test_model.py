@@ -853,3 +853,63 @@ def test_new_presets_count_parameters_as_transformers_builds_them(name, family):
     with torch.device("meta"):
         hf, ours = getattr(transformers, f"{family}ForCausalLM")(config), Transformer(a)
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# added from mutation testing
+
+def test_a_packed_sequence_longer_than_the_sliding_window_is_refused():
+    """The window bounds each packed sequence's own length (its last position + 1), not the row's."""
+    model = tiny_model(sliding_window=8)
+    tokens = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        model(tokens, seq_ids=torch.tensor([[0] * 8 + [1] * 4]))  # exactly the window: accepted
+        with pytest.raises(ValueError, match="a sequence is 9 tokens, longer than this model's sliding_window=8"):
+            model(tokens, seq_ids=torch.tensor([[0] * 3 + [1] * 9]))
+
+
+def test_generate_decodes_without_dropout_and_keeps_the_callers_mode():
+    """Adapters hold dropout: generate on a model in training mode decodes as in eval mode (greedy
+    equals recomputing without a cache, in eval mode), then leaves either mode as it found it."""
+    import teamlora
+    model = tiny_model(seed=8)
+    teamlora.inject(model, ("wq", "w2"), r=4, experts=1, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):  # B starts at zero: a nonzero one makes the adapter (and its dropout) count
+                p.copy_(torch.randn_like(p) * 0.5)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (3, 6)]
+    model.eval()
+    want = [greedy_without_cache(model, p, 8) for p in prompts]
+    assert model.generate(prompts, 8) == want
+    assert not model.training
+    model.train()
+    assert model.generate(prompts, 8) == want
+    assert model.training
+
+
+def test_meta_context_length_follows_rope_theta_unless_given(tmp_path):
+    """params.json has no context length: LLaMA 3 (rope_theta 500000) gets 8192, LLaMA 2 4096;
+    from_pretrained(max_seq_len=...) overrides either, and the model then refuses longer inputs."""
+    for theta, want in ((5e5, 8192), (1e4, 4096)):
+        path = tmp_path / str(int(theta))
+        path.mkdir()
+        write_meta_dir(tiny_model(rope_theta=theta), path, 0)
+        assert Transformer.from_pretrained(path).args.max_seq_len == want
+    loaded = Transformer.from_pretrained(tmp_path / "500000", max_seq_len=16)
+    assert loaded.args.max_seq_len == 16
+    with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
+        loaded(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_a_tied_hf_checkpoint_that_also_stores_lm_head_loads(tmp_path):
+    """Some tied checkpoints store lm_head.weight, a copy of the embedding: it is dropped, not refused."""
+    model = tiny_model(qkv_bias=True, tie_embeddings=True)
+    sd = hf_state_dict(model)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model, "qwen2")))
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.output is None
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))

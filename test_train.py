@@ -572,3 +572,104 @@ def test_compile_compiles_each_block_and_trains_like_eager(run_data, tmp_path):
     assert compiled["model"].state_dict().keys() == eager["model"].state_dict().keys()  # names stay
     np.testing.assert_allclose(compiled["train_losses"], eager["train_losses"], rtol=1e-4)
     assert_same_adapters(adapters_of(compiled["model"]), adapters_of(eager["model"]), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint.py on its own (added from mutation testing)
+
+def test_rng_state_survives_a_weights_only_save_and_restores_every_generator(tmp_path):
+    """torch's, numpy's (its cached Gaussian included) and Python's generators draw the same numbers
+    after set_rng_state as they did when rng_state was taken, through a weights_only save and load."""
+    import random
+
+    import checkpoint
+    dev = torch.device("cpu")
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # leaves the second Gaussian of a pair cached (has_gauss = 1)
+    checkpoint.save_atomic({"rng": checkpoint.rng_state(dev)}, str(tmp_path / "rng.pt"))
+
+    def draws():
+        return (torch.rand(5).tolist(), np.random.standard_normal(3).tolist(), np.random.randint(0, 10**6, 3).tolist(),
+                [random.random() for _ in range(3)])
+    want = draws()
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    checkpoint.set_rng_state(checkpoint.load_pt(str(tmp_path / "rng.pt"), "test file")["rng"], dev)
+    assert draws() == want
+
+
+def test_copy_into_copies_values_into_the_parameters_in_their_own_dtype():
+    """A bfloat16 base filled from float32 tensors stays bfloat16, in the same Parameter objects, and
+    shares no storage with the source (the optimizer and the loaded file stay apart)."""
+    import checkpoint
+    m = Transformer(model.ModelArgs.from_name("tiny", n_layers=1)).to(torch.bfloat16)
+    params = dict(m.named_parameters())
+    src = {n: torch.randn(p.shape) + 3.0 for n, p in params.items()}  # float32, far from 0
+    checkpoint.copy_into(m, src)
+    for n, p in m.named_parameters():
+        assert p is params[n] and p.dtype == torch.bfloat16, n
+        assert torch.equal(p, src[n].to(torch.bfloat16)), n
+    src["norm.weight"].zero_()
+    assert (m.norm.weight != 0).all()
+
+
+def test_load_checkpoint_refuses_a_dict_without_every_key_in_one_sentence(tmp_path):
+    import checkpoint
+    full = {"state": {}, "optimizer": {}, "iter": 2, "config": {}, "rng": [], "model_args": {}}
+    path = tmp_path / "ckpt.pt"
+    torch.save(full, path)
+    assert checkpoint.load_checkpoint(str(path))["iter"] == 2
+    for broken in ({k: v for k, v in full.items() if k != "rng"}, {}):  # an older writer's file; an empty dict
+        torch.save(broken, path)
+        with pytest.raises(UserError, match=r"ckpt\.pt is not a training checkpoint, not the ckpt\.pt"):
+            checkpoint.load_checkpoint(str(path))
+
+
+def _tiny_adapter_model(seed):
+    torch.manual_seed(0)  # the same base
+    m = Transformer(model.ModelArgs.from_name("tiny", n_layers=2))
+    torch.manual_seed(seed)  # adapters of their own
+    teamlora.inject(m, ("wq", "w1"), r=8, experts=4, alpha=16, dropout=0.2)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if teamlora.is_adapter(n):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return m.train()
+
+
+def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step(tmp_path, monkeypatch):
+    """ckpt.pt is written before adapter.pt (a kill between them leaves the adapter behind, never ahead),
+    and loading it into another model and optimizer (adapter, AdamW moments, dropout RNG) makes the next
+    step equal to the uninterrupted one, bit for bit."""
+    import types
+
+    import checkpoint
+    cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}
+    tokens, targets = torch.randint(0, 512, (2, 10)), torch.randint(0, 512, (2, 10))
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(tokens, targets)[1].backward()
+        opt.step()
+
+    a = _tiny_adapter_model(seed=1)
+    opt_a = torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        step(a, opt_a)
+    order, real_save = [], checkpoint.save_atomic
+    monkeypatch.setattr(checkpoint, "save_atomic", lambda obj, path: (order.append(os.path.basename(path)),
+                                                                      real_save(obj, path))[1])
+    r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args)
+    checkpoint.save_checkpoint(r, a, opt_a, 2)
+    assert order == ["ckpt.pt", "adapter.pt"]
+    step(a, opt_a)  # the uninterrupted run's step 3
+
+    b = _tiny_adapter_model(seed=2)
+    opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2)
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(UserError, match="does not fit this model"):  # one adapter tensor short
+        checkpoint.load_state(b, dict(list(ckpt["state"].items())[1:]), cfg)
+    checkpoint.load_state(b, ckpt["state"], cfg)
+    checkpoint.set_optimizer_state(b, opt_b, ckpt["optimizer"], 1, False)
+    checkpoint.set_rng_state(ckpt["rng"][0], torch.device("cpu"))
+    step(b, opt_b)  # the resumed run's step 3
+    assert_same_adapters(adapters_of(a), adapters_of(b))

@@ -186,3 +186,23 @@ def test_a_missing_optional_package_is_one_sentence_naming_it(run_data, tmp_path
 
     monkeypatch.setattr(train.Transformer, "from_pretrained", needs_safetensors)
     fails(train_flags(run_data, tmp_path / "o", f"--init_from={folder}"), capsys, "pip install safetensors", folder)
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """A full disk or a kill during torch.save: the file written before is still there and loads."""
+    import checkpoint
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_atomic({"iter": 1, "w": torch.arange(100.0)}, path)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        f.write(b"the first bytes of a checkpoint")
+        f.flush()
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_atomic({"iter": 2, "w": torch.zeros(100)}, path)
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert checkpoint.load_pt(path, "training checkpoint")["iter"] == 1
