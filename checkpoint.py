@@ -28,6 +28,11 @@ def copy_into(model, state):
     """Copy full tensors into the model's parameters; a sharded (DTensor) parameter takes its own
     slice of the tensor, so no rank ever holds the whole model."""
     params = dict(model.named_parameters())
+    for n, t in state.items():  # p.copy_ would broadcast a smaller tensor without a word
+        if n not in params or tuple(t.shape) != tuple(params[n].shape):
+            got = f"shape {tuple(params[n].shape)}" if n in params else "no such tensor"
+            raise UserError(f"the checkpoint's {n} {tuple(t.shape)} does not fit this model ({got}): load it into a "
+                            "model built with the settings it was trained with (model, adapter, r, experts, targets).")
     with torch.no_grad():
         for n, t in state.items():
             p = params[n]

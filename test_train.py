@@ -673,3 +673,18 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     checkpoint.set_rng_state(ckpt["rng"][0], torch.device("cpu"))
     step(b, opt_b)  # the resumed run's step 3
     assert_same_adapters(adapters_of(a), adapters_of(b))
+
+
+def test_a_checkpoint_tensor_of_another_shape_or_name_is_refused_not_broadcast():
+    """copy_ would broadcast a (1, d) tensor into an (r, d) parameter: load_state must refuse it, and
+    a tensor the model does not have, in one sentence, before copying anything."""
+    import checkpoint
+    m = _tiny_adapter_model(seed=1)
+    state = {n: p.detach().clone() for n, p in m.named_parameters() if teamlora.is_adapter(n)}
+    name = next(n for n in state if n.endswith("lora_A"))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with pytest.raises(UserError, match=r"does not fit this model \(shape"):
+        checkpoint.load_state(m, dict(state, **{name: state[name][:1] + 1}), {"adapter": "teamlora"})
+    with pytest.raises(UserError, match=r"\(no such tensor\)"):
+        checkpoint.copy_into(m, {"layers.0.attention.wq.lora_Z": torch.zeros(2)})
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # nothing copied
