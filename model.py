@@ -417,7 +417,8 @@ def sample(logits, temperature, top_p, generator=None):
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
     probs, order = probs.sort(dim=-1, descending=True)
-    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # mass above it already >= top_p
+    if top_p < 1:  # drop a token when the mass above it is already >= top_p (1: keep all, whatever the rounding)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1); multinomial renormalises
     return order.gather(-1, choice).squeeze(-1)
 

@@ -519,6 +519,16 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert model.generate(prompts, 10, temperature=1.0, top_p=1e-6, seed=5) == model.generate(prompts, 10)
 
 
+def test_top_p_keeps_the_smallest_set_reaching_it_even_at_an_exact_tie():
+    """Probabilities exactly 0.5, 0.25, 0.25: top_p = 0.5 is reached by the first token alone, 0.75 by
+    the first two; 1.0 keeps all three."""
+    logits = torch.tensor([[0.0, -math.log(2), -math.log(2)]]).repeat(400, 1)
+    assert torch.equal(torch.softmax(logits[:1], -1), torch.tensor([[0.5, 0.25, 0.25]]))
+    g = torch.Generator().manual_seed(0)
+    for top_p, kept in ((0.5, {0}), (0.75, {0, 1}), (1.0, {0, 1, 2})):
+        assert set(sample(logits, 1.0, top_p, g).tolist()) == kept, top_p
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_sampling_draws_from_softmax_of_logits_over_temperature(temperature):
     """Frequencies of many draws against softmax(logits / T), and draw by draw against inverse-CDF
