@@ -775,3 +775,141 @@ def test_hf_tokenizer_problems_are_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(UserError, match="needs the tokenizers package: pip install tokenizers"):
         Tokenizer(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaps found by mutation testing
+
+def test_tiktoken_file_skips_blank_lines_and_names_a_corrupt_line(tmp_path):
+    pytest.importorskip("tiktoken")
+    write_tiktoken_file(tmp_path / "clean.model")
+    lines = (tmp_path / "clean.model").read_text().splitlines(keepends=True)
+    (tmp_path / "blank.model").write_text("".join(lines[:100]) + "\n  \n" + "".join(lines[100:]) + "\n")
+    clean, blank = Tokenizer(tmp_path / "clean.model"), Tokenizer(tmp_path / "blank.model")
+    assert (blank.vocab_size, blank.bos_id, blank.eos_id) == (clean.vocab_size, clean.bos_id, clean.eos_id)
+    assert blank.encode("hello world héllo", bos=True) == clean.encode("hello world héllo", bos=True)
+    token, rank = lines[9].split()  # line 10: a token with a character base64 does not have
+    (tmp_path / "bad.model").write_text("".join(lines[:9]) + f"{token[:1]}*{token[1:]} {rank}\n" + "".join(lines[10:]))
+    with pytest.raises(UserError, match="bad.model line 10: expected '<base64 token> <rank>'"):
+        Tokenizer(tmp_path / "bad.model")
+
+
+def test_hf_tokenizer_config_may_give_its_tokens_as_added_token_objects(tmp_path):
+    plain = Tokenizer(hf_tokenizer_folder(tmp_path / "plain", bos="<|im_start|>", eos="<|im_end|>"))
+    folder = hf_tokenizer_folder(tmp_path / "objects")
+    added = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "rstrip": False, "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": added("<|im_start|>"), "eos_token": added("<|im_end|>"), "pad_token": None}))
+    tok = Tokenizer(folder)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eos_text) == (plain.bos_id, plain.eos_id, plain.pad_id,
+                                                                  plain.eos_text)
+    assert tok.eos_id == tok.hf.token_to_id("<|im_end|>") and tok.eos_text == "<|im_end|>"
+
+
+def test_hf_tokenizer_decode_round_trips_special_tokens(tmp_path):
+    tok = Tokenizer(hf_tokenizer_folder(tmp_path / "qwen"))
+    for text in ("x <|endoftext|> y", TEXTS[0] + "<|im_start|>" + TEXTS[1] + "<|endoftext|>"):
+        ids = tok.encode(text, special=True)
+        assert tok.eos_id in ids or tok.hf.token_to_id("<|im_start|>") in ids
+        assert tok.decode(ids) == text  # as tiktoken and transformers' decode: special tokens are kept
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.json", f"[\n{GOOD},\n{GOOD},\n{{\"instruction\" \"a\"}}\n]", r"bad.json line 4: record 2 is not valid JSON"),
+    ("comma.json", f"[\n{GOOD}\n\n{GOOD}]", r"comma.json line 4: expected ',' or '\]' after record 0"),
+    ("tail.json", f"[{GOOD},\n{GOOD}\n]\n\n[", r"tail.json line 5: unexpected text after the closing"),
+])
+def test_json_list_errors_name_the_same_line_whatever_the_read_size(tmp_path, monkeypatch, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    for read in (1, 7, 40, 1 << 20):  # errors found after the buffer was refilled count the lines read before
+        monkeypatch.setattr(data, "_READ", read)
+        with pytest.raises(UserError, match=message):
+            list(data._iter_json_list(path))
+
+
+def test_json_list_with_a_trailing_comma_is_refused(tmp_path, tiny_spm):
+    path = tmp_path / "trailing.json"
+    path.write_text(f"[{GOOD}, {GOOD},\n]")
+    with pytest.raises(UserError, match=r"trailing.json line 2: record 2 is not valid JSON"):
+        prepare([path], tiny_spm, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_with_a_utf8_byte_order_mark_prepare_like_files_without(tmp_path, tiny_spm):
+    records = [{"instruction": f"the quick fox {i}", "input": "", "output": f"dog {i}"} for i in range(5)]
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    listed = json.dumps(records, indent=1)
+    for name, text in (("plain.jsonl", lines), ("bom.jsonl", "\ufeff" + lines), ("plain.json", listed),
+                       ("bom.json", "\ufeff\n" + listed)):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        prepare([tmp_path / name], tiny_spm, tmp_path / f"out_{name}", workers=1)
+    want = shard_records(tmp_path / "out_plain.jsonl")
+    assert len(want) == 5
+    for name in ("bom.jsonl", "plain.json", "bom.json"):
+        assert shard_records(tmp_path / f"out_{name}") == want, name
+
+
+def test_val_split_has_the_asked_share_and_does_not_depend_on_how_the_inputs_are_cut(tmp_path, tiny_spm):
+    """Over 1100 records (more than one 512-record chunk): the same records go to val whether they
+    come in one file or in two, and the val share is about val_fraction."""
+    records = [json.dumps({"instruction": f"the quick fox {i}", "input": "", "output": f"lazy dog {i}"}) + "\n"
+               for i in range(1100)]
+    (tmp_path / "all.jsonl").write_text("".join(records))
+    (tmp_path / "a.jsonl").write_text("".join(records[:600]))
+    (tmp_path / "b.jsonl").write_text("".join(records[600:]))
+    one = prepare([tmp_path / "all.jsonl"], tiny_spm, tmp_path / "one", val_fraction=0.3, seed=5, workers=1)
+    two = prepare([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tiny_spm, tmp_path / "two", val_fraction=0.3,
+                  seed=5, workers=1)
+    assert one["splits"] == two["splits"]
+    for name in data.PREPARE_FILES[:-1]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    n_val = one["splits"]["val"]["records"]
+    assert abs(n_val - 0.3 * 1100) < 5 * (1100 * 0.3 * 0.7) ** 0.5  # binomial: within 5 standard deviations
+    for fraction in (0.05, 0.5, 0.9):
+        share = data._in_val(7, np.arange(50000), fraction).mean()
+        assert abs(share - fraction) < 0.01, fraction
+
+
+def test_dataset_refuses_a_zero_prompt_length(tmp_path, tiny_spm):
+    out = tmp_path / "out"
+    prepare([write_records(tmp_path / "d.jsonl", 10)], tiny_spm, out, workers=1)
+    lens = np.fromfile(out / "train.prompt_lens.bin", np.int32)
+    lens[3] = 0  # every record starts with BOS, so no prepare writes 0
+    lens.tofile(out / "train.prompt_lens.bin")
+    with pytest.raises(UserError, match="train.prompt_lens.bin holds prompt lengths"):
+        TokenDataset(out)
+
+
+def test_dataset_names_a_missing_split(tmp_path, tiny_spm):
+    prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, tmp_path / "out", workers=1)
+    with pytest.raises(UserError, match=r"has no split 'test'; the splits are \['train', 'val'\]"):
+        TokenDataset(tmp_path / "out", "test")
+
+
+def test_prepare_never_removes_a_folder_with_its_temporary_name_holding_other_files(tmp_path, tiny_spm):
+    source = write_records(tmp_path / "d.jsonl", 3)
+    squatter = tmp_path / f"out.tmp-{os.getpid()}"  # this process's own temporary name: it runs, so not stale
+    squatter.mkdir()
+    (squatter / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match=f"{squatter} exists and is not a temporary folder of prepare"):
+        prepare([source], tiny_spm, tmp_path / "out", workers=1)
+    assert (squatter / "notes.txt").read_text() == "keep me" and not (tmp_path / "out").exists()
+
+
+def test_inputs_beside_out_whose_names_start_like_it_are_not_inside_it(tmp_path, tiny_spm):
+    (tmp_path / "out_raw").mkdir()
+    source = write_records(tmp_path / "out_raw" / "d.jsonl", 3)
+    tokenizer = tmp_path / "out.model"
+    tokenizer.write_bytes(tiny_spm.read_bytes())
+    assert prepare([source], tokenizer, tmp_path / "out", workers=1)["records"] == 3
+    assert prepare([source], tokenizer, str(tmp_path / "out") + "/", workers=1)["records"] == 3  # replaced
+
+
+def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text(f'{GOOD}\n\n["a", "b"]\n{GOOD}\n')
+    with pytest.raises(UserError, match=f"{path} line 3 is not a JSON object"):
+        list(data.read_jsonl(path))
+    path.write_text(f"{GOOD}\n\n{GOOD}\n")
+    assert [where for where, _ in data.read_jsonl(path)] == [f"{path} line 1", f"{path} line 3"]

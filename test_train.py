@@ -64,6 +64,10 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
     (["--learning_rate=-1"], r"config key 'learning_rate' must be 0 or more, got -1.0"),
     (["--min_lr_ratio=1.5"], r"config key 'min_lr_ratio' must be in \[0, 1\], got 1.5"),
     (["--eval_iters=-1"], r"config key 'eval_iters' must be 0 or more, got -1"),
+    (["--learning_rate=True"],
+     r"config key 'learning_rate' in flag --learning_rate=True must be of type float, got True"),
+    (["--dropout=1.0"], r"config key 'dropout' must be in \[0, 1\), got 1.0"),
+    (["--beta2=1"], r"config key 'beta2' must be in \[0, 1\), got 1.0"),
 ])
 def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
     with pytest.raises(train.UserError, match=message):
@@ -688,3 +692,86 @@ def test_a_checkpoint_tensor_of_another_shape_or_name_is_refused_not_broadcast()
     with pytest.raises(UserError, match=r"\(no such tensor\)"):
         checkpoint.copy_into(m, {"layers.0.attention.wq.lora_Z": torch.zeros(2)})
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # nothing copied
+
+
+# -------------------------------------------------------------------------------------------------
+# Gaps found by mutation testing
+
+def test_a_config_file_may_import_modules_to_compute_its_values(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("import math\nfrom os import path\n\n\ndef half(x):\n    return x / 2\n\n\n"
+                        "learning_rate = math.sqrt(4e-6)\nalpha = half(64.0)\n")
+    cfg = train.parse_config([str(cfg_file)])
+    assert cfg["learning_rate"] == pytest.approx(2e-3) and cfg["alpha"] == 32.0
+    assert "math" not in cfg and "path" not in cfg and "half" not in cfg
+
+
+@pytest.mark.parametrize("local_world, cores, others, want", [(2, 16, 3, 5), (8, 16, 0, 2), (4, 2, 0, 1)])
+def test_cpu_threads_share_the_cores_among_torchruns_local_processes(local_world, cores, others, want, monkeypatch):
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(train, "others_running", lambda: others)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert train.cpu_threads({"threads": 0}) == want
+
+
+def test_results_table_shows_lift_as_score_minus_chance_and_the_average_row(capsys):
+    names = list(SYNTHETIC_TASKS)[:3]
+    scores, chance = dict(zip(names, (80.5, 10.0, 33.3))), dict(zip(names, (50.0, 25.5, 0.0)))
+    train.print_results(scores, chance, {}, dict(train.DEFAULTS))
+    rows = {line.split()[0]: [float(x) for x in line.split()[-3:]]
+            for line in capsys.readouterr().out.splitlines() if line.split() and line.split()[0] in names + ["average"]}
+    assert set(rows) == set(names) | {"average"}
+    for name in names:
+        assert rows[name] == pytest.approx([scores[name], chance[name], scores[name] - chance[name]], abs=0.051)
+    mean_score, mean_chance = sum(scores.values()) / 3, sum(chance.values()) / 3
+    assert rows["average"] == pytest.approx([mean_score, mean_chance, mean_score - mean_chance], abs=0.051)
+
+
+def test_results_json_holds_the_summary_but_the_model_and_the_loss_curve(run_data, tmp_path):
+    summary = train.train(train_cfg(run_data, tmp_path / "o", "--max_iters=2", "--eval_interval=2", "--eval_limit=1"))
+    assert "val_loss" in summary and "scores" in summary
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    want = {k: v for k, v in summary.items() if k not in ("model", "train_losses")}
+    assert results == json.loads(json.dumps(want))
+
+
+def test_long_prompts_are_cut_to_the_room_left_for_the_answer_keeping_bos_and_the_end(run_data, tmp_path):
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_batch_size=2")
+    long = {"instruction": " ".join(f"word{i}" for i in range(400)), "input": "tail", "output": "positive"}
+    full = data.encode_prompt(r.tok, long)
+    assert len(full) > r.args.max_seq_len
+    for room in (2, 17, len(full) - 1, len(full), len(full) + 5):
+        ids = train.prompt_ids(r.tok, long, room)
+        assert len(ids) == min(room, len(full)) and ids[0] == r.tok.bos_id
+        assert ids[1:] == full[len(full) - len(ids) + 1:]  # the end of the prompt (its </s>) is kept
+    task = SYNTHETIC_TASKS["sentiment"]
+    r.eval_sets = {"sentiment": (task, [long, {"instruction": "short", "input": "", "output": "negative"}])}
+    scores, _ = train.evaluate(model, r)  # the longest prompt plus the answer fits max_seq_len
+    assert set(scores) == {"sentiment"}
+
+
+def test_eval_limit_0_scores_every_record_of_each_task(run_data, tmp_path):
+    every = train.load_eval_sets(train_cfg(run_data, tmp_path / "o", "--eval_limit=0"))
+    two = train.load_eval_sets(train_cfg(run_data, tmp_path / "o", "--eval_limit=2"))
+    assert every.keys() == two.keys() == set(SYNTHETIC_TASKS)
+    for name, (_, records) in every.items():
+        on_file = [rec for _, rec in data.read_jsonl(run_data / "test" / f"{name}.jsonl")]
+        assert records == on_file and len(on_file) > 2 and two[name][1] == on_file[:2]
+
+
+def test_the_last_step_is_logged_and_checkpointed_and_a_resume_appends_to_the_log(run_data, tmp_path):
+    out = tmp_path / "o"
+    first = train.train(train_cfg(run_data, out, "--eval_dir=", "--max_iters=3", "--eval_interval=2",
+                                  "--log_interval=2"))
+
+    def logged(key):
+        return [line["step"] for line in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in line]
+    assert logged("loss") == [2, 3] and logged("val_loss") == [2, 3]  # step 3 is not a multiple, but the last
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 3
+    assert_same_adapters(torch.load(out / "adapter.pt", weights_only=True), adapters_of(first["model"]))
+    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=5"]))
+    assert logged("loss") == [2, 3, 4, 5] and logged("val_loss") == [2, 3, 4, 5]  # the curve of the whole run
+    # a finished run can be scored again with a max_iters below its step: eval_only trains nothing
+    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2", "--eval_only=True"]))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 5 and logged("loss") == [2, 3, 4, 5]
