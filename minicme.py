@@ -15,8 +15,9 @@ Each classification task mixes items that a word or phrase of the input decides 
 near-miss question, a consequence, a year among names) with items that need the input read as
 a whole (a changed value, another entity's name, options out of order, the fact itself): a
 4M-parameter base fine-tuned for a few minutes learns the first kind, so every method rises above
-chance, and the second kind leaves headroom to rank them. Multiple choice still needs a letter read
-off a list, which nothing learns at this scale (see RESULTS.md).
+chance, and the second kind leaves headroom to rank them. Multiple choice decides from the question
+in its forms (options listed in a fixed order of kinds); reading a letter off a list, which the rest
+of its items need, nothing learns at this scale (see RESULTS.md).
 
 make_suite() writes the suite (records in the authors' format, a pretraining corpus, a SentencePiece
 model); build_demo_data() makes whatever of the demo's files a train.py configuration uses and
@@ -290,18 +291,35 @@ def _hints(w, v, others):
     return any(v in _facts(w, x) or x in _facts(w, v) for x in others)
 
 
+# a form's four slots, in order: a person, a year, a place, a thing (the kinds of answer facts have)
+SLOTS = [("director",), ("year",), ("city", "region", "river"), ("genre", "job", "pastime", "product")]
+FORM_SHARE, OTHER_KIND_SHARE = 0.6, 0.1  # the rest (0.3) have wrong options of the right kind
+
+
 def gen_choice(w, rng, i, split):
-    """A fact's question and four options. In three items of ten the wrong options are of the
-    right kind (knowing the fact decides); otherwise they are of other kinds (a year among names, say)."""
-    name, attr = rng.choice(w["facts"][split])
-    e, position = w["by_name"][name], i % 4
-    if rng.random() < 0.3:
-        options = rng.sample([v for v in w["pools"][attr] if v != e[attr]], 3)
-    else:
+    """A fact's question and four options, the right one at letter i % 4. Six items in ten are
+    forms: one option of each slot's kind, listed in the slots' order (a person, a year, a place,
+    a thing), so the question's kind decides the letter. One in ten lists options of other kinds
+    in a random order (the letter has to be read off the list), and three in ten list options of
+    the right kind (knowing the fact decides, and the letter has to be read off the list)."""
+    position, draw = i % 4, rng.random()
+    while True:  # a form whose slot has no option that keeps clear of the fact (a director's job) is redrawn
+        if draw < FORM_SHARE:
+            name, attr = rng.choice([f for f in w["facts"][split] if f[1] in SLOTS[position]])
+        else:
+            name, attr = rng.choice(w["facts"][split])
+        e = w["by_name"][name]
+        if draw >= FORM_SHARE + OTHER_KIND_SHARE:
+            options = rng.sample([v for v in w["pools"][attr] if v != e[attr]], 3)
+            break
+        groups = [g for g in SLOTS if attr not in g] if draw < FORM_SHARE else \
+            rng.sample([g for g in KIND_GROUPS if attr not in g], 6)
         options = []
-        for group in rng.sample([g for g in KIND_GROUPS if attr not in g], 6):
+        for group in groups:
             pool = [v for k in group for v in w["pools"][k] if not _hints(w, v, [e["name"], e[attr], *options])]
             options += [rng.choice(pool)] if pool and len(options) < 3 else []
+        if len(options) == 3:
+            break
     options.insert(position, e[attr])
     return make_record("choice", LETTERS[position], question=rng.choice(_questions(e, attr)), options=options)
 
