@@ -263,6 +263,35 @@ def test_choice_type_distractors_never_name_a_fact_of_the_question_or_each_other
                     assert x not in minicme._facts(world, y) and y not in minicme._facts(world, x), r
 
 
+def _choice_parts(world, record):
+    """(the question's attribute, each option's slot in minicme.SLOTS) of a choice record."""
+    question, choices = re.match(r"Question: (.*)\nChoices: (.*)", record["input"]).groups()
+    attrs = {a for kind in minicme.ATTRS.values() for a, (_, questions) in kind.items() for q in questions
+             if re.fullmatch(re.escape(q).replace(re.escape("{e}"), ".+"), question)}
+    assert len(attrs) == 1, question
+    slot = {v: i for i, group in enumerate(minicme.SLOTS) for k in group for v in world["pools"][k]}
+    return attrs.pop(), [slot[o[2:]] for o in re.split(r", (?=[B-D]\.)", choices)]
+
+
+def test_choice_forms_let_the_question_decide_the_letter_and_the_rest_need_the_list():
+    """In a form (one option per slot, in the slots' order) the letter is the slot of the
+    question's kind; in the other items a reader of the question alone is right only by chance."""
+    world, records = _draw("choice", n=1200)
+    forms = hits = others = 0
+    for r in records:
+        attr, slots = _choice_parts(world, r)
+        asked = next(i for i, group in enumerate(minicme.SLOTS) if attr in group)
+        if slots == [0, 1, 2, 3]:
+            forms += 1
+            assert r["output"] == "ABCD"[asked], r
+        else:
+            others += 1
+            hits += r["output"] == "ABCD"[asked]
+    assert abs(forms / len(records) - 0.6) < 0.05, forms  # six in ten, as gen_choice says
+    assert hits / others < 0.35, (hits, others)
+    assert sorted({r["output"] for r in records}) == list("ABCD")
+
+
 def test_corpus_uses_every_label_word_and_letter_in_plain_prose(mini_cme):
     """Without it the base never sees the answer tokens, and adapters cannot lift their logits."""
     root, _ = mini_cme
