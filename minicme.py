@@ -257,15 +257,18 @@ NEAR_MISSES = {"film": ["Who wrote the music for {e}?", "How long is {e}?", "Who
                         "Is {e} a safe place to visit?", "How old is {e}?"]}
 
 
+NEAR_MISS_SHARE = 0.8  # of the non-duplicates; the rest ask the same thing of another entity
+
+
 def gen_paraphrase(w, rng, i, split):
-    """Two questions: a duplicate asks the same thing in other words. Of the non-duplicates, three
-    in five ask a near miss about the same entity (something the world does not record) and two in
+    """Two questions: a duplicate asks the same thing in other words. Of the non-duplicates, four
+    in five ask a near miss about the same entity (something the world does not record) and one in
     five the same thing about another entity (only the names differ)."""
     duplicate = i % 2 == 0
     e = rng.choice(w["entities"])
     attr = rng.choice(list(ATTRS[e["kind"]]))
     q1, q2 = rng.sample(_questions(e, attr), 2)
-    if not duplicate and rng.random() < 0.6:
+    if not duplicate and rng.random() < NEAR_MISS_SHARE:
         q2 = rng.choice(NEAR_MISSES[e["kind"]]).format(e=e["name"])
     elif not duplicate:
         other = rng.choice([x for x in w["entities"] if x["kind"] == e["kind"] and x is not e])
