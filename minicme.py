@@ -122,6 +122,7 @@ def build_world(seed):
              "genre": GENRES, "city": city_names, "job": list(JOBS), "pastime": list(PASTIMES), "region": regions,
              "river": rivers, "product": PRODUCTS}
     return {"entities": entities, "films": films, "cities": city_names, "by_name": {e["name"]: e for e in entities},
+            "values": {e["name"]: frozenset(e[a] for a in ATTRS[e["kind"]]) for e in entities},  # for _facts
             "held": set(held), "facts": {"train": facts[len(held):], "val": held, "test": held}, "pools": pools,
             "story_names": _invent(rng, 40, taken)}  # first names for posts and blanks, never world people
 
@@ -284,8 +285,7 @@ KIND_GROUPS = [("director",), ("year",), ("genre",), ("city", "region", "river")
 
 
 def _facts(w, name):
-    e = w["by_name"].get(name)
-    return {e[a] for a in ATTRS[e["kind"]]} if e else set()
+    return w["values"].get(name, frozenset())
 
 
 def _hints(w, v, others):
