@@ -16,6 +16,7 @@ avoids OpenMP threads waiting on each other (seen here: a model step of 4.7 s wi
 with 1, while other tests ran).
 """
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -138,6 +139,20 @@ def resident_bytes(*tensors):
     return sum(storages.values())
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2: torch's profiler prints two lines in C++ on every start and stop."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def peak_bytes(fn, resident, device):
     """Bytes alive at the peak of fn(): what was resident when it started, plus the largest rise of
     allocations during it (CUDA: max_memory_allocated; CPU: the allocator's alloc/free events as
@@ -149,7 +164,8 @@ def peak_bytes(fn, resident, device):
         fn()
         torch.cuda.synchronize()
         return resident + torch.cuda.max_memory_allocated() - before
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = rise = 0
