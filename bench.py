@@ -417,40 +417,53 @@ def section_sharing(cfg, device, dtype):
 
 
 def section_cuda7b(cfg, device, peak_tflops):
-    if device.type != "cuda":
+    """A 7B-shaped stack: 4 blocks by default; --full7b: all 32 blocks, micro-batch 4 x 1024, activation
+    checkpointing and fp32 adapters (train.py's setting for config/cme_llama2_7b.py on one GPU). --quick runs
+    a tiny one on the CPU too, as a smoke test of this code."""
+    if device.type != "cuda" and not cfg.quick:
         print("## 5. 7B-shaped block stack: skipped (it needs --device=cuda)\n")
         return
-    n_layers, batch, seq, k, r = (2, 1, 128, 4, 16) if cfg.quick else (4, 2, 1024, 4, 64)
-    args = ModelArgs.from_name("llama2-7b", n_layers=n_layers, max_seq_len=seq)
-    name = torch.cuda.get_device_name()
+    if cfg.quick:
+        args, batch, seq, k, r = ModelArgs.from_name("tiny", max_seq_len=128), 1, 128, 4, 16
+    else:
+        n_layers, batch, seq, k, r = (32, 4, 1024, 4, 128) if cfg.full7b else (4, 2, 1024, 4, 64)
+        args = ModelArgs.from_name("llama2-7b", n_layers=n_layers, max_seq_len=seq)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     peak = peak_tflops or next((p for key, p in PEAK_TFLOPS.items() if key in name), None)
-    print(f"## 5. 7B-shaped stack on {name}: bf16, dim {args.dim}, FFN {args.ffn_hidden_dim}, {n_layers} layers, "
-          f"vocab {args.vocab_size}, batch {batch} x {seq}, FFN adapters r={r} (TeamLoRA k={k}) in bf16")
-    variants = [v for v in ("LoRA", "TeamLoRA fused", "TeamLoRA compiled") if v in cfg.variants]
+    adapter_dtype = torch.float32 if cfg.full7b else torch.bfloat16
+    print(f"## 5. 7B-shaped stack on {name}: bf16, dim {args.dim}, FFN {args.ffn_hidden_dim}, {args.n_layers} "
+          f"layers, vocab {args.vocab_size}, batch {batch} x {seq}, FFN adapters r={r} (TeamLoRA k={k}) in "
+          f"{str(adapter_dtype)[6:]}, activation checkpointing {'on' if cfg.full7b else 'off'}")
+    variants = [v for v in ("LoRA", "TeamLoRA fused", "blocks compiled") if v != "blocks compiled" or cfg.compile]
     torch.compiler.reset()
     models = {}
     for v in variants:  # the same base weights in each, from the same seed
         torch.manual_seed(0)
         with torch.device(device):
-            models[v] = adapt_ffn(Transformer(args).to(torch.bfloat16), v, r, 1 if v == "LoRA" else k, torch.bfloat16)
+            base = Transformer(args, gradient_checkpointing=cfg.full7b).to(torch.bfloat16)
+        models[v] = adapt_ffn(base, "LoRA" if v == "LoRA" else "TeamLoRA fused", r, 1 if v == "LoRA" else k,
+                              adapter_dtype)
+        if v == "blocks compiled":  # as train.py --compile=True does
+            for block in models[v].layers:
+                block.compile(dynamic=True)
     tokens = torch.randint(args.vocab_size, (batch, seq), device=device)
     steps = {v: model_steps(m, tokens, tokens.roll(-1, 1), device) for v, m in models.items()}
     train = bench({v: s[0] for v, s in steps.items()}, cfg.repeats, device)
     infer = bench({v: torch.inference_mode()(lambda m=m: m(tokens)) for v, m in models.items()}, cfg.repeats, device)
     # model FLOPs per token: the base is frozen, so training does the forward (2 per weight) and the input
     # gradients (2), no weight gradients; adapters 6 per parameter; causal attention 2*T*dim per layer
-    # forward, 3x that to train
+    # forward, 3x that to train; recomputed forwards (activation checkpointing) are not counted
     P = sum(m.weight.numel() for m in models["LoRA"].modules() if isinstance(m, nn.Linear))  # base matmuls
-    attention = 2 * seq * args.dim * n_layers
+    attention = 2 * seq * args.dim * args.n_layers
     rows = []
     for v, m in models.items():
         P_adapter = sum(p.numel() for p in m.parameters() if p.requires_grad)
         tps_train, tps_infer = batch * seq / statistics.median(train[v]), batch * seq / statistics.median(infer[v])
-        mfu_train = (4 * P + 6 * P_adapter + 3 * attention) * tps_train / (peak * 1e12) if peak else float("nan")
-        mfu_infer = (2 * P + 2 * P_adapter + attention) * tps_infer / (peak * 1e12) if peak else float("nan")
-        rows.append([v, tps_train, 100 * mfu_train, ratio(train[v], train["LoRA"]), tps_infer, 100 * mfu_infer,
+        mfu = [f"{100 * flops * tps / (peak * 1e12):.1f}" if peak else "?" for flops, tps in
+               ((4 * P + 6 * P_adapter + 3 * attention, tps_train), (2 * P + 2 * P_adapter + attention, tps_infer))]
+        rows.append([v, tps_train, mfu[0], ratio(train[v], train["LoRA"]), tps_infer, mfu[1],
                      ratio(infer[v], infer["LoRA"]), steps[v][1]() / 2**30])
-    unknown = "" if peak else " (unknown GPU: pass --peak_tflops)"
+    unknown = "" if peak else " (unknown peak: pass --peak_tflops)"
     print(f"MFU against {peak if peak else '?'} TFLOPS bf16 dense{unknown}; "
           "FLOPs per token: train 4P + 6P_adapter + 6*T*dim*layers, inference 2P + 2P_adapter + 2*T*dim*layers\n")
     table(["variant", "train tok/s", "MFU %", "time x LoRA", "infer tok/s", "MFU %", "time x LoRA",
@@ -465,6 +478,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (median reported)")
     parser.add_argument("--section", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
+    parser.add_argument("--full7b", action="store_true", help="section cuda7b at LLaMA-2-7B's full depth: 32 "
+                        "blocks, micro-batch 4 x 1024, activation checkpointing, fp32 adapters (about 60 GiB)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="include the torch.compile variant (its warm-up compiles for a minute or more on a CPU)")
     args = parser.parse_args(argv)
@@ -478,7 +493,7 @@ def main(argv=None):
         print(f"skipped: --device=cuda asks for a GPU but CUDA is not available to this torch ({torch.__version__}); "
               "run without --device=cuda for the CPU benchmark.")
         return
-    cfg = SimpleNamespace(**(QUICK if args.quick else FULL), quick=args.quick,
+    cfg = SimpleNamespace(**(QUICK if args.quick else FULL), quick=args.quick, full7b=args.full7b, compile=args.compile,
                           variants=[v for v in VARIANTS if args.compile or v != "TeamLoRA compiled"])
     if args.repeats:
         cfg.repeats = cfg.scale_repeats = args.repeats

@@ -31,6 +31,8 @@ def test_quick_run_prints_every_section_with_every_variant(capsys):
     sharing = out.split("## 6.")[1].split("## 5.")[0]
     assert any(line.startswith("alone") for line in sharing.splitlines())
     assert any(line.startswith("one busy neighbour") for line in sharing.splitlines())
+    stack = out.split("## 5.")[1].split("## Targets")[0]  # --quick runs a tiny stack on the CPU too
+    assert all(any(line.startswith(v + "  ") for line in stack.splitlines()) for v in ("LoRA", "TeamLoRA fused"))
     assert "nan" not in out.lower()
 
 
