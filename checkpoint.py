@@ -101,15 +101,20 @@ def load_state(model, state, cfg):
     copy_into(model, state)
 
 
-def optimizer_state(model, opt, world, fsdp):
-    if fsdp and world > 1:
+def sharded(cfg):
+    """Whether FSDP2 shards the model: under torchrun with fsdp=True, even with one process."""
+    return cfg["fsdp"] and dist.is_initialized()
+
+
+def optimizer_state(model, opt, is_sharded):
+    if is_sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return opt.state_dict()
 
 
-def set_optimizer_state(model, opt, state, world, fsdp):
-    if fsdp and world > 1:
+def set_optimizer_state(model, opt, state, is_sharded):
+    if is_sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
     else:
@@ -146,7 +151,7 @@ def save_weights(r, state):
 def save_checkpoint(r, raw, opt, step):
     cfg = r.cfg
     state = gather_state(raw, cfg)
-    opt_state = optimizer_state(raw, opt, r.world, cfg["fsdp"])
+    opt_state = optimizer_state(raw, opt, sharded(cfg))
     rngs = [None] * r.world
     if r.world > 1:
         dist.all_gather_object(rngs, rng_state(r.device))  # each rank's dropout stream, for an exact resume

@@ -443,19 +443,23 @@ def _flags(run_data, out, *more):
             "--eval_interval=2", "--eval_iters=1", "--r=8", "--dropout=0.0", "--device=cpu", f"--out_dir={out}", *more]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_torchrun_equals_one_process(run_data, tmp_path, mode):
+@pytest.mark.parametrize("mode, nproc", [("ddp", 2), ("fsdp", 2), ("fsdp", 1)])
+def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
     """The global batch is cut the same way for 2 processes as for 1 process with 2 accumulation
-    steps, so the adapters must agree to float rounding (gloo on CPU)."""
+    steps, so the adapters must agree to float rounding (gloo on CPU). FSDP2 also shards under
+    torchrun with one process (what a one-GPU machine can check of it)."""
     one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--",
-                *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}")])  # "--": torchrun would eat --r=8
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+                "--", *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}", f"--grad_accum={3 - nproc}")])
+    # "--": torchrun would eat --r=8
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
     assert_same_adapters(a, b, atol=1e-6)
     assert any(t.abs().sum() > 0 for n, t in b.items() if n.endswith("lora_B"))  # it trained
+    keys = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["optimizer"]["state"].keys()
+    assert keys and all(isinstance(k, str) for k in keys) == (mode == "fsdp")  # FSDP2's state dict: keyed by name, so it sharded
 
 
 def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):
@@ -673,7 +677,7 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     with pytest.raises(UserError, match="does not fit this model"):  # one adapter tensor short
         checkpoint.load_state(b, dict(list(ckpt["state"].items())[1:]), cfg)
     checkpoint.load_state(b, ckpt["state"], cfg)
-    checkpoint.set_optimizer_state(b, opt_b, ckpt["optimizer"], 1, False)
+    checkpoint.set_optimizer_state(b, opt_b, ckpt["optimizer"], False)
     checkpoint.set_rng_state(ckpt["rng"][0], torch.device("cpu"))
     step(b, opt_b)  # the resumed run's step 3
     assert_same_adapters(adapters_of(a), adapters_of(b))

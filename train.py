@@ -342,7 +342,7 @@ def build_model(cfg, dev, vocab_size, world):
     if not full:
         targets = tuple(t.strip() for t in cfg["targets"].split(",") if t.strip())
         teamlora.inject(model, targets, dropout=cfg["dropout"], **adapter_kwargs(cfg))
-    if cfg["fsdp"] and world > 1:
+    if checkpoint.sharded(cfg):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 (or fp32) base as stored, fp32 adapters, gradients reduced in fp32
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg["dtype"]) if full else None,
@@ -436,7 +436,7 @@ def prompt_ids(tok, record, room):
 def generate_all(model, prompts, max_new, r):
     """Greedy answers for every prompt, sharded over ranks. Every rank runs the same number of
     forward passes (FSDP's collectives need it): the same count of equal-size batches, no early stop."""
-    tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], r.cfg["fsdp"] and r.world > 1
+    tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], checkpoint.sharded(r.cfg)
     mine = list(range(r.rank, len(prompts), r.world))
     per_rank = -(-len(prompts) // r.world)
     mine += mine[:1] * (per_rank - len(mine))  # pad with a repeat so every rank has per_rank prompts
@@ -601,7 +601,7 @@ def train(cfg):
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, sigterm)
-        if world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -670,7 +670,7 @@ def setup(r, resuming):
 def restore(r, raw, opt, ckpt):
     """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
     checkpoint.load_state(raw, ckpt["state"], r.cfg)
-    checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], r.world, r.cfg["fsdp"])
+    checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
     checkpoint.set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
     if r.master and r.cfg["adapter"] != "none":  # a kill between the two writes left the adapter behind
         checkpoint.save_weights(r, ckpt["state"])
@@ -706,7 +706,7 @@ def train_step(r, model, raw, opt, dataset, step):
         b = data.get_batch(dataset, step, cfg["batch_size"], cfg["seed"], r.rank * accum + micro, r.world * accum,
                            cfg["batch_mode"], cfg["max_len"], pad_id=r.tok.pad_id, device=r.device)
         last = micro == accum - 1
-        if r.world > 1 and cfg["fsdp"]:
+        if checkpoint.sharded(cfg):
             model.set_requires_gradient_sync(last)
         elif r.world > 1:
             model.require_backward_grad_sync = last
