@@ -434,7 +434,7 @@ def section_cuda7b(cfg, device, peak_tflops):
     print(f"## 5. 7B-shaped stack on {name}: bf16, dim {args.dim}, FFN {args.ffn_hidden_dim}, {args.n_layers} "
           f"layers, vocab {args.vocab_size}, batch {batch} x {seq}, FFN adapters r={r} (TeamLoRA k={k}) in "
           f"{str(adapter_dtype)[6:]}, activation checkpointing {'on' if cfg.full7b else 'off'}")
-    variants = [v for v in ("LoRA", "TeamLoRA fused", "blocks compiled") if v != "blocks compiled" or cfg.compile]
+    variants = ["LoRA", "TeamLoRA fused"] + ["blocks compiled"] * ("TeamLoRA compiled" in cfg.variants)
     torch.compiler.reset()
     models = {}
     for v in variants:  # the same base weights in each, from the same seed
@@ -493,7 +493,7 @@ def main(argv=None):
         print(f"skipped: --device=cuda asks for a GPU but CUDA is not available to this torch ({torch.__version__}); "
               "run without --device=cuda for the CPU benchmark.")
         return
-    cfg = SimpleNamespace(**(QUICK if args.quick else FULL), quick=args.quick, full7b=args.full7b, compile=args.compile,
+    cfg = SimpleNamespace(**(QUICK if args.quick else FULL), quick=args.quick, full7b=args.full7b,
                           variants=[v for v in VARIANTS if args.compile or v != "TeamLoRA compiled"])
     if args.repeats:
         cfg.repeats = cfg.scale_repeats = args.repeats

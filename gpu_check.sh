@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a session that has one GPU (about 8 minutes on an H100-class GPU):
+# The GPU checks in one go, for a session that has one GPU (an estimated 8 minutes on an H100-class GPU):
 #   bash gpu_check.sh [OUT]        # logs in OUT (default out/gpu_check), a summary at the end
 # 1. the CUDA tests; 2. the 7B-shaped step at full depth (32 blocks, micro-batch 4 x 1024, activation
 # checkpointing): LoRA, TeamLoRA eager and blocks compiled, tokens/s, MFU, peak memory, beside the dry run's

@@ -450,16 +450,16 @@ def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
     torchrun with one process (what a one-GPU machine can check of it)."""
     one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2")])
     assert one.returncode == 0, one.stderr[-2000:]
+    # "--": torchrun would eat --r=8
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
                 "--", *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}", f"--grad_accum={3 - nproc}")])
-    # "--": torchrun would eat --r=8
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
     assert_same_adapters(a, b, atol=1e-6)
     assert any(t.abs().sum() > 0 for n, t in b.items() if n.endswith("lora_B"))  # it trained
     keys = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["optimizer"]["state"].keys()
-    assert keys and all(isinstance(k, str) for k in keys) == (mode == "fsdp")  # FSDP2's state dict: keyed by name, so it sharded
+    assert keys and (all(isinstance(k, str) for k in keys) == (mode == "fsdp"))  # FSDP2 keys by name: it sharded
 
 
 def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):
