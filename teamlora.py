@@ -6,10 +6,9 @@
 
 One shared A (r x d_in) feeds k experts B_i (d_out x r_B), kept side by side as B = [B_1 ... B_k]. As sum_i
 omega_i z_i B_i^T = (z * omega repeated r_B times) B^T, two GEMMs and a d_in -> k router do it: one LoRA's cost.
-Scale: omega sums to k and the scaling is alpha / r_B (the authors' code), so at equal alpha TeamLoRA's update
-is k times that of a LoRA of the same total rank (and of MoELoRA, whose weights sum to 1): compare methods
-each at its own learning rate. baselines.team_lora_delta_loop writes Eq. 9 and 13 one expert at a time.
-Copy this file into any project: it needs only torch.
+Scale: omega sums to k and the scaling is alpha / r_B (the authors' code), so at equal alpha TeamLoRA's update is
+k times that of a LoRA of the same total rank (and of MoELoRA, whose weights sum to 1): compare methods each at
+its own learning rate. baselines.team_lora_delta_loop writes Eq. 9 and 13 one expert at a time. Needs only torch.
 """
 import functools
 import math
@@ -20,23 +19,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign kept (see expert_weights)
+EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign kept (see expert_weights_t)
 
 
-def expert_weights(x, router, M, logits=None):
-    """omega, per-token expert weights (..., k) in float32 (or float64) summing to k; M=None: no competition.
-    `logits` = x W_r^T when the caller has them already (the fused path gets them from A's GEMM)."""
-    logits = F.linear(x, router) if logits is None else logits  # (..., k)
-    phi = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # Eq. 11
+def expert_weights(x, router, M):
+    """omega, per-token expert weights (..., k) in float32 (or float64) summing to k; M=None: no competition."""
+    logits = F.linear(x, router)  # (..., k)
+    return expert_weights_t(logits.reshape(-1, logits.shape[-1]).t(), M).t().reshape(logits.shape)
+
+
+def expert_weights_t(logits_t, M):
+    """omega^T (k, N) from the router logits^T (k, N): tokens on the fast axis, where CPU kernels vectorise (a
+    softmax over a last axis of size k is 10-20x slower; a GEMM giving (N, r + k) rounds r + k up to the vector)."""
+    phi = logits_t.to(torch.promote_types(logits_t.dtype, torch.float32)).softmax(0)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
-        return phi * phi.shape[-1]
-    flat = phi.reshape(-1, phi.shape[-1])  # Eq. 12 as phi (I + M) = phi + phi M (M's diagonal starts at 0)
+        return phi * phi.shape[0]
     with torch.autocast("cpu" if phi.is_meta else phi.device.type, enabled=False):  # meta has no autocast
-        adj = torch.addmm(flat, flat, M.to(phi.dtype)).view(phi.shape)  # one GEMM, kept float32 under autocast
-    s = adj.sum(-1, keepdim=True)
+        adj = torch.addmm(phi, M.t().to(phi.dtype), phi)  # Eq. 12 as (phi + phi M)^T: one GEMM, kept float32
+    s = adj.sum(0, keepdim=True)
     # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
     s = torch.where(s.abs() < EPS, torch.where(s < 0, -EPS, EPS), s)  # 0 -> +EPS
-    return adj / s * phi.shape[-1]
+    return adj / s * phi.shape[0]
 
 
 def team_lora_delta(x, A, B, router, M, scaling, dropout):
@@ -44,13 +47,12 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
     A's GEMM, concatenated here (parameter names stay): x is read, and grad x written, once."""
     if router is None:  # one expert: plain LoRA
         return F.linear(F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling, B), None
-    (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
-    z, logits = F.linear(x, torch.cat([A, router.to(A.dtype)])).reshape(-1, r + k).split([r, k], -1)
-    z = F.dropout(z, dropout, dropout > 0)  # Eq. 8, dropout on z_i; z (N, r), logits (N, k)
-    omega = expert_weights(x, router, M, logits=logits)
-    w = (omega * scaling).to(z.dtype)  # fold the scaling into the k weights, not the r columns
-    zw = (z.view(-1, k, r // k) * w.unsqueeze(-1)).view(-1, r)  # (N, k, r_B) -> (N, r)
-    return F.linear(zw, B).view(*lead, -1), omega.view(*lead, k)  # Eq. 9 + 13 in one GEMM: sum_i omega_i z_i B_i^T
+    (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]  # z^T, logits^T (r + k, N): see expert_weights_t
+    zt, logits_t = torch.cat([A, router.to(A.dtype)]).mm(x.reshape(-1, x.shape[-1]).t()).split([r, k])
+    zt = F.dropout(zt, dropout, dropout > 0)  # Eq. 8, dropout on z_i
+    omega_t = expert_weights_t(logits_t, M)  # (k, N)
+    zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # scaled on k, not r
+    return F.linear(zw.t(), B).view(*lead, -1), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: sum_i omega_i z_i B_i^T
 
 
 @functools.cache
@@ -76,8 +78,7 @@ class TeamLoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.r, self.experts, self.competition = r, experts, competition and experts > 1
-        self.scaling = alpha / (r // experts)  # alpha / r_B, as in the authors' code
-        self.dropout, self.compile = dropout, compile
+        self.scaling, self.dropout, self.compile = alpha / (r // experts), dropout, compile  # the authors' alpha / r_B
         kw = dict(device=self.weight.device, dtype=adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))  # [B_1 ... B_k]
@@ -116,13 +117,13 @@ class TeamLoRALinear(nn.Linear):
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TeamLoRALinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
-        out = F.linear(x, self.weight, self.bias)
         if self.merged:  # for inference: the adapter is inside weight
-            return out
+            return F.linear(x, self.weight, self.bias)
         fused = _fused_compiled(x.device.type) if self.compile else team_lora_delta
         delta, self.last_omega = fused(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
                                        self.lora_M, self.scaling, self.dropout if self.training else 0.0)
-        return out + delta.to(out.dtype)
+        out = F.linear(x, self.weight, self.bias)  # after the adapter: backward meets its grad x first and
+        return out + delta.to(out.dtype)  # adds the adapter's (a transposed view) into it in place
 
     def extra_repr(self):
         return f"{super().extra_repr()}, r={self.r}, experts={self.experts}, competition={self.competition}"

@@ -87,16 +87,20 @@ def reference_forward(x, W, b, A, B, router, M, k, alpha, competition=True):
 @pytest.mark.parametrize("k,r,shape,competition,bias", [
     (4, 8, (5, 12), True, True), (2, 8, (2, 3, 12), True, False), (8, 16, (1, 7, 12), True, True),
     (4, 8, (3, 12), False, True), (1, 4, (2, 5, 12), True, True), (3, 9, (4, 2, 2, 12), True, True)])
-def test_forward_matches_equations_float64(k, r, shape, competition, bias):
+def test_forward_and_gradients_match_equations_float64(k, r, shape, competition, bias):
     layer = make_layer(r=r, experts=k, competition=competition, bias=bias)
-    x = torch.randn(shape, dtype=torch.float64)
-    M = layer.lora_M.detach() if layer.lora_M is not None else None
-    router = layer.lora_router.detach() if layer.lora_router is not None else None
-    ref = reference_forward(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach(),
-                            layer.lora_A.detach(), layer.lora_B.detach(), router, M, k, 16.0, competition)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    ref = reference_forward(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router,
+                            layer.lora_M, k, 16.0, competition)
     out = layer(x)
     assert out.shape == shape[:-1] + (10,)
     assert (out - ref).abs().max() / ref.abs().max() < 1e-12
+    # every gradient, through autograd of the independent reference (not of the shared expert_weights_t)
+    inputs = [x] + [p for n, p in layer.named_parameters() if n.startswith("lora_")]
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    for g_out, g_ref in zip(torch.autograd.grad((out * weights).sum(), inputs),
+                            torch.autograd.grad((ref * weights).sum(), inputs)):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-12)
 
 
 def _grads(fn, layer, x):
@@ -224,7 +228,7 @@ def test_dropout_is_applied_to_the_rank_segments_not_to_x():
     torch.manual_seed(123)
     out = layer(x)
     torch.manual_seed(123)
-    z = F.dropout(x @ layer.lora_A.T, 0.5, True) * layer.scaling  # same RNG draw, on z
+    z = F.dropout(layer.lora_A @ x.T, 0.5, True).T * layer.scaling  # same RNG draw, on z (laid out as z^T)
     omega = layer.last_omega
     zw = (z.view(6, 4, 2) * omega.unsqueeze(-1)).view(6, 8)
     expected = F.linear(x, layer.weight, layer.bias) + zw @ layer.lora_B.T
