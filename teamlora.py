@@ -52,7 +52,7 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
     zt = F.dropout(zt, dropout, dropout > 0)  # Eq. 8, dropout on z_i
     omega_t = expert_weights_t(logits_t, M)  # (k, N)
     zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # scaled on k, not r
-    return F.linear(zw.t(), B).view(*lead, -1), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: sum_i omega_i z_i B_i^T
+    return F.linear(zw.t(), B).view(*lead, B.shape[0]), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: one GEMM
 
 
 @functools.cache

@@ -220,6 +220,18 @@ def test_official_initialisation_and_parameter_layout():
     assert TeamLoRALinear(nn.Linear(8, 8), r=4, experts=2, competition=False).lora_M is None
 
 
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("shape", [(0, 12), (2, 0, 12)])
+def test_an_empty_batch_passes_through_like_nn_linear(k, shape):
+    layer = make_layer(r=8, experts=k)
+    layer.dropout = 0.5  # in training mode, dropout included
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.shape == shape[:-1] + (10,)
+    out.sum().backward()
+    assert x.grad.shape == shape and float(layer.lora_A.grad.abs().sum()) == 0.0
+
+
 def test_dropout_is_applied_to_the_rank_segments_not_to_x():
     layer = make_layer(dtype=torch.float32)
     layer.dropout = 0.5
