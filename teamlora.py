@@ -30,7 +30,7 @@ def expert_weights(x, router, M):
 
 def expert_weights_t(logits_t, M):
     """omega^T (k, N) from the router logits^T (k, N): tokens on the fast axis, where CPU kernels vectorise (a
-    softmax over a last axis of size k is 10-20x slower; a GEMM giving (N, r + k) rounds r + k up to the vector)."""
+    softmax over a last axis of size k is 15-30x slower; a GEMM to (N, r + k) pads r + k to the SIMD width)."""
     phi = logits_t.to(torch.promote_types(logits_t.dtype, torch.float32)).softmax(0)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[0]
