@@ -29,8 +29,7 @@ def expert_weights(x, router, M):
 
 
 def expert_weights_t(logits_t, M):
-    """omega^T (k, N) from the router logits^T (k, N): tokens on the fast axis, where CPU kernels vectorise (a
-    softmax over a last axis of size k is 15-30x slower; a GEMM to (N, r + k) pads r + k to the SIMD width)."""
+    """omega^T (k, N) from router logits^T (k, N): tokens on the fast axis (softmax along a last axis of k: 15-30x slower)."""
     phi = logits_t.to(torch.promote_types(logits_t.dtype, torch.float32)).softmax(0)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[0]
@@ -47,7 +46,8 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
     A's GEMM, concatenated here (parameter names stay): x is read, and grad x written, once."""
     if router is None:  # one expert: plain LoRA
         return F.linear(F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling, B), None
-    (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]  # z^T, logits^T (r + k, N): see expert_weights_t
+    (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]  # z^T, logits^T (r + k, N): tokens on the fast
+    # axis, as in expert_weights_t; a GEMM giving (N, r + k) would pad r + k to the SIMD width, costing up to 50%
     zt, logits_t = torch.cat([A, router.to(A.dtype)]).mm(x.reshape(-1, x.shape[-1]).t()).split([r, k])
     zt = F.dropout(zt, dropout, dropout > 0)  # Eq. 8, dropout on z_i
     omega_t = expert_weights_t(logits_t, M)  # (k, N)
