@@ -29,7 +29,7 @@ def expert_weights(x, router, M):
 
 
 def expert_weights_t(logits_t, M):
-    """omega^T (k, N) from router logits^T (k, N): tokens on the fast axis (softmax along a last axis of k: 15-30x slower)."""
+    """omega^T (k, N) from logits^T (k, N): tokens on the fast axis (a softmax over a last axis of k: 15-30x slower)."""
     phi = logits_t.to(torch.promote_types(logits_t.dtype, torch.float32)).softmax(0)  # Eq. 11
     if M is None:  # collaboration only (Table 4)
         return phi * phi.shape[0]
