@@ -48,7 +48,7 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
         return F.linear(F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling, B), None
     (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]  # z^T, logits^T (r + k, N): tokens on the fast
     # axis, as in expert_weights_t; a GEMM giving (N, r + k) would pad r + k to the SIMD width, costing up to 50%
-    zt, logits_t = torch.cat([A, router.to(A.dtype)]).mm(x.reshape(-1, x.shape[-1]).t()).split([r, k])
+    zt, logits_t = torch.cat([A, router]).mm(x.reshape(-1, x.shape[-1]).t()).split([r, k])
     zt = F.dropout(zt, dropout, dropout > 0)  # Eq. 8, dropout on z_i
     omega_t = expert_weights_t(logits_t, M)  # (k, N)
     zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # scaled on k, not r

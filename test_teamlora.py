@@ -232,22 +232,23 @@ def test_an_empty_batch_passes_through_like_nn_linear(k, shape):
     assert x.grad.shape == shape and float(layer.lora_A.grad.abs().sum()) == 0.0
 
 
-def test_dropout_is_applied_to_the_rank_segments_not_to_x():
-    layer = make_layer(dtype=torch.float32)
+@pytest.mark.parametrize("k", [1, 4])
+def test_dropout_is_applied_to_the_rank_segments_not_to_x(k):
+    layer = make_layer(experts=k, dtype=torch.float32)
     layer.dropout = 0.5
     layer.train()
     x = torch.randn(6, 12)
     torch.manual_seed(123)
     out = layer(x)
-    torch.manual_seed(123)
-    z = F.dropout(layer.lora_A @ x.T, 0.5, True).T * layer.scaling  # same RNG draw, on z (laid out as z^T)
-    omega = layer.last_omega
-    zw = (z.view(6, 4, 2) * omega.unsqueeze(-1)).view(6, 8)
+    torch.manual_seed(123)  # the same RNG draw, on z: laid out as z^T with experts, as z without (plain LoRA)
+    z = (F.dropout(layer.lora_A @ x.T, 0.5, True).T if k > 1 else F.dropout(x @ layer.lora_A.T, 0.5, True))
+    omega = layer.last_omega if k > 1 else torch.ones(6, 1)
+    zw = (z.view(6, k, 8 // k) * omega.unsqueeze(-1)).view(6, 8) * layer.scaling
     expected = F.linear(x, layer.weight, layer.bias) + zw @ layer.lora_B.T
     torch.testing.assert_close(out, expected)
     layer.eval()
     torch.testing.assert_close(layer(x), reference_forward(
-        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M, 4, 16.0))
+        x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M, k, 16.0))
 
 
 class MoELoRA(nn.Module):
@@ -692,10 +693,11 @@ def test_lora_merges_into_the_weight_and_unmerges_to_float_tolerance(dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer(x), unmerged, **tol)  # merged: the same function ...
     torch.testing.assert_close(layer(x), want, **tol)      # ... computed by the base GEMM alone
+    merged_weight = layer.weight.detach().clone()
+    layer.merge()  # merging twice changes nothing
+    assert torch.equal(layer.weight, merged_weight)
     with torch.no_grad():
         layer.lora_B.zero_()  # the adapter is no longer read
-    torch.testing.assert_close(layer(x), unmerged, **tol)
-    layer.merge()  # merging twice changes nothing
     torch.testing.assert_close(layer(x), unmerged, **tol)
     with torch.no_grad():
         layer.lora_B.copy_(make_layer(d_in=24, d_out=20, r=8, experts=1, dtype=dtype).lora_B)
