@@ -451,6 +451,20 @@ def test_rms_norm_keeps_eps_inside_the_square_root():
     torch.testing.assert_close(norm(x.float()).double(), want, atol=1e-6, rtol=1e-5)
 
 
+def test_rms_norm_of_bf16_rounds_once_after_normalising_in_full_precision():
+    """In bf16 the statistics are taken in float32, so the normalised x is rounded to bf16 once: it equals
+    the float64 normalisation rounded to bf16 (then times the weight) almost everywhere. Normalising in
+    bf16 would round the scale too, moving about a quarter of the elements by one bf16 step."""
+    torch.manual_seed(0)
+    norm = RMSNorm(1024, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(1024))
+    x = (torch.randn(64, 1024) * torch.rand(64, 1) * 10).to(torch.bfloat16)
+    xd = x.double()
+    want = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * norm.weight
+    assert (norm(x) == want).float().mean() > 0.99
+
+
 def test_initialisation_scales_residual_projections_by_sqrt_two_n_layers():
     """GPT-2's scheme: N(0, 0.02) everywhere, N(0, 0.02 / sqrt(2 n_layers)) for wo and w2, norms 1."""
     torch.manual_seed(0)
