@@ -49,6 +49,7 @@ def test_accuracy_does_not_mistake_words_for_option_letters():
     assert accuracy("Because of gravity", "B") == 0.0
     assert accuracy("", "A") == 0.0
     assert accuracy("B. A city in France", "B") == 1.0  # an "A" later in the answer text is fine
+    assert accuracy("(B)", " b") == accuracy("b)", "B") == 1.0  # the gold letter's case and spaces do not matter
 
 
 def test_accuracy_on_label_words_ignores_case_punctuation_and_an_answer_prefix():
