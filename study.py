@@ -199,6 +199,9 @@ def selection(opts, extra, names, later=0):
             for m in methods for lr in opts["grid"]]
     if not opts["report"]:
         run_all(jobs, opts, later)
+    elif not os.path.isdir(os.path.join(opts["out"], "select")):
+        raise data.UserError(f"--report found no study in {opts['out']}/ (no select/ folder): run python study.py "
+                             "first, or pass the --out (and --quick) of the study to report on.")
     chosen = {}
     for m in methods:
         by_lr = {lr: read_results(os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}")) for lr in opts["grid"]}

@@ -108,3 +108,10 @@ def test_study_rejects_unknown_runs_and_train_keys(capsys):
     with pytest.raises(SystemExit):
         study.main(["--learning_rat=1e-3", "--report"])
     assert "unknown config key 'learning_rat'" in capsys.readouterr().err
+
+
+def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--report", f"--out={tmp_path}/none"])
+    err = capsys.readouterr().err
+    assert f"--report found no study in {tmp_path}/none/" in err and "diverged" not in err
