@@ -476,8 +476,9 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
     if corpus_docs < 2 * len(w["entities"]):
         raise UserError(f"corpus_docs={corpus_docs} is too small; use at least {2 * len(w['entities'])} so that "
                          "every entity's facts reach the corpus.")
-    if os.path.exists(os.path.join(out_dir, "suite.json")):
-        os.remove(os.path.join(out_dir, "suite.json"))  # a rebuild cut short must not look complete
+    _check_out_dir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, BUILDING), "")  # a build of ours: one cut short may start again here
     # test before val: the test sets stay what they were when val was smaller
     sizes = {"train": n_train_per_task, "test": n_test_per_task, "val": n_val_per_task}
     data = {split: {} for split in sizes}
@@ -515,7 +516,25 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
                                 "labels": t.labels and list(t.labels), **{s: len(data[s][name]) for s in sizes}}
                          for name, t in SYNTHETIC_TASKS.items()}}
     write_atomic(os.path.join(out_dir, "suite.json"), json.dumps(summary, indent=1) + "\n")
+    os.remove(os.path.join(out_dir, BUILDING))
     return summary
+
+
+BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
+
+
+def _check_out_dir(out_dir):
+    """Refuse a folder that make_suite would spoil: a file, a finished suite (and what was built from
+    it), or a folder of other files. A folder of a build cut short (BUILDING in it) is taken up again."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file, not a folder; choose another folder for the suite.")
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if "suite.json" in names:
+        raise UserError(f"{out_dir} already holds a mini-CME suite; choose another folder, or delete that one "
+                        "(and what was built from it) to build it again.")
+    if names and BUILDING not in names:
+        raise UserError(f"{out_dir} already holds files that are not a mini-CME suite ({', '.join(names[:3])}); "
+                        "choose a new or empty folder.")
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 
 import minicme
+from errors import UserError
 from minicme import SYNTHETIC_TASKS, make_suite
 from tasks import CME_TASKS, evaluate
 
@@ -174,18 +175,39 @@ def test_qa_accepts_a_directors_surname_a_rivers_name_with_river_and_a_genre_wit
         assert evaluate(qa, [alias(r["output"]) for r in asked], asked) == 100.0, attr
 
 
-def test_an_interrupted_rebuild_does_not_leave_the_old_suite_json_behind(tmp_path, monkeypatch):
-    """suite.json marks a complete suite: rebuilding into a finished folder removes it first, so a
-    rebuild that fails half-way does not look complete."""
-    make_suite(str(tmp_path), seed=0, **SUITE_SIZES)
-    assert (tmp_path / "suite.json").is_file()
-
+def test_an_interrupted_build_does_not_look_complete_and_the_next_build_finishes_it(tmp_path, monkeypatch):
+    """suite.json, written last, marks a complete suite: a build that fails half-way leaves none, and
+    building into that folder again completes it, byte for byte as a build in a fresh folder."""
     def fail(*args, **kwargs):
         raise RuntimeError("stopped half-way")
-    monkeypatch.setattr(minicme, "_train_tokenizer", fail)
-    with pytest.raises(RuntimeError, match="half-way"):
-        make_suite(str(tmp_path), seed=1, **SUITE_SIZES)
-    assert not (tmp_path / "suite.json").exists()
+    with monkeypatch.context() as m:
+        m.setattr(minicme, "_train_tokenizer", fail)
+        with pytest.raises(RuntimeError, match="half-way"):
+            make_suite(str(tmp_path / "a"), seed=0, **SUITE_SIZES)
+    assert not (tmp_path / "a" / "suite.json").exists()
+    make_suite(str(tmp_path / "a"), seed=0, **SUITE_SIZES)
+    make_suite(str(tmp_path / "b"), seed=0, **SUITE_SIZES)
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b") and "suite.json" in _tree(tmp_path / "a")
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_make_suite_overwrites_nothing(tmp_path):
+    """Not a finished suite (nor what was built from it), not a user's files, not a file given as the folder."""
+    make_suite(str(tmp_path / "suite"), seed=0, **SUITE_SIZES)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.jsonl").write_text("my own records\n")
+    (tmp_path / "file").write_text("a file\n")
+    before = {name: _tree(tmp_path / name) for name in ("suite", "mine")}
+    for name, message in (("suite", "already holds a mini-CME suite; choose another folder"),
+                          ("mine", "already holds files that are not a mini-CME suite \\(train.jsonl\\)"),
+                          ("file", "is a file, not a folder")):
+        with pytest.raises(UserError, match=message):
+            make_suite(str(tmp_path / name), seed=1, **SUITE_SIZES)
+    assert {name: _tree(tmp_path / name) for name in ("suite", "mine")} == before
+    assert (tmp_path / "file").read_text() == "a file\n"
 
 
 def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
