@@ -285,7 +285,8 @@ def test_the_balance_loss_gets_each_batchs_padding_mask_and_the_configured_reduc
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
-    flags = ("--dropout=0.1", "--eval_dir=", "--max_iters=6", "--eval_interval=3")
+    # threads pinned: the default follows the machine's load, and another thread count rounds differently
+    flags = ("--dropout=0.1", "--eval_dir=", "--max_iters=6", "--eval_interval=3", "--threads=1")
     whole = train.train(train_cfg(run_data, tmp_path / "whole", *flags))
     train.train(train_cfg(run_data, tmp_path / "part", *flags, "--max_iters=3", "--lr_decay_iters=6"))
     resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--max_iters=6"]))
@@ -779,3 +780,167 @@ def test_the_last_step_is_logged_and_checkpointed_and_a_resume_appends_to_the_lo
     # a finished run can be scored again with a max_iters below its step: eval_only trains nothing
     train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2", "--eval_only=True"]))
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 5 and logged("loss") == [2, 3, 4, 5]
+
+
+# -------------------------------------------------------------------------------------------------
+# train_step against the objective written out (added from mutation testing: a step shifted
+# schedule, an ignored balance_coef, a missing clip, a loss not scaled by the process count and
+# gradient sync on the wrong micro-batch all left every other test passing)
+
+class _RecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps, at every step, the gradients and the learning rate it was handed."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(([p.grad.clone() for p in self.param_groups[0]["params"]], self.param_groups[0]["lr"]))
+        return super().step(closure)
+
+
+def _reference_objective(model, b, accum, coef, reduction):
+    """train_step's objective on global batch b, built from each example run alone (so no padding at all):
+    summed answer-token cross-entropy over the batch's answer tokens, plus coef times the mean over the
+    accum micro-batches (consecutive slices of the rows) of the balance loss, per layer
+    mean_f (mean over the slice's tokens of omega_f - 1)^2, averaged or summed over layers."""
+    layers = [m for m in model.modules() if isinstance(m, TeamLoRALinear)]
+    ce, omegas = 0.0, []
+    for row in range(len(b["tokens"])):
+        real = b["valid"][row]
+        assert (b["labels"][row, ~real] == -100).all()  # padding never has a label
+        ce = ce + model(b["tokens"][row, real][None], b["labels"][row, real][None], reduction="sum")[1]
+        omegas.append([m.last_omega[0] for m in layers])
+    n_answer = int((b["labels"] != -100).sum())
+    assert n_answer == b["n_answer_global"] > 0
+    share, balance = len(omegas) // accum, 0.0
+    for s in range(accum):
+        rows = omegas[s * share:(s + 1) * share]
+        per_layer = torch.stack([((torch.cat([o[i] for o in rows]).mean(0) - 1) ** 2).mean()
+                                 for i in range(len(layers))])
+        balance = balance + (per_layer.sum() if reduction == "sum" else per_layer.mean())
+    return ce / n_answer, coef * balance / accum
+
+
+def _reference_grads(model, loss):
+    params = train.trainable(model)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("grad_clip", [1e6, 0.05])
+def test_train_step_hands_adamw_the_clipped_gradient_of_the_loss_and_balance_terms(run_data, tmp_path, grad_clip):
+    """Step 3 of a run with 2 accumulation steps: the loss it returns is the answer tokens' mean cross-entropy
+    over the whole batch, the optimizer gets get_lr(3) and the gradient of cross-entropy + balance_coef x the
+    balance loss (mean over micro-batches), clipped to norm grad_clip, and no gradient stays for the next step."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--dropout=0.0", "--grad_accum=2",
+                                                   "--balance_coef=0.5", "--balance_reduction=sum",
+                                                   "--warmup_iters=5", f"--grad_clip={grad_clip}")
+    cfg, ds, step = r.cfg, data.TokenDataset(r.cfg["data_dir"], "train"), 3
+    b = data.get_batch(ds, step, cfg["batch_size"], cfg["seed"], mode="pad", max_len=cfg["max_len"])
+    ce, balance = _reference_objective(model, b, 2, 0.5, "sum")
+    without_balance = _reference_grads(model, ce)
+    want = [g + h for g, h in zip(without_balance, _reference_grads(model, balance))]
+    norm = torch.cat([g.flatten() for g in want]).norm()
+    assert norm > 2 * grad_clip or grad_clip > 1e3  # the small grad_clip does clip
+    scale = min(1.0, grad_clip / (norm.item() + 1e-6))
+    opt = _RecordingAdamW(train.trainable(model), lr=cfg["learning_rate"])
+    loss, lr, _ = train.train_step(r, model, model, opt, ds, step)
+    assert loss == pytest.approx(ce.item(), rel=1e-5)
+    assert lr == train.get_lr(step, cfg) and lr < cfg["learning_rate"]  # still warming up
+    (got, opt_lr), = opt.seen
+    assert opt_lr == lr
+    for g, w, w0 in zip(got, want, without_balance):
+        top = w.abs().max()
+        assert (g - w * scale).abs().max() <= 1e-4 * top * scale
+    # the balance term moves the gradient far more than the tolerance (the check above sees it)
+    assert max(((w - w0).abs().max() / w.abs().max()).item() for w, w0 in zip(want, without_balance)) > 0.01
+    assert all(p.grad is None for p in train.trainable(model))  # nothing carried into the next step
+
+
+class _SyncRecorder(nn.Module):
+    """Stands for DistributedDataParallel: forwards to the model, and records the gradient-sync flag
+    train_step set for each micro-batch."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.syncs = inner, []
+
+    def forward(self, *a, **k):
+        self.syncs.append(self.require_backward_grad_sync)
+        return self.inner(*a, **k)
+
+
+def test_two_processes_gradients_average_to_the_one_process_gradient(run_data, tmp_path, monkeypatch):
+    """Each of 2 ranks with 2 accumulation steps computes its gradient (the reduction DDP would do,
+    an average, done here by hand): the average is the gradient of the whole batch's objective, and
+    gradients are synchronised on the last micro-batch only."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--dropout=0.0", "--grad_accum=2",
+                                                   "--balance_coef=0.5", "--learning_rate=0.0", "--grad_clip=1e6")
+    monkeypatch.setattr(train, "all_reduce_sum", lambda t, world: t)  # each rank keeps its own sums
+    cfg, ds = r.cfg, data.TokenDataset(r.cfg["data_dir"], "train")
+    b = data.get_batch(ds, 0, cfg["batch_size"], cfg["seed"], mode="pad", max_len=cfg["max_len"])
+    want = _reference_grads(model, sum(_reference_objective(model, b, 4, 0.5, cfg["balance_reduction"])))
+    per_rank = []
+    for rank in range(2):
+        ddp, opt = _SyncRecorder(model), _RecordingAdamW(train.trainable(model), lr=0.0)
+        train.train_step(train.Run(cfg, rank, 2, r.device, r.tok, r.args), ddp, model, opt, ds, 0)
+        assert ddp.syncs == [False, True]
+        per_rank.append(opt.seen[0][0])
+    for g0, g1, w in zip(*per_rank, want):
+        assert ((g0 + g1) / 2 - w).abs().max() <= 1e-4 * w.abs().max()
+
+
+def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
+    """save_checkpoint keeps every rank's generator state (gathered) and restore gives rank i its own:
+    with dropout, rank 1 resuming on rank 0's state would drop other units than the run it continues."""
+    import types
+
+    import checkpoint
+    a = _tiny_adapter_model(seed=1)
+    cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}
+    dev = torch.device("cpu")
+    states = []
+    for seed in (10, 11):  # what rank 0 and rank 1 hold when the checkpoint is written
+        torch.manual_seed(seed)
+        states.append(checkpoint.rng_state(dev))
+
+    def all_gather_object(out, mine):
+        out[:] = states
+    monkeypatch.setattr(checkpoint.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
+    opt = torch.optim.AdamW(train.trainable(a), lr=1e-2)
+    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args)
+    checkpoint.save_checkpoint(r, a, opt, 7)
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    for rank, seed in ((1, 11), (0, 10)):
+        torch.manual_seed(seed)
+        want = torch.rand(4)
+        torch.manual_seed(99)
+        run = train.Run(cfg, rank, 2, dev)
+        assert train.restore(run, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), ckpt) == 7
+        assert torch.equal(torch.rand(4), want), rank
+
+
+def test_the_optimizer_gets_the_configured_betas_weight_decay_and_the_schedules_lr(run_data, tmp_path):
+    cfg = train_cfg(run_data, tmp_path / "o", "--eval_dir=", "--eval_iters=0", "--max_iters=1", "--eval_interval=1",
+                    "--beta1=0.8", "--beta2=0.95", "--weight_decay=0.1", "--warmup_iters=4")
+    train.train(cfg)
+    group, = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert tuple(group["betas"]) == (0.8, 0.95) and group["weight_decay"] == 0.1
+    assert group["lr"] == train.get_lr(0, cfg) == cfg["learning_rate"] / 4  # step 0's, the only step
+
+
+def test_the_expert_load_of_several_processes_is_the_load_each_computes(run_data, tmp_path, monkeypatch):
+    """Every rank computes the load on the same prompts; the all-reduce sums world copies of it, and the
+    reported load is that load again (shares summing to 1), as with one process."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_limit=2")
+    r.eval_sets = train.load_eval_sets(r.cfg)
+    monkeypatch.setattr(train, "generate_all", lambda model, prompts, max_new, r: [""] * len(prompts))
+    _, one = train.evaluate(model, r)
+    monkeypatch.setattr(train, "all_reduce_sum", lambda t, world: t * world)  # world ranks, the same load each
+    _, two = train.evaluate(model, train.Run(r.cfg, 0, 2, r.device, r.tok, r.args, r.eval_sets))
+    assert one.keys() == two.keys() == set(SYNTHETIC_TASKS)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=1e-7)
+        assert two[name].sum().item() == pytest.approx(1.0, abs=1e-5)
