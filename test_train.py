@@ -298,6 +298,27 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
                                         "--r=16", "--learning_rate=1e-3"]))
 
 
+def test_a_resume_keeps_the_thread_count_the_run_chose(run_data, tmp_path, monkeypatch):
+    """threads=0 picks the cores no other job is running on; a resume on a busier machine must not pick
+    fewer, or it would round differently from the run it continues (--threads=N still changes it)."""
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    used, real = [], train.run
+    monkeypatch.setattr(train, "run", lambda r, ckpt: (used.append(torch.get_num_threads()), real(r, ckpt))[1])
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(train, "others_running", lambda: 0)
+        train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=1"))
+        monkeypatch.setattr(train, "others_running", lambda: 2)  # busier now: a fresh run would take 1
+        for extra in ((), ("--threads=2",)):
+            train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=3",
+                                            *extra]))
+    finally:
+        torch.set_num_threads(before)
+    assert used == [3, 3, 2]
+
+
 def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
     """With lr 0 the adapters stay at B = 0 (the base's function), so only the records could differ."""
     runs = [train.train(train_cfg(run_data, tmp_path / f"s{seed}", "--eval_dir=", "--max_iters=1", "--eval_interval=1",

@@ -583,8 +583,9 @@ def train(cfg):
     """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
     cfg, ckpt = resume_config(cfg)
     rank, world, dev = setup_distributed(cfg)
-    if dev.type == "cpu":
+    if dev.type == "cpu":  # the count used is saved with the config: a resume keeps it, as rounding depends on it
         torch.set_num_threads(cpu_threads(cfg))
+        cfg = {**cfg, "threads": torch.get_num_threads()}
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
