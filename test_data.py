@@ -913,3 +913,224 @@ def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):
         list(data.read_jsonl(path))
     path.write_text(f"{GOOD}\n\n{GOOD}\n")
     assert [where for where, _ in data.read_jsonl(path)] == [f"{path} line 1", f"{path} line 3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaps found by mutation testing: prepare's boundaries and order, batches, tokenizers, atomic writes
+
+def test_a_record_is_dropped_exactly_when_max_len_leaves_no_answer_token_and_truncated_when_cut(tmp_path, tiny_spm):
+    tok = Tokenizer(tiny_spm)
+    record = {"instruction": "the quick brown fox", "input": "jumps", "output": "over the lazy dog"}
+    source = tmp_path / "d.jsonl"
+    source.write_text(json.dumps(record) + "\n" + GOOD + "\n")  # GOOD is short enough for every max_len below
+    prompt, full = len(data.encode_prompt(tok, record)), len(encode_example(tok, record, 10**6)[0])
+    assert len(encode_example(tok, json.loads(GOOD), 10**6)[0]) < prompt < full - 1
+    for max_len in (prompt, prompt + 1, full - 1, full):
+        summary = prepare([source], tiny_spm, tmp_path / f"out{max_len}", max_len=max_len, workers=1, quiet=True)
+        dropped = max_len <= prompt  # the prompt fills the record: no answer token, no loss
+        assert (summary["dropped_no_answer"], summary["truncated"]) == (int(dropped), int(max_len < full)), max_len
+        want = [] if dropped else [encode_example(tok, record, max_len)]
+        want.append(encode_example(tok, json.loads(GOOD), max_len))
+        assert shard_records(tmp_path / f"out{max_len}") == [(ids, labels.count(-100)) for ids, labels in want]
+
+
+def test_which_records_go_to_val_does_not_depend_on_other_records_being_dropped(tmp_path, tiny_spm):
+    """A record's split is a hash of its index over all inputs, dropped records counted: a smaller max_len
+    drops the long records and leaves every other record in the split it had."""
+    long = {"instruction": "the quick brown fox jumps over the lazy dog " * 3, "input": "", "output": "dog"}
+    lines = [json.dumps({"instruction": "fox", "input": "", "output": f"dog {i}"} if i % 3 else long) + "\n"
+             for i in range(1200)]  # more than two chunks of 512 records
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    args = dict(val_fraction=0.3, seed=4, workers=1, quiet=True)
+    everything = prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / "all", max_len=1024, **args)
+    short = prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / "short", max_len=24, **args)
+    assert everything["dropped_no_answer"] == 0 and short["dropped_no_answer"] == 400
+    for split in ("train", "val"):
+        kept = [r for r in shard_records(tmp_path / "all", split) if len(r[0]) <= 24]
+        assert 0 < len(kept) and shard_records(tmp_path / "short", split) == kept, split
+
+
+def test_many_chunks_over_worker_processes_come_out_in_input_order(tmp_path, tiny_spm, monkeypatch):
+    """Chunks of 5 records, a dozen in flight over 2 processes: the shards are those of one process."""
+    import functools
+    lines = [json.dumps({"instruction": f"fox {i}", "input": "", "output": "dog " * (i % 4 + 1)}) + "\n"
+             for i in range(70)]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    monkeypatch.setattr(data, "_chunks", functools.partial(data._chunks, size=5))
+    for workers in (1, 2):
+        prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / f"w{workers}", val_fraction=0.2, workers=workers,
+                quiet=True)
+    for name in data.PREPARE_FILES[:-1]:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    records = shard_records(tmp_path / "w1") + shard_records(tmp_path / "w1", "val")
+    assert len(records) == 70
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(65536, "uint16"), (65537, "uint32")])
+def test_the_token_dtype_holds_the_largest_id_and_no_more(tmp_path, vocab_size, dtype):
+    """uint16 while every id fits (vocab_size <= 65536), uint32 from the first id that does not: the last
+    special token (the largest id) survives the round trip."""
+    pytest.importorskip("tiktoken")
+    n_ranks = vocab_size - 256  # the 256 special tokens follow the ranks
+    write_tiktoken_file(tmp_path / "t.model", [i.to_bytes(3, "big") for i in range(1 << 16, (1 << 16) + n_ranks - 265)])
+    tok = Tokenizer(tmp_path / "t.model")
+    assert tok.vocab_size == vocab_size
+    last = "<|reserved_special_token_250|>"
+    record = {"text": f"hello{last} world"}
+    assert max(encode_example(tok, record)[0]) == vocab_size - 1
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    summary = prepare([tmp_path / "d.jsonl"], tmp_path / "t.model", tmp_path / "out", workers=1, quiet=True)
+    assert summary["dtype"] == dtype and TokenDataset(tmp_path / "out").tokens.dtype == np.dtype(dtype)
+    ids, labels = encode_example(tok, record)
+    assert shard_records(tmp_path / "out") == [(ids, labels.count(-100))]
+
+
+def test_pad_mode_windows_are_shuffled_each_in_their_own_order(dataset):
+    """Within a window the length-sorted batches are shuffled; another window gets another shuffle, so the
+    steps where short batches come do not repeat every GROUP_BATCHES steps."""
+    group = data.GROUP_BATCHES
+    longest = [[int(get_batch(dataset, s, 4, seed=0)["valid"].sum(1).max()) for s in range(w * group, (w + 1) * group)]
+               for w in range(2)]
+    assert len(set(longest[0])) > 10  # the window holds batches of many lengths
+    assert abs(np.corrcoef(longest[0], longest[1])[0, 1]) < 0.5
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_padding_holds_the_pad_id_given(dataset, mode):
+    for pad_id in (0, 7):
+        batch = get_batch(dataset, 2, 8, seed=0, mode=mode, max_len=150, pad_id=pad_id)
+        assert (~batch["valid"]).any()
+        assert (batch["tokens"][~batch["valid"]] == pad_id).all()
+
+
+def first_fit_decreasing(lengths, capacity):
+    """Rows of example lengths: longest first, each into the first row with room, else a new row."""
+    rows, room = [], []
+    for n in sorted(lengths, reverse=True):
+        for r in range(len(rows)):
+            if room[r] >= n:
+                break
+        else:
+            r = len(rows)
+            rows.append([])
+            room.append(capacity)
+        rows[r].append(n)
+        room[r] -= n
+    return rows
+
+
+def test_pack_rows_are_first_fit_longest_first(tmp_path, tiny_spm):
+    """Pack rows against first fit decreasing written out here: an example that fills a row exactly goes in
+    it, the longest example is placed first, and each goes to the first row with room."""
+    lines = [json.dumps({"instruction": "fox", "input": "", "output": "dog " * (i % 7 + 1)}) + "\n" for i in range(90)]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    ds = TokenDataset(tmp_path / "out")
+    capacity = int(ds.lengths.min() + ds.lengths.max())  # the shortest and longest fill a row exactly
+    exact = 0
+    for step in range(6):
+        batch = get_batch(ds, step, 16, seed=step, mode="pack", max_len=capacity)
+        rows = [[int((seq == j).sum()) for j in range(int(seq.max()) + 1)] for seq in batch["seq_ids"]]
+        want = first_fit_decreasing(ds.lengths[global_batch(ds, step, 16, step, "pack")].tolist(), capacity)
+        assert rows == want, step
+        exact += sum(sum(row) == capacity for row in want)
+    assert exact  # the case of an exact fit is exercised
+
+
+def test_a_text_record_without_bos_starts_with_eos_the_document_separator(tmp_path):
+    tok = Tokenizer(hf_tokenizer_folder(tmp_path / "qwen", eos="<|im_end|>"))
+    assert tok.bos_id is None and tok.eos_id != 0
+    ids, labels = encode_example(tok, {"text": TEXTS[0]})
+    assert ids == [tok.eos_id] + tok.encode(TEXTS[0]) + [tok.eos_id] and labels == [-100] + ids[1:]
+
+
+def test_special_encode_splits_on_added_tokens_as_the_tokenizers_package_does(tmp_path):
+    """With one special token the start of another ("<|im_start|>" and "<|im_start|>user"), encode(special=True)
+    splits on the longest; a non-special added token is left to the package, which strips the spaces its
+    lstrip / rstrip ask for."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.add_special_tokens(["<|im_start|>user"])
+    hf.add_tokens([tokenizers.AddedToken("<tool>", special=False, lstrip=True, rstrip=True)])
+    hf.save(str(folder / "tokenizer.json"))
+    tok = Tokenizer(folder)
+    for text, tokens in (("a<|im_start|>user b <|im_start|>c<|endoftext|>", ("<|im_start|>user", "<|im_start|>")),
+                         ("The acting <tool> was wonderful", ("<tool>",))):
+        want = hf.encode(text, add_special_tokens=False).ids  # the package's own split on added tokens
+        assert all(hf.token_to_id(t) in want for t in tokens)
+        assert tok.encode(text, special=True) == want, text
+
+
+def test_write_atomic_keeps_the_old_file_until_the_new_one_is_on_disk(tmp_path, monkeypatch):
+    """While the new content is written the old file is whole and the new one lies under NAME.tmpPID; the
+    temporary file is flushed and fsynced with all its bytes before it is renamed over the old one."""
+    path = tmp_path / "deep" / "er" / "results.json"  # missing folders are made
+    data.write_atomic(str(path), "old")
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a, b)), replace(a, b))[1])
+    new = b"new content " * 10
+
+    def content(f):
+        f.write(new)
+        assert path.read_text() == "old"
+        assert sorted(os.listdir(path.parent)) == sorted(["results.json", f"results.json.tmp{os.getpid()}"])
+    data.write_atomic(str(path), content)
+    assert events == [("fsync", len(new)), ("replace", f"{path}.tmp{os.getpid()}", str(path))]
+    assert path.read_bytes() == new and os.listdir(path.parent) == ["results.json"]
+
+
+def test_a_write_atomic_cut_short_leaves_the_old_file_and_a_temporary_that_is_cleaned_once_its_process_is_gone(
+        tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    data.write_atomic(str(path), "old")
+
+    def crash(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        data.write_atomic(str(path), crash)
+    assert path.read_text() == "old"
+    assert data.remove_stale_temporaries(tmp_path) == []  # this process still runs: its file stays
+    monkeypatch.setattr(data, "process_is_running", lambda pid: pid != os.getpid())
+    assert data.remove_stale_temporaries(tmp_path) == [f"{path}.tmp{os.getpid()}"]
+    assert os.listdir(tmp_path) == ["report.md"]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint.py (gaps found by mutation testing; more in test_train.py)
+
+def test_a_failed_checkpoint_save_leaves_the_previous_file_loadable(tmp_path):
+    import checkpoint
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_atomic({"iter": 3, "w": torch.arange(4.0)}, path)
+    with pytest.raises(Exception):
+        checkpoint.save_atomic({"iter": 4, "w": torch.zeros(4), "bad": lambda: 0}, path)  # a lambda cannot be pickled
+    old = checkpoint.load_pt(path, "training checkpoint")
+    assert old["iter"] == 3 and torch.equal(old["w"], torch.arange(4.0))
+
+
+@pytest.mark.parametrize("master", [True, False])
+def test_only_the_master_rank_writes_a_checkpoint_and_every_rank_waits_for_it(tmp_path, monkeypatch, master):
+    """Under several processes the full state reaches rank 0 only (the others could write an empty optimizer
+    state over it): rank 0 writes ckpt.pt and adapter.pt, the others nothing, and all meet at a barrier."""
+    import types
+
+    import checkpoint
+    import model
+    import teamlora
+    m = model.Transformer(model.ModelArgs.from_name("tiny", n_layers=1))
+    teamlora.inject(m, ("wq",), r=4, experts=2, alpha=8, dropout=0.0)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    barriers = []
+
+    def all_gather_object(out, mine):
+        out[:] = [mine] * 2
+    monkeypatch.setattr(checkpoint.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: barriers.append(1))
+    cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}
+    r = types.SimpleNamespace(cfg=cfg, world=2, device=torch.device("cpu"), master=master, args=m.args)
+    checkpoint.save_checkpoint(r, m, opt, 5)
+    assert sorted(os.listdir(tmp_path)) == (["adapter.pt", "ckpt.pt"] if master else [])
+    assert barriers == [1]
