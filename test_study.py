@@ -115,3 +115,120 @@ def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
         study.main(["--report", f"--out={tmp_path}/none"])
     err = capsys.readouterr().err
     assert f"--report found no study in {tmp_path}/none/" in err and "diverged" not in err
+
+
+def t_quantile_975(df):
+    """The two-sided 95% quantile of Student's t, from its density (Simpson's rule) and bisection:
+    a reference computed here, independent of study.T95."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x, n=2000):
+        f = [c * (1 + (x * i / n) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + x / n / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    low, high = 0.0, 20.0
+    while high - low > 1e-6:
+        low, high = ((low + high) / 2, high) if cdf((low + high) / 2) < 0.975 else (low, (low + high) / 2)
+    return (low + high) / 2
+
+
+def test_the_t_quantiles_are_students_and_more_than_30_pairs_use_the_30_degrees_quantile():
+    assert len(study.T95) == 30
+    for df, q in enumerate(study.T95, 1):
+        assert q == pytest.approx(t_quantile_975(df), abs=6e-4), df
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 30, 31, 32, 45):
+        a, b = rng.normal(60, 5, n).tolist(), rng.normal(55, 5, n).tolist()
+        d = np.subtract(a, b)
+        m, h = study.paired_difference(a, b)
+        assert m == pytest.approx(d.mean())
+        # 30 pairs: 29 degrees of freedom; from 31 pairs on, 30's (slightly wider than the exact interval)
+        assert h / (d.std(ddof=1) / math.sqrt(n)) == pytest.approx(t_quantile_975(min(n - 1, 30)), abs=6e-4), n
+
+
+def fake_results(seed_scores, lr=1e-3, **more):
+    """results dicts as read_results returns them, one per (seed, average score) pair."""
+    return [{"scores": {"a": s - 1.0, "b": s + 1.0}, "config": {"seed": seed, "learning_rate": lr}, "curve": [],
+             **more} for seed, s in seed_scores]
+
+
+def test_comparisons_pair_runs_by_seed_and_call_a_difference_only_when_its_interval_excludes_0():
+    team = {1: 50.0, 2: 60.0, 3: 55.0, 4: 70.0}
+    results = {
+        "teamlora": fake_results(team.items()),
+        # seed 1 missing and the seeds out of order: pairing is by seed, not by position
+        "lora32": fake_results([(4, 60.0), (2, 51.0), (3, 44.0)]),  # 10, 9, 11 lower: resolved
+        "moelora": fake_results([(1, 52.0), (2, 61.0), (3, 56.0), (4, 71.5)]),  # 2, 1, 1, 1.5 higher
+        "hydralora": fake_results([(1, 60.0), (2, 50.0), (3, 58.0)]),  # +10, -10, +3: mean above 0, unresolved
+        "full": fake_results([(2, 90.0), (9, 10.0)]),  # one pair only: no interval
+    }
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in study.comparisons(results)[2:]}
+    assert set(rows) == {study.RUNS[n][0] for n in ("lora32", "moelora", "hydralora")}
+    for name, other in (("lora32", {4: 60.0, 2: 51.0, 3: 44.0}), ("moelora", {1: 52.0, 2: 61.0, 3: 56.0, 4: 71.5}),
+                        ("hydralora", {1: 60.0, 2: 50.0, 3: 58.0})):
+        d = np.array([other[s] - team[s] for s in sorted(other)])
+        half = t_quantile_975(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        row = rows[study.RUNS[name][0]]
+        assert row[1] == str(len(d)) and row[2] == f"{d.mean():+.1f}"
+        assert row[3] == f"{d.mean() - half:+.1f} .. {d.mean() + half:+.1f}"
+        want = "higher" if d.mean() - half > 0 else "lower" if d.mean() + half < 0 else "cannot tell"
+        assert row[4] == f"{want} |", name
+    assert [rows[study.RUNS[n][0]][4] for n in ("lora32", "moelora", "hydralora")] == \
+        ["lower |", "higher |", "cannot tell |"]
+    assert study.comparisons({"teamlora": results["teamlora"], "full": results["full"]}) == \
+        ["(comparisons need at least 2 seeds of TeamLoRA and of another run)"]
+
+
+def test_a_table_row_is_each_runs_mean_and_std_over_seeds_at_its_methods_rate():
+    chance = {"a": 50.0, "b": 25.0}
+    runs = {"lora32": [(1, 61.0, 30.5, 100.0), (2, 65.0, 31.5, 110.0), (3, 70.0, 27.0, 90.0)],
+            "teamlora": [(1, 80.0, 40.0, 200.0), (2, 74.0, 44.0, 230.0)]}
+    results = {name: [{"scores": {"a": a, "b": b}, "train_seconds": secs, "chance": chance,
+                       "trainable_params": 3 if name == "lora32" else 7, "base_params": 400, "config": {"seed": s}}
+                      for s, a, b, secs in seeds] for name, seeds in runs.items()}
+    chosen = {"lora": (6.3e-4, {}), "teamlora": (1.6e-3, {})}
+    lines = study.table("T", [("LoRA r=32", "lora32"), ("TeamLoRA 4x8", "teamlora"), ("MoELoRA 4x8", "moelora")],
+                        results, ["a", "b"], chosen)
+    cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+    def mean_sd(values):
+        return f"{np.mean(values):.1f}±{np.std(values, ddof=1):.1f}"
+    assert cells["chance"][2:5] == ["50.0", "25.0", f"{(50 + 25) / 2:.1f}"]
+    for name, label, lr in (("lora32", "LoRA r=32", 6.3e-4), ("teamlora", "TeamLoRA 4x8", 1.6e-3)):
+        row, seeds = cells[label], runs[name]
+        assert row[0] == f"{lr:g}" and row[1] == f"{100 * results[name][0]['trainable_params'] / 400:.2f}"
+        assert row[2:4] == [mean_sd([s[1] for s in seeds]), mean_sd([s[2] for s in seeds])]
+        assert row[4] == f"**{mean_sd([(s[1] + s[2]) / 2 for s in seeds])}**"  # the mean and std of seed averages
+        assert row[5] == mean_sd([s[3] for s in seeds])
+    assert cells["MoELoRA 4x8"][0] == "(not run)"
+
+
+def test_a_run_scores_every_test_record_and_a_quick_run_its_quick_limit():
+    for argv, limit in (([], 0), (["--quick"], study.QUICK["eval_limit"])):
+        opts, extra, _ = study.parse(argv)
+        for eval_dir in (None, "VAL"):  # a final run and a selection run
+            cfg = train.parse_config(study.run_flags("lora32", 1, 1e-3, opts, extra, eval_dir=eval_dir))
+            assert cfg["eval_limit"] == limit and cfg["max_iters"] == cfg["eval_interval"] == opts["steps"], argv
+
+
+def test_a_quick_study_chooses_among_its_own_grid_and_a_missing_run_shows_as_diverged(tmp_path):
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=lora8", "--quick", "--report"])
+    assert opts["grid"] == study.QUICK["grid"] != study.GRID
+    low, high = opts["grid"]
+    out = tmp_path.parent / f"{tmp_path.name}_quick"  # a quick study's own folder
+    assert opts["out"] == str(out)
+    fake_run(out / "select" / f"lora32-lr{high:g}", high, {"a": 30.0})  # the run at the lower rate diverged
+    chosen = study.selection(opts, extra, names)
+    assert chosen == {"lora": (high, {low: None, high: 30.0})}
+    header, _, row = study.selection_table(chosen)
+    assert header.split(" | ")[1:-1] == [f"lr {low:g}", f"lr {high:g}"]
+    assert row == f"| LoRA r=32 | diverged | 30.0 | {high:g} |"
+
+
+def test_the_expert_load_chart_averages_the_seeds_that_recorded_a_load():
+    runs = [{"expert_load": {"nli": [0.1, 0.9], "qa": [0.5, 0.5]}},
+            {"expert_load": {"nli": [0.3, 0.7], "qa": [0.7, 0.3]}},
+            {"expert_load": {}}]  # a seed whose results.json holds no load
+    seeds, loads = study.mean_loads({"teamlora": runs}, "teamlora")
+    assert seeds == 2 and loads.keys() == {"nli", "qa"}
+    assert loads["nli"] == pytest.approx([0.2, 0.8]) and loads["qa"] == pytest.approx([0.6, 0.4])
+    assert study.mean_loads({"teamlora": runs[2:]}, "teamlora") is None

@@ -9,10 +9,11 @@ import random
 import pytest
 
 import tasks
-from conftest import CME_DIR, FIXTURES, needs_cme_fixtures
+from conftest import CME_DIR, FIXTURES, LLAMA2, needs_cme_fixtures
 from data import UserError
 from tasks import (CME_TASKS, TEMPLATES, Task, accuracy, chance_level, evaluate, exact_match, first_sentence,
                    make_record, normalize_answer, qa_record, rouge_l, write_eval_set)
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
 # metrics
@@ -487,3 +488,55 @@ def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, case):
     text = str(error.value)
     assert text.startswith(f"tasks.py: error: {named} {message}") and "\n" not in text
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+CME_SAMPLES = {  # task -> its fixture files with labels (test splits without answers left out)
+    "anli": [f"anli/R{k}/{s}.jsonl" for k in (1, 2, 3) for s in ("dev", "test")],
+    "rte": ["rte/dev.tsv"], "qqp": ["qqp/dev.tsv", "qqp/train.tsv"],
+    "winogrande": ["winogrande/dev.jsonl", "winogrande/train_xl.jsonl"], "arc": ["arc/ARC-Challenge-Dev.jsonl"],
+    "mmlu": ["mmlu/professional_law_test.csv", "mmlu/abstract_algebra_dev.csv"],
+    "webqa": ["webquestions/webquestions.examples.test.json"], "nq": ["nq_open/NQ-open.dev.jsonl"],
+    "triviaqa": ["triviaqa/triviaqa_sample.json"], "oai_sum": ["tldr/README_comparisons_example.json"],
+    "imdb": ["imdb/aclImdb/test", "imdb/fastnlp_tsv/dev.txt"],
+}
+KIND_OF = {"anli": "nli", "rte": "rte", "qqp": "paraphrase", "winogrande": "blank", "arc": "choice", "mmlu": "choice",
+           "oai_sum": "summary", "imdb": "sentiment"}
+
+
+def _samples(name):
+    return [r for p in CME_SAMPLES[name] for r in CME_TASKS[name].load(os.path.join(CME_DIR, p))]
+
+
+@needs_cme_fixtures
+def test_each_task_takes_its_kinds_first_phrasing_and_its_label_set_covers_what_its_loader_writes():
+    assert set(CME_SAMPLES) == set(CME_TASKS)
+    for name, task in CME_TASKS.items():
+        records = _samples(name)
+        assert records and all(r["output"] for r in records), name
+        if name in KIND_OF:
+            assert {r["instruction"] for r in records} == {TEMPLATES[KIND_OF[name]][0][0]}, name
+        if task.labels is None:
+            continue
+        for gold in {r["output"] for r in records}:
+            assert gold in task.labels, (name, gold)
+            # a longer answer naming the gold label, and it alone, is right: the label set holds every label
+            if len(gold) > 1:
+                assert accuracy(f"The relationship is {gold}.", gold, task.labels) == 1.0, (name, gold)
+                for other in set(task.labels) - {gold}:
+                    assert accuracy(f"The answer is {other}.", gold, task.labels) == 0.0, (name, gold, other)
+
+
+@needs_cme_fixtures
+def test_each_task_generates_enough_tokens_for_every_reference_answer_of_its_samples():
+    tok = Tokenizer(LLAMA2)
+    for name, task in CME_TASKS.items():
+        for r in _samples(name):
+            for answer in r.get("answers") or [r["output"]]:
+                assert len(tok.encode(answer)) + 1 <= task.max_new_tokens, (name, answer)  # + EOS
+
+
+def test_nq_loader_takes_an_answer_given_as_one_string(tmp_path):
+    rows = [{"question": "capital of france", "answer": "Paris"}, {"question": "two", "answer": ["a b", "c"]}]
+    (tmp_path / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = CME_TASKS["nq"].load(str(tmp_path / "nq.jsonl"))
+    assert [(r["output"], r["answers"]) for r in records] == [("Paris", ["Paris"]), ("a b", ["a b", "c"])]

@@ -965,3 +965,82 @@ def test_the_expert_load_of_several_processes_is_the_load_each_computes(run_data
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=1e-7)
         assert two[name].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+class _EchoModel:
+    """A stand-in with Transformer.generate's contract (only the new tokens, each cut before the first
+    eos_id when one is given) whose answer to a prompt is the prompt without its BOS, then EOS, then more:
+    what a rank that generates max_new_tokens without stopping gets."""
+    def __init__(self, eos_id):
+        self.eos_id, self.calls = eos_id, []
+
+    def generate(self, prompts, max_new_tokens, eos_id=None):
+        self.calls.append((len(prompts), max_new_tokens, eos_id))
+        out = [(p[1:] + [self.eos_id] + p[1:3])[:max_new_tokens] for p in prompts]
+        return [g[:g.index(eos_id)] if eos_id in g else g for g in out]
+
+
+class _Gathered(Exception):
+    pass
+
+
+def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_ranks(run_data, tmp_path, monkeypatch):
+    cfg = train_cfg(run_data, tmp_path / "o", "--eval_batch_size=2")
+    tok = data.Tokenizer(cfg["tokenizer"])
+    g = torch.Generator().manual_seed(0)
+    lengths = (5, 3, 14, 11, 9)  # out of length order: generate_all batches them by length
+    prompts = [[tok.bos_id] + torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    want = [tok.decode(p[1:]) for p in prompts]
+    assert len(set(want)) == len(want)
+    one = _EchoModel(tok.eos_id)
+    assert train.generate_all(one, prompts, 20, train.Run(cfg, 0, 1, torch.device("cpu"), tok)) == want
+    assert sum(n for n, _, _ in one.calls) == 5 and all(n <= 2 for n, _, _ in one.calls)
+    assert {c[1:] for c in one.calls} == {(20, tok.eos_id)}
+    # two ranks: each generates its share, the same number of batches and to the full length (no early
+    # stop: FSDP's collectives need every rank in every forward), and the gathered answers are one rank's
+    shares, models = {}, {}
+
+    def share(parts, obj):
+        shares[rank] = obj
+        raise _Gathered
+    monkeypatch.setattr(train.dist, "all_gather_object", share)
+    for rank in (0, 1):
+        models[rank] = _EchoModel(tok.eos_id)
+        with pytest.raises(_Gathered):
+            train.generate_all(models[rank], prompts, 20, train.Run(cfg, rank, 2, torch.device("cpu"), tok))
+    assert set(shares[0]) | set(shares[1]) == set(range(5)) and not set(shares[0]) & set(shares[1])
+    assert len(models[0].calls) == len(models[1].calls) and {c[2] for m in models.values() for c in m.calls} == {None}
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda parts, obj: parts.__setitem__(slice(None),
+                                                                                             [shares[0], shares[1]]))
+    for rank in (0, 1):
+        assert train.generate_all(_EchoModel(tok.eos_id), prompts, 20,
+                                  train.Run(cfg, rank, 2, torch.device("cpu"), tok)) == want
+
+
+def test_evaluate_answers_each_tasks_own_prompts_with_its_own_answer_length_and_scores_them(run_data, tmp_path,
+                                                                                           monkeypatch):
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_limit=3")
+    r.eval_sets = train.load_eval_sets(r.cfg)
+    long = {"instruction": "Summarize: " + " ".join(f"word{i}" for i in range(400)), "input": "tail",
+            "output": "a summary"}
+    task, records = r.eval_sets["summary"]
+    r.eval_sets["summary"] = (task, records + [long])
+    gold, calls = {}, []
+    for name, (task, records) in r.eval_sets.items():
+        room = r.args.max_seq_len - task.max_new_tokens
+        for rec in records:
+            ids = data.encode_prompt(r.tok, rec)  # a prompt too long keeps its BOS and its last room - 1 ids
+            gold[tuple(ids if len(ids) <= room else ids[:1] + ids[-(room - 1):])] = rec["output"]
+
+    def answer_with_the_gold_output(model, prompts, max_new, r):
+        calls.append((prompts, max_new))
+        return [gold[tuple(p)] for p in prompts]
+    monkeypatch.setattr(train, "generate_all", answer_with_the_gold_output)
+    scores, _ = train.evaluate(model, r)
+    assert scores == {name: 100.0 for name in SYNTHETIC_TASKS}
+    assert len({task.max_new_tokens for task, _ in r.eval_sets.values()}) > 1
+    for (prompts, max_new), (task, records) in zip(calls, r.eval_sets.values(), strict=True):
+        assert max_new == task.max_new_tokens and len(prompts) == len(records)
+        assert all(len(p) + max_new <= r.args.max_seq_len for p in prompts)
+    monkeypatch.setattr(train, "generate_all", lambda model, prompts, max_new, r: ["?"] * len(prompts))
+    assert all(s == 0.0 for s in train.evaluate(model, r)[0].values())  # the scores are the answers'
