@@ -461,6 +461,23 @@ def _train_tokenizer(lines, vocab_size):
 TRAIN_WEIGHT = {"sentiment": 0.6, "nli": 1.6, "paraphrase": 1.6, "choice": 1.6, "blank": 1.6, "qa": 1.0, "summary": 0.3}
 
 
+BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
+
+
+def _check_out_dir(out_dir):
+    """Refuse a folder that make_suite would spoil: a file, a finished suite (and what was built from
+    it), or a folder of other files. A folder of a build cut short (BUILDING in it) is taken up again."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file, not a folder; choose another folder for the suite.")
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if "suite.json" in names:
+        raise UserError(f"{out_dir} already holds a mini-CME suite; choose another folder, or delete that one "
+                        "(and what was built from it) to build it again.")
+    if names and BUILDING not in names:
+        raise UserError(f"{out_dir} already holds files that are not a mini-CME suite ({', '.join(names[:3])}); "
+                        "choose a new or empty folder.")
+
+
 def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=100, corpus_docs=6000,
                vocab_size=2000):
     """Write mini-CME to out_dir and return its summary:
@@ -518,23 +535,6 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
     write_atomic(os.path.join(out_dir, "suite.json"), json.dumps(summary, indent=1) + "\n")
     os.remove(os.path.join(out_dir, BUILDING))
     return summary
-
-
-BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
-
-
-def _check_out_dir(out_dir):
-    """Refuse a folder that make_suite would spoil: a file, a finished suite (and what was built from
-    it), or a folder of other files. A folder of a build cut short (BUILDING in it) is taken up again."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"{out_dir} is a file, not a folder; choose another folder for the suite.")
-    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
-    if "suite.json" in names:
-        raise UserError(f"{out_dir} already holds a mini-CME suite; choose another folder, or delete that one "
-                        "(and what was built from it) to build it again.")
-    if names and BUILDING not in names:
-        raise UserError(f"{out_dir} already holds files that are not a mini-CME suite ({', '.join(names[:3])}); "
-                        "choose a new or empty folder.")
 
 
 # -----------------------------------------------------------------------------
