@@ -149,8 +149,10 @@ def test_suite_tokenizer_is_llama_like_and_every_record_fits_a_256_token_context
     sp = spm.SentencePieceProcessor(model_file=str(root / which / "tokenizer.model"))
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
     assert sp.vocab_size() == summaries[which]["vocab_size"]
-    text = "Zürich 2024 ☃\nnaïve"
+    text = "Zürich  2024 ☃\n\nnaïve "  # runs of spaces and a trailing one kept, as LLaMA's tokenizer keeps them
     assert sp.unk_id() not in sp.encode(text) and sp.decode(sp.encode(text)) == text  # byte fallback
+    digits = [p for p in sp.encode("released in 1985, 2024 or 19999", out_type=str) if any(map(str.isdigit, p))]
+    assert digits and all(sum(map(str.isdigit, p)) == 1 for p in digits), digits  # split digits, as LLaMA's
     records = _read_jsonl(root / which / "train.jsonl")
     for name in SYNTHETIC_TASKS:
         records += [dict(r, task=name) for split in ("val", "test")
@@ -345,3 +347,230 @@ def test_a_redesigned_task_rises_above_chance_after_a_few_dozen_full_fine_tuning
                                 "--batch_size=32", "--max_iters=60", "--eval_interval=60", "--eval_limit=100",
                                 "--learning_rate=3e-3", "--warmup_iters=5"))
     assert out["scores"]["blank"] >= 65.0, out["scores"]
+
+
+# -----------------------------------------------------------------------------------------------
+# what the world holds out, and labels and answers recomputed from the world by a reader of our own
+
+
+def test_world_splits_its_facts_into_held_out_and_training_ones_and_differs_by_seed():
+    """Every fact is either held out (asked by val and test, stated only in the corpus) or a
+    training fact, never both; every invented name is new: the blank task's story names are no world name."""
+    for seed in (0, 1, 2):
+        w = minicme.build_world(seed)
+        every = {(e["name"], a) for e in w["entities"] for a in minicme.ATTRS[e["kind"]]}
+        train = w["facts"]["train"]
+        assert len(set(train)) == len(train) and not set(train) & w["held"] and set(train) | w["held"] == every
+        assert set(w["facts"]["val"]) == set(w["facts"]["test"]) == w["held"]
+        assert abs(len(w["held"]) - minicme.HELD_OUT * len(every)) < 1
+        names = [e["name"] for e in w["entities"]]
+        assert len(set(names)) == len(names) == len(w["by_name"])
+        invented = [part for e in w["entities"] if e["kind"] == "person" for part in e["name"].split()]
+        invented += w["cities"] + w["pools"]["region"] + w["pools"]["river"] + w["story_names"]
+        assert len(set(invented)) == len(invented)  # no two people share a first name, no story name is a world name
+    assert minicme.build_world(0) == minicme.build_world(0)
+    assert minicme.build_world(0)["entities"] != minicme.build_world(1)["entities"]
+    assert minicme.build_world(0)["held"] != minicme.build_world(1)["held"]
+
+
+def _asked(w):
+    """question -> (entity name, attribute) for every question the world's templates can ask."""
+    return {q: (e["name"], a) for e in w["entities"] for a in minicme.ATTRS[e["kind"]]
+            for q in minicme._questions(e, a)}
+
+
+@BOTH
+def test_suite_qa_and_choice_evaluation_sets_ask_only_held_out_facts_and_answer_them_truly(mini_cme, which):
+    """Validation as well as test: a learning rate chosen on facts the training records state would
+    be chosen on memorisation. Training records ask only training facts."""
+    root, summaries = mini_cme
+    assert summaries[which]["seed"] == {"default": 0, "small": 1}[which]  # suite.json names the seed it was built from
+    w = minicme.build_world(summaries[which]["seed"])
+    asked = _asked(w)
+    train = _read_jsonl(root / which / "train.jsonl")
+    for split in ("train", "val", "test"):
+        records = {t: [r for r in train if r["task"] == t] if split == "train" else
+                   _read_jsonl(root / which / split / f"{t}.jsonl") for t in ("qa", "choice")}
+        for r in records["qa"]:
+            name, attr = asked[r["instruction"]]
+            assert r["output"] == w["by_name"][name][attr] and ((name, attr) in w["held"]) == (split != "train"), r
+        for r in records["choice"]:
+            question, choices = re.match(r"Question: (.*)\nChoices: (.*)", r["input"]).groups()
+            name, attr = asked[question]
+            options = dict(o.split(".", 1) for o in re.split(r", (?=[B-D]\.)", choices))
+            assert options[r["output"]] == w["by_name"][name][attr], r
+            assert ((name, attr) in w["held"]) == (split != "train"), r
+
+
+def test_test_sets_do_not_depend_on_the_validation_size(mini_cme, tmp_path):
+    """Growing the validation sets (to choose learning rates more finely) leaves the test sets and
+    the training records as they were, so scores stay comparable."""
+    root, _ = mini_cme
+    make_suite(str(tmp_path / "more_val"), seed=1, **dict(SUITE_SIZES, n_val_per_task=25))
+    for name in ["train.jsonl"] + [f"test/{t}.jsonl" for t in SYNTHETIC_TASKS]:
+        assert (tmp_path / "more_val" / name).read_bytes() == (root / "small" / name).read_bytes(), name
+
+
+def test_the_smallest_corpus_make_suite_accepts_states_every_fact_of_the_world(tmp_path):
+    with pytest.raises(UserError, match=r"use at least (\d+)") as refused:
+        make_suite(str(tmp_path / "tiny"), corpus_docs=10)
+    least = int(re.search(r"at least (\d+)", str(refused.value)).group(1))
+    with pytest.raises(UserError, match="too small"):
+        make_suite(str(tmp_path / "one_short"), corpus_docs=least - 1)
+    make_suite(str(tmp_path / "least"), seed=0, **dict(SUITE_SIZES, corpus_docs=least))
+    corpus = (tmp_path / "least" / "corpus.txt").read_text(encoding="utf-8")
+    w = minicme.build_world(0)
+    for e in w["entities"]:
+        for attr in minicme.ATTRS[e["kind"]]:
+            assert any(s in corpus for s in minicme._statements(e, attr)), (e["name"], attr)
+
+
+def _polarity(sentences):
+    """+1 or -1: what most opinion sentences say ("The music was not dull at all." is +1), by our own reading."""
+    votes = []
+    for s in sentences:
+        words = set(re.findall(r"\w+", s.lower()))
+        good, bad = words & set(minicme.GOOD), words & set(minicme.BAD)
+        if "loved" in words or "stand" in words:
+            votes.append(1 if "loved" in words else -1)
+        elif good or bad:
+            votes.append((1 if good else -1) * (-1 if "not" in words else 1))
+    assert len(votes) == 3, sentences
+    return 1 if sum(votes) > 0 else -1
+
+
+def _sentences(text):
+    return re.split(r"(?<=[.?!])\s+|<br /><br />", text)
+
+
+def _post_polarity(w, post):
+    """A post's polarity, and that its film was not shot in the city it names (no hint at that fact)."""
+    seen = re.search(r"went to see (.+?) with my \w+ \w+ in (\w+)\.", post)
+    if seen:
+        assert w["by_name"][seen.group(1)]["city"] != seen.group(2), post
+        return _polarity(_sentences(post.split(f"in {seen.group(2)}. ", 1)[1]))
+    feelings = [s for s in _sentences(post) if s in minicme.FEELINGS[0] + minicme.FEELINGS[1]]
+    assert len(feelings) == 2, post
+    return 1 if all(s in minicme.FEELINGS[0] for s in feelings) else -1
+
+
+def _summary_polarity(summary):
+    return -1 if re.search(r"did not like it|feel lonely", summary) else 1
+
+
+def test_sentiment_labels_summaries_and_corpus_verdicts_follow_most_opinions():
+    """A review's label, a post's summary, and the verdict or TL;DR line of the corpus's reviews and
+    posts all agree with most of the opinions written before them."""
+    w, reviews = _draw("sentiment")
+    mixed = 0
+    for r in reviews:
+        opinions = _sentences(r["input"])[-3:]
+        assert _polarity(opinions) == (1 if r["output"] == "positive" else -1), r
+        mixed += len({_polarity([s] * 3) for s in opinions}) == 2
+    assert 0 < mixed < len(reviews)  # some reviews need all three opinions weighed
+    for r in _draw("summary")[1]:
+        assert _post_polarity(w, r["input"]) == _summary_polarity(r["output"]), r
+    verdicts = 0
+    for doc in minicme._corpus(w, random.Random(3), 2 * len(w["entities"])):
+        if " TL;DR: " in doc:
+            post, summary = doc.split(" TL;DR: ")
+            assert _post_polarity(w, post) == _summary_polarity(summary), doc
+        elif any(doc.endswith(v) for v in minicme.VERDICTS[0] + minicme.VERDICTS[1]):
+            *text, verdict = _sentences(doc)
+            assert _polarity(text[-3:]) == (-1 if re.search(r"\bnot\b", verdict, re.I) else 1), doc
+            verdicts += 1
+    assert verdicts > 0
+
+
+def _statement_parser(w):
+    """sentence -> (entity, attribute, value) for every statement the world's templates can make."""
+    patterns = [(kind, attr, re.compile(re.escape(t).replace(re.escape("{e}"), "(?P<e>.+)")
+                                        .replace(re.escape("{v}"), "(?P<v>.+)")))
+                for kind, attrs in minicme.ATTRS.items() for attr, (templates, _) in attrs.items() for t in templates]
+
+    def parse(sentence):
+        found = {(m["e"], attr, m["v"]) for kind, attr, p in patterns for m in [p.fullmatch(sentence)]
+                 if m and m["e"] in w["by_name"] and w["by_name"][m["e"]]["kind"] == kind
+                 and m["v"] in w["pools"][attr]}
+        assert len(found) == 1, (sentence, found)
+        return found.pop()
+    return parse
+
+
+def test_nli_labels_follow_from_what_the_premise_states():
+    """Recomputed by a reader of our own: a hypothesis adding something the world never records, or
+    speaking of a fact the premise does not state, is neutral; one about a stated fact is entailment
+    when it holds (a negation flips it) and contradiction when it does not."""
+    w, records = _draw("nli", n=1500)
+    parse = _statement_parser(w)
+    extras = [t for ts in minicme.EXTRAS.values() for t in ts]
+    for r in records:
+        premise, hypothesis = re.match(r"Sentence 1: (.*)\nSentence 2: (.*)", r["input"]).groups()
+        stated = []
+        for s in re.split(r"(?<=\.) ", premise):
+            e, attr, v = parse(s)
+            assert w["by_name"][e][attr] == v, s  # premises state true facts
+            stated.append((e, attr))
+        about = [e for e, _ in stated]  # two facts of one entity, and perhaps one of another (a distractor)
+        assert len(set(stated)) == len(stated) and sorted(map(about.count, set(about))) in ([2], [1, 2]), r
+        if any(re.fullmatch(re.escape(t).replace(re.escape("{e}"), ".+"), hypothesis) for t in extras):
+            expected = "neutral"
+        else:
+            negated = hypothesis.startswith("It is not true that ")
+            claim = hypothesis[len("It is not true that "):] if negated else hypothesis
+            e, attr, v = parse(claim[0].upper() + claim[1:])
+            holds = (w["by_name"][e][attr] == v) != negated
+            expected = ("entailment" if holds else "contradiction") if (e, attr) in stated else "neutral"
+        assert r["output"] == expected, r
+
+
+def test_paraphrase_duplicates_are_exactly_the_pairs_asking_one_fact_in_other_words():
+    w, records = _draw("paraphrase", n=1500)
+    asked = _asked(w)
+    for r in records:
+        q1, q2 = re.match(r"Text 1: (.*)\nText 2: (.*)", r["input"]).groups()
+        assert q1 in asked, r
+        same = q1 != q2 and asked[q1] == asked.get(q2)
+        assert r["output"] == ("duplicate" if same else "not duplicate"), r
+
+
+def test_halves_cuts_a_document_once_between_its_middle_sentences_and_keeps_its_text():
+    for n in range(1, 8):
+        doc = ". ".join(f"Sentence {k} is here" for k in range(n)) + "."
+        out = minicme.halves(doc)
+        if n == 1:
+            assert out == doc
+            continue
+        first, second = out.split("</s>")
+        assert f"{first} {second}" == doc and first.endswith(".")
+        assert abs(first.count(".") - second.count(".")) <= 1, out
+
+
+@pytest.mark.parametrize("demo_keys, builds", [((), False), (("eval_dir",), True), (("tokenizer",), True),
+                                               (("data_dir",), True)])
+def test_demo_data_is_built_when_a_config_uses_any_of_the_demo_paths(tmp_path, monkeypatch, demo_keys, builds):
+    """A config that points only its eval_dir (or tokenizer) at the demo still needs the suite."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(minicme, "make_suite", lambda out, seed: calls.append(("suite", out, seed)))
+    monkeypatch.setattr(minicme, "prepare", lambda paths, *a, **k: calls.append(("prepare", paths[0])))
+    cfg = {k: (v if k in demo_keys else f"mine/{k}") for k, v in minicme.DEMO.items()}
+    assert minicme.build_demo_data(cfg) is None  # the base is not the demo's: nothing to pretrain
+    want = [("suite", minicme.ROOT, 0)] if builds else []
+    want += [("prepare", f"{minicme.ROOT}/train.jsonl")] if "data_dir" in demo_keys else []
+    assert calls == want
+
+
+def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp_path, monkeypatch, capsys):
+    seeds = []
+
+    def fake(out, seed):
+        seeds.append(seed)
+        return {"train": 1, "tasks": {}, "corpus_docs": 1, "vocab_size": 1}
+    with monkeypatch.context() as m:
+        m.setattr(minicme, "make_suite", fake)
+        minicme.main(["--out", str(tmp_path / "suite"), "--seed", "3"])
+    assert seeds == [3] and f"mini-CME in {tmp_path / 'suite'}" in capsys.readouterr().out
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="minicme.py: error: .* is a file, not a folder"):
+        minicme.main(["--out", str(tmp_path / "file")])
