@@ -13,7 +13,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import PRESETS, KVCache, ModelArgs, RMSNorm, Transformer, apply_rotary, hf_to_meta_qk, rope_cos_sin, sample
+from model import (
+    PRESETS,
+    KVCache,
+    ModelArgs,
+    RMSNorm,
+    Transformer,
+    apply_rotary,
+    hf_to_meta_qk,
+    packed_attention,
+    rope_cos_sin,
+    sample,
+)
 
 
 def tiny_model(seed=0, **overrides):
@@ -625,13 +636,17 @@ def test_llama31_scaled_rope_is_refused(tmp_path):
         Transformer.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
-def test_hf_rope_scaling_is_refused(tmp_path, key):
+@pytest.mark.parametrize("key, rope", [
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
+    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}),  # older transformers wrote "type", not "rope_type"
+])
+def test_hf_rope_scaling_is_refused(tmp_path, key, rope):
     model = tiny_model()
     config = hf_config(model)
-    config[key] = {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}
+    config[key] = rope
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="rotary scaling.*llama3"):
+    with pytest.raises(ValueError, match=f"rotary scaling.*{rope.get('rope_type', rope.get('type'))}"):
         Transformer.from_pretrained(tmp_path)
 
 
@@ -669,6 +684,10 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("bin", "config.json", lambda c: c | {"num_hidden_layers": "4"}, "has num_hidden_layers='4' where a positive int"),
     ("bin", "config.json", lambda c: c | {"rms_norm_eps": -1.0}, "has rms_norm_eps=-1.0 where a positive number"),
     ("bin", "config.json", lambda c: c | {"vocab_size": True}, "has vocab_size=True where a positive integer"),
+    ("bin", "config.json", lambda c: c | {"rope_theta": 0}, "has rope_theta=0 where a positive number"),
+    ("bin", "config.json", lambda c: {k: v for k, v in c.items() if k != "rope_theta"}
+     | {"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+     "has rope_theta=-1.0 where a positive number"),
     ("meta", "params.json", lambda c: "{'dim': 64}", "is not valid JSON (line 1"),
     ("meta", "params.json", lambda c: {k: v for k, v in c.items() if k != "dim"}, "has no 'dim'"),
     ("meta", "params.json", lambda c: c | {"n_heads": 4.0}, "has n_heads=4.0 where a positive integer"),
@@ -822,7 +841,7 @@ def test_a_sequence_longer_than_the_sliding_window_is_refused_in_one_sentence():
 
 
 @pytest.mark.parametrize("key, value", [("model_type", "qwen3"), ("use_sliding_window", True),
-                                        ("hidden_act", "gelu"), ("sliding_window", "wide")])
+                                        ("hidden_act", "gelu"), ("sliding_window", "wide"), ("sliding_window", 0)])
 def test_what_qwen2_and_mistral_configs_need_beyond_this_model_is_refused(tmp_path, key, value):
     model = tiny_model(qkv_bias=True)
     write_hf_bin_dir(model, tmp_path)
@@ -937,3 +956,141 @@ def test_a_tied_hf_checkpoint_that_also_stores_lm_head_loads(tmp_path):
     assert loaded.output is None
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_model_args_refuse_heads_that_do_not_split_into_even_widths():
+    with pytest.raises(ValueError, match="dim=10 must split into n_heads=4 heads of even width"):
+        ModelArgs(dim=10, n_heads=4)  # 10 / 4 is not whole
+    with pytest.raises(ValueError, match="dim=12 must split into n_heads=4 heads of even width"):
+        ModelArgs(dim=12, n_heads=4)  # heads of 3: rotary pairs cannot form
+    assert ModelArgs(dim=16, n_heads=4).head_dim == 4
+
+
+def test_an_unknown_preset_override_is_a_value_error_listing_the_fields():
+    with pytest.raises(ValueError, match=r"unknown ModelArgs field\(s\) \['hidden_size'\].*dim, n_layers"):
+        ModelArgs.from_name("tiny", hidden_size=64)
+
+
+def test_packed_attention_matches_a_loop_and_padding_sees_only_padding():
+    """Against the rule written out token by token; every row sees at least itself, so no softmax row is
+    all masked (which gives NaN on some backends), and a real token never sees padding."""
+    seq_ids = torch.tensor([[-1, -1, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, -1, -1], [0] * 7])
+    mask, positions = packed_attention(seq_ids)
+    B, T = seq_ids.shape
+    assert mask.shape == (B, 1, T, T) and positions.shape == (B, T)
+    for b in range(B):
+        for i in range(T):
+            same = [j for j in range(i + 1) if seq_ids[b, j] == seq_ids[b, i]]
+            assert mask[b, 0, i].nonzero().flatten().tolist() == same, (b, i)
+            assert positions[b, i] == len(same) - 1
+    assert mask.any(-1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cached_generation_works_in_the_models_dtype(dtype):
+    """The KV cache holds the model's dtype: in float64 cached greedy decoding equals recomputing;
+    in bfloat16 (how 7B models run) it decodes every step."""
+    model = tiny_model(seed=1).to(dtype)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (7, 3)]
+    got = model.generate(prompts, 10)
+    if dtype == torch.float64:
+        assert got == [greedy_without_cache(model, p, 10) for p in prompts]
+    assert [len(row) for row in got] == [10, 10]
+
+
+def test_generation_stops_once_every_row_has_emitted_eos(monkeypatch):
+    """A scripted sampler: row 0 emits EOS at step 1 then goes on, row 1 at step 3. Decoding stops after
+    step 3 (one prefill and three decode passes through the trunk), each row cut before its EOS."""
+    eos = 9
+    script = torch.tensor([[5, eos, 6, 7, 8, 5, 6, 7], [5, 6, 7, eos, 8, 5, 6, 7]])  # (B, steps)
+    steps = iter(script.T)
+    monkeypatch.setattr("model.sample", lambda logits, temperature, top_p, generator=None: next(steps))
+    model = tiny_model()
+    passes = []
+    model.norm.register_forward_hook(lambda module, args, out: passes.append(1))
+    assert model.generate([[1, 2], [3]], 8, eos_id=eos) == [[5], [5, 6, 7]]
+    assert len(passes) == 4
+
+
+def test_max_seq_len_is_the_longest_sequence_accepted():
+    model = tiny_model(max_seq_len=16)
+    tokens = torch.randint(0, 512, (1, 16))
+    assert logits_of(model, tokens).shape == (1, 16, 512)
+    assert len(model.generate([[1] * 10], 6)[0]) == 6  # 10 + 6 = 16 positions
+    with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
+        model.generate([[1] * 10], 7)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(-0.5, 1.0), (1.0, 0.0), (1.0, 1.5)])
+def test_generate_refuses_a_negative_temperature_or_top_p_outside_0_1(temperature, top_p):
+    with pytest.raises(ValueError, match=f"temperature={temperature}, top_p={top_p} are out of range"):
+        tiny_model().generate([[1, 2]], 3, temperature=temperature, top_p=top_p)
+
+
+def test_initialisation_zeroes_the_qkv_biases():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", qkv_bias=True))
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert len(biases) == 3 * model.args.n_layers
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in biases)
+
+
+def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_are_refused(tmp_path):
+    model = tiny_model()
+    write_meta_dir(model, tmp_path, 0)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(params | {"use_scaled_rope": False}))
+    tokens = torch.randint(0, model.args.vocab_size, (1, 8))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+    (tmp_path / "params.json").write_text(json.dumps(params | {"moe_args": {"num_experts": 16}}))
+    with pytest.raises(ValueError, match=r"has fields this model does not know: \['moe_args'\]") as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path))
+
+
+def test_absent_hf_config_keys_take_transformers_llama_defaults(tmp_path):
+    """A config.json that gives only what it must: the rest as transformers' LlamaConfig defaults it
+    (MHA when num_key_value_heads is absent, untied output, its rms_norm_eps, context and rope_theta)."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig()
+    theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]
+    model = tiny_model(n_kv_heads=4, norm_eps=hf.rms_norm_eps, rope_theta=theta)
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+    (tmp_path / "config.json").write_text(json.dumps({k: hf_config(model)[k] for k in ("model_type", *required)}))
+    loaded = Transformer.from_pretrained(tmp_path)
+    a = loaded.args
+    assert (a.n_kv_heads, a.tie_embeddings, a.norm_eps) == (a.n_heads, hf.tie_word_embeddings, hf.rms_norm_eps)
+    assert (a.max_seq_len, a.rope_theta) == (hf.max_position_embeddings, theta)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_qwen2_sliding_window_is_ignored_when_use_sliding_window_is_false(tmp_path):
+    """Qwen2 configs carry a sliding_window that is switched off: sequences longer than it are attended in full."""
+    model = tiny_model(qkv_bias=True)
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    config = hf_config(model, "qwen2") | {"sliding_window": 8, "use_sliding_window": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.args.sliding_window is None
+    tokens = torch.randint(0, model.args.vocab_size, (1, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+@pytest.mark.parametrize("layout", ["bin", "safetensors"])
+def test_sharded_hf_weights_without_an_index_are_found_by_name(tmp_path, layout):
+    """No index file and no single model.safetensors / pytorch_model.bin: every shard is read."""
+    model = tiny_model()
+    if layout == "bin":
+        write_hf_bin_dir(model, tmp_path)
+        (tmp_path / "pytorch_model.bin.index.json").unlink()
+    else:
+        pytest.importorskip("safetensors")
+        sd = hf_state_dict(model)
+        names = list(sd)
+        for i, half in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+            write_safetensors({n: sd[n] for n in half}, tmp_path / f"model-{i + 1:05d}-of-00002.safetensors")
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
