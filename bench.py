@@ -423,7 +423,7 @@ def section_cuda7b(cfg, device, peak_tflops):
         print("## 5. 7B-shaped block stack: skipped (it needs --device=cuda)\n")
         return
     if cfg.quick:
-        args, batch, seq, k, r = ModelArgs.from_name("tiny", max_seq_len=128), 1, 128, 4, 16
+        args, batch, seq, k, r = ModelArgs.from_name("tiny", max_seq_len=128), 2, 128, 4, 16  # batch 2: tok/s counts it
     else:
         n_layers, batch, seq, k, r = (32, 4, 1024, 4, 128) if cfg.full7b else (4, 2, 1024, 4, 64)
         args = ModelArgs.from_name("llama2-7b", n_layers=n_layers, max_seq_len=seq)

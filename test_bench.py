@@ -1,7 +1,12 @@
-"""bench.py: a smoke test (the measurements themselves are the benchmark's, never a test's).
+"""bench.py: a smoke test, and its bookkeeping and arithmetic (order of calls, ratios, resident and peak
+bytes, tokens/s, MFU, targets) on stand-in functions, fake clocks and constructed times; the measurements
+themselves are the benchmark's, never a test's.
 
     python -m pytest -q
 """
+
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,3 +71,336 @@ def test_fused_training_step_holds_no_second_copy_of_the_input(shape):
         train()
         peak[variant] = memory()
     assert peak["TeamLoRA fused"] - peak["LoRA"] < x.numel() * x.element_size() / 2, peak
+
+
+# ----------------------------------------------------------------------------------------------------
+# the arithmetic and bookkeeping of the measurements, on stand-in functions, fake clocks and constructed
+# times: never a measured time
+
+CPU = torch.device("cpu")
+
+
+def quick_cfg():
+    return SimpleNamespace(**bench.QUICK, quick=True, full7b=False,
+                           variants=[v for v in bench.VARIANTS if v != "TeamLoRA compiled"])
+
+
+def fake_bench(monkeypatch, *calls):
+    """bench.bench answering its i-th call with calls[i] ({name: seconds per repeat}), never calling the fns."""
+    answers = iter(calls)
+
+    def fake(fns, repeats, device, warmup=2):
+        times = next(answers)
+        assert set(fns) == set(times) and all(len(t) == repeats for t in times.values())
+        return {name: list(times[name]) for name in fns}
+    monkeypatch.setattr(bench, "bench", fake)
+
+
+def table_rows(text, first_cells):
+    """{first cell: the other cells as floats where they parse} of a printed table's rows."""
+    rows = {}
+    for line in text.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[0] in first_cells:
+            rows[cells[0]] = [float(c) if re.fullmatch(r"-?[0-9.]+", c) else c for c in cells[1:]]
+    assert set(rows) == set(first_cells), text
+    return rows
+
+
+@pytest.mark.parametrize("repeats, warmup", [(5, 2), (4, 1), (1, 0)])
+def test_bench_warms_every_fn_up_then_calls_each_once_per_repeat_starting_one_further_along(monkeypatch, repeats,
+                                                                                            warmup):
+    names, log, clock = ["a", "b", "c"], [], iter(range(1, 1000))
+    fns = {n: (lambda n=n: log.append(n)) for n in names}
+
+    def fake_timed(fn, device):
+        log.append("timed")
+        fn()
+        return next(clock)
+    monkeypatch.setattr(bench, "timed", fake_timed)
+    times = bench.bench(fns, repeats, CPU, warmup=warmup)
+    assert log[:len(names) * warmup] == [n for n in names for _ in range(warmup)]  # every fn warmed up, untimed
+    timed_calls = log[len(names) * warmup:]
+    assert timed_calls == [x for rep in range(repeats) for j in range(len(names))
+                           for x in ("timed", names[(rep + j) % len(names)])]
+    # each fn's list holds the seconds of its own calls, in repeat order
+    order = timed_calls[1::2]
+    assert times == {n: [i + 1 for i, m in enumerate(order) if m == n] for n in names}
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_timed_measures_the_call_in_seconds_on_the_cpu_clock_and_with_cuda_events(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+
+    def work():
+        clock.now += 0.25
+    assert bench.timed(work, CPU) == pytest.approx(0.25)
+
+    class Event:  # torch.cuda.Event on the same clock: elapsed_time in ms, only once `end` completed
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.t, self.done = None, False
+
+        def record(self):
+            self.t = clock.now
+
+        def synchronize(self):
+            self.done = True
+
+        def elapsed_time(self, end):
+            assert end.done, "elapsed_time before the end event completed"
+            return (end.t - self.t) * 1e3
+    monkeypatch.setattr(bench.torch.cuda, "Event", Event)
+    assert bench.timed(work, SimpleNamespace(type="cuda")) == pytest.approx(0.25)
+
+
+def test_ms_ratio_and_spread_on_constructed_times():
+    times = [0.001, 0.002, 0.010]
+    assert bench.ms(times) == pytest.approx(2.0)  # the median, in milliseconds
+    # seven repeats: ratio = the median of the per-repeat ratios (not the ratio of the medians, nor a mean);
+    # middle half = the 2nd and 6th smallest of the seven ratios, the quartiles at (n + 1) / 4 and 3 (n + 1) / 4
+    ref = [1.0, 2.0, 1.0, 4.0, 1.0, 2.0, 1.0]
+    per_repeat = [1.2, 0.9, 3.0, 1.1, 1.05, 1.6, 2.0]
+    times = [a * b for a, b in zip(per_repeat, ref)]
+    assert bench.ratio(times, ref) == pytest.approx(sorted(per_repeat)[3])  # 1.2: times / ref
+    assert bench.ratio(ref, times) == pytest.approx(sorted(1 / p for p in per_repeat)[3])
+    assert bench.statistics.median(times) / bench.statistics.median(ref) != pytest.approx(1.2)  # the lists tell
+    assert bench.spread(times, ref) == f"{sorted(per_repeat)[1]:.2f}-{sorted(per_repeat)[5]:.2f}"  # 1.05-2.00
+    assert bench.spread([3.0], [2.0]) == "1.50-1.50"
+
+
+def test_resident_bytes_counts_each_storage_once_and_whole():
+    t = torch.zeros(1000)
+    assert bench.resident_bytes(t, t[:10], t.view(10, 100)) == 4000  # views of one storage: counted once
+    assert bench.resident_bytes(t[500:]) == 4000  # a view keeps all of its storage alive
+    assert bench.resident_bytes(t, torch.zeros(10, dtype=torch.float64)) == 4080
+
+
+def test_peak_bytes_adds_the_largest_rise_during_the_call_to_what_was_resident():
+    mib = 2**20
+
+    def step():
+        a = torch.ones(4 * mib // 4)  # 4 MiB alive, then freed
+        del a
+        b = torch.ones(2 * mib // 4)  # then 2 MiB: the peak stays the first 4 MiB, the sum would be 6
+        del b
+    resident = 10**9
+    rise = bench.peak_bytes(step, resident, CPU) - resident
+    assert 4 * mib <= rise < 5 * mib, rise
+
+
+def test_peak_bytes_on_cuda_counts_from_the_allocation_before_the_call(monkeypatch):
+    mem = SimpleNamespace(allocated=700, peak=5000)  # an earlier peak of 5000 must not count
+
+    def alloc(n):
+        mem.allocated += n
+        mem.peak = max(mem.peak, mem.allocated)
+
+    def step():
+        alloc(300)
+        alloc(-300)
+        alloc(100)
+    cuda = bench.torch.cuda
+    monkeypatch.setattr(cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda: setattr(mem, "peak", mem.allocated))
+    monkeypatch.setattr(cuda, "memory_allocated", lambda: mem.allocated)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda: mem.peak)
+    assert bench.peak_bytes(step, 10_000, SimpleNamespace(type="cuda")) == 10_000 + 300
+
+
+def test_step_memory_counts_parameters_optimizer_state_and_inputs_as_resident(monkeypatch):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12, bias=False).requires_grad_(False)
+    x, grad_out = torch.randn(5, 16, requires_grad=True), torch.randn(5, 12)
+    layer = bench.adapt(base, "TeamLoRA fused", 8, 2, torch.float32)
+    train, _, memory = bench.layer_steps(layer, x, grad_out, CPU)
+    train()  # AdamW's state exists from the first step on
+    seen = []
+    monkeypatch.setattr(bench, "peak_bytes", lambda fn, resident, device: seen.append(resident) or resident)
+    memory()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    floor = nbytes(layer.parameters()) + 2 * nbytes(trainable) + nbytes([x, grad_out])  # + AdamW's two moments
+    assert floor <= seen[0] <= floor + 8 * len(trainable)  # + a scalar step count per parameter
+
+
+@pytest.mark.parametrize("variant", ["LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused"])
+def test_layer_training_step_is_forward_backward_adamw_and_clears_the_gradients(variant):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12, bias=False).requires_grad_(False)
+    x, grad_out = torch.randn(5, 16, requires_grad=True), torch.randn(5, 12)
+    layer = bench.adapt(base, variant, 8, 2, torch.float32)
+    modes = []
+    layer.register_forward_pre_hook(lambda m, args: modes.append((m.training, torch.is_inference_mode_enabled())))
+    train, infer, _ = bench.layer_steps(layer, x, grad_out, CPU)
+    assert not layer.lora_B.any()  # B starts at zero: only a gradient step moves it
+    layer.eval()
+    train()
+    assert layer.lora_B.any()  # backward and the optimizer step ran
+    assert all(p.grad is None for p in layer.parameters()) and x.grad is None  # nothing accumulates into the next
+    infer()
+    assert modes == [(True, False), (False, True)]  # train: dropout on; inference: eval, no autograd
+
+
+def test_model_training_step_is_forward_with_loss_backward_adamw_and_clears_the_gradients():
+    torch.manual_seed(0)
+    args = bench.ModelArgs.from_name("tiny", max_seq_len=8)
+    model = bench.adapt_ffn(bench.Transformer(args), "TeamLoRA fused", 4, 2, torch.float32).eval()
+    modes = []
+    model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    tokens = torch.randint(args.vocab_size, (2, 8))
+    train, _ = bench.model_steps(model, tokens, tokens.roll(-1, 1), CPU)
+    train()
+    bs = [m.lora_B for m in model.modules() if isinstance(m, bench.TeamLoRALinear)]
+    assert bs and all(b.any() for b in bs)  # every zero-initialised B moved: backward from the loss, then AdamW
+    assert all(p.grad is None for p in model.parameters()) and modes == [True]
+
+
+def test_each_variant_gets_its_layer_class_experts_rank_and_competition():
+    want = {  # variant: (class, experts, interaction matrix M, compiled)
+        "LoRA": (bench.TeamLoRALinear, 1, False, False), "MoELoRA loop": (bench.MoELoRALoop, 4, False, None),
+        "TeamLoRA loop": (bench.TeamLoRALoop, 4, True, False), "TeamLoRA fused": (bench.TeamLoRALinear, 4, True, False),
+        "TeamLoRA compiled": (bench.TeamLoRALinear, 4, True, True)}
+    assert set(want) == set(bench.VARIANTS)
+    for variant, (cls, experts, has_m, compiled) in want.items():
+        layer = bench.adapt(torch.nn.Linear(16, 12), variant, 8, 4, torch.float64)
+        assert type(layer) is cls, variant
+        assert layer.experts == experts and layer.r == 8, variant  # LoRA: one expert of the whole rank r
+        assert layer.lora_A.numel() == 8 * 16 and layer.lora_A.dtype == torch.float64, variant
+        assert (getattr(layer, "lora_M", None) is not None) == has_m, variant
+        if compiled is not None:
+            assert layer.compile == compiled, variant
+
+
+def test_adapt_ffn_adapts_every_ffn_linear_and_freezes_the_rest():
+    args = bench.ModelArgs.from_name("tiny", max_seq_len=8)
+    model = bench.adapt_ffn(bench.Transformer(args), "TeamLoRA fused", 4, 2, torch.float64)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, bench.TeamLoRALinear)}
+    assert adapted == {f"layers.{i}.feed_forward.{w}" for i in range(args.n_layers) for w in ("w1", "w2", "w3")}
+    assert all(p.requires_grad == n.rpartition(".")[2].startswith("lora_") for n, p in model.named_parameters())
+    assert all(m.lora_A.dtype == torch.float64 for n, m in model.named_modules() if n in adapted)
+
+
+def test_check_meets_a_target_at_or_below_its_limit():
+    targets = []
+    for value in (0.99, 1.05, 1.0501, 1.2):
+        bench.check(targets, f"v={value}", value, 1.05)
+    assert [t[-1] for t in targets] == ["met", "met", "MISSED", "MISSED"]
+    assert targets[0][1:3] == ["0.99", "<= 1.05"]
+
+
+def test_table_left_aligns_names_right_aligns_two_decimal_numbers_under_a_rule(capsys):
+    bench.table(["variant", "ms", "peak MB"], [["LoRA", 1.234, 5.0], ["a longer name", 10.0, 6.0]])
+    lines = capsys.readouterr().out.splitlines()  # each column as wide as its widest cell, header included
+    assert lines == ["variant" + " " * 6 + "  " + "   ms" + "  " + "peak MB",
+                     "-------------  -----  -------",
+                     "LoRA            1.23     5.00",
+                     "a longer name  10.00     6.00", ""]
+
+
+def test_layer_section_ratios_and_targets_compare_fused_with_lora(monkeypatch, capsys):
+    cfg = quick_cfg()
+    train = {"LoRA": [1.0, 2.0, 1.0], "MoELoRA loop": [3.0, 6.0, 3.0], "TeamLoRA loop": [2.5, 5.0, 2.5],
+             "TeamLoRA fused": [1.5, 3.0, 1.5]}
+    infer = {"LoRA": [1.0, 1.0, 2.0], "MoELoRA loop": [2.0, 2.0, 4.0], "TeamLoRA loop": [1.5, 1.5, 3.0],
+             "TeamLoRA fused": [0.5, 0.5, 1.0]}
+    fake_bench(monkeypatch, *[train, infer] * len(cfg.ks))
+    mib = {"LoRA": 100, "MoELoRA loop": 110, "TeamLoRA loop": 130, "TeamLoRA fused": 120}
+
+    def fake_memory(train, module, opt, inputs, device):
+        variant = ("MoELoRA loop" if isinstance(module, bench.MoELoRALoop) else "TeamLoRA loop"
+                   if isinstance(module, bench.TeamLoRALoop) else "LoRA" if module.experts == 1 else "TeamLoRA fused")
+        return mib[variant] * 2**20
+    monkeypatch.setattr(bench, "step_memory", fake_memory)
+    targets = []
+    bench.section_layer(cfg, CPU, torch.float32, targets)
+    out = capsys.readouterr().out
+    for k in cfg.ks:
+        table = out.split(f"k = {k}, r =")[1].split("\n\n")[0]
+        rows = table_rows(table, list(train))
+        for v in train:  # ms, x LoRA, middle half, infer ms, x LoRA, peak MB, x LoRA
+            t, i = [a / b for a, b in zip(train[v], train["LoRA"])], [a / b for a, b in zip(infer[v], infer["LoRA"])]
+            assert rows[v][0] == pytest.approx(1e3 * sorted(train[v])[1], abs=0.006)
+            assert rows[v][1] == pytest.approx(sorted(t)[1], abs=0.006)
+            assert rows[v][3] == pytest.approx(1e3 * sorted(infer[v])[1], abs=0.006)
+            assert rows[v][4] == pytest.approx(sorted(i)[1], abs=0.006)
+            assert rows[v][5:] == [mib[v], pytest.approx(mib[v] / 100, abs=0.006)]
+    want = {"fused train / LoRA": ("1.50", "MISSED"), "fused / MoELoRA loop vs LoRA / loop": ("1.50", "MISSED"),
+            "fused infer / LoRA": ("0.50", "met"), "fused peak memory / LoRA": ("1.20", "MISSED")}
+    assert {(name, value, verdict) for name, value, _, verdict in targets} == \
+        {(f"layer k={k}: {name}", *v) for k in cfg.ks for name, v in want.items()}
+
+
+def test_decode_section_tokens_per_second_and_speed_against_the_base(monkeypatch, capsys):
+    cfg = quick_cfg()
+    prefill = {"base model": [0.10, 0.20, 0.12], "LoRA": [0.12, 0.30, 0.15], "TeamLoRA fused": [0.20, 0.50, 0.21],
+               "LoRA merged": [0.11, 0.19, 0.14]}
+    decode = {"base model": [0.50, 0.90, 0.60], "LoRA": [0.70, 1.00, 0.95], "TeamLoRA fused": [1.00, 2.50, 1.10],
+              "LoRA merged": [0.52, 0.80, 0.61]}
+    full = {v: [p + d for p, d in zip(prefill[v], decode[v])] for v in prefill}
+    fake_bench(monkeypatch, prefill, full)
+    bench.section_decode(cfg, CPU, torch.float32)
+    rows = table_rows(capsys.readouterr().out, list(prefill))
+    med = bench.statistics.median
+    for v in prefill:
+        # generate(prompts, 1) is the prefill and its first token: the decode adds new_tokens - 1 per prompt
+        d = [f - p for f, p in zip(full[v], prefill[v])]
+        d_base = [f - p for f, p in zip(full["base model"], prefill["base model"])]
+        want = [cfg.prompts * cfg.prompt_len / med(prefill[v]),
+                med(b / a for a, b in zip(prefill[v], prefill["base model"])),
+                cfg.prompts * (cfg.new_tokens - 1) / med(d), med(b / a for a, b in zip(d, d_base))]
+        assert rows[v] == pytest.approx(want, abs=0.006), v
+
+
+def test_no_name_in_the_peak_table_hides_a_longer_one_after_it():
+    names = list(bench.PEAK_TFLOPS)  # the first name found in the device's wins: "H100" before "H100 PCIe" would
+    assert not [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if a in b]  # give a PCIe card SXM's peak
+
+
+@pytest.mark.parametrize("device_name, peak_tflops, key", [("NVIDIA H100 PCIe", None, "H100 PCIe"),
+                                                          ("NVIDIA L40S", None, "L40S"),
+                                                          ("NVIDIA H100 PCIe", 0.5, None)])
+def test_stack_section_mfu_counts_model_flops_against_the_devices_peak(monkeypatch, capsys, device_name,
+                                                                       peak_tflops, key):
+    """Model FLOPs per token, from the shapes: the base is frozen, so a training step does its forward (2 per
+    weight) and the gradient of its inputs (2), never its weights' gradients; an adapter parameter costs 2 each
+    for the forward, the input gradient and its own gradient; causal attention multiplies each query with
+    T/2 keys and T/2 values on average, 2 * 2 * T/2 * dim per layer, and backward twice that. A recomputed
+    forward (activation checkpointing) is hardware work, not model FLOPs."""
+    peak = peak_tflops or bench.PEAK_TFLOPS[key]
+    monkeypatch.setattr(bench, "cpu_name", lambda: device_name)
+    scale = 1e-4 / peak  # seconds that give MFUs of tens of percent to this tiny stack
+    train = {"LoRA": [2 * scale, 3 * scale, 2.5 * scale], "TeamLoRA fused": [3 * scale, 3.5 * scale, 6 * scale]}
+    infer = {"LoRA": [1 * scale, 1.2 * scale, 1.1 * scale], "TeamLoRA fused": [1.5 * scale, 2 * scale, 1.8 * scale]}
+    fake_bench(monkeypatch, train, infer)
+    bench.section_cuda7b(quick_cfg(), CPU, peak_tflops)
+    out = capsys.readouterr().out
+    assert f"MFU against {peak} TFLOPS" in out
+    dim, ffn, layers, vocab, batch, seq, r, k = map(int, re.search(
+        r"dim (\d+), FFN (\d+), (\d+) layers, vocab (\d+), batch (\d+) x (\d+), FFN adapters r=(\d+) "
+        r"\(TeamLoRA k=(\d+)\)", out).groups())
+    args = bench.ModelArgs.from_name("tiny")
+    assert (dim, ffn, layers, vocab) == (args.dim, args.ffn_hidden_dim, args.n_layers, args.vocab_size)
+    kv = args.n_kv_heads * args.dim // args.n_heads
+    P = layers * (2 * dim * dim + 2 * dim * kv + 3 * dim * ffn) + vocab * dim
+    lora = layers * r * (3 * dim + 3 * ffn)  # A (r x in) and B (out x r) on w1, w3 (dim -> FFN) and w2
+    adapter = {"LoRA": lora, "TeamLoRA fused": lora + layers * (k * (2 * dim + ffn) + 3 * k * k)}  # + router, M
+    attention = 2 * seq * dim * layers
+    rows = table_rows(out, list(train))
+    med = bench.statistics.median
+    for v in train:
+        tps_train, tps_infer = batch * seq / med(train[v]), batch * seq / med(infer[v])
+        mfu_train = 100 * (4 * P + 6 * adapter[v] + 3 * attention) * tps_train / (peak * 1e12)
+        mfu_infer = 100 * (2 * P + 2 * adapter[v] + attention) * tps_infer / (peak * 1e12)
+        assert 5 < mfu_train < 1000 and 5 < mfu_infer < 1000
+        tok_s, mfu, _, tok_s_infer, mfu_i = rows[v][:5]
+        assert tok_s == pytest.approx(tps_train, rel=1e-6) and tok_s_infer == pytest.approx(tps_infer, rel=1e-6)
+        assert (mfu, mfu_i) == (pytest.approx(mfu_train, abs=0.051), pytest.approx(mfu_infer, abs=0.051)), v

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -439,6 +440,60 @@ def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys):
     per_layer = 2 * (128 * args.dim + args.ffn_hidden_dim * 128 + 4 * args.dim) \
         + (128 * args.ffn_hidden_dim + args.dim * 128 + 4 * args.ffn_hidden_dim) + 3 * 16
     assert f"{args.n_layers * per_layer:,} trainable parameters" in printed, printed
+
+
+MEMORY_CFG = dict(dtype="bfloat16", fsdp=True, max_len=1024, r=128, experts=4, activation_checkpointing=True,
+                  batch_size=128, grad_accum=4)
+
+
+def _estimate(n_layers=32, world=8, micro=4, **cfg):
+    """train.memory_estimate at LLaMA-2-7B's shapes, 6.7e9 base and 1e8 trainable parameters."""
+    args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=n_layers, vocab_size=32000)
+    return train.memory_estimate(args, 6_700_000_000 * n_layers // 32, 100_000_000, {**MEMORY_CFG, **cfg}, world,
+                                 micro)
+
+
+def test_memory_estimate_shards_weights_and_adapter_state_under_fsdp_only():
+    n_base, n_train, per_layer = 6_700_000_000, 100_000_000, 6_700_000_000 / 32
+    one, eight = _estimate(world=1), _estimate(world=8)
+    # FSDP: a 1/world shard of the bf16 weights, plus two whole blocks (one in use, one prefetched)
+    assert eight["weights"] == pytest.approx(n_base * 2 / 8 + 2 * per_layer * 2)
+    assert one["weights"] - eight["weights"] == pytest.approx(n_base * 2 * (1 - 1 / 8))
+    # the adapter trains in float32: weights, gradients and AdamW's two moments, 4 bytes each, sharded too
+    assert one["adapter"] == pytest.approx(n_train * (4 + 4 + 4 + 4))
+    assert eight["adapter"] == pytest.approx(one["adapter"] / 8)
+    assert (one["activations"], one["logits"]) == (eight["activations"], eight["logits"])  # per micro-batch
+    for world in (1, 8):  # DDP: every GPU holds all of it
+        ddp = _estimate(world=world, fsdp=False)
+        assert ddp["weights"] == pytest.approx(n_base * 2) and ddp["adapter"] == pytest.approx(n_train * 16)
+        assert _estimate(world=world, fsdp=False, dtype="float32")["weights"] == pytest.approx(n_base * 4)
+    for est in (one, eight, _estimate(fsdp=False, activation_checkpointing=False)):
+        assert est["total"] == pytest.approx(est["weights"] + est["adapter"] + est["activations"] + est["logits"])
+
+
+def test_memory_estimate_activations_grow_with_tokens_and_layers_and_checkpointing_keeps_block_inputs():
+    for ckpt in (False, True):
+        one, two = _estimate(micro=1, activation_checkpointing=ckpt), _estimate(micro=2, activation_checkpointing=ckpt)
+        assert two["activations"] == pytest.approx(2 * one["activations"])
+        assert one["logits"] == pytest.approx(1024 * 32000 * 4 * 2) and two["logits"] == pytest.approx(
+            2 * one["logits"])  # float32 logits and their gradient
+        assert _estimate(r=256, activation_checkpointing=ckpt)["activations"] > _estimate(
+            activation_checkpointing=ckpt)["activations"]  # rank-sized adapter terms
+    full = {n: _estimate(n_layers=n, micro=1, activation_checkpointing=False)["activations"] for n in (16, 32)}
+    assert full[32] == pytest.approx(2 * full[16])  # without checkpointing every block keeps all it saved
+    # with it: each block's bf16 input (dim per token), and one block's full set while it is recomputed
+    ckpt = _estimate(micro=1)["activations"]
+    assert ckpt == pytest.approx(1024 * 32 * 4096 * 2 + full[32] / 32)
+    assert ckpt < full[32] / 4
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(world, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", f"--dry_run_world_size={world}"])
+    train.train(cfg)
+    micro = cfg["batch_size"] // (world * cfg["grad_accum"])  # 128 sequences over world GPUs x 4 accumulations
+    assert f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, FSDP" in capsys.readouterr().out
 
 
 def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path):
