@@ -23,7 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from teamlora import TeamLoRALinear, expert_weights
+from teamlora import TeamLoRALinear, expert_weights_t
+
+
+def expert_weights(x, router, M):
+    """omega, per-token expert weights (..., k) in float32 (or float64) summing to k; M=None: no competition."""
+    logits = F.linear(x, router)  # (..., k)
+    return expert_weights_t(logits.reshape(-1, logits.shape[-1]).t(), M).t().reshape(logits.shape)
 
 
 def team_lora_delta_loop(x, A, B, router, M, scaling, dropout):

@@ -4,11 +4,10 @@
     z = dropout(x A^T) split into k segments z_i of width r_B = r/k    (Eq. 8, 9: collaboration)
     omega = k * rownorm(phi (I + M)),  phi = softmax(x W_r^T)          (Eq. 11, 12: competition)
 
-One shared A (r x d_in) feeds k experts B_i (d_out x r_B), kept side by side as B = [B_1 ... B_k]. As sum_i
-omega_i z_i B_i^T = (z * omega repeated r_B times) B^T, two GEMMs and a d_in -> k router do it: one LoRA's cost.
-Scale: omega sums to k and the scaling is alpha / r_B (the authors' code), so at equal alpha TeamLoRA's update is
-k times that of a LoRA of the same total rank (and of MoELoRA, whose weights sum to 1): compare methods each at
-its own learning rate. baselines.team_lora_delta_loop writes Eq. 9 and 13 one expert at a time. Needs only torch.
+One shared A (r x d_in) feeds k experts B_i (d_out x r_B), side by side as B = [B_1 ... B_k]. As sum_i omega_i z_i
+B_i^T = (z * omega repeated r_B times) B^T, two GEMMs and a d_in -> k router do it: one LoRA's cost. Scale: omega sums
+to k and the scaling is alpha / r_B (the authors'), so at equal alpha TeamLoRA's update is k times a LoRA's of the same
+total rank (and MoELoRA's): train each method at its own learning rate. Needs only torch; baselines.py has the loops.
 """
 import functools
 import math
@@ -22,12 +21,6 @@ import torch.nn.functional as F
 EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign kept (see expert_weights_t)
 
 
-def expert_weights(x, router, M):
-    """omega, per-token expert weights (..., k) in float32 (or float64) summing to k; M=None: no competition."""
-    logits = F.linear(x, router)  # (..., k)
-    return expert_weights_t(logits.reshape(-1, logits.shape[-1]).t(), M).t().reshape(logits.shape)
-
-
 def expert_weights_t(logits_t, M):
     """omega^T (k, N) from logits^T (k, N): tokens on the fast axis (a softmax over a last axis of k: 15-30x slower)."""
     phi = logits_t.to(torch.promote_types(logits_t.dtype, torch.float32)).softmax(0)  # Eq. 11
@@ -35,29 +28,41 @@ def expert_weights_t(logits_t, M):
         return phi * phi.shape[0]
     with torch.autocast("cpu" if phi.is_meta else phi.device.type, enabled=False):  # meta has no autocast
         adj = torch.addmm(phi, M.t().to(phi.dtype), phi)  # Eq. 12 as (phi + phi M)^T: one GEMM, kept float32
-    s = adj.sum(0, keepdim=True)
-    # A learned M can push the row sum through 0; clamp its magnitude to EPS, keeping its sign.
+    s = adj.sum(0, keepdim=True)  # a learned M can push it through 0: its magnitude is clamped to EPS, sign kept
     s = torch.where(s.abs() < EPS, torch.where(s < 0, -EPS, EPS), s)  # 0 -> +EPS
     return adj / s * phi.shape[0]
 
 
+class _RouterInA(torch.autograd.Function):
+    """z^T, logits^T = [A; W_r] x^T: one GEMM reads x, and writes grad x, once; (r + k, N), as (N, r + k) pads r + k to
+    the SIMD width. Autograd would keep [A; W_r] for backward (+2% peak memory at 11008 -> 4096, k = 8): made again."""
+
+    @staticmethod
+    def forward(ctx, x2, A, router):
+        ctx.save_for_backward(x2, A, router)
+        return torch.cat([A, router]).mm(x2.t())
+
+    @staticmethod
+    def backward(ctx, grad):  # grad in the forward's dtype (autocast's, if on); autograd casts the results back
+        x2, A, router = ctx.saved_tensors
+        grad_x = grad.t().mm(torch.cat([A, router]).to(grad.dtype)) if ctx.needs_input_grad[0] else None
+        return grad_x, *grad.mm(x2.to(grad.dtype)).split([A.shape[0], router.shape[0]])
+
+
 def team_lora_delta(x, A, B, router, M, scaling, dropout):
-    """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None). The router rides in
-    A's GEMM, concatenated here (parameter names stay): x is read, and grad x written, once."""
+    """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None)."""
     if router is None:  # one expert: plain LoRA
         return F.linear(F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling, B), None
-    (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]  # z^T, logits^T (r + k, N): tokens on the fast
-    # axis, as in expert_weights_t; a GEMM giving (N, r + k) would pad r + k to the SIMD width, costing up to 50%
-    zt, logits_t = torch.cat([A, router]).mm(x.reshape(-1, x.shape[-1]).t()).split([r, k])
+    (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
+    zt, logits_t = _RouterInA.apply(x.reshape(-1, x.shape[-1]), A, router).split([r, k])
     zt = F.dropout(zt, dropout, dropout > 0)  # Eq. 8, dropout on z_i
     omega_t = expert_weights_t(logits_t, M)  # (k, N)
     zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # scaled on k, not r
     return F.linear(zw.t(), B).view(*lead, B.shape[0]), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: one GEMM
 
 
-@functools.cache
+@functools.cache  # the fused path compiled once per device type; eager on a CPU without a C++ compiler
 def _fused_compiled(device_type):
-    """The fused path compiled once per device type; eager on a CPU without a C++ compiler."""
     cxx = [os.path.join(d, c) for d in os.get_exec_path() for c in (os.environ.get("CXX"), "g++", "clang++") if c]
     if device_type == "cpu" and not any(os.access(c, os.X_OK) for c in cxx):
         warnings.warn("TeamLoRA: torch.compile on CPU needs a C++ compiler (install g++ or set CXX); running eagerly.")
@@ -66,8 +71,7 @@ def _fused_compiled(device_type):
 
 
 class TeamLoRALinear(nn.Linear):
-    """nn.Linear plus a TeamLoRA adapter. Takes over the base layer's `weight` and `bias`
-    (the same tensors, never copied), so base checkpoints load into an adapted model unchanged."""
+    """nn.Linear plus a TeamLoRA adapter, on the base's `weight` and `bias` (never copied): base checkpoints load."""
 
     def __init__(self, base: nn.Linear, r=8, experts=4, alpha=16.0, dropout=0.05, competition=True,
                  adapter_dtype=torch.float32, compile=False):
@@ -88,8 +92,7 @@ class TeamLoRALinear(nn.Linear):
         self.reset_lora_parameters()
 
     def initial_lora_state(self):
-        """The authors' initialisation as fresh float32 CPU tensors, drawn from torch's global generator
-        in a fixed order: the same numbers whatever the device or sharding of the parameters."""
+        """The authors' initialisation, drawn on the CPU in a fixed order: the same whatever the device or sharding."""
         kaiming = lambda p: nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5))
         state = {"lora_A": kaiming(self.lora_A), "lora_B": torch.zeros(self.lora_B.shape)}  # B = 0: no change yet
         if self.lora_router is not None:
@@ -123,7 +126,7 @@ class TeamLoRALinear(nn.Linear):
         delta, self.last_omega = fused(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
                                        self.lora_M, self.scaling, self.dropout if self.training else 0.0)
         out = F.linear(x, self.weight, self.bias)  # after the adapter: backward meets its grad x first and
-        return out + delta.to(out.dtype)  # adds the adapter's (a transposed view) into it in place
+        return out + delta.to(out.dtype)  # adds the adapter's into it in place
 
     def extra_repr(self):
         return f"{super().extra_repr()}, r={self.r}, experts={self.experts}, competition={self.competition}"
@@ -168,8 +171,7 @@ def load_adapter_state_dict(model, state):
               for n in sorted(own.keys() & state.keys()) if state[n].shape != own[n].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"the adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"shape mismatches {shapes[:3]}): inject with the targets, r, experts and competition "
-                         "it was trained with.")
+                         f"shape mismatches {shapes[:3]}): inject as in training (targets, r, experts, competition).")
     with torch.no_grad():
         for n, t in state.items():
             own[n].copy_(t)
@@ -178,12 +180,10 @@ def load_adapter_state_dict(model, state):
 def _omegas(model, mask):
     """(name, omega of valid tokens (N, k)) for every multi-expert layer that ran a forward."""
     for name, m in model.named_modules():
-        if isinstance(m, TeamLoRALinear) and m.last_omega is not None:
-            om = m.last_omega
+        if isinstance(m, TeamLoRALinear) and (om := m.last_omega) is not None:
             if mask is not None and mask.shape != om.shape[:-1]:
                 raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the tokens {tuple(om.shape[:-1])}.")
-            om = om if mask is None else om[mask.to(om.device, torch.bool)]
-            yield name, om.reshape(-1, om.shape[-1])
+            yield name, (om if mask is None else om[mask.to(om.device, torch.bool)]).reshape(-1, om.shape[-1])
 
 
 def balance_loss(model, mask=None, reduction="mean"):

@@ -138,6 +138,50 @@ def test_fused_equals_expert_loop_in_outputs_and_every_gradient(k, r, shape, com
     torch.testing.assert_close(gx_layer, gx_f, rtol=0, atol=0)
 
 
+def _router_in_A_reference(x2, A, router):
+    """[A; W_r] x^T by plain autograd: the concatenation kept for backward."""
+    return torch.cat([A, router]).mm(x2.t())
+
+
+def test_router_in_A_gradients_in_float64_and_under_bf16_autocast_match_plain_autograd():
+    torch.manual_seed(0)
+    x2, A, router = (torch.randn(n, 12, dtype=torch.float64, requires_grad=True) for n in (7, 8, 4))
+    assert torch.autograd.gradcheck(teamlora._RouterInA.apply, (x2, A, router))
+    # under bf16 autocast: the same bf16 GEMMs as autograd's, gradients back in each input's float32
+    grad = torch.randn(12, 7).bfloat16()
+    ours, ref = ([t.detach().float().requires_grad_() for t in (x2, A, router)] for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_ref = teamlora._RouterInA.apply(*ours), _router_in_A_reference(*ref)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_ref)
+    out.backward(grad)
+    out_ref.backward(grad)
+    for a, b in zip(ours, ref):
+        assert a.grad.dtype == torch.float32
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_router_in_A_backward_runs_one_gemm_per_gradient_wanted(x_needs_grad):
+    """x of the first adapted layer needs no gradient (the embedding is frozen): its GEMM is skipped."""
+    x2 = torch.randn(64, 32, requires_grad=x_needs_grad)
+    A, router = torch.randn(8, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
+    out = teamlora._RouterInA.apply(x2, A, router)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(torch.randn_like(out))
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::mm") == 1 + x_needs_grad
+    assert (x2.grad is not None) == x_needs_grad and A.grad.shape == A.shape and router.grad.shape == router.shape
+
+
+def test_the_fused_path_keeps_x_and_the_parameters_for_backward_never_a_concatenation_of_them():
+    layer = make_layer(d_in=64, d_out=10, r=8, experts=4, dtype=torch.float32)
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    big = {tuple(t.shape) for t in saved if t.shape[-1] == 64}  # anything as wide as d_in
+    assert big and big <= {(5, 64), (10, 64), (8, 64), (4, 64)}, big  # x, W0, A, W_r: no (12, 64)
+
+
 def _has_compiler():
     return any(shutil.which(c) for c in ("g++", "clang++"))
 
@@ -458,7 +502,7 @@ def test_row_sum_guard_sets_a_near_zero_row_sum_to_1e_6_with_its_sign(delta):
         layer.lora_M.copy_((delta - 1.0) * torch.eye(4, dtype=torch.float64))
     x = torch.randn(5, 12, dtype=torch.float64)
     phi = torch.softmax(x @ layer.lora_router.detach().T, -1)
-    omega = teamlora.expert_weights(x, layer.lora_router, layer.lora_M)
+    omega = baselines.expert_weights(x, layer.lora_router, layer.lora_M)
     clamped = 1e-6 if delta >= 0 else -1e-6
     torch.testing.assert_close(omega, 4 * phi * delta / clamped, rtol=1e-6, atol=1e-12)
     g = torch.randn(5, 4, dtype=torch.float64)
@@ -475,7 +519,7 @@ def test_row_sum_guard_leaves_every_row_sum_of_magnitude_above_1e_6_as_it_is(sca
     with torch.no_grad():
         layer.lora_M.copy_(scale * torch.eye(4, dtype=torch.float64))
     x = torch.randn(5, 12, dtype=torch.float64)
-    omega = teamlora.expert_weights(x, layer.lora_router, layer.lora_M)
+    omega = baselines.expert_weights(x, layer.lora_router, layer.lora_M)
     torch.testing.assert_close(omega, 4 * torch.softmax(x @ layer.lora_router.T, -1), rtol=1e-12, atol=1e-12)
     expected = reference_forward(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_router,
                                  layer.lora_M, k=4, alpha=16.0)
