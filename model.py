@@ -452,6 +452,9 @@ _META_OPTIONAL = {"n_kv_heads": ("positive int", True), "vocab_size": ("int", Fa
                   "multiple_of": ("positive int", False), "ffn_dim_multiplier": ("positive", True),
                   "norm_eps": ("positive", False), "rope_theta": ("positive", False),
                   "max_seq_len": ("positive int", False), "hidden_dim": ("positive int", True)}
+# what transformers' MistralConfig and Qwen2Config assume for a key config.json leaves out, where LlamaConfig differs
+_HF_TYPE_DEFAULTS = {"mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
+                     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768}}
 _HF_CONFIG = {"hidden_size": ("positive int", False), "num_hidden_layers": ("positive int", False),
               "num_attention_heads": ("positive int", False), "vocab_size": ("positive int", False),
               "intermediate_size": ("positive int", False)}
@@ -587,6 +590,8 @@ def _read_hf(path, dtype, device):
         if config.get(key) not in allowed:
             raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this model does not implement; "
                              "LLaMA 2/3, Qwen2/Qwen2.5 and Mistral checkpoints are supported")
+    # keys a config leaves out take transformers' defaults for its model type (LLaMA's: in the code below)
+    config = {**_HF_TYPE_DEFAULTS.get(config.get("model_type"), {}), **config}
     qwen2 = config.get("model_type") == "qwen2"  # q, k, v with biases; its sliding window is off (checked above)
     window = None if qwen2 else config.get("sliding_window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
@@ -606,7 +611,7 @@ def _read_hf(path, dtype, device):
     if (config.get("head_dim") or config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
         raise ValueError(f"config.json in {path!r} has head_dim={config['head_dim']} != hidden_size / "
                          "num_attention_heads; this model does not support that")
-    # HF's defaults where a key is absent (rms_norm_eps 1e-6, max_position_embeddings 2048)
+    # LlamaConfig's defaults where a key is absent (rms_norm_eps 1e-6, max_position_embeddings 2048)
     args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
                      hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps") or 1e-6,

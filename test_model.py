@@ -1048,20 +1048,26 @@ def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_ar
     assert_one_sentence(error, str(tmp_path))
 
 
-def test_absent_hf_config_keys_take_transformers_llama_defaults(tmp_path):
-    """A config.json that gives only what it must: the rest as transformers' LlamaConfig defaults it
-    (MHA when num_key_value_heads is absent, untied output, its rms_norm_eps, context and rope_theta)."""
+@pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
+                                                      ("qwen2", "Qwen2Config")])
+def test_absent_hf_config_keys_take_transformers_defaults_for_the_model_type(tmp_path, model_type, config_class):
+    """A config.json that gives only what it must: the rest as transformers' config class of that model type
+    defaults it (KV heads, tied output, rms_norm_eps, context, rope_theta, Mistral's sliding window)."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaConfig()
+    required = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=32, vocab_size=512, intermediate_size=96)
+    hf = getattr(transformers, config_class)(**required)
     theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]
-    model = tiny_model(n_kv_heads=4, norm_eps=hf.rms_norm_eps, rope_theta=theta)
+    window = None if model_type == "qwen2" else getattr(hf, "sliding_window", None)
+    model = tiny_model(n_layers=2, n_heads=32, n_kv_heads=hf.num_key_value_heads, hidden_dim=96,
+                       norm_eps=hf.rms_norm_eps, rope_theta=theta, qkv_bias=model_type == "qwen2",
+                       tie_embeddings=hf.tie_word_embeddings, sliding_window=window)
     torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
-    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
-    (tmp_path / "config.json").write_text(json.dumps({k: hf_config(model)[k] for k in ("model_type", *required)}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **required}))
     loaded = Transformer.from_pretrained(tmp_path)
     a = loaded.args
-    assert (a.n_kv_heads, a.tie_embeddings, a.norm_eps) == (a.n_heads, hf.tie_word_embeddings, hf.rms_norm_eps)
-    assert (a.max_seq_len, a.rope_theta) == (hf.max_position_embeddings, theta)
+    assert (a.n_kv_heads, a.tie_embeddings, a.norm_eps) == (hf.num_key_value_heads, hf.tie_word_embeddings,
+                                                            hf.rms_norm_eps)
+    assert (a.max_seq_len, a.rope_theta, a.sliding_window) == (hf.max_position_embeddings, theta, window)
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
