@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import evaluation
 import minicme
 import model
 import teamlora
@@ -117,8 +118,8 @@ def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["scores"]) == set(SYNTHETIC_TASKS) and set(results["expert_load"]) == set(SYNTHETIC_TASKS)
     model, args, tok = summary["model"], summary["model"].args, data.Tokenizer(cfg["tokenizer"])
-    for name, (task, records) in train.load_eval_sets(cfg).items():  # each task's load from its own prompts
-        prompts = [train.prompt_ids(tok, rec, args.max_seq_len - task.max_new_tokens) for rec in records]
+    for name, (task, records) in evaluation.load_eval_sets(cfg).items():  # each task's load from its own prompts
+        prompts = [evaluation.prompt_ids(tok, rec, args.max_seq_len - task.max_new_tokens) for rec in records]
         want = reference_task_load(model, prompts, args.n_layers, cfg["load_layers"], cfg["experts"])
         torch.testing.assert_close(torch.tensor(results["expert_load"][name]), want, rtol=1e-4, atol=1e-5, msg=name)
         if task.metric == "accuracy":  # chance: the share of the most frequent gold label in these records
@@ -188,7 +189,7 @@ def test_val_loss_is_cross_entropy_over_answer_tokens_only(run_data, tmp_path, m
                     labelled += int(keep.sum())
             positions += b["labels"].numel()
     assert 0 < labelled < positions / 2  # most positions are prompt or padding: the two means differ a lot
-    assert train.val_loss(model, val, r) == pytest.approx(total / labelled, rel=1e-4)
+    assert evaluation.val_loss(model, val, r) == pytest.approx(total / labelled, rel=1e-4)
     assert model.training  # val_loss hands the model back in training mode
 
 
@@ -197,7 +198,7 @@ def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_lay
     g = torch.Generator().manual_seed(1)
     lengths = (3, 40, 9, 25, 17)  # very different lengths: the short ones get a lot of padding in a batch
     prompts = [torch.randint(1, r.tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
-    got = train.task_expert_load(model, prompts, r)
+    got = evaluation.task_expert_load(model, prompts, r)
     want = reference_task_load(model, prompts[:4], r.args.n_layers, 2, r.cfg["experts"])  # eval_batch_size=4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got.shape == (r.cfg["experts"],) and model.training
@@ -799,7 +800,7 @@ def test_cpu_threads_share_the_cores_among_torchruns_local_processes(local_world
 def test_results_table_shows_lift_as_score_minus_chance_and_the_average_row(capsys):
     names = list(SYNTHETIC_TASKS)[:3]
     scores, chance = dict(zip(names, (80.5, 10.0, 33.3))), dict(zip(names, (50.0, 25.5, 0.0)))
-    train.print_results(scores, chance, {}, dict(train.DEFAULTS))
+    evaluation.print_results(scores, chance, {}, dict(train.DEFAULTS))
     rows = {line.split()[0]: [float(x) for x in line.split()[-3:]]
             for line in capsys.readouterr().out.splitlines() if line.split() and line.split()[0] in names + ["average"]}
     assert set(rows) == set(names) | {"average"}
@@ -823,18 +824,18 @@ def test_long_prompts_are_cut_to_the_room_left_for_the_answer_keeping_bos_and_th
     full = data.encode_prompt(r.tok, long)
     assert len(full) > r.args.max_seq_len
     for room in (2, 17, len(full) - 1, len(full), len(full) + 5):
-        ids = train.prompt_ids(r.tok, long, room)
+        ids = evaluation.prompt_ids(r.tok, long, room)
         assert len(ids) == min(room, len(full)) and ids[0] == r.tok.bos_id
         assert ids[1:] == full[len(full) - len(ids) + 1:]  # the end of the prompt (its </s>) is kept
     task = SYNTHETIC_TASKS["sentiment"]
     r.eval_sets = {"sentiment": (task, [long, {"instruction": "short", "input": "", "output": "negative"}])}
-    scores, _ = train.evaluate(model, r)  # the longest prompt plus the answer fits max_seq_len
+    scores, _ = evaluation.evaluate(model, r)  # the longest prompt plus the answer fits max_seq_len
     assert set(scores) == {"sentiment"}
 
 
 def test_eval_limit_0_scores_every_record_of_each_task(run_data, tmp_path):
-    every = train.load_eval_sets(train_cfg(run_data, tmp_path / "o", "--eval_limit=0"))
-    two = train.load_eval_sets(train_cfg(run_data, tmp_path / "o", "--eval_limit=2"))
+    every = evaluation.load_eval_sets(train_cfg(run_data, tmp_path / "o", "--eval_limit=0"))
+    two = evaluation.load_eval_sets(train_cfg(run_data, tmp_path / "o", "--eval_limit=2"))
     assert every.keys() == two.keys() == set(SYNTHETIC_TASKS)
     for name, (_, records) in every.items():
         on_file = [rec for _, rec in data.read_jsonl(run_data / "test" / f"{name}.jsonl")]
@@ -953,7 +954,7 @@ def test_two_processes_gradients_average_to_the_one_process_gradient(run_data, t
     gradients are synchronised on the last micro-batch only."""
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--dropout=0.0", "--grad_accum=2",
                                                    "--balance_coef=0.5", "--learning_rate=0.0", "--grad_clip=1e6")
-    monkeypatch.setattr(train, "all_reduce_sum", lambda t, world: t)  # each rank keeps its own sums
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, world: t)  # each rank keeps its own sums
     cfg, ds = r.cfg, data.TokenDataset(r.cfg["data_dir"], "train")
     b = data.get_batch(ds, 0, cfg["batch_size"], cfg["seed"], mode="pad", max_len=cfg["max_len"])
     want = _reference_grads(model, sum(_reference_objective(model, b, 4, 0.5, cfg["balance_reduction"])))
@@ -1011,11 +1012,11 @@ def test_the_expert_load_of_several_processes_is_the_load_each_computes(run_data
     """Every rank computes the load on the same prompts; the all-reduce sums world copies of it, and the
     reported load is that load again (shares summing to 1), as with one process."""
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_limit=2")
-    r.eval_sets = train.load_eval_sets(r.cfg)
-    monkeypatch.setattr(train, "generate_all", lambda model, prompts, max_new, r: [""] * len(prompts))
-    _, one = train.evaluate(model, r)
-    monkeypatch.setattr(train, "all_reduce_sum", lambda t, world: t * world)  # world ranks, the same load each
-    _, two = train.evaluate(model, train.Run(r.cfg, 0, 2, r.device, r.tok, r.args, r.eval_sets))
+    r.eval_sets = evaluation.load_eval_sets(r.cfg)
+    monkeypatch.setattr(evaluation, "generate_all", lambda model, prompts, max_new, r: [""] * len(prompts))
+    _, one = evaluation.evaluate(model, r)
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, world: t * world)  # world ranks, the same load each
+    _, two = evaluation.evaluate(model, train.Run(r.cfg, 0, 2, r.device, r.tok, r.args, r.eval_sets))
     assert one.keys() == two.keys() == set(SYNTHETIC_TASKS)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=1e-7)
@@ -1048,7 +1049,7 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
     want = [tok.decode(p[1:]) for p in prompts]
     assert len(set(want)) == len(want)
     one = _EchoModel(tok.eos_id)
-    assert train.generate_all(one, prompts, 20, train.Run(cfg, 0, 1, torch.device("cpu"), tok)) == want
+    assert evaluation.generate_all(one, prompts, 20, train.Run(cfg, 0, 1, torch.device("cpu"), tok)) == want
     assert sum(n for n, _, _ in one.calls) == 5 and all(n <= 2 for n, _, _ in one.calls)
     assert {c[1:] for c in one.calls} == {(20, tok.eos_id)}
     # two ranks: each generates its share, the same number of batches and to the full length (no early
@@ -1062,20 +1063,20 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
     for rank in (0, 1):
         models[rank] = _EchoModel(tok.eos_id)
         with pytest.raises(_Gathered):
-            train.generate_all(models[rank], prompts, 20, train.Run(cfg, rank, 2, torch.device("cpu"), tok))
+            evaluation.generate_all(models[rank], prompts, 20, train.Run(cfg, rank, 2, torch.device("cpu"), tok))
     assert set(shares[0]) | set(shares[1]) == set(range(5)) and not set(shares[0]) & set(shares[1])
     assert len(models[0].calls) == len(models[1].calls) and {c[2] for m in models.values() for c in m.calls} == {None}
     monkeypatch.setattr(train.dist, "all_gather_object", lambda parts, obj: parts.__setitem__(slice(None),
                                                                                              [shares[0], shares[1]]))
     for rank in (0, 1):
-        assert train.generate_all(_EchoModel(tok.eos_id), prompts, 20,
+        assert evaluation.generate_all(_EchoModel(tok.eos_id), prompts, 20,
                                   train.Run(cfg, rank, 2, torch.device("cpu"), tok)) == want
 
 
 def test_evaluate_answers_each_tasks_own_prompts_with_its_own_answer_length_and_scores_them(run_data, tmp_path,
                                                                                            monkeypatch):
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_limit=3")
-    r.eval_sets = train.load_eval_sets(r.cfg)
+    r.eval_sets = evaluation.load_eval_sets(r.cfg)
     long = {"instruction": "Summarize: " + " ".join(f"word{i}" for i in range(400)), "input": "tail",
             "output": "a summary"}
     task, records = r.eval_sets["summary"]
@@ -1090,12 +1091,12 @@ def test_evaluate_answers_each_tasks_own_prompts_with_its_own_answer_length_and_
     def answer_with_the_gold_output(model, prompts, max_new, r):
         calls.append((prompts, max_new))
         return [gold[tuple(p)] for p in prompts]
-    monkeypatch.setattr(train, "generate_all", answer_with_the_gold_output)
-    scores, _ = train.evaluate(model, r)
+    monkeypatch.setattr(evaluation, "generate_all", answer_with_the_gold_output)
+    scores, _ = evaluation.evaluate(model, r)
     assert scores == {name: 100.0 for name in SYNTHETIC_TASKS}
     assert len({task.max_new_tokens for task, _ in r.eval_sets.values()}) > 1
     for (prompts, max_new), (task, records) in zip(calls, r.eval_sets.values(), strict=True):
         assert max_new == task.max_new_tokens and len(prompts) == len(records)
         assert all(len(p) + max_new <= r.args.max_seq_len for p in prompts)
-    monkeypatch.setattr(train, "generate_all", lambda model, prompts, max_new, r: ["?"] * len(prompts))
-    assert all(s == 0.0 for s in train.evaluate(model, r)[0].values())  # the scores are the answers'
+    monkeypatch.setattr(evaluation, "generate_all", lambda model, prompts, max_new, r: ["?"] * len(prompts))
+    assert all(s == 0.0 for s in evaluation.evaluate(model, r)[0].values())  # the scores are the answers'

@@ -9,7 +9,7 @@ laptop to 8-GPU FSDP. One plain loop, nanoGPT-style:
 Configuration: the defaults below, then a config file (plain Python assignments), then
 --key=value flags. An unknown key or a value of the wrong type is an error naming the key.
 Reading order: main -> train (resume config, processes, the demo's files) -> run (the loop) ->
-finish (evaluation).
+finish (the scores, from evaluation.py).
 """
 import ast
 import builtins
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import evaluation
 import minicme
 import tasks
 import teamlora
@@ -207,6 +208,11 @@ class Run:
     def master(self):
         return self.rank == 0
 
+    @property
+    def multi_expert(self):
+        """Whether the adapter weighs several experts per token (a router): balance loss, expert load."""
+        return self.cfg["adapter"] in MULTI_EXPERT and self.cfg["experts"] > 1
+
     def say(self, *args, **kwargs):
         if self.master:
             print(*args, **kwargs)
@@ -262,12 +268,6 @@ def setup_distributed(cfg):
         dev = f"cuda:{local_rank}"
     dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
     return rank, world, torch.device(dev)
-
-
-def all_reduce_sum(t, world):
-    if world > 1:
-        dist.all_reduce(t)
-    return t
 
 
 # -------------------------------------------------------------------------------------------------
@@ -377,151 +377,6 @@ def get_lr(step, cfg):
         return lr * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, total - warm))
     return lr * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# -------------------------------------------------------------------------------------------------
-# evaluation: validation loss, then per-task scores by batched greedy generation
-
-
-@torch.no_grad()
-def val_loss(model, val, r):
-    """Mean cross-entropy over the answer tokens of eval_iters validation batches."""
-    cfg = r.cfg
-    model.eval()
-    totals = torch.zeros(2, device=r.device)  # (sum of token losses, answer tokens)
-    for i in range(cfg["eval_iters"]):
-        # seed 0, not the run's: the same validation records for every seed, so val losses compare
-        b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank, r.world, cfg["batch_mode"], cfg["max_len"],
-                           device=r.device)
-        _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
-        totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
-    model.train()
-    ce_sum, n = all_reduce_sum(totals, r.world).tolist()
-    return ce_sum / max(n, 1)
-
-
-ALL_TASKS = {**minicme.SYNTHETIC_TASKS, **tasks.CME_TASKS}
-
-
-def task_of(name):
-    if name not in ALL_TASKS:
-        raise UserError(f"no task named '{name}' (from the file name {name}.jsonl); tasks are: {', '.join(ALL_TASKS)}.")
-    return ALL_TASKS[name]
-
-
-def load_eval_sets(cfg):
-    folder = cfg["eval_dir"]
-    if not os.path.isdir(folder):
-        raise UserError(f"eval_dir '{folder}' does not exist; write one with python tasks.py, or set --eval_dir.")
-    names = sorted(f[:-6] for f in os.listdir(folder) if f.endswith(".jsonl"))
-    if not names:
-        raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
-    sets = {}
-    for name in names:
-        task, records = task_of(name), []
-        for where, record in data.read_jsonl(os.path.join(folder, name + ".jsonl")):
-            if not isinstance(record.get("instruction"), str) or record.get("output") is None:
-                raise UserError(f"{where} is not an evaluation record: it needs an \"instruction\" string and an "
-                                "\"output\" (write evaluation sets with python tasks.py).")
-            records.append(record)
-        sets[name] = (task, records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)
-    return sets
-
-
-def prompt_ids(tok, record, room):
-    ids = data.encode_prompt(tok, record)
-    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep BOS and the end
-
-
-def generate_all(model, prompts, max_new, r):
-    """Greedy answers for every prompt, sharded over ranks. Every rank runs the same number of
-    forward passes (FSDP's collectives need it): the same count of equal-size batches, no early stop."""
-    tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], checkpoint.sharded(r.cfg)
-    mine = list(range(r.rank, len(prompts), r.world))
-    per_rank = -(-len(prompts) // r.world)
-    mine += mine[:1] * (per_rank - len(mine))  # pad with a repeat so every rank has per_rank prompts
-    mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
-    out = {}
-    raw = model.module if hasattr(model, "module") else model
-    if fsdp:
-        raw.unshard()  # generate calls the root's own modules directly, outside its forward hook
-    try:
-        for s in range(0, per_rank, batch):
-            idx = mine[s:s + batch]
-            gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=tok.eos_id if r.world == 1 else None)
-            for i, g in zip(idx, gen):
-                out[i] = tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g)
-    finally:
-        if fsdp:
-            raw.reshard()
-    if r.world > 1:
-        parts = [None] * r.world
-        dist.all_gather_object(parts, out)
-        out = {i: t for p in parts for i, t in p.items()}
-    return [out[i] for i in range(len(prompts))]
-
-
-@torch.no_grad()
-def task_expert_load(model, prompts, r):
-    """Mean expert share over a task's prompt tokens, averaged over the adapted layers of the last
-    `load_layers` blocks: which experts each task recruits (the paper's Figure 5)."""
-    prompts = prompts[:r.cfg["eval_batch_size"]]
-    width = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=r.device)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=r.device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-        valid[i, :len(p)] = True
-    model.eval()
-    model(tokens)
-    model.train()
-    raw = model.module if hasattr(model, "module") else model
-    n_layers = r.args.n_layers
-    last = tuple(f"layers.{i}." for i in range(n_layers - r.cfg["load_layers"], n_layers))
-    loads = [v for n, v in teamlora.expert_load(raw, valid).items() if n.startswith(last)]
-    return torch.stack(loads).mean(0).cpu() if loads else None
-
-
-def evaluate(model, r):
-    """(task -> score, task -> expert load) on the evaluation sets in eval_dir."""
-    scores, loads = {}, {}
-    for name, (task, records) in r.eval_sets.items():
-        room = r.args.max_seq_len - task.max_new_tokens
-        prompts = [prompt_ids(r.tok, rec, room) for rec in records]
-        scores[name] = tasks.evaluate(task, generate_all(model, prompts, task.max_new_tokens, r), records)
-        if r.cfg["adapter"] in MULTI_EXPERT and r.cfg["experts"] > 1:
-            load = task_expert_load(model, prompts, r)
-            loads[name] = all_reduce_sum(load.to(r.device), r.world).cpu() / r.world
-    return scores, loads
-
-
-def print_results(scores, chance, loads, cfg):
-    name_w = max(len(n) for n in scores)
-    print(f"\n{'task':<{name_w}}  metric       score  chance   lift")
-    rows = [(name, task_of(name).metric, value, chance[name]) for name, value in scores.items()]
-    rows.append(("average", "", sum(scores.values()) / len(scores), sum(chance.values()) / len(chance)))
-    for name, metric, value, base in rows:
-        print(f"{name:<{name_w}}  {metric:<11} {value:6.1f} {base:7.1f} {value - base:+6.1f}")
-    if loads:
-        print(f"\nexpert load over each task's prompt tokens (last {cfg['load_layers']} layers; "
-              f"even = {1 / cfg['experts']:.2f})")
-        for name, load in loads.items():
-            bars = "  ".join(f"e{i} {'█' * round(v * 20):<20} {v:.2f}" for i, v in enumerate(load.tolist()))
-            print(f"{name:<{name_w}}  {bars}")
-
-
-def finish(r, model, summary):
-    """Score the run on its evaluation sets, print the table and write results.json."""
-    if not r.cfg["eval_dir"]:
-        return summary
-    scores, loads = evaluate(model, r)
-    chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
-    summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
-    if r.master:
-        print_results(scores, chance, loads, r.cfg)
-        results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
-        data.write_atomic(os.path.join(r.cfg["out_dir"], "results.json"), json.dumps(results, indent=1))
-    return summary
 
 
 # -------------------------------------------------------------------------------------------------
@@ -644,7 +499,7 @@ def preflight(r, train_ds):
     if len(train_ds) and not answered.any():
         raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every training record (the shortest "
                         f"prompt has {int(train_ds.prompt_lens.min())} tokens): raise --max_len.")
-    r.eval_sets = load_eval_sets(cfg) if cfg["eval_dir"] else {}
+    r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}
 
 
 def setup(r, resuming):
@@ -701,7 +556,7 @@ def train_step(r, model, raw, opt, dataset, step):
         group["lr"] = lr
     full_bf16 = cfg["adapter"] == "none" and cfg["dtype"] == "bfloat16"
     autocast = torch.autocast(r.device.type, torch.bfloat16) if full_bf16 else nullcontext()
-    balance = cfg["balance_coef"] > 0 and cfg["adapter"] in MULTI_EXPERT and cfg["experts"] > 1
+    balance = cfg["balance_coef"] > 0 and r.multi_expert
     totals = torch.zeros(2, device=r.device)  # (sum of answer-token losses, real tokens) on this rank
     for micro in range(accum):
         b = data.get_batch(dataset, step, cfg["batch_size"], cfg["seed"], r.rank * accum + micro, r.world * accum,
@@ -718,7 +573,7 @@ def train_step(r, model, raw, opt, dataset, step):
             loss = loss + cfg["balance_coef"] * teamlora.balance_loss(raw, b["valid"], cfg["balance_reduction"]) / accum
         loss.backward()
         totals += torch.stack([ce.detach().float(), b["valid"].sum().float()])
-    ce_sum, n_tokens = all_reduce_sum(totals, r.world).tolist()
+    ce_sum, n_tokens = evaluation.all_reduce_sum(totals, r.world).tolist()
     train_loss = ce_sum / max(b["n_answer_global"], 1)
     if not math.isfinite(train_loss):
         raise UserError(f"the loss became {train_loss} at step {step}; the last good checkpoint in {cfg['out_dir']} "
@@ -766,7 +621,7 @@ def run(r, ckpt=None):
                           flush=True)
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
                 if val_ds is not None:
-                    summary["val_loss"] = vl = val_loss(model, val_ds, r)
+                    summary["val_loss"] = vl = evaluation.val_loss(model, val_ds, r)
                     if r.master:
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
@@ -782,6 +637,20 @@ def run(r, ckpt=None):
             log.close()
     summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
     return finish(r, model, summary)
+
+
+def finish(r, model, summary):
+    """Score the run on its evaluation sets, print the table and write results.json."""
+    if not r.cfg["eval_dir"]:
+        return summary
+    scores, loads = evaluation.evaluate(model, r)
+    chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
+    summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
+    if r.master:
+        evaluation.print_results(scores, chance, loads, r.cfg)
+        results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
+        data.write_atomic(os.path.join(r.cfg["out_dir"], "results.json"), json.dumps(results, indent=1))
+    return summary
 
 
 # -------------------------------------------------------------------------------------------------

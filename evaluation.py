@@ -1,0 +1,152 @@
+"""
+Scoring a run of train.py: its validation loss, then each task's score by batched greedy generation
+on the evaluation sets in eval_dir (tasks.py and minicme.py write them), and the share of the experts
+each task's prompts recruit (the paper's Figure 5). Every function takes train.py's Run (`r`): the
+config, this process's rank among `world`, the device, tokenizer, model shape and evaluation sets.
+Under torchrun every rank runs the same forward passes and the results are summed over processes.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import data
+import minicme
+import tasks
+import teamlora
+from errors import UserError
+
+
+def all_reduce_sum(t, world):
+    """t summed over the processes, in place (nothing to do on one)."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def val_loss(model, val, r):
+    """Mean cross-entropy over the answer tokens of eval_iters validation batches."""
+    cfg = r.cfg
+    model.eval()
+    totals = torch.zeros(2, device=r.device)  # (sum of token losses, answer tokens)
+    for i in range(cfg["eval_iters"]):
+        # seed 0, not the run's: the same validation records for every seed, so val losses compare
+        b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank, r.world, cfg["batch_mode"], cfg["max_len"],
+                           device=r.device)
+        _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
+        totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
+    model.train()
+    ce_sum, n = all_reduce_sum(totals, r.world).tolist()
+    return ce_sum / max(n, 1)
+
+
+ALL_TASKS = {**minicme.SYNTHETIC_TASKS, **tasks.CME_TASKS}
+
+
+def task_of(name):
+    if name not in ALL_TASKS:
+        raise UserError(f"no task named '{name}' (from the file name {name}.jsonl); tasks are: {', '.join(ALL_TASKS)}.")
+    return ALL_TASKS[name]
+
+
+def load_eval_sets(cfg):
+    folder = cfg["eval_dir"]
+    if not os.path.isdir(folder):
+        raise UserError(f"eval_dir '{folder}' does not exist; write one with python tasks.py, or set --eval_dir.")
+    names = sorted(f[:-6] for f in os.listdir(folder) if f.endswith(".jsonl"))
+    if not names:
+        raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
+    sets = {}
+    for name in names:
+        task, records = task_of(name), []
+        for where, record in data.read_jsonl(os.path.join(folder, name + ".jsonl")):
+            if not isinstance(record.get("instruction"), str) or record.get("output") is None:
+                raise UserError(f"{where} is not an evaluation record: it needs an \"instruction\" string and an "
+                                "\"output\" (write evaluation sets with python tasks.py).")
+            records.append(record)
+        sets[name] = (task, records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)
+    return sets
+
+
+def prompt_ids(tok, record, room):
+    ids = data.encode_prompt(tok, record)
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep BOS and the end
+
+
+def generate_all(model, prompts, max_new, r):
+    """Greedy answers for every prompt, sharded over ranks. Every rank runs the same number of
+    forward passes (FSDP's collectives need it): the same count of equal-size batches, no early stop."""
+    tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], checkpoint.sharded(r.cfg)
+    mine = list(range(r.rank, len(prompts), r.world))
+    per_rank = -(-len(prompts) // r.world)
+    mine += mine[:1] * (per_rank - len(mine))  # pad with a repeat so every rank has per_rank prompts
+    mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
+    out = {}
+    raw = model.module if hasattr(model, "module") else model
+    if fsdp:
+        raw.unshard()  # generate calls the root's own modules directly, outside its forward hook
+    try:
+        for s in range(0, per_rank, batch):
+            idx = mine[s:s + batch]
+            gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=tok.eos_id if r.world == 1 else None)
+            for i, g in zip(idx, gen):
+                out[i] = tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g)
+    finally:
+        if fsdp:
+            raw.reshard()
+    if r.world > 1:
+        parts = [None] * r.world
+        dist.all_gather_object(parts, out)
+        out = {i: t for p in parts for i, t in p.items()}
+    return [out[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def task_expert_load(model, prompts, r):
+    """Mean expert share over a task's prompt tokens, averaged over the adapted layers of the last
+    `load_layers` blocks: which experts each task recruits (the paper's Figure 5)."""
+    prompts = prompts[:r.cfg["eval_batch_size"]]
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=r.device)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=r.device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+        valid[i, :len(p)] = True
+    model.eval()
+    model(tokens)
+    model.train()
+    raw = model.module if hasattr(model, "module") else model
+    n_layers = r.args.n_layers
+    last = tuple(f"layers.{i}." for i in range(n_layers - r.cfg["load_layers"], n_layers))
+    loads = [v for n, v in teamlora.expert_load(raw, valid).items() if n.startswith(last)]
+    return torch.stack(loads).mean(0).cpu() if loads else None
+
+
+def evaluate(model, r):
+    """(task -> score, task -> expert load) on the evaluation sets in eval_dir."""
+    scores, loads = {}, {}
+    for name, (task, records) in r.eval_sets.items():
+        room = r.args.max_seq_len - task.max_new_tokens
+        prompts = [prompt_ids(r.tok, rec, room) for rec in records]
+        scores[name] = tasks.evaluate(task, generate_all(model, prompts, task.max_new_tokens, r), records)
+        if r.multi_expert:
+            load = task_expert_load(model, prompts, r)
+            loads[name] = all_reduce_sum(load.to(r.device), r.world).cpu() / r.world
+    return scores, loads
+
+
+def print_results(scores, chance, loads, cfg):
+    name_w = max(len(n) for n in scores)
+    print(f"\n{'task':<{name_w}}  metric       score  chance   lift")
+    rows = [(name, task_of(name).metric, value, chance[name]) for name, value in scores.items()]
+    rows.append(("average", "", sum(scores.values()) / len(scores), sum(chance.values()) / len(chance)))
+    for name, metric, value, base in rows:
+        print(f"{name:<{name_w}}  {metric:<11} {value:6.1f} {base:7.1f} {value - base:+6.1f}")
+    if loads:
+        print(f"\nexpert load over each task's prompt tokens (last {cfg['load_layers']} layers; "
+              f"even = {1 / cfg['experts']:.2f})")
+        for name, load in loads.items():
+            bars = "  ".join(f"e{i} {'█' * round(v * 20):<20} {v:.2f}" for i, v in enumerate(load.tolist()))
+            print(f"{name:<{name_w}}  {bars}")
