@@ -314,7 +314,8 @@ def section_model(cfg, device, dtype, targets):
           f"batch {cfg.batch} x {cfg.seq} tokens, adapters on w1, w2, w3, r_B={cfg.model_r_B}, r = k*r_B")
     print(f"training step (forward with loss, backward, AdamW): ms (median of {cfg.repeats}) and (x LoRA, middle half "
           "of the per-repeat ratios); 'TeamLoRA compiled' compiles the adapter's fused path only, 'blocks compiled'\n"
-          "compiles each transformer block with its adapters, as train.py --compile=True does\n")
+          "compiles each transformer block with its adapters, as train.py --compile=True does; the last column: peak\n"
+          "memory of a TeamLoRA fused step over a LoRA step\n")
     torch.manual_seed(0)
     base = Transformer(args).to(device, dtype)
     tokens = torch.randint(args.vocab_size, (cfg.batch, cfg.seq), device=device)
@@ -326,15 +327,18 @@ def section_model(cfg, device, dtype, targets):
             models["blocks compiled"] = adapt_ffn(copy.deepcopy(base), "TeamLoRA fused", k * cfg.model_r_B, k, dtype)
             for block in models["blocks compiled"].layers:
                 block.compile(dynamic=True)
-        steps = {v: model_steps(m, tokens, tokens.roll(-1, 1), device)[0] for v, m in models.items()}
-        train = bench(steps, cfg.repeats, device)
-        rows.append([f"k={k}, r={k * cfg.model_r_B}"] + [f"{ms(train[v]):.1f} ({ratio(train[v], train['LoRA']):.2f}x, "
-                                                         f"{spread(train[v], train['LoRA'])})" for v in models])
+        steps = {v: model_steps(m, tokens, tokens.roll(-1, 1), device) for v, m in models.items()}
+        train = bench({v: s[0] for v, s in steps.items()}, cfg.repeats, device)
+        memory = steps["TeamLoRA fused"][1]() / steps["LoRA"][1]()
+        cells = [f"{ms(train[v]):.1f} ({ratio(train[v], train['LoRA']):.2f}x, {spread(train[v], train['LoRA'])})"
+                 for v in models]
+        rows.append([f"k={k}, r={k * cfg.model_r_B}", *cells, memory])
         check(targets, f"model k={k}: fused train / LoRA", ratio(train["TeamLoRA fused"], train["LoRA"]), 1.05)
+        check(targets, f"model k={k}: fused peak memory / LoRA", memory, 1.02)
         if "blocks compiled" in models:
             check(targets, f"model k={k}: blocks compiled / fused eager",
                   ratio(train["blocks compiled"], train["TeamLoRA fused"]), 1.00)
-    table(["k"] + list(models), rows)
+    table(["k"] + list(models) + ["fused peak mem/LoRA"], rows)
 
 
 def section_scaling(cfg, device, dtype):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import bench
+from teamlora import TeamLoRALinear
 
 
 def test_quick_run_prints_every_section_with_every_variant(capsys):
@@ -355,6 +356,32 @@ def test_layer_section_ratios_and_targets_compare_fused_with_lora(monkeypatch, c
             "fused infer / LoRA": ("0.50", "met"), "fused peak memory / LoRA": ("1.20", "MISSED")}
     assert {(name, value, verdict) for name, value, _, verdict in targets} == \
         {(f"layer k={k}: {name}", *v) for k in cfg.ks for name, v in want.items()}
+
+
+def test_model_section_times_every_variant_against_lora_and_compares_fused_peak_memory(monkeypatch, capsys):
+    cfg = quick_cfg()
+    times = {"LoRA": [1.0, 2.0, 1.0], "MoELoRA loop": [2.0, 4.0, 2.0], "TeamLoRA loop": [1.5, 3.0, 1.5],
+             "TeamLoRA fused": [1.02, 2.2, 1.08]}
+    fake_bench(monkeypatch, *[times] * len(cfg.ks))
+
+    def fake_memory(train, module, opt, inputs, device):  # MiB: LoRA 100, TeamLoRA 100 + k / 2
+        experts = {m.experts for m in module.modules() if isinstance(m, TeamLoRALinear)}
+        assert len(experts) == 1 and not any(isinstance(m, bench.TeamLoRALoop) for m in module.modules())
+        return (100 + (experts.pop() if experts != {1} else 0) / 2) * 2**20
+    monkeypatch.setattr(bench, "step_memory", fake_memory)
+    targets = []
+    bench.section_model(cfg, CPU, torch.float32, targets)
+    out = capsys.readouterr().out
+    for k in cfg.ks:
+        row = next(line for line in out.splitlines() if line.startswith(f"k={k}, r={k * cfg.model_r_B} "))
+        cells = re.split(r"\s{2,}", row.strip())
+        # fused: per-repeat ratios 1.02, 1.10, 1.08: median 1.08, quartiles 1.02 and 1.10
+        assert cells[1] == "1000.0 (1.00x, 1.00-1.00)" and cells[4] == "1080.0 (1.08x, 1.02-1.10)", cells
+        assert float(cells[-1]) == pytest.approx(1 + k / 200, abs=0.006)
+    verdicts = {name: (value, verdict) for name, value, _, verdict in targets}
+    assert verdicts["model k=4: fused train / LoRA"] == ("1.08", "MISSED")
+    assert [verdicts[f"model k={k}: fused peak memory / LoRA"] for k in cfg.ks] == \
+        [("1.01", "met"), ("1.02", "met"), ("1.04", "MISSED")]
 
 
 def test_decode_section_tokens_per_second_and_speed_against_the_base(monkeypatch, capsys):
