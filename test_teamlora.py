@@ -182,6 +182,31 @@ def test_the_fused_path_keeps_x_and_the_parameters_for_backward_never_a_concaten
     assert big and big <= {(5, 64), (10, 64), (8, 64), (4, 64)}, big  # x, W0, A, W_r: no (12, 64)
 
 
+def test_activation_checkpointing_recomputes_the_fused_path_exactly_dropout_included():
+    """train.py's activation_checkpointing: each block (adapters, _RouterInA and dropout inside) runs again in
+    backward; the loss and every adapter gradient equal those of a run without it."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", n_layers=2)).train()
+    inject(model, ("w1", "w2", "w3"), r=8, experts=4, alpha=16, dropout=0.3)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m)
+    tokens = torch.randint(0, 512, (2, 12))
+    results = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        loss = model(tokens, tokens.roll(-1, 1))[1]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys() and len(grads) == 2 * 3 * 4
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def _has_compiler():
     return any(shutil.which(c) for c in ("g++", "clang++"))
 
