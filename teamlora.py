@@ -35,7 +35,7 @@ def expert_weights_t(logits_t, M):
 
 class _RouterInA(torch.autograd.Function):
     """z^T, logits^T = [A; W_r] x^T: one GEMM reads x, and writes grad x, once; (r + k, N), as (N, r + k) pads r + k to
-    the SIMD width. Autograd would keep [A; W_r] for backward (+2% peak memory at 11008 -> 4096, k = 8): made again."""
+    the SIMD width. Plain autograd would keep [A; W_r] until backward (+2% peak memory at 11008 -> 4096, k = 8)."""
 
     @staticmethod
     def forward(ctx, x2, A, router):
@@ -43,7 +43,7 @@ class _RouterInA(torch.autograd.Function):
         return torch.cat([A, router]).mm(x2.t())
 
     @staticmethod
-    def backward(ctx, grad):  # grad in the forward's dtype (autocast's, if on); autograd casts the results back
+    def backward(ctx, grad):  # [A; W_r] again, freed before grad [A; W_r]; dtypes: autocast's, cast back by autograd
         x2, A, router = ctx.saved_tensors
         grad_x = grad.t().mm(torch.cat([A, router]).to(grad.dtype)) if ctx.needs_input_grad[0] else None
         return grad_x, *grad.mm(x2.to(grad.dtype)).split([A.shape[0], router.shape[0]])
