@@ -51,11 +51,12 @@ class _RouterInA(torch.autograd.Function):
 
 def team_lora_delta(x, A, B, router, M, scaling, dropout):
     """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None)."""
-    if router is None:  # one expert: plain LoRA
-        return F.linear(F.dropout(F.linear(x, A), dropout, dropout > 0) * scaling, B), None
+    if router is None:  # one expert: plain LoRA. Dropout behind an `if`: as F.dropout's flag, a compiled
+        z = F.linear(x, A)  # graph's symbolic `dropout > 0` would break the graph in two
+        return F.linear((F.dropout(z, dropout) if dropout > 0 else z) * scaling, B), None
     (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
     zt, logits_t = _RouterInA.apply(x.reshape(-1, x.shape[-1]), A, router).split([r, k])
-    zt = F.dropout(zt, dropout, dropout > 0)  # Eq. 8, dropout on z_i
+    zt = F.dropout(zt, dropout) if dropout > 0 else zt  # Eq. 8, dropout on z_i
     omega_t = expert_weights_t(logits_t, M)  # (k, N)
     zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # scaled on k, not r
     return F.linear(zw.t(), B).view(*lead, B.shape[0]), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: one GEMM
@@ -95,8 +96,7 @@ class TeamLoRALinear(nn.Linear):
         """The authors' initialisation, drawn on the CPU in a fixed order: the same whatever the device or sharding."""
         kaiming = lambda p: nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5))
         state = {"lora_A": kaiming(self.lora_A), "lora_B": torch.zeros(self.lora_B.shape)}  # B = 0: no change yet
-        if self.lora_router is not None:
-            state["lora_router"] = kaiming(self.lora_router)
+        state |= {"lora_router": kaiming(self.lora_router)} if self.lora_router is not None else {}
         if self.lora_M is not None:  # U(-0.1, 0.1) with a zero diagonal
             state["lora_M"] = torch.empty(self.lora_M.shape).uniform_(-0.1, 0.1).fill_diagonal_(0.0)
         return state

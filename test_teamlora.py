@@ -235,6 +235,27 @@ def test_compiled_equals_eager_trains_and_does_not_recompile_per_length():
     teamlora._fused_compiled.cache_clear()
 
 
+@pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("experts", [1, 4])
+def test_compiled_fused_path_traces_whole_with_dropout_in_training_and_eval(experts):
+    """With dropout on, the compiled path is one graph a call: a symbolic `dropout > 0` handed to F.dropout
+    as its flag broke every adapted layer's graph in two (so compiling cost time instead of saving it)."""
+    from torch._dynamo.utils import counters
+    teamlora._fused_compiled.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    layer = TeamLoRALinear(nn.Linear(16, 24), r=8, experts=experts, alpha=16, dropout=0.1, compile=True)
+    for training in (True, False):
+        layer.train(training)
+        for length in (5, 7, 9):
+            out = layer(torch.randn(2, length, 16, requires_grad=True))
+            if training:
+                out.sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    teamlora._fused_compiled.cache_clear()
+
+
 def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypatch):
     teamlora._fused_compiled.cache_clear()
     monkeypatch.delenv("CXX", raising=False)
