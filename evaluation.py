@@ -5,6 +5,7 @@ each task's prompts recruit (the paper's Figure 5). The functions that run the m
 Run (`r`): the config, this process's rank among `world`, the device, tokenizer, model shape and
 evaluation sets. Under torchrun every rank runs the same forward passes, and the sums are all-reduced.
 """
+import contextlib
 import os
 
 import torch
@@ -70,6 +71,13 @@ def load_eval_sets(cfg):
     return sets
 
 
+def eager():
+    """Blocks compiled by --compile=True run eagerly inside (torch >= 2.6): decoding would recompile them at
+    every step (the KV cache's length is a static int to Dynamo) until Dynamo's recompile limit."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance else contextlib.nullcontext()
+
+
 def prompt_ids(tok, record, room):
     ids = data.encode_prompt(tok, record)
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep BOS and the end
@@ -90,7 +98,8 @@ def generate_all(model, prompts, max_new, r):
     try:
         for s in range(0, per_rank, batch):
             idx = mine[s:s + batch]
-            gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=tok.eos_id if r.world == 1 else None)
+            with eager():
+                gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=tok.eos_id if r.world == 1 else None)
             for i, g in zip(idx, gen):
                 out[i] = tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g)
     finally:

@@ -1070,7 +1070,25 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
                                                                                              [shares[0], shares[1]]))
     for rank in (0, 1):
         assert evaluation.generate_all(_EchoModel(tok.eos_id), prompts, 20,
-                                  train.Run(cfg, rank, 2, torch.device("cpu"), tok)) == want
+                                       train.Run(cfg, rank, 2, torch.device("cpu"), tok)) == want
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance needs torch 2.6")
+def test_generation_runs_compiled_blocks_eagerly_with_the_same_answers_and_compiles_nothing(run_data, tmp_path):
+    """With --compile=True, decoding would recompile every block at each step (the KV cache's length) until
+    Dynamo's recompile limit: generate_all runs the compiled blocks eagerly."""
+    from torch._dynamo.utils import counters
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_batch_size=2")
+    g = torch.Generator().manual_seed(0)
+    prompts = [[r.tok.bos_id] + torch.randint(3, r.tok.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    want = evaluation.generate_all(model, prompts, 6, r)
+    for block in model.layers:
+        block.compile(dynamic=True)  # as train.py does
+    torch._dynamo.reset()
+    counters.clear()
+    assert evaluation.generate_all(model, prompts, 6, r) == want
+    assert not counters["stats"]["unique_graphs"] and not counters["stats"]["calls_captured"]
+    torch._dynamo.reset()
 
 
 def test_evaluate_answers_each_tasks_own_prompts_with_its_own_answer_length_and_scores_them(run_data, tmp_path,
