@@ -531,13 +531,22 @@ def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
     # "--": torchrun would eat --r=8
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
                 "--", *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}", f"--grad_accum={3 - nproc}")])
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]
+    assert "step 4/4: loss" in two.stdout  # printed before the processes leave with os._exit
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
     assert_same_adapters(a, b, atol=1e-6)
     assert any(t.abs().sum() > 0 for n, t in b.items() if n.endswith("lora_B"))  # it trained
     keys = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["optimizer"]["state"].keys()
     assert keys and (all(isinstance(k, str) for k in keys) == (mode == "fsdp"))  # FSDP2 keys by name: it sharded
+
+
+def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_path):
+    bad = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                "--", *_flags(run_data, tmp_path / "bad", "--batch_size=6", "--grad_accum=2")])
+    assert bad.returncode != 0
+    assert "error: batch_size=6 must be a multiple of processes x grad_accum = 4." in bad.stderr
+    assert not (tmp_path / "bad").exists()  # found before anything was written
 
 
 def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):

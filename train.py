@@ -714,6 +714,7 @@ def memory_estimate(args, n_base, n_train, cfg, world, micro):
 
 
 def main(argv=None):
+    code = 0
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         train(cfg)
@@ -721,11 +722,21 @@ def main(argv=None):
         if os.environ.get("TEAMLORA_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except torch.OutOfMemoryError:
         print("error: out of memory: lower batch_size per process (raise grad_accum to keep the global batch), "
               "or set activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
-        sys.exit(3)
+        code = 3
+    if "RANK" in os.environ:
+        # torchrun: DDP keeps gloo's process group (and its worker threads) alive past destroy_process_group.
+        # A worker that frees its last collective's tensors while the interpreter shuts down needs the GIL
+        # and aborts the process ("terminate called without an active exception", seen once in CI). Every
+        # file is closed by now: leave without the interpreter's shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
