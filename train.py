@@ -728,10 +728,10 @@ def main(argv=None):
               "or set activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
         code = 3
     if "RANK" in os.environ:
-        # torchrun: DDP keeps gloo's process group (and its worker threads) alive past destroy_process_group.
-        # A worker that frees its last collective's tensors while the interpreter shuts down needs the GIL
-        # and aborts the process ("terminate called without an active exception", seen once in CI). Every
-        # file is closed by now: leave without the interpreter's shutdown.
+        # torchrun: DDP keeps gloo's process group, and its worker threads, alive past destroy_process_group.
+        # A worker still freeing a collective's tensors while the interpreter shuts down cannot take the GIL,
+        # and the process aborts ("terminate called without an active exception", once in CI). Every file
+        # is closed by now: leave without the interpreter's shutdown.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
