@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import train
 from baselines import MoELoRALoop, team_lora_delta_loop
 from model import ModelArgs, Transformer
 from teamlora import TeamLoRALinear, inject
@@ -473,6 +474,26 @@ def section_cuda7b(cfg, device, peak_tflops):
            "train peak GiB"], rows)
 
 
+def run_sections(cfg, sections, device, dtype, peak_tflops):
+    """Run the chosen sections in order; returns the targets they checked."""
+    targets = []
+    if "layer" in sections:
+        section_layer(cfg, device, dtype, targets)
+    if "layer7b" in sections:
+        section_layer7b(cfg, device, dtype, targets)
+    if "model" in sections:
+        section_model(cfg, device, dtype, targets)
+    if "scaling" in sections:
+        section_scaling(cfg, device, dtype)
+    if "decode" in sections:
+        section_decode(cfg, device, dtype)
+    if "sharing" in sections:
+        section_sharing(cfg, device, dtype)
+    if "cuda7b" in sections:
+        section_cuda7b(cfg, device, peak_tflops)
+    return targets
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="TeamLoRA vs LoRA vs MoELoRA: time and memory, side by side.")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test")
@@ -483,6 +504,8 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
     parser.add_argument("--full7b", action="store_true", help="section cuda7b at LLaMA-2-7B's full depth: 32 "
                         "blocks, micro-batch 4 x 1024, activation checkpointing, fp32 adapters (about 60 GiB)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA: float32 matmuls (fp32 adapters) on TF32 tensor cores, as train.py's tf32=True")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="include the torch.compile variant (its warm-up compiles for a minute or more on a CPU)")
     args = parser.parse_args(argv)
@@ -504,24 +527,12 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     print(f"# python {' '.join(sys.argv if argv is None else ['bench.py'] + list(argv))}")
+    matmuls = f"{'TF32' if args.tf32 else 'IEEE'} float32 matmuls, " if device.type == "cuda" else ""
     print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, "
+          f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, {matmuls}"
           f"load average {os.getloadavg()[0]:.2f}\n")
-    targets = []
-    if "layer" in sections:
-        section_layer(cfg, device, dtype, targets)
-    if "layer7b" in sections:
-        section_layer7b(cfg, device, dtype, targets)
-    if "model" in sections:
-        section_model(cfg, device, dtype, targets)
-    if "scaling" in sections:
-        section_scaling(cfg, device, dtype)
-    if "decode" in sections:
-        section_decode(cfg, device, dtype)
-    if "sharing" in sections:
-        section_sharing(cfg, device, dtype)
-    if "cuda7b" in sections:
-        section_cuda7b(cfg, device, args.peak_tflops)
+    with train.cuda_matmul_precision(args.tf32) if device.type == "cuda" else contextlib.nullcontext():
+        targets = run_sections(cfg, sections, device, dtype, args.peak_tflops)
     if targets:
         print("## Targets (ratios measured side by side in this run)" +
               (": --quick uses tiny shapes, where fixed per-op costs dominate; the targets are for the full run"

@@ -58,6 +58,12 @@ def train_cfg(run_data, out, *flags):
     return train.parse_config(train_flags(run_data, out, *flags))
 
 
+def cuda_fp32_matmuls():
+    """How CUDA runs float32 matmuls now: "tf32", "ieee", or "none" (torch's default, IEEE)."""
+    m = torch.backends.cuda.matmul
+    return m.fp32_precision if hasattr(m, "fp32_precision") else ("tf32" if m.allow_tf32 else "ieee")
+
+
 def adapters_of(model):
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if teamlora.is_adapter(n)}
 

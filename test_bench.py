@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import bench
+from conftest import cuda_fp32_matmuls
 from teamlora import TeamLoRALinear
 
 
@@ -48,6 +49,24 @@ def test_cuda_without_a_gpu_skips_with_one_sentence(capsys):
     bench.main(["--device=cuda"])
     out = capsys.readouterr().out.strip()
     assert out.startswith("skipped:") and "CUDA is not available" in out and len(out.splitlines()) == 1
+
+
+def test_cuda_sections_run_with_train_pys_float32_matmul_setting_and_restore_it(monkeypatch, capsys):
+    """--full7b's fp32 adapters on IEEE float32 matmuls would run at a CUDA-core fraction of the tensor cores'
+    speed: bench.py measures what train.py runs (tf32=True), --no-tf32 the IEEE setting."""
+    seen, before = [], cuda_fp32_matmuls()
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(bench, "run_sections", lambda *a: seen.append(cuda_fp32_matmuls()) or [])
+    threads = torch.get_num_threads()
+    try:
+        for flags in ([], ["--no-tf32"]):
+            bench.main(["--device=cuda", "--section=cuda7b", f"--threads={threads}", *flags])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert seen == ["tf32", "ieee"] and cuda_fp32_matmuls() == before
+    assert "TF32 float32 matmuls" in out and "IEEE float32 matmuls" in out
 
 
 def test_unknown_section_is_a_usage_error(capsys):

@@ -23,7 +23,7 @@ import model
 import teamlora
 import train
 from baselines import HydraLoRALinear
-from conftest import TEXTS, adapters_of, assert_same_adapters, hf_tokenizer_folder, train_cfg
+from conftest import TEXTS, adapters_of, assert_same_adapters, cuda_fp32_matmuls, hf_tokenizer_folder, train_cfg
 from data import UserError
 from minicme import SYNTHETIC_TASKS
 from model import Transformer
@@ -616,6 +616,36 @@ def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, c
         train.train(cfg)  # a run never replaces another by accident
     train.train({**cfg, "overwrite": True})  # a second run reuses everything
     assert "building" not in capsys.readouterr().out
+
+def test_cuda_float32_matmuls_are_tf32_for_the_run_only_and_the_cpu_untouched(run_data, tmp_path, monkeypatch):
+    """With a bf16 base the adapters' GEMMs are float32: IEEE float32 (torch's default on CUDA) would run them
+    at a CUDA-core fraction of the tensor cores' speed. A CUDA run switches them to TF32 (tf32=False keeps
+    IEEE) and leaves the setting as it found it; a CPU run never touches it."""
+    seen, real_setup = [], train.setup_distributed
+    monkeypatch.setattr(train, "build_demo", lambda cfg: None)
+    monkeypatch.setattr(train, "run", lambda r, ckpt: seen.append((r.device.type, cuda_fp32_matmuls())) or {})
+    before = cuda_fp32_matmuls()
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (0, 1, torch.device("cuda")))
+    train.train(train_cfg(run_data, tmp_path / "a"))
+    assert cuda_fp32_matmuls() == before
+    train.train(train_cfg(run_data, tmp_path / "b", "--tf32=False"))
+    assert cuda_fp32_matmuls() == before
+    monkeypatch.setattr(train, "setup_distributed", real_setup)
+    with train.cuda_matmul_precision(True):  # a CPU run inside a TF32 setting leaves it so
+        train.train(train_cfg(run_data, tmp_path / "c", "--device=cpu"))
+    assert seen == [("cuda", "tf32"), ("cuda", "ieee"), ("cpu", "tf32")] and cuda_fp32_matmuls() == before
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default(run_data, tmp_path):
+    train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=2"))
+    path = tmp_path / "p" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["tf32"]  # as written by a version without it
+    torch.save(ckpt, path)
+    out = train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=3",
+                                          "--tf32=False"]))
+    assert out["step"] == 3 and out["config"]["tf32"] is False
+
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
