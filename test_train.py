@@ -617,6 +617,7 @@ def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, c
     train.train({**cfg, "overwrite": True})  # a second run reuses everything
     assert "building" not in capsys.readouterr().out
 
+
 def test_cuda_float32_matmuls_are_tf32_for_the_run_only_and_the_cpu_untouched(run_data, tmp_path, monkeypatch):
     """With a bf16 base the adapters' GEMMs are float32: IEEE float32 (torch's default on CUDA) would run them
     at a CUDA-core fraction of the tensor cores' speed. A CUDA run switches them to TF32 (tf32=False keeps
