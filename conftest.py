@@ -93,3 +93,22 @@ def hf_tokenizer_folder(path, bos=None, eos="<|endoftext|>"):
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos, "pad_token": None}))
     return path
+
+
+def reference_task_load(model, prompts, n_layers, load_layers, k):
+    """The experts' shares over a task's prompt tokens, from each prompt run alone (no padding at all):
+    omega of every adapted layer in the last load_layers blocks, pooled over all prompt tokens, over k,
+    then averaged over those layers."""
+    last = [m for n, m in model.named_modules()
+            if isinstance(m, teamlora.TeamLoRALinear) and int(n.split(".")[1]) >= n_layers - load_layers]
+    assert last
+    omegas = {m: [] for m in last}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for p in prompts:
+            model(torch.tensor([p]))
+            for m in last:
+                omegas[m].append(m.last_omega.reshape(-1, k))
+    model.train(was_training)
+    return torch.stack([torch.cat(o).mean(0) / k for o in omegas.values()]).mean(0)

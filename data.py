@@ -524,6 +524,13 @@ def read_jsonl(path):
             raise UserError(f"{path} is not UTF-8 text (after line {n}: {e.reason}); save it as UTF-8.") from None
 
 
+def read_records(path):
+    """(where, object) for each record of a JSON list or JSONL file, parsed; a broken one is one sentence."""
+    if _file_kind(path) == "list":
+        return ((f"{path} record {i}", record) for i, record in _iter_json_list(path))
+    return read_jsonl(path)
+
+
 def write_jsonl(path, records):
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 

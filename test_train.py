@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import conftest
 import data
 import evaluation
 import minicme
@@ -120,7 +121,7 @@ def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys):
     model, args, tok = summary["model"], summary["model"].args, data.Tokenizer(cfg["tokenizer"])
     for name, (task, records) in evaluation.load_eval_sets(cfg).items():  # each task's load from its own prompts
         prompts = [evaluation.prompt_ids(tok, rec, args.max_seq_len - task.max_new_tokens) for rec in records]
-        want = reference_task_load(model, prompts, args.n_layers, cfg["load_layers"], cfg["experts"])
+        want = conftest.reference_task_load(model, prompts, args.n_layers, cfg["load_layers"], cfg["experts"])
         torch.testing.assert_close(torch.tensor(results["expert_load"][name]), want, rtol=1e-4, atol=1e-5, msg=name)
         if task.metric == "accuracy":  # chance: the share of the most frequent gold label in these records
             golds = [rec["output"] for rec in records]
@@ -130,25 +131,6 @@ def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys):
     assert "chance   lift" in printed
     lines = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert any("val_loss" in line for line in lines) and all(math.isfinite(line.get("loss", 0)) for line in lines)
-
-
-def reference_task_load(model, prompts, n_layers, load_layers, k):
-    """The experts' shares over a task's prompt tokens, from each prompt run alone (no padding at all):
-    omega of every adapted layer in the last load_layers blocks, pooled over all prompt tokens, over k,
-    then averaged over those layers."""
-    last = [m for n, m in model.named_modules()
-            if isinstance(m, TeamLoRALinear) and int(n.split(".")[1]) >= n_layers - load_layers]
-    assert last
-    omegas = {m: [] for m in last}
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for p in prompts:
-            model(torch.tensor([p]))
-            for m in last:
-                omegas[m].append(m.last_omega.reshape(-1, k))
-    model.train(was_training)
-    return torch.stack([torch.cat(o).mean(0) / k for o in omegas.values()]).mean(0)
 
 
 def _run_with_a_trained_looking_adapter(run_data, tmp_path, *flags):
@@ -199,11 +181,11 @@ def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_lay
     lengths = (3, 40, 9, 25, 17)  # very different lengths: the short ones get a lot of padding in a batch
     prompts = [torch.randint(1, r.tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
     got = evaluation.task_expert_load(model, prompts, r)
-    want = reference_task_load(model, prompts[:4], r.args.n_layers, 2, r.cfg["experts"])  # eval_batch_size=4
+    want = conftest.reference_task_load(model, prompts[:4], r.args.n_layers, 2, r.cfg["experts"])  # eval_batch_size=4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got.shape == (r.cfg["experts"],) and model.training
     # the first layers are left out: their load differs from the last two layers'
-    everything = reference_task_load(model, prompts[:4], r.args.n_layers, r.args.n_layers, r.cfg["experts"])
+    everything = conftest.reference_task_load(model, prompts[:4], r.args.n_layers, r.args.n_layers, r.cfg["experts"])
     assert not torch.allclose(everything, want, rtol=0, atol=1e-4)
 
 

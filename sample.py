@@ -1,0 +1,116 @@
+"""
+Answer instructions with a run of train.py (nanoGPT's sample.py, for adapters):
+
+    python sample.py --instruction="Who directed The Silver Harbor?"      # the demo's run, out/demo
+    python sample.py --out_dir=out/lora --instruction="..." --input="..."
+    python sample.py --records=data/mini_cme/test/qa.jsonl --limit=3        # records in the authors' format
+
+The run's configuration (base, tokenizer, adapter, dtype) and its adapter come from its ckpt.pt, the
+last checkpoint. A prompt is encoded as in training (BOS, the instruction, "\n" + input when there is
+one, "</s>") and answered greedily, or sampled with --temperature and --top_p. For a multi-expert
+adapter each answer says which experts the prompt recruited: the mean share of each over the prompt's
+tokens in the last load_layers blocks, as in the results table of train.py.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import checkpoint
+import data
+import evaluation
+import train
+from errors import UserError
+from tokenizer import Tokenizer
+
+
+def load_run(out_dir, device="auto"):
+    """(model in eval mode, train.Run) of the run in out_dir as its ckpt.pt left it."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; point --out_dir at the folder of a run of train.py.")
+    ckpt = checkpoint.load_checkpoint(path)
+    cfg = {**train.DEFAULTS, **ckpt["config"], "device": device, "fsdp": False, "compile": False,
+           "activation_checkpointing": False}  # one process, eager: what decoding needs
+    r = train.Run(cfg, device=torch.device(train.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
+    model, r.args = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
+    checkpoint.load_state(model, ckpt["state"], cfg)
+    return model.eval(), r
+
+
+def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+    """(answer text, expert load (k,) or None, whether the prompt was cut) for one record."""
+    room = r.args.max_seq_len - max_new_tokens
+    if room < 2:
+        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in this model's "
+                        f"{r.args.max_seq_len} positions; lower --max_new_tokens.")
+    full = data.encode_prompt(r.tok, record)
+    ids = evaluation.prompt_ids(r.tok, record, room)
+    new = model.generate([ids], max_new_tokens, eos_id=r.tok.eos_id, temperature=temperature, top_p=top_p,
+                         seed=seed)[0]
+    load = evaluation.task_expert_load(model, [ids], r) if r.multi_expert else None
+    model.eval()  # task_expert_load leaves the model in training mode
+    return r.tok.decode(new), load, len(ids) < len(full)
+
+
+def records_of(args):
+    """The records to answer: --instruction (with --input), then the first --limit of --records."""
+    records = [{"instruction": args.instruction, "input": args.input}] if args.instruction is not None else []
+    if not args.records:
+        return records
+    if not os.path.isfile(args.records):
+        raise UserError(f"--records file {args.records} does not exist; give a JSONL or JSON list of records.")
+    for n, (where, record) in enumerate(data.read_records(args.records)):
+        if n == args.limit > 0:
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise UserError(f"{where} is not a record with an \"instruction\" string; give records in the authors' "
+                            "format, {\"instruction\", \"input\", \"output\"}.")
+        records.append(record)
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=train.DEFAULTS["out_dir"], help="the folder of a run of train.py")
+    parser.add_argument("--instruction", help="the instruction to answer")
+    parser.add_argument("--input", default="", help="the record's input, appended to the instruction after a newline")
+    parser.add_argument("--records", help="a JSONL (or JSON list) file of {instruction, input, output} records")
+    parser.add_argument("--limit", type=int, default=10, help="answer the first this many of --records (0: all)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed (temperature > 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = parser.parse_args(argv)
+    if args.instruction is None and not args.records:
+        parser.error("give --instruction (and --input) or --records")
+    if args.max_new_tokens <= 0 or args.limit < 0:
+        parser.error("--max_new_tokens must be positive and --limit at least 0")
+    try:
+        records = records_of(args)
+        model, r = load_run(args.out_dir, args.device)
+        if r.device.type == "cpu":
+            torch.set_num_threads(train.cpu_threads({"threads": 0}))
+        for record in records:
+            text, load, cut = answer(model, r, record, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+            print(f"### Instruction: {record['instruction']}")
+            if record.get("input"):
+                print(f"### Input: {record['input']}")
+            if cut:
+                print(f"(the prompt was cut to its start and end: the model has {r.args.max_seq_len} positions)")
+            print(text)
+            if record.get("output") is not None:
+                print(f"(expected: {record['output']})")
+            if load is not None:
+                shares = "  ".join(f"e{i} {v:.2f}" for i, v in enumerate(load.tolist()))
+                print(f"(experts, last {r.cfg['load_layers']} layers; even = {1 / len(load):.2f}: {shares})")
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""sample.py: a run reloaded from its ckpt.pt is the model training ended with, and answers as it would."""
+import json
+import re
+
+import pytest
+import torch
+
+import data
+import sample
+import train
+from conftest import adapters_of, assert_same_adapters, reference_task_load, train_cfg
+
+
+@pytest.fixture(scope="module")
+def runs(run_data, tmp_path_factory):
+    """adapter -> (out_dir, the model training returned) for short runs of TeamLoRA, LoRA and full training."""
+    out = {}
+    for adapter in ("teamlora", "lora", "none"):
+        folder = tmp_path_factory.mktemp(adapter)
+        summary = train.train(train_cfg(run_data, folder, f"--init_from={run_data / 'base.pt'}", f"--adapter={adapter}",
+                                        "--eval_dir=", "--max_iters=6"))
+        out[adapter] = folder, summary["model"].eval()
+    return out
+
+
+def answers(printed):
+    """(instruction, input, answer, expert shares or None) of each record sample.py printed."""
+    blocks = []
+    for block in printed.split("### Instruction: ")[1:]:
+        lines = block.rstrip("\n").split("\n")
+        input_ = next((line[len("### Input: "):] for line in lines if line.startswith("### Input: ")), "")
+        load = re.search(r"\(experts, .*: (.*)\)$", lines[-1])
+        shares = [float(v) for v in re.findall(r"e\d+ ([\d.]+)", load.group(1))] if load else None
+        body = [line for line in lines[1:] if not line.startswith(("(", "### "))]
+        blocks.append((lines[0], input_, "\n".join(body), shares))
+    return blocks
+
+
+@pytest.mark.parametrize("adapter", ["teamlora", "lora", "none"])
+def test_a_run_reloads_as_training_left_it_and_answers_greedily_as_that_model(run_data, runs, adapter, capsys):
+    out, trained = runs[adapter]
+    model, r = sample.load_run(str(out), device="cpu")
+    assert not model.training
+    if adapter != "none":
+        assert_same_adapters(adapters_of(trained), adapters_of(model))
+    tokens = torch.tensor([data.encode_prompt(r.tok, {"instruction": "Who directed The Silver Harbor?"})])
+    torch.testing.assert_close(model(tokens)[0], trained(tokens)[0], rtol=0, atol=0)
+
+    records = [rec for _, rec in data.read_jsonl(run_data / "test" / "qa.jsonl")][:2]
+    sample.main(["--out_dir", str(out), "--records", str(run_data / "test" / "qa.jsonl"), "--limit=2",
+                 "--max_new_tokens=6", "--device=cpu"])
+    got = answers(capsys.readouterr().out)
+    assert [g[:2] for g in got] == [(rec["instruction"], rec["input"]) for rec in records]
+    for (_, _, text, shares), rec in zip(got, records):
+        ids = data.encode_prompt(r.tok, rec)
+        assert text == r.tok.decode(trained.generate([ids], 6, eos_id=r.tok.eos_id)[0])
+        if adapter == "teamlora":  # each expert's share over the prompt, last load_layers blocks
+            want = reference_task_load(trained, [ids], r.args.n_layers, r.cfg["load_layers"], r.cfg["experts"])
+            assert shares == pytest.approx(want.tolist(), abs=0.006) and len(shares) == r.cfg["experts"]
+        else:
+            assert shares is None
+
+
+def test_sampling_repeats_with_its_seed_and_a_long_prompt_is_cut_to_fit(runs, capsys):
+    out = str(runs["teamlora"][0])
+    argv = ["--out_dir", out, "--instruction", "Name a film.", "--temperature=1.5", "--max_new_tokens=12"]
+    texts = []
+    for seed in (0, 0, 1, 2, 3):
+        sample.main(argv + [f"--seed={seed}"])
+        texts.append(answers(capsys.readouterr().out)[0][2])
+    assert texts[0] == texts[1] and len(set(texts[1:])) > 1  # 12 tokens at temperature 1.5: seeds differ
+    sample.main(["--out_dir", out, "--instruction", "word " * 400, "--max_new_tokens=4"])
+    assert "(the prompt was cut to its start and end: the model has 256 positions)" in capsys.readouterr().out
+
+
+def test_records_may_be_a_json_list_or_jsonl(runs, tmp_path, capsys):
+    records = [{"instruction": "Who directed The Silver Harbor?", "input": ""},
+               {"instruction": "Is it positive?", "input": "A fine film.", "output": "positive"}]
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    data.write_jsonl(str(tmp_path / "r.jsonl"), records)
+    printed = []
+    for name in ("r.json", "r.jsonl"):
+        sample.main(["--out_dir", str(runs["lora"][0]), "--records", str(tmp_path / name), "--max_new_tokens=4"])
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and "(expected: positive)" in printed[0]
+    assert [a[:2] for a in answers(printed[0])] == [(rec["instruction"], rec["input"]) for rec in records]
+
+
+def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
+    good = str(runs["lora"][0])
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "no instruction"}) + "\n")
+    cases = [(["--out_dir", str(tmp_path / "none"), "--instruction", "x"], "ckpt.pt does not exist"),
+             (["--out_dir", str(runs["lora"][0] / "adapter.pt"), "--instruction", "x"], "does not exist"),
+             (["--out_dir", good, "--records", str(tmp_path / "missing.jsonl")], "does not exist"),
+             (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl")], "line 1 is not a record"),
+             (["--out_dir", good, "--instruction", "x", "--max_new_tokens=300"], "lower --max_new_tokens"),
+             (["--out_dir", good], "give --instruction"),
+             (["--out_dir", good, "--instruction", "x", "--max_new_tokens=0"], "must be positive")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in err[-1], (argv, err)
+        assert "Traceback" not in "\n".join(err)
