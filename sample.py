@@ -6,7 +6,7 @@ Answer instructions with a run of train.py (nanoGPT's sample.py, for adapters):
     python sample.py --records=data/mini_cme/test/qa.jsonl --limit=3        # records in the authors' format
 
 The run's configuration (base, tokenizer, adapter, dtype) and its adapter come from its ckpt.pt, the
-last checkpoint. A prompt is encoded as in training (BOS, the instruction, "\n" + input when there is
+last checkpoint. A prompt is encoded as in training (BOS, the instruction, "\\n" + input when there is
 one, "</s>") and answered greedily, or sampled with --temperature and --top_p. For a multi-expert
 adapter each answer says which experts the prompt recruited: the mean share of each over the prompt's
 tokens in the last load_layers blocks, as in the results table of train.py.
@@ -33,6 +33,10 @@ def load_run(out_dir, device="auto"):
     ckpt = checkpoint.load_checkpoint(path)
     cfg = {**train.DEFAULTS, **ckpt["config"], "device": device, "fsdp": False, "compile": False,
            "activation_checkpointing": False}  # one process, eager: what decoding needs
+    for key in ("tokenizer", "init_from"):
+        if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
+            raise UserError(f"the run's {key} {cfg[key]} is not found from here; run sample.py in the folder that "
+                            "train.py ran in (the run's paths are relative to it).")
     r = train.Run(cfg, device=torch.device(train.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
     model, r.args = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
     checkpoint.load_state(model, ckpt["state"], cfg)
@@ -72,7 +76,7 @@ def records_of(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=train.DEFAULTS["out_dir"], help="the folder of a run of train.py")
     parser.add_argument("--instruction", help="the instruction to answer")

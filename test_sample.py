@@ -96,6 +96,11 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
              (["--out_dir", good, "--instruction", "x", "--max_new_tokens=300"], "lower --max_new_tokens"),
              (["--out_dir", good], "give --instruction"),
              (["--out_dir", good, "--instruction", "x", "--max_new_tokens=0"], "must be positive")]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "tokenizer": "elsewhere/tokenizer.model"}}, moved / "ckpt.pt")
+    cases.append((["--out_dir", str(moved), "--instruction", "x"], "run sample.py in the folder that train.py ran in"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             sample.main(argv)
