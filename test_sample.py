@@ -13,9 +13,9 @@ from conftest import adapters_of, assert_same_adapters, reference_task_load, tra
 
 @pytest.fixture(scope="module")
 def runs(run_data, tmp_path_factory):
-    """adapter -> (out_dir, the model training returned) for short runs of TeamLoRA, LoRA and full training."""
+    """adapter -> (out_dir, the model training returned) for short runs of TeamLoRA, HydraLoRA, LoRA and full training."""
     out = {}
-    for adapter in ("teamlora", "lora", "none"):
+    for adapter in ("teamlora", "hydralora", "lora", "none"):
         folder = tmp_path_factory.mktemp(adapter)
         summary = train.train(train_cfg(run_data, folder, f"--init_from={run_data / 'base.pt'}", f"--adapter={adapter}",
                                         "--eval_dir=", "--max_iters=6"))
@@ -36,7 +36,7 @@ def answers(printed):
     return blocks
 
 
-@pytest.mark.parametrize("adapter", ["teamlora", "lora", "none"])
+@pytest.mark.parametrize("adapter", ["teamlora", "hydralora", "lora", "none"])
 def test_a_run_reloads_as_training_left_it_and_answers_greedily_as_that_model(run_data, runs, adapter, capsys):
     out, trained = runs[adapter]
     model, r = sample.load_run(str(out), device="cpu")
@@ -54,7 +54,7 @@ def test_a_run_reloads_as_training_left_it_and_answers_greedily_as_that_model(ru
     for (_, _, text, shares), rec in zip(got, records):
         ids = data.encode_prompt(r.tok, rec)
         assert text == r.tok.decode(trained.generate([ids], 6, eos_id=r.tok.eos_id)[0])
-        if adapter == "teamlora":  # each expert's share over the prompt, last load_layers blocks
+        if adapter in ("teamlora", "hydralora"):  # each expert's share over the prompt, last load_layers blocks
             want = reference_task_load(trained, [ids], r.args.n_layers, r.cfg["load_layers"], r.cfg["experts"])
             assert shares == pytest.approx(want.tolist(), abs=0.006) and len(shares) == r.cfg["experts"]
         else:
