@@ -1,5 +1,5 @@
 """
-LLaMA 2 and 3, Qwen2 / Qwen2.5 and Mistral in one file: the base model that TeamLoRA adapts.
+LLaMA 2, 3, 3.1 and 3.2, Qwen2 / Qwen2.5 and Mistral in one file: the base model that TeamLoRA adapts.
 
 Module names follow Meta's reference code (tok_embeddings, layers.N.attention.wq, ...), so Meta's
 consolidated.*.pth checkpoints load with no renaming; Hugging Face checkpoints are renamed and their
@@ -11,11 +11,13 @@ position embeddings and grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -
 RMSNorm -> output projection to the vocabulary. Qwen2 adds biases to the q, k and v projections
 (qkv_bias) and, in its small sizes, reuses the token embedding as the output projection
 (tie_embeddings); Mistral is this layout exactly, with a sliding attention window in its v0.1
-(sequences longer than the window are refused, not silently attended in full).
+(sequences longer than the window are refused, not silently attended in full). LLaMA 3.1 and 3.2
+slow the rotation of their low-frequency pairs (rope_scaling) to stretch an 8K context to 128K.
 """
 
 import glob
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -43,6 +45,8 @@ class ModelArgs:
     qkv_bias: bool = False  # Qwen2: the q, k and v projections have biases
     tie_embeddings: bool = False  # the output projection is the token embedding (one tensor)
     sliding_window: Optional[int] = None  # Mistral v0.1: each token sees this many; longer sequences are refused
+    # LLaMA 3.1+ (transformers' rope_type "llama3"): (factor, low_freq_factor, high_freq_factor, original context)
+    rope_scaling: Optional[tuple] = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -50,6 +54,8 @@ class ModelArgs:
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even width; choose dim "
                              "as a multiple of 2*n_heads")
+        if self.rope_scaling is not None:  # a list after a JSON round trip
+            self.rope_scaling = tuple(self.rope_scaling)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each "
                              "key/value head must serve a whole group of query heads")
@@ -87,6 +93,11 @@ PRESETS = {
     "chinese-llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=55296, max_seq_len=4096),
     "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
                       ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                        rope_theta=500000.0, max_seq_len=131072, rope_scaling=(8.0, 1.0, 4.0, 8192)),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                        rope_theta=500000.0, max_seq_len=131072, rope_scaling=(32.0, 1.0, 4.0, 8192),
+                        tie_embeddings=True),
     "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936, hidden_dim=4864,
                          norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True, tie_embeddings=True),
     "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944,
@@ -112,11 +123,17 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_cos_sin(positions, head_dim, theta):
+def rope_cos_sin(positions, head_dim, theta, scaling=None):
     """positions (B, T) or (1, T) -> cos, sin (B, T, 1, head_dim/2) in float32.
     Pair i of a head turns by the angle position * theta^(-2i/head_dim). Computed on the fly rather
-    than kept as a buffer, so it survives meta-device builds, .to(bfloat16) and per-row positions."""
+    than kept as a buffer, so it survives meta-device builds, .to(bfloat16) and per-row positions.
+    scaling (LLaMA 3.1+: factor, low, high, context): a pair whose wavelength exceeds context / low turns
+    `factor` times slower, one shorter than context / high as before, and those between blend the two."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        factor, low, high, context = scaling
+        blend = ((context * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0.0, 1.0)  # context / wavelength
+        inv_freq = inv_freq / factor * (1 - blend) + inv_freq * blend
     angles = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
@@ -272,7 +289,7 @@ class Transformer(nn.Module):
     def trunk(self, tokens, positions, mask=None, caches=None):
         """tokens (B, T), positions (B, T) or (1, T) -> final-normed hidden states (B, T, C)."""
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and caches is None:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
@@ -458,6 +475,8 @@ _HF_TYPE_DEFAULTS = {"mistral": {"num_key_value_heads": 8, "max_position_embeddi
 _HF_CONFIG = {"hidden_size": ("positive int", False), "num_hidden_layers": ("positive int", False),
               "num_attention_heads": ("positive int", False), "vocab_size": ("positive int", False),
               "intermediate_size": ("positive int", False)}
+_LLAMA3_ROPE = {"factor": ("positive", False), "low_freq_factor": ("positive", False),
+                "high_freq_factor": ("positive", False), "original_max_position_embeddings": ("positive int", False)}
 _HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": ("positive", True),
                 "rope_theta": ("positive", True), "max_position_embeddings": ("positive int", True),
                 "head_dim": ("positive int", True)}
@@ -519,8 +538,8 @@ def _torch_load(file):
 def _read_meta(path, dtype, device):
     params = _read_json(os.path.join(path, "params.json"))
     if params.pop("use_scaled_rope", False):
-        raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose rotary scaling this model does "
-                         "not implement; use a LLaMA 2 or LLaMA 3 checkpoint")
+        raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose params.json does not give its "
+                         "rotary scaling; load its Hugging Face folder (config.json) instead")
     unknown = params.keys() - {f.name for f in fields(ModelArgs)}
     if unknown:
         raise ValueError(f"params.json in {path!r} has fields this model does not know: {sorted(unknown)}; only LLaMA "
@@ -589,7 +608,7 @@ def _read_hf(path, dtype, device):
     for key, allowed in unsupported.items():
         if config.get(key) not in allowed:
             raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this model does not implement; "
-                             "LLaMA 2/3, Qwen2/Qwen2.5 and Mistral checkpoints are supported")
+                             "LLaMA 2/3/3.1/3.2, Qwen2/Qwen2.5 and Mistral checkpoints are supported")
     # keys a config leaves out take transformers' defaults for its model type (LLaMA's: in the code below)
     config = {**_HF_TYPE_DEFAULTS.get(config.get("model_type"), {}), **config}
     qwen2 = config.get("model_type") == "qwen2"  # q, k, v with biases; its sliding window is off (checked above)
@@ -602,11 +621,16 @@ def _read_hf(path, dtype, device):
     if not isinstance(rope, dict):
         raise ValueError(f"{config_file} has rotary settings {rope!r} where an object belongs; fix it or download "
                          "the file again")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
         raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}, which this model does not "
-                         "implement; use a LLaMA 2 or LLaMA 3 checkpoint")
+                         "implement (only LLaMA 3.1's \"llama3\"); use a checkpoint without it")
     _check_fields(config, config_file, _HF_CONFIG, _HF_OPTIONAL)
-    _check_fields(rope, config_file, {}, {"rope_theta": ("positive", True)})
+    _check_fields(rope, config_file, _LLAMA3_ROPE if kind == "llama3" else {}, {"rope_theta": ("positive", True)})
+    scaling = tuple(rope[k] for k in _LLAMA3_ROPE) if kind == "llama3" else None
+    if scaling and scaling[1] >= scaling[2]:
+        raise ValueError(f"{config_file} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in "
+                         "its rotary scaling; fix it or download the file again")
     n_heads = config["num_attention_heads"]
     if (config.get("head_dim") or config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
         raise ValueError(f"config.json in {path!r} has head_dim={config['head_dim']} != hidden_size / "
@@ -617,7 +641,8 @@ def _read_hf(path, dtype, device):
                      hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps") or 1e-6,
                      rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
                      max_seq_len=config.get("max_position_embeddings") or 2048, qkv_bias=qwen2,
-                     tie_embeddings=bool(config.get("tie_word_embeddings")), sliding_window=window)
+                     tie_embeddings=bool(config.get("tie_word_embeddings")), sliding_window=window,
+                     rope_scaling=scaling)
     state = {}
     for file in _hf_weight_files(path):
         for hf_name, t in _read_tensors(os.path.join(path, file)):

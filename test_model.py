@@ -7,6 +7,7 @@ import math
 import re
 import struct
 import sys
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -94,6 +95,38 @@ def test_rope_matches_complex_reference(theta):
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 0, 1, 2, 250, 251, 4000]])
     ours = apply_rotary(x, *rope_cos_sin(positions, 16, theta))
     torch.testing.assert_close(ours, complex_rope_reference(x, positions, theta), atol=1e-5, rtol=1e-5)
+
+
+def llama3_inv_freq_reference(hd, theta, factor, low, high, context):
+    """LLaMA 3.1's frequency rule pair by pair, in Python floats: wavelength 2 pi / f; longer than context / low:
+    f / factor; shorter than context / high: f; between: (1 - s) f / factor + s f, s = (context / wavelength - low) /
+    (high - low)."""
+    out = []
+    for i in range(0, hd, 2):
+        f = 1.0 / theta ** (i / hd)
+        wavelength = 2 * math.pi / f
+        if wavelength > context / low:
+            out.append(f / factor)
+        elif wavelength < context / high:
+            out.append(f)
+        else:
+            s = (context / wavelength - low) / (high - low)
+            out.append((1 - s) * f / factor + s * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("hd, theta, scaling", [(16, 1e4, (8.0, 1.0, 4.0, 64)), (64, 5e5, (32.0, 1.0, 4.0, 8192)),
+                                                 (32, 1e4, (4.0, 2.0, 8.0, 200))])
+def test_llama3_rope_scaling_turns_each_pair_by_its_rule(hd, theta, scaling):
+    want = llama3_inv_freq_reference(hd, theta, *scaling)
+    assert (want < 1.0 / theta ** (torch.arange(0, hd, 2).double() / hd) - 1e-12).any()  # some pairs slowed
+    positions = torch.tensor([[0, 1, 7, 300]])
+    cos, sin = rope_cos_sin(positions, hd, theta, scaling)
+    angles = positions.double()[..., None] * want  # (1, T, hd/2)
+    torch.testing.assert_close(cos[:, :, 0].double(), angles.cos(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(sin[:, :, 0].double(), angles.sin(), atol=2e-5, rtol=0)
+    plain = rope_cos_sin(positions, hd, theta)[0]
+    assert not torch.allclose(cos, plain, atol=1e-3)
 
 
 def meta_to_hf_qk(w, n_heads):
@@ -637,16 +670,30 @@ def test_llama31_scaled_rope_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("key, rope", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
-    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 8.0, "rope_theta": 5e5}),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}),
     ("rope_scaling", {"type": "linear", "factor": 2.0}),  # older transformers wrote "type", not "rope_type"
 ])
-def test_hf_rope_scaling_is_refused(tmp_path, key, rope):
+def test_hf_rope_scaling_other_than_llama3_is_refused(tmp_path, key, rope):
     model = tiny_model()
     config = hf_config(model)
     config[key] = rope
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"rotary scaling.*{rope.get('rope_type', rope.get('type'))}"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: {k: v for k, v in r.items() if k != "factor"}, "has no 'factor'"),
+    (lambda r: r | {"original_max_position_embeddings": 0.5}, "original_max_position_embeddings=0.5"),
+    (lambda r: r | {"low_freq_factor": 4.0}, "low_freq_factor=4.0 not below high_freq_factor=4.0"),
+])
+def test_malformed_llama3_rope_scaling_is_one_sentence(tmp_path, change, message):
+    config = hf_config(tiny_model())
+    config["rope_scaling"] = change({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(message)):
         Transformer.from_pretrained(tmp_path)
 
 
@@ -886,7 +933,8 @@ def test_logits_equal_transformers_qwen2_and_mistral_written_by_transformers(tmp
 
 
 @pytest.mark.parametrize("name, family", [("qwen2.5-0.5b", "Qwen2"), ("qwen2.5-7b", "Qwen2"),
-                                          ("mistral-7b", "Mistral")])
+                                          ("mistral-7b", "Mistral"), ("llama3.1-8b", "Llama"),
+                                          ("llama3.2-1b", "Llama")])
 def test_new_presets_count_parameters_as_transformers_builds_them(name, family):
     transformers = pytest.importorskip("transformers")
     a = ModelArgs.from_name(name)
@@ -896,6 +944,46 @@ def test_new_presets_count_parameters_as_transformers_builds_them(name, family):
     with torch.device("meta"):
         hf, ours = getattr(transformers, f"{family}ForCausalLM")(config), Transformer(a)
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_equal_transformers_llama31_rope_scaling_written_by_transformers(tmp_path, tie):
+    """LLaMA 3.1 / 3.2's rope_type "llama3", at sizes where every regime shows: with head_dim 16, theta 1e4 and
+    an original context of 64 tokens, two pairs turn at full speed, two blend and four are slowed."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    rope = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_parameters=rope)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper attention than the initial weights give: positions, hence rotations, count
+        for name, p in hf.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10.0)
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    assert ours.args.rope_scaling == (8.0, 1.0, 4.0, 64) and ours.args.tie_embeddings == tie
+    tokens = torch.randint(0, 97, (2, 200))
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+    got = logits_of(ours, tokens)
+    assert (got - want).abs().max().item() < 1e-4
+    unscaled = Transformer(replace(ours.args, rope_scaling=None))
+    unscaled.load_state_dict(ours.state_dict())
+    assert (logits_of(unscaled.eval(), tokens) - want).abs().max().item() > 1e-2  # the scaling is what agrees
+
+
+def test_presets_of_published_llama_31_and_32_have_their_published_sizes(tmp_path):
+    with torch.device("meta"):
+        assert Transformer(ModelArgs.from_name("llama3.1-8b")).num_params() == 8_030_261_248
+        assert Transformer(ModelArgs.from_name("llama3.2-1b")).num_params() == 1_235_814_400
+    a = ModelArgs.from_name("llama3.2-1b")  # the scaling survives model.pt (weights_only) and JSON round trips
+    torch.save({"model_args": asdict(a)}, tmp_path / "m.pt")
+    assert ModelArgs(**torch.load(tmp_path / "m.pt", weights_only=True)["model_args"]) == a
+    assert ModelArgs(**json.loads(json.dumps(asdict(a)))) == a
 
 
 # ---------------------------------------------------------------------------------------------------
