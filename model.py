@@ -1,5 +1,5 @@
 """
-LLaMA 2, 3, 3.1 and 3.2, Qwen2 / Qwen2.5 and Mistral in one file: the base model that TeamLoRA adapts.
+LLaMA 2, 3, 3.1 and 3.2, Qwen2 / Qwen2.5 / Qwen3 and Mistral in one file: the base model that TeamLoRA adapts.
 
 Module names follow Meta's reference code (tok_embeddings, layers.N.attention.wq, ...), so Meta's
 consolidated.*.pth checkpoints load with no renaming; Hugging Face checkpoints are renamed and their
@@ -10,7 +10,8 @@ The architecture in one breath: token embedding -> n_layers x [RMSNorm -> attent
 position embeddings and grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -> residual] ->
 RMSNorm -> output projection to the vocabulary. Qwen2 adds biases to the q, k and v projections
 (qkv_bias) and, in its small sizes, reuses the token embedding as the output projection
-(tie_embeddings); Mistral is this layout exactly, with a sliding attention window in its v0.1
+(tie_embeddings); Qwen3 drops the biases, normalises each head of q and k before the rotation (qk_norm) and
+sets its own head width (head_dim); Mistral is this layout exactly, with a sliding attention window in its v0.1
 (sequences longer than the window are refused, not silently attended in full). LLaMA 3.1 and 3.2
 slow the rotation of their low-frequency pairs (rope_scaling) to stretch an 8K context to 128K.
 """
@@ -47,22 +48,23 @@ class ModelArgs:
     sliding_window: Optional[int] = None  # Mistral v0.1: each token sees this many; longer sequences are refused
     # LLaMA 3.1+ (transformers' rope_type "llama3"): (factor, low_freq_factor, high_freq_factor, original context)
     rope_scaling: Optional[tuple] = None
+    head_dim: Optional[int] = None  # the width of a head; None: dim / n_heads (Qwen3 sets its own)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before the rotation
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+        if self.head_dim is None and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
             raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} heads of even width; choose dim "
                              "as a multiple of 2*n_heads")
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even: the rotation turns pairs of a head's components")
         if self.rope_scaling is not None:  # a list after a JSON round trip
             self.rope_scaling = tuple(self.rope_scaling)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; each "
                              "key/value head must serve a whole group of query heads")
-
-    @property
-    def head_dim(self):
-        return self.dim // self.n_heads
 
     @property
     def ffn_hidden_dim(self):
@@ -102,6 +104,11 @@ PRESETS = {
                          norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True, tie_embeddings=True),
     "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944,
                        norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True),
+    "qwen3-0.6b": dict(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                       hidden_dim=3072, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm=True,
+                       tie_embeddings=True),
+    "qwen3-8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                     hidden_dim=12288, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm=True),
     "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
                        rope_theta=10000.0, max_seq_len=32768, sliding_window=4096),  # v0.1
     # small ones for tests and CPU runs (both use grouped-query attention, so it is always exercised)
@@ -196,12 +203,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        norm = (lambda: RMSNorm(args.head_dim, args.norm_eps)) if args.qk_norm else (lambda: None)
+        self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q = apply_rotary(self.wq(x).view(B, T, H, hd), cos, sin).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rotary(self.wk(x).view(B, T, Hkv, hd), cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = self.wq(x).view(B, T, H, hd), self.wk(x).view(B, T, Hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q, cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rotary(k, cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, S, hd): every position so far, this step's included
@@ -469,9 +481,10 @@ _META_OPTIONAL = {"n_kv_heads": ("positive int", True), "vocab_size": ("int", Fa
                   "multiple_of": ("positive int", False), "ffn_dim_multiplier": ("positive", True),
                   "norm_eps": ("positive", False), "rope_theta": ("positive", False),
                   "max_seq_len": ("positive int", False), "hidden_dim": ("positive int", True)}
-# what transformers' MistralConfig and Qwen2Config assume for a key config.json leaves out, where LlamaConfig differs
+# what transformers' Mistral, Qwen2 and Qwen3 configs assume for a key config.json leaves out, where LlamaConfig differs
 _HF_TYPE_DEFAULTS = {"mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
-                     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768}}
+                     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
+                     "qwen3": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "head_dim": 128}}
 _HF_CONFIG = {"hidden_size": ("positive int", False), "num_hidden_layers": ("positive int", False),
               "num_attention_heads": ("positive int", False), "vocab_size": ("positive int", False),
               "intermediate_size": ("positive int", False)}
@@ -588,6 +601,7 @@ _HF_LAYER_NAMES = {
     "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
     "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",  # Qwen3
 }
 
 
@@ -603,16 +617,17 @@ def _hf_to_meta_name(name):
 def _read_hf(path, dtype, device):
     config_file = os.path.join(path, "config.json")
     config = _read_json(config_file)
-    unsupported = {"model_type": ("llama", "mistral", "qwen2", None), "hidden_act": ("silu", None),
+    unsupported = {"model_type": ("llama", "mistral", "qwen2", "qwen3", None), "hidden_act": ("silu", None),
                    "attention_bias": (False, None), "mlp_bias": (False, None), "use_sliding_window": (False, None)}
     for key, allowed in unsupported.items():
         if config.get(key) not in allowed:
             raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this model does not implement; "
-                             "LLaMA 2/3/3.1/3.2, Qwen2/Qwen2.5 and Mistral checkpoints are supported")
+                             "LLaMA 2/3/3.1/3.2, Qwen2/Qwen2.5/Qwen3 and Mistral checkpoints are supported")
     # keys a config leaves out take transformers' defaults for its model type (LLaMA's: in the code below)
     config = {**_HF_TYPE_DEFAULTS.get(config.get("model_type"), {}), **config}
-    qwen2 = config.get("model_type") == "qwen2"  # q, k, v with biases; its sliding window is off (checked above)
-    window = None if qwen2 else config.get("sliding_window")
+    qwen2 = config.get("model_type") == "qwen2"  # q, k, v with biases
+    qwen3 = config.get("model_type") == "qwen3"  # q and k normalised per head
+    window = None if qwen2 or qwen3 else config.get("sliding_window")  # Qwen's: off (use_sliding_window, above)
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
         raise ValueError(f"{config_file} has sliding_window={window!r} where a positive integer or null belongs; "
                          "fix it or download the file again")
@@ -632,9 +647,6 @@ def _read_hf(path, dtype, device):
         raise ValueError(f"{config_file} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in "
                          "its rotary scaling; fix it or download the file again")
     n_heads = config["num_attention_heads"]
-    if (config.get("head_dim") or config["hidden_size"] // n_heads) != config["hidden_size"] // n_heads:
-        raise ValueError(f"config.json in {path!r} has head_dim={config['head_dim']} != hidden_size / "
-                         "num_attention_heads; this model does not support that")
     # LlamaConfig's defaults where a key is absent (rms_norm_eps 1e-6, max_position_embeddings 2048)
     args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
@@ -642,7 +654,7 @@ def _read_hf(path, dtype, device):
                      rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
                      max_seq_len=config.get("max_position_embeddings") or 2048, qkv_bias=qwen2,
                      tie_embeddings=bool(config.get("tie_word_embeddings")), sliding_window=window,
-                     rope_scaling=scaling)
+                     rope_scaling=scaling, head_dim=config.get("head_dim"), qk_norm=qwen3)
     state = {}
     for file in _hf_weight_files(path):
         for hf_name, t in _read_tensors(os.path.join(path, file)):
@@ -654,6 +666,8 @@ def _read_hf(path, dtype, device):
                 rows = t if t.dim() == 2 else t[:, None]  # a bias permutes like a one-column weight
                 if rows.shape == (heads * args.head_dim, args.dim if t.dim() == 2 else 1):  # else: a shape mismatch
                     t = hf_to_meta_qk(rows, heads).reshape(t.shape)
+            if name.endswith(("q_norm.weight", "k_norm.weight")) and t.shape == (args.head_dim,):
+                t = hf_to_meta_qk(t[:, None], 1).reshape(t.shape)  # a head's components, moved as its rows are
             state[name] = t.to(device=device, dtype=dtype)
     if args.tie_embeddings:
         state.pop("output.weight", None)  # tied: the embedding serves both (some files store the copy)

@@ -57,14 +57,20 @@ def test_published_parameter_counts_on_meta_device():
     with torch.device("meta"):
         assert Transformer(ModelArgs.from_name("llama2-7b")).num_params() == 6_738_415_616
         assert Transformer(ModelArgs.from_name("llama3-8b")).num_params() == 8_030_261_248
+        assert Transformer(ModelArgs.from_name("llama3.1-8b")).num_params() == 8_030_261_248
+        assert Transformer(ModelArgs.from_name("llama3.2-1b")).num_params() == 1_235_814_400
+        assert Transformer(ModelArgs.from_name("qwen3-0.6b")).num_params() == 596_049_920
+        assert Transformer(ModelArgs.from_name("qwen3-8b")).num_params() == 8_190_735_360
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_counts_parameters_by_closed_form(name):
     a = ModelArgs.from_name(name)
-    hd, f = a.dim // a.n_heads, a.ffn_hidden_dim
+    hd, f = a.head_dim, a.ffn_hidden_dim
+    assert hd == a.dim // a.n_heads or name.startswith("qwen3")  # Qwen3 sets its own head width
     per_layer = 2 * a.dim * a.n_heads * hd + 2 * a.dim * a.n_kv_heads * hd + 3 * a.dim * f + 2 * a.dim
     per_layer += (a.n_heads + 2 * a.n_kv_heads) * hd if a.qkv_bias else 0
+    per_layer += 2 * hd if a.qk_norm else 0
     with torch.device("meta"):
         model = Transformer(a)
     embeddings = (1 if a.tie_embeddings else 2) * a.vocab_size * a.dim
@@ -887,7 +893,7 @@ def test_a_sequence_longer_than_the_sliding_window_is_refused_in_one_sentence():
         model.generate([[1] * 6], 4)
 
 
-@pytest.mark.parametrize("key, value", [("model_type", "qwen3"), ("use_sliding_window", True),
+@pytest.mark.parametrize("key, value", [("model_type", "qwen3_moe"), ("use_sliding_window", True),
                                         ("hidden_act", "gelu"), ("sliding_window", "wide"), ("sliding_window", 0)])
 def test_what_qwen2_and_mistral_configs_need_beyond_this_model_is_refused(tmp_path, key, value):
     model = tiny_model(qkv_bias=True)
@@ -904,6 +910,8 @@ def _transformers_model(transformers, model_type, tmp_path, tie=False, window=No
               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie)
     if model_type == "qwen2":
         config, cls = transformers.Qwen2Config(rope_theta=1e6, **kw), transformers.Qwen2ForCausalLM
+    elif model_type == "qwen3":  # a head width of its own: 4 heads of 32 over a width of 64
+        config, cls = transformers.Qwen3Config(rope_theta=1e6, head_dim=32, **kw), transformers.Qwen3ForCausalLM
     else:
         config, cls = transformers.MistralConfig(sliding_window=window, **kw), transformers.MistralForCausalLM
     torch.manual_seed(0)
@@ -917,13 +925,15 @@ def _transformers_model(transformers, model_type, tmp_path, tie=False, window=No
 
 
 @pytest.mark.parametrize("model_type, tie, window", [("qwen2", True, None), ("qwen2", False, None),
+                                                     ("qwen3", True, None), ("qwen3", False, None),
                                                      ("mistral", False, None), ("mistral", False, 32)])
-def test_logits_equal_transformers_qwen2_and_mistral_written_by_transformers(tmp_path, model_type, tie, window):
+def test_logits_equal_transformers_qwen_and_mistral_written_by_transformers(tmp_path, model_type, tie, window):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
     hf = _transformers_model(transformers, model_type, tmp_path, tie, window)
     ours = Transformer.from_pretrained(tmp_path).eval()
     assert ours.args.qkv_bias == (model_type == "qwen2") and ours.args.sliding_window == window
+    assert ours.args.qk_norm == (model_type == "qwen3") and ours.args.head_dim == (32 if model_type == "qwen3" else 16)
     tokens = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         want = hf(tokens).logits.float()
@@ -934,13 +944,14 @@ def test_logits_equal_transformers_qwen2_and_mistral_written_by_transformers(tmp
 
 @pytest.mark.parametrize("name, family", [("qwen2.5-0.5b", "Qwen2"), ("qwen2.5-7b", "Qwen2"),
                                           ("mistral-7b", "Mistral"), ("llama3.1-8b", "Llama"),
-                                          ("llama3.2-1b", "Llama")])
+                                          ("llama3.2-1b", "Llama"), ("qwen3-0.6b", "Qwen3"), ("qwen3-8b", "Qwen3")])
 def test_new_presets_count_parameters_as_transformers_builds_them(name, family):
     transformers = pytest.importorskip("transformers")
     a = ModelArgs.from_name(name)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, tie_word_embeddings=a.tie_embeddings)
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, tie_word_embeddings=a.tie_embeddings,
+        head_dim=a.head_dim)
     with torch.device("meta"):
         hf, ours = getattr(transformers, f"{family}ForCausalLM")(config), Transformer(a)
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
@@ -976,11 +987,9 @@ def test_logits_equal_transformers_llama31_rope_scaling_written_by_transformers(
     assert (logits_of(unscaled.eval(), tokens) - want).abs().max().item() > 1e-2  # the scaling is what agrees
 
 
-def test_presets_of_published_llama_31_and_32_have_their_published_sizes(tmp_path):
-    with torch.device("meta"):
-        assert Transformer(ModelArgs.from_name("llama3.1-8b")).num_params() == 8_030_261_248
-        assert Transformer(ModelArgs.from_name("llama3.2-1b")).num_params() == 1_235_814_400
-    a = ModelArgs.from_name("llama3.2-1b")  # the scaling survives model.pt (weights_only) and JSON round trips
+@pytest.mark.parametrize("name", ["llama3.2-1b", "qwen3-0.6b"])
+def test_model_args_survive_model_pt_and_json_round_trips(tmp_path, name):
+    a = ModelArgs.from_name(name)  # rope_scaling a tuple, head_dim set
     torch.save({"model_args": asdict(a)}, tmp_path / "m.pt")
     assert ModelArgs(**torch.load(tmp_path / "m.pt", weights_only=True)["model_args"]) == a
     assert ModelArgs(**json.loads(json.dumps(asdict(a)))) == a

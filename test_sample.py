@@ -13,7 +13,7 @@ from conftest import adapters_of, assert_same_adapters, reference_task_load, tra
 
 @pytest.fixture(scope="module")
 def runs(run_data, tmp_path_factory):
-    """adapter -> (out_dir, the model training returned) for short runs of TeamLoRA, HydraLoRA, LoRA and full training."""
+    """adapter -> (out_dir, the model training returned), short runs of TeamLoRA, HydraLoRA, LoRA, full training."""
     out = {}
     for adapter in ("teamlora", "hydralora", "lora", "none"):
         folder = tmp_path_factory.mktemp(adapter)

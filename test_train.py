@@ -413,7 +413,8 @@ def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsy
     assert f"= {pct}% of the base" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("recipe", ["config/cme_qwen2.5_7b.py", "config/cme_llama3_8b.py"])
+@pytest.mark.parametrize("recipe", ["config/cme_qwen2.5_7b.py", "config/cme_llama3_8b.py", "config/cme_qwen3_8b.py",
+                                    "config/cme_llama3.1_8b.py"])
 def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys):
     train.train(train.parse_config([recipe, "--dry_run=True"]))
     printed = capsys.readouterr().out
