@@ -8,7 +8,8 @@ import torch
 import data
 import sample
 import train
-from conftest import adapters_of, assert_same_adapters, reference_task_load, train_cfg
+from conftest import TEXTS, adapters_of, assert_same_adapters, hf_tokenizer_folder, reference_task_load, train_cfg
+from tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,30 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and message in err[-1], (argv, err)
         assert "Traceback" not in "\n".join(err)
+
+
+def test_a_qwen3_folder_fine_tunes_through_train_py_and_answers_through_sample_py(tmp_path, capsys):
+    """The newest family end to end: a Qwen3 checkpoint and tokenizer written by transformers and tokenizers (four
+    heads of 32 over a width of 64, per-head q/k norms), adapters on the FFN and on wq, a short run, then sample.py."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    folder = hf_tokenizer_folder(tmp_path / "tok")
+    config = transformers.Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    records = [{"instruction": t, "input": "", "output": "positive"} for t in TEXTS]
+    data.write_jsonl(str(tmp_path / "r.jsonl"), records)
+    data.prepare([str(tmp_path / "r.jsonl")], str(folder), str(tmp_path / "tokens"), max_len=64, quiet=True)
+    summary = train.train(train.parse_config([
+        f"--data_dir={tmp_path / 'tokens'}", f"--tokenizer={folder}", "--eval_dir=", f"--init_from={tmp_path / 'base'}",
+        "--targets=w1,w2,w3,wq", "--max_iters=4", "--eval_interval=4", "--batch_size=4", "--max_len=64", "--r=8",
+        "--learning_rate=1e-2", f"--out_dir={tmp_path / 'run'}"]))
+    trained = summary["model"].eval()
+    assert trained.args.qk_norm and trained.layers[0].attention.wq.lora_B.shape == (4 * 32, 8)  # 4 heads of 32
+    sample.main(["--out_dir", str(tmp_path / "run"), "--instruction", TEXTS[0], "--max_new_tokens=5"])
+    (_, _, text, shares), = answers(capsys.readouterr().out)
+    tok = Tokenizer(str(folder))
+    ids = data.encode_prompt(tok, {"instruction": TEXTS[0]})
+    assert text == tok.decode(trained.generate([ids], 5, eos_id=tok.eos_id)[0]) and len(shares) == 4
