@@ -203,8 +203,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        norm = (lambda: RMSNorm(args.head_dim, args.norm_eps)) if args.qk_norm else (lambda: None)
-        self.q_norm, self.k_norm = norm(), norm()
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape

@@ -207,7 +207,8 @@ def hf_state_dict(model):
                    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
                    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
                    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-                   "ffn_norm": "post_attention_layernorm"}
+                   "ffn_norm": "post_attention_layernorm", "attention.q_norm": "self_attn.q_norm",
+                   "attention.k_norm": "self_attn.k_norm"}
     sd = model.state_dict()
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
     if not a.tie_embeddings:
@@ -223,6 +224,8 @@ def hf_state_dict(model):
                     t = meta_to_hf_qk(rows, a.n_heads).reshape(t.shape)
                 if meta == "attention.wk":
                     t = meta_to_hf_qk(rows, a.n_kv_heads).reshape(t.shape)
+                if meta in ("attention.q_norm", "attention.k_norm"):  # a head's components, moved as its rows
+                    t = meta_to_hf_qk(t[:, None], 1).reshape(t.shape)
                 out[f"model.layers.{i}.{hf}.{kind}"] = t.clone()
     return out
 
@@ -233,7 +236,8 @@ def hf_config(model, model_type="llama"):
                 num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
                 intermediate_size=a.ffn_hidden_dim, vocab_size=a.vocab_size, rms_norm_eps=a.norm_eps,
                 rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len, hidden_act="silu",
-                tie_word_embeddings=a.tie_embeddings, torch_dtype="float32", sliding_window=a.sliding_window)
+                tie_word_embeddings=a.tie_embeddings, torch_dtype="float32", sliding_window=a.sliding_window,
+                head_dim=a.head_dim)
 
 
 def write_hf_bin_dir(model, path):
@@ -853,8 +857,9 @@ def test_cuda_model_matches_the_cpu_with_packing_masks_and_cached_generation():
     ("qwen2", dict(qkv_bias=True, tie_embeddings=True, rope_theta=1e6)),
     ("qwen2", dict(qkv_bias=True, n_kv_heads=4)),
     ("mistral", dict(sliding_window=64)),
+    ("qwen3", dict(qk_norm=True, head_dim=32, tie_embeddings=True, rope_theta=1e6)),  # 4 heads of 32 over 64
 ])
-def test_qwen2_and_mistral_folders_round_trip_to_identical_logits(tmp_path, model_type, overrides):
+def test_qwen_and_mistral_folders_round_trip_to_identical_logits(tmp_path, model_type, overrides):
     """Our own Hugging Face-layout writer (biases permuted like their rows, no lm_head when tied) and reader."""
     model = tiny_model(**overrides)
     assert ("layers.0.attention.wq.bias" in model.state_dict()) == (model_type == "qwen2")
@@ -863,6 +868,7 @@ def test_qwen2_and_mistral_folders_round_trip_to_identical_logits(tmp_path, mode
     loaded = Transformer.from_pretrained(tmp_path)
     assert loaded.args.sliding_window == model.args.sliding_window
     assert (loaded.args.qkv_bias, loaded.args.tie_embeddings) == (model.args.qkv_bias, model.args.tie_embeddings)
+    assert (loaded.args.qk_norm, loaded.args.head_dim) == (model.args.qk_norm, model.args.head_dim)
     assert (loaded.output is None) == model.args.tie_embeddings
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
@@ -1146,18 +1152,21 @@ def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_ar
 
 
 @pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
-                                                      ("qwen2", "Qwen2Config")])
+                                                      ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
 def test_absent_hf_config_keys_take_transformers_defaults_for_the_model_type(tmp_path, model_type, config_class):
     """A config.json that gives only what it must: the rest as transformers' config class of that model type
-    defaults it (KV heads, tied output, rms_norm_eps, context, rope_theta, Mistral's sliding window)."""
+    defaults it (KV heads, tied output, rms_norm_eps, context, rope_theta, Mistral's sliding window, Qwen3's
+    head width)."""
     transformers = pytest.importorskip("transformers")
     required = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=32, vocab_size=512, intermediate_size=96)
     hf = getattr(transformers, config_class)(**required)
     theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]
-    window = None if model_type == "qwen2" else getattr(hf, "sliding_window", None)
+    window = None if model_type.startswith("qwen") else getattr(hf, "sliding_window", None)
+    head_dim = getattr(hf, "head_dim", None) if model_type == "qwen3" else None  # the others: 64 / 32 heads
     model = tiny_model(n_layers=2, n_heads=32, n_kv_heads=hf.num_key_value_heads, hidden_dim=96,
                        norm_eps=hf.rms_norm_eps, rope_theta=theta, qkv_bias=model_type == "qwen2",
-                       tie_embeddings=hf.tie_word_embeddings, sliding_window=window)
+                       tie_embeddings=hf.tie_word_embeddings, sliding_window=window, head_dim=head_dim,
+                       qk_norm=model_type == "qwen3")
     torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **required}))
     loaded = Transformer.from_pretrained(tmp_path)
@@ -1165,6 +1174,7 @@ def test_absent_hf_config_keys_take_transformers_defaults_for_the_model_type(tmp
     assert (a.n_kv_heads, a.tie_embeddings, a.norm_eps) == (hf.num_key_value_heads, hf.tie_word_embeddings,
                                                             hf.rms_norm_eps)
     assert (a.max_seq_len, a.rope_theta, a.sliding_window) == (hf.max_position_embeddings, theta, window)
+    assert a.head_dim == (head_dim or 2)
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
