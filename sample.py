@@ -66,7 +66,7 @@ def records_of(args):
     if not os.path.isfile(args.records):
         raise UserError(f"--records file {args.records} does not exist; give a JSONL or JSON list of records.")
     for n, (where, record) in enumerate(data.read_records(args.records)):
-        if n == args.limit > 0:
+        if args.limit and n == args.limit:
             break
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
             raise UserError(f"{where} is not a record with an \"instruction\" string; give records in the authors' "
