@@ -123,9 +123,10 @@ def task_expert_load(model, prompts, r):
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)
         valid[i, :len(p)] = True
+    was_training = model.training
     model.eval()
     model(tokens)
-    model.train()
+    model.train(was_training)
     raw = model.module if hasattr(model, "module") else model
     n_layers = r.args.n_layers
     last = tuple(f"layers.{i}." for i in range(n_layers - r.cfg["load_layers"], n_layers))

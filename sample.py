@@ -54,7 +54,6 @@ def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
     new = model.generate([ids], max_new_tokens, eos_id=r.tok.eos_id, temperature=temperature, top_p=top_p,
                          seed=seed)[0]
     load = evaluation.task_expert_load(model, [ids], r) if r.multi_expert else None
-    model.eval()  # task_expert_load leaves the model in training mode
     return r.tok.decode(new), load, len(ids) < len(full)
 
 

@@ -183,7 +183,10 @@ def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_lay
     got = evaluation.task_expert_load(model, prompts, r)
     want = conftest.reference_task_load(model, prompts[:4], r.args.n_layers, 2, r.cfg["experts"])  # eval_batch_size=4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert got.shape == (r.cfg["experts"],) and model.training
+    assert got.shape == (r.cfg["experts"],) and model.training  # the caller's mode, kept: training here,
+    model.eval()
+    torch.testing.assert_close(evaluation.task_expert_load(model, prompts, r), got, rtol=0, atol=0)
+    assert not model.training  # eval mode (sample.py's) here
     # the first layers are left out: their load differs from the last two layers'
     everything = conftest.reference_task_load(model, prompts[:4], r.args.n_layers, r.args.n_layers, r.cfg["experts"])
     assert not torch.allclose(everything, want, rtol=0, atol=1e-4)
