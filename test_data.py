@@ -3,6 +3,7 @@
     python -m pytest -q
 """
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -193,6 +194,7 @@ def test_text_record_is_a_document_trained_on_after_bos_with_special_strings_as_
     ({"instruction": "x", "input": ["a"], "output": "y"}, '"input" is a list, not a string'),
     ({"instruction": "x", "input": "", "output": None}, '"output" is null, not a string'),
     (["x", "", "y"], "record is a list, not an object"),
+    ({"text": "x", "output": "y"}, 'record has no "instruction"'),  # an answer given: not a plain document
 ])
 def test_bad_records_are_named_with_the_fix(tok, example, message):
     with pytest.raises(UserError, match=message + ".*each record must be an object"):
@@ -217,6 +219,12 @@ def test_prepare_round_trip_decodes_back_to_the_records(tmp_path, tok, official)
     assert len(got) == len(records) and summary["dtype"] == "uint16"
     assert TokenDataset(tmp_path / "out").tokens.dtype == np.uint16
     assert [f["records"] for f in summary["files"]] == [132, len(EDGE_CASES)]
+    # summary.json holds what a reader needs to use the shards: the tokenizer's ids, and its hash that train.py
+    # compares with the tokenizer it is given
+    assert TokenDataset(tmp_path / "out").summary == json.loads(json.dumps(summary))
+    assert (summary["vocab_size"], summary["bos_id"], summary["eos_id"], summary["pad_id"]) == (
+        tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+    assert summary["tokenizer"]["sha256"] == hashlib.sha256(Path(LLAMA2).read_bytes()).hexdigest()
     assert summary["splits"]["val"]["records"] == 0 and summary["truncated"] == summary["dropped_no_answer"] == 0
     assert summary["splits"]["train"]["tokens"] == sum(f["tokens"] for f in summary["files"]) \
         == sum(len(ids) for ids, _ in got)
@@ -454,11 +462,14 @@ DAMAGE = [
     ("offsets from 1", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0"),
     ("offsets fall", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0 rising"),
     ("prompt too long", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
+    ("prompt fills a record", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
     ("not json", "summary.json", "summary.json is not valid JSON \\(line 3"),
     ("a list", "summary.json", "summary.json holds a list"),
     ("no splits", "summary.json", 'summary.json has no "splits"'),
     ("no dtype", "summary.json", 'summary.json has no "dtype"'),
     ("bad dtype", "summary.json", 'summary.json has "dtype": \'float32\''),
+    ("bad max_len", "summary.json", 'summary.json has "max_len": 1 where an integer >= 2 belongs'),
+    ("bad pad_id", "summary.json", 'summary.json has "pad_id": -1 where a token id belongs'),
     ("no counts", "summary.json", 'summary.json gives no record and token counts for the split "train"'),
 ]
 
@@ -486,6 +497,10 @@ def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, dama
         lens = np.frombuffer(raw, np.int32).copy()
         lens[7] = 10**4
         path.write_bytes(lens.tobytes())
+    elif damage == "prompt fills a record":  # the prompt as long as the record: no answer token left
+        lens = np.frombuffer(raw, np.int32).copy()
+        lens[7] = np.diff(np.fromfile(out / "train.offsets.bin", np.int64))[7]
+        path.write_bytes(lens.tobytes())
     elif damage == "not json":
         path.write_text(raw.decode()[:50])
     elif damage == "a list":
@@ -493,8 +508,9 @@ def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, dama
     elif damage.startswith("no ") and damage != "no counts":
         del summary[damage[3:]]
         path.write_text(json.dumps(summary))
-    elif damage == "bad dtype":
-        path.write_text(json.dumps(summary | {"dtype": "float32"}))
+    elif damage.startswith("bad "):
+        key = damage[4:]
+        path.write_text(json.dumps(summary | {key: {"dtype": "float32", "max_len": 1, "pad_id": -1}[key]}))
     elif damage == "no counts":
         path.write_text(json.dumps(summary | {"splits": {"train": {"records": 40}}}))
     with pytest.raises(UserError, match=expected) as failure:
@@ -724,9 +740,80 @@ def test_each_epoch_visits_every_example_once(dataset):
     assert sorted(pad) == sorted(pack)  # pad mode only reorders within a window
 
 
-def test_batch_size_must_divide_over_ranks(dataset):
+def test_batch_size_must_divide_over_ranks_and_rank_and_mode_must_exist(dataset):
     with pytest.raises(UserError, match="batch_size 6 is not divisible by world_size 4"):
         get_batch(dataset, 0, 6, seed=0, rank=0, world_size=4)
+    for rank in (4, -1):  # rank 4 of 4 would get an empty slice of the global batch
+        with pytest.raises(UserError, match=rf"rank {rank} is outside 0..3"):
+            get_batch(dataset, 0, 8, seed=0, rank=rank, world_size=4)
+    with pytest.raises(UserError, match="mode must be 'pad' or 'pack', got 'packed'"):
+        get_batch(dataset, 0, 8, seed=0, mode="packed")
+
+
+def test_a_split_without_records_is_a_clear_error_not_a_crash(tmp_path, tiny_spm):
+    prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    empty = TokenDataset(tmp_path / "out", "val")  # val_fraction 0: the split exists and holds nothing
+    assert len(empty) == 0
+    for mode in ("pad", "pack"):
+        with pytest.raises(UserError, match="the dataset split has no records"):
+            get_batch(empty, 0, 4, seed=0, mode=mode)
+
+
+class _DropoutLM(torch.nn.Module):
+    """The model interface val_loss uses, with dropout: in training mode two passes give two losses."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.emb, self.drop = torch.nn.Embedding(vocab_size, 16), torch.nn.Dropout(0.5)
+        self.out = torch.nn.Linear(16, vocab_size)
+
+    def forward(self, tokens, targets, seq_ids=None, reduction="mean"):
+        logits = self.out(self.drop(self.emb(tokens)))
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def test_val_loss_is_measured_without_dropout_and_hands_the_model_back_in_training_mode(tmp_path, tiny_spm):
+    """The training loop calls val_loss on a model in training mode: the loss must be the eval-mode one (no dropout
+    noise between two evaluations), and training must go on with dropout."""
+    from types import SimpleNamespace
+
+    import evaluation
+    prepare([write_records(tmp_path / "d.jsonl", 8, long=4)], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    r = SimpleNamespace(cfg=dict(eval_iters=2, batch_size=4, batch_mode="pad", max_len=None), rank=0, world=1,
+                        device="cpu")
+    model, val = _DropoutLM(Tokenizer(tiny_spm).vocab_size), TokenDataset(tmp_path / "out")
+    model.eval()
+    want = evaluation.val_loss(model, val, r)
+    for _ in range(2):
+        model.train()
+        assert evaluation.val_loss(model, val, r) == want and model.training
+
+
+def test_documents_are_trained_on_from_their_first_token_after_bos(tmp_path, tiny_spm):
+    """A {"text"} record's prompt is its BOS alone (prompt_len 1): position 0 already predicts the first token,
+    so every token of the document but the BOS is a target, in both batch modes."""
+    lines = [json.dumps({"text": "the quick brown fox " * (i % 3 + 1)}) + "\n" for i in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    ds = TokenDataset(tmp_path / "out")
+    assert set(ds.prompt_lens.tolist()) == {1}
+    for mode in ("pad", "pack"):
+        batch = get_batch(ds, 0, 4, seed=0, mode=mode)
+        docs = segments(batch)
+        assert len(docs) == 4 and all(labels == ids[1:] + (-100,) for ids, labels in docs), mode
+        assert batch["n_answer_global"] == sum(len(ids) - 1 for ids, _ in docs)
+
+
+@pytest.mark.parametrize("arg, value, message", [
+    ("val_fraction", 1.0, r"val_fraction must be in \[0, 1\), got 1.0"),  # 1.0 would leave nothing to train on
+    ("val_fraction", -0.1, r"val_fraction must be in \[0, 1\), got -0.1"),
+    ("max_len", 1, "max_len must be an integer >= 2, got 1"),  # BOS alone: no record could keep an answer
+])
+def test_prepare_refuses_a_val_fraction_or_max_len_out_of_range_and_writes_nothing(tmp_path, tiny_spm, arg, value,
+                                                                                   message):
+    with pytest.raises(UserError, match=message):
+        prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, tmp_path / "out", workers=1, **{arg: value})
+    assert os.listdir(tmp_path) == ["d.jsonl"]
 
 
 # -----------------------------------------------------------------------------------------------

@@ -551,14 +551,36 @@ def test_halves_cuts_a_document_once_between_its_middle_sentences_and_keeps_its_
 def test_demo_data_is_built_when_a_config_uses_any_of_the_demo_paths(tmp_path, monkeypatch, demo_keys, builds):
     """A config that points only its eval_dir (or tokenizer) at the demo still needs the suite."""
     monkeypatch.chdir(tmp_path)
-    calls = []
+    calls, options = [], []
     monkeypatch.setattr(minicme, "make_suite", lambda out, seed: calls.append(("suite", out, seed)))
-    monkeypatch.setattr(minicme, "prepare", lambda paths, *a, **k: calls.append(("prepare", paths[0])))
+    monkeypatch.setattr(minicme, "prepare", lambda paths, *a, **k: (calls.append(("prepare", paths[0])),
+                                                                     options.append(k)))
     cfg = {k: (v if k in demo_keys else f"mine/{k}") for k, v in minicme.DEMO.items()}
     assert minicme.build_demo_data(cfg) is None  # the base is not the demo's: nothing to pretrain
     want = [("suite", minicme.ROOT, 0)] if builds else []
     want += [("prepare", f"{minicme.ROOT}/train.jsonl")] if "data_dir" in demo_keys else []
     assert calls == want
+    if options:  # the demo's shards keep a validation split, or the demo reports no validation loss
+        assert 0 < options[0].get("val_fraction", 0) < 1, options
+
+
+def test_the_demo_base_is_pretrained_on_the_corpus_documents_each_cut_in_halves(tmp_path, monkeypatch):
+    """A config using the demo base that is not there yet: the corpus documents become {"text"} records, each cut
+    once by </s> (halves), prepared at the pretraining run's max_len, and the pretraining settings come back."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / minicme.ROOT
+    root.mkdir(parents=True)
+    (root / "suite.json").write_text("{}")  # a suite is there: only the base is missing
+    docs = ["Ana is taller than Bo. So Ana reached the shelf. Bo did not.", "One sentence only.", "A b. C d."]
+    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    prepared = []
+    monkeypatch.setattr(minicme, "prepare", lambda paths, tokenizer, out, **k: prepared.append((paths, out, k)))
+    cfg = dict(minicme.DEMO, data_dir="mine/tokens", eval_dir="mine/eval")
+    assert minicme.build_demo_data(cfg) == minicme.PRETRAIN
+    [(paths, out, options)] = prepared
+    assert out == minicme.PRETRAIN["data_dir"] and options["max_len"] == minicme.PRETRAIN["max_len"]
+    assert _read_jsonl(tmp_path / paths[0]) == [{"text": minicme.halves(d)} for d in docs]
+    assert sum("</s>" in minicme.halves(d) for d in docs) == 2  # the multi-sentence documents are cut
 
 
 def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,8 @@
 import json
 import os
 import random
+import re
+import string
 
 import pytest
 
@@ -18,11 +20,20 @@ from tokenizer import Tokenizer
 # -----------------------------------------------------------------------------------------------
 # metrics
 
+def squad_normalize_answer(s):
+    """SQuAD v1.1's evaluate-v1.1.py, written out: lower case, ASCII punctuation out, then articles, then spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
 def test_normalize_answer_drops_case_punctuation_articles_and_spaces():
     assert normalize_answer("  The  Indian-Ocean! ") == "indianocean"
     assert normalize_answer("An apple, a day") == "apple day"
     assert normalize_answer("Theatre") == "theatre"  # "the" only as a whole word
     assert normalize_answer("曹操。") == "曹操"  # Unicode punctuation too
+    # on ASCII text it is SQuAD's: punctuation goes before articles, so "The-End" is one word, not "end"
+    for text in ("The-End", "A.I. and the U.S.", "an-apple a day", "the.", "Rock 'n' roll", "a/an/the", "(The) Who"):
+        assert normalize_answer(text) == squad_normalize_answer(text), text
 
 
 def test_exact_match_takes_the_best_alias_after_normalisation():
@@ -34,13 +45,13 @@ def test_exact_match_takes_the_best_alias_after_normalisation():
 
 @pytest.mark.parametrize("prediction", ["B", "b", "(B)", "(b)", "[B]", "B.", "B)", "B. Paris", "B) Paris",
                                         "B.cellular telephone", "Answer: B", "answer: (B)", "The answer is B",
-                                        "The correct option is B.", " B\n"])
+                                        "The correct option is B.", " B\n", "b. Paris", "b: Paris"])
 def test_accuracy_reads_an_option_letter_in_its_common_forms(prediction):
     assert accuracy(prediction, "B") == 1.0
     assert accuracy(prediction, "C") == 0.0
 
 
-@pytest.mark.parametrize("prediction", ["A or B", "B or A", "A, B", "A/B", "A and B", "A B", "(A) or (B)"])
+@pytest.mark.parametrize("prediction", ["A or B", "B or A", "A, B", "A/B", "A & B", "A and B", "A B", "(A) or (B)"])
 def test_accuracy_rejects_a_prediction_naming_two_options(prediction):
     assert accuracy(prediction, "A") == 0.0 and accuracy(prediction, "B") == 0.0
 
@@ -93,6 +104,7 @@ def test_chance_levels_on_hand_made_records():
     # the baseline answers "The cat sat.": LCS 3 of 3 and 6 tokens, F1 = 2 * 3 / (3 + 6)
     assert chance_level(summary, [record]) == pytest.approx(100 * 6 / 9)
     assert first_sentence("First line\nsecond. Third.") == "First line"
+    assert first_sentence("\n  A post starts. Then more.") == "A post starts."  # leading blank lines are no sentence
     with pytest.raises(UserError, match="no records"):
         chance_level(nli, [])
 
@@ -156,6 +168,8 @@ def test_evaluate_is_the_mean_score_times_100_and_needs_one_prediction_per_recor
     assert evaluate(task, ["entailment", "Neutral.", "neutral", "neutral"], records) == 75.0
     with pytest.raises(ValueError, match="one prediction per record"):
         evaluate(task, ["entailment"], records)
+    with pytest.raises(ValueError, match="0 predictions for 0 records"):  # no records: no mean, not a crash
+        evaluate(task, [], [])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -269,6 +283,9 @@ def test_mmlu_loader_reads_headerless_csv_with_quoted_and_multiline_fields(tmp_p
     assert records[0]["input"].startswith('Question: Line one,\nline two "quoted"?\nChoices: A.a')
     assert [r["output"] for r in records] == ["D", "A"]
     assert CME_TASKS["mmlu"].load(str(tmp_path / "y_test.csv"))[0]["input"].startswith("Question: q?\n")
+    (tmp_path / "z_test.csv").write_text("q?, a, b, c, d, C\n")  # spaces after the commas, as people type CSV
+    [spaced] = CME_TASKS["mmlu"].load(str(tmp_path / "z_test.csv"))
+    assert spaced["input"] == "Question: q?\nChoices: A.a, B.b, C.c, D.d" and spaced["output"] == "C"
     out = str(tmp_path / "mmlu.jsonl")  # one evaluation set from several subjects' files
     assert write_eval_set("mmlu", [str(tmp_path / "x_test.csv"), str(tmp_path / "y_test.csv")], out) == 3
 
@@ -540,3 +557,67 @@ def test_nq_loader_takes_an_answer_given_as_one_string(tmp_path):
     (tmp_path / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = CME_TASKS["nq"].load(str(tmp_path / "nq.jsonl"))
     assert [(r["output"], r["answers"]) for r in records] == [("Paris", ["Paris"]), ("a b", ["a b", "c"])]
+
+
+def test_qa_answers_leave_out_missing_aliases_so_the_output_is_a_real_answer(tmp_path):
+    """A TriviaQA answer may lack a field (no NormalizedValue, an empty alias): the output is the first alias
+    that exists, and a question without any answer loads unlabelled (output None, no answers)."""
+    assert qa_record("q", [None, "", "Paris", "paris", "Paris"]) == {"instruction": "q", "input": "",
+                                                                    "output": "Paris", "answers": ["Paris", "paris"]}
+    rows = [{"Question": "q1", "Answer": {"Value": "Rome", "Aliases": ["", "Roma"]}},
+            {"Question": "q2", "Answer": {"NormalizedValue": "", "Value": "Oslo"}}, {"Question": "q3"}]
+    (tmp_path / "t.json").write_text(json.dumps({"Data": rows}))
+    records = CME_TASKS["triviaqa"].load(str(tmp_path / "t.json"))
+    assert [(r["output"], r["answers"]) for r in records] == [("Rome", ["Rome", "Roma"]), ("Oslo", ["Oslo"]),
+                                                              (None, [])]
+
+
+def test_a_glue_tsv_may_end_in_blank_lines_and_leave_label_cells_empty(tmp_path):
+    """Exports of test splits keep the label column with empty cells, and files often end in a blank line:
+    an empty cell is no label (output None, refused by write_eval_set), not a malformed file."""
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    (tmp_path / "dev.tsv").write_text(header + "1\t1\t2\ta?\tb?\t1\n2\t3\t4\tc?\td?\t\n\n")
+    records = CME_TASKS["qqp"].load(str(tmp_path / "dev.tsv"))
+    assert [(r["input"], r["output"]) for r in records] == [("Text 1: a?\nText 2: b?", "duplicate"),
+                                                            ("Text 1: c?\nText 2: d?", None)]
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"context": "c", "hypothesis": "h", "label": ""}) + "\n")
+    assert [r["output"] for r in CME_TASKS["anli"].load(str(tmp_path / "dev.jsonl"))] == [None]
+    with pytest.raises(ValueError, match="1 of 2 records .* have no label"):
+        write_eval_set("qqp", str(tmp_path / "dev.tsv"), str(tmp_path / "qqp.jsonl"))
+
+
+def test_an_evaluation_folder_is_checked_when_loaded_not_when_scored_after_training(tmp_path):
+    """train.py loads eval_dir before step 1: a file named after no task, or a record without a reference output,
+    stops the run there, with the file named, instead of after hours of training."""
+    import evaluation
+    cfg = {"eval_dir": str(tmp_path), "eval_limit": 0}
+    good = make_record("rte", "entailment", premise="a", hypothesis="b")
+    (tmp_path / "rte.jsonl").write_text(json.dumps(good) + "\n")
+    assert evaluation.load_eval_sets(cfg) == {"rte": (CME_TASKS["rte"], [good])}
+    (tmp_path / "squad.jsonl").write_text(json.dumps(good) + "\n")
+    with pytest.raises(UserError, match="no task named 'squad' \\(from the file name squad.jsonl\\)"):
+        evaluation.load_eval_sets(cfg)
+    os.remove(tmp_path / "squad.jsonl")
+    (tmp_path / "rte.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(dict(good, output=None)) + "\n")
+    with pytest.raises(UserError, match="rte.jsonl line 2 is not an evaluation record"):
+        evaluation.load_eval_sets(cfg)
+
+
+BOM_SAMPLES = [  # task, file name, content: a loader of each file reader (JSON lines, JSON, TSV, CSV)
+    ("anli", "dev.jsonl", '{"context": "c", "hypothesis": "h", "label": "e"}\n'),
+    ("triviaqa", "t.json", json.dumps({"Data": [{"Question": "q", "Answer": {"Value": "v"}}]})),
+    ("webqa", "w.json", json.dumps([{"utterance": "q", "targetValue": "(list (description v))"}])),
+    ("imdb", "train.txt", "pos\tgreat film\n"),
+    ("qqp", "dev.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t1\t2\ta?\tb?\t0\n"),
+    ("mmlu", "x_test.csv", "q,a,b,c,d,B\n"),
+]
+
+
+@pytest.mark.parametrize("task, name, content", BOM_SAMPLES, ids=[t for t, _, _ in BOM_SAMPLES])
+def test_every_loader_reads_a_file_with_a_utf8_byte_order_mark_as_one_without(tmp_path, task, name, content):
+    """Windows editors save UTF-8 with a byte-order mark: it is no part of the first record (or of the label)."""
+    for folder, text in (("plain", content), ("bom", "\ufeff" + content)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(text.encode("utf-8"))
+    plain = CME_TASKS[task].load(str(tmp_path / "plain" / name))
+    assert plain and CME_TASKS[task].load(str(tmp_path / "bom" / name)) == plain
