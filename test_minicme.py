@@ -596,3 +596,21 @@ def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="minicme.py: error: .* is a file, not a folder"):
         minicme.main(["--out", str(tmp_path / "file")])
+
+
+def test_the_tokenizer_learns_from_the_corpus_and_training_records_only(tmp_path, monkeypatch):
+    """Validation and test text must not shape the vocabulary: a piece learned from a test answer would make that
+    answer cheaper to produce. The tokenizer's lines are exactly the corpus documents and the training records'
+    lines, and the vocabulary is still trained (the real trainer runs on what was captured)."""
+    seen = []
+    real = minicme._train_tokenizer
+    monkeypatch.setattr(minicme, "_train_tokenizer", lambda lines, vocab_size: (seen.extend(lines),
+                                                                                real(lines, vocab_size))[1])
+    make_suite(str(tmp_path), seed=0, **SUITE_SIZES)
+    docs = [d for d in (tmp_path / "corpus.txt").read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    train_lines = [line for r in _read_jsonl(tmp_path / "train.jsonl") for field in ("instruction", "input", "output")
+                   for line in r[field].split("\n") if line]
+    assert sorted(seen) == sorted([d.strip("\n") for d in docs] + train_lines)
+    held = {line for split in ("val", "test") for t in SYNTHETIC_TASKS
+            for r in _read_jsonl(tmp_path / split / f"{t}.jsonl") for line in r["output"].split("\n")}
+    assert held - set(seen), "no val or test answer is new to the tokenizer: the check above could not fail"
