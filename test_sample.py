@@ -68,10 +68,30 @@ def test_sampling_repeats_with_its_seed_and_a_long_prompt_is_cut_to_fit(runs, ca
     texts = []
     for seed in (0, 0, 1, 2, 3):
         sample.main(argv + [f"--seed={seed}"])
-        texts.append(answers(capsys.readouterr().out)[0][2])
+        printed = capsys.readouterr().out
+        assert "the prompt was cut" not in printed  # a short prompt is whole
+        texts.append(answers(printed)[0][2])
     assert texts[0] == texts[1] and len(set(texts[1:])) > 1  # 12 tokens at temperature 1.5: seeds differ
     sample.main(["--out_dir", out, "--instruction", "word " * 400, "--max_new_tokens=4"])
     assert "(the prompt was cut to its start and end: the model has 256 positions)" in capsys.readouterr().out
+
+
+def test_a_sampled_answer_is_the_models_own_at_that_temperature_top_p_and_seed(run_data, runs, capsys):
+    """sample.py hands --temperature, --top_p and --seed to the model's generate; a top_p below the likeliest
+    token's probability keeps that token alone, so even at temperature 1.5 every seed answers greedily."""
+    out, trained = runs["teamlora"]
+    tok = Tokenizer(str(run_data / "tokenizer.model"))
+    ids = data.encode_prompt(tok, {"instruction": "Name a film."})
+
+    def sampled(temperature, top_p, seed):
+        sample.main(["--out_dir", str(out), "--instruction", "Name a film.", f"--temperature={temperature}",
+                     f"--top_p={top_p}", f"--seed={seed}", "--max_new_tokens=12"])
+        return answers(capsys.readouterr().out)[0][2]
+    for temperature, top_p, seed in ((1.5, 0.5, 3), (0.7, 0.9, 4)):
+        want = trained.generate([ids], 12, eos_id=tok.eos_id, temperature=temperature, top_p=top_p, seed=seed)[0]
+        assert sampled(temperature, top_p, seed) == tok.decode(want)
+    greedy = tok.decode(trained.generate([ids], 12, eos_id=tok.eos_id)[0])
+    assert [sampled(1.5, 1e-6, seed) for seed in (0, 1, 2)] == [greedy] * 3
 
 
 def test_records_may_be_a_json_list_or_jsonl(runs, tmp_path, capsys):

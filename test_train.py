@@ -54,6 +54,7 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
     (["config/nope.py"], r"config file 'config/nope.py' does not exist"),
     (["--adapter=dora"], r"'adapter' must be one of teamlora, moelora, hydralora, lora, none, got 'dora'"),
     (["--r=10", "--experts=4"], r"r=10 is not a multiple of experts=4"),
+    (["--adapter=moelora", "--r=10", "--experts=4"], r"r=10 is not a multiple of experts=4"),
     (["--batch_size=10", "--grad_accum=4"], r"batch_size=10 must be a multiple of grad_accum=4"),
     (["--eval_only"], r"flag '--eval_only' needs a value: write --eval_only=VALUE"),
     (["--dtype=float16"], r"'dtype' must be one of float32, bfloat16"),
@@ -80,6 +81,35 @@ def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+POSITIVE_KEYS = ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval", "log_interval",
+                 "eval_batch_size", "alpha", "grad_clip", "dry_run_world_size")
+NON_NEGATIVE_KEYS = ("threads", "learning_rate", "warmup_iters", "eval_iters", "eval_limit", "load_layers",
+                     "balance_coef", "weight_decay")
+
+
+def test_every_numeric_key_refuses_values_out_of_its_range_and_takes_its_boundary():
+    """The keys written out here, not read from train.RANGES: a check dropped from RANGES (grad_clip=0 zeroes
+    every update, a negative weight_decay or balance_coef rewards growth) must fail this test."""
+    for key in POSITIVE_KEYS:
+        with pytest.raises(UserError, match=rf"config key '{key}' must be positive, got 0"):
+            train.parse_config([f"--{key}=0"])
+    for key in NON_NEGATIVE_KEYS:
+        with pytest.raises(UserError, match=rf"config key '{key}' must be 0 or more, got -1"):
+            train.parse_config([f"--{key}=-1"])
+        assert train.parse_config([f"--{key}=0"])[key] == 0
+    for key in ("dropout", "beta1", "beta2"):
+        for bad in (-0.1, 1.0):
+            with pytest.raises(UserError, match=rf"config key '{key}' must be in \[0, 1\), got {bad}"):
+                train.parse_config([f"--{key}={bad}"])
+        assert train.parse_config([f"--{key}=0.0"])[key] == 0.0
+    with pytest.raises(UserError, match=r"config key 'min_lr_ratio' must be in \[0, 1\], got -0.1"):
+        train.parse_config(["--min_lr_ratio=-0.1"])
+    assert [train.parse_config([f"--min_lr_ratio={v}"])["min_lr_ratio"] for v in (0.0, 1.0)] == [0.0, 1.0]
+    with pytest.raises(UserError, match=r"config key 'lr_decay_iters' must be None or a positive integer, got 0"):
+        train.parse_config(["--lr_decay_iters=0"])
+    assert train.parse_config(["--lr_decay_iters=5"])["lr_decay_iters"] == 5
 
 
 def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data):
@@ -279,10 +309,11 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
     resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--max_iters=6"]))
     assert resumed["step"] == 6
     assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
+    (tmp_path / "r16.py").write_text("r = 16\n")  # a config file's keys are set by the user as much as flags
     with pytest.raises(train.UserError,
                        match=r"learning_rate, r cannot change when resuming \(the run was learning_rate=0.003, r=8\)"):
-        train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume",
-                                        "--r=16", "--learning_rate=1e-3"]))
+        train.train(train.parse_config([str(tmp_path / "r16.py"), f"--out_dir={tmp_path / 'part'}",
+                                        "--init_from=resume", "--learning_rate=1e-3"]))
 
 
 def test_a_resume_keeps_the_thread_count_the_run_chose(run_data, tmp_path, monkeypatch):
@@ -312,6 +343,12 @@ def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
                                   "--learning_rate=0.0", f"--seed={seed}", f"--init_from={run_data / 'base.pt'}"))
             for seed in (1, 2)]
     assert runs[0]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=1e-6)
+    # and they are the validation split's (never the training split's) loss of that unchanged model
+    cfg, model = runs[0]["config"], runs[0]["model"]
+    loss = {split: evaluation.val_loss(model, data.TokenDataset(cfg["data_dir"], split), train.Run(cfg))
+            for split in ("val", "train")}
+    assert runs[0]["val_loss"] == pytest.approx(loss["val"], rel=1e-5)
+    assert loss["train"] != pytest.approx(loss["val"], rel=1e-3)  # the splits' losses tell them apart
 
 
 def test_resume_runs_on_the_runs_own_device_unless_told_otherwise(run_data, tmp_path, monkeypatch):
@@ -359,7 +396,7 @@ def test_eval_only_reloads_the_adapter_and_reproduces_the_scores(run_data, tmp_p
     assert_same_adapters(adapters_of(first["model"]), adapters_of(again["model"]))
 
 
-def test_moelora_and_lora_configurations_build_the_right_layers():
+def test_moelora_hydralora_and_lora_configurations_build_the_right_layers():
     cfg = dict(train.DEFAULTS, r=12, experts=3, alpha=24.0)
     moe = TeamLoRALinear(nn.Linear(6, 5), dropout=0.0, **train.adapter_kwargs({**cfg, "adapter": "moelora"}))
     assert moe.lora_M is None and moe.experts == 3 and moe.scaling == (24.0 / 3) / 4  # alpha/k over r_B
@@ -367,6 +404,11 @@ def test_moelora_and_lora_configurations_build_the_right_layers():
     moe(x)
     # MoELoRA: sum_i w_i alpha/r_B
     torch.testing.assert_close(moe.last_omega.sum(-1) * moe.scaling, torch.full((4,), 24.0 / 4))
+    kw = train.adapter_kwargs({**cfg, "adapter": "hydralora"})
+    hydra = kw.pop("cls")(nn.Linear(6, 5), dropout=0.0, **kw)
+    assert isinstance(hydra, HydraLoRALinear) and hydra.r == 12 and hydra.experts == 3 and hydra.lora_M is None
+    hydra(x)  # HydraLoRA: sum_i phi_i alpha / r, every head seeing all r of the shared A
+    torch.testing.assert_close(hydra.last_omega.sum(-1) * hydra.scaling, torch.full((4,), 24.0 / 12))
     lora = TeamLoRALinear(nn.Linear(6, 5), **train.adapter_kwargs({**cfg, "adapter": "lora"}))
     assert lora.experts == 1 and lora.lora_router is None and lora.scaling == 24.0 / 12
 
