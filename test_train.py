@@ -86,7 +86,7 @@ def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys
 POSITIVE_KEYS = ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval", "log_interval",
                  "eval_batch_size", "alpha", "grad_clip", "dry_run_world_size")
 NON_NEGATIVE_KEYS = ("threads", "learning_rate", "warmup_iters", "eval_iters", "eval_limit", "load_layers",
-                     "balance_coef", "weight_decay")
+                     "balance_coef", "weight_decay", "seed")  # seed: numpy's generators take no negative one
 
 
 def test_every_numeric_key_refuses_values_out_of_its_range_and_takes_its_boundary():
@@ -552,13 +552,14 @@ def _flags(run_data, out, *more):
 @pytest.mark.parametrize("mode, nproc", [("ddp", 2), ("fsdp", 2), ("fsdp", 1)])
 def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
     """The global batch is cut the same way for 2 processes as for 1 process with 2 accumulation
-    steps, so the adapters must agree to float rounding (gloo on CPU). FSDP2 also shards under
+    steps, dropout masks too, so the adapters must agree to float rounding (gloo on CPU). FSDP2 also shards under
     torchrun with one process (what a one-GPU machine can check of it)."""
-    one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2")])
+    one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2", "--dropout=0.1")])
     assert one.returncode == 0, one.stderr[-2000:]
     # "--": torchrun would eat --r=8
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-                "--", *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}", f"--grad_accum={3 - nproc}")])
+                "--", *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}", f"--grad_accum={3 - nproc}",
+                              "--dropout=0.1")])
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]
     assert "step 4/4: loss" in two.stdout  # printed before the processes leave with os._exit
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
@@ -1035,6 +1036,30 @@ def test_two_processes_gradients_average_to_the_one_process_gradient(run_data, t
     for g0, g1, w in zip(*per_rank, want):
         assert ((g0 + g1) / 2 - w).abs().max() <= 1e-4 * w.abs().max()
 
+
+
+def test_dropout_masks_are_the_slices_own_on_any_rank_or_accumulation_step(run_data, tmp_path, monkeypatch):
+    """With dropout, 2 ranks (gradients averaged, as DDP does) hand the optimizer the gradient of 1 process with
+    2 accumulation steps: each slice of the global batch seeds its masks from (seed, step, slice), whatever random
+    state the process is in (every rank starts in the same one). Without dropout the gradient is another one."""
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, world: t)  # each rank keeps its own sums
+    grads = {}
+    for dropout in (0.3, 0.0):
+        r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, f"--dropout={dropout}", "--grad_accum=2",
+                                                       "--learning_rate=0.0", "--grad_clip=1e6")
+        ds, runs = data.TokenDataset(r.cfg["data_dir"], "train"), []
+        for rank, world, accum in ((0, 1, 2), (1, 2, 1), (0, 2, 1)):
+            cfg = dict(r.cfg, grad_accum=accum)
+            opt = _RecordingAdamW(train.trainable(model), lr=0.0)
+            torch.manual_seed(123)  # the state a process is in: the same on every rank
+            train.train_step(train.Run(cfg, rank, world, r.device, r.tok, r.args),
+                             _SyncRecorder(model) if world > 1 else model, model, opt, ds, 1)
+            runs.append(opt.seen[0][0])
+        one, rank1, rank0 = runs
+        grads[dropout] = one
+        for g, g1, g0 in zip(one, rank1, rank0):
+            assert ((g0 + g1) / 2 - g).abs().max() <= 1e-5 * g.abs().max(), dropout
+    assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[0.3], grads[0.0])) > 0.01
 
 def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
     """save_checkpoint keeps every rank's generator state (gathered) and restore gives rank i its own:

@@ -162,7 +162,8 @@ RANGES = [(k, _positive, "positive") for k in ("batch_size", "grad_accum", "max_
                                                "eval_interval", "log_interval", "eval_batch_size", "alpha",
                                                "grad_clip", "dry_run_world_size")] + \
          [(k, _non_negative, "0 or more") for k in ("threads", "learning_rate", "warmup_iters", "eval_iters",
-                                                    "eval_limit", "load_layers", "balance_coef", "weight_decay")] + \
+                                                    "eval_limit", "load_layers", "balance_coef", "weight_decay",
+                                                    "seed")] + \
          [(k, _fraction, "in [0, 1)") for k in ("dropout", "beta1", "beta2")] + \
          [("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
           ("lr_decay_iters", lambda v: v is None or (type(v) is int and v > 0), "None or a positive integer")]
@@ -529,7 +530,6 @@ def setup(r, resuming):
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
     has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
     val_ds = data.TokenDataset(cfg["data_dir"], "val") if has_val else None
-    torch.manual_seed(cfg["seed"] + r.rank)
     raw, r.args = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds)
     model = raw
@@ -564,9 +564,15 @@ def load_trained_adapter(r, raw):
         checkpoint.load_state(raw, state, r.cfg)
 
 
+def slice_seed(seed, step, part):
+    """The random seed of slice `part` of global batch `step`: dropout draws the same masks for that slice whether
+    a rank or an accumulation step computes it, and on a resume (like data.get_batch's rows)."""
+    return int(np.random.SeedSequence([seed, step, part]).generate_state(1, np.uint64)[0])
+
+
 def train_step(r, model, raw, opt, dataset, step):
     """One optimizer step on global batch `step`, cut into processes x grad_accum equal slices (the
-    same slices, so the same result, for 1 process with accumulation as for several without).
+    same slices and dropout masks, so the same result, for 1 process with accumulation as for several without).
     Returns (loss over the batch's answer tokens, learning rate, real tokens of this rank)."""
     cfg, accum = r.cfg, r.cfg["grad_accum"]
     lr = get_lr(step, cfg)
@@ -577,8 +583,10 @@ def train_step(r, model, raw, opt, dataset, step):
     balance = cfg["balance_coef"] > 0 and r.multi_expert
     totals = torch.zeros(2, device=r.device)  # (sum of answer-token losses, real tokens) on this rank
     for micro in range(accum):
-        b = data.get_batch(dataset, step, cfg["batch_size"], cfg["seed"], r.rank * accum + micro, r.world * accum,
+        part = r.rank * accum + micro  # which slice of the global batch
+        b = data.get_batch(dataset, step, cfg["batch_size"], cfg["seed"], part, r.world * accum,
                            cfg["batch_mode"], cfg["max_len"], pad_id=r.tok.pad_id, device=r.device)
+        torch.manual_seed(slice_seed(cfg["seed"], step, part))  # its dropout masks, like its rows: (seed, step, part)
         last = micro == accum - 1
         if checkpoint.sharded(cfg):
             model.set_requires_gradient_sync(last)
