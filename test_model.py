@@ -53,6 +53,21 @@ def test_ffn_width_follows_meta_rule_for_published_models():
     assert ModelArgs.from_name("llama3-8b").ffn_hidden_dim == 14336
 
 
+@pytest.mark.parametrize("multiplier", [None, 1.3, 1.5])
+def test_ffn_width_is_metas_width_rounded_up_to_the_next_multiple(multiplier):
+    """Meta's rule: int(2 * 4 * dim / 3), times ffn_dim_multiplier (truncated), rounded UP to a multiple of
+    multiple_of, so a width that already is one stays (the published sizes never land on a multiple)."""
+    exact = 0
+    for dim in range(8, 1032, 8):
+        for multiple_of in (8, 32, 256):
+            hidden = int(2 * 4 * dim / 3)
+            hidden = int(multiplier * hidden) if multiplier else hidden
+            got = ModelArgs(dim=dim, n_heads=4, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_hidden_dim
+            assert got % multiple_of == 0 and hidden <= got < hidden + multiple_of, (dim, multiple_of, got)
+            exact += got == hidden
+    assert exact > 0  # the grid holds widths already on a multiple
+
+
 def test_published_parameter_counts_on_meta_device():
     with torch.device("meta"):
         assert Transformer(ModelArgs.from_name("llama2-7b")).num_params() == 6_738_415_616
@@ -97,8 +112,10 @@ def complex_rope_reference(x, positions, theta):
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
 def test_rope_matches_complex_reference(theta):
     torch.manual_seed(0)
-    x = torch.randn(2, 7, 3, 16)  # (B, T, H, hd)
-    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 0, 1, 2, 250, 251, 4000]])
+    x = torch.randn(3, 7, 3, 16)  # (B, T, H, hd)
+    # row 2: positions a 16-bit float cannot hold exactly, up to LLaMA 3.1's context
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 0, 1, 2, 250, 251, 4000],
+                              [2049, 4001, 8191, 30001, 65519, 100003, 131071]])
     ours = apply_rotary(x, *rope_cos_sin(positions, 16, theta))
     torch.testing.assert_close(ours, complex_rope_reference(x, positions, theta), atol=1e-5, rtol=1e-5)
 
@@ -305,13 +322,19 @@ def test_hf_hand_written_safetensors_loads_to_identical_logits(tmp_path):
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
 
-def test_from_pretrained_converts_dtype(tmp_path):
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_from_pretrained_converts_dtype(tmp_path, layout):
     model = tiny_model()
-    write_hf_bin_dir(model, tmp_path)
+    if layout == "hf":
+        write_hf_bin_dir(model, tmp_path)
+    else:
+        write_meta_dir(model, tmp_path, 0)
     loaded = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     tokens = torch.randint(0, model.args.vocab_size, (1, 12))
-    assert torch.equal(logits_of(loaded, tokens), logits_of(model.to(torch.bfloat16), tokens))
+    logits = logits_of(loaded, tokens)
+    assert logits.dtype == torch.float32  # the contract: float32 logits (and loss) from a bf16 model
+    assert torch.equal(logits, logits_of(model.to(torch.bfloat16), tokens))
 
 
 def test_meta_device_build_then_assign_or_to_empty_is_correct():
@@ -383,14 +406,16 @@ def test_loss_is_cross_entropy_over_labelled_positions():
     assert model(tokens)[1] is None
 
 
-def test_gradient_checkpointing_gives_same_loss_and_gradients():
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_checkpointing_gives_same_loss_and_gradients(packed):
     model = tiny_model().train()
     tokens, targets = torch.randint(0, 512, (2, 10)), torch.randint(0, 512, (2, 10))
+    seq_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [-1] * 3]) if packed else None  # the masked path
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = ckpt
-        model(tokens, targets)[1].backward()
+        model(tokens, targets, seq_ids=seq_ids)[1].backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
@@ -565,6 +590,7 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (1, 6, 11, 3)]
     batched = model.generate(prompts, 15)
     assert batched == [model.generate([p], 15) [0] for p in prompts]
+    assert model.generate(prompts, 0) == [[], [], [], []]
     assert batched == [greedy_without_cache(model, p, 15) for p in prompts]
 
 
@@ -751,6 +777,8 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("meta", "params.json", lambda c: c | {"norm_eps": None}, "has norm_eps=None where a positive number"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: "{", "is not valid JSON"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: {"metadata": {}}, 'has no "weight_map"'),
+    ("bin index", "pytorch_model.bin.index.json", lambda c: {"weight_map": {"model.norm.weight": None}},
+     'has no "weight_map"'),
     ("bin index", "pytorch_model.bin.index.json",
      lambda c: {"weight_map": c["weight_map"] | {"x.weight": "pytorch_model-00003-of-00003.bin"}},
      "names weight files that are not in"),
@@ -770,7 +798,7 @@ def test_a_broken_configuration_file_is_one_sentence_naming_file_and_key(tmp_pat
     assert_one_sentence(error, str(tmp_path / name))
 
 
-WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a tensor"]
+WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a tensor", "nested"]
 
 
 @pytest.mark.parametrize("layout", ["bin", "bin index", "meta", "safetensors"])
@@ -778,7 +806,7 @@ WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a t
 def test_a_truncated_or_foreign_weight_file_is_one_sentence_naming_it(tmp_path, layout, damage):
     if layout == "safetensors":
         pytest.importorskip("safetensors")
-        if damage in ("objects", "a tensor"):
+        if damage in ("objects", "a tensor", "nested"):
             pytest.skip("torch.save content")
     file = write_single_file_dir(tmp_path, layout)
     raw = file.read_bytes()
@@ -792,11 +820,14 @@ def test_a_truncated_or_foreign_weight_file_is_one_sentence_naming_it(tmp_path, 
         file.write_bytes(b"<html>404 Not Found</html>\n" * 50)  # what a failed download often saves
     elif damage == "objects":
         torch.save({"model.norm.weight": torch.ones(64), "step": object.__new__(ModelArgs)}, file)
-    else:
+    elif damage == "a tensor":
         torch.save(torch.ones(3), file)
+    else:  # a training checkpoint's layout (weights under a key, beside plain values), loadable with weights_only
+        torch.save({"state_dict": {"model.norm.weight": torch.ones(64)}, "epoch": 3}, file)
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
-    want = {"objects": "holds Python objects besides tensors", "a tensor": "holds a Tensor, not a dict of named"}
+    want = {"objects": "holds Python objects besides tensors", "a tensor": "holds a Tensor, not a dict of named",
+            "nested": "holds a dict, not a dict of named tensors"}
     assert_one_sentence(error, str(file), want.get(damage, "download it again"))
     if damage not in want:
         kind = "a safetensors file" if layout == "safetensors" else "a PyTorch checkpoint"
@@ -819,6 +850,10 @@ def test_bad_inputs_are_reported():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="targets has shape"):
         model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"seq_ids has shape \(1, 4\) but tokens have \(1, 5\)"):
+        model(torch.zeros(1, 5, dtype=torch.long), seq_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction='none' is not supported"):  # would return a vector, not a loss
+        model(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long), reduction="none")
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model.generate([[1] * 250], 10)
     with pytest.raises(ValueError, match="token id outside"):
@@ -827,6 +862,9 @@ def test_bad_inputs_are_reported():
         model.generate([[1], []], 3)
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
+    for vocab_size in (0, -1):  # -1: Meta's params.json value, which only the loader may resolve
+        with pytest.raises(ValueError, match=f"vocab_size={vocab_size} must be positive"):
+            Transformer(ModelArgs.from_name("tiny", vocab_size=vocab_size))
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -900,7 +938,8 @@ def test_a_sequence_longer_than_the_sliding_window_is_refused_in_one_sentence():
 
 
 @pytest.mark.parametrize("key, value", [("model_type", "qwen3_moe"), ("use_sliding_window", True),
-                                        ("hidden_act", "gelu"), ("sliding_window", "wide"), ("sliding_window", 0)])
+                                        ("hidden_act", "gelu"), ("sliding_window", "wide"), ("sliding_window", 0),
+                                        ("attention_bias", True), ("mlp_bias", True)])
 def test_what_qwen2_and_mistral_configs_need_beyond_this_model_is_refused(tmp_path, key, value):
     model = tiny_model(qkv_bias=True)
     write_hf_bin_dir(model, tmp_path)
@@ -1067,6 +1106,9 @@ def test_model_args_refuse_heads_that_do_not_split_into_even_widths():
     with pytest.raises(ValueError, match="dim=12 must split into n_heads=4 heads of even width"):
         ModelArgs(dim=12, n_heads=4)  # heads of 3: rotary pairs cannot form
     assert ModelArgs(dim=16, n_heads=4).head_dim == 4
+    with pytest.raises(ValueError, match="head_dim=5 must be even"):  # an explicit width (Qwen3's) is checked too
+        ModelArgs(dim=64, n_heads=4, head_dim=5)
+    assert ModelArgs(dim=64, n_heads=4, head_dim=6).head_dim == 6
 
 
 def test_an_unknown_preset_override_is_a_value_error_listing_the_fields():
@@ -1090,12 +1132,18 @@ def test_packed_attention_matches_a_loop_and_padding_sees_only_padding():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_cached_generation_works_in_the_models_dtype(dtype):
+def test_cached_generation_works_in_the_models_dtype(dtype, monkeypatch):
     """The KV cache holds the model's dtype: in float64 cached greedy decoding equals recomputing;
-    in bfloat16 (how 7B models run) it decodes every step."""
+    in bfloat16 (how 7B models run) it decodes every step. The sampler always gets float32 logits
+    (softmax, temperature and top-p's running sum in bf16 would distort the distribution)."""
+    import model as model_module
+    sampled, real_sample = [], model_module.sample
+    monkeypatch.setattr(model_module, "sample", lambda logits, *a, **kw: (sampled.append(logits.dtype),
+                                                                           real_sample(logits, *a, **kw))[1])
     model = tiny_model(seed=1).to(dtype)
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (7, 3)]
     got = model.generate(prompts, 10)
+    assert sampled == [torch.float32] * 10  # the prompt's step and every decoding step
     if dtype == torch.float64:
         assert got == [greedy_without_cache(model, p, 10) for p in prompts]
     assert [len(row) for row in got] == [10, 10]
@@ -1113,6 +1161,9 @@ def test_generation_stops_once_every_row_has_emitted_eos(monkeypatch):
     model.norm.register_forward_hook(lambda module, args, out: passes.append(1))
     assert model.generate([[1, 2], [3]], 8, eos_id=eos) == [[5], [5, 6, 7]]
     assert len(passes) == 4
+    steps, passes[:] = iter(script.T), []  # without EOS: the last token is sampled, never fed back
+    assert model.generate([[1, 2], [3]], 3) == script[:, :3].tolist()
+    assert len(passes) == 3
 
 
 def test_max_seq_len_is_the_longest_sequence_accepted():
@@ -1207,3 +1258,67 @@ def test_sharded_hf_weights_without_an_index_are_found_by_name(tmp_path, layout)
         (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
+def test_an_index_names_the_weight_files_and_others_beside_it_are_not_read(tmp_path):
+    """The index is the list of weight files: a stray safetensors file beside the shards (a leftover of an
+    earlier download with other sharding) is not read, where a glob would let its tensors override the shards'."""
+    pytest.importorskip("safetensors")
+    model = tiny_model()
+    sd = hf_state_dict(model)
+    names, weight_map = list(sd), {}
+    for i, half in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        write_safetensors({n: sd[n] for n in half}, tmp_path / file)
+        weight_map.update(dict.fromkeys(half, file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_safetensors({n: torch.zeros_like(t) for n, t in sd.items()}, tmp_path / "model-00003-of-00003.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_a_configuration_without_weight_files_is_one_sentence_naming_what_to_put_there(tmp_path, layout):
+    model = tiny_model()
+    if layout == "meta":
+        write_meta_dir(model, tmp_path, 0)
+        for shard in tmp_path.glob("consolidated.*.pth"):
+            shard.unlink()
+    else:
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    with pytest.raises(FileNotFoundError) as error:
+        Transformer.from_pretrained(tmp_path)
+    want = "has params.json but no consolidated.*.pth" if layout == "meta" else "has config.json but no *.safetensors"
+    assert_one_sentence(error, str(tmp_path), want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint.py (train.py's checkpoints; the rest of its tests are in test_train.py and test_data.py)
+
+def test_a_cuda_runs_rng_state_restores_the_cuda_generator_and_a_cpu_run_never_touches_cuda(tmp_path, monkeypatch):
+    """CUDA's generator (dropout on the GPU) is saved and restored for a CUDA run, through a weights_only file,
+    on the run's own device; a CPU run never asks CUDA for it (that would start a CUDA context). CUDA is
+    stood in for, so this runs anywhere."""
+    import checkpoint
+    cuda_state, asked, restored = torch.arange(16, dtype=torch.uint8), [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda dev: (asked.append(dev), cuda_state.clone())[1])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, dev: restored.append((state, dev)))
+    cpu, gpu, file = torch.device("cpu"), torch.device("cuda", 1), str(tmp_path / "rng.pt")
+    checkpoint.save_atomic({"cpu": checkpoint.rng_state(cpu), "gpu": checkpoint.rng_state(gpu)}, file)
+    assert asked == [gpu]
+    states = checkpoint.load_pt(file, "test file")
+    checkpoint.set_rng_state(states["cpu"], cpu)
+    assert restored == []
+    checkpoint.set_rng_state(states["gpu"], gpu)
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == gpu
+
+
+def test_fsdp_shards_only_under_torchrun(monkeypatch):
+    """fsdp=True without a process group (plain python train.py) trains one unsharded model instead of
+    calling fully_shard, which needs one; under torchrun it shards, even with one process."""
+    import checkpoint
+    for initialized in (False, True):
+        monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: initialized)
+        assert checkpoint.sharded({"fsdp": True}) == initialized
+        assert not checkpoint.sharded({"fsdp": False})
