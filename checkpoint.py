@@ -154,7 +154,8 @@ def save_checkpoint(r, raw, opt, step):
     opt_state = optimizer_state(raw, opt, sharded(cfg))
     rngs = [None] * r.world
     if r.world > 1:
-        dist.all_gather_object(rngs, rng_state(r.device))  # each rank's dropout stream, for an exact resume
+        dist.all_gather_object(rngs, rng_state(r.device))  # each rank's generators (dropout reseeds per slice,
+        # train.slice_seed: these keep anything random a user adds outside a step exact on resume)
     else:
         rngs = [rng_state(r.device)]
     if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
