@@ -453,7 +453,8 @@ def section_cuda7b(cfg, device, peak_tflops):
     tokens = torch.randint(args.vocab_size, (batch, seq), device=device)
     steps = {v: model_steps(m, tokens, tokens.roll(-1, 1), device) for v, m in models.items()}
     train = bench({v: s[0] for v, s in steps.items()}, cfg.repeats, device)
-    infer = bench({v: torch.inference_mode()(lambda m=m: m(tokens)) for v, m in models.items()}, cfg.repeats, device)
+    infer = bench({v: torch.inference_mode()(lambda m=m: m.eval()(tokens)) for v, m in models.items()}, cfg.repeats,
+                  device)  # eval: no dropout (each training step puts train mode back)
     # model FLOPs per token: the base is frozen, so training does the forward (2 per weight) and the input
     # gradients (2), no weight gradients; adapters 6 per parameter; causal attention 2*T*dim per layer
     # forward, 3x that to train; recomputed forwards (activation checkpointing) are not counted

@@ -5,6 +5,7 @@ themselves are the benchmark's, never a test's.
     python -m pytest -q
 """
 
+import inspect
 import math
 import re
 from types import SimpleNamespace
@@ -468,3 +469,184 @@ def test_stack_section_mfu_counts_model_flops_against_the_devices_peak(monkeypat
         tok_s, mfu, _, tok_s_infer, mfu_i = rows[v][:5]
         assert tok_s == pytest.approx(tps_train, rel=1e-6) and tok_s_infer == pytest.approx(tps_infer, rel=1e-6)
         assert (mfu, mfu_i) == (pytest.approx(mfu_train, abs=0.051), pytest.approx(mfu_infer, abs=0.051)), v
+        ratios = [med(a / b for a, b in zip(t[v], t["LoRA"])) for t in (train, infer)]  # time x LoRA: v's over LoRA's
+        assert [rows[v][2], rows[v][5]] == pytest.approx(ratios, abs=0.006), v
+
+
+# ----------------------------------------------------------------------------------------------------
+# what each section compares: the fns it times run the adapters their labels say, in the mode their column says
+
+CLASS = {"LoRA": "TeamLoRALinear", "MoELoRA loop": "MoELoRALoop", "TeamLoRA loop": "TeamLoRALoop",
+         "TeamLoRA fused": "TeamLoRALinear"}
+
+
+def ran(variant, r, k, training, merged=False):
+    """The adapters a fn of `variant` at total rank r and k experts runs: LoRA one expert of rank r, the others k
+    experts of r / k; all at the same alpha (scaling alpha / r_B); train: train mode, inference: inference mode."""
+    experts = 1 if variant == "LoRA" else k
+    return {(CLASS[variant], r, experts, bench.ALPHA * experts / r, training, not training, merged)}
+
+
+def spy_bench(monkeypatch):
+    """bench.bench calling each fn once, untimed, its i-th call answering i s a repeat; returns its calls, each
+    (warmup, {name: the set of (class, r, experts, scaling, training, inference mode, merged) of the adapters
+    the fn ran}). step_memory answers 1 MiB."""
+    calls, real = [], inspect.signature(bench.bench)
+
+    def fake(*args, **kwargs):
+        bound = real.bind(*args, **kwargs)
+        bound.apply_defaults()  # the warmup the sections' call would run
+        fns, repeats, warmup = bound.arguments["fns"], bound.arguments["repeats"], bound.arguments["warmup"]
+        seen = {}
+        for name, fn in fns.items():
+            adapters = seen[name] = set()
+
+            def hook(m, args):
+                if isinstance(m, (TeamLoRALinear, bench.MoELoRALoop)):
+                    adapters.add((type(m).__name__, m.r, m.experts, m.scaling, m.training,
+                                  torch.is_inference_mode_enabled(), getattr(m, "merged", False)))
+            handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+            try:
+                fn()
+            finally:
+                handle.remove()
+        calls.append((warmup, seen))
+        return {name: [float(len(calls))] * repeats for name in fns}
+    monkeypatch.setattr(bench, "bench", fake)
+    monkeypatch.setattr(bench, "step_memory", lambda *a: 2**20)
+    return calls
+
+
+def test_layer_sections_time_every_variant_at_the_same_total_rank_train_then_infer(monkeypatch, capsys):
+    """r = k * r_B for every variant, LoRA included (one expert of the whole rank), as the headers print; the
+    train column times training steps, the infer column inference forwards; every fn warmed up first."""
+    cfg, variants = quick_cfg(), ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
+    calls = spy_bench(monkeypatch)
+    bench.section_layer(cfg, CPU, torch.float32, [])
+    bench.section_layer7b(cfg, CPU, torch.float32, [])
+    bench.section_scaling(cfg, CPU, torch.float32)
+    out = capsys.readouterr().out
+    assert all(f"k = {k}, r = {k * cfg.r_B}" in out for k in cfg.ks)
+    want = [{v: ran(v, k * cfg.r_B, k, training) for v in variants} for k in cfg.ks for training in (True, False)]
+    want += [{v: ran(v, k * cfg.big_r_B, k, True) for v in ("LoRA", "MoELoRA loop", "TeamLoRA fused")}
+             for _ in cfg.big_shapes for k in (2, 4, 8)]
+    want += [{v: ran(v, r, k, True) for v in variants}
+             for k, r in [(k, cfg.scale_rank) for k in cfg.scale_ks] + [(k, k * cfg.r_B) for k in cfg.scale_ks]]
+    assert [seen for _, seen in calls] == want
+    assert all(warmup >= 1 for warmup, _ in calls)
+
+
+def test_model_decode_and_stack_sections_adapt_every_variant_at_the_rank_they_print(monkeypatch, capsys):
+    cfg = quick_cfg()
+    calls = spy_bench(monkeypatch)
+    bench.section_model(cfg, CPU, torch.float32, [])
+    bench.section_decode(cfg, CPU, torch.float32)
+    bench.section_cuda7b(cfg, CPU, None)
+    out = capsys.readouterr().out
+    r_decode = int(re.search(r"## 4\..*FFN adapters r=(\d+)", out).group(1))
+    r_stack, k_stack = map(int, re.search(r"FFN adapters r=(\d+) \(TeamLoRA k=(\d+)\)", out).groups())
+    variants = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
+    want = [{v: ran(v, k * cfg.model_r_B, k, True) for v in variants} for k in cfg.ks]
+    # decode: LoRA unmerged and merged (a copy: folded into W0, its adapter never runs as one) at TeamLoRA's rank
+    want += [{"base model": set(), "LoRA": ran("LoRA", r_decode, 4, False),
+              "TeamLoRA fused": ran("TeamLoRA fused", r_decode, 4, False),
+              "LoRA merged": ran("LoRA", r_decode, 4, False, merged=True)}] * 2
+    assert [seen for _, seen in calls[:-2]] == want
+    # the stack: training steps, then inference forwards in eval mode (no dropout), as the other sections
+    stack = [{v: ran(v, r_stack, k_stack, training) for v in ("LoRA", "TeamLoRA fused")} for training in (True, False)]
+    assert [seen for _, seen in calls[-2:]] == stack
+    assert r_decode == 4 * cfg.model_r_B and all(warmup >= 1 for warmup, _ in calls)
+
+
+def test_layer7b_section_ratios_spread_and_targets_compare_fused_with_lora_and_the_loop(monkeypatch, capsys):
+    cfg = quick_cfg()
+    # per-repeat ratios: fused / LoRA 1.1, 1.2, 1.04; MoELoRA / LoRA 3, 2, 2; fused / MoELoRA 0.367, 0.6, 0.52
+    times = {"LoRA": [1.0, 2.0, 1.0], "MoELoRA loop": [3.0, 4.0, 2.0], "TeamLoRA fused": [1.1, 2.4, 1.04]}
+    cfg.big_repeats = 3
+    fake_bench(monkeypatch, *[times] * (3 * len(cfg.big_shapes)))
+    monkeypatch.setattr(bench, "step_memory", lambda train, module, opt, inputs, device:
+                        (100 if module.experts == 1 else 101) * 2**20)
+    targets = []
+    bench.section_layer7b(cfg, CPU, torch.float32, targets)
+    rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines() if line.startswith("N=")]
+    assert [row[1] for row in rows] == ["2", "4", "8"] * len(cfg.big_shapes)
+    for row in rows:  # ms of LoRA, MoELoRA, fused; fused/LoRA, middle half, MoELoRA/LoRA, fused/MoELoRA, peak mem/LoRA
+        assert row[2:] == ["1000.00", "3000.00", "1100.00", "1.10", "1.04-1.20", "2.00", "0.52", "1.01"], row
+    # fused / loop against LoRA / loop: 0.52 / 0.5, the medians of the per-repeat ratios
+    want = {"fused train / LoRA": ("1.10", "MISSED"), "fused / loop vs LoRA / loop": ("1.04", "MISSED"),
+            "fused peak memory / LoRA": ("1.01", "met")}
+    n, d_in, d_out = cfg.big_shapes[0]
+    assert {(name, value, verdict) for name, value, _, verdict in targets} == \
+        {(f"7B FFN N={n} {d_in}->{d_out} k={k}: {name}", *v) for k in (2, 4, 8) for name, v in want.items()}
+
+
+def test_scaling_section_ratios_and_memory_columns(monkeypatch, capsys):
+    cfg = quick_cfg()
+    # per-repeat ratios: fused / LoRA 1.5, 1.0, 1.2 (median 1.2); loop / fused 2, 2.5, 1.67 (median 2)
+    times = {"LoRA": [1.0, 2.0, 1.0], "MoELoRA loop": [4.0, 4.0, 4.0], "TeamLoRA loop": [3.0, 5.0, 2.0],
+             "TeamLoRA fused": [1.5, 2.0, 1.2]}
+    cfg.scale_repeats = 3
+    fake_bench(monkeypatch, *[times] * (2 * len(cfg.scale_ks)))
+    monkeypatch.setattr(bench, "step_memory", lambda train, module, opt, inputs, device:
+                        (30 if isinstance(module, bench.TeamLoRALoop) else 20) * 2**20)
+    bench.section_scaling(cfg, CPU, torch.float32)
+    rows = table_rows(capsys.readouterr().out, [f"fixed r={cfg.scale_rank}", f"fixed r_B={cfg.r_B}"])
+    (k,) = cfg.scale_ks
+    assert rows[f"fixed r={cfg.scale_rank}"][:2] == [k, cfg.scale_rank] and rows[f"fixed r_B={cfg.r_B}"][:2] == \
+        [k, k * cfg.r_B]
+    for row in rows.values():  # LoRA, MoELoRA, loop, fused ms; fused/LoRA, loop/fused; loop MB, fused MB
+        assert row[2:] == [1000.0, 4000.0, 3000.0, 1500.0, 1.2, 2.0, 30.0, 20.0], row
+
+
+def test_model_section_compares_compiled_blocks_with_fused_eager(monkeypatch, capsys):
+    cfg = quick_cfg()
+    cfg.ks, cfg.variants = (2,), list(bench.VARIANTS)
+    times = {"LoRA": [1.0, 1.0, 1.0], "MoELoRA loop": [3.0, 3.0, 3.0], "TeamLoRA loop": [2.5, 2.5, 2.5],
+             "TeamLoRA fused": [2.0, 2.0, 2.0], "TeamLoRA compiled": [1.9, 1.9, 1.9],
+             "blocks compiled": [1.8, 1.9, 1.7]}
+    fake_bench(monkeypatch, times)  # never calls the fns: nothing compiles
+    monkeypatch.setattr(bench, "step_memory", lambda *a: 2**20)
+    targets = []
+    bench.section_model(cfg, CPU, torch.float32, targets)
+    verdicts = {name: (value, verdict) for name, value, _, verdict in targets}
+    assert verdicts["model k=2: blocks compiled / fused eager"] == ("0.90", "met")  # 1.8 / 2, not 1.8 / LoRA's 1
+    assert "blocks compiled" in capsys.readouterr().out
+
+
+def test_sharing_section_times_each_thread_count_alone_then_beside_a_busy_process_and_restores_threads(monkeypatch,
+                                                                                                       capsys):
+    import subprocess
+    import sys
+    neighbours, calls = [], []
+
+    class Neighbour:
+        def __init__(self, argv):
+            self.argv, self.killed, self.waited = argv, False, False
+            neighbours.append(self)
+
+        def kill(self):
+            self.killed = True
+
+        def wait(self):
+            self.waited = True
+    monkeypatch.setattr(subprocess, "Popen", Neighbour)
+    ms = {(False, 1): [0.1, 0.3], (False, 2): [0.2, 0.2], (True, 1): [0.4, 0.6], (True, 2): [0.9, 1.1]}
+
+    def fake(fns, repeats, device, warmup=2):
+        n, busy = torch.get_num_threads(), any(not p.killed for p in neighbours)
+        assert list(fns) == [n] and repeats == 2 and warmup >= 1
+        calls.append((busy, n))
+        return {n: ms[busy, n]}
+    monkeypatch.setattr(bench, "bench", fake)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench.section_sharing(quick_cfg(), CPU, torch.float32)
+        assert torch.get_num_threads() == 2  # restored after timing at 1 thread
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [(False, 1), (False, 2), (True, 1), (True, 2)]
+    assert len(neighbours) == 1 and neighbours[0].killed and neighbours[0].waited
+    assert neighbours[0].argv[0] == sys.executable and "while True" in neighbours[0].argv[-1]  # a busy loop
+    rows = table_rows(capsys.readouterr().out, ["alone", "one busy neighbour"])
+    assert rows == {"alone": [200.0, 200.0], "one busy neighbour": [500.0, 1000.0]}
