@@ -77,6 +77,10 @@ def load_checkpoint(path):
         what = "an adapter (adapter.pt)" if is_adapter_file(ckpt) else "not a training checkpoint"
         raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; resume needs that "
                         "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
+    if not (isinstance(ckpt["config"], dict) and type(ckpt["iter"]) is int and ckpt["iter"] >= 0
+            and isinstance(ckpt["rng"], list) and ckpt["rng"]):
+        raise UserError(f"{path} is damaged: its config, step or random state is not what train.py writes; resume "
+                        "from a copy, or start the run again.")
     return ckpt
 
 

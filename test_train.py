@@ -769,7 +769,7 @@ def test_copy_into_copies_values_into_the_parameters_in_their_own_dtype():
 
 def test_load_checkpoint_refuses_a_dict_without_every_key_in_one_sentence(tmp_path):
     import checkpoint
-    full = {"state": {}, "optimizer": {}, "iter": 2, "config": {}, "rng": [], "model_args": {}}
+    full = {"state": {}, "optimizer": {}, "iter": 2, "config": {}, "rng": [{}], "model_args": {}}
     path = tmp_path / "ckpt.pt"
     torch.save(full, path)
     assert checkpoint.load_checkpoint(str(path))["iter"] == 2

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,7 +148,7 @@ def test_a_tokenizer_other_than_the_shards_or_the_bases_is_refused_before_step_1
     prepare([OFFICIAL], LLAMA2, tmp_path / "llama2_tokens", max_len=1024, quiet=True)  # 32,000 tokens
     capsys.readouterr()  # prepare's warning about a record too long for max_len
     fails(train_flags(run_data, tmp_path / "b", f"--tokenizer={LLAMA2}", f"--data_dir={tmp_path / 'llama2_tokens'}",
-                      f"--init_from={run_data / 'base.pt'}"), capsys, "32,000 tokens", "base model only")
+                      f"--init_from={run_data / 'base.pt'}"), capsys, "32,000 tokens", "not the tokenizer the base")
     assert not (tmp_path / "b" / "ckpt.pt").exists()
 
 
@@ -206,3 +207,87 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, 
     monkeypatch.undo()
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert checkpoint.load_pt(path, "training checkpoint")["iter"] == 1
+
+
+def base_with(run_data, path, **args):
+    """run_data's base model with some of its ModelArgs changed (e.g. a shorter context)."""
+    base = torch.load(run_data / "base.pt", weights_only=True)
+    torch.save({**base, "model_args": {**base["model_args"], **args}}, path)
+    return path
+
+
+def test_rows_or_answers_longer_than_the_base_models_context_are_refused_before_step_1(run_data, tmp_path, capsys):
+    short = base_with(run_data, tmp_path / "short.pt", max_seq_len=40)
+    fails(train_flags(run_data, tmp_path / "a", f"--init_from={short}", "--eval_dir="), capsys, "max_len=128",
+          "longer than the 40 tokens", "--max_len=40")
+    fails(train_flags(run_data, tmp_path / "b", f"--init_from={short}", "--eval_dir=", "--max_len=64",
+                      "--batch_mode=pack"), capsys, "max_len=64", "--max_len=40")
+    windowed = base_with(run_data, tmp_path / "window.pt", sliding_window=32)
+    fails(train_flags(run_data, tmp_path / "c", f"--init_from={windowed}", "--eval_dir="), capsys, "the 32 tokens")
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "summary.jsonl").write_text('{"instruction": "Summarise: a b c", "output": "a"}\n')  # 48 new tokens
+    fails(train_flags(run_data, tmp_path / "d", f"--init_from={short}", "--max_len=40", f"--eval_dir={evals}"),
+          capsys, "summary generates up to 48 tokens", "40 tokens")
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcd")  # nothing trained
+    # rows within the context train, whatever max_len says: pad mode cuts rows at the longest record (128 here)
+    long_enough = base_with(run_data, tmp_path / "long.pt", max_seq_len=128)
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "e", f"--init_from={long_enough}", "--eval_dir=",
+                                               "--max_len=4096", "--max_iters=1")))
+
+
+def test_a_shorter_max_len_than_the_data_was_prepared_with_warns_how_many_answers_it_cuts(run_data, tmp_path, capsys):
+    ds = train.data.TokenDataset(str(run_data / "tokens"), "train")
+    max_len = int(np.median(ds.lengths))
+    cut = int((np.minimum(ds.lengths, max_len) <= np.maximum(ds.prompt_lens, 1)).sum())
+    assert 0 < cut < len(ds)
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "a", f"--max_len={max_len}", "--eval_dir=",
+                                               "--max_iters=1")))
+    err = capsys.readouterr().err
+    assert f"cuts away the whole answer of {cut:,} of {len(ds):,} training records" in err, err
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "b", "--eval_dir=", "--max_iters=1")))
+    assert "cuts away" not in capsys.readouterr().err
+
+
+def test_a_users_log_jsonl_in_out_dir_is_not_overwritten(run_data, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "log.jsonl").write_text("my notes\n")
+    fails(train_flags(run_data, out, "--eval_dir="), capsys, "log.jsonl", "--overwrite=True")
+    assert (out / "log.jsonl").read_text() == "my notes\n"
+
+
+def test_nan_at_the_first_step_says_nothing_was_saved_rather_than_offering_a_resume(run_data, tmp_path, capsys,
+                                                                                      monkeypatch):
+    real_forward = train.Transformer.forward
+
+    def nan_loss(self, tokens, targets=None, **k):
+        logits, loss = real_forward(self, tokens, targets, **k)
+        return logits, None if loss is None else loss * float("nan")
+    monkeypatch.setattr(train.Transformer, "forward", nan_loss)
+    err = fails(train_flags(run_data, tmp_path / "a", "--eval_dir="), capsys, "loss became nan at step 0",
+                "nothing was saved yet")
+    assert "resume" not in err and not (tmp_path / "a" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda c: {**c, "config": ["not", "a", "dict"]}, ("is damaged",)),
+    (lambda c: {**c, "iter": "3"}, ("is damaged",)),
+    (lambda c: {**c, "rng": []}, ("is damaged",)),
+    (lambda c: {**c, "config": {**c["config"], "learning_rate": "fast"}}, ("learning_rate", "must be of type float")),
+    (lambda c: {**c, "config": {**c["config"], "r": -8}}, ("'r' must be positive",)),
+])
+def test_a_checkpoint_edited_by_hand_is_refused_on_resume_in_one_sentence(run_data, tmp_path, capsys, edit, needles):
+    out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
+    torch.save(edit(torch.load(out / "ckpt.pt", weights_only=True)), out / "ckpt.pt")
+    fails(train_flags(run_data, out, "--init_from=resume", "--max_iters=4"), capsys, *needles)
+
+
+def test_a_tokenizer_far_smaller_than_the_base_models_vocabulary_is_refused_before_step_1(run_data, tmp_path, capsys):
+    """LLaMA-2's tokenizer with Chinese-LLaMA-2 (55,296 rows) would train on the wrong ids without a word."""
+    saved = torch.load(run_data / "base.pt", weights_only=True)["model_args"]
+    args = train.ModelArgs(**{**saved, "vocab_size": saved["vocab_size"] + train.VOCAB_PADDING})
+    torch.save({"model_args": saved | {"vocab_size": args.vocab_size}, "model": train.Transformer(args).state_dict()},
+               tmp_path / "wide.pt")
+    fails(train_flags(run_data, tmp_path / "a", f"--init_from={tmp_path / 'wide.pt'}", "--eval_dir="), capsys,
+          f"{saved['vocab_size']:,} tokens", f"the base model {args.vocab_size:,}", "not the tokenizer")

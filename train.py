@@ -415,6 +415,8 @@ def resume_config(cfg):
         raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
     ckpt = checkpoint.load_checkpoint(path)
     saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the run was saved takes its default
+    saved.update((k, typed(k, saved[k], DEFAULTS, path)) for k in DEFAULTS)  # a file edited by hand: checked again
+    check_config(saved)
     changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != saved[k]]
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if fixed:
@@ -487,7 +489,7 @@ def claim_out_dir(r, resuming):
     """Before a run trains: out_dir must not hold another run (unless overwrite=True replaces it), must
     be writable, and loses the temporary files of processes that were killed while writing."""
     out = r.cfg["out_dir"]
-    found = [f for f in RUN_FILES if os.path.isfile(os.path.join(out, f))]
+    found = [f for f in RUN_FILES + ("log.jsonl",) if os.path.isfile(os.path.join(out, f))]
     if found and not resuming and not r.cfg["overwrite"]:
         raise UserError(f"{out} already holds a run ({', '.join(found)}); continue it with --init_from=resume, "
                         "choose another --out_dir, or pass --overwrite=True to replace it.")
@@ -499,26 +501,41 @@ def claim_out_dir(r, resuming):
     except OSError as e:
         raise UserError(f"out_dir {out} is not writable ({e.strerror or e}); choose another --out_dir.") from None
     if found and not resuming:  # overwrite=True: nothing of the old run stays beside the new one
-        for f in found + ["log.jsonl"]:
-            if os.path.exists(os.path.join(out, f)):
-                os.remove(os.path.join(out, f))
+        for f in found:
+            os.remove(os.path.join(out, f))
     data.remove_stale_temporaries(out, RUN_FILES)
 
 
-def preflight(r, train_ds):
+VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
+
+
+def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
-    cfg, made_with = r.cfg, train_ds.summary.get("tokenizer", {})
+    cfg, made_with, vocab = r.cfg, train_ds.summary.get("tokenizer", {}), r.args.vocab_size
     if made_with.get("sha256") and made_with["sha256"] != data.file_sha256(r.tok.path):  # a folder: its file
         raise UserError(f"tokenizer {cfg['tokenizer']} is not the one {cfg['data_dir']} was made with "
                         f"({made_with.get('path')}); pass that one, or run data.py prepare again with this one.")
-    if r.tok.vocab_size > r.args.vocab_size:
-        raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model only {r.args.vocab_size:,}: "
-                        "use the tokenizer the base model was trained with.")
+    if not vocab - VOCAB_PADDING < r.tok.vocab_size <= vocab:
+        raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model {vocab:,}, so it is not "
+                        "the tokenizer the base model was trained with: pass that one.")
     answered = np.minimum(train_ds.lengths, cfg["max_len"]) > np.maximum(train_ds.prompt_lens, 1)
     if len(train_ds) and not answered.any():
         raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every training record (the shortest "
                         f"prompt has {int(train_ds.prompt_lens.min())} tokens): raise --max_len.")
+    context = min(r.args.max_seq_len, r.args.sliding_window or r.args.max_seq_len)  # the base model's reach
+    longest = max([int(ds.lengths.max(initial=0)) for ds in (train_ds, val_ds) if ds is not None])
+    if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
+        raise UserError(f"max_len={cfg['max_len']} makes rows longer than the {context} tokens the base model "
+                        f"attends over: set --max_len={context} or less.")
     r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}
+    for name, (task, _) in r.eval_sets.items():
+        if task.max_new_tokens >= context:
+            raise UserError(f"evaluation set {name} generates up to {task.max_new_tokens} tokens, which leaves no room "
+                            f"for its prompts in the base model's {context} tokens; leave it out of --eval_dir.")
+    if not answered.all():  # data.py prepare drops such records; a shorter max_len here leaves them in, unscored
+        r.say(f"warning: max_len={cfg['max_len']} cuts away the whole answer of {int((~answered).sum()):,} of "
+              f"{len(train_ds):,} training records, which then teach nothing; raise --max_len to keep them.",
+              file=sys.stderr)
 
 
 def setup(r, resuming):
@@ -531,7 +548,7 @@ def setup(r, resuming):
     has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
     val_ds = data.TokenDataset(cfg["data_dir"], "val") if has_val else None
     raw, r.args = build_model(cfg, r.device, r.tok.vocab_size, r.world)
-    preflight(r, train_ds)
+    preflight(r, train_ds, val_ds)
     model = raw
     if r.world > 1 and not cfg["fsdp"]:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -602,8 +619,10 @@ def train_step(r, model, raw, opt, dataset, step):
     ce_sum, n_tokens = evaluation.all_reduce_sum(totals, r.world).tolist()
     train_loss = ce_sum / max(b["n_answer_global"], 1)
     if not math.isfinite(train_loss):
-        raise UserError(f"the loss became {train_loss} at step {step}; the last good checkpoint in {cfg['out_dir']} "
-                        "is kept: lower learning_rate (or use dtype='float32') and resume with --init_from=resume.")
+        kept = (f"the last good checkpoint in {cfg['out_dir']} is kept: lower learning_rate (or use dtype='float32') "
+                "and resume with --init_from=resume" if os.path.isfile(os.path.join(cfg["out_dir"], "ckpt.pt")) else
+                "nothing was saved yet: lower learning_rate (or use dtype='float32') and start again")
+        raise UserError(f"the loss became {train_loss} at step {step}; {kept}.")
     torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg["grad_clip"])  # the trainable ones
     opt.step()
     opt.zero_grad(set_to_none=True)
