@@ -20,6 +20,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Optional
@@ -351,7 +352,7 @@ class Transformer(nn.Module):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts; give each prompt at least one "
                              "token (e.g. BOS)")
-        if temperature < 0 or not 0 < top_p <= 1:
+        if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # NaN fails both
             raise ValueError(f"temperature={temperature}, top_p={top_p} are out of range; use temperature >= 0 and 0 < "
                              "top_p <= 1")
         if any(not 0 <= t < self.args.vocab_size for p in prompts for t in p):
@@ -474,13 +475,15 @@ def _read_json(file):
 
 
 # what the readers take from a configuration file: key -> (kind, may be null). "positive int" and
-# "positive" (a number) must be > 0; "int" is any integer (Meta's vocab_size is -1).
+# "positive" (a number) must be > 0; "int" is any integer (Meta's vocab_size is -1); "bool" is true or false.
+# The Meta tables list every key params.json may have: others are refused, not passed to ModelArgs unchecked.
 _META_PARAMS = {"dim": ("positive int", False), "n_layers": ("positive int", False),
                 "n_heads": ("positive int", False)}
 _META_OPTIONAL = {"n_kv_heads": ("positive int", True), "vocab_size": ("int", False),
                   "multiple_of": ("positive int", False), "ffn_dim_multiplier": ("positive", True),
                   "norm_eps": ("positive", False), "rope_theta": ("positive", False),
-                  "max_seq_len": ("positive int", False), "hidden_dim": ("positive int", True)}
+                  "max_seq_len": ("positive int", False), "hidden_dim": ("positive int", True),
+                  "use_scaled_rope": ("bool", False)}
 # what transformers' Mistral, Qwen2 and Qwen3 configs assume for a key config.json leaves out, where LlamaConfig differs
 _HF_TYPE_DEFAULTS = {"mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
                      "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
@@ -507,9 +510,11 @@ def _check_fields(config, file, required, optional):
         if value is None and nullable:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (kind.endswith("int") and not isinstance(value, int)) \
-                or (kind.startswith("positive") and not value > 0):
-            want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number"}[kind]
+        if (not isinstance(value, bool) if kind == "bool" else not number
+                or (kind.endswith("int") and not isinstance(value, int))
+                or (kind.startswith("positive") and not value > 0)):
+            want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number",
+                    "bool": "true or false"}[kind]
             raise ValueError(f"{file} has {key}={value!r} where {want} belongs; fix it or download the file again")
 
 
@@ -535,8 +540,9 @@ def _torch_load(file):
     except (PermissionError, IsADirectoryError) as e:
         raise ValueError(f"{file} cannot be read ({e.strerror}); check that it is a weight file you may read") from None
     except Exception as e:  # zip, unpickling, EOF, and OSError(EINVAL) from mmap on a cut file
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:  # weights_only refused a class: the file holds more than tensors
+        # torch < 2.13: "Unsupported global: GLOBAL x.y was not an allowed global"; 2.13: "unsupported GLOBAL x.y whose"
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if found and isinstance(e, pickle.UnpicklingError):  # weights_only refused a class: more than tensors
             raise ValueError(f"{file} holds Python objects besides tensors ({found.group(1)}), which are not loaded "
                              "because loading them could run code; use a checkpoint of plain tensors (e.g. its "
                              ".safetensors)") from None
@@ -550,24 +556,30 @@ def _torch_load(file):
 
 def _read_meta(path, dtype, device):
     params = _read_json(os.path.join(path, "params.json"))
+    _check_fields(params, os.path.join(path, "params.json"), _META_PARAMS, _META_OPTIONAL)
     if params.pop("use_scaled_rope", False):
         raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose params.json does not give its "
                          "rotary scaling; load its Hugging Face folder (config.json) instead")
-    unknown = params.keys() - {f.name for f in fields(ModelArgs)}
+    unknown = params.keys() - _META_PARAMS.keys() - _META_OPTIONAL.keys()
     if unknown:
-        raise ValueError(f"params.json in {path!r} has fields this model does not know: {sorted(unknown)}; only LLaMA "
-                         "2 and LLaMA 3 checkpoints are supported")
-    _check_fields(params, os.path.join(path, "params.json"), _META_PARAMS, _META_OPTIONAL)
+        raise ValueError(f"params.json in {path!r} has fields this model does not know: {sorted(unknown)}; only the "
+                         "keys of Meta's LLaMA 2 and LLaMA 3 params.json are supported (for others load the Hugging "
+                         "Face folder)")
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
         raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth weight files; put the weights in "
                                 "the same folder")
-    shards = [_torch_load(f) for f in files]
+    shards = [dict(_read_tensors(f)) for f in files]
     state = {}
     for name in shards[0]:
         if name == "rope.freqs":  # precomputed rotary frequencies in old checkpoints; we compute them
             continue
-        parts = [s[name] for s in shards if name in s]
+        parts = [s.get(name) for s in shards]
+        if len(parts) > 1 and (parts[0].dim() == 0 or any(p is None or p.shape != parts[0].shape for p in parts)):
+            shapes = ", ".join(f"{os.path.basename(f)} {'none' if p is None else tuple(p.shape)}"
+                               for f, p in zip(files, parts))
+            raise ValueError(f"weight {name} is not split into equal slices of at least one dimension across the "
+                             f"shards in {path!r} ({shapes}); download the consolidated.*.pth files again")
         if len(parts) == 1 or parts[0].dim() == 1:  # a single shard, or a norm (replicated on every shard)
             t = parts[0]
         else:
@@ -631,14 +643,18 @@ def _read_hf(path, dtype, device):
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
         raise ValueError(f"{config_file} has sliding_window={window!r} where a positive integer or null belongs; "
                          "fix it or download the file again")
-    # transformers 5 writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    # transformers 5 writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling. Read
+    # as transformers 5 reads them: a rope_scaling replaces rope_parameters whole, and a rope_theta inside the one
+    # read overrides the top-level rope_theta
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise ValueError(f"{config_file} has rotary settings {rope!r} where an object belongs; fix it or download "
                          "the file again")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
-        raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}, which this model does not "
+        read = (" (its rope_scaling, which transformers reads instead of its rope_parameters)"
+                if config.get("rope_scaling") and config.get("rope_parameters") else "")
+        raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}{read}, which this model does not "
                          "implement (only LLaMA 3.1's \"llama3\"); use a checkpoint without it")
     _check_fields(config, config_file, _HF_CONFIG, _HF_OPTIONAL)
     _check_fields(rope, config_file, _LLAMA3_ROPE if kind == "llama3" else {}, {"rope_theta": ("positive", True)})
@@ -651,15 +667,19 @@ def _read_hf(path, dtype, device):
     args = ModelArgs(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
                      n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
                      hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps") or 1e-6,
-                     rope_theta=config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+                     rope_theta=rope.get("rope_theta") or config.get("rope_theta") or 10000.0,
                      max_seq_len=config.get("max_position_embeddings") or 2048, qkv_bias=qwen2,
                      tie_embeddings=bool(config.get("tie_word_embeddings")), sliding_window=window,
                      rope_scaling=scaling, head_dim=config.get("head_dim"), qk_norm=qwen3)
-    state = {}
+    state, source = {}, {}  # source: the file each weight came from
     for file in _hf_weight_files(path):
         for hf_name, t in _read_tensors(os.path.join(path, file)):
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer that older conversions saved
                 continue
+            if hf_name in source:  # no rule says which copy is meant (reading in order would take the last)
+                raise ValueError(f"weight {hf_name} is in both {source[hf_name]} and {file} in {path!r}; remove the "
+                                 "file that does not belong to this checkpoint or download the checkpoint again")
+            source[hf_name] = file
             name = _hf_to_meta_name(hf_name)
             if name.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wq.bias", "attention.wk.bias")):
                 heads = args.n_heads if ".wq." in name else args.n_kv_heads
@@ -700,22 +720,32 @@ def _hf_weight_files(path):
 
 
 def _read_tensors(file):
-    """Yield (name, tensor) from one weight file, memory-mapped where the format allows."""
-    if file.endswith(".safetensors"):
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            raise ImportError(f"reading {file} needs the safetensors package: pip install safetensors (or load Meta's "
-                              "consolidated.*.pth files, e.g. the original/ folder of a Hugging Face "
-                              "download)") from None
-        if not os.path.isfile(file):  # safetensors reports a missing file without its name
-            raise FileNotFoundError(f"weight file {file} does not exist; download it into the checkpoint folder")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except Exception as e:  # SafetensorError: a cut or foreign file (the caller's errors do not come here)
-            raise ValueError(f"{file} is truncated or not a safetensors file ({_describe(e)}); "
-                             "download it again") from None
-    else:
-        yield from _torch_load(file).items()
+    """Yield (name, tensor) from one weight file, memory-mapped where the format allows; a ValueError naming the
+    file and the tensor when one is not floating point (a quantised checkpoint) or holds NaN or inf (a damaged one)."""
+    for name, t in (_read_safetensors(file) if file.endswith(".safetensors") else _torch_load(file).items()):
+        if not t.is_floating_point():
+            raise ValueError(f"weight {name} in {file} holds {t.dtype} values, which this model does not take "
+                             "(quantised checkpoints are not supported); use the checkpoint's floating-point weights")
+        if not torch.isfinite(t.sum(dtype=torch.float32)):  # one pass, no copy: a NaN or inf makes the sum one
+            raise ValueError(f"weight {name} in {file} holds NaN or inf values, so the download is damaged; download "
+                             "it again")
+        yield name, t
+
+
+def _read_safetensors(file):
+    """Yield (name, tensor) from a safetensors file, memory-mapped."""
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ImportError(f"reading {file} needs the safetensors package: pip install safetensors (or load Meta's "
+                          "consolidated.*.pth files, e.g. the original/ folder of a Hugging Face "
+                          "download)") from None
+    if not os.path.isfile(file):  # safetensors reports a missing file without its name
+        raise FileNotFoundError(f"weight file {file} does not exist; download it into the checkpoint folder")
+    try:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except Exception as e:  # SafetensorError: a cut or foreign file (the caller's errors do not come here)
+        raise ValueError(f"{file} is truncated or not a safetensors file ({_describe(e)}); "
+                         "download it again") from None

@@ -4,6 +4,7 @@
 """
 import json
 import math
+import os
 import re
 import struct
 import sys
@@ -278,7 +279,8 @@ def write_safetensors(tensors, file):
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
         data = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        kind = {torch.float32: "F32", torch.int8: "I8", torch.int64: "I64"}[t.dtype]
+        header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     head = json.dumps(header).encode()
@@ -719,6 +721,41 @@ def test_hf_rope_scaling_other_than_llama3_is_refused(tmp_path, key, rope):
         Transformer.from_pretrained(tmp_path)
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+ROPE_PRECEDENCE = [  # config.json's rotary keys -> (rope_theta, scaling) as transformers 5 reads them, or the refusal
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_theta": 5e5}, (1e4, None)),
+    ({"rope_scaling": {"rope_type": "default", "rope_theta": 3e5}, "rope_parameters": {"rope_theta": 1e4}},
+     (3e5, None)),
+    ({"rope_scaling": LLAMA3_ROPE, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+     (1e4, (8.0, 1.0, 4.0, 64))),  # rope_scaling replaces rope_parameters whole, its rope_theta included
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+      "rope_scaling": {"type": "linear", "factor": 4.0}},
+     "rotary scaling {'type': 'linear', 'factor': 4.0} (its rope_scaling, which transformers reads instead of"),
+]
+
+
+@pytest.mark.parametrize("rotary, want", ROPE_PRECEDENCE)
+def test_hf_rotary_settings_are_read_with_transformers_precedence(tmp_path, rotary, want):
+    """rope_scaling, when present, replaces rope_parameters, and a rope_theta inside the one read overrides the
+    top-level one, as in transformers; a scaling that wins but is not implemented is refused, not ignored."""
+    model = tiny_model()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    config = {k: v for k, v in hf_config(model).items() if k != "rope_theta"} | rotary
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if isinstance(want, str):
+        with pytest.raises(ValueError) as error:
+            Transformer.from_pretrained(tmp_path)
+        return assert_one_sentence(error, str(tmp_path), want)
+    args = Transformer.from_pretrained(tmp_path).args
+    assert (args.rope_theta, args.rope_scaling) == want
+    try:
+        from transformers import LlamaConfig
+    except ImportError:
+        return
+    assert LlamaConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == want[0]
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda r: {k: v for k, v in r.items() if k != "factor"}, "has no 'factor'"),
     (lambda r: r | {"original_max_position_embeddings": 0.5}, "original_max_position_embeddings=0.5"),
@@ -832,6 +869,66 @@ def test_a_truncated_or_foreign_weight_file_is_one_sentence_naming_it(tmp_path, 
     if damage not in want:
         kind = "a safetensors file" if layout == "safetensors" else "a PyTorch checkpoint"
         assert f"{file} is truncated or not {kind}" in str(error.value)
+
+
+def rewrite_weight_file(file, change):
+    """Apply change (a dict of tensors -> a dict of tensors) to a weight file, keeping its format."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        write_safetensors(change(load_file(file)), file)
+    else:
+        torch.save(change(torch.load(file, weights_only=True)), file)
+
+
+@pytest.mark.parametrize("layout", ["bin", "bin index", "meta", "safetensors"])
+@pytest.mark.parametrize("damage", ["nan", "inf", "int8"])
+def test_a_weight_with_nan_inf_or_integers_is_refused_at_load_naming_tensor_and_file(tmp_path, layout, damage):
+    """A damaged download (NaN, inf) or a quantised one (integers) is found when it is read, not at the first loss."""
+    if layout == "safetensors":
+        pytest.importorskip("safetensors")
+    file = write_single_file_dir(tmp_path, layout)
+    names = []
+
+    def spoil(sd):
+        names.append(next(n for n in sd if "freq" not in n))
+        t = sd[names[0]] = sd[names[0]].to(torch.int8 if damage == "int8" else torch.float32, copy=True)
+        t.view(-1)[3] = 1 if damage == "int8" else float(damage)
+        return sd
+    rewrite_weight_file(file, spoil)
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    want = "holds torch.int8 values" if damage == "int8" else "holds NaN or inf values"
+    assert_one_sentence(error, str(file), names[0], want)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    """A pytorch_model.bin whose pickle calls os.system: weights_only refuses it, and the message says why."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    model = tiny_model()
+    torch.save(hf_state_dict(model) | {"x": Payload()}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert not marker.exists()
+    assert_one_sentence(error, str(tmp_path / "pytorch_model.bin"), "holds Python objects besides tensors",
+                        "system", "could run code")
+
+
+@pytest.mark.parametrize("damage", ["columns", "0-d", "absent"])
+def test_meta_shards_that_do_not_hold_equal_slices_are_refused_naming_tensor_and_files(tmp_path, damage):
+    write_meta_dir(tiny_model(), tmp_path, 0)
+    name = "layers.0.attention.wo.weight"  # split along its columns
+    for shard in ("consolidated.00.pth", "consolidated.01.pth")[1 if damage != "0-d" else 0:]:
+        change = {"columns": lambda sd: sd | {name: sd[name][:, :-1]}, "0-d": lambda sd: sd | {name: torch.tensor(1.0)},
+                  "absent": lambda sd: {n: t for n, t in sd.items() if n != name}}[damage]
+        rewrite_weight_file(tmp_path / shard, change)
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, name, "consolidated.00.pth", "consolidated.01.pth", "equal slices")
 
 
 def test_legacy_non_zip_torch_save_files_still_load(tmp_path):
@@ -1202,6 +1299,22 @@ def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_ar
     assert_one_sentence(error, str(tmp_path))
 
 
+@pytest.mark.parametrize("field, message", [
+    ({"head_dim": "16"}, "does not know: ['head_dim']"), ({"sliding_window": "4096"}, "['sliding_window']"),
+    ({"rope_scaling": 5}, "['rope_scaling']"), ({"rope_scaling": "abc"}, "['rope_scaling']"),
+    ({"qkv_bias": "yes"}, "['qkv_bias']"), ({"tie_embeddings": "false"}, "['tie_embeddings']"),
+    ({"use_scaled_rope": "false"}, "has use_scaled_rope='false' where true or false belongs"),
+])
+def test_meta_params_json_takes_only_metas_own_keys_each_of_its_type(tmp_path, field, message):
+    """Keys that only this model's ModelArgs has (not Meta's params.json) would be passed on unchecked."""
+    write_meta_dir(tiny_model(), tmp_path, 0)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(params | field))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path), message)
+
+
 @pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
                                                       ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
 def test_absent_hf_config_keys_take_transformers_defaults_for_the_model_type(tmp_path, model_type, config_class):
@@ -1258,6 +1371,17 @@ def test_sharded_hf_weights_without_an_index_are_found_by_name(tmp_path, layout)
         (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
+def test_a_tensor_in_two_shards_without_an_index_is_refused_naming_both_files(tmp_path):
+    """Without an index nothing says which copy is meant: refused, where reading in order would let the last win."""
+    write_hf_bin_dir(tiny_model(), tmp_path)
+    (tmp_path / "pytorch_model.bin.index.json").unlink()
+    first, second = "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"
+    rewrite_weight_file(tmp_path / second, lambda sd: sd | {"model.embed_tokens.weight": torch.zeros(512, 64)})
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, "model.embed_tokens.weight", first, second)
 
 
 def test_an_index_names_the_weight_files_and_others_beside_it_are_not_read(tmp_path):
