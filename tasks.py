@@ -229,24 +229,50 @@ def qa_record(question, answers):
 # -----------------------------------------------------------------------------
 # CME loaders, one per public format. A row without a label (GLUE test files, WinoGrande's test
 # split) loads with output None, so the file can still be turned into prompts; write_eval_set
-# refuses it. A malformed file stops with its name, the line and what to do. Files are read as
-# UTF-8, with or without a byte-order mark.
+# refuses it. A malformed file, or a field of the wrong JSON type, stops with its name, the line
+# and what to do. Files are read as UTF-8, with or without a byte-order mark.
 
 def _check_exists(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; check the path to the task's raw file.")
 
 
-def _get(obj, key, where):
-    if not isinstance(obj, dict) or key not in obj:
+_KINDS = {  # what a raw file's field may hold, as its messages name it -> the check
+    "a string": lambda v: isinstance(v, str),
+    "an object": lambda v: isinstance(v, dict),
+    "a list": lambda v: isinstance(v, list),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a list of objects": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+    "a string or a list of strings": lambda v: isinstance(v, str) or _KINDS["a list of strings"](v),
+}
+_REQUIRED = object()
+
+
+def _show(value):
+    """A raw file's value as JSON, cut short for a message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _get(obj, key, where, kind="a string", default=_REQUIRED):
+    """obj[key], checked to be of a kind in _KINDS; the default, if given, when it is absent or null."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} has {_show(obj)} where an object holding {key!r} belongs; check that the file is "
+                        "in this task's format.")
+    if obj.get(key) is None and default is not _REQUIRED:
+        return default
+    if key not in obj:
         raise UserError(f"{where} has no {key!r} field; check that the file is in this task's format.")
+    if not _KINDS[kind](obj[key]):
+        raise UserError(f"{where} has {key!r} set to {_show(obj[key])}, not {kind}; check that the file is in "
+                        "this task's format.")
     return obj[key]
 
 
 def _label(value, mapping, where):
     if value is None or value == "":
         return None
-    if value not in mapping:
+    if not isinstance(value, str) or value not in mapping:  # a list would not even be a dict key
         raise UserError(f"{where} has the label {value!r}; expected one of {list(mapping)}.")
     return mapping[value]
 
@@ -316,10 +342,11 @@ def load_arc(path):
     "1".."4" instead of "A".."D"; the letters follow the choices' order either way."""
     records = []
     for where, row in _jsonl(path):
-        choices = _get(_get(row, "question", where), "choices", where)
-        keys = {str(_get(c, "label", where)): LETTERS[i] for i, c in enumerate(choices)}
+        question = _get(row, "question", where, "an object")
+        choices = _get(question, "choices", where, "a list of objects")
+        keys = {_get(c, "label", where): LETTERS[i] for i, c in enumerate(choices)}
         records.append(make_record("choice", _label(row.get("answerKey"), keys, where),
-                                   question=_get(row["question"], "stem", where),
+                                   question=_get(question, "stem", where),
                                    options=[_get(c, "text", where) for c in choices]))
     return records
 
@@ -351,10 +378,13 @@ def load_webqa(path):
     if isinstance(data, dict):
         for qid, item in data.items():
             where = f"{path} question {qid}"
-            evidences = _get(item, "evidences", where).values()
-            answers = [a for ev in evidences for a in _get(ev, "answer", where) if a != "no_answer"]
+            evidences = _get(item, "evidences", where, "an object").values()
+            answers = [a for ev in evidences for a in _get(ev, "answer", where, "a list of strings")
+                       if a != "no_answer"]
             records.append(qa_record(_get(item, "question", where), answers))
         return records
+    if not isinstance(data, list):
+        raise UserError(f"{path} holds {_show(data)}; pass Baidu WebQA's JSON object or WebQuestions' JSON list.")
     for i, item in enumerate(data):
         where = f"{path} record {i}"
         target = _get(item, "targetValue", where)
@@ -369,7 +399,7 @@ def load_nq(path):
     """NQ-open jsonl: {"question", "answer": [aliases]} (EfficientQA's extra fields are ignored)."""
     records = []
     for where, row in _jsonl(path):
-        answers = _get(row, "answer", where)
+        answers = _get(row, "answer", where, "a string or a list of strings")
         records.append(qa_record(_get(row, "question", where), [answers] if isinstance(answers, str) else answers))
     return records
 
@@ -379,10 +409,13 @@ def load_triviaqa(path):
     "NormalizedAliases"}}]}. The output is the normalised value, lower case as in the official
     records; every alias counts for exact match. Files without answers load with output None."""
     records = []
-    for i, item in enumerate(_get(_json(path), "Data", path)):
-        a = item.get("Answer") or {}
-        answers = [a.get("NormalizedValue"), a.get("Value")] + a.get("Aliases", []) + a.get("NormalizedAliases", [])
-        records.append(qa_record(_get(item, "Question", f"{path} record {i}"), answers))
+    for i, item in enumerate(_get(_json(path), "Data", path, "a list")):
+        where = f"{path} record {i}"
+        a = _get(item, "Answer", where, "an object", default={})
+        answers = [_get(a, key, where, default=None) for key in ("NormalizedValue", "Value")]
+        for key in ("Aliases", "NormalizedAliases"):
+            answers += _get(a, key, where, "a list of strings", default=[])
+        records.append(qa_record(_get(item, "Question", where), answers))
     return records
 
 
@@ -398,15 +431,17 @@ def load_tldr(path):
         rows = [(f"{path} record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
     records, seen = [], set()
     for where, row in rows:
-        if "info" in row:
-            info = _get(row, "info", where)
-            refs = [s["text"] for s in _get(row, "summaries", where) if s.get("policy") == "ref"]
-            if not refs or info.get("id") in seen:
+        info = _get(row, "info", where, "an object", default=None)
+        if info is not None:
+            refs = [_get(s, "text", where) for s in _get(row, "summaries", where, "a list of objects")
+                    if _get(s, "policy", where, default=None) == "ref"]
+            post_id = _get(info, "id", where, default=None)
+            if not refs or post_id in seen:
                 continue
-            seen.add(info.get("id"))
+            seen.add(post_id)
             post, summary = _get(info, "post", where), refs[0]
         else:
-            post, summary = _get(row, "post", where), row.get("summary")
+            post, summary = _get(row, "post", where), _get(row, "summary", where, default=None)
         records.append(make_record("summary", summary and summary.strip(), text=post))  # refs start with a space
     return records
 

@@ -2,6 +2,7 @@
 
     python -m pytest -q
 """
+import base64
 import json
 import os
 import random
@@ -11,7 +12,7 @@ import string
 import pytest
 
 import tasks
-from conftest import CME_DIR, FIXTURES, LLAMA2, needs_cme_fixtures
+from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, needs_cme_fixtures
 from data import UserError
 from tasks import (CME_TASKS, TEMPLATES, Task, accuracy, chance_level, evaluate, exact_match, first_sentence,
                    make_record, normalize_answer, qa_record, rouge_l, write_eval_set)
@@ -434,6 +435,24 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("webqa", "q.json", '[{"utterance": "q", "targetValue": "Paris"}]', r"q.json record 0 has the targetValue 'Paris'"),
     ("webqa", "q.json", '[{"utterance": "q",\n "targetValue": }]', r"q.json line 2 is not valid JSON"),
     ("imdb", "train.txt", "pos\tgreat film\nmaybe\tso-so\n", r"train.txt line 2 is not 'pos<TAB>review'"),
+    # a field of the wrong JSON type: one sentence naming the file, the line or record, and the field
+    ("nq", "nq.jsonl", '{"question": "q", "answer": null}\n',
+     r"nq.jsonl line 1 has 'answer' set to null, not a string or a list of strings"),
+    ("nq", "nq.jsonl", '{"question": "q", "answer": ["a"]}\n{"question": "q", "answer": 5}\n',
+     r"nq.jsonl line 2 has 'answer' set to 5, not a string or a list"),
+    ("nq", "nq.jsonl", '{"question": 5, "answer": ["a"]}\n', r"nq.jsonl line 1 has 'question' set to 5, not a string"),
+    ("triviaqa", "t.json", '{"Data": {"Question": "q"}}', r"t.json has 'Data' set to \{.*\}, not a list"),
+    ("triviaqa", "t.json", '{"Data": [{"Question": "q", "Answer": {"Value": "v", "Aliases": 5}}]}',
+     r"t.json record 0 has 'Aliases' set to 5, not a list of strings"),
+    ("oai_sum", "s.json", '[{"info": {"id": "1", "post": "p"}, "summaries": ["s"]}]',
+     r"s.json record 0 has 'summaries' set to \[\"s\"\], not a list of objects"),
+    ("oai_sum", "s.json", '[{"post": "p", "summary": 5}]', r"s.json record 0 has 'summary' set to 5, not a string"),
+    ("oai_sum", "s.json", '[5]', r"s.json record 0 has 5 where an object holding 'info' belongs"),
+    ("webqa", "q.json", '[{"utterance": "q", "targetValue": 5}]', r"q.json record 0 has 'targetValue' set to 5"),
+    ("webqa", "q.json", '5', r"q.json holds 5; pass Baidu WebQA's JSON object or WebQuestions' JSON list"),
+    ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": ["e"]}\n', r"dev.jsonl line 1 has the label"),
+    ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": ["x"]}, "answerKey": "A"}\n',
+     r"arc.jsonl line 1 has 'choices' set to \[\"x\"\], not a list of objects"),
 ]
 
 
@@ -552,6 +571,49 @@ def test_each_task_generates_enough_tokens_for_every_reference_answer_of_its_sam
                 assert len(tok.encode(answer)) + 1 <= task.max_new_tokens, (name, answer)  # + EOS
 
 
+# -----------------------------------------------------------------------------------------------
+# tokenizer files that would crash inside sentencepiece / tiktoken / tokenizers: refused when loaded
+
+@pytest.mark.parametrize("bos, eos, message", [(-1, 2, "bos_id=-1"), (1, -1, "eos_id=-1"),
+                                               (-1, -1, "bos_id=-1 and eos_id=-1")])
+def test_a_sentencepiece_model_without_bos_or_eos_is_refused_naming_which(tmp_path, bos, eos, message):
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 99)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "t"), vocab_size=40,
+                                   hard_vocab_limit=False, unk_id=0, bos_id=bos, eos_id=eos, minloglevel=2)
+    with pytest.raises(UserError, match=f"t.model is a SentencePiece model trained with {message}; the records need "
+                                        "a BOS and an EOS token, so pass a tokenizer.model that has both"):
+        Tokenizer(tmp_path / "t.model")
+
+
+BYTES = [bytes([b]) for b in range(256)]
+
+
+@pytest.mark.parametrize("tokens, message", [  # (token, rank) lines; tiktoken panicked on each, past except Exception
+    ([(b"hello", 0)], "it has no token for the byte 0x00, and tiktoken needs all 256"),
+    ([(t, r) for r, t in enumerate(BYTES) if t != b"h"] + [(b"h", 300)], "its ranks are not 0, 1, 2, ... each once"),
+    ([(t, r) for r, t in enumerate(BYTES)] + [(b"he", 7)], "its ranks are not 0, 1, 2, ... each once"),
+    ([(t, r) for r, t in enumerate(BYTES)] + [(b"he", -1)], "its ranks are not 0, 1, 2, ... each once"),
+    ([(t, r) for r, t in enumerate(BYTES[:104] + BYTES[105:] + [b"he"])], "no token for the byte 0x68"),
+], ids=["one token", "a gap", "a rank twice", "a negative rank", "a byte missing"])
+def test_a_damaged_tiktoken_file_is_refused_when_loaded(tmp_path, tokens, message):
+    pytest.importorskip("tiktoken")
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in tokens))
+    with pytest.raises(UserError, match=f"tokenizer.model is a damaged tiktoken BPE file: .*{re.escape(message)}"):
+        Tokenizer(tmp_path / "tokenizer.model")
+
+
+@pytest.mark.parametrize("config, shown", [
+    ({"eos_token": 5}, "eos_token 5"), ({"eos_token": {"content": 5}}, "eos_token 5"),
+    ({"bos_token": ["<s>"], "eos_token": "<|endoftext|>"}, 'bos_token \\["<s>"\\]'),
+    ({"eos_token": "<|endoftext|>", "pad_token": True}, "pad_token true")])
+def test_a_tokenizer_config_token_that_is_not_a_string_is_refused(tmp_path, config, shown):
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"tokenizer_config.json gives the {shown}, not a token string; put the"):
+        Tokenizer(folder)
+
+
 def test_nq_loader_takes_an_answer_given_as_one_string(tmp_path):
     rows = [{"question": "capital of france", "answer": "Paris"}, {"question": "two", "answer": ["a b", "c"]}]
     (tmp_path / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -564,7 +626,7 @@ def test_qa_answers_leave_out_missing_aliases_so_the_output_is_a_real_answer(tmp
     that exists, and a question without any answer loads unlabelled (output None, no answers)."""
     assert qa_record("q", [None, "", "Paris", "paris", "Paris"]) == {"instruction": "q", "input": "",
                                                                     "output": "Paris", "answers": ["Paris", "paris"]}
-    rows = [{"Question": "q1", "Answer": {"Value": "Rome", "Aliases": ["", "Roma"]}},
+    rows = [{"Question": "q1", "Answer": {"Value": "Rome", "Aliases": ["", "Roma"], "NormalizedAliases": None}},
             {"Question": "q2", "Answer": {"NormalizedValue": "", "Value": "Oslo"}}, {"Question": "q3"}]
     (tmp_path / "t.json").write_text(json.dumps({"Data": rows}))
     records = CME_TASKS["triviaqa"].load(str(tmp_path / "t.json"))

@@ -29,6 +29,16 @@ def _looks_like_tiktoken(path):
     return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/]+=*", first[0])
 
 
+def _bpe_problem(ranks):
+    """What is wrong with a tiktoken file's {token bytes: rank}, or None. tiktoken's Rust side panics (a
+    BaseException, past `except Exception`) on a rank given twice, and on encoding a byte without a token;
+    the specials are numbered after the ranks, so those must be 0 .. n-1, as in Meta's file."""
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        return "its ranks are not 0, 1, 2, ... each once"
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    return f"it has no token for the byte {missing[0]:#04x}, and tiktoken needs all 256" if missing else None
+
+
 class Tokenizer:
     """LLaMA-2 / Chinese-LLaMA-2 SentencePiece model, LLaMA-3 tiktoken file (told apart by content), or a
     Hugging Face tokenizer.json (Qwen2.5, Mistral, ...; a folder holding one works too), read by the
@@ -75,6 +85,10 @@ class Tokenizer:
                             "(LLaMA-3); pass the checkpoint's tokenizer.model") from None
         self.kind, self.vocab_size = "sentencepiece", self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        missing = [name for name, i in (("bos_id=-1", self.bos_id), ("eos_id=-1", self.eos_id)) if i < 0]
+        if missing:  # trained with bos_id=-1 or eos_id=-1: sentencepiece raises IndexError on the piece of id -1
+            raise UserError(f"{self.path} is a SentencePiece model trained with {' and '.join(missing)}; the records "
+                            "need a BOS and an EOS token, so pass a tokenizer.model that has both, as LLaMA-2's does")
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
         # transformers' slow LlamaTokenizer never splits <unk>, <s>, </s> (its special tokens)
         self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id)}
@@ -97,6 +111,10 @@ class Tokenizer:
                 except (ValueError, binascii.Error):
                     raise UserError(f"{self.path} line {n}: expected '<base64 token> <rank>' as in LLaMA-3's "
                                     "tokenizer.model; pass an unmodified tokenizer file") from None
+        problem = _bpe_problem(ranks)
+        if problem:
+            raise UserError(f"{self.path} is a damaged tiktoken BPE file: {problem}; pass the checkpoint's "
+                            "unmodified tokenizer.model")
         self.specials = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIALS)}
         self.enc = tiktoken.Encoding(name=os.path.basename(self.path), pat_str=LLAMA3_PATTERN,
                                      mergeable_ranks=ranks, special_tokens=self.specials)
@@ -128,7 +146,11 @@ class Tokenizer:
 
         def token(key):  # a string, an AddedToken dict ({"content": ...}) or null
             value = config.get(key) if isinstance(config, dict) else None
-            return value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{config_file} gives the {key} {json.dumps(value)[:40]}, not a token string; put "
+                                "the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json")
+            return value
         added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         ids = {name: self.hf.token_to_id(token(name)) if token(name) else None
                for name in ("bos_token", "eos_token", "pad_token")}
