@@ -54,18 +54,22 @@ def _json_kind(value):
 _FIX = 'each record must be an object with "instruction", "input" and "output" strings (or just a "text" string)'
 
 
-def _field(example, key, where, required=True):
-    """example[key] as a string, or a UserError naming `where`, the problem and the fix. An optional
+def _field(example, key, where, required=True, fix=_FIX):
+    """example[key] as a string, or a UserError naming `where`, the problem and `fix`. An optional
     field ("input") may be absent or null: build_dataset.py treats None as empty."""
     if not isinstance(example, dict):
-        raise UserError(f"{where} is {_json_kind(example)}, not an object; {_FIX}")
+        raise UserError(f"{where} is {_json_kind(example)}, not an object; {fix}")
     if required and key not in example:
-        raise UserError(f'{where} has no "{key}"; {_FIX}')
+        listed = [k for k, v in example.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if listed:  # {"data": [records]}: the file holds one JSON object, not a list of records
+            raise UserError(f'{where} is one JSON object holding a list of records (under "{listed[0]}"), not a '
+                            "record; save that list itself as the file (a JSON list of records) or as JSONL")
+        raise UserError(f'{where} has no "{key}"; {fix}')
     value = example.get(key)
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise UserError(f'{where}: "{key}" is {_json_kind(value)}, not a string; {_FIX}')
+        raise UserError(f'{where}: "{key}" is {_json_kind(value)}, not a string; {fix}')
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # JSON allows "\ud800" alone; tokenizers do not
@@ -109,6 +113,7 @@ def encode_example(tokenizer, example, max_len=1024):
 
 _BLANK = re.compile(r"[ \t\r\n]*")
 _READ = 1 << 20  # characters read at a time from a JSON list
+_TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
 
 
 def _iter_json_list(path):
@@ -159,6 +164,8 @@ def _iter_json_list(path):
                     real = len(buf) - e.pos > _READ // 2 and not e.msg.startswith("Unterminated string")
                     if real or not fill():
                         fail(e.pos, f"record {index} is not valid JSON ({e.msg})")
+                except RecursionError:  # too deep in what was read already: more text cannot help
+                    fail(pos, f"record {index} {_TOO_DEEP}")
             yield index, record
             index, pos = index + 1, end
             char = peek()
@@ -173,12 +180,19 @@ def _iter_json_list(path):
 
 def _file_kind(path):
     """'list' for a JSON list, 'jsonl' for one object per line; a UserError for anything else."""
+    if os.path.isdir(path):
+        raise UserError(f"input {path} is a folder, not a file; pass the data files in it (--input {path}/*.jsonl)")
     if not os.path.isfile(path):
         raise UserError(f"input file {path} not found; check the --input path")
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if re.match(rb"\xff\xfe|\xfe\xff|[\[{]\x00|\x00[\[{]", head):  # a byte-order mark, or "[" / "{" as 2 bytes
+        raise UserError(f"{path} is UTF-16 text, not UTF-8; save it as UTF-8")
     if head[:1] == b"[":
         return "list"
+    if head[:1] == b"{" and head.split(b"\n", 1)[0].strip() == b"{":  # never a whole JSONL record
+        raise UserError(f"{path} holds one JSON object spread over lines, not a list of records; save the records "
+                        "as a JSON list, or as JSONL (one record per line)")
     if head[:1] == b"{":
         return "jsonl"
     what = "is empty" if not head else f"starts with {head[:20]!r}"
@@ -235,6 +249,8 @@ def _encode_chunk(job):
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); each line of a "
                                     "JSONL file must be one whole JSON object") from None
+                except RecursionError:
+                    raise UserError(f"{where} {_TOO_DEEP}; fix or remove that record") from None
             source, target = _encode_parts(_WORKER_TOKENIZER, payload, where)
         except UserError as e:
             return ("error", str(e))
@@ -312,14 +328,28 @@ def _write_shards(tmp, inputs, kinds, tok, max_len, val_fraction, seed, workers,
     return files, splits, np.dtype(dtype).name
 
 
+FORMAT = "teamlora-shards-1"  # summary.json's "format": what tells prepare's summary.json from a user's
 PREPARE_FILES = tuple(f"{split}.{part}.bin" for split in ("train", "val")
                       for part in ("tokens", "offsets", "prompt_lens")) + ("summary.json",)
 
 
+def _is_summary(path):
+    """Whether the file at path is a summary.json that prepare wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):  # ValueError: not JSON or not UTF-8
+        return False
+
+
 def _foreign_files(folder):
-    """The names in `folder` that prepare does not write (folders and links count as foreign)."""
-    return sorted(name for name in os.listdir(folder) if name not in PREPARE_FILES
-                  or os.path.islink(os.path.join(folder, name)) or not os.path.isfile(os.path.join(folder, name)))
+    """The names in `folder` that prepare does not write: folders, links, other names, and a summary.json that
+    is not prepare's (one that a user wrote is never replaced)."""
+    def own(name):
+        path = os.path.join(folder, name)
+        return (name in PREPARE_FILES and os.path.isfile(path) and not os.path.islink(path)
+                and (name != "summary.json" or _is_summary(path)))
+    return sorted(name for name in os.listdir(folder) if not own(name))
 
 
 def _inside(path, folder):
@@ -376,12 +406,13 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
     if not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file, not a folder; choose another --out")
     foreign = _foreign_files(out_dir)
-    if foreign and os.path.isfile(os.path.join(out_dir, "summary.json")):
+    if foreign and "summary.json" not in foreign and os.path.isfile(os.path.join(out_dir, "summary.json")):
         raise UserError(f"{out_dir} holds files that prepare did not write ({_listed(foreign)}) beside a previous "
                         "prepare's output; move them out or choose another --out")
     if foreign:
+        theirs = f'; its summary.json is not prepare\'s (no "format": "{FORMAT}")' if "summary.json" in foreign else ""
         raise UserError(f"{out_dir} exists and is not the output of a previous prepare (it holds "
-                        f"{_listed(foreign)}); choose another --out")
+                        f"{_listed(foreign)}{theirs}); choose another --out")
 
 
 def _move_into(tmp, out_dir):
@@ -441,7 +472,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
                   "answer away entirely; pass a larger --max_len to keep them", file=sys.stderr)
         sha256 = file_sha256(tok.path)
         summary = dict(
-            format="teamlora-shards-1", max_len=max_len, val_fraction=val_fraction, seed=seed, dtype=dtype,
+            format=FORMAT, max_len=max_len, val_fraction=val_fraction, seed=seed, dtype=dtype,
             vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
             tokenizer=dict(path=tok.path, kind=tok.kind, sha256=sha256), splits=splits, files=files,
             **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
@@ -517,6 +548,8 @@ def read_jsonl(path):
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
+                except RecursionError:
+                    raise UserError(f"{path} line {n} {_TOO_DEEP}; fix or remove that line.") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
                 yield f"{path} line {n}", obj
@@ -551,6 +584,8 @@ def _read_summary(path):
         raise UserError(f"{summary_path} is not valid JSON (line {e.lineno}: {e.msg}); {again}") from None
     except UnicodeDecodeError:
         raise UserError(f"{summary_path} is not UTF-8 text; {again}") from None
+    except RecursionError:
+        raise UserError(f"{summary_path} {_TOO_DEEP}; {again}") from None
     if not isinstance(summary, dict):
         raise UserError(f"{summary_path} holds {_json_kind(summary)}, not a prepare summary; {again}")
     for key, ok, want in (("splits", lambda v: isinstance(v, dict), "an object"),
@@ -574,7 +609,7 @@ class TokenDataset:
     instead of training on part of the data."""
 
     def __init__(self, path, split="train"):
-        path = os.fspath(path)
+        self.path = path = os.fspath(path)
         self.summary = _read_summary(path)
         if split not in self.summary["splits"]:
             raise UserError(f"{path} has no split {split!r}; the splits are {list(self.summary['splits'])}")
@@ -605,6 +640,22 @@ class TokenDataset:
             raise UserError(f"{name('prompt_lens')} holds prompt lengths that leave a record no answer token; {again}")
         check_size("tokens", tokens, dtype)
         self.tokens = np.memmap(name("tokens"), dtype, mode="r") if tokens else np.zeros(0, dtype)
+
+    def check_tokenizer(self, tok):
+        """Refuse a tokenizer other than the one the shards were made with, before any id reaches the model: by
+        its SHA-256, or where summary.json lacks it (older outputs) by its size, or by the shards' largest id."""
+        made = self.summary.get("tokenizer") if isinstance(self.summary.get("tokenizer"), dict) else {}
+        size, theirs = self.summary.get("vocab_size"), str(made.get("path", "path unknown"))
+        if made.get("sha256"):
+            same = made["sha256"] == file_sha256(tok.path)
+        elif type(size) is int:
+            same, theirs = size == tok.vocab_size, f"{theirs}, {size:,} tokens"
+        else:
+            top = int(self.tokens.max()) if len(self.tokens) else -1
+            same, theirs = top < tok.vocab_size, f"{theirs}; the shards hold the id {top:,}"
+        if not same:
+            raise UserError(f"tokenizer {tok.path} ({tok.vocab_size:,} tokens) is not the one {self.path} was made "
+                            f"with ({theirs}); pass that one, or run data.py prepare again with this one.")
 
     def __len__(self):
         return len(self.lengths)

@@ -52,21 +52,46 @@ def task_of(name):
     return ALL_TASKS[name]
 
 
+_EVAL_FIX = ('an evaluation record needs "instruction" and "output" strings ("input" may be empty) and, for QA, '
+             '"answers" as a list of strings; write evaluation sets with python tasks.py.')
+
+
+def check_eval_record(record, where):
+    """The record, if it holds every field that its prompt and its task's scorer read; else a UserError naming
+    `where` (file and line), so that it stops the run before training, not after it."""
+    if record.get("output") is None:
+        raise UserError(f'{where} is not an evaluation record: it has no "output" (the reference); {_EVAL_FIX}')
+    for key in ("instruction", "input", "output"):
+        data._field(record, key, where, required=key != "input", fix=_EVAL_FIX)
+    answers = record.get("answers") or []  # the aliases exact match accepts; none: the output alone
+    if not isinstance(answers, list):
+        raise UserError(f'{where}: "answers" is {data._json_kind(answers)}, not a list of strings; {_EVAL_FIX}')
+    for answer in answers:
+        if not isinstance(answer, str):
+            raise UserError(f'{where}: "answers" holds {data._json_kind(answer)} where only strings belong; '
+                            f"{_EVAL_FIX}")
+    return record
+
+
 def load_eval_sets(cfg):
+    """task name -> (Task, records) for each <task>.jsonl in eval_dir, every record checked (check_eval_record)."""
     folder = cfg["eval_dir"]
     if not os.path.isdir(folder):
         raise UserError(f"eval_dir '{folder}' does not exist; write one with python tasks.py, or set --eval_dir.")
-    names = sorted(f[:-6] for f in os.listdir(folder) if f.endswith(".jsonl"))
+    files = sorted(os.listdir(folder))
+    skipped = [f for f in files if f.endswith(".json")]  # tasks.py writes a JSON list for --out NAME.json
+    if skipped:
+        raise UserError(f"eval_dir '{folder}' holds {skipped[0]}: evaluation sets are JSONL, one record per line; "
+                        f"write them with python tasks.py --out {os.path.join(folder, '<task>.jsonl')}.")
+    names = [f[:-6] for f in files if f.endswith(".jsonl")]
     if not names:
         raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
     sets = {}
     for name in names:
-        task, records = task_of(name), []
-        for where, record in data.read_jsonl(os.path.join(folder, name + ".jsonl")):
-            if not isinstance(record.get("instruction"), str) or record.get("output") is None:
-                raise UserError(f"{where} is not an evaluation record: it needs an \"instruction\" string and an "
-                                "\"output\" (write evaluation sets with python tasks.py).")
-            records.append(record)
+        task, path = task_of(name), os.path.join(folder, name + ".jsonl")
+        records = [check_eval_record(record, where) for where, record in data.read_jsonl(path)]
+        if not records:
+            raise UserError(f"{path} holds no records; write it again with python tasks.py, or remove it.")
         sets[name] = (task, records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)
     return sets
 

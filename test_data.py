@@ -6,8 +6,10 @@ import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -300,6 +302,7 @@ def tiny_spm(tmp_path_factory):
 
 
 GOOD = '{"instruction": "a", "input": "", "output": "b"}'
+DEEP = '{"instruction": "a", "output": ' + "[" * 100_000 + "]" * 100_000 + "}"  # deeper than JSON parsers recurse
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -320,6 +323,13 @@ GOOD = '{"instruction": "a", "input": "", "output": "b"}'
     ("latin1.json", b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]', r"latin1.json is not UTF-8"),
     ("surrogate.jsonl", b'{"instruction": "\\ud800", "output": "b"}\n',
      r'line 1: "instruction" holds a lone surrogate'),
+    ("deep.jsonl", f"{GOOD}\n{DEEP}\n", r"deep.jsonl line 2 is nested too deeply"),
+    ("deep.json", f"[{GOOD},\n{DEEP}]", r"deep.json line 2: record 1 is nested too deeply"),
+    ("utf16.jsonl", f"{GOOD}\n".encode("utf-16"), r"utf16.jsonl is UTF-16 text, not UTF-8; save it as UTF-8"),
+    ("utf16le.jsonl", f"{GOOD}\n".encode("utf-16-le"), r"utf16le.jsonl is UTF-16 text"),
+    ("object.json", f'{{"data": [{GOOD}]}}',
+     r'object.json line 1 is one JSON object holding a list of records \(under "data"\)'),
+    ("pretty.json", f'{{\n "data": [{GOOD}]\n}}\n', r"pretty.json holds one JSON object spread over lines, not a list"),
 ])
 def test_malformed_input_stops_with_file_place_and_fix_and_leaves_nothing(tmp_path, tiny_spm, name, content, message):
     tokenizer = tiny_spm
@@ -420,6 +430,17 @@ def test_prepare_refuses_an_out_holding_what_it_did_not_write_and_loses_nothing(
     if case != "out is a file":
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
         assert len(TokenDataset(out)) == 3  # the previous output is intact
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", ['{"my": 1}', "notes", '{"format": "mine"}'])
+def test_prepare_refuses_an_out_whose_summary_json_is_a_users_and_keeps_it(tmp_path, tiny_spm, content):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.json").write_text(content)
+    with pytest.raises(UserError, match=f"{out} exists and is not the output of a previous prepare .*summary.json"):
+        prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, out, workers=1)
+    assert os.listdir(out) == ["summary.json"] and (out / "summary.json").read_text() == content
     assert leftovers(tmp_path) == []
 
 
@@ -546,6 +567,22 @@ def test_broken_jsonl_line_is_named_by_file_and_line(tmp_path, tiny_spm, workers
     assert os.listdir(tmp_path) == ["broken.jsonl"]
 
 
+def test_deep_nesting_is_one_sentence_from_worker_processes_and_read_jsonl(tmp_path, tiny_spm):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(f"{GOOD}\n{GOOD}\n{DEEP}\n")
+    with pytest.raises(UserError, match=f"{path} line 3 is nested too deeply"):
+        prepare([path], tiny_spm, tmp_path / "out", workers=2)
+    with pytest.raises(UserError, match=f"{path} line 3 is nested too deeply"):
+        list(data.read_jsonl(path))
+    assert os.listdir(tmp_path) == ["deep.jsonl"]
+
+
+def test_an_input_folder_is_named_as_a_folder_not_as_missing(tmp_path, tiny_spm):
+    (tmp_path / "records").mkdir()
+    with pytest.raises(UserError, match=f"input {tmp_path / 'records'} is a folder, not a file; pass the data files"):
+        prepare([tmp_path / "records"], tiny_spm, tmp_path / "out", workers=1)
+
+
 @pytest.mark.parametrize("inside", [True, False])
 def test_tokenizer_folder_is_named_with_the_file_to_pass(tmp_path, tiny_spm, inside):
     folder = tmp_path / "llama"
@@ -587,8 +624,9 @@ def test_prepare_removes_what_killed_prepares_left_and_nothing_else(tmp_path, ti
     assert len(TokenDataset(out)) == 3  # the kills came before the move: the old output is whole
     old = tmp_path / f"out.tmp-{dead_pid()}.old"  # an older version's name for the output it swapped out
     old.mkdir()
-    (old / "summary.json").write_text("{}")
+    (old / "summary.json").write_text(json.dumps({"format": data.FORMAT}))
     kept = {tmp_path / f"out.tmp-{dead_pid()}": "notes.txt",  # not prepare's files: the user's folder
+            tmp_path / f"out.tmp-{dead_pid()}": "summary.json",  # not prepare's summary.json ("keep me")
             tmp_path / f"out.tmp-{os.getppid()}": "summary.json",  # a process that runs
             tmp_path / f"other.tmp-{dead_pid()}": "summary.json"}  # another output's
     for folder, name in kept.items():
@@ -634,6 +672,28 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     assert summary["dtype"] == "uint32" and TokenDataset(tmp_path / "out").tokens.dtype == np.uint32
     assert shard_records(tmp_path / "out") == [(ids, labels.count(-100)) for ids, labels in
                                                (encode_example(tok, e) for e in examples)]
+
+
+def test_shards_refuse_a_tokenizer_other_than_theirs_even_without_its_sha256(tmp_path, tiny_spm):
+    """An output whose summary.json lacks the tokenizer's SHA-256 (or its size) with a smaller tokenizer would
+    end in an IndexError in the embedding: check_tokenizer stops it before step 1."""
+    spm.SentencePieceTrainer.train(input=str(write_records(tmp_path / "corpus.txt", 50)), vocab_size=280,
+                                   model_prefix=str(tmp_path / "small"), byte_fallback=True, minloglevel=2)
+    prepare([write_records(tmp_path / "d.jsonl", 3, long=2)], tiny_spm, tmp_path / "out", workers=1)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    mine, small = Tokenizer(tiny_spm), Tokenizer(tmp_path / "small.model")
+    for drop in ((), ("sha256",), ("sha256", "vocab_size")):
+        cut = {k: v for k, v in summary.items() if k not in drop}
+        cut["tokenizer"] = {k: v for k, v in summary["tokenizer"].items() if k not in drop}
+        (tmp_path / "out" / "summary.json").write_text(json.dumps(cut))
+        ds = TokenDataset(tmp_path / "out")
+        ds.check_tokenizer(mine)
+        with pytest.raises(UserError, match=f"tokenizer {small.path} \\(280 tokens\\) is not the one {ds.path} was"):
+            ds.check_tokenizer(small)
+    top = int(ds.tokens.max())  # without either, the largest id in the shards decides
+    ds.check_tokenizer(types.SimpleNamespace(path="t.model", vocab_size=top + 1))
+    with pytest.raises(UserError, match=f"the shards hold the id {top:,}"):
+        ds.check_tokenizer(types.SimpleNamespace(path="t.model", vocab_size=top))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1000,6 +1060,39 @@ def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):
         list(data.read_jsonl(path))
     path.write_text(f"{GOOD}\n\n{GOOD}\n")
     assert [where for where, _ in data.read_jsonl(path)] == [f"{path} line 1", f"{path} line 3"]
+
+
+@pytest.mark.parametrize("name, record, message", [
+    ("qa", dict(output=5), '"output" is a number, not a string'),
+    ("qa", dict(output=["a"]), '"output" is a list, not a string'),
+    ("sentiment", dict(output=5), '"output" is a number, not a string'),
+    ("qa", dict(answers=["b", 2]), '"answers" holds a number where only strings belong'),
+    ("qa", dict(answers="b"), '"answers" is a string, not a list of strings'),
+    ("qa", {"input": 5}, '"input" is a number, not a string'),
+    ("qa", {"input": "\ud800"}, '"input" holds a lone surrogate'),
+    ("qa", {"instruction": None}, '"instruction" is null, not a string'),
+])
+def test_evaluation_records_are_checked_when_loaded_with_file_and_line(tmp_path, name, record, message):
+    """train.py loads eval_dir before step 1: every field the prompts and the scorers read is checked there, not
+    after training."""
+    import evaluation
+    good = {"instruction": "q", "input": "", "output": "b", "answers": ["b", "bee"]}
+    (tmp_path / f"{name}.jsonl").write_text(f"{json.dumps(good)}\n{json.dumps(dict(good, **record))}\n")
+    with pytest.raises(UserError, match=f'{tmp_path / name}.jsonl line 2: {re.escape(message)}') as failure:
+        evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
+    assert "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("qa.jsonl", "\n", "qa.jsonl holds no records; write it again with python tasks.py"),
+    ("qa.json", "[]", "holds qa.json: evaluation sets are JSONL, one record per line; write them with python tasks.py"),
+])
+def test_an_empty_or_json_list_evaluation_set_is_refused_when_loaded(tmp_path, name, content, message):
+    import evaluation
+    (tmp_path / "nli.jsonl").write_text(json.dumps({"instruction": "q", "output": "neutral"}) + "\n")
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError, match=re.escape(message)):
+        evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -511,10 +511,8 @@ VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer'
 
 def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
-    cfg, made_with, vocab = r.cfg, train_ds.summary.get("tokenizer", {}), r.args.vocab_size
-    if made_with.get("sha256") and made_with["sha256"] != data.file_sha256(r.tok.path):  # a folder: its file
-        raise UserError(f"tokenizer {cfg['tokenizer']} is not the one {cfg['data_dir']} was made with "
-                        f"({made_with.get('path')}); pass that one, or run data.py prepare again with this one.")
+    cfg, vocab = r.cfg, r.args.vocab_size
+    train_ds.check_tokenizer(r.tok)
     if not vocab - VOCAB_PADDING < r.tok.vocab_size <= vocab:
         raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model {vocab:,}, so it is not "
                         "the tokenizer the base model was trained with: pass that one.")
