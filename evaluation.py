@@ -163,7 +163,7 @@ def evaluate(model, r):
     """(task -> score, task -> expert load) on the evaluation sets in eval_dir."""
     scores, loads = {}, {}
     for name, (task, records) in r.eval_sets.items():
-        room = r.args.max_seq_len - task.max_new_tokens
+        room = r.args.context - task.max_new_tokens  # a sliding-window model runs no longer sequences
         prompts = [prompt_ids(r.tok, rec, room) for rec in records]
         scores[name] = tasks.evaluate(task, generate_all(model, prompts, task.max_new_tokens, r), records)
         if r.multi_expert:

@@ -68,6 +68,11 @@ class ModelArgs:
                              "key/value head must serve a whole group of query heads")
 
     @property
+    def context(self):
+        """The longest sequence this model runs: max_seq_len, or its sliding window where that is shorter."""
+        return min(self.max_seq_len, self.sliding_window or self.max_seq_len)
+
+    @property
     def ffn_hidden_dim(self):
         # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices instead of two), scaled, rounded up
         if self.hidden_dim is not None:

@@ -291,3 +291,14 @@ def test_a_tokenizer_far_smaller_than_the_base_models_vocabulary_is_refused_befo
                tmp_path / "wide.pt")
     fails(train_flags(run_data, tmp_path / "a", f"--init_from={tmp_path / 'wide.pt'}", "--eval_dir="), capsys,
           f"{saved['vocab_size']:,} tokens", f"the base model {args.vocab_size:,}", "not the tokenizer")
+
+
+def test_a_sliding_window_models_evaluation_cuts_prompts_to_its_window_not_to_max_seq_len(run_data, tmp_path):
+    windowed = base_with(run_data, tmp_path / "window.pt", sliding_window=128)  # max_seq_len stays 256
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    long_question = "Who directed The Silver Harbor? " * 20  # about 200 tokens: past the window, within 256
+    (evals / "qa.jsonl").write_text(f'{{"instruction": "{long_question}", "output": "Kimo Res"}}\n')
+    summary = train.train(train.parse_config(train_flags(run_data, tmp_path / "a", f"--init_from={windowed}",
+                                                         f"--eval_dir={evals}", "--max_iters=1")))
+    assert set(summary["scores"]) == {"qa"}

@@ -520,7 +520,7 @@ def preflight(r, train_ds, val_ds):
     if len(train_ds) and not answered.any():
         raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every training record (the shortest "
                         f"prompt has {int(train_ds.prompt_lens.min())} tokens): raise --max_len.")
-    context = min(r.args.max_seq_len, r.args.sliding_window or r.args.max_seq_len)  # the base model's reach
+    context = r.args.context
     longest = max([int(ds.lengths.max(initial=0)) for ds in (train_ds, val_ds) if ds is not None])
     if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
         raise UserError(f"max_len={cfg['max_len']} makes rows longer than the {context} tokens the base model "
