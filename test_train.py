@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,9 +85,10 @@ def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys
 
 
 POSITIVE_KEYS = ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval", "log_interval",
-                 "eval_batch_size", "alpha", "grad_clip", "dry_run_world_size")
-NON_NEGATIVE_KEYS = ("threads", "learning_rate", "warmup_iters", "eval_iters", "eval_limit", "load_layers",
-                     "balance_coef", "weight_decay", "seed")  # seed: numpy's generators take no negative one
+                 "eval_batch_size", "alpha", "grad_clip", "dry_run_world_size", "load_layers")
+NON_NEGATIVE_KEYS = ("learning_rate", "warmup_iters", "eval_iters", "eval_limit", "balance_coef", "weight_decay")
+# threads: 100,000 OpenMP threads crash the process; seed: numpy takes no negative one, torch none of 2**64 or more
+BOUNDED_KEYS = {"threads": (0, 1024, "[0, 1024]"), "seed": (0, 2**63 - 1, "[0, 2**63)")}
 
 
 def test_every_numeric_key_refuses_values_out_of_its_range_and_takes_its_boundary():
@@ -99,6 +101,17 @@ def test_every_numeric_key_refuses_values_out_of_its_range_and_takes_its_boundar
         with pytest.raises(UserError, match=rf"config key '{key}' must be 0 or more, got -1"):
             train.parse_config([f"--{key}=-1"])
         assert train.parse_config([f"--{key}=0"])[key] == 0
+    for key, (low, high, shown) in BOUNDED_KEYS.items():
+        for bad in (low - 1, high + 1):
+            with pytest.raises(UserError, match=rf"config key '{key}' must be in {re.escape(shown)}, got {bad}"):
+                train.parse_config([f"--{key}={bad}"])
+        assert [train.parse_config([f"--{key}={v}"])[key] for v in (low, high)] == [low, high]
+    for key in [k for k, v in train.DEFAULTS.items() if isinstance(v, float)]:  # 1e309 reads as inf
+        for bad in ("1e309", "-1e309"):
+            with pytest.raises(UserError, match=rf"config key '{key}' must be a finite number, got -?inf"):
+                train.parse_config([f"--{key}={bad}"])
+    with pytest.raises(UserError, match=r"config key 'alpha' in flag --alpha=1\d+ is too large for a float"):
+        train.parse_config([f"--alpha={10**400}"])
     for key in ("dropout", "beta1", "beta2"):
         for bad in (-0.1, 1.0):
             with pytest.raises(UserError, match=rf"config key '{key}' must be in \[0, 1\), got {bad}"):
@@ -311,9 +324,9 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
     assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
     (tmp_path / "r16.py").write_text("r = 16\n")  # a config file's keys are set by the user as much as flags
     with pytest.raises(train.UserError,
-                       match=r"learning_rate, r cannot change when resuming \(the run was learning_rate=0.003, r=8\)"):
+                       match=r"dropout, r cannot change when resuming or re-scoring \(the run was dropout=0.1, r=8\)"):
         train.train(train.parse_config([str(tmp_path / "r16.py"), f"--out_dir={tmp_path / 'part'}",
-                                        "--init_from=resume", "--learning_rate=1e-3"]))
+                                        "--init_from=resume", "--dropout=0.2"]))
 
 
 def test_a_resume_keeps_the_thread_count_the_run_chose(run_data, tmp_path, monkeypatch):
@@ -1068,7 +1081,7 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
 
     import checkpoint
     a = _tiny_adapter_model(seed=1)
-    cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}
+    cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False, "eval_only": False}
     dev = torch.device("cpu")
     states = []
     for seed in (10, 11):  # what rank 0 and rank 1 hold when the checkpoint is written

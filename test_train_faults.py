@@ -137,7 +137,7 @@ def test_faults_of_evaluation_and_data_are_found_before_step_1(run_data, tmp_pat
     fails(train_flags(run_data, tmp_path / "d", "--max_len=3"), capsys, "max_len=3", "every training record")
     occupied = tmp_path / "file"
     occupied.write_text("a file where out_dir should be")
-    fails(train_flags(run_data, occupied, "--eval_dir="), capsys, occupied, "not writable")
+    fails(train_flags(run_data, occupied, "--eval_dir="), capsys, occupied, "is a file, not a folder")
     assert not any((tmp_path / d / "ckpt.pt").exists() for d in "abcd")  # nothing trained
 
 
@@ -302,3 +302,85 @@ def test_a_sliding_window_models_evaluation_cuts_prompts_to_its_window_not_to_ma
     summary = train.train(train.parse_config(train_flags(run_data, tmp_path / "a", f"--init_from={windowed}",
                                                          f"--eval_dir={evals}", "--max_iters=1")))
     assert set(summary["scores"]) == {"qa"}
+
+
+def test_overwrite_replaces_the_old_run_only_once_the_new_one_is_sure_to_start(run_data, tmp_path, capsys):
+    out = finished_run(run_data, tmp_path / "run")
+    before = contents(out)
+    fails(train_flags(run_data, out, "--overwrite=True", "--targets=w1,nope", "--eval_dir="), capsys, "nope")
+    fails(train_flags(run_data, out, "--overwrite=True", "--max_len=3", "--eval_dir="), capsys, "every training record")
+    assert contents(out) == before  # a refused setting leaves the old run whole
+    full = finished_run(run_data, tmp_path / "full", "--adapter=none")
+    fails(train_flags(run_data, full, "--overwrite=True", f"--init_from={full / 'model.pt'}", "--eval_dir="), capsys,
+          "model.pt is the run in", "would replace")
+    assert (full / "model.pt").is_file()
+    train.main(train_flags(run_data, out, "--overwrite=True", "--max_iters=1", "--eval_dir="))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 1
+
+
+def test_eval_only_scores_a_run_by_its_own_config_not_the_command_lines(run_data, tmp_path):
+    first = train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--alpha=4.0", "--dropout=0.2",
+                                                       "--max_iters=4", "--eval_interval=4")))
+    again = train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--eval_only=True")))
+    assert again["config"]["alpha"] == 4.0 and again["scores"] == first["scores"]
+    with pytest.raises(train.UserError, match=r"alpha cannot change when resuming or re-scoring"):
+        train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--eval_only=True", "--alpha=8.0")))
+
+
+def test_a_diverged_run_stops_before_its_step_or_checkpoint_and_resumes_at_a_lower_rate(run_data, tmp_path, capsys,
+                                                                                         monkeypatch):
+    out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
+    good = contents(out)
+    monkeypatch.setattr(train.evaluation, "val_loss", lambda *a: float("nan"))
+    fails(train_flags(run_data, out, "--init_from=resume", "--max_iters=4"), capsys,
+          "validation loss became nan at step 3", "--learning_rate")
+    assert contents(out)["ckpt.pt"] == good["ckpt.pt"]  # the NaN model was not saved over the good one
+    monkeypatch.undo()
+    monkeypatch.setattr(train.torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
+    fails(train_flags(run_data, tmp_path / "b", "--eval_dir="), capsys, "gradient norm became inf at step 0",
+          "nothing was saved yet")
+    monkeypatch.undo()
+    resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=4",
+                                              "--learning_rate=1e-4"]))
+    assert resumed["step"] == 4 and resumed["config"]["learning_rate"] == 1e-4
+
+
+def test_run_files_that_are_folders_and_settings_that_would_be_ignored_are_refused_before_step_1(run_data, tmp_path,
+                                                                                                 capsys):
+    (tmp_path / "a" / "ckpt.pt").mkdir(parents=True)
+    fails(train_flags(run_data, tmp_path / "a", "--eval_dir="), capsys, "ckpt.pt is not a file")
+    fails(train_flags(run_data, tmp_path / "b", "--load_layers=5"), capsys, "load_layers=5", "has 4 layers")
+    fails(train_flags(run_data, tmp_path / "c", "--adapter=lora", "--competition=True"), capsys, "competition=True")
+    fails(train_flags(run_data, tmp_path / "d", "--targets= ,"), capsys, "'targets' is empty")
+    fails(train_flags(run_data, tmp_path / "e", "--eval_only=True", "--eval_dir="), capsys, "set --eval_dir")
+    fails([tmp_path, *train_flags(run_data, tmp_path / "f")], capsys, "is a folder, not a file")
+    assert not any((tmp_path / d).exists() for d in "bcdef") and os.listdir(tmp_path / "a") == ["ckpt.pt"]
+
+
+def test_flags_override_config_files_wherever_they_stand(tmp_path):
+    (tmp_path / "c.py").write_text("max_iters = 5\nr = 16\n")
+    cfg = train.parse_config(["--max_iters=7", str(tmp_path / "c.py")])
+    assert (cfg["max_iters"], cfg["r"]) == (7, 16)
+
+
+def test_a_damaged_optimizer_state_in_ckpt_pt_is_one_sentence_on_resume(run_data, tmp_path, capsys):
+    out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "optimizer": {"state": {}}}, out / "ckpt.pt")  # no param_groups
+    fails(train_flags(run_data, out, "--init_from=resume", "--max_iters=4"), capsys, "ckpt.pt is damaged",
+          "optimizer or random state")
+
+
+def test_running_out_of_cpu_memory_is_the_out_of_memory_sentence(capsys, monkeypatch):
+    for error in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 800000000000 bytes.")):
+        def fail(cfg, error=error):
+            raise error
+        monkeypatch.setattr(train, "train", fail)
+        with pytest.raises(SystemExit) as exit_:
+            train.main([])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 3 and err.startswith("error: out of memory") and "Traceback" not in err
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(RuntimeError("another failure")))
+    with pytest.raises(RuntimeError, match="another failure"):  # only the allocator's words mean memory
+        train.main([])

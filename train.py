@@ -14,6 +14,7 @@ finish (the scores, from evaluation.py).
 import ast
 import builtins
 import difflib
+import errno
 import json
 import math
 import os
@@ -125,14 +126,19 @@ def typed(key, value, defaults, origin):
     if default is None or (isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            digits = len(str(value))
+            raise UserError(f"config key '{key}' in {origin} is too large for a float ({digits} digits).") from None
     raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
 
 
 def parse_config(argv):
-    """[config/FILE.py] [--key=value ...] -> a full config dict (defaults overridden in that order)."""
+    """[config/FILE.py] [--key=value ...] -> a full config dict: the defaults, overridden by the config files,
+    overridden by the flags (wherever they stand among the files)."""
     cfg, explicit = dict(DEFAULTS), set()
-    for arg in argv:
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files in their order, then flags
         if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
             continue
         if arg.startswith("--"):
@@ -141,7 +147,8 @@ def parse_config(argv):
             explicit.add(key)
             continue
         if not os.path.isfile(arg):
-            raise UserError(f"config file '{arg}' does not exist; the configs are in config/.")
+            what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
+            raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
         namespace = {}
         try:  # builtins.compile: this module's `compile` is a config key
             exec(builtins.compile(open(arg).read(), arg, "exec"), namespace)
@@ -160,16 +167,29 @@ def parse_config(argv):
 _positive, _non_negative, _fraction = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0 <= v < 1)
 RANGES = [(k, _positive, "positive") for k in ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts",
                                                "eval_interval", "log_interval", "eval_batch_size", "alpha",
-                                               "grad_clip", "dry_run_world_size")] + \
-         [(k, _non_negative, "0 or more") for k in ("threads", "learning_rate", "warmup_iters", "eval_iters",
-                                                    "eval_limit", "load_layers", "balance_coef", "weight_decay",
-                                                    "seed")] + \
+                                               "grad_clip", "dry_run_world_size", "load_layers")] + \
+         [(k, _non_negative, "0 or more") for k in ("learning_rate", "warmup_iters", "eval_iters", "eval_limit",
+                                                    "balance_coef", "weight_decay")] + \
          [(k, _fraction, "in [0, 1)") for k in ("dropout", "beta1", "beta2")] + \
-         [("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+         [("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"), ("threads", lambda v: 0 <= v <= 1024, "in [0, 1024]"),
+          ("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
           ("lr_decay_iters", lambda v: v is None or (type(v) is int and v > 0), "None or a positive integer")]
 
 
 def check_config(cfg):
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value}.")
+    for key in ("out_dir", "data_dir", "tokenizer", "init_from"):
+        if not str(cfg[key]).strip():
+            raise UserError(f"config key '{key}' is empty; give it a path (see the defaults in train.py).")
+    if cfg["eval_only"] and not cfg["eval_dir"]:
+        raise UserError("eval_only=True scores the run on eval_dir, which is empty; set --eval_dir.")
+    if cfg["adapter"] != "none" and not cfg["targets"].strip(" ,"):
+        raise UserError("config key 'targets' is empty; name the linear layers to adapt, e.g. --targets=w1,w2,w3.")
+    if cfg["competition"] and cfg["adapter"] in ("lora", "none"):
+        raise UserError(f"competition=True weighs several experts, and adapter={cfg['adapter']} has none; use "
+                        "adapter=teamlora, moelora or hydralora, or leave competition at None.")
     choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
                "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum")}
     if cfg["competition"] not in (None, True, False):
@@ -349,6 +369,12 @@ def init_adapters(model, seed):
             for n, t in m.initial_lora_state().items()}
 
 
+def inject_targets(model, cfg):
+    """The adapters on cfg's targets, one target at a time: a target that names no layer (a typo) is refused."""
+    for target in dict.fromkeys(t.strip() for t in cfg["targets"].split(",") if t.strip()):
+        teamlora.inject(model, target, dropout=cfg["dropout"], **adapter_kwargs(cfg))
+
+
 def build_model(cfg, dev, vocab_size, world):
     """Base + adapters, built on the meta device, sharded (FSDP) or not, then filled in."""
     args, weights = base_weights(cfg, vocab_size)
@@ -357,8 +383,7 @@ def build_model(cfg, dev, vocab_size, world):
         model = Transformer(args).to(torch.float32 if full else getattr(torch, cfg["dtype"]))
     model.gradient_checkpointing = cfg["activation_checkpointing"]
     if not full:
-        targets = tuple(t.strip() for t in cfg["targets"].split(",") if t.strip())
-        teamlora.inject(model, targets, dropout=cfg["dropout"], **adapter_kwargs(cfg))
+        inject_targets(model, cfg)
     if checkpoint.sharded(cfg):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         # bf16 (or fp32) base as stored, fp32 adapters, gradients reduced in fp32
@@ -401,16 +426,18 @@ def get_lr(step, cfg):
 
 
 RESUME_MAY_CHANGE = ("threads", "max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size",
-                     "log_interval", "device", "fsdp", "activation_checkpointing", "compile", "tf32", "out_dir")
+                     "log_interval", "device", "fsdp", "activation_checkpointing", "compile", "tf32", "out_dir",
+                     "learning_rate", "eval_dir")
 
 
 def resume_config(cfg):
     """(cfg, checkpoint or None). A resume takes the run's own config from its ckpt.pt, with only
     the keys of RESUME_MAY_CHANGE that the user set changed (a CPU run resumed on a GPU machine
-    stays on the CPU unless --device says otherwise)."""
-    if cfg["init_from"] != "resume":
-        return cfg, None
+    stays on the CPU unless --device says otherwise). eval_only scores a run with a ckpt.pt by its own config too:
+    an adapter trained with other settings than the command line's would score wrong without a word."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] != "resume" and not (cfg["eval_only"] and os.path.isfile(path)):
+        return cfg, None
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
     ckpt = checkpoint.load_checkpoint(path)
@@ -421,7 +448,7 @@ def resume_config(cfg):
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if fixed:
         was = ", ".join(f"{k}={saved[k]!r}" for k in fixed)
-        raise UserError(f"{', '.join(fixed)} cannot change when resuming (the run was {was}); "
+        raise UserError(f"{', '.join(fixed)} cannot change when resuming or re-scoring (the run was {was}); "
                         f"only {', '.join(RESUME_MAY_CHANGE)} can.")
     cfg = {**saved, **{k: cfg[k] for k in changed}}
     if cfg["max_iters"] < ckpt["iter"] and not cfg["eval_only"]:
@@ -487,23 +514,36 @@ RUN_FILES = ("ckpt.pt", "adapter.pt", "model.pt", "results.json")
 
 def claim_out_dir(r, resuming):
     """Before a run trains: out_dir must not hold another run (unless overwrite=True replaces it), must
-    be writable, and loses the temporary files of processes that were killed while writing."""
-    out = r.cfg["out_dir"]
-    found = [f for f in RUN_FILES + ("log.jsonl",) if os.path.isfile(os.path.join(out, f))]
+    be writable, and loses the temporary files of processes that were killed while writing. Returns the
+    old run's files that overwrite=True replaces: setup removes them once the new run is sure to start."""
+    out, src = r.cfg["out_dir"], r.cfg["init_from"]
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"out_dir {out} is a file, not a folder; choose another --out_dir.")
+    found = [f for f in RUN_FILES + ("log.jsonl",) if os.path.lexists(os.path.join(out, f))]
+    for f in found:
+        if not os.path.isfile(os.path.join(out, f)):
+            raise UserError(f"{os.path.join(out, f)} is not a file, but the run writes its {f} there; move it "
+                            "away or choose another --out_dir.")
     if found and not resuming and not r.cfg["overwrite"]:
         raise UserError(f"{out} already holds a run ({', '.join(found)}); continue it with --init_from=resume, "
                         "choose another --out_dir, or pass --overwrite=True to replace it.")
+    if found and not resuming and any(os.path.isfile(src) and os.path.samefile(src, os.path.join(out, f))
+                                      for f in found):
+        raise UserError(f"init_from {src} is the run in {out} that overwrite=True would replace; copy it elsewhere "
+                        "or choose another --out_dir.")
     if not r.master:
-        return
+        return []
+    existing = os.path.abspath(out)  # made only once the run is sure to start (setup): a refusal leaves nothing
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise UserError(f"out_dir {out} is not writable ({e.strerror or e}); choose another --out_dir.") from None
-    if found and not resuming:  # overwrite=True: nothing of the old run stays beside the new one
-        for f in found:
-            os.remove(os.path.join(out, f))
     data.remove_stale_temporaries(out, RUN_FILES)
+    return [] if resuming else found  # overwrite=True: nothing of the old run stays beside the new one
 
 
 VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
@@ -525,6 +565,9 @@ def preflight(r, train_ds, val_ds):
     if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
         raise UserError(f"max_len={cfg['max_len']} makes rows longer than the {context} tokens the base model "
                         f"attends over: set --max_len={context} or less.")
+    if r.multi_expert and cfg["load_layers"] > r.args.n_layers:
+        raise UserError(f"load_layers={cfg['load_layers']} but the model has {r.args.n_layers} layers; set "
+                        f"--load_layers={r.args.n_layers} or less.")
     r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}
     for name, (task, _) in r.eval_sets.items():
         if task.max_new_tokens >= context:
@@ -539,14 +582,17 @@ def preflight(r, train_ds, val_ds):
 def setup(r, resuming):
     """Tokenizer, data, model (DDP-wrapped under torchrun without FSDP) and optimizer of a run."""
     cfg = r.cfg
-    if not cfg["eval_only"]:
-        claim_out_dir(r, resuming)
+    replaced = [] if cfg["eval_only"] else claim_out_dir(r, resuming)
     r.tok = Tokenizer(cfg["tokenizer"])
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
     has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
     val_ds = data.TokenDataset(cfg["data_dir"], "val") if has_val else None
     raw, r.args = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
+    if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        for f in replaced:
+            os.remove(os.path.join(cfg["out_dir"], f))
     model = raw
     if r.world > 1 and not cfg["fsdp"]:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -559,10 +605,16 @@ def setup(r, resuming):
 def restore(r, raw, opt, ckpt):
     """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
     checkpoint.load_state(raw, ckpt["state"], r.cfg)
-    checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
-    checkpoint.set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
-    if r.master and r.cfg["adapter"] != "none":  # a kill between the two writes left the adapter behind
-        checkpoint.save_weights(r, ckpt["state"])
+    try:
+        checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
+        checkpoint.set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
+    except UserError:
+        raise
+    except (KeyError, TypeError, IndexError, ValueError) as e:  # a file edited by hand, or another program's
+        raise UserError(f"{r.cfg['out_dir']}/ckpt.pt is damaged: its optimizer or random state does not load "
+                        f"({type(e).__name__}: {e}); resume from a copy, or start the run again.") from None
+    if r.master and r.cfg["adapter"] != "none" and not r.cfg["eval_only"]:  # a kill between the two writes left
+        checkpoint.save_weights(r, ckpt["state"])  # the adapter behind
     r.say(f"resumed from {r.cfg['out_dir']}/ckpt.pt at step {ckpt['iter']}")
     return ckpt["iter"]
 
@@ -583,6 +635,15 @@ def slice_seed(seed, step, part):
     """The random seed of slice `part` of global batch `step`: dropout draws the same masks for that slice whether
     a rank or an accumulation step computes it, and on a resume (like data.get_batch's rows)."""
     return int(np.random.SeedSequence([seed, step, part]).generate_state(1, np.uint64)[0])
+
+
+def check_finite(what, value, step, cfg):
+    """Stop a run that diverged before its next optimizer step or checkpoint: the last one saved stays good."""
+    if not math.isfinite(value):
+        kept = (f"the last good checkpoint in {cfg['out_dir']} is kept: resume it with --init_from=resume and a lower "
+                "--learning_rate" if os.path.isfile(os.path.join(cfg["out_dir"], "ckpt.pt")) else
+                "nothing was saved yet: start again with a lower --learning_rate")
+        raise UserError(f"the {what} became {value} at step {step}; {kept}.")
 
 
 def train_step(r, model, raw, opt, dataset, step):
@@ -616,12 +677,9 @@ def train_step(r, model, raw, opt, dataset, step):
         totals += torch.stack([ce.detach().float(), b["valid"].sum().float()])
     ce_sum, n_tokens = evaluation.all_reduce_sum(totals, r.world).tolist()
     train_loss = ce_sum / max(b["n_answer_global"], 1)
-    if not math.isfinite(train_loss):
-        kept = (f"the last good checkpoint in {cfg['out_dir']} is kept: lower learning_rate (or use dtype='float32') "
-                "and resume with --init_from=resume" if os.path.isfile(os.path.join(cfg["out_dir"], "ckpt.pt")) else
-                "nothing was saved yet: lower learning_rate (or use dtype='float32') and start again")
-        raise UserError(f"the loss became {train_loss} at step {step}; {kept}.")
-    torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg["grad_clip"])  # the trainable ones
+    check_finite("loss", train_loss, step, cfg)
+    norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg["grad_clip"])  # the trainable ones
+    check_finite("gradient norm", float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), step, cfg)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return train_loss, lr, n_tokens
@@ -665,6 +723,7 @@ def run(r, ckpt=None):
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
                 if val_ds is not None:
                     summary["val_loss"] = vl = evaluation.val_loss(model, val_ds, r)
+                    check_finite("validation loss", vl, step, cfg)
                     if r.master:
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
@@ -711,8 +770,7 @@ def check_full_config(cfg):
         model = Transformer(args)
     n_base = model.num_params()
     if cfg["adapter"] != "none":
-        targets = tuple(t.strip() for t in cfg["targets"].split(",") if t.strip())
-        teamlora.inject(model, targets, dropout=cfg["dropout"], **adapter_kwargs(cfg))
+        inject_targets(model, cfg)
     n_train = sum(p.numel() for p in trainable(model))
     world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
@@ -766,7 +824,10 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in str(e):  # the CPU allocator's words
+            raise
         print("error: out of memory: lower batch_size per process (raise grad_accum to keep the global batch), "
               "or set activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
         code = 3
