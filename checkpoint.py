@@ -13,6 +13,7 @@ plain types, so no file can run code when loaded.
 import os
 import pickle
 import random
+import textwrap
 from dataclasses import asdict
 
 import numpy as np
@@ -51,6 +52,9 @@ def save_atomic(obj, path):
 def load_pt(path, what):
     """torch.load with weights_only=True, so that no file can run code; a truncated or foreign file is
     one sentence naming it. Memory-mapped: tensors are read when copied to their place."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty (a copy or a save that did not finish), not a {what}; restore it or start "
+                        "from another checkpoint.")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickle it
@@ -59,7 +63,7 @@ def load_pt(path, what):
                         "or a crafted file); start the run anew, or resume it with the version that wrote it."
                         ) from None
     except Exception as e:  # zip errors, EOF, OS errors: a file that is not what it claims
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = textwrap.shorten(str(e).strip().splitlines()[0], 120) if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable {what} (truncated, corrupt, or not written by train.py: "
                         f"{reason}); restore it or start from another checkpoint.") from None
 

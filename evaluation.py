@@ -77,7 +77,8 @@ def load_eval_sets(cfg):
     """task name -> (Task, records) for each <task>.jsonl in eval_dir, every record checked (check_eval_record)."""
     folder = cfg["eval_dir"]
     if not os.path.isdir(folder):
-        raise UserError(f"eval_dir '{folder}' does not exist; write one with python tasks.py, or set --eval_dir.")
+        what = "is a file, not a folder of <task>.jsonl files" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"eval_dir '{folder}' {what}; write one with python tasks.py, or set --eval_dir.")
     files = sorted(os.listdir(folder))
     skipped = [f for f in files if f.endswith(".json")]  # tasks.py writes a JSON list for --out NAME.json
     if skipped:

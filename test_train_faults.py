@@ -384,3 +384,13 @@ def test_running_out_of_cpu_memory_is_the_out_of_memory_sentence(capsys, monkeyp
     monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(RuntimeError("another failure")))
     with pytest.raises(RuntimeError, match="another failure"):  # only the allocator's words mean memory
         train.main([])
+
+
+def test_paths_of_the_wrong_kind_are_named_for_what_they_are(run_data, tmp_path, capsys):
+    (tmp_path / "base.pt").mkdir()
+    fails(train_flags(run_data, tmp_path / "a", f"--init_from={tmp_path / 'base.pt'}"), capsys, "is a folder")
+    fails(train_flags(run_data, tmp_path / "b", f"--eval_dir={REPO / 'README.md'}"), capsys, "is a file, not a folder")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    fails(train_flags(run_data, tmp_path / "c", f"--init_from={tmp_path / 'empty.pt'}"), capsys, "empty.pt is empty")
+    fails(["config/cme_llama2_7b.py", "--dry_run=True", "--batch_size=4"], capsys, "batch_size=4 must be a multiple",
+          "dry_run_world_size=8")

@@ -338,8 +338,8 @@ def base_weights(cfg, vocab_size):
         return args, Transformer(args).state_dict()
     if src.endswith(".pt"):
         if not os.path.isfile(src):
-            raise UserError(f"base checkpoint '{src}' does not exist; train one (adapter='none') "
-                            "or use init_from='scratch'.")
+            what = "is a folder, not a .pt file" if os.path.isdir(src) else "does not exist"
+            raise UserError(f"base checkpoint '{src}' {what}; train one (adapter='none') or use init_from='scratch'.")
         ckpt = checkpoint.load_pt(src, "base model")
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
             what = "an adapter" if checkpoint.is_adapter_file(ckpt) else "not a base model written by train.py"
@@ -773,6 +773,9 @@ def check_full_config(cfg):
         inject_targets(model, cfg)
     n_train = sum(p.numel() for p in trainable(model))
     world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
+    if cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
+                        f"{world * cfg['grad_accum']} (dry_run_world_size={world}).")
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
     est = memory_estimate(args, n_base, n_train, cfg, world, micro)
     print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, "
