@@ -12,6 +12,7 @@ adapter each answer says which experts the prompt recruited: the mean share of e
 tokens in the last load_layers blocks, as in the results table of train.py.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -24,19 +25,21 @@ import train
 from errors import UserError
 from tokenizer import Tokenizer
 
+LOADING = dict(eval_only=True, fsdp=False, compile=False, activation_checkpointing=False)  # read, one process, eager
+
 
 def load_run(out_dir, device="auto"):
     """(model in eval mode, train.Run) of the run in out_dir as its ckpt.pt left it."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; point --out_dir at the folder of a run of train.py.")
-    ckpt = checkpoint.load_checkpoint(path)
-    cfg = {**train.DEFAULTS, **ckpt["config"], "device": device, "fsdp": False, "compile": False,
-           "activation_checkpointing": False}  # one process, eager: what decoding needs
+    saved, ckpt = train.saved_config(path)  # checked again, as a resume checks it
+    cfg = {**saved, "device": device, **LOADING}
     for key in ("tokenizer", "init_from"):
         if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
-            raise UserError(f"the run's {key} {cfg[key]} is not found from here; run sample.py in the folder that "
-                            "train.py ran in (the run's paths are relative to it).")
+            fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
+                   "run sample.py in the folder that train.py ran in (the run's paths are relative to it)")
+            raise UserError(f"the run's {key} {cfg[key]} is not found from here; {fix}.")
     r = train.Run(cfg, device=torch.device(train.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
     model, r.args = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
     checkpoint.load_state(model, ckpt["state"], cfg)
@@ -74,6 +77,18 @@ def records_of(args):
     return records
 
 
+def check_args(parser, args):
+    """The flags' own errors, before any file is read (parser.error: one sentence, exit 2)."""
+    if args.instruction is None and not args.records:
+        parser.error("give --instruction (and --input) or --records")
+    if args.max_new_tokens <= 0 or args.limit < 0:
+        parser.error("--max_new_tokens must be positive and --limit at least 0")
+    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN fails both, as in model.generate
+        parser.error("--temperature must be a finite number >= 0 and --top_p in (0, 1]")
+    if args.temperature == 0 and args.top_p != 1:
+        parser.error("--top_p applies to sampling only: give --temperature > 0 with it (temperature 0 is greedy)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,15 +99,13 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=10, help="answer the first this many of --records (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0, help="sampling only (temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (temperature > 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
-    if args.instruction is None and not args.records:
-        parser.error("give --instruction (and --input) or --records")
-    if args.max_new_tokens <= 0 or args.limit < 0:
-        parser.error("--max_new_tokens must be positive and --limit at least 0")
+    check_args(parser, args)
     try:
+        train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed})  # train's names and range
         records = records_of(args)
         model, r = load_run(args.out_dir, args.device)
         if r.device.type == "cpu":

@@ -5,6 +5,7 @@ each method at the learning rate it does best with on validation data.
     python study.py                  # learning-rate selection, then 5 seeds of every run
     python study.py --quick          # a smoke version of the same protocol (about 10 minutes)
     python study.py --seeds=11,12,13 # other seeds (a count, 5, means 1..5)
+    python study.py --runs=lora32,teamlora  # some of the runs (default: all)
     python study.py --report         # print the tables again from the finished runs
 
 The protocol, fixed before any final run:
@@ -23,7 +24,8 @@ Each run is train.py with one configuration (the code path of a real run), fine-
 that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
 run is not run again and a stopped one resumes, so an interrupted study continues where it stopped.
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
-when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda).
+when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
+keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
 """
 import json
 import math
@@ -36,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import data
 import train
 
-OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, runs="", quick=False,
+OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, runs="all", quick=False,
                val_dir="data/mini_cme/val")
 GRID = (2.5e-4, 6.3e-4, 1.6e-3, 4e-3)  # one grid for every method: x2.5 apart, 16x in all
 SELECTION_SEED = 0
@@ -79,6 +81,7 @@ TABLES = {
         ("off (balance_coef=0)", "teamlora_bal0"), ("default (0.01, mean over layers)", "teamlora"),
         ("official (1.0, sum over layers)", "teamlora_balsum")],
 }
+INSTEAD = dict(seed="seeds", max_iters="steps", eval_interval="steps", out_dir="out")  # a run's key -> the study's
 CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "full": "F"}  # Figure 4b: run -> mark
 
 
@@ -97,16 +100,25 @@ def parse(argv):
         elif key in OPTIONS:
             opts[key] = train.typed(key, value, OPTIONS, f"flag {arg}")
         else:
-            extra.append(arg)  # a train.py key: checked by train.parse_config below
+            extra.append(arg)  # a train.py key: checked below (not one a run sets) and by train.parse_config
     if type(opts["seeds"]) is int:
         opts["seeds"] = tuple(range(1, opts["seeds"] + 1))
     opts["grid"] = GRID
     if opts["quick"]:
         opts.update({k: v for k, v in QUICK.items() if k != "eval_limit"}, out=opts["out"] + "_quick")
-    names = [n for n in opts["runs"].split(",") if n] or list(RUNS)
+    names = list(RUNS) if opts["runs"] == "all" else list(dict.fromkeys(n for n in opts["runs"].split(",") if n))
+    if not names:
+        raise data.UserError(f"--runs={opts['runs']} names no run; give run names separated by commas, or leave "
+                             "--runs out for all of them.")
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise data.UserError(f"unknown run(s) {', '.join(unknown)}; runs are: {', '.join(RUNS)}.")
+    own = {train.parse_flag(f)[0] for n in RUNS for f in run_flags(n, 1, GRID[0], opts, [])}  # what each run fixes
+    for key in (train.parse_flag(arg)[0] for arg in extra):
+        if key in own:
+            fix = (f"use --{INSTEAD[key]} instead" if key in INSTEAD else
+                   "remove it (study.py's RUNS, COMMON and GRID fix it)")
+            raise data.UserError(f"--{key} is set by the study for each of its runs; {fix}.")
     if SELECTION_SEED in opts["seeds"] or opts["steps"] < 1 or opts["workers"] < 1:
         raise data.UserError(f"steps and workers must be positive, and seed {SELECTION_SEED} is the selection "
                              "runs' own: choose final seeds from 1 up.")

@@ -130,6 +130,38 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
         assert "Traceback" not in "\n".join(err)
 
 
+def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path, capsys):
+    """An infinite or NaN temperature, --top_p under greedy decoding (it would be ignored), a seed outside torch's
+    range and a device train.py does not know: one sentence each (train's own for the last two), before sample.py
+    reads any run."""
+    seed = "config key 'seed' must be in [0, 2**63)"
+    cases = [("--temperature=inf", "--temperature must be a finite number"), ("--temperature=nan", "finite number"),
+             ("--top_p=0.5", "--top_p applies to sampling only"), (f"--seed={10 ** 23}", seed), ("--seed=-1", seed),
+             ("--device=tpu", "config key 'device' must be auto, cpu, cuda or cuda:N")]
+    for flag, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out_dir", str(tmp_path / "none"), "--instruction", "x", flag])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), (flag, err)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"r": "abc"}, "config key 'r' in {ckpt} must be of type int, got 'abc'."),
+    ({"adapter": "dora"}, "config key 'adapter' must be one of"),
+    ({"tokenizer": "/nowhere/tokenizer.model"}, "/nowhere/tokenizer.model is not found from here; it was moved or "
+                                                 "deleted since the run: put it back there.")])
+def test_a_hand_edited_or_moved_run_config_is_checked_as_a_resume_checks_it(runs, tmp_path, capsys, edit, message):
+    """sample.py reads a ckpt.pt's config through train.resume_config (typed and check_config again); an absolute
+    path that is gone is not blamed on relative paths."""
+    ckpt = torch.load(runs["teamlora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], **edit}}, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out_dir", str(tmp_path), "--instruction", "x", "--max_new_tokens=4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message.format(ckpt=tmp_path / "ckpt.pt") in err[-1], err
+    assert "Traceback" not in "\n".join(err) and "relative" not in err[-1]
+
+
 def test_a_qwen3_folder_fine_tunes_through_train_py_and_answers_through_sample_py(tmp_path, capsys):
     """The newest family end to end: a Qwen3 checkpoint and tokenizer written by transformers and tokenizers (four
     heads of 32 over a width of 64, per-head q/k norms), adapters on the FFN and on wq, a short run, then sample.py."""

@@ -15,17 +15,19 @@ import train
 from model import Transformer
 
 
-def small_study_flags(run_data, out, *more):
+def small_study_flags(monkeypatch, run_data, out, *more):
+    """The study's flags on the small suite; its runs' own settings (refused as flags) shrunk in COMMON."""
+    monkeypatch.setitem(study.COMMON, "eval_limit", 4)
+    monkeypatch.setitem(study.COMMON, "r", 8)
     return [f"--data_dir={run_data / 'tokens'}", f"--eval_dir={run_data / 'test'}", f"--val_dir={run_data / 'val'}",
             f"--tokenizer={run_data / 'tokenizer.model'}", f"--init_from={run_data / 'base.pt'}",
-            "--max_len=128", "--batch_size=8", "--eval_limit=4", "--r=8", "--eval_batch_size=32", f"--out={out}",
-            "--seeds=2", "--steps=3", *more]
+            "--max_len=128", "--batch_size=8", "--eval_batch_size=32", f"--out={out}", "--seeds=2", "--steps=3", *more]
 
 
 def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(study, "GRID", (1e-3, 4e-3))
     out = tmp_path / "study"
-    flags = small_study_flags(run_data, out, "--runs=lora32,hydralora,teamlora")
+    flags = small_study_flags(monkeypatch, run_data, out, "--runs=lora32,hydralora,teamlora")
     results = study.main(flags)
     printed = capsys.readouterr().out
     report = (out / "report.md").read_text()
@@ -111,6 +113,29 @@ def test_study_rejects_unknown_runs_and_train_keys(capsys):
     with pytest.raises(SystemExit):
         study.main(["--learning_rat=1e-3", "--report"])
     assert "unknown config key 'learning_rat'" in capsys.readouterr().err
+
+
+def test_train_keys_that_the_study_sets_for_its_runs_and_an_empty_selection_are_refused(tmp_path):
+    """A train.py key that run_flags sets would override the protocol (one out_dir for every run, another rate, seed
+    or length): refused, naming the study's option where it has one; other keys still reach every run."""
+    for flag, fix in (("--out_dir=x", "use --out instead"), ("--seed=3", "use --seeds instead"),
+                      ("--max_iters=7", "use --steps instead"), ("--learning_rate=0.5", "remove it"),
+                      ("--adapter=lora", "remove it"), ("--r=8", "remove it"), ("--eval_limit=4", "remove it")):
+        with pytest.raises(study.data.UserError, match=f"^{flag.partition('=')[0]} is set by the study .*; {fix}"):
+            study.parse([flag])
+    for runs in ("--runs=,", "--runs="):
+        with pytest.raises(study.data.UserError, match="names no run"):
+            study.parse([runs])
+    assert study.parse(["--runs=lora8,lora8"])[2] == ["lora8"]  # a run listed twice is run (and averaged) once
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--eval_dir=TEST", "--device=cpu"])
+    assert names == list(study.RUNS) and extra == ["--eval_dir=TEST", "--device=cpu"]
+    folders = set()
+    for name in names:
+        for eval_dir in (None, "VAL"):
+            cfg = train.parse_config(study.run_flags(name, 1, 1e-3, opts, extra, eval_dir=eval_dir))
+            assert cfg["eval_dir"] == (eval_dir or "TEST") and cfg["device"] == "cpu" and cfg["seed"] == 1
+            folders.add(cfg["out_dir"])
+    assert len(folders) == 2 * len(names)  # every run its own folder
 
 
 def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
@@ -247,7 +272,7 @@ def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monke
                 code = e.code
         return study.subprocess.CompletedProcess(cmd, code)
     monkeypatch.setattr(study.subprocess, "run", in_process)
-    opts, extra, _ = study.parse(small_study_flags(run_data, tmp_path, "--eval_dir="))  # no scoring: fast
+    opts, extra, _ = study.parse(small_study_flags(monkeypatch, run_data, tmp_path, "--eval_dir="))  # no scoring: fast
     real_forward = Transformer.forward
 
     def nan_loss(self, *a, **k):

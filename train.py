@@ -430,6 +430,15 @@ RESUME_MAY_CHANGE = ("threads", "max_iters", "eval_only", "eval_limit", "eval_in
                      "learning_rate", "eval_dir")
 
 
+def saved_config(path):
+    """(config, checkpoint) of the ckpt.pt at path: the config checked again as if typed (a file edited by hand)."""
+    ckpt = checkpoint.load_checkpoint(path)
+    saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the run was saved takes its default
+    saved.update((k, typed(k, saved[k], DEFAULTS, path)) for k in DEFAULTS)
+    check_config(saved)
+    return saved, ckpt
+
+
 def resume_config(cfg):
     """(cfg, checkpoint or None). A resume takes the run's own config from its ckpt.pt, with only
     the keys of RESUME_MAY_CHANGE that the user set changed (a CPU run resumed on a GPU machine
@@ -440,10 +449,7 @@ def resume_config(cfg):
         return cfg, None
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
-    ckpt = checkpoint.load_checkpoint(path)
-    saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the run was saved takes its default
-    saved.update((k, typed(k, saved[k], DEFAULTS, path)) for k in DEFAULTS)  # a file edited by hand: checked again
-    check_config(saved)
+    saved, ckpt = saved_config(path)
     changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != saved[k]]
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if fixed:
