@@ -482,6 +482,12 @@ def build_demo(cfg):
         print(f"base model written to {cfg['init_from']}; now fine-tuning")
 
 
+def check_batch_split(cfg, world):
+    if cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
+                        f"{world * cfg['grad_accum']}.")
+
+
 def on_sigterm(signum, frame):
     """SLURM and Kubernetes send SIGTERM before they kill a job: stop like Ctrl-C, with a checkpoint."""
     raise KeyboardInterrupt
@@ -499,9 +505,7 @@ def train(cfg):
     try:
         if cfg["dry_run"]:
             return check_full_config(cfg) if rank == 0 else {}
-        if world > 1 and cfg["batch_size"] % (world * cfg["grad_accum"]):
-            raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
-                            f"{world * cfg['grad_accum']}.")
+        check_batch_split(cfg, world)
         if rank == 0:
             build_demo(cfg)
         if world > 1:
@@ -779,9 +783,7 @@ def check_full_config(cfg):
         inject_targets(model, cfg)
     n_train = sum(p.numel() for p in trainable(model))
     world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
-    if cfg["batch_size"] % (world * cfg["grad_accum"]):
-        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
-                        f"{world * cfg['grad_accum']} (dry_run_world_size={world}).")
+    check_batch_split(cfg, world)
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
     est = memory_estimate(args, n_base, n_train, cfg, world, micro)
     print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, "
