@@ -635,10 +635,17 @@ def test_an_interrupted_demo_pretraining_continues_where_it_stopped(tmp_path, mo
     cfg = train.parse_config(["--max_iters=1", "--eval_limit=1", "--model=tiny"])
     with pytest.raises(train.UserError, match="pretraining the demo's base stopped at step 2; run the same command"):
         train.train(cfg)
+    out = capsys.readouterr().out
+    assert "continue with the same command" in out and "--init_from=resume" not in out  # one instruction, not two
     assert not (tmp_path / "data/mini_cme/base.pt").exists()  # a half-trained base never passes for the base
+    saved = torch.load(tmp_path / "data/mini_cme/pretrain/ckpt.pt", weights_only=True)["config"]
+    assert saved["threads"] == torch.get_num_threads()  # recorded, so the resume rounds as the run did
     monkeypatch.setattr(data, "get_batch", real_get_batch)
     train.train(cfg)
     assert "resumed from data/mini_cme/pretrain/ckpt.pt at step 2" in capsys.readouterr().out
+    assert (tmp_path / "data/mini_cme/base.pt").is_file()
+    (tmp_path / "data/mini_cme/base.pt").unlink()  # a user deletes the base: the next run builds it again
+    train.train(train.parse_config(["--max_iters=1", "--eval_limit=1", "--model=tiny", "--overwrite=True"]))
     assert (tmp_path / "data/mini_cme/base.pt").is_file()
 
 

@@ -3,6 +3,7 @@ file or key (exit code 2, no traceback), found before step 1, and nothing a user
 
     python -m pytest -q
 """
+import json
 import os
 import signal
 import subprocess
@@ -394,3 +395,37 @@ def test_paths_of_the_wrong_kind_are_named_for_what_they_are(run_data, tmp_path,
     fails(train_flags(run_data, tmp_path / "c", f"--init_from={tmp_path / 'empty.pt'}"), capsys, "empty.pt is empty")
     fails(["config/cme_llama2_7b.py", "--dry_run=True", "--batch_size=4"], capsys,
           "batch_size=4 must be a multiple of processes x grad_accum")
+
+
+@pytest.mark.parametrize("env", [dict(RANK="0"), dict(RANK="0", LOCAL_RANK="0"), dict(RANK="abc", LOCAL_RANK="0",
+                                 WORLD_SIZE="2"), dict(RANK="3", LOCAL_RANK="0", WORLD_SIZE="2")])
+def test_torchrun_variables_set_partly_or_wrongly_are_one_sentence_not_a_hang(run_data, tmp_path, capsys, monkeypatch,
+                                                                              env):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(train.UserError, match=r"run under torchrun, or unset RANK"):
+        train.train(train.parse_config(train_flags(run_data, tmp_path / "a", "--eval_dir=")))
+
+
+def test_data_without_training_records_is_refused_before_step_1(run_data, tmp_path, capsys):
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join('{"instruction": "q %d", "input": "", "output": "a"}\n' % i for i in range(3)))
+    folder = tmp_path / "tokens"
+    prepare([str(records)], str(run_data / "tokenizer.model"), str(folder), max_len=64, quiet=True)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["splits"]["train"].update(records=0, tokens=0)  # what a prepare with --val_fraction near 1 left
+    for part in ("tokens", "prompt_lens"):
+        (folder / f"train.{part}.bin").write_bytes(b"")
+    (folder / "train.offsets.bin").write_bytes(bytes(8))  # one offset: 0
+    (folder / "summary.json").write_text(json.dumps(summary))
+    fails(train_flags(run_data, tmp_path / "a", f"--data_dir={folder}", "--eval_dir="), capsys, "no training records")
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
+    base = torch.load(run_data / "base.pt", weights_only=True)
+    summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True"]))
+    n_base = sum(t.numel() for t in base["model"].values())
+    assert summary["base_params"] == n_base and f"{n_base:,} base parameters" in capsys.readouterr().out

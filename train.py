@@ -225,6 +225,7 @@ class Run:
     tok: Tokenizer = None
     args: ModelArgs = None
     eval_sets: dict = None  # task name -> (Task, records), read before step 1
+    resume_with: str = "--init_from=resume"  # what continues this run after an interruption
 
     @property
     def master(self):
@@ -299,7 +300,14 @@ def setup_distributed(cfg):
     dev = resolve_device(cfg)
     if "RANK" not in os.environ:
         return 0, 1, torch.device(dev)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    try:  # torchrun sets all three; a launcher of its own, or a shell, may set them partly or wrongly
+        rank, local_rank, world = (int(os.environ[n]) for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if not (0 <= rank < world and 0 <= local_rank < world):
+            raise ValueError
+    except (KeyError, ValueError):
+        found = ", ".join(f"{n}={os.environ.get(n)}" for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        raise UserError(f"the environment sets {found}, not a rank and local rank below WORLD_SIZE as torchrun does; "
+                        "run under torchrun, or unset RANK.") from None
     if dev.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         dev = f"cuda:{local_rank}"
@@ -471,9 +479,16 @@ def build_demo(cfg):
         print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
               "(once, a few minutes)...")
         stopped = os.path.isfile(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # an interrupted pretraining
+        # overwrite: a finished pretraining left its log.jsonl (a user who deleted base.pt wants a new one)
         pre, ckpt = resume_config({**DEFAULTS, **pretrain, "device": cfg["device"],
-                                   "init_from": "resume" if stopped else "scratch"})
-        summary = run(Run(pre, device=torch.device(resolve_device(cfg))), ckpt)
+                                   "init_from": "resume" if stopped else "scratch", "overwrite": not stopped})
+        threads = torch.get_num_threads()  # the run's; a resumed pretraining keeps its own, as every resume does
+        pre["threads"] = pre["threads"] or threads
+        torch.set_num_threads(pre["threads"])
+        try:
+            summary = run(Run(pre, device=torch.device(resolve_device(cfg)), resume_with="the same command"), ckpt)
+        finally:
+            torch.set_num_threads(threads)
         if summary.get("interrupted"):
             raise UserError(f"pretraining the demo's base stopped at step {summary['step']}; run the same command "
                             "again to continue it.")
@@ -562,6 +577,9 @@ VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer'
 def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
     cfg, vocab = r.cfg, r.args.vocab_size
+    if not len(train_ds):
+        raise UserError(f"{cfg['data_dir']} has no training records; prepare it with a smaller --val_fraction or "
+                        "more records.")
     train_ds.check_tokenizer(r.tok)
     if not vocab - VOCAB_PADDING < r.tok.vocab_size <= vocab:
         raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model {vocab:,}, so it is not "
@@ -741,7 +759,7 @@ def run(r, ckpt=None):
     except KeyboardInterrupt:
         bar.close()
         checkpoint.save_checkpoint(r, raw, opt, step)
-        r.say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with --init_from=resume")
+        r.say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with {r.resume_with}")
         return {**summary, "interrupted": True, "step": step}
     finally:
         bar.close()
@@ -774,6 +792,8 @@ def check_full_config(cfg):
     if os.path.isdir(src):
         with torch.device("meta"):
             args = from_pretrained(src, device="meta").args
+    elif src.endswith(".pt") and os.path.isfile(src):  # ours: its model_args (the weights stay on disk)
+        args = base_weights(cfg, None)[0]
     else:
         args = ModelArgs.from_name(cfg["model"], max_seq_len=max(cfg["max_len"], 256))
     with torch.device("meta"):
