@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import minicme
 import train
 from conftest import LLAMA2, OFFICIAL, needs_fixtures, train_flags
 from data import prepare
@@ -429,3 +430,16 @@ def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
     summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True"]))
     n_base = sum(t.numel() for t in base["model"].values())
     assert summary["base_params"] == n_base and f"{n_base:,} base parameters" in capsys.readouterr().out
+
+
+def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):
+    """The first `python train.py` pretrains the demo's base (minutes) before it fine-tunes: the run's own
+    checks come first, on a meta model of that base's shape."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    (tmp_path / "taken").write_text("a file")
+    for flag, needle in [("--targets=w1,nope", "nope"), ("--batch_mode=pack --max_len=300", "attends over"),
+                         ("--load_layers=5", "load_layers=5"), ("--out_dir=taken", "is a file")]:
+        fails(["--model=tiny", *flag.split()], capsys, needle)
+        assert not (tmp_path / "data/mini_cme/pretrain").exists() and not (tmp_path / "out").exists()
+    assert (tmp_path / "taken").read_text() == "a file"

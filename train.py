@@ -6,14 +6,11 @@ laptop to 8-GPU FSDP. One plain loop, nanoGPT-style:
     python train.py config/cme_llama2_7b.py --dry_run=True         # check a full config, no weights
     torchrun --standalone --nproc_per_node=8 train.py config/cme_llama2_7b.py
 
-Configuration: the defaults below, then a config file (plain Python assignments), then
---key=value flags. An unknown key or a value of the wrong type is an error naming the key.
+Configuration: the defaults below, then config files (plain Python assignments), then --key=value
+flags, read by configurator.py. An unknown key or a value of the wrong type is an error naming the key.
 Reading order: main -> train (resume config, processes, the demo's files) -> run (the loop) ->
 finish (the scores, from evaluation.py).
 """
-import ast
-import builtins
-import difflib
 import errno
 import json
 import math
@@ -34,12 +31,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import configurator
 import data
 import evaluation
 import minicme
 import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
+from configurator import parse_flag, typed  # noqa: F401 (study.py reads them here until it moves)
 from errors import UserError
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -103,62 +102,9 @@ for _key in DEFAULTS:  # every function reads its cfg dict: a stray global read 
     del globals()[_key]
 
 
-def parse_flag(arg):
-    """'--key=value' -> (key, value): a Python literal where the text reads as one (8, 2e-3, True,
-    None), else the text itself (--adapter=lora). study.py reads its own options with it too."""
-    key, eq, text = arg[2:].partition("=")
-    if not arg.startswith("--") or not key:
-        raise UserError(f"argument '{arg}' is not of the form --key=value.")
-    if not eq:
-        raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
-    try:
-        return key, ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return key, text
-
-
-def typed(key, value, defaults, origin):
-    """value for defaults[key], checked against the default's type (an int may stand for a float)."""
-    if key not in defaults:
-        close = difflib.get_close_matches(key, defaults, n=1)
-        raise UserError(f"unknown config key '{key}' in {origin}" + (f"; did you mean '{close[0]}'?" if close else "."))
-    default = defaults[key]
-    if default is None or (isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)):
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:
-            digits = len(str(value))
-            raise UserError(f"config key '{key}' in {origin} is too large for a float ({digits} digits).") from None
-    raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
-
-
 def parse_config(argv):
-    """[config/FILE.py] [--key=value ...] -> a full config dict: the defaults, overridden by the config files,
-    overridden by the flags (wherever they stand among the files)."""
-    cfg, explicit = dict(DEFAULTS), set()
-    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files in their order, then flags
-        if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
-            continue
-        if arg.startswith("--"):
-            key, value = parse_flag(arg)
-            cfg[key] = typed(key, value, DEFAULTS, f"flag {arg}")
-            explicit.add(key)
-            continue
-        if not os.path.isfile(arg):
-            what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
-            raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
-        namespace = {}
-        try:  # builtins.compile: this module's `compile` is a config key
-            exec(builtins.compile(open(arg).read(), arg, "exec"), namespace)
-        except Exception as e:
-            raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {e}); "
-                            "it should hold plain key = value lines.")
-        for key, value in namespace.items():
-            if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
-                cfg[key] = typed(key, value, DEFAULTS, f"config file {arg}")
-                explicit.add(key)
+    """[config/FILE.py] [--key=value ...] -> a full, checked config dict (configurator.py reads it)."""
+    cfg, explicit = configurator.read(argv, DEFAULTS)
     check_config(cfg)
     cfg["_explicit"] = sorted(explicit)  # what the user set: a resume keeps everything else from the run
     return cfg
@@ -336,12 +282,16 @@ def adapter_kwargs(cfg):
     return dict(r=cfg["r"], experts=k, alpha=cfg["alpha"], competition=comp is not False)
 
 
+def scratch_args(cfg, vocab_size):
+    return ModelArgs.from_name(cfg["model"], vocab_size=vocab_size, max_seq_len=max(cfg["max_len"], 256))
+
+
 def base_weights(cfg, vocab_size):
     """(ModelArgs, name -> tensor) of the base. Checkpoint files are memory-mapped, so nothing is
     read into memory before a tensor is copied to its (possibly sharded) place."""
     src = cfg["init_from"]
     if src == "scratch":
-        args = ModelArgs.from_name(cfg["model"], vocab_size=vocab_size, max_seq_len=max(cfg["max_len"], 256))
+        args = scratch_args(cfg, vocab_size)
         torch.manual_seed(cfg["seed"])  # the same random base on every rank and every resume
         return args, Transformer(args).state_dict()
     if src.endswith(".pt"):
@@ -476,6 +426,7 @@ def build_demo(cfg):
     `python train.py` builds them, later ones reuse them): nothing is downloaded."""
     pretrain = minicme.build_demo_data(cfg)
     if pretrain:
+        check_before_pretraining(cfg, pretrain)
         print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
               "(once, a few minutes)...")
         stopped = os.path.isfile(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # an interrupted pretraining
@@ -495,6 +446,19 @@ def build_demo(cfg):
         os.replace(os.path.join(pretrain["out_dir"], "model.pt"), cfg["init_from"])
         os.remove(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # done: the base is the result
         print(f"base model written to {cfg['init_from']}; now fine-tuning")
+
+
+def check_before_pretraining(cfg, pre):
+    """setup's checks of the run, on a meta model shaped as the base the demo is about to pretrain (`pre`): a
+    mistake in the run's settings (a target's name, out_dir, max_len) costs seconds, not the pretraining's minutes."""
+    r = Run(cfg, device=torch.device("meta"), tok=Tokenizer(cfg["tokenizer"]))
+    if not cfg["eval_only"]:
+        claim_out_dir(r, resuming=False)
+    r.args = scratch_args(pre, Tokenizer(pre["tokenizer"]).vocab_size)
+    if cfg["adapter"] != "none":
+        with torch.device("meta"):
+            inject_targets(Transformer(r.args), cfg)
+    preflight(r, *datasets(cfg))
 
 
 def check_batch_split(cfg, world):
@@ -607,14 +571,18 @@ def preflight(r, train_ds, val_ds):
               file=sys.stderr)
 
 
+def datasets(cfg):
+    train_ds = data.TokenDataset(cfg["data_dir"], "train")
+    has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
+    return train_ds, data.TokenDataset(cfg["data_dir"], "val") if has_val else None
+
+
 def setup(r, resuming):
     """Tokenizer, data, model (DDP-wrapped under torchrun without FSDP) and optimizer of a run."""
     cfg = r.cfg
     replaced = [] if cfg["eval_only"] else claim_out_dir(r, resuming)
     r.tok = Tokenizer(cfg["tokenizer"])
-    train_ds = data.TokenDataset(cfg["data_dir"], "train")
-    has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
-    val_ds = data.TokenDataset(cfg["data_dir"], "val") if has_val else None
+    train_ds, val_ds = datasets(cfg)
     raw, r.args = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
     if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole

@@ -1,0 +1,73 @@
+"""
+How a script's settings are read, nanoGPT-style: its defaults (plain module-level assignments in
+train.py), then config files (plain Python assignments, run in the order given), then --key=value
+flags, which win wherever they stand on the command line. A key that is not one of the defaults, or
+a value of another type, is one sentence naming the key and where it was set. train.py reads its
+configuration with `read`; study.py its own options with `parse_flag` and `typed`.
+"""
+import ast
+import builtins
+import difflib
+import os
+
+from errors import UserError
+
+
+def parse_flag(arg):
+    """'--key=value' -> (key, value): a Python literal where the text reads as one (8, 2e-3, True,
+    None), else the text itself (--adapter=lora)."""
+    key, eq, text = arg[2:].partition("=")
+    if not arg.startswith("--") or not key:
+        raise UserError(f"argument '{arg}' is not of the form --key=value.")
+    if not eq:
+        raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
+
+
+def typed(key, value, defaults, origin):
+    """value for defaults[key], checked against the default's type (an int may stand for a float)."""
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
+        raise UserError(f"unknown config key '{key}' in {origin}" + (f"; did you mean '{close[0]}'?" if close else "."))
+    default = defaults[key]
+    if default is None or (isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            digits = len(str(value))
+            raise UserError(f"config key '{key}' in {origin} is too large for a float ({digits} digits).") from None
+    raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
+
+
+def read(argv, defaults):
+    """[config/FILE.py ...] [--key=value ...] -> (config dict, the keys the files and flags set). A
+    config file is a script the user wrote, run as nanoGPT runs its configs: it may compute values
+    (max_iters = 2_500_000 // 128) and start from another config (exec(open(...).read()))."""
+    cfg, explicit = dict(defaults), set()
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files in their order, then flags
+        if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
+            continue
+        if arg.startswith("--"):
+            key, value = parse_flag(arg)
+            cfg[key] = typed(key, value, defaults, f"flag {arg}")
+            explicit.add(key)
+            continue
+        if not os.path.isfile(arg):
+            what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
+            raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
+        namespace = {}
+        try:  # builtins.compile: `compile` is also one of train.py's keys
+            exec(builtins.compile(open(arg).read(), arg, "exec"), namespace)
+        except Exception as e:
+            raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {e}); "
+                            "it should hold plain key = value lines.")
+        for key, value in namespace.items():
+            if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
+                cfg[key] = typed(key, value, defaults, f"config file {arg}")
+                explicit.add(key)
+    return cfg, explicit
