@@ -251,6 +251,17 @@ def test_a_shorter_max_len_than_the_data_was_prepared_with_warns_how_many_answer
     assert "cuts away" not in capsys.readouterr().err
 
 
+def test_a_max_len_that_cuts_every_validation_answer_is_refused_not_scored_0(run_data, tmp_path, capsys):
+    train_ds, val_ds = (train.data.TokenDataset(str(run_data / "tokens"), s) for s in ("train", "val"))
+    max_len = int(val_ds.prompt_lens.min())
+    assert (train_ds.prompt_lens < max_len).any()  # training answers survive it: only the validation set is cut
+    fails(train_flags(run_data, tmp_path / "a", f"--max_len={max_len}", "--eval_dir="), capsys,
+          "every validation record", "--eval_iters=0")
+    assert not (tmp_path / "a").exists()
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "a", f"--max_len={max_len}", "--eval_dir=",
+                                               "--eval_iters=0", "--max_iters=1")))  # the fix it names runs
+
+
 def test_a_users_log_jsonl_in_out_dir_is_not_overwritten(run_data, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()

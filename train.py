@@ -538,6 +538,11 @@ def claim_out_dir(r, resuming):
 VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
 
 
+def answered(ds, max_len):
+    """Which records keep an answer token when cut to max_len."""
+    return np.minimum(ds.lengths, max_len) > np.maximum(ds.prompt_lens, 1)
+
+
 def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
     cfg, vocab = r.cfg, r.args.vocab_size
@@ -548,10 +553,11 @@ def preflight(r, train_ds, val_ds):
     if not vocab - VOCAB_PADDING < r.tok.vocab_size <= vocab:
         raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model {vocab:,}, so it is not "
                         "the tokenizer the base model was trained with: pass that one.")
-    answered = np.minimum(train_ds.lengths, cfg["max_len"]) > np.maximum(train_ds.prompt_lens, 1)
-    if len(train_ds) and not answered.any():
-        raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every training record (the shortest "
-                        f"prompt has {int(train_ds.prompt_lens.min())} tokens): raise --max_len.")
+    for ds, name in ((train_ds, "training"), (val_ds, "validation")):  # no answer token: a val loss of 0 / 0
+        if ds is not None and not answered(ds, cfg["max_len"]).any():
+            raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every {name} record (the shortest "
+                            f"prompt has {int(ds.prompt_lens.min())} tokens): raise --max_len"
+                            + (" or set --eval_iters=0." if ds is val_ds else "."))
     context = r.args.context
     longest = max([int(ds.lengths.max(initial=0)) for ds in (train_ds, val_ds) if ds is not None])
     if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
@@ -565,8 +571,8 @@ def preflight(r, train_ds, val_ds):
         if task.max_new_tokens >= context:
             raise UserError(f"evaluation set {name} generates up to {task.max_new_tokens} tokens, which leaves no room "
                             f"for its prompts in the base model's {context} tokens; leave it out of --eval_dir.")
-    if not answered.all():  # data.py prepare drops such records; a shorter max_len here leaves them in, unscored
-        r.say(f"warning: max_len={cfg['max_len']} cuts away the whole answer of {int((~answered).sum()):,} of "
+    if (cut := ~answered(train_ds, cfg["max_len"])).any():  # prepare drops them; a shorter max_len keeps them
+        r.say(f"warning: max_len={cfg['max_len']} cuts away the whole answer of {int(cut.sum()):,} of "
               f"{len(train_ds):,} training records, which then teach nothing; raise --max_len to keep them.",
               file=sys.stderr)
 
