@@ -32,7 +32,7 @@ import re
 import shutil
 import sys
 from collections import deque
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from functools import lru_cache
 
 import numpy as np
@@ -395,9 +395,48 @@ def _remove_stale_prepare_folders(out_dir, keep):
                   f"{match.group(1)}) that no longer runs", file=sys.stderr)
 
 
+def blocked_parent(path):
+    """Why path's folder can not be made ("F is a file" or "F is a link to nothing", for the nearest existing F
+    above path), or None when it can."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is {'a file' if os.path.exists(parent) else 'a link to nothing'}"
+
+
+def _check_args(inputs, out_dir, max_len, val_fraction, workers):
+    """Refuse settings of prepare that could only fail or lose something, before anything is read."""
+    if not inputs:
+        raise UserError("no input files; pass at least one --input FILE")
+    seen = {}
+    for p in inputs:
+        if os.path.realpath(p) in seen:  # its records would be in the shards twice
+            raise UserError(f"the input {p} is given twice (as {seen[os.path.realpath(p)]} and {p}); pass each "
+                            "--input file once")
+        seen[os.path.realpath(p)] = p
+    if not out_dir or os.path.dirname(os.path.normpath(out_dir)) == os.path.normpath(out_dir):
+        raise UserError(f"--out {out_dir!r} is {'empty' if not out_dir else 'the root folder'}; give a folder of "
+                        "its own for the shards, e.g. --out data/cme")
+    blocker = blocked_parent(out_dir)
+    if blocker:
+        raise UserError(f"--out {out_dir} can not be made: {blocker}, not a folder; choose another --out")
+    if not (isinstance(max_len, int) and max_len >= 2):
+        raise UserError(f"max_len must be an integer >= 2, got {max_len!r}")
+    if not 0.0 <= val_fraction < 1.0:  # NaN too
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction!r}; give the share of records to hold "
+                        "out for validation, e.g. 0.05, or 0 for none")
+    if workers is not None and not (isinstance(workers, int) and workers >= 1):
+        raise UserError(f"--workers must be a number of processes >= 1, got {workers!r}; leave it out to use "
+                        "every core")
+
+
 def _check_out_dir(out_dir, inputs, tokenizer_path):
     """Refuse an --out that prepare would not only write its own files into."""
     for what, path in [("input", p) for p in inputs] + [("tokenizer", tokenizer_path)]:
+        if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(out_dir):
+            raise UserError(f"--out {out_dir} is the {what} file {path}; choose another --out, a folder for the "
+                            "shards")
         if os.path.exists(path) and _inside(path, out_dir):
             raise UserError(f"the {what} {path} is inside --out {out_dir}, whose files prepare replaces; keep the "
                             "inputs and the tokenizer elsewhere or choose another --out")
@@ -439,19 +478,14 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
     Temporary folders of killed prepares are removed. workers: processes (default: all cores);
     quiet: no progress bar (warnings still go to stderr)."""
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
-    out_dir = str(out_dir).rstrip("/\\") or "."
     tokenizer_path = str(tokenizer_path)
-    if not inputs:
-        raise UserError("no input files; pass at least one --input FILE")
-    if not (isinstance(max_len, int) and max_len >= 2):
-        raise UserError(f"max_len must be an integer >= 2, got {max_len!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    _check_args(inputs, str(out_dir), max_len, val_fraction, workers)
+    out_dir = str(out_dir).rstrip("/\\")
     _remove_stale_prepare_folders(out_dir, inputs + [tokenizer_path])
     _check_out_dir(out_dir, inputs, tokenizer_path)
     kinds = [_file_kind(p) for p in inputs]  # a missing or odd file fails before any work
     tok = Tokenizer(tokenizer_path)
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = workers or os.cpu_count() or 1
 
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     if os.path.lexists(tmp):  # left by this process id before: a reused id, or an earlier call interrupted
@@ -467,6 +501,9 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
                 raise UserError(f"no records left to train on: max_len {max_len} cut away the answer of all "
                                 f"{records} records; raise --max_len")
             raise UserError(f"no records in {_listed(inputs)}; check the inputs")
+        if splits["train"]["records"] == 0:
+            raise UserError(f"--val_fraction {val_fraction} put all {splits['val']['records']} records in val, "
+                            "leaving none to train on; lower --val_fraction or add records")
         if dropped:
             print(f"warning: {dropped} of {records} records were dropped because max_len {max_len} cut their "
                   "answer away entirely; pass a larger --max_len to keep them", file=sys.stderr)
@@ -494,14 +531,19 @@ def write_atomic(path, content):
     to disk, then rename: a crash leaves the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if callable(content):
-            content(f)
-        else:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception:  # a failed write leaves nothing; a Ctrl-C or kill leaves it to remove_stale_temporaries
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def remove_stale_temporaries(folder, names=None):
@@ -782,6 +824,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
+    args.workers = args.workers and min(args.workers, os.cpu_count() or 1)  # more processes than cores only wait
     try:
         s = prepare(args.input, args.tokenizer, args.out, args.max_len, args.val_fraction, args.seed, args.workers)
     except (UserError, OSError) as e:

@@ -42,6 +42,7 @@ OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, run
                val_dir="data/mini_cme/val")
 GRID = (2.5e-4, 6.3e-4, 1.6e-3, 4e-3)  # one grid for every method: x2.5 apart, 16x in all
 SELECTION_SEED = 0
+MAX_SEEDS = 1000  # a typo guard: each seed is a run of every configuration
 QUICK = dict(steps=60, seeds=(1, 2), grid=(6.3e-4, 4e-3), eval_limit=30)  # --quick: the protocol, smaller
 COMMON = dict(eval_limit=0, log_interval=10, targets="w1,w2,w3", r=32, experts=4, alpha=32.0)
 
@@ -87,15 +88,24 @@ CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "ful
 
 def parse(argv):
     """(study options, train.py flags, run names) from --key=value arguments, read as train.py reads them."""
-    opts, extra = dict(OPTIONS), []
+    cores = os.cpu_count() or 1
+    opts, extra = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), []
     for arg in argv:
         key, value = train.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg)
         if key == "seeds":  # a count (5: seeds 1..5) or a list (11,12,13)
+            n = value if type(value) is int else len(value) if isinstance(value, tuple) else 0
+            if n > MAX_SEEDS:  # checked before a count becomes a tuple: --seeds=10**9 would fill the memory
+                raise data.UserError(f"--seeds asks for {n} seeds, more than {MAX_SEEDS}, and each seed is a run of "
+                                     "every configuration; give fewer seeds.")
             if type(value) is int and value > 0:
                 value = tuple(range(1, value + 1))
             elif not (isinstance(value, tuple) and value and all(type(v) is int and v > 0 for v in value)):
                 raise data.UserError(f"--seeds must be a count or a comma-separated list of positive seeds, "
                                      f"got {arg.partition('=')[2]!r}.")
+            repeated = sorted({s for s in value if value.count(s) > 1})
+            if repeated:  # the same seed is the same run: it would count twice in the means and the t intervals
+                raise data.UserError(f"--seeds repeats {'seeds' if len(repeated) > 1 else 'seed'} "
+                                     f"{', '.join(map(str, repeated))}; give each seed once.")
             opts[key] = value
         elif key in OPTIONS:
             opts[key] = train.typed(key, value, OPTIONS, f"flag {arg}")
@@ -119,9 +129,12 @@ def parse(argv):
             fix = (f"use --{INSTEAD[key]} instead" if key in INSTEAD else
                    "remove it (study.py's RUNS, COMMON and GRID fix it)")
             raise data.UserError(f"--{key} is set by the study for each of its runs; {fix}.")
-    if SELECTION_SEED in opts["seeds"] or opts["steps"] < 1 or opts["workers"] < 1:
-        raise data.UserError(f"steps and workers must be positive, and seed {SELECTION_SEED} is the selection "
-                             "runs' own: choose final seeds from 1 up.")
+    if not 1 <= opts["workers"] <= cores:  # more runs at a time than cores only share them
+        raise data.UserError(f"--workers={opts['workers']} is not a number of runs at a time for this machine's "
+                             f"{cores} cores; give one from 1 to {cores}.")
+    if SELECTION_SEED in opts["seeds"] or opts["steps"] < 1:
+        raise data.UserError(f"steps must be positive, and seed {SELECTION_SEED} is the selection runs' own: choose "
+                             "final seeds from 1 up.")
     return opts, extra, names
 
 

@@ -21,7 +21,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data import UserError, read_jsonl, write_atomic
+from data import UserError, blocked_parent, read_jsonl, write_atomic
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -503,10 +503,10 @@ CME_TASKS = {t.name: t for t in [
 
 
 
-def write_eval_set(task_name, raw_path, out_path, limit=None):
+def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     """Load a CME task's raw file (a path, or a list of them, e.g. ANLI's three rounds) and write an
     evaluation set in the official format: a JSON list for .json, JSON lines for .jsonl. Returns
-    the number of records written."""
+    the number of records written. An existing out_path is replaced only with overwrite."""
     if task_name not in CME_TASKS:
         raise UserError(f"unknown task {task_name!r}; choose one of {', '.join(CME_TASKS)}.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -515,11 +515,18 @@ def write_eval_set(task_name, raw_path, out_path, limit=None):
     out_path = os.fspath(out_path)
     if not out_path.endswith((".json", ".jsonl")):
         raise UserError(f"{out_path} must end in .json (a JSON list) or .jsonl (one record per line).")
+    if os.path.isdir(out_path):
+        raise UserError(f"--out {out_path} is a folder; give the file to write, e.g. {out_path}/{task_name}.jsonl.")
+    blocker = blocked_parent(out_path)
+    if blocker:
+        raise UserError(f"--out {out_path} can not be written: {blocker}, not a folder; choose another --out.")
     paths = [raw_path] if isinstance(raw_path, (str, os.PathLike)) else list(raw_path)
     for p in paths:
         if os.path.exists(out_path) and os.path.exists(p) and os.path.samefile(out_path, p):
             raise UserError(f"{out_path} is both --out and a --raw file; writing would replace the raw file, "
                             "so choose another --out.")
+    if os.path.lexists(out_path) and not overwrite:  # checked before the raw files are read: they can be large
+        raise UserError(f"--out {out_path} exists; pass --overwrite to replace it, or choose another --out.")
     records = []
     for p in map(os.fspath, paths):
         try:
@@ -533,6 +540,9 @@ def write_eval_set(task_name, raw_path, out_path, limit=None):
     if unlabelled:
         raise UserError(f"{unlabelled} of {len(records)} records in {', '.join(map(str, paths))} have no label "
                          "(a test split without answers?); build the evaluation set from a labelled split such as dev.")
+    if not records:  # evaluation refuses an empty set; better to say so now
+        raise UserError(f"no records in {', '.join(map(str, paths))}; check that the --raw files are the task's and "
+                        "not empty.")
     records = records if limit is None else records[:limit]
     text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if out_path.endswith(".jsonl")
             else json.dumps(records, ensure_ascii=False, indent=1) + "\n")
@@ -547,9 +557,10 @@ def main(argv=None):
     parser.add_argument("--raw", required=True, nargs="+", help="the task's raw file(s), or aclImdb's split folder")
     parser.add_argument("--out", required=True, help="output: .json (a list) or .jsonl")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N records")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     try:
-        n = write_eval_set(args.task, args.raw, args.out, args.limit)
+        n = write_eval_set(args.task, args.raw, args.out, args.limit, args.overwrite)
     except (UserError, OSError) as e:
         sys.exit(f"tasks.py: error: {e}")
     print(f"wrote {n} {args.task} records to {args.out}")

@@ -876,6 +876,67 @@ def test_prepare_refuses_a_val_fraction_or_max_len_out_of_range_and_writes_nothi
     assert os.listdir(tmp_path) == ["d.jsonl"]
 
 
+def test_a_val_fraction_that_leaves_nothing_to_train_on_is_refused_and_writes_nothing(tmp_path, tiny_spm):
+    source = write_records(tmp_path / "d.jsonl", 3)  # seed 0 and 0.9 put all three in val
+    with pytest.raises(UserError, match=r"^--val_fraction 0.9 put all 3 records in val, leaving none to train on; "
+                                        r"lower --val_fraction"):
+        prepare([source], tiny_spm, tmp_path / "out", val_fraction=0.9, workers=1, quiet=True)
+    for fraction in (float("nan"), 1.5):
+        with pytest.raises(UserError, match=r"^--val_fraction must be in \[0, 1\), got .*; give the share"):
+            prepare([source], tiny_spm, tmp_path / "out", val_fraction=fraction, workers=1)
+    assert os.listdir(tmp_path) == ["d.jsonl"]
+
+
+def run_prepare(*args):
+    """data.py prepare's command line in this process: the SystemExit message, or None when it succeeded."""
+    try:
+        data.main(["prepare", *map(str, args)])
+    except SystemExit as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("case", ["workers 0", "workers -3", "out empty", "out root", "out is an input",
+                                  "out is the tokenizer", "parent is a file", "parent is a dead link", "input twice",
+                                  "input twice by another path"])
+def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_nothing(tmp_path, tiny_spm, case):
+    source = write_records(tmp_path / "d.jsonl", 3)
+    (tmp_path / "notes").write_text("keep me")
+    (tmp_path / "sub").mkdir()
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    again = tmp_path / "sub" / ".." / "d.jsonl"
+    out, inputs, flags, message = {  # case -> --out, --input, more flags, the start of the sentence
+        "workers 0": (tmp_path / "out", [source], ["--workers", "0"],
+                      "--workers must be a number of processes >= 1, got 0; leave it out"),
+        "workers -3": (tmp_path / "out", [source], ["--workers", "-3"], "--workers must be a number of processes"),
+        "out empty": ("", [source], [], "--out '' is empty; give a folder of its own"),
+        "out root": ("//", [source], [], "--out '//' is the root folder; give a folder of its own"),
+        "out is an input": (source, [source], [], f"--out {source} is the input file {source}; choose another --out"),
+        "out is the tokenizer": (tiny_spm, [source], [], f"--out {tiny_spm} is the tokenizer file {tiny_spm}; choose"),
+        "parent is a file": (tmp_path / "notes" / "shards", [source], [],
+                             f"--out {tmp_path}/notes/shards can not be made: {tmp_path}/notes is a file, not a"),
+        "parent is a dead link": (tmp_path / "link" / "shards", [source], [],
+                                  f"--out {tmp_path}/link/shards can not be made: {tmp_path}/link is a link to no"),
+        "input twice": (tmp_path / "out", [source, tmp_path / "notes", source], [],
+                        f"the input {source} is given twice (as {source} and {source}); pass each --input file once"),
+        "input twice by another path": (tmp_path / "out", [source, again], [],
+                                        f"the input {again} is given twice (as {source} and {again})"),
+    }[case]
+    before = {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]}
+    error = run_prepare("--input", *inputs, "--tokenizer", tiny_spm, "--out", out, *flags)
+    assert error.startswith(f"data.py prepare: error: {message}") and "\n" not in error
+    assert {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]} == before
+
+
+def test_prepare_runs_no_more_worker_processes_than_cores(tmp_path, tiny_spm, monkeypatch):
+    def stub(*args):  # prepare's arguments as the command line passes them, then a stop
+        raise UserError(f"workers {args[-1]}")
+    monkeypatch.setattr(data, "prepare", stub)
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
+    for flags, want in ((["--workers", "64"], 2), (["--workers", "1"], 1), ([], None)):
+        error = run_prepare("--input", "d.jsonl", "--tokenizer", tiny_spm, "--out", tmp_path / "out", *flags)
+        assert error == f"data.py prepare: error: workers {want}"
+
+
 # -----------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json (Qwen2.5, Mistral, ...) through the tokenizers package
 
@@ -1276,6 +1337,24 @@ def test_a_write_atomic_cut_short_leaves_the_old_file_and_a_temporary_that_is_cl
     monkeypatch.setattr(data, "process_is_running", lambda pid: pid != os.getpid())
     assert data.remove_stale_temporaries(tmp_path) == [f"{path}.tmp{os.getpid()}"]
     assert os.listdir(tmp_path) == ["report.md"]
+
+
+@pytest.mark.parametrize("fault", ["content raises", "content of the wrong type", "rename fails"])
+def test_a_failed_write_atomic_removes_its_temporary_and_keeps_the_old_file(tmp_path, fault):
+    path = tmp_path / "report.md"
+    data.write_atomic(str(path), "old")
+
+    def full_disk(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    content = {"content raises": full_disk, "content of the wrong type": 5}.get(fault, "new")
+    if fault == "rename fails":
+        path = tmp_path / "folder.md"
+        path.mkdir()  # os.replace cannot put a file over a folder
+    with pytest.raises((OSError, TypeError)):
+        data.write_atomic(str(path), content)
+    assert sorted(os.listdir(tmp_path)) == ["folder.md", "report.md"][fault != "rename fails":]
+    assert (tmp_path / "report.md").read_text() == "old"
 
 
 # ---------------------------------------------------------------------------------------------

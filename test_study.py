@@ -294,3 +294,28 @@ def test_the_expert_load_chart_averages_the_seeds_that_recorded_a_load():
     assert seeds == 2 and loads.keys() == {"nli", "qa"}
     assert loads["nli"] == pytest.approx([0.2, 0.8]) and loads["qa"] == pytest.approx([0.6, 0.4])
     assert study.mean_loads({"teamlora": runs[2:]}, "teamlora") is None
+
+
+def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_before_anything_runs(
+        tmp_path, capsys, monkeypatch):
+    """A seed given twice would count one run twice in the means and intervals, --seeds=100000 is a typo that would
+    queue a run for ever, and more runs at a time than cores only share them: one sentence each, and no study."""
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 4)
+    out = tmp_path / "study"
+    for flag, message in (("--seeds=3,5,3", "--seeds repeats seed 3; give each seed once."),
+                          ("--seeds=1,2,1,2", "--seeds repeats seeds 1, 2; give each seed once."),
+                          ("--seeds=1001", "--seeds asks for 1001 seeds, more than 1000"),
+                          ("--seeds=" + ",".join(map(str, range(1, 1002))), "--seeds asks for 1001 seeds"),
+                          ("--seeds=10000000000", "--seeds asks for 10000000000 seeds"),
+                          ("--workers=5", "--workers=5 is not a number of runs at a time for this machine's 4 cores; "
+                                          "give one from 1 to 4."),
+                          ("--workers=0", "--workers=0 is not a number of runs"),
+                          ("--workers=-2", "--workers=-2 is not a number of runs")):
+        with pytest.raises(SystemExit) as stop:
+            study.main([flag, f"--out={out}"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, flag
+    assert not out.exists()
+    assert study.parse(["--seeds=1000", "--workers=4"])[0]["seeds"] == tuple(range(1, 1001))
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 1)
+    assert study.parse([])[0]["workers"] == 1  # the default of 2 at a time fits a one-core machine

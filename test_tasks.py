@@ -501,8 +501,8 @@ def test_a_limit_below_one_is_refused_and_writes_nothing(tmp_path, limit):
     with pytest.raises(SystemExit, match=f"^tasks.py: error: limit {limit} .*leave it out to keep every record.$"):
         tasks.main(["--task", "anli", "--raw", raw, "--out", out, "--limit", str(limit)])
     assert os.listdir(tmp_path) == ["dev.jsonl"]
-    assert write_eval_set("anli", raw, out, limit=1) == 1 and write_eval_set("anli", raw, out) == 30
-    assert write_eval_set("anli", raw, out, limit=100) == 30 and len(open(out).readlines()) == 30
+    assert write_eval_set("anli", raw, out, limit=1) == 1 and write_eval_set("anli", raw, out, overwrite=True) == 30
+    assert write_eval_set("anli", raw, out, limit=100, overwrite=True) == 30 and len(open(out).readlines()) == 30
 
 
 @pytest.mark.parametrize("case", ["out is the raw file", "not UTF-8", "raw is a folder"])
@@ -524,6 +524,46 @@ def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, case):
     text = str(error.value)
     assert text.startswith(f"tasks.py: error: {named} {message}") and "\n" not in text
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path):
+    raw, out = write_anli(tmp_path / "dev.jsonl", 3), tmp_path / "anli.jsonl"
+    out.write_text("my hand-made evaluation set\n")
+    with pytest.raises(SystemExit) as error:
+        tasks.main(["--task", "anli", "--raw", raw, "--out", str(out)])
+    assert str(error.value) == (f"tasks.py: error: --out {out} exists; pass --overwrite to replace it, or choose "
+                                "another --out.")
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        write_eval_set("anli", raw, out)  # the function too: overwriting is asked for, never the default
+    assert out.read_text() == "my hand-made evaluation set\n"  # the user's file is kept, and nothing is left beside it
+    assert sorted(os.listdir(tmp_path)) == ["anli.jsonl", "dev.jsonl"]
+    tasks.main(["--task", "anli", "--raw", raw, "--out", str(out), "--overwrite"])
+    assert len(out.read_text().splitlines()) == 3 and sorted(os.listdir(tmp_path)) == ["anli.jsonl", "dev.jsonl"]
+
+
+@pytest.mark.parametrize("case", ["empty raw file", "out is a folder", "parent is a file", "parent is a dead link"])
+def test_an_eval_set_with_no_records_or_nowhere_to_go_is_one_sentence_and_writes_nothing(tmp_path, case):
+    raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "eval" / "anli.jsonl")
+    (tmp_path / "eval").mkdir()
+    if case == "empty raw file":
+        raw, message = write_anli(tmp_path / "empty.jsonl", 0), f"no records in {tmp_path / 'empty.jsonl'}; check"
+    elif case == "out is a folder":
+        os.mkdir(out)
+        message = f"--out {out} is a folder; give the file to write, e.g. {out}/anli.jsonl."
+    elif case == "parent is a file":
+        (tmp_path / "notes").write_text("keep me")
+        out = str(tmp_path / "notes" / "sub" / "anli.jsonl")
+        message = f"--out {out} can not be written: {tmp_path / 'notes'} is a file, not a folder; choose another"
+    else:
+        os.symlink(tmp_path / "gone", tmp_path / "link")
+        out = str(tmp_path / "link" / "anli.jsonl")
+        message = f"--out {out} can not be written: {tmp_path / 'link'} is a link to nothing, not a folder"
+    before = {str(p): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    with pytest.raises(SystemExit) as error:
+        tasks.main(["--task", "anli", "--raw", raw, "--out", out, "--overwrite"])
+    text = str(error.value)
+    assert text.startswith(f"tasks.py: error: {message}") and "\n" not in text
+    assert {str(p): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
 
 
 CME_SAMPLES = {  # task -> its fixture files with labels (test splits without answers left out)
