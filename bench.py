@@ -516,6 +516,8 @@ def main(argv=None):
         parser.error(f"unknown section(s) {unknown}: choose from {','.join(SECTIONS)}")
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--threads and --repeats must be at least 1")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
+        parser.error(f"--peak_tflops must be a positive number (the GPU's bf16 peak), got {args.peak_tflops}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"skipped: --device=cuda asks for a GPU but CUDA is not available to this torch ({torch.__version__}); "
               "run without --device=cuda for the CPU benchmark.")

@@ -76,6 +76,13 @@ def test_unknown_section_is_a_usage_error(capsys):
     assert e.value.code == 2 and "unknown section" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("peak", ["nan", "-5", "0", "inf"])
+def test_a_peak_tflops_that_is_not_a_positive_number_is_a_usage_error(capsys, peak):
+    with pytest.raises(SystemExit) as e:
+        bench.main([f"--peak_tflops={peak}", "--section=layer"])
+    assert e.value.code == 2 and "--peak_tflops must be a positive number" in capsys.readouterr().err
+
+
 def layer_peaks(d_in, d_out, r, k, shape):
     """Peak bytes of a LoRA and a TeamLoRA fused training step of one layer, on the same base, x and grad."""
     torch.manual_seed(0)
