@@ -1,7 +1,7 @@
 """
 Checkpoints of train.py: what a run saves and how it loads it back, on one process or sharded (FSDP).
 
-    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args"}: an exact resume
+    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args", "base"}: an exact resume
     out_dir/adapter.pt   the adapter tensors by name (teamlora.load_adapter_state_dict reads it)
     out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
 
@@ -10,6 +10,7 @@ that a crash leaves the last good pair and adapter.pt is never ahead of ckpt.pt.
 read with weights_only=True: RNG states are stored as tensors and plain values, the config as
 plain types, so no file can run code when loaded.
 """
+import hashlib
 import os
 import pickle
 import random
@@ -100,6 +101,24 @@ def gather_state(model, cfg):
     return out
 
 
+def fingerprint(weights):
+    """A base model's identity, cheap at any size: each tensor's name, shape and first and last 64 values (a page or
+    two of a memory-mapped file), hashed. An adapter is only right on the base it was trained on."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().reshape(-1)
+        h.update(f"{name} {tuple(weights[name].shape)} {t.dtype}".encode())
+        h.update(torch.cat([t[:64], t[-64:]]).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base(ckpt, base, cfg, path):
+    """A run's adapter meets the base its ckpt.pt recorded (checkpoints of older versions record none)."""
+    if cfg["adapter"] != "none" and ckpt.get("base", base) != base:
+        raise UserError(f"the base model at {cfg['init_from']} is not the one this run trained on (its weights differ "
+                        f"from those {path} records); put that base back there, or start a new run.")
+
+
 def load_state(model, state, cfg):
     if cfg["adapter"] != "none":
         own = {n for n, _ in model.named_parameters() if teamlora.is_adapter(n)}
@@ -168,7 +187,7 @@ def save_checkpoint(r, raw, opt, step):
         rngs = [rng_state(r.device)]
     if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
         save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
-                     "model_args": asdict(r.args)}, os.path.join(cfg["out_dir"], "ckpt.pt"))
+                     "model_args": asdict(r.args), "base": r.base}, os.path.join(cfg["out_dir"], "ckpt.pt"))
         save_weights(r, state)
     if r.world > 1:
         dist.barrier()

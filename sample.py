@@ -41,7 +41,8 @@ def load_run(out_dir, device="auto"):
                    "run sample.py in the folder that train.py ran in (the run's paths are relative to it)")
             raise UserError(f"the run's {key} {cfg[key]} is not found from here; {fix}.")
     r = train.Run(cfg, device=torch.device(train.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
-    model, r.args = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
+    model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
+    checkpoint.check_base(ckpt, base, cfg, path)
     checkpoint.load_state(model, ckpt["state"], cfg)
     return model.eval(), r
 

@@ -180,7 +180,7 @@ def _run_with_a_trained_looking_adapter(run_data, tmp_path, *flags):
     """A Run and its model (the pretrained tiny base + TeamLoRA), lora_B random so the adapters act."""
     cfg = train_cfg(run_data, tmp_path / "o", f"--init_from={run_data / 'base.pt'}", *flags)
     tok = data.Tokenizer(cfg["tokenizer"])
-    model, args = train.build_model(cfg, torch.device("cpu"), tok.vocab_size, 1)
+    model, args, _ = train.build_model(cfg, torch.device("cpu"), tok.vocab_size, 1)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -833,7 +833,7 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     order, real_save = [], checkpoint.save_atomic
     monkeypatch.setattr(checkpoint, "save_atomic", lambda obj, path: (order.append(os.path.basename(path)),
                                                                       real_save(obj, path))[1])
-    r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args)
+    r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args, base=None)
     checkpoint.save_checkpoint(r, a, opt_a, 2)
     assert order == ["ckpt.pt", "adapter.pt"]
     step(a, opt_a)  # the uninterrupted run's step 3
@@ -1100,7 +1100,7 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
     opt = torch.optim.AdamW(train.trainable(a), lr=1e-2)
-    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args)
+    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args, base=None)
     checkpoint.save_checkpoint(r, a, opt, 7)
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
     for rank, seed in ((1, 11), (0, 10)):

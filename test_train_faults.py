@@ -454,3 +454,25 @@ def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_i
         fails(["--model=tiny", *flag.split()], capsys, needle)
         assert not (tmp_path / "data/mini_cme/pretrain").exists() and not (tmp_path / "out").exists()
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_a_run_resumed_or_sampled_on_another_base_is_refused_and_on_its_own_goes_on(run_data, tmp_path, capsys):
+    """An adapter is only right on the base it trained on: a base replaced at the same path (re-pretrained on
+    another CPU, another revision of the checkpoint) would resume or answer wrong without a word."""
+    import sample
+    base = tmp_path / "base.pt"
+    base.write_bytes((run_data / "base.pt").read_bytes())
+    out = tmp_path / "run"
+    train.train(train.parse_config(train_flags(run_data, out, f"--init_from={base}", "--eval_dir=", "--max_iters=2")))
+    original = torch.load(base, weights_only=True)
+    other = {**original, "model": {n: t + 1e-4 if n.startswith("layers.0.") else t
+                                   for n, t in original["model"].items()}}
+    torch.save(other, base)
+    fails([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"], capsys, f"base model at {base}",
+          "not the one this run trained on")
+    with pytest.raises(train.UserError, match="not the one this run trained on"):
+        sample.load_run(str(out))
+    torch.save(original, base)  # put back: the run goes on, and answers
+    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"]))
+    assert "resumed from" in capsys.readouterr().out
+    sample.load_run(str(out))

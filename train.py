@@ -172,6 +172,7 @@ class Run:
     args: ModelArgs = None
     eval_sets: dict = None  # task name -> (Task, records), read before step 1
     resume_with: str = "--init_from=resume"  # what continues this run after an interruption
+    base: str = None  # checkpoint.fingerprint of the base weights, recorded in ckpt.pt
 
     @property
     def master(self):
@@ -334,7 +335,8 @@ def inject_targets(model, cfg):
 
 
 def build_model(cfg, dev, vocab_size, world):
-    """Base + adapters, built on the meta device, sharded (FSDP) or not, then filled in."""
+    """(model, ModelArgs, the base's fingerprint): base + adapters, built on the meta device, sharded (FSDP) or not,
+    then filled in."""
     args, weights = base_weights(cfg, vocab_size)
     full = cfg["adapter"] == "none"
     with torch.device("meta"):
@@ -359,7 +361,7 @@ def build_model(cfg, dev, vocab_size, world):
     checkpoint.copy_into(model, weights)
     if not full:
         checkpoint.copy_into(model, init_adapters(model, cfg["seed"] + 1))
-    return model, args
+    return model, args, checkpoint.fingerprint(weights)
 
 
 def trainable(model):
@@ -589,7 +591,7 @@ def setup(r, resuming):
     replaced = [] if cfg["eval_only"] else claim_out_dir(r, resuming)
     r.tok = Tokenizer(cfg["tokenizer"])
     train_ds, val_ds = datasets(cfg)
-    raw, r.args = build_model(cfg, r.device, r.tok.vocab_size, r.world)
+    raw, r.args, r.base = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
     if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -606,6 +608,7 @@ def setup(r, resuming):
 
 def restore(r, raw, opt, ckpt):
     """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
+    checkpoint.check_base(ckpt, r.base, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
     checkpoint.load_state(raw, ckpt["state"], r.cfg)
     try:
         checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
