@@ -985,6 +985,19 @@ def test_hf_tokenizer_problems_are_one_sentence(tmp_path, monkeypatch):
         Tokenizer(folder)
 
 
+def test_hf_tokenizer_config_naming_a_token_its_tokenizer_lacks_is_refused_not_dropped(tmp_path):
+    """A BOS the tokenizer.json does not have, dropped, would train without the BOS the base was trained with."""
+    with pytest.raises(UserError, match=r"gives the bos_token '<s>', which .*tokenizer.json does not have"):
+        Tokenizer(hf_tokenizer_folder(tmp_path / "bos", bos="<s>"))
+    folder = hf_tokenizer_folder(tmp_path / "pad")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<pad>"}))
+    with pytest.raises(UserError, match="gives the pad_token '<pad>'"):
+        Tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                              "pad_token": "<|im_end|>"}))
+    assert Tokenizer(folder).pad_id == Tokenizer(folder).hf.token_to_id("<|im_end|>")  # one it has: taken
+
+
 # ---------------------------------------------------------------------------------------------
 # Gaps found by mutation testing
 
@@ -1389,7 +1402,7 @@ def test_only_the_master_rank_writes_a_checkpoint_and_every_rank_waits_for_it(tm
     monkeypatch.setattr(checkpoint.dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(checkpoint.dist, "barrier", lambda: barriers.append(1))
     cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}
-    r = types.SimpleNamespace(cfg=cfg, world=2, device=torch.device("cpu"), master=master, args=m.args)
+    r = types.SimpleNamespace(cfg=cfg, world=2, device=torch.device("cpu"), master=master, args=m.args, base=None)
     checkpoint.save_checkpoint(r, m, opt, 5)
     assert sorted(os.listdir(tmp_path)) == (["adapter.pt", "ckpt.pt"] if master else [])
     assert barriers == [1]

@@ -154,6 +154,10 @@ class Tokenizer:
         added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         ids = {name: self.hf.token_to_id(token(name)) if token(name) else None
                for name in ("bos_token", "eos_token", "pad_token")}
+        for name in ids:  # a BOS the tokenizer lacks, dropped, would train without the BOS the base expects
+            if token(name) and ids[name] is None:
+                raise UserError(f"{config_file} gives the {name} {token(name)!r}, which {self.path} does not have; "
+                                "put the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json")
         if ids["eos_token"] is None:
             raise UserError(f"{config_file} gives no eos_token that {self.path} knows; put the checkpoint's "
                             "tokenizer_config.json next to its tokenizer.json")
