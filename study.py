@@ -35,6 +35,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import configurator
 import data
 import train
 
@@ -91,7 +92,7 @@ def parse(argv):
     cores = os.cpu_count() or 1
     opts, extra = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), []
     for arg in argv:
-        key, value = train.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg)
+        key, value = configurator.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg)
         if key == "seeds":  # a count (5: seeds 1..5) or a list (11,12,13)
             n = value if type(value) is int else len(value) if isinstance(value, tuple) else 0
             if n > MAX_SEEDS:  # checked before a count becomes a tuple: --seeds=10**9 would fill the memory
@@ -108,7 +109,7 @@ def parse(argv):
                                      f"{', '.join(map(str, repeated))}; give each seed once.")
             opts[key] = value
         elif key in OPTIONS:
-            opts[key] = train.typed(key, value, OPTIONS, f"flag {arg}")
+            opts[key] = configurator.typed(key, value, OPTIONS, f"flag {arg}")
         else:
             extra.append(arg)  # a train.py key: checked below (not one a run sets) and by train.parse_config
     if type(opts["seeds"]) is int:
@@ -123,8 +124,8 @@ def parse(argv):
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise data.UserError(f"unknown run(s) {', '.join(unknown)}; runs are: {', '.join(RUNS)}.")
-    own = {train.parse_flag(f)[0] for n in RUNS for f in run_flags(n, 1, GRID[0], opts, [])}  # what each run fixes
-    for key in (train.parse_flag(arg)[0] for arg in extra):
+    own = {configurator.parse_flag(f)[0] for n in RUNS for f in run_flags(n, 1, GRID[0], opts, [])}  # each run sets
+    for key in (configurator.parse_flag(arg)[0] for arg in extra):
         if key in own:
             fix = (f"use --{INSTEAD[key]} instead" if key in INSTEAD else
                    "remove it (study.py's RUNS, COMMON and GRID fix it)")

@@ -301,7 +301,6 @@ def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_
     """A seed given twice would count one run twice in the means and intervals, --seeds=100000 is a typo that would
     queue a run for ever, and more runs at a time than cores only share them: one sentence each, and no study."""
     monkeypatch.setattr(study.os, "cpu_count", lambda: 4)
-    out = tmp_path / "study"
     for flag, message in (("--seeds=3,5,3", "--seeds repeats seed 3; give each seed once."),
                           ("--seeds=1,2,1,2", "--seeds repeats seeds 1, 2; give each seed once."),
                           ("--seeds=1001", "--seeds asks for 1001 seeds, more than 1000"),
@@ -311,10 +310,14 @@ def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_
                                           "give one from 1 to 4."),
                           ("--workers=0", "--workers=0 is not a number of runs"),
                           ("--workers=-2", "--workers=-2 is not a number of runs")):
-        with pytest.raises(SystemExit) as stop:
-            study.main([flag, f"--out={out}"])
-        err = capsys.readouterr().err
-        assert stop.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, flag
+        with pytest.raises(study.data.UserError) as error:
+            study.parse([flag])
+        assert str(error.value).startswith(message), flag
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as stop:  # --report: were the seeds taken, it would only read, never train
+        study.main(["--seeds=3,5,3", f"--out={out}", "--report"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == "error: --seeds repeats seed 3; give each seed once.\n"
     assert not out.exists()
     assert study.parse(["--seeds=1000", "--workers=4"])[0]["seeds"] == tuple(range(1, 1001))
     monkeypatch.setattr(study.os, "cpu_count", lambda: 1)

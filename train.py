@@ -38,7 +38,7 @@ import minicme
 import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
-from configurator import parse_flag, typed  # noqa: F401 (study.py reads them here until it moves)
+from configurator import typed
 from errors import UserError
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
