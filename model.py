@@ -576,11 +576,11 @@ def _read_meta(path, dtype, device):
                                 "the same folder")
     shards = [dict(_read_tensors(f)) for f in files]
     state = {}
-    for name in shards[0]:
+    for name in dict.fromkeys(n for s in shards for n in s):  # every shard's names: one only the last has too
         if name == "rope.freqs":  # precomputed rotary frequencies in old checkpoints; we compute them
             continue
         parts = [s.get(name) for s in shards]
-        if len(parts) > 1 and (parts[0].dim() == 0 or any(p is None or p.shape != parts[0].shape for p in parts)):
+        if len(parts) > 1 and (any(p is None or p.shape != parts[0].shape for p in parts) or parts[0].dim() == 0):
             shapes = ", ".join(f"{os.path.basename(f)} {'none' if p is None else tuple(p.shape)}"
                                for f, p in zip(files, parts))
             raise ValueError(f"weight {name} is not split into equal slices of at least one dimension across the "

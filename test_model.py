@@ -918,13 +918,15 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
                         "system", "could run code")
 
 
-@pytest.mark.parametrize("damage", ["columns", "0-d", "absent"])
+@pytest.mark.parametrize("damage", ["columns", "0-d", "absent", "absent from the first"])
 def test_meta_shards_that_do_not_hold_equal_slices_are_refused_naming_tensor_and_files(tmp_path, damage):
     write_meta_dir(tiny_model(), tmp_path, 0)
     name = "layers.0.attention.wo.weight"  # split along its columns
-    for shard in ("consolidated.00.pth", "consolidated.01.pth")[1 if damage != "0-d" else 0:]:
+    shards = {"0-d": ("00", "01"), "absent from the first": ("00",)}.get(damage, ("01",))
+    for shard in (f"consolidated.{s}.pth" for s in shards):
         change = {"columns": lambda sd: sd | {name: sd[name][:, :-1]}, "0-d": lambda sd: sd | {name: torch.tensor(1.0)},
-                  "absent": lambda sd: {n: t for n, t in sd.items() if n != name}}[damage]
+                  "absent": lambda sd: {n: t for n, t in sd.items() if n != name},
+                  "absent from the first": lambda sd: {n: t for n, t in sd.items() if n != name}}[damage]
         rewrite_weight_file(tmp_path / shard, change)
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
