@@ -476,3 +476,22 @@ def test_a_run_resumed_or_sampled_on_another_base_is_refused_and_on_its_own_goes
     train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"]))
     assert "resumed from" in capsys.readouterr().out
     sample.load_run(str(out))
+
+
+def test_demo_files_deleted_by_hand_are_named_with_the_demos_own_fix(tmp_path, monkeypatch, capsys):
+    """data.py's messages name its own flags (--input): the demo's files are train.py's to build again."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    minicme.build_demo_data(train.DEFAULTS)  # the suite and its shards, as a first run leaves them
+    root = tmp_path / minicme.ROOT
+    for gone in ("tokenizer.model", "test", "train.jsonl"):
+        path = root / gone
+        os.replace(path, tmp_path / gone)
+        if gone == "train.jsonl":
+            for folder in ("tokens", "corpus_tokens"):
+                os.replace(root / folder, tmp_path / folder)
+        err = fails(["--model=tiny"], capsys, f"the demo's files in {minicme.ROOT} are incomplete",
+                    f"{minicme.ROOT}/{gone}", f"delete {minicme.ROOT} and run again")
+        assert "--input" not in err and "of your checkpoint" not in err
+        if gone != "train.jsonl":
+            os.replace(tmp_path / gone, path)

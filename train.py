@@ -426,7 +426,14 @@ def resume_config(cfg):
 def build_demo(cfg):
     """The demo's suite, shards and base, made before the run that uses them (the first
     `python train.py` builds them, later ones reuse them): nothing is downloaded."""
-    pretrain = minicme.build_demo_data(cfg)
+    try:
+        pretrain = minicme.build_demo_data(cfg)
+        for key in ("tokenizer", "eval_dir"):
+            if cfg[key] == minicme.DEMO[key] and not os.path.exists(cfg[key]):
+                raise UserError(f"{cfg[key]} not found")
+    except UserError as e:  # data.py's messages name its flags, but the demo's files are ours to build
+        raise UserError(f"the demo's files in {minicme.ROOT} are incomplete ({str(e).split(';')[0].rstrip('.')}); "
+                        f"delete {minicme.ROOT} and run again to build them anew (a few minutes).") from None
     if pretrain:
         check_before_pretraining(cfg, pretrain)
         print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
