@@ -690,6 +690,9 @@ def test_shards_refuse_a_tokenizer_other_than_theirs_even_without_its_sha256(tmp
         ds.check_tokenizer(mine)
         with pytest.raises(UserError, match=f"tokenizer {small.path} \\(280 tokens\\) is not the one {ds.path} was"):
             ds.check_tokenizer(small)
+        if drop == ("sha256",):  # by its size: a larger tokenizer is another one too
+            with pytest.raises(UserError, match=f"{summary['vocab_size']:,} tokens\\)"):
+                ds.check_tokenizer(types.SimpleNamespace(path="t.model", vocab_size=summary["vocab_size"] + 1))
     top = int(ds.tokens.max())  # without either, the largest id in the shards decides
     ds.check_tokenizer(types.SimpleNamespace(path="t.model", vocab_size=top + 1))
     with pytest.raises(UserError, match=f"the shards hold the id {top:,}"):

@@ -1274,7 +1274,8 @@ def test_max_seq_len_is_the_longest_sequence_accepted():
         model.generate([[1] * 10], 7)
 
 
-@pytest.mark.parametrize("temperature, top_p", [(-0.5, 1.0), (1.0, 0.0), (1.0, 1.5)])
+@pytest.mark.parametrize("temperature, top_p", [(-0.5, 1.0), (1.0, 0.0), (1.0, 1.5), (float("nan"), 1.0),
+                                                (float("inf"), 1.0)])
 def test_generate_refuses_a_negative_temperature_or_top_p_outside_0_1(temperature, top_p):
     with pytest.raises(ValueError, match=f"temperature={temperature}, top_p={top_p} are out of range"):
         tiny_model().generate([[1, 2]], 3, temperature=temperature, top_p=top_p)

@@ -231,10 +231,13 @@ def test_rows_or_answers_longer_than_the_base_models_context_are_refused_before_
     (evals / "summary.jsonl").write_text('{"instruction": "Summarise: a b c", "output": "a"}\n')  # 48 new tokens
     fails(train_flags(run_data, tmp_path / "d", f"--init_from={short}", "--max_len=40", f"--eval_dir={evals}"),
           capsys, "summary generates up to 48 tokens", "40 tokens")
-    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcd")  # nothing trained
+    exact = base_with(run_data, tmp_path / "exact.pt", max_seq_len=48)  # 48 new tokens in 48: no room either
+    fails(train_flags(run_data, tmp_path / "e", f"--init_from={exact}", "--max_len=40", f"--eval_dir={evals}"),
+          capsys, "summary generates up to 48 tokens", "leaves no room")
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcde")  # nothing trained
     # rows within the context train, whatever max_len says: pad mode cuts rows at the longest record (128 here)
     long_enough = base_with(run_data, tmp_path / "long.pt", max_seq_len=128)
-    train.train(train.parse_config(train_flags(run_data, tmp_path / "e", f"--init_from={long_enough}", "--eval_dir=",
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "f", f"--init_from={long_enough}", "--eval_dir=",
                                                "--max_len=4096", "--max_iters=1")))
 
 
@@ -286,6 +289,7 @@ def test_nan_at_the_first_step_says_nothing_was_saved_rather_than_offering_a_res
 @pytest.mark.parametrize("edit, needles", [
     (lambda c: {**c, "config": ["not", "a", "dict"]}, ("is damaged",)),
     (lambda c: {**c, "iter": "3"}, ("is damaged",)),
+    (lambda c: {**c, "iter": -1}, ("is damaged",)),
     (lambda c: {**c, "rng": []}, ("is damaged",)),
     (lambda c: {**c, "config": {**c["config"], "learning_rate": "fast"}}, ("learning_rate", "must be of type float")),
     (lambda c: {**c, "config": {**c["config"], "r": -8}}, ("'r' must be positive",)),
@@ -410,7 +414,9 @@ def test_paths_of_the_wrong_kind_are_named_for_what_they_are(run_data, tmp_path,
 
 
 @pytest.mark.parametrize("env", [dict(RANK="0"), dict(RANK="0", LOCAL_RANK="0"), dict(RANK="abc", LOCAL_RANK="0",
-                                 WORLD_SIZE="2"), dict(RANK="3", LOCAL_RANK="0", WORLD_SIZE="2")])
+                                 WORLD_SIZE="2"), dict(RANK="3", LOCAL_RANK="0", WORLD_SIZE="2"),
+                                 dict(RANK="0", LOCAL_RANK="2", WORLD_SIZE="2"),
+                                 dict(RANK="0", LOCAL_RANK="-1", WORLD_SIZE="2")])
 def test_torchrun_variables_set_partly_or_wrongly_are_one_sentence_not_a_hang(run_data, tmp_path, capsys, monkeypatch,
                                                                               env):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
