@@ -197,10 +197,15 @@ def read_results(folder):
     """results.json of a finished run with its loss curve, or None."""
     if not os.path.isfile(os.path.join(folder, "results.json")):
         return None
-    with open(os.path.join(folder, "results.json")) as f:
-        res = json.load(f)
-    with open(os.path.join(folder, "log.jsonl")) as f:
-        res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+    try:  # train.py writes both atomically: a damaged one was edited, or its disk failed
+        with open(os.path.join(folder, "results.json")) as f:
+            res = json.load(f)
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+        average(res)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+        raise data.UserError(f"the run in {folder} is damaged ({type(e).__name__}: {str(e)[:80]}); delete that folder "
+                             "and run the study again to redo the run.") from None
     return res
 
 

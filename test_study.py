@@ -145,6 +145,23 @@ def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
     assert f"--report found no study in {tmp_path}/none/" in err and "diverged" not in err
 
 
+@pytest.mark.parametrize("damage", ["cut results", "no scores", "no log"])
+def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, capsys, damage):
+    """--report reads every run's results.json and log.jsonl: one edited by hand, or cut by a full disk, is one
+    sentence naming the folder."""
+    folder = tmp_path / "select" / f"{study.METHODS['teamlora'][0]}-lr{study.GRID[0]:g}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text({"cut results": '{"scores": {"a": 5', "no scores": '{"scores": {}}',
+                                          "no log": '{"scores": {"a": 50.0}}'}[damage])
+    if damage != "no log":
+        (folder / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--report", f"--out={tmp_path}", "--runs=teamlora"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: the run in {folder} is damaged") and err.count("\n") == 1
+    assert "delete that folder and run the study again" in err
+
+
 def t_quantile_975(df):
     """The two-sided 95% quantile of Student's t, from its density (Simpson's rule) and bisection:
     a reference computed here, independent of study.T95."""
