@@ -501,3 +501,14 @@ def test_demo_files_deleted_by_hand_are_named_with_the_demos_own_fix(tmp_path, m
         assert "--input" not in err and "of your checkpoint" not in err
         if gone != "train.jsonl":
             os.replace(tmp_path / gone, path)
+
+
+def test_the_first_demo_run_warns_of_cut_answers_once_not_before_and_after_its_pretraining(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
+    minicme.build_demo_data(train.DEFAULTS)
+    max_len = int(np.median(train.data.TokenDataset(minicme.DEMO["data_dir"], "train").lengths))
+    train.train(train.parse_config(["--model=tiny", f"--max_len={max_len}", "--max_iters=1", "--eval_dir="]))
+    assert capsys.readouterr().err.count("cuts away the whole answer") == 1

@@ -580,10 +580,6 @@ def preflight(r, train_ds, val_ds):
         if task.max_new_tokens >= context:
             raise UserError(f"evaluation set {name} generates up to {task.max_new_tokens} tokens, which leaves no room "
                             f"for its prompts in the base model's {context} tokens; leave it out of --eval_dir.")
-    if (cut := ~answered(train_ds, cfg["max_len"])).any():  # prepare drops them; a shorter max_len keeps them
-        r.say(f"warning: max_len={cfg['max_len']} cuts away the whole answer of {int(cut.sum()):,} of "
-              f"{len(train_ds):,} training records, which then teach nothing; raise --max_len to keep them.",
-              file=sys.stderr)
 
 
 def datasets(cfg):
@@ -600,6 +596,10 @@ def setup(r, resuming):
     train_ds, val_ds = datasets(cfg)
     raw, r.args, r.base = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
+    if (cut := ~answered(train_ds, cfg["max_len"])).any():  # prepare drops them; a shorter max_len keeps them
+        r.say(f"warning: max_len={cfg['max_len']} cuts away the whole answer of {int(cut.sum()):,} of "
+              f"{len(train_ds):,} training records, which then teach nothing; raise --max_len to keep them.",
+              file=sys.stderr)
     if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole
         os.makedirs(cfg["out_dir"], exist_ok=True)
         for f in replaced:
