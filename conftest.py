@@ -58,6 +58,15 @@ def train_cfg(run_data, out, *flags):
     return train.parse_config(train_flags(run_data, out, *flags))
 
 
+def script_error(main, argv, capsys):
+    """A script's main(argv) ends on a user's mistake with exit code 2 and one line on stderr: that line."""
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.rstrip("\n")
+
+
 def cuda_fp32_matmuls():
     """How CUDA runs float32 matmuls now: "tf32", "ieee", or "none" (torch's default, IEEE)."""
     m = torch.backends.cuda.matmul

@@ -37,7 +37,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from errors import UserError
+from errors import UserError, exit_with
 from tokenizer import PROMPT_EOS, Tokenizer
 
 IGNORE_INDEX = -100
@@ -828,7 +828,7 @@ def main(argv=None):
     try:
         s = prepare(args.input, args.tokenizer, args.out, args.max_len, args.val_fraction, args.seed, args.workers)
     except (UserError, OSError) as e:
-        sys.exit(f"data.py {args.command}: error: {e}")
+        exit_with(e, f"data.py {args.command}: ")
     print(f"{s['records']} records -> {args.out}: train {s['splits']['train']['records']} records "
           f"({s['splits']['train']['tokens']} tokens), val {s['splits']['val']['records']}; "
           f"{s['truncated']} truncated, {s['dropped_no_answer']} dropped (answer cut away); dtype {s['dtype']}")

@@ -1,6 +1,14 @@
 """The one exception of the project: every file raises it, every script prints it as one sentence."""
+import sys
 
 
 class UserError(ValueError):
     """A problem the user can fix (a file, a record, a setting): every script of the project prints
     it as one sentence that says what is wrong and what to do, without a traceback."""
+
+
+def exit_with(error, prefix=""):
+    """How a script ends on a UserError: one line on stderr and exit code 2, as argparse ends on a usage
+    error (1 stays a crash's, 3 train.py's out of memory)."""
+    print(f"{prefix}error: {error}", file=sys.stderr)
+    sys.exit(2)

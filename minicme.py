@@ -28,11 +28,11 @@ import io
 import json
 import os
 import random
-import sys
 
 import sentencepiece as spm
 
 from data import UserError, prepare, write_atomic, write_jsonl
+from errors import exit_with
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
@@ -594,7 +594,7 @@ def main(argv=None):
     try:
         summary = make_suite(args.out, args.seed)
     except (UserError, OSError) as e:
-        sys.exit(f"minicme.py: error: {e}")
+        exit_with(e, "minicme.py: ")
     print(f"mini-CME in {args.out}: {summary['train']} training records over {len(summary['tasks'])} tasks, "
           f"{summary['corpus_docs']} corpus documents, a {summary['vocab_size']}-piece tokenizer")
 

@@ -14,7 +14,6 @@ tokens in the last load_layers blocks, as in the results table of train.py.
 import argparse
 import math
 import os
-import sys
 
 import torch
 
@@ -22,7 +21,7 @@ import checkpoint
 import data
 import evaluation
 import train
-from errors import UserError
+from errors import UserError, exit_with
 from tokenizer import Tokenizer
 
 LOADING = dict(eval_only=True, fsdp=False, compile=False, activation_checkpointing=False)  # read, one process, eager
@@ -125,8 +124,7 @@ def main(argv=None):
                 shares = "  ".join(f"e{i} {v:.2f}" for i, v in enumerate(load.tolist()))
                 print(f"(experts, last {r.cfg['load_layers']} layers; even = {1 / len(load):.2f}: {shares})")
     except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import configurator
 import data
 import train
+from errors import exit_with
 
 OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, runs="all", quick=False,
                val_dir="data/mini_cme/val")
@@ -459,8 +460,7 @@ def main(argv=None):
             run_all(jobs, opts)
         return report(opts, names, chosen)
     except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
 
 
 if __name__ == "__main__":

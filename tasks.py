@@ -16,12 +16,12 @@ import json
 import os
 import re
 import string
-import sys
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from data import UserError, blocked_parent, read_jsonl, write_atomic
+from errors import exit_with
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -562,7 +562,7 @@ def main(argv=None):
     try:
         n = write_eval_set(args.task, args.raw, args.out, args.limit, args.overwrite)
     except (UserError, OSError) as e:
-        sys.exit(f"tasks.py: error: {e}")
+        exit_with(e, "tasks.py: ")
     print(f"wrote {n} {args.task} records to {args.out}")
 
 

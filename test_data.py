@@ -19,7 +19,7 @@ import sentencepiece as spm
 import torch
 
 import data
-from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, needs_fixtures
+from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, needs_fixtures, script_error
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
 
 EDGE_CASES = [
@@ -357,7 +357,7 @@ def test_command_line_error_is_one_sentence_without_traceback(tmp_path, tiny_spm
                              "prepare", "--input", str(tmp_path / "x.json"),
                              "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "x.json not found" in result.stderr
 
 
@@ -595,7 +595,7 @@ def test_tokenizer_folder_is_named_with_the_file_to_pass(tmp_path, tiny_spm, ins
     result = subprocess.run([sys.executable, str(HERE / "data.py"), "prepare", "--input",
                              str(write_records(tmp_path / "d.jsonl", 2)), "--tokenizer", str(folder),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert "is a folder" in result.stderr and not (tmp_path / "out").exists()
 
 
@@ -890,18 +890,16 @@ def test_a_val_fraction_that_leaves_nothing_to_train_on_is_refused_and_writes_no
     assert os.listdir(tmp_path) == ["d.jsonl"]
 
 
-def run_prepare(*args):
-    """data.py prepare's command line in this process: the SystemExit message, or None when it succeeded."""
-    try:
-        data.main(["prepare", *map(str, args)])
-    except SystemExit as e:
-        return str(e)
+def run_prepare(capsys, *args):
+    """data.py prepare's command line in this process, refused: its one line on stderr (exit code 2)."""
+    return script_error(data.main, ["prepare", *args], capsys)
 
 
 @pytest.mark.parametrize("case", ["workers 0", "workers -3", "out empty", "out root", "out is an input",
                                   "out is the tokenizer", "parent is a file", "parent is a dead link", "input twice",
                                   "input twice by another path"])
-def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_nothing(tmp_path, tiny_spm, case):
+def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_nothing(tmp_path, tiny_spm, capsys,
+                                                                                     case):
     source = write_records(tmp_path / "d.jsonl", 3)
     (tmp_path / "notes").write_text("keep me")
     (tmp_path / "sub").mkdir()
@@ -925,18 +923,19 @@ def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_no
                                         f"the input {again} is given twice (as {source} and {again})"),
     }[case]
     before = {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]}
-    error = run_prepare("--input", *inputs, "--tokenizer", tiny_spm, "--out", out, *flags)
+    error = run_prepare(capsys, "--input", *inputs, "--tokenizer", tiny_spm, "--out", out, *flags)
     assert error.startswith(f"data.py prepare: error: {message}") and "\n" not in error
     assert {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]} == before
 
 
-def test_prepare_runs_no_more_worker_processes_than_cores(tmp_path, tiny_spm, monkeypatch):
+def test_prepare_runs_no_more_worker_processes_than_cores(tmp_path, tiny_spm, monkeypatch, capsys):
     def stub(*args):  # prepare's arguments as the command line passes them, then a stop
         raise UserError(f"workers {args[-1]}")
     monkeypatch.setattr(data, "prepare", stub)
     monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
     for flags, want in ((["--workers", "64"], 2), (["--workers", "1"], 1), ([], None)):
-        error = run_prepare("--input", "d.jsonl", "--tokenizer", tiny_spm, "--out", tmp_path / "out", *flags)
+        error = run_prepare(capsys, "--input", "d.jsonl", "--tokenizer", tiny_spm, "--out", tmp_path / "out",
+                            *flags)
         assert error == f"data.py prepare: error: workers {want}"
 
 

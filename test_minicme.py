@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 
 import minicme
+from conftest import script_error
 from errors import UserError
 from minicme import SYNTHETIC_TASKS, make_suite
 from tasks import CME_TASKS, evaluate
@@ -594,8 +595,8 @@ def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp
         minicme.main(["--out", str(tmp_path / "suite"), "--seed", "3"])
     assert seeds == [3] and f"mini-CME in {tmp_path / 'suite'}" in capsys.readouterr().out
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="minicme.py: error: .* is a file, not a folder"):
-        minicme.main(["--out", str(tmp_path / "file")])
+    assert re.match("minicme.py: error: .* is a file, not a folder", script_error(
+        minicme.main, ["--out", tmp_path / "file"], capsys))
 
 
 def test_the_tokenizer_learns_from_the_corpus_and_training_records_only(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import string
 import pytest
 
 import tasks
-from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, needs_cme_fixtures
+from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, needs_cme_fixtures, script_error
 from data import UserError
 from tasks import (CME_TASKS, TEMPLATES, Task, accuracy, chance_level, evaluate, exact_match, first_sentence,
                    make_record, normalize_answer, qa_record, rouge_l, write_eval_set)
@@ -408,11 +408,11 @@ def test_tasks_command_writes_the_eval_set_or_exits_with_one_line(tmp_path, caps
     tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"),
                "--out", str(tmp_path / "rte.jsonl")])
     assert "wrote 30 rte records" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"^tasks.py: error: .*nope.tsv does not exist"):
-        tasks.main(["--task", "rte", "--raw", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "x.json")])
-    with pytest.raises(SystemExit, match=r"x.txt must end in .json"):
-        tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"),
-                   "--out", str(tmp_path / "x.txt")])
+    assert re.match(r"^tasks.py: error: .*nope.tsv does not exist", script_error(
+        tasks.main, ["--task", "rte", "--raw", tmp_path / "nope.tsv", "--out", tmp_path / "x.json"], capsys))
+    assert "x.txt must end in .json" in script_error(
+        tasks.main, ["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"), "--out", tmp_path / "x.txt"],
+        capsys)
 
 
 MALFORMED_RAW = [  # task, file name, content, what the message must say
@@ -494,19 +494,19 @@ def write_anli(path, n):
 
 
 @pytest.mark.parametrize("limit", [-1, 0, -30])
-def test_a_limit_below_one_is_refused_and_writes_nothing(tmp_path, limit):
+def test_a_limit_below_one_is_refused_and_writes_nothing(tmp_path, capsys, limit):
     raw, out = write_anli(tmp_path / "dev.jsonl", 30), str(tmp_path / "anli.jsonl")
     with pytest.raises(ValueError, match=f"limit {limit} is not a number of records to keep; give --limit N"):
         write_eval_set("anli", raw, out, limit=limit)
-    with pytest.raises(SystemExit, match=f"^tasks.py: error: limit {limit} .*leave it out to keep every record.$"):
-        tasks.main(["--task", "anli", "--raw", raw, "--out", out, "--limit", str(limit)])
+    assert re.match(f"^tasks.py: error: limit {limit} .*leave it out to keep every record.$", script_error(
+        tasks.main, ["--task", "anli", "--raw", raw, "--out", out, "--limit", limit], capsys))
     assert os.listdir(tmp_path) == ["dev.jsonl"]
     assert write_eval_set("anli", raw, out, limit=1) == 1 and write_eval_set("anli", raw, out, overwrite=True) == 30
     assert write_eval_set("anli", raw, out, limit=100, overwrite=True) == 30 and len(open(out).readlines()) == 30
 
 
 @pytest.mark.parametrize("case", ["out is the raw file", "not UTF-8", "raw is a folder"])
-def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, case):
+def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, capsys, case):
     raw = write_anli(tmp_path / "dev.jsonl", 3)
     out, named = str(tmp_path / "anli.jsonl"), raw
     if case == "out is the raw file":
@@ -519,20 +519,16 @@ def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, case):
         named = raw = str(tmp_path)
         message = "is a folder; pass the task's raw file"
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(SystemExit) as error:
-        tasks.main(["--task", "anli", "--raw", raw, "--out", out])
-    text = str(error.value)
-    assert text.startswith(f"tasks.py: error: {named} {message}") and "\n" not in text
+    text = script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", out], capsys)
+    assert text.startswith(f"tasks.py: error: {named} {message}")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path):
+def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, capsys):
     raw, out = write_anli(tmp_path / "dev.jsonl", 3), tmp_path / "anli.jsonl"
     out.write_text("my hand-made evaluation set\n")
-    with pytest.raises(SystemExit) as error:
-        tasks.main(["--task", "anli", "--raw", raw, "--out", str(out)])
-    assert str(error.value) == (f"tasks.py: error: --out {out} exists; pass --overwrite to replace it, or choose "
-                                "another --out.")
+    assert script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", out], capsys) == (
+        f"tasks.py: error: --out {out} exists; pass --overwrite to replace it, or choose another --out.")
     with pytest.raises(UserError, match="exists; pass --overwrite"):
         write_eval_set("anli", raw, out)  # the function too: overwriting is asked for, never the default
     assert out.read_text() == "my hand-made evaluation set\n"  # the user's file is kept, and nothing is left beside it
@@ -542,7 +538,7 @@ def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty raw file", "out is a folder", "parent is a file", "parent is a dead link"])
-def test_an_eval_set_with_no_records_or_nowhere_to_go_is_one_sentence_and_writes_nothing(tmp_path, case):
+def test_an_eval_set_with_no_records_or_nowhere_to_go_is_one_sentence_and_writes_nothing(tmp_path, capsys, case):
     raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "eval" / "anli.jsonl")
     (tmp_path / "eval").mkdir()
     if case == "empty raw file":
@@ -559,10 +555,8 @@ def test_an_eval_set_with_no_records_or_nowhere_to_go_is_one_sentence_and_writes
         out = str(tmp_path / "link" / "anli.jsonl")
         message = f"--out {out} can not be written: {tmp_path / 'link'} is a link to nothing, not a folder"
     before = {str(p): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
-    with pytest.raises(SystemExit) as error:
-        tasks.main(["--task", "anli", "--raw", raw, "--out", out, "--overwrite"])
-    text = str(error.value)
-    assert text.startswith(f"tasks.py: error: {message}") and "\n" not in text
+    text = script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", out, "--overwrite"], capsys)
+    assert text.startswith(f"tasks.py: error: {message}")
     assert {str(p): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
 
 
