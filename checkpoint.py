@@ -83,9 +83,9 @@ def load_checkpoint(path):
         raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; resume needs that "
                         "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
     if not (isinstance(ckpt["config"], dict) and type(ckpt["iter"]) is int and ckpt["iter"] >= 0
-            and isinstance(ckpt["rng"], list) and ckpt["rng"]):
-        raise UserError(f"{path} is damaged: its config, step or random state is not what train.py writes; resume "
-                        "from a copy, or start the run again.")
+            and isinstance(ckpt["rng"], list) and ckpt["rng"] and isinstance(ckpt.get("base"), (str, type(None)))):
+        raise UserError(f"{path} is damaged: its config, step, random state or base fingerprint is not what train.py "
+                        "writes; resume from a copy, or start the run again.")
     return ckpt
 
 
@@ -114,7 +114,7 @@ def fingerprint(weights):
 
 def check_base(ckpt, base, cfg, path):
     """A run's adapter meets the base its ckpt.pt recorded (checkpoints of older versions record none)."""
-    if cfg["adapter"] != "none" and ckpt.get("base", base) != base:
+    if cfg["adapter"] != "none" and ckpt.get("base") not in (None, base):
         raise UserError(f"the base model at {cfg['init_from']} is not the one this run trained on (its weights differ "
                         f"from those {path} records); put that base back there, or start a new run.")
 

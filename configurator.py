@@ -9,6 +9,7 @@ import ast
 import builtins
 import difflib
 import os
+import types
 
 from errors import UserError
 
@@ -32,15 +33,14 @@ def typed(key, value, defaults, origin):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=1)
         raise UserError(f"unknown config key '{key}' in {origin}" + (f"; did you mean '{close[0]}'?" if close else "."))
+    if isinstance(value, int) and value.bit_length() > 1023:  # str() of it fails past 4300 digits
+        raise UserError(f"config key '{key}' in {origin} is too large for a float or any setting "
+                        f"({value.bit_length()} bits).")
     default = defaults[key]
     if default is None or (isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:
-            digits = len(str(value))
-            raise UserError(f"config key '{key}' in {origin} is too large for a float ({digits} digits).") from None
+        return float(value)
     raise UserError(f"config key '{key}' in {origin} must be of type {type(default).__name__}, got {value!r}.")
 
 
@@ -61,13 +61,14 @@ def read(argv, defaults):
             what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
             raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
         namespace = {}
-        try:  # builtins.compile: `compile` is also one of train.py's keys
-            exec(builtins.compile(open(arg).read(), arg, "exec"), namespace)
+        try:  # builtins.compile: `compile` is also one of train.py's keys; bytes: a BOM or coding line, as python reads
+            with open(arg, "rb") as f:
+                exec(builtins.compile(f.read(), arg, "exec"), namespace)
         except Exception as e:
-            raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {e}); "
+            raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {' '.join(str(e).split())}); "
                             "it should hold plain key = value lines.")
-        for key, value in namespace.items():
-            if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
+        for key, value in namespace.items():  # modules: `import time` has no __file__
+            if not key.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
                 cfg[key] = typed(key, value, defaults, f"config file {arg}")
                 explicit.add(key)
     return cfg, explicit

@@ -31,7 +31,7 @@ import random
 
 import sentencepiece as spm
 
-from data import UserError, prepare, write_atomic, write_jsonl
+from data import UserError, blocked_parent, prepare, write_atomic, write_jsonl
 from errors import exit_with
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
@@ -469,6 +469,8 @@ def _check_out_dir(out_dir):
     it), or a folder of other files. A folder of a build cut short (BUILDING in it) is taken up again."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} is a file, not a folder; choose another folder for the suite.")
+    if blocked := blocked_parent(out_dir):
+        raise UserError(f"{out_dir} can not be made: {blocked}, not a folder; choose another folder for the suite.")
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if "suite.json" in names:
         raise UserError(f"{out_dir} already holds a mini-CME suite; choose another folder, or delete that one "

@@ -66,7 +66,8 @@ def records_of(args):
     if not args.records:
         return records
     if not os.path.isfile(args.records):
-        raise UserError(f"--records file {args.records} does not exist; give a JSONL or JSON list of records.")
+        what = "is a folder, not a file" if os.path.isdir(args.records) else "does not exist"
+        raise UserError(f"--records file {args.records} {what}; give a JSONL or JSON list of records.")
     for n, (where, record) in enumerate(data.read_records(args.records)):
         if args.limit and n == args.limit:
             break

@@ -597,6 +597,10 @@ def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp
     (tmp_path / "file").write_text("x")
     assert re.match("minicme.py: error: .* is a file, not a folder", script_error(
         minicme.main, ["--out", tmp_path / "file"], capsys))
+    assert script_error(minicme.main, ["--out", tmp_path / "file" / "suite"], capsys) == (
+        f"minicme.py: error: {tmp_path / 'file' / 'suite'} can not be made: {tmp_path / 'file'} is a file, not a "
+        "folder; choose another folder for the suite.")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_the_tokenizer_learns_from_the_corpus_and_training_records_only(tmp_path, monkeypatch):

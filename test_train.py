@@ -672,7 +672,7 @@ def test_cuda_float32_matmuls_are_tf32_for_the_run_only_and_the_cpu_untouched(ru
     at a CUDA-core fraction of the tensor cores' speed. A CUDA run switches them to TF32 (tf32=False keeps
     IEEE) and leaves the setting as it found it; a CPU run never touches it."""
     seen, real_setup = [], train.setup_distributed
-    monkeypatch.setattr(train, "build_demo", lambda cfg: None)
+    monkeypatch.setattr(train, "build_demo", lambda cfg, resuming=False: None)
     monkeypatch.setattr(train, "run", lambda r, ckpt: seen.append((r.device.type, cuda_fp32_matmuls())) or {})
     before = cuda_fp32_matmuls()
     monkeypatch.setattr(train, "setup_distributed", lambda cfg: (0, 1, torch.device("cuda")))
@@ -875,6 +875,36 @@ def test_a_config_file_may_import_modules_to_compute_its_values(tmp_path):
     cfg = train.parse_config([str(cfg_file)])
     assert cfg["learning_rate"] == pytest.approx(2e-3) and cfg["alpha"] == 32.0
     assert "math" not in cfg and "path" not in cfg and "half" not in cfg
+
+
+def test_a_config_file_is_read_as_python_reads_it_with_built_in_modules_a_bom_or_a_coding_line(tmp_path):
+    """nanoGPT's own configs `import time` (built into python: a module without __file__); an editor's BOM or a
+    coding line is read as python reads a script."""
+    (tmp_path / "c.py").write_text("import sys\nimport time\nout_dir = 'out-' + str(time.time() > 0)\n")
+    assert train.parse_config([str(tmp_path / "c.py")])["out_dir"] == "out-True"
+    (tmp_path / "bom.py").write_bytes(b"\xef\xbb\xbfr = 16\n")
+    (tmp_path / "latin.py").write_bytes(b"# -*- coding: latin-1 -*-\nout_dir = 'caf\xe9'\n")
+    cfg = train.parse_config([str(tmp_path / "bom.py"), str(tmp_path / "latin.py")])
+    assert (cfg["r"], cfg["out_dir"]) == (16, "caf\u00e9")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_docstring_and_every_default_with_its_comment_and_exits_0(capsys, flag):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["config/cme_llama2_7b.py", flag, "--r=8"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("Fine-tune a LLaMA with TeamLoRA")
+    for key, value in train.DEFAULTS.items():  # each default as train.py states it
+        assert re.search(rf"^{key}(, \w+)* = ", out, re.M) or re.search(rf"^\w+, {key} = ", out, re.M), key
+    assert "learning_rate = 1e-3  # chosen for the demo" in out
+
+
+def test_a_huge_number_or_an_error_of_several_lines_in_a_config_file_is_one_sentence_naming_it(tmp_path, capsys):
+    for text, needle in [("max_iters = 10**5000\n", "config key 'max_iters' in config file"),
+                         ("seed = -10**5000\n", "config key 'seed' in config file"),
+                         ("raise ValueError('one\\ntwo')\n", "(ValueError: one two)")]:
+        (tmp_path / "c.py").write_text(text)
+        assert needle in conftest.script_error(train.main, [tmp_path / "c.py"], capsys)
 
 
 @pytest.mark.parametrize("local_world, cores, others, want", [(2, 16, 3, 5), (8, 16, 0, 2), (4, 2, 0, 1)])

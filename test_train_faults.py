@@ -291,6 +291,7 @@ def test_nan_at_the_first_step_says_nothing_was_saved_rather_than_offering_a_res
     (lambda c: {**c, "iter": "3"}, ("is damaged",)),
     (lambda c: {**c, "iter": -1}, ("is damaged",)),
     (lambda c: {**c, "rng": []}, ("is damaged",)),
+    (lambda c: {**c, "base": 5}, ("is damaged", "base fingerprint")),
     (lambda c: {**c, "config": {**c["config"], "learning_rate": "fast"}}, ("learning_rate", "must be of type float")),
     (lambda c: {**c, "config": {**c["config"], "r": -8}}, ("'r' must be positive",)),
 ])
@@ -490,12 +491,12 @@ def test_demo_files_deleted_by_hand_are_named_with_the_demos_own_fix(tmp_path, m
     monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
     minicme.build_demo_data(train.DEFAULTS)  # the suite and its shards, as a first run leaves them
     root = tmp_path / minicme.ROOT
-    for gone in ("tokenizer.model", "test", "train.jsonl"):
+    for gone, made_of_it in [("tokenizer.model", ()), ("test", ()), ("corpus.txt", ("corpus_tokens",)),
+                             ("train.jsonl", ("tokens",))]:
         path = root / gone
         os.replace(path, tmp_path / gone)
-        if gone == "train.jsonl":
-            for folder in ("tokens", "corpus_tokens"):
-                os.replace(root / folder, tmp_path / folder)
+        for folder in made_of_it:  # gone too, or the file would not be read
+            os.replace(root / folder, tmp_path / folder)
         err = fails(["--model=tiny"], capsys, f"the demo's files in {minicme.ROOT} are incomplete",
                     f"{minicme.ROOT}/{gone}", f"delete {minicme.ROOT} and run again")
         assert "--input" not in err and "of your checkpoint" not in err
@@ -512,3 +513,19 @@ def test_the_first_demo_run_warns_of_cut_answers_once_not_before_and_after_its_p
     max_len = int(np.median(train.data.TokenDataset(minicme.DEMO["data_dir"], "train").lengths))
     train.train(train.parse_config(["--model=tiny", f"--max_len={max_len}", "--max_iters=1", "--eval_dir="]))
     assert capsys.readouterr().err.count("cuts away the whole answer") == 1
+
+
+def test_a_resume_or_eval_only_on_a_deleted_demo_base_is_checked_as_such_before_the_base_is_pretrained_again(
+        tmp_path, monkeypatch, capsys):
+    """A resume's out_dir is its own (not "already holds a run; continue it with --init_from=resume"), and eval_only
+    of an out_dir without adapter.pt is refused before the minutes of pretraining the demo's base, not after."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
+    train.main(["--model=tiny", "--max_len=128", "--batch_size=4", "--eval_dir=", "--max_iters=1"])
+    base = tmp_path / minicme.DEMO["init_from"]
+    base.unlink()
+    fails(["--eval_only=True", "--out_dir=elsewhere"], capsys, "elsewhere/adapter.pt does not exist")
+    assert not base.exists()
+    train.main(["--init_from=resume", "--max_iters=2"])  # the base is built again, as the run's own
+    assert "resumed from out/demo/ckpt.pt at step 1" in capsys.readouterr().out and base.is_file()

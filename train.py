@@ -104,6 +104,10 @@ for _key in DEFAULTS:  # every function reads its cfg dict: a stray global read 
 
 def parse_config(argv):
     """[config/FILE.py] [--key=value ...] -> a full, checked config dict (configurator.py reads it)."""
+    if {"-h", "--help"} & set(argv):  # the docstring, then the defaults as this file states them, comments and all
+        src = open(__file__, encoding="utf-8").read()
+        print(__doc__.strip() + "\n\n" + src[src.index("# defaults"):src.index("DEFAULTS =")].rstrip("-\n# "))
+        raise SystemExit(0)
     cfg, explicit = configurator.read(argv, DEFAULTS)
     check_config(cfg)
     cfg["_explicit"] = sorted(explicit)  # what the user set: a resume keeps everything else from the run
@@ -423,7 +427,7 @@ def resume_config(cfg):
     return cfg, ckpt
 
 
-def build_demo(cfg):
+def build_demo(cfg, resuming=False):
     """The demo's suite, shards and base, made before the run that uses them (the first
     `python train.py` builds them, later ones reuse them): nothing is downloaded."""
     try:
@@ -431,11 +435,11 @@ def build_demo(cfg):
         for key in ("tokenizer", "eval_dir"):
             if cfg[key] == minicme.DEMO[key] and not os.path.exists(cfg[key]):
                 raise UserError(f"{cfg[key]} not found")
-    except UserError as e:  # data.py's messages name its flags, but the demo's files are ours to build
+    except (UserError, FileNotFoundError) as e:  # data.py's messages name its flags; the demo's files are ours
         raise UserError(f"the demo's files in {minicme.ROOT} are incomplete ({str(e).split(';')[0].rstrip('.')}); "
                         f"delete {minicme.ROOT} and run again to build them anew (a few minutes).") from None
     if pretrain:
-        check_before_pretraining(cfg, pretrain)
+        check_before_pretraining(cfg, pretrain, resuming)
         print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
               "(once, a few minutes)...")
         stopped = os.path.isfile(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # an interrupted pretraining
@@ -457,17 +461,20 @@ def build_demo(cfg):
         print(f"base model written to {cfg['init_from']}; now fine-tuning")
 
 
-def check_before_pretraining(cfg, pre):
+def check_before_pretraining(cfg, pre, resuming):
     """setup's checks of the run, on a meta model shaped as the base the demo is about to pretrain (`pre`): a
     mistake in the run's settings (a target's name, out_dir, max_len) costs seconds, not the pretraining's minutes."""
     r = Run(cfg, device=torch.device("meta"), tok=Tokenizer(cfg["tokenizer"]))
     if not cfg["eval_only"]:
-        claim_out_dir(r, resuming=False)
+        claim_out_dir(r, resuming)
     r.args = scratch_args(pre, Tokenizer(pre["tokenizer"]).vocab_size)
-    if cfg["adapter"] != "none":
-        with torch.device("meta"):
-            inject_targets(Transformer(r.args), cfg)
+    with torch.device("meta"):
+        model = Transformer(r.args)
+        if cfg["adapter"] != "none":
+            inject_targets(model, cfg)
     preflight(r, *datasets(cfg))
+    if cfg["eval_only"] and not resuming:  # scored by out_dir's adapter.pt: it must be there, and fit
+        load_trained_adapter(r, model)
 
 
 def check_batch_split(cfg, world):
@@ -495,7 +502,7 @@ def train(cfg):
             return check_full_config(cfg) if rank == 0 else {}
         check_batch_split(cfg, world)
         if rank == 0:
-            build_demo(cfg)
+            build_demo(cfg, resuming=ckpt is not None)
         if world > 1:
             dist.barrier()
         with cuda_matmul_precision(cfg["tf32"]) if dev.type == "cuda" else nullcontext():
