@@ -459,7 +459,7 @@ def main(argv=None):
                     for seed in opts["seeds"] for name in names]
             run_all(jobs, opts)
         return report(opts, names, chosen)
-    except data.UserError as e:
+    except (data.UserError, OSError) as e:  # a full disk or a folder in the way: one line, as data.py says it
         exit_with(e)
 
 

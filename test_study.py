@@ -339,3 +339,13 @@ def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_
     assert study.parse(["--seeds=1000", "--workers=4"])[0]["seeds"] == tuple(range(1, 1001))
     monkeypatch.setattr(study.os, "cpu_count", lambda: 1)
     assert study.parse([])[0]["workers"] == 1  # the default of 2 at a time fits a one-core machine
+
+
+def test_an_os_error_while_the_study_prepares_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    def full_disk(cfg):
+        raise OSError(28, "No space left on device", "data/mini_cme/tokens")
+    monkeypatch.setattr(study.train, "build_demo", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        study.main([f"--out={tmp_path / 'study'}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
