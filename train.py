@@ -38,7 +38,6 @@ import minicme
 import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
-from configurator import typed
 from errors import UserError
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -398,7 +397,7 @@ def saved_config(path):
     """(config, checkpoint) of the ckpt.pt at path: the config checked again as if typed (a file edited by hand)."""
     ckpt = checkpoint.load_checkpoint(path)
     saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the run was saved takes its default
-    saved.update((k, typed(k, saved[k], DEFAULTS, path)) for k in DEFAULTS)
+    saved.update((k, configurator.typed(k, saved[k], DEFAULTS, path)) for k in DEFAULTS)
     check_config(saved)
     return saved, ckpt
 
