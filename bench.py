@@ -438,16 +438,17 @@ def section_cuda7b(cfg, device, peak_tflops):
     print(f"## 5. 7B-shaped stack on {name}: bf16, dim {args.dim}, FFN {args.ffn_hidden_dim}, {args.n_layers} "
           f"layers, vocab {args.vocab_size}, batch {batch} x {seq}, FFN adapters r={r} (TeamLoRA k={k}) in "
           f"{str(adapter_dtype)[6:]}, activation checkpointing {'on' if cfg.full7b else 'off'}")
-    variants = ["LoRA", "TeamLoRA fused"] + ["blocks compiled"] * ("TeamLoRA compiled" in cfg.variants)
+    variants = ["LoRA", "TeamLoRA fused"] + ["LoRA blocks compiled", "blocks compiled"] * (
+        "TeamLoRA compiled" in cfg.variants)  # each compiled against its own eager and against LoRA's compiled
     torch.compiler.reset()
     models = {}
     for v in variants:  # the same base weights in each, from the same seed
         torch.manual_seed(0)
         with torch.device(device):
             base = Transformer(args, gradient_checkpointing=cfg.full7b).to(torch.bfloat16)
-        models[v] = adapt_ffn(base, "LoRA" if v == "LoRA" else "TeamLoRA fused", r, 1 if v == "LoRA" else k,
-                              adapter_dtype)
-        if v == "blocks compiled":  # as train.py --compile=True does
+        lora = v.startswith("LoRA")
+        models[v] = adapt_ffn(base, "LoRA" if lora else "TeamLoRA fused", r, 1 if lora else k, adapter_dtype)
+        if v.endswith("blocks compiled"):  # as train.py --compile=True does
             for block in models[v].layers:
                 block.compile(dynamic=True)
     tokens = torch.randint(args.vocab_size, (batch, seq), device=device)
@@ -473,6 +474,9 @@ def section_cuda7b(cfg, device, peak_tflops):
           "FLOPs per token: train 4P + 6P_adapter + 6*T*dim*layers, inference 2P + 2P_adapter + 2*T*dim*layers\n")
     table(["variant", "train tok/s", "MFU %", "time x LoRA", "infer tok/s", "MFU %", "time x LoRA",
            "train peak GiB"], rows)
+    if "blocks compiled" in models:
+        t, i = (ratio(d["blocks compiled"], d["LoRA blocks compiled"]) for d in (train, infer))
+        print(f"\nTeamLoRA / LoRA, both with blocks compiled: train {t:.2f}, inference {i:.2f}")
 
 
 def run_sections(cfg, sections, device, dtype, peak_tflops):
