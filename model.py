@@ -264,12 +264,13 @@ class TransformerBlock(nn.Module):
 
 
 @contextlib.contextmanager
-def _keep_last_omega(layer):
-    """Activation checkpointing's context for the recompute in backward: the adapters keep the `last_omega` of
-    the first forward. The recompute's omega would otherwise stay on the module until the next forward, and
-    with it the recomputed block's whole autograd graph: every block's activations at once (42 GiB against
-    LoRA's 17.6 at LLaMA-2-7B's shape, micro-batch 4 x 1024)."""
-    kept = [(m, m.last_omega) for m in layer.modules() if hasattr(m, "last_omega")]
+def keep_last_omega(module):
+    """Activation checkpointing's context for the recompute in backward (`checkpoint(..., use_reentrant=False,
+    context_fn=lambda: (contextlib.nullcontext(), keep_last_omega(block)))`; a whole model works too): the
+    adapters in `module` keep the `last_omega` of the first forward. The recompute's omega would otherwise stay on
+    the adapter until the next forward, and with it the recomputed block's whole autograd graph: every block's
+    activations at once (42 GiB against LoRA's 17.6 at LLaMA-2-7B's shape, micro-batch 4 x 1024)."""
+    kept = [(m, m.last_omega) for m in module.modules() if hasattr(m, "last_omega")]
     try:
         yield
     finally:
@@ -326,7 +327,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and caches is None:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=lambda: (
-                    contextlib.nullcontext(), _keep_last_omega(layer)))
+                    contextlib.nullcontext(), keep_last_omega(layer)))
             else:
                 h = layer(h, cos, sin, mask, None if caches is None else caches[i])
         return self.norm(h)

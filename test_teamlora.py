@@ -806,6 +806,38 @@ def test_the_readmes_example_runs_as_written_on_a_hugging_face_style_model(tmp_p
     assert "layers.0.mlp.gate_proj" in printed and "layers.1.mlp.down_proj" in printed
 
 
+def test_the_readmes_checkpointing_recipe_keeps_the_first_forwards_omega_in_a_hugging_face_model():
+    """Transformers checkpoints non-reentrantly: with the README's context_fn the recompute leaves each adapter's
+    first-forward omega in place (its graph is freed), and the gradients equal those of a run without
+    checkpointing, the balance loss's included."""
+    import contextlib
+
+    from model import keep_last_omega
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    start = readme.index("`model.activation_checkpointing_enable(") + 1
+    recipe = readme[start:readme.index("`", start)]  # the README's line, run as written
+    torch.manual_seed(0)
+    model = teamlora.inject(qwen2_lm(), ("gate_proj", "up_proj", "down_proj"), r=8, experts=4, alpha=16, dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m)
+    model.train()
+    ids = torch.randint(50, (2, 7))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for ckpt in (False, True):
+        if ckpt:
+            exec(recipe, {"model": model, "contextlib": contextlib, "keep_last_omega": keep_last_omega})
+            assert model.model.layers[0].gradient_checkpointing
+        loss = model(input_ids=ids, labels=ids).loss + 0.01 * teamlora.balance_loss(model)
+        first = {m: m.last_omega for m in model.modules() if isinstance(m, TeamLoRALinear)}
+        assert all(om.grad_fn is not None for om in first.values())
+        grads.append(torch.autograd.grad(loss, trained))
+        assert all(m.last_omega is om for m, om in first.items())
+    for g, g_ckpt in zip(*grads):
+        torch.testing.assert_close(g_ckpt, g, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lora_merges_into_the_weight_and_unmerges_to_float_tolerance(dtype):
     layer = make_layer(d_in=24, d_out=20, r=8, experts=1, dtype=dtype)  # randomize: B != 0, a real update
