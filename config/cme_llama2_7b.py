@@ -14,6 +14,7 @@ eval_dir = "data/cme_eval"  # <task>.jsonl files written by `python tasks.py`
 dtype = "bfloat16"
 fsdp = True
 activation_checkpointing = True
+compile = False  # True: 1.37x faster steps on one H200 at this shape (RESULTS.md); not yet run with FSDP on nccl
 max_len = 1024
 batch_mode = "pad"
 
