@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a session that has one GPU (about 7 minutes on an H100-class GPU):
+# The GPU checks in one go, for a session that has one GPU (about 8 minutes on an H200):
 #   bash gpu_check.sh [OUT]        # logs in OUT (default out/gpu_check), a summary at the end
 # In order of importance, each step capped in time so that one slow step cannot starve the rest:
-# 1. the 7B-shaped step at full depth (32 blocks, micro-batch 4 x 1024, activation checkpointing): LoRA,
-#    TeamLoRA eager and blocks compiled, tokens/s, MFU, peak memory; 2. the bf16 demo from an empty folder;
+# 1. the 7B-shaped step at full depth (32 blocks, micro-batch 4 x 1024, activation checkpointing): LoRA and
+#    TeamLoRA, eager and blocks compiled, tokens/s, MFU, peak memory; 2. the bf16 demo from an empty folder;
 # 3. FSDP2 under torchrun on nccl with one process (train.py shards under torchrun whatever the number of
-# processes); 4. the CUDA tests; 5. the small layer on the GPU (launch-bound). The dry run's memory estimate
-# to set beside step 1 needs no GPU:
+# processes), eager and 4. with compiled blocks (the 7B recipes keep compile off until this has run);
+# 5. step times at new padded widths against repeated ones, and a profile of one (the bf16 demo's fine-tuning
+# steps were uneven on an H200, its fixed-shape pretraining steps were not); 6. the CUDA tests.
+# `python bench.py --device=cuda --section=layer` (the small layer, launch-bound) is left out: measured on an
+# H100 and an H200 (RESULTS.md). The dry run's memory estimate to set beside step 1 needs no GPU:
 #   python train.py config/cme_llama2_7b.py --dry_run=True --dry_run_world_size=1 --batch_size=4 \
 #       --grad_accum=1 --fsdp=False [--adapter=lora]
 # Each step runs even when one before it failed; the summary says which failed. Run folders go to a
@@ -31,7 +34,32 @@ step bench7b 240 python bench.py --device=cuda --section=cuda7b --full7b
 step demo_bf16 150 python train.py --dtype=bfloat16 --out_dir="$runs/demo_bf16"
 step fsdp_nccl 100 torchrun --standalone --nproc_per_node=1 train.py -- --fsdp=True --dtype=bfloat16 \
     --max_iters=200 --out_dir="$runs/fsdp_nccl"
+step fsdp_compiled 150 torchrun --standalone --nproc_per_node=1 train.py -- --fsdp=True --compile=True \
+    --dtype=bfloat16 --max_iters=200 --out_dir="$runs/fsdp_compiled"
+cat > "$runs/pad_widths.py" <<'PROBE'
+import statistics, time
+import torch
+import bench
+from model import ModelArgs, Transformer
+torch.manual_seed(0)
+model = bench.adapt_ffn(Transformer(ModelArgs.from_name("small", max_seq_len=512)).to("cuda", torch.bfloat16),
+                        "TeamLoRA fused", 32, 4, torch.float32)
+widths = torch.randperm(230)[:24].add(20).tolist()
+def step(T):  # a training step's forward and backward at batch 16 x T
+    tok = torch.randint(1000, (16, T), device="cuda")
+    torch.cuda.synchronize(); t = time.perf_counter()
+    model(tok, tok.roll(-1, 1))[1].backward()
+    torch.cuda.synchronize(); return time.perf_counter() - t
+step(widths[-1])
+first, again = [step(T) for T in widths[:-2]], [step(T) for T in widths[:-2]]
+print(f"new width: median {1e3 * statistics.median(first):.1f} ms, max {1e3 * max(first):.1f}; the same widths "
+      f"again: median {1e3 * statistics.median(again):.1f} ms, max {1e3 * max(again):.1f}")
+acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+with torch.profiler.profile(activities=acts) as p:
+    step(widths[-2])
+print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+PROBE
+step pad_widths 60 env PYTHONPATH=. python "$runs/pad_widths.py"
 step tests 150 python -m pytest -q -rs -k cuda test_model.py test_teamlora.py test_train.py test_bench.py
-step layer 90 python bench.py --device=cuda --section=layer
 echo "failed steps: ${failed[*]:-none}"
 [ ${#failed[@]} -eq 0 ]
