@@ -566,13 +566,14 @@ def _flags(run_data, out, *more):
 def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
     """The global batch is cut the same way for 2 processes as for 1 process with 2 accumulation
     steps, dropout masks too, so the adapters must agree to float rounding (gloo on CPU). FSDP2 also shards under
-    torchrun with one process (what a one-GPU machine can check of it)."""
+    torchrun with one process (what a one-GPU machine can check of it), there with activation checkpointing, as the
+    7B recipes run: each block recomputed in backward, its dropout masks and the balance loss's gradient too."""
     one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2", "--dropout=0.1")])
     assert one.returncode == 0, one.stderr[-2000:]
     # "--": torchrun would eat --r=8
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
                 "--", *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}", f"--grad_accum={3 - nproc}",
-                              "--dropout=0.1")])
+                              "--dropout=0.1", f"--activation_checkpointing={nproc == 1}")])
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]
     assert "step 4/4: loss" in two.stdout  # printed before the processes leave with os._exit
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
