@@ -748,6 +748,11 @@ def test_compile_compiles_each_block_and_trains_like_eager(run_data, tmp_path):
     assert compiled["model"].state_dict().keys() == eager["model"].state_dict().keys()  # names stay
     np.testing.assert_allclose(compiled["train_losses"], eager["train_losses"], rtol=1e-4)
     assert_same_adapters(adapters_of(compiled["model"]), adapters_of(eager["model"]), atol=1e-4)
+    # what a 7B recipe runs with compile=True: compiled blocks recomputed in backward, the balance loss through them
+    ckpt = train.train(train_cfg(run_data, tmp_path / "k", "--max_iters=3", "--eval_interval=3", "--eval_limit=0",
+                                 "--dropout=0.0", "--eval_dir=", "--compile=True", "--activation_checkpointing=True"))
+    np.testing.assert_allclose(ckpt["train_losses"], eager["train_losses"], rtol=1e-4)
+    assert_same_adapters(adapters_of(ckpt["model"]), adapters_of(eager["model"]), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------
