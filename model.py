@@ -326,7 +326,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and caches is None:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=lambda: (
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False, context_fn=lambda layer=layer: (
                     contextlib.nullcontext(), keep_last_omega(layer)))
             else:
                 h = layer(h, cos, sin, mask, None if caches is None else caches[i])
