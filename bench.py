@@ -422,8 +422,8 @@ def section_sharing(cfg, device, dtype):
 
 def section_cuda7b(cfg, device, peak_tflops):
     """A 7B-shaped stack: 4 blocks by default; --full7b: all 32 blocks, micro-batch 4 x 1024, activation
-    checkpointing and fp32 adapters (train.py's setting for config/cme_llama2_7b.py on one GPU). --quick runs
-    a tiny one on the CPU too, as a smoke test of this code."""
+    checkpointing (--no-checkpointing: none) and fp32 adapters (train.py's setting for config/cme_llama2_7b.py on
+    one GPU). --quick runs a tiny one on the CPU too, as a smoke test of this code."""
     if device.type != "cuda" and not cfg.quick:
         print("## 5. 7B-shaped block stack: skipped (it needs --device=cuda)\n")
         return
@@ -437,7 +437,7 @@ def section_cuda7b(cfg, device, peak_tflops):
     adapter_dtype = torch.float32 if cfg.full7b else torch.bfloat16
     print(f"## 5. 7B-shaped stack on {name}: bf16, dim {args.dim}, FFN {args.ffn_hidden_dim}, {args.n_layers} "
           f"layers, vocab {args.vocab_size}, batch {batch} x {seq}, FFN adapters r={r} (TeamLoRA k={k}) in "
-          f"{str(adapter_dtype)[6:]}, activation checkpointing {'on' if cfg.full7b else 'off'}")
+          f"{str(adapter_dtype)[6:]}, activation checkpointing {'on' if cfg.checkpointing else 'off'}")
     variants = ["LoRA", "TeamLoRA fused"] + ["LoRA blocks compiled", "blocks compiled"] * (
         "TeamLoRA compiled" in cfg.variants)  # each compiled against its own eager and against LoRA's compiled
     torch.compiler.reset()
@@ -445,7 +445,7 @@ def section_cuda7b(cfg, device, peak_tflops):
     for v in variants:  # the same base weights in each, from the same seed
         torch.manual_seed(0)
         with torch.device(device):
-            base = Transformer(args, gradient_checkpointing=cfg.full7b).to(torch.bfloat16)
+            base = Transformer(args, gradient_checkpointing=cfg.checkpointing).to(torch.bfloat16)
         lora = v.startswith("LoRA")
         models[v] = adapt_ffn(base, "LoRA" if lora else "TeamLoRA fused", r, 1 if lora else k, adapter_dtype)
         if v.endswith("blocks compiled"):  # as train.py --compile=True does
@@ -509,6 +509,9 @@ def main(argv=None):
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
     parser.add_argument("--full7b", action="store_true", help="section cuda7b at LLaMA-2-7B's full depth: 32 "
                         "blocks, micro-batch 4 x 1024, activation checkpointing, fp32 adapters (about 60 GiB)")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="--full7b: activation checkpointing, as the 7B recipes run; --no-checkpointing: none, "
+                        "no recomputed forward (about 17 GiB of activations more per model)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: float32 matmuls (fp32 adapters) on TF32 tensor cores, as train.py's tf32=True")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -520,6 +523,8 @@ def main(argv=None):
         parser.error(f"unknown section(s) {unknown}: choose from {','.join(SECTIONS)}")
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--threads and --repeats must be at least 1")
+    if not args.checkpointing and not args.full7b:
+        parser.error("--no-checkpointing applies to --full7b only (the 4-block stack never checkpoints)")
     if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
         parser.error(f"--peak_tflops must be a positive number (the GPU's bf16 peak), got {args.peak_tflops}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -527,6 +532,7 @@ def main(argv=None):
               "run without --device=cuda for the CPU benchmark.")
         return
     cfg = SimpleNamespace(**(QUICK if args.quick else FULL), quick=args.quick, full7b=args.full7b,
+                          checkpointing=args.full7b and args.checkpointing,
                           variants=[v for v in VARIANTS if args.compile or v != "TeamLoRA compiled"])
     if args.repeats:
         cfg.repeats = cfg.scale_repeats = args.repeats

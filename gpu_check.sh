@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a session that has one GPU (about 8 minutes on an H200):
-#   bash gpu_check.sh [OUT]        # logs in OUT (default out/gpu_check), a summary at the end
+# The GPU checks in one go, for a session that has one GPU (about 9 minutes on an H200):
+#   bash gpu_check.sh [OUT [STEP...]]   # logs in OUT (default out/gpu_check), a summary at the end; STEPs:
+#                                       # only these, e.g. two calls under a 10-minute limit each:
+#   bash gpu_check.sh OUT bench7b bench7b_nockpt; bash gpu_check.sh OUT fsdp_nccl fsdp_compiled pad_widths tests
 # In order of importance, each step capped in time so that one slow step cannot starve the rest:
 # 1. the 7B-shaped step at full depth (32 blocks, micro-batch 4 x 1024, activation checkpointing): LoRA and
-#    TeamLoRA, eager and blocks compiled, tokens/s, MFU, peak memory; 2. the bf16 demo from an empty folder;
-# 3. FSDP2 under torchrun on nccl with one process (train.py shards under torchrun whatever the number of
-# processes), eager and 4. with compiled blocks (the 7B recipes keep compile off until this has run);
-# 5. step times at new padded widths against repeated ones, and a profile of one (the bf16 demo's fine-tuning
-# steps were uneven on an H200, its fixed-shape pretraining steps were not); 6. the CUDA tests.
-# `python bench.py --device=cuda --section=layer` (the small layer, launch-bound) is left out: measured on an
-# H100 and an H200 (RESULTS.md). The dry run's memory estimate to set beside step 1 needs no GPU:
+#    TeamLoRA, eager and blocks compiled, tokens/s, MFU, peak memory; 2. the same without checkpointing (no
+# recomputed forward: the MFU target's likeliest way); 3. FSDP2 under torchrun on nccl with one process
+# (train.py shards under torchrun whatever the number of processes; the first run builds the demo's data and
+# base), eager and 4. with compiled blocks (the 7B recipes keep compile off until this has run); 5. step times
+# at new padded widths against repeated ones, and a profile of one (the bf16 demo's fine-tuning steps were
+# uneven on an H200, its fixed-shape pretraining steps were not); 6. the CUDA tests. Left out, measured on an
+# H100 and an H200 (RESULTS.md): the bf16 demo (`python train.py --dtype=bfloat16`) and the small layer
+# (`python bench.py --device=cuda --section=layer`, launch-bound). The dry run's memory estimates to set beside
+# steps 1 and 2 need no GPU (add --activation_checkpointing=False for step 2):
 #   python train.py config/cme_llama2_7b.py --dry_run=True --dry_run_world_size=1 --batch_size=4 \
 #       --grad_accum=1 --fsdp=False [--adapter=lora]
 # Each step runs even when one before it failed; the summary says which failed. Run folders go to a
@@ -17,12 +21,20 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 out=${1:-out/gpu_check}
+only=("${@:2}")
+for name in "${only[@]}"; do
+    case $name in bench7b|bench7b_nockpt|fsdp_nccl|fsdp_compiled|pad_widths|tests) ;;
+        *) echo "gpu_check.sh: unknown step '$name'; the steps: bench7b bench7b_nockpt fsdp_nccl fsdp_compiled" \
+               "pad_widths tests" >&2; exit 2 ;;
+    esac
+done
 runs=$(mktemp -d)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 failed=()
 step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to OUT/NAME.log, time it
     local name=$1 cap=$2; shift 2
+    if [ ${#only[@]} -gt 0 ] && [[ ! " ${only[*]} " == *" $name "* ]]; then return; fi
     echo "== $name (at most $cap s): $*"
     local t0=$SECONDS
     timeout -k 10 "$cap" "$@" > "$out/$name.log" 2>&1 || failed+=("$name")
@@ -31,8 +43,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to OUT/NAME.l
 }
 nvidia-smi -L; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 step bench7b 240 python bench.py --device=cuda --section=cuda7b --full7b
-step demo_bf16 150 python train.py --dtype=bfloat16 --out_dir="$runs/demo_bf16"
-step fsdp_nccl 100 torchrun --standalone --nproc_per_node=1 train.py -- --fsdp=True --dtype=bfloat16 \
+step bench7b_nockpt 240 python bench.py --device=cuda --section=cuda7b --full7b --no-checkpointing
+step fsdp_nccl 150 torchrun --standalone --nproc_per_node=1 train.py -- --fsdp=True --dtype=bfloat16 \
     --max_iters=200 --out_dir="$runs/fsdp_nccl"
 step fsdp_compiled 150 torchrun --standalone --nproc_per_node=1 train.py -- --fsdp=True --compile=True \
     --dtype=bfloat16 --max_iters=200 --out_dir="$runs/fsdp_compiled"

@@ -70,6 +70,30 @@ def test_cuda_sections_run_with_train_pys_float32_matmul_setting_and_restore_it(
     assert "TF32 float32 matmuls" in out and "IEEE float32 matmuls" in out
 
 
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_full7b_stack_checkpoints_activations_unless_told_not_to(monkeypatch, capsys, checkpointing):
+    """--full7b measures the 7B recipes' setting (activation checkpointing) and, with --no-checkpointing, the same
+    stack without it (no recomputed forward); here on --quick's tiny stack on the CPU."""
+    built = []
+    real_init = bench.Transformer.__init__
+    monkeypatch.setattr(bench.Transformer, "__init__", lambda self, args, gradient_checkpointing=False:
+                        built.append(gradient_checkpointing) or real_init(self, args, gradient_checkpointing))
+    cfg = quick_cfg()
+    times = {v: [1.0] * cfg.repeats for v in ("LoRA", "TeamLoRA fused")}
+    fake_bench(monkeypatch, times, times)
+    monkeypatch.setattr(bench, "model_steps", lambda *a: (None, lambda: 2**30))
+    cfg.full7b, cfg.checkpointing = True, checkpointing
+    bench.section_cuda7b(cfg, CPU, 100.0)
+    assert built == [checkpointing] * 2
+    assert f"activation checkpointing {'on' if checkpointing else 'off'}" in capsys.readouterr().out
+
+
+def test_no_checkpointing_without_full7b_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--section=cuda7b", "--no-checkpointing"])
+    assert e.value.code == 2 and "--no-checkpointing applies to --full7b only" in capsys.readouterr().err
+
+
 def test_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--section=layer,speed"])
@@ -127,7 +151,7 @@ CPU = torch.device("cpu")
 
 
 def quick_cfg():
-    return SimpleNamespace(**bench.QUICK, quick=True, full7b=False,
+    return SimpleNamespace(**bench.QUICK, quick=True, full7b=False, checkpointing=False,
                            variants=[v for v in bench.VARIANTS if v != "TeamLoRA compiled"])
 
 
