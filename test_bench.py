@@ -8,6 +8,8 @@ themselves are the benchmark's, never a test's.
 import inspect
 import math
 import re
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -92,6 +94,18 @@ def test_no_checkpointing_without_full7b_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--section=cuda7b", "--no-checkpointing"])
     assert e.value.code == 2 and "--no-checkpointing applies to --full7b only" in capsys.readouterr().err
+
+
+def test_gpu_check_knows_each_of_its_steps_by_name_and_refuses_others_before_writing(tmp_path):
+    """gpu_check.sh OUT STEP... runs a subset (two device calls under their time limit): the names it accepts are
+    the steps it has, and a wrong one stops it before anything is written."""
+    script = (Path(bench.__file__).parent / "gpu_check.sh").read_text()
+    steps = re.findall(r"^step (\w+) \d+ ", script, re.M)
+    accepted = re.search(r"case \$name in ([\w|]+)\)", script).group(1).split("|")
+    assert steps and sorted(steps) == sorted(accepted) and len(set(steps)) == len(steps)
+    run = subprocess.run(["bash", str(Path(bench.__file__).parent / "gpu_check.sh"), str(tmp_path / "out"),
+                          steps[0], "bench_7b"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "unknown step 'bench_7b'" in run.stderr and not (tmp_path / "out").exists()
 
 
 def test_unknown_section_is_a_usage_error(capsys):
