@@ -485,12 +485,13 @@ def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys):
 
 
 MEMORY_CFG = dict(dtype="bfloat16", fsdp=True, max_len=1024, r=128, experts=4, activation_checkpointing=True,
-                  batch_size=128, grad_accum=4)
+                  batch_size=128, grad_accum=4, eval_batch_size=64)
 
 
 def _estimate(n_layers=32, world=8, micro=4, **cfg):
     """train.memory_estimate at LLaMA-2-7B's shapes, 6.7e9 base and 1e8 trainable parameters."""
-    args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=n_layers, vocab_size=32000)
+    args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=n_layers, vocab_size=32000, n_kv_heads=32,
+                           head_dim=128)
     return train.memory_estimate(args, 6_700_000_000 * n_layers // 32, 100_000_000, {**MEMORY_CFG, **cfg}, world,
                                  micro)
 
@@ -529,13 +530,47 @@ def test_memory_estimate_activations_grow_with_tokens_and_layers_and_checkpointi
     assert ckpt < full[32] / 4
 
 
+def test_scoring_estimate_counts_the_kv_cache_generate_allocates(monkeypatch):
+    """The dry run's scoring figure: its KV cache is what generate preallocates for eval_batch_size sequences of
+    max_len tokens (grouped key/value heads included), counted here on a tiny model with 2 key/value heads for 4
+    query heads; at LLaMA-2-7B's shapes it is most of what scoring needs, far above a training step's figure."""
+    allocated = []
+    real_init = model.KVCache.__init__
+
+    def record(self, *a, **kw):
+        real_init(self, *a, **kw)
+        allocated.append(self.k.nbytes + self.v.nbytes)
+    monkeypatch.setattr(model.KVCache, "__init__", record)
+    args = model.ModelArgs.from_name("tiny")
+    net = model.Transformer(args).to(torch.bfloat16)
+    batch, prompt, new = 3, 20, 12
+    net.generate([[1] * prompt] * batch, new)
+    cfg = {**MEMORY_CFG, "eval_batch_size": batch, "max_len": prompt + new}
+    est = train.memory_estimate(args, net.num_params(), 1000, cfg, 1, 1)
+    assert len(allocated) == args.n_layers and est["kv_cache"] == sum(allocated)
+    assert args.n_kv_heads < args.n_heads  # else grouped heads would go unchecked
+    big = _estimate()
+    assert big["kv_cache"] == 64 * 1024 * 32 * 2 * 4096 * 2 and big["scoring"] > big["kv_cache"] > 5 * big["total"]
+
+
+def test_the_readmes_dry_run_output_is_what_the_dry_run_prints(monkeypatch, capsys):
+    readme = (Path(train.__file__).parent / "README.md").read_text(encoding="utf-8")
+    command = "$ python train.py config/cme_llama2_7b.py --dry_run=True\n"
+    shown = readme[readme.index(command) + len(command):].split("```")[0]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True"]))
+    assert capsys.readouterr().out == shown
+
+
 @pytest.mark.parametrize("world", [4, 8])
 def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(world, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", f"--dry_run_world_size={world}"])
     train.train(cfg)
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])  # 128 sequences over world GPUs x 4 accumulations
-    assert f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, FSDP" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, FSDP" in out
+    assert f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about" in out
 
 
 def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path):

@@ -807,6 +807,8 @@ def check_full_config(cfg):
           f"{'on' if cfg['activation_checkpointing'] else 'off'}: about {gib['total']} GiB "
           f"(weights {gib['weights']}, adapter + AdamW {gib['adapter']}, activations {gib['activations']}, "
           f"logits {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
+    print(f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about {gib['scoring']} "
+          f"GiB per GPU, {gib['kv_cache']} of it the KV cache; lower eval_batch_size where a GPU holds less")
     return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
 
 
@@ -829,7 +831,13 @@ def memory_estimate(args, n_base, n_train, cfg, world, micro):
         activations = tokens * args.n_layers * per_token_layer
     logits = tokens * args.vocab_size * 4 * 2  # float32 logits and their gradient
     total = weights + adapter + activations + logits
-    return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits, "total": total}
+    # scoring: generate preallocates keys and values for a batch of prompts + answers (at most max_len tokens
+    # here), and the prefill holds the FFN's hidden tensors (w1's, w3's, their product; w2's adapter input float32)
+    eval_tokens = cfg["eval_batch_size"] * cfg["max_len"]
+    kv_cache = eval_tokens * args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
+    scoring = weights + adapter / 4 + kv_cache + eval_tokens * args.ffn_hidden_dim * (3 * wbytes + 4)
+    return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits, "total": total,
+            "kv_cache": kv_cache, "scoring": scoring}
 
 
 # -------------------------------------------------------------------------------------------------
