@@ -28,16 +28,18 @@ def all_reduce_sum(t, world):
 
 @torch.no_grad()
 def val_loss(model, val, r):
-    """Mean cross-entropy over the answer tokens of eval_iters validation batches."""
-    cfg = r.cfg
+    """Mean cross-entropy over the answer tokens of eval_iters validation batches, each cut into the training's
+    micro-batches (processes x grad_accum slices), so validating needs no more memory than a training step."""
+    cfg, accum = r.cfg, r.cfg["grad_accum"]
     model.eval()
     totals = torch.zeros(2, device=r.device)  # (sum of token losses, answer tokens)
     for i in range(cfg["eval_iters"]):
-        # seed 0, not the run's: the same validation records for every seed, so val losses compare
-        b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank, r.world, cfg["batch_mode"], cfg["max_len"],
-                           device=r.device)
-        _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
-        totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
+        for micro in range(accum):
+            # seed 0, not the run's: the same validation records for every seed, so val losses compare
+            b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank * accum + micro, r.world * accum,
+                               cfg["batch_mode"], cfg["max_len"], device=r.device)
+            _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
+            totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
     model.train()
     ce_sum, n = all_reduce_sum(totals, r.world).tolist()
     return ce_sum / max(n, 1)

@@ -218,6 +218,27 @@ def test_val_loss_is_cross_entropy_over_answer_tokens_only(run_data, tmp_path, m
     assert model.training  # val_loss hands the model back in training mode
 
 
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_validation_runs_in_the_training_micro_batches_with_the_same_loss(run_data, tmp_path, mode):
+    """A 7B run on one GPU validates batch_size = 128 sequences of 1024 tokens: in one forward that alone would
+    hold 16 GiB of float32 logits. Each validation batch is cut as training cuts its batch (processes x
+    grad_accum slices): never more sequences at once than a training micro-batch, the same examples and loss."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_iters=3", "--batch_size=8",
+                                                   f"--batch_mode={mode}")
+    val, widest, forward = data.TokenDataset(r.cfg["data_dir"], "val"), [], model.forward
+
+    def spy(tokens, *a, **kw):
+        widest.append(len(tokens))
+        return forward(tokens, *a, **kw)
+    model.forward = spy
+    losses = {}
+    for accum in (1, 2, 4):
+        r.cfg["grad_accum"], widest[:] = accum, []
+        losses[accum] = evaluation.val_loss(model, val, r)
+        assert max(widest) <= 8 // accum if mode == "pad" else len(widest) == 3 * accum
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5) and losses[4] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_layers(run_data, tmp_path):
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--load_layers=2", "--eval_batch_size=4")
     g = torch.Generator().manual_seed(1)
