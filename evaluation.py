@@ -153,7 +153,7 @@ def task_expert_load(model, prompts, r):
         valid[i, :len(p)] = True
     was_training = model.training
     model.eval()
-    model(tokens)
+    model(tokens, logits_to_keep=1)  # run for the adapters' omega: no (prompts, width, vocab) logits
     model.train(was_training)
     raw = model.module if hasattr(model, "module") else model
     n_layers = r.args.n_layers

@@ -332,8 +332,10 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, None if caches is None else caches[i])
         return self.norm(h)
 
-    def forward(self, tokens, targets=None, seq_ids=None, reduction="mean"):
-        """tokens (B, T) -> (logits (B, T, vocab) float32, loss or None).
+    def forward(self, tokens, targets=None, seq_ids=None, reduction="mean", logits_to_keep=0):
+        """tokens (B, T) -> (logits (B, T, vocab) float32, loss or None). logits_to_keep=n > 0: the logits of the
+        last n positions only, (B, n, vocab), for a forward run for its side effects (the adapters' omega): at
+        128k words, 64 x 1024 tokens' logits would take 47 GiB (bfloat16, then float32).
 
         targets (B, T) are already aligned with tokens: targets[:, t] is the label for the token that
         follows tokens[:, t] (the caller shifts), and -100 marks positions without a label. The loss
@@ -353,13 +355,16 @@ class Transformer(nn.Module):
                                  f"{name[:-1]} per token")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'")
+        if logits_to_keep and targets is not None:
+            raise ValueError("a loss needs the logits of every position; leave logits_to_keep=0 when giving targets")
         if seq_ids is None:
             positions, mask = torch.arange(T, device=tokens.device)[None], None  # (1, T)
         else:
             mask, positions = packed_attention(seq_ids)
         if self.args.sliding_window:  # positions.max() syncs with the device: only where a window is set
             self._check_window(T if seq_ids is None else int(positions.max()) + 1, "a sequence")
-        logits = self.head(self.trunk(tokens, positions, mask)).float()  # (B, T, V)
+        h = self.trunk(tokens, positions, mask)
+        logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h).float()  # (B, T or logits_to_keep, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)

@@ -354,6 +354,19 @@ def test_meta_device_build_then_assign_or_to_empty_is_correct():
 # ---------------------------------------------------------------------------------------------------
 # forward: causality, packing, loss
 
+def test_logits_to_keep_gives_the_last_positions_logits_and_no_loss_with_them():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny")).eval()
+    tokens = torch.randint(0, 512, (3, 11))
+    full = model(tokens)[0]
+    for keep in (1, 4):
+        logits, loss = model(tokens, logits_to_keep=keep)
+        assert logits.shape == (3, keep, full.shape[-1]) and loss is None
+        torch.testing.assert_close(logits, full[:, -keep:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="leave logits_to_keep=0 when giving targets"):
+        model(tokens, tokens, logits_to_keep=1)
+
+
 def test_changing_a_future_token_never_changes_earlier_logits():
     model = tiny_model()
     tokens = torch.randint(0, model.args.vocab_size, (2, 16))

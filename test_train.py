@@ -244,7 +244,11 @@ def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_lay
     g = torch.Generator().manual_seed(1)
     lengths = (3, 40, 9, 25, 17)  # very different lengths: the short ones get a lot of padding in a batch
     prompts = [torch.randint(1, r.tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    heads, head = [], model.head
+    model.head = lambda h: heads.append(h.shape) or head(h)
     got = evaluation.task_expert_load(model, prompts, r)
+    assert heads == [(4, 1, r.args.dim)]  # one position's logits: at 128k words a batch's would take tens of GiB
+    del model.head
     want = conftest.reference_task_load(model, prompts[:4], r.args.n_layers, 2, r.cfg["experts"])  # eval_batch_size=4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got.shape == (r.cfg["experts"],) and model.training  # the caller's mode, kept: training here,
