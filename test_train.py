@@ -239,6 +239,34 @@ def test_validation_runs_in_the_training_micro_batches_with_the_same_loss(run_da
     assert losses[2] == pytest.approx(losses[1], rel=1e-5) and losses[4] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_logged_tokens_per_second_average_the_steps_since_the_line_before_and_leave_validation_out(
+        run_data, tmp_path, monkeypatch):
+    """One step's rate swings with its batch (20x on a GPU in pad mode); a line averages its steps. The time a
+    validation and checkpoint take is not training time. A fake clock: 1 s a step, 100 s a validation."""
+    clock, per_step = [1000.0], []
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    real_step, real_val = train.train_step, evaluation.val_loss
+
+    def step(*a):
+        out = real_step(*a)
+        clock[0] += 1.0
+        per_step.append(out[2])
+        return out
+
+    def val(*a):
+        clock[0] += 100.0
+        return real_val(*a)
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(evaluation, "val_loss", val)
+    train.train(train_cfg(run_data, tmp_path / "t", "--max_iters=6", "--log_interval=2", "--eval_interval=3",
+                          "--eval_dir="))
+    lines = [json.loads(line) for line in open(tmp_path / "t" / "log.jsonl") if "tokens_per_s" in line]
+    t = per_step
+    assert len(set(t)) > 1  # steps differ, so an average differs from a step's rate
+    # lines at steps 2, 4, 6; validations after steps 3 and 6: step 4's line covers step 4 alone
+    assert [line["tokens_per_s"] for line in lines] == pytest.approx([(t[0] + t[1]) / 2, t[3], (t[4] + t[5]) / 2])
+
+
 def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_layers(run_data, tmp_path):
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--load_layers=2", "--eval_batch_size=4")
     g = torch.Generator().manual_seed(1)

@@ -88,7 +88,7 @@ eval_iters = 4  # validation batches
 eval_only = False
 eval_limit = 100  # test records per task (0: all)
 eval_batch_size = 64
-log_interval = 10
+log_interval = 10  # a log line every this many steps: that step's loss, tokens/s since the line before
 load_layers = 2  # the expert load is shown for this many last layers (the paper's Figure 5)
 fsdp = False  # under torchrun: FSDP2 instead of DDP
 dry_run = False  # build on the meta device, print parameters and a memory estimate, exit
@@ -722,13 +722,15 @@ def run(r, ckpt=None):
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if step else "w") if r.master else None
     interactive = r.master and sys.stderr.isatty()  # a SLURM or nohup log gets one line per log_interval instead
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
-    t0, losses, train_start = time.time(), [], time.time()
+    losses, train_start = [], time.time()
+    since, tokens = time.time(), 0  # since the last log line or validation: what tokens/s averages over
     try:
         while step < cfg["max_iters"]:
             train_loss, lr, n_tokens = train_step(r, model, raw, opt, train_ds, step)
             step += 1
             losses.append(train_loss)
-            tok_s, t0 = n_tokens / max(time.time() - t0, 1e-9), time.time()
+            tokens += n_tokens
+            tok_s = tokens / max(time.time() - since, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             if r.master and (step % cfg["log_interval"] == 0 or step == cfg["max_iters"]):
@@ -738,6 +740,8 @@ def run(r, ckpt=None):
                 if not interactive:
                     print(f"step {step}/{cfg['max_iters']}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s",
                           flush=True)
+            if step % cfg["log_interval"] == 0:
+                since, tokens = time.time(), 0
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
                 if val_ds is not None:
                     summary["val_loss"] = vl = evaluation.val_loss(model, val_ds, r)
@@ -746,6 +750,7 @@ def run(r, ckpt=None):
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
                 checkpoint.save_checkpoint(r, raw, opt, step)
+                since, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
         checkpoint.save_checkpoint(r, raw, opt, step)
