@@ -33,6 +33,7 @@ import train
 from baselines import MoELoRALoop, team_lora_delta_loop
 from model import ModelArgs, Transformer
 from teamlora import TeamLoRALinear, inject
+from train import memory_estimate
 
 FULL = dict(tokens=2048, d_in=1024, d_out=2752, r_B=16, ks=(2, 4, 8), scale_ks=(16, 32, 64), scale_rank=64,
             model="small", batch=4, seq=256, model_r_B=4, prompts=4, prompt_len=64, new_tokens=32,
@@ -467,13 +468,18 @@ def section_cuda7b(cfg, device, peak_tflops):
         tps_train, tps_infer = batch * seq / statistics.median(train[v]), batch * seq / statistics.median(infer[v])
         mfu = [f"{100 * flops * tps / (peak * 1e12):.1f}" if peak else "?" for flops, tps in
                ((4 * P + 6 * P_adapter + 3 * attention, tps_train), (2 * P + 2 * P_adapter + attention, tps_infer))]
+        lora = v.startswith("LoRA")  # the dry run's arithmetic for this setting, against the measured peak
+        estimate = memory_estimate(args, m.num_params() - P_adapter, P_adapter, dict(
+            dtype="bfloat16", fsdp=False, max_len=seq, r=r, experts=1 if lora else k, eval_batch_size=1,
+            activation_checkpointing=cfg.checkpointing), 1, batch)["total"]
+        measured = steps[v][1]()
         rows.append([v, tps_train, mfu[0], ratio(train[v], train["LoRA"]), tps_infer, mfu[1],
-                     ratio(infer[v], infer["LoRA"]), steps[v][1]() / 2**30])
+                     ratio(infer[v], infer["LoRA"]), measured / 2**30, estimate / measured])
     unknown = "" if peak else " (unknown peak: pass --peak_tflops)"
     print(f"MFU against {peak if peak else '?'} TFLOPS bf16 dense{unknown}; "
           "FLOPs per token: train 4P + 6P_adapter + 6*T*dim*layers, inference 2P + 2P_adapter + 2*T*dim*layers\n")
     table(["variant", "train tok/s", "MFU %", "time x LoRA", "infer tok/s", "MFU %", "time x LoRA",
-           "train peak GiB"], rows)
+           "train peak GiB", "dry run / peak"], rows)
     if "blocks compiled" in models:
         t, i = (ratio(d["blocks compiled"], d["LoRA blocks compiled"]) for d in (train, infer))
         print(f"\nTeamLoRA / LoRA, both with blocks compiled: train {t:.2f}, inference {i:.2f}")

@@ -12,10 +12,8 @@
 # at new padded widths against repeated ones, and a profile of one (the bf16 demo's fine-tuning steps were
 # uneven on an H200, its fixed-shape pretraining steps were not); 6. the CUDA tests. Left out, measured on an
 # H100 and an H200 (RESULTS.md): the bf16 demo (`python train.py --dtype=bfloat16`) and the small layer
-# (`python bench.py --device=cuda --section=layer`, launch-bound). The dry run's memory estimates to set beside
-# steps 1 and 2 need no GPU (add --activation_checkpointing=False for step 2):
-#   python train.py config/cme_llama2_7b.py --dry_run=True --dry_run_world_size=1 --batch_size=4 \
-#       --grad_accum=1 --fsdp=False [--adapter=lora]
+# (`python bench.py --device=cuda --section=layer`, launch-bound). Steps 1 and 2 print the dry run's memory
+# estimate for their setting beside each measured peak ("dry run / peak").
 # Each step runs even when one before it failed; the summary says which failed. Run folders go to a
 # temporary folder, so OUT holds the logs only.
 set -uo pipefail

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import bench
+import train
 from conftest import cuda_fp32_matmuls
 from teamlora import TeamLoRALinear
 
@@ -83,11 +84,27 @@ def test_full7b_stack_checkpoints_activations_unless_told_not_to(monkeypatch, ca
     cfg = quick_cfg()
     times = {v: [1.0] * cfg.repeats for v in ("LoRA", "TeamLoRA fused")}
     fake_bench(monkeypatch, times, times)
-    monkeypatch.setattr(bench, "model_steps", lambda *a: (None, lambda: 2**30))
+    monkeypatch.setattr(bench, "model_steps", lambda *a: (None, lambda: 1000))  # a measured peak of 1000 bytes
     cfg.full7b, cfg.checkpointing = True, checkpointing
     bench.section_cuda7b(cfg, CPU, 100.0)
     assert built == [checkpointing] * 2
-    assert f"activation checkpointing {'on' if checkpointing else 'off'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"activation checkpointing {'on' if checkpointing else 'off'}" in out
+    # beside each peak, the dry run's estimate for the same setting (parameters counted here from the shapes)
+    dim, ffn, layers, vocab, batch, seq, r, k = map(int, re.search(
+        r"dim (\d+), FFN (\d+), (\d+) layers, vocab (\d+), batch (\d+) x (\d+), FFN adapters r=(\d+) "
+        r"\(TeamLoRA k=(\d+)\)", out).groups())
+    args = bench.ModelArgs.from_name("tiny")
+    kv = args.n_kv_heads * args.dim // args.n_heads
+    n_base = layers * (2 * dim * dim + 2 * dim * kv + 3 * dim * ffn + 2 * dim) + 2 * vocab * dim + dim
+    lora = layers * r * (3 * dim + 3 * ffn)
+    adapter = {"LoRA": (lora, 1), "TeamLoRA fused": (lora + layers * (k * (2 * dim + ffn) + 3 * k * k), k)}
+    rows = table_rows(out, list(adapter))
+    for v, (n_adapter, experts) in adapter.items():
+        est = train.memory_estimate(args, n_base, n_adapter, dict(
+            dtype="bfloat16", fsdp=False, max_len=seq, r=r, experts=experts, eval_batch_size=1,
+            activation_checkpointing=checkpointing), 1, batch)["total"]
+        assert rows[v][-1] == pytest.approx(est / 1000, abs=0.006), v
 
 
 def test_no_checkpointing_without_full7b_is_a_usage_error(capsys):
