@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import memory
 import train
 from baselines import MoELoRALoop, team_lora_delta_loop
 from model import ModelArgs, Transformer
 from teamlora import TeamLoRALinear, inject
-from train import memory_estimate
 
 FULL = dict(tokens=2048, d_in=1024, d_out=2752, r_B=16, ks=(2, 4, 8), scale_ks=(16, 32, 64), scale_rank=64,
             model="small", batch=4, seq=256, model_r_B=4, prompts=4, prompt_len=64, new_tokens=32,
@@ -469,7 +469,7 @@ def section_cuda7b(cfg, device, peak_tflops):
         mfu = [f"{100 * flops * tps / (peak * 1e12):.1f}" if peak else "?" for flops, tps in
                ((4 * P + 6 * P_adapter + 3 * attention, tps_train), (2 * P + 2 * P_adapter + attention, tps_infer))]
         lora = v.startswith("LoRA")  # the dry run's arithmetic for this setting, against the measured peak
-        estimate = memory_estimate(args, m.num_params() - P_adapter, P_adapter, dict(
+        estimate = memory.estimate(args, m.num_params() - P_adapter, P_adapter, dict(
             dtype="bfloat16", fsdp=False, max_len=seq, r=r, experts=1 if lora else k, eval_batch_size=1,
             activation_checkpointing=cfg.checkpointing), 1, batch)["total"]
         measured = steps[v][1]()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import bench
-import train
+import memory
 from conftest import cuda_fp32_matmuls
 from teamlora import TeamLoRALinear
 
@@ -101,7 +101,7 @@ def test_full7b_stack_checkpoints_activations_unless_told_not_to(monkeypatch, ca
     adapter = {"LoRA": (lora, 1), "TeamLoRA fused": (lora + layers * (k * (2 * dim + ffn) + 3 * k * k), k)}
     rows = table_rows(out, list(adapter))
     for v, (n_adapter, experts) in adapter.items():
-        est = train.memory_estimate(args, n_base, n_adapter, dict(
+        est = memory.estimate(args, n_base, n_adapter, dict(
             dtype="bfloat16", fsdp=False, max_len=seq, r=r, experts=experts, eval_batch_size=1,
             activation_checkpointing=checkpointing), 1, batch)["total"]
         assert rows[v][-1] == pytest.approx(est / 1000, abs=0.006), v

@@ -5,6 +5,7 @@ file or key (exit code 2, no traceback), found before step 1, and nothing a user
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluation
 import minicme
 import train
 from conftest import LLAMA2, OFFICIAL, needs_fixtures, train_flags
@@ -387,6 +389,34 @@ def test_a_damaged_optimizer_state_in_ckpt_pt_is_one_sentence_on_resume(run_data
     torch.save({**ckpt, "optimizer": {"state": {}}}, out / "ckpt.pt")  # no param_groups
     fails(train_flags(run_data, out, "--init_from=resume", "--max_iters=4"), capsys, "ckpt.pt is damaged",
           "optimizer or random state")
+
+
+def test_running_out_of_memory_while_scoring_keeps_the_run_and_prints_a_command_that_scores_it(
+        run_data, tmp_path, monkeypatch, capsys):
+    """At 7B, scoring needs far more memory than a training step (generate's KV cache grows with eval_batch_size):
+    a run that trained and then ran out of memory while scoring says so, not the training's fix, and the command
+    it prints scores the saved adapters."""
+    out = tmp_path / "run"
+    flags = train_flags(run_data, out, "--max_iters=2", "--eval_interval=2", "--eval_batch_size=8")
+    real = evaluation.evaluate
+
+    def oom(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+    monkeypatch.setattr(evaluation, "evaluate", oom)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 3 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "out of memory while scoring with eval_batch_size=8" in err and str(out) in err
+    assert (out / "adapter.pt").is_file() and not (out / "results.json").exists()
+    fix = re.search(r"the same command plus (.*)\.$", err.strip()).group(1).split()
+    assert fix == ["--eval_only=True", "--eval_batch_size=2"]
+    with pytest.raises(SystemExit):  # out of memory again, now re-scoring: only the batch to lower
+        train.main(flags + fix)
+    assert capsys.readouterr().err.strip().endswith("the same command plus --eval_batch_size=1.")
+    monkeypatch.setattr(evaluation, "evaluate", real)
+    train.main(flags + fix)
+    assert json.loads((out / "results.json").read_text())["scores"]
 
 
 def test_running_out_of_cpu_memory_is_the_out_of_memory_sentence(capsys, monkeypatch):

@@ -34,6 +34,7 @@ import checkpoint
 import configurator
 import data
 import evaluation
+import memory
 import minicme
 import tasks
 import teamlora
@@ -764,11 +765,28 @@ def run(r, ckpt=None):
     return finish(r, model, summary)
 
 
+class ScoringOutOfMemory(MemoryError):
+    """Out of memory while scoring a run whose adapters are saved: main prints its own fix."""
+
+
+def out_of_memory(e):
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's words
+
+
 def finish(r, model, summary):
     """Score the run on its evaluation sets, print the table and write results.json."""
     if not r.cfg["eval_dir"]:
         return summary
-    scores, loads = evaluation.evaluate(model, r)
+    try:
+        scores, loads = evaluation.evaluate(model, r)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        batch = r.cfg["eval_batch_size"]  # generate's KV cache grows with it: the dry run prints what it needs
+        again = ("" if r.cfg["eval_only"] else "--eval_only=True ") + f"--eval_batch_size={max(batch // 4, 1)}"
+        raise ScoringOutOfMemory(f"out of memory while scoring with eval_batch_size={batch}; the trained adapters are "
+                                 f"saved in {r.cfg['out_dir']}: score them with the same command plus {again}.") from e
     chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
     summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
     if r.master:
@@ -800,7 +818,7 @@ def check_full_config(cfg):
     world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
     check_batch_split(cfg, world)
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
-    est = memory_estimate(args, n_base, n_train, cfg, world, micro)
+    est = memory.estimate(args, n_base, n_train, cfg, world, micro)
     print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, "
           f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
     experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
@@ -817,33 +835,6 @@ def check_full_config(cfg):
     return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
 
 
-def memory_estimate(args, n_base, n_train, cfg, world, micro):
-    """Bytes per GPU: a back-of-the-envelope sum of the big terms."""
-    wbytes = 2 if cfg["dtype"] == "bfloat16" else 4
-    per_layer = n_base / max(args.n_layers, 1)
-    if cfg["fsdp"]:  # a shard of everything, plus about two gathered blocks (one in use, one prefetched)
-        weights = n_base * wbytes / world + 2 * per_layer * wbytes
-    else:
-        weights = n_base * wbytes
-    adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32 weights, gradients and two AdamW moments
-    tokens = micro * cfg["max_len"]
-    # per token and layer, what backward keeps (in the activation dtype): norms, q/k/v, attention
-    # output, the SwiGLU's three hidden-size tensors and the residual stream; rank-sized adapter terms
-    per_token_layer = (6 * args.dim + 4 * args.ffn_hidden_dim) * wbytes + 4 * 3 * (cfg["r"] + cfg["experts"]) * 2
-    if cfg["activation_checkpointing"]:
-        activations = tokens * (args.n_layers * args.dim * wbytes + per_token_layer)
-    else:
-        activations = tokens * args.n_layers * per_token_layer
-    logits = tokens * args.vocab_size * 4 * 2  # float32 logits and their gradient
-    total = weights + adapter + activations + logits
-    # scoring: generate preallocates keys and values for a batch of prompts + answers (at most max_len tokens
-    # here), and the prefill holds the FFN's hidden tensors (w1's, w3's, their product; w2's adapter input float32)
-    eval_tokens = cfg["eval_batch_size"] * cfg["max_len"]
-    kv_cache = eval_tokens * args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
-    scoring = weights + adapter / 4 + kv_cache + eval_tokens * args.ffn_hidden_dim * (3 * wbytes + 4)
-    return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits, "total": total,
-            "kv_cache": kv_cache, "scoring": scoring}
-
 
 # -------------------------------------------------------------------------------------------------
 
@@ -859,11 +850,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
-                and "can't allocate memory" not in str(e):  # the CPU allocator's words
+        if not out_of_memory(e):
             raise
-        print("error: out of memory: lower batch_size per process (raise grad_accum to keep the global batch), "
-              "or set activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
+        print(f"error: {e}" if isinstance(e, ScoringOutOfMemory) else "error: out of memory: lower batch_size per "
+              "process (raise grad_accum to keep the global batch), or set activation_checkpointing=True, or "
+              "fsdp=True under torchrun.", file=sys.stderr)
         code = 3
     if "RANK" in os.environ:
         # torchrun: DDP keeps gloo's process group, and its worker threads, alive past destroy_process_group.

@@ -1,0 +1,76 @@
+"""memory.py: the dry run's arithmetic, term by term at LLaMA-2-7B's shapes, and its KV cache against what
+generate allocates."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import memory
+import model
+
+MEMORY_CFG = dict(dtype="bfloat16", fsdp=True, max_len=1024, r=128, experts=4, activation_checkpointing=True,
+                  batch_size=128, grad_accum=4, eval_batch_size=64)
+
+
+def _estimate(n_layers=32, world=8, micro=4, **cfg):
+    """memory.estimate at LLaMA-2-7B's shapes, 6.7e9 base and 1e8 trainable parameters."""
+    args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=n_layers, vocab_size=32000, n_kv_heads=32,
+                           head_dim=128)
+    return memory.estimate(args, 6_700_000_000 * n_layers // 32, 100_000_000, {**MEMORY_CFG, **cfg}, world, micro)
+
+
+def test_memory_estimate_shards_weights_and_adapter_state_under_fsdp_only():
+    n_base, n_train, per_layer = 6_700_000_000, 100_000_000, 6_700_000_000 / 32
+    one, eight = _estimate(world=1), _estimate(world=8)
+    # FSDP: a 1/world shard of the bf16 weights, plus two whole blocks (one in use, one prefetched)
+    assert eight["weights"] == pytest.approx(n_base * 2 / 8 + 2 * per_layer * 2)
+    assert one["weights"] - eight["weights"] == pytest.approx(n_base * 2 * (1 - 1 / 8))
+    # the adapter trains in float32: weights, gradients and AdamW's two moments, 4 bytes each, sharded too
+    assert one["adapter"] == pytest.approx(n_train * (4 + 4 + 4 + 4))
+    assert eight["adapter"] == pytest.approx(one["adapter"] / 8)
+    assert (one["activations"], one["logits"]) == (eight["activations"], eight["logits"])  # per micro-batch
+    for world in (1, 8):  # DDP: every GPU holds all of it
+        ddp = _estimate(world=world, fsdp=False)
+        assert ddp["weights"] == pytest.approx(n_base * 2) and ddp["adapter"] == pytest.approx(n_train * 16)
+        assert _estimate(world=world, fsdp=False, dtype="float32")["weights"] == pytest.approx(n_base * 4)
+    for est in (one, eight, _estimate(fsdp=False, activation_checkpointing=False)):
+        assert est["total"] == pytest.approx(est["weights"] + est["adapter"] + est["activations"] + est["logits"])
+
+
+def test_memory_estimate_activations_grow_with_tokens_and_layers_and_checkpointing_keeps_block_inputs():
+    for ckpt in (False, True):
+        one, two = _estimate(micro=1, activation_checkpointing=ckpt), _estimate(micro=2, activation_checkpointing=ckpt)
+        assert two["activations"] == pytest.approx(2 * one["activations"])
+        assert one["logits"] == pytest.approx(1024 * 32000 * 4 * 2) and two["logits"] == pytest.approx(
+            2 * one["logits"])  # float32 logits and their gradient
+        assert _estimate(r=256, activation_checkpointing=ckpt)["activations"] > _estimate(
+            activation_checkpointing=ckpt)["activations"]  # rank-sized adapter terms
+    full = {n: _estimate(n_layers=n, micro=1, activation_checkpointing=False)["activations"] for n in (16, 32)}
+    assert full[32] == pytest.approx(2 * full[16])  # without checkpointing every block keeps all it saved
+    # with it: each block's bf16 input (dim per token), and one block's full set while it is recomputed
+    ckpt = _estimate(micro=1)["activations"]
+    assert ckpt == pytest.approx(1024 * 32 * 4096 * 2 + full[32] / 32)
+    assert ckpt < full[32] / 4
+
+
+def test_scoring_estimate_counts_the_kv_cache_generate_allocates(monkeypatch):
+    """The dry run's scoring figure: its KV cache is what generate preallocates for eval_batch_size sequences of
+    max_len tokens (grouped key/value heads included), counted here on a tiny model with 2 key/value heads for 4
+    query heads; at LLaMA-2-7B's shapes it is most of what scoring needs, far above a training step's figure."""
+    allocated = []
+    real_init = model.KVCache.__init__
+
+    def record(self, *a, **kw):
+        real_init(self, *a, **kw)
+        allocated.append(self.k.nbytes + self.v.nbytes)
+    monkeypatch.setattr(model.KVCache, "__init__", record)
+    args = model.ModelArgs.from_name("tiny")
+    net = model.Transformer(args).to(torch.bfloat16)
+    batch, prompt, new = 3, 20, 12
+    net.generate([[1] * prompt] * batch, new)
+    cfg = {**MEMORY_CFG, "eval_batch_size": batch, "max_len": prompt + new}
+    est = memory.estimate(args, net.num_params(), 1000, cfg, 1, 1)
+    assert len(allocated) == args.n_layers and est["kv_cache"] == sum(allocated)
+    assert args.n_kv_heads < args.n_heads  # else grouped heads would go unchecked
+    big = _estimate()
+    assert big["kv_cache"] == 64 * 1024 * 32 * 2 * 4096 * 2 and big["scoring"] > big["kv_cache"] > 5 * big["total"]
