@@ -91,19 +91,15 @@ def test_full7b_stack_checkpoints_activations_unless_told_not_to(monkeypatch, ca
     out = capsys.readouterr().out
     assert f"activation checkpointing {'on' if checkpointing else 'off'}" in out
     # beside each peak, the dry run's estimate for the same setting (parameters counted here from the shapes)
-    dim, ffn, layers, vocab, batch, seq, r, k = map(int, re.search(
-        r"dim (\d+), FFN (\d+), (\d+) layers, vocab (\d+), batch (\d+) x (\d+), FFN adapters r=(\d+) "
-        r"\(TeamLoRA k=(\d+)\)", out).groups())
-    args = bench.ModelArgs.from_name("tiny")
+    st, args = stack_shapes(out), bench.ModelArgs.from_name("tiny")
     kv = args.n_kv_heads * args.dim // args.n_heads
-    n_base = layers * (2 * dim * dim + 2 * dim * kv + 3 * dim * ffn + 2 * dim) + 2 * vocab * dim + dim
-    lora = layers * r * (3 * dim + 3 * ffn)
-    adapter = {"LoRA": (lora, 1), "TeamLoRA fused": (lora + layers * (k * (2 * dim + ffn) + 3 * k * k), k)}
-    rows = table_rows(out, list(adapter))
-    for v, (n_adapter, experts) in adapter.items():
+    n_base = st.layers * (2 * st.dim * st.dim + 2 * st.dim * kv + 3 * st.dim * st.ffn + 2 * st.dim) \
+        + 2 * st.vocab * st.dim + st.dim  # every base parameter: the norms and both embeddings too
+    rows = table_rows(out, list(st.adapter))
+    for v, n_adapter in st.adapter.items():
         est = memory.estimate(args, n_base, n_adapter, dict(
-            dtype="bfloat16", fsdp=False, max_len=seq, r=r, experts=experts, eval_batch_size=1,
-            activation_checkpointing=checkpointing), 1, batch)["total"]
+            dtype="bfloat16", fsdp=False, max_len=st.seq, r=st.r, experts=1 if v == "LoRA" else st.k,
+            eval_batch_size=1, activation_checkpointing=checkpointing), 1, st.batch)["total"]
         assert rows[v][-1] == pytest.approx(est / 1000, abs=0.006), v
 
 
@@ -195,6 +191,18 @@ def fake_bench(monkeypatch, *calls):
         assert set(fns) == set(times) and all(len(t) == repeats for t in times.values())
         return {name: list(times[name]) for name in fns}
     monkeypatch.setattr(bench, "bench", fake)
+
+
+def stack_shapes(out):
+    """The 7B-stack section's printed shapes, and the adapter parameters they give LoRA and TeamLoRA: A (r x in)
+    and B (out x r) on w1, w3 (dim -> FFN) and w2; TeamLoRA adds the router (k x in) and M (k x k) on each."""
+    dim, ffn, layers, vocab, batch, seq, r, k = map(int, re.search(
+        r"dim (\d+), FFN (\d+), (\d+) layers, vocab (\d+), batch (\d+) x (\d+), FFN adapters r=(\d+) "
+        r"\(TeamLoRA k=(\d+)\)", out).groups())
+    lora = layers * r * (3 * dim + 3 * ffn)
+    adapter = {"LoRA": lora, "TeamLoRA fused": lora + layers * (k * (2 * dim + ffn) + 3 * k * k)}
+    return SimpleNamespace(dim=dim, ffn=ffn, layers=layers, vocab=vocab, batch=batch, seq=seq, r=r, k=k,
+                           adapter=adapter)
 
 
 def table_rows(text, first_cells):
@@ -511,15 +519,11 @@ def test_stack_section_mfu_counts_model_flops_against_the_devices_peak(monkeypat
     bench.section_cuda7b(quick_cfg(), CPU, peak_tflops)
     out = capsys.readouterr().out
     assert f"MFU against {peak} TFLOPS" in out
-    dim, ffn, layers, vocab, batch, seq, r, k = map(int, re.search(
-        r"dim (\d+), FFN (\d+), (\d+) layers, vocab (\d+), batch (\d+) x (\d+), FFN adapters r=(\d+) "
-        r"\(TeamLoRA k=(\d+)\)", out).groups())
-    args = bench.ModelArgs.from_name("tiny")
+    st, args = stack_shapes(out), bench.ModelArgs.from_name("tiny")
+    dim, ffn, layers, vocab, batch, seq, adapter = st.dim, st.ffn, st.layers, st.vocab, st.batch, st.seq, st.adapter
     assert (dim, ffn, layers, vocab) == (args.dim, args.ffn_hidden_dim, args.n_layers, args.vocab_size)
     kv = args.n_kv_heads * args.dim // args.n_heads
     P = layers * (2 * dim * dim + 2 * dim * kv + 3 * dim * ffn) + vocab * dim
-    lora = layers * r * (3 * dim + 3 * ffn)  # A (r x in) and B (out x r) on w1, w3 (dim -> FFN) and w2
-    adapter = {"LoRA": lora, "TeamLoRA fused": lora + layers * (k * (2 * dim + ffn) + 3 * k * k)}  # + router, M
     attention = 2 * seq * dim * layers
     rows = table_rows(out, list(train))
     med = bench.statistics.median
