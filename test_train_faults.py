@@ -3,6 +3,7 @@ file or key (exit code 2, no traceback), found before step 1, and nothing a user
 
     python -m pytest -q
 """
+import errno
 import json
 import os
 import re
@@ -143,6 +144,22 @@ def test_faults_of_evaluation_and_data_are_found_before_step_1(run_data, tmp_pat
     occupied.write_text("a file where out_dir should be")
     fails(train_flags(run_data, occupied, "--eval_dir="), capsys, occupied, "is a file, not a folder")
     assert not any((tmp_path / d / "ckpt.pt").exists() for d in "abcd")  # nothing trained
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_step_1(run_data, tmp_path, capsys, monkeypatch):
+    """Under a file, or in a folder the user may not write (this machine runs as root, so the refusal a read-only
+    folder gives is simulated where train.py tries it): one sentence naming out_dir, and nothing made."""
+    (tmp_path / "notes").write_text("a file")
+    fails(train_flags(run_data, tmp_path / "notes" / "run", "--eval_dir="), capsys, tmp_path / "notes" / "run",
+          "not writable", f"{tmp_path / 'notes'} is a file", "choose another --out_dir")
+    assert (tmp_path / "notes").read_text() == "a file"
+
+    def refused(*args, dir=None, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+    monkeypatch.setattr(train.tempfile, "TemporaryFile", refused)
+    fails(train_flags(run_data, tmp_path / "locked" / "run", "--eval_dir="), capsys, tmp_path / "locked" / "run",
+          "not writable (Permission denied)")
+    assert not (tmp_path / "locked").exists()
 
 
 @needs_fixtures
