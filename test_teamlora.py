@@ -434,6 +434,26 @@ def test_inject_trains_only_adapters_and_the_base_never_moves():
     assert losses[-1] < 0.9 * losses[0]
 
 
+def test_interaction_matrix_off_its_diagonal_is_uniform_on_minus_to_plus_0_1():
+    """The official M ~ U(-0.1, 0.1): centred, so no expert starts favoured by the others. A bound check alone
+    passes a one-sided U(0, 0.1) draw; 16 experts give 240 draws, whose mean lies within 0.0037 (1 sd) of 0."""
+    torch.manual_seed(0)
+    M = TeamLoRALinear(nn.Linear(8, 8), r=16, experts=16).lora_M.detach()
+    off = M[~torch.eye(16, dtype=torch.bool)]
+    assert off.abs().max() <= 0.1 and off.min() < -0.08 and off.max() > 0.08  # both ends reached
+    assert off.mean().abs() < 0.02
+
+
+def test_inject_passes_the_layers_own_options_on_to_every_layer():
+    """inject(..., adapter_dtype=..., compile=...) reaches each TeamLoRALinear: a float64 adapter on a float32
+    base stays float64 (not the default float32), and compile is set on every layer."""
+    model = inject(Stack(n=2), ("w1", "w2"), r=4, experts=2, alpha=8, adapter_dtype=torch.float64, compile=True)
+    layers = [m for m in model.modules() if isinstance(m, TeamLoRALinear)]
+    assert len(layers) == 4 and all(m.compile for m in layers)
+    assert all(p.dtype == torch.float64 for n, p in model.named_parameters() if teamlora.is_adapter(n))
+    assert all(m.weight.dtype == torch.float32 for m in layers)
+
+
 def test_adapter_state_dict_round_trip_and_mismatch_messages(tmp_path):
     torch.manual_seed(0)
     model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
@@ -463,6 +483,21 @@ def test_adapter_state_dict_round_trip_and_mismatch_messages(tmp_path):
     no_competition = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16, competition=False)
     with pytest.raises(ValueError, match="unexpected.*lora_M"):
         teamlora.load_adapter_state_dict(no_competition, loaded)
+    incomplete = {n: t for n, t in loaded.items() if n != "layers.1.feed_forward.w2.lora_B"}
+    with pytest.raises(ValueError, match="missing.*w2.lora_B"):  # a half-loaded adapter would run silently
+        teamlora.load_adapter_state_dict(other, incomplete)
+
+
+def test_adapter_state_dict_holds_plain_tensors_outside_autograd():
+    """A plain name -> tensor dict: no Parameter and nothing that requires grad, so a caller may average or
+    scale it (adapter soups) without building a graph through the live parameters; values equal them."""
+    model = inject(Stack(n=1), ("w1", "w3"), r=4, experts=2, alpha=8)
+    params = dict(model.named_parameters())
+    state = teamlora.adapter_state_dict(model)
+    assert state.keys() == {n for n in params if teamlora.is_adapter(n)}
+    for n, t in state.items():
+        assert type(t) is torch.Tensor and not t.requires_grad and torch.equal(t, params[n]), n
+    assert not (0.5 * state["layers.0.feed_forward.w1.lora_A"]).requires_grad
 
 
 def _official_balance(omega):
@@ -507,6 +542,21 @@ def test_balance_loss_mean_and_sum_over_layers():
     torch.testing.assert_close(teamlora.balance_loss(model), torch.stack(per_layer).mean())
     torch.testing.assert_close(teamlora.balance_loss(model, reduction="sum"), torch.stack(per_layer).sum())
     assert teamlora.balance_loss(nn.Linear(2, 2)).item() == 0.0  # no adapters: nothing to balance
+
+
+def test_a_0_1_integer_mask_counts_the_same_tokens_as_a_boolean_one():
+    """Callers pass Hugging Face's attention_mask (int64 of 0 and 1) as the mask: it must select tokens as
+    the boolean mask does, not index rows 0 and 1 of omega."""
+    torch.manual_seed(0)
+    model = inject(Stack(n=1), ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m)
+    model(torch.randn(2, 6, 16))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    torch.testing.assert_close(teamlora.balance_loss(model, mask), teamlora.balance_loss(model, mask.bool()))
+    for name, load in teamlora.expert_load(model, mask).items():
+        torch.testing.assert_close(load, teamlora.expert_load(model, mask.bool())[name], msg=name)
 
 
 def reference_omega(x, router, M):

@@ -889,6 +889,62 @@ def test_a_checkpoint_tensor_of_another_shape_or_name_is_refused_not_broadcast()
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # nothing copied
 
 
+def test_fingerprint_sees_both_ends_of_every_tensor_and_not_the_dicts_order():
+    """A base's fingerprint must change when any tensor changes at either end of its sampled values (the last
+    name in sorted order and the last value included), or its shape; a copy in another order is the same base."""
+    import checkpoint
+    torch.manual_seed(0)
+    w = {n: torch.randn(300) for n in ("layers.0.w1.weight", "norm.weight", "tok_embeddings.weight")}  # > 2 x 64
+    fp = checkpoint.fingerprint(w)
+    assert checkpoint.fingerprint({n: w[n].clone() for n in reversed(list(w))}) == fp
+    for name in w:
+        for i in (0, -1):
+            changed = {n: t.clone() for n, t in w.items()}
+            changed[name][i] += 1e-3
+            assert checkpoint.fingerprint(changed) != fp, (name, i)
+    assert checkpoint.fingerprint({**w, "norm.weight": w["norm.weight"].reshape(3, 100)}) != fp
+
+
+def test_only_a_dict_of_adapter_tensors_alone_is_an_adapter_file():
+    """An injected model's full state dict (base and lora_ tensors) or a base's is not an adapter.pt: the
+    messages that tell a user which file they passed depend on it."""
+    import checkpoint
+    t = torch.zeros(2)
+    assert checkpoint.is_adapter_file({"layers.0.w1.lora_A": t, "layers.0.w1.lora_B": t})
+    for other in ({}, {"layers.0.w1.weight": t}, {"layers.0.w1.lora_A": t, "layers.0.w1.weight": t}, [t]):
+        assert not checkpoint.is_adapter_file(other), other
+
+
+def test_a_one_process_cuda_runs_checkpoint_keeps_its_cuda_generator(tmp_path, monkeypatch):
+    """save_checkpoint asks the run's own device for its generators: a one-process CUDA run's ckpt.pt holds
+    the CUDA state (dropout on the GPU resumes exactly). CUDA is stood in for, so this runs anywhere."""
+    import types
+
+    import checkpoint
+    cuda_state, asked = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda dev: (asked.append(dev), cuda_state.clone())[1])
+    a = _tiny_adapter_model(seed=1)
+    dev = torch.device("cuda", 0)
+    r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}, world=1,
+                              device=dev, master=True, args=a.args, base=None)
+    checkpoint.save_checkpoint(r, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), 3)
+    rng = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))["rng"]
+    assert asked == [dev] and len(rng) == 1 and torch.equal(rng[0]["cuda"], cuda_state)
+
+
+def test_gather_state_is_a_snapshot_that_later_steps_leave_alone():
+    """gather_state copies: what it returns is the adapter at that step, not a view of the parameters that the
+    next optimizer step rewrites (on the CPU, .to("cpu") without copy=True would return the parameters' storage)."""
+    import checkpoint
+    a = _tiny_adapter_model(seed=1)
+    state = checkpoint.gather_state(a, {"adapter": "teamlora"})
+    before = adapters_of(a)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1.0)
+    assert_same_adapters(state, before)
+
+
 # -------------------------------------------------------------------------------------------------
 # Gaps found by mutation testing
 
