@@ -487,6 +487,19 @@ def test_the_registry_holds_the_eleven_cme_tasks_with_their_metrics():
                        "webqa": "exact_match", "nq": "exact_match", "triviaqa": "exact_match"}
 
 
+def test_each_cme_classification_task_scores_an_answer_naming_one_label_by_its_label_set():
+    """A model that answers in a sentence naming exactly one of the task's labels is scored by that label, as
+    accuracy() does given the task's label set: the right one counts, another one does not."""
+    word_tasks = [t for t in CME_TASKS.values() if t.metric == "accuracy" and not all(len(x) == 1 for x in t.labels)]
+    assert {t.name for t in word_tasks} == {"imdb", "anli", "qqp", "rte"}
+    for task in word_tasks:
+        for gold in task.labels:
+            for label in task.labels:
+                prediction = f"Having read both, I would say {label}."
+                assert task.score(prediction, {"output": gold}) == float(label == gold), (task.name, gold, label)
+                assert task.score(prediction, {"output": gold}) == accuracy(prediction, gold, task.labels)
+
+
 def write_anli(path, n):
     path.write_text("".join(json.dumps({"context": f"c{i}", "hypothesis": "h", "label": "e"}) + "\n"
                             for i in range(n)))

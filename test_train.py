@@ -217,6 +217,29 @@ def test_val_loss_is_cross_entropy_over_answer_tokens_only(run_data, tmp_path, m
     assert model.training  # val_loss hands the model back in training mode
 
 
+def test_val_loss_cuts_each_validation_example_to_the_runs_max_len_as_training_does(run_data, tmp_path):
+    """A run with a max_len below the one its data was prepared with trains on examples cut to max_len, and validates
+    on them cut the same way: the answer tokens within each example's first max_len tokens, each example run alone."""
+    max_len, batch_size = 54, 4  # the mini suite's answers are 2 or 3 tokens after prompts of 8 to 63
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_iters=8", f"--batch_size={batch_size}",
+                                                   f"--max_len={max_len}")
+    val = data.TokenDataset(r.cfg["data_dir"], "val")
+    model.eval()
+    total, labelled, cut = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(r.cfg["eval_iters"]):
+            for example in data.global_batch(val, i, batch_size, 0, "pad"):  # seed 0
+                ids, prompt_len = val[example]
+                cut += len(ids) > max_len
+                ids = torch.from_numpy(ids[:max_len].astype(np.int64))
+                if len(ids) > prompt_len:  # else the cut left no answer token
+                    logits = model(ids[None])[0][0]
+                    total += F.cross_entropy(logits[prompt_len - 1:-1], ids[prompt_len:], reduction="sum").item()
+                    labelled += len(ids) - prompt_len
+    assert cut and labelled
+    assert evaluation.val_loss(model, val, r) == pytest.approx(total / labelled, rel=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["pad", "pack"])
 def test_validation_runs_in_the_training_micro_batches_with_the_same_loss(run_data, tmp_path, mode):
     """A 7B run on one GPU validates batch_size = 128 sequences of 1024 tokens: in one forward that alone would
@@ -236,6 +259,41 @@ def test_validation_runs_in_the_training_micro_batches_with_the_same_loss(run_da
         losses[accum] = evaluation.val_loss(model, val, r)
         assert max(widest) <= 8 // accum if mode == "pad" else len(widest) == 3 * accum
     assert losses[2] == pytest.approx(losses[1], rel=1e-5) and losses[4] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_each_process_validates_its_own_slices_which_sum_to_one_processs_totals(run_data, tmp_path, monkeypatch):
+    """Under torchrun each rank validates its own processes x grad_accum slices of every validation batch, never the
+    whole batch: no more sequences at once than its training micro-batch, and the ranks' (cross-entropy sum, answer
+    tokens), which val_loss all-reduces, add up to one process's."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_iters=2", "--batch_size=8",
+                                                   "--grad_accum=2")
+    val, sums, widest, forward = data.TokenDataset(r.cfg["data_dir"], "val"), [], [], model.forward
+
+    def spy(tokens, *a, **kw):
+        widest.append(len(tokens))
+        return forward(tokens, *a, **kw)
+    model.forward = spy
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, world: sums.append(t.clone()) or t)
+    evaluation.val_loss(model, val, r)
+    widest[:] = []
+    for rank in (0, 1):
+        evaluation.val_loss(model, val, train.Run(r.cfg, rank, 2, r.device, r.tok, r.args))
+    whole, rank0, rank1 = sums
+    assert max(widest) <= 8 // (2 * 2) and not torch.equal(rank0, rank1)
+    torch.testing.assert_close(rank0 + rank1, whole, rtol=1e-5, atol=0)
+
+
+def test_train_step_counts_the_real_tokens_of_its_micro_batches_for_the_tokens_per_second(run_data, tmp_path):
+    """The throughput train_step reports counts every real token it ran (prompt and answer), not the padding and not
+    only the answer tokens the loss is over."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--grad_accum=2", "--batch_size=8")
+    ds, step = data.TokenDataset(r.cfg["data_dir"], "train"), 2
+    batches = [data.get_batch(ds, step, 8, r.cfg["seed"], part, 2, r.cfg["batch_mode"], r.cfg["max_len"])
+               for part in (0, 1)]
+    _, _, n_tokens = train.train_step(r, model, model, torch.optim.AdamW(train.trainable(model), lr=0.0), ds, step)
+    real = sum(int(b["valid"].sum()) for b in batches)
+    assert n_tokens == real
+    assert sum(int((b["labels"] != -100).sum()) for b in batches) < real < sum(b["tokens"].numel() for b in batches)
 
 
 def test_logged_tokens_per_second_average_the_steps_since_the_line_before_and_leave_validation_out(
@@ -381,6 +439,17 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
                                         "--init_from=resume", "--dropout=0.2"]))
 
 
+def test_a_resume_refuses_another_seed_which_would_draw_other_batches_and_dropout_masks(run_data, tmp_path):
+    """Batches and dropout masks are functions of (seed, step): a resume with another seed would continue a run
+    that never was, so the seed is one of the keys a resume keeps."""
+    cfg = train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=1", "--eval_interval=1")
+    train.train(cfg)
+    with pytest.raises(train.UserError, match=rf"^seed cannot change when resuming .*the run was seed={cfg['seed']}\)"):
+        train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=2",
+                                        f"--seed={cfg['seed'] + 1}"]))
+    assert torch.load(tmp_path / "p" / "ckpt.pt", weights_only=True)["iter"] == 1
+
+
 def test_a_resume_keeps_the_thread_count_the_run_chose(run_data, tmp_path, monkeypatch):
     """threads=0 picks the cores no other job is running on; a resume on a busier machine must not pick
     fewer, or it would round differently from the run it continues (--threads=N still changes it)."""
@@ -414,6 +483,20 @@ def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
             for split in ("val", "train")}
     assert runs[0]["val_loss"] == pytest.approx(loss["val"], rel=1e-5)
     assert loss["train"] != pytest.approx(loss["val"], rel=1e-3)  # the splits' losses tell them apart
+
+
+def test_the_seed_draws_the_adapters_initial_values_whatever_the_processs_random_state(run_data, tmp_path):
+    """Runs that differ only in --seed (study.py's repeats) start from adapters of their own on the same base, and
+    one seed draws the same adapters whatever random state the process is in: lora_A, the router and M."""
+    def adapters(seed, state):
+        cfg = train_cfg(run_data, tmp_path / "o", f"--init_from={run_data / 'base.pt'}", f"--seed={seed}")
+        torch.manual_seed(state)
+        model, _, _ = train.build_model(cfg, torch.device("cpu"), data.Tokenizer(cfg["tokenizer"]).vocab_size, 1)
+        return adapters_of(model)
+    one, two = adapters(1, 0), adapters(2, 0)
+    assert_same_adapters(one, adapters(1, 5))
+    drawn = [n for n in one if not n.endswith("lora_B")]  # B starts at zero
+    assert drawn and not any(torch.equal(one[n], two[n]) for n in drawn)
 
 
 def test_resume_runs_on_the_runs_own_device_unless_told_otherwise(run_data, tmp_path, monkeypatch):
@@ -1041,6 +1124,17 @@ def test_eval_limit_0_scores_every_record_of_each_task(run_data, tmp_path):
         assert records == on_file and len(on_file) > 2 and two[name][1] == on_file[:2]
 
 
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_runs_without_a_router_score_every_task_and_report_no_expert_load(run_data, tmp_path, adapter):
+    """Plain LoRA and full training have no experts to weigh: their runs are scored like TeamLoRA's, with an empty
+    expert load (no load of a router that is not there)."""
+    summary = train.train(train_cfg(run_data, tmp_path / adapter, f"--adapter={adapter}", "--max_iters=1",
+                                    "--eval_interval=1", "--eval_limit=1", f"--init_from={run_data / 'base.pt'}"))
+    results = json.loads((tmp_path / adapter / "results.json").read_text())
+    assert set(summary["scores"]) == set(results["scores"]) == set(SYNTHETIC_TASKS)
+    assert summary["expert_load"] == results["expert_load"] == {}
+
+
 def test_the_last_step_is_logged_and_checkpointed_and_a_resume_appends_to_the_log(run_data, tmp_path):
     out = tmp_path / "o"
     first = train.train(train_cfg(run_data, out, "--eval_dir=", "--max_iters=3", "--eval_interval=2",
@@ -1166,6 +1260,19 @@ def test_two_processes_gradients_average_to_the_one_process_gradient(run_data, t
     for g0, g1, w in zip(*per_rank, want):
         assert ((g0 + g1) / 2 - w).abs().max() <= 1e-4 * w.abs().max()
 
+
+
+def test_the_loss_train_step_reports_is_the_whole_batchs_for_any_number_of_processes(run_data, tmp_path, monkeypatch):
+    """The loss train_step returns (logged, checked for NaN) is the mean over the global batch's answer tokens: with 2
+    processes the ranks' sums, all-reduced (added here by hand), give 1 process's loss and token count."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--dropout=0.0", "--learning_rate=0.0")
+    ds = data.TokenDataset(r.cfg["data_dir"], "train")
+    one = train.train_step(r, model, model, _RecordingAdamW(train.trainable(model), lr=0.0), ds, 0)
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, world: t)  # each rank keeps its own sums
+    ranks = [train.train_step(train.Run(r.cfg, rank, 2, r.device, r.tok, r.args), _SyncRecorder(model), model,
+                              _RecordingAdamW(train.trainable(model), lr=0.0), ds, 0) for rank in (0, 1)]
+    assert ranks[0][0] + ranks[1][0] == pytest.approx(one[0], rel=1e-5)
+    assert ranks[0][2] + ranks[1][2] == one[2] and 0 < ranks[0][0] < one[0]
 
 
 def test_dropout_masks_are_the_slices_own_on_any_rank_or_accumulation_step(run_data, tmp_path, monkeypatch):
