@@ -2,10 +2,13 @@
 
     python -m pytest -q
 """
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 
+import baselines
 import teamlora
 from baselines import HydraLoRALinear, MoELoRALoop, moelora_fused_kwargs
 from teamlora import TeamLoRALinear
@@ -79,3 +82,52 @@ def test_baselines_drop_out_in_training_only(cls):
     torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12)
     layer.train()
     assert not torch.allclose(layer(x), plain(x))
+
+
+def test_the_loop_reference_drops_out_z_not_x():
+    """team_lora_delta_loop applies dropout to z = x A^T (Eq. 9 and the official file: dropout on z_i), not to x.
+    With B = I (d_out = r) each output coordinate is omega_e(j) * scaling * z_j, written out here: with dropout
+    every coordinate is either 0 or that value / (1 - p)."""
+    torch.manual_seed(0)
+    k, r, d_in, p, scaling = 4, 8, 12, 0.5, 2.0
+    x, A = torch.randn(6, d_in, dtype=torch.float64), torch.randn(r, d_in, dtype=torch.float64)
+    router = torch.randn(k, d_in, dtype=torch.float64)
+    M = (torch.rand(k, k, dtype=torch.float64) - 0.5).fill_diagonal_(0.0) / 5
+    clean, omega = baselines.team_lora_delta_loop(x, A, torch.eye(r, dtype=torch.float64), router, M, scaling, 0.0)
+    torch.testing.assert_close(clean, omega.repeat_interleave(r // k, -1) * scaling * (x @ A.T), rtol=1e-12,
+                               atol=1e-12)
+    dropped, _ = baselines.team_lora_delta_loop(x, A, torch.eye(r, dtype=torch.float64), router, M, scaling, p)
+    kept = dropped != 0
+    assert kept.any() and (~kept).any()
+    torch.testing.assert_close(dropped[kept], clean[kept] / (1 - p), rtol=1e-12, atol=1e-12)
+
+
+def test_moelora_loop_draws_each_expert_like_its_own_nn_linear():
+    """Each A_i (r_B x d_in) and the router are kaiming-uniform with bound 1 / sqrt(d_in), as nn.Linear(d_in, r_B)
+    draws its weight, not as one (k, r_B, d_in) tensor, whose fan-in r_B * d_in would give a sqrt(r_B) times
+    smaller A. 512 uniform draws per expert: the largest is within 5% of the bound."""
+    torch.manual_seed(0)
+    d_in = 64
+    layer = MoELoRALoop(nn.Linear(d_in, 8), r=32, experts=4)
+    bound = 1 / math.sqrt(d_in)
+    for t in (*layer.lora_A, layer.lora_router):
+        assert 0.95 * bound < t.abs().max() <= bound
+
+
+def test_moelora_loop_refuses_a_rank_that_is_not_a_multiple_of_experts():
+    """r = 10 over 4 experts would silently train rank 4 * (10 // 4) = 8, as TeamLoRA's layer refuses to."""
+    with pytest.raises(ValueError, match=r"needs r a multiple of experts \(got r=10, experts=4"):
+        MoELoRALoop(nn.Linear(4, 4), r=10, experts=4)
+    assert MoELoRALoop(nn.Linear(4, 4), r=12, experts=4).lora_A.shape == (4, 3, 4)
+
+
+@pytest.mark.parametrize("experts", [1, 4])
+def test_hydralora_shared_a_is_drawn_like_an_nn_linear_of_its_input_width_whatever_the_heads(experts):
+    """The shared A (r x d_in) is kaiming-uniform with bound 1 / sqrt(d_in), as nn.Linear(d_in, r) and the layer's own
+    initial_lora_state() draw it: the number of heads must not shrink it. 1024 draws: the largest is within 5%."""
+    torch.manual_seed(0)
+    d_in = 64
+    layer = HydraLoRALinear(nn.Linear(d_in, 7), r=16, experts=experts)
+    bound = 1 / math.sqrt(d_in)
+    for a in (layer.lora_A, layer.initial_lora_state()["lora_A"]):
+        assert a.shape == (16, d_in) and 0.95 * bound < a.abs().max() <= bound

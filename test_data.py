@@ -963,6 +963,13 @@ def test_hf_tokenizer_with_a_bos_puts_it_in_front(tmp_path):
     assert data._encode_parts(tok, {"instruction": "a", "output": "b"})[1][-1] == tok.hf.token_to_id("<|im_end|>")
 
 
+def test_hf_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
+    """A tokenizer_config.json without a pad_token (Qwen, Mistral) pads with the EOS it names, a token of the model's
+    own, never with whatever token has id 0 (in a real vocabulary, a piece of text)."""
+    tok = Tokenizer(hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>"))
+    assert tok.eos_id != 0 and tok.pad_id == tok.eos_id == tok.hf.token_to_id("<|im_end|>")
+
+
 def test_hf_tokenizer_ids_equal_transformers_fast_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     folder = hf_tokenizer_folder(tmp_path / "tok")

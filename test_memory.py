@@ -74,3 +74,14 @@ def test_scoring_estimate_counts_the_kv_cache_generate_allocates(monkeypatch):
     assert args.n_kv_heads < args.n_heads  # else grouped heads would go unchecked
     big = _estimate()
     assert big["kv_cache"] == 64 * 1024 * 32 * 2 * 4096 * 2 and big["scoring"] > big["kv_cache"] > 5 * big["total"]
+
+
+@pytest.mark.parametrize("fsdp, world", [(False, 1), (True, 8)])
+def test_scoring_holds_the_adapters_float32_weights_not_their_gradients_or_adam_moments(fsdp, world):
+    """Scoring runs generate on the trained adapter: it holds the adapter's float32 weights (4 bytes a parameter,
+    a 1/world shard under FSDP), not the gradients and AdamW moments a training step adds (16 bytes in all)."""
+    args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32, head_dim=128)
+    more, cfg = 50_000_000, {**MEMORY_CFG, "fsdp": fsdp}
+    a, b = (memory.estimate(args, 6_700_000_000, n_train, cfg, world, 4) for n_train in (10**8, 10**8 + more))
+    assert b["adapter"] - a["adapter"] == pytest.approx(more * 16 / world)
+    assert b["scoring"] - a["scoring"] == pytest.approx(more * 4 / world)

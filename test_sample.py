@@ -117,7 +117,8 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
              (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl")], "line 1 is not a record"),
              (["--out_dir", good, "--instruction", "x", "--max_new_tokens=300"], "lower --max_new_tokens"),
              (["--out_dir", good], "give --instruction"),
-             (["--out_dir", good, "--instruction", "x", "--max_new_tokens=0"], "must be positive")]
+             (["--out_dir", good, "--instruction", "x", "--max_new_tokens=0"], "must be positive"),
+             (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl"), "--limit=-1"], "--limit at least 0")]
     moved = tmp_path / "moved"
     moved.mkdir()
     ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
@@ -138,7 +139,8 @@ def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path
     seed = "config key 'seed' must be in [0, 2**63)"
     cases = [("--temperature=inf", "--temperature must be a finite number"), ("--temperature=nan", "finite number"),
              ("--top_p=0.5", "--top_p applies to sampling only"), (f"--seed={10 ** 23}", seed), ("--seed=-1", seed),
-             ("--device=tpu", "config key 'device' must be auto, cpu, cuda or cuda:N")]
+             ("--device=tpu", "config key 'device' must be auto, cpu, cuda or cuda:N"),
+             ("--top_p=0", "--top_p in (0, 1]"), ("--top_p=1.5", "--top_p in (0, 1]")]
     for flag, message in cases:
         with pytest.raises(SystemExit) as e:
             sample.main(["--out_dir", str(tmp_path / "none"), "--instruction", "x", flag])
@@ -188,3 +190,52 @@ def test_a_qwen3_folder_fine_tunes_through_train_py_and_answers_through_sample_p
     tok = Tokenizer(str(folder))
     ids = data.encode_prompt(tok, {"instruction": TEXTS[0]})
     assert text == tok.decode(trained.generate([ids], 5, eos_id=tok.eos_id)[0]) and len(shares) == 4
+
+
+def test_a_prompt_fills_what_the_answer_leaves_and_one_token_more_is_cut_keeping_bos_and_its_end(runs, monkeypatch):
+    """The prompt gets the max_seq_len - max_new_tokens positions the answer leaves: a prompt of exactly that many
+    tokens goes to generate whole, one token longer loses one token after BOS (BOS and the end, "</s>", kept). The
+    least a prompt can be is those two: max_new_tokens = max_seq_len - 2 answers from [BOS, EOS], one more is
+    refused."""
+    model, r = sample.load_run(str(runs["lora"][0]), device="cpu")
+    seq = r.args.max_seq_len
+    record = next(rec for n in range(150, 260) if seq - 12 <= len(data.encode_prompt(r.tok, rec := {
+        "instruction": "word " * n})) < seq - 2)
+    full = data.encode_prompt(r.tok, record)
+    prompts, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda p, *a, **kw: prompts.append(p[0]) or generate(p, *a, **kw))
+    assert sample.answer(model, r, record, seq - len(full))[2] is False and prompts[-1] == full
+    assert sample.answer(model, r, record, seq - len(full) + 1)[2] is True
+    assert prompts[-1] == full[:1] + full[2:]
+    assert sample.answer(model, r, record, seq - 2)[2] is True and prompts[-1] == [r.tok.bos_id, r.tok.eos_id]
+    with pytest.raises(sample.UserError, match="leaves no room for a prompt"):
+        sample.answer(model, r, record, seq - 1)
+
+
+def test_an_instruction_with_its_input_and_limit_0_answer_every_record_as_given(run_data, runs, tmp_path, capsys):
+    """--input goes into the prompt after the instruction ({instruction, input}, encoded as in training); --limit=0
+    answers every record of --records (twelve here, more than the default --limit of 10), in their order."""
+    out, trained = runs["lora"]
+    records = [{"instruction": f"Question {i}: who directed it?", "input": f"film {i}"} for i in range(12)]
+    data.write_jsonl(str(tmp_path / "r.jsonl"), records)
+    given = {"instruction": "Is it positive?", "input": "A fine film."}
+    sample.main(["--out_dir", str(out), "--instruction", given["instruction"], "--input", given["input"],
+                 "--records", str(tmp_path / "r.jsonl"), "--limit=0", "--max_new_tokens=3", "--device=cpu"])
+    got = answers(capsys.readouterr().out)
+    assert [g[:2] for g in got] == [(rec["instruction"], rec["input"]) for rec in [given] + records]
+    tok = Tokenizer(str(run_data / "tokenizer.model"))
+    for (_, _, text, _), rec in zip(got, [given] + records[:2]):
+        assert text == tok.decode(trained.generate([data.encode_prompt(tok, rec)], 3, eos_id=tok.eos_id)[0])
+
+
+def test_a_run_trained_compiled_and_checkpointed_is_read_back_eager_and_without_recomputation(runs, tmp_path):
+    """A CUDA run's ckpt.pt often says compile=True and activation_checkpointing=True: sample.py answers one prompt
+    at a time, so it loads the model eager and without checkpointing whatever the run used (sample.LOADING wins
+    over the saved config), and the model is the one the run saved."""
+    ckpt = torch.load(runs["teamlora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "compile": True, "activation_checkpointing": True}},
+               tmp_path / "ckpt.pt")
+    model, r = sample.load_run(str(tmp_path), device="cpu")
+    assert not r.cfg["compile"] and not r.cfg["activation_checkpointing"] and not model.gradient_checkpointing
+    assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.layers)
+    assert_same_adapters(adapters_of(runs["teamlora"][1]), adapters_of(model))

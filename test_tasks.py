@@ -642,7 +642,8 @@ BYTES = [bytes([b]) for b in range(256)]
     ([(t, r) for r, t in enumerate(BYTES)] + [(b"he", 7)], "its ranks are not 0, 1, 2, ... each once"),
     ([(t, r) for r, t in enumerate(BYTES)] + [(b"he", -1)], "its ranks are not 0, 1, 2, ... each once"),
     ([(t, r) for r, t in enumerate(BYTES[:104] + BYTES[105:] + [b"he"])], "no token for the byte 0x68"),
-], ids=["one token", "a gap", "a rank twice", "a negative rank", "a byte missing"])
+    ([(t, r) for r, t in enumerate(BYTES[:255] + [b"he"])], "no token for the byte 0xff"),
+], ids=["one token", "a gap", "a rank twice", "a negative rank", "a byte missing", "the last byte missing"])
 def test_a_damaged_tiktoken_file_is_refused_when_loaded(tmp_path, tokens, message):
     pytest.importorskip("tiktoken")
     (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in tokens))

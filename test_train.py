@@ -72,6 +72,11 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
      r"config key 'learning_rate' in flag --learning_rate=True must be of type float, got True"),
     (["--dropout=1.0"], r"config key 'dropout' must be in \[0, 1\), got 1.0"),
     (["--beta2=1"], r"config key 'beta2' must be in \[0, 1\), got 1.0"),
+    (["--out_dir=5"], r"config key 'out_dir' in flag --out_dir=5 must be of type str, got 5\."),
+    (["--compile=yes"], r"config key 'compile' in flag --compile=yes must be of type bool, got 'yes'"),
+    (["--eval_only=false"], r"config key 'eval_only' in flag --eval_only=false must be of type bool, got 'false'"),
+    (["--fsdp=1"], r"config key 'fsdp' in flag --fsdp=1 must be of type bool, got 1\."),
+    (["--=5"], r"argument '--=5' is not of the form --key=value\."),
 ])
 def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
     with pytest.raises(train.UserError, match=message):
@@ -1049,6 +1054,16 @@ def test_a_config_file_is_read_as_python_reads_it_with_built_in_modules_a_bom_or
     (tmp_path / "latin.py").write_bytes(b"# -*- coding: latin-1 -*-\nout_dir = 'caf\xe9'\n")
     cfg = train.parse_config([str(tmp_path / "bom.py"), str(tmp_path / "latin.py")])
     assert (cfg["r"], cfg["out_dir"]) == (16, "caf\u00e9")
+
+
+def test_the_keys_a_config_file_or_a_flag_sets_are_the_explicit_ones_a_resume_keeps(tmp_path):
+    """parse_config's _explicit is every key a config file or a flag set, and nothing else (not a file's imports
+    or _private names, not the defaults): a resume takes every other key from the run, so a key missing here would
+    be silently replaced by the run's. A lone `--` (torchrun's separator) is skipped."""
+    (tmp_path / "c.py").write_text("import math\n_scale = 2\nr = 8 * _scale\nexperts = 8\n")
+    cfg = train.parse_config([str(tmp_path / "c.py"), "--experts=2", "--", "--alpha=8.0"])
+    assert cfg["_explicit"] == ["alpha", "experts", "r"] and (cfg["r"], cfg["experts"], cfg["alpha"]) == (16, 2, 8.0)
+    assert train.parse_config([])["_explicit"] == []
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
