@@ -14,18 +14,19 @@ import types
 from errors import UserError
 
 
-def parse_flag(arg):
+def parse_flag(arg, defaults=None):
     """'--key=value' -> (key, value): a Python literal where the text reads as one (8, 2e-3, True,
-    None), else the text itself (--adapter=lora)."""
+    None), else the text itself (--adapter=lora); a text setting takes the text as written (--out_dir=5)."""
     key, eq, text = arg[2:].partition("=")
     if not arg.startswith("--") or not key:
         raise UserError(f"argument '{arg}' is not of the form --key=value.")
     if not eq:
         raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
     try:
-        return key, ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return key, text
+    return key, text if isinstance((defaults or {}).get(key), str) and not isinstance(value, str) else value
 
 
 def typed(key, value, defaults, origin):
@@ -53,7 +54,7 @@ def read(argv, defaults):
         if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
             continue
         if arg.startswith("--"):
-            key, value = parse_flag(arg)
+            key, value = parse_flag(arg, defaults)
             cfg[key] = typed(key, value, defaults, f"flag {arg}")
             explicit.add(key)
             continue

@@ -93,7 +93,7 @@ def parse(argv):
     cores = os.cpu_count() or 1
     opts, extra = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), []
     for arg in argv:
-        key, value = configurator.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg)
+        key, value = configurator.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg, OPTIONS)
         if key == "seeds":  # a count (5: seeds 1..5) or a list (11,12,13)
             n = value if type(value) is int else len(value) if isinstance(value, tuple) else 0
             if n > MAX_SEEDS:  # checked before a count becomes a tuple: --seeds=10**9 would fill the memory

@@ -44,6 +44,19 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
     assert train.parse_config([])["adapter"] == "teamlora"
 
 
+def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_python(tmp_path):
+    """--out_dir=5 or --out_dir=2024.12 name folders: a text key keeps the flag's text, which would otherwise read
+    as a number and be refused as one (a quoted text still reads as Python does). A config file is Python: there
+    `out_dir = 5` is an int, refused with the key named, and an int for a float key still becomes a float."""
+    cfg = train.parse_config(["--out_dir=5", "--tokenizer=2024.12", "--dtype='float32'", "--r=8", "--alpha=2"])
+    assert (cfg["out_dir"], cfg["tokenizer"], cfg["dtype"], cfg["r"], cfg["alpha"]) == ("5", "2024.12", "float32", 8,
+                                                                                          2.0)
+    assert type(cfg["alpha"]) is float
+    (tmp_path / "c.py").write_text("out_dir = 5\n")
+    with pytest.raises(train.UserError, match=r"config key 'out_dir' in config file .*c.py must be of type str, got 5"):
+        train.parse_config([str(tmp_path / "c.py")])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--lerning_rate=1e-3"],
      r"unknown config key 'lerning_rate' in flag --lerning_rate=1e-3; did you mean 'learning_rate'\?"),
@@ -72,7 +85,6 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
      r"config key 'learning_rate' in flag --learning_rate=True must be of type float, got True"),
     (["--dropout=1.0"], r"config key 'dropout' must be in \[0, 1\), got 1.0"),
     (["--beta2=1"], r"config key 'beta2' must be in \[0, 1\), got 1.0"),
-    (["--out_dir=5"], r"config key 'out_dir' in flag --out_dir=5 must be of type str, got 5\."),
     (["--compile=yes"], r"config key 'compile' in flag --compile=yes must be of type bool, got 'yes'"),
     (["--eval_only=false"], r"config key 'eval_only' in flag --eval_only=false must be of type bool, got 'false'"),
     (["--fsdp=1"], r"config key 'fsdp' in flag --fsdp=1 must be of type bool, got 1\."),
