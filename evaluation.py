@@ -38,7 +38,8 @@ def val_loss(model, val, r):
             # seed 0, not the run's: the same validation records for every seed, so val losses compare
             b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank * accum + micro, r.world * accum,
                                cfg["batch_mode"], cfg["max_len"], device=r.device)
-            _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
+            _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum",
+                          loss_only=cfg["adapter"] != "none")  # as train_step
             totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
     model.train()
     ce_sum, n = all_reduce_sum(totals, r.world).tolist()

@@ -20,7 +20,7 @@ def estimate(args, n_base, n_train, cfg, world, micro):
         activations = tokens * (args.n_layers * args.dim * wbytes + per_token_layer)
     else:
         activations = tokens * args.n_layers * per_token_layer
-    logits = tokens * args.vocab_size * 4 * 2  # float32 logits and their gradient
+    logits = tokens * args.vocab_size * 4 * 2  # float32 logits and their gradient, at most: labelled positions only
     total = weights + adapter + activations + logits
     # scoring: generate preallocates keys and values for a batch of prompts + answers (at most max_len tokens
     # here), and the prefill holds the FFN's hidden tensors (w1's, w3's, their product; w2's adapter input float32)

@@ -332,10 +332,12 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, None if caches is None else caches[i])
         return self.norm(h)
 
-    def forward(self, tokens, targets=None, seq_ids=None, reduction="mean", logits_to_keep=0):
+    def forward(self, tokens, targets=None, seq_ids=None, reduction="mean", logits_to_keep=0, loss_only=False):
         """tokens (B, T) -> (logits (B, T, vocab) float32, loss or None). logits_to_keep=n > 0: the logits of the
         last n positions only, (B, n, vocab), for a forward run for its side effects (the adapters' omega): at
-        128k words, 64 x 1024 tokens' logits would take 47 GiB (bfloat16, then float32).
+        128k words, 64 x 1024 tokens' logits would take 47 GiB (bfloat16, then float32). loss_only=True (with
+        targets; training and validation): (None, loss), the output layer run on the labelled positions only, as
+        the others add nothing to the loss (an instruction's prompt: most of its tokens).
 
         targets (B, T) are already aligned with tokens: targets[:, t] is the label for the token that
         follows tokens[:, t] (the caller shifts), and -100 marks positions without a label. The loss
@@ -357,6 +359,8 @@ class Transformer(nn.Module):
             raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'")
         if logits_to_keep and targets is not None:
             raise ValueError("a loss needs the logits of every position; leave logits_to_keep=0 when giving targets")
+        if loss_only and targets is None:
+            raise ValueError("loss_only=True returns only the loss, and without targets there is none; give targets")
         if seq_ids is None:
             positions, mask = torch.arange(T, device=tokens.device)[None], None  # (1, T)
         else:
@@ -364,6 +368,9 @@ class Transformer(nn.Module):
         if self.args.sliding_window:  # positions.max() syncs with the device: only where a window is set
             self._check_window(T if seq_ids is None else int(positions.max()) + 1, "a sequence")
         h = self.trunk(tokens, positions, mask)
+        if loss_only:  # the same loss and gradients: each row's logits, softmax and gradient are its own
+            labelled = targets != -100
+            return None, F.cross_entropy(self.head(h[labelled]).float(), targets[labelled], reduction=reduction)
         logits = self.head(h[:, -logits_to_keep:] if logits_to_keep else h).float()  # (B, T or logits_to_keep, V)
         loss = None
         if targets is not None:

@@ -367,6 +367,43 @@ def test_logits_to_keep_gives_the_last_positions_logits_and_no_loss_with_them():
         model(tokens, tokens, logits_to_keep=1)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_only_runs_the_output_layer_on_labelled_positions_with_the_same_loss_and_gradients(reduction):
+    """Training and validation need only the loss: loss_only=True runs the output layer on the positions with a
+    label (an instruction's answer), not on the prompt's, and must give the full path's loss and gradients, for
+    the trained adapters and for a trained output layer alike, packed rows included."""
+    import teamlora
+    torch.manual_seed(0)
+    model = teamlora.inject(Transformer(ModelArgs.from_name("tiny")), ("w1", "w2"), r=4, experts=2, alpha=8,
+                            dropout=0.0)
+    model.output.weight.requires_grad_(True)
+    with torch.no_grad():  # B starts at 0: move every trained tensor so that each gets a gradient of its own
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.02 * torch.randn_like(p))
+    tokens = torch.randint(0, 512, (3, 12))
+    targets = torch.full_like(tokens, -100)
+    targets[0, 7:10], targets[1, 2:4], targets[2, 11] = tokens[0, 8:11], tokens[1, 3:5], 5
+    seq_ids = torch.tensor([[0] * 12, [0] * 4 + [1] * 8, [0] * 9 + [-1] * 3])
+    rows = []
+    hook = model.output.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    runs = []
+    for loss_only in (False, True):
+        model.zero_grad()
+        logits, loss = model(tokens, targets, seq_ids=seq_ids, reduction=reduction, loss_only=loss_only)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert (logits is None) == loss_only
+    hook.remove()
+    assert rows == [3 * 12, 6]  # every position, then the 6 labelled ones
+    (full, full_grads), (only, only_grads) = runs
+    torch.testing.assert_close(only, full, rtol=1e-6, atol=0)
+    assert full_grads.keys() == only_grads.keys() and "output.weight" in full_grads
+    for n in full_grads:
+        torch.testing.assert_close(only_grads[n], full_grads[n], rtol=1e-6, atol=1e-9, msg=n)
+    with pytest.raises(ValueError, match="without targets there is none"):
+        model(tokens, loss_only=True)
+
+
 def test_changing_a_future_token_never_changes_earlier_logits():
     model = tiny_model()
     tokens = torch.randint(0, model.args.vocab_size, (2, 16))

@@ -205,6 +205,26 @@ def _run_with_a_trained_looking_adapter(run_data, tmp_path, *flags):
     return train.Run(cfg, 0, 1, torch.device("cpu"), tok, args), model
 
 
+@pytest.mark.parametrize("adapter", ["teamlora", "none"])
+def test_adapters_train_and_validate_with_the_output_layer_on_answer_positions_only(run_data, tmp_path, adapter):
+    """An instruction's prompt is most of its tokens and adds nothing to the loss: with adapters, train_step and
+    val_loss run the output layer (at 128k words, most of a 7B run's logits memory) on the labelled positions only.
+    Full training runs it on every position, so that the demo's pretrained base rounds as it always has."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--grad_accum=2", "--batch_size=8",
+                                                   f"--adapter={adapter}", "--eval_iters=2")
+    rows, labelled, everything = [], 0, 0
+    model.output.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    train_ds, val_ds = (data.TokenDataset(r.cfg["data_dir"], split) for split in ("train", "val"))
+    for ds, step, seed in ((train_ds, 3, r.cfg["seed"]), (val_ds, 0, 0), (val_ds, 1, 0)):
+        for part in (0, 1):
+            b = data.get_batch(ds, step, 8, seed, part, 2, r.cfg["batch_mode"], r.cfg["max_len"])
+            labelled, everything = labelled + int((b["labels"] != -100).sum()), everything + b["tokens"].numel()
+    train.train_step(r, model, model, torch.optim.AdamW(train.trainable(model), lr=0.0), train_ds, 3)
+    evaluation.val_loss(model, val_ds, r)
+    assert len(rows) == 6 and 0 < labelled < everything / 4
+    assert sum(rows) == (labelled if adapter == "teamlora" else everything)
+
+
 @pytest.mark.parametrize("mode", ["pad", "pack"])
 def test_val_loss_is_cross_entropy_over_answer_tokens_only(run_data, tmp_path, mode):
     """val_loss against each validation example run alone: the summed cross-entropy over positions

@@ -687,8 +687,10 @@ def train_step(r, model, raw, opt, dataset, step):
             model.set_requires_gradient_sync(last)
         elif r.world > 1:
             model.require_backward_grad_sync = last
-        with autocast:
-            _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum")
+        with autocast:  # the output layer on answer positions only; full training keeps every position (on text,
+            # as in the demo's pretraining, nearly all are labelled, and its weight's gradient would round otherwise)
+            _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum",
+                          loss_only=cfg["adapter"] != "none")
         loss = ce * r.world / max(b["n_answer_global"], 1)  # DDP and FSDP average gradients over processes
         if balance:
             loss = loss + cfg["balance_coef"] * teamlora.balance_loss(raw, b["valid"], cfg["balance_reduction"]) / accum
@@ -829,7 +831,7 @@ def check_full_config(cfg):
           f"{'FSDP' if cfg['fsdp'] else 'DDP'}, activation checkpointing "
           f"{'on' if cfg['activation_checkpointing'] else 'off'}: about {gib['total']} GiB "
           f"(weights {gib['weights']}, adapter + AdamW {gib['adapter']}, activations {gib['activations']}, "
-          f"logits {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
+          f"logits up to {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
     print(f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about {gib['scoring']} "
           f"GiB per GPU, {gib['kv_cache']} of it the KV cache; lower eval_batch_size where a GPU holds less")
     return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
