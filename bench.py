@@ -42,7 +42,7 @@ FULL = dict(tokens=2048, d_in=1024, d_out=2752, r_B=16, ks=(2, 4, 8), scale_ks=(
 QUICK = dict(tokens=64, d_in=32, d_out=88, r_B=2, ks=(2, 4, 8), scale_ks=(16,), scale_rank=16,
              model="tiny", batch=2, seq=16, model_r_B=2, prompts=2, prompt_len=8, new_tokens=4,
              repeats=3, scale_repeats=2, big_shapes=((16, 64, 176),), big_r_B=2, big_repeats=2, share_repeats=2)
-SECTIONS = ("layer", "layer7b", "model", "scaling", "decode", "sharing", "cuda7b")
+SECTIONS = ("layer", "layer7b", "model", "scaling", "decode", "sharing", "loss", "cuda7b")
 VARIANTS = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused", "TeamLoRA compiled")
 ALPHA, DROPOUT = 32.0, 0.05
 # dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets; the first name found in the device name wins
@@ -196,13 +196,13 @@ def layer_steps(layer, x, grad_out, device):
     return train, infer, lambda: step_memory(train, layer, opt, [x, grad_out], device)
 
 
-def model_steps(model, tokens, targets, device):
+def model_steps(model, tokens, targets, device, loss_only=False):
     """(training step, peak bytes of a training step) for a model with adapters."""
     opt = make_optimizer(model)
 
     def train():
         model.train()
-        _, loss = model(tokens, targets)
+        _, loss = model(tokens, targets, loss_only=loss_only)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -421,6 +421,32 @@ def section_sharing(cfg, device, dtype):
     table(["machine"] + [f"{n} thread(s) ms" for n in counts], rows)
 
 
+def section_loss(cfg, device, dtype):
+    answer, preset_vocab = cfg.seq // 8, ModelArgs.from_name(cfg.model).vocab_size
+    print(f"## 7. The loss on the answers only: the model-level TeamLoRA training step of section 2 (k=4), with\n"
+          f"instruction-shaped targets (each row's last {answer} of {cfg.seq} positions labelled, the prompt not):\n"
+          "the output layer on every position against on the labelled ones (train.py with adapters: loss_only=True);\n"
+          f"ms (median of {cfg.repeats}; x every position, middle half) and peak memory, at the preset's vocabulary\n"
+          "and at LLaMA-3's\n")
+    rows = []
+    for vocab in (preset_vocab, 128256):
+        torch.manual_seed(0)
+        args = ModelArgs.from_name(cfg.model, max_seq_len=cfg.seq, vocab_size=vocab)
+        model = adapt_ffn(Transformer(args).to(device, dtype), "TeamLoRA fused", 4 * cfg.model_r_B, 4, dtype)
+        tokens = torch.randint(vocab, (cfg.batch, cfg.seq), device=device)
+        targets = tokens.roll(-1, 1).masked_fill(torch.arange(cfg.seq, device=device) < cfg.seq - answer, -100)
+        steps = {name: model_steps(model, tokens, targets, device, loss_only=only)
+                 for name, only in (("every position", False), ("labelled only", True))}
+        times = bench({n: s[0] for n, s in steps.items()}, cfg.repeats, device)
+        full, only = (times[n] for n in steps)
+        peak = {n: s[1]() for n, s in steps.items()}
+        rows.append([f"{vocab:,}", ms(full), f"{ms(only):.1f} ({ratio(only, full):.2f}x, {spread(only, full)})",
+                     peak["every position"] / 2**20, f"{peak['labelled only'] / 2**20:.1f} "
+                     f"({peak['labelled only'] / peak['every position']:.2f}x)"])
+    table(["vocabulary", "every position ms", "labelled only ms", "every position peak MiB",
+           "labelled only peak MiB"], rows)
+
+
 def section_cuda7b(cfg, device, peak_tflops):
     """A 7B-shaped stack: 4 blocks by default; --full7b: all 32 blocks, micro-batch 4 x 1024, activation
     checkpointing (--no-checkpointing: none) and fp32 adapters (train.py's setting for config/cme_llama2_7b.py on
@@ -500,6 +526,8 @@ def run_sections(cfg, sections, device, dtype, peak_tflops):
         section_decode(cfg, device, dtype)
     if "sharing" in sections:
         section_sharing(cfg, device, dtype)
+    if "loss" in sections:
+        section_loss(cfg, device, dtype)
     if "cuda7b" in sections:
         section_cuda7b(cfg, device, peak_tflops)
     return targets

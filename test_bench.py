@@ -25,8 +25,8 @@ def test_quick_run_prints_every_section_with_every_variant(capsys):
     bench.main(["--quick", "--no-compile", "--threads=1"])  # compile's warm-up alone takes a minute
     out = capsys.readouterr().out
     for header in ("## 1. Layer level", "## 1b. Layer level at LLaMA-2-7B's FFN shapes", "## 2. Model level",
-                   "## 3. Beyond the paper", "## 4. Prefill and decode", "## 6. Sharing the CPU", "## 5. 7B-shaped",
-                   "## Targets"):
+                   "## 3. Beyond the paper", "## 4. Prefill and decode", "## 6. Sharing the CPU",
+                   "## 7. The loss on the answers only", "## 5. 7B-shaped", "## Targets"):
         assert header in out, header
     layer, model = out.split("## 2.")[0], out.split("## 2.")[1].split("## 3.")[0]
     variants = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
@@ -40,7 +40,7 @@ def test_quick_run_prints_every_section_with_every_variant(capsys):
     decode = out.split("## 4.")[1].split("## 6.")[0]
     assert all(any(line.startswith(v + "  ") for line in decode.splitlines())
                for v in ("base model", "LoRA", "LoRA merged", "TeamLoRA fused"))
-    sharing = out.split("## 6.")[1].split("## 5.")[0]
+    sharing = out.split("## 6.")[1].split("## 7.")[0]
     assert any(line.startswith("alone") for line in sharing.splitlines())
     assert any(line.startswith("one busy neighbour") for line in sharing.splitlines())
     stack = out.split("## 5.")[1].split("## Targets")[0]  # --quick runs a tiny stack on the CPU too
@@ -472,6 +472,32 @@ def test_model_section_times_every_variant_against_lora_and_compares_fused_peak_
     assert verdicts["model k=4: fused train / LoRA"] == ("1.08", "MISSED")
     assert [verdicts[f"model k={k}: fused peak memory / LoRA"] for k in cfg.ks] == \
         [("1.01", "met"), ("1.02", "met"), ("1.04", "MISSED")]
+
+
+def test_loss_section_times_the_output_layer_on_labelled_positions_against_every_position(monkeypatch, capsys):
+    """Both variants train the same TeamLoRA model on instruction-shaped targets (the prompt unlabelled), one with
+    loss_only: the ratio is the labelled-only step's over the every-position step's, per repeat; at LLaMA-3's
+    vocabulary the logits dominate, so labelled only peaks lower."""
+    cfg, flags = quick_cfg(), []
+    real_steps = bench.model_steps
+
+    def steps(model, tokens, targets, device, loss_only=False):
+        answer = cfg.seq // 8
+        assert (targets[:, :-answer] == -100).all() and (targets[:, -answer:] == tokens.roll(-1, 1)[:, -answer:]).all()
+        assert {m.experts for m in model.modules() if isinstance(m, TeamLoRALinear)} == {4}
+        flags.append(loss_only)
+        return real_steps(model, tokens, targets, device, loss_only)
+    monkeypatch.setattr(bench, "model_steps", steps)
+    times = {"every position": [1.0, 2.0, 1.0], "labelled only": [0.5, 1.2, 0.7]}
+    fake_bench(monkeypatch, times, times)
+    bench.section_loss(cfg, CPU, torch.float32)
+    out = capsys.readouterr().out
+    assert flags == [False, True] * 2
+    rows = table_rows(out, [f"{bench.ModelArgs.from_name(cfg.model).vocab_size:,}", "128,256"])
+    for cells in rows.values():  # medians 1.0 and 0.7 s; per-repeat ratios 0.5, 0.6, 0.7
+        assert cells[0] == 1000.0 and cells[1] == "700.0 (0.60x, 0.50-0.70)", cells
+    peak, only = rows["128,256"][2], float(rows["128,256"][3].split()[0])
+    assert only < peak
 
 
 def test_decode_section_tokens_per_second_and_speed_against_the_base(monkeypatch, capsys):
