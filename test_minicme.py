@@ -619,3 +619,35 @@ def test_the_tokenizer_learns_from_the_corpus_and_training_records_only(tmp_path
     held = {line for split in ("val", "test") for t in SYNTHETIC_TASKS
             for r in _read_jsonl(tmp_path / split / f"{t}.jsonl") for line in r["output"].split("\n")}
     assert held - set(seen), "no val or test answer is new to the tokenizer: the check above could not fail"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_corpus_stories_and_prose_name_world_people_never_the_blank_tasks_story_names(seed):
+    """The blank task's names come from outside the world so that no blank item is written in the corpus: the
+    corpus's comparison stories and its everyday prose name world people (their first names), never a story name
+    (only the posts, as the summaries' do, borrow those)."""
+    w = minicme.build_world(seed)
+    rng = random.Random(seed)
+    story_names = set(w["story_names"])
+    people = {p["name"].split()[0] for p in w["entities"] if p["kind"] == "person"}
+    for _ in range(200):
+        story = minicme._story(w, rng)
+        a, b = re.fullmatch(r"(\w+) is \w+ than (\w+), so \w+ [^.]*\.", story).groups()
+        assert {a, b} <= people and a != b, story
+        usage = minicme._usage(w, rng)
+        assert not set(re.findall(r"\w+", usage)) & story_names, usage
+
+
+def test_the_seed_reaches_every_split_generator_not_only_the_world(tmp_path, monkeypatch):
+    """Another seed is another draw of the records, not the same draws made over another world: with the world held
+    fixed, two seeds still give different training, validation and test records in every task."""
+    world = minicme.build_world(0)
+    monkeypatch.setattr(minicme, "build_world", lambda seed: world)
+    for seed in (0, 1):
+        make_suite(str(tmp_path / str(seed)), seed=seed, **SUITE_SIZES)
+    a, b = _tree_bytes(tmp_path / "0"), _tree_bytes(tmp_path / "1")
+    for name in [os.path.join(split, f"{t}.jsonl") for t in SYNTHETIC_TASKS for split in ("val", "test")]:
+        assert a[name] != b[name], name
+    train = [{t: [r for r in _read_jsonl(tmp_path / s / "train.jsonl") if r["task"] == t] for t in SYNTHETIC_TASKS}
+             for s in ("0", "1")]
+    assert all(train[0][t] != train[1][t] for t in SYNTHETIC_TASKS)

@@ -349,3 +349,78 @@ def test_an_os_error_while_the_study_prepares_is_one_line_not_a_traceback(tmp_pa
         study.main([f"--out={tmp_path / 'study'}"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+
+
+def test_the_protocol_selects_with_seed_0_on_validation_then_runs_and_reads_every_seed_at_the_chosen_rate(
+        tmp_path, monkeypatch, capsys):
+    """The whole protocol with the training runs stubbed: the selection runs are seed 0 scored on val_dir, the final
+    runs are the study's seeds scored on the test sets, each at its method's chosen rate (not the grid's first), and
+    the report reads exactly those final runs. The stub writes each run's results from its own flags."""
+    jobs = []
+
+    def stub(batch, opts, later=0):
+        for _, flags in batch:
+            cfg = train.parse_config(flags)
+            jobs.append(cfg)
+            lr, seed = cfg["learning_rate"], cfg["seed"]
+            best = study.GRID[1] if cfg["adapter"] == "teamlora" else study.GRID[2]
+            score = 90.0 - abs(math.log(lr / best)) + seed  # the best validation score at `best`
+            folder = tmp_path / cfg["out_dir"]  # an absolute path under tmp_path / "study"
+            folder.mkdir(parents=True)
+            (folder / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+            (folder / "results.json").write_text(json.dumps(
+                {"scores": {"a": score, "b": score}, "config": {"seed": seed, "learning_rate": lr},
+                 "trainable_params": 1, "base_params": 100, "train_seconds": 1.0}))
+        return ["done"] * len(batch)
+    monkeypatch.setattr(study, "run_all", stub)
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
+    (tmp_path / "val").mkdir()
+    results = study.main([f"--out={tmp_path / 'study'}", f"--val_dir={tmp_path / 'val'}", "--eval_dir=TEST",
+                          "--runs=lora32,lora8,teamlora", "--seeds=3"])
+    capsys.readouterr()
+    select, final = jobs[:2 * len(study.GRID)], jobs[2 * len(study.GRID):]
+    assert all(c["seed"] == study.SELECTION_SEED and c["eval_dir"] == str(tmp_path / "val") for c in select)
+    assert sorted(c["learning_rate"] for c in select) == sorted(2 * study.GRID)
+    chosen = {"lora32": study.GRID[2], "lora8": study.GRID[2], "teamlora": study.GRID[1]}  # not GRID[0]
+    assert sorted((c["out_dir"].rpartition("/")[2], c["learning_rate"], c["seed"], c["eval_dir"]) for c in final) == \
+        sorted((f"{n}-lr{lr:g}-seed{s}", lr, s, "TEST") for n, lr in chosen.items() for s in (1, 2, 3))
+    assert {n: sorted((r["config"]["seed"], r["config"]["learning_rate"]) for r in runs)
+            for n, runs in results.items()} == {n: [(s, lr) for s in (1, 2, 3)] for n, lr in chosen.items()}
+
+
+def test_launch_skips_a_finished_run_resumes_a_stopped_one_and_starts_a_new_one(tmp_path, monkeypatch):
+    """A folder with results.json is finished (not run again); one with only ckpt.pt was stopped and continues
+    with --init_from=resume, last so that no --init_from given to every run overrides it; an empty one starts."""
+    calls = []
+
+    def run(cmd, stdout, stderr, env):
+        calls.append(cmd[2:])
+        return study.subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(study.subprocess, "run", run)
+    flags = ["--init_from=base.pt", "--seed=1"]
+    for name, files in (("finished", ("results.json", "ckpt.pt")), ("stopped", ("ckpt.pt",)), ("new", ())):
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("{}")
+    assert study.launch(flags + [f"--out_dir={tmp_path / 'finished'}"], 1) == ("done before", 0.0) and not calls
+    assert study.launch(flags + [f"--out_dir={tmp_path / 'stopped'}"], 1)[0] == "done"
+    assert [f for f in calls[-1] if f.startswith("--init_from=")][-1] == "--init_from=resume"
+    assert study.launch(flags + [f"--out_dir={tmp_path / 'new'}"], 1)[0] == "done"
+    assert calls[-1] == flags + [f"--out_dir={tmp_path / 'new'}"]
+
+
+def test_a_stopped_run_is_unfinished_not_damaged_for_the_report(tmp_path):
+    """A run stopped after its checkpoint has a folder but no results.json: the report reads it as not (yet) run,
+    a stopped selection run as a missing one, and neither stops the report as a damaged folder."""
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=teamlora", "--report", "--seeds=2"])
+    for folder in [f"select/teamlora-lr{study.GRID[0]:g}", f"teamlora-lr{study.GRID[1]:g}-seed2"]:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "ckpt.pt").write_bytes(b"")
+        (tmp_path / folder / "stdout.txt").write_text("step 1\n")
+    fake_run(tmp_path / "select" / f"teamlora-lr{study.GRID[1]:g}", study.GRID[1], {"a": 50.0})
+    fake_run(tmp_path / f"teamlora-lr{study.GRID[1]:g}-seed1", study.GRID[1], {"a": 60.0}, seed=1)
+    assert study.read_results(tmp_path / f"teamlora-lr{study.GRID[1]:g}-seed2") is None
+    chosen = study.selection(opts, extra, names)
+    assert chosen["teamlora"] == (study.GRID[1], {study.GRID[0]: None, study.GRID[1]: 50.0, study.GRID[2]: None,
+                                                  study.GRID[3]: None})
+    assert [r["config"]["seed"] for r in study.load(opts, names, chosen)["teamlora"]] == [1]
