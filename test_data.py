@@ -830,7 +830,7 @@ class _DropoutLM(torch.nn.Module):
         self.emb, self.drop = torch.nn.Embedding(vocab_size, 16), torch.nn.Dropout(0.5)
         self.out = torch.nn.Linear(16, vocab_size)
 
-    def forward(self, tokens, targets, seq_ids=None, reduction="mean"):
+    def forward(self, tokens, targets, seq_ids=None, reduction="mean", loss_only=False):  # the same loss either way
         logits = self.out(self.drop(self.emb(tokens)))
         return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
 
@@ -842,9 +842,8 @@ def test_val_loss_is_measured_without_dropout_and_hands_the_model_back_in_traini
 
     import evaluation
     prepare([write_records(tmp_path / "d.jsonl", 8, long=4)], tiny_spm, tmp_path / "out", workers=1, quiet=True)
-    r = SimpleNamespace(cfg=dict(eval_iters=2, batch_size=4, grad_accum=1, batch_mode="pad", max_len=None), rank=0,
-                        world=1,
-                        device="cpu")
+    r = SimpleNamespace(cfg=dict(eval_iters=2, batch_size=4, grad_accum=1, batch_mode="pad", max_len=None,
+                                 adapter="teamlora"), rank=0, world=1, device="cpu")
     model, val = _DropoutLM(Tokenizer(tiny_spm).vocab_size), TokenDataset(tmp_path / "out")
     model.eval()
     want = evaluation.val_loss(model, val, r)
