@@ -103,6 +103,12 @@ def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them()
             study.parse([bad])
 
 
+def test_a_text_option_takes_the_flags_text_as_written():
+    """--out=2024 names a folder, as train.py's --out_dir=2024 does; it would otherwise read as a number."""
+    opts = study.parse(["--out=2024", "--val_dir=12.5"])[0]
+    assert (opts["out"], opts["val_dir"]) == ("2024", "12.5")
+
+
 def test_study_rejects_unknown_runs_and_train_keys(capsys):
     with pytest.raises(SystemExit):
         study.main(["--runs=lora32,dora"])
