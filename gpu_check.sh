@@ -2,7 +2,8 @@
 # The GPU checks in one go, for a session that has one GPU (about 9 minutes on an H200):
 #   bash gpu_check.sh [OUT [STEP...]]   # logs in OUT (default out/gpu_check), a summary at the end; STEPs:
 #                                       # only these, e.g. two calls under a 10-minute limit each:
-#   bash gpu_check.sh OUT bench7b bench7b_nockpt; bash gpu_check.sh OUT fsdp_nccl fsdp_compiled pad_widths tests
+#   bash gpu_check.sh OUT bench7b bench7b_nockpt; bash gpu_check.sh OUT fsdp_nccl fsdp_compiled pad_widths \
+#       loss_only tests
 # In order of importance, each step capped in time so that one slow step cannot starve the rest:
 # 1. the 7B-shaped step at full depth (32 blocks, micro-batch 4 x 1024, activation checkpointing): LoRA and
 #    TeamLoRA, eager and blocks compiled, tokens/s, MFU, peak memory; 2. the same without checkpointing (no
@@ -10,9 +11,10 @@
 # (train.py shards under torchrun whatever the number of processes; the first run builds the demo's data and
 # base), eager and 4. with compiled blocks (the 7B recipes keep compile off until this has run); 5. step times
 # at new padded widths against repeated ones, and a profile of one (the bf16 demo's fine-tuning steps were
-# uneven on an H200, its fixed-shape pretraining steps were not); 6. the CUDA tests. Left out, measured on an
-# H100 and an H200 (RESULTS.md): the bf16 demo (`python train.py --dtype=bfloat16`) and the small layer
-# (`python bench.py --device=cuda --section=layer`, launch-bound). Steps 1 and 2 print the dry run's memory
+# uneven on an H200, its fixed-shape pretraining steps were not); 6. the output layer on answer tokens only
+# against every position (train.py's loss_only: its boolean index waits for the GPU once a micro-batch); 7. the
+# CUDA tests. Left out, measured on an H100 and an H200 (RESULTS.md): the bf16 demo (`python train.py
+# --dtype=bfloat16`) and the small layer (`python bench.py --device=cuda --section=layer`, launch-bound). Steps 1 and 2 print the dry run's memory
 # estimate for their setting beside each measured peak ("dry run / peak").
 # Each step runs even when one before it failed; the summary says which failed. Run folders go to a
 # temporary folder, so OUT holds the logs only.
@@ -21,9 +23,9 @@ cd "$(dirname "$0")"
 out=${1:-out/gpu_check}
 only=("${@:2}")
 for name in "${only[@]}"; do
-    case $name in bench7b|bench7b_nockpt|fsdp_nccl|fsdp_compiled|pad_widths|tests) ;;
+    case $name in bench7b|bench7b_nockpt|fsdp_nccl|fsdp_compiled|pad_widths|loss_only|tests) ;;
         *) echo "gpu_check.sh: unknown step '$name'; the steps: bench7b bench7b_nockpt fsdp_nccl fsdp_compiled" \
-               "pad_widths tests" >&2; exit 2 ;;
+               "pad_widths loss_only tests" >&2; exit 2 ;;
     esac
 done
 runs=$(mktemp -d)
@@ -70,6 +72,7 @@ with torch.profiler.profile(activities=acts) as p:
 print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 PROBE
 step pad_widths 60 env PYTHONPATH=. python "$runs/pad_widths.py"
+step loss_only 60 python bench.py --device=cuda --section=loss
 step tests 150 python -m pytest -q -rs -k cuda test_model.py test_teamlora.py test_train.py test_bench.py
 echo "failed steps: ${failed[*]:-none}"
 [ ${#failed[@]} -eq 0 ]
