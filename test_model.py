@@ -339,6 +339,18 @@ def test_from_pretrained_converts_dtype(tmp_path, layout):
     assert torch.equal(logits, logits_of(model.to(torch.bfloat16), tokens))
 
 
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_from_pretrained_puts_every_weight_on_the_device_asked_for(tmp_path, layout):
+    """device= reaches every tensor as it is read, in both layouts (the meta device here: a GPU's path without one)."""
+    model = tiny_model()
+    if layout == "hf":
+        write_hf_bin_dir(model, tmp_path)
+    else:
+        write_meta_dir(model, tmp_path, 0)
+    loaded = Transformer.from_pretrained(tmp_path, device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in loaded.state_dict().values()} == {("meta", torch.bfloat16)}
+
+
 def test_meta_device_build_then_assign_or_to_empty_is_correct():
     model = tiny_model()
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
@@ -402,6 +414,32 @@ def test_loss_only_runs_the_output_layer_on_labelled_positions_with_the_same_los
         torch.testing.assert_close(only_grads[n], full_grads[n], rtol=1e-6, atol=1e-9, msg=n)
     with pytest.raises(ValueError, match="without targets there is none"):
         model(tokens, loss_only=True)
+
+
+def test_loss_only_keeps_label_zero_and_agrees_on_an_unlabelled_batch_and_in_bfloat16():
+    """Only -100 marks a position without a label: token id 0 is a word like any other (LLaMA-3's "!"), and
+    loss_only must score it as the full path does. A batch with no label at all (every answer cut away) gives the
+    full path's loss (sum 0, mean NaN), and in a bfloat16 model the loss is computed in float32 on both paths."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    tokens = torch.randint(0, 512, (2, 9))
+    targets = torch.full_like(tokens, -100)
+    targets[0, 2:6], targets[1, 4:7] = torch.tensor([0, 7, 0, 511]), 0  # label 0 on most labelled positions
+    seq_ids = torch.tensor([[0] * 5 + [1] * 4, [0] * 7 + [-1] * 2])
+    for reduction in ("mean", "sum"):
+        full = model(tokens, targets, seq_ids=seq_ids, reduction=reduction)[1]
+        only = model(tokens, targets, seq_ids=seq_ids, reduction=reduction, loss_only=True)[1]
+        torch.testing.assert_close(only, full, rtol=1e-6, atol=0)
+        none = torch.full_like(tokens, -100)
+        full = model(tokens, none, reduction=reduction)[1]
+        only = model(tokens, none, reduction=reduction, loss_only=True)[1]
+        torch.testing.assert_close(only, full, rtol=0, atol=0, equal_nan=True)
+        assert (full.isnan() if reduction == "mean" else full == 0)
+    model = model.to(torch.bfloat16)
+    full = model(tokens, targets, seq_ids=seq_ids)[1]
+    only = model(tokens, targets, seq_ids=seq_ids, loss_only=True)[1]
+    assert full.dtype == only.dtype == torch.float32
+    torch.testing.assert_close(only, full, rtol=1e-6, atol=0)
 
 
 def test_changing_a_future_token_never_changes_earlier_logits():
@@ -471,6 +509,33 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(packed):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_gradient_checkpointing_recomputes_each_block_in_backward_only_when_training_with_grad():
+    """gradient_checkpointing=True must actually recompute (each block runs twice per step: the memory it saves);
+    without it, in eval mode, under no_grad and in cached generation each block runs once."""
+    model = tiny_model()
+    calls = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda m, args: calls.append(m))  # recompute may stop early
+    tokens = torch.randint(0, 512, (2, 8))
+    n = len(model.layers)
+    for ckpt, training, grad, want in ((True, True, True, 2 * n), (False, True, True, n), (True, False, True, n),
+                                       (True, True, False, n)):
+        model.gradient_checkpointing = ckpt
+        model.train(training)
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            loss = model(tokens, tokens.roll(-1, 1))[1]
+            if grad:
+                loss.backward()
+        assert len(calls) == want, (ckpt, training, grad)
+        if ckpt and training and grad:  # the recompute: each block again, last first
+            assert calls[n:] == list(model.layers)[::-1]
+    model.train()
+    calls.clear()
+    model.generate([[1, 2, 3]], 2)
+    assert len(calls) == 2 * n  # the prompt, then one step: once each
 
 
 def test_projections_may_be_replaced_by_any_module():
@@ -1350,6 +1415,26 @@ def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_ar
     with pytest.raises(ValueError, match=r"has fields this model does not know: \['moe_args'\]") as error:
         Transformer.from_pretrained(tmp_path)
     assert_one_sentence(error, str(tmp_path))
+
+
+def test_mixture_of_experts_checkpoints_are_refused_in_one_sentence(tmp_path):
+    """This model has one dense FFN per block: Mixtral (Hugging Face model_type) and Meta's MoE params.json (its
+    "moe" field) are refused by name, not loaded as a dense model or failing in ModelArgs."""
+    model = tiny_model()
+    write_hf_bin_dir(model, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config(model), "model_type": "mixtral",
+                                                      "num_local_experts": 8, "num_experts_per_tok": 2}))
+    with pytest.raises(ValueError, match=re.escape("model_type='mixtral'")) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path))
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    write_meta_dir(model, meta, 0)
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps(params | {"moe": {"num_experts": 8, "num_experts_per_tok": 2}}))
+    with pytest.raises(ValueError, match=re.escape("does not know: ['moe']")) as error:
+        Transformer.from_pretrained(meta)
+    assert_one_sentence(error, str(meta))
 
 
 @pytest.mark.parametrize("field, message", [

@@ -310,6 +310,33 @@ def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypat
     teamlora._fused_compiled.cache_clear()
 
 
+def test_compiler_check_finds_cxx_needs_an_executable_and_only_on_cpu(monkeypatch, tmp_path):
+    """The eager fallback is for a CPU with no C++ compiler: one named by CXX counts wherever it is on the PATH, a
+    file called g++ that cannot run does not, and a GPU compiles with Triton, no C++ compiler needed."""
+    compiled = object()
+    monkeypatch.setattr(teamlora.torch, "compile", lambda fn, dynamic: compiled)  # the check, not the compile
+    monkeypatch.setattr(teamlora.os, "get_exec_path", lambda env=None: [str(tmp_path)])
+    (tmp_path / "my-c++").write_text("#!/bin/sh\n")
+    (tmp_path / "my-c++").chmod(0o755)
+    (tmp_path / "g++").write_text("not a program\n")
+    (tmp_path / "g++").chmod(0o644)
+    teamlora._fused_compiled.cache_clear()
+    try:
+        monkeypatch.setenv("CXX", "my-c++")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert teamlora._fused_compiled("cpu") is compiled
+        teamlora._fused_compiled.cache_clear()
+        monkeypatch.delenv("CXX")
+        with pytest.warns(UserWarning, match="C\\+\\+ compiler"):
+            assert teamlora._fused_compiled("cpu") is teamlora.team_lora_delta
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert teamlora._fused_compiled("cuda") is compiled
+    finally:
+        teamlora._fused_compiled.cache_clear()
+
+
 def test_fresh_adapter_leaves_base_output_unchanged():
     torch.manual_seed(0)
     model = Stack(n=2)
@@ -498,6 +525,23 @@ def test_adapter_state_dict_holds_plain_tensors_outside_autograd():
     for n, t in state.items():
         assert type(t) is torch.Tensor and not t.requires_grad and torch.equal(t, params[n]), n
     assert not (0.5 * state["layers.0.feed_forward.w1.lora_A"]).requires_grad
+
+
+def test_load_adapter_state_dict_copies_into_the_models_own_dtype_and_storage():
+    """An adapter saved in another precision (float64 here, bfloat16 from a mixed-precision run) is copied into the
+    model's tensors: they keep their dtype, and their storage (an optimizer holding them sees the loaded values)."""
+    torch.manual_seed(0)
+    model = inject(Stack(n=1), ("w1", "w2"), r=4, experts=2, alpha=8)
+    own = dict(model.named_parameters())
+    storage = {n: p.data_ptr() for n, p in own.items()}
+    state = {n: torch.randn(t.shape, dtype=torch.float64) for n, t in teamlora.adapter_state_dict(model).items()}
+    teamlora.load_adapter_state_dict(model, state)
+    for n, t in state.items():
+        assert own[n] is dict(model.named_parameters())[n] and own[n].data_ptr() == storage[n], n
+        assert own[n].dtype == torch.float32 and own[n].requires_grad, n
+        torch.testing.assert_close(own[n].data, t.float(), rtol=0, atol=0)
+    state[n].zero_()  # a copy: the caller's tensors stay the caller's
+    assert own[n].abs().sum() > 0
 
 
 def _official_balance(omega):
@@ -750,6 +794,14 @@ def test_inject_matches_hugging_face_style_names_by_suffix_only():
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert kinds == {"mlp.gate_proj": "TeamLoRALinear", "mlp.up_proj": "TeamLoRALinear",
                      "mlp.down_proj": "TeamLoRALinear", "mlp.not_up_proj": "Linear"}
+
+
+def test_inject_matches_a_target_that_is_a_direct_child_by_its_whole_name():
+    """A target at the top of the model has no dot before its name ("proj", not "x.proj"): matched all the same,
+    and a name that merely ends with the target's letters ("out_proj" for "proj") is not."""
+    model = nn.ModuleDict({"proj": nn.Linear(8, 8), "out_proj": nn.Linear(8, 8)})
+    inject(model, "proj", r=4, experts=2, alpha=8)
+    assert isinstance(model["proj"], TeamLoRALinear) and type(model["out_proj"]) is nn.Linear
 
 
 def test_user_errors_give_one_clear_sentence():

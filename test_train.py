@@ -1171,6 +1171,17 @@ def test_eval_limit_0_scores_every_record_of_each_task(run_data, tmp_path):
         assert records == on_file and len(on_file) > 2 and two[name][1] == on_file[:2]
 
 
+def test_an_eval_dir_that_is_a_file_is_one_user_error(tmp_path):
+    """eval_dir must be a folder of <task>.jsonl files: a file there (e.g. one evaluation set given by mistake) is
+    a UserError saying so before training, not a NotADirectoryError from listing it."""
+    file = tmp_path / "sentiment.jsonl"
+    file.write_text('{"instruction": "x", "input": "", "output": "positive"}\n')
+    with pytest.raises(UserError, match="is a file, not a folder of <task>.jsonl files"):
+        evaluation.load_eval_sets({"eval_dir": str(file), "eval_limit": 0})
+    with pytest.raises(UserError, match="does not exist"):
+        evaluation.load_eval_sets({"eval_dir": str(tmp_path / "missing"), "eval_limit": 0})
+
+
 @pytest.mark.parametrize("adapter", ["lora", "none"])
 def test_runs_without_a_router_score_every_task_and_report_no_expert_load(run_data, tmp_path, adapter):
     """Plain LoRA and full training have no experts to weigh: their runs are scored like TeamLoRA's, with an empty
@@ -1449,6 +1460,27 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
     for rank in (0, 1):
         assert evaluation.generate_all(_EchoModel(tok.eos_id), prompts, 20,
                                        train.Run(cfg, rank, 2, torch.device("cpu"), tok)) == want
+
+
+def test_generate_all_batches_prompts_of_similar_length_together(run_data, tmp_path):
+    """A batch is left-padded to its longest prompt: generate_all sorts the prompts by length before batching, so
+    each batch holds neighbours in length and pads little (a long prompt beside a short one pads the short). A
+    DDP-wrapped model generates with the model it wraps."""
+    cfg = train_cfg(run_data, tmp_path / "o", "--eval_batch_size=2")
+    tok = data.Tokenizer(cfg["tokenizer"])
+    prompts = [[tok.bos_id] + [5 + i] * n for i, n in enumerate((9, 2, 14, 3, 8, 1))]
+    seen = []
+
+    class Recorder(_EchoModel):
+        def generate(self, prompts, max_new_tokens, eos_id=None):
+            seen.append([len(p) for p in prompts])
+            return super().generate(prompts, max_new_tokens, eos_id)
+    answers = evaluation.generate_all(Recorder(tok.eos_id), prompts, 4, train.Run(cfg, 0, 1, torch.device("cpu"), tok))
+    assert answers == [tok.decode(p[1:5]) for p in prompts]  # 4 new tokens, echoed; in the prompts' own order
+    assert [n for batch in seen for n in batch] == sorted(len(p) for p in prompts) and len(seen) == 3
+    wrapped = nn.Module()  # DDP's wrapper (torchrun, adapters): no generate of its own, the model in .module
+    wrapped.module = Recorder(tok.eos_id)
+    assert evaluation.generate_all(wrapped, prompts, 4, train.Run(cfg, 0, 1, torch.device("cpu"), tok)) == answers
 
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance needs torch 2.6")
