@@ -426,11 +426,27 @@ def test_prepare_refuses_an_out_holding_what_it_did_not_write_and_loses_nothing(
     message = str(failure.value)
     want = {"other file": "notes.txt", "other folder": "runs", "out is a file": "is a file"}.get(case, str(named))
     assert want in message and str(out) in message and "\n" not in message
+    if case in ("other file", "other folder"):  # the output is prepare's: the fix is to move the user's files out
+        assert "beside a previous prepare's output; move them out" in message, message
     assert named.read_bytes() == content  # the user's file is untouched
     if case != "out is a file":
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
         assert len(TokenDataset(out)) == 3  # the previous output is intact
     assert leftovers(tmp_path) == []
+
+
+def test_prepare_stopped_by_ctrl_c_leaves_no_temporary_folder(tmp_path, tiny_spm, monkeypatch):
+    """A Ctrl-C once the shards are written (minutes into the CME's records) removes them like any failure does:
+    no out folder, and no OUT.tmp-PID of half-written gigabytes left for the user to find."""
+    real = data._write_shards
+
+    def written_then_interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "_write_shards", written_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, tmp_path / "out", workers=1)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("content", ['{"my": 1}', "notes", '{"format": "mine"}'])
@@ -482,6 +498,7 @@ DAMAGE = [
     ("delete", "train.tokens.bin", "train.tokens.bin is missing"),
     ("offsets from 1", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0"),
     ("offsets fall", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0 rising"),
+    ("last offset short", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0 rising to the"),
     ("prompt too long", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
     ("prompt fills a record", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
     ("not json", "summary.json", "summary.json is not valid JSON \\(line 3"),
@@ -510,6 +527,10 @@ def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, dama
         path.write_bytes(raw + raw[-8:])
     elif damage == "delete":
         path.unlink()
+    elif damage == "last offset short":  # the tokens file's size, but records that stop short of its end
+        offsets = np.frombuffer(raw, np.int64).copy()
+        offsets[-1] -= 1
+        path.write_bytes(offsets.tobytes())
     elif damage.startswith("offsets"):
         offsets = np.frombuffer(raw, np.int64).copy()
         offsets[0 if damage == "offsets from 1" else 5] += 1 if damage == "offsets from 1" else 10**4
@@ -657,6 +678,16 @@ def test_remove_stale_temporaries_removes_dead_processes_files_only(tmp_path, ca
     assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
     assert (tmp_path / f"dir.tmp{dead}").is_dir()
     assert data.remove_stale_temporaries(tmp_path / "absent") == []
+
+
+def test_remove_stale_temporaries_leaves_a_link_named_like_a_temporary(tmp_path):
+    """write_atomic writes plain files: a link named ckpt.pt.tmpPID of a dead process is a user's, and stays."""
+    target = tmp_path / "mine.pt"
+    target.write_text("mine")
+    link = tmp_path / f"ckpt.pt.tmp{dead_pid()}"
+    link.symlink_to(target)
+    assert data.remove_stale_temporaries(tmp_path) == []
+    assert link.is_symlink() and target.read_text() == "mine"
 
 
 def test_large_vocabulary_is_stored_as_uint32(tmp_path):

@@ -464,7 +464,8 @@ def test_paths_of_the_wrong_kind_are_named_for_what_they_are(run_data, tmp_path,
 @pytest.mark.parametrize("env", [dict(RANK="0"), dict(RANK="0", LOCAL_RANK="0"), dict(RANK="abc", LOCAL_RANK="0",
                                  WORLD_SIZE="2"), dict(RANK="3", LOCAL_RANK="0", WORLD_SIZE="2"),
                                  dict(RANK="0", LOCAL_RANK="2", WORLD_SIZE="2"),
-                                 dict(RANK="0", LOCAL_RANK="-1", WORLD_SIZE="2")])
+                                 dict(RANK="0", LOCAL_RANK="-1", WORLD_SIZE="2"),
+                                 dict(RANK="2", LOCAL_RANK="0", WORLD_SIZE="2")])
 def test_torchrun_variables_set_partly_or_wrongly_are_one_sentence_not_a_hang(run_data, tmp_path, capsys, monkeypatch,
                                                                               env):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -576,3 +577,105 @@ def test_a_resume_or_eval_only_on_a_deleted_demo_base_is_checked_as_such_before_
     assert not base.exists()
     train.main(["--init_from=resume", "--max_iters=2"])  # the base is built again, as the run's own
     assert "resumed from out/demo/ckpt.pt at step 1" in capsys.readouterr().out and base.is_file()
+
+
+def test_a_run_stopped_before_its_first_step_resumes_from_its_checkpoint_of_step_0(run_data, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while the first batch is read writes a checkpoint of step 0 (and says to resume it): a
+    resume takes that file as the run's own, not as a damaged one."""
+    real = train.data.get_batch
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.data, "get_batch", interrupted)
+    out = tmp_path / "run"
+    stopped = train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=", "--max_iters=2")))
+    assert stopped["interrupted"] and stopped["step"] == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 0
+    monkeypatch.setattr(train.data, "get_batch", real)
+    resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2"]))
+    assert resumed["step"] == 2 and not resumed.get("interrupted")
+
+
+def test_a_users_files_named_like_temporaries_in_out_dir_are_kept_byte_for_byte(run_data, tmp_path):
+    """A run removes what its own killed writes left (ckpt.pt.tmpPID of a process that no longer runs), never a
+    user's file in out_dir that only looks like one: another name, or one of ours with more after the PID."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    users = {"notes.tmp999999": b"my notes", "ckpt.pt.tmp999999.bak": b"my backup", "results.json.tmp999999x": b"x"}
+    for name, content in users.items():
+        (out / name).write_bytes(content)
+    (out / "adapter.pt.tmp999999").write_bytes(b"half an adapter of a process that was killed")
+    train.main(train_flags(run_data, out, "--eval_dir=", "--max_iters=1"))
+    assert not (out / "adapter.pt.tmp999999").exists()
+    assert {name: (out / name).read_bytes() for name in users} == users
+
+
+def test_train_gives_the_callers_sigterm_handler_back(run_data, tmp_path):
+    """study.py calls train.train run after run in one process: once a run is over, a SIGTERM must reach the caller's
+    own handler again, not raise a KeyboardInterrupt that no run is there to turn into a checkpoint."""
+    def callers(signum, frame):
+        pass
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        train.train(train.parse_config(train_flags(run_data, tmp_path / "a", "--eval_dir=", "--max_iters=1")))
+        assert signal.getsignal(signal.SIGTERM) is callers
+        with pytest.raises(train.UserError):  # a refused run gives it back too
+            train.train(train.parse_config(train_flags(run_data, tmp_path / "a", "--eval_dir=", "--max_iters=1")))
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(capsys, monkeypatch):
+    """Exit code 3 and "lower batch_size" are for an allocation that failed; a CUDA fault that names memory (an
+    illegal access, a bug) must surface as itself, not be hidden behind advice that cannot fix it."""
+    for words in ("CUDA error: an illegal memory access was encountered", "memory format is not supported"):
+        monkeypatch.setattr(train, "train", lambda cfg, words=words: (_ for _ in ()).throw(RuntimeError(words)))
+        with pytest.raises(RuntimeError, match=words):
+            train.main([])
+        assert "out of memory" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_base_fingerprints_resumes_on_its_base(run_data, tmp_path):
+    """A ckpt.pt of an older train.py records no base fingerprint (no "base", or None): it resumes on the base at
+    init_from as it did then, rather than being refused as damaged or as another base's run."""
+    out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for old in ({k: v for k, v in ckpt.items() if k != "base"}, {**ckpt, "base": None}):
+        torch.save(old, out / "ckpt.pt")
+        resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=3"]))
+        assert resumed["step"] == 3
+
+
+def test_a_resume_refuses_settings_that_would_make_it_another_run_and_leaves_the_run_alone(run_data, tmp_path,
+                                                                                          capsys):
+    """A step's batch (data_dir, batch_size, grad_accum, batch_mode, max_len) and its rate (warmup_iters,
+    min_lr_ratio) belong to the run: a resume with other ones would continue a run that never was. Each is one
+    sentence naming the key and the run's value, before anything is written."""
+    out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
+    before = contents(out)
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    for key, value in [("batch_size", 4), ("grad_accum", 2), ("batch_mode", "pack"), ("max_len", 64),
+                       ("data_dir", tmp_path), ("warmup_iters", 3), ("min_lr_ratio", 0.5)]:
+        fails([f"--out_dir={out}", "--init_from=resume", "--max_iters=4", f"--{key}={value}"], capsys,
+              f"{key} cannot change when resuming", f"{key}={saved[key]!r}")
+    assert contents(out) == before
+
+
+def test_resuming_a_finished_run_at_its_own_max_iters_trains_nothing_and_is_not_refused(run_data, tmp_path):
+    """The command that started a run, run again with --init_from=resume once it finished (study.py's reruns, a
+    job scheduler's retry), is not "past max_iters": it trains no step and leaves the checkpoint as it was."""
+    out = finished_run(run_data, tmp_path / "run")
+    before = contents(out)["ckpt.pt"]
+    again = train.train(train.parse_config(train_flags(run_data, out, "--max_iters=4", "--eval_interval=2",
+                                                       "--eval_dir=", "--init_from=resume")))
+    assert again["step"] == 4 and again["train_losses"] == []
+    assert contents(out)["ckpt.pt"] == before
+
+
+def test_eval_only_pointed_at_no_run_is_refused_and_makes_no_out_dir(run_data, tmp_path, capsys):
+    """eval_only reads a finished run and writes only its results.json: an out_dir with no run in it is one sentence
+    naming the adapter.pt it lacks, and no empty folder is left where the user mistyped a path."""
+    out = tmp_path / "no_such_run"
+    fails(train_flags(run_data, out, "--eval_only=True"), capsys, out / "adapter.pt", "does not exist")
+    assert not out.exists()
