@@ -324,13 +324,19 @@ def test_hf_hand_written_safetensors_loads_to_identical_logits(tmp_path):
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
 
-@pytest.mark.parametrize("layout", ["hf", "meta"])
-def test_from_pretrained_converts_dtype(tmp_path, layout):
+def saved_tiny_model(path, layout):
+    """A tiny model, written to path as a Hugging Face ("hf") or a Meta ("meta") folder."""
     model = tiny_model()
     if layout == "hf":
-        write_hf_bin_dir(model, tmp_path)
+        write_hf_bin_dir(model, path)
     else:
-        write_meta_dir(model, tmp_path, 0)
+        write_meta_dir(model, path, 0)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_from_pretrained_converts_dtype(tmp_path, layout):
+    model = saved_tiny_model(tmp_path, layout)
     loaded = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     tokens = torch.randint(0, model.args.vocab_size, (1, 12))
@@ -342,11 +348,7 @@ def test_from_pretrained_converts_dtype(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["hf", "meta"])
 def test_from_pretrained_puts_every_weight_on_the_device_asked_for(tmp_path, layout):
     """device= reaches every tensor as it is read, in both layouts (the meta device here: a GPU's path without one)."""
-    model = tiny_model()
-    if layout == "hf":
-        write_hf_bin_dir(model, tmp_path)
-    else:
-        write_meta_dir(model, tmp_path, 0)
+    saved_tiny_model(tmp_path, layout)
     loaded = Transformer.from_pretrained(tmp_path, device="meta", dtype=torch.bfloat16)
     assert {(p.device.type, p.dtype) for p in loaded.state_dict().values()} == {("meta", torch.bfloat16)}
 
