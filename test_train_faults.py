@@ -495,7 +495,8 @@ def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
     base = torch.load(run_data / "base.pt", weights_only=True)
     summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True"]))
     n_base = sum(t.numel() for t in base["model"].values())
-    assert summary["base_params"] == n_base and f"{n_base:,} base parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert summary["base_params"] == n_base and f"model {run_data / 'base.pt'}: {n_base:,} base parameters" in out
 
 
 def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):

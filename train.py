@@ -803,14 +803,14 @@ def finish(r, model, summary):
 
 
 def check_full_config(cfg):
-    src = cfg["init_from"]
+    src = name = cfg["init_from"]
     if os.path.isdir(src):
         with torch.device("meta"):
             args = from_pretrained(src, device="meta").args
     elif src.endswith(".pt") and os.path.isfile(src):  # ours: its model_args (the weights stay on disk)
         args = base_weights(cfg, None)[0]
     else:
-        args = ModelArgs.from_name(cfg["model"], max_seq_len=max(cfg["max_len"], 256))
+        args, name = ModelArgs.from_name(cfg["model"], max_seq_len=max(cfg["max_len"], 256)), cfg["model"]
     with torch.device("meta"):
         model = Transformer(args)
     n_base = model.num_params()
@@ -821,7 +821,7 @@ def check_full_config(cfg):
     check_batch_split(cfg, world)
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
     est = memory.estimate(args, n_base, n_train, cfg, world, micro)
-    print(f"model {cfg['model'] if not os.path.isdir(src) else src}: {n_base:,} base parameters, "
+    print(f"model {name}: {n_base:,} base parameters, "
           f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
     experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
     print(f"adapter {cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']}): "
