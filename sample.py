@@ -48,10 +48,10 @@ def load_run(out_dir, device="auto"):
 
 def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
     """(answer text, expert load (k,) or None, whether the prompt was cut) for one record."""
-    room = r.args.max_seq_len - max_new_tokens
+    room = r.args.context - max_new_tokens  # a sliding-window model runs no longer sequences (as in evaluation)
     if room < 2:
         raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in this model's "
-                        f"{r.args.max_seq_len} positions; lower --max_new_tokens.")
+                        f"{r.args.context} positions; lower --max_new_tokens.")
     full = data.encode_prompt(r.tok, record)
     ids = evaluation.prompt_ids(r.tok, record, room)
     new = model.generate([ids], max_new_tokens, eos_id=r.tok.eos_id, temperature=temperature, top_p=top_p,
@@ -117,7 +117,7 @@ def main(argv=None):
             if record.get("input"):
                 print(f"### Input: {record['input']}")
             if cut:
-                print(f"(the prompt was cut to its start and end: the model has {r.args.max_seq_len} positions)")
+                print(f"(the prompt was cut to its start and end: the model has {r.args.context} positions)")
             print(text)
             if record.get("output") is not None:
                 print(f"(expected: {record['output']})")

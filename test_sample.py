@@ -212,6 +212,21 @@ def test_a_prompt_fills_what_the_answer_leaves_and_one_token_more_is_cut_keeping
         sample.answer(model, r, record, seq - 1)
 
 
+def test_a_sliding_window_model_gets_prompts_cut_to_its_window_not_to_max_seq_len(runs, monkeypatch):
+    """Mistral v0.1 attends over a window shorter than max_seq_len and refuses longer sequences: a prompt gets the
+    window less the answer's tokens, as in evaluation, and is answered."""
+    model, r = sample.load_run(str(runs["lora"][0]), device="cpu")
+    assert model.args is r.args
+    monkeypatch.setattr(r.args, "sliding_window", window := r.args.max_seq_len // 2)
+    prompts, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda p, *a, **kw: prompts.append(p[0]) or generate(p, *a, **kw))
+    record = {"instruction": "word " * window}
+    assert len(data.encode_prompt(r.tok, record)) > window
+    assert sample.answer(model, r, record, 8)[2] is True and len(prompts[-1]) == window - 8
+    with pytest.raises(sample.UserError, match=f"in this model's {window} positions"):
+        sample.answer(model, r, record, window - 1)
+
+
 def test_an_instruction_with_its_input_and_limit_0_answer_every_record_as_given(run_data, runs, tmp_path, capsys):
     """--input goes into the prompt after the instruction ({instruction, input}, encoded as in training); --limit=0
     answers every record of --records (twelve here, more than the default --limit of 10), in their order."""
