@@ -77,9 +77,9 @@ class TeamLoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r=8, experts=4, alpha=16.0, dropout=0.05, competition=True,
                  adapter_dtype=torch.float32, compile=False):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second base weight
-        if r <= 0 or experts <= 0 or r % experts:
-            raise ValueError(f"TeamLoRA needs r to be a positive multiple of experts, got r={r}, experts={experts}: "
-                             f"choose r = experts * r_B (e.g. r={experts * max(1, r // experts)}).")
+        if (k := max(experts, 1)) != experts or r <= 0 or r % k:  # k: experts=0 must not divide the message by 0
+            raise ValueError(f"TeamLoRA needs experts >= 1 and r to be a positive multiple of experts, got r={r}, "
+                             f"experts={experts}: choose r = experts * r_B (e.g. r={k * max(1, r // k)}).")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.r, self.experts, self.competition = r, experts, competition and experts > 1
@@ -159,13 +159,13 @@ def is_adapter(name):
 
 
 def adapter_state_dict(model):
-    """The adapter tensors only, by their names in the model: a plain name -> tensor dict."""
-    return {n: p.detach() for n, p in model.named_parameters() if is_adapter(n)}
+    """The adapter tensors by their names in the model less torch.compile's `_orig_mod.`: a plain name -> tensor."""
+    return {n.replace("_orig_mod.", ""): p.detach() for n, p in model.named_parameters() if is_adapter(n)}
 
 
 def load_adapter_state_dict(model, state):
-    """Copy adapter tensors into an injected model; names and shapes must match exactly."""
-    own = {n: p for n, p in model.named_parameters() if is_adapter(n)}
+    """Copy adapter tensors into an injected model, compiled or not; names and shapes must match exactly."""
+    own = {n.replace("_orig_mod.", ""): p for n, p in model.named_parameters() if is_adapter(n)}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{n} {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
               for n in sorted(own.keys() & state.keys()) if state[n].shape != own[n].shape]

@@ -527,6 +527,25 @@ def test_adapter_state_dict_holds_plain_tensors_outside_autograd():
     assert not (0.5 * state["layers.0.feed_forward.w1.lora_A"]).requires_grad
 
 
+def test_an_adapter_saved_from_a_compiled_model_loads_into_a_plain_one_and_back():
+    """torch.compile(model) names every parameter `_orig_mod.<name>`: the adapter keeps the model's own names, so
+    one trained compiled serves uncompiled, and the other way round."""
+    trained = inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16)
+    for m in trained.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=len(m.lora_B))
+    compiled = torch.compile(trained)  # only a wrapper until it first runs: nothing is compiled here
+    assert all(n.startswith("_orig_mod.") for n, _ in compiled.named_parameters())
+    state = teamlora.adapter_state_dict(compiled)
+    assert state.keys() == teamlora.adapter_state_dict(trained).keys()
+    plain = inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16)
+    teamlora.load_adapter_state_dict(plain, state)
+    assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(plain).items())
+    again = torch.compile(inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16))
+    teamlora.load_adapter_state_dict(again, teamlora.adapter_state_dict(plain))
+    assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(again).items())
+
+
 def test_load_adapter_state_dict_copies_into_the_models_own_dtype_and_storage():
     """An adapter saved in another precision (float64 here, bfloat16 from a mixed-precision run) is copied into the
     model's tensors: they keep their dtype, and their storage (an optimizer holding them sees the loaded values)."""
@@ -809,6 +828,8 @@ def test_user_errors_give_one_clear_sentence():
         TeamLoRALinear(nn.Linear(4, 4), r=10, experts=4)
     with pytest.raises(ValueError, match="r to be a positive multiple"):
         inject(Stack(), ("w1",), r=6, experts=4, alpha=16)
+    with pytest.raises(ValueError, match="needs experts >= 1 .*r=8, experts=0: choose .*e.g. r=8"):
+        TeamLoRALinear(nn.Linear(4, 4), r=8, experts=0)  # the message itself must not divide by 0
     with pytest.raises(ValueError, match="no module name ends with.*'q_proj'.*w1"):
         inject(Stack(), ("q_proj",), r=8, experts=4, alpha=16)
     with pytest.raises(ValueError, match="'layers.0.feed_forward' is a FFN, not a plain nn.Linear"):
