@@ -34,11 +34,7 @@ def load_run(out_dir, device="auto"):
         raise UserError(f"{path} does not exist; point --out_dir at the folder of a run of train.py.")
     saved, ckpt = train.saved_config(path)  # checked again, as a resume checks it
     cfg = {**saved, "device": device, **LOADING}
-    for key in ("tokenizer", "init_from"):
-        if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
-            fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
-                   "run sample.py in the folder that train.py ran in (the run's paths are relative to it)")
-            raise UserError(f"the run's {key} {cfg[key]} is not found from here; {fix}.")
+    train.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
     r = train.Run(cfg, device=torch.device(train.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
     model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
     checkpoint.check_base(ckpt, base, cfg, path)

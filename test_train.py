@@ -476,6 +476,18 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
                                         "--init_from=resume", "--dropout=0.2"]))
 
 
+def test_re_scoring_may_show_the_expert_load_of_other_blocks(run_data, tmp_path, capsys):
+    """load_layers only chooses the blocks whose expert load is printed (the paper's Figure 5): re-scoring a run to
+    see more of them is not a change of the run."""
+    out = tmp_path / "o"
+    train.train(train_cfg(run_data, out, "--max_iters=1", "--eval_interval=1", "--eval_limit=1"))
+    capsys.readouterr()
+    summary = train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True", "--load_layers=1"]))
+    assert "expert load over each task's prompt tokens (last 1 layers" in capsys.readouterr().out
+    assert summary["expert_load"]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["load_layers"] == 2  # the run's own is kept
+
+
 def test_a_resume_refuses_another_seed_which_would_draw_other_batches_and_dropout_masks(run_data, tmp_path):
     """Batches and dropout masks are functions of (seed, step): a resume with another seed would continue a run
     that never was, so the seed is one of the keys a resume keeps."""

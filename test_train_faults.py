@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -449,6 +450,36 @@ def test_running_out_of_cpu_memory_is_the_out_of_memory_sentence(capsys, monkeyp
     monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(RuntimeError("another failure")))
     with pytest.raises(RuntimeError, match="another failure"):  # only the allocator's words mean memory
         train.main([])
+
+
+def test_a_resume_or_re_scoring_whose_tokenizer_or_base_moved_says_to_put_it_back(run_data, tmp_path, capsys):
+    """A resume and eval_only take the tokenizer and base from the run's config and refuse another: a file that is
+    gone is one sentence saying to put it back, not the advice to pass another tokenizer or base folder."""
+    for key, name in (("tokenizer", "tokenizer.model"), ("init_from", "base.pt")):
+        moved = tmp_path / key / name
+        moved.parent.mkdir()
+        shutil.copy(run_data / name, moved)
+        out = finished_run(run_data, tmp_path / f"run_{key}", f"--{key}={moved}")
+        moved.unlink()
+        before = contents(out)
+        for flag in ("--init_from=resume", "--eval_only=True"):
+            err = fails([f"--out_dir={out}", flag, "--max_iters=6"], capsys, f"the run's {key} {moved} is not found "
+                        "from here; it was moved or deleted since the run: put it back there.")
+            assert "pass" not in err and "point to" not in err
+        assert contents(out) == before
+
+
+def test_out_of_memory_in_a_resume_advises_only_what_a_resume_may_change(capsys, monkeypatch):
+    """A resume refuses another batch_size or grad_accum: its out-of-memory sentence must not send the user there."""
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(MemoryError()))
+    for flags, batch in (([], True), (["--init_from=resume"], False)):
+        with pytest.raises(SystemExit) as exit_:
+            train.main(flags)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 3 and err.count("\n") == 1 and "activation_checkpointing=True" in err
+        assert ("grad_accum" in err) == ("batch_size" in err) == batch, err
+        if not batch:  # what it advises, a resume takes
+            assert {"activation_checkpointing", "fsdp"} <= set(train.RESUME_MAY_CHANGE)
 
 
 def test_paths_of_the_wrong_kind_are_named_for_what_they_are(run_data, tmp_path, capsys):

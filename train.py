@@ -391,7 +391,7 @@ def get_lr(step, cfg):
 
 RESUME_MAY_CHANGE = ("threads", "max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size",
                      "log_interval", "device", "fsdp", "activation_checkpointing", "compile", "tf32", "out_dir",
-                     "learning_rate", "eval_dir")
+                     "learning_rate", "eval_dir", "load_layers")  # load_layers: which blocks' expert load is shown
 
 
 def saved_config(path):
@@ -421,10 +421,21 @@ def resume_config(cfg):
         raise UserError(f"{', '.join(fixed)} cannot change when resuming or re-scoring (the run was {was}); "
                         f"only {', '.join(RESUME_MAY_CHANGE)} can.")
     cfg = {**saved, **{k: cfg[k] for k in changed}}
+    check_run_paths(cfg, [k for k in ("tokenizer", "init_from") if cfg[k] != minicme.DEMO[k]])  # the demo's: rebuilt
     if cfg["max_iters"] < ckpt["iter"] and not cfg["eval_only"]:
         raise UserError(f"{path} is at step {ckpt['iter']}, past max_iters={cfg['max_iters']}: raise --max_iters to "
                         "train on, or pass --eval_only=True to score it.")
     return cfg, ckpt
+
+
+def check_run_paths(cfg, keys, script="train.py"):
+    """A resume, a re-scoring and sample.py take a run's tokenizer and base from its config, and cannot be pointed
+    elsewhere: a path that is gone is one sentence saying to put it back, not advice to pass another."""
+    for key in keys:
+        if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
+            fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
+                   f"run {script} in the folder that train.py ran in (the run's paths are relative to it)")
+            raise UserError(f"the run's {key} {cfg[key]} is not found from here; {fix}.")
 
 
 def build_demo(cfg, resuming=False):
@@ -842,7 +853,7 @@ def check_full_config(cfg):
 
 
 def main(argv=None):
-    code = 0
+    code, cfg = 0, {}
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         train(cfg)
@@ -854,9 +865,10 @@ def main(argv=None):
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        print(f"error: {e}" if isinstance(e, ScoringOutOfMemory) else "error: out of memory: lower batch_size per "
-              "process (raise grad_accum to keep the global batch), or set activation_checkpointing=True, or "
-              "fsdp=True under torchrun.", file=sys.stderr)
+        batch = ("" if cfg.get("init_from") == "resume" else  # a resume keeps the run's batch_size and grad_accum
+                 "lower batch_size per process (raise grad_accum to keep the global batch), or ")
+        print(f"error: {e}" if isinstance(e, ScoringOutOfMemory) else f"error: out of memory: {batch}set "
+              "activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
         code = 3
     if "RANK" in os.environ:
         # torchrun: DDP keeps gloo's process group, and its worker threads, alive past destroy_process_group.
