@@ -22,7 +22,8 @@ The protocol, fixed before any final run:
 
 Each run is train.py with one configuration (the code path of a real run), fine-tuning the base
 that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
-run is not run again and a stopped one resumes, so an interrupted study continues where it stopped.
+run is not run again and a stopped one resumes, so an interrupted study continues where it stopped (a
+finished run made with other --steps or flags is refused: give such a study its own --out).
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
 keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
@@ -85,15 +86,18 @@ TABLES = {
         ("official (1.0, sum over layers)", "teamlora_balsum")],
 }
 INSTEAD = dict(seed="seeds", max_iters="steps", eval_interval="steps", out_dir="out")  # a run's key -> the study's
+NOT_A_CHANGE = ("device", "threads", "fsdp", "activation_checkpointing", "compile", "tf32", "eval_batch_size",
+                "log_interval")  # what a finished run may have had otherwise and still be this study's (launch)
 CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "full": "F"}  # Figure 4b: run -> mark
 
 
 def parse(argv):
     """(study options, train.py flags, run names) from --key=value arguments, read as train.py reads them."""
     cores = os.cpu_count() or 1
-    opts, extra = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), []
+    opts, extra, given = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), [], set()
     for arg in argv:
         key, value = configurator.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg, OPTIONS)
+        given.add(key)
         if key == "seeds":  # a count (5: seeds 1..5) or a list (11,12,13)
             n = value if type(value) is int else len(value) if isinstance(value, tuple) else 0
             if n > MAX_SEEDS:  # checked before a count becomes a tuple: --seeds=10**9 would fill the memory
@@ -117,7 +121,8 @@ def parse(argv):
         opts["seeds"] = tuple(range(1, opts["seeds"] + 1))
     opts["grid"] = GRID
     if opts["quick"]:
-        opts.update({k: v for k, v in QUICK.items() if k != "eval_limit"}, out=opts["out"] + "_quick")
+        # the user's --steps or --seeds beside --quick win over its own (e.g. --quick --steps=2: the smallest study)
+        opts.update({k: v for k, v in QUICK.items() if k not in given | {"eval_limit"}}, out=opts["out"] + "_quick")
     names = list(RUNS) if opts["runs"] == "all" else list(dict.fromkeys(n for n in opts["runs"].split(",") if n))
     if not names:
         raise data.UserError(f"--runs={opts['runs']} names no run; give run names separated by commas, or leave "
@@ -156,6 +161,10 @@ def launch(flags, threads):
     rerun, a stopped one resumes; a run whose loss diverged is "diverged", any other failure raises."""
     out = next(f.partition("=")[2] for f in reversed(flags) if f.startswith("--out_dir="))
     if os.path.isfile(os.path.join(out, "results.json")):
+        changed = changed_settings(out, flags)
+        if changed:  # a study rerun with other --steps or flags in the same --out would report this run as its own
+            raise data.UserError(f"the finished run in {out} was made with {changed}; pass another --out for a study "
+                                 "with these settings, or delete that folder to redo the run.")
         return "done before", 0.0
     if os.path.isfile(os.path.join(out, "ckpt.pt")):  # stopped by Ctrl-C: continue it exactly
         flags = flags + ["--init_from=resume"]
@@ -173,6 +182,20 @@ def launch(flags, threads):
         raise data.UserError(f"the run in {out} failed: {tail}; its log is {out}/stdout.txt, and the study "
                              "continues from it when rerun.")
     return "done", time.time() - t
+
+
+def changed_settings(out, flags):
+    """'key=saved (now value)' for each setting of `flags` that the finished run in `out` had otherwise, "" if none
+    (settings that move only rounding or speed, such as the device, are not a change; a damaged results.json is
+    read_results' to report)."""
+    try:
+        with open(os.path.join(out, "results.json")) as f:
+            saved = json.load(f).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    cfg = train.parse_config(flags)
+    return ", ".join(f"{k}={saved[k]!r} (now {cfg[k]!r})" for k in cfg["_explicit"]
+                     if k in saved and k not in NOT_A_CHANGE and saved[k] != cfg[k])
 
 
 def run_all(jobs, opts, later=0):
@@ -194,8 +217,9 @@ def run_all(jobs, opts, later=0):
     return statuses
 
 
-def read_results(folder):
-    """results.json of a finished run with its loss curve, or None."""
+def read_results(folder, steps=None):
+    """results.json of a finished run with its loss curve, or None; one of other than `steps` steps is refused (a
+    --report with another --steps, or a folder left by another study, would be reported as this study's)."""
     if not os.path.isfile(os.path.join(folder, "results.json")):
         return None
     try:  # train.py writes both atomically: a damaged one was edited, or its disk failed
@@ -207,6 +231,9 @@ def read_results(folder):
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
         raise data.UserError(f"the run in {folder} is damaged ({type(e).__name__}: {str(e)[:80]}); delete that folder "
                              "and run the study again to redo the run.") from None
+    if steps is not None and res.get("config", {}).get("max_iters", steps) != steps:
+        raise data.UserError(f"the run in {folder} trained {res['config']['max_iters']} steps, not this study's "
+                             f"{steps}: pass the --steps (and --quick) of its study, or give this study its own --out.")
     return res
 
 
@@ -218,7 +245,8 @@ def choose_lr(by_lr):
     """The learning rate whose selection run has the best mean validation score; {lr: results or None}."""
     scored = {lr: average(res) for lr, res in by_lr.items() if res is not None}
     if not scored:
-        raise data.UserError("every selection run diverged or is missing; widen GRID towards smaller rates.")
+        raise data.UserError("every selection run diverged or is missing; widen GRID towards smaller rates, or with "
+                             "--report name only the runs the study ran (--runs).")
     return max(scored, key=lambda lr: (scored[lr], -lr))  # a tie goes to the smaller rate
 
 
@@ -236,7 +264,8 @@ def selection(opts, extra, names, later=0):
                              "first, or pass the --out (and --quick) of the study to report on.")
     chosen = {}
     for m in methods:
-        by_lr = {lr: read_results(os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}")) for lr in opts["grid"]}
+        by_lr = {lr: read_results(os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}"), opts["steps"])
+                 for lr in opts["grid"]}
         chosen[m] = choose_lr(by_lr), {lr: average(res) if res else None for lr, res in by_lr.items()}
     return chosen
 
@@ -247,7 +276,7 @@ def load(opts, names, chosen):
     for name in names:
         lr = chosen[METHOD_OF[name]][0]
         for seed in opts["seeds"]:
-            res = read_results(os.path.join(opts["out"], f"{name}-lr{lr:g}-seed{seed}"))
+            res = read_results(os.path.join(opts["out"], f"{name}-lr{lr:g}-seed{seed}"), opts["steps"])
             if res is not None:
                 out.setdefault(name, []).append(res)
     return out

@@ -98,6 +98,8 @@ def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them()
     assert study.parse(["--seeds=11,12,13"])[0]["seeds"] == (11, 12, 13)
     quick = study.parse(["--quick"])[0]
     assert quick["steps"] < study.OPTIONS["steps"] and quick["out"].endswith("_quick")
+    smallest = study.parse(["--steps=2", "--quick", "--seeds=3"])[0]  # the user's own win over --quick's, in any order
+    assert (smallest["steps"], smallest["seeds"], smallest["grid"]) == (2, (1, 2, 3), study.QUICK["grid"])
     for bad in ("--seeds=three", "--seeds=0", "--seeds=0,1"):
         with pytest.raises(study.data.UserError):
             study.parse([bad])
@@ -413,6 +415,29 @@ def test_launch_skips_a_finished_run_resumes_a_stopped_one_and_starts_a_new_one(
     assert [f for f in calls[-1] if f.startswith("--init_from=")][-1] == "--init_from=resume"
     assert study.launch(flags + [f"--out_dir={tmp_path / 'new'}"], 1)[0] == "done"
     assert calls[-1] == flags + [f"--out_dir={tmp_path / 'new'}"]
+
+
+def test_a_finished_run_made_with_other_settings_is_refused_not_reported_as_this_studys(tmp_path, monkeypatch):
+    """A study rerun in the same --out with other --steps (or another --quick --steps) or other train.py flags would
+    find every run "done before" and report runs it never made: that is refused in one sentence naming the setting
+    (the device and other settings that move only rounding or speed are not a change), as is a --report of them
+    under another --steps."""
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run must not run again"))
+    folder = tmp_path / "lora8-lr0.004-seed1"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, "config": {
+        "max_iters": 60, "seed": 1, "learning_rate": 4e-3, "device": "cpu", "out_dir": str(folder)}}))
+    (folder / "log.jsonl").write_text('{"step": 60, "loss": 2.0}\n')
+    flags = ["--seed=1", "--learning_rate=0.004", f"--out_dir={folder}"]
+    assert study.launch(flags + ["--max_iters=60"], 1) == ("done before", 0.0)
+    assert study.launch(flags + ["--max_iters=60", "--device=auto"], 1) == ("done before", 0.0)
+    with pytest.raises(study.data.UserError, match=rf"the finished run in {folder} was made with max_iters=60 "
+                                                   r"\(now 2\); pass another --out .*or delete that folder"):
+        study.launch(flags + ["--max_iters=2"], 1)
+    assert study.read_results(folder, 60)["scores"] == {"a": 50.0}  # a --report reads it only for its own --steps
+    with pytest.raises(study.data.UserError, match=rf"the run in {folder} trained 60 steps, not this study's 2: "
+                                                   r"pass the --steps \(and --quick\) of its study"):
+        study.read_results(folder, 2)
 
 
 def test_a_stopped_run_is_unfinished_not_damaged_for_the_report(tmp_path):
