@@ -817,7 +817,8 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenise JSON / JSONL records into token shards")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSON lists or JSONL of records")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece or tiktoken)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer.model (SentencePiece or tiktoken), or a folder with a Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max_len", type=int, default=1024)
     p.add_argument("--val_fraction", type=float, default=0.0)
