@@ -9,6 +9,6 @@ class UserError(ValueError):
 
 def exit_with(error, prefix=""):
     """How a script ends on a UserError: one line on stderr and exit code 2, as argparse ends on a usage
-    error (1 stays a crash's, 3 train.py's out of memory)."""
+    error (1 stays a crash's, 3 train.py's out of memory, 130 a run stopped by Ctrl-C or SIGTERM)."""
     print(f"{prefix}error: {error}", file=sys.stderr)
     sys.exit(2)

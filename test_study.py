@@ -415,6 +415,9 @@ def test_launch_skips_a_finished_run_resumes_a_stopped_one_and_starts_a_new_one(
     assert [f for f in calls[-1] if f.startswith("--init_from=")][-1] == "--init_from=resume"
     assert study.launch(flags + [f"--out_dir={tmp_path / 'new'}"], 1)[0] == "done"
     assert calls[-1] == flags + [f"--out_dir={tmp_path / 'new'}"]
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: study.subprocess.CompletedProcess(cmd, 130))
+    with pytest.raises(study.data.UserError, match="stopped .*after writing its checkpoint; run the study again"):
+        study.launch(flags + [f"--out_dir={tmp_path / 'stopped'}"], 1)  # interrupted: not done, and not "failed"
 
 
 def test_a_finished_run_made_with_other_settings_is_refused_not_reported_as_this_studys(tmp_path, monkeypatch):

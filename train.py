@@ -494,6 +494,10 @@ def check_batch_split(cfg, world):
                         f"{world * cfg['grad_accum']}.")
 
 
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 + SIGINT):
+# `train.py && next` stops there, and a Kubernetes Job or a scheduler does not count the run as finished
+
+
 def on_sigterm(signum, frame):
     """SLURM and Kubernetes send SIGTERM before they kill a job: stop like Ctrl-C, with a checkpoint."""
     raise KeyboardInterrupt
@@ -856,7 +860,7 @@ def main(argv=None):
     code, cfg = 0, {}
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        train(cfg)
+        code = INTERRUPTED if train(cfg).get("interrupted") else 0
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("TEAMLORA_DEBUG"):
             raise
