@@ -131,3 +131,55 @@ def test_hydralora_shared_a_is_drawn_like_an_nn_linear_of_its_input_width_whatev
     bound = 1 / math.sqrt(d_in)
     for a in (layer.lora_A, layer.initial_lora_state()["lora_A"]):
         assert a.shape == (16, d_in) and 0.95 * bound < a.abs().max() <= bound
+
+
+def test_a_fresh_moelora_loop_is_its_base_layer():
+    """Each B_i starts at zero, as in LoRA: before training the adapted layer computes the base layer exactly, in
+    training mode (dropout on) as in eval mode."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10).double()
+    layer = MoELoRALoop(base, r=8, experts=4, alpha=16.0, dropout=0.5, adapter_dtype=torch.float64)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    assert (layer.lora_B == 0).all()
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), base(x), rtol=0, atol=0)
+
+
+def _one_input_width_layer(cls, experts):
+    """An adapter on nn.Linear(1, 2) with A a column of ones and each B_i = I (z has 2 coordinates): without dropout
+    a token's delta is a multiple of its one input x in both coordinates, so whether x or z = x A^T is dropped
+    shows."""
+    base = nn.Linear(1, 2, bias=False).double()
+    layer = cls(base, r=2, experts=experts, alpha=4.0, dropout=0.5, adapter_dtype=torch.float64)
+    with torch.no_grad():
+        base.weight.zero_()
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.copy_(torch.eye(2, dtype=torch.float64).repeat(1, experts).reshape(layer.lora_B.shape))
+    x = torch.randn(400, 1, dtype=torch.float64)
+    clean = layer.eval()(x)
+    torch.manual_seed(0)
+    return layer.train()(x), clean
+
+
+def test_moelora_loop_drops_out_its_input_x_as_eq7_writes_it():
+    """MoELoRA: B_i A_i dropout(x). With one input feature a token's whole delta is dropped or kept (scaled by
+    1 / (1 - p)), never one coordinate of it."""
+    dropped, clean = _one_input_width_layer(MoELoRALoop, experts=1)
+    kept = (dropped != 0).all(-1)
+    assert kept.any() and (~kept).any() and ((dropped == 0).all(-1) | kept).all()
+    torch.testing.assert_close(dropped[kept], clean[kept] / 0.5, rtol=1e-12, atol=1e-12)
+
+
+def test_hydralora_drops_out_its_shared_z_as_teamloras_layer_does():
+    """HydraLoRA, like TeamLoRALinear (Eq. 9), drops out z = x A^T coordinate by coordinate: with one input
+    feature some tokens keep one coordinate of their delta and lose the other."""
+    dropped, clean = _one_input_width_layer(HydraLoRALinear, experts=2)
+    kept = dropped != 0
+    assert (kept.sum(-1) == 1).any() and kept.all(-1).any() and (~kept).all(-1).any()
+    torch.testing.assert_close(dropped[kept], clean[kept] / 0.5, rtol=1e-12, atol=1e-12)
+
+
+def test_hydralora_refuses_an_input_of_another_width_in_one_sentence():
+    layer = HydraLoRALinear(nn.Linear(12, 7), r=4, experts=2)
+    with pytest.raises(ValueError, match=r"HydraLoRALinear expects inputs \(\.\.\., 12\), got \(3, 5\)"):
+        layer(torch.randn(3, 5))

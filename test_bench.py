@@ -742,3 +742,47 @@ def test_sharing_section_times_each_thread_count_alone_then_beside_a_busy_proces
     assert neighbours[0].argv[0] == sys.executable and "while True" in neighbours[0].argv[-1]  # a busy loop
     rows = table_rows(capsys.readouterr().out, ["alone", "one busy neighbour"])
     assert rows == {"alone": [200.0, 200.0], "one busy neighbour": [500.0, 1000.0]}
+
+
+def test_spread_of_two_repeats_is_the_middle_half_of_both_ratios_not_the_first_alone():
+    """Two repeats (--repeats=2): the quartiles of the two per-repeat ratios (2 and 4), which lie around both."""
+    low, high = map(float, bench.spread([2.0, 8.0], [1.0, 2.0]).split("-"))
+    q = bench.statistics.quantiles([2.0, 4.0], n=4)
+    assert (low, high) == (round(q[0], 2), round(q[2], 2)) and low <= 2.0 < 4.0 <= high
+
+
+@pytest.mark.parametrize("flag", ["--threads=0", "--repeats=0", "--repeats=-3"])
+def test_threads_or_repeats_below_one_are_a_usage_error(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", flag])
+    assert e.value.code == 2 and "--threads and --repeats must be at least 1" in capsys.readouterr().err
+
+
+def _main_cfg(monkeypatch, argv, targets=()):
+    """The cfg bench.main hands to run_sections, which returns `targets` instead of measuring anything."""
+    seen = []
+    monkeypatch.setattr(bench, "run_sections", lambda cfg, *rest: seen.append(cfg) or [list(t) for t in targets])
+    bench.main(argv + [f"--threads={torch.get_num_threads()}"])
+    return seen[0]
+
+
+def test_repeats_sets_every_sections_repeats_and_checkpointing_is_for_the_full_7b_stack_only(monkeypatch, capsys):
+    cfg = _main_cfg(monkeypatch, ["--quick", "--repeats=7", "--section=scaling"])
+    assert (cfg.repeats, cfg.scale_repeats) == (7, 7)
+    assert _main_cfg(monkeypatch, ["--quick", "--section=cuda7b"]).checkpointing is False  # the 4-block stack
+    assert _main_cfg(monkeypatch, ["--quick", "--full7b"]).checkpointing is True
+    assert _main_cfg(monkeypatch, ["--quick", "--full7b", "--no-checkpointing"]).checkpointing is False
+
+
+def test_missed_targets_are_printed_in_a_table_and_only_when_a_section_checked_some(monkeypatch, capsys):
+    target = ["layer k=2: fused train / LoRA", "1.20", "<= 1.05", "MISSED"]
+    note = "--quick uses tiny shapes"
+    _main_cfg(monkeypatch, ["--quick", "--section=layer"], [target])
+    out = capsys.readouterr().out
+    assert "## Targets" in out and note in out and re.search(r"layer k=2: fused train / LoRA +1\.20 +<= 1\.05 +MISSED",
+                                                            out)
+    _main_cfg(monkeypatch, ["--section=layer"], [target])
+    out = capsys.readouterr().out
+    assert "## Targets" in out and note not in out and "MISSED" in out
+    _main_cfg(monkeypatch, ["--quick", "--section=scaling"])
+    assert "Targets" not in capsys.readouterr().out

@@ -1446,3 +1446,58 @@ def test_only_the_master_rank_writes_a_checkpoint_and_every_rank_waits_for_it(tm
     checkpoint.save_checkpoint(r, m, opt, 5)
     assert sorted(os.listdir(tmp_path)) == (["adapter.pt", "ckpt.pt"] if master else [])
     assert barriers == [1]
+
+
+def test_tiktoken_pad_is_the_reserved_token_llama_3_1_names_its_pad_not_the_eos(tmp_path):
+    """LLaMA-3.1's tokenizer_config.json pads with <|finetune_right_pad_id|>, id 128004: the fifth special token,
+    LLaMA-3's <|reserved_special_token_2|>."""
+    pytest.importorskip("tiktoken")
+    n = write_tiktoken_file(tmp_path / "tokenizer.model")
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    assert tok.pad_id == n + 4 == tok.encode("<|reserved_special_token_2|>", special=True)[0] != tok.eos_id
+
+
+def test_a_sentencepiece_model_whose_eos_is_not_written_slash_s_ends_each_answer_with_its_own_eos(tmp_path):
+    """A SentencePiece model with other piece names (Gemma's <bos> / <eos>): the answer's end is the model's EOS
+    piece, read from the model, and encodes to the EOS id, never to the text "</s>"."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "g"), vocab_size=300, bos_id=1,
+                                   eos_id=2, unk_id=0, bos_piece="<bos>", eos_piece="<eos>", byte_fallback=True,
+                                   minloglevel=2)
+    tok = Tokenizer(tmp_path / "g.model")
+    assert tok.eos_text == "<eos>" and tok.sp.id_to_piece(tok.eos_id) == "<eos>"
+    ids, labels = encode_example(tok, {"instruction": "the fox", "input": "", "output": "the dog"})
+    assert ids[-1] == tok.eos_id and labels[-1] == tok.eos_id
+    assert ids[-(len(tok.encode("the dog")) + 1):] == tok.encode("the dog") + [tok.eos_id]
+
+
+def test_hf_plain_encode_adds_no_special_token_even_where_the_tokenizer_json_has_a_post_processor(tmp_path):
+    """A tokenizer.json whose post-processor puts a BOS in front (LLaMA-3's and Mistral's do): encode() adds it only
+    when asked (bos=True), once."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t", bos="<|im_start|>", eos="<|im_end|>")
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    bos = hf.token_to_id("<|im_start|>")
+    hf.post_processor = tokenizers.processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                 special_tokens=[("<|im_start|>", bos)])
+    hf.save(str(folder / "tokenizer.json"))
+    assert hf.encode(TEXTS[0]).ids[0] == bos  # the package's default adds it
+    tok = Tokenizer(folder)
+    plain = hf.encode(TEXTS[0], add_special_tokens=False).ids
+    assert tok.encode(TEXTS[0]) == plain and tok.encode(TEXTS[0], bos=True) == [bos] + plain
+
+
+def test_hf_slash_s_that_is_a_special_token_of_its_own_encodes_as_that_token(tmp_path):
+    """The authors' "</s>" becomes the EOS only where the tokenizer has no "</s>" token; where it has one (not its
+    EOS), special encoding gives that token's id, as the tokenizers package (and transformers) do."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>")
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.add_special_tokens(["</s>"])
+    hf.save(str(folder / "tokenizer.json"))
+    tok = Tokenizer(folder)
+    slash_s = hf.token_to_id("</s>")
+    assert slash_s != tok.eos_id
+    assert tok.encode("a</s>b", special=True) == hf.encode("a</s>b", add_special_tokens=False).ids
+    assert slash_s in tok.encode("a</s>b", special=True) and tok.eos_id not in tok.encode("a</s>b", special=True)

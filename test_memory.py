@@ -85,3 +85,37 @@ def test_scoring_holds_the_adapters_float32_weights_not_their_gradients_or_adam_
     a, b = (memory.estimate(args, 6_700_000_000, n_train, cfg, world, 4) for n_train in (10**8, 10**8 + more))
     assert b["adapter"] - a["adapter"] == pytest.approx(more * 16 / world)
     assert b["scoring"] - a["scoring"] == pytest.approx(more * 4 / world)
+
+
+def test_activations_count_the_tensors_each_block_keeps_per_token_as_listed():
+    """Without checkpointing, what one token keeps per layer grows by the listed tensors: six of width dim (norms,
+    q/k/v, attention output, residual stream) and four of the FFN's hidden width (w1 x, its SiLU, w3 x, their
+    product), in the activation dtype; and by the adapter's rank- and expert-sized terms, so more experts (the
+    router's per-token outputs) keep more too."""
+    args = dict(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32, head_dim=128)
+    cfg = {**MEMORY_CFG, "fsdp": False, "activation_checkpointing": False}
+    micro, tokens = 2, 2 * cfg["max_len"]
+
+    def acts(changes=(), **cfg_changes):
+        shapes = SimpleNamespace(**{**args, **dict(changes)})
+        return memory.estimate(shapes, 6_700_000_000, 10**8, {**cfg, **cfg_changes}, 1, micro)["activations"]
+    for wbytes, dtype in ((2, "bfloat16"), (4, "float32")):
+        base = acts(dtype=dtype)
+        per_token_layer = tokens * args["n_layers"] * wbytes
+        assert acts({"dim": args["dim"] + 1}, dtype=dtype) - base == pytest.approx(6 * per_token_layer)
+        assert acts({"ffn_hidden_dim": args["ffn_hidden_dim"] + 1}, dtype=dtype) - base == pytest.approx(
+            4 * per_token_layer)
+    more_experts = acts(experts=MEMORY_CFG["experts"] + 4) - acts()
+    assert more_experts > 0 and more_experts == pytest.approx(acts(r=MEMORY_CFG["r"] + 4) - acts())
+
+
+def test_scoring_holds_the_ffns_three_hidden_tensors_and_w2s_float32_adapter_input_per_prefill_token():
+    """The prefill of eval_batch_size prompts of max_len tokens holds, per token, w1's and w3's outputs and their
+    product in the weights' dtype and w2's adapter input in float32: a hidden width more costs that much."""
+    args = dict(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32, head_dim=128)
+    for wbytes, dtype in ((2, "bfloat16"), (4, "float32")):
+        cfg = {**MEMORY_CFG, "dtype": dtype}
+        a, b = (memory.estimate(SimpleNamespace(**{**args, "ffn_hidden_dim": h}), 6_700_000_000, 10**8, cfg, 8, 4)
+                for h in (11008, 11009))
+        eval_tokens = cfg["eval_batch_size"] * cfg["max_len"]
+        assert b["scoring"] - a["scoring"] == pytest.approx(eval_tokens * (3 * wbytes + 4))

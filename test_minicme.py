@@ -651,3 +651,28 @@ def test_the_seed_reaches_every_split_generator_not_only_the_world(tmp_path, mon
     train = [{t: [r for r in _read_jsonl(tmp_path / s / "train.jsonl") if r["task"] == t] for t in SYNTHETIC_TASKS}
              for s in ("0", "1")]
     assert all(train[0][t] != train[1][t] for t in SYNTHETIC_TASKS)
+
+
+def test_nli_hypotheses_restate_or_deny_a_premise_fact_in_other_words_never_in_its_own():
+    """A hypothesis that repeats a premise sentence word for word (or negates it verbatim) would be decided by
+    string matching: every hypothesis, negation removed, is absent from its premise."""
+    _, records = _draw("nli", n=600)
+    for r in records:
+        premise, hypothesis = re.match(r"Sentence 1: (.*)\nSentence 2: (.*)", r["input"]).groups()
+        stated = hypothesis.removeprefix("It is not true that ")
+        assert stated.lower() not in premise.lower(), r
+
+
+def test_paraphrase_pairs_never_share_their_wording_with_only_the_names_changed():
+    """Duplicates ask one fact in two phrasings; a non-duplicate about another entity uses another phrasing too,
+    so that identical wording (names aside) is no cue to the label."""
+    world, records = _draw("paraphrase", n=600)
+    names = sorted((e["name"] for e in world["entities"]), key=len, reverse=True)
+
+    def wording(question):
+        for name in names:
+            question = question.replace(name, "{e}")
+        return question
+    for r in records:
+        q1, q2 = re.match(r"Text 1: (.*)\nText 2: (.*)", r["input"]).groups()
+        assert wording(q1) != wording(q2), r

@@ -152,7 +152,9 @@ def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path
     ({"r": "abc"}, "config key 'r' in {ckpt} must be of type int, got 'abc'."),
     ({"adapter": "dora"}, "config key 'adapter' must be one of"),
     ({"tokenizer": "/nowhere/tokenizer.model"}, "/nowhere/tokenizer.model is not found from here; it was moved or "
-                                                 "deleted since the run: put it back there.")])
+                                                 "deleted since the run: put it back there."),
+    ({"init_from": "/nowhere/base.pt"}, "the run's init_from /nowhere/base.pt is not found from here; it was moved or "
+                                        "deleted since the run: put it back there.")])
 def test_a_hand_edited_or_moved_run_config_is_checked_as_a_resume_checks_it(runs, tmp_path, capsys, edit, message):
     """sample.py reads a ckpt.pt's config through train.resume_config (typed and check_config again); an absolute
     path that is gone is not blamed on relative paths."""
@@ -254,3 +256,24 @@ def test_a_run_trained_compiled_and_checkpointed_is_read_back_eager_and_without_
     assert not r.cfg["compile"] and not r.cfg["activation_checkpointing"] and not model.gradient_checkpointing
     assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.layers)
     assert_same_adapters(adapters_of(runs["teamlora"][1]), adapters_of(model))
+
+
+def test_the_device_asked_for_wins_over_the_one_the_run_was_trained_on(runs, tmp_path):
+    """A run trained on a GPU (config device "cuda") is read onto the CPU when --device=cpu asks for it."""
+    ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "device": "cuda"}}, tmp_path / "ckpt.pt")
+    model, r = sample.load_run(str(tmp_path), device="cpu")
+    assert r.device.type == "cpu" and all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_an_empty_input_prints_no_input_line_an_empty_instruction_is_answered_and_an_empty_output_is_shown(
+        runs, tmp_path, capsys):
+    out = str(runs["lora"][0])
+    sample.main(["--out_dir", out, "--instruction=", "--max_new_tokens=2"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("### Instruction: \n") and printed.count("### Instruction:") == 1
+    assert "### Input:" not in printed
+    data.write_jsonl(str(tmp_path / "r.jsonl"), [{"instruction": "Say nothing.", "input": "", "output": ""}])
+    sample.main(["--out_dir", out, "--records", str(tmp_path / "r.jsonl"), "--max_new_tokens=2"])
+    printed = capsys.readouterr().out
+    assert "### Input:" not in printed and "(expected: )" in printed.splitlines()

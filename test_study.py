@@ -6,6 +6,8 @@ small suite.
 import contextlib
 import json
 import math
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -458,3 +460,56 @@ def test_a_stopped_run_is_unfinished_not_damaged_for_the_report(tmp_path):
     assert chosen["teamlora"] == (study.GRID[1], {study.GRID[0]: None, study.GRID[1]: 50.0, study.GRID[2]: None,
                                                   study.GRID[3]: None})
     assert [r["config"]["seed"] for r in study.load(opts, names, chosen)["teamlora"]] == [1]
+
+
+def test_a_study_of_zero_steps_is_refused_and_one_step_is_taken():
+    with pytest.raises(study.data.UserError, match="steps must be positive"):
+        study.parse(["--steps=0"])
+    assert study.parse(["--steps=1"])[0]["steps"] == 1
+
+
+def test_a_run_equal_to_teamlora_in_every_seed_is_not_called_higher_or_lower():
+    """Identical averages: the difference is 0 with an interval of width 0, which does not exclude 0."""
+    scores = [(1, 50.0), (2, 60.0), (3, 55.0)]
+    rows = study.comparisons({"teamlora": fake_results(scores), "lora32": fake_results(scores)})[2:]
+    assert rows == [f"| {study.RUNS['lora32'][0]} | 3 | +0.0 | +0.0 .. +0.0 | cannot tell |"]
+
+
+def test_the_loss_chart_smooths_each_curve_over_its_last_five_logged_points():
+    losses = [10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 0.5]
+    results = {"lora32": [{"curve": [(10 * (i + 1), v) for i, v in enumerate(losses)]}]}
+    end = sum(losses[-5:]) / 5
+    assert f"  L = {study.RUNS['lora32'][0]}: {end:.2f} at the end" in study.loss_chart(results)
+
+
+def test_run_all_gives_each_run_its_share_of_the_cores_and_counts_only_the_runs_it_ran_in_the_time_left(
+        monkeypatch, capsys):
+    """workers runs at a time share the cores (cores // workers threads each); the estimate of the time left is
+    the minutes per run actually run (a run finished before costs nothing) times the runs still to come,
+    `later` ones included. A fake clock (each run that runs takes one minute) and a pool that runs each job when
+    run_all reaches it."""
+    clock, threads = [0.0], []
+
+    def launch(flags, n_threads):
+        threads.append(n_threads)
+        if flags == "before":
+            return "done before", 0.0
+        clock[0] += 60.0
+        return "done", 60.0
+    monkeypatch.setattr(study, "launch", launch)
+    monkeypatch.setattr(study, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(study, "ThreadPoolExecutor", lambda workers: SimpleNamespace(
+        map=lambda fn, jobs: map(fn, jobs), shutdown=lambda cancel_futures: None))
+    jobs = [("a", "before"), ("b", "run"), ("c", "run")]
+    assert study.run_all(jobs, {"workers": 2}, later=2) == ["done before", "done", "done"]
+    assert threads == [4, 4, 4]
+    lines = capsys.readouterr().out.splitlines()
+    # after b: 1 minute for 1 run, 1 + 2 runs to come; after c: 2 minutes for 2 runs, 0 + 2 to come
+    assert [re.search(r"about (\d+) min left", line).group(1) for line in lines] == ["0", "3", "2"]
+
+
+def test_short_help_prints_the_protocol_as_long_help_does(capsys):
+    for flag in ("-h", "--help"):
+        assert study.main([flag]) is None
+        assert capsys.readouterr().out.strip() == study.__doc__.strip()

@@ -731,3 +731,16 @@ def test_every_loader_reads_a_file_with_a_utf8_byte_order_mark_as_one_without(tm
         (tmp_path / folder / name).write_bytes(text.encode("utf-8"))
     plain = CME_TASKS[task].load(str(tmp_path / "plain" / name))
     assert plain and CME_TASKS[task].load(str(tmp_path / "bom" / name)) == plain
+
+
+@pytest.mark.parametrize("prediction", ["A4 paper", "B2", "C3PO is the answer", "(A1)"])
+def test_a_letter_with_a_digit_after_it_is_a_word_not_an_option(prediction):
+    assert accuracy(prediction, prediction.strip("(")[0]) == 0.0
+
+
+def test_the_rouge_l_chance_of_a_record_without_input_is_its_instructions_first_sentence():
+    task = Task("sum", "rouge_l", 16)
+    records = [{"instruction": "The cat sat on the mat. Then it slept all day.", "input": "", "output": "the cat sat"},
+               {"instruction": "Summarize:", "input": "A dog ran. It was fast.", "output": "a dog ran fast"}]
+    want = (rouge_l("The cat sat on the mat.", "the cat sat") + rouge_l("A dog ran.", "a dog ran fast")) / 2
+    assert chance_level(task, records) == pytest.approx(100 * want) and want > 0.5

@@ -1540,3 +1540,25 @@ def test_evaluate_answers_each_tasks_own_prompts_with_its_own_answer_length_and_
         assert all(len(p) + max_new <= r.args.max_seq_len for p in prompts)
     monkeypatch.setattr(evaluation, "generate_all", lambda model, prompts, max_new, r: ["?"] * len(prompts))
     assert all(s == 0.0 for s in evaluation.evaluate(model, r)[0].values())  # the scores are the answers'
+
+
+def test_a_float_setting_takes_an_integer_up_to_the_largest_float_and_refuses_one_past_it_in_one_sentence():
+    """Integers float() cannot hold (2**1024 - 1 rounds up past the largest float) have 1024 bits: refused in one
+    sentence, not an OverflowError; one bit fewer becomes a float (then out of the rate's range)."""
+    import configurator
+    with pytest.raises(UserError, match=r"config key 'learning_rate' in flag --learning_rate=\d+ is too large for a "
+                                        r"float or any setting \(1024 bits\)"):
+        train.parse_config([f"--learning_rate={2 ** 1024 - 1}"])
+    value = configurator.typed("learning_rate", 2 ** 1023 - 1, train.DEFAULTS, "a test")
+    assert type(value) is float and value == float(2 ** 1023 - 1)
+
+
+def test_an_argument_without_its_two_dashes_is_not_read_as_a_flag():
+    """study.py reads every argument as a flag: 'steps=5' (or '-steps=5') is named, never read as a key 'eps'."""
+    import configurator
+    import study
+    for arg in ("steps=5", "-steps=5", "xx--steps=5"):
+        with pytest.raises(UserError, match=f"argument '{arg}' is not of the form --key=value"):
+            configurator.parse_flag(arg)
+        with pytest.raises(UserError, match="is not of the form --key=value"):
+            study.parse([arg])
