@@ -275,7 +275,7 @@ def section_layer(cfg, device, dtype, targets):
         check(targets, f"layer k={k}: fused / MoELoRA loop vs LoRA / loop",  # within 3% of LoRA's own ratio
               ratio(train[fused], train["MoELoRA loop"]) / ratio(train["LoRA"], train["MoELoRA loop"]), 1.03)
         check(targets, f"layer k={k}: fused infer / LoRA", ratio(infer[fused], infer["LoRA"]), 1.05)
-        check(targets, f"layer k={k}: fused peak memory / LoRA", mem[fused] / mem["LoRA"], 1.05)
+        check(targets, f"layer k={k}: fused peak memory / LoRA", mem[fused] / mem["LoRA"], 1.02)
     print("Figure 4a: training step relative to LoRA (paper: MoELoRA 1.19, 1.62, 2.38; TeamLoRA 1.04, 1.13, 1.50)")
     table(["k"] + list(variants), figure)
     print("Inference forward relative to LoRA (paper: TeamLoRA infers 40% faster than MoELoRA)")

@@ -422,7 +422,7 @@ def test_layer_section_ratios_and_targets_compare_fused_with_lora(monkeypatch, c
     infer = {"LoRA": [1.0, 1.0, 2.0], "MoELoRA loop": [2.0, 2.0, 4.0], "TeamLoRA loop": [1.5, 1.5, 3.0],
              "TeamLoRA fused": [0.5, 0.5, 1.0]}
     fake_bench(monkeypatch, *[train, infer] * len(cfg.ks))
-    mib = {"LoRA": 100, "MoELoRA loop": 110, "TeamLoRA loop": 130, "TeamLoRA fused": 120}
+    mib = {"LoRA": 100, "MoELoRA loop": 110, "TeamLoRA loop": 130, "TeamLoRA fused": 103}
 
     def fake_memory(train, module, opt, inputs, device):
         variant = ("MoELoRA loop" if isinstance(module, bench.MoELoRALoop) else "TeamLoRA loop"
@@ -442,10 +442,10 @@ def test_layer_section_ratios_and_targets_compare_fused_with_lora(monkeypatch, c
             assert rows[v][3] == pytest.approx(1e3 * sorted(infer[v])[1], abs=0.006)
             assert rows[v][4] == pytest.approx(sorted(i)[1], abs=0.006)
             assert rows[v][5:] == [mib[v], pytest.approx(mib[v] / 100, abs=0.006)]
-    want = {"fused train / LoRA": ("1.50", "MISSED"), "fused / MoELoRA loop vs LoRA / loop": ("1.50", "MISSED"),
-            "fused infer / LoRA": ("0.50", "met"), "fused peak memory / LoRA": ("1.20", "MISSED")}
-    assert {(name, value, verdict) for name, value, _, verdict in targets} == \
-        {(f"layer k={k}: {name}", *v) for k in cfg.ks for name, v in want.items()}
+    want = {"fused train / LoRA": ("1.50", "<= 1.05", "MISSED"),  # the targets: peak memory 1.02
+            "fused / MoELoRA loop vs LoRA / loop": ("1.50", "<= 1.03", "MISSED"),
+            "fused infer / LoRA": ("0.50", "<= 1.05", "met"), "fused peak memory / LoRA": ("1.03", "<= 1.02", "MISSED")}
+    assert {tuple(t) for t in targets} == {(f"layer k={k}: {name}", *v) for k in cfg.ks for name, v in want.items()}
 
 
 def test_model_section_times_every_variant_against_lora_and_compares_fused_peak_memory(monkeypatch, capsys):
