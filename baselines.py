@@ -88,6 +88,9 @@ class HydraLoRALinear(TeamLoRALinear):
     def __init__(self, base, r=8, experts=4, alpha=16.0, dropout=0.05, competition=False, **kw):
         if competition:
             raise ValueError("HydraLoRA has no interaction matrix: use competition=False.")
+        if experts < 2:  # one head needs no router: that is LoRA
+            raise ValueError(f"HydraLoRA weighs experts >= 2 heads by a router, got experts={experts}; for one head "
+                             "use plain LoRA (TeamLoRALinear with experts=1).")
         # TeamLoRA's layer with k heads of width r (B: d_out x k r) and omega summing to k, hence alpha / k
         super().__init__(base, r * experts, experts, alpha / experts, dropout, False, **kw)
         self.r = r

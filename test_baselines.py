@@ -121,7 +121,7 @@ def test_moelora_loop_refuses_a_rank_that_is_not_a_multiple_of_experts():
     assert MoELoRALoop(nn.Linear(4, 4), r=12, experts=4).lora_A.shape == (4, 3, 4)
 
 
-@pytest.mark.parametrize("experts", [1, 4])
+@pytest.mark.parametrize("experts", [2, 8])
 def test_hydralora_shared_a_is_drawn_like_an_nn_linear_of_its_input_width_whatever_the_heads(experts):
     """The shared A (r x d_in) is kaiming-uniform with bound 1 / sqrt(d_in), as nn.Linear(d_in, r) and the layer's own
     initial_lora_state() draw it: the number of heads must not shrink it. 1024 draws: the largest is within 5%."""
@@ -183,3 +183,13 @@ def test_hydralora_refuses_an_input_of_another_width_in_one_sentence():
     layer = HydraLoRALinear(nn.Linear(12, 7), r=4, experts=2)
     with pytest.raises(ValueError, match=r"HydraLoRALinear expects inputs \(\.\.\., 12\), got \(3, 5\)"):
         layer(torch.randn(3, 5))
+
+
+def test_hydralora_with_one_head_is_refused_in_one_sentence_in_the_layer_and_in_train_py():
+    """One head needs no router (it is LoRA); the layer would otherwise fail at its first forward."""
+    with pytest.raises(ValueError, match="HydraLoRA weighs experts >= 2 heads by a router, got experts=1"):
+        HydraLoRALinear(nn.Linear(12, 7), r=4, experts=1)
+    import train
+    with pytest.raises(train.UserError, match="hydralora weighs experts >= 2 heads, got experts=1.*--adapter=lora"):
+        train.parse_config(["--adapter=hydralora", "--experts=1"])
+    train.parse_config(["--adapter=hydralora", "--experts=2"])

@@ -153,6 +153,9 @@ def check_config(cfg):
             raise UserError(f"config key '{key}' must be {valid}, got {cfg[key]!r}.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
         raise UserError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}.")
+    if cfg["adapter"] == "hydralora" and cfg["experts"] < 2:
+        raise UserError(f"adapter=hydralora weighs experts >= 2 heads, got experts={cfg['experts']}; for one head use "
+                        "--adapter=lora.")
     if cfg["adapter"] in ("teamlora", "moelora") and cfg["r"] % cfg["experts"]:
         raise UserError(f"r={cfg['r']} is not a multiple of experts={cfg['experts']}: "
                         "set r = experts * (rank per expert).")
@@ -494,8 +497,8 @@ def check_batch_split(cfg, world):
                         f"{world * cfg['grad_accum']}.")
 
 
-INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 + SIGINT):
-# `train.py && next` stops there, and a Kubernetes Job or a scheduler does not count the run as finished
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 +
+# SIGINT): `train.py && next` stops there, and a Kubernetes Job or a scheduler does not count the run as finished
 
 
 def on_sigterm(signum, frame):
