@@ -109,7 +109,7 @@ class TeamLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self, merged=True):
-        """Fold LoRA (one expert) into `weight` to serve at the base's cost; merged=False: out (before a load)."""
+        """Fold LoRA (one expert) into `weight`, to serve at the base's cost; merged=False unfolds it (load after)."""
         if self.lora_router is not None:
             raise ValueError(f"only one expert (LoRA) can merge; the router weighs these {self.experts} per token.")
         if merged != self.merged:
