@@ -476,6 +476,26 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
                                         "--init_from=resume", "--dropout=0.2"]))
 
 
+def test_a_resume_on_another_number_of_processes_keeps_each_batchs_slices_and_dropout_masks(run_data, tmp_path,
+                                                                                             capsys):
+    """2 processes or 1 with grad_accum=2 cut each batch into the same 2 slices: a 2-process run resumed by one
+    process takes grad_accum=2 and ends as the uninterrupted run; a count that cannot keep the slices says so."""
+    flags = ("--dropout=0.1", "--eval_dir=", "--max_iters=4", "--eval_interval=2", "--threads=1", "--grad_accum=2")
+    whole = train.train(train_cfg(run_data, tmp_path / "whole", *flags))
+    train.train(train_cfg(run_data, tmp_path / "part", *flags, "--max_iters=2", "--lr_decay_iters=4"))
+    path = tmp_path / "part" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)  # as 2 processes without accumulation save it: an RNG state a rank
+    ckpt["config"]["grad_accum"], ckpt["rng"] = 1, ckpt["rng"] * 2
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    resumed = train.train(train.parse_config([f"--out_dir={path.parent}", "--init_from=resume", "--max_iters=4"]))
+    assert "grad_accum 1 -> 2" in capsys.readouterr().out
+    assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
+    cfg = {**resumed["config"], "grad_accum": 1, "eval_only": False}
+    assert train.keep_slices(cfg, {"rng": [None] * 2}, 4, True) == cfg  # 2 slices over 4 processes: kept as it is
+    assert "resume on a number of processes that divides 2" in capsys.readouterr().err
+
+
 def test_re_scoring_may_show_the_expert_load_of_other_blocks(run_data, tmp_path, capsys):
     """load_layers only chooses the blocks whose expert load is printed (the paper's Figure 5): re-scoring a run to
     see more of them is not a change of the run."""
@@ -732,6 +752,11 @@ def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
     assert any(t.abs().sum() > 0 for n, t in b.items() if n.endswith("lora_B"))  # it trained
     keys = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["optimizer"]["state"].keys()
     assert keys and (all(isinstance(k, str) for k in keys) == (mode == "fsdp"))  # FSDP2 keys by name: it sharded
+    if mode == "fsdp" and nproc == 2:  # re-scored sharded: its first forward (generate's blocks) is not the root's
+        again = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                      "--", f"--out_dir={tmp_path / 'two'}", "--eval_only=True", f"--eval_dir={run_data / 'test'}",
+                      "--eval_limit=2"])
+        assert again.returncode == 0 and "expert load" in again.stdout, again.stderr[-3000:]
 
 
 def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_path):

@@ -510,6 +510,7 @@ def train(cfg):
     """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
     cfg, ckpt = resume_config(cfg)
     rank, world, dev = setup_distributed(cfg)
+    cfg = keep_slices(cfg, ckpt, world, rank == 0)
     if dev.type == "cpu":  # the count used is saved with the config: a resume keeps it, as rounding depends on it
         torch.set_num_threads(cpu_threads(cfg))
         cfg = {**cfg, "threads": torch.get_num_threads()}
@@ -530,6 +531,27 @@ def train(cfg):
             signal.signal(signal.SIGTERM, sigterm)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def keep_slices(cfg, ckpt, world, master):
+    """A resume on another number of processes: grad_accum such that processes x grad_accum, the slices each global
+    batch is cut into (their rows and dropout masks: data.get_batch, slice_seed), stay the run's, which then goes on
+    as if uninterrupted (2 processes or 1 with grad_accum=2 train alike). Where no grad_accum can, it says so."""
+    saved = len(ckpt["rng"]) if ckpt is not None and not cfg["eval_only"] else world  # one RNG state a process
+    slices = saved * cfg["grad_accum"]
+    if saved == world:
+        return cfg
+    if slices % world:
+        if master:
+            print(f"warning: the run cut each batch into {slices} slices ({saved} process(es) x grad_accum "
+                  f"{cfg['grad_accum']}), which {world} processes cannot: it goes on with other dropout masks than an "
+                  f"uninterrupted run; resume on a number of processes that divides {slices} to match it.",
+                  file=sys.stderr)
+        return cfg
+    if master:
+        print(f"resuming a run of {saved} process(es) on {world}: grad_accum {cfg['grad_accum']} -> "
+              f"{slices // world}, so each batch is cut into the run's {slices} slices and dropout masks")
+    return {**cfg, "grad_accum": slices // world}
 
 
 RUN_FILES = ("ckpt.pt", "adapter.pt", "model.pt", "results.json")
