@@ -31,6 +31,7 @@ keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' s
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -180,7 +181,7 @@ def launch(flags, threads):
     if p.returncode:
         with open(os.path.join(out, "stdout.txt")) as f:
             tail = (f.read().strip().splitlines() or ["no output"])[-1]
-        if "the loss became" in tail:
+        if re.search(r"error: the (loss|gradient norm|validation loss) became", tail):  # train.check_finite's
             return "diverged", time.time() - t
         raise data.UserError(f"the run in {out} failed: {tail}; its log is {out}/stdout.txt, and the study "
                              "continues from it when rerun.")

@@ -308,6 +308,10 @@ def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monke
     monkeypatch.setattr(Transformer, "forward", nan_loss)
     assert study.launch(study.run_flags("lora32", 1, 1e-3, opts, extra), 1)[0] == "diverged"
     monkeypatch.setattr(Transformer, "forward", real_forward)
+    for lr, (where, what) in enumerate(((train.torch.nn.utils, "clip_grad_norm_"), (train.evaluation, "val_loss"))):
+        with monkeypatch.context() as m:  # a finite loss, then a nan gradient norm or validation loss: diverged too
+            m.setattr(where, what, lambda *a, **k: float("nan"))
+            assert study.launch(study.run_flags("lora32", 1, (lr + 2) * 1e-3, opts, extra), 1)[0] == "diverged", what
     with pytest.raises(study.data.UserError, match=r"lora8-lr0.001-seed1 failed: error: .* has no summary\.json"):
         study.launch(study.run_flags("lora8", 1, 1e-3, opts, extra + [f"--data_dir={tmp_path}"]), 1)
     assert study.launch(study.run_flags("lora8", 1, 1e-3, opts, extra), 1)[0] == "done"
