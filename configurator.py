@@ -48,7 +48,7 @@ def typed(key, value, defaults, origin):
 def read(argv, defaults):
     """[config/FILE.py ...] [--key=value ...] -> (config dict, the keys the files and flags set). A
     config file is a script the user wrote, run as nanoGPT runs its configs: it may compute values
-    (max_iters = 2_500_000 // 128) and start from another config (exec(open(...).read()))."""
+    (max_iters = 2_500_000 // 128) and start from another config (exec(open(...).read()); __file__ is its path)."""
     cfg, explicit = dict(defaults), set()
     for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files in their order, then flags
         if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
@@ -61,7 +61,7 @@ def read(argv, defaults):
         if not os.path.isfile(arg):
             what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
             raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
-        namespace = {}
+        namespace = {"__file__": arg}  # a config may start from another beside it, wherever it is run from
         try:  # builtins.compile: `compile` is also one of train.py's keys; bytes: a BOM or coding line, as python reads
             with open(arg, "rb") as f:
                 exec(builtins.compile(f.read(), arg, "exec"), namespace)

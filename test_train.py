@@ -677,7 +677,9 @@ def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsy
 
 @pytest.mark.parametrize("recipe", ["config/cme_qwen2.5_7b.py", "config/cme_llama3_8b.py", "config/cme_qwen3_8b.py",
                                     "config/cme_llama3.1_8b.py"])
-def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys):
+def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys, tmp_path, monkeypatch):
+    recipe = str(Path(recipe).resolve())  # run from elsewhere: the recipe finds the LLaMA-2 one beside it
+    monkeypatch.chdir(tmp_path)
     train.train(train.parse_config([recipe, "--dry_run=True"]))
     printed = capsys.readouterr().out
     args = model.ModelArgs.from_name(train.parse_config([recipe])["model"])

@@ -3,7 +3,8 @@
 #
 #   python data.py prepare --input cme/*.json --tokenizer checkpoints/Meta-Llama-3-8B/original/tokenizer.model --out data/cme_llama3 --max_len 1024
 #   torchrun --standalone --nproc_per_node=8 train.py config/cme_llama3_8b.py
-exec(open("config/cme_llama2_7b.py").read())
+import os  # the recipe beside this file, wherever train.py is run from
+exec(open(os.path.join(os.path.dirname(__file__), "cme_llama2_7b.py")).read())
 out_dir = "out/cme_llama3_8b"
 init_from = "checkpoints/Meta-Llama-3-8B/original"
 model = "llama3-8b"

@@ -7,7 +7,8 @@
 #   python data.py prepare --input cme/*.json --tokenizer checkpoints/Qwen2.5-7B --out data/cme_qwen2.5 --max_len 1024
 #   torchrun --standalone --nproc_per_node=8 train.py config/cme_qwen2.5_7b.py
 #   python train.py config/cme_qwen2.5_7b.py --dry_run=True   # parameters and memory, nothing downloaded
-exec(open("config/cme_llama2_7b.py").read())
+import os  # the recipe beside this file, wherever train.py is run from
+exec(open(os.path.join(os.path.dirname(__file__), "cme_llama2_7b.py")).read())
 out_dir = "out/cme_qwen2.5_7b"
 init_from = "checkpoints/Qwen2.5-7B"  # the Hugging Face folder (config.json, *.safetensors)
 model = "qwen2.5-7b"  # only used by --dry_run=True when init_from is not on disk

@@ -6,7 +6,8 @@
 #   python data.py prepare --input cme/*.json --tokenizer checkpoints/Qwen3-8B-Base --out data/cme_qwen3 --max_len 1024
 #   torchrun --standalone --nproc_per_node=8 train.py config/cme_qwen3_8b.py
 #   python train.py config/cme_qwen3_8b.py --dry_run=True   # parameters and memory, nothing downloaded
-exec(open("config/cme_llama2_7b.py").read())
+import os  # the recipe beside this file, wherever train.py is run from
+exec(open(os.path.join(os.path.dirname(__file__), "cme_llama2_7b.py")).read())
 out_dir = "out/cme_qwen3_8b"
 init_from = "checkpoints/Qwen3-8B-Base"  # the Hugging Face folder (config.json, *.safetensors)
 model = "qwen3-8b"  # only used by --dry_run=True when init_from is not on disk
