@@ -21,7 +21,7 @@ import torch
 import evaluation
 import minicme
 import train
-from conftest import LLAMA2, OFFICIAL, needs_fixtures, train_flags
+from conftest import LLAMA2, OFFICIAL, adapters_of, assert_same_adapters, needs_fixtures, train_flags
 from data import prepare
 
 REPO = Path(__file__).resolve().parent
@@ -656,6 +656,50 @@ def test_train_gives_the_callers_sigterm_handler_back(run_data, tmp_path):
         assert signal.getsignal(signal.SIGTERM) is callers
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _signals_at(monkeypatch, at_step, *signums):
+    """Send this process `signums` while global batch `at_step` is read: in the middle of that optimizer step."""
+    real = train.data.get_batch
+
+    def get_batch(dataset, step, *a, **k):
+        if step == at_step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return real(dataset, step, *a, **k)
+    monkeypatch.setattr(train.data, "get_batch", get_batch)
+
+
+@pytest.mark.parametrize("signums", [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGTERM, signal.SIGTERM),
+                                     (signal.SIGINT, signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_mid_step_ends_that_step_then_checkpoints_it_as_an_uninterrupted_run_has_it(
+        run_data, tmp_path, monkeypatch, capsys, signums):
+    """A signal inside step 4 (0-based) lets the step finish: the checkpoint holds step 5 exactly as a run of 5 steps
+    ends, not half an update. A second signal that is SIGTERM (torchrun passes the terminal's Ctrl-C on as one)
+    does not cut the step short."""
+    flags = ("--eval_dir=", "--eval_interval=3", "--dropout=0.1", "--lr_decay_iters=6", "--threads=1")  # rounding
+    whole = train.train(train.parse_config(train_flags(run_data, tmp_path / "whole", *flags, "--max_iters=5")))
+    _signals_at(monkeypatch, 4, *signums)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", *flags)))
+    assert stopped["interrupted"] and stopped["step"] == 5
+    assert "stopping after this step" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 5 and ckpt["state"].keys() == adapters_of(whole["model"]).keys()
+    assert_same_adapters(adapters_of(whole["model"]), ckpt["state"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back after the loop
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_not_half_a_step(run_data, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Not under torchrun: it passes the terminal's Ctrl-C on to processes that got it already (two each)."""
+    _signals_at(monkeypatch, 4, signal.SIGINT, signal.SIGINT)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--eval_dir=")))
+    assert stopped["interrupted"] and stopped["step"] == 3  # eval_interval=3: the checkpoint of step 3
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
+    assert "stopped at once: the last checkpoint" in capsys.readouterr().out
+    monkeypatch.setattr(train.StopAfterStep, "__init__", lambda self, master: (
+        setattr(self, "__dict__", dict(master=master, asked=False, forced=False, forcible=False))))  # as torchrun's
+    assert train.train(train.parse_config(train_flags(run_data, tmp_path / "tr", "--eval_dir=")))["step"] == 5
 
 
 def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(capsys, monkeypatch):

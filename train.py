@@ -443,7 +443,8 @@ def check_run_paths(cfg, keys, script="train.py"):
 
 def build_demo(cfg, resuming=False):
     """The demo's suite, shards and base, made before the run that uses them (the first
-    `python train.py` builds them, later ones reuse them): nothing is downloaded."""
+    `python train.py` builds them, later ones reuse them): nothing is downloaded. Returns the pretraining's
+    summary if it was interrupted, else None."""
     try:
         pretrain = minicme.build_demo_data(cfg)
         for key in ("tokenizer", "eval_dir"):
@@ -467,9 +468,8 @@ def build_demo(cfg, resuming=False):
             summary = run(Run(pre, device=torch.device(resolve_device(cfg)), resume_with="the same command"), ckpt)
         finally:
             torch.set_num_threads(threads)
-        if summary.get("interrupted"):
-            raise UserError(f"pretraining the demo's base stopped at step {summary['step']}; run the same command "
-                            "again to continue it.")
+        if summary.get("interrupted"):  # its checkpoint is written, and run() said to run the same command again
+            return summary
         os.replace(os.path.join(pretrain["out_dir"], "model.pt"), cfg["init_from"])
         os.remove(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # done: the base is the result
         print(f"base model written to {cfg['init_from']}; now fine-tuning")
@@ -502,8 +502,43 @@ INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after i
 
 
 def on_sigterm(signum, frame):
-    """SLURM and Kubernetes send SIGTERM before they kill a job: stop like Ctrl-C, with a checkpoint."""
+    """SLURM and Kubernetes send SIGTERM before they kill a job: outside the training loop (StopAfterStep's), as
+    Ctrl-C."""
     raise KeyboardInterrupt
+
+
+class StopAfterStep:
+    """Ctrl-C or SIGTERM while the loop trains: the step under way ends, then the run writes its checkpoint and
+    stops; a step cut short could leave half an update (or FSDP half a backward) to save. A second Ctrl-C stops at
+    once, keeping the last checkpoint; not under torchrun, which passes the terminal's Ctrl-C on to its processes
+    (each gets two), and never a SIGTERM."""
+
+    def __init__(self, master):
+        self.master, self.asked, self.forced = master, False, False
+        self.forcible = "RANK" not in os.environ
+
+    def __call__(self, signum, frame):
+        if self.asked and signum == signal.SIGINT and self.forcible:
+            self.forced = True
+            raise KeyboardInterrupt
+        if not self.asked and self.master:
+            again = " (Ctrl-C again: at once, keeping the last one)" if self.forcible else ""
+            print(f"\nstopping after this step, with a checkpoint{again}", file=sys.stderr, flush=True)
+        self.asked = True
+
+    def agreed(self, r):
+        """Whether to stop after this step: asked on any process (they must stop after the same step)."""
+        asked = torch.tensor([float(self.asked)], device=r.device)
+        return bool(evaluation.all_reduce_sum(asked, r.world).item()) if r.world > 1 else self.asked
+
+    def install(self):  # signals reach the main thread only: elsewhere they stay as they are
+        main = threading.current_thread() is threading.main_thread()
+        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        return self
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
 
 
 def train(cfg):
@@ -520,8 +555,8 @@ def train(cfg):
         if cfg["dry_run"]:
             return check_full_config(cfg) if rank == 0 else {}
         check_batch_split(cfg, world)
-        if rank == 0:
-            build_demo(cfg, resuming=ckpt is not None)
+        if rank == 0 and (stopped := build_demo(cfg, resuming=ckpt is not None)):
+            return stopped  # the demo's pretraining, interrupted
         if world > 1:
             dist.barrier()
         with cuda_matmul_precision(cfg["tf32"]) if dev.type == "cuda" else nullcontext():
@@ -767,6 +802,7 @@ def run(r, ckpt=None):
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
     since, tokens = time.time(), 0  # since the last log line or validation: what tokens/s averages over
+    stop, saved = StopAfterStep(r.master).install(), None  # saved: the step of this run's last checkpoint
     try:
         while step < cfg["max_iters"]:
             train_loss, lr, n_tokens = train_step(r, model, raw, opt, train_ds, step)
@@ -793,13 +829,20 @@ def run(r, ckpt=None):
                         bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
                 checkpoint.save_checkpoint(r, raw, opt, step)
-                since, tokens = time.time(), 0
+                since, tokens, saved = time.time(), 0, step
+            if stop.agreed(r):
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        checkpoint.save_checkpoint(r, raw, opt, step)
+        if stop.forced:  # mid-step: what the model holds may be half an update
+            r.say(f"\nstopped at once: the last checkpoint in {cfg['out_dir']} is kept; continue with {r.resume_with}")
+            return {**summary, "interrupted": True, "step": saved}
+        if saved != step:
+            checkpoint.save_checkpoint(r, raw, opt, step)
         r.say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with {r.resume_with}")
         return {**summary, "interrupted": True, "step": step}
     finally:
+        stop.restore()
         bar.close()
         if log:
             log.close()
