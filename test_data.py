@@ -790,6 +790,30 @@ def test_batch_holds_the_global_batch_examples_with_shifted_answer_labels(datase
         assert batch["n_answer_global"] == sum(sum(l != -100 for l in labels) for _, labels in want)
 
 
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_each_rank_gets_its_own_consecutive_slice_of_the_global_batch(dataset, mode):
+    """Part r of w holds examples [r * B / w, (r + 1) * B / w) of the global batch, not every w-th: a pad-mode batch
+    comes sorted by length, so consecutive slices give each rank (and each accumulation step) rows of similar
+    lengths to pad, where an interleaved share would pad every part out to the batch's longest example."""
+    for step in (0, 3, 40):
+        examples = global_batch(dataset, step, 8, 0, mode)
+        for world_size in (2, 4):
+            share = 8 // world_size
+            for rank in range(world_size):
+                part = get_batch(dataset, step, 8, 0, rank, world_size, mode, max_len=150)
+                want = [expected(dataset, i, 150) for i in examples[rank * share:(rank + 1) * share]]
+                assert Counter(segments(part)) == Counter(want), (step, world_size, rank)
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_a_batch_is_as_wide_as_its_longest_row_not_max_len(dataset, mode):
+    """Rows are padded to the batch's longest row (pad: its longest example, cut at max_len; pack: its fullest row),
+    never out to max_len: a short batch costs its own length."""
+    for step in range(4):
+        batch = get_batch(dataset, step, 4, seed=0, mode=mode, max_len=1000)  # 4 records of at most 200 tokens
+        assert batch["tokens"].shape[1] == int(batch["valid"].sum(1).max()) < 1000, step
+
+
 def test_pack_rows_keep_examples_whole_and_apart(dataset):
     max_len = 160
     for step in range(4):
@@ -1109,6 +1133,42 @@ def test_files_with_a_utf8_byte_order_mark_prepare_like_files_without(tmp_path, 
     assert len(want) == 5
     for name in ("bom.jsonl", "plain.json", "bom.json"):
         assert shard_records(tmp_path / f"out_{name}") == want, name
+
+
+def test_worker_processes_hold_a_bounded_number_of_chunks_in_flight_whatever_the_input_size(monkeypatch):
+    """prepare's memory is bounded by the chunks in flight, not by the input: with a pool that answers at once, the
+    most chunks handed out before their results are read is the same for 40 chunks as for 400, and the results
+    come back in input order."""
+    import multiprocessing
+
+    class Pool:
+        def __init__(self, workers, initializer, initargs):
+            self.in_flight = self.peak = 0
+
+        def __enter__(self):
+            pools.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def apply_async(self, fn, args):
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            value, pool = fn(*args), self
+
+            class Result:
+                def get(self):
+                    pool.in_flight -= 1
+                    return value
+            return Result()
+
+    pools = []
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(Pool=Pool))
+    for n in (40, 400):
+        assert list(data._map_ordered(lambda job: 2 * job, iter(range(n)), 2, "unused.model")) == \
+            [2 * j for j in range(n)]
+    assert pools[0].peak == pools[1].peak < 40
 
 
 def test_val_split_has_the_asked_share_and_does_not_depend_on_how_the_inputs_are_cut(tmp_path, tiny_spm):

@@ -723,6 +723,14 @@ def test_generation_stops_before_eos():
     assert len(stopped[0]) <= 3
 
 
+def test_temperature_0_is_greedy_and_takes_the_first_of_tied_best_tokens():
+    """Greedy decoding is deterministic: the most likely token, at an exact tie the lowest id, whatever the seed."""
+    logits = torch.tensor([[0.0, 3.0, 3.0, -1.0], [2.0, 2.0, 2.0, 2.0]]).repeat(32, 1)
+    for seed in range(3):
+        got = sample(logits, 0.0, 1.0, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, torch.tensor([1, 0]).repeat(32))
+
+
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     model = tiny_model(seed=4)
     prompts = [[1, 2, 3], [7]]
@@ -1491,6 +1499,19 @@ def test_qwen2_sliding_window_is_ignored_when_use_sliding_window_is_false(tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = Transformer.from_pretrained(tmp_path)
     assert loaded.args.sliding_window is None
+    tokens = torch.randint(0, model.args.vocab_size, (1, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_qwen3_sliding_window_is_ignored_when_use_sliding_window_is_false(tmp_path):
+    """Qwen3 configs, like Qwen2's, may carry a sliding_window that use_sliding_window switches off (transformers'
+    Qwen3Config then sets it to None): sequences longer than it are attended in full."""
+    model = tiny_model(qk_norm=True, head_dim=32, rope_theta=1e6)
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    config = hf_config(model, "qwen3") | {"sliding_window": 8, "use_sliding_window": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.args.sliding_window is None and loaded.args.qk_norm
     tokens = torch.randint(0, model.args.vocab_size, (1, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 

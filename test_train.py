@@ -1396,6 +1396,60 @@ def test_dropout_masks_are_the_slices_own_on_any_rank_or_accumulation_step(run_d
             assert ((g0 + g1) / 2 - g).abs().max() <= 1e-5 * g.abs().max(), dropout
     assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[0.3], grads[0.0])) > 0.01
 
+def test_each_slice_of_each_step_draws_dropout_masks_of_its_own():
+    """slice_seed gives every (step, slice) its own seed: the slices of one global batch, on other ranks or in
+    other accumulation steps, do not share a dropout mask (nor do two steps), and the run's seed changes them all."""
+    seeds = {(step, part): train.slice_seed(7, step, part) for step in range(6) for part in range(8)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert not set(seeds.values()) & {train.slice_seed(8, step, part) for step, part in seeds}
+    masks = []
+    for part in (0, 1):  # two slices of step 3, of the same shape
+        torch.manual_seed(train.slice_seed(7, 3, part))
+        masks.append(F.dropout(torch.ones(256), 0.5))
+    assert not torch.equal(*masks)
+
+
+def test_full_training_keeps_float32_weights_under_dtype_bfloat16_and_adapters_are_float32(run_data, tmp_path):
+    """dtype=bfloat16 is the base's dtype under adapters; full training (adapter=none) runs in bfloat16 autocast over
+    float32 weights instead, since AdamW's small updates would round away in bfloat16 weights."""
+    def dtypes(*flags):
+        cfg = train_cfg(run_data, tmp_path / "o", f"--init_from={run_data / 'base.pt'}", "--dtype=bfloat16", *flags)
+        model, _, _ = train.build_model(cfg, torch.device("cpu"), data.Tokenizer(cfg["tokenizer"]).vocab_size, 1)
+        found = {}
+        for n, p in model.named_parameters():
+            found.setdefault(teamlora.is_adapter(n), set()).add(p.dtype)
+        return found
+    assert dtypes("--adapter=none") == {False: {torch.float32}}
+    assert dtypes("--adapter=teamlora") == {False: {torch.bfloat16}, True: {torch.float32}}
+
+
+class _AutocastSpy(nn.Module):
+    """The loss interface train_step uses; records whether bfloat16 autocast was on when it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.autocast = []
+
+    def forward(self, tokens, targets, seq_ids=None, reduction="mean", loss_only=False):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return None, self.w * (targets != -100).sum()
+
+
+@pytest.mark.parametrize("adapter, dtype, autocast", [("none", "bfloat16", True), ("teamlora", "bfloat16", False),
+                                                      ("lora", "bfloat16", False), ("none", "float32", False)])
+def test_only_full_bfloat16_training_runs_under_autocast_adapters_compute_in_float32(run_data, tmp_path, adapter,
+                                                                                    dtype, autocast):
+    """dtype=bfloat16 under adapters is the base's stored dtype and the adapters train in float32 (autocast would
+    round their matmuls to bfloat16); full training keeps float32 weights and runs its matmuls in bfloat16 autocast."""
+    cfg = train_cfg(run_data, tmp_path / "o", f"--adapter={adapter}", f"--dtype={dtype}", "--balance_coef=0")
+    tok = data.Tokenizer(cfg["tokenizer"])
+    spy = _AutocastSpy()
+    train.train_step(train.Run(cfg, tok=tok), spy, spy, torch.optim.SGD(spy.parameters(), lr=0.0),
+                     data.TokenDataset(cfg["data_dir"], "train"), 0)
+    assert spy.autocast == [autocast]
+
+
 def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
     """save_checkpoint keeps every rank's generator state (gathered) and restore gives rank i its own:
     with dropout, rank 1 resuming on rank 0's state would drop other units than the run it continues."""

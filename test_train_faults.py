@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import evaluation
 import minicme
 import train
@@ -259,6 +260,25 @@ def test_rows_or_answers_longer_than_the_base_models_context_are_refused_before_
     long_enough = base_with(run_data, tmp_path / "long.pt", max_seq_len=128)
     train.train(train.parse_config(train_flags(run_data, tmp_path / "f", f"--init_from={long_enough}", "--eval_dir=",
                                                "--max_len=4096", "--max_iters=1")))
+
+
+def test_pack_rows_past_the_context_are_refused_even_when_every_record_fits_it(run_data, tmp_path, capsys):
+    """pack mode fills each row up to max_len with several records: a max_len past the base's context is refused
+    before step 1 even where every record alone fits in it (pad mode's rows end at the longest record instead)."""
+    longest = max(int(data.TokenDataset(run_data / "tokens", s).lengths.max()) for s in ("train", "val"))
+    context = longest + 8
+    base = base_with(run_data, tmp_path / "base.pt", max_seq_len=context)
+    fails(train_flags(run_data, tmp_path / "a", f"--init_from={base}", "--eval_dir=", "--batch_mode=pack",
+                      f"--max_len={4 * context}"), capsys, f"max_len={4 * context}",
+          f"longer than the {context} tokens", f"--max_len={context}")
+    assert not (tmp_path / "a").exists()
+
+
+def test_load_layers_may_name_every_layer_of_the_model(run_data, tmp_path):
+    """load_layers is refused past the model's layers only: all of them (4 in the tiny model) is the whole model."""
+    summary = train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--load_layers=4", "--max_iters=1",
+                                                         "--eval_dir=")))
+    assert summary["step"] == 1 and summary["config"]["load_layers"] == 4
 
 
 def test_a_shorter_max_len_than_the_data_was_prepared_with_warns_how_many_answers_it_cuts(run_data, tmp_path, capsys):
