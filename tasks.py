@@ -521,6 +521,10 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     if blocker:
         raise UserError(f"--out {out_path} can not be written: {blocker}, not a folder; choose another --out.")
     paths = [raw_path] if isinstance(raw_path, (str, os.PathLike)) else list(raw_path)
+    real = [os.path.realpath(p) for p in paths]
+    if len(set(real)) < len(real):  # a shell glob and a name, or a name twice: every record would count twice
+        twice = next(p for p, r in zip(paths, real) if real.count(r) > 1)
+        raise UserError(f"--raw names {twice} more than once; give each raw file once.")
     for p in paths:
         if os.path.exists(out_path) and os.path.exists(p) and os.path.samefile(out_path, p):
             raise UserError(f"{out_path} is both --out and a --raw file; writing would replace the raw file, "

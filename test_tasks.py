@@ -537,6 +537,16 @@ def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, capsys, 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_a_raw_file_named_twice_is_refused_not_counted_twice(tmp_path, capsys):
+    """`--raw dev.jsonl ./dev.jsonl` (or a glob that matches a file also named) would hold every record twice."""
+    raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "anli.jsonl")
+    other = write_anli(tmp_path / "dev2.jsonl", 2)
+    again = os.path.join(os.path.dirname(raw), ".", os.path.basename(raw))
+    assert script_error(tasks.main, ["--task", "anli", "--raw", raw, other, again, "--out", out], capsys) == (
+        f"tasks.py: error: --raw names {raw} more than once; give each raw file once.")
+    assert not os.path.exists(out) and write_eval_set("anli", [raw, other], out) == 5
+
+
 def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, capsys):
     raw, out = write_anli(tmp_path / "dev.jsonl", 3), tmp_path / "anli.jsonl"
     out.write_text("my hand-made evaluation set\n")
