@@ -710,6 +710,26 @@ def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(wo
     assert f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about" in out
 
 
+def test_the_dry_run_refuses_packed_rows_past_a_presets_context_and_describes_one_gpu_and_full_training(
+        monkeypatch, capsys):
+    """A preset stands in for the base (LLaMA-2: 4,096 tokens), so packed rows of 8,192 are refused as a real run
+    refuses them; padded rows depend on the records (not read), and a base from scratch is built for max_len. One
+    GPU is "1 GPU" and one process (no DDP); full training is not described by adapter settings it has none of."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    recipe = ["config/cme_llama2_7b.py", "--dry_run=True", "--max_len=8192"]
+    with pytest.raises(UserError, match="max_len=8192 makes rows longer than the 4096 tokens .*--max_len=4096"):
+        train.train(train.parse_config(recipe + ["--batch_mode=pack"]))
+    train.train(train.parse_config(recipe + ["--batch_mode=pad"]))
+    train.train(train.parse_config(recipe + ["--batch_mode=pack", "--init_from=scratch"]))
+    capsys.readouterr()
+    full = train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--dry_run_world_size=1",
+                                           "--fsdp=False", "--adapter=none"]))
+    out, n = capsys.readouterr().out, full["base_params"]
+    assert "per GPU with 1 GPU, micro-batch 32 x 1024 tokens, one process," in out
+    assert full["trainable_params"] == n and "r=" not in out
+    assert f"adapter none (full training): {n:,} trainable parameters = 100.00% of the base" in out
+
+
 def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path):
     folder = hf_tokenizer_folder(tmp_path / "qwen")  # no BOS, EOS <|endoftext|>, as Qwen2.5's
     records = [{"instruction": t, "input": "", "output": "positive", "task": "sentiment"} for t in TEXTS]

@@ -650,10 +650,7 @@ def preflight(r, train_ds, val_ds):
                             f"prompt has {int(ds.prompt_lens.min())} tokens): raise --max_len"
                             + (" or set --eval_iters=0." if ds is val_ds else "."))
     context = r.args.context
-    longest = max([int(ds.lengths.max(initial=0)) for ds in (train_ds, val_ds) if ds is not None])
-    if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
-        raise UserError(f"max_len={cfg['max_len']} makes rows longer than the {context} tokens the base model "
-                        f"attends over: set --max_len={context} or less.")
+    check_rows_fit(cfg, context, max([int(ds.lengths.max(initial=0)) for ds in (train_ds, val_ds) if ds is not None]))
     if r.multi_expert and cfg["load_layers"] > r.args.n_layers:
         raise UserError(f"load_layers={cfg['load_layers']} but the model has {r.args.n_layers} layers; set "
                         f"--load_layers={r.args.n_layers} or less.")
@@ -662,6 +659,13 @@ def preflight(r, train_ds, val_ds):
         if task.max_new_tokens >= context:
             raise UserError(f"evaluation set {name} generates up to {task.max_new_tokens} tokens, which leaves no room "
                             f"for its prompts in the base model's {context} tokens; leave it out of --eval_dir.")
+
+
+def check_rows_fit(cfg, context, longest):
+    """A row, max_len tokens packed or the longest record's padded (cut to max_len), fits what the base attends over."""
+    if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
+        raise UserError(f"max_len={cfg['max_len']} makes rows longer than the {context} tokens the base model "
+                        f"attends over: set --max_len={context} or less.")
 
 
 def datasets(cfg):
@@ -892,8 +896,10 @@ def check_full_config(cfg):
             args = from_pretrained(src, device="meta").args
     elif src.endswith(".pt") and os.path.isfile(src):  # ours: its model_args (the weights stay on disk)
         args = base_weights(cfg, None)[0]
-    else:
-        args, name = ModelArgs.from_name(cfg["model"], max_seq_len=max(cfg["max_len"], 256)), cfg["model"]
+    else:  # a preset stands in for a base not on disk (its own context), or describes one from scratch
+        length = dict(max_seq_len=max(cfg["max_len"], 256)) if src == "scratch" else {}
+        args, name = ModelArgs.from_name(cfg["model"], **length), cfg["model"]
+    check_rows_fit(cfg, args.context, longest=0)  # packed rows; padded ones depend on records the dry run has not
     with torch.device("meta"):
         model = Transformer(args)
     n_base = model.num_params()
@@ -907,11 +913,12 @@ def check_full_config(cfg):
     print(f"model {name}: {n_base:,} base parameters, "
           f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
     experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
-    print(f"adapter {cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']}): "
-          f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's Params%)")
+    print(f"adapter {cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']}): " if n_train < n_base else
+          "adapter none (full training): ", f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the "
+          "base (the paper's Params%)", sep="")
     gib = {k: f"{v / 2**30:.1f}" for k, v in est.items()}
-    print(f"per GPU with {world} GPUs, micro-batch {micro} x {cfg['max_len']} tokens, "
-          f"{'FSDP' if cfg['fsdp'] else 'DDP'}, activation checkpointing "
+    print(f"per GPU with {world} GPU{'s' * (world > 1)}, micro-batch {micro} x {cfg['max_len']} tokens, "
+          f"{'FSDP' if cfg['fsdp'] else 'DDP' if world > 1 else 'one process'}, activation checkpointing "
           f"{'on' if cfg['activation_checkpointing'] else 'off'}: about {gib['total']} GiB "
           f"(weights {gib['weights']}, adapter + AdamW {gib['adapter']}, activations {gib['activations']}, "
           f"logits up to {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
