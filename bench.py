@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import machine
 import memory
-import train
 from baselines import MoELoRALoop, team_lora_delta_loop
 from model import ModelArgs, Transformer
 from teamlora import TeamLoRALinear, inject
@@ -578,7 +578,7 @@ def main(argv=None):
     print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {dtype}, {matmuls}"
           f"load average {os.getloadavg()[0]:.2f}\n")
-    with train.cuda_matmul_precision(args.tf32) if device.type == "cuda" else contextlib.nullcontext():
+    with machine.cuda_matmul_precision(args.tf32) if device.type == "cuda" else contextlib.nullcontext():
         targets = run_sections(cfg, sections, device, dtype, args.peak_tflops)
     if targets:
         print("## Targets (ratios measured side by side in this run)" +

@@ -20,6 +20,7 @@ import torch
 import checkpoint
 import data
 import evaluation
+import machine
 import train
 from errors import UserError, exit_with
 from tokenizer import Tokenizer
@@ -35,7 +36,7 @@ def load_run(out_dir, device="auto"):
     saved, ckpt = train.saved_config(path)  # checked again, as a resume checks it
     cfg = {**saved, "device": device, **LOADING}
     train.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
-    r = train.Run(cfg, device=torch.device(train.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
+    r = train.Run(cfg, device=torch.device(machine.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
     model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
     checkpoint.check_base(ckpt, base, cfg, path)
     checkpoint.load_state(model, ckpt["state"], cfg)
@@ -106,7 +107,7 @@ def main(argv=None):
         records = records_of(args)
         model, r = load_run(args.out_dir, args.device)
         if r.device.type == "cpu":
-            torch.set_num_threads(train.cpu_threads({"threads": 0}))
+            torch.set_num_threads(machine.cpu_threads({"threads": 0}))
         for record in records:
             text, load, cut = answer(model, r, record, args.max_new_tokens, args.temperature, args.top_p, args.seed)
             print(f"### Instruction: {record['instruction']}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import conftest
 import data
 import evaluation
+import machine
 import minicme
 import model
 import teamlora
@@ -492,7 +493,7 @@ def test_a_resume_on_another_number_of_processes_keeps_each_batchs_slices_and_dr
     assert "grad_accum 1 -> 2" in capsys.readouterr().out
     assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
     cfg = {**resumed["config"], "grad_accum": 1, "eval_only": False}
-    assert train.keep_slices(cfg, {"rng": [None] * 2}, 4, True) == cfg  # 2 slices over 4 processes: kept as it is
+    assert machine.keep_slices(cfg, {"rng": [None] * 2}, 4, True) == cfg  # 2 slices over 4 processes: kept as it is
     assert "resume on a number of processes that divides 2" in capsys.readouterr().err
 
 
@@ -529,9 +530,9 @@ def test_a_resume_keeps_the_thread_count_the_run_chose(run_data, tmp_path, monke
     monkeypatch.setattr(train, "run", lambda r, ckpt: (used.append(torch.get_num_threads()), real(r, ckpt))[1])
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(train, "others_running", lambda: 0)
+        monkeypatch.setattr(machine, "others_running", lambda: 0)
         train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=1"))
-        monkeypatch.setattr(train, "others_running", lambda: 2)  # busier now: a fresh run would take 1
+        monkeypatch.setattr(machine, "others_running", lambda: 2)  # busier now: a fresh run would take 1
         for extra in ((), ("--threads=2",)):
             train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=3",
                                             *extra]))
@@ -915,21 +916,21 @@ def test_cuda_bfloat16_training_learns_and_scores(run_data, tmp_path):
                                                           (0, 16, 3, 13)])
 def test_cpu_threads_leave_the_cores_other_jobs_run_on(threads, cores, others, want, monkeypatch):
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(train, "others_running", lambda: others)
+    monkeypatch.setattr(machine, "others_running", lambda: others)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert train.cpu_threads({"threads": threads}) == want
+    assert machine.cpu_threads({"threads": threads}) == want
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # an explicit choice is left alone
-    assert train.cpu_threads({"threads": threads}) == (threads or torch.get_num_threads())
+    assert machine.cpu_threads({"threads": threads}) == (threads or torch.get_num_threads())
 
 
 def test_others_running_reads_a_count_that_excludes_this_process():
-    n = train.others_running()
+    n = machine.others_running()
     assert isinstance(n, int) and n >= 0
 
 
 def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="compile=True on the CPU needs a C\\+\\+ compiler and none was found"):
         train.train(train_cfg(run_data, tmp_path / "c", "--compile=True"))
     assert not (tmp_path / "c").exists()
@@ -1180,10 +1181,10 @@ def test_a_huge_number_or_an_error_of_several_lines_in_a_config_file_is_one_sent
 @pytest.mark.parametrize("local_world, cores, others, want", [(2, 16, 3, 5), (8, 16, 0, 2), (4, 2, 0, 1)])
 def test_cpu_threads_share_the_cores_among_torchruns_local_processes(local_world, cores, others, want, monkeypatch):
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(train, "others_running", lambda: others)
+    monkeypatch.setattr(machine, "others_running", lambda: others)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert train.cpu_threads({"threads": 0}) == want
+    assert machine.cpu_threads({"threads": 0}) == want
 
 
 def test_results_table_shows_lift_as_score_minus_chance_and_the_average_row(capsys):

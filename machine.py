@@ -1,0 +1,110 @@
+"""
+What a run of train.py runs on: its device, its CPU threads, and its place among torchrun's processes
+(torchrun sets RANK, LOCAL_RANK and WORLD_SIZE), including a resume on another number of them.
+"""
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from errors import UserError
+
+
+def resolve_device(cfg):
+    """cfg's device as "cpu" or "cuda[:N]" ("auto": a GPU if one is visible), checked against this machine."""
+    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu.")
+    if dev == "cpu" and cfg["compile"] and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++")
+                                                   if c):
+        raise UserError("compile=True on the CPU needs a C++ compiler and none was found: install g++ (or set CXX), "
+                        "or leave compile off.")
+    return dev
+
+
+@contextmanager
+def cuda_matmul_precision(tf32):
+    """float32 matmuls on CUDA, for the duration: on TF32 tensor cores (about 8x IEEE float32's speed on an
+    A100 or H100, 10 mantissa bits; torch's default is IEEE) or in IEEE float32. The CPU's are untouched."""
+    m = torch.backends.cuda.matmul
+    attr, value = ("fp32_precision", "tf32" if tf32 else "ieee") if hasattr(m, "fp32_precision") else \
+        ("allow_tf32", bool(tf32))  # torch < 2.9
+    old = getattr(m, attr)
+    setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        setattr(m, attr, old)
+
+
+def others_running():
+    """Tasks other than this one running right now (Linux's /proc/loadavg; elsewhere 0), the median of
+    five samples over 0.1 s."""
+    samples = []
+    for _ in range(5):
+        try:
+            with open("/proc/loadavg") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            samples.append(0)
+        time.sleep(0.02)
+    return sorted(samples)[2]
+
+
+def cpu_threads(cfg):
+    """cfg threads, else OMP_NUM_THREADS, else this process's cores less those other jobs are running on
+    right now. OpenMP threads that share a core with another job spin while they wait for it: with
+    one other busy process on a 2-core machine a model step took 6.5x as long at 2 threads as alone
+    (bench.py --section=sharing), so a run that starts on a busy machine takes fewer."""
+    if cfg["threads"]:
+        return cfg["threads"]
+    if os.environ.get("OMP_NUM_THREADS"):  # the user's (or study.py's) own choice stands
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun: the processes share the cores
+    return max(1, cores - others_running())
+
+
+def setup_distributed(cfg):
+    """(rank, world size, device) of this process; joins the process group under torchrun."""
+    dev = resolve_device(cfg)
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(dev)
+    try:  # torchrun sets all three; a launcher of its own, or a shell, may set them partly or wrongly
+        rank, local_rank, world = (int(os.environ[n]) for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if not (0 <= rank < world and 0 <= local_rank < world):
+            raise ValueError
+    except (KeyError, ValueError):
+        found = ", ".join(f"{n}={os.environ.get(n)}" for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        raise UserError(f"the environment sets {found}, not a rank and local rank below WORLD_SIZE as torchrun does; "
+                        "run under torchrun, or unset RANK.") from None
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = f"cuda:{local_rank}"
+    dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    return rank, world, torch.device(dev)
+
+
+def keep_slices(cfg, ckpt, world, master):
+    """A resume on another number of processes: grad_accum such that processes x grad_accum, the slices each global
+    batch is cut into (their rows and dropout masks: data.get_batch, slice_seed), stay the run's, which then goes on
+    as if uninterrupted (2 processes or 1 with grad_accum=2 train alike). Where no grad_accum can, it says so."""
+    saved = len(ckpt["rng"]) if ckpt is not None and not cfg["eval_only"] else world  # one RNG state a process
+    slices = saved * cfg["grad_accum"]
+    if saved == world:
+        return cfg
+    if slices % world:
+        if master:
+            print(f"warning: the run cut each batch into {slices} slices ({saved} process(es) x grad_accum "
+                  f"{cfg['grad_accum']}), which {world} processes cannot: it goes on with other dropout masks than an "
+                  f"uninterrupted run; resume on a number of processes that divides {slices} to match it.",
+                  file=sys.stderr)
+        return cfg
+    if master:
+        print(f"resuming a run of {saved} process(es) on {world}: grad_accum {cfg['grad_accum']} -> "
+              f"{slices // world}, so each batch is cut into the run's {slices} slices and dropout masks")
+    return {**cfg, "grad_accum": slices // world}
