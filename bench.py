@@ -557,6 +557,8 @@ def main(argv=None):
         parser.error(f"unknown section(s) {unknown}: choose from {','.join(SECTIONS)}")
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--threads and --repeats must be at least 1")
+    if args.full7b and "cuda7b" not in sections:
+        parser.error(f"--full7b applies to section cuda7b, which --section={args.section} leaves out")
     if not args.checkpointing and not args.full7b:
         parser.error("--no-checkpointing applies to --full7b only (the 4-block stack never checkpoints)")
     if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):

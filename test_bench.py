@@ -758,6 +758,13 @@ def test_threads_or_repeats_below_one_are_a_usage_error(flag, capsys):
     assert e.value.code == 2 and "--threads and --repeats must be at least 1" in capsys.readouterr().err
 
 
+def test_full7b_without_its_section_is_a_usage_error_not_ignored(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--full7b", "--section=layer"])
+    assert e.value.code == 2 and "--full7b applies to section cuda7b, which --section=layer leaves out" in \
+        capsys.readouterr().err
+
+
 def _main_cfg(monkeypatch, argv, targets=()):
     """The cfg bench.main hands to run_sections, which returns `targets` instead of measuring anything."""
     seen = []
