@@ -477,14 +477,18 @@ def main(argv=None):
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
         if not opts["report"]:
-            train.build_demo(cfg)  # the suite, its shards and the base, when the demo defaults are used
+            if train.build_demo(cfg):  # the suite, its shards and the base, when the demo defaults are used
+                raise data.UserError("pretraining the demo's base was interrupted (its checkpoint is written); run the "
+                                     "study again to continue it.")
             if not os.path.isdir(opts["val_dir"]):
                 raise data.UserError(f"val_dir '{opts['val_dir']}' does not exist; the learning rates are chosen on "
                                      "it: pass --val_dir (a folder of <task>.jsonl validation sets).")
         n_final = len(names) * len(opts["seeds"])
         n_select = len({METHOD_OF[n] for n in names}) * len(opts["grid"])
-        print(f"{n_select} selection runs, then {n_final} final runs ({len(names)} configurations x "
-              f"{len(opts['seeds'])} seeds), {opts['workers']} at a time; results in {opts['out']}/", flush=True)
+        runs = f"{n_select} selection runs, then {n_final} final runs ({len(names)} configurations x " \
+               f"{len(opts['seeds'])} seeds)"
+        print(f"a report on {runs} in {opts['out']}/" if opts["report"] else
+              f"{runs}, {opts['workers']} at a time; results in {opts['out']}/", flush=True)
         chosen = selection(opts, extra, names, later=n_final)
         if not opts["report"]:
             jobs = [(f"{name} seed {seed} lr {chosen[METHOD_OF[name]][0]:g}",

@@ -63,6 +63,10 @@ def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_p
     assert capsys.readouterr().out.count("done before") == 11
     assert "resumed from" in (stopped / "stdout.txt").read_text()
     assert json.loads((stopped / "results.json").read_text())["scores"] == first["scores"]
+    study.main(flags + ["--report"])  # reads the runs, runs none: says so
+    printed = capsys.readouterr().out
+    assert printed.startswith("a report on 6 selection runs, then 6 final runs (3 configurations x 2 seeds) in ")
+    assert "at a time" not in printed  # 3 methods x 2 rates, 3 runs x 2 seeds
 
 
 def fake_run(folder, lr, scores, seed=0):
@@ -363,6 +367,15 @@ def test_an_os_error_while_the_study_prepares_is_one_line_not_a_traceback(tmp_pa
         study.main([f"--out={tmp_path / 'study'}"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+
+
+def test_an_interrupted_pretraining_of_the_demos_base_stops_the_study_in_one_sentence(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: {"interrupted": True, "step": 3})
+    with pytest.raises(SystemExit) as stop:
+        study.main([f"--out={tmp_path / 'study'}"])
+    assert stop.value.code == 2 and "pretraining the demo's base was interrupted (its checkpoint is written); run " \
+        "the study again to continue it." in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
 
 
 def test_the_protocol_selects_with_seed_0_on_validation_then_runs_and_reads_every_seed_at_the_chosen_rate(
