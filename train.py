@@ -711,7 +711,7 @@ def run(r, ckpt=None):
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
     since, tokens = time.time(), 0  # since the last log line or validation: what tokens/s averages over
-    stop, saved = StopAfterStep(r.master).install(), None  # saved: the step of this run's last checkpoint
+    stop, saved = StopAfterStep(r.master).install(), step if ckpt else None  # saved: the last checkpoint's step
     try:
         while step < cfg["max_iters"]:
             train_loss, lr, n_tokens = train_step(r, model, raw, opt, train_ds, step)
@@ -818,9 +818,10 @@ def check_full_config(cfg):
     print(f"model {name}: {n_base:,} base parameters, "
           f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
     experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
-    print(f"adapter {cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']}): " if n_train < n_base else
-          "adapter none (full training): ", f"{n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the "
-          "base (the paper's Params%)", sep="")
+    what = "none (full training)" if cfg["adapter"] == "none" else \
+        f"{cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']})"
+    print(f"adapter {what}: {n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's "
+          "Params%)")
     gib = {k: f"{v / 2**30:.1f}" for k, v in est.items()}
     print(f"per GPU with {world} GPU{'s' * (world > 1)}, micro-batch {micro} x {cfg['max_len']} tokens, "
           f"{'FSDP' if cfg['fsdp'] else 'DDP' if world > 1 else 'one process'}, activation checkpointing "
