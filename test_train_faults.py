@@ -716,10 +716,38 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_not_half_a_
     stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--eval_dir=")))
     assert stopped["interrupted"] and stopped["step"] == 3  # eval_interval=3: the checkpoint of step 3
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
-    assert "stopped at once: the last checkpoint" in capsys.readouterr().out
+    assert "stopped at once: the checkpoint of step 3 in" in capsys.readouterr().out
     monkeypatch.setattr(train.StopAfterStep, "__init__", lambda self, master: (
         setattr(self, "__dict__", dict(master=master, asked=False, forced=False, forcible=False))))  # as torchrun's
     assert train.train(train.parse_config(train_flags(run_data, tmp_path / "tr", "--eval_dir=")))["step"] == 5
+
+
+def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_keeps_the_last_one_without_a_traceback(
+        run_data, tmp_path, monkeypatch, capsys):
+    _signals_at(monkeypatch, 4, signal.SIGINT)
+    real = train.checkpoint.save_checkpoint
+
+    def save(r, raw, opt, step):
+        if step == 5:  # the stop's checkpoint: Ctrl-C again while it is written
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(r, raw, opt, step)
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", save)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--eval_dir=")))
+    assert stopped["interrupted"] and stopped["step"] == 3
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
+    assert "the checkpoint of step 3 in" in capsys.readouterr().out
+
+
+def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_again(run_data, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """Nothing to resume, and its log.jsonl holds the folder: what it says must work."""
+    _signals_at(monkeypatch, 1, signal.SIGINT, signal.SIGINT)
+    flags = train_flags(run_data, tmp_path / "run", "--eval_dir=")
+    stopped = train.train(train.parse_config(flags))
+    assert stopped["interrupted"] and stopped["step"] == 0 and not (tmp_path / "run" / "ckpt.pt").exists()
+    assert "before the run wrote a checkpoint: start the run with --overwrite=True" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert train.train(train.parse_config(flags + ["--overwrite=True"]))["step"] == 6
 
 
 def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(capsys, monkeypatch):

@@ -743,13 +743,7 @@ def run(r, ckpt=None):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
-        if stop.forced:  # mid-step: what the model holds may be half an update
-            r.say(f"\nstopped at once: the last checkpoint in {cfg['out_dir']} is kept; continue with {r.resume_with}")
-            return {**summary, "interrupted": True, "step": saved}
-        if saved != step:
-            checkpoint.save_checkpoint(r, raw, opt, step)
-        r.say(f"\ninterrupted: checkpoint of step {step} written to {cfg['out_dir']}; continue with {r.resume_with}")
-        return {**summary, "interrupted": True, "step": step}
+        return {**summary, "interrupted": True, "step": stop_run(r, raw, opt, stop, step, saved)}
     finally:
         stop.restore()
         bar.close()
@@ -757,6 +751,27 @@ def run(r, ckpt=None):
             log.close()
     summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
     return finish(r, model, summary)
+
+
+def stop_run(r, raw, opt, stop, step, saved):
+    """After Ctrl-C or SIGTERM: the checkpoint of step `step`, the last finished one, unless a second Ctrl-C stopped
+    the run in the middle of a step or comes while it is written (atomically: the one of step `saved` stands).
+    Returns the step of the run's checkpoint."""
+    if not stop.forced and saved != step:
+        try:
+            checkpoint.save_checkpoint(r, raw, opt, step)
+            saved = step
+        except KeyboardInterrupt:
+            pass
+    if saved == step:
+        r.say(f"\ninterrupted: checkpoint of step {step} written to {r.cfg['out_dir']}; continue with {r.resume_with}")
+    elif saved is not None:
+        r.say(f"\nstopped at once: the checkpoint of step {saved} in {r.cfg['out_dir']} is kept; continue with "
+              f"{r.resume_with}")
+    else:  # a new run stopped before its first checkpoint: its log.jsonl is there
+        again = "the same command" if r.resume_with == "the same command" else "the run with --overwrite=True"
+        r.say(f"\nstopped at once, before the run wrote a checkpoint: start {again}")
+    return saved or 0
 
 
 class ScoringOutOfMemory(MemoryError):
