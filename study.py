@@ -23,7 +23,7 @@ The protocol, fixed before any final run:
 Each run is train.py with one configuration (the code path of a real run), fine-tuning the base
 that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
 run is not run again and a stopped one resumes, so an interrupted study continues where it stopped (a
-finished run made with other --steps or flags is refused: give such a study its own --out).
+finished or stopped run made with other --steps or flags is refused: give such a study its own --out).
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
 keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
@@ -88,7 +88,8 @@ TABLES = {
 }
 INSTEAD = dict(seed="seeds", max_iters="steps", eval_interval="steps", out_dir="out")  # a run's key -> the study's
 NOT_A_CHANGE = ("device", "threads", "fsdp", "activation_checkpointing", "compile", "tf32", "eval_batch_size",
-                "log_interval")  # what a finished run may have had otherwise and still be this study's (launch)
+                "log_interval", "out_dir")  # what a run may have had otherwise and still be this study's (launch)
+PATHS = ("data_dir", "eval_dir", "tokenizer", "init_from")  # compared as the files they name
 CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "full": "F"}  # Figure 4b: run -> mark
 
 
@@ -161,11 +162,12 @@ def launch(flags, threads):
     """One run in its own process (one thread budget each): (status, seconds). A finished run is not
     rerun, a stopped one resumes; a run whose loss diverged is "diverged", any other failure raises."""
     out = next(f.partition("=")[2] for f in reversed(flags) if f.startswith("--out_dir="))
-    if os.path.isfile(os.path.join(out, "results.json")):
-        changed = changed_settings(out, flags)
+    for name, state in (("results.json", "finished"), ("ckpt.pt", "stopped")):
+        changed = changed_settings(flags, os.path.join(out, name))
         if changed:  # a study rerun with other --steps or flags in the same --out would report this run as its own
-            raise data.UserError(f"the finished run in {out} was made with {changed}; pass another --out for a study "
+            raise data.UserError(f"the {state} run in {out} was made with {changed}; pass another --out for a study "
                                  "with these settings, or delete that folder to redo the run.")
+    if os.path.isfile(os.path.join(out, "results.json")):
         return "done before", 0.0
     if os.path.isfile(os.path.join(out, "ckpt.pt")):  # stopped by Ctrl-C: continue it exactly
         flags = flags + ["--init_from=resume"]
@@ -188,18 +190,22 @@ def launch(flags, threads):
     return "done", time.time() - t
 
 
-def changed_settings(out, flags):
-    """'key=saved (now value)' for each setting of `flags` that the finished run in `out` had otherwise, "" if none
-    (settings that move only rounding or speed, such as the device, are not a change; a damaged results.json is
-    read_results' to report)."""
+def changed_settings(flags, path):
+    """'key=saved (now value)' for each setting of the run `flags` make that the run saved at `path` (its
+    results.json or ckpt.pt) had otherwise, "" if none or no such file. Settings that move only rounding or speed
+    are no change, nor paths to the same file; a damaged file is the report's or the resume's to name."""
     try:
-        with open(os.path.join(out, "results.json")) as f:
-            saved = json.load(f).get("config", {})
-    except (OSError, ValueError, AttributeError):
+        if path.endswith(".pt"):
+            saved = train.saved_config(path)[0]
+        else:
+            with open(path) as f:
+                saved = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):  # UserError is a ValueError
         return ""
-    cfg = train.parse_config(flags)
-    return ", ".join(f"{k}={saved[k]!r} (now {cfg[k]!r})" for k in cfg["_explicit"]
-                     if k in saved and k not in NOT_A_CHANGE and saved[k] != cfg[k])
+    cfg, real = train.parse_config(flags), lambda v: os.path.realpath(v) if isinstance(v, str) and v else v
+    same = lambda k: real(saved[k]) == real(cfg[k]) if k in PATHS else saved[k] == cfg[k]
+    return ", ".join(f"{k}={saved[k]!r} (now {cfg[k]!r})" for k in cfg
+                     if not k.startswith("_") and k in saved and k not in NOT_A_CHANGE and not same(k))
 
 
 def run_all(jobs, opts, later=0):

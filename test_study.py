@@ -6,6 +6,7 @@ small suite.
 import contextlib
 import json
 import math
+import os
 import re
 from types import SimpleNamespace
 
@@ -457,6 +458,20 @@ def test_a_finished_run_made_with_other_settings_is_refused_not_reported_as_this
                                                    r"\(now 2\); pass another --out .*or delete that folder"):
         study.launch(flags + ["--max_iters=2"], 1)
     assert study.read_results(folder, 60)["scores"] == {"a": 50.0}  # a --report reads it only for its own --steps
+    spelled = os.path.join(str(folder.parent), ".", folder.name)  # the same folder (--out=./out/study)
+    assert study.launch(["--seed=1", "--learning_rate=0.004", f"--out_dir={spelled}", "--max_iters=60"], 1) == \
+        ("done before", 0.0)
+    config = json.loads((folder / "results.json").read_text())["config"]
+    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, "config": {**config, "dropout": 0.2}}))
+    with pytest.raises(study.data.UserError, match=r"made with dropout=0.2 \(now 0.05\)"):  # a flag left out
+        study.launch(flags + ["--max_iters=60"], 1)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "ckpt.pt").write_bytes(b"")  # read through train.saved_config, stubbed: a run stopped at 60 steps
+    monkeypatch.setattr(study.train, "saved_config", lambda path: ({**config, "out_dir": str(stopped)}, None))
+    with pytest.raises(study.data.UserError, match=rf"the stopped run in {stopped} was made with max_iters=60 "
+                                                   r"\(now 2\)"):
+        study.launch(["--seed=1", "--learning_rate=0.004", f"--out_dir={stopped}", "--max_iters=2"], 1)
     with pytest.raises(study.data.UserError, match=rf"the run in {folder} trained 60 steps, not this study's 2: "
                                                    r"pass the --steps \(and --quick\) of its study"):
         study.read_results(folder, 2)
