@@ -123,7 +123,7 @@ def generate_all(model, prompts, max_new, r):
     out = {}
     raw = model.module if hasattr(model, "module") else model
     if fsdp:  # FSDP2 takes the module of the first forward for its root: an eval_only run's first must be the root's
-        with torch.no_grad():  # (not a block's inside generate), or the expert load's forward after it fails
+        with torch.no_grad(), eager():  # (not a block's inside generate), or the expert load's forward after it fails
             raw(torch.zeros(1, 1, dtype=torch.long, device=r.device), logits_to_keep=1)
         raw.unshard()  # generate calls the root's own modules directly, outside its forward hook
     try:

@@ -98,7 +98,7 @@ def keep_slices(cfg, ckpt, world, master):
     if saved == world:
         return cfg
     if slices % world:
-        if master:
+        if master and not cfg["batch_size"] % (world * cfg["grad_accum"]):  # else check_batch_split refuses the run
             print(f"warning: the run cut each batch into {slices} slices ({saved} process(es) x grad_accum "
                   f"{cfg['grad_accum']}), which {world} processes cannot: it goes on with other dropout masks than an "
                   f"uninterrupted run; resume on a number of processes that divides {slices} to match it.",

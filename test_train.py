@@ -495,6 +495,8 @@ def test_a_resume_on_another_number_of_processes_keeps_each_batchs_slices_and_dr
     cfg = {**resumed["config"], "grad_accum": 1, "eval_only": False}
     assert machine.keep_slices(cfg, {"rng": [None] * 2}, 4, True) == cfg  # 2 slices over 4 processes: kept as it is
     assert "resume on a number of processes that divides 2" in capsys.readouterr().err
+    machine.keep_slices({**cfg, "batch_size": 6}, {"rng": [None] * 2}, 4, True)  # which check_batch_split refuses:
+    assert not capsys.readouterr().err  # no word of going on
 
 
 def test_re_scoring_may_show_the_expert_load_of_other_blocks(run_data, tmp_path, capsys):

@@ -492,7 +492,7 @@ def test_a_resume_or_re_scoring_whose_tokenizer_or_base_moved_says_to_put_it_bac
 def test_out_of_memory_in_a_resume_advises_only_what_a_resume_may_change(capsys, monkeypatch):
     """A resume refuses another batch_size or grad_accum: its out-of-memory sentence must not send the user there."""
     monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(MemoryError()))
-    for flags, batch in (([], True), (["--init_from=resume"], False)):
+    for flags, batch in (([], True), (["--init_from=resume"], False), (["--eval_only=True"], False)):
         with pytest.raises(SystemExit) as exit_:
             train.main(flags)
         err = capsys.readouterr().err

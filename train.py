@@ -865,7 +865,7 @@ def main(argv=None):
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        batch = ("" if cfg.get("init_from") == "resume" else  # a resume keeps the run's batch_size and grad_accum
+        batch = ("" if cfg.get("init_from") == "resume" or cfg.get("eval_only") else  # they keep the run's batch
                  "lower batch_size per process (raise grad_accum to keep the global batch), or ")
         print(f"error: {e}" if isinstance(e, ScoringOutOfMemory) else f"error: out of memory: {batch}set "
               "activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
