@@ -1,7 +1,7 @@
 """
 Checkpoints of train.py: what a run saves and how it loads it back, on one process or sharded (FSDP).
 
-    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args", "base"}: an exact resume
+    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args", "base", "data"}: an exact resume
     out_dir/adapter.pt   the adapter tensors by name (teamlora.load_adapter_state_dict reads it)
     out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
 
@@ -112,6 +112,26 @@ def fingerprint(weights):
     return h.hexdigest()[:16]
 
 
+def data_fingerprint(folder):
+    """Token shards' identity, cheap at any size: each .bin file's name, size and first and last 4 KiB, hashed."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".bin")):
+        with open(os.path.join(folder, name), "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            h.update(f"{name} {size}".encode())
+            for start in (0, max(0, size - 4096)):
+                f.seek(start)
+                h.update(f.read(4096))
+    return h.hexdigest()[:16]
+
+
+def check_data(ckpt, data_fp, cfg, path):
+    """A resume goes on with the token shards its run trained on (checkpoints of older versions record none)."""
+    if ckpt.get("data") not in (None, data_fp):
+        raise UserError(f"the token shards in {cfg['data_dir']} are not those this run trained on ({path} records "
+                        "others: prepared again since?); put those back, or start a new run.")
+
+
 def check_base(ckpt, base, cfg, path):
     """A run's adapter meets the base its ckpt.pt recorded (checkpoints of older versions record none)."""
     if cfg["adapter"] != "none" and ckpt.get("base") not in (None, base):
@@ -187,7 +207,8 @@ def save_checkpoint(r, raw, opt, step):
         rngs = [rng_state(r.device)]
     if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
         save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
-                     "model_args": asdict(r.args), "base": r.base}, os.path.join(cfg["out_dir"], "ckpt.pt"))
+                     "model_args": asdict(r.args), "base": r.base, "data": r.data},
+                    os.path.join(cfg["out_dir"], "ckpt.pt"))
         save_weights(r, state)
     if r.world > 1:
         dist.barrier()

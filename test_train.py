@@ -1040,7 +1040,8 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     order, real_save = [], checkpoint.save_atomic
     monkeypatch.setattr(checkpoint, "save_atomic", lambda obj, path: (order.append(os.path.basename(path)),
                                                                       real_save(obj, path))[1])
-    r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args, base=None)
+    r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args, base=None,
+                              data=None)
     checkpoint.save_checkpoint(r, a, opt_a, 2)
     assert order == ["ckpt.pt", "adapter.pt"]
     step(a, opt_a)  # the uninterrupted run's step 3
@@ -1070,6 +1071,21 @@ def test_a_checkpoint_tensor_of_another_shape_or_name_is_refused_not_broadcast()
     with pytest.raises(UserError, match=r"\(no such tensor\)"):
         checkpoint.copy_into(m, {"layers.0.attention.wq.lora_Z": torch.zeros(2)})
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # nothing copied
+
+
+def test_data_fingerprint_sees_both_ends_and_the_size_of_every_shard(tmp_path):
+    for name in ("train.tokens.bin", "train.offsets.bin"):
+        (tmp_path / name).write_bytes(bytes(range(256)) * 40)  # 10 KiB: the middle is not read
+    fp = train.checkpoint.data_fingerprint(tmp_path)
+    (tmp_path / "summary.json").write_text("{}")  # not a shard
+    assert train.checkpoint.data_fingerprint(tmp_path) == fp
+    for name in ("train.tokens.bin", "train.offsets.bin"):
+        original = (tmp_path / name).read_bytes()
+        for changed in (b"x" + original[1:], original[:-1] + b"x", original + b"\0"):
+            (tmp_path / name).write_bytes(changed)
+            assert train.checkpoint.data_fingerprint(tmp_path) != fp, name
+        (tmp_path / name).write_bytes(original)
+    assert train.checkpoint.data_fingerprint(tmp_path) == fp
 
 
 def test_fingerprint_sees_both_ends_of_every_tensor_and_not_the_dicts_order():
@@ -1109,7 +1125,7 @@ def test_a_one_process_cuda_runs_checkpoint_keeps_its_cuda_generator(tmp_path, m
     a = _tiny_adapter_model(seed=1)
     dev = torch.device("cuda", 0)
     r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}, world=1,
-                              device=dev, master=True, args=a.args, base=None)
+                              device=dev, master=True, args=a.args, base=None, data=None)
     checkpoint.save_checkpoint(r, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), 3)
     rng = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))["rng"]
     assert asked == [dev] and len(rng) == 1 and torch.equal(rng[0]["cuda"], cuda_state)
@@ -1492,7 +1508,7 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
     opt = torch.optim.AdamW(train.trainable(a), lr=1e-2)
-    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args, base=None)
+    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args, base=None, data=None)
     checkpoint.save_checkpoint(r, a, opt, 7)
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
     for rank, seed in ((1, 11), (0, 10)):

@@ -563,6 +563,25 @@ def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_i
     assert (tmp_path / "taken").read_text() == "a file"
 
 
+def test_a_resume_on_token_shards_prepared_again_otherwise_is_refused_and_on_its_own_goes_on(run_data, tmp_path,
+                                                                                           capsys):
+    """data_dir cannot change on a resume, but what it holds can (`data.py prepare` again into the same --out): a run
+    would go on with other batches under its old step count. One token other in the shards is refused; re-scoring,
+    which reads only the evaluation sets, is not."""
+    shards, out = tmp_path / "tokens", tmp_path / "run"
+    shutil.copytree(run_data / "tokens", shards)
+    train.train(train.parse_config(train_flags(run_data, out, f"--data_dir={shards}", "--eval_dir=", "--max_iters=2",
+                                               "--eval_interval=2")))
+    tokens = shards / "train.tokens.bin"
+    original = tokens.read_bytes()
+    tokens.write_bytes(original[:-2] + bytes([original[-2] ^ 1]) + original[-1:])
+    fails([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"], capsys, f"the token shards in {shards} are "
+          "not those this run trained on", "prepared again since?")
+    train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True", f"--eval_dir={run_data / 'test'}"]))
+    tokens.write_bytes(original)
+    assert train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=4"]))["step"] == 4
+
+
 def test_a_run_resumed_or_sampled_on_another_base_is_refused_and_on_its_own_goes_on(run_data, tmp_path, capsys):
     """An adapter is only right on the base it trained on: a base replaced at the same path (re-pretrained on
     another CPU, another revision of the checkpoint) would resume or answer wrong without a word."""
@@ -761,11 +780,11 @@ def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(c
 
 
 def test_a_checkpoint_written_before_base_fingerprints_resumes_on_its_base(run_data, tmp_path):
-    """A ckpt.pt of an older train.py records no base fingerprint (no "base", or None): it resumes on the base at
-    init_from as it did then, rather than being refused as damaged or as another base's run."""
+    """A ckpt.pt of an older train.py records no base or data fingerprint (no "base" / "data", or None): it resumes on
+    the base at init_from as it did then, rather than being refused as damaged or as another base's run."""
     out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    for old in ({k: v for k, v in ckpt.items() if k != "base"}, {**ckpt, "base": None}):
+    for old in ({k: v for k, v in ckpt.items() if k not in ("base", "data")}, {**ckpt, "base": None, "data": None}):
         torch.save(old, out / "ckpt.pt")
         resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=3"]))
         assert resumed["step"] == 3

@@ -180,6 +180,7 @@ class Run:
     eval_sets: dict = None  # task name -> (Task, records), read before step 1
     resume_with: str = "--init_from=resume"  # what continues this run after an interruption
     base: str = None  # checkpoint.fingerprint of the base weights, recorded in ckpt.pt
+    data: str = None  # checkpoint.data_fingerprint of the token shards, recorded in ckpt.pt
 
     @property
     def master(self):
@@ -585,6 +586,7 @@ def setup(r, resuming):
     replaced = [] if cfg["eval_only"] else claim_out_dir(r, resuming)
     r.tok = Tokenizer(cfg["tokenizer"])
     train_ds, val_ds = datasets(cfg)
+    r.data = checkpoint.data_fingerprint(cfg["data_dir"])
     raw, r.args, r.base = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
     if (cut := ~answered(train_ds, cfg["max_len"])).any():  # prepare drops them; a shorter max_len keeps them
@@ -607,6 +609,8 @@ def setup(r, resuming):
 def restore(r, raw, opt, ckpt):
     """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
     checkpoint.check_base(ckpt, r.base, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
+    if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards
+        checkpoint.check_data(ckpt, r.data, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
     checkpoint.load_state(raw, ckpt["state"], r.cfg)
     try:
         checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
