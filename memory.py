@@ -12,9 +12,9 @@ def estimate(args, n_base, n_train, cfg, world, micro):
         weights = n_base * wbytes
     adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32 weights, gradients and two AdamW moments
     tokens = micro * cfg["max_len"]
-    # per token and layer, what backward keeps (in the activation dtype): norms, q/k/v, attention
-    # output, the SwiGLU's four hidden-size tensors (w1 x, its SiLU, w3 x, their product) and the residual stream;
-    # rank-sized adapter terms
+    # per token and layer, what backward keeps (in the activation dtype): norms, q/k/v, attention output, the
+    # SwiGLU's four hidden-size tensors (w1 x, its SiLU, w3 x, their product), the residual stream; the adapters'
+    # rank-sized terms
     per_token_layer = (6 * args.dim + 4 * args.ffn_hidden_dim) * wbytes + 4 * 3 * (cfg["r"] + cfg["experts"]) * 2
     if cfg["activation_checkpointing"]:
         activations = tokens * (args.n_layers * args.dim * wbytes + per_token_layer)

@@ -442,7 +442,7 @@ class StopAfterStep:
 
     def __init__(self, master):
         self.master, self.asked, self.forced = master, False, False
-        self.forcible = "RANK" not in os.environ
+        self.forcible, self.old = "RANK" not in os.environ, {}  # old: the handlers install() replaced
 
     def __call__(self, signum, frame):
         if self.asked and signum == signal.SIGINT and self.forcible:
