@@ -428,17 +428,16 @@ def pngs(results, out):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in CURVES:
-        curve = mean_curve(results, name)
-        if curve:
+    written, curves = [], {name: c for name in CURVES if (c := mean_curve(results, name))}
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, curve in curves.items():
             ax.plot(*curve, label=RUNS[name][0])
-    ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log")
-    ax.legend()
-    fig.tight_layout()
-    written.append(os.path.join(out, "loss.png"))
-    fig.savefig(written[-1], dpi=120)
+        ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log")
+        ax.legend()
+        fig.tight_layout()
+        written.append(os.path.join(out, "loss.png"))
+        fig.savefig(written[-1], dpi=120)
     loads = mean_loads(results, "teamlora")
     if loads:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -463,10 +462,11 @@ def report(opts, names, chosen):
     for title, rows in TABLES.items():
         lines += table(title, rows, results, tasks, chosen) + [""]
     lines += ["### Differences against TeamLoRA (average score, paired by seed)", ""] + comparisons(results) + [""]
-    chart, loads = loss_chart(results), load_chart(results)
-    lines += ["### Training loss (the paper's Figure 4b)", "", "```"] + chart + ["```", ""]
-    lines += ["### Expert load (the paper's Figure 5)", "", "```"] + loads + ["```"]
-    text = "\n".join(lines) + "\n"
+    for title, chart in (("Training loss (the paper's Figure 4b)", loss_chart(results)),
+                         ("Expert load (the paper's Figure 5)", load_chart(results))):
+        if chart:  # none where no run of the study draws one
+            lines += [f"### {title}", "", "```"] + chart + ["```", ""]
+    text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
     data.write_atomic(os.path.join(opts["out"], "report.md"), text)
     for p in pngs(results, opts["out"]):

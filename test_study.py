@@ -494,6 +494,25 @@ def test_a_stopped_run_is_unfinished_not_damaged_for_the_report(tmp_path):
     assert [r["config"]["seed"] for r in study.load(opts, names, chosen)["teamlora"]] == [1]
 
 
+def test_a_report_leaves_out_the_charts_that_no_run_of_the_study_draws(tmp_path, capsys, monkeypatch):
+    """LoRA r=8 draws no loss curve and no expert load: its report has neither heading nor an empty block, and no
+    loss.png (matplotlib or not), and ends in one newline."""
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=lora8", "--report", "--seeds=1"])
+    lr = study.GRID[1]
+    fake_run(tmp_path / "select" / f"lora32-lr{lr:g}", lr, {"a": 50.0})
+    final = tmp_path / f"lora8-lr{lr:g}-seed1"
+    fake_run(final, lr, {"a": 60.0}, seed=1)
+    res = json.loads((final / "results.json").read_text())
+    (final / "results.json").write_text(json.dumps({**res, "trainable_params": 8, "base_params": 800,
+                                                    "train_seconds": 1.0}))
+    (final / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a curve
+    results = study.report(opts, names, study.selection(opts, extra, names))
+    assert list(results) == ["lora8"] and results["lora8"][0]["curve"] == [(1, 2.0)]
+    text = (tmp_path / "report.md").read_text()
+    assert "### Training loss" not in text and "### Expert load" not in text and "```" not in text
+    assert text.endswith("\n") and not text.endswith("\n\n") and not list(tmp_path.glob("*.png"))
+
+
 def test_a_study_of_zero_steps_is_refused_and_one_step_is_taken():
     with pytest.raises(study.data.UserError, match="steps must be positive"):
         study.parse(["--steps=0"])
