@@ -529,7 +529,7 @@ _LLAMA3_ROPE = {"factor": ("positive", False), "low_freq_factor": ("positive", F
                 "high_freq_factor": ("positive", False), "original_max_position_embeddings": ("positive int", False)}
 _HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": ("positive", True),
                 "rope_theta": ("positive", True), "max_position_embeddings": ("positive int", True),
-                "head_dim": ("positive int", True)}
+                "head_dim": ("positive int", True), "tie_word_embeddings": ("bool", True)}
 
 
 def _check_fields(config, file, required, optional):
@@ -546,7 +546,7 @@ def _check_fields(config, file, required, optional):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if (not isinstance(value, bool) if kind == "bool" else not number
                 or (kind.endswith("int") and not isinstance(value, int))
-                or (kind.startswith("positive") and not value > 0)):
+                or (kind.startswith("positive") and not 0 < value < math.inf)):  # JSON's Infinity, 1e999 too
             want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number",
                     "bool": "true or false"}[kind]
             raise ValueError(f"{file} has {key}={value!r} where {want} belongs; fix it or download the file again")

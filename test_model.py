@@ -933,6 +933,11 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("bin", "config.json", lambda c: {k: v for k, v in c.items() if k != "rope_theta"}
      | {"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
      "has rope_theta=-1.0 where a positive number"),
+    ("bin", "config.json", lambda c: c | {"tie_word_embeddings": "false"},  # bool("false"): lm_head dropped
+     "has tie_word_embeddings='false' where true or false"),
+    ("bin", "config.json", lambda c: c | {"rope_theta": math.inf}, "has rope_theta=inf where a positive number"),
+    ("meta", "params.json", lambda c: c | {"ffn_dim_multiplier": math.inf},  # was an OverflowError's traceback
+     "has ffn_dim_multiplier=inf where a positive number"),
     ("meta", "params.json", lambda c: "{'dim': 64}", "is not valid JSON (line 1"),
     ("meta", "params.json", lambda c: {k: v for k, v in c.items() if k != "dim"}, "has no 'dim'"),
     ("meta", "params.json", lambda c: c | {"n_heads": 4.0}, "has n_heads=4.0 where a positive integer"),
