@@ -290,6 +290,9 @@ def _json(path):
             return json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file.") from None
+        except RecursionError:
+            raise UserError(f"{path} is nested too deeply to read (a thousand or more [ or {{ inside each other); "
+                            "fix the file.") from None
 
 
 def _tsv(path, need):
@@ -358,12 +361,16 @@ def load_mmlu(path):
     records, start = [], 1
     with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": csv sees the quoted newlines
         reader = csv.reader(f)
-        for row in reader:
-            where, start = f"{path} line {start}", reader.line_num + 1  # the line the record starts on
-            if len(row) != 6:
-                raise UserError(f"{where} has {len(row)} fields; an MMLU row is question, A, B, C, D, answer.")
-            records.append(make_record("choice", _label(row[5].strip(), {c: c for c in "ABCD"}, where),
-                                       question=row[0].strip(), options=[o.strip() for o in row[1:5]]))
+        try:
+            for row in reader:
+                where, start = f"{path} line {start}", reader.line_num + 1  # the line the record starts on
+                if len(row) != 6:
+                    raise UserError(f"{where} has {len(row)} fields; an MMLU row is question, A, B, C, D, answer.")
+                records.append(make_record("choice", _label(row[5].strip(), {c: c for c in "ABCD"}, where),
+                                           question=row[0].strip(), options=[o.strip() for o in row[1:5]]))
+        except csv.Error as e:  # a quote left open makes the rest of the file one field, past csv's size limit
+            raise UserError(f"{path} line {start} is not a CSV row ({e}); an MMLU row is question, A, B, C, D, "
+                            "answer, each quote closed.") from None
     return records
 
 

@@ -428,6 +428,9 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,A\n", r"x_test.csv line 2 has 5 fields"),
     ("mmlu", "x_test.csv", '"q\nspans two lines",a,b,c,d,A\n"bad\nrow",a,b,c,A\n', r"x_test.csv line 3 has 5 fields"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,E\n", r"x_test.csv line 1 has the label 'E'"),
+    ("mmlu", "x_test.csv", 'q,a,b,c,d,A\n"an open quote,a,b,c,d,A\n' + "x" * 140_000,  # was csv.Error's traceback
+     r"x_test.csv line 2 is not a CSV row \(field larger than field limit"),
+    ("webqa", "q.json", "[" * 100_000 + "]" * 100_000, r"q.json is nested too deeply to read"),
     ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n',
      r"arc.jsonl line 1 has the label 'B'"),
     ("winogrande", "dev.jsonl", '{"sentence": "_ x", "option1": "a", "answer": "1"}\n',
