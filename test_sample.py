@@ -8,7 +8,15 @@ import torch
 import data
 import sample
 import train
-from conftest import TEXTS, adapters_of, assert_same_adapters, hf_tokenizer_folder, reference_task_load, train_cfg
+from conftest import (
+    TEXTS,
+    adapters_of,
+    assert_same_adapters,
+    hf_tokenizer_folder,
+    reference_task_load,
+    script_error,
+    train_cfg,
+)
 from tokenizer import Tokenizer
 
 
@@ -130,6 +138,14 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and message in err[-1], (argv, err)
         assert "Traceback" not in "\n".join(err)
+
+
+def test_a_records_input_of_the_wrong_type_is_refused_naming_its_line_before_any_record_is_answered(runs, tmp_path,
+                                                                                                  capsys):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"instruction": "x"}) + "\n" + json.dumps({"instruction": "y", "input": 5}) + "\n")
+    err = script_error(sample.main, ["--out_dir", runs["lora"][0], "--records", path, "--max_new_tokens=2"], capsys)
+    assert f'{path} line 2: "input" is a number, not a string' in err and capsys.readouterr().out == ""
 
 
 def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path, capsys):
