@@ -83,9 +83,10 @@ def load_checkpoint(path):
         raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; resume needs that "
                         "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
     if not (isinstance(ckpt["config"], dict) and type(ckpt["iter"]) is int and ckpt["iter"] >= 0
-            and isinstance(ckpt["rng"], list) and ckpt["rng"] and isinstance(ckpt.get("base"), (str, type(None)))):
-        raise UserError(f"{path} is damaged: its config, step, random state or base fingerprint is not what train.py "
-                        "writes; resume from a copy, or start the run again.")
+            and isinstance(ckpt["rng"], list) and ckpt["rng"] and isinstance(ckpt.get("base"), (str, type(None)))
+            and isinstance(ckpt["state"], dict) and all(isinstance(t, torch.Tensor) for t in ckpt["state"].values())):
+        raise UserError(f"{path} is damaged: its weights, config, step, random state or base fingerprint is not what "
+                        "train.py writes; resume from a copy, or start the run again.")
     return ckpt
 
 
@@ -206,9 +207,15 @@ def save_checkpoint(r, raw, opt, step):
     else:
         rngs = [rng_state(r.device)]
     if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
-        save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
-                     "model_args": asdict(r.args), "base": r.base, "data": r.data},
-                    os.path.join(cfg["out_dir"], "ckpt.pt"))
-        save_weights(r, state)
+        path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        try:
+            save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
+                         "model_args": asdict(r.args), "base": r.base, "data": r.data}, path)
+            save_weights(r, state)
+        except OSError as e:  # a full disk or a folder made read-only: each file stays as it was
+            then = (f"continue from the last checkpoint written with {r.resume_with}" if os.path.isfile(path) else
+                    "start the run again with --overwrite=True")
+            raise UserError(f"could not write the checkpoint of step {step} to {cfg['out_dir']} "
+                            f"({e.strerror or e}); free space there (or make it writable), then {then}.") from None
     if r.world > 1:
         dist.barrier()

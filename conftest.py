@@ -2,6 +2,8 @@
 the CME samples of ../shared/fixtures; set TEAMLORA_FIXTURES to point elsewhere; tests that need them
 skip without them), and a small mini-CME suite with a tiny base that train.py pretrained, built once
 per session for the train and study tests."""
+import errno
+import io
 import json
 import os
 from pathlib import Path
@@ -65,6 +67,23 @@ def script_error(main, argv, capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     return err.rstrip("\n")
+
+
+class FullDisk(io.RawIOBase):
+    """A file f on a disk that fills up after `room` more bytes: a write past them raises ENOSPC, as the disk's
+    does (torch.save(obj, FullDisk(f)) then raises its RuntimeError over that OSError, as on a full disk)."""
+
+    def __init__(self, f, room=300):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
 
 
 def cuda_fp32_matmuls():

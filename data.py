@@ -540,9 +540,11 @@ def write_atomic(path, content):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception:  # a failed write leaves nothing; a Ctrl-C or kill leaves it to remove_stale_temporaries
+    except Exception as e:  # a failed write leaves nothing; a Ctrl-C or kill leaves it to remove_stale_temporaries
         with suppress(OSError):
             os.remove(tmp)
+        if not isinstance(e, OSError) and isinstance(e.__context__, OSError):  # torch.save's RuntimeError ("unexpected
+            raise e.__context__ from None  # pos 704 vs 598") over the write that failed: the disk's own error
         raise
 
 

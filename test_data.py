@@ -19,7 +19,7 @@ import sentencepiece as spm
 import torch
 
 import data
-from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, needs_fixtures, script_error
+from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, FullDisk, hf_tokenizer_folder, needs_fixtures, script_error
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
 
 EDGE_CASES = [
@@ -1468,6 +1468,16 @@ def test_a_failed_write_atomic_removes_its_temporary_and_keeps_the_old_file(tmp_
         data.write_atomic(str(path), content)
     assert sorted(os.listdir(tmp_path)) == ["folder.md", "report.md"][fault != "rename fails":]
     assert (tmp_path / "report.md").read_text() == "old"
+
+
+def test_a_torch_save_that_fills_the_disk_raises_the_disks_error_not_torchs(tmp_path):
+    """torch.save turns the write that failed into a RuntimeError ("unexpected pos 297 vs 244"): write_atomic raises
+    the disk's OSError instead, which the scripts name in one sentence."""
+    path = tmp_path / "ckpt.pt"
+    data.write_atomic(str(path), "old")
+    with pytest.raises(OSError, match="No space left on device"):
+        data.write_atomic(str(path), lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 # ---------------------------------------------------------------------------------------------

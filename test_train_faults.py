@@ -22,7 +22,7 @@ import data
 import evaluation
 import minicme
 import train
-from conftest import LLAMA2, OFFICIAL, adapters_of, assert_same_adapters, needs_fixtures, train_flags
+from conftest import LLAMA2, OFFICIAL, FullDisk, adapters_of, assert_same_adapters, needs_fixtures, train_flags
 from data import prepare
 
 REPO = Path(__file__).resolve().parent
@@ -162,6 +162,56 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_step_1(run_data, tm
     fails(train_flags(run_data, tmp_path / "locked" / "run", "--eval_dir="), capsys, tmp_path / "locked" / "run",
           "not writable (Permission denied)")
     assert not (tmp_path / "locked").exists()
+
+
+def test_an_out_dir_that_is_the_data_or_the_evaluation_folder_is_refused_before_step_1(run_data, tmp_path, capsys):
+    """The run's log.jsonl and results.json among the evaluation sets would stop every later run ("holds
+    results.json"), and among the shards a later prepare: refused, and neither folder gets a file."""
+    evals, shards = tmp_path / "eval", run_data / "tokens"
+    shutil.copytree(run_data / "test", evals)
+    before = sorted(os.listdir(evals)), sorted(os.listdir(shards))
+    fails(train_flags(run_data, evals, f"--eval_dir={evals}"), capsys, f"out_dir {evals} is the eval_dir",
+          "choose another --out_dir")
+    fails(train_flags(run_data, f"{shards}/", "--eval_dir="), capsys, "is the data_dir", "choose another --out_dir")
+    assert (sorted(os.listdir(evals)), sorted(os.listdir(shards))) == before
+
+
+def test_eval_only_on_an_out_dir_that_cannot_be_written_is_refused_before_scoring(run_data, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Scoring writes results.json into the run's folder: a read-only one (simulated, as root can write anywhere)
+    is one sentence before the scoring, not a traceback after it."""
+    out = finished_run(run_data, tmp_path / "run")
+
+    def refused(*args, dir=None, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+    monkeypatch.setattr(train.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a: pytest.fail("scored before the refusal"))
+    fails(train_flags(run_data, out, "--eval_only=True"), capsys, f"out_dir {out} is not writable (Permission denied)",
+          "copy the run to a folder you can write")
+
+
+def test_a_full_disk_at_a_checkpoint_or_results_json_is_one_sentence_and_keeps_what_was_written(run_data, tmp_path,
+                                                                                                 capsys, monkeypatch):
+    out, save, saves = tmp_path / "run", torch.save, []
+
+    def disk_full_after_step_2(obj, f, *args, **kwargs):  # ckpt.pt and adapter.pt of step 2 fit, then nothing
+        saves.append(f)
+        return save(obj, f if len(saves) <= 2 else FullDisk(f), *args, **kwargs)
+    monkeypatch.setattr(torch, "save", disk_full_after_step_2)
+    fails(train_flags(run_data, out, "--max_iters=4", "--eval_interval=2", "--eval_dir="), capsys,
+          f"could not write the checkpoint of step 4 to {out} (No space left on device)",
+          "continue from the last checkpoint written with --init_from=resume")
+    monkeypatch.undo()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2
+    assert sorted(os.listdir(out)) == ["adapter.pt", "ckpt.pt", "log.jsonl"]
+
+    write = data.write_atomic
+    monkeypatch.setattr(data, "write_atomic", lambda path, content: write(path, content) if "results" not in path
+                        else write(path, lambda f: FullDisk(f).write(content.encode())))
+    fails(train_flags(run_data, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2"), capsys,
+          f"could not write {out / 'results.json'} (No space left on device)", f"adapters are saved in {out}",
+          "score them again with the same command plus --eval_only=True")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 6 and not (out / "results.json").exists()
 
 
 @needs_fixtures
@@ -332,6 +382,7 @@ def test_nan_at_the_first_step_says_nothing_was_saved_rather_than_offering_a_res
     (lambda c: {**c, "iter": -1}, ("is damaged",)),
     (lambda c: {**c, "rng": []}, ("is damaged",)),
     (lambda c: {**c, "base": 5}, ("is damaged", "base fingerprint")),
+    (lambda c: {**c, "state": {n: 0 for n in c["state"]}}, ("is damaged", "its weights")),  # was AttributeError
     (lambda c: {**c, "config": {**c["config"], "learning_rate": "fast"}}, ("learning_rate", "must be of type float")),
     (lambda c: {**c, "config": {**c["config"], "r": -8}}, ("'r' must be positive",)),
 ])

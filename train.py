@@ -505,6 +505,10 @@ def claim_out_dir(r, resuming):
     out, src = r.cfg["out_dir"], r.cfg["init_from"]
     if os.path.lexists(out) and not os.path.isdir(out):
         raise UserError(f"out_dir {out} is a file, not a folder; choose another --out_dir.")
+    for key, what in (("data_dir", "token shards"), ("eval_dir", "evaluation sets")):  # the run's files would mix in
+        if r.cfg[key] and os.path.isdir(out) and os.path.isdir(r.cfg[key]) and os.path.samefile(out, r.cfg[key]):
+            raise UserError(f"out_dir {out} is the {key}, and the run's files would land among its {what}; choose "
+                            "another --out_dir.")
     found = [f for f in RUN_FILES + ("log.jsonl",) if os.path.lexists(os.path.join(out, f))]
     for f in found:
         if not os.path.isfile(os.path.join(out, f)):
@@ -519,7 +523,15 @@ def claim_out_dir(r, resuming):
                         "or choose another --out_dir.")
     if not r.master:
         return []
-    existing = os.path.abspath(out)  # made only once the run is sure to start (setup): a refusal leaves nothing
+    check_writable(out, "choose another --out_dir")
+    data.remove_stale_temporaries(out, RUN_FILES)
+    return [] if resuming else found  # overwrite=True: nothing of the old run stays beside the new one
+
+
+def check_writable(out, fix):
+    """out_dir, or the folder it will be made in (only once the run is sure to start: a refusal leaves nothing),
+    takes new files."""
+    existing = os.path.abspath(out)
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
     try:
@@ -527,9 +539,7 @@ def claim_out_dir(r, resuming):
             raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise UserError(f"out_dir {out} is not writable ({e.strerror or e}); choose another --out_dir.") from None
-    data.remove_stale_temporaries(out, RUN_FILES)
-    return [] if resuming else found  # overwrite=True: nothing of the old run stays beside the new one
+        raise UserError(f"out_dir {out} is not writable ({e.strerror or e}); {fix}.") from None
 
 
 VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
@@ -584,6 +594,8 @@ def setup(r, resuming):
     """Tokenizer, data, model (DDP-wrapped under torchrun without FSDP) and optimizer of a run."""
     cfg = r.cfg
     replaced = [] if cfg["eval_only"] else claim_out_dir(r, resuming)
+    if cfg["eval_only"] and r.master:  # scoring writes results.json there: a refusal now, not after the scoring
+        check_writable(cfg["out_dir"], "copy the run to a folder you can write and point --out_dir at it")
     r.tok = Tokenizer(cfg["tokenizer"])
     train_ds, val_ds = datasets(cfg)
     r.data = checkpoint.data_fingerprint(cfg["data_dir"])
@@ -805,7 +817,13 @@ def finish(r, model, summary):
     if r.master:
         evaluation.print_results(scores, chance, loads, r.cfg)
         results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
-        data.write_atomic(os.path.join(r.cfg["out_dir"], "results.json"), json.dumps(results, indent=1))
+        path = os.path.join(r.cfg["out_dir"], "results.json")
+        try:
+            data.write_atomic(path, json.dumps(results, indent=1))
+        except OSError as e:  # a full disk: the scores are printed above, the adapters saved
+            again = "the same command" if r.cfg["eval_only"] else "the same command plus --eval_only=True"
+            raise UserError(f"could not write {path} ({e.strerror or e}); the trained adapters are saved in "
+                            f"{r.cfg['out_dir']}: free space there, then score them again with {again}.") from None
     return summary
 
 
