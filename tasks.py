@@ -347,6 +347,9 @@ def load_arc(path):
     for where, row in _jsonl(path):
         question = _get(row, "question", where, "an object")
         choices = _get(question, "choices", where, "a list of objects")
+        if len(choices) > len(LETTERS):
+            raise UserError(f"{where} has {len(choices)} choices, more than the {len(LETTERS)} letters of the "
+                            f"prompt ({LETTERS}); check that the file is ARC's.")
         keys = {_get(c, "label", where): LETTERS[i] for i, c in enumerate(choices)}
         records.append(make_record("choice", _label(row.get("answerKey"), keys, where),
                                    question=_get(question, "stem", where),

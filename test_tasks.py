@@ -456,6 +456,9 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": ["e"]}\n', r"dev.jsonl line 1 has the label"),
     ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": ["x"]}, "answerKey": "A"}\n',
      r"arc.jsonl line 1 has 'choices' set to \[\"x\"\], not a list of objects"),
+    ("arc", "arc.jsonl", json.dumps({"question": {"stem": "q", "choices": [{"text": str(i), "label": str(i)}
+                                                                          for i in range(9)]}, "answerKey": "1"}),
+     r"arc.jsonl line 1 has 9 choices, more than the 8 letters"),  # was an IndexError
 ]
 
 
