@@ -145,8 +145,8 @@ def generate_all(model, prompts, max_new, r):
 
 @torch.no_grad()
 def task_expert_load(model, prompts, r):
-    """Mean expert share over a task's prompt tokens, averaged over the adapted layers of the last
-    `load_layers` blocks: which experts each task recruits (the paper's Figure 5)."""
+    """Mean expert share over the prompt tokens of a task's first eval_batch_size prompts, averaged over the
+    adapted layers of the last `load_layers` blocks: which experts each task recruits (the paper's Figure 5)."""
     prompts = prompts[:r.cfg["eval_batch_size"]]
     width = max(len(p) for p in prompts)
     tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=r.device)

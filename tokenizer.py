@@ -1,7 +1,7 @@
 """
 The tokenizer behind one encode / decode: a LLaMA-2 SentencePiece model, a LLaMA-3 tiktoken file
 (told apart by content), or a Hugging Face tokenizer.json (Qwen2.5, Mistral, ...). data.py encodes
-the authors' records with it; train.py decodes what the model generates.
+the authors' records with it; evaluation.py and sample.py decode what the model generates.
 """
 import base64
 import binascii

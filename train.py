@@ -335,9 +335,10 @@ def saved_config(path):
 
 def resume_config(cfg):
     """(cfg, checkpoint or None). A resume takes the run's own config from its ckpt.pt, with only
-    the keys of RESUME_MAY_CHANGE that the user set changed (a CPU run resumed on a GPU machine
-    stays on the CPU unless --device says otherwise). eval_only scores a run with a ckpt.pt by its own config too:
-    an adapter trained with other settings than the command line's would score wrong without a word."""
+    the keys of RESUME_MAY_CHANGE that the user set changed (a run made with device='cpu' stays on the CPU
+    on a GPU machine unless --device says otherwise; one made with 'auto' takes the GPU). eval_only scores a
+    run with a ckpt.pt by its own config too: an adapter trained with other settings than the command line's
+    would score wrong without a word."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if cfg["init_from"] != "resume" and not (cfg["eval_only"] and os.path.isfile(path)):
         return cfg, None
@@ -668,7 +669,7 @@ def check_finite(what, value, step, cfg):
 def train_step(r, model, raw, opt, dataset, step):
     """One optimizer step on global batch `step`, cut into processes x grad_accum equal slices (the
     same slices and dropout masks, so the same result, for 1 process with accumulation as for several without).
-    Returns (loss over the batch's answer tokens, learning rate, real tokens of this rank)."""
+    Returns (loss over the batch's answer tokens, learning rate, real tokens of the batch over all ranks)."""
     cfg, accum = r.cfg, r.cfg["grad_accum"]
     lr = get_lr(step, cfg)
     for group in opt.param_groups:
