@@ -412,8 +412,8 @@ def load_chart(results, name="teamlora"):
     if not loads:
         return []
     seeds, per_task = loads
-    k = len(next(iter(per_task.values())))
-    lines = [f"expert load of {RUNS[name][0]} over each task's prompt tokens (last 2 layers, mean of {seeds} "
+    k, layers = len(next(iter(per_task.values()))), results[name][0]["config"].get("load_layers", 2)  # the study's
+    lines = [f"expert load of {RUNS[name][0]} over each task's prompt tokens (last {layers} layers, mean of {seeds} "
              f"seed(s); even = {1 / k:.2f})"]
     for t, load in per_task.items():
         lines.append(f"{t:<11}" + "  ".join(f"e{i} {'█' * round(v * 40):<16}{v:.3f}" for i, v in enumerate(load)))

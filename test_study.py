@@ -330,6 +330,10 @@ def test_the_expert_load_chart_averages_the_seeds_that_recorded_a_load():
     assert seeds == 2 and loads.keys() == {"nli", "qa"}
     assert loads["nli"] == pytest.approx([0.2, 0.8]) and loads["qa"] == pytest.approx([0.6, 0.4])
     assert study.mean_loads({"teamlora": runs[2:]}, "teamlora") is None
+    for r in runs:  # the chart names the layers the runs measured (--load_layers passes through to every run)
+        r["config"] = {"load_layers": 3}
+    assert "over each task's prompt tokens (last 3 layers, mean of 2 seed(s); even = 0.50)" in \
+        study.load_chart({"teamlora": runs})[0]
 
 
 def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_before_anything_runs(
