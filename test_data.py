@@ -1269,6 +1269,33 @@ def test_an_empty_or_json_list_evaluation_set_is_refused_when_loaded(tmp_path, n
         evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
 
 
+def test_an_eval_dir_without_any_task_file_is_refused_and_tasks_load_in_name_order(tmp_path, monkeypatch):
+    """An eval_dir holding no <task>.jsonl would score nothing after training without a word: it is refused when
+    loaded. The sets load in the order of their names, not the folder's listing order: every rank under torchrun
+    then generates the same tasks' batches in the same order, and the results table is in a fixed order."""
+    import evaluation
+    (tmp_path / "notes.txt").write_text("not an evaluation set")
+    with pytest.raises(UserError, match=f"eval_dir '{tmp_path}' holds no <task>.jsonl files"):
+        evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
+    names = ["nli", "qa", "sentiment", "summary"]
+    for name in names:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: sorted(listdir(path), reverse=True))
+    assert list(evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})) == names
+
+
+def test_an_evaluation_record_with_null_or_empty_answers_is_scored_by_its_output(tmp_path):
+    """"answers": null or [] means no aliases (tasks.py's scorer falls back to the output): loaded as it is."""
+    import evaluation
+    import tasks
+    records = [{"instruction": "q", "output": "a", "answers": None}, {"instruction": "q", "output": "a", "answers": []}]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    task, loaded = evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})["qa"]
+    assert loaded == records
+    assert tasks.evaluate(task, ["a", "a"], loaded) == 100.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Gaps found by mutation testing: prepare's boundaries and order, batches, tokenizers, atomic writes
 

@@ -319,6 +319,21 @@ def test_each_process_validates_its_own_slices_which_sum_to_one_processs_totals(
     whole, rank0, rank1 = sums
     assert max(widest) <= 8 // (2 * 2) and not torch.equal(rank0, rank1)
     torch.testing.assert_close(rank0 + rank1, whole, rtol=1e-5, atol=0)
+    # with the all-reduce's sum in hand, each rank's val loss is one process's
+    monkeypatch.setattr(evaluation, "all_reduce_sum", lambda t, world: rank0 + rank1)
+    for rank in (0, 1):
+        assert evaluation.val_loss(model, val, train.Run(r.cfg, rank, 2, r.device, r.tok, r.args)) == pytest.approx(
+            (whole[0] / whole[1]).item(), rel=1e-5)
+
+
+def test_all_reduce_sum_sums_over_the_processes_of_any_number_above_one(monkeypatch):
+    reduced = []
+    monkeypatch.setattr(evaluation.dist, "all_reduce", lambda t: reduced.append(t) or t.mul_(3))  # 3 equal ranks
+    t = torch.tensor([1.0, 2.0])
+    assert evaluation.all_reduce_sum(t, 1) is t and not reduced and t.tolist() == [1.0, 2.0]  # one process: as it is
+    for world in (2, 3):
+        t = torch.tensor([1.0, 2.0])
+        assert evaluation.all_reduce_sum(t, world) is t and reduced[-1] is t and t.tolist() == [3.0, 6.0]
 
 
 def test_train_step_counts_the_real_tokens_of_its_micro_batches_for_the_tokens_per_second(run_data, tmp_path):
@@ -931,6 +946,62 @@ def test_others_running_reads_a_count_that_excludes_this_process():
     assert isinstance(n, int) and n >= 0
 
 
+def test_others_running_is_the_median_of_five_samples_of_the_running_tasks_less_this_one(monkeypatch):
+    """/proc/loadavg's fourth field is running/total tasks, this process among the running: the median of five
+    samples (a burst of one sample does not count), less one; where it cannot be read, 0."""
+    import io
+    counts = iter([3, 9, 1, 5, 2])  # median 3, this process included
+
+    def loadavg(path):
+        assert path == "/proc/loadavg"
+        return io.StringIO(f"0.50 0.40 0.30 {next(counts)}/812 4242\n")
+    monkeypatch.setattr(machine, "open", loadavg, raising=False)
+    monkeypatch.setattr(machine.time, "sleep", lambda seconds: None)
+    assert machine.others_running() == 2
+    monkeypatch.setattr(machine, "open", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)), raising=False)
+    assert machine.others_running() == 0  # not Linux
+
+
+def test_device_auto_is_a_visible_gpu_else_the_cpu_and_cuda_without_one_is_one_sentence(monkeypatch):
+    cfg = {"device": "auto", "compile": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [machine.resolve_device({**cfg, "device": d}) for d in ("auto", "cpu", "cuda:1")] == ["cuda", "cpu",
+                                                                                                "cuda:1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert machine.resolve_device(cfg) == "cpu"
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(UserError, match=r"device='cuda' but no CUDA GPU is visible; use --device=cpu\."):
+            machine.resolve_device({**cfg, "device": dev})
+
+
+def test_torchrun_processes_take_their_nodes_own_gpu_over_nccl_and_join_over_gloo_on_the_cpu(monkeypatch):
+    """On the second of two 2-GPU nodes, RANK=3 has LOCAL_RANK=1: its GPU is cuda:1 (that node has no cuda:3), and
+    GPUs join over NCCL, CPU processes over gloo. Nothing is started: CUDA and the process group are stood in for."""
+    devices, backends = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(machine.dist, "init_process_group", lambda backend: backends.append(backend))
+    for name, value in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4").items():
+        monkeypatch.setenv(name, value)
+    cfg = {"device": "auto", "compile": False}
+    assert machine.setup_distributed(cfg) == (3, 4, torch.device("cuda", 1))
+    assert machine.setup_distributed({**cfg, "device": "cpu"}) == (3, 4, torch.device("cpu"))
+    assert devices == [1] and backends == ["nccl", "gloo"]
+
+
+def test_keep_slices_changes_and_says_nothing_unless_a_resume_runs_on_another_number_of_processes(capsys):
+    """A new run, a resume on as many processes as the run had, and re-scoring (no batches to cut) keep grad_accum
+    and print nothing; a resume on other processes changes it, and rank 0 alone says so."""
+    cfg, two = {"grad_accum": 1, "batch_size": 8, "eval_only": False}, {"rng": [None] * 2}
+    assert machine.keep_slices(cfg, None, 1, True) == cfg
+    assert machine.keep_slices(cfg, two, 2, True) == cfg
+    assert machine.keep_slices({**cfg, "eval_only": True}, two, 1, True) == {**cfg, "eval_only": True}
+    assert machine.keep_slices(cfg, two, 1, False) == {**cfg, "grad_accum": 2}
+    assert capsys.readouterr() == ("", "")
+    assert machine.keep_slices(cfg, two, 1, True) == {**cfg, "grad_accum": 2}
+    assert "resuming a run of 2 process(es) on 1: grad_accum 1 -> 2" in capsys.readouterr().out
+
+
 def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run_data, tmp_path, monkeypatch):
     monkeypatch.setattr(machine.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="compile=True on the CPU needs a C\\+\\+ compiler and none was found"):
@@ -1004,6 +1075,9 @@ def test_load_checkpoint_refuses_a_dict_without_every_key_in_one_sentence(tmp_pa
         torch.save(broken, path)
         with pytest.raises(UserError, match=r"ckpt\.pt is not a training checkpoint, not the ckpt\.pt"):
             checkpoint.load_checkpoint(str(path))
+    torch.save({**full, "iter": True}, path)  # a bool is an int to isinstance: the step is an int and nothing else
+    with pytest.raises(UserError, match=r"ckpt\.pt is damaged: its weights, config, step"):
+        checkpoint.load_checkpoint(str(path))
 
 
 def _tiny_adapter_model(seed):
@@ -1081,11 +1155,18 @@ def test_data_fingerprint_sees_both_ends_and_the_size_of_every_shard(tmp_path):
     assert train.checkpoint.data_fingerprint(tmp_path) == fp
     for name in ("train.tokens.bin", "train.offsets.bin"):
         original = (tmp_path / name).read_bytes()
-        for changed in (b"x" + original[1:], original[:-1] + b"x", original + b"\0"):
+        for changed in (b"x" + original[1:], original[:-1] + b"x", original + b"\0",
+                        original[:4095] + b"x" + original[4096:],  # the last byte of the first 4 KiB
+                        original[:-4096] + b"x" + original[-4095:]):  # the first byte of the last 4 KiB
+            assert changed != original and len(changed) >= len(original)
             (tmp_path / name).write_bytes(changed)
             assert train.checkpoint.data_fingerprint(tmp_path) != fp, name
         (tmp_path / name).write_bytes(original)
     assert train.checkpoint.data_fingerprint(tmp_path) == fp
+    (tmp_path / "train.tokens.bin").write_bytes(bytes(10240))  # zeros: a longer shard has the same first and last 4 KiB
+    zeros = train.checkpoint.data_fingerprint(tmp_path)
+    (tmp_path / "train.tokens.bin").write_bytes(bytes(12288))
+    assert train.checkpoint.data_fingerprint(tmp_path) != zeros  # its size tells them apart
 
 
 def test_fingerprint_sees_both_ends_of_every_tensor_and_not_the_dicts_order():
@@ -1097,11 +1178,13 @@ def test_fingerprint_sees_both_ends_of_every_tensor_and_not_the_dicts_order():
     fp = checkpoint.fingerprint(w)
     assert checkpoint.fingerprint({n: w[n].clone() for n in reversed(list(w))}) == fp
     for name in w:
-        for i in (0, -1):
+        for i in (0, 63, -64, -1):  # the first and last of both ends' 64 values
             changed = {n: t.clone() for n, t in w.items()}
             changed[name][i] += 1e-3
             assert checkpoint.fingerprint(changed) != fp, (name, i)
     assert checkpoint.fingerprint({**w, "norm.weight": w["norm.weight"].reshape(3, 100)}) != fp
+    # the same values in another dtype (a float64 copy of a float32 base: equal once made float) are another base
+    assert checkpoint.fingerprint({**w, "norm.weight": w["norm.weight"].double()}) != fp
 
 
 def test_only_a_dict_of_adapter_tensors_alone_is_an_adapter_file():
@@ -1129,6 +1212,12 @@ def test_a_one_process_cuda_runs_checkpoint_keeps_its_cuda_generator(tmp_path, m
     checkpoint.save_checkpoint(r, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), 3)
     rng = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))["rng"]
     assert asked == [dev] and len(rng) == 1 and torch.equal(rng[0]["cuda"], cuda_state)
+    restored = []  # and a resume on CUDA gives that device its generator back; on the CPU there is none to set
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, dev: restored.append((state, dev)))
+    checkpoint.set_rng_state(rng[0], dev)
+    checkpoint.set_rng_state(rng[0], torch.device("cpu"))
+    checkpoint.set_rng_state({**rng[0], "cuda": None}, dev)  # a CPU run's checkpoint resumed on a GPU
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state) and restored[0][1] == dev
 
 
 def test_gather_state_is_a_snapshot_that_later_steps_leave_alone():
@@ -1142,6 +1231,51 @@ def test_gather_state_is_a_snapshot_that_later_steps_leave_alone():
         for p in a.parameters():
             p.add_(1.0)
     assert_same_adapters(state, before)
+
+
+def test_a_changed_base_is_refused_for_an_adapter_but_not_for_full_training_whose_checkpoint_holds_every_weight():
+    """check_base: an adapter is only right on the base it trained on; a full-training resume loads every weight from
+    ckpt.pt, so the base at init_from does not matter to it. A checkpoint without a fingerprint (older) passes."""
+    import checkpoint
+    adapter, full = {"adapter": "teamlora", "init_from": "b.pt"}, {"adapter": "none", "init_from": "b.pt"}
+    checkpoint.check_base({"base": "aaaa"}, "aaaa", adapter, "ckpt.pt")
+    checkpoint.check_base({"base": None}, "bbbb", adapter, "ckpt.pt")
+    checkpoint.check_base({}, "bbbb", adapter, "ckpt.pt")
+    checkpoint.check_base({"base": "aaaa"}, "bbbb", full, "ckpt.pt")
+    with pytest.raises(UserError, match=r"the base model at b\.pt is not the one this run trained on .*ckpt\.pt"):
+        checkpoint.check_base({"base": "aaaa"}, "bbbb", adapter, "ckpt.pt")
+
+
+def test_only_rank_0_writes_the_checkpoint_and_every_rank_waits_until_it_is_written(tmp_path, monkeypatch):
+    """Under torchrun every rank gathers the state (a collective), rank 0 alone writes the files (two writers of one
+    file would race), and all of them wait at a barrier until it has: no rank goes on, or exits, before it is whole."""
+    import types
+
+    import checkpoint
+    a = _tiny_adapter_model(seed=1)
+    opt = torch.optim.AdamW(train.trainable(a), lr=1e-2)
+    at_barrier = []
+    monkeypatch.setattr(checkpoint.dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None),
+                                                                                               [mine, mine]))
+    for rank in (1, 0):
+        out = tmp_path / f"rank{rank}"
+        out.mkdir()
+        monkeypatch.setattr(checkpoint.dist, "barrier", lambda out=out: at_barrier.append(sorted(os.listdir(out))))
+        r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(out), "fsdp": False}, world=2,
+                                  device=torch.device("cpu"), master=rank == 0, args=a.args, base=None, data=None)
+        checkpoint.save_checkpoint(r, a, opt, 3)
+    assert at_barrier == [[], ["adapter.pt", "ckpt.pt"]]  # rank 1 wrote nothing; rank 0 waited with both written
+    assert len(checkpoint.load_checkpoint(str(tmp_path / "rank0" / "ckpt.pt"))["rng"]) == 2
+
+
+def test_fsdp_true_outside_torchrun_is_one_processs_run(run_data, tmp_path):
+    """The recipes set fsdp=True for torchrun; run without it (one process, no process group) nothing is sharded:
+    the run trains and saves as with fsdp=False, to the same adapters."""
+    flags = ("--eval_dir=", "--max_iters=2", "--eval_interval=2", "--threads=1")
+    plain = train.train(train_cfg(run_data, tmp_path / "plain", *flags))
+    fsdp = train.train(train_cfg(run_data, tmp_path / "fsdp", *flags, "--fsdp=True"))
+    assert fsdp["step"] == 2 and (tmp_path / "fsdp" / "adapter.pt").is_file()
+    assert_same_adapters(adapters_of(plain["model"]), adapters_of(fsdp["model"]))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1216,6 +1350,21 @@ def test_results_table_shows_lift_as_score_minus_chance_and_the_average_row(caps
         assert rows[name] == pytest.approx([scores[name], chance[name], scores[name] - chance[name]], abs=0.051)
     mean_score, mean_chance = sum(scores.values()) / 3, sum(chance.values()) / 3
     assert rows["average"] == pytest.approx([mean_score, mean_chance, mean_score - mean_chance], abs=0.051)
+
+
+def test_results_show_each_tasks_share_of_every_expert_and_the_even_share(capsys):
+    """The paper's Figure 5 as text: one line per task with every expert's share, and the even share 1 / experts."""
+    names = list(SYNTHETIC_TASKS)[:2]
+    loads = {names[0]: torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25]), names[1]: torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])}
+    cfg = dict(train.DEFAULTS, experts=5, r=10, load_layers=3)
+    evaluation.print_results(dict.fromkeys(names, 50.0), dict.fromkeys(names, 10.0), loads, cfg)
+    printed = capsys.readouterr().out
+    assert "expert load over each task's prompt tokens (last 3 layers; even = 0.20)" in printed
+    for name, load in loads.items():
+        line = [line for line in printed.splitlines() if line.startswith(name) and " e0 " in line]
+        assert len(line) == 1, printed
+        shares = [(int(e), float(v)) for e, v in re.findall(r"e(\d+) █* *([\d.]+)", line[0])]
+        assert shares == [(i, pytest.approx(v, abs=0.005)) for i, v in enumerate(load.tolist())], line[0]
 
 
 def test_results_json_holds_the_summary_but_the_model_and_the_loss_curve(run_data, tmp_path):

@@ -873,3 +873,85 @@ def test_eval_only_pointed_at_no_run_is_refused_and_makes_no_out_dir(run_data, t
     out = tmp_path / "no_such_run"
     fails(train_flags(run_data, out, "--eval_only=True"), capsys, out / "adapter.pt", "does not exist")
     assert not out.exists()
+
+
+# -------------------------------------------------------------------------------------------------
+# stopping, out_dir and a run's paths on their own (added from mutation testing)
+
+def test_sigterm_outside_the_training_loop_is_ctrl_c_and_the_callers_handler_comes_back(run_data, tmp_path,
+                                                                                        monkeypatch):
+    """Before the loop (the demo's data, the model, the checks) or while scoring, no step is under way: a SIGTERM
+    from SLURM or Kubernetes is a KeyboardInterrupt, as Ctrl-C, not the caller's handler or a SystemExit."""
+    def callers(signum, frame):
+        raise AssertionError("the caller's SIGTERM handler ran inside train()")
+    monkeypatch.setattr(train, "build_demo", lambda cfg, resuming=False: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.train(train.parse_config(train_flags(run_data, tmp_path / "a", "--eval_dir=")))
+        assert signal.getsignal(signal.SIGTERM) is callers and not (tmp_path / "a").exists()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_every_rank(monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    for master in (False, True):
+        stop = train.StopAfterStep(master)
+        for _ in range(2):  # a second SIGTERM never stops at once
+            stop(signal.SIGTERM, None)
+        assert stop.asked and not stop.forced
+        assert capsys.readouterr().err.count("stopping after this step, with a checkpoint") == (1 if master else 0)
+    r = train.Run({}, 0, 2)
+    monkeypatch.setattr(train.evaluation, "all_reduce_sum", lambda t, world: t + 1)  # the other rank was asked
+    assert train.StopAfterStep(True).agreed(r)
+    monkeypatch.setattr(train.evaluation, "all_reduce_sum", lambda t, world: t)  # no rank was
+    assert not train.StopAfterStep(True).agreed(r)
+
+
+def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_once_keeps(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Right after a step's checkpoint there is nothing to write again (at 7B, minutes of a SIGTERM's grace period);
+    a stop at once keeps the last checkpoint, that of step 0 too (a run stopped before its first step, resumed)."""
+    saves = []
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", lambda r, raw, opt, step: saves.append(step))
+    r, stop = train.Run({"out_dir": str(tmp_path)}), train.StopAfterStep(True)
+    assert train.stop_run(r, None, None, stop, 3, 3) == 3 and saves == []
+    assert f"checkpoint of step 3 written to {tmp_path}" in capsys.readouterr().out
+    assert train.stop_run(r, None, None, stop, 4, 3) == 4 and saves == [4]
+    stop.forced = True  # a second Ctrl-C, one step after the resume of a checkpoint of step 0
+    assert train.stop_run(r, None, None, stop, 1, 0) == 0 and saves == [4]
+    out = capsys.readouterr().out
+    assert f"stopped at once: the checkpoint of step 0 in {tmp_path} is kept" in out and "--overwrite" not in out
+
+
+def test_only_rank_0_checks_that_out_dir_can_be_written_and_removes_leftover_temporaries(tmp_path, monkeypatch):
+    """Rank 0 writes every file of a run: the other ranks (on other nodes, perhaps without out_dir) only check that it
+    holds no other run, and leave the temporaries of killed writes to rank 0 (two ranks removing one would race)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt.tmp999999").write_bytes(b"half a checkpoint of a process that was killed")
+    cfg = {"out_dir": str(out), "init_from": "scratch", "overwrite": False, "data_dir": "", "eval_dir": ""}
+
+    def refused(*args, dir=None, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+    monkeypatch.setattr(train.tempfile, "TemporaryFile", refused)
+    assert train.claim_out_dir(train.Run(cfg, 1, 2), False) == []
+    assert (out / "ckpt.pt.tmp999999").exists()
+    with pytest.raises(train.UserError, match="is not writable"):
+        train.claim_out_dir(train.Run(cfg, 0, 2), False)
+    monkeypatch.undo()
+    assert train.claim_out_dir(train.Run(cfg, 0, 2), False) == [] and not (out / "ckpt.pt.tmp999999").exists()
+
+
+def test_a_runs_relative_path_that_is_not_found_says_to_run_in_the_folder_train_py_ran_in(tmp_path, monkeypatch):
+    """A run's paths are as typed: a relative one that is not found from here is most likely the wrong folder."""
+    monkeypatch.chdir(tmp_path)
+    cfg = {"tokenizer": "data/tok.model", "init_from": "scratch"}
+    with pytest.raises(train.UserError, match=r"^the run's tokenizer data/tok\.model is not found from here; run "
+                                              r"sample\.py in the folder that train\.py ran in \(the run's paths are "
+                                              r"relative to it\)\.$"):
+        train.check_run_paths(cfg, ["tokenizer", "init_from"], "sample.py")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tok.model").write_text("found")
+    train.check_run_paths(cfg, ["tokenizer", "init_from"])  # scratch is no path
