@@ -1,10 +1,13 @@
 """
-What a run of train.py runs on: its device, its CPU threads, and its place among torchrun's processes
-(torchrun sets RANK, LOCAL_RANK and WORLD_SIZE), including a resume on another number of them.
+What a run of train.py runs on: its device, its CPU threads, its place among torchrun's processes
+(torchrun sets RANK, LOCAL_RANK and WORLD_SIZE), including a resume on another number of them, and the
+signals that stop it (Ctrl-C, and the SIGTERM that SLURM and Kubernetes send before they kill a job).
 """
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -108,3 +111,62 @@ def keep_slices(cfg, ckpt, world, master):
         print(f"resuming a run of {saved} process(es) on {world}: grad_accum {cfg['grad_accum']} -> "
               f"{slices // world}, so each batch is cut into the run's {slices} slices and dropout masks")
     return {**cfg, "grad_accum": slices // world}
+
+
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 +
+# SIGINT): `train.py && next` stops there, and a Kubernetes Job or a scheduler does not count the run as finished
+
+
+def _in_main_thread():  # signals reach the main thread only: elsewhere handlers stay as they are
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """For the duration, SIGTERM stops the run as Ctrl-C does (a KeyboardInterrupt): outside the training loop,
+    where StopAfterStep takes both."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, interrupt) if _in_main_thread() else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+class StopAfterStep:
+    """Ctrl-C or SIGTERM while the loop trains: the step under way ends, then the run writes its checkpoint and
+    stops; a step cut short could leave half an update (or FSDP half a backward) to save. A second Ctrl-C stops at
+    once, keeping the last checkpoint; not under torchrun, which passes the terminal's Ctrl-C on to its processes
+    (each gets two), and never a SIGTERM."""
+
+    def __init__(self, master):
+        self.master, self.asked, self.forced = master, False, False
+        self.forcible, self.old = "RANK" not in os.environ, {}  # old: the handlers install() replaced
+
+    def __call__(self, signum, frame):
+        if self.asked and signum == signal.SIGINT and self.forcible:
+            self.forced = True
+            raise KeyboardInterrupt
+        if not self.asked and self.master:
+            again = " (Ctrl-C again: at once, keeping the last one)" if self.forcible else ""
+            print(f"\nstopping after this step, with a checkpoint{again}", file=sys.stderr, flush=True)
+        self.asked = True
+
+    def agreed(self, device, world):
+        """Whether to stop after this step: asked on any of the `world` processes (they must stop after the same
+        step)."""
+        if world == 1:
+            return self.asked
+        asked = torch.tensor([float(self.asked)], device=device)
+        dist.all_reduce(asked)
+        return bool(asked.item())
+
+    def install(self):
+        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
+        return self
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)

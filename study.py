@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import configurator
 import data
+import machine
 import train
 from errors import exit_with
 
@@ -177,7 +178,7 @@ def launch(flags, threads):
     with open(os.path.join(out, "stdout.txt"), "w") as log:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
         p = subprocess.run([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if p.returncode == train.INTERRUPTED:
+    if p.returncode == machine.INTERRUPTED:
         raise data.UserError(f"the run in {out} was stopped (Ctrl-C or SIGTERM) after writing its checkpoint; run the "
                              "study again to continue it.")
     if p.returncode:

@@ -590,8 +590,8 @@ def test_resume_runs_on_the_runs_own_device_unless_told_otherwise(run_data, tmp_
     """Found on a GPU machine: a CPU run resumed with the default device='auto' moved to the GPU."""
     train.train(train_cfg(run_data, tmp_path / "p", "--eval_dir=", "--max_iters=2", "--eval_interval=2",
                           "--device=cpu"))
-    seen, real = [], train.setup_distributed
-    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (seen.append(cfg["device"]), real(cfg))[1])
+    seen, real = [], machine.setup_distributed
+    monkeypatch.setattr(machine, "setup_distributed", lambda cfg: (seen.append(cfg["device"]), real(cfg))[1])
     train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=3"]))
     train.train(train.parse_config([f"--out_dir={tmp_path / 'p'}", "--init_from=resume", "--max_iters=4",
                                     "--device=auto"]))
@@ -849,7 +849,7 @@ def test_an_interrupted_demo_pretraining_continues_where_it_stopped(tmp_path, mo
 
     monkeypatch.setattr(data, "get_batch", interrupt_pretraining_at_step_2)
     cfg = train.parse_config(["--max_iters=1", "--eval_limit=1", "--model=tiny"])
-    stopped = train.train(cfg)  # as an interrupted run: main exits with train.INTERRUPTED
+    stopped = train.train(cfg)  # as an interrupted run: main exits with machine.INTERRUPTED
     assert stopped["interrupted"] and stopped["step"] == 2
     out = capsys.readouterr().out
     assert "interrupted: checkpoint of step 2 written to data/mini_cme/pretrain" in out
@@ -888,17 +888,17 @@ def test_cuda_float32_matmuls_are_tf32_for_the_run_only_and_the_cpu_untouched(ru
     """With a bf16 base the adapters' GEMMs are float32: IEEE float32 (torch's default on CUDA) would run them
     at a CUDA-core fraction of the tensor cores' speed. A CUDA run switches them to TF32 (tf32=False keeps
     IEEE) and leaves the setting as it found it; a CPU run never touches it."""
-    seen, real_setup = [], train.setup_distributed
+    seen, real_setup = [], machine.setup_distributed
     monkeypatch.setattr(train, "build_demo", lambda cfg, resuming=False: None)
     monkeypatch.setattr(train, "run", lambda r, ckpt: seen.append((r.device.type, cuda_fp32_matmuls())) or {})
     before = cuda_fp32_matmuls()
-    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (0, 1, torch.device("cuda")))
+    monkeypatch.setattr(machine, "setup_distributed", lambda cfg: (0, 1, torch.device("cuda")))
     train.train(train_cfg(run_data, tmp_path / "a"))
     assert cuda_fp32_matmuls() == before
     train.train(train_cfg(run_data, tmp_path / "b", "--tf32=False"))
     assert cuda_fp32_matmuls() == before
-    monkeypatch.setattr(train, "setup_distributed", real_setup)
-    with train.cuda_matmul_precision(True):  # a CPU run inside a TF32 setting leaves it so
+    monkeypatch.setattr(machine, "setup_distributed", real_setup)
+    with machine.cuda_matmul_precision(True):  # a CPU run inside a TF32 setting leaves it so
         train.train(train_cfg(run_data, tmp_path / "c", "--device=cpu"))
     assert seen == [("cuda", "tf32"), ("cuda", "ieee"), ("cpu", "tf32")] and cuda_fp32_matmuls() == before
 

@@ -20,6 +20,7 @@ import torch
 
 import data
 import evaluation
+import machine
 import minicme
 import train
 from conftest import LLAMA2, OFFICIAL, FullDisk, adapters_of, assert_same_adapters, needs_fixtures, train_flags
@@ -242,7 +243,7 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(run_data, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == train.INTERRUPTED == 130, stderr[-2000:]  # not 0: `train.py && next` stops here
+    assert proc.returncode == machine.INTERRUPTED == 130, stderr[-2000:]  # not 0: `train.py && next` stops here
     step = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
     assert 2 <= step < 2000 and "--init_from=resume" in stdout
     # without a terminal: one plain line per log interval, no progress-bar frames
@@ -787,7 +788,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_not_half_a_
     assert stopped["interrupted"] and stopped["step"] == 3  # eval_interval=3: the checkpoint of step 3
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
     assert "stopped at once: the checkpoint of step 3 in" in capsys.readouterr().out
-    monkeypatch.setattr(train.StopAfterStep, "__init__", lambda self, master: (
+    monkeypatch.setattr(machine.StopAfterStep, "__init__", lambda self, master: (
         setattr(self, "__dict__", dict(master=master, asked=False, forced=False, forcible=False))))  # as torchrun's
     assert train.train(train.parse_config(train_flags(run_data, tmp_path / "tr", "--eval_dir=")))["step"] == 5
 
@@ -897,16 +898,16 @@ def test_sigterm_outside_the_training_loop_is_ctrl_c_and_the_callers_handler_com
 def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_every_rank(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     for master in (False, True):
-        stop = train.StopAfterStep(master)
+        stop = machine.StopAfterStep(master)
         for _ in range(2):  # a second SIGTERM never stops at once
             stop(signal.SIGTERM, None)
         assert stop.asked and not stop.forced
         assert capsys.readouterr().err.count("stopping after this step, with a checkpoint") == (1 if master else 0)
-    r = train.Run({}, 0, 2)
-    monkeypatch.setattr(train.evaluation, "all_reduce_sum", lambda t, world: t + 1)  # the other rank was asked
-    assert train.StopAfterStep(True).agreed(r)
-    monkeypatch.setattr(train.evaluation, "all_reduce_sum", lambda t, world: t)  # no rank was
-    assert not train.StopAfterStep(True).agreed(r)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(machine.dist, "all_reduce", lambda t: t.add_(1))  # the other rank was asked
+    assert machine.StopAfterStep(True).agreed(cpu, 2)
+    monkeypatch.setattr(machine.dist, "all_reduce", lambda t: t)  # no rank was
+    assert not machine.StopAfterStep(True).agreed(cpu, 2)
 
 
 def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_once_keeps(tmp_path, monkeypatch,
@@ -915,7 +916,7 @@ def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_
     a stop at once keeps the last checkpoint, that of step 0 too (a run stopped before its first step, resumed)."""
     saves = []
     monkeypatch.setattr(train.checkpoint, "save_checkpoint", lambda r, raw, opt, step: saves.append(step))
-    r, stop = train.Run({"out_dir": str(tmp_path)}), train.StopAfterStep(True)
+    r, stop = train.Run({"out_dir": str(tmp_path)}), machine.StopAfterStep(True)
     assert train.stop_run(r, None, None, stop, 3, 3) == 3 and saves == []
     assert f"checkpoint of step 3 written to {tmp_path}" in capsys.readouterr().out
     assert train.stop_run(r, None, None, stop, 4, 3) == 4 and saves == [4]

@@ -16,10 +16,8 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,13 +31,13 @@ import checkpoint
 import configurator
 import data
 import evaluation
+import machine
 import memory
 import minicme
 import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
 from errors import UserError
-from machine import cpu_threads, cuda_matmul_precision, keep_slices, resolve_device, setup_distributed
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -393,7 +391,8 @@ def build_demo(cfg, resuming=False):
         pre["threads"] = pre["threads"] or threads
         torch.set_num_threads(pre["threads"])
         try:
-            summary = run(Run(pre, device=torch.device(resolve_device(cfg)), resume_with="the same command"), ckpt)
+            dev = torch.device(machine.resolve_device(cfg))
+            summary = run(Run(pre, device=dev, resume_with="the same command"), ckpt)
         finally:
             torch.set_num_threads(threads)
         if summary.get("interrupted"):  # its checkpoint is written, and run() said to run the same command again
@@ -425,73 +424,26 @@ def check_batch_split(cfg, world):
                         f"{world * cfg['grad_accum']}.")
 
 
-INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 +
-# SIGINT): `train.py && next` stops there, and a Kubernetes Job or a scheduler does not count the run as finished
-
-
-def on_sigterm(signum, frame):
-    """SLURM and Kubernetes send SIGTERM before they kill a job: outside the training loop (StopAfterStep's), as
-    Ctrl-C."""
-    raise KeyboardInterrupt
-
-
-class StopAfterStep:
-    """Ctrl-C or SIGTERM while the loop trains: the step under way ends, then the run writes its checkpoint and
-    stops; a step cut short could leave half an update (or FSDP half a backward) to save. A second Ctrl-C stops at
-    once, keeping the last checkpoint; not under torchrun, which passes the terminal's Ctrl-C on to its processes
-    (each gets two), and never a SIGTERM."""
-
-    def __init__(self, master):
-        self.master, self.asked, self.forced = master, False, False
-        self.forcible, self.old = "RANK" not in os.environ, {}  # old: the handlers install() replaced
-
-    def __call__(self, signum, frame):
-        if self.asked and signum == signal.SIGINT and self.forcible:
-            self.forced = True
-            raise KeyboardInterrupt
-        if not self.asked and self.master:
-            again = " (Ctrl-C again: at once, keeping the last one)" if self.forcible else ""
-            print(f"\nstopping after this step, with a checkpoint{again}", file=sys.stderr, flush=True)
-        self.asked = True
-
-    def agreed(self, r):
-        """Whether to stop after this step: asked on any process (they must stop after the same step)."""
-        asked = torch.tensor([float(self.asked)], device=r.device)
-        return bool(evaluation.all_reduce_sum(asked, r.world).item()) if r.world > 1 else self.asked
-
-    def install(self):  # signals reach the main thread only: elsewhere they stay as they are
-        main = threading.current_thread() is threading.main_thread()
-        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-        return self
-
-    def restore(self):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-
 def train(cfg):
     """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
     cfg, ckpt = resume_config(cfg)
-    rank, world, dev = setup_distributed(cfg)
-    cfg = keep_slices(cfg, ckpt, world, rank == 0)
+    rank, world, dev = machine.setup_distributed(cfg)
+    cfg = machine.keep_slices(cfg, ckpt, world, rank == 0)
     if dev.type == "cpu":  # the count used is saved with the config: a resume keeps it, as rounding depends on it
-        torch.set_num_threads(cpu_threads(cfg))
+        torch.set_num_threads(machine.cpu_threads(cfg))
         cfg = {**cfg, "threads": torch.get_num_threads()}
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
-        if cfg["dry_run"]:
-            return check_full_config(cfg) if rank == 0 else {}
-        check_batch_split(cfg, world)
-        if rank == 0 and (stopped := build_demo(cfg, resuming=ckpt is not None)):
-            return stopped  # the demo's pretraining, interrupted
-        if world > 1:
-            dist.barrier()
-        with cuda_matmul_precision(cfg["tf32"]) if dev.type == "cuda" else nullcontext():
-            return run(Run(cfg, rank, world, dev), ckpt)
+        with machine.sigterm_as_ctrl_c():  # the loop (run) takes it over: StopAfterStep
+            if cfg["dry_run"]:
+                return check_full_config(cfg) if rank == 0 else {}
+            check_batch_split(cfg, world)
+            if rank == 0 and (stopped := build_demo(cfg, resuming=ckpt is not None)):
+                return stopped  # the demo's pretraining, interrupted
+            if world > 1:
+                dist.barrier()
+            with machine.cuda_matmul_precision(cfg["tf32"]) if dev.type == "cuda" else nullcontext():
+                return run(Run(cfg, rank, world, dev), ckpt)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, sigterm)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -728,7 +680,7 @@ def run(r, ckpt=None):
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
     since, tokens = time.time(), 0  # since the last log line or validation: what tokens/s averages over
-    stop, saved = StopAfterStep(r.master).install(), step if ckpt else None  # saved: the last checkpoint's step
+    stop, saved = machine.StopAfterStep(r.master).install(), step if ckpt else None  # saved: the last checkpoint's step
     try:
         while step < cfg["max_iters"]:
             train_loss, lr, n_tokens = train_step(r, model, raw, opt, train_ds, step)
@@ -756,7 +708,7 @@ def run(r, ckpt=None):
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
                 checkpoint.save_checkpoint(r, raw, opt, step)
                 since, tokens, saved = time.time(), 0, step
-            if stop.agreed(r):
+            if stop.agreed(r.device, r.world):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
@@ -879,7 +831,7 @@ def main(argv=None):
     code, cfg = 0, {}
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        code = INTERRUPTED if train(cfg).get("interrupted") else 0
+        code = machine.INTERRUPTED if train(cfg).get("interrupted") else 0
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("TEAMLORA_DEBUG"):
             raise
