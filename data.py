@@ -113,7 +113,7 @@ def encode_example(tokenizer, example, max_len=1024):
 
 _BLANK = re.compile(r"[ \t\r\n]*")
 _READ = 1 << 20  # characters read at a time from a JSON list
-_TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
+TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
 
 
 def _iter_json_list(path):
@@ -165,7 +165,7 @@ def _iter_json_list(path):
                     if real or not fill():
                         fail(e.pos, f"record {index} is not valid JSON ({e.msg})")
                 except RecursionError:  # too deep in what was read already: more text cannot help
-                    fail(pos, f"record {index} {_TOO_DEEP}")
+                    fail(pos, f"record {index} {TOO_DEEP}")
             yield index, record
             index, pos = index + 1, end
             char = peek()
@@ -250,7 +250,7 @@ def _encode_chunk(job):
                     raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); each line of a "
                                     "JSONL file must be one whole JSON object") from None
                 except RecursionError:
-                    raise UserError(f"{where} {_TOO_DEEP}; fix or remove that record") from None
+                    raise UserError(f"{where} {TOO_DEEP}; fix or remove that record") from None
             source, target = _encode_parts(_WORKER_TOKENIZER, payload, where)
         except UserError as e:
             return ("error", str(e))
@@ -593,7 +593,7 @@ def read_jsonl(path):
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
                 except RecursionError:
-                    raise UserError(f"{path} line {n} {_TOO_DEEP}; fix or remove that line.") from None
+                    raise UserError(f"{path} line {n} {TOO_DEEP}; fix or remove that line.") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
                 yield f"{path} line {n}", obj
@@ -629,7 +629,7 @@ def _read_summary(path):
     except UnicodeDecodeError:
         raise UserError(f"{summary_path} is not UTF-8 text; {again}") from None
     except RecursionError:
-        raise UserError(f"{summary_path} {_TOO_DEEP}; {again}") from None
+        raise UserError(f"{summary_path} {TOO_DEEP}; {again}") from None
     if not isinstance(summary, dict):
         raise UserError(f"{summary_path} holds {_json_kind(summary)}, not a prepare summary; {again}")
     for key, ok, want in (("splits", lambda v: isinstance(v, dict), "an object"),

@@ -20,7 +20,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data import UserError, blocked_parent, read_jsonl, write_atomic
+from data import TOO_DEEP, UserError, blocked_parent, read_jsonl, write_atomic
 from errors import exit_with
 
 # -----------------------------------------------------------------------------
@@ -291,8 +291,7 @@ def _json(path):
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file.") from None
         except RecursionError:
-            raise UserError(f"{path} is nested too deeply to read (a thousand or more [ or {{ inside each other); "
-                            "fix the file.") from None
+            raise UserError(f"{path} {TOO_DEEP}; fix the file.") from None
 
 
 def _tsv(path, need):
