@@ -50,14 +50,10 @@ def read(argv, defaults):
     config file is a script the user wrote, run as nanoGPT runs its configs: it may compute values
     (max_iters = 2_500_000 // 128) and start from another config (exec(open(...).read()); __file__ is its path)."""
     cfg, explicit = dict(defaults), set()
-    for arg in sorted(argv, key=lambda a: a.startswith("--")):  # stable: files in their order, then flags
-        if arg == "--":  # torchrun reads --r=8 as an abbreviation of its own flags; `-- --r=8` gets here
-            continue
-        if arg.startswith("--"):
-            key, value = parse_flag(arg, defaults)
-            cfg[key] = typed(key, value, defaults, f"flag {arg}")
-            explicit.add(key)
-            continue
+    # "--" ends torchrun's own flags (it reads --r=8 as an abbreviation of one); each flag's form is checked before
+    # any file runs: `--adapter lora` is a flag without its value, not a config file named lora
+    flags = [(arg, *parse_flag(arg, defaults)) for arg in argv if arg.startswith("--") and arg != "--"]
+    for arg in (a for a in argv if not a.startswith("--")):  # the files in their order, then the flags
         if not os.path.isfile(arg):
             what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
             raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
@@ -72,4 +68,7 @@ def read(argv, defaults):
             if not key.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
                 cfg[key] = typed(key, value, defaults, f"config file {arg}")
                 explicit.add(key)
+    for arg, key, value in flags:
+        cfg[key] = typed(key, value, defaults, f"flag {arg}")
+        explicit.add(key)
     return cfg, explicit

@@ -445,7 +445,7 @@ class Transformer(nn.Module):
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist; pass the folder that holds "
-                                    "params.json (Meta) or config.json (Hugging Face)")
+                                    "params.json (Meta) or config.json (Hugging Face).")
         if os.path.exists(os.path.join(path, "params.json")):
             args, state = _read_meta(path, dtype, device)
         elif os.path.exists(os.path.join(path, "config.json")):

@@ -868,6 +868,16 @@ def test_resuming_a_finished_run_at_its_own_max_iters_trains_nothing_and_is_not_
     assert contents(out)["ckpt.pt"] == before
 
 
+def test_an_init_from_that_does_not_exist_is_one_sentence_with_the_word_it_was_likely_meant_to_be(run_data, tmp_path,
+                                                                                                     capsys):
+    fails(train_flags(run_data, tmp_path / "a", "--init_from=resum"), capsys, "init_from 'resum' does not exist; did "
+          "you mean 'resume'?")
+    fails(train_flags(run_data, tmp_path / "b", f"--init_from={tmp_path / 'llama'}"), capsys,
+          f"init_from '{tmp_path / 'llama'}' does not exist; give a model.pt written by train.py, a Meta or Hugging "
+          "Face folder, 'scratch' or 'resume'.")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_eval_only_pointed_at_no_run_is_refused_and_makes_no_out_dir(run_data, tmp_path, capsys):
     """eval_only reads a finished run and writes only its results.json: an out_dir with no run in it is one sentence
     naming the adapter.pt it lacks, and no empty folder is left where the user mistyped a path."""

@@ -11,6 +11,7 @@ flags, read by configurator.py. An unknown key or a value of the wrong type is a
 Reading order: main -> train (resume config, processes, the demo's files) -> run (the loop) ->
 finish (the scores, from evaluation.py).
 """
+import difflib
 import errno
 import json
 import math
@@ -237,9 +238,11 @@ def base_weights(cfg, vocab_size):
             raise UserError(f"init_from '{src}' is {what} (it has no model_args and model); give the model.pt of a "
                             "full training run, or a Meta or Hugging Face folder.")
         return ModelArgs(**ckpt["model_args"]), ckpt["model"]
-    if os.path.isfile(src):
-        raise UserError(f"init_from '{src}' is a file but not a .pt checkpoint; give a model.pt written by train.py, "
-                        "a Meta or Hugging Face folder, 'scratch' or 'resume'.")
+    if os.path.isfile(src) or not os.path.exists(src):
+        what = "is a file but not a .pt checkpoint" if os.path.isfile(src) else "does not exist"
+        typo = difflib.get_close_matches(src, ("scratch", "resume"), n=1)
+        raise UserError(f"init_from '{src}' {what}; " + (f"did you mean '{typo[0]}'?" if typo else "give a model.pt "
+                        "written by train.py, a Meta or Hugging Face folder, 'scratch' or 'resume'."))
     base = from_pretrained(src)  # memory-mapped tensors, not copies
     return base.args, base.state_dict()
 
