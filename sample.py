@@ -1,7 +1,7 @@
 """
 Answer instructions with a run of train.py (nanoGPT's sample.py, for adapters):
 
-    python sample.py --instruction="Who directed The Silver Harbor?"      # the demo's run, out/demo
+    python sample.py --instruction="Which filmmaker made The Silver Harbor?"  # the demo's run, out/demo
     python sample.py --out_dir=out/lora --instruction="..." --input="..."
     python sample.py --records=data/mini_cme/test/qa.jsonl --limit=3        # records in the authors' format
 
@@ -14,6 +14,7 @@ tokens in the last load_layers blocks, as in the results table of train.py.
 import argparse
 import math
 import os
+import sys
 
 import torch
 
@@ -40,6 +41,9 @@ def load_run(out_dir, device="auto"):
     model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
     checkpoint.check_base(ckpt, base, cfg, path)
     checkpoint.load_state(model, ckpt["state"], cfg)
+    if ckpt["iter"] < cfg["max_iters"]:  # stopped by Ctrl-C, or still training: its answers are not the run's last
+        print(f"note: the run in {out_dir} is at step {ckpt['iter']} of its {cfg['max_iters']} (it stopped, or is "
+              "still training); these are that step's answers.", file=sys.stderr)
     return model.eval(), r
 
 

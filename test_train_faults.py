@@ -656,6 +656,28 @@ def test_a_run_resumed_or_sampled_on_another_base_is_refused_and_on_its_own_goes
     sample.load_run(str(out))
 
 
+def test_a_run_scored_or_sampled_before_its_last_step_says_so_and_a_resume_at_its_last_says_nothing_is_left(
+        run_data, tmp_path, capsys):
+    """Scores and answers of a run stopped by Ctrl-C (or still training) are not its last: sample.py and
+    --eval_only=True say so; a resume of a finished run only scores it again, and says so too."""
+    import sample
+    out = tmp_path / "run"
+    train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=", "--max_iters=2")))
+    capsys.readouterr()
+    sample.load_run(str(out))
+    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err and f"resumed from {out}/ckpt.pt at step 2, its last: nothing to train, " \
+        "scoring it (raise --max_iters to train on)" in captured.out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "max_iters": 4}}, out / "ckpt.pt")  # as if stopped at 2 of 4
+    sample.load_run(str(out))
+    assert f"note: the run in {out} is at step 2 of its 4 (it stopped, or is still training)" in capsys.readouterr().err
+    train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True", f"--eval_dir={run_data / 'test'}",
+                                    "--eval_limit=1"]))
+    assert f"resumed from {out}/ckpt.pt at step 2, before its last (4): the run stopped" in capsys.readouterr().out
+
+
 def test_demo_files_deleted_by_hand_are_named_with_the_demos_own_fix(tmp_path, monkeypatch, capsys):
     """data.py's messages name its own flags (--input): the demo's files are train.py's to build again."""
     monkeypatch.chdir(tmp_path)

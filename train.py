@@ -590,8 +590,13 @@ def restore(r, raw, opt, ckpt):
                         f"({type(e).__name__}: {e}); resume from a copy, or start the run again.") from None
     if r.master and r.cfg["adapter"] != "none" and not r.cfg["eval_only"]:  # a kill between the two writes left
         checkpoint.save_weights(r, ckpt["state"])  # the adapter behind
-    r.say(f"resumed from {r.cfg['out_dir']}/ckpt.pt at step {ckpt['iter']}")
-    return ckpt["iter"]
+    step, last = ckpt["iter"], r.cfg["max_iters"]
+    if r.cfg["eval_only"]:
+        note = f", before its last ({last}): the run stopped, or is still training" if step < last else ""
+    else:  # a run stopped while it was scored resumes to be scored
+        note = ", its last: nothing to train, scoring it (raise --max_iters to train on)" if step == last else ""
+    r.say(f"resumed from {r.cfg['out_dir']}/ckpt.pt at step {step}{note}")
+    return step
 
 
 def load_trained_adapter(r, raw):
