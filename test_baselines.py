@@ -2,6 +2,7 @@
 
     python -m pytest -q
 """
+import copy
 import math
 
 import pytest
@@ -170,6 +171,24 @@ def test_moelora_loop_drops_out_its_input_x_as_eq7_writes_it():
     torch.testing.assert_close(dropped[kept], clean[kept] / 0.5, rtol=1e-12, atol=1e-12)
 
 
+def test_moelora_loop_draws_its_own_dropout_mask_for_each_expert():
+    """Public MoELoRA calls dropout(x) once per expert: independent masks. With one input feature and B_i the i-th
+    unit column, coordinate i of a token's delta is expert i's alone, so some tokens keep one and lose the other."""
+    base = nn.Linear(1, 2, bias=False).double()
+    layer = MoELoRALoop(base, r=2, experts=2, alpha=4.0, dropout=0.5, adapter_dtype=torch.float64)
+    with torch.no_grad():
+        base.weight.zero_()
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.copy_(torch.eye(2, dtype=torch.float64).unsqueeze(-1))  # B_i = e_i
+    x = torch.randn(400, 1, dtype=torch.float64)
+    clean = layer.eval()(x)
+    torch.manual_seed(0)
+    dropped = layer.train()(x)
+    kept = dropped != 0
+    assert (kept.sum(-1) == 1).any() and kept.all(-1).any() and (~kept).all(-1).any()
+    torch.testing.assert_close(dropped[kept], clean[kept] / 0.5, rtol=1e-12, atol=1e-12)
+
+
 def test_hydralora_drops_out_its_shared_z_as_teamloras_layer_does():
     """HydraLoRA, like TeamLoRALinear (Eq. 9), drops out z = x A^T coordinate by coordinate: with one input
     feature some tokens keep one coordinate of their delta and lose the other."""
@@ -193,3 +212,19 @@ def test_hydralora_with_one_head_is_refused_in_one_sentence_in_the_layer_and_in_
     with pytest.raises(train.UserError, match="hydralora weighs experts >= 2 heads, got experts=1.*--adapter=lora"):
         train.parse_config(["--adapter=hydralora", "--experts=1"])
     train.parse_config(["--adapter=hydralora", "--experts=2"])
+
+
+@pytest.mark.parametrize("cls", [HydraLoRALinear, MoELoRALoop])
+def test_baselines_on_a_bf16_base_run_their_float32_adapter_and_return_bf16(cls):
+    """As TeamLoRALinear: a bf16 base with float32 adapters (the default) takes bf16 inputs, runs the adapter on
+    them cast to float32 and returns the base's dtype; the result is the float64 layer's to bf16 precision."""
+    torch.manual_seed(0)
+    layer = cls(nn.Linear(12, 10).bfloat16(), r=4, experts=2, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(3, 5, 12, dtype=torch.bfloat16)
+    ref = copy.deepcopy(layer).double()(x.double())  # the same layer in float64
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() < 0.02 * ref.abs().max()

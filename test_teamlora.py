@@ -444,7 +444,8 @@ def test_inject_trains_only_adapters_and_the_base_never_moves():
     assert trainable and all(n.rpartition(".")[2].startswith("lora_") for n in trainable)
     assert sum(isinstance(m, TeamLoRALinear) for m in model.modules()) == 6
     adapters_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    # 3e-3: at 1e-2, 4 of 12 seeds diverged on this tiny model (the property tested is training, not a rate)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
     x, y = torch.randn(32, 16), torch.randint(0, 7, (32,))
     losses = []
     for _ in range(30):
@@ -542,6 +543,29 @@ def test_an_adapter_saved_from_a_compiled_model_loads_into_a_plain_one_and_back(
     teamlora.load_adapter_state_dict(plain, state)
     assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(plain).items())
     again = torch.compile(inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16))
+    teamlora.load_adapter_state_dict(again, teamlora.adapter_state_dict(plain))
+    assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(again).items())
+
+
+def test_an_adapter_saved_from_a_model_with_compiled_blocks_loads_into_a_plain_one_and_back():
+    """Compiling block by block (block = torch.compile(block)) puts `_orig_mod.` inside the names, not in front:
+    the adapter drops it wherever it stands, so the names are the plain model's both ways."""
+    def blockwise(model):
+        for layer in model.layers:
+            layer["feed_forward"] = torch.compile(layer["feed_forward"])  # a wrapper: nothing compiles here
+        return model
+
+    trained = blockwise(inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16))
+    for m in trained.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=len(m.lora_B))
+    assert any(".feed_forward._orig_mod.w1.lora_A" in n for n, _ in trained.named_parameters())
+    state = teamlora.adapter_state_dict(trained)
+    plain = inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16)
+    assert state.keys() == teamlora.adapter_state_dict(plain).keys()
+    teamlora.load_adapter_state_dict(plain, state)
+    assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(plain).items())
+    again = blockwise(inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16))
     teamlora.load_adapter_state_dict(again, teamlora.adapter_state_dict(plain))
     assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(again).items())
 
@@ -653,6 +677,20 @@ def test_expert_load_is_the_mean_of_omega_over_unmasked_tokens_over_k_per_layer(
                               teamlora.expert_load(model, mask)["layers.0.feed_forward.w1"])
 
 
+def test_an_eval_forward_sets_last_omega_so_the_expert_load_describes_that_forward():
+    """Evaluation measures the expert load in eval mode: each forward, training or not, leaves its own omega."""
+    layer = make_layer()
+    model = nn.Sequential(layer)
+    model(torch.randn(2, 5, 12, dtype=torch.float64))
+    model.eval()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+    omega = reference_omega(x, layer.lora_router.detach(), layer.lora_M.detach())
+    torch.testing.assert_close(layer.last_omega, omega, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(teamlora.expert_load(model)["0"], omega.mean(0) / 4, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("competition", [False, True])
 def test_router_softmax_runs_in_float32_under_bf16_autocast(competition):
     """Under autocast the router's logits come out in bf16; omega must still be a float32 softmax of
@@ -747,6 +785,27 @@ def test_bf16_base_with_fp32_adapters_and_under_autocast():
     assert torch.isfinite(w1.lora_A.grad).all() and w1.lora_A.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_bf16_adapter_runs_and_trains_in_bf16_with_omega_in_float32(k):
+    """adapter_dtype=torch.bfloat16 (bench.py's at LLaMA-2-7B's shape): omega stays float32 and the weighted z is cast
+    back to the adapter's dtype before B's GEMM; the output matches the equations to bf16 precision."""
+    torch.manual_seed(0)
+    layer = randomize(TeamLoRALinear(nn.Linear(12, 10).bfloat16(), r=8, experts=k, alpha=16.0, dropout=0.0,
+                                     adapter_dtype=torch.bfloat16))
+    x = torch.randn(3, 5, 12, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    if k > 1:
+        assert layer.last_omega.dtype == torch.float32
+    d = lambda t: None if t is None else t.detach().double()
+    ref = reference_forward(d(x), d(layer.weight), d(layer.bias), d(layer.lora_A), d(layer.lora_B),
+                            d(layer.lora_router), d(layer.lora_M), k, 16.0)
+    assert (out.double() - ref).abs().max() < 0.02 * ref.abs().max()
+    out.float().sum().backward()
+    for p in (x, layer.lora_A, layer.lora_B):
+        assert p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
 def test_inject_on_the_meta_device_allocates_nothing_then_materialises():
     with torch.device("meta"):
         model = Stack(n=4, dim=4096, hidden=11008)
@@ -794,11 +853,38 @@ def test_reinitialisation_draws_the_same_adapter_on_the_meta_device_as_on_the_cp
     assert (cpu.lora_B == 0).all() and (cpu.lora_M.diagonal() == 0).all() and cpu.lora_M.abs().max() <= 0.1
 
 
+def test_initialisation_draws_the_same_adapter_whatever_the_adapter_dtype():
+    """initial_lora_state() draws in float32 whatever adapter_dtype is: the same seed gives a float64 or a bfloat16
+    adapter the float32 adapter's values, rounded to its dtype."""
+    layers = {}
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        torch.manual_seed(5)
+        layers[dtype] = TeamLoRALinear(nn.Linear(12, 10), r=8, experts=4, alpha=16.0, adapter_dtype=dtype)
+    for name in ("lora_A", "lora_B", "lora_router", "lora_M"):
+        want = getattr(layers[torch.float32], name).detach()
+        for dtype in (torch.float64, torch.bfloat16):
+            got = getattr(layers[dtype], name).detach()
+            assert got.dtype == dtype and torch.equal(got, want.to(dtype)), (name, dtype)
+
+
 def test_inject_shares_base_storage_on_a_real_device():
     model = Stack(n=1)
     ptr = model.layers[0]["feed_forward"].w2.weight.data_ptr()
     inject(model, "w2", r=4, experts=2, alpha=8)
     assert model.layers[0]["feed_forward"].w2.weight.data_ptr() == ptr
+
+
+def test_inject_freezes_base_parameters_whose_names_merely_contain_lora_():
+    """An adapter tensor is one whose own name starts with `lora_`: a base module named `flora_gate` or a base
+    parameter named `flora_scale` stays frozen and out of the adapter state dict."""
+    model = Stack(n=1)
+    model.flora_gate = nn.Linear(16, 16)
+    model.flora_scale = nn.Parameter(torch.ones(16))
+    inject(model, ("w1",), r=4, experts=2, alpha=8)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"layers.0.feed_forward.w1.lora_{p}" for p in ("A", "B", "router", "M")}
+    assert teamlora.adapter_state_dict(model).keys() == trained
+    assert not teamlora.is_adapter("flora_gate.weight") and not teamlora.is_adapter("flora_scale")
 
 
 def test_inject_matches_hugging_face_style_names_by_suffix_only():
@@ -973,6 +1059,8 @@ def test_lora_merges_into_the_weight_and_unmerges_to_float_tolerance(dtype):
     torch.testing.assert_close(layer(x), unmerged, **tol)  # merged: the same function ...
     torch.testing.assert_close(layer(x), want, **tol)      # ... computed by the base GEMM alone
     merged_weight = layer.weight.detach().clone()
+    delta = (layer.lora_B.detach().double() @ layer.lora_A.detach().double()) * layer.scaling
+    assert torch.equal(merged_weight, w0 + delta.to(dtype))  # B A in float64, rounded once to the weight's dtype
     layer.merge()  # merging twice changes nothing
     assert torch.equal(layer.weight, merged_weight)
     with torch.no_grad():
