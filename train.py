@@ -783,7 +783,8 @@ def finish(r, model, summary):
             data.write_atomic(path, json.dumps(results, indent=1))
         except OSError as e:  # a full disk: the scores are printed above, the adapters saved
             again = "the same command" if r.cfg["eval_only"] else "the same command plus --eval_only=True"
-            raise UserError(f"could not write {path} ({e.strerror or e}); the trained adapters are saved in "
+            what = "weights" if r.cfg["adapter"] == "none" else "adapters"
+            raise UserError(f"could not write {path} ({e.strerror or e}); the trained {what} are saved in "
                             f"{r.cfg['out_dir']}: free space there, then score them again with {again}.") from None
     return summary
 
