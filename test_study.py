@@ -72,7 +72,8 @@ def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_p
 
 def fake_run(folder, lr, scores, seed=0):
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({"scores": scores, "config": {"learning_rate": lr, "seed": seed}}))
+    (folder / "results.json").write_text(json.dumps({"scores": scores, "config": {"learning_rate": lr, "seed": seed},
+                                                     "trainable_params": 8, "base_params": 800, "train_seconds": 1.0}))
     (folder / "log.jsonl").write_text("")
 
 
@@ -160,14 +161,15 @@ def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
     assert f"--report found no study in {tmp_path}/none/" in err and "diverged" not in err
 
 
-@pytest.mark.parametrize("damage", ["cut results", "no scores", "no log"])
+@pytest.mark.parametrize("damage", ["cut results", "no scores", "no log", "no parameter count"])
 def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, capsys, damage):
     """--report reads every run's results.json and log.jsonl: one edited by hand, or cut by a full disk, is one
     sentence naming the folder."""
     folder = tmp_path / "select" / f"{study.METHODS['teamlora'][0]}-lr{study.GRID[0]:g}"
     folder.mkdir(parents=True)
     (folder / "results.json").write_text({"cut results": '{"scores": {"a": 5', "no scores": '{"scores": {}}',
-                                          "no log": '{"scores": {"a": 50.0}}'}[damage])
+                                          "no log": '{"scores": {"a": 50.0}}', "no parameter count":  # what tables read
+                                          '{"scores": {"a": 50.0}, "config": {"seed": 0}, "train_seconds": 1}'}[damage])
     if damage != "no log":
         (folder / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     with pytest.raises(SystemExit) as stop:
@@ -452,7 +454,8 @@ def test_a_finished_run_made_with_other_settings_is_refused_not_reported_as_this
     monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run must not run again"))
     folder = tmp_path / "lora8-lr0.004-seed1"
     folder.mkdir()
-    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, "config": {
+    counts = {"trainable_params": 8, "base_params": 800, "train_seconds": 1.0}
+    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, **counts, "config": {
         "max_iters": 60, "seed": 1, "learning_rate": 4e-3, "device": "cpu", "out_dir": str(folder)}}))
     (folder / "log.jsonl").write_text('{"step": 60, "loss": 2.0}\n')
     flags = ["--seed=1", "--learning_rate=0.004", f"--out_dir={folder}"]
@@ -466,7 +469,8 @@ def test_a_finished_run_made_with_other_settings_is_refused_not_reported_as_this
     assert study.launch(["--seed=1", "--learning_rate=0.004", f"--out_dir={spelled}", "--max_iters=60"], 1) == \
         ("done before", 0.0)
     config = json.loads((folder / "results.json").read_text())["config"]
-    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, "config": {**config, "dropout": 0.2}}))
+    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, **counts,
+                                                     "config": {**config, "dropout": 0.2}}))
     with pytest.raises(study.data.UserError, match=r"made with dropout=0.2 \(now 0.05\)"):  # a flag left out
         study.launch(flags + ["--max_iters=60"], 1)
     stopped = tmp_path / "stopped"
@@ -506,9 +510,6 @@ def test_a_report_leaves_out_the_charts_that_no_run_of_the_study_draws(tmp_path,
     fake_run(tmp_path / "select" / f"lora32-lr{lr:g}", lr, {"a": 50.0})
     final = tmp_path / f"lora8-lr{lr:g}-seed1"
     fake_run(final, lr, {"a": 60.0}, seed=1)
-    res = json.loads((final / "results.json").read_text())
-    (final / "results.json").write_text(json.dumps({**res, "trainable_params": 8, "base_params": 800,
-                                                    "train_seconds": 1.0}))
     (final / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a curve
     results = study.report(opts, names, study.selection(opts, extra, names))
     assert list(results) == ["lora8"] and results["lora8"][0]["curve"] == [(1, 2.0)]
