@@ -598,7 +598,8 @@ def read_jsonl(path):
                     raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
                 yield f"{path} line {n}", obj
         except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text (after line {n}: {e.reason}); save it as UTF-8.") from None
+            where = f"after line {n}" if n else "in its first lines"  # text is decoded a block of lines at a time
+            raise UserError(f"{path} is not UTF-8 text ({where}: {e.reason}); save it as UTF-8.") from None
 
 
 def read_records(path):

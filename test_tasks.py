@@ -533,7 +533,7 @@ def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, capsys, 
         named, message = raw, "is both --out and a --raw file"
     elif case == "not UTF-8":
         (tmp_path / "dev.jsonl").write_bytes(b'{"context": "caf\xe9", "hypothesis": "h", "label": "e"}\n')
-        message = "is not UTF-8 text"
+        message = "is not UTF-8 text (in its first lines: "  # not "after line 0"
     else:
         named = raw = str(tmp_path)
         message = "is a folder; pass the task's raw file"
