@@ -4,10 +4,9 @@
     z = dropout(x A^T) split into k segments z_i of width r_B = r/k    (Eq. 8, 9: collaboration)
     omega = k * rownorm(phi (I + M)),  phi = softmax(x W_r^T)          (Eq. 11, 12: competition)
 
-One shared A (r x d_in) feeds k experts B_i (d_out x r_B), side by side as B = [B_1 ... B_k]. As sum_i omega_i z_i
-B_i^T = (z * omega repeated r_B times) B^T, two GEMMs and a d_in -> k router do it: one LoRA's cost. Scale: omega sums
-to k and the scaling is alpha / r_B (the authors'), so at equal alpha TeamLoRA's update is k times a LoRA's of the same
-total rank (and MoELoRA's): train each method at its own learning rate. Needs only torch; baselines.py has the loops.
+One shared A (r x d_in) feeds k experts B_i (d_out x r_B), B = [B_1 ... B_k]: as sum_i omega_i z_i B_i^T = (z * omega
+repeated r_B times) B^T, two GEMMs and a d_in -> k router cost one LoRA. omega sums to k, the scaling is alpha / r_B
+(the authors'): at equal alpha, k times a rank-r LoRA's update; tune each method's lr. Torch only; loops: baselines.py.
 """
 import functools
 import math
@@ -165,16 +164,17 @@ def adapter_state_dict(model):
 
 def load_adapter_state_dict(model, state):
     """Copy adapter tensors into an injected model, compiled or not; names and shapes must match exactly."""
-    own = {n.replace("_orig_mod.", ""): p for n, p in model.named_parameters() if is_adapter(n)}
+    if merged := [n for n, m in model.named_modules() if isinstance(m, TeamLoRALinear) and m.merged]:
+        raise ValueError(f"{merged[:3]} hold a merged adapter: call merge(False) on them before loading another.")
+    own = {n.replace("_orig_mod.", ""): p.detach() for n, p in model.named_parameters() if is_adapter(n)}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{n} {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
               for n in sorted(own.keys() & state.keys()) if state[n].shape != own[n].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"the adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"shape mismatches {shapes[:3]}): inject as in training (targets, r, experts, competition).")
-    with torch.no_grad():
-        for n, t in state.items():
-            own[n].copy_(t)
+    for n, t in state.items():
+        own[n].copy_(t)
 
 
 def _omegas(model, mask):

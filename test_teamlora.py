@@ -1073,6 +1073,23 @@ def test_lora_merges_into_the_weight_and_unmerges_to_float_tolerance(dtype):
     torch.testing.assert_close(layer(x), unmerged, **tol)
 
 
+def test_loading_an_adapter_into_a_merged_layer_is_refused_until_it_is_unmerged():
+    """A merged layer's weight holds its adapter: a load would serve the old one, and unmerging would then subtract
+    the new one from the base."""
+    model = nn.Sequential(make_layer(d_in=24, d_out=20, r=8, experts=1))
+    w0, other = model[0].weight.detach().clone(), {k: torch.randn_like(v) for k, v in
+                                                   teamlora.adapter_state_dict(model).items()}
+    model[0].merge()
+    before = {k: v.clone() for k, v in teamlora.adapter_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"\['0'\] hold a merged adapter: call merge\(False\) on them before"):
+        teamlora.load_adapter_state_dict(model, other)
+    assert all(torch.equal(v, before[k]) for k, v in teamlora.adapter_state_dict(model).items())
+    model[0].merge(False)
+    torch.testing.assert_close(model[0].weight.detach(), w0)
+    teamlora.load_adapter_state_dict(model, other)
+    assert all(torch.equal(v, other[k]) for k, v in teamlora.adapter_state_dict(model).items())
+
+
 def test_several_experts_refuse_to_merge_in_one_sentence():
     layer = make_layer(experts=4)
     w0 = layer.weight.detach().clone()
