@@ -589,8 +589,9 @@ def _torch_load(file):
 
 
 def _read_meta(path, dtype, device):
-    params = _read_json(os.path.join(path, "params.json"))
-    _check_fields(params, os.path.join(path, "params.json"), _META_PARAMS, _META_OPTIONAL)
+    params_file = os.path.join(path, "params.json")
+    params = _read_json(params_file)
+    _check_fields(params, params_file, _META_PARAMS, _META_OPTIONAL)
     if params.pop("use_scaled_rope", False):
         raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose params.json does not give its "
                          "rotary scaling; load its Hugging Face folder (config.json) instead")
@@ -603,7 +604,8 @@ def _read_meta(path, dtype, device):
     if not files:
         raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth weight files; put the weights in "
                                 "the same folder")
-    shards = [dict(_read_tensors(f)) for f in files]
+    shards = [_open_weights(f) for f in files]
+    _check_layer_count(params["n_layers"], [n for s in shards for n in s], params_file, "n_layers", path)
     state = {}
     for name in dict.fromkeys(n for s in shards for n in s):  # every shard's names: one only the last has too
         if name == "rope.freqs":  # precomputed rotary frequencies in old checkpoints; we compute them
@@ -614,6 +616,7 @@ def _read_meta(path, dtype, device):
                                for f, p in zip(files, parts))
             raise ValueError(f"weight {name} is not split into equal slices of at least one dimension across the "
                              f"shards in {path!r} ({shapes}); download the consolidated.*.pth files again")
+        parts = [_checked(name, p, f) for f, p in zip(files, parts)]
         if len(parts) == 1 or parts[0].dim() == 1:  # a single shard, or a norm (replicated on every shard)
             t = parts[0]
         else:
@@ -705,15 +708,18 @@ def _read_hf(path, dtype, device):
                      max_seq_len=config.get("max_position_embeddings") or 2048, qkv_bias=qwen2,
                      tie_embeddings=bool(config.get("tie_word_embeddings")), sliding_window=window,
                      rope_scaling=scaling, head_dim=config.get("head_dim"), qk_norm=qwen3)
+    shards = {file: _open_weights(os.path.join(path, file)) for file in _hf_weight_files(path)}
+    _check_layer_count(args.n_layers, [n for s in shards.values() for n in s], config_file, "num_hidden_layers", path)
     state, source = {}, {}  # source: the file each weight came from
-    for file in _hf_weight_files(path):
-        for hf_name, t in _read_tensors(os.path.join(path, file)):
+    for file, tensors in shards.items():
+        for hf_name, t in tensors.items():
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer that older conversions saved
                 continue
             if hf_name in source:  # no rule says which copy is meant (reading in order would take the last)
                 raise ValueError(f"weight {hf_name} is in both {source[hf_name]} and {file} in {path!r}; remove the "
                                  "file that does not belong to this checkpoint or download the checkpoint again")
             source[hf_name] = file
+            t = _checked(hf_name, t, os.path.join(path, file))
             name = _hf_to_meta_name(hf_name)
             if name.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wq.bias", "attention.wk.bias")):
                 heads = args.n_heads if ".wq." in name else args.n_kv_heads
@@ -736,6 +742,10 @@ def _hf_weight_files(path):
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise ValueError(f"{index} has no \"weight_map\" of weight names to file names; download it again "
                                  "from the checkpoint's source")
+            outside = next(((n, f) for n, f in weight_map.items() if os.path.basename(f) != f), None)
+            if outside:  # "../x", "/x" or "sub/x" would be read from outside the checkpoint folder
+                raise ValueError(f"{index} maps {outside[0]} to {outside[1]!r}, which is not a plain file name in its "
+                                 "folder; download the index again from the checkpoint's source")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
             if missing:
@@ -753,21 +763,35 @@ def _hf_weight_files(path):
     return [os.path.basename(f) for f in files]
 
 
-def _read_tensors(file):
-    """Yield (name, tensor) from one weight file, memory-mapped where the format allows; a ValueError naming the
-    file and the tensor when one is not floating point (a quantised checkpoint) or holds NaN or inf (a damaged one)."""
-    for name, t in (_read_safetensors(file) if file.endswith(".safetensors") else _torch_load(file).items()):
-        if not t.is_floating_point():
-            raise ValueError(f"weight {name} in {file} holds {t.dtype} values, which this model does not take "
-                             "(quantised checkpoints are not supported); use the checkpoint's floating-point weights")
-        if not torch.isfinite(t.sum(dtype=torch.float32)):  # one pass, no copy: a NaN or inf makes the sum one
-            raise ValueError(f"weight {name} in {file} holds NaN or inf values, so the download is damaged; download "
-                             "it again")
-        yield name, t
+def _check_layer_count(n_layers, names, config_file, key, path):
+    """A ValueError when the configuration declares another number of layers than the weights' names hold: checked
+    before the model is built, as an absurd count (100000) would build modules until memory runs out."""
+    held = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", n))), default=-1)
+    if held != n_layers:
+        span = f"{held} (layers.0 .. layers.{held - 1})" if held else "none"
+        raise ValueError(f"{config_file} says {n_layers} layers but the weights in {path!r} hold {span}; fix {key}"
+                         + (" or download the missing weight files" if held < n_layers else ""))
+
+
+def _open_weights(file):
+    """name -> tensor of one weight file, memory-mapped where the format allows: its names, with no data read yet."""
+    return _read_safetensors(file) if file.endswith(".safetensors") else _torch_load(file)
+
+
+def _checked(name, t, file):
+    """t; a ValueError naming the file and the tensor when it is not floating point (a quantised checkpoint) or
+    holds NaN or inf (a damaged one)."""
+    if not t.is_floating_point():
+        raise ValueError(f"weight {name} in {file} holds {t.dtype} values, which this model does not take "
+                         "(quantised checkpoints are not supported); use the checkpoint's floating-point weights")
+    if not torch.isfinite(t.sum(dtype=torch.float32)):  # one pass, no copy: a NaN or inf makes the sum one
+        raise ValueError(f"weight {name} in {file} holds NaN or inf values, so the download is damaged; download "
+                         "it again")
+    return t
 
 
 def _read_safetensors(file):
-    """Yield (name, tensor) from a safetensors file, memory-mapped."""
+    """name -> tensor of a safetensors file, memory-mapped."""
     try:
         from safetensors import safe_open
     except ImportError:
@@ -778,8 +802,7 @@ def _read_safetensors(file):
         raise FileNotFoundError(f"weight file {file} does not exist; download it into the checkpoint folder")
     try:
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except Exception as e:  # SafetensorError: a cut or foreign file (the caller's errors do not come here)
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # SafetensorError: a cut or foreign file
         raise ValueError(f"{file} is truncated or not a safetensors file ({_describe(e)}); "
                          "download it again") from None

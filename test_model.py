@@ -1568,6 +1568,46 @@ def test_an_index_names_the_weight_files_and_others_beside_it_are_not_read(tmp_p
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
 
 
+@pytest.mark.parametrize("layout, n_layers", [("meta", 10**6), ("bin index", 100000), ("safetensors", 2)])
+def test_a_layer_count_the_weights_do_not_hold_is_refused_before_any_block_is_built(tmp_path, monkeypatch, layout,
+                                                                                    n_layers):
+    """params.json / config.json declaring other than the 4 layers the weights hold is refused from the weights'
+    names, before a block is built (10**6 of them would fill the memory), in the meta-device dry run too."""
+    if layout == "safetensors":
+        pytest.importorskip("safetensors")
+    write_single_file_dir(tmp_path, layout)
+    name, key = ("params.json", "n_layers") if layout == "meta" else ("config.json", "num_hidden_layers")
+    config = json.loads((tmp_path / name).read_text())
+    (tmp_path / name).write_text(json.dumps(config | {key: n_layers}))
+    monkeypatch.setattr("model.TransformerBlock.__init__", lambda *a: pytest.fail("a block was built"))
+    for device in (None, "meta"):  # "meta": train.py's dry run
+        with pytest.raises(ValueError) as error:
+            Transformer.from_pretrained(tmp_path, device=device)
+        assert_one_sentence(error, str(tmp_path / name), f"says {n_layers} layers", "hold 4 (layers.0 .. layers.3)",
+                            f"fix {key}")
+        assert ("download the missing weight files" in str(error.value)) == (n_layers > 4)
+
+
+@pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
+@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
+def test_an_index_entry_that_is_not_a_file_beside_it_is_refused_naming_index_and_entry(tmp_path, index, where):
+    """An index names files in its own folder: "../x", "/x" and "sub/x" are refused, not read, even where they exist."""
+    folder, shard = tmp_path / "model", "pytorch_model-00002-of-00002.bin"
+    folder.mkdir()
+    write_hf_bin_dir(tiny_model(), folder)
+    weight_map = json.loads((folder / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    (folder / "pytorch_model.bin.index.json").unlink()
+    target = {"parent": tmp_path, "absolute": tmp_path / "elsewhere", "subfolder": folder / "sub"}[where] / shard
+    target.parent.mkdir(exist_ok=True)
+    os.replace(folder / shard, target)
+    entry = {"parent": f"../{shard}", "absolute": str(target), "subfolder": f"sub/{shard}"}[where]
+    weight_map = {n: entry if f == shard else f for n, f in weight_map.items()}
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(folder)
+    assert_one_sentence(error, str(folder / index), repr(entry), "not a plain file name")
+
+
 @pytest.mark.parametrize("layout", ["meta", "hf"])
 def test_a_configuration_without_weight_files_is_one_sentence_naming_what_to_put_there(tmp_path, layout):
     model = tiny_model()
