@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,20 @@ def train_flags(run_data, out, *flags):
 
 def train_cfg(run_data, out, *flags):
     return train.parse_config(train_flags(run_data, out, *flags))
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """read_only(folder): the folder refuses new files as a read-only one refuses them to a user (this machine runs
+    as root, which writes anywhere), where the scripts try: data.blocked_parent's trial file."""
+    locked, real = set(), tempfile.TemporaryFile
+
+    def trial_file(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "TemporaryFile", trial_file)
+    return lambda folder: locked.add(os.path.realpath(folder))
 
 
 def script_error(main, argv, capsys):

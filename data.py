@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections import deque
 from contextlib import ExitStack, suppress
 from functools import lru_cache
@@ -396,13 +397,18 @@ def _remove_stale_prepare_folders(out_dir, keep):
 
 
 def blocked_parent(path):
-    """Why path's folder can not be made ("F is a file" or "F is a link to nothing", for the nearest existing F
-    above path), or None when it can."""
+    """Why no file can be made at path ("F is a file, not a folder", "F is a link to nothing, not a folder" or "F
+    is not writable (Permission denied)", for the nearest existing F above path), or None when it can. Every
+    script asks before its work, not at its first write; the file tried leaves no name behind."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        return f"{parent} is {'a file' if os.path.exists(parent) else 'a link to nothing'}"
+        return f"{parent} is {'a file' if os.path.exists(parent) else 'a link to nothing'}, not a folder"
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        return f"{parent} is not writable ({e.strerror or e})"
 
 
 def _check_args(inputs, out_dir, max_len, val_fraction, workers):
@@ -418,9 +424,10 @@ def _check_args(inputs, out_dir, max_len, val_fraction, workers):
     if not out_dir or os.path.dirname(os.path.normpath(out_dir)) == os.path.normpath(out_dir):
         raise UserError(f"--out {out_dir!r} is {'empty' if not out_dir else 'the root folder'}; give a folder of "
                         "its own for the shards, e.g. --out data/cme")
-    blocker = blocked_parent(out_dir)
+    blocker = blocked_parent(out_dir)  # where --out is made, or OUT.tmp-PID beside an existing one
     if blocker:
-        raise UserError(f"--out {out_dir} can not be made: {blocker}, not a folder; choose another --out")
+        how = "written: prepare builds its output beside it, and" if os.path.isdir(out_dir) else "made:"
+        raise UserError(f"--out {out_dir} can not be {how} {blocker}; choose another --out")
     if not (isinstance(max_len, int) and max_len >= 2):
         raise UserError(f"max_len must be an integer >= 2, got {max_len!r}")
     if not 0.0 <= val_fraction < 1.0:  # NaN too
@@ -435,8 +442,8 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
     """Refuse an --out that prepare would not only write its own files into."""
     for what, path in [("input", p) for p in inputs] + [("tokenizer", tokenizer_path)]:
         if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(out_dir):
-            raise UserError(f"--out {out_dir} is the {what} file {path}; choose another --out, a folder for the "
-                            "shards")
+            raise UserError(f"--out {out_dir} is the {what} {'folder' if os.path.isdir(path) else 'file'} {path}; "
+                            "choose another --out, a folder for the shards")
         if os.path.exists(path) and _inside(path, out_dir):
             raise UserError(f"the {what} {path} is inside --out {out_dir}, whose files prepare replaces; keep the "
                             "inputs and the tokenizer elsewhere or choose another --out")
@@ -452,6 +459,9 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
         theirs = f'; its summary.json is not prepare\'s (no "format": "{FORMAT}")' if "summary.json" in foreign else ""
         raise UserError(f"{out_dir} exists and is not the output of a previous prepare (it holds "
                         f"{_listed(foreign)}{theirs}); choose another --out")
+    blocker = blocked_parent(os.path.join(out_dir, "summary.json"))  # found now, not once every record is encoded
+    if blocker:
+        raise UserError(f"--out {out_dir} can not be written: {blocker}; choose another --out")
 
 
 def _move_into(tmp, out_dir):

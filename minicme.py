@@ -469,8 +469,6 @@ def _check_out_dir(out_dir):
     it), or a folder of other files. A folder of a build cut short (BUILDING in it) is taken up again."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} is a file, not a folder; choose another folder for the suite.")
-    if blocked := blocked_parent(out_dir):
-        raise UserError(f"{out_dir} can not be made: {blocked}, not a folder; choose another folder for the suite.")
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if "suite.json" in names:
         raise UserError(f"{out_dir} already holds a mini-CME suite; choose another folder, or delete that one "
@@ -478,6 +476,8 @@ def _check_out_dir(out_dir):
     if names and BUILDING not in names:
         raise UserError(f"{out_dir} already holds files that are not a mini-CME suite ({', '.join(names[:3])}); "
                         "choose a new or empty folder.")
+    if blocked := blocked_parent(os.path.join(out_dir, BUILDING)):  # the folder, or the nearest one it is made in
+        raise UserError(f"{out_dir} can not be written: {blocked}; choose another folder for the suite.")
 
 
 def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=100, corpus_docs=6000,

@@ -159,6 +159,20 @@ def run_flags(name, seed, lr, opts, extra, eval_dir=None):
     return flags + [f"--eval_dir={eval_dir}"] if eval_dir else flags
 
 
+def check_out(out):
+    """Refuse, before anything runs, an --out the study can not write or would share with other files: its
+    report.md and charts would replace a user's. A study's folder always holds select/ (its first runs')."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise data.UserError(f"--out {out} is a file, not a folder; choose another --out.")
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if names and "select" not in names:
+        raise data.UserError(f"--out {out} holds files that are not a study's ({', '.join(names[:3])}); choose a new "
+                             "or empty folder, or the --out of an earlier study to continue it.")
+    blocker = data.blocked_parent(os.path.join(out, "report.md"))
+    if blocker:
+        raise data.UserError(f"--out {out} can not be written: {blocker}; choose another --out.")
+
+
 def launch(flags, threads):
     """One run in its own process (one thread budget each): (status, seconds). A finished run is not
     rerun, a stopped one resumes; a run whose loss diverged is "diverged", any other failure raises."""
@@ -471,6 +485,10 @@ def report(opts, names, chosen):
             lines += [f"### {title}", "", "```"] + chart + ["```", ""]
     text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
+    blocker = data.blocked_parent(os.path.join(opts["out"], "report.md"))
+    if blocker:  # a study kept read-only still reports
+        print(f"note: report.md and the charts are not written, as {blocker}.", file=sys.stderr)
+        return results
     data.write_atomic(os.path.join(opts["out"], "report.md"), text)
     for p in pngs(results, opts["out"]):
         print(f"wrote {p}")
@@ -486,6 +504,7 @@ def main(argv=None):
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
         if not opts["report"]:
+            check_out(opts["out"])
             if train.build_demo(cfg):  # the suite, its shards and the base, when the demo defaults are used
                 raise data.UserError("pretraining the demo's base was interrupted (its checkpoint is written); run the "
                                      "study again to continue it.")

@@ -528,7 +528,7 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
         raise UserError(f"--out {out_path} is a folder; give the file to write, e.g. {out_path}/{task_name}.jsonl.")
     blocker = blocked_parent(out_path)
     if blocker:
-        raise UserError(f"--out {out_path} can not be written: {blocker}, not a folder; choose another --out.")
+        raise UserError(f"--out {out_path} can not be written: {blocker}; choose another --out.")
     paths = [raw_path] if isinstance(raw_path, (str, os.PathLike)) else list(raw_path)
     real = [os.path.realpath(p) for p in paths]
     if len(set(real)) < len(real):  # a shell glob and a name, or a name twice: every record would count twice

@@ -983,6 +983,25 @@ def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_no
     assert {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]} == before
 
 
+@pytest.mark.parametrize("case", ["out is read-only", "new out in a read-only folder", "out in a read-only folder"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_record_is_encoded(tmp_path, tiny_spm, capsys,
+                                                                              monkeypatch, read_only, case):
+    """Shards go to OUT.tmp-PID beside --out, then into it: a folder that refuses either was found only at that
+    move, after every record was encoded, as a bare "[Errno 13] Permission denied"."""
+    source, locked = write_records(tmp_path / "d.jsonl", 3), tmp_path / "locked"
+    (locked / "cme").mkdir(parents=True)
+    out, how = {"out is read-only": (locked / "cme", "written:"), "new out in a read-only folder": (
+        locked / "new", "made:"), "out in a read-only folder": (locked / "cme", "written: prepare builds its output "
+                                                                               "beside it, and")}[case]
+    where = locked / "cme" if case == "out is read-only" else locked
+    read_only(where)
+    monkeypatch.setattr(data, "_write_shards", lambda *a: pytest.fail("encoded before the refusal"))
+    assert run_prepare(capsys, "--input", source, "--tokenizer", tiny_spm, "--out", out) == (
+        f"data.py prepare: error: --out {out} can not be {how} {where} is not writable (Permission denied); choose "
+        "another --out")
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "locked"] and sorted(os.listdir(locked)) == ["cme"]
+
+
 def test_prepare_runs_no_more_worker_processes_than_cores(tmp_path, tiny_spm, monkeypatch, capsys):
     def stub(*args):  # prepare's arguments as the command line passes them, then a stop
         raise UserError(f"workers {args[-1]}")

@@ -213,6 +213,20 @@ def test_make_suite_overwrites_nothing(tmp_path):
     assert (tmp_path / "file").read_text() == "a file\n"
 
 
+def test_a_folder_that_cannot_be_written_is_one_sentence_before_the_suite_is_built(tmp_path, capsys, monkeypatch,
+                                                                                 read_only):
+    """A read-only folder, or a new one in a read-only folder, is named with its fix (it was a bare "[Errno 13]
+    Permission denied: 'suite/.building.tmp123'")."""
+    (tmp_path / "locked").mkdir()
+    read_only(tmp_path / "locked")
+    monkeypatch.setattr(minicme, "write_atomic", lambda *a: pytest.fail("written before the refusal"))
+    for out in (tmp_path / "locked", tmp_path / "locked" / "suite"):
+        assert script_error(minicme.main, ["--out", out], capsys) == (
+            f"minicme.py: error: {out} can not be written: {tmp_path / 'locked'} is not writable (Permission denied); "
+            "choose another folder for the suite.")
+    assert not os.listdir(tmp_path / "locked")
+
+
 def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
     with pytest.raises(ValueError, match="corpus_docs=10 is too small; use at least"):
         make_suite(str(tmp_path), corpus_docs=10)
@@ -598,7 +612,7 @@ def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp
     assert re.match("minicme.py: error: .* is a file, not a folder", script_error(
         minicme.main, ["--out", tmp_path / "file"], capsys))
     assert script_error(minicme.main, ["--out", tmp_path / "file" / "suite"], capsys) == (
-        f"minicme.py: error: {tmp_path / 'file' / 'suite'} can not be made: {tmp_path / 'file'} is a file, not a "
+        f"minicme.py: error: {tmp_path / 'file' / 'suite'} can not be written: {tmp_path / 'file'} is a file, not a "
         "folder; choose another folder for the suite.")
     assert (tmp_path / "file").read_text() == "x"
 

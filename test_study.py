@@ -15,6 +15,7 @@ import pytest
 
 import study
 import train
+from conftest import script_error
 from model import Transformer
 
 
@@ -516,6 +517,50 @@ def test_a_report_leaves_out_the_charts_that_no_run_of_the_study_draws(tmp_path,
     text = (tmp_path / "report.md").read_text()
     assert "### Training loss" not in text and "### Expert load" not in text and "```" not in text
     assert text.endswith("\n") and not text.endswith("\n\n") and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("case", ["holds a user's files", "is a file", "is read-only"])
+def test_an_out_the_study_would_share_or_cannot_write_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch,
+                                                                                      read_only, case):
+    """Its report.md and charts would have replaced a user's two hours later, and a folder it can not write failed
+    at its first run (after the demo's base was pretrained) as a bare "[Errno 20] Not a directory"."""
+    out = tmp_path / "mine"
+    if case == "is a file":
+        out.write_text("my notes\n")
+    else:
+        out.mkdir()
+    if case == "holds a user's files":
+        (out / "report.md").write_text("my report\n")
+    elif case == "is read-only":
+        read_only(out)
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    message = {"holds a user's files": f"--out {out} holds files that are not a study's (report.md); choose a new "
+                                       "or empty folder, or the --out of an earlier study to continue it.",
+               "is a file": f"--out {out} is a file, not a folder; choose another --out.",
+               "is read-only": f"--out {out} can not be written: {out} is not writable (Permission denied); choose "
+                               "another --out."}[case]
+    assert script_error(study.main, [f"--out={out}"], capsys) == f"error: {message}"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == (
+        ["mine", "report.md"] if case == "holds a user's files" else ["mine"])
+    (tmp_path / "study" / "select").mkdir(parents=True)  # an earlier study's folder is continued
+    (tmp_path / "study" / "report.md").write_text("its report\n")
+    study.check_out(str(tmp_path / "study"))
+
+
+def test_a_report_on_a_read_only_study_prints_its_tables_and_says_report_md_is_not_written(tmp_path, capsys,
+                                                                                           read_only):
+    """A finished study kept read-only still reports (the tables were printed, then a bare "[Errno 13] Permission
+    denied: 'report.md.tmp123'" and exit code 2)."""
+    lr = study.GRID[1]
+    fake_run(tmp_path / "select" / f"lora32-lr{lr:g}", lr, {"a": 50.0})
+    fake_run(tmp_path / f"lora8-lr{lr:g}-seed1", lr, {"a": 60.0}, seed=1)
+    read_only(tmp_path)
+    assert list(study.main(["--report", f"--out={tmp_path}", "--runs=lora8", "--seeds=1"])) == ["lora8"]
+    out, err = capsys.readouterr()
+    assert "## mini-CME study" in out and err == (f"note: report.md and the charts are not written, as "
+                                                           f"{tmp_path} is not writable (Permission denied).\n")
+    assert not list(tmp_path.glob("*.md")) and not list(tmp_path.glob("*.png"))
 
 
 def test_a_study_of_zero_steps_is_refused_and_one_step_is_taken():

@@ -566,8 +566,10 @@ def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 3 and sorted(os.listdir(tmp_path)) == ["anli.jsonl", "dev.jsonl"]
 
 
-@pytest.mark.parametrize("case", ["empty raw file", "out is a folder", "parent is a file", "parent is a dead link"])
-def test_an_eval_set_with_no_records_or_nowhere_to_go_is_one_sentence_and_writes_nothing(tmp_path, capsys, case):
+@pytest.mark.parametrize("case", ["empty raw file", "out is a folder", "parent is a file", "parent is a dead link",
+                                  "parent is read-only"])
+def test_an_eval_set_with_no_records_or_nowhere_to_go_is_one_sentence_and_writes_nothing(tmp_path, capsys, read_only,
+                                                                                         monkeypatch, case):
     raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "eval" / "anli.jsonl")
     (tmp_path / "eval").mkdir()
     if case == "empty raw file":
@@ -579,10 +581,14 @@ def test_an_eval_set_with_no_records_or_nowhere_to_go_is_one_sentence_and_writes
         (tmp_path / "notes").write_text("keep me")
         out = str(tmp_path / "notes" / "sub" / "anli.jsonl")
         message = f"--out {out} can not be written: {tmp_path / 'notes'} is a file, not a folder; choose another"
-    else:
+    elif case == "parent is a dead link":
         os.symlink(tmp_path / "gone", tmp_path / "link")
         out = str(tmp_path / "link" / "anli.jsonl")
         message = f"--out {out} can not be written: {tmp_path / 'link'} is a link to nothing, not a folder"
+    else:  # found before the raw files are read, not at the write after them
+        read_only(tmp_path / "eval")
+        monkeypatch.setattr(tasks.CME_TASKS["anli"], "load", lambda p: pytest.fail("read before the refusal"))
+        message = f"--out {out} can not be written: {tmp_path / 'eval'} is not writable (Permission denied); choose"
     before = {str(p): p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
     text = script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", out, "--overwrite"], capsys)
     assert text.startswith(f"tasks.py: error: {message}")
