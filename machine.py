@@ -1,7 +1,8 @@
 """
 What a run of train.py runs on: its device, its CPU threads, its place among torchrun's processes
 (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE), including a resume on another number of them, and the
-signals that stop it (Ctrl-C, and the SIGTERM that SLURM and Kubernetes send before they kill a job).
+signals that stop it (Ctrl-C, and the SIGTERM that SLURM and Kubernetes send before they kill a job), and how its
+processes leave when one of them fails.
 """
 import os
 import shutil
@@ -115,6 +116,44 @@ def keep_slices(cfg, ckpt, world, master):
 
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 +
 # SIGINT): `train.py && next` stops there, and a Kubernetes Job or a scheduler does not count the run as finished
+
+
+def leave(code):
+    """End the script with `code`. Under torchrun, DDP keeps gloo's process group, and its worker threads, alive past
+    destroy_process_group: a worker still freeing a collective's tensors while the interpreter shuts down cannot take
+    the GIL, and the process aborts ("terminate called without an active exception", once in CI). Every file is
+    closed by now: leave without the interpreter's shutdown."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+
+
+def wait_to_be_stopped(seconds, code=None):
+    """torchrun stops every process (SIGTERM) once one has failed. Waits up to `seconds` for that: if it comes, another
+    process failed first and says why, and this one leaves saying nothing, with `code` (else the shell's 128 + the
+    signal's number). No wait outside torchrun or without other processes."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("WORLD_SIZE", "1") == "1" or \
+            not _in_main_thread():
+        return
+
+    def stopped(signum, frame):
+        leave(128 + signum if code is None else code)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stopped)
+    time.sleep(seconds)
+
+
+def fail(message, code):
+    """Print why the run fails, once under torchrun: its processes nearly always hit the same mistake (the same flags
+    and files), so rank 0 prints it, and another rank only if torchrun has not stopped it within 10 s, i.e. if the
+    mistake is its own (its node's files, say). Returns `code`."""
+    if os.environ.get("RANK", "0") != "0":
+        wait_to_be_stopped(10, code)
+    print(message, file=sys.stderr)
+    return code
 
 
 def _in_main_thread():  # signals reach the main thread only: elsewhere handlers stay as they are

@@ -801,12 +801,33 @@ def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
         assert again.returncode == 0 and "expert load" in again.stdout, again.stderr[-3000:]
 
 
+def _torchrun_fails_with(sentence, *cmd):
+    """torchrun (2 processes) of cmd fails: the sentence is printed once, every process leaves without a traceback
+    (torchrun's own report of the failed processes follows, with one traceback of its own) and with code 2."""
+    bad = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd])
+    assert bad.returncode != 0 and bad.stderr.count(sentence) == 1, bad.stderr[-3000:]
+    assert bad.stderr.count("Traceback") <= 1 and "KeyboardInterrupt" not in bad.stderr, bad.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", bad.stderr), bad.stderr[-3000:]
+
+
 def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_path):
-    bad = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                "--", *_flags(run_data, tmp_path / "bad", "--batch_size=6", "--grad_accum=2")])
-    assert bad.returncode != 0
-    assert "error: batch_size=6 must be a multiple of processes x grad_accum = 4." in bad.stderr
+    _torchrun_fails_with("error: batch_size=6 must be a multiple of processes x grad_accum = 4.",
+                         "train.py", "--", *_flags(run_data, tmp_path / "bad", "--batch_size=6", "--grad_accum=2"))
     assert not (tmp_path / "bad").exists()  # found before anything was written
+
+
+def test_torchrun_a_mistake_of_one_rank_is_its_sentence_and_the_others_leave_quietly_not_hang(run_data, tmp_path):
+    """Only rank 0 checks that out_dir can be written: the others, torn down by torchrun, say nothing. A mistake of a
+    rank other than 0 alone (its node's files, say) is printed by that rank, and rank 0, which waited for it in a
+    collective, says nothing either."""
+    (tmp_path / "file").write_text("")
+    _torchrun_fails_with(f"error: out_dir {tmp_path / 'file' / 'run'} is not writable",
+                         "train.py", "--", *_flags(run_data, tmp_path / "file" / "run"))
+    script = tmp_path / "rank_1_alone.py"
+    script.write_text("import os\nimport train\n\n\ndef refuse(*args):\n"
+                      "    raise train.UserError('rank 1 lacks a file.')\n\n\n"
+                      "if os.environ['RANK'] == '1':\n    train.preflight = refuse\ntrain.main()\n")
+    _torchrun_fails_with("error: rank 1 lacks a file.", str(script), "--", *_flags(run_data, tmp_path / "run"))
 
 
 def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):

@@ -844,26 +844,20 @@ def main(argv=None):
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("TEAMLORA_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code = machine.fail(f"error: {e}", 2)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
+            machine.wait_to_be_stopped(2)  # torchrun: a collective that lost a process which failed first
             raise
         batch = ("" if cfg.get("init_from") == "resume" or cfg.get("eval_only") else  # they keep the run's batch
                  "lower batch_size per process (raise grad_accum to keep the global batch), or ")
-        print(f"error: {e}" if isinstance(e, ScoringOutOfMemory) else f"error: out of memory: {batch}set "
-              "activation_checkpointing=True, or fsdp=True under torchrun.", file=sys.stderr)
-        code = 3
-    if "RANK" in os.environ:
-        # torchrun: DDP keeps gloo's process group, and its worker threads, alive past destroy_process_group.
-        # A worker still freeing a collective's tensors while the interpreter shuts down cannot take the GIL,
-        # and the process aborts ("terminate called without an active exception", once in CI). Every file
-        # is closed by now: leave without the interpreter's shutdown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+        code = machine.fail(f"error: {e}" if isinstance(e, ScoringOutOfMemory) else f"error: out of memory: {batch}set "
+                            "activation_checkpointing=True, or fsdp=True under torchrun.", 3)
+    except KeyboardInterrupt:  # outside the loop, under torchrun: it stops every process (Ctrl-C, SIGTERM, a failure)
+        if "RANK" not in os.environ:
+            raise
+        code = machine.INTERRUPTED
+    machine.leave(code)
 
 
 if __name__ == "__main__":
