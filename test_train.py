@@ -821,7 +821,7 @@ def test_torchrun_a_mistake_of_one_rank_is_its_sentence_and_the_others_leave_qui
     rank other than 0 alone (its node's files, say) is printed by that rank, and rank 0, which waited for it in a
     collective, says nothing either."""
     (tmp_path / "file").write_text("")
-    _torchrun_fails_with(f"error: out_dir {tmp_path / 'file' / 'run'} is not writable",
+    _torchrun_fails_with(f"error: out_dir {tmp_path / 'file' / 'run'} can not be written",
                          "train.py", "--", *_flags(run_data, tmp_path / "file" / "run"))
     script = tmp_path / "rank_1_alone.py"
     script.write_text("import os\nimport train\n\n\ndef refuse(*args):\n"

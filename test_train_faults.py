@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,14 +155,14 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_step_1(run_data, tm
     folder gives is simulated where train.py tries it): one sentence naming out_dir, and nothing made."""
     (tmp_path / "notes").write_text("a file")
     fails(train_flags(run_data, tmp_path / "notes" / "run", "--eval_dir="), capsys, tmp_path / "notes" / "run",
-          "not writable", f"{tmp_path / 'notes'} is a file", "choose another --out_dir")
+          "can not be written", f"{tmp_path / 'notes'} is a file, not a folder", "choose another --out_dir")
     assert (tmp_path / "notes").read_text() == "a file"
 
     def refused(*args, dir=None, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
-    monkeypatch.setattr(train.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
     fails(train_flags(run_data, tmp_path / "locked" / "run", "--eval_dir="), capsys, tmp_path / "locked" / "run",
-          "not writable (Permission denied)")
+          f"can not be written: {tmp_path} is not writable (Permission denied)")
     assert not (tmp_path / "locked").exists()
 
 
@@ -185,9 +186,10 @@ def test_eval_only_on_an_out_dir_that_cannot_be_written_is_refused_before_scorin
 
     def refused(*args, dir=None, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
-    monkeypatch.setattr(train.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
     monkeypatch.setattr(evaluation, "evaluate", lambda *a: pytest.fail("scored before the refusal"))
-    fails(train_flags(run_data, out, "--eval_only=True"), capsys, f"out_dir {out} is not writable (Permission denied)",
+    fails(train_flags(run_data, out, "--eval_only=True"), capsys,
+          f"out_dir {out} can not be written: {out} is not writable (Permission denied)",
           "copy the run to a folder you can write")
 
 
@@ -968,7 +970,7 @@ def test_only_rank_0_checks_that_out_dir_can_be_written_and_removes_leftover_tem
 
     def refused(*args, dir=None, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
-    monkeypatch.setattr(train.tempfile, "TemporaryFile", refused)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
     assert train.claim_out_dir(train.Run(cfg, 1, 2), False) == []
     assert (out / "ckpt.pt.tmp999999").exists()
     with pytest.raises(train.UserError, match="is not writable"):

@@ -12,13 +12,11 @@ Reading order: main -> train (resume config, processes, the demo's files) -> run
 finish (the scores, from evaluation.py).
 """
 import difflib
-import errno
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -487,15 +485,8 @@ def claim_out_dir(r, resuming):
 def check_writable(out, fix):
     """out_dir, or the folder it will be made in (only once the run is sure to start: a refusal leaves nothing),
     takes new files."""
-    existing = os.path.abspath(out)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        if not os.path.isdir(existing):
-            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise UserError(f"out_dir {out} is not writable ({e.strerror or e}); {fix}.") from None
+    if blocker := data.blocked_parent(os.path.join(out, "ckpt.pt")):
+        raise UserError(f"out_dir {out} can not be written: {blocker}; {fix}.")
 
 
 VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
