@@ -254,7 +254,8 @@ def read_results(folder, steps=None):
             res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
         average(res)
         for value in (res["trainable_params"], res["base_params"], res["train_seconds"], res["config"]["seed"]):
-            float(value)  # what the tables read
+            if not isinstance(value, (int, float)):  # what the tables read (float() would take "8" and fail there)
+                raise TypeError(f"{value!r} is not a number")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
         raise data.UserError(f"the run in {folder} is damaged ({type(e).__name__}: {str(e)[:80]}); delete that folder "
                              "and run the study again to redo the run.") from None

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -162,15 +163,25 @@ def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
     assert f"--report found no study in {tmp_path}/none/" in err and "diverged" not in err
 
 
-@pytest.mark.parametrize("damage", ["cut results", "no scores", "no log", "no parameter count"])
+COMPLETE = {"scores": {"a": 50.0}, "config": {"seed": 0}, "trainable_params": 8, "base_params": 800, "train_seconds": 1}
+DAMAGED_RESULTS = {"cut results": '{"scores": {"a": 5', "no scores": '{"scores": {}}',
+                   "no log": '{"scores": {"a": 50.0}}',
+                   "no parameter count": json.dumps({k: v for k, v in COMPLETE.items() if not k.endswith("params")}),
+                   # each value the tables read, on its own: absent, or text where a number belongs
+                   **{f"no {key}": json.dumps({k: v for k, v in COMPLETE.items() if k != key})
+                      for key in ("trainable_params", "base_params", "train_seconds")},
+                   "no seed": json.dumps(COMPLETE | {"config": {}}),
+                   "a count as text": json.dumps(COMPLETE | {"trainable_params": "8"}),  # float("8") would pass
+                   "a time as text": json.dumps(COMPLETE | {"train_seconds": "1.5"})}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_RESULTS)
 def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, capsys, damage):
     """--report reads every run's results.json and log.jsonl: one edited by hand, or cut by a full disk, is one
     sentence naming the folder."""
     folder = tmp_path / "select" / f"{study.METHODS['teamlora'][0]}-lr{study.GRID[0]:g}"
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text({"cut results": '{"scores": {"a": 5', "no scores": '{"scores": {}}',
-                                          "no log": '{"scores": {"a": 50.0}}', "no parameter count":  # what tables read
-                                          '{"scores": {"a": 50.0}, "config": {"seed": 0}, "train_seconds": 1}'}[damage])
+    (folder / "results.json").write_text(DAMAGED_RESULTS[damage])
     if damage != "no log":
         (folder / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     with pytest.raises(SystemExit) as stop:
@@ -561,6 +572,44 @@ def test_a_report_on_a_read_only_study_prints_its_tables_and_says_report_md_is_n
     assert "## mini-CME study" in out and err == (f"note: report.md and the charts are not written, as "
                                                            f"{tmp_path} is not writable (Permission denied).\n")
     assert not list(tmp_path.glob("*.md")) and not list(tmp_path.glob("*.png"))
+
+
+def test_a_report_puts_each_chart_fenced_under_its_own_heading(tmp_path):
+    """TeamLoRA draws both charts: the loss curve under the Figure 4b heading, the expert load under Figure 5's, each
+    in its own code block."""
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=teamlora", "--report", "--seeds=1"])
+    lr = study.GRID[1]
+    fake_run(tmp_path / "select" / f"teamlora-lr{lr:g}", lr, {"a": 50.0})
+    final = tmp_path / f"teamlora-lr{lr:g}-seed1"
+    fake_run(final, lr, {"a": 60.0}, seed=1)
+    (final / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    results = json.loads((final / "results.json").read_text())
+    (final / "results.json").write_text(json.dumps(results | {"expert_load": {"a": [0.3, 0.7]}}))
+    results = study.report(opts, names, study.selection(opts, extra, names))
+    loss, load = study.loss_chart(results), study.load_chart(results)
+    assert loss and load
+    text = (tmp_path / "report.md").read_text()
+    assert "### Training loss (the paper's Figure 4b)\n\n```\n" + "\n".join(loss) + "\n```\n" in text
+    assert "### Expert load (the paper's Figure 5)\n\n```\n" + "\n".join(load) + "\n```\n" in text
+
+
+def test_loss_png_is_drawn_only_where_a_run_of_the_study_has_a_loss_curve(tmp_path, monkeypatch):
+    """As the report's text chart: no loss.png of empty axes for a study whose runs draw no curve (LoRA r=8).
+    matplotlib is optional (and absent here): a stand-in records what would be saved."""
+    saved = []
+
+    class Drawing:  # a figure or its axes: any call is taken, savefig recorded
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def savefig(self, path, **k):
+            saved.append(path)
+    pyplot = SimpleNamespace(subplots=lambda **k: (Drawing(), Drawing()))
+    monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    run = {"curve": [(1, 2.0), (2, 1.5)], "config": {"seed": 1}}
+    assert study.pngs({"lora8": [run]}, str(tmp_path)) == [] and saved == []
+    assert study.pngs({"lora8": [run], "lora32": [run]}, str(tmp_path)) == [str(tmp_path / "loss.png")] == saved
 
 
 def test_a_study_of_zero_steps_is_refused_and_one_step_is_taken():
