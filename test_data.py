@@ -1255,6 +1255,15 @@ def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):
     assert [where for where, _ in data.read_jsonl(path)] == [f"{path} line 1", f"{path} line 3"]
 
 
+def test_read_jsonl_names_a_line_at_or_before_a_byte_that_is_not_utf8_far_into_the_file(tmp_path):
+    """Text is decoded a block of lines at a time: the line named is one read whole before the bad byte, not 0."""
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(f"{GOOD}\n".encode() * 2000 + b'{"instruction": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"e\.jsonl is not UTF-8 text \(after line (\d+): ") as error:
+        list(data.read_jsonl(path))
+    assert 0 < int(re.search(r"after line (\d+)", str(error.value))[1]) <= 2000
+
+
 @pytest.mark.parametrize("name, record, message", [
     ("qa", dict(output=5), '"output" is a number, not a string'),
     ("qa", dict(output=["a"]), '"output" is a list, not a string'),
@@ -1524,6 +1533,19 @@ def test_a_torch_save_that_fills_the_disk_raises_the_disks_error_not_torchs(tmp_
     with pytest.raises(OSError, match="No space left on device"):
         data.write_atomic(str(path), lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_failed_writers_own_error_is_raised_when_no_disk_error_lies_under_it(tmp_path):
+    """Only an OSError underneath replaces the error raised (torch.save's over a full disk): a writer's own error,
+    raised while it handled another, stays its own."""
+    def broken(f):
+        try:
+            {}["step"]
+        except KeyError:
+            raise ValueError("the writer's own error") from None
+    with pytest.raises(ValueError, match="the writer's own error"):
+        data.write_atomic(str(tmp_path / "x.json"), broken)
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------

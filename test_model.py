@@ -1588,6 +1588,27 @@ def test_a_layer_count_the_weights_do_not_hold_is_refused_before_any_block_is_bu
         assert ("download the missing weight files" in str(error.value)) == (n_layers > 4)
 
 
+def test_weights_whose_names_hold_no_layer_are_said_to_hold_none(tmp_path):
+    """Weights under another prefix (a multimodal checkpoint's language_model.model.layers.N) hold no layer this
+    loader reads: the message says none, not one layer or layers.-1."""
+    file = write_single_file_dir(tmp_path, "bin")
+    rewrite_weight_file(file, lambda sd: {f"language_model.{n}": t for n, t in sd.items()})
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path / "config.json"), "says 4 layers", "hold none; fix num_hidden_layers")
+
+
+def test_a_null_tie_word_embeddings_loads_an_untied_output_layer(tmp_path):
+    """"tie_word_embeddings": null is not a broken config (transformers treats it as false): the output layer is the
+    file's own weight."""
+    write_single_file_dir(tmp_path, "bin")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": None}))
+    loaded = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, loaded.args.vocab_size, (2, 12))
+    assert not loaded.args.tie_embeddings and torch.equal(logits_of(loaded, tokens), logits_of(tiny_model(), tokens))
+
+
 @pytest.mark.parametrize("index", ["model.safetensors.index.json", "pytorch_model.bin.index.json"])
 @pytest.mark.parametrize("where", ["parent", "absolute", "subfolder"])
 def test_an_index_entry_that_is_not_a_file_beside_it_is_refused_naming_index_and_entry(tmp_path, index, where):

@@ -270,6 +270,15 @@ def test_arc_loader_reads_nested_questions_and_numeric_choice_labels(tmp_path):
     assert record["output"] == "C" and record["input"] == "Question: Which is a gas?\nChoices: A.ice, B.water, C.steam"
 
 
+def test_an_arc_question_with_as_many_choices_as_letters_loads_and_its_last_is_h(tmp_path):
+    """The prompt has 8 letters (A-H): a question with 8 choices is ARC's widest, not one too many."""
+    row = {"question": {"stem": "q", "choices": [{"text": f"t{i}", "label": str(i)} for i in range(1, 9)]},
+           "answerKey": "8"}
+    (tmp_path / "arc.jsonl").write_text(json.dumps(row) + "\n")
+    [record] = CME_TASKS["arc"].load(str(tmp_path / "arc.jsonl"))
+    assert record["output"] == "H" and record["input"].endswith("G.t7, H.t8")
+
+
 @needs_cme_fixtures
 def test_mmlu_loader_reads_headerless_csv_with_quoted_and_multiline_fields(tmp_path):
     law = CME_TASKS["mmlu"].load(os.path.join(CME_DIR, "mmlu", "professional_law_test.csv"))

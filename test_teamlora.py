@@ -1090,6 +1090,14 @@ def test_loading_an_adapter_into_a_merged_layer_is_refused_until_it_is_unmerged(
     assert all(torch.equal(v, other[k]) for k, v in teamlora.adapter_state_dict(model).items())
 
 
+def test_a_load_refused_for_merged_layers_names_those_layers_and_only_those():
+    model = nn.Sequential(*(make_layer(d_in=24, d_out=20, r=8, experts=1, seed=i) for i in range(3)))
+    for i in (0, 2):
+        model[i].merge()
+    with pytest.raises(ValueError, match=r"^\['0', '2'\] hold a merged adapter"):
+        teamlora.load_adapter_state_dict(model, teamlora.adapter_state_dict(model))
+
+
 def test_several_experts_refuse_to_merge_in_one_sentence():
     layer = make_layer(experts=4)
     w0 = layer.weight.detach().clone()

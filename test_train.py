@@ -1101,6 +1101,10 @@ def test_load_checkpoint_refuses_a_dict_without_every_key_in_one_sentence(tmp_pa
     torch.save({**full, "iter": True}, path)  # a bool is an int to isinstance: the step is an int and nothing else
     with pytest.raises(UserError, match=r"ckpt\.pt is damaged: its weights, config, step"):
         checkpoint.load_checkpoint(str(path))
+    for state in ([torch.zeros(1)], {"w": torch.zeros(1), "b": 0}):  # weights not by name; one weight not a tensor
+        torch.save({**full, "state": state}, path)
+        with pytest.raises(UserError, match=r"ckpt\.pt is damaged: its weights"):
+            checkpoint.load_checkpoint(str(path))
 
 
 def _tiny_adapter_model(seed):
@@ -1153,6 +1157,40 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     checkpoint.set_rng_state(ckpt["rng"][0], torch.device("cpu"))
     step(b, opt_b)  # the resumed run's step 3
     assert_same_adapters(adapters_of(a), adapters_of(b))
+
+
+def test_a_checkpoint_the_disk_cannot_take_says_what_to_run_and_keeps_the_last_one(tmp_path, monkeypatch):
+    """A full disk at the first checkpoint leaves nothing to continue from: start again. At a later one, at ckpt.pt or
+    at adapter.pt (a resume writes the adapter of its ckpt.pt again), continue from the last ckpt.pt written, with the
+    run's own command (the demo's pretraining: the same command)."""
+    import types
+
+    import checkpoint
+    m = _tiny_adapter_model(seed=1)
+    opt = torch.optim.AdamW(train.trainable(m), lr=1e-2)
+    r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}, world=1,
+                              device=torch.device("cpu"), master=True, args=m.args, base=None, data=None,
+                              resume_with="the same command")
+    save, full = torch.save, set()  # full: the files the disk has no room for
+
+    def save_unless_full(obj, f, *args, **kwargs):
+        return save(obj, conftest.FullDisk(f) if os.path.basename(f.name).partition(".tmp")[0] in full else f,
+                    *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_unless_full)
+    full.add("ckpt.pt")
+    with pytest.raises(UserError, match=rf"checkpoint of step 2 to {re.escape(str(tmp_path))} \(No space left on "
+                       r"device\); .* then start the run again with --overwrite=True\.$"):
+        checkpoint.save_checkpoint(r, m, opt, 2)
+    assert os.listdir(tmp_path) == []
+    full.clear()
+    checkpoint.save_checkpoint(r, m, opt, 2)
+    for name, kept in (("ckpt.pt", 2), ("adapter.pt", 4)):
+        full = {name}
+        with pytest.raises(UserError, match=r"checkpoint of step 4 .* then continue from the last checkpoint written "
+                           r"with the same command\.$"):
+            checkpoint.save_checkpoint(r, m, opt, 4)
+        assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == kept
+        assert sorted(os.listdir(tmp_path)) == ["adapter.pt", "ckpt.pt"]
 
 
 def test_a_checkpoint_tensor_of_another_shape_or_name_is_refused_not_broadcast():

@@ -175,6 +175,8 @@ def test_an_out_dir_that_is_the_data_or_the_evaluation_folder_is_refused_before_
     fails(train_flags(run_data, evals, f"--eval_dir={evals}"), capsys, f"out_dir {evals} is the eval_dir",
           "choose another --out_dir")
     fails(train_flags(run_data, f"{shards}/", "--eval_dir="), capsys, "is the data_dir", "choose another --out_dir")
+    (tmp_path / "link").symlink_to(evals)  # the same folder by another name
+    fails(train_flags(run_data, tmp_path / "link", f"--eval_dir={evals}"), capsys, "link is the eval_dir")
     assert (sorted(os.listdir(evals)), sorted(os.listdir(shards))) == before
 
 
@@ -215,6 +217,11 @@ def test_a_full_disk_at_a_checkpoint_or_results_json_is_one_sentence_and_keeps_w
           f"could not write {out / 'results.json'} (No space left on device)", f"adapters are saved in {out}",
           "score them again with the same command plus --eval_only=True")
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 6 and not (out / "results.json").exists()
+    fails(train_flags(run_data, out, "--eval_only=True", "--eval_limit=1"), capsys,  # scoring again: as it was
+          f"could not write {out / 'results.json'}", "score them again with the same command.")
+    full = tmp_path / "full"  # full training saves its weights (model.pt), not adapters
+    fails(train_flags(run_data, full, "--adapter=none", "--max_iters=1", "--eval_limit=1"), capsys,
+          f"the trained weights are saved in {full}")
 
 
 @needs_fixtures
@@ -661,7 +668,8 @@ def test_a_run_resumed_or_sampled_on_another_base_is_refused_and_on_its_own_goes
 def test_a_run_scored_or_sampled_before_its_last_step_says_so_and_a_resume_at_its_last_says_nothing_is_left(
         run_data, tmp_path, capsys):
     """Scores and answers of a run stopped by Ctrl-C (or still training) are not its last: sample.py and
-    --eval_only=True say so; a resume of a finished run only scores it again, and says so too."""
+    --eval_only=True say so; a resume of a finished run only scores it again, and says so too. A resume that trains
+    on, or a scoring of a finished run, has nothing to add."""
     import sample
     out = tmp_path / "run"
     train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=", "--max_iters=2")))
@@ -678,6 +686,11 @@ def test_a_run_scored_or_sampled_before_its_last_step_says_so_and_a_resume_at_it
     train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True", f"--eval_dir={run_data / 'test'}",
                                     "--eval_limit=1"]))
     assert f"resumed from {out}/ckpt.pt at step 2, before its last (4): the run stopped" in capsys.readouterr().out
+    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))  # trains on: no note
+    assert f"resumed from {out}/ckpt.pt at step 2\n" in capsys.readouterr().out
+    train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True", f"--eval_dir={run_data / 'test'}",
+                                    "--eval_limit=1"]))
+    assert f"resumed from {out}/ckpt.pt at step 4\n" in capsys.readouterr().out  # its last: no note either
 
 
 def test_demo_files_deleted_by_hand_are_named_with_the_demos_own_fix(tmp_path, monkeypatch, capsys):
@@ -942,6 +955,51 @@ def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_eve
     assert machine.StopAfterStep(True).agreed(cpu, 2)
     monkeypatch.setattr(machine.dist, "all_reduce", lambda t: t)  # no rank was
     assert not machine.StopAfterStep(True).agreed(cpu, 2)
+
+
+def test_under_torchrun_a_second_ctrl_c_neither_stops_at_once_nor_is_offered(monkeypatch, capsys):
+    """torchrun passes the terminal's Ctrl-C on to processes that got it already (each gets two): under it (RANK set)
+    a second SIGINT waits for the step's checkpoint too, and the notice offers a second Ctrl-C only outside it."""
+    monkeypatch.setenv("RANK", "0")
+    stop = machine.StopAfterStep(True)
+    try:
+        for _ in range(2):
+            stop(signal.SIGINT, None)
+    except KeyboardInterrupt:  # not out of the test: pytest would take it for the user's own Ctrl-C
+        pytest.fail("a second Ctrl-C under torchrun stopped at once")
+    assert stop.asked and not stop.forced
+    err = capsys.readouterr().err
+    assert "stopping after this step, with a checkpoint" in err and "Ctrl-C again" not in err
+    monkeypatch.delenv("RANK")
+    stop = machine.StopAfterStep(True)
+    stop(signal.SIGINT, None)
+    assert "(Ctrl-C again: at once, keeping the last one)" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        stop(signal.SIGINT, None)
+    assert stop.forced
+
+
+def test_outside_the_main_thread_the_signal_handlers_are_left_as_they_are():
+    """Python delivers signals to its main thread only and refuses a handler set from another: train() called from
+    a worker thread (a notebook's, a scheduler's) runs without taking SIGINT or SIGTERM."""
+    import threading
+
+    def handlers():
+        return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before, seen, errors = handlers(), [], []
+
+    def worker():
+        try:
+            with machine.sigterm_as_ctrl_c():
+                stop = machine.StopAfterStep(True).install()
+                seen.append(handlers())
+                stop.restore()
+        except Exception as e:  # ValueError: signal only works in main thread
+            errors.append(e)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert errors == [] and seen == [before] and handlers() == before
 
 
 def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_once_keeps(tmp_path, monkeypatch,
