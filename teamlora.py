@@ -28,8 +28,7 @@ def expert_weights_t(logits_t, M):
     with torch.autocast("cpu" if phi.is_meta else phi.device.type, enabled=False):  # meta has no autocast
         adj = torch.addmm(phi, M.t().to(phi.dtype), phi)  # Eq. 12 as (phi + phi M)^T: one GEMM, kept float32
     s = adj.sum(0, keepdim=True)  # a learned M can push it through 0: its magnitude is clamped to EPS, sign kept
-    s = torch.where(s.abs() < EPS, torch.where(s < 0, -EPS, EPS), s)  # 0 -> +EPS
-    return adj / s * phi.shape[0]
+    return adj / torch.where(s.abs() < EPS, torch.where(s < 0, -EPS, EPS), s) * phi.shape[0]  # 0 -> +EPS
 
 
 class _RouterInA(torch.autograd.Function):
@@ -94,17 +93,13 @@ class TeamLoRALinear(nn.Linear):
     def initial_lora_state(self):
         """The authors' initialisation, drawn on the CPU in a fixed order: the same whatever the device or sharding."""
         kaiming = lambda p: nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5))
-        state = {"lora_A": kaiming(self.lora_A), "lora_B": torch.zeros(self.lora_B.shape)}  # B = 0: no change yet
-        state |= {"lora_router": kaiming(self.lora_router)} if self.lora_router is not None else {}
-        if self.lora_M is not None:  # U(-0.1, 0.1) with a zero diagonal
-            state["lora_M"] = torch.empty(self.lora_M.shape).uniform_(-0.1, 0.1).fill_diagonal_(0.0)
-        return state
+        M = lambda p: torch.empty(p.shape).uniform_(-0.1, 0.1).fill_diagonal_(0.0)  # U(-0.1, 0.1), zero diagonal
+        init = {"lora_A": kaiming, "lora_B": lambda p: torch.zeros(p.shape), "lora_router": kaiming, "lora_M": M}
+        return {n: f(getattr(self, n)) for n, f in init.items() if getattr(self, n) is not None}  # B = 0: no change
 
-    @torch.no_grad()
     def reset_lora_parameters(self):
-        """(Re)initialise the adapter in place, e.g. after `to_empty()` on a meta-built model."""
-        for name, t in self.initial_lora_state().items():
-            getattr(self, name).copy_(t)
+        """(Re)initialise the adapter in place, e.g. after `to_empty()` on a meta-built model; unmerge a merged one."""
+        load_adapter_state_dict(self, self.initial_lora_state())
 
     @torch.no_grad()
     def merge(self, merged=True):
@@ -130,6 +125,9 @@ class TeamLoRALinear(nn.Linear):
     def extra_repr(self):
         return f"{super().extra_repr()}, r={self.r}, experts={self.experts}, competition={self.competition}"
 
+    def __getstate__(self):  # copy.deepcopy, pickle: not the last forward's omega, a tensor of its autograd graph
+        return {**super().__getstate__(), "last_omega": None}
+
 
 def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cls=None, **kw):
     """Replace every nn.Linear whose name ends with one of `targets` (e.g. ("w1", "w2", "w3") or ("gate_proj",
@@ -137,17 +135,18 @@ def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cl
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     matched = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     if not matched:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]
-        raise ValueError(f"no module name ends with any of targets={list(targets)}; "
-                         f"linear layers of this model are named like {linears}.")
-    for name in matched:
+        raise ValueError(f"no module name ends with any of targets={list(targets)}; linear layers of this model are "
+                         f"named like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]}.")
+    for name in matched:  # every target checked before any is replaced: a refusal leaves the model as it was
         module = model.get_submodule(name)
-        if isinstance(module, TeamLoRALinear) or not isinstance(module, nn.Linear):
+        odd = [n for n, t in module.state_dict().items() if n not in ("weight", "bias") or not t.is_floating_point()]
+        if odd or not isinstance(module, nn.Linear):  # TeamLoRALinear keeps a float weight and bias, nothing else
             what = "already has an adapter" if isinstance(module, TeamLoRALinear) else f"is a {type(module).__name__}"
-            raise ValueError(f"target module '{name}' {what}, not a plain nn.Linear: name linear layers in targets.")
-        parent, _, child = name.rpartition(".")
-        layer = (cls or TeamLoRALinear)(module, r, experts, alpha, dropout, competition, **kw)
-        setattr(model.get_submodule(parent), child, layer)
+            raise ValueError(f"target module '{name}' {what}, not a plain nn.Linear (its tensors besides a float "
+                             f"weight and bias: {odd[:3]}): leave it out of targets (dequantise a quantised one).")
+    for name in matched:
+        layer = (cls or TeamLoRALinear)(model.get_submodule(name), r, experts, alpha, dropout, competition, **kw)
+        model.set_submodule(name, layer)
     for n, p in model.named_parameters():
         p.requires_grad_(is_adapter(n))
     return model
@@ -158,15 +157,16 @@ def is_adapter(name):
 
 
 def adapter_state_dict(model):
-    """The adapter tensors by their names in the model less torch.compile's `_orig_mod.`: a plain name -> tensor."""
-    return {n.replace("_orig_mod.", ""): p.detach() for n, p in model.named_parameters() if is_adapter(n)}
+    """Adapter tensors by name less wrappers' parts (torch.compile's, checkpoint_wrapper's, DDP's `module.`)."""
+    return {n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "").removeprefix("module."): p.detach()
+            for n, p in model.named_parameters() if is_adapter(n)}
 
 
 def load_adapter_state_dict(model, state):
-    """Copy adapter tensors into an injected model, compiled or not; names and shapes must match exactly."""
-    if merged := [n for n, m in model.named_modules() if isinstance(m, TeamLoRALinear) and m.merged]:
+    """Copy adapter tensors into an injected model, wrapped or not; names and shapes must match exactly."""
+    if merged := [n or "the layer" for n, m in model.named_modules() if isinstance(m, TeamLoRALinear) and m.merged]:
         raise ValueError(f"{merged[:3]} hold a merged adapter: call merge(False) on them before loading another.")
-    own = {n.replace("_orig_mod.", ""): p.detach() for n, p in model.named_parameters() if is_adapter(n)}
+    own = adapter_state_dict(model)
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{n} {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
               for n in sorted(own.keys() & state.keys()) if state[n].shape != own[n].shape]

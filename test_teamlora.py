@@ -570,6 +570,32 @@ def test_an_adapter_saved_from_a_model_with_compiled_blocks_loads_into_a_plain_o
     assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(again).items())
 
 
+def test_an_adapter_saved_from_a_ddp_or_checkpoint_wrapped_model_loads_into_a_plain_one_and_back():
+    """DistributedDataParallel and DataParallel name every parameter `module.<name>`, torch's checkpoint_wrapper
+    (apply_activation_checkpointing) puts `_checkpoint_wrapped_module.` inside the names: the adapter drops them,
+    also under torch.compile, so an adapter trained wrapped loads into a plain model and the other way round."""
+    cw = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    make = lambda: inject(Stack(n=2), ("w1", "w3"), r=8, experts=4, alpha=16)
+    blocks = lambda model: cw.apply_activation_checkpointing(
+        model, check_fn=lambda m: isinstance(m, nn.ModuleDict) and "feed_forward" in m) or model
+    wrappers = [nn.DataParallel, lambda m: torch.compile(nn.DataParallel(m)),
+                lambda m: nn.DataParallel(torch.compile(m)), blocks, lambda m: nn.DataParallel(blocks(m))]
+    for wrap in wrappers:
+        trained = wrap(make())
+        assert any("module." in n for n, _ in trained.named_parameters())
+        for m in trained.modules():
+            if isinstance(m, TeamLoRALinear):
+                randomize(m, seed=len(m.lora_B))
+        state = teamlora.adapter_state_dict(trained)
+        assert state.keys() == teamlora.adapter_state_dict(make()).keys()
+        plain = make()
+        teamlora.load_adapter_state_dict(plain, state)
+        assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(plain).items())
+        again = wrap(make())
+        teamlora.load_adapter_state_dict(again, teamlora.adapter_state_dict(plain))
+        assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(again).items())
+
+
 def test_load_adapter_state_dict_copies_into_the_models_own_dtype_and_storage():
     """An adapter saved in another precision (float64 here, bfloat16 from a mixed-precision run) is copied into the
     model's tensors: they keep their dtype, and their storage (an optimizer holding them sees the loaded values)."""
@@ -806,6 +832,29 @@ def test_a_bf16_adapter_runs_and_trains_in_bf16_with_omega_in_float32(k):
         assert p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_the_model_after_inject_casts_the_adapters_while_omega_stays_float32(dtype):
+    """model.to(dtype) / .half() after inject is torch's cast of every parameter: the adapters follow (the README
+    says so), the router's softmax and omega stay float32, and the model computes the float32 one's function to the
+    dtype's precision and trains."""
+    torch.manual_seed(0)
+    model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16, dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            with torch.no_grad():
+                randomize(m, seed=m.lora_B.shape[0]).lora_B.mul_(0.1)
+    x = torch.randn(3, 5, 16)
+    want = model(x).detach()
+    model.to(dtype)
+    layer = model.layers[0]["feed_forward"].w1
+    out = model(x.to(dtype))
+    assert out.dtype == dtype and all(p.dtype == dtype for p in model.parameters())
+    assert layer.last_omega.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    (out.float().mean() + teamlora.balance_loss(model)).backward()  # gradients within float16's range
+    assert layer.lora_A.grad.dtype == dtype and torch.isfinite(layer.lora_A.grad).all()
+
+
 def test_inject_on_the_meta_device_allocates_nothing_then_materialises():
     with torch.device("meta"):
         model = Stack(n=4, dim=4096, hidden=11008)
@@ -930,6 +979,135 @@ def test_user_errors_give_one_clear_sentence():
     with pytest.raises(ValueError, match="mask of shape"):
         teamlora.balance_loss(nn.Sequential(layer), torch.ones(3, 2, dtype=torch.bool))
 
+class Int8Linear(nn.Linear):
+    """A quantised layer as bitsandbytes' are nn.Linear subclasses: an int8 weight, a scale, a forward of its own."""
+
+    def __init__(self, base):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        scale = base.weight.abs().amax(1) / 127
+        self.weight = nn.Parameter((base.weight / scale[:, None]).round().to(torch.int8), requires_grad=False)
+        self.bias = base.bias
+        self.register_buffer("scale", scale.detach())
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype) * self.scale[:, None], self.bias)
+
+
+class ScaledHead(nn.Linear):
+    """An output layer with a learned per-word logit scale (a float weight, a forward of its own)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out, bias=False)
+        self.logit_scale = nn.Parameter(torch.full((d_out,), 3.0))
+
+    def forward(self, x):
+        return super().forward(x) * self.logit_scale
+
+
+def test_inject_refuses_linear_subclasses_whose_tensors_it_would_lose_before_changing_anything():
+    """TeamLoRALinear carries over a float `weight` and `bias` and computes nn.Linear's x W^T + b: a layer holding
+    other tensors (a quantised layer's scale, a logit scale, a weight-norm's parts) or a non-float weight would
+    lose them, silently (the logit scale) or at the first forward (int8). Refused at inject, in one sentence,
+    before any target is replaced."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    uint8 = nn.Linear(16, 8)
+    uint8.weight = nn.Parameter(torch.randint(0, 255, (8, 16), dtype=torch.uint8), requires_grad=False)
+    for layer, odd in [(Int8Linear(nn.Linear(16, 8)), r"\['weight', 'scale'\]"), (uint8, r"\['weight'\]"),
+                       (ScaledHead(16, 8), r"\['logit_scale'\]"),
+                       (weight_norm(nn.Linear(16, 8)), r"\['parametrizations.weight.original0'")]:
+        model = nn.ModuleDict({"mlp": nn.ModuleDict({"up": nn.Linear(16, 16), "down": layer})})
+        before = {n: (type(m), m.training) for n, m in model.named_modules()}
+        with pytest.raises(ValueError, match=f"^target module 'mlp.down' is a {type(layer).__name__}, not a plain "
+                                             f"nn.Linear \\(its tensors besides a float weight and bias: {odd}"):
+            inject(model, ("up", "down"), r=4, experts=2, alpha=8)
+        assert {n: (type(m), m.training) for n, m in model.named_modules()} == before  # 'mlp.up' not replaced
+        assert all(p.requires_grad for p in model["mlp"]["up"].parameters())
+        inject(model, ("up",), r=4, experts=2, alpha=8)  # the retry without the odd layer goes through
+        assert isinstance(model["mlp"]["up"], TeamLoRALinear) and model["mlp"]["down"] is layer
+
+
+def test_a_refused_inject_leaves_every_target_as_it_was_so_a_corrected_retry_works():
+    """A refusal after valid matches (q_proj before a non-Linear 'rotary_emb' in a Hugging Face model) used to leave
+    those adapted and nothing frozen; the retry then said 'already has an adapter'."""
+    model = nn.ModuleDict({"layers": nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(8, 8)}) for _ in range(2)),
+                           "rotary_emb": nn.Identity()})
+    with pytest.raises(ValueError, match="'rotary_emb' is a Identity, not a plain nn.Linear"):
+        inject(model, ("q_proj", "rotary_emb"), r=4, experts=2, alpha=8)
+    assert not any(isinstance(m, TeamLoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    inject(model, ("q_proj",), r=4, experts=2, alpha=8)
+    assert all(isinstance(layer["q_proj"], TeamLoRALinear) for layer in model["layers"])
+
+
+def test_gpt2s_conv1d_is_refused_at_inject_by_its_name():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(ValueError, match="'transformer.h.0.mlp.c_fc' is a Conv1D, not a plain nn.Linear"):
+        inject(model, ("c_fc",), r=4, experts=2, alpha=8)
+
+
+def test_an_adapted_tied_output_layer_keeps_its_tie_and_leaves_the_embedding_frozen():
+    """lm_head in a model with tied embeddings: the adapted layer holds the embedding's own Parameter, so the tie
+    holds, both stay frozen, the model's output is the base's until the adapter trains, and it then trains."""
+    torch.manual_seed(0)
+    model = qwen2_lm()
+    embedding, ids = model.model.embed_tokens.weight, torch.randint(50, (2, 7))
+    want = model(input_ids=ids).logits.detach()
+    inject(model, ("lm_head",), r=8, experts=4, alpha=16, dropout=0.0)
+    assert model.lm_head.weight is embedding and not embedding.requires_grad
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"lm_head.lora_{p}" for p in
+                                                                          ("A", "B", "router", "M")}
+    before = embedding.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.equal(embedding, before) and model.lm_head.lora_B.abs().sum() > 0
+
+
+def test_a_model_deep_copies_after_a_training_forward_as_for_an_ema_or_swa_copy():
+    """last_omega holds a tensor of the last forward's autograd graph, which copy.deepcopy refuses (an EMA model, SWA's
+    AveragedModel, a best-so-far copy): the copy leaves it out and computes the same function."""
+    import copy
+
+    torch.manual_seed(0)
+    model = inject(Stack(n=2), ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=m.lora_B.shape[0])
+    x = torch.randn(3, 16)
+    loss = model(x).square().mean() + teamlora.balance_loss(model)
+    twin = copy.deepcopy(model)
+    assert teamlora.expert_load(twin) == {} and teamlora.expert_load(model)  # the original keeps its omega
+    loss.backward()  # and its graph
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    assert all(a is not b for a, b in zip(twin.parameters(), model.parameters()))
+
+
+def test_base_checkpoints_load_into_an_adapted_model_and_its_own_state_dict_round_trips():
+    """The contract behind `weight` and `bias`: a base checkpoint loads into an injected model (only the adapter is
+    missing), the injected model's whole state dict loads into another and into the plain base (only the adapter
+    unexpected)."""
+    torch.manual_seed(0)
+    base, x = Stack(n=2), torch.randn(3, 16)
+    model = inject(Stack(n=2), ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.0)
+    result = model.load_state_dict(base.state_dict(), strict=False)
+    assert not result.unexpected_keys and result.missing_keys and all(map(teamlora.is_adapter, result.missing_keys))
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)  # B = 0: the base's function
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=m.lora_B.shape[0])
+    other = inject(Stack(n=2), ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.0)
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    result = Stack(n=2).load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys and all(map(teamlora.is_adapter, result.unexpected_keys))
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -1047,6 +1225,38 @@ def test_the_readmes_checkpointing_recipe_keeps_the_first_forwards_omega_in_a_hu
         torch.testing.assert_close(g_ckpt, g, rtol=1e-5, atol=1e-7)
 
 
+def test_generate_with_a_kv_cache_applies_the_adapters_at_every_step_and_leaves_the_last_steps_omega():
+    """Hugging Face's generate() on an adapted LLaMA: the prompt's forward, then one token per forward on the KV cache.
+    Every step's scores equal a forward over the whole sequence; afterwards last_omega (so the balance loss and the
+    expert load) is the last decoded token's, (batch, 1, k), and generate's (batch, all tokens) mask is refused."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = inject(transformers.LlamaForCausalLM(config), ("gate_proj", "up_proj", "down_proj"), r=8, experts=4,
+                   alpha=16)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=m.lora_B.shape[0])
+    model.eval()
+    layer, shapes = model.model.layers[0].mlp.gate_proj, []
+    hook = layer.register_forward_hook(lambda m, args, out: shapes.append(tuple(m.last_omega.shape)))
+    prompt = torch.randint(1, 64, (2, 5))
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    hook.remove()
+    assert shapes == [(2, 5, 4), (2, 1, 4), (2, 1, 4), (2, 1, 4)] and layer.last_omega.shape == (2, 1, 4)
+    load = teamlora.expert_load(model)
+    assert len(load) == 6 and all(torch.isclose(v.sum(), torch.tensor(1.0)) for v in load.values())
+    assert teamlora.balance_loss(model) > 0
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 9\) does not match the tokens \(2, 1\)"):
+        teamlora.balance_loss(model, mask=torch.ones_like(out.sequences, dtype=torch.bool))
+    with torch.no_grad():
+        logits = model(out.sequences).logits
+    for step, scores in enumerate(out.scores):
+        torch.testing.assert_close(scores, logits[:, 4 + step], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lora_merges_into_the_weight_and_unmerges_to_float_tolerance(dtype):
     layer = make_layer(d_in=24, d_out=20, r=8, experts=1, dtype=dtype)  # randomize: B != 0, a real update
@@ -1088,6 +1298,22 @@ def test_loading_an_adapter_into_a_merged_layer_is_refused_until_it_is_unmerged(
     torch.testing.assert_close(model[0].weight.detach(), w0)
     teamlora.load_adapter_state_dict(model, other)
     assert all(torch.equal(v, other[k]) for k, v in teamlora.adapter_state_dict(model).items())
+
+
+def test_reinitialising_a_merged_layer_is_refused_as_it_would_strand_the_merged_update_in_the_weight():
+    """A merged weight holds scaling B A; resetting the adapter (B = 0) would leave that update in the base for
+    good, as merge(False) would then subtract nothing."""
+    layer = make_layer(d_in=24, d_out=20, r=8, experts=1, dtype=torch.float32)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"^\['the layer'\] hold a merged adapter: call merge\(False\)"):
+        layer.reset_lora_parameters()
+    assert torch.equal(layer.weight, merged) and layer.lora_B.abs().sum() > 0
+    layer.merge(False)
+    layer.reset_lora_parameters()
+    torch.testing.assert_close(layer.weight.detach(), w0)
+    assert (layer.lora_B == 0).all()
 
 
 def test_a_load_refused_for_merged_layers_names_those_layers_and_only_those():
