@@ -841,8 +841,11 @@ def main(argv=None):
     args.workers = args.workers and min(args.workers, os.cpu_count() or 1)  # more processes than cores only wait
     try:
         s = prepare(args.input, args.tokenizer, args.out, args.max_len, args.val_fraction, args.seed, args.workers)
-    except (UserError, OSError) as e:
+    except UserError as e:
         exit_with(e, f"data.py {args.command}: ")
+    except OSError as e:  # a full disk, say: prepare has removed its temporary folder (OUT.tmp-PID)
+        exit_with(f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}; prepare removed what it had written: "
+                  "free space there (or make it writable) and run it again", f"data.py {args.command}: ")
     print(f"{s['records']} records -> {args.out}: train {s['splits']['train']['records']} records "
           f"({s['splits']['train']['tokens']} tokens), val {s['splits']['val']['records']}; "
           f"{s['truncated']} truncated, {s['dropped_no_answer']} dropped (answer cut away); dtype {s['dtype']}")

@@ -3,6 +3,7 @@
     python -m pytest -q
 """
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -948,6 +949,22 @@ def test_a_val_fraction_that_leaves_nothing_to_train_on_is_refused_and_writes_no
 def run_prepare(capsys, *args):
     """data.py prepare's command line in this process, refused: its one line on stderr (exit code 2)."""
     return script_error(data.main, ["prepare", *args], capsys)
+
+
+def test_a_full_disk_while_prepare_writes_is_one_sentence_and_leaves_no_temporary_folder(tmp_path, tiny_spm, capsys,
+                                                                                          monkeypatch):
+    """It was "[Errno 28] No space left on device: '...tmp-PID/...'", with no word of what was left or what to do."""
+    source, out = write_records(tmp_path / "d.jsonl", 3), tmp_path / "shards"
+
+    def full(tmp, *args):
+        with open(os.path.join(tmp, "train.bin"), "wb") as f:
+            f.write(b"half a shard")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(tmp, "train.bin"))
+    monkeypatch.setattr(data, "_write_shards", full)
+    line = run_prepare(capsys, "--input", source, "--tokenizer", tiny_spm, "--out", out)
+    assert line.startswith(f"data.py prepare: error: No space left on device ({out}.tmp-") and line.endswith(
+        "; prepare removed what it had written: free space there (or make it writable) and run it again"), line
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
 
 
 @pytest.mark.parametrize("case", ["workers 0", "workers -3", "out empty", "out root", "out is an input",
