@@ -72,9 +72,6 @@ def records_of(args):
     for n, (where, record) in enumerate(data.read_records(args.records)):
         if args.limit and n == args.limit:
             break
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise UserError(f"{where} is not a record with an \"instruction\" string; give records in the authors' "
-                            "format, {\"instruction\", \"input\", \"output\"}.")
         for key in ("instruction", "input"):  # now, naming the line, not once the records before it are answered
             data._field(record, key, where, required=key == "instruction", fix="give records in the authors' format, "
                         '"instruction" and "input" strings ("input" may be empty or absent).')

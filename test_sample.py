@@ -122,7 +122,7 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
              (["--out_dir", str(runs["lora"][0] / "adapter.pt"), "--instruction", "x"], "does not exist"),
              (["--out_dir", good, "--records", str(tmp_path / "missing.jsonl")], "does not exist"),
              (["--out_dir", good, "--records", str(tmp_path)], f"{tmp_path} is a folder, not a file"),
-             (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl")], "line 1 is not a record"),
+             (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl")], 'line 1 has no "instruction"; give'),
              (["--out_dir", good, "--instruction", "x", "--max_new_tokens=300"], "lower --max_new_tokens"),
              (["--out_dir", good], "give --instruction"),
              (["--out_dir", good, "--instruction", "x", "--max_new_tokens=0"], "must be positive"),
