@@ -596,6 +596,17 @@ def test_an_adapter_saved_from_a_ddp_or_checkpoint_wrapped_model_loads_into_a_pl
         assert all(torch.equal(t, state[n]) for n, t in teamlora.adapter_state_dict(again).items())
 
 
+def test_only_a_leading_module_is_dropped_so_a_models_own_modules_named_module_keep_their_names():
+    """DDP's `module.` stands in front of every name: one of the model's own modules whose name ends in `module`
+    (a "text_module", a "module" inside) keeps its name in the adapter, wrapped or not."""
+    make = lambda: inject(nn.ModuleDict({"text_module": nn.ModuleDict({"module": Stack(n=1)})}), ("w1",), r=4,
+                          experts=2, alpha=8)
+    own = {n for n, _ in make().named_parameters() if teamlora.is_adapter(n)}
+    assert "text_module.module.layers.0.feed_forward.w1.lora_A" in own
+    assert teamlora.adapter_state_dict(make()).keys() == own
+    assert teamlora.adapter_state_dict(nn.DataParallel(make())).keys() == own
+
+
 def test_load_adapter_state_dict_copies_into_the_models_own_dtype_and_storage():
     """An adapter saved in another precision (float64 here, bfloat16 from a mixed-precision run) is copied into the
     model's tensors: they keep their dtype, and their storage (an optimizer holding them sees the loaded values)."""

@@ -858,6 +858,69 @@ def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_
     assert train.train(train.parse_config(flags + ["--overwrite=True"]))["step"] == 6
 
 
+def test_a_ctrl_c_outside_the_loop_leaves_quietly_with_130_under_torchrun_and_is_python_s_own_outside_it(
+        monkeypatch, capsys):
+    """torchrun stops every process (SIGTERM, turned into a KeyboardInterrupt) once one fails: those leave with the
+    stopped run's exit code and no traceback. Outside torchrun a Ctrl-C before the loop is Python's own."""
+    def stopped(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train", stopped)
+    left = []
+    monkeypatch.setattr(machine, "leave", left.append)  # under RANK it would end the process (os._exit)
+    monkeypatch.setenv("RANK", "1")
+    try:
+        train.main([])
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt's traceback under torchrun")
+    assert left == [machine.INTERRUPTED] and capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")
+    with pytest.raises(KeyboardInterrupt):
+        train.main([])
+    assert left == [machine.INTERRUPTED]
+
+
+def _torchrun_rank(monkeypatch, rank, stopped):
+    """This process as torchrun's rank `rank` of 2; its wait for torchrun's SIGTERM gets one when `stopped`. What
+    machine.leave was asked for is returned."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    handlers, left = {}, []
+    monkeypatch.setattr(machine.signal, "signal", lambda s, h: handlers.__setitem__(s, h))
+    monkeypatch.setattr(machine.time, "sleep", lambda s: stopped and handlers[signal.SIGTERM](signal.SIGTERM, None))
+
+    def leave(code):
+        left.append(code)
+        raise SystemExit(code)
+    monkeypatch.setattr(machine, "leave", leave)
+    return left
+
+
+def test_under_torchrun_rank_0_says_why_and_another_rank_only_when_torchrun_does_not_stop_it(monkeypatch, capsys):
+    """Every rank hits the same mistake: rank 0 prints it at once; another waits for torchrun's SIGTERM and then leaves
+    with the code, silent; one not stopped (a mistake of its own) prints it."""
+    left = _torchrun_rank(monkeypatch, 0, stopped=True)
+    assert machine.fail("error: x.", 2) == 2 and capsys.readouterr().err == "error: x.\n" and left == []
+    left = _torchrun_rank(monkeypatch, 1, stopped=True)
+    with pytest.raises(SystemExit):
+        machine.fail("error: x.", 2)
+    assert left == [2] and capsys.readouterr().err == ""
+    left = _torchrun_rank(monkeypatch, 1, stopped=False)
+    assert machine.fail("error: x.", 2) == 2 and capsys.readouterr().err == "error: x.\n" and left == []
+
+
+def test_wait_to_be_stopped_leaves_with_the_signals_shell_code_and_does_not_wait_alone(monkeypatch):
+    left = _torchrun_rank(monkeypatch, 1, stopped=True)
+    with pytest.raises(SystemExit):
+        machine.wait_to_be_stopped(2)
+    assert left == [128 + signal.SIGTERM]
+    for env in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE"):  # outside torchrun, or its only process: nothing to wait for
+        left = _torchrun_rank(monkeypatch, 1, stopped=True)
+        monkeypatch.delenv(env)
+        machine.wait_to_be_stopped(2)
+        assert left == []
+
+
 def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(capsys, monkeypatch):
     """Exit code 3 and "lower batch_size" are for an allocation that failed; a CUDA fault that names memory (an
     illegal access, a bug) must surface as itself, not be hidden behind advice that cannot fix it."""
