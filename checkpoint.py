@@ -5,7 +5,7 @@ Checkpoints of train.py: what a run saves and how it loads it back, on one proce
     out_dir/adapter.pt   the adapter tensors by name (teamlora.load_adapter_state_dict reads it)
     out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
 
-Every file is written under a temporary name and renamed (data.write_atomic), ckpt.pt first, so
+Every file is written under a temporary name and renamed (files.write_atomic), ckpt.pt first, so
 that a crash leaves the last good pair and adapter.pt is never ahead of ckpt.pt. Everything is
 read with weights_only=True: RNG states are stored as tensors and plain values, the config as
 plain types, so no file can run code when loaded.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import data
+import files
 import teamlora
 from errors import UserError
 
@@ -47,7 +47,7 @@ def copy_into(model, state):
 
 
 def save_atomic(obj, path):
-    data.write_atomic(path, lambda f: torch.save(obj, f))
+    files.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_pt(path, what):

@@ -64,7 +64,7 @@ def train_cfg(run_data, out, *flags):
 @pytest.fixture
 def read_only(monkeypatch):
     """read_only(folder): the folder refuses new files as a read-only one refuses them to a user (this machine runs
-    as root, which writes anywhere), where the scripts try: data.blocked_parent's trial file."""
+    as root, which writes anywhere), where the scripts try: files.blocked_parent's trial file."""
     locked, real = set(), tempfile.TemporaryFile
 
     def trial_file(*args, dir=None, **kwargs):

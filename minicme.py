@@ -31,8 +31,9 @@ import random
 
 import sentencepiece as spm
 
-from data import UserError, blocked_parent, prepare, write_atomic, write_jsonl
+from data import UserError, prepare, write_jsonl
 from errors import exit_with
+from files import blocked_parent, write_atomic
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60

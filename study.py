@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import configurator
 import data
+import files
 import machine
 import train
 from errors import exit_with
@@ -168,7 +169,7 @@ def check_out(out):
     if names and "select" not in names:
         raise data.UserError(f"--out {out} holds files that are not a study's ({', '.join(names[:3])}); choose a new "
                              "or empty folder, or the --out of an earlier study to continue it.")
-    blocker = data.blocked_parent(os.path.join(out, "report.md"))
+    blocker = files.blocked_parent(os.path.join(out, "report.md"))
     if blocker:
         raise data.UserError(f"--out {out} can not be written: {blocker}; choose another --out.")
 
@@ -486,11 +487,11 @@ def report(opts, names, chosen):
             lines += [f"### {title}", "", "```"] + chart + ["```", ""]
     text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
-    blocker = data.blocked_parent(os.path.join(opts["out"], "report.md"))
+    blocker = files.blocked_parent(os.path.join(opts["out"], "report.md"))
     if blocker:  # a study kept read-only still reports
         print(f"note: report.md and the charts are not written, as {blocker}.", file=sys.stderr)
         return results
-    data.write_atomic(os.path.join(opts["out"], "report.md"), text)
+    files.write_atomic(os.path.join(opts["out"], "report.md"), text)
     for p in pngs(results, opts["out"]):
         print(f"wrote {p}")
     return results

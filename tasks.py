@@ -20,8 +20,9 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data import TOO_DEEP, UserError, blocked_parent, read_jsonl, write_atomic
+from data import TOO_DEEP, UserError, read_jsonl
 from errors import exit_with
+from files import blocked_parent, write_atomic
 
 # -----------------------------------------------------------------------------
 # Metrics

@@ -20,7 +20,7 @@ import sentencepiece as spm
 import torch
 
 import data
-from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, FullDisk, hf_tokenizer_folder, needs_fixtures, script_error
+from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, needs_fixtures, script_error
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
 
 EDGE_CASES = [
@@ -662,33 +662,6 @@ def test_prepare_removes_what_killed_prepares_left_and_nothing_else(tmp_path, ti
     assert sorted(line.split()[7] for line in err) == sorted(str(tmp_path / n) for n in stale + [old.name])
     assert leftovers(tmp_path) == sorted(f.name for f in kept) and len(TokenDataset(out)) == 6
     assert all((folder / name).read_text() == "keep me" for folder, name in kept.items())
-
-
-def test_remove_stale_temporaries_removes_dead_processes_files_only(tmp_path, capsys):
-    dead, alive = dead_pid(), os.getppid()
-    gone = [tmp_path / f"ckpt.pt.tmp{dead}", tmp_path / f"model.pt.tmp{dead}"]
-    kept = [tmp_path / f"ckpt.pt.tmp{alive}", tmp_path / "ckpt.pt", tmp_path / f"ckpt.pt.tmp{dead}x",
-            tmp_path / f"notes.tmp-{dead}"]
-    for path in gone + kept:
-        path.write_text("x")
-    (tmp_path / f"dir.tmp{dead}").mkdir()
-    assert data.remove_stale_temporaries(tmp_path, names=("ckpt.pt",)) == [str(gone[0])]
-    assert data.remove_stale_temporaries(tmp_path) == [str(gone[1])]
-    err = capsys.readouterr().err
-    assert err.count("\n") == 2 and f"removed a leftover temporary file {gone[1]} of a process ({dead})" in err
-    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
-    assert (tmp_path / f"dir.tmp{dead}").is_dir()
-    assert data.remove_stale_temporaries(tmp_path / "absent") == []
-
-
-def test_remove_stale_temporaries_leaves_a_link_named_like_a_temporary(tmp_path):
-    """write_atomic writes plain files: a link named ckpt.pt.tmpPID of a dead process is a user's, and stays."""
-    target = tmp_path / "mine.pt"
-    target.write_text("mine")
-    link = tmp_path / f"ckpt.pt.tmp{dead_pid()}"
-    link.symlink_to(target)
-    assert data.remove_stale_temporaries(tmp_path) == []
-    assert link.is_symlink() and target.read_text() == "mine"
 
 
 def test_large_vocabulary_is_stored_as_uint32(tmp_path):
@@ -1486,83 +1459,6 @@ def test_special_encode_splits_on_added_tokens_as_the_tokenizers_package_does(tm
         want = hf.encode(text, add_special_tokens=False).ids  # the package's own split on added tokens
         assert all(hf.token_to_id(t) in want for t in tokens)
         assert tok.encode(text, special=True) == want, text
-
-
-def test_write_atomic_keeps_the_old_file_until_the_new_one_is_on_disk(tmp_path, monkeypatch):
-    """While the new content is written the old file is whole and the new one lies under NAME.tmpPID; the
-    temporary file is flushed and fsynced with all its bytes before it is renamed over the old one."""
-    path = tmp_path / "deep" / "er" / "results.json"  # missing folders are made
-    data.write_atomic(str(path), "old")
-    events, fsync, replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a, b)), replace(a, b))[1])
-    new = b"new content " * 10
-
-    def content(f):
-        f.write(new)
-        assert path.read_text() == "old"
-        assert sorted(os.listdir(path.parent)) == sorted(["results.json", f"results.json.tmp{os.getpid()}"])
-    data.write_atomic(str(path), content)
-    assert events == [("fsync", len(new)), ("replace", f"{path}.tmp{os.getpid()}", str(path))]
-    assert path.read_bytes() == new and os.listdir(path.parent) == ["results.json"]
-
-
-def test_a_write_atomic_cut_short_leaves_the_old_file_and_a_temporary_that_is_cleaned_once_its_process_is_gone(
-        tmp_path, monkeypatch):
-    path = tmp_path / "report.md"
-    data.write_atomic(str(path), "old")
-
-    def crash(f):
-        f.write(b"half")
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        data.write_atomic(str(path), crash)
-    assert path.read_text() == "old"
-    assert data.remove_stale_temporaries(tmp_path) == []  # this process still runs: its file stays
-    monkeypatch.setattr(data, "process_is_running", lambda pid: pid != os.getpid())
-    assert data.remove_stale_temporaries(tmp_path) == [f"{path}.tmp{os.getpid()}"]
-    assert os.listdir(tmp_path) == ["report.md"]
-
-
-@pytest.mark.parametrize("fault", ["content raises", "content of the wrong type", "rename fails"])
-def test_a_failed_write_atomic_removes_its_temporary_and_keeps_the_old_file(tmp_path, fault):
-    path = tmp_path / "report.md"
-    data.write_atomic(str(path), "old")
-
-    def full_disk(f):
-        f.write(b"half")
-        raise OSError(28, "No space left on device")
-    content = {"content raises": full_disk, "content of the wrong type": 5}.get(fault, "new")
-    if fault == "rename fails":
-        path = tmp_path / "folder.md"
-        path.mkdir()  # os.replace cannot put a file over a folder
-    with pytest.raises((OSError, TypeError)):
-        data.write_atomic(str(path), content)
-    assert sorted(os.listdir(tmp_path)) == ["folder.md", "report.md"][fault != "rename fails":]
-    assert (tmp_path / "report.md").read_text() == "old"
-
-
-def test_a_torch_save_that_fills_the_disk_raises_the_disks_error_not_torchs(tmp_path):
-    """torch.save turns the write that failed into a RuntimeError ("unexpected pos 297 vs 244"): write_atomic raises
-    the disk's OSError instead, which the scripts name in one sentence."""
-    path = tmp_path / "ckpt.pt"
-    data.write_atomic(str(path), "old")
-    with pytest.raises(OSError, match="No space left on device"):
-        data.write_atomic(str(path), lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
-    assert path.read_text() == "old" and os.listdir(tmp_path) == ["ckpt.pt"]
-
-
-def test_a_failed_writers_own_error_is_raised_when_no_disk_error_lies_under_it(tmp_path):
-    """Only an OSError underneath replaces the error raised (torch.save's over a full disk): a writer's own error,
-    raised while it handled another, stays its own."""
-    def broken(f):
-        try:
-            {}["step"]
-        except KeyError:
-            raise ValueError("the writer's own error") from None
-    with pytest.raises(ValueError, match="the writer's own error"):
-        data.write_atomic(str(tmp_path / "x.json"), broken)
-    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 
 import data
 import evaluation
+import files
 import machine
 import minicme
 import train
@@ -210,8 +211,8 @@ def test_a_full_disk_at_a_checkpoint_or_results_json_is_one_sentence_and_keeps_w
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2
     assert sorted(os.listdir(out)) == ["adapter.pt", "ckpt.pt", "log.jsonl"]
 
-    write = data.write_atomic
-    monkeypatch.setattr(data, "write_atomic", lambda path, content: write(path, content) if "results" not in path
+    write = files.write_atomic
+    monkeypatch.setattr(files, "write_atomic", lambda path, content: write(path, content) if "results" not in path
                         else write(path, lambda f: FullDisk(f).write(content.encode())))
     fails(train_flags(run_data, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2"), capsys,
           f"could not write {out / 'results.json'} (No space left on device)", f"adapters are saved in {out}",

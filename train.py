@@ -30,6 +30,7 @@ import checkpoint
 import configurator
 import data
 import evaluation
+import files
 import machine
 import memory
 import minicme
@@ -478,14 +479,14 @@ def claim_out_dir(r, resuming):
     if not r.master:
         return []
     check_writable(out, "choose another --out_dir")
-    data.remove_stale_temporaries(out, RUN_FILES)
+    files.remove_stale_temporaries(out, RUN_FILES)
     return [] if resuming else found  # overwrite=True: nothing of the old run stays beside the new one
 
 
 def check_writable(out, fix):
     """out_dir, or the folder it will be made in (only once the run is sure to start: a refusal leaves nothing),
     takes new files."""
-    if blocker := data.blocked_parent(os.path.join(out, "ckpt.pt")):
+    if blocker := files.blocked_parent(os.path.join(out, "ckpt.pt")):
         raise UserError(f"out_dir {out} can not be written: {blocker}; {fix}.")
 
 
@@ -771,7 +772,7 @@ def finish(r, model, summary):
         results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
         path = os.path.join(r.cfg["out_dir"], "results.json")
         try:
-            data.write_atomic(path, json.dumps(results, indent=1))
+            files.write_atomic(path, json.dumps(results, indent=1))
         except OSError as e:  # a full disk: the scores are printed above, the adapters saved
             again = "the same command" if r.cfg["eval_only"] else "the same command plus --eval_only=True"
             what = "weights" if r.cfg["adapter"] == "none" else "adapters"
