@@ -189,8 +189,8 @@ def _omegas(model, mask):
 def balance_loss(model, mask=None, reduction="mean"):
     """The authors' load-balancing loss: per layer mean_f (mean_tokens(omega_f) - 1)^2 (theirs subtracts 1/k: a
     constant), averaged (summed: their harness) over layers. `mask` (True = real token) leaves padding out."""
-    per_layer = torch.stack([((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask)] or [torch.zeros(())])
-    return per_layer.sum() if reduction == "sum" else per_layer.mean()
+    per_layer = [((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask) if len(om)] or [torch.zeros(())]
+    return torch.stack(per_layer).sum() if reduction == "sum" else torch.stack(per_layer).mean()  # no token: 0
 
 
 @torch.no_grad()

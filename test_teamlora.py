@@ -668,6 +668,28 @@ def test_balance_loss_mean_and_sum_over_layers():
     assert teamlora.balance_loss(nn.Linear(2, 2)).item() == 0.0  # no adapters: nothing to balance
 
 
+def test_balance_loss_over_no_token_is_zero_not_nan():
+    """An all-padding micro-batch (every mask entry False) or an empty batch leaves nothing to balance: 0, as for a
+    model without adapters, not the NaN of a mean over no token that would make the whole loss NaN."""
+    torch.manual_seed(0)
+    model = inject(Stack(n=1), ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    out = model(x)
+    for reduction in ("mean", "sum"):
+        loss = teamlora.balance_loss(model, torch.zeros(2, 5, dtype=torch.bool), reduction)
+        assert loss.item() == 0.0, reduction
+    (out.square().mean() + teamlora.balance_loss(model, torch.zeros(2, 5, dtype=torch.bool))).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model(torch.randn(0, 16))
+    assert teamlora.balance_loss(model).item() == 0.0
+    model(torch.randn(2, 0, 16))
+    assert teamlora.balance_loss(model, torch.zeros(2, 0, dtype=torch.bool), "sum").item() == 0.0
+    out = model(torch.randn(2, 5, 16))  # a layer with tokens still counts, as before
+    torch.testing.assert_close(teamlora.balance_loss(model), torch.stack(
+        [((m.last_omega.reshape(-1, 4).mean(0) - 1) ** 2).mean() for m in model.modules()
+         if isinstance(m, TeamLoRALinear)]).mean())
+
+
 def test_a_0_1_integer_mask_counts_the_same_tokens_as_a_boolean_one():
     """Callers pass Hugging Face's attention_mask (int64 of 0 and 1) as the mask: it must select tokens as
     the boolean mask does, not index rows 0 and 1 of omega."""
