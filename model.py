@@ -196,6 +196,9 @@ class KVCache(nn.Module):
 
     def update(self, k, v):
         T = k.shape[2]
+        if self.length + T > self.k.shape[2]:  # the slice assignment below would fail with a bare shape error
+            raise ValueError(f"the KV cache holds {self.k.shape[2]} positions, {self.length} of them filled: {T} more "
+                             "do not fit; build it with max_len at least the prompt plus the new tokens")
         self.k[:, :, self.length:self.length + T] = k
         self.v[:, :, self.length:self.length + T] = v
         self.length += T
@@ -224,6 +227,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, S, hd): every position so far, this step's included
+            if mask is None and k.shape[2] != T:  # is_causal aligns its triangle top-left: the T new queries would
+                # see only the first T keys, not the whole cache; query t sees keys up to S - T + t
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
         if mask is None:
             # plain causal attention: the fast path (flash attention on GPUs)
             y = F.scaled_dot_product_attention(q, repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv), is_causal=True)
@@ -321,7 +327,8 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
 
     def trunk(self, tokens, positions, mask=None, caches=None):
-        """tokens (B, T), positions (B, T) or (1, T) -> final-normed hidden states (B, T, C)."""
+        """tokens (B, T), positions (B, T) or (1, T) -> final-normed hidden states (B, T, C). mask None: causal, over
+        the caches' earlier positions too (unpadded rows, each of them at the same length)."""
         h = self.tok_embeddings(tokens)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         for i, layer in enumerate(self.layers):

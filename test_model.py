@@ -639,6 +639,31 @@ def test_transformer_and_cached_generation_match_a_naive_llama_with_grouped_quer
     assert model.generate([prompt], 8)[0] == naive_greedy[len(prompt):]
 
 
+def test_a_decoding_loop_of_ones_own_through_trunk_with_caches_and_no_mask_is_causal_over_the_whole_cache():
+    """model.trunk(tokens, positions, caches=...) without a mask, as a user's own decoding loop calls it on unpadded
+    rows: each new query sees every cached key, not (SDPA's is_causal, aligned top-left) only the first ones."""
+    model = tiny_model(seed=8)
+    a = model.args
+    tokens = torch.randint(0, a.vocab_size, (2, 12))
+    want = logits_of(model, tokens)
+    caches = [KVCache(2, 12, a.n_kv_heads, a.head_dim, torch.float32, "cpu") for _ in model.layers]
+    with torch.no_grad():  # a prompt of 5, one token, then a chunk of 3 (speculative decoding's check), then 3 more
+        got = [model.head(model.trunk(tokens[:, s:e], torch.arange(s, e)[None], caches=caches))
+               for s, e in ((0, 5), (5, 6), (6, 9), (9, 10), (10, 11), (11, 12))]
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_kv_cache_asked_to_hold_more_than_its_length_says_so_in_one_sentence():
+    cache = KVCache(1, 4, 2, 8, torch.float32, "cpu")
+    cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    with pytest.raises(ValueError, match=r"^the KV cache holds 4 positions, 3 of them filled: 2 more do not fit; "
+                                         r"build it with max_len at least"):
+        cache.update(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+    assert cache.length == 3
+    k, _ = cache.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8))  # the last position still fits
+    assert k.shape == (1, 2, 4, 8) and cache.length == 4
+
+
 def test_rms_norm_keeps_eps_inside_the_square_root():
     torch.manual_seed(0)
     norm = RMSNorm(16, eps=0.1)  # eps comparable to mean(x^2) = 0.01: sqrt(ms + eps) != sqrt(ms) + eps
