@@ -27,6 +27,12 @@ def all_reduce_sum(t, world):
 
 
 @torch.no_grad()
+def loss_only(cfg):
+    """Whether training and validation run the output layer on answer positions only (the same loss and gradients,
+    less memory): with adapters, unless the output layer is adapted, as its omega must cover every real token."""
+    return cfg["adapter"] != "none" and "output" not in [t.strip() for t in cfg["targets"].split(",")]
+
+
 def val_loss(model, val, r):
     """Mean cross-entropy over the answer tokens of eval_iters validation batches, each cut into the training's
     micro-batches (processes x grad_accum slices), so validating needs no more memory than a training step."""
@@ -39,7 +45,7 @@ def val_loss(model, val, r):
             b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank * accum + micro, r.world * accum,
                                cfg["batch_mode"], cfg["max_len"], device=r.device)
             _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum",
-                          loss_only=cfg["adapter"] != "none")  # as train_step
+                          loss_only=loss_only(cfg))  # as train_step
             totals += torch.stack([ce.float(), (b["labels"] != -100).sum().float()])
     model.train()
     ce_sum, n = all_reduce_sum(totals, r.world).tolist()

@@ -208,13 +208,16 @@ def _run_with_a_trained_looking_adapter(run_data, tmp_path, *flags):
     return train.Run(cfg, 0, 1, torch.device("cpu"), tok, args), model
 
 
-@pytest.mark.parametrize("adapter", ["teamlora", "none"])
+@pytest.mark.parametrize("adapter", ["teamlora", "none", "teamlora on output"])
 def test_adapters_train_and_validate_with_the_output_layer_on_answer_positions_only(run_data, tmp_path, adapter):
     """An instruction's prompt is most of its tokens and adds nothing to the loss: with adapters, train_step and
     val_loss run the output layer (at 128k words, most of a 7B run's logits memory) on the labelled positions only.
-    Full training runs it on every position, so that the demo's pretrained base rounds as it always has."""
+    Full training runs it on every position, so that the demo's pretrained base rounds as it always has, and so
+    does an adapted output layer: its omega covers every real token, as the balance loss's mask does (on answer
+    positions only, every training step failed on the mask's shape)."""
+    flags = ["--adapter=none"] if adapter == "none" else ["--targets=w1,output"] if "output" in adapter else []
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--grad_accum=2", "--batch_size=8",
-                                                   f"--adapter={adapter}", "--eval_iters=2")
+                                                   "--eval_iters=2", "--balance_coef=0.01", *flags)
     rows, labelled, everything = [], 0, 0
     model.output.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
     train_ds, val_ds = (data.TokenDataset(r.cfg["data_dir"], split) for split in ("train", "val"))
@@ -226,6 +229,7 @@ def test_adapters_train_and_validate_with_the_output_layer_on_answer_positions_o
     evaluation.val_loss(model, val_ds, r)
     assert len(rows) == 6 and 0 < labelled < everything / 4
     assert sum(rows) == (labelled if adapter == "teamlora" else everything)
+    assert ("output" in adapter) == isinstance(model.output, teamlora.TeamLoRALinear)
 
 
 @pytest.mark.parametrize("mode", ["pad", "pack"])
