@@ -872,7 +872,7 @@ def test_val_loss_is_measured_without_dropout_and_hands_the_model_back_in_traini
     import evaluation
     prepare([write_records(tmp_path / "d.jsonl", 8, long=4)], tiny_spm, tmp_path / "out", workers=1, quiet=True)
     r = SimpleNamespace(cfg=dict(eval_iters=2, batch_size=4, grad_accum=1, batch_mode="pad", max_len=None,
-                                 adapter="teamlora"), rank=0, world=1, device="cpu")
+                                 adapter="teamlora", targets="w1,w2,w3"), rank=0, world=1, device="cpu")
     model, val = _DropoutLM(Tokenizer(tiny_spm).vocab_size), TokenDataset(tmp_path / "out")
     model.eval()
     want = evaluation.val_loss(model, val, r)
