@@ -4,6 +4,8 @@
     python -m pytest -q test_layout.py
 """
 import ast
+import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
@@ -43,3 +45,28 @@ def test_the_files_import_one_another_one_way():
     for m in MODULES:
         visit(m)
     assert graph["teamlora"] == set()  # the layer is copied alone into other projects
+
+
+def test_the_readmes_import_list_is_each_files_own_imports():
+    """The README's "Imports flow one way" line lists, for every file, exactly the files it imports."""
+    line = next(l for l in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+                if l.startswith("Imports flow one way"))
+    listed = {}
+    for clause in line.split("checks this list): ", 1)[1].rstrip(".").split("; "):
+        left, right = clause.split(" -> ")
+        names = set(re.findall(r"`(\w+)`", right))
+        for m in re.findall(r"`(\w+)`", left):
+            assert m not in listed, f"{m} is listed twice"
+            listed[m] = (set(MODULES) - names - {m}) if right.startswith("every other file but") else names
+    assert listed == {m: first_party_imports(m) for m in MODULES}
+
+
+def test_the_layer_is_under_200_lines_and_it_and_model_py_need_only_torch():
+    """The README: "the layer in under 200 lines"; teamlora.py and model.py (for keep_last_omega) can be copied
+    into a project that has torch and nothing else of ours (model.py's safetensors import is inside a function)."""
+    assert len((REPO / "teamlora.py").read_text(encoding="utf-8").splitlines()) < 200
+    for name in ("teamlora", "model"):
+        tree = ast.parse((REPO / f"{name}.py").read_text(encoding="utf-8"))
+        top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for a in node.names} | \
+              {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert top - set(sys.stdlib_module_names) == {"torch"}, name
