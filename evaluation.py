@@ -26,13 +26,13 @@ def all_reduce_sum(t, world):
     return t
 
 
-@torch.no_grad()
 def loss_only(cfg):
     """Whether training and validation run the output layer on answer positions only (the same loss and gradients,
     less memory): with adapters, unless the output layer is adapted, as its omega must cover every real token."""
     return cfg["adapter"] != "none" and "output" not in [t.strip() for t in cfg["targets"].split(",")]
 
 
+@torch.no_grad()
 def val_loss(model, val, r):
     """Mean cross-entropy over the answer tokens of eval_iters validation batches, each cut into the training's
     micro-batches (processes x grad_accum slices), so validating needs no more memory than a training step."""
@@ -89,9 +89,9 @@ def load_eval_sets(cfg):
         what = "is a file, not a folder of <task>.jsonl files" if os.path.exists(folder) else "does not exist"
         raise UserError(f"eval_dir '{folder}' {what}; write one with python tasks.py, or set --eval_dir.")
     files = sorted(os.listdir(folder))
-    skipped = [f for f in files if f.endswith(".json")]  # tasks.py writes a JSON list for --out NAME.json
-    if skipped:
-        raise UserError(f"eval_dir '{folder}' holds {skipped[0]}: evaluation sets are JSONL, one record per line; "
+    lists = [f for f in files if f.endswith(".json")]  # tasks.py writes a JSON list for --out NAME.json
+    if lists:
+        raise UserError(f"eval_dir '{folder}' holds {lists[0]}: evaluation sets are JSONL, one record per line; "
                         f"write them with python tasks.py --out {os.path.join(folder, '<task>.jsonl')}.")
     names = [f[:-6] for f in files if f.endswith(".jsonl")]
     if not names:

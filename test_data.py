@@ -864,9 +864,11 @@ class _DropoutLM(torch.nn.Module):
         return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
-def test_val_loss_is_measured_without_dropout_and_hands_the_model_back_in_training_mode(tmp_path, tiny_spm):
+def test_val_loss_is_measured_without_dropout_or_autograd_and_hands_the_model_back_in_training_mode(
+        tmp_path, tiny_spm):
     """The training loop calls val_loss on a model in training mode: the loss must be the eval-mode one (no dropout
-    noise between two evaluations), and training must go on with dropout."""
+    noise between two evaluations), measured without an autograd graph (whose memory, and the omega each adapter
+    keeps, would outlive it), and training must go on with dropout."""
     from types import SimpleNamespace
 
     import evaluation
@@ -874,11 +876,14 @@ def test_val_loss_is_measured_without_dropout_and_hands_the_model_back_in_traini
     r = SimpleNamespace(cfg=dict(eval_iters=2, batch_size=4, grad_accum=1, batch_mode="pad", max_len=None,
                                  adapter="teamlora", targets="w1,w2,w3"), rank=0, world=1, device="cpu")
     model, val = _DropoutLM(Tokenizer(tiny_spm).vocab_size), TokenDataset(tmp_path / "out")
+    graphs = []
+    model.register_forward_hook(lambda m, args, out: graphs.append(out[1].requires_grad))
     model.eval()
     want = evaluation.val_loss(model, val, r)
     for _ in range(2):
         model.train()
         assert evaluation.val_loss(model, val, r) == want and model.training
+    assert graphs == [False] * 6
 
 
 def test_documents_are_trained_on_from_their_first_token_after_bos(tmp_path, tiny_spm):
