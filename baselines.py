@@ -1,6 +1,6 @@
 """
-The baselines TeamLoRA is compared with, as adapters that inject() can place (teamlora.inject(...,
-cls=...)) and that balance_loss / expert_load read like TeamLoRA's own layer.
+The baselines TeamLoRA is compared with. Both layers are adapters that teamlora.inject(..., cls=...) can place;
+balance_loss and expert_load read HydraLoRALinear's omega as TeamLoRA's (MoELoRALoop keeps none).
 
 - MoELoRALoop: MoELoRA (the paper's Eq. 7) the way public implementations write it (MOELoRA-peft,
   HydraLoRA's repository): k independent pairs (A_i, B_i) of rank r_B = r / k, a softmax router, a

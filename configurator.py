@@ -6,7 +6,6 @@ a value of another type, is one sentence naming the key and where it was set. tr
 configuration with `read`; study.py its own options with `parse_flag` and `typed`.
 """
 import ast
-import builtins
 import difflib
 import os
 import types
@@ -58,9 +57,9 @@ def read(argv, defaults):
             what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
             raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
         namespace = {"__file__": arg}  # a config may start from another beside it, wherever it is run from
-        try:  # builtins.compile: `compile` is also one of train.py's keys; bytes: a BOM or coding line, as python reads
+        try:  # bytes: a BOM or coding line is honoured, as python reads a script
             with open(arg, "rb") as f:
-                exec(builtins.compile(f.read(), arg, "exec"), namespace)
+                exec(compile(f.read(), arg, "exec"), namespace)
         except Exception as e:
             raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {' '.join(str(e).split())}); "
                             "it should hold plain key = value lines.")

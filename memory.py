@@ -3,7 +3,7 @@ and bench.py sets it beside the peaks it measures. Rough by design: the big term
 
 
 def estimate(args, n_base, n_train, cfg, world, micro):
-    """Bytes per GPU: a back-of-the-envelope sum of the big terms."""
+    """Bytes per GPU of each big term, of their total, and of scoring: back-of-the-envelope arithmetic."""
     wbytes = 2 if cfg["dtype"] == "bfloat16" else 4
     per_layer = n_base / max(args.n_layers, 1)
     if cfg["fsdp"]:  # a shard of everything, plus about two gathered blocks (one in use, one prefetched)

@@ -75,9 +75,9 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self):
-        # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices instead of two), scaled, rounded up
         if self.hidden_dim is not None:
             return self.hidden_dim
+        # Meta's rule: 2/3 of 4*dim (SwiGLU has three matrices instead of two), scaled, rounded up
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -341,8 +341,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, targets=None, seq_ids=None, reduction="mean", logits_to_keep=0, loss_only=False):
         """tokens (B, T) -> (logits (B, T, vocab) float32, loss or None). logits_to_keep=n > 0: the logits of the
-        last n positions only, (B, n, vocab), for a forward run for its side effects (the adapters' omega): at
-        128k words, 64 x 1024 tokens' logits would take 47 GiB (bfloat16, then float32). loss_only=True (with
+        last n positions only, (B, n, vocab), for a forward run for its side effects (the adapters' omega): with
+        a 128k vocabulary, 64 x 1024 tokens' logits would take 47 GiB (bfloat16, then float32). loss_only=True (with
         targets; training and validation): (None, loss), the output layer run on the labelled positions only, as
         the others add nothing to the loss (an instruction's prompt: most of its tokens).
 
@@ -540,7 +540,7 @@ _HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": (
 
 
 def _check_fields(config, file, required, optional):
-    """A ValueError naming the file and the key when a needed key is absent or not a number of the right kind."""
+    """A ValueError naming the file and the key when a needed key is absent or a value is not of the right kind."""
     for key, (kind, nullable) in {**required, **optional}.items():
         if key not in config:
             if key in required:

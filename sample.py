@@ -107,7 +107,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
-        train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed})  # train's names and range
+        train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed})  # as train.py checks them
         records = records_of(args)
         model, r = load_run(args.out_dir, args.device)
         if r.device.type == "cpu":
