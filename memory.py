@@ -13,8 +13,8 @@ def estimate(args, n_base, n_train, cfg, world, micro):
     adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32 weights, gradients and two AdamW moments
     tokens = micro * cfg["max_len"]
     # per token and layer, what backward keeps (in the activation dtype): norms, q/k/v, attention output, the
-    # SwiGLU's four hidden-size tensors (w1 x, its SiLU, w3 x, their product), the residual stream; the adapters'
-    # rank-sized terms
+    # SwiGLU's four hidden-size tensors (w1 x, its SiLU, w3 x, their product), the residual stream; and the
+    # adapters' float32 z and omega-weighted z (r + k values each) in the three FFN layers that the recipes adapt
     per_token_layer = (6 * args.dim + 4 * args.ffn_hidden_dim) * wbytes + 4 * 3 * (cfg["r"] + cfg["experts"]) * 2
     if cfg["activation_checkpointing"]:
         activations = tokens * (args.n_layers * args.dim * wbytes + per_token_layer)
