@@ -190,6 +190,9 @@ def print_results(scores, chance, loads, cfg):
     rows.append(("average", "", sum(scores.values()) / len(scores), sum(chance.values()) / len(chance)))
     for name, metric, value, base in rows:
         print(f"{name:<{name_w}}  {metric:<11} {value:6.1f} {base:7.1f} {value - base:+6.1f}")
+    if cfg["eval_limit"]:  # a score over part of a test set must say so beside it
+        print(f"(each task scored on its first {cfg['eval_limit']} records at most: eval_limit={cfg['eval_limit']}; "
+              "0 scores every record)")
     if loads:
         print(f"\nexpert load over each task's prompt tokens (last {cfg['load_layers']} layers; "
               f"even = {1 / cfg['experts']:.2f})")

@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import re
 import string
 import unicodedata
@@ -46,17 +47,21 @@ _ANSWER_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:correct\s+|right\s+|final\s+)?(?
                             r"\s*(?:is\b)?\s*[:\-]?\s*", re.I)
 
 
+# "A or B", "A, or B", "A; B", "A vs. B", "A or option B": a second option after the first
+_SECOND_OPTION = re.compile(r"(?:\s*(?:,|;|/|&|\bor\b|\band\b|\bvs\b\.?))+\s*(?:(?:option|choice)\s+)?"
+                            r"[(\[]?[A-Za-z](?![A-Za-z0-9])", re.I)
+
+
 def _option_letter(text):
     """The option letter a prediction starts with ("B", "(b)", "B.", "B) Paris", "A.cellular
-    telephone"), or None; None too when it names a second option ("A or B", "A, B", "A B")."""
+    telephone"), or None; None too when it names a second option ("A or B", "A, B", "A B", "A or option B")."""
     m = re.match(r"([(\[])?([A-Za-z])(?![A-Za-z0-9])([)\]])?", text)
     if not m:
         return None
     letter, rest = m.group(2), text[m.end():]
     if letter.islower() and rest.strip() and not (m.group(1) or m.group(3) or rest[0] in ".:"):
         return None  # "a dog" starts with an article, not with option (a)
-    if (re.match(r"\s*(?:,|/|&|\bor\b|\band\b)\s*[(\[]?[A-Za-z](?![A-Za-z0-9])", rest, re.I)
-            or re.fullmatch(r"\s+[(\[]?[A-Z][)\]]?\.?\s*", rest)):
+    if _SECOND_OPTION.match(rest) or re.fullmatch(r"\s+[(\[]?[A-Z][)\]]?\.?\s*", rest):
         return None
     return letter.upper()
 
@@ -65,20 +70,27 @@ def _words(s):
     return re.sub(r"[\W_]+", " ", s.lower()).split()  # "Not_entailment." -> ["not", "entailment"]
 
 
+_NEGATIONS = {"not", "no", "non", "never", "t"}  # "t": what is left of "isn't"
+
+
 def _labels_named(words, labels):
     """The labels that occur in a word list; one inside a longer label that occurs there
-    ("duplicate" inside "not duplicate") does not count on its own."""
+    ("duplicate" inside "not duplicate") does not count on its own, and one with a negation among
+    the two words before it counts as "not <label>" ("not a duplicate", "non-entailment")."""
     spans = []
     for lw in map(_words, labels):
         spans += [(i, i + len(lw), tuple(lw)) for i in range(len(words) - len(lw) + 1) if words[i:i + len(lw)] == lw]
-    return {lw for s, e, lw in spans if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
+    named = {(s, lw) for s, e, lw in spans if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
+    return {("not",) * bool(lw[0] not in _NEGATIONS and _NEGATIONS & set(words[max(s - 2, 0):s])) + lw
+            for s, lw in named}
 
 
 def accuracy(prediction, label, labels=None):
     """1.0 if the prediction gives the label: an option letter ("B", "(B)", "B. Paris", "Answer: B")
     or a label word, whatever the case and punctuation ("Entailment." for "entailment"). Given the
-    task's label set, a longer answer counts when it names exactly one label, the right one. An
-    answer naming two labels ("A or B", "entailment or neutral") is always wrong."""
+    task's label set, a longer answer counts when it names exactly one label, the right one; a
+    negated label names its negation ("not a duplicate" is "not duplicate", "not positive" no
+    label). An answer naming two labels ("A or B", "entailment or neutral") is always wrong."""
     text = _ANSWER_PREFIX.sub("", prediction, count=1).strip()
     if re.fullmatch(r"[A-Za-z]", label.strip()):
         return float(_option_letter(text) == label.strip().upper())
@@ -446,7 +458,7 @@ def load_tldr(path):
             refs = [_get(s, "text", where) for s in _get(row, "summaries", where, "a list of objects")
                     if _get(s, "policy", where, default=None) == "ref"]
             post_id = _get(info, "id", where, default=None)
-            if not refs or post_id in seen:
+            if not refs or post_id is not None and post_id in seen:  # a row without an id is a post of its own
                 continue
             seen.add(post_id)
             post, summary = _get(info, "post", where), refs[0]
@@ -515,8 +527,9 @@ CME_TASKS = {t.name: t for t in [
 
 def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     """Load a CME task's raw file (a path, or a list of them, e.g. ANLI's three rounds) and write an
-    evaluation set in the official format: a JSON list for .json, JSON lines for .jsonl. Returns
-    the number of records written. An existing out_path is replaced only with overwrite."""
+    evaluation set in the official format, its records in a fixed shuffled order (limit keeps the first
+    ones): a JSON list for .json, JSON lines for .jsonl. Returns the number of records written. An
+    existing out_path is replaced only with overwrite."""
     if task_name not in CME_TASKS:
         raise UserError(f"unknown task {task_name!r}; choose one of {', '.join(CME_TASKS)}.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -557,6 +570,9 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     if not records:  # evaluation refuses an empty set; better to say so now
         raise UserError(f"no records in {', '.join(map(str, paths))}; check that the --raw files are the task's and "
                         "not empty.")
+    # a fixed shuffle: a prefix (--limit, train.py's eval_limit) is then a fair sample, not one label's or one raw
+    # file's records (aclImdb lists every positive review first, MMLU one subject after another)
+    random.Random(0).shuffle(records)
     records = records if limit is None else records[:limit]
     text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if out_path.endswith(".jsonl")
             else json.dumps(records, ensure_ascii=False, indent=1) + "\n")
@@ -570,7 +586,7 @@ def main(argv=None):
     parser.add_argument("--task", required=True, choices=list(CME_TASKS))
     parser.add_argument("--raw", required=True, nargs="+", help="the task's raw file(s), or aclImdb's split folder")
     parser.add_argument("--out", required=True, help="output: .json (a list) or .jsonl")
-    parser.add_argument("--limit", type=int, default=None, help="keep the first N records")
+    parser.add_argument("--limit", type=int, default=None, help="keep N records (the first of a fixed shuffle)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     try:

@@ -52,7 +52,8 @@ def test_accuracy_reads_an_option_letter_in_its_common_forms(prediction):
     assert accuracy(prediction, "C") == 0.0
 
 
-@pytest.mark.parametrize("prediction", ["A or B", "B or A", "A, B", "A/B", "A & B", "A and B", "A B", "(A) or (B)"])
+@pytest.mark.parametrize("prediction", ["A or B", "B or A", "A, B", "A/B", "A & B", "A and B", "A B", "(A) or (B)",
+                                        "A; B", "A, or B", "A vs. B", "Option A or option B", "(A) or choice (B)"])
 def test_accuracy_rejects_a_prediction_naming_two_options(prediction):
     assert accuracy(prediction, "A") == 0.0 and accuracy(prediction, "B") == 0.0
 
@@ -401,7 +402,8 @@ def test_write_eval_set_writes_a_json_list_or_jsonl_in_the_official_format(tmp_p
     assert write_eval_set("nq", os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"),
                           str(tmp_path / "nq.jsonl"), limit=5) == 5
     lines = (tmp_path / "nq.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 5 and json.loads(lines[0])["answers"] == ["14 December 1972 UTC", "December 1972"]
+    every = CME_TASKS["nq"].load(os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"))
+    assert len(lines) == 5 and all(json.loads(line) in every for line in lines)  # answers kept with each record
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
@@ -775,3 +777,43 @@ def test_the_rouge_l_chance_of_a_record_without_input_is_its_instructions_first_
                {"instruction": "Summarize:", "input": "A dog ran. It was fast.", "output": "a dog ran fast"}]
     want = (rouge_l("The cat sat on the mat.", "the cat sat") + rouge_l("A dog ran.", "a dog ran fast")) / 2
     assert chance_level(task, records) == pytest.approx(100 * want) and want > 0.5
+
+
+@pytest.mark.parametrize("task, prediction, meant", [
+    ("anli", "not entailment", None), ("anli", "It is not a contradiction.", None), ("imdb", "not positive", None),
+    ("imdb", "It isn't negative", None), ("qqp", "not a duplicate", "not duplicate"),
+    ("rte", "non-entailment", "not entailment"), ("rte", "It is not an entailment.", "not entailment"),
+    ("qqp", "No, not duplicate.", "not duplicate"), ("qqp", "These are not duplicate questions.", "not duplicate")])
+def test_a_negated_label_is_read_as_its_negation_not_as_the_label(task, prediction, meant):
+    """ "not a duplicate" means "not duplicate", and "not positive" no label at all: read as the label it negates,
+    it scored the opposite answer right."""
+    for gold in CME_TASKS[task].labels:
+        assert CME_TASKS[task].score(prediction, {"output": gold}) == float(gold == meant), (prediction, gold)
+
+
+def test_an_eval_set_limit_keeps_a_fair_sample_not_the_first_label_or_raw_file(tmp_path):
+    """aclImdb lists every positive review before the negative ones, and MMLU's files one subject after another: a
+    prefix of the raw order (--limit, or train.py's eval_limit on the written set) held one label or one subject."""
+    for label, ids in (("pos", range(50)), ("neg", range(50))):
+        (tmp_path / "test" / label).mkdir(parents=True)
+        for i in ids:
+            (tmp_path / "test" / label / f"{i}_{9 if label == 'pos' else 2}.txt").write_text(f"{label} review {i}")
+    assert write_eval_set("imdb", str(tmp_path / "test"), str(tmp_path / "imdb.jsonl"), limit=20) == 20
+    kept = [json.loads(line)["output"] for line in (tmp_path / "imdb.jsonl").read_text().splitlines()]
+    assert 5 <= kept.count("negative") <= 15
+    subjects = []
+    for s in range(4):
+        subjects.append(str(tmp_path / f"s{s}_test.csv"))
+        (tmp_path / f"s{s}_test.csv").write_text("".join(f"subject {s} q{i}?,a,b,c,d,A\n" for i in range(30)))
+    write_eval_set("mmlu", subjects, str(tmp_path / "mmlu.jsonl"))
+    first = [json.loads(line)["input"].split()[2] for line in (tmp_path / "mmlu.jsonl").read_text().splitlines()[:20]]
+    assert len(set(first)) == 4  # the whole set is every record, in an order whose prefixes mix the subjects
+    write_eval_set("mmlu", subjects, str(tmp_path / "again.jsonl"))
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "mmlu.jsonl").read_bytes()  # the same order each time
+
+
+def test_tldr_comparisons_without_a_post_id_are_each_kept(tmp_path):
+    rows = [{"info": {"post": f"Post {k}."}, "summaries": [{"text": f" ref {k}", "policy": "ref"}]} for k in "ab"]
+    (tmp_path / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = CME_TASKS["oai_sum"].load(str(tmp_path / "comparisons.jsonl"))
+    assert [(r["input"], r["output"]) for r in records] == [("Post a.", "ref a"), ("Post b.", "ref b")]

@@ -1417,6 +1417,16 @@ def test_results_table_shows_lift_as_score_minus_chance_and_the_average_row(caps
     assert rows["average"] == pytest.approx([mean_score, mean_chance, mean_score - mean_chance], abs=0.051)
 
 
+def test_results_table_says_when_eval_limit_scored_only_part_of_each_task(capsys):
+    """A score over the first 100 records is not a test set's score: the table says so, unless every record counted."""
+    names = list(SYNTHETIC_TASKS)[:2]
+    for limit in (100, 0):
+        evaluation.print_results(dict.fromkeys(names, 50.0), dict.fromkeys(names, 10.0), {},
+                                 dict(train.DEFAULTS, eval_limit=limit))
+        printed = capsys.readouterr().out
+        assert ("each task scored on its first 100 records at most: eval_limit=100" in printed) == (limit == 100)
+
+
 def test_results_show_each_tasks_share_of_every_expert_and_the_even_share(capsys):
     """The paper's Figure 5 as text: one line per task with every expert's share, and the even share 1 / experts."""
     names = list(SYNTHETIC_TASKS)[:2]
