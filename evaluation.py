@@ -122,7 +122,7 @@ def generate_all(model, prompts, max_new, r):
     """Greedy answers for every prompt, sharded over ranks. Every rank runs the same number of
     forward passes (FSDP's collectives need it): the same count of equal-size batches, no early stop."""
     tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], checkpoint.sharded(r.cfg)
-    mine = list(range(r.rank, len(prompts), r.world))
+    mine = list(range(r.rank, len(prompts), r.world)) or [0]  # fewer prompts than ranks: the first, again
     per_rank = -(-len(prompts) // r.world)
     mine += mine[:1] * (per_rank - len(mine))  # pad with a repeat so every rank has per_rank prompts
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding

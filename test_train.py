@@ -1819,6 +1819,21 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
                                        train.Run(cfg, rank, 2, torch.device("cpu"), tok)) == want
 
 
+def test_generate_all_runs_a_forward_on_every_rank_even_with_fewer_prompts_than_ranks(run_data, tmp_path,
+                                                                                    monkeypatch):
+    """A task of 1 record under 2 processes: the rank without a prompt of its own must still run every forward
+    (under FSDP its blocks' all-gathers pair with the other rank's; without it the other rank waits for ever)."""
+    cfg = train_cfg(run_data, tmp_path / "o", "--eval_batch_size=2")
+    tok = data.Tokenizer(cfg["tokenizer"])
+    prompts, models = [[tok.bos_id, 5, 6, 7]], {}
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda parts, obj: parts.__setitem__(slice(None), [obj] * 2))
+    for rank in (0, 1):
+        models[rank] = _EchoModel(tok.eos_id)
+        answers = evaluation.generate_all(models[rank], prompts, 20, train.Run(cfg, rank, 2, torch.device("cpu"), tok))
+        assert answers == [tok.decode([5, 6, 7])]
+    assert [n for n, _, _ in models[0].calls] == [n for n, _, _ in models[1].calls] == [1]
+
+
 def test_generate_all_batches_prompts_of_similar_length_together(run_data, tmp_path):
     """A batch is left-padded to its longest prompt: generate_all sorts the prompts by length before batching, so
     each batch holds neighbours in length and pads little (a long prompt beside a short one pads the short). A
