@@ -53,6 +53,8 @@ def read(argv, defaults):
     # any file runs: `--adapter lora` is a flag without its value, not a config file named lora
     flags = [(arg, *parse_flag(arg, defaults)) for arg in argv if arg.startswith("--") and arg != "--"]
     for arg in (a for a in argv if not a.startswith("--")):  # the files in their order, then the flags
+        if arg.startswith(("-", "\u2013", "\u2014")) and not os.path.exists(arg):  # -r=16, or a dash a web page typeset
+            raise UserError(f"argument '{arg}' is not of the form --key=value (two hyphens).")
         if not os.path.isfile(arg):
             what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
             raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
@@ -63,10 +65,14 @@ def read(argv, defaults):
         except Exception as e:
             raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {' '.join(str(e).split())}); "
                             "it should hold plain key = value lines.")
-        for key, value in namespace.items():  # modules: `import time` has no __file__
-            if not key.startswith("_") and not callable(value) and not isinstance(value, types.ModuleType):
-                cfg[key] = typed(key, value, defaults, f"config file {arg}")
-                explicit.add(key)
+        keys = [k for k, v in namespace.items()  # modules: `import time` has no __file__
+                if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)]
+        if not keys:  # JSON ({"r": 16}) and YAML (r: 16) run as Python too, setting nothing without a word
+            raise UserError(f"config file '{arg}' sets no key; write it as plain Python, key = value lines (run as "
+                            "Python, a JSON or YAML file sets nothing).")
+        for key in keys:
+            cfg[key] = typed(key, namespace[key], defaults, f"config file {arg}")
+            explicit.add(key)
     for arg, key, value in flags:
         cfg[key] = typed(key, value, defaults, f"flag {arg}")
         explicit.add(key)

@@ -468,6 +468,8 @@ BUILDING = ".building"  # in a folder while make_suite writes it; suite.json rep
 def _check_out_dir(out_dir):
     """Refuse a folder that make_suite would spoil: a file, a finished suite (and what was built from
     it), or a folder of other files. A folder of a build cut short (BUILDING in it) is taken up again."""
+    if not str(out_dir).strip():  # --out= was a bare "[Errno 2] No such file or directory: ''"
+        raise UserError("--out is empty; give a folder for the suite, e.g. --out data/mini_cme.")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} is a file, not a folder; choose another folder for the suite.")
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []

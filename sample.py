@@ -69,14 +69,17 @@ def records_of(args):
     if not os.path.isfile(args.records):
         what = "is a folder, not a file" if os.path.isdir(args.records) else "does not exist"
         raise UserError(f"--records file {args.records} {what}; give a JSONL or JSON list of records.")
+    read = []
     for n, (where, record) in enumerate(data.read_records(args.records)):
         if args.limit and n == args.limit:
             break
         for key in ("instruction", "input"):  # now, naming the line, not once the records before it are answered
             data._field(record, key, where, required=key == "instruction", fix="give records in the authors' format, "
                         '"instruction" and "input" strings ("input" may be empty or absent).')
-        records.append(record)
-    return records
+        read.append(record)
+    if not read:  # a JSON list of none ([]): nothing answered, nothing said
+        raise UserError(f"--records file {args.records} holds no records; give a JSONL or JSON list of records.")
+    return records + read
 
 
 def check_args(parser, args):

@@ -123,6 +123,8 @@ def parse(argv):
             extra.append(arg)  # a train.py key: checked below (not one a run sets) and by train.parse_config
     if type(opts["seeds"]) is int:
         opts["seeds"] = tuple(range(1, opts["seeds"] + 1))
+    if not opts["out"].strip():  # "": every run's folder, select/ and report.md would land in the current folder
+        raise data.UserError("--out is empty; give the study a folder of its own, e.g. --out=out/study.")
     opts["grid"] = GRID
     if opts["quick"]:
         # the user's --steps or --seeds beside --quick win over its own (e.g. --quick --steps=2: the smallest study)
@@ -143,9 +145,8 @@ def parse(argv):
     if not 1 <= opts["workers"] <= cores:  # more runs at a time than cores only share them
         raise data.UserError(f"--workers={opts['workers']} is not a number of runs at a time for this machine's "
                              f"{cores} cores; give one from 1 to {cores}.")
-    if SELECTION_SEED in opts["seeds"] or opts["steps"] < 1:
-        raise data.UserError(f"steps must be positive, and seed {SELECTION_SEED} is the selection runs' own: choose "
-                             "final seeds from 1 up.")
+    if opts["steps"] < 1:  # (the final seeds are positive, checked above: seed 0 stays the selection runs' own)
+        raise data.UserError(f"--steps must be a positive number of training steps per run, got {opts['steps']}.")
     return opts, extra, names
 
 

@@ -540,6 +540,10 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
         raise UserError(f"{out_path} must end in .json (a JSON list) or .jsonl (one record per line).")
     if os.path.isdir(out_path):
         raise UserError(f"--out {out_path} is a folder; give the file to write, e.g. {out_path}/{task_name}.jsonl.")
+    folder, (named, ext) = os.path.dirname(out_path), os.path.splitext(os.path.basename(out_path))
+    if named in CME_TASKS and named != task_name:  # train.py scores <task>.jsonl as the task its file name says
+        raise UserError(f"--out {out_path} is named for the task {named}, and train.py would score these {task_name} "
+                        f"records as {named}'s; name it {os.path.join(folder, task_name + ext)}.")
     blocker = blocked_parent(out_path)
     if blocker:
         raise UserError(f"--out {out_path} can not be written: {blocker}; choose another --out.")

@@ -615,6 +615,11 @@ def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp
         f"minicme.py: error: {tmp_path / 'file' / 'suite'} can not be written: {tmp_path / 'file'} is a file, not a "
         "folder; choose another folder for the suite.")
     assert (tmp_path / "file").read_text() == "x"
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", " "):  # it was a bare "[Errno 2] No such file or directory: ''"
+        assert script_error(minicme.main, [f"--out={empty}"], capsys) == (
+            "minicme.py: error: --out is empty; give a folder for the suite, e.g. --out data/mini_cme.")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def test_the_tokenizer_learns_from_the_corpus_and_training_records_only(tmp_path, monkeypatch):

@@ -148,6 +148,15 @@ def test_a_records_input_of_the_wrong_type_is_refused_naming_its_line_before_any
     assert f'{path} line 2: "input" is a number, not a string' in err and capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("instruction", [[], ["--instruction=x"]])
+def test_a_records_file_of_no_records_is_refused_before_the_run_is_read(tmp_path, capsys, instruction):
+    """A JSON list of none ([]) answered nothing, said nothing and exited 0 (prepare and tasks.py refuse it)."""
+    (tmp_path / "r.json").write_text("[]\n")
+    argv = ["--out_dir", tmp_path / "none", "--records", tmp_path / "r.json", *instruction]
+    assert script_error(sample.main, argv, capsys) == (
+        f"error: --records file {tmp_path / 'r.json'} holds no records; give a JSONL or JSON list of records.")
+
+
 def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path, capsys):
     """An infinite or NaN temperature, --top_p under greedy decoding (it would be ignored), a seed outside torch's
     range and a device train.py does not know: one sentence each (train's own for the last two), before sample.py

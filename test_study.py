@@ -613,9 +613,22 @@ def test_loss_png_is_drawn_only_where_a_run_of_the_study_has_a_loss_curve(tmp_pa
 
 
 def test_a_study_of_zero_steps_is_refused_and_one_step_is_taken():
-    with pytest.raises(study.data.UserError, match="steps must be positive"):
+    """The sentence names the steps alone (it spoke of seed 0 too, which --seeds already refuses)."""
+    with pytest.raises(study.data.UserError, match=r"^--steps must be a positive number of training steps per run, "
+                       r"got 0\.$"):
         study.parse(["--steps=0"])
     assert study.parse(["--steps=1"])[0]["steps"] == 1
+
+
+@pytest.mark.parametrize("argv", [["--out="], ["--out= "], ["--quick", "--out="]])
+def test_an_empty_out_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, argv):
+    """--out= ran the whole study in the current folder: 80 run folders, select/ and report.md among the user's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    assert script_error(study.main, argv, capsys) == (
+        "error: --out is empty; give the study a folder of its own, e.g. --out=out/study.")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_run_equal_to_teamlora_in_every_seed_is_not_called_higher_or_lower():

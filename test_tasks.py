@@ -414,6 +414,21 @@ def test_an_eval_set_from_a_labelless_file_is_a_clear_error(tmp_path):
     assert not (tmp_path / "qqp.json").exists()
 
 
+def test_an_out_named_for_another_task_is_refused_before_the_raw_files_are_read(tmp_path, capsys):
+    """train.py scores <task>.jsonl as that task: `--task mmlu --out .../anli.jsonl` (the README's ANLI line with
+    --task changed) wrote MMLU records that anli's label set then scored 0 without a word, after training."""
+    out = tmp_path / "anli.jsonl"
+    out.write_text("the user's anli set\n")
+    assert script_error(tasks.main, ["--task", "mmlu", "--raw", tmp_path / "x_test.csv", "--out", out, "--overwrite"],
+                        capsys) == (f"tasks.py: error: --out {out} is named for the task anli, and train.py would "
+                                    f"score these mmlu records as anli's; name it {tmp_path / 'mmlu.jsonl'}.")
+    assert out.read_text() == "the user's anli set\n"
+    with pytest.raises(UserError, match=r"--out .*rte\.json is named for the task rte.* name it .*anli\.json\.$"):
+        write_eval_set("anli", str(tmp_path / "r1.jsonl"), str(tmp_path / "rte.json"))
+    with pytest.raises(FileNotFoundError, match="r1.jsonl"):  # another name is the user's: refused later, by train.py
+        write_eval_set("anli", str(tmp_path / "r1.jsonl"), str(tmp_path / "anli_r1.json"))
+
+
 @needs_cme_fixtures
 def test_tasks_command_writes_the_eval_set_or_exits_with_one_line(tmp_path, capsys):
     tasks.main(["--task", "rte", "--raw", os.path.join(CME_DIR, "rte", "dev.tsv"),

@@ -92,6 +92,9 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     (["--eval_only=false"], r"config key 'eval_only' in flag --eval_only=false must be of type bool, got 'false'"),
     (["--fsdp=1"], r"config key 'fsdp' in flag --fsdp=1 must be of type bool, got 1\."),
     (["--=5"], r"argument '--=5' is not of the form --key=value\."),
+    # one hyphen, or a dash a web page typeset: it was "config file '-r=16' does not exist; the configs are in config/."
+    (["-r=16"], r"^argument '-r=16' is not of the form --key=value \(two hyphens\)\.$"),
+    (["\u2014max_iters=2"], r"^argument '\u2014max_iters=2' is not of the form --key=value \(two hyphens\)\.$"),
 ])
 def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
     with pytest.raises(train.UserError, match=message):
@@ -153,6 +156,11 @@ def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data)
     unknown.write_text("experst = 8\n")
     with pytest.raises(train.UserError, match="unknown config key 'experst' in config file .*; did you mean 'experts'"):
         train.parse_config([str(unknown)])
+    for name, text in (("c.json", '{"r": 16}\n'), ("c.yaml", "r: 16\nmax_iters: 2\n"), ("empty.py", "# r = 16\n")):
+        (tmp_path / name).write_text(text)  # run as Python, each set nothing: the defaults trained without a word
+        with pytest.raises(train.UserError, match=rf"^config file '.*{name}' sets no key; write it as plain Python, "
+                           r"key = value lines \(run as Python, a JSON or YAML file sets nothing\)\.$"):
+            train.parse_config([str(tmp_path / name)])
     with pytest.raises(train.UserError, match="base checkpoint 'nope.pt' does not exist"):
         train.train(train_cfg(run_data, tmp_path / "o", "--init_from=nope.pt"))
     with pytest.raises(train.UserError, match="eval_only: .*adapter.pt does not exist"):
