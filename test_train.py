@@ -74,6 +74,8 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     (["--adapter", "lora"], r"flag '--adapter' needs a value: write --adapter=VALUE"),  # not "config file 'lora'"
     (["config/cme_llama2_7b.py", "--adapter", "lora"], r"flag '--adapter' needs a value"),  # before any file runs
     (["--dtype=float16"], r"'dtype' must be one of float32, bfloat16"),
+    # a misspelt preset: ignored without a word where init_from was not "scratch" (the demo's base.pt, a folder)
+    (["--model=llama9"], r"'model' must be one of llama2-7b, .*, tiny, small, got 'llama9'\."),
     (["--experts=0"], r"config key 'experts' must be positive, got 0"),
     (["--log_interval=0"], r"config key 'log_interval' must be positive, got 0"),
     (["--eval_batch_size=0"], r"config key 'eval_batch_size' must be positive, got 0"),

@@ -38,7 +38,7 @@ import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
 from errors import UserError
-from model import ModelArgs, Transformer
+from model import PRESETS, ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 # -------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def check_config(cfg):
         raise UserError(f"competition=True weighs several experts, and adapter={cfg['adapter']} has none; use "
                         "adapter=teamlora, moelora or hydralora, or leave competition at None.")
     choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
-               "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum")}
+               "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum"), "model": tuple(PRESETS)}
     if cfg["competition"] not in (None, True, False):
         raise UserError("config key 'competition' must be True, False or None (the method's own), "
                         f"got {cfg['competition']!r}.")
