@@ -143,7 +143,8 @@ def reference_task_load(model, prompts, n_layers, load_layers, k):
     omega of every adapted layer in the last load_layers blocks, pooled over all prompt tokens, over k,
     then averaged over those layers."""
     last = [m for n, m in model.named_modules()
-            if isinstance(m, teamlora.TeamLoRALinear) and int(n.split(".")[1]) >= n_layers - load_layers]
+            if isinstance(m, teamlora.TeamLoRALinear) and n.startswith("layers.")
+            and int(n.split(".")[1]) >= n_layers - load_layers]
     assert last
     omegas = {m: [] for m in last}
     was_training = model.training

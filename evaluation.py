@@ -165,9 +165,9 @@ def task_expert_load(model, prompts, r):
     model(tokens, logits_to_keep=1)  # run for the adapters' omega: no (prompts, width, vocab) logits
     model.train(was_training)
     raw = model.module if hasattr(model, "module") else model
-    n_layers = r.args.n_layers
-    last = tuple(f"layers.{i}." for i in range(n_layers - r.cfg["load_layers"], n_layers))
-    loads = [v for n, v in teamlora.expert_load(raw, valid).items() if n.startswith(last)]
+    n_layers = r.args.n_layers  # the blocks' layers only: an adapted output layer ran on one position, not `valid`
+    loads = [v for i in range(n_layers - r.cfg["load_layers"], n_layers)
+             for v in teamlora.expert_load(raw.layers[i], valid).values()]
     return torch.stack(loads).mean(0).cpu() if loads else None
 
 
@@ -179,7 +179,9 @@ def evaluate(model, r):
         prompts = [prompt_ids(r.tok, rec, room) for rec in records]
         scores[name] = tasks.evaluate(task, generate_all(model, prompts, task.max_new_tokens, r), records)
         if r.multi_expert:  # every process runs the same prompts (FSDP needs each in the forward): the same load
-            loads[name] = task_expert_load(model, prompts, r)
+            load = task_expert_load(model, prompts, r)
+            if load is not None:  # None: no adapted layer in the last load_layers blocks (--targets=output)
+                loads[name] = load
     return scores, loads
 
 

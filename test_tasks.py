@@ -53,9 +53,19 @@ def test_accuracy_reads_an_option_letter_in_its_common_forms(prediction):
 
 
 @pytest.mark.parametrize("prediction", ["A or B", "B or A", "A, B", "A/B", "A & B", "A and B", "A B", "(A) or (B)",
-                                        "A; B", "A, or B", "A vs. B", "Option A or option B", "(A) or choice (B)"])
+                                        "A; B", "A, or B", "A vs. B", "Option A or option B", "(A) or choice (B)",
+                                        "A OR B", "A Or option B", "A VS B"])
 def test_accuracy_rejects_a_prediction_naming_two_options(prediction):
     assert accuracy(prediction, "A") == 0.0 and accuracy(prediction, "B") == 0.0
+
+
+@pytest.mark.parametrize("prediction", ["B, because the passage says so", "B and nothing else", "B or bust",
+                                        "B. Paris, a city in France", "B; options A and C are wrong"])
+def test_accuracy_reads_an_option_letter_followed_by_words_that_start_with_a_letter(prediction):
+    """A word after "or", "and" or a comma is not a second option because it starts with a letter: only a letter
+    standing alone (or "option X") right after the first is one, and a separator further on is not."""
+    assert accuracy(prediction, "B") == 1.0
+    assert accuracy(prediction, "A") == 0.0
 
 
 def test_accuracy_does_not_mistake_words_for_option_letters():
@@ -798,10 +808,19 @@ def test_the_rouge_l_chance_of_a_record_without_input_is_its_instructions_first_
     ("anli", "not entailment", None), ("anli", "It is not a contradiction.", None), ("imdb", "not positive", None),
     ("imdb", "It isn't negative", None), ("qqp", "not a duplicate", "not duplicate"),
     ("rte", "non-entailment", "not entailment"), ("rte", "It is not an entailment.", "not entailment"),
-    ("qqp", "No, not duplicate.", "not duplicate"), ("qqp", "These are not duplicate questions.", "not duplicate")])
+    ("qqp", "No, not duplicate.", "not duplicate"), ("qqp", "These are not duplicate questions.", "not duplicate"),
+    ("rte", "no entailment", "not entailment"), ("qqp", "It is never a duplicate.", "not duplicate")])
 def test_a_negated_label_is_read_as_its_negation_not_as_the_label(task, prediction, meant):
     """ "not a duplicate" means "not duplicate", and "not positive" no label at all: read as the label it negates,
     it scored the opposite answer right."""
+    for gold in CME_TASKS[task].labels:
+        assert CME_TASKS[task].score(prediction, {"output": gold}) == float(gold == meant), (prediction, gold)
+
+
+@pytest.mark.parametrize("task, prediction, meant", [
+    ("imdb", "No, it is positive.", "positive"), ("anli", "Not sure, I think it is neutral", "neutral")])
+def test_a_negation_more_than_two_words_before_a_label_leaves_the_label_named(task, prediction, meant):
+    """Only the two words before a label can negate it: "No, it is positive." answers "positive"."""
     for gold in CME_TASKS[task].labels:
         assert CME_TASKS[task].score(prediction, {"output": gold}) == float(gold == meant), (prediction, gold)
 

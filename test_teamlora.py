@@ -690,6 +690,21 @@ def test_balance_loss_over_no_token_is_zero_not_nan():
          if isinstance(m, TeamLoRALinear)]).mean())
 
 
+def test_balance_loss_counts_a_layer_whose_mask_keeps_a_single_token():
+    """One real token (a batch of one short row) is still a token to balance: each layer's term is that token's
+    (omega - 1)^2 over the experts, not left out as if the layer saw no token."""
+    torch.manual_seed(0)
+    model = inject(Stack(n=2), ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.0)
+    model(torch.randn(2, 5, 16))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1, 3] = True
+    per_layer = torch.stack([((m.last_omega[1, 3] - 1) ** 2).mean() for m in model.modules()
+                             if isinstance(m, TeamLoRALinear)])
+    assert len(per_layer) == 4 and (per_layer > 0).all()
+    torch.testing.assert_close(teamlora.balance_loss(model, mask), per_layer.mean())
+    torch.testing.assert_close(teamlora.balance_loss(model, mask, "sum"), per_layer.sum())
+
+
 def test_a_0_1_integer_mask_counts_the_same_tokens_as_a_boolean_one():
     """Callers pass Hugging Face's attention_mask (int64 of 0 and 1) as the mask: it must select tokens as
     the boolean mask does, not index rows 0 and 1 of omega."""

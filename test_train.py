@@ -242,6 +242,28 @@ def test_adapters_train_and_validate_with_the_output_layer_on_answer_positions_o
     assert ("output" in adapter) == isinstance(model.output, teamlora.TeamLoRALinear)
 
 
+@pytest.mark.parametrize("targets", ["w1,w2,w3", "w1,output", "w1, output", " output ,w2", "wq,output,", "w1,wo"])
+def test_the_output_layer_runs_on_answer_positions_only_exactly_when_the_targets_leave_it_unadapted(targets):
+    """loss_only reads the targets as inject_targets does (spaces around a name and empty names ignored): an output
+    layer that inject_targets adapts must see every position, whatever the spelling of the list."""
+    for adapter in ("teamlora", "none"):
+        cfg = dict(train.DEFAULTS, adapter=adapter, targets=targets)
+        m = Transformer(model.ModelArgs.from_name("tiny", n_layers=1))
+        if adapter != "none":
+            train.inject_targets(m, cfg)
+        assert evaluation.loss_only(cfg) == (adapter != "none" and not isinstance(m.output, TeamLoRALinear))
+
+
+def test_val_loss_runs_every_forward_without_autograd(run_data, tmp_path):
+    """Validation keeps no graph: a forward with gradients on would hold every micro-batch's activations for a
+    backward that never comes."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_iters=2", "--grad_accum=2")
+    grad_on = []
+    model.layers[0].register_forward_hook(lambda m, args, out: grad_on.append(torch.is_grad_enabled()))
+    evaluation.val_loss(model, data.TokenDataset(r.cfg["data_dir"], "val"), r)
+    assert grad_on == [False] * 4 and torch.is_grad_enabled()
+
+
 @pytest.mark.parametrize("mode", ["pad", "pack"])
 def test_val_loss_is_cross_entropy_over_answer_tokens_only(run_data, tmp_path, mode):
     """val_loss against each validation example run alone: the summed cross-entropy over positions
@@ -1435,6 +1457,7 @@ def test_results_table_says_when_eval_limit_scored_only_part_of_each_task(capsys
                                  dict(train.DEFAULTS, eval_limit=limit))
         printed = capsys.readouterr().out
         assert ("each task scored on its first 100 records at most: eval_limit=100" in printed) == (limit == 100)
+        assert ("records at most" in printed) == (limit > 0)  # eval_limit=0: no note at all
 
 
 def test_results_show_each_tasks_share_of_every_expert_and_the_even_share(capsys):
@@ -1776,6 +1799,29 @@ def test_the_expert_load_of_several_processes_is_the_load_each_computes(run_data
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-6, atol=1e-7)
         assert two[name].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("targets", ["w1,output", "output"])
+def test_an_adapted_output_layer_leaves_the_expert_load_to_the_last_blocks(run_data, tmp_path, monkeypatch, targets):
+    """The expert load is the last blocks' layers' (the paper's Figure 5). An adapted output layer ran on one position
+    per prompt there (no logits for the rest), so it is left out, not weighed over the prompt tokens (which failed on
+    the mask's shape); with the output layer the only one adapted, the run reports no load, as one without a router."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, f"--targets={targets}", "--eval_limit=3",
+                                                   "--load_layers=2")
+    r.eval_sets = evaluation.load_eval_sets(r.cfg)
+    monkeypatch.setattr(evaluation, "generate_all", lambda model, prompts, max_new, r: [""] * len(prompts))
+    scores, loads = evaluation.evaluate(model, r)
+    assert isinstance(model.output, TeamLoRALinear) and scores.keys() == set(SYNTHETIC_TASKS)
+    if targets == "output":
+        assert loads == {}
+    else:
+        assert loads.keys() == scores.keys()
+        for name, (task, records) in r.eval_sets.items():
+            prompts = [evaluation.prompt_ids(r.tok, rec, r.args.context - task.max_new_tokens) for rec in records]
+            want = conftest.reference_task_load(model, prompts[:r.cfg["eval_batch_size"]], r.args.n_layers, 2,
+                                                r.cfg["experts"])
+            torch.testing.assert_close(loads[name], want, rtol=1e-5, atol=1e-6)
+    evaluation.print_results(scores, dict.fromkeys(scores, 0.0), loads, r.cfg)
 
 
 class _EchoModel:
