@@ -18,7 +18,8 @@ The protocol, fixed before any final run:
 2. Final runs. Every run, every seed, at its method's learning rate, scored on the test sets
    (eval_dir). Tables show mean±std over seeds, each run's learning rate and each task's chance
    level; differences against TeamLoRA are paired by seed (a seed fixes the data order) with a 95%
-   interval (Student's t).
+   interval (Student's t), each for its own comparison (no correction for their number). Every run is
+   scored on the same tasks, equally weighted in its average.
 
 Each run is train.py with one configuration (the code path of a real run), fine-tuning the base
 that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
@@ -258,6 +259,9 @@ def read_results(folder, steps=None):
         for value in (res["trainable_params"], res["base_params"], res["train_seconds"], res["config"]["seed"]):
             if not isinstance(value, (int, float)):  # what the tables read (float() would take "8" and fail there)
                 raise TypeError(f"{value!r} is not a number")
+        for task, value in res["scores"].items():  # a nan would win choose_lr's max and make every interval nan
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise ValueError(f"the score of {task} is {value!r}, not a finite number")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
         raise data.UserError(f"the run in {folder} is damaged ({type(e).__name__}: {str(e)[:80]}); delete that folder "
                              "and run the study again to redo the run.") from None
@@ -269,6 +273,23 @@ def read_results(folder, steps=None):
 
 def average(res):
     return sum(res["scores"].values()) / len(res["scores"])
+
+
+def check_tasks(runs):
+    """Refuse runs ({folder: results or None}) not all scored on the same tasks: an average over other tasks is
+    no score of the same thing (a task file added to or removed from eval_dir or val_dir while a study resumed)."""
+    first = None
+    for folder, res in runs.items():
+        if res is None:
+            continue
+        tasks = sorted(res["scores"])
+        if first is None:
+            first = folder, tasks
+        elif tasks != first[1]:
+            raise data.UserError(f"the run in {folder} was scored on the tasks {', '.join(tasks)}, the run in "
+                                 f"{first[0]} on {', '.join(first[1])}; a study averages and compares the same tasks "
+                                 "in every run: delete the run(s) scored on other tasks and run the study again with "
+                                 "the same task files in val_dir and eval_dir.")
 
 
 def choose_lr(by_lr):
@@ -292,23 +313,31 @@ def selection(opts, extra, names, later=0):
     elif not os.path.isdir(os.path.join(opts["out"], "select")):
         raise data.UserError(f"--report found no study in {opts['out']}/ (no select/ folder): run python study.py "
                              "first, or pass the --out (and --quick) of the study to report on.")
-    chosen = {}
+    chosen, runs = {}, {}
     for m in methods:
-        by_lr = {lr: read_results(os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}"), opts["steps"])
-                 for lr in opts["grid"]}
+        folders = {lr: os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}") for lr in opts["grid"]}
+        by_lr = {lr: read_results(folder, opts["steps"]) for lr, folder in folders.items()}
+        runs.update({folders[lr]: res for lr, res in by_lr.items()})
+        check_tasks(runs)  # before choose_lr compares their means
         chosen[m] = choose_lr(by_lr), {lr: average(res) if res else None for lr, res in by_lr.items()}
     return chosen
 
 
 def load(opts, names, chosen):
-    """run name -> list of results dicts (one per finished seed, at the run's chosen learning rate)."""
-    out = {}
+    """run name -> list of results dicts (one per finished seed, at the run's chosen learning rate); every run, and
+    the selection run of each rate, scored on the same tasks."""
+    out, runs = {}, {}
+    for m in dict.fromkeys(METHOD_OF[n] for n in names):  # its rate's selection run: chosen on the same tasks
+        folder = os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{chosen[m][0]:g}")
+        runs[folder] = read_results(folder, opts["steps"])
     for name in names:
         lr = chosen[METHOD_OF[name]][0]
         for seed in opts["seeds"]:
-            res = read_results(os.path.join(opts["out"], f"{name}-lr{lr:g}-seed{seed}"), opts["steps"])
+            folder = os.path.join(opts["out"], f"{name}-lr{lr:g}-seed{seed}")
+            res = runs[folder] = read_results(folder, opts["steps"])
             if res is not None:
                 out.setdefault(name, []).append(res)
+    check_tasks(runs)  # the tables' columns are the first run's tasks, and every average is over its run's own
     return out
 
 
@@ -349,8 +378,11 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 
 
 def paired_difference(a, b):
-    """(mean of a - b, half-width of its 95% interval) over paired values; needs at least 2 pairs."""
-    d = [x - y for x, y in zip(a, b)]
+    """(mean of a - b, half-width of its 95% interval) over paired values: Student's t with n - 1 degrees of
+    freedom on the n differences (from 31 pairs on, the 30 degrees' quantile: a little wider, 4% at 1000)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(d) < 2:  # one pair has no spread to estimate: an interval of width 0 would call any difference
+        raise ValueError(f"a paired interval needs at least 2 pairs, got {len(d)}")
     m, s = mean_std(d)
     return m, T95[min(len(d) - 1, len(T95)) - 1] * s / math.sqrt(len(d))
 

@@ -121,6 +121,48 @@ def test_a_text_option_takes_the_flags_text_as_written():
     assert (opts["out"], opts["val_dir"]) == ("2024", "12.5")
 
 
+def test_a_paired_interval_needs_two_pairs_of_the_same_count():
+    """One pair has no spread: its interval was of width 0 (any difference \"resolved\"); none divided by zero."""
+    for a, b in (([3.0], [1.0]), ([], []), ([3.0, 4.0], [1.0])):
+        with pytest.raises(ValueError):
+            study.paired_difference(a, b)
+
+
+def test_runs_scored_on_other_tasks_are_refused_not_averaged_over_fewer(tmp_path):
+    """A seed missing a task was averaged over the tasks it had (and paired with TeamLoRA's average over all), or
+    the table stopped with a KeyError; selection compared means over other tasks than the test runs'."""
+    def study_with(select_tasks, seed3_tasks):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}"
+        opts, extra, names = study.parse([f"--out={out}", "--runs=teamlora,lora32", "--report", "--seeds=3"])
+        for m in ("teamlora", "lora32"):
+            for lr in study.GRID:
+                fake_run(out / "select" / f"{m}-lr{lr:g}", lr, {t: 50.0 + 10 * (lr == 6.3e-4) for t in select_tasks})
+        for s in (1, 2, 3):
+            fake_run(out / f"teamlora-lr{6.3e-4:g}-seed{s}", 6.3e-4, {"a": 70.0 + s, "b": 30.0}, s)
+            fake_run(out / f"lora32-lr{6.3e-4:g}-seed{s}", 6.3e-4,
+                     {t: 65.0 + s if t == "a" else 30.0 for t in ("ab" if s < 3 else seed3_tasks)}, s)
+        return opts, extra, names, out
+
+    opts, extra, names, out = study_with("ab", "ab")
+    assert len(study.load(opts, names, study.selection(opts, extra, names))["lora32"]) == 3  # the same tasks: read
+    opts, extra, names, out = study_with("ab", "a")  # seed 3 of lora32 lacks task b
+    chosen = study.selection(opts, extra, names)
+    seed3 = re.escape(str(out / f"lora32-lr{6.3e-4:g}-seed3"))
+    with pytest.raises(study.data.UserError, match=f"the run in {seed3} was scored on the tasks a, the run .* on a, b"):
+        study.load(opts, names, chosen)
+    opts, extra, names, out = study_with("ab", "abc")  # one with an extra task
+    with pytest.raises(study.data.UserError, match=f"lora32-lr{6.3e-4:g}-seed3 was scored on the tasks a, b, c"):
+        study.load(opts, names, study.selection(opts, extra, names))
+    opts, extra, names, out = study_with("a", "ab")  # the rate chosen on other tasks than the test runs'
+    with pytest.raises(study.data.UserError, match="scored on the tasks a, b, the run in .*select.* on a;"):
+        study.load(opts, names, study.selection(opts, extra, names))
+    (out / "select" / f"lora32-lr{study.GRID[2]:g}" / "results.json").write_text(json.dumps(
+        {"scores": {"a": 90.0, "b": 90.0}, "config": {"seed": 0}, "trainable_params": 8, "base_params": 800,
+         "train_seconds": 1.0}))  # a selection run over other tasks: not compared with the others' means
+    with pytest.raises(study.data.UserError, match=f"select/lora32-lr{study.GRID[2]:g} was scored on the tasks a, b"):
+        study.selection(opts, extra, names)
+
+
 def test_study_rejects_unknown_runs_and_train_keys(capsys):
     with pytest.raises(SystemExit):
         study.main(["--runs=lora32,dora"])
@@ -172,7 +214,10 @@ DAMAGED_RESULTS = {"cut results": '{"scores": {"a": 5', "no scores": '{"scores":
                       for key in ("trainable_params", "base_params", "train_seconds")},
                    "no seed": json.dumps(COMPLETE | {"config": {}}),
                    "a count as text": json.dumps(COMPLETE | {"trainable_params": "8"}),  # float("8") would pass
-                   "a time as text": json.dumps(COMPLETE | {"train_seconds": "1.5"})}
+                   "a time as text": json.dumps(COMPLETE | {"train_seconds": "1.5"}),
+                   # a score that is no finite number: a nan won choose_lr's max and made every interval nan
+                   **{f"a score of {v}": json.dumps(COMPLETE | {"scores": {"a": v, "b": 50.0}})
+                      for v in (math.nan, math.inf, True)}}
 
 
 @pytest.mark.parametrize("damage", DAMAGED_RESULTS)
