@@ -9,9 +9,9 @@ and on CUDA a 7B-shaped block stack in bf16 (tokens/s and MFU).
     python bench.py --section=layer,model --threads=2 --repeats=15
     python bench.py --device=cuda        # bf16, adds the 7B-shaped stack
 
-Machines are noisy, so every repeat runs each variant once (round-robin, starting at a different
-variant each time) and the tables show medians and ratios taken side by side in one run: compare
-the ratios, not the milliseconds, across machines. On a CPU shared with other jobs, --threads=1
+Machines are noisy, so every repeat runs each variant once (in balanced orders: each variant in each place,
+and after each other variant, equally often) and the tables show medians and ratios taken side by side in
+one run: compare the ratios, not the milliseconds, across machines. On a CPU shared with other jobs, --threads=1
 avoids OpenMP threads waiting on each other (seen here: a model step of 4.7 s with 2 threads, 0.33 s
 with 1, while other tests ran).
 """
@@ -106,17 +106,26 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
+def orders(n):
+    """Williams' balanced Latin square of n variants, one row a repeat's order: over all rows every variant takes
+    every place, and follows every other variant, equally often (n rows; 2n for odd n). A call's time can depend on
+    the one just before it (caches, the allocator's state); a plain rotation gave each variant the same predecessor
+    in most repeats (TeamLoRA fused after the TeamLoRA loop, LoRA after fused)."""
+    first = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]  # 0, 1, n-1, 2, n-2, ...
+    rows = [[(c + i) % n for c in first] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def bench(fns, repeats, device, warmup=2):
-    """Seconds per call of each fn, one per repeat. Each repeat calls every fn once, starting one
-    further along the list each time, so that load from elsewhere falls on all of them alike."""
+    """Seconds per call of each fn, one per repeat. Each repeat calls every fn once, in the order of the next
+    row of orders(): load from elsewhere, and what ran just before, fall on all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):  # AdamW state, compilation, caches
             fn()
-    names, times = list(fns), {name: [] for name in fns}
+    names, times, rows = list(fns), {name: [] for name in fns}, orders(len(fns))
     for rep in range(repeats):
-        for j in range(len(names)):
-            name = names[(rep + j) % len(names)]
-            times[name].append(timed(fns[name], device))
+        for j in rows[rep % len(rows)]:
+            times[names[j]].append(timed(fns[names[j]], device))
     return times
 
 
@@ -253,7 +262,8 @@ def section_layer(cfg, device, dtype, targets):
     print("LoRA = TeamLoRALinear(experts=1): dropout on z = xA^T as in TeamLoRA (PEFT's LoRA drops x instead);\n"
           "MoELoRA = a loop over k (A_i, B_i) pairs with dropout on x per expert, as public code does.\n"
           "train = forward + backward + AdamW step over the adapter; memory = peak bytes of a training step;\n"
-          f"ms: median of {cfg.repeats} round-robin repeats; x LoRA: median of the ratios within each repeat.\n")
+          f"ms: median of {cfg.repeats} interleaved repeats; x LoRA, x MoELoRA: median of the ratios within each\n"
+          "repeat, middle half: their 25th-75th percentiles.\n")
     base = nn.Linear(cfg.d_in, cfg.d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(cfg.tokens, cfg.d_in, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(cfg.tokens, cfg.d_out, device=device, dtype=dtype)
@@ -265,9 +275,12 @@ def section_layer(cfg, device, dtype, targets):
         infer = bench({v: s[1] for v, s in steps.items()}, cfg.repeats, device)
         mem = {v: s[2]() for v, s in steps.items()}
         print(f"k = {k}, r = {k * cfg.r_B}")
-        table(["variant", "train ms", "x LoRA", "middle half", "infer ms", "x LoRA", "peak MB", "x LoRA"],
-              [[v, ms(train[v]), ratio(train[v], train["LoRA"]), spread(train[v], train["LoRA"]), ms(infer[v]),
-                ratio(infer[v], infer["LoRA"]), mem[v] / 2**20, mem[v] / mem["LoRA"]] for v in variants])
+        loop = train["MoELoRA loop"]
+        table(["variant", "train ms", "x LoRA", "middle half", "x MoELoRA", "middle half", "infer ms", "x LoRA",
+               "peak MB", "x LoRA"],
+              [[v, ms(train[v]), ratio(train[v], train["LoRA"]), spread(train[v], train["LoRA"]), ratio(train[v], loop),
+                spread(train[v], loop), ms(infer[v]), ratio(infer[v], infer["LoRA"]), mem[v] / 2**20,
+                mem[v] / mem["LoRA"]] for v in variants])
         figure.append([f"k={k}"] + [ratio(train[v], train["LoRA"]) for v in variants])
         figure_infer.append([f"k={k}"] + [ratio(infer[v], infer["LoRA"]) for v in variants])
         fused = "TeamLoRA fused"
@@ -284,7 +297,7 @@ def section_layer(cfg, device, dtype, targets):
 
 def section_layer7b(cfg, device, dtype, targets):
     print(f"## 1b. Layer level at LLaMA-2-7B's FFN shapes: r_B={cfg.big_r_B}, r = k*r_B, training step (forward, "
-          f"backward, AdamW), median of {cfg.big_repeats} round-robin repeats, middle half of the per-repeat ratios\n")
+          f"backward, AdamW), median of {cfg.big_repeats} interleaved repeats, middle half of the per-repeat ratios\n")
     variants = ("LoRA", "MoELoRA loop", "TeamLoRA fused")
     rows = []
     for n, d_in, d_out in cfg.big_shapes:
@@ -297,7 +310,7 @@ def section_layer7b(cfg, device, dtype, targets):
             mem = {v: steps[v][2]() for v in ("LoRA", "TeamLoRA fused")}
             fused, lora, loop = t["TeamLoRA fused"], t["LoRA"], t["MoELoRA loop"]
             rows.append([f"N={n}, {d_in}->{d_out}", str(k), ms(lora), ms(loop), ms(fused), ratio(fused, lora),
-                         spread(fused, lora), ratio(loop, lora), ratio(fused, loop),
+                         spread(fused, lora), ratio(loop, lora), ratio(fused, loop), spread(fused, loop),
                          mem["TeamLoRA fused"] / mem["LoRA"]])
             check(targets, f"7B FFN N={n} {d_in}->{d_out} k={k}: fused train / LoRA", ratio(fused, lora), 1.03)
             check(targets, f"7B FFN N={n} {d_in}->{d_out} k={k}: fused / loop vs LoRA / loop",
@@ -306,7 +319,7 @@ def section_layer7b(cfg, device, dtype, targets):
                   mem["TeamLoRA fused"] / mem["LoRA"], 1.02)
         del base, x, grad_out
     table(["shape", "k", "LoRA ms", "MoELoRA ms", "fused ms", "fused/LoRA", "middle half", "MoELoRA/LoRA",
-           "fused/MoELoRA", "peak mem/LoRA"], rows)
+           "fused/MoELoRA", "middle half", "peak mem/LoRA"], rows)
 
 
 def section_model(cfg, device, dtype, targets):
