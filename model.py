@@ -389,7 +389,9 @@ class Transformer(nn.Module):
         """Continue each prompt (a list of token ids) by up to max_new_tokens tokens; returns only the
         new tokens, each list cut before its first eos_id. temperature 0 is greedy decoding.
         The prompts are left-padded into one batch: padding gets seq_id -1 (so nothing attends to it)
-        and each row's rotary positions start at its first real token."""
+        and each row's rotary positions start at its first real token. Sampling draws from a generator seeded with
+        seed (None: the global one): the same seed repeats the same batch's answers, but a row's draws depend on the
+        rows beside it, so a prompt sampled alone (as sample.py does) may answer differently than in a batch."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts; give each prompt at least one "
                              "token (e.g. BOS)")
@@ -486,7 +488,10 @@ def sample(logits, temperature, top_p, generator=None):
     probabilities add up to at least top_p."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    # the best logit moved to 0 first, and the temperature kept a normal float: a tiny one (1e-40) then sends the
+    # others to -inf, greedy's limit, where logits / temperature would overflow to inf and softmax give NaN
+    scaled = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
     probs, order = probs.sort(dim=-1, descending=True)
     if top_p < 1:  # drop a token when the mass above it is already >= top_p (1: keep all, whatever the rounding)
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)

@@ -86,6 +86,8 @@ def check_args(parser, args):
     """The flags' own errors, before any file is read (parser.error: one sentence, exit 2)."""
     if args.instruction is None and not args.records:
         parser.error("give --instruction (and --input) or --records")
+    if args.input and args.instruction is None:  # records_of would drop it: each record has its own input
+        parser.error("--input goes with --instruction; a --records file gives each record's own \"input\"")
     if args.max_new_tokens <= 0 or args.limit < 0:
         parser.error("--max_new_tokens must be positive and --limit at least 0")
     if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN fails both, as in model.generate

@@ -765,6 +765,18 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert model.generate(prompts, 10, temperature=1.0, top_p=1e-6, seed=5) == model.generate(prompts, 10)
 
 
+def test_a_tiny_temperature_draws_the_most_likely_token_as_greedy_does():
+    """Temperature -> 0 tends to greedy: at 1e-40 or 1e-300, where logits / temperature passes float32's range, every
+    draw is the most likely token (no NaN from an overflowing softmax), in sample and through generate."""
+    logits = torch.tensor([[2.0, 3.0, 1.0], [0.0, -1.0, 0.5], [40.0, 39.99, -40.0]]).repeat(20, 1)
+    for temperature in (1e-30, 1e-40, 1e-300, 5e-324):
+        got = sample(logits, temperature, 1.0, torch.Generator().manual_seed(0))
+        assert torch.equal(got, logits.argmax(-1)), temperature
+    model = tiny_model(seed=4)
+    prompts = [[1, 2, 3], [7]]
+    assert model.generate(prompts, 10, temperature=1e-300, top_p=0.9, seed=0) == model.generate(prompts, 10)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_it_even_at_an_exact_tie():
     """Probabilities exactly 0.5, 0.25, 0.25: top_p = 0.5 is reached by the first token alone, 0.75 by
     the first two; 1.0 keeps all three."""

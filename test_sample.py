@@ -173,6 +173,17 @@ def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path
         assert e.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), (flag, err)
 
 
+def test_an_input_without_an_instruction_is_refused_not_dropped(tmp_path, capsys):
+    """--input is the input of --instruction's record: beside --records alone it was dropped unsaid (each record
+    answered with its own input), so the answers were not to the prompt asked."""
+    (tmp_path / "r.jsonl").write_text(json.dumps({"instruction": "Name a film.", "input": ""}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out_dir", str(tmp_path / "none"), "--records", str(tmp_path / "r.jsonl"), "--input", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith("--input goes with --instruction; a --records file gives each "
+                                                  'record\'s own "input"'), err
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"r": "abc"}, "config key 'r' in {ckpt} must be of type int, got 'abc'."),
     ({"adapter": "dora"}, "config key 'adapter' must be one of"),

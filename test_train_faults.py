@@ -316,7 +316,10 @@ def test_rows_or_answers_longer_than_the_base_models_context_are_refused_before_
     exact = base_with(run_data, tmp_path / "exact.pt", max_seq_len=48)  # 48 new tokens in 48: no room either
     fails(train_flags(run_data, tmp_path / "e", f"--init_from={exact}", "--max_len=40", f"--eval_dir={evals}"),
           capsys, "summary generates up to 48 tokens", "leaves no room")
-    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcde")  # nothing trained
+    one = base_with(run_data, tmp_path / "one.pt", max_seq_len=49)  # room for 1: BOS alone, no instruction, no "</s>"
+    fails(train_flags(run_data, tmp_path / "g", f"--init_from={one}", "--max_len=40", f"--eval_dir={evals}"),
+          capsys, "summary generates up to 48 tokens", "leaves no room", "BOS and \"</s>\"")
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcdeg")  # nothing trained
     # rows within the context train, whatever max_len says: pad mode cuts rows at the longest record (128 here)
     long_enough = base_with(run_data, tmp_path / "long.pt", max_seq_len=128)
     train.train(train.parse_config(train_flags(run_data, tmp_path / "f", f"--init_from={long_enough}", "--eval_dir=",

@@ -520,9 +520,10 @@ def preflight(r, train_ds, val_ds):
                         f"--load_layers={r.args.n_layers} or less.")
     r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}
     for name, (task, _) in r.eval_sets.items():
-        if task.max_new_tokens >= context:
+        if task.max_new_tokens > context - 2:  # a prompt cut to 1 token would be BOS alone, without its "</s>"
             raise UserError(f"evaluation set {name} generates up to {task.max_new_tokens} tokens, which leaves no room "
-                            f"for its prompts in the base model's {context} tokens; leave it out of --eval_dir.")
+                            f"for its prompts (2 tokens at least: BOS and \"</s>\") in the base model's {context} "
+                            "tokens; leave it out of --eval_dir.")
 
 
 def check_rows_fit(cfg, context, longest):
