@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import conftest
 import data
 import evaluation
@@ -464,6 +465,15 @@ def test_learning_rate_warms_up_linearly_from_step_0_then_decays_by_cosine(warmu
     lrs = [train.get_lr(s, cfg) for s in range(total + 5)]
     assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))  # rising through warmup
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # never rising after it
+
+
+@pytest.mark.parametrize("decay", [10, 4])
+def test_a_decay_ending_by_the_end_of_warmup_leaves_the_learning_rate_at_its_floor_after_warmup(decay):
+    """lr_decay_iters <= warmup_iters: the warmup rises to the peak, then the schedule is over (it once went back to
+    the peak for one step, at step warmup_iters)."""
+    cfg = dict(train.DEFAULTS, learning_rate=1.0, warmup_iters=10, lr_decay_iters=decay, max_iters=20, min_lr_ratio=0.1)
+    assert [train.get_lr(s, cfg) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert [train.get_lr(s, cfg) for s in range(10, 30)] == pytest.approx([0.1] * 20)
 
 
 def test_gradient_accumulation_equals_one_large_batch(run_data, tmp_path, monkeypatch):
@@ -1483,6 +1493,16 @@ def test_results_json_holds_the_summary_but_the_model_and_the_loss_curve(run_dat
     assert results == json.loads(json.dumps(want))
 
 
+@pytest.mark.parametrize("again", ["--eval_only=True", "--init_from=resume"])
+def test_a_re_scored_runs_results_json_keeps_its_validation_loss(run_data, tmp_path, again):
+    """Scoring a run again (eval_only, or a resume of a run stopped while it was scored: nothing left to train) writes
+    results.json anew: with the run's validation loss, as the uninterrupted run's has it, not without."""
+    first = train.train(train_cfg(run_data, tmp_path / "o", "--max_iters=2", "--eval_interval=2", "--eval_limit=1"))
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'o'}", again]))
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+
+
 def test_long_prompts_are_cut_to_the_room_left_for_the_answer_keeping_bos_and_the_end(run_data, tmp_path):
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_batch_size=2")
     long = {"instruction": " ".join(f"word{i}" for i in range(400)), "input": "tail", "output": "positive"}
@@ -1544,6 +1564,22 @@ def test_the_last_step_is_logged_and_checkpointed_and_a_resume_appends_to_the_lo
     # a finished run can be scored again with a max_iters below its step: eval_only trains nothing
     train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2", "--eval_only=True"]))
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 5 and logged("loss") == [2, 3, 4, 5]
+
+
+
+def test_a_checkpoint_is_written_after_the_log_holds_its_steps_validation_loss(run_data, tmp_path, monkeypatch):
+    """A kill -9 after a checkpoint loses no line of the log that a resume would then never write again: the val loss
+    line of a step is in log.jsonl (not in a buffer) when that step's checkpoint is written."""
+    out, real, seen = tmp_path / "o", checkpoint.save_checkpoint, []
+
+    def save_checkpoint(r, raw, opt, step):
+        seen.append((step, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]))
+        return real(r, raw, opt, step)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+    train.train(train_cfg(run_data, out, "--eval_dir=", "--max_iters=4", "--eval_interval=2", "--log_interval=3"))
+    assert [step for step, _ in seen] == [2, 4]
+    for step, lines in seen:
+        assert lines[-1] == {"step": step, "val_loss": lines[-1]["val_loss"]}
 
 
 # -------------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ balance_reduction = "mean"  # over adapted layers; the authors' harness: "sum" w
 # optimizer
 learning_rate = 1e-3  # chosen for the demo on mini-CME's validation sets (2e-3 scored lower)
 min_lr_ratio = 0.0  # cosine decays to learning_rate * min_lr_ratio
-weight_decay = 0.0
+weight_decay = 0.0  # AdamW's, on every trainable tensor: A, B, router and M (adapter=none: norms too)
 beta1, beta2 = 0.9, 0.999
 grad_clip = 1.0
 max_iters = 600  # chosen on the validation sets: 800 steps scored the same (RESULTS.md), 35 s slower
@@ -311,7 +311,7 @@ def get_lr(step, cfg):
     lr, warm = cfg["learning_rate"], cfg["warmup_iters"]
     if step < warm:
         return lr * (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
+    progress = (step - warm) / (total - warm) if step < total else 1.0  # a decay ending by the warmup's end: done
     return lr * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -674,9 +674,9 @@ def run(r, ckpt=None):
     if cfg["eval_only"]:
         if ckpt is None:
             load_trained_adapter(r, raw)
-        return finish(r, model, summary)
+        return finish(r, model, summary, val_ds)
 
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if step else "w") if r.master else None
+    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if step else "w", buffering=1) if r.master else None
     interactive = r.master and sys.stderr.isatty()  # a SLURM or nohup log gets one line per log_interval instead
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
@@ -693,8 +693,7 @@ def run(r, ckpt=None):
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             if r.master and (step % cfg["log_interval"] == 0 or step == cfg["max_iters"]):
                 log.write(json.dumps({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
-                                      "time": time.time()}) + "\n")
-                log.flush()
+                                      "time": time.time()}) + "\n")  # line-buffered: each line reaches the file at once
                 if not interactive:
                     print(f"step {step}/{cfg['max_iters']}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s",
                           flush=True)
@@ -720,7 +719,7 @@ def run(r, ckpt=None):
         if log:
             log.close()
     summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
-    return finish(r, model, summary)
+    return finish(r, model, summary, val_ds)
 
 
 def stop_run(r, raw, opt, stop, step, saved):
@@ -753,10 +752,12 @@ def out_of_memory(e):
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's words
 
 
-def finish(r, model, summary):
+def finish(r, model, summary, val_ds=None):
     """Score the run on its evaluation sets, print the table and write results.json."""
     if not r.cfg["eval_dir"]:
         return summary
+    if val_ds is not None and "val_loss" not in summary:  # re-scored, or resumed with nothing to train: as at its end
+        summary["val_loss"] = evaluation.val_loss(model, val_ds, r)
     try:
         scores, loads = evaluation.evaluate(model, r)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
@@ -823,7 +824,6 @@ def check_full_config(cfg):
     print(f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about {gib['scoring']} "
           f"GiB per GPU, {gib['kv_cache']} of it the KV cache; lower eval_batch_size where a GPU holds less")
     return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
-
 
 
 # -------------------------------------------------------------------------------------------------
