@@ -1063,6 +1063,16 @@ def test_hf_tokenizer_problems_are_one_sentence(tmp_path, monkeypatch):
         Tokenizer(folder)
 
 
+def test_a_tokenizer_json_saved_as_tokenizer_model_is_read_as_the_tokenizer_json_it_is(tmp_path):
+    """Told apart by content, as the tiktoken file is: a renamed tokenizer.json was called neither a SentencePiece
+    model nor a tiktoken file, and its user told to pass a tokenizer.model."""
+    folder = hf_tokenizer_folder(tmp_path / "qwen")
+    os.replace(folder / "tokenizer.json", folder / "tokenizer.model")
+    tok = Tokenizer(folder / "tokenizer.model")
+    assert tok.kind == "tokenizers" and tok.eos_id == tok.hf.token_to_id("<|endoftext|>")
+    assert tok.encode(TEXTS[0]) == Tokenizer(hf_tokenizer_folder(tmp_path / "json")).encode(TEXTS[0])
+
+
 def test_hf_tokenizer_config_naming_a_token_its_tokenizer_lacks_is_refused_not_dropped(tmp_path):
     """A BOS the tokenizer.json does not have, dropped, would train without the BOS the base was trained with."""
     with pytest.raises(UserError, match=r"gives the bos_token '<s>', which .*tokenizer.json does not have"):
@@ -1464,6 +1474,28 @@ def test_special_encode_splits_on_added_tokens_as_the_tokenizers_package_does(tm
         want = hf.encode(text, add_special_tokens=False).ids  # the package's own split on added tokens
         assert all(hf.token_to_id(t) in want for t in tokens)
         assert tok.encode(text, special=True) == want, text
+
+
+def test_special_encode_gives_the_package_s_ids_under_a_metaspace_that_prepends_to_the_first_piece_only(tmp_path):
+    """Mistral's and LLaMA-2's tokenizer.json (Metaspace, prepend_scheme "first"): the text after a special token gets
+    no "▁" of its own there, so encoding the pieces between special tokens one by one added a "▁" token the package
+    (and transformers) never gives. The authors' "</s>" still becomes the EOS where the tokenizer has no "</s>"."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    for eos in ("</s>", "<e>"):  # "<e>": a tokenizer without a "</s>"
+        hf = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        hf.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+        hf.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", eos]))
+        folder = tmp_path / eos.strip("</>")
+        folder.mkdir()
+        hf.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": eos}))
+        tok = Tokenizer(folder)
+        for text in ("The acting" + eos + "was wonderful", "Who directed" + eos + "The Silver Harbor?<s>" + eos):
+            want = hf.encode(text, add_special_tokens=False).ids
+            assert tok.encode(text, special=True) == want, (eos, text)
+            assert tok.encode(text.replace(eos, "</s>"), special=True) == want, (eos, text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ def _looks_like_tiktoken(path):
     return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/]+=*", first[0])
 
 
+def _looks_like_json(path):  # a tokenizer.json saved under another name (a SentencePiece model starts with 0x0a)
+    with open(path, "rb") as f:
+        return f.read(64).lstrip().startswith(b"{")
+
+
 def _bpe_problem(ranks):
     """What is wrong with a tiktoken file's {token bytes: rank}, or None. tiktoken's Rust side panics (a
     BaseException, past `except Exception`) on a rank given twice, and on encoding a byte without a token;
@@ -63,12 +68,13 @@ class Tokenizer:
             raise UserError(f"tokenizer file {self.path} not found; pass the tokenizer.model of your checkpoint")
         try:
             tiktoken_file = _looks_like_tiktoken(self.path)
+            json_file = self.path.endswith(".json") or _looks_like_json(self.path)
         except OSError as e:
             raise UserError(f"tokenizer file {self.path} cannot be read ({e.strerror or e}); "
                             "check its permissions") from None
         if tiktoken_file:
             self._load_tiktoken()
-        elif self.path.endswith(".json"):
+        elif json_file:
             self._load_hf_json()
         else:
             self._load_sentencepiece()
@@ -133,7 +139,11 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises Exception with its own message
             raise UserError(f"{self.path} is not a valid tokenizer.json ({str(e)[:100]}); pass the checkpoint's "
                             "unmodified tokenizer.json") from None
-        self.hf.encode_special_tokens = True  # plain text stays text; encode(special=True) splits on specials
+        # plain text stays text; encode(special=True) goes to a copy that splits on the added tokens itself, as
+        # transformers' fast tokenizers do: encoding the pieces between them one by one would give each its own
+        # "▁" under a Metaspace pre-tokenizer with prepend_scheme "first" (Mistral's, LLaMA-2's tokenizer.json)
+        self.hf_special = tokenizers.Tokenizer.from_str(self.hf.to_str())
+        self.hf.encode_special_tokens = True
         config_file = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
         config = {}
         if os.path.isfile(config_file):
@@ -166,6 +176,8 @@ class Tokenizer:
         self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
         self.eos_text = token("eos_token")
         self.specials = {**added, PROMPT_EOS: added.get(PROMPT_EOS, self.eos_id)}  # the authors' "</s>": EOS
+        # transformers adds the config's tokens as special tokens, so they are never split (a token they already are)
+        self.hf_special.add_special_tokens([token(name) for name in ids if token(name)])
 
     def _encode_plain(self, text):
         if self.kind == "tiktoken":
@@ -177,6 +189,10 @@ class Tokenizer:
     def encode(self, text, bos=False, eos=False, special=False):
         if not special:
             ids = self._encode_plain(text)
+        elif self.kind == "tokenizers":  # the package splits on its added tokens, with their lstrip / rstrip
+            if self.specials[PROMPT_EOS] == self.eos_id and PROMPT_EOS != self.eos_text:
+                text = text.replace(PROMPT_EOS, self.eos_text)
+            ids = self.hf_special.encode(text, add_special_tokens=False).ids
         else:  # one SentencePiece call per piece between special tokens, as transformers does
             ids = []
             for piece in self._special_re.split(text):
