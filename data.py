@@ -657,10 +657,13 @@ def _stream(n, seed, start, stop):
 @lru_cache(maxsize=2)
 def _sorted_window(dataset, seed, window, batch_size):
     """The stream's window of GROUP_BATCHES batches, sorted by length (so a batch holds similar
-    lengths), then its batches shuffled (so the loss does not see short-to-long sweeps)."""
+    lengths) within each epoch's part of it (a window longer than an epoch would put an example's
+    copies side by side, several in one batch), then its batches shuffled (so the loss does not see
+    short-to-long sweeps)."""
     size = batch_size * GROUP_BATCHES
     ex = _stream(len(dataset), seed, window * size, (window + 1) * size)
-    ex = ex[np.argsort(dataset.lengths[ex], kind="stable")].reshape(GROUP_BATCHES, batch_size)
+    epoch = np.arange(window * size, (window + 1) * size) // len(dataset)
+    ex = ex[np.lexsort((dataset.lengths[ex], epoch))].reshape(GROUP_BATCHES, batch_size)
     return ex[np.random.default_rng([seed, window, 1]).permutation(GROUP_BATCHES)]
 
 

@@ -807,7 +807,17 @@ def test_pack_rows_keep_examples_whole_and_apart(dataset):
             assert (positions >= 0).all() and (positions[starts] == 0).all()
 
 
-def test_pad_mode_groups_similar_lengths_in_shuffled_batches(dataset):
+def dog_records(tmp_path, tiny_spm, n, lengths):
+    """A prepare output of n records whose answers are 1 to `lengths` words long, in turn."""
+    lines = [json.dumps({"instruction": "fox", "input": "", "output": "dog " * (i % lengths + 1)}) + "\n"
+             for i in range(n)]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    return TokenDataset(tmp_path / "out")
+
+
+def test_pad_mode_groups_similar_lengths_in_shuffled_batches(tmp_path, tiny_spm):
+    dataset = dog_records(tmp_path, tiny_spm, 300, 60)  # more records than a window holds: one epoch's
     ranges = []
     for step in range(data.GROUP_BATCHES):  # one window
         lengths = get_batch(dataset, step, 4, seed=0)["valid"].sum(1)
@@ -817,6 +827,19 @@ def test_pad_mode_groups_similar_lengths_in_shuffled_batches(dataset):
     ranges.sort()
     assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(ranges, ranges[1:]))
     assert ranges[0][1] < ranges[-1][0]
+
+
+def test_a_pad_mode_batch_does_not_hold_an_example_twice_when_a_window_spans_epochs(tmp_path, tiny_spm):
+    """A window of GROUP_BATCHES batches longer than an epoch holds each example several times: sorted by length
+    all together, the copies of an example of its own length lay side by side and filled a batch with it."""
+    dataset = dog_records(tmp_path, tiny_spm, 48, 48)  # 48 lengths; epochs end on batch boundaries
+    assert len(set(dataset.lengths.tolist())) == len(dataset) == 48
+    rank, grouped = np.argsort(np.argsort(dataset.lengths)), 0  # rank: of each example's length among the 48
+    for step in range(2 * data.GROUP_BATCHES):  # 512 examples a window, over 10 epochs and parts of others
+        examples = global_batch(dataset, step, 8, 0, "pad")
+        assert len(set(examples.tolist())) == 8, (step, examples)
+        grouped += np.ptp(rank[examples]) == 7  # 8 lengths next to each other
+    assert grouped >= 2 * 60  # every batch of a whole epoch's part of its window (10 epochs x 6 batches a window)
 
 
 def test_each_epoch_visits_every_example_once(dataset):
