@@ -161,9 +161,21 @@ def optimizer_state(model, opt, is_sharded):
     return opt.state_dict()
 
 
+def by_name(model, opt, state):
+    """An unsharded run's optimizer state (keyed by position) keyed by parameter name, as FSDP2's loader reads it
+    (which leaves positions unmatched, so a run resumed with fsdp=True would fail); FSDP2's own state as it is."""
+    if not all(isinstance(k, int) for k in state["state"]):
+        return state
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for g in opt.param_groups for p in g["params"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
 def set_optimizer_state(model, opt, state, is_sharded):
     if is_sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        state = by_name(model, opt, state)
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
     else:
         opt.load_state_dict(state)
@@ -180,12 +192,16 @@ def rng_state(dev):
 
 
 def set_rng_state(s, dev):
-    torch.set_rng_state(s["torch"])
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(s["python"])
-    if s["cuda"] is not None and dev.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], dev)
+    """A state edited by hand is a ValueError, which the resume says is a damaged ckpt.pt."""
+    try:
+        torch.set_rng_state(s["torch"])
+        name, keys, pos, has_gauss, gauss = s["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(s["python"])
+        if s["cuda"] is not None and dev.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda"], dev)
+    except (RuntimeError, AttributeError) as e:  # a generator's state of another size, a list for a tensor
+        raise ValueError(f"a random state does not load: {e}") from None
 
 
 def save_weights(r, state):

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -1203,6 +1204,45 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     checkpoint.set_rng_state(ckpt["rng"][0], torch.device("cpu"))
     step(b, opt_b)  # the resumed run's step 3
     assert_same_adapters(adapters_of(a), adapters_of(b))
+
+
+def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_moments(tmp_path):
+    """fsdp may change on resume: AdamW's moments and step of a one-process or DDP run (keyed by position) load into
+    an FSDP2 model (keyed by name; it refused them, as a damaged ckpt.pt), and FSDP2's load back without it."""
+    script = tmp_path / "cross.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+        import checkpoint
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+        def model():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        a = model()
+        opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
+        for _ in range(2):
+            a(torch.randn(3, 4)).pow(2).sum().backward()
+            opt_a.step()
+            opt_a.zero_grad()
+        plain = checkpoint.optimizer_state(a, opt_a, False)
+        b = model()
+        fully_shard(b[0])
+        fully_shard(b)
+        opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
+        checkpoint.set_optimizer_state(b, opt_b, plain, True)
+        sharded = checkpoint.optimizer_state(b, opt_b, True)
+        c = model()
+        opt_c = torch.optim.AdamW(c.parameters(), lr=0.1)
+        checkpoint.set_optimizer_state(c, opt_c, sharded, False)
+        for i, (n, _) in enumerate(a.named_parameters()):
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(sharded["state"][n][k], plain["state"][i][k]), (n, k)
+                assert torch.equal(opt_c.state_dict()["state"][i][k], plain["state"][i][k]), (n, k)
+        dist.destroy_process_group()
+        print("same moments")
+    """))
+    out = _run([sys.executable, str(script)])
+    assert out.returncode == 0 and "same moments" in out.stdout, out.stderr[-2000:]
 
 
 def test_a_checkpoint_the_disk_cannot_take_says_what_to_run_and_keeps_the_last_one(tmp_path, monkeypatch):

@@ -132,6 +132,13 @@ def test_resume_below_the_checkpoints_step_and_a_stale_adapter(run_data, tmp_pat
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     for n, t in torch.load(out / "adapter.pt", weights_only=True).items():
         assert torch.equal(t, ckpt["state"][n])
+    # full training's model.pt too, even with nothing left to train (the demo's pretraining takes it as its base)
+    full = finished_run(run_data, tmp_path / "full", "--adapter=none")
+    (full / "model.pt").unlink()
+    train.main(train_flags(run_data, full, "--init_from=resume", "--eval_dir=", "--max_iters=4"))
+    ckpt = torch.load(full / "ckpt.pt", weights_only=True)
+    for n, t in torch.load(full / "model.pt", weights_only=True)["model"].items():
+        assert torch.equal(t, ckpt["state"][n])
 
 
 def test_faults_of_evaluation_and_data_are_found_before_step_1(run_data, tmp_path, capsys):
@@ -397,6 +404,9 @@ def test_nan_at_the_first_step_says_nothing_was_saved_rather_than_offering_a_res
     (lambda c: {**c, "rng": []}, ("is damaged",)),
     (lambda c: {**c, "base": 5}, ("is damaged", "base fingerprint")),
     (lambda c: {**c, "state": {n: 0 for n in c["state"]}}, ("is damaged", "its weights")),  # was AttributeError
+    (lambda c: {**c, "rng": [{**c["rng"][0], "torch": c["rng"][0]["torch"][:8]}]}, ("is damaged", "random state")),
+    (lambda c: {**c, "rng": [{**c["rng"][0], "numpy": [c["rng"][0]["numpy"][0], 5, *c["rng"][0]["numpy"][2:]]}]},
+     ("is damaged", "random state")),  # were RuntimeError and AttributeError tracebacks
     (lambda c: {**c, "config": {**c["config"], "learning_rate": "fast"}}, ("learning_rate", "must be of type float")),
     (lambda c: {**c, "config": {**c["config"], "r": -8}}, ("'r' must be positive",)),
 ])

@@ -581,8 +581,8 @@ def restore(r, raw, opt, ckpt):
     except (KeyError, TypeError, IndexError, ValueError) as e:  # a file edited by hand, or another program's
         raise UserError(f"{r.cfg['out_dir']}/ckpt.pt is damaged: its optimizer or random state does not load "
                         f"({type(e).__name__}: {e}); resume from a copy, or start the run again.") from None
-    if r.master and r.cfg["adapter"] != "none" and not r.cfg["eval_only"]:  # a kill between the two writes left
-        checkpoint.save_weights(r, ckpt["state"])  # the adapter behind
+    if r.master and not r.cfg["eval_only"]:  # a kill between the two writes left the adapter (or model.pt) behind
+        checkpoint.save_weights(r, ckpt["state"])
     step, last = ckpt["iter"], r.cfg["max_iters"]
     if r.cfg["eval_only"]:
         note = f", before its last ({last}): the run stopped, or is still training" if step < last else ""
