@@ -137,7 +137,10 @@ def test_tiktoken_file_is_detected_and_encodes_with_llama3_specials(tmp_path):
     assert tok.decode(tok.encode(text, bos=True)) == "<|begin_of_text|>" + text
     ids, labels = encode_example(tok, {"instruction": "hello", "input": "", "output": "world"})
     prompt = ids[:labels.count(-100)]
-    assert prompt == [tok.bos_id] + tok.encode("hello</s>") and ids[-1] == tok.eos_id  # "</s>" is text here
+    # the record format's "</s>" ends the prompt as the EOS id, as with a tokenizer.json of the same model
+    assert prompt == [tok.bos_id] + tok.encode("hello") + [tok.eos_id] and ids[-1] == tok.eos_id
+    assert tok.encode("a</s>b", special=True) == tok.encode("a") + [tok.eos_id] + tok.encode("b")
+    assert tok.eos_id not in tok.encode("a</s>b")  # plain text stays text
 
 
 def test_tiktoken_file_without_the_package_names_pip_install(tmp_path, monkeypatch):

@@ -47,9 +47,9 @@ def _bpe_problem(ranks):
 class Tokenizer:
     """LLaMA-2 / Chinese-LLaMA-2 SentencePiece model, LLaMA-3 tiktoken file (told apart by content), or a
     Hugging Face tokenizer.json (Qwen2.5, Mistral, ...; a folder holding one works too), read by the
-    `tokenizers` package with BOS and EOS from the tokenizer_config.json beside it. For those, the
-    authors' literal "</s>" (the prompt's end) becomes the model's EOS id; a model without a BOS
-    (Qwen) gets none.
+    `tokenizers` package with BOS and EOS from the tokenizer_config.json beside it. With every one, the
+    authors' literal "</s>" (the prompt's end) is the model's EOS id under special=True (so LLaMA-3's
+    two files give the same ids); a model without a BOS (Qwen) gets none.
 
     encode(text) treats all text as text, like Meta's tokenizers; encode(text, special=True) turns
     special-token strings ("</s>", "<|end_of_text|>", ...) into their ids, like Hugging Face's.
@@ -127,6 +127,7 @@ class Tokenizer:
         self.kind, self.vocab_size = "tiktoken", self.enc.n_vocab
         self.bos_id, self.eos_id = self.specials["<|begin_of_text|>"], self.specials["<|end_of_text|>"]
         self.pad_id, self.eos_text = self.specials[LLAMA3_PAD], "<|end_of_text|>"
+        self.specials = {**self.specials, PROMPT_EOS: self.eos_id}  # the authors' "</s>": EOS, as tokenizer.json's
 
     def _load_hf_json(self):
         try:
