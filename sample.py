@@ -5,13 +5,14 @@ Answer instructions with a run of train.py (nanoGPT's sample.py, for adapters):
     python sample.py --out_dir=out/lora --instruction="..." --input="..."
     python sample.py --records=data/mini_cme/test/qa.jsonl --limit=3        # records in the authors' format
 
-The run's configuration (base, tokenizer, adapter, dtype) and its adapter come from its ckpt.pt, the
+The run's configuration (base, tokenizer, adapter, dtype, tf32) and its adapter come from its ckpt.pt, the
 last checkpoint. A prompt is encoded as in training (BOS, the instruction, "\\n" + input when there is
 one, "</s>") and answered greedily, or sampled with --temperature and --top_p. For a multi-expert
 adapter each answer says which experts the prompt recruited: the mean share of each over the prompt's
 tokens in the last load_layers blocks, as in the results table of train.py.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -55,9 +56,11 @@ def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
                         f"{r.args.context} positions; lower --max_new_tokens.")
     full = data.encode_prompt(r.tok, record)
     ids = evaluation.prompt_ids(r.tok, record, room)
-    new = model.generate([ids], max_new_tokens, eos_id=r.tok.eos_id, temperature=temperature, top_p=top_p,
-                         seed=seed)[0]
-    load = evaluation.task_expert_load(model, [ids], r) if r.multi_expert else None
+    # on CUDA, float32 matmuls as the run's own scoring ran them (train.py: TF32 unless tf32=False), not torch's IEEE
+    with machine.cuda_matmul_precision(r.cfg["tf32"]) if r.device.type == "cuda" else contextlib.nullcontext():
+        new = model.generate([ids], max_new_tokens, eos_id=r.tok.eos_id, temperature=temperature, top_p=top_p,
+                             seed=seed)[0]
+        load = evaluation.task_expert_load(model, [ids], r) if r.multi_expert else None
     return r.tok.decode(new), load, len(ids) < len(full)
 
 

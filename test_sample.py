@@ -1,4 +1,5 @@
 """sample.py: a run reloaded from its ckpt.pt is the model training ended with, and answers as it would."""
+import dataclasses
 import json
 import re
 
@@ -12,6 +13,7 @@ from conftest import (
     TEXTS,
     adapters_of,
     assert_same_adapters,
+    cuda_fp32_matmuls,
     hf_tokenizer_folder,
     reference_task_load,
     script_error,
@@ -313,3 +315,18 @@ def test_an_empty_input_prints_no_input_line_an_empty_instruction_is_answered_an
     sample.main(["--out_dir", out, "--records", str(tmp_path / "r.jsonl"), "--max_new_tokens=2"])
     printed = capsys.readouterr().out
     assert "### Input:" not in printed and "(expected: )" in printed.splitlines()
+
+
+def test_on_cuda_a_run_answers_with_the_float32_matmuls_its_own_scoring_used(runs, monkeypatch):
+    """train.py scores a CUDA run with its float32 matmuls on TF32 (tf32=True, the default) or IEEE (tf32=False):
+    sample.py answers with the run's setting, so its greedy answers are the run's own, and restores the one it found;
+    on the CPU it leaves the setting alone. (The CUDA device is stood in for: the precision is a global flag.)"""
+    model, r = sample.load_run(str(runs["lora"][0]), device="cpu")
+    seen, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **kw: seen.append(cuda_fp32_matmuls()) or generate(*a, **kw))
+    before = cuda_fp32_matmuls()
+    for tf32, device in ((True, "cuda"), (False, "cuda"), (True, "cpu")):
+        run = dataclasses.replace(r, cfg={**r.cfg, "tf32": tf32}, device=torch.device(device))
+        sample.answer(model, run, {"instruction": "Who directed The Silver Harbor?"}, 2)
+        assert cuda_fp32_matmuls() == before
+    assert seen == ["tf32", "ieee", before]

@@ -1331,6 +1331,28 @@ def test_lora_merges_into_the_weight_and_unmerges_to_float_tolerance(dtype):
     torch.testing.assert_close(layer(x), unmerged, **tol)
 
 
+def test_lora_on_a_bf16_weight_merges_to_bf16_precision_and_unmerges_within_one_bf16_step():
+    """A float32 LoRA over a bf16 base (the serving case): merge() rounds scaling B A into the bf16 weight, so the
+    merged layer computes the float64 function to bf16 precision; merge(False) rounds again as it takes the update
+    out, so each weight comes back within one bf16 step (8 significant bits) of the base, not bit for bit."""
+    torch.manual_seed(0)
+    layer = TeamLoRALinear(nn.Linear(64, 48).bfloat16(), r=8, experts=1, alpha=16.0, dropout=0.0).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.01)  # an update about a tenth of the weights' size
+    w0, bias = layer.weight.detach().double().clone(), layer.bias.detach().double()
+    delta = layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+    x = torch.randn(5, 64).bfloat16()
+    want = x.double() @ (w0 + delta).T + bias  # the float64 reference of the adapted layer
+    for merged in (False, True):
+        layer.merge(merged)
+        assert (layer(x).double() - want).abs().max() < 2 ** -7 * want.abs().max()
+    w1 = layer.weight.detach().double().clone()
+    layer.merge(False)
+    w2 = layer.weight.detach().double()
+    step = torch.ldexp(torch.ones_like(w0), torch.frexp(torch.maximum(w0.abs(), w1.abs())).exponent - 8)
+    assert ((w2 - w0).abs() <= step).all() and (w2 != w0).any()  # one bf16 step of the larger, at most
+
+
 def test_loading_an_adapter_into_a_merged_layer_is_refused_until_it_is_unmerged():
     """A merged layer's weight holds its adapter: a load would serve the old one, and unmerging would then subtract
     the new one from the base."""
