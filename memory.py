@@ -5,9 +5,11 @@ and bench.py sets it beside the peaks it measures. Rough by design: the big term
 def estimate(args, n_base, n_train, cfg, world, micro):
     """Bytes per GPU of each big term, of their total, and of scoring: back-of-the-envelope arithmetic."""
     wbytes = 2 if cfg["dtype"] == "bfloat16" else 4
-    per_layer = n_base / max(args.n_layers, 1)
-    if cfg["fsdp"]:  # a shard of everything, plus about two gathered blocks (one in use, one prefetched)
-        weights = n_base * wbytes / world + 2 * per_layer * wbytes
+    root = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.dim  # embeddings, output, last norm
+    per_layer = (n_base - root) / max(args.n_layers, 1)
+    if cfg["fsdp"]:  # a shard of everything, plus the gathered root (FSDP2 keeps it from its forward to the end of
+        # backward: 2 GiB for LLaMA-3-8B in bf16) and about two gathered blocks (one in use, one prefetched)
+        weights = n_base * wbytes / world + (root + 2 * per_layer) * wbytes
     else:
         weights = n_base * wbytes
     adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32 weights, gradients and two AdamW moments

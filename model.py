@@ -455,9 +455,12 @@ class Transformer(nn.Module):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist; pass the folder that holds "
                                     "params.json (Meta) or config.json (Hugging Face).")
-        if os.path.exists(os.path.join(path, "params.json")):
+        hf = os.path.exists(os.path.join(path, "config.json"))
+        # Mistral's Hugging Face folders also hold its own params.json (beside consolidated.safetensors, not .pth)
+        if os.path.exists(os.path.join(path, "params.json")) and (
+                not hf or glob.glob(os.path.join(path, "consolidated.*.pth"))):
             args, state = _read_meta(path, dtype, device)
-        elif os.path.exists(os.path.join(path, "config.json")):
+        elif hf:
             args, state = _read_hf(path, dtype, device)
         else:
             raise ValueError(f"{path!r} holds neither params.json (Meta layout) nor config.json (Hugging Face layout); "
@@ -722,17 +725,20 @@ def _read_hf(path, dtype, device):
                      rope_scaling=scaling, head_dim=config.get("head_dim"), qk_norm=qwen3)
     shards = {file: _open_weights(os.path.join(path, file)) for file in _hf_weight_files(path)}
     _check_layer_count(args.n_layers, [n for s in shards.values() for n in s], config_file, "num_hidden_layers", path)
-    state, source = {}, {}  # source: the file each weight came from
+    state, source, unknown = {}, {}, {}  # source: the file each weight came from
     for file, tensors in shards.items():
         for hf_name, t in tensors.items():
             if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer that older conversions saved
+                continue
+            name = _hf_to_meta_name(hf_name)
+            if name == hf_name:  # not a Hugging Face name, even where it is one of Meta's (Mistral's consolidated.*)
+                unknown[hf_name] = file
                 continue
             if hf_name in source:  # no rule says which copy is meant (reading in order would take the last)
                 raise ValueError(f"weight {hf_name} is in both {source[hf_name]} and {file} in {path!r}; remove the "
                                  "file that does not belong to this checkpoint or download the checkpoint again")
             source[hf_name] = file
             t = _checked(hf_name, t, os.path.join(path, file))
-            name = _hf_to_meta_name(hf_name)
             if name.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wq.bias", "attention.wk.bias")):
                 heads = args.n_heads if ".wq." in name else args.n_kv_heads
                 rows = t if t.dim() == 2 else t[:, None]  # a bias permutes like a one-column weight
@@ -741,6 +747,12 @@ def _read_hf(path, dtype, device):
             if name.endswith(("q_norm.weight", "k_norm.weight")) and t.shape == (args.head_dim,):
                 t = hf_to_meta_qk(t[:, None], 1).reshape(t.shape)  # a head's components, moved as its rows are
             state[name] = t.to(device=device, dtype=dtype)
+    if unknown:  # Meta-layout names would otherwise be taken as they stand, their q/k rows permuted as HF's
+        names = sorted(unknown)
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(f"the checkpoint in {path!r} has weights this model does not know: {listed} (in "
+                         f"{', '.join(sorted(set(unknown.values())))}); keep only the Hugging Face weight files of a "
+                         "LLaMA, Qwen or Mistral model in that folder")
     if args.tie_embeddings:
         state.pop("output.weight", None)  # tied: the embedding serves both (some files store the copy)
     return args, state
@@ -767,7 +779,9 @@ def _hf_weight_files(path):
     for single in ("model.safetensors", "pytorch_model.bin"):
         if os.path.exists(os.path.join(path, single)):
             return [single]
-    files = (sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    # transformers names its files model*.safetensors; Mistral's folders add consolidated.safetensors (Meta's names)
+    files = (sorted(glob.glob(os.path.join(path, "model*.safetensors")))
+             or sorted(glob.glob(os.path.join(path, "*.safetensors")))
              or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))))
     if not files:
         raise FileNotFoundError(f"{path!r} has config.json but no *.safetensors or pytorch_model*.bin weight files; "

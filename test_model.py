@@ -1253,6 +1253,40 @@ def test_logits_equal_transformers_qwen_and_mistral_written_by_transformers(tmp_
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
 
 
+def test_a_mistral_folder_that_also_holds_its_own_params_json_and_consolidated_weights_loads_its_hf_weights(tmp_path):
+    """Mistral's Hugging Face folders (v0.2 on) add Mistral's own format beside transformers': a params.json (with a
+    head_dim Meta's has not; it was read first, and refused) and consolidated.safetensors under Meta's names. The
+    folder loads from config.json and model*.safetensors, with or without their index."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    hf = _transformers_model(transformers, "mistral", tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    write_safetensors(ours.state_dict(), tmp_path / "consolidated.safetensors")
+    a = ours.args
+    (tmp_path / "params.json").write_text(json.dumps(dict(
+        dim=a.dim, n_layers=a.n_layers, head_dim=a.head_dim, hidden_dim=a.ffn_hidden_dim, n_heads=a.n_heads,
+        n_kv_heads=a.n_kv_heads, norm_eps=a.norm_eps, vocab_size=a.vocab_size, rope_theta=a.rope_theta)))
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+    assert (logits_of(Transformer.from_pretrained(tmp_path), tokens) - want).abs().max().item() < 1e-4
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00001.safetensors")  # no index: found by name
+    assert (logits_of(Transformer.from_pretrained(tmp_path), tokens) - want).abs().max().item() < 1e-4
+
+
+def test_weights_under_metas_names_in_a_hugging_face_folder_are_refused_not_un_permuted(tmp_path):
+    """A config.json beside Meta-named weights (Mistral's consolidated.safetensors alone): those names are not Hugging
+    Face's, so they are refused, naming the file; they were taken as they stand and their q/k rows un-permuted as if
+    they were Hugging Face's (wrong logits, no error)."""
+    pytest.importorskip("safetensors")
+    model = tiny_model()
+    write_safetensors(model.state_dict(), tmp_path / "consolidated.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model, "mistral")))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path), "does not know: layers.0.attention.wk.weight", "consolidated.safetensors")
+
+
 @pytest.mark.parametrize("name, family", [("qwen2.5-0.5b", "Qwen2"), ("qwen2.5-7b", "Qwen2"),
                                           ("mistral-7b", "Mistral"), ("llama3.1-8b", "Llama"),
                                           ("llama3.2-1b", "Llama"), ("qwen3-0.6b", "Qwen3"), ("qwen3-8b", "Qwen3")])
