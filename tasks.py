@@ -296,12 +296,15 @@ def _jsonl(path):
     yield from read_jsonl(path)
 
 
-def _json(path):
+def _json(path, lines_too=False):
+    """A JSON file's value; with lines_too, None for JSON lines (a second value after the first)."""
     _check_exists(path)
     with open(path, encoding="utf-8-sig") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
+            if lines_too and e.msg == "Extra data":
+                return None
             raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file.") from None
         except RecursionError:
             raise UserError(f"{path} {TOO_DEEP}; fix the file.") from None
@@ -332,8 +335,12 @@ def load_anli(path):
 
 
 def load_rte(path):
-    """GLUE RTE TSV: index, sentence1, sentence2, label entailment/not_entailment (none in test)."""
+    """GLUE RTE TSV: index, sentence1, sentence2, label entailment/not_entailment (none in test); or
+    SuperGLUE's RTE/{train,val,test}.jsonl: premise, hypothesis, the same labels, idx."""
     labels = {"entailment": "entailment", "not_entailment": "not entailment"}
+    if path.endswith(".jsonl"):
+        return [make_record("rte", _label(row.get("label"), labels, where), premise=_get(row, "premise", where),
+                            hypothesis=_get(row, "hypothesis", where)) for where, row in _jsonl(path)]
     return [make_record("rte", _label(row.get("label"), labels, where), premise=row["sentence1"],
                         hypothesis=row["sentence2"]) for where, row in _tsv(path, ("sentence1", "sentence2"))]
 
@@ -379,6 +386,9 @@ def load_mmlu(path):
         try:
             for row in reader:
                 where, start = f"{path} line {start}", reader.line_num + 1  # the line the record starts on
+                if not "".join(row).strip():
+                    continue  # a blank line, as at the end of a file
+                row = [field.replace("\r\n", "\n") for field in row]  # a Windows copy's quoted line breaks
                 if len(row) != 6:
                     raise UserError(f"{where} has {len(row)} fields; an MMLU row is question, A, B, C, D, answer.")
                 records.append(make_record("choice", _label(row[5].strip(), {c: c for c in "ABCD"}, where),
@@ -444,12 +454,13 @@ def load_triviaqa(path):
 def load_tldr(path):
     """OpenAI TL;DR: tldr_3_filtered rows {id, subreddit, title, post, summary}, or
     summarize-from-feedback comparisons {info: {id, post, ...}, summaries: [{text, policy}]}, which
-    count once per post and only when a summary is the human reference (policy "ref"). JSONL, or a
-    JSON list or object. The input is the post alone, as in the official records."""
-    if path.endswith(".jsonl"):
+    count once per post and only when a summary is the human reference (policy "ref"). JSON lines
+    (comparisons/batch*.json too, despite the name), or a JSON list or object. The input is the post
+    alone, as in the official records."""
+    data = None if path.endswith(".jsonl") else _json(path, lines_too=True)
+    if data is None:
         rows = _jsonl(path)
     else:
-        data = _json(path)
         rows = [(f"{path} record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
     records, seen = [], set()
     for where, row in rows:
@@ -509,12 +520,13 @@ class CMETask(Task):
 
 CME_TASKS = {t.name: t for t in [
     CMETask("oai_sum", "rouge_l", 128, None, load_tldr,
-            "tldr_3_filtered/*.jsonl or summarize-from-feedback comparisons"),
+            "tldr_3_filtered/*.jsonl or summarize-from-feedback comparisons/batch*.json"),
     CMETask("imdb", "accuracy", 8, ("positive", "negative"), load_imdb, "aclImdb/test folder or label<TAB>review file"),
     CMETask("anli", "accuracy", 8, ("entailment", "neutral", "contradiction"), load_anli,
             "anli_v1.0/R*/{dev,test}.jsonl"),
     CMETask("qqp", "accuracy", 8, ("duplicate", "not duplicate"), load_qqp, "GLUE QQP/{train,dev,test}.tsv"),
-    CMETask("rte", "accuracy", 8, ("entailment", "not entailment"), load_rte, "GLUE RTE/{train,dev,test}.tsv"),
+    CMETask("rte", "accuracy", 8, ("entailment", "not entailment"), load_rte,
+            "GLUE RTE/{train,dev,test}.tsv or SuperGLUE RTE/{train,val,test}.jsonl"),
     CMETask("winogrande", "accuracy", 4, ("A", "B"), load_winogrande, "winogrande_1.1/{train_*,dev,test}.jsonl"),
     CMETask("arc", "accuracy", 4, tuple("ABCDE"), load_arc, "ARC-V1-Feb2018/ARC-*/ARC-*-{Train,Dev,Test}.jsonl"),
     CMETask("mmlu", "accuracy", 4, tuple("ABCD"), load_mmlu, "data/{dev,test}/<subject>_<split>.csv"),

@@ -851,3 +851,55 @@ def test_tldr_comparisons_without_a_post_id_are_each_kept(tmp_path):
     (tmp_path / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = CME_TASKS["oai_sum"].load(str(tmp_path / "comparisons.jsonl"))
     assert [(r["input"], r["output"]) for r in records] == [("Post a.", "ref a"), ("Post b.", "ref b")]
+
+
+@needs_cme_fixtures
+def test_tldr_comparisons_batch_files_hold_json_lines_under_a_json_name(tmp_path):
+    """summarize-from-feedback's comparisons/batch*.json are JSON lines (its README: "jsonl files, where each line
+    represents a single comparison"), not one JSON value: they load as the same rows written as a .jsonl file."""
+    with open(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"), encoding="utf-8") as f:
+        row = json.load(f)
+    rows = [row, dict(row, info=dict(row["info"], id="t3_other", post="Another post."))]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "batch9.json").write_text(text)
+    (tmp_path / "batch9.jsonl").write_text(text)
+    records = CME_TASKS["oai_sum"].load(str(tmp_path / "batch9.json"))
+    assert records == CME_TASKS["oai_sum"].load(str(tmp_path / "batch9.jsonl"))
+    assert [r["input"] for r in records] == [row["info"]["post"], "Another post."]
+    assert write_eval_set("oai_sum", str(tmp_path / "batch9.json"), str(tmp_path / "oai_sum.jsonl")) == 2
+    (tmp_path / "broken.json").write_text(json.dumps(row) + "\n{oops\n")  # a broken line is still named
+    with pytest.raises(UserError, match=r"broken.json line 2 is not valid JSON"):
+        CME_TASKS["oai_sum"].load(str(tmp_path / "broken.json"))
+
+
+def test_superglue_rte_jsonl_loads_as_the_glue_tsv_of_the_same_rows(tmp_path):
+    """RTE is public as GLUE's TSV and as SuperGLUE's RTE/{train,val,test}.jsonl (premise, hypothesis, label
+    entailment/not_entailment, idx; no label in test): both give the same records."""
+    rows = [("No weapons were found.", "Weapons were found.", "not_entailment"), ("A cat sat.", "A cat", "entailment")]
+    (tmp_path / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
+                                      + "".join(f"{i}\t{p}\t{h}\t{lab}\n" for i, (p, h, lab) in enumerate(rows)))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"premise": p, "hypothesis": h, "label": lab, "idx": i})
+                                                + "\n" for i, (p, h, lab) in enumerate(rows)))
+    glue = CME_TASKS["rte"].load(str(tmp_path / "dev.tsv"))
+    assert CME_TASKS["rte"].load(str(tmp_path / "val.jsonl")) == glue
+    assert [r["output"] for r in glue] == ["not entailment", "entailment"]
+    (tmp_path / "test.jsonl").write_text(json.dumps({"premise": "p", "hypothesis": "h", "idx": 0}) + "\n")
+    assert [r["output"] for r in CME_TASKS["rte"].load(str(tmp_path / "test.jsonl"))] == [None]
+    (tmp_path / "anli.jsonl").write_text(json.dumps({"context": "c", "hypothesis": "h", "label": "e"}) + "\n")
+    with pytest.raises(UserError, match=r"anli.jsonl line 1 has the label 'e'; expected"):  # another task's
+        CME_TASKS["rte"].load(str(tmp_path / "anli.jsonl"))
+
+
+def test_an_mmlu_csv_with_windows_line_ends_or_a_blank_last_line_loads_as_the_plain_file(tmp_path):
+    """A CRLF copy of a subject file keeps CRLF inside its quoted multi-line questions, and a file may end in a blank
+    line, as the other loaders' files may: both load as the LF file does, not with a "\\r" in the prompt or refused."""
+    rows = ['"This question refers to the following information.\nA passage, ""quoted"".\nWhat is it?",a,b,c,d,B',
+            "q2?,a,b,c,d,A"]
+    (tmp_path / "lf_test.csv").write_bytes(("\n".join(rows) + "\n").encode())
+    (tmp_path / "crlf_test.csv").write_bytes(("\r\n".join(r.replace("\n", "\r\n") for r in rows) + "\r\n").encode())
+    (tmp_path / "blank_test.csv").write_bytes(("\n".join(rows) + "\n\n").encode())
+    plain = CME_TASKS["mmlu"].load(str(tmp_path / "lf_test.csv"))
+    assert len(plain) == 2 and plain[0]["input"].startswith("Question: This question refers to the following "
+                                                            'information.\nA passage, "quoted".\nWhat is it?\n')
+    assert CME_TASKS["mmlu"].load(str(tmp_path / "crlf_test.csv")) == plain
+    assert CME_TASKS["mmlu"].load(str(tmp_path / "blank_test.csv")) == plain
