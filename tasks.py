@@ -499,15 +499,19 @@ def load_imdb(path):
         raise UserError(f"{path} has no pos/ or neg/ folder; point at an aclImdb split folder such as aclImdb/test.")
     for lab in (lab for lab in names if os.path.isdir(os.path.join(path, lab))):
         folder, files = os.path.join(path, lab), []
-        for name in os.listdir(folder):
+        for name in (n for n in os.listdir(folder) if not n.startswith(".")):  # not macOS's .DS_Store and the like
             m = re.fullmatch(r"(\d+)_\d+\.txt", name)
             if not m:
                 raise UserError(f"{os.path.join(folder, name)} is not named <id>_<rating>.txt; move it out of "
                                 f"{folder}.")
             files.append((int(m.group(1)), name))
         for _, name in sorted(files):
-            with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
-                records.append(make_record("sentiment", names[lab], text=f.read()))
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
+                    records.append(make_record("sentiment", names[lab], text=f.read()))
+            except UnicodeDecodeError as e:
+                review = os.path.join(folder, name)
+                raise UserError(f"{review} is not UTF-8 text ({e.reason}); save it as UTF-8.") from None
     return records
 
 

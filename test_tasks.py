@@ -391,6 +391,19 @@ def test_imdb_folder_reviews_come_in_numeric_id_order(tmp_path):
     assert [r["input"] for r in records] == ["review 1_9.txt", "review 2_7.txt", "review 10_8.txt"]
 
 
+def test_imdb_folder_skips_hidden_files_and_names_a_review_that_is_not_utf8(tmp_path):
+    """A folder browsed on a Mac holds .DS_Store files: they are not reviews, and not a mistake either; a review
+    that is not UTF-8 is named itself, not as 'a file in' its folder."""
+    for lab in ("pos", "neg"):
+        os.makedirs(tmp_path / lab)
+        (tmp_path / lab / "0_7.txt").write_text(f"a {lab} review")
+        (tmp_path / lab / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1\xff")
+    assert [r["output"] for r in CME_TASKS["imdb"].load(str(tmp_path))] == ["positive", "negative"]
+    (tmp_path / "neg" / "3_2.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "neg" / "3_2.txt")) + " is not UTF-8 text"):
+        write_eval_set("imdb", [str(tmp_path)], str(tmp_path / "imdb.jsonl"))
+
+
 @needs_cme_fixtures
 def test_imdb_loader_reads_aclimdb_folders_and_the_fastnlp_tsv():
     records = CME_TASKS["imdb"].load(os.path.join(CME_DIR, "imdb", "aclImdb", "test"))
