@@ -116,6 +116,10 @@ _READ = 1 << 20  # characters read at a time from a JSON list
 TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
 
 
+def _too_long():  # json raises a ValueError (not a JSONDecodeError) on an integer longer than Python converts
+    return f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long to read"
+
+
 def _iter_json_list(path):
     """Yield (index, record) from a file holding one JSON list, a piece at a time: memory is
     bounded by the largest record, not by the file (the CME's 2.5M records would not fit)."""
@@ -166,6 +170,8 @@ def _iter_json_list(path):
                         fail(e.pos, f"record {index} is not valid JSON ({e.msg})")
                 except RecursionError:  # too deep in what was read already: more text cannot help
                     fail(pos, f"record {index} {TOO_DEEP}")
+                except ValueError:  # a number of thousands of digits: more text cannot make it shorter
+                    fail(pos, f"record {index} {_too_long()}")
             yield index, record
             index, pos = index + 1, end
             char = peek()
@@ -185,7 +191,10 @@ def _file_kind(path):
     if not os.path.isfile(path):
         raise UserError(f"input file {path} not found; check the --input path")
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        head = b""
+        while not head and (piece := f.read(4096)):  # blank lines may fill more than one read
+            head = piece.lstrip(b"\xef\xbb\xbf \t\r\n")
+        head += f.read(4096) if head else b""
     if re.match(rb"\xff\xfe|\xfe\xff|[\[{]\x00|\x00[\[{]", head):  # a byte-order mark, or "[" / "{" as 2 bytes
         raise UserError(f"{path} is UTF-16 text, not UTF-8; save it as UTF-8")
     if head[:1] == b"[":
@@ -232,9 +241,14 @@ def _chunks(paths, kinds, max_len, size=512):
 _WORKER_TOKENIZER = None
 
 
-def _init_worker(tokenizer_path):
+def _init_worker(tokenizer_path, worker_process=False):
     global _WORKER_TOKENIZER
     _WORKER_TOKENIZER = Tokenizer(tokenizer_path)
+    if worker_process:  # it ends with its prepare (kill -9 too) instead of waiting for work forever
+        import multiprocessing
+        import threading
+        parent = multiprocessing.parent_process()
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
 
 
 def _encode_chunk(job):
@@ -251,6 +265,10 @@ def _encode_chunk(job):
                                     "JSONL file must be one whole JSON object") from None
                 except RecursionError:
                     raise UserError(f"{where} {TOO_DEEP}; fix or remove that record") from None
+                except UnicodeDecodeError:
+                    raise
+                except ValueError:
+                    raise UserError(f"{where} {_too_long()}; fix or remove that record") from None
             source, target = _encode_parts(_WORKER_TOKENIZER, payload, where)
         except UserError as e:
             return ("error", str(e))
@@ -268,20 +286,30 @@ def _encode_chunk(job):
 
 
 def _map_ordered(fn, jobs, workers, tokenizer_path):
-    """map(fn, jobs) over a process pool, in order, with a bounded number of chunks in flight."""
+    """map(fn, jobs) over a process pool, in order, with a bounded number of chunks in flight. A worker that dies
+    (killed, or by the system for want of memory) stops prepare; multiprocessing.Pool would wait for it forever."""
     if workers <= 1:
         _init_worker(tokenizer_path)
         yield from map(fn, jobs)
         return
     import multiprocessing as mp
-    with mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path,)) as pool:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (tokenizer_path, True))
+    try:
         pending = deque()
         for job in jobs:
-            pending.append(pool.apply_async(fn, (job,)))
+            pending.append(pool.submit(fn, job))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise UserError("a worker process of prepare ended before its records were encoded (killed, or by the "
+                        "system for want of memory); run prepare again, with fewer --workers if memory is short") \
+            from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _in_val(seed, index, fraction):
@@ -459,9 +487,11 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
     Temporary folders of killed prepares are removed. workers: processes (default: all cores);
     quiet: no progress bar (warnings still go to stderr)."""
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
-    tokenizer_path = str(tokenizer_path)
-    _check_args(inputs, str(out_dir), max_len, val_fraction, workers)
-    out_dir = str(out_dir).rstrip("/\\")
+    tokenizer_path, out_dir = str(tokenizer_path), str(out_dir)
+    if os.path.islink(out_dir.rstrip("/\\")):  # a link to a folder on another disk (made or not): the output is
+        out_dir = os.path.realpath(out_dir)  # built beside that folder, else the renames into it fail at the end
+    _check_args(inputs, out_dir, max_len, val_fraction, workers)
+    out_dir = out_dir.rstrip("/\\")
     _remove_stale_prepare_folders(out_dir, inputs + [tokenizer_path])
     _check_out_dir(out_dir, inputs, tokenizer_path)
     kinds = [_file_kind(p) for p in inputs]  # a missing or odd file fails before any work
@@ -521,6 +551,8 @@ def read_jsonl(path):
                     raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
                 except RecursionError:
                     raise UserError(f"{path} line {n} {TOO_DEEP}; fix or remove that line.") from None
+                except ValueError:
+                    raise UserError(f"{path} line {n} {_too_long()}; fix or remove that line.") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
                 yield f"{path} line {n}", obj

@@ -8,8 +8,10 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 from collections import Counter
 from pathlib import Path
@@ -307,6 +309,7 @@ def tiny_spm(tmp_path_factory):
 
 GOOD = '{"instruction": "a", "input": "", "output": "b"}'
 DEEP = '{"instruction": "a", "output": ' + "[" * 100_000 + "]" * 100_000 + "}"  # deeper than JSON parsers recurse
+HUGE = '{"instruction": "a", "output": "b", "id": ' + "9" * 5000 + "}"  # more digits than Python turns into an int
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -334,6 +337,8 @@ DEEP = '{"instruction": "a", "output": ' + "[" * 100_000 + "]" * 100_000 + "}"  
     ("object.json", f'{{"data": [{GOOD}]}}',
      r'object.json line 1 is one JSON object holding a list of records \(under "data"\)'),
     ("pretty.json", f'{{\n "data": [{GOOD}]\n}}\n', r"pretty.json holds one JSON object spread over lines, not a list"),
+    ("huge.jsonl", f'{GOOD}\n{HUGE}\n', r"huge.jsonl line 2 holds a number of more than [\d,]+ digits, too long"),
+    ("huge.json", f"[{GOOD},\n{HUGE}]", r"huge.json line 2: record 1 holds a number of more than [\d,]+ digits"),
 ])
 def test_malformed_input_stops_with_file_place_and_fix_and_leaves_nothing(tmp_path, tiny_spm, name, content, message):
     tokenizer = tiny_spm
@@ -1023,6 +1028,61 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_record_is_encoded(t
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "locked"] and sorted(os.listdir(locked)) == ["cme"]
 
 
+DYING_WORKERS = """import os, sys
+import data
+os.cpu_count = lambda: 2
+data._encode_chunk, data._chunks = os._exit, lambda *args: iter([0] * 8)  # a worker ends at its job, as a killed one
+data.main(["prepare", "--input", sys.argv[1], "--tokenizer", sys.argv[2], "--out", sys.argv[3], "--workers", "2"])
+"""
+
+
+def test_a_worker_process_that_dies_stops_prepare_in_one_sentence_instead_of_waiting_for_it_forever(tmp_path,
+                                                                                                   tiny_spm):
+    """A worker killed (by the system for want of memory, say) took its chunk with it, and multiprocessing.Pool
+    waited for that chunk's result forever."""
+    source = write_records(tmp_path / "d.jsonl", 3)
+    result = subprocess.run([sys.executable, "-c", DYING_WORKERS, str(source), str(tiny_spm), str(tmp_path / "out")],
+                            cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("data.py prepare: error: a worker process of prepare ended before its records "
+                                    "were encoded (killed, or by the system for want of memory); run prepare again")
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
+
+
+ORPHANS = """import multiprocessing, sys, threading, time
+import data
+work = data._map_ordered(time.sleep, iter([60] * 4), 2, sys.argv[1])  # two workers, each on a job of a minute
+threading.Thread(target=lambda: list(work), daemon=True).start()
+while len(multiprocessing.active_children()) < 2:
+    time.sleep(0.05)
+print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_worker_processes_end_when_their_prepare_is_killed(tiny_spm):
+    """kill -9 of prepare ends its workers too, rather than leaving them to wait for work forever."""
+    def running(pid):  # a zombie that nobody reaps has ended
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANS, str(tiny_spm)], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in workers if running(pid)]
+    for pid in alive:  # nothing left behind when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert len(workers) == 2 and alive == []
+
+
 def test_prepare_runs_no_more_worker_processes_than_cores(tmp_path, tiny_spm, monkeypatch, capsys):
     def stub(*args):  # prepare's arguments as the command line passes them, then a stop
         raise UserError(f"workers {args[-1]}")
@@ -1185,36 +1245,46 @@ def test_files_with_a_utf8_byte_order_mark_prepare_like_files_without(tmp_path, 
         assert shard_records(tmp_path / f"out_{name}") == want, name
 
 
+def test_a_file_that_starts_with_many_blank_lines_prepares_like_one_without_not_as_empty(tmp_path, tiny_spm):
+    """Its kind was told from its first 4096 bytes, so more blank lines than that made a file of records "empty"."""
+    lines = f"{GOOD}\n{GOOD}\n"
+    for name, text in (("plain.jsonl", lines), ("blank.jsonl", "\ufeff" + "\r\n" * 3000 + lines),
+                       ("blank.json", "\n" * 5000 + f"[{GOOD},\n{GOOD}]")):
+        (tmp_path / name).write_text(text, encoding="utf-8", newline="")
+        assert prepare([tmp_path / name], tiny_spm, tmp_path / f"out_{name}", workers=1)["records"] == 2
+        assert shard_records(tmp_path / f"out_{name}") == shard_records(tmp_path / "out_plain.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n" * 5000)
+    with pytest.raises(UserError, match="blank.jsonl is empty"):
+        prepare([tmp_path / "blank.jsonl"], tiny_spm, tmp_path / "out", workers=1)
+
+
 def test_worker_processes_hold_a_bounded_number_of_chunks_in_flight_whatever_the_input_size(monkeypatch):
     """prepare's memory is bounded by the chunks in flight, not by the input: with a pool that answers at once, the
     most chunks handed out before their results are read is the same for 40 chunks as for 400, and the results
     come back in input order."""
-    import multiprocessing
+    import concurrent.futures
 
     class Pool:
-        def __init__(self, workers, initializer, initargs):
+        def __init__(self, workers, context, initializer, initargs):
             self.in_flight = self.peak = 0
-
-        def __enter__(self):
             pools.append(self)
-            return self
 
-        def __exit__(self, *exc):
-            return False
+        def shutdown(self, wait, cancel_futures):
+            pass
 
-        def apply_async(self, fn, args):
+        def submit(self, fn, *args):
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
             value, pool = fn(*args), self
 
             class Result:
-                def get(self):
+                def result(self):
                     pool.in_flight -= 1
                     return value
             return Result()
 
     pools = []
-    monkeypatch.setattr(multiprocessing, "get_context", lambda method: types.SimpleNamespace(Pool=Pool))
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
     for n in (40, 400):
         assert list(data._map_ordered(lambda job: 2 * job, iter(range(n)), 2, "unused.model")) == \
             [2 * j for j in range(n)]
@@ -1275,6 +1345,39 @@ def test_inputs_beside_out_whose_names_start_like_it_are_not_inside_it(tmp_path,
     tokenizer.write_bytes(tiny_spm.read_bytes())
     assert prepare([source], tokenizer, tmp_path / "out", workers=1)["records"] == 3
     assert prepare([source], tokenizer, str(tmp_path / "out") + "/", workers=1)["records"] == 3  # replaced
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links")
+@pytest.mark.parametrize("made", [True, False])
+def test_an_out_that_links_to_a_folder_on_another_disk_gets_the_shards(tmp_path, tiny_spm, monkeypatch, made):
+    """--out data/cme -> /big/disk/cme: the output was built beside the link, and the renames into the disk failed
+    once every record was encoded ("Invalid cross-device link"; "Not a directory" for a folder not made yet)."""
+    disk, link, source = tmp_path / "disk", tmp_path / "shards", write_records(tmp_path / "d.jsonl", 3)
+    (disk / "cme" if made else disk).mkdir(parents=True)
+    link.symlink_to(disk / "cme")
+
+    def across_disks(move):  # a rename into or out of the disk fails, as between two mounted file systems
+        def moved(src, dst):
+            if data._inside(src, disk) != data._inside(dst, disk):
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), src)
+            return move(src, dst)
+        return moved
+    monkeypatch.setattr(os, "replace", across_disks(os.replace))
+    monkeypatch.setattr(os, "rename", across_disks(os.rename))
+    for records in (3, 5):  # a new output, then one replaced
+        write_records(source, records)
+        assert prepare([source], tiny_spm, link, workers=1)["records"] == records
+        assert link.is_symlink() and len(TokenDataset(link)) == records
+        assert sorted(os.listdir(disk / "cme")) == sorted(data.PREPARE_FILES)
+        assert leftovers(tmp_path) == leftovers(disk) == []
+
+
+def test_read_jsonl_names_a_line_holding_a_number_too_long_to_read(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text(f"{GOOD}\n{HUGE}\n")
+    with pytest.raises(UserError, match=f"{path} line 2 holds a number of more than [\\d,]+ digits, too long to read; "
+                                        "fix or remove that line"):
+        list(data.read_jsonl(path))
 
 
 def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):
