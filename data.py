@@ -618,6 +618,7 @@ class TokenDataset:
         if split not in self.summary["splits"]:
             raise UserError(f"{path} has no split {split!r}; the splits are {list(self.summary['splits'])}")
         self.max_len, self.pad_id = self.summary["max_len"], self.summary["pad_id"]
+        self.split_name = {"train": "training", "val": "validation"}.get(split, split)
         records, tokens = self.summary["splits"][split]["records"], self.summary["splits"][split]["tokens"]
         dtype = np.dtype(self.summary["dtype"])
         again = f"run prepare again (python data.py prepare --out {path} ...)"
@@ -644,6 +645,23 @@ class TokenDataset:
             raise UserError(f"{name('prompt_lens')} holds prompt lengths that leave a record no answer token; {again}")
         check_size("tokens", tokens, dtype)
         self.tokens = np.memmap(name("tokens"), dtype, mode="r") if tokens else np.zeros(0, dtype)
+
+    def answered(self, max_len):
+        """Which records keep an answer token when cut to max_len."""
+        return np.minimum(self.lengths, max_len) > np.maximum(self.prompt_lens, 1)
+
+    def cut_warning(self, max_len):
+        """What a run's max_len loses of these records (None: nothing): whole answers it cuts away, or records cut
+        when prepared at a shorter max_len than the run's, which it cannot make whole again."""
+        if (cut := int((~self.answered(max_len)).sum())):  # prepare drops them; a shorter max_len keeps them
+            return (f"warning: max_len={max_len} cuts away the whole answer of {cut:,} of {len(self):,} "
+                    f"{self.split_name} records, which then teach nothing; raise --max_len to keep them.")
+        shorter = self.summary.get("truncated")
+        if max_len > self.max_len and type(shorter) is int and shorter > 0:
+            return (f"warning: prepare cut {shorter:,} of the records in {self.path} at max_len={self.max_len}, "
+                    f"and max_len={max_len} cannot make them whole; to keep them, prepare it again with "
+                    f"--max_len {max_len}.")
+        return None
 
     def check_tokenizer(self, tok):
         """Refuse a tokenizer other than the one the shards were made with, before any id reaches the model: by

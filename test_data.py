@@ -1477,6 +1477,23 @@ def test_a_record_is_dropped_exactly_when_max_len_leaves_no_answer_token_and_tru
         assert shard_records(tmp_path / f"out{max_len}") == [(ids, labels.count(-100)) for ids, labels in want]
 
 
+def test_a_run_with_a_longer_max_len_than_prepare_cut_its_records_at_is_warned_they_stay_cut(tmp_path, tiny_spm):
+    """Records prepare cut at its max_len stay cut whatever max_len a run asks for: a run asking for more is told
+    how many and how to keep them whole; nothing is said where prepare cut nothing or the run asks no more."""
+    tok = Tokenizer(tiny_spm)
+    record = {"instruction": "the quick brown fox", "input": "jumps", "output": "over the lazy dog"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n" + GOOD + "\n")
+    full, prompt = len(encode_example(tok, record, 10**6)[0]), len(data.encode_prompt(tok, record))
+    prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / "cut", max_len=full - 1, workers=1, quiet=True)
+    prepare([tmp_path / "d.jsonl"], tiny_spm, tmp_path / "whole", max_len=full, workers=1, quiet=True)
+    cut, whole = TokenDataset(tmp_path / "cut"), TokenDataset(tmp_path / "whole")
+    warning = cut.cut_warning(full)
+    assert f"prepare cut 1 of the records in {tmp_path / 'cut'} at max_len={full - 1}" in warning
+    assert f"--max_len {full}" in warning
+    assert cut.cut_warning(full - 1) is None and whole.cut_warning(4 * full) is None
+    assert "cuts away the whole answer of 1 of 2 training records" in whole.cut_warning(prompt)
+
+
 def test_which_records_go_to_val_does_not_depend_on_other_records_being_dropped(tmp_path, tiny_spm):
     """A record's split is a hash of its index over all inputs, dropped records counted: a smaller max_len
     drops the long records and leaves every other record in the split it had."""

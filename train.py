@@ -493,11 +493,6 @@ def check_writable(out, fix):
 VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
 
 
-def answered(ds, max_len):
-    """Which records keep an answer token when cut to max_len."""
-    return np.minimum(ds.lengths, max_len) > np.maximum(ds.prompt_lens, 1)
-
-
 def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
     cfg, vocab = r.cfg, r.args.vocab_size
@@ -509,7 +504,7 @@ def preflight(r, train_ds, val_ds):
         raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model {vocab:,}, so it is not "
                         "the tokenizer the base model was trained with: pass that one.")
     for ds, name in ((train_ds, "training"), (val_ds, "validation")):  # no answer token: a val loss of 0 / 0
-        if ds is not None and not answered(ds, cfg["max_len"]).any():
+        if ds is not None and not ds.answered(cfg["max_len"]).any():
             raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every {name} record (the shortest "
                             f"prompt has {int(ds.prompt_lens.min())} tokens): raise --max_len"
                             + (" or set --eval_iters=0." if ds is val_ds else "."))
@@ -550,10 +545,8 @@ def setup(r, resuming):
     r.data = checkpoint.data_fingerprint(cfg["data_dir"])
     raw, r.args, r.base = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
-    if (cut := ~answered(train_ds, cfg["max_len"])).any():  # prepare drops them; a shorter max_len keeps them
-        r.say(f"warning: max_len={cfg['max_len']} cuts away the whole answer of {int(cut.sum()):,} of "
-              f"{len(train_ds):,} training records, which then teach nothing; raise --max_len to keep them.",
-              file=sys.stderr)
+    if warning := train_ds.cut_warning(cfg["max_len"]):
+        r.say(warning, file=sys.stderr)
     if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole
         os.makedirs(cfg["out_dir"], exist_ok=True)
         for f in replaced:
