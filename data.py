@@ -665,7 +665,8 @@ class TokenDataset:
 
     def check_tokenizer(self, tok):
         """Refuse a tokenizer other than the one the shards were made with, before any id reaches the model: by
-        its SHA-256, or where summary.json lacks it (older outputs) by its size, or by the shards' largest id."""
+        its SHA-256, or where summary.json lacks it (older outputs) by its size, or by the shards' largest id; and
+        one whose BOS or EOS id differs from the shards'."""
         made = self.summary.get("tokenizer") if isinstance(self.summary.get("tokenizer"), dict) else {}
         size, theirs = self.summary.get("vocab_size"), str(made.get("path", "path unknown"))
         if made.get("sha256"):
@@ -678,6 +679,11 @@ class TokenDataset:
         if not same:
             raise UserError(f"tokenizer {tok.path} ({tok.vocab_size:,} tokens) is not the one {self.path} was made "
                             f"with ({theirs}); pass that one, or run data.py prepare again with this one.")
+        for key in ("bos_id", "eos_id"):  # the same tokenizer.json, beside a tokenizer_config.json that changed them
+            if made.get("sha256") and key in self.summary and self.summary[key] != getattr(tok, key):
+                raise UserError(f"{self.path} was made with the {key[:3].upper()} id {self.summary[key]}, but "
+                                f"tokenizer {tok.path} gives {getattr(tok, key)} (its tokenizer_config.json changed?); "
+                                "pass the files it was made with, or run data.py prepare again with these.")
 
     def __len__(self):
         return len(self.lengths)

@@ -712,6 +712,21 @@ def test_shards_refuse_a_tokenizer_other_than_theirs_even_without_its_sha256(tmp
         ds.check_tokenizer(types.SimpleNamespace(path="t.model", vocab_size=top))
 
 
+def test_shards_refuse_the_same_tokenizer_json_beside_a_config_that_changed_its_eos(tmp_path):
+    """A tokenizer.json's SHA-256 does not cover the tokenizer_config.json beside it, which sets BOS and EOS: shards
+    made with one EOS, trained on with another, would end answers with a token the run's generation never stops at."""
+    folder = hf_tokenizer_folder(tmp_path / "tok")
+    (tmp_path / "d.jsonl").write_text(GOOD + "\n")
+    prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)
+    ds = TokenDataset(tmp_path / "out")
+    ds.check_tokenizer(Tokenizer(folder))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    tok = Tokenizer(folder)
+    with pytest.raises(UserError, match=f"{ds.path} was made with the EOS id {ds.summary['eos_id']}, but tokenizer "
+                                        f"{re.escape(tok.path)} gives {tok.eos_id} "):
+        ds.check_tokenizer(tok)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 
