@@ -312,6 +312,11 @@ def _map_ordered(fn, jobs, workers, tokenizer_path):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def cores():
+    """The CPU cores this process may run on: a SLURM job's or a container's share, not the whole machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _in_val(seed, index, fraction):
     """Whether each record (by its index over all inputs) goes to val: a hash of (seed, index), so
     the split does not depend on chunking or the number of workers."""
@@ -496,7 +501,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
     _check_out_dir(out_dir, inputs, tokenizer_path)
     kinds = [_file_kind(p) for p in inputs]  # a missing or odd file fails before any work
     tok = Tokenizer(tokenizer_path)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or cores()
 
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     if os.path.lexists(tmp):  # left by this process id before: a reused id, or an earlier call interrupted
@@ -812,9 +817,9 @@ def main(argv=None):
     p.add_argument("--max_len", type=int, default=1024)
     p.add_argument("--val_fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: every core it may use)")
     args = parser.parse_args(argv)
-    args.workers = args.workers and min(args.workers, os.cpu_count() or 1)  # more processes than cores only wait
+    args.workers = args.workers and min(args.workers, cores())  # more processes than cores only wait
     try:
         s = prepare(args.input, args.tokenizer, args.out, args.max_len, args.val_fraction, args.seed, args.workers)
     except UserError as e:

@@ -98,7 +98,7 @@ CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "ful
 
 def parse(argv):
     """(study options, train.py flags, run names) from --key=value arguments, read as train.py reads them."""
-    cores = os.cpu_count() or 1
+    cores = data.cores()
     opts, extra, given = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), [], set()
     for arg in argv:
         key, value = configurator.parse_flag(f"{arg}=True" if arg in ("--report", "--quick") else arg, OPTIONS)
@@ -229,7 +229,7 @@ def changed_settings(flags, path):
 def run_all(jobs, opts, later=0):
     """Run (label, flags) jobs, `workers` at a time, with progress and an estimate of the time left
     (counting `later` runs still to come after these)."""
-    threads = max(1, (os.cpu_count() or 1) // opts["workers"])
+    threads = max(1, data.cores() // opts["workers"])
     start, ran, statuses = time.time(), 0, []
     pool = ThreadPoolExecutor(opts["workers"])
     try:

@@ -1045,7 +1045,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_record_is_encoded(t
 
 DYING_WORKERS = """import os, sys
 import data
-os.cpu_count = lambda: 2
+data.cores = lambda: 2
 data._encode_chunk, data._chunks = os._exit, lambda *args: iter([0] * 8)  # a worker ends at its job, as a killed one
 data.main(["prepare", "--input", sys.argv[1], "--tokenizer", sys.argv[2], "--out", sys.argv[3], "--workers", "2"])
 """
@@ -1098,11 +1098,21 @@ def test_worker_processes_end_when_their_prepare_is_killed(tiny_spm):
     assert len(workers) == 2 and alive == []
 
 
+def test_cores_are_the_ones_this_process_may_run_on_not_the_machines(monkeypatch):
+    """Under SLURM or a container's cpuset a process may run on a few of a machine's cores: prepare's workers and
+    study.py's runs count those, not os.cpu_count(), else a 128-core node's job of 8 would start 128 workers."""
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {3, 5, 7}, raising=False)
+    assert data.cores() == 3
+    monkeypatch.delattr(data.os, "sched_getaffinity")  # macOS and Windows have none
+    assert data.cores() == 128
+
+
 def test_prepare_runs_no_more_worker_processes_than_cores(tmp_path, tiny_spm, monkeypatch, capsys):
     def stub(*args):  # prepare's arguments as the command line passes them, then a stop
         raise UserError(f"workers {args[-1]}")
     monkeypatch.setattr(data, "prepare", stub)
-    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(data, "cores", lambda: 2)
     for flags, want in ((["--workers", "64"], 2), (["--workers", "1"], 1), ([], None)):
         error = run_prepare(capsys, "--input", "d.jsonl", "--tokenizer", tiny_spm, "--out", tmp_path / "out",
                             *flags)

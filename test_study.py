@@ -399,7 +399,7 @@ def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_
         tmp_path, capsys, monkeypatch):
     """A seed given twice would count one run twice in the means and intervals, --seeds=100000 is a typo that would
     queue a run for ever, and more runs at a time than cores only share them: one sentence each, and no study."""
-    monkeypatch.setattr(study.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(study.data, "cores", lambda: 4)
     for flag, message in (("--seeds=3,5,3", "--seeds repeats seed 3; give each seed once."),
                           ("--seeds=1,2,1,2", "--seeds repeats seeds 1, 2; give each seed once."),
                           ("--seeds=1001", "--seeds asks for 1001 seeds, more than 1000"),
@@ -419,7 +419,7 @@ def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_
     assert stop.value.code == 2 and err == "error: --seeds repeats seed 3; give each seed once.\n"
     assert not out.exists()
     assert study.parse(["--seeds=1000", "--workers=4"])[0]["seeds"] == tuple(range(1, 1001))
-    monkeypatch.setattr(study.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(study.data, "cores", lambda: 1)
     assert study.parse([])[0]["workers"] == 1  # the default of 2 at a time fits a one-core machine
 
 
@@ -706,7 +706,7 @@ def test_run_all_gives_each_run_its_share_of_the_cores_and_counts_only_the_runs_
         return "done", 60.0
     monkeypatch.setattr(study, "launch", launch)
     monkeypatch.setattr(study, "time", type("Clock", (), {"time": staticmethod(lambda: clock[0])}))
-    monkeypatch.setattr(study.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(study.data, "cores", lambda: 8)
     monkeypatch.setattr(study, "ThreadPoolExecutor", lambda workers: SimpleNamespace(
         map=lambda fn, jobs: map(fn, jobs), shutdown=lambda cancel_futures: None))
     jobs = [("a", "before"), ("b", "run"), ("c", "run")]
