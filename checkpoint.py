@@ -214,6 +214,8 @@ def save_weights(r, state):
 
 def save_checkpoint(r, raw, opt, step):
     cfg = r.cfg
+    if sharded(cfg):  # FSDP2 keeps the root's parameters unsharded after a forward without backward (validation):
+        raw.reshard()  # its sharded ones are the optimizer's, which the optimizer's state is looked up by
     state = gather_state(raw, cfg)
     opt_state = optimizer_state(raw, opt, sharded(cfg))
     rngs = [None] * r.world

@@ -1268,6 +1268,42 @@ def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_momen
     assert out.returncode == 0 and "same moments" in out.stdout, out.stderr[-2000:]
 
 
+def test_a_sharded_checkpoint_after_validation_holds_the_optimizers_state_of_the_roots_parameters(tmp_path):
+    """FSDP2 leaves the root's parameters (embedding, norm, output layer) unsharded after a forward without backward,
+    as validation runs one before each checkpoint: where they train (full training, an adapted output layer) the
+    checkpoint crashed (KeyError) looking up the optimizer's parameters among the model's."""
+    script = tmp_path / "root.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch, torch.distributed as dist
+        import checkpoint, train
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+        for adapter, targets in (("none", "w1"), ("teamlora", "w1,output")):
+            out = os.path.join("{tmp_path}", adapter)
+            cfg = train.parse_config(["--init_from=scratch", "--model=tiny", "--adapter=" + adapter,
+                                      "--targets=" + targets, "--fsdp=True", "--out_dir=" + out])
+            raw, args, _ = train.build_model(cfg, torch.device("cpu"), 512, 1)
+            opt = torch.optim.AdamW(train.trainable(raw), lr=1e-2)
+            tokens = torch.randint(0, 512, (2, 16))
+            raw(tokens, tokens)[1].backward()
+            opt.step()
+            with torch.no_grad():
+                raw.eval()(tokens, tokens)  # validation
+            raw.train()
+            os.makedirs(out)
+            checkpoint.save_checkpoint(train.Run(cfg, args=args), raw, opt, 1)
+            saved = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
+            trained = {{n: p for n, p in raw.named_parameters() if p.requires_grad}}
+            assert sorted(saved["optimizer"]["state"]) == sorted(trained) and any("output." in n for n in trained)
+            for n, p in trained.items():
+                assert torch.equal(saved["optimizer"]["state"][n]["exp_avg"], opt.state[p]["exp_avg"].full_tensor())
+                assert torch.equal(saved["state"][n], p.full_tensor()), n
+        dist.destroy_process_group()
+        print("saved")
+    """))
+    out = _run([sys.executable, str(script)])
+    assert out.returncode == 0 and "saved" in out.stdout, out.stderr[-2000:]
+
+
 def test_a_checkpoint_the_disk_cannot_take_says_what_to_run_and_keeps_the_last_one(tmp_path, monkeypatch):
     """A full disk at the first checkpoint leaves nothing to continue from: start again. At a later one, at ckpt.pt or
     at adapter.pt (a resume writes the adapter of its ckpt.pt again), continue from the last ckpt.pt written, with the
