@@ -61,8 +61,26 @@ class TeamLoRALoop(TeamLoRALinear):
         return F.linear(x, self.weight, self.bias) + delta.to(x.dtype)
 
 
+class PlainLoRA(nn.Module):
+    """LoRA as a few lines of one's own would write it, independent of teamlora.py: base(x) + B(dropout(A x)) alpha / r,
+    LoRA's function (dropout on z = x A^T). Section 1 sets it beside LoRA = TeamLoRALinear(experts=1), the baseline
+    every ratio divides by, so a reader sees whether that baseline is a slow one (which would flatter TeamLoRA)."""
+
+    def __init__(self, base, r, experts, alpha, dropout, competition, adapter_dtype):
+        super().__init__()
+        kw = dict(bias=False, device=base.weight.device, dtype=adapter_dtype)
+        self.base, self.drop, self.scaling = base, nn.Dropout(dropout), alpha / r
+        self.lora_A, self.lora_B = nn.Linear(base.in_features, r, **kw), nn.Linear(r, base.out_features, **kw)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        return self.base(x) + (self.lora_B(self.drop(self.lora_A(x.to(self.lora_A.weight.dtype)))) * self.scaling).to(
+            x.dtype)
+
+
 # variant -> (layer class, experts: k or 1, keywords)
-LAYERS = {"LoRA": (TeamLoRALinear, False, {}), "MoELoRA loop": (MoELoRALoop, True, {}),
+LAYERS = {"LoRA": (TeamLoRALinear, False, {}), "LoRA, plain code": (PlainLoRA, False, {}),
+          "MoELoRA loop": (MoELoRALoop, True, {}),
           "TeamLoRA loop": (TeamLoRALoop, True, {}), "TeamLoRA fused": (TeamLoRALinear, True, {}),
           "TeamLoRA compiled": (TeamLoRALinear, True, dict(compile=True))}
 
@@ -260,6 +278,7 @@ def section_layer(cfg, device, dtype, targets):
     print(f"## 1. Layer level: one FFN-shaped linear, N={cfg.tokens} tokens, {cfg.d_in} -> {cfg.d_out}, "
           f"r_B={cfg.r_B}, r = k*r_B, dropout {DROPOUT}, base frozen, x requires grad")
     print("LoRA = TeamLoRALinear(experts=1): dropout on z = xA^T as in TeamLoRA (PEFT's LoRA drops x instead);\n"
+          "LoRA, plain code = the same function in a few lines of its own (bench.PlainLoRA), to check the baseline;\n"
           "MoELoRA = a loop over k (A_i, B_i) pairs with dropout on x per expert, as public code does.\n"
           "train = forward + backward + AdamW step over the adapter; memory = peak bytes of a training step;\n"
           f"ms: median of {cfg.repeats} interleaved repeats; x LoRA, x MoELoRA: median of the ratios within each\n"
@@ -267,7 +286,7 @@ def section_layer(cfg, device, dtype, targets):
     base = nn.Linear(cfg.d_in, cfg.d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(cfg.tokens, cfg.d_in, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(cfg.tokens, cfg.d_out, device=device, dtype=dtype)
-    figure, figure_infer, variants = [], [], cfg.variants
+    figure, figure_infer, variants = [], [], (*cfg.variants[:1], "LoRA, plain code", *cfg.variants[1:])
     for k in cfg.ks:
         torch.compiler.reset()  # dynamo compiles once per parameter shape: start each k with a clean budget
         steps = {v: layer_steps(adapt(base, v, k * cfg.r_B, k, dtype), x, grad_out, device) for v in variants}

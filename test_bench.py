@@ -31,7 +31,7 @@ def test_quick_run_prints_every_section_with_every_variant(capsys):
         assert header in out, header
     layer, model = out.split("## 2.")[0], out.split("## 2.")[1].split("## 3.")[0]
     variants = ("LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused")
-    for variant in variants:  # a row in the table of each k (2, 4, 8)
+    for variant in variants + ("LoRA, plain code",):  # a row in the table of each k (2, 4, 8)
         assert sum(line.startswith(variant + "  ") for line in layer.splitlines()) == 3, variant
     for section in (layer.split("Figure 4a")[1], model):  # a column in the summaries
         header = next(line for line in section.splitlines() if line.startswith("k  "))
@@ -176,6 +176,30 @@ def test_fused_training_step_holds_only_the_routers_state_and_token_sized_tensor
 # times: never a measured time
 
 CPU = torch.device("cpu")
+
+
+def test_the_plain_lora_beside_the_baseline_computes_loras_function():
+    """bench.PlainLoRA, written apart from teamlora.py to check that the LoRA every ratio divides by is not a slow one,
+    must compute the same function: with the same A and B, the same outputs and gradients as TeamLoRALinear(experts=1),
+    and a base that stays frozen."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=False).requires_grad_(False)
+    ours = bench.adapt(base, "LoRA", 8, 4, torch.float32)
+    plain = bench.adapt(base, "LoRA, plain code", 8, 4, torch.float32)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        plain.lora_A.weight.copy_(ours.lora_A)
+        plain.lora_B.weight.copy_(ours.lora_B)
+    for mode in ("eval", "train"):  # train: the same function, as dropout is 0 below
+        ours.dropout = plain.drop.p = 0.0
+        x = torch.randn(6, 24, requires_grad=True)
+        out, out_plain = getattr(ours, mode)()(x), getattr(plain, mode)()(x)
+        torch.testing.assert_close(out_plain, out)
+        g = torch.autograd.grad(out.square().sum(), (x, ours.lora_A, ours.lora_B))
+        g_plain = torch.autograd.grad(out_plain.square().sum(), (x, plain.lora_A.weight, plain.lora_B.weight))
+        for a, b in zip(g_plain, g):
+            torch.testing.assert_close(a, b)
+    assert [n for n, p in plain.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
 
 
 def quick_cfg():
