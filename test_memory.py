@@ -166,6 +166,8 @@ def test_activations_count_the_tensors_each_block_keeps_per_token_as_listed():
             4 * per_token_layer)
     more_experts = acts(experts=MEMORY_CFG["experts"] + 4) - acts()
     assert more_experts > 0 and more_experts == pytest.approx(acts(r=MEMORY_CFG["r"] + 4) - acts())
+    # one rank more: two float32 values (z and the omega-weighted z) per token in each of the three adapted FFN layers
+    assert acts(r=MEMORY_CFG["r"] + 1) - acts() == pytest.approx(tokens * args["n_layers"] * 3 * 2 * 4)
 
 
 def test_scoring_holds_the_ffns_three_hidden_tensors_and_w2s_float32_adapter_input_per_prefill_token():

@@ -1068,6 +1068,23 @@ def test_a_weight_with_nan_inf_or_integers_is_refused_at_load_naming_tensor_and_
     assert_one_sentence(error, str(file), names[0], want)
 
 
+def test_a_float16_weight_whose_sum_passes_float16s_largest_value_is_not_called_damaged(tmp_path):
+    """The NaN/inf check sums each tensor in float32: a finite float16 weight whose sum passes 65504 (a float16
+    sum would be inf) loads as it was written."""
+    file = write_single_file_dir(tmp_path, "bin")
+    name = "model.embed_tokens.weight"
+
+    def large(sd):
+        sd = {n: t.half() for n, t in sd.items()}
+        sd[name] = torch.full_like(sd[name], 4.0)
+        assert not torch.isfinite(sd[name].sum())  # the sum in float16 overflows
+        return sd
+    rewrite_weight_file(file, large)
+    loaded = Transformer.from_pretrained(tmp_path)
+    weight = loaded.tok_embeddings.weight
+    assert weight.dtype == torch.float16 and torch.equal(weight, torch.full_like(weight, 4.0))
+
+
 def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
     """A pytorch_model.bin whose pickle calls os.system: weights_only refuses it, and the message says why."""
     marker = tmp_path / "ran"

@@ -1231,7 +1231,8 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
 
 def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_moments(tmp_path):
     """fsdp may change on resume: AdamW's moments and step of a one-process or DDP run (keyed by position) load into
-    an FSDP2 model (keyed by name; it refused them, as a damaged ckpt.pt), and FSDP2's load back without it."""
+    an FSDP2 model (keyed by name; it refused them, as a damaged ckpt.pt), and FSDP2's load back without it. As in a
+    run, the optimizer holds the trained parameters only (frozen ones between them), and its settings come back."""
     script = tmp_path / "cross.py"
     script.write_text(textwrap.dedent(f"""
         import torch, torch.distributed as dist
@@ -1240,9 +1241,16 @@ def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_momen
         dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
         def model():
             torch.manual_seed(0)
-            return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+            m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+            m[1].requires_grad_(False)  # frozen between trained layers, as a base's weights between adapters
+            return m
+        def trained(m):  # train.trainable
+            return [p for p in m.parameters() if p.requires_grad]
+        def settings(opt):
+            return [{{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}}
+                    for g in opt.param_groups]
         a = model()
-        opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
+        opt_a = torch.optim.AdamW(trained(a), lr=0.1, betas=(0.8, 0.95), weight_decay=0.3)
         for _ in range(2):
             a(torch.randn(3, 4)).pow(2).sum().backward()
             opt_a.step()
@@ -1251,16 +1259,19 @@ def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_momen
         b = model()
         fully_shard(b[0])
         fully_shard(b)
-        opt_b = torch.optim.AdamW(b.parameters(), lr=0.1)
+        opt_b = torch.optim.AdamW(trained(b), lr=0.5)  # other settings: the checkpoint's replace them
         checkpoint.set_optimizer_state(b, opt_b, plain, True)
         sharded = checkpoint.optimizer_state(b, opt_b, True)
         c = model()
-        opt_c = torch.optim.AdamW(c.parameters(), lr=0.1)
+        opt_c = torch.optim.AdamW(trained(c), lr=0.5)
         checkpoint.set_optimizer_state(c, opt_c, sharded, False)
-        for i, (n, _) in enumerate(a.named_parameters()):
+        names = [n for n, p in a.named_parameters() if p.requires_grad]
+        assert len(plain["state"]) == len(names) == 4
+        for i, n in enumerate(names):
             for k in ("step", "exp_avg", "exp_avg_sq"):
                 assert torch.equal(sharded["state"][n][k], plain["state"][i][k]), (n, k)
                 assert torch.equal(opt_c.state_dict()["state"][i][k], plain["state"][i][k]), (n, k)
+        assert settings(opt_b) == settings(opt_c) == settings(opt_a), (settings(opt_a), settings(opt_b))
         dist.destroy_process_group()
         print("same moments")
     """))
