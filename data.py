@@ -428,7 +428,8 @@ def _check_args(inputs, out_dir, max_len, val_fraction, workers):
     if not out_dir or os.path.dirname(os.path.normpath(out_dir)) == os.path.normpath(out_dir):
         raise UserError(f"--out {out_dir!r} is {'empty' if not out_dir else 'the root folder'}; give a folder of "
                         "its own for the shards, e.g. --out data/cme")
-    blocker = blocked_parent(out_dir)  # where --out is made, or OUT.tmp-PID beside an existing one
+    # where --out is made, or OUT.tmp-PID beside an existing one (beside its target, for a link)
+    blocker = blocked_parent(os.path.realpath(out_dir) if os.path.lexists(out_dir) else out_dir)
     if blocker:
         how = "written: prepare builds its output beside it, and" if os.path.isdir(out_dir) else "made:"
         raise UserError(f"--out {out_dir} can not be {how} {blocker}; choose another --out")
@@ -455,6 +456,9 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
         return
     if not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if os.path.ismount(os.path.realpath(out_dir)):  # OUT.tmp-PID, beside it, is on another filesystem: no rename
+        raise UserError(f"--out {out_dir} is a mount point, and prepare builds its output beside it, on another "
+                        f"filesystem; give a folder inside it, e.g. --out {os.path.join(out_dir, 'shards')}")
     foreign = _foreign_files(out_dir)
     if foreign and "summary.json" not in foreign and os.path.isfile(os.path.join(out_dir, "summary.json")):
         raise UserError(f"{out_dir} holds files that prepare did not write ({_listed(foreign)}) beside a previous "
@@ -486,24 +490,25 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
     """Tokenise JSON / JSONL record files into token shards in out_dir; returns the summary dict.
     Records go to "val" with probability val_fraction (by a hash of seed and record index). Records
     whose answer is cut away entirely by max_len are dropped (they give no loss), counted, and
-    warned about on stderr. The output is written to a temporary folder OUT.tmp-PID next to out_dir,
-    then moved in file by file, summary.json last, so a failure leaves nothing that looks complete;
+    warned about on stderr. The output is written to a temporary folder OUT.tmp-PID next to out_dir
+    (next to its target, when out_dir is a link: a rename can not cross filesystems, so a mount point is
+    refused), then moved in file by file, summary.json last, so a failure leaves nothing that looks complete;
     only prepare's own files in out_dir are replaced, and an out_dir with other files is refused.
     Temporary folders of killed prepares are removed. workers: processes (default: all cores);
     quiet: no progress bar (warnings still go to stderr)."""
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     tokenizer_path, out_dir = str(tokenizer_path), str(out_dir)
-    if os.path.islink(out_dir.rstrip("/\\")):  # a link to a folder on another disk (made or not): the output is
-        out_dir = os.path.realpath(out_dir)  # built beside that folder, else the renames into it fail at the end
     _check_args(inputs, out_dir, max_len, val_fraction, workers)
     out_dir = out_dir.rstrip("/\\")
-    _remove_stale_prepare_folders(out_dir, inputs + [tokenizer_path])
+    real = os.path.realpath(out_dir)  # a link's target (made or not): the output is built beside it, where a rename
+    # into it can reach (beside the link, on another disk, every rename would fail at the end)
+    _remove_stale_prepare_folders(real, inputs + [tokenizer_path])
     _check_out_dir(out_dir, inputs, tokenizer_path)
     kinds = [_file_kind(p) for p in inputs]  # a missing or odd file fails before any work
     tok = Tokenizer(tokenizer_path)
     workers = workers or cores()
 
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    tmp = f"{real}.tmp-{os.getpid()}"
     if os.path.lexists(tmp):  # left by this process id before: a reused id, or an earlier call interrupted
         if os.path.islink(tmp) or not os.path.isdir(tmp) or _foreign_files(tmp):
             raise UserError(f"{tmp} exists and is not a temporary folder of prepare; move it away")
@@ -531,7 +536,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
             **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-        _move_into(tmp, out_dir)
+        _move_into(tmp, real)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -498,6 +498,46 @@ def test_prepare_replaces_only_its_files_and_a_half_replaced_output_never_looks_
     assert prepare([source], tiny_spm, out, workers=1)["records"] == 4 and len(TokenDataset(out)) == 4
 
 
+def another_filesystem(monkeypatch, disk):
+    """disk (a folder) behaves as the root of a filesystem of its own: a rename into or out of it fails as it does
+    across filesystems, and it is a mount point."""
+    inside = lambda p: data._inside(p, disk)
+    real = {name: getattr(os, name) for name in ("rename", "replace")}
+    ismount = os.path.ismount
+
+    def rename(name, src, dst):
+        if inside(src) != inside(dst):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), src)
+        return real[name](src, dst)
+    for name in real:
+        monkeypatch.setattr(os, name, lambda src, dst, name=name: rename(name, src, dst))
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.realpath(p) == os.path.realpath(disk) or ismount(p))
+
+
+def test_prepare_into_a_link_to_another_filesystem_builds_beside_the_target_and_a_mount_point_is_refused(
+        tmp_path, tiny_spm, monkeypatch):
+    """Prepare builds its output beside --out and renames it in, and a rename can not cross filesystems: through a
+    link (data/cme -> a larger disk) it builds beside the link's target, where it once failed each time, after
+    removing the previous output's summary.json; an --out that is a mount point itself is refused before any work."""
+    disk, link = tmp_path / "disk", tmp_path / "cme"
+    disk.mkdir()
+    link.symlink_to(disk / "cme")
+    another_filesystem(monkeypatch, disk)
+    source = write_records(tmp_path / "d.jsonl", 3)
+    assert prepare([source], tiny_spm, link, workers=1)["records"] == 3 and len(TokenDataset(link)) == 3
+    write_records(source, 5)
+    assert prepare([source], tiny_spm, link, workers=1)["records"] == 5 and len(TokenDataset(link)) == 5
+    assert link.is_symlink() and leftovers(tmp_path) == leftovers(disk) == []
+    before = {p.name: p.read_bytes() for p in (disk / "cme").iterdir()}
+    another_filesystem(monkeypatch, disk / "cme")  # a disk mounted at the folder itself: the link's target
+    for out in (disk / "cme", link):
+        with pytest.raises(UserError, match=f"^--out {out} is a mount point, and prepare builds its output beside "
+                                            f"it, on another filesystem; give a folder inside it, e.g. --out "
+                                            f"{out / 'shards'}$"):
+            prepare([source], tiny_spm, out, workers=1)
+    assert {p.name: p.read_bytes() for p in (disk / "cme").iterdir()} == before
+
+
 DAMAGE = [
     ("cut half", "train.offsets.bin", r"train.offsets.bin holds 160 bytes where summary.json's 40 train records need "
                                       r"328 \(41 int64 values\); the file is truncated"),
