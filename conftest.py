@@ -6,6 +6,8 @@ import errno
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -73,6 +75,16 @@ def read_only(monkeypatch):
         return real(*args, dir=dir, **kwargs)
     monkeypatch.setattr(tempfile, "TemporaryFile", trial_file)
     return lambda folder: locked.add(os.path.realpath(folder))
+
+
+def held_by_another_process(folder):
+    """A process of its own that holds folder (files.hold, as a run's rank 0 does) until it is killed or its stdin
+    closes; returned once it holds it."""
+    code = "import sys, files; print(files.hold(sys.argv[1]), flush=True); sys.stdin.read()"
+    other = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=HERE, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline() == "None\n"
+    return other
 
 
 def script_error(main, argv, capsys):

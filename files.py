@@ -1,14 +1,21 @@
 """
 Files every script writes, written so that nothing is lost: a file is whole or absent (write_atomic), the
 temporary names of a killed process are cleaned up only when that process is gone (remove_stale_temporaries),
-and a folder that can not be written is found before any work (blocked_parent), not at the first write.
+a folder that can not be written is found before any work (blocked_parent), not at the first write, and a folder
+that one process writes is refused to a second one while the first runs (hold).
 """
+import errno
 import hashlib
 import os
 import re
 import sys
 import tempfile
 from contextlib import suppress
+
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not held
+    fcntl = None
 
 
 def write_atomic(path, content):
@@ -85,6 +92,56 @@ def blocked_parent(path):
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         return f"{parent} is not writable ({e.strerror or e})"
+
+
+LOCK = ".lock"
+_held = {}  # (device, inode) of each lock file this process holds -> its open descriptor, kept open until exit
+
+
+def hold(folder, names=None):
+    """Make folder and hold it until this process ends: an exclusive lock on folder/.lock, which the system lets go
+    when the process ends (kill -9 too). Then remove the temporaries that killed writes of `names` left there
+    (remove_stale_temporaries): only the holder knows that no live writer is behind one, on another host too. Returns
+    None when held (or where the filesystem has no locks, as before), else who holds it: "process PID" or "another
+    process". The lock file's content is never written: a user's file of that name loses nothing."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK)
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        held = (st.st_dev, st.st_ino) in _held  # by this process already (one process's runs, one after another)
+    except OSError:
+        held = False
+    if not held and fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link is not followed to its target
+        except OSError:  # a folder or a link of that name, or a file not ours to open: not held, as before
+            fd = None
+        if fd is not None:
+            st = os.fstat(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _held[(st.st_dev, st.st_ino)] = fd
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # else a filesystem without locks
+                    pid = lock_holder(st)
+                    return f"process {pid}" if pid else "another process"
+    remove_stale_temporaries(folder, names)
+    return None
+
+
+def lock_holder(st):
+    """The id of the process that holds a lock on the file of stat result st, from Linux's /proc/locks, else None."""
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF"; a waiter's line has "->"
+                fields = line.split()
+                if len(fields) > 5 and fields[1] != "->" and fields[5] == where and fields[4].isdigit():
+                    return int(fields[4]) or None
+    except OSError:
+        pass
+    return None
 
 
 def file_sha256(path):

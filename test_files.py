@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import files
-from conftest import FullDisk
+from conftest import FullDisk, held_by_another_process
 
 
 def dead_pid():
@@ -148,6 +148,39 @@ def test_blocked_parent_names_the_nearest_existing_folder_above_the_path_and_why
 def test_process_is_running_for_this_process_and_not_for_an_ended_one():
     assert files.process_is_running(os.getpid()) and not files.process_is_running(dead_pid())
     assert files.process_is_running(0) and files.process_is_running(-1)  # not a process of its own: never removed
+
+
+def test_hold_refuses_a_folder_that_a_live_process_holds_naming_it_and_leaves_its_temporaries(tmp_path):
+    """While one process holds a folder, another is refused (with the holder's process id) and removes nothing there,
+    not even a temporary whose process id runs nowhere here (a writer's on another host); once the holder ends, kill
+    -9 too, the folder is held by the next, which then removes it. A process may hold a folder it holds again."""
+    folder = tmp_path / "run"
+    other = held_by_another_process(folder)
+    temporary = folder / f"ckpt.pt.tmp{dead_pid()}"
+    temporary.write_text("half a checkpoint")
+    try:
+        assert files.hold(str(folder), ("ckpt.pt",)) == f"process {other.pid}"
+        assert temporary.exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert files.hold(str(folder), ("ckpt.pt",)) is None and not temporary.exists()
+    assert files.hold(str(folder)) is None
+    again = subprocess.run([sys.executable, "-c", "import sys, files; print(files.hold(sys.argv[1]))", str(folder)],
+                           cwd=os.path.dirname(files.__file__), capture_output=True, text=True)
+    assert again.stdout == f"process {os.getpid()}\n"
+
+
+def test_hold_makes_the_folder_and_never_writes_its_lock_file_nor_follows_a_link_of_that_name(tmp_path):
+    assert files.hold(str(tmp_path / "new" / "run")) is None and os.listdir(tmp_path / "new" / "run") == [files.LOCK]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / files.LOCK).write_text("my notes")
+    assert files.hold(str(mine)) is None and (mine / files.LOCK).read_text() == "my notes"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / files.LOCK).symlink_to(tmp_path / "nothing")  # a link to nothing: opening it would make its target
+    assert files.hold(str(linked)) is None and not (tmp_path / "nothing").exists()
 
 
 def test_file_sha256_is_the_hash_of_the_bytes(tmp_path):

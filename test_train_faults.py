@@ -25,7 +25,16 @@ import files
 import machine
 import minicme
 import train
-from conftest import LLAMA2, OFFICIAL, FullDisk, adapters_of, assert_same_adapters, needs_fixtures, train_flags
+from conftest import (
+    LLAMA2,
+    OFFICIAL,
+    FullDisk,
+    adapters_of,
+    assert_same_adapters,
+    held_by_another_process,
+    needs_fixtures,
+    train_flags,
+)
 from data import prepare
 
 REPO = Path(__file__).resolve().parent
@@ -216,7 +225,7 @@ def test_a_full_disk_at_a_checkpoint_or_results_json_is_one_sentence_and_keeps_w
           "continue from the last checkpoint written with --init_from=resume")
     monkeypatch.undo()
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2
-    assert sorted(os.listdir(out)) == ["adapter.pt", "ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [files.LOCK, "adapter.pt", "ckpt.pt", "log.jsonl"]
 
     write = files.write_atomic
     monkeypatch.setattr(files, "write_atomic", lambda path, content: write(path, content) if "results" not in path
@@ -449,6 +458,31 @@ def test_overwrite_replaces_the_old_run_only_once_the_new_one_is_sure_to_start(r
     assert (full / "model.pt").is_file()
     train.main(train_flags(run_data, out, "--overwrite=True", "--max_iters=1", "--eval_dir="))
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 1
+
+
+def test_a_run_on_an_out_dir_that_another_live_run_writes_is_refused_and_leaves_it_whole(run_data, tmp_path, capsys):
+    """Two runs on one out_dir interleave their log.jsonl and checkpoints: a resume of the live run, an overwrite=True
+    and a new run started with it (out_dir still empty) are each refused in one sentence naming its process, and
+    touch nothing there, not even the temporary file it is writing (its process id, on another host, runs nowhere
+    here). Once that process ends (kill -9 too), the run resumes."""
+    out, starting = tmp_path / "live", tmp_path / "starting"
+    shutil.copytree(finished_run(run_data, tmp_path / "run"), out, ignore=shutil.ignore_patterns(files.LOCK))
+    others = {out: held_by_another_process(out), starting: held_by_another_process(starting)}
+    try:
+        (out / f"adapter.pt.tmp{2**22 + 1}").write_bytes(b"half an adapter")  # above Linux's largest process id
+        before = contents(out)
+        for folder, flags in ((out, ["--init_from=resume", "--max_iters=6"]), (out, ["--overwrite=True"]),
+                              (starting, [])):
+            fails(train_flags(run_data, folder, "--max_iters=4", "--eval_interval=2", "--eval_dir=", *flags), capsys,
+                  f"out_dir {folder} is in use by process {others[folder].pid}; wait for that run to end, or choose "
+                  "another --out_dir.")
+        assert contents(out) == before and os.listdir(starting) == [files.LOCK]
+    finally:
+        for other in others.values():
+            other.kill()
+            other.wait()
+    train.main(train_flags(run_data, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2", "--eval_dir="))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 6
 
 
 def test_eval_only_scores_a_run_by_its_own_config_not_the_command_lines(run_data, tmp_path):
@@ -1097,7 +1131,8 @@ def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_
 
 def test_only_rank_0_checks_that_out_dir_can_be_written_and_removes_leftover_temporaries(tmp_path, monkeypatch):
     """Rank 0 writes every file of a run: the other ranks (on other nodes, perhaps without out_dir) only check that it
-    holds no other run, and leave the temporaries of killed writes to rank 0 (two ranks removing one would race)."""
+    holds no other run, and leave the temporaries of killed writes to rank 0 (two ranks removing one would race),
+    which removes them only once it holds out_dir (take)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt.tmp999999").write_bytes(b"half a checkpoint of a process that was killed")
@@ -1106,12 +1141,15 @@ def test_only_rank_0_checks_that_out_dir_can_be_written_and_removes_leftover_tem
     def refused(*args, dir=None, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
     monkeypatch.setattr(tempfile, "TemporaryFile", refused)
-    assert train.claim_out_dir(train.Run(cfg, 1, 2), False) == []
+    train.claim_out_dir(train.Run(cfg, 1, 2), False)
     assert (out / "ckpt.pt.tmp999999").exists()
     with pytest.raises(train.UserError, match="is not writable"):
         train.claim_out_dir(train.Run(cfg, 0, 2), False)
     monkeypatch.undo()
-    assert train.claim_out_dir(train.Run(cfg, 0, 2), False) == [] and not (out / "ckpt.pt.tmp999999").exists()
+    train.claim_out_dir(train.Run(cfg, 0, 2), False)
+    assert (out / "ckpt.pt.tmp999999").exists()  # not held yet: it may be a live writer's on another host
+    train.claim_out_dir(train.Run(cfg, 0, 2), False, take=True)
+    assert not (out / "ckpt.pt.tmp999999").exists()
 
 
 def test_a_runs_relative_path_that_is_not_found_says_to_run_in_the_folder_train_py_ran_in(tmp_path, monkeypatch):

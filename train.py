@@ -453,11 +453,13 @@ def train(cfg):
 RUN_FILES = ("ckpt.pt", "adapter.pt", "model.pt", "results.json")
 
 
-def claim_out_dir(r, resuming):
-    """Before a run trains: out_dir must not hold another run (unless overwrite=True replaces it), must
-    be writable, and loses the temporary files of processes that were killed while writing. Returns the
-    old run's files that overwrite=True replaces: setup removes them once the new run is sure to start."""
+def claim_out_dir(r, resuming, take=False):
+    """Before a run trains: out_dir must not hold another run (unless overwrite=True replaces it) and must be
+    writable. take (rank 0, once the run is sure to start) first holds out_dir until this process ends (files.hold),
+    checks it again, then removes the old run's files that overwrite=True replaces."""
     out, src = r.cfg["out_dir"], r.cfg["init_from"]
+    if take and (busy := files.hold(out, RUN_FILES)):  # held before anything is removed: the checks below see it held
+        raise UserError(f"out_dir {out} is in use by {busy}; wait for that run to end, or choose another --out_dir.")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise UserError(f"out_dir {out} is a file, not a folder; choose another --out_dir.")
     for key, what in (("data_dir", "token shards"), ("eval_dir", "evaluation sets")):  # the run's files would mix in
@@ -476,11 +478,10 @@ def claim_out_dir(r, resuming):
                                       for f in found):
         raise UserError(f"init_from {src} is the run in {out} that overwrite=True would replace; copy it elsewhere "
                         "or choose another --out_dir.")
-    if not r.master:
-        return []
-    check_writable(out, "choose another --out_dir")
-    files.remove_stale_temporaries(out, RUN_FILES)
-    return [] if resuming else found  # overwrite=True: nothing of the old run stays beside the new one
+    if r.master:
+        check_writable(out, "choose another --out_dir")
+    for f in found if take and not resuming else []:  # overwrite=True: nothing of the old run stays beside the new one
+        os.remove(os.path.join(out, f))
 
 
 def check_writable(out, fix):
@@ -537,8 +538,9 @@ def datasets(cfg):
 def setup(r, resuming):
     """Tokenizer, data, model (DDP-wrapped under torchrun without FSDP) and optimizer of a run."""
     cfg = r.cfg
-    replaced = [] if cfg["eval_only"] else claim_out_dir(r, resuming)
-    if cfg["eval_only"] and r.master:  # scoring writes results.json there: a refusal now, not after the scoring
+    if not cfg["eval_only"]:
+        claim_out_dir(r, resuming)
+    elif r.master:  # scoring writes results.json there: a refusal now, not after the scoring
         check_writable(cfg["out_dir"], "copy the run to a folder you can write and point --out_dir at it")
     r.tok = Tokenizer(cfg["tokenizer"])
     train_ds, val_ds = datasets(cfg)
@@ -548,9 +550,7 @@ def setup(r, resuming):
     if warning := train_ds.cut_warning(cfg["max_len"]):
         r.say(warning, file=sys.stderr)
     if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        for f in replaced:
-            os.remove(os.path.join(cfg["out_dir"], f))
+        claim_out_dir(r, resuming, take=True)
     model = raw
     if r.world > 1 and not cfg["fsdp"]:
         from torch.nn.parallel import DistributedDataParallel as DDP
