@@ -130,6 +130,15 @@ def hold(folder, names=None):
     return None
 
 
+def let_go(folder):
+    """Stop holding folder (hold): a run that ends in a process that goes on (tests, a notebook) lets others in."""
+    with suppress(OSError):
+        st = os.stat(os.path.join(folder, LOCK), follow_symlinks=False)
+        fd = _held.pop((st.st_dev, st.st_ino), None)
+        if fd is not None:
+            os.close(fd)  # the lock goes with the descriptor
+
+
 def lock_holder(st):
     """The id of the process that holds a lock on the file of stat result st, from Linux's /proc/locks, else None."""
     where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"

@@ -171,6 +171,21 @@ def test_hold_refuses_a_folder_that_a_live_process_holds_naming_it_and_leaves_it
     assert again.stdout == f"process {os.getpid()}\n"
 
 
+def test_let_go_lets_another_process_hold_the_folder_and_a_finished_run_has_let_go_of_its_out_dir(tmp_path):
+    """A run that ends in a process that goes on (tests, a notebook) lets go of its out_dir, as a process that ends
+    does: another process may then hold it, and this one holds no descriptor for it any more."""
+    folder = tmp_path / "run"
+    assert files.hold(str(folder)) is None and files.hold(str(folder)) is None
+    held = len(files._held)
+    files.let_go(str(folder))
+    files.let_go(str(folder))  # twice, or a folder never held: nothing to do
+    files.let_go(str(tmp_path / "never"))
+    assert len(files._held) == held - 1
+    other = held_by_another_process(folder)  # asserts it holds it
+    other.kill()
+    other.wait()
+
+
 def test_hold_makes_the_folder_and_never_writes_its_lock_file_nor_follows_a_link_of_that_name(tmp_path):
     assert files.hold(str(tmp_path / "new" / "run")) is None and os.listdir(tmp_path / "new" / "run") == [files.LOCK]
     mine = tmp_path / "mine"

@@ -467,6 +467,9 @@ def test_a_run_on_an_out_dir_that_another_live_run_writes_is_refused_and_leaves_
     here). Once that process ends (kill -9 too), the run resumes."""
     out, starting = tmp_path / "live", tmp_path / "starting"
     shutil.copytree(finished_run(run_data, tmp_path / "run"), out, ignore=shutil.ignore_patterns(files.LOCK))
+    ended = held_by_another_process(tmp_path / "run")  # the run above, of this process, let go when it ended
+    ended.kill()
+    ended.wait()
     others = {out: held_by_another_process(out), starting: held_by_another_process(starting)}
     try:
         (out / f"adapter.pt.tmp{2**22 + 1}").write_bytes(b"half an adapter")  # above Linux's largest process id

@@ -446,6 +446,7 @@ def train(cfg):
             with machine.cuda_matmul_precision(cfg["tf32"]) if dev.type == "cuda" else nullcontext():
                 return run(Run(cfg, rank, world, dev), ckpt)
     finally:
+        files.let_go(cfg["out_dir"])  # held by claim_out_dir (rank 0 of a run that trains): the run has ended
         if dist.is_initialized():
             dist.destroy_process_group()
 
