@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1801,3 +1802,81 @@ def test_hf_slash_s_that_is_a_special_token_of_its_own_encodes_as_that_token(tmp
     assert slash_s != tok.eos_id
     assert tok.encode("a</s>b", special=True) == hf.encode("a</s>b", add_special_tokens=False).ids
     assert slash_s in tok.encode("a</s>b", special=True) and tok.eos_id not in tok.encode("a</s>b", special=True)
+
+
+def test_a_special_token_whose_text_starts_with_another_ones_is_read_whole(tmp_path):
+    """Special-token strings are matched longest first: where one starts with another ("<s>" and "<s>end"), the
+    longer is its own token, not the shorter one followed by text (the slow LlamaTokenizer's no-split tokens)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "p"), vocab_size=300, bos_id=1,
+                                   eos_id=2, unk_id=0, bos_piece="<s>", eos_piece="<s>end", byte_fallback=True,
+                                   minloglevel=2)
+    tok = Tokenizer(tmp_path / "p.model")
+    assert tok.eos_text == "<s>end" and tok.eos_text.startswith(tok.sp.id_to_piece(tok.bos_id))
+    ids = tok.encode("the fox<s>end the dog<s>", special=True)
+    assert ids == tok.encode("the fox") + [tok.eos_id] + tok.encode(" the dog") + [tok.bos_id]
+    assert encode_example(tok, {"instruction": "fox", "output": "dog"})[0][-1] == tok.eos_id
+
+
+def test_hf_config_tokens_that_the_tokenizer_json_does_not_list_as_added_are_never_split(tmp_path):
+    """transformers adds the tokenizer_config.json's tokens as special tokens: an EOS that is a plain vocabulary entry
+    of the tokenizer.json (not one of its added tokens) still encodes, under special=True, to its one id, as
+    transformers' own PreTrainedTokenizerFast.from_pretrained gives it."""
+    transformers = pytest.importorskip("transformers")
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"] = [t for t in tokenizer_json["added_tokens"] if t["content"] != "<|endoftext|>"]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    tok = Tokenizer(folder)
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+    assert tok.eos_id == theirs.eos_token_id == tok.hf.token_to_id("<|endoftext|>")
+    text = TEXTS[0] + "<|endoftext|>" + TEXTS[1] + "<|endoftext|>"
+    assert tok.encode(text, special=True) == theirs(text, add_special_tokens=False)["input_ids"]
+    assert tok.encode(text, special=True).count(tok.eos_id) == 2
+    assert tok.encode(TEXTS[0] + "</s>", special=True) == tok.encode(TEXTS[0]) + [tok.eos_id]  # the prompt's end
+
+
+def test_the_summary_totals_of_several_inputs_are_those_of_one_file_holding_all_their_records(tmp_path, tiny_spm):
+    """summary.json's records, truncated and dropped_no_answer count every input file (the sums of its "files"), as
+    one file with the same records gives them; cut_warning and the command line read these totals."""
+    long_answer = json.dumps({"instruction": "a", "input": "", "output": "the quick brown fox jumps " * 4})
+    parts = [[GOOD] * 3 + [LONG, long_answer], [GOOD] * 2 + [long_answer] * 2 + [LONG, LONG]]
+    for i, lines in enumerate(parts):
+        (tmp_path / f"{i}.jsonl").write_text("".join(line + "\n" for line in lines))
+    (tmp_path / "all.jsonl").write_text("".join(line + "\n" for lines in parts for line in lines))
+    several = prepare([tmp_path / "0.jsonl", tmp_path / "1.jsonl"], tiny_spm, tmp_path / "several", max_len=16,
+                      workers=1, quiet=True)
+    one = prepare([tmp_path / "all.jsonl"], tiny_spm, tmp_path / "one", max_len=16, workers=1, quiet=True)
+    assert several["files"][1]["dropped_no_answer"] > 0 and several["files"][1]["truncated"] > 0
+    for key in ("records", "truncated", "dropped_no_answer"):
+        assert several[key] == sum(f[key] for f in several["files"]) == one[key], key
+    assert several["splits"] == one["splits"]
+    assert several["records"] == sum(s["records"] for s in several["splits"].values()) + several["dropped_no_answer"]
+
+
+def test_a_sentencepiece_model_with_a_pad_piece_pads_with_it_and_one_without_with_unk(tmp_path, tiny_spm):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "pad"), vocab_size=300, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=3, byte_fallback=True, minloglevel=2)
+    tok = Tokenizer(tmp_path / "pad.model")
+    assert tok.pad_id == tok.sp.pad_id() == tok.sp.piece_to_id("<pad>") == 3 != tok.sp.unk_id()
+    plain = Tokenizer(tiny_spm)
+    assert plain.sp.pad_id() == -1 and plain.pad_id == plain.sp.unk_id()  # LLaMA-2's: no pad piece
+
+
+def test_a_killed_prepares_folder_given_to_prepare_as_an_input_or_tokenizer_is_named_not_removed(tmp_path, tiny_spm):
+    """prepare removes a dead prepare's OUT.tmp-PID folder, but never one it was given (a mistaken --input or
+    --tokenizer): that is refused in one sentence naming it, and the folder stays."""
+    source = write_records(tmp_path / "d.jsonl", 3)
+    prepare([source], tiny_spm, tmp_path / "done", workers=1, quiet=True)
+    stale = tmp_path / f"out.tmp-{dead_pid()}"  # a killed prepare's output, every file prepare's own
+    shutil.copytree(tmp_path / "done", stale)
+    with pytest.raises(UserError, match=f"input {stale} is a folder, not a file"):
+        prepare([stale], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    with pytest.raises(UserError, match=f"tokenizer {stale} is a folder, not a file"):
+        prepare([source], stale, tmp_path / "out", workers=1, quiet=True)
+    assert sorted(os.listdir(stale)) == sorted(os.listdir(tmp_path / "done"))
+    prepare([source], tiny_spm, tmp_path / "out", workers=1, quiet=True)  # given nothing inside it: removed
+    assert not stale.exists()

@@ -202,3 +202,47 @@ def test_file_sha256_is_the_hash_of_the_bytes(tmp_path):
     import hashlib
     (tmp_path / "t.model").write_bytes(b"\x00tokenizer\xff")
     assert files.file_sha256(tmp_path / "t.model") == hashlib.sha256(b"\x00tokenizer\xff").hexdigest()
+
+
+def test_a_writers_own_os_error_raised_while_it_handled_another_stays_the_error_raised(tmp_path):
+    """The OSError underneath replaces only an error that is not one itself (torch.save's RuntimeError): a writer's
+    own OSError, raised while it handled another, is the one raised."""
+    def writer(f):
+        try:
+            open(tmp_path / "missing" / "source.bin", "rb")
+        except FileNotFoundError:
+            raise PermissionError(13, "the writer's own error")
+    with pytest.raises(PermissionError, match="the writer's own error"):
+        files.write_atomic(str(tmp_path / "x.bin"), writer)
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_stale_temporaries_of_no_names_removes_nothing(tmp_path):
+    """names limits the removal to those names' temporaries: an empty collection names none, not every one."""
+    stale = tmp_path / f"ckpt.pt.tmp{dead_pid()}"
+    stale.write_text("x")
+    assert files.remove_stale_temporaries(tmp_path, names=()) == [] and stale.exists()
+    assert files.remove_stale_temporaries(tmp_path, names=("ckpt.pt",)) == [str(stale)]
+
+
+def test_a_process_of_another_user_counts_as_running_and_its_temporaries_stay(tmp_path, monkeypatch):
+    """os.kill(pid, 0) on another user's process raises PermissionError: it runs, so its files are left alone."""
+    pid = dead_pid()
+    (tmp_path / f"ckpt.pt.tmp{pid}").write_text("theirs")
+
+    def kill(p, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "kill", kill)
+    assert files.process_is_running(pid)
+    assert files.remove_stale_temporaries(tmp_path) == [] and (tmp_path / f"ckpt.pt.tmp{pid}").read_text() == "theirs"
+
+
+def test_names_like_a_temporary_without_a_process_id_are_a_users_and_stay(tmp_path):
+    """Only NAME.tmpPID is write_atomic's: ckpt.pt.tmp (no id) or ckpt.pt.tmpX is left alone, without an error."""
+    users = [tmp_path / "ckpt.pt.tmp", tmp_path / "ckpt.pt.tmpx", tmp_path / ".tmp1"]
+    for path in users:
+        path.write_text("mine")
+    stale = tmp_path / f"ckpt.pt.tmp{dead_pid()}"
+    stale.write_text("x")
+    assert files.remove_stale_temporaries(tmp_path) == [str(stale)]
+    assert all(p.read_text() == "mine" for p in users)

@@ -721,3 +721,21 @@ def test_short_help_prints_the_protocol_as_long_help_does(capsys):
     for flag in ("-h", "--help"):
         assert study.main([flag]) is None
         assert capsys.readouterr().out.strip() == study.__doc__.strip()
+
+
+def test_a_finished_runs_paths_are_compared_as_the_files_they_name_not_as_spelled(tmp_path, monkeypatch):
+    """A study continued with --data_dir (or the tokenizer, eval_dir, init_from) spelled otherwise, absolute where the
+    run had it relative, finds its finished run its own; a path to another folder is a change, named."""
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run must not run again"))
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    config = {"max_iters": 60, "seed": 1, "data_dir": "data/tokens", "tokenizer": "data/tokenizer.model"}
+    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, "config": config}))
+    flags = ["--seed=1", "--max_iters=60", f"--out_dir={folder}"]
+    same = [f"--data_dir={tmp_path / 'data' / 'tokens'}", f"--tokenizer={tmp_path / 'data' / '.' / 'tokenizer.model'}"]
+    assert study.changed_settings(flags + same, str(folder / "results.json")) == ""
+    assert study.launch(flags + same, 1) == ("done before", 0.0)
+    other = f"--data_dir={tmp_path / 'other' / 'tokens'}"
+    assert study.changed_settings(flags + [other, same[1]], str(folder / "results.json")) == (
+        f"data_dir='data/tokens' (now {str(tmp_path / 'other' / 'tokens')!r})")

@@ -916,3 +916,29 @@ def test_an_mmlu_csv_with_windows_line_ends_or_a_blank_last_line_loads_as_the_pl
                                                             'information.\nA passage, "quoted".\nWhat is it?\n')
     assert CME_TASKS["mmlu"].load(str(tmp_path / "crlf_test.csv")) == plain
     assert CME_TASKS["mmlu"].load(str(tmp_path / "blank_test.csv")) == plain
+
+
+def test_a_link_at_out_even_one_to_nothing_is_replaced_only_with_overwrite(tmp_path):
+    """The name --out is taken by a link (one whose target is gone or not yet made, too): it is the user's, and is
+    kept unless --overwrite asks to replace it."""
+    raw, out = write_anli(tmp_path / "dev.jsonl", 3), tmp_path / "anli.jsonl"
+    os.symlink(tmp_path / "elsewhere" / "anli.jsonl", out)
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        write_eval_set("anli", raw, out)
+    assert os.path.islink(out) and os.readlink(out) == str(tmp_path / "elsewhere" / "anli.jsonl")
+    assert write_eval_set("anli", raw, out, overwrite=True) == 3 and len(out.read_text().splitlines()) == 3
+
+
+def test_a_tldr_json_list_broken_midway_is_named_at_the_line_it_breaks_not_read_as_json_lines(tmp_path):
+    """Only a second value after a first ("Extra data") makes a .json file JSON lines: a JSON list with an error in it
+    is named at that error's line, as json.load finds it."""
+    rows = [{"id": f"t3_{i}", "post": f"Post {i}.", "summary": f" sum {i}"} for i in range(3)]
+    text = json.dumps(rows, indent=1)
+    broken = text.replace('"post": "Post 2."', '"post" "Post 2."')
+    with pytest.raises(json.JSONDecodeError) as e:
+        json.loads(broken)
+    (tmp_path / "tldr.json").write_text(broken)
+    with pytest.raises(UserError, match=rf"tldr.json line {e.value.lineno} is not valid JSON \(Expecting ':'"):
+        CME_TASKS["oai_sum"].load(str(tmp_path / "tldr.json"))
+    (tmp_path / "tldr.json").write_text(text)
+    assert [r["output"] for r in CME_TASKS["oai_sum"].load(str(tmp_path / "tldr.json"))] == ["sum 0", "sum 1", "sum 2"]

@@ -2124,3 +2124,16 @@ def test_an_argument_without_its_two_dashes_is_not_read_as_a_flag():
             configurator.parse_flag(arg)
         with pytest.raises(UserError, match="is not of the form --key=value"):
             study.parse([arg])
+
+
+def test_a_run_validates_at_each_eval_interval_and_its_last_step_and_scores_with_that_loss_not_another_pass(
+        run_data, tmp_path, monkeypatch):
+    """Validation runs once per checkpoint (steps that are multiples of eval_interval, and the last): finish scores
+    the run with the validation loss of its last step instead of running the validation batches again."""
+    real, calls = evaluation.val_loss, []
+    monkeypatch.setattr(evaluation, "val_loss", lambda *a: calls.append(a) or real(*a))
+    summary = train.train(train_cfg(run_data, tmp_path / "o", "--max_iters=5", "--eval_interval=2", "--eval_limit=1"))
+    logged = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    validated = [line["step"] for line in logged if "val_loss" in line]
+    assert validated == [2, 4, 5] and len(calls) == len(validated) and "scores" in summary
+    assert summary["val_loss"] == logged[-1]["val_loss"]
