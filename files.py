@@ -95,15 +95,15 @@ def blocked_parent(path):
 
 
 LOCK = ".lock"
-_held = {}  # (device, inode) of each lock file this process holds -> its open descriptor, kept open until exit
+_held = {}  # (device, inode) of each lock file this process holds -> its open descriptor, open until let_go or exit
 
 
 def hold(folder, names=None):
-    """Make folder and hold it until this process ends: an exclusive lock on folder/.lock, which the system lets go
-    when the process ends (kill -9 too). Then remove the temporaries that killed writes of `names` left there
-    (remove_stale_temporaries): only the holder knows that no live writer is behind one, on another host too. Returns
-    None when held (or where the filesystem has no locks, as before), else who holds it: "process PID" or "another
-    process". The lock file's content is never written: a user's file of that name loses nothing."""
+    """Make folder and hold it until let_go or the end of this process: an exclusive lock on folder/.lock, which the
+    system lets go when the process ends (kill -9 too). Then remove the temporaries that killed writes of `names`
+    left there (remove_stale_temporaries): only the holder knows that no live writer is behind one, on another host
+    too. Returns None when held (or where the filesystem has no locks, as before), else who holds it: "process PID"
+    or "another process". The lock file's content is never written: a user's file of that name loses nothing."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK)
     try:

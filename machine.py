@@ -69,8 +69,8 @@ def cpu_threads(cfg):
     if os.environ.get("OMP_NUM_THREADS"):  # the user's (or study.py's) own choice stands
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # a node's processes share its cores (torchrun's several
-    # get its OMP_NUM_THREADS=1 above unless the user set it)
+    # a node's processes share its cores (torchrun itself sets OMP_NUM_THREADS=1 for several, unless it is set)
+    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, cores - others_running())
 
 

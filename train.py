@@ -456,8 +456,8 @@ RUN_FILES = ("ckpt.pt", "adapter.pt", "model.pt", "results.json")
 
 def claim_out_dir(r, resuming, take=False):
     """Before a run trains: out_dir must not hold another run (unless overwrite=True replaces it) and must be
-    writable. take (rank 0, once the run is sure to start) first holds out_dir until this process ends (files.hold),
-    checks it again, then removes the old run's files that overwrite=True replaces."""
+    writable. take (rank 0, once the run is sure to start) first holds out_dir until the run ends (files.hold; train
+    lets go), checks it again, then removes the old run's files that overwrite=True replaces."""
     out, src = r.cfg["out_dir"], r.cfg["init_from"]
     if take and (busy := files.hold(out, RUN_FILES)):  # held before anything is removed: the checks below see it held
         raise UserError(f"out_dir {out} is in use by {busy}; wait for that run to end, or choose another --out_dir.")
