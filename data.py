@@ -494,7 +494,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
     (next to its target, when out_dir is a link: a rename can not cross filesystems, so a mount point is
     refused), then moved in file by file, summary.json last, so a failure leaves nothing that looks complete;
     only prepare's own files in out_dir are replaced, and an out_dir with other files is refused.
-    Temporary folders of killed prepares are removed. workers: processes (default: all cores);
+    Temporary folders of killed prepares are removed. workers: processes (default: data.cores());
     quiet: no progress bar (warnings still go to stderr)."""
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     tokenizer_path, out_dir = str(tokenizer_path), str(out_dir)
