@@ -69,7 +69,7 @@ class PlainLoRA(nn.Module):
     def __init__(self, base, r, experts, alpha, dropout, competition, adapter_dtype):
         super().__init__()
         kw = dict(bias=False, device=base.weight.device, dtype=adapter_dtype)
-        self.base, self.drop, self.scaling = base, nn.Dropout(dropout), alpha / r
+        self.base, self.drop, self.scaling, self.r, self.experts = base, nn.Dropout(dropout), alpha / r, r, 1
         self.lora_A, self.lora_B = nn.Linear(base.in_features, r, **kw), nn.Linear(r, base.out_features, **kw)
         nn.init.zeros_(self.lora_B.weight)
 

@@ -452,15 +452,16 @@ def test_table_left_aligns_names_right_aligns_two_decimal_numbers_under_a_rule(c
 
 def test_layer_section_ratios_and_targets_compare_fused_with_lora(monkeypatch, capsys):
     cfg = quick_cfg()
-    train = {"LoRA": [1.0, 2.0, 1.0], "MoELoRA loop": [3.0, 6.0, 3.0], "TeamLoRA loop": [2.5, 5.0, 2.5],
-             "TeamLoRA fused": [1.5, 3.0, 1.5]}
-    infer = {"LoRA": [1.0, 1.0, 2.0], "MoELoRA loop": [2.0, 2.0, 4.0], "TeamLoRA loop": [1.5, 1.5, 3.0],
-             "TeamLoRA fused": [0.5, 0.5, 1.0]}
+    train = {"LoRA": [1.0, 2.0, 1.0], "LoRA, plain code": [1.1, 2.0, 1.2], "MoELoRA loop": [3.0, 6.0, 3.0],
+             "TeamLoRA loop": [2.5, 5.0, 2.5], "TeamLoRA fused": [1.5, 3.0, 1.5]}
+    infer = {"LoRA": [1.0, 1.0, 2.0], "LoRA, plain code": [1.0, 1.2, 2.0], "MoELoRA loop": [2.0, 2.0, 4.0],
+             "TeamLoRA loop": [1.5, 1.5, 3.0], "TeamLoRA fused": [0.5, 0.5, 1.0]}
     fake_bench(monkeypatch, *[train, infer] * len(cfg.ks))
-    mib = {"LoRA": 100, "MoELoRA loop": 110, "TeamLoRA loop": 130, "TeamLoRA fused": 103}
+    mib = {"LoRA": 100, "LoRA, plain code": 101, "MoELoRA loop": 110, "TeamLoRA loop": 130, "TeamLoRA fused": 103}
 
     def fake_memory(train, module, opt, inputs, device):
-        variant = ("MoELoRA loop" if isinstance(module, bench.MoELoRALoop) else "TeamLoRA loop"
+        variant = ("LoRA, plain code" if isinstance(module, bench.PlainLoRA) else "MoELoRA loop"
+                   if isinstance(module, bench.MoELoRALoop) else "TeamLoRA loop"
                    if isinstance(module, bench.TeamLoRALoop) else "LoRA" if module.experts == 1 else "TeamLoRA fused")
         return mib[variant] * 2**20
     monkeypatch.setattr(bench, "step_memory", fake_memory)
@@ -606,14 +607,14 @@ def test_stack_section_mfu_counts_model_flops_against_the_devices_peak(monkeypat
 # ----------------------------------------------------------------------------------------------------
 # what each section compares: the fns it times run the adapters their labels say, in the mode their column says
 
-CLASS = {"LoRA": "TeamLoRALinear", "MoELoRA loop": "MoELoRALoop", "TeamLoRA loop": "TeamLoRALoop",
-         "TeamLoRA fused": "TeamLoRALinear"}
+CLASS = {"LoRA": "TeamLoRALinear", "LoRA, plain code": "PlainLoRA", "MoELoRA loop": "MoELoRALoop",
+         "TeamLoRA loop": "TeamLoRALoop", "TeamLoRA fused": "TeamLoRALinear"}
 
 
 def ran(variant, r, k, training, merged=False):
     """The adapters a fn of `variant` at total rank r and k experts runs: LoRA one expert of rank r, the others k
     experts of r / k; all at the same alpha (scaling alpha / r_B); train: train mode, inference: inference mode."""
-    experts = 1 if variant == "LoRA" else k
+    experts = 1 if variant.startswith("LoRA") else k
     return {(CLASS[variant], r, experts, bench.ALPHA * experts / r, training, not training, merged)}
 
 
@@ -632,7 +633,7 @@ def spy_bench(monkeypatch):
             adapters = seen[name] = set()
 
             def hook(m, args):
-                if isinstance(m, (TeamLoRALinear, bench.MoELoRALoop)):
+                if isinstance(m, (TeamLoRALinear, bench.MoELoRALoop, bench.PlainLoRA)):
                     adapters.add((type(m).__name__, m.r, m.experts, m.scaling, m.training,
                                   torch.is_inference_mode_enabled(), getattr(m, "merged", False)))
             handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
@@ -657,7 +658,8 @@ def test_layer_sections_time_every_variant_at_the_same_total_rank_train_then_inf
     bench.section_scaling(cfg, CPU, torch.float32)
     out = capsys.readouterr().out
     assert all(f"k = {k}, r = {k * cfg.r_B}" in out for k in cfg.ks)
-    want = [{v: ran(v, k * cfg.r_B, k, training) for v in variants} for k in cfg.ks for training in (True, False)]
+    want = [{v: ran(v, k * cfg.r_B, k, training) for v in variants + ("LoRA, plain code",)} for k in cfg.ks
+            for training in (True, False)]
     want += [{v: ran(v, k * cfg.big_r_B, k, True) for v in ("LoRA", "MoELoRA loop", "TeamLoRA fused")}
              for _ in cfg.big_shapes for k in (2, 4, 8)]
     want += [{v: ran(v, r, k, True) for v in variants}
