@@ -103,7 +103,11 @@ def keep_slices(cfg, ckpt, world, master):
     if saved == world:
         return cfg
     if slices % world:
-        if master and not cfg["batch_size"] % (world * cfg["grad_accum"]):  # else check_batch_split refuses the run
+        if cfg["batch_size"] % (world * cfg["grad_accum"]):  # a resume keeps batch_size and grad_accum: name what fits
+            raise UserError(f"the run cut each batch into {slices} slices ({saved} process(es) x grad_accum "
+                            f"{cfg['grad_accum']}), which {world} processes cannot split; resume it on a number of "
+                            f"processes that divides {slices}.")
+        if master:
             print(f"warning: the run cut each batch into {slices} slices ({saved} process(es) x grad_accum "
                   f"{cfg['grad_accum']}), which {world} processes cannot: it goes on with other dropout masks than an "
                   f"uninterrupted run; resume on a number of processes that divides {slices} to match it.",
@@ -113,6 +117,13 @@ def keep_slices(cfg, ckpt, world, master):
         print(f"resuming a run of {saved} process(es) on {world}: grad_accum {cfg['grad_accum']} -> "
               f"{slices // world}, so each batch is cut into the run's {slices} slices and dropout masks")
     return {**cfg, "grad_accum": slices // world}
+
+
+def check_batch_split(cfg, world):
+    """Each global batch is cut into processes x grad_accum slices of one size (data.global_batch)."""
+    if cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
+                        f"{world * cfg['grad_accum']}.")
 
 
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 +

@@ -559,7 +559,9 @@ def test_a_resume_on_another_number_of_processes_keeps_each_batchs_slices_and_dr
     cfg = {**resumed["config"], "grad_accum": 1, "eval_only": False}
     assert machine.keep_slices(cfg, {"rng": [None] * 2}, 4, True) == cfg  # 2 slices over 4 processes: kept as it is
     assert "resume on a number of processes that divides 2" in capsys.readouterr().err
-    machine.keep_slices({**cfg, "batch_size": 6}, {"rng": [None] * 2}, 4, True)  # which check_batch_split refuses:
+    with pytest.raises(train.UserError, match=r"^the run cut each batch into 2 slices \(2 process\(es\) x grad_accum "
+                       r"1\), which 4 processes cannot split; resume it on a number of processes that divides 2\.$"):
+        machine.keep_slices({**cfg, "batch_size": 6}, {"rng": [None] * 2}, 4, True)  # batch_size and grad_accum stay
     assert not capsys.readouterr().err  # no word of going on
 
 

@@ -420,12 +420,6 @@ def check_before_pretraining(cfg, pre, resuming):
         load_trained_adapter(r, model)
 
 
-def check_batch_split(cfg, world):
-    if cfg["batch_size"] % (world * cfg["grad_accum"]):
-        raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
-                        f"{world * cfg['grad_accum']}.")
-
-
 def train(cfg):
     """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
     cfg, ckpt = resume_config(cfg)
@@ -438,7 +432,7 @@ def train(cfg):
         with machine.sigterm_as_ctrl_c():  # the loop (run) takes it over: StopAfterStep
             if cfg["dry_run"]:
                 return check_full_config(cfg) if rank == 0 else {}
-            check_batch_split(cfg, world)
+            machine.check_batch_split(cfg, world)
             if rank == 0 and (stopped := build_demo(cfg, resuming=ckpt is not None)):
                 return stopped  # the demo's pretraining, interrupted
             if world > 1:
@@ -799,7 +793,7 @@ def check_full_config(cfg):
         inject_targets(model, cfg)
     n_train = sum(p.numel() for p in trainable(model))
     world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
-    check_batch_split(cfg, world)
+    machine.check_batch_split(cfg, world)
     micro = cfg["batch_size"] // (world * cfg["grad_accum"])
     est = memory.estimate(args, n_base, n_train, cfg, world, micro)
     print(f"model {name}: {n_base:,} base parameters, "
