@@ -35,6 +35,8 @@ def write_atomic(path, content):
     except Exception as e:  # a failed write leaves nothing; a Ctrl-C or kill leaves it to remove_stale_temporaries
         with suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp):  # a write's error names no file: name the one meant
+            e.filename = path
         if not isinstance(e, OSError) and isinstance(e.__context__, OSError):  # torch.save's RuntimeError ("unexpected
             raise e.__context__ from None  # pos 704 vs 598") over the write that failed: the disk's own error
         raise

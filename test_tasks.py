@@ -4,6 +4,7 @@
 """
 import base64
 import json
+import errno
 import os
 import random
 import re
@@ -600,6 +601,23 @@ def test_a_raw_file_named_twice_is_refused_not_counted_twice(tmp_path, capsys):
     assert script_error(tasks.main, ["--task", "anli", "--raw", raw, other, again, "--out", out], capsys) == (
         f"tasks.py: error: --raw names {raw} more than once; give each raw file once.")
     assert not os.path.exists(out) and write_eval_set("anli", [raw, other], out) == 5
+
+
+def test_a_full_disk_is_one_sentence_naming_the_out_file_and_the_old_one_stays(tmp_path, capsys, monkeypatch):
+    """A write that fails on a full disk names the --out it was writing (not its temporary name) and what to do,
+    in one line, and the file that was there is kept whole."""
+    raw = tmp_path / "x_test.csv"
+    raw.write_text('"q?",a,b,c,d,A\n')
+    out = tmp_path / "mmlu.jsonl"
+    out.write_text("the set before\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    assert script_error(tasks.main, ["--task", "mmlu", "--raw", raw, "--out", out, "--overwrite"], capsys) == (
+        f"tasks.py: error: No space left on device ({out}); what was there before is kept: free space there or make "
+        "it writable, then run it again")
+    assert out.read_text() == "the set before\n" and sorted(os.listdir(tmp_path)) == ["mmlu.jsonl", "x_test.csv"]
 
 
 def test_an_existing_out_is_replaced_only_with_overwrite(tmp_path, capsys):
