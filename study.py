@@ -167,7 +167,7 @@ def check_out(out):
     report.md and charts would replace a user's. A study's folder always holds select/ (its first runs')."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise data.UserError(f"--out {out} is a file, not a folder; choose another --out.")
-    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    names = sorted(n for n in os.listdir(out) if n != files.LOCK) if os.path.isdir(out) else []
     if names and "select" not in names:
         raise data.UserError(f"--out {out} holds files that are not a study's ({', '.join(names[:3])}); choose a new "
                              "or empty folder, or the --out of an earlier study to continue it.")
@@ -546,6 +546,9 @@ def main(argv=None):
             if not os.path.isdir(opts["val_dir"]):
                 raise data.UserError(f"val_dir '{opts['val_dir']}' does not exist; the learning rates are chosen on "
                                      "it: pass --val_dir (a folder of <task>.jsonl validation sets).")
+            if busy := files.hold(opts["out"]):  # a second study there would truncate the live one's run logs
+                raise data.UserError(f"--out {opts['out']} is in use by {busy}, a study still running; wait for it to "
+                                     "end, or choose another --out.")
         n_final = len(names) * len(opts["seeds"])
         n_select = len({METHOD_OF[n] for n in names}) * len(opts["grid"])
         runs = f"{n_select} selection runs, then {n_final} final runs ({len(names)} configurations x " \

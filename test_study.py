@@ -16,7 +16,7 @@ import pytest
 
 import study
 import train
-from conftest import script_error
+from conftest import held_by_another_process, script_error
 from model import Transformer
 
 
@@ -602,6 +602,30 @@ def test_an_out_the_study_would_share_or_cannot_write_is_refused_before_anything
     (tmp_path / "study" / "select").mkdir(parents=True)  # an earlier study's folder is continued
     (tmp_path / "study" / "report.md").write_text("its report\n")
     study.check_out(str(tmp_path / "study"))
+
+
+def test_a_second_study_on_the_out_of_a_live_one_is_refused_before_it_touches_anything(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A second study on a live one's --out would relaunch its runs, truncating their stdout.txt logs before train.py
+    refused them: it is refused at once, naming the live study's process, and leaves the folder as it was; once that
+    study has ended, its --out is taken again."""
+    out = tmp_path / "study"
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)  # the demo's data and base: not needed here
+    monkeypatch.setattr(study, "selection", lambda *a, **kw: pytest.fail("the second study went on"))
+    live = held_by_another_process(out)
+    try:
+        (out / "select").mkdir()
+        (out / "select" / "stdout.txt").write_text("the live run's log\n")
+        assert script_error(study.main, [f"--out={out}", "--runs=lora8", f"--val_dir={tmp_path}"], capsys) == (
+            f"error: --out {out} is in use by process {live.pid}, a study still running; wait for it to end, or "
+            "choose another --out.")
+        assert (out / "select" / "stdout.txt").read_text() == "the live run's log\n"
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "select"]
+    finally:
+        live.kill()
+        live.wait()
+    study.check_out(str(out))  # the lock file left behind is not a user's file
+    assert study.files.hold(str(out)) is None
 
 
 def test_a_report_on_a_read_only_study_prints_its_tables_and_says_report_md_is_not_written(tmp_path, capsys,
