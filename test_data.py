@@ -300,12 +300,18 @@ def test_streamed_json_list_parser_agrees_with_json_load(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_spm(tmp_path_factory):
     """A SentencePiece model trained in a second, so the error tests need no fixtures."""
-    where = tmp_path_factory.mktemp("tiny")
-    text = where / "corpus.txt"
-    text.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(where / "tiny"), vocab_size=300,
-                                   bos_id=1, eos_id=2, unk_id=0, byte_fallback=True, minloglevel=2)
-    return where / "tiny.model"
+    return train_spm(tmp_path_factory.mktemp("tiny"), "tiny")
+
+
+def train_spm(folder, name, **options):
+    """folder/name.model: a 300-piece SentencePiece model of a small corpus, LLaMA-2's special ids (unk 0, bos 1,
+    eos 2) unless options say otherwise (other piece names, a pad piece)."""
+    corpus = folder / f"{name}.txt"
+    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / name), vocab_size=300,
+                                   **{"unk_id": 0, "bos_id": 1, "eos_id": 2, **options}, byte_fallback=True,
+                                   minloglevel=2)
+    return folder / f"{name}.model"
 
 
 GOOD = '{"instruction": "a", "input": "", "output": "b"}'
@@ -1761,12 +1767,7 @@ def test_tiktoken_pad_is_the_reserved_token_llama_3_1_names_its_pad_not_the_eos(
 def test_a_sentencepiece_model_whose_eos_is_not_written_slash_s_ends_each_answer_with_its_own_eos(tmp_path):
     """A SentencePiece model with other piece names (Gemma's <bos> / <eos>): the answer's end is the model's EOS
     piece, read from the model, and encodes to the EOS id, never to the text "</s>"."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "g"), vocab_size=300, bos_id=1,
-                                   eos_id=2, unk_id=0, bos_piece="<bos>", eos_piece="<eos>", byte_fallback=True,
-                                   minloglevel=2)
-    tok = Tokenizer(tmp_path / "g.model")
+    tok = Tokenizer(train_spm(tmp_path, "g", bos_piece="<bos>", eos_piece="<eos>"))
     assert tok.eos_text == "<eos>" and tok.sp.id_to_piece(tok.eos_id) == "<eos>"
     ids, labels = encode_example(tok, {"instruction": "the fox", "input": "", "output": "the dog"})
     assert ids[-1] == tok.eos_id and labels[-1] == tok.eos_id
@@ -1807,12 +1808,7 @@ def test_hf_slash_s_that_is_a_special_token_of_its_own_encodes_as_that_token(tmp
 def test_a_special_token_whose_text_starts_with_another_ones_is_read_whole(tmp_path):
     """Special-token strings are matched longest first: where one starts with another ("<s>" and "<s>end"), the
     longer is its own token, not the shorter one followed by text (the slow LlamaTokenizer's no-split tokens)."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "p"), vocab_size=300, bos_id=1,
-                                   eos_id=2, unk_id=0, bos_piece="<s>", eos_piece="<s>end", byte_fallback=True,
-                                   minloglevel=2)
-    tok = Tokenizer(tmp_path / "p.model")
+    tok = Tokenizer(train_spm(tmp_path, "p", bos_piece="<s>", eos_piece="<s>end"))
     assert tok.eos_text == "<s>end" and tok.eos_text.startswith(tok.sp.id_to_piece(tok.bos_id))
     ids = tok.encode("the fox<s>end the dog<s>", special=True)
     assert ids == tok.encode("the fox") + [tok.eos_id] + tok.encode(" the dog") + [tok.bos_id]
@@ -1856,11 +1852,7 @@ def test_the_summary_totals_of_several_inputs_are_those_of_one_file_holding_all_
 
 
 def test_a_sentencepiece_model_with_a_pad_piece_pads_with_it_and_one_without_with_unk(tmp_path, tiny_spm):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "pad"), vocab_size=300, unk_id=0,
-                                   bos_id=1, eos_id=2, pad_id=3, byte_fallback=True, minloglevel=2)
-    tok = Tokenizer(tmp_path / "pad.model")
+    tok = Tokenizer(train_spm(tmp_path, "pad", pad_id=3))
     assert tok.pad_id == tok.sp.pad_id() == tok.sp.piece_to_id("<pad>") == 3 != tok.sp.unk_id()
     plain = Tokenizer(tiny_spm)
     assert plain.sp.pad_id() == -1 and plain.pad_id == plain.sp.unk_id()  # LLaMA-2's: no pad piece
