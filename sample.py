@@ -95,8 +95,9 @@ def check_args(parser, args):
         parser.error("--max_new_tokens must be positive and --limit at least 0")
     if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN fails both, as in model.generate
         parser.error("--temperature must be a finite number >= 0 and --top_p in (0, 1]")
-    if args.temperature == 0 and args.top_p != 1:
-        parser.error("--top_p applies to sampling only: give --temperature > 0 with it (temperature 0 is greedy)")
+    if args.temperature == 0 and (args.top_p != 1 or args.seed is not None):  # greedy decoding would ignore it
+        flag = "--top_p" if args.top_p != 1 else "--seed"
+        parser.error(f"{flag} applies to sampling only: give --temperature > 0 with it (temperature 0 is greedy)")
 
 
 def main(argv=None):
@@ -110,10 +111,11 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
     parser.add_argument("--top_p", type=float, default=1.0, help="sampling only (temperature > 0)")
-    parser.add_argument("--seed", type=int, default=0, help="the sampling seed (temperature > 0)")
+    parser.add_argument("--seed", type=int, help="the sampling seed (temperature > 0; default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     check_args(parser, args)
+    args.seed = 0 if args.seed is None else args.seed  # sampling's seed when none is given
     try:
         train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed})  # as train.py checks them
         records = records_of(args)

@@ -146,6 +146,17 @@ def test_tiktoken_file_is_detected_and_encodes_with_llama3_specials(tmp_path):
     assert tok.eos_id not in tok.encode("a</s>b")  # plain text stays text
 
 
+def test_decode_gives_ids_past_the_vocabulary_no_text_with_every_tokenizer_kind(tmp_path, tiny_spm):
+    """A base may pad its embedding past its tokenizer's vocabulary, and generation draw those ids: SentencePiece and
+    tiktoken raised on them (IndexError, KeyError); they have no text, as Hugging Face tokenizers' decode gives."""
+    pytest.importorskip("tiktoken")
+    write_tiktoken_file(tmp_path / "tokenizer.model")
+    folder = hf_tokenizer_folder(tmp_path / "hf")
+    for tok in (Tokenizer(tmp_path / "tokenizer.model"), Tokenizer(tiny_spm), Tokenizer(folder)):
+        ids = tok.encode("hello world")
+        assert tok.decode([tok.vocab_size + 3] + ids + [tok.vocab_size, tok.vocab_size + 1000]) == tok.decode(ids)
+
+
 def test_tiktoken_file_without_the_package_names_pip_install(tmp_path, monkeypatch):
     write_tiktoken_file(tmp_path / "tokenizer.model")
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # makes `import tiktoken` fail

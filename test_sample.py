@@ -82,6 +82,8 @@ def test_sampling_repeats_with_its_seed_and_a_long_prompt_is_cut_to_fit(runs, ca
         assert "the prompt was cut" not in printed  # a short prompt is whole
         texts.append(answers(printed)[0][2])
     assert texts[0] == texts[1] and len(set(texts[1:])) > 1  # 12 tokens at temperature 1.5: seeds differ
+    sample.main(argv)
+    assert answers(capsys.readouterr().out)[0][2] == texts[0]  # no --seed: seed 0
     sample.main(["--out_dir", out, "--instruction", "word " * 400, "--max_new_tokens=4"])
     assert "(the prompt was cut to its start and end: the model has 256 positions)" in capsys.readouterr().out
 
@@ -102,6 +104,22 @@ def test_a_sampled_answer_is_the_models_own_at_that_temperature_top_p_and_seed(r
         assert sampled(temperature, top_p, seed) == tok.decode(want)
     greedy = tok.decode(trained.generate([ids], 12, eos_id=tok.eos_id)[0])
     assert [sampled(1.5, 1e-6, seed) for seed in (0, 1, 2)] == [greedy] * 3
+
+
+def test_ids_of_a_bases_padding_rows_past_the_tokenizers_vocabulary_are_answered_as_no_text(runs):
+    """train.py accepts a base whose embedding is padded past its tokenizer's vocabulary (VOCAB_PADDING): sampling can
+    draw those ids, and SentencePiece's decode raised an IndexError on them (a traceback); they have no text."""
+    model, r = sample.load_run(str(runs["lora"][0]), device="cpu")
+    vocab, extra = r.tok.vocab_size, 64
+    with torch.no_grad():  # padding rows likelier than most real ones, so that a few draws take them
+        for m in (model.tok_embeddings, model.output):
+            m.weight = torch.nn.Parameter(torch.cat([m.weight, 3 * m.weight[:extra]]), requires_grad=False)
+    model.args.vocab_size = vocab + extra
+    record = {"instruction": "Name a film."}
+    drawn = model.generate([data.encode_prompt(r.tok, record)], 24, eos_id=r.tok.eos_id, temperature=1.5, seed=0)[0]
+    assert any(i >= vocab for i in drawn) and any(i < vocab for i in drawn)
+    text = sample.answer(model, r, record, 24, temperature=1.5, seed=0)[0]
+    assert text == r.tok.decode([i for i in drawn if i < vocab])
 
 
 def test_records_may_be_a_json_list_or_jsonl(runs, tmp_path, capsys):
@@ -160,17 +178,18 @@ def test_a_records_file_of_no_records_is_refused_before_the_run_is_read(tmp_path
 
 
 def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path, capsys):
-    """An infinite or NaN temperature, --top_p under greedy decoding (it would be ignored), a seed outside torch's
-    range and a device train.py does not know: one sentence each (train's own for the last two), before sample.py
-    reads any run."""
+    """An infinite or NaN temperature, --top_p or --seed under greedy decoding (they would be ignored), a seed outside
+    torch's range and a device train.py does not know: one sentence each (train's own for the last two), before
+    sample.py reads any run."""
     seed = "config key 'seed' must be in [0, 2**63)"
     cases = [("--temperature=inf", "--temperature must be a finite number"), ("--temperature=nan", "finite number"),
-             ("--top_p=0.5", "--top_p applies to sampling only"), (f"--seed={10 ** 23}", seed), ("--seed=-1", seed),
+             ("--top_p=0.5", "--top_p applies to sampling only"), ("--seed=3", "--seed applies to sampling only"),
+             (f"--temperature=1 --seed={10 ** 23}", seed), ("--temperature=1 --seed=-1", seed),
              ("--device=tpu", "config key 'device' must be auto, cpu, cuda or cuda:N"),
              ("--top_p=0", "--top_p in (0, 1]"), ("--top_p=1.5", "--top_p in (0, 1]")]
     for flag, message in cases:
         with pytest.raises(SystemExit) as e:
-            sample.main(["--out_dir", str(tmp_path / "none"), "--instruction", "x", flag])
+            sample.main(["--out_dir", str(tmp_path / "none"), "--instruction", "x", *flag.split()])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), (flag, err)
 

@@ -207,4 +207,6 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self.kind == "tokenizers":
             return self.hf.decode(ids, skip_special_tokens=False)
+        # ids past the vocabulary (a base's padding rows, which generation can draw) have no text, as in tokenizers
+        ids = [i for i in ids if 0 <= i < self.vocab_size]
         return self.enc.decode(ids) if self.kind == "tiktoken" else self.sp.decode(ids)
