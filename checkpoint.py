@@ -11,6 +11,7 @@ read with weights_only=True: RNG states are stored as tensors and plain values, 
 plain types, so no file can run code when loaded.
 """
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -74,6 +75,25 @@ def is_adapter_file(obj):
 
 
 CKPT_KEYS = ("state", "optimizer", "iter", "config", "rng", "model_args")
+
+
+ADAPTER_KEYS = ("adapter", "r", "experts", "alpha", "competition", "targets")  # what adapter.pt does not record
+
+
+def check_adapter_settings(path, cfg, computes):
+    """eval_only of an adapter.pt alone: it holds tensors, not the method or alpha that scale them. The config in the
+    results.json beside it (the run's, or an earlier eval_only's) must compute the same: computes(config) is what
+    shapes the adapter's function; a change that only names it otherwise (competition None or True) is fine."""
+    try:
+        with open(os.path.join(os.path.dirname(path), "results.json"), encoding="utf-8") as f:
+            saved = json.load(f)["config"]
+        ran = {**cfg, **{k: saved[k] for k in ADAPTER_KEYS if k in saved}}
+        differs = computes(ran) != computes(cfg)
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError):  # none, or unreadable: the flags alone
+        return
+    if differs:
+        flags = " ".join(f"--{k}={ran[k]}" for k in ADAPTER_KEYS if ran[k] != cfg[k])
+        raise UserError(f"{path} was trained with {flags} (says the results.json beside it); score it with those.")
 
 
 def load_checkpoint(path):

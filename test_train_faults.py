@@ -497,6 +497,27 @@ def test_eval_only_scores_a_run_by_its_own_config_not_the_command_lines(run_data
         train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--eval_only=True", "--alpha=8.0")))
 
 
+def test_eval_only_of_an_adapter_alone_is_refused_with_settings_its_results_json_says_it_was_not_trained_with(
+        run_data, tmp_path):
+    """adapter.pt records tensors, not the alpha or method that scale them: without ckpt.pt, eval_only builds the
+    adapters from the flags, and another --alpha scored the same adapter as another function without a word. The
+    results.json beside it names the run's settings; a change that computes the same (competition None or True for
+    TeamLoRA) is fine, and a run's adapter with no results.json beside it is scored by the flags, as before."""
+    out = tmp_path / "o"
+    first = train.train(train.parse_config(train_flags(run_data, out, "--alpha=4.0", "--max_iters=4",
+                                                       "--eval_interval=4")))
+    os.remove(out / "ckpt.pt")
+    for flags, named in ((["--alpha=8.0"], "--alpha=4.0"), (["--alpha=4.0", "--adapter=moelora", "--competition=True"],
+                                                           "--adapter=teamlora --competition=None")):
+        with pytest.raises(train.UserError, match=f"adapter.pt was trained with {named} .*results.json"):
+            train.train(train.parse_config(train_flags(run_data, out, "--eval_only=True", *flags)))
+    again = train.train(train.parse_config(train_flags(run_data, out, "--eval_only=True", "--alpha=4.0",
+                                                       "--competition=True")))
+    assert again["scores"] == first["scores"]
+    os.remove(out / "results.json")
+    train.train(train.parse_config(train_flags(run_data, out, "--eval_only=True", "--alpha=8.0")))  # the flags'
+
+
 def test_a_diverged_run_stops_before_its_step_or_checkpoint_and_resumes_at_a_lower_rate(run_data, tmp_path, capsys,
                                                                                          monkeypatch):
     out = finished_run(run_data, tmp_path / "run", "--max_iters=2")

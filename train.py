@@ -589,6 +589,7 @@ def load_trained_adapter(r, raw):
         state = checkpoint.load_pt(path, "adapter")
         if not checkpoint.is_adapter_file(state):
             raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
+        checkpoint.check_adapter_settings(path, r.cfg, lambda c: (adapter_kwargs(c), c["targets"]))
         checkpoint.load_state(raw, state, r.cfg)
 
 
