@@ -33,7 +33,7 @@ import sentencepiece as spm
 
 from data import UserError, prepare, write_jsonl
 from errors import exit_with
-from files import blocked_parent, write_atomic
+from files import LOCK, blocked_parent, hold, let_go, remove_stale_temporaries, write_atomic
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
@@ -462,7 +462,16 @@ def _train_tokenizer(lines, vocab_size):
 TRAIN_WEIGHT = {"sentiment": 0.6, "nli": 1.6, "paraphrase": 1.6, "choice": 1.6, "blank": 1.6, "qa": 1.0, "summary": 0.3}
 
 
+def _item(record):
+    """What makes a record the item it is: the lines of its input (its instruction where it has none, as QA's),
+    without their labels ("Text 1: "), in any order, case and spacing aside. The instruction is one of the task's
+    phrasings, and two questions asked the other way round (or two options listed so) are still one item."""
+    lines = (record["input"] or record["instruction"]).split("\n")
+    return frozenset(" ".join(line.split(": ", 1)[-1].lower().split()) for line in lines)
+
+
 BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
+SUITE_FILES = ("train.jsonl", "corpus.txt", "tokenizer.model", "suite.json", BUILDING)
 
 
 def _check_out_dir(out_dir):
@@ -472,7 +481,7 @@ def _check_out_dir(out_dir):
         raise UserError("--out is empty; give a folder for the suite, e.g. --out data/mini_cme.")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} is a file, not a folder; choose another folder for the suite.")
-    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    names = sorted(set(os.listdir(out_dir)) - {LOCK}) if os.path.isdir(out_dir) else []  # LOCK: a build held it
     if "suite.json" in names:
         raise UserError(f"{out_dir} already holds a mini-CME suite; choose another folder, or delete that one "
                         "(and what was built from it) to build it again.")
@@ -493,14 +502,14 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
         tokenizer.model     SentencePiece, trained on the corpus and the training records
         suite.json          the summary, written last: its presence means the suite is complete
     The same seed gives byte-identical files. QA and choice test sets ask facts that only corpus.txt
-    states; no val or test prompt repeats another prompt of the suite."""
+    states; no val or test record repeats the item of another record of the suite (_item: its input, whatever
+    the instruction's phrasing or its lines' order). A second build into out_dir while this one writes it is
+    refused (files.hold: out_dir keeps the lock file, .lock)."""
     w = build_world(seed)
     if corpus_docs < 2 * len(w["entities"]):
         raise UserError(f"corpus_docs={corpus_docs} is too small; use at least {2 * len(w['entities'])} so that "
                          "every entity's facts reach the corpus.")
-    _check_out_dir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    write_atomic(os.path.join(out_dir, BUILDING), "")  # a build of ours: one cut short may start again here
+    _check_out_dir(out_dir)  # before the work; again below, once the folder is held
     # test before val: the test sets stay what they were when val was smaller
     sizes = {"train": n_train_per_task, "test": n_test_per_task, "val": n_val_per_task}
     data = {split: {} for split in sizes}
@@ -510,11 +519,11 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
             rng, records = random.Random(f"{seed}-{name}-{split}"), []
             n = round(n * TRAIN_WEIGHT[name]) if split == "train" else n
             for i in range(n):
-                for _ in range(100):  # retry a prompt seen before; a tiny world may run out of new ones
+                for _ in range(100):  # retry an item seen before; a tiny world may run out of new ones
                     record = generate(w, rng, i, split)
-                    if split == "train" or (record["instruction"], record["input"]) not in seen:
+                    if split == "train" or _item(record) not in seen:
                         break
-                seen.add((record["instruction"], record["input"]))
+                seen.add(_item(record))
                 records.append(record)
             data[split][name] = records
     train = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"], "task": name}
@@ -525,20 +534,28 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
                     for line in r[field].split("\n")]
     tokenizer = _train_tokenizer([t for t in texts if t], vocab_size)
 
-    for split in ("val", "test"):
-        for name, records in data[split].items():
-            write_jsonl(os.path.join(out_dir, split, f"{name}.jsonl"), records)
-    write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
-    write_atomic(os.path.join(out_dir, "corpus.txt"), "\n\n".join(docs) + "\n")
-    write_atomic(os.path.join(out_dir, "tokenizer.model"), tokenizer)
     summary = {"seed": seed, "vocab_size": vocab_size, "corpus_docs": len(docs), "corpus_chars": sum(map(len, docs)),
                "entities": len(w["entities"]), "held_out_facts": len(w["held"]), "train": len(train),
                "val": sum(map(len, data["val"].values())),
                "tasks": {name: {"metric": t.metric, "max_new_tokens": t.max_new_tokens,
                                 "labels": t.labels and list(t.labels), **{s: len(data[s][name]) for s in sizes}}
                          for name, t in SYNTHETIC_TASKS.items()}}
-    write_atomic(os.path.join(out_dir, "suite.json"), json.dumps(summary, indent=1) + "\n")
-    os.remove(os.path.join(out_dir, BUILDING))
+    if busy := hold(out_dir, SUITE_FILES):  # and removes the temporaries of a build stopped by Ctrl-C or kill
+        raise UserError(f"{out_dir} is being built by {busy}; wait for that build to end, or choose another folder.")
+    try:
+        _check_out_dir(out_dir)  # again, now held: a build that ended meanwhile left its suite there
+        write_atomic(os.path.join(out_dir, BUILDING), "")  # a build of ours: one cut short may start again here
+        for split in ("val", "test"):
+            remove_stale_temporaries(os.path.join(out_dir, split), [f"{name}.jsonl" for name in _GENERATORS])
+            for name, records in data[split].items():
+                write_jsonl(os.path.join(out_dir, split, f"{name}.jsonl"), records)
+        write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
+        write_atomic(os.path.join(out_dir, "corpus.txt"), "\n\n".join(docs) + "\n")
+        write_atomic(os.path.join(out_dir, "tokenizer.model"), tokenizer)
+        write_atomic(os.path.join(out_dir, "suite.json"), json.dumps(summary, indent=1) + "\n")
+        os.remove(os.path.join(out_dir, BUILDING))
+    finally:
+        let_go(out_dir)
     return summary
 
 
