@@ -28,6 +28,7 @@ import io
 import json
 import os
 import random
+import sys
 
 import sentencepiece as spm
 
@@ -470,6 +471,7 @@ def _item(record):
     return frozenset(" ".join(line.split(": ", 1)[-1].lower().split()) for line in lines)
 
 
+VERSION = 2  # suite.json's; 1 (unnamed): val and test repeated training items under another phrasing
 BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
 SUITE_FILES = ("train.jsonl", "corpus.txt", "tokenizer.model", "suite.json", BUILDING)
 
@@ -534,9 +536,9 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
                     for line in r[field].split("\n")]
     tokenizer = _train_tokenizer([t for t in texts if t], vocab_size)
 
-    summary = {"seed": seed, "vocab_size": vocab_size, "corpus_docs": len(docs), "corpus_chars": sum(map(len, docs)),
-               "entities": len(w["entities"]), "held_out_facts": len(w["held"]), "train": len(train),
-               "val": sum(map(len, data["val"].values())),
+    summary = {"version": VERSION, "seed": seed, "vocab_size": vocab_size, "corpus_docs": len(docs),
+               "corpus_chars": sum(map(len, docs)), "entities": len(w["entities"]), "held_out_facts": len(w["held"]),
+               "train": len(train), "val": sum(map(len, data["val"].values())),
                "tasks": {name: {"metric": t.metric, "max_new_tokens": t.max_new_tokens,
                                 "labels": t.labels and list(t.labels), **{s: len(data[s][name]) for s in sizes}}
                          for name, t in SYNTHETIC_TASKS.items()}}
@@ -594,6 +596,15 @@ def build_demo_data(cfg):
     if not os.path.isfile(f"{ROOT}/suite.json"):
         print(f"building the synthetic mini-CME suite in {ROOT} (once)...")
         make_suite(ROOT, seed=0)
+    try:
+        with open(f"{ROOT}/suite.json", encoding="utf-8") as f:
+            old = json.load(f).get("version", 1) < VERSION
+    except (OSError, ValueError, AttributeError, TypeError):  # train.py names what is wrong with the files it reads
+        old = False
+    if old:
+        print(f"warning: {ROOT} was built by an older minicme.py, whose validation and test sets repeat training "
+              f"items (their scores come out too high); delete {ROOT} to build it anew (a few minutes).",
+              file=sys.stderr)
     if uses["data_dir"] and not os.path.isfile(f"{cfg['data_dir']}/summary.json"):
         prepare([f"{ROOT}/train.jsonl"], DEMO["tokenizer"], cfg["data_dir"], max_len=256, val_fraction=0.03, quiet=True)
     if not uses["init_from"] or os.path.isfile(cfg["init_from"]):

@@ -674,6 +674,23 @@ def test_the_demo_base_is_pretrained_on_the_corpus_documents_each_cut_in_halves(
     assert sum("</s>" in minicme.halves(d) for d in docs) == 2  # the multi-sentence documents are cut
 
 
+def test_a_demo_suite_built_by_an_older_minicme_is_named_as_such(tmp_path, monkeypatch, capsys):
+    """A suite of version 1 (no version in suite.json) repeated training items in its val and test sets: a demo run
+    on one is told so, and how to build it anew; a suite of this code's is not."""
+    monkeypatch.chdir(tmp_path)
+    make_suite(minicme.ROOT, seed=0, **SUITE_SIZES)
+    cfg = dict(minicme.DEMO, data_dir="mine/tokens", init_from="mine/base.pt")
+    minicme.build_demo_data(cfg)
+    assert "older" not in capsys.readouterr().err
+    path = tmp_path / minicme.ROOT / "suite.json"
+    summary = json.loads(path.read_text())
+    assert summary.pop("version") == minicme.VERSION
+    path.write_text(json.dumps(summary))
+    minicme.build_demo_data(cfg)
+    err = capsys.readouterr().err
+    assert f"{minicme.ROOT} was built by an older minicme.py" in err and f"delete {minicme.ROOT}" in err
+
+
 def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp_path, monkeypatch, capsys):
     seeds = []
 
