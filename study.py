@@ -23,8 +23,9 @@ The protocol, fixed before any final run:
 
 Each run is train.py with one configuration (the code path of a real run), fine-tuning the base
 that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
-run is not run again and a stopped one resumes, so an interrupted study continues where it stopped (a
-finished or stopped run made with other --steps or flags is refused: give such a study its own --out).
+or diverged run is not run again, a stopped one resumes and one killed before its first checkpoint starts
+again, so an interrupted study continues where it stopped (a finished, stopped or diverged run made with
+other --steps or flags is refused, before anything trains: give such a study its own --out).
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
 keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
@@ -91,7 +92,8 @@ TABLES = {
 }
 INSTEAD = dict(seed="seeds", max_iters="steps", eval_interval="steps", out_dir="out")  # a run's key -> the study's
 NOT_A_CHANGE = ("device", "threads", "fsdp", "activation_checkpointing", "compile", "tf32", "eval_batch_size",
-                "log_interval", "out_dir")  # what a run may have had otherwise and still be this study's (launch)
+                "log_interval", "out_dir", "overwrite")  # what a run may have had otherwise and still be this study's
+DIVERGED = "diverged.json"  # launch's record of a run whose loss diverged: its settings and train.py's error
 PATHS = ("data_dir", "eval_dir", "tokenizer", "init_from")  # compared as the files they name
 CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "full": "F"}  # Figure 4b: run -> mark
 
@@ -176,19 +178,41 @@ def check_out(out):
         raise data.UserError(f"--out {out} can not be written: {blocker}; choose another --out.")
 
 
-def launch(flags, threads):
-    """One run in its own process (one thread budget each): (status, seconds). A finished run is not
-    rerun, a stopped one resumes; a run whose loss diverged is "diverged", any other failure raises."""
+def check_settings(flags):
+    """The run folder of `flags`; a finished, stopped or diverged run there made with other settings is refused (a
+    study rerun with other --steps or flags in the same --out would report that run as its own)."""
     out = next(f.partition("=")[2] for f in reversed(flags) if f.startswith("--out_dir="))
-    for name, state in (("results.json", "finished"), ("ckpt.pt", "stopped")):
-        changed = changed_settings(flags, os.path.join(out, name))
-        if changed:  # a study rerun with other --steps or flags in the same --out would report this run as its own
+    finished = os.path.isfile(os.path.join(out, "results.json"))  # then its ckpt.pt is the same run's: not read
+    for name, state in (("results.json", "finished"), ("ckpt.pt", "stopped"), (DIVERGED, "diverged")):
+        changed = "" if finished and name == "ckpt.pt" else changed_settings(flags, os.path.join(out, name))
+        if changed:
             raise data.UserError(f"the {state} run in {out} was made with {changed}; pass another --out for a study "
                                  "with these settings, or delete that folder to redo the run.")
+    return out
+
+
+def check_runs(opts, extra, names):
+    """Before anything trains: every folder the study would take as done, diverged or to continue holds a readable
+    run of these settings (a damaged or foreign one was named only after all the other runs had trained)."""
+    methods = dict.fromkeys(METHOD_OF[n] for n in names)
+    for name, seed, eval_dir in [(METHODS[m][0], SELECTION_SEED, opts["val_dir"]) for m in methods] + \
+            [(n, s, None) for n in names for s in opts["seeds"]]:
+        for lr in opts["grid"]:  # a final run's rate is chosen later: each rate's folder
+            read_results(check_settings(run_flags(name, seed, lr, opts, extra, eval_dir=eval_dir)), opts["steps"])
+
+
+def launch(flags, threads):
+    """One run in its own process (one thread budget each): (status, seconds). A finished run is not
+    rerun, a stopped one resumes; a run whose loss diverged is "diverged" (and not rerun), any other failure raises."""
+    out, settings = check_settings(flags), flags
     if os.path.isfile(os.path.join(out, "results.json")):
         return "done before", 0.0
+    if os.path.isfile(os.path.join(out, DIVERGED)):
+        return "diverged before", 0.0
     if os.path.isfile(os.path.join(out, "ckpt.pt")):  # stopped by Ctrl-C: continue it exactly
         flags = flags + ["--init_from=resume"]
+    elif any(os.path.lexists(os.path.join(out, f)) for f in train.RUN_FILES + ("log.jsonl",)):
+        flags = flags + ["--overwrite=True"]  # killed (kill -9) before its first checkpoint: nothing to continue
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
     t = time.time()
@@ -202,6 +226,8 @@ def launch(flags, threads):
         with open(os.path.join(out, "stdout.txt")) as f:
             tail = (f.read().strip().splitlines() or ["no output"])[-1]
         if re.search(r"error: the (loss|gradient norm|validation loss) became", tail):  # train.check_finite's
+            config = {k: v for k, v in train.parse_config(settings).items() if not k.startswith("_")}
+            files.write_atomic(os.path.join(out, DIVERGED), json.dumps({"config": config, "error": tail}, indent=1))
             return "diverged", time.time() - t
         raise data.UserError(f"the run in {out} failed: {tail}; its log is {out}/stdout.txt, and the study "
                              "continues from it when rerun.")
@@ -234,7 +260,7 @@ def run_all(jobs, opts, later=0):
     pool = ThreadPoolExecutor(opts["workers"])
     try:
         for i, ((label, _), (status, secs)) in enumerate(zip(jobs, pool.map(lambda j: launch(j[1], threads), jobs))):
-            ran += status != "done before"
+            ran += not status.endswith(" before")
             minutes = (time.time() - start) / 60
             left = minutes / max(ran, 1) * (len(jobs) - i - 1 + later)
             print(f"[{i + 1}/{len(jobs)}] {label}: {status}" + (f" in {secs:.0f} s" if secs else "") +
@@ -351,7 +377,8 @@ def fmt(values):
     return f"{m:.1f}±{s:.1f}" if len(values) > 1 else f"{m:.1f}"
 
 
-def table(title, rows, results, tasks, chosen):
+def table(title, rows, results, tasks, chosen, seeds=()):
+    """A table's lines; a row over fewer than the study's `seeds` says over how many (missing_runs names the rest)."""
     chance = next(iter(results.values()))[0].get("chance", {})
     lines = [f"### {title}", "", "| " + " | ".join(["method", "lr", "Params%"] + tasks + ["average", "train s"]) + " |",
              "|" + "---|" * (len(tasks) + 5)]
@@ -367,6 +394,7 @@ def table(title, rows, results, tasks, chosen):
         cells = [fmt([r["scores"][t] for r in runs]) for t in tasks]
         secs = fmt([r["train_seconds"] for r in runs])
         lr = chosen[METHOD_OF[name]][0]
+        label += f" ({len(runs)} of {len(seeds)} seeds)" if len(runs) < len(seeds) else ""
         lines.append(f"| {label} | {lr:g} | {pct:.2f} | " + " | ".join(cells) +
                      f" | **{fmt([average(r) for r in runs])}** | {secs} |")
     return lines
@@ -400,6 +428,18 @@ def comparisons(results):
         verdict = "higher" if m - h > 0 else "lower" if m + h < 0 else "cannot tell"
         lines.append(f"| {RUNS[name][0]} | {len(pairs)} | {m:+.1f} | {m - h:+.1f} .. {m + h:+.1f} | {verdict} |")
     return lines if len(lines) > 2 else ["(comparisons need at least 2 seeds of TeamLoRA and of another run)"]
+
+
+def missing_runs(opts, names, chosen, results):
+    """A line for each run with seeds missing from its means: which, and whether each diverged or is not finished."""
+    lines = []
+    for name in names:
+        have = {r["config"]["seed"] for r in results.get(name, [])}
+        folder = lambda s: os.path.join(opts["out"], f"{name}-lr{chosen[METHOD_OF[name]][0]:g}-seed{s}")
+        gone = [f"seed {s} " + ("diverged" if os.path.isfile(os.path.join(folder(s), DIVERGED)) else "not finished")
+                for s in opts["seeds"] if s not in have]
+        lines += [f"- {RUNS[name][0]}: {', '.join(gone)}"] if gone else []
+    return lines
 
 
 def selection_table(chosen):
@@ -489,7 +529,7 @@ def pngs(results, out):
         ax.legend()
         fig.tight_layout()
         written.append(os.path.join(out, "loss.png"))
-        fig.savefig(written[-1], dpi=120)
+        files.write_atomic(written[-1], lambda f: fig.savefig(f, format="png", dpi=120))  # a Ctrl-C keeps the old one
     loads = mean_loads(results, "teamlora")
     if loads:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -498,7 +538,7 @@ def pngs(results, out):
         fig.colorbar(im)
         fig.tight_layout()
         written.append(os.path.join(out, "expert_load.png"))
-        fig.savefig(written[-1], dpi=120)
+        files.write_atomic(written[-1], lambda f: fig.savefig(f, format="png", dpi=120))  # a Ctrl-C keeps the old one
     return written
 
 
@@ -512,7 +552,9 @@ def report(opts, names, chosen):
              f"### Learning-rate selection (mean validation score, seed {SELECTION_SEED}; the other runs of a "
              "method reuse its rate)", ""] + selection_table(chosen) + [""]
     for title, rows in TABLES.items():
-        lines += table(title, rows, results, tasks, chosen) + [""]
+        lines += table(title, rows, results, tasks, chosen, opts["seeds"]) + [""]
+    if missing := missing_runs(opts, names, chosen, results):  # never averaged over fewer seeds without a word
+        lines += ["### Runs missing from the means above", ""] + missing + [""]
     lines += ["### Differences against TeamLoRA (average score, paired by seed)", ""] + comparisons(results) + [""]
     for title, chart in (("Training loss (the paper's Figure 4b)", loss_chart(results)),
                          ("Expert load (the paper's Figure 5)", load_chart(results))):
@@ -540,6 +582,14 @@ def main(argv=None):
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
         if not opts["report"]:
             check_out(opts["out"])
+            if not cfg["eval_dir"]:  # the final runs would train and write no scores: "no finished runs", hours later
+                raise data.UserError("--eval_dir is empty, and the study scores its final runs on it; give the folder "
+                                     "of the test sets (<task>.jsonl).")
+            if os.path.realpath(cfg["eval_dir"]) == os.path.realpath(opts["val_dir"]):
+                raise data.UserError(f"--val_dir and --eval_dir are the same folder ({opts['val_dir']}), so the "
+                                     "learning rates would be chosen on the test sets; give the validation sets a "
+                                     "folder of their own.")
+            check_runs(opts, extra, names)
             if train.build_demo(cfg):  # the suite, its shards and the base, when the demo defaults are used
                 raise data.UserError("pretraining the demo's base was interrupted (its checkpoint is written); run the "
                                      "study again to continue it.")

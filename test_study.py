@@ -671,14 +671,16 @@ def test_loss_png_is_drawn_only_where_a_run_of_the_study_has_a_loss_curve(tmp_pa
         def __getattr__(self, name):
             return lambda *a, **k: None
 
-        def savefig(self, path, **k):
-            saved.append(path)
+        def savefig(self, f, format=None, **k):  # the PNG's bytes, into the file it is given
+            saved.append(format)
+            f.write(b"PNG")
     pyplot = SimpleNamespace(subplots=lambda **k: (Drawing(), Drawing()))
     monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
     run = {"curve": [(1, 2.0), (2, 1.5)], "config": {"seed": 1}}
     assert study.pngs({"lora8": [run]}, str(tmp_path)) == [] and saved == []
-    assert study.pngs({"lora8": [run], "lora32": [run]}, str(tmp_path)) == [str(tmp_path / "loss.png")] == saved
+    assert study.pngs({"lora8": [run], "lora32": [run]}, str(tmp_path)) == [str(tmp_path / "loss.png")]
+    assert saved == ["png"] and os.listdir(tmp_path) == ["loss.png"]
 
 
 def test_a_study_of_zero_steps_is_refused_and_one_step_is_taken():
@@ -763,3 +765,139 @@ def test_a_finished_runs_paths_are_compared_as_the_files_they_name_not_as_spelle
     other = f"--data_dir={tmp_path / 'other' / 'tokens'}"
     assert study.changed_settings(flags + [other, same[1]], str(folder / "results.json")) == (
         f"data_dir='data/tokens' (now {str(tmp_path / 'other' / 'tokens')!r})")
+
+
+def test_a_chart_stopped_while_it_is_written_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """loss.png was saved in place: a Ctrl-C while matplotlib wrote it left half a PNG where the last study's was.
+    A stand-in matplotlib writes half its bytes, then is stopped."""
+    class Drawing:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def savefig(self, target, **k):
+            f = open(target, "wb") if isinstance(target, str) else target  # a path is written in place
+            f.write(b"\x89PNG half")
+            f.flush()
+            raise KeyboardInterrupt
+    pyplot = SimpleNamespace(subplots=lambda **k: (Drawing(), Drawing()))
+    monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    (tmp_path / "loss.png").write_bytes(b"\x89PNG the last study's whole chart")
+    with pytest.raises(KeyboardInterrupt):
+        study.pngs({"lora32": [{"curve": [(1, 2.0)], "config": {"seed": 1}}]}, str(tmp_path))
+    assert (tmp_path / "loss.png").read_bytes() == b"\x89PNG the last study's whole chart"
+
+
+def test_a_study_continues_past_a_diverged_run_and_one_killed_before_its_first_checkpoint(run_data, tmp_path,
+                                                                                         monkeypatch):
+    """Both leave a log.jsonl and no ckpt.pt (the study checkpoints at its last step only), and train.py refuses a
+    folder that holds a run: a study with one diverged run, or killed (kill -9) while a run trained, stopped at that
+    run on every relaunch ("failed: ... already holds a run"), telling the user to rerun it. A diverged run is now
+    not rerun (its settings are kept, and checked as a finished run's), a killed one starts again; train.py runs in
+    this process, as in test_launch_tells_a_diverged_run_from_a_failed_one."""
+    ran = []
+
+    def in_process(cmd, stdout, stderr, env):
+        ran.append(cmd[2:])
+        code = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+            try:
+                train.main(cmd[2:])
+            except SystemExit as e:
+                code = e.code
+        return study.subprocess.CompletedProcess(cmd, code)
+    monkeypatch.setattr(study.subprocess, "run", in_process)
+    opts, extra, _ = study.parse(small_study_flags(monkeypatch, run_data, tmp_path, "--eval_dir="))  # no scoring: fast
+    flags = study.run_flags("lora32", 1, 1e-3, opts, extra)
+    real_forward = Transformer.forward
+    with monkeypatch.context() as m:
+        m.setattr(Transformer, "forward", lambda self, *a, **k: (real_forward(self, *a, **k)[0], train.torch.tensor(
+            math.nan, requires_grad=True)))
+        assert study.launch(flags, 1)[0] == "diverged"
+    folder = tmp_path / "lora32-lr0.001-seed1"
+    assert (folder / "log.jsonl").exists() and not (folder / "ckpt.pt").exists()
+    assert study.launch(flags, 1) == ("diverged before", 0.0) and len(ran) == 1  # not rerun, not "failed"
+    assert study.read_results(folder) is None  # nor read as a finished run
+    other = study.run_flags("lora32", 1, 1e-3, opts | {"steps": 4}, extra)
+    with pytest.raises(study.data.UserError, match=r"the diverged run in .* was made with max_iters=3 \(now 4\)"):
+        study.launch(other, 1)
+    killed = study.run_flags("lora8", 1, 1e-3, opts, extra)  # what a run killed at its first steps leaves
+    (tmp_path / "lora8-lr0.001-seed1").mkdir()
+    (tmp_path / "lora8-lr0.001-seed1" / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    assert study.launch(killed, 1)[0] == "done" and (tmp_path / "lora8-lr0.001-seed1" / "ckpt.pt").exists()
+    assert study.launch(killed, 1)[0] == "done"  # a later launch finds it its own (started again with overwrite=True)
+    assert ran[-1][-1] == "--init_from=resume"
+
+
+@pytest.mark.parametrize("case", ["a cut results.json", "a run of other steps", "a run of other data",
+                                  "a diverged run of other steps"])
+def test_a_damaged_or_foreign_run_folder_is_refused_before_anything_trains(tmp_path, capsys, monkeypatch, case):
+    """A run folder the study takes as done was read only when it reached that run, a final run's only in the report:
+    a truncated results.json, or a folder left by a study of other settings, stopped the study after hours of other
+    runs. Every folder it would reuse (each rate's: a final run's rate is chosen later) is checked first."""
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    out = tmp_path / "study"
+    argv = [f"--out={out}", "--runs=lora8,teamlora", "--seeds=2", "--steps=60"]
+    opts, extra, _ = study.parse(argv)
+    folder = out / f"teamlora-lr{study.GRID[3]:g}-seed2"  # a final run, at the rate least likely to be chosen
+    config = train.parse_config(study.run_flags("teamlora", 2, study.GRID[3], opts, extra))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    fake_run(folder, study.GRID[3], {"a": 50.0}, seed=2)
+    (out / "select").mkdir()
+    results = json.loads((folder / "results.json").read_text()) | {"config": config}
+    text, message = {
+        "a cut results.json": ('{"scores": {"a": 5', f"the run in {folder} is damaged"),
+        "a run of other steps": (json.dumps(results | {"config": config | {"max_iters": 500}}),
+                                 f"the finished run in {folder} was made with max_iters=500 (now 60)"),
+        "a run of other data": (json.dumps(results | {"config": config | {"data_dir": "elsewhere"}}),
+                                f"the finished run in {folder} was made with data_dir='elsewhere'"),
+        "a diverged run of other steps": (None, f"the diverged run in {folder} was made with max_iters=500 (now 60)"),
+    }[case]
+    if text is None:
+        (folder / "results.json").unlink()
+        (folder / study.DIVERGED).write_text(json.dumps({"config": config | {"max_iters": 500}}))
+    else:
+        (folder / "results.json").write_text(text)
+    assert script_error(study.main, argv, capsys).startswith(f"error: {message}")
+    if case == "a run of other steps":  # the same run of this study's settings is taken as done
+        (folder / "results.json").write_text(json.dumps(results))
+        study.check_runs(opts, extra, ["lora8", "teamlora"])
+
+
+@pytest.mark.parametrize("eval_dir", ["", "VAL", "./VAL/"])
+def test_final_runs_scored_on_nothing_or_on_the_validation_sets_are_refused_before_anything_trains(
+        tmp_path, capsys, monkeypatch, eval_dir):
+    """--eval_dir= trained every final run to write no scores, then reported "no finished runs ... run python
+    study.py first" (a rerun did the same); --eval_dir equal to --val_dir chose the rates on the test sets."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "VAL").mkdir()
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    err = script_error(study.main, ["--out=study", "--val_dir=VAL", f"--eval_dir={eval_dir}"], capsys)
+    assert err == ("error: --eval_dir is empty, and the study scores its final runs on it; give the folder of the "
+                   "test sets (<task>.jsonl)." if not eval_dir else
+                   "error: --val_dir and --eval_dir are the same folder (VAL), so the learning rates would be chosen "
+                   "on the test sets; give the validation sets a folder of their own.")
+
+
+def test_a_report_names_the_seeds_missing_from_each_mean(tmp_path):
+    """A final run that diverged (or is not finished yet) was left out of its row's mean and spread without a word,
+    under a heading naming every seed: the row now says over how many seeds, and a list names the missing ones."""
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=lora8,lora32", "--report", "--seeds=4"])
+    lr = study.GRID[1]
+    fake_run(tmp_path / "select" / f"lora32-lr{lr:g}", lr, {"a": 50.0})
+    for seed, score in ((1, 60.0), (2, 70.0), (4, 65.0)):
+        fake_run(tmp_path / f"lora32-lr{lr:g}-seed{seed}", lr, {"a": score}, seed=seed)
+    for seed, score in ((1, 40.0), (2, 46.0)):
+        fake_run(tmp_path / f"lora8-lr{lr:g}-seed{seed}", lr, {"a": score}, seed=seed)
+    (tmp_path / f"lora8-lr{lr:g}-seed3").mkdir()
+    (tmp_path / f"lora8-lr{lr:g}-seed3" / study.DIVERGED).write_text("{}")
+    results = study.report(opts, names, study.selection(opts, extra, names))
+    text = (tmp_path / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| LoRA r=8 "))
+    assert row.startswith(f"| LoRA r=8 (2 of 4 seeds) | {lr:g} | ") and f"| {np.mean([40, 46]):.1f}±" in row
+    assert [r["config"]["seed"] for r in results["lora8"]] == [1, 2]
+    assert "| LoRA r=32 (3 of 4 seeds) |" in text
+    assert "### Runs missing from the means above\n\n- LoRA r=8: seed 3 diverged, seed 4 not finished\n" \
+           "- LoRA r=32: seed 3 not finished\n" in text
