@@ -78,7 +78,7 @@ class TeamLoRALinear(nn.Linear):
         if (k := max(experts, 1)) != experts or r <= 0 or r % k:  # k: experts=0 must not divide the message by 0
             raise ValueError(f"TeamLoRA needs experts >= 1 and r to be a positive multiple of experts, got r={r}, "
                              f"experts={experts}: choose r = experts * r_B (e.g. r={k * max(1, r // k)}).")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features, self.training = base.in_features, base.out_features, base.training
         self.weight, self.bias = base.weight, base.bias
         self.r, self.experts, self.competition = r, experts, competition and experts > 1
         self.scaling, self.dropout, self.compile = alpha / (r // experts), dropout, compile  # the authors' alpha / r_B
@@ -146,7 +146,7 @@ def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cl
                              f"weight and bias: {odd[:3]}): leave it out of targets (dequantise a quantised one).")
     for name in matched:
         layer = (cls or TeamLoRALinear)(model.get_submodule(name), r, experts, alpha, dropout, competition, **kw)
-        model.set_submodule(name, layer)
+        model.set_submodule(name, layer.train(model.get_submodule(name).training))  # keeps the replaced layer's mode
     for n, p in model.named_parameters():
         p.requires_grad_(is_adapter(n))
     return model

@@ -462,6 +462,27 @@ def test_inject_trains_only_adapters_and_the_base_never_moves():
     assert losses[-1] < 0.9 * losses[0]
 
 
+@pytest.mark.parametrize("cls", [None, baselines.MoELoRALoop], ids=["teamlora", "moelora-loop"])
+def test_an_adapter_placed_in_a_model_in_eval_mode_stays_in_eval_mode_so_its_dropout_is_off(cls):
+    """Hugging Face's from_pretrained returns a model in eval mode: the layers inject (or TeamLoRALinear itself)
+    put in it used to start in training mode, so a model served right after loading its adapter ran the adapter's
+    dropout, and two identical forwards differed. A new layer takes the mode of the layer it replaces."""
+    torch.manual_seed(0)
+    model = Stack(n=1).eval()
+    inject(model, ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.5, competition=False, cls=cls)
+    assert not any(m.training for m in model.modules())
+    for m in model.modules():
+        if isinstance(m, (TeamLoRALinear, baselines.MoELoRALoop)):
+            with torch.no_grad():
+                m.lora_B.normal_()
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)  # no dropout mask drawn
+    model.train()  # and training still turns the dropout on
+    assert not torch.equal(model(x), model(x))
+    assert not TeamLoRALinear(nn.Linear(16, 8).eval(), r=8, experts=4).training
+    assert TeamLoRALinear(nn.Linear(16, 8), r=8, experts=4).training
+
+
 def test_interaction_matrix_off_its_diagonal_is_uniform_on_minus_to_plus_0_1():
     """The official M ~ U(-0.1, 0.1): centred, so no expert starts favoured by the others. A bound check alone
     passes a one-sided U(0, 0.1) draw; 16 experts give 240 draws, whose mean lies within 0.0037 (1 sd) of 0."""
