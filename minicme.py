@@ -471,6 +471,10 @@ def _item(record):
     return frozenset(" ".join(line.split(": ", 1)[-1].lower().split()) for line in lines)
 
 
+class Busy(UserError):
+    """make_suite's refusal of a folder that another build writes now (the demo passes it on as it stands)."""
+
+
 VERSION = 2  # suite.json's; 1 (unnamed): val and test repeated training items under another phrasing
 BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
 SUITE_FILES = ("train.jsonl", "corpus.txt", "tokenizer.model", "suite.json", BUILDING)
@@ -543,7 +547,7 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
                                 "labels": t.labels and list(t.labels), **{s: len(data[s][name]) for s in sizes}}
                          for name, t in SYNTHETIC_TASKS.items()}}
     if busy := hold(out_dir, SUITE_FILES):  # and removes the temporaries of a build stopped by Ctrl-C or kill
-        raise UserError(f"{out_dir} is being built by {busy}; wait for that build to end, or choose another folder.")
+        raise Busy(f"{out_dir} is being built by {busy}; wait for that build to end, or choose another folder.")
     try:
         _check_out_dir(out_dir)  # again, now held: a build that ended meanwhile left its suite there
         write_atomic(os.path.join(out_dir, BUILDING), "")  # a build of ours: one cut short may start again here

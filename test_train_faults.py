@@ -784,6 +784,20 @@ def test_demo_files_deleted_by_hand_are_named_with_the_demos_own_fix(tmp_path, m
             os.replace(tmp_path / gone, path)
 
 
+def test_a_demo_run_while_another_builds_the_demos_files_is_told_to_wait_not_to_delete_them(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Two first runs at once: the second found the suite's folder held by the first's build, and was told that the
+    demo's files are incomplete and to delete them, under the live build."""
+    monkeypatch.chdir(tmp_path)
+    live = held_by_another_process(tmp_path / minicme.ROOT)
+    try:
+        err = fails(["--model=tiny"], capsys, f"{minicme.ROOT} is being built by process {live.pid}; wait")
+        assert "delete" not in err and not (tmp_path / minicme.ROOT / "suite.json").exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_the_first_demo_run_warns_of_cut_answers_once_not_before_and_after_its_pretraining(tmp_path, monkeypatch,
                                                                                           capsys):
     monkeypatch.chdir(tmp_path)

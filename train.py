@@ -378,6 +378,8 @@ def build_demo(cfg, resuming=False):
         for key in ("tokenizer", "eval_dir"):
             if cfg[key] == minicme.DEMO[key] and not os.path.exists(cfg[key]):
                 raise UserError(f"{cfg[key]} not found")
+    except minicme.Busy:  # another first run builds them now: deleting them is not the fix
+        raise
     except (UserError, FileNotFoundError) as e:  # data.py's messages name its flags; the demo's files are ours
         raise UserError(f"the demo's files in {minicme.ROOT} are incomplete ({str(e).split(';')[0].rstrip('.')}); "
                         f"delete {minicme.ROOT} and run again to build them anew (a few minutes).") from None
