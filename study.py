@@ -614,6 +614,9 @@ def main(argv=None):
         return report(opts, names, chosen)
     except (data.UserError, OSError) as e:  # a full disk or a folder in the way: one line, as data.py says it
         exit_with(e)
+    except KeyboardInterrupt:  # Ctrl-C reached the runs under way too: each writes its checkpoint (a traceback before)
+        machine.leave(machine.fail("study.py stopped; run the same command again to continue where it stopped (a run "
+                                   "under way resumes from its checkpoint).", machine.INTERRUPTED))
 
 
 if __name__ == "__main__":

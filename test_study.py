@@ -767,6 +767,19 @@ def test_a_finished_runs_paths_are_compared_as_the_files_they_name_not_as_spelle
         f"data_dir='data/tokens' (now {str(tmp_path / 'other' / 'tokens')!r})")
 
 
+def test_ctrl_c_stops_the_study_with_one_line_and_the_interrupted_exit_code(run_data, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C reaches the study and its runs: each run writes its checkpoint and exits with 130, and the study said so
+    with a traceback; now one line that says how to continue, and train.py's exit code for a stopped run."""
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, "selection", stopped)
+    with pytest.raises(SystemExit) as e:
+        study.main(small_study_flags(monkeypatch, run_data, tmp_path / "s", "--runs=lora32"))
+    err = capsys.readouterr().err
+    assert e.value.code == study.machine.INTERRUPTED and "Traceback" not in err and err.count("\n") == 1
+    assert "study.py stopped; run the same command again to continue" in err
+
+
 def test_a_chart_stopped_while_it_is_written_leaves_the_old_one_whole(tmp_path, monkeypatch):
     """loss.png was saved in place: a Ctrl-C while matplotlib wrote it left half a PNG where the last study's was.
     A stand-in matplotlib writes half its bytes, then is stopped."""
