@@ -43,6 +43,7 @@ def test_moelora_loop_matches_eq7_and_the_fused_moelora_that_train_py_runs(k):
 def test_moelora_loop_injects_like_any_adapter_and_refuses_competition():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     teamlora.inject(model, ("0", "2"), r=4, experts=2, alpha=8.0, competition=False, cls=MoELoRALoop)
+    assert type(model[0]) is type(model[2]) is MoELoRALoop  # the class asked for, not TeamLoRALinear's same names
     trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trained == [f"{m}.lora_{p}" for m in ("0", "2") for p in ("A", "B", "router")]
     assert model(torch.randn(3, 8)).shape == (3, 4)
@@ -56,6 +57,38 @@ def test_hydralora_r_is_the_rank_of_its_shared_a_like_every_other_adapter():
     assert "r=4, experts=4" in repr(layer)
     team = TeamLoRALinear(nn.Linear(10, 7), r=4, experts=4, alpha=8.0)
     assert team.r == team.lora_A.shape[0] == 4  # the same meaning: the rank of the A that tokens go through
+
+
+def hydralora_reference(x, W, b, A, B, router, alpha):
+    """HydraLoRA written out in the test: h = x W^T + b + (alpha / r) sum_i phi_i B_i A x, phi = softmax(x W_r^T),
+    one A (r x d_in) and head B_i the i-th d_out x r block of B."""
+    r, k = A.shape[0], router.shape[0]
+    phi = torch.softmax(x @ router.T, -1)
+    z = x @ A.T
+    return x @ W.T + b + sum(phi[..., i:i + 1] * (alpha / r) * (z @ B[:, i * r:(i + 1) * r].T) for i in range(k))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_hydralora_matches_its_equation_and_leaves_k_times_the_router_softmax_for_the_balance_loss(k):
+    """The layer's output against the equation; its omega is TeamLoRA's convention (k phi, summing to k), so
+    teamlora.expert_load gives the mean phi and teamlora.balance_loss mean_i (mean k phi_i - 1)^2; competition=True
+    has no meaning here and is refused."""
+    torch.manual_seed(k)
+    base = nn.Linear(12, 10, dtype=torch.float64)
+    layer = HydraLoRALinear(base, r=4, experts=k, alpha=6.0, dropout=0.0, adapter_dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # a fresh B is zero, which would hide every bug
+        base.bias.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    want = hydralora_reference(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.lora_router, 6.0)
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    phi = torch.softmax(x @ layer.lora_router.detach().T, -1).reshape(-1, k)
+    model = nn.Sequential(layer)
+    torch.testing.assert_close(teamlora.expert_load(model)["0"], phi.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(teamlora.balance_loss(model), ((k * phi.mean(0) - 1) ** 2).mean(), rtol=1e-12,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="HydraLoRA has no interaction matrix: use competition=False"):
+        HydraLoRALinear(nn.Linear(12, 10), r=4, experts=k, competition=True)
 
 
 def test_hydralora_fresh_initial_state_has_its_own_shapes():

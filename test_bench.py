@@ -91,6 +91,7 @@ def test_full7b_stack_checkpoints_activations_unless_told_not_to(monkeypatch, ca
     assert built == [checkpointing] * 2
     out = capsys.readouterr().out
     assert f"activation checkpointing {'on' if checkpointing else 'off'}" in out
+    assert re.search(r"FFN adapters r=\d+ \(TeamLoRA k=\d+\) in float32,", out)  # train.py's 7B setting: fp32
     # beside each peak, the dry run's estimate for the same setting (parameters counted here from the shapes)
     st, args = stack_shapes(out), bench.ModelArgs.from_name("tiny")
     kv = args.n_kv_heads * args.dim // args.n_heads
@@ -200,6 +201,27 @@ def test_the_plain_lora_beside_the_baseline_computes_loras_function():
         for a, b in zip(g_plain, g):
             torch.testing.assert_close(a, b)
     assert [n for n, p in plain.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+
+
+def test_the_plain_lora_starts_as_its_base_and_drops_out_z_as_the_baseline_does():
+    """A fresh PlainLoRA (B = 0) computes its base layer; in training, with dropout on, it draws the same mask over
+    z = x A^T as TeamLoRALinear(experts=1) from the same seed, so the two compute the same function there too."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=False).requires_grad_(False)
+    ours = bench.adapt(base, "LoRA", 8, 4, torch.float32)
+    plain = bench.adapt(base, "LoRA, plain code", 8, 4, torch.float32)
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(plain.train()(x), base(x), rtol=0, atol=0)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        plain.lora_A.weight.copy_(ours.lora_A)
+        plain.lora_B.weight.copy_(ours.lora_B)
+    ours.dropout = plain.drop.p = 0.5
+    torch.manual_seed(1)
+    out = ours.train()(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(plain.train()(x), out)
+    assert not torch.allclose(out, ours.eval()(x))  # dropout did drop something
 
 
 def quick_cfg():
@@ -325,6 +347,7 @@ def test_resident_bytes_counts_each_storage_once_and_whole():
     t = torch.zeros(1000)
     assert bench.resident_bytes(t, t[:10], t.view(10, 100)) == 4000  # views of one storage: counted once
     assert bench.resident_bytes(t[500:]) == 4000  # a view keeps all of its storage alive
+    assert bench.resident_bytes(t, t[500:], t[999:]) == 4000  # views at an offset: still the one storage
     assert bench.resident_bytes(t, torch.zeros(10, dtype=torch.float64)) == 4080
 
 
@@ -368,8 +391,10 @@ def test_step_memory_counts_parameters_optimizer_state_and_inputs_as_resident(mo
     train, _, memory = bench.layer_steps(layer, x, grad_out, CPU)
     train()  # AdamW's state exists from the first step on
     seen = []
+    assert layer.last_omega is not None
     monkeypatch.setattr(bench, "peak_bytes", lambda fn, resident, device: seen.append(resident) or resident)
     memory()
+    assert layer.last_omega is None  # dropped before the step: freed inside it, the profiler never saw it allocated
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     trainable = [p for p in layer.parameters() if p.requires_grad]
     floor = nbytes(layer.parameters()) + 2 * nbytes(trainable) + nbytes([x, grad_out])  # + AdamW's two moments
@@ -784,6 +809,34 @@ def test_sharing_section_times_each_thread_count_alone_then_beside_a_busy_proces
     assert neighbours[0].argv[0] == sys.executable and "while True" in neighbours[0].argv[-1]  # a busy loop
     rows = table_rows(capsys.readouterr().out, ["alone", "one busy neighbour"])
     assert rows == {"alone": [200.0, 200.0], "one busy neighbour": [500.0, 1000.0]}
+
+
+def test_sharing_section_on_one_thread_times_that_one_count_once_per_machine_state(monkeypatch, capsys):
+    import subprocess
+
+    class Neighbour:
+        def __init__(self, argv):
+            pass
+
+        def kill(self):
+            pass
+
+        def wait(self):
+            pass
+    monkeypatch.setattr(subprocess, "Popen", Neighbour)
+    calls = []
+    monkeypatch.setattr(bench, "bench", lambda fns, repeats, device, warmup=2: calls.append(list(fns)) or
+                        {n: [0.1] * repeats for n in fns})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench.section_sharing(quick_cfg(), CPU, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [[1], [1]]
+    out = capsys.readouterr().out
+    assert out.count("thread(s) ms") == 1
+    assert table_rows(out, ["alone", "one busy neighbour"]) == {"alone": [100.0], "one busy neighbour": [100.0]}
 
 
 def test_spread_of_two_repeats_is_the_middle_half_of_both_ratios_not_the_first_alone():

@@ -446,9 +446,14 @@ def test_a_redesigned_task_rises_above_chance_after_a_few_dozen_full_fine_tuning
 
 def test_world_splits_its_facts_into_held_out_and_training_ones_and_differs_by_seed():
     """Every fact is either held out (asked by val and test, stated only in the corpus) or a
-    training fact, never both; every invented name is new: the blank task's story names are no world name."""
-    for seed in (0, 1, 2):
+    training fact, never both; every invented name is new: the blank task's story names are no world name (eight
+    worlds: a name drawn without the others in view collides in about one world in two). The people whose job is
+    film director are exactly those who direct the films."""
+    for seed in range(8):
         w = minicme.build_world(seed)
+        directors = {f["director"] for f in w["films"]}
+        assert directors == set(w["pools"]["director"]) == {p["name"] for p in w["entities"]
+                                                             if p.get("job") == "film director"}
         every = {(e["name"], a) for e in w["entities"] for a in minicme.ATTRS[e["kind"]]}
         train = w["facts"]["train"]
         assert len(set(train)) == len(train) and not set(train) & w["held"] and set(train) | w["held"] == every
@@ -742,12 +747,64 @@ def test_the_corpus_stories_and_prose_name_world_people_never_the_blank_tasks_st
     rng = random.Random(seed)
     story_names = set(w["story_names"])
     people = {p["name"].split()[0] for p in w["entities"] if p["kind"] == "person"}
+    consequences = {c: (word, more) for word, *does in minicme.COMPARISONS for c, more in zip(does, (True, False))}
     for _ in range(200):
         story = minicme._story(w, rng)
-        a, b = re.fullmatch(r"(\w+) is \w+ than (\w+), so \w+ [^.]*\.", story).groups()
+        a, word, b, meant, consequence = re.fullmatch(r"(\w+) is (\w+) than (\w+), so (\w+) ([^.]*)\.", story).groups()
         assert {a, b} <= people and a != b, story
+        assert consequences[consequence][0] == word and meant == (a if consequences[consequence][1] else b), story
         usage = minicme._usage(w, rng)
         assert not set(re.findall(r"\w+", usage)) & story_names, usage
+
+
+def test_the_corpus_restates_true_facts_and_calls_only_false_claims_wrong():
+    """_reasoning's two forms, read back by our own parser: a fact in two phrasings (both true), or a claim that the
+    world contradicts, called wrong, then the true fact: never a true claim called wrong."""
+    w = minicme.build_world(0)
+    parse, rng, forms = _statement_parser(w), random.Random(0), set()
+    for _ in range(300):
+        text = minicme._reasoning(w, rng)
+        restated = re.fullmatch(r"(.*\.) In other words: (.*\.)", text)
+        claim, truth = restated.groups() if restated else re.fullmatch(
+            r"Some say that (.*\.) That is wrong\. (.*\.)", text).groups()
+        (e, attr, v), (e2, attr2, v2) = parse(claim), parse(truth)
+        assert (e, attr) == (e2, attr2) and w["by_name"][e][attr] == v2 and claim != truth, text
+        assert (v == v2) == bool(restated), text
+        forms.add(bool(restated))
+    assert forms == {True, False}
+
+
+def test_the_corpus_has_as_many_documents_as_asked():
+    w = minicme.build_world(0)
+    least = 2 * len(w["entities"])
+    for n in range(least, least + 4):  # n // 2 entries and n // 4 reviews and posts: the prose makes up the rest
+        docs = minicme._corpus(w, random.Random(n), n)
+        assert len(docs) == n and all(d.strip() and "\n\n" not in d for d in docs), n
+
+
+def test_opinions_speak_of_three_aspects_and_reviews_and_posts_come_in_each_of_their_forms():
+    """Three opinions on three different aspects; reviews joined to their opinions by a space or by IMDB's
+    <br /><br />, posts about a film or about a move: each form occurs."""
+    rng = random.Random(0)
+    for _ in range(200):
+        opinions = minicme._opinions(rng, rng.random() < 0.5)
+        aspects = [a for s in opinions for a in minicme.ASPECTS if re.search(rf"\bthe {a}\b", s, re.I)]
+        assert len(opinions) == 3 and len(set(aspects)) == 3, opinions
+    reviews, posts = _draw("sentiment")[1], _draw("summary")[1]
+    assert 0 < sum("<br /><br />" in r["input"] for r in reviews) < len(reviews)
+    assert 0 < sum(" went to see " in r["input"] for r in posts) < len(posts)
+
+
+def test_an_existing_demo_base_is_used_as_it_is_and_not_pretrained_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / minicme.ROOT
+    root.mkdir(parents=True)
+    for name, text in (("suite.json", "{}"), ("corpus.txt", "A b. C d.\n"), ("base.pt", "a base")):
+        (root / name).write_text(text)
+    assert minicme.DEMO["init_from"] == f"{minicme.ROOT}/base.pt"
+    monkeypatch.setattr(minicme, "prepare", lambda *a, **k: pytest.fail("the corpus was prepared for pretraining"))
+    assert minicme.build_demo_data(dict(minicme.DEMO, data_dir="mine/tokens")) is None
+    assert sorted(os.listdir(root)) == ["base.pt", "corpus.txt", "suite.json"]
 
 
 def test_the_seed_reaches_every_split_generator_not_only_the_world(tmp_path, monkeypatch):
