@@ -350,11 +350,14 @@ def test_the_loss_curve_averages_the_seeds_step_by_step_up_to_the_shortest_log()
     assert study.mean_curve({"lora32": runs[2:]}, "lora32") is None
 
 
-def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monkeypatch):
-    """A selection run whose loss became nan scores nothing ("diverged", which choose_lr skips); any other
-    failure stops the study with the run's error. train.py runs in this process, so its own message is read."""
+def train_in_this_process(monkeypatch):
+    """study.launch's train.py runs in this process (its own messages are read, in the run's stdout.txt); returns the
+    list of the flags of each run launched."""
+    ran = []
+
     def in_process(cmd, stdout, stderr, env):
         assert env["OMP_NUM_THREADS"] == "1"
+        ran.append(cmd[2:])
         code = 0
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
             try:
@@ -363,6 +366,13 @@ def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monke
                 code = e.code
         return study.subprocess.CompletedProcess(cmd, code)
     monkeypatch.setattr(study.subprocess, "run", in_process)
+    return ran
+
+
+def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monkeypatch):
+    """A selection run whose loss became nan scores nothing ("diverged", which choose_lr skips); any other
+    failure stops the study with the run's error. train.py runs in this process, so its own message is read."""
+    train_in_this_process(monkeypatch)
     opts, extra, _ = study.parse(small_study_flags(monkeypatch, run_data, tmp_path, "--eval_dir="))  # no scoring: fast
     real_forward = Transformer.forward
 
@@ -808,18 +818,7 @@ def test_a_study_continues_past_a_diverged_run_and_one_killed_before_its_first_c
     run on every relaunch ("failed: ... already holds a run"), telling the user to rerun it. A diverged run is now
     not rerun (its settings are kept, and checked as a finished run's), a killed one starts again; train.py runs in
     this process, as in test_launch_tells_a_diverged_run_from_a_failed_one."""
-    ran = []
-
-    def in_process(cmd, stdout, stderr, env):
-        ran.append(cmd[2:])
-        code = 0
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
-            try:
-                train.main(cmd[2:])
-            except SystemExit as e:
-                code = e.code
-        return study.subprocess.CompletedProcess(cmd, code)
-    monkeypatch.setattr(study.subprocess, "run", in_process)
+    ran = train_in_this_process(monkeypatch)
     opts, extra, _ = study.parse(small_study_flags(monkeypatch, run_data, tmp_path, "--eval_dir="))  # no scoring: fast
     flags = study.run_flags("lora32", 1, 1e-3, opts, extra)
     real_forward = Transformer.forward
