@@ -153,11 +153,15 @@ def parse(argv):
     return opts, extra, names
 
 
+def run_dir(opts, name, lr, seed=None):
+    """The folder of a run: a selection run's (seed None: it is SELECTION_SEED's), else a final run's."""
+    return os.path.join(opts["out"], f"select/{name}-lr{lr:g}" if seed is None else f"{name}-lr{lr:g}-seed{seed}")
+
+
 def run_flags(name, seed, lr, opts, extra, eval_dir=None):
     """train.py flags of one run: a final run (scored on the test sets) or, with eval_dir, a selection run."""
-    folder = f"select/{name}-lr{lr:g}" if eval_dir else f"{name}-lr{lr:g}-seed{seed}"
     settings = {**COMMON, **RUNS[name][1], "seed": seed, "learning_rate": lr, "max_iters": opts["steps"],
-                "eval_interval": opts["steps"], "out_dir": os.path.join(opts["out"], folder)}
+                "eval_interval": opts["steps"], "out_dir": run_dir(opts, name, lr, None if eval_dir else seed)}
     if opts["quick"]:
         settings["eval_limit"] = QUICK["eval_limit"]
     flags = [f"--{k}={v}" for k, v in settings.items()] + extra
@@ -341,7 +345,7 @@ def selection(opts, extra, names, later=0):
                              "first, or pass the --out (and --quick) of the study to report on.")
     chosen, runs = {}, {}
     for m in methods:
-        folders = {lr: os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{lr:g}") for lr in opts["grid"]}
+        folders = {lr: run_dir(opts, METHODS[m][0], lr) for lr in opts["grid"]}
         by_lr = {lr: read_results(folder, opts["steps"]) for lr, folder in folders.items()}
         runs.update({folders[lr]: res for lr, res in by_lr.items()})
         check_tasks(runs)  # before choose_lr compares their means
@@ -354,12 +358,12 @@ def load(opts, names, chosen):
     the selection run of each rate, scored on the same tasks."""
     out, runs = {}, {}
     for m in dict.fromkeys(METHOD_OF[n] for n in names):  # its rate's selection run: chosen on the same tasks
-        folder = os.path.join(opts["out"], f"select/{METHODS[m][0]}-lr{chosen[m][0]:g}")
+        folder = run_dir(opts, METHODS[m][0], chosen[m][0])
         runs[folder] = read_results(folder, opts["steps"])
     for name in names:
         lr = chosen[METHOD_OF[name]][0]
         for seed in opts["seeds"]:
-            folder = os.path.join(opts["out"], f"{name}-lr{lr:g}-seed{seed}")
+            folder = run_dir(opts, name, lr, seed)
             res = runs[folder] = read_results(folder, opts["steps"])
             if res is not None:
                 out.setdefault(name, []).append(res)
@@ -435,8 +439,9 @@ def missing_runs(opts, names, chosen, results):
     lines = []
     for name in names:
         have = {r["config"]["seed"] for r in results.get(name, [])}
-        folder = lambda s: os.path.join(opts["out"], f"{name}-lr{chosen[METHOD_OF[name]][0]:g}-seed{s}")
-        gone = [f"seed {s} " + ("diverged" if os.path.isfile(os.path.join(folder(s), DIVERGED)) else "not finished")
+        lr = chosen[METHOD_OF[name]][0]
+        gone = [f"seed {s} " + ("diverged" if os.path.isfile(os.path.join(run_dir(opts, name, lr, s), DIVERGED))
+                                else "not finished")
                 for s in opts["seeds"] if s not in have]
         lines += [f"- {RUNS[name][0]}: {', '.join(gone)}"] if gone else []
     return lines
