@@ -34,8 +34,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -131,7 +133,9 @@ def parse(argv):
     opts["grid"] = GRID
     if opts["quick"]:
         # the user's --steps or --seeds beside --quick win over its own (e.g. --quick --steps=2: the smallest study)
-        opts.update({k: v for k, v in QUICK.items() if k not in given | {"eval_limit"}}, out=opts["out"] + "_quick")
+        opts.update({k: v for k, v in QUICK.items() if k not in given | {"eval_limit"}})
+        if "out" not in given:  # the full study's default folder is left to it; a user's own --out is taken as given
+            opts["out"] += "_quick"
     names = list(RUNS) if opts["runs"] == "all" else list(dict.fromkeys(n for n in opts["runs"].split(",") if n))
     if not names:
         raise data.UserError(f"--runs={opts['runs']} names no run; give run names separated by commas, or leave "
@@ -205,6 +209,31 @@ def check_runs(opts, extra, names):
             read_results(check_settings(run_flags(name, seed, lr, opts, extra, eval_dir=eval_dir)), opts["steps"])
 
 
+RUNNING, STOPPING = set(), threading.Event()  # the train.py processes under way; set once the study is stopped
+
+
+def run_child(cmd, log, env):
+    """cmd's exit code, its output written to log; a SIGTERM to the study reaches it (stop_runs), even one that
+    started just after the signal."""
+    with subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env) as p:
+        RUNNING.add(p)
+        if STOPPING.is_set():
+            p.terminate()
+        try:
+            return p.wait()
+        finally:
+            RUNNING.discard(p)
+
+
+def stop_runs(signum, frame):
+    """SIGTERM to the study: pass it on to the runs under way (each writes its checkpoint, as for Ctrl-C, which the
+    terminal sends them itself), then stop as Ctrl-C does. Before, the runs went on training with no study."""
+    STOPPING.set()
+    for p in list(RUNNING):
+        p.terminate()
+    raise KeyboardInterrupt
+
+
 def launch(flags, threads):
     """One run in its own process (one thread budget each): (status, seconds). A finished run is not
     rerun, a stopped one resumes; a run whose loss diverged is "diverged" (and not rerun), any other failure raises."""
@@ -222,11 +251,11 @@ def launch(flags, threads):
     t = time.time()
     with open(os.path.join(out, "stdout.txt"), "w") as log:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-        p = subprocess.run([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if p.returncode == machine.INTERRUPTED:
+        code = run_child([sys.executable, script] + flags, log, env)
+    if code == machine.INTERRUPTED:
         raise data.UserError(f"the run in {out} was stopped (Ctrl-C or SIGTERM) after writing its checkpoint; run the "
                              "study again to continue it.")
-    if p.returncode:
+    if code:
         with open(os.path.join(out, "stdout.txt")) as f:
             tail = (f.read().strip().splitlines() or ["no output"])[-1]
         if re.search(r"error: the (loss|gradient norm|validation loss) became", tail):  # train.check_finite's
@@ -447,11 +476,14 @@ def missing_runs(opts, names, chosen, results):
     return lines
 
 
-def selection_table(chosen):
+def selection_table(chosen, opts):
+    """A run with no score diverged (launch left its DIVERGED) or has not finished (a --report during the study)."""
     grid = sorted({lr for _, scores in chosen.values() for lr in scores})
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |", "|" + "---|" * (len(grid) + 2)]
     for m, (lr, scores) in chosen.items():
-        cells = ["diverged" if scores.get(g) is None else f"{scores[g]:.1f}" for g in grid]
+        diverged = {g for g in grid if os.path.isfile(os.path.join(run_dir(opts, METHODS[m][0], g), DIVERGED))}
+        cells = [f"{scores[g]:.1f}" if scores.get(g) is not None else "diverged" if g in diverged else "not run"
+                 for g in grid]
         lines.append(f"| {RUNS[METHODS[m][0]][0]} | " + " | ".join(cells) + f" | {lr:g} |")
     return lines
 
@@ -555,7 +587,7 @@ def report(opts, names, chosen):
     seeds = ",".join(map(str, opts["seeds"]))
     lines = [f"## mini-CME study: {opts['steps']} steps, seeds {seeds}, scores in % (mean±std over seeds)", "",
              f"### Learning-rate selection (mean validation score, seed {SELECTION_SEED}; the other runs of a "
-             "method reuse its rate)", ""] + selection_table(chosen) + [""]
+             "method reuse its rate)", ""] + selection_table(chosen, opts) + [""]
     for title, rows in TABLES.items():
         lines += table(title, rows, results, tasks, chosen, opts["seeds"]) + [""]
     if missing := missing_runs(opts, names, chosen, results):  # never averaged over fewer seeds without a word
@@ -582,6 +614,9 @@ def main(argv=None):
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())
         return None
+    STOPPING.clear()
+    in_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, stop_runs) if in_main else None
     try:
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
@@ -622,6 +657,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C reached the runs under way too: each writes its checkpoint (a traceback before)
         machine.leave(machine.fail("study.py stopped; run the same command again to continue where it stopped (a run "
                                    "under way resumes from its checkpoint).", machine.INTERRUPTED))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

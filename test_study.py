@@ -107,7 +107,8 @@ def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them()
     assert study.parse(["--seeds=3"])[0]["seeds"] == (1, 2, 3)
     assert study.parse(["--seeds=11,12,13"])[0]["seeds"] == (11, 12, 13)
     quick = study.parse(["--quick"])[0]
-    assert quick["steps"] < study.OPTIONS["steps"] and quick["out"].endswith("_quick")
+    assert quick["steps"] < study.OPTIONS["steps"] and quick["out"] == study.OPTIONS["out"] + "_quick"
+    assert study.parse(["--quick", "--out=out/mine"])[0]["out"] == "out/mine"  # a user's own folder, as given
     smallest = study.parse(["--steps=2", "--quick", "--seeds=3"])[0]  # the user's own win over --quick's, in any order
     assert (smallest["steps"], smallest["seeds"], smallest["grid"]) == (2, (1, 2, 3), study.QUICK["grid"])
     for bad in ("--seeds=three", "--seeds=0", "--seeds=0,1"):
@@ -329,17 +330,19 @@ def test_a_run_scores_every_test_record_and_a_quick_run_its_quick_limit():
             assert cfg["eval_limit"] == limit and cfg["max_iters"] == cfg["eval_interval"] == opts["steps"], argv
 
 
-def test_a_quick_study_chooses_among_its_own_grid_and_a_missing_run_shows_as_diverged(tmp_path):
+def test_a_quick_study_chooses_among_its_own_grid_and_tells_a_diverged_run_from_one_not_run(tmp_path):
     opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=lora8", "--quick", "--report"])
     assert opts["grid"] == study.QUICK["grid"] != study.GRID
     low, high = opts["grid"]
-    out = tmp_path.parent / f"{tmp_path.name}_quick"  # a quick study's own folder
-    assert opts["out"] == str(out)
-    fake_run(out / "select" / f"lora32-lr{high:g}", high, {"a": 30.0})  # the run at the lower rate diverged
+    fake_run(tmp_path / "select" / f"lora32-lr{high:g}", high, {"a": 30.0})  # the run at the lower rate: none yet
     chosen = study.selection(opts, extra, names)
     assert chosen == {"lora": (high, {low: None, high: 30.0})}
-    header, _, row = study.selection_table(chosen)
+    header, _, row = study.selection_table(chosen, opts)
     assert header.split(" | ")[1:-1] == [f"lr {low:g}", f"lr {high:g}"]
+    assert row == f"| LoRA r=32 | not run | 30.0 | {high:g} |"  # a --report while the study runs: not "diverged"
+    (tmp_path / "select" / f"lora32-lr{low:g}").mkdir()
+    (tmp_path / "select" / f"lora32-lr{low:g}" / study.DIVERGED).write_text("{}")  # what launch leaves
+    row = study.selection_table(study.selection(opts, extra, names), opts)[2]
     assert row == f"| LoRA r=32 | diverged | 30.0 | {high:g} |"
 
 
@@ -355,18 +358,58 @@ def train_in_this_process(monkeypatch):
     list of the flags of each run launched."""
     ran = []
 
-    def in_process(cmd, stdout, stderr, env):
+    def in_process(cmd, log, env):
         assert env["OMP_NUM_THREADS"] == "1"
         ran.append(cmd[2:])
         code = 0
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
                 train.main(cmd[2:])
             except SystemExit as e:
                 code = e.code
-        return study.subprocess.CompletedProcess(cmd, code)
-    monkeypatch.setattr(study.subprocess, "run", in_process)
+        return code
+    monkeypatch.setattr(study, "run_child", in_process)
     return ran
+
+
+CHILD = """import signal, sys, time
+def stop(signum, frame):
+    print("checkpoint written", flush=True)
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+print("training", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_sigterm_to_the_study_reaches_its_runs_even_one_started_after_it(tmp_path):
+    """SIGTERM to study.py alone (kill PID, a job scheduler) left its train.py runs training on with no study, and a
+    relaunch found their folders held. It now reaches each run (which writes its checkpoint and exits as for Ctrl-C),
+    and the study stops as for Ctrl-C."""
+    import threading
+    import time
+    log, codes = tmp_path / "run.txt", []
+    with open(log, "w") as f:
+        runner = threading.Thread(target=lambda: codes.append(study.run_child([sys.executable, "-c", CHILD], f, {})))
+        runner.start()
+        deadline = time.time() + 30
+        while "training" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        assert study.RUNNING
+        with pytest.raises(KeyboardInterrupt):
+            study.stop_runs(study.signal.SIGTERM, None)
+        runner.join(30)
+        assert codes == [130] and log.read_text() == "training\ncheckpoint written\n" and not study.RUNNING
+        start = time.time()  # a run that starts after the signal (a worker between its checks and Popen) stops too
+        assert study.run_child([sys.executable, "-c", "import time; time.sleep(60)"], f, {}) != 0
+        assert time.time() - start < 30
+    study.STOPPING.clear()
+
+
+def test_the_study_gives_back_the_sigterm_handler_it_found(tmp_path, capsys):
+    before = study.signal.getsignal(study.signal.SIGTERM)
+    script_error(study.main, [f"--out={tmp_path}", "--report"], capsys)  # no study there: one sentence
+    assert study.signal.getsignal(study.signal.SIGTERM) is before
 
 
 def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monkeypatch):
@@ -494,10 +537,10 @@ def test_launch_skips_a_finished_run_resumes_a_stopped_one_and_starts_a_new_one(
     with --init_from=resume, last so that no --init_from given to every run overrides it; an empty one starts."""
     calls = []
 
-    def run(cmd, stdout, stderr, env):
+    def run(cmd, log, env):
         calls.append(cmd[2:])
-        return study.subprocess.CompletedProcess(cmd, 0)
-    monkeypatch.setattr(study.subprocess, "run", run)
+        return 0
+    monkeypatch.setattr(study, "run_child", run)
     flags = ["--init_from=base.pt", "--seed=1"]
     for name, files in (("finished", ("results.json", "ckpt.pt")), ("stopped", ("ckpt.pt",)), ("new", ())):
         (tmp_path / name).mkdir()
@@ -508,7 +551,7 @@ def test_launch_skips_a_finished_run_resumes_a_stopped_one_and_starts_a_new_one(
     assert [f for f in calls[-1] if f.startswith("--init_from=")][-1] == "--init_from=resume"
     assert study.launch(flags + [f"--out_dir={tmp_path / 'new'}"], 1)[0] == "done"
     assert calls[-1] == flags + [f"--out_dir={tmp_path / 'new'}"]
-    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: study.subprocess.CompletedProcess(cmd, 130))
+    monkeypatch.setattr(study, "run_child", lambda cmd, log, env: 130)
     with pytest.raises(study.data.UserError, match="stopped .*after writing its checkpoint; run the study again"):
         study.launch(flags + [f"--out_dir={tmp_path / 'stopped'}"], 1)  # interrupted: not done, and not "failed"
 
@@ -518,7 +561,7 @@ def test_a_finished_run_made_with_other_settings_is_refused_not_reported_as_this
     find every run "done before" and report runs it never made: that is refused in one sentence naming the setting
     (the device and other settings that move only rounding or speed are not a change), as is a --report of them
     under another --steps."""
-    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run must not run again"))
+    monkeypatch.setattr(study, "run_child", lambda *a, **k: pytest.fail("a finished run must not run again"))
     folder = tmp_path / "lora8-lr0.004-seed1"
     folder.mkdir()
     counts = {"trainable_params": 8, "base_params": 800, "train_seconds": 1.0}
@@ -762,7 +805,7 @@ def test_short_help_prints_the_protocol_as_long_help_does(capsys):
 def test_a_finished_runs_paths_are_compared_as_the_files_they_name_not_as_spelled(tmp_path, monkeypatch):
     """A study continued with --data_dir (or the tokenizer, eval_dir, init_from) spelled otherwise, absolute where the
     run had it relative, finds its finished run its own; a path to another folder is a change, named."""
-    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished run must not run again"))
+    monkeypatch.setattr(study, "run_child", lambda *a, **k: pytest.fail("a finished run must not run again"))
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "run"
     folder.mkdir()
