@@ -91,6 +91,8 @@ class HydraLoRALinear(TeamLoRALinear):
         if experts < 2:  # one head needs no router: that is LoRA
             raise ValueError(f"HydraLoRA weighs experts >= 2 heads by a router, got experts={experts}; for one head "
                              "use plain LoRA (TeamLoRALinear with experts=1).")
+        if r <= 0:  # checked here: TeamLoRA's own check would name r * experts as the rank
+            raise ValueError(f"HydraLoRA needs a positive rank r for its shared A, got r={r}.")
         # TeamLoRA's layer with k heads of width r (B: d_out x k r) and omega summing to k, hence alpha / k
         super().__init__(base, r * experts, experts, alpha / experts, dropout, False, **kw)
         self.r = r

@@ -237,6 +237,13 @@ def test_hydralora_refuses_an_input_of_another_width_in_one_sentence():
         layer(torch.randn(3, 5))
 
 
+@pytest.mark.parametrize("r", [0, -3])
+def test_hydralora_names_its_own_rank_when_it_is_not_positive(r):
+    """The rank a user gave, not r * experts (TeamLoRA's layer under it would have said r=-12 for r=-3)."""
+    with pytest.raises(ValueError, match=rf"HydraLoRA needs a positive rank r for its shared A, got r={r}\.$"):
+        HydraLoRALinear(nn.Linear(8, 8), r=r, experts=4, competition=False)
+
+
 def test_hydralora_with_one_head_is_refused_in_one_sentence_in_the_layer_and_in_train_py():
     """One head needs no router (it is LoRA); the layer would otherwise fail at its first forward."""
     with pytest.raises(ValueError, match="HydraLoRA weighs experts >= 2 heads by a router, got experts=1"):
