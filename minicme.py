@@ -515,6 +515,10 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
     if corpus_docs < 2 * len(w["entities"]):
         raise UserError(f"corpus_docs={corpus_docs} is too small; use at least {2 * len(w['entities'])} so that "
                          "every entity's facts reach the corpus.")
+    for key, n in (("n_train_per_task", n_train_per_task), ("n_test_per_task", n_test_per_task),
+                   ("n_val_per_task", n_val_per_task), ("vocab_size", vocab_size)):
+        if type(n) is not int or n < 1:  # 0 wrote empty sets, which every later step refuses (or scores as nothing)
+            raise UserError(f"{key}={n!r} is not a positive number; give each size as a positive integer.")
     _check_out_dir(out_dir)  # before the work; again below, once the folder is held
     # test before val: the test sets stay what they were when val was smaller
     sizes = {"train": n_train_per_task, "test": n_test_per_task, "val": n_val_per_task}

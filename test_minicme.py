@@ -303,6 +303,15 @@ def test_a_folder_that_cannot_be_written_is_one_sentence_before_the_suite_is_bui
     assert not os.listdir(tmp_path / "locked")
 
 
+@pytest.mark.parametrize("size", [dict(n_test_per_task=0), dict(n_val_per_task=-1), dict(n_train_per_task=1.5)])
+def test_make_suite_refuses_sizes_that_are_not_positive_integers_before_writing_anything(tmp_path, size):
+    """0 wrote empty val or test sets (and -1 too): train.py scored them as nothing, or refused them later."""
+    key, value = next(iter(size.items()))
+    with pytest.raises(UserError, match=rf"^{key}={value} is not a positive number; give each size as a positive"):
+        make_suite(str(tmp_path / "suite"), **size)
+    assert not os.listdir(tmp_path)
+
+
 def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
     with pytest.raises(ValueError, match="corpus_docs=10 is too small; use at least"):
         make_suite(str(tmp_path), corpus_docs=10)
