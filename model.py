@@ -110,12 +110,15 @@ PRESETS = {
     "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936, hidden_dim=4864,
                          norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True, tie_embeddings=True),
     "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944,
-                       norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qkv_bias=True),
+                       norm_eps=1e-6, rope_theta=1e6, max_seq_len=131072, qkv_bias=True),
     "qwen3-0.6b": dict(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, vocab_size=151936,
                        hidden_dim=3072, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm=True,
                        tie_embeddings=True),
     "qwen3-8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=151936,
                      hidden_dim=12288, norm_eps=1e-6, rope_theta=1e6, max_seq_len=40960, qk_norm=True),
+    # the same network as published before post-training, whose config.json gives it 32768 positions, not 40960
+    "qwen3-8b-base": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                          hidden_dim=12288, norm_eps=1e-6, rope_theta=1e6, max_seq_len=32768, qk_norm=True),
     "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32000, hidden_dim=14336,
                        rope_theta=10000.0, max_seq_len=32768, sliding_window=4096),  # v0.1
     # small ones for tests and CPU runs (both use grouped-query attention, so it is always exercised)

@@ -799,6 +799,74 @@ def test_the_dry_run_refuses_packed_rows_past_a_presets_context_and_describes_on
     assert f"adapter none (full training): {n:,} trainable parameters = 100.00% of the base" in out
 
 
+# The config.json of each recipe's base (init_from), as published on Hugging Face, read from public copies: Llama-2-7b
+# (params.json {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05}, 4096 positions:
+# microsoft/Olive examples/llm/config.py), Meta-Llama-3-8B (meta-llama/llama-models models/sku_list.py, 8192
+# positions), Llama-3.1-8B (citsjtu2020/LLM-Prof sglang/Model_Config.md; AI-Hypercomputer/maxtext
+# hf_model_configs.py), Qwen2.5-7B (AI-Hypercomputer/kithara tests/model/hf_compatibility/testdata/
+# qwen2.5-7b_config.json; LLM-Prof) and Qwen3-8B-Base (Chen-Oliver/qwen3-8b-base config.json; the post-trained
+# Qwen3-8B's says 40960 positions: LLM-Prof, maxtext)
+def _hf(type_, dim, layers, heads, kv, ffn, vocab, eps, theta, positions, head_dim=None, scaling=None):
+    return dict(model_type=type_, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, intermediate_size=ffn, vocab_size=vocab, rms_norm_eps=eps, rope_theta=theta,
+                max_position_embeddings=positions, head_dim=head_dim, rope_scaling=scaling, tie_word_embeddings=False)
+
+
+RECIPE_BASES = {
+    "config/cme_llama2_7b.py": _hf("llama", 4096, 32, 32, 32, 11008, 32000, 1e-5, 1e4, 4096),
+    "config/cme_llama3_8b.py": _hf("llama", 4096, 32, 32, 8, 14336, 128256, 1e-5, 5e5, 8192),
+    "config/cme_llama3.1_8b.py": _hf("llama", 4096, 32, 32, 8, 14336, 128256, 1e-5, 5e5, 131072, scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)),
+    "config/cme_qwen2.5_7b.py": _hf("qwen2", 3584, 28, 28, 4, 18944, 152064, 1e-6, 1e6, 131072),
+    "config/cme_qwen3_8b.py": _hf("qwen3", 4096, 36, 32, 8, 12288, 151936, 1e-6, 1e6, 32768, head_dim=128),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_BASES))
+def test_each_recipes_dry_run_describes_the_published_config_of_its_base(recipe, monkeypatch, capsys):
+    """The preset a recipe's dry run stands in for its base with is that base's config.json, field by field (the
+    Qwen2.5-7B preset had 32768 positions, and the Qwen3 recipe the post-trained Qwen3-8B's 40960: a dry run then
+    refused or passed packed rows that the real base accepts or refuses), and the parameters it prints are those
+    of the published shapes, counted here by hand."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    c, cfg = RECIPE_BASES[recipe], train.parse_config([recipe, "--dry_run=True"])
+    a = model.ModelArgs.from_name(cfg["model"])
+    hd = c["head_dim"] or c["hidden_size"] // c["num_attention_heads"]
+    rope = c["rope_scaling"] and tuple(c["rope_scaling"][k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                                        "original_max_position_embeddings"))
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_hidden_dim, a.vocab_size) == (
+        c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"], hd,
+        c["intermediate_size"], c["vocab_size"])
+    assert (a.norm_eps, a.rope_theta, a.rope_scaling, a.context, a.tie_embeddings, a.qkv_bias, a.qk_norm) == (
+        c["rms_norm_eps"], c["rope_theta"], rope, c["max_position_embeddings"], False, c["model_type"] == "qwen2",
+        c["model_type"] == "qwen3")
+    d, f, heads, kv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    block = 2 * d * heads * hd + 2 * d * kv * hd + 3 * d * f + 2 * d  # q and o, k and v, the FFN, two norms
+    block += (heads + 2 * kv) * hd if c["model_type"] == "qwen2" else 2 * hd if c["model_type"] == "qwen3" else 0
+    n_base = 2 * c["vocab_size"] * d + c["num_hidden_layers"] * block + d
+    adapters = c["num_hidden_layers"] * (2 * (128 * d + f * 128 + 4 * d + 16) + 128 * f + d * 128 + 4 * f + 16)
+    out = train.train(cfg)
+    printed = capsys.readouterr().out
+    assert (out["base_params"], out["trainable_params"]) == (n_base, adapters)
+    assert f"{n_base:,} base parameters" in printed and f"{adapters:,} trainable parameters" in printed
+    assert "per GPU with 8 GPUs, micro-batch 4 x 1024 tokens, FSDP" in printed  # 8 x 4 x 4 accumulation = 128
+
+
+@pytest.mark.parametrize("batch_size, grad_accum", [(12, 1), (15, 3), (16, 1), (12, 3)])
+def test_the_demos_dry_run_plans_for_the_one_process_that_python_train_py_runs(batch_size, grad_accum, monkeypatch,
+                                                                                capsys):
+    """`python train.py --dry_run=True` plans the demo's own run, one process: it accepts every batch that run accepts
+    and prints that run's micro-batch. It planned for 8 GPUs under DDP (micro-batch 2 of the demo's 16) and refused
+    --batch_size=12, which `python train.py` trains, as not a multiple of "processes x grad_accum = 8"."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = train.parse_config(["--dry_run=True", f"--batch_size={batch_size}", f"--grad_accum={grad_accum}"])
+    machine.check_batch_split(cfg, 1)  # the real run, one process, takes this batch
+    train.train(cfg)
+    out = capsys.readouterr().out
+    assert f"per GPU with 1 GPU, micro-batch {batch_size // grad_accum} x {cfg['max_len']} tokens, one process" in out
+
+
 def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path):
     folder = hf_tokenizer_folder(tmp_path / "qwen")  # no BOS, EOS <|endoftext|>, as Qwen2.5's
     records = [{"instruction": t, "input": "", "output": "positive", "task": "sentiment"} for t in TEXTS]

@@ -91,7 +91,7 @@ log_interval = 10  # a log line every this many steps: that step's loss, tokens/
 load_layers = 2  # the expert load is shown for this many last layers (the paper's Figure 5)
 fsdp = False  # under torchrun: FSDP2 instead of DDP
 dry_run = False  # build on the meta device, print parameters and a memory estimate, exit
-dry_run_world_size = 8
+dry_run_world_size = 1  # the processes the dry run plans for: 1, as `python train.py` runs (torchrun: WORLD_SIZE)
 overwrite = False  # a new run may replace the run already in out_dir (otherwise that is refused)
 # -------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()

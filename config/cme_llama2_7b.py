@@ -28,6 +28,7 @@ dropout = 0.05
 # 2.5M records, global batch 128 (8 GPUs x 4 per micro-batch x 4 accumulation steps): one epoch
 batch_size = 128
 grad_accum = 4
+dry_run_world_size = 8  # --dry_run=True plans for the 8 GPUs of the torchrun command above
 max_iters = 2_500_000 // 128
 warmup_iters = int(0.03 * max_iters)
 learning_rate = 2e-4

@@ -10,7 +10,7 @@ import os  # the recipe beside this file, wherever train.py is run from
 exec(open(os.path.join(os.path.dirname(__file__), "cme_llama2_7b.py")).read())
 out_dir = "out/cme_qwen3_8b"
 init_from = "checkpoints/Qwen3-8B-Base"  # the Hugging Face folder (config.json, *.safetensors)
-model = "qwen3-8b"  # only used by --dry_run=True when init_from is not on disk
+model = "qwen3-8b-base"  # only used by --dry_run=True when init_from is not on disk
 tokenizer = "checkpoints/Qwen3-8B-Base"  # the folder: tokenizer.json and tokenizer_config.json
 data_dir = "data/cme_qwen3"
 eval_dir = "data/cme_eval"
