@@ -84,13 +84,16 @@ def check_adapter_settings(path, cfg, computes):
     """eval_only of an adapter.pt alone: it holds tensors, not the method or alpha that scale them. The config in the
     results.json beside it (the run's, or an earlier eval_only's) must compute the same: computes(config) is what
     shapes the adapter's function; a change that only names it otherwise (competition None or True) is fine."""
+    results = os.path.join(os.path.dirname(path), "results.json")
     try:
-        with open(os.path.join(os.path.dirname(path), "results.json"), encoding="utf-8") as f:
+        if files.special_file(results):  # a named pipe would wait for a writer forever
+            return
+        with open(results, encoding="utf-8") as f:
             saved = json.load(f)["config"]
         ran = {**cfg, **{k: saved[k] for k in ADAPTER_KEYS if k in saved}}
         differs = computes(ran) != computes(cfg)
-    except (OSError, ValueError, KeyError, TypeError, ArithmeticError):  # none, or unreadable: the flags alone
-        return
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError):
+        return  # none, or unreadable: the flags alone
     if differs:
         flags = " ".join(f"--{k}={ran[k]}" for k in ADAPTER_KEYS if ran[k] != cfg[k])
         raise UserError(f"{path} was trained with {flags} (says the results.json beside it); score it with those.")
@@ -137,6 +140,8 @@ def data_fingerprint(folder):
     """Token shards' identity, cheap at any size: each .bin file's name, size and first and last 4 KiB, hashed."""
     h = hashlib.sha256()
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".bin")):
+        if files.special_file(os.path.join(folder, name)):  # not prepare's; opening a named pipe waits forever
+            continue
         with open(os.path.join(folder, name), "rb") as f:
             size = f.seek(0, os.SEEK_END)
             h.update(f"{name} {size}".encode())

@@ -23,7 +23,7 @@ def parse_flag(arg, defaults=None):
         raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: thousands of operators in a row
         return key, text
     return key, text if isinstance((defaults or {}).get(key), str) and not isinstance(value, str) else value
 
@@ -56,7 +56,8 @@ def read(argv, defaults):
         if arg.startswith(("-", "\u2013", "\u2014")) and not os.path.exists(arg):  # -r=16, or a dash a web page typeset
             raise UserError(f"argument '{arg}' is not of the form --key=value (two hyphens).")
         if not os.path.isfile(arg):
-            what = "is a folder, not a file" if os.path.isdir(arg) else "does not exist"
+            what = ("is a folder, not a file" if os.path.isdir(arg) else "does not exist" if not os.path.exists(arg)
+                    else "is a named pipe or a device, not a file")  # <(...) of bash, /dev/stdin
             raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
         namespace = {"__file__": arg}  # a config may start from another beside it, wherever it is run from
         try:  # bytes: a BOM or coding line is honoured, as python reads a script

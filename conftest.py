@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +88,38 @@ def held_by_another_process(folder):
                              stdout=subprocess.PIPE, text=True)
     assert other.stdout.readline() == "None\n"
     return other
+
+
+@contextmanager
+def named_pipe(path, content=b""):
+    """A named pipe at path (as bash's <(...) or /dev/stdin under a shell pipe gives one) that hands `content` to each
+    reader that opens it until the block ends: code that reads one where it should refuse it fails its test instead of
+    waiting forever for a writer."""
+    os.mkfifo(path)
+    stop = threading.Event()
+
+    def feed():
+        while not stop.is_set():
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+            except OSError:
+                time.sleep(0.01)
+                continue
+            try:
+                os.set_blocking(fd, True)
+                os.write(fd, content)
+            except OSError:  # the reader closed it first
+                pass
+            finally:
+                os.close(fd)
+            time.sleep(0.05)
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join()
 
 
 def script_error(main, argv, capsys):

@@ -37,7 +37,7 @@ from functools import lru_cache
 import numpy as np
 
 from errors import UserError, exit_with
-from files import blocked_parent, file_sha256, process_is_running, write_atomic
+from files import blocked_parent, file_sha256, process_is_running, special_file, write_atomic
 from tokenizer import PROMPT_EOS, Tokenizer
 
 IGNORE_INDEX = -100
@@ -188,6 +188,8 @@ def _file_kind(path):
     """'list' for a JSON list, 'jsonl' for one object per line; a UserError for anything else."""
     if os.path.isdir(path):
         raise UserError(f"input {path} is a folder, not a file; pass the data files in it (--input {path}/*.jsonl)")
+    if what := special_file(path):  # /dev/stdin under a shell pipe, say: prepare reads its inputs from files
+        raise UserError(f"input {path} is {what}, not a file; save the records to a file and pass that")
     if not os.path.isfile(path):
         raise UserError(f"input file {path} not found; check the --input path")
     with open(path, "rb") as f:
@@ -549,8 +551,14 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
 def read_jsonl(path):
     """(where, object) for each non-empty line of a JSON-lines file; a broken line or one that is not an
     object is one sentence naming the file and the line."""
+    if what := special_file(path):  # opening a named pipe waits for a writer forever; /dev/zero never ends
+        raise UserError(f"{path} is {what}, not a file; give a JSONL file (one JSON object per line).")
+    try:
+        f = open(path, encoding="utf-8-sig")
+    except OSError as e:  # a loop of links, a file not ours to read, one removed since it was listed
+        raise UserError(f"{path} can not be read ({e.strerror or e}); give a JSONL file that you may read.") from None
     n = 0
-    with open(path, encoding="utf-8-sig") as f:
+    with f:
         try:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -600,6 +608,8 @@ def _read_summary(path):
         raise UserError(f"{summary_path} is not UTF-8 text; {again}") from None
     except RecursionError:
         raise UserError(f"{summary_path} {TOO_DEEP}; {again}") from None
+    except ValueError:
+        raise UserError(f"{summary_path} {_too_long()}; {again}") from None
     if not isinstance(summary, dict):
         raise UserError(f"{summary_path} holds {_json_kind(summary)}, not a prepare summary; {again}")
     for key, ok, want in (("splits", lambda v: isinstance(v, dict), "an object"),

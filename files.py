@@ -1,13 +1,15 @@
 """
 Files every script writes, written so that nothing is lost: a file is whole or absent (write_atomic), the
 temporary names of a killed process are cleaned up only when that process is gone (remove_stale_temporaries),
-a folder that can not be written is found before any work (blocked_parent), not at the first write, and a folder
-that one process writes is refused to a second one while the first runs (hold).
+a folder that can not be written is found before any work (blocked_parent), not at the first write, a folder
+that one process writes is refused to a second one while the first runs (hold), and a named pipe or a device given
+as a file to read is named (special_file) instead of read forever.
 """
 import errno
 import hashlib
 import os
 import re
+import stat
 import sys
 import tempfile
 from contextlib import suppress
@@ -153,6 +155,20 @@ def lock_holder(st):
     except OSError:
         pass
     return None
+
+
+def special_file(path):
+    """What is at path when it is there but is not a regular file ("a folder", "a named pipe", "a device", "a socket"),
+    else None (a missing path is for open to name). Readers ask before they open a file they were given: opening a
+    named pipe waits for a writer forever, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, a link to nothing, a loop of links: open raises its own OSError
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
 
 
 def file_sha256(path):

@@ -471,22 +471,75 @@ class Transformer(nn.Module):
                              "original/ folder)")
         if max_seq_len is not None:
             args = replace(args, max_seq_len=max_seq_len)
-        with torch.device("meta"):
-            model = cls(args)
-        expected = {name: t.shape for name, t in model.state_dict().items()}
-        for problem, names in (("lacks weights the model needs", expected.keys() - state.keys()),
-                               ("has weights this model does not know", state.keys() - expected.keys())):
-            if names:
-                names = sorted(names)
-                listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                raise ValueError(f"the checkpoint in {path!r} {problem}: {listed}; check that all weight files are "
-                                 "present and that they belong to a LLaMA model")
-        for name in expected:
-            if state[name].shape != expected[name]:
-                raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model "
-                                 f"expects {tuple(expected[name])}; the config and the weights do not match")
+        model = _meta_model(cls, args, state, path)
         model.load_state_dict(state, assign=True)
         return model
+
+
+def _meta_model(cls, args, state, path):
+    """cls(args) on the meta device, which state (name -> tensor) fills exactly; a ValueError naming path when a
+    weight is missing, unknown or of another shape. Nothing is allocated before the state is known to fit."""
+    try:
+        with torch.device("meta"):
+            model = cls(args)
+    except RuntimeError as e:  # "Storage size calculation overflowed": sizes past any memory
+        raise ValueError(f"the configuration of the checkpoint in {path!r} describes a model too large to build "
+                         f"({_describe(e)}); fix it or download it again") from None
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    for problem, names in (("lacks weights the model needs", expected.keys() - state.keys()),
+                           ("has weights this model does not know", state.keys() - expected.keys())):
+        if names:
+            names = sorted(names)
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ValueError(f"the checkpoint in {path!r} {problem}: {listed}; check that all weight files are "
+                             "present and that they belong to a LLaMA model")
+    for name in expected:
+        if state[name].shape != expected[name]:
+            raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model "
+                             f"expects {tuple(expected[name])}; the config and the weights do not match")
+    return model
+
+
+# what a saved model's model_args (dataclasses.asdict of ModelArgs) may hold, as _check_fields reads it
+_ARGS = {"dim": ("positive int", False), "n_layers": ("positive int", False), "n_heads": ("positive int", False),
+         "vocab_size": ("positive int", False)}
+_ARGS_OPTIONAL = {"n_kv_heads": ("positive int", True), "multiple_of": ("positive int", False),
+                  "ffn_dim_multiplier": ("positive", True), "norm_eps": ("positive", False),
+                  "rope_theta": ("positive", False), "max_seq_len": ("positive int", False),
+                  "hidden_dim": ("positive int", True), "qkv_bias": ("bool", False), "tie_embeddings": ("bool", False),
+                  "sliding_window": ("positive int", True), "head_dim": ("positive int", True),
+                  "qk_norm": ("bool", False)}  # rope_scaling: null or _LLAMA3_ROPE's four numbers
+
+
+def saved_model(model_args, state, path):
+    """(ModelArgs, state) of a model saved as {"model_args": asdict(args), "model": name -> tensor} (train.py's
+    model.pt), checked as from_pretrained checks a checkpoint folder, before any memory is allocated: a ValueError
+    naming path for a field of the wrong kind, or a weight missing, unknown, of another shape, not floating point or
+    holding NaN or inf (a model built from it would train on whatever memory to_empty left)."""
+    if not isinstance(model_args, dict) or not isinstance(state, dict) or \
+            not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{path} holds no model_args dict beside a dict of named tensors, so it is not a model.pt "
+                         "written by train.py; give one, or a Meta or Hugging Face folder")
+    where = f"the model_args of {path}"
+    unknown = model_args.keys() - {f.name for f in fields(ModelArgs)}
+    if unknown:
+        raise ValueError(f"{where} has fields this model does not know: {sorted(unknown)[:5]}; give a model.pt "
+                         "written by train.py")
+    _check_fields(model_args, where, _ARGS, _ARGS_OPTIONAL)
+    scaling = model_args.get("rope_scaling")
+    if scaling is not None and (not isinstance(scaling, (list, tuple)) or len(scaling) != len(_LLAMA3_ROPE)):
+        raise ValueError(f"{where} has rope_scaling={scaling!r} where null or {len(_LLAMA3_ROPE)} numbers belong; "
+                         "give a model.pt written by train.py")
+    _check_fields(dict(zip(_LLAMA3_ROPE, scaling or ())), where, _LLAMA3_ROPE if scaling else {}, {})
+    if scaling and scaling[1] >= scaling[2]:  # the rotation's smoothing would divide by zero or less
+        raise ValueError(f"{where} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in its "
+                         "rope_scaling; give a model.pt written by train.py")
+    args = ModelArgs(**model_args)
+    _check_layer_count(args.n_layers, state, where, "n_layers", path)
+    for name, t in state.items():
+        _checked(name, t, path)
+    _meta_model(Transformer, args, state, path)
+    return args, state
 
 
 def sample(logits, temperature, top_p, generator=None):
@@ -511,9 +564,18 @@ def sample(logits, temperature, top_p, generator=None):
 # The readers convert each tensor to dtype/device as soon as it is read, so at most one tensor exists
 # twice at any time (memory-mapped files are paged in from disk, not copied).
 
+def _check_regular(file):
+    """A ValueError naming file when it is there but is not a regular file: opening a named pipe waits for a writer
+    forever, and a device such as /dev/zero never ends."""
+    if os.path.exists(file) and not os.path.isfile(file):
+        what = "a folder" if os.path.isdir(file) else "a named pipe or a device"
+        raise ValueError(f"{file} is {what}, not a file; put the checkpoint's own {os.path.basename(file)} there")
+
+
 def _read_json(file):
     """The JSON object in a checkpoint's configuration file; a ValueError naming the file if it is not one."""
     again = "download it again from the checkpoint's source"
+    _check_regular(file)
     try:
         with open(file, encoding="utf-8") as f:
             value = json.load(f)
@@ -521,6 +583,12 @@ def _read_json(file):
         raise ValueError(f"{file} is not valid JSON (line {e.lineno}: {e.msg}); {again}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{file} is not UTF-8 text; {again}") from None
+    except RecursionError:
+        raise ValueError(f"{file} is nested too deeply to read; {again}") from None
+    except ValueError:  # json's own, not a JSONDecodeError
+        raise ValueError(f"{file} holds a number too long to read; {again}") from None
+    except PermissionError as e:
+        raise ValueError(f"{file} cannot be read ({e.strerror}); check that it is a file you may read") from None
     if not isinstance(value, dict):
         raise ValueError(f"{file} holds a JSON {type(value).__name__}, not an object; {again}")
     return value
@@ -804,6 +872,7 @@ def _check_layer_count(n_layers, names, config_file, key, path):
 
 def _open_weights(file):
     """name -> tensor of one weight file, memory-mapped where the format allows: its names, with no data read yet."""
+    _check_regular(file)
     return _read_safetensors(file) if file.endswith(".safetensors") else _torch_load(file)
 
 

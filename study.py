@@ -272,12 +272,14 @@ def changed_settings(flags, path):
     results.json or ckpt.pt) had otherwise, "" if none or no such file. Settings that move only rounding or speed
     are no change, nor paths to the same file; a damaged file is the report's or the resume's to name."""
     try:
+        if files.special_file(path):  # a named pipe would wait for a writer forever
+            return ""
         if path.endswith(".pt"):
             saved = train.saved_config(path)[0]
         else:
             with open(path) as f:
                 saved = json.load(f)["config"]
-    except (OSError, ValueError, KeyError, TypeError):  # UserError is a ValueError
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # UserError is a ValueError
         return ""
     cfg, real = train.parse_config(flags), lambda v: os.path.realpath(v) if isinstance(v, str) and v else v
     same = lambda k: real(saved[k]) == real(cfg[k]) if k in PATHS else saved[k] == cfg[k]
@@ -312,6 +314,8 @@ def read_results(folder, steps=None):
     try:  # train.py writes both atomically: a damaged one was edited, or its disk failed
         with open(os.path.join(folder, "results.json")) as f:
             res = json.load(f)
+        if what := files.special_file(os.path.join(folder, "log.jsonl")):  # opening a named pipe waits forever
+            raise OSError(f"log.jsonl is {what}")
         with open(os.path.join(folder, "log.jsonl")) as f:
             res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
         average(res)
@@ -321,7 +325,7 @@ def read_results(folder, steps=None):
         for task, value in res["scores"].items():  # a nan would win choose_lr's max and make every interval nan
             if type(value) not in (int, float) or not math.isfinite(value):
                 raise ValueError(f"the score of {task} is {value!r}, not a finite number")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, RecursionError) as e:
         raise data.UserError(f"the run in {folder} is damaged ({type(e).__name__}: {str(e)[:80]}); delete that folder "
                              "and run the study again to redo the run.") from None
     if steps is not None and res.get("config", {}).get("max_iters", steps) != steps:

@@ -21,9 +21,9 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data import TOO_DEEP, UserError, read_jsonl
+from data import TOO_DEEP, UserError, _too_long, read_jsonl
 from errors import exit_with
-from files import blocked_parent, write_atomic
+from files import blocked_parent, special_file, write_atomic
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -248,6 +248,9 @@ def qa_record(question, answers):
 def _check_exists(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; check the path to the task's raw file.")
+    what = special_file(path)
+    if what and what != "a folder":  # a folder is aclImdb's split, or refused by write_eval_set
+        raise UserError(f"{path} is {what}, not a file; give the task's raw file.")
 
 
 _KINDS = {  # what a raw file's field may hold, as its messages name it -> the check
@@ -293,6 +296,8 @@ def _label(value, mapping, where):
 def _jsonl(path):
     """(where, object) for each non-empty line of a task's raw JSON-lines file."""
     _check_exists(path)
+    if os.path.isdir(path):  # write_eval_set names the raw file that the task needs, which read_jsonl can not
+        raise IsADirectoryError(path)
     yield from read_jsonl(path)
 
 
@@ -308,6 +313,10 @@ def _json(path, lines_too=False):
             raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file.") from None
         except RecursionError:
             raise UserError(f"{path} {TOO_DEEP}; fix the file.") from None
+        except UnicodeDecodeError:
+            raise
+        except ValueError:  # a number of thousands of digits
+            raise UserError(f"{path} {_too_long()}; fix the file.") from None
 
 
 def _tsv(path, need):
@@ -506,6 +515,7 @@ def load_imdb(path):
                                 f"{folder}.")
             files.append((int(m.group(1)), name))
         for _, name in sorted(files):
+            _check_exists(os.path.join(folder, name))
             try:
                 with open(os.path.join(folder, name), encoding="utf-8-sig") as f:
                     records.append(make_record("sentiment", names[lab], text=f.read()))

@@ -23,7 +23,7 @@ import sentencepiece as spm
 import torch
 
 import data
-from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, needs_fixtures, script_error
+from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, named_pipe, needs_fixtures, script_error
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
 
 EDGE_CASES = [
@@ -569,6 +569,7 @@ DAMAGE = [
     ("prompt too long", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
     ("prompt fills a record", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
     ("not json", "summary.json", "summary.json is not valid JSON \\(line 3"),
+    ("huge number", "summary.json", "summary.json holds a number of more than [\\d,]+ digits, too long to read"),
     ("a list", "summary.json", "summary.json holds a list"),
     ("no splits", "summary.json", 'summary.json has no "splits"'),
     ("no dtype", "summary.json", 'summary.json has no "dtype"'),
@@ -612,6 +613,8 @@ def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, dama
         path.write_bytes(lens.tobytes())
     elif damage == "not json":
         path.write_text(raw.decode()[:50])
+    elif damage == "huge number":  # json's ValueError, not a JSONDecodeError: it named no file
+        path.write_text(HUGE)
     elif damage == "a list":
         path.write_text("[]")
     elif damage.startswith("no ") and damage != "no counts":
@@ -663,6 +666,13 @@ def test_deep_nesting_is_one_sentence_from_worker_processes_and_read_jsonl(tmp_p
     with pytest.raises(UserError, match=f"{path} line 3 is nested too deeply"):
         list(data.read_jsonl(path))
     assert os.listdir(tmp_path) == ["deep.jsonl"]
+
+
+def test_a_tokenizer_that_is_a_named_pipe_is_named_as_one_not_as_missing(tmp_path, tiny_spm):
+    with named_pipe(tmp_path / "tokenizer.model", tiny_spm.read_bytes()):
+        with pytest.raises(UserError, match=f"tokenizer {tmp_path / 'tokenizer.model'} is a named pipe or a device, "
+                                            "not a file; pass the tokenizer.model"):
+            Tokenizer(tmp_path / "tokenizer.model")
 
 
 def test_an_input_folder_is_named_as_a_folder_not_as_missing(tmp_path, tiny_spm):
@@ -1224,6 +1234,9 @@ def test_hf_tokenizer_problems_are_one_sentence(tmp_path, monkeypatch):
     (folder / "tokenizer_config.json").write_text("{broken")
     with pytest.raises(UserError, match="cannot be read as JSON"):
         Tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)  # was a RecursionError's traceback
+    with pytest.raises(UserError, match="tokenizer_config.json cannot be read as JSON \\(maximum recursion depth"):
+        Tokenizer(folder)
     (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(UserError, match="is not a valid tokenizer.json"):
         Tokenizer(tmp_path / "bad.json")
@@ -1461,6 +1474,28 @@ def test_read_jsonl_names_a_line_holding_a_number_too_long_to_read(tmp_path):
     with pytest.raises(UserError, match=f"{path} line 2 holds a number of more than [\\d,]+ digits, too long to read; "
                                         "fix or remove that line"):
         list(data.read_jsonl(path))
+
+
+def test_read_jsonl_refuses_a_named_pipe_a_folder_or_a_loop_of_links_in_one_sentence(tmp_path):
+    """An evaluation set or a task's raw file that is a named pipe was opened and waited on forever (no writer); a
+    folder or a loop of links was an OSError's traceback."""
+    os.symlink("loop.jsonl", tmp_path / "loop.jsonl")
+    (tmp_path / "folder.jsonl").mkdir()
+    with named_pipe(tmp_path / "pipe.jsonl", f"{GOOD}\n".encode()):
+        for name, message in (("pipe", "is a named pipe, not a file"), ("folder", "is a folder, not a file"),
+                              ("loop", "can not be read (Too many levels of symbolic links)")):
+            with pytest.raises(UserError) as error:
+                list(data.read_jsonl(tmp_path / f"{name}.jsonl"))
+            assert str(error.value).startswith(f"{tmp_path / name}.jsonl {message}; give a JSONL file"), error.value
+
+
+def test_prepare_names_an_input_that_is_a_named_pipe_as_one_not_as_missing(tmp_path, tiny_spm, capsys):
+    """`--input /dev/stdin` under a shell pipe, or bash's <(...): it exists, so "not found" sent the user looking."""
+    with named_pipe(tmp_path / "pipe.jsonl", f"{GOOD}\n".encode()):
+        err = script_error(data.main, ["prepare", "--input", tmp_path / "pipe.jsonl", "--tokenizer", tiny_spm,
+                                       "--out", tmp_path / "out", "--workers", "1"], capsys)
+    assert f"input {tmp_path / 'pipe.jsonl'} is a named pipe, not a file; save the records to a file" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):

@@ -246,3 +246,24 @@ def test_names_like_a_temporary_without_a_process_id_are_a_users_and_stay(tmp_pa
     stale.write_text("x")
     assert files.remove_stale_temporaries(tmp_path) == [str(stale)]
     assert all(p.read_text() == "mine" for p in users)
+
+
+def test_special_file_names_what_is_there_but_is_no_regular_file(tmp_path):
+    """A named pipe (reading waits for a writer forever), a device (/dev/zero never ends), a socket or a folder is
+    named, through links too; a regular file, a missing path and a loop of links are left to open to name."""
+    import socket
+    (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    os.symlink(tmp_path / "pipe", tmp_path / "link_to_pipe")
+    os.symlink("loop", tmp_path / "loop")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "sock"))
+    try:
+        found = {name: files.special_file(tmp_path / name)
+                 for name in ("file", "pipe", "folder", "link_to_pipe", "loop", "sock", "missing")}
+    finally:
+        server.close()
+    assert found == {"file": None, "pipe": "a named pipe", "folder": "a folder", "link_to_pipe": "a named pipe",
+                     "loop": None, "sock": "a socket", "missing": None}
+    assert files.special_file(os.devnull) == "a device"

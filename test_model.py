@@ -2,6 +2,7 @@
 
     python -m pytest -q
 """
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import named_pipe
 from model import (
     PRESETS,
     KVCache,
@@ -26,6 +28,7 @@ from model import (
     packed_attention,
     rope_cos_sin,
     sample,
+    saved_model,
 )
 
 
@@ -976,6 +979,8 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("meta", "params.json", lambda c: c | {"ffn_dim_multiplier": math.inf},  # was an OverflowError's traceback
      "has ffn_dim_multiplier=inf where a positive number"),
     ("meta", "params.json", lambda c: "{'dim': 64}", "is not valid JSON (line 1"),
+    ("bin", "config.json", lambda c: "[" * 100_000 + "]" * 100_000, "is nested too deeply to read"),  # RecursionError
+    ("meta", "params.json", lambda c: '{"dim": ' + "9" * 5000 + "}", "holds a number too long to read"),
     ("meta", "params.json", lambda c: {k: v for k, v in c.items() if k != "dim"}, "has no 'dim'"),
     ("meta", "params.json", lambda c: c | {"n_heads": 4.0}, "has n_heads=4.0 where a positive integer"),
     ("meta", "params.json", lambda c: c | {"norm_eps": None}, "has norm_eps=None where a positive number"),
@@ -1000,6 +1005,93 @@ def test_a_broken_configuration_file_is_one_sentence_naming_file_and_key(tmp_pat
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)) as error:
         Transformer.from_pretrained(tmp_path)
     assert_one_sentence(error, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("layout, name", [("bin", "config.json"), ("meta", "params.json"), ("meta", "weights"),
+                                          ("bin index", "pytorch_model.bin.index.json"), ("safetensors", "weights")])
+@pytest.mark.parametrize("kind", ["named pipe", "folder"])
+def test_a_configuration_or_weight_file_that_is_a_named_pipe_or_a_folder_is_one_sentence(tmp_path, layout, name, kind):
+    """A named pipe was opened and waited on forever (for no writer); a folder was IsADirectoryError's traceback."""
+    if layout == "safetensors":
+        pytest.importorskip("safetensors")
+    weights = write_single_file_dir(tmp_path, layout)
+    path = weights if name == "weights" else tmp_path / name
+    content = path.read_bytes()
+    path.unlink()
+    if kind == "folder":
+        path.mkdir()
+    with named_pipe(path, content) if kind == "named pipe" else contextlib.nullcontext():
+        with pytest.raises(ValueError) as error:
+            Transformer.from_pretrained(tmp_path)
+    want = "a named pipe or a device" if kind == "named pipe" else "a folder"
+    assert_one_sentence(error, f"{path} is {want}, not a file; put the checkpoint's own {path.name} there")
+
+
+def test_a_configuration_file_that_can_not_be_read_is_one_sentence(tmp_path, monkeypatch):
+    """chmod 000 (these tests run as root, which reads it anyway): PermissionError was a traceback."""
+    write_single_file_dir(tmp_path, "bin")
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if os.path.basename(file) == "config.json":
+            raise PermissionError(13, "Permission denied", file)
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"{tmp_path / 'config.json'} cannot be read (Permission denied)")
+
+
+def test_a_configuration_past_any_memory_is_refused_before_anything_is_built(tmp_path):
+    """hidden_size = intermediate_size = 2**40: a weight of 2**80 elements overflowed the meta build (a RuntimeError's
+    traceback); sizes that fit in a meta tensor are refused by the weights' shapes, before any memory is taken."""
+    write_single_file_dir(tmp_path, "bin")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_size": 2**40, "intermediate_size": 2**40}))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"the configuration of the checkpoint in {str(tmp_path)!r} describes a model too large")
+
+
+def saved_tiny(**args_changes):
+    """(model_args, state) as train.py's model.pt holds them, for a tiny model."""
+    model = tiny_model()
+    return asdict(model.args) | args_changes, dict(model.state_dict())
+
+
+def test_a_saved_model_is_read_back_as_it_was_saved():
+    model_args, state = saved_tiny()
+    args, read = saved_model(model_args, state, "model.pt")
+    assert args == ModelArgs(**model_args) and read is state
+
+
+SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
+    (dict(evil=1), None, "the model_args of model.pt has fields this model does not know: ['evil']"),
+    (dict(dim=-64), None, "the model_args of model.pt has dim=-64 where a positive integer belongs"),
+    (dict(dim="64"), None, "the model_args of model.pt has dim='64' where a positive integer belongs"),
+    (dict(rope_scaling=[8.0, 1.0]), None, "has rope_scaling=[8.0, 1.0] where null or 4 numbers belong"),
+    (dict(rope_scaling=[8.0, 4.0, 1.0, 8192]), None, "has low_freq_factor=4.0 not below high_freq_factor=1.0"),
+    (dict(n_layers=10**6), None, "the model_args of model.pt says 1000000 layers but the weights in 'model.pt' hold 4"),
+    (dict(vocab_size=10**12), None, "weight tok_embeddings.weight has shape (512, 64) in the checkpoint but the model "
+                                    "expects (1000000000000, 64)"),
+    (dict(dim=2**40, head_dim=None), None, "describes a model too large to build"),
+    ({}, lambda s: s.pop("layers.0.feed_forward.w1.weight"), "lacks weights the model needs: layers.0.feed_forward"),
+    ({}, lambda s: s["norm.weight"].fill_(math.nan), "weight norm.weight in model.pt holds NaN or inf values"),
+    ({}, lambda s: s.update(step="3"), "model.pt holds no model_args dict beside a dict of named tensors"),
+]
+
+
+@pytest.mark.parametrize("changes, damage, message", SAVED_FAULTS, ids=[m[:40] for _, _, m in SAVED_FAULTS])
+def test_a_damaged_or_foreign_saved_model_is_refused_before_any_memory_is_taken(changes, damage, message):
+    """train.py's init_from=model.pt took model_args and weights on trust: a missing weight trained on whatever memory
+    to_empty left (here NaN: 'lower the learning rate'), 10**6 layers built modules for minutes, and other fields were
+    a TypeError's or RuntimeError's traceback, or an out-of-memory error with advice about batch sizes."""
+    model_args, state = saved_tiny(**changes)
+    if damage:
+        damage(state)
+    with pytest.raises(ValueError) as error:
+        saved_model(model_args, state, "model.pt")
+    assert_one_sentence(error, message)
 
 
 WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a tensor", "nested"]

@@ -224,6 +224,20 @@ def test_a_hand_edited_or_moved_run_config_is_checked_as_a_resume_checks_it(runs
     assert "Traceback" not in "\n".join(err) and "relative" not in err[-1]
 
 
+def test_a_base_folder_whose_weights_are_gone_is_one_sentence(runs, tmp_path, capsys):
+    """model.py says a missing weight file with a FileNotFoundError, which train.py prints as one sentence and
+    sample.py printed as a traceback."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                                  "vocab_size": 512, "intermediate_size": 128}))
+    ckpt = torch.load(runs["teamlora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "init_from": str(base)}}, tmp_path / "ckpt.pt")
+    err = script_error(sample.main, ["--out_dir", tmp_path, "--instruction", "x", "--max_new_tokens=4"], capsys)
+    assert err == (f"error: {str(base)!r} has config.json but no *.safetensors or pytorch_model*.bin weight files; "
+                   "put the weights in the same folder")
+
+
 def test_a_qwen3_folder_fine_tunes_through_train_py_and_answers_through_sample_py(tmp_path, capsys):
     """The newest family end to end: a Qwen3 checkpoint and tokenizer written by transformers and tokenizers (four
     heads of 32 over a width of 64, per-head q/k norms), adapters on the FFN and on wq, a short run, then sample.py."""

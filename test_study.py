@@ -16,7 +16,7 @@ import pytest
 
 import study
 import train
-from conftest import held_by_another_process, script_error
+from conftest import held_by_another_process, named_pipe, script_error
 from model import Transformer
 
 
@@ -208,6 +208,7 @@ def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
 
 COMPLETE = {"scores": {"a": 50.0}, "config": {"seed": 0}, "trainable_params": 8, "base_params": 800, "train_seconds": 1}
 DAMAGED_RESULTS = {"cut results": '{"scores": {"a": 5', "no scores": '{"scores": {}}',
+                   "nested too deeply": "[" * 100_000 + "]" * 100_000,  # was a RecursionError's traceback
                    "no log": '{"scores": {"a": 50.0}}',
                    "no parameter count": json.dumps({k: v for k, v in COMPLETE.items() if not k.endswith("params")}),
                    # each value the tables read, on its own: absent, or text where a number belongs
@@ -235,6 +236,39 @@ def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, ca
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(f"error: the run in {folder} is damaged") and err.count("\n") == 1
     assert "delete that folder and run the study again" in err
+
+
+@pytest.mark.parametrize("damage", ["named pipe", "nested too deeply"])
+def test_a_log_that_is_a_named_pipe_or_nested_too_deeply_is_a_damaged_run_not_a_hang_or_a_traceback(tmp_path, capsys,
+                                                                                                  damage):
+    """read_results opened a log.jsonl that is a named pipe and waited forever for a writer; a line nested too deeply
+    was a RecursionError's traceback."""
+    folder = tmp_path / "select" / f"{study.METHODS['teamlora'][0]}-lr{study.GRID[0]:g}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(COMPLETE))
+    line = '{"step": 1, "loss": 2.0}\n' if damage == "named pipe" else "[" * 100_000 + "]" * 100_000 + "\n"
+    if damage != "named pipe":
+        (folder / "log.jsonl").write_text(line)
+    with named_pipe(folder / "log.jsonl", line.encode()) if damage == "named pipe" else contextlib.nullcontext():
+        with pytest.raises(SystemExit) as stop:
+            study.main(["--report", f"--out={tmp_path}", "--runs=teamlora"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: the run in {folder} is damaged") and err.count("\n") == 1
+
+
+def test_a_saved_config_that_is_a_named_pipe_or_nested_too_deeply_is_left_to_the_report_to_name(tmp_path):
+    """changed_settings compares a run's saved settings with the study's (a damaged file is the report's or the
+    resume's to name): a results.json or diverged.json that is a named pipe was opened and waited on forever, one
+    nested too deeply was a RecursionError's traceback, before anything trained."""
+    flags = ["--seed=1", f"--out_dir={tmp_path}", "--max_iters=2"]
+    other = json.dumps({"config": {**train.parse_config(flags), "max_iters": 60}})
+    assert study.changed_settings(flags, str(tmp_path / "ok.json")) == ""
+    (tmp_path / "ok.json").write_text(other)
+    assert study.changed_settings(flags, str(tmp_path / "ok.json")) == "max_iters=60 (now 2)"  # a readable one
+    with named_pipe(tmp_path / "results.json", other.encode()):
+        assert study.changed_settings(flags, str(tmp_path / "results.json")) == ""
+    (tmp_path / study.DIVERGED).write_text("[" * 100_000 + "]" * 100_000)
+    assert study.changed_settings(flags, str(tmp_path / study.DIVERGED)) == ""
 
 
 def t_quantile_975(df):

@@ -3,8 +3,8 @@
     python -m pytest -q
 """
 import base64
-import json
 import errno
+import json
 import os
 import random
 import re
@@ -13,10 +13,23 @@ import string
 import pytest
 
 import tasks
-from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, needs_cme_fixtures, script_error
+from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, named_pipe, needs_cme_fixtures, script_error
 from data import UserError
-from tasks import (CME_TASKS, TEMPLATES, Task, accuracy, chance_level, evaluate, exact_match, first_sentence,
-                   make_record, normalize_answer, qa_record, rouge_l, write_eval_set)
+from tasks import (
+    CME_TASKS,
+    TEMPLATES,
+    Task,
+    accuracy,
+    chance_level,
+    evaluate,
+    exact_match,
+    first_sentence,
+    make_record,
+    normalize_answer,
+    qa_record,
+    rouge_l,
+    write_eval_set,
+)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -481,6 +494,8 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("mmlu", "x_test.csv", 'q,a,b,c,d,A\n"an open quote,a,b,c,d,A\n' + "x" * 140_000,  # was csv.Error's traceback
      r"x_test.csv line 2 is not a CSV row \(field larger than field limit"),
     ("webqa", "q.json", "[" * 100_000 + "]" * 100_000, r"q.json is nested too deeply to read"),
+    ("triviaqa", "t.json", '{"Data": ' + "9" * 5000 + "}",  # json's ValueError: tasks.py's traceback
+     r"t.json holds a number of more than [\d,]+ digits, too long to read"),
     ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n',
      r"arc.jsonl line 1 has the label 'B'"),
     ("winogrande", "dev.jsonl", '{"sentence": "_ x", "option1": "a", "answer": "1"}\n',
@@ -520,6 +535,24 @@ def test_a_malformed_raw_file_gives_one_sentence_naming_file_and_line(tmp_path, 
         CME_TASKS[task].load(str(path))
     text = str(error.value)
     assert "\n" not in text and text.endswith(".") and "; " in text  # what is wrong; what to do
+
+
+@pytest.mark.parametrize("task, name", [("anli", "dev.jsonl"), ("qqp", "dev.tsv"), ("mmlu", "x_test.csv"),
+                                        ("triviaqa", "t.json"), ("imdb", "train.txt"), ("imdb", "aclImdb/pos/1_7.txt")])
+def test_a_raw_file_that_is_a_named_pipe_is_one_sentence(tmp_path, capsys, task, name):
+    """bash's <(...) or /dev/stdin under a pipe: tasks.py opened it and waited forever for a writer (here one that
+    writes a record, so reading it is no longer waiting forever, but a test failure)."""
+    pipe = tmp_path / name
+    pipe.parent.mkdir(parents=True, exist_ok=True)
+    raw = tmp_path / "aclImdb" if name.startswith("aclImdb") else pipe
+    record = {"anli": '{"context": "a", "hypothesis": "b", "label": "e"}\n',
+              "qqp": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n1\t2\t3\ta?\tb?\t0\n",
+              "mmlu": "q,a,b,c,d,A\n", "imdb": "pos\tgreat film\n" if raw == pipe else "great film",
+              "triviaqa": '{"Data": [{"Question": "q", "Answer": {"Value": "v", "Aliases": ["v"]}}]}'}[task]
+    with named_pipe(pipe, record.encode()):
+        err = script_error(tasks.main, ["--task", task, "--raw", raw, "--out", tmp_path / "out.jsonl"], capsys)
+    assert err == f"tasks.py: error: {pipe} is a named pipe, not a file; give the task's raw file."
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_missing_files_and_folders_are_named(tmp_path):

@@ -99,6 +99,9 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     # one hyphen, or a dash a web page typeset: it was "config file '-r=16' does not exist; the configs are in config/."
     (["-r=16"], r"^argument '-r=16' is not of the form --key=value \(two hyphens\)\.$"),
     (["\u2014max_iters=2"], r"^argument '\u2014max_iters=2' is not of the form --key=value \(two hyphens\)\.$"),
+    # thousands of operators in a row: ast.literal_eval's RecursionError or MemoryError was a traceback
+    (["--max_iters=1" + "+1" * 3000], r"config key 'max_iters' in flag --max_iters=1\+1\+1.* must be of type int"),
+    (["--max_iters=" + "-" * 20_000 + "1"], r"config key 'max_iters' in flag --max_iters=---.* must be of type int"),
 ])
 def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
     with pytest.raises(train.UserError, match=message):
@@ -1456,6 +1459,32 @@ def test_data_fingerprint_sees_both_ends_and_the_size_of_every_shard(tmp_path):
     assert train.checkpoint.data_fingerprint(tmp_path) != zeros  # its size tells them apart
 
 
+def test_data_fingerprint_leaves_out_a_named_pipe_or_a_folder_that_ends_in_bin(tmp_path):
+    """Not prepare's shards: a named pipe was opened and waited on for a writer, then failed to seek; a folder was an
+    IsADirectoryError's traceback, at every start and resume of a run on that data_dir."""
+    (tmp_path / "train.tokens.bin").write_bytes(bytes(range(256)) * 4)
+    fp = checkpoint.data_fingerprint(tmp_path)
+    (tmp_path / "folder.bin").mkdir()
+    with conftest.named_pipe(tmp_path / "pipe.bin", b"x" * 100):
+        assert checkpoint.data_fingerprint(tmp_path) == fp
+
+
+def test_an_adapter_alone_is_scored_by_the_flags_beside_a_results_json_that_is_a_named_pipe_or_nested_too_deeply(
+        tmp_path):
+    """check_adapter_settings reads the results.json beside an adapter.pt, where one that can not be read means the
+    flags alone: a named pipe was opened and waited on for a writer, a deep nesting was a RecursionError's traceback."""
+    cfg, computes = dict(train.DEFAULTS), lambda c: c["alpha"]
+    other = json.dumps({"config": cfg | {"alpha": cfg["alpha"] * 2}}).encode()  # a readable one is refused
+    with conftest.named_pipe(tmp_path / "results.json", other):
+        assert checkpoint.check_adapter_settings(str(tmp_path / "adapter.pt"), cfg, computes) is None
+    os.remove(tmp_path / "results.json")
+    (tmp_path / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert checkpoint.check_adapter_settings(str(tmp_path / "adapter.pt"), cfg, computes) is None
+    (tmp_path / "results.json").write_bytes(other)
+    with pytest.raises(UserError, match="was trained with --alpha="):
+        checkpoint.check_adapter_settings(str(tmp_path / "adapter.pt"), cfg, computes)
+
+
 def test_fingerprint_sees_both_ends_of_every_tensor_and_not_the_dicts_order():
     """A base's fingerprint must change when any tensor changes at either end of its sampled values (the last
     name in sorted order and the last value included), or its shape; a copy in another order is the same base."""
@@ -2183,6 +2212,14 @@ def test_a_float_setting_takes_an_integer_up_to_the_largest_float_and_refuses_on
         train.parse_config([f"--learning_rate={2 ** 1024 - 1}"])
     value = configurator.typed("learning_rate", 2 ** 1023 - 1, train.DEFAULTS, "a test")
     assert type(value) is float and value == float(2 ** 1023 - 1)
+
+
+def test_a_config_file_that_is_a_named_pipe_is_named_as_one_not_as_missing(tmp_path):
+    """bash's <(echo r=16) exists, so "does not exist" sent the user looking for a file that is there."""
+    with conftest.named_pipe(tmp_path / "config.py", b"r = 16\n"):
+        with pytest.raises(UserError, match=f"config file '{tmp_path / 'config.py'}' is a named pipe or a device, not "
+                                            "a file"):
+            train.parse_config([str(tmp_path / "config.py")])
 
 
 def test_an_argument_without_its_two_dashes_is_not_read_as_a_flag():

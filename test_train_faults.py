@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import evaluation
 import files
 import machine
 import minicme
+import model
 import train
 from conftest import (
     LLAMA2,
@@ -32,6 +34,7 @@ from conftest import (
     adapters_of,
     assert_same_adapters,
     held_by_another_process,
+    named_pipe,
     needs_fixtures,
     train_flags,
 )
@@ -534,6 +537,35 @@ def test_a_diverged_run_stops_before_its_step_or_checkpoint_and_resumes_at_a_low
     resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=4",
                                               "--learning_rate=1e-4"]))
     assert resumed["step"] == 4 and resumed["config"]["learning_rate"] == 1e-4
+
+
+def test_an_evaluation_set_that_is_a_named_pipe_is_refused_before_step_1(run_data, tmp_path, capsys):
+    """A <task>.jsonl in eval_dir that is a named pipe was opened and waited on forever, for a writer that never
+    came; a folder of that name was an IsADirectoryError's traceback."""
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(run_data / "test", eval_dir)
+    content = (eval_dir / "qa.jsonl").read_bytes()
+    os.remove(eval_dir / "qa.jsonl")
+    with named_pipe(eval_dir / "qa.jsonl", content):
+        fails(train_flags(run_data, tmp_path / "out", f"--eval_dir={eval_dir}"), capsys,
+              f"{eval_dir / 'qa.jsonl'} is a named pipe, not a file; give a JSONL file")
+    os.remove(eval_dir / "qa.jsonl")
+    (eval_dir / "qa.jsonl").mkdir()
+    fails(train_flags(run_data, tmp_path / "out", f"--eval_dir={eval_dir}"), capsys,
+          f"{eval_dir / 'qa.jsonl'} is a folder, not a file; give a JSONL file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_pt_that_lacks_a_weight_is_refused_before_step_1(run_data, tmp_path, capsys):
+    """init_from=model.pt took its weights on trust: one missing left its parameter as to_empty's memory, and the run
+    trained on it (a NaN loss there, with advice to lower the learning rate)."""
+    vocab = data.Tokenizer(run_data / "tokenizer.model").vocab_size
+    base = model.Transformer(model.ModelArgs.from_name("tiny", vocab_size=vocab, max_seq_len=256))
+    state = {n: t for n, t in base.state_dict().items() if n != "layers.1.feed_forward.w2.weight"}
+    torch.save({"model_args": asdict(base.args), "model": state}, tmp_path / "model.pt")
+    fails(train_flags(run_data, tmp_path / "out", f"--init_from={tmp_path / 'model.pt'}"), capsys,
+          "lacks weights the model needs: layers.1.feed_forward.w2.weight")
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_files_that_are_folders_and_settings_that_would_be_ignored_are_refused_before_step_1(run_data, tmp_path,

@@ -64,6 +64,9 @@ class Tokenizer:
             inside = os.path.join(self.path, "tokenizer.model")
             hint = f" such as {inside}" if os.path.isfile(inside) else " (tokenizer.model)"
             raise UserError(f"tokenizer {self.path} is a folder, not a file; pass the tokenizer file inside it{hint}")
+        if os.path.exists(self.path) and not os.path.isfile(self.path):  # a named pipe would wait for a writer forever
+            raise UserError(f"tokenizer {self.path} is a named pipe or a device, not a file; pass the tokenizer.model "
+                            "of your checkpoint")
         if not os.path.isfile(self.path):
             raise UserError(f"tokenizer file {self.path} not found; pass the tokenizer.model of your checkpoint")
         try:
@@ -151,7 +154,7 @@ class Tokenizer:
             try:
                 with open(config_file, encoding="utf-8") as f:
                     config = json.load(f)
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, RecursionError) as e:
                 raise UserError(f"{config_file} cannot be read as JSON ({e}); put the checkpoint's unmodified "
                                 "tokenizer_config.json next to its tokenizer.json") from None
 

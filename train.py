@@ -38,7 +38,7 @@ import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
 from errors import UserError
-from model import PRESETS, ModelArgs, Transformer
+from model import PRESETS, ModelArgs, Transformer, saved_model
 from tokenizer import Tokenizer
 
 # -------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def base_weights(cfg, vocab_size):
             what = "an adapter" if checkpoint.is_adapter_file(ckpt) else "not a base model written by train.py"
             raise UserError(f"init_from '{src}' is {what} (it has no model_args and model); give the model.pt of a "
                             "full training run, or a Meta or Hugging Face folder.")
-        return ModelArgs(**ckpt["model_args"]), ckpt["model"]
+        return saved_model(ckpt["model_args"], ckpt["model"], src)
     if os.path.isfile(src) or not os.path.exists(src):
         what = "is a file but not a .pt checkpoint" if os.path.isfile(src) else "does not exist"
         typo = difflib.get_close_matches(src, ("scratch", "resume"), n=1)
