@@ -623,6 +623,11 @@ def build_demo_data(cfg):
             docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
         write_jsonl(f"{ROOT}/corpus.jsonl", [{"text": halves(d)} for d in docs])
         prepare([f"{ROOT}/corpus.jsonl"], DEMO["tokenizer"], corpus, max_len=256, quiet=True)
+    # a first run started minutes before this one pretrains it now (its folder is made then; a mistake in this run's
+    # settings leaves none): this run's out_dir is not in the way
+    if os.path.isdir(PRETRAIN["out_dir"]) and (busy := hold(PRETRAIN["out_dir"])):
+        raise Busy(f"the demo's base is being pretrained by {busy} (in {PRETRAIN['out_dir']}); wait for it to end, "
+                   "then run again.")
     return dict(PRETRAIN)
 
 

@@ -830,6 +830,27 @@ def test_a_demo_run_while_another_builds_the_demos_files_is_told_to_wait_not_to_
         live.wait()
 
 
+def test_a_demo_run_while_another_pretrains_the_demos_base_is_told_to_wait_not_to_choose_another_out_dir(
+        tmp_path, monkeypatch, capsys):
+    """Two first runs minutes apart: the second found the pretraining's folder held by the first, and was told to
+    choose another --out_dir, where its own out_dir was not in the way."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / minicme.ROOT
+    for made in ("tokens", "corpus_tokens"):  # what the first run made before its pretraining
+        (root / made).mkdir(parents=True)
+        (root / made / "summary.json").write_text("{}")
+    (root / "suite.json").write_text(json.dumps({"version": minicme.VERSION}))
+    live = held_by_another_process(tmp_path / minicme.PRETRAIN["out_dir"])
+    try:
+        err = fails(["--model=tiny", "--out_dir=out/second"], capsys,
+                    f"the demo's base is being pretrained by process {live.pid} (in {minicme.PRETRAIN['out_dir']}); "
+                    "wait for it to end, then run again.")
+        assert "--out_dir" not in err and not (tmp_path / "out" / "second").exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_the_first_demo_run_warns_of_cut_answers_once_not_before_and_after_its_pretraining(tmp_path, monkeypatch,
                                                                                           capsys):
     monkeypatch.chdir(tmp_path)
