@@ -529,7 +529,8 @@ def section_cuda7b(cfg, device, peak_tflops):
         lora = v.startswith("LoRA")  # the dry run's arithmetic for this setting, against the measured peak
         estimate = memory.estimate(args, m.num_params() - P_adapter, P_adapter, dict(
             dtype="bfloat16", fsdp=False, max_len=seq, r=r, experts=1 if lora else k, eval_batch_size=1,
-            activation_checkpointing=cfg.checkpointing), 1, batch)["total"]
+            adapter="lora" if lora else "teamlora", targets="w1,w2,w3", activation_checkpointing=cfg.checkpointing),
+            1, batch)["total"]
         measured = steps[v][1]()
         rows.append([v, tps_train, mfu[0], ratio(train[v], train["LoRA"]), tps_infer, mfu[1],
                      ratio(infer[v], infer["LoRA"]), measured / 2**30, estimate / measured])

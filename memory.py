@@ -1,28 +1,47 @@
 """What a run needs in memory per GPU, by arithmetic: train.py's dry run prints it before any weight is read,
 and bench.py sets it beside the peaks it measures. Rough by design: the big terms only."""
 
+# a block's linear layers by the tensor they read: wq, wk and wv one, wo one, w1 and w3 one, w2 one (FFN-wide)
+LINEAR_INPUTS = (("wq", "wk", "wv"), ("wo",), ("w1", "w3"), ("w2",))
+
 
 def estimate(args, n_base, n_train, cfg, world, micro):
     """Bytes per GPU of each big term, of their total, and of scoring: back-of-the-envelope arithmetic."""
     wbytes = 2 if cfg["dtype"] == "bfloat16" else 4
+    full = cfg["adapter"] == "none"  # full training: float32 weights, run in bfloat16 by autocast or FSDP's casts
     root = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.dim  # embeddings, output, last norm
     per_layer = (n_base - root) / max(args.n_layers, 1)
+    # the base in its dtype; full training's float32 weights are the trained term's, so this holds only the bfloat16
+    # copies of a bfloat16 run (autocast's of the linear layers' weights; FSDP's of the gathered ones)
     if cfg["fsdp"]:  # a shard of everything, plus the gathered root (FSDP2 keeps it from its forward to the end of
         # backward: 2 GiB for LLaMA-3-8B in bf16) and about two gathered blocks (one in use, one prefetched)
-        weights = n_base * wbytes / world + (root + 2 * per_layer) * wbytes
+        weights = (0 if full else n_base * wbytes / world) + (root + 2 * per_layer) * wbytes
     else:
-        weights = n_base * wbytes
-    adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32 weights, gradients and two AdamW moments
+        weights = 0 if full and wbytes == 4 else n_base * wbytes
+    adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32: the trained weights, gradients, 2 AdamW moments
     tokens = micro * cfg["max_len"]
-    # per token and layer, what backward keeps (in the activation dtype): norms, q/k/v, attention output, the
-    # SwiGLU's four hidden-size tensors (w1 x, its SiLU, w3 x, their product), the residual stream; and the
-    # adapters' float32 z and omega-weighted z (r + k values each) in the three FFN layers that the recipes adapt
-    per_token_layer = (6 * args.dim + 4 * args.ffn_hidden_dim) * wbytes + 4 * 3 * (cfg["r"] + cfg["experts"]) * 2
-    if cfg["activation_checkpointing"]:
-        activations = tokens * (args.n_layers * args.dim * wbytes + per_token_layer)
+    dim, hidden = args.dim, args.ffn_hidden_dim
+    stream = 4 if full and not cfg["fsdp"] else wbytes  # the residual stream's bytes (autocast: a float32 model's)
+    # per token and layer, what backward keeps: the two norms' float32 inputs (and outputs, where their weights
+    # train), q, k, v, the attention output and the SwiGLU's w1 x, its SiLU and w3 x (in the activation dtype)
+    per_token_layer = 2 * dim * (4 + (stream if full else 0)) + (4 * dim + 3 * hidden) * wbytes
+    # the input of each trained linear layer, an adapter's in float32 (full training: the activation dtype), one copy
+    # per layer where each casts its input (x.to in an adapter over a bfloat16 base, autocast), else one per tensor
+    block = {name for group in LINEAR_INPUTS for name in group}
+    trained = block if full else block & {t.strip().rpartition(".")[2] for t in cfg["targets"].split(",")}
+    kept = wbytes if full else 4
+    for group in LINEAR_INPUTS:
+        n = len(trained.intersection(group))
+        per_token_layer += (n if stream != kept else min(n, 1)) * (hidden if group == ("w2",) else dim) * kept
+    # and each adapted layer's float32 z and omega-weighted z (r + k values each); the output layer's are left out
+    per_token_layer += 0 if full else len(trained) * 4 * (cfg["r"] + cfg["experts"]) * 2
+    if cfg["activation_checkpointing"]:  # each block's input, and one block's full set while it is recomputed
+        activations = tokens * (args.n_layers * dim * stream + per_token_layer)
     else:
         activations = tokens * args.n_layers * per_token_layer
-    logits = tokens * args.vocab_size * 4 * 2  # float32 logits and their gradient, at most: labelled positions only
+    # float32 log-softmax output, its gradient and the logits' gradient, alive together as backward starts; at most:
+    # with adapters (the output layer unadapted) train.py runs it on the labelled positions only
+    logits = tokens * args.vocab_size * 4 * 3
     total = weights + adapter + activations + logits
     # scoring: generate preallocates keys and values for a batch of prompts + answers (at most max_len tokens
     # here), and the prefill holds the FFN's hidden tensors (w1's, w3's, their product; w2's adapter input float32)

@@ -101,7 +101,8 @@ def test_full7b_stack_checkpoints_activations_unless_told_not_to(monkeypatch, ca
     for v, n_adapter in st.adapter.items():
         est = memory.estimate(args, n_base, n_adapter, dict(
             dtype="bfloat16", fsdp=False, max_len=st.seq, r=st.r, experts=1 if v == "LoRA" else st.k,
-            eval_batch_size=1, activation_checkpointing=checkpointing), 1, st.batch)["total"]
+            eval_batch_size=1, adapter="lora" if v == "LoRA" else "teamlora", targets="w1,w2,w3",
+            activation_checkpointing=checkpointing), 1, st.batch)["total"]
         assert rows[v][-1] == pytest.approx(est / 1000, abs=0.006), v
 
 

@@ -1,5 +1,6 @@
-"""memory.py: the dry run's arithmetic, term by term at LLaMA-2-7B's shapes, and its KV cache against what
-generate allocates."""
+"""memory.py: the dry run's arithmetic, term by term at LLaMA-2-7B's shapes, its KV cache against what generate
+allocates, its activations against what a block saves for backward, and its total against a measured training step."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -9,11 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bench
+import evaluation
 import memory
 import model
+import train
 
 MEMORY_CFG = dict(dtype="bfloat16", fsdp=True, max_len=1024, r=128, experts=4, activation_checkpointing=True,
-                  batch_size=128, grad_accum=4, eval_batch_size=64)
+                  batch_size=128, grad_accum=4, eval_batch_size=64, adapter="teamlora", targets="w1,w2,w3")
 
 
 def _estimate(n_layers=32, world=8, micro=4, **cfg):
@@ -98,8 +102,8 @@ def test_memory_estimate_activations_grow_with_tokens_and_layers_and_checkpointi
     for ckpt in (False, True):
         one, two = _estimate(micro=1, activation_checkpointing=ckpt), _estimate(micro=2, activation_checkpointing=ckpt)
         assert two["activations"] == pytest.approx(2 * one["activations"])
-        assert one["logits"] == pytest.approx(1024 * 32000 * 4 * 2) and two["logits"] == pytest.approx(
-            2 * one["logits"])  # float32 logits and their gradient
+        assert one["logits"] == pytest.approx(1024 * 32000 * 4 * 3) and two["logits"] == pytest.approx(
+            2 * one["logits"])  # float32: the log-softmax output, its gradient and the logits' gradient
         assert _estimate(r=256, activation_checkpointing=ckpt)["activations"] > _estimate(
             activation_checkpointing=ckpt)["activations"]  # rank-sized adapter terms
     full = {n: _estimate(n_layers=n, micro=1, activation_checkpointing=False)["activations"] for n in (16, 32)}
@@ -146,10 +150,11 @@ def test_scoring_holds_the_adapters_float32_weights_not_their_gradients_or_adam_
 
 
 def test_activations_count_the_tensors_each_block_keeps_per_token_as_listed():
-    """Without checkpointing, what one token keeps per layer grows by the listed tensors: six of width dim (norms,
-    q/k/v, attention output, residual stream) and four of the FFN's hidden width (w1 x, its SiLU, w3 x, their
-    product), in the activation dtype; and by the adapter's rank- and expert-sized terms, so more experts (the
-    router's per-token outputs) keep more too."""
+    """Without checkpointing, what one token keeps per layer with FFN adapters grows by the listed tensors: per unit
+    of dim, the two norms' float32 inputs, q, k, v and the attention output in the activation dtype, and the float32
+    input of w1 and of w3 (a copy each over a bfloat16 base, one shared over a float32 one); per unit of the FFN's
+    hidden width, w1 x, its SiLU and w3 x in the activation dtype and w2's float32 input; and by the adapter's rank-
+    and expert-sized terms, so more experts (the router's per-token outputs) keep more too."""
     args = dict(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32, head_dim=128,
                 tie_embeddings=False)
     cfg = {**MEMORY_CFG, "fsdp": False, "activation_checkpointing": False}
@@ -158,12 +163,13 @@ def test_activations_count_the_tensors_each_block_keeps_per_token_as_listed():
     def acts(changes=(), **cfg_changes):
         shapes = SimpleNamespace(**{**args, **dict(changes)})
         return memory.estimate(shapes, 6_700_000_000, 10**8, {**cfg, **cfg_changes}, 1, micro)["activations"]
-    for wbytes, dtype in ((2, "bfloat16"), (4, "float32")):
+    for wbytes, dtype, adapter_inputs in ((2, "bfloat16", 2 * 4), (4, "float32", 4)):
         base = acts(dtype=dtype)
-        per_token_layer = tokens * args["n_layers"] * wbytes
-        assert acts({"dim": args["dim"] + 1}, dtype=dtype) - base == pytest.approx(6 * per_token_layer)
+        per_token_layer = tokens * args["n_layers"]
+        assert acts({"dim": args["dim"] + 1}, dtype=dtype) - base == pytest.approx(
+            per_token_layer * (2 * 4 + 4 * wbytes + adapter_inputs))
         assert acts({"ffn_hidden_dim": args["ffn_hidden_dim"] + 1}, dtype=dtype) - base == pytest.approx(
-            4 * per_token_layer)
+            per_token_layer * (3 * wbytes + 4))
     more_experts = acts(experts=MEMORY_CFG["experts"] + 4) - acts()
     assert more_experts > 0 and more_experts == pytest.approx(acts(r=MEMORY_CFG["r"] + 4) - acts())
     # one rank more: two float32 values (z and the omega-weighted z) per token in each of the three adapted FFN layers
@@ -181,3 +187,115 @@ def test_scoring_holds_the_ffns_three_hidden_tensors_and_w2s_float32_adapter_inp
                 for h in (11008, 11009))
         eval_tokens = cfg["eval_batch_size"] * cfg["max_len"]
         assert b["scoring"] - a["scoring"] == pytest.approx(eval_tokens * (3 * wbytes + 4))
+
+
+def _net(dtype, adapter, targets, n_layers, max_len, ckpt=False, vocab=64, preset="small"):
+    """A model with grouped-query attention (the "small" preset: dim 256), built as train.py builds one (float32 for
+    full training, adapters on targets), its base parameters, the cfg memory.estimate reads, and train_step's
+    autocast."""
+    cfg = {**train.DEFAULTS, "dtype": dtype, "adapter": adapter, "targets": targets, "r": 16, "experts": 4,
+           "max_len": max_len, "activation_checkpointing": ckpt, "fsdp": False}
+    args = model.ModelArgs.from_name(preset, n_layers=n_layers, vocab_size=vocab, max_seq_len=max_len)
+    net = model.Transformer(args, gradient_checkpointing=ckpt).to(getattr(torch, dtype if adapter != "none" else
+                                                                          "float32"))
+    n_base = net.num_params()
+    if adapter != "none":
+        train.inject_targets(net, cfg)
+    autocast = torch.autocast("cpu", torch.bfloat16) if adapter == "none" and dtype == "bfloat16" else \
+        contextlib.nullcontext()  # train_step's, for full training in bfloat16
+    return net, args, n_base, cfg, autocast
+
+
+ADAPTERS = [("teamlora", "w1,w2,w3"), ("teamlora", "w1,w2,w3,wq,wk,wv,wo"), ("teamlora", "wq,wv"), ("lora", "w2"),
+            ("none", "w1,w2,w3")]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("adapter, targets", ADAPTERS)
+def test_activations_per_token_and_layer_are_what_a_block_saves_for_backward(dtype, adapter, targets):
+    """The tensors one block's autograd graph saves for backward, per token (the weights and autocast's copies of
+    them left out: the weights term's), against the estimate's per-layer share: adapters on the FFN, on attention
+    too, on attention only, LoRA on w2, and full training, over a bfloat16 and a float32 base. With a bfloat16 base
+    each adapted layer keeps its own float32 copy of its input (w1 and w3, wq, wk and wv each cast the same tensor).
+    Left out of the estimate: each adapter's dropout mask (float32 on the CPU) and its router's k-wide tensors,
+    about r + 5k values per adapted layer, under 6% here."""
+    T = 96  # no weight has a dimension of 96: a saved tensor with one is an activation
+    net, args, n_base, cfg, autocast = _net(dtype, adapter, targets, n_layers=1, max_len=T)
+    cos, sin = model.rope_cos_sin(torch.arange(T)[None], args.head_dim, args.rope_theta)  # shared by every layer
+    saved = {}
+
+    def pack(t):
+        if T in t.shape and t.untyped_storage().data_ptr() not in (cos.data_ptr(), sin.data_ptr()):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x = net.tok_embeddings(torch.randint(args.vocab_size, (1, T))).detach().requires_grad_(True)
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net.train().layers[0](x, cos, sin)
+    est = memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
+    assert est == pytest.approx(sum(saved.values()), rel=0.06)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("adapter, targets", [ADAPTERS[0], ADAPTERS[1], ADAPTERS[4]])
+def test_the_estimate_bounds_the_measured_peak_of_a_training_step_closely(dtype, ckpt, adapter, targets):
+    """The dry run's total against the peak of one training step as train.py runs it (the output layer on the
+    labelled positions, backward, AdamW), measured as bench.py's memory section measures it (step_memory: what is
+    resident plus the allocator's largest rise), on 4 blocks at 512 tokens. The terms are summed though not all
+    alive at once (the logits' gradients and the recomputed block come at different times, the adapters' gradients
+    late), which covers what the estimate leaves out as long as the logits term exceeds it: a forward's temporaries
+    (an adapted layer's float32 output beside the base's, about 8 bytes per token and hidden unit, which the
+    recompute adds to one block's set), and the gradients in flight. A vocabulary of 512 words gives 12 * 512 bytes
+    of logits per token against 8 * 704 (LLaMA-2: 12 * 32000 against 8 * 11008). So at most 10% under the peak
+    (the adapters' dropout masks and router tensors), and at most 20% over it."""
+    net, args, n_base, cfg, autocast = _net(dtype, adapter, targets, n_layers=4, max_len=512, ckpt=ckpt, vocab=512)
+    assert 12 * args.vocab_size > 8 * args.ffn_hidden_dim
+    tokens = torch.randint(args.vocab_size, (1, 512))
+    opt = bench.make_optimizer(net)
+
+    def step():
+        with autocast:
+            net.train()(tokens, tokens.roll(-1, 1), loss_only=evaluation.loss_only(cfg))[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # AdamW's moments exist, as in every step but the first
+    measured = bench.step_memory(step, net, opt, [tokens], torch.device("cpu"))
+    est = memory.estimate(args, n_base, sum(p.numel() for p in train.trainable(net)), cfg, 1, 1)
+    assert 0.9 < est["total"] / measured < 1.2, (est, measured)
+
+
+def test_full_training_counts_its_float32_weights_once():
+    """Full training trains the float32 model itself: the estimate's weights and trained terms together are its
+    weights, their gradients and AdamW's two moments, as held after a step's backward (no second copy of the
+    weights beside the trained term's; a bfloat16 run adds autocast's copies, alive from the forward to backward)."""
+    net, args, n_base, cfg, _ = _net("float32", "none", "", n_layers=2, max_len=32)
+    opt = bench.make_optimizer(net)
+    tokens = torch.randint(args.vocab_size, (1, 32))
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        net(tokens, tokens.roll(-1, 1))[1].backward()
+        opt.step()
+    held = [*net.parameters(), *(p.grad for p in net.parameters()), *(t for s in opt.state.values() for t in
+                                                                      s.values() if t.dim())]
+    est = memory.estimate(args, n_base, sum(p.numel() for p in train.trainable(net)), cfg, 1, 1)
+    assert est["weights"] + est["adapter"] == bench.resident_bytes(*held)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_logits_term_is_the_peak_of_the_cross_entropys_backward(dtype):
+    """At a vocabulary far wider than the model the logits are most of what a step adds: the float32 log-softmax
+    output, its gradient and the logits' gradient, alive together as backward starts (12 bytes per token and word),
+    measured on one dim-64 block with 8192 words, every position labelled; within 5% (the block's activations, a
+    twentieth of the rise, are the estimate's other term here)."""
+    net, args, n_base, cfg, _ = _net(dtype, "teamlora", "w1,w2,w3", n_layers=1, max_len=256, vocab=8192, preset="tiny")
+    tokens = torch.randint(args.vocab_size, (1, 256))
+    trained = train.trainable(net)
+
+    def forward_backward():
+        net.train()(tokens, tokens.roll(-1, 1), loss_only=evaluation.loss_only(cfg))[1].backward()
+        for p in trained:
+            p.grad = None
+    forward_backward()
+    rise = bench.peak_bytes(forward_backward, 0, torch.device("cpu")) - 4 * sum(p.numel() for p in trained)
+    est = memory.estimate(args, n_base, 0, cfg, 1, 1)
+    assert est["logits"] + est["activations"] == pytest.approx(rise, rel=0.05)

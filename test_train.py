@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,20 @@ def test_adapters_train_and_validate_with_the_output_layer_on_answer_positions_o
     assert len(rows) == 6 and 0 < labelled < everything / 4
     assert sum(rows) == (labelled if adapter == "teamlora" else everything)
     assert ("output" in adapter) == isinstance(model.output, teamlora.TeamLoRALinear)
+
+
+@pytest.mark.parametrize("flags", [["--adapter=none"], ["--adapter=none", "--dtype=bfloat16"], ["--targets=w1,output"]])
+def test_train_step_keeps_no_logits_through_backward(run_data, tmp_path, flags):
+    """Where the output layer runs on every position (full training, an adapted output layer) the model returns its
+    float32 logits beside the loss; train_step must not hold them while backward runs (4 bytes per position and
+    word more at the peak: 2 GiB at LLaMA-3's 128k words and 4 x 1024 tokens), as memory.py's logits term assumes."""
+    r, net = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--batch_size=4", *flags)
+    returned, alive = [], []
+    net.register_forward_hook(lambda m, args, out: returned.append(weakref.ref(out[0])) if out[0] is not None else None)
+    net.output.register_full_backward_hook(lambda *a: alive.append([ref() is not None for ref in returned]))
+    train.train_step(r, net, net, torch.optim.AdamW(train.trainable(net), lr=0.0),
+                     data.TokenDataset(r.cfg["data_dir"], "train"), 0)
+    assert len(returned) == 1 and alive == [[False]]
 
 
 @pytest.mark.parametrize("targets", ["w1,w2,w3", "w1,output", "w1, output", " output ,w2", "wq,output,", "w1,wo"])

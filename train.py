@@ -634,8 +634,8 @@ def train_step(r, model, raw, opt, dataset, step):
             model.require_backward_grad_sync = last
         with autocast:  # the output layer on answer positions only; full training keeps every position (on text,
             # as in the demo's pretraining, nearly all are labelled, and its weight's gradient would round otherwise)
-            _, ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum",
-                          loss_only=evaluation.loss_only(cfg))
+            ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum",
+                       loss_only=evaluation.loss_only(cfg))[1]  # not the logits: held, they would outlive backward
         loss = ce * r.world / max(b["n_answer_global"], 1)  # DDP and FSDP average gradients over processes
         if balance:
             loss = loss + cfg["balance_coef"] * teamlora.balance_loss(raw, b["valid"], cfg["balance_reduction"]) / accum
