@@ -1,5 +1,6 @@
 """The layout a reader relies on: the README names every file, and the files import one another one way
-(no cycles), so each can be read knowing only the ones it imports.
+(no cycles), so each can be read knowing only the ones it imports; the README's and RESULTS.md's links reach a
+heading, and the commands they show use flags, sections and run names that exist.
 
     python -m pytest -q test_layout.py
 """
@@ -70,3 +71,92 @@ def test_the_layer_is_under_200_lines_and_it_and_model_py_need_only_torch():
         top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for a in node.names} | \
               {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
         assert top - set(sys.stdlib_module_names) == {"torch"}, name
+
+
+DOCS = ("README.md", "RESULTS.md")
+
+
+def heading_anchors(text):
+    """The anchors GitHub gives a Markdown file's headings: lowercase, punctuation but hyphens and underscores dropped,
+    spaces to hyphens, a repeated one suffixed -1, -2, ...; a line in a code block is no heading."""
+    slugs, fenced = [], False
+    for line in text.splitlines():
+        fenced ^= line.startswith("```")
+        heading = None if fenced else re.match(r"#{1,6} (.+)", line)
+        if heading:
+            slugs.append(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return {s if not slugs[:i].count(s) else f"{s}-{slugs[:i].count(s)}" for i, s in enumerate(slugs)}
+
+
+def test_every_link_between_the_readme_and_results_reaches_a_heading():
+    """A heading renamed in RESULTS.md leaves the README's links to it pointing nowhere (GitHub shows the top)."""
+    anchors = {name: heading_anchors((REPO / name).read_text(encoding="utf-8")) for name in DOCS}
+    dangling = []
+    for name in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", (REPO / name).read_text(encoding="utf-8")):
+            path, _, anchor = target.partition("#")
+            if "://" in target or not (path or anchor):
+                continue
+            path = path or name
+            if not (REPO / path).exists() or anchor and anchor not in anchors.get(path, ()):
+                dangling.append(f"{name}: ({target})")
+    assert dangling == []
+
+
+def names_in(name, module):
+    """The names a module-level `name = (...)`, `{...}` or `dict(...)` of module.py holds, read without importing it."""
+    node = next(n.value for n in ast.parse((REPO / f"{module}.py").read_text(encoding="utf-8")).body
+                if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    if isinstance(node, ast.Call):  # dict(key=value, ...)
+        return {k.arg for k in node.keywords}
+    return {ast.literal_eval(e) for e in (node.keys if isinstance(node, ast.Dict) else node.elts)}
+
+
+def train_keys():
+    """train.py's configuration keys: its module-level assignments before DEFAULTS gathers them."""
+    body = ast.parse((REPO / "train.py").read_text(encoding="utf-8")).body
+    end = next(n.lineno for n in body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEFAULTS")
+    names = [t for n in body if isinstance(n, ast.Assign) and n.lineno < end for t in n.targets]
+    return {e.id for t in names for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)}
+
+
+def bench_options():
+    """bench.py's command-line options (--no-X too where X is a BooleanOptionalAction)."""
+    options = set()
+    for node in ast.walk(ast.parse((REPO / "bench.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            name = node.args[0].value.removeprefix("--")
+            boolean = any(k.arg == "action" and getattr(k.value, "attr", "") == "BooleanOptionalAction"
+                          for k in node.keywords)
+            options |= {name, f"no-{name}"} if boolean else {name}
+    return options | {"help"}
+
+
+def documented_commands():
+    """(file, script, the flags after it) for each bench.py, train.py or study.py command in the README and RESULTS.md:
+    code blocks' lines and inline code, without shell comments."""
+    for name in DOCS:
+        text = (REPO / name).read_text(encoding="utf-8")
+        blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
+        code = [line for b in blocks for line in b.splitlines()]
+        code += re.findall(r"`([^`]+)`", re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.M | re.S))
+        for snippet in code:
+            command = re.search(r"(?<![\w/.])(bench|train|study)\.py\b(.*)", snippet.split("#")[0], flags=re.S)
+            if command:
+                yield name, command.group(1), re.findall(r"(?<!\S)--([a-z][\w-]*)(?:=(\S*))?", command.group(2))
+
+
+def test_every_command_in_the_readme_and_results_uses_flags_and_names_that_exist():
+    """A flag, bench.py section or study run renamed in the code leaves the command printed beside a number stale:
+    train.py keys, bench.py's options and --section names, study.py's options (train.py keys pass through) and
+    --runs names."""
+    keys, sections, runs = train_keys() | {"help"}, names_in("SECTIONS", "bench"), names_in("RUNS", "study") | {"all"}
+    allowed = {"train": keys, "bench": bench_options(), "study": names_in("OPTIONS", "study") | keys}
+    stale = []
+    for name, script, flags in documented_commands():
+        for flag, value in flags:
+            values = set(value.split(",")) if value else set()
+            if flag not in allowed[script] or (script, flag) == ("bench", "section") and values - sections or \
+                    (script, flag) == ("study", "runs") and values - runs:
+                stale.append(f"{name}: {script}.py --{flag}{'=' + value if value else ''}")
+    assert stale == []

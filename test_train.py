@@ -786,6 +786,19 @@ def test_the_readmes_dry_run_output_is_what_the_dry_run_prints(monkeypatch, caps
     assert capsys.readouterr().out == shown
 
 
+def test_the_dry_run_estimates_results_md_sets_beside_the_h200_measurement_are_what_it_prints(monkeypatch, capsys):
+    """RESULTS.md's GPU section compares the measured 7B peak with the dry run's estimate, giving the command: that
+    command, run today (and with --adapter=lora), prints the GiB the text quotes."""
+    text = " ".join((Path(train.__file__).parent / "RESULTS.md").read_text(encoding="utf-8").split())
+    quoted = re.search(r"\(`python train\.py ([^`]+)`, with `(--adapter=lora)` for LoRA\) is ([\d.]+) GiB for TeamLoRA "
+                       r"and ([\d.]+) for LoRA", text)
+    assert quoted, "RESULTS.md no longer gives the dry run's command and estimates beside the H200's 7B measurement"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for extra, gib in (([], quoted.group(3)), ([quoted.group(2)], quoted.group(4))):
+        train.train(train.parse_config(quoted.group(1).split() + extra))
+        assert f"one process, activation checkpointing on: about {gib} GiB (" in capsys.readouterr().out, extra
+
+
 @pytest.mark.parametrize("world", [4, 8])
 def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(world, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
