@@ -445,13 +445,27 @@ def load_nq(path):
     return records
 
 
-def load_triviaqa(path):
-    """TriviaQA JSON {"Data": [{"Question", "Answer": {"Value", "NormalizedValue", "Aliases",
+class _Taken:
+    """What a loader has counted over the --raw files of one call: the ids of the TL;DR posts or TriviaQA questions
+    taken, and the TL;DR rows of the train split left out."""
+    def __init__(self):
+        self.ids, self.train_rows = set(), 0
+
+
+def load_triviaqa(path, taken=None):
+    """TriviaQA JSON {"Data": [{"QuestionId", "Question", "Answer": {"Value", "NormalizedValue", "Aliases",
     "NormalizedAliases"}}]}. The output is the normalised value, lower case as in the official
-    records; every alias counts for exact match. Files without answers load with output None."""
-    records = []
+    records; every alias counts for exact match. Files without answers load with output None. A question
+    counts once over the files that share `taken` (write_eval_set passes one for all its --raw files):
+    web-dev.json and wikipedia-dev.json share questions, with other evidence, and a verified-*-dev.json
+    file holds some of its dev file's."""
+    records, taken = [], _Taken() if taken is None else taken
     for i, item in enumerate(_get(_json(path), "Data", path, "a list")):
         where = f"{path} record {i}"
+        question_id = _get(item, "QuestionId", where, default=None)
+        if question_id is not None and question_id in taken.ids:
+            continue
+        taken.ids.add(question_id)
         a = _get(item, "Answer", where, "an object", default={})
         answers = [_get(a, key, where, default=None) for key in ("NormalizedValue", "Value")]
         for key in ("Aliases", "NormalizedAliases"):
@@ -460,27 +474,32 @@ def load_triviaqa(path):
     return records
 
 
-def load_tldr(path):
+def load_tldr(path, taken=None):
     """OpenAI TL;DR: tldr_3_filtered rows {id, subreddit, title, post, summary}, or
-    summarize-from-feedback comparisons {info: {id, post, ...}, summaries: [{text, policy}]}, which
+    summarize-from-feedback comparisons {info: {id, post, ...}, summaries: [{text, policy}], split}, which
     count once per post and only when a summary is the human reference (policy "ref"). JSON lines
     (comparisons/batch*.json too, despite the name), or a JSON list or object. The input is the post
-    alone, as in the official records."""
+    alone, as in the official records. A row of the "train" split is left out: its post is a training post,
+    and comparisons/ holds such rows beside those of the evaluation splits valid1 and valid2. A post counts once
+    over the files that share `taken` too (write_eval_set passes one for all its --raw files)."""
     data = None if path.endswith(".jsonl") else _json(path, lines_too=True)
     if data is None:
         rows = _jsonl(path)
     else:
         rows = [(f"{path} record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
-    records, seen = [], set()
+    records, taken = [], _Taken() if taken is None else taken
     for where, row in rows:
         info = _get(row, "info", where, "an object", default=None)
+        if _get(row, "split", where, default=None) == "train":
+            taken.train_rows += 1
+            continue
         if info is not None:
             refs = [_get(s, "text", where) for s in _get(row, "summaries", where, "a list of objects")
                     if _get(s, "policy", where, default=None) == "ref"]
             post_id = _get(info, "id", where, default=None)
-            if not refs or post_id is not None and post_id in seen:  # a row without an id is a post of its own
+            if not refs or post_id is not None and post_id in taken.ids:  # a row without an id: a post of its own
                 continue
-            seen.add(post_id)
+            taken.ids.add(post_id)
             post, summary = _get(info, "post", where), refs[0]
         else:
             post, summary = _get(row, "post", where), _get(row, "summary", where, default=None)
@@ -584,10 +603,10 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
                             "so choose another --out.")
     if os.path.lexists(out_path) and not overwrite:  # checked before the raw files are read: they can be large
         raise UserError(f"--out {out_path} exists; pass --overwrite to replace it, or choose another --out.")
-    records = []
+    records, load, taken = [], CME_TASKS[task_name].load, _Taken()
     for p in map(os.fspath, paths):
         try:
-            records += CME_TASKS[task_name].load(p)
+            records += load(p, taken) if load in (load_tldr, load_triviaqa) else load(p)  # counted once over files
         except UnicodeDecodeError as e:
             where = f"a file in {p}" if os.path.isdir(p) else p
             raise UserError(f"{where} is not UTF-8 text ({e.reason}); save it as UTF-8.") from None
@@ -597,6 +616,11 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     if unlabelled:
         raise UserError(f"{unlabelled} of {len(records)} records in {', '.join(map(str, paths))} have no label "
                          "(a test split without answers?); build the evaluation set from a labelled split such as dev.")
+    if not records and taken.train_rows:
+        raise UserError(f"no comparison in {', '.join(map(str, paths))} is of the valid1 or valid2 split and has a "
+                        "human reference summary (those of the train split are left out: their posts are training "
+                        "posts); pass the batch files that hold valid1 or valid2 comparisons, or "
+                        "tldr_3_filtered's test.jsonl.")
     if not records:  # evaluation refuses an empty set; better to say so now
         raise UserError(f"no records in {', '.join(map(str, paths))}; check that the --raw files are the task's and "
                         "not empty.")

@@ -357,11 +357,21 @@ def test_nq_and_triviaqa_loaders_keep_every_answer_alias():
     assert CME_TASKS["triviaqa"].score("Sunset Blvd.", trivia) == 1.0
 
 
-@needs_cme_fixtures
-def test_tldr_loader_takes_the_post_and_the_human_reference_summary():
-    [record] = CME_TASKS["oai_sum"].load(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"))
+def _tldr_example(folder, split="valid2"):
+    """The summarize-from-feedback README's comparison row (its split is "train") moved to `split`: its path and row."""
     with open(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"), encoding="utf-8") as f:
-        row = json.load(f)
+        row = dict(json.load(f), split=split)
+    path = os.path.join(str(folder), f"comparisons_{split}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(row, f, indent=2)
+    return path, row
+
+
+@needs_cme_fixtures
+def test_tldr_loader_takes_the_post_and_the_human_reference_summary(tmp_path):
+    assert CME_TASKS["oai_sum"].load(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json")) == []  # train
+    path, row = _tldr_example(tmp_path)
+    [record] = CME_TASKS["oai_sum"].load(path)
     assert record["input"] == row["info"]["post"]
     assert record["output"].startswith("we suspect other party")  # policy "ref", leading space gone
     assert record["instruction"] == TEMPLATES["summary"][0][0]
@@ -387,6 +397,52 @@ def test_tldr_comparisons_count_each_post_once_and_only_with_a_human_reference(t
     (tmp_path / "comparisons.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     records = CME_TASKS["oai_sum"].load(str(tmp_path / "comparisons.jsonl"))
     assert [(r["input"], r["output"]) for r in records] == [("Post A.", "ref of a"), ("Post C.", "ref of c")]
+
+
+def test_tldr_comparisons_leave_out_the_train_split_and_count_a_post_once_over_every_raw_file(tmp_path, capsys):
+    """summarize-from-feedback's batch files mix comparisons of the train split (training posts) with valid1 and valid2
+    ones, and a post recurs in several batch files: passing them all gave training posts in the evaluation set, and a
+    post once per file that held it."""
+    def row(post_id, split):
+        return {"info": {"id": post_id, "post": f"Post {post_id}."}, "split": split,
+                "summaries": [{"text": " sup", "policy": "sup4"}, {"text": f" ref of {post_id}", "policy": "ref"}]}
+    files = {"batch9.json": [row("a", "train"), row("b", "valid2"), row("b", "valid2")],
+             "batch11.json": [row("b", "valid2"), row("c", "valid1"), row("a", "train")],
+             "batch12.json": [row("c", "valid1"), row("d", "valid2")]}
+    for name, rows in files.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out = {r["info"]["id"] for rows in files.values() for r in rows if r["split"] != "train"}
+    out = tmp_path / "oai_sum.jsonl"
+    tasks.main(["--task", "oai_sum", "--raw", *(str(tmp_path / n) for n in files), "--out", str(out)])
+    assert capsys.readouterr().out == f"wrote {len(held_out)} oai_sum records to {out}\n"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["input"] for r in records) == [f"Post {i}." for i in sorted(held_out)]  # each held-out post once
+    assert all(r["output"] == "ref of " + r["input"][5:-1] for r in records)
+    only_train = tmp_path / "batch3.json"
+    only_train.write_text(json.dumps(row("e", "train")) + "\n")
+    assert script_error(tasks.main, ["--task", "oai_sum", "--raw", only_train, "--out", tmp_path / "e.jsonl"],
+                        capsys).startswith(f"tasks.py: error: no comparison in {only_train} is of the valid1 or valid2 "
+                                           "split and has a human reference summary (those of the train split are "
+                                           "left out: their posts are training posts); pass the batch files")
+    assert not (tmp_path / "e.jsonl").exists()
+
+
+@needs_cme_fixtures
+def test_a_triviaqa_question_in_several_raw_files_counts_once(tmp_path):
+    """TriviaQA's rc files repeat questions: web-dev.json and wikipedia-dev.json share them (each with its own
+    evidence), and verified-web-dev.json holds some of web-dev.json's. `--raw qa/*dev.json` counted each once per
+    file that held it."""
+    with open(os.path.join(CME_DIR, "triviaqa", "triviaqa_sample.json"), encoding="utf-8") as f:
+        sample = json.load(f)
+    [question] = sample["Data"]
+    other = dict(question, QuestionId="tc_other", Question="Which other musical?")
+    files = {"web-dev.json": [question, other], "wikipedia-dev.json": [question], "verified-web-dev.json": [other]}
+    for name, items in files.items():
+        (tmp_path / name).write_text(json.dumps(dict(sample, Data=items)), encoding="utf-8")
+    out = tmp_path / "triviaqa.jsonl"
+    assert write_eval_set("triviaqa", [str(tmp_path / n) for n in files], str(out)) == 2
+    assert sorted(json.loads(line)["instruction"] for line in out.read_text(encoding="utf-8").splitlines()) == sorted(
+        {item["Question"] for items in files.values() for item in items})
 
 
 def test_webquestions_target_values_undo_backslash_escapes(tmp_path):
@@ -708,15 +764,19 @@ KIND_OF = {"anli": "nli", "rte": "rte", "qqp": "paraphrase", "winogrande": "blan
            "oai_sum": "summary", "imdb": "sentiment"}
 
 
-def _samples(name):
+def _samples(name, folder):
+    """The records of a task's fixture files; TL;DR's example row taken as one of the valid2 split, as its own split,
+    train, is left out."""
+    if name == "oai_sum":
+        return CME_TASKS[name].load(_tldr_example(folder)[0])
     return [r for p in CME_SAMPLES[name] for r in CME_TASKS[name].load(os.path.join(CME_DIR, p))]
 
 
 @needs_cme_fixtures
-def test_each_task_takes_its_kinds_first_phrasing_and_its_label_set_covers_what_its_loader_writes():
+def test_each_task_takes_its_kinds_first_phrasing_and_its_label_set_covers_what_its_loader_writes(tmp_path):
     assert set(CME_SAMPLES) == set(CME_TASKS)
     for name, task in CME_TASKS.items():
-        records = _samples(name)
+        records = _samples(name, tmp_path)
         assert records and all(r["output"] for r in records), name
         if name in KIND_OF:
             assert {r["instruction"] for r in records} == {TEMPLATES[KIND_OF[name]][0][0]}, name
@@ -732,10 +792,10 @@ def test_each_task_takes_its_kinds_first_phrasing_and_its_label_set_covers_what_
 
 
 @needs_cme_fixtures
-def test_each_task_generates_enough_tokens_for_every_reference_answer_of_its_samples():
+def test_each_task_generates_enough_tokens_for_every_reference_answer_of_its_samples(tmp_path):
     tok = Tokenizer(LLAMA2)
     for name, task in CME_TASKS.items():
-        for r in _samples(name):
+        for r in _samples(name, tmp_path):
             for answer in r.get("answers") or [r["output"]]:
                 assert len(tok.encode(answer)) + 1 <= task.max_new_tokens, (name, answer)  # + EOS
 
@@ -921,8 +981,7 @@ def test_tldr_comparisons_without_a_post_id_are_each_kept(tmp_path):
 def test_tldr_comparisons_batch_files_hold_json_lines_under_a_json_name(tmp_path):
     """summarize-from-feedback's comparisons/batch*.json are JSON lines (its README: "jsonl files, where each line
     represents a single comparison"), not one JSON value: they load as the same rows written as a .jsonl file."""
-    with open(os.path.join(CME_DIR, "tldr", "README_comparisons_example.json"), encoding="utf-8") as f:
-        row = json.load(f)
+    row = _tldr_example(tmp_path)[1]
     rows = [row, dict(row, info=dict(row["info"], id="t3_other", post="Another post."))]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     (tmp_path / "batch9.json").write_text(text)
