@@ -3,7 +3,8 @@ Scoring a run of train.py: its validation loss, then each task's score by batche
 on the evaluation sets in eval_dir (tasks.py and minicme.py write them), and the share of the experts
 each task's prompts recruit (the paper's Figure 5). The functions that run the model take train.py's
 Run (`r`): the config, this process's rank among `world`, the device, tokenizer, model shape and
-evaluation sets. Under torchrun every rank runs the same forward passes, and the sums are all-reduced.
+evaluation sets. Under torchrun each rank runs its own share, in as many forward passes as every other rank
+(FSDP's collectives need it); the sums are all-reduced and the answers gathered.
 """
 import contextlib
 import os

@@ -391,7 +391,7 @@ class Transformer(nn.Module):
     def generate(self, prompts, max_new_tokens, eos_id=None, temperature=0.0, top_p=1.0, seed=None):
         """Continue each prompt (a list of token ids) by up to max_new_tokens tokens; returns only the
         new tokens, each list cut before its first eos_id. temperature 0 is greedy decoding.
-        The prompts are left-padded into one batch: padding gets seq_id -1 (so nothing attends to it)
+        The prompts are left-padded into one batch: padding gets seq_id -1 (so no real token attends to it)
         and each row's rotary positions start at its first real token. Sampling draws from a generator seeded with
         seed (None: the global one): the same seed repeats the same batch's answers, but a row's draws depend on the
         rows beside it, so a prompt sampled alone (as sample.py does) may answer differently than in a batch."""
@@ -660,7 +660,7 @@ def _torch_load(file):
     except (PermissionError, IsADirectoryError) as e:
         raise ValueError(f"{file} cannot be read ({e.strerror}); check that it is a weight file you may read") from None
     except Exception as e:  # zip, unpickling, EOF, and OSError(EINVAL) from mmap on a cut file
-        # torch < 2.13: "Unsupported global: GLOBAL x.y was not an allowed global"; 2.13: "unsupported GLOBAL x.y whose"
+        # a class: "Unsupported global: GLOBAL x.y was not an allowed global"; os, sys: "unsupported GLOBAL x.y whose"
         found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         if found and isinstance(e, pickle.UnpicklingError):  # weights_only refused a class: more than tensors
             raise ValueError(f"{file} holds Python objects besides tensors ({found.group(1)}), which are not loaded "

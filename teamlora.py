@@ -98,7 +98,7 @@ class TeamLoRALinear(nn.Linear):
         return {n: f(getattr(self, n)) for n, f in init.items() if getattr(self, n) is not None}  # B = 0: no change
 
     def reset_lora_parameters(self):
-        """(Re)initialise the adapter in place, e.g. after `to_empty()` on a meta-built model; unmerge a merged one."""
+        """(Re)initialise the adapter in place, e.g. after `to_empty()` on a meta-built model; refused while merged."""
         load_adapter_state_dict(self, self.initial_lora_state())
 
     @torch.no_grad()
