@@ -57,7 +57,7 @@ batch_size = 16  # examples per optimizer step, over all processes and accumulat
 grad_accum = 1
 # model
 init_from = "data/mini_cme/base.pt"  # "scratch", "resume", a .pt written by train.py, or a Meta/HF folder
-model = "small"  # the ModelArgs preset used when init_from="scratch"
+model = "small"  # the ModelArgs preset of init_from="scratch" (and of a dry run whose init_from is not on disk)
 activation_checkpointing = False  # recompute each block in backward: activation memory for a third more compute
 compile = False  # torch.compile each transformer block (adapters inside); see bench.py for what it pays
 threads = 0  # CPU threads for torch; 0: the cores not already busy when the run starts (at least 1)
@@ -87,7 +87,7 @@ eval_iters = 4  # validation batches
 eval_only = False
 eval_limit = 100  # test records per task, the first ones (0: all)
 eval_batch_size = 64
-log_interval = 10  # a log line every this many steps: that step's loss, tokens/s since the line before
+log_interval = 10  # a log line every this many steps: that step's loss, tokens/s since the line or validation before
 load_layers = 2  # the expert load is shown for this many last layers (the paper's Figure 5)
 fsdp = False  # under torchrun: FSDP2 instead of DDP
 dry_run = False  # build on the meta device, print parameters and a memory estimate, exit
