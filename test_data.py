@@ -101,6 +101,7 @@ def test_sentencepiece_tokenizer_ids_follow_the_model(tok, sp):
     assert tok.encode(text) == sp.encode(text)
     assert tok.encode(text, bos=True, eos=True) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
     assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
+    assert tok.decode(torch.tensor(tok.encode(text))) == text  # a model's output tensor decodes as its list does
 
 
 @needs_fixtures
@@ -108,6 +109,9 @@ def test_raw_encode_keeps_special_text_as_text_and_special_encode_does_not(tok):
     assert tok.eos_id not in tok.encode("a</s>b")
     assert tok.encode("a</s>b", special=True) == tok.encode("a") + [tok.eos_id] + tok.encode("b")
     assert tok.decode(tok.encode("a</s>b")) == "a</s>b"
+    unk = tok.sp.unk_id()  # transformers' slow LlamaTokenizer never splits any of its special tokens, <unk> too
+    assert tok.encode("a<unk>b", special=True) == tok.encode("a") + [unk] + tok.encode("b") and unk not in tok.encode(
+        "a<unk>b")
 
 
 def test_tokenizer_reports_missing_and_unreadable_files(tmp_path):
@@ -117,6 +121,10 @@ def test_tokenizer_reports_missing_and_unreadable_files(tmp_path):
     junk.write_bytes(bytes(range(256)) * 10)
     with pytest.raises(UserError, match="neither a SentencePiece model .* nor a tiktoken"):
         Tokenizer(junk)
+    for first in ("aGk= 5 extra", "aGk= five", "aGk=! 5"):  # like "<base64 token> <rank>", but not that: not tiktoken
+        junk.write_text(first + "\n")
+        with pytest.raises(UserError, match="neither a SentencePiece model .* nor a tiktoken"):
+            Tokenizer(junk)
 
 
 def write_tiktoken_file(path, extra_tokens=()):
@@ -1253,6 +1261,12 @@ def test_a_tokenizer_json_saved_as_tokenizer_model_is_read_as_the_tokenizer_json
     tok = Tokenizer(folder / "tokenizer.model")
     assert tok.kind == "tokenizers" and tok.eos_id == tok.hf.token_to_id("<|endoftext|>")
     assert tok.encode(TEXTS[0]) == Tokenizer(hf_tokenizer_folder(tmp_path / "json")).encode(TEXTS[0])
+    text = (folder / "tokenizer.model").read_text()
+    (folder / "tokenizer.model").write_text("\n  " + text)  # JSON may start with white space
+    assert Tokenizer(folder / "tokenizer.model").kind == "tokenizers"
+    (folder / "tokenizer.json").write_text("[" + text + "]")  # named .json, damaged: said to be a bad tokenizer.json
+    with pytest.raises(UserError, match="tokenizer.json is not a valid tokenizer.json"):
+        Tokenizer(folder / "tokenizer.json")
 
 
 def test_hf_tokenizer_config_naming_a_token_its_tokenizer_lacks_is_refused_not_dropped(tmp_path):

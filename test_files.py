@@ -239,10 +239,11 @@ def test_a_process_of_another_user_counts_as_running_and_its_temporaries_stay(tm
 
 def test_names_like_a_temporary_without_a_process_id_are_a_users_and_stay(tmp_path):
     """Only NAME.tmpPID is write_atomic's: ckpt.pt.tmp (no id) or ckpt.pt.tmpX is left alone, without an error."""
-    users = [tmp_path / "ckpt.pt.tmp", tmp_path / "ckpt.pt.tmpx", tmp_path / ".tmp1"]
+    dead = dead_pid()
+    users = [tmp_path / "ckpt.pt.tmp", tmp_path / "ckpt.pt.tmpx", tmp_path / ".tmp1", tmp_path / f".tmp{dead}"]
     for path in users:
         path.write_text("mine")
-    stale = tmp_path / f"ckpt.pt.tmp{dead_pid()}"
+    stale = tmp_path / f"ckpt.pt.tmp{dead}"
     stale.write_text("x")
     assert files.remove_stale_temporaries(tmp_path) == [str(stale)]
     assert all(p.read_text() == "mine" for p in users)
@@ -267,3 +268,43 @@ def test_special_file_names_what_is_there_but_is_no_regular_file(tmp_path):
     assert found == {"file": None, "pipe": "a named pipe", "folder": "a folder", "link_to_pipe": "a named pipe",
                      "loop": None, "sock": "a socket", "missing": None}
     assert files.special_file(os.devnull) == "a device"
+
+
+@pytest.mark.parametrize("fault", ["the write fails", "the temporary can not be made"])
+def test_a_failed_write_atomic_names_the_file_meant_not_its_temporary(tmp_path, fault):
+    """The scripts print the OSError's file name: a write's error (which names no file) and the temporary's own
+    error both name the path that was to be written."""
+    path = tmp_path / "ckpt.pt"
+    if fault == "the write fails":
+        content = lambda f: FullDisk(f, room=0).write(b"x")
+    else:
+        (tmp_path / f"ckpt.pt.tmp{os.getpid()}").mkdir()  # open() of the temporary raises IsADirectoryError
+        content = "new"
+    with pytest.raises(OSError) as raised:
+        files.write_atomic(str(path), content)
+    assert raised.value.filename == str(path) and not path.exists()
+
+
+def test_a_temporary_removed_by_another_process_first_is_passed_over(tmp_path, capsys, monkeypatch):
+    """Two processes may clean one folder: a temporary the other removed between the look and the removal is not
+    an error, nor counted as removed here."""
+    dead = dead_pid()
+    first, second = tmp_path / f"a.pt.tmp{dead}", tmp_path / f"b.pt.tmp{dead}"
+    first.write_text("x")
+    second.write_text("x")
+
+    def other_removes_first(pid):
+        if first.exists():
+            first.unlink()
+        return False
+    monkeypatch.setattr(files, "process_is_running", other_removes_first)
+    assert files.remove_stale_temporaries(tmp_path) == [str(second)]
+    assert capsys.readouterr().err.count("\n") == 1 and os.listdir(tmp_path) == []
+
+
+def test_a_temporary_whose_process_id_no_system_has_counts_as_running_and_stays(tmp_path):
+    """An id too large for os.kill (OverflowError) is not known to have ended: its file is left, without an error."""
+    huge = tmp_path / f"ckpt.pt.tmp{10 ** 30}"
+    huge.write_text("x")
+    assert files.process_is_running(10 ** 30)
+    assert files.remove_stale_temporaries(tmp_path) == [] and huge.exists()

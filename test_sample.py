@@ -141,7 +141,7 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
     cases = [(["--out_dir", str(tmp_path / "none"), "--instruction", "x"], "ckpt.pt does not exist"),
              (["--out_dir", str(runs["lora"][0] / "adapter.pt"), "--instruction", "x"], "does not exist"),
              (["--out_dir", good, "--records", str(tmp_path / "missing.jsonl")], "does not exist"),
-             (["--out_dir", good, "--records", str(tmp_path)], f"{tmp_path} is a folder, not a file"),
+             (["--out_dir", good, "--records", str(tmp_path)], f"--records file {tmp_path} is a folder, not a file"),
              (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl")], 'line 1 has no "instruction"; give'),
              (["--out_dir", good, "--instruction", "x", "--max_new_tokens=300"], "lower --max_new_tokens"),
              (["--out_dir", good], "give --instruction"),
@@ -263,6 +263,9 @@ def test_a_qwen3_folder_fine_tunes_through_train_py_and_answers_through_sample_p
     tok = Tokenizer(str(folder))
     ids = data.encode_prompt(tok, {"instruction": TEXTS[0]})
     assert text == tok.decode(trained.generate([ids], 5, eos_id=tok.eos_id)[0]) and len(shares) == 4
+    (tmp_path / "base" / "config.json").write_text("{")  # a damaged base: model.py's ValueError, in one sentence
+    argv = ["--out_dir", tmp_path / "run", "--instruction", TEXTS[0], "--max_new_tokens=5"]
+    assert "config.json is not valid JSON" in script_error(sample.main, argv, capsys)
 
 
 def test_a_prompt_fills_what_the_answer_leaves_and_one_token_more_is_cut_keeping_bos_and_its_end(runs, monkeypatch):
@@ -363,3 +366,9 @@ def test_on_cuda_a_run_answers_with_the_float32_matmuls_its_own_scoring_used(run
         sample.answer(model, run, {"instruction": "Who directed The Silver Harbor?"}, 2)
         assert cuda_fp32_matmuls() == before
     assert seen == ["tf32", "ieee", before]
+
+
+def test_the_even_share_printed_beside_the_expert_load_is_one_over_the_number_of_experts(runs, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "answer", lambda *a: ("text", torch.tensor([0.75, 0.25]), False))
+    sample.main(["--out_dir", str(runs["lora"][0]), "--instruction", "x", "--max_new_tokens=2"])
+    assert "even = 0.50: e0 0.75  e1 0.25)" in capsys.readouterr().out

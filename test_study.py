@@ -111,9 +111,11 @@ def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them()
     assert study.parse(["--quick", "--out=out/mine"])[0]["out"] == "out/mine"  # a user's own folder, as given
     smallest = study.parse(["--steps=2", "--quick", "--seeds=3"])[0]  # the user's own win over --quick's, in any order
     assert (smallest["steps"], smallest["seeds"], smallest["grid"]) == (2, (1, 2, 3), study.QUICK["grid"])
-    for bad in ("--seeds=three", "--seeds=0", "--seeds=0,1"):
-        with pytest.raises(study.data.UserError):
+    for bad in ("--seeds=three", "--seeds=0", "--seeds=0,1", "--seeds=1.5,2", "--seeds=True,2"):
+        with pytest.raises(study.data.UserError, match="--seeds must be a count or a comma-separated list"):
             study.parse([bad])
+    with pytest.raises(study.data.UserError, match=r"config key 'steps' in flag --steps=abc must be of type int"):
+        study.parse(["--steps=abc"])  # an option of the wrong type is named, as train.py names a key
 
 
 def test_a_text_option_takes_the_flags_text_as_written():
@@ -569,10 +571,11 @@ def test_the_protocol_selects_with_seed_0_on_validation_then_runs_and_reads_ever
 def test_launch_skips_a_finished_run_resumes_a_stopped_one_and_starts_a_new_one(tmp_path, monkeypatch):
     """A folder with results.json is finished (not run again); one with only ckpt.pt was stopped and continues
     with --init_from=resume, last so that no --init_from given to every run overrides it; an empty one starts."""
-    calls = []
+    calls, threads = [], []
 
     def run(cmd, log, env):
         calls.append(cmd[2:])
+        threads.append(env["OMP_NUM_THREADS"])
         return 0
     monkeypatch.setattr(study, "run_child", run)
     flags = ["--init_from=base.pt", "--seed=1"]
@@ -583,8 +586,8 @@ def test_launch_skips_a_finished_run_resumes_a_stopped_one_and_starts_a_new_one(
     assert study.launch(flags + [f"--out_dir={tmp_path / 'finished'}"], 1) == ("done before", 0.0) and not calls
     assert study.launch(flags + [f"--out_dir={tmp_path / 'stopped'}"], 1)[0] == "done"
     assert [f for f in calls[-1] if f.startswith("--init_from=")][-1] == "--init_from=resume"
-    assert study.launch(flags + [f"--out_dir={tmp_path / 'new'}"], 1)[0] == "done"
-    assert calls[-1] == flags + [f"--out_dir={tmp_path / 'new'}"]
+    assert study.launch(flags + [f"--out_dir={tmp_path / 'new'}"], 3)[0] == "done"
+    assert calls[-1] == flags + [f"--out_dir={tmp_path / 'new'}"] and threads[-1] == "3"  # its share of the cores
     monkeypatch.setattr(study, "run_child", lambda cmd, log, env: 130)
     with pytest.raises(study.data.UserError, match="stopped .*after writing its checkpoint; run the study again"):
         study.launch(flags + [f"--out_dir={tmp_path / 'stopped'}"], 1)  # interrupted: not done, and not "failed"
@@ -689,6 +692,9 @@ def test_an_out_the_study_would_share_or_cannot_write_is_refused_before_anything
     (tmp_path / "study" / "select").mkdir(parents=True)  # an earlier study's folder is continued
     (tmp_path / "study" / "report.md").write_text("its report\n")
     study.check_out(str(tmp_path / "study"))
+    (tmp_path / "held").mkdir()  # a study stopped after it held its --out, before its first run: continued too
+    (tmp_path / "held" / study.files.LOCK).write_text("")
+    study.check_out(str(tmp_path / "held"))
 
 
 def test_a_second_study_on_the_out_of_a_live_one_is_refused_before_it_touches_anything(tmp_path, capsys,
@@ -990,3 +996,16 @@ def test_a_report_names_the_seeds_missing_from_each_mean(tmp_path):
     assert "| LoRA r=32 (3 of 4 seeds) |" in text
     assert "### Runs missing from the means above\n\n- LoRA r=8: seed 3 diverged, seed 4 not finished\n" \
            "- LoRA r=32: seed 3 not finished\n" in text
+
+
+def test_a_damaged_selection_run_is_refused_before_anything_trains_and_a_missing_run_hides_no_other(tmp_path):
+    """check_runs reads the selection runs' folders too, not only the final runs'; check_tasks compares every run
+    that has results, whatever runs before it are missing."""
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=teamlora", "--seeds=1"])
+    folder = tmp_path / "select" / f"teamlora-lr{study.GRID[3]:g}"
+    fake_run(folder, study.GRID[3], {"a": 5.0})
+    (folder / "results.json").write_text('{"scores": {"a": 5')
+    with pytest.raises(study.data.UserError, match=f"the run in {re.escape(str(folder))} is damaged"):
+        study.check_runs(opts, extra, names)
+    with pytest.raises(study.data.UserError, match="the run in c was scored on the tasks y, the run in b on x"):
+        study.check_tasks({"a": None, "b": {"scores": {"x": 1.0}}, "c": {"scores": {"y": 1.0}}})

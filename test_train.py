@@ -509,7 +509,7 @@ def test_gradient_accumulation_equals_one_large_batch(run_data, tmp_path, monkey
             return real_clip(params, *a, **k)
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
         train.train(train_cfg(run_data, out, "--dropout=0.0", "--balance_coef=0.0", "--eval_dir=",
-                              "--max_iters=3", *more))
+                              "--max_iters=3", "--threads=1", *more))  # one count: the final adapters compare bits
         return grads
 
     one, acc = run(tmp_path / "a"), run(tmp_path / "b", "--grad_accum=4")
@@ -1224,6 +1224,19 @@ def test_compile_compiles_each_block_and_trains_like_eager(run_data, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # checkpoint.py on its own (added from mutation testing)
 
+@pytest.mark.parametrize("text", ["[]", '{"scores": {}}', '{"config": {"adapter": "moelora", "experts": 0}}', "{"])
+def test_an_adapter_whose_results_json_is_unreadable_is_scored_by_the_flags(tmp_path, text):
+    """check_adapter_settings compares with the results.json beside adapter.pt only where it reads one: a damaged one
+    (a list, no config, settings that compute nothing, not JSON) leaves the flags alone, as no file does."""
+    import checkpoint
+    cfg, computes = dict(train.DEFAULTS), lambda c: (train.adapter_kwargs(c), c["targets"])
+    (tmp_path / "results.json").write_text(json.dumps({"config": {**cfg, "alpha": 8.0}}))
+    with pytest.raises(UserError, match="was trained with --alpha=8.0"):
+        checkpoint.check_adapter_settings(str(tmp_path / "adapter.pt"), cfg, computes)
+    (tmp_path / "results.json").write_text(text)
+    assert checkpoint.check_adapter_settings(str(tmp_path / "adapter.pt"), cfg, computes) is None
+
+
 def test_rng_state_survives_a_weights_only_save_and_restores_every_generator(tmp_path):
     """torch's, numpy's (its cached Gaussian included) and Python's generators draw the same numbers
     after set_rng_state as they did when rng_state was taken, through a weights_only save and load."""
@@ -1527,6 +1540,8 @@ def test_fingerprint_sees_both_ends_of_every_tensor_and_not_the_dicts_order():
             changed[name][i] += 1e-3
             assert checkpoint.fingerprint(changed) != fp, (name, i)
     assert checkpoint.fingerprint({**w, "norm.weight": w["norm.weight"].reshape(3, 100)}) != fp
+    renamed = {("norm.bias" if n == "norm.weight" else n): t for n, t in w.items()}  # the same sorted order
+    assert checkpoint.fingerprint(renamed) != fp
     # the same values in another dtype (a float64 copy of a float32 base: equal once made float) are another base
     assert checkpoint.fingerprint({**w, "norm.weight": w["norm.weight"].double()}) != fp
 
@@ -2272,3 +2287,21 @@ def test_a_run_validates_at_each_eval_interval_and_its_last_step_and_scores_with
     validated = [line["step"] for line in logged if "val_loss" in line]
     assert validated == [2, 4, 5] and len(calls) == len(validated) and "scores" in summary
     assert summary["val_loss"] == logged[-1]["val_loss"]
+
+
+def test_a_config_file_named_with_a_leading_dash_is_read_and_its_wrong_type_is_refused_under_a_flag(tmp_path,
+                                                                                                   monkeypatch):
+    """A file whose name starts with '-' is not a mistyped flag when it exists; a value of the wrong type in a file
+    is refused even where a flag overrides it."""
+    import configurator
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-small.py").write_text("r = 4\n")
+    assert configurator.read(["-small.py"], train.DEFAULTS)[0]["r"] == 4
+    (tmp_path / "typo.py").write_text("r = '8'\n")
+    with pytest.raises(UserError, match=r"config key 'r' in config file typo.py must be of type int, got '8'"):
+        configurator.read(["typo.py", "--r=8"], train.DEFAULTS)
+
+
+def test_an_unknown_key_like_no_known_one_suggests_none():
+    with pytest.raises(UserError, match=r"^unknown config key 'zzzzzz' in flag --zzzzzz=1\.$"):
+        train.parse_config(["--zzzzzz=1"])
