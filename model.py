@@ -456,8 +456,10 @@ class Transformer(nn.Module):
         dtype (e.g. torch.bfloat16 for 7B) defaults to the checkpoint's own."""
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist; pass the folder that holds "
-                                    "params.json (Meta) or config.json (Hugging Face).")
+            error, what = (NotADirectoryError, "is not a folder") if os.path.exists(path) else (FileNotFoundError,
+                                                                                               "does not exist")
+            raise error(f"checkpoint directory {path!r} {what}; pass the folder that holds params.json (Meta) or "
+                        "config.json (Hugging Face).")
         hf = os.path.exists(os.path.join(path, "config.json"))
         # Mistral's Hugging Face folders also hold its own params.json (beside consolidated.safetensors, not .pth)
         if os.path.exists(os.path.join(path, "params.json")) and (

@@ -360,6 +360,7 @@ HUGE = '{"instruction": "a", "output": "b", "id": ' + "9" * 5000 + "}"  # more d
     ("deep.json", f"[{GOOD},\n{DEEP}]", r"deep.json line 2: record 1 is nested too deeply"),
     ("utf16.jsonl", f"{GOOD}\n".encode("utf-16"), r"utf16.jsonl is UTF-16 text, not UTF-8; save it as UTF-8"),
     ("utf16le.jsonl", f"{GOOD}\n".encode("utf-16-le"), r"utf16le.jsonl is UTF-16 text"),
+    ("utf16be.jsonl", f"{GOOD}\n".encode("utf-16-be"), r"utf16be.jsonl is UTF-16 text"),
     ("object.json", f'{{"data": [{GOOD}]}}',
      r'object.json line 1 is one JSON object holding a list of records \(under "data"\)'),
     ("pretty.json", f'{{\n "data": [{GOOD}]\n}}\n', r"pretty.json holds one JSON object spread over lines, not a list"),
@@ -585,6 +586,12 @@ DAMAGE = [
     ("bad max_len", "summary.json", 'summary.json has "max_len": 1 where an integer >= 2 belongs'),
     ("bad pad_id", "summary.json", 'summary.json has "pad_id": -1 where a token id belongs'),
     ("no counts", "summary.json", 'summary.json gives no record and token counts for the split "train"'),
+    ("deep", "summary.json", "summary.json is nested too deeply to read"),
+    ("latin-1", "summary.json", "summary.json is not UTF-8 text"),
+    ("splits a list", "summary.json", 'summary.json has "splits": \\[\\] where an object belongs'),
+    ("pad_id true", "summary.json", 'summary.json has "pad_id": True where a token id belongs'),
+    ("records a string", "summary.json", 'summary.json gives no record and token counts for the split "train"'),
+    ("records negative", "summary.json", 'summary.json gives no record and token counts for the split "train"'),
 ]
 
 
@@ -633,6 +640,15 @@ def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, dama
         path.write_text(json.dumps(summary | {key: {"dtype": "float32", "max_len": 1, "pad_id": -1}[key]}))
     elif damage == "no counts":
         path.write_text(json.dumps(summary | {"splits": {"train": {"records": 40}}}))
+    elif damage == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif damage == "latin-1":
+        path.write_bytes(b'{"note": "caf\xe9"}')
+    elif damage in ("splits a list", "pad_id true"):
+        path.write_text(json.dumps(summary | ({"splits": []} if damage == "splits a list" else {"pad_id": True})))
+    elif damage.startswith("records "):
+        counts = summary["splits"]["train"] | {"records": "40" if damage == "records a string" else -1}
+        path.write_text(json.dumps(summary | {"splits": summary["splits"] | {"train": counts}}))
     with pytest.raises(UserError, match=expected) as failure:
         TokenDataset(out)
     message = str(failure.value)
@@ -1519,6 +1535,46 @@ def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):
         list(data.read_jsonl(path))
     path.write_text(f"{GOOD}\n\n{GOOD}\n")
     assert [where for where, _ in data.read_jsonl(path)] == [f"{path} line 1", f"{path} line 3"]
+
+
+def test_the_line_named_before_a_byte_that_is_not_utf8_was_read_whole_wherever_a_read_block_ends(tmp_path):
+    """The named line comes before the bad one, also when the good lines end exactly where a block of the text's
+    reads does (64-byte lines: some count of them fills the 8192-byte block)."""
+    line = '{"instruction": "' + "a" * 29 + '", "output": "b"}\n'
+    assert len(line) == 64
+    for n in range(120, 140):
+        path = tmp_path / f"{n}.jsonl"
+        path.write_bytes(line.encode() * n + b'{"instruction": "caf\xe9"}\n')
+        with pytest.raises(UserError) as error:
+            list(data.read_jsonl(path))
+        named = re.search(r"after line (\d+)", str(error.value))
+        assert named is None or int(named[1]) <= n, str(error.value)
+
+
+def test_a_summary_json_that_is_a_folder_or_a_named_pipe_is_not_read(tmp_path, tiny_spm):
+    """Opening a named pipe waits for a writer forever, and a folder is IsADirectoryError's traceback."""
+    out = tmp_path / "out"
+    prepare([write_records(tmp_path / "d.jsonl", 4)], tiny_spm, out, workers=1)
+    content = (out / "summary.json").read_bytes()
+    (out / "summary.json").unlink()
+    (out / "summary.json").mkdir()
+    with pytest.raises(UserError, match="has no summary.json"):
+        TokenDataset(out)
+    (out / "summary.json").rmdir()
+    with named_pipe(out / "summary.json", content):
+        with pytest.raises(UserError, match="has no summary.json"):
+            TokenDataset(out)
+
+
+@pytest.mark.parametrize("blank", [4094, 4095, 4096, 4097, 8191])
+def test_a_jsonl_file_whose_first_record_starts_at_the_end_of_a_read_is_jsonl(tmp_path, blank):
+    """The kind is told from the first non-blank byte and its line: a "{" that ends a 4096-byte read is the start of
+    a record (the rest of its line read too), not a lone "{" of an object spread over lines."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" * blank + f"{GOOD}\n{GOOD}\n")
+    assert data._file_kind(str(path)) == "jsonl"
+    path.write_text("\n" * blank + f"[{GOOD},\n{GOOD}]")
+    assert data._file_kind(str(path)) == "list"
 
 
 def test_read_jsonl_names_a_line_at_or_before_a_byte_that_is_not_utf8_far_into_the_file(tmp_path):

@@ -267,7 +267,7 @@ def test_special_file_names_what_is_there_but_is_no_regular_file(tmp_path):
         server.close()
     assert found == {"file": None, "pipe": "a named pipe", "folder": "a folder", "link_to_pipe": "a named pipe",
                      "loop": None, "sock": "a socket", "missing": None}
-    assert files.special_file(os.devnull) == "a device"
+    assert files.special_file(os.devnull) == files.special_file("/dev/zero") == "a device"
 
 
 @pytest.mark.parametrize("fault", ["the write fails", "the temporary can not be made"])
@@ -308,3 +308,48 @@ def test_a_temporary_whose_process_id_no_system_has_counts_as_running_and_stays(
     huge.write_text("x")
     assert files.process_is_running(10 ** 30)
     assert files.remove_stale_temporaries(tmp_path) == [] and huge.exists()
+
+
+def test_hold_removes_the_temporaries_of_the_names_given_only(tmp_path):
+    """A holder knows its own writers' temporaries: of NAME.tmpPID left by a dead process, only those of `names` go;
+    a user's file named like one stays."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    pid = dead_pid()
+    ours, users = folder / f"ckpt.pt.tmp{pid}", folder / f"notes.txt.tmp{pid}"
+    for path in (ours, users):
+        path.write_text("x")
+    assert files.hold(str(folder), ("ckpt.pt",)) is None
+    assert not ours.exists() and users.read_text() == "x"
+    files.let_go(str(folder))
+
+
+def test_a_filesystem_without_locks_lets_the_folder_be_used_as_before(tmp_path, monkeypatch):
+    """flock fails with another error than "held" (ENOLCK, EOPNOTSUPP: NFS without locks): the folder is not held,
+    as before locks were taken, rather than refused as if another process held it."""
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    stale = tmp_path / "run" / f"ckpt.pt.tmp{dead_pid()}"
+    stale.parent.mkdir()
+    stale.write_text("x")
+    assert files.hold(str(tmp_path / "run"), ("ckpt.pt",)) is None and not stale.exists()
+
+
+def test_lock_holder_reads_the_holders_line_of_that_file_and_skips_waiters_and_open_file_locks(tmp_path,
+                                                                                               monkeypatch):
+    """/proc/locks lists a waiter with "->" and an open file description lock with pid -1: neither is the holder."""
+    import io
+    (tmp_path / "f").write_text("")
+    st = os.stat(tmp_path / "f")
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    lines = (f"1: OFDLCK ADVISORY WRITE -1 {where} 0 EOF\n2: FLOCK  ADVISORY  WRITE 77 00:00:1 0 EOF\n"
+             f"3: FLOCK  ADVISORY  WRITE 4242 {where} 0 EOF\n3: -> FLOCK  ADVISORY  WRITE 4343 {where} 0 EOF\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: io.StringIO(lines) if file == "/proc/locks"
+                        else real_open(file, *a, **k))
+    assert files.lock_holder(st) == 4242
+    lines = f"1: OFDLCK ADVISORY WRITE -1 {where} 0 EOF\n"
+    assert files.lock_holder(st) is None

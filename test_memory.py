@@ -299,3 +299,74 @@ def test_the_logits_term_is_the_peak_of_the_cross_entropys_backward(dtype):
     rise = bench.peak_bytes(forward_backward, 0, torch.device("cpu")) - 4 * sum(p.numel() for p in trained)
     est = memory.estimate(args, n_base, 0, cfg, 1, 1)
     assert est["logits"] + est["activations"] == pytest.approx(rise, rel=0.05)
+
+
+def test_targets_are_read_as_train_py_injects_them_spaces_and_qualified_names_too():
+    """train.py strips each target and adapts every layer whose name ends with it: "w1, w2" and
+    "feed_forward.w1,feed_forward.w2" adapt what "w1,w2" does, so the estimate counts the same adapted inputs."""
+    for plain, written in (("w1,w2,w3", " w1, w2 ,w3 "), ("w1,w2,w3,wq,wv", "feed_forward.w1,feed_forward.w2,"
+                                                           "feed_forward.w3,attention.wq,attention.wv")):
+        for dtype in ("bfloat16", "float32"):
+            assert _estimate(targets=written, dtype=dtype) == _estimate(targets=plain, dtype=dtype)
+        assert _estimate(targets=written)["activations"] != _estimate(targets="w1")["activations"]
+
+
+@pytest.mark.parametrize("world", [1, 8])
+def test_full_training_under_fsdp_holds_only_the_gathered_bfloat16_copies_beside_its_float32_shard(world):
+    """Under FSDP full training's float32 weights are a shard of the trained term: the weights term adds only the
+    bfloat16 copies FSDP gathers (the root and about two blocks), what an adapter run holds beyond its base's shard."""
+    full, adapted = _estimate(world=world, adapter="none"), _estimate(world=world)
+    assert full["weights"] == pytest.approx(adapted["weights"] - 6_700_000_000 * 2 / world)
+    assert _estimate(world=1, adapter="none")["weights"] == pytest.approx(_estimate(world=8, adapter="none")["weights"])
+
+
+def test_full_bfloat16_training_counts_autocasts_copies_of_the_weights_that_backward_keeps():
+    """A full bfloat16 run without FSDP trains a float32 model under autocast, which casts each linear layer's weight
+    to bfloat16 once per forward; backward keeps those copies: the weights term is their size, measured here on the
+    tensors one forward saves (the embedding and the norms, not cast, are under 3% of the base here)."""
+    T = 96
+    net, args, n_base, cfg, autocast = _net("bfloat16", "none", "w1,w2,w3", n_layers=2, max_len=T)
+    shapes = {s for p in net.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}  # saved transposed too
+    copies = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes:
+            copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    tokens = torch.randint(args.vocab_size, (1, T))
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net.train()(tokens, tokens.roll(-1, 1))
+    est = memory.estimate(args, n_base, n_base, cfg, 1, 1)
+    assert est["weights"] == pytest.approx(sum(copies.values()), rel=0.03)
+
+
+@pytest.mark.parametrize("adapter, dtype, fsdp", [("none", "bfloat16", False), ("none", "bfloat16", True),
+                                                  ("none", "float32", False), ("teamlora", "bfloat16", False),
+                                                  ("teamlora", "float32", True)])
+def test_checkpointing_keeps_each_blocks_input_in_the_dtype_the_run_gives_the_residual_stream(adapter, dtype, fsdp):
+    """With activation checkpointing each block keeps its input: in float32 for full bfloat16 training without FSDP
+    (a float32 model under autocast), in the weights' dtype otherwise (FSDP's param_dtype casts a full run's weights
+    to bfloat16, here by .to). The estimate with checkpointing minus one block's set is n_layers of them per token."""
+    net, args, _, cfg, autocast = _net(dtype, adapter, "w1,w2,w3", n_layers=2, max_len=16)
+    if fsdp and adapter == "none":
+        net = net.to(getattr(torch, dtype))
+    seen = []
+    net.layers[1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].element_size()))
+    with autocast:
+        net.train()(torch.randint(args.vocab_size, (1, 16)))
+    shapes = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32,
+                             head_dim=128, tie_embeddings=False)
+    cfg = {**MEMORY_CFG, "dtype": dtype, "adapter": adapter, "fsdp": fsdp}
+    ckpt, whole = (memory.estimate(shapes, 6_700_000_000, 10**8, {**cfg, "activation_checkpointing": c}, 8, 1)
+                   ["activations"] for c in (True, False))
+    assert ckpt - whole / 32 == pytest.approx(1024 * 32 * 4096 * seen[0])
+
+
+@pytest.mark.parametrize("fsdp, world", [(False, 1), (True, 8)])
+def test_scoring_holds_the_base_weights_that_training_holds(fsdp, world):
+    """Scoring runs generate on the same base, so a larger base raises scoring's figure as much as the weights term."""
+    a = _estimate(world=world, fsdp=fsdp)
+    args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32, head_dim=128,
+                           tie_embeddings=False)
+    b = memory.estimate(args, 7_000_000_000, 100_000_000, {**MEMORY_CFG, "fsdp": fsdp}, world, 4)
+    assert b["weights"] > a["weights"] and b["scoring"] - a["scoring"] == pytest.approx(b["weights"] - a["weights"])

@@ -303,7 +303,8 @@ def test_a_folder_that_cannot_be_written_is_one_sentence_before_the_suite_is_bui
     assert not os.listdir(tmp_path / "locked")
 
 
-@pytest.mark.parametrize("size", [dict(n_test_per_task=0), dict(n_val_per_task=-1), dict(n_train_per_task=1.5)])
+@pytest.mark.parametrize("size", [dict(n_test_per_task=0), dict(n_val_per_task=-1), dict(n_train_per_task=1.5),
+                                  dict(n_val_per_task=True), dict(vocab_size=0)])
 def test_make_suite_refuses_sizes_that_are_not_positive_integers_before_writing_anything(tmp_path, size):
     """0 wrote empty val or test sets (and -1 too): train.py scored them as nothing, or refused them later."""
     key, value = next(iter(size.items()))
@@ -681,7 +682,8 @@ def test_the_demo_base_is_pretrained_on_the_corpus_documents_each_cut_in_halves(
     prepared = []
     monkeypatch.setattr(minicme, "prepare", lambda paths, tokenizer, out, **k: prepared.append((paths, out, k)))
     cfg = dict(minicme.DEMO, data_dir="mine/tokens", eval_dir="mine/eval")
-    assert minicme.build_demo_data(cfg) == minicme.PRETRAIN
+    settings = minicme.build_demo_data(cfg)
+    assert settings == minicme.PRETRAIN and settings is not minicme.PRETRAIN  # a caller may change its own copy
     [(paths, out, options)] = prepared
     assert out == minicme.PRETRAIN["data_dir"] and options["max_len"] == minicme.PRETRAIN["max_len"]
     assert _read_jsonl(tmp_path / paths[0]) == [{"text": minicme.halves(d)} for d in docs]
@@ -703,6 +705,36 @@ def test_a_demo_suite_built_by_an_older_minicme_is_named_as_such(tmp_path, monke
     minicme.build_demo_data(cfg)
     err = capsys.readouterr().err
     assert f"{minicme.ROOT} was built by an older minicme.py" in err and f"delete {minicme.ROOT}" in err
+
+
+@pytest.mark.parametrize("content", ["[]", '{"version": "2"}', '{"version": null}'])
+def test_a_demo_suite_json_of_another_shape_is_not_called_older_nor_a_traceback(tmp_path, monkeypatch, capsys, content):
+    """The version check reads what it can: train.py names what is wrong with the files it reads."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / minicme.ROOT).mkdir(parents=True)
+    (tmp_path / minicme.ROOT / "suite.json").write_text(content)
+    assert minicme.build_demo_data(dict(minicme.DEMO, data_dir="mine/tokens", init_from="mine/base.pt")) is None
+    assert "older" not in capsys.readouterr().err
+
+
+def test_a_run_about_to_pretrain_the_demo_base_holds_its_folder_so_a_second_run_waits(tmp_path, monkeypatch):
+    """From the check that no other run pretrains the base to its own pretraining, the run holds the pretraining's
+    folder: a run started in between is told to wait, not let in to pretrain the same base beside it."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / minicme.ROOT
+    for made in ("tokens", "corpus_tokens"):
+        (root / made).mkdir(parents=True)
+        (root / made / "summary.json").write_text("{}")
+    (root / "suite.json").write_text(json.dumps({"version": minicme.VERSION}))
+    (tmp_path / minicme.PRETRAIN["out_dir"]).mkdir()  # left by an earlier, stopped pretraining
+    try:
+        assert minicme.build_demo_data(dict(minicme.DEMO)) == minicme.PRETRAIN
+        second = subprocess.run([sys.executable, "-c", "import sys, files; print(files.hold(sys.argv[1]))",
+                                 str(tmp_path / minicme.PRETRAIN["out_dir"])], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(files.__file__)))
+        assert second.stdout == f"process {os.getpid()}\n", second.stderr
+    finally:
+        files.let_go(str(tmp_path / minicme.PRETRAIN["out_dir"]))
 
 
 def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp_path, monkeypatch, capsys):

@@ -824,6 +824,40 @@ def test_missing_directory_is_reported(tmp_path):
         Transformer.from_pretrained(tmp_path / "nope")
 
 
+def test_a_file_given_for_the_checkpoint_directory_is_named_as_not_a_folder_not_as_missing(tmp_path):
+    """from_pretrained("folder/model.safetensors") said that a file which is there does not exist."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(NotADirectoryError) as error:
+        Transformer.from_pretrained(tmp_path / "model.safetensors")
+    assert_one_sentence(error, f"checkpoint directory {str(tmp_path / 'model.safetensors')!r} is not a folder; pass "
+                               "the folder that holds params.json (Meta) or config.json (Hugging Face)")
+
+
+def test_a_meta_folder_that_also_holds_a_config_json_loads_its_consolidated_weights(tmp_path):
+    """params.json beside consolidated.*.pth is Meta's layout even with a config.json there (Mistral's folders hold a
+    params.json beside consolidated.safetensors, which is why config.json wins without .pth files)."""
+    model = tiny_model()
+    write_meta_dir(model, tmp_path, 0)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    tokens = torch.randint(0, model.args.vocab_size, (1, 8))
+    torch.testing.assert_close(Transformer.from_pretrained(tmp_path)(tokens)[0], model(tokens)[0])
+
+
+def test_a_meta_vocab_size_of_0_is_read_from_the_embedding_as_minus_1_is_and_a_missing_embedding_is_named(tmp_path):
+    model = tiny_model()
+    write_meta_dir(model, tmp_path, 0)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(params | {"vocab_size": 0}))
+    assert Transformer.from_pretrained(tmp_path).args.vocab_size == model.args.vocab_size
+    for file in tmp_path.glob("consolidated.*.pth"):
+        shard = torch.load(file, weights_only=True)
+        del shard["tok_embeddings.weight"]
+        torch.save(shard, file)
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path), "lacks weights the model needs: tok_embeddings.weight")
+
+
 def test_unknown_layout_is_reported(tmp_path):
     with pytest.raises(ValueError, match="neither params.json.*nor config.json"):
         Transformer.from_pretrained(tmp_path)
@@ -976,6 +1010,10 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("bin", "config.json", lambda c: c | {"tie_word_embeddings": "false"},  # bool("false"): lm_head dropped
      "has tie_word_embeddings='false' where true or false"),
     ("bin", "config.json", lambda c: c | {"rope_theta": math.inf}, "has rope_theta=inf where a positive number"),
+    ("bin", "config.json", lambda c: c | {"sliding_window": True},  # True == 1: a window of one token
+     "has sliding_window=True where a positive integer or null belongs"),
+    ("bin", "config.json", lambda c: c | {"rope_scaling": [8.0, 1.0]},
+     "has rotary settings [8.0, 1.0] where an object"),
     ("meta", "params.json", lambda c: c | {"ffn_dim_multiplier": math.inf},  # was an OverflowError's traceback
      "has ffn_dim_multiplier=inf where a positive number"),
     ("meta", "params.json", lambda c: "{'dim': 64}", "is not valid JSON (line 1"),
@@ -1059,10 +1097,40 @@ def saved_tiny(**args_changes):
     return asdict(model.args) | args_changes, dict(model.state_dict())
 
 
-def test_a_saved_model_is_read_back_as_it_was_saved():
-    model_args, state = saved_tiny()
+@pytest.mark.parametrize("overrides", [{}, dict(rope_scaling=(8.0, 1.0, 4.0, 64), sliding_window=8, qkv_bias=True),
+                                       dict(tie_embeddings=True, qk_norm=True, hidden_dim=96, ffn_dim_multiplier=1.3,
+                                            n_kv_heads=4)])
+def test_a_saved_model_is_read_back_as_it_was_saved(overrides):
+    model = tiny_model(**overrides)
+    model_args, state = asdict(model.args), dict(model.state_dict())
     args, read = saved_model(model_args, state, "model.pt")
     assert args == ModelArgs(**model_args) and read is state
+    # as ModelArgs takes them, filled in from n_heads: multi-head attention's n_kv_heads, and every head_dim
+    unfilled = model_args | {"head_dim": None} | ({"n_kv_heads": None} if args.n_kv_heads == args.n_heads else {})
+    assert saved_model(unfilled, state, "model.pt")[0] == ModelArgs(**unfilled) == args
+
+
+def test_saved_model_args_that_are_not_a_dict_are_one_sentence():
+    model_args, state = saved_tiny()
+    for foreign in (list(model_args.items()), None):
+        with pytest.raises(ValueError) as error:
+            saved_model(foreign, state, "model.pt")
+        assert_one_sentence(error, "model.pt holds no model_args dict beside a dict of named tensors")
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 9])
+def test_every_missing_weight_is_named_or_counted(n):
+    """Up to five names are listed, and 'and K more' counts the rest: together they are all that is missing."""
+    model_args, state = saved_tiny()
+    gone = sorted(state)[:n]
+    for name in gone:
+        del state[name]
+    with pytest.raises(ValueError) as error:
+        saved_model(model_args, state, "model.pt")
+    listed = str(error.value).split("lacks weights the model needs: ")[1].split("; ")[0]
+    named = [name for name in gone if name in listed]
+    more = re.search(r" and (\d+) more$", listed)
+    assert len(named) == min(n, 5) and len(named) + (int(more.group(1)) if more else 0) == n, listed
 
 
 SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
@@ -1078,6 +1146,12 @@ SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
     ({}, lambda s: s.pop("layers.0.feed_forward.w1.weight"), "lacks weights the model needs: layers.0.feed_forward"),
     ({}, lambda s: s["norm.weight"].fill_(math.nan), "weight norm.weight in model.pt holds NaN or inf values"),
     ({}, lambda s: s.update(step="3"), "model.pt holds no model_args dict beside a dict of named tensors"),
+    (dict(rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 64}), None, "has rope_scaling={'factor': 8.0"),
+    (dict(rope_scaling=[8.0, "1", 4.0, 64]), None, "has low_freq_factor='1' where a positive number belongs"),
+    (dict(rope_scaling=[8.0, 4.0, 4.0, 64]), None, "has low_freq_factor=4.0 not below high_freq_factor=4.0"),
+    (dict(max_seq_len=100.5), None, "has max_seq_len=100.5 where a positive integer belongs"),
+    (dict(sliding_window=0), None, "has sliding_window=0 where a positive integer belongs"),
 ]
 
 

@@ -580,6 +580,9 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("arc", "arc.jsonl", json.dumps({"question": {"stem": "q", "choices": [{"text": str(i), "label": str(i)}
                                                                           for i in range(9)]}, "answerKey": "1"}),
      r"arc.jsonl line 1 has 9 choices, more than the 8 letters"),  # was an IndexError
+    # JSON lines given where one JSON value belongs, and a JSON list in a .jsonl file (TL;DR reads either kind)
+    ("triviaqa", "t.json", '{"Data": []}\n{"Data": []}\n', r"t.json line 2 is not valid JSON \(Extra data\)"),
+    ("oai_sum", "s.jsonl", '[{"post": "p", "summary": "s"}]\n', r"s.jsonl line 1 is not a JSON object"),
 ]
 
 
@@ -609,6 +612,16 @@ def test_a_raw_file_that_is_a_named_pipe_is_one_sentence(tmp_path, capsys, task,
         err = script_error(tasks.main, ["--task", task, "--raw", raw, "--out", tmp_path / "out.jsonl"], capsys)
     assert err == f"tasks.py: error: {pipe} is a named pipe, not a file; give the task's raw file."
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_raw_json_file_that_is_not_utf8_or_a_link_to_nothing_is_named_as_such(tmp_path):
+    """json.load's UnicodeDecodeError is a ValueError: it was not to be taken for a number too long to read."""
+    (tmp_path / "t.json").write_bytes(b'{"Data": [{"Question": "caf\xe9"}]}')
+    with pytest.raises(UserError, match=r"t\.json is not UTF-8 text \(invalid continuation byte\); save it as UTF-8"):
+        write_eval_set("triviaqa", [str(tmp_path / "t.json")], str(tmp_path / "out.jsonl"))
+    (tmp_path / "gone.json").symlink_to(tmp_path / "nothing.json")
+    with pytest.raises(FileNotFoundError, match=r"gone\.json does not exist; check the path to the task's raw file"):
+        CME_TASKS["triviaqa"].load(str(tmp_path / "gone.json"))
 
 
 def test_missing_files_and_folders_are_named(tmp_path):
