@@ -443,9 +443,18 @@ def test_a_sigterm_to_the_study_reaches_its_runs_even_one_started_after_it(tmp_p
 
 
 def test_the_study_gives_back_the_sigterm_handler_it_found(tmp_path, capsys):
-    before = study.signal.getsignal(study.signal.SIGTERM)
-    script_error(study.main, [f"--out={tmp_path}", "--report"], capsys)  # no study there: one sentence
-    assert study.signal.getsignal(study.signal.SIGTERM) is before
+    """A handler of the caller's own (a notebook's), not whatever an earlier study left; and a study started after one
+    that SIGTERM stopped in the same process starts its runs instead of stopping each at once."""
+    def mine(signum, frame):
+        pass
+    before = study.signal.signal(study.signal.SIGTERM, mine)
+    study.STOPPING.set()
+    try:
+        script_error(study.main, [f"--out={tmp_path}", "--report"], capsys)  # no study there: one sentence
+        assert study.signal.getsignal(study.signal.SIGTERM) is mine and not study.STOPPING.is_set()
+    finally:
+        study.signal.signal(study.signal.SIGTERM, before)
+        study.STOPPING.clear()
 
 
 def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monkeypatch):
