@@ -1018,3 +1018,47 @@ def test_a_damaged_selection_run_is_refused_before_anything_trains_and_a_missing
         study.check_runs(opts, extra, names)
     with pytest.raises(study.data.UserError, match="the run in c was scored on the tasks y, the run in b on x"):
         study.check_tasks({"a": None, "b": {"scores": {"x": 1.0}}, "c": {"scores": {"y": 1.0}}})
+
+
+def test_run_child_passes_its_environment_and_logs_the_runs_stderr_with_its_stdout(tmp_path):
+    """launch names a failed run by the last line of its stdout.txt, which is train.py's error on stderr; the run's
+    environment (OMP_NUM_THREADS, its thread budget) is the one given."""
+    code = "import os, sys; print(os.environ.get('BUDGET'), flush=True); sys.exit('error: the last line')"
+    with open(tmp_path / "run.txt", "w") as log:
+        assert study.run_child([sys.executable, "-c", code], log, {**os.environ, "BUDGET": "3"}) == 1
+    assert (tmp_path / "run.txt").read_text() == "3\nerror: the last line\n"
+
+
+def test_a_sigterm_reaches_every_run_under_way_and_one_started_after_it_is_terminated_not_killed(tmp_path):
+    """The study runs several train.py at once: each gets the SIGTERM (not a kill: each writes its checkpoint)."""
+    import threading
+    import time
+    logs, codes = [tmp_path / f"run{i}.txt" for i in range(3)], []
+    outs = [open(log, "w") for log in logs]
+    try:
+        runners = [threading.Thread(target=lambda f=f: codes.append(study.run_child([sys.executable, "-c", CHILD], f,
+                                                                                    None))) for f in outs[:2]]
+        for runner in runners:
+            runner.start()
+        deadline = time.time() + 30
+        while not all("training" in log.read_text() for log in logs[:2]) and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            study.stop_runs(study.signal.SIGTERM, None)
+        for runner in runners:
+            runner.join(30)
+        assert codes == [130, 130] and all(log.read_text() == "training\ncheckpoint written\n" for log in logs[:2])
+        # started after the signal: terminated too (before or after its handler is set), never killed
+        assert study.run_child([sys.executable, "-c", CHILD], outs[2], None) in (130, -study.signal.SIGTERM)
+    finally:
+        study.STOPPING.clear()
+        for f in outs:
+            f.close()
+
+
+def test_the_selection_table_shows_a_score_of_0_and_is_a_markdown_table_of_equal_rows(tmp_path):
+    opts, extra, names = study.parse([f"--out={tmp_path}", "--runs=lora8", "--quick", "--report"])
+    low, high = opts["grid"]
+    lines = study.selection_table({"lora": (low, {high: 0.0, low: 12.5})}, opts)
+    assert lines[2] == f"| LoRA r=32 | 12.5 | 0.0 | {low:g} |"
+    assert len({line.count("|") for line in lines}) == 1 and set(lines[1]) == set("|-")
