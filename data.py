@@ -116,7 +116,7 @@ _READ = 1 << 20  # characters read at a time from a JSON list
 TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
 
 
-def _too_long():  # json raises a ValueError (not a JSONDecodeError) on an integer longer than Python converts
+def too_long():  # json raises a ValueError (not a JSONDecodeError) on an integer longer than Python converts
     return f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long to read"
 
 
@@ -171,7 +171,7 @@ def _iter_json_list(path):
                 except RecursionError:  # too deep in what was read already: more text cannot help
                     fail(pos, f"record {index} {TOO_DEEP}")
                 except ValueError:  # a number of thousands of digits: more text cannot make it shorter
-                    fail(pos, f"record {index} {_too_long()}")
+                    fail(pos, f"record {index} {too_long()}")
             yield index, record
             index, pos = index + 1, end
             char = peek()
@@ -270,7 +270,7 @@ def _encode_chunk(job):
                 except UnicodeDecodeError:
                     raise
                 except ValueError:
-                    raise UserError(f"{where} {_too_long()}; fix or remove that record") from None
+                    raise UserError(f"{where} {too_long()}; fix or remove that record") from None
             source, target = _encode_parts(_WORKER_TOKENIZER, payload, where)
         except UserError as e:
             return ("error", str(e))
@@ -570,7 +570,7 @@ def read_jsonl(path):
                 except RecursionError:
                     raise UserError(f"{path} line {n} {TOO_DEEP}; fix or remove that line.") from None
                 except ValueError:
-                    raise UserError(f"{path} line {n} {_too_long()}; fix or remove that line.") from None
+                    raise UserError(f"{path} line {n} {too_long()}; fix or remove that line.") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
                 yield f"{path} line {n}", obj
@@ -609,7 +609,7 @@ def _read_summary(path):
     except RecursionError:
         raise UserError(f"{summary_path} {TOO_DEEP}; {again}") from None
     except ValueError:
-        raise UserError(f"{summary_path} {_too_long()}; {again}") from None
+        raise UserError(f"{summary_path} {too_long()}; {again}") from None
     if not isinstance(summary, dict):
         raise UserError(f"{summary_path} holds {_json_kind(summary)}, not a prepare summary; {again}")
     for key, ok, want in (("splits", lambda v: isinstance(v, dict), "an object"),

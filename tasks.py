@@ -21,7 +21,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data import TOO_DEEP, UserError, _too_long, read_jsonl
+from data import TOO_DEEP, UserError, read_jsonl, too_long
 from errors import exit_with
 from files import blocked_parent, special_file, write_atomic
 
@@ -316,7 +316,7 @@ def _json(path, lines_too=False):
         except UnicodeDecodeError:
             raise
         except ValueError:  # a number of thousands of digits
-            raise UserError(f"{path} {_too_long()}; fix the file.") from None
+            raise UserError(f"{path} {too_long()}; fix the file.") from None
 
 
 def _tsv(path, need):
