@@ -120,43 +120,82 @@ def train_keys():
     return {e.id for t in names for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)}
 
 
-def bench_options():
-    """bench.py's command-line options (--no-X too where X is a BooleanOptionalAction)."""
-    options = set()
-    for node in ast.walk(ast.parse((REPO / "bench.py").read_text(encoding="utf-8"))):
+ARGPARSE_SCRIPTS = ("bench", "sample", "data", "tasks", "minicme")
+
+
+def script_options(module):
+    """(the argparse options of module.py, --no-X too where X is a BooleanOptionalAction; its subcommands), read
+    without importing it."""
+    options, commands = {"help"}, set()
+    for node in ast.walk(ast.parse((REPO / f"{module}.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_parser":
+            commands.add(node.args[0].value)
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
             name = node.args[0].value.removeprefix("--")
             boolean = any(k.arg == "action" and getattr(k.value, "attr", "") == "BooleanOptionalAction"
                           for k in node.keywords)
             options |= {name, f"no-{name}"} if boolean else {name}
-    return options | {"help"}
+    return options, commands
 
 
 def documented_commands():
-    """(file, script, the flags after it) for each bench.py, train.py or study.py command in the README and RESULTS.md:
-    code blocks' lines and inline code, without shell comments."""
+    """(file, script, its first word, the flags after it) for each command of a script of ours (train.py, study.py and
+    the argparse ones) in the README and RESULTS.md: code blocks' lines and inline code, without shell comments."""
     for name in DOCS:
         text = (REPO / name).read_text(encoding="utf-8")
         blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
         code = [line for b in blocks for line in b.splitlines()]
         code += re.findall(r"`([^`]+)`", re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.M | re.S))
         for snippet in code:
-            command = re.search(r"(?<![\w/.])(bench|train|study)\.py\b(.*)", snippet.split("#")[0], flags=re.S)
+            scripts = "|".join(("train", "study") + ARGPARSE_SCRIPTS)
+            command = re.search(rf"(?<![\w/.])({scripts})\.py\b(.*)", snippet.split("#")[0], flags=re.S)
             if command:
-                yield name, command.group(1), re.findall(r"(?<!\S)--([a-z][\w-]*)(?:=(\S*))?", command.group(2))
+                words = command.group(2).split()
+                yield name, command.group(1), words[0] if words else "", \
+                    re.findall(r"(?<!\S)--([a-z][\w-]*)(?:=(\S*))?", command.group(2))
 
 
 def test_every_command_in_the_readme_and_results_uses_flags_and_names_that_exist():
     """A flag, bench.py section or study run renamed in the code leaves the command printed beside a number stale:
-    train.py keys, bench.py's options and --section names, study.py's options (train.py keys pass through) and
-    --runs names."""
+    train.py keys, study.py's options (train.py keys pass through) and --runs names, bench.py's --section names, and
+    the options and subcommands (data.py prepare) of every argparse script."""
     keys, sections, runs = train_keys() | {"help"}, names_in("SECTIONS", "bench"), names_in("RUNS", "study") | {"all"}
-    allowed = {"train": keys, "bench": bench_options(), "study": names_in("OPTIONS", "study") | keys}
+    parsed = {m: script_options(m) for m in ARGPARSE_SCRIPTS}
+    allowed = {"train": keys, "study": names_in("OPTIONS", "study") | keys, **{m: o for m, (o, _) in parsed.items()}}
     stale = []
-    for name, script, flags in documented_commands():
+    for name, script, first, flags in documented_commands():
+        commands = parsed[script][1] if script in parsed else set()
+        if commands and first and first not in commands | {"--help", "-h"}:  # "`data.py`" alone names the file
+            stale.append(f"{name}: {script}.py {first}")
         for flag, value in flags:
             values = set(value.split(",")) if value else set()
             if flag not in allowed[script] or (script, flag) == ("bench", "section") and values - sections or \
                     (script, flag) == ("study", "runs") and values - runs:
                 stale.append(f"{name}: {script}.py --{flag}{'=' + value if value else ''}")
     assert stale == []
+
+
+def test_the_readmes_demo_table_is_what_the_demo_prints_for_the_scores_it_shows(capsys):
+    """evaluation.print_results, given the README table's scores and chance levels and train.py's defaults, prints the
+    table again: the same tasks and metrics, footers (eval_limit, load_layers, experts) and lifts and averages (to the
+    table's 0.1). A default, task or metric changed in the code, or a number edited by hand, leaves it stale."""
+    import torch
+
+    import evaluation
+    import train
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = readme[readme.index("```\ntask ") + 4:].split("```")[0].rstrip("\n").splitlines()  # the code block
+    rows = [line.split() for line in shown[1:shown.index(next(l for l in shown if l.startswith("average")))]]
+    cfg = train.DEFAULTS
+    evaluation.print_results({r[0]: float(r[2]) for r in rows}, {r[0]: float(r[3]) for r in rows},
+                             {r[0]: torch.full((cfg["experts"],), 1 / cfg["experts"]) for r in rows}, cfg)
+    printed = capsys.readouterr().out.strip("\n").splitlines()
+    printed = printed[:next(i for i, line in enumerate(printed) if line.startswith("expert load")) + 1]
+    assert shown[-1].endswith(" ...") and len(shown) == len(printed)
+    for want, got in zip(shown[:-1] + [shown[-1].removesuffix(" ...")], printed):
+        assert len(want.split()) == len(got.split()), (want, got)
+        for a, b in zip(want.split(), got.split()):
+            try:
+                assert abs(float(a) - float(b)) <= 0.1 + 1e-9, (want, got)
+            except ValueError:
+                assert a == b, (want, got)

@@ -45,7 +45,7 @@ from tokenizer import Tokenizer
 # defaults (every key here can be set by a config file or --key=value)
 out_dir = "out/demo"
 device = "auto"  # auto: cuda when available, else cpu
-dtype = "float32"  # or "bfloat16": the base weights' dtype (adapters always train in float32)
+dtype = "float32"  # or "bfloat16" (float16 would need loss scaling): the base weights'; adapters train in float32
 seed = 1337
 # data: a folder written by `python data.py prepare`, and a folder of <task>.jsonl evaluation sets
 data_dir = "data/mini_cme/tokens"
