@@ -1,5 +1,5 @@
-"""The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py and
-model.py raise its base class, ValueError) and printed by every script as one sentence."""
+"""The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
+model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence."""
 import sys
 
 

@@ -135,7 +135,7 @@ def main(argv=None):
             if load is not None:
                 shares = "  ".join(f"e{i} {v:.2f}" for i, v in enumerate(load.tolist()))
                 print(f"(experts, last {r.cfg['load_layers']} layers; even = {1 / len(load):.2f}: {shares})")
-    except (UserError, ValueError, FileNotFoundError) as e:  # model.py's missing weight file, as train.py takes it
+    except (UserError, ValueError, FileNotFoundError) as e:  # weights.py's missing weight file, as train.py takes it
         exit_with(str(e))  # a str: exit_with's words for an OSError are about writing
 
 

@@ -1,4 +1,5 @@
-"""model.py: the LLaMA against closed forms and independent references, checkpoint loading, generation.
+"""model.py: the LLaMA against closed forms and independent references, checkpoint loading (weights.py's readers),
+generation.
 
     python -m pytest -q
 """
@@ -24,12 +25,12 @@ from model import (
     RMSNorm,
     Transformer,
     apply_rotary,
-    hf_to_meta_qk,
     packed_attention,
     rope_cos_sin,
     sample,
     saved_model,
 )
+from weights import hf_to_meta_qk
 
 
 def tiny_model(seed=0, **overrides):

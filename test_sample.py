@@ -225,7 +225,7 @@ def test_a_hand_edited_or_moved_run_config_is_checked_as_a_resume_checks_it(runs
 
 
 def test_a_base_folder_whose_weights_are_gone_is_one_sentence(runs, tmp_path, capsys):
-    """model.py says a missing weight file with a FileNotFoundError, which train.py prints as one sentence and
+    """weights.py says a missing weight file with a FileNotFoundError, which train.py prints as one sentence and
     sample.py printed as a traceback."""
     base = tmp_path / "base"
     base.mkdir()
@@ -263,7 +263,7 @@ def test_a_qwen3_folder_fine_tunes_through_train_py_and_answers_through_sample_p
     tok = Tokenizer(str(folder))
     ids = data.encode_prompt(tok, {"instruction": TEXTS[0]})
     assert text == tok.decode(trained.generate([ids], 5, eos_id=tok.eos_id)[0]) and len(shares) == 4
-    (tmp_path / "base" / "config.json").write_text("{")  # a damaged base: model.py's ValueError, in one sentence
+    (tmp_path / "base" / "config.json").write_text("{")  # a damaged base: weights.py's ValueError, in one sentence
     argv = ["--out_dir", tmp_path / "run", "--instruction", TEXTS[0], "--max_new_tokens=5"]
     assert "config.json is not valid JSON" in script_error(sample.main, argv, capsys)
 

@@ -280,7 +280,7 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(run_data, tmp_path):
 
 
 def test_a_missing_optional_package_is_one_sentence_naming_it(run_data, tmp_path, capsys, monkeypatch):
-    """model.py raises ImportError naming the extra (its own test reads real safetensors files without the
+    """weights.py raises ImportError naming the extra (its own test reads real safetensors files without the
     package); train.py passes that sentence on instead of a traceback."""
     folder = tmp_path / "hf"
     folder.mkdir()
