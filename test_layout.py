@@ -63,9 +63,9 @@ def test_the_readmes_import_list_is_each_files_own_imports():
 
 
 def test_the_layer_is_under_200_lines_and_it_and_model_py_need_only_torch():
-    """The README: "the layer in under 200 lines"; teamlora.py, and model.py (for keep_last_omega) with the
-    checkpoint readers it imports (weights.py), can be copied into a project that has torch and nothing else of ours
-    (weights.py's safetensors import is inside a function)."""
+    """The README: "the layer in under 200 lines"; teamlora.py, and model.py with the checkpoint readers it imports
+    (weights.py), can be copied into a project that has torch and nothing else of ours (weights.py's safetensors
+    import is inside a function)."""
     assert len((REPO / "teamlora.py").read_text(encoding="utf-8").splitlines()) < 200
     for name, ours in (("teamlora", set()), ("weights", set()), ("model", {"weights"})):
         tree = ast.parse((REPO / f"{name}.py").read_text(encoding="utf-8"))
