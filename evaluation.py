@@ -120,8 +120,8 @@ def prompt_ids(tok, record, room):
 
 
 def generate_all(model, prompts, max_new, r):
-    """Greedy answers for every prompt, sharded over ranks. Every rank runs the same number of
-    forward passes (FSDP's collectives need it): the same count of equal-size batches, no early stop."""
+    """Greedy answers for every prompt, sharded over ranks. Every rank runs the same count of equal-size batches;
+    under FSDP each to the full length too (its blocks' all-gathers pair up across ranks), else a batch stops early."""
     tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], checkpoint.sharded(r.cfg)
     mine = list(range(r.rank, len(prompts), r.world)) or [0]  # fewer prompts than ranks: the first, again
     per_rank = -(-len(prompts) // r.world)
@@ -137,7 +137,7 @@ def generate_all(model, prompts, max_new, r):
         for s in range(0, per_rank, batch):
             idx = mine[s:s + batch]
             with eager():
-                gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=tok.eos_id if r.world == 1 else None)
+                gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=None if fsdp else tok.eos_id)
             for i, g in zip(idx, gen):
                 out[i] = tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g)
     finally:

@@ -2119,6 +2119,11 @@ class _EchoModel:
     def __init__(self, eos_id):
         self.eos_id, self.calls = eos_id, []
 
+    def __call__(self, *args, **kwargs):  # FSDP's first forward, and its unshard and reshard: nothing to do here
+        pass
+
+    unshard = reshard = __call__
+
     def generate(self, prompts, max_new_tokens, eos_id=None):
         self.calls.append((len(prompts), max_new_tokens, eos_id))
         out = [(p[1:] + [self.eos_id] + p[1:3])[:max_new_tokens] for p in prompts]
@@ -2129,7 +2134,9 @@ class _Gathered(Exception):
     pass
 
 
-def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_ranks(run_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_ranks(run_data, tmp_path, monkeypatch,
+                                                                                  fsdp):
     cfg = train_cfg(run_data, tmp_path / "o", "--eval_batch_size=2")
     tok = data.Tokenizer(cfg["tokenizer"])
     g = torch.Generator().manual_seed(0)
@@ -2141,9 +2148,10 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
     assert evaluation.generate_all(one, prompts, 20, train.Run(cfg, 0, 1, torch.device("cpu"), tok)) == want
     assert sum(n for n, _, _ in one.calls) == 5 and all(n <= 2 for n, _, _ in one.calls)
     assert {c[1:] for c in one.calls} == {(20, tok.eos_id)}
-    # two ranks: each generates its share, the same number of batches and to the full length (no early
-    # stop: FSDP's collectives need every rank in every forward), and the gathered answers are one rank's
+    # two ranks: each generates its share in the same number of batches, under FSDP to the full length (no early
+    # stop: its collectives need every rank in every forward), and the gathered answers are one rank's
     shares, models = {}, {}
+    monkeypatch.setattr(evaluation.checkpoint, "sharded", lambda cfg: fsdp)
 
     def share(parts, obj):
         shares[rank] = obj
@@ -2155,7 +2163,8 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
             evaluation.generate_all(models[rank], prompts, 20, train.Run(cfg, rank, 2, torch.device("cpu"), tok))
     assert set(shares[0]) | set(shares[1]) == set(range(5)) and not set(shares[0]) & set(shares[1])
     sizes = [[n for n, _, _ in models[rank].calls] for rank in (0, 1)]  # 3 prompts and 2: the second rank pads
-    assert sizes[0] == sizes[1] == [2, 1] and {c[2] for m in models.values() for c in m.calls} == {None}
+    stop_at = None if fsdp else tok.eos_id
+    assert sizes[0] == sizes[1] == [2, 1] and {c[2] for m in models.values() for c in m.calls} == {stop_at}
     monkeypatch.setattr(train.dist, "all_gather_object", lambda parts, obj: parts.__setitem__(slice(None),
                                                                                              [shares[0], shares[1]]))
     for rank in (0, 1):
