@@ -482,8 +482,8 @@ def _meta_model(cls, args, state, path):
 def saved_model(model_args, state, path):
     """(ModelArgs, state) of a model saved as {"model_args": asdict(args), "model": name -> tensor} (train.py's
     model.pt), checked as from_pretrained checks a checkpoint folder, before any memory is allocated: a ValueError
-    naming path for a field of the wrong kind, or a weight missing, unknown, of another shape, not floating point or
-    holding NaN or inf (weights.check_saved; a model built from it would train on whatever memory to_empty left)."""
+    naming path for a field of the wrong kind or a weight not floating point or holding NaN or inf (check_saved), or
+    a weight missing (a model built without it would train on whatever memory to_empty left), unknown or misshapen."""
     weights.check_saved(model_args, state, path, {f.name for f in fields(ModelArgs)})
     args = ModelArgs(**model_args)
     _meta_model(Transformer, args, state, path)

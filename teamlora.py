@@ -55,8 +55,8 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
     (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
     zt, logits_t = _RouterInA.apply(x.reshape(-1, x.shape[-1]), A, router).split([r, k])
     zt = F.dropout(zt, dropout) if dropout > 0 else zt  # Eq. 8, dropout on z_i
-    omega_t = expert_weights_t(logits_t, M)  # (k, N)
-    zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # scaled on k, not r
+    omega_t = expert_weights_t(logits_t, M)  # (k, N); Eq. 13's scaling joins it below: k products a token, not r
+    zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # (r, N): z_i omega_i
     return F.linear(zw.t(), B).view(*lead, B.shape[0]), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: one GEMM
 
 
@@ -187,8 +187,8 @@ def _omegas(model, mask):
 
 
 def balance_loss(model, mask=None, reduction="mean"):
-    """The authors' load-balancing loss: per layer mean_f (mean_tokens(omega_f) - 1)^2 (theirs subtracts 1/k: a
-    constant), averaged (summed: their harness) over layers. `mask` (True = real token) leaves padding out."""
+    """The authors' balance loss: per layer mean_f (mean_tokens(omega_f) - 1)^2 (theirs, with 1/k for 1, differs by a
+    constant: omega sums to k), averaged (summed: their harness) over layers; `mask` (True: real) drops padding."""
     per_layer = [((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask) if len(om)] or [torch.zeros(())]
     return torch.stack(per_layer).sum() if reduction == "sum" else torch.stack(per_layer).mean()  # no token: 0
 

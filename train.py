@@ -6,10 +6,10 @@ laptop to 8-GPU FSDP. One plain loop, nanoGPT-style:
     python train.py config/cme_llama2_7b.py --dry_run=True         # check a full config, no weights
     torchrun --standalone --nproc_per_node=8 train.py config/cme_llama2_7b.py
 
-Configuration: the defaults below, then config files (plain Python assignments), then --key=value
-flags, read by configurator.py. An unknown key or a value of the wrong type is an error naming the key.
-Reading order: main -> train (resume config, processes, the demo's files) -> run (the loop) ->
-finish (the scores, from evaluation.py).
+Configuration: the defaults below, then config files (plain Python assignments), then --key=value flags, read by
+configurator.py. An unknown key or a value of the wrong type is an error naming the key. Reading order: main -> train
+(resume config, processes, the demo's files) -> run (setup, restore, then the loop of train_step with validation and
+checkpoints) -> finish (the scores, from evaluation.py).
 """
 import difflib
 import json
@@ -65,9 +65,9 @@ tf32 = True  # CUDA: float32 matmuls (the adapters' under a bf16 base) on TF32 t
 # adapter
 adapter = "teamlora"  # "teamlora", "moelora", "hydralora", "lora", or "none" (full training)
 targets = "w1,w2,w3"  # the FFN (the paper's setting); add wq,wk,wv,wo for attention
-r = 32  # total rank r_A; each expert has r / experts (hydralora: the shared A's rank; each head B_i has it too)
-experts = 4
-alpha = 32.0
+r = 32  # A's rank (the paper's r_A); each expert's B_i has r_B = r / experts (hydralora: each head B_i has all r)
+experts = 4  # the paper's k: experts share A, each with its own B_i and router row (adapter=lora: 1)
+alpha = 32.0  # scaling = alpha / r_B, the authors': at equal alpha, k times a rank-r LoRA's update (README)
 dropout = 0.05
 competition = None  # the interaction matrix M; None: the method's own (on for teamlora only)
 balance_coef = 0.01  # weight of the load-balancing loss (0 turns it off)
@@ -168,7 +168,7 @@ def check_config(cfg):
 @dataclass
 class Run:
     """What a run's functions share: its configuration, its place among the processes, and the
-    tokenizer and model shape that run() sets up."""
+    tokenizer, model shape and evaluation sets that setup() fills in."""
     cfg: dict
     rank: int = 0
     world: int = 1
@@ -291,10 +291,10 @@ def build_model(cfg, dev, vocab_size, world):
     if cfg["compile"]:  # per block, after sharding, as FSDP2 does: names and state dicts stay
         for block in model.layers:
             block.compile(dynamic=True)  # one graph for every sequence length
-    model.to_empty(device=dev)
+    model.to_empty(device=dev)  # uninitialised memory, each parameter filled below (the base was checked complete)
     checkpoint.copy_into(model, weights)
     if not full:
-        checkpoint.copy_into(model, init_adapters(model, cfg["seed"] + 1))
+        checkpoint.copy_into(model, init_adapters(model, cfg["seed"] + 1))  # + 1: not the draws of a scratch base
     return model, args, checkpoint.fingerprint(weights)
 
 
@@ -370,9 +370,8 @@ def check_run_paths(cfg, keys, script="train.py"):
 
 
 def build_demo(cfg, resuming=False):
-    """The demo's suite, shards and base, made before the run that uses them (the first
-    `python train.py` builds them, later ones reuse them): nothing is downloaded. Returns the pretraining's
-    summary if it was interrupted, else None."""
+    """The demo's suite, shards and base, made before the run that uses them (the first `python train.py` builds
+    them, later ones reuse them): nothing is downloaded. Returns the pretraining's summary if it was interrupted."""
     try:
         pretrain = minicme.build_demo_data(cfg)
         for key in ("tokenizer", "eval_dir"):
@@ -526,14 +525,15 @@ def check_rows_fit(cfg, context, longest):
                         f"attends over: set --max_len={context} or less.")
 
 
-def datasets(cfg):
+def datasets(cfg):  # (training split, validation split or None: prepared without one, or eval_iters=0)
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
     has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
     return train_ds, data.TokenDataset(cfg["data_dir"], "val") if has_val else None
 
 
 def setup(r, resuming):
-    """Tokenizer, data, model (DDP-wrapped under torchrun without FSDP) and optimizer of a run."""
+    """Tokenizer, data, model and optimizer of a run: model (for forward and backward) is raw, the Transformer, or
+    raw in DDP under torchrun without FSDP; adapters, state dicts and the optimizer read raw."""
     cfg = r.cfg
     if not cfg["eval_only"]:
         claim_out_dir(r, resuming)
@@ -636,13 +636,13 @@ def train_step(r, model, raw, opt, dataset, step):
             # as in the demo's pretraining, nearly all are labelled, and its weight's gradient would round otherwise)
             ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum",
                        loss_only=evaluation.loss_only(cfg))[1]  # not the logits: held, they would outlive backward
-        loss = ce * r.world / max(b["n_answer_global"], 1)  # DDP and FSDP average gradients over processes
-        if balance:
+        loss = ce * r.world / max(b["n_answer_global"], 1)  # slices summed, processes averaged: the batch's mean
+        if balance:  # each slice's own, on its tokens: their mean (/ accum here, / world by DDP and FSDP's average)
             loss = loss + cfg["balance_coef"] * teamlora.balance_loss(raw, b["valid"], cfg["balance_reduction"]) / accum
         loss.backward()
         totals += torch.stack([ce.detach().float(), b["valid"].sum().float()])
     ce_sum, n_tokens = evaluation.all_reduce_sum(totals, r.world).tolist()
-    train_loss = ce_sum / max(b["n_answer_global"], 1)
+    train_loss = ce_sum / max(b["n_answer_global"], 1)  # the whole batch's answer tokens, the same in every slice
     check_finite("loss", train_loss, step, cfg)
     norm = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], cfg["grad_clip"])  # the trainable ones
     check_finite("gradient norm", float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), step, cfg)
@@ -699,8 +699,8 @@ def run(r, ckpt=None):
                         log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
                 checkpoint.save_checkpoint(r, raw, opt, step)
                 since, tokens, saved = time.time(), 0, step
-            if stop.agreed(r.device, r.world):
-                raise KeyboardInterrupt
+            if stop.agreed(r.device, r.world):  # Ctrl-C or SIGTERM on any process: all stop after this same step
+                raise KeyboardInterrupt  # and save it below
     except KeyboardInterrupt:
         bar.close()
         return {**summary, "interrupted": True, "step": stop_run(r, raw, opt, stop, step, saved)}
@@ -783,7 +783,7 @@ def check_full_config(cfg):
     if os.path.isdir(src):
         with torch.device("meta"):
             args = from_pretrained(src, device="meta").args
-    elif src.endswith(".pt") and os.path.isfile(src):  # ours: its model_args (the weights stay on disk)
+    elif src.endswith(".pt") and os.path.isfile(src):  # ours: its model_args (weights mapped, read once: NaN check)
         args = base_weights(cfg, None)[0]
     else:  # a preset stands in for a base not on disk (its own context), or describes one from scratch
         length = dict(max_seq_len=max(cfg["max_len"], 256)) if src == "scratch" else {}

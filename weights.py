@@ -8,7 +8,7 @@ Every file is read as if it could be damaged or hostile: tensors are read by saf
 weights_only=True (no file runs code), memory-mapped where the format allows; each configuration key is checked for
 its kind, and the weights' names, shapes, dtypes and values against the configuration, before the model takes any
 memory. Each problem is one sentence naming the file and the fix: a ValueError, a FileNotFoundError for a missing
-file, an ImportError for a missing safetensors package.
+file (NotADirectoryError: a file given as the folder), an ImportError for a missing safetensors package.
 """
 
 import glob
@@ -57,8 +57,8 @@ _ARGS_OPTIONAL = {"n_kv_heads": ("positive int", True), "multiple_of": ("positiv
 def check_saved(model_args, state, path, known):
     """A model saved as {"model_args": asdict(ModelArgs), "model": name -> tensor} (train.py's model.pt), checked as
     read() checks a checkpoint folder: a ValueError naming path for a field unknown (not in known) or of the wrong
-    kind, or a weight not floating point or holding NaN or inf (a model built from it would train on whatever memory
-    to_empty left). model.saved_model checks the rest: the fields against ModelArgs, the weights against the model."""
+    kind, a layer count its weights' names do not hold, or a weight not floating point or holding NaN or inf.
+    model.saved_model checks the rest: the fields against ModelArgs, the weights' names and shapes against the model."""
     if not isinstance(model_args, dict) or not isinstance(state, dict) or \
             not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise ValueError(f"{path} holds no model_args dict beside a dict of named tensors, so it is not a model.pt "
