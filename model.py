@@ -471,7 +471,7 @@ def _meta_model(cls, args, state, path):
             names = sorted(names)
             listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise ValueError(f"the checkpoint in {path!r} {problem}: {listed}; check that all weight files are "
-                             "present and that they belong to a LLaMA model")
+                             "present and that they belong to a LLaMA, Qwen or Mistral model")
     for name in expected:
         if state[name].shape != expected[name]:
             raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model "
