@@ -438,7 +438,6 @@ class Transformer(nn.Module):
             results.append(row[:row.index(eos_id)] if eos_id in row else row)
         return results
 
-
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, max_seq_len=None):
         """Load a Meta directory (params.json + consolidated.*.pth) or a Hugging Face one
