@@ -810,6 +810,14 @@ def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(wo
     assert f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about" in out
 
 
+def test_a_dry_run_under_torchrun_plans_for_its_processes_not_for_dry_run_world_size(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--dry_run_world_size=8"])
+    train.check_full_config(cfg)
+    micro = cfg["batch_size"] // (4 * cfg["grad_accum"])
+    assert f"per GPU with 4 GPUs, micro-batch {micro} x {cfg['max_len']} tokens" in capsys.readouterr().out
+
+
 def test_the_dry_run_refuses_packed_rows_past_a_presets_context_and_describes_one_gpu_and_full_training(
         monkeypatch, capsys):
     """A preset stands in for the base (LLaMA-2: 4,096 tokens), so packed rows of 8,192 are refused as a real run
@@ -1055,6 +1063,26 @@ def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, c
     assert "building" not in capsys.readouterr().out
 
 
+def test_the_demos_pretraining_runs_on_its_own_threads_leaves_only_the_base_and_gives_the_run_its_threads_back(
+        tmp_path, monkeypatch):
+    """A pretraining (a resumed one keeps the count it saved) sets torch's threads for itself: the run after it
+    gets its own count back, which its config records and its resume keeps. The finished pretraining's ckpt.pt goes:
+    a base deleted later is pretrained anew, not resumed from it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 1)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    monkeypatch.setitem(minicme.PRETRAIN, "threads", 1)
+    seen, real_run, before = [], train.run, torch.get_num_threads()
+    monkeypatch.setattr(train, "run", lambda r, ckpt: seen.append((r.cfg["out_dir"], torch.get_num_threads()))
+                        or real_run(r, ckpt))
+    try:
+        train.train(train.parse_config(["--max_iters=1", "--eval_limit=1", "--model=tiny", "--threads=2"]))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(minicme.PRETRAIN["out_dir"], 1), ("out/demo", 2)]
+    assert os.path.isfile(minicme.DEMO["init_from"]) and not os.path.exists(f"{minicme.PRETRAIN['out_dir']}/ckpt.pt")
+
+
 def test_cuda_float32_matmuls_are_tf32_for_the_run_only_and_the_cpu_untouched(run_data, tmp_path, monkeypatch):
     """With a bf16 base the adapters' GEMMs are float32: IEEE float32 (torch's default on CUDA) would run them
     at a CUDA-core fraction of the tensor cores' speed. A CUDA run switches them to TF32 (tf32=False keeps
@@ -1173,6 +1201,15 @@ def test_keep_slices_changes_and_says_nothing_unless_a_resume_runs_on_another_nu
     assert "resuming a run of 2 process(es) on 1: grad_accum 1 -> 2" in capsys.readouterr().out
 
 
+def test_keep_slices_refuses_a_resume_whose_batch_the_new_processes_cannot_cut_with_the_runs_grad_accum():
+    """A resume keeps batch_size and grad_accum: where processes x grad_accum does not divide batch_size (though the
+    processes alone do) the resume cannot start, and keep_slices says which process counts can."""
+    cfg = {"grad_accum": 2, "batch_size": 12, "eval_only": False}
+    with pytest.raises(UserError, match=r"cut each batch into 2 slices .* which 4 processes cannot split; resume it "
+                                        r"on a number of processes that divides 2\.$"):
+        machine.keep_slices(cfg, {"rng": [None]}, 4, True)
+
+
 def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run_data, tmp_path, monkeypatch):
     monkeypatch.setattr(machine.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="compile=True on the CPU needs a C\\+\\+ compiler and none was found"):
@@ -1288,6 +1325,17 @@ def test_load_checkpoint_refuses_a_dict_without_every_key_in_one_sentence(tmp_pa
     for state in ([torch.zeros(1)], {"w": torch.zeros(1), "b": 0}):  # weights not by name; one weight not a tensor
         torch.save({**full, "state": state}, path)
         with pytest.raises(UserError, match=r"ckpt\.pt is damaged: its weights"):
+            checkpoint.load_checkpoint(str(path))
+
+
+def test_load_checkpoint_refuses_a_checkpoint_without_any_one_key_a_resume_reads_before_it_builds_the_model(tmp_path):
+    """Each key (weights, AdamW's state, step, config, random states, model shape) is checked on loading: one missing
+    is the one sentence then, not a KeyError after the model is built."""
+    full = {"state": {}, "optimizer": {}, "iter": 2, "config": {}, "rng": [{}], "model_args": {}}
+    path = tmp_path / "ckpt.pt"
+    for key in full:
+        torch.save({k: v for k, v in full.items() if k != key}, path)
+        with pytest.raises(UserError, match=r"ckpt\.pt is not a training checkpoint, not the ckpt\.pt"):
             checkpoint.load_checkpoint(str(path))
 
 
@@ -1942,6 +1990,22 @@ def test_two_processes_gradients_average_to_the_one_process_gradient(run_data, t
     for g0, g1, w in zip(*per_rank, want):
         assert ((g0 + g1) / 2 - w).abs().max() <= 1e-4 * w.abs().max()
 
+
+class _ShardSyncRecorder(_SyncRecorder):
+    """Stands for an FSDP2 root: records the flag train_step passed to set_requires_gradient_sync per micro-batch."""
+
+    def set_requires_gradient_sync(self, sync):
+        self.require_backward_grad_sync = sync
+
+
+def test_under_fsdp_gradients_are_reduced_on_the_last_micro_batch_only(run_data, tmp_path, monkeypatch):
+    """As under DDP: FSDP2 reduce-scatters the accumulated gradients once, after the last micro-batch's backward."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--grad_accum=2", "--fsdp=True")
+    monkeypatch.setattr(checkpoint, "sharded", lambda cfg: True)
+    fsdp = _ShardSyncRecorder(model)
+    train.train_step(r, fsdp, model, torch.optim.AdamW(train.trainable(model), lr=0.0),
+                     data.TokenDataset(r.cfg["data_dir"], "train"), 0)
+    assert fsdp.syncs == [False, True]
 
 
 def test_the_loss_train_step_reports_is_the_whole_batchs_for_any_number_of_processes(run_data, tmp_path, monkeypatch):

@@ -500,6 +500,23 @@ def test_eval_only_scores_a_run_by_its_own_config_not_the_command_lines(run_data
         train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--eval_only=True", "--alpha=8.0")))
 
 
+def test_eval_only_writes_nothing_of_the_run_but_its_results_json(run_data, tmp_path):
+    out = finished_run(run_data, tmp_path / "o")
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    train.main(train_flags(run_data, out, "--eval_only=True"))
+    assert (out / "results.json").is_file()
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir() if p.name != "results.json"} == before
+
+
+def test_eval_only_of_an_adapter_pt_that_holds_another_kind_of_file_says_so_not_that_the_adapter_does_not_fit(
+        run_data, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    torch.save({"model_args": {}, "model": {}}, out / "adapter.pt")  # a full run's model.pt, renamed
+    fails(train_flags(run_data, out, "--eval_only=True"), capsys, f"{out / 'adapter.pt'} is not an adapter written by "
+          "train.py; point --out_dir at a finished run.")
+
+
 def test_eval_only_of_an_adapter_alone_is_refused_with_settings_its_results_json_says_it_was_not_trained_with(
         run_data, tmp_path):
     """adapter.pt records tensors, not the alpha or method that scale them: without ckpt.pt, eval_only builds the
@@ -620,6 +637,16 @@ def test_running_out_of_memory_while_scoring_keeps_the_run_and_prints_a_command_
     monkeypatch.setattr(evaluation, "evaluate", real)
     train.main(flags + fix)
     assert json.loads((out / "results.json").read_text())["scores"]
+
+
+def test_an_error_while_scoring_that_is_not_out_of_memory_surfaces_as_itself(run_data, tmp_path, monkeypatch):
+    """Only an allocation that failed gets the lower eval_batch_size advice; a CUDA fault or a bug while scoring is
+    its own traceback."""
+    def fault(*a):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(evaluation, "evaluate", fault)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--max_iters=1", "--eval_interval=1")))
 
 
 def test_running_out_of_cpu_memory_is_the_out_of_memory_sentence(capsys, monkeypatch):
@@ -878,6 +905,21 @@ def test_a_resume_or_eval_only_on_a_deleted_demo_base_is_checked_as_such_before_
     assert "resumed from out/demo/ckpt.pt at step 1" in capsys.readouterr().out and base.is_file()
 
 
+def test_eval_only_of_a_run_whose_ckpt_pt_outlived_its_adapter_pt_scores_the_checkpoint_on_a_demo_base_made_again(
+        tmp_path, monkeypatch, capsys):
+    """A kill between the writes of ckpt.pt and adapter.pt leaves ckpt.pt alone: re-scoring reads the adapter from
+    it, so the checks before the demo's base is pretrained again do not ask for an adapter.pt."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
+    train.main(["--model=tiny", "--max_len=128", "--batch_size=4", "--eval_dir=", "--max_iters=1"])
+    (tmp_path / minicme.DEMO["init_from"]).unlink()
+    (tmp_path / "out/demo/adapter.pt").unlink()
+    train.main(["--eval_only=True", f"--eval_dir={minicme.DEMO['eval_dir']}", "--eval_limit=1"])
+    assert "resumed from out/demo/ckpt.pt at step 1" in capsys.readouterr().out
+    assert (tmp_path / "out/demo/results.json").is_file()
+
+
 def test_a_run_stopped_before_its_first_step_resumes_from_its_checkpoint_of_step_0(run_data, tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM while the first batch is read writes a checkpoint of step 0 (and says to resume it): a
     resume takes that file as the run's own, not as a damaged one."""
@@ -1058,6 +1100,48 @@ def test_wait_to_be_stopped_leaves_with_the_signals_shell_code_and_does_not_wait
         monkeypatch.delenv(env)
         machine.wait_to_be_stopped(2)
         assert left == []
+
+
+def test_another_rank_gives_torchrun_10_seconds_to_stop_it_before_it_says_why(monkeypatch, capsys):
+    """torchrun needs a moment to stop the others once rank 0 has failed: without the wait every rank would print
+    rank 0's mistake again."""
+    _torchrun_rank(monkeypatch, 1, stopped=False)
+    waits = []
+    monkeypatch.setattr(machine.time, "sleep", waits.append)
+    assert machine.fail("error: x.", 2) == 2 and waits == [10] and capsys.readouterr().err == "error: x.\n"
+
+
+def test_under_torchrun_a_process_leaves_without_the_interpreters_shutdown_and_outside_it_by_sys_exit(monkeypatch):
+    """Under torchrun gloo's worker threads outlive the process group: os._exit, with the code, after the output is
+    flushed. Outside it an exit code of 0 returns (tests and callers go on) and another is SystemExit."""
+    class Left(Exception):
+        pass
+    exits = []
+
+    def _exit(code):
+        exits.append(code)
+        raise Left
+    monkeypatch.setattr(machine.os, "_exit", _exit)
+    monkeypatch.setenv("RANK", "0")
+    for code in (0, machine.INTERRUPTED):
+        with pytest.raises(Left):
+            machine.leave(code)
+    assert exits == [0, machine.INTERRUPTED]
+    monkeypatch.delenv("RANK")
+    assert machine.leave(0) is None
+    with pytest.raises(SystemExit) as e:
+        machine.leave(2)
+    assert e.value.code == 2 and exits == [0, machine.INTERRUPTED]
+
+
+def test_under_torchrun_a_failed_collective_waits_for_torchrun_to_stop_it_and_leaves_silently(monkeypatch, capsys):
+    """A collective fails (a RuntimeError) on every rank once one process has failed: that one says why, and torchrun's
+    SIGTERM ends the others during their wait, without a traceback of their own."""
+    left = _torchrun_rank(monkeypatch, 1, stopped=True)
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(RuntimeError("Connection closed by peer")))
+    with pytest.raises(SystemExit):
+        train.main([])
+    assert left == [128 + signal.SIGTERM] and capsys.readouterr().err == ""
 
 
 def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(capsys, monkeypatch):
