@@ -78,7 +78,7 @@ class PlainLoRA(nn.Module):
             x.dtype)
 
 
-# variant -> (layer class, experts: k or 1, keywords)
+# variant -> (layer class, multi-expert: True for k experts, False for 1 (LoRA), keywords)
 LAYERS = {"LoRA": (TeamLoRALinear, False, {}), "LoRA, plain code": (PlainLoRA, False, {}),
           "MoELoRA loop": (MoELoRALoop, True, {}),
           "TeamLoRA loop": (TeamLoRALoop, True, {}), "TeamLoRA fused": (TeamLoRALinear, True, {}),

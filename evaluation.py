@@ -3,8 +3,8 @@ Scoring a run of train.py: its validation loss, then each task's score by batche
 on the evaluation sets in eval_dir (tasks.py and minicme.py write them), and the share of the experts
 each task's prompts recruit (the paper's Figure 5). The functions that run the model take train.py's
 Run (`r`): the config, this process's rank among `world`, the device, tokenizer, model shape and
-evaluation sets. Under torchrun each rank runs its own share, in as many forward passes as every other rank
-(FSDP's collectives need it); the sums are all-reduced and the answers gathered.
+evaluation sets. Under torchrun each rank runs its own share, in as many batches as every other rank (under FSDP
+each to the full length too: its all-gathers need every rank's forward); the sums are all-reduced, the answers gathered.
 """
 import contextlib
 import os
@@ -115,6 +115,8 @@ def eager():
 
 
 def prompt_ids(tok, record, room):
+    """The prompt's ids, cut to `room` tokens. room >= 2 (train.py's setup and sample.py check it), so a cut
+    prompt keeps its first token (BOS) and its closing "</s>", after which the model was trained to answer."""
     ids = data.encode_prompt(tok, record)
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep BOS and the end
 

@@ -95,9 +95,10 @@ def setup_distributed(cfg):
 
 
 def keep_slices(cfg, ckpt, world, master):
-    """A resume on another number of processes: grad_accum such that processes x grad_accum, the slices each global
-    batch is cut into (their rows and dropout masks: data.get_batch, slice_seed), stay the run's, which then goes on
-    as if uninterrupted (2 processes or 1 with grad_accum=2 train alike). Where no grad_accum can, it says so."""
+    """A resume on another number of processes: grad_accum such that processes x grad_accum, the slices each
+    global batch is cut into (their rows and dropout masks: data.get_batch, train.slice_seed), stay the run's, which
+    then goes on as if uninterrupted (2 processes or 1 with grad_accum=2 train alike). Where no grad_accum can, it
+    says so."""
     saved = len(ckpt["rng"]) if ckpt is not None and not cfg["eval_only"] else world  # one RNG state a process
     slices = saved * cfg["grad_accum"]
     if saved == world:

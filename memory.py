@@ -44,7 +44,8 @@ def estimate(args, n_base, n_train, cfg, world, micro):
     logits = tokens * args.vocab_size * 4 * 3
     total = weights + adapter + activations + logits
     # scoring: generate preallocates keys and values for a batch of prompts + answers (at most max_len tokens
-    # here), and the prefill holds the FFN's hidden tensors (w1's, w3's, their product; w2's adapter input float32)
+    # here), and the prefill holds the FFN's hidden tensors (w1's, w3's, their product; w2's adapter input float32);
+    # of the adapter's 16 bytes a parameter, scoring keeps the 4 of its weights (no gradients, no AdamW moments)
     eval_tokens = cfg["eval_batch_size"] * cfg["max_len"]
     kv_cache = eval_tokens * args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
     scoring = weights + adapter / 4 + kv_cache + eval_tokens * args.ffn_hidden_dim * (3 * wbytes + 4)

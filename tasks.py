@@ -8,7 +8,7 @@ file format, the authors' record templates, and the writer of evaluation sets.
   normalisation), ROUGE-L F1; Task and evaluate() score generated answers with them.
 - CME_TASKS: the 11 evaluation tasks, each with a loader that returns records in the authors'
   format {"instruction", "input", "output"} (+ "answers" for QA). An evaluation set is a folder of
-  <task>.jsonl files; train.py scores each with the task its file name names.
+  <task>.jsonl files; train.py scores each as the task its file name names (evaluation.task_of).
 """
 import argparse
 import csv
@@ -586,7 +586,7 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     if os.path.isdir(out_path):
         raise UserError(f"--out {out_path} is a folder; give the file to write, e.g. {out_path}/{task_name}.jsonl.")
     folder, (named, ext) = os.path.dirname(out_path), os.path.splitext(os.path.basename(out_path))
-    if named in CME_TASKS and named != task_name:  # train.py scores <task>.jsonl as the task its file name says
+    if named in CME_TASKS and named != task_name:  # <task>.jsonl is scored as that task (evaluation.task_of)
         raise UserError(f"--out {out_path} is named for the task {named}, and train.py would score these {task_name} "
                         f"records as {named}'s; name it {os.path.join(folder, task_name + ext)}.")
     blocker = blocked_parent(out_path)
