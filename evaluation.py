@@ -122,14 +122,14 @@ def prompt_ids(tok, record, room):
 
 
 def generate_all(model, prompts, max_new, r):
-    """Greedy answers for every prompt, sharded over ranks. Every rank runs the same count of equal-size batches;
-    under FSDP each to the full length too (its blocks' all-gathers pair up across ranks), else a batch stops early."""
+    """Greedy answers for every prompt, sharded over ranks. Every rank runs the same count of equal-size batches; under
+    FSDP on several ranks each to the full length too (its blocks' all-gathers pair up), else a batch stops early."""
     tok, batch, fsdp = r.tok, r.cfg["eval_batch_size"], checkpoint.sharded(r.cfg)
     mine = list(range(r.rank, len(prompts), r.world)) or [0]  # fewer prompts than ranks: the first, again
     per_rank = -(-len(prompts) // r.world)
     mine += mine[:1] * (per_rank - len(mine))  # pad with a repeat so every rank has per_rank prompts
     mine.sort(key=lambda i: len(prompts[i]))  # similar lengths together: less padding
-    out = {}
+    out, stop = {}, None if fsdp and r.world > 1 else tok.eos_id  # ranks under FSDP: every forward on every rank
     raw = model.module if hasattr(model, "module") else model
     if fsdp:  # FSDP2 takes the module of the first forward for its root: an eval_only run's first must be the root's
         with torch.no_grad(), eager():  # (not a block's inside generate), or the expert load's forward after it fails
@@ -139,7 +139,7 @@ def generate_all(model, prompts, max_new, r):
         for s in range(0, per_rank, batch):
             idx = mine[s:s + batch]
             with eager():
-                gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=None if fsdp else tok.eos_id)
+                gen = raw.generate([prompts[i] for i in idx], max_new, eos_id=stop)
             for i, g in zip(idx, gen):
                 out[i] = tok.decode(g[:g.index(tok.eos_id)] if tok.eos_id in g else g)
     finally:

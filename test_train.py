@@ -2208,6 +2208,7 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
     prompts = [[tok.bos_id] + torch.randint(3, tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
     want = [tok.decode(p[1:]) for p in prompts]
     assert len(set(want)) == len(want)
+    monkeypatch.setattr(evaluation.checkpoint, "sharded", lambda cfg: fsdp)  # one process: nothing to pair with
     one = _EchoModel(tok.eos_id)
     assert evaluation.generate_all(one, prompts, 20, train.Run(cfg, 0, 1, torch.device("cpu"), tok)) == want
     assert sum(n for n, _, _ in one.calls) == 5 and all(n <= 2 for n, _, _ in one.calls)
@@ -2215,7 +2216,6 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
     # two ranks: each generates its share in the same number of batches, under FSDP to the full length (no early
     # stop: its collectives need every rank in every forward), and the gathered answers are one rank's
     shares, models = {}, {}
-    monkeypatch.setattr(evaluation.checkpoint, "sharded", lambda cfg: fsdp)
 
     def share(parts, obj):
         shares[rank] = obj
