@@ -11,7 +11,6 @@ read with weights_only=True: RNG states are stored as tensors and plain values, 
 plain types, so no file can run code when loaded.
 """
 import hashlib
-import json
 import os
 import pickle
 import random
@@ -86,13 +85,10 @@ def check_adapter_settings(path, cfg, computes):
     shapes the adapter's function; a change that only names it otherwise (competition None or True) is fine."""
     results = os.path.join(os.path.dirname(path), "results.json")
     try:
-        if files.special_file(results):  # a named pipe would wait for a writer forever
-            return
-        with open(results, encoding="utf-8") as f:
-            saved = json.load(f)["config"]
+        saved = files.read_json(results, fix="")["config"]
         ran = {**cfg, **{k: saved[k] for k in ADAPTER_KEYS if k in saved}}
         differs = computes(ran) != computes(cfg)
-    except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError):
+    except (ValueError, KeyError, TypeError, ArithmeticError):  # read_json's UserError is a ValueError
         return  # none, or unreadable: the flags alone
     if differs:
         flags = " ".join(f"--{k}={ran[k]}" for k in ADAPTER_KEYS if ran[k] != cfg[k])

@@ -37,7 +37,17 @@ from functools import lru_cache
 import numpy as np
 
 from errors import UserError, exit_with
-from files import blocked_parent, file_sha256, process_is_running, special_file, write_atomic
+from files import (
+    TOO_DEEP,
+    blocked_parent,
+    file_sha256,
+    json_kind,
+    process_is_running,
+    read_json,
+    special_file,
+    too_long,
+    write_atomic,
+)
 from tokenizer import PROMPT_EOS, Tokenizer
 
 IGNORE_INDEX = -100
@@ -46,11 +56,6 @@ IGNORE_INDEX = -100
 # -----------------------------------------------------------------------------
 # The authors' record format
 
-def _json_kind(value):
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), "a number")
-
-
 _FIX = 'each record must be an object with "instruction", "input" and "output" strings (or just a "text" string)'
 
 
@@ -58,7 +63,7 @@ def _field(example, key, where, required=True, fix=_FIX):
     """example[key] as a string, or a UserError naming `where`, the problem and `fix`. An optional
     field ("input") may be absent or null: build_dataset.py treats None as empty."""
     if not isinstance(example, dict):
-        raise UserError(f"{where} is {_json_kind(example)}, not an object; {fix}")
+        raise UserError(f"{where} is {json_kind(example)}, not an object; {fix}")
     if required and key not in example:
         listed = [k for k, v in example.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
         if listed:  # {"data": [records]}: the file holds one JSON object, not a list of records
@@ -69,7 +74,7 @@ def _field(example, key, where, required=True, fix=_FIX):
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise UserError(f'{where}: "{key}" is {_json_kind(value)}, not a string; {fix}')
+        raise UserError(f'{where}: "{key}" is {json_kind(value)}, not a string; {fix}')
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # JSON allows "\ud800" alone; tokenizers do not
@@ -113,11 +118,6 @@ def encode_example(tokenizer, example, max_len=1024):
 
 _BLANK = re.compile(r"[ \t\r\n]*")
 _READ = 1 << 20  # characters read at a time from a JSON list
-TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
-
-
-def too_long():  # json raises a ValueError (not a JSONDecodeError) on an integer longer than Python converts
-    return f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long to read"
 
 
 def _iter_json_list(path):
@@ -371,9 +371,8 @@ PREPARE_FILES = tuple(f"{split}.{part}.bin" for split in ("train", "val")
 def _is_summary(path):
     """Whether the file at path is a summary.json that prepare wrote."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError, RecursionError):  # ValueError: not JSON or not UTF-8
+        return read_json(path, fix="").get("format") == FORMAT
+    except UserError:
         return False
 
 
@@ -596,22 +595,10 @@ def write_jsonl(path, records):
 def _read_summary(path):
     """summary.json of a prepare output, checked for what TokenDataset needs; a UserError naming it if not."""
     summary_path = os.path.join(path, "summary.json")
-    if not os.path.isfile(summary_path):
+    if not os.path.exists(summary_path):  # a folder or a named pipe of that name is read_json's to name
         raise UserError(f"{path} has no summary.json; make it with: python data.py prepare --out {path} ...")
     again = f"run prepare again (python data.py prepare --out {path} ...)"
-    try:
-        with open(summary_path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{summary_path} is not valid JSON (line {e.lineno}: {e.msg}); {again}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{summary_path} is not UTF-8 text; {again}") from None
-    except RecursionError:
-        raise UserError(f"{summary_path} {TOO_DEEP}; {again}") from None
-    except ValueError:
-        raise UserError(f"{summary_path} {too_long()}; {again}") from None
-    if not isinstance(summary, dict):
-        raise UserError(f"{summary_path} holds {_json_kind(summary)}, not a prepare summary; {again}")
+    summary = read_json(summary_path, again)
     for key, ok, want in (("splits", lambda v: isinstance(v, dict), "an object"),
                           ("dtype", lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"'),
                           ("max_len", lambda v: type(v) is int and v >= 2, "an integer >= 2"),

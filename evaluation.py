@@ -75,10 +75,10 @@ def check_eval_record(record, where):
         data._field(record, key, where, required=key != "input", fix=_EVAL_FIX)
     answers = record.get("answers") or []  # the aliases exact match accepts; none: the output alone
     if not isinstance(answers, list):
-        raise UserError(f'{where}: "answers" is {data._json_kind(answers)}, not a list of strings; {_EVAL_FIX}')
+        raise UserError(f'{where}: "answers" is {data.json_kind(answers)}, not a list of strings; {_EVAL_FIX}')
     for answer in answers:
         if not isinstance(answer, str):
-            raise UserError(f'{where}: "answers" holds {data._json_kind(answer)} where only strings belong; '
+            raise UserError(f'{where}: "answers" holds {data.json_kind(answer)} where only strings belong; '
                             f"{_EVAL_FIX}")
     return record
 

@@ -2,17 +2,21 @@
 Files every script writes, written so that nothing is lost: a file is whole or absent (write_atomic), the
 temporary names of a killed process are cleaned up only when that process is gone (remove_stale_temporaries),
 a folder that can not be written is found before any work (blocked_parent), not at the first write, a folder
-that one process writes is refused to a second one while the first runs (hold), and a named pipe or a device given
-as a file to read is named (special_file) instead of read forever.
+that one process writes is refused to a second one while the first runs (hold), a named pipe or a device given
+as a file to read is named (special_file) instead of read forever, and every script reads a JSON file one way
+(read_json): whatever is wrong with it is one sentence naming the file and the fix.
 """
 import errno
 import hashlib
+import json
 import os
 import re
 import stat
 import sys
 import tempfile
 from contextlib import suppress
+
+from errors import UserError
 
 try:
     import fcntl
@@ -174,3 +178,41 @@ def special_file(path):
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
+
+
+def too_long():  # json raises a ValueError (not a JSONDecodeError) on an integer longer than Python converts
+    return f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long to read"
+
+
+def json_kind(value):
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def read_json(path, fix, any_value=False, lines_too=False):
+    """The JSON object in the file at path (any JSON value with any_value), UTF-8 with or without a byte-order mark;
+    with lines_too, None for JSON lines (a second value after the first). Anything else is a UserError "<path> <what
+    is wrong>; <fix>", never a decoder's own error: its traceback would name no file."""
+    if what := special_file(path):  # a named pipe would wait for a writer forever, a device never end
+        raise UserError(f"{path} is {what}, not a file; {fix}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            value = json.load(f)
+    except OSError as e:  # missing, not ours to read, a loop of links
+        raise UserError(f"{path} can not be read ({e.strerror or e}); {fix}") from None
+    except json.JSONDecodeError as e:
+        if lines_too and e.msg == "Extra data":
+            return None
+        raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); {fix}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8 or {fix}") from None
+    except RecursionError:
+        raise UserError(f"{path} {TOO_DEEP}; {fix}") from None
+    except ValueError:  # a number of thousands of digits
+        raise UserError(f"{path} {too_long()}; {fix}") from None
+    if not any_value and not isinstance(value, dict):
+        raise UserError(f"{path} holds {json_kind(value)}, not a JSON object; {fix}")
+    return value

@@ -34,7 +34,7 @@ import sentencepiece as spm
 
 from data import UserError, prepare, write_jsonl
 from errors import exit_with
-from files import LOCK, blocked_parent, hold, let_go, remove_stale_temporaries, write_atomic
+from files import LOCK, blocked_parent, hold, let_go, read_json, remove_stale_temporaries, write_atomic
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
@@ -604,10 +604,9 @@ def build_demo_data(cfg):
     if not os.path.isfile(f"{ROOT}/suite.json"):
         print(f"building the synthetic mini-CME suite in {ROOT} (once)...")
         make_suite(ROOT, seed=0)
-    try:
-        with open(f"{ROOT}/suite.json", encoding="utf-8") as f:
-            old = json.load(f).get("version", 1) < VERSION
-    except (OSError, ValueError, AttributeError, TypeError):  # train.py names what is wrong with the files it reads
+    try:  # train.py names what is wrong with the files it reads
+        old = read_json(f"{ROOT}/suite.json", fix="").get("version", 1) < VERSION
+    except (ValueError, TypeError):  # read_json's UserError is a ValueError
         old = False
     if old:
         print(f"warning: {ROOT} was built by an older minicme.py, whose validation and test sets repeat training "

@@ -277,8 +277,7 @@ def changed_settings(flags, path):
         if path.endswith(".pt"):
             saved = train.saved_config(path)[0]
         else:
-            with open(path) as f:
-                saved = json.load(f)["config"]
+            saved = files.read_json(path, fix="")["config"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # UserError is a ValueError
         return ""
     cfg, real = train.parse_config(flags), lambda v: os.path.realpath(v) if isinstance(v, str) and v else v
@@ -309,11 +308,12 @@ def run_all(jobs, opts, later=0):
 def read_results(folder, steps=None):
     """results.json of a finished run with its loss curve, or None; one of other than `steps` steps is refused (a
     --report with another --steps, or a folder left by another study, would be reported as this study's)."""
-    if not os.path.isfile(os.path.join(folder, "results.json")):
+    path = os.path.join(folder, "results.json")
+    if not os.path.exists(path):  # a folder or a named pipe of that name is read_json's to name
         return None
-    try:  # train.py writes both atomically: a damaged one was edited, or its disk failed
-        with open(os.path.join(folder, "results.json")) as f:
-            res = json.load(f)
+    # train.py writes both atomically: a damaged one was edited, or its disk failed
+    res = files.read_json(path, f"delete {folder} and run the study again to redo the run.")
+    try:
         if what := files.special_file(os.path.join(folder, "log.jsonl")):  # opening a named pipe waits forever
             raise OSError(f"log.jsonl is {what}")
         with open(os.path.join(folder, "log.jsonl")) as f:

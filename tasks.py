@@ -21,9 +21,9 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from data import TOO_DEEP, UserError, read_jsonl, too_long
+from data import UserError, read_jsonl
 from errors import exit_with
-from files import blocked_parent, special_file, write_atomic
+from files import blocked_parent, read_json, special_file, write_atomic
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -304,19 +304,9 @@ def _jsonl(path):
 def _json(path, lines_too=False):
     """A JSON file's value; with lines_too, None for JSON lines (a second value after the first)."""
     _check_exists(path)
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            if lines_too and e.msg == "Extra data":
-                return None
-            raise UserError(f"{path} line {e.lineno} is not valid JSON ({e.msg}); fix the file.") from None
-        except RecursionError:
-            raise UserError(f"{path} {TOO_DEEP}; fix the file.") from None
-        except UnicodeDecodeError:
-            raise
-        except ValueError:  # a number of thousands of digits
-            raise UserError(f"{path} {too_long()}; fix the file.") from None
+    if os.path.isdir(path):  # write_eval_set names the raw file that the task needs
+        raise IsADirectoryError(path)
+    return read_json(path, "fix the file.", any_value=True, lines_too=lines_too)
 
 
 def _tsv(path, need):

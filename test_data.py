@@ -165,6 +165,18 @@ def test_decode_gives_ids_past_the_vocabulary_no_text_with_every_tokenizer_kind(
         assert tok.decode([tok.vocab_size + 3] + ids + [tok.vocab_size, tok.vocab_size + 1000]) == tok.decode(ids)
 
 
+def test_decode_gives_negative_ids_no_text_with_every_tokenizer_kind(tmp_path, tiny_spm):
+    """An id below 0 (the -100 of ignored labels, a padding -1) has no text either, with every kind alike: the
+    tokenizers package raised OverflowError on it, where SentencePiece's and tiktoken's ids were filtered."""
+    pytest.importorskip("tiktoken")
+    write_tiktoken_file(tmp_path / "tokenizer.model")
+    folder = hf_tokenizer_folder(tmp_path / "hf")
+    for tok in (Tokenizer(tmp_path / "tokenizer.model"), Tokenizer(tiny_spm), Tokenizer(folder)):
+        ids = tok.encode("hello world")
+        assert tok.decode([-1] + ids + [-100, -tok.vocab_size, tok.vocab_size]) == tok.decode(ids), tok.kind
+        assert tok.decode(torch.tensor([-1, *ids])) == tok.decode(ids), tok.kind
+
+
 def test_tiktoken_file_without_the_package_names_pip_install(tmp_path, monkeypatch):
     write_tiktoken_file(tmp_path / "tokenizer.model")
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # makes `import tiktoken` fail
@@ -577,7 +589,7 @@ DAMAGE = [
     ("last offset short", "train.offsets.bin", "train.offsets.bin does not hold offsets from 0 rising to the"),
     ("prompt too long", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
     ("prompt fills a record", "train.prompt_lens.bin", "train.prompt_lens.bin holds prompt lengths that leave"),
-    ("not json", "summary.json", "summary.json is not valid JSON \\(line 3"),
+    ("not json", "summary.json", "summary.json line 3 is not valid JSON"),
     ("huge number", "summary.json", "summary.json holds a number of more than [\\d,]+ digits, too long to read"),
     ("a list", "summary.json", "summary.json holds a list"),
     ("no splits", "summary.json", 'summary.json has no "splits"'),
@@ -1241,6 +1253,39 @@ def test_hf_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
     assert tok.eos_id != 0 and tok.pad_id == tok.eos_id == tok.hf.token_to_id("<|im_end|>")
 
 
+@pytest.mark.parametrize("damage", ["a folder", "a list", "a 5000-digit number", "not UTF-8"])
+def test_a_damaged_hf_tokenizer_config_is_named_as_such(tmp_path, damage):
+    """A tokenizer_config.json that is a folder or a list was passed over, and the error blamed a missing eos_token;
+    a number too long to read advised sys.set_int_max_str_digits(), a byte not UTF-8 quoted the codec."""
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    config = folder / "tokenizer_config.json"
+    says = {"a folder": "is a folder, not a file", "a list": "holds a list, not a JSON object",
+            "a 5000-digit number": f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long",
+            "not UTF-8": "is not UTF-8 text (invalid start byte); save it as UTF-8 or"}[damage]
+    if damage == "a folder":
+        config.unlink()
+        config.mkdir()
+    else:
+        config.write_bytes({"a list": b'[{"eos_token": "<|endoftext|>"}]', "not UTF-8": b'{"eos_token": "\xff"}',
+                            "a 5000-digit number": b'{"eos_token": "<|endoftext|>", "x": ' + b"9" * 5000 + b"}",
+                            }[damage])
+    with pytest.raises(UserError) as error:
+        Tokenizer(folder)
+    fix = "put the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json"
+    assert str(error.value).startswith(f"{config} {says}") and str(error.value).endswith(f" {fix}")
+
+
+def test_an_unreadable_summary_json_is_named_not_a_traceback(tmp_path, tiny_spm):
+    """TokenDataset opened summary.json without catching open's own error: PermissionError's traceback."""
+    out = tmp_path / "out"
+    prepare([write_records(tmp_path / "d.jsonl", 4)], tiny_spm, out, workers=1)
+    (out / "summary.json").chmod(0)
+    if os.access(out / "summary.json", os.R_OK):
+        pytest.skip("this user (root) reads a file of mode 000")
+    with pytest.raises(UserError, match=f"^{out}/summary.json can not be read \\(Permission denied\\); run prepare"):
+        TokenDataset(out)
+
+
 def test_hf_tokenizer_ids_equal_transformers_fast_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     folder = hf_tokenizer_folder(tmp_path / "tok")
@@ -1256,10 +1301,10 @@ def test_hf_tokenizer_problems_are_one_sentence(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="gives no eos_token"):
         Tokenizer(folder)
     (folder / "tokenizer_config.json").write_text("{broken")
-    with pytest.raises(UserError, match="cannot be read as JSON"):
+    with pytest.raises(UserError, match="tokenizer_config.json line 1 is not valid JSON"):
         Tokenizer(folder)
     (folder / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)  # was a RecursionError's traceback
-    with pytest.raises(UserError, match="tokenizer_config.json cannot be read as JSON \\(maximum recursion depth"):
+    with pytest.raises(UserError, match="tokenizer_config.json is nested too deeply to read"):
         Tokenizer(folder)
     (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(UserError, match="is not a valid tokenizer.json"):
@@ -1551,18 +1596,19 @@ def test_the_line_named_before_a_byte_that_is_not_utf8_was_read_whole_wherever_a
         assert named is None or int(named[1]) <= n, str(error.value)
 
 
-def test_a_summary_json_that_is_a_folder_or_a_named_pipe_is_not_read(tmp_path, tiny_spm):
-    """Opening a named pipe waits for a writer forever, and a folder is IsADirectoryError's traceback."""
+def test_a_summary_json_that_is_a_folder_or_a_named_pipe_is_named_not_read(tmp_path, tiny_spm):
+    """Opening a named pipe waits for a writer forever, and a folder is IsADirectoryError's traceback; both were
+    called missing ("has no summary.json"), beside the summary.json the user sees there."""
     out = tmp_path / "out"
     prepare([write_records(tmp_path / "d.jsonl", 4)], tiny_spm, out, workers=1)
     content = (out / "summary.json").read_bytes()
     (out / "summary.json").unlink()
     (out / "summary.json").mkdir()
-    with pytest.raises(UserError, match="has no summary.json"):
+    with pytest.raises(UserError, match=f"^{out}/summary.json is a folder, not a file; run prepare again"):
         TokenDataset(out)
     (out / "summary.json").rmdir()
     with named_pipe(out / "summary.json", content):
-        with pytest.raises(UserError, match="has no summary.json"):
+        with pytest.raises(UserError, match=f"^{out}/summary.json is a named pipe, not a file; run prepare again"):
             TokenDataset(out)
 
 

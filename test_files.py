@@ -1,8 +1,9 @@
-"""files.py: a file is whole or absent, a killed process's temporaries are removed once it is gone, and a folder
-that can not be written is named before any work.
+"""files.py: a file is whole or absent, a killed process's temporaries are removed once it is gone, a folder
+that can not be written is named before any work, and a damaged JSON file is one sentence naming it and the fix.
 
     python -m pytest -q test_files.py
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import files
-from conftest import FullDisk, held_by_another_process
+from conftest import FullDisk, held_by_another_process, named_pipe
+from errors import UserError
 
 
 def dead_pid():
@@ -353,3 +355,57 @@ def test_lock_holder_reads_the_holders_line_of_that_file_and_skips_waiters_and_o
     assert files.lock_holder(st) == 4242
     lines = f"1: OFDLCK ADVISORY WRITE -1 {where} 0 EOF\n"
     assert files.lock_holder(st) is None
+
+
+FIX = "put the file you meant there"
+HOSTILE_JSON = {  # what the file is -> its bytes (None: made by the test), what the message says between path and fix
+    "not UTF-8": (b'{"a": "caf\xe9"}', "is not UTF-8 text (invalid continuation byte); save it as UTF-8 or"),
+    "not JSON": (b'{"a": 1,\n "b": }', "line 2 is not valid JSON (Expecting value);"),
+    "nested too deeply": (b"[" * 100_000 + b"]" * 100_000,  # json's RecursionError
+                          "is nested too deeply to read (a thousand or more [ or { inside each other);"),
+    "a 5000-digit number": (b'{"a": ' + b"9" * 5000 + b"}",  # json's ValueError, not a JSONDecodeError
+                            f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long to read;"),
+    "a list": (b"[{}]", "holds a list, not a JSON object;"),
+    "a string": (b'"{}"', "holds a string, not a JSON object;"),
+    "a number": (b"1.5", "holds a number, not a JSON object;"),
+    "null": (b"null", "holds null, not a JSON object;"),
+    "a folder": (None, "is a folder, not a file;"),  # IsADirectoryError
+    "a named pipe": (None, "is a named pipe, not a file;"),  # opened, it waits for a writer forever
+    "missing": (None, "can not be read (No such file or directory);"),
+    "unreadable": (b"{}", "can not be read (Permission denied);"),  # PermissionError
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_JSON)
+def test_read_json_names_every_damaged_file_and_the_fix_in_one_sentence(tmp_path, case):
+    """Every script reads its JSON files with read_json: a file that is not a JSON object is one UserError naming it,
+    what is wrong, and the caller's fix, never a decoder's or open's own exception (a traceback naming no file)."""
+    path = tmp_path / "x.json"
+    content, says = HOSTILE_JSON[case]
+    if content is not None:
+        path.write_bytes(content)
+    if case == "unreadable":
+        path.chmod(0)
+        if os.access(path, os.R_OK):
+            pytest.skip("this user (root) reads a file of mode 000")
+    elif case == "a folder":
+        path.mkdir()
+    with named_pipe(path, b"{}") if case == "a named pipe" else contextlib.nullcontext():
+        with pytest.raises(UserError) as error:
+            files.read_json(path, FIX)
+    assert str(error.value) == f"{path} {says} {FIX}"
+    assert error.value.__context__ is None or error.value.__suppress_context__  # no decoder's traceback above it
+
+
+def test_read_json_reads_a_byte_order_mark_any_value_and_tells_json_lines_apart(tmp_path):
+    """A byte-order mark is read past, as the raw files of the tasks have it; any_value gives what is not an object
+    too, and lines_too None for JSON lines (one value per line), whose second value json calls "Extra data"."""
+    path = tmp_path / "x.json"
+    path.write_bytes(b'\xef\xbb\xbf{"a": [1, "\xc3\xa9"]}')
+    assert files.read_json(path, FIX) == {"a": [1, "\u00e9"]}
+    path.write_text("[1, 2]")
+    assert files.read_json(path, FIX, any_value=True) == [1, 2]
+    path.write_text('{"a": 1}\n{"a": 2}\n')
+    assert files.read_json(path, FIX, lines_too=True) is None
+    with pytest.raises(UserError, match=f"^{path} line 2 is not valid JSON \\(Extra data\\); {FIX}$"):
+        files.read_json(path, FIX)

@@ -707,7 +707,8 @@ def test_a_demo_suite_built_by_an_older_minicme_is_named_as_such(tmp_path, monke
     assert f"{minicme.ROOT} was built by an older minicme.py" in err and f"delete {minicme.ROOT}" in err
 
 
-@pytest.mark.parametrize("content", ["[]", '{"version": "2"}', '{"version": null}'])
+@pytest.mark.parametrize("content", ["[]", '{"version": "2"}', '{"version": null}',
+                                     "[" * 100_000 + "]" * 100_000])  # was a RecursionError's traceback
 def test_a_demo_suite_json_of_another_shape_is_not_called_older_nor_a_traceback(tmp_path, monkeypatch, capsys, content):
     """The version check reads what it can: train.py names what is wrong with the files it reads."""
     monkeypatch.chdir(tmp_path)

@@ -236,8 +236,28 @@ def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, ca
     with pytest.raises(SystemExit) as stop:
         study.main(["--report", f"--out={tmp_path}", "--runs=teamlora"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.startswith(f"error: the run in {folder} is damaged") and err.count("\n") == 1
-    assert "delete that folder and run the study again" in err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    if damage in ("cut results", "nested too deeply"):  # not JSON at all: named as every JSON file is (read_json)
+        assert err.startswith(f"error: {folder}/results.json ") and f"delete {folder} and run the study again" in err
+    else:
+        assert err.startswith(f"error: the run in {folder} is damaged")
+        assert "delete that folder and run the study again" in err
+
+
+@pytest.mark.parametrize("damage", ["a folder", "a named pipe"])
+def test_a_results_json_that_is_a_folder_or_a_named_pipe_is_a_damaged_run_not_a_run_to_do(tmp_path, damage):
+    """read_results took a results.json that is no regular file for none, a run not finished: --report called it so,
+    and the study started train.py there again (which refuses the folder) instead of naming the file."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if damage == "a folder":
+        (folder / "results.json").mkdir()
+    with named_pipe(folder / "results.json", json.dumps(COMPLETE).encode()) if damage == "a named pipe" \
+            else contextlib.nullcontext():
+        with pytest.raises(study.data.UserError, match=f"^{folder}/results.json is {damage}, not a file; delete "
+                                                       f"{folder} and run the study again to redo the run.$"):
+            study.read_results(folder)
+    assert study.read_results(tmp_path / "none") is None  # no results.json at all: a run still to do
 
 
 @pytest.mark.parametrize("damage", ["named pipe", "nested too deeply"])
@@ -951,7 +971,7 @@ def test_a_damaged_or_foreign_run_folder_is_refused_before_anything_trains(tmp_p
     (out / "select").mkdir()
     results = json.loads((folder / "results.json").read_text()) | {"config": config}
     text, message = {
-        "a cut results.json": ('{"scores": {"a": 5', f"the run in {folder} is damaged"),
+        "a cut results.json": ('{"scores": {"a": 5', f"{folder}/results.json line 1 is not valid JSON"),
         "a run of other steps": (json.dumps(results | {"config": config | {"max_iters": 500}}),
                                  f"the finished run in {folder} was made with max_iters=500 (now 60)"),
         "a run of other data": (json.dumps(results | {"config": config | {"data_dir": "elsewhere"}}),
@@ -1014,7 +1034,7 @@ def test_a_damaged_selection_run_is_refused_before_anything_trains_and_a_missing
     folder = tmp_path / "select" / f"teamlora-lr{study.GRID[3]:g}"
     fake_run(folder, study.GRID[3], {"a": 5.0})
     (folder / "results.json").write_text('{"scores": {"a": 5')
-    with pytest.raises(study.data.UserError, match=f"the run in {re.escape(str(folder))} is damaged"):
+    with pytest.raises(study.data.UserError, match=f"{re.escape(str(folder))}/results.json line 1 is not valid JSON"):
         study.check_runs(opts, extra, names)
     with pytest.raises(study.data.UserError, match="the run in c was scored on the tasks y, the run in b on x"):
         study.check_tasks({"a": None, "b": {"scores": {"x": 1.0}}, "c": {"scores": {"y": 1.0}}})

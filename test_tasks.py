@@ -624,6 +624,26 @@ def test_a_raw_json_file_that_is_not_utf8_or_a_link_to_nothing_is_named_as_such(
         CME_TASKS["triviaqa"].load(str(tmp_path / "gone.json"))
 
 
+@pytest.mark.parametrize("task", ["triviaqa", "webqa", "oai_sum"])
+def test_a_raw_json_file_that_is_not_utf8_is_one_sentence_from_the_loader_itself(tmp_path, task):
+    """The JSON loaders let json.load's UnicodeDecodeError out: write_eval_set named it, a loader called alone not."""
+    path = tmp_path / "t.json"
+    path.write_bytes(b'{"Data": [{"Question": "caf\xe9"}]}')
+    with pytest.raises(UserError, match=r"t\.json is not UTF-8 text \(invalid continuation byte\); save it as UTF-8"):
+        CME_TASKS[task].load(str(path))
+
+
+def test_a_raw_json_file_not_ours_to_read_is_named_as_such_not_as_a_failed_write(tmp_path, capsys):
+    """tasks.py printed open's PermissionError as a write that failed: "... make it writable, then run it again"."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"Data": []}))
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("this user (root) reads a file of mode 000")
+    err = script_error(tasks.main, ["--task", "triviaqa", "--raw", path, "--out", tmp_path / "out.jsonl"], capsys)
+    assert err == f"tasks.py: error: {path} can not be read (Permission denied); fix the file."
+
+
 def test_missing_files_and_folders_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope.jsonl does not exist"):
         CME_TASKS["nq"].load(str(tmp_path / "nope.jsonl"))

@@ -10,6 +10,7 @@ import os
 import re
 
 from errors import UserError
+from files import read_json
 
 PROMPT_EOS = "</s>"  # build_dataset.py's PROMPT_TEMPLATE is "{instruction}</s>", whatever the tokenizer
 
@@ -149,21 +150,14 @@ class Tokenizer:
         self.hf_special = tokenizers.Tokenizer.from_str(self.hf.to_str())
         self.hf.encode_special_tokens = True
         config_file = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
-        config = {}
-        if os.path.isfile(config_file):
-            try:
-                with open(config_file, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (ValueError, OSError, RecursionError) as e:
-                raise UserError(f"{config_file} cannot be read as JSON ({e}); put the checkpoint's unmodified "
-                                "tokenizer_config.json next to its tokenizer.json") from None
+        fix = "put the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json"
+        config = read_json(config_file, fix) if os.path.exists(config_file) else {}  # a folder or a pipe is named
 
         def token(key):  # a string, an AddedToken dict ({"content": ...}) or null
-            value = config.get(key) if isinstance(config, dict) else None
+            value = config.get(key)
             value = value.get("content") if isinstance(value, dict) else value
             if value is not None and not isinstance(value, str):
-                raise UserError(f"{config_file} gives the {key} {json.dumps(value)[:40]}, not a token string; put "
-                                "the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json")
+                raise UserError(f"{config_file} gives the {key} {json.dumps(value)[:40]}, not a token string; {fix}")
             return value
         added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
         ids = {name: self.hf.token_to_id(token(name)) if token(name) else None
@@ -171,7 +165,7 @@ class Tokenizer:
         for name in ids:  # a BOS the tokenizer lacks, dropped, would train without the BOS the base expects
             if token(name) and ids[name] is None:
                 raise UserError(f"{config_file} gives the {name} {token(name)!r}, which {self.path} does not have; "
-                                "put the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json")
+                                f"{fix}")
         if ids["eos_token"] is None:
             raise UserError(f"{config_file} gives no eos_token that {self.path} knows; put the checkpoint's "
                             "tokenizer_config.json next to its tokenizer.json")
@@ -207,9 +201,9 @@ class Tokenizer:
         return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
+        # ids past the vocabulary (a base's padding rows, which generation can draw) have no text, as in tokenizers;
+        # a negative one, none either (tokenizers raised OverflowError on it, the others an IndexError or KeyError)
+        ids = [i for i in map(int, ids) if 0 <= i < self.vocab_size]
         if self.kind == "tokenizers":
             return self.hf.decode(ids, skip_special_tokens=False)
-        # ids past the vocabulary (a base's padding rows, which generation can draw) have no text, as in tokenizers
-        ids = [i for i in ids if 0 <= i < self.vocab_size]
         return self.enc.decode(ids) if self.kind == "tiktoken" else self.sp.decode(ids)

@@ -93,7 +93,7 @@ def _check_regular(file):
         raise ValueError(f"{file} is {what}, not a file; put the checkpoint's own {os.path.basename(file)} there")
 
 
-def _read_json(file):
+def _read_json(file):  # not files.read_json: model.py and weights.py are copied alone, with torch their one import
     """The JSON object in a checkpoint's configuration file; a ValueError naming the file if it is not one."""
     again = "download it again from the checkpoint's source"
     _check_regular(file)
