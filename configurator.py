@@ -21,6 +21,8 @@ def parse_flag(arg, defaults=None):
         raise UserError(f"argument '{arg}' is not of the form --key=value.")
     if not eq:
         raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
+    if text.startswith("~"):  # as the shell does in `--key ~/x`, but not in --key=~/x: else a folder named ~ appears
+        text = os.path.expanduser(text)  # here, and the `rm -rf ~` that would remove it wipes the home folder
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: thousands of operators in a row
@@ -63,7 +65,7 @@ def read(argv, defaults):
         try:  # bytes: a BOM or coding line is honoured, as python reads a script
             with open(arg, "rb") as f:
                 exec(compile(f.read(), arg, "exec"), namespace)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a config's exit() would end the script without a word
             raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {' '.join(str(e).split())}); "
                             "it should hold plain key = value lines.")
         keys = [k for k, v in namespace.items()  # modules: `import time` has no __file__

@@ -2378,3 +2378,11 @@ def test_a_config_file_named_with_a_leading_dash_is_read_and_its_wrong_type_is_r
 def test_an_unknown_key_like_no_known_one_suggests_none():
     with pytest.raises(UserError, match=r"^unknown config key 'zzzzzz' in flag --zzzzzz=1\.$"):
         train.parse_config(["--zzzzzz=1"])
+
+
+def test_a_path_flag_that_starts_with_a_tilde_is_the_home_folder_as_the_shell_gives_it(tmp_path, monkeypatch):
+    """The shell expands ~ in `--key ~/x` but not in --key=~/x, the one form train.py and study.py take: the run made
+    a folder named ~ in the current one, which `rm -rf ~` would then not clean up but wipe the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = train.parse_config(["--out_dir=~/runs/a", "--eval_dir=~", "--tokenizer=a~b"])
+    assert (cfg["out_dir"], cfg["eval_dir"], cfg["tokenizer"]) == (str(tmp_path / "runs" / "a"), str(tmp_path), "a~b")

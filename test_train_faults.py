@@ -603,6 +603,12 @@ def test_flags_override_config_files_wherever_they_stand(tmp_path):
     assert (cfg["max_iters"], cfg["r"]) == (7, 16)
 
 
+@pytest.mark.parametrize("call", ["sys.exit(3)", "exit()", "raise SystemExit('stop here')"])
+def test_a_config_file_that_exits_is_one_sentence_naming_it_not_a_silent_end(tmp_path, capsys, call):
+    (tmp_path / "c.py").write_text(f"import sys\nr = 16\n{call}\n")
+    fails([tmp_path / "c.py", "--dry_run=True"], capsys, f"config file '{tmp_path / 'c.py'}' failed to run (SystemExit")
+
+
 def test_a_damaged_optimizer_state_in_ckpt_pt_is_one_sentence_on_resume(run_data, tmp_path, capsys):
     out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -732,6 +738,14 @@ def test_data_without_training_records_is_refused_before_step_1(run_data, tmp_pa
     (folder / "summary.json").write_text(json.dumps(summary))
     fails(train_flags(run_data, tmp_path / "a", f"--data_dir={folder}", "--eval_dir="), capsys, "no training records")
     assert not (tmp_path / "a").exists()
+
+
+def test_the_dry_run_refuses_an_init_from_that_is_a_file_but_not_a_checkpoint_as_the_run_does(tmp_path, capsys):
+    """A preset stood in for it, as for a base not on disk, and the dry run passed a configuration that the run
+    then refused (on 8 GPUs, after the launch)."""
+    (tmp_path / "tokenizer.model").write_text("not a base\n")
+    fails([f"--init_from={tmp_path / 'tokenizer.model'}", "--dry_run=True"], capsys,
+          f"init_from '{tmp_path / 'tokenizer.model'}' is a file but not a .pt checkpoint")
 
 
 def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):

@@ -783,7 +783,7 @@ def check_full_config(cfg):
     if os.path.isdir(src):
         with torch.device("meta"):
             args = from_pretrained(src, device="meta").args
-    elif src.endswith(".pt") and os.path.isfile(src):  # ours: its model_args (weights mapped, read once: NaN check)
+    elif os.path.isfile(src):  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
         args = base_weights(cfg, None)[0]
     else:  # a preset stands in for a base not on disk (its own context), or describes one from scratch
         length = dict(max_seq_len=max(cfg["max_len"], 256)) if src == "scratch" else {}
