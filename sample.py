@@ -34,7 +34,8 @@ def load_run(out_dir, device="auto"):
     """(model in eval mode, train.Run) of the run in out_dir as its ckpt.pt left it."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist; point --out_dir at the folder of a run of train.py.")
+        what = f"{out_dir} is a file, not a folder" if os.path.isfile(out_dir) else f"{path} does not exist"
+        raise UserError(f"{what}; point --out_dir at the folder of a run of train.py.")
     saved, ckpt = train.saved_config(path)  # checked again, as a resume checks it
     cfg = {**saved, "device": device, **LOADING}
     train.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
@@ -70,7 +71,7 @@ def records_of(args):
     if not args.records:
         return records
     if not os.path.isfile(args.records):
-        what = "is a folder, not a file" if os.path.isdir(args.records) else "does not exist"
+        what = f"is {kind}, not a file" if (kind := data.special_file(args.records)) else "does not exist"  # <(...)
         raise UserError(f"--records file {args.records} {what}; give a JSONL or JSON list of records.")
     read = []
     for n, (where, record) in enumerate(data.read_records(args.records)):
@@ -117,7 +118,8 @@ def main(argv=None):
     check_args(parser, args)
     args.seed = 0 if args.seed is None else args.seed  # sampling's seed when none is given
     try:
-        train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed})  # as train.py checks them
+        # as train.py checks them: an empty --out_dir would read a ckpt.pt in the current folder
+        train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed, "out_dir": args.out_dir})
         records = records_of(args)
         model, r = load_run(args.out_dir, args.device)
         if r.device.type == "cpu":

@@ -1,6 +1,7 @@
 """sample.py: a run reloaded from its ckpt.pt is the model training ended with, and answers as it would."""
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -139,7 +140,8 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
     good = str(runs["lora"][0])
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "no instruction"}) + "\n")
     cases = [(["--out_dir", str(tmp_path / "none"), "--instruction", "x"], "ckpt.pt does not exist"),
-             (["--out_dir", str(runs["lora"][0] / "adapter.pt"), "--instruction", "x"], "does not exist"),
+             (["--out_dir", str(runs["lora"][0] / "adapter.pt"), "--instruction", "x"], "adapter.pt is a file, not a "
+                                                                                         "folder; point --out_dir at"),
              (["--out_dir", good, "--records", str(tmp_path / "missing.jsonl")], "does not exist"),
              (["--out_dir", good, "--records", str(tmp_path)], f"--records file {tmp_path} is a folder, not a file"),
              (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl")], 'line 1 has no "instruction"; give'),
@@ -372,3 +374,18 @@ def test_the_even_share_printed_beside_the_expert_load_is_one_over_the_number_of
     monkeypatch.setattr(sample, "answer", lambda *a: ("text", torch.tensor([0.75, 0.25]), False))
     sample.main(["--out_dir", str(runs["lora"][0]), "--instruction", "x", "--max_new_tokens=2"])
     assert "even = 0.50: e0 0.75  e1 0.25)" in capsys.readouterr().out
+
+
+def test_an_out_dir_or_records_of_the_wrong_kind_is_named_for_what_it_is(tmp_path, capsys, monkeypatch):
+    """A file given as --out_dir was called a missing ckpt.pt, a named pipe given as --records a missing file, and an
+    empty --out_dir read the ckpt.pt of the current folder."""
+    (tmp_path / "notes.txt").write_text("not a run\n")
+    assert script_error(sample.main, ["--out_dir", tmp_path / "notes.txt", "--instruction", "x"], capsys) == (
+        f"error: {tmp_path / 'notes.txt'} is a file, not a folder; point --out_dir at the folder of a run of train.py.")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    assert script_error(sample.main, ["--out_dir", tmp_path, "--records", tmp_path / "pipe.jsonl"], capsys) == (
+        f"error: --records file {tmp_path / 'pipe.jsonl'} is a named pipe, not a file; give a JSONL or JSON list "
+        "of records.")
+    monkeypatch.chdir(tmp_path)
+    assert script_error(sample.main, ["--out_dir=", "--instruction", "x"], capsys).startswith(
+        "error: config key 'out_dir' is empty")
