@@ -83,20 +83,21 @@ def check_eval_record(record, where):
     return record
 
 
-def load_eval_sets(cfg):
-    """task name -> (Task, records) for each <task>.jsonl in eval_dir, every record checked (check_eval_record)."""
-    folder = cfg["eval_dir"]
+def load_eval_sets(cfg, key="eval_dir"):
+    """task name -> (Task, records) for each <task>.jsonl in cfg[key] (study.py: val_dir too), every record checked
+    (check_eval_record)."""
+    folder = cfg[key]
     if not os.path.isdir(folder):
         what = "is a file, not a folder of <task>.jsonl files" if os.path.exists(folder) else "does not exist"
-        raise UserError(f"eval_dir '{folder}' {what}; write one with python tasks.py, or set --eval_dir.")
+        raise UserError(f"{key} '{folder}' {what}; write one with python tasks.py, or set --{key}.")
     files = sorted(os.listdir(folder))
     lists = [f for f in files if f.endswith(".json")]  # tasks.py writes a JSON list for --out NAME.json
     if lists:
-        raise UserError(f"eval_dir '{folder}' holds {lists[0]}: evaluation sets are JSONL, one record per line; "
+        raise UserError(f"{key} '{folder}' holds {lists[0]}: evaluation sets are JSONL, one record per line; "
                         f"write them with python tasks.py --out {os.path.join(folder, '<task>.jsonl')}.")
     names = [f[:-6] for f in files if f.endswith(".jsonl")]
     if not names:
-        raise UserError(f"eval_dir '{folder}' holds no <task>.jsonl files.")
+        raise UserError(f"{key} '{folder}' holds no <task>.jsonl files.")
     sets = {}
     for name in names:
         task, path = task_of(name), os.path.join(folder, name + ".jsonl")

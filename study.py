@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import configurator
 import data
+import evaluation
 import files
 import machine
 import train
@@ -262,7 +263,7 @@ def launch(flags, threads):
             config = {k: v for k, v in train.parse_config(settings).items() if not k.startswith("_")}
             files.write_atomic(os.path.join(out, DIVERGED), json.dumps({"config": config, "error": tail}, indent=1))
             return "diverged", time.time() - t
-        raise data.UserError(f"the run in {out} failed: {tail}; its log is {out}/stdout.txt, and the study "
+        raise data.UserError(f"the run in {out} failed: {tail.rstrip('.')}; its log is {out}/stdout.txt, and the study "
                              "continues from it when rerun.")
     return "done", time.time() - t
 
@@ -637,9 +638,9 @@ def main(argv=None):
             if train.build_demo(cfg):  # the suite, its shards and the base, when the demo defaults are used
                 raise data.UserError("pretraining the demo's base was interrupted (its checkpoint is written); run the "
                                      "study again to continue it.")
-            if not os.path.isdir(opts["val_dir"]):
-                raise data.UserError(f"val_dir '{opts['val_dir']}' does not exist; the learning rates are chosen on "
-                                     "it: pass --val_dir (a folder of <task>.jsonl validation sets).")
+            # the sets the runs score, read now: a fault in eval_dir stopped the final runs, after hours of selection
+            for key, folder in (("val_dir", opts["val_dir"]), ("eval_dir", cfg["eval_dir"])):
+                evaluation.load_eval_sets({key: folder, "eval_limit": 0}, key)
             if busy := files.hold(opts["out"]):  # a second study there would truncate the live one's run logs
                 raise data.UserError(f"--out {opts['out']} is in use by {busy}, a study still running; wait for it to "
                                      "end, or choose another --out.")

@@ -29,6 +29,13 @@ def small_study_flags(monkeypatch, run_data, out, *more):
             "--max_len=128", "--batch_size=8", "--eval_batch_size=32", f"--out={out}", "--seeds=2", "--steps=3", *more]
 
 
+def sets_in(*folders):
+    """Each folder made, holding a one-record evaluation set: what the study reads before its first run."""
+    for folder in folders:
+        folder.mkdir()
+        (folder / "qa.jsonl").write_text(json.dumps({"instruction": "q", "input": "", "output": "a"}) + "\n")
+
+
 def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(study, "GRID", (1e-3, 4e-3))
     out = tmp_path / "study"
@@ -583,7 +590,8 @@ def test_the_protocol_selects_with_seed_0_on_validation_then_runs_and_reads_ever
         return ["done"] * len(batch)
     monkeypatch.setattr(study, "run_all", stub)
     monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
-    (tmp_path / "val").mkdir()
+    monkeypatch.chdir(tmp_path)  # the study reads both sets before its first run: --eval_dir=TEST is relative
+    sets_in(tmp_path / "val", tmp_path / "TEST")
     results = study.main([f"--out={tmp_path / 'study'}", f"--val_dir={tmp_path / 'val'}", "--eval_dir=TEST",
                           "--runs=lora32,lora8,teamlora", "--seeds=3"])
     capsys.readouterr()
@@ -738,7 +746,9 @@ def test_a_second_study_on_the_out_of_a_live_one_is_refused_before_it_touches_an
     try:
         (out / "select").mkdir()
         (out / "select" / "stdout.txt").write_text("the live run's log\n")
-        assert script_error(study.main, [f"--out={out}", "--runs=lora8", f"--val_dir={tmp_path}"], capsys) == (
+        sets_in(tmp_path / "val", tmp_path / "test")  # read before the hold
+        argv = [f"--out={out}", "--runs=lora8", f"--val_dir={tmp_path / 'val'}", f"--eval_dir={tmp_path / 'test'}"]
+        assert script_error(study.main, argv, capsys) == (
             f"error: --out {out} is in use by process {live.pid}, a study still running; wait for it to end, or "
             "choose another --out.")
         assert (out / "select" / "stdout.txt").read_text() == "the live run's log\n"
@@ -1005,6 +1015,41 @@ def test_final_runs_scored_on_nothing_or_on_the_validation_sets_are_refused_befo
                    "on the test sets; give the validation sets a folder of their own.")
 
 
+@pytest.mark.parametrize("key", ["val_dir", "eval_dir"])
+@pytest.mark.parametrize("fault", ["missing", "a file", "no sets"])
+def test_validation_or_test_sets_that_cannot_be_scored_are_refused_before_anything_trains(tmp_path, capsys,
+                                                                                        monkeypatch, key, fault):
+    """An eval_dir that held no sets was found by the first final run, after every selection run had trained (hours
+    of the full study); a val_dir that was a file was said not to exist."""
+    monkeypatch.chdir(tmp_path)
+    sets_in(tmp_path / "VAL", tmp_path / "TEST")
+    bad = {"missing": "gone", "a file": "notes.txt", "no sets": "empty"}[fault]
+    (tmp_path / "notes.txt").write_text("not a set\n")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    sets = {"val_dir": "VAL", "eval_dir": "TEST", key: bad}
+    err = script_error(study.main, ["--out=study", f"--val_dir={sets['val_dir']}", f"--eval_dir={sets['eval_dir']}"],
+                       capsys)
+    what = {"missing": "does not exist", "a file": "is a file, not a folder of <task>.jsonl files"}
+    assert err == (f"error: {key} '{bad}' {what[fault]}; write one with python tasks.py, or set --{key}."
+                   if fault in what else f"error: {key} '{bad}' holds no <task>.jsonl files.")
+    assert not (tmp_path / "study" / "select").exists()
+
+
+def test_a_failed_runs_sentence_is_quoted_into_the_studys_without_its_full_stop(tmp_path, monkeypatch):
+    def fails(cmd, log, env):
+        log.write("step 0\nerror: max_len=8 cuts away the answer of every training record: raise --max_len.\n")
+        return 2
+    monkeypatch.setattr(study, "run_child", fails)
+    with pytest.raises(study.data.UserError) as e:
+        study.launch([f"--out_dir={tmp_path / 'run'}"], 1)
+    run = tmp_path / "run"
+    assert str(e.value) == (f"the run in {run} failed: error: max_len=8 cuts away the answer of every training "
+                            f"record: raise --max_len; its log is {run}/stdout.txt, and the study continues from it "
+                            "when rerun.")
+
+
 def test_a_report_names_the_seeds_missing_from_each_mean(tmp_path):
     """A final run that diverged (or is not finished yet) was left out of its row's mean and spread without a word,
     under a heading naming every seed: the row now says over how many seeds, and a list names the missing ones."""
@@ -1082,3 +1127,9 @@ def test_the_selection_table_shows_a_score_of_0_and_is_a_markdown_table_of_equal
     lines = study.selection_table({"lora": (low, {high: 0.0, low: 12.5})}, opts)
     assert lines[2] == f"| LoRA r=32 | 12.5 | 0.0 | {low:g} |"
     assert len({line.count("|") for line in lines}) == 1 and set(lines[1]) == set("|-")
+
+
+def test_an_out_that_starts_with_a_tilde_is_in_the_home_folder_as_the_shell_gives_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # --out=~/study made a folder named ~ in the current one
+    opts = study.parse(["--out=~/study", "--val_dir=~/val"])[0]
+    assert (opts["out"], opts["val_dir"]) == (str(tmp_path / "study"), str(tmp_path / "val"))
