@@ -12,7 +12,8 @@ def exit_with(error, prefix=""):
     """How a script ends on a UserError, or an OSError of the disk (full, read-only, not ours to write): one line on
     stderr and exit code 2, as argparse ends on a usage error (1 stays a crash's, 3 train.py's out of memory, 130 a
     run stopped by Ctrl-C or SIGTERM)."""
-    if isinstance(error, OSError):  # files.write_atomic leaves the file it was writing as it was
+    said = isinstance(error, FileNotFoundError) and error.errno is None  # a reader's sentence (tasks.py: a raw file
+    if isinstance(error, OSError) and not said:  # not there), not a disk's; files.write_atomic keeps what it replaces
         where = f" ({error.filename})" if error.filename else ""
         error = (f"{error.strerror or error}{where}; what was there before is kept: free space there or make it "
                  "writable, then run it again")

@@ -571,10 +571,12 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
         raise UserError(f"limit {limit!r} is not a number of records to keep; give --limit N with N >= 1, "
                         "or leave it out to keep every record.")
     out_path = os.fspath(out_path)
+    if not out_path.strip():
+        raise UserError(f"--out is empty; give the file to write, e.g. --out data/cme_eval/{task_name}.jsonl.")
+    if os.path.isdir(out_path):  # before its name's ending: a folder is named as what it is
+        raise UserError(f"--out {out_path} is a folder; give the file to write, e.g. {out_path}/{task_name}.jsonl.")
     if not out_path.endswith((".json", ".jsonl")):
         raise UserError(f"{out_path} must end in .json (a JSON list) or .jsonl (one record per line).")
-    if os.path.isdir(out_path):
-        raise UserError(f"--out {out_path} is a folder; give the file to write, e.g. {out_path}/{task_name}.jsonl.")
     folder, (named, ext) = os.path.dirname(out_path), os.path.splitext(os.path.basename(out_path))
     if named in CME_TASKS and named != task_name:  # <task>.jsonl is scored as that task (evaluation.task_of)
         raise UserError(f"--out {out_path} is named for the task {named}, and train.py would score these {task_name} "

@@ -1085,3 +1085,24 @@ def test_a_tldr_json_list_broken_midway_is_named_at_the_line_it_breaks_not_read_
         CME_TASKS["oai_sum"].load(str(tmp_path / "tldr.json"))
     (tmp_path / "tldr.json").write_text(text)
     assert [r["output"] for r in CME_TASKS["oai_sum"].load(str(tmp_path / "tldr.json"))] == ["sum 0", "sum 1", "sum 2"]
+
+
+def test_a_raw_file_that_does_not_exist_is_one_sentence_without_advice_on_a_full_disk(tmp_path, capsys):
+    raw = tmp_path / "nope.jsonl"
+    assert script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", tmp_path / "a.jsonl"], capsys) == (
+        f"tasks.py: error: {raw} does not exist; check the path to the task's raw file.")
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+@pytest.mark.parametrize("out, message", [("", "--out is empty; give the file to write, e.g. --out "
+                                                 "data/cme_eval/anli.jsonl."),
+                                          ("sets", "--out {tmp}/sets is a folder; give the file to write, e.g. "
+                                                   "{tmp}/sets/anli.jsonl.")])
+def test_an_empty_out_or_a_folder_is_named_for_what_it_is_not_for_its_ending(tmp_path, capsys, out, message):
+    (tmp_path / "sets").mkdir()
+    raw = tmp_path / "r1.jsonl"
+    raw.write_text(json.dumps({"premise": "p", "hypothesis": "h", "label": "e"}) + "\n")
+    target = str(tmp_path / out) if out else ""
+    assert script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", target], capsys) == \
+        "tasks.py: error: " + message.format(tmp=tmp_path)
+    assert os.listdir(tmp_path / "sets") == []
