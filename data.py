@@ -595,6 +595,9 @@ def write_jsonl(path, records):
 def _read_summary(path):
     """summary.json of a prepare output, checked for what TokenDataset needs; a UserError naming it if not."""
     summary_path = os.path.join(path, "summary.json")
+    if not os.path.isdir(path):  # a file here is no output of prepare, which would refuse it as its --out
+        what = "is a file, not a folder of token shards" if os.path.exists(path) else "does not exist"
+        raise UserError(f"{path} {what}; point at the --out folder of python data.py prepare")
     if not os.path.exists(summary_path):  # a folder or a named pipe of that name is read_json's to name
         raise UserError(f"{path} has no summary.json; make it with: python data.py prepare --out {path} ...")
     again = f"run prepare again (python data.py prepare --out {path} ...)"

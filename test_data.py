@@ -1612,6 +1612,17 @@ def test_a_summary_json_that_is_a_folder_or_a_named_pipe_is_named_not_read(tmp_p
             TokenDataset(out)
 
 
+def test_a_data_dir_that_is_a_file_or_missing_is_named_as_such_not_sent_to_prepare(tmp_path):
+    """Both were "has no summary.json; make it with: python data.py prepare --out X", which prepare refuses for a
+    file (a user's) and which misleads for a typo in the path."""
+    (tmp_path / "notes.txt").write_text("not shards\n")
+    with pytest.raises(UserError, match=f"^{tmp_path}/notes.txt is a file, not a folder of token shards; point at "
+                                        "the --out folder of python data.py prepare$"):
+        TokenDataset(tmp_path / "notes.txt")
+    with pytest.raises(UserError, match=f"^{tmp_path}/tokns does not exist; point at the --out folder"):
+        TokenDataset(tmp_path / "tokns")
+
+
 @pytest.mark.parametrize("blank", [4094, 4095, 4096, 4097, 8191])
 def test_a_jsonl_file_whose_first_record_starts_at_the_end_of_a_read_is_jsonl(tmp_path, blank):
     """The kind is told from the first non-blank byte and its line: a "{" that ends a 4096-byte read is the start of
