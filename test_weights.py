@@ -5,6 +5,7 @@ model.pt checked; weights.read's own result, ModelArgs' fields and Meta-named te
     python -m pytest -q test_weights.py
 """
 import contextlib
+import glob
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import torch
 from conftest import named_pipe
 from model import ModelArgs, Transformer, apply_rotary, rope_cos_sin, saved_model
 from test_model import logits_of, tiny_model
-from weights import check_saved, hf_to_meta_qk, read
+from weights import check_saved, describe, hf_to_meta_qk, read
 
 # ---------------------------------------------------------------------------------------------------
 # the Hugging Face q/k layout
@@ -171,6 +172,17 @@ def test_meta_sharded_directory_loads_to_identical_logits(tmp_path, n_kv_heads, 
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
 
+def test_meta_shards_are_joined_in_their_numbers_order_whatever_order_the_folder_lists_them(tmp_path, monkeypatch):
+    """A folder lists its files in no set order (glob follows it): consolidated.01.pth listed first is still the
+    second slice of every split weight."""
+    model = tiny_model()
+    write_meta_dir(model, tmp_path, 0)
+    listed = glob.glob
+    monkeypatch.setattr(glob, "glob", lambda pattern: sorted(listed(pattern), reverse=True))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
 @pytest.mark.parametrize("n_kv_heads", [2, 4])
 @pytest.mark.parametrize("config_style", ["transformers4", "transformers5"])
 def test_hf_sharded_bin_directory_loads_to_identical_logits(tmp_path, n_kv_heads, config_style):
@@ -284,6 +296,97 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"does not know: model\.layers\.0\.mlp\.extra\.weight"):
         Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("extra, like", [("model.layers.0.self_attn.q_proj.weight.absmax", "q_proj.weight"),
+                                         ("lm_head.scales", "lm_head.weight")])  # a suffix as long as ".weight"
+def test_a_weight_whose_name_only_starts_or_ends_like_a_known_one_is_unknown_not_taken_for_it(tmp_path, extra, like):
+    """A quantiser's companions of a weight (bitsandbytes' absmax, GPTQ's scales) would replace the weight whose
+    name they resemble, silently."""
+    model = tiny_model()
+    sd = hf_state_dict(model)
+    sd[extra] = torch.zeros(next(t for n, t in sd.items() if n.endswith(like)).shape)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"has weights this model does not know: {extra} (in pytorch_model.bin)")
+
+
+def test_a_null_tie_word_embeddings_reads_as_untied_a_bool_as_a_saved_model_must_hold(tmp_path):
+    """null is allowed for the key (transformers' default: untied); the field stays a bool, so that the model.pt
+    of a run from this folder passes check_saved when a later run starts from it."""
+    model = tiny_model()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model) | {"tie_word_embeddings": None}))
+    fields, state = read(tmp_path)
+    assert fields["tie_embeddings"] is False and "output.weight" in state
+    saved = asdict(Transformer.from_pretrained(tmp_path).args)
+    check_saved(saved, state, "model.pt", saved.keys())
+
+
+@pytest.mark.parametrize("name, model_type", [("q_proj.weight", "llama"), ("k_proj.weight", "llama"),
+                                              ("q_norm.weight", "qwen3")])
+def test_a_q_or_k_weight_of_the_wrong_size_is_a_shape_mismatch_not_an_error_of_the_row_reordering(
+        tmp_path, name, model_type):
+    """wq, wk and Qwen3's q_norm have their rows put back in Meta's order only when they have the configured shape;
+    a row more (an odd count) cannot be reordered and is left for the shape check to name."""
+    model = tiny_model(**(dict(qk_norm=True, head_dim=32) if model_type == "qwen3" else {}))
+    sd = hf_state_dict(model)
+    name = f"model.layers.0.self_attn.{name}"
+    sd[name] = torch.cat([sd[name], sd[name][:1]])
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model, model_type)))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    meta = {"q_proj": "attention.wq", "k_proj": "attention.wk", "q_norm": "attention.q_norm"}[name.split(".")[-2]]
+    rows = model.state_dict()[f"layers.0.{meta}.weight"].shape[0]
+    assert_one_sentence(error, f"layers.0.{meta}.weight has shape ({rows + 1},", f"the model expects ({rows},")
+
+
+def test_a_folder_with_both_model_safetensors_and_pytorch_model_bin_reads_the_safetensors(tmp_path):
+    """As transformers does: no pickle, memory-mapped. The .bin beside it (another model's here) is not read."""
+    pytest.importorskip("safetensors")
+    model = tiny_model()
+    write_safetensors(hf_state_dict(model), tmp_path / "model.safetensors")
+    torch.save(hf_state_dict(tiny_model(seed=1)), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
+@pytest.mark.parametrize("n", [5, 7])
+def test_unknown_weights_are_named_five_at_most_and_the_rest_counted(tmp_path, n):
+    model = tiny_model()
+    extra = [f"model.layers.0.mlp.extra{i}.weight" for i in range(n)]
+    torch.save(hf_state_dict(model) | {name: torch.zeros(2) for name in extra}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    listed = ", ".join(extra[:5]) + (f" and {n - 5} more" if n > 5 else "")
+    assert_one_sentence(error, f"does not know: {listed} (in pytorch_model.bin)")
+
+
+def test_a_safetensors_file_whose_link_leads_nowhere_is_named_as_missing(tmp_path):
+    """Hugging Face's cache links each file of a snapshot to a blob: a blob gone (an interrupted download) leaves a
+    link that the folder lists and that cannot be opened, which is a missing file, not a damaged one."""
+    pytest.importorskip("safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(tiny_model())))
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "blobs" / "0123abcd")
+    with pytest.raises(FileNotFoundError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"weight file {tmp_path / 'model.safetensors'} does not exist; download it")
+
+
+def test_a_config_json_without_model_type_is_read_as_llamas(tmp_path):
+    """Hand-written and older conversions leave model_type out; transformers' LlamaConfig reads them."""
+    model = tiny_model()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    config = hf_config(model)
+    del config["model_type"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
 
 
 def test_shape_mismatch_names_weight_and_both_shapes(tmp_path):
@@ -404,6 +507,7 @@ def write_single_file_dir(path, layout):
 CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("bin", "config.json", lambda c: '{"hidden_size": 64,', "is not valid JSON (line 1"),
     ("bin", "config.json", lambda c: "[1, 2]", "holds a JSON list, not an object"),
+    ("meta", "params.json", lambda c: "4096", "holds a JSON int, not an object"),  # a dict's .get was its traceback
     ("bin", "config.json", lambda c: b'{"model_type": "llama\xff"}', "is not UTF-8 text"),
     ("bin", "config.json", lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "has no 'hidden_size'"),
     ("bin", "config.json", lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"},
@@ -429,6 +533,7 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("meta", "params.json", lambda c: '{"dim": ' + "9" * 5000 + "}", "holds a number too long to read"),
     ("meta", "params.json", lambda c: {k: v for k, v in c.items() if k != "dim"}, "has no 'dim'"),
     ("meta", "params.json", lambda c: c | {"n_heads": 4.0}, "has n_heads=4.0 where a positive integer"),
+    ("meta", "params.json", lambda c: c | {"vocab_size": 512.5}, "has vocab_size=512.5 where an integer belongs"),
     ("meta", "params.json", lambda c: c | {"norm_eps": None}, "has norm_eps=None where a positive number"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: "{", "is not valid JSON"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: {"metadata": {}}, 'has no "weight_map"'),
@@ -546,6 +651,8 @@ SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
     (dict(dim=-64), None, "the model_args of model.pt has dim=-64 where a positive integer belongs"),
     (dict(dim="64"), None, "the model_args of model.pt has dim='64' where a positive integer belongs"),
     (dict(rope_scaling=[8.0, 1.0]), None, "has rope_scaling=[8.0, 1.0] where null or 4 numbers belong"),
+    (dict(rope_scaling=[8.0, 1.0, 4.0, 64, 2.0]), None,  # a fifth number: the rotation's unpacking fails later
+     "has rope_scaling=[8.0, 1.0, 4.0, 64, 2.0] where null or 4 numbers belong"),
     (dict(rope_scaling=[8.0, 4.0, 1.0, 8192]), None, "has low_freq_factor=4.0 not below high_freq_factor=1.0"),
     (dict(n_layers=10**6), None, "the model_args of model.pt says 1000000 layers but the weights in 'model.pt' hold 4"),
     (dict(vocab_size=10**12), None, "weight tok_embeddings.weight has shape (512, 64) in the checkpoint but the model "
@@ -559,6 +666,7 @@ SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
     (dict(rope_scaling=[8.0, "1", 4.0, 64]), None, "has low_freq_factor='1' where a positive number belongs"),
     (dict(rope_scaling=[8.0, 4.0, 4.0, 64]), None, "has low_freq_factor=4.0 not below high_freq_factor=4.0"),
     (dict(max_seq_len=100.5), None, "has max_seq_len=100.5 where a positive integer belongs"),
+    (dict(qkv_bias=1), None, "has qkv_bias=1 where true or false belongs"),  # 1 == True, but not what train.py writes
     (dict(sliding_window=0), None, "has sliding_window=0 where a positive integer belongs"),
 ]
 
@@ -610,6 +718,18 @@ def test_a_truncated_or_foreign_weight_file_is_one_sentence_naming_it(tmp_path, 
     if damage not in want:
         kind = "a safetensors file" if layout == "safetensors" else "a PyTorch checkpoint"
         assert f"{file} is truncated or not {kind}" in str(error.value)
+
+
+def test_a_loaders_complaint_is_cut_to_its_own_first_sentence_past_torchs_paragraphs_on_weights_only(tmp_path):
+    """torch wraps what its weights_only unpickler found in paragraphs of advice: the message keeps the finding (the
+    first sentence after "WeightsUnpickler error:"), a first sentence only, at most 120 characters, else the type."""
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02\x82\x01.")  # EXT1 (opcode 130): not a weights opcode
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(tiny_model())))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, "pytorch_model.bin is truncated or not a PyTorch checkpoint (Unsupported operand 130)")
+    assert describe(RuntimeError("header cut. Check the file.\nAt byte 8")) == "header cut"
+    assert describe(OSError("x" * 500)) == "x" * 120 and describe(EOFError()) == "EOFError"
 
 
 def rewrite_weight_file(file, change):
@@ -697,6 +817,61 @@ def test_legacy_non_zip_torch_save_files_still_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
     tokens = torch.randint(0, model.args.vocab_size, (1, 8))
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
+class _RunsCode:
+    """Pickled as a call of os.mkdir: what a hostile weight file holds to run code when it is loaded."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_legacy_non_zip_file_is_read_with_weights_only_too_so_it_runs_no_code(tmp_path):
+    """The legacy format cannot be memory-mapped and is read a second way: that read refuses objects too."""
+    model, ran = tiny_model(), tmp_path / "ran"
+    torch.save({**hf_state_dict(model), "extra": _RunsCode(str(ran))}, tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert not ran.exists()
+    assert_one_sentence(error, "pytorch_model.bin holds Python objects besides tensors")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's list of a process's mapped files")
+@pytest.mark.parametrize("layout", ["bin", "bin index", "meta, one shard", "safetensors"])
+def test_weights_read_as_stored_stay_memory_mapped_not_copied_into_memory(tmp_path, layout):
+    """A 7B model's files are paged in from disk as the model is filled, not first copied whole into memory: each
+    weight (dtype and device as stored) lies in its file's mapping, but Hugging Face's wq and wk, whose rows are
+    put back in Meta's order. LLaMA-2-7B is one Meta shard."""
+    if layout == "safetensors":
+        pytest.importorskip("safetensors")
+    model = tiny_model()
+    if layout == "meta, one shard":
+        write_meta_dir(model, tmp_path, 0)
+        (tmp_path / "consolidated.01.pth").unlink()
+        torch.save(model.state_dict(), tmp_path / "consolidated.00.pth")
+    else:
+        write_single_file_dir(tmp_path, layout)
+    fields, state = read(tmp_path)
+    spans = [[int(a, 16) for a in line.split()[0].split("-")] for line in open("/proc/self/maps")
+             if os.path.dirname(line.split()[-1]) == str(tmp_path)]
+    copied = [n for n, t in state.items() if not any(lo <= t.data_ptr() < hi for lo, hi in spans)]
+    assert all(n.endswith(("wq.weight", "wk.weight")) and layout != "meta, one shard" for n in copied), copied
+
+
+def test_a_weight_file_that_may_not_be_read_says_so_not_that_it_is_truncated(tmp_path, monkeypatch):
+    """Root reads any file, so the refusal a user gets is played by torch.load."""
+    file = write_single_file_dir(tmp_path, "bin")
+
+    def refuse(f, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(f))
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(ValueError) as error:
+        read(tmp_path)
+    assert_one_sentence(error, f"{file} cannot be read (Permission denied); check that it is a weight file you may")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -848,6 +1023,9 @@ def test_meta_context_length_follows_rope_theta_unless_given(tmp_path):
         path.mkdir()
         write_meta_dir(tiny_model(rope_theta=theta), path, 0)
         assert Transformer.from_pretrained(path).args.max_seq_len == want
+    params = json.loads((path / "params.json").read_text())
+    (path / "params.json").write_text(json.dumps(params | {"max_seq_len": 1024}))  # given: kept
+    assert Transformer.from_pretrained(path).args.max_seq_len == 1024
     loaded = Transformer.from_pretrained(tmp_path / "500000", max_seq_len=16)
     assert loaded.args.max_seq_len == 16
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
