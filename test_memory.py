@@ -176,6 +176,25 @@ def test_activations_count_the_tensors_each_block_keeps_per_token_as_listed():
     assert acts(r=MEMORY_CFG["r"] + 1) - acts() == pytest.approx(tokens * args["n_layers"] * 3 * 2 * 4)
 
 
+def test_adapters_on_attention_share_the_input_of_wq_wk_and_wv_and_keep_wos_own():
+    """wq, wk and wv read one tensor (the normed x), wo another (the attention output): over a float32 base the
+    adapters keep one float32 copy of each tensor they read, over a bfloat16 base one per adapted layer."""
+    args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32, head_dim=128,
+                           tie_embeddings=False)
+    cfg = {**MEMORY_CFG, "fsdp": False, "activation_checkpointing": False}
+    per_token_layer = 2 * cfg["max_len"] * args.n_layers
+    z = 2 * 4 * (cfg["r"] + cfg["experts"])  # an adapted layer's float32 z and omega-weighted z
+
+    def acts(targets, dtype):
+        return memory.estimate(args, 6_700_000_000, 10**8, {**cfg, "targets": targets, "dtype": dtype}, 1, 2)[
+            "activations"]
+    for dtype, copies in (("float32", 1), ("bfloat16", 3)):
+        assert acts("wq,wk,wv,wo", dtype) - acts("wq,wk,wv", dtype) == pytest.approx(per_token_layer * (
+            args.dim * 4 + z))
+        assert acts("wq,wk,wv", dtype) - acts("wq", dtype) == pytest.approx(per_token_layer * (
+            (copies - 1) * args.dim * 4 + 2 * z))
+
+
 def test_scoring_holds_the_ffns_three_hidden_tensors_and_w2s_float32_adapter_input_per_prefill_token():
     """The prefill of eval_batch_size prompts of max_len tokens holds, per token, w1's and w3's outputs and their
     product in the weights' dtype and w2's adapter input in float32: a hidden width more costs that much."""

@@ -1,4 +1,5 @@
 """sample.py: a run reloaded from its ckpt.pt is the model training ended with, and answers as it would."""
+import argparse
 import dataclasses
 import json
 import os
@@ -196,6 +197,34 @@ def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path
         assert e.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), (flag, err)
 
 
+def test_an_empty_records_flag_names_no_file(tmp_path, capsys):
+    """--records= (a shell variable left empty) is no --records: alone it leaves nothing to answer and is refused
+    before any run is read; beside --instruction, that one record is answered."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out_dir", str(tmp_path / "none"), "--records="])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith("give --instruction (and --input) or --records"), err
+    args = argparse.Namespace(instruction="Name a film.", input="", records="", limit=10)
+    assert sample.records_of(args) == [{"instruction": "Name a film.", "input": ""}]
+
+
+def test_by_default_ten_records_are_answered_greedily_with_up_to_64_new_tokens_on_the_idle_cores(tmp_path,
+                                                                                                   monkeypatch):
+    """The defaults --help gives (--limit 10, --max_new_tokens 64, greedy: temperature 0, top_p 1, seed 0), as
+    sample.main hands them to answer, on the CPU with as many threads as train.py's threads=0 takes; the run and
+    the model are stood in for."""
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}"}) + "\n" for i in range(11)))
+    monkeypatch.setattr(sample, "load_run", lambda out_dir, device: (None, argparse.Namespace(device=torch.device(
+        "cpu"))))
+    asked, threads = [], []
+    monkeypatch.setattr(sample, "answer", lambda model, r, record, *args: asked.append((record["instruction"], args))
+                        or ("", None, False))
+    monkeypatch.setattr(sample.machine, "cpu_threads", lambda cfg: 3 if cfg == {"threads": 0} else None)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    sample.main(["--records", str(tmp_path / "r.jsonl")])
+    assert asked == [(f"q{i}", (64, 0.0, 1.0, 0)) for i in range(10)] and threads == [3]
+
+
 def test_an_input_without_an_instruction_is_refused_not_dropped(tmp_path, capsys):
     """--input is the input of --instruction's record: beside --records alone it was dropped unsaid (each record
     answered with its own input), so the answers were not to the prompt asked."""
@@ -334,6 +363,29 @@ def test_a_run_trained_compiled_and_checkpointed_is_read_back_eager_and_without_
     assert_same_adapters(adapters_of(runs["teamlora"][1]), adapters_of(model))
 
 
+def test_a_run_whose_base_was_replaced_since_is_refused_not_answered_with_its_adapter_on_another_base(runs, run_data,
+                                                                                                   tmp_path):
+    """The adapter is only right on the base it was trained on, whose fingerprint ckpt.pt records."""
+    base = torch.load(run_data / "base.pt", weights_only=True)
+    base["model"]["tok_embeddings.weight"][0, 0] += 1.0  # another base at the same path: a retrained or edited one
+    torch.save(base, tmp_path / "base.pt")
+    ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "init_from": str(tmp_path / "base.pt")}}, tmp_path / "ckpt.pt")
+    with pytest.raises(sample.UserError, match="is not the one this run trained on"):
+        sample.load_run(str(tmp_path), device="cpu")
+
+
+def test_a_run_stopped_before_max_iters_answers_with_a_note_of_its_step_and_a_finished_one_without(runs, tmp_path,
+                                                                                                capsys):
+    ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == ckpt["config"]["max_iters"]
+    sample.load_run(str(runs["lora"][0]), device="cpu")
+    assert "note:" not in capsys.readouterr().err
+    torch.save({**ckpt, "iter": ckpt["iter"] - 1}, tmp_path / "ckpt.pt")  # as Ctrl-C one step early leaves it
+    sample.load_run(str(tmp_path), device="cpu")
+    assert f"note: the run in {tmp_path} is at step {ckpt['iter'] - 1} of its {ckpt['iter']}" in capsys.readouterr().err
+
+
 def test_the_device_asked_for_wins_over_the_one_the_run_was_trained_on(runs, tmp_path):
     """A run trained on a GPU (config device "cuda") is read onto the CPU when --device=cpu asks for it."""
     ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
@@ -373,7 +425,8 @@ def test_on_cuda_a_run_answers_with_the_float32_matmuls_its_own_scoring_used(run
 def test_the_even_share_printed_beside_the_expert_load_is_one_over_the_number_of_experts(runs, capsys, monkeypatch):
     monkeypatch.setattr(sample, "answer", lambda *a: ("text", torch.tensor([0.75, 0.25]), False))
     sample.main(["--out_dir", str(runs["lora"][0]), "--instruction", "x", "--max_new_tokens=2"])
-    assert "even = 0.50: e0 0.75  e1 0.25)" in capsys.readouterr().out
+    shown = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)["config"]["load_layers"]  # of 4 blocks
+    assert f"(experts, last {shown} layers; even = 0.50: e0 0.75  e1 0.25)" in capsys.readouterr().out
 
 
 def test_an_out_dir_or_records_of_the_wrong_kind_is_named_for_what_it_is(tmp_path, capsys, monkeypatch):
