@@ -311,6 +311,31 @@ def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypat
     teamlora._fused_compiled.cache_clear()
 
 
+def test_the_compiled_path_is_asked_for_the_inputs_device_type(monkeypatch):
+    """One compiled function per device type: a GPU's input gets Triton's graph, never the CPU's (nor the CPU's
+    no-compiler fallback and its warning). Shown on the meta device, which every machine has."""
+    asked = []
+    monkeypatch.setattr(teamlora, "_fused_compiled", lambda device: asked.append(device) or teamlora.team_lora_delta)
+    with torch.device("meta"):
+        layer = TeamLoRALinear(nn.Linear(16, 24), r=8, experts=4, alpha=16, compile=True)
+        out = layer(torch.randn(2, 16))
+    assert asked == ["meta"] and out.shape == (2, 24) and out.is_meta
+
+
+def test_an_empty_cxx_names_no_compiler(monkeypatch, tmp_path):
+    """CXX= (set but empty, as a script's unset variable leaves it) is no compiler: joined to a PATH folder it names
+    the folder, which os.access finds executable, and a CPU without a compiler would be sent to torch.compile."""
+    monkeypatch.setattr(teamlora.torch, "compile", lambda fn, dynamic: object())  # the check, not the compile
+    monkeypatch.setattr(teamlora.os, "get_exec_path", lambda env=None: [str(tmp_path)])  # no compiler there
+    monkeypatch.setenv("CXX", "")
+    teamlora._fused_compiled.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="C\\+\\+ compiler"):
+            assert teamlora._fused_compiled("cpu") is teamlora.team_lora_delta
+    finally:
+        teamlora._fused_compiled.cache_clear()
+
+
 def test_compiler_check_finds_cxx_needs_an_executable_and_only_on_cpu(monkeypatch, tmp_path):
     """The eager fallback is for a CPU with no C++ compiler: one named by CXX counts wherever it is on the PATH, a
     file called g++ that cannot run does not, clang++ counts as g++ does, and a GPU compiles with Triton, no C++

@@ -1258,6 +1258,20 @@ def test_compile_compiles_each_block_and_trains_like_eager(run_data, tmp_path):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(b.abs().max()))
 
 
+def test_compile_hands_each_block_and_nothing_else_to_torch_compile_with_dynamic_shapes(monkeypatch):
+    """compile=True compiles every transformer block, each once, with dynamic=True: torch's default (dynamic=None)
+    compiles each block twice, for the first sequence length and again at the second. Only the call is checked
+    (torch.compile recorded, nothing compiled): no C++ compiler needed. The default is off: the demo runs where no
+    C++ compiler is, and draws the dropout masks of the README's table."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: calls.append((fn, args, kwargs)) or fn)
+    for flag in (False, True):
+        cfg = train.parse_config(["--init_from=scratch", "--model=tiny", f"--compile={flag}"])
+        model, _, _ = train.build_model(cfg, torch.device("cpu"), 512, 1)
+        assert calls == ([(block._call_impl, (), {"dynamic": True}) for block in model.layers] if flag else [])
+    assert train.DEFAULTS["compile"] is False
+
+
 # ---------------------------------------------------------------------------------------------------
 # checkpoint.py on its own (added from mutation testing)
 
