@@ -373,6 +373,7 @@ HOSTILE_JSON = {  # what the file is -> its bytes (None: made by the test), what
     "a named pipe": (None, "is a named pipe, not a file;"),  # opened, it waits for a writer forever
     "missing": (None, "can not be read (No such file or directory);"),
     "unreadable": (b"{}", "can not be read (Permission denied);"),  # PermissionError
+    "a loop of links": (None, "can not be read (Too many levels of symbolic links);"),  # an OSError, even for root
 }
 
 
@@ -390,6 +391,8 @@ def test_read_json_names_every_damaged_file_and_the_fix_in_one_sentence(tmp_path
             pytest.skip("this user (root) reads a file of mode 000")
     elif case == "a folder":
         path.mkdir()
+    elif case == "a loop of links":
+        path.symlink_to(path.name)
     with named_pipe(path, b"{}") if case == "a named pipe" else contextlib.nullcontext():
         with pytest.raises(UserError) as error:
             files.read_json(path, FIX)

@@ -435,6 +435,9 @@ def test_an_out_dir_or_records_of_the_wrong_kind_is_named_for_what_it_is(tmp_pat
     (tmp_path / "notes.txt").write_text("not a run\n")
     assert script_error(sample.main, ["--out_dir", tmp_path / "notes.txt", "--instruction", "x"], capsys) == (
         f"error: {tmp_path / 'notes.txt'} is a file, not a folder; point --out_dir at the folder of a run of train.py.")
+    (tmp_path / "empty").mkdir()  # a folder, but no run's
+    assert script_error(sample.main, ["--out_dir", tmp_path / "empty", "--instruction", "x"], capsys) == (
+        f"error: {tmp_path / 'empty' / 'ckpt.pt'} does not exist; point --out_dir at the folder of a run of train.py.")
     os.mkfifo(tmp_path / "pipe.jsonl")
     assert script_error(sample.main, ["--out_dir", tmp_path, "--records", tmp_path / "pipe.jsonl"], capsys) == (
         f"error: --records file {tmp_path / 'pipe.jsonl'} is a named pipe, not a file; give a JSONL or JSON list "

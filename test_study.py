@@ -216,7 +216,7 @@ def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
 
 
 COMPLETE = {"scores": {"a": 50.0}, "config": {"seed": 0}, "trainable_params": 8, "base_params": 800, "train_seconds": 1}
-DAMAGED_RESULTS = {"cut results": '{"scores": {"a": 5', "no scores": '{"scores": {}}',
+DAMAGED_RESULTS = {"cut results": '{"scores": {"a": 5', "no scores": '{"scores": {}}', "a list": "[]",
                    "nested too deeply": "[" * 100_000 + "]" * 100_000,  # was a RecursionError's traceback
                    "no log": '{"scores": {"a": 50.0}}',
                    "no parameter count": json.dumps({k: v for k, v in COMPLETE.items() if not k.endswith("params")}),
@@ -244,7 +244,7 @@ def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, ca
         study.main(["--report", f"--out={tmp_path}", "--runs=teamlora"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
-    if damage in ("cut results", "nested too deeply"):  # not JSON at all: named as every JSON file is (read_json)
+    if damage in ("cut results", "nested too deeply", "a list"):  # no JSON object: named as read_json names it
         assert err.startswith(f"error: {folder}/results.json ") and f"delete {folder} and run the study again" in err
     else:
         assert err.startswith(f"error: the run in {folder} is damaged")
@@ -1016,16 +1016,18 @@ def test_final_runs_scored_on_nothing_or_on_the_validation_sets_are_refused_befo
 
 
 @pytest.mark.parametrize("key", ["val_dir", "eval_dir"])
-@pytest.mark.parametrize("fault", ["missing", "a file", "no sets"])
+@pytest.mark.parametrize("fault", ["missing", "a file", "no sets", "a JSON list"])
 def test_validation_or_test_sets_that_cannot_be_scored_are_refused_before_anything_trains(tmp_path, capsys,
                                                                                         monkeypatch, key, fault):
     """An eval_dir that held no sets was found by the first final run, after every selection run had trained (hours
     of the full study); a val_dir that was a file was said not to exist."""
     monkeypatch.chdir(tmp_path)
     sets_in(tmp_path / "VAL", tmp_path / "TEST")
-    bad = {"missing": "gone", "a file": "notes.txt", "no sets": "empty"}[fault]
+    bad = {"missing": "gone", "a file": "notes.txt", "no sets": "empty", "a JSON list": "lists"}[fault]
     (tmp_path / "notes.txt").write_text("not a set\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "qa.json").write_text("[]")
     monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
     monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
     sets = {"val_dir": "VAL", "eval_dir": "TEST", key: bad}
@@ -1033,7 +1035,9 @@ def test_validation_or_test_sets_that_cannot_be_scored_are_refused_before_anythi
                        capsys)
     what = {"missing": "does not exist", "a file": "is a file, not a folder of <task>.jsonl files"}
     assert err == (f"error: {key} '{bad}' {what[fault]}; write one with python tasks.py, or set --{key}."
-                   if fault in what else f"error: {key} '{bad}' holds no <task>.jsonl files.")
+                   if fault in what else f"error: {key} '{bad}' holds no <task>.jsonl files." if fault == "no sets"
+                   else f"error: {key} '{bad}' holds qa.json: evaluation sets are JSONL, one record per line; write "
+                   f"them with python tasks.py --out {os.path.join(bad, '<task>.jsonl')}.")
     assert not (tmp_path / "study" / "select").exists()
 
 

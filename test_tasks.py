@@ -715,6 +715,16 @@ def test_eval_set_input_faults_name_the_file_and_lose_nothing(tmp_path, capsys, 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+@pytest.mark.parametrize("task", ["webqa", "triviaqa", "oai_sum"])
+def test_a_folder_given_as_a_json_raw_file_is_named_with_the_tasks_raw_file(tmp_path, capsys, task):
+    """The tasks read as one JSON value go through read_json, which would call a folder a file to fix: _json hands it
+    back to write_eval_set, which names the raw file the task needs, as it does for the JSONL tasks."""
+    (tmp_path / "raw").mkdir()
+    assert script_error(tasks.main, ["--task", task, "--raw", tmp_path / "raw", "--out", tmp_path / "x.jsonl"],
+                        capsys) == (f"tasks.py: error: {tmp_path / 'raw'} is a folder; pass the task's raw file "
+                                    f"({tasks.CME_TASKS[task].source}).")
+
+
 def test_a_raw_file_named_twice_is_refused_not_counted_twice(tmp_path, capsys):
     """`--raw dev.jsonl ./dev.jsonl` (or a glob that matches a file also named) would hold every record twice."""
     raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "anli.jsonl")
@@ -1096,13 +1106,15 @@ def test_a_raw_file_that_does_not_exist_is_one_sentence_without_advice_on_a_full
 
 @pytest.mark.parametrize("out, message", [("", "--out is empty; give the file to write, e.g. --out "
                                                  "data/cme_eval/anli.jsonl."),
+                                          (" ", "--out is empty; give the file to write, e.g. --out "
+                                                "data/cme_eval/anli.jsonl."),
                                           ("sets", "--out {tmp}/sets is a folder; give the file to write, e.g. "
                                                    "{tmp}/sets/anli.jsonl.")])
 def test_an_empty_out_or_a_folder_is_named_for_what_it_is_not_for_its_ending(tmp_path, capsys, out, message):
     (tmp_path / "sets").mkdir()
     raw = tmp_path / "r1.jsonl"
     raw.write_text(json.dumps({"premise": "p", "hypothesis": "h", "label": "e"}) + "\n")
-    target = str(tmp_path / out) if out else ""
+    target = str(tmp_path / out) if out.strip() else out
     assert script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", target], capsys) == \
         "tasks.py: error: " + message.format(tmp=tmp_path)
     assert os.listdir(tmp_path / "sets") == []

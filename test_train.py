@@ -1275,10 +1275,11 @@ def test_compile_hands_each_block_and_nothing_else_to_torch_compile_with_dynamic
 # ---------------------------------------------------------------------------------------------------
 # checkpoint.py on its own (added from mutation testing)
 
-@pytest.mark.parametrize("text", ["[]", '{"scores": {}}', '{"config": {"adapter": "moelora", "experts": 0}}', "{"])
+@pytest.mark.parametrize("text", ["[]", '{"scores": {}}', '{"config": {"adapter": "moelora", "experts": 0}}', "{",
+                                  '{"config": ["r"]}'])
 def test_an_adapter_whose_results_json_is_unreadable_is_scored_by_the_flags(tmp_path, text):
     """check_adapter_settings compares with the results.json beside adapter.pt only where it reads one: a damaged one
-    (a list, no config, settings that compute nothing, not JSON) leaves the flags alone, as no file does."""
+    (a list, no config or one of the wrong kind, settings that compute nothing, not JSON) leaves the flags alone."""
     import checkpoint
     cfg, computes = dict(train.DEFAULTS), lambda c: (train.adapter_kwargs(c), c["targets"])
     (tmp_path / "results.json").write_text(json.dumps({"config": {**cfg, "alpha": 8.0}}))
@@ -2398,5 +2399,6 @@ def test_a_path_flag_that_starts_with_a_tilde_is_the_home_folder_as_the_shell_gi
     """The shell expands ~ in `--key ~/x` but not in --key=~/x, the one form train.py and study.py take: the run made
     a folder named ~ in the current one, which `rm -rf ~` would then not clean up but wipe the home folder."""
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = train.parse_config(["--out_dir=~/runs/a", "--eval_dir=~", "--tokenizer=a~b"])
-    assert (cfg["out_dir"], cfg["eval_dir"], cfg["tokenizer"]) == (str(tmp_path / "runs" / "a"), str(tmp_path), "a~b")
+    cfg = train.parse_config(["--out_dir=~/runs/a~b", "--eval_dir=~", "--tokenizer=a~b"])
+    assert (cfg["out_dir"], cfg["eval_dir"], cfg["tokenizer"]) == (str(tmp_path / "runs" / "a~b"), str(tmp_path),
+                                                                    "a~b")

@@ -609,6 +609,13 @@ def test_a_config_file_that_exits_is_one_sentence_naming_it_not_a_silent_end(tmp
     fails([tmp_path / "c.py", "--dry_run=True"], capsys, f"config file '{tmp_path / 'c.py'}' failed to run (SystemExit")
 
 
+def test_ctrl_c_while_a_config_file_runs_stops_the_script_as_ctrl_c_not_as_a_failed_config(tmp_path):
+    """A config's exit() is named as its failure, but Ctrl-C is the user's: it must end the script as Ctrl-C does."""
+    (tmp_path / "c.py").write_text("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        train.parse_config([str(tmp_path / "c.py")])
+
+
 def test_a_damaged_optimizer_state_in_ckpt_pt_is_one_sentence_on_resume(run_data, tmp_path, capsys):
     out = finished_run(run_data, tmp_path / "run", "--max_iters=2")
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
