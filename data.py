@@ -600,7 +600,8 @@ def _read_summary(path):
         raise UserError(f"{path} {what}; point at the --out folder of python data.py prepare")
     if not os.path.exists(summary_path):  # a folder or a named pipe of that name is read_json's to name
         raise UserError(f"{path} has no summary.json; make it with: python data.py prepare --out {path} ...")
-    again = f"run prepare again (python data.py prepare --out {path} ...)"
+    # delete it: prepare keeps a summary.json that is not its own (a user's file, for all it can tell)
+    again = f"delete it and run prepare again (python data.py prepare --out {path} ...)"
     summary = read_json(summary_path, again)
     for key, ok, want in (("splits", lambda v: isinstance(v, dict), "an object"),
                           ("dtype", lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"'),

@@ -665,6 +665,11 @@ def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, dama
         TokenDataset(out)
     message = str(failure.value)
     assert str(path) in message and "run prepare again" in message and "\n" not in message
+    if file == "summary.json":  # the advice works: prepare keeps a summary.json not its own, a user's for all it knows
+        assert "delete it and run prepare again" in message
+        path.unlink()
+        assert prepare([tmp_path / "d.jsonl"], tiny_spm, out, workers=1)["records"] == 40
+        TokenDataset(out)
 
 
 def test_prepare_warns_on_stderr_when_max_len_drops_records_even_when_quiet(tmp_path, tiny_spm, capsys):
@@ -1604,11 +1609,12 @@ def test_a_summary_json_that_is_a_folder_or_a_named_pipe_is_named_not_read(tmp_p
     content = (out / "summary.json").read_bytes()
     (out / "summary.json").unlink()
     (out / "summary.json").mkdir()
-    with pytest.raises(UserError, match=f"^{out}/summary.json is a folder, not a file; run prepare again"):
+    with pytest.raises(UserError, match=f"^{out}/summary.json is a folder, not a file; delete it and run prepare"):
         TokenDataset(out)
     (out / "summary.json").rmdir()
     with named_pipe(out / "summary.json", content):
-        with pytest.raises(UserError, match=f"^{out}/summary.json is a named pipe, not a file; run prepare again"):
+        with pytest.raises(UserError, match=f"^{out}/summary.json is a named pipe, not a file; delete it and run "
+                                            "prepare again"):
             TokenDataset(out)
 
 
