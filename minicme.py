@@ -633,7 +633,8 @@ def build_demo_data(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="minicme.py", description="Write the synthetic mini-CME suite "
                                      "(deterministic from the seed).")
-    parser.add_argument("--out", required=True, help="output directory")
+    path = os.path.expanduser  # the shell expands ~ in --out ~/x, not in --out=~/x: both are the home folder here
+    parser.add_argument("--out", required=True, type=path, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:

@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent
 MODULES = sorted(p.stem for p in REPO.glob("*.py") if not p.stem.startswith("test_") and p.stem != "conftest")
 
@@ -200,3 +202,40 @@ def test_the_readmes_demo_table_is_what_the_demo_prints_for_the_scores_it_shows(
                 assert abs(float(a) - float(b)) <= 0.1 + 1e-9, (want, got)
             except ValueError:
                 assert a == b, (want, got)
+
+
+
+class _Called(Exception):
+    pass
+
+
+SCRIPT_PATHS = [  # module, the function main hands the paths to, argv written --key=~/... (a ~ the shell leaves)
+    ("data", "prepare", ["prepare", "--input=~/a.jsonl", "--tokenizer=~/t.model", "--out=~/tokens"]),
+    ("tasks", "write_eval_set", ["--task=anli", "--raw=~/r1.jsonl", "--out=~/anli.jsonl"]),
+    ("minicme", "make_suite", ["--out=~/suite"]),
+    ("sample", "records_of", ["--out_dir=~/run", "--records=~/r.jsonl"]),  # before the run is read
+]
+
+
+@pytest.mark.parametrize("module, worker, argv", SCRIPT_PATHS, ids=[m for m, _, _ in SCRIPT_PATHS])
+def test_a_path_flag_written_with_a_tilde_is_the_home_folder_in_every_script(module, worker, argv, tmp_path,
+                                                                            monkeypatch):
+    """--out=~/x made a folder named ~ in the current one (which `rm -rf ~` would then not clean up but wipe the home
+    folder): the shell expands ~ only in --out ~/x. train.py's and study.py's flags: test_train.py, test_study.py."""
+    import importlib
+
+    script, handed = importlib.import_module(module), []
+
+    def worker_called(*args):
+        for a in args:
+            values = vars(a).values() if hasattr(a, "__dict__") else [a]
+            handed.extend(p for v in values for p in (v if isinstance(v, list) else [v]) if "~" in str(p)
+                          or str(p).startswith(str(tmp_path)))
+        raise _Called
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(script, worker, worker_called)
+    with pytest.raises(_Called):
+        script.main(argv)
+    expected = sorted(str(tmp_path / a.split("=~/")[1]) for a in argv if "=~/" in a)
+    assert sorted(map(str, handed)) == expected
