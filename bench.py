@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import machine
 import memory
 from baselines import MoELoRALoop, team_lora_delta_loop
+from errors import run_script
 from model import ModelArgs, Transformer
 from teamlora import TeamLoRALinear, inject
 
@@ -624,4 +625,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,7 +36,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from errors import UserError, exit_with
+from errors import UserError, exit_with, run_script
 from files import (
     TOO_DEEP,
     blocked_parent,
@@ -841,4 +841,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -1,5 +1,8 @@
 """The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
-model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence."""
+model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; and each
+script's entry, run_script."""
+import os
+import select
 import sys
 
 
@@ -19,3 +22,19 @@ def exit_with(error, prefix=""):
                  "writable, then run it again")
     print(f"{prefix}error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_script(main):
+    """A script's entry: main(), ended quietly when the reader of its output has gone (`python train.py --help | head
+    -3`) rather than with a BrokenPipeError's traceback; exit code 1, as Python's documentation does it."""
+    try:
+        main()
+    except BrokenPipeError:
+        if not hasattr(select, "poll"):  # Windows: the traceback stays
+            raise
+        stdout = select.poll()
+        stdout.register(1, select.POLLOUT)
+        if not any(event & select.POLLERR for _, event in stdout.poll(0)):  # POLLERR: no reader left on that pipe
+            raise  # another pipe's (a process's of ours, say): a fault to show
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # else the interpreter's flush at exit meets the pipe again
+        sys.exit(1)

@@ -33,7 +33,7 @@ import sys
 import sentencepiece as spm
 
 from data import UserError, prepare, write_jsonl
-from errors import exit_with
+from errors import exit_with, run_script
 from files import LOCK, blocked_parent, hold, let_go, read_json, remove_stale_temporaries, write_atomic
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
@@ -646,4 +646,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

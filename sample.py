@@ -24,7 +24,7 @@ import data
 import evaluation
 import machine
 import train
-from errors import UserError, exit_with
+from errors import UserError, exit_with, run_script
 from tokenizer import Tokenizer
 
 LOADING = dict(eval_only=True, fsdp=False, compile=False, activation_checkpointing=False)  # read, one process, eager
@@ -145,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

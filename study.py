@@ -47,7 +47,7 @@ import evaluation
 import files
 import machine
 import train
-from errors import exit_with
+from errors import exit_with, run_script
 
 OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, runs="all", quick=False,
                val_dir="data/mini_cme/val")
@@ -668,4 +668,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

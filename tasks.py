@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from data import UserError, read_jsonl
-from errors import exit_with
+from errors import exit_with, run_script
 from files import blocked_parent, read_json, special_file, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -645,4 +645,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -4,6 +4,9 @@
 """
 import errno
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +37,37 @@ def test_a_file_not_found_with_a_sentence_of_its_own_is_printed_as_it_is_without
     gone = os.strerror(errno.ENOENT)  # the system's own, from a write into a folder removed meanwhile: still the disk's
     assert _ended(FileNotFoundError(errno.ENOENT, gone, "out/a.bin"), capsys).startswith(
         f"x.py: error: {gone} (out/a.bin); what was there before is kept")
+
+
+REPO = Path(__file__).resolve().parent
+
+
+def _with_its_reader_gone(argv):
+    """(exit code, stderr) of a command whose stdout is a pipe that nobody reads any more, as after `| head -1`."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              timeout=300)
+    finally:
+        os.close(write_end)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.skipif(not hasattr(__import__("select"), "poll"), reason="Windows has no poll: the traceback stays")
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["study.py", "--help"], ["train.py", "--dry_run=True"],
+                                  ["sample.py", "--help"], ["data.py", "prepare", "--help"], ["tasks.py", "--help"],
+                                  ["minicme.py", "--help"], ["bench.py", "--help"]], ids=" ".join)
+def test_a_script_whose_output_is_no_longer_read_ends_without_a_traceback(argv):
+    """`python train.py --help | head -3` printed a BrokenPipeError's traceback under the lines wanted."""
+    code, err = _with_its_reader_gone(argv)
+    assert err == "" and code in (0, 1), err  # 0: argparse's help, which gives up writing quietly itself
+
+
+def test_a_broken_pipe_that_is_not_stdouts_still_shows_its_traceback():
+    """Only stdout's reader going is quiet: a pipe of another process's that breaks is a fault to see."""
+    code = ("import errors\ndef main():\n    print('before')\n    raise BrokenPipeError(32, 'a worker pipe')\n"
+            "errors.run_script(main)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 1 and done.stdout == "before\n" and "BrokenPipeError: [Errno 32] a worker pipe" in \
+        done.stderr

@@ -37,7 +37,7 @@ import minicme
 import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
-from errors import UserError
+from errors import UserError, run_script
 from model import PRESETS, ModelArgs, Transformer, saved_model
 from tokenizer import Tokenizer
 
@@ -845,4 +845,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
