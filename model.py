@@ -52,6 +52,7 @@ class ModelArgs:
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before the rotation
 
     def __post_init__(self):
+        weights.check_args(vars(self))  # each field's kind, as in a file: not a ZeroDivisionError, a model of 0 layers
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and (self.dim % self.n_heads or (self.dim // self.n_heads) % 2):
@@ -344,9 +345,9 @@ class Transformer(nn.Module):
         is the cross-entropy over labelled positions, their mean or (reduction="sum") their sum.
         seq_ids (B, T) packs several sequences in a row: a token attends only to earlier tokens with
         the same seq_id, rotary positions restart at 0 for each, and a negative seq_id is padding."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be a (batch, time) tensor of token ids, got shape {tuple(tokens.shape)}; "
-                             "add a batch dimension with tokens[None]")
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):  # floats: embedding's deep TypeError
+            raise ValueError(f"tokens must be a (batch, time) tensor of integer token ids, got {tuple(tokens.shape)} "
+                             f"{tokens.dtype}; add a batch dimension with tokens[None], convert with .long()")
         B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}; cut the sequences or "
@@ -357,8 +358,9 @@ class Transformer(nn.Module):
                                  f"{name[:-1]} per token")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'")
-        if logits_to_keep and targets is not None:
-            raise ValueError("a loss needs the logits of every position; leave logits_to_keep=0 when giving targets")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0 or logits_to_keep and targets is not None:
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} must be a count >= 0, and a loss needs the logits of "
+                             "every position: leave logits_to_keep=0 when giving targets")  # -n: all but the first n
         if loss_only and targets is None:
             raise ValueError("loss_only=True returns only the loss, and without targets there is none; give targets")
         if seq_ids is None:
@@ -385,21 +387,25 @@ class Transformer(nn.Module):
         and each row's rotary positions start at its first real token. Sampling draws from a generator seeded with
         seed (None: the global one): the same seed repeats the same batch's answers, but a row's draws depend on the
         rows beside it, so a prompt sampled alone (as sample.py does) may answer differently than in a batch."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs a non-empty list of non-empty prompts; give each prompt at least one "
-                             "token (e.g. BOS)")
+        if not isinstance(prompts, (list, tuple)) or not prompts or \
+                any(not hasattr(p, "__len__") or not len(p) for p in prompts):  # a tensor, a flat list of ids
+            raise ValueError("generate needs a non-empty list of non-empty prompts, each a list of token ids (a "
+                             "tensor's .tolist()); give each prompt at least one token (e.g. BOS)")
+        if not hasattr(max_new_tokens, "__index__") or max_new_tokens < 0 or not hasattr(eos_id or 0, "__index__"):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}, eos_id={eos_id!r}: give a whole number >= 0 of new "
+                             "tokens and one token id (or None) to stop at")  # a list of ids never matched: no stop
         if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # NaN fails both
             raise ValueError(f"temperature={temperature}, top_p={top_p} are out of range; use temperature >= 0 and 0 < "
                              "top_p <= 1")
-        if any(not 0 <= t < self.args.vocab_size for p in prompts for t in p):
-            raise ValueError(f"a prompt holds a token id outside [0, {self.args.vocab_size}); encode the prompts with "
-                             "this model's tokenizer")
+        if any(not hasattr(t, "__index__") or not 0 <= t < self.args.vocab_size for p in prompts for t in p):  # 1.7
+            raise ValueError(f"a prompt holds a token id outside [0, {self.args.vocab_size}) or not a whole number; "
+                             "encode the prompts with this model's tokenizer")
         B, P = len(prompts), max(len(p) for p in prompts)
         total = P + max_new_tokens
         if total > self.args.max_seq_len:
             raise ValueError(f"the longest prompt ({P} tokens) plus max_new_tokens={max_new_tokens} exceeds "
                              f"max_seq_len={self.args.max_seq_len}; shorten the prompts or lower max_new_tokens")
-        if max_new_tokens <= 0:
+        if max_new_tokens == 0:
             return [[] for _ in prompts]
         self._check_window(P + max_new_tokens, "the longest prompt plus max_new_tokens")
         weight = self.tok_embeddings.weight

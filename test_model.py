@@ -640,6 +640,49 @@ def test_bad_inputs_are_reported():
         with pytest.raises(ValueError, match=f"vocab_size={vocab_size} must be positive"):
             Transformer(ModelArgs.from_name("tiny", vocab_size=vocab_size))
 
+
+@pytest.mark.parametrize("field, value", [("n_heads", 0), ("n_kv_heads", 0), ("n_layers", -1), ("dim", "64"),
+                                          ("dim", 64.0), ("hidden_dim", 0), ("norm_eps", -1e-5),
+                                          ("sliding_window", 0), ("max_seq_len", 0), ("qk_norm", "yes")])
+def test_model_args_refuse_a_field_of_the_wrong_kind_in_one_sentence_naming_it(field, value):
+    # before: n_heads=0 a ZeroDivisionError, n_layers=-1 a model of no layers, norm_eps<0 NaN, a window of 0 ignored
+    with pytest.raises(ValueError, match=f"^ModelArgs has {field}={value!r} where .* belongs; pass one$"):
+        ModelArgs.from_name("tiny", **{field: value})
+
+
+def test_forward_refuses_tokens_that_are_not_integer_ids_and_takes_int32_as_long():
+    model, tokens = tiny_model(), torch.randint(0, 512, (2, 6))
+    for dtype in (torch.float32, torch.bool, torch.uint8):  # uint8 and bool indices: embedding's deep RuntimeError
+        with pytest.raises(ValueError, match=f"integer token ids, got \\(2, 6\\) {dtype}; .*\\.long\\(\\)"):
+            model(tokens.to(dtype))
+    torch.testing.assert_close(model(tokens.int())[0], model(tokens)[0], rtol=0, atol=0)
+
+
+def test_logits_to_keep_refuses_a_negative_or_fractional_count():
+    model, tokens = tiny_model(), torch.randint(0, 512, (2, 6))
+    for keep in (-2, 1.5):  # -2 sliced h[:, 2:]: all but the first two positions, silently
+        with pytest.raises(ValueError, match=f"logits_to_keep={keep} must be a count >= 0"):
+            model(tokens, logits_to_keep=keep)
+
+
+def test_generate_refuses_prompts_that_are_not_lists_of_whole_token_ids():
+    model = tiny_model()
+    for prompts in (torch.tensor([[1, 2, 3]]), torch.tensor([1, 2, 3]), [1, 2, 3], iter([[1, 2, 3]])):
+        with pytest.raises(ValueError, match="non-empty prompts, each a list of token ids"):
+            model.generate(prompts, 3)
+    with pytest.raises(ValueError, match="not a whole number"):  # was silently truncated to token 1
+        model.generate([[1.7, 2]], 3)
+    import numpy as np
+    expected = model.generate([[1, 2, 3]], 3)
+    assert model.generate(((1, 2, 3),), 3) == model.generate([np.array([1, 2, 3])], 3) == expected
+
+
+@pytest.mark.parametrize("max_new_tokens, eos_id", [(-1, None), (1.5, None), (None, None), (3, [2, 3])])
+def test_generate_refuses_a_count_below_0_or_fractional_and_a_list_of_eos_ids(max_new_tokens, eos_id):
+    # before: -1 answered [[]], a list of eos ids never stopped decoding
+    with pytest.raises(ValueError, match=f"max_new_tokens={max_new_tokens!r}, eos_id=.*whole number >= 0"):
+        tiny_model().generate([[1, 2]], max_new_tokens, eos_id=eos_id)
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

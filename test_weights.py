@@ -236,6 +236,16 @@ def test_from_pretrained_puts_every_weight_on_the_device_asked_for(tmp_path, lay
     assert {(p.device.type, p.dtype) for p in loaded.state_dict().values()} == {("meta", torch.bfloat16)}
 
 
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.int8, torch.complex64])
+def test_a_dtype_that_is_not_a_floating_point_torch_dtype_is_refused_in_one_sentence(tmp_path, layout, dtype):
+    """dtype="bfloat16" was a TypeError from deep in the reader; int8 a load_state_dict error after
+    reading every weight; complex64 a complex model that failed only at its first forward."""
+    saved_tiny_model(tmp_path, layout)
+    with pytest.raises(ValueError, match=f"^dtype={re.escape(repr(dtype))} is not a floating-point torch.dtype; "):
+        Transformer.from_pretrained(tmp_path, dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------------------
 # errors a user can cause
 

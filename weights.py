@@ -26,6 +26,8 @@ def read(path, dtype=None, device=None):
     *.safetensors or pytorch_model*.bin): ModelArgs' fields as a dict, and name -> tensor under Meta's names,
     memory-mapped where the format allows and converted to dtype / device as read (None: as stored)."""
     path = os.fspath(path)
+    if dtype is not None and not getattr(dtype, "is_floating_point", False):  # "bfloat16": a TypeError mid-read
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch.dtype; pass e.g. torch.bfloat16, or None")
     if not os.path.isdir(path):
         error, what = (NotADirectoryError, "is not a folder") if os.path.exists(path) else (FileNotFoundError,
                                                                                            "does not exist")
@@ -52,6 +54,12 @@ _ARGS_OPTIONAL = {"n_kv_heads": ("positive int", True), "multiple_of": ("positiv
                   "hidden_dim": ("positive int", True), "qkv_bias": ("bool", False), "tie_embeddings": ("bool", False),
                   "sliding_window": ("positive int", True), "head_dim": ("positive int", True),
                   "qk_norm": ("bool", False)}  # rope_scaling: null or _LLAMA3_ROPE's four numbers
+
+
+def check_args(fields):
+    """ModelArgs' fields (a dict) of the kinds a saved model's must be, else a ValueError naming the field; vocab_size
+    only an int: Meta's -1 is resolved by its reader, and Transformer names one <= 0 itself."""
+    _check_fields(fields, "ModelArgs", {}, {**_ARGS, **_ARGS_OPTIONAL, "vocab_size": ("int", False)}, "pass one")
 
 
 def check_saved(model_args, state, path, known):
@@ -139,7 +147,7 @@ _HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": (
                 "head_dim": ("positive int", True), "tie_word_embeddings": ("bool", True)}
 
 
-def _check_fields(config, file, required, optional):
+def _check_fields(config, file, required, optional, fix="fix it or download the file again"):
     """A ValueError naming the file and the key when a needed key is absent or a value is not of the right kind."""
     for key, (kind, nullable) in {**required, **optional}.items():
         if key not in config:
@@ -156,7 +164,7 @@ def _check_fields(config, file, required, optional):
                 or (kind.startswith("positive") and not 0 < value < math.inf)):  # JSON's Infinity, 1e999 too
             want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number",
                     "bool": "true or false"}[kind]
-            raise ValueError(f"{file} has {key}={value!r} where {want} belongs; fix it or download the file again")
+            raise ValueError(f"{file} has {key}={value!r} where {want} belongs; {fix}")
 
 
 def describe(error):
