@@ -1531,3 +1531,27 @@ def test_the_layer_drops_into_a_llava_language_model_unchanged():
         losses.append(loss.item())
     assert losses[-1] < 0.95 * losses[0] and losses[-1] == min(losses), losses  # the adapters learn the batch
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_strided_inputs_give_what_their_contiguous_copies_give_and_one_token_works_unbatched(k):
+    """As nn.Linear: a transposed, sliced or channels_last input (an NHWC feature map) is read by its strides, and
+    a 1-D input is one token, whose omega is (k,)."""
+    layer, x = make_layer(experts=k), torch.randn(6, 2, 3, 24, dtype=torch.float64)
+    for strided in (x[..., ::2].transpose(0, 1), x[..., :12].contiguous(memory_format=torch.channels_last)):
+        assert not strided.is_contiguous()
+        torch.testing.assert_close(layer(strided), layer(strided.contiguous()), rtol=1e-12, atol=1e-12)
+    one = layer(x[0, 0, 0, :12])
+    assert one.shape == (10,) and (k == 1 or layer.last_omega.shape == (k,))
+    torch.testing.assert_close(one, layer(x[0, 0, 0, None, :12])[0], rtol=1e-12, atol=1e-12)
+
+
+def test_an_adapter_saved_with_a_wrappers_prefix_is_refused_naming_the_prefixed_and_the_expected_names():
+    """A state dict filtered by hand from a DDP or compiled model (`module.`, `_orig_mod.` in front) does not fit: the
+    error lists both spellings, and nothing is copied."""
+    model, saved = nn.Sequential(make_layer()), teamlora.adapter_state_dict(nn.Sequential(make_layer(seed=1)))
+    before = {n: t.clone() for n, t in teamlora.adapter_state_dict(model).items()}
+    for prefix in ("module.", "_orig_mod."):
+        with pytest.raises(ValueError, match=rf"missing \['0\.lora_A'.*unexpected \['{re.escape(prefix)}0\.lora_A"):
+            teamlora.load_adapter_state_dict(model, {prefix + n: t for n, t in saved.items()})
+    assert all(torch.equal(t, before[n]) for n, t in teamlora.adapter_state_dict(model).items())
