@@ -27,8 +27,14 @@ def exit_with(error, prefix=""):
 def run_script(main):
     """A script's entry: main(), ended quietly when the reader of its output has gone (`python train.py --help | head
     -3`) rather than with a BrokenPipeError's traceback; exit code 1, as Python's documentation does it."""
+    flush = lambda: sys.stdout and sys.stdout.flush()  # None: started with no stdout (>&-)
     try:
-        main()
+        try:
+            main()
+        except SystemExit:  # argparse's --help ends so, its text still in stdout's buffer
+            flush()
+            raise
+        flush()  # here, not in the interpreter's flush at exit, which would print its BrokenPipeError
     except BrokenPipeError:
         if not hasattr(select, "poll"):  # Windows: the traceback stays
             raise

@@ -666,7 +666,7 @@ def test_dataset_checks_every_shard_against_the_summary(tmp_path, tiny_spm, dama
     message = str(failure.value)
     assert str(path) in message and "run prepare again" in message and "\n" not in message
     if file == "summary.json":  # the advice works: prepare keeps a summary.json not its own, a user's for all it knows
-        assert "delete it and run prepare again" in message
+        assert f"delete it and run prepare again (python data.py prepare --out {out} ...)" in message
         path.unlink()
         assert prepare([tmp_path / "d.jsonl"], tiny_spm, out, workers=1)["records"] == 40
         TokenDataset(out)

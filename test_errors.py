@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import UserError, exit_with
+from errors import UserError, exit_with, run_script
 
 
 def _ended(error, capsys, prefix="x.py: "):
@@ -39,16 +39,31 @@ def test_a_file_not_found_with_a_sentence_of_its_own_is_printed_as_it_is_without
         f"x.py: error: {gone} (out/a.bin); what was there before is kept")
 
 
+def test_a_script_ends_as_its_main_does_where_its_output_is_read(capsys):
+    """run_script flushes what main printed before main's own end (exit_with's code 2 here) goes on as it was."""
+    def main():
+        print("kept")
+        exit_with(UserError("the record is bad; fix it"))
+
+    with pytest.raises(SystemExit) as stop:
+        run_script(main)
+    assert stop.value.code == 2 and capsys.readouterr() == ("kept\n", "error: the record is bad; fix it\n")
+    assert run_script(lambda: print("done")) is None and capsys.readouterr().out == "done\n"
+
+
 REPO = Path(__file__).resolve().parent
 
 
-def _with_its_reader_gone(argv):
-    """(exit code, stderr) of a command whose stdout is a pipe that nobody reads any more, as after `| head -1`."""
+def _with_its_reader_gone(argv, buffered=True):
+    """(exit code, stderr) of a command whose stdout is a pipe that nobody reads any more, as after `| head -1`;
+    buffered: as Python writes to a pipe unless PYTHONUNBUFFERED is set (as it may be where the tests run)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({} if buffered else
+                                                                              {"PYTHONUNBUFFERED": "1"})
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
         done = subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                              timeout=300)
+                              env=env, timeout=300)
     finally:
         os.close(write_end)
     return done.returncode, done.stderr
@@ -59,9 +74,14 @@ def _with_its_reader_gone(argv):
                                   ["sample.py", "--help"], ["data.py", "prepare", "--help"], ["tasks.py", "--help"],
                                   ["minicme.py", "--help"], ["bench.py", "--help"]], ids=" ".join)
 def test_a_script_whose_output_is_no_longer_read_ends_without_a_traceback(argv):
-    """`python train.py --help | head -3` printed a BrokenPipeError's traceback under the lines wanted."""
+    """`python train.py --help | head -3` printed a BrokenPipeError's traceback under the lines wanted; and with
+    stdout buffered, as it is, what was left in the buffer met the pipe in the interpreter's flush at exit, which
+    printed 'Exception ignored ... BrokenPipeError' and ended with code 120."""
     code, err = _with_its_reader_gone(argv)
-    assert err == "" and code in (0, 1), err  # 0: argparse's help, which gives up writing quietly itself
+    assert err == "" and code == 1, err
+    if argv[1:] == ["--dry_run=True"]:  # unbuffered, each print meets the pipe in main
+        code, err = _with_its_reader_gone(argv, buffered=False)
+        assert err == "" and code == 1, err
 
 
 def test_a_broken_pipe_that_is_not_stdouts_still_shows_its_traceback():
@@ -70,4 +90,35 @@ def test_a_broken_pipe_that_is_not_stdouts_still_shows_its_traceback():
             "errors.run_script(main)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 1 and done.stdout == "before\n" and "BrokenPipeError: [Errno 32] a worker pipe" in \
+        done.stderr
+
+
+def test_another_fault_while_stdouts_reader_is_gone_still_shows_its_traceback():
+    """Only a BrokenPipeError is the reader's going: a file not found meanwhile is a fault to see, reader or not."""
+    code = "import errors\ndef main():\n    raise FileNotFoundError(2, 'a shard')\nerrors.run_script(main)\n"
+    status, err = _with_its_reader_gone(["-c", code])
+    assert status == 1 and "FileNotFoundError: [Errno 2] a shard" in err, err
+
+
+def test_a_broken_pipe_while_stdouts_pipe_is_full_shows_its_traceback_without_waiting_for_room():
+    """A reader slow to read is still there: the question whether it has gone must not wait until it reads."""
+    code = ("import errors, os\ndef main():\n    os.set_blocking(1, False)\n    try:\n        while True:\n"
+            "            os.write(1, bytes(4096))\n    except BlockingIOError:\n        pass\n"
+            "    raise BrokenPipeError(32, 'a worker pipe')\nerrors.run_script(main)\n")
+    read_end, write_end = os.pipe()
+    try:
+        done = subprocess.run([sys.executable, "-c", code], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO, timeout=60)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert done.returncode == 1 and "BrokenPipeError: [Errno 32] a worker pipe" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a POSIX shell closes stdout")
+def test_a_script_started_with_no_stdout_at_all_ends_as_it_did():
+    """`python tasks.py --help >&-`: sys.stdout is None, argparse writes the help to stderr: nothing to flush."""
+    done = subprocess.run(["sh", "-c", 'exec "$0" tasks.py --help >&-', sys.executable], stderr=subprocess.PIPE,
+                          text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and done.stderr.startswith("usage: tasks.py") and "Traceback" not in done.stderr, \
         done.stderr

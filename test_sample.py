@@ -429,6 +429,21 @@ def test_the_even_share_printed_beside_the_expert_load_is_one_over_the_number_of
     assert f"(experts, last {shown} layers; even = 0.50: e0 0.75  e1 0.25)" in capsys.readouterr().out
 
 
+def test_the_instruction_and_input_are_text_even_where_they_start_with_a_tilde(tmp_path, monkeypatch):
+    """Only the path flags are the home folder when written ~/...: the text asked about is the user's, as written."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    asked, records_of = [], sample.records_of
+    monkeypatch.setattr(sample, "records_of", lambda args: asked.extend(records_of(args)) or asked)
+
+    def stop(*args):  # before a run is needed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "load_run", stop)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main([f"--out_dir={tmp_path}", "--instruction=~/notes", "--input=~"])
+    assert asked == [{"instruction": "~/notes", "input": "~"}]
+
+
 def test_an_out_dir_or_records_of_the_wrong_kind_is_named_for_what_it_is(tmp_path, capsys, monkeypatch):
     """A file given as --out_dir was called a missing ckpt.pt, a named pipe given as --records a missing file, and an
     empty --out_dir read the ckpt.pt of the current folder."""
