@@ -11,6 +11,7 @@ import os
 import types
 
 from errors import UserError
+from files import flag_path
 
 
 def parse_flag(arg, defaults=None):
@@ -21,8 +22,8 @@ def parse_flag(arg, defaults=None):
         raise UserError(f"argument '{arg}' is not of the form --key=value.")
     if not eq:
         raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
-    if text.startswith("~"):  # as the shell does in `--key ~/x`, but not in --key=~/x: else a folder named ~ appears
-        text = os.path.expanduser(text)  # here, and the `rm -rf ~` that would remove it wipes the home folder
+    if text.startswith("~"):  # --out_dir=~/x: the home folder, as the shell gives --out_dir ~/x
+        text = flag_path(text)
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):  # the last two: thousands of operators in a row

@@ -41,6 +41,7 @@ from files import (
     TOO_DEEP,
     blocked_parent,
     file_sha256,
+    flag_path,
     json_kind,
     process_is_running,
     read_json,
@@ -816,12 +817,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="data.py", description="Tokenise JSON / JSONL records into token shards.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenise JSON / JSONL records into token shards")
-    path = os.path.expanduser  # the shell expands ~ in --out ~/x, not in --out=~/x: both are the home folder here
-    p.add_argument("--input", nargs="+", required=True, type=path, metavar="FILE",
+    p.add_argument("--input", nargs="+", required=True, type=flag_path, metavar="FILE",
                    help="JSON lists or JSONL of records")
-    p.add_argument("--tokenizer", required=True, type=path,
+    p.add_argument("--tokenizer", required=True, type=flag_path,
                    help="tokenizer.model (SentencePiece or tiktoken), or a folder with a Hugging Face tokenizer.json")
-    p.add_argument("--out", required=True, type=path, help="output directory")
+    p.add_argument("--out", required=True, type=flag_path, help="output directory")
     p.add_argument("--max_len", type=int, default=1024)
     p.add_argument("--val_fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)

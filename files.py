@@ -175,6 +175,12 @@ def special_file(path):
             else "a socket" if stat.S_ISSOCK(mode) else "a device")
 
 
+def flag_path(text):
+    """A path given as a flag's value, ~ expanded: the shell does it in `--out ~/x` but not in --out=~/x, which
+    would make a folder named ~ here (and the `rm -rf ~` that removes it would wipe the home folder)."""
+    return os.path.expanduser(text)
+
+
 def file_sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()

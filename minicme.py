@@ -34,7 +34,7 @@ import sentencepiece as spm
 
 from data import UserError, prepare, write_jsonl
 from errors import exit_with, run_script
-from files import LOCK, blocked_parent, hold, let_go, read_json, remove_stale_temporaries, write_atomic
+from files import LOCK, blocked_parent, flag_path, hold, let_go, read_json, remove_stale_temporaries, write_atomic
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
@@ -633,8 +633,7 @@ def build_demo_data(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="minicme.py", description="Write the synthetic mini-CME suite "
                                      "(deterministic from the seed).")
-    path = os.path.expanduser  # the shell expands ~ in --out ~/x, not in --out=~/x: both are the home folder here
-    parser.add_argument("--out", required=True, type=path, help="output directory")
+    parser.add_argument("--out", required=True, type=flag_path, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:

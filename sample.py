@@ -104,12 +104,11 @@ def check_args(parser, args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    path = os.path.expanduser  # the shell expands ~ in --out ~/x, not in --out=~/x: both are the home folder here
-    parser.add_argument("--out_dir", type=path, default=train.DEFAULTS["out_dir"],
+    parser.add_argument("--out_dir", type=data.flag_path, default=train.DEFAULTS["out_dir"],
                         help="the folder of a run of train.py")
     parser.add_argument("--instruction", help="the instruction to answer")
     parser.add_argument("--input", default="", help="the record's input, appended to the instruction after a newline")
-    parser.add_argument("--records", type=path,
+    parser.add_argument("--records", type=data.flag_path,
                         help="a JSONL (or JSON list) file of {instruction, input, output} records")
     parser.add_argument("--limit", type=int, default=10, help="answer the first this many of --records (0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=64)

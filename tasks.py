@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from data import UserError, read_jsonl
 from errors import exit_with, run_script
-from files import blocked_parent, read_json, special_file, write_atomic
+from files import blocked_parent, flag_path, read_json, special_file, write_atomic
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -629,11 +629,10 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tasks.py", description="Write a CME evaluation set in the official "
                                      "record format from a task's public raw files.")
-    path = os.path.expanduser  # the shell expands ~ in --out ~/x, not in --out=~/x: both are the home folder here
     parser.add_argument("--task", required=True, choices=list(CME_TASKS))
-    parser.add_argument("--raw", required=True, nargs="+", type=path,
+    parser.add_argument("--raw", required=True, nargs="+", type=flag_path,
                         help="the task's raw file(s), or aclImdb's split folder")
-    parser.add_argument("--out", required=True, type=path, help="output: .json (a list) or .jsonl")
+    parser.add_argument("--out", required=True, type=flag_path, help="output: .json (a list) or .jsonl")
     parser.add_argument("--limit", type=int, default=None, help="keep N records (the first of a fixed shuffle)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
