@@ -281,6 +281,9 @@ def keep_last_omega(module):
 class Transformer(nn.Module):
     def __init__(self, args, gradient_checkpointing=False):
         super().__init__()
+        if not isinstance(args, ModelArgs):  # Transformer("tiny"): not an AttributeError on "str" deep inside
+            raise ValueError(f"Transformer takes a ModelArgs, got {type(args).__name__} {args!r:.40}; build one with "
+                             "ModelArgs(...) or ModelArgs.from_name(...)")
         if args.vocab_size <= 0:
             raise ValueError(f"vocab_size={args.vocab_size} must be positive; set it to the tokenizer's vocabulary "
                              "size")
@@ -349,6 +352,10 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be a (batch, time) tensor of integer token ids, got {tuple(tokens.shape)} "
                              f"{tokens.dtype}; add a batch dimension with tokens[None], convert with .long()")
         B, T = tokens.shape
+        vocab = self.args.vocab_size  # checked on the CPU only: on a GPU, reading min and max waits for the device
+        if tokens.device.type == "cpu" and tokens.numel() and not (tokens.min() >= 0 and tokens.max() < vocab):
+            raise ValueError(f"tokens hold ids outside [0, {vocab}), which the embedding cannot look up; encode the "
+                             "text with this model's tokenizer")  # on a GPU: the embedding's device-side assert
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}; cut the sequences or "
                              "raise max_seq_len")
@@ -394,9 +401,10 @@ class Transformer(nn.Module):
         if not hasattr(max_new_tokens, "__index__") or max_new_tokens < 0 or not hasattr(eos_id or 0, "__index__"):
             raise ValueError(f"max_new_tokens={max_new_tokens!r}, eos_id={eos_id!r}: give a whole number >= 0 of new "
                              "tokens and one token id (or None) to stop at")  # a list of ids never matched: no stop
-        if not (0 <= temperature < math.inf and 0 < top_p <= 1):  # NaN fails both
-            raise ValueError(f"temperature={temperature}, top_p={top_p} are out of range; use temperature >= 0 and 0 < "
-                             "top_p <= 1")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (number(temperature) and number(top_p) and 0 <= temperature < math.inf and 0 < top_p <= 1):  # NaN
+            raise ValueError(f"temperature={temperature!r}, top_p={top_p!r} are out of range; use numbers with "
+                             "temperature >= 0 and 0 < top_p <= 1")
         if any(not hasattr(t, "__index__") or not 0 <= t < self.args.vocab_size for p in prompts for t in p):  # 1.7
             raise ValueError(f"a prompt holds a token id outside [0, {self.args.vocab_size}) or not a whole number; "
                              "encode the prompts with this model's tokenizer")

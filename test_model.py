@@ -5,6 +5,7 @@
 """
 import json
 import math
+import re
 from dataclasses import asdict
 
 import pytest
@@ -865,10 +866,40 @@ def test_max_seq_len_is_the_longest_sequence_accepted():
 
 
 @pytest.mark.parametrize("temperature, top_p", [(-0.5, 1.0), (1.0, 0.0), (1.0, 1.5), (float("nan"), 1.0),
-                                                (float("inf"), 1.0)])
+                                                (float("inf"), 1.0), ("0.5", 1.0), (True, 1.0), (1.0, "1")])
 def test_generate_refuses_a_negative_temperature_or_top_p_outside_0_1(temperature, top_p):
-    with pytest.raises(ValueError, match=f"temperature={temperature}, top_p={top_p} are out of range"):
+    # before: a string was a TypeError from a comparison, True was taken for temperature 1
+    with pytest.raises(ValueError, match=re.escape(f"temperature={temperature!r}, top_p={top_p!r} are out of range")):
         tiny_model().generate([[1, 2]], 3, temperature=temperature, top_p=top_p)
+
+
+def test_transformer_refuses_what_is_not_a_model_args_in_one_sentence():
+    for args in ("tiny", None, {"dim": 64}):  # before: an AttributeError on str, NoneType or dict
+        with pytest.raises(ValueError, match=f"^Transformer takes a ModelArgs, got {type(args).__name__} .*from_name"):
+            Transformer(args)
+
+
+def test_forward_on_the_cpu_refuses_token_ids_outside_the_vocabulary():
+    model = tiny_model()
+    V = model.args.vocab_size
+    for bad in (V, -1):  # before: the embedding's IndexError "index out of range in self"
+        tokens = torch.randint(0, V, (2, 6))
+        tokens[1, 3] = bad
+        with pytest.raises(ValueError, match=f"^tokens hold ids outside \\[0, {V}\\).*tokenizer$"):
+            model(tokens)
+    edges = torch.tensor([[0, V - 1]])
+    assert model(edges)[0].shape == (1, 2, V) and model(edges[:, :0])[0].shape == (1, 0, V)  # the ends, no token
+
+
+@pytest.mark.parametrize("scaling, what", [((8.0,), "where null or 4 numbers belong"), ("8", "where null or 4"),
+                                           ((8.0, 4.0, 1.0, 8192), "low_freq_factor=4.0 not below"),
+                                           ((8.0, 1.0, 4.0, 8192.5), "original_max_position_embeddings=8192.5"),
+                                           ((0.0, 1.0, 4.0, 8192), "factor=0.0 where a positive number")])
+def test_model_args_refuse_a_rope_scaling_that_is_not_four_fitting_numbers(scaling, what):
+    # before: accepted here, and a wrong length failed only at the first forward, deep in rope_cos_sin
+    with pytest.raises(ValueError, match=f"^ModelArgs has .*{re.escape(what)}.*; pass one$"):
+        ModelArgs.from_name("tiny", rope_scaling=scaling)
+    assert ModelArgs.from_name("tiny", rope_scaling=[8.0, 1.0, 4.0, 8192]).rope_scaling == (8.0, 1.0, 4.0, 8192)
 
 
 def test_initialisation_zeroes_the_qkv_biases():

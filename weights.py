@@ -60,6 +60,18 @@ def check_args(fields):
     """ModelArgs' fields (a dict) of the kinds a saved model's must be, else a ValueError naming the field; vocab_size
     only an int: Meta's -1 is resolved by its reader, and Transformer names one <= 0 itself."""
     _check_fields(fields, "ModelArgs", {}, {**_ARGS, **_ARGS_OPTIONAL, "vocab_size": ("int", False)}, "pass one")
+    _check_rope_scaling(fields.get("rope_scaling"), "ModelArgs", "pass one")
+
+
+def _check_rope_scaling(scaling, where, fix):
+    """A ValueError unless scaling is None or _LLAMA3_ROPE's four numbers, low_freq_factor below high_freq_factor."""
+    if scaling is not None and (not isinstance(scaling, (list, tuple)) or len(scaling) != len(_LLAMA3_ROPE)):
+        raise ValueError(f"{where} has rope_scaling={scaling!r} where null or {len(_LLAMA3_ROPE)} numbers belong; "
+                         f"{fix}")
+    _check_fields(dict(zip(_LLAMA3_ROPE, scaling or ())), where, _LLAMA3_ROPE if scaling else {}, {}, fix)
+    if scaling and scaling[1] >= scaling[2]:  # the rotation's smoothing would divide by zero or less
+        raise ValueError(f"{where} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in its "
+                         f"rope_scaling; {fix}")
 
 
 def check_saved(model_args, state, path, known):
@@ -77,14 +89,7 @@ def check_saved(model_args, state, path, known):
         raise ValueError(f"{where} has fields this model does not know: {sorted(unknown)[:5]}; give a model.pt "
                          "written by train.py")
     _check_fields(model_args, where, _ARGS, _ARGS_OPTIONAL)
-    scaling = model_args.get("rope_scaling")
-    if scaling is not None and (not isinstance(scaling, (list, tuple)) or len(scaling) != len(_LLAMA3_ROPE)):
-        raise ValueError(f"{where} has rope_scaling={scaling!r} where null or {len(_LLAMA3_ROPE)} numbers belong; "
-                         "give a model.pt written by train.py")
-    _check_fields(dict(zip(_LLAMA3_ROPE, scaling or ())), where, _LLAMA3_ROPE if scaling else {}, {})
-    if scaling and scaling[1] >= scaling[2]:  # the rotation's smoothing would divide by zero or less
-        raise ValueError(f"{where} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in its "
-                         "rope_scaling; give a model.pt written by train.py")
+    _check_rope_scaling(model_args.get("rope_scaling"), where, "give a model.pt written by train.py")
     _check_layer_count(model_args["n_layers"], state, where, "n_layers", path)
     for name, t in state.items():
         _checked(name, t, path)
