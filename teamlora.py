@@ -173,8 +173,8 @@ def load_adapter_state_dict(model, state):
     if missing or unexpected or shapes:
         raise ValueError(f"the adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"shape mismatches {shapes[:3]}): inject as in training (targets, r, experts, competition).")
-    for n, t in state.items():
-        own[n].copy_(t)
+    for mine, t in [(own[n], t.to(own[n].device, own[n].dtype)) for n, t in state.items()]:  # all converted first:
+        mine.copy_(t)  # a value that cannot be (a numpy array, a meta tensor) fails before anything is overwritten
 
 
 def _omegas(model, mask):

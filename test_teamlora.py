@@ -676,6 +676,22 @@ def test_load_adapter_state_dict_copies_into_the_models_own_dtype_and_storage():
     assert own[n].abs().sum() > 0
 
 
+@pytest.mark.parametrize("bad", ["numpy", "meta"])
+def test_load_adapter_state_dict_that_fails_overwrites_nothing(bad):
+    """A value that cannot be copied (a numpy array, a meta tensor) after good ones: the model keeps its adapter
+    whole (before, the tensors ahead of it in the dict were already overwritten when the copy failed)."""
+    torch.manual_seed(0)
+    model = inject(Stack(n=2), ("w1", "w2"), r=4, experts=2, alpha=8)
+    before = {n: t.clone() for n, t in teamlora.adapter_state_dict(model).items()}
+    state = {n: t + 1 for n, t in before.items()}
+    last = list(state)[-1]
+    state[last] = state[last].numpy() if bad == "numpy" else torch.empty(state[last].shape, device="meta")
+    with pytest.raises((AttributeError, NotImplementedError, RuntimeError)):
+        teamlora.load_adapter_state_dict(model, state)
+    for n, t in teamlora.adapter_state_dict(model).items():
+        assert torch.equal(t, before[n]), n
+
+
 def _official_balance(omega):
     """The authors' per-layer form on the k-scaled omega, padding included: mean_f (mean_t omega_f - 1/k)^2."""
     k = omega.shape[-1]
