@@ -1,7 +1,7 @@
 """
-What TeamLoRA costs, measured against LoRA and MoELoRA: the paper's Figure 4a (training step,
-inference forward and peak memory at k = 2, 4, 8 experts of equal total rank, for one FFN-shaped
-linear and for a small LLaMA), then beyond it (k up to 64), decode/prefill speed with the KV cache,
+What TeamLoRA costs, measured against LoRA and MoELoRA: the paper's Figure 4a (training step, inference
+forward and peak memory at k = 2, 4, 8 experts of rank r_B each, every variant at the same total rank r = k r_B,
+for one FFN-shaped linear and a small LLaMA), then beyond it (k up to 64), decode/prefill speed with the KV cache,
 and on CUDA a 7B-shaped block stack in bf16 (tokens/s and MFU).
 
     python bench.py                      # everything, on the CPU (several minutes)
@@ -482,8 +482,8 @@ def section_loss(cfg, device, dtype):
 
 def section_cuda7b(cfg, device, peak_tflops):
     """A 7B-shaped stack: 4 blocks by default; --full7b: all 32 blocks, micro-batch 4 x 1024, activation
-    checkpointing (--no-checkpointing: none) and fp32 adapters (train.py's setting for config/cme_llama2_7b.py on
-    one GPU). --quick runs a tiny one on the CPU too, as a smoke test of this code."""
+    checkpointing (--no-checkpointing: none) and fp32 adapters (config/cme_llama2_7b.py's per-GPU setting, on one
+    GPU without FSDP). --quick runs a tiny one on the CPU too, as a smoke test of this code."""
     if device.type != "cuda" and not cfg.quick:
         print("## 5. 7B-shaped block stack: skipped (it needs --device=cuda)\n")
         return

@@ -331,8 +331,8 @@ def gen_choice(w, rng, i, split):
 
 def gen_blank(w, rng, i, split):
     """WinoGrande-like twins: "Ana is taller than Bo, so _ needed a ladder." The consequence decides
-    whom the blank means; 15% of items list the options out of the
-    sentence's order. The names come from outside the world."""
+    whom the blank means; 15% of items list the options out of the sentence's order. The names come
+    from outside the world."""
     a, b = rng.sample(w["story_names"], 2)
     while True:
         sentence, meant = _compare(rng, a, b)

@@ -269,7 +269,7 @@ def launch(flags, threads):
 
 
 def changed_settings(flags, path):
-    """'key=saved (now value)' for each setting of the run `flags` make that the run saved at `path` (its
+    """'key=saved (now value)' for each setting that `flags` make and that the run saved at `path` (its
     results.json or ckpt.pt) had otherwise, "" if none or no such file. Settings that move only rounding or speed
     are no change, nor paths to the same file; a damaged file is the report's or the resume's to name."""
     try:

@@ -1,6 +1,6 @@
-# The paper's CME run (Table 2) as far as its setting is known: LLaMA-2-7B (the paper used
-# Chinese-LLaMA-2-7B: set model="chinese-llama2-7b" and point init_from at it), TeamLoRA on the
-# FFN (w1, w2, w3) with 4 experts of rank 32, lr 2e-4, alpha 32, dropout 0.05, one epoch,
+# The paper's CME run (Table 2) as far as its setting is known: LLaMA-2-7B (the paper used Chinese-LLaMA-2-7B:
+# point init_from, tokenizer and prepare's --tokenizer at it; model="chinese-llama2-7b" dry-runs it without weights),
+# TeamLoRA on the FFN (w1, w2, w3) with 4 experts of rank 32, lr 2e-4, alpha 32, dropout 0.05, one epoch,
 # cosine schedule with 3% warmup, bf16, sequences of at most 1024 tokens.
 #
 #   python data.py prepare --input cme/*.json --tokenizer checkpoints/Llama-2-7b/tokenizer.model --out data/cme --max_len 1024
