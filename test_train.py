@@ -1690,12 +1690,14 @@ def test_only_rank_0_writes_the_checkpoint_and_every_rank_waits_until_it_is_writ
     assert len(checkpoint.load_checkpoint(str(tmp_path / "rank0" / "ckpt.pt"))["rng"]) == 2
 
 
-def test_fsdp_true_outside_torchrun_is_one_processs_run(run_data, tmp_path):
+def test_fsdp_true_outside_torchrun_is_one_processs_run(run_data, tmp_path, capsys):
     """The recipes set fsdp=True for torchrun; run without it (one process, no process group) nothing is sharded:
-    the run trains and saves as with fsdp=False, to the same adapters."""
+    the run trains and saves as with fsdp=False, to the same adapters, and says so once (before: not a word)."""
     flags = ("--eval_dir=", "--max_iters=2", "--eval_interval=2", "--threads=1")
     plain = train.train(train_cfg(run_data, tmp_path / "plain", *flags))
+    assert "fsdp" not in capsys.readouterr().err
     fsdp = train.train(train_cfg(run_data, tmp_path / "fsdp", *flags, "--fsdp=True"))
+    assert capsys.readouterr().err.count("note: fsdp=True shards only under torchrun; this one process holds") == 1
     assert fsdp["step"] == 2 and (tmp_path / "fsdp" / "adapter.pt").is_file()
     assert_same_adapters(adapters_of(plain["model"]), adapters_of(fsdp["model"]))
 

@@ -546,6 +546,8 @@ def setup(r, resuming):
     preflight(r, train_ds, val_ds)
     if warning := train_ds.cut_warning(cfg["max_len"]):
         r.say(warning, file=sys.stderr)
+    if cfg["fsdp"] and not dist.is_initialized():  # the recipes' setting, run without torchrun: not an error
+        r.say("note: fsdp=True shards only under torchrun; this one process holds the whole model", file=sys.stderr)
     if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole
         claim_out_dir(r, resuming, take=True)
     model = raw
