@@ -401,13 +401,13 @@ class Transformer(nn.Module):
         if not hasattr(max_new_tokens, "__index__") or max_new_tokens < 0 or not hasattr(eos_id or 0, "__index__"):
             raise ValueError(f"max_new_tokens={max_new_tokens!r}, eos_id={eos_id!r}: give a whole number >= 0 of new "
                              "tokens and one token id (or None) to stop at")  # a list of ids never matched: no stop
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not (number(temperature) and number(top_p) and 0 <= temperature < math.inf and 0 < top_p <= 1):  # NaN
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # not "0.5", not True
+        if not (number(temperature) and number(top_p) and 0 <= temperature < math.inf and 0 < top_p <= 1):  # not NaN
             raise ValueError(f"temperature={temperature!r}, top_p={top_p!r} are out of range; use numbers with "
                              "temperature >= 0 and 0 < top_p <= 1")
-        if any(not hasattr(t, "__index__") or not 0 <= t < self.args.vocab_size for p in prompts for t in p):  # 1.7
+        if any(not hasattr(t, "__index__") or not 0 <= t < self.args.vocab_size for p in prompts for t in p):
             raise ValueError(f"a prompt holds a token id outside [0, {self.args.vocab_size}) or not a whole number; "
-                             "encode the prompts with this model's tokenizer")
+                             "encode the prompts with this model's tokenizer")  # 1.7 would have become token 1
         B, P = len(prompts), max(len(p) for p in prompts)
         total = P + max_new_tokens
         if total > self.args.max_seq_len:
