@@ -239,3 +239,17 @@ def test_a_path_flag_written_with_a_tilde_is_the_home_folder_in_every_script(mod
         script.main(argv)
     expected = sorted(str(tmp_path / a.split("=~/")[1]) for a in argv if "=~/" in a)
     assert sorted(map(str, handed)) == expected
+
+
+def test_the_readmes_signature_of_the_layer_is_the_codes():
+    """The README spells out TeamLoRALinear's parameters and defaults: a default changed in teamlora.py leaves it
+    stale, and a reader copying the layer trusts it."""
+    import inspect
+
+    import teamlora
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())  # its line breaks undone
+    shown = re.search(r"`TeamLoRALinear\((.*?)\)`", readme).group(1)
+    params = inspect.signature(teamlora.TeamLoRALinear.__init__).parameters.values()
+    code = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                     for p in params if p.name != "self")
+    assert shown == code
