@@ -5,6 +5,7 @@
 import base64
 import errno
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -897,6 +898,12 @@ def test_batch_holds_the_global_batch_examples_with_shifted_answer_labels(datase
 
 
 @pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_only_a_pack_batch_carries_seq_ids(dataset, mode):
+    """seq_ids tell the examples of a packed row apart; a pad row holds one example, and the model is given none."""
+    assert ("seq_ids" in get_batch(dataset, 0, 6, seed=4, mode=mode)) == (mode == "pack")
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
 def test_each_rank_gets_its_own_consecutive_slice_of_the_global_batch(dataset, mode):
     """Part r of w holds examples [r * B / w, (r + 1) * B / w) of the global batch, not every w-th: a pad-mode batch
     comes sorted by length, so consecutive slices give each rank (and each accumulation step) rows of similar
@@ -1084,6 +1091,14 @@ def run_prepare(capsys, *args):
     return script_error(data.main, ["prepare", *args], capsys)
 
 
+def test_prepare_on_the_command_line_defaults_to_the_settings_of_the_prepare_function(tmp_path, tiny_spm, capsys):
+    source, out = write_records(tmp_path / "d.jsonl", 3), tmp_path / "out"
+    data.main(["prepare", "--input", str(source), "--tokenizer", str(tiny_spm), "--out", str(out), "--workers", "1"])
+    summary, defaults = json.loads((out / "summary.json").read_text()), inspect.signature(prepare).parameters
+    assert {k: summary[k] for k in ("max_len", "val_fraction", "seed")} == {
+        k: defaults[k].default for k in ("max_len", "val_fraction", "seed")}
+
+
 def test_a_full_disk_while_prepare_writes_is_one_sentence_and_leaves_no_temporary_folder(tmp_path, tiny_spm, capsys,
                                                                                           monkeypatch):
     """It was "[Errno 28] No space left on device: '...tmp-PID/...'", with no word of what was left or what to do."""
@@ -1150,6 +1165,20 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_record_is_encoded(t
         f"data.py prepare: error: --out {out} can not be {how} {where} is not writable (Permission denied); choose "
         "another --out")
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "locked"] and sorted(os.listdir(locked)) == ["cme"]
+
+
+def test_an_out_that_links_into_a_read_only_folder_is_refused_before_any_record_is_encoded(tmp_path, tiny_spm, capsys,
+                                                                                        monkeypatch, read_only):
+    """prepare builds OUT.tmp-PID beside the link's target, not beside the link: the target's folder must take it."""
+    source, locked, out = write_records(tmp_path / "d.jsonl", 3), tmp_path / "locked", tmp_path / "out"
+    (locked / "cme").mkdir(parents=True)
+    out.symlink_to(locked / "cme")
+    read_only(locked)
+    monkeypatch.setattr(data, "_write_shards", lambda *a: pytest.fail("encoded before the refusal"))
+    assert run_prepare(capsys, "--input", source, "--tokenizer", tiny_spm, "--out", out) == (
+        f"data.py prepare: error: --out {out} can not be written: prepare builds its output beside it, and {locked} "
+        "is not writable (Permission denied); choose another --out")
+    assert sorted(os.listdir(locked)) == ["cme"]
 
 
 DYING_WORKERS = """import os, sys
@@ -1399,6 +1428,19 @@ def test_json_list_errors_name_the_same_line_whatever_the_read_size(tmp_path, mo
             list(data._iter_json_list(path))
 
 
+def test_json_list_errors_in_pretty_printed_records_name_the_line_json_names(tmp_path, monkeypatch):
+    records = json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 3, indent=2)
+    text = records[:-2] + ',\n  {"instruction" "a"}\n]'  # a broken fourth record after three of several lines
+    with pytest.raises(json.JSONDecodeError) as e:
+        json.loads(text)
+    path = tmp_path / "pretty.json"
+    path.write_text(text)
+    for read in (1, 7, 40, 1 << 20):  # a record cut by the buffer's end carries its lines into the next buffer
+        monkeypatch.setattr(data, "_READ", read)
+        with pytest.raises(UserError, match=rf"pretty.json line {e.value.lineno}: record 3 is not valid JSON"):
+            list(data._iter_json_list(path))
+
+
 def test_json_list_with_a_trailing_comma_is_refused(tmp_path, tiny_spm):
     path = tmp_path / "trailing.json"
     path.write_text(f"[{GOOD}, {GOOD},\n]")
@@ -1585,6 +1627,14 @@ def test_read_jsonl_names_a_line_that_is_not_an_object(tmp_path):
         list(data.read_jsonl(path))
     path.write_text(f"{GOOD}\n\n{GOOD}\n")
     assert [where for where, _ in data.read_jsonl(path)] == [f"{path} line 1", f"{path} line 3"]
+
+
+@pytest.mark.parametrize("value", ['"text"', "7", "null", "true"])
+def test_read_jsonl_names_a_line_holding_any_json_value_but_an_object(tmp_path, value):
+    path = tmp_path / "e.jsonl"
+    path.write_text(f"{GOOD}\n{value}\n")
+    with pytest.raises(UserError, match=f"{path} line 2 is not a JSON object"):
+        list(data.read_jsonl(path))
 
 
 def test_the_line_named_before_a_byte_that_is_not_utf8_was_read_whole_wherever_a_read_block_ends(tmp_path):
@@ -1982,6 +2032,19 @@ def test_hf_slash_s_that_is_a_special_token_of_its_own_encodes_as_that_token(tmp
     assert slash_s != tok.eos_id
     assert tok.encode("a</s>b", special=True) == hf.encode("a</s>b", add_special_tokens=False).ids
     assert slash_s in tok.encode("a</s>b", special=True) and tok.eos_id not in tok.encode("a</s>b", special=True)
+
+
+def test_hf_slash_s_that_is_an_added_token_not_marked_special_encodes_as_that_token(tmp_path):
+    """An added token is matched whole by the tokenizers package (and transformers) whether or not it is marked
+    special, so a "</s>" added as a plain token is that token, as one marked special is, not the EOS."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>")
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.add_tokens(["</s>"])
+    hf.save(str(folder / "tokenizer.json"))
+    tok = Tokenizer(folder)
+    assert tok.encode("a</s>b", special=True) == hf.encode("a</s>b", add_special_tokens=False).ids
+    assert tok.eos_id not in tok.encode("a</s>b", special=True)
 
 
 def test_a_special_token_whose_text_starts_with_another_ones_is_read_whole(tmp_path):

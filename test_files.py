@@ -340,6 +340,19 @@ def test_a_filesystem_without_locks_lets_the_folder_be_used_as_before(tmp_path, 
     assert files.hold(str(tmp_path / "run"), ("ckpt.pt",)) is None and not stale.exists()
 
 
+@pytest.mark.parametrize("code", ["EWOULDBLOCK", "EAGAIN", "EACCES"])
+def test_each_error_that_says_the_lock_is_held_refuses_the_folder(tmp_path, monkeypatch, code):
+    """flock says "held" with EWOULDBLOCK (EAGAIN), and some systems' locks with EACCES: the folder is refused,
+    never taken for one on a filesystem without locks."""
+    import errno
+
+    def held(fd, operation):
+        raise OSError(getattr(errno, code), "held")
+    monkeypatch.setattr(files.fcntl, "flock", held)
+    monkeypatch.setattr(files, "lock_holder", lambda st: None)
+    assert files.hold(str(tmp_path / "run")) == "another process"
+
+
 def test_lock_holder_reads_the_holders_line_of_that_file_and_skips_waiters_and_open_file_locks(tmp_path,
                                                                                                monkeypatch):
     """/proc/locks lists a waiter with "->" and an open file description lock with pid -1: neither is the holder."""

@@ -542,9 +542,12 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
      r"dev.jsonl line 1 has no 'context' field"),
     ("qqp", "dev.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\r\n1\t2\t3\ta?\t0\r\n",
      r"dev.tsv line 2 has 5 tab-separated fields"),
+    ("rte", "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb, with a\ttab\tentailment\n",  # one field too many
+     r"dev.tsv line 2 has 5 tab-separated fields where the header has 4"),
     ("rte", "dev.tsv", "index\tpremise\tlabel\n0\ta\tentailment\n",
      r"dev.tsv has the columns .* needs \['sentence1', 'sentence2'\]"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,A\n", r"x_test.csv line 2 has 5 fields"),
+    ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,d,e,A\n", r"x_test.csv line 2 has 7 fields"),
     ("mmlu", "x_test.csv", '"q\nspans two lines",a,b,c,d,A\n"bad\nrow",a,b,c,A\n', r"x_test.csv line 3 has 5 fields"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,E\n", r"x_test.csv line 1 has the label 'E'"),
     ("mmlu", "x_test.csv", 'q,a,b,c,d,A\n"an open quote,a,b,c,d,A\n' + "x" * 140_000,  # was csv.Error's traceback

@@ -159,7 +159,8 @@ class Tokenizer:
             if value is not None and not isinstance(value, str):
                 raise UserError(f"{config_file} gives the {key} {json.dumps(value)[:40]}, not a token string; {fix}")
             return value
-        added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        # every added token: the package matches each one whole in a text, marked special or not
+        added = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items()}
         ids = {name: self.hf.token_to_id(token(name)) if token(name) else None
                for name in ("bos_token", "eos_token", "pad_token")}
         for name in ids:  # a BOS the tokenizer lacks, dropped, would train without the BOS the base expects
