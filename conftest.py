@@ -66,6 +66,15 @@ def train_cfg(run_data, out, *flags):
     return train.parse_config(train_flags(run_data, out, *flags))
 
 
+@pytest.fixture(autouse=True)
+def same_cpu_threads():
+    """train.train and sample.main leave torch's CPU thread count at the run's (rounding depends on it): each test
+    gets back the count it started with, so how many threads a test runs on does not depend on the tests before it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def read_only(monkeypatch):
     """read_only(folder): the folder refuses new files as a read-only one refuses them to a user (this machine runs

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 import weakref
 from pathlib import Path
@@ -920,8 +921,9 @@ def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path)
 
 
 def _run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
+    with tempfile.TemporaryDirectory() as tmp:  # torchrun leaves a log folder (torchelastic_*) in TMPDIR at every run
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": tmp}
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
 def _flags(run_data, out, *more):
