@@ -246,10 +246,18 @@ def _has_compiler():
     return any(shutil.which(c) for c in ("g++", "clang++"))
 
 
-@pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_equals_eager_trains_and_does_not_recompile_per_length():
-    torch._dynamo.reset()
+@pytest.fixture
+def fresh_compile_cache():
+    """teamlora._fused_compiled remembers its answer per device type: a test that fills it starts and ends with it
+    empty, also when it fails partway (a stale entry, such as the no-compiler fallback, would reach later tests)."""
     teamlora._fused_compiled.cache_clear()
+    yield
+    teamlora._fused_compiled.cache_clear()
+
+
+@pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_equals_eager_trains_and_does_not_recompile_per_length(fresh_compile_cache):
+    torch._dynamo.reset()
     layer = make_layer(d_in=16, d_out=24, r=8, experts=4, dtype=torch.float32)
     compiled = make_layer(d_in=16, d_out=24, r=8, experts=4, dtype=torch.float32)
     compiled.load_state_dict(layer.state_dict())
@@ -267,16 +275,14 @@ def test_compiled_equals_eager_trains_and_does_not_recompile_per_length():
             torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-4, atol=1e-5, msg=n)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs == [graphs[0]] * 4, graphs  # compiled once, reused at every length
-    teamlora._fused_compiled.cache_clear()
 
 
 @pytest.mark.skipif(not _has_compiler(), reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("experts", [1, 4])
-def test_compiled_fused_path_traces_whole_with_dropout_in_training_and_eval(experts):
+def test_compiled_fused_path_traces_whole_with_dropout_in_training_and_eval(experts, fresh_compile_cache):
     """With dropout on, the compiled path is one graph a call: a symbolic `dropout > 0` handed to F.dropout
     as its flag broke every adapted layer's graph in two (so compiling cost time instead of saving it)."""
     from torch._dynamo.utils import counters
-    teamlora._fused_compiled.cache_clear()
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -288,11 +294,9 @@ def test_compiled_fused_path_traces_whole_with_dropout_in_training_and_eval(expe
             if training:
                 out.sum().backward()
     assert not counters["graph_break"], dict(counters["graph_break"])
-    teamlora._fused_compiled.cache_clear()
 
 
-def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypatch):
-    teamlora._fused_compiled.cache_clear()
+def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypatch, fresh_compile_cache):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(teamlora.os, "get_exec_path", lambda env=None: [])  # no compiler anywhere
     layer = make_layer(dtype=torch.float32)
@@ -308,7 +312,6 @@ def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypat
     layer.compile = False
     torch.testing.assert_close(out1, layer(x))
     assert eager.shape == out1.shape
-    teamlora._fused_compiled.cache_clear()
 
 
 def test_the_compiled_path_is_asked_for_the_inputs_device_type(monkeypatch):
