@@ -115,6 +115,18 @@ def test_suite_labels_are_the_task_labels_and_balanced(mini_cme, which):
             assert chance_level(task, records) - 100 / len(task.labels) < 100 / len(records), name
 
 
+def test_each_tasks_training_share_is_its_train_weight_and_every_eval_set_its_asked_size(mini_cme):
+    """train.jsonl holds n_train_per_task times each task's TRAIN_WEIGHT of its records (the summaries fewer, the
+    tasks decided by a word or two more); val and test hold exactly the sizes asked, whatever the task."""
+    root, _ = mini_cme
+    train = _read_jsonl(root / "small" / "train.jsonl")
+    for name in SYNTHETIC_TASKS:
+        want = round(SUITE_SIZES["n_train_per_task"] * minicme.TRAIN_WEIGHT[name])
+        assert sum(r["task"] == name for r in train) == want, name
+        for split, size in (("val", "n_val_per_task"), ("test", "n_test_per_task")):
+            assert len(_read_jsonl(root / "small" / split / f"{name}.jsonl")) == SUITE_SIZES[size], (name, split)
+
+
 def test_suite_gold_outputs_score_100_under_each_task_metric(mini_cme):
     root, _ = mini_cme
     for name, task in SYNTHETIC_TASKS.items():
@@ -147,6 +159,20 @@ def _item(record):
     fields = re.split(r"(?:^|\n)(?:Text \d|Sentence \d?|Option [AB]|Question|Choices): ", record["input"]) \
         if record["input"] else [record["instruction"]]
     return frozenset(re.sub(r"\s+", " ", f).strip().lower() for f in fields if f)
+
+
+def test_make_suites_item_sets_labels_order_case_and_spacing_aside():
+    """What make_suite keeps val and test records apart by: two questions relabelled, swapped, in other case and
+    spacing are one item (a reader would call them the same), another question is another item."""
+    item = minicme._item
+    asked = {"instruction": "Are these two questions duplicates?",
+             "input": "Text 1: Is Bo a painter?\nText 2: What does Bo do?"}
+    again = {"instruction": "Do both ask the same?",
+             "input": "Question 2:  what does  BO do?\nQuestion 1: IS BO A PAINTER?"}
+    other = {"instruction": asked["instruction"], "input": "Text 1: Is Bo a painter?\nText 2: Where does Bo live?"}
+    assert item(asked) == item(again) == _item(asked) and item(other) != item(asked)
+    qa = {"instruction": "Where does Bo live?", "input": ""}  # QA's question is its instruction
+    assert item(qa) == item({"instruction": "WHERE does bo live?", "input": ""}) != item(other)
 
 
 @BOTH
@@ -576,16 +602,17 @@ def test_sentiment_labels_summaries_and_corpus_verdicts_follow_most_opinions():
     assert 0 < mixed < len(reviews)  # some reviews need all three opinions weighed
     for r in _draw("summary")[1]:
         assert _post_polarity(w, r["input"]) == _summary_polarity(r["output"]), r
-    verdicts = 0
+    verdicts = tldrs = 0
     for doc in minicme._corpus(w, random.Random(3), 2 * len(w["entities"])):
         if " TL;DR: " in doc:
             post, summary = doc.split(" TL;DR: ")
             assert _post_polarity(w, post) == _summary_polarity(summary), doc
+            tldrs += 1
         elif any(doc.endswith(v) for v in minicme.VERDICTS[0] + minicme.VERDICTS[1]):
             *text, verdict = _sentences(doc)
             assert _polarity(text[-3:]) == (-1 if re.search(r"\bnot\b", verdict, re.I) else 1), doc
             verdicts += 1
-    assert verdicts > 0
+    assert verdicts > 0 and tldrs > 0  # both kinds of ending reach the corpus
 
 
 def _statement_parser(w):

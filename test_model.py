@@ -588,6 +588,19 @@ def test_top_p_keeps_the_smallest_set_reaching_it_even_at_an_exact_tie():
         assert set(sample(logits, 1.0, top_p, g).tolist()) == kept, top_p
 
 
+def test_top_p_1_keeps_every_token_even_where_the_running_sum_rounds_to_1_early(monkeypatch):
+    """In float32 the two leading probabilities of softmax([0, 0, -20]) already sum to exactly 1, so a top-p cut
+    applied at top_p=1 would drop the third token: top_p=1 is plain sampling, every token keeps its probability."""
+    logits = torch.tensor([[0.0, 0.0, -20.0]])
+    probs = torch.softmax(logits, -1).sort(-1, descending=True).values
+    assert probs[0, :2].sum() == 1.0 and probs[0, 2] > 0  # the premise: the rounding happens
+    given = []
+    draw = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, *a, **k: given.append(p) or draw(p, *a, **k))
+    sample(logits, 1.0, 1.0)
+    assert torch.equal(given[0], probs)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_sampling_draws_from_softmax_of_logits_over_temperature(temperature):
     """Frequencies of many draws against softmax(logits / T), and draw by draw against inverse-CDF

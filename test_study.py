@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -300,6 +301,23 @@ def test_a_saved_config_that_is_a_named_pipe_or_nested_too_deeply_is_left_to_the
     assert study.changed_settings(flags, str(tmp_path / study.DIVERGED)) == ""
 
 
+def test_a_ckpt_pt_that_is_a_named_pipe_with_no_writer_is_not_opened_and_waited_on(tmp_path):
+    """changed_settings reads a stopped run's ckpt.pt with torch.load, which (unlike read_json) does not ask what the
+    path is: a named pipe there must be passed over, not opened to wait for a writer that never comes."""
+    flags = ["--seed=1", f"--out_dir={tmp_path}", "--max_iters=2"]
+    pipe = tmp_path / "ckpt.pt"
+    os.mkfifo(pipe)
+    answer = []
+    reader = threading.Thread(target=lambda: answer.append(study.changed_settings(flags, str(pipe))), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    waited = reader.is_alive()
+    if waited:  # let the stuck reader go: a writer that closes at once gives it an end of file
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+    assert not waited and answer == [""]
+
+
 def t_quantile_975(df):
     """The two-sided 95% quantile of Student's t, from its density (Simpson's rule) and bisection:
     a reference computed here, independent of study.T95."""
@@ -359,6 +377,20 @@ def test_comparisons_pair_runs_by_seed_and_call_a_difference_only_when_its_inter
         ["lower |", "higher |", "cannot tell |"]
     assert study.comparisons({"teamlora": results["teamlora"], "full": results["full"]}) == \
         ["(comparisons need at least 2 seeds of TeamLoRA and of another run)"]
+
+
+def test_a_difference_whose_interval_holds_0_cannot_be_told_on_either_side_of_0():
+    """The verdict is symmetric: mirrored differences (the run above TeamLoRA, then below it by as much) that the
+    interval does not resolve are "cannot tell" both times, not "lower" for a mean that is merely below 0."""
+    team = {1: 50.0, 2: 60.0, 3: 55.0}
+    verdicts = []
+    for sign in (1, -1):
+        run = fake_results((s, team[s] + sign * d) for s, d in ((1, 10.0), (2, -10.0), (3, 3.0)))
+        row = study.comparisons({"teamlora": fake_results(team.items()), "lora32": run})[2]
+        m, h = study.paired_difference([sign * d for d in (10.0, -10.0, 3.0)], [0.0] * 3)
+        assert (m > 0) == (sign > 0) and m - h < 0 < m + h  # the premise: unresolved, mean on the sign's side
+        verdicts.append(row.split(" | ")[-1])
+    assert verdicts == ["cannot tell |", "cannot tell |"]
 
 
 def test_a_table_row_is_each_runs_mean_and_std_over_seeds_at_its_methods_rate():

@@ -669,6 +669,8 @@ SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
                                     "expects (1000000000000, 64)"),
     (dict(dim=2**40, head_dim=None), None, "describes a model too large to build"),
     ({}, lambda s: s.pop("layers.0.feed_forward.w1.weight"), "lacks weights the model needs: layers.0.feed_forward"),
+    ({}, lambda s: s.update({"layers.0.extra.weight": torch.zeros(2)}),
+     "has weights this model does not know: layers.0.extra.weight"),
     ({}, lambda s: s["norm.weight"].fill_(math.nan), "weight norm.weight in model.pt holds NaN or inf values"),
     ({}, lambda s: s.update(step="3"), "model.pt holds no model_args dict beside a dict of named tensors"),
     (dict(rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -1040,6 +1042,14 @@ def test_meta_context_length_follows_rope_theta_unless_given(tmp_path):
     assert loaded.args.max_seq_len == 16
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
         loaded(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_from_pretrained_refuses_a_max_seq_len_of_0_rather_than_keep_the_checkpoints_own(tmp_path):
+    """max_seq_len=0 is an override like any other, refused as ModelArgs refuses it: taken as "not given", the
+    model would silently run the checkpoint's context length instead."""
+    write_meta_dir(tiny_model(), tmp_path, 0)
+    with pytest.raises(ValueError, match="max_seq_len=0 where a positive integer belongs"):
+        Transformer.from_pretrained(tmp_path, max_seq_len=0)
 
 
 def test_a_tied_hf_checkpoint_that_also_stores_lm_head_loads(tmp_path):
