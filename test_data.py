@@ -2019,32 +2019,21 @@ def test_hf_plain_encode_adds_no_special_token_even_where_the_tokenizer_json_has
     assert tok.encode(TEXTS[0]) == plain and tok.encode(TEXTS[0], bos=True) == [bos] + plain
 
 
-def test_hf_slash_s_that_is_a_special_token_of_its_own_encodes_as_that_token(tmp_path):
+@pytest.mark.parametrize("special", [True, False])
+def test_hf_slash_s_that_is_a_token_of_its_own_encodes_as_that_token(tmp_path, special):
     """The authors' "</s>" becomes the EOS only where the tokenizer has no "</s>" token; where it has one (not its
-    EOS), special encoding gives that token's id, as the tokenizers package (and transformers) do."""
+    EOS), special encoding gives that token's id, as the tokenizers package (and transformers) do: they match an
+    added token whole whether or not it is marked special (one not marked special became the EOS)."""
     tokenizers = pytest.importorskip("tokenizers")
     folder = hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>")
     hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    hf.add_special_tokens(["</s>"])
+    (hf.add_special_tokens if special else hf.add_tokens)(["</s>"])
     hf.save(str(folder / "tokenizer.json"))
     tok = Tokenizer(folder)
     slash_s = hf.token_to_id("</s>")
     assert slash_s != tok.eos_id
     assert tok.encode("a</s>b", special=True) == hf.encode("a</s>b", add_special_tokens=False).ids
     assert slash_s in tok.encode("a</s>b", special=True) and tok.eos_id not in tok.encode("a</s>b", special=True)
-
-
-def test_hf_slash_s_that_is_an_added_token_not_marked_special_encodes_as_that_token(tmp_path):
-    """An added token is matched whole by the tokenizers package (and transformers) whether or not it is marked
-    special, so a "</s>" added as a plain token is that token, as one marked special is, not the EOS."""
-    tokenizers = pytest.importorskip("tokenizers")
-    folder = hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>")
-    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    hf.add_tokens(["</s>"])
-    hf.save(str(folder / "tokenizer.json"))
-    tok = Tokenizer(folder)
-    assert tok.encode("a</s>b", special=True) == hf.encode("a</s>b", add_special_tokens=False).ids
-    assert tok.eos_id not in tok.encode("a</s>b", special=True)
 
 
 def test_a_special_token_whose_text_starts_with_another_ones_is_read_whole(tmp_path):
