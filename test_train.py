@@ -2349,14 +2349,6 @@ def test_a_float_setting_takes_an_integer_up_to_the_largest_float_and_refuses_on
     assert type(value) is float and value == float(2 ** 1023 - 1)
 
 
-@pytest.mark.parametrize("line", ["exit()", "import sys; sys.exit(0)", "raise SystemExit(3)"])
-def test_a_config_file_that_exits_is_one_sentence_naming_it_not_a_silent_end(tmp_path, line):
-    import configurator
-    (tmp_path / "quits.py").write_text(f"r = 8\n{line}\n")
-    with pytest.raises(UserError, match=rf"config file '{tmp_path / 'quits.py'}' failed to run \(SystemExit"):
-        configurator.read([str(tmp_path / "quits.py")], train.DEFAULTS)
-
-
 def test_a_config_file_that_is_a_named_pipe_is_named_as_one_not_as_missing(tmp_path):
     """bash's <(echo r=16) exists, so "does not exist" sent the user looking for a file that is there."""
     with conftest.named_pipe(tmp_path / "config.py", b"r = 16\n"):
