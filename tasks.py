@@ -306,7 +306,8 @@ def _json(path, lines_too=False):
     _check_exists(path)
     if os.path.isdir(path):  # write_eval_set names the raw file that the task needs
         raise IsADirectoryError(path)
-    return read_json(path, "fix the file.", any_value=True, lines_too=lines_too)
+    return read_json(path, "pass the task's raw file as downloaded, whole and readable by this user.", any_value=True,
+                     lines_too=lines_too)
 
 
 def _tsv(path, need):

@@ -12,6 +12,7 @@ import string
 
 import pytest
 
+import files
 import tasks
 from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, named_pipe, needs_cme_fixtures, script_error
 from data import UserError
@@ -636,15 +637,23 @@ def test_a_raw_json_file_that_is_not_utf8_is_one_sentence_from_the_loader_itself
         CME_TASKS[task].load(str(path))
 
 
-def test_a_raw_json_file_not_ours_to_read_is_named_as_such_not_as_a_failed_write(tmp_path, capsys):
-    """tasks.py printed open's PermissionError as a write that failed: "... make it writable, then run it again"."""
+def test_a_raw_json_file_not_ours_to_read_is_named_as_such_not_as_a_failed_write(tmp_path, capsys, monkeypatch):
+    """tasks.py printed open's PermissionError as a write that failed: "... make it writable, then run it again";
+    its fix then said only "fix the file.", which does not help with a file that is whole but not readable."""
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"Data": []}))
     path.chmod(0)
-    if os.access(path, os.R_OK):
-        pytest.skip("this user (root) reads a file of mode 000")
+    if os.access(path, os.R_OK):  # root reads a file of mode 000: its open fails as a plain user's would
+
+        def denied(file, *args, **kwargs):
+            if str(file) == str(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return open(file, *args, **kwargs)
+
+        monkeypatch.setattr(files, "open", denied, raising=False)
     err = script_error(tasks.main, ["--task", "triviaqa", "--raw", path, "--out", tmp_path / "out.jsonl"], capsys)
-    assert err == f"tasks.py: error: {path} can not be read (Permission denied); fix the file."
+    assert err == (f"tasks.py: error: {path} can not be read (Permission denied); pass the task's raw file as "
+                   "downloaded, whole and readable by this user.")
 
 
 def test_missing_files_and_folders_are_named(tmp_path):
