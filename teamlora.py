@@ -53,7 +53,7 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
         z = F.linear(x, A)  # graph's symbolic `dropout > 0` would break the graph in two
         return F.linear((F.dropout(z, dropout) if dropout > 0 else z) * scaling, B), None
     (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
-    zt, logits_t = _RouterInA.apply(x.reshape(-1, x.shape[-1]), A, router).split([r, k])
+    zt, logits_t = _RouterInA.apply(x.reshape(lead.numel(), x.shape[-1]), A, router).split([r, k])
     zt = F.dropout(zt, dropout) if dropout > 0 else zt  # Eq. 8, dropout on z_i
     omega_t = expert_weights_t(logits_t, M)  # (k, N); Eq. 13's scaling joins it below: k products a token, not r
     zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # (r, N): z_i omega_i

@@ -161,6 +161,17 @@ def test_router_in_A_gradients_in_float64_and_under_bf16_autocast_match_plain_au
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("competition", [True, False])
+def test_the_fused_path_differentiates_twice_with_exact_second_derivatives(competition):
+    """A gradient penalty or a Hessian-vector product differentiates the gradient again: _RouterInA's backward is
+    written in differentiable ops (a @once_differentiable on it would refuse), so every second derivative is exact."""
+    layer = make_layer(d_in=3, d_out=2, r=4, experts=2, competition=competition)
+    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    inputs = (x, *(p for p in (layer.lora_A, layer.lora_B, layer.lora_router, layer.lora_M) if p is not None))
+    fused = lambda x, A, B, router, M=None: teamlora.team_lora_delta(x, A, B, router, M, layer.scaling, 0.0)[0]
+    assert torch.autograd.gradgradcheck(fused, inputs)
+
+
 @pytest.mark.parametrize("x_needs_grad", [True, False])
 def test_router_in_A_backward_runs_one_gemm_per_gradient_wanted(x_needs_grad):
     """x of the first adapted layer needs no gradient (the embedding is frozen): its GEMM is skipped."""
@@ -415,6 +426,24 @@ def test_an_empty_batch_passes_through_like_nn_linear(k, shape):
     assert out.shape == shape[:-1] + (10,)
     out.sum().backward()
     assert x.grad.shape == shape and float(layer.lora_A.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (0,)])
+def test_a_base_with_no_input_features_passes_through_like_nn_linear(k, shape):
+    """nn.Linear(0, d) gives its bias for every token: so must the adapted layer, with experts as without (the fused
+    path flattened the tokens by reshape(-1, 0), which cannot tell how many there are)."""
+    base = nn.Linear(0, 5, dtype=torch.float64)
+    layer = TeamLoRALinear(base, r=8, experts=k, dropout=0.5, adapter_dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, base(x), rtol=0, atol=0)
+    if k > 1:  # every router logit 0: phi uniform, omega Eq. 12 of it
+        want = reference_omega(x.detach(), layer.lora_router.detach(), layer.lora_M.detach())
+        torch.testing.assert_close(layer.last_omega, want, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert x.grad.shape == shape
 
 
 @pytest.mark.parametrize("k", [1, 4])
