@@ -591,6 +591,8 @@ def main(argv=None):
         parser.error(f"unknown section(s) {unknown}: choose from {','.join(SECTIONS)}")
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--threads and --repeats must be at least 1")
+    if args.threads > 1024:  # train.py's limit; torch.set_num_threads(99999) ends the process (a segmentation fault)
+        parser.error(f"--threads={args.threads} is more than 1024; give at most one thread per core")
     if args.full7b and "cuda7b" not in sections:
         parser.error(f"--full7b applies to section cuda7b, which --section={args.section} leaves out")
     if not args.checkpointing and not args.full7b:

@@ -88,14 +88,20 @@ def process_is_running(pid):
 
 
 def blocked_parent(path):
-    """Why no file can be made at path ("F is a file, not a folder", "F is a link to nothing, not a folder" or "F
-    is not writable (Permission denied)", for the nearest existing F above path), or None when it can. Every
-    script asks before its work, not at its first write; the file tried leaves no name behind."""
+    """Why no file can be made at path ("F is a file, not a folder", "F is a link to nothing, not a folder", "a
+    name N... below F is too long for its filesystem" or "F is not writable (Permission denied)", for the nearest
+    existing F above path), or None when it can. Every script asks before its work, not at its first write; the file
+    tried leaves no name behind."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{parent} is {'a file' if os.path.exists(parent) else 'a link to nothing'}, not a folder"
+    limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255  # bytes; Windows: no pathconf
+    names = os.path.relpath(os.path.abspath(path), parent).split(os.sep)  # those the writer would make
+    if long := [name for name in names if 0 < limit < len(os.fsencode(name))]:  # pathconf's -1: no limit
+        return (f"a name {long[0][:16]}... below {parent} is too long for its filesystem "
+                f"({len(os.fsencode(long[0]))} bytes, at most {limit})")
     try:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:

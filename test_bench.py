@@ -9,6 +9,7 @@ import inspect
 import math
 import re
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -852,6 +853,16 @@ def test_threads_or_repeats_below_one_are_a_usage_error(flag, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--quick", flag])
     assert e.value.code == 2 and "--threads and --repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_more_threads_than_torch_can_take_are_a_usage_error_not_a_crash():
+    """torch.set_num_threads(99999) ended the process with a segmentation fault: no message, exit code -11. A
+    subprocess, as the old code would take pytest down with it."""
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--section=layer", "--threads=99999"],
+                          cwd=Path(bench.__file__).parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.splitlines()[-1] == "bench.py: error: --threads=99999 is more than 1024; give at most one " \
+        "thread per core" and done.stdout == ""
 
 
 def test_full7b_without_its_section_is_a_usage_error_not_ignored(capsys):

@@ -4,6 +4,7 @@ that can not be written is named before any work, and a damaged JSON file is one
     python -m pytest -q test_files.py
 """
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -145,6 +146,23 @@ def test_blocked_parent_names_the_nearest_existing_folder_above_the_path_and_why
         f"{tmp_path / 'dangling'} is a link to nothing, not a folder"
     assert files.blocked_parent(str(locked / "new" / "x.pt")) == f"{locked} is not writable (Permission denied)"
     assert (tmp_path / "a_file").read_text() == "mine" and os.listdir(locked) == []
+
+
+def test_blocked_parent_names_a_name_too_long_for_its_folder_where_making_it_fails(tmp_path):
+    """The scripts checked the folder's permissions only: a name past the filesystem's limit passed, and the first
+    write failed (train.py: a traceback, once the demo's base was pretrained; the others: advice to free space)."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    for name, fits in (("x" * (limit + 1), False), ("\u00e9" * (limit // 2 + 1), False), ("x" * limit, True)):
+        path = tmp_path / name / "ckpt.pt"
+        blocker = files.blocked_parent(str(path))
+        assert (blocker is None) == fits, (len(name), blocker)
+        if not fits:
+            assert blocker.startswith(f"a name {name[:16]}... below {tmp_path} is too long for its filesystem")
+            with pytest.raises(OSError) as made:
+                os.makedirs(path.parent)
+            assert made.value.errno == errno.ENAMETOOLONG
+        else:
+            os.makedirs(path.parent)  # what blocked_parent passes, the writer can make
 
 
 def test_process_is_running_for_this_process_and_not_for_an_ended_one():
