@@ -3,6 +3,7 @@ file or key (exit code 2, no traceback), found before step 1, and nothing a user
 
     python -m pytest -q
 """
+import contextlib
 import errno
 import json
 import os
@@ -112,6 +113,26 @@ def test_a_bad_init_from_names_itself(run_data, tmp_path, capsys, what):
               "adapter": "is an adapter", "not_pt": "is a file but not a .pt checkpoint"}[what]
     fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}"), capsys, path, needle)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["base", "base.pt", os.devnull])
+def test_an_init_from_that_is_a_named_pipe_or_a_device_is_refused_unread_by_the_run_and_the_dry_run(
+        run_data, tmp_path, capsys, name):
+    """A named pipe or /dev/null was taken for a Hugging Face folder (a NotADirectoryError's traceback), and the dry
+    run let a preset stand in for it; one named .pt was said not to exist."""
+    path = tmp_path / name
+    needle = f"'{path}' is a named pipe, not a .pt file" if name.endswith(".pt") else \
+        f"init_from '{path}' is a file but not a .pt checkpoint"
+    with named_pipe(path, (run_data / "base.pt").read_bytes()) if name != os.devnull else contextlib.nullcontext():
+        for dry_run in ("False", "True"):
+            fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}", f"--dry_run={dry_run}"), capsys, needle)
+
+
+def test_an_out_dir_whose_name_is_too_long_is_refused_before_the_run(run_data, tmp_path, capsys):
+    """os.makedirs raised ENAMETOOLONG in files.hold: a traceback (after the demo's pretraining, for the demo)."""
+    out = tmp_path / ("o" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
+    fails(train_flags(run_data, out), capsys, f"out_dir {out} can not be written", "is too long", "--out_dir")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_new_run_never_replaces_another_unless_asked(run_data, tmp_path, capsys):
@@ -753,6 +774,19 @@ def test_the_dry_run_refuses_an_init_from_that_is_a_file_but_not_a_checkpoint_as
     (tmp_path / "tokenizer.model").write_text("not a base\n")
     fails([f"--init_from={tmp_path / 'tokenizer.model'}", "--dry_run=True"], capsys,
           f"init_from '{tmp_path / 'tokenizer.model'}' is a file but not a .pt checkpoint")
+
+
+def test_the_dry_run_takes_init_from_scratch_as_the_keyword_beside_a_folder_named_scratch(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The dry run looked for a folder before the keyword: one named scratch in the working directory was read as a
+    base, where the run itself builds a random one from scratch."""
+    recipe = [str(Path(train.__file__).parent / "config/cme_llama2_7b.py"), "--dry_run=True", "--init_from=scratch"]
+    monkeypatch.chdir(tmp_path)
+    alone = train.train(train.parse_config(recipe))
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "config.json").write_text("{}")  # read as a Hugging Face folder, it is refused
+    assert train.train(train.parse_config(recipe)) == alone
+    assert capsys.readouterr().out.count("model llama2-7b: ") == 2
 
 
 def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):

@@ -229,7 +229,7 @@ def base_weights(cfg, vocab_size):
         return args, Transformer(args).state_dict()
     if src.endswith(".pt"):
         if not os.path.isfile(src):
-            what = "is a folder, not a .pt file" if os.path.isdir(src) else "does not exist"
+            what = f"is {files.special_file(src)}, not a .pt file" if os.path.exists(src) else "does not exist"
             raise UserError(f"base checkpoint '{src}' {what}; train one (adapter='none') or use init_from='scratch'.")
         ckpt = checkpoint.load_pt(src, "base model")
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
@@ -237,8 +237,8 @@ def base_weights(cfg, vocab_size):
             raise UserError(f"init_from '{src}' is {what} (it has no model_args and model); give the model.pt of a "
                             "full training run, or a Meta or Hugging Face folder.")
         return saved_model(ckpt["model_args"], ckpt["model"], src)
-    if os.path.isfile(src) or not os.path.exists(src):
-        what = "is a file but not a .pt checkpoint" if os.path.isfile(src) else "does not exist"
+    if not os.path.isdir(src):  # a named pipe or a device (/dev/null) too: from_pretrained reads folders only
+        what = "is a file but not a .pt checkpoint" if os.path.exists(src) else "does not exist"
         typo = difflib.get_close_matches(src, ("scratch", "resume"), n=1)
         raise UserError(f"init_from '{src}' {what}; " + (f"did you mean '{typo[0]}'?" if typo else "give a model.pt "
                         "written by train.py, a Meta or Hugging Face folder, 'scratch' or 'resume'."))
@@ -782,14 +782,14 @@ def finish(r, model, summary, val_ds=None):
 
 def check_full_config(cfg):
     src = name = cfg["init_from"]
-    if os.path.isdir(src):
+    if src == "scratch" or not os.path.exists(src):  # as in a run, "scratch" is the keyword, never a folder so named:
+        length = dict(max_seq_len=max(cfg["max_len"], 256)) if src == "scratch" else {}  # a preset describes a base
+        args, name = ModelArgs.from_name(cfg["model"], **length), cfg["model"]  # from scratch, or one not on disk
+    elif os.path.isdir(src):
         with torch.device("meta"):
             args = from_pretrained(src, device="meta").args
-    elif os.path.isfile(src):  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
+    else:  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
         args = base_weights(cfg, None)[0]
-    else:  # a preset stands in for a base not on disk (its own context), or describes one from scratch
-        length = dict(max_seq_len=max(cfg["max_len"], 256)) if src == "scratch" else {}
-        args, name = ModelArgs.from_name(cfg["model"], **length), cfg["model"]
     check_rows_fit(cfg, args.context, longest=0)  # packed rows; padded ones depend on records the dry run has not
     with torch.device("meta"):
         model = Transformer(args)
