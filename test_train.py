@@ -86,6 +86,11 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     (["--lr_decay_iters=abc"], r"config key 'lr_decay_iters' must be None or a positive integer, got 'abc'"),
     (["--r=True"], r"config key 'r' in flag --r=True must be of type int, got True"),
     (["--device=tpu"], r"config key 'device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device=cuda:0,1"], r"config key 'device' must be auto, cpu, cuda or cuda:N, got 'cuda:0,1'"),  # one GPU each
+    (["--adapter=none", "--competition=True"], r"competition=True weighs several experts, and adapter=none has none"),
+    # an empty or blank path would name the current folder: its files read as the base, the shards or the tokenizer
+    (["--init_from="], r"config key 'init_from' is empty; give it a path"),
+    (["--data_dir= "], r"config key 'data_dir' is empty; give it a path"),
     (["--dropout=2.0"], r"config key 'dropout' must be in \[0, 1\), got 2.0"),
     (["--learning_rate=-1"], r"config key 'learning_rate' must be 0 or more, got -1.0"),
     (["--min_lr_ratio=1.5"], r"config key 'min_lr_ratio' must be in \[0, 1\], got 1.5"),
@@ -654,6 +659,12 @@ def test_the_seed_draws_the_adapters_initial_values_whatever_the_processs_random
     assert_same_adapters(one, adapters(1, 5))
     drawn = [n for n in one if not n.endswith("lora_B")]  # B starts at zero
     assert drawn and not any(torch.equal(one[n], two[n]) for n in drawn)
+    # nor do they replay the draws that began a base made from scratch with the same seed
+    cfg = train_cfg(run_data, tmp_path / "o", "--seed=1")
+    model, _, _ = train.build_model(cfg, torch.device("cpu"), data.Tokenizer(cfg["tokenizer"]).vocab_size, 1)
+    first = next(m for m in model.modules() if isinstance(m, teamlora.TeamLoRALinear))
+    torch.manual_seed(cfg["seed"])
+    assert not torch.equal(first.lora_A, first.initial_lora_state()["lora_A"])
 
 
 def test_resume_runs_on_the_runs_own_device_unless_told_otherwise(run_data, tmp_path, monkeypatch):
@@ -920,6 +931,15 @@ def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path)
     assert "sentiment" in out["scores"] and (tmp_path / "run" / "adapter.pt").is_file()
 
 
+def test_a_base_from_scratch_attends_past_short_rows_so_longer_answers_are_scored(run_data, tmp_path):
+    """A base from scratch is built for at least 256 positions whatever max_len: an evaluation set that generates as
+    many tokens as a training row holds (the summary's 48) has room for its prompts: scored, not refused."""
+    answer = minicme.SYNTHETIC_TASKS["summary"].max_new_tokens
+    out = train.train(train_cfg(run_data, tmp_path / "o", f"--max_len={answer}", "--max_iters=1", "--eval_iters=0",
+                                "--eval_limit=1"))
+    assert out["model"].args.context > answer + 2 and "summary" in out["scores"]
+
+
 def _run(cmd, **kw):
     with tempfile.TemporaryDirectory() as tmp:  # torchrun leaves a log folder (torchelastic_*) in TMPDIR at every run
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": tmp}
@@ -1161,6 +1181,8 @@ def test_others_running_is_the_median_of_five_samples_of_the_running_tasks_less_
     assert machine.others_running() == 2
     monkeypatch.setattr(machine, "open", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)), raising=False)
     assert machine.others_running() == 0  # not Linux
+    monkeypatch.setattr(machine, "open", lambda path: io.StringIO("0.00 0.01 0.05\n"), raising=False)
+    assert machine.others_running() == 0  # a /proc/loadavg of fewer fields (a sandbox's): no count, not a crash
 
 
 def test_device_auto_is_a_visible_gpu_else_the_cpu_and_cuda_without_one_is_one_sentence(monkeypatch):
@@ -1217,6 +1239,13 @@ def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run
     with pytest.raises(UserError, match="compile=True on the CPU needs a C\\+\\+ compiler and none was found"):
         train.train(train_cfg(run_data, tmp_path / "c", "--compile=True"))
     assert not (tmp_path / "c").exists()
+    # the compiler CXX names counts as one; on a GPU, torch.compile writes Triton kernels, not C++ for the CPU
+    monkeypatch.setattr(machine.shutil, "which", lambda name: "/opt/bin/c++" if name == "my-c++" else None)
+    monkeypatch.setenv("CXX", "my-c++")
+    assert machine.resolve_device({"device": "cpu", "compile": True}) == "cpu"
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(machine.torch.cuda, "is_available", lambda: True)
+    assert machine.resolve_device({"device": "cuda", "compile": True}) == "cuda"
 
 
 @pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "clang++")), reason="needs a C++ compiler")

@@ -100,17 +100,19 @@ def test_a_damaged_or_wrong_checkpoint_names_itself(run_data, tmp_path, capsys, 
     assert ckpt.read_bytes() == new  # left as it was, for the user to look at
 
 
-@pytest.mark.parametrize("what", ["garbage", "truncated", "adapter", "not_pt"])
+@pytest.mark.parametrize("what", ["garbage", "truncated", "adapter", "checkpoint", "not_pt"])
 def test_a_bad_init_from_names_itself(run_data, tmp_path, capsys, what):
+    """checkpoint: a run's ckpt.pt holds model_args but not the base's weights (model)."""
     base = (run_data / "base.pt").read_bytes()
     path = tmp_path / ("base.txt" if what == "not_pt" else "base.pt")
-    if what == "adapter":
+    if what in ("adapter", "checkpoint"):
         finished_run(run_data, tmp_path / "run")
-        path.write_bytes((tmp_path / "run" / "adapter.pt").read_bytes())
+        path.write_bytes((tmp_path / "run" / ("adapter.pt" if what == "adapter" else "ckpt.pt")).read_bytes())
     else:
         path.write_bytes({"garbage": os.urandom(2048), "truncated": base[:len(base) // 3], "not_pt": b"hello"}[what])
     needle = {"garbage": "is not a readable base model", "truncated": "is not a readable base model",
-              "adapter": "is an adapter", "not_pt": "is a file but not a .pt checkpoint"}[what]
+              "adapter": "is an adapter", "checkpoint": "is not a base model written by train.py",
+              "not_pt": "is a file but not a .pt checkpoint"}[what]
     fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}"), capsys, path, needle)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
@@ -379,10 +381,14 @@ def test_pack_rows_past_the_context_are_refused_even_when_every_record_fits_it(r
 
 
 def test_load_layers_may_name_every_layer_of_the_model(run_data, tmp_path):
-    """load_layers is refused past the model's layers only: all of them (4 in the tiny model) is the whole model."""
+    """load_layers is refused past the model's layers only: all of them (4 in the tiny model) is the whole model. A
+    run without a router (one expert) shows no expert load, so its load_layers is not checked at all."""
     summary = train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--load_layers=4", "--max_iters=1",
                                                          "--eval_dir=")))
     assert summary["step"] == 1 and summary["config"]["load_layers"] == 4
+    one = train.train(train.parse_config(train_flags(run_data, tmp_path / "one", "--experts=1", "--load_layers=5",
+                                                     "--max_iters=1", "--eval_dir=")))
+    assert one["step"] == 1 and not any(n.endswith("lora_router") for n, _ in one["model"].named_parameters())
 
 
 def test_a_shorter_max_len_than_the_data_was_prepared_with_warns_how_many_answers_it_cuts(run_data, tmp_path, capsys):
