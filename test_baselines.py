@@ -87,6 +87,10 @@ def test_hydralora_matches_its_equation_and_leaves_k_times_the_router_softmax_fo
     torch.testing.assert_close(teamlora.expert_load(model)["0"], phi.mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(teamlora.balance_loss(model), ((k * phi.mean(0) - 1) ** 2).mean(), rtol=1e-12,
                                atol=1e-12)
+    phi = torch.softmax(x @ layer.lora_router.T, -1).reshape(-1, k)  # and its gradient reaches the router
+    (want,) = torch.autograd.grad(((k * phi.mean(0) - 1) ** 2).mean(), layer.lora_router)
+    (grad,) = torch.autograd.grad(teamlora.balance_loss(model), layer.lora_router)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="HydraLoRA has no interaction matrix: use competition=False"):
         HydraLoRALinear(nn.Linear(12, 10), r=4, experts=k, competition=True)
 

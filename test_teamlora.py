@@ -4,6 +4,8 @@ expert load.
 
     python -m pytest -q
 """
+import copy
+import io
 import math
 import re
 import shutil
@@ -564,6 +566,10 @@ def test_inject_passes_the_layers_own_options_on_to_every_layer():
     assert len(layers) == 4 and all(m.compile for m in layers)
     assert all(p.dtype == torch.float64 for n, p in model.named_parameters() if teamlora.is_adapter(n))
     assert all(m.weight.dtype == torch.float32 for m in layers)
+    # and what inject leaves out is the layer's own default, as for a TeamLoRALinear built by hand
+    alone = TeamLoRALinear(nn.Linear(16, 40), r=4, experts=2)
+    injected = inject(Stack(n=1), "w1", r=4, experts=2, alpha=8).layers[0]["feed_forward"].w1
+    assert (injected.dropout, injected.competition) == (alone.dropout, alone.competition)
 
 
 def test_adapter_state_dict_round_trip_and_mismatch_messages(tmp_path):
@@ -598,6 +604,11 @@ def test_adapter_state_dict_round_trip_and_mismatch_messages(tmp_path):
     incomplete = {n: t for n, t in loaded.items() if n != "layers.1.feed_forward.w2.lora_B"}
     with pytest.raises(ValueError, match="missing.*w2.lora_B"):  # a half-loaded adapter would run silently
         teamlora.load_adapter_state_dict(other, incomplete)
+    transposed = {**loaded, "layers.0.feed_forward.w1.lora_A": loaded["layers.0.feed_forward.w1.lora_A"].t()}
+    before = {n: t.clone() for n, t in teamlora.adapter_state_dict(other).items()}
+    with pytest.raises(ValueError, match=r"shape mismatches.*w1.lora_A \(16, 8\) vs model \(8, 16\)"):  # same size
+        teamlora.load_adapter_state_dict(other, transposed)
+    assert all(torch.equal(t, before[n]) for n, t in teamlora.adapter_state_dict(other).items())
 
 
 def test_adapter_state_dict_holds_plain_tensors_outside_autograd():
@@ -1080,6 +1091,20 @@ def test_reinitialisation_draws_the_same_adapter_on_the_meta_device_as_on_the_cp
     assert (cpu.lora_B == 0).all() and (cpu.lora_M.diagonal() == 0).all() and cpu.lora_M.abs().max() <= 0.1
 
 
+def test_initialisation_draws_a_then_the_router_then_m_from_the_global_generator():
+    """The draws' order is part of every seeded run (the README's demo table among them): A first, as a bias-free
+    nn.Linear(d_in, r) draws its weight, then the router, then M's off-diagonal U(-0.1, 0.1); B draws nothing."""
+    base = nn.Linear(12, 10)
+    torch.manual_seed(7)
+    layer = TeamLoRALinear(base, r=8, experts=4, alpha=16.0)
+    torch.manual_seed(7)
+    A = nn.Linear(12, 8, bias=False).weight.detach()
+    router = nn.Linear(12, 4, bias=False).weight.detach()
+    M = torch.empty(4, 4).uniform_(-0.1, 0.1).fill_diagonal_(0.0)
+    for name, want in (("lora_A", A), ("lora_router", router), ("lora_M", M)):
+        assert torch.equal(getattr(layer, name).detach(), want), name
+
+
 def test_initialisation_draws_the_same_adapter_whatever_the_adapter_dtype():
     """initial_lora_state() draws in float32 whatever adapter_dtype is: the same seed gives a float64 or a bfloat16
     adapter the float32 adapter's values, rounded to its dtype."""
@@ -1103,15 +1128,17 @@ def test_inject_shares_base_storage_on_a_real_device():
 
 def test_inject_freezes_base_parameters_whose_names_merely_contain_lora_():
     """An adapter tensor is one whose own name starts with `lora_`: a base module named `flora_gate` or a base
-    parameter named `flora_scale` stays frozen and out of the adapter state dict."""
+    parameter named `flora_scale` or `lorax` stays frozen and out of the adapter state dict."""
     model = Stack(n=1)
     model.flora_gate = nn.Linear(16, 16)
     model.flora_scale = nn.Parameter(torch.ones(16))
+    model.lorax = nn.Parameter(torch.ones(16))
     inject(model, ("w1",), r=4, experts=2, alpha=8)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {f"layers.0.feed_forward.w1.lora_{p}" for p in ("A", "B", "router", "M")}
     assert teamlora.adapter_state_dict(model).keys() == trained
     assert not teamlora.is_adapter("flora_gate.weight") and not teamlora.is_adapter("flora_scale")
+    assert not teamlora.is_adapter("lorax")
 
 
 def test_inject_matches_hugging_face_style_names_by_suffix_only():
@@ -1143,7 +1170,8 @@ def test_user_errors_give_one_clear_sentence():
         inject(Stack(), ("w1",), r=6, experts=4, alpha=16)
     with pytest.raises(ValueError, match="needs experts >= 1 .*r=8, experts=0: choose .*e.g. r=8"):
         TeamLoRALinear(nn.Linear(4, 4), r=8, experts=0)  # the message itself must not divide by 0
-    with pytest.raises(ValueError, match="no module name ends with.*'q_proj'.*w1"):
+    linear = r"named like \['layers\.0\.feed_forward\.w1', 'layers\.0\.feed_forward\.w3'"  # no container
+    with pytest.raises(ValueError, match="no module name ends with.*'q_proj'.*" + linear):
         inject(Stack(), ("q_proj",), r=8, experts=4, alpha=16)
     with pytest.raises(ValueError, match="'layers.0.feed_forward' is a FFN, not a plain nn.Linear"):
         inject(Stack(), ("feed_forward",), r=8, experts=4, alpha=16)
@@ -1261,8 +1289,6 @@ def test_an_adapted_tied_output_layer_keeps_its_tie_and_leaves_the_embedding_fro
 def test_a_model_deep_copies_after_a_training_forward_as_for_an_ema_or_swa_copy():
     """last_omega holds a tensor of the last forward's autograd graph, which copy.deepcopy refuses (an EMA model, SWA's
     AveragedModel, a best-so-far copy): the copy leaves it out and computes the same function."""
-    import copy
-
     torch.manual_seed(0)
     model = inject(Stack(n=2), ("w1", "w2"), r=8, experts=4, alpha=16, dropout=0.0)
     for m in model.modules():
@@ -1275,6 +1301,23 @@ def test_a_model_deep_copies_after_a_training_forward_as_for_an_ema_or_swa_copy(
     loss.backward()  # and its graph
     torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
     assert all(a is not b for a, b in zip(twin.parameters(), model.parameters()))
+
+
+def test_a_merged_layer_copies_and_pickles_merged_so_the_copy_neither_adds_the_adapter_twice_nor_loses_it():
+    """The copy's weight holds the adapter as the original's does: it must say so (merged), or its forward would add
+    scaling B A a second time and its merge(False) would leave the update in the weight."""
+    layer = make_layer(d_in=24, d_out=20, r=8, experts=1).eval()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    w0, want = layer.weight.detach().clone(), layer(x).detach()
+    layer.merge()
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert twin.merged
+        torch.testing.assert_close(twin(x), want, rtol=1e-12, atol=1e-12)
+        twin.merge(False)
+        torch.testing.assert_close(twin.weight.detach(), w0, rtol=1e-12, atol=1e-12)
 
 
 def test_base_checkpoints_load_into_an_adapted_model_and_its_own_state_dict_round_trips():
