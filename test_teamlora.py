@@ -1000,6 +1000,26 @@ def test_bf16_base_with_fp32_adapters_and_under_autocast():
     assert torch.isfinite(w1.lora_A.grad).all() and w1.lora_A.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter", [torch.float32, torch.bfloat16, torch.float16])
+def test_under_autocast_adapters_of_float32_or_autocasts_dtype_run_and_the_other_half_precision_is_refused(
+        adapter, autocast):
+    """What the README says: under autocast, float32 adapters, or adapters of autocast's own dtype, run in autocast's
+    dtype (as nn.Linear does); torch's cat refuses bf16 tensors under fp16 autocast and fp16 under bf16."""
+    torch.manual_seed(0)
+    layer = randomize(TeamLoRALinear(nn.Linear(12, 10).to(adapter), r=8, experts=4, dropout=0.0, adapter_dtype=adapter))
+    x = torch.randn(3, 12, dtype=adapter)
+    with torch.autocast("cpu", dtype=autocast):
+        if adapter not in (torch.float32, autocast):
+            with pytest.raises(RuntimeError, match="autocast"):
+                layer(x)
+            return
+        out = layer(x)
+        want = reference_forward(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                                 layer.lora_B.double(), layer.lora_router.double(), layer.lora_M.double(), 4, 16.0)
+    assert out.dtype == autocast and (out.double() - want).abs().max() < 0.02 * want.abs().max()
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_a_bf16_adapter_runs_and_trains_in_bf16_with_omega_in_float32(k):
     """adapter_dtype=torch.bfloat16 (bench.py's at LLaMA-2-7B's shape): omega stays float32 and the weighted z is cast
