@@ -1239,6 +1239,7 @@ def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run
     with pytest.raises(UserError, match="compile=True on the CPU needs a C\\+\\+ compiler and none was found"):
         train.train(train_cfg(run_data, tmp_path / "c", "--compile=True"))
     assert not (tmp_path / "c").exists()
+    assert machine.resolve_device({"device": "cpu", "compile": False}) == "cpu"  # eager needs no compiler
     # the compiler CXX names counts as one; on a GPU, torch.compile writes Triton kernels, not C++ for the CPU
     monkeypatch.setattr(machine.shutil, "which", lambda name: "/opt/bin/c++" if name == "my-c++" else None)
     monkeypatch.setenv("CXX", "my-c++")

@@ -964,6 +964,12 @@ def test_a_resume_or_eval_only_on_a_deleted_demo_base_is_checked_as_such_before_
     assert not base.exists()
     train.main(["--init_from=resume", "--max_iters=2"])  # the base is built again, as the run's own
     assert "resumed from out/demo/ckpt.pt at step 1" in capsys.readouterr().out and base.is_file()
+    # a finished run kept as its adapter.pt alone is scored, not refused as a run that eval_only would replace
+    base.unlink()
+    (tmp_path / "out/demo/ckpt.pt").unlink()
+    train.main(["--eval_only=True", "--model=tiny", "--max_len=128", "--batch_size=4", "--max_iters=2",
+                f"--eval_dir={minicme.DEMO['eval_dir']}", "--eval_limit=1"])
+    assert base.is_file() and (tmp_path / "out/demo/results.json").is_file()
 
 
 def test_eval_only_of_a_run_whose_ckpt_pt_outlived_its_adapter_pt_scores_the_checkpoint_on_a_demo_base_made_again(
@@ -1067,6 +1073,11 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_not_half_a_
     assert stopped["interrupted"] and stopped["step"] == 3  # eval_interval=3: the checkpoint of step 3
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
     assert "stopped at once: the checkpoint of step 3 in" in capsys.readouterr().out
+    # resumed, then stopped at once before its next checkpoint: the one it resumed from is kept, not "start again"
+    resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'run'}", "--init_from=resume"]))
+    assert resumed["interrupted"] and resumed["step"] == 3
+    out = capsys.readouterr().out
+    assert "stopped at once: the checkpoint of step 3 in" in out and "--overwrite" not in out
     monkeypatch.setattr(machine.StopAfterStep, "__init__", lambda self, master: (
         setattr(self, "__dict__", dict(master=master, asked=False, forced=False, forcible=False))))  # as torchrun's
     assert train.train(train.parse_config(train_flags(run_data, tmp_path / "tr", "--eval_dir=")))["step"] == 5
@@ -1304,6 +1315,15 @@ def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_eve
     assert not machine.StopAfterStep(True).agreed(cpu, 2)
 
 
+def test_the_loop_stops_when_the_ranks_agree_though_its_own_process_was_not_asked(run_data, tmp_path, monkeypatch):
+    """The loop asks agreed(), not its own process's flag: a rank that got no signal stops after the same step as
+    the one that did, with its checkpoint, instead of training on into a collective that never comes."""
+    monkeypatch.setattr(machine.StopAfterStep, "agreed", lambda self, device, world: True)  # another rank was asked
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--eval_dir=")))
+    assert stopped["interrupted"] and stopped["step"] == 1
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 1
+
+
 def test_under_torchrun_a_second_ctrl_c_neither_stops_at_once_nor_is_offered(monkeypatch, capsys):
     """torchrun passes the terminal's Ctrl-C on to processes that got it already (each gets two): under it (RANK set)
     a second SIGINT waits for the step's checkpoint too, and the notice offers a second Ctrl-C only outside it."""
@@ -1363,6 +1383,11 @@ def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_
     assert train.stop_run(r, None, None, stop, 1, 0) == 0 and saves == [4]
     out = capsys.readouterr().out
     assert f"stopped at once: the checkpoint of step 0 in {tmp_path} is kept" in out and "--overwrite" not in out
+    # the demo's pretraining, stopped before its first checkpoint: the same command starts it again by itself
+    r = train.Run({"out_dir": str(tmp_path)}, resume_with="the same command")
+    assert train.stop_run(r, None, None, stop, 1, None) == 0
+    out = capsys.readouterr().out
+    assert "before the run wrote a checkpoint: start the same command" in out and "--overwrite" not in out
 
 
 def test_only_rank_0_checks_that_out_dir_can_be_written_and_removes_leftover_temporaries(tmp_path, monkeypatch):

@@ -151,7 +151,7 @@ def write_safetensors(tensors, file):
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
         data = t.contiguous().numpy().tobytes()
-        kind = {torch.float32: "F32", torch.int8: "I8", torch.int64: "I64"}[t.dtype]
+        kind = {torch.float32: "F32", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64"}[t.dtype]
         header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
@@ -279,6 +279,8 @@ def test_a_meta_vocab_size_of_0_is_read_from_the_embedding_as_minus_1_is_and_a_m
     params = json.loads((tmp_path / "params.json").read_text())
     (tmp_path / "params.json").write_text(json.dumps(params | {"vocab_size": 0}))
     assert Transformer.from_pretrained(tmp_path).args.vocab_size == model.args.vocab_size
+    (tmp_path / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "vocab_size"}))
+    assert Transformer.from_pretrained(tmp_path).args.vocab_size == model.args.vocab_size  # absent: as -1
     for file in tmp_path.glob("consolidated.*.pth"):
         shard = torch.load(file, weights_only=True)
         del shard["tok_embeddings.weight"]
@@ -365,6 +367,18 @@ def test_a_folder_with_both_model_safetensors_and_pytorch_model_bin_reads_the_sa
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
 
 
+def test_a_pytorch_model_bin_is_read_before_a_safetensors_file_of_another_name_beside_it(tmp_path):
+    """As transformers does: pytorch_model.bin is the checkpoint, not another *.safetensors in its folder (Mistral's
+    consolidated.safetensors; another model's here), which only a folder without either single file falls back to."""
+    pytest.importorskip("safetensors")
+    model = tiny_model()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    write_safetensors(hf_state_dict(tiny_model(seed=1)), tmp_path / "consolidated.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
 @pytest.mark.parametrize("n", [5, 7])
 def test_unknown_weights_are_named_five_at_most_and_the_rest_counted(tmp_path, n):
     model = tiny_model()
@@ -377,15 +391,21 @@ def test_unknown_weights_are_named_five_at_most_and_the_rest_counted(tmp_path, n
     assert_one_sentence(error, f"does not know: {listed} (in pytorch_model.bin)")
 
 
-def test_a_safetensors_file_whose_link_leads_nowhere_is_named_as_missing(tmp_path):
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model-00001-of-00002.bin", "consolidated.00.pth"])
+def test_a_weight_file_whose_link_leads_nowhere_is_named_as_missing(tmp_path, name):
     """Hugging Face's cache links each file of a snapshot to a blob: a blob gone (an interrupted download) leaves a
-    link that the folder lists and that cannot be opened, which is a missing file, not a damaged one."""
-    pytest.importorskip("safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(hf_config(tiny_model())))
-    (tmp_path / "model.safetensors").symlink_to(tmp_path / "blobs" / "0123abcd")
+    link that the folder lists and that cannot be opened, which is a missing file, not a damaged one (a .bin's or a
+    .pth's was torch's bare "[Errno 2] No such file or directory")."""
+    if name.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
+    if name.endswith(".pth"):  # Meta's files, as in the original/ folder of a Hugging Face download
+        (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 8}))
+    else:
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(tiny_model())))
+    (tmp_path / name).symlink_to(tmp_path / "blobs" / "0123abcd")
     with pytest.raises(FileNotFoundError) as error:
         Transformer.from_pretrained(tmp_path)
-    assert_one_sentence(error, f"weight file {tmp_path / 'model.safetensors'} does not exist; download it")
+    assert_one_sentence(error, f"weight file {tmp_path / name} does not exist; download it")
 
 
 def test_a_config_json_without_model_type_is_read_as_llamas(tmp_path):
@@ -526,6 +546,8 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("bin", "config.json", lambda c: c | {"rms_norm_eps": -1.0}, "has rms_norm_eps=-1.0 where a positive number"),
     ("bin", "config.json", lambda c: c | {"vocab_size": True}, "has vocab_size=True where a positive integer"),
     ("bin", "config.json", lambda c: c | {"rope_theta": 0}, "has rope_theta=0 where a positive number"),
+    ("bin", "config.json", lambda c: c | {"intermediate_size": None},  # not LLaMA's hidden_dim formula
+     "has intermediate_size=None where a positive integer"),
     ("bin", "config.json", lambda c: {k: v for k, v in c.items() if k != "rope_theta"}
      | {"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
      "has rope_theta=-1.0 where a positive number"),
@@ -660,10 +682,11 @@ SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
     (dict(evil=1), None, "the model_args of model.pt has fields this model does not know: ['evil']"),
     (dict(dim=-64), None, "the model_args of model.pt has dim=-64 where a positive integer belongs"),
     (dict(dim="64"), None, "the model_args of model.pt has dim='64' where a positive integer belongs"),
-    (dict(rope_scaling=[8.0, 1.0]), None, "has rope_scaling=[8.0, 1.0] where null or 4 numbers belong"),
+    (dict(rope_scaling=[8.0, 1.0]), None, "of model.pt has rope_scaling=[8.0, 1.0] where null or 4 numbers belong"),
     (dict(rope_scaling=[8.0, 1.0, 4.0, 64, 2.0]), None,  # a fifth number: the rotation's unpacking fails later
-     "has rope_scaling=[8.0, 1.0, 4.0, 64, 2.0] where null or 4 numbers belong"),
-    (dict(rope_scaling=[8.0, 4.0, 1.0, 8192]), None, "has low_freq_factor=4.0 not below high_freq_factor=1.0"),
+     "of model.pt has rope_scaling=[8.0, 1.0, 4.0, 64, 2.0] where null or 4 numbers belong"),
+    (dict(rope_scaling=[8.0, 4.0, 1.0, 8192]), None,
+     "of model.pt has low_freq_factor=4.0 not below high_freq_factor=1.0"),
     (dict(n_layers=10**6), None, "the model_args of model.pt says 1000000 layers but the weights in 'model.pt' hold 4"),
     (dict(vocab_size=10**12), None, "weight tok_embeddings.weight has shape (512, 64) in the checkpoint but the model "
                                     "expects (1000000000000, 64)"),
@@ -674,12 +697,17 @@ SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
     ({}, lambda s: s["norm.weight"].fill_(math.nan), "weight norm.weight in model.pt holds NaN or inf values"),
     ({}, lambda s: s.update(step="3"), "model.pt holds no model_args dict beside a dict of named tensors"),
     (dict(rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 64}), None, "has rope_scaling={'factor': 8.0"),
-    (dict(rope_scaling=[8.0, "1", 4.0, 64]), None, "has low_freq_factor='1' where a positive number belongs"),
-    (dict(rope_scaling=[8.0, 4.0, 4.0, 64]), None, "has low_freq_factor=4.0 not below high_freq_factor=4.0"),
+                        "original_max_position_embeddings": 64}), None,
+     "of model.pt has rope_scaling={'factor': 8.0"),
+    (dict(rope_scaling=[8.0, "1", 4.0, 64]), None,
+     "of model.pt has low_freq_factor='1' where a positive number belongs"),
+    (dict(rope_scaling=[8.0, 4.0, 4.0, 64]), None,
+     "of model.pt has low_freq_factor=4.0 not below high_freq_factor=4.0"),
     (dict(max_seq_len=100.5), None, "has max_seq_len=100.5 where a positive integer belongs"),
     (dict(qkv_bias=1), None, "has qkv_bias=1 where true or false belongs"),  # 1 == True, but not what train.py writes
     (dict(sliding_window=0), None, "has sliding_window=0 where a positive integer belongs"),
+    (dict(tie_embeddings=None), None, "has tie_embeddings=None where true or false belongs"),  # not null: untied
+    (dict(rope_scaling="8142"), None, "of model.pt has rope_scaling='8142' where null or 4 numbers belong"),
 ]
 
 
@@ -754,7 +782,7 @@ def rewrite_weight_file(file, change):
 
 
 @pytest.mark.parametrize("layout", ["bin", "bin index", "meta", "safetensors"])
-@pytest.mark.parametrize("damage", ["nan", "inf", "int8"])
+@pytest.mark.parametrize("damage", ["nan", "inf", "int8", "int32"])  # int32: GPTQ's and AWQ's packing
 def test_a_weight_with_nan_inf_or_integers_is_refused_at_load_naming_tensor_and_file(tmp_path, layout, damage):
     """A damaged download (NaN, inf) or a quantised one (integers) is found when it is read, not at the first loss."""
     if layout == "safetensors":
@@ -764,13 +792,14 @@ def test_a_weight_with_nan_inf_or_integers_is_refused_at_load_naming_tensor_and_
 
     def spoil(sd):
         names.append(next(n for n in sd if "freq" not in n))
-        t = sd[names[0]] = sd[names[0]].to(torch.int8 if damage == "int8" else torch.float32, copy=True)
-        t.view(-1)[3] = 1 if damage == "int8" else float(damage)
+        integers = damage.startswith("int")
+        t = sd[names[0]] = sd[names[0]].to(getattr(torch, damage) if integers else torch.float32, copy=True)
+        t.view(-1)[3] = 1 if integers else float(damage)
         return sd
     rewrite_weight_file(file, spoil)
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
-    want = "holds torch.int8 values" if damage == "int8" else "holds NaN or inf values"
+    want = f"holds torch.{damage} values" if damage.startswith("int") else "holds NaN or inf values"
     assert_one_sentence(error, str(file), names[0], want)
 
 
@@ -1103,6 +1132,7 @@ def test_mixture_of_experts_checkpoints_are_refused_in_one_sentence(tmp_path):
     ({"rope_scaling": 5}, "['rope_scaling']"), ({"rope_scaling": "abc"}, "['rope_scaling']"),
     ({"qkv_bias": "yes"}, "['qkv_bias']"), ({"tie_embeddings": "false"}, "['tie_embeddings']"),
     ({"use_scaled_rope": "false"}, "has use_scaled_rope='false' where true or false belongs"),
+    ({"use_scaled_rope": None}, "has use_scaled_rope=None where true or false belongs"),
 ])
 def test_meta_params_json_takes_only_metas_own_keys_each_of_its_type(tmp_path, field, message):
     """Keys that only this model's ModelArgs has (not Meta's params.json) would be passed on unchecked."""

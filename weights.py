@@ -417,6 +417,8 @@ def _check_layer_count(n_layers, names, config_file, key, path):
 def _open_weights(file):
     """name -> tensor of one weight file, memory-mapped where the format allows: its names, with no data read yet."""
     _check_regular(file)
+    if not os.path.isfile(file):  # a broken link (a cache's deleted blob): the loaders' own errors say only errno's
+        raise FileNotFoundError(f"weight file {file} does not exist; download it into the checkpoint folder")
     return _read_safetensors(file) if file.endswith(".safetensors") else _torch_load(file)
 
 
@@ -440,8 +442,6 @@ def _read_safetensors(file):
         raise ImportError(f"reading {file} needs the safetensors package: pip install safetensors (or load Meta's "
                           "consolidated.*.pth files, e.g. the original/ folder of a Hugging Face "
                           "download)") from None
-    if not os.path.isfile(file):  # safetensors reports a missing file without its name
-        raise FileNotFoundError(f"weight file {file} does not exist; download it into the checkpoint folder")
     try:
         with safe_open(file, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
