@@ -112,7 +112,7 @@ def test_a_bad_init_from_names_itself(run_data, tmp_path, capsys, what):
         path.write_bytes({"garbage": os.urandom(2048), "truncated": base[:len(base) // 3], "not_pt": b"hello"}[what])
     needle = {"garbage": "is not a readable base model", "truncated": "is not a readable base model",
               "adapter": "is an adapter", "checkpoint": "is not a base model written by train.py",
-              "not_pt": "is a file but not a .pt checkpoint"}[what]
+              "not_pt": "is a file; give a model.pt written by train.py"}[what]
     fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}"), capsys, path, needle)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
 
@@ -124,7 +124,7 @@ def test_an_init_from_that_is_a_named_pipe_or_a_device_is_refused_unread_by_the_
     run let a preset stand in for it; one named .pt was said not to exist."""
     path = tmp_path / name
     needle = f"'{path}' is a named pipe, not a .pt file" if name.endswith(".pt") else \
-        f"init_from '{path}' is a file but not a .pt checkpoint"
+        f"init_from '{path}' is {'a device' if name == os.devnull else 'a named pipe'}; give a model.pt"
     with named_pipe(path, (run_data / "base.pt").read_bytes()) if name != os.devnull else contextlib.nullcontext():
         for dry_run in ("False", "True"):
             fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}", f"--dry_run={dry_run}"), capsys, needle)
@@ -779,7 +779,7 @@ def test_the_dry_run_refuses_an_init_from_that_is_a_file_but_not_a_checkpoint_as
     then refused (on 8 GPUs, after the launch)."""
     (tmp_path / "tokenizer.model").write_text("not a base\n")
     fails([f"--init_from={tmp_path / 'tokenizer.model'}", "--dry_run=True"], capsys,
-          f"init_from '{tmp_path / 'tokenizer.model'}' is a file but not a .pt checkpoint")
+          f"init_from '{tmp_path / 'tokenizer.model'}' is a file; give a model.pt written by train.py")
 
 
 def test_the_dry_run_takes_init_from_scratch_as_the_keyword_beside_a_folder_named_scratch(tmp_path, monkeypatch,

@@ -238,7 +238,7 @@ def base_weights(cfg, vocab_size):
                             "full training run, or a Meta or Hugging Face folder.")
         return saved_model(ckpt["model_args"], ckpt["model"], src)
     if not os.path.isdir(src):  # a named pipe or a device (/dev/null) too: from_pretrained reads folders only
-        what = "is a file but not a .pt checkpoint" if os.path.exists(src) else "does not exist"
+        what = f"is {files.special_file(src) or 'a file'}" if os.path.exists(src) else "does not exist"
         typo = difflib.get_close_matches(src, ("scratch", "resume"), n=1)
         raise UserError(f"init_from '{src}' {what}; " + (f"did you mean '{typo[0]}'?" if typo else "give a model.pt "
                         "written by train.py, a Meta or Hugging Face folder, 'scratch' or 'resume'."))
