@@ -285,6 +285,10 @@ def _get(obj, key, where, kind="a string", default=_REQUIRED):
     return obj[key]
 
 
+def _count(n, noun):
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _label(value, mapping, where):
     if value is None or value == "":
         return None
@@ -322,7 +326,7 @@ def _tsv(path, need):
                 continue
             cells = line.rstrip("\n").split("\t")
             if len(cells) != len(header):
-                raise UserError(f"{path} line {n} has {len(cells)} tab-separated fields where the header has "
+                raise UserError(f"{path} line {n} has {_count(len(cells), 'tab-separated field')} where the header has "
                                  f"{len(header)}; fix or remove that row.")
             yield f"{path} line {n}", dict(zip(header, cells))
 
@@ -390,7 +394,8 @@ def load_mmlu(path):
                     continue  # a blank line, as at the end of a file
                 row = [field.replace("\r\n", "\n") for field in row]  # a Windows copy's quoted line breaks
                 if len(row) != 6:
-                    raise UserError(f"{where} has {len(row)} fields; an MMLU row is question, A, B, C, D, answer.")
+                    raise UserError(f"{where} has {_count(len(row), 'field')}; an MMLU row is question, A, B, C, D, "
+                                    "answer.")
                 records.append(make_record("choice", _label(row[5].strip(), {c: c for c in "ABCD"}, where),
                                            question=row[0].strip(), options=[o.strip() for o in row[1:5]]))
         except csv.Error as e:  # a quote left open makes the rest of the file one field, past csv's size limit

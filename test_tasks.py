@@ -548,6 +548,9 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("rte", "dev.tsv", "index\tpremise\tlabel\n0\ta\tentailment\n",
      r"dev.tsv has the columns .* needs \['sentence1', 'sentence2'\]"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,A\n", r"x_test.csv line 2 has 5 fields"),
+    ("mmlu", "x_test.csv", "q,a,b,c,d,A\nno commas at all\n", r"x_test.csv line 2 has 1 field;"),  # was "1 fields"
+    ("rte", "dev.tsv", "index\tsentence1\tsentence2\tlabel\nno tabs\n",
+     r"dev.tsv line 2 has 1 tab-separated field where the header has 4"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,A\nq,a,b,c,d,e,A\n", r"x_test.csv line 2 has 7 fields"),
     ("mmlu", "x_test.csv", '"q\nspans two lines",a,b,c,d,A\n"bad\nrow",a,b,c,A\n', r"x_test.csv line 3 has 5 fields"),
     ("mmlu", "x_test.csv", "q,a,b,c,d,E\n", r"x_test.csv line 1 has the label 'E'"),
