@@ -161,7 +161,12 @@ def check_base(ckpt, base, cfg, path):
                         f"from those {path} records); put that base back there, or start a new run.")
 
 
-def load_state(model, state, cfg):
+def load_state(model, state, cfg, path):
+    """A checkpoint's adapter (or weights) into the model. train.py stops a run whose loss or gradients left the
+    finite numbers before it saves that step, so a NaN or an infinity here is damage: answers would be noise."""
+    if bad := [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise UserError(f"{path} holds NaN or infinite values ({', '.join(bad[:3])}), which train.py never saves: it "
+                        "is damaged; restore it from a copy, or train again.")
     if cfg["adapter"] != "none":
         own = {n for n, _ in model.named_parameters() if teamlora.is_adapter(n)}
         if own != set(state):

@@ -42,7 +42,7 @@ def load_run(out_dir, device="auto"):
     r = train.Run(cfg, device=torch.device(machine.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
     model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
     checkpoint.check_base(ckpt, base, cfg, path)
-    checkpoint.load_state(model, ckpt["state"], cfg)
+    checkpoint.load_state(model, ckpt["state"], cfg, path)
     if ckpt["iter"] < cfg["max_iters"]:  # stopped by Ctrl-C, or still training: its answers are not the run's last
         print(f"note: the run in {out_dir} is at step {ckpt['iter']} of its {cfg['max_iters']} (it stopped, or is "
               "still training); these are that step's answers.", file=sys.stderr)

@@ -1430,8 +1430,8 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2)
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
     with pytest.raises(UserError, match="does not fit this model"):  # one adapter tensor short
-        checkpoint.load_state(b, dict(list(ckpt["state"].items())[1:]), cfg)
-    checkpoint.load_state(b, ckpt["state"], cfg)
+        checkpoint.load_state(b, dict(list(ckpt["state"].items())[1:]), cfg, "ckpt.pt")
+    checkpoint.load_state(b, ckpt["state"], cfg, "ckpt.pt")
     checkpoint.set_optimizer_state(b, opt_b, ckpt["optimizer"], False)
     checkpoint.set_rng_state(ckpt["rng"][0], torch.device("cpu"))
     step(b, opt_b)  # the resumed run's step 3
@@ -1567,7 +1567,7 @@ def test_a_checkpoint_tensor_of_another_shape_or_name_is_refused_not_broadcast()
     name = next(n for n in state if n.endswith("lora_A"))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     with pytest.raises(UserError, match=r"does not fit this model \(shape"):
-        checkpoint.load_state(m, dict(state, **{name: state[name][:1] + 1}), {"adapter": "teamlora"})
+        checkpoint.load_state(m, dict(state, **{name: state[name][:1] + 1}), {"adapter": "teamlora"}, "ckpt.pt")
     with pytest.raises(UserError, match=r"\(no such tensor\)"):
         checkpoint.copy_into(m, {"layers.0.attention.wq.lora_Z": torch.zeros(2)})
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # nothing copied

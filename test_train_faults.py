@@ -857,6 +857,28 @@ def test_a_run_resumed_or_sampled_on_another_base_is_refused_and_on_its_own_goes
     sample.load_run(str(out))
 
 
+def test_a_checkpoint_or_adapter_holding_nan_or_inf_is_refused_by_resume_eval_only_and_sample(run_data, tmp_path,
+                                                                                               capsys):
+    """train.py never saves a diverged step, so a NaN or an infinity in ckpt.pt or adapter.pt is damage: it was
+    loaded without a word, and a resume trained on NaN while eval_only and sample.py answered noise."""
+    import sample
+    out = finished_run(run_data, tmp_path / "run")
+    ckpt, adapter = torch.load(out / "ckpt.pt", weights_only=True), torch.load(out / "adapter.pt", weights_only=True)
+    name = sorted(n for n in adapter if n.endswith("lora_B"))[1]
+    for bad in (float("nan"), float("inf")):
+        torch.save({**ckpt, "state": {**ckpt["state"], name: ckpt["state"][name].index_fill(0, torch.tensor([3]),
+                                                                                           bad)}}, out / "ckpt.pt")
+        fails([f"--out_dir={out}", "--init_from=resume", "--max_iters=6"], capsys, f"{out}/ckpt.pt holds NaN or "
+              f"infinite values ({name}), which train.py never saves")
+        with pytest.raises(train.UserError, match=f"ckpt.pt holds NaN or infinite values \\({name}\\)"):
+            sample.load_run(str(out))
+    (out / "ckpt.pt").unlink()  # eval_only scores adapter.pt alone
+    torch.save({**adapter, name: adapter[name] * float("nan")}, out / "adapter.pt")
+    fails(train_flags(run_data, out, "--eval_only=True"), capsys, f"{out}/adapter.pt holds NaN or infinite values")
+    torch.save(adapter, out / "adapter.pt")  # the run's own: scored
+    train.main(train_flags(run_data, out, "--eval_only=True", "--eval_limit=1"))
+
+
 def test_a_run_scored_or_sampled_before_its_last_step_says_so_and_a_resume_at_its_last_says_nothing_is_left(
         run_data, tmp_path, capsys):
     """Scores and answers of a run stopped by Ctrl-C (or still training) are not its last: sample.py and

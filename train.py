@@ -564,7 +564,7 @@ def restore(r, raw, opt, ckpt):
     checkpoint.check_base(ckpt, r.base, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
     if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards
         checkpoint.check_data(ckpt, r.data, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
-    checkpoint.load_state(raw, ckpt["state"], r.cfg)
+    checkpoint.load_state(raw, ckpt["state"], r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
     try:
         checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
         checkpoint.set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
@@ -594,7 +594,7 @@ def load_trained_adapter(r, raw):
         if not checkpoint.is_adapter_file(state):
             raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
         checkpoint.check_adapter_settings(path, r.cfg, lambda c: (adapter_kwargs(c), c["targets"]))
-        checkpoint.load_state(raw, state, r.cfg)
+        checkpoint.load_state(raw, state, r.cfg, path)
 
 
 def slice_seed(seed, step, part):
