@@ -20,8 +20,14 @@ def exit_with(error, prefix=""):
         where = f" ({error.filename})" if error.filename else ""
         error = (f"{error.strerror or error}{where}; what was there before is kept: free space there or make it "
                  "writable, then run it again")
-    print(f"{prefix}error: {error}", file=sys.stderr)
+    print(f"{prefix}error: {one_line(str(error))}", file=sys.stderr)
     sys.exit(2)
+
+
+def one_line(message):
+    """The one line a message promises, also where it quotes a value with a line break (a path, a flag's value):
+    shown escaped, as Python's repr shows it."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def run_script(main):

@@ -31,6 +31,13 @@ def test_a_user_error_or_a_disk_error_ends_in_one_line_naming_the_file_only_when
     assert _ended(OSError("a message of its own"), capsys, "") == f"error: a message of its own{kept}"
 
 
+def test_a_message_quoting_a_value_with_a_line_break_stays_one_line(capsys):
+    """A path or flag value with a newline or carriage return in it was echoed raw: the one-line error spanned lines
+    (a log reader's or a wrapper script's first line then held half of it)."""
+    assert _ended(UserError("init_from 'a\nb\r' does not exist; fix it"), capsys) == \
+        "x.py: error: init_from 'a\\nb\\r' does not exist; fix it"
+
+
 def test_a_file_not_found_with_a_sentence_of_its_own_is_printed_as_it_is_without_advice_on_writing(capsys):
     said = "raw/nope.jsonl does not exist; check the path to the task's raw file."  # as tasks.py's loaders raise it
     assert _ended(FileNotFoundError(said), capsys) == f"x.py: error: {said}"

@@ -130,6 +130,12 @@ def test_an_init_from_that_is_a_named_pipe_or_a_device_is_refused_unread_by_the_
             fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}", f"--dry_run={dry_run}"), capsys, needle)
 
 
+def test_an_init_from_with_a_line_break_in_its_name_is_refused_in_one_line(run_data, tmp_path, capsys):
+    """train.py prints its errors through machine.fail, not errors.exit_with: it too keeps them to one line."""
+    fails(train_flags(run_data, tmp_path / "o", f"--init_from={tmp_path}/no\nsuch"), capsys,
+          f"init_from '{tmp_path}/no\\nsuch' does not exist")
+
+
 def test_an_out_dir_whose_name_is_too_long_is_refused_before_the_run(run_data, tmp_path, capsys):
     """os.makedirs raised ENAMETOOLONG in files.hold: a traceback (after the demo's pretraining, for the demo)."""
     out = tmp_path / ("o" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1))
