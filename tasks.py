@@ -59,9 +59,10 @@ def _option_letter(text):
     if not m:
         return None
     letter, rest = m.group(2), text[m.end():]
-    if letter.islower() and rest.strip() and not (m.group(1) or m.group(3) or rest[0] in ".:"):
-        return None  # "a dog" starts with an article, not with option (a)
-    if _SECOND_OPTION.match(rest) or re.fullmatch(r"\s+[(\[]?[A-Z][)\]]?\.?\s*", rest):
+    if letter.islower() and re.search(r"\w", rest) and not (m.group(1) or m.group(3) or rest[0] in ".:"):
+        return None  # "a dog" starts with an article, not with option (a); "b!" is option (b)
+    # "A. or B": the first letter's period comes before the separator ("A.cellular telephone" has none after it)
+    if _SECOND_OPTION.match(rest.removeprefix(".")) or re.fullmatch(r"\s+[(\[]?[A-Z][)\]]?\.?\s*", rest):
         return None
     return letter.upper()
 
@@ -80,9 +81,13 @@ def _labels_named(words, labels):
     spans = []
     for lw in map(_words, labels):
         spans += [(i, i + len(lw), tuple(lw)) for i in range(len(words) - len(lw) + 1) if words[i:i + len(lw)] == lw]
-    named = {(s, lw) for s, e, lw in spans if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
-    return {("not",) * bool(lw[0] not in _NEGATIONS and _NEGATIONS & set(words[max(s - 2, 0):s])) + lw
-            for s, lw in named}
+    named = {(s, e, lw) for s, e, lw in spans
+             if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for s2, e2, _ in spans)}
+
+    def negated(s, lw):  # a "not" inside the label named just before ("not entailment, entailment") is that label's
+        start = max([s - 2, 0] + [e for _, e, _ in named if e <= s])
+        return lw[0] not in _NEGATIONS and bool(_NEGATIONS & set(words[start:s]))
+    return {("not",) * negated(s, lw) + lw for s, _, lw in named}
 
 
 def accuracy(prediction, label, labels=None):
@@ -282,6 +287,12 @@ def _get(obj, key, where, kind="a string", default=_REQUIRED):
     if not _KINDS[kind](obj[key]):
         raise UserError(f"{where} has {key!r} set to {_show(obj[key])}, not {kind}; check that the file is in "
                         "this task's format.")
+    texts = obj[key] if isinstance(obj[key], list) else [obj[key]]
+    try:  # JSON allows "\ud800" alone; the evaluation set, UTF-8, could not hold it
+        "".join(t for t in texts if isinstance(t, str)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f'{where} has {key!r} holding a lone surrogate (like "\\ud800"), not valid Unicode; fix the '
+                        "text in the raw file.") from None
     return obj[key]
 
 

@@ -74,6 +74,19 @@ def test_accuracy_rejects_a_prediction_naming_two_options(prediction):
     assert accuracy(prediction, "A") == 0.0 and accuracy(prediction, "B") == 0.0
 
 
+@pytest.mark.parametrize("prediction", ["A. or B.", "A., B.", "A. / B", "a. or b.", "(A). or (B)", "A.; B."])
+def test_accuracy_rejects_two_options_when_the_first_letter_has_its_period(prediction):
+    """The period after the first letter hid the separator: "A. or B." counted as A."""
+    assert accuracy(prediction, "A") == 0.0 and accuracy(prediction, "B") == 0.0
+
+
+@pytest.mark.parametrize("prediction", ["b!", "b?", "b。", " b!\n", "Answer: b!"])
+def test_accuracy_reads_a_lowercase_letter_followed_by_punctuation_alone(prediction):
+    """Only a word after a lowercase letter makes it an article ("a dog"); "b!" answers option (b), as "B!" does."""
+    assert accuracy(prediction, "B") == 1.0 and accuracy(prediction.upper(), "B") == 1.0
+    assert accuracy(prediction, "A") == 0.0
+
+
 @pytest.mark.parametrize("prediction", ["B, because the passage says so", "B and nothing else", "B or bust",
                                         "B. Paris, a city in France", "B; options A and C are wrong"])
 def test_accuracy_reads_an_option_letter_followed_by_words_that_start_with_a_letter(prediction):
@@ -603,6 +616,27 @@ def test_a_malformed_raw_file_gives_one_sentence_naming_file_and_line(tmp_path, 
     assert "\n" not in text and text.endswith(".") and "; " in text  # what is wrong; what to do
 
 
+@pytest.mark.parametrize("task, name, content, where", [
+    ("anli", "dev.jsonl", '{"context": "a \\ud800 b", "hypothesis": "h", "label": "e"}\n', "line 1 has 'context'"),
+    ("nq", "nq.jsonl", '{"question": "q", "answer": ["a"]}\n{"question": "q", "answer": ["a", "\\udfff"]}\n',
+     "line 2 has 'answer'"),
+    ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "x\\udbff", "label": "A"}]}, '
+     '"answerKey": "A"}\n', "line 1 has 'text'"),
+    ("triviaqa", "t.json", '{"Data": [{"Question": "q", "Answer": {"Aliases": ["\\ud800"]}}]}',
+     "record 0 has 'Aliases'"),
+    ("webqa", "q.json", '{"Q1": {"question": "\\ude00?", "evidences": {}}}', "question Q1 has 'question'")])
+def test_a_lone_surrogate_in_a_raw_file_is_one_sentence_and_writes_nothing(tmp_path, capsys, task, name, content,
+                                                                             where):
+    """JSON lets a string hold "\\ud800" alone; the evaluation set, UTF-8, can not: it was a UnicodeEncodeError's
+    traceback once every record was read."""
+    raw, out = tmp_path / name, tmp_path / "sets" / f"{task}.jsonl"
+    raw.write_text(content, encoding="ascii")
+    out.parent.mkdir()
+    err = script_error(tasks.main, ["--task", task, "--raw", raw, "--out", out], capsys)
+    assert f"{raw} {where} holding a lone surrogate" in err and err.endswith("fix the text in the raw file.")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("task, name", [("anli", "dev.jsonl"), ("qqp", "dev.tsv"), ("mmlu", "x_test.csv"),
                                         ("triviaqa", "t.json"), ("imdb", "train.txt"), ("imdb", "aclImdb/pos/1_7.txt")])
 def test_a_raw_file_that_is_a_named_pipe_is_one_sentence(tmp_path, capsys, task, name):
@@ -997,6 +1031,16 @@ def test_a_negated_label_is_read_as_its_negation_not_as_the_label(task, predicti
     it scored the opposite answer right."""
     for gold in CME_TASKS[task].labels:
         assert CME_TASKS[task].score(prediction, {"output": gold}) == float(gold == meant), (prediction, gold)
+
+
+@pytest.mark.parametrize("task, prediction", [
+    ("rte", "not entailment, entailment"), ("rte", "Not_entailment / Entailment"), ("qqp", "not duplicate, duplicate"),
+    ("qqp", "Not duplicate / Duplicate."), ("rte", "no entailment; entailment")])
+def test_a_negated_label_followed_by_the_label_names_both(task, prediction):
+    """The "not" of the first label is no negation of the second: "not entailment, entailment" named only "not
+    entailment" and scored right on it."""
+    for gold in CME_TASKS[task].labels:
+        assert CME_TASKS[task].score(prediction, {"output": gold}) == 0.0, (prediction, gold)
 
 
 @pytest.mark.parametrize("task, prediction, meant", [
