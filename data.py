@@ -148,8 +148,8 @@ def _iter_json_list(path):
 
         def fail(at, what):
             line = line0 + buf.count("\n", 0, at)
-            raise UserError(f"{path} line {line}: {what}; a .json data file must be a valid JSON list "
-                            "of records (or use JSONL, one record per line)")
+            raise UserError(f"{path} line {line}: {what}; a data file that starts with '[' must be a valid JSON "
+                            "list of records (or use JSONL, one record per line)")
 
         fill()
         peek()

@@ -357,6 +357,9 @@ HUGE = '{"instruction": "a", "output": "b", "id": ' + "9" * 5000 + "}"  # more d
     ("bad.json", f"[\n{GOOD},\n{GOOD},\n{{\"instruction\" \"a\"}}\n]", r"bad.json line 4: record 2 is not valid JSON"),
     ("comma.json", f"[{GOOD} {GOOD}]", r"expected ',' or '\]' after record 0"),
     ("tail.json", f"[{GOOD}] [", r"unexpected text after the closing"),
+    ("lists.jsonl", f"[{GOOD}]\n[{GOOD}]\n",  # was called "a .json data file"
+     r"lists.jsonl line 2: unexpected text after the closing '\]'; a data file that starts with '\[' must be a valid "
+     r"JSON list of records \(or use JSONL, one record per line\)"),
     ("cut.json", f"[{GOOD}, {GOOD[:20]}", r"cut.json line 1: record 1 is not valid JSON"),
     ("nooutput.jsonl", f'{GOOD}\n{{"instruction": "a", "input": ""}}\n', r'nooutput.jsonl line 2 has no "output"'),
     ("nooutput.json", f'[{GOOD}, {{"instruction": "a", "input": ""}}]', r'nooutput.json record 1 has no "output"'),
