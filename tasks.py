@@ -385,6 +385,9 @@ def load_arc(path):
             raise UserError(f"{where} has {len(choices)} choices, more than the {len(LETTERS)} letters of the "
                             f"prompt ({LETTERS}); check that the file is ARC's.")
         keys = {_get(c, "label", where): LETTERS[i] for i, c in enumerate(choices)}
+        if len(keys) < len(choices):  # the answer key would point at the last of the choices of that label
+            raise UserError(f"{where} labels two of its choices alike ({[c['label'] for c in choices]}); check that "
+                            "the file is ARC's.")
         records.append(make_record("choice", _label(row.get("answerKey"), keys, where),
                                    question=_get(question, "stem", where),
                                    options=[_get(c, "text", where) for c in choices]))

@@ -574,6 +574,8 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
      r"t.json holds a number of more than [\d,]+ digits, too long to read"),
     ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}]}, "answerKey": "B"}\n',
      r"arc.jsonl line 1 has the label 'B'"),
+    ("arc", "arc.jsonl", '{"question": {"stem": "q", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": '
+     '"A"}]}, "answerKey": "A"}\n', r"arc.jsonl line 1 labels two of its choices alike \(\['A', 'A'\]\)"),
     ("winogrande", "dev.jsonl", '{"sentence": "_ x", "option1": "a", "answer": "1"}\n',
      r"dev.jsonl line 1 has no 'option2' field"),
     ("webqa", "q.json", '[{"utterance": "q", "targetValue": "Paris"}]', r"q.json record 0 has the targetValue 'Paris'"),
