@@ -155,24 +155,31 @@ def generate_all(model, prompts, max_new, r):
 
 @torch.no_grad()
 def task_expert_load(model, prompts, r):
-    """Mean expert share over the prompt tokens of a task's first eval_batch_size prompts, averaged over the
-    adapted layers of the last `load_layers` blocks: which experts each task recruits (the paper's Figure 5)."""
-    prompts = prompts[:r.cfg["eval_batch_size"]]
-    width = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=r.device)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=r.device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-        valid[i, :len(p)] = True
-    was_training = model.training
-    model.eval()
-    model(tokens, logits_to_keep=1)  # run for the adapters' omega: no (prompts, width, vocab) logits
-    model.train(was_training)
+    """Mean expert share over the prompt tokens of every prompt of a task, averaged over the adapted layers of the
+    last `load_layers` blocks: which experts each task recruits (the paper's Figure 5). The prompts run eval_batch_size
+    at a time, each layer's shares pooled over all their tokens: the batch size bounds memory, not what is counted."""
     raw = model.module if hasattr(model, "module") else model
     n_layers = r.args.n_layers  # the blocks' layers only: an adapted output layer ran on one position, not `valid`
-    loads = [v for i in range(n_layers - r.cfg["load_layers"], n_layers)
-             for v in teamlora.expert_load(raw.layers[i], valid).values()]
-    return torch.stack(loads).mean(0).cpu() if loads else None
+    blocks = [raw.layers[i] for i in range(n_layers - r.cfg["load_layers"], n_layers)]
+    was_training = model.training
+    model.eval()
+    shares, count, batch = 0, 0, r.cfg["eval_batch_size"]
+    for s in range(0, len(prompts), batch):
+        part = prompts[s:s + batch]
+        width = max(len(p) for p in part)
+        tokens = torch.zeros(len(part), width, dtype=torch.long, device=r.device)
+        valid = torch.zeros(len(part), width, dtype=torch.bool, device=r.device)
+        for i, p in enumerate(part):
+            tokens[i, :len(p)] = torch.tensor(p)
+            valid[i, :len(p)] = True
+        model(tokens, logits_to_keep=1)  # run for the adapters' omega: no (prompts, width, vocab) logits
+        loads = [v for block in blocks for v in teamlora.expert_load(block, valid).values()]
+        if not loads:  # no adapted layer in those blocks (--targets=output): none in any batch
+            break
+        n = int(valid.sum())  # each layer's mean over this batch's tokens, weighted by their count
+        shares, count = shares + torch.stack(loads) * n, count + n
+    model.train(was_training)
+    return (shares / count).mean(0).cpu() if count else None
 
 
 def evaluate(model, r):

@@ -449,17 +449,32 @@ def test_task_expert_load_averages_omega_over_real_prompt_tokens_of_the_last_lay
     heads, head = [], model.head
     model.head = lambda h: heads.append(h.shape) or head(h)
     got = evaluation.task_expert_load(model, prompts, r)
-    assert heads == [(4, 1, r.args.dim)]  # one position's logits: at 128k words a batch's would take tens of GiB
+    # eval_batch_size=4: two batches, one position's logits each (at 128k words a batch's would take tens of GiB)
+    assert heads == [(4, 1, r.args.dim), (1, 1, r.args.dim)]
     del model.head
-    want = conftest.reference_task_load(model, prompts[:4], r.args.n_layers, 2, r.cfg["experts"])  # eval_batch_size=4
+    want = conftest.reference_task_load(model, prompts, r.args.n_layers, 2, r.cfg["experts"])  # every prompt
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got.shape == (r.cfg["experts"],) and model.training  # the caller's mode, kept: training here,
     model.eval()
     torch.testing.assert_close(evaluation.task_expert_load(model, prompts, r), got, rtol=0, atol=0)
     assert not model.training  # eval mode (sample.py's) here
     # the first layers are left out: their load differs from the last two layers'
-    everything = conftest.reference_task_load(model, prompts[:4], r.args.n_layers, r.args.n_layers, r.cfg["experts"])
+    everything = conftest.reference_task_load(model, prompts, r.args.n_layers, r.args.n_layers, r.cfg["experts"])
     assert not torch.allclose(everything, want, rtol=0, atol=1e-4)
+
+
+def test_the_expert_load_counts_every_prompt_of_a_task_whatever_the_eval_batch_size(run_data, tmp_path):
+    """eval_batch_size bounds scoring's memory (the README lowers it for smaller GPUs; study.py and a resume take it as
+    no change to a run): the load printed over "each task's prompt tokens" counted only the first eval_batch_size
+    prompts, so a smaller batch printed another load."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--load_layers=2")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, r.tok.vocab_size, (n,), generator=g).tolist() for n in (30, 4, 17, 9, 26, 2, 12)]
+    want = conftest.reference_task_load(model, prompts, r.args.n_layers, 2, r.cfg["experts"])
+    for batch in (1, 3, 7, 64):
+        cfg = dict(r.cfg, eval_batch_size=batch)
+        got = evaluation.task_expert_load(model, prompts, train.Run(cfg, 0, 1, r.device, r.tok, r.args))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("warmup,decay,min_ratio", [(6, None, 0.0), (10, 60, 0.1), (1, None, 0.25), (0, 40, 0.0)])
