@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import sys
+import unicodedata
 
 import torch
 
@@ -63,6 +64,12 @@ def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
                              seed=seed)[0]
         load = evaluation.task_expert_load(model, [ids], r) if r.multi_expert else None
     return r.tok.decode(new), load, len(ids) < len(full)
+
+
+def shown(text):
+    """text as printed: control characters but line breaks and tabs escaped as repr shows them, so that the terminal
+    shows, instead of obeying, the escape sequences of a records file or an answer (a colour, a clipboard write)."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
 
 
 def records_of(args):
@@ -128,14 +135,14 @@ def main(argv=None):
             torch.set_num_threads(machine.cpu_threads({"threads": 0}))
         for record in records:
             text, load, cut = answer(model, r, record, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-            print(f"### Instruction: {record['instruction']}")
+            print(f"### Instruction: {shown(record['instruction'])}")
             if record.get("input"):
-                print(f"### Input: {record['input']}")
+                print(f"### Input: {shown(record['input'])}")
             if cut:
                 print(f"(the prompt was cut to its start and end: the model has {r.args.context} positions)")
-            print(text)
+            print(shown(text))
             if record.get("output") is not None:
-                print(f"(expected: {record['output']})")
+                print(f"(expected: {shown(record['output'])})")
             if load is not None:
                 shares = "  ".join(f"e{i} {v:.2f}" for i, v in enumerate(load.tolist()))
                 print(f"(experts, last {r.cfg['load_layers']} layers; even = {1 / len(load):.2f}: {shares})")

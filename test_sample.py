@@ -407,6 +407,23 @@ def test_an_empty_input_prints_no_input_line_an_empty_instruction_is_answered_an
     assert "### Input:" not in printed and "(expected: )" in printed.splitlines()
 
 
+def test_a_records_files_terminal_escape_sequences_are_printed_escaped_not_sent_to_the_terminal(runs, tmp_path,
+                                                                                                 capsys):
+    """A records file is data from anywhere: its ESC sequences (here a clipboard write and a screen clear) and other
+    control characters were printed raw, to drive the terminal; line breaks, tabs and any other text print as they
+    are. The answer goes through the same (a byte-level tokenizer can decode to ESC)."""
+    hostile = {"instruction": "Hi\x1b]52;c;aGk=\x07 there\tyou\r", "input": "\x1b[2J\x00caf\u00e9 \u200d\u05d0\x9b",
+               "output": "line one\nline \x7ftwo"}
+    data.write_jsonl(str(tmp_path / "r.jsonl"), [hostile])
+    sample.main(["--out_dir", str(runs["lora"][0]), "--records", str(tmp_path / "r.jsonl"), "--max_new_tokens=2"])
+    printed = capsys.readouterr().out
+    assert not any(c in printed for c in "\x1b\x07\r\x00\x7f\x9b")
+    assert "### Instruction: Hi\\x1b]52;c;aGk=\\x07 there\tyou\\r\n" in printed
+    assert "### Input: \\x1b[2J\\x00caf\u00e9 \u200d\u05d0\\x9b\n" in printed  # letters, marks: as they are
+    assert "(expected: line one\nline \\x7ftwo)" in printed
+    assert sample.shown("a\x1bb") == "a\\x1bb" and sample.shown("\n\t") == "\n\t"
+
+
 def test_on_cuda_a_run_answers_with_the_float32_matmuls_its_own_scoring_used(runs, monkeypatch):
     """train.py scores a CUDA run with its float32 matmuls on TF32 (tf32=True, the default) or IEEE (tf32=False):
     sample.py answers with the run's setting, so its greedy answers are the run's own, and restores the one it found;
