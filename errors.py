@@ -4,6 +4,7 @@ script's entry, run_script."""
 import os
 import select
 import sys
+import unicodedata
 
 
 class UserError(ValueError):
@@ -20,14 +21,15 @@ def exit_with(error, prefix=""):
         where = f" ({error.filename})" if error.filename else ""
         error = (f"{error.strerror or error}{where}; what was there before is kept: free space there or make it "
                  "writable, then run it again")
-    print(f"{prefix}error: {one_line(str(error))}", file=sys.stderr)
+    print(f"{prefix}error: {printable(str(error))}", file=sys.stderr)
     sys.exit(2)
 
 
-def one_line(message):
-    """The one line a message promises, also where it quotes a value with a line break (a path, a flag's value):
-    shown escaped, as Python's repr shows it."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+def printable(text, keep="\t"):
+    """text with its control characters but those in `keep` escaped as repr shows them: a message stays the one line
+    it promises where it quotes a value with a line break (a path, a flag's value), and a terminal shows, instead of
+    obeying, the escape sequences of what was read from a file (a colour, a clipboard write)."""
+    return "".join(repr(c)[1:-1] if c not in keep and unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def run_script(main):

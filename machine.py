@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from errors import UserError, one_line
+from errors import UserError, printable
 
 
 def resolve_device(cfg):
@@ -165,7 +165,7 @@ def fail(message, code):
     mistake is its own (its node's files, say). Returns `code`."""
     if os.environ.get("RANK", "0") != "0":
         wait_to_be_stopped(10, code)
-    print(one_line(message), file=sys.stderr)
+    print(printable(message), file=sys.stderr)
     return code
 
 

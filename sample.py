@@ -16,7 +16,6 @@ import contextlib
 import math
 import os
 import sys
-import unicodedata
 
 import torch
 
@@ -25,7 +24,7 @@ import data
 import evaluation
 import machine
 import train
-from errors import UserError, exit_with, run_script
+from errors import UserError, exit_with, printable, run_script
 from tokenizer import Tokenizer
 
 LOADING = dict(eval_only=True, fsdp=False, compile=False, activation_checkpointing=False)  # read, one process, eager
@@ -67,9 +66,8 @@ def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
 
 
 def shown(text):
-    """text as printed: control characters but line breaks and tabs escaped as repr shows them, so that the terminal
-    shows, instead of obeying, the escape sequences of a records file or an answer (a colour, a clipboard write)."""
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
+    """A record's or an answer's text as printed: its lines and tabs as they are, other control characters escaped."""
+    return printable(text, keep="\n\t")
 
 
 def records_of(args):

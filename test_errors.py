@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import UserError, exit_with, run_script
+from errors import UserError, exit_with, printable, run_script
 
 
 def _ended(error, capsys, prefix="x.py: "):
@@ -36,6 +36,10 @@ def test_a_message_quoting_a_value_with_a_line_break_stays_one_line(capsys):
     (a log reader's or a wrapper script's first line then held half of it)."""
     assert _ended(UserError("init_from 'a\nb\r' does not exist; fix it"), capsys) == \
         "x.py: error: init_from 'a\\nb\\r' does not exist; fix it"
+    # a raw file's label, quoted: a terminal shows its escape sequence instead of obeying it; text and tabs stay
+    assert _ended(UserError("has the label '\x1b[2J\x9b\tcaf\u00e9'"), capsys) == \
+        "x.py: error: has the label '\\x1b[2J\\x9b\tcaf\u00e9'"
+    assert printable("a\x1bb\n\t", keep="\n\t") == "a\\x1bb\n\t"
 
 
 def test_a_file_not_found_with_a_sentence_of_its_own_is_printed_as_it_is_without_advice_on_writing(capsys):

@@ -421,7 +421,6 @@ def test_a_records_files_terminal_escape_sequences_are_printed_escaped_not_sent_
     assert "### Instruction: Hi\\x1b]52;c;aGk=\\x07 there\tyou\\r\n" in printed
     assert "### Input: \\x1b[2J\\x00caf\u00e9 \u200d\u05d0\\x9b\n" in printed  # letters, marks: as they are
     assert "(expected: line one\nline \\x7ftwo)" in printed
-    assert sample.shown("a\x1bb") == "a\\x1bb" and sample.shown("\n\t") == "\n\t"
 
 
 def test_on_cuda_a_run_answers_with_the_float32_matmuls_its_own_scoring_used(runs, monkeypatch):
