@@ -117,9 +117,10 @@ def eager():
 
 def prompt_ids(tok, record, room):
     """The prompt's ids, cut to `room` tokens. room >= 2 (train.py's setup and sample.py check it), so a cut
-    prompt keeps its first token (BOS) and its closing "</s>", after which the model was trained to answer."""
+    prompt keeps its first token (BOS; a tokenizer without one, as Qwen's, the instruction's first) and its closing
+    "</s>", after which the model was trained to answer."""
     ids = data.encode_prompt(tok, record)
-    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep BOS and the end
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]  # keep the start and the end
 
 
 def generate_all(model, prompts, max_new, r):
