@@ -457,7 +457,7 @@ class Transformer(nn.Module):
         """Load a Meta directory (params.json + consolidated.*.pth) or a Hugging Face one
         (config.json + *.safetensors or pytorch_model*.bin; weights.py reads the files). Files are memory-mapped and
         the model is built on the meta device, then takes the loaded tensors as its parameters (no second copy).
-        dtype (e.g. torch.bfloat16 for 7B) defaults to the checkpoint's own."""
+        dtype (e.g. torch.bfloat16 for 7B) defaults to the checkpoint's own (float32 where its weights mix dtypes)."""
         path = os.fspath(path)
         config, state = weights.read(path, dtype, device)
         args = ModelArgs(**config)
@@ -465,7 +465,7 @@ class Transformer(nn.Module):
             args = replace(args, max_seq_len=max_seq_len)
         model = _meta_model(cls, args, state, path)
         model.load_state_dict(state, assign=True)
-        return model
+        return model if len({t.dtype for t in state.values()}) == 1 else model.float()  # a matmul takes one dtype
 
 
 def _meta_model(cls, args, state, path):
@@ -474,7 +474,7 @@ def _meta_model(cls, args, state, path):
     try:
         with torch.device("meta"):
             model = cls(args)
-    except RuntimeError as e:  # "Storage size calculation overflowed": sizes past any memory
+    except (RuntimeError, TypeError) as e:  # "Storage size calculation overflowed"; TypeError: a size past int64
         raise ValueError(f"the configuration of the checkpoint in {path!r} describes a model too large to build "
                          f"({weights.describe(e)}); fix it or download it again") from None
     expected = {name: t.shape for name, t in model.state_dict().items()}
@@ -488,7 +488,7 @@ def _meta_model(cls, args, state, path):
     for name in expected:
         if state[name].shape != expected[name]:
             raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model "
-                             f"expects {tuple(expected[name])}; the config and the weights do not match")
+                             f"expects {tuple(expected[name])}; the configuration in {path!r} does not fit its weights")
     return model
 
 

@@ -150,8 +150,9 @@ def write_safetensors(tensors, file):
     """The safetensors format by hand: u64 header length, JSON header, then the raw bytes."""
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
-        data = t.contiguous().numpy().tobytes()
-        kind = {torch.float32: "F32", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64"}[t.dtype]
+        data = t.contiguous().flatten().view(torch.uint8).numpy().tobytes()  # bytes as stored: float8 too
+        kind = {torch.float32: "F32", torch.int8: "I8", torch.int32: "I32", torch.int64: "I64",
+                torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}[t.dtype]
         header[name] = {"dtype": kind, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
@@ -419,16 +420,18 @@ def test_a_config_json_without_model_type_is_read_as_llamas(tmp_path):
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
 
 
-def test_shape_mismatch_names_weight_and_both_shapes(tmp_path):
+def test_shape_mismatch_names_weight_and_both_shapes_and_the_folder(tmp_path):
+    """The folder too: train.py's init_from may be one of several, and the sentence said only "the config"."""
     model = tiny_model()
     config = hf_config(model)
     config["intermediate_size"] += 32
     torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(config))
     f = model.args.ffn_hidden_dim
-    with pytest.raises(ValueError,
-                       match=rf"layers\.0\.feed_forward\.w1\.weight has shape \({f}, 64\).*expects \({f + 32}, 64\)"):
+    shapes = rf"layers\.0\.feed_forward\.w1\.weight has shape \({f}, 64\).*expects \({f + 32}, 64\)"
+    with pytest.raises(ValueError, match=shapes) as error:
         Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"; the configuration in {str(tmp_path)!r} does not fit its weights")
 
 
 def test_missing_safetensors_package_says_how_to_install(tmp_path, monkeypatch):
@@ -567,6 +570,13 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("meta", "params.json", lambda c: c | {"n_heads": 4.0}, "has n_heads=4.0 where a positive integer"),
     ("meta", "params.json", lambda c: c | {"vocab_size": 512.5}, "has vocab_size=512.5 where an integer belongs"),
     ("meta", "params.json", lambda c: c | {"norm_eps": None}, "has norm_eps=None where a positive number"),
+    # JSON's integers have no bound: past int64 each was an OverflowError's traceback at the first forward
+    ("bin", "config.json", lambda c: c | {"rms_norm_eps": 10**30}, f"has rms_norm_eps={10**30} where a positive"),
+    ("meta", "params.json", lambda c: c | {"rope_theta": 2**63}, f"has rope_theta={2**63} where a positive number"),
+    ("bin", "config.json", lambda c: c | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 10**30}},
+     f"has original_max_position_embeddings={10**30} where a positive integer"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: "{", "is not valid JSON"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: {"metadata": {}}, 'has no "weight_map"'),
     ("bin index", "pytorch_model.bin.index.json", lambda c: {"weight_map": {"model.norm.weight": None}},
@@ -625,12 +635,15 @@ def test_a_configuration_file_that_can_not_be_read_is_one_sentence(tmp_path, mon
     assert_one_sentence(error, f"{tmp_path / 'config.json'} cannot be read (Permission denied)")
 
 
-def test_a_configuration_past_any_memory_is_refused_before_anything_is_built(tmp_path):
+@pytest.mark.parametrize("sizes", [{"hidden_size": 2**40, "intermediate_size": 2**40},
+                                   {"num_attention_heads": 2**32, "head_dim": 2**32}])
+def test_a_configuration_past_any_memory_is_refused_before_anything_is_built(tmp_path, sizes):
     """hidden_size = intermediate_size = 2**40: a weight of 2**80 elements overflowed the meta build (a RuntimeError's
-    traceback); sizes that fit in a meta tensor are refused by the weights' shapes, before any memory is taken."""
+    traceback), and 2**32 heads of 2**32, a weight dimension past int64, was torch.empty's TypeError; sizes that fit
+    in a meta tensor are refused by the weights' shapes, before any memory is taken."""
     write_single_file_dir(tmp_path, "bin")
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_size": 2**40, "intermediate_size": 2**40}))
+    (tmp_path / "config.json").write_text(json.dumps(config | sizes))
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
     assert_one_sentence(error, f"the configuration of the checkpoint in {str(tmp_path)!r} describes a model too large")
@@ -691,6 +704,7 @@ SAVED_FAULTS = [  # (model_args changes, state change, what the sentence says)
     (dict(vocab_size=10**12), None, "weight tok_embeddings.weight has shape (512, 64) in the checkpoint but the model "
                                     "expects (1000000000000, 64)"),
     (dict(dim=2**40, head_dim=None), None, "describes a model too large to build"),
+    (dict(n_heads=2**32, head_dim=2**32), None, "describes a model too large to build"),  # torch.empty's TypeError
     ({}, lambda s: s.pop("layers.0.feed_forward.w1.weight"), "lacks weights the model needs: layers.0.feed_forward"),
     ({}, lambda s: s.update({"layers.0.extra.weight": torch.zeros(2)}),
      "has weights this model does not know: layers.0.extra.weight"),
@@ -782,9 +796,12 @@ def rewrite_weight_file(file, change):
 
 
 @pytest.mark.parametrize("layout", ["bin", "bin index", "meta", "safetensors"])
-@pytest.mark.parametrize("damage", ["nan", "inf", "int8", "int32"])  # int32: GPTQ's and AWQ's packing
+@pytest.mark.parametrize("damage", ["nan", "inf", "int8", "int32",  # int32: GPTQ's and AWQ's packing
+                                    "float8_e4m3fn", "float8_e5m2"])  # floating point, but no CPU matmul takes it
 def test_a_weight_with_nan_inf_or_integers_is_refused_at_load_naming_tensor_and_file(tmp_path, layout, damage):
-    """A damaged download (NaN, inf) or a quantised one (integers) is found when it is read, not at the first loss."""
+    """A damaged download (NaN, inf) or a quantised one (integers, float8) is found when it is read, not at the first
+    loss: a float8 weight loaded, and the model's first forward was a matmul's traceback (in a Meta shard beside a
+    float32 one, torch.cat's)."""
     if layout == "safetensors":
         pytest.importorskip("safetensors")
     file = write_single_file_dir(tmp_path, layout)
@@ -792,15 +809,38 @@ def test_a_weight_with_nan_inf_or_integers_is_refused_at_load_naming_tensor_and_
 
     def spoil(sd):
         names.append(next(n for n in sd if "freq" not in n))
-        integers = damage.startswith("int")
+        integers = damage.startswith(("int", "float8"))
         t = sd[names[0]] = sd[names[0]].to(getattr(torch, damage) if integers else torch.float32, copy=True)
         t.view(-1)[3] = 1 if integers else float(damage)
         return sd
     rewrite_weight_file(file, spoil)
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
-    want = f"holds torch.{damage} values" if damage.startswith("int") else "holds NaN or inf values"
+    want = f"holds torch.{damage} values" if damage.startswith(("int", "float8")) else "holds NaN or inf values"
     assert_one_sentence(error, str(file), names[0], want)
+
+
+@pytest.mark.parametrize("layout", ["bin", "meta"])
+def test_a_checkpoint_whose_weights_mix_dtypes_loads_as_one_float32_model_that_runs(tmp_path, layout):
+    """Norms kept in float16 beside float32 weights: loaded as stored, the model's first matmul was a RuntimeError's
+    traceback ("expected m1 and m2 to have the same dtype")."""
+    model = tiny_model()
+    with torch.no_grad():  # norms that float16 holds exactly
+        for name, p in model.named_parameters():
+            p.copy_(p.half().float() if "norm" in name else p)
+    if layout == "meta":
+        write_meta_dir(model, tmp_path, 0)
+        files = sorted(tmp_path.glob("consolidated.*.pth"))
+    else:
+        torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+        files = [tmp_path / "pytorch_model.bin"]
+    for file in files:
+        rewrite_weight_file(file, lambda sd: {n: t.half() if "norm" in n else t for n, t in sd.items()})
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
 
 def test_a_float16_weight_whose_sum_passes_float16s_largest_value_is_not_called_damaged(tmp_path):
@@ -1092,6 +1132,23 @@ def test_a_tied_hf_checkpoint_that_also_stores_lm_head_loads(tmp_path):
     assert loaded.output is None
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_a_tied_hf_checkpoint_whose_lm_head_differs_from_the_embedding_is_read_untied_as_transformers_5_reads_it(
+        tmp_path):
+    """tie_word_embeddings=true beside an lm_head.weight that is not the embedding's copy: transformers 5 unties them
+    and uses each as stored. The lm_head was dropped and the embedding used in its place: another model, no word."""
+    model = tiny_model(qkv_bias=True, tie_embeddings=True)
+    sd = hf_state_dict(model)
+    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model, "qwen2")))
+    loaded = Transformer.from_pretrained(tmp_path)
+    untied = Transformer(replace(model.args, tie_embeddings=False))
+    untied.load_state_dict(model.state_dict() | {"output.weight": sd["lm_head.weight"]})
+    assert loaded.output is not None and not loaded.args.tie_embeddings
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(untied, tokens))
 
 
 def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_are_refused(tmp_path):

@@ -95,8 +95,7 @@ def check_saved(model_args, state, path, known):
         _checked(name, t, path)
 
 
-# The readers convert each tensor to dtype/device as soon as it is read, so at most one tensor exists
-# twice at any time (memory-mapped files are paged in from disk, not copied).
+# The readers convert each tensor to dtype/device as soon as it is read: at most one tensor exists twice at a time.
 
 def _check_regular(file):
     """A ValueError naming file when it is there but is not a regular file: opening a named pipe waits for a writer
@@ -128,11 +127,10 @@ def _read_json(file):  # not files.read_json: model.py and weights.py are copied
     return value
 
 
-# what the readers take from a configuration file: key -> (kind, may be null). "positive int" and
-# "positive" (a number) must be > 0; "int" is any integer (Meta's vocab_size is -1); "bool" is true or false.
+# what the readers take from a configuration file: key -> (kind, may be null). "positive int", "positive" (a number):
+# > 0, finite, below 2**63 if an integer (torch's int64); "int": any integer (Meta's vocab_size is -1); "bool": a bool.
 # The Meta tables list every key params.json may have: others are refused, not passed to ModelArgs unchecked.
-_META_PARAMS = {"dim": ("positive int", False), "n_layers": ("positive int", False),
-                "n_heads": ("positive int", False)}
+_META_PARAMS = {"dim": ("positive int", False), "n_layers": ("positive int", False), "n_heads": ("positive int", False)}
 _META_OPTIONAL = {"n_kv_heads": ("positive int", True), "vocab_size": ("int", False),
                   "multiple_of": ("positive int", False), "ffn_dim_multiplier": ("positive", True),
                   "norm_eps": ("positive", False), "rope_theta": ("positive", False),
@@ -166,7 +164,7 @@ def _check_fields(config, file, required, optional, fix="fix it or download the 
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if (not isinstance(value, bool) if kind == "bool" else not number
                 or (kind.endswith("int") and not isinstance(value, int))
-                or (kind.startswith("positive") and not 0 < value < math.inf)):  # JSON's Infinity, 1e999 too
+                or (kind.startswith("positive") and not 0 < value < (math.inf if isinstance(value, float) else 2**63))):
             want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number",
                     "bool": "true or false"}[kind]
             raise ValueError(f"{file} has {key}={value!r} where {want} belongs; {fix}")
@@ -368,6 +366,9 @@ def _read_hf(path, dtype, device):
         raise ValueError(f"the checkpoint in {path!r} has weights this model does not know: {listed} (in "
                          f"{', '.join(sorted(set(unknown.values())))}); keep only the Hugging Face weight files of a "
                          "LLaMA, Qwen or Mistral model in that folder")
+    stored = [shards[source[n]][n] for n in ("lm_head.weight", "model.embed_tokens.weight") if n in source]
+    if args["tie_embeddings"] and len(stored) == 2:  # a different lm_head: untied, as transformers 5 reads it
+        args["tie_embeddings"] = torch.equal(*stored)
     if args["tie_embeddings"]:
         state.pop("output.weight", None)  # tied: the embedding serves both (some files store the copy)
     return args, state
@@ -423,9 +424,9 @@ def _open_weights(file):
 
 
 def _checked(name, t, file):
-    """t; a ValueError naming the file and the tensor when it is not floating point (a quantised checkpoint) or
-    holds NaN or inf (a damaged one)."""
-    if not t.is_floating_point():
+    """t; a ValueError naming the file and the tensor when it is not floating point or is float8 (a quantised
+    checkpoint, whose float8 weights no CPU matmul takes and whose scales live elsewhere) or holds NaN or inf."""
+    if not t.is_floating_point() or t.element_size() == 1:
         raise ValueError(f"weight {name} in {file} holds {t.dtype} values, which this model does not take "
                          "(quantised checkpoints are not supported); use the checkpoint's floating-point weights")
     if not torch.isfinite(t.sum(dtype=torch.float32)):  # one pass, no copy: a NaN or inf makes the sum one
