@@ -2006,6 +2006,19 @@ def test_a_sentencepiece_model_whose_eos_is_not_written_slash_s_ends_each_answer
     assert ids[-(len(tok.encode("the dog")) + 1):] == tok.encode("the dog") + [tok.eos_id]
 
 
+@pytest.mark.parametrize("options", [{}, {"control_symbols": ["</s>"]}], ids=["no </s> piece", "a </s> piece"])
+def test_a_sentencepiece_model_whose_eos_is_not_written_slash_s_ends_the_prompt_with_its_eos(tmp_path, options):
+    """The authors' "</s>" ends every prompt: under a model whose EOS is <eos> (Gemma's names) it stayed the text
+    "</s>", in several pieces, where every other tokenizer gives the EOS id; a model with a "</s>" piece of its own
+    gets that piece, as a tokenizer.json with a "</s>" token does."""
+    tok = Tokenizer(train_spm(tmp_path, "g", bos_piece="<bos>", eos_piece="<eos>", **options))
+    end = tok.sp.piece_to_id("</s>") if options else tok.eos_id
+    assert not tok.sp.is_unknown(end) and end not in tok.encode("the fox</s>")
+    ids, labels = encode_example(tok, {"instruction": "the fox", "input": "", "output": "the dog"})
+    assert ids[:labels.count(-100)] == [tok.bos_id] + tok.encode("the fox") + [end]
+    assert tok.encode("a</s>b", special=True) == tok.encode("a") + [end] + tok.encode("b")
+
+
 def test_hf_plain_encode_adds_no_special_token_even_where_the_tokenizer_json_has_a_post_processor(tmp_path):
     """A tokenizer.json whose post-processor puts a BOS in front (LLaMA-3's and Mistral's do): encode() adds it only
     when asked (bos=True), once."""
@@ -2106,3 +2119,63 @@ def test_a_killed_prepares_folder_given_to_prepare_as_an_input_or_tokenizer_is_n
     assert sorted(os.listdir(stale)) == sorted(os.listdir(tmp_path / "done"))
     prepare([source], tiny_spm, tmp_path / "out", workers=1, quiet=True)  # given nothing inside it: removed
     assert not stale.exists()
+
+
+def test_a_tokenizer_json_giving_two_tokens_one_id_is_refused_not_read_at_random(tmp_path):
+    """The tokenizers package keeps one of two tokens with the same id at random: loading then failed with its own
+    exception's traceback, or worked with a decode that gave the other token's text."""
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer_json["model"]["vocab"]
+    word = max(vocab, key=vocab.get)  # the last merge's result
+    vocab["extra"] = vocab[word]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    for _ in range(8):  # which of the two the package kept changed from one load to the next
+        with pytest.raises(UserError, match=f"tokenizer.json gives two tokens the same id {vocab[word]}; pass the "
+                                            "checkpoint's unmodified tokenizer.json"):
+            Tokenizer(folder)
+
+
+def test_a_tokenizer_json_whose_ids_skip_numbers_has_a_vocab_size_past_its_largest_id(tmp_path):
+    """vocab_size was the count of tokens: an id past it was dropped by decode, and past 65,535 prepare wrote it to
+    uint16 shards, as another id."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    word = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXTS[0]).tokens[0]
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json["model"]["vocab"][word] = 70_000
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    tok = Tokenizer(folder)
+    ids = tok.encode(TEXTS[0])
+    assert 70_000 in ids and max(ids) < tok.vocab_size and tok.decode(ids) == TEXTS[0]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)
+    assert TokenDataset(tmp_path / "out").tokens.tolist() == encode_example(tok, {"text": TEXTS[0]})[0]
+
+
+@pytest.mark.parametrize("kind", ["WordLevel", "WordPiece", "Unigram"])
+def test_a_tokenizer_json_without_an_unknown_token_names_the_text_it_cannot_encode(tmp_path, kind):
+    """These models raise the package's own exception on a character outside their vocabulary where they have no
+    unknown token: prepare ended in its traceback."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(getattr(tokenizers.models, kind)())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    trainer = getattr(tokenizers.trainers, kind + "Trainer")(special_tokens=["<e>"])
+    hf.train_from_iterator(TEXTS, trainer)
+    folder = tmp_path / "t"
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>"}))
+    tok = Tokenizer(folder)
+    known = TEXTS[0] + "<e>"  # text in its vocabulary: encoded as the package does
+    assert tok.encode(known, special=True) == hf.encode(known).ids and tok.eos_id == hf.encode(known).ids[-1]
+    record = {"instruction": TEXTS[0], "output": "☃"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    says = (f"^tokenizer {re.escape(str(folder))}/tokenizer.json cannot encode the text '{{}}' \\(.+\\); remove that "
+            "text from the records, or pass a tokenizer whose model has an unknown token$")
+    with pytest.raises(UserError, match=says.format("☃")):
+        tok.encode("☃")
+    for encode in (lambda: encode_example(tok, record),  # the answer's text, with the EOS's
+                   lambda: prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)):
+        with pytest.raises(UserError, match=says.format("☃<e>")):
+            encode()

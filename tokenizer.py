@@ -49,8 +49,8 @@ class Tokenizer:
     """LLaMA-2 / Chinese-LLaMA-2 SentencePiece model, LLaMA-3 tiktoken file (told apart by content), or a
     Hugging Face tokenizer.json (Qwen2.5, Mistral, ...; a folder holding one works too), read by the
     `tokenizers` package with BOS and EOS from the tokenizer_config.json beside it. With every one, the
-    authors' literal "</s>" (the prompt's end) is the model's EOS id under special=True (so LLaMA-3's
-    two files give the same ids); a model without a BOS (Qwen) gets none.
+    authors' literal "</s>" (the prompt's end) is the model's EOS id under special=True unless it has a "</s>"
+    token of its own (so LLaMA-3's two files give the same ids); a model without a BOS (Qwen) gets none.
 
     encode(text) treats all text as text, like Meta's tokenizers; encode(text, special=True) turns
     special-token strings ("</s>", "<|end_of_text|>", ...) into their ids, like Hugging Face's.
@@ -102,6 +102,8 @@ class Tokenizer:
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
         # transformers' slow LlamaTokenizer never splits <unk>, <s>, </s> (its special tokens)
         self.specials = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.bos_id, self.eos_id)}
+        slash_s = self.sp.piece_to_id(PROMPT_EOS)  # the authors' "</s>": a piece of that name, else EOS (Gemma's <eos>)
+        self.specials.setdefault(PROMPT_EOS, self.eos_id if self.sp.is_unknown(slash_s) else slash_s)
         self.eos_text = self.sp.id_to_piece(self.eos_id)
 
     def _load_tiktoken(self):
@@ -144,6 +146,11 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises Exception with its own message
             raise UserError(f"{self.path} is not a valid tokenizer.json ({str(e)[:100]}); pass the checkpoint's "
                             "unmodified tokenizer.json") from None
+        numbers = sorted(self.hf.get_vocab(with_added_tokens=True).values())
+        twice = next((a for a, b in zip(numbers, numbers[1:]) if a == b), None)
+        if twice is not None:  # the package keeps one of the two at random, for decode and for to_str below
+            raise UserError(f"{self.path} gives two tokens the same id {twice}; pass the checkpoint's unmodified "
+                            "tokenizer.json")
         # plain text stays text; encode(special=True) goes to a copy that splits on the added tokens itself, as
         # transformers' fast tokenizers do: encoding the pieces between them one by one would give each its own
         # "▁" under a Metaspace pre-tokenizer with prepend_scheme "first" (Mistral's, LLaMA-2's tokenizer.json)
@@ -170,7 +177,7 @@ class Tokenizer:
         if ids["eos_token"] is None:
             raise UserError(f"{config_file} gives no eos_token that {self.path} knows; put the checkpoint's "
                             "tokenizer_config.json next to its tokenizer.json")
-        self.kind, self.vocab_size = "tokenizers", self.hf.get_vocab_size(with_added_tokens=True)
+        self.kind, self.vocab_size = "tokenizers", numbers[-1] + 1  # not the count: ids may skip numbers
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
         self.eos_text = token("eos_token")
@@ -182,8 +189,16 @@ class Tokenizer:
         if self.kind == "tiktoken":
             return self.enc.encode(text, disallowed_special=())
         if self.kind == "tokenizers":
-            return self.hf.encode(text, add_special_tokens=False).ids
+            return self._encode_hf(self.hf, text)
         return self.sp.encode(text)
+
+    def _encode_hf(self, hf, text):
+        try:
+            return hf.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a WordLevel, WordPiece or Unigram model without an unknown token, on text it lacks
+            raise UserError(f"tokenizer {self.path} cannot encode the text {text[:40]!r} ({str(e)[:80]}); "
+                            "remove that text from the records, or pass a tokenizer whose model has an unknown "
+                            "token") from None
 
     def encode(self, text, bos=False, eos=False, special=False):
         if not special:
@@ -191,7 +206,7 @@ class Tokenizer:
         elif self.kind == "tokenizers":  # the package splits on its added tokens, with their lstrip / rstrip
             if self.specials[PROMPT_EOS] == self.eos_id and PROMPT_EOS != self.eos_text:
                 text = text.replace(PROMPT_EOS, self.eos_text)
-            ids = self.hf_special.encode(text, add_special_tokens=False).ids
+            ids = self._encode_hf(self.hf_special, text)
         else:  # one SentencePiece call per piece between special tokens, as transformers does
             ids = []
             for piece in self._special_re.split(text):
