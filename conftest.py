@@ -37,7 +37,7 @@ needs_cme_fixtures = pytest.mark.skipif(not os.path.isdir(CME_DIR), reason="shar
 @pytest.fixture(scope="session")
 def run_data(tmp_path_factory):
     """A small mini-CME suite, its training shards, and a tiny base pretrained on its corpus by
-    train.py itself (adapter='none', packed batches): made once for the module."""
+    train.py itself (adapter='none', packed batches): made once per session."""
     root = tmp_path_factory.mktemp("mini")
     make_suite(str(root), seed=0, n_train_per_task=40, n_test_per_task=6, n_val_per_task=4, corpus_docs=400)
     prepare([str(root / "train.jsonl")], str(root / "tokenizer.model"), str(root / "tokens"), max_len=128,

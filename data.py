@@ -16,7 +16,7 @@ gets its own dummy-prefix "▁"). Whitespace next to a special token is kept: in
 of LLaMA-2 and Chinese-LLaMA-2 the special tokens are AddedToken(lstrip=False, rstrip=False), and
 4.30 strips only around special tokens given as plain strings in special_tokens_map.json.
 eos_text is "</s>" for LLaMA-2; for LLaMA-3 it is "<|end_of_text|>", and the prompt's "</s>" (which
-build_dataset.py's template hard-codes) is its EOS id too, as with every tokenizer (tokenizer.py).
+build_dataset.py's template hard-codes) is its EOS id too, as with any tokenizer without a "</s>" token (tokenizer.py).
 
 Shards (one set per split, "train" and "val"), read back by TokenDataset:
     {split}.tokens.bin        all token ids back to back (uint16 if vocab_size <= 65536, else uint32)

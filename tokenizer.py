@@ -181,7 +181,7 @@ class Tokenizer:
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
         self.eos_text = token("eos_token")
-        self.specials = {**added, PROMPT_EOS: added.get(PROMPT_EOS, self.eos_id)}  # the authors' "</s>": EOS
+        self.specials = {**added, PROMPT_EOS: added.get(PROMPT_EOS, self.eos_id)}  # its own "</s>", else EOS
         # transformers adds the config's tokens as special tokens, so they are never split (a token they already are)
         self.hf_special.add_special_tokens([token(name) for name in ids if token(name)])
 

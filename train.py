@@ -58,7 +58,7 @@ grad_accum = 1
 # model
 init_from = "data/mini_cme/base.pt"  # "scratch", "resume", a .pt written by train.py, or a Meta/HF folder
 model = "small"  # the ModelArgs preset of init_from="scratch" (and of a dry run whose init_from is not on disk)
-activation_checkpointing = False  # recompute each block in backward: activation memory for a third more compute
+activation_checkpointing = False  # recompute each block in backward: activation memory traded for a second forward
 compile = False  # torch.compile each transformer block (adapters inside); see bench.py for what it pays
 threads = 0  # CPU threads for torch; 0: the cores not already busy when the run starts (at least 1)
 tf32 = True  # CUDA: float32 matmuls (the adapters' under a bf16 base) on TF32 tensor cores; False: IEEE float32
