@@ -48,7 +48,9 @@ def test_normalize_answer_drops_case_punctuation_articles_and_spaces():
     assert normalize_answer("Theatre") == "theatre"  # "the" only as a whole word
     assert normalize_answer("曹操。") == "曹操"  # Unicode punctuation too
     # on ASCII text it is SQuAD's: punctuation goes before articles, so "The-End" is one word, not "end"
-    for text in ("The-End", "A.I. and the U.S.", "an-apple a day", "the.", "Rock 'n' roll", "a/an/the", "(The) Who"):
+    # ASCII symbols too ("$", "+", "<", "|"), which Unicode files under S, not P
+    for text in ("The-End", "A.I. and the U.S.", "an-apple a day", "the.", "Rock 'n' roll", "a/an/the", "(The) Who",
+                 "$1,000", "x^2 + y = z", "<i>Paris</i>", "a|b", "~the `end`"):
         assert normalize_answer(text) == squad_normalize_answer(text), text
 
 
@@ -61,15 +63,16 @@ def test_exact_match_takes_the_best_alias_after_normalisation():
 
 @pytest.mark.parametrize("prediction", ["B", "b", "(B)", "(b)", "[B]", "B.", "B)", "B. Paris", "B) Paris",
                                         "B.cellular telephone", "Answer: B", "answer: (B)", "The answer is B",
-                                        "The correct option is B.", " B\n", "b. Paris", "b: Paris"])
+                                        "The correct option is B.", " B\n", "b. Paris", "b: Paris",
+                                        "b) Paris", "The right answer is B", "Final answer: B"])
 def test_accuracy_reads_an_option_letter_in_its_common_forms(prediction):
-    assert accuracy(prediction, "B") == 1.0
+    assert accuracy(prediction, "B") == 1.0 and accuracy(prediction, " b") == 1.0  # the gold letter's case either way
     assert accuracy(prediction, "C") == 0.0
 
 
 @pytest.mark.parametrize("prediction", ["A or B", "B or A", "A, B", "A/B", "A & B", "A and B", "A B", "(A) or (B)",
                                         "A; B", "A, or B", "A vs. B", "Option A or option B", "(A) or choice (B)",
-                                        "A OR B", "A Or option B", "A VS B"])
+                                        "A OR B", "A Or option B", "A VS B", "A B.", "A (B)."])
 def test_accuracy_rejects_a_prediction_naming_two_options(prediction):
     assert accuracy(prediction, "A") == 0.0 and accuracy(prediction, "B") == 0.0
 
@@ -121,8 +124,18 @@ def test_accuracy_rejects_two_labels_and_keeps_duplicate_apart_from_not_duplicat
     assert accuracy("These are not duplicate questions.", "duplicate", dup) == 0.0
     assert accuracy("entailment or neutral", "entailment", nli) == 0.0
     assert accuracy("It is entailment, not contradiction", "entailment", nli) == 0.0
+    # "duplicate" before "not duplicate" is outside it: two labels named
+    assert accuracy("duplicate, not duplicate", "not duplicate", dup) == 0.0
+    assert accuracy("duplicate, not duplicate", "duplicate", dup) == 0.0
     assert accuracy("The relationship is entailment.", "entailment", nli) == 1.0  # one label named
     assert accuracy("The relationship is entailment.", "entailment") == 0.0  # no label set: exact only
+
+
+def test_a_label_inside_a_longer_one_named_does_not_count_on_its_own_without_a_negation_too():
+    """"sports" inside "sports news" is that label's word, as "duplicate" is inside "not duplicate"."""
+    topics = ("sports", "sports news", "world")
+    assert accuracy("It is sports news.", "sports news", topics) == 1.0
+    assert accuracy("It is sports news.", "sports", topics) == 0.0
 
 
 def test_rouge_l_is_one_for_identical_and_zero_for_disjoint_or_empty_texts():
@@ -145,6 +158,8 @@ def test_chance_levels_on_hand_made_records():
     assert chance_level(summary, [record]) == pytest.approx(100 * 6 / 9)
     assert first_sentence("First line\nsecond. Third.") == "First line"
     assert first_sentence("\n  A post starts. Then more.") == "A post starts."  # leading blank lines are no sentence
+    assert first_sentence("What a day! Then more.") == "What a day!"  # "!" and "?" end a sentence as "." does
+    assert first_sentence("Why? Because.") == "Why?"
     with pytest.raises(UserError, match="no records"):
         chance_level(nli, [])
 
@@ -186,6 +201,9 @@ def test_task_score_reads_the_reference_and_aliases_from_the_record():
     assert Task("s", "rouge_l", 8).score("the cat", {"output": "the cat sat"}) == pytest.approx(2 * 2 / (2 + 3))
     with pytest.raises(ValueError, match="no reference output"):
         qa.score("x", {"output": None})
+    # a QA record of one's own, without "answers" (or with none), is scored on its output
+    for record in ({"output": "Sunset Blvd."}, {"output": "Sunset Blvd.", "answers": []}):
+        assert qa.score("sunset blvd", record) == 1.0 and qa.score("sunset", record) == 0.0
     with pytest.raises(ValueError, match="metric"):
         Task("bad", "bleu", 8)
 
@@ -356,6 +374,16 @@ def test_webqa_loader_reads_webquestions_target_values_and_baidu_webqa(tmp_path)
     assert record == {"instruction": "三国中谁说出宁教我负天下人", "input": "", "output": "曹操",
                       "answers": ["曹操", "曹孟德"]}
     assert CME_TASKS["webqa"].score("曹操。", record) == 1.0
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json"])
+def test_an_evaluation_set_keeps_non_ascii_text_as_written(tmp_path, ext):
+    """UTF-8 text, as the official records hold it, not \\uXXXX escapes a reader of the file can not read."""
+    raw = tmp_path / "me_test.ann.json"
+    raw.write_text(json.dumps({"Q_1": {"question": "谁说的？", "evidences": {"e": {"answer": ["曹操"]}}}}))
+    assert write_eval_set("webqa", str(raw), str(tmp_path / f"webqa{ext}")) == 1
+    text = (tmp_path / f"webqa{ext}").read_text(encoding="utf-8")
+    assert "谁说的？" in text and "曹操" in text and "\\u" not in text
 
 
 @needs_cme_fixtures
@@ -581,11 +609,19 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
     ("webqa", "q.json", '[{"utterance": "q", "targetValue": "Paris"}]', r"q.json record 0 has the targetValue 'Paris'"),
     ("webqa", "q.json", '[{"utterance": "q",\n "targetValue": }]', r"q.json line 2 is not valid JSON"),
     ("imdb", "train.txt", "pos\tgreat film\nmaybe\tso-so\n", r"train.txt line 2 is not 'pos<TAB>review'"),
+    ("imdb", "train.txt", "pos\tgreat film\nneg\n", r"train.txt line 2 is not 'pos<TAB>review'"),  # no review
     # a field of the wrong JSON type: one sentence naming the file, the line or record, and the field
     ("nq", "nq.jsonl", '{"question": "q", "answer": null}\n',
      r"nq.jsonl line 1 has 'answer' set to null, not a string or a list of strings"),
     ("nq", "nq.jsonl", '{"question": "q", "answer": ["a"]}\n{"question": "q", "answer": 5}\n',
      r"nq.jsonl line 2 has 'answer' set to 5, not a string or a list"),
+    ("nq", "nq.jsonl", '{"question": "q", "answer": ["a", 5]}\n',
+     r"nq.jsonl line 1 has 'answer' set to \[\"a\", 5\], not a string or a list of strings"),
+    ("triviaqa", "t.json", '{"Data": [{"Question": "q", "Answer": {"Value": "v", "Aliases": ["a", null]}}]}',
+     r"t.json record 0 has 'Aliases' set to \[\"a\", null\], not a list of strings"),
+    # a long value is cut short: the message stays one readable line
+    ("nq", "nq.jsonl", json.dumps({"question": "q", "answer": list(range(1000))}),
+     r"nq.jsonl line 1 has 'answer' set to \[0, 1, 2, [\d, ]+\.\.\., not a string"),
     ("nq", "nq.jsonl", '{"question": 5, "answer": ["a"]}\n', r"nq.jsonl line 1 has 'question' set to 5, not a string"),
     ("triviaqa", "t.json", '{"Data": {"Question": "q"}}', r"t.json has 'Data' set to \{.*\}, not a list"),
     ("triviaqa", "t.json", '{"Data": [{"Question": "q", "Answer": {"Value": "v", "Aliases": 5}}]}',
@@ -705,6 +741,9 @@ def test_missing_files_and_folders_are_named(tmp_path):
     (tmp_path / "aclImdb" / "pos" / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match=r"notes.txt is not named <id>_<rating>.txt; move it out of"):
         CME_TASKS["imdb"].load(str(tmp_path / "aclImdb"))
+    os.replace(tmp_path / "aclImdb" / "pos" / "notes.txt", tmp_path / "aclImdb" / "pos" / "1_7.txt~")  # a backup
+    with pytest.raises(ValueError, match=r"1_7.txt~ is not named <id>_<rating>.txt; move it out of"):
+        CME_TASKS["imdb"].load(str(tmp_path / "aclImdb"))
     with pytest.raises(ValueError, match="unknown task 'squad'"):
         write_eval_set("squad", str(tmp_path), str(tmp_path / "x.json"))
 
@@ -745,6 +784,15 @@ def test_a_limit_below_one_is_refused_and_writes_nothing(tmp_path, capsys, limit
     assert os.listdir(tmp_path) == ["dev.jsonl"]
     assert write_eval_set("anli", raw, out, limit=1) == 1 and write_eval_set("anli", raw, out, overwrite=True) == 30
     assert write_eval_set("anli", raw, out, limit=100, overwrite=True) == 30 and len(open(out).readlines()) == 30
+
+
+@pytest.mark.parametrize("limit", [True, 2.5, "5"])
+def test_a_limit_that_is_not_an_integer_is_refused_and_writes_nothing(tmp_path, limit):
+    """True is an int to Python, but not a number of records (it would keep one)."""
+    raw, out = write_anli(tmp_path / "dev.jsonl", 30), str(tmp_path / "anli.jsonl")
+    with pytest.raises(UserError, match=f"limit {limit!r} is not a number of records to keep"):
+        write_eval_set("anli", raw, out, limit=limit)
+    assert os.listdir(tmp_path) == ["dev.jsonl"]
 
 
 @pytest.mark.parametrize("case", ["out is the raw file", "not UTF-8", "raw is a folder"])

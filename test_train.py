@@ -1453,6 +1453,20 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     assert_same_adapters(adapters_of(a), adapters_of(b))
 
 
+def test_by_name_keys_an_unsharded_optimizer_state_by_name_even_before_its_first_step():
+    """An optimizer without moments yet still names its parameters by position, in its param_groups; FSDP2's own
+    state, keyed by name, stays as it is."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    m[0].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+    fresh = checkpoint.by_name(m, opt, opt.state_dict())
+    assert fresh["state"] == {} and fresh["param_groups"][0]["params"] == ["1.weight", "1.bias"]
+    m(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    named = checkpoint.by_name(m, opt, opt.state_dict())
+    assert set(named["state"]) == {"1.weight", "1.bias"} and checkpoint.by_name(m, opt, named) is named
+
+
 def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_moments(tmp_path):
     """fsdp may change on resume: AdamW's moments and step of a one-process or DDP run (keyed by position) load into
     an FSDP2 model (keyed by name; it refused them, as a damaged ckpt.pt), and FSDP2's load back without it. As in a

@@ -885,6 +885,19 @@ def test_a_checkpoint_or_adapter_holding_nan_or_inf_is_refused_by_resume_eval_on
     train.main(train_flags(run_data, out, "--eval_only=True", "--eval_limit=1"))
 
 
+def test_a_checkpoint_holding_nan_or_inf_in_several_tensors_names_the_first_three_of_them():
+    """The message shows how far the damage goes (a few names, in the checkpoint's order), and only damaged tensors:
+    a finite one, or an integer one, is not named."""
+    import checkpoint
+    values = [float("nan"), 1.0, float("-inf"), float("nan"), float("inf")]
+    state = {f"layers.{i}.attn.wq.lora_B": torch.full((2, 3), v) for i, v in enumerate(values)}
+    state["layers.9.steps"] = torch.arange(3)
+    with pytest.raises(train.UserError) as error:
+        checkpoint.load_state(torch.nn.Linear(3, 2), state, {"adapter": "teamlora"}, "run/ckpt.pt")
+    assert str(error.value).startswith("run/ckpt.pt holds NaN or infinite values (layers.0.attn.wq.lora_B, "
+                                       "layers.2.attn.wq.lora_B, layers.3.attn.wq.lora_B), which train.py never saves")
+
+
 def test_a_run_scored_or_sampled_before_its_last_step_says_so_and_a_resume_at_its_last_says_nothing_is_left(
         run_data, tmp_path, capsys):
     """Scores and answers of a run stopped by Ctrl-C (or still training) are not its last: sample.py and
