@@ -11,6 +11,7 @@ read with weights_only=True: RNG states are stored as tensors and plain values, 
 plain types, so no file can run code when loaded.
 """
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -175,6 +176,29 @@ def load_state(model, state, cfg, path):
     copy_into(model, state)
 
 
+def open_log(out_dir, step):
+    """out_dir/log.jsonl, opened to log the steps after `step`: a new run's anew, a resume's for appending, without
+    the lines of later steps that a kill or a second Ctrl-C left past the checkpoint. The resume logs those steps
+    again, and a curve whose steps repeat would misalign study.py's mean over seeds."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if step and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines(keepends=True)
+        kept = [line for line in lines if logged_step(line) <= step]
+        if kept != lines:
+            files.write_atomic(path, "".join(kept).encode("utf-8", "surrogateescape"))
+    return open(path, "a" if step else "w", buffering=1)
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; 0 for a line that names none (kept: not a later step's)."""
+    try:
+        step = json.loads(line).get("step", 0)
+    except (ValueError, AttributeError, RecursionError):
+        return 0
+    return step if type(step) is int else 0
+
+
 def sharded(cfg):
     """Whether FSDP2 shards the model: under torchrun with fsdp=True, even with one process."""
     return cfg["fsdp"] and dist.is_initialized()
@@ -255,6 +279,7 @@ def save_checkpoint(r, raw, opt, step):
         try:
             save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
                          "model_args": asdict(r.args), "base": r.base, "data": r.data}, path)
+            r.written = step  # the run's checkpoint now, though a second Ctrl-C may yet stop adapter.pt's write
             save_weights(r, state)
         except OSError as e:  # a full disk or a folder made read-only: each file stays as it was
             then = (f"continue from the last checkpoint written with {r.resume_with}" if os.path.isfile(path) else

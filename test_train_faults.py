@@ -1140,6 +1140,52 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_keeps_the_last_on
     assert "the checkpoint of step 3 in" in capsys.readouterr().out
 
 
+def test_a_second_ctrl_c_after_the_checkpoints_ckpt_pt_is_written_names_it_and_a_resume_goes_on_from_it(
+        run_data, tmp_path, monkeypatch, capsys):
+    """Cut short while adapter.pt is written, a new run's first checkpoint stands in ckpt.pt: the stop must offer to
+    resume it, not say that nothing was saved and to start again with --overwrite=True (which would discard it)."""
+    flags = ("--eval_dir=", "--dropout=0.1", "--threads=1")
+    whole = train.train(train.parse_config(train_flags(run_data, tmp_path / "whole", *flags)))
+    real = train.checkpoint.save_weights
+
+    def save_weights(r, state):  # the first checkpoint's adapter.pt (step 3): Ctrl-C twice
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(r, state)
+    monkeypatch.setattr(train.checkpoint, "save_weights", save_weights)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", *flags)))
+    out = capsys.readouterr().out
+    assert stopped["interrupted"] and stopped["step"] == 3 and not (tmp_path / "run" / "adapter.pt").exists()
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
+    assert "checkpoint of step 3 written" in out and "--init_from=resume" in out and "--overwrite" not in out
+    monkeypatch.undo()
+    resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'run'}", "--init_from=resume"]))
+    assert resumed["step"] == 6
+    assert_same_adapters(adapters_of(whole["model"]), torch.load(tmp_path / "run" / "adapter.pt", weights_only=True))
+
+
+def test_a_resume_after_a_stop_at_once_logs_each_step_once_as_the_uninterrupted_run_does(run_data, tmp_path,
+                                                                                          monkeypatch):
+    """A second Ctrl-C (or a kill) leaves log lines of steps past the checkpoint, which the resume trains and logs
+    again: it drops them first, so that the log holds each step once (study.py averages curves line by line), and
+    keeps the lines up to the checkpoint as they were."""
+    flags = ("--eval_dir=", "--log_interval=1", "--dropout=0.1", "--threads=1")
+
+    def logged(out):
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "whole", *flags)))
+    _signals_at(monkeypatch, 4, signal.SIGINT, signal.SIGINT)  # in step 5: the checkpoint of step 3 stands
+    assert train.train(train.parse_config(train_flags(run_data, tmp_path / "run", *flags)))["step"] == 3
+    before = logged(tmp_path / "run")
+    assert [line["step"] for line in before if "loss" in line] == [1, 2, 3, 4]
+    monkeypatch.undo()
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'run'}", "--init_from=resume"]))
+    after, whole = logged(tmp_path / "run"), logged(tmp_path / "whole")
+    assert [(d["step"], d.get("loss"), d.get("val_loss")) for d in after] == \
+        [(d["step"], d.get("loss"), d.get("val_loss")) for d in whole]
+    assert after[:4] == before[:4]  # steps 1 to 3 (and step 3's validation) as first written, times and all
+
+
 def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_again(run_data, tmp_path,
                                                                                      monkeypatch, capsys):
     """Nothing to resume, and its log.jsonl holds the folder: what it says must work."""

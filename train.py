@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +179,7 @@ class Run:
     resume_with: str = "--init_from=resume"  # what continues this run after an interruption
     base: str = None  # checkpoint.fingerprint of the base weights, recorded in ckpt.pt
     data: str = None  # checkpoint.data_fingerprint of the token shards, recorded in ckpt.pt
+    written: int = None  # the step of the last ckpt.pt written (checkpoint.save_checkpoint), adapter.pt or not yet
 
     @property
     def master(self):
@@ -669,7 +670,7 @@ def run(r, ckpt=None):
             load_trained_adapter(r, raw)
         return finish(r, model, summary, val_ds)
 
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a" if step else "w", buffering=1) if r.master else None
+    log = checkpoint.open_log(cfg["out_dir"], step) if r.master else None
     interactive = r.master and sys.stderr.isatty()  # a SLURM or nohup log gets one line per log_interval instead
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
@@ -717,14 +718,13 @@ def run(r, ckpt=None):
 
 def stop_run(r, raw, opt, stop, step, saved):
     """After Ctrl-C or SIGTERM: the checkpoint of step `step`, the last finished one, unless a second Ctrl-C stopped
-    the run in the middle of a step or comes while it is written (atomically: the one of step `saved` stands).
-    Returns the step of the run's checkpoint."""
+    the run in the middle of a step, or of a save before its ckpt.pt was written (atomically: the one of step `saved`
+    stands). Returns the step of the run's checkpoint."""
     if not stop.forced and saved != step:
-        try:
+        with suppress(KeyboardInterrupt):
             checkpoint.save_checkpoint(r, raw, opt, step)
             saved = step
-        except KeyboardInterrupt:
-            pass
+    saved = step if r.written == step else saved  # a save cut short after ckpt.pt: a resume writes adapter.pt again
     if saved == step:
         r.say(f"\ninterrupted: checkpoint of step {step} written to {r.cfg['out_dir']}; continue with {r.resume_with}")
     elif saved is not None:
