@@ -289,6 +289,30 @@ def _hf_to_meta_name(name):
     return name  # unknown: reported as unexpected
 
 
+def _hf_rope(config, config_file, path):
+    """(rotary settings, LLaMA 3.1's scaling or None) of a config.json, its fields checked on the way. transformers 5
+    writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling. Read as transformers 5
+    reads them: a rope_scaling replaces rope_parameters whole, and a rope_theta inside the one read overrides the
+    top-level rope_theta."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{config_file} has rotary settings {rope!r} where an object belongs; fix it or download "
+                         "the file again")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        read = (" (its rope_scaling, which transformers reads instead of its rope_parameters)"
+                if config.get("rope_scaling") and config.get("rope_parameters") else "")
+        raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}{read}, which this model does not "
+                         "implement (only LLaMA 3.1's \"llama3\"); use a checkpoint without it")
+    _check_fields(config, config_file, _HF_CONFIG, _HF_OPTIONAL)
+    _check_fields(rope, config_file, _LLAMA3_ROPE if kind == "llama3" else {}, {"rope_theta": ("positive", True)})
+    scaling = tuple(rope[k] for k in _LLAMA3_ROPE) if kind == "llama3" else None
+    if scaling and scaling[1] >= scaling[2]:
+        raise ValueError(f"{config_file} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in "
+                         "its rotary scaling; fix it or download the file again")
+    return rope, scaling
+
+
 def _read_hf(path, dtype, device):
     config_file = os.path.join(path, "config.json")
     config = _read_json(config_file)
@@ -306,25 +330,7 @@ def _read_hf(path, dtype, device):
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
         raise ValueError(f"{config_file} has sliding_window={window!r} where a positive integer or null belongs; "
                          "fix it or download the file again")
-    # transformers 5 writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling. Read
-    # as transformers 5 reads them: a rope_scaling replaces rope_parameters whole, and a rope_theta inside the one
-    # read overrides the top-level rope_theta
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise ValueError(f"{config_file} has rotary settings {rope!r} where an object belongs; fix it or download "
-                         "the file again")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        read = (" (its rope_scaling, which transformers reads instead of its rope_parameters)"
-                if config.get("rope_scaling") and config.get("rope_parameters") else "")
-        raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}{read}, which this model does not "
-                         "implement (only LLaMA 3.1's \"llama3\"); use a checkpoint without it")
-    _check_fields(config, config_file, _HF_CONFIG, _HF_OPTIONAL)
-    _check_fields(rope, config_file, _LLAMA3_ROPE if kind == "llama3" else {}, {"rope_theta": ("positive", True)})
-    scaling = tuple(rope[k] for k in _LLAMA3_ROPE) if kind == "llama3" else None
-    if scaling and scaling[1] >= scaling[2]:
-        raise ValueError(f"{config_file} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in "
-                         "its rotary scaling; fix it or download the file again")
+    rope, scaling = _hf_rope(config, config_file, path)
     n_heads = config["num_attention_heads"]
     # LlamaConfig's defaults where a key is absent (rms_norm_eps 1e-6, max_position_embeddings 2048)
     args = dict(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
