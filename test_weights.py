@@ -572,7 +572,8 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("meta", "params.json", lambda c: c | {"norm_eps": None}, "has norm_eps=None where a positive number"),
     # JSON's integers have no bound: past int64 each was an OverflowError's traceback at the first forward
     ("bin", "config.json", lambda c: c | {"rms_norm_eps": 10**30}, f"has rms_norm_eps={10**30} where a positive"),
-    ("meta", "params.json", lambda c: c | {"rope_theta": 2**63}, f"has rope_theta={2**63} where a positive number"),
+    ("meta", "params.json", lambda c: c | {"rope_theta": 2**63},
+     f"has rope_theta={2**63} where a positive number below 2**63 (int64) belongs"),
     ("bin", "config.json", lambda c: c | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                            "high_freq_factor": 4.0,
                                                            "original_max_position_embeddings": 10**30}},

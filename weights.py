@@ -166,7 +166,7 @@ def _check_fields(config, file, required, optional, fix="fix it or download the 
                 or (kind.endswith("int") and not isinstance(value, int))
                 or (kind.startswith("positive") and not 0 < value < (math.inf if isinstance(value, float) else 2**63))):
             want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number",
-                    "bool": "true or false"}[kind]
+                    "bool": "true or false"}[kind] + (" below 2**63 (int64)" if number and value >= 2**63 else "")
             raise ValueError(f"{file} has {key}={value!r} where {want} belongs; {fix}")
 
 
