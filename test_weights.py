@@ -420,6 +420,15 @@ def test_a_config_json_without_model_type_is_read_as_llamas(tmp_path):
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
 
 
+def test_a_config_json_naming_silu_swish_is_read_as_silu(tmp_path):
+    """transformers' ACT2FN maps "swish" to the same nn.SiLU as "silu": such a config was refused."""
+    model = tiny_model()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model) | {"hidden_act": "swish"}))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
 def test_shape_mismatch_names_weight_and_both_shapes_and_the_folder(tmp_path):
     """The folder too: train.py's init_from may be one of several, and the sentence said only "the config"."""
     model = tiny_model()

@@ -316,7 +316,7 @@ def _hf_rope(config, config_file, path):
 def _read_hf(path, dtype, device):
     config_file = os.path.join(path, "config.json")
     config = _read_json(config_file)
-    unsupported = {"model_type": ("llama", "mistral", "qwen2", "qwen3", None), "hidden_act": ("silu", None),
+    unsupported = {"model_type": ("llama", "mistral", "qwen2", "qwen3", None), "hidden_act": ("silu", "swish", None),
                    "attention_bias": (False, None), "mlp_bias": (False, None), "use_sliding_window": (False, None)}
     for key, allowed in unsupported.items():
         if config.get(key) not in allowed:
