@@ -179,12 +179,13 @@ def load_state(model, state, cfg, path):
 def open_log(out_dir, step):
     """out_dir/log.jsonl, opened to log the steps after `step`: a new run's anew, a resume's for appending, without
     the lines of later steps that a kill or a second Ctrl-C left past the checkpoint. The resume logs those steps
-    again, and a curve whose steps repeat would misalign study.py's mean over seeds."""
+    again, and a curve whose steps repeat would misalign study.py's mean over seeds. A last line cut short (no
+    newline: its write was cut) goes too, else the next line would be glued to it and the log could not be read."""
     path = os.path.join(out_dir, "log.jsonl")
     if step and os.path.isfile(path):
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines(keepends=True)
-        kept = [line for line in lines if logged_step(line) <= step]
+        kept = [line for line in lines if logged_step(line) <= step and line.endswith("\n")]
         if kept != lines:
             files.write_atomic(path, "".join(kept).encode("utf-8", "surrogateescape"))
     return open(path, "a" if step else "w", buffering=1)

@@ -259,6 +259,8 @@ def launch(flags, threads):
     if code:
         with open(os.path.join(out, "stdout.txt")) as f:
             tail = (f.read().strip().splitlines() or ["no output"])[-1]
+        if code < 0:  # killed by a signal (9: kill -9, the out-of-memory killer): its last line is no error of its own
+            tail = f"it was killed by signal {-code} ({signal.strsignal(-code)})"
         if re.search(r"error: the (loss|gradient norm|validation loss) became", tail):  # train.check_finite's
             config = {k: v for k, v in train.parse_config(settings).items() if not k.startswith("_")}
             files.write_atomic(os.path.join(out, DIVERGED), json.dumps({"config": config, "error": tail}, indent=1))

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import checkpoint
 import study
 import train
 from conftest import held_by_another_process, named_pipe, script_error
@@ -1086,6 +1087,19 @@ def test_a_failed_runs_sentence_is_quoted_into_the_studys_without_its_full_stop(
                             "when rerun.")
 
 
+def test_a_run_killed_by_a_signal_is_named_so_not_by_its_last_line_of_progress(tmp_path, monkeypatch):
+    """A run killed by a signal (kill -9, the out-of-memory killer) was said to have "failed: step 2 ...", its last
+    line of progress, as if that line were its error."""
+    def killed(cmd, log, env):
+        log.write("training\nstep 2: loss 1.50\n")
+        return -9  # Popen's code of a process that a signal ended
+    monkeypatch.setattr(study, "run_child", killed)
+    with pytest.raises(study.data.UserError) as e:
+        study.launch([f"--out_dir={tmp_path / 'run'}"], 1)
+    assert str(e.value).startswith(f"the run in {tmp_path / 'run'} failed: it was killed by signal 9 (")
+    assert "step 2" not in str(e.value) and str(e.value).endswith("the study continues from it when rerun.")
+
+
 def test_a_report_names_the_seeds_missing_from_each_mean(tmp_path):
     """A final run that diverged (or is not finished yet) was left out of its row's mean and spread without a word,
     under a heading naming every seed: the row now says over how many seeds, and a list names the missing ones."""
@@ -1169,3 +1183,17 @@ def test_an_out_that_starts_with_a_tilde_is_in_the_home_folder_as_the_shell_give
     monkeypatch.setenv("HOME", str(tmp_path))  # --out=~/study made a folder named ~ in the current one
     opts = study.parse(["--out=~/study", "--val_dir=~/val"])[0]
     assert (opts["out"], opts["val_dir"]) == (str(tmp_path / "study"), str(tmp_path / "val"))
+
+
+def test_a_resumed_run_whose_log_was_cut_mid_line_is_read_as_finished_not_damaged(tmp_path):
+    """A kill (or a full disk) while a resumed run wrote a line of its log.jsonl leaves that line cut short, and the
+    next resume kept it: the step's line written again was glued to it, and the study refused the finished run as
+    damaged, telling the user to train it again. The resume drops the cut line, as it drops the later steps' lines."""
+    folder = tmp_path / "lora32-lr0.001-seed1"
+    lines = [json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in (1, 2, 3)]
+    fake_run(folder, 1e-3, {"a": 50.0}, seed=1)
+    (folder / "log.jsonl").write_text(lines[0] + lines[1] + lines[2][:9])  # step 3's line cut: ckpt.pt is of step 2
+    with checkpoint.open_log(str(folder), 2) as log:  # what the resume does, then its step 3
+        log.write(lines[2])
+    assert (folder / "log.jsonl").read_text() == "".join(lines)
+    assert study.read_results(folder)["curve"] == [(1, 3.0), (2, 1.5), (3, 1.0)]
