@@ -290,7 +290,8 @@ def _hf_to_meta_name(name):
 
 
 def _hf_rope(config, config_file, path):
-    """(rotary settings, LLaMA 3.1's scaling or None) of a config.json, its fields checked on the way. transformers 5
+    """(rotary settings, LLaMA 3.1's scaling or None) of a config.json. Its other fields (_HF_CONFIG) are checked
+    here too, between the rotary kind and the scaling's fields: the order of refusals _read_hf had. transformers 5
     writes rope_parameters (rope_theta inside); older versions rope_theta and rope_scaling. Read as transformers 5
     reads them: a rope_scaling replaces rope_parameters whole, and a rope_theta inside the one read overrides the
     top-level rope_theta."""
