@@ -98,20 +98,26 @@ def keep_slices(cfg, ckpt, world, master):
     """A resume on another number of processes: grad_accum such that processes x grad_accum, the slices each
     global batch is cut into (their rows and dropout masks: data.get_batch, train.slice_seed), stay the run's, which
     then goes on as if uninterrupted (2 processes or 1 with grad_accum=2 train alike). Where no grad_accum can, it
-    says so."""
-    saved = len(ckpt["rng"]) if ckpt is not None and not cfg["eval_only"] else world  # one RNG state a process
+    says so. Re-scoring keeps grad_accum (it draws no dropout masks), but its validation cuts batches as training
+    does, and it cannot change batch_size or grad_accum either: where they do not split, it names the counts that do."""
+    saved = len(ckpt["rng"]) if ckpt is not None else world  # one RNG state a process
     slices = saved * cfg["grad_accum"]
-    if saved == world:
+    cut = f"{slices} slice{'s' if slices > 1 else ''} ({saved} process(es) x grad_accum {cfg['grad_accum']})"
+    if cfg["eval_only"] and saved != world and cfg["batch_size"] % (world * cfg["grad_accum"]):
+        per = cfg["batch_size"] // cfg["grad_accum"]
+        raise UserError(f"the run's batch_size={cfg['batch_size']} with grad_accum={cfg['grad_accum']} cannot be cut "
+                        f"into slices for {world} processes to score its validation loss; score it on a number of "
+                        f"processes that divides {per} (it trained on {saved}).")
+    if saved == world or cfg["eval_only"]:
         return cfg
     if slices % world:
         if cfg["batch_size"] % (world * cfg["grad_accum"]):  # a resume keeps batch_size and grad_accum: name what fits
-            raise UserError(f"the run cut each batch into {slices} slices ({saved} process(es) x grad_accum "
-                            f"{cfg['grad_accum']}), which {world} processes cannot split; resume it on a number of "
-                            f"processes that divides {slices}.")
+            raise UserError(f"the run cut each batch into {cut}, which {world} processes cannot split; resume it on "
+                            f"a number of processes that divides {slices}.")
         if master:
-            print(f"warning: the run cut each batch into {slices} slices ({saved} process(es) x grad_accum "
-                  f"{cfg['grad_accum']}), which {world} processes cannot: it goes on with other dropout masks than an "
-                  f"uninterrupted run; resume on a number of processes that divides {slices} to match it.",
+            print(f"warning: the run cut each batch into {cut}, which {world} processes cannot: it goes on with "
+                  "other dropout masks than an uninterrupted run; resume on a number of processes that divides "
+                  f"{slices} to match it.",
                   file=sys.stderr)
         return cfg
     if master:

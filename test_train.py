@@ -1247,6 +1247,24 @@ def test_keep_slices_refuses_a_resume_whose_batch_the_new_processes_cannot_cut_w
     with pytest.raises(UserError, match=r"cut each batch into 2 slices .* which 4 processes cannot split; resume it "
                                         r"on a number of processes that divides 2\.$"):
         machine.keep_slices(cfg, {"rng": [None]}, 4, True)
+    with pytest.raises(UserError, match=r"cut each batch into 1 slice \(1 process"):  # not "1 slices"
+        machine.keep_slices({**cfg, "grad_accum": 1, "batch_size": 3}, {"rng": [None]}, 2, True)
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_a_resume_or_re_scoring_on_any_number_of_processes_splits_its_batches_or_names_counts_that_do(eval_only):
+    """Neither may change batch_size or grad_accum: on any process count keep_slices gives a config whose batches
+    split (check_batch_split; re-scoring validates in them), or refuses it, naming counts it takes."""
+    for batch_size, grad_accum, saved in [(3, 1, 1), (6, 2, 1), (8, 1, 2), (12, 3, 2), (8, 2, 1)]:
+        cfg, ckpt = {"grad_accum": grad_accum, "batch_size": batch_size, "eval_only": eval_only}, {"rng": [0] * saved}
+        for world in range(1, 9):
+            try:
+                machine.check_batch_split(machine.keep_slices(cfg, ckpt, world, False), world)
+            except UserError as e:
+                named = int(re.search(r"on a number of processes that divides (\d+)", str(e)).group(1))
+                assert named % world and named % saved == 0, e
+                for fits in (w for w in range(1, 9) if named % w == 0):
+                    machine.check_batch_split(machine.keep_slices(cfg, ckpt, fits, False), fits)
 
 
 def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run_data, tmp_path, monkeypatch):
