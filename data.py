@@ -528,8 +528,8 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
             raise UserError(f"--val_fraction {val_fraction} put all {splits['val']['records']} records in val, "
                             "leaving none to train on; lower --val_fraction or add records")
         if dropped:
-            print(f"warning: {dropped} of {records} records were dropped because max_len {max_len} cut their "
-                  "answer away entirely; pass a larger --max_len to keep them", file=sys.stderr)
+            print(f"warning: {dropped} of {records} records {'was' if dropped == 1 else 'were'} dropped because "
+                  f"max_len {max_len} cut their answer away entirely; raise --max_len to keep them", file=sys.stderr)
         sha256 = file_sha256(tok.path)
         summary = dict(
             format=FORMAT, max_len=max_len, val_fraction=val_fraction, seed=seed, dtype=dtype,

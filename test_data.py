@@ -487,6 +487,18 @@ def test_prepare_refuses_an_out_holding_what_it_did_not_write_and_loses_nothing(
     assert leftovers(tmp_path) == []
 
 
+def test_prepare_refuses_an_out_where_a_link_has_the_name_of_one_of_its_files_and_keeps_the_link(tmp_path, tiny_spm):
+    """A link named like prepare's files is the user's, not prepare's: refused, not replaced by a shard."""
+    out, mine = tmp_path / "out", tmp_path / "mine.bin"
+    prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, out, workers=1)
+    mine.write_text("keep me")
+    (out / "train.tokens.bin").unlink()
+    (out / "train.tokens.bin").symlink_to(mine)
+    with pytest.raises(UserError, match=r"holds files that prepare did not write \(train.tokens.bin\)"):
+        prepare([tmp_path / "d.jsonl"], tiny_spm, out, workers=1)
+    assert (out / "train.tokens.bin").is_symlink() and mine.read_text() == "keep me" and leftovers(tmp_path) == []
+
+
 def test_prepare_stopped_by_ctrl_c_leaves_no_temporary_folder(tmp_path, tiny_spm, monkeypatch):
     """A Ctrl-C once the shards are written (minutes into the CME's records) removes them like any failure does:
     no out folder, and no OUT.tmp-PID of half-written gigabytes left for the user to find."""
@@ -692,6 +704,9 @@ def test_prepare_warns_on_stderr_when_max_len_drops_records_even_when_quiet(tmp_
                              "--tokenizer", str(tiny_spm), "--out", str(tmp_path / "cli"), "--max_len", "12"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "warning: 5 of 8 records were dropped" in result.stderr
+    one = write_records(tmp_path / "one.jsonl", 3, long=1)  # a single record dropped is warned about too
+    prepare([one], tiny_spm, tmp_path / "one", max_len=12, workers=1, quiet=True)
+    assert capsys.readouterr().err.startswith("warning: 1 of 4 records was dropped")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -771,6 +786,7 @@ def test_prepare_removes_what_killed_prepares_left_and_nothing_else(tmp_path, ti
     kept = {tmp_path / f"out.tmp-{dead_pid()}": "notes.txt",  # not prepare's files: the user's folder
             tmp_path / f"out.tmp-{dead_pid()}": "summary.json",  # not prepare's summary.json ("keep me")
             tmp_path / f"out.tmp-{os.getppid()}": "summary.json",  # a process that runs
+            tmp_path / f"out.tmp-{os.getppid()}.old": "train.tokens.bin",  # prepare's own file, of a process that runs
             tmp_path / f"other.tmp-{dead_pid()}": "summary.json"}  # another output's
     for folder, name in kept.items():
         folder.mkdir()
@@ -783,6 +799,20 @@ def test_prepare_removes_what_killed_prepares_left_and_nothing_else(tmp_path, ti
     assert sorted(line.split()[7] for line in err) == sorted(str(tmp_path / n) for n in stale + [old.name])
     assert leftovers(tmp_path) == sorted(f.name for f in kept) and len(TokenDataset(out)) == 6
     assert all((folder / name).read_text() == "keep me" for folder, name in kept.items())
+
+
+def test_a_vocabulary_of_exactly_65536_ids_is_stored_as_uint16(tmp_path):
+    """Its ids, 0 to 65535, all fit 16 bits: the shards take half the space of uint32's."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(65536)}, unk_token="w0"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    (tmp_path / "t").mkdir()
+    hf.save(str(tmp_path / "t" / "tokenizer.json"))
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w65535"}))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "w7 w65534", "output": "w65533"}) + "\n")
+    summary = prepare([tmp_path / "d.jsonl"], tmp_path / "t", tmp_path / "out", workers=1, quiet=True)
+    assert summary["vocab_size"] == 65536 and summary["dtype"] == "uint16"
+    assert TokenDataset(tmp_path / "out").tokens.tolist()[-2:] == [65533, 65535]
 
 
 def test_large_vocabulary_is_stored_as_uint32(tmp_path):
@@ -1120,7 +1150,7 @@ def test_a_full_disk_while_prepare_writes_is_one_sentence_and_leaves_no_temporar
 
 @pytest.mark.parametrize("case", ["workers 0", "workers -3", "out empty", "out root", "out is an input",
                                   "out is the tokenizer", "parent is a file", "parent is a dead link", "input twice",
-                                  "input twice by another path"])
+                                  "input twice by another path", "out is an input by another path"])
 def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_nothing(tmp_path, tiny_spm, capsys,
                                                                                      case):
     source = write_records(tmp_path / "d.jsonl", 3)
@@ -1144,6 +1174,7 @@ def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_no
                         f"the input {source} is given twice (as {source} and {source}); pass each --input file once"),
         "input twice by another path": (tmp_path / "out", [source, again], [],
                                         f"the input {again} is given twice (as {source} and {again})"),
+        "out is an input by another path": (again, [source], [], f"--out {again} is the input file {source}; choose"),
     }[case]
     before = {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]}
     error = run_prepare(capsys, "--input", *inputs, "--tokenizer", tiny_spm, "--out", out, *flags)
@@ -1557,6 +1588,15 @@ def test_prepare_never_removes_a_folder_with_its_temporary_name_holding_other_fi
     with pytest.raises(UserError, match=f"{squatter} exists and is not a temporary folder of prepare"):
         prepare([source], tiny_spm, tmp_path / "out", workers=1)
     assert (squatter / "notes.txt").read_text() == "keep me" and not (tmp_path / "out").exists()
+
+
+def test_a_file_with_prepares_temporary_name_is_named_and_kept(tmp_path, tiny_spm):
+    """Not only a folder: a file there (or a link) would stop os.makedirs with an OSError that blames the disk."""
+    squatter = tmp_path / f"out.tmp-{os.getpid()}"
+    squatter.write_text("keep me")
+    with pytest.raises(UserError, match=f"{squatter} exists and is not a temporary folder of prepare"):
+        prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, tmp_path / "out", workers=1)
+    assert squatter.read_text() == "keep me" and not (tmp_path / "out").exists()
 
 
 def test_inputs_beside_out_whose_names_start_like_it_are_not_inside_it(tmp_path, tiny_spm):
@@ -2121,13 +2161,14 @@ def test_a_killed_prepares_folder_given_to_prepare_as_an_input_or_tokenizer_is_n
     assert not stale.exists()
 
 
-def test_a_tokenizer_json_giving_two_tokens_one_id_is_refused_not_read_at_random(tmp_path):
+@pytest.mark.parametrize("pick", [max, min], ids=["the last id", "id 0"])
+def test_a_tokenizer_json_giving_two_tokens_one_id_is_refused_not_read_at_random(tmp_path, pick):
     """The tokenizers package keeps one of two tokens with the same id at random: loading then failed with its own
-    exception's traceback, or worked with a decode that gave the other token's text."""
+    exception's traceback, or worked with a decode that gave the other token's text. Id 0 too (a number, not false)."""
     folder = hf_tokenizer_folder(tmp_path / "t")
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
     vocab = tokenizer_json["model"]["vocab"]
-    word = max(vocab, key=vocab.get)  # the last merge's result
+    word = pick(vocab, key=vocab.get)  # the last merge's result, or the first special token
     vocab["extra"] = vocab[word]
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     for _ in range(8):  # which of the two the package kept changed from one load to the next
@@ -2151,6 +2192,19 @@ def test_a_tokenizer_json_whose_ids_skip_numbers_has_a_vocab_size_past_its_large
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)
     assert TokenDataset(tmp_path / "out").tokens.tolist() == encode_example(tok, {"text": TEXTS[0]})[0]
+
+
+def test_a_tokenizer_json_whose_added_tokens_follow_its_models_vocabulary_counts_them_in_its_vocab_size(tmp_path):
+    """Qwen's tokenizer.json lists its special tokens, the EOS among them, as added tokens past the model's own
+    vocabulary: the vocab_size covers them, so the EOS is a word of the model and decodes to its text."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t", eos="<|extra|>")
+    hf = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf.add_special_tokens(["<|extra|>"])
+    hf.save(str(folder / "tokenizer.json"))
+    tok = Tokenizer(folder)
+    assert tok.eos_id == hf.token_to_id("<|extra|>") > max(hf.get_vocab(with_added_tokens=False).values())
+    assert tok.vocab_size == tok.eos_id + 1 and tok.decode([tok.eos_id]) == "<|extra|>"
 
 
 @pytest.mark.parametrize("kind", ["WordLevel", "WordPiece", "Unigram"])

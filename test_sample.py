@@ -438,6 +438,15 @@ def test_on_cuda_a_run_answers_with_the_float32_matmuls_its_own_scoring_used(run
     assert seen == ["tf32", "ieee", before]
 
 
+def test_an_answer_decoded_to_control_characters_is_printed_escaped_with_its_lines_and_tabs_as_they_are(
+        runs, capsys, monkeypatch):
+    """A byte-level tokenizer can decode an answer to ESC and other control characters: they are shown, as the
+    records' are, not sent to the terminal."""
+    monkeypatch.setattr(sample, "answer", lambda *a: ("Paris\x1b[2J\tis\r\nits capital\x07", None, False))
+    sample.main(["--out_dir", str(runs["lora"][0]), "--instruction", "x", "--max_new_tokens=2"])
+    assert "\nParis\\x1b[2J\tis\\r\nits capital\\x07\n" in capsys.readouterr().out
+
+
 def test_the_even_share_printed_beside_the_expert_load_is_one_over_the_number_of_experts(runs, capsys, monkeypatch):
     monkeypatch.setattr(sample, "answer", lambda *a: ("text", torch.tensor([0.75, 0.25]), False))
     sample.main(["--out_dir", str(runs["lora"][0]), "--instruction", "x", "--max_new_tokens=2"])

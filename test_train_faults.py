@@ -1186,10 +1186,29 @@ def test_a_resume_after_a_stop_at_once_logs_each_step_once_as_the_uninterrupted_
     assert after[:4] == before[:4]  # steps 1 to 3 (and step 3's validation) as first written, times and all
 
 
+def test_a_resumes_trim_of_its_log_keeps_every_line_that_names_no_later_step_byte_for_byte(tmp_path):
+    """A resume drops the log lines of steps past its checkpoint, and only those: a line that is not a JSON object,
+    names no step, names one that is not an integer or nests too deeply (a hand edit, or damage) is no later step's,
+    so it stays as it was, bytes that are not UTF-8 too, and reading it does not stop the resume. From step 0 every
+    line goes: none can be of a step up to it."""
+    import checkpoint
+    kept = [b'{"step": 1, "loss": 2.0}\n', b"not json\n", b"[3, 4]\n", b"7\n", b'{"step": "9"}\n', b'{"step": 9.5}\n',
+            b'{"note": "caf\xe9 \xff"}\n', b"[" * 100_000 + b"\n"]
+    (tmp_path / "log.jsonl").write_bytes(b"".join(kept) + b'{"step": 3, "loss": 1.0}\n')
+    with checkpoint.open_log(str(tmp_path), 2):
+        pass
+    assert (tmp_path / "log.jsonl").read_bytes() == b"".join(kept)
+    with checkpoint.open_log(str(tmp_path), 0) as log:  # a resume from step 0 (stopped before step 1): no step stays
+        log.write('{"step": 1, "loss": 1.5}\n')
+    assert (tmp_path / "log.jsonl").read_text() == '{"step": 1, "loss": 1.5}\n'
+
+
+@pytest.mark.parametrize("at_step", [0, 1], ids=["in its first step", "in its second step"])
 def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_again(run_data, tmp_path,
-                                                                                     monkeypatch, capsys):
-    """Nothing to resume, and its log.jsonl holds the folder: what it says must work."""
-    _signals_at(monkeypatch, 1, signal.SIGINT, signal.SIGINT)
+                                                                                     monkeypatch, capsys, at_step):
+    """Nothing to resume, and its log.jsonl holds the folder: what it says must work. In its first step too, where
+    no step is finished: the step of the last ckpt.pt written is none, not 0."""
+    _signals_at(monkeypatch, at_step, signal.SIGINT, signal.SIGINT)
     flags = train_flags(run_data, tmp_path / "run", "--eval_dir=")
     stopped = train.train(train.parse_config(flags))
     assert stopped["interrupted"] and stopped["step"] == 0 and not (tmp_path / "run" / "ckpt.pt").exists()

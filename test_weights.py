@@ -469,8 +469,9 @@ def test_hf_rope_scaling_other_than_llama3_is_refused(tmp_path, key, rope):
     config = hf_config(model)
     config[key] = rope
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"rotary scaling.*{rope.get('rope_type', rope.get('type'))}"):
+    with pytest.raises(ValueError, match=f"rotary scaling.*{rope.get('rope_type', rope.get('type'))}") as error:
         Transformer.from_pretrained(tmp_path)
+    assert "instead of its rope_parameters" not in str(error.value)  # the config has only one of the two
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -484,6 +485,7 @@ ROPE_PRECEDENCE = [  # config.json's rotary keys -> (rope_theta, scaling) as tra
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
       "rope_scaling": {"type": "linear", "factor": 4.0}},
      "rotary scaling {'type': 'linear', 'factor': 4.0} (its rope_scaling, which transformers reads instead of"),
+    ({"rope_scaling": LLAMA3_ROPE | {"type": "linear"}}, (1e4, (8.0, 1.0, 4.0, 64))),  # "rope_type" before "type"
 ]
 
 
@@ -608,6 +610,14 @@ def test_a_broken_configuration_file_is_one_sentence_naming_file_and_key(tmp_pat
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)) as error:
         Transformer.from_pretrained(tmp_path)
     assert_one_sentence(error, str(tmp_path / name))
+
+
+def test_an_integer_configuration_value_up_to_the_largest_int64_loads(tmp_path):
+    """The bound is int64's: 2**63 - 1 fits it and loads (2**63 is refused, above)."""
+    write_single_file_dir(tmp_path, "meta")
+    config = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(config | {"rope_theta": 2**63 - 1}))
+    assert Transformer.from_pretrained(tmp_path).args.rope_theta == 2**63 - 1
 
 
 @pytest.mark.parametrize("layout, name", [("bin", "config.json"), ("meta", "params.json"), ("meta", "weights"),
@@ -1159,6 +1169,18 @@ def test_a_tied_hf_checkpoint_whose_lm_head_differs_from_the_embedding_is_read_u
     assert loaded.output is not None and not loaded.args.tie_embeddings
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(loaded, tokens), logits_of(untied, tokens))
+
+
+def test_an_untied_hf_checkpoint_whose_lm_head_equals_the_embedding_stays_untied(tmp_path):
+    """tie_word_embeddings=false is the config's word even where the stored lm_head equals the embedding (a model
+    initialised tied, saved untied): two weights, as transformers reads it, which full training updates apart."""
+    model = tiny_model(tie_embeddings=False)
+    sd = hf_state_dict(model)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert not loaded.args.tie_embeddings and loaded.output is not None
 
 
 def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_are_refused(tmp_path):
