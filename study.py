@@ -144,6 +144,10 @@ def parse(argv):
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise data.UserError(f"unknown run(s) {', '.join(unknown)}; runs are: {', '.join(RUNS)}.")
+    for arg in extra:  # train.py would suggest only its own keys: --step=3 is a near miss of --steps
+        key = configurator.parse_flag(arg)[0]
+        if key not in train.DEFAULTS:
+            configurator.typed(key, None, {**OPTIONS, **train.DEFAULTS}, f"flag {arg}")  # raises, naming the closest
     own = {configurator.parse_flag(f)[0] for n in RUNS for f in run_flags(n, 1, GRID[0], opts, [])}  # each run sets
     for key in (configurator.parse_flag(arg)[0] for arg in extra):
         if key in own:

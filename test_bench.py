@@ -872,6 +872,16 @@ def test_full7b_without_its_section_is_a_usage_error_not_ignored(capsys):
         capsys.readouterr().err
 
 
+def test_full7b_on_the_cpu_is_a_usage_error_not_ignored(monkeypatch, capsys):
+    """Section cuda7b skips a CPU unless --quick: a full --full7b there would time every CPU section instead."""
+    monkeypatch.setattr(bench, "run_sections", lambda *a: pytest.fail("bench.py measured with --full7b on the CPU"))
+    for argv in (["--full7b"], ["--full7b", "--section=cuda7b"], ["--full7b", "--device=cpu"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2 and "--full7b applies to section cuda7b, which runs on --device=cuda" in \
+            capsys.readouterr().err
+
+
 def _main_cfg(monkeypatch, argv, targets=()):
     """The cfg bench.main hands to run_sections, which returns `targets` instead of measuring anything."""
     seen = []

@@ -127,6 +127,14 @@ def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them()
         study.parse(["--steps=abc"])  # an option of the wrong type is named, as train.py names a key
 
 
+def test_an_unknown_flag_names_the_closest_study_option_or_train_key():
+    """A near miss of a study option is named as train.py names one of its keys: --step=3 is not train.py's key."""
+    for flag, meant in (("--step=3", "steps"), ("--seeeds=3", "seeds"), ("--worker=1", "workers"),
+                        ("--lerning_rate=1", "learning_rate")):
+        with pytest.raises(study.data.UserError, match=rf"unknown config key .* {flag}; did you mean '{meant}'\?$"):
+            study.parse([flag])
+
+
 def test_a_text_option_takes_the_flags_text_as_written():
     """--out=2024 names a folder, as train.py's --out_dir=2024 does; it would otherwise read as a number."""
     opts = study.parse(["--out=2024", "--val_dir=12.5"])[0]

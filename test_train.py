@@ -68,6 +68,9 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     (["--r=abc"], r"config key 'r' in flag --r=abc must be of type int, got 'abc'"),
     (["--competition=maybe"],
      r"config key 'competition' must be True, False or None \(the method's own\), got 'maybe'"),
+    # a number is not a switch: adapter_kwargs reads 0 and 0.0 (equal to False, not False) as competition on
+    (["--competition=0"], r"config key 'competition' must be True, False or None \(the method's own\), got 0\."),
+    (["--competition=1.0"], r"config key 'competition' must be True, False or None \(the method's own\), got 1.0\."),
     (["--max_iters=2.5"], r"'max_iters' .* must be of type int, got 2.5"),
     (["config/nope.py"], r"config file 'config/nope.py' does not exist"),
     (["--adapter=dora"], r"'adapter' must be one of teamlora, moelora, hydralora, lora, none, got 'dora'"),
@@ -87,7 +90,9 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     (["--r=True"], r"config key 'r' in flag --r=True must be of type int, got True"),
     (["--device=tpu"], r"config key 'device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--device=cuda:0,1"], r"config key 'device' must be auto, cpu, cuda or cuda:N, got 'cuda:0,1'"),  # one GPU each
-    (["--adapter=none", "--competition=True"], r"competition=True weighs several experts, and adapter=none has none"),
+    (["--adapter=none", "--competition=True"], r"competition=True mixes .* which adapter=none does not have; "
+                                               r"use adapter=teamlora or moelora,"),
+    (["--adapter=hydralora", "--competition=True"], r"which adapter=hydralora does not have"),  # before its build
     # an empty or blank path would name the current folder: its files read as the base, the shards or the tokenizer
     (["--init_from="], r"config key 'init_from' is empty; give it a path"),
     (["--data_dir= "], r"config key 'data_dir' is empty; give it a path"),

@@ -135,12 +135,12 @@ def check_config(cfg):
         raise UserError("eval_only=True scores the run on eval_dir, which is empty; set --eval_dir.")
     if cfg["adapter"] != "none" and not cfg["targets"].strip(" ,"):
         raise UserError("config key 'targets' is empty; name the linear layers to adapt, e.g. --targets=w1,w2,w3.")
-    if cfg["competition"] and cfg["adapter"] in ("lora", "none"):
-        raise UserError(f"competition=True weighs several experts, and adapter={cfg['adapter']} has none; use "
-                        "adapter=teamlora, moelora or hydralora, or leave competition at None.")
+    if cfg["competition"] and cfg["adapter"] in ("lora", "none", "hydralora"):
+        raise UserError(f"competition=True mixes experts' weights by a learned matrix, which adapter={cfg['adapter']}"
+                        " does not have; use adapter=teamlora or moelora, or leave competition at None.")
     choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
                "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum"), "model": tuple(PRESETS)}
-    if cfg["competition"] not in (None, True, False):
+    if not (cfg["competition"] is None or type(cfg["competition"]) is bool):  # 0 == False, yet `0 is not False`
         raise UserError("config key 'competition' must be True, False or None (the method's own), "
                         f"got {cfg['competition']!r}.")
     for key, allowed in choices.items():
