@@ -1099,7 +1099,8 @@ def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, c
     assert (tmp_path / "data/mini_cme/base.pt").is_file() and (tmp_path / "out/demo/adapter.pt").is_file()
     assert set(summary["scores"]) == set(SYNTHETIC_TASKS) and "expert load" in out
     assert torch.load(tmp_path / "data/mini_cme/base.pt", weights_only=True)["model_args"]["dim"] == 64
-    with pytest.raises(train.UserError, match="out/demo already holds a run"):
+    with pytest.raises(train.UserError, match=r"out/demo already holds a run \(.*\); continue it with "
+                                              r"--init_from=resume, choose another --out_dir, or pass --overwrite"):
         train.train(cfg)  # a run never replaces another by accident
     train.train({**cfg, "overwrite": True})  # a second run reuses everything
     assert "building" not in capsys.readouterr().out

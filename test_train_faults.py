@@ -1214,6 +1214,9 @@ def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_
     assert stopped["interrupted"] and stopped["step"] == 0 and not (tmp_path / "run" / "ckpt.pt").exists()
     assert "before the run wrote a checkpoint: start the run with --overwrite=True" in capsys.readouterr().out
     monkeypatch.undo()
+    with pytest.raises(train.UserError, match=r"holds a run \(log.jsonl\); choose another --out_dir, or pass "
+                                              r"--overwrite=True"):  # no checkpoint: a resume is no way on
+        train.train(train.parse_config(flags))
     assert train.train(train.parse_config(flags + ["--overwrite=True"]))["step"] == 6
 
 

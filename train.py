@@ -469,8 +469,9 @@ def claim_out_dir(r, resuming, take=False):
             raise UserError(f"{os.path.join(out, f)} is not a file, but the run writes its {f} there; move it "
                             "away or choose another --out_dir.")
     if found and not resuming and not r.cfg["overwrite"]:
-        raise UserError(f"{out} already holds a run ({', '.join(found)}); continue it with --init_from=resume, "
-                        "choose another --out_dir, or pass --overwrite=True to replace it.")
+        then = "continue it with --init_from=resume, " if "ckpt.pt" in found else ""  # none: nothing to resume
+        raise UserError(f"{out} already holds a run ({', '.join(found)}); {then}choose another --out_dir, or pass "
+                        "--overwrite=True to replace it.")
     if found and not resuming and any(os.path.isfile(src) and os.path.samefile(src, os.path.join(out, f))
                                       for f in found):
         raise UserError(f"init_from {src} is the run in {out} that overwrite=True would replace; copy it elsewhere "
@@ -482,8 +483,7 @@ def claim_out_dir(r, resuming, take=False):
 
 
 def check_writable(out, fix):
-    """out_dir, or the folder it will be made in (only once the run is sure to start: a refusal leaves nothing),
-    takes new files."""
+    """out_dir, or the folder to hold it (made once the run is sure to start: a refusal leaves nothing), takes files."""
     if blocker := files.blocked_parent(os.path.join(out, "ckpt.pt")):
         raise UserError(f"out_dir {out} can not be written: {blocker}; {fix}.")
 
