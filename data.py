@@ -8,7 +8,7 @@ tasks.py, the synthetic mini-CME suite in minicme.py.
 A record is {"instruction", "input", "output"} ("input" may be empty, null or absent), or
 {"text"} for a plain document; files are JSON lists or JSONL. The token ids of a record are
 those of the authors' build_dataset.py run with transformers 4.30's slow LlamaTokenizer:
-    prompt = BOS + tok(instruction ["\n" + input] + "</s>")    labels -100
+    prompt = BOS + tok(instruction ["\\n" + input] + "</s>")    labels -100
     answer = tok(output + eos_text)                             labels = ids
 where tok() splits the text on the special tokens' strings (so the literal "</s>" becomes the EOS
 id, which raw SentencePiece would not do) and SentencePiece-encodes each piece on its own (each

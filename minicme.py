@@ -575,7 +575,7 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
 ROOT = "data/mini_cme"
 DEMO = dict(data_dir=f"{ROOT}/tokens", eval_dir=f"{ROOT}/test", tokenizer=f"{ROOT}/tokenizer.model",
             init_from=f"{ROOT}/base.pt")  # train.py's defaults
-# train.py settings that pretrain the demo base: about 3 epochs of the 238K-token corpus, 64
+# train.py settings that pretrain the demo base: about 3 epochs of the 245K-token corpus, 64
 # documents (about 2,600 tokens) a step
 PRETRAIN = dict(adapter="none", init_from="scratch", model="small", batch_mode="pack", max_len=256, batch_size=64,
                 learning_rate=3e-3, warmup_iters=30, max_iters=300, eval_interval=300, eval_dir="",

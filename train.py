@@ -662,7 +662,7 @@ def run(r, ckpt=None):
     n_base = sum(p.numel() for n, p in raw.named_parameters() if not teamlora.is_adapter(n))
     r.say(f"{cfg['adapter']}: {n_train:,} trainable parameters ({100 * n_train / n_base:.2f}% of the {n_base:,} "
           f"of the base), {len(train_ds):,} training records, {r.world} process(es) on {r.device}"
-          + (f" ({torch.get_num_threads()} threads)" if r.device.type == "cpu" else ""))
+          + (f" ({torch.get_num_threads()} thread(s))" if r.device.type == "cpu" else ""))
     step = restore(r, raw, opt, ckpt) if ckpt is not None else 0
     summary = {"config": cfg, "model": raw, "trainable_params": n_train, "base_params": n_base}
     if cfg["eval_only"]:
