@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import machine
 import memory
 from baselines import MoELoRALoop, team_lora_delta_loop
-from errors import run_script
+from errors import Parser, run_script
 from model import ModelArgs, Transformer
 from teamlora import TeamLoRALinear, inject
 
@@ -568,7 +568,7 @@ def run_sections(cfg, sections, device, dtype, peak_tflops):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="TeamLoRA vs LoRA vs MoELoRA: time and memory, side by side.")
+    parser = Parser(description="TeamLoRA vs LoRA vs MoELoRA: time and memory, side by side.")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke test")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")

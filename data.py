@@ -24,7 +24,6 @@ Shards (one set per split, "train" and "val"), read back by TokenDataset:
     {split}.prompt_lens.bin   int32: labels are -100 on the first prompt_len tokens of a record
     summary.json              counts per file, dtype, special ids, tokenizer hash, max_len
 """
-import argparse
 import json
 import os
 import re
@@ -36,7 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from errors import UserError, exit_with, run_script
+from errors import Parser, UserError, exit_with, run_script
 from files import (
     TOO_DEEP,
     blocked_parent,
@@ -191,8 +190,9 @@ def _file_kind(path):
         raise UserError(f"input {path} is a folder, not a file; pass the data files in it (--input {path}/*.jsonl)")
     if what := special_file(path):  # /dev/stdin under a shell pipe, say: prepare reads its inputs from files
         raise UserError(f"input {path} is {what}, not a file; save the records to a file and pass that")
-    if not os.path.isfile(path):
-        raise UserError(f"input file {path} not found; check the --input path")
+    if not os.path.isfile(path):  # "": --input= with nothing after the "="
+        raise UserError(f"input file {path} not found; check the --input path" if path.strip() else
+                        "an --input path is empty; give the records' file, e.g. --input data/train.jsonl")
     with open(path, "rb") as f:
         head = b""
         while not head and (piece := f.read(4096)):  # blank lines may fill more than one read
@@ -814,7 +814,7 @@ def get_batch(dataset, step, batch_size, seed, rank=0, world_size=1, mode="pad",
 # Command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="data.py", description="Tokenise JSON / JSONL records into token shards.")
+    parser = Parser(prog="data.py", description="Tokenise JSON / JSONL records into token shards.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenise JSON / JSONL records into token shards")
     p.add_argument("--input", nargs="+", required=True, type=flag_path, metavar="FILE",

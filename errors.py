@@ -1,6 +1,9 @@
 """The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
-model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; and each
-script's entry, run_script."""
+model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; each script's
+entry, run_script; and Parser, the argparse of the scripts with flags (train.py and study.py read theirs with
+configurator.py)."""
+import argparse
+import difflib
 import os
 import select
 import sys
@@ -30,6 +33,54 @@ def printable(text, keep="\t"):
     it promises where it quotes a value with a line break (a path, a flag's value), and a terminal shows, instead of
     obeying, the escape sequences of what was read from a file (a colour, a clipboard write)."""
     return "".join(repr(c)[1:-1] if c not in keep and unicodedata.category(c) == "Cc" else c for c in text)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse read as train.py reads its flags: whole names only (an abbreviation, --temp for --temperature, would
+    change its meaning or fail when a flag is added), a switch also as --overwrite=True or --overwrite=False, and a
+    flag that is not one named with its closest (--instrucion: --instruction)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"allow_abbrev": False, **kwargs})  # add_subparsers makes its parsers of this class too
+
+    def flags(self):
+        """{option string: action} of this parser and of its subcommands' parsers."""
+        found = {}
+        for action in self._actions:
+            found.update(dict.fromkeys(action.option_strings, action))
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found.update(sub.flags())
+        return found
+
+    def parse_args(self, args=None, namespace=None):
+        flags, given = self.flags(), []
+        args = sys.argv[1:] if args is None else list(args)
+        for n, arg in enumerate(args):
+            name, eq, value = arg.partition("=")
+            action = flags.get(name)
+            if arg == "--":  # what follows are values
+                given += args[n:]
+                break
+            if arg.startswith("--") and action is None and " " not in arg:  # with a space, argparse takes it as a value
+                names = [f for f in flags if f.startswith("--")]
+                close = [f for f in names if f.startswith(name)]  # an abbreviation: its flag, if only one
+                close = close if len(close) == 1 else difflib.get_close_matches(name, names, n=1)
+                self.error(f"{name} is not a flag of this script; " +
+                           (f"did you mean {close[0]}?" if close else "--help lists them"))
+            if eq and action is not None and action.nargs == 0 and isinstance(action.default, bool):  # a switch
+                if value not in ("True", "False"):
+                    self.error(f"{name} is a switch: give it alone, or as {name}=True or {name}=False, not {arg}")
+                on = (value == "True") != name.startswith("--no-")  # --no-tf32=False is --tf32
+                if isinstance(action, argparse.BooleanOptionalAction):
+                    given.append(action.option_strings[0 if on else 1])
+                elif on:
+                    given.append(name)
+                else:  # off: as if never given, the last of several winning as in train.py
+                    given = [a for a in given if a != name]
+                continue
+            given.append(arg)
+        return super().parse_args(given, namespace)
 
 
 def run_script(main):

@@ -23,7 +23,6 @@ make_suite() writes the suite (records in the authors' format, a pretraining cor
 model); build_demo_data() makes whatever of the demo's files a train.py configuration uses and
 lacks, and says how to pretrain its base (train.py runs that, before its fine-tuning run).
 """
-import argparse
 import io
 import json
 import os
@@ -33,7 +32,7 @@ import sys
 import sentencepiece as spm
 
 from data import UserError, prepare, write_jsonl
-from errors import exit_with, run_script
+from errors import Parser, exit_with, run_script
 from files import LOCK, blocked_parent, flag_path, hold, let_go, read_json, remove_stale_temporaries, write_atomic
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
@@ -631,8 +630,7 @@ def build_demo_data(cfg):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="minicme.py", description="Write the synthetic mini-CME suite "
-                                     "(deterministic from the seed).")
+    parser = Parser(prog="minicme.py", description="Write the synthetic mini-CME suite (deterministic from the seed).")
     parser.add_argument("--out", required=True, type=flag_path, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ import data
 import evaluation
 import machine
 import train
-from errors import UserError, exit_with, printable, run_script
+from errors import Parser, UserError, exit_with, printable, run_script
 from tokenizer import Tokenizer
 
 LOADING = dict(eval_only=True, fsdp=False, compile=False, activation_checkpointing=False)  # read, one process, eager
@@ -93,6 +93,13 @@ def records_of(args):
 
 def check_args(parser, args):
     """The flags' own errors, before any file is read (parser.error: one sentence, exit 2)."""
+    if args.records is not None and not args.records.strip():  # --records= would answer --instruction alone
+        parser.error("--records is empty; give a JSONL or JSON list of records, or leave --records out")
+    for flag in ("instruction", "input"):  # bytes of argv that are not UTF-8 arrive as lone surrogates
+        try:
+            (getattr(args, flag) or "").encode("utf-8")
+        except UnicodeEncodeError:
+            parser.error(f"--{flag} holds bytes that are not UTF-8 text; give it in UTF-8, the terminal's encoding")
     if args.instruction is None and not args.records:
         parser.error("give --instruction (and --input) or --records")
     if args.input and args.instruction is None:  # records_of would drop it: each record has its own input
@@ -107,8 +114,7 @@ def check_args(parser, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=data.flag_path, default=train.DEFAULTS["out_dir"],
                         help="the folder of a run of train.py")
     parser.add_argument("--instruction", help="the instruction to answer")

@@ -380,9 +380,6 @@ def selection(opts, extra, names, later=0):
             for m in methods for lr in opts["grid"]]
     if not opts["report"]:
         run_all(jobs, opts, later)
-    elif not os.path.isdir(os.path.join(opts["out"], "select")):
-        raise data.UserError(f"--report found no study in {opts['out']}/ (no select/ folder): run python study.py "
-                             "first, or pass the --out (and --quick) of the study to report on.")
     chosen, runs = {}, {}
     for m in methods:
         folders = {lr: run_dir(opts, METHODS[m][0], lr) for lr in opts["grid"]}
@@ -650,6 +647,9 @@ def main(argv=None):
             if busy := files.hold(opts["out"]):  # a second study there would truncate the live one's run logs
                 raise data.UserError(f"--out {opts['out']} is in use by {busy}, a study still running; wait for it to "
                                      "end, or choose another --out.")
+        elif not os.path.isdir(os.path.join(opts["out"], "select")):  # before the report's headline
+            raise data.UserError(f"--report found no study in {opts['out']}/ (no select/ folder): run python study.py "
+                                 "first, or pass the --out (and --quick) of the study to report on.")
         n_final = len(names) * len(opts["seeds"])
         n_select = len({METHOD_OF[n] for n in names}) * len(opts["grid"])
         runs = f"{n_select} selection runs, then {n_final} final runs ({len(names)} configurations x " \

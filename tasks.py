@@ -10,7 +10,6 @@ file format, the authors' record templates, and the writer of evaluation sets.
   format {"instruction", "input", "output"} (+ "answers" for QA). An evaluation set is a folder of
   <task>.jsonl files; train.py scores each as the task its file name names (evaluation.task_of).
 """
-import argparse
 import csv
 import json
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from data import UserError, read_jsonl
-from errors import exit_with, run_script
+from errors import Parser, exit_with, run_script
 from files import blocked_parent, flag_path, read_json, special_file, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -251,6 +250,8 @@ def qa_record(question, answers):
 # and what to do. Files are read as UTF-8, with or without a byte-order mark.
 
 def _check_exists(path):
+    if not str(path).strip():  # --raw= with nothing after the "="
+        raise UserError("a --raw path is empty; give the task's raw file, e.g. --raw dev.jsonl.")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist; check the path to the task's raw file.")
     what = special_file(path)
@@ -647,8 +648,8 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tasks.py", description="Write a CME evaluation set in the official "
-                                     "record format from a task's public raw files.")
+    parser = Parser(prog="tasks.py", description="Write a CME evaluation set in the official record format from a "
+                    "task's public raw files.")
     parser.add_argument("--task", required=True, choices=list(CME_TASKS))
     parser.add_argument("--raw", required=True, nargs="+", type=flag_path,
                         help="the task's raw file(s), or aclImdb's split folder")

@@ -1150,7 +1150,7 @@ def test_a_full_disk_while_prepare_writes_is_one_sentence_and_leaves_no_temporar
 
 @pytest.mark.parametrize("case", ["workers 0", "workers -3", "out empty", "out root", "out is an input",
                                   "out is the tokenizer", "parent is a file", "parent is a dead link", "input twice",
-                                  "input twice by another path", "out is an input by another path"])
+                                  "input twice by another path", "out is an input by another path", "input empty"])
 def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_nothing(tmp_path, tiny_spm, capsys,
                                                                                      case):
     source = write_records(tmp_path / "d.jsonl", 3)
@@ -1175,6 +1175,8 @@ def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_no
         "input twice by another path": (tmp_path / "out", [source, again], [],
                                         f"the input {again} is given twice (as {source} and {again})"),
         "out is an input by another path": (again, [source], [], f"--out {again} is the input file {source}; choose"),
+        "input empty": (tmp_path / "out", [source, ""], [], "an --input path is empty; give the records' file, e.g. "
+                        "--input data/train.jsonl"),  # --input= was "input file  not found"
     }[case]
     before = {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]}
     error = run_prepare(capsys, "--input", *inputs, "--tokenizer", tiny_spm, "--out", out, *flags)

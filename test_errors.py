@@ -2,6 +2,7 @@
 
     python -m pytest -q test_errors.py
 """
+import argparse
 import errno
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import UserError, exit_with, printable, run_script
+from errors import Parser, UserError, exit_with, printable, run_script
 
 
 def _ended(error, capsys, prefix="x.py: "):
@@ -133,3 +134,48 @@ def test_a_script_started_with_no_stdout_at_all_ends_as_it_did():
                           text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0 and done.stderr.startswith("usage: tasks.py") and "Traceback" not in done.stderr, \
         done.stderr
+
+
+def _parser():
+    parser = Parser(prog="x.py")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--text", default="")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def _refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2, err
+    return err[-1]
+
+
+def test_a_switch_is_also_given_as_train_py_gives_it_true_or_false_the_last_one_winning(capsys):
+    """--overwrite=True / --tf32=False, as train.py takes them, were argparse's "ignored explicit argument"."""
+    parse = lambda *argv: vars(_parser().parse_args(list(argv)))
+    assert parse("--overwrite=True") == parse("--overwrite") != parse()
+    assert parse("--overwrite=False") == parse("--overwrite", "--overwrite=False") == parse()
+    assert parse("--tf32=False") == parse("--no-tf32") == parse("--no-tf32=True") != parse()
+    assert parse("--no-tf32", "--tf32=True") == parse("--no-tf32=False") == parse()
+    assert parse("--text", "--what is it?")["text"] == "--what is it?"  # with a space: a value, not a flag
+    assert _refused(["--overwrite=yes"], capsys) == ("x.py: error: --overwrite is a switch: give it alone, or as "
+                                                     "--overwrite=True or --overwrite=False, not --overwrite=yes")
+
+
+def test_a_flag_is_taken_by_its_whole_name_only_and_one_that_is_not_a_flag_is_named_with_its_closest(capsys):
+    """An abbreviation was taken as its flag (--temp: --temperature) until a flag added later made it ambiguous or
+    another's; a misspelt flag, in a subcommand too, was an "unrecognized argument" with no hint."""
+    assert _refused(["--temp=1"], capsys) == "x.py: error: --temp is not a flag of this script; did you mean " \
+        "--temperature?"
+    assert _refused(["--overwirte"], capsys).endswith("did you mean --overwrite?")
+    assert _refused(["--zzz=1"], capsys) == "x.py: error: --zzz is not a flag of this script; --help lists them"
+    parser = Parser(prog="d.py")
+    parser.add_subparsers(dest="command", required=True).add_parser("prepare").add_argument("--max_len", type=int)
+    assert vars(parser.parse_args(["prepare", "--max_len=8"])) == {"command": "prepare", "max_len": 8}
+    for argv in (["prepare", "--max=8"], ["prepare", "--maxlen=8"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith("did you mean --max_len?")

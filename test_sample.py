@@ -197,13 +197,16 @@ def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path
         assert e.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), (flag, err)
 
 
-def test_an_empty_records_flag_names_no_file(tmp_path, capsys):
-    """--records= (a shell variable left empty) is no --records: alone it leaves nothing to answer and is refused
-    before any run is read; beside --instruction, that one record is answered."""
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--out_dir", str(tmp_path / "none"), "--records="])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].endswith("give --instruction (and --input) or --records"), err
+def test_an_empty_records_flag_is_refused_not_taken_for_no_records(tmp_path, capsys, monkeypatch):
+    """--records= (a shell variable left empty) is refused before any run is read, alone or beside --instruction:
+    that one record was answered, and the file's records silently not; records_of itself takes "" as none."""
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was read"))
+    for flags in (["--records="], ["--instruction=hi", "--records="], ["--records= ", "--instruction=hi"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out_dir", str(tmp_path / "none"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].endswith("--records is empty; give a JSONL or JSON list of records, "
+                                                      "or leave --records out"), err
     args = argparse.Namespace(instruction="Name a film.", input="", records="", limit=10)
     assert sample.records_of(args) == [{"instruction": "Name a film.", "input": ""}]
 
@@ -485,3 +488,30 @@ def test_an_out_dir_or_records_of_the_wrong_kind_is_named_for_what_it_is(tmp_pat
     monkeypatch.chdir(tmp_path)
     assert script_error(sample.main, ["--out_dir=", "--instruction", "x"], capsys).startswith(
         "error: config key 'out_dir' is empty")
+
+
+@pytest.mark.parametrize("flags", [["--instruction=\udcff\udcfe"], ["--instruction=x", "--input=a\udcff"]])
+def test_an_instruction_or_input_of_bytes_that_are_not_utf8_is_refused_naming_its_flag_before_the_run_is_read(
+        tmp_path, capsys, monkeypatch, flags):
+    """Python gives argv's bytes that are not UTF-8 as lone surrogates: they were refused as a "record" holding one,
+    once the model had loaded."""
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was read"))
+    flag = flags[-1].partition("=")[0]
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out_dir", str(tmp_path / "none"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith(f"{flag} holds bytes that are not UTF-8 text; give it in UTF-8, the "
+                                                  "terminal's encoding"), err
+
+
+def test_a_flag_is_read_by_its_whole_name_only_and_a_near_miss_is_named(tmp_path, capsys, monkeypatch):
+    """An abbreviation (--temp for --temperature) was taken as its flag, and a flag added later would make it
+    ambiguous or change its meaning; a misspelt flag was an "unrecognized argument" with no hint."""
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was read"))
+    for flag, near in (("--temp=1", "--temperature"), ("--instrucion=hi", "--instruction"), ("--top=0.5", "--top_p")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out_dir", str(tmp_path / "none"), "--instruction=x", flag])
+        err = capsys.readouterr().err.strip().splitlines()
+        name = flag.partition("=")[0]
+        assert e.value.code == 2 and err[-1].endswith(f"error: {name} is not a flag of this script; did you mean "
+                                                      f"{near}?"), err

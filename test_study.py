@@ -221,8 +221,9 @@ def test_train_keys_that_the_study_sets_for_its_runs_and_an_empty_selection_are_
 def test_report_without_a_study_says_so_in_one_sentence(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--report", f"--out={tmp_path}/none"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"--report found no study in {tmp_path}/none/" in err and "diverged" not in err
+    assert out == "" and err.count("\n") == 1  # refused before the report's headline ("a report on 20 ...")
 
 
 COMPLETE = {"scores": {"a": 50.0}, "config": {"seed": 0}, "trainable_params": 8, "base_params": 800, "train_seconds": 1}

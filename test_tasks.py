@@ -1213,6 +1213,27 @@ def test_a_raw_file_that_does_not_exist_is_one_sentence_without_advice_on_a_full
     assert not (tmp_path / "a.jsonl").exists()
 
 
+def test_an_empty_raw_is_named_as_empty_and_overwrite_is_also_given_as_train_py_gives_a_switch(tmp_path, capsys):
+    """--raw= was "error:  does not exist", a blank where the path goes; --overwrite=True, as train.py takes a switch,
+    was argparse's "ignored explicit argument"."""
+    raw, out = tmp_path / "r1.jsonl", tmp_path / "a.jsonl"
+    raw.write_text(json.dumps({"context": "p", "hypothesis": "h", "label": "e"}) + "\n")
+    for empty in ("--raw=", "--raw= "):
+        assert script_error(tasks.main, ["--task", "anli", empty, "--out", out], capsys) == (
+            "tasks.py: error: a --raw path is empty; give the task's raw file, e.g. --raw dev.jsonl.")
+    assert not out.exists()
+    for overwrite in ("--overwrite=False", "--overwrite=True"):
+        out.write_text("kept")
+        argv = ["--task", "anli", "--raw", str(raw), "--out", str(out), overwrite]
+        if overwrite.endswith("False"):
+            assert script_error(tasks.main, argv, capsys).endswith("exists; pass --overwrite to replace it, or "
+                                                                   "choose another --out.")
+            assert out.read_text() == "kept"
+        else:
+            tasks.main(argv)
+            assert capsys.readouterr().out == f"wrote 1 anli records to {out}\n" and out.read_text() != "kept"
+
+
 @pytest.mark.parametrize("out, message", [("", "--out is empty; give the file to write, e.g. --out "
                                                  "data/cme_eval/anli.jsonl."),
                                           (" ", "--out is empty; give the file to write, e.g. --out "

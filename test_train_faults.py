@@ -1382,6 +1382,19 @@ def test_an_init_from_that_does_not_exist_is_one_sentence_with_the_word_it_was_l
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_eval_only_without_an_adapter_is_refused_before_the_model_is_built_or_the_data_read(run_data, tmp_path,
+                                                                                              capsys, monkeypatch):
+    """It was refused once the model was built and the shards read, after the line that counts its parameters."""
+    for name in ("build_model", "datasets"):
+        monkeypatch.setattr(train, name, lambda *a, name=name: pytest.fail(f"{name} ran before the refusal"))
+    with pytest.raises(SystemExit) as e:
+        train.main(train_flags(run_data, tmp_path / "no_run", "--eval_only=True"))
+    out, err = capsys.readouterr()
+    adapter = tmp_path / "no_run" / "adapter.pt"
+    assert e.value.code == 2 and out == "" and err == (f"error: eval_only: {adapter} does not exist; train first or "
+                                                       "point --out_dir at a finished run.\n")
+
+
 def test_eval_only_pointed_at_no_run_is_refused_and_makes_no_out_dir(run_data, tmp_path, capsys):
     """eval_only reads a finished run and writes only its results.json: an out_dir with no run in it is one sentence
     naming the adapter.pt it lacks, and no empty folder is left where the user mistyped a path."""

@@ -335,13 +335,15 @@ def saved_config(path):
 
 
 def resume_config(cfg):
-    """(cfg, checkpoint or None). A resume takes the run's own config from its ckpt.pt, with only
-    the keys of RESUME_MAY_CHANGE that the user set changed (a run made with device='cpu' stays on the CPU
-    on a GPU machine unless --device says otherwise; one made with 'auto' takes the GPU). eval_only scores a
-    run with a ckpt.pt by its own config too: an adapter trained with other settings than the command line's
-    would score wrong without a word."""
+    """(cfg, checkpoint or None). A resume takes the run's own config from its ckpt.pt, with only the keys of
+    RESUME_MAY_CHANGE that the user set changed (a run made with device='cpu' stays on the CPU on a GPU machine unless
+    --device says otherwise; one made with 'auto' takes the GPU). eval_only scores a run with a ckpt.pt by its own
+    config too: an adapter trained with other settings than the command line's would score wrong without a word."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if cfg["init_from"] != "resume" and not (cfg["eval_only"] and os.path.isfile(path)):
+        adapter = os.path.join(cfg["out_dir"], "adapter.pt")
+        if cfg["eval_only"] and cfg["adapter"] != "none" and not os.path.isfile(adapter):  # before the model and data
+            raise UserError(f"eval_only: {adapter} does not exist; train first or point --out_dir at a finished run.")
         return cfg, None
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
@@ -588,9 +590,7 @@ def restore(r, raw, opt, ckpt):
 def load_trained_adapter(r, raw):
     """eval_only without a checkpoint: the finished run's adapter.pt."""
     path = os.path.join(r.cfg["out_dir"], "adapter.pt")
-    if r.cfg["adapter"] != "none":
-        if not os.path.isfile(path):
-            raise UserError(f"eval_only: {path} does not exist; train first or point --out_dir at a finished run.")
+    if r.cfg["adapter"] != "none":  # resume_config made sure it is there
         state = checkpoint.load_pt(path, "adapter")
         if not checkpoint.is_adapter_file(state):
             raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
