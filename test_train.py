@@ -114,6 +114,13 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     # thousands of operators in a row: ast.literal_eval's RecursionError or MemoryError was a traceback
     (["--max_iters=1" + "+1" * 3000], r"config key 'max_iters' in flag --max_iters=1\+1\+1.* must be of type int"),
     (["--max_iters=" + "-" * 20_000 + "1"], r"config key 'max_iters' in flag --max_iters=---.* must be of type int"),
+    # past int64: r crashed the dry run ("Storage size calculation overflowed"), max_len met model.py's wording
+    ([f"--r={4 * 10**22}"], r"^config key 'r' must be below 2\*\*63, got 40000000000000000000000\.$"),
+    ([f"--max_len={10**20}"], r"^config key 'max_len' must be below 2\*\*63, got 100000000000000000000\.$"),
+    # numpy's "Maximum allowed size exceeded" at step 1, after log.jsonl was written
+    ([f"--batch_size={10**18}"], r"^batch_size=1000000000000000000 streams more examples than numpy indexes; lower "
+                                 r"--batch_size\.$"),
+    ([f"--batch_size={2**30}", f"--eval_iters={2**30}"], r"^batch_size=1073741824 streams more examples"),  # validation
 ])
 def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys):
     with pytest.raises(train.UserError, match=message):
@@ -164,6 +171,34 @@ def test_every_numeric_key_refuses_values_out_of_its_range_and_takes_its_boundar
     with pytest.raises(UserError, match=r"config key 'lr_decay_iters' must be None or a positive integer, got 0"):
         train.parse_config(["--lr_decay_iters=0"])
     assert train.parse_config(["--lr_decay_iters=5"])["lr_decay_iters"] == 5
+
+
+def test_every_count_past_int64_is_refused_by_its_key():
+    """numpy and torch count sizes, positions and steps in int64: past it, a count failed deep inside them."""
+    for key in [k for k, v in train.DEFAULTS.items() if type(v) is int or k == "lr_decay_iters"]:
+        with pytest.raises(UserError, match=rf"^config key '{key}' must be (below 2\*\*63|in .*), got {2**63}\.$"):
+            train.parse_config([f"--{key}={2**63}"])
+
+
+@pytest.mark.parametrize("key,value,flags", [("r", 4 * 10**18, []), ("r", 260, ["--experts=4"]),
+                                             ("experts", 10**18, ["--adapter=hydralora"])])
+def test_a_rank_or_experts_past_a_target_width_is_refused_before_anything_is_allocated(key, value, flags, capsys):
+    """A (r x d_in), B (d_out x r) or the router (k x d_in) larger than the weight it adapts: the dry run built them
+    on the meta device and crashed ("Storage size calculation overflowed") or ran out of memory (exit 3)."""
+    argv = ["--dry_run=True", "--model=small", "--init_from=scratch", "--targets=w1,wq"]  # w1 and wq: 256 wide
+    assert conftest.script_error(train.main, [*argv, f"--{key}={value}", *flags], capsys) == (
+        f"error: {key}={value} is more than target w1's width of 256 features, where A, B or the router alone would "
+        f"outgrow the weight it adapts; set --{key}=256 or less.")
+    for adapter in ("teamlora", "moelora", "hydralora", "lora"):  # the width itself is taken
+        train.train(train.parse_config([*argv, f"--adapter={adapter}", "--r=256"]))
+
+
+def test_a_run_refuses_huge_settings_before_out_dir_is_touched(run_data, tmp_path, capsys):
+    """batch_size=10**18 wrote log.jsonl, then failed in numpy at step 1, leaving a run that cannot be resumed."""
+    out = tmp_path / "run"
+    for flag, fix in (("--r=4000000000000000000", "set --r=64 or less."), (f"--batch_size={10**18}", "--batch_size.")):
+        assert conftest.script_error(train.main, conftest.train_flags(run_data, out, flag), capsys).endswith(fix)
+        assert not out.exists()
 
 
 def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data):

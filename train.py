@@ -7,9 +7,8 @@ laptop to 8-GPU FSDP. One plain loop, nanoGPT-style:
     torchrun --standalone --nproc_per_node=8 train.py config/cme_llama2_7b.py
 
 Configuration: the defaults below, then config files (plain Python assignments), then --key=value flags, read by
-configurator.py. An unknown key or a value of the wrong type is an error naming the key. Reading order: main -> train
-(resume config, processes, the demo's files) -> run (setup, restore, then the loop of train_step with validation and
-checkpoints) -> finish (the scores, from evaluation.py).
+configurator.py (an unknown key or a wrong type is an error naming the key). Reading order: main -> train (resume
+config, processes, the demo's files) -> run (setup, restore, train_step's loop) -> finish (scores: evaluation.py).
 """
 import difflib
 import json
@@ -149,6 +148,12 @@ def check_config(cfg):
     for key, ok, valid in RANGES:
         if not ok(cfg[key]):
             raise UserError(f"config key '{key}' must be {valid}, got {cfg[key]!r}.")
+    for key, value in cfg.items():  # past int64, numpy and torch cannot count it (sizes, positions, steps)
+        if type(value) is int and value >= 2**63:
+            raise UserError(f"config key '{key}' must be below 2**63, got {value}.")
+    steps = max(cfg["max_iters"], cfg["eval_iters"])  # data.py numbers the examples it streams in int64 numpy arrays
+    if (steps + data.GROUP_BATCHES) * cfg["batch_size"] >= 2**60:  # of at most 2**63 bytes, up to the last window
+        raise UserError(f"batch_size={cfg['batch_size']} streams more examples than numpy indexes; lower --batch_size.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
         raise UserError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}.")
     if cfg["adapter"] == "hydralora" and cfg["experts"] < 2:
@@ -167,8 +172,7 @@ def check_config(cfg):
 
 @dataclass
 class Run:
-    """What a run's functions share: its configuration, its place among the processes, and the
-    tokenizer, model shape and evaluation sets that setup() fills in."""
+    """What a run's functions share: its configuration, its place among the processes, and what setup() fills in."""
     cfg: dict
     rank: int = 0
     world: int = 1
@@ -203,9 +207,8 @@ MULTI_EXPERT = ("teamlora", "moelora", "hydralora")
 
 
 def adapter_kwargs(cfg):
-    """Keyword arguments of teamlora.inject for cfg's adapter. MoELoRA (paper Eq. 7) runs fused, as
-    TeamLoRA's collaboration module with A stacked and alpha / k (baselines.py). competition=None is
-    each method's own choice."""
+    """Keyword arguments of teamlora.inject for cfg's adapter (competition=None: each method's own). MoELoRA (paper
+    Eq. 7) runs fused, as TeamLoRA's collaboration module with A stacked and alpha / k (baselines.py)."""
     kind, k, comp = cfg["adapter"], cfg["experts"], cfg["competition"]
     if kind == "lora":
         return dict(r=cfg["r"], experts=1, alpha=cfg["alpha"], competition=False)
@@ -221,8 +224,7 @@ def scratch_args(cfg, vocab_size):
 
 
 def base_weights(cfg, vocab_size):
-    """(ModelArgs, name -> tensor) of the base. Checkpoint files are memory-mapped, so nothing is
-    read into memory before a tensor is copied to its (possibly sharded) place."""
+    """(ModelArgs, name -> tensor) of the base, memory-mapped: read only as each tensor is copied to its place."""
     src = cfg["init_from"]
     if src == "scratch":
         args = scratch_args(cfg, vocab_size)
@@ -256,22 +258,25 @@ def from_pretrained(src, **kw):
 
 
 def init_adapters(model, seed):
-    """The adapters' initial values, drawn on the CPU from one seed in module order: the same
-    numbers whatever the device, the number of processes or the sharding."""
+    """The adapters' initial values, from one seed on the CPU in module order: the same on any device or sharding."""
     torch.manual_seed(seed)
     return {f"{name}.{n}": t for name, m in model.named_modules() if isinstance(m, teamlora.TeamLoRALinear)
             for n, t in m.initial_lora_state().items()}
 
 
 def inject_targets(model, cfg):
-    """The adapters on cfg's targets, one target at a time: a target that names no layer (a typo) is refused."""
+    """The adapters on cfg's targets, each target's name and width checked before any of its adapters is made."""
     for target in dict.fromkeys(t.strip() for t in cfg["targets"].split(",") if t.strip()):
+        width = min([min(m.in_features, m.out_features) for n, m in model.named_modules()  # none: inject refuses
+                     if isinstance(m, torch.nn.Linear) and (n == target or n.endswith("." + target))], default=2**63)
+        for key in [k for k in ("r", "experts") if adapter_kwargs(cfg)[k] > width]:
+            raise UserError(f"{key}={cfg[key]} is more than target {target}'s width of {width} features, where A, B or "
+                            f"the router alone would outgrow the weight it adapts; set --{key}={width} or less.")
         teamlora.inject(model, target, dropout=cfg["dropout"], **adapter_kwargs(cfg))
 
 
 def build_model(cfg, dev, vocab_size, world):
-    """(model, ModelArgs, the base's fingerprint): base + adapters, built on the meta device, sharded (FSDP) or not,
-    then filled in."""
+    """(model, ModelArgs, base fingerprint): base + adapters made on the meta device, sharded or not, filled in."""
     args, weights = base_weights(cfg, vocab_size)
     full = cfg["adapter"] == "none"
     with torch.device("meta"):
@@ -281,9 +286,8 @@ def build_model(cfg, dev, vocab_size, world):
         inject_targets(model, cfg)
     if checkpoint.sharded(cfg):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # bf16 (or fp32) base as stored, fp32 adapters, gradients reduced in fp32
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg["dtype"]) if full else None,
-                                  reduce_dtype=torch.float32)
+                                  reduce_dtype=torch.float32)  # the base as stored; adapters, gradient sums: fp32
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(dev.type, (world,))  # explicit: FSDP on CPU (gloo) even where a GPU is visible
         for block in model.layers:
@@ -335,10 +339,9 @@ def saved_config(path):
 
 
 def resume_config(cfg):
-    """(cfg, checkpoint or None). A resume takes the run's own config from its ckpt.pt, with only the keys of
-    RESUME_MAY_CHANGE that the user set changed (a run made with device='cpu' stays on the CPU on a GPU machine unless
-    --device says otherwise; one made with 'auto' takes the GPU). eval_only scores a run with a ckpt.pt by its own
-    config too: an adapter trained with other settings than the command line's would score wrong without a word."""
+    """(cfg, checkpoint or None). A resume, and eval_only on a run with a ckpt.pt, take the run's config from it,
+    changed only in the keys of RESUME_MAY_CHANGE the user set (device='cpu' stays on the CPU unless --device says
+    otherwise; 'auto' takes the GPU): scored by other settings, an adapter would score wrong."""
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if cfg["init_from"] != "resume" and not (cfg["eval_only"] and os.path.isfile(path)):
         adapter = os.path.join(cfg["out_dir"], "adapter.pt")
@@ -363,8 +366,7 @@ def resume_config(cfg):
 
 
 def check_run_paths(cfg, keys, script="train.py"):
-    """A resume, a re-scoring and sample.py take a run's tokenizer and base from its config, and cannot be pointed
-    elsewhere: a path that is gone is one sentence saying to put it back, not advice to pass another."""
+    """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a gone one is put back."""
     for key in keys:
         if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
             fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
@@ -409,8 +411,7 @@ def build_demo(cfg, resuming=False):
 
 
 def check_before_pretraining(cfg, pre, resuming):
-    """setup's checks of the run, on a meta model shaped as the base the demo is about to pretrain (`pre`): a
-    mistake in the run's settings (a target's name, out_dir, max_len) costs seconds, not the pretraining's minutes."""
+    """setup's checks on a meta model shaped as the demo's base (`pre`): a bad setting costs seconds, not minutes."""
     r = Run(cfg, device=torch.device("meta"), tok=Tokenizer(cfg["tokenizer"]))
     if not cfg["eval_only"]:
         claim_out_dir(r, resuming)
@@ -717,9 +718,8 @@ def run(r, ckpt=None):
 
 
 def stop_run(r, raw, opt, stop, step, saved):
-    """After Ctrl-C or SIGTERM: the checkpoint of step `step`, the last finished one, unless a second Ctrl-C stopped
-    the run in the middle of a step, or of a save before its ckpt.pt was written (atomically: the one of step `saved`
-    stands). Returns the step of the run's checkpoint."""
+    """After Ctrl-C or SIGTERM: the checkpoint of step `step`, the last finished, unless a second Ctrl-C stopped a step,
+    or a save before its ckpt.pt was written (atomically: step `saved`'s stands). Returns the run's checkpoint step."""
     if not stop.forced and saved != step:
         with suppress(KeyboardInterrupt):
             checkpoint.save_checkpoint(r, raw, opt, step)
