@@ -910,3 +910,18 @@ def test_missed_targets_are_printed_in_a_table_and_only_when_a_section_checked_s
     assert "## Targets" in out and note not in out and "MISSED" in out
     _main_cfg(monkeypatch, ["--quick", "--section=scaling"])
     assert "Targets" not in capsys.readouterr().out
+
+
+def test_full7b_on_cuda_is_taken_without_quick(monkeypatch, capsys):
+    """The full stack is meant for a GPU: --full7b --device=cuda goes on (here to the note that CUDA is missing)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bench.main(["--full7b", "--device=cuda"])
+    assert capsys.readouterr().out.startswith("skipped: --device=cuda asks for a GPU")
+
+
+def test_an_abbreviated_flag_is_named_not_taken_as_its_flag(monkeypatch, capsys):
+    """bench.py reads its flags as the other scripts do (errors.Parser): --quic was taken as --quick."""
+    monkeypatch.setattr(bench, "run_sections", lambda *a: pytest.fail("bench.py ran with an abbreviated flag"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quic"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("did you mean --quick?")

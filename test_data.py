@@ -2235,3 +2235,17 @@ def test_a_tokenizer_json_without_an_unknown_token_names_the_text_it_cannot_enco
                    lambda: prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)):
         with pytest.raises(UserError, match=says.format("☃<e>")):
             encode()
+
+
+def test_an_input_path_of_spaces_alone_is_named_as_empty_not_as_a_missing_file():
+    """--input=" " (a quoted blank) is as empty as --input=: the "not found" of a file named by spaces would puzzle."""
+    with pytest.raises(UserError, match=r"^an --input path is empty; give the records' file"):
+        data._file_kind("  ")
+
+
+def test_an_abbreviated_flag_is_named_before_any_file_is_read(tmp_path, monkeypatch, capsys):
+    """data.py reads its flags as the other scripts do (errors.Parser): --tok was taken as --tokenizer."""
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("data.py ran with an abbreviated flag"))
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", f"--input={tmp_path / 'a.jsonl'}", f"--tok={tmp_path / 't.model'}", f"--out={tmp_path}"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("did you mean --tokenizer?")

@@ -179,3 +179,15 @@ def test_a_flag_is_taken_by_its_whole_name_only_and_one_that_is_not_a_flag_is_na
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith("did you mean --max_len?")
+
+
+def test_a_switch_takes_only_true_or_false_and_a_negative_number_or_spaced_abbreviation_is_read_as_argparse_would(
+        capsys):
+    """--overwrite=1 is not a switch's True; "-1" after a flag is its value, not an unknown flag; an abbreviation
+    whose value holds a space (left to argparse) is refused there too, not taken as its flag; of several flags an
+    abbreviation begins, the closest is named."""
+    for value in ("1", "0", "true"):
+        assert _refused([f"--overwrite={value}"], capsys).endswith(f"not --overwrite={value}")
+    assert _parser().parse_args(["--temperature", "-1"]).temperature == -1.0
+    assert "unrecognized arguments: --temp=a b" in _refused(["--temp=a b"], capsys)
+    assert _refused(["--te=1"], capsys).endswith("did you mean --text?")  # --temperature and --text begin with it

@@ -914,3 +914,11 @@ def test_paraphrase_pairs_never_share_their_wording_with_only_the_names_changed(
     for r in records:
         q1, q2 = re.match(r"Text 1: (.*)\nText 2: (.*)", r["input"]).groups()
         assert wording(q1) != wording(q2), r
+
+
+def test_an_abbreviated_flag_is_named_not_taken_as_its_flag(tmp_path, monkeypatch, capsys):
+    """minicme.py reads its flags as the other scripts do (errors.Parser): --ou was taken as --out."""
+    monkeypatch.setattr(minicme, "make_suite", lambda *a: pytest.fail("minicme.py ran with an abbreviated flag"))
+    with pytest.raises(SystemExit) as e:
+        minicme.main([f"--ou={tmp_path}"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("did you mean --out?")

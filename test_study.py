@@ -1206,3 +1206,11 @@ def test_a_resumed_run_whose_log_was_cut_mid_line_is_read_as_finished_not_damage
         log.write(lines[2])
     assert (folder / "log.jsonl").read_text() == "".join(lines)
     assert study.read_results(folder)["curve"] == [(1, 3.0), (2, 1.5), (3, 1.0)]
+
+
+def test_report_on_a_folder_without_a_study_says_so_too(tmp_path, capsys):
+    """A --out that exists (a typo naming another folder, say) but holds no select/ is no study either."""
+    with pytest.raises(SystemExit):
+        study.main(["--report", f"--out={tmp_path}"])
+    out, err = capsys.readouterr()
+    assert f"--report found no study in {tmp_path}/" in err and out == ""

@@ -2524,3 +2524,36 @@ def test_a_path_flag_that_starts_with_a_tilde_is_the_home_folder_as_the_shell_gi
     cfg = train.parse_config(["--out_dir=~/runs/a~b", "--eval_dir=~", "--tokenizer=a~b"])
     assert (cfg["out_dir"], cfg["eval_dir"], cfg["tokenizer"]) == (str(tmp_path / "runs" / "a~b"), str(tmp_path),
                                                                     "a~b")
+
+
+def test_re_scoring_an_adapter_pt_alone_leaves_a_batch_that_does_not_split_to_check_batch_split():
+    """Without a ckpt.pt nothing says how many processes the run trained on: keep_slices does not claim a count."""
+    cfg = {"grad_accum": 2, "batch_size": 3, "eval_only": True}
+    assert machine.keep_slices(cfg, None, 1, True) == cfg
+
+
+def test_the_bound_on_streamed_examples_counts_the_longer_of_training_and_validation_and_the_last_window():
+    """A batch_size is refused exactly where (max(max_iters, eval_iters) + GROUP_BATCHES) x batch_size reaches 2**60."""
+    for max_iters, eval_iters in ((1, 1), (2**40, 1), (1, 2**40)):
+        edge = -(-2**60 // (max(max_iters, eval_iters) + data.GROUP_BATCHES))  # the least batch_size refused
+        argv = [f"--max_iters={max_iters}", f"--eval_iters={eval_iters}"]
+        train.parse_config([*argv, f"--batch_size={edge - 1}"])
+        with pytest.raises(UserError, match=rf"^batch_size={edge} streams more examples than numpy indexes"):
+            train.parse_config([*argv, f"--batch_size={edge}"])
+
+
+def test_re_scoring_without_an_adapter_scores_the_base_and_asks_for_no_adapter_pt(tmp_path):
+    """adapter=none with eval_only and no ckpt.pt scores init_from's model as it is: there is no adapter.pt to want."""
+    cfg = train.parse_config([f"--out_dir={tmp_path / 'base'}", "--adapter=none", "--eval_only=True"])
+    assert train.resume_config(cfg) == (cfg, None)
+
+
+@pytest.mark.parametrize("kept", [("ckpt.pt",), ("adapter.pt",), ("adapter.pt", "results.json")])
+def test_a_run_in_out_dir_is_offered_a_resume_only_where_it_has_a_ckpt_pt(tmp_path, kept):
+    """A run stopped before adapter.pt holds ckpt.pt alone and can go on; one kept as its adapter.pt cannot."""
+    for f in kept:
+        (tmp_path / f).write_bytes(b"")
+    r = train.Run(train.parse_config([f"--out_dir={tmp_path}"]))
+    with pytest.raises(UserError, match="already holds a run") as e:
+        train.claim_out_dir(r, resuming=False)
+    assert ("--init_from=resume" in str(e.value)) == ("ckpt.pt" in kept)
