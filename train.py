@@ -366,7 +366,7 @@ def resume_config(cfg):
 
 
 def check_run_paths(cfg, keys, script="train.py"):
-    """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a gone one is put back."""
+    """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a missing one is put back."""
     for key in keys:
         if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
             fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
