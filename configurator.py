@@ -21,6 +21,8 @@ def parse_flag(arg, defaults=None):
     if not arg.startswith("--") or not key:
         raise UserError(f"argument '{arg}' is not of the form --key=value.")
     if not eq:
+        if defaults is not None and key not in defaults:  # misspelt: named with its closest, not given a value to fail
+            typed(key, None, defaults, f"flag {arg}")
         raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
     if text.startswith("~"):  # --out_dir=~/x: the home folder, as the shell gives --out_dir ~/x
         text = flag_path(text)

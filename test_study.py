@@ -125,12 +125,15 @@ def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them()
             study.parse([bad])
     with pytest.raises(study.data.UserError, match=r"config key 'steps' in flag --steps=abc must be of type int"):
         study.parse(["--steps=abc"])  # an option of the wrong type is named, as train.py names a key
+    with pytest.raises(study.data.UserError, match=r"flag '--max_iters' needs a value"):
+        study.parse(["--max_iters"])  # a train.py key is known: only its value is missing
 
 
 def test_an_unknown_flag_names_the_closest_study_option_or_train_key():
     """A near miss of a study option is named as train.py names one of its keys: --step=3 is not train.py's key."""
     for flag, meant in (("--step=3", "steps"), ("--seeeds=3", "seeds"), ("--worker=1", "workers"),
-                        ("--lerning_rate=1", "learning_rate")):
+                        ("--lerning_rate=1", "learning_rate"), ("--rep", "report"), ("--seeeds", "seeds"),
+                        ("--lerning_rate", "learning_rate")):  # without a value too: not "needs a value" first
         with pytest.raises(study.data.UserError, match=rf"unknown config key .* {flag}; did you mean '{meant}'\?$"):
             study.parse([flag])
 
