@@ -52,7 +52,7 @@ def remove_stale_temporaries(folder, names=None):
     """Remove the temporary files NAME.tmpPID that write_atomic leaves when its process is killed, for the
     processes that no longer run (of `names` only, when given); prints one stderr line for each and returns
     their paths. A file whose process still runs, or may (another user's), is left alone."""
-    pattern = re.compile(r"(.+)\.tmp(\d+)")
+    pattern = re.compile(r"(.+)\.tmp([1-9][0-9]*)")  # as write_atomic writes a process id: no 0 in front
     removed = []
     try:
         entries = sorted(os.listdir(folder))
@@ -66,7 +66,7 @@ def remove_stale_temporaries(folder, names=None):
             continue
         try:
             os.remove(path)
-        except FileNotFoundError:  # another process removed it first
+        except OSError:  # another process removed it first, or it is not ours to remove (a sticky folder)
             continue
         removed.append(path)
         print(f"removed a leftover temporary file {path} of a process ({match.group(2)}) that no longer runs",
@@ -126,10 +126,15 @@ def hold(folder, names=None):
     except OSError:
         held = False
     if not held and fcntl is not None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link is not followed to its target
-        except OSError:  # a folder or a link of that name, or a file not ours to open: not held, as before
-            fd = None
+        fd = None
+        for mode in (os.O_RDWR, os.O_RDONLY):  # read-only: another user's lock file (0644); flock takes it as well
+            try:
+                fd = os.open(path, mode | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link is not followed to its target
+                break
+            except PermissionError:  # not ours to write (nor, at the second try, to read: not held, as before)
+                continue
+            except OSError:  # a folder or a link of that name: not held, as before
+                break
         if fd is not None:
             st = os.fstat(fd)
             try:

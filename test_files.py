@@ -443,3 +443,63 @@ def test_read_json_reads_a_byte_order_mark_any_value_and_tells_json_lines_apart(
     assert files.read_json(path, FIX, lines_too=True) is None
     with pytest.raises(UserError, match=f"^{path} line 2 is not valid JSON \\(Extra data\\); {FIX}$"):
         files.read_json(path, FIX)
+
+
+def test_a_lock_file_this_process_may_only_read_still_refuses_a_folder_a_live_process_holds(tmp_path, monkeypatch):
+    """Another user's run leaves its .lock readable but not writable by others (0644): a second user's run there opens
+    it read-only, which flock takes as well, so it is refused while that run lives, never let in unheld; once the
+    holder is killed (kill -9), it holds the folder against a third process. Here os.open refuses this process
+    write access to the lock file (the tests may run as root, whom file modes do not stop)."""
+    folder = tmp_path / "run"
+    other = held_by_another_process(folder)
+    real_open = os.open
+
+    def read_only_lock(path, flags, *args):
+        if os.path.basename(path) == files.LOCK and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", read_only_lock)
+    try:
+        assert files.hold(str(folder)) == f"process {other.pid}"
+    finally:
+        other.kill()
+        other.wait()
+    assert files.hold(str(folder)) is None
+    third = subprocess.run([sys.executable, "-c", "import sys, files; print(files.hold(sys.argv[1]))", str(folder)],
+                           cwd=os.path.dirname(files.__file__), capture_output=True, text=True)
+    assert third.stdout == f"process {os.getpid()}\n"
+    files.let_go(str(folder))
+
+
+def test_a_stale_temporary_that_can_not_be_removed_is_left_and_the_folder_held(tmp_path, monkeypatch, capsys):
+    """A dead process's temporary that this one may not remove (another user's in a sticky folder: EPERM) stays where
+    it is, unreported: holding the folder goes on, rather than ending the run in a traceback."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    theirs, ours = folder / f"ckpt.pt.tmp{dead_pid()}", folder / f"adapter.pt.tmp{dead_pid()}"
+    for path in (theirs, ours):
+        path.write_text("x")
+    real_remove = os.remove
+
+    def sticky(path, *args, **kwargs):
+        if os.path.basename(path) == theirs.name:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+        return real_remove(path, *args, **kwargs)
+    monkeypatch.setattr(os, "remove", sticky)
+    assert files.hold(str(folder), ("ckpt.pt", "adapter.pt")) is None
+    assert theirs.exists() and not ours.exists() and theirs.name not in capsys.readouterr().err
+    files.let_go(str(folder))
+
+
+def test_names_with_a_process_id_write_atomic_never_writes_are_a_users_and_stay(tmp_path):
+    """write_atomic names a temporary NAME.tmpPID with the id in ASCII digits, never with a 0 in front: a user's
+    ckpt.pt.tmp0PID, or one with the same id in other scripts' digits (Python's int reads them), is left alone."""
+    dead = dead_pid()
+    users = [tmp_path / f"ckpt.pt.tmp0{dead}", tmp_path / ("ckpt.pt.tmp" + "".join(chr(0x660 + int(c))
+                                                                                 for c in str(dead)))]
+    for path in users:
+        path.write_text("mine")
+    stale = tmp_path / f"ckpt.pt.tmp{dead}"
+    stale.write_text("x")
+    assert files.remove_stale_temporaries(tmp_path, ("ckpt.pt",)) == [str(stale)]
+    assert all(p.read_text() == "mine" for p in users)
