@@ -18,13 +18,22 @@ def estimate(args, n_base, n_train, cfg, world, micro):
         weights = (0 if full else n_base * wbytes / world) + (root + 2 * per_layer) * wbytes
     else:
         weights = 0 if full and wbytes == 4 else n_base * wbytes
-    adapter = n_train * 16 / (world if cfg["fsdp"] else 1)  # fp32: the trained weights, gradients, 2 AdamW moments
+    trained_bytes = n_train * 4 / (world if cfg["fsdp"] else 1)  # the trained tensors in float32 (FSDP: a shard)
+    adapter = trained_bytes * 4  # with their gradients and AdamW's 2 moments
+    if world > 1 and not cfg["fsdp"]:  # DDP's buckets: a second float32 copy of the gradients, kept for the whole run
+        adapter += n_train * 4
     tokens = micro * cfg["max_len"]
     dim, hidden = args.dim, args.ffn_hidden_dim
     stream = 4 if full and not cfg["fsdp"] else wbytes  # the residual stream's bytes (autocast: a float32 model's)
     # per token and layer, what backward keeps: the two norms' float32 inputs (and outputs, where their weights
-    # train), q, k, v, the attention output and the SwiGLU's w1 x, its SiLU and w3 x (in the activation dtype)
+    # train), q, k and v (repeated to every query head), the attention output and the SwiGLU's w1 x, its SiLU and
+    # w3 x (in the activation dtype)
     per_token_layer = 2 * dim * (4 + (stream if full else 0)) + (4 * dim + 3 * hidden) * wbytes
+    if cfg.get("batch_mode") == "pack":  # attention gets a mask, which model.py folds into a key/value head's rows
+        # (a row of max_len per query head of the group), cast to the activation dtype: in place of the copies of k
+        # and v repeated to every query head, each layer keeps k and v as they are and that mask
+        rows = args.n_heads // args.n_kv_heads
+        per_token_layer += (rows * cfg["max_len"] - 2 * (dim - args.n_kv_heads * args.head_dim)) * wbytes
     # the input of each trained linear layer, an adapter's in float32 (full training: the activation dtype), one copy
     # per layer where each casts its input (x.to in an adapter over a bfloat16 base, autocast), else one per tensor
     block = {name for group in LINEAR_INPUTS for name in group}
@@ -33,8 +42,10 @@ def estimate(args, n_base, n_train, cfg, world, micro):
     for group in LINEAR_INPUTS:
         n = len(trained.intersection(group))
         per_token_layer += (n if stream != kept else min(n, 1)) * (hidden if group == ("w2",) else dim) * kept
-    # and each adapted layer's float32 z and omega-weighted z (r + k values each); the output layer's are left out
-    per_token_layer += 0 if full else len(trained) * 4 * (cfg["r"] + cfg["experts"]) * 2
+    # and each adapted layer's float32 z and omega-weighted z (r values each; HydraLoRA's weighted z: k r, as each of
+    # its heads weighs all of z) and two of k values (router); the output layer's are left out
+    weighted = cfg["r"] * (cfg["experts"] if cfg["adapter"] == "hydralora" else 1)
+    per_token_layer += 0 if full else len(trained) * 4 * (cfg["r"] + weighted + 2 * cfg["experts"])
     if cfg["activation_checkpointing"]:  # each block's input, and one block's full set while it is recomputed
         activations = tokens * (args.n_layers * dim * stream + per_token_layer)
     else:
@@ -45,9 +56,11 @@ def estimate(args, n_base, n_train, cfg, world, micro):
     total = weights + adapter + activations + logits
     # scoring: generate preallocates keys and values for a batch of prompts + answers (at most max_len tokens
     # here), and the prefill holds the FFN's hidden tensors (w1's, w3's, their product; w2's adapter input float32);
-    # of the adapter's 16 bytes a parameter, scoring keeps the 4 of its weights (no gradients, no AdamW moments)
+    # of the trained term, scoring at a run's end keeps all but the gradients (AdamW's moments and DDP's buckets live
+    # as long as the run); a re-scoring (eval_only) has the trained weights alone
     eval_tokens = cfg["eval_batch_size"] * cfg["max_len"]
     kv_cache = eval_tokens * args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
-    scoring = weights + adapter / 4 + kv_cache + eval_tokens * args.ffn_hidden_dim * (3 * wbytes + 4)
+    held = trained_bytes if cfg.get("eval_only") else adapter - trained_bytes
+    scoring = weights + held + kv_cache + eval_tokens * args.ffn_hidden_dim * (3 * wbytes + 4)
     return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits, "total": total,
             "kv_cache": kv_cache, "scoring": scoring}

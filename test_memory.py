@@ -1,6 +1,7 @@
 """memory.py: the dry run's arithmetic, term by term at LLaMA-2-7B's shapes, its KV cache against what generate
 allocates, its activations against what a block saves for backward, and its total against a measured training step."""
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -35,9 +36,10 @@ def test_memory_estimate_shards_weights_and_adapter_state_under_fsdp_only():
     assert one["adapter"] == pytest.approx(n_train * (4 + 4 + 4 + 4))
     assert eight["adapter"] == pytest.approx(one["adapter"] / 8)
     assert (one["activations"], one["logits"]) == (eight["activations"], eight["logits"])  # per micro-batch
-    for world in (1, 8):  # DDP: every GPU holds all of it
+    for world in (1, 8):  # DDP: every GPU holds all of it, and from 2 processes on its buckets (4 bytes more)
         ddp = _estimate(world=world, fsdp=False)
-        assert ddp["weights"] == pytest.approx(n_base * 2) and ddp["adapter"] == pytest.approx(n_train * 16)
+        assert ddp["weights"] == pytest.approx(n_base * 2) and ddp["adapter"] == pytest.approx(
+            n_train * (16 if world == 1 else 20))
         assert _estimate(world=world, fsdp=False, dtype="float32")["weights"] == pytest.approx(n_base * 4)
     for est in (one, eight, _estimate(fsdp=False, activation_checkpointing=False)):
         assert est["total"] == pytest.approx(est["weights"] + est["adapter"] + est["activations"] + est["logits"])
@@ -137,16 +139,19 @@ def test_scoring_estimate_counts_the_kv_cache_generate_allocates(monkeypatch):
     assert big["kv_cache"] == 64 * 1024 * 32 * 2 * 4096 * 2 and big["scoring"] > big["kv_cache"] > 5 * big["total"]
 
 
+@pytest.mark.parametrize("eval_only", [False, True])
 @pytest.mark.parametrize("fsdp, world", [(False, 1), (True, 8)])
-def test_scoring_holds_the_adapters_float32_weights_not_their_gradients_or_adam_moments(fsdp, world):
+def test_scoring_holds_the_adapters_float32_weights_and_adam_moments_not_their_gradients(fsdp, world, eval_only):
     """Scoring runs generate on the trained adapter: it holds the adapter's float32 weights (4 bytes a parameter,
-    a 1/world shard under FSDP), not the gradients and AdamW moments a training step adds (16 bytes in all)."""
+    a 1/world shard under FSDP) and, at the end of a run, AdamW's two moments (8 more; the optimizer lives as long
+    as the run), not the gradients a training step adds (set to None after each step); a re-scoring (eval_only) has
+    no optimizer."""
     args = SimpleNamespace(dim=4096, ffn_hidden_dim=11008, n_layers=32, vocab_size=32000, n_kv_heads=32, head_dim=128,
                            tie_embeddings=False)
-    more, cfg = 50_000_000, {**MEMORY_CFG, "fsdp": fsdp}
+    more, cfg = 50_000_000, {**MEMORY_CFG, "fsdp": fsdp, "eval_only": eval_only}
     a, b = (memory.estimate(args, 6_700_000_000, n_train, cfg, world, 4) for n_train in (10**8, 10**8 + more))
     assert b["adapter"] - a["adapter"] == pytest.approx(more * 16 / world)
-    assert b["scoring"] - a["scoring"] == pytest.approx(more * 4 / world)
+    assert b["scoring"] - a["scoring"] == pytest.approx(more * (4 if eval_only else 12) / world)
 
 
 def test_activations_count_the_tensors_each_block_keeps_per_token_as_listed():
@@ -389,3 +394,124 @@ def test_scoring_holds_the_base_weights_that_training_holds(fsdp, world):
                            tie_embeddings=False)
     b = memory.estimate(args, 7_000_000_000, 100_000_000, {**MEMORY_CFG, "fsdp": fsdp}, world, 4)
     assert b["weights"] > a["weights"] and b["scoring"] - a["scoring"] == pytest.approx(b["weights"] - a["weights"])
+
+
+def test_the_trained_term_is_the_trained_tensors_their_gradients_adams_moments_and_ddps_buckets(tmp_path):
+    """The adapter + AdamW term, and what of it scoring at a run's end still holds, counted on models built as train.py builds them, every adapter kind over a bfloat16
+    and a float32 base, full training too: the trained tensors, their gradients after a backward and AdamW's two
+    moments after a step (its step counters, one scalar per tensor, left out), and under DDP (more than one process,
+    no FSDP) the buckets its reducer allocates when it wraps the model, a second copy of the gradients (torch's
+    default, gradient_as_bucket_view=False), here as its reducer reports them on one gloo process. The weights term is
+    the frozen base."""
+    script = tmp_path / "trained.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, torch, torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        import model, train
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+        rows = []
+        for adapter in ("teamlora", "lora", "moelora", "hydralora", "none"):
+            for dtype in ("bfloat16", "float32"):
+                cfg = {{**train.DEFAULTS, "adapter": adapter, "dtype": dtype, "targets": "w1,wq,wo,output", "r": 8}}
+                args = model.ModelArgs.from_name("tiny", n_layers=2)
+                net = model.Transformer(args).to(torch.float32 if adapter == "none" else getattr(torch, dtype))
+                n_base = net.num_params()
+                if adapter != "none":
+                    train.inject_targets(net, cfg)
+                trained = train.trainable(net)
+                ddp = DDP(net)  # as train.py wraps it; its reducer's own account of the buckets it allocated:
+                buckets = sum(int(n) for n in ddp._get_ddp_logging_data()["bucket_sizes"].replace(",", " ").split())
+                opt = torch.optim.AdamW(trained, lr=1e-3)
+                tokens = torch.randint(args.vocab_size, (2, 16))
+                ddp(tokens, tokens.roll(-1, 1))[1].backward()
+                grads = sum(p.grad.nbytes for p in trained)
+                opt.step()
+                moments = sum(t.nbytes for s in opt.state.values() for t in s.values() if t.dim())
+                opt.zero_grad(set_to_none=True)  # as train_step leaves each step: scoring meets no gradient
+                assert all(p.grad is None for p in trained)
+                rows.append(dict(cfg=cfg, n_base=n_base, n_train=sum(p.numel() for p in trained),
+                                 frozen=sum(p.nbytes for p in net.parameters() if not p.requires_grad),
+                                 trained=sum(p.nbytes for p in trained) + grads + moments, buckets=buckets,
+                                 moments=moments))
+        dist.destroy_process_group()
+        print(json.dumps(rows))
+    """))
+    here = os.path.dirname(os.path.abspath(memory.__file__))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=here,
+                         env={**os.environ, "PYTHONPATH": here})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.splitlines()[-1])
+    assert len(rows) == 10 and all(row["buckets"] > 0 for row in rows)
+    args = model.ModelArgs.from_name("tiny", n_layers=2)
+    for row in rows:
+        cfg = {**row["cfg"], "fsdp": False}
+        one, ddp = (memory.estimate(args, row["n_base"], row["n_train"], cfg, world, 1) for world in (1, 2))
+        assert one["adapter"] == row["trained"] and ddp["adapter"] == row["trained"] + row["buckets"], row
+        # scoring at a run's end: AdamW's moments (and DDP's buckets) are still alive; a re-scoring has neither
+        rescore_one, rescore_ddp = (memory.estimate(args, row["n_base"], row["n_train"], {**cfg, "eval_only": True},
+                                                    world, 1) for world in (1, 2))
+        assert one["scoring"] - rescore_one["scoring"] == row["moments"], row
+        assert ddp["scoring"] - rescore_ddp["scoring"] == row["moments"] + row["buckets"], row
+        if cfg["adapter"] != "none":
+            assert one["weights"] == ddp["weights"] == row["frozen"], row
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_packed_rows_keep_each_layers_attention_mask_for_backward(dtype):
+    """batch_mode="pack" gives attention a mask (model.packed_attention), which each layer folds to its query heads'
+    rows (n_heads / n_kv_heads times max_len per token), casts to the activation dtype and saves for backward, in
+    place of k and v repeated to every query head (kept unrepeated): what one block saves with it less what it saves
+    without is the estimate's difference between pack and pad, on a model with grouped-query attention (where the
+    mask of a short row costs less than the repeated k and v; a long one, more)."""
+    T = 96
+    net, args, n_base, cfg, autocast = _net(dtype, "teamlora", "w1,w2,w3", n_layers=1, max_len=T)
+    assert args.n_heads > args.n_kv_heads
+    seq_ids = (torch.arange(T) // 24)[None]  # four examples in the row
+    mask, positions = model.packed_attention(seq_ids)
+    x = net.tok_embeddings(torch.randint(args.vocab_size, (1, T))).detach().requires_grad_(True)
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    kept = {}
+    for mode, (m, pos) in (("pad", (None, torch.arange(T)[None])), ("pack", (mask, positions))):
+        cos, sin = model.rope_cos_sin(pos, args.head_dim, args.rope_theta)
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights | {cos.data_ptr(), sin.data_ptr()}:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(0)
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net.train().layers[0](x, cos, sin, m)
+        kept[mode] = sum(saved.values())
+    pad, packed = (memory.estimate(args, n_base, 0, {**cfg, "batch_mode": mode}, 1, 1)["activations"]
+                   for mode in ("pad", "pack"))
+    assert kept["pack"] - kept["pad"] == packed - pad != 0
+
+
+@pytest.mark.parametrize("adapter", ["teamlora", "moelora", "hydralora"])
+def test_a_rank_more_keeps_what_the_adapters_weighted_z_adds_per_token(adapter):
+    """A TeamLoRA (or fused MoELoRA) layer keeps z = x A^T and its omega-weighted copy, r values each; HydraLoRA's
+    heads each weigh all of z, so its weighted z is k r wide: what one block saves for backward grows with r by as
+    much as the estimate does, measured with adapters on w1, w2 and w3 and no dropout (its mask is left out)."""
+    T = 96
+    args = model.ModelArgs.from_name("small", n_layers=1, vocab_size=64, max_seq_len=T)
+    cos, sin = model.rope_cos_sin(torch.arange(T)[None], args.head_dim, args.rope_theta)
+
+    def saved_and_estimated(r):
+        cfg = {**train.DEFAULTS, "adapter": adapter, "targets": "w1,w2,w3", "r": r, "experts": 4, "dropout": 0.0,
+               "max_len": T, "fsdp": False}
+        net = model.Transformer(args)
+        n_base = net.num_params()
+        train.inject_targets(net, cfg)
+        saved = {}
+
+        def pack(t):
+            if T in t.shape and t.untyped_storage().data_ptr() not in (cos.data_ptr(), sin.data_ptr()):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = net.tok_embeddings(torch.randint(args.vocab_size, (1, T))).detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net.train().layers[0](x, cos, sin)
+        return sum(saved.values()), memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
+    (kept, est), (kept_more, est_more) = saved_and_estimated(16), saved_and_estimated(20)
+    assert kept_more - kept == est_more - est > 0
