@@ -397,12 +397,12 @@ def test_scoring_holds_the_base_weights_that_training_holds(fsdp, world):
 
 
 def test_the_trained_term_is_the_trained_tensors_their_gradients_adams_moments_and_ddps_buckets(tmp_path):
-    """The adapter + AdamW term, and what of it scoring at a run's end still holds, counted on models built as train.py builds them, every adapter kind over a bfloat16
-    and a float32 base, full training too: the trained tensors, their gradients after a backward and AdamW's two
-    moments after a step (its step counters, one scalar per tensor, left out), and under DDP (more than one process,
-    no FSDP) the buckets its reducer allocates when it wraps the model, a second copy of the gradients (torch's
-    default, gradient_as_bucket_view=False), here as its reducer reports them on one gloo process. The weights term is
-    the frozen base."""
+    """The adapter + AdamW term, and what of it scoring at a run's end still holds, counted on models built as
+    train.py builds them, every adapter kind over a bfloat16 and a float32 base, full training too: the trained
+    tensors, their gradients after a backward and AdamW's two moments after a step (its step counters, one scalar per
+    tensor, left out), and under DDP (more than one process, no FSDP) the buckets its reducer allocates when it wraps
+    the model, a second copy of the gradients (torch's default, gradient_as_bucket_view=False), here as its reducer
+    reports them on one gloo process. The weights term is the frozen base."""
     script = tmp_path / "trained.py"
     script.write_text(textwrap.dedent(f"""
         import json, torch, torch.distributed as dist
