@@ -524,6 +524,26 @@ def test_a_run_on_an_out_dir_that_another_live_run_writes_is_refused_and_leaves_
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 6
 
 
+def test_eval_only_of_a_live_run_is_refused_before_its_results_json_could_replace_the_runs(run_data, tmp_path, capsys):
+    """A re-scoring writes results.json: beside a run still training there (a resume of it, say) it would replace the
+    final scores with an earlier checkpoint's, or the run's would replace it. So it holds out_dir as a run does: one
+    sentence naming the live process (with no advice to pick another out_dir: the run to score is this one), nothing
+    touched; once that process is gone, the re-scoring runs and lets go of the folder."""
+    out = finished_run(run_data, tmp_path / "o")
+    before = contents(out)
+    other = held_by_another_process(out)
+    try:
+        fails(train_flags(run_data, out, "--eval_only=True"), capsys,
+              f"out_dir {out} is in use by process {other.pid}; wait for that run to end.")
+        assert contents(out) == before
+    finally:
+        other.kill()
+        other.wait()
+    train.main(train_flags(run_data, out, "--eval_only=True"))
+    assert (out / "results.json").is_file() and files.hold(str(out)) is None  # let go: held again here, at once
+    files.let_go(str(out))
+
+
 def test_eval_only_scores_a_run_by_its_own_config_not_the_command_lines(run_data, tmp_path):
     first = train.train(train.parse_config(train_flags(run_data, tmp_path / "o", "--alpha=4.0", "--dropout=0.2",
                                                        "--max_iters=4", "--eval_interval=4")))
@@ -1519,7 +1539,8 @@ def test_only_rank_0_checks_that_out_dir_can_be_written_and_removes_leftover_tem
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt.tmp999999").write_bytes(b"half a checkpoint of a process that was killed")
-    cfg = {"out_dir": str(out), "init_from": "scratch", "overwrite": False, "data_dir": "", "eval_dir": ""}
+    cfg = {"out_dir": str(out), "init_from": "scratch", "overwrite": False, "data_dir": "", "eval_dir": "",
+           "eval_only": False}
 
     def refused(*args, dir=None, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)

@@ -413,8 +413,7 @@ def build_demo(cfg, resuming=False):
 def check_before_pretraining(cfg, pre, resuming):
     """setup's checks on a meta model shaped as the demo's base (`pre`): a bad setting costs seconds, not minutes."""
     r = Run(cfg, device=torch.device("meta"), tok=Tokenizer(cfg["tokenizer"]))
-    if not cfg["eval_only"]:
-        claim_out_dir(r, resuming)
+    claim_out_dir(r, resuming)
     r.args = scratch_args(pre, Tokenizer(pre["tokenizer"]).vocab_size)
     with torch.device("meta"):
         model = Transformer(r.args)
@@ -445,7 +444,7 @@ def train(cfg):
             with machine.cuda_matmul_precision(cfg["tf32"]) if dev.type == "cuda" else nullcontext():
                 return run(Run(cfg, rank, world, dev), ckpt)
     finally:
-        files.let_go(cfg["out_dir"])  # held by claim_out_dir (rank 0 of a run that trains): the run has ended
+        files.let_go(cfg["out_dir"])  # held by claim_out_dir (rank 0): the run has ended
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -454,12 +453,13 @@ RUN_FILES = ("ckpt.pt", "adapter.pt", "model.pt", "results.json")
 
 
 def claim_out_dir(r, resuming, take=False):
-    """Before a run trains: out_dir must not hold another run (unless overwrite=True replaces it) and must be
-    writable. take (rank 0, once the run is sure to start) first holds out_dir until the run ends (files.hold; train
-    lets go), checks it again, then removes the old run's files that overwrite=True replaces."""
-    out, src = r.cfg["out_dir"], r.cfg["init_from"]
+    """Before a run trains or is re-scored: out_dir must not hold another run (unless overwrite=True replaces it) and
+    must be writable. take (rank 0, once the run is sure to start) first holds out_dir until the run ends (files.hold;
+    train lets go), checks it again, then removes the old run's files that overwrite=True replaces."""
+    out, src, own = r.cfg["out_dir"], r.cfg["init_from"], resuming or r.cfg["eval_only"]  # own: out_dir's run is this
     if take and (busy := files.hold(out, RUN_FILES)):  # held before anything is removed: the checks below see it held
-        raise UserError(f"out_dir {out} is in use by {busy}; wait for that run to end, or choose another --out_dir.")
+        raise UserError(f"out_dir {out} is in use by {busy}; wait for that run to end"
+                        f"{'' if r.cfg['eval_only'] else ', or choose another --out_dir'}.")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise UserError(f"out_dir {out} is a file, not a folder; choose another --out_dir.")
     for key, what in (("data_dir", "token shards"), ("eval_dir", "evaluation sets")):  # the run's files would mix in
@@ -471,17 +471,18 @@ def claim_out_dir(r, resuming, take=False):
         if not os.path.isfile(os.path.join(out, f)):
             raise UserError(f"{os.path.join(out, f)} is not a file, but the run writes its {f} there; move it "
                             "away or choose another --out_dir.")
-    if found and not resuming and not r.cfg["overwrite"]:
+    if found and not own and not r.cfg["overwrite"]:
         then = "continue it with --init_from=resume, " if "ckpt.pt" in found else ""  # none: nothing to resume
         raise UserError(f"{out} already holds a run ({', '.join(found)}); {then}choose another --out_dir, or pass "
                         "--overwrite=True to replace it.")
-    if found and not resuming and any(os.path.isfile(src) and os.path.samefile(src, os.path.join(out, f))
-                                      for f in found):
+    if found and not own and any(os.path.isfile(src) and os.path.samefile(src, os.path.join(out, f))
+                                 for f in found):
         raise UserError(f"init_from {src} is the run in {out} that overwrite=True would replace; copy it elsewhere "
                         "or choose another --out_dir.")
-    if r.master:
-        check_writable(out, "choose another --out_dir")
-    for f in found if take and not resuming else []:  # overwrite=True: nothing of the old run stays beside the new one
+    if r.master:  # a re-scoring writes its results.json there
+        check_writable(out, "copy the run to a folder you can write and point --out_dir at it" if r.cfg["eval_only"]
+                       else "choose another --out_dir")
+    for f in found if take and not own else []:  # overwrite=True: nothing of the old run stays beside the new one
         os.remove(os.path.join(out, f))
 
 
@@ -539,10 +540,7 @@ def setup(r, resuming):
     """Tokenizer, data, model and optimizer of a run: model (for forward and backward) is raw, the Transformer, or
     raw in DDP under torchrun without FSDP; adapters, state dicts and the optimizer read raw."""
     cfg = r.cfg
-    if not cfg["eval_only"]:
-        claim_out_dir(r, resuming)
-    elif r.master:  # scoring writes results.json there: a refusal now, not after the scoring
-        check_writable(cfg["out_dir"], "copy the run to a folder you can write and point --out_dir at it")
+    claim_out_dir(r, resuming)  # a re-scoring's refusal too comes now, not after the scoring
     r.tok = Tokenizer(cfg["tokenizer"])
     train_ds, val_ds = datasets(cfg)
     r.data = checkpoint.data_fingerprint(cfg["data_dir"])
@@ -552,7 +550,7 @@ def setup(r, resuming):
         r.say(warning, file=sys.stderr)
     if cfg["fsdp"] and not dist.is_initialized():  # the recipes' setting, run without torchrun: not an error
         r.say("note: fsdp=True shards only under torchrun; this one process holds the whole model", file=sys.stderr)
-    if r.master and not cfg["eval_only"]:  # only now: a setting the checks above refuse leaves the old run whole
+    if r.master:  # only now: a setting the checks above refuse leaves the old run whole
         claim_out_dir(r, resuming, take=True)
     model = raw
     if r.world > 1 and not cfg["fsdp"]:
