@@ -27,6 +27,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 
 import sentencepiece as spm
@@ -229,9 +230,9 @@ def gen_nli(w, rng, i, split):
     e = rng.choice([x for x in w["entities"] if len(_stated(w, x)) >= 2])
     premise_attrs = rng.sample(_stated(w, e), 2)
     sentences = [rng.choice(_statements(e, a)) for a in premise_attrs]
-    other = rng.choice(w["entities"])
+    other, distractor = rng.choice(w["entities"]), None
     if other is not e and _stated(w, other) and rng.random() < 0.5:  # a distractor, as in ANLI's long contexts
-        sentences.insert(rng.randrange(3), rng.choice(_statements(other, rng.choice(_stated(w, other)))))
+        at, distractor = rng.randrange(3), rng.choice(_statements(other, rng.choice(_stated(w, other))))
     shallow = rng.random() < 0.5
     if label == "neutral" and shallow:
         hypothesis = rng.choice(EXTRAS[e["kind"]]).format(e=e["name"])
@@ -246,6 +247,9 @@ def gen_nli(w, rng, i, split):
         hypothesis = rng.choice([s for s in _statements(e, attr, value) if s not in sentences])
         if label == "contradiction" and shallow:
             hypothesis = _not(hypothesis)
+    # "F was directed by P" tells P's job: a neutral hypothesis on that job would be entailed or contradicted
+    if distractor and not (label == "neutral" and not shallow and attr == "job" and e["name"] in distractor):
+        sentences.insert(at, distractor)
     return make_record("nli", label, rng.choice(TEMPLATES["nli"][0]), premise=" ".join(sentences),
                        hypothesis=hypothesis)
 
@@ -452,8 +456,15 @@ def _train_tokenizer(lines, vocab_size):
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2,
             pad_id=-1, num_threads=1, minloglevel=2)
     except RuntimeError as e:
-        raise UserError(f"SentencePiece could not build {vocab_size} pieces ({e}); lower vocab_size or raise "
-                         "corpus_docs.") from None
+        # byte fallback needs every character and byte as a piece besides unk, bos and eos: fewer is no vocabulary
+        least = 3 + 256 + len(set().union(*lines))
+        if vocab_size < least:
+            raise UserError(f"vocab_size={vocab_size} is too small for the suite's text; use at least {least} (its "
+                            "characters, the 256 bytes and 3 special pieces).") from None
+        most = re.search(r"value <= (\d+)", str(e))  # SentencePiece names the most pieces this text has
+        raise UserError(f"vocab_size={vocab_size} is more pieces than SentencePiece can find in the suite's text"
+                        f"{f' (at most {most.group(1)})' if most else ''}; lower vocab_size or raise corpus_docs.") \
+            from None
     return model.getvalue()
 
 
@@ -474,6 +485,7 @@ class Busy(UserError):
     """make_suite's refusal of a folder that another build writes now (the demo passes it on as it stands)."""
 
 
+MAX_SIZE = 100_000  # records a task, corpus documents, pieces: far more than a world of 660 facts needs
 VERSION = 2  # suite.json's; 1 (unnamed): val and test repeated training items under another phrasing
 BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
 SUITE_FILES = ("train.jsonl", "corpus.txt", "tokenizer.model", "suite.json", BUILDING)
@@ -490,9 +502,12 @@ def _check_out_dir(out_dir):
     if "suite.json" in names:
         raise UserError(f"{out_dir} already holds a mini-CME suite; choose another folder, or delete that one "
                         "(and what was built from it) to build it again.")
-    if names and BUILDING not in names:
-        raise UserError(f"{out_dir} already holds files that are not a mini-CME suite ({', '.join(names[:3])}); "
-                        "choose a new or empty folder.")
+    # a build cut short leaves only what make_suite writes (and its temporaries, NAME.tmpPID): with anything else, a
+    # BUILDING there is not ours to take up, and the user's train.jsonl would be written over
+    others = [n for n in names if re.sub(r"\.tmp\d+$", "", n) not in (*SUITE_FILES, "val", "test")]
+    if names and (BUILDING not in names or others):
+        raise UserError(f"{out_dir} already holds files that are not a mini-CME suite "
+                        f"({', '.join((others or names)[:3])}); choose a new or empty folder.")
     if blocked := blocked_parent(os.path.join(out_dir, BUILDING)):  # the folder, or the nearest one it is made in
         raise UserError(f"{out_dir} can not be written: {blocked}; choose another folder for the suite.")
 
@@ -508,16 +523,19 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
         suite.json          the summary, written last: its presence means the suite is complete
     The same seed gives byte-identical files. QA and choice test sets ask facts that only corpus.txt
     states; no val or test record repeats the item of another record of the suite (_item: its input, whatever
-    the instruction's phrasing or its lines' order). A second build into out_dir while this one writes it is
-    refused (files.hold: out_dir keeps the lock file, .lock)."""
+    the instruction's phrasing or its lines' order): a val or test size the world has too few such items for is
+    refused. A second build into out_dir while this one writes it is refused (files.hold: out_dir keeps the lock
+    file, .lock)."""
     w = build_world(seed)
-    if corpus_docs < 2 * len(w["entities"]):
+    if type(corpus_docs) is int and corpus_docs < 2 * len(w["entities"]):
         raise UserError(f"corpus_docs={corpus_docs} is too small; use at least {2 * len(w['entities'])} so that "
                          "every entity's facts reach the corpus.")
     for key, n in (("n_train_per_task", n_train_per_task), ("n_test_per_task", n_test_per_task),
-                   ("n_val_per_task", n_val_per_task), ("vocab_size", vocab_size)):
+                   ("n_val_per_task", n_val_per_task), ("vocab_size", vocab_size), ("corpus_docs", corpus_docs)):
         if type(n) is not int or n < 1:  # 0 wrote empty sets, which every later step refuses (or scores as nothing)
             raise UserError(f"{key}={n!r} is not a positive number; give each size as a positive integer.")
+        if n > MAX_SIZE:  # a typo's extra zeros ran until the memory was full, with no message
+            raise UserError(f"{key}={n} is more than mini-CME is made for; give at most {MAX_SIZE}.")
     _check_out_dir(out_dir)  # before the work; again below, once the folder is held
     # test before val: the test sets stay what they were when val was smaller
     sizes = {"train": n_train_per_task, "test": n_test_per_task, "val": n_val_per_task}
@@ -526,12 +544,17 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
         seen = set()
         for split, n in sizes.items():
             rng, records = random.Random(f"{seed}-{name}-{split}"), []
-            n = round(n * TRAIN_WEIGHT[name]) if split == "train" else n
+            n = max(1, round(n * TRAIN_WEIGHT[name])) if split == "train" else n  # summary had none at 1
             for i in range(n):
-                for _ in range(100):  # retry an item seen before; a tiny world may run out of new ones
+                for _ in range(100):  # retry an item seen before; the world has only so many
                     record = generate(w, rng, i, split)
                     if split == "train" or _item(record) not in seen:
                         break
+                else:  # a repeat kept would be scored as new (it was, silently)
+                    taken = "training or test" if split == "val" else "training"
+                    raise UserError(f"n_{split}_per_task={n} asks for more {name} items than mini-CME's world has "
+                                    f"that no {taken} record holds (it ran out after {i}); ask for fewer, or for fewer "
+                                    f"{taken} records.")
                 seen.add(_item(record))
                 records.append(record)
             data[split][name] = records
@@ -632,7 +655,7 @@ def build_demo_data(cfg):
 def main(argv=None):
     parser = Parser(prog="minicme.py", description="Write the synthetic mini-CME suite (deterministic from the seed).")
     parser.add_argument("--out", required=True, type=flag_path, help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="any integer (default 0: the demo's suite)")
     args = parser.parse_args(argv)
     try:
         summary = make_suite(args.out, args.seed)

@@ -315,6 +315,20 @@ def test_make_suite_overwrites_nothing(tmp_path):
     assert (tmp_path / "file").read_text() == "a file\n"
 
 
+def test_a_building_mark_among_a_users_files_does_not_make_their_folder_a_build_to_finish(tmp_path):
+    """A folder holding .building was taken up as a build cut short whatever else it held: the user's train.jsonl was
+    written over and their .building removed. A build cut short holds only what make_suite writes."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, text in ((minicme.BUILDING, "my build tool's mark\n"), ("train.jsonl", "my records\n"),
+                       ("notes.txt", "mine\n")):
+        (folder / name).write_text(text)
+    before = _tree(folder)
+    with pytest.raises(UserError, match=r"mine already holds files that are not a mini-CME suite \(notes.txt\); "):
+        make_suite(str(folder), seed=0, **SUITE_SIZES)
+    assert _tree(folder) == before
+
+
 def test_a_folder_that_cannot_be_written_is_one_sentence_before_the_suite_is_built(tmp_path, capsys, monkeypatch,
                                                                                  read_only):
     """A read-only folder, or a new one in a read-only folder, is named with its fix (it was a bare "[Errno 13]
@@ -343,6 +357,89 @@ def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
     with pytest.raises(ValueError, match="corpus_docs=10 is too small; use at least"):
         make_suite(str(tmp_path), corpus_docs=10)
     assert not os.listdir(tmp_path)
+
+
+def _no_tokenizer(monkeypatch):
+    """Sizes and records are what these tests read: SentencePiece's minute is spared (its file holds no model)."""
+    monkeypatch.setattr(minicme, "_train_tokenizer", lambda lines, vocab_size: b"")
+
+
+@pytest.mark.parametrize("key", ["n_train_per_task", "n_test_per_task", "n_val_per_task", "corpus_docs", "vocab_size"])
+def test_make_suite_refuses_a_huge_size_at_once_not_after_filling_the_memory(tmp_path, monkeypatch, key):
+    """n_test_per_task=10**9 (a typo's extra zeros) drew records until the memory ran out, with no message."""
+    monkeypatch.setattr(minicme, "_GENERATORS", {name: lambda *a: pytest.fail("drew records before the refusal")
+                                                 for name in minicme._GENERATORS})
+    with pytest.raises(UserError, match=rf"^{key}=1000000000 is more than mini-CME is made for; give at most \d+\.$"):
+        make_suite(str(tmp_path / "suite"), **{key: 10**9})
+    assert not os.listdir(tmp_path)
+
+
+def test_make_suite_refuses_a_corpus_size_that_is_not_a_number_in_one_sentence(tmp_path):
+    """corpus_docs="6000" was a TypeError traceback from comparing it with the world's size."""
+    with pytest.raises(UserError, match=r"^corpus_docs='6000' is not a positive number; give each size as a positive"):
+        make_suite(str(tmp_path / "suite"), corpus_docs="6000")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("seed, n", [(-1, 1), (2**70, 2), (7, 3)])
+def test_every_task_has_training_records_and_balanced_sets_at_the_smallest_sizes(tmp_path, monkeypatch, seed, n):
+    """n_train_per_task=1 gave the summaries round(0.3) = 0 training records: a task the suite names and never
+    trains. Each task gets its TRAIN_WEIGHT share, rounded, and at least one record; the odd evaluation sizes are
+    met exactly, their labels as balanced as the size allows, their items new (any seed, negative or huge)."""
+    _no_tokenizer(monkeypatch)
+    summary = make_suite(str(tmp_path / "suite"), seed=seed, n_train_per_task=n, n_test_per_task=2 * n + 1,
+                         n_val_per_task=n + 2, corpus_docs=400)
+    train = _read_jsonl(tmp_path / "suite" / "train.jsonl")
+    for name, task in SYNTHETIC_TASKS.items():
+        want = max(1, round(n * minicme.TRAIN_WEIGHT[name]))
+        assert sum(r["task"] == name for r in train) == summary["tasks"][name]["train"] == want, name
+        seen = {_item(r) for r in train if r["task"] == name}
+        for split, size in (("test", 2 * n + 1), ("val", n + 2)):
+            records = _read_jsonl(tmp_path / "suite" / split / f"{name}.jsonl")
+            assert len({_item(r) for r in records} - seen) == len(records) == size, (name, split)
+            seen |= {_item(r) for r in records}
+            counts = [sum(r["output"] == label for r in records) for label in task.labels or ()]
+            assert not counts or (sum(counts) == size and max(counts) - min(counts) <= 1), (name, split, counts)
+
+
+def _held_questions(seed):
+    """Every QA question that val and test may ask: the world's questions of its held-out facts."""
+    w = minicme.build_world(seed)
+    return {q for e in w["entities"] for a in minicme.ATTRS[e["kind"]] if (e["name"], a) in w["held"]
+            for q in minicme._questions(e, a)}
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_evaluation_sets_larger_than_the_world_allows_are_refused_not_filled_with_repeats(tmp_path, monkeypatch, split):
+    """A QA evaluation item is a question on a held-out fact, and the world has only so many: asking for more, in test
+    or in val and test together, put repeated items in the set (each scored as a new one) after 100 draws. Now it is
+    one sentence before anything is written."""
+    _no_tokenizer(monkeypatch)
+    limit = len(_held_questions(2))
+    sizes = dict(n_test_per_task=limit + 1, n_val_per_task=1) if split == "test" else \
+        dict(n_test_per_task=limit // 2, n_val_per_task=limit - limit // 2 + 1)
+    with pytest.raises(UserError, match=rf"^n_{split}_per_task={sizes[f'n_{split}_per_task']} asks for more qa items "
+                                        r"than mini-CME's world has that no .* holds \(it ran out after \d+\); ask"):
+        make_suite(str(tmp_path / "suite"), seed=2, n_train_per_task=1, corpus_docs=400, **sizes)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_vocab_size_too_small_for_the_text_names_the_least_that_builds(tmp_path):
+    """It said "lower vocab_size or raise corpus_docs" (the fix for too large a one) after SentencePiece's own
+    multi-line message; the least it names builds, and one piece fewer is refused."""
+    sizes = dict(n_train_per_task=1, n_test_per_task=1, n_val_per_task=1, corpus_docs=400)
+    with pytest.raises(UserError, match=r"^vocab_size=300 is too small for the suite's text; use at least (\d+) ") as e:
+        make_suite(str(tmp_path / "small"), vocab_size=300, **sizes)
+    least = int(re.search(r"at least (\d+)", str(e.value)).group(1))
+    with pytest.raises(UserError, match=rf"^vocab_size={least - 1} is too small for the suite's text; use at least "
+                                        rf"{least} "):
+        make_suite(str(tmp_path / "one_short"), vocab_size=least - 1, **sizes)
+    assert not os.listdir(tmp_path)
+    make_suite(str(tmp_path / "least"), vocab_size=least, **sizes)
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "least" / "tokenizer.model")).vocab_size() == least
+    with pytest.raises(UserError, match=r"^vocab_size=90000 is more pieces than SentencePiece can find in the suite's "
+                                        r"text \(at most \d+\); lower vocab_size or raise corpus_docs\.$"):
+        make_suite(str(tmp_path / "large"), vocab_size=90000, **sizes)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -655,6 +752,27 @@ def test_nli_labels_follow_from_what_the_premise_states():
             holds = (w["by_name"][e][attr] == v) != negated
             expected = ("entailment" if holds else "contradiction") if (e, attr) in stated else "neutral"
         assert r["output"] == expected, r
+
+
+def test_a_distractor_naming_a_director_never_decides_a_neutral_hypothesis_on_his_job():
+    """ "The Frozen Island was directed by P" tells P's job: beside P's own facts it made "By trade, P is a lawyer."
+    neutral where the premise contradicts it (once in 30 worlds of 6,400 training records; here a world of one
+    director and his one film, whose only stated fact is its director, makes it common)."""
+    w = minicme.build_world(0)
+    person = next(p for p in w["entities"] if p.get("job") == "film director")
+    film = next(f for f in w["films"] if f["director"] == person["name"])
+    w = dict(w, entities=[person, film], held={(film["name"], a) for a in ("year", "genre", "city")})
+    parse, rng = _statement_parser(w), random.Random(0)
+    extras = [t.format(e=person["name"]) for t in minicme.EXTRAS["person"]]
+    told = 0
+    for i in range(600):
+        r = minicme.gen_nli(w, rng, i, "train")
+        premise, hypothesis = re.match(r"Sentence 1: (.*)\nSentence 2: (.*)", r["input"]).groups()
+        tells_job = (film["name"], "director", person["name"]) in [parse(s) for s in re.split(r"(?<=\.) ", premise)]
+        told += tells_job
+        if tells_job and r["output"] == "neutral" and hypothesis not in extras:
+            assert parse(hypothesis)[1] != "job", r
+    assert told > 50  # the distractor still comes, where it decides nothing
 
 
 def test_paraphrase_duplicates_are_exactly_the_pairs_asking_one_fact_in_other_words():
