@@ -66,9 +66,10 @@ _EVAL_FIX = ('an evaluation record needs "instruction" and "output" strings ("in
              '"answers" as a list of strings; write evaluation sets with python tasks.py.')
 
 
-def check_eval_record(record, where):
-    """The record, if it holds every field that its prompt and its task's scorer read; else a UserError naming
-    `where` (file and line), so that it stops the run before training, not after it."""
+def check_eval_record(record, where, task=None):
+    """The record, if it holds every field that its prompt and its task's scorer read, and a reference that the
+    task's metric can score against; else a UserError naming `where` (file and line), so that it stops the run before
+    training, not after it."""
     if record.get("output") is None:
         raise UserError(f'{where} is not an evaluation record: it has no "output" (the reference); {_EVAL_FIX}')
     for key in ("instruction", "input", "output"):
@@ -80,6 +81,9 @@ def check_eval_record(record, where):
         if not isinstance(answer, str):
             raise UserError(f'{where}: "answers" holds {data.json_kind(answer)} where only strings belong; '
                             f"{_EVAL_FIX}")
+    if task is not None and (why := task.blank_reference(record)):  # a blank reference scored 100 or 0 unsaid
+        raise UserError(f"{where} can not be scored as {task.name}: {why}; give it a reference that {task.metric} "
+                        "reads, or remove the record.")
     return record
 
 
@@ -101,7 +105,7 @@ def load_eval_sets(cfg, key="eval_dir"):
     sets = {}
     for name in names:
         task, path = task_of(name), os.path.join(folder, name + ".jsonl")
-        records = [check_eval_record(record, where) for where, record in data.read_jsonl(path)]
+        records = [check_eval_record(record, where, task) for where, record in data.read_jsonl(path)]
         if not records:
             raise UserError(f"{path} holds no records; write it again with python tasks.py, or remove it.")
         sets[name] = (task, records[:cfg["eval_limit"]] if cfg["eval_limit"] else records)

@@ -30,13 +30,20 @@ from tokenizer import Tokenizer
 LOADING = dict(eval_only=True, fsdp=False, compile=False, activation_checkpointing=False)  # read, one process, eager
 
 
-def load_run(out_dir, device="auto"):
-    """(model in eval mode, train.Run) of the run in out_dir as its ckpt.pt left it."""
+def load_run(out_dir, device="auto", max_new_tokens=0):
+    """(model in eval mode, train.Run) of the run in out_dir as its ckpt.pt left it; max_new_tokens that leave a
+    prompt no room are refused before the model is built (minutes for a 7B base), from the shape ckpt.pt holds."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
-        what = f"{out_dir} is a file, not a folder" if os.path.isfile(out_dir) else f"{path} does not exist"
+        kind = data.special_file(path)  # a folder named ckpt.pt was called missing
+        what = (f"{out_dir} is a file, not a folder" if os.path.isfile(out_dir) else
+                f"{path} is {kind}, not a checkpoint" if kind else f"{path} does not exist")
         raise UserError(f"{what}; point --out_dir at the folder of a run of train.py.")
     saved, ckpt = train.saved_config(path)  # checked again, as a resume checks it
+    shape = ckpt["model_args"] if isinstance(ckpt["model_args"], dict) else {}  # else refused as the model is built
+    longest, window = shape.get("max_seq_len"), shape.get("sliding_window")
+    if max_new_tokens and type(longest) is int and type(window) in (int, type(None)):
+        prompt_room(max_new_tokens, min(longest, window or longest))
     cfg = {**saved, "device": device, **LOADING}
     train.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
     r = train.Run(cfg, device=torch.device(machine.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
@@ -49,14 +56,22 @@ def load_run(out_dir, device="auto"):
     return model.eval(), r
 
 
+def prompt_room(max_new_tokens, context):
+    """The positions a prompt gets beside max_new_tokens in a model that runs `context`: 2 at least, BOS and "</s>"."""
+    if context - max_new_tokens < 2:
+        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in this model's {context} "
+                        "positions; lower --max_new_tokens.")
+    return context - max_new_tokens
+
+
 def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
     """(answer text, expert load (k,) or None, whether the prompt was cut) for one record."""
-    room = r.args.context - max_new_tokens  # a sliding-window model runs no longer sequences (as in evaluation)
-    if room < 2:
-        raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in this model's "
-                        f"{r.args.context} positions; lower --max_new_tokens.")
+    room = prompt_room(max_new_tokens, r.args.context)  # a sliding-window model runs no longer sequences (as scoring)
     full = data.encode_prompt(r.tok, record)
     ids = evaluation.prompt_ids(r.tok, record, room)
+    # model.sample compares top_p with float32 sums, where one below float32's range (1e-300) is 0 and drops every
+    # token (a traceback); float32's least normal value keeps the likeliest token alone, as any top_p that small does
+    top_p = max(top_p, torch.finfo(torch.float32).tiny)
     # on CUDA, float32 matmuls as the run's own scoring ran them (train.py: TF32 unless tf32=False), not torch's IEEE
     with machine.cuda_matmul_precision(r.cfg["tf32"]) if r.device.type == "cuda" else contextlib.nullcontext():
         new = model.generate([ids], max_new_tokens, eos_id=r.tok.eos_id, temperature=temperature, top_p=top_p,
@@ -82,9 +97,9 @@ def records_of(args):
     for n, (where, record) in enumerate(data.read_records(args.records)):
         if args.limit and n == args.limit:
             break
-        for key in ("instruction", "input"):  # now, naming the line, not once the records before it are answered
+        for key in ("instruction", "input", "output"):  # now, naming the line, not once records before it are answered
             data._field(record, key, where, required=key == "instruction", fix="give records in the authors' format, "
-                        '"instruction" and "input" strings ("input" may be empty or absent).')
+                        '"instruction", "input" and "output" strings ("input" and "output" may be absent).')
         read.append(record)
     if not read:  # a JSON list of none ([]): nothing answered, nothing said
         raise UserError(f"--records file {args.records} holds no records; give a JSONL or JSON list of records.")
@@ -134,7 +149,7 @@ def main(argv=None):
         # as train.py checks them: an empty --out_dir would read a ckpt.pt in the current folder
         train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed, "out_dir": args.out_dir})
         records = records_of(args)
-        model, r = load_run(args.out_dir, args.device)
+        model, r = load_run(args.out_dir, args.device, args.max_new_tokens)
         if r.device.type == "cpu":
             torch.set_num_threads(machine.cpu_threads({"threads": 0}))
         for record in records:

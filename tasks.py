@@ -143,6 +143,18 @@ class Task:
             return exact_match(prediction.split("。", 1)[0], record.get("answers") or [reference])
         return rouge_l(prediction, reference)
 
+    def blank_reference(self, record):
+        """Why the metric reads a record's reference as nothing, or None: then every answer scores alike (an empty
+        one right by accuracy or exact match, any one 0 by ROUGE-L), and the task's score says nothing."""
+        output = record["output"]
+        references = (record.get("answers") or [output]) if self.metric == "exact_match" else [output]  # as score reads
+        if self.metric != "rouge_l" and not any(map(_words, references)):
+            return "its reference holds no letter or digit, so an empty answer would be right"
+        if self.metric == "rouge_l" and not re.search(r"[a-z0-9]", output.lower()):
+            return ('its "output" holds no word of a-z or 0-9, all that ROUGE-L reads (as rouge-score does), so '
+                    "every answer would score 0")
+        return None
+
 
 def evaluate(task, predictions, records):
     """The task's score over a set of records, as a percentage (mean x 100)."""

@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -217,8 +218,8 @@ def test_by_default_ten_records_are_answered_greedily_with_up_to_64_new_tokens_o
     sample.main hands them to answer, on the CPU with as many threads as train.py's threads=0 takes; the run and
     the model are stood in for."""
     (tmp_path / "r.jsonl").write_text("".join(json.dumps({"instruction": f"q{i}"}) + "\n" for i in range(11)))
-    monkeypatch.setattr(sample, "load_run", lambda out_dir, device: (None, argparse.Namespace(device=torch.device(
-        "cpu"))))
+    monkeypatch.setattr(sample, "load_run", lambda out_dir, device, max_new_tokens: (None, argparse.Namespace(
+        device=torch.device("cpu"))))
     asked, threads = [], []
     monkeypatch.setattr(sample, "answer", lambda model, r, record, *args: asked.append((record["instruction"], args))
                         or ("", None, False))
@@ -515,3 +516,56 @@ def test_a_flag_is_read_by_its_whole_name_only_and_a_near_miss_is_named(tmp_path
         name = flag.partition("=")[0]
         assert e.value.code == 2 and err[-1].endswith(f"error: {name} is not a flag of this script; did you mean "
                                                       f"{near}?"), err
+
+
+@pytest.mark.parametrize("output, kind", [(5, "a number"), (["pos", "itive"], "a list"), ({"a": 1}, "an object"),
+                                          (True, "a boolean")])
+def test_a_records_output_of_the_wrong_type_is_refused_naming_its_line_before_the_run_is_read(tmp_path, capsys,
+                                                                                            monkeypatch, output, kind):
+    """"output" is printed as the expected answer: a number stopped sample.py with a traceback after the first
+    answers, a list was printed as its strings run together ("positive"), an object as its keys."""
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was read"))
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"instruction": "x", "output": None}) + "\n" + json.dumps({"instruction": "y",
+                                                                                          "output": output}) + "\n")
+    err = script_error(sample.main, ["--out_dir", tmp_path / "none", "--records", path], capsys)
+    assert err.startswith(f'error: {path} line 2: "output" is {kind}, not a string; give records in the authors\' '
+                          'format') and capsys.readouterr().out == ""
+
+
+def test_a_ckpt_pt_that_is_a_folder_is_named_as_one_not_called_missing(tmp_path, capsys):
+    (tmp_path / "ckpt.pt").mkdir()
+    assert script_error(sample.main, ["--out_dir", tmp_path, "--instruction", "x"], capsys) == (
+        f"error: {tmp_path / 'ckpt.pt'} is a folder, not a checkpoint; point --out_dir at the folder of a run of "
+        "train.py.")
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_likeliest_token_as_any_tiny_top_p_does(runs, capsys):
+    """model.sample compares top_p with float32 sums, in which 1e-300 is 0: every token was dropped and torch's
+    multinomial raised a traceback. Any top_p that small keeps the likeliest token alone: the greedy answer."""
+    out = str(runs["teamlora"][0])
+    argv = ["--out_dir", out, "--instruction", "Name a film.", "--max_new_tokens=12"]
+    sample.main(argv)
+    greedy = answers(capsys.readouterr().out)[0][2]
+    for top_p in ("1e-6", "1e-300", "5e-324"):
+        sample.main(argv + ["--temperature=1.5", f"--top_p={top_p}", "--seed=1"])
+        assert answers(capsys.readouterr().out)[0][2] == greedy, top_p
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_max_new_tokens_that_leave_no_room_are_refused_before_the_model_is_built(runs, tmp_path, capsys, monkeypatch,
+                                                                                  window):
+    """The refusal came once the base was built and the adapter loaded (minutes for a 7B base): ckpt.pt holds the
+    model's shape, max_seq_len and any sliding window, so it comes first; one position fewer is answered."""
+    ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "model_args": {**ckpt["model_args"], "sliding_window": window}}, tmp_path / "ckpt.pt")
+    context = min(ckpt["model_args"]["max_seq_len"], window or math.inf)
+    build = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a, **kw: pytest.fail("the model was built"))
+    argv = ["--out_dir", str(tmp_path), "--instruction", "x", "--device=cpu"]
+    assert script_error(sample.main, argv + [f"--max_new_tokens={context - 1}"], capsys) == (
+        f"error: max_new_tokens={context - 1} leaves no room for a prompt in this model's {context} positions; lower "
+        "--max_new_tokens.")
+    monkeypatch.setattr(train, "build_model", build)
+    sample.main(argv + [f"--max_new_tokens={context - 2}"])
+    assert "### Instruction: x" in capsys.readouterr().out

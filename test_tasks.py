@@ -1248,3 +1248,45 @@ def test_an_empty_out_or_a_folder_is_named_for_what_it_is_not_for_its_ending(tmp
     assert script_error(tasks.main, ["--task", "anli", "--raw", raw, "--out", target], capsys) == \
         "tasks.py: error: " + message.format(tmp=tmp_path)
     assert os.listdir(tmp_path / "sets") == []
+
+
+BLANK_REFERENCES = [  # task, record: a reference its metric reads as nothing
+    ("qa", {"output": ""}), ("qa", {"output": "  \t"}), ("qa", {"output": "Paris", "answers": ["", "¿?"]}),
+    ("nli", {"output": ""}), ("nli", {"output": " ... "}), ("sentiment", {"output": "\n"}),
+    ("summary", {"output": ""}), ("summary", {"output": "  "}), ("summary", {"output": "这部电影很好看。"}),
+]
+
+
+@pytest.mark.parametrize("name, reference", BLANK_REFERENCES)
+def test_an_evaluation_record_whose_reference_its_metric_reads_as_nothing_is_refused_naming_its_line(
+        tmp_path, name, reference):
+    """An empty or blank reference (for ROUGE-L, one without an a-z or 0-9 word, all that it reads) made every answer
+    score alike: an empty answer 100 by exact match and accuracy (the chance column too, for accuracy), any answer 0
+    by ROUGE-L; the table showed that score without a word. Loading the set now refuses it, naming file and line."""
+    import evaluation
+    task = evaluation.task_of(name)
+    record = {"instruction": "q", "input": "", **reference}
+    alike = ([""], 100.0) if task.metric != "rouge_l" else (["this film is good", ""], 0.0)
+    assert all(evaluate(task, [answer], [record]) == alike[1] for answer in alike[0])  # what the table would show
+    good = {"instruction": "q", "input": "", "output": {"qa": "Paris", "summary": "a fine film"}.get(name, "neutral")}
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(UserError) as refused:
+        evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
+    assert str(refused.value).startswith(f"{tmp_path / name}.jsonl line 2 can not be scored as {name}: ")
+    assert str(refused.value).endswith(f"give it a reference that {task.metric} reads, or remove the record.")
+
+
+def test_references_a_metric_can_read_are_loaded_however_short_or_foreign_and_refused_once_blanked():
+    """The refusal above is for a reference read as nothing only: an option letter, one label word, a Chinese QA
+    answer, an article alone (SQuAD's normalisation drops it, but it is no blank record), one ASCII word in a summary
+    all load; blanked, each is refused."""
+    import evaluation
+    for name, reference in [("choice", {"output": "b"}), ("nli", {"output": "Neutral."}), ("qa", {"output": "曹操"}),
+                            ("qa", {"output": "The The", "answers": ["The The", "The The (band)"]}),
+                            ("summary", {"output": "电影 ok"}), ("qa", {"output": "", "answers": ["1984"]}),
+                            ("qa", {"output": "a"})]:
+        task, record = evaluation.task_of(name), {"instruction": "q", "input": "", **reference}
+        assert evaluation.check_eval_record(record, "r.jsonl line 1", task) is record, reference
+        blanked = {**record, "output": " ", "answers": [" "] * len(record.get("answers", []))}
+        with pytest.raises(UserError, match="r.jsonl line 1 can not be scored"):
+            evaluation.check_eval_record(blanked, "r.jsonl line 1", task)
