@@ -1423,6 +1423,18 @@ def test_eval_only_pointed_at_no_run_is_refused_and_makes_no_out_dir(run_data, t
     assert not out.exists()
 
 
+def test_an_adapter_pt_or_ckpt_pt_that_is_a_folder_is_named_as_one_not_called_missing(run_data, tmp_path, capsys):
+    """eval_only of an out_dir whose adapter.pt is a folder, and a resume of one whose ckpt.pt is, were told the file
+    "does not exist", which a look at the folder contradicts."""
+    out = tmp_path / "run"
+    (out / "adapter.pt").mkdir(parents=True)
+    fails(train_flags(run_data, out, "--eval_only=True"), capsys,
+          f"eval_only: {out / 'adapter.pt'} is a folder, not an adapter; train first")
+    (out / "ckpt.pt").mkdir()
+    fails(train_flags(run_data, out, "--init_from=resume"), capsys,
+          f"nothing to resume: {out / 'ckpt.pt'} is a folder, not a checkpoint; start a run")
+
+
 # -------------------------------------------------------------------------------------------------
 # stopping, out_dir and a run's paths on their own (added from mutation testing)
 

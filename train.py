@@ -346,10 +346,12 @@ def resume_config(cfg):
     if cfg["init_from"] != "resume" and not (cfg["eval_only"] and os.path.isfile(path)):
         adapter = os.path.join(cfg["out_dir"], "adapter.pt")
         if cfg["eval_only"] and cfg["adapter"] != "none" and not os.path.isfile(adapter):  # before the model and data
-            raise UserError(f"eval_only: {adapter} does not exist; train first or point --out_dir at a finished run.")
+            what = f"is {kind}, not an adapter" if (kind := files.special_file(adapter)) else "does not exist"
+            raise UserError(f"eval_only: {adapter} {what}; train first or point --out_dir at a finished run.")
         return cfg, None
     if not os.path.isfile(path):
-        raise UserError(f"nothing to resume: {path} does not exist; start a run with another init_from.")
+        what = f"is {kind}, not a checkpoint" if (kind := files.special_file(path)) else "does not exist"
+        raise UserError(f"nothing to resume: {path} {what}; start a run with another init_from.")
     saved, ckpt = saved_config(path)
     changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != saved[k]]
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
