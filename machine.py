@@ -126,6 +126,12 @@ def keep_slices(cfg, ckpt, world, master):
     return {**cfg, "grad_accum": slices // world}
 
 
+def out_of_memory(e):
+    """Whether an exception is the device's running out of memory: CUDA's, or the CPU allocator's."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's words
+
+
 def check_batch_split(cfg, world):
     """Each global batch is cut into processes x grad_accum slices of one size (data.global_batch)."""
     if cfg["batch_size"] % (world * cfg["grad_accum"]):

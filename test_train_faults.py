@@ -1415,6 +1415,17 @@ def test_eval_only_without_an_adapter_is_refused_before_the_model_is_built_or_th
                                                        "point --out_dir at a finished run.\n")
 
 
+def test_a_broken_evaluation_set_is_refused_before_the_base_is_built(run_data, tmp_path, capsys, monkeypatch):
+    """A run (and a re-scoring) reads its evaluation sets before it builds the model, which for a 7B base takes
+    minutes: a malformed record is named while nothing heavier than the shards has been read."""
+    out, sets = finished_run(run_data, tmp_path / "o"), tmp_path / "sets"
+    sets.mkdir()
+    (sets / "qa.jsonl").write_text('{"instruction": "Who?", "output": "Ana"}\n{"instruction": "Who?"}\n')
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("the model was built before the refusal"))
+    for flags in (["--eval_only=True"], ["--out_dir=" + str(tmp_path / "new")]):
+        fails(train_flags(run_data, out, f"--eval_dir={sets}", *flags), capsys, f"{sets / 'qa.jsonl'} line 2 ")
+
+
 def test_eval_only_pointed_at_no_run_is_refused_and_makes_no_out_dir(run_data, tmp_path, capsys):
     """eval_only reads a finished run and writes only its results.json: an out_dir with no run in it is one sentence
     naming the adapter.pt it lacks, and no empty folder is left where the user mistyped a path."""

@@ -421,6 +421,7 @@ def check_before_pretraining(cfg, pre, resuming):
         model = Transformer(r.args)
         if cfg["adapter"] != "none":
             inject_targets(model, cfg)
+    r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}
     preflight(r, *datasets(cfg))
     if cfg["eval_only"] and not resuming:  # scored by out_dir's adapter.pt: it must be there, and fit
         load_trained_adapter(r, model)
@@ -517,7 +518,6 @@ def preflight(r, train_ds, val_ds):
     if r.multi_expert and cfg["load_layers"] > r.args.n_layers:
         raise UserError(f"load_layers={cfg['load_layers']} but the model has {r.args.n_layers} layers; set "
                         f"--load_layers={r.args.n_layers} or less.")
-    r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}
     for name, (task, _) in r.eval_sets.items():
         if task.max_new_tokens > context - 2:  # a prompt cut to 1 token would be BOS alone, without its "</s>"
             raise UserError(f"evaluation set {name} generates up to {task.max_new_tokens} tokens, which leaves no room "
@@ -545,6 +545,7 @@ def setup(r, resuming):
     claim_out_dir(r, resuming)  # a re-scoring's refusal too comes now, not after the scoring
     r.tok = Tokenizer(cfg["tokenizer"])
     train_ds, val_ds = datasets(cfg)
+    r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}  # before the model: minutes for a 7B base
     r.data = checkpoint.data_fingerprint(cfg["data_dir"])
     raw, r.args, r.base = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
@@ -740,11 +741,6 @@ class ScoringOutOfMemory(MemoryError):
     """Out of memory while scoring a run whose adapters are saved: main prints its own fix."""
 
 
-def out_of_memory(e):
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's words
-
-
 def finish(r, model, summary, val_ds=None):
     """Score the run on its evaluation sets, print the table and write results.json."""
     if not r.cfg["eval_dir"]:
@@ -754,7 +750,7 @@ def finish(r, model, summary, val_ds=None):
     try:
         scores, loads = evaluation.evaluate(model, r)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
+        if not machine.out_of_memory(e):
             raise
         batch = r.cfg["eval_batch_size"]  # generate's KV cache grows with it: the dry run prints what it needs
         again = ("" if r.cfg["eval_only"] else "--eval_only=True ") + f"--eval_batch_size={max(batch // 4, 1)}"
@@ -832,7 +828,7 @@ def main(argv=None):
             raise
         code = machine.fail(f"error: {e}", 2)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
+        if not machine.out_of_memory(e):
             machine.wait_to_be_stopped(2)  # torchrun: a collective that lost a process which failed first
             raise
         batch = ("" if cfg.get("init_from") == "resume" or cfg.get("eval_only") else  # they keep the run's batch
