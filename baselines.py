@@ -6,7 +6,7 @@ balance_loss and expert_load read HydraLoRALinear's omega as TeamLoRA's (MoELoRA
   HydraLoRA's repository): k independent pairs (A_i, B_i) of rank r_B = r / k, a softmax router, a
   Python loop over the experts. bench.py times it. train.py's adapter="moelora" computes the same
   function fused instead (moelora_fused_kwargs): TeamLoRA's collaboration module with A stacked,
-  no competition and alpha / k.
+  no competition and alpha / k (equal without dropout: the fused one drops out z, the loop x).
 - team_lora_delta_loop: TeamLoRA's Eq. 9 and 13 written literally, one expert at a time: the
   reference that teamlora.team_lora_delta (one GEMM for all experts) is tested against in every
   gradient, and the loop bench.py times.

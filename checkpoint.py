@@ -112,7 +112,7 @@ def load_checkpoint(path):
 
 def gather_state(model, cfg):
     """Adapter tensors (or, for full training, all weights) as plain CPU tensors. A collective under
-    FSDP: every rank calls it, and only the adapter shards travel."""
+    FSDP: every rank calls it, and only what it returns is gathered (with adapters, not the frozen base)."""
     full = cfg["adapter"] == "none"
     out = {}
     for n, p in model.named_parameters():
@@ -123,8 +123,8 @@ def gather_state(model, cfg):
 
 
 def fingerprint(weights):
-    """A base model's identity, cheap at any size: each tensor's name, shape and first and last 64 values (a page or
-    two of a memory-mapped file), hashed. An adapter is only right on the base it was trained on."""
+    """A base model's identity, cheap at any size: each tensor's name, shape, dtype and first and last 64 values (a
+    page or two of a memory-mapped file), hashed. An adapter is only right on the base it was trained on."""
     h = hashlib.sha256()
     for name in sorted(weights):
         t = weights[name].detach().reshape(-1)

@@ -133,7 +133,7 @@ def out_of_memory(e):
 
 
 def check_batch_split(cfg, world):
-    """Each global batch is cut into processes x grad_accum slices of one size (data.global_batch)."""
+    """Each global batch is cut into processes x grad_accum slices of one size (data.get_batch)."""
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
                         f"{world * cfg['grad_accum']}.")
