@@ -2,7 +2,7 @@
 
     h = x W0^T + b + sum_i omega_i(x) * scaling * z_i B_i^T          (Eq. 13)
     z = dropout(x A^T) split into k segments z_i of width r_B = r/k    (Eq. 8, 9: collaboration)
-    omega = k * rownorm(phi (I + M)),  phi = softmax(x W_r^T)          (Eq. 11, 12: competition)
+    omega = k * P / rowsum(P),  P = phi (I + M),  phi = softmax(x W_r^T)   (Eq. 11, 12: competition)
 
 One shared A (r x d_in) feeds k experts B_i (d_out x r_B), B = [B_1 ... B_k]: as sum_i omega_i z_i B_i^T = (z * omega
 repeated r_B times) B^T, two GEMMs and a d_in -> k router cost one LoRA. omega sums to k, the scaling is alpha / r_B
@@ -54,7 +54,7 @@ def team_lora_delta(x, A, B, router, M, scaling, dropout):
         return F.linear((F.dropout(z, dropout) if dropout > 0 else z) * scaling, B), None
     (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
     zt, logits_t = _RouterInA.apply(x.reshape(lead.numel(), x.shape[-1]), A, router).split([r, k])
-    zt = F.dropout(zt, dropout) if dropout > 0 else zt  # Eq. 8, dropout on z_i
+    zt = F.dropout(zt, dropout) if dropout > 0 else zt  # Eq. 9's dropout: on z_i, not x
     omega_t = expert_weights_t(logits_t, M)  # (k, N); Eq. 13's scaling joins it below: k products a token, not r
     zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # (r, N): z_i omega_i
     return F.linear(zw.t(), B).view(*lead, B.shape[0]), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: one GEMM
@@ -103,7 +103,7 @@ class TeamLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self, merged=True):
-        """Fold LoRA (one expert) into `weight`, to serve at the base's cost; merged=False unfolds it (load after)."""
+        """Fold LoRA (one expert) into `weight`: serve at the base's cost; merge(False) unfolds it (to load another)."""
         if self.lora_router is not None:
             raise ValueError(f"only one expert (LoRA) can merge; the router weighs these {self.experts} per token.")
         if merged != self.merged:
