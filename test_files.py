@@ -503,3 +503,42 @@ def test_names_with_a_process_id_write_atomic_never_writes_are_a_users_and_stay(
     stale.write_text("x")
     assert files.remove_stale_temporaries(tmp_path, ("ckpt.pt",)) == [str(stale)]
     assert all(p.read_text() == "mine" for p in users)
+
+
+def test_a_temporary_of_a_one_digit_process_id_is_removed_once_that_process_is_gone(tmp_path, monkeypatch):
+    """In a container the ids start again at 1: a killed torchrun worker may have been process 7, and its
+    ckpt.pt.tmp7 is as stale as any other once that process is gone."""
+    stale = tmp_path / "ckpt.pt.tmp7"
+    stale.write_text("x")
+    monkeypatch.setattr(files, "process_is_running", lambda pid: False)
+    assert files.remove_stale_temporaries(tmp_path, ("ckpt.pt",)) == [str(stale)] and not stale.exists()
+
+
+def test_hold_opens_its_lock_file_for_writing_where_it_may_as_flock_over_nfs_needs(tmp_path, monkeypatch):
+    """Over NFS, Linux takes flock's exclusive lock as a POSIX lock, which a descriptor open only for reading may not
+    take (EBADF, read as a filesystem without locks: the folder not held). The read-only open is the fallback for a
+    lock file this process may not write, never the first try: the folder is held against another process."""
+    real_flock = files.fcntl.flock
+
+    def nfs_flock(fd, op):
+        if op & files.fcntl.LOCK_EX and files.fcntl.fcntl(fd, files.fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, op)
+    monkeypatch.setattr(files.fcntl, "flock", nfs_flock)
+    folder = tmp_path / "run"
+    assert files.hold(str(folder)) is None
+    other = subprocess.run([sys.executable, "-c", "import sys, files; print(files.hold(sys.argv[1]))", str(folder)],
+                           cwd=os.path.dirname(files.__file__), capture_output=True, text=True)
+    files.let_go(str(folder))
+    assert other.stdout == f"process {os.getpid()}\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_hold_then_let_go_leaves_no_descriptor_open(tmp_path):
+    """hold keeps one descriptor, on the lock file, and let_go closes it: a notebook that runs one run after
+    another does not run out of descriptors."""
+    before = len(os.listdir("/proc/self/fd"))
+    assert files.hold(str(tmp_path / "run")) is None
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    files.let_go(str(tmp_path / "run"))
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -1040,3 +1040,99 @@ def test_an_abbreviated_flag_is_named_not_taken_as_its_flag(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:
         minicme.main([f"--ou={tmp_path}"])
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("did you mean --out?")
+
+
+def test_the_nli_distractor_is_left_out_only_where_it_names_the_person_whose_job_a_neutral_hypothesis_asks():
+    """A distractor is left out only where it would decide the hypothesis: one on the director's film stays beside
+    a neutral hypothesis on another of his facts, one on somebody else beside a neutral hypothesis on his job; and a
+    distractor stands before, between or after the premise's two facts, as ANLI's long contexts place theirs."""
+    w = minicme.build_world(0)
+    person = next(p for p in w["entities"] if p.get("job") == "film director")
+    film = next(f for f in w["films"] if f["director"] == person["name"])
+    stranger = next(p for p in w["entities"] if p["kind"] == "person" and p is not person)
+    w = dict(w, entities=[person, film, stranger], held={(film["name"], a) for a in ("year", "genre", "city")})
+    parse, rng = _statement_parser(w), random.Random(0)
+    extras = {t.format(e=p["name"]) for p in (person, stranger) for t in minicme.EXTRAS["person"]}
+    kept, places = set(), set()
+    for i in range(1500):
+        r = minicme.gen_nli(w, rng, i, "train")
+        premise, hypothesis = re.match(r"Sentence 1: (.*)\nSentence 2: (.*)", r["input"]).groups()
+        sentences = re.split(r"(?<=\.) ", premise)
+        if len(sentences) < 3 or r["output"] != "neutral" or hypothesis in extras:
+            continue
+        e, attr, _ = parse(hypothesis)
+        at = next(k for k, s in enumerate(sentences) if parse(s)[0] != e)  # the one on another entity
+        places.add(at)
+        kept.add((attr == "job", e in sentences[at]))
+    assert {(False, True), (True, False)} <= kept and (True, True) not in kept and places == {0, 1, 2}
+
+
+def test_a_build_cut_short_during_a_top_level_write_is_finished_not_refused(tmp_path):
+    """A Ctrl-C while train.jsonl (or corpus.txt, ...) is written leaves its temporary NAME.tmpPID beside .building:
+    the folder is still a build to finish, byte for byte as a build in a fresh folder, without that temporary."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its process id is one that no longer runs
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / minicme.BUILDING).write_text("")
+    (tmp_path / "a" / f"train.jsonl.tmp{child.pid}").write_text('{"half": "a record')
+    make_suite(str(tmp_path / "a"), seed=0, **SUITE_SIZES)
+    make_suite(str(tmp_path / "b"), seed=0, **SUITE_SIZES)
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b") and "suite.json" in _tree(tmp_path / "a")
+
+
+@pytest.mark.parametrize("mine", ["train.jsonl.tmp", "corpus.txt.tmp12.bak", "tokenizer.model.tmp1x",
+                                  "train.tmp2.jsonl"])
+def test_a_users_file_named_almost_like_a_builds_temporary_keeps_their_folder_from_being_taken_up(tmp_path, mine):
+    """Only NAME.tmpPID, as write_atomic names its temporaries, is a build's: a user's file of another such name
+    beside a .building is named, and nothing in their folder is touched."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in (minicme.BUILDING, mine):
+        (folder / name).write_text("my file\n")
+    before = _tree(folder)
+    with pytest.raises(UserError, match=rf"already holds files that are not a mini-CME suite \({re.escape(mine)}\)"):
+        make_suite(str(folder), seed=0, **SUITE_SIZES)
+    assert _tree(folder) == before
+
+
+@pytest.mark.parametrize("key", ["n_train_per_task", "n_test_per_task", "n_val_per_task"])
+def test_the_largest_size_make_suite_names_is_accepted_and_one_more_refused(tmp_path, monkeypatch, key):
+    """"give at most N": N itself goes on to draw records (stopped here at the first draw), N + 1 is refused."""
+    class Drew(Exception):
+        pass
+
+    def drew(*args):
+        raise Drew
+    monkeypatch.setattr(minicme, "_GENERATORS", {name: drew for name in minicme._GENERATORS})
+    with pytest.raises(UserError, match=rf"^{key}={minicme.MAX_SIZE + 1} is more than mini-CME is made for; give at "
+                                        rf"most {minicme.MAX_SIZE}\.$"):
+        make_suite(str(tmp_path / "suite"), **{key: minicme.MAX_SIZE + 1})
+    with pytest.raises(Drew):
+        make_suite(str(tmp_path / "suite"), **{key: minicme.MAX_SIZE})
+
+
+@pytest.mark.parametrize("split, taken", [("test", "training"), ("val", "training or test")])
+def test_an_evaluation_set_the_world_runs_out_for_names_how_many_it_made_and_what_they_may_not_repeat(
+        tmp_path, monkeypatch, split, taken):
+    """The refusal names the records made before the items ran out (asking for that many builds) and what those
+    items may not repeat: a training record's (test), a training or test record's (val). Here a split's sentiment
+    records cycle through k items of their own."""
+    _no_tokenizer(monkeypatch)
+    real, k = minicme._GENERATORS["sentiment"], 5
+
+    def build(folder, n):
+        calls = iter(range(10**6))
+
+        def few(w, rng, i, s):
+            record = real(w, rng, i, s)
+            return dict(record, input=f"item {next(calls) % k}") if s == split else record
+        monkeypatch.setitem(minicme._GENERATORS, "sentiment", few)
+        other = "val" if split == "test" else "test"
+        return make_suite(str(tmp_path / folder), seed=0, n_train_per_task=1, corpus_docs=400,
+                          **{f"n_{split}_per_task": n, f"n_{other}_per_task": 1})
+    with pytest.raises(UserError, match=rf"^n_{split}_per_task={k + 1} asks for more sentiment items than mini-CME's "
+                                        rf"world has that no {taken} record holds \(it ran out after {k}\); ask for "
+                                        rf"fewer, or for fewer {taken} records\.$"):
+        build("more", k + 1)
+    build("as_many", k)
+    assert len(_read_jsonl(tmp_path / "as_many" / split / "sentiment.jsonl")) == k

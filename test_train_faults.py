@@ -1590,3 +1590,51 @@ def test_a_runs_relative_path_that_is_not_found_says_to_run_in_the_folder_train_
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "tok.model").write_text("found")
     train.check_run_paths(cfg, ["tokenizer", "init_from"])  # scratch is no path
+
+
+def test_eval_only_of_a_demo_run_on_an_out_dir_that_cannot_be_written_is_refused_before_the_base_is_pretrained_again(
+        tmp_path, monkeypatch, capsys):
+    """A re-scoring writes results.json into out_dir: where it can not, that is said before the minutes of
+    pretraining a deleted demo base again, not after (the base is left unmade)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
+    train.main(["--model=tiny", "--max_len=128", "--batch_size=4", "--eval_dir=", "--max_iters=1"])
+    base = tmp_path / minicme.DEMO["init_from"]
+    base.unlink()
+    blocked_parent = files.blocked_parent
+
+    def read_only_demo(path):  # out/demo alone is read-only: the pretraining's own folder is not
+        if os.path.dirname(os.path.abspath(path)) == str(tmp_path / "out" / "demo"):
+            return "out/demo is not writable (Permission denied)"
+        return blocked_parent(path)
+    monkeypatch.setattr(files, "blocked_parent", read_only_demo)
+    fails(["--eval_only=True", f"--eval_dir={minicme.DEMO['eval_dir']}", "--eval_limit=1"], capsys,
+          "out_dir out/demo can not be written", "copy the run to a folder you can write")
+    assert not base.exists()
+
+
+def test_a_run_on_an_out_dir_that_holds_another_run_is_refused_before_its_data_is_read(run_data, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """out_dir is checked first in setup: a run it would replace is one sentence before the shards and evaluation
+    sets are opened (on every rank: rank 0 alone checks again once it holds the folder)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter.pt").write_bytes(b"another run's")
+    monkeypatch.setattr(train, "datasets", lambda cfg: pytest.fail("the data was read before the refusal"))
+    fails(train_flags(run_data, out), capsys, f"{out} already holds a run (adapter.pt)")
+    assert (out / "adapter.pt").read_bytes() == b"another run's"
+
+
+def test_a_re_scoring_of_a_full_run_by_its_own_model_pt_is_not_refused_as_a_run_it_would_replace(tmp_path):
+    """eval_only replaces nothing in out_dir: init_from naming the model.pt there (a full run kept without its
+    ckpt.pt, scored as it is) is not "the run in out_dir that overwrite=True would replace"."""
+    out = tmp_path / "full"
+    out.mkdir()
+    for f in ("model.pt", "results.json"):
+        (out / f).write_bytes(b"")
+    cfg = train.parse_config([f"--out_dir={out}", "--adapter=none", "--eval_only=True",
+                              f"--init_from={out / 'model.pt'}"])
+    train.claim_out_dir(train.Run(cfg), resuming=False)
+    with pytest.raises(train.UserError, match=r"is the run in .* that overwrite=True would replace"):  # a new run would
+        train.claim_out_dir(train.Run({**cfg, "eval_only": False, "overwrite": True}), resuming=False)
