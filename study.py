@@ -107,7 +107,7 @@ def parse(argv):
     opts, extra, given = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), [], set()
     for arg in argv:
         flag = f"{arg}=True" if arg in ("--report", "--quick") else arg
-        key, value = configurator.parse_flag(flag, {**train.DEFAULTS, **OPTIONS})  # text keys: OPTIONS' alone
+        key, value = configurator.parse_flag(flag, {**train.DEFAULTS, **OPTIONS})  # all known: a misspelt one is named
         given.add(key)
         if key == "seeds":  # a count (5: seeds 1..5) or a list (11,12,13)
             n = value if type(value) is int else len(value) if isinstance(value, tuple) else 0
