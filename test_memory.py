@@ -250,13 +250,13 @@ def test_activations_per_token_and_layer_are_what_a_block_saves_for_backward(dty
 
     def pack(t):
         if T in t.shape and t.untyped_storage().data_ptr() not in (cos.data_ptr(), sin.data_ptr()):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            saved[t.untyped_storage().data_ptr()] = t  # kept alive: no later tensor takes its address
         return t
     x = net.tok_embeddings(torch.randint(args.vocab_size, (1, T))).detach().requires_grad_(True)
     with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         net.train().layers[0](x, cos, sin)
     est = memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
-    assert est == pytest.approx(sum(saved.values()), rel=0.06)
+    assert est == pytest.approx(sum(s.untyped_storage().nbytes() for s in saved.values()), rel=0.06)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -355,13 +355,13 @@ def test_full_bfloat16_training_counts_autocasts_copies_of_the_weights_that_back
 
     def pack(t):
         if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes:
-            copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            copies[t.untyped_storage().data_ptr()] = t  # kept alive: no later tensor takes its address
         return t
     tokens = torch.randint(args.vocab_size, (1, T))
     with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         net.train()(tokens, tokens.roll(-1, 1))
     est = memory.estimate(args, n_base, n_base, cfg, 1, 1)
-    assert est["weights"] == pytest.approx(sum(copies.values()), rel=0.03)
+    assert est["weights"] == pytest.approx(sum(s.untyped_storage().nbytes() for s in copies.values()), rel=0.03)
 
 
 @pytest.mark.parametrize("adapter, dtype, fsdp", [("none", "bfloat16", False), ("none", "bfloat16", True),
@@ -477,12 +477,12 @@ def test_packed_rows_keep_each_layers_attention_mask_for_backward(dtype):
 
         def pack(t):
             if t.untyped_storage().data_ptr() not in weights | {cos.data_ptr(), sin.data_ptr()}:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                saved[t.untyped_storage().data_ptr()] = t  # kept alive: no later tensor takes its address
             return t
         torch.manual_seed(0)
         with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             net.train().layers[0](x, cos, sin, m)
-        kept[mode] = sum(saved.values())
+        kept[mode] = sum(s.untyped_storage().nbytes() for s in saved.values())
     pad, packed = (memory.estimate(args, n_base, 0, {**cfg, "batch_mode": mode}, 1, 1)["activations"]
                    for mode in ("pad", "pack"))
     assert kept["pack"] - kept["pad"] == packed - pad != 0
@@ -507,11 +507,12 @@ def test_a_rank_more_keeps_what_the_adapters_weighted_z_adds_per_token(adapter):
 
         def pack(t):
             if T in t.shape and t.untyped_storage().data_ptr() not in (cos.data_ptr(), sin.data_ptr()):
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                saved[t.untyped_storage().data_ptr()] = t  # kept alive: no later tensor takes its address
             return t
         x = net.tok_embeddings(torch.randint(args.vocab_size, (1, T))).detach().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             net.train().layers[0](x, cos, sin)
-        return sum(saved.values()), memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
+        kept = sum(s.untyped_storage().nbytes() for s in saved.values())
+        return kept, memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
     (kept, est), (kept_more, est_more) = saved_and_estimated(16), saved_and_estimated(20)
     assert kept_more - kept == est_more - est > 0
