@@ -249,7 +249,9 @@ def _init_worker(tokenizer_path, worker_process=False):
     _WORKER_TOKENIZER = Tokenizer(tokenizer_path)
     if worker_process:  # it ends with its prepare (kill -9 too) instead of waiting for work forever
         import multiprocessing
+        import signal
         import threading
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches it too: prepare's, not its traceback
         parent = multiprocessing.parent_process()
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
 

@@ -3,9 +3,11 @@ model.py and weights.py raise its base class, ValueError) and printed by every s
 entry, run_script; and Parser, the argparse of the scripts with flags (train.py and study.py read theirs with
 configurator.py)."""
 import argparse
+import contextlib
 import difflib
 import os
 import select
+import signal
 import sys
 import unicodedata
 
@@ -85,7 +87,9 @@ class Parser(argparse.ArgumentParser):
 
 def run_script(main):
     """A script's entry: main(), ended quietly when the reader of its output has gone (`python train.py --help | head
-    -3`) rather than with a BrokenPipeError's traceback; exit code 1, as Python's documentation does it."""
+    -3`) rather than with a BrokenPipeError's traceback; exit code 1, as Python's documentation does it. Ctrl-C where
+    main does not take it (train.py takes it in its loop) ends the script without a traceback, by SIGINT as Python
+    ends, so that a shell loop running it stops too."""
     flush = lambda: sys.stdout and sys.stdout.flush()  # None: started with no stdout (>&-)
     try:
         try:
@@ -94,6 +98,13 @@ def run_script(main):
             flush()
             raise
         flush()  # here, not in the interpreter's flush at exit, which would print its BrokenPipeError
+    except KeyboardInterrupt:
+        if not hasattr(signal, "SIGKILL"):  # Windows: the traceback stays
+            raise
+        with contextlib.suppress(OSError):  # what main printed stays printed (a reader gone: nothing to keep)
+            flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     except BrokenPipeError:
         if not hasattr(select, "poll"):  # Windows: the traceback stays
             raise

@@ -1272,6 +1272,13 @@ def test_worker_processes_end_when_their_prepare_is_killed(tiny_spm):
     assert len(workers) == 2 and alive == []
 
 
+def test_worker_processes_leave_ctrl_c_to_prepare(tiny_spm):
+    """A terminal's Ctrl-C reaches every process of the job: each worker printed its own KeyboardInterrupt traceback
+    under prepare's, which alone stops the work (its pool cancels what is left) and ends quietly (errors.run_script)."""
+    handlers = list(data._map_ordered(signal.getsignal, iter([signal.SIGINT] * 4), 2, str(tiny_spm)))
+    assert handlers == [signal.SIG_IGN] * 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_cores_are_the_ones_this_process_may_run_on_not_the_machines(monkeypatch):
     """Under SLURM or a container's cpuset a process may run on a few of a machine's cores: prepare's workers and
     study.py's runs count those, not os.cpu_count(), else a 128-core node's job of 8 would start 128 workers."""

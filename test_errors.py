@@ -5,6 +5,7 @@
 import argparse
 import errno
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,18 @@ def test_a_script_whose_output_is_no_longer_read_ends_without_a_traceback(argv):
     if argv[1:] == ["--dry_run=True"]:  # unbuffered, each print meets the pipe in main
         code, err = _with_its_reader_gone(argv, buffered=False)
         assert err == "" and code == 1, err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Windows has no SIGKILL: the traceback stays")
+def test_ctrl_c_where_main_does_not_take_it_ends_the_script_by_sigint_without_a_traceback_keeping_its_output():
+    """A KeyboardInterrupt printed its traceback (sample.py while it answers, data.py prepare, train.py before its
+    loop); the script now ends as Python does after one, killed by SIGINT, which a shell loop reads as a reason to
+    stop (bash, when the terminal's Ctrl-C reached it too), and what main printed to a buffered stdout is still
+    written."""
+    code = "import errors\ndef main():\n    print('answered')\n    raise KeyboardInterrupt\nerrors.run_script(main)\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "answered\n", "")
 
 
 def test_a_broken_pipe_that_is_not_stdouts_still_shows_its_traceback():
