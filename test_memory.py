@@ -234,6 +234,21 @@ ADAPTERS = [("teamlora", "w1,w2,w3"), ("teamlora", "w1,w2,w3,wq,wk,wv,wo"), ("te
             ("none", "w1,w2,w3")]
 
 
+def _saved_bytes(block, x, cos, sin, mask=None, autocast=contextlib.nullcontext(), only=lambda t: True, skip=()):
+    """Bytes of the distinct storages that a block's forward saves for backward, of the tensors `only` picks, less
+    those of `skip` (weights) and the rotary tables: each kept alive meanwhile, so no later tensor takes its address
+    and drops its bytes from the count."""
+    saved, shared = {}, {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr(), *skip}
+
+    def pack(t):
+        if only(t) and t.untyped_storage().data_ptr() not in shared:
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin, mask)
+    return sum(t.untyped_storage().nbytes() for t in saved.values())
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("adapter, targets", ADAPTERS)
 def test_activations_per_token_and_layer_are_what_a_block_saves_for_backward(dtype, adapter, targets):
@@ -246,17 +261,10 @@ def test_activations_per_token_and_layer_are_what_a_block_saves_for_backward(dty
     T = 96  # no weight has a dimension of 96: a saved tensor with one is an activation
     net, args, n_base, cfg, autocast = _net(dtype, adapter, targets, n_layers=1, max_len=T)
     cos, sin = model.rope_cos_sin(torch.arange(T)[None], args.head_dim, args.rope_theta)  # shared by every layer
-    saved = {}
-
-    def pack(t):
-        if T in t.shape and t.untyped_storage().data_ptr() not in (cos.data_ptr(), sin.data_ptr()):
-            saved[t.untyped_storage().data_ptr()] = t  # kept alive: no later tensor takes its address
-        return t
     x = net.tok_embeddings(torch.randint(args.vocab_size, (1, T))).detach().requires_grad_(True)
-    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net.train().layers[0](x, cos, sin)
+    kept = _saved_bytes(net.train().layers[0], x, cos, sin, autocast=autocast, only=lambda t: T in t.shape)
     est = memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
-    assert est == pytest.approx(sum(s.untyped_storage().nbytes() for s in saved.values()), rel=0.06)
+    assert est == pytest.approx(kept, rel=0.06)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -473,16 +481,8 @@ def test_packed_rows_keep_each_layers_attention_mask_for_backward(dtype):
     kept = {}
     for mode, (m, pos) in (("pad", (None, torch.arange(T)[None])), ("pack", (mask, positions))):
         cos, sin = model.rope_cos_sin(pos, args.head_dim, args.rope_theta)
-        saved = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in weights | {cos.data_ptr(), sin.data_ptr()}:
-                saved[t.untyped_storage().data_ptr()] = t  # kept alive: no later tensor takes its address
-            return t
         torch.manual_seed(0)
-        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net.train().layers[0](x, cos, sin, m)
-        kept[mode] = sum(s.untyped_storage().nbytes() for s in saved.values())
+        kept[mode] = _saved_bytes(net.train().layers[0], x, cos, sin, m, autocast=autocast, skip=weights)
     pad, packed = (memory.estimate(args, n_base, 0, {**cfg, "batch_mode": mode}, 1, 1)["activations"]
                    for mode in ("pad", "pack"))
     assert kept["pack"] - kept["pad"] == packed - pad != 0
@@ -503,16 +503,8 @@ def test_a_rank_more_keeps_what_the_adapters_weighted_z_adds_per_token(adapter):
         net = model.Transformer(args)
         n_base = net.num_params()
         train.inject_targets(net, cfg)
-        saved = {}
-
-        def pack(t):
-            if T in t.shape and t.untyped_storage().data_ptr() not in (cos.data_ptr(), sin.data_ptr()):
-                saved[t.untyped_storage().data_ptr()] = t  # kept alive: no later tensor takes its address
-            return t
         x = net.tok_embeddings(torch.randint(args.vocab_size, (1, T))).detach().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net.train().layers[0](x, cos, sin)
-        kept = sum(s.untyped_storage().nbytes() for s in saved.values())
+        kept = _saved_bytes(net.train().layers[0], x, cos, sin, only=lambda t: T in t.shape)
         return kept, memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
     (kept, est), (kept_more, est_more) = saved_and_estimated(16), saved_and_estimated(20)
     assert kept_more - kept == est_more - est > 0

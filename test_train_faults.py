@@ -1011,16 +1011,23 @@ def test_the_first_demo_run_warns_of_cut_answers_once_not_before_and_after_its_p
     assert capsys.readouterr().err.count("cuts away the whole answer") == 1
 
 
-def test_a_resume_or_eval_only_on_a_deleted_demo_base_is_checked_as_such_before_the_base_is_pretrained_again(
-        tmp_path, monkeypatch, capsys):
-    """A resume's out_dir is its own (not "already holds a run; continue it with --init_from=resume"), and eval_only
-    of an out_dir without adapter.pt is refused before the minutes of pretraining the demo's base, not after."""
+def demo_run_without_its_base(tmp_path, monkeypatch):
+    """A tiny demo run of one step in tmp_path, made the current folder, and the path of its base, deleted: what the
+    next run there pretrains again, for minutes, unless a check stops it first."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
     monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
     train.main(["--model=tiny", "--max_len=128", "--batch_size=4", "--eval_dir=", "--max_iters=1"])
     base = tmp_path / minicme.DEMO["init_from"]
     base.unlink()
+    return base
+
+
+def test_a_resume_or_eval_only_on_a_deleted_demo_base_is_checked_as_such_before_the_base_is_pretrained_again(
+        tmp_path, monkeypatch, capsys):
+    """A resume's out_dir is its own (not "already holds a run; continue it with --init_from=resume"), and eval_only
+    of an out_dir without adapter.pt is refused before the minutes of pretraining the demo's base, not after."""
+    base = demo_run_without_its_base(tmp_path, monkeypatch)
     fails(["--eval_only=True", "--out_dir=elsewhere"], capsys, "elsewhere/adapter.pt does not exist")
     assert not base.exists()
     train.main(["--init_from=resume", "--max_iters=2"])  # the base is built again, as the run's own
@@ -1037,11 +1044,7 @@ def test_eval_only_of_a_run_whose_ckpt_pt_outlived_its_adapter_pt_scores_the_che
         tmp_path, monkeypatch, capsys):
     """A kill between the writes of ckpt.pt and adapter.pt leaves ckpt.pt alone: re-scoring reads the adapter from
     it, so the checks before the demo's base is pretrained again do not ask for an adapter.pt."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
-    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
-    train.main(["--model=tiny", "--max_len=128", "--batch_size=4", "--eval_dir=", "--max_iters=1"])
-    (tmp_path / minicme.DEMO["init_from"]).unlink()
+    demo_run_without_its_base(tmp_path, monkeypatch)
     (tmp_path / "out/demo/adapter.pt").unlink()
     train.main(["--eval_only=True", f"--eval_dir={minicme.DEMO['eval_dir']}", "--eval_limit=1"])
     assert "resumed from out/demo/ckpt.pt at step 1" in capsys.readouterr().out
@@ -1596,12 +1599,7 @@ def test_eval_only_of_a_demo_run_on_an_out_dir_that_cannot_be_written_is_refused
         tmp_path, monkeypatch, capsys):
     """A re-scoring writes results.json into out_dir: where it can not, that is said before the minutes of
     pretraining a deleted demo base again, not after (the base is left unmade)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
-    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
-    train.main(["--model=tiny", "--max_len=128", "--batch_size=4", "--eval_dir=", "--max_iters=1"])
-    base = tmp_path / minicme.DEMO["init_from"]
-    base.unlink()
+    base = demo_run_without_its_base(tmp_path, monkeypatch)
     blocked_parent = files.blocked_parent
 
     def read_only_demo(path):  # out/demo alone is read-only: the pretraining's own folder is not
