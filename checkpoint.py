@@ -1,7 +1,8 @@
 """
 Checkpoints of train.py: what a run saves and how it loads it back, on one process or sharded (FSDP).
 
-    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args", "base", "data"}: an exact resume
+    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args", "base", "data", "tokenizer"}:
+                         an exact resume; the last three are fingerprints of the base, the shards and the tokenizer
     out_dir/adapter.pt   the adapter tensors by name (teamlora.load_adapter_state_dict reads it)
     out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
 
@@ -162,6 +163,14 @@ def check_base(ckpt, base, cfg, path):
                         f"from those {path} records); put that base back there, or start a new run.")
 
 
+def check_tokenizer(ckpt, tok, path):
+    """A run's tokenizer file is the one its ckpt.pt recorded (by SHA-256; older checkpoints record none): another one
+    of the same size would turn its prompts into other ids and its answers into other text, without a word."""
+    if ckpt.get("tokenizer") not in (None, files.file_sha256(tok.path)):
+        raise UserError(f"the tokenizer at {tok.path} is not the one this run was trained with (its SHA-256 differs "
+                        f"from the one {path} records); put that tokenizer back there.")
+
+
 def load_state(model, state, cfg, path):
     """A checkpoint's adapter (or weights) into the model. train.py stops a run whose loss or gradients left the
     finite numbers before it saves that step, so a NaN or an infinity here is damage: answers would be noise."""
@@ -279,7 +288,8 @@ def save_checkpoint(r, raw, opt, step):
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
         try:
             save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
-                         "model_args": asdict(r.args), "base": r.base, "data": r.data}, path)
+                         "model_args": asdict(r.args), "base": r.base, "data": r.data,
+                         "tokenizer": None if r.tok is None else files.file_sha256(r.tok.path)}, path)
             r.written = step  # the run's checkpoint now, though a second Ctrl-C may yet stop adapter.pt's write
             save_weights(r, state)
         except OSError as e:  # a full disk or a folder made read-only: each file stays as it was

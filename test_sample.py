@@ -22,6 +22,7 @@ from conftest import (
     script_error,
     train_cfg,
 )
+from minicme import make_suite
 from tokenizer import Tokenizer
 
 
@@ -377,6 +378,23 @@ def test_a_run_whose_base_was_replaced_since_is_refused_not_answered_with_its_ad
     torch.save({**ckpt, "config": {**ckpt["config"], "init_from": str(tmp_path / "base.pt")}}, tmp_path / "ckpt.pt")
     with pytest.raises(sample.UserError, match="is not the one this run trained on"):
         sample.load_run(str(tmp_path), device="cpu")
+
+
+def test_a_run_whose_tokenizer_was_replaced_by_another_of_its_size_is_refused_not_answered_in_other_ids(runs,
+                                                                                                         tmp_path):
+    """Another tokenizer of the same size at the run's path loads and answers, in ids the adapter never saw: the
+    SHA-256 ckpt.pt records of it tells them apart (a checkpoint written before it was recorded is not checked)."""
+    ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
+    make_suite(str(tmp_path / "other"), seed=1, n_train_per_task=4, n_test_per_task=2, n_val_per_task=2,
+               corpus_docs=400)  # another world's text: another tokenizer of the same vocab_size
+    moved = {**ckpt, "config": {**ckpt["config"], "tokenizer": str(tmp_path / "other" / "tokenizer.model")}}
+    assert Tokenizer(moved["config"]["tokenizer"]).vocab_size == Tokenizer(ckpt["config"]["tokenizer"]).vocab_size
+    torch.save(moved, tmp_path / "ckpt.pt")
+    with pytest.raises(sample.UserError, match=r"the tokenizer at .*other/tokenizer.model is not the one this run "
+                                               r"was trained with \(its SHA-256 differs"):
+        sample.load_run(str(tmp_path), device="cpu")
+    torch.save({k: v for k, v in moved.items() if k != "tokenizer"}, tmp_path / "ckpt.pt")
+    assert sample.load_run(str(tmp_path), device="cpu")[1].tok.path.endswith("other/tokenizer.model")
 
 
 def test_a_run_stopped_before_max_iters_answers_with_a_note_of_its_step_and_a_finished_one_without(runs, tmp_path,
