@@ -1497,7 +1497,7 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     monkeypatch.setattr(checkpoint, "save_atomic", lambda obj, path: (order.append(os.path.basename(path)),
                                                                       real_save(obj, path))[1])
     r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args, base=None,
-                              data=None)
+                              data=None, tok=None)
     checkpoint.save_checkpoint(r, a, opt_a, 2)
     assert order == ["ckpt.pt", "adapter.pt"]
     step(a, opt_a)  # the uninterrupted run's step 3
@@ -1624,7 +1624,7 @@ def test_a_checkpoint_the_disk_cannot_take_says_what_to_run_and_keeps_the_last_o
     m = _tiny_adapter_model(seed=1)
     opt = torch.optim.AdamW(train.trainable(m), lr=1e-2)
     r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}, world=1,
-                              device=torch.device("cpu"), master=True, args=m.args, base=None, data=None,
+                              device=torch.device("cpu"), master=True, args=m.args, base=None, data=None, tok=None,
                               resume_with="the same command")
     save, full = torch.save, set()  # full: the files the disk has no room for
 
@@ -1752,7 +1752,7 @@ def test_a_one_process_cuda_runs_checkpoint_keeps_its_cuda_generator(tmp_path, m
     a = _tiny_adapter_model(seed=1)
     dev = torch.device("cuda", 0)
     r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}, world=1,
-                              device=dev, master=True, args=a.args, base=None, data=None)
+                              device=dev, master=True, args=a.args, base=None, data=None, tok=None)
     checkpoint.save_checkpoint(r, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), 3)
     rng = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))["rng"]
     assert asked == [dev] and len(rng) == 1 and torch.equal(rng[0]["cuda"], cuda_state)
@@ -1806,7 +1806,8 @@ def test_only_rank_0_writes_the_checkpoint_and_every_rank_waits_until_it_is_writ
         out.mkdir()
         monkeypatch.setattr(checkpoint.dist, "barrier", lambda out=out: at_barrier.append(sorted(os.listdir(out))))
         r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(out), "fsdp": False}, world=2,
-                                  device=torch.device("cpu"), master=rank == 0, args=a.args, base=None, data=None)
+                                  device=torch.device("cpu"), master=rank == 0, args=a.args, base=None, data=None,
+                                  tok=None)
         checkpoint.save_checkpoint(r, a, opt, 3)
     assert at_barrier == [[], ["adapter.pt", "ckpt.pt"]]  # rank 1 wrote nothing; rank 0 waited with both written
     assert len(checkpoint.load_checkpoint(str(tmp_path / "rank0" / "ckpt.pt"))["rng"]) == 2
@@ -2256,7 +2257,7 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
     opt = torch.optim.AdamW(train.trainable(a), lr=1e-2)
-    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args, base=None, data=None)
+    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args, base=None, data=None, tok=None)
     checkpoint.save_checkpoint(r, a, opt, 7)
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
     for rank, seed in ((1, 11), (0, 10)):
