@@ -216,6 +216,9 @@ def check_runs(opts, extra, names):
 
 
 RUNNING, STOPPING = set(), threading.Event()  # the train.py processes under way; set once the study is stopped
+# Python 3.11's AST builder keeps its recursion depth in state its threads share: two runs' threads parsing flags at
+# once (ast.literal_eval, in train.parse_config) failed with "AST constructor recursion depth mismatch" (gh-106905)
+PARSING = threading.Lock()
 
 
 def run_child(cmd, log, env):
@@ -243,7 +246,8 @@ def stop_runs(signum, frame):
 def launch(flags, threads):
     """One run in its own process (one thread budget each): (status, seconds). A finished run is not
     rerun, a stopped one resumes; a run whose loss diverged is "diverged" (and not rerun), any other failure raises."""
-    out, settings = check_settings(flags), flags
+    with PARSING:
+        out, settings = check_settings(flags), flags
     if os.path.isfile(os.path.join(out, "results.json")):
         return "done before", 0.0
     if os.path.isfile(os.path.join(out, DIVERGED)):

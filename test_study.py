@@ -138,6 +138,20 @@ def test_an_unknown_flag_names_the_closest_study_option_or_train_key():
             study.parse([flag])
 
 
+def test_runs_started_side_by_side_parse_their_flags_one_at_a_time(monkeypatch):
+    """The study's threads each check a run's settings with train.parse_config, whose ast.literal_eval is not safe in
+    two threads at once on Python 3.11 (a CI run of the end-to-end test failed so, with a SystemError)."""
+    held = []
+
+    def check_settings(flags):
+        held.append(study.PARSING.locked())
+        raise StopIteration  # enough: no run is started
+    monkeypatch.setattr(study, "check_settings", check_settings)
+    with pytest.raises(StopIteration):
+        study.launch(["--seed=1"], 1)
+    assert held == [True] and not study.PARSING.locked()
+
+
 def test_a_text_option_takes_the_flags_text_as_written():
     """--out=2024 names a folder, as train.py's --out_dir=2024 does; it would otherwise read as a number."""
     opts = study.parse(["--out=2024", "--val_dir=12.5"])[0]
