@@ -40,10 +40,12 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
                 f"{path} is {kind}, not a checkpoint" if kind else f"{path} does not exist")
         raise UserError(f"{what}; point --out_dir at the folder of a run of train.py.")
     saved, ckpt = train.saved_config(path)  # checked again, as a resume checks it
-    shape = ckpt["model_args"] if isinstance(ckpt["model_args"], dict) else {}  # else refused as the model is built
-    longest, window = shape.get("max_seq_len"), shape.get("sliding_window")
-    if max_new_tokens and type(longest) is int and type(window) in (int, type(None)):
-        prompt_room(max_new_tokens, min(longest, window or longest))
+    try:  # the shape the model will have; a damaged one is refused as the model is built
+        context = train.ModelArgs(**ckpt["model_args"]).context
+    except (TypeError, ValueError):
+        context = None
+    if max_new_tokens and context is not None:
+        prompt_room(max_new_tokens, context)
     cfg = {**saved, "device": device, **LOADING}
     train.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
     r = train.Run(cfg, device=torch.device(machine.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
