@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,18 @@ def same_cpu_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_at_a_terminal():
+    """pytest started in the background (`pytest &` in a script, nohup) begins with SIGINT ignored, which a run leaves
+    ignored, as it should: the tests that press Ctrl-C run as from a terminal, and each gets SIGINT as it found it."""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before is not None:  # None: a handler set outside Python, which cannot be put back
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture

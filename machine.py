@@ -185,13 +185,19 @@ def _in_main_thread():  # signals reach the main thread only: elsewhere handlers
     return threading.current_thread() is threading.main_thread()
 
 
+def _takes(signum):
+    """Whether a run may handle `signum`: in the main thread, and unless it was ignored when the run began, as a
+    shell ignores SIGINT for `python train.py &` in a script, or nohup: a Ctrl-C meant for the script stays there."""
+    return _in_main_thread() and signal.getsignal(signum) is not signal.SIG_IGN
+
+
 @contextmanager
 def sigterm_as_ctrl_c():
     """For the duration, SIGTERM stops the run as Ctrl-C does (a KeyboardInterrupt): outside the training loop,
     where StopAfterStep takes both."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, interrupt) if _in_main_thread() else None
+    old = signal.signal(signal.SIGTERM, interrupt) if _takes(signal.SIGTERM) else None
     try:
         yield
     finally:
@@ -228,7 +234,7 @@ class StopAfterStep:
         return bool(asked.item())
 
     def install(self):
-        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)} if _in_main_thread() else {}
+        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM) if _takes(s)}
         return self
 
     def restore(self):

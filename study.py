@@ -629,7 +629,8 @@ def main(argv=None):
         return None
     STOPPING.clear()
     in_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGTERM, stop_runs) if in_main else None
+    ignored = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # by whoever started the study: left so
+    previous = signal.signal(signal.SIGTERM, stop_runs) if in_main and not ignored else None
     try:
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
@@ -674,7 +675,7 @@ def main(argv=None):
         machine.leave(machine.fail("study.py stopped; run the same command again to continue where it stopped (a run "
                                    "under way resumes from its checkpoint).", machine.INTERRUPTED))
     finally:
-        if in_main:
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 

@@ -528,6 +528,19 @@ def test_a_sigterm_to_the_study_reaches_its_runs_even_one_started_after_it(tmp_p
     study.STOPPING.clear()
 
 
+def test_a_study_started_with_sigterm_ignored_leaves_it_ignored(tmp_path, capsys, monkeypatch):
+    """Whoever started the study ignored SIGTERM on purpose: the study does not take it (and gives back nothing)."""
+    seen, real = [], study.parse
+    monkeypatch.setattr(study, "parse", lambda argv: seen.append(study.signal.getsignal(study.signal.SIGTERM))
+                        or real(argv))
+    before = study.signal.signal(study.signal.SIGTERM, study.signal.SIG_IGN)
+    try:
+        script_error(study.main, [f"--out={tmp_path}", "--report"], capsys)  # no study there: one sentence
+        assert seen == [study.signal.SIG_IGN] and study.signal.getsignal(study.signal.SIGTERM) is study.signal.SIG_IGN
+    finally:
+        study.signal.signal(study.signal.SIGTERM, before)
+
+
 def test_the_study_gives_back_the_sigterm_handler_it_found(tmp_path, capsys):
     """A handler of the caller's own (a notebook's), not whatever an earlier study left; and a study started after one
     that SIGTERM stopped in the same process starts its runs instead of stopping each at once."""

@@ -1129,6 +1129,31 @@ def test_ctrl_c_or_sigterm_mid_step_ends_that_step_then_checkpoints_it_as_an_uni
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back after the loop
 
 
+def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored_and_still_stops_on_sigterm(run_data, tmp_path,
+                                                                                       monkeypatch):
+    """`python train.py &` in a script, or under nohup, starts with SIGINT ignored: a Ctrl-C meant for the script in
+    the foreground stopped the run too (it took SIGINT as its own). A SIGTERM still stops it after its step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # conftest's fixture puts back what it found
+    _signals_at(monkeypatch, 4, signal.SIGINT)
+    done = train.train(train.parse_config(train_flags(run_data, tmp_path / "a", "--eval_dir=")))
+    assert not done.get("interrupted") and done["step"] == 6 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    _signals_at(monkeypatch, 4, signal.SIGINT, signal.SIGTERM)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "b", "--eval_dir=")))
+    assert stopped["interrupted"] and stopped["step"] == 5 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_a_run_started_with_sigterm_ignored_leaves_it_ignored_outside_its_loop_too(run_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_demo", lambda cfg, resuming=False: os.kill(os.getpid(), signal.SIGTERM))
+    _signals_at(monkeypatch, 4, signal.SIGTERM)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        done = train.train(train.parse_config(train_flags(run_data, tmp_path / "a", "--eval_dir=")))
+        assert not done.get("interrupted") and done["step"] == 6
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_not_half_a_step(run_data, tmp_path,
                                                                                      monkeypatch, capsys):
     """Not under torchrun: it passes the terminal's Ctrl-C on to processes that got it already (two each)."""
