@@ -5,6 +5,7 @@ configurator.py)."""
 import argparse
 import contextlib
 import difflib
+import errno
 import os
 import select
 import signal
@@ -44,6 +45,10 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(**{"allow_abbrev": False, **kwargs})  # add_subparsers makes its parsers of this class too
+
+    def _print_message(self, message, file=None):  # argparse's passes over a write that fails: --help > /dev/full
+        if message:  # printed nothing, with exit code 0; run_script names a full disk
+            (file or sys.stderr).write(message)
 
     def flags(self):
         """{option string: action} of this parser and of its subcommands' parsers."""
@@ -89,7 +94,8 @@ def run_script(main):
     """A script's entry: main(), ended quietly when the reader of its output has gone (`python train.py --help | head
     -3`) rather than with a BrokenPipeError's traceback; exit code 1, as Python's documentation does it. Ctrl-C where
     main does not take it (train.py takes it in its loop) ends the script without a traceback, by SIGINT as Python
-    ends, so that a shell loop running it stops too."""
+    ends, so that a shell loop running it stops too. Output to a full disk is one sentence (exit code 2), as
+    exit_with ends."""
     flush = lambda: sys.stdout and sys.stdout.flush()  # None: started with no stdout (>&-)
     try:
         try:
@@ -114,3 +120,10 @@ def run_script(main):
             raise  # another pipe's (a process's of ours, say): a fault to show
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # else the interpreter's flush at exit meets the pipe again
         sys.exit(1)
+    except OSError as e:  # stdout's to a full disk (`> log`, /dev/full): main names any file of its own it cannot write
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or e.filename is not None:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what stdout still holds is lost: not a second error at exit
+        print(f"error: the output could not be written ({e.strerror}); free space where it goes, or send it "
+              "elsewhere, then run it again", file=sys.stderr)
+        sys.exit(2)

@@ -97,6 +97,32 @@ def test_a_script_whose_output_is_no_longer_read_ends_without_a_traceback(argv):
         assert err == "" and code == 1, err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux has one) to stand for a full disk")
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["study.py", "--help"], ["sample.py", "--help"],
+                                  ["data.py", "prepare", "--help"], ["tasks.py", "--help"]], ids=" ".join)
+def test_output_to_a_full_disk_is_one_sentence_not_a_traceback_or_silence(argv, buffered):
+    """`python train.py --help > log` on a full disk ended in a traceback, and argparse's scripts printed nothing
+    with exit code 0 (argparse passes over a failed write)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({} if buffered else
+                                                                              {"PYTHONUNBUFFERED": "1"})
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, *argv], stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env=env, timeout=300)
+    assert done.returncode == 2 and done.stderr == ("error: the output could not be written (No space left on "
+                                                    "device); free space where it goes, or send it elsewhere, then "
+                                                    "run it again\n"), done.stderr
+
+
+def test_a_full_disk_for_a_file_of_mains_own_is_still_its_traceback():
+    """Only stdout's failure is named so: an error naming a file of main's own (which its handlers missed) stays a
+    fault to see."""
+    code = ("import errno, errors\ndef main():\n    raise OSError(errno.ENOSPC, 'No space left on device', 'a.bin')\n"
+            "errors.run_script(main)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "a.bin" in done.stderr, done.stderr
+
+
 @pytest.mark.skipif(os.name != "posix", reason="Windows has no SIGKILL: the traceback stays")
 def test_ctrl_c_where_main_does_not_take_it_ends_the_script_by_sigint_without_a_traceback_keeping_its_output():
     """A KeyboardInterrupt printed its traceback (sample.py while it answers, data.py prepare, train.py before its
