@@ -12,6 +12,7 @@ import string
 
 import pytest
 
+import evaluation
 import files
 import tasks
 from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, named_pipe, needs_cme_fixtures, script_error
@@ -547,6 +548,23 @@ def test_an_eval_set_from_a_labelless_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"9 of 9 records in .*test.tsv have no label .*labelled split"):
         write_eval_set("qqp", os.path.join(CME_DIR, "qqp", "test.tsv"), str(tmp_path / "qqp.json"))
     assert not (tmp_path / "qqp.json").exists()
+
+
+def test_records_that_can_not_be_scored_are_left_out_and_said_so_and_the_set_then_loads(tmp_path, capsys):
+    """A raw record whose reference its metric reads as nothing (an NQ answer of punctuation) was written, and the
+    evaluation set then refused as a whole by train.py, after its base was loaded."""
+    raw = tmp_path / "nq.raw.jsonl"
+    raw.write_text("".join(json.dumps({"question": f"q{i}", "answer": [a]}) + "\n"
+                           for i, a in enumerate(["Paris", "—", "1972", "?!"])), encoding="utf-8")
+    assert write_eval_set("nq", str(raw), str(tmp_path / "sets" / "nq.jsonl")) == 2
+    assert capsys.readouterr().out == ("left out 2 of 4 records that can not be scored as nq (one: its reference holds "
+                                       "no letter or digit, so an empty answer would be right)\n")
+    (task, records), = evaluation.load_eval_sets({"eval_dir": str(tmp_path / "sets"), "eval_limit": 0}).values()
+    assert sorted(r["answers"] for r in records) == [["1972"], ["Paris"]]
+    raw.write_text(json.dumps({"question": "q", "answer": ["—"]}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^no records in "):  # none left: refused, nothing written
+        write_eval_set("nq", str(raw), str(tmp_path / "none.jsonl"))
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_an_out_named_for_another_task_is_refused_before_the_raw_files_are_read(tmp_path, capsys):
