@@ -94,7 +94,7 @@ def load_eval_sets(cfg, key="eval_dir"):
     if not os.path.isdir(folder):
         what = "is a file, not a folder of <task>.jsonl files" if os.path.exists(folder) else "does not exist"
         raise UserError(f"{key} '{folder}' {what}; write one with python tasks.py, or set --{key}.")
-    files = sorted(os.listdir(folder))
+    files = sorted(f for f in os.listdir(folder) if not f.startswith("."))  # hidden: macOS's ._qa.jsonl, an editor's
     lists = [f for f in files if f.endswith(".json")]  # tasks.py writes a JSON list for --out NAME.json
     if lists:
         raise UserError(f"{key} '{folder}' holds {lists[0]}: evaluation sets are JSONL, one record per line; "

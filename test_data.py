@@ -1798,6 +1798,9 @@ def test_an_eval_dir_without_any_task_file_is_refused_and_tasks_load_in_name_ord
     listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda path: sorted(listdir(path), reverse=True))
     assert list(evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})) == names
+    for hidden in ("._qa.jsonl", ".~lock.nli.json"):  # macOS's copy of a file's attributes, an editor's lock: no sets
+        (tmp_path / hidden).write_bytes(b"\x00\x05\x16\x07 not text")
+    assert list(evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})) == names
 
 
 def test_an_evaluation_record_with_null_or_empty_answers_is_scored_by_its_output(tmp_path):
