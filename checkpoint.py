@@ -185,6 +185,13 @@ def load_state(model, state, cfg, path):
     copy_into(model, state)
 
 
+def logged_nothing(out_dir):
+    """Whether out_dir's log.jsonl is an empty file: left by a new run that failed (out of memory at step 1) or was
+    stopped before it logged a step. It holds nothing to lose: the next run may start there without --overwrite."""
+    path = os.path.join(out_dir, "log.jsonl")
+    return os.path.isfile(path) and os.path.getsize(path) == 0
+
+
 def open_log(out_dir, step):
     """out_dir/log.jsonl, opened to log the steps after `step`: a new run's anew, a resume's for appending, without
     the lines of later steps that a kill or a second Ctrl-C left past the checkpoint. The resume logs those steps

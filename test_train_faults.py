@@ -1129,6 +1129,27 @@ def test_ctrl_c_or_sigterm_mid_step_ends_that_step_then_checkpoints_it_as_an_uni
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back after the loop
 
 
+def test_a_run_that_failed_before_it_logged_a_step_is_not_in_the_way_of_the_next(run_data, tmp_path, monkeypatch):
+    """Out of memory at step 1 (a batch too large) left an empty log.jsonl, and the run again with a smaller batch
+    was refused: "already holds a run (log.jsonl); ... pass --overwrite=True". An empty log holds nothing to lose;
+    one with a step in it is a run's."""
+    out = tmp_path / "run"
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "train_step", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=")))
+    assert (out / "log.jsonl").read_bytes() == b"" and not (out / "ckpt.pt").exists()
+    monkeypatch.undo()
+    assert train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=", "--log_interval=1")))["step"] == 6
+    assert len((out / "log.jsonl").read_text().splitlines()) == 6 + 2  # six steps and two validations, once each
+    (out / "ckpt.pt").unlink()
+    (out / "adapter.pt").unlink()  # a log with steps in it and nothing else is still a run's
+    with pytest.raises(train.UserError, match=r"already holds a run \(log\.jsonl\)"):
+        train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=")))
+
+
 def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored_and_still_stops_on_sigterm(run_data, tmp_path,
                                                                                        monkeypatch):
     """`python train.py &` in a script, or under nohup, starts with SIGINT ignored: a Ctrl-C meant for the script in
@@ -1254,14 +1275,20 @@ def test_a_resumes_trim_of_its_log_keeps_every_line_that_names_no_later_step_byt
 @pytest.mark.parametrize("at_step", [0, 1], ids=["in its first step", "in its second step"])
 def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_again(run_data, tmp_path,
                                                                                      monkeypatch, capsys, at_step):
-    """Nothing to resume, and its log.jsonl holds the folder: what it says must work. In its first step too, where
-    no step is finished: the step of the last ckpt.pt written is none, not 0."""
+    """Nothing to resume: what it says must work. In its first step too, where no step is finished: the step of the
+    last ckpt.pt written is none, not 0. Its log.jsonl holds the folder once a step is logged in it (log_interval=1:
+    in the second step); an empty one does not, and the same command starts the run again."""
     _signals_at(monkeypatch, at_step, signal.SIGINT, signal.SIGINT)
-    flags = train_flags(run_data, tmp_path / "run", "--eval_dir=")
+    flags = train_flags(run_data, tmp_path / "run", "--eval_dir=", "--log_interval=1")
     stopped = train.train(train.parse_config(flags))
     assert stopped["interrupted"] and stopped["step"] == 0 and not (tmp_path / "run" / "ckpt.pt").exists()
-    assert "before the run wrote a checkpoint: start the run with --overwrite=True" in capsys.readouterr().out
+    out = capsys.readouterr().out
     monkeypatch.undo()
+    if at_step == 0:
+        assert "before the run wrote a checkpoint: start the same command" in out
+        assert train.train(train.parse_config(flags))["step"] == 6
+        return
+    assert "before the run wrote a checkpoint: start the run with --overwrite=True" in out
     with pytest.raises(train.UserError, match=r"holds a run \(log.jsonl\); choose another --out_dir, or pass "
                                               r"--overwrite=True"):  # no checkpoint: a resume is no way on
         train.train(train.parse_config(flags))

@@ -469,7 +469,8 @@ def claim_out_dir(r, resuming, take=False):
         if r.cfg[key] and os.path.isdir(out) and os.path.isdir(r.cfg[key]) and os.path.samefile(out, r.cfg[key]):
             raise UserError(f"out_dir {out} is the {key}, and the run's files would land among its {what}; choose "
                             "another --out_dir.")
-    found = [f for f in RUN_FILES + ("log.jsonl",) if os.path.lexists(os.path.join(out, f))]
+    found = [f for f in RUN_FILES + ("log.jsonl",) if os.path.lexists(os.path.join(out, f))
+             and not (f == "log.jsonl" and checkpoint.logged_nothing(out))]
     for f in found:
         if not os.path.isfile(os.path.join(out, f)):
             raise UserError(f"{os.path.join(out, f)} is not a file, but the run writes its {f} there; move it "
@@ -731,8 +732,9 @@ def stop_run(r, raw, opt, stop, step, saved):
     elif saved is not None:
         r.say(f"\nstopped at once: the checkpoint of step {saved} in {r.cfg['out_dir']} is kept; continue with "
               f"{r.resume_with}")
-    else:  # a new run stopped before its first checkpoint: its log.jsonl is there
-        again = "the same command" if r.resume_with == "the same command" else "the run with --overwrite=True"
+    else:  # a new run stopped before its first checkpoint: its log.jsonl is there, in the way if a step is in it
+        same = r.resume_with == "the same command" or checkpoint.logged_nothing(r.cfg["out_dir"])
+        again = "the same command" if same else "the run with --overwrite=True"
         r.say(f"\nstopped at once, before the run wrote a checkpoint: start {again}")
     return saved or 0
 
