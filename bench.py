@@ -579,7 +579,8 @@ def main(argv=None):
                         "blocks, micro-batch 4 x 1024, activation checkpointing, fp32 adapters (about 60 GiB)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="--full7b: activation checkpointing, as the 7B recipes run; --no-checkpointing: none, "
-                        "no recomputed forward (about 17 GiB of activations more per model)")
+                        "no recomputed forward (about 24 GiB more activations in a step, by the dry run's "
+                        "arithmetic)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: float32 matmuls (fp32 adapters) on TF32 tensor cores, as train.py's tf32=True")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

@@ -3,7 +3,7 @@ The mini-CME study: the paper's comparisons and its ablation, in miniature, on a
 each method at the learning rate it does best with on validation data.
 
     python study.py                  # learning-rate selection, then 5 seeds of every run
-    python study.py --quick          # a smoke version of the same protocol (about 10 minutes)
+    python study.py --quick          # a smoke version of the same protocol, in out/study_quick (about 10 minutes)
     python study.py --seeds=11,12,13 # other seeds (a count, 5, means 1..5)
     python study.py --runs=lora32,teamlora  # some of the runs (default: all)
     python study.py --report         # print the tables again from the finished runs
