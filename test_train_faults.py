@@ -1129,6 +1129,27 @@ def test_ctrl_c_or_sigterm_mid_step_ends_that_step_then_checkpoints_it_as_an_uni
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back after the loop
 
 
+def test_a_re_scoring_refuses_a_tokenizer_replaced_in_place_by_another_of_its_size(run_data, tmp_path):
+    """A re-scoring reads no shards, against which a resume checks the tokenizer: one replaced at the run's path by
+    another of the same size (shards prepared again with it) scored the adapter in ids it never saw, without a word.
+    ckpt.pt's SHA-256 of it is checked, as sample.py checks it."""
+    tok, out, shards = tmp_path / "tok.model", tmp_path / "run", tmp_path / "tokens"
+    shutil.copy(run_data / "tokenizer.model", tok)
+    data.prepare([str(run_data / "train.jsonl")], str(tok), str(shards), max_len=128, val_fraction=0.1, quiet=True)
+    train.train(train.parse_config(train_flags(run_data, out, f"--tokenizer={tok}", f"--data_dir={shards}",
+                                               "--max_iters=2")))
+    minicme.make_suite(str(tmp_path / "other"), seed=1, n_train_per_task=4, n_test_per_task=2, n_val_per_task=2,
+                       corpus_docs=400)  # another world's text: another tokenizer of the same vocab_size
+    other = tmp_path / "other" / "tokenizer.model"
+    assert data.Tokenizer(str(other)).vocab_size == data.Tokenizer(str(tok)).vocab_size
+    shutil.copy(other, tok)
+    shutil.rmtree(shards)
+    data.prepare([str(run_data / "train.jsonl")], str(tok), str(shards), max_len=128, val_fraction=0.1, quiet=True)
+    with pytest.raises(train.UserError, match=rf"^the tokenizer at {tok} is not the one this run was trained with "
+                                              rf"\(its SHA-256 differs from the one {out}/ckpt.pt records\)"):
+        train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))
+
+
 def test_a_run_that_failed_before_it_logged_a_step_is_not_in_the_way_of_the_next(run_data, tmp_path, monkeypatch):
     """Out of memory at step 1 (a batch too large) left an empty log.jsonl, and the run again with a smaller batch
     was refused: "already holds a run (log.jsonl); ... pass --overwrite=True". An empty log holds nothing to lose;

@@ -568,8 +568,9 @@ def setup(r, resuming):
 def restore(r, raw, opt, ckpt):
     """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
     checkpoint.check_base(ckpt, r.base, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
-    if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards
+    if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards (whose tokenizer preflight checks)
         checkpoint.check_data(ckpt, r.data, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
+    checkpoint.check_tokenizer(ckpt, r.tok, f"{r.cfg['out_dir']}/ckpt.pt")
     checkpoint.load_state(raw, ckpt["state"], r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
     try:
         checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
