@@ -43,7 +43,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time cap, log to OUT/NAME.l
 }
 nvidia-smi -L; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 step bench7b 240 python bench.py --device=cuda --section=cuda7b --full7b
-step bench7b_nockpt 240 python bench.py --device=cuda --section=cuda7b --full7b --no-checkpointing
+# without checkpointing a step holds about 24 GiB more: two resident 7B models, not four, fit an H100's 80 GB
+step bench7b_nockpt 240 python bench.py --device=cuda --section=cuda7b --full7b --no-checkpointing --no-compile
 step fsdp_nccl 150 torchrun --standalone --nproc_per_node=1 train.py -- --fsdp=True --dtype=bfloat16 \
     --max_iters=200 --out_dir="$runs/fsdp_nccl"
 step fsdp_compiled 150 torchrun --standalone --nproc_per_node=1 train.py -- --fsdp=True --compile=True \
