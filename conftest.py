@@ -78,7 +78,7 @@ def same_cpu_threads():
 
 @pytest.fixture(autouse=True)
 def ctrl_c_as_at_a_terminal():
-    """pytest started in the background (`pytest &` in a script, nohup) begins with SIGINT ignored, which a run leaves
+    """pytest started in the background (`pytest &` in a script) begins with SIGINT ignored, which a run leaves
     ignored, as it should: the tests that press Ctrl-C run as from a terminal, and each gets SIGINT as it found it."""
     before = signal.getsignal(signal.SIGINT)
     if before is signal.SIG_IGN:

@@ -1173,7 +1173,7 @@ def test_a_run_that_failed_before_it_logged_a_step_is_not_in_the_way_of_the_next
 
 def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored_and_still_stops_on_sigterm(run_data, tmp_path,
                                                                                        monkeypatch):
-    """`python train.py &` in a script, or under nohup, starts with SIGINT ignored: a Ctrl-C meant for the script in
+    """`python train.py &` in a script starts with SIGINT ignored: a Ctrl-C meant for the script in
     the foreground stopped the run too (it took SIGINT as its own). A SIGTERM still stops it after its step."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # conftest's fixture puts back what it found
     _signals_at(monkeypatch, 4, signal.SIGINT)
