@@ -166,7 +166,7 @@ def check_base(ckpt, base, cfg, path):
 def check_tokenizer(ckpt, tok, path):
     """A run's tokenizer file is the one its ckpt.pt recorded (by SHA-256; older checkpoints record none): another one
     of the same size would turn its prompts into other ids and its answers into other text, without a word."""
-    if ckpt.get("tokenizer") not in (None, files.file_sha256(tok.path)):
+    if ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != files.file_sha256(tok.path):
         raise UserError(f"the tokenizer at {tok.path} is not the one this run was trained with (its SHA-256 differs "
                         f"from the one {path} records); put that tokenizer back there.")
 

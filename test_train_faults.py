@@ -1541,6 +1541,26 @@ def test_sigterm_outside_the_training_loop_is_ctrl_c_and_the_callers_handler_com
         signal.signal(signal.SIGTERM, before)
 
 
+def test_a_stop_while_scoring_says_the_adapters_are_saved_and_how_to_score_them(run_data, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Scoring a 7B run on the CME sets can take long: a Ctrl-C or SIGTERM there ended the run without a word (no
+    traceback either), leaving the user to guess whether the adapters were saved. What it says must work."""
+    real, out = evaluation.evaluate, tmp_path / "run"
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, r: os.kill(os.getpid(), signal.SIGTERM) or real(model, r))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.parse_config(train_flags(run_data, out, "--max_iters=2")))
+    assert capsys.readouterr().out.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score "
+                                            "them with the same command plus --eval_only=True\n")
+    assert not (out / "results.json").exists()
+    with pytest.raises(KeyboardInterrupt):  # a re-scoring stopped so: its own command again
+        train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))
+    assert "score them with the same command\n" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert set(train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))["scores"]) == \
+        set(evaluation.load_eval_sets({"eval_dir": str(run_data / "test"), "eval_limit": 0}))
+    assert (out / "results.json").is_file()
+
+
 def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_every_rank(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     for master in (False, True):

@@ -483,17 +483,14 @@ def claim_out_dir(r, resuming, take=False):
                                  for f in found):
         raise UserError(f"init_from {src} is the run in {out} that overwrite=True would replace; copy it elsewhere "
                         "or choose another --out_dir.")
-    if r.master:  # a re-scoring writes its results.json there
-        check_writable(out, "copy the run to a folder you can write and point --out_dir at it" if r.cfg["eval_only"]
-                       else "choose another --out_dir")
+    # out_dir, or the folder to hold it (made once the run is sure to start: a refusal leaves nothing), takes files;
+    # a re-scoring writes its results.json there
+    if r.master and (blocker := files.blocked_parent(os.path.join(out, "ckpt.pt"))):
+        fix = "copy the run to a folder you can write and point --out_dir at it" if r.cfg["eval_only"] else \
+            "choose another --out_dir"
+        raise UserError(f"out_dir {out} can not be written: {blocker}; {fix}.")
     for f in found if take and not own else []:  # overwrite=True: nothing of the old run stays beside the new one
         os.remove(os.path.join(out, f))
-
-
-def check_writable(out, fix):
-    """out_dir, or the folder to hold it (made once the run is sure to start: a refusal leaves nothing), takes files."""
-    if blocker := files.blocked_parent(os.path.join(out, "ckpt.pt")):
-        raise UserError(f"out_dir {out} can not be written: {blocker}; {fix}.")
 
 
 VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
@@ -748,10 +745,15 @@ def finish(r, model, summary, val_ds=None):
     """Score the run on its evaluation sets, print the table and write results.json."""
     if not r.cfg["eval_dir"]:
         return summary
-    if val_ds is not None and "val_loss" not in summary:  # re-scored, or resumed with nothing to train: as at its end
-        summary["val_loss"] = evaluation.val_loss(model, val_ds, r)
+    what = "weights" if r.cfg["adapter"] == "none" else "adapters"
+    again = "the same command" if r.cfg["eval_only"] else "the same command plus --eval_only=True"
     try:
+        if val_ds is not None and "val_loss" not in summary:  # re-scored, or resumed with no step to train
+            summary["val_loss"] = evaluation.val_loss(model, val_ds, r)
         scores, loads = evaluation.evaluate(model, r)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: scoring can take long, and it stopped without a word
+        r.say(f"\nstopped while scoring: the trained {what} are saved in {r.cfg['out_dir']}; score them with {again}")
+        raise
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not machine.out_of_memory(e):
             raise
@@ -768,8 +770,6 @@ def finish(r, model, summary, val_ds=None):
         try:
             files.write_atomic(path, json.dumps(results, indent=1))
         except OSError as e:  # a full disk: the scores are printed above, the adapters saved
-            again = "the same command" if r.cfg["eval_only"] else "the same command plus --eval_only=True"
-            what = "weights" if r.cfg["adapter"] == "none" else "adapters"
             raise UserError(f"could not write {path} ({e.strerror or e}); the trained {what} are saved in "
                             f"{r.cfg['out_dir']}: free space there, then score them again with {again}.") from None
     return summary
