@@ -188,8 +188,8 @@ def load_state(model, state, cfg, path):
 def logged_nothing(out_dir):
     """Whether out_dir's log.jsonl is an empty file: left by a new run that failed (out of memory at step 1) or was
     stopped before it logged a step. It holds nothing to lose: the next run may start there without --overwrite."""
-    path = os.path.join(out_dir, "log.jsonl")
-    return os.path.isfile(path) and os.path.getsize(path) == 0
+    path = os.path.join(out_dir, "log.jsonl")  # a link: the run would write through it, into a file of the user's
+    return os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0
 
 
 def open_log(out_dir, step):

@@ -1169,6 +1169,12 @@ def test_a_run_that_failed_before_it_logged_a_step_is_not_in_the_way_of_the_next
     (out / "adapter.pt").unlink()  # a log with steps in it and nothing else is still a run's
     with pytest.raises(train.UserError, match=r"already holds a run \(log\.jsonl\)"):
         train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=")))
+    (out / "log.jsonl").unlink()
+    (tmp_path / "mine.txt").write_text("")
+    (out / "log.jsonl").symlink_to(tmp_path / "mine.txt")  # empty, but a link: the run would write into the user's file
+    with pytest.raises(train.UserError, match=r"already holds a run \(log\.jsonl\)"):
+        train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=")))
+    assert (tmp_path / "mine.txt").read_text() == ""
 
 
 def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored_and_still_stops_on_sigterm(run_data, tmp_path,
