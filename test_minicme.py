@@ -353,6 +353,14 @@ def test_make_suite_refuses_sizes_that_are_not_positive_integers_before_writing_
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("seed", [0.0, "0", True, None])
+def test_make_suite_refuses_a_seed_that_is_not_an_integer_before_writing_anything(tmp_path, seed):
+    """The world is drawn from the seed's text: seed=0.0 built another world than seed=0 without a word."""
+    with pytest.raises(UserError, match=rf"^seed={re.escape(repr(seed))} is not an integer; give the suite's seed"):
+        make_suite(str(tmp_path / "suite"), seed=seed)
+    assert not os.listdir(tmp_path)
+
+
 def test_make_suite_refuses_a_corpus_too_small_for_its_world(tmp_path):
     with pytest.raises(ValueError, match="corpus_docs=10 is too small; use at least"):
         make_suite(str(tmp_path), corpus_docs=10)
