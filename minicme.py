@@ -526,7 +526,7 @@ def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_va
     the instruction's phrasing or its lines' order): a val or test size the world has too few such items for is
     refused. A second build into out_dir while this one writes it is refused (files.hold: out_dir keeps the lock
     file, .lock)."""
-    if type(seed) is not int:  # the world is drawn from the seed's text: 0.0, "0" and True made other worlds than 0's
+    if type(seed) is not int:  # the world is drawn from the seed's text: 0.0 and True made other worlds than 0 and 1
         raise UserError(f"seed={seed!r} is not an integer; give the suite's seed as one, e.g. seed=0.")
     w = build_world(seed)
     if type(corpus_docs) is int and corpus_docs < 2 * len(w["entities"]):
