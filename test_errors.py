@@ -114,6 +114,21 @@ def test_output_to_a_full_disk_is_one_sentence_not_a_traceback_or_silence(argv, 
                                                     "run it again\n"), done.stderr
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a POSIX shell's ulimit and a disk quota's errno")
+def test_output_past_the_largest_file_allowed_or_a_disk_quota_is_the_same_one_sentence(tmp_path):
+    """`ulimit -f` (EFBIG) and a user's disk quota (EDQUOT) stop stdout's writes as a full disk does, and must end
+    the same way: one sentence with exit code 2, not a traceback."""
+    done = subprocess.run(["sh", "-c", 'ulimit -f 0 && exec "$0" tasks.py --help > "$1"', sys.executable,
+                           str(tmp_path / "log")], stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+    said = "error: the output could not be written ({}); free space where it goes, or send it elsewhere, then run " \
+           "it again\n"
+    assert done.returncode == 2 and done.stderr == said.format(os.strerror(errno.EFBIG)), done.stderr
+    code = ("import errno, os, errors\ndef main():\n    raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))\n"
+            "errors.run_script(main)\n")  # as a write to stdout raises it: no file named
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2 and done.stderr == said.format(os.strerror(errno.EDQUOT)), done.stderr
+
+
 def test_a_full_disk_for_a_file_of_mains_own_is_still_its_traceback():
     """Only stdout's failure is named so: an error naming a file of main's own (which its handlers missed) stays a
     fault to see."""
@@ -133,6 +148,14 @@ def test_ctrl_c_where_main_does_not_take_it_ends_the_script_by_sigint_without_a_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "answered\n", "")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Windows has no SIGKILL: the traceback stays")
+def test_ctrl_c_once_stdouts_reader_has_gone_still_ends_the_script_by_sigint_without_a_traceback():
+    """`python sample.py ... | head -1`, then Ctrl-C: what main printed can no longer reach the reader, and the flush
+    that tries must not print a BrokenPipeError's traceback instead of ending as Ctrl-C does."""
+    code = "import errors\ndef main():\n    print('answered')\n    raise KeyboardInterrupt\nerrors.run_script(main)\n"
+    assert _with_its_reader_gone(["-c", code]) == (-signal.SIGINT, "")
 
 
 def test_a_broken_pipe_that_is_not_stdouts_still_shows_its_traceback():
@@ -230,3 +253,18 @@ def test_a_switch_takes_only_true_or_false_and_a_negative_number_or_spaced_abbre
     assert _parser().parse_args(["--temperature", "-1"]).temperature == -1.0
     assert "unrecognized arguments: --temp=a b" in _refused(["--temp=a b"], capsys)
     assert _refused(["--te=1"], capsys).endswith("did you mean --text?")  # --temperature and --text begin with it
+
+
+def test_after_a_double_dash_every_argument_is_a_value_even_one_that_looks_like_a_flag():
+    """`--` ends the flags, as in argparse: a value that begins with -- (a prompt, a file so named) follows it, and
+    must reach the script as it is, not be refused as a misspelt flag or a switch's wrong value."""
+    parser = _parser()
+    parser.add_argument("words", nargs="*")
+    parsed = parser.parse_args(["--overwrite", "--", "--temp=1", "--overwrite=yes"])
+    assert parsed.overwrite and parsed.words == ["--temp=1", "--overwrite=yes"]
+
+
+def test_help_given_a_value_is_refused_not_read_as_a_switch_turned_off(capsys):
+    """--help is no switch: --help=False must not quietly run the script (a sampling, a data preparation) as if no
+    flag were given."""
+    assert "ignored explicit argument 'False'" in _refused(["--help=False"], capsys)

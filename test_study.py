@@ -541,6 +541,38 @@ def test_a_study_started_with_sigterm_ignored_leaves_it_ignored(tmp_path, capsys
         study.signal.signal(study.signal.SIGTERM, before)
 
 
+def test_while_the_study_runs_a_sigterm_is_its_own_to_pass_on_to_its_runs(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM to the study must reach stop_runs, which passes it on: left to its default, it killed the
+    study alone and its runs trained on with no study."""
+    seen, real = [], study.parse
+    monkeypatch.setattr(study, "parse", lambda argv: seen.append(study.signal.getsignal(study.signal.SIGTERM))
+                        or real(argv))
+    before = study.signal.signal(study.signal.SIGTERM, study.signal.SIG_DFL)
+    try:
+        script_error(study.main, [f"--out={tmp_path}", "--report"], capsys)  # no study there: one sentence
+        assert seen == [study.stop_runs] and study.signal.getsignal(study.signal.SIGTERM) is study.signal.SIG_DFL
+    finally:
+        study.signal.signal(study.signal.SIGTERM, before)
+
+
+def test_a_study_run_outside_the_main_thread_takes_no_signal_and_runs(tmp_path, capsys):
+    """Python refuses a signal handler set from another thread: study.main called from a worker thread (a notebook's,
+    a scheduler's) failed with a ValueError before it did anything."""
+    import threading
+    ended = []
+
+    def worker():
+        try:
+            study.main([f"--out={tmp_path}", "--report"])  # no study there: one sentence, exit code 2
+        except BaseException as e:
+            ended.append(e)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert [type(e) for e in ended] == [SystemExit] and ended[0].code == 2, ended
+    assert "--report found no study" in capsys.readouterr().err
+
+
 def test_the_study_gives_back_the_sigterm_handler_it_found(tmp_path, capsys):
     """A handler of the caller's own (a notebook's), not whatever an earlier study left; and a study started after one
     that SIGTERM stopped in the same process starts its runs instead of stopping each at once."""

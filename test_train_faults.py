@@ -100,6 +100,17 @@ def test_a_damaged_or_wrong_checkpoint_names_itself(run_data, tmp_path, capsys, 
     assert ckpt.read_bytes() == new  # left as it was, for the user to look at
 
 
+def test_a_base_folder_without_its_weight_files_is_one_sentence_not_a_traceback(run_data, tmp_path, capsys):
+    """A Meta or Hugging Face folder whose download stopped before its weights: weights.py says so in a
+    FileNotFoundError of its own, which train.py must print as one sentence with exit code 2."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 4,
+                                                                "vocab_size": 8}))
+    fails(train_flags(run_data, tmp_path / "o", f"--init_from={tmp_path / 'base'}"), capsys,
+          "has params.json but no consolidated.*.pth weight files")
+    assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
 @pytest.mark.parametrize("what", ["garbage", "truncated", "adapter", "checkpoint", "not_pt"])
 def test_a_bad_init_from_names_itself(run_data, tmp_path, capsys, what):
     """checkpoint: a run's ckpt.pt holds model_args but not the base's weights (model)."""
@@ -1425,6 +1436,49 @@ def test_under_torchrun_a_failed_collective_waits_for_torchrun_to_stop_it_and_le
     with pytest.raises(SystemExit):
         train.main([])
     assert left == [128 + signal.SIGTERM] and capsys.readouterr().err == ""
+
+
+def test_under_torchrun_a_ctrl_c_during_the_wait_ends_it_as_torchruns_sigterm_does(monkeypatch, capsys):
+    """The terminal's Ctrl-C reaches torchrun's processes themselves (SIGINT), and torchrun passes it on: a process
+    waiting to be stopped must leave silently then too, with 130 (the shell's 128 + SIGINT) or its failure's code,
+    not print a KeyboardInterrupt's traceback or the error rank 0 has printed."""
+    left, handlers = _torchrun_rank(monkeypatch, 1, stopped=False), {}
+    monkeypatch.setattr(machine.signal, "signal", lambda s, h: handlers.__setitem__(s, h))
+    monkeypatch.setattr(machine.time, "sleep", lambda s: handlers[signal.SIGINT](signal.SIGINT, None))
+    with pytest.raises(SystemExit):
+        machine.wait_to_be_stopped(2)
+    with pytest.raises(SystemExit):
+        machine.fail("error: x.", 2)
+    assert left == [128 + signal.SIGINT, 2] and capsys.readouterr().err == ""
+
+
+def test_under_torchrun_a_rank_outside_the_main_thread_says_why_without_a_wait_it_could_not_end(monkeypatch, capsys):
+    """Python refuses a signal handler set from another thread: train.main called from a worker thread (a
+    scheduler's) under torchrun failed there with a ValueError instead of its own one-line error."""
+    import threading
+    for name, value in (("TORCHELASTIC_RUN_ID", "x"), ("WORLD_SIZE", "2"), ("RANK", "1")):
+        monkeypatch.setenv(name, value)
+    waits, codes, errors = [], [], []
+    monkeypatch.setattr(machine.time, "sleep", waits.append)
+
+    def worker():
+        try:
+            codes.append(machine.fail("error: x.", 2))
+        except Exception as e:
+            errors.append(e)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert errors == [] and codes == [2] and waits == [] and capsys.readouterr().err == "error: x.\n"
+
+
+def test_under_torchrun_what_a_process_wrote_before_it_leaves_reaches_its_log(tmp_path):
+    """os._exit skips the interpreter's flush at exit: where a process's output is a file or a pipe (a SLURM log,
+    torchrun's --redirects), its last lines, the stop's "checkpoint written" among them, would be lost."""
+    code = "import sys, machine\nprint('checkpoint written')\nsys.stderr.write('no line end yet')\nmachine.leave(130)\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"RANK": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "checkpoint written\n", "no line end yet")
 
 
 def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(capsys, monkeypatch):
