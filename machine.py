@@ -187,8 +187,9 @@ def _in_main_thread():  # signals reach the main thread only: elsewhere handlers
 
 def _takes(signum):
     """Whether a run may handle `signum`: in the main thread, and unless it was ignored when the run began, as a
-    shell ignores SIGINT for `python train.py &` in a script: a Ctrl-C meant for the script stays there."""
-    return _in_main_thread() and signal.getsignal(signum) is not signal.SIG_IGN
+    shell ignores SIGINT for `python train.py &` in a script: a Ctrl-C meant for the script stays there. Nor where
+    a program embedding Python set a handler of its own (None to Python): it could not be put back."""
+    return _in_main_thread() and signal.getsignal(signum) not in (signal.SIG_IGN, None)
 
 
 @contextmanager

@@ -1201,6 +1201,18 @@ def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored_and_still_stops_on_
     assert stopped["interrupted"] and stopped["step"] == 5 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
+def test_a_handler_set_outside_python_is_left_in_place_as_it_could_not_be_put_back(monkeypatch):
+    """Where a program embedding Python set a signal's handler, Python reports None and cannot restore it:
+    StopAfterStep.restore failed with a TypeError at the end of the loop (signal.signal(s, None))."""
+    monkeypatch.setattr(machine.signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(machine.signal, "signal", lambda signum, handler: pytest.fail("a handler was replaced"))
+    stop = machine.StopAfterStep(True).install()
+    stop.restore()
+    with machine.sigterm_as_ctrl_c():
+        pass
+    assert stop.old == {}
+
+
 def test_a_run_started_with_sigterm_ignored_leaves_it_ignored_outside_its_loop_too(run_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "build_demo", lambda cfg, resuming=False: os.kill(os.getpid(), signal.SIGTERM))
     _signals_at(monkeypatch, 4, signal.SIGTERM)
