@@ -38,6 +38,13 @@ from teamlora import TeamLoRALinear
 REPO = Path(__file__).resolve().parent
 
 
+@pytest.fixture
+def at_the_root(monkeypatch):
+    """The recipes named as the README names them (config/...), from the repository's root: pytest may be started in
+    another folder, where config/cme_llama2_7b.py is not found."""
+    monkeypatch.chdir(REPO)
+
+
 def test_config_file_then_flags_override_the_defaults(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text("r = 16\nexperts = 8\nlearning_rate = 1  # an int where a float is expected is fine\n"
@@ -823,6 +830,7 @@ def test_competition_none_means_each_methods_own_choice(adapter, competition, ha
 
 
 @pytest.mark.parametrize("adapter,r,pct", [("lora", 32, "0.67"), ("lora", 128, "2.68"), ("teamlora", 128, "2.71")])
+@pytest.mark.usefixtures("at_the_root")
 def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsys):
     """Table 2 of the paper, Chinese-LLaMA-2-7B with FFN adapters, counted on the meta device."""
     out = train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--model=chinese-llama2-7b",
@@ -834,7 +842,7 @@ def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsy
 @pytest.mark.parametrize("recipe", ["config/cme_qwen2.5_7b.py", "config/cme_llama3_8b.py", "config/cme_qwen3_8b.py",
                                     "config/cme_llama3.1_8b.py"])
 def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys, tmp_path, monkeypatch):
-    recipe = str(Path(recipe).resolve())  # run from elsewhere: the recipe finds the LLaMA-2 one beside it
+    recipe = str(REPO / recipe)  # run from elsewhere: the recipe finds the LLaMA-2 one beside it
     monkeypatch.chdir(tmp_path)
     train.train(train.parse_config([recipe, "--dry_run=True"]))
     printed = capsys.readouterr().out
@@ -846,6 +854,7 @@ def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys, t
     assert f"{args.n_layers * per_layer:,} trainable parameters" in printed, printed
 
 
+@pytest.mark.usefixtures("at_the_root")
 def test_the_readmes_dry_run_output_is_what_the_dry_run_prints(monkeypatch, capsys):
     readme = (Path(train.__file__).parent / "README.md").read_text(encoding="utf-8")
     command = "$ python train.py config/cme_llama2_7b.py --dry_run=True\n"
@@ -855,6 +864,7 @@ def test_the_readmes_dry_run_output_is_what_the_dry_run_prints(monkeypatch, caps
     assert capsys.readouterr().out == shown
 
 
+@pytest.mark.usefixtures("at_the_root")
 def test_the_dry_run_estimates_results_md_sets_beside_the_h200_measurement_are_what_it_prints(monkeypatch, capsys):
     """RESULTS.md's GPU section compares the measured 7B peak with the dry run's estimate, giving the command: that
     command, run today (and with --adapter=lora), prints the GiB the text quotes."""
@@ -869,6 +879,7 @@ def test_the_dry_run_estimates_results_md_sets_beside_the_h200_measurement_are_w
 
 
 @pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.usefixtures("at_the_root")
 def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(world, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", f"--dry_run_world_size={world}"])
@@ -879,6 +890,7 @@ def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(wo
     assert f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about" in out
 
 
+@pytest.mark.usefixtures("at_the_root")
 def test_a_dry_run_under_torchrun_plans_for_its_processes_not_for_dry_run_world_size(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--dry_run_world_size=8"])
@@ -887,6 +899,7 @@ def test_a_dry_run_under_torchrun_plans_for_its_processes_not_for_dry_run_world_
     assert f"per GPU with 4 GPUs, micro-batch {micro} x {cfg['max_len']} tokens" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("at_the_root")
 def test_the_dry_run_refuses_packed_rows_past_a_presets_context_and_describes_one_gpu_and_full_training(
         monkeypatch, capsys):
     """A preset stands in for the base (LLaMA-2: 4,096 tokens), so packed rows of 8,192 are refused as a real run
@@ -932,6 +945,7 @@ RECIPE_BASES = {
 
 
 @pytest.mark.parametrize("recipe", list(RECIPE_BASES))
+@pytest.mark.usefixtures("at_the_root")
 def test_each_recipes_dry_run_describes_the_published_config_of_its_base(recipe, monkeypatch, capsys):
     """The preset a recipe's dry run stands in for its base with is that base's config.json, field by field (the
     Qwen2.5-7B preset had 32768 positions, and the Qwen3 recipe the post-trained Qwen3-8B's 40960: a dry run then
@@ -1859,6 +1873,7 @@ def test_the_keys_a_config_file_or_a_flag_sets_are_the_explicit_ones_a_resume_ke
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.usefixtures("at_the_root")
 def test_help_prints_the_docstring_and_every_default_with_its_comment_and_exits_0(capsys, flag):
     with pytest.raises(SystemExit) as stop:
         train.main(["config/cme_llama2_7b.py", flag, "--r=8"])

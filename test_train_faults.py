@@ -777,7 +777,7 @@ def test_paths_of_the_wrong_kind_are_named_for_what_they_are(run_data, tmp_path,
     fails(train_flags(run_data, tmp_path / "b", f"--eval_dir={REPO / 'README.md'}"), capsys, "is a file, not a folder")
     (tmp_path / "empty.pt").write_bytes(b"")
     fails(train_flags(run_data, tmp_path / "c", f"--init_from={tmp_path / 'empty.pt'}"), capsys, "empty.pt is empty")
-    fails(["config/cme_llama2_7b.py", "--dry_run=True", "--batch_size=4"], capsys,
+    fails([REPO / "config/cme_llama2_7b.py", "--dry_run=True", "--batch_size=4"], capsys,
           "batch_size=4 must be a multiple of processes x grad_accum")
 
 
