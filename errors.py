@@ -97,6 +97,8 @@ def run_script(main):
     ends, so that a shell loop running it stops too. Output to a full disk is one sentence (exit code 2), as
     exit_with ends."""
     flush = lambda: sys.stdout and sys.stdout.flush()  # None: started with no stdout (>&-)
+    if hasattr(sys.stdout, "reconfigure"):  # a stdout not in UTF-8 (PYTHONIOENCODING=ascii, a Windows file): the
+        sys.stdout.reconfigure(errors="backslashreplace")  # table's bars and ± as escapes, not a traceback
     try:
         try:
             main()

@@ -129,6 +129,18 @@ def test_output_past_the_largest_file_allowed_or_a_disk_quota_is_the_same_one_se
     assert done.returncode == 2 and done.stderr == said.format(os.strerror(errno.EDQUOT)), done.stderr
 
 
+def test_output_to_a_stream_that_is_not_utf8_is_escaped_not_a_traceback():
+    """study.py --help (its ±) and a run's score table (its bars) ended in a UnicodeEncodeError where stdout's
+    encoding is ASCII (PYTHONIOENCODING=ascii; a file on Windows is in its ANSI code page)."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "study.py", "--help"], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
+    assert done.returncode == 0 and done.stderr == "" and "\\xb1" in done.stdout, done.stderr
+    code = "import errors\nerrors.run_script(lambda: print('load \u2588\u2588 35%'))\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "load \\u2588\\u2588 35%\n", "")
+
+
 def test_a_full_disk_for_a_file_of_mains_own_is_still_its_traceback():
     """Only stdout's failure is named so: an error naming a file of main's own (which its handlers missed) stays a
     fault to see."""
