@@ -696,6 +696,19 @@ def test_saved_model_args_that_are_not_a_dict_are_one_sentence():
         assert_one_sentence(error, "model.pt holds no model_args dict beside a dict of named tensors")
 
 
+def test_a_saved_model_whose_names_are_not_strings_is_one_sentence_not_a_type_error():
+    """torch.load(weights_only=True) gives back any dict key (an int, a tuple): the layer count's regex and the sorted
+    list of unknown fields took them for strings and raised a TypeError's traceback."""
+    model_args, state = saved_tiny()
+    for name in (5, ("layers", 0)):
+        with pytest.raises(ValueError) as error:
+            saved_model(model_args, {**state, name: torch.zeros(2)}, "model.pt")
+        assert_one_sentence(error, "model.pt holds no model_args dict beside a dict of named tensors")
+    with pytest.raises(ValueError) as error:
+        saved_model({**model_args, 3: 1, "evil": 1}, state, "model.pt")
+    assert_one_sentence(error, "the model_args of model.pt has fields this model does not know: [3, 'evil']")
+
+
 @pytest.mark.parametrize("n", [1, 5, 6, 9])
 def test_every_missing_weight_is_named_or_counted(n):
     """Up to five names are listed, and 'and K more' counts the rest: together they are all that is missing."""
@@ -758,7 +771,7 @@ def test_a_damaged_or_foreign_saved_model_is_refused_before_any_memory_is_taken(
     assert_one_sentence(error, message)
 
 
-WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a tensor", "nested"]
+WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a tensor", "nested", "numbered"]
 
 
 @pytest.mark.parametrize("layout", ["bin", "bin index", "meta", "safetensors"])
@@ -766,7 +779,7 @@ WEIGHT_FAULTS = ["half", "all but 10 bytes", "empty", "garbage", "objects", "a t
 def test_a_truncated_or_foreign_weight_file_is_one_sentence_naming_it(tmp_path, layout, damage):
     if layout == "safetensors":
         pytest.importorskip("safetensors")
-        if damage in ("objects", "a tensor", "nested"):
+        if damage in ("objects", "a tensor", "nested", "numbered"):
             pytest.skip("torch.save content")
     file = write_single_file_dir(tmp_path, layout)
     raw = file.read_bytes()
@@ -782,12 +795,14 @@ def test_a_truncated_or_foreign_weight_file_is_one_sentence_naming_it(tmp_path, 
         torch.save({"model.norm.weight": torch.ones(64), "step": object.__new__(ModelArgs)}, file)
     elif damage == "a tensor":
         torch.save(torch.ones(3), file)
-    else:  # a training checkpoint's layout (weights under a key, beside plain values), loadable with weights_only
+    elif damage == "nested":  # a training checkpoint's layout (weights under a key, beside plain values)
         torch.save({"state_dict": {"model.norm.weight": torch.ones(64)}, "epoch": 3}, file)
+    else:  # tensors under numbers, not names: the layer count's regex raised a TypeError on them
+        torch.save({0: torch.ones(64)}, file)
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
     want = {"objects": "holds Python objects besides tensors", "a tensor": "holds a Tensor, not a dict of named",
-            "nested": "holds a dict, not a dict of named tensors"}
+            "nested": "holds a dict, not a dict of named tensors", "numbered": "holds a dict, not a dict of named"}
     assert_one_sentence(error, str(file), want.get(damage, "download it again"))
     if damage not in want:
         kind = "a safetensors file" if layout == "safetensors" else "a PyTorch checkpoint"
@@ -838,6 +853,28 @@ def test_a_weight_with_nan_inf_or_integers_is_refused_at_load_naming_tensor_and_
         Transformer.from_pretrained(tmp_path)
     want = f"holds torch.{damage} values" if damage.startswith(("int", "float8")) else "holds NaN or inf values"
     assert_one_sentence(error, str(file), names[0], want)
+
+
+@pytest.mark.parametrize("layout", ["bin", "bin index", "model.pt"])
+def test_a_weight_that_shows_more_values_than_it_stores_is_refused_before_they_are_summed(tmp_path, layout):
+    """torch.save keeps a view's strides: a weight of 10**7 x 10**7 values from one stored number (a stride of 0), in
+    a file of a megabyte, was summed by the NaN check for hours. Here 10**4 x 10**4, which the old check summed."""
+    repeated = torch.ones(1).expand(10**4, 10**4)
+    if layout == "model.pt":
+        model_args, state = saved_tiny()
+        with pytest.raises(ValueError) as error:
+            saved_model(model_args, state | {"norm.weight": repeated}, "model.pt")
+        return assert_one_sentence(error, "weight norm.weight in model.pt shows more values than it stores")
+    file = write_single_file_dir(tmp_path, layout)
+    names = []
+
+    def spoil(sd):
+        names.append(next(n for n in sd if "freq" not in n))
+        return sd | {names[0]: repeated}
+    rewrite_weight_file(file, spoil)
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"weight {names[0]} in {file} shows more values than it stores")
 
 
 @pytest.mark.parametrize("layout", ["bin", "meta"])
@@ -1351,6 +1388,37 @@ def test_a_layer_count_the_weights_do_not_hold_is_refused_before_any_block_is_bu
         assert_one_sentence(error, str(tmp_path / name), f"says {n_layers} layers", "hold 4 (layers.0 .. layers.3)",
                             f"fix {key}")
         assert ("download the missing weight files" in str(error.value)) == (n_layers > 4)
+
+
+@pytest.mark.parametrize("layout", ["meta", "bin", "safetensors"])
+def test_one_weight_named_far_past_the_layers_held_does_not_make_a_huge_layer_count_look_held(tmp_path, monkeypatch,
+                                                                                             layout):
+    """The count held was the highest layer number plus one: a config saying 100000 layers passed beside the 4 held
+    once one weight was named layers.99999, and 100000 blocks were built for minutes before the rest was missed.
+    (A few layers missing are named weight by weight by the model: test_every_missing_weight_is_named_or_counted.)"""
+    if layout == "safetensors":
+        pytest.importorskip("safetensors")
+    file = write_single_file_dir(tmp_path, layout)
+    prefix = "" if layout == "meta" else "model."
+    rewrite_weight_file(file, lambda sd: sd | {f"{prefix}layers.99999.attention_norm.weight": torch.ones(64)})
+    name, key = ("params.json", "n_layers") if layout == "meta" else ("config.json", "num_hidden_layers")
+    (tmp_path / name).write_text(json.dumps(json.loads((tmp_path / name).read_text()) | {key: 100000}))
+    monkeypatch.setattr("model.TransformerBlock.__init__", lambda *a: pytest.fail("a block was built"))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path, device="meta")
+    assert_one_sentence(error, str(tmp_path / name), "says 100000 layers",
+                        "hold 5 (layers.0 .. layers.99999 with gaps)")
+
+
+def test_a_layer_number_too_long_for_python_to_read_is_an_unknown_weight_not_pythons_own_error(tmp_path):
+    """int() refuses strings past 4300 digits with a ValueError of its own, which named no file and advised
+    sys.set_int_max_str_digits(); such a name is no layer of this model."""
+    file = write_single_file_dir(tmp_path, "bin")
+    far = "9" * 5000
+    rewrite_weight_file(file, lambda sd: sd | {f"model.layers.{far}.input_layernorm.weight": torch.ones(64)})
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, str(tmp_path), f"has weights this model does not know: layers.{far}.attention_norm")
 
 
 def test_weights_whose_names_hold_no_layer_are_said_to_hold_none(tmp_path):

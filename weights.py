@@ -80,17 +80,17 @@ def check_saved(model_args, state, path, known):
     kind, a layer count its weights' names do not hold, or a weight not floating point or holding NaN or inf.
     model.saved_model checks the rest: the fields against ModelArgs, the weights' names and shapes against the model."""
     if not isinstance(model_args, dict) or not isinstance(state, dict) or \
-            not all(isinstance(t, torch.Tensor) for t in state.values()):
+            not all(isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in state.items()):
         raise ValueError(f"{path} holds no model_args dict beside a dict of named tensors, so it is not a model.pt "
                          "written by train.py; give one, or a Meta or Hugging Face folder")
     where = f"the model_args of {path}"
     unknown = model_args.keys() - known
     if unknown:
-        raise ValueError(f"{where} has fields this model does not know: {sorted(unknown)[:5]}; give a model.pt "
-                         "written by train.py")
+        raise ValueError(f"{where} has fields this model does not know: {sorted(unknown, key=str)[:5]}; give a "
+                         "model.pt written by train.py")
     _check_fields(model_args, where, _ARGS, _ARGS_OPTIONAL)
     _check_rope_scaling(model_args.get("rope_scaling"), where, "give a model.pt written by train.py")
-    _check_layer_count(model_args["n_layers"], state, where, "n_layers", path)
+    _check_layer_count(model_args["n_layers"], [state], where, "n_layers", path)
     for name, t in state.items():
         _checked(name, t, path)
 
@@ -98,8 +98,7 @@ def check_saved(model_args, state, path, known):
 # The readers convert each tensor to dtype/device as soon as it is read: at most one tensor exists twice at a time.
 
 def _check_regular(file):
-    """A ValueError naming file when it is there but is not a regular file: opening a named pipe waits for a writer
-    forever, and a device such as /dev/zero never ends."""
+    """A ValueError naming file when it is there but not a regular file: a pipe waits forever, /dev/zero never ends."""
     if os.path.exists(file) and not os.path.isfile(file):
         what = "a folder" if os.path.isdir(file) else "a named pipe or a device"
         raise ValueError(f"{file} is {what}, not a file; put the checkpoint's own {os.path.basename(file)} there")
@@ -200,7 +199,7 @@ def _torch_load(file):
                              ".safetensors)") from None
         raise ValueError(f"{file} is truncated or not a PyTorch checkpoint ({describe(e)}); "
                          "download it again") from None
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(n, str) and torch.is_tensor(t) for n, t in state.items()):
         raise ValueError(f"{file} holds a {type(state).__name__}, not a dict of named tensors, so it is not a "
                          "LLaMA weight file; point to the checkpoint's weight files")
     return state
@@ -223,7 +222,7 @@ def _read_meta(path, dtype, device):
         raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth weight files; put the weights in "
                                 "the same folder")
     shards = [_open_weights(f) for f in files]
-    _check_layer_count(params["n_layers"], [n for s in shards for n in s], params_file, "n_layers", path)
+    _check_layer_count(params["n_layers"], shards, params_file, "n_layers", path)
     state = {}
     for name in dict.fromkeys(n for s in shards for n in s):  # every shard's names: one only the last has too
         if name == "rope.freqs":  # precomputed rotary frequencies in old checkpoints; we compute them
@@ -343,8 +342,7 @@ def _read_hf(path, dtype, device):
                 rope_scaling=scaling, head_dim=config.get("head_dim"), qk_norm=qwen3)
     head_dim = args["head_dim"] or args["dim"] // n_heads  # as ModelArgs derives it (and checks it, once built)
     shards = {file: _open_weights(os.path.join(path, file)) for file in _hf_weight_files(path)}
-    names = [n for s in shards.values() for n in s]
-    _check_layer_count(args["n_layers"], names, config_file, "num_hidden_layers", path)
+    _check_layer_count(args["n_layers"], shards.values(), config_file, "num_hidden_layers", path)
     state, source, unknown = {}, {}, {}  # source: the file each weight came from
     for file, tensors in shards.items():
         for hf_name, t in tensors.items():
@@ -412,14 +410,15 @@ def _hf_weight_files(path):
     return [os.path.basename(f) for f in files]
 
 
-def _check_layer_count(n_layers, names, config_file, key, path):
-    """A ValueError when the configuration declares another number of layers than the weights' names hold: checked
+def _check_layer_count(n_layers, shards, config_file, key, path):
+    """A ValueError when the configuration declares another number of layers than the shards' names hold: checked
     before the model is built, as an absurd count (100000) would build modules until memory runs out."""
-    held = 1 + max((int(m.group(1)) for n in names if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", n))), default=-1)
-    if held != n_layers:
-        span = f"{held} (layers.0 .. layers.{held - 1})" if held else "none"
+    layers = {int(m.group(1)) for s in shards for n in s if (m := re.match(r"(?:model\.)?layers\.(\d{1,9})\.", n))}
+    held = 1 + max(layers, default=-1)
+    if held != n_layers or len(layers) < n_layers / 2:  # most absent (a lone layers.99999): refused before 100000 built
+        span = f"{len(layers)} (layers.0 .. layers.{held - 1}{' with gaps' * (len(layers) < held)})" if held else "none"
         raise ValueError(f"{config_file} says {n_layers} layers but the weights in {path!r} hold {span}; fix {key}"
-                         + (" or download the missing weight files" if held < n_layers else ""))
+                         + (" or download the missing weight files" if len(layers) < n_layers else ""))
 
 
 def _open_weights(file):
@@ -432,13 +431,14 @@ def _open_weights(file):
 
 def _checked(name, t, file):
     """t; a ValueError naming the file and the tensor when it is not floating point or is float8 (a quantised
-    checkpoint, whose float8 weights no CPU matmul takes and whose scales live elsewhere) or holds NaN or inf."""
+    checkpoint: no CPU matmul takes float8, its scales live elsewhere), shows more values than it stores, or NaN/inf."""
     if not t.is_floating_point() or t.element_size() == 1:
         raise ValueError(f"weight {name} in {file} holds {t.dtype} values, which this model does not take "
                          "(quantised checkpoints are not supported); use the checkpoint's floating-point weights")
+    if t.untyped_storage().nbytes() < t.numel() * t.element_size():  # strides of 0: 10**14 values from 4 bytes
+        raise ValueError(f"weight {name} in {file} shows more values than it stores (repeated); download it again")
     if not torch.isfinite(t.sum(dtype=torch.float32)):  # one pass, no copy: a NaN or inf makes the sum one
-        raise ValueError(f"weight {name} in {file} holds NaN or inf values, so the download is damaged; download "
-                         "it again")
+        raise ValueError(f"weight {name} in {file} holds NaN or inf values: the download is damaged; download it again")
     return t
 
 
