@@ -528,29 +528,21 @@ def test_a_sigterm_to_the_study_reaches_its_runs_even_one_started_after_it(tmp_p
     study.STOPPING.clear()
 
 
-def test_a_study_started_with_sigterm_ignored_leaves_it_ignored(tmp_path, capsys, monkeypatch):
-    """Whoever started the study ignored SIGTERM on purpose: the study does not take it (and gives back nothing)."""
-    seen, real = [], study.parse
-    monkeypatch.setattr(study, "parse", lambda argv: seen.append(study.signal.getsignal(study.signal.SIGTERM))
-                        or real(argv))
-    before = study.signal.signal(study.signal.SIGTERM, study.signal.SIG_IGN)
-    try:
-        script_error(study.main, [f"--out={tmp_path}", "--report"], capsys)  # no study there: one sentence
-        assert seen == [study.signal.SIG_IGN] and study.signal.getsignal(study.signal.SIGTERM) is study.signal.SIG_IGN
-    finally:
-        study.signal.signal(study.signal.SIGTERM, before)
-
-
-def test_while_the_study_runs_a_sigterm_is_its_own_to_pass_on_to_its_runs(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("started_with", ["default", "ignored"])
+def test_while_the_study_runs_a_sigterm_is_its_own_to_pass_on_unless_whoever_started_it_ignored_it(
+        tmp_path, capsys, monkeypatch, started_with):
     """A scheduler's SIGTERM to the study must reach stop_runs, which passes it on: left to its default, it killed the
-    study alone and its runs trained on with no study."""
+    study alone and its runs trained on with no study. Ignored by whoever started the study, on purpose: the study
+    leaves it so (and gives back nothing)."""
+    first = {"default": study.signal.SIG_DFL, "ignored": study.signal.SIG_IGN}[started_with]
     seen, real = [], study.parse
     monkeypatch.setattr(study, "parse", lambda argv: seen.append(study.signal.getsignal(study.signal.SIGTERM))
                         or real(argv))
-    before = study.signal.signal(study.signal.SIGTERM, study.signal.SIG_DFL)
+    before = study.signal.signal(study.signal.SIGTERM, first)
     try:
         script_error(study.main, [f"--out={tmp_path}", "--report"], capsys)  # no study there: one sentence
-        assert seen == [study.stop_runs] and study.signal.getsignal(study.signal.SIGTERM) is study.signal.SIG_DFL
+        assert seen == [study.stop_runs if started_with == "default" else study.signal.SIG_IGN]
+        assert study.signal.getsignal(study.signal.SIGTERM) is first
     finally:
         study.signal.signal(study.signal.SIGTERM, before)
 
