@@ -642,6 +642,9 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
         raise UserError(f"{unlabelled} of {len(records)} records in {', '.join(map(str, paths))} have no label "
                          "(a test split without answers?); build the evaluation set from a labelled split such as dev.")
     blank = [why for why in map(CME_TASKS[task_name].blank_reference, records) if why]
+    if blank and len(blank) == len(records):
+        raise UserError(f"none of the {len(records)} records in {', '.join(map(str, paths))} can be scored as "
+                        f"{task_name} (one: {blank[0]}); check that the --raw files are the task's.")
     if blank:  # evaluation refuses such a record (every answer would score alike): left out, and said
         print(f"left out {len(blank)} of {len(records)} records that can not be scored as {task_name} (one: "
               f"{blank[0]})")

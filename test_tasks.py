@@ -562,9 +562,11 @@ def test_records_that_can_not_be_scored_are_left_out_and_said_so_and_the_set_the
     (task, records), = evaluation.load_eval_sets({"eval_dir": str(tmp_path / "sets"), "eval_limit": 0}).values()
     assert sorted(r["answers"] for r in records) == [["1972"], ["Paris"]]
     raw.write_text(json.dumps({"question": "q", "answer": ["—"]}) + "\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"^no records in "):  # none left: refused, nothing written
+    with pytest.raises(UserError, match=r"^none of the 1 records in .*nq\.raw\.jsonl can be scored as nq \(one: its "
+                                         r"reference holds no letter or digit.*\); check that the --raw files are the "
+                                         r"task's\.$"):  # none left: refused, nothing written
         write_eval_set("nq", str(raw), str(tmp_path / "none.jsonl"))
-    assert not (tmp_path / "none.jsonl").exists()
+    assert not (tmp_path / "none.jsonl").exists() and capsys.readouterr().out == ""
 
 
 def test_an_out_named_for_another_task_is_refused_before_the_raw_files_are_read(tmp_path, capsys):
