@@ -185,9 +185,9 @@ def _in_main_thread():  # signals reach the main thread only: elsewhere handlers
     return threading.current_thread() is threading.main_thread()
 
 
-def _takes(signum):
-    """Whether a run may handle `signum`: in the main thread, and unless it was ignored when the run began, as a
-    shell ignores SIGINT for `python train.py &` in a script: a Ctrl-C meant for the script stays there. Nor where
+def takes_signal(signum):
+    """Whether a run or a study may handle `signum`: in the main thread, and unless it was ignored when it began, as
+    a shell ignores SIGINT for `python train.py &` in a script: a Ctrl-C meant for the script stays there. Nor where
     a program embedding Python set a handler of its own (None to Python): it could not be put back."""
     return _in_main_thread() and signal.getsignal(signum) not in (signal.SIG_IGN, None)
 
@@ -198,7 +198,7 @@ def sigterm_as_ctrl_c():
     where StopAfterStep takes both."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
-    old = signal.signal(signal.SIGTERM, interrupt) if _takes(signal.SIGTERM) else None
+    old = signal.signal(signal.SIGTERM, interrupt) if takes_signal(signal.SIGTERM) else None
     try:
         yield
     finally:
@@ -235,7 +235,7 @@ class StopAfterStep:
         return bool(asked.item())
 
     def install(self):
-        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM) if _takes(s)}
+        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM) if takes_signal(s)}
         return self
 
     def restore(self):

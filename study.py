@@ -628,9 +628,7 @@ def main(argv=None):
         print(__doc__.strip())
         return None
     STOPPING.clear()
-    in_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    ignored = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # by whoever started the study: left so
-    previous = signal.signal(signal.SIGTERM, stop_runs) if in_main and not ignored else None
+    previous = signal.signal(signal.SIGTERM, stop_runs) if machine.takes_signal(signal.SIGTERM) else None
     try:
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs

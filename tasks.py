@@ -641,14 +641,15 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     if unlabelled:
         raise UserError(f"{unlabelled} of {len(records)} records in {', '.join(map(str, paths))} have no label "
                          "(a test split without answers?); build the evaluation set from a labelled split such as dev.")
-    blank = [why for why in map(CME_TASKS[task_name].blank_reference, records) if why]
+    whys = [CME_TASKS[task_name].blank_reference(r) for r in records]
+    blank = [why for why in whys if why]
     if blank and len(blank) == len(records):
         raise UserError(f"none of the {len(records)} records in {', '.join(map(str, paths))} can be scored as "
                         f"{task_name} (one: {blank[0]}); check that the --raw files are the task's.")
     if blank:  # evaluation refuses such a record (every answer would score alike): left out, and said
         print(f"left out {len(blank)} of {len(records)} records that can not be scored as {task_name} (one: "
               f"{blank[0]})")
-        records = [r for r in records if not CME_TASKS[task_name].blank_reference(r)]
+        records = [r for r, why in zip(records, whys) if not why]
     if not records and taken.train_rows:
         raise UserError(f"no comparison in {', '.join(map(str, paths))} is of the valid1 or valid2 split and has a "
                         "human reference summary (those of the train split are left out: their posts are training "
