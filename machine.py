@@ -62,7 +62,7 @@ def others_running():
 def cpu_threads(cfg):
     """cfg threads, else OMP_NUM_THREADS, else this process's cores less those other jobs are running on
     right now. OpenMP threads that share a core with another job spin while they wait for it: beside
-    one busy process on a 2-core machine a model step took 1.7 to 3.8 times as long with 2 threads as
+    one busy process on a 2-core machine a model step took 1.3 to 3.8 times as long with 2 threads as
     with 1 (bench.py --section=sharing), so a run that starts on a busy machine takes fewer."""
     if cfg["threads"]:
         return cfg["threads"]
