@@ -52,8 +52,8 @@ def moelora_fused_kwargs(r, experts, alpha):
 
 class MoELoRALoop(nn.Module):
     """MoELoRA with a loop over the experts: h = x W0^T + b + sum_i softmax(x W_r^T)_i (alpha / r_B) B_i A_i
-    dropout(x). Keeps the base layer's `weight` and `bias`, like TeamLoRALinear; A_i and B_i are slices
-    of lora_A (k, r_B, d_in) and lora_B (k, d_out, r_B) so that every adapter name starts with lora_."""
+    dropout(x), a dropout mask per expert. Keeps the base layer's `weight` and `bias`, like TeamLoRALinear; A_i and
+    B_i are slices of lora_A (k, r_B, d_in) and lora_B (k, d_out, r_B) so that every adapter name starts with lora_."""
 
     def __init__(self, base, r=8, experts=4, alpha=16.0, dropout=0.05, competition=False,
                  adapter_dtype=torch.float32):

@@ -7,7 +7,7 @@ Checkpoints of train.py: what a run saves and how it loads it back, on one proce
     out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
 
 Every file is written under a temporary name and renamed (files.write_atomic), ckpt.pt first, so
-that a crash leaves the last good pair and adapter.pt is never ahead of ckpt.pt. Everything is
+that a crash leaves each file whole and adapter.pt never ahead of ckpt.pt (a resume writes it again). Everything is
 read with weights_only=True: RNG states are stored as tensors and plain values, the config as
 plain types, so no file can run code when loaded.
 """
@@ -164,8 +164,8 @@ def check_base(ckpt, base, cfg, path):
 
 
 def check_tokenizer(ckpt, tok, path):
-    """A run's tokenizer file is the one its ckpt.pt recorded (by SHA-256; older checkpoints record none): another one
-    of the same size would turn its prompts into other ids and its answers into other text, without a word."""
+    """A run's tokenizer file is the one its ckpt.pt recorded (by SHA-256; older checkpoints record none): another
+    of the same vocabulary size would turn its prompts into other ids and its answers into other text, unsaid."""
     if ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != files.file_sha256(tok.path):
         raise UserError(f"the tokenizer at {tok.path} is not the one this run was trained with (its SHA-256 differs "
                         f"from the one {path} records); put that tokenizer back there.")

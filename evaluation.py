@@ -29,7 +29,8 @@ def all_reduce_sum(t, world):
 
 def loss_only(cfg):
     """Whether training and validation run the output layer on answer positions only (the same loss and gradients,
-    less memory): with adapters, unless the output layer is adapted, as its omega must cover every real token."""
+    less memory): with adapters, unless the output layer is adapted, as its omega must cover every real token. Full
+    training keeps every position (train.train_step says why)."""
     return cfg["adapter"] != "none" and "output" not in [t.strip() for t in cfg["targets"].split(",")]
 
 

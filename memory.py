@@ -11,8 +11,8 @@ def estimate(args, n_base, n_train, cfg, world, micro):
     full = cfg["adapter"] == "none"  # full training: float32 weights, run in bfloat16 by autocast or FSDP's casts
     root = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2) + args.dim  # embeddings, output, last norm
     per_layer = (n_base - root) / max(args.n_layers, 1)
-    # the base in its dtype; full training's float32 weights are the trained term's, so this holds only the bfloat16
-    # copies of a bfloat16 run (autocast's of the linear layers' weights; FSDP's of the gathered ones)
+    # the base in its dtype; full training's float32 weights are the trained term's, so for it this holds only copies:
+    # a bfloat16 run's autocast copies of the linear layers' weights, and FSDP's gathered weights (in the run's dtype)
     if cfg["fsdp"]:  # a shard of everything, plus the gathered root (FSDP2 keeps it from its forward to the end of
         # backward: 2 GiB for LLaMA-3-8B in bf16) and about two gathered blocks (one in use, one prefetched)
         weights = (0 if full else n_base * wbytes / world) + (root + 2 * per_layer) * wbytes

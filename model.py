@@ -163,7 +163,7 @@ def apply_rotary(x, cos, sin):
 
 def packed_attention(seq_ids):
     """seq_ids (B, T) -> mask (B, 1, T, T) bool, positions (B, T).
-    A token sees the earlier tokens with its own seq_id, and its position is how many those are,
+    A token sees itself and the earlier tokens with its seq_id, and its position is how many of those earlier ones are,
     so positions restart at 0 for every packed sequence. Padding (negative ids) sees only padding,
     never nothing: an all-masked row would give NaN, and NaN values poison later layers."""
     T = seq_ids.shape[1]
@@ -348,7 +348,7 @@ class Transformer(nn.Module):
         is the cross-entropy over labelled positions, their mean or (reduction="sum") their sum.
         seq_ids (B, T) packs several sequences in a row: a token attends only to earlier tokens with
         the same seq_id, rotary positions restart at 0 for each, and a negative seq_id is padding."""
-        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):  # floats: embedding's deep TypeError
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):  # floats: embedding's deep RuntimeError
             raise ValueError(f"tokens must be a (batch, time) tensor of integer token ids, got {tuple(tokens.shape)} "
                              f"{tokens.dtype}; add a batch dimension with tokens[None], convert with .long()")
         B, T = tokens.shape

@@ -27,35 +27,35 @@ def expert_weights_t(logits_t, M):
         return phi * phi.shape[0]
     with torch.autocast("cpu" if phi.is_meta else phi.device.type, enabled=False):  # meta has no autocast
         adj = torch.addmm(phi, M.t().to(phi.dtype), phi)  # Eq. 12 as (phi + phi M)^T: one GEMM, kept float32
-    s = adj.sum(0, keepdim=True)  # a learned M can push it through 0: its magnitude is clamped to EPS, sign kept
+    s = adj.sum(0, keepdim=True)  # a learned M can push it through 0: a magnitude under EPS becomes EPS, sign kept
     return adj / torch.where(s.abs() < EPS, torch.where(s < 0, -EPS, EPS), s) * phi.shape[0]  # 0 -> +EPS
 
 
 class _RouterInA(torch.autograd.Function):
-    """z^T, logits^T = [A; W_r] x^T: one GEMM reads x, and writes grad x, once; (r + k, N), as (N, r + k) pads r + k to
-    the SIMD width. Plain autograd would keep [A; W_r] until backward (+2% peak memory at 11008 -> 4096, k = 8)."""
+    """z^T, logits^T = [A; W_r] x^T: one GEMM reads x, one writes grad x. Plain autograd would keep the concatenation
+    [A; W_r] until backward (+2% peak memory at 11008 -> 4096, k = 8); this backward builds it again instead."""
 
     @staticmethod
     def forward(ctx, x2, A, router):
         ctx.save_for_backward(x2, A, router)
-        return torch.cat([A, router]).mm(x2.t())
+        return torch.cat([A, router]).mm(x2.t())  # (r + k, N): a GEMM to (N, r + k) pads r + k to the SIMD width
 
     @staticmethod
-    def backward(ctx, grad):  # [A; W_r] again, freed before grad [A; W_r]; dtypes: autocast's, cast back by autograd
-        x2, A, router = ctx.saved_tensors
+    def backward(ctx, grad):  # out = W x2^T, W = [A; W_r]: grad x2 = grad^T @ W (N, d_in), grad W = grad @ x2
+        x2, A, router = ctx.saved_tensors  # W, rebuilt below, is freed before grad W; autograd casts the grads back
         grad_x = grad.t().mm(torch.cat([A, router]).to(grad.dtype)) if ctx.needs_input_grad[0] else None
-        return grad_x, *grad.mm(x2.to(grad.dtype)).split([A.shape[0], router.shape[0]])
+        return grad_x, *grad.mm(x2.to(grad.dtype)).split([A.shape[0], router.shape[0]])  # grad A, grad W_r
 
 
 def team_lora_delta(x, A, B, router, M, scaling, dropout):
-    """The fused adapter path: returns (delta (..., d_out), omega (..., k) or None)."""
-    if router is None:  # one expert: plain LoRA. Dropout behind an `if`: as F.dropout's flag, a compiled
-        z = F.linear(x, A)  # graph's symbolic `dropout > 0` would break the graph in two
+    """The fused adapter path: x (..., d_in) -> (delta (..., d_out), omega (..., k); None for one expert)."""
+    if router is None:  # one expert: plain LoRA. Dropout behind an `if`: as F.dropout's training flag, a
+        z = F.linear(x, A)  # compiled graph's symbolic `dropout > 0` would break it in two
         return F.linear((F.dropout(z, dropout) if dropout > 0 else z) * scaling, B), None
     (r, k), lead = (A.shape[0], router.shape[0]), x.shape[:-1]
     zt, logits_t = _RouterInA.apply(x.reshape(lead.numel(), x.shape[-1]), A, router).split([r, k])
     zt = F.dropout(zt, dropout) if dropout > 0 else zt  # Eq. 9's dropout: on z_i, not x
-    omega_t = expert_weights_t(logits_t, M)  # (k, N); Eq. 13's scaling joins it below: k products a token, not r
+    omega_t = expert_weights_t(logits_t, M)  # (k, N); Eq. 13's scaling joins it below: k products per token, not r
     zw = (zt.view(k, r // k, -1) * (omega_t * scaling).to(zt.dtype).unsqueeze(1)).view(r, -1)  # (r, N): z_i omega_i
     return F.linear(zw.t(), B).view(*lead, B.shape[0]), omega_t.t().reshape(*lead, k)  # Eq. 9 + 13: one GEMM
 
@@ -75,7 +75,7 @@ class TeamLoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r=8, experts=4, alpha=16.0, dropout=0.05, competition=True,
                  adapter_dtype=torch.float32, compile=False):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second base weight
-        if (k := max(experts, 1)) != experts or r <= 0 or r % k:  # k: experts=0 must not divide the message by 0
+        if (k := max(experts, 1)) != experts or r <= 0 or r % k:  # k >= 1: the message's r // k must not divide by 0
             raise ValueError(f"TeamLoRA needs experts >= 1 and r to be a positive multiple of experts, got r={r}, "
                              f"experts={experts}: choose r = experts * r_B (e.g. r={k * max(1, r // k)}).")
         self.in_features, self.out_features, self.training = base.in_features, base.out_features, base.training
@@ -119,8 +119,8 @@ class TeamLoRALinear(nn.Linear):
         fused = _fused_compiled(x.device.type) if self.compile else team_lora_delta
         delta, self.last_omega = fused(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
                                        self.lora_M, self.scaling, self.dropout if self.training else 0.0)
-        out = F.linear(x, self.weight, self.bias)  # after the adapter: backward meets its grad x first and
-        return out + delta.to(out.dtype)  # adds the adapter's into it in place
+        out = F.linear(x, self.weight, self.bias)  # after the adapter, so backward computes the base's grad x
+        return out + delta.to(out.dtype)  # first and adds the adapter's into it in place
 
     def extra_repr(self):
         return f"{super().extra_repr()}, r={self.r}, experts={self.experts}, competition={self.competition}"
@@ -187,8 +187,8 @@ def _omegas(model, mask):
 
 
 def balance_loss(model, mask=None, reduction="mean"):
-    """The authors' balance loss: per layer mean_f (mean_tokens(omega_f) - 1)^2 (theirs, with 1/k for 1, differs by a
-    constant: omega sums to k), averaged (summed: their harness) over layers; `mask` (True: real) drops padding."""
+    """The authors' balance loss, per layer mean_f (mean_tokens(omega_f) - 1)^2 (their 1/k for 1 only adds (1 - 1/k)^2:
+    omega sums to k), averaged (summed: their harness) over layers; `mask` (True: real) drops padding."""
     per_layer = [((om.mean(0) - 1.0) ** 2).mean() for _, om in _omegas(model, mask) if len(om)] or [torch.zeros(())]
     return torch.stack(per_layer).sum() if reduction == "sum" else torch.stack(per_layer).mean()  # no token: 0
 

@@ -716,6 +716,21 @@ def test_running_out_of_memory_while_scoring_keeps_the_run_and_prints_a_command_
     assert json.loads((out / "results.json").read_text())["scores"]
 
 
+def test_running_out_of_memory_while_scoring_a_full_training_names_the_saved_weights(run_data, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Full training saves model.pt, not adapters: the message says what is saved."""
+    out = tmp_path / "full"
+
+    def oom(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+    monkeypatch.setattr(evaluation, "evaluate", oom)
+    with pytest.raises(SystemExit):
+        train.main(train_flags(run_data, out, "--adapter=none", "--max_iters=1", "--eval_interval=1"))
+    err = capsys.readouterr().err
+    assert "the trained weights are saved in" in err and "adapters" not in err, err
+    assert (out / "model.pt").is_file()
+
+
 def test_an_error_while_scoring_that_is_not_out_of_memory_surfaces_as_itself(run_data, tmp_path, monkeypatch):
     """Only an allocation that failed gets the lower eval_batch_size advice; a CUDA fault or a bug while scoring is
     its own traceback."""

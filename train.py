@@ -759,7 +759,7 @@ def finish(r, model, summary, val_ds=None):
             raise
         batch = r.cfg["eval_batch_size"]  # generate's KV cache grows with it: the dry run prints what it needs
         again = ("" if r.cfg["eval_only"] else "--eval_only=True ") + f"--eval_batch_size={max(batch // 4, 1)}"
-        raise ScoringOutOfMemory(f"out of memory while scoring with eval_batch_size={batch}; the trained adapters are "
+        raise ScoringOutOfMemory(f"out of memory while scoring with eval_batch_size={batch}; the trained {what} are "
                                  f"saved in {r.cfg['out_dir']}: score them with the same command plus {again}.") from e
     chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
     summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
