@@ -68,8 +68,15 @@ def read(argv, defaults):
         try:  # bytes: a BOM or coding line is honoured, as python reads a script
             with open(arg, "rb") as f:
                 exec(compile(f.read(), arg, "exec"), namespace)
-        except (Exception, SystemExit) as e:  # a config's exit() would end the script without a word
-            raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}: {' '.join(str(e).split())}); "
+        except KeyboardInterrupt:  # Ctrl-C while a config runs stops the script, as it stops a run
+            raise
+        except SystemExit as e:  # exit(0) would end train.py before it trains, with the code of a run that succeeded
+            code = "" if e.code is None else repr(e.code)
+            raise UserError(f"config file '{arg}' calls exit({code}), which would end the script before it trains; "
+                            "remove the call: a config only sets keys, in plain key = value lines.")
+        except BaseException as e:  # a raise of GeneratorExit or of a class of its own was a traceback
+            said = " ".join(str(e).split())
+            raise UserError(f"config file '{arg}' failed to run ({type(e).__name__}{': ' * bool(said)}{said}); "
                             "it should hold plain key = value lines.")
         keys = [k for k, v in namespace.items()  # modules: `import time` has no __file__
                 if not k.startswith("_") and not callable(v) and not isinstance(v, types.ModuleType)]

@@ -132,7 +132,7 @@ def check_args(parser, args):
 
 
 def main(argv=None):
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=data.flag_path, default=train.DEFAULTS["out_dir"],
                         help="the folder of a run of train.py")
     parser.add_argument("--instruction", help="the instruction to answer")
@@ -169,7 +169,7 @@ def main(argv=None):
                 shares = "  ".join(f"e{i} {v:.2f}" for i, v in enumerate(load.tolist()))
                 print(f"(experts, last {r.cfg['load_layers']} layers; even = {1 / len(load):.2f}: {shares})")
     except (UserError, ValueError, FileNotFoundError) as e:  # weights.py's missing weight file, as train.py takes it
-        exit_with(str(e))  # a str: exit_with's words for an OSError are about writing
+        exit_with(str(e), "sample.py: ")  # a str: exit_with's words for an OSError are about writing
 
 
 if __name__ == "__main__":

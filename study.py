@@ -257,16 +257,17 @@ def launch(flags, threads):
     elif any(os.path.lexists(os.path.join(out, f)) for f in train.RUN_FILES + ("log.jsonl",)):
         flags = flags + ["--overwrite=True"]  # killed (kill -9) before its first checkpoint: nothing to continue
     os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",  # stdout.txt in UTF-8, read back so,
+           "PYTHONIOENCODING": "utf-8:backslashreplace"}  # whatever the locale (a C locale's ASCII escaped the bars)
     t = time.time()
-    with open(os.path.join(out, "stdout.txt"), "w") as log:
+    with open(os.path.join(out, "stdout.txt"), "w", encoding="utf-8") as log:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
         code = run_child([sys.executable, script] + flags, log, env)
     if code == machine.INTERRUPTED:
         raise data.UserError(f"the run in {out} was stopped (Ctrl-C or SIGTERM) after writing its checkpoint; run the "
                              "study again to continue it.")
     if code:
-        with open(os.path.join(out, "stdout.txt")) as f:
+        with open(os.path.join(out, "stdout.txt"), encoding="utf-8", errors="replace") as f:
             tail = (f.read().strip().splitlines() or ["no output"])[-1]
         if code < 0:  # killed by a signal (9: kill -9, the out-of-memory killer): its last line is no error of its own
             tail = f"it was killed by signal {-code} ({signal.strsignal(-code)})"
@@ -328,7 +329,7 @@ def read_results(folder, steps=None):
     try:
         if what := files.special_file(os.path.join(folder, "log.jsonl")):  # opening a named pipe waits forever
             raise OSError(f"log.jsonl is {what}")
-        with open(os.path.join(folder, "log.jsonl")) as f:
+        with open(os.path.join(folder, "log.jsonl"), encoding="utf-8") as f:
             res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
         average(res)
         for value in (res["trainable_params"], res["base_params"], res["train_seconds"], res["config"]["seed"]):
@@ -668,7 +669,7 @@ def main(argv=None):
             run_all(jobs, opts)
         return report(opts, names, chosen)
     except (data.UserError, OSError) as e:  # a full disk or a folder in the way: one line, as data.py says it
-        exit_with(e)
+        exit_with(e, "study.py: ")
     except KeyboardInterrupt:  # Ctrl-C reached the runs under way too: each writes its checkpoint (a traceback before)
         machine.leave(machine.fail("study.py stopped; run the same command again to continue where it stopped (a run "
                                    "under way resumes from its checkpoint).", machine.INTERRUPTED))

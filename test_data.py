@@ -26,6 +26,7 @@ import torch
 import data
 from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, named_pipe, needs_fixtures, script_error
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
+from tokenizer import MAX_VOCAB
 
 EDGE_CASES = [
     {"instruction": "Trailing whitespace", "input": "inp  \n\n", "output": "out \n"},
@@ -759,6 +760,7 @@ def test_tokenizer_folder_is_named_with_the_file_to_pass(tmp_path, tiny_spm, ins
 
 KILLED_PREPARE = """import os, signal, sys
 import data
+
 data._move_into = lambda tmp, out: os.kill(os.getpid(), signal.SIGKILL)  # killed when the shards are written
 data.prepare([sys.argv[1]], sys.argv[2], sys.argv[3], workers=1, quiet=True)
 """
@@ -1219,6 +1221,7 @@ def test_an_out_that_links_into_a_read_only_folder_is_refused_before_any_record_
 
 DYING_WORKERS = """import os, sys
 import data
+
 data.cores = lambda: 2
 data._encode_chunk, data._chunks = os._exit, lambda *args: iter([0] * 8)  # a worker ends at its job, as a killed one
 data.main(["prepare", "--input", sys.argv[1], "--tokenizer", sys.argv[2], "--out", sys.argv[3], "--workers", "2"])
@@ -1240,6 +1243,7 @@ def test_a_worker_process_that_dies_stops_prepare_in_one_sentence_instead_of_wai
 
 ORPHANS = """import multiprocessing, sys, threading, time
 import data
+
 work = data._map_ordered(time.sleep, iter([60] * 4), 2, sys.argv[1])  # two workers, each on a job of a minute
 threading.Thread(target=lambda: list(work), daemon=True).start()
 while len(multiprocessing.active_children()) < 2:
@@ -1399,10 +1403,11 @@ def test_a_tokenizer_json_saved_as_tokenizer_model_is_read_as_the_tokenizer_json
     tok = Tokenizer(folder / "tokenizer.model")
     assert tok.kind == "tokenizers" and tok.eos_id == tok.hf.token_to_id("<|endoftext|>")
     assert tok.encode(TEXTS[0]) == Tokenizer(hf_tokenizer_folder(tmp_path / "json")).encode(TEXTS[0])
-    text = (folder / "tokenizer.model").read_text()
-    (folder / "tokenizer.model").write_text("\n  " + text)  # JSON may start with white space
+    text = (folder / "tokenizer.model").read_text(encoding="utf-8")
+    (folder / "tokenizer.model").write_text("\n  " + text, encoding="utf-8")  # JSON may start with white space
     assert Tokenizer(folder / "tokenizer.model").kind == "tokenizers"
-    (folder / "tokenizer.json").write_text("[" + text + "]")  # named .json, damaged: said to be a bad tokenizer.json
+    # named .json, damaged: said to be a bad tokenizer.json
+    (folder / "tokenizer.json").write_text("[" + text + "]", encoding="utf-8")
     with pytest.raises(UserError, match="tokenizer.json is not a valid tokenizer.json"):
         Tokenizer(folder / "tokenizer.json")
 
@@ -2120,7 +2125,7 @@ def test_hf_config_tokens_that_the_tokenizer_json_does_not_list_as_added_are_nev
     transformers' own PreTrainedTokenizerFast.from_pretrained gives it."""
     transformers = pytest.importorskip("transformers")
     folder = hf_tokenizer_folder(tmp_path / "t")
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer_json["added_tokens"] = [t for t in tokenizer_json["added_tokens"] if t["content"] != "<|endoftext|>"]
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     tok = Tokenizer(folder)
@@ -2178,7 +2183,7 @@ def test_a_tokenizer_json_giving_two_tokens_one_id_is_refused_not_read_at_random
     """The tokenizers package keeps one of two tokens with the same id at random: loading then failed with its own
     exception's traceback, or worked with a decode that gave the other token's text. Id 0 too (a number, not false)."""
     folder = hf_tokenizer_folder(tmp_path / "t")
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = tokenizer_json["model"]["vocab"]
     word = pick(vocab, key=vocab.get)  # the last merge's result, or the first special token
     vocab["extra"] = vocab[word]
@@ -2195,7 +2200,7 @@ def test_a_tokenizer_json_whose_ids_skip_numbers_has_a_vocab_size_past_its_large
     tokenizers = pytest.importorskip("tokenizers")
     folder = hf_tokenizer_folder(tmp_path / "t")
     word = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXTS[0]).tokens[0]
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer_json["model"]["vocab"][word] = 70_000
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     tok = Tokenizer(folder)
@@ -2245,6 +2250,58 @@ def test_a_tokenizer_json_without_an_unknown_token_names_the_text_it_cannot_enco
                    lambda: prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)):
         with pytest.raises(UserError, match=says.format("☃<e>")):
             encode()
+
+
+def test_a_bpe_tokenizer_json_without_an_unknown_token_names_the_text_it_would_drop(tmp_path):
+    """A BPE model without an unknown token (or byte fallback) drops a character it has no token for without a word,
+    where the other models raise: the records were trained on as other text than they hold. GPT-2's and Qwen's
+    byte-level BPE have no unknown token either, and need none (a token for every byte): never refused."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.train_from_iterator(TEXTS, tokenizers.trainers.BpeTrainer(special_tokens=["<e>"]))
+    folder = tmp_path / "t"
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>"}))
+    assert hf.encode("☃").ids == []  # the package's own silence
+    tok = Tokenizer(folder)
+    known = TEXTS[0] + "<e>"  # text in its vocabulary: encoded as the package does
+    assert tok.encode(known, special=True) == hf.encode(known).ids and tok.decode(tok.encode(TEXTS[1])) == \
+        hf.decode(hf.encode(TEXTS[1]).ids)
+    record = {"instruction": TEXTS[0], "output": "a ☃"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    says = (f"^tokenizer {re.escape(str(folder))}/tokenizer.json cannot encode the text '{{}}' \\(it has no token for "
+            "one of its characters\\); remove that text from the records, or pass a tokenizer whose model has an "
+            "unknown token$")
+    with pytest.raises(UserError, match=says.format("a ☃")):
+        tok.encode("a ☃")
+    for encode in (lambda: encode_example(tok, record),
+                   lambda: prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)):
+        with pytest.raises(UserError, match=says.format("a ☃<e>")):
+            encode()
+    byte_level = Tokenizer(hf_tokenizer_folder(tmp_path / "b"))
+    for text in ["☃ 中文 🙂", "\x00\x01 é", TEXTS[2]]:
+        assert byte_level.decode(byte_level.encode(text)) == text
+
+
+def test_a_tokenizer_json_numbering_a_token_past_any_real_vocabulary_is_refused_as_it_loads(tmp_path):
+    """An id of 10**9 gave a vocab_size of 10**9 + 1: the dry run passed, and a run from scratch built its embedding
+    and ended out of memory, with advice to lower batch_size."""
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    word = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXTS[0]).tokens[0]
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    for largest in (MAX_VOCAB - 1, MAX_VOCAB, 10**9):
+        tokenizer_json["model"]["vocab"][word] = largest
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+        if largest < MAX_VOCAB:  # sparse ids, as a real tokenizer may have: kept
+            assert Tokenizer(folder).vocab_size == largest + 1
+            continue
+        with pytest.raises(UserError, match=f"tokenizer.json numbers a token {largest:,}, past any real vocabulary "
+                                            f".+ would need {largest + 1:,} embedding rows; pass the checkpoint's "
+                                            "unmodified tokenizer.json, or number its tokens from 0 without gaps$"):
+            Tokenizer(folder)
 
 
 def test_an_input_path_of_spaces_alone_is_named_as_empty_not_as_a_missing_file():

@@ -136,7 +136,8 @@ def test_output_to_a_stream_that_is_not_utf8_is_escaped_not_a_traceback():
     done = subprocess.run([sys.executable, "study.py", "--help"], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=300)
     assert done.returncode == 0 and done.stderr == "" and "\\xb1" in done.stdout, done.stderr
-    code = "import errors\nerrors.run_script(lambda: print('load \u2588\u2588 35%'))\n"
+    # the bars as escapes in the code: argv is in the locale's encoding, which may be ASCII as well (LC_ALL=C)
+    code = "import errors\nerrors.run_script(lambda: print('load \\u2588\\u2588 35%'))\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "load \\u2588\\u2588 35%\n", "")
 

@@ -17,6 +17,19 @@ from conftest import FullDisk, held_by_another_process, named_pipe
 from errors import UserError
 
 
+def _file_names_hold(text):
+    try:
+        text.encode(sys.getfilesystemencoding())
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# under a C locale (LC_ALL=C, PYTHONUTF8=0) Python cannot encode such a name at all, whatever the filesystem
+non_ascii_names = pytest.mark.skipif(not _file_names_hold("\u00e9\u0660"), reason="the filesystem encoding "
+                                     f"{sys.getfilesystemencoding()} cannot hold non-ASCII file names")
+
+
 def dead_pid():
     """The id of a process that has ended (and been reaped)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -148,6 +161,7 @@ def test_blocked_parent_names_the_nearest_existing_folder_above_the_path_and_why
     assert (tmp_path / "a_file").read_text() == "mine" and os.listdir(locked) == []
 
 
+@non_ascii_names
 def test_blocked_parent_names_a_name_too_long_for_its_folder_where_making_it_fails(tmp_path):
     """The scripts checked the folder's permissions only: a name past the filesystem's limit passed, and the first
     write failed (train.py: a traceback, once the demo's base was pretrained; the others: advice to free space)."""
@@ -491,6 +505,7 @@ def test_a_stale_temporary_that_can_not_be_removed_is_left_and_the_folder_held(t
     files.let_go(str(folder))
 
 
+@non_ascii_names
 def test_names_with_a_process_id_write_atomic_never_writes_are_a_users_and_stay(tmp_path):
     """write_atomic names a temporary NAME.tmpPID with the id in ASCII digits, never with a 0 in front: a user's
     ckpt.pt.tmp0PID, or one with the same id in other scripts' digits (Python's int reads them), is left alone."""

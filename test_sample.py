@@ -179,7 +179,8 @@ def test_a_records_file_of_no_records_is_refused_before_the_run_is_read(tmp_path
     (tmp_path / "r.json").write_text("[]\n")
     argv = ["--out_dir", tmp_path / "none", "--records", tmp_path / "r.json", *instruction]
     assert script_error(sample.main, argv, capsys) == (
-        f"error: --records file {tmp_path / 'r.json'} holds no records; give a JSONL or JSON list of records.")
+        f"sample.py: error: --records file {tmp_path / 'r.json'} holds no records; give a JSONL or JSON list of "
+        "records.")
 
 
 def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path, capsys):
@@ -270,8 +271,8 @@ def test_a_base_folder_whose_weights_are_gone_is_one_sentence(runs, tmp_path, ca
     ckpt = torch.load(runs["teamlora"][0] / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "config": {**ckpt["config"], "init_from": str(base)}}, tmp_path / "ckpt.pt")
     err = script_error(sample.main, ["--out_dir", tmp_path, "--instruction", "x", "--max_new_tokens=4"], capsys)
-    assert err == (f"error: {str(base)!r} has config.json but no *.safetensors or pytorch_model*.bin weight files; "
-                   "put the weights in the same folder")
+    assert err == (f"sample.py: error: {str(base)!r} has config.json but no *.safetensors or pytorch_model*.bin weight "
+                   "files; put the weights in the same folder")
 
 
 def test_a_qwen3_folder_fine_tunes_through_train_py_and_answers_through_sample_py(tmp_path, capsys):
@@ -496,17 +497,19 @@ def test_an_out_dir_or_records_of_the_wrong_kind_is_named_for_what_it_is(tmp_pat
     empty --out_dir read the ckpt.pt of the current folder."""
     (tmp_path / "notes.txt").write_text("not a run\n")
     assert script_error(sample.main, ["--out_dir", tmp_path / "notes.txt", "--instruction", "x"], capsys) == (
-        f"error: {tmp_path / 'notes.txt'} is a file, not a folder; point --out_dir at the folder of a run of train.py.")
+        f"sample.py: error: {tmp_path / 'notes.txt'} is a file, not a folder; point --out_dir at the folder of a run "
+        "of train.py.")
     (tmp_path / "empty").mkdir()  # a folder, but no run's
     assert script_error(sample.main, ["--out_dir", tmp_path / "empty", "--instruction", "x"], capsys) == (
-        f"error: {tmp_path / 'empty' / 'ckpt.pt'} does not exist; point --out_dir at the folder of a run of train.py.")
+        f"sample.py: error: {tmp_path / 'empty' / 'ckpt.pt'} does not exist; point --out_dir at the folder of a run of "
+        "train.py.")
     os.mkfifo(tmp_path / "pipe.jsonl")
     assert script_error(sample.main, ["--out_dir", tmp_path, "--records", tmp_path / "pipe.jsonl"], capsys) == (
-        f"error: --records file {tmp_path / 'pipe.jsonl'} is a named pipe, not a file; give a JSONL or JSON list "
-        "of records.")
+        f"sample.py: error: --records file {tmp_path / 'pipe.jsonl'} is a named pipe, not a file; give a JSONL or JSON "
+        "list of records.")
     monkeypatch.chdir(tmp_path)
     assert script_error(sample.main, ["--out_dir=", "--instruction", "x"], capsys).startswith(
-        "error: config key 'out_dir' is empty")
+        "sample.py: error: config key 'out_dir' is empty")
 
 
 @pytest.mark.parametrize("flags", [["--instruction=\udcff\udcfe"], ["--instruction=x", "--input=a\udcff"]])
@@ -521,6 +524,15 @@ def test_an_instruction_or_input_of_bytes_that_are_not_utf8_is_refused_naming_it
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].endswith(f"{flag} holds bytes that are not UTF-8 text; give it in UTF-8, the "
                                                   "terminal's encoding"), err
+
+
+def test_every_error_names_sample_py_as_argparse_names_it(tmp_path, capsys):
+    """A flag's mistake said "sample.py: error:" (argparse's, named by how the script was run) and a run's "error:"."""
+    for argv in (["--instruction=x", "--temperature=-1"], ["--out_dir", tmp_path / "none", "--instruction", "x"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("sample.py: error: "), err
 
 
 def test_a_flag_is_read_by_its_whole_name_only_and_a_near_miss_is_named(tmp_path, capsys, monkeypatch):
@@ -547,15 +559,15 @@ def test_a_records_output_of_the_wrong_type_is_refused_naming_its_line_before_th
     path.write_text(json.dumps({"instruction": "x", "output": None}) + "\n" + json.dumps({"instruction": "y",
                                                                                           "output": output}) + "\n")
     err = script_error(sample.main, ["--out_dir", tmp_path / "none", "--records", path], capsys)
-    assert err.startswith(f'error: {path} line 2: "output" is {kind}, not a string; give records in the authors\' '
-                          'format') and capsys.readouterr().out == ""
+    assert err.startswith(f'sample.py: error: {path} line 2: "output" is {kind}, not a string; give records in the '
+                          'authors\' format') and capsys.readouterr().out == ""
 
 
 def test_a_ckpt_pt_that_is_a_folder_is_named_as_one_not_called_missing(tmp_path, capsys):
     (tmp_path / "ckpt.pt").mkdir()
     assert script_error(sample.main, ["--out_dir", tmp_path, "--instruction", "x"], capsys) == (
-        f"error: {tmp_path / 'ckpt.pt'} is a folder, not a checkpoint; point --out_dir at the folder of a run of "
-        "train.py.")
+        f"sample.py: error: {tmp_path / 'ckpt.pt'} is a folder, not a checkpoint; point --out_dir at the folder of a "
+        "run of train.py.")
 
 
 def test_a_top_p_too_small_for_float32_keeps_the_likeliest_token_as_any_tiny_top_p_does(runs, capsys):
@@ -582,8 +594,8 @@ def test_max_new_tokens_that_leave_no_room_are_refused_before_the_model_is_built
     monkeypatch.setattr(train, "build_model", lambda *a, **kw: pytest.fail("the model was built"))
     argv = ["--out_dir", str(tmp_path), "--instruction", "x", "--device=cpu"]
     assert script_error(sample.main, argv + [f"--max_new_tokens={context - 1}"], capsys) == (
-        f"error: max_new_tokens={context - 1} leaves no room for a prompt in this model's {context} positions; lower "
-        "--max_new_tokens.")
+        f"sample.py: error: max_new_tokens={context - 1} leaves no room for a prompt in this model's {context} "
+        "positions; lower --max_new_tokens.")
     monkeypatch.setattr(train, "build_model", build)
     sample.main(argv + [f"--max_new_tokens={context - 2}"])
     assert "### Instruction: x" in capsys.readouterr().out

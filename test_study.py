@@ -3,11 +3,13 @@ small suite.
 
     python -m pytest -q
 """
+import ast
 import contextlib
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 import threading
 from types import SimpleNamespace
@@ -44,7 +46,7 @@ def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_p
     flags = small_study_flags(monkeypatch, run_data, out, "--runs=lora32,hydralora,teamlora")
     results = study.main(flags)
     printed = capsys.readouterr().out
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert report.strip() in printed and "about" in printed and "min left" in printed  # progress with an ETA
     for name in ("lora32", "hydralora", "teamlora"):
         assert len(results[name]) == 2 and all(len(r["curve"]) > 0 for r in results[name])
@@ -73,7 +75,7 @@ def test_study_runs_end_to_end_and_its_tables_are_the_runs_means(run_data, tmp_p
     (stopped / "results.json").unlink()
     study.main(flags)
     assert capsys.readouterr().out.count("done before") == 11
-    assert "resumed from" in (stopped / "stdout.txt").read_text()
+    assert "resumed from" in (stopped / "stdout.txt").read_text(encoding="utf-8")
     assert json.loads((stopped / "results.json").read_text())["scores"] == first["scores"]
     study.main(flags + ["--report"])  # reads the runs, runs none: says so
     printed = capsys.readouterr().out
@@ -273,9 +275,10 @@ def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, ca
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
     if damage in ("cut results", "nested too deeply", "a list"):  # no JSON object: named as read_json names it
-        assert err.startswith(f"error: {folder}/results.json ") and f"delete {folder} and run the study again" in err
+        assert err.startswith(f"study.py: error: {folder}/results.json ")
+        assert f"delete {folder} and run the study again" in err
     else:
-        assert err.startswith(f"error: the run in {folder} is damaged")
+        assert err.startswith(f"study.py: error: the run in {folder} is damaged")
         assert "delete that folder and run the study again" in err
 
 
@@ -310,7 +313,8 @@ def test_a_log_that_is_a_named_pipe_or_nested_too_deeply_is_a_damaged_run_not_a_
         with pytest.raises(SystemExit) as stop:
             study.main(["--report", f"--out={tmp_path}", "--runs=teamlora"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.startswith(f"error: the run in {folder} is damaged") and err.count("\n") == 1
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"study.py: error: the run in {folder} is damaged")
 
 
 def test_a_saved_config_that_is_a_named_pipe_or_nested_too_deeply_is_left_to_the_report_to_name(tmp_path):
@@ -637,7 +641,7 @@ def test_repeated_seeds_too_many_seeds_and_workers_beyond_the_cores_are_refused_
     with pytest.raises(SystemExit) as stop:  # --report: were the seeds taken, it would only read, never train
         study.main(["--seeds=3,5,3", f"--out={out}", "--report"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err == "error: --seeds repeats seed 3; give each seed once.\n"
+    assert stop.value.code == 2 and err == "study.py: error: --seeds repeats seed 3; give each seed once.\n"
     assert not out.exists()
     assert study.parse(["--seeds=1000", "--workers=4"])[0]["seeds"] == tuple(range(1, 1001))
     monkeypatch.setattr(study.data, "cores", lambda: 1)
@@ -793,7 +797,7 @@ def test_a_report_leaves_out_the_charts_that_no_run_of_the_study_draws(tmp_path,
     (final / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a curve
     results = study.report(opts, names, study.selection(opts, extra, names))
     assert list(results) == ["lora8"] and results["lora8"][0]["curve"] == [(1, 2.0)]
-    text = (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "### Training loss" not in text and "### Expert load" not in text and "```" not in text
     assert text.endswith("\n") and not text.endswith("\n\n") and not list(tmp_path.glob("*.png"))
 
@@ -819,7 +823,7 @@ def test_an_out_the_study_would_share_or_cannot_write_is_refused_before_anything
                "is a file": f"--out {out} is a file, not a folder; choose another --out.",
                "is read-only": f"--out {out} can not be written: {out} is not writable (Permission denied); choose "
                                "another --out."}[case]
-    assert script_error(study.main, [f"--out={out}"], capsys) == f"error: {message}"
+    assert script_error(study.main, [f"--out={out}"], capsys) == f"study.py: error: {message}"
     assert sorted(p.name for p in tmp_path.rglob("*")) == (
         ["mine", "report.md"] if case == "holds a user's files" else ["mine"])
     (tmp_path / "study" / "select").mkdir(parents=True)  # an earlier study's folder is continued
@@ -845,8 +849,8 @@ def test_a_second_study_on_the_out_of_a_live_one_is_refused_before_it_touches_an
         sets_in(tmp_path / "val", tmp_path / "test")  # read before the hold
         argv = [f"--out={out}", "--runs=lora8", f"--val_dir={tmp_path / 'val'}", f"--eval_dir={tmp_path / 'test'}"]
         assert script_error(study.main, argv, capsys) == (
-            f"error: --out {out} is in use by process {live.pid}, a study still running; wait for it to end, or "
-            "choose another --out.")
+            f"study.py: error: --out {out} is in use by process {live.pid}, a study still running; wait for it to end, "
+            "or choose another --out.")
         assert (out / "select" / "stdout.txt").read_text() == "the live run's log\n"
         assert sorted(p.name for p in out.iterdir()) == [".lock", "select"]
     finally:
@@ -885,7 +889,7 @@ def test_a_report_puts_each_chart_fenced_under_its_own_heading(tmp_path):
     results = study.report(opts, names, study.selection(opts, extra, names))
     loss, load = study.loss_chart(results), study.load_chart(results)
     assert loss and load
-    text = (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "### Training loss (the paper's Figure 4b)\n\n```\n" + "\n".join(loss) + "\n```\n" in text
     assert "### Expert load (the paper's Figure 5)\n\n```\n" + "\n".join(load) + "\n```\n" in text
 
@@ -926,7 +930,7 @@ def test_an_empty_out_is_refused_before_anything_runs(tmp_path, capsys, monkeypa
     monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
     monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
     assert script_error(study.main, argv, capsys) == (
-        "error: --out is empty; give the study a folder of its own, e.g. --out=out/study.")
+        "study.py: error: --out is empty; give the study a folder of its own, e.g. --out=out/study.")
     assert os.listdir(tmp_path) == []
 
 
@@ -1089,7 +1093,7 @@ def test_a_damaged_or_foreign_run_folder_is_refused_before_anything_trains(tmp_p
         (folder / study.DIVERGED).write_text(json.dumps({"config": config | {"max_iters": 500}}))
     else:
         (folder / "results.json").write_text(text)
-    assert script_error(study.main, argv, capsys).startswith(f"error: {message}")
+    assert script_error(study.main, argv, capsys).startswith(f"study.py: error: {message}")
     if case == "a run of other steps":  # the same run of this study's settings is taken as done
         (folder / "results.json").write_text(json.dumps(results))
         study.check_runs(opts, extra, ["lora8", "teamlora"])
@@ -1105,10 +1109,10 @@ def test_final_runs_scored_on_nothing_or_on_the_validation_sets_are_refused_befo
     monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
     monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
     err = script_error(study.main, ["--out=study", "--val_dir=VAL", f"--eval_dir={eval_dir}"], capsys)
-    assert err == ("error: --eval_dir is empty, and the study scores its final runs on it; give the folder of the "
-                   "test sets (<task>.jsonl)." if not eval_dir else
-                   "error: --val_dir and --eval_dir are the same folder (VAL), so the learning rates would be chosen "
-                   "on the test sets; give the validation sets a folder of their own.")
+    assert err == ("study.py: error: --eval_dir is empty, and the study scores its final runs on it; give the folder "
+                   "of the test sets (<task>.jsonl)." if not eval_dir else
+                   "study.py: error: --val_dir and --eval_dir are the same folder (VAL), so the learning rates would "
+                   "be chosen on the test sets; give the validation sets a folder of their own.")
 
 
 @pytest.mark.parametrize("key", ["val_dir", "eval_dir"])
@@ -1130,10 +1134,11 @@ def test_validation_or_test_sets_that_cannot_be_scored_are_refused_before_anythi
     err = script_error(study.main, ["--out=study", f"--val_dir={sets['val_dir']}", f"--eval_dir={sets['eval_dir']}"],
                        capsys)
     what = {"missing": "does not exist", "a file": "is a file, not a folder of <task>.jsonl files"}
-    assert err == (f"error: {key} '{bad}' {what[fault]}; write one with python tasks.py, or set --{key}."
-                   if fault in what else f"error: {key} '{bad}' holds no <task>.jsonl files." if fault == "no sets"
-                   else f"error: {key} '{bad}' holds qa.json: evaluation sets are JSONL, one record per line; write "
-                   f"them with python tasks.py --out {os.path.join(bad, '<task>.jsonl')}.")
+    assert err == (f"study.py: error: {key} '{bad}' {what[fault]}; write one with python tasks.py, or set --{key}."
+                   if fault in what else
+                   f"study.py: error: {key} '{bad}' holds no <task>.jsonl files." if fault == "no sets" else
+                   f"study.py: error: {key} '{bad}' holds qa.json: evaluation sets are JSONL, one record per line; "
+                   f"write them with python tasks.py --out {os.path.join(bad, '<task>.jsonl')}.")
     assert not (tmp_path / "study" / "select").exists()
 
 
@@ -1176,7 +1181,7 @@ def test_a_report_names_the_seeds_missing_from_each_mean(tmp_path):
     (tmp_path / f"lora8-lr{lr:g}-seed3").mkdir()
     (tmp_path / f"lora8-lr{lr:g}-seed3" / study.DIVERGED).write_text("{}")
     results = study.report(opts, names, study.selection(opts, extra, names))
-    text = (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
     row = next(line for line in text.splitlines() if line.startswith("| LoRA r=8 "))
     assert row.startswith(f"| LoRA r=8 (2 of 4 seeds) | {lr:g} | ") and f"| {np.mean([40, 46]):.1f}±" in row
     assert [r["config"]["seed"] for r in results["lora8"]] == [1, 2]
@@ -1205,6 +1210,22 @@ def test_run_child_passes_its_environment_and_logs_the_runs_stderr_with_its_stdo
     with open(tmp_path / "run.txt", "w") as log:
         assert study.run_child([sys.executable, "-c", code], log, {**os.environ, "BUDGET": "3"}) == 1
     assert (tmp_path / "run.txt").read_text() == "3\nerror: the last line\n"
+
+
+def test_a_failed_runs_words_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """stdout.txt was written in the run's locale encoding and read in the study's: under LC_ALL=C a run's output
+    beyond ASCII was escaped, or ended the run (print), and a stdout.txt in UTF-8 ended the study with a traceback."""
+    child = "import sys; print('\\u2502 \\u00b1', flush=True); sys.exit('error: the run\\u2019s own words')"
+    code = (f"import sys, study\nreal = study.run_child\nstudy.run_child = lambda cmd, log, env: real([sys.executable, "
+            f"'-c', {child!r}], log, env)\ntry:\n    study.launch(['--init_from=base.pt', '--out_dir={tmp_path}'], 1)\n"
+            "except study.data.UserError as e:\n    print(ascii(str(e)))\n")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.abspath(study.__file__)))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert ast.literal_eval(done.stdout) == (f"the run in {tmp_path} failed: error: the run\u2019s own words; its log "
+                                             f"is {tmp_path}/stdout.txt, and the study continues from it when rerun.")
+    assert (tmp_path / "stdout.txt").read_text(encoding="utf-8").startswith("\u2502 \u00b1\n")
 
 
 def test_a_sigterm_reaches_every_run_under_way_and_one_started_after_it_is_terminated_not_killed(tmp_path):

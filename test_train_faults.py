@@ -667,10 +667,23 @@ def test_flags_override_config_files_wherever_they_stand(tmp_path):
     assert (cfg["max_iters"], cfg["r"]) == (7, 16)
 
 
-@pytest.mark.parametrize("call", ["sys.exit(3)", "exit()", "raise SystemExit('stop here')"])
-def test_a_config_file_that_exits_is_one_sentence_naming_it_not_a_silent_end(tmp_path, capsys, call):
+@pytest.mark.parametrize("call, named", [("sys.exit(3)", "exit(3)"), ("exit()", "exit()"), ("sys.exit(0)", "exit(0)"),
+                                         ("raise SystemExit('stop here')", "exit('stop here')")])
+def test_a_config_file_that_exits_is_one_sentence_naming_it_not_a_silent_end(tmp_path, capsys, call, named):
+    """sys.exit(0) would end train.py as a run that succeeded ends; exit() was named as 'failed to run (SystemExit:
+    None)'."""
     (tmp_path / "c.py").write_text(f"import sys\nr = 16\n{call}\n")
-    fails([tmp_path / "c.py", "--dry_run=True"], capsys, f"config file '{tmp_path / 'c.py'}' failed to run (SystemExit")
+    fails([tmp_path / "c.py", "--dry_run=True"], capsys, f"config file '{tmp_path / 'c.py'}' calls {named}, which "
+          "would end the script before it trains; remove the call")
+
+
+@pytest.mark.parametrize("raised, named", [("GeneratorExit", "(GeneratorExit)"), ("Stop('here')", "(Stop: here)")])
+def test_a_config_file_that_raises_a_base_exception_is_one_sentence_not_a_traceback(tmp_path, capsys, raised, named):
+    """Only Exception and SystemExit were named: any other BaseException a config raised ended train.py with its
+    traceback."""
+    (tmp_path / "c.py").write_text(f"class Stop(BaseException):\n    pass\n\n\nr = 16\nraise {raised}\n")
+    fails([tmp_path / "c.py", "--dry_run=True"], capsys, f"config file '{tmp_path / 'c.py'}' failed to run {named}; "
+          "it should hold plain key = value lines.")
 
 
 def test_ctrl_c_while_a_config_file_runs_stops_the_script_as_ctrl_c_not_as_a_failed_config(tmp_path):

@@ -22,6 +22,8 @@ LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_spec
                    + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
                    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
 LLAMA3_PAD = "<|reserved_special_token_2|>"  # LLaMA-3.1 renamed it <|finetune_right_pad_id|>
+MAX_VOCAB = 2**24  # 64 times the largest real vocabulary: past it, an id is a damaged file's, not a token's
+NO_TOKEN = "\x00no token"  # the unknown token given to a BPE model that has none: no vocabulary holds it
 
 
 def _looks_like_tiktoken(path):
@@ -151,6 +153,15 @@ class Tokenizer:
         if twice is not None:  # the package keeps one of the two at random, for decode and for to_str below
             raise UserError(f"{self.path} gives two tokens the same id {twice}; pass the checkpoint's unmodified "
                             "tokenizer.json")
+        if numbers[-1] >= MAX_VOCAB:  # sparse ids are fine, but the model gets an embedding row for every number
+            raise UserError(f"{self.path} numbers a token {numbers[-1]:,}, past any real vocabulary (the largest "
+                            f"hold about 262,000 tokens), and a model would need {numbers[-1] + 1:,} embedding rows; "
+                            "pass the checkpoint's unmodified tokenizer.json, or number its tokens from 0 without gaps")
+        if isinstance(self.hf.model, tokenizers.models.BPE) and self.hf.model.unk_token is None:
+            # a BPE model without an unknown token drops a character it has no token for (and no byte token, under
+            # byte fallback) without a word; an unknown token that is not in the vocabulary makes it raise instead,
+            # as WordLevel, WordPiece and Unigram do. Byte-level BPE (GPT-2's, Qwen's) has a token for every byte.
+            self.hf.model.unk_token = NO_TOKEN
         # plain text stays text; encode(special=True) goes to a copy that splits on the added tokens itself, as
         # transformers' fast tokenizers do: encoding the pieces between them one by one would give each its own
         # "▁" under a Metaspace pre-tokenizer with prepend_scheme "first" (Mistral's, LLaMA-2's tokenizer.json)
@@ -195,8 +206,9 @@ class Tokenizer:
     def _encode_hf(self, hf, text):
         try:
             return hf.encode(text, add_special_tokens=False).ids
-        except Exception as e:  # a WordLevel, WordPiece or Unigram model without an unknown token, on text it lacks
-            raise UserError(f"tokenizer {self.path} cannot encode the text {text[:40]!r} ({str(e)[:80]}); "
+        except Exception as e:  # a model without an unknown token, on text it lacks
+            why = "it has no token for one of its characters" if NO_TOKEN in str(e) else str(e)[:80]
+            raise UserError(f"tokenizer {self.path} cannot encode the text {text[:40]!r} ({why}); "
                             "remove that text from the records, or pass a tokenizer whose model has an unknown "
                             "token") from None
 
