@@ -192,6 +192,20 @@ def logged_nothing(out_dir):
     return os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0
 
 
+def why_none(path, run_files):
+    """Why there is no checkpoint at path to resume, and what to do instead. A run killed (kill -9, the out-of-memory
+    killer) or stopped at once before its first checkpoint left only the log.jsonl of its first steps, which a new
+    run in its out_dir replaces only when asked: the fix says so, rather than a start that is refused in turn."""
+    if kind := files.special_file(path):
+        return f"{path} is {kind}, not a checkpoint; start a run with another init_from"
+    out_dir = os.path.dirname(path)
+    finished = [f for f in run_files if os.path.lexists(os.path.join(out_dir, f))]  # a run's result: never replaced
+    if not finished and os.path.isfile(os.path.join(out_dir, "log.jsonl")) and not logged_nothing(out_dir):
+        return (f"{path} does not exist (the run stopped before its first checkpoint); start it again with its own "
+                "init_from and --overwrite=True, which replaces its log.jsonl")
+    return f"{path} does not exist; start a run with another init_from"
+
+
 def open_log(out_dir, step):
     """out_dir/log.jsonl, opened to log the steps after `step`: a new run's anew, a resume's for appending, without
     the lines of later steps that a kill or a second Ctrl-C left past the checkpoint. The resume logs those steps

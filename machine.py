@@ -192,6 +192,24 @@ def takes_signal(signum):
     return _in_main_thread() and signal.getsignal(signum) not in (signal.SIG_IGN, None)
 
 
+STUDY = "TEAMLORA_STUDY"  # study.py gives its runs its process id under this name
+
+
+def end_with_study():
+    """A run that study.py started stops as on SIGTERM (it ends its step and writes its checkpoint) once the study is
+    gone, killed without a word to its runs (kill -9, the out-of-memory killer): alone, it trained on, holding its
+    out_dir, and the study run again to continue it was refused there."""
+    study = os.environ.get(STUDY, "")
+    if not study.isdigit() or os.name != "posix":
+        return
+
+    def watch():  # a process whose parent ends is given another (init, or a subreaper)
+        while os.getppid() == int(study):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 @contextmanager
 def sigterm_as_ctrl_c():
     """For the duration, SIGTERM stops the run as Ctrl-C does (a KeyboardInterrupt): outside the training loop,

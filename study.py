@@ -24,8 +24,9 @@ The protocol, fixed before any final run:
 Each run is train.py with one configuration (the code path of a real run), fine-tuning the base
 that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
 or diverged run is not run again, a stopped one resumes and one killed before its first checkpoint starts
-again, so an interrupted study continues where it stopped (a finished, stopped or diverged run made with
-other --steps or flags is refused, before anything trains: give such a study its own --out).
+again, so an interrupted study continues where it stopped (its runs stop with it, each with its checkpoint, even
+when it is killed; a finished, stopped or diverged run made with other --steps or flags is refused, before anything
+trains: give such a study its own --out).
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
 keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
@@ -257,8 +258,8 @@ def launch(flags, threads):
     elif any(os.path.lexists(os.path.join(out, f)) for f in train.RUN_FILES + ("log.jsonl",)):
         flags = flags + ["--overwrite=True"]  # killed (kill -9) before its first checkpoint: nothing to continue
     os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",  # stdout.txt in UTF-8, read back so,
-           "PYTHONIOENCODING": "utf-8:backslashreplace"}  # whatever the locale (a C locale's ASCII escaped the bars)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", machine.STUDY: str(os.getpid()),
+           "PYTHONIOENCODING": "utf-8:backslashreplace"}  # stdout.txt in UTF-8 whatever the locale (ASCII escaped bars)
     t = time.time()
     with open(os.path.join(out, "stdout.txt"), "w", encoding="utf-8") as log:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")

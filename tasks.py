@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from data import UserError, read_jsonl
 from errors import Parser, exit_with, run_script
-from files import blocked_parent, flag_path, read_json, special_file, write_atomic
+from files import blocked_parent, flag_path, read_json, remove_stale_temporaries, special_file, write_atomic
 
 # -----------------------------------------------------------------------------
 # Metrics
@@ -664,6 +664,7 @@ def write_eval_set(task_name, raw_path, out_path, limit=None, overwrite=False):
     records = records if limit is None else records[:limit]
     text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if out_path.endswith(".jsonl")
             else json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+    remove_stale_temporaries(folder or ".", [os.path.basename(out_path)])  # what a killed tasks.py half wrote there
     write_atomic(out_path, text)
     return len(records)
 

@@ -9,18 +9,21 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import checkpoint
 import study
 import train
-from conftest import held_by_another_process, named_pipe, script_error
+from conftest import held_by_another_process, named_pipe, script_error, train_flags
 from model import Transformer
 
 
@@ -530,6 +533,32 @@ def test_a_sigterm_to_the_study_reaches_its_runs_even_one_started_after_it(tmp_p
         assert study.run_child([sys.executable, "-c", "import time; time.sleep(60)"], f, {}) != 0
         assert time.time() - start < 30
     study.STOPPING.clear()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_a_run_of_a_killed_study_stops_with_a_checkpoint_and_lets_its_folder_go(run_data, tmp_path):
+    """kill -9 of study.py (kill -9 PID, the out-of-memory killer) tells its runs nothing: a run trained on alone,
+    holding its folder, and the study run again to continue was refused there (the run "failed"). The run now stops
+    as on SIGTERM: its step ends, its checkpoint is written and its folder let go, for the study run again to resume."""
+    out = tmp_path / "run"
+    flags = train_flags(run_data, out, "--eval_dir=", "--max_iters=100000", "--eval_interval=1", "--warmup_iters=1")
+    killed = subprocess.Popen([sys.executable, "-c", "import sys, study; study.launch(sys.argv[1:], 1)", *flags],
+                              cwd=os.path.dirname(study.__file__))
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:  # training
+        time.sleep(0.05)
+    runner = study.files.lock_holder(os.stat(out / study.files.LOCK))
+    killed.kill()
+    killed.wait()
+    deadline = time.time() + 30
+    while (busy := study.files.hold(out)) and time.time() < deadline:
+        time.sleep(0.1)
+    study.files.let_go(out)
+    if busy and runner:  # nothing left behind when the test fails
+        os.kill(runner, signal.SIGKILL)
+    assert busy is None, f"the run goes on, {busy} holds {out}"
+    step = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
+    assert 0 < step < 100000 and f"checkpoint of step {step} written" in (out / "stdout.txt").read_text()
 
 
 @pytest.mark.parametrize("started_with", ["default", "ignored"])

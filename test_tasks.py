@@ -8,7 +8,10 @@ import json
 import os
 import random
 import re
+import signal
 import string
+import subprocess
+import sys
 
 import pytest
 
@@ -541,6 +544,36 @@ def test_write_eval_set_writes_a_json_list_or_jsonl_in_the_official_format(tmp_p
     every = CME_TASKS["nq"].load(os.path.join(CME_DIR, "nq_open", "NQ-open.dev.jsonl"))
     assert len(lines) == 5 and all(json.loads(line) in every for line in lines)  # answers kept with each record
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+KILLED_AT_THE_RENAME = """
+import os, signal, sys, tasks
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with the set written under its temporary name
+tasks.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_the_temporary_of_a_killed_tasks_py_goes_when_the_set_is_written_again(tmp_path, capsys):
+    """A tasks.py killed (kill -9, a pre-empted job) while it wrote a set left OUT.tmpPID, as large as the set, and
+    the run again that wrote the set whole left it there for good. The set's own temporaries of ended processes go;
+    another file's, and a user's file of another name, stay."""
+    raw, out = tmp_path / "dev.jsonl", tmp_path / "eval" / "winogrande.jsonl"
+    raw.write_text("".join(json.dumps({"sentence": f"Ann or Bo {i}: _ won.", "option1": "Ann", "option2": "Bo",
+                                       "answer": str(1 + i % 2)}) + "\n" for i in range(40)))
+    argv = ["--task", "winogrande", "--raw", str(raw), "--out", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_THE_RENAME, *argv], cwd=os.path.dirname(tasks.__file__),
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (stale,) = out.parent.iterdir()
+    assert stale.name.startswith("winogrande.jsonl.tmp") and not out.exists()
+    kept = [out.parent / f"qa.jsonl.tmp{stale.name.rsplit('tmp', 1)[1]}", out.parent / "winogrande.jsonl.tmp-notes"]
+    for path in kept:
+        path.write_text("not this set's")
+    tasks.main(argv)
+    assert f"removed a leftover temporary file {stale}" in capsys.readouterr().err
+    assert sorted(out.parent.iterdir()) == sorted([out, *kept])
+    assert len(out.read_text().splitlines()) == 40
 
 
 @needs_cme_fixtures

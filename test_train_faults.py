@@ -1373,6 +1373,42 @@ def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_
     assert train.train(train.parse_config(flags + ["--overwrite=True"]))["step"] == 6
 
 
+KILLED_IN_ITS_FIRST_CHECKPOINT = """
+import os, signal, sys, torch, train
+def half_written(obj, f):  # kill -9 (the out-of-memory killer, a pre-empted job) with ckpt.pt's temporary half written
+    f.write(b"PK\\x03\\x04")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = half_written
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_a_run_killed_before_its_first_checkpoint_is_told_a_start_that_works_and_ends_as_an_uninterrupted_run(
+        run_data, tmp_path, capsys):
+    """A new run killed while it wrote its first checkpoint leaves the log.jsonl of its first steps beside no ckpt.pt.
+    The resume said "start a run with another init_from", and that start was refused in turn (out_dir holds a run:
+    log.jsonl): two refusals and no way on named. It names the start that works, which ends as an uninterrupted run,
+    the killed write's temporary gone."""
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    flags = ["--eval_dir=", "--log_interval=1", "--dropout=0.1", "--threads=1"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_ITS_FIRST_CHECKPOINT, *train_flags(run_data, out, *flags)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "ckpt.pt").exists() and (out / "log.jsonl").stat().st_size > 0
+    assert len(list(out.glob("ckpt.pt.tmp*"))) == 1  # the killed write's temporary
+    fails([f"--out_dir={out}", "--init_from=resume"], capsys, f"nothing to resume: {out / 'ckpt.pt'} does not exist",
+          "start it again with its own init_from and --overwrite=True")
+    again = train.train(train.parse_config(train_flags(run_data, out, *flags, "--overwrite=True")))
+    uninterrupted = train.train(train.parse_config(train_flags(run_data, whole, *flags)))
+    assert_same_adapters(adapters_of(uninterrupted["model"]), adapters_of(again["model"]))
+    assert again["train_losses"] == uninterrupted["train_losses"]
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["step"] for line in (whole / "log.jsonl").read_text().splitlines()]
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
 def test_a_ctrl_c_outside_the_loop_leaves_quietly_with_130_under_torchrun_and_is_python_s_own_outside_it(
         monkeypatch, capsys):
     """torchrun stops every process (SIGTERM, turned into a KeyboardInterrupt) once one fails: those leave with the

@@ -350,8 +350,7 @@ def resume_config(cfg):
             raise UserError(f"eval_only: {adapter} {what}; train first or point --out_dir at a finished run.")
         return cfg, None
     if not os.path.isfile(path):
-        what = f"is {kind}, not a checkpoint" if (kind := files.special_file(path)) else "does not exist"
-        raise UserError(f"nothing to resume: {path} {what}; start a run with another init_from.")
+        raise UserError(f"nothing to resume: {checkpoint.why_none(path, RUN_FILES)}.")
     saved, ckpt = saved_config(path)
     changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != saved[k]]
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
@@ -823,6 +822,7 @@ def check_full_config(cfg):
 
 def main(argv=None):
     code, cfg = 0, {}
+    machine.end_with_study()  # a run of a study that was killed stops with it
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
         code = machine.INTERRUPTED if train(cfg).get("interrupted") else 0
