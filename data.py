@@ -91,7 +91,7 @@ def _prompt_ids(tokenizer, example, where):
 
 def _encode_parts(tokenizer, example, where="record"):
     """(prompt ids, answer ids) of a record. A record with just "text" is a plain document (to
-    pretrain a base model): BOS is its prompt and every later token is trained on; special-token
+    pretrain a base model): BOS (else EOS) is its prompt and every later token is trained on; special-token
     strings in it ("</s>" between two pieces, as in a pretraining stream) become their ids."""
     if isinstance(example, dict) and "text" in example and not {"instruction", "output"} & example.keys():
         start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id  # Qwen: no BOS
@@ -667,7 +667,7 @@ class TokenDataset:
     def cut_warning(self, max_len):
         """What a run's max_len loses of these records (None: nothing): whole answers it cuts away, or records cut
         when prepared at a shorter max_len than the run's, which it cannot make whole again."""
-        if (cut := int((~self.answered(max_len)).sum())):  # prepare drops them; a shorter max_len keeps them
+        if (cut := int((~self.answered(max_len)).sum())):  # prepare drops them at its own max_len, not at a run's
             return (f"warning: max_len={max_len} cuts away the whole answer of {cut:,} of {len(self):,} "
                     f"{self.split_name} records, which then teach nothing; raise --max_len to keep them.")
         shorter = self.summary.get("truncated")
@@ -679,8 +679,8 @@ class TokenDataset:
 
     def check_tokenizer(self, tok):
         """Refuse a tokenizer other than the one the shards were made with, before any id reaches the model: by
-        its SHA-256, or where summary.json lacks it (older outputs) by its size, or by the shards' largest id; and
-        one whose BOS or EOS id differs from the shards'."""
+        its SHA-256, or where summary.json lacks it (older outputs) by its vocabulary size, or by the shards' largest
+        id; and one whose BOS or EOS id differs from the shards'."""
         made = self.summary.get("tokenizer") if isinstance(self.summary.get("tokenizer"), dict) else {}
         size, theirs = self.summary.get("vocab_size"), str(made.get("path", "path unknown"))
         if made.get("sha256"):

@@ -44,7 +44,7 @@ from tokenizer import Tokenizer
 # defaults (every key here can be set by a config file or --key=value)
 out_dir = "out/demo"
 device = "auto"  # auto: cuda when available, else cpu
-dtype = "float32"  # or "bfloat16" (float16 would need loss scaling): the base weights'; adapters train in float32
+dtype = "float32"  # or "bfloat16" (fp16 needs loss scaling): the base's (full training: its compute's); adapters fp32
 seed = 1337
 # data: a folder written by `python data.py prepare`, and a folder of <task>.jsonl evaluation sets
 data_dir = "data/mini_cme/tokens"
@@ -183,7 +183,7 @@ class Run:
     resume_with: str = "--init_from=resume"  # what continues this run after an interruption
     base: str = None  # checkpoint.fingerprint of the base weights, recorded in ckpt.pt
     data: str = None  # checkpoint.data_fingerprint of the token shards, recorded in ckpt.pt
-    written: int = None  # the step of the last ckpt.pt written (checkpoint.save_checkpoint), adapter.pt or not yet
+    written: int = None  # the step of the last ckpt.pt written (checkpoint.save_checkpoint); adapter.pt may lag it
 
     @property
     def master(self):
@@ -287,7 +287,7 @@ def build_model(cfg, dev, vocab_size, world):
     if checkpoint.sharded(cfg):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg["dtype"]) if full else None,
-                                  reduce_dtype=torch.float32)  # the base as stored; adapters, gradient sums: fp32
+                                  reduce_dtype=torch.float32)  # with adapters: as stored; gradient sums fp32
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(dev.type, (world,))  # explicit: FSDP on CPU (gloo) even where a GPU is visible
         for block in model.layers:
