@@ -218,7 +218,7 @@ def open_log(out_dir, step):
         kept = [line for line in lines if logged_step(line) <= step and line.endswith("\n")]
         if kept != lines:
             files.write_atomic(path, "".join(kept).encode("utf-8", "surrogateescape"))
-    return open(path, "a" if step else "w", buffering=1)
+    return open(path, "a" if step else "w", buffering=1, encoding="utf-8")
 
 
 def logged_step(line):

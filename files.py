@@ -26,7 +26,8 @@ except ImportError:  # Windows: folders are not held
 
 def write_atomic(path, content):
     """Write text, bytes, or (a function given the open binary file) under a temporary name, flush it
-    to disk, then rename: a crash leaves the old file or the new one, never half of one."""
+    to disk, then rename: a crash leaves the old file or the new one, never half of one. The folder is
+    flushed too, so that the rename, not only the new bytes, survives a power cut."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -38,6 +39,13 @@ def write_atomic(path, content):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        if os.name == "posix":  # best effort: a few filesystems cannot flush a folder, and the file is written
+            with suppress(OSError):
+                folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
     except Exception as e:  # a failed write leaves nothing; a Ctrl-C or kill leaves it to remove_stale_temporaries
         with suppress(OSError):
             os.remove(tmp)

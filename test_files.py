@@ -6,6 +6,7 @@ that can not be written is named before any work, and a damaged JSON file is one
 import contextlib
 import errno
 import os
+import stat
 import subprocess
 import sys
 
@@ -66,11 +67,18 @@ def test_remove_stale_temporaries_leaves_a_link_named_like_a_temporary(tmp_path)
 
 def test_write_atomic_keeps_the_old_file_until_the_new_one_is_on_disk(tmp_path, monkeypatch):
     """While the new content is written the old file is whole and the new one lies under NAME.tmpPID; the
-    temporary file is flushed and fsynced with all its bytes before it is renamed over the old one."""
+    temporary file is flushed and fsynced with all its bytes before it is renamed over the old one, and (POSIX) the
+    folder is fsynced after the rename, so that a power cut keeps the rename too."""
     path = tmp_path / "deep" / "er" / "results.json"  # missing folders are made
     files.write_atomic(str(path), "old")
     events, fsync, replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), fsync(fd))[1])
+
+    def record(fd):
+        st = os.fstat(fd)
+        folder = stat.S_ISDIR(st.st_mode) and os.path.samestat(st, os.stat(path.parent))
+        events.append(("fsync", "the folder" if folder else st.st_size))
+        return fsync(fd)
+    monkeypatch.setattr(os, "fsync", record)
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", a, b)), replace(a, b))[1])
     new = b"new content " * 10
 
@@ -79,7 +87,8 @@ def test_write_atomic_keeps_the_old_file_until_the_new_one_is_on_disk(tmp_path, 
         assert path.read_text() == "old"
         assert sorted(os.listdir(path.parent)) == sorted(["results.json", f"results.json.tmp{os.getpid()}"])
     files.write_atomic(str(path), content)
-    assert events == [("fsync", len(new)), ("replace", f"{path}.tmp{os.getpid()}", str(path))]
+    folder = [("fsync", "the folder")] if os.name == "posix" else []
+    assert events == [("fsync", len(new)), ("replace", f"{path}.tmp{os.getpid()}", str(path))] + folder
     assert path.read_bytes() == new and os.listdir(path.parent) == ["results.json"]
 
 
