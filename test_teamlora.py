@@ -1420,12 +1420,25 @@ def qwen2_lm():
     return transformers.Qwen2ForCausalLM(config)
 
 
+def llama_lm():
+    """A tiny random LlamaForCausalLM built by transformers (untied embeddings, no biases)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def readme_recipe():
+    """The code block of the README's "Use TeamLoRA in your own project", as a user copies it."""
+    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Use TeamLoRA in your own project"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+
+
 @pytest.mark.parametrize("make_model", [HFStyleLM, qwen2_lm], ids=["hf-style", "qwen2"])
 def test_the_readmes_example_runs_as_written_on_a_hugging_face_style_model(tmp_path, monkeypatch, capsys,
                                                                            make_model):
-    readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Use TeamLoRA in your own project"):]
-    code = section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    code = readme_recipe()
     torch.manual_seed(0)
     model = make_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -1445,10 +1458,12 @@ def test_the_readmes_example_runs_as_written_on_a_hugging_face_style_model(tmp_p
     assert "layers.0.mlp.gate_proj" in printed and "layers.1.mlp.down_proj" in printed
 
 
-def test_the_readmes_checkpointing_recipe_keeps_the_first_forwards_omega_in_a_hugging_face_model():
+@pytest.mark.parametrize("make_model, dropout", [(qwen2_lm, 0.0), (llama_lm, 0.05)], ids=["qwen2", "llama-dropout"])
+def test_the_readmes_checkpointing_recipe_keeps_the_first_forwards_omega_in_a_hugging_face_model(make_model, dropout):
     """Transformers checkpoints non-reentrantly: with the README's context_fn the recompute leaves each adapter's
     first-forward omega in place (its graph is freed), and the gradients equal those of a run without
-    checkpointing, the balance loss's included."""
+    checkpointing, the balance loss's over the padded batch's real tokens included (the recompute draws the first
+    forward's dropout masks again)."""
     import contextlib
 
     from model import keep_last_omega
@@ -1456,25 +1471,100 @@ def test_the_readmes_checkpointing_recipe_keeps_the_first_forwards_omega_in_a_hu
     start = readme.index("`model.activation_checkpointing_enable(") + 1
     recipe = readme[start:readme.index("`", start)]  # the README's line, run as written
     torch.manual_seed(0)
-    model = teamlora.inject(qwen2_lm(), ("gate_proj", "up_proj", "down_proj"), r=8, experts=4, alpha=16, dropout=0.0)
+    model = teamlora.inject(make_model(), ("gate_proj", "up_proj", "down_proj"), r=8, experts=4, alpha=16,
+                            dropout=dropout)
     for m in model.modules():
         if isinstance(m, TeamLoRALinear):
             randomize(m)
     model.train()
-    ids = torch.randint(50, (2, 7))
+    ids, mask = torch.randint(50, (2, 7)), torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     trained = [p for p in model.parameters() if p.requires_grad]
     grads = []
     for ckpt in (False, True):
         if ckpt:
             exec(recipe, {"model": model, "contextlib": contextlib, "keep_last_omega": keep_last_omega})
             assert model.model.layers[0].gradient_checkpointing
-        loss = model(input_ids=ids, labels=ids).loss + 0.01 * teamlora.balance_loss(model)
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        loss = out.loss + 0.01 * teamlora.balance_loss(model, mask=mask.bool())
         first = {m: m.last_omega for m in model.modules() if isinstance(m, TeamLoRALinear)}
         assert all(om.grad_fn is not None for om in first.values())
         grads.append(torch.autograd.grad(loss, trained))
         assert all(m.last_omega is om for m, om in first.items())
     for g, g_ckpt in zip(*grads):
         torch.testing.assert_close(g_ckpt, g, rtol=1e-5, atol=1e-7)
+
+
+def test_the_readmes_recipe_trains_a_llama_from_pretrained_and_its_adapter_reloads_onto_the_saved_base(
+        tmp_path, monkeypatch, capsys):
+    """A user's path with transformers: from_pretrained (which returns eval mode), the README's block, then more steps
+    of its loss. The adapters train in train mode (dropout on), the loss on the batch falls, the base stays bit for
+    bit, the base checkpoint loads with only the lora_ tensors missing, and adapter.pt on a freshly loaded and
+    injected base gives the trained model's logits exactly."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama_lm().save_pretrained(tmp_path / "base")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids, mask = torch.randint(1, 64, (2, 8)), torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": model, "batch": batch, "torch": torch}
+    exec(compile(readme_recipe(), "README.md", "exec"), namespace)
+    model, optimizer = namespace["model"], namespace["optimizer"]
+    capsys.readouterr()
+    adapted = [m for m in model.modules() if isinstance(m, TeamLoRALinear)]
+    assert len(adapted) == 6 and all(m.training and m.dropout > 0 for m in adapted)
+    with torch.no_grad():
+        first = model.eval()(**batch).loss
+    model.train()
+    optimizer.param_groups[0]["lr"] = 1e-2  # a few steps to see the loss move
+    for _ in range(5):
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = model(**batch).loss + 0.01 * teamlora.balance_loss(model, mask=batch["attention_mask"].bool())
+        loss.backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(**batch).loss < first
+        logits = model(**batch).logits
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not teamlora.is_adapter(n))
+    torch.save(teamlora.adapter_state_dict(model), "adapter.pt")
+    fresh = inject(transformers.LlamaForCausalLM(model.config), ("gate_proj", "up_proj", "down_proj"), r=64,
+                   experts=4, alpha=32)
+    loaded = fresh.load_state_dict(transformers.LlamaForCausalLM.from_pretrained("base").state_dict(), strict=False)
+    assert set(loaded.missing_keys) == set(teamlora.adapter_state_dict(fresh)) and not loaded.unexpected_keys
+    teamlora.load_adapter_state_dict(fresh, torch.load("adapter.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(**batch).logits, logits)
+
+
+def test_a_merged_lora_in_a_llama_saves_a_checkpoint_the_plain_model_serves_and_unmerges_to_the_base(tmp_path):
+    """Serving with transformers: LoRA merged into a LLaMA's FFN linears; save_pretrained writes the merged weights
+    (the unused lora_ tensors beside them), which a plain LlamaForCausalLM.from_pretrained serves with the adapted
+    model's logits; merge(False) gives the base's weights back, to float rounding."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = inject(llama_lm(), ("gate_proj", "up_proj", "down_proj"), r=8, experts=1, alpha=16).eval()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not teamlora.is_adapter(n)}
+    ids = torch.randint(64, (2, 7))
+    with torch.no_grad():
+        base_logits = model(ids).logits
+        layers = [randomize(m) for m in model.modules() if isinstance(m, TeamLoRALinear)]
+        want = model(ids).logits
+        assert (want - base_logits).abs().max() > 1e-2  # a real update to serve
+        for layer in layers:
+            layer.merge()
+        model.save_pretrained(tmp_path)
+        plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+        assert not any(isinstance(m, TeamLoRALinear) for m in plain.modules())
+        torch.testing.assert_close(plain(ids).logits, want, rtol=1e-5, atol=1e-5)
+        for layer in layers:
+            layer.merge(False)
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p, base[n], rtol=1e-6, atol=1e-6)
 
 
 def test_generate_with_a_kv_cache_applies_the_adapters_at_every_step_and_leaves_the_last_steps_omega():
