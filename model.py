@@ -263,18 +263,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-@contextlib.contextmanager
-def keep_last_omega(module):
+class keep_last_omega:
     """Activation checkpointing's context for the recompute in backward (`checkpoint(..., use_reentrant=False,
     context_fn=lambda: (contextlib.nullcontext(), keep_last_omega(block)))`; a whole model works too): the
     adapters in `module` keep the `last_omega` of the first forward. The recompute's omega would otherwise stay on
     the adapter until the next forward, and with it the recomputed block's whole autograd graph: every block's
-    activations at once (42 GiB against LoRA's 17.6 at LLaMA-2-7B's shape, micro-batch 4 x 1024)."""
-    kept = [(m, m.last_omega) for m in module.modules() if hasattr(m, "last_omega")]
-    try:
-        yield
-    finally:
-        for m, omega in kept:
+    activations at once (42 GiB against LoRA's 17.6 at LLaMA-2-7B's shape, micro-batch 4 x 1024). A class, not a
+    generator: torch enters the same context at each backward through a graph kept with retain_graph=True."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.kept = [(m, m.last_omega) for m in self.module.modules() if hasattr(m, "last_omega")]
+
+    def __exit__(self, *exc):
+        for m, omega in self.kept:
             m.last_omega = omega
 
 

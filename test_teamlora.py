@@ -255,6 +255,33 @@ def test_activation_checkpointing_frees_each_recomputed_block_and_keeps_the_firs
     assert peaks[4] < 1.15 * peaks[1], peaks  # the router's (N, k) tensors and k x k M add little; the leak: 3.6x
 
 
+def test_a_checkpointed_graph_kept_with_retain_graph_backpropagates_twice_as_without_checkpointing():
+    """torch enters a checkpoint's recompute context at each backward through its graph: with retain_graph=True (the
+    balance loss's gradient taken apart first, then the whole loss's), keep_last_omega is entered a second time, which
+    a generator's context refused (AttributeError). Both backward passes give the uncheckpointed gradients."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny", n_layers=2, max_seq_len=32)).train()
+    inject(model, ("w1", "w2", "w3"), r=8, experts=4, alpha=16, dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens = torch.randint(0, 512, (2, 32))
+    results = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        loss = model(tokens, tokens.roll(-1, 1))[1]
+        balance = teamlora.balance_loss(model)
+        first = {m: m.last_omega for m in model.modules() if isinstance(m, TeamLoRALinear)}
+        g_balance = torch.autograd.grad(balance, params, retain_graph=True, allow_unused=True)
+        g_all = torch.autograd.grad(loss + 0.01 * balance, params)
+        assert all(m.last_omega is om for m, om in first.items())  # the first forward's, after both recomputes
+        results.append((g_balance, g_all))
+    for plain, ckpt in zip(*results):
+        for g, g_ckpt in zip(plain, ckpt):
+            assert (g is None) == (g_ckpt is None)
+            if g is not None:
+                torch.testing.assert_close(g_ckpt, g, rtol=1e-5, atol=1e-7)
+
+
 def _has_compiler():
     return any(shutil.which(c) for c in ("g++", "clang++"))
 
