@@ -8,12 +8,14 @@ each to the full length too: its all-gathers need every rank's forward); the sum
 """
 import contextlib
 import os
+import re
 
 import torch
 import torch.distributed as dist
 
 import checkpoint
 import data
+import files
 import minicme
 import tasks
 import teamlora
@@ -200,6 +202,44 @@ def evaluate(model, r):
             if load is not None:  # None: no adapted layer in the last load_layers blocks (--targets=output)
                 loads[name] = load
     return scores, loads
+
+
+def same_folder(a, b):
+    """Whether two eval_dir settings name one folder: the same files where both exist, else the same path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one was moved or deleted since: its path is all there is to compare
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def results_path(cfg):
+    """The file a scoring writes: out_dir/results.json, unless this is a re-scoring (eval_only) on other evaluation
+    sets than those the results.json there was scored on, whose scores it must not replace: then results_<eval_dir's
+    name>.json, said on stdout (a later re-scoring on a folder of that name replaces it: it is that one's own). A
+    re-scoring on the same sets replaces results.json (it finishes a run whose scoring ran out of memory), as does any
+    scoring where results.json is missing or damaged, or names no eval_dir."""
+    own = os.path.join(cfg["out_dir"], "results.json")
+    if not cfg["eval_only"]:
+        return own
+    try:
+        scored_on = files.read_json(own, fix="")["config"]["eval_dir"]
+        if not isinstance(scored_on, str) or not scored_on or same_folder(scored_on, cfg["eval_dir"]):
+            return own
+    except (ValueError, KeyError, TypeError):  # read_json's UserError is a ValueError; so is a NUL in a path
+        return own
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.abspath(cfg["eval_dir"])))[:100].strip("._")
+    path = os.path.join(cfg["out_dir"], f"results_{name or 'eval'}.json")  # ASCII: a name any filesystem takes
+    print(f"scores on {cfg['eval_dir']} go to {path}; {own} keeps those on {scored_on}")
+    return path
+
+
+def rescorings(out_dir):
+    """The names of the files that re-scorings on other evaluation sets wrote in out_dir (results_path)."""
+    try:
+        names = sorted(os.listdir(out_dir))
+    except OSError:  # none yet, or not ours to list
+        return ()
+    return tuple(n for n in names if re.fullmatch(r"results_.+\.json", n) and os.path.isfile(os.path.join(out_dir, n)))
 
 
 def print_results(scores, chance, loads, cfg):

@@ -572,6 +572,105 @@ def test_eval_only_writes_nothing_of_the_run_but_its_results_json(run_data, tmp_
     assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir() if p.name != "results.json"} == before
 
 
+def scored_run(run_data, out, other):
+    """A finished tiny run scored on run_data/test, and `other`: a folder holding one of those sets (sentiment)."""
+    other.mkdir()
+    shutil.copy(run_data / "test" / "sentiment.jsonl", other)
+    train.main(train_flags(run_data, out, "--max_iters=2", "--eval_interval=2"))
+    return out
+
+
+def test_a_re_scoring_on_other_evaluation_sets_keeps_the_runs_results_json_bit_for_bit(run_data, tmp_path, capsys):
+    """results.json holds the run's scores on its own evaluation sets (study.py reads them, and eval_only of an
+    adapter.pt alone its settings): a re-scoring on other sets replaced it, and the run's scores were lost. It writes
+    results_<the folder's name, made safe>.json instead and says so; a later one on those sets replaces that file."""
+    out = scored_run(run_data, tmp_path / "o", tmp_path / "held out")
+    own = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    train.main(train_flags(run_data, out, "--eval_only=True", f"--eval_dir={tmp_path / 'held out'}"))
+    theirs = out / "results_held_out.json"
+    assert f"scores on {tmp_path / 'held out'} go to {theirs}; {out / 'results.json'} keeps those on " \
+        f"{run_data / 'test'}\n" in capsys.readouterr().out
+    assert (out / "results.json").read_bytes() == own
+    scored = json.loads(theirs.read_text())
+    assert scored["config"]["eval_dir"] == str(tmp_path / "held out") and set(scored["scores"]) == {"sentiment"}
+    assert scored["scores"] == {"sentiment": json.loads(own)["scores"]["sentiment"]}  # the same records and adapter
+    train.main(train_flags(run_data, out, "--eval_only=True", f"--eval_dir={tmp_path / 'held out'}", "--eval_limit=1"))
+    assert json.loads(theirs.read_text())["config"]["eval_limit"] == 1 and (out / "results.json").read_bytes() == own
+    assert sorted(p.name for p in out.glob("results*.json")) == ["results.json", "results_held_out.json"]
+
+
+def test_a_re_scoring_on_the_runs_own_evaluation_sets_by_any_name_replaces_its_results_json(run_data, tmp_path):
+    """A re-scoring on the sets results.json was scored on is how a run whose scoring ran out of memory is finished:
+    it replaces results.json, the folders compared as folders (here a link to the run's), and leaves the file of a
+    re-scoring on other sets as it was."""
+    out = scored_run(run_data, tmp_path / "o", tmp_path / "other")
+    train.main(train_flags(run_data, out, "--eval_only=True", f"--eval_dir={tmp_path / 'other'}", "--eval_limit=1"))
+    theirs = (out / "results_other.json").read_bytes()
+    (tmp_path / "link").symlink_to(run_data / "test")
+    train.main(train_flags(run_data, out, "--eval_only=True", f"--eval_dir={tmp_path / 'link'}", "--eval_limit=1"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["eval_dir"] == str(tmp_path / "link") and results["config"]["eval_limit"] == 1
+    assert set(results["scores"]) == set(minicme.SYNTHETIC_TASKS)
+    assert (out / "results_other.json").read_bytes() == theirs and not (out / "results_link.json").exists()
+
+
+def test_a_damaged_results_json_is_replaced_by_a_re_scoring_which_is_then_the_one_kept(run_data, tmp_path):
+    """A results.json that can not be read names no sets to keep: a re-scoring on any sets replaces it (as before),
+    and later re-scorings on other sets keep that one."""
+    out = scored_run(run_data, tmp_path / "o", tmp_path / "other")
+    (out / "results.json").write_text('{"config": {"eval_dir": ')  # a disk that failed mid-write (not train.py's)
+    train.main(train_flags(run_data, out, "--eval_only=True", f"--eval_dir={tmp_path / 'other'}", "--eval_limit=1"))
+    results = (out / "results.json").read_bytes()
+    assert json.loads(results)["config"]["eval_dir"] == str(tmp_path / "other")
+    assert not (out / "results_other.json").exists()
+    train.main(train_flags(run_data, out, "--eval_only=True", "--eval_limit=1"))  # the run's own sets: now "other"
+    assert (out / "results.json").read_bytes() == results
+    assert json.loads((out / "results_test.json").read_text())["config"]["eval_dir"] == str(run_data / "test")
+
+
+@pytest.mark.parametrize("damage", ["", "[1, 2]", '{"scores": {}}', '{"config": {}}', '{"config": {"eval_dir": 3}}',
+                                    '{"config": {"eval_dir": ""}}', '{"config": {"eval_dir": "a\\u0000b"}}'])
+def test_a_results_json_that_names_no_evaluation_sets_is_replaced(tmp_path, damage):
+    """Only a results.json that names the folder it was scored on is kept from a re-scoring on another one."""
+    (tmp_path / "results.json").write_text(damage)
+    cfg = {"out_dir": str(tmp_path), "eval_only": True, "eval_dir": str(tmp_path / "sets")}
+    assert evaluation.results_path(cfg) == str(tmp_path / "results.json")
+
+
+def test_re_scored_sets_are_told_apart_by_folder_and_else_by_normalised_path(tmp_path, monkeypatch):
+    """The folder results.json was scored on may be named otherwise (relative, a trailing slash, a link) or be gone
+    (moved since): the same folder, or the same path where one is gone, is the run's own; anything else is not, and
+    gets a file named after its folder, in characters any filesystem takes."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("sets", "other", "out", "née 2"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "sets")
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"config": {"eval_dir": "sets"}}))
+    expected = {"sets": "results.json", f"{tmp_path}/sets/": "results.json", "link": "results.json",
+                "gone/../sets": "results.json", "./other": "results_other.json", "née 2": "results_n_e_2.json",
+                ".": f"results_{tmp_path.name}.json", "/": "results_eval.json"}
+    for eval_dir, name in expected.items():
+        assert evaluation.results_path({"out_dir": "out", "eval_only": True, "eval_dir": eval_dir}) == \
+            os.path.join("out", name), eval_dir
+        assert evaluation.results_path({"out_dir": "out", "eval_only": False, "eval_dir": eval_dir}) == \
+            os.path.join("out", "results.json")  # a run (or a resume) scored on its sets: its own file
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"config": {"eval_dir": str(tmp_path / "moved")}}))
+    assert evaluation.results_path({"out_dir": "out", "eval_only": True, "eval_dir": "moved/"}) == "out/results.json"
+    assert evaluation.results_path({"out_dir": "out", "eval_only": True, "eval_dir": "sets"}) == "out/results_sets.json"
+
+
+def test_overwrite_replaces_a_runs_re_scorings_with_it_and_without_it_they_hold_the_folder(run_data, tmp_path, capsys):
+    """The files of re-scorings on other sets are the run's: a new run with overwrite=True removes them with the rest
+    of the old run (they would score another adapter beside it), and without it they alone keep the folder."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results_other.json").write_text("{}")
+    fails(train_flags(run_data, out, "--max_iters=1"), capsys, f"{out} already holds a run (results_other.json)")
+    train.main(train_flags(run_data, out, "--max_iters=1", "--eval_interval=1", "--eval_limit=1", "--overwrite=True"))
+    assert (out / "results.json").is_file() and not (out / "results_other.json").exists()
+
+
 def test_eval_only_of_an_adapter_pt_that_holds_another_kind_of_file_says_so_not_that_the_adapter_does_not_fit(
         run_data, tmp_path, capsys):
     out = tmp_path / "o"

@@ -83,7 +83,7 @@ warmup_iters = 6
 # evaluation, checkpoints and logs
 eval_interval = 300  # validation loss and a checkpoint every this many steps (and at the end)
 eval_iters = 4  # validation batches
-eval_only = False
+eval_only = False  # score out_dir's run, no training (on another eval_dir: into results_<its name>.json)
 eval_limit = 100  # test records per task, the first ones (0: all)
 eval_batch_size = 64
 log_interval = 10  # a log line every this many steps: that step's loss, tokens/s since the line or validation before
@@ -468,7 +468,7 @@ def claim_out_dir(r, resuming, take=False):
         if r.cfg[key] and os.path.isdir(out) and os.path.isdir(r.cfg[key]) and os.path.samefile(out, r.cfg[key]):
             raise UserError(f"out_dir {out} is the {key}, and the run's files would land among its {what}; choose "
                             "another --out_dir.")
-    found = [f for f in RUN_FILES + ("log.jsonl",) if os.path.lexists(os.path.join(out, f))
+    found = [f for f in RUN_FILES + ("log.jsonl",) + evaluation.rescorings(out) if os.path.lexists(os.path.join(out, f))
              and not (f == "log.jsonl" and checkpoint.logged_nothing(out))]
     for f in found:
         if not os.path.isfile(os.path.join(out, f)):
@@ -741,7 +741,7 @@ class ScoringOutOfMemory(MemoryError):
 
 
 def finish(r, model, summary, val_ds=None):
-    """Score the run on its evaluation sets, print the table and write results.json."""
+    """Score the run on its evaluation sets, print the table and write results.json (evaluation.results_path)."""
     if not r.cfg["eval_dir"]:
         return summary
     what = "weights" if r.cfg["adapter"] == "none" else "adapters"
@@ -765,7 +765,7 @@ def finish(r, model, summary, val_ds=None):
     if r.master:
         evaluation.print_results(scores, chance, loads, r.cfg)
         results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
-        path = os.path.join(r.cfg["out_dir"], "results.json")
+        path = evaluation.results_path(r.cfg)  # a re-scoring on other sets keeps the run's results.json
         try:
             files.write_atomic(path, json.dumps(results, indent=1))
         except OSError as e:  # a full disk: the scores are printed above, the adapters saved
