@@ -148,7 +148,7 @@ class Task:
         one right by accuracy or exact match, any one 0 by ROUGE-L), and the task's score says nothing."""
         output = record["output"]
         references = (record.get("answers") or [output]) if self.metric == "exact_match" else [output]  # as score reads
-        if self.metric != "rouge_l" and not any(map(_words, references)):
+        if self.metric != "rouge_l" and not all(map(_words, references)):  # a blank alias: "" matches it
             return "its reference holds no letter or digit, so an empty answer would be right"
         if self.metric == "rouge_l" and not re.search(r"[a-z0-9]", output.lower()):
             return ('its "output" holds no word of a-z or 0-9, all that ROUGE-L reads (as rouge-score does), so '
@@ -250,8 +250,10 @@ def make_record(kind, output, instruction=None, **fields):
 
 def qa_record(question, answers):
     """Open-domain QA as in the official records: the question is the instruction, no input.
-    "answers" holds every alias (duplicates dropped); the first is the output."""
+    "answers" holds every alias (duplicates dropped; blank ones too, which an empty answer would match, unless all
+    are: evaluation refuses such a record); the first is the output."""
     answers = list(dict.fromkeys(a for a in answers if a))
+    answers = [a for a in answers if _words(a)] or answers
     return {"instruction": question, "input": "", "output": answers[0] if answers else None, "answers": answers}
 
 

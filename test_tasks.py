@@ -52,9 +52,10 @@ def test_normalize_answer_drops_case_punctuation_articles_and_spaces():
     assert normalize_answer("Theatre") == "theatre"  # "the" only as a whole word
     assert normalize_answer("曹操。") == "曹操"  # Unicode punctuation too
     # on ASCII text it is SQuAD's: punctuation goes before articles, so "The-End" is one word, not "end"
-    # ASCII symbols too ("$", "+", "<", "|"), which Unicode files under S, not P
+    # ASCII symbols too ("$", "+", "<", "|"), which Unicode files under S, not P; an article between symbols that stay
+    # ("°the°") leaves a space, as SQuAD's does
     for text in ("The-End", "A.I. and the U.S.", "an-apple a day", "the.", "Rock 'n' roll", "a/an/the", "(The) Who",
-                 "$1,000", "x^2 + y = z", "<i>Paris</i>", "a|b", "~the `end`"):
+                 "$1,000", "x^2 + y = z", "<i>Paris</i>", "a|b", "~the `end`", "x°the°y"):
         assert normalize_answer(text) == squad_normalize_answer(text), text
 
 
@@ -68,7 +69,8 @@ def test_exact_match_takes_the_best_alias_after_normalisation():
 @pytest.mark.parametrize("prediction", ["B", "b", "(B)", "(b)", "[B]", "B.", "B)", "B. Paris", "B) Paris",
                                         "B.cellular telephone", "Answer: B", "answer: (B)", "The answer is B",
                                         "The correct option is B.", " B\n", "b. Paris", "b: Paris",
-                                        "b) Paris", "The right answer is B", "Final answer: B"])
+                                        "b) Paris", "The right answer is B", "Final answer: B", "Label: B",
+                                        "(b Paris", "[b Paris"])
 def test_accuracy_reads_an_option_letter_in_its_common_forms(prediction):
     assert accuracy(prediction, "B") == 1.0 and accuracy(prediction, " b") == 1.0  # the gold letter's case either way
     assert accuracy(prediction, "C") == 0.0
@@ -95,10 +97,11 @@ def test_accuracy_reads_a_lowercase_letter_followed_by_punctuation_alone(predict
 
 
 @pytest.mark.parametrize("prediction", ["B, because the passage says so", "B and nothing else", "B or bust",
-                                        "B. Paris, a city in France", "B; options A and C are wrong"])
+                                        "B. Paris, a city in France", "B; options A and C are wrong", "B a"])
 def test_accuracy_reads_an_option_letter_followed_by_words_that_start_with_a_letter(prediction):
     """A word after "or", "and" or a comma is not a second option because it starts with a letter: only a letter
-    standing alone (or "option X") right after the first is one, and a separator further on is not."""
+    standing alone (or "option X") right after the first is one, and a separator further on is not. A lowercase
+    letter alone after it ("B a", of "B a city" cut at max_new_tokens) is an article: options are capitals."""
     assert accuracy(prediction, "B") == 1.0
     assert accuracy(prediction, "A") == 0.0
 
@@ -140,6 +143,9 @@ def test_a_label_inside_a_longer_one_named_does_not_count_on_its_own_without_a_n
     topics = ("sports", "sports news", "world")
     assert accuracy("It is sports news.", "sports news", topics) == 1.0
     assert accuracy("It is sports news.", "sports", topics) == 0.0
+    topics = ("news", "sports news", "world")  # the shorter label at the end of the longer one
+    assert accuracy("It is sports news.", "sports news", topics) == 1.0
+    assert accuracy("It is sports news.", "news", topics) == 0.0
 
 
 def test_rouge_l_is_one_for_identical_and_zero_for_disjoint_or_empty_texts():
@@ -208,6 +214,9 @@ def test_task_score_reads_the_reference_and_aliases_from_the_record():
     # a QA record of one's own, without "answers" (or with none), is scored on its output
     for record in ({"output": "Sunset Blvd."}, {"output": "Sunset Blvd.", "answers": []}):
         assert qa.score("sunset blvd", record) == 1.0 and qa.score("sunset", record) == 0.0
+    # with "answers", those are the aliases exact match accepts: the output is not one unless listed
+    record = {"output": "the boulevard of sunsets", "answers": ["Sunset Blvd."]}
+    assert qa.score("sunset blvd", record) == 1.0 and qa.score("the boulevard of sunsets", record) == 0.0
     with pytest.raises(ValueError, match="metric"):
         Task("bad", "bleu", 8)
 
@@ -1051,6 +1060,9 @@ def test_qa_answers_leave_out_missing_aliases_so_the_output_is_a_real_answer(tmp
     that exists, and a question without any answer loads unlabelled (output None, no answers)."""
     assert qa_record("q", [None, "", "Paris", "paris", "Paris"]) == {"instruction": "q", "input": "",
                                                                     "output": "Paris", "answers": ["Paris", "paris"]}
+    # an alias without a letter or digit would let an empty answer score right: left out, unless every one is blank
+    # (then write_eval_set names the record and leaves it out)
+    assert qa_record("q", ["?!", "Paris", "—"])["answers"] == ["Paris"] and qa_record("q", ["—"])["answers"] == ["—"]
     rows = [{"Question": "q1", "Answer": {"Value": "Rome", "Aliases": ["", "Roma"], "NormalizedAliases": None}},
             {"Question": "q2", "Answer": {"NormalizedValue": "", "Value": "Oslo"}}, {"Question": "q3"}]
     (tmp_path / "t.json").write_text(json.dumps({"Data": rows}))
@@ -1305,6 +1317,7 @@ def test_an_empty_out_or_a_folder_is_named_for_what_it_is_not_for_its_ending(tmp
 
 BLANK_REFERENCES = [  # task, record: a reference its metric reads as nothing
     ("qa", {"output": ""}), ("qa", {"output": "  \t"}), ("qa", {"output": "Paris", "answers": ["", "¿?"]}),
+    ("qa", {"output": "Paris", "answers": ["Paris", "¿?"]}),  # one blank alias: an empty answer matches it
     ("nli", {"output": ""}), ("nli", {"output": " ... "}), ("sentiment", {"output": "\n"}),
     ("summary", {"output": ""}), ("summary", {"output": "  "}), ("summary", {"output": "这部电影很好看。"}),
 ]
@@ -1337,7 +1350,7 @@ def test_references_a_metric_can_read_are_loaded_however_short_or_foreign_and_re
     for name, reference in [("choice", {"output": "b"}), ("nli", {"output": "Neutral."}), ("qa", {"output": "曹操"}),
                             ("qa", {"output": "The The", "answers": ["The The", "The The (band)"]}),
                             ("summary", {"output": "电影 ok"}), ("qa", {"output": "", "answers": ["1984"]}),
-                            ("qa", {"output": "a"})]:
+                            ("qa", {"output": "a"}), ("summary", {"output": "NASA LAUNCHES ROVER"})]:
         task, record = evaluation.task_of(name), {"instruction": "q", "input": "", **reference}
         assert evaluation.check_eval_record(record, "r.jsonl line 1", task) is record, reference
         blanked = {**record, "output": " ", "answers": [" "] * len(record.get("answers", []))}

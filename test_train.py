@@ -1938,6 +1938,8 @@ def test_results_show_each_tasks_share_of_every_expert_and_the_even_share(capsys
         assert len(line) == 1, printed
         shares = [(int(e), float(v)) for e, v in re.findall(r"e(\d+) █* *([\d.]+)", line[0])]
         assert shares == [(i, pytest.approx(v, abs=0.005)) for i, v in enumerate(load.tolist())], line[0]
+        bars = [len(bar) for bar in re.findall(r"e\d+ (█*)", line[0])]  # 20 blocks the whole: half a block at most off
+        assert all(abs(n / 20 - v) <= 0.025 for n, v in zip(bars, load.tolist(), strict=True)), line[0]
 
 
 def test_results_json_holds_the_summary_but_the_model_and_the_loss_curve(run_data, tmp_path):

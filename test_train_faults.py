@@ -691,7 +691,8 @@ def test_eval_only_of_an_adapter_alone_is_refused_with_settings_its_results_json
                                                        "--eval_interval=4")))
     os.remove(out / "ckpt.pt")
     for flags, named in ((["--alpha=8.0"], "--alpha=4.0"), (["--alpha=4.0", "--adapter=moelora", "--competition=True"],
-                                                           "--adapter=teamlora --competition=None")):
+                                                           "--adapter=teamlora --competition=None"),
+                          (["--alpha=4.0", "--targets=w1,w2"], "--targets=w1,w2,w3")):  # named, not "does not fit"
         with pytest.raises(train.UserError, match=f"adapter.pt was trained with {named} .*results.json"):
             train.train(train.parse_config(train_flags(run_data, out, "--eval_only=True", *flags)))
     again = train.train(train.parse_config(train_flags(run_data, out, "--eval_only=True", "--alpha=4.0",
