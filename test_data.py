@@ -123,7 +123,8 @@ def test_tokenizer_reports_missing_and_unreadable_files(tmp_path):
     junk.write_bytes(bytes(range(256)) * 10)
     with pytest.raises(UserError, match="neither a SentencePiece model .* nor a tiktoken"):
         Tokenizer(junk)
-    for first in ("aGk= 5 extra", "aGk= five", "aGk=! 5"):  # like "<base64 token> <rank>", but not that: not tiktoken
+    # like "<base64 token> <rank>", but not that: not tiktoken ("==" is padding, no token)
+    for first in ("aGk= 5 extra", "aGk= five", "aGk=! 5", "== 5"):
         junk.write_text(first + "\n")
         with pytest.raises(UserError, match="neither a SentencePiece model .* nor a tiktoken"):
             Tokenizer(junk)
@@ -1423,6 +1424,10 @@ def test_hf_tokenizer_config_naming_a_token_its_tokenizer_lacks_is_refused_not_d
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
                                                               "pad_token": "<|im_end|>"}))
     assert Tokenizer(folder).pad_id == Tokenizer(folder).hf.token_to_id("<|im_end|>")  # one it has: taken
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                              "pad_token": "<|endoftext|>"}))
+    tok = Tokenizer(folder)
+    assert tok.pad_id == tok.hf.token_to_id("<|endoftext|>") == 0 != tok.eos_id  # id 0 is a pad token too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1916,6 +1921,18 @@ def test_pad_mode_windows_are_shuffled_each_in_their_own_order(dataset):
     assert abs(np.corrcoef(longest[0], longest[1])[0, 1]) < 0.5
 
 
+def test_pad_mode_windows_of_the_same_examples_come_each_in_their_own_order(tmp_path, tiny_spm):
+    """With a window of one whole epoch (GROUP_BATCHES records, batch_size 1) every window sorts the same examples
+    the same way: only its own shuffle tells two windows' orders apart, and it must, or the steps where the short
+    batches come would repeat every GROUP_BATCHES steps."""
+    group = data.GROUP_BATCHES
+    dataset = dog_records(tmp_path, tiny_spm, group, group)
+    windows = [[int(global_batch(dataset, s, 1, 0, "pad")[0]) for s in range(w * group, (w + 1) * group)]
+               for w in range(2)]
+    assert sorted(windows[0]) == sorted(windows[1]) == list(range(group))
+    assert windows[0] != windows[1]
+
+
 @pytest.mark.parametrize("mode", ["pad", "pack"])
 def test_padding_holds_the_pad_id_given(dataset, mode):
     for pad_id in (0, 7):
@@ -2158,6 +2175,8 @@ def test_the_summary_totals_of_several_inputs_are_those_of_one_file_holding_all_
 def test_a_sentencepiece_model_with_a_pad_piece_pads_with_it_and_one_without_with_unk(tmp_path, tiny_spm):
     tok = Tokenizer(train_spm(tmp_path, "pad", pad_id=3))
     assert tok.pad_id == tok.sp.pad_id() == tok.sp.piece_to_id("<pad>") == 3 != tok.sp.unk_id()
+    first = Tokenizer(train_spm(tmp_path, "pad0", pad_id=0, unk_id=3))  # a pad piece numbered 0 is one too
+    assert first.pad_id == first.sp.pad_id() == first.sp.piece_to_id("<pad>") == 0 != first.sp.unk_id()
     plain = Tokenizer(tiny_spm)
     assert plain.sp.pad_id() == -1 and plain.pad_id == plain.sp.unk_id()  # LLaMA-2's: no pad piece
 
@@ -2250,6 +2269,21 @@ def test_a_tokenizer_json_without_an_unknown_token_names_the_text_it_cannot_enco
                    lambda: prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)):
         with pytest.raises(UserError, match=says.format("☃<e>")):
             encode()
+
+
+def test_a_bpe_tokenizer_json_with_its_own_unknown_token_encodes_unknown_text_to_it_as_the_package_does(tmp_path):
+    """Only a BPE model without an unknown token is given one that no vocabulary holds: a model's own stays."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.train_from_iterator(TEXTS, tokenizers.trainers.BpeTrainer(special_tokens=["<e>", "<unk>"]))
+    folder = tmp_path / "t"
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>"}))
+    text = TEXTS[0] + " ☃"
+    ids = Tokenizer(folder).encode(text)
+    assert ids == hf.encode(text, add_special_tokens=False).ids and ids[-1] == hf.token_to_id("<unk>")
 
 
 def test_a_bpe_tokenizer_json_without_an_unknown_token_names_the_text_it_would_drop(tmp_path):

@@ -65,6 +65,15 @@ def test_remove_stale_temporaries_leaves_a_link_named_like_a_temporary(tmp_path)
     assert link.is_symlink() and target.read_text() == "mine"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_remove_stale_temporaries_leaves_a_named_pipe_named_like_a_temporary(tmp_path):
+    """write_atomic writes plain files: a named pipe called ckpt.pt.tmpPID of a dead process is a user's, and stays."""
+    pipe = tmp_path / f"ckpt.pt.tmp{dead_pid()}"
+    os.mkfifo(pipe)
+    assert files.remove_stale_temporaries(tmp_path) == []
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
 def test_write_atomic_keeps_the_old_file_until_the_new_one_is_on_disk(tmp_path, monkeypatch):
     """While the new content is written the old file is whole and the new one lies under NAME.tmpPID; the
     temporary file is flushed and fsynced with all its bytes before it is renamed over the old one, and (POSIX) the
@@ -186,6 +195,12 @@ def test_blocked_parent_names_a_name_too_long_for_its_folder_where_making_it_fai
             assert made.value.errno == errno.ENAMETOOLONG
         else:
             os.makedirs(path.parent)  # what blocked_parent passes, the writer can make
+
+
+def test_blocked_parent_lets_any_name_through_where_the_filesystem_sets_no_name_limit(tmp_path, monkeypatch):
+    """pathconf gives -1 where a filesystem has no limit on a name's length: no name is too long for it then."""
+    monkeypatch.setattr(files.os, "pathconf", lambda path, name: -1)
+    assert files.blocked_parent(str(tmp_path / "new" / "ckpt.pt")) is None
 
 
 def test_process_is_running_for_this_process_and_not_for_an_ended_one():
@@ -409,6 +424,8 @@ def test_lock_holder_reads_the_holders_line_of_that_file_and_skips_waiters_and_o
     assert files.lock_holder(st) == 4242
     lines = f"1: OFDLCK ADVISORY WRITE -1 {where} 0 EOF\n"
     assert files.lock_holder(st) is None
+    lines = f"1: FLOCK  ADVISORY  WRITE 0 {where} 0 EOF\n"  # a holder in another pid namespace shows as 0: no id
+    assert files.lock_holder(st) is None
 
 
 FIX = "put the file you meant there"
@@ -423,6 +440,7 @@ HOSTILE_JSON = {  # what the file is -> its bytes (None: made by the test), what
     "a string": (b'"{}"', "holds a string, not a JSON object;"),
     "a number": (b"1.5", "holds a number, not a JSON object;"),
     "null": (b"null", "holds null, not a JSON object;"),
+    "a boolean": (b"true", "holds a boolean, not a JSON object;"),
     "a folder": (None, "is a folder, not a file;"),  # IsADirectoryError
     "a named pipe": (None, "is a named pipe, not a file;"),  # opened, it waits for a writer forever
     "missing": (None, "can not be read (No such file or directory);"),
@@ -466,6 +484,9 @@ def test_read_json_reads_a_byte_order_mark_any_value_and_tells_json_lines_apart(
     assert files.read_json(path, FIX, lines_too=True) is None
     with pytest.raises(UserError, match=f"^{path} line 2 is not valid JSON \\(Extra data\\); {FIX}$"):
         files.read_json(path, FIX)
+    path.write_text('{"a": 1,\n "b": }\n')  # damaged JSON, not JSON lines: named all the same
+    with pytest.raises(UserError, match=f"^{path} line 2 is not valid JSON \\(Expecting value\\); {FIX}$"):
+        files.read_json(path, FIX, lines_too=True)
 
 
 def test_a_lock_file_this_process_may_only_read_still_refuses_a_folder_a_live_process_holds(tmp_path, monkeypatch):
