@@ -25,8 +25,8 @@ Each run is train.py with one configuration (the code path of a real run), fine-
 that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
 or diverged run is not run again, a stopped one resumes and one killed before its first checkpoint starts
 again, so an interrupted study continues where it stopped (its runs stop with it, each with its checkpoint, even
-when it is killed; a finished, stopped or diverged run made with other --steps or flags is refused, before anything
-trains: give such a study its own --out).
+when it is killed, and a study run again at once waits for them; a finished, stopped or diverged run made with other
+--steps or flags is refused, before anything trains: give such a study its own --out).
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
 keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
@@ -220,6 +220,7 @@ RUNNING, STOPPING = set(), threading.Event()  # the train.py processes under way
 # Python 3.11's AST builder keeps its recursion depth in state its threads share: two runs' threads parsing flags at
 # once (ast.literal_eval, in train.parse_config) failed with "AST constructor recursion depth mismatch" (gh-106905)
 PARSING = threading.Lock()
+HOLD_WAIT = 60  # seconds a run folder's holder, a run of a killed study that is stopping, is given to let it go
 
 
 def run_child(cmd, log, env):
@@ -244,11 +245,36 @@ def stop_runs(signum, frame):
     raise KeyboardInterrupt
 
 
+def wait_for_folder(out):
+    """Wait, up to HOLD_WAIT seconds, for the process that holds the run folder out to let it go; whether it waited.
+    A run of a study killed just before (kill -9, the out-of-memory killer) stops on its own (machine.end_with_study),
+    but its step and its checkpoint take a while, and train.py refuses a held folder. Only looked at, not kept: the
+    run takes it."""
+    if not os.path.isdir(out):  # nothing can hold it
+        return False
+    deadline = time.time() + HOLD_WAIT
+    busy = waited = files.hold(out, ())  # (): the temporaries there are the run's to clean up, once it holds it
+    if busy:
+        print(f"waiting up to {HOLD_WAIT:g} s for {busy} to let go of {out}: a run of an earlier study, which stops "
+              "after its step and its checkpoint", flush=True)
+    while busy and time.time() < deadline and not STOPPING.wait(0.2):  # a SIGTERM to this study ends the wait too
+        busy = files.hold(out, ())
+    files.let_go(out)
+    if busy:
+        raise data.UserError(f"the run folder {out} is still in use by {busy} after {HOLD_WAIT:g} s; wait for that "
+                             "process to end, or stop it (kill sends SIGTERM: it writes its checkpoint), then run the "
+                             "study again.")
+    return bool(waited)
+
+
 def launch(flags, threads):
     """One run in its own process (one thread budget each): (status, seconds). A finished run is not
     rerun, a stopped one resumes; a run whose loss diverged is "diverged" (and not rerun), any other failure raises."""
     with PARSING:
         out, settings = check_settings(flags), flags
+    if wait_for_folder(out):  # before anything there is read again or emptied
+        with PARSING:  # the checkpoint that run wrote meanwhile
+            check_settings(flags)
     if os.path.isfile(os.path.join(out, "results.json")):
         return "done before", 0.0
     if os.path.isfile(os.path.join(out, DIVERGED)):
@@ -261,7 +287,8 @@ def launch(flags, threads):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", machine.STUDY: str(os.getpid()),
            "PYTHONIOENCODING": "utf-8:backslashreplace"}  # stdout.txt in UTF-8 whatever the locale (ASCII escaped bars)
     t = time.time()
-    with open(os.path.join(out, "stdout.txt"), "w", encoding="utf-8") as log:
+    # appended to: a run stopped by a killed study prints its last lines as it ends, just after it lets its folder go
+    with open(os.path.join(out, "stdout.txt"), "a", encoding="utf-8") as log:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
         code = run_child([sys.executable, script] + flags, log, env)
     if code == machine.INTERRUPTED:

@@ -561,6 +561,70 @@ def test_a_run_of_a_killed_study_stops_with_a_checkpoint_and_lets_its_folder_go(
     assert 0 < step < 100000 and f"checkpoint of step {step} written" in (out / "stdout.txt").read_text()
 
 
+def test_a_run_folder_still_held_by_a_stopping_run_is_waited_for_and_its_log_kept_meanwhile(run_data, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """A study run again at once after a kill -9 met its runs still stopping (their step, their checkpoint): launch
+    emptied the run's stdout.txt, train.py refused the held folder, and the study ended with a garbled last line of
+    the old run's log as the run's error. It now waits for the folder, leaving the log alone, then runs."""
+    train_in_this_process(monkeypatch)
+    opts, extra, _ = study.parse(small_study_flags(monkeypatch, run_data, tmp_path, "--eval_dir="))  # no scoring: fast
+    monkeypatch.setattr(study, "HOLD_WAIT", 120)  # far longer than the test holds it
+    folder = tmp_path / "lora32-lr0.001-seed1"
+    folder.mkdir()
+    (folder / "stdout.txt").write_text("step 2: loss 1.50\n")  # what the stopping run writes on into
+    holder, ended = held_by_another_process(folder), []
+    flags = study.run_flags("lora32", 1, 1e-3, opts, extra)
+    launcher = threading.Thread(target=lambda: ended.append(study.launch(flags, 1)))
+    try:
+        launcher.start()
+        deadline, said = time.time() + 60, ""
+        while launcher.is_alive() and "waiting" not in said and time.time() < deadline:
+            time.sleep(0.05)
+            said += capsys.readouterr().out
+        assert launcher.is_alive(), f"launch ended while the folder was held: {ended}"
+        assert said.startswith(f"waiting up to 120 s for process {holder.pid} to let go of {folder}")
+        time.sleep(0.5)  # held on for a while: launch goes on waiting, and reads and empties nothing
+        assert launcher.is_alive() and (folder / "stdout.txt").read_text() == "step 2: loss 1.50\n"
+    finally:
+        holder.stdin.close()  # the old run has stopped: it lets its folder go
+        holder.wait()
+        launcher.join(120)
+    assert [status for status, _ in ended] == ["done"] and (folder / "ckpt.pt").exists()
+    log = (folder / "stdout.txt").read_text()  # the old run's, then the new run's
+    assert log.startswith("step 2: loss 1.50\n") and "step 3/3" in log
+
+
+def test_a_run_folder_held_beyond_the_wait_is_one_sentence_naming_its_holder_and_its_log_is_kept(run_data, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """A folder still held after HOLD_WAIT (a run that does not stop, or a train.py of the user's own there) ends the
+    study with exit code 2 and a sentence that names the process, not the last line of its log; nothing is emptied."""
+    ran = []
+
+    def refused(cmd, log, env):  # train.py, on a folder held by another process
+        ran.append(cmd)
+        log.write(f"error: out_dir {folder} is in use by process {holder.pid}; wait for that run to end.\n")
+        return 2
+    monkeypatch.setattr(study, "run_child", refused)
+    monkeypatch.setattr(study, "HOLD_WAIT", 0.5)
+    argv = small_study_flags(monkeypatch, run_data, tmp_path, "--runs=lora32", "--seeds=1", "--workers=1")
+    folder = tmp_path / "select" / f"lora32-lr{study.GRID[0]:g}"  # the study's first run
+    folder.mkdir(parents=True)
+    (folder / "stdout.txt").write_text("step 2: loss 1.5")  # a line cut short by the run writing on
+    holder = held_by_another_process(folder)
+    try:
+        start = time.time()
+        err = script_error(study.main, argv, capsys)
+        waited = time.time() - start
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert err == (f"study.py: error: the run folder {folder} is still in use by process {holder.pid} after 0.5 s; "
+                   "wait for that process to end, or stop it (kill sends SIGTERM: it writes its checkpoint), then run "
+                   "the study again.")
+    assert waited >= 0.5 and f"--out_dir={folder}" not in sum(ran, [])  # (the next run may start meanwhile)
+    assert (folder / "stdout.txt").read_text() == "step 2: loss 1.5"
+
+
 @pytest.mark.parametrize("started_with", ["default", "ignored"])
 def test_while_the_study_runs_a_sigterm_is_its_own_to_pass_on_unless_whoever_started_it_ignored_it(
         tmp_path, capsys, monkeypatch, started_with):
