@@ -904,6 +904,8 @@ def test_the_command_passes_its_seed_and_exits_with_one_line_on_a_bad_folder(tmp
     (tmp_path / "file").write_text("x")
     assert re.match("minicme.py: error: .* is a file, not a folder", script_error(
         minicme.main, ["--out", tmp_path / "file"], capsys))
+    assert script_error(minicme.main, ["--out", tmp_path / "file"], capsys) == (  # named once, as the folder given
+        f"minicme.py: error: {tmp_path / 'file'} is a file, not a folder; choose another folder for the suite.")
     assert script_error(minicme.main, ["--out", tmp_path / "file" / "suite"], capsys) == (
         f"minicme.py: error: {tmp_path / 'file' / 'suite'} can not be written: {tmp_path / 'file'} is a file, not a "
         "folder; choose another folder for the suite.")
@@ -1144,3 +1146,85 @@ def test_an_evaluation_set_the_world_runs_out_for_names_how_many_it_made_and_wha
         build("more", k + 1)
     build("as_many", k)
     assert len(_read_jsonl(tmp_path / "as_many" / split / "sentiment.jsonl")) == k
+
+
+def test_the_demo_suite_is_the_one_results_md_describes(mini_cme):
+    """The demo's table depends on the suite's make-up, which the module's constants set and RESULTS.md describes
+    ("The mini-CME suite"): the tests above check the generators against those constants, so a changed constant
+    changed the demo's data unnoticed. Here each described number is checked against the suite itself."""
+    root, summaries = mini_cme
+    summary, world = summaries["default"], minicme.build_world(0)
+    assert summary["entities"] == 200 and summary["corpus_docs"] == 6000  # "a world of 200", "6,000 documents"
+    facts = sum(len(minicme.ATTRS[e["kind"]]) for e in world["entities"])
+    assert abs(summary["held_out_facts"] - 0.3 * facts) < 1  # "30% of the facts appear only in corpus.txt"
+    train = {name: task["train"] for name, task in summary["tasks"].items()}
+    assert train == dict(nli=2400, paraphrase=2400, choice=2400, blank=2400, qa=1500, sentiment=900, summary=450)
+    assert all(task["val"] == 100 and task["test"] == 150 for task in summary["tasks"].values())
+    world, records = _draw("paraphrase", n=2000)
+    near = {t.format(e=e["name"]) for e in world["entities"] for t in minicme.NEAR_MISSES[e["kind"]]}
+    others = [re.match(r"Text 1: .*\nText 2: (.*)", r["input"]).group(1) in near for r in records
+              if r["output"] == "not duplicate"]
+    assert abs(sum(others) / len(others) - 0.8) < 0.05  # "80% of non-duplicates are near-miss questions"
+    world, records = _draw("choice", n=2000)
+    slots = [_choice_parts(world, r)[1] for r in records]
+    forms = sum(s == [0, 1, 2, 3] for s in slots) / len(slots)
+    right_kind = sum(len(set(s)) == 1 for s in slots) / len(slots)  # options of the question's kind: one slot
+    assert abs(forms - 0.6) < 0.04 and abs(right_kind - 0.3) < 0.04  # "60% are forms", "30% options of the right kind"
+
+
+def test_every_value_the_world_gives_an_attribute_is_among_that_attributes_options():
+    """Wrong options and changed values are drawn from an attribute's pool: a value missing from it (a film of the
+    last year drawn) could never be a wrong option, so its presence among the options would give the answer away."""
+    for seed in range(8):
+        w = minicme.build_world(seed)
+        for e in w["entities"]:
+            for attr in minicme.ATTRS[e["kind"]]:
+                assert e[attr] in w["pools"][attr], (seed, e["name"], attr)
+        years = [int(y) for y in w["pools"]["year"]]
+        assert years == list(range(min(years), max(years) + 1))  # every year between, once
+
+
+def test_a_negated_statement_reads_as_one_sentence_lowering_only_a_leading_the():
+    """NLI's shallow contradictions: "It is not true that" and the statement, whose leading "The" (of "The cameras
+    for ...", "The favourite pastime of ...") goes lower case mid-sentence; a name that starts one is kept as it is."""
+    w = minicme.build_world(0)
+    # a film's title leads some statements ("The Silver Harbor came out in 1990."): its "The" is lowered too, which
+    # is left as it is (the demo's data would change); those are not checked here
+    statements = {s for e in w["entities"] for a in minicme.ATTRS[e["kind"]] for s in minicme._statements(e, a)
+                  if not any(s.startswith(f["name"]) for f in w["films"])}
+    assert any(s.startswith("The ") for s in statements) and any(not s.startswith("The ") for s in statements)
+    for s in statements:
+        lowered = "the " + s[len("The "):] if s.startswith("The ") else s
+        assert minicme._not(s) == f"It is not true that {lowered}", s
+
+
+def test_the_corpus_is_half_entries_a_quarter_reviews_and_posts_and_a_quarter_prose_of_three_kinds():
+    """_corpus's mix, as its docstring gives it: n // 2 entries, n // 4 reviews (ending with a verdict) and posts
+    (ending with a "TL;DR:" line), and the rest stories, facts restated or corrected, and label-word prose in turn."""
+    w = minicme.build_world(0)
+    verdicts = tuple(v for vs in minicme.VERDICTS for v in vs)
+    for n in (400, 601, 1203):
+        docs = minicme._corpus(w, random.Random(n), n)
+        reviews = sum(d.endswith(verdicts) for d in docs)
+        posts = sum(" TL;DR: " in d for d in docs)
+        stories = sum(bool(re.fullmatch(r"\w+ is \w+ than \w+, so \w+ [^.]*\.", d)) for d in docs)
+        restated = sum(" In other words: " in d or " That is wrong. " in d for d in docs)
+        prose = n - n // 2 - n // 4
+        assert reviews + posts == n // 4 and abs(reviews - posts) <= 1, n
+        assert any(" TL;DR: " in d for d in docs[:n // 2]), n  # shuffled: not the entries first, as written
+        assert stories in (prose // 3, prose // 3 + 1) and restated in (prose // 3, prose // 3 + 1), n
+        usage = [re.escape(s).replace(r"\{p\}", ".+").replace(r"\{q\}", ".+").replace(r"\{f\}", ".+")
+                 for s in minicme.USAGE]
+        assert sum(bool(re.fullmatch(rf"(?:(?:{'|'.join(usage)}) ?){{3}}", d)) for d in docs) >= prose // 3, n
+
+
+def test_blank_names_are_story_names_and_summaries_come_in_both_moods():
+    """The blank task's people come from outside the world (a world name would tie it to the corpus's facts), and
+    the summaries, unlabelled, still end liking and disliking alike."""
+    world, records = _draw("blank")
+    people = {part for e in world["entities"] if e["kind"] == "person" for part in e["name"].split()}
+    for r in records:
+        a, b = re.search(r"\nOption A: '(.*)'\nOption B: '(.*)'", r["input"]).groups()
+        assert {a, b} <= set(world["story_names"]) and not {a, b} & people, r
+    moods = [_summary_polarity(r["output"]) for r in _draw("summary")[1]]
+    assert 0.4 < moods.count(1) / len(moods) < 0.6, moods

@@ -192,7 +192,8 @@ def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path
              ("--top_p=0.5", "--top_p applies to sampling only"), ("--seed=3", "--seed applies to sampling only"),
              (f"--temperature=1 --seed={10 ** 23}", seed), ("--temperature=1 --seed=-1", seed),
              ("--device=tpu", "config key 'device' must be auto, cpu, cuda or cuda:N"),
-             ("--top_p=0", "--top_p in (0, 1]"), ("--top_p=1.5", "--top_p in (0, 1]")]
+             ("--top_p=0", "--top_p in (0, 1]"), ("--top_p=1.5", "--top_p in (0, 1]"),
+             ("--temperature=1 --top_p=1.0001", "--top_p in (0, 1]")]
     for flag, message in cases:
         with pytest.raises(SystemExit) as e:
             sample.main(["--out_dir", str(tmp_path / "none"), "--instruction", "x", *flag.split()])
