@@ -234,12 +234,21 @@ def results_path(cfg):
 
 
 def rescorings(out_dir):
-    """The names of the files that re-scorings on other evaluation sets wrote in out_dir (results_path)."""
+    """The names of the files that re-scorings on other evaluation sets wrote in out_dir (results_path), told by their
+    config (eval_only): a results_notes.json of the user's own is not the run's, to be replaced with it."""
     try:
         names = sorted(os.listdir(out_dir))
     except OSError:  # none yet, or not ours to list
         return ()
-    return tuple(n for n in names if re.fullmatch(r"results_.+\.json", n) and os.path.isfile(os.path.join(out_dir, n)))
+    return tuple(n for n in names if re.fullmatch(r"results_.+\.json", n) and _rescoring(os.path.join(out_dir, n)))
+
+
+def _rescoring(path):
+    try:
+        found = files.read_json(path, fix="") if os.path.isfile(path) else None
+        return found["config"]["eval_only"] is True
+    except (ValueError, KeyError, TypeError):  # read_json's UserError is a ValueError
+        return False
 
 
 def print_results(scores, chance, loads, cfg):

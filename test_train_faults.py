@@ -662,13 +662,22 @@ def test_re_scored_sets_are_told_apart_by_folder_and_else_by_normalised_path(tmp
 
 def test_overwrite_replaces_a_runs_re_scorings_with_it_and_without_it_they_hold_the_folder(run_data, tmp_path, capsys):
     """The files of re-scorings on other sets are the run's: a new run with overwrite=True removes them with the rest
-    of the old run (they would score another adapter beside it), and without it they alone keep the folder."""
+    of the old run (they would score another adapter beside it), and without it they alone keep the folder. A file so
+    named that no re-scoring wrote (no eval_only config: the user's notes) is neither: it stays, in nobody's way."""
     out = tmp_path / "o"
     out.mkdir()
-    (out / "results_other.json").write_text("{}")
+    (out / "results_other.json").write_text(json.dumps({"config": {"eval_only": True, "eval_dir": "other"}}))
+    notes = ["{}", json.dumps({"config": {"eval_only": False}}), "my notes", json.dumps([1])]
+    for i, text in enumerate(notes):
+        (out / f"results_notes{i}.json").write_text(text)
     fails(train_flags(run_data, out, "--max_iters=1"), capsys, f"{out} already holds a run (results_other.json)")
     train.main(train_flags(run_data, out, "--max_iters=1", "--eval_interval=1", "--eval_limit=1", "--overwrite=True"))
     assert (out / "results.json").is_file() and not (out / "results_other.json").exists()
+    assert [(out / f"results_notes{i}.json").read_text() for i in range(len(notes))] == notes
+    for f in out.iterdir():  # the user's notes alone hold no run
+        if not f.name.startswith("results_notes"):
+            f.unlink()
+    train.main(train_flags(run_data, out, "--max_iters=1", "--eval_interval=1", "--eval_limit=1"))
 
 
 def test_eval_only_of_an_adapter_pt_that_holds_another_kind_of_file_says_so_not_that_the_adapter_does_not_fit(
