@@ -308,6 +308,7 @@ def save_checkpoint(r, raw, opt, step):
     if r.master:  # ckpt.pt first: the adapter (or model) is never ahead of it, and a resume rewrites it
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
         try:
+            files.fsync_file(os.path.join(cfg["out_dir"], "log.jsonl"))  # the steps it covers survive a power cut
             save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
                          "model_args": asdict(r.args), "base": r.base, "data": r.data,
                          "tokenizer": None if r.tok is None else files.file_sha256(r.tok.path)}, path)

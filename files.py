@@ -39,13 +39,7 @@ def write_atomic(path, content):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        if os.name == "posix":  # best effort: a few filesystems cannot flush a folder, and the file is written
-            with suppress(OSError):
-                folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-                try:
-                    os.fsync(folder)
-                finally:
-                    os.close(folder)
+        fsync_file(os.path.dirname(path) or ".")  # the folder: its new entry
     except Exception as e:  # a failed write leaves nothing; a Ctrl-C or kill leaves it to remove_stale_temporaries
         with suppress(OSError):
             os.remove(tmp)
@@ -54,6 +48,18 @@ def write_atomic(path, content):
         if not isinstance(e, OSError) and isinstance(e.__context__, OSError):  # torch.save's RuntimeError ("unexpected
             raise e.__context__ from None  # pos 704 vs 598") over the write that failed: the disk's own error
         raise
+
+
+def fsync_file(path):
+    """Flush to disk a file that another handle writes (line by line, as log.jsonl), or a folder's entries (POSIX).
+    Best effort: nothing when there is none, or where a read-only handle cannot flush (Windows, a few filesystems'
+    folders); non-blocking, should it be a named pipe."""
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_stale_temporaries(folder, names=None):

@@ -1489,9 +1489,10 @@ def _tiny_adapter_model(seed):
 
 
 def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step(tmp_path, monkeypatch):
-    """ckpt.pt is written before adapter.pt (a kill between them leaves the adapter behind, never ahead),
-    and loading it into another model and optimizer (adapter, AdamW moments, dropout RNG) makes the next
-    step equal to the uninterrupted one, bit for bit."""
+    """ckpt.pt is written before adapter.pt (a kill between them leaves the adapter behind, never ahead), after
+    log.jsonl's lines are on disk (after a power cut a resume would log from the checkpoint on, leaving a gap), and
+    loading it into another model and optimizer (adapter, AdamW moments, dropout RNG) makes the next step equal to
+    the uninterrupted one, bit for bit."""
     import types
 
     import checkpoint
@@ -1507,13 +1508,21 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
     opt_a = torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         step(a, opt_a)
-    order, real_save = [], checkpoint.save_atomic
+    order, real_save, real_fsync = [], checkpoint.save_atomic, os.fsync
     monkeypatch.setattr(checkpoint, "save_atomic", lambda obj, path: (order.append(os.path.basename(path)),
                                                                       real_save(obj, path))[1])
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    log = os.stat(tmp_path / "log.jsonl")
+
+    def fsync(fd):
+        if os.path.samestat(os.fstat(fd), log):
+            order.append("fsync log.jsonl")
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
     r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args, base=None,
                               data=None, tok=None)
     checkpoint.save_checkpoint(r, a, opt_a, 2)
-    assert order == ["ckpt.pt", "adapter.pt"]
+    assert order == ["fsync log.jsonl", "ckpt.pt", "adapter.pt"]
     step(a, opt_a)  # the uninterrupted run's step 3
 
     b = _tiny_adapter_model(seed=2)
