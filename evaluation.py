@@ -212,6 +212,15 @@ def same_folder(a, b):
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _results_config(path):
+    """The config a results file of train.py records, or {} (none there, damaged, or not train.py's)."""
+    try:
+        config = files.read_json(path, fix="")["config"] if os.path.isfile(path) else {}
+    except (ValueError, KeyError, TypeError):  # read_json's UserError is a ValueError
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def results_path(cfg):
     """The file a scoring writes: out_dir/results.json, unless this is a re-scoring (eval_only) on other evaluation
     sets than those the results.json there was scored on, whose scores it must not replace: then results_<eval_dir's
@@ -219,13 +228,8 @@ def results_path(cfg):
     re-scoring on the same sets replaces results.json (it finishes a run whose scoring ran out of memory), as does any
     scoring where results.json is missing or damaged, or names no eval_dir."""
     own = os.path.join(cfg["out_dir"], "results.json")
-    if not cfg["eval_only"]:
-        return own
-    try:
-        scored_on = files.read_json(own, fix="")["config"]["eval_dir"]
-        if not isinstance(scored_on, str) or not scored_on or same_folder(scored_on, cfg["eval_dir"]):
-            return own
-    except (ValueError, KeyError, TypeError):  # read_json's UserError is a ValueError; so is a NUL in a path
+    scored_on = _results_config(own).get("eval_dir") if cfg["eval_only"] else None
+    if not isinstance(scored_on, str) or not scored_on or "\0" in scored_on or same_folder(scored_on, cfg["eval_dir"]):
         return own
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.abspath(cfg["eval_dir"])))[:100].strip("._")
     path = os.path.join(cfg["out_dir"], f"results_{name or 'eval'}.json")  # ASCII: a name any filesystem takes
@@ -240,15 +244,8 @@ def rescorings(out_dir):
         names = sorted(os.listdir(out_dir))
     except OSError:  # none yet, or not ours to list
         return ()
-    return tuple(n for n in names if re.fullmatch(r"results_.+\.json", n) and _rescoring(os.path.join(out_dir, n)))
-
-
-def _rescoring(path):
-    try:
-        found = files.read_json(path, fix="") if os.path.isfile(path) else None
-        return found["config"]["eval_only"] is True
-    except (ValueError, KeyError, TypeError):  # read_json's UserError is a ValueError
-        return False
+    return tuple(n for n in names if re.fullmatch(r"results_.+\.json", n)
+                 and _results_config(os.path.join(out_dir, n)).get("eval_only") is True)
 
 
 def print_results(scores, chance, loads, cfg):

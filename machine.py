@@ -202,9 +202,10 @@ def end_with_study():
     study = os.environ.get(STUDY, "")
     if not study.isdigit() or os.name != "posix":
         return
+    study = int(study)
 
     def watch():  # a process whose parent ends is given another (init, or a subreaper)
-        while os.getppid() == int(study):
+        while os.getppid() == study:
             time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, daemon=True).start()
