@@ -42,6 +42,7 @@ from files import (
     file_sha256,
     flag_path,
     json_kind,
+    move_into,
     process_is_running,
     read_json,
     special_file,
@@ -476,28 +477,15 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
         raise UserError(f"--out {out_dir} can not be written: {blocker}; choose another --out")
 
 
-def _move_into(tmp, out_dir):
-    """Put the files of tmp into out_dir, replacing only prepare's own files there: summary.json goes first
-    (its presence means a complete output) and comes back last."""
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    summary = os.path.join(out_dir, "summary.json")
-    if os.path.exists(summary):
-        os.remove(summary)
-    for name in PREPARE_FILES:  # summary.json is the last of them
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
-
-
 def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, seed=0, workers=None, quiet=False):
     """Tokenise JSON / JSONL record files into token shards in out_dir; returns the summary dict.
     Records go to "val" with probability val_fraction (by a hash of seed and record index). Records
     whose answer is cut away entirely by max_len are dropped (they give no loss), counted, and
     warned about on stderr. The output is written to a temporary folder OUT.tmp-PID next to out_dir
     (next to its target, when out_dir is a link: a rename can not cross filesystems, so a mount point is
-    refused), then moved in file by file, summary.json last, so a failure leaves nothing that looks complete;
-    only prepare's own files in out_dir are replaced, and an out_dir with other files is refused.
+    refused), then moved in file by file (files.move_into), summary.json last, once the others are on disk, so a
+    failure or a power cut leaves nothing that looks complete; only prepare's own files in out_dir are replaced,
+    and an out_dir with other files is refused.
     Temporary folders of killed prepares are removed. workers: processes (default: data.cores());
     quiet: no progress bar (warnings still go to stderr)."""
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
@@ -540,7 +528,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
             **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-        _move_into(tmp, real)
+        move_into(tmp, real, PREPARE_FILES)  # summary.json last, once the shards are on disk
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

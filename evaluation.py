@@ -238,14 +238,22 @@ def results_path(cfg):
 
 
 def rescorings(out_dir):
-    """The names of the files that re-scorings on other evaluation sets wrote in out_dir (results_path), told by their
-    config (eval_only): a results_notes.json of the user's own is not the run's, to be replaced with it."""
+    """The names of the files that re-scorings on other evaluation sets wrote in out_dir (results_path), or were
+    writing when they were killed (files.write_atomic's NAME.tmpPID is there), told by their config (eval_only): a
+    results_notes.json of the user's own is not the run's, to be replaced with it. An empty temporary counts too: a
+    write killed before its bytes, or a power cut that lost them, leaves one, and it holds nothing to lose."""
     try:
         names = sorted(os.listdir(out_dir))
     except OSError:  # none yet, or not ours to list
         return ()
-    return tuple(n for n in names if re.fullmatch(r"results_.+\.json", n)
-                 and _results_config(os.path.join(out_dir, n)).get("eval_only") is True)
+    found = set()
+    for name in names:
+        match, path = re.fullmatch(r"(results_.+\.json)(\.tmp[1-9][0-9]*)?", name), os.path.join(out_dir, name)
+        with contextlib.suppress(OSError):  # gone meanwhile: the run that holds out_dir removed its temporary
+            if match and (_results_config(path).get("eval_only") is True
+                          or match[2] and os.path.isfile(path) and not os.path.getsize(path)):
+                found.add(match[1])
+    return tuple(sorted(found))
 
 
 def print_results(scores, chance, loads, cfg):

@@ -3,8 +3,9 @@ Files every script writes, written so that nothing is lost: a file is whole or a
 temporary names of a killed process are cleaned up only when that process is gone (remove_stale_temporaries),
 a folder that can not be written is found before any work (blocked_parent), not at the first write, a folder
 that one process writes is refused to a second one while the first runs (hold), a named pipe or a device given
-as a file to read is named (special_file) instead of read forever, and every script reads a JSON file one way
-(read_json): whatever is wrong with it is one sentence naming the file and the fix.
+as a file to read is named (special_file) instead of read forever, a set of files goes into a folder with the one
+that says the set is complete last, once the others are on disk (move_into), and every script reads a JSON file one
+way (read_json): whatever is wrong with it is one sentence naming the file and the fix.
 """
 import errno
 import hashlib
@@ -60,6 +61,30 @@ def fsync_file(path):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def move_into(tmp, folder, names):
+    """Put the files `names` of the folder tmp into folder (tmp itself, where there is no folder yet), replacing only
+    those there; the last name, whose presence says the others are complete (prepare's summary.json), goes first and
+    comes back last. Each step is on disk before the next (as far as fsync_file can tell it), so that a power cut
+    does not leave the last name beside files whose bytes or names were not on disk yet."""
+    for name in names:
+        fsync_file(os.path.join(tmp, name))
+    fsync_file(tmp)  # their names
+    if not os.path.exists(folder):
+        os.rename(tmp, folder)
+        fsync_file(os.path.dirname(folder) or ".")
+        return
+    last = os.path.join(folder, names[-1])
+    if os.path.exists(last):
+        os.remove(last)
+        fsync_file(folder)  # gone before any file it describes is replaced
+    for name in names[:-1]:
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    fsync_file(folder)  # their new names before the last one's
+    os.replace(os.path.join(tmp, names[-1]), last)
+    fsync_file(folder)
+    os.rmdir(tmp)
 
 
 def remove_stale_temporaries(folder, names=None):

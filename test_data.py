@@ -555,6 +555,52 @@ def test_prepare_replaces_only_its_files_and_a_half_replaced_output_never_looks_
     assert prepare([source], tiny_spm, out, workers=1)["records"] == 4 and len(TokenDataset(out)) == 4
 
 
+def test_prepare_puts_summary_json_in_place_only_once_the_shards_are_on_disk(tmp_path, tiny_spm, monkeypatch):
+    """summary.json says an output is complete (to TokenDataset, and to a later prepare, which replaces it): a power
+    cut must not leave it beside shards whose bytes or names never reached the disk. Each file's bytes and their
+    folder's names are flushed (fsync) before summary.json comes into --out, a new one or an earlier prepare's
+    (whose old summary.json is gone for good before any shard is replaced), and --out's new names after it."""
+    out, source = tmp_path / "out", write_records(tmp_path / "d.jsonl", 3)
+    fsync, moves = os.fsync, {"rename": os.rename, "replace": os.replace, "remove": os.remove}
+    events = []  # ("fsync", inode) | ("rename" / "replace", inode, its folder's inode, destination) | ("remove", path)
+
+    def record_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return fsync(fd)
+
+    def recorder(op):
+        def move(src, dst=None):
+            if dst is None:
+                events.append((op, str(src)))
+                return moves[op](src)
+            events.append((op, os.stat(src).st_ino, os.stat(os.path.dirname(src)).st_ino, str(dst)))
+            return moves[op](src, dst)
+        return move
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    for op in moves:
+        monkeypatch.setattr(os, op, recorder(op))
+    for earlier in (False, True):
+        events.clear()
+        prepare([source], tiny_spm, out, workers=1)
+        files = {name: (out / name).stat().st_ino for name in data.PREPARE_FILES}
+        synced = [n for n, e in enumerate(events) if e[0] == "fsync"]
+        targets = {str(out)} | {str(out / name) for name in data.PREPARE_FILES}
+        into = [n for n, e in enumerate(events) if e[0] in ("rename", "replace") and e[3] in targets]
+        shown = next(n for n in into if events[n][3] in (str(out), str(out / "summary.json")))
+        tmp = events[shown][2] if earlier else events[shown][1]  # OUT.tmp-PID, where the files were written
+        assert {events[n][1] for n in synced if n < shown} >= set(files.values()) | {tmp}, earlier
+        assert (events[shown][0] == "replace") == earlier  # an earlier output: its files replaced one by one
+        if earlier:
+            gone = events.index(("remove", str(out / "summary.json")))
+            assert gone < min(into) and any(gone < n < min(into) and events[n][1] == out.stat().st_ino
+                                            for n in synced)
+            assert any(max(n for n in into if n != shown) < n < shown and events[n][1] == out.stat().st_ino
+                       for n in synced)
+        folder = (out if earlier else tmp_path).stat().st_ino  # the folder that holds summary.json's new name
+        assert any(n > shown and events[n][1] == folder for n in synced), earlier
+    assert len(TokenDataset(out)) == 3 and leftovers(tmp_path) == []
+
+
 def another_filesystem(monkeypatch, disk):
     """disk (a folder) behaves as the root of a filesystem of its own: a rename into or out of it fails as it does
     across filesystems, and it is a mount point."""
@@ -762,7 +808,7 @@ def test_tokenizer_folder_is_named_with_the_file_to_pass(tmp_path, tiny_spm, ins
 KILLED_PREPARE = """import os, signal, sys
 import data
 
-data._move_into = lambda tmp, out: os.kill(os.getpid(), signal.SIGKILL)  # killed when the shards are written
+data.move_into = lambda tmp, out, names: os.kill(os.getpid(), signal.SIGKILL)  # killed when the shards are written
 data.prepare([sys.argv[1]], sys.argv[2], sys.argv[3], workers=1, quiet=True)
 """
 

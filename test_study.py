@@ -602,7 +602,7 @@ def test_a_run_folder_held_beyond_the_wait_is_one_sentence_naming_its_holder_and
 
     def refused(cmd, log, env):  # train.py, on a folder held by another process
         ran.append(cmd)
-        log.write(f"error: out_dir {folder} is in use by process {holder.pid}; wait for that run to end.\n")
+        log.write(f"train.py: error: out_dir {folder} is in use by process {holder.pid}; wait for that run to end.\n")
         return 2
     monkeypatch.setattr(study, "run_child", refused)
     monkeypatch.setattr(study, "HOLD_WAIT", 0.5)
@@ -694,7 +694,8 @@ def test_launch_tells_a_diverged_run_from_a_failed_one(run_data, tmp_path, monke
         with monkeypatch.context() as m:  # a finite loss, then a nan gradient norm or validation loss: diverged too
             m.setattr(where, what, lambda *a, **k: float("nan"))
             assert study.launch(study.run_flags("lora32", 1, (lr + 2) * 1e-3, opts, extra), 1)[0] == "diverged", what
-    with pytest.raises(study.data.UserError, match=r"lora8-lr0.001-seed1 failed: error: .* has no summary\.json"):
+    with pytest.raises(study.data.UserError,
+                       match=r"lora8-lr0.001-seed1 failed: train\.py: error: .* has no summary\.json"):
         study.launch(study.run_flags("lora8", 1, 1e-3, opts, extra + [f"--data_dir={tmp_path}"]), 1)
     assert study.launch(study.run_flags("lora8", 1, 1e-3, opts, extra), 1)[0] == "done"
 
@@ -1237,15 +1238,16 @@ def test_validation_or_test_sets_that_cannot_be_scored_are_refused_before_anythi
 
 def test_a_failed_runs_sentence_is_quoted_into_the_studys_without_its_full_stop(tmp_path, monkeypatch):
     def fails(cmd, log, env):
-        log.write("step 0\nerror: max_len=8 cuts away the answer of every training record: raise --max_len.\n")
+        log.write("step 0\ntrain.py: error: max_len=8 cuts away the answer of every training record: raise "
+                  "--max_len.\n")
         return 2
     monkeypatch.setattr(study, "run_child", fails)
     with pytest.raises(study.data.UserError) as e:
         study.launch([f"--out_dir={tmp_path / 'run'}"], 1)
     run = tmp_path / "run"
-    assert str(e.value) == (f"the run in {run} failed: error: max_len=8 cuts away the answer of every training "
-                            f"record: raise --max_len; its log is {run}/stdout.txt, and the study continues from it "
-                            "when rerun.")
+    assert str(e.value) == (f"the run in {run} failed: train.py: error: max_len=8 cuts away the answer of every "
+                            f"training record: raise --max_len; its log is {run}/stdout.txt, and the study continues "
+                            "from it when rerun.")
 
 
 def test_a_run_killed_by_a_signal_is_named_so_not_by_its_last_line_of_progress(tmp_path, monkeypatch):

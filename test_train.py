@@ -138,7 +138,22 @@ def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys
         train.main(argv)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_refusal_of_train_py_starts_with_its_name_as_every_scripts_does(monkeypatch, capsys):
+    """data.py, tasks.py, sample.py and study.py begin their refusals with their name (errors.exit_with); train.py
+    printed a bare "error: ...", which in a log of several scripts (a shell script, a study) did not say whose it was.
+    Its user errors and its out-of-memory sentence, as the command line prints them."""
+    done = subprocess.run([sys.executable, "train.py", "--max_iters=soon"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr == "train.py: error: config key 'max_iters' in flag --max_iters=soon must be of type int, got " \
+        "'soon'.\n"
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(SystemExit) as exit_:
+        train.main([])
+    assert exit_.value.code == 3 and capsys.readouterr().err.startswith("train.py: error: out of memory: ")
 
 
 POSITIVE_KEYS = ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval", "log_interval",
@@ -196,8 +211,8 @@ def test_a_rank_or_experts_past_a_target_width_is_refused_before_anything_is_all
     on the meta device and crashed ("Storage size calculation overflowed") or ran out of memory (exit 3)."""
     argv = ["--dry_run=True", "--model=small", "--init_from=scratch", "--targets=w1,wq"]  # w1 and wq: 256 wide
     assert conftest.script_error(train.main, [*argv, f"--{key}={value}", *flags], capsys) == (
-        f"error: {key}={value} is more than target w1's width of 256 features, where A, B or the router alone would "
-        f"outgrow the weight it adapts; set --{key}=256 or less.")
+        f"train.py: error: {key}={value} is more than target w1's width of 256 features, where A, B or the router "
+        f"alone would outgrow the weight it adapts; set --{key}=256 or less.")
     for adapter in ("teamlora", "moelora", "hydralora", "lora"):  # the width itself is taken
         train.train(train.parse_config([*argv, f"--adapter={adapter}", "--r=256"]))
 
@@ -1060,7 +1075,7 @@ def _torchrun_fails_with(sentence, *cmd):
 
 
 def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_path):
-    _torchrun_fails_with("error: batch_size=6 must be a multiple of processes x grad_accum = 4.",
+    _torchrun_fails_with("train.py: error: batch_size=6 must be a multiple of processes x grad_accum = 4.",
                          "train.py", "--", *_flags(run_data, tmp_path / "bad", "--batch_size=6", "--grad_accum=2"))
     assert not (tmp_path / "bad").exists()  # found before anything was written
 
@@ -1070,13 +1085,14 @@ def test_torchrun_a_mistake_of_one_rank_is_its_sentence_and_the_others_leave_qui
     rank other than 0 alone (its node's files, say) is printed by that rank, and rank 0, which waited for it in a
     collective, says nothing either."""
     (tmp_path / "file").write_text("")
-    _torchrun_fails_with(f"error: out_dir {tmp_path / 'file' / 'run'} can not be written",
+    _torchrun_fails_with(f"train.py: error: out_dir {tmp_path / 'file' / 'run'} can not be written",
                          "train.py", "--", *_flags(run_data, tmp_path / "file" / "run"))
     script = tmp_path / "rank_1_alone.py"
     script.write_text("import os\nimport train\n\n\ndef refuse(*args):\n"
                       "    raise train.UserError('rank 1 lacks a file.')\n\n\n"
                       "if os.environ['RANK'] == '1':\n    train.preflight = refuse\ntrain.main()\n")
-    _torchrun_fails_with("error: rank 1 lacks a file.", str(script), "--", *_flags(run_data, tmp_path / "run"))
+    _torchrun_fails_with("train.py: error: rank 1 lacks a file.", str(script), "--",
+                         *_flags(run_data, tmp_path / "run"))
 
 
 def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):

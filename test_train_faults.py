@@ -50,7 +50,7 @@ def fails(argv, capsys, *needles):
         train.main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     for needle in needles:
         assert str(needle) in err, (needle, err)
     return err
@@ -680,6 +680,25 @@ def test_overwrite_replaces_a_runs_re_scorings_with_it_and_without_it_they_hold_
     train.main(train_flags(run_data, out, "--max_iters=1", "--eval_interval=1", "--eval_limit=1"))
 
 
+def test_the_temporaries_of_killed_re_scorings_are_removed_and_a_users_files_so_named_are_kept(run_data, tmp_path):
+    """A re-scoring killed while it wrote results_<name>.json left results_<name>.json.tmpPID in the run's folder for
+    good: the next run or re-scoring there removes it, as the temporaries of ckpt.pt and the rest, when it holds a
+    re-scoring's config or nothing (killed before its bytes were written, or a power cut lost them); a user's file
+    so named, which holds anything else, stays byte for byte."""
+    out = scored_run(run_data, tmp_path / "o", tmp_path / "other")
+    train.main(train_flags(run_data, out, "--eval_only=True", f"--eval_dir={tmp_path / 'other'}", "--eval_limit=1"))
+    killed = {"results_other.json.tmp999999": (out / "results_other.json").read_bytes(),  # killed before its rename
+              "results_held_out.json.tmp999998": b""}  # killed before its write
+    users = {"results_notes.json.tmp999999": b"my notes", "results_mine.json.tmp999997": b"{}",
+             "results_old.json.tmp999996": json.dumps({"config": {"eval_only": False}}).encode()}
+    for name, content in {**killed, **users}.items():
+        (out / name).write_bytes(content)
+    train.main(train_flags(run_data, out, "--eval_only=True", f"--eval_dir={tmp_path / 'other'}", "--eval_limit=1"))
+    assert not any((out / name).exists() for name in killed)
+    assert {name: (out / name).read_bytes() for name in users} == users
+    assert json.loads((out / "results_other.json").read_text())["config"]["eval_dir"] == str(tmp_path / "other")
+
+
 def test_eval_only_of_an_adapter_pt_that_holds_another_kind_of_file_says_so_not_that_the_adapter_does_not_fit(
         run_data, tmp_path, capsys):
     out = tmp_path / "o"
@@ -872,7 +891,7 @@ def test_running_out_of_cpu_memory_is_the_out_of_memory_sentence(capsys, monkeyp
         with pytest.raises(SystemExit) as exit_:
             train.main([])
         err = capsys.readouterr().err
-        assert exit_.value.code == 3 and err.startswith("error: out of memory") and "Traceback" not in err
+        assert exit_.value.code == 3 and err.startswith("train.py: error: out of memory") and "Traceback" not in err
     monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(RuntimeError("another failure")))
     with pytest.raises(RuntimeError, match="another failure"):  # only the allocator's words mean memory
         train.main([])
@@ -1732,8 +1751,8 @@ def test_eval_only_without_an_adapter_is_refused_before_the_model_is_built_or_th
         train.main(train_flags(run_data, tmp_path / "no_run", "--eval_only=True"))
     out, err = capsys.readouterr()
     adapter = tmp_path / "no_run" / "adapter.pt"
-    assert e.value.code == 2 and out == "" and err == (f"error: eval_only: {adapter} does not exist; train first or "
-                                                       "point --out_dir at a finished run.\n")
+    assert e.value.code == 2 and out == "" and err == (f"train.py: error: eval_only: {adapter} does not exist; train "
+                                                       "first or point --out_dir at a finished run.\n")
 
 
 def test_a_broken_evaluation_set_is_refused_before_the_base_is_built(run_data, tmp_path, capsys, monkeypatch):

@@ -459,7 +459,7 @@ def claim_out_dir(r, resuming, take=False):
     must be writable. take (rank 0, once the run is sure to start) first holds out_dir until the run ends (files.hold;
     train lets go), checks it again, then removes the old run's files that overwrite=True replaces."""
     out, src, own = r.cfg["out_dir"], r.cfg["init_from"], resuming or r.cfg["eval_only"]  # own: out_dir's run is this
-    if take and (busy := files.hold(out, RUN_FILES)):  # held before anything is removed: the checks below see it held
+    if take and (busy := files.hold(out, RUN_FILES + evaluation.rescorings(out))):  # held before any check or removal
         raise UserError(f"out_dir {out} is in use by {busy}; wait for that run to end"
                         f"{'' if r.cfg['eval_only'] else ', or choose another --out_dir'}.")
     if os.path.lexists(out) and not os.path.isdir(out):
@@ -829,15 +829,15 @@ def main(argv=None):
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("TEAMLORA_DEBUG"):
             raise
-        code = machine.fail(f"error: {e}", 2)
+        code = machine.fail(f"train.py: error: {e}", 2)  # as the other scripts name themselves (errors.exit_with)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not machine.out_of_memory(e):
             machine.wait_to_be_stopped(2)  # torchrun: a collective that lost a process which failed first
             raise
         batch = ("" if cfg.get("init_from") == "resume" or cfg.get("eval_only") else  # they keep the run's batch
                  "lower batch_size per process (raise grad_accum to keep the global batch), or ")
-        code = machine.fail(f"error: {e}" if isinstance(e, ScoringOutOfMemory) else f"error: out of memory: {batch}set "
-                            "activation_checkpointing=True, or fsdp=True under torchrun.", 3)
+        oom = f"out of memory: {batch}set activation_checkpointing=True, or fsdp=True under torchrun."
+        code = machine.fail(f"train.py: error: {e if isinstance(e, ScoringOutOfMemory) else oom}", 3)
     except KeyboardInterrupt:  # outside the loop, under torchrun: it stops every process (Ctrl-C, SIGTERM, a failure)
         if "RANK" not in os.environ:
             raise
