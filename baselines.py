@@ -46,7 +46,7 @@ def team_lora_delta_loop(x, A, B, router, M, scaling, dropout):
 
 def moelora_fused_kwargs(r, experts, alpha):
     """teamlora.inject keywords that compute MoELoRA fused: softmax weights sum to 1 where TeamLoRA's
-    omega sums to k, hence alpha / k (the identity test_teamlora.py proves)."""
+    omega sums to k, hence alpha / k (the identity test_baselines.py proves)."""
     return dict(r=r, experts=experts, alpha=alpha / experts, competition=False)
 
 

@@ -115,6 +115,20 @@ def test_suite_labels_are_the_task_labels_and_balanced(mini_cme, which):
             assert chance_level(task, records) - 100 / len(task.labels) < 100 / len(records), name
 
 
+def test_the_readmes_demo_table_shows_the_chance_levels_of_the_sets_the_demo_scores(mini_cme):
+    """The chance column of the README's demo table (test_layout.py holds the lifts and averages to it) is what
+    train.py prints for the default suite's test sets, cut to train.py's eval_limit as the demo scores them."""
+    import evaluation
+    import train
+    root, _ = mini_cme
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    rows = [line.split() for line in readme[readme.index("```\ntask ") + 4:].split("\naverage")[0].splitlines()[1:]]
+    sets = evaluation.load_eval_sets(dict(train.DEFAULTS, eval_dir=str(root / "default" / "test")))
+    assert {row[0]: row[3] for row in rows} == {name: f"{chance_level(task, records):.1f}"
+                                               for name, (task, records) in sets.items()}
+
+
 def test_each_tasks_training_share_is_its_train_weight_and_every_eval_set_its_asked_size(mini_cme):
     """train.jsonl holds n_train_per_task times each task's TRAIN_WEIGHT of its records (the summaries fewer, the
     tasks decided by a word or two more); val and test hold exactly the sizes asked, whatever the task."""
