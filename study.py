@@ -22,11 +22,12 @@ The protocol, fixed before any final run:
    scored on the same tasks, equally weighted in its average.
 
 Each run is train.py with one configuration (the code path of a real run), fine-tuning the base
-that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/; a finished
-or diverged run is not run again, a stopped one resumes and one killed before its first checkpoint starts
-again, so an interrupted study continues where it stopped (its runs stop with it, each with its checkpoint, even
-when it is killed, and a study run again at once waits for them; a finished, stopped or diverged run made with other
---steps or flags is refused, before anything trains: give such a study its own --out).
+that `python train.py` pretrains on the synthetic mini-CME suite. Runs land in out/study/, each run's train.py output
+in its stdout.txt (every attempt's, after a line of its own); a finished or diverged run is not run again, a stopped
+one resumes and one killed before its first checkpoint starts again, so an interrupted study continues where it
+stopped (its runs stop with it, each with its checkpoint, even when it is killed, and a study run again at once waits
+for them; a finished, stopped or diverged run made with other --steps or flags is refused, before anything trains:
+give such a study its own --out).
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
 keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
@@ -221,6 +222,7 @@ RUNNING, STOPPING = set(), threading.Event()  # the train.py processes under way
 # once (ast.literal_eval, in train.parse_config) failed with "AST constructor recursion depth mismatch" (gh-106905)
 PARSING = threading.Lock()
 HOLD_WAIT = 60  # seconds a run folder's holder, a run of a killed study that is stopping, is given to let it go
+ATTEMPT = "==== study.py "  # starts the line that launch writes before each attempt's output in a run's stdout.txt
 
 
 def run_child(cmd, log, env):
@@ -245,6 +247,14 @@ def stop_runs(signum, frame):
     raise KeyboardInterrupt
 
 
+def stop_on_ctrl_c(signum, frame):
+    """Ctrl-C: the terminal sends it to the runs under way too (each writes its checkpoint), but in the study only the
+    main thread takes it. Its workers stop with it (STOPPING): a wait for a run folder ends (it went on, up to
+    HOLD_WAIT), and a run started just after is stopped (it trained to its end, the stopped study waiting for it)."""
+    STOPPING.set()
+    raise KeyboardInterrupt
+
+
 def wait_for_folder(out):
     """Wait, up to HOLD_WAIT seconds, for the process that holds the run folder out to let it go; whether it waited.
     A run of a study killed just before (kill -9, the out-of-memory killer) stops on its own (machine.end_with_study),
@@ -257,7 +267,7 @@ def wait_for_folder(out):
     if busy:
         print(f"waiting up to {HOLD_WAIT:g} s for {busy} to let go of {out}: a run of an earlier study, which stops "
               "after its step and its checkpoint", flush=True)
-    while busy and time.time() < deadline and not STOPPING.wait(0.2):  # a SIGTERM to this study ends the wait too
+    while busy and time.time() < deadline and not STOPPING.wait(0.2):  # Ctrl-C or SIGTERM ends the wait too
         busy = files.hold(out, ())
     files.let_go(out)
     if busy:
@@ -279,24 +289,31 @@ def launch(flags, threads):
         return "done before", 0.0
     if os.path.isfile(os.path.join(out, DIVERGED)):
         return "diverged before", 0.0
+    how = "train.py starts the run"
     if os.path.isfile(os.path.join(out, "ckpt.pt")):  # stopped by Ctrl-C: continue it exactly
-        flags = flags + ["--init_from=resume"]
+        flags, how = flags + ["--init_from=resume"], "train.py resumes the run from its checkpoint"
     elif any(os.path.lexists(os.path.join(out, f)) for f in train.RUN_FILES + ("log.jsonl",)):
         flags = flags + ["--overwrite=True"]  # killed (kill -9) before its first checkpoint: nothing to continue
+        how = "train.py starts the run again (the last start was killed before its first checkpoint)"
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", machine.STUDY: str(os.getpid()),
-           "PYTHONIOENCODING": "utf-8:backslashreplace"}  # stdout.txt in UTF-8 whatever the locale (ASCII escaped bars)
+           "PYTHONIOENCODING": "utf-8:backslashreplace",  # stdout.txt in UTF-8 whatever the locale (ASCII escaped bars)
+           # stdout.txt follows the run as it prints, and a stopping run of a killed study has written its last lines
+           # when it lets its folder go (buffered, they came as it exited, after the next attempt's first line)
+           "PYTHONUNBUFFERED": "1"}
     t = time.time()
-    # appended to: a run stopped by a killed study prints its last lines as it ends, just after it lets its folder go
+    # appended to, after a line that starts this attempt: an earlier attempt's output (why it failed) is kept
     with open(os.path.join(out, "stdout.txt"), "a", encoding="utf-8") as log:
+        log.write(("\n" if log.tell() else "") + f"{ATTEMPT}{time.strftime('%Y-%m-%d %H:%M:%S')}: {how} ====\n")
+        log.flush()
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
         code = run_child([sys.executable, script] + flags, log, env)
     if code == machine.INTERRUPTED:
         raise data.UserError(f"the run in {out} was stopped (Ctrl-C or SIGTERM) after writing its checkpoint; run the "
                              "study again to continue it.")
     if code:
-        with open(os.path.join(out, "stdout.txt"), encoding="utf-8", errors="replace") as f:
-            tail = (f.read().strip().splitlines() or ["no output"])[-1]
+        said = [line.strip() for line in last_attempt(os.path.join(out, "stdout.txt")) if line.strip()]
+        tail = said[-1] if said else f"it ended with exit code {code} and printed nothing"
         if code < 0:  # killed by a signal (9: kill -9, the out-of-memory killer): its last line is no error of its own
             tail = f"it was killed by signal {-code} ({signal.strsignal(-code)})"
         if re.search(r"error: the (loss|gradient norm|validation loss) became", tail):  # train.check_finite's
@@ -306,6 +323,15 @@ def launch(flags, threads):
         raise data.UserError(f"the run in {out} failed: {tail.rstrip('.')}; its log is {out}/stdout.txt, and the study "
                              "continues from it when rerun.")
     return "done", time.time() - t
+
+
+def last_attempt(path):
+    """The lines of a run's stdout.txt after its last ATTEMPT line (launch's): the output of its latest attempt, which
+    alone says how that attempt ended (all of a log written before study.py marked its attempts)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(ATTEMPT)]
+    return lines[starts[-1] + 1:] if starts else lines
 
 
 def changed_settings(flags, path):
@@ -657,7 +683,8 @@ def main(argv=None):
         print(__doc__.strip())
         return None
     STOPPING.clear()
-    previous = signal.signal(signal.SIGTERM, stop_runs) if machine.takes_signal(signal.SIGTERM) else None
+    previous = {s: signal.signal(s, stop) for s, stop in ((signal.SIGTERM, stop_runs), (signal.SIGINT, stop_on_ctrl_c))
+                if machine.takes_signal(s)}
     try:
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
@@ -702,8 +729,8 @@ def main(argv=None):
         machine.leave(machine.fail("study.py stopped; run the same command again to continue where it stopped (a run "
                                    "under way resumes from its checkpoint).", machine.INTERRUPTED))
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -625,6 +625,78 @@ def test_a_run_folder_held_beyond_the_wait_is_one_sentence_naming_its_holder_and
     assert (folder / "stdout.txt").read_text() == "step 2: loss 1.5"
 
 
+def end_the_pools_threads(before):
+    """Join the worker threads the study started (those not in `before`), then reset STOPPING for the next test: a
+    Ctrl-C that lands while the pool starts a thread (ThreadPoolExecutor._adjust_thread_count) leaves that thread out
+    of its shutdown's joins, to the interpreter's exit in a real study, and a test's main returns before it ends."""
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("ThreadPoolExecutor"):
+            thread.join(60)
+    study.STOPPING.clear()
+
+
+def test_ctrl_c_while_a_run_waits_for_its_folder_stops_the_study_at_once_with_one_line(run_data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A study run again at once after a kill waits for the killed study's runs to let their folders go, in a worker
+    thread, which Ctrl-C does not reach: the study went on waiting, up to HOLD_WAIT, then started the run. Ctrl-C now
+    ends the wait and the study, as it does elsewhere: one line, train.py's exit code for a stopped run, no run."""
+    ran, polls_after_ctrl_c, real_hold = [], [], study.files.hold
+    monkeypatch.setattr(study, "run_child", lambda cmd, log, env: ran.append(cmd) or 0)
+    monkeypatch.setattr(study, "HOLD_WAIT", 600)  # only the Ctrl-C, or the holder letting go, ends the wait
+    argv = small_study_flags(monkeypatch, run_data, tmp_path, "--runs=lora32", "--seeds=1", "--workers=1")
+    folder = tmp_path / "select" / f"lora32-lr{study.GRID[0]:g}"  # the study's first run
+    folder.mkdir(parents=True)
+
+    def held(path, names=None):  # the folder is held by a stopping run of a killed study
+        if os.path.realpath(path) != os.path.realpath(folder):
+            return real_hold(path, names)
+        if not polls_after_ctrl_c:  # the wait begins: the user presses Ctrl-C
+            polls_after_ctrl_c.append(0)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            return "process 4242"
+        polls_after_ctrl_c[0] += 1
+        return "process 4242" if study.STOPPING.wait(10) else None  # a study still waiting: let go, to end the test
+    monkeypatch.setattr(study.files, "hold", held)
+    before = signal.getsignal(signal.SIGINT)
+    threads = set(threading.enumerate())
+    try:
+        with pytest.raises(SystemExit) as stop:
+            study.main([str(a) for a in argv])
+    finally:
+        end_the_pools_threads(threads)
+    out, err = capsys.readouterr()
+    assert out.count(f"waiting up to 600 s for process 4242 to let go of {folder}") == 1
+    assert stop.value.code == study.machine.INTERRUPTED and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("study.py stopped; run the same command again to continue where it stopped")
+    assert polls_after_ctrl_c[0] <= 1 and ran == []  # the wait ended at the Ctrl-C, and no run started
+    assert signal.getsignal(signal.SIGINT) is before  # given back, as SIGTERM's
+
+
+def test_a_run_started_just_after_a_ctrl_c_is_stopped_not_trained_to_its_end(run_data, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The terminal's Ctrl-C reaches the runs under way, and a worker that was between its checks and Popen started its
+    run after it: a run no Ctrl-C reached, which the stopped study waited for while it trained to its end."""
+    real = study.run_child
+
+    def started_late(cmd, log, env):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # Ctrl-C, just before this run starts
+        study.STOPPING.wait(10)  # the study has taken it (an old study never does: it goes on after 10 s)
+        child = "import time; time.sleep(3); print('trained to its end', flush=True)"
+        return real([sys.executable, "-c", child], log, env)
+    monkeypatch.setattr(study, "run_child", started_late)
+    argv = small_study_flags(monkeypatch, run_data, tmp_path, "--runs=lora32", "--seeds=1", "--workers=1")
+    threads = set(threading.enumerate())
+    try:
+        with pytest.raises(SystemExit) as stop:
+            study.main([str(a) for a in argv])
+    finally:
+        end_the_pools_threads(threads)
+    assert stop.value.code == study.machine.INTERRUPTED and "study.py stopped;" in capsys.readouterr().err
+    log = tmp_path / "select" / f"lora32-lr{study.GRID[0]:g}" / "stdout.txt"
+    assert "trained to its end" not in log.read_text(encoding="utf-8")
+    assert study.last_attempt(log) == []  # stopped as it started
+
+
 @pytest.mark.parametrize("started_with", ["default", "ignored"])
 def test_while_the_study_runs_a_sigterm_is_its_own_to_pass_on_unless_whoever_started_it_ignored_it(
         tmp_path, capsys, monkeypatch, started_with):
@@ -1320,7 +1392,50 @@ def test_a_failed_runs_words_are_read_as_utf8_whatever_the_locale(tmp_path):
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert ast.literal_eval(done.stdout) == (f"the run in {tmp_path} failed: error: the run\u2019s own words; its log "
                                              f"is {tmp_path}/stdout.txt, and the study continues from it when rerun.")
-    assert (tmp_path / "stdout.txt").read_text(encoding="utf-8").startswith("\u2502 \u00b1\n")
+    assert study.last_attempt(tmp_path / "stdout.txt")[0] == "\u2502 \u00b1"  # the run's first line, as it printed it
+
+
+def test_a_runs_log_keeps_every_attempt_and_the_study_reads_how_the_latest_one_ended(tmp_path, monkeypatch):
+    """A run's stdout.txt keeps each attempt's output (an earlier one says why it failed), each after a line of its
+    own; the study reads how a run ended from its latest attempt only: a later attempt that ended without a word was
+    taken for the earlier one, here a diverged run (never run again), or named by the earlier one's error."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    earlier = "step 40: loss nan\nerror: the loss became nan at step 40; lower --learning_rate"  # cut short: no \n
+    (folder / "stdout.txt").write_text(earlier, encoding="utf-8")
+    monkeypatch.setattr(study, "run_child", lambda cmd, log, env: 1)  # fails, printing nothing
+    with pytest.raises(study.data.UserError) as e:
+        study.launch([f"--out_dir={folder}"], 1)
+    assert str(e.value) == (f"the run in {folder} failed: it ended with exit code 1 and printed nothing; its log is "
+                            f"{folder}/stdout.txt, and the study continues from it when rerun.")
+    assert not (folder / study.DIVERGED).exists()
+
+    def fails(cmd, log, env):
+        log.write("step 3: loss 2.00\nerror: out of memory: lower batch_size\n\n")
+        return 3
+    monkeypatch.setattr(study, "run_child", fails)
+    (folder / "ckpt.pt").write_text("")  # the next attempt resumes
+    with pytest.raises(study.data.UserError, match="failed: error: out of memory: lower batch_size; its log"):
+        study.launch([f"--out_dir={folder}"], 1)
+    lines = (folder / "stdout.txt").read_text(encoding="utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(study.ATTEMPT)]
+    assert "\n".join(lines[:starts[0]]).strip() == earlier and starts[1] == starts[0] + 2  # nothing lost, one each
+    assert lines[starts[1]].endswith(": train.py resumes the run from its checkpoint ====")
+    assert study.last_attempt(folder / "stdout.txt") == lines[starts[1] + 1:] == [
+        "step 3: loss 2.00", "error: out of memory: lower batch_size", ""]
+
+
+def test_a_runs_output_is_in_its_stdout_txt_as_it_prints_it(tmp_path, monkeypatch):
+    """Block-buffered, a run's lines reached stdout.txt in chunks, and those of a run that a killed study left stopping
+    came as it exited, after it had let its folder go: into the next attempt's part of the log, which the study reads
+    to say how that attempt ended."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    child = ("import sys\nprint('interrupted: checkpoint of step 2 written')\nwritten = open(sys.argv[1]).read()\n"
+             "sys.exit(0 if 'checkpoint of step 2 written' in written else 'error: not in stdout.txt as printed')")
+    real = study.run_child
+    monkeypatch.setattr(study, "run_child", lambda cmd, log, env: real([sys.executable, "-c", child,
+                                                                       str(tmp_path / "stdout.txt")], log, env))
+    assert study.launch([f"--out_dir={tmp_path}"], 1)[0] == "done"
 
 
 def test_a_sigterm_reaches_every_run_under_way_and_one_started_after_it_is_terminated_not_killed(tmp_path):
