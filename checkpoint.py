@@ -293,7 +293,9 @@ def save_weights(r, state):
         save_atomic(state, os.path.join(r.cfg["out_dir"], "adapter.pt"))
 
 
-def save_checkpoint(r, raw, opt, step):
+def save_checkpoint(r, raw, opt, step, validated=True):
+    """ckpt.pt, then adapter.pt (or model.pt), of step `step`; validated=False: a stop cut the step's validation short
+    (train.validate), which a resume then runs first."""
     cfg = r.cfg
     if sharded(cfg):  # FSDP2 keeps the root's parameters unsharded after a forward without backward (validation):
         raw.reshard()  # its sharded ones are the optimizer's, which the optimizer's state is looked up by
@@ -309,8 +311,8 @@ def save_checkpoint(r, raw, opt, step):
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
         try:
             files.fsync_file(os.path.join(cfg["out_dir"], "log.jsonl"))  # the steps it covers survive a power cut
-            save_atomic({"state": state, "optimizer": opt_state, "iter": step, "config": cfg, "rng": rngs,
-                         "model_args": asdict(r.args), "base": r.base, "data": r.data,
+            save_atomic({"state": state, "optimizer": opt_state, "iter": step, "validated": validated, "config": cfg,
+                         "rng": rngs, "model_args": asdict(r.args), "base": r.base, "data": r.data,
                          "tokenizer": None if r.tok is None else files.file_sha256(r.tok.path)}, path)
             r.written = step  # the run's checkpoint now, though a second Ctrl-C may yet stop adapter.pt's write
             save_weights(r, state)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import checkpoint
 import data
 import files
+import machine
 import minicme
 import tasks
 import teamlora
@@ -37,13 +38,19 @@ def loss_only(cfg):
 
 
 @torch.no_grad()
-def val_loss(model, val, r):
+def val_loss(model, val, r, stop=None):
     """Mean cross-entropy over the answer tokens of eval_iters validation batches, each cut into the training's
-    micro-batches (processes x grad_accum slices), so validating needs no more memory than a training step."""
+    micro-batches (processes x grad_accum slices), so validating needs no more memory than a training step. A stop
+    (machine.StopAfterStep: Ctrl-C or SIGTERM on any process) ends it before its next batch, returning None: at 7B it
+    takes tens of seconds, and the step's checkpoint, after it, must come within the 30 to 60 s that a cluster often
+    leaves between its SIGTERM and its SIGKILL."""
     cfg, accum = r.cfg, r.cfg["grad_accum"]
     model.eval()
     totals = torch.zeros(2, device=r.device)  # (sum of token losses, answer tokens)
     for i in range(cfg["eval_iters"]):
+        if stop is not None and stop.agreed(r.device, r.world):  # once a batch: under torchrun, an all-reduce
+            model.train()
+            return None
         for micro in range(accum):
             # seed 0, not the run's: the same validation records for every seed, so val losses compare
             b = data.get_batch(val, i, cfg["batch_size"], 0, r.rank * accum + micro, r.world * accum,
@@ -188,6 +195,39 @@ def task_expert_load(model, prompts, r):
         shares, count = shares + torch.stack(loads) * n, count + n
     model.train(was_training)
     return (shares / count).mean(0).cpu() if count else None
+
+
+class ScoringOutOfMemory(MemoryError):
+    """Out of memory while scoring a run whose adapters are saved: train.main prints its own fix."""
+
+
+def kept(cfg):
+    """(what of the run is saved where, the command that scores it): said where its scoring does not end (stopped, out
+    of memory, or results.json not written)."""
+    what = "weights" if cfg["adapter"] == "none" else "adapters"
+    again = "the same command" if cfg["eval_only"] else "the same command plus --eval_only=True"
+    return f"the trained {what} are saved in {cfg['out_dir']}", again
+
+
+def score(model, r, val_ds, summary):
+    """(task -> score, task -> expert load) of a trained run, its validation loss put in summary where it has none
+    (a re-scoring, or a resume with no step left to train); None where Ctrl-C or SIGTERM stopped it (every CME test
+    record on a 7B takes hours), said with the command that scores the saved adapters."""
+    saved, again = kept(r.cfg)
+    try:
+        if val_ds is not None and "val_loss" not in summary:
+            summary["val_loss"] = val_loss(model, val_ds, r)
+        return evaluate(model, r)
+    except KeyboardInterrupt:
+        r.say(f"\nstopped while scoring: {saved}; score them with {again}")
+        return None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not machine.out_of_memory(e):
+            raise
+        batch = r.cfg["eval_batch_size"]  # generate's KV cache grows with it: the dry run prints what it needs
+        flags = ("" if r.cfg["eval_only"] else "--eval_only=True ") + f"--eval_batch_size={max(batch // 4, 1)}"
+        raise ScoringOutOfMemory(f"out of memory while scoring with eval_batch_size={batch}; {saved}: score them "
+                                 f"with the same command plus {flags}.") from e
 
 
 def evaluate(model, r):

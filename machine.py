@@ -227,9 +227,10 @@ def sigterm_as_ctrl_c():
 
 class StopAfterStep:
     """Ctrl-C or SIGTERM while the loop trains: the step under way ends, then the run writes its checkpoint and
-    stops; a step cut short could leave half an update (or FSDP half a backward) to save. A second Ctrl-C stops at
-    once, keeping the last checkpoint; not under torchrun, which passes the terminal's Ctrl-C on to its processes
-    (each gets two), and never a SIGTERM."""
+    stops; a step cut short could leave half an update (or FSDP half a backward) to save. A validation under way ends
+    at its next batch (evaluation.val_loss), and a resume runs it again. A second Ctrl-C stops at once, keeping the
+    last checkpoint; not under torchrun, which passes the terminal's Ctrl-C on to its processes (each gets two), and
+    never a SIGTERM."""
 
     def __init__(self, master):
         self.master, self.asked, self.forced = master, False, False
@@ -245,8 +246,8 @@ class StopAfterStep:
         self.asked = True
 
     def agreed(self, device, world):
-        """Whether to stop after this step: asked on any of the `world` processes (they must stop after the same
-        step)."""
+        """Whether to stop after this step (or validation batch): asked on any of the `world` processes (they must
+        stop after the same one)."""
         if world == 1:
             return self.asked
         asked = torch.tensor([float(self.asked)], device=device)

@@ -1404,10 +1404,10 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_keeps_the_last_on
     _signals_at(monkeypatch, 4, signal.SIGINT)
     real = train.checkpoint.save_checkpoint
 
-    def save(r, raw, opt, step):
+    def save(r, raw, opt, step, **kw):
         if step == 5:  # the stop's checkpoint: Ctrl-C again while it is written
             os.kill(os.getpid(), signal.SIGINT)
-        return real(r, raw, opt, step)
+        return real(r, raw, opt, step, **kw)
     monkeypatch.setattr(train.checkpoint, "save_checkpoint", save)
     stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--eval_dir=")))
     assert stopped["interrupted"] and stopped["step"] == 3
@@ -1459,6 +1459,112 @@ def test_a_resume_after_a_stop_at_once_logs_each_step_once_as_the_uninterrupted_
     assert [(d["step"], d.get("loss"), d.get("val_loss")) for d in after] == \
         [(d["step"], d.get("loss"), d.get("val_loss")) for d in whole]
     assert after[:4] == before[:4]  # steps 1 to 3 (and step 3's validation) as first written, times and all
+
+
+def _signals_in_validation(monkeypatch, at_step, *signums):
+    """Send this process `signums` once, while batch 1 of the validation after step `at_step` is read (0: before the
+    process's first step, a resume's); returns the validation batches read, as (step, batch)."""
+    real, read, trained = train.data.get_batch, [], [0]
+
+    def get_batch(dataset, i, *a, **k):
+        if dataset.split_name == "training":
+            trained[0] = i + 1  # global batch i is step i + 1
+        else:
+            read.append((trained[0], i))
+            if read[-1] == (at_step, 1) and read.count(read[-1]) == 1:
+                for signum in signums:
+                    os.kill(os.getpid(), signum)
+        return real(dataset, i, *a, **k)
+    monkeypatch.setattr(train.data, "get_batch", get_batch)
+    return read
+
+
+def logged(out):
+    return [(d["step"], d.get("loss"), d.get("val_loss")) for d in
+            map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("signum, at_step", [(signal.SIGTERM, 3), (signal.SIGINT, 6)])
+def test_a_stop_while_validating_ends_it_at_the_next_batch_and_a_resume_validates_that_step_as_the_whole_run_did(
+        run_data, tmp_path, monkeypatch, capsys, signum, at_step):
+    """A 7B run validates for tens of seconds before the checkpoint of its step, and a cluster kills a job 30 to 60 s
+    after its SIGTERM: a stop there waited for the whole validation, and the run could die without that checkpoint.
+    It ends the validation before its next batch and writes the checkpoint, which says its validation was cut short;
+    a resume validates that step again (stopped there too, it keeps that checkpoint as it was), so that its log and
+    results are the uninterrupted run's (step 6: the last)."""
+    flags = ("--eval_iters=3", "--log_interval=1", "--dropout=0.1", "--threads=1")
+    whole = train.train(train.parse_config(train_flags(run_data, tmp_path / "whole", *flags)))
+    read, out = _signals_in_validation(monkeypatch, at_step, signum), tmp_path / "run"
+    stopped = train.train(train.parse_config(train_flags(run_data, out, *flags)))
+    assert stopped["interrupted"] and stopped["step"] == at_step
+    assert [i for step, i in read if step == at_step] == [0, 1]  # not batch 2
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == at_step and ckpt["validated"] is False and not (out / "results.json").exists()
+    step, loss, val_loss = logged(out)[-1]
+    assert step == at_step and loss is not None and val_loss is None  # its loss, not its validation loss
+    assert f"interrupted: checkpoint of step {at_step} written to {out}" in capsys.readouterr().out
+    monkeypatch.undo()
+    before, read = logged(out), _signals_in_validation(monkeypatch, 0, signum)  # the resume's validation, stopped too
+    again = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+    assert again["interrupted"] and again["step"] == at_step and read == [(0, 0), (0, 1)] and logged(out) == before
+    assert torch.load(out / "ckpt.pt", weights_only=True)["validated"] is False
+    monkeypatch.undo()
+    resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+    assert not resumed.get("interrupted") and resumed["step"] == 6
+    assert logged(out) == logged(tmp_path / "whole")
+    assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["validated"] is True
+    results, want = (json.loads((d / "results.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert results["val_loss"] == want["val_loss"] == whole["val_loss"]
+    assert results["scores"] == want["scores"] and results["expert_load"] == want["expert_load"]
+
+
+def test_a_second_ctrl_c_while_validating_stops_at_once_keeping_the_last_checkpoint(run_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The first Ctrl-C ends the validation at its next batch; a second before then stops at once, as inside a step:
+    the last checkpoint stands (step 3's, whose validation was done), and nothing of step 6 is written."""
+    flags = ("--eval_dir=", "--eval_iters=3", "--log_interval=1", "--threads=1")
+    _signals_in_validation(monkeypatch, 6, signal.SIGINT, signal.SIGINT)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", *flags)))
+    assert stopped["interrupted"] and stopped["step"] == 3
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 3 and ckpt["validated"] is True
+    assert f"stopped at once: the checkpoint of step 3 in {tmp_path / 'run'} is kept" in capsys.readouterr().out
+
+
+class _StopAsked:
+    """A stop that every process agrees on from its `at`-th asking (1-based); it records each asking."""
+
+    def __init__(self, at):
+        self.at, self.askings = at, []
+
+    def agreed(self, device, world):
+        self.askings.append((device, world))
+        return len(self.askings) >= self.at
+
+
+def test_validation_asks_the_stop_once_a_batch_and_ends_on_it_on_every_process_alike(run_data, tmp_path,
+                                                                                      monkeypatch):
+    """Under torchrun each asking is an all-reduce (StopAfterStep.agreed), which every process must make at the same
+    batch: once per validation batch, not per micro-batch. A stop ends validation before its next batch, with no
+    loss, the model back in training mode; on a process that got no signal too, where another did."""
+    cfg = train.parse_config(train_flags(run_data, tmp_path / "o", "--eval_iters=3", "--grad_accum=2"))
+    tok = data.Tokenizer(cfg["tokenizer"])
+    model, args, _ = train.build_model(cfg, torch.device("cpu"), tok.vocab_size, 1)
+    r, val = train.Run(cfg, 0, 1, torch.device("cpu"), tok, args), data.TokenDataset(cfg["data_dir"], "val")
+    real, read = data.get_batch, []
+    monkeypatch.setattr(data, "get_batch", lambda ds, i, *a, **k: read.append(i) or real(ds, i, *a, **k))
+    never = _StopAsked(at=4)
+    assert evaluation.val_loss(model, val, r, never) == evaluation.val_loss(model, val, r)
+    assert never.askings == [(r.device, 1)] * 3 and read == [0, 0, 1, 1, 2, 2] * 2
+    read.clear()
+    stop = _StopAsked(at=2)
+    assert evaluation.val_loss(model, val, r, stop) is None and model.training
+    assert read == [0, 0] and len(stop.askings) == 2
+    read.clear()
+    monkeypatch.setattr(machine.dist, "all_reduce", lambda t: t.add_(1))  # the other process was asked, not this one
+    rank0 = train.Run(cfg, 0, 2, r.device, tok, args)
+    assert evaluation.val_loss(model, val, rank0, machine.StopAfterStep(True)) is None and read == []
 
 
 def test_a_resumes_trim_of_its_log_keeps_every_line_that_names_no_later_step_byte_for_byte(tmp_path):
@@ -1805,24 +1911,42 @@ def test_sigterm_outside_the_training_loop_is_ctrl_c_and_the_callers_handler_com
         signal.signal(signal.SIGTERM, before)
 
 
-def test_a_stop_while_scoring_says_the_adapters_are_saved_and_how_to_score_them(run_data, tmp_path, monkeypatch,
-                                                                                capsys):
-    """Scoring a 7B run on the CME sets can take long: a Ctrl-C or SIGTERM there ended the run without a word (no
-    traceback either), leaving the user to guess whether the adapters were saved. What it says must work."""
+def main_exit_code(argv):
+    """train.main's exit code (0 for none); "KeyboardInterrupt" where one came out of it."""
+    try:
+        train.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    except KeyboardInterrupt:  # not out of the test: pytest would take it for the user's own Ctrl-C
+        return "KeyboardInterrupt"
+    return 0
+
+
+def test_a_stop_while_scoring_exits_as_a_stop_in_training_saying_how_to_score_the_saved_adapters(run_data, tmp_path,
+                                                                                                   monkeypatch, capsys):
+    """Scoring a 7B run on the CME sets can take hours: a Ctrl-C or SIGTERM there says that the adapters are saved and
+    how to score them, and exits with machine.INTERRUPTED as a stop in training does (it used to die by SIGINT, even
+    on a SIGTERM), so that a study or a job queue takes the run as stopped, not failed. What it says works, and scores
+    the run as the uninterrupted run did."""
+    flags = train_flags(run_data, tmp_path / "run", "--max_iters=2", "--threads=1")
+    whole = train.train(train.parse_config(train_flags(run_data, tmp_path / "whole", "--max_iters=2", "--threads=1")))
     real, out = evaluation.evaluate, tmp_path / "run"
-    monkeypatch.setattr(evaluation, "evaluate", lambda model, r: os.kill(os.getpid(), signal.SIGTERM) or real(model, r))
-    with pytest.raises(KeyboardInterrupt):
-        train.train(train.parse_config(train_flags(run_data, out, "--max_iters=2")))
+    signum = [signal.SIGTERM]
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, r: os.kill(os.getpid(), signum[0]) or real(model, r))
+    assert main_exit_code(flags) == machine.INTERRUPTED
     assert capsys.readouterr().out.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score "
                                             "them with the same command plus --eval_only=True\n")
-    assert not (out / "results.json").exists()
-    with pytest.raises(KeyboardInterrupt):  # a re-scoring stopped so: its own command again
-        train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))
+    assert (out / "adapter.pt").is_file() and not (out / "results.json").exists()
+    signum[0] = signal.SIGINT
+    assert main_exit_code(flags + ["--eval_only=True"]) == machine.INTERRUPTED  # a re-scoring: its own command again
     assert "score them with the same command\n" in capsys.readouterr().out
     monkeypatch.undo()
-    assert set(train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))["scores"]) == \
-        set(evaluation.load_eval_sets({"eval_dir": str(run_data / "test"), "eval_limit": 0}))
-    assert (out / "results.json").is_file()
+    assert main_exit_code(flags + ["--eval_only=True"]) == 0
+    results, want = (json.loads((d / "results.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert set(results["scores"]) == set(evaluation.load_eval_sets({"eval_dir": str(run_data / "test"),
+                                                                     "eval_limit": 0}))
+    assert results["scores"] == want["scores"] and results["expert_load"] == want["expert_load"]
+    assert results["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
 
 
 def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_every_rank(monkeypatch, capsys):
@@ -1899,7 +2023,7 @@ def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_
     """Right after a step's checkpoint there is nothing to write again (at 7B, minutes of a SIGTERM's grace period);
     a stop at once keeps the last checkpoint, that of step 0 too (a run stopped before its first step, resumed)."""
     saves = []
-    monkeypatch.setattr(train.checkpoint, "save_checkpoint", lambda r, raw, opt, step: saves.append(step))
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", lambda r, raw, opt, step, **kw: saves.append(step))
     r, stop = train.Run({"out_dir": str(tmp_path)}), machine.StopAfterStep(True)
     assert train.stop_run(r, None, None, stop, 3, 3) == 3 and saves == []
     assert f"checkpoint of step 3 written to {tmp_path}" in capsys.readouterr().out

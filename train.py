@@ -184,6 +184,7 @@ class Run:
     base: str = None  # checkpoint.fingerprint of the base weights, recorded in ckpt.pt
     data: str = None  # checkpoint.data_fingerprint of the token shards, recorded in ckpt.pt
     written: int = None  # the step of the last ckpt.pt written (checkpoint.save_checkpoint); adapter.pt may lag it
+    unvalidated: int = None  # the step whose validation a stop cut short (validate): its ckpt.pt says so
 
     @property
     def master(self):
@@ -478,8 +479,7 @@ def claim_out_dir(r, resuming, take=False):
         then = "continue it with --init_from=resume, " if "ckpt.pt" in found else ""  # none: nothing to resume
         raise UserError(f"{out} already holds a run ({', '.join(found)}); {then}choose another --out_dir, or pass "
                         "--overwrite=True to replace it.")
-    if found and not own and any(os.path.isfile(src) and os.path.samefile(src, os.path.join(out, f))
-                                 for f in found):
+    if found and not own and any(os.path.isfile(src) and os.path.samefile(src, os.path.join(out, f)) for f in found):
         raise UserError(f"init_from {src} is the run in {out} that overwrite=True would replace; copy it elsewhere "
                         "or choose another --out_dir.")
     # out_dir, or the folder to hold it (made once the run is sure to start: a refusal leaves nothing), takes files;
@@ -654,6 +654,21 @@ def train_step(r, model, raw, opt, dataset, step):
     return train_loss, lr, n_tokens
 
 
+def validate(r, model, val_ds, step, stop, log, train_loss=None):
+    """Step `step`'s validation loss, printed and logged. A stop ends it between batches (evaluation.val_loss): the
+    run stops with the step's checkpoint, which says so (stop_run), and a resume validates the step first (run)."""
+    vl = evaluation.val_loss(model, val_ds, r, stop)
+    if vl is None:
+        r.unvalidated = step
+        raise KeyboardInterrupt
+    check_finite("validation loss", vl, step, r.cfg)
+    if r.master:
+        trained = "" if train_loss is None else f"train loss {train_loss:.4f}, "  # None: a resume's first
+        tqdm.write(f"step {step}: {trained}val loss {vl:.4f}")
+        log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
+    return vl
+
+
 def run(r, ckpt=None):
     """One run: set up, resume, train with periodic validation and checkpoints, then evaluate."""
     cfg = r.cfg
@@ -674,9 +689,14 @@ def run(r, ckpt=None):
     interactive = r.master and sys.stderr.isatty()  # a SLURM or nohup log gets one line per log_interval instead
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
-    since, tokens = time.time(), 0  # since the last log line or validation: what tokens/s averages over
     stop, saved = machine.StopAfterStep(r.master).install(), step if ckpt else None  # saved: the last checkpoint's step
     try:
+        if ckpt is not None and ckpt.get("validated") is False:  # cut short by a stop: first, as the run had it
+            summary["val_loss"] = validate(r, model, val_ds, step, stop, log)
+            checkpoint.save_checkpoint(r, raw, opt, step)
+            if stop.agreed(r.device, r.world):
+                raise KeyboardInterrupt
+        since, tokens = time.time(), 0  # since the last log line or validation: what tokens/s averages over
         while step < cfg["max_iters"]:
             train_loss, lr, n_tokens = train_step(r, model, raw, opt, train_ds, step)
             step += 1
@@ -695,11 +715,7 @@ def run(r, ckpt=None):
                 since, tokens = time.time(), 0
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
                 if val_ds is not None:
-                    summary["val_loss"] = vl = evaluation.val_loss(model, val_ds, r)
-                    check_finite("validation loss", vl, step, cfg)
-                    if r.master:
-                        bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {vl:.4f}")
-                        log.write(json.dumps({"step": step, "val_loss": vl}) + "\n")
+                    summary["val_loss"] = validate(r, model, val_ds, step, stop, log, train_loss)
                 checkpoint.save_checkpoint(r, raw, opt, step)
                 since, tokens, saved = time.time(), 0, step
             if stop.agreed(r.device, r.world):  # Ctrl-C or SIGTERM on any process: all stop after this same step
@@ -721,7 +737,7 @@ def stop_run(r, raw, opt, stop, step, saved):
     or a save before its ckpt.pt was written (atomically: step `saved`'s stands). Returns the run's checkpoint step."""
     if not stop.forced and saved != step:
         with suppress(KeyboardInterrupt):
-            checkpoint.save_checkpoint(r, raw, opt, step)
+            checkpoint.save_checkpoint(r, raw, opt, step, validated=r.unvalidated != step)
             saved = step
     saved = step if r.written == step else saved  # a save cut short after ckpt.pt: a resume writes adapter.pt again
     if saved == step:
@@ -736,30 +752,13 @@ def stop_run(r, raw, opt, stop, step, saved):
     return saved or 0
 
 
-class ScoringOutOfMemory(MemoryError):
-    """Out of memory while scoring a run whose adapters are saved: main prints its own fix."""
-
-
 def finish(r, model, summary, val_ds=None):
     """Score the run on its evaluation sets, print the table and write results.json (evaluation.results_path)."""
     if not r.cfg["eval_dir"]:
         return summary
-    what = "weights" if r.cfg["adapter"] == "none" else "adapters"
-    again = "the same command" if r.cfg["eval_only"] else "the same command plus --eval_only=True"
-    try:
-        if val_ds is not None and "val_loss" not in summary:  # re-scored, or resumed with no step to train
-            summary["val_loss"] = evaluation.val_loss(model, val_ds, r)
-        scores, loads = evaluation.evaluate(model, r)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: scoring can take long, and it stopped without a word
-        r.say(f"\nstopped while scoring: the trained {what} are saved in {r.cfg['out_dir']}; score them with {again}")
-        raise
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not machine.out_of_memory(e):
-            raise
-        batch = r.cfg["eval_batch_size"]  # generate's KV cache grows with it: the dry run prints what it needs
-        again = ("" if r.cfg["eval_only"] else "--eval_only=True ") + f"--eval_batch_size={max(batch // 4, 1)}"
-        raise ScoringOutOfMemory(f"out of memory while scoring with eval_batch_size={batch}; the trained {what} are "
-                                 f"saved in {r.cfg['out_dir']}: score them with the same command plus {again}.") from e
+    if (scored := evaluation.score(model, r, val_ds, summary)) is None:  # stopped, saying how to score the run
+        return {**summary, "interrupted": True}  # main exits as after a stop in training
+    scores, loads = scored
     chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
     summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
     if r.master:
@@ -769,8 +768,9 @@ def finish(r, model, summary, val_ds=None):
         try:
             files.write_atomic(path, json.dumps(results, indent=1))
         except OSError as e:  # a full disk: the scores are printed above, the adapters saved
-            raise UserError(f"could not write {path} ({e.strerror or e}); the trained {what} are saved in "
-                            f"{r.cfg['out_dir']}: free space there, then score them again with {again}.") from None
+            saved, again = evaluation.kept(r.cfg)
+            raise UserError(f"could not write {path} ({e.strerror or e}); {saved}: free space there, then score them "
+                            f"again with {again}.") from None
     return summary
 
 
@@ -837,7 +837,7 @@ def main(argv=None):
         batch = ("" if cfg.get("init_from") == "resume" or cfg.get("eval_only") else  # they keep the run's batch
                  "lower batch_size per process (raise grad_accum to keep the global batch), or ")
         oom = f"out of memory: {batch}set activation_checkpointing=True, or fsdp=True under torchrun."
-        code = machine.fail(f"train.py: error: {e if isinstance(e, ScoringOutOfMemory) else oom}", 3)
+        code = machine.fail(f"train.py: error: {e if isinstance(e, evaluation.ScoringOutOfMemory) else oom}", 3)
     except KeyboardInterrupt:  # outside the loop, under torchrun: it stops every process (Ctrl-C, SIGTERM, a failure)
         if "RANK" not in os.environ:
             raise
