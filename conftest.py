@@ -35,6 +35,19 @@ CME_DIR = str(FIXTURES / "cme") if FIXTURES else "/nonexistent"
 needs_cme_fixtures = pytest.mark.skipif(not os.path.isdir(CME_DIR), reason="shared/fixtures not found next to the repo")
 
 
+def _file_names_hold(text):
+    try:
+        text.encode(sys.getfilesystemencoding())
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# under a C locale (LC_ALL=C, PYTHONUTF8=0) Python cannot encode such a name at all, whatever the filesystem
+non_ascii_names = pytest.mark.skipif(not _file_names_hold("\u00e9\u0660"), reason="the filesystem encoding "
+                                     f"{sys.getfilesystemencoding()} cannot hold non-ASCII file names")
+
+
 @pytest.fixture(scope="session")
 def run_data(tmp_path_factory):
     """A small mini-CME suite, its training shards, and a tiny base pretrained on its corpus by

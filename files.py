@@ -7,6 +7,7 @@ as a file to read is named (special_file) instead of read forever, a set of file
 that says the set is complete last, once the others are on disk (move_into), and every script reads a JSON file one
 way (read_json): whatever is wrong with it is one sentence naming the file and the fix.
 """
+import codecs
 import errno
 import hashlib
 import json
@@ -223,6 +224,27 @@ def special_file(path):
         return None
     return ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "a device")
+
+
+def check_openable_by_torch(cfg, keys):
+    """Refuse, naming the fix, a path among cfg's `keys` that torch, SentencePiece or Hugging Face's tokenizers cannot
+    open: they take it as UTF-8 text, and Python gives the bytes of a name that the filesystem encoding does not decode
+    (any non-ASCII byte under LC_ALL=C with PYTHONUTF8=0, Latin-1 bytes under UTF-8) as lone surrogates, which UTF-8
+    cannot encode. Such an out_dir trained, and then its own ckpt.pt could not be read to resume or re-score it. A
+    path that the filesystem encoding cannot encode (a config file's "out/é" under LC_ALL=C) no file has at all."""
+    for key in keys:
+        try:
+            os.fsencode(str(cfg[key]))  # a name the filesystem encoding holds: "out/é" under LC_ALL=C does not
+            str(cfg[key]).encode("utf-8")  # and text torch takes: no lone surrogates
+        except UnicodeError:
+            encoding = sys.getfilesystemencoding()
+            why, fix = "bytes that are not UTF-8 text", "name it in UTF-8"
+            if codecs.lookup(encoding).name != "utf-8":
+                why = f"non-ASCII characters, which Python cannot pass on as text under this locale ({encoding}: " \
+                      "LC_ALL=C, say)"
+                fix = "run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)"
+            raise UserError(f"{key} {cfg[key]} holds {why}, and torch and the tokenizers cannot open such a path; "
+                            f"{fix}, or give --{key} an ASCII path.") from None
 
 
 def flag_path(text):

@@ -10,7 +10,8 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -74,6 +75,15 @@ def cpu_threads(cfg):
     return max(1, cores - others_running())
 
 
+def use_cpu_threads(cfg, dev):
+    """cfg with the CPU threads a run on the CPU uses (cpu_threads), now set: saved with its config, the count is kept
+    by a resume, as rounding depends on it. A GPU run's cfg is returned as it is."""
+    if dev.type != "cpu":
+        return cfg
+    torch.set_num_threads(cpu_threads(cfg))
+    return {**cfg, "threads": torch.get_num_threads()}
+
+
 def setup_distributed(cfg):
     """(rank, world size, device) of this process; joins the process group under torchrun."""
     dev = resolve_device(cfg)
@@ -132,11 +142,25 @@ def out_of_memory(e):
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's words
 
 
+def out_of_memory_fix(cfg):
+    """The sentence of a run out of memory: what to change (a resume or a re-scoring keeps the run's batch)."""
+    batch = "" if cfg.get("init_from") == "resume" or cfg.get("eval_only") else \
+        "lower batch_size per process (raise grad_accum to keep the global batch), or "
+    return f"out of memory: {batch}set activation_checkpointing=True, or fsdp=True under torchrun."
+
+
 def check_batch_split(cfg, world):
-    """Each global batch is cut into processes x grad_accum slices of one size (data.get_batch)."""
+    """Each global batch is cut into processes x grad_accum slices of one size (data.get_batch): returns it."""
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of processes x grad_accum = "
                         f"{world * cfg['grad_accum']}.")
+    return cfg["batch_size"] // (world * cfg["grad_accum"])
+
+
+def dry_run_split(cfg):
+    """(processes, micro-batch) a dry run plans for: torchrun's processes, else dry_run_world_size."""
+    world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
+    return world, check_batch_split(cfg, world)
 
 
 INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C or SIGTERM after its checkpoint (the shell's 128 +
@@ -156,16 +180,54 @@ def leave(code):
         sys.exit(code)
 
 
+def _torchrun_store():
+    """torchrun's key-value store, which its agent holds (TORCHELASTIC_USE_AGENT_STORE), so that it outlives every
+    process of the run; None outside torchrun, for one process, or where it does not answer within 5 s. A key is set
+    or read there at once: no collective, nothing that waits for another process."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=5), wait_for_workers=False)
+    except (KeyError, ValueError, RuntimeError):  # the store's own errors are RuntimeErrors
+        return None
+
+
+def _failure_key():  # a restart of the processes (torchrun --max_restarts) starts without the last one's failure
+    return f"teamlora/failed_with/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def tell_failure(code):
+    """Leave the exit code of this process's failure where the run's other processes find it (first_failure): the
+    first one told is kept."""
+    with suppress(RuntimeError):
+        if (store := _torchrun_store()) is not None:
+            store.compare_set(_failure_key(), "", str(code))
+
+
+def first_failure():
+    """The exit code of the run's process that failed first and said why (tell_failure), or None: none did, or not
+    under torchrun. torchrun stops the others (SIGTERM), and they leave with it, as the refusal of a run is every
+    process's: torchrun's summary names the one code, not 130 or a SIGTERM beside it."""
+    with suppress(RuntimeError, ValueError):
+        if (store := _torchrun_store()) is not None and store.check([_failure_key()]):
+            return int(store.get(_failure_key()))
+    return None
+
+
 def wait_to_be_stopped(seconds, code=None):
-    """torchrun stops every process (SIGTERM) once one has failed. Waits up to `seconds` for that: if it comes, another
-    process failed first and says why, and this one leaves saying nothing, with `code` (else the shell's 128 + the
-    signal's number). No wait outside torchrun or without other processes."""
+    """torchrun stops every process (SIGTERM) once one has failed. Waits up to `seconds` for that: if it comes, or
+    another process has failed already, that one failed first and says why, and this one leaves saying nothing, with
+    the first failure's code (first_failure), else `code`, else the shell's 128 + the signal's number. No wait outside
+    torchrun or without other processes."""
     if not os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("WORLD_SIZE", "1") == "1" or \
             not _in_main_thread():
         return
 
     def stopped(signum, frame):
-        leave(128 + signum if code is None else code)
+        leave(first_failure() or code or 128 + signum)
+    if first := first_failure():  # a collective that lost that process, or the same mistake: no need to wait
+        leave(first)
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, stopped)
     time.sleep(seconds)
@@ -174,9 +236,10 @@ def wait_to_be_stopped(seconds, code=None):
 def fail(message, code):
     """Print why the run fails, once under torchrun: its processes nearly always hit the same mistake (the same flags
     and files), so rank 0 prints it, and another rank only if torchrun has not stopped it within 10 s, i.e. if the
-    mistake is its own (its node's files, say). Returns `code`."""
+    mistake is its own (its node's files, say). The others are told its code (tell_failure). Returns `code`."""
     if os.environ.get("RANK", "0") != "0":
         wait_to_be_stopped(10, code)
+    tell_failure(code)
     print(printable(message), file=sys.stderr)
     return code
 

@@ -14,21 +14,8 @@ import pytest
 import torch
 
 import files
-from conftest import FullDisk, held_by_another_process, named_pipe
+from conftest import FullDisk, held_by_another_process, named_pipe, non_ascii_names
 from errors import UserError
-
-
-def _file_names_hold(text):
-    try:
-        text.encode(sys.getfilesystemencoding())
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-# under a C locale (LC_ALL=C, PYTHONUTF8=0) Python cannot encode such a name at all, whatever the filesystem
-non_ascii_names = pytest.mark.skipif(not _file_names_hold("\u00e9\u0660"), reason="the filesystem encoding "
-                                     f"{sys.getfilesystemencoding()} cannot hold non-ASCII file names")
 
 
 def dead_pid():

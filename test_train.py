@@ -1065,18 +1065,39 @@ def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
         assert again.returncode == 0 and "expert load" in again.stdout, again.stderr[-3000:]
 
 
-def _torchrun_fails_with(sentence, *cmd):
+# each process of torchrun run by this script, which writes down the process's exit code (negative: a signal's)
+EXIT_CODE_OF_EACH_RANK = """import os, signal, subprocess, sys
+for s in (signal.SIGTERM, signal.SIGINT):  # torchrun signals the whole process group: the process below gets them
+    signal.signal(s, lambda signum, frame: None)
+code = subprocess.call([sys.executable, *sys.argv[1:]])
+with open(os.path.join(os.path.dirname(__file__), "exits"), "a") as f:
+    f.write(f"{os.environ['RANK']} {code}\\n")
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def _torchrun_fails_with(sentence, *cmd, code=2):
     """torchrun (2 processes) of cmd fails: the sentence is printed once, every process leaves without a traceback
-    (torchrun's own report of the failed processes follows, with one traceback of its own) and with code 2."""
-    bad = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cmd])
+    (torchrun's own report of the failed processes follows, with one traceback of its own) and with `code`, the
+    others too: torchrun stops them once one has failed, and 130 or a SIGTERM beside its code in torchrun's summary
+    read as a Ctrl-C or a kill (and a process that left first with 0 as a success)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "each_rank.py").write_text(EXIT_CODE_OF_EACH_RANK)
+        bad = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(Path(tmp) / "each_rank.py"), *cmd])
+        exits = sorted((Path(tmp) / "exits").read_text().split("\n")[:-1])
     assert bad.returncode != 0 and bad.stderr.count(sentence) == 1, bad.stderr[-3000:]
     assert bad.stderr.count("Traceback") <= 1 and "KeyboardInterrupt" not in bad.stderr, bad.stderr[-3000:]
-    assert re.search(r"exitcode\s*:\s*2\b", bad.stderr), bad.stderr[-3000:]
+    assert re.search(rf"exitcode\s*:\s*{code}\b", bad.stderr), bad.stderr[-3000:]
+    assert exits == [f"0 {code}", f"1 {code}"], bad.stderr[-3000:]
 
 
-def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_path):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_path, dry_run):
+    """The dry run's too: rank 1 left at once with 0, and only rank 0 checked the configuration."""
     _torchrun_fails_with("train.py: error: batch_size=6 must be a multiple of processes x grad_accum = 4.",
-                         "train.py", "--", *_flags(run_data, tmp_path / "bad", "--batch_size=6", "--grad_accum=2"))
+                         "train.py", "--", *_flags(run_data, tmp_path / "bad", "--batch_size=6", "--grad_accum=2",
+                                                   f"--dry_run={dry_run}"))
     assert not (tmp_path / "bad").exists()  # found before anything was written
 
 
@@ -1093,6 +1114,17 @@ def test_torchrun_a_mistake_of_one_rank_is_its_sentence_and_the_others_leave_qui
                       "if os.environ['RANK'] == '1':\n    train.preflight = refuse\ntrain.main()\n")
     _torchrun_fails_with("train.py: error: rank 1 lacks a file.", str(script), "--",
                          *_flags(run_data, tmp_path / "run"))
+
+
+def test_torchrun_out_of_memory_on_one_rank_is_its_sentence_and_every_rank_leaves_with_3(run_data, tmp_path):
+    """Rank 0 runs out of memory in a step: rank 1, in the step's collective, took torchrun's SIGTERM there, then
+    waited in vain for another and printed the collective's traceback (exit code 1), or left with 143."""
+    script = tmp_path / "rank_0_out_of_memory.py"
+    script.write_text("import os\nimport torch\nimport train\n\n\ndef out_of_memory(*args):\n"
+                      "    raise torch.OutOfMemoryError('CUDA out of memory.')\n\n\n"
+                      "if os.environ['RANK'] == '0':\n    train.train_step = out_of_memory\ntrain.main()\n")
+    _torchrun_fails_with("train.py: error: out of memory: lower batch_size per process", str(script), "--",
+                         *_flags(run_data, tmp_path / "run"), code=3)
 
 
 def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp_path):

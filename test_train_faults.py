@@ -3,6 +3,7 @@ file or key (exit code 2, no traceback), found before step 1, and nothing a user
 
     python -m pytest -q
 """
+import codecs
 import contextlib
 import errno
 import json
@@ -37,6 +38,7 @@ from conftest import (
     held_by_another_process,
     named_pipe,
     needs_fixtures,
+    non_ascii_names,
     train_flags,
 )
 from data import prepare
@@ -988,6 +990,53 @@ def test_the_dry_run_takes_init_from_scratch_as_the_keyword_beside_a_folder_name
     assert capsys.readouterr().out.count("model llama2-7b: ") == 2
 
 
+def test_a_dry_run_from_scratch_sizes_the_embedding_by_the_tokenizer_as_the_run_does_and_says_so(run_data, tmp_path,
+                                                                                                   capsys):
+    """A run from scratch sizes its embedding by its tokenizer's vocabulary; the dry run took the preset's (tiny: 512,
+    the suite's tokenizer: 2,000) and counted other parameters than the run then trained. Until the tokenizer file
+    is made the preset's stands in, and the dry run says which one it used."""
+    flags = train_flags(run_data, tmp_path / "run", "--max_iters=1", "--eval_dir=")
+    vocab, preset = train.Tokenizer(run_data / "tokenizer.model").vocab_size, model.ModelArgs.from_name("tiny")
+    assert vocab != preset.vocab_size
+    dry = train.train(train.parse_config([*flags, "--dry_run=True"]))
+    assert f"FFN {preset.ffn_hidden_dim}, vocabulary {vocab:,} (the tokenizer's)\n" in capsys.readouterr().out
+    run = train.train(train.parse_config(flags))
+    assert (dry["base_params"], dry["trainable_params"]) == (run["base_params"], run["trainable_params"])
+    missing = tmp_path / "new" / "tokenizer.model"
+    alone = train.train(train.parse_config([*flags, "--dry_run=True", f"--tokenizer={missing}"]))
+    with torch.device("meta"):
+        assert alone["base_params"] == model.Transformer(preset).num_params()
+    assert f"vocabulary {preset.vocab_size} (the preset's, until the tokenizer {missing} is there)" in \
+        capsys.readouterr().out
+
+
+@non_ascii_names
+def test_a_non_ascii_out_dir_under_the_c_locale_is_refused_at_once_naming_the_locale(run_data, tmp_path):
+    """Under LC_ALL=C (PYTHONUTF8=0, no locale coercion) Python gives the bytes of --out_dir=out/é as lone surrogates,
+    which torch takes as UTF-8 text and cannot: the run trained, then could not read its own ckpt.pt to resume or
+    re-score it ("'utf-8' codec can't encode characters"). A config file's "out/é" no file name there could hold
+    (the run ended on "'ascii' codec can't encode character"). Each is refused before anything is written, with the
+    fix; a name that is not UTF-8 under a UTF-8 locale too."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "OMP_NUM_THREADS": "1"}
+    encoding = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"], env=env,
+                              capture_output=True, text=True).stdout.strip()
+    if codecs.lookup(encoding).name == "utf-8":
+        pytest.skip("this Python reads file names as UTF-8 under the C locale too (macOS)")
+    out = tmp_path / "\u00e9"
+    (tmp_path / "c.py").write_text(f"out_dir = {str(out)!r}\n", encoding="utf-8")
+    flags = [f for f in train_flags(run_data, out, "--eval_dir=") if not f.startswith("--out_dir=")]
+    for given in (f"--out_dir={out}", str(tmp_path / "c.py")):
+        bad = subprocess.run([sys.executable, "train.py", given, *flags], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-2000:]
+        assert bad.stderr.startswith("train.py: error: out_dir ") and "holds non-ASCII characters" in bad.stderr
+        assert bad.stderr.endswith("run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or give "
+                                   "--out_dir an ASCII path.\n"), bad.stderr
+        assert not out.exists()
+    with pytest.raises(train.UserError, match=r"init_from .* holds bytes that are not UTF-8 text, and torch"):
+        train.parse_config([f"--init_from={tmp_path}/\udce9.pt"])  # Latin-1's é, as Python gives it under UTF-8
+
+
 def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
     base = torch.load(run_data / "base.pt", weights_only=True)
     summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True"]))
@@ -1746,6 +1795,44 @@ def test_under_torchrun_a_failed_collective_waits_for_torchrun_to_stop_it_and_le
     with pytest.raises(SystemExit):
         train.main([])
     assert left == [128 + signal.SIGTERM] and capsys.readouterr().err == ""
+
+
+def test_a_process_torchrun_stops_leaves_with_the_code_of_the_first_failure_told_in_torchruns_store(monkeypatch,
+                                                                                                     capsys):
+    """torchrun's agent holds a key-value store that outlives the run's processes: the process that fails and says
+    why leaves its code there, and another that torchrun then stops (its SIGTERM before or in a step, a collective
+    that lost that process, the same mistake found) leaves with it at once, silent: torchrun's summary names one code,
+    not 130, 143 or a traceback beside it. A Ctrl-C with no failure told is still 130, and torchrun's restart of
+    the processes starts without the last attempt's failure."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(store.port)), ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt()))  # torchrun's SIGTERM
+    left = _torchrun_rank(monkeypatch, 1, stopped=False)
+    with pytest.raises(SystemExit):
+        train.main([])
+    assert left == [machine.INTERRUPTED] and machine.first_failure() is None  # a Ctrl-C: nothing failed
+
+    _torchrun_rank(monkeypatch, 0, stopped=False)
+    assert machine.fail("error: x.", 3) == 3 and capsys.readouterr().err == "error: x.\n"
+    left, waits = _torchrun_rank(monkeypatch, 1, stopped=False), []
+    monkeypatch.setattr(machine.time, "sleep", waits.append)
+    with pytest.raises(SystemExit):
+        train.main([])  # torchrun's SIGTERM, before or in a step
+    with pytest.raises(SystemExit):
+        machine.wait_to_be_stopped(2)  # a collective that lost rank 0
+    with pytest.raises(SystemExit):
+        machine.fail("error: y.", 2)  # the same mistake, found a moment later
+    assert left == [3, 3, 3] and waits == [] and capsys.readouterr().err == ""
+    _torchrun_rank(monkeypatch, 0, stopped=False)
+    assert machine.fail("error: z.", 2) == 2 and machine.first_failure() == 3  # the first one told stays
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    left = _torchrun_rank(monkeypatch, 1, stopped=False)
+    with pytest.raises(SystemExit):
+        train.main([])
+    assert left == [machine.INTERRUPTED]
 
 
 def test_under_torchrun_a_ctrl_c_during_the_wait_ends_it_as_torchruns_sigterm_does(monkeypatch, capsys):

@@ -130,6 +130,7 @@ def check_config(cfg):
     for key in ("out_dir", "data_dir", "tokenizer", "init_from"):
         if not str(cfg[key]).strip():
             raise UserError(f"config key '{key}' is empty; give it a path (see the defaults in train.py).")
+    files.check_openable_by_torch(cfg, ("out_dir", "tokenizer", "init_from"))  # ckpt.pt, a tokenizer, a base
     if cfg["eval_only"] and not cfg["eval_dir"]:
         raise UserError("eval_only=True scores the run on eval_dir, which is empty; set --eval_dir.")
     if cfg["adapter"] != "none" and not cfg["targets"].strip(" ,"):
@@ -432,13 +433,11 @@ def train(cfg):
     cfg, ckpt = resume_config(cfg)
     rank, world, dev = machine.setup_distributed(cfg)
     cfg = machine.keep_slices(cfg, ckpt, world, rank == 0)
-    if dev.type == "cpu":  # the count used is saved with the config: a resume keeps it, as rounding depends on it
-        torch.set_num_threads(machine.cpu_threads(cfg))
-        cfg = {**cfg, "threads": torch.get_num_threads()}
+    cfg = machine.use_cpu_threads(cfg, dev)
     try:
         with machine.sigterm_as_ctrl_c():  # the loop (run) takes it over: StopAfterStep
-            if cfg["dry_run"]:
-                return check_full_config(cfg) if rank == 0 else {}
+            if cfg["dry_run"]:  # on every rank, as a run's checks are: a refusal is each one's exit code; rank 0 says
+                return check_full_config(cfg, Run(cfg, rank).say)
             machine.check_batch_split(cfg, world)
             if rank == 0 and (stopped := build_demo(cfg, resuming=ckpt is not None)):
                 return stopped  # the demo's pretraining, interrupted
@@ -778,11 +777,16 @@ def finish(r, model, summary, val_ds=None):
 # dry run: a full configuration checked on the meta device, without weights or GPUs
 
 
-def check_full_config(cfg):
-    src = name = cfg["init_from"]
-    if src == "scratch" or not os.path.exists(src):  # as in a run, "scratch" is the keyword, never a folder so named:
-        length = dict(max_seq_len=max(cfg["max_len"], 256)) if src == "scratch" else {}  # a preset describes a base
-        args, name = ModelArgs.from_name(cfg["model"], **length), cfg["model"]  # from scratch, or one not on disk
+def check_full_config(cfg, say=print):
+    src, vocab = cfg["init_from"], ""  # vocab: from scratch, what sized the embedding
+    name = cfg["model"] if src == "scratch" or not os.path.exists(src) else src  # a preset describes a base not on disk
+    if src == "scratch":  # as in a run, the keyword, never a folder so named; sized by the tokenizer, once it is there
+        tok = os.path.exists(cfg["tokenizer"]) and Tokenizer(cfg["tokenizer"]).vocab_size
+        args = scratch_args(cfg, tok or ModelArgs.from_name(name).vocab_size)
+        vocab = f", vocabulary {args.vocab_size:,} " + (
+            "(the tokenizer's)" if tok else f"(the preset's, until the tokenizer {cfg['tokenizer']} is there)")
+    elif not os.path.exists(src):
+        args = ModelArgs.from_name(name)
     elif os.path.isdir(src):
         with torch.device("meta"):
             args = from_pretrained(src, device="meta").args
@@ -795,25 +799,23 @@ def check_full_config(cfg):
     if cfg["adapter"] != "none":
         inject_targets(model, cfg)
     n_train = sum(p.numel() for p in trainable(model))
-    world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
-    machine.check_batch_split(cfg, world)
-    micro = cfg["batch_size"] // (world * cfg["grad_accum"])
+    world, micro = machine.dry_run_split(cfg)
     est = memory.estimate(args, n_base, n_train, cfg, world, micro)
-    print(f"model {name}: {n_base:,} base parameters, "
-          f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}")
+    say(f"model {name}: {n_base:,} base parameters, "
+        f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}{vocab}")
     experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
     what = "none (full training)" if cfg["adapter"] == "none" else \
         f"{cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']})"
-    print(f"adapter {what}: {n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's "
-          "Params%)")
+    say(f"adapter {what}: {n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's "
+        "Params%)")
     gib = {k: f"{v / 2**30:.1f}" for k, v in est.items()}
-    print(f"per GPU with {world} GPU{'s' * (world > 1)}, micro-batch {micro} x {cfg['max_len']} tokens, "
-          f"{'FSDP' if cfg['fsdp'] else 'DDP' if world > 1 else 'one process'}, activation checkpointing "
-          f"{'on' if cfg['activation_checkpointing'] else 'off'}: about {gib['total']} GiB "
-          f"(weights {gib['weights']}, adapter + AdamW {gib['adapter']}, activations {gib['activations']}, "
-          f"logits up to {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
-    print(f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about {gib['scoring']} "
-          f"GiB per GPU, {gib['kv_cache']} of it the KV cache; lower eval_batch_size where a GPU holds less")
+    say(f"per GPU with {world} GPU{'s' * (world > 1)}, micro-batch {micro} x {cfg['max_len']} tokens, "
+        f"{'FSDP' if cfg['fsdp'] else 'DDP' if world > 1 else 'one process'}, activation checkpointing "
+        f"{'on' if cfg['activation_checkpointing'] else 'off'}: about {gib['total']} GiB "
+        f"(weights {gib['weights']}, adapter + AdamW {gib['adapter']}, activations {gib['activations']}, "
+        f"logits up to {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
+    say(f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about {gib['scoring']} "
+        f"GiB per GPU, {gib['kv_cache']} of it the KV cache; lower eval_batch_size where a GPU holds less")
     return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
 
 
@@ -834,14 +836,12 @@ def main(argv=None):
         if not machine.out_of_memory(e):
             machine.wait_to_be_stopped(2)  # torchrun: a collective that lost a process which failed first
             raise
-        batch = ("" if cfg.get("init_from") == "resume" or cfg.get("eval_only") else  # they keep the run's batch
-                 "lower batch_size per process (raise grad_accum to keep the global batch), or ")
-        oom = f"out of memory: {batch}set activation_checkpointing=True, or fsdp=True under torchrun."
-        code = machine.fail(f"train.py: error: {e if isinstance(e, evaluation.ScoringOutOfMemory) else oom}", 3)
+        oom = e if isinstance(e, evaluation.ScoringOutOfMemory) else machine.out_of_memory_fix(cfg)
+        code = machine.fail(f"train.py: error: {oom}", 3)
     except KeyboardInterrupt:  # outside the loop, under torchrun: it stops every process (Ctrl-C, SIGTERM, a failure)
         if "RANK" not in os.environ:
             raise
-        code = machine.INTERRUPTED
+        code = machine.first_failure() or machine.INTERRUPTED  # another process's failure stopped it: its code
     machine.leave(code)
 
 
