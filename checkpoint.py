@@ -206,16 +206,19 @@ def why_none(path, run_files):
     return f"{path} does not exist; start a run with another init_from"
 
 
-def open_log(out_dir, step):
+def open_log(out_dir, step, unvalidated=False):
     """out_dir/log.jsonl, opened to log the steps after `step`: a new run's anew, a resume's for appending, without
     the lines of later steps that a kill or a second Ctrl-C left past the checkpoint. The resume logs those steps
     again, and a curve whose steps repeat would misalign study.py's mean over seeds. A last line cut short (no
-    newline: its write was cut) goes too, else the next line would be glued to it and the log could not be read."""
+    newline: its write was cut) goes too, else the next line would be glued to it and the log could not be read.
+    unvalidated (the checkpoint's validation was cut short): the resume validates `step` first, so a validation of
+    it already logged goes too (a resume that validated it, then was killed before its checkpoint said so)."""
     path = os.path.join(out_dir, "log.jsonl")
     if step and os.path.isfile(path):
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines(keepends=True)
-        kept = [line for line in lines if logged_step(line) <= step and line.endswith("\n")]
+        kept = [line for line in lines if logged_step(line) <= step and line.endswith("\n")
+                and not (unvalidated and logged_step(line) == step and is_validation(line))]
         if kept != lines:
             files.write_atomic(path, "".join(kept).encode("utf-8", "surrogateescape"))
     return open(path, "a" if step else "w", buffering=1, encoding="utf-8")
@@ -228,6 +231,15 @@ def logged_step(line):
     except (ValueError, AttributeError, RecursionError):
         return 0
     return step if type(step) is int else 0
+
+
+def is_validation(line):
+    """Whether a log.jsonl line is a validation's (train.validate writes its step and val_loss)."""
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(entry, dict) and "val_loss" in entry
 
 
 def sharded(cfg):

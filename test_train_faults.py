@@ -2204,3 +2204,35 @@ def test_a_re_scoring_of_a_full_run_by_its_own_model_pt_is_not_refused_as_a_run_
     train.claim_out_dir(train.Run(cfg), resuming=False)
     with pytest.raises(train.UserError, match=r"is the run in .* that overwrite=True would replace"):  # a new run would
         train.claim_out_dir(train.Run({**cfg, "eval_only": False, "overwrite": True}), resuming=False)
+
+
+class _Killed(BaseException):
+    """What SIGKILL does to a process, in one: nothing after it runs (no handler, no except clause takes it)."""
+
+
+def test_a_kill_after_a_resumes_validation_of_a_stopped_step_leaves_that_step_validated_once_in_the_log(
+        run_data, tmp_path, monkeypatch):
+    """A resume validates the step whose validation a stop cut short, logs it, then rewrites the step's checkpoint as
+    validated; killed (or stopped at once) in between, the checkpoint still says unvalidated, and the next resume
+    validates the step again: its log held that validation twice, unlike the uninterrupted run's."""
+    flags = ("--eval_dir=", "--eval_iters=3", "--log_interval=1", "--threads=1")
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "whole", *flags)))
+    _signals_in_validation(monkeypatch, 3, signal.SIGTERM)
+    out = tmp_path / "run"
+    assert train.train(train.parse_config(train_flags(run_data, out, *flags)))["step"] == 3
+    monkeypatch.undo()
+
+    real = train.checkpoint.save_atomic
+
+    def killed(obj, path):  # at the resume's ckpt.pt of step 3, once validated (its adapter.pt is written before)
+        if path.endswith("ckpt.pt"):
+            raise _Killed
+        real(obj, path)
+    monkeypatch.setattr(train.checkpoint, "save_atomic", killed)
+    with pytest.raises(_Killed):
+        train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+    assert logged(out)[-1][0] == 3 and logged(out)[-1][2] is not None  # step 3's validation, logged
+    assert torch.load(out / "ckpt.pt", weights_only=True)["validated"] is False
+    monkeypatch.undo()
+    resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+    assert not resumed.get("interrupted") and logged(out) == logged(tmp_path / "whole")

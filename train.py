@@ -684,7 +684,7 @@ def run(r, ckpt=None):
             load_trained_adapter(r, raw)
         return finish(r, model, summary, val_ds)
 
-    log = checkpoint.open_log(cfg["out_dir"], step) if r.master else None
+    log = checkpoint.open_log(cfg["out_dir"], step, ckpt and ckpt.get("validated") is False) if r.master else None
     interactive = r.master and sys.stderr.isatty()  # a SLURM or nohup log gets one line per log_interval instead
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
