@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import machine
 import teamlora
 import train
 from data import prepare
@@ -33,6 +34,9 @@ LLAMA2 = FIXTURES / "tokenizer" / "llama2_tokenizer.model" if FIXTURES else None
 OFFICIAL = FIXTURES / "official" / "train_example.json" if FIXTURES else None
 CME_DIR = str(FIXTURES / "cme") if FIXTURES else "/nonexistent"
 needs_cme_fixtures = pytest.mark.skipif(not os.path.isdir(CME_DIR), reason="shared/fixtures not found next to the repo")
+needs_distributed_torch = pytest.mark.skipif(  # machine.setup_distributed refuses older releases; FSDP2 fails there
+    machine.release(torch.__version__) < machine.release(machine.DISTRIBUTED_TORCH),
+    reason=f"torch {torch.__version__}: torchrun and FSDP2 on the CPU need torch >= {machine.DISTRIBUTED_TORCH}")
 
 
 def _file_names_hold(text):

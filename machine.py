@@ -84,6 +84,14 @@ def use_cpu_threads(cfg, dev):
     return {**cfg, "threads": torch.get_num_threads()}
 
 
+DISTRIBUTED_TORCH = "2.7"  # the oldest release whose torchrun runs pass the tests (2.6's do not)
+
+
+def release(version):
+    """A torch version's (major, minor): "2.13.0+cpu" -> (2, 13)."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def setup_distributed(cfg):
     """(rank, world size, device) of this process; joins the process group under torchrun."""
     dev = resolve_device(cfg)
@@ -97,6 +105,11 @@ def setup_distributed(cfg):
         found = ", ".join(f"{n}={os.environ.get(n)}" for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         raise UserError(f"the environment sets {found}, not a rank and local rank below WORLD_SIZE as torchrun does; "
                         "run under torchrun, or unset RANK.") from None
+    # 2.6: FSDP2 fails on the CPU, distribute_tensor lacks src_data_rank, and a process that leaves breaks its peers'
+    # gloo, so that a mistake under torchrun showed a traceback, not its sentence
+    if release(torch.__version__) < release(DISTRIBUTED_TORCH):
+        raise UserError(f"torchrun's processes (DDP, FSDP2) need torch >= {DISTRIBUTED_TORCH}, "
+                        f"this is {torch.__version__}; upgrade torch, or run one process without torchrun.")
     if dev.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         dev = f"cuda:{local_rank}"

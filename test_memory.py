@@ -16,6 +16,7 @@ import evaluation
 import memory
 import model
 import train
+from conftest import needs_distributed_torch
 
 MEMORY_CFG = dict(dtype="bfloat16", fsdp=True, max_len=1024, r=128, experts=4, activation_checkpointing=True,
                   batch_size=128, grad_accum=4, eval_batch_size=64, adapter="teamlora", targets="w1,w2,w3")
@@ -62,6 +63,7 @@ def test_fsdp_weights_are_a_shard_of_everything_plus_the_gathered_root_and_two_b
         assert est["weights"] == pytest.approx(net.num_params() * 2 / world + (root + 2 * block) * 2)
 
 
+@needs_distributed_torch
 def test_fsdp2_keeps_the_root_gathered_through_forward_and_backward_and_one_block_at_a_time(tmp_path):
     """The premise of the FSDP weights term, on train.py's wrapping (fully_shard per block, then the root) with
     activation checkpointing: whenever a block runs, forward or backward, the parameters held gathered are the root's

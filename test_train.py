@@ -1038,6 +1038,7 @@ def _flags(run_data, out, *more):
             "--eval_interval=2", "--eval_iters=1", "--r=8", "--dropout=0.0", "--device=cpu", f"--out_dir={out}", *more]
 
 
+@conftest.needs_distributed_torch
 @pytest.mark.parametrize("mode, nproc", [("ddp", 2), ("fsdp", 2), ("fsdp", 1)])
 def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
     """The global batch is cut the same way for 2 processes as for 1 process with 2 accumulation
@@ -1092,6 +1093,7 @@ def _torchrun_fails_with(sentence, *cmd, code=2):
     assert exits == [f"0 {code}", f"1 {code}"], bad.stderr[-3000:]
 
 
+@conftest.needs_distributed_torch
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_path, dry_run):
     """The dry run's too: rank 1 left at once with 0, and only rank 0 checked the configuration."""
@@ -1101,6 +1103,7 @@ def test_torchrun_user_error_is_one_sentence_and_a_failed_exit(run_data, tmp_pat
     assert not (tmp_path / "bad").exists()  # found before anything was written
 
 
+@conftest.needs_distributed_torch
 def test_torchrun_a_mistake_of_one_rank_is_its_sentence_and_the_others_leave_quietly_not_hang(run_data, tmp_path):
     """Only rank 0 checks that out_dir can be written: the others, torn down by torchrun, say nothing. A mistake of a
     rank other than 0 alone (its node's files, say) is printed by that rank, and rank 0, which waited for it in a
@@ -1317,6 +1320,30 @@ def test_device_auto_is_a_visible_gpu_else_the_cpu_and_cuda_without_one_is_one_s
             machine.resolve_device({**cfg, "device": dev})
 
 
+def test_torchrun_on_a_torch_older_than_2_7_is_refused_in_one_sentence_before_joining(monkeypatch):
+    """torch 2.6 passes the one-process tests but not torchrun's: FSDP2 fails on the CPU and a mistake showed gloo's
+    traceback. Under torchrun such a release is named with the minimum before any process group is joined."""
+    joined = []
+    monkeypatch.setattr(machine.dist, "init_process_group", lambda backend: joined.append(backend))
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    cfg = {"device": "cpu", "compile": False}
+    for old in ("2.6.0", "2.6.0+cu124", "1.13.1"):
+        monkeypatch.setattr(machine.torch, "__version__", old)
+        refused = rf"^torchrun's processes \(DDP, FSDP2\) need torch >= 2\.7, this is {re.escape(old)}; upgrade torch, "
+        with pytest.raises(UserError, match=refused + r"or run one process without torchrun\.$"):
+            machine.setup_distributed(cfg)
+    assert joined == []
+    for new in ("2.7.0", "2.10.0+cpu", "3.0.0"):
+        monkeypatch.setattr(machine.torch, "__version__", new)
+        assert machine.setup_distributed(cfg) == (0, 2, torch.device("cpu"))
+    assert joined == ["gloo"] * 3
+    monkeypatch.delenv("RANK")  # one process: every release runs it
+    monkeypatch.setattr(machine.torch, "__version__", "2.6.0")
+    assert machine.setup_distributed(cfg) == (0, 1, torch.device("cpu"))
+
+
+@conftest.needs_distributed_torch
 def test_torchrun_processes_take_their_nodes_own_gpu_over_nccl_and_join_over_gloo_on_the_cpu(monkeypatch):
     """On the second of two 2-GPU nodes, RANK=3 has LOCAL_RANK=1: its GPU is cuda:1 (that node has no cuda:3), and
     GPUs join over NCCL, CPU processes over gloo. Nothing is started: CUDA and the process group are stood in for."""
@@ -1649,6 +1676,7 @@ def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_momen
     assert out.returncode == 0 and "same moments" in out.stdout, out.stderr[-2000:]
 
 
+@conftest.needs_distributed_torch
 def test_a_sharded_checkpoint_after_validation_holds_the_optimizers_state_of_the_roots_parameters(tmp_path):
     """FSDP2 leaves the root's parameters (embedding, norm, output layer) unsharded after a forward without backward,
     as validation runs one before each checkpoint: where they train (full training, an adapted output layer) the
