@@ -672,6 +672,38 @@ def test_ctrl_c_while_a_run_waits_for_its_folder_stops_the_study_at_once_with_on
     assert signal.getsignal(signal.SIGINT) is before  # given back, as SIGTERM's
 
 
+def test_the_studys_ctrl_c_leaves_its_runs_to_the_terminals_own_and_its_sigterm_is_passed_on_to_them(monkeypatch):
+    """The terminal sends Ctrl-C to the runs under way itself: the study's SIGINT handler stops the study alone (a
+    SIGTERM from it too would reach each run beside its Ctrl-C); a SIGTERM reaches the study alone, which passes it
+    on. Both stop the study's workers (STOPPING)."""
+    class Stop(Exception):
+        pass
+    handlers = {}
+
+    def parse(argv):
+        handlers.update({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+        raise Stop
+    monkeypatch.setattr(study, "parse", parse)
+    with pytest.raises(Stop):
+        study.main([])
+
+    class Run:
+        terminated = False
+
+        def terminate(self):
+            self.terminated = True
+    for signum, passed_on in ((signal.SIGINT, False), (signal.SIGTERM, True)):
+        run = Run()
+        study.RUNNING.add(run)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                handlers[signum](signum, None)
+            assert run.terminated == passed_on and study.STOPPING.is_set()
+        finally:
+            study.RUNNING.discard(run)
+            study.STOPPING.clear()
+
+
 def test_a_run_started_just_after_a_ctrl_c_is_stopped_not_trained_to_its_end(run_data, tmp_path, monkeypatch,
                                                                               capsys):
     """The terminal's Ctrl-C reaches the runs under way, and a worker that was between its checks and Popen started its
@@ -1423,6 +1455,9 @@ def test_a_runs_log_keeps_every_attempt_and_the_study_reads_how_the_latest_one_e
     assert lines[starts[1]].endswith(": train.py resumes the run from its checkpoint ====")
     assert study.last_attempt(folder / "stdout.txt") == lines[starts[1] + 1:] == [
         "step 3: loss 2.00", "error: out of memory: lower batch_size", ""]
+    before = ["step 1: loss 2.50", f"a run's own line that holds {study.ATTEMPT} is no attempt's start"]
+    (tmp_path / "old.txt").write_bytes(("\n".join(before) + "\n").encode() + b"caf\xe9\n")  # and a Latin-1 line
+    assert study.last_attempt(tmp_path / "old.txt") == before + ["caf\ufffd"]  # a log from before attempts were marked
 
 
 def test_a_runs_output_is_in_its_stdout_txt_as_it_prints_it(tmp_path, monkeypatch):

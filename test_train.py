@@ -912,6 +912,21 @@ def test_a_dry_run_under_torchrun_plans_for_its_processes_not_for_dry_run_world_
     train.check_full_config(cfg)
     micro = cfg["batch_size"] // (4 * cfg["grad_accum"])
     assert f"per GPU with 4 GPUs, micro-batch {micro} x {cfg['max_len']} tokens" in capsys.readouterr().out
+    with pytest.raises(train.UserError, match=r"batch_size=8 must be a multiple of processes x grad_accum = 16\."):
+        train.check_full_config({**cfg, "batch_size": 8})  # as the run on those processes refuses it
+
+
+@pytest.mark.usefixtures("at_the_root")
+def test_a_dry_run_under_torchrun_checks_on_every_rank_and_rank_0_alone_prints_it(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True"])
+    said = []
+    for rank in (0, 1):
+        monkeypatch.setattr(train.machine, "setup_distributed", lambda cfg: (rank, 4, torch.device("cpu")))
+        summary = train.train(cfg)
+        assert summary["trainable_params"] > 0  # checked and estimated on rank 1 too
+        said.append(capsys.readouterr().out)
+    assert "per GPU with 4 GPUs" in said[0] and said[1] == ""
 
 
 @pytest.mark.usefixtures("at_the_root")

@@ -701,6 +701,27 @@ def test_the_temporaries_of_killed_re_scorings_are_removed_and_a_users_files_so_
     assert json.loads((out / "results_other.json").read_text())["config"]["eval_dir"] == str(tmp_path / "other")
 
 
+def test_rescorings_counts_a_re_scorings_file_or_its_temporary_and_nothing_of_the_users_in_name_order(tmp_path,
+                                                                                                     monkeypatch):
+    """A re-scoring's file is told by its config (eval_only exactly True), its write_atomic temporary (NAME.tmpPID, a
+    process id: no 0 in front) by that config or by holding nothing; a user's file so named holds anything else, an
+    empty one too unless it is such a temporary, and is not the run's to replace. One gone between the listing and
+    its reading (removed by the run that holds the folder) is no error. The names come sorted, each once."""
+    rescoring = json.dumps({"config": {"eval_only": True}})
+    named = {"results_b.json": rescoring, "results_a.json.tmp12": rescoring, "results_c.json.tmp7": "",
+             "results_b.json.tmp5": "", "results_notes.json": "", "results_1.json": json.dumps({"config": {
+                 "eval_only": 1}}), "results_x.json.tmp": "", "results_y.json.tmp0": "", "results_z.json.tmp012": "",
+             "results_w.json.tmp3x": "", "xresults_v.json": rescoring, "results_u.json.tmp4": "my notes"}
+    for name, text in named.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "results_d.json.tmp9").mkdir()  # a folder is no temporary, though btrfs gives an empty one size 0
+    size = os.path.getsize
+    monkeypatch.setattr(evaluation.os.path, "getsize", lambda path: 0 if os.path.isdir(path) else size(path))
+    assert evaluation.rescorings(tmp_path) == ("results_a.json", "results_b.json", "results_c.json")
+    monkeypatch.setattr(evaluation.os.path, "getsize", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)))
+    assert evaluation.rescorings(tmp_path) == ("results_a.json", "results_b.json")
+
+
 def test_eval_only_of_an_adapter_pt_that_holds_another_kind_of_file_says_so_not_that_the_adapter_does_not_fit(
         run_data, tmp_path, capsys):
     out = tmp_path / "o"
@@ -852,6 +873,13 @@ def test_running_out_of_memory_while_scoring_keeps_the_run_and_prints_a_command_
     fix = re.search(r"the same command plus (.*)\.$", err.strip()).group(1).split()
     assert fix == ["--eval_only=True", "--eval_batch_size=2"]
     with pytest.raises(SystemExit):  # out of memory again, now re-scoring: only the batch to lower
+        train.main(flags + fix)
+    assert capsys.readouterr().err.strip().endswith("the same command plus --eval_batch_size=1.")
+
+    def cpu_oom(*a):  # the CPU allocator's RuntimeError: scoring's too
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 34359738368 bytes.")
+    monkeypatch.setattr(evaluation, "evaluate", cpu_oom)
+    with pytest.raises(SystemExit):
         train.main(flags + fix)
     assert capsys.readouterr().err.strip().endswith("the same command plus --eval_batch_size=1.")
     monkeypatch.setattr(evaluation, "evaluate", real)
@@ -1033,8 +1061,9 @@ def test_a_non_ascii_out_dir_under_the_c_locale_is_refused_at_once_naming_the_lo
         assert bad.stderr.endswith("run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or give "
                                    "--out_dir an ASCII path.\n"), bad.stderr
         assert not out.exists()
-    with pytest.raises(train.UserError, match=r"init_from .* holds bytes that are not UTF-8 text, and torch"):
-        train.parse_config([f"--init_from={tmp_path}/\udce9.pt"])  # Latin-1's é, as Python gives it under UTF-8
+    for key in ("init_from", "tokenizer", "out_dir"):  # Latin-1's é, as Python gives it under UTF-8
+        with pytest.raises(train.UserError, match=f"{key} .* holds bytes that are not UTF-8 text, and torch"):
+            train.parse_config([f"--{key}={tmp_path}/\udce9"])
 
 
 def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
@@ -1278,7 +1307,8 @@ def test_a_run_stopped_before_its_first_step_resumes_from_its_checkpoint_of_step
     out = tmp_path / "run"
     stopped = train.train(train.parse_config(train_flags(run_data, out, "--eval_dir=", "--max_iters=2")))
     assert stopped["interrupted"] and stopped["step"] == 0
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] == 0 and ckpt["validated"] is True  # no validation of step 0 was cut short: none runs
     monkeypatch.setattr(train.data, "get_batch", real)
     resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2"]))
     assert resumed["step"] == 2 and not resumed.get("interrupted")
@@ -1558,14 +1588,54 @@ def test_a_stop_while_validating_ends_it_at_the_next_batch_and_a_resume_validate
     assert again["interrupted"] and again["step"] == at_step and read == [(0, 0), (0, 1)] and logged(out) == before
     assert torch.load(out / "ckpt.pt", weights_only=True)["validated"] is False
     monkeypatch.undo()
+    read = _signals_in_validation(monkeypatch, None)  # no signal: the batches it reads
     resumed = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
     assert not resumed.get("interrupted") and resumed["step"] == 6
+    # each validation once: the resume's first gives the loss that the run is scored with when no step is left
+    assert read == [(0, i) for i in range(3)] + ([(6, i) for i in range(3)] if at_step < 6 else [])
     assert logged(out) == logged(tmp_path / "whole")
     assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
     assert torch.load(out / "ckpt.pt", weights_only=True)["validated"] is True
     results, want = (json.loads((d / "results.json").read_text()) for d in (out, tmp_path / "whole"))
     assert results["val_loss"] == want["val_loss"] == whole["val_loss"]
     assert results["scores"] == want["scores"] and results["expert_load"] == want["expert_load"]
+
+
+def test_a_stop_during_a_resumes_last_validation_batch_stops_it_after_that_validations_checkpoint(run_data, tmp_path,
+                                                                                                   monkeypatch):
+    """A resume runs its step's cut-short validation first; a stop that comes after that validation's last check (in
+    its last batch, or in the checkpoint after it) stops the run there, as one after a step of the loop does, not
+    after a step more."""
+    flags = ("--eval_dir=", "--eval_iters=2", "--log_interval=1", "--threads=1")
+    out = tmp_path / "run"
+    _signals_in_validation(monkeypatch, 3, signal.SIGTERM)  # in the last batch: this validation ends
+    assert train.train(train.parse_config(train_flags(run_data, out, *flags)))["step"] == 3
+    monkeypatch.undo()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["validated"] is True
+    torch.save({**ckpt, "validated": False}, out / "ckpt.pt")  # as if a stop had cut it short
+    read = _signals_in_validation(monkeypatch, 0, signal.SIGTERM)
+    again = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+    assert again["interrupted"] and again["step"] == 3 and read == [(0, 0), (0, 1)]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["validated"] is True
+    assert [line for line in logged(out) if line[0] > 3] == [] and logged(out)[-1][2] is not None
+
+
+def test_a_resume_of_a_checkpoint_that_does_not_say_whether_its_step_was_validated_takes_it_as_validated(
+        run_data, tmp_path, monkeypatch):
+    """A ckpt.pt of a train.py from before validations could be cut short has no "validated": its step's validation
+    ran to its end, and a resume does not run it again (a second val_loss line for the step in the log)."""
+    flags = ("--eval_dir=", "--log_interval=1", "--threads=1")
+    _signals_at(monkeypatch, 4, signal.SIGINT, signal.SIGINT)  # in step 5: the checkpoint of step 3 stands
+    out = tmp_path / "run"
+    assert train.train(train.parse_config(train_flags(run_data, out, *flags)))["step"] == 3
+    monkeypatch.undo()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt.pop("validated") is True
+    torch.save(ckpt, out / "ckpt.pt")
+    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+    train.train(train.parse_config(train_flags(run_data, tmp_path / "whole", *flags)))
+    assert logged(out) == logged(tmp_path / "whole")
 
 
 def test_a_second_ctrl_c_while_validating_stops_at_once_keeping_the_last_checkpoint(run_data, tmp_path, monkeypatch,
@@ -1758,10 +1828,11 @@ def test_wait_to_be_stopped_leaves_with_the_signals_shell_code_and_does_not_wait
 def test_another_rank_gives_torchrun_10_seconds_to_stop_it_before_it_says_why(monkeypatch, capsys):
     """torchrun needs a moment to stop the others once rank 0 has failed: without the wait every rank would print
     rank 0's mistake again."""
-    _torchrun_rank(monkeypatch, 1, stopped=False)
-    waits = []
-    monkeypatch.setattr(machine.time, "sleep", waits.append)
-    assert machine.fail("error: x.", 2) == 2 and waits == [10] and capsys.readouterr().err == "error: x.\n"
+    for rank in (1, 3):
+        _torchrun_rank(monkeypatch, rank, stopped=False)
+        waits = []
+        monkeypatch.setattr(machine.time, "sleep", waits.append)
+        assert machine.fail("error: x.", 2) == 2 and waits == [10] and capsys.readouterr().err == "error: x.\n"
 
 
 def test_under_torchrun_a_process_leaves_without_the_interpreters_shutdown_and_outside_it_by_sys_exit(monkeypatch):
@@ -1833,6 +1904,48 @@ def test_a_process_torchrun_stops_leaves_with_the_code_of_the_first_failure_told
     with pytest.raises(SystemExit):
         train.main([])
     assert left == [machine.INTERRUPTED]
+
+
+def test_a_failure_is_told_in_torchruns_agent_store_alone_and_a_store_that_breaks_or_holds_no_code_tells_none(
+        monkeypatch, capsys):
+    """Only the store of torchrun's agent (TORCHELASTIC_USE_AGENT_STORE) outlives the run's processes: without it,
+    MASTER_PORT is rank 0's own store, gone with a failed rank 0, and one process alone has no one to tell. A store
+    that breaks as a code is told (its agent gone) or that holds no code is no failure: the process says why and
+    leaves with its own code."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(store.port)),
+                        ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    _torchrun_rank(monkeypatch, 0, stopped=False)
+    assert machine.fail("error: x.", 3) == 3 and not store.check([machine._failure_key()])
+    assert capsys.readouterr().err == "error: x.\n"
+    store.set(machine._failure_key(), "3")
+    assert machine.first_failure() is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert machine.first_failure() == 3
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert machine.first_failure() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    store.set(machine._failure_key(), "not a code")
+    assert machine.first_failure() is None
+    store.delete_key(machine._failure_key())
+    left, handlers = _torchrun_rank(monkeypatch, 1, stopped=False), {}  # rank 0 fails while this one waits:
+    monkeypatch.setattr(machine.signal, "signal", lambda s, h: handlers.__setitem__(s, h))
+    monkeypatch.setattr(machine.time, "sleep", lambda s: store.set(machine._failure_key(), "3") or
+                        handlers[signal.SIGTERM](signal.SIGTERM, None))  # it tells its code, torchrun stops this one
+    with pytest.raises(SystemExit):
+        machine.fail("error: y.", 2)
+    assert left == [3] and capsys.readouterr().err == ""
+
+    class Broken:
+        def compare_set(self, *args):
+            raise RuntimeError("Connection reset by peer")
+        check = compare_set
+    monkeypatch.setattr(machine, "_torchrun_store", Broken)
+    _torchrun_rank(monkeypatch, 0, stopped=False)
+    assert machine.fail("error: y.", 2) == 2 and machine.first_failure() is None
+    assert capsys.readouterr().err == "error: y.\n"
 
 
 def test_under_torchrun_a_ctrl_c_during_the_wait_ends_it_as_torchruns_sigterm_does(monkeypatch, capsys):
