@@ -281,7 +281,8 @@ def rescorings(out_dir):
     """The names of the files that re-scorings on other evaluation sets wrote in out_dir (results_path), or were
     writing when they were killed (files.write_atomic's NAME.tmpPID is there), told by their config (eval_only): a
     results_notes.json of the user's own is not the run's, to be replaced with it. An empty temporary counts too: a
-    write killed before its bytes, or a power cut that lost them, leaves one, and it holds nothing to lose."""
+    write killed before its bytes, or a power cut that lost them, leaves one, and it holds nothing to lose; but not
+    beside a file of its name that is no re-scoring's (its name alone would make the user's file the run's)."""
     try:
         names = sorted(os.listdir(out_dir))
     except OSError:  # none yet, or not ours to list
@@ -291,7 +292,8 @@ def rescorings(out_dir):
         match, path = re.fullmatch(r"(results_.+\.json)(\.tmp[1-9][0-9]*)?", name), os.path.join(out_dir, name)
         with contextlib.suppress(OSError):  # gone meanwhile: the run that holds out_dir removed its temporary
             if match and (_results_config(path).get("eval_only") is True
-                          or match[2] and os.path.isfile(path) and not os.path.getsize(path)):
+                          or match[2] and os.path.isfile(path) and not os.path.getsize(path)
+                          and not os.path.lexists(os.path.join(out_dir, match[1]))):
                 found.add(match[1])
     return tuple(sorted(found))
 

@@ -705,13 +705,15 @@ def test_rescorings_counts_a_re_scorings_file_or_its_temporary_and_nothing_of_th
                                                                                                      monkeypatch):
     """A re-scoring's file is told by its config (eval_only exactly True), its write_atomic temporary (NAME.tmpPID, a
     process id: no 0 in front) by that config or by holding nothing; a user's file so named holds anything else, an
-    empty one too unless it is such a temporary, and is not the run's to replace. One gone between the listing and
+    empty one too unless it is such a temporary (and not beside a user's file of its name), and is not the run's to
+    replace. One gone between the listing and
     its reading (removed by the run that holds the folder) is no error. The names come sorted, each once."""
     rescoring = json.dumps({"config": {"eval_only": True}})
     named = {"results_b.json": rescoring, "results_a.json.tmp12": rescoring, "results_c.json.tmp7": "",
              "results_b.json.tmp5": "", "results_notes.json": "", "results_1.json": json.dumps({"config": {
                  "eval_only": 1}}), "results_x.json.tmp": "", "results_y.json.tmp0": "", "results_z.json.tmp012": "",
-             "results_w.json.tmp3x": "", "xresults_v.json": rescoring, "results_u.json.tmp4": "my notes"}
+             "results_w.json.tmp3x": "", "xresults_v.json": rescoring, "results_u.json.tmp4": "my notes",
+             "results_n.json": "mine", "results_n.json.tmp8": ""}  # an empty temporary beside a user's file: theirs
     for name, text in named.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "results_d.json.tmp9").mkdir()  # a folder is no temporary, though btrfs gives an empty one size 0
