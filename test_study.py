@@ -625,14 +625,21 @@ def test_a_run_folder_held_beyond_the_wait_is_one_sentence_naming_its_holder_and
     assert (folder / "stdout.txt").read_text() == "step 2: loss 1.5"
 
 
-def end_the_pools_threads(before):
-    """Join the worker threads the study started (those not in `before`), then reset STOPPING for the next test: a
-    Ctrl-C that lands while the pool starts a thread (ThreadPoolExecutor._adjust_thread_count) leaves that thread out
-    of its shutdown's joins, to the interpreter's exit in a real study, and a test's main returns before it ends."""
-    for thread in set(threading.enumerate()) - before:
-        if thread.name.startswith("ThreadPoolExecutor"):
-            thread.join(60)
-    study.STOPPING.clear()
+def study_stopped(argv):
+    """The exit code of study.main(argv), which must stop (SystemExit). Then joins the worker threads the study started
+    and resets STOPPING for the next test: a Ctrl-C that lands while the pool starts a thread
+    (ThreadPoolExecutor._adjust_thread_count) leaves that thread out of its shutdown's joins, to the interpreter's exit
+    in a real study, and a test's main returns before it ends."""
+    before = set(threading.enumerate())
+    try:
+        with pytest.raises(SystemExit) as stop:
+            study.main([str(a) for a in argv])
+    finally:
+        for thread in set(threading.enumerate()) - before:
+            if thread.name.startswith("ThreadPoolExecutor"):
+                thread.join(60)
+        study.STOPPING.clear()
+    return stop.value.code
 
 
 def test_ctrl_c_while_a_run_waits_for_its_folder_stops_the_study_at_once_with_one_line(run_data, tmp_path,
@@ -658,15 +665,10 @@ def test_ctrl_c_while_a_run_waits_for_its_folder_stops_the_study_at_once_with_on
         return "process 4242" if study.STOPPING.wait(10) else None  # a study still waiting: let go, to end the test
     monkeypatch.setattr(study.files, "hold", held)
     before = signal.getsignal(signal.SIGINT)
-    threads = set(threading.enumerate())
-    try:
-        with pytest.raises(SystemExit) as stop:
-            study.main([str(a) for a in argv])
-    finally:
-        end_the_pools_threads(threads)
+    code = study_stopped(argv)
     out, err = capsys.readouterr()
     assert out.count(f"waiting up to 600 s for process 4242 to let go of {folder}") == 1
-    assert stop.value.code == study.machine.INTERRUPTED and "Traceback" not in err and err.count("\n") == 1, err
+    assert code == study.machine.INTERRUPTED and "Traceback" not in err and err.count("\n") == 1, err
     assert err.startswith("study.py stopped; run the same command again to continue where it stopped")
     assert polls_after_ctrl_c[0] <= 1 and ran == []  # the wait ended at the Ctrl-C, and no run started
     assert signal.getsignal(signal.SIGINT) is before  # given back, as SIGTERM's
@@ -717,13 +719,7 @@ def test_a_run_started_just_after_a_ctrl_c_is_stopped_not_trained_to_its_end(run
         return real([sys.executable, "-c", child], log, env)
     monkeypatch.setattr(study, "run_child", started_late)
     argv = small_study_flags(monkeypatch, run_data, tmp_path, "--runs=lora32", "--seeds=1", "--workers=1")
-    threads = set(threading.enumerate())
-    try:
-        with pytest.raises(SystemExit) as stop:
-            study.main([str(a) for a in argv])
-    finally:
-        end_the_pools_threads(threads)
-    assert stop.value.code == study.machine.INTERRUPTED and "study.py stopped;" in capsys.readouterr().err
+    assert study_stopped(argv) == study.machine.INTERRUPTED and "study.py stopped;" in capsys.readouterr().err
     log = tmp_path / "select" / f"lora32-lr{study.GRID[0]:g}" / "stdout.txt"
     assert "trained to its end" not in log.read_text(encoding="utf-8")
     assert study.last_attempt(log) == []  # stopped as it started
