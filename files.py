@@ -226,16 +226,18 @@ def special_file(path):
             else "a socket" if stat.S_ISSOCK(mode) else "a device")
 
 
-def check_openable_by_torch(cfg, keys):
+def check_openable_by_torch(cfg, keys, read_by_python=()):
     """Refuse, naming the fix, a path among cfg's `keys` that torch, SentencePiece or Hugging Face's tokenizers cannot
     open: they take it as UTF-8 text, and Python gives the bytes of a name that the filesystem encoding does not decode
     (any non-ASCII byte under LC_ALL=C with PYTHONUTF8=0, Latin-1 bytes under UTF-8) as lone surrogates, which UTF-8
     cannot encode. Such an out_dir trained, and then its own ckpt.pt could not be read to resume or re-score it. A
-    path that the filesystem encoding cannot encode (a config file's "out/é" under LC_ALL=C) no file has at all."""
-    for key in keys:
+    path that the filesystem encoding cannot encode (a config file's "out/é" under LC_ALL=C) no file has at all:
+    refused among the keys `read_by_python` too (Python opens lone surrogates), which said "does not exist"."""
+    for key in (*keys, *read_by_python):
         try:
             os.fsencode(str(cfg[key]))  # a name the filesystem encoding holds: "out/é" under LC_ALL=C does not
-            str(cfg[key]).encode("utf-8")  # and text torch takes: no lone surrogates
+            if key in keys:
+                str(cfg[key]).encode("utf-8")  # and text torch takes: no lone surrogates
         except UnicodeError:
             encoding = sys.getfilesystemencoding()
             why, fix = "bytes that are not UTF-8 text", "name it in UTF-8"
@@ -243,8 +245,9 @@ def check_openable_by_torch(cfg, keys):
                 why = f"non-ASCII characters, which Python cannot pass on as text under this locale ({encoding}: " \
                       "LC_ALL=C, say)"
                 fix = "run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)"
-            raise UserError(f"{key} {cfg[key]} holds {why}, and torch and the tokenizers cannot open such a path; "
-                            f"{fix}, or give --{key} an ASCII path.") from None
+            who = "torch and the tokenizers cannot open" if key in keys else "no file or folder can have"
+            raise UserError(f"{key} {cfg[key]} holds {why}, and {who} such a path; {fix}, or give --{key} an ASCII "
+                            "path.") from None
 
 
 def flag_path(text):

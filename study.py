@@ -358,18 +358,34 @@ def run_all(jobs, opts, later=0):
     (counting `later` runs still to come after these)."""
     threads = max(1, data.cores() // opts["workers"])
     start, ran, statuses = time.time(), 0, []
-    pool = ThreadPoolExecutor(opts["workers"])
+    pool, failures = ThreadPoolExecutor(opts["workers"]), []
     try:
-        for i, ((label, _), (status, secs)) in enumerate(zip(jobs, pool.map(lambda j: launch(j[1], threads), jobs))):
-            ran += not status.endswith(" before")
-            minutes = (time.time() - start) / 60
-            left = minutes / max(ran, 1) * (len(jobs) - i - 1 + later)
-            print(f"[{i + 1}/{len(jobs)}] {label}: {status}" + (f" in {secs:.0f} s" if secs else "") +
-                  f" ({minutes:.1f} min so far, about {left:.0f} min left)", flush=True)
-            statuses.append(status)
-    finally:
-        pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new
+        try:
+            for i, ((label, _), (status, secs)) in enumerate(zip(jobs, pool.map(
+                    lambda j: launch_noting_failure(j[1], threads, failures), jobs))):
+                ran += not status.endswith(" before")
+                minutes = (time.time() - start) / 60
+                left = minutes / max(ran, 1) * (len(jobs) - i - 1 + later)
+                print(f"[{i + 1}/{len(jobs)}] {label}: {status}" + (f" in {secs:.0f} s" if secs else "") +
+                      f" ({minutes:.1f} min so far, about {left:.0f} min left)", flush=True)
+                statuses.append(status)
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new
+    except KeyboardInterrupt as stop:  # one while the runs under way finish after a failure too: main names it
+        stop.failed = failures[0] if failures else None
+        raise
     return statuses
+
+
+def launch_noting_failure(flags, threads, failures):
+    """launch, its error also added to `failures` if it came before a Ctrl-C or SIGTERM: the errors after one (a run
+    stopped, a wait for a folder cut short) are the stop's, not a run's failure."""
+    try:
+        return launch(flags, threads)
+    except (data.UserError, OSError) as e:
+        if not STOPPING.is_set():
+            failures.append(e)
+        raise
 
 
 def read_results(folder, steps=None):
@@ -725,7 +741,12 @@ def main(argv=None):
         return report(opts, names, chosen)
     except (data.UserError, OSError) as e:  # a full disk or a folder in the way: one line, as data.py says it
         exit_with(e, "study.py: ")
-    except KeyboardInterrupt:  # Ctrl-C reached the runs under way too: each writes its checkpoint (a traceback before)
+    except KeyboardInterrupt as stop:  # Ctrl-C reached the runs under way too: each writes its checkpoint
+        # (a traceback before). One while the study waited for them after a run failed: that failure, as it ends on it
+        if failed := getattr(stop, "failed", None):
+            exit_with(failed if isinstance(failed, OSError) else data.UserError(
+                f"{str(failed).rstrip('.')}; study.py was then stopped (Ctrl-C or SIGTERM), and the runs under way "
+                "resume from their checkpoints when it is run again."), "study.py: ")
         machine.leave(machine.fail("study.py stopped; run the same command again to continue where it stopped (a run "
                                    "under way resumes from its checkpoint).", machine.INTERRUPTED))
     finally:

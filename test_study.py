@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from types import SimpleNamespace
 
 import numpy as np
@@ -672,6 +673,46 @@ def test_ctrl_c_while_a_run_waits_for_its_folder_stops_the_study_at_once_with_on
     assert err.startswith("study.py stopped; run the same command again to continue where it stopped")
     assert polls_after_ctrl_c[0] <= 1 and ran == []  # the wait ended at the Ctrl-C, and no run started
     assert signal.getsignal(signal.SIGINT) is before  # given back, as SIGTERM's
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_ctrl_c_while_the_runs_under_way_finish_after_a_failure_still_names_the_failure(run_data, tmp_path,
+                                                                                          monkeypatch, capsys, failing):
+    """After a run fails the study waits for the others under way (for the first's result, or in its pool's shutdown
+    once it has the failure): a Ctrl-C then said only "study.py stopped; run the same command again", and the user,
+    who ran it again, never learnt why the run had failed. It now ends as on that failure, saying how to continue."""
+    monkeypatch.setattr(study, "GRID", (1e-3, 4e-3))
+    failing_dir = f"lora32-lr{study.GRID[failing]:g}"
+    failed, stopped = threading.Event(), []
+
+    def waits_in():  # the functions of concurrent.futures in which the study's main thread is
+        frames = traceback.extract_stack(sys._current_frames()[threading.main_thread().ident])
+        return {f.name for f in frames if os.path.join("concurrent", "futures") in f.filename}
+
+    def run(cmd, log, env):
+        if any(a.endswith(failing_dir) for a in cmd):
+            log.write("step 1: loss 2.00\nerror: the data is bad; fix it\n")
+            failed.set()
+            return 2
+        failed.wait(30)  # the other run, still under way when the first fails: the user presses Ctrl-C while the
+        deadline = time.time() + 30  # study waits for this run's result (the later run failed) or in its shutdown
+        while ("shutdown" if failing == 0 else "result") not in waits_in() and time.time() < deadline:
+            time.sleep(0.01)
+        if not stopped:
+            stopped.append(("shutdown" if failing == 0 else "result") in waits_in())
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        study.STOPPING.wait(10)
+        return study.machine.INTERRUPTED  # the terminal's Ctrl-C reached it: its checkpoint is written
+    monkeypatch.setattr(study, "run_child", run)
+    argv = small_study_flags(monkeypatch, run_data, tmp_path, "--runs=lora32", "--seeds=1", "--workers=2")
+    code = study_stopped(argv)
+    err = capsys.readouterr().err
+    folder = tmp_path / "select" / failing_dir
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err == (f"study.py: error: the run in {folder} failed: error: the data is bad; fix it; its log is "
+                   f"{folder}/stdout.txt, and the study continues from it when rerun; study.py was then stopped "
+                   "(Ctrl-C or SIGTERM), and the runs under way resume from their checkpoints when it is run again.\n")
+    assert stopped == [True]  # the Ctrl-C came where the study waited after the failure
 
 
 def test_the_studys_ctrl_c_leaves_its_runs_to_the_terminals_own_and_its_sigterm_is_passed_on_to_them(monkeypatch):

@@ -1063,9 +1063,23 @@ def test_a_non_ascii_out_dir_under_the_c_locale_is_refused_at_once_naming_the_lo
         assert bad.stderr.endswith("run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or give "
                                    "--out_dir an ASCII path.\n"), bad.stderr
         assert not out.exists()
+    for key in ("data_dir", "eval_dir"):  # read by Python, but a config file's "data/é" was one that "does not exist"
+        folder = tmp_path / f"{key}-\u00e9"
+        folder.mkdir()
+        (tmp_path / "c.py").write_text(f"{key} = {str(folder)!r}\n", encoding="utf-8")
+        rest = [f for f in train_flags(run_data, tmp_path / "o") if not f.startswith(f"--{key}=")]  # the file's
+        bad = subprocess.run([sys.executable, "train.py", str(tmp_path / "c.py"), *rest], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-2000:]
+        assert bad.stderr.startswith(f"train.py: error: {key} ") and "holds non-ASCII characters" in bad.stderr
+        assert bad.stderr.endswith(f"run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or give --{key} "
+                                   "an ASCII path.\n"), bad.stderr
+        assert not (tmp_path / "o").exists()
     for key in ("init_from", "tokenizer", "out_dir"):  # Latin-1's é, as Python gives it under UTF-8
         with pytest.raises(train.UserError, match=f"{key} .* holds bytes that are not UTF-8 text, and torch"):
             train.parse_config([f"--{key}={tmp_path}/\udce9"])
+    for key in ("data_dir", "eval_dir"):  # which Python opens by such a name: not refused
+        assert train.parse_config([f"--{key}={tmp_path}/\udce9"])[key] == f"{tmp_path}/\udce9"
 
 
 def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):

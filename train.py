@@ -130,7 +130,7 @@ def check_config(cfg):
     for key in ("out_dir", "data_dir", "tokenizer", "init_from"):
         if not str(cfg[key]).strip():
             raise UserError(f"config key '{key}' is empty; give it a path (see the defaults in train.py).")
-    files.check_openable_by_torch(cfg, ("out_dir", "tokenizer", "init_from"))  # ckpt.pt, a tokenizer, a base
+    files.check_openable_by_torch(cfg, ("out_dir", "tokenizer", "init_from"), ("data_dir", "eval_dir"))
     if cfg["eval_only"] and not cfg["eval_dir"]:
         raise UserError("eval_only=True scores the run on eval_dir, which is empty; set --eval_dir.")
     if cfg["adapter"] != "none" and not cfg["targets"].strip(" ,"):
