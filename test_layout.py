@@ -6,6 +6,7 @@ heading, and the commands they show use flags, sections and run names that exist
 """
 import ast
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +30,17 @@ def first_party_imports(name):
 def test_the_readme_names_every_file():
     table = (REPO / "README.md").read_text(encoding="utf-8").split("## Quick start")[0]
     assert [m for m in MODULES if f"`{m}.py`" not in table] == []
+
+
+def test_the_readme_names_every_file_that_is_not_python():
+    """The recipes, the requirements, CI's script and the GPU checks are files a reader meets too."""
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: which files are the repository's is not known")
+    table = (REPO / "README.md").read_text(encoding="utf-8").split("## Quick start")[0]
+    named = {p if "/" not in p or p.startswith(".ci/") else p.split("/")[0] + "/" for p in listed.stdout.split()}
+    others = {p for p in named if not p.endswith(".py") and p not in (".gitignore", "README.md", "RESULTS.md")}
+    assert others and [p for p in sorted(others) if f"`{p}`" not in table] == []
 
 
 def test_the_files_import_one_another_one_way():
