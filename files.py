@@ -2,10 +2,11 @@
 Files every script writes, written so that nothing is lost: a file is whole or absent (write_atomic), the
 temporary names of a killed process are cleaned up only when that process is gone (remove_stale_temporaries),
 a folder that can not be written is found before any work (blocked_parent), not at the first write, a folder
-that one process writes is refused to a second one while the first runs (hold), a named pipe or a device given
-as a file to read is named (special_file) instead of read forever, a set of files goes into a folder with the one
-that says the set is complete last, once the others are on disk (move_into), and every script reads a JSON file one
-way (read_json): whatever is wrong with it is one sentence naming the file and the fix.
+that one process writes is refused to a second one while the first runs (hold; lost tells the first that its lock
+file was deleted), a named pipe or a device given as a file to read is named (special_file) instead of read forever,
+a set of files goes into a folder with the one that says the set is complete last, once the others are on disk
+(move_into), and every script reads a JSON file one way (read_json): whatever is wrong with it is one sentence naming
+the file and the fix.
 """
 import codecs
 import errno
@@ -150,6 +151,7 @@ def blocked_parent(path):
 
 LOCK = ".lock"
 _held = {}  # (device, inode) of each lock file this process holds -> its open descriptor, open until let_go or exit
+_taken = {}  # the path of each lock file this process took (hold) -> its (device, inode), for lost
 
 
 def hold(folder, names=None):
@@ -180,6 +182,7 @@ def hold(folder, names=None):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 _held[(st.st_dev, st.st_ino)] = fd
+                _taken[os.path.abspath(path)] = (st.st_dev, st.st_ino)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # else a filesystem without locks
@@ -191,11 +194,26 @@ def hold(folder, names=None):
 
 def let_go(folder):
     """Stop holding folder (hold): a run that ends in a process that goes on (tests, a notebook) lets others in."""
+    _taken.pop(os.path.abspath(os.path.join(folder, LOCK)), None)
     with suppress(OSError):
         st = os.stat(os.path.join(folder, LOCK), follow_symlinks=False)
         fd = _held.pop((st.st_dev, st.st_ino), None)
         if fd is not None:
             os.close(fd)  # the lock goes with the descriptor
+
+
+def lost(folder):
+    """Whether the lock file by which this process holds folder (hold) is gone or another (the folder deleted while it
+    ran, say): a second process can then hold the folder beside this one. False where it took no lock there. The file
+    held open keeps its inode, so a new lock file can not have the same one."""
+    path = os.path.abspath(os.path.join(folder, LOCK))
+    if path not in _taken:
+        return False
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) != _taken[path]
 
 
 def lock_holder(st):

@@ -196,8 +196,13 @@ def check_out(out):
 
 def check_settings(flags):
     """The run folder of `flags`; a finished, stopped or diverged run there made with other settings is refused (a
-    study rerun with other --steps or flags in the same --out would report that run as its own)."""
+    study rerun with other --steps or flags in the same --out would report that run as its own), and so is a stdout.txt
+    there that is no file (launch opened a named pipe there for the run's output, and waited for a reader forever)."""
     out = next(f.partition("=")[2] for f in reversed(flags) if f.startswith("--out_dir="))
+    log = os.path.join(out, "stdout.txt")
+    if what := files.special_file(log):  # launch appends to it: a named pipe waits for a reader forever
+        raise data.UserError(f"{log} is {what}, not a file, and the run's output is written there; remove it and run "
+                             "the study again.")
     finished = os.path.isfile(os.path.join(out, "results.json"))  # then its ckpt.pt is the same run's: not read
     for name, state in (("results.json", "finished"), ("ckpt.pt", "stopped"), (DIVERGED, "diverged")):
         changed = "" if finished and name == "ckpt.pt" else changed_settings(flags, os.path.join(out, name))
@@ -358,11 +363,12 @@ def run_all(jobs, opts, later=0):
     (counting `later` runs still to come after these)."""
     threads = max(1, data.cores() // opts["workers"])
     start, ran, statuses = time.time(), 0, []
-    pool, failures = ThreadPoolExecutor(opts["workers"]), []
+    pool, failures, under_way = ThreadPoolExecutor(opts["workers"]), [], set()
     try:
         try:
             for i, ((label, _), (status, secs)) in enumerate(zip(jobs, pool.map(
-                    lambda j: launch_noting_failure(j[1], threads, failures), jobs))):
+                    lambda job: launch_noting_failure(*job, threads, failures, under_way, opts["out"]),
+                    enumerate(jobs)))):
                 ran += not status.endswith(" before")
                 minutes = (time.time() - start) / 60
                 left = minutes / max(ran, 1) * (len(jobs) - i - 1 + later)
@@ -372,20 +378,43 @@ def run_all(jobs, opts, later=0):
         finally:
             pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new
     except KeyboardInterrupt as stop:  # one while the runs under way finish after a failure too: main names it
-        stop.failed = failures[0] if failures else None
+        stop.failed = failures[0][1] if failures else None
         raise
     return statuses
 
 
-def launch_noting_failure(flags, threads, failures):
-    """launch, its error also added to `failures` if it came before a Ctrl-C or SIGTERM: the errors after one (a run
-    stopped, a wait for a folder cut short) are the stop's, not a run's failure."""
+FAILING = threading.Lock()  # run_all's workers note a failure and the runs under way under it
+
+
+def launch_noting_failure(i, job, threads, failures, under_way, out):
+    """launch run_all's i-th (label, flags) job, unless a job before it has failed: then it does not start. A failure
+    is added to `failures`, as (i, error), unless it came after a Ctrl-C or SIGTERM (a run stopped, a wait for a folder
+    cut short: the stop's errors), and said at once with the runs under way, which the study waits for to report it."""
+    label, flags = job
+    with FAILING:
+        if any(i > j for j, _ in failures):  # never reported: run_all reaches the earlier job's failure first
+            raise data.UserError(f"{label} was not started, as a run had failed.")
+        under_way.add(i)
     try:
+        if files.lost(out):  # a second study may hold --out now, and launch the same runs
+            raise data.UserError(f"--out {out} lost its lock file {files.LOCK} while the study ran (deleted, with the "
+                                 "folder perhaps), so a second study could run there beside this one; make sure none "
+                                 "does, then run this one again to continue.")
         return launch(flags, threads)
     except (data.UserError, OSError) as e:
         if not STOPPING.is_set():
-            failures.append(e)
+            with FAILING:
+                failures.append((i, e))
+                under_way.discard(i)
+                others = len(under_way)
+            if others:  # the study says it once they end: hours, perhaps, of nothing said
+                print(f"{label}: {str(e).rstrip('.')}; the study waits for the {others} other run"
+                      f"{'s' * (others > 1)} under way to end, then stops (Ctrl-C stops them with their checkpoints, "
+                      "to resume when it is run again)", flush=True)
         raise
+    finally:
+        with FAILING:
+            under_way.discard(i)
 
 
 def read_results(folder, steps=None):
@@ -705,6 +734,7 @@ def main(argv=None):
         opts, extra, names = parse(argv)
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
         if not opts["report"]:
+            files.check_openable_by_torch(opts, ("out",), ("val_dir",))  # its runs' out_dir and eval_dir, as train.py
             check_out(opts["out"])
             if not cfg["eval_dir"]:  # the final runs would train and write no scores: "no finished runs", hours later
                 raise data.UserError("--eval_dir is empty, and the study scores its final runs on it; give the folder "

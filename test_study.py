@@ -24,7 +24,7 @@ import torch
 import checkpoint
 import study
 import train
-from conftest import held_by_another_process, named_pipe, script_error, train_flags
+from conftest import held_by_another_process, named_pipe, non_ascii_names, script_error, train_flags
 from model import Transformer
 
 
@@ -351,6 +351,42 @@ def test_a_ckpt_pt_that_is_a_named_pipe_with_no_writer_is_not_opened_and_waited_
         os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
         reader.join(timeout=10)
     assert not waited and answer == [""]
+
+
+@pytest.mark.parametrize("what", ["a named pipe", "a folder"])
+def test_a_runs_stdout_txt_that_is_no_file_is_refused_before_anything_runs_and_never_opened(tmp_path, capsys,
+                                                                                            monkeypatch, what):
+    """launch appends each attempt's output to its run's stdout.txt: a named pipe there was opened to write and the
+    study waited for a reader forever; a folder there failed at that run, after hours of other runs. Each is one
+    sentence naming it, before anything runs, and launch refuses one made later without opening it."""
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    monkeypatch.setattr(study, "run_child", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    folder = tmp_path / "select" / f"lora32-lr{study.GRID[1]:g}"
+    folder.mkdir(parents=True)
+    log = folder / "stdout.txt"
+    if what == "a named pipe":
+        os.mkfifo(log)
+    else:
+        log.mkdir()
+    message = f"{log} is {what}, not a file, and the run's output is written there; remove it and run the study again."
+    assert script_error(study.main, [f"--out={tmp_path}", "--runs=lora32"], capsys) == f"study.py: error: {message}"
+    monkeypatch.setattr(study, "check_runs", lambda *a: None)  # one made after the study's checks
+    answer = []
+
+    def launch():
+        try:
+            study.launch([f"--out_dir={folder}"], 1)
+        except Exception as e:
+            answer.append(str(e))
+    thread = threading.Thread(target=launch, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    waited = thread.is_alive()
+    if waited:  # let the stuck writer go: a reader that closes at once
+        os.close(os.open(log, os.O_RDONLY | os.O_NONBLOCK))
+        thread.join(timeout=10)
+    assert not waited and answer == [message]
 
 
 def t_quantile_975(df):
@@ -683,7 +719,7 @@ def test_a_ctrl_c_while_the_runs_under_way_finish_after_a_failure_still_names_th
     who ran it again, never learnt why the run had failed. It now ends as on that failure, saying how to continue."""
     monkeypatch.setattr(study, "GRID", (1e-3, 4e-3))
     failing_dir = f"lora32-lr{study.GRID[failing]:g}"
-    failed, stopped = threading.Event(), []
+    started, failed, stopped = threading.Event(), threading.Event(), []
 
     def waits_in():  # the functions of concurrent.futures in which the study's main thread is
         frames = traceback.extract_stack(sys._current_frames()[threading.main_thread().ident])
@@ -691,9 +727,11 @@ def test_a_ctrl_c_while_the_runs_under_way_finish_after_a_failure_still_names_th
 
     def run(cmd, log, env):
         if any(a.endswith(failing_dir) for a in cmd):
+            started.wait(30)  # the other run is under way (a run not started when one fails no longer starts)
             log.write("step 1: loss 2.00\nerror: the data is bad; fix it\n")
             failed.set()
             return 2
+        started.set()
         failed.wait(30)  # the other run, still under way when the first fails: the user presses Ctrl-C while the
         deadline = time.time() + 30  # study waits for this run's result (the later run failed) or in its shutdown
         while ("shutdown" if failing == 0 else "result") not in waits_in() and time.time() < deadline:
@@ -713,6 +751,82 @@ def test_a_ctrl_c_while_the_runs_under_way_finish_after_a_failure_still_names_th
                    f"{folder}/stdout.txt, and the study continues from it when rerun; study.py was then stopped "
                    "(Ctrl-C or SIGTERM), and the runs under way resume from their checkpoints when it is run again.\n")
     assert stopped == [True]  # the Ctrl-C came where the study waited after the failure
+
+
+def test_a_failed_run_is_said_at_once_while_the_runs_under_way_end_and_no_further_run_starts(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """A run that failed was reported once every job before it had ended (pool.map's order), and the study said nothing
+    meanwhile, hours perhaps, starting further runs. The failure is said at once, with the runs under way it waits for;
+    no other run starts; it is then reported as before."""
+    monkeypatch.setattr(study, "GRID", (1e-3, 2e-3, 4e-3))
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
+    sets_in(tmp_path / "val", tmp_path / "test")
+    out, started, failed, said, ran = tmp_path / "study", threading.Event(), threading.Event(), [], []
+
+    def run(cmd, log, env):
+        folder = next(a for a in reversed(cmd) if a.startswith("--out_dir=")).partition("=")[2]
+        ran.append(os.path.basename(folder))
+        if folder.endswith("-lr0.002"):
+            started.wait(30)  # once the earlier run is under way
+            log.write("step 1: loss 2.00\nerror: the data is bad; fix it\n")
+            failed.set()
+            return 2
+        started.set()
+        failed.wait(30)  # the earlier run, under way when the later one fails: it ends once the failure is said
+        deadline = time.time() + 10
+        while "the data is bad" not in "".join(said) and time.time() < deadline:
+            said.append(capsys.readouterr().out)
+            time.sleep(0.01)
+        return 0
+    monkeypatch.setattr(study, "run_child", run)
+    argv = [f"--out={out}", "--runs=lora32", "--seeds=1", "--workers=2", f"--val_dir={tmp_path / 'val'}",
+            f"--eval_dir={tmp_path / 'test'}"]
+    code = study_stopped(argv)
+    later = capsys.readouterr()
+    folder = out / "select" / "lora32-lr0.002"
+    failure = (f"the run in {folder} failed: error: the data is bad; fix it; its log is {folder}/stdout.txt, and the "
+               "study continues from it when rerun")
+    assert f"select lora32 lr 0.002: {failure}; the study waits for the 1 other run under way to end, then stops " \
+           "(Ctrl-C stops them with their checkpoints, to resume when it is run again)\n" in "".join(said)
+    assert "[1/3] select lora32 lr 0.001: done" in later.out  # the run under way ended after that line
+    assert code == 2 and later.err == f"study.py: error: {failure}.\n"
+    assert sorted(ran) == ["lora32-lr0.001", "lora32-lr0.002"]  # lr 0.004 was not started
+    monkeypatch.setattr(study, "launch", lambda flags, threads: ("done", 1.0))
+    failures = [(1, study.data.UserError("the run in x failed"))]  # job 1's: a job taken up before it still runs,
+    assert study.launch_noting_failure(0, ("a", []), 1, failures, set(), str(out)) == ("done", 1.0)  # however late
+    with pytest.raises(study.data.UserError, match="^b was not started, as a run had failed.$"):
+        study.launch_noting_failure(2, ("b", []), 1, failures, set(), str(out))
+
+
+def test_a_study_whose_out_was_deleted_while_it_ran_starts_no_further_run_beside_a_second_study(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """The lock on --out is its .lock file's: once the folder was deleted, a second study took a new .lock there and
+    both launched the same runs. The first finds its lock file gone or another before each run and stops, in one
+    sentence, starting none."""
+    monkeypatch.setattr(study, "GRID", (1e-3, 4e-3))
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
+    sets_in(tmp_path / "val", tmp_path / "test")
+    out, ran, second = tmp_path / "study", [], []
+
+    def run(cmd, log, env):  # the user deletes --out while the first run trains, and starts a second study there
+        ran.append(cmd)
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        second.append(held_by_another_process(out))
+        return 0
+    monkeypatch.setattr(study, "run_child", run)
+    argv = [f"--out={out}", "--runs=lora32", "--seeds=1", "--workers=1", f"--val_dir={tmp_path / 'val'}",
+            f"--eval_dir={tmp_path / 'test'}"]
+    try:
+        err = script_error(study.main, argv, capsys)
+    finally:
+        for other in second:
+            other.kill()
+            other.wait()
+    assert err == (f"study.py: error: --out {out} lost its lock file .lock while the study ran (deleted, with the "
+                   "folder perhaps), so a second study could run there beside this one; make sure none does, then "
+                   "run this one again to continue.")
+    assert len(ran) == 1 and len(second) == 1  # the second run was not started
+    assert not study.files.lost(tmp_path / "val")  # a folder this process never held has lost nothing
 
 
 def test_the_studys_ctrl_c_leaves_its_runs_to_the_terminals_own_and_its_sigterm_is_passed_on_to_them(monkeypatch):
@@ -1203,7 +1317,7 @@ def test_run_all_gives_each_run_its_share_of_the_cores_and_counts_only_the_runs_
     monkeypatch.setattr(study, "ThreadPoolExecutor", lambda workers: SimpleNamespace(
         map=lambda fn, jobs: map(fn, jobs), shutdown=lambda cancel_futures: None))
     jobs = [("a", "before"), ("b", "run"), ("c", "run")]
-    assert study.run_all(jobs, {"workers": 2}, later=2) == ["done before", "done", "done"]
+    assert study.run_all(jobs, {"workers": 2, "out": "out/study"}, later=2) == ["done before", "done", "done"]
     assert threads == [4, 4, 4]
     lines = capsys.readouterr().out.splitlines()
     # after b: 1 minute for 1 run, 1 + 2 runs to come; after c: 2 minutes for 2 runs, 0 + 2 to come
@@ -1332,6 +1446,37 @@ def test_a_damaged_or_foreign_run_folder_is_refused_before_anything_trains(tmp_p
     if case == "a run of other steps":  # the same run of this study's settings is taken as done
         (folder / "results.json").write_text(json.dumps(results))
         study.check_runs(opts, extra, ["lora8", "teamlora"])
+
+
+@non_ascii_names
+def test_an_out_whose_runs_torch_cannot_open_under_the_locale_is_refused_before_anything_runs(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """Every run's out_dir is below --out: under LC_ALL=C (PYTHONUTF8=0) a non-ASCII one was taken, the demo's base
+    built, and each run then refused by train.py, whose fix (give --out_dir an ASCII path) the study refuses as a
+    flag. It is refused at once as train.py refuses its out_dir, naming the locale's fix; under any locale a name that
+    is not UTF-8 (Python's lone surrogates) too."""
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    sets_in(tmp_path / "val", tmp_path / "test")
+    sets = [f"--val_dir={tmp_path / 'val'}", f"--eval_dir={tmp_path / 'test'}"] + [  # not the demo's: none is built
+        f"--{key}={tmp_path / 'none'}" for key in ("data_dir", "tokenizer", "init_from")]
+    sys.stderr.reconfigure(errors="backslashreplace")  # as Python's own stderr writes a lone surrogate
+    err = script_error(study.main, [f"--out={tmp_path}/\udce9", *sets], capsys)
+    assert err.startswith(f"study.py: error: out {tmp_path}/\\udce9 holds ") and err.endswith(
+        ", and torch and the tokenizers cannot open such a path; name it in UTF-8, or give --out an ASCII path."
+        if sys.getfilesystemencoding().lower().replace("-", "") == "utf8" else "give --out an ASCII path."), err
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "OMP_NUM_THREADS": "1"}
+    encoding = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"], env=env,
+                              capture_output=True, text=True).stdout.strip()
+    if encoding.lower().replace("-", "") != "utf8":  # macOS reads names as UTF-8 under the C locale too
+        out = tmp_path / "\u00e9"
+        bad = subprocess.run([sys.executable, "study.py", f"--out={out}", *sets], cwd=os.path.dirname(study.__file__),
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr[-2000:]
+        assert bad.stderr.startswith("study.py: error: out ") and "holds non-ASCII characters" in bad.stderr
+        assert bad.stderr.endswith("run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or give --out an "
+                                   "ASCII path.\n"), bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test", "val"]  # nothing made
 
 
 @pytest.mark.parametrize("eval_dir", ["", "VAL", "./VAL/"])
