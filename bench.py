@@ -15,6 +15,10 @@ one run: compare the ratios, not the milliseconds, across machines. On a CPU sha
 avoids OpenMP threads waiting on each other (seen here: a model step of 4.7 s with 2 threads, 0.33 s
 with 1, while other tests ran).
 """
+if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+    import errors
+    errors.quiet_ctrl_c()
+
 import argparse
 import contextlib
 import copy

@@ -24,6 +24,10 @@ Shards (one set per split, "train" and "val"), read back by TokenDataset:
     {split}.prompt_lens.bin   int32: labels are -100 on the first prompt_len tokens of a record
     summary.json              counts per file, dtype, special ids, tokenizer hash, max_len
 """
+if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+    import errors
+    errors.quiet_ctrl_c()
+
 import json
 import os
 import re

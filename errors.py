@@ -90,6 +90,14 @@ class Parser(argparse.ArgumentParser):
         return super().parse_args(given, namespace)
 
 
+def quiet_ctrl_c():
+    """For a script run as one, before its imports (torch's take a second or more, before run_script can take a
+    Ctrl-C): a KeyboardInterrupt that nothing catches ends it as run_script ends it, by SIGINT without a traceback.
+    Python itself still ends so after one; its hook, which would print the traceback, now prints none for it."""
+    shown = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: None if issubclass(kind, KeyboardInterrupt) else shown(kind, value, tb)
+
+
 def run_script(main):
     """A script's entry: main(), ended quietly when the reader of its output has gone (`python train.py --help | head
     -3`) rather than with a BrokenPipeError's traceback; exit code 1, as Python's documentation does it. Ctrl-C where

@@ -7,6 +7,7 @@ evaluation sets. Under torchrun each rank runs its own share, in as many batches
 each to the full length too: its all-gathers need every rank's forward); the sums are all-reduced, the answers gathered.
 """
 import contextlib
+import json
 import os
 import re
 
@@ -209,18 +210,37 @@ def kept(cfg):
     return f"the trained {what} are saved in {cfg['out_dir']}", again
 
 
-def score(model, r, val_ds, summary):
-    """(task -> score, task -> expert load) of a trained run, its validation loss put in summary where it has none
-    (a re-scoring, or a resume with no step left to train); None where Ctrl-C or SIGTERM stopped it (every CME test
-    record on a 7B takes hours), said with the command that scores the saved adapters."""
+def score(model, r, val_ds, summary, stop=None):
+    """Score a trained run on its evaluation sets: its validation loss where summary has none (a re-scoring, or a
+    resume with no step left to train), each task's score and expert load put in summary, the table printed and
+    results.json written (results_path). False where Ctrl-C or SIGTERM stopped it before that file was written
+    (every CME test record on a 7B takes hours), said with the command that scores the saved adapters. stop: the
+    training loop's machine.StopAfterStep, its signals given back only here, inside the try: a stop asked since the
+    loop's last step, or at any moment after it, is this one's, never a KeyboardInterrupt that names no command."""
     saved, again = kept(r.cfg)
     try:
+        if stop is not None:
+            stop.restore()
+            if stop.agreed(r.device, r.world):  # asked after the loop's last look, on any process
+                raise KeyboardInterrupt
         if val_ds is not None and "val_loss" not in summary:
             summary["val_loss"] = val_loss(model, val_ds, r)
-        return evaluate(model, r)
+        scores, loads = evaluate(model, r)
+        chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
+        summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
+        if r.master:
+            print_results(scores, chance, loads, r.cfg)
+            results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
+            path = results_path(r.cfg)  # a re-scoring on other sets keeps the run's results.json
+            try:
+                files.write_atomic(path, json.dumps(results, indent=1))
+            except OSError as e:  # a full disk: the scores are printed above, the adapters saved
+                raise UserError(f"could not write {path} ({e.strerror or e}); {saved}: free space there, then score "
+                                f"them again with {again}.") from None
+        return True
     except KeyboardInterrupt:
         r.say(f"\nstopped while scoring: {saved}; score them with {again}")
-        return None
+        return False
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not machine.out_of_memory(e):
             raise

@@ -163,6 +163,29 @@ def test_ctrl_c_where_main_does_not_take_it_ends_the_script_by_sigint_without_a_
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "answered\n", "")
 
 
+SCRIPTS = ("bench.py", "data.py", "minicme.py", "sample.py", "study.py", "tasks.py", "train.py")
+
+
+def test_every_script_is_among_those_whose_ctrl_c_while_importing_is_tested():
+    scripts = {p.name for p in REPO.glob("*.py") if "\n    run_script(main)\n" in p.read_text(encoding="utf-8")}
+    assert scripts == set(SCRIPTS)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="kill with SIGINT, as a terminal's Ctrl-C")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_while_a_script_imports_torch_ends_it_by_sigint_without_a_traceback(tmp_path, script):
+    """The first second or more of `python train.py` is torch's import, before run_script, which ends a script on
+    Ctrl-C quietly, has started: a Ctrl-C there printed a KeyboardInterrupt's traceback. A torch and a numpy ahead of
+    the real ones on the path are sent SIGINT while the first of them is imported."""
+    for name in ("torch", "numpy"):
+        (tmp_path / f"{name}.py").write_text("import os\nimport signal\nimport time\n\n"
+                                             "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
+
+
 @pytest.mark.skipif(os.name != "posix", reason="Windows has no SIGKILL: the traceback stays")
 def test_ctrl_c_once_stdouts_reader_has_gone_still_ends_the_script_by_sigint_without_a_traceback():
     """`python sample.py ... | head -1`, then Ctrl-C: what main printed can no longer reach the reader, and the flush

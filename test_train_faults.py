@@ -1637,6 +1637,31 @@ def test_a_stop_during_a_resumes_last_validation_batch_stops_it_after_that_valid
     assert [line for line in logged(out) if line[0] > 3] == [] and logged(out)[-1][2] is not None
 
 
+def test_a_resume_stopped_before_it_writes_a_checkpoint_says_the_one_it_resumed_from_is_kept_not_written(
+        run_data, tmp_path, monkeypatch, capsys):
+    """A resume stopped in its re-validation of a checkpoint whose validation was cut short, or stopped at once in
+    its first step, writes nothing: it said "checkpoint of step 3 written", and the one it resumed from stands."""
+    flags = ("--eval_dir=", "--eval_iters=3", "--threads=1")  # a stop in batch 1 of 3: the validation ends there
+    out = tmp_path / "run"
+    _signals_at(monkeypatch, 4, signal.SIGINT, signal.SIGINT)  # in step 5: the checkpoint of step 3 stands
+    assert train.train(train.parse_config(train_flags(run_data, out, *flags)))["step"] == 3
+    monkeypatch.undo()
+    for validated, stop, said in ((True, lambda: _signals_at(monkeypatch, 3, signal.SIGINT, signal.SIGINT),
+                                   "stopped at once"),  # in step 4, the resume's first
+                                  (False, lambda: _signals_in_validation(monkeypatch, 0, signal.SIGTERM),
+                                   "interrupted")):
+        torch.save({**torch.load(out / "ckpt.pt", weights_only=True), "validated": validated}, out / "ckpt.pt")
+        before = (out / "ckpt.pt").read_bytes()
+        stop()
+        capsys.readouterr()
+        again = train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume"]))
+        assert again["interrupted"] and again["step"] == 3 and (out / "ckpt.pt").read_bytes() == before
+        printed = capsys.readouterr().out
+        assert f"\n{said}: the checkpoint of step 3 in {out} is kept; continue with --init_from=resume" in printed
+        assert "written" not in printed
+        monkeypatch.undo()
+
+
 def test_a_resume_of_a_checkpoint_that_does_not_say_whether_its_step_was_validated_takes_it_as_validated(
         run_data, tmp_path, monkeypatch):
     """A ckpt.pt of a train.py from before validations could be cut short has no "validated": its step's validation
@@ -2165,6 +2190,57 @@ def test_a_stop_while_scoring_exits_as_a_stop_in_training_saying_how_to_score_th
     assert results["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-6)
 
 
+def _stop_after_the_loops_last_look(monkeypatch):
+    """SIGTERM just after the loop's last look at a stop (its 2nd: --max_iters=2, --eval_iters=0): the loop ends."""
+    real, looks = machine.StopAfterStep.agreed, []
+
+    def agreed(self, device, world):
+        looks.append(real(self, device, world))
+        if len(looks) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return looks[-1]
+    monkeypatch.setattr(machine.StopAfterStep, "agreed", agreed)
+
+
+def _stop_as_the_loop_gives_the_signals_back(monkeypatch):
+    """Ctrl-C the moment the loop's handlers are given back (once: a second giving back changes nothing)."""
+    real, sent = machine.StopAfterStep.restore, []
+
+    def restore(self):
+        real(self)
+        if not sent:
+            sent.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(machine.StopAfterStep, "restore", restore)
+
+
+def _stop_once_the_table_is_printed(monkeypatch):
+    """Ctrl-C after the table of scores, before results.json is written."""
+    real = evaluation.print_results
+    monkeypatch.setattr(evaluation, "print_results", lambda *a: real(*a) or os.kill(os.getpid(), signal.SIGINT))
+
+
+@pytest.mark.parametrize("stop", [_stop_after_the_loops_last_look, _stop_as_the_loop_gives_the_signals_back,
+                                  _stop_once_the_table_is_printed])
+def test_a_stop_anywhere_between_the_last_step_and_results_json_says_how_to_score_and_exits_130(
+        run_data, tmp_path, monkeypatch, capsys, stop):
+    """Past the loop's last look at a stop and before the scoring's try, a stop was lost (the run scored on) or
+    died by SIGINT without a word; after the table, before results.json, it died so too. Each now says, as a stop
+    while scoring does, that the adapters are saved and how to score them, and exits with machine.INTERRUPTED; what
+    it says works."""
+    out = tmp_path / "run"
+    flags = train_flags(run_data, out, "--max_iters=2", "--eval_iters=0", "--threads=1")
+    stop(monkeypatch)
+    assert main_exit_code(flags) == machine.INTERRUPTED
+    assert capsys.readouterr().out.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score "
+                                            "them with the same command plus --eval_only=True\n")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2 and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert main_exit_code(flags + ["--eval_only=True"]) == 0
+    assert json.loads((out / "results.json").read_text())["scores"].keys() == evaluation.load_eval_sets(
+        {"eval_dir": str(run_data / "test"), "eval_limit": 0}).keys()
+
+
 def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_every_rank(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     for master in (False, True):
@@ -2239,8 +2315,12 @@ def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_
     """Right after a step's checkpoint there is nothing to write again (at 7B, minutes of a SIGTERM's grace period);
     a stop at once keeps the last checkpoint, that of step 0 too (a run stopped before its first step, resumed)."""
     saves = []
-    monkeypatch.setattr(train.checkpoint, "save_checkpoint", lambda r, raw, opt, step, **kw: saves.append(step))
-    r, stop = train.Run({"out_dir": str(tmp_path)}), machine.StopAfterStep(True)
+
+    def save_checkpoint(r, raw, opt, step, **kw):  # as the real one: ckpt.pt written, the run's checkpoint now
+        saves.append(step)
+        r.written = step
+    monkeypatch.setattr(train.checkpoint, "save_checkpoint", save_checkpoint)
+    r, stop = train.Run({"out_dir": str(tmp_path)}, written=3), machine.StopAfterStep(True)  # the loop's, just now
     assert train.stop_run(r, None, None, stop, 3, 3) == 3 and saves == []
     assert f"checkpoint of step 3 written to {tmp_path}" in capsys.readouterr().out
     assert train.stop_run(r, None, None, stop, 4, 3) == 4 and saves == [4]

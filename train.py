@@ -10,6 +10,10 @@ Configuration: the defaults below, then config files (plain Python assignments),
 configurator.py (an unknown key or a wrong type is an error naming the key). Reading order: main -> train (resume
 config, processes, the demo's files) -> run (setup, restore, train_step's loop) -> finish (scores: evaluation.py).
 """
+if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+    import errors
+    errors.quiet_ctrl_c()
+
 import difflib
 import json
 import math
@@ -33,7 +37,6 @@ import files
 import machine
 import memory
 import minicme
-import tasks
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
 from errors import UserError, run_script
@@ -719,7 +722,10 @@ def run(r, ckpt=None):
                 since, tokens, saved = time.time(), 0, step
             if stop.agreed(r.device, r.world):  # Ctrl-C or SIGTERM on any process: all stop after this same step
                 raise KeyboardInterrupt  # and save it below
-    except KeyboardInterrupt:
+        summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
+        bar.close()
+        return finish(r, model, summary, val_ds, stop)  # the scoring gives the signals back: a stop now is its own
+    except KeyboardInterrupt:  # a stop in the loop (or a second Ctrl-C before the scoring gave the signals back)
         bar.close()
         return {**summary, "interrupted": True, "step": stop_run(r, raw, opt, stop, step, saved)}
     finally:
@@ -727,8 +733,6 @@ def run(r, ckpt=None):
         bar.close()
         if log:
             log.close()
-    summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
-    return finish(r, model, summary, val_ds)
 
 
 def stop_run(r, raw, opt, stop, step, saved):
@@ -739,11 +743,11 @@ def stop_run(r, raw, opt, stop, step, saved):
             checkpoint.save_checkpoint(r, raw, opt, step, validated=r.unvalidated != step)
             saved = step
     saved = step if r.written == step else saved  # a save cut short after ckpt.pt: a resume writes adapter.pt again
-    if saved == step:
+    if r.written == step:
         r.say(f"\ninterrupted: checkpoint of step {step} written to {r.cfg['out_dir']}; continue with {r.resume_with}")
-    elif saved is not None:
-        r.say(f"\nstopped at once: the checkpoint of step {saved} in {r.cfg['out_dir']} is kept; continue with "
-              f"{r.resume_with}")
+    elif saved is not None:  # the one resumed from, its validation again cut short; or a second Ctrl-C's
+        r.say(f"\n{'stopped at once' if stop.forced else 'interrupted'}: the checkpoint of step {saved} in "
+              f"{r.cfg['out_dir']} is kept; continue with {r.resume_with}")
     else:  # a new run stopped before its first checkpoint: its log.jsonl is there, in the way if a step is in it
         same = r.resume_with == "the same command" or checkpoint.logged_nothing(r.cfg["out_dir"])
         again = "the same command" if same else "the run with --overwrite=True"
@@ -751,25 +755,11 @@ def stop_run(r, raw, opt, stop, step, saved):
     return saved or 0
 
 
-def finish(r, model, summary, val_ds=None):
-    """Score the run on its evaluation sets, print the table and write results.json (evaluation.results_path)."""
-    if not r.cfg["eval_dir"]:
-        return summary
-    if (scored := evaluation.score(model, r, val_ds, summary)) is None:  # stopped, saying how to score the run
+def finish(r, model, summary, val_ds=None, stop=None):
+    """Score the run on its evaluation sets: evaluation.score prints the table and writes results.json (stop: the
+    loop's, whose signals it gives back, see there)."""
+    if r.cfg["eval_dir"] and not evaluation.score(model, r, val_ds, summary, stop):  # stopped, saying how to score
         return {**summary, "interrupted": True}  # main exits as after a stop in training
-    scores, loads = scored
-    chance = {name: tasks.chance_level(task, records) for name, (task, records) in r.eval_sets.items()}
-    summary.update(scores=scores, chance=chance, expert_load={k: v.tolist() for k, v in loads.items()})
-    if r.master:
-        evaluation.print_results(scores, chance, loads, r.cfg)
-        results = {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
-        path = evaluation.results_path(r.cfg)  # a re-scoring on other sets keeps the run's results.json
-        try:
-            files.write_atomic(path, json.dumps(results, indent=1))
-        except OSError as e:  # a full disk: the scores are printed above, the adapters saved
-            saved, again = evaluation.kept(r.cfg)
-            raise UserError(f"could not write {path} ({e.strerror or e}); {saved}: free space there, then score them "
-                            f"again with {again}.") from None
     return summary
 
 
