@@ -207,7 +207,7 @@ def _file_kind(path):
         raise UserError(f"{path} is UTF-16 text, not UTF-8; save it as UTF-8")
     if head[:1] == b"[":
         return "list"
-    if head[:1] == b"{" and head.split(b"\n", 1)[0].strip() == b"{":  # never a whole JSONL record
+    if head[:1] == b"{" and head.splitlines()[0].strip() == b"{":  # never a whole JSONL record
         raise UserError(f"{path} holds one JSON object spread over lines, not a list of records; save the records "
                         "as a JSON list, or as JSONL (one record per line)")
     if head[:1] == b"{":
@@ -222,8 +222,8 @@ def _records(path, kind):
         for i, record in _iter_json_list(path):
             yield f"{path} record {i}", record
         return
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # lines as text mode reads them (read_jsonl): a lone \r ends one too (old Macs)
+        for n, line in enumerate((piece for chunk in f for piece in chunk.splitlines(keepends=True)), 1):
             if n == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
                 line = line[3:]
             if line.strip():

@@ -268,6 +268,15 @@ def check_openable_by_torch(cfg, keys, read_by_python=()):
                             "path.") from None
 
 
+def check_run_paths(cfg, keys, script="train.py"):
+    """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a missing one is put back."""
+    for key in keys:
+        if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
+            fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
+                   f"run {script} in the folder that train.py ran in (the run's paths are relative to it)")
+            raise UserError(f"the run's {key} {cfg[key]} is not found from here; {fix}.")
+
+
 def flag_path(text):
     """A path given as a flag's value, ~ expanded: the shell does it in `--out ~/x` but not in --out=~/x, which
     would make a folder named ~ here (and the `rm -rf ~` that removes it would wipe the home folder)."""

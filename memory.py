@@ -64,3 +64,19 @@ def estimate(args, n_base, n_train, cfg, world, micro):
     scoring = weights + held + kv_cache + eval_tokens * args.ffn_hidden_dim * (3 * wbytes + 4)
     return {"weights": weights, "adapter": adapter, "activations": activations, "logits": logits, "total": total,
             "kv_cache": kv_cache, "scoring": scoring}
+
+
+ADDRESSABLE = 2**64  # bytes: no 64-bit machine can address more, let alone hold it
+
+
+def addressable(est, cfg, micro):
+    """The estimate est as it is, unless training or scoring would need more bytes per GPU than a 64-bit machine can
+    address: then one sentence naming the sizes and their flags (a max_len or batch near 2**63 passes train.py's
+    range checks, and the run itself cuts records to max_len)."""
+    training = ("total", f"a micro-batch of {micro} rows", "--max_len (longer records are cut to it) or --batch_size")
+    scoring = ("scoring", f"scoring {cfg['eval_batch_size']} prompts", "--eval_batch_size or --max_len")
+    for term, what, fix in (training, scoring):
+        if est[term] >= ADDRESSABLE:
+            raise ValueError(f"{what} of up to max_len={cfg['max_len']} tokens would need about {est[term]:.1e} bytes "
+                             f"per GPU, more than a 64-bit machine can address; lower {fix}.")
+    return est

@@ -42,6 +42,7 @@ from files import LOCK, blocked_parent, flag_path, hold, let_go, read_json, remo
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
+VOCAB_SIZE = 2000  # the suite's tokenizer: SentencePiece makes exactly this many pieces, or refuses
 HELD_OUT = 0.3  # share of facts that only corpus.txt states: the QA and choice test sets ask these
 GENRES = ["drama", "comedy", "western", "thriller", "musical", "documentary", "romance", "horror", "mystery", "fantasy"]
 JOBS = {"film director": "spends long days on film sets", "painter": "mixes colours all day",
@@ -517,7 +518,7 @@ def _check_out_dir(out_dir):
 
 
 def make_suite(out_dir, seed=0, n_train_per_task=1500, n_test_per_task=150, n_val_per_task=100, corpus_docs=6000,
-               vocab_size=2000):
+               vocab_size=VOCAB_SIZE):
     """Write mini-CME to out_dir and return its summary:
         train.jsonl         every task's training records, shuffled: the official format plus "task"
         val/<task>.jsonl    one validation set per task, for choices (learning rates): never the test set

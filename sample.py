@@ -26,6 +26,7 @@ import torch
 import checkpoint
 import data
 import evaluation
+import files
 import machine
 import train
 from errors import Parser, UserError, exit_with, printable, run_script
@@ -51,7 +52,7 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
     if max_new_tokens and context is not None:
         prompt_room(max_new_tokens, context)
     cfg = {**saved, "device": device, **LOADING}
-    train.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
+    files.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
     r = train.Run(cfg, device=torch.device(machine.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
     checkpoint.check_tokenizer(ckpt, r.tok, path)  # as train.restore does (a resume, a re-scoring)
     model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)

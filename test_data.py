@@ -1575,6 +1575,30 @@ def test_a_file_that_starts_with_many_blank_lines_prepares_like_one_without_not_
         prepare([tmp_path / "blank.jsonl"], tiny_spm, tmp_path / "out", workers=1)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jsonl_with_old_mac_line_ends_prepares_as_read_jsonl_reads_it_and_names_lines_as_it_does(tmp_path, tiny_spm,
+                                                                                                 workers):
+    """A file whose lines end in a lone carriage return (old Macs) was one line to prepare, refused as 'line 1: not
+    valid JSON (Extra data, ...)', while read_jsonl (evaluation sets, tasks.py) reads its records in text mode.
+    prepare reads the lines text mode reads: the same shards as from \\n, a broken record named by its line."""
+    records = [{"instruction": f"say {i}", "input": "in\r\nput" * i, "output": f"w{i}"} for i in range(5)]
+    for name, end in (("lf.jsonl", "\n"), ("cr.jsonl", "\r"), ("mixed.jsonl", None)):
+        ends = [end] * 5 if end else ["\r", "\r\n", "\n", "\r", "\r\n"]
+        (tmp_path / name).write_bytes("".join(json.dumps(r) + e for r, e in zip(records, ends)).encode())
+        assert [obj for _, obj in data.read_jsonl(tmp_path / name)] == records
+        prepare([tmp_path / name], tiny_spm, tmp_path / f"out_{name}", workers=workers, quiet=True)
+        assert shard_records(tmp_path / f"out_{name}") == shard_records(tmp_path / "out_lf.jsonl"), name
+    (tmp_path / "broken.jsonl").write_bytes(f"{GOOD}\r{GOOD}\r\n{GOOD[:-5]}\r{GOOD}\r".encode())
+    line = re.escape(f"{tmp_path / 'broken.jsonl'} line 3")
+    with pytest.raises(UserError, match=f"^{line} is not valid JSON"):
+        list(data.read_jsonl(tmp_path / "broken.jsonl"))
+    with pytest.raises(UserError, match=f"^{line}: not valid JSON"):
+        prepare([tmp_path / "broken.jsonl"], tiny_spm, tmp_path / "out", workers=workers)
+    (tmp_path / "pretty.jsonl").write_bytes(json.dumps(records[0], indent=1).replace("\n", "\r").encode())
+    with pytest.raises(UserError, match="holds one JSON object spread over lines, not a list of records"):
+        prepare([tmp_path / "pretty.jsonl"], tiny_spm, tmp_path / "out", workers=workers)
+
+
 def test_worker_processes_hold_a_bounded_number_of_chunks_in_flight_whatever_the_input_size(monkeypatch):
     """prepare's memory is bounded by the chunks in flight, not by the input: with a pool that answers at once, the
     most chunks handed out before their results are read is the same for 40 chunks as for 400, and the results

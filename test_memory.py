@@ -510,3 +510,29 @@ def test_a_rank_more_keeps_what_the_adapters_weighted_z_adds_per_token(adapter):
         return kept, memory.estimate(args, n_base, 0, cfg, 1, 1)["activations"]
     (kept, est), (kept_more, est_more) = saved_and_estimated(16), saved_and_estimated(20)
     assert kept_more - kept == est_more - est > 0
+
+
+@pytest.mark.parametrize("key", ["max_len", "eval_batch_size", "batch_size"])
+def test_a_size_no_64_bit_machine_can_address_is_refused_naming_its_flag_and_any_less_is_estimated(key):
+    """A max_len or eval_batch_size near 2**63 (in check_config's range) printed an estimate of 10**16 GiB per GPU:
+    from 2**64 bytes, what a 64-bit machine can address, training's or scoring's size is refused, naming the flag."""
+    def sized(value):  # (estimate, config) with key at value; batch_size: the micro-batch, on one GPU
+        cfg = {**MEMORY_CFG, key: value}
+        micro = value if key == "batch_size" else 4
+        return _estimate(micro=micro, world=1, **cfg), cfg, micro
+
+    def needs(value):
+        est = sized(value)[0]
+        return max(est["total"], est["scoring"])
+
+    low, high = MEMORY_CFG[key], 2**63 - 1  # the largest value still below 2**64 bytes, by bisection
+    assert needs(low) < memory.ADDRESSABLE <= needs(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if needs(mid) < memory.ADDRESSABLE else (low, mid)
+    est, cfg, micro = sized(low)
+    assert memory.addressable(est, cfg, micro) is est
+    for huge in (high, 2**63 - 1):
+        refused = rf"\b{huge}\b.* more than a 64-bit machine can address; lower .*--{key}\b"
+        with pytest.raises(ValueError, match=refused):
+            memory.addressable(*sized(huge))

@@ -1103,6 +1103,53 @@ def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_i
     assert (tmp_path / "taken").read_text() == "a file"
 
 
+def test_the_demos_dry_run_before_its_base_is_built_describes_the_base_the_run_pretrains_first(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """Before its base was built, the demo's dry run described the `model` preset as it stands (small: a vocabulary
+    of 2,048, 512 positions), not the base the run pretrains first (minicme.PRETRAIN, sized by the tokenizer the demo
+    builds: 2,000 pieces, 256 positions): it counted other parameters than the run trained, and passed a max_len that
+    the run refused. It now describes that base, before its tokenizer is built and after."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")  # a quick pretraining: the dry run reads PRETRAIN too
+    monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 2)
+    monkeypatch.setitem(minicme.PRETRAIN, "eval_interval", 2)
+    flags = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--eval_dir=", "--batch_size=8"]
+    dry = train.train(train.parse_config([*flags, "--dry_run=True"]))
+    assert f"vocabulary {minicme.VOCAB_SIZE:,} (that of the tokenizer the demo builds first)" in capsys.readouterr().out
+    fails([*flags, "--dry_run=True", "--batch_mode=pack", "--max_len=300"], capsys, "the 256 tokens the base model")
+    assert not os.path.exists("data")  # a dry run builds nothing
+    run = train.train(train.parse_config(flags))
+    assert (dry["base_params"], dry["trainable_params"]) == (run["base_params"], run["trainable_params"])
+    os.remove(minicme.DEMO["init_from"])  # the tokenizer is there, the base is not (yet)
+    again = train.train(train.parse_config([*flags, "--dry_run=True"]))
+    assert f"vocabulary {minicme.VOCAB_SIZE:,} (the tokenizer's)" in capsys.readouterr().out
+    assert (again["base_params"], again["trainable_params"]) == (run["base_params"], run["trainable_params"])
+
+
+@pytest.mark.parametrize("flag, what", [(f"--max_len={2**63 - 1}", "a micro-batch of 8 rows of up to max_len="),
+                                        (f"--eval_batch_size={2**62}", f"scoring {2**62} prompts of up to max_len=")])
+def test_the_dry_run_refuses_sizes_no_64_bit_machine_can_address_instead_of_estimating_them(run_data, tmp_path,
+                                                                                           capsys, flag, what):
+    """A model from scratch attends over max_len tokens, so check_config lets max_len reach 2**63 - 1: the dry run
+    printed 'about 13985787905310720.0 GiB' per GPU as an estimate. Past what a 64-bit machine can address it is
+    one sentence naming the flags to lower."""
+    fails(train_flags(run_data, tmp_path / "run", flag, "--dry_run=True"), capsys, what,
+          "bytes per GPU, more than a 64-bit machine can address; lower --")
+
+
+@pytest.mark.parametrize("target, module", [("1", "layers.1, a TransformerBlock"),
+                                            ("w2,feed_forward", "layers.0.feed_forward, a FeedForward")])
+def test_a_target_naming_a_module_that_is_not_a_linear_layer_is_refused_naming_the_linear_layers(
+        run_data, tmp_path, capsys, target, module):
+    """--targets=1 (a number where layer names belong) matched layers.1, a whole block, and teamlora.inject's advice
+    was to dequantise it; the run and the dry run say that targets are linear layers' names, and list this model's."""
+    wrong = target.split(",")[-1]
+    for more in (["--dry_run=True"], []):
+        fails(train_flags(run_data, tmp_path / "run", f"--targets={target}", "--eval_dir=", *more), capsys,
+              f"target '{wrong}' names {module}, not a linear layer; ", "this model's: wq,wk,wv,wo,w1,w2,w3,output")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_resume_on_token_shards_prepared_again_otherwise_is_refused_and_on_its_own_goes_on(run_data, tmp_path,
                                                                                            capsys):
     """data_dir cannot change on a resume, but what it holds can (`data.py prepare` again into the same --out): a run
@@ -2366,10 +2413,10 @@ def test_a_runs_relative_path_that_is_not_found_says_to_run_in_the_folder_train_
     with pytest.raises(train.UserError, match=r"^the run's tokenizer data/tok\.model is not found from here; run "
                                               r"sample\.py in the folder that train\.py ran in \(the run's paths are "
                                               r"relative to it\)\.$"):
-        train.check_run_paths(cfg, ["tokenizer", "init_from"], "sample.py")
+        files.check_run_paths(cfg, ["tokenizer", "init_from"], "sample.py")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "tok.model").write_text("found")
-    train.check_run_paths(cfg, ["tokenizer", "init_from"])  # scratch is no path
+    files.check_run_paths(cfg, ["tokenizer", "init_from"])  # scratch is no path
 
 
 def test_eval_only_of_a_demo_run_on_an_out_dir_that_cannot_be_written_is_refused_before_the_base_is_pretrained_again(

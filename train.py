@@ -59,7 +59,7 @@ batch_size = 16  # examples per optimizer step, over all processes and accumulat
 grad_accum = 1
 # model
 init_from = "data/mini_cme/base.pt"  # "scratch", "resume", a .pt written by train.py, or a Meta/HF folder
-model = "small"  # the ModelArgs preset of init_from="scratch" (and of a dry run whose init_from is not on disk)
+model = "small"  # the ModelArgs preset of init_from="scratch" and of a dry run's base not on disk (the demo's excepted)
 activation_checkpointing = False  # recompute each block in backward: activation memory traded for a second forward
 compile = False  # torch.compile each transformer block (adapters inside); see bench.py for what it pays
 threads = 0  # CPU threads for torch; 0: the cores not already busy when the run starts (at least 1)
@@ -271,9 +271,14 @@ def init_adapters(model, seed):
 
 def inject_targets(model, cfg):
     """The adapters on cfg's targets, each target's name and width checked before any of its adapters is made."""
+    linear = dict.fromkeys(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     for target in dict.fromkeys(t.strip() for t in cfg["targets"].split(",") if t.strip()):
-        width = min([min(m.in_features, m.out_features) for n, m in model.named_modules()  # none: inject refuses
-                     if isinstance(m, torch.nn.Linear) and (n == target or n.endswith("." + target))], default=2**63)
+        found = [(n, m) for n, m in model.named_modules() if n == target or n.endswith("." + target)]
+        for name, module in [(n, m) for n, m in found if n not in linear][:1]:  # --targets=1: layers.1, a block
+            names = ",".join(dict.fromkeys(n.rpartition(".")[2] for n in linear))
+            raise UserError(f"target '{target}' names {name}, a {type(module).__name__}, not a linear layer; targets "
+                            f"are linear layers' names, this model's: {names} (e.g. --targets=w1,w2,w3).")
+        width = min([min(m.in_features, m.out_features) for _, m in found], default=2**63)  # none: inject refuses
         for key in [k for k in ("r", "experts") if adapter_kwargs(cfg)[k] > width]:
             raise UserError(f"{key}={cfg[key]} is more than target {target}'s width of {width} features, where A, B or "
                             f"the router alone would outgrow the weight it adapts; set --{key}={width} or less.")
@@ -364,20 +369,11 @@ def resume_config(cfg):
         raise UserError(f"{', '.join(fixed)} cannot change when resuming or re-scoring (the run was {was}); "
                         f"only {', '.join(RESUME_MAY_CHANGE)} can.")
     cfg = {**saved, **{k: cfg[k] for k in changed}}
-    check_run_paths(cfg, [k for k in ("tokenizer", "init_from") if cfg[k] != minicme.DEMO[k]])  # the demo's: rebuilt
+    files.check_run_paths(cfg, [k for k in ("tokenizer", "init_from") if cfg[k] != minicme.DEMO[k]])  # demo's: rebuilt
     if cfg["max_iters"] < ckpt["iter"] and not cfg["eval_only"]:
         raise UserError(f"{path} is at step {ckpt['iter']}, past max_iters={cfg['max_iters']}: raise --max_iters to "
                         "train on, or pass --eval_only=True to score it.")
     return cfg, ckpt
-
-
-def check_run_paths(cfg, keys, script="train.py"):
-    """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a missing one is put back."""
-    for key in keys:
-        if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
-            fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
-                   f"run {script} in the folder that train.py ran in (the run's paths are relative to it)")
-            raise UserError(f"the run's {key} {cfg[key]} is not found from here; {fix}.")
 
 
 def build_demo(cfg, resuming=False):
@@ -769,12 +765,16 @@ def finish(r, model, summary, val_ds=None, stop=None):
 
 def check_full_config(cfg, say=print):
     src, vocab = cfg["init_from"], ""  # vocab: from scratch, what sized the embedding
-    name = cfg["model"] if src == "scratch" or not os.path.exists(src) else src  # a preset describes a base not on disk
-    if src == "scratch":  # as in a run, the keyword, never a folder so named; sized by the tokenizer, once it is there
-        tok = os.path.exists(cfg["tokenizer"]) and Tokenizer(cfg["tokenizer"]).vocab_size
-        args = scratch_args(cfg, tok or ModelArgs.from_name(name).vocab_size)
-        vocab = f", vocabulary {args.vocab_size:,} " + (
-            "(the tokenizer's)" if tok else f"(the preset's, until the tokenizer {cfg['tokenizer']} is there)")
+    demo = src == minicme.DEMO["init_from"] and not os.path.exists(src)  # the run pretrains it first (build_demo)
+    made = {**cfg, **minicme.PRETRAIN} if demo else cfg  # the settings of a base made from scratch
+    name = made["model"] if src == "scratch" or not os.path.exists(src) else src  # a preset: a base not on disk
+    if src == "scratch" or demo:  # as in a run, the keyword, never a folder so named; sized by the tokenizer
+        tok = os.path.exists(made["tokenizer"]) and Tokenizer(made["tokenizer"]).vocab_size
+        args = scratch_args(made, tok or (minicme.VOCAB_SIZE if demo else ModelArgs.from_name(name).vocab_size))
+        why = "the tokenizer's" if tok else "that of the tokenizer the demo builds first" if demo else \
+            f"the preset's, until the tokenizer {cfg['tokenizer']} is there"
+        vocab = f", vocabulary {args.vocab_size:,} ({why})"
+        name = f"{name} (the demo's base, pretrained first)" if demo else name
     elif not os.path.exists(src):
         args = ModelArgs.from_name(name)
     elif os.path.isdir(src):
@@ -790,7 +790,7 @@ def check_full_config(cfg, say=print):
         inject_targets(model, cfg)
     n_train = sum(p.numel() for p in trainable(model))
     world, micro = machine.dry_run_split(cfg)
-    est = memory.estimate(args, n_base, n_train, cfg, world, micro)
+    est = memory.addressable(memory.estimate(args, n_base, n_train, cfg, world, micro), cfg, micro)
     say(f"model {name}: {n_base:,} base parameters, "
         f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}{vocab}")
     experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
