@@ -1,8 +1,10 @@
 """
 Checkpoints of train.py: what a run saves and how it loads it back, on one process or sharded (FSDP).
 
-    out_dir/ckpt.pt      {"state", "optimizer", "iter", "config", "rng", "model_args", "base", "data", "tokenizer"}:
-                         an exact resume; the last three are fingerprints of the base, the shards and the tokenizer
+    out_dir/ckpt.pt      {"state", "optimizer", "iter", "validated", "config", "rng", "model_args", "base", "data",
+                         "tokenizer"}: an exact resume; validated is False where a stop cut the step's validation
+                         short (the resume runs it first); the last three are fingerprints of the base, the shards and
+                         the tokenizer
     out_dir/adapter.pt   the adapter tensors by name (teamlora.load_adapter_state_dict reads it)
     out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
 

@@ -1,7 +1,7 @@
 """The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
 model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; each script's
-entry, run_script; and Parser, the argparse of the scripts with flags (train.py and study.py read theirs with
-configurator.py)."""
+entry, run_script (and quiet_ctrl_c, which each script calls before its imports); and Parser, the argparse of the
+scripts with flags (train.py and study.py read theirs with configurator.py)."""
 import argparse
 import contextlib
 import difflib
@@ -101,9 +101,9 @@ def quiet_ctrl_c():
 def run_script(main):
     """A script's entry: main(), ended quietly when the reader of its output has gone (`python train.py --help | head
     -3`) rather than with a BrokenPipeError's traceback; exit code 1, as Python's documentation does it. Ctrl-C where
-    main does not take it (train.py takes it in its loop) ends the script without a traceback, by SIGINT as Python
-    ends, so that a shell loop running it stops too. Output to a full disk is one sentence (exit code 2), as
-    exit_with ends."""
+    main does not take it (train.py takes it in its loop and its scoring) ends the script without a traceback, by
+    SIGINT as Python ends, so that a shell loop running it stops too. Output to a full disk is one sentence (exit code
+    2), as exit_with ends."""
     flush = lambda: sys.stdout and sys.stdout.flush()  # None: started with no stdout (>&-)
     if hasattr(sys.stdout, "reconfigure"):  # a stdout not in UTF-8 (PYTHONIOENCODING=ascii, a Windows file): the
         sys.stdout.reconfigure(errors="backslashreplace")  # table's bars and ± as escapes, not a traceback

@@ -5,6 +5,7 @@ each task's prompts recruit (the paper's Figure 5). The functions that run the m
 Run (`r`): the config, this process's rank among `world`, the device, tokenizer, model shape and
 evaluation sets. Under torchrun each rank runs its own share, in as many batches as every other rank (under FSDP
 each to the full length too: its all-gathers need every rank's forward); the sums are all-reduced, the answers gathered.
+score does it all for train.py: the scores into its summary, the table printed, results.json written (results_path).
 """
 import contextlib
 import json
@@ -213,10 +214,11 @@ def kept(cfg):
 def score(model, r, val_ds, summary, stop=None):
     """Score a trained run on its evaluation sets: its validation loss where summary has none (a re-scoring, or a
     resume with no step left to train), each task's score and expert load put in summary, the table printed and
-    results.json written (results_path). False where Ctrl-C or SIGTERM stopped it before that file was written
-    (every CME test record on a 7B takes hours), said with the command that scores the saved adapters. stop: the
-    training loop's machine.StopAfterStep, its signals given back only here, inside the try: a stop asked since the
-    loop's last step, or at any moment after it, is this one's, never a KeyboardInterrupt that names no command."""
+    results.json written (results_path). True once done; False where Ctrl-C or SIGTERM stopped it before that file
+    was written (every CME test record on a 7B takes hours), said with the command that scores what the run saved
+    (kept). stop: the training loop's machine.StopAfterStep, its signals given back here, inside the try, not before:
+    a stop asked since the loop's last step, or at any moment after it, is this one's, never a KeyboardInterrupt that
+    names no command."""
     saved, again = kept(r.cfg)
     try:
         if stop is not None:

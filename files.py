@@ -6,7 +6,9 @@ that one process writes is refused to a second one while the first runs (hold; l
 file was deleted), a named pipe or a device given as a file to read is named (special_file) instead of read forever,
 a set of files goes into a folder with the one that says the set is complete last, once the others are on disk
 (move_into), and every script reads a JSON file one way (read_json): whatever is wrong with it is one sentence naming
-the file and the fix.
+the file and the fix. A run's paths are checked before it starts: a name torch can not open, not being UTF-8 text
+(check_openable_by_torch), and the tokenizer or base of a run resumed, re-scored or sampled that is gone since it ran
+(check_run_paths).
 """
 import codecs
 import errno
@@ -269,7 +271,8 @@ def check_openable_by_torch(cfg, keys, read_by_python=()):
 
 
 def check_run_paths(cfg, keys, script="train.py"):
-    """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a missing one is put back."""
+    """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a missing one is refused,
+    saying where to put it back (an absolute path) or where to run `script` from (a relative one)."""
     for key in keys:
         if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
             fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else

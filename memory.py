@@ -1,5 +1,6 @@
-"""What a run needs in memory per GPU, by arithmetic: train.py's dry run prints it before any weight is read,
-and bench.py sets it beside the peaks it measures. Rough by design: the big terms only."""
+"""What a run needs in memory per GPU, by arithmetic: train.py's dry run prints it before any weight is read (and
+refuses, by addressable, one no 64-bit machine could hold), and bench.py sets it beside the peaks it measures. Rough
+by design: the big terms only."""
 
 # a block's linear layers by the tensor they read: wq, wk and wv one, wo one, w1 and w3 one, w2 one (FFN-wide)
 LINEAR_INPUTS = (("wq", "wk", "wv"), ("wo",), ("w1", "w3"), ("w2",))
@@ -71,8 +72,8 @@ ADDRESSABLE = 2**64  # bytes: no 64-bit machine can address more, let alone hold
 
 def addressable(est, cfg, micro):
     """The estimate est as it is, unless training or scoring would need more bytes per GPU than a 64-bit machine can
-    address: then one sentence naming the sizes and their flags (a max_len or batch near 2**63 passes train.py's
-    range checks, and the run itself cuts records to max_len)."""
+    address: then a ValueError, one sentence naming the sizes and their flags (a max_len or batch near 2**63 passes
+    train.py's range checks, and the run itself cuts records to max_len)."""
     training = ("total", f"a micro-batch of {micro} rows", "--max_len (longer records are cut to it) or --batch_size")
     scoring = ("scoring", f"scoring {cfg['eval_batch_size']} prompts", "--eval_batch_size or --max_len")
     for term, what, fix in (training, scoring):

@@ -10,7 +10,7 @@ file format, the authors' record templates, and the writer of evaluation sets.
   format {"instruction", "input", "output"} (+ "answers" for QA). An evaluation set is a folder of
   <task>.jsonl files; train.py scores each as the task its file name names (evaluation.task_of).
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+if __name__ == "__main__":  # before the imports: a Ctrl-C while numpy imports (data.py's) shows no traceback
     import errors
     errors.quiet_ctrl_c()
 

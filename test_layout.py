@@ -160,6 +160,52 @@ def test_every_name_the_readme_and_results_give_is_defined_where_they_say():
     assert wrong == []
 
 
+def module_docstring(module):
+    return ast.get_docstring(ast.parse((REPO / f"{module}.py").read_text(encoding="utf-8"))) or ""
+
+
+def test_every_name_a_files_docstring_gives_is_defined_where_it_says():
+    """A file's docstring is what a reader reads first: a function it names (`make_suite()`, "(write_atomic)", the
+    "Reading order: main -> train -> ..." of train.py) that was renamed or moved leaves it naming nothing. A name of
+    ours given alone is the file's own (defined or imported there), `module.name` that module's; every step of a
+    reading order is a function of the file."""
+    defined = {m: defined_names(m) for m in MODULES}
+    trees = {m: ast.parse((REPO / f"{m}.py").read_text(encoding="utf-8")) for m in MODULES}
+    ours = {n.name for tree in trees.values() for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    wrong = []
+    for m, tree in trees.items():
+        text = module_docstring(m)
+        imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        named = set(re.findall(r"\b([A-Za-z_][\w.]*)\(\)", text)) | set(re.findall(r"`([A-Za-z_][\w.]*)`", text)) | \
+            set(re.findall(r"\(([A-Za-z_][\w.]*)[;:,)]", text))
+        for name in named:
+            head, _, tail = name.partition(".")
+            if head in MODULES and tail not in FILE_ENDINGS and tail not in defined[head]:
+                wrong.append(f"{m}.py: {name}")
+            elif head not in MODULES and name in ours and name not in defined[m] | imported:
+                wrong.append(f"{m}.py: {name}, defined elsewhere")
+        order = text.partition("Reading order:")[2].split(".\n")[0]
+        steps = [re.match(r"\s*(\w+)", step).group(1) for step in order.split("->")] if order else []
+        functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        wrong += [f"{m}.py: reading order's {step}" for step in steps if step not in functions]
+    assert wrong == []
+
+
+def test_checkpoint_pys_docstring_lists_the_keys_each_file_is_saved_with():
+    """checkpoint.py's docstring shows what ckpt.pt and model.pt hold: the keys of the dicts save_checkpoint and
+    save_weights write (a key added to one, "validated", was missing from it)."""
+    tree = ast.parse((REPO / "checkpoint.py").read_text(encoding="utf-8"))
+    shown = {f: set(re.findall(r'"(\w+)"', re.search(rf"out_dir/{f}\s+[^{{]*\{{([^}}]*)\}}", module_docstring(
+        "checkpoint"), flags=re.S).group(1))) for f in ("ckpt.pt", "model.pt")}
+    written = {}
+    for f, function in (("ckpt.pt", "save_checkpoint"), ("model.pt", "save_weights")):
+        body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+        dicts = [{k.value for k in n.keys} for n in ast.walk(body) if isinstance(n, ast.Dict) and n.keys
+                 and all(isinstance(k, ast.Constant) for k in n.keys)]
+        written[f] = next(d for d in dicts if {"state", "model"} & d)
+    assert shown == written
+
+
 def names_in(name, module):
     """The names a module-level `name = (...)`, `{...}` or `dict(...)` of module.py holds, read without importing it."""
     node = next(n.value for n in ast.parse((REPO / f"{module}.py").read_text(encoding="utf-8")).body

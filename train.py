@@ -405,7 +405,7 @@ def build_demo(cfg, resuming=False):
             summary = run(Run(pre, device=dev, resume_with="the same command"), ckpt)
         finally:
             torch.set_num_threads(threads)
-        if summary.get("interrupted"):  # its checkpoint is written, and run() said to run the same command again
+        if summary.get("interrupted"):  # run() said to run the same command again (from its checkpoint, if any)
             return summary
         os.replace(os.path.join(pretrain["out_dir"], "model.pt"), cfg["init_from"])
         os.remove(os.path.join(pretrain["out_dir"], "ckpt.pt"))  # done: the base is the result
