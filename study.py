@@ -748,9 +748,11 @@ def main(argv=None):
                                      "learning rates would be chosen on the test sets; give the validation sets a "
                                      "folder of their own.")
             check_runs(opts, extra, names)
-            if train.build_demo(cfg):  # the suite, its shards and the base, when the demo defaults are used
-                raise data.UserError("pretraining the demo's base was interrupted (its checkpoint is written); run the "
-                                     "study again to continue it.")
+            if stopped := train.build_demo(cfg):  # the suite, its shards and the base, when the demo defaults are used
+                kept = f"its checkpoint of step {stopped['step']} is kept" if stopped.get("step") else "before its " \
+                    "first checkpoint"
+                raise data.UserError(f"pretraining the demo's base was interrupted ({kept}); run the study again to "
+                                     "continue it.")
             # the sets the runs score, read now: a fault in eval_dir stopped the final runs, after hours of selection
             for key, folder in (("val_dir", opts["val_dir"]), ("eval_dir", cfg["eval_dir"])):
                 evaluation.load_eval_sets({key: folder, "eval_limit": 0}, key)

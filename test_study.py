@@ -1007,12 +1007,15 @@ def test_an_os_error_while_the_study_prepares_is_one_line_not_a_traceback(tmp_pa
     assert stop.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
 
 
-def test_an_interrupted_pretraining_of_the_demos_base_stops_the_study_in_one_sentence(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(study.train, "build_demo", lambda cfg: {"interrupted": True, "step": 3})
+@pytest.mark.parametrize("step, kept", [(3, "its checkpoint of step 3 is kept"), (0, "before its first checkpoint")])
+def test_an_interrupted_pretraining_of_the_demos_base_stops_the_study_in_one_sentence(tmp_path, capsys, monkeypatch,
+                                                                                       step, kept):
+    """What run() returns after a stop: the step of the checkpoint it kept, 0 where it had written none yet."""
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: {"interrupted": True, "step": step})
     with pytest.raises(SystemExit) as stop:
         study.main([f"--out={tmp_path / 'study'}"])
-    assert stop.value.code == 2 and "pretraining the demo's base was interrupted (its checkpoint is written); run " \
-        "the study again to continue it." in capsys.readouterr().err
+    assert stop.value.code == 2 and f"pretraining the demo's base was interrupted ({kept}); run the study again to " \
+        "continue it." in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
 
 
