@@ -86,7 +86,7 @@ def train_cfg(run_data, out, *flags):
 
 @pytest.fixture(autouse=True)
 def same_cpu_threads():
-    """train.train and sample.main leave torch's CPU thread count at the run's (rounding depends on it): each test
+    """train.train and sample.main give their caller's CPU thread count back, but a test may set its own: each test
     gets back the count it started with, so how many threads a test runs on does not depend on the tests before it."""
     threads = torch.get_num_threads()
     yield

@@ -153,6 +153,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     args.seed = 0 if args.seed is None else args.seed  # sampling's seed when none is given
+    threads = torch.get_num_threads()  # the caller's (a notebook's, a test's): given back when main returns
     try:
         # as train.py checks them: an empty --out_dir would read a ckpt.pt in the current folder
         train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed, "out_dir": args.out_dir})
@@ -175,6 +176,8 @@ def main(argv=None):
                 print(f"(experts, last {r.cfg['load_layers']} layers; even = {1 / len(load):.2f}: {shares})")
     except (UserError, ValueError, FileNotFoundError) as e:  # weights.py's missing weight file, as train.py takes it
         exit_with(str(e), "sample.py: ")  # a str: exit_with's words for an OSError are about writing
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -1493,6 +1493,19 @@ def test_tiktoken_file_skips_blank_lines_and_names_a_corrupt_line(tmp_path):
         Tokenizer(tmp_path / "bad.model")
 
 
+@pytest.mark.parametrize("before", [b"\n", b"\r\n \n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n"])
+def test_a_tiktoken_file_with_a_bom_or_blank_lines_before_its_first_token_reads_as_the_clean_file(tmp_path, before):
+    """As tiktoken's own reader takes them (and this one takes blank lines further on): the file was called neither a
+    SentencePiece model nor a tiktoken file, its user told to pass the tokenizer.model they had passed."""
+    pytest.importorskip("tiktoken")
+    write_tiktoken_file(tmp_path / "clean.model")
+    (tmp_path / "saved.model").write_bytes(before + (tmp_path / "clean.model").read_bytes())
+    clean, saved = Tokenizer(tmp_path / "clean.model"), Tokenizer(tmp_path / "saved.model")
+    assert (saved.kind, saved.vocab_size, saved.bos_id, saved.eos_id) == ("tiktoken", clean.vocab_size, clean.bos_id,
+                                                                          clean.eos_id)
+    assert saved.encode("hello world héllo", bos=True) == clean.encode("hello world héllo", bos=True)
+
+
 def test_hf_tokenizer_config_may_give_its_tokens_as_added_token_objects(tmp_path):
     plain = Tokenizer(hf_tokenizer_folder(tmp_path / "plain", bos="<|im_start|>", eos="<|im_end|>"))
     folder = hf_tokenizer_folder(tmp_path / "objects")

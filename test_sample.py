@@ -229,7 +229,31 @@ def test_by_default_ten_records_are_answered_greedily_with_up_to_64_new_tokens_o
     monkeypatch.setattr(sample.machine, "cpu_threads", lambda cfg: 3 if cfg == {"threads": 0} else None)
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     sample.main(["--records", str(tmp_path / "r.jsonl")])
-    assert asked == [(f"q{i}", (64, 0.0, 1.0, 0)) for i in range(10)] and threads == [3]
+    # 3 for the answers, then the caller's count back
+    assert asked == [(f"q{i}", (64, 0.0, 1.0, 0)) for i in range(10)] and threads == [3, torch.get_num_threads()]
+
+
+def test_main_gives_the_callers_cpu_thread_count_back_when_it_returns_or_fails(tmp_path, monkeypatch, capsys):
+    """main sets torch's threads for its answers; a notebook or test that calls it keeps its own count afterwards,
+    whether every record is answered or one is refused."""
+    (tmp_path / "r.jsonl").write_text(json.dumps({"instruction": "q"}) + "\n")
+    monkeypatch.setattr(sample, "load_run", lambda out_dir, device, max_new_tokens: (None, argparse.Namespace(
+        device=torch.device("cpu"))))
+    monkeypatch.setattr(sample.machine, "cpu_threads", lambda cfg: 1)
+    seen = []
+    monkeypatch.setattr(sample, "answer", lambda *args: seen.append(torch.get_num_threads()) or ("", None, False))
+    torch.set_num_threads(3)  # the caller's (conftest gives the test's count back)
+    sample.main(["--records", str(tmp_path / "r.jsonl")])
+    assert seen == [1] and torch.get_num_threads() == 3
+
+    def refused(*args):
+        seen.append(torch.get_num_threads())
+        raise data.UserError("stand-in for a record that is refused")
+
+    monkeypatch.setattr(sample, "answer", refused)
+    with pytest.raises(SystemExit):
+        sample.main(["--records", str(tmp_path / "r.jsonl")])
+    assert seen == [1, 1] and torch.get_num_threads() == 3 and "stand-in" in capsys.readouterr().err
 
 
 def test_an_input_without_an_instruction_is_refused_not_dropped(tmp_path, capsys):

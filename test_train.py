@@ -1178,10 +1178,11 @@ def test_an_interrupted_demo_pretraining_continues_where_it_stopped(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(minicme.PRETRAIN, "max_iters", 4)
     monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
-    real_get_batch = data.get_batch
+    real_get_batch, threads = data.get_batch, []
 
     def interrupt_pretraining_at_step_2(dataset, step, *a, **k):
         if step == 2 and "pack" in a:  # the pretraining packs its batches, the fine-tuning pads them
+            threads.append(torch.get_num_threads())
             raise KeyboardInterrupt
         return real_get_batch(dataset, step, *a, **k)
 
@@ -1194,7 +1195,7 @@ def test_an_interrupted_demo_pretraining_continues_where_it_stopped(tmp_path, mo
     assert "continue with the same command" in out and "--init_from=resume" not in out  # one instruction, not two
     assert not (tmp_path / "data/mini_cme/base.pt").exists()  # a half-trained base never passes for the base
     saved = torch.load(tmp_path / "data/mini_cme/pretrain/ckpt.pt", weights_only=True)["config"]
-    assert saved["threads"] == torch.get_num_threads()  # recorded, so the resume rounds as the run did
+    assert saved["threads"] == threads[0]  # recorded, so the resume rounds as the run did
     monkeypatch.setattr(data, "get_batch", real_get_batch)
     train.train(cfg)
     assert "resumed from data/mini_cme/pretrain/ckpt.pt at step 2" in capsys.readouterr().out
@@ -1412,6 +1413,60 @@ def test_a_resume_or_re_scoring_on_any_number_of_processes_splits_its_batches_or
                 assert named % world and named % saved == 0, e
                 for fits in (w for w in range(1, 9) if named % w == 0):
                     machine.check_batch_split(machine.keep_slices(cfg, ckpt, fits, False), fits)
+
+
+def saved_run(out_dir, **settings):
+    """A ckpt.pt in out_dir whose run had these settings (no weights: resume_config reads only its config)."""
+    cfg = train.parse_config([f"--out_dir={out_dir}", *(f"--{k}={v}" for k, v in settings.items())])
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({"state": {}, "optimizer": {}, "iter": 1, "config": cfg, "rng": [0], "model_args": {}, "base": None},
+               os.path.join(out_dir, "ckpt.pt"))
+
+
+@pytest.mark.parametrize("settings, flags", [
+    (dict(batch_size=12, grad_accum=3), ["--grad_accum=3"]),  # 16 (the default) is no multiple of 3; 12 is
+    (dict(r=9, experts=3), ["--r=9"]),  # 9 is no multiple of the default 4 experts
+    (dict(batch_size=1), [f"--max_iters={2**57}"]),  # 16 x 2**57 examples pass 2**60; 1 x 2**57 do not
+])
+def test_a_resume_checks_its_settings_together_with_its_runs_not_with_the_defaults(tmp_path, settings, flags):
+    """A resume's unset keys are its run's: a setting the user repeats (or raises) is judged beside the run's others.
+    batch_size=16, experts=4 (the defaults) were checked against them, and a valid resume refused."""
+    saved_run(tmp_path, **settings)
+    cfg, _ = train.resume_config(train.parse_config([f"--out_dir={tmp_path}", "--init_from=resume", *flags]))
+    assert {k: cfg[k] for k in settings} == settings
+
+
+@pytest.mark.parametrize("settings, flags, message", [
+    (dict(batch_size=64), [f"--max_iters={2**55}"],  # 16 (the default) x 2**55 is below 2**60; 64 x 2**55 is not
+     r"^batch_size=64 streams more examples than numpy indexes; lower --max_iters \(a resume keeps its run's "),
+])
+def test_a_resume_that_does_not_go_with_its_runs_settings_is_refused_naming_what_to_change(tmp_path, settings, flags,
+                                                                                           message):
+    """Checked on the command line's config (its defaults), these resumes passed, with the run's settings that fail."""
+    saved_run(tmp_path, **settings)
+    cfg = train.parse_config([f"--out_dir={tmp_path}", "--init_from=resume", *flags])
+    with pytest.raises(UserError, match=message):
+        train.resume_config(cfg)
+
+
+def test_train_gives_the_callers_cpu_thread_count_back_when_it_returns_or_fails(run_data, tmp_path, monkeypatch):
+    """A run sets torch's threads for itself (machine.use_cpu_threads); a notebook or test that calls train.train
+    keeps its own count afterwards, whether the run ends or fails."""
+    torch.set_num_threads(3)  # the caller's (conftest gives the test's count back)
+    seen, real_run = [], train.run
+    monkeypatch.setattr(train, "run", lambda r, ckpt: seen.append(torch.get_num_threads()) or real_run(r, ckpt))
+    train.train(train_cfg(run_data, tmp_path / "a", "--threads=1", "--eval_dir=", "--max_iters=1"))
+    assert seen == [1] and torch.get_num_threads() == 3
+
+    def failing_run(r, ckpt):
+        seen.append(torch.get_num_threads())
+        raise UserError("stand-in for a run that fails")
+
+    monkeypatch.setattr(train, "run", failing_run)
+    with pytest.raises(UserError, match="stand-in"):
+        train.train(train_cfg(run_data, tmp_path / "b", "--threads=2", "--eval_dir=", "--max_iters=1"))
+    assert seen == [1, 2] and torch.get_num_threads() == 3
 
 
 def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run_data, tmp_path, monkeypatch):

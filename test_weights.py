@@ -1272,6 +1272,20 @@ def test_meta_params_json_takes_only_metas_own_keys_each_of_its_type(tmp_path, f
 
 @pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
                                                       ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
+def test_a_null_max_position_embeddings_is_the_model_types_default_context_as_an_absent_one(tmp_path, model_type,
+                                                                                          config_class):
+    """"max_position_embeddings": null gives the context transformers' config class defaults for that model type,
+    as leaving the key out does: a Mistral's was LLaMA's 2048, refusing its sequences past that."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3")
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model, model_type) | {"max_position_embeddings": None}))
+    default = getattr(transformers, config_class)().max_position_embeddings
+    assert Transformer.from_pretrained(tmp_path).args.max_seq_len == default
+
+
+@pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
+                                                      ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
 def test_absent_hf_config_keys_take_transformers_defaults_for_the_model_type(tmp_path, model_type, config_class):
     """A config.json that gives only what it must: the rest as transformers' config class of that model type
     defaults it (KV heads, tied output, rms_norm_eps, context, rope_theta, Mistral's sliding window, Qwen3's

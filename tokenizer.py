@@ -27,8 +27,11 @@ NO_TOKEN = "\x00no token"  # the unknown token given to a BPE model that has non
 
 
 def _looks_like_tiktoken(path):
+    """Whether the file's first line is "<base64 token> <rank>", past a UTF-8 BOM and blank lines (which tiktoken's
+    own reader skips, as _load_tiktoken does)."""
     with open(path, "rb") as f:
-        first = f.readline(4096).split()
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+    first = head.split(b"\n", 1)[0].split()
     return len(first) == 2 and first[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/]+=*", first[0])
 
 
@@ -117,6 +120,7 @@ class Tokenizer:
         ranks = {}
         with open(self.path, "rb") as f:
             for n, line in enumerate(f, 1):
+                line = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line  # a BOM, as an editor may save it
                 if not line.strip():
                     continue
                 try:

@@ -134,13 +134,8 @@ def check_config(cfg):
         if not str(cfg[key]).strip():
             raise UserError(f"config key '{key}' is empty; give it a path (see the defaults in train.py).")
     files.check_openable_by_torch(cfg, ("out_dir", "tokenizer", "init_from"), ("data_dir", "eval_dir"))
-    if cfg["eval_only"] and not cfg["eval_dir"]:
+    if cfg["eval_only"] and not cfg["eval_dir"]:  # command line only: a run trained without one re-scores its val loss
         raise UserError("eval_only=True scores the run on eval_dir, which is empty; set --eval_dir.")
-    if cfg["adapter"] != "none" and not cfg["targets"].strip(" ,"):
-        raise UserError("config key 'targets' is empty; name the linear layers to adapt, e.g. --targets=w1,w2,w3.")
-    if cfg["competition"] and cfg["adapter"] in ("lora", "none", "hydralora"):
-        raise UserError(f"competition=True mixes experts' weights by a learned matrix, which adapter={cfg['adapter']}"
-                        " does not have; use adapter=teamlora or moelora, or leave competition at None.")
     choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
                "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum"), "model": tuple(PRESETS)}
     if not (cfg["competition"] is None or type(cfg["competition"]) is bool):  # 0 == False, yet `0 is not False`
@@ -155,11 +150,22 @@ def check_config(cfg):
     for key, value in cfg.items():  # past int64, numpy and torch cannot count it (sizes, positions, steps)
         if type(value) is int and value >= 2**63:
             raise UserError(f"config key '{key}' must be below 2**63, got {value}.")
-    steps = max(cfg["max_iters"], cfg["eval_iters"])  # data.py numbers the examples it streams in int64 numpy arrays
-    if (steps + data.GROUP_BATCHES) * cfg["batch_size"] >= 2**60:  # of at most 2**63 bytes, up to the last window
-        raise UserError(f"batch_size={cfg['batch_size']} streams more examples than numpy indexes; lower --batch_size.")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
         raise UserError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}.")
+    if cfg["init_from"] != "resume":  # a resume's unset keys are its run's, not the defaults: resume_config checks
+        check_combination(cfg)  # them with its run's (a run of batch_size=12 resumed with --grad_accum=3 is no error)
+
+
+def check_combination(cfg, fix="lower --batch_size"):
+    """The refusals of settings that do not go together: a resume's are checked once merged with its run's."""
+    if cfg["adapter"] != "none" and not cfg["targets"].strip(" ,"):
+        raise UserError("config key 'targets' is empty; name the linear layers to adapt, e.g. --targets=w1,w2,w3.")
+    if cfg["competition"] and cfg["adapter"] in ("lora", "none", "hydralora"):
+        raise UserError(f"competition=True mixes experts' weights by a learned matrix, which adapter={cfg['adapter']}"
+                        " does not have; use adapter=teamlora or moelora, or leave competition at None.")
+    steps = max(cfg["max_iters"], cfg["eval_iters"])  # data.py numbers the examples it streams in int64 numpy arrays
+    if (steps + data.GROUP_BATCHES) * cfg["batch_size"] >= 2**60:  # of at most 2**63 bytes, up to the last window
+        raise UserError(f"batch_size={cfg['batch_size']} streams more examples than numpy indexes; {fix}.")
     if cfg["adapter"] == "hydralora" and cfg["experts"] < 2:
         raise UserError(f"adapter=hydralora weighs experts >= 2 heads, got experts={cfg['experts']}; for one head use "
                         "--adapter=lora.")
@@ -370,6 +376,7 @@ def resume_config(cfg):
                         f"only {', '.join(RESUME_MAY_CHANGE)} can.")
     cfg = {**saved, **{k: cfg[k] for k in changed}}
     files.check_run_paths(cfg, [k for k in ("tokenizer", "init_from") if cfg[k] != minicme.DEMO[k]])  # demo's: rebuilt
+    check_combination(cfg, "lower --max_iters (a resume keeps its run's batch_size)")
     if cfg["max_iters"] < ckpt["iter"] and not cfg["eval_only"]:
         raise UserError(f"{path} is at step {ckpt['iter']}, past max_iters={cfg['max_iters']}: raise --max_iters to "
                         "train on, or pass --eval_only=True to score it.")
@@ -432,6 +439,7 @@ def train(cfg):
     cfg, ckpt = resume_config(cfg)
     rank, world, dev = machine.setup_distributed(cfg)
     cfg = machine.keep_slices(cfg, ckpt, world, rank == 0)
+    threads = torch.get_num_threads()  # the caller's (a notebook's, a test's): given back when the run ends
     cfg = machine.use_cpu_threads(cfg, dev)
     try:
         with machine.sigterm_as_ctrl_c():  # the loop (run) takes it over: StopAfterStep
@@ -445,6 +453,7 @@ def train(cfg):
             with machine.cuda_matmul_precision(cfg["tf32"]) if dev.type == "cuda" else nullcontext():
                 return run(Run(cfg, rank, world, dev), ckpt)
     finally:
+        torch.set_num_threads(threads)
         files.let_go(cfg["out_dir"])  # held by claim_out_dir (rank 0): the run has ended
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -322,8 +322,10 @@ def _read_hf(path, dtype, device):
         if config.get(key) not in allowed:
             raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this model does not implement; "
                              "LLaMA 2/3/3.1/3.2, Qwen2/Qwen2.5/Qwen3 and Mistral checkpoints are supported")
-    # keys a config leaves out take transformers' defaults for its model type (LLaMA's: in the code below)
-    config = {**_HF_TYPE_DEFAULTS.get(config.get("model_type"), {}), **config}
+    # keys a config leaves out take transformers' defaults for its model type (LLaMA's: in the code below); a null
+    # context length too (transformers 5 refuses it, 4 left it unused): the type's, not LLaMA's 2048 for a Mistral
+    given = {k: v for k, v in config.items() if not (k == "max_position_embeddings" and v is None)}
+    config = {**_HF_TYPE_DEFAULTS.get(config.get("model_type"), {}), **given}
     qwen2 = config.get("model_type") == "qwen2"  # q, k, v with biases
     qwen3 = config.get("model_type") == "qwen3"  # q and k normalised per head
     window = None if qwen2 or qwen3 else config.get("sliding_window")  # Qwen's: off (use_sliding_window, above)
