@@ -2402,6 +2402,22 @@ def test_a_bpe_tokenizer_json_without_an_unknown_token_names_the_text_it_would_d
         assert byte_level.decode(byte_level.encode(text)) == text
 
 
+def test_a_long_text_a_tokenizer_json_cannot_encode_is_quoted_by_its_start_in_the_one_line_refusal(tmp_path):
+    """A record's text may run to pages: the refusal quotes its first 40 characters, as repr shows them, not all."""
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf.train_from_iterator(TEXTS, tokenizers.trainers.BpeTrainer(special_tokens=["<e>"]))
+    folder = tmp_path / "t"
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>"}))
+    text = "\u2603 " + TEXTS[0] * 50
+    with pytest.raises(UserError) as error:
+        Tokenizer(folder).encode(text)
+    assert f"cannot encode the text {text[:40]!r} (it has no token for one of its characters)" in str(error.value)
+
+
 def test_a_tokenizer_json_numbering_a_token_past_any_real_vocabulary_is_refused_as_it_loads(tmp_path):
     """An id of 10**9 gave a vocab_size of 10**9 + 1: the dry run passed, and a run from scratch built its embedding
     and ended out of memory, with advice to lower batch_size."""

@@ -449,6 +449,8 @@ def test_an_empty_input_prints_no_input_line_an_empty_instruction_is_answered_an
     printed = capsys.readouterr().out
     assert printed.startswith("### Instruction: \n") and printed.count("### Instruction:") == 1
     assert "### Input:" not in printed
+    sample.main(["--out_dir", out, "--instruction=", "--input=Paris", "--max_new_tokens=2"])  # with its input
+    assert capsys.readouterr().out.startswith("### Instruction: \n### Input: Paris\n")
     data.write_jsonl(str(tmp_path / "r.jsonl"), [{"instruction": "Say nothing.", "input": "", "output": ""}])
     sample.main(["--out_dir", out, "--records", str(tmp_path / "r.jsonl"), "--max_new_tokens=2"])
     printed = capsys.readouterr().out
@@ -624,3 +626,22 @@ def test_max_new_tokens_that_leave_no_room_are_refused_before_the_model_is_built
     monkeypatch.setattr(train, "build_model", build)
     sample.main(argv + [f"--max_new_tokens={context - 2}"])
     assert "### Instruction: x" in capsys.readouterr().out
+
+
+def test_a_shape_in_ckpt_pt_that_model_args_refuses_leaves_the_room_to_the_model_built_for_either_kind_of_refusal(
+        runs, tmp_path, capsys):
+    """ckpt.pt's shape only brings the prompt-room check forward: one that ModelArgs refuses (a key it lacks, a
+    TypeError; a width it refuses, a ValueError) is left to the model's build, whose shape the adapter run takes from
+    its base: the answers are those of the run as it was saved, whichever error the shape raises."""
+    ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
+    argv = ["--out_dir", str(tmp_path), "--instruction", "Which filmmaker made The Silver Harbor?", "--device=cpu",
+            "--max_new_tokens=6"]
+    printed = []
+    for shape, error in (({}, None), ({"no_such_field": 1}, TypeError), ({"n_layers": -1}, ValueError)):
+        if error:
+            with pytest.raises(error):
+                train.ModelArgs(**{**ckpt["model_args"], **shape})
+        torch.save({**ckpt, "model_args": {**ckpt["model_args"], **shape}}, tmp_path / "ckpt.pt")
+        sample.main(argv)
+        printed.append(answers(capsys.readouterr().out))
+    assert printed[1] == printed[0] and printed[2] == printed[0] and printed[0][0][2]

@@ -1019,6 +1019,34 @@ def test_a_sentencepiece_model_without_bos_or_eos_is_refused_naming_which(tmp_pa
         Tokenizer(tmp_path / "t.model")
 
 
+def test_a_sentencepiece_model_whose_bos_is_id_0_is_read_with_that_bos(tmp_path):
+    """Only an id of -1 means "none": a model trained with bos_id=0 (its unknown piece numbered elsewhere) has a BOS,
+    which every record starts with."""
+    spm = pytest.importorskip("sentencepiece")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 99)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "t"), vocab_size=40,
+                                   hard_vocab_limit=False, unk_id=2, bos_id=0, eos_id=1, minloglevel=2)
+    tok = Tokenizer(tmp_path / "t.model")
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    assert tok.encode("the fox", bos=True, eos=True) == [0, *spm.SentencePieceProcessor(
+        model_file=str(tmp_path / "t.model")).encode("the fox"), 1]
+
+
+def test_a_tokenizer_file_that_cannot_be_read_names_the_systems_reason_and_the_fix(tmp_path, monkeypatch):
+    """Root reads any file, so the refusal is played by the first read: its reason as the system words it, once,
+    not Python's '[Errno 13] ...: path' with the path said a second time."""
+    import tokenizer
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"\x0a")
+
+    def refuse(name):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(name))
+    monkeypatch.setattr(tokenizer, "_looks_like_tiktoken", refuse)
+    with pytest.raises(UserError, match=rf"^tokenizer file {re.escape(str(path))} cannot be read "
+                                        rf"\({os.strerror(errno.EACCES)}\); check its permissions$"):
+        Tokenizer(path)
+
+
 BYTES = [bytes([b]) for b in range(256)]
 
 

@@ -1610,6 +1610,37 @@ def test_load_checkpoint_refuses_a_dict_without_every_key_in_one_sentence(tmp_pa
             checkpoint.load_checkpoint(str(path))
 
 
+def test_load_pt_names_an_empty_file_as_empty_and_another_fault_by_its_first_line(tmp_path, monkeypatch):
+    """An empty ckpt.pt (a copy or a save that never wrote) is said to be empty, not a vague 'not readable'; a file
+    torch cannot read is named with the first line of torch's reason (its later lines are a traceback's detail)."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))} is empty \(a copy or a save that did not finish\), "
+                                        "not a training checkpoint; restore it"):
+        checkpoint.load_checkpoint(str(path))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("  the first line says why\nthe second line is detail\nand so is the third")
+    monkeypatch.setattr(torch, "load", fails)
+    path.write_bytes(b"PK")
+    with pytest.raises(UserError) as error:
+        checkpoint.load_pt(str(path), "adapter")
+    assert "not a readable adapter (truncated, corrupt, or not written by train.py: the first line says why)" in \
+        str(error.value) and "detail" not in str(error.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="the process's mappings are read from Linux's /proc")
+def test_load_pt_leaves_a_checkpoints_tensors_in_the_files_memory_map_not_copied_into_memory(tmp_path):
+    """A full training's model.pt holds a 7B model's weights: they are paged in from disk as they are copied to
+    their place, not first read whole into memory beside the model being filled."""
+    path = tmp_path / "model.pt"
+    torch.save({"model_args": {}, "model": {f"w{i}": torch.randn(64, 64) for i in range(3)}}, path)
+    loaded = checkpoint.load_pt(str(path), "base model")["model"]
+    spans = [[int(a, 16) for a in line.split()[0].split("-")] for line in open("/proc/self/maps")
+             if line.split()[-1] == str(path)]
+    assert spans and all(any(lo <= t.data_ptr() < hi for lo, hi in spans) for t in loaded.values())
+
+
 def test_load_checkpoint_refuses_a_checkpoint_without_any_one_key_a_resume_reads_before_it_builds_the_model(tmp_path):
     """Each key (weights, AdamW's state, step, config, random states, model shape) is checked on loading: one missing
     is the one sentence then, not a KeyError after the model is built."""
@@ -1827,9 +1858,38 @@ def test_a_checkpoint_tensor_of_another_shape_or_name_is_refused_not_broadcast()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     with pytest.raises(UserError, match=r"does not fit this model \(shape"):
         checkpoint.load_state(m, dict(state, **{name: state[name][:1] + 1}), {"adapter": "teamlora"}, "ckpt.pt")
+    # a transposed tensor (lora_A saved as (d, r)) holds as many values: refused by its shape, not its size
+    assert state[name].shape[0] != state[name].shape[1]
+    with pytest.raises(UserError, match=rf"{re.escape(str(tuple(state[name].T.shape)))} does not fit this model"):
+        checkpoint.load_state(m, dict(state, **{name: state[name].T.contiguous()}), {"adapter": "teamlora"}, "ckpt.pt")
     with pytest.raises(UserError, match=r"\(no such tensor\)"):
         checkpoint.copy_into(m, {"layers.0.attention.wq.lora_Z": torch.zeros(2)})
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # nothing copied
+
+
+def test_only_an_empty_log_jsonl_of_its_own_is_a_log_that_holds_nothing_and_why_none_advises_by_it(tmp_path):
+    """A log.jsonl of a single byte is not empty (it is kept, and a resume's advice is the one for a run's log); a
+    link to an empty file is the user's file; a finished run's file that is a dangling link still marks the run as
+    one the advice to start again with --overwrite=True must not name."""
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt, log = str(out / "ckpt.pt"), out / "log.jsonl"
+    files_of_a_run = train.RUN_FILES
+    assert not checkpoint.logged_nothing(out)  # no log at all
+    log.write_bytes(b"")
+    assert checkpoint.logged_nothing(out)
+    assert checkpoint.why_none(ckpt, files_of_a_run) == f"{ckpt} does not exist; start a run with another init_from"
+    for one_byte in (b"\n", b"{"):
+        log.write_bytes(one_byte)
+        assert not checkpoint.logged_nothing(out)
+        assert "start it again with its own init_from and --overwrite=True" in checkpoint.why_none(ckpt, files_of_a_run)
+    (out / "results.json").symlink_to(tmp_path / "gone.json")  # a run's result, as a link whose file is gone
+    assert checkpoint.why_none(ckpt, files_of_a_run) == f"{ckpt} does not exist; start a run with another init_from"
+    (out / "results.json").unlink()
+    log.unlink()
+    (tmp_path / "mine.txt").write_bytes(b"")
+    log.symlink_to(tmp_path / "mine.txt")
+    assert not checkpoint.logged_nothing(out)
 
 
 def test_data_fingerprint_sees_both_ends_and_the_size_of_every_shard(tmp_path):

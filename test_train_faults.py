@@ -1791,6 +1791,37 @@ def test_a_resumes_trim_of_its_log_keeps_every_line_that_names_no_later_step_byt
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 1, "loss": 1.5}\n'
 
 
+def test_a_resumes_log_loses_a_last_line_cut_short_so_the_next_line_is_not_glued_to_it(tmp_path):
+    """A kill mid-write leaves a last line without its newline, even one of a step up to the checkpoint's: the resume
+    drops it (it logs that step again), else its first line would be glued to it and the log could not be read."""
+    import checkpoint
+    whole = b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    for cut in (b'{"step": 2, "val_loss": 1.4', b'{"step": 2, "val_loss": 1.4}', b"not json"):
+        (tmp_path / "log.jsonl").write_bytes(whole + cut)
+        with checkpoint.open_log(str(tmp_path), 2) as log:
+            log.write('{"step": 3, "loss": 1.2}\n')
+        lines = (tmp_path / "log.jsonl").read_bytes().splitlines(keepends=True)
+        assert b"".join(lines) == whole + b'{"step": 3, "loss": 1.2}\n'
+        assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_an_unvalidated_resumes_trim_drops_only_its_steps_validation_lines(tmp_path):
+    """A resume of a step whose validation was cut short validates it first, so the validation of that step already
+    logged goes, and nothing else: not the step's training line, not another step's validation, not a line that only
+    mentions val_loss, not a line whose step is not an integer (true is no step 1)."""
+    import checkpoint
+    kept = [b'{"step": 1, "val_loss": 2.1}\n', b'{"step": 2, "loss": 2.0}\n', b'{"step": 2, "note": "val_loss"}\n',
+            b'["val_loss", 2]\n', b'{"step": true, "val_loss": 1.9}\n']
+    (tmp_path / "log.jsonl").write_bytes(b"".join(kept) + b'{"step": 2, "val_loss": 1.8}\n')
+    with checkpoint.open_log(str(tmp_path), 2, unvalidated=True):
+        pass
+    assert (tmp_path / "log.jsonl").read_bytes() == b"".join(kept)
+    (tmp_path / "log.jsonl").write_bytes(b"".join(kept))
+    with checkpoint.open_log(str(tmp_path), 1, unvalidated=True):
+        pass
+    assert (tmp_path / "log.jsonl").read_bytes() == b"".join(kept[3:])  # step 1's validation and step 2's lines go
+
+
 @pytest.mark.parametrize("at_step", [0, 1], ids=["in its first step", "in its second step"])
 def test_a_new_run_stopped_at_once_before_its_first_checkpoint_says_to_start_it_again(run_data, tmp_path,
                                                                                      monkeypatch, capsys, at_step):
