@@ -39,7 +39,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from errors import Parser, UserError, exit_with, run_script
+from errors import Parser, UserError, at_a_terminal, exit_with, run_script
 from files import (
     TOO_DEEP,
     blocked_parent,
@@ -349,7 +349,7 @@ def _write_shards(tmp, inputs, kinds, tok, max_len, val_fraction, seed, workers,
                for s in splits for part in ("tokens", "offsets", "prompt_lens")}
         for s in splits:
             np.zeros(1, np.int64).tofile(out[s, "offsets"])
-        bar = stack.enter_context(tqdm(desc="prepare", unit=" records", disable=True if quiet else None))
+        bar = stack.enter_context(tqdm(desc="prepare", unit=" records", disable=quiet or not at_a_terminal()))
         index = 0  # of the record over all inputs
         for result in _map_ordered(_encode_chunk, _chunks(inputs, kinds, max_len), workers, tok.path):
             if isinstance(result, tuple):

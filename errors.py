@@ -3,6 +3,7 @@ model.py and weights.py raise its base class, ValueError) and printed by every s
 entry, run_script (and quiet_ctrl_c, which each script calls before its imports); and Parser, the argparse of the
 scripts with flags (train.py and study.py read theirs with configurator.py)."""
 import argparse
+import ast
 import contextlib
 import difflib
 import errno
@@ -36,6 +37,19 @@ def printable(text, keep="\t"):
     it promises where it quotes a value with a line break (a path, a flag's value), and a terminal shows, instead of
     obeying, the escape sequences of what was read from a file (a colour, a clipboard write)."""
     return "".join(repr(c)[1:-1] if c not in keep and unicodedata.category(c) == "Cc" else c for c in text)
+
+
+def at_a_terminal():
+    """Whether stderr, where the progress bars go, is a terminal: not a log file, nor a pipe, nor closed (`2>&-`, where
+    Python's sys.stderr is None and a tqdm left to decide would write to it)."""
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def docstring(path):
+    """The docstring of the script at path, stripped, read from its file: a script's --help prints it, and `python -OO`
+    (which strips docstrings) leaves its __doc__ None."""
+    with open(path, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read()), clean=False).strip()
 
 
 class Parser(argparse.ArgumentParser):

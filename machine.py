@@ -52,7 +52,7 @@ def others_running():
     samples = []
     for _ in range(5):
         try:
-            with open("/proc/loadavg") as f:
+            with open("/proc/loadavg", encoding="ascii") as f:
                 samples.append(int(f.read().split()[3].split("/")[0]) - 1)
         except (OSError, ValueError, IndexError):
             samples.append(0)

@@ -490,6 +490,10 @@ class Busy(UserError):
     """make_suite's refusal of a folder that another build writes now (the demo passes it on as it stands)."""
 
 
+class Unwritable(UserError):
+    """The demo's refusal to build its files in a folder it can not write (train.py passes it on as it stands)."""
+
+
 MAX_SIZE = 100_000  # records a task, corpus documents, pieces: far more than a world of 660 facts needs
 VERSION = 2  # suite.json's; 1 (unnamed): val and test repeated training items under another phrasing
 BUILDING = ".building"  # in a folder while make_suite writes it; suite.json replaces it at the end
@@ -623,6 +627,14 @@ def halves(doc):
     return ". ".join(sentences[:cut]) + ".</s>" + ". ".join(sentences[cut:])
 
 
+def _check_writable(path):
+    """Before the demo writes path: its files are built under the current folder, and where that can not be written
+    deleting them (train.py's fix for damaged ones) is not the fix; running elsewhere is."""
+    if blocked := blocked_parent(path):
+        raise Unwritable(f"the demo builds its files in {ROOT} under the current folder, which can not be written: "
+                         f"{blocked}; run train.py from a folder you can write to.")
+
+
 def build_demo_data(cfg):
     """Make whatever of the demo's suite and shards the train.py config `cfg` uses and lacks.
     Returns the train.py settings that pretrain the demo base when cfg uses it and it is missing
@@ -631,6 +643,7 @@ def build_demo_data(cfg):
     if not any(uses.values()):
         return None
     if not os.path.isfile(f"{ROOT}/suite.json"):
+        _check_writable(f"{ROOT}/suite.json")
         print(f"building the synthetic mini-CME suite in {ROOT} (once)...")
         make_suite(ROOT, seed=0)
     try:  # train.py names what is wrong with the files it reads
@@ -642,9 +655,12 @@ def build_demo_data(cfg):
               f"items (their scores come out too high); delete {ROOT} to build it anew (a few minutes).",
               file=sys.stderr)
     if uses["data_dir"] and not os.path.isfile(f"{cfg['data_dir']}/summary.json"):
+        _check_writable(f"{cfg['data_dir']}/summary.json")
         prepare([f"{ROOT}/train.jsonl"], DEMO["tokenizer"], cfg["data_dir"], max_len=256, val_fraction=0.03, quiet=True)
     if not uses["init_from"] or os.path.isfile(cfg["init_from"]):
         return None
+    _check_writable(f"{PRETRAIN['out_dir']}/ckpt.pt")  # the base's pretraining, then base.pt beside its folder
+    _check_writable(cfg["init_from"])
     corpus = PRETRAIN["data_dir"]
     if not os.path.isfile(f"{corpus}/summary.json"):
         with open(f"{ROOT}/corpus.txt", encoding="utf-8") as f:

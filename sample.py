@@ -16,6 +16,7 @@ if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (
     errors.quiet_ctrl_c()
 
 import argparse
+import codecs
 import contextlib
 import math
 import os
@@ -29,7 +30,7 @@ import evaluation
 import files
 import machine
 import train
-from errors import Parser, UserError, exit_with, printable, run_script
+from errors import Parser, UserError, docstring, exit_with, printable, run_script
 from tokenizer import Tokenizer
 
 LOADING = dict(eval_only=True, fsdp=False, compile=False, activation_checkpointing=False)  # read, one process, eager
@@ -122,6 +123,11 @@ def check_args(parser, args):
         try:
             (getattr(args, flag) or "").encode("utf-8")
         except UnicodeEncodeError:
+            encoding = sys.getfilesystemencoding()  # argv's: its bytes may well be UTF-8, which it does not decode
+            if codecs.lookup(encoding).name != "utf-8":  # as files.check_openable_by_torch says it for a path
+                parser.error(f"--{flag} holds non-ASCII characters, which Python cannot pass on as text under this "
+                             f"locale ({encoding}: LC_ALL=C, say); run it under a UTF-8 locale (LC_ALL=C.UTF-8, or "
+                             "PYTHONUTF8=1)")
             parser.error(f"--{flag} holds bytes that are not UTF-8 text; give it in UTF-8, the terminal's encoding")
     if args.instruction is None and not args.records:
         parser.error("give --instruction (and --input) or --records")
@@ -137,7 +143,8 @@ def check_args(parser, args):
 
 
 def main(argv=None):
-    parser = Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="sample.py", description=docstring(__file__),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=data.flag_path, default=train.DEFAULTS["out_dir"],
                         help="the folder of a run of train.py")
     parser.add_argument("--instruction", help="the instruction to answer")

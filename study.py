@@ -53,7 +53,7 @@ import evaluation
 import files
 import machine
 import train
-from errors import exit_with, run_script
+from errors import docstring, exit_with, run_script
 
 OPTIONS = dict(seeds=5, steps=500, workers=2, out="out/study", report=False, runs="all", quick=False,
                val_dir="data/mini_cme/val")
@@ -729,7 +729,7 @@ def report(opts, names, chosen):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(__doc__.strip())
+        print(docstring(__file__))
         return None
     STOPPING.clear()
     previous = {s: signal.signal(s, stop) for s, stop in ((signal.SIGTERM, stop_runs), (signal.SIGINT, stop_on_ctrl_c))

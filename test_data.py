@@ -353,6 +353,15 @@ DEEP = '{"instruction": "a", "output": ' + "[" * 100_000 + "]" * 100_000 + "}"  
 HUGE = '{"instruction": "a", "output": "b", "id": ' + "9" * 5000 + "}"  # more digits than Python turns into an int
 
 
+def test_prepare_runs_with_stderr_closed(tmp_path, tiny_spm, monkeypatch):
+    """`python data.py prepare ... 2>&-` (a cron job, a daemon's child) starts with sys.stderr None, and the progress
+    bar, left to tqdm to show or not, wrote to it: prepare ended in an AttributeError (exit code 1, no message)."""
+    (tmp_path / "r.jsonl").write_text(GOOD + "\n")
+    monkeypatch.setattr(sys, "stderr", None)
+    summary = prepare([tmp_path / "r.jsonl"], tiny_spm, tmp_path / "out", workers=1)
+    assert summary["splits"]["train"]["records"] == 1 and (tmp_path / "out" / "summary.json").is_file()
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("missing.json", None, "input file .*missing.json not found"),
     ("bad.jsonl", f"{GOOD}\n\n{{\"instruction\": \"a\",\n", r"bad.jsonl line 3: not valid JSON"),

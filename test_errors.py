@@ -3,6 +3,7 @@
     python -m pytest -q test_errors.py
 """
 import argparse
+import contextlib
 import errno
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import Parser, UserError, exit_with, printable, run_script
+from errors import Parser, UserError, at_a_terminal, exit_with, printable, run_script
 
 
 def _ended(error, capsys, prefix="x.py: "):
@@ -304,3 +305,30 @@ def test_help_given_a_value_is_refused_not_read_as_a_switch_turned_off(capsys):
     """--help is no switch: --help=False must not quietly run the script (a sampling, a data preparation) as if no
     flag were given."""
     assert "ignored explicit argument 'False'" in _refused(["--help=False"], capsys)
+
+
+@pytest.mark.parametrize("script", ["train", "study", "sample"])
+def test_help_is_the_same_under_python_OO_which_strips_the_docstrings_it_prints(script, monkeypatch, capsys):
+    """`python -OO train.py --help` (study.py's, sample.py's) ended in a traceback: -OO leaves a module's __doc__ None,
+    and --help printed __doc__.strip(); sample.py's lost its introduction. Here __doc__ is None, as -OO leaves it."""
+    module = __import__(script)
+
+    def help_text():
+        with contextlib.nullcontext() if script == "study" else pytest.raises(SystemExit):
+            module.main(["--help"])
+        return capsys.readouterr().out
+    whole = help_text()
+    assert module.__doc__.strip().splitlines()[0] in whole
+    monkeypatch.setattr(module, "__doc__", None)
+    assert help_text() == whole
+
+
+def test_at_a_terminal_is_true_for_a_terminal_only_not_for_a_file_nor_for_a_closed_stderr(tmp_path, monkeypatch):
+    """Where train.py and data.py show a progress bar: a terminal, not a log file; and with stderr closed (`2>&-`,
+    sys.stderr None) neither shows one, nor fails."""
+    ours, theirs = os.openpty()
+    with open(theirs, "w") as terminal, open(tmp_path / "log", "w") as log:
+        for stream, want in ((terminal, True), (log, False), (None, False)):
+            monkeypatch.setattr(sys, "stderr", stream)
+            assert at_a_terminal() is want
+    os.close(ours)

@@ -348,6 +348,24 @@ def test_a_path_flag_written_with_a_tilde_is_the_home_folder_in_every_script(mod
     assert sorted(map(str, handed)) == expected
 
 
+def test_every_text_file_the_scripts_open_names_its_encoding():
+    """A text file opened without an encoding is read in the locale's (not UTF-8 under LC_ALL=C with PYTHONUTF8=0),
+    and `python -X warn_default_encoding -W error::EncodingWarning train.py` (a CI's strict mode) ended in a traceback
+    at machine.py's open("/proc/loadavg"), which every run with threads=0 reads. Binary files and os.open aside."""
+    unnamed = []
+    for name in MODULES:
+        for node in ast.walk(ast.parse((REPO / f"{name}.py").read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            f, keys = node.func, {k.arg for k in node.keywords}
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), "")
+            opens = (isinstance(f, ast.Name) and f.id == "open" and "b" not in getattr(mode, "value", "")) or \
+                (isinstance(f, ast.Attribute) and f.attr in ("read_text", "write_text"))
+            if opens and "encoding" not in keys:
+                unnamed.append(f"{name}.py:{node.lineno}")
+    assert unnamed == []
+
+
 def test_the_readmes_signature_of_the_layer_is_the_codes():
     """The README spells out TeamLoRALinear's parameters and defaults: a default changed in teamlora.py leaves it
     stale, and a reader copying the layer trusts it."""

@@ -553,6 +553,22 @@ def test_an_instruction_or_input_of_bytes_that_are_not_utf8_is_refused_naming_it
                                                   "terminal's encoding"), err
 
 
+def test_an_instruction_in_utf8_under_an_ascii_locale_is_refused_naming_the_locale_not_the_text(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    """Under LC_ALL=C with PYTHONUTF8=0 Python decodes argv as ASCII: "café", typed in a UTF-8 terminal, arrives as
+    "caf" and two lone surrogates, and was refused as 'bytes that are not UTF-8 text; give it in UTF-8' (it was UTF-8).
+    The fix is the locale's, as check_openable_by_torch says for a path."""
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was read"))
+    monkeypatch.setattr(sample.sys, "getfilesystemencoding", lambda: "ascii")  # the locale by which argv was decoded
+    typed = "café".encode("utf-8").decode("ascii", "surrogateescape")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--out_dir", str(tmp_path / "none"), f"--instruction={typed}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2, err
+    assert err.endswith("--instruction holds non-ASCII characters, which Python cannot pass on as text under this "
+                        "locale (ascii: LC_ALL=C, say); run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)")
+
+
 def test_every_error_names_sample_py_as_argparse_names_it(tmp_path, capsys):
     """A flag's mistake said "sample.py: error:" (argparse's, named by how the script was run) and a run's "error:"."""
     for argv in (["--instruction=x", "--temperature=-1"], ["--out_dir", tmp_path / "none", "--instruction", "x"]):

@@ -1168,6 +1168,15 @@ def test_kill_9_mid_run_keeps_a_good_checkpoint_and_resume_matches(run_data, tmp
                          torch.load(tmp_path / "whole" / "adapter.pt", weights_only=True))
 
 
+def test_a_run_with_stderr_closed_trains_scores_and_writes_its_files(run_data, tmp_path, monkeypatch, capsys):
+    """`python train.py ... 2>&-` (a cron job, a daemon's child) starts with sys.stderr None: the run asked it whether
+    it was a terminal (for its progress bar) and ended in an AttributeError at its first step, its files unwritten."""
+    monkeypatch.setattr(sys, "stderr", None)
+    train.train(train_cfg(run_data, tmp_path / "run", "--max_iters=2", "--eval_interval=2"))
+    assert {"adapter.pt", "ckpt.pt", "results.json"} <= set(os.listdir(tmp_path / "run"))
+    assert "step 2" in capsys.readouterr().out
+
+
 def test_the_demo_paths_are_train_pys_defaults():
     """minicme.build_demo_data builds only what a config uses of its DEMO paths: a default of train.py that
     drifted from them would make `python train.py` skip building its data."""
@@ -1222,6 +1231,28 @@ def test_the_demo_builds_its_data_and_base_from_nothing(tmp_path, monkeypatch, c
         train.train(cfg)  # a run never replaces another by accident
     train.train({**cfg, "overwrite": True})  # a second run reuses everything
     assert "building" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("built", [(), ("suite.json",), ("suite.json", "tokens/summary.json")])
+def test_a_demo_that_can_not_write_its_files_says_so_and_to_run_elsewhere_not_to_delete_them(tmp_path, monkeypatch,
+                                                                                             capsys, read_only, built):
+    """`python train.py` in a folder it can not write (a read-only checkout, a shared folder) said its files in
+    data/mini_cme were 'incomplete' and to delete them, where there were none or nothing was wrong with them: each
+    step of the build (suite, shards, base) names the folder it can not write, and that it should run elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    for name in built:  # what an earlier build (or a copy) left
+        (tmp_path / minicme.ROOT / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / minicme.ROOT / name).write_text(json.dumps({"version": minicme.VERSION}))
+    locked = tmp_path / minicme.ROOT if built else tmp_path
+    read_only(locked)
+    monkeypatch.setattr(minicme, "make_suite", lambda *a, **k: pytest.fail("the suite was built"))
+    monkeypatch.setattr(minicme, "prepare", lambda *a, **k: pytest.fail("the shards were prepared"))
+    err = conftest.script_error(train.main, ["--model=tiny"], capsys)
+    assert err == (f"train.py: error: the demo builds its files in {minicme.ROOT} under the current folder, which can "
+                   f"not be written: {locked} is not writable (Permission denied); run train.py from a folder you can "
+                   "write to.")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
+        [f"{minicme.ROOT}/{name}" for name in built]  # nothing written
 
 
 def test_the_demos_pretraining_runs_on_its_own_threads_leaves_only_the_base_and_gives_the_run_its_threads_back(
@@ -1312,15 +1343,16 @@ def test_others_running_is_the_median_of_five_samples_of_the_running_tasks_less_
     import io
     counts = iter([3, 9, 1, 5, 2])  # median 3, this process included
 
-    def loadavg(path):
+    def loadavg(path, **kwargs):  # kwargs: the encoding
         assert path == "/proc/loadavg"
         return io.StringIO(f"0.50 0.40 0.30 {next(counts)}/812 4242\n")
     monkeypatch.setattr(machine, "open", loadavg, raising=False)
     monkeypatch.setattr(machine.time, "sleep", lambda seconds: None)
     assert machine.others_running() == 2
-    monkeypatch.setattr(machine, "open", lambda path: (_ for _ in ()).throw(FileNotFoundError(path)), raising=False)
+    monkeypatch.setattr(machine, "open", lambda path, **k: (_ for _ in ()).throw(FileNotFoundError(path)),
+                        raising=False)
     assert machine.others_running() == 0  # not Linux
-    monkeypatch.setattr(machine, "open", lambda path: io.StringIO("0.00 0.01 0.05\n"), raising=False)
+    monkeypatch.setattr(machine, "open", lambda path, **k: io.StringIO("0.00 0.01 0.05\n"), raising=False)
     assert machine.others_running() == 0  # a /proc/loadavg of fewer fields (a sandbox's): no count, not a crash
 
 

@@ -242,17 +242,20 @@ def test_an_out_dir_that_is_the_data_or_the_evaluation_folder_is_refused_before_
     assert (sorted(os.listdir(evals)), sorted(os.listdir(shards))) == before
 
 
+@pytest.mark.parametrize("flags", [["--eval_only=True"], ["--init_from=resume", "--max_iters=8"]])
 def test_eval_only_on_an_out_dir_that_cannot_be_written_is_refused_before_scoring(run_data, tmp_path, capsys,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, flags):
     """Scoring writes results.json into the run's folder: a read-only one (simulated, as root can write anywhere)
-    is one sentence before the scoring, not a traceback after it."""
+    is one sentence before the scoring, not a traceback after it. A resume of it is told the same fix (it was told to
+    'choose another --out_dir', which holds no run to resume)."""
     out = finished_run(run_data, tmp_path / "run")
 
     def refused(*args, dir=None, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), dir)
     monkeypatch.setattr(tempfile, "TemporaryFile", refused)
     monkeypatch.setattr(evaluation, "evaluate", lambda *a: pytest.fail("scored before the refusal"))
-    fails(train_flags(run_data, out, "--eval_only=True"), capsys,
+    monkeypatch.setattr(train, "train_step", lambda *a: pytest.fail("trained before the refusal"))
+    fails(train_flags(run_data, out, *flags), capsys,
           f"out_dir {out} can not be written: {out} is not writable (Permission denied)",
           "copy the run to a folder you can write")
 

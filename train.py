@@ -39,7 +39,7 @@ import memory
 import minicme
 import teamlora
 from baselines import HydraLoRALinear, moelora_fused_kwargs
-from errors import UserError, run_script
+from errors import UserError, at_a_terminal, docstring, run_script
 from model import PRESETS, ModelArgs, Transformer, saved_model
 from tokenizer import Tokenizer
 
@@ -106,7 +106,7 @@ def parse_config(argv):
     """[config/FILE.py] [--key=value ...] -> a full, checked config dict (configurator.py reads it)."""
     if {"-h", "--help"} & set(argv):  # the docstring, then the defaults as this file states them, comments and all
         src = open(__file__, encoding="utf-8").read()
-        print(__doc__.strip() + "\n\n" + src[src.index("# defaults"):src.index("DEFAULTS =")].rstrip("-\n# "))
+        print(docstring(__file__) + "\n\n" + src[src.index("# defaults"):src.index("DEFAULTS =")].rstrip("-\n# "))
         raise SystemExit(0)
     cfg, explicit = configurator.read(argv, DEFAULTS)
     check_config(cfg)
@@ -391,7 +391,7 @@ def build_demo(cfg, resuming=False):
         for key in ("tokenizer", "eval_dir"):
             if cfg[key] == minicme.DEMO[key] and not os.path.exists(cfg[key]):
                 raise UserError(f"{cfg[key]} not found")
-    except minicme.Busy:  # another first run builds them now: deleting them is not the fix
+    except (minicme.Busy, minicme.Unwritable):  # another first run builds them now, or none can: deleting is no fix
         raise
     except (UserError, FileNotFoundError) as e:  # data.py's messages name its flags; the demo's files are ours
         raise UserError(f"the demo's files in {minicme.ROOT} are incomplete ({str(e).split(';')[0].rstrip('.')}); "
@@ -492,7 +492,7 @@ def claim_out_dir(r, resuming, take=False):
     # out_dir, or the folder to hold it (made once the run is sure to start: a refusal leaves nothing), takes files;
     # a re-scoring writes its results.json there
     if r.master and (blocker := files.blocked_parent(os.path.join(out, "ckpt.pt"))):
-        fix = "copy the run to a folder you can write and point --out_dir at it" if r.cfg["eval_only"] else \
+        fix = "copy the run to a folder you can write and point --out_dir at it" if own else \
             "choose another --out_dir"
         raise UserError(f"out_dir {out} can not be written: {blocker}; {fix}.")
     for f in found if take and not own else []:  # overwrite=True: nothing of the old run stays beside the new one
@@ -693,7 +693,7 @@ def run(r, ckpt=None):
         return finish(r, model, summary, val_ds)
 
     log = checkpoint.open_log(cfg["out_dir"], step, ckpt and ckpt.get("validated") is False) if r.master else None
-    interactive = r.master and sys.stderr.isatty()  # a SLURM or nohup log gets one line per log_interval instead
+    interactive = r.master and at_a_terminal()  # a SLURM or nohup log gets one line per log_interval instead
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
     losses, train_start = [], time.time()
     stop, saved = machine.StopAfterStep(r.master).install(), step if ckpt else None  # saved: the last checkpoint's step
