@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import Parser, UserError, at_a_terminal, exit_with, printable, run_script
+from errors import Parser, UserError, at_a_terminal, exit_with, printable, quiet_ctrl_c, run_script
 
 
 def _ended(error, capsys, prefix="x.py: "):
@@ -185,6 +185,20 @@ def test_ctrl_c_while_a_script_imports_torch_ends_it_by_sigint_without_a_traceba
     done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60,
                           env=env)
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
+
+
+def test_quiet_ctrl_c_hides_a_keyboard_interrupts_traceback_alone_and_passes_any_other_to_the_hook_it_replaced(
+        monkeypatch):
+    """Only a KeyboardInterrupt (or a kind of one) goes unprinted: any other error that nothing catches while a script
+    imports still reaches the hook that was there, with its traceback, as Python would print it."""
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append((kind, value, tb)))
+    quiet_ctrl_c()
+    kinds = (KeyboardInterrupt, type("Stop", (KeyboardInterrupt,), {}), ImportError, SystemExit, ValueError)
+    raised = [(kind, kind("x"), object()) for kind in kinds]
+    for error in raised:
+        assert sys.excepthook(*error) is None
+    assert seen == raised[2:]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="Windows has no SIGKILL: the traceback stays")

@@ -6,6 +6,7 @@ that can not be written is named before any work, and a damaged JSON file is one
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -574,3 +575,23 @@ def test_hold_then_let_go_leaves_no_descriptor_open(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before + 1
     files.let_go(str(tmp_path / "run"))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_lost_says_whether_the_lock_file_this_process_holds_a_folder_by_is_gone_or_another_by_any_path_to_it(
+        tmp_path, monkeypatch):
+    """lost is True once the lock file hold took is deleted, or replaced by another (a second process's new one),
+    whether the folder is named by a relative or an absolute path at either end; False while it is the same file, for
+    a folder never held, and once let_go let it go (nothing is held there to lose)."""
+    monkeypatch.chdir(tmp_path)
+    assert not files.lost("never") and not files.lost(str(tmp_path / "never"))
+    for held, asked in (("rel", str(tmp_path / "rel")), (str(tmp_path / "abs"), "abs")):
+        assert files.hold(held) is None
+        assert not files.lost(held) and not files.lost(asked)  # its own lock file, still there
+        lock = os.path.join(held, files.LOCK)
+        os.remove(lock)
+        assert files.lost(held) and files.lost(asked)  # deleted
+        open(lock, "w").close()  # another lock file of that name: the one this process holds open is gone
+        assert files.lost(held) and files.lost(asked)
+        files.let_go(held)
+        shutil.rmtree(held)
+        assert not files.lost(held) and not files.lost(asked)

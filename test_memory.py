@@ -536,3 +536,14 @@ def test_a_size_no_64_bit_machine_can_address_is_refused_naming_its_flag_and_any
         refused = rf"\b{huge}\b.* more than a 64-bit machine can address; lower .*--{key}\b"
         with pytest.raises(ValueError, match=refused):
             memory.addressable(*sized(huge))
+
+
+def test_addressable_refuses_from_2_to_the_64_bytes_of_training_or_of_scoring_and_takes_a_byte_less():
+    """A 64-bit address names 2**64 bytes at most: an estimate of exactly that many is refused, one byte less is not,
+    for the training total and for the scoring peak alike."""
+    cfg = {**MEMORY_CFG, "max_len": 8, "eval_batch_size": 2}
+    below = {"total": 2**64 - 1, "scoring": 2**64 - 1}
+    assert memory.addressable(below, cfg, 4) is below
+    for term, what in (("total", "a micro-batch of 4 rows"), ("scoring", "scoring 2 prompts")):
+        with pytest.raises(ValueError, match=rf"^{what} of up to max_len=8 tokens would need about 1\.8e\+19 bytes"):
+            memory.addressable({**below, term: 2**64}, cfg, 4)

@@ -829,6 +829,51 @@ def test_a_study_whose_out_was_deleted_while_it_ran_starts_no_further_run_beside
     assert not study.files.lost(tmp_path / "val")  # a folder this process never held has lost nothing
 
 
+def test_a_failure_names_the_runs_still_under_way_by_their_number_and_a_ctrl_c_after_several_names_the_first(
+        tmp_path, capsys, monkeypatch):
+    """A failure is said at once only where other runs are still under way (the study waits for them), counting those
+    and not the failed run itself, with the run's sentence whole but its full stop; with none under way run_all
+    reports it at once. A Ctrl-C after several failures names the first, the one said first."""
+    monkeypatch.setattr(study, "launch", lambda flags, threads: ("done", 1.0))
+    under_way = {7}
+    assert study.launch_noting_failure(3, ("c", ["x"]), 1, [], under_way, str(tmp_path)) == ("done", 1.0)
+    assert under_way == {7}  # a run that ended is no longer under way
+
+    def fail(flags, threads):
+        raise study.data.UserError(f"the run {flags[0]} failed.")
+    monkeypatch.setattr(study, "launch", fail)
+    for others, said in ((set(), ""), ({7}, "the 1 other run under way"), ({7, 8}, "the 2 other runs under way")):
+        failures, under_way = [], set(others)
+        with pytest.raises(study.data.UserError):
+            study.launch_noting_failure(3, ("c", ["x"]), 1, failures, under_way, str(tmp_path))
+        out = capsys.readouterr().out
+        assert failures[0][0] == 3 and under_way == others  # the failed run is no longer under way
+        assert out == (f"c: the run x failed; the study waits for {said} to end, then stops (Ctrl-C stops them with "
+                       "their checkpoints, to resume when it is run again)\n" if others else "")
+    real, noted = study.launch_noting_failure, []
+
+    def launch_noting_failure(i, job, threads, failures, under_way, out):
+        noted.append(failures)  # run_all's list, to wait on
+        return real(i, job, threads, failures, under_way, out)
+
+    def until(n):
+        deadline = time.time() + 30
+        while len(noted[0]) < n and time.time() < deadline:
+            time.sleep(0.01)
+
+    def launch(flags, threads):  # all started; job 0 is under way while jobs 2, then 1, fail; then a Ctrl-C
+        until({"0": 2, "1": 1, "2": 0}[flags[0]])
+        if flags == ["0"]:
+            raise KeyboardInterrupt
+        raise study.data.UserError(f"the run {flags[0]} failed.")
+    monkeypatch.setattr(study, "launch_noting_failure", launch_noting_failure)
+    monkeypatch.setattr(study, "launch", launch)
+    monkeypatch.setattr(study.data, "cores", lambda: 3)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        study.run_all([(str(i), [str(i)]) for i in range(3)], {"workers": 3, "out": str(tmp_path)})
+    assert str(stop.value.failed) == "the run 2 failed."  # said first, with job 1 under way
+
+
 def test_the_studys_ctrl_c_leaves_its_runs_to_the_terminals_own_and_its_sigterm_is_passed_on_to_them(monkeypatch):
     """The terminal sends Ctrl-C to the runs under way itself: the study's SIGINT handler stops the study alone (a
     SIGTERM from it too would reach each run beside its Ctrl-C); a SIGTERM reaches the study alone, which passes it
@@ -1479,6 +1524,14 @@ def test_an_out_whose_runs_torch_cannot_open_under_the_locale_is_refused_before_
         assert bad.stderr.startswith("study.py: error: out ") and "holds non-ASCII characters" in bad.stderr
         assert bad.stderr.endswith("run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or give --out an "
                                    "ASCII path.\n"), bad.stderr
+        # a val_dir of Python's own text (a notebook's; argv's bytes it would read back): no file can have that name
+        argv = [f"--out={tmp_path / 'study'}", f"--val_dir={out}", *sets[1:]]
+        code = f"import errors, study; errors.run_script(lambda: study.main({ascii(argv)}))"
+        bad = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(study.__file__), env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.startswith("study.py: error: val_dir "), bad.stderr[-2000:]
+        assert bad.stderr.endswith("no file or folder can have such a path; run it under a UTF-8 locale (LC_ALL="
+                                   "C.UTF-8, or PYTHONUTF8=1), or give --val_dir an ASCII path.\n"), bad.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test", "val"]  # nothing made
 
 

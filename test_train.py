@@ -215,6 +215,9 @@ def test_a_rank_or_experts_past_a_target_width_is_refused_before_anything_is_all
         f"alone would outgrow the weight it adapts; set --{key}=256 or less.")
     for adapter in ("teamlora", "moelora", "hydralora", "lora"):  # the width itself is taken
         train.train(train.parse_config([*argv, f"--adapter={adapter}", "--r=256"]))
+    assert conftest.script_error(train.main, [*argv, f"--{key}={value}", *flags, "--targets=w2"], capsys) == (
+        f"train.py: error: {key}={value} is more than target w2's width of 256 features, where A, B or the router "
+        f"alone would outgrow the weight it adapts; set --{key}=256 or less.")  # w2: wider in (the FFN) than out
 
 
 def test_a_run_refuses_huge_settings_before_out_dir_is_touched(run_data, tmp_path, capsys):
@@ -249,10 +252,12 @@ def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data)
         train.train(train_cfg(run_data, tmp_path / "o", f"--data_dir={tmp_path}"))
 
 
-def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys):
+def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys, monkeypatch):
     base = run_data / "base.pt"
     cfg = train_cfg(run_data, tmp_path / "out", f"--init_from={base}", "--max_iters=30",
                     "--eval_interval=30", "--eval_limit=2")
+    real, validations = evaluation.val_loss, []
+    monkeypatch.setattr(evaluation, "val_loss", lambda *a: validations.append(real(*a)) or validations[-1])
     summary = train.train(cfg)
     losses = summary["train_losses"]
     assert len(losses) == 30 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
@@ -279,6 +284,8 @@ def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys):
     assert "chance   lift" in printed
     lines = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert any("val_loss" in line for line in lines) and all(math.isfinite(line.get("loss", 0)) for line in lines)
+    assert results["step"] == summary["step"] == 30  # the step it ended at, as a stopped run's says its own
+    assert len(validations) == 1 and results["val_loss"] == validations[0]  # step 30's, not validated again to score
 
 
 def _run_with_a_trained_looking_adapter(run_data, tmp_path, *flags):
@@ -2800,13 +2807,23 @@ def test_re_scoring_an_adapter_pt_alone_leaves_a_batch_that_does_not_split_to_ch
 
 
 def test_the_bound_on_streamed_examples_counts_the_longer_of_training_and_validation_and_the_last_window():
-    """A batch_size is refused exactly where (max(max_iters, eval_iters) + GROUP_BATCHES) x batch_size reaches 2**60."""
-    for max_iters, eval_iters in ((1, 1), (2**40, 1), (1, 2**40)):
+    """A batch_size is refused exactly where (max(max_iters, eval_iters) + GROUP_BATCHES) x batch_size reaches 2**60
+    (the last case: reaches it exactly)."""
+    for max_iters, eval_iters in ((1, 1), (2**40, 1), (1, 2**40), (2**20 - data.GROUP_BATCHES, 1)):  # the last: 2**60
         edge = -(-2**60 // (max(max_iters, eval_iters) + data.GROUP_BATCHES))  # the least batch_size refused
         argv = [f"--max_iters={max_iters}", f"--eval_iters={eval_iters}"]
         train.parse_config([*argv, f"--batch_size={edge - 1}"])
         with pytest.raises(UserError, match=rf"^batch_size={edge} streams more examples than numpy indexes"):
             train.parse_config([*argv, f"--batch_size={edge}"])
+
+
+def test_full_training_takes_no_targets_and_any_adapter_needs_them():
+    """adapter=none trains every weight and adapts no layer: an empty --targets is no error there, as it is for an
+    adapter, which would adapt nothing."""
+    assert train.parse_config(["--adapter=none", "--targets= ,"])["targets"] == " ,"
+    for adapter in ("lora", "teamlora", "moelora", "hydralora"):
+        with pytest.raises(UserError, match="^config key 'targets' is empty; name the linear layers to adapt"):
+            train.parse_config([f"--adapter={adapter}", "--targets= ,"])
 
 
 def test_re_scoring_without_an_adapter_scores_the_base_and_asks_for_no_adapter_pt(tmp_path):

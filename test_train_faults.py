@@ -1118,11 +1118,18 @@ def test_the_demos_dry_run_before_its_base_is_built_describes_the_base_the_run_p
     monkeypatch.setitem(minicme.PRETRAIN, "eval_interval", 2)
     flags = ["--max_iters=1", "--eval_interval=1", "--eval_iters=1", "--eval_dir=", "--batch_size=8"]
     dry = train.train(train.parse_config([*flags, "--dry_run=True"]))
-    assert f"vocabulary {minicme.VOCAB_SIZE:,} (that of the tokenizer the demo builds first)" in capsys.readouterr().out
+    out = capsys.readouterr().out  # PRETRAIN's preset, not --model's (small)
+    assert f"model tiny (the demo's base, pretrained first): {dry['base_params']:,} base parameters" in out
+    assert f"vocabulary {minicme.VOCAB_SIZE:,} (that of the tokenizer the demo builds first)" in out
     fails([*flags, "--dry_run=True", "--batch_mode=pack", "--max_len=300"], capsys, "the 256 tokens the base model")
     assert not os.path.exists("data")  # a dry run builds nothing
     run = train.train(train.parse_config(flags))
     assert (dry["base_params"], dry["trainable_params"]) == (run["base_params"], run["trainable_params"])
+    capsys.readouterr()
+    built = train.train(train.parse_config([*flags, "--dry_run=True"]))  # the base is there: described as it is
+    out = capsys.readouterr().out
+    assert f"model {minicme.DEMO['init_from']}: " in out and "pretrained first" not in out and "vocabulary" not in out
+    assert (built["base_params"], built["trainable_params"]) == (run["base_params"], run["trainable_params"])
     os.remove(minicme.DEMO["init_from"])  # the tokenizer is there, the base is not (yet)
     again = train.train(train.parse_config([*flags, "--dry_run=True"]))
     assert f"vocabulary {minicme.VOCAB_SIZE:,} (the tokenizer's)" in capsys.readouterr().out
@@ -2320,6 +2327,28 @@ def test_a_stop_anywhere_between_the_last_step_and_results_json_says_how_to_scor
     assert main_exit_code(flags + ["--eval_only=True"]) == 0
     assert json.loads((out / "results.json").read_text())["scores"].keys() == evaluation.load_eval_sets(
         {"eval_dir": str(run_data / "test"), "eval_limit": 0}).keys()
+
+
+def test_every_rank_keeps_the_scores_in_its_summary_and_rank_0_alone_prints_them_and_writes_results_json(
+        tmp_path, monkeypatch, capsys):
+    """Under torchrun each rank scores its share and gets every score (evaluation.evaluate gathers them); the table and
+    results.json are rank 0's alone: another rank printing and writing them too would show the table twice."""
+    task = evaluation.task_of("qa")
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, r: ({"qa": 50.0}, {"qa": torch.tensor([0.25, 0.75])}))
+    for master in (False, True):
+        cfg = {**train.DEFAULTS, "out_dir": str(tmp_path / str(master)), "eval_dir": str(tmp_path)}
+        os.makedirs(cfg["out_dir"])
+        r = train.Run(cfg, rank=1 - master, world=2, device=torch.device("cpu"))
+        r.eval_sets = {"qa": (task, [{"instruction": "q", "input": "", "output": "a"}])}
+        summary = {"val_loss": 1.0, "step": 2, "train_losses": [2.0, 1.0], "model": torch.nn.Linear(1, 1)}
+        assert evaluation.score(None, r, None, summary) is True
+        assert summary["scores"] == {"qa": 50.0} and summary["chance"] == {"qa": 0.0}
+        assert summary["expert_load"] == {"qa": [0.25, 0.75]}
+        written = os.listdir(cfg["out_dir"]) == ["results.json"]
+        assert written == master and ("qa " in capsys.readouterr().out) == master
+        if master:
+            results = json.loads((tmp_path / "True" / "results.json").read_text())
+            assert results == {k: v for k, v in summary.items() if k not in ("train_losses", "model")}
 
 
 def test_a_stop_is_announced_by_rank_0_alone_and_a_request_on_any_rank_stops_every_rank(monkeypatch, capsys):

@@ -1284,6 +1284,17 @@ def test_a_null_max_position_embeddings_is_the_model_types_default_context_as_an
     assert Transformer.from_pretrained(tmp_path).args.max_seq_len == default
 
 
+def test_a_mistrals_null_sliding_window_is_no_window_not_the_default_of_an_absent_one(tmp_path):
+    """Only a null context length takes the type's default: Mistral v0.2 and later ship "sliding_window": null,
+    every token seeing the whole context, where an absent key is v0.1's window of 4096."""
+    model = tiny_model()
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    for given, window in (({"sliding_window": None}, None), ({}, 4096)):
+        config = {k: v for k, v in hf_config(model, "mistral").items() if k != "sliding_window"} | given
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert Transformer.from_pretrained(tmp_path).args.sliding_window == window
+
+
 @pytest.mark.parametrize("model_type, config_class", [("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
                                                       ("qwen2", "Qwen2Config"), ("qwen3", "Qwen3Config")])
 def test_absent_hf_config_keys_take_transformers_defaults_for_the_model_type(tmp_path, model_type, config_class):
