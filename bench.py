@@ -15,9 +15,9 @@ one run: compare the ratios, not the milliseconds, across machines. On a CPU sha
 avoids OpenMP threads waiting on each other (seen here: a model step of 4.7 s with 2 threads, 0.33 s
 with 1, while other tests ran).
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
-    errors.quiet_ctrl_c()
+    errors.start_script()
 
 import argparse
 import contextlib

@@ -24,9 +24,9 @@ Shards (one set per split, "train" and "val"), read back by TokenDataset:
     {split}.prompt_lens.bin   int32: labels are -100 on the first prompt_len tokens of a record
     summary.json              counts per file, dtype, special ids, tokenizer hash, max_len
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while numpy imports shows no traceback
+if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
-    errors.quiet_ctrl_c()
+    errors.start_script()
 
 import json
 import os

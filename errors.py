@@ -1,6 +1,6 @@
 """The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
 model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; each script's
-entry, run_script (and quiet_ctrl_c, which each script calls before its imports); and Parser, the argparse of the
+entry, run_script (and start_script, which each script calls before its imports); and Parser, the argparse of the
 scripts with flags (train.py and study.py read theirs with configurator.py)."""
 import argparse
 import ast
@@ -104,10 +104,19 @@ class Parser(argparse.ArgumentParser):
         return super().parse_args(given, namespace)
 
 
-def quiet_ctrl_c():
-    """For a script run as one, before its imports (torch's take a second or more, before run_script can take a
-    Ctrl-C): a KeyboardInterrupt that nothing catches ends it as run_script ends it, by SIGINT without a traceback.
-    Python itself still ends so after one; its hook, which would print the traceback, now prints none for it."""
+def start_script():
+    """For a script run as one, before its imports. A standard stream the shell closed (`2>&-`) is opened on
+    os.devnull, as a file descriptor only: else the next file opened (a .lock, a checkpoint's temporary) takes its
+    number, and what torch's C++ code writes to stderr goes into that file. And a Ctrl-C while torch imports (a second
+    or more, before run_script can take it) ends the script as run_script ends it, by SIGINT without a traceback:
+    Python itself still ends so after one, and its hook, which would print the traceback, prints none for it."""
+    for fd in (0, 1, 2):  # sys.stdout and the others stay None (argparse's help, say, goes to stderr then)
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: the lowest free number is fd's, the ones below it are open by now
+            os.dup2(null := os.open(os.devnull, os.O_RDWR), fd)
+            if null != fd:
+                os.close(null)
     shown = sys.excepthook
     sys.excepthook = lambda kind, value, tb: None if issubclass(kind, KeyboardInterrupt) else shown(kind, value, tb)
 

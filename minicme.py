@@ -23,9 +23,9 @@ make_suite() writes the suite (records in the authors' format, a pretraining cor
 model); build_demo_data() makes whatever of the demo's files a train.py configuration uses and
 lacks, and says how to pretrain its base (train.py runs that, before its fine-tuning run).
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while numpy and sentencepiece import shows no traceback
+if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
-    errors.quiet_ctrl_c()
+    errors.start_script()
 
 import io
 import json

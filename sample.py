@@ -11,9 +11,9 @@ one, "</s>") and answered greedily, or sampled with --temperature and --top_p. F
 adapter each answer says which experts the prompt recruited: the mean share of each over the prompt's
 tokens in the last load_layers blocks, as in the results table of train.py.
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
-    errors.quiet_ctrl_c()
+    errors.start_script()
 
 import argparse
 import codecs

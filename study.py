@@ -32,9 +32,9 @@ The tables, charts and comparisons are printed and written to out/study/report.m
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
 keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
-    errors.quiet_ctrl_c()
+    errors.start_script()
 
 import json
 import math

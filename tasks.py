@@ -10,9 +10,9 @@ file format, the authors' record templates, and the writer of evaluation sets.
   format {"instruction", "input", "output"} (+ "answers" for QA). An evaluation set is a folder of
   <task>.jsonl files; train.py scores each as the task its file name names (evaluation.task_of).
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while numpy imports (data.py's) shows no traceback
+if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
-    errors.quiet_ctrl_c()
+    errors.start_script()
 
 import csv
 import json

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import Parser, UserError, at_a_terminal, exit_with, printable, quiet_ctrl_c, run_script
+from errors import Parser, UserError, at_a_terminal, exit_with, printable, run_script, start_script
 
 
 def _ended(error, capsys, prefix="x.py: "):
@@ -187,13 +187,28 @@ def test_ctrl_c_while_a_script_imports_torch_ends_it_by_sigint_without_a_traceba
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
 
 
-def test_quiet_ctrl_c_hides_a_keyboard_interrupts_traceback_alone_and_passes_any_other_to_the_hook_it_replaced(
+@pytest.mark.skipif(os.name != "posix", reason="file descriptors closed before the program starts, as `2>&-` does")
+@pytest.mark.parametrize("closed", [(2,), (1,), (0, 1, 2)])
+def test_a_stream_the_shell_closed_is_not_the_number_of_the_next_file_opened(tmp_path, closed):
+    """`python train.py 2>&-`: the next file opened took the number 2, and what torch's C++ code writes to stderr went
+    into it (a .lock, a checkpoint's temporary). start_script opens os.devnull in the closed streams' place."""
+    code = ("import os\nimport errors\nerrors.start_script()\n"
+            f"f = open({str(tmp_path / 'ckpt.pt.tmp')!r}, 'wb')\n"
+            "for fd in (1, 2):\n    os.write(fd, b'a warning from C++ code\\n')\n"
+            "f.write(b'the checkpoint')\nf.close()\nprint('printed')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60, capture_output=True,
+                          preexec_fn=lambda: [os.close(fd) for fd in closed])
+    assert done.returncode == 0 and (tmp_path / "ckpt.pt.tmp").read_bytes() == b"the checkpoint"
+    assert (b"printed" in done.stdout) == (1 not in closed)
+
+
+def test_start_script_hides_a_keyboard_interrupts_traceback_alone_and_passes_any_other_to_the_hook_it_replaced(
         monkeypatch):
     """Only a KeyboardInterrupt (or a kind of one) goes unprinted: any other error that nothing catches while a script
     imports still reaches the hook that was there, with its traceback, as Python would print it."""
     seen = []
     monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append((kind, value, tb)))
-    quiet_ctrl_c()
+    start_script()
     kinds = (KeyboardInterrupt, type("Stop", (KeyboardInterrupt,), {}), ImportError, SystemExit, ValueError)
     raised = [(kind, kind("x"), object()) for kind in kinds]
     for error in raised:

@@ -10,9 +10,9 @@ Configuration: the defaults below, then config files (plain Python assignments),
 configurator.py (an unknown key or a wrong type is an error naming the key). Reading order: main -> train (resume
 config, processes, the demo's files) -> run (setup, restore, train_step's loop) -> finish (scores: evaluation.py).
 """
-if __name__ == "__main__":  # before the imports: a Ctrl-C while torch imports (a second or more) shows no traceback
+if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
-    errors.quiet_ctrl_c()
+    errors.start_script()
 
 import difflib
 import json
