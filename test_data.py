@@ -2378,18 +2378,23 @@ def test_a_bpe_tokenizer_json_with_its_own_unknown_token_encodes_unknown_text_to
     assert ids == hf.encode(text, add_special_tokens=False).ids and ids[-1] == hf.token_to_id("<unk>")
 
 
-def test_a_bpe_tokenizer_json_without_an_unknown_token_names_the_text_it_would_drop(tmp_path):
-    """A BPE model without an unknown token (or byte fallback) drops a character it has no token for without a word,
-    where the other models raise: the records were trained on as other text than they hold. GPT-2's and Qwen's
-    byte-level BPE have no unknown token either, and need none (a token for every byte): never refused."""
+def bpe_without_an_unknown_token(folder):
+    """(the package's tokenizer, folder): a BPE model trained on TEXTS, with no unknown token nor byte fallback."""
     tokenizers = pytest.importorskip("tokenizers")
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     hf.train_from_iterator(TEXTS, tokenizers.trainers.BpeTrainer(special_tokens=["<e>"]))
-    folder = tmp_path / "t"
     folder.mkdir()
     hf.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>"}))
+    return hf, folder
+
+
+def test_a_bpe_tokenizer_json_without_an_unknown_token_names_the_text_it_would_drop(tmp_path):
+    """A BPE model without an unknown token (or byte fallback) drops a character it has no token for without a word,
+    where the other models raise: the records were trained on as other text than they hold. GPT-2's and Qwen's
+    byte-level BPE have no unknown token either, and need none (a token for every byte): never refused."""
+    hf, folder = bpe_without_an_unknown_token(tmp_path / "t")
     assert hf.encode("☃").ids == []  # the package's own silence
     tok = Tokenizer(folder)
     known = TEXTS[0] + "<e>"  # text in its vocabulary: encoded as the package does
@@ -2413,14 +2418,7 @@ def test_a_bpe_tokenizer_json_without_an_unknown_token_names_the_text_it_would_d
 
 def test_a_long_text_a_tokenizer_json_cannot_encode_is_quoted_by_its_start_in_the_one_line_refusal(tmp_path):
     """A record's text may run to pages: the refusal quotes its first 40 characters, as repr shows them, not all."""
-    tokenizers = pytest.importorskip("tokenizers")
-    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
-    hf.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    hf.train_from_iterator(TEXTS, tokenizers.trainers.BpeTrainer(special_tokens=["<e>"]))
-    folder = tmp_path / "t"
-    folder.mkdir()
-    hf.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>"}))
+    hf, folder = bpe_without_an_unknown_token(tmp_path / "t")
     text = "\u2603 " + TEXTS[0] * 50
     with pytest.raises(UserError) as error:
         Tokenizer(folder).encode(text)
