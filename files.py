@@ -246,6 +246,16 @@ def special_file(path):
             else "a socket" if stat.S_ISSOCK(mode) else "a device")
 
 
+def locale_problem():
+    """(why, fix) where the locale is not UTF-8 (LC_ALL=C with PYTHONUTF8=0): Python then takes a non-ASCII name or
+    flag as bytes it cannot decode, though they may well be UTF-8; None under a UTF-8 locale."""
+    encoding = sys.getfilesystemencoding()
+    if codecs.lookup(encoding).name == "utf-8":
+        return None
+    return (f"non-ASCII characters, which Python cannot pass on as text under this locale ({encoding}: LC_ALL=C, say)",
+            "run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)")
+
+
 def check_openable_by_torch(cfg, keys, read_by_python=()):
     """Refuse, naming the fix, a path among cfg's `keys` that torch, SentencePiece or Hugging Face's tokenizers cannot
     open: they take it as UTF-8 text, and Python gives the bytes of a name that the filesystem encoding does not decode
@@ -259,12 +269,7 @@ def check_openable_by_torch(cfg, keys, read_by_python=()):
             if key in keys:
                 str(cfg[key]).encode("utf-8")  # and text torch takes: no lone surrogates
         except UnicodeError:
-            encoding = sys.getfilesystemencoding()
-            why, fix = "bytes that are not UTF-8 text", "name it in UTF-8"
-            if codecs.lookup(encoding).name != "utf-8":
-                why = f"non-ASCII characters, which Python cannot pass on as text under this locale ({encoding}: " \
-                      "LC_ALL=C, say)"
-                fix = "run it under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1)"
+            why, fix = locale_problem() or ("bytes that are not UTF-8 text", "name it in UTF-8")
             who = "torch and the tokenizers cannot open" if key in keys else "no file or folder can have"
             raise UserError(f"{key} {cfg[key]} holds {why}, and {who} such a path; {fix}, or give --{key} an ASCII "
                             "path.") from None

@@ -16,7 +16,6 @@ if __name__ == "__main__":  # before the imports: see errors.start_script (close
     errors.start_script()
 
 import argparse
-import codecs
 import contextlib
 import math
 import os
@@ -123,11 +122,8 @@ def check_args(parser, args):
         try:
             (getattr(args, flag) or "").encode("utf-8")
         except UnicodeEncodeError:
-            encoding = sys.getfilesystemencoding()  # argv's: its bytes may well be UTF-8, which it does not decode
-            if codecs.lookup(encoding).name != "utf-8":  # as files.check_openable_by_torch says it for a path
-                parser.error(f"--{flag} holds non-ASCII characters, which Python cannot pass on as text under this "
-                             f"locale ({encoding}: LC_ALL=C, say); run it under a UTF-8 locale (LC_ALL=C.UTF-8, or "
-                             "PYTHONUTF8=1)")
+            if problem := files.locale_problem():  # argv's bytes may well be UTF-8, which the locale does not decode
+                parser.error(f"--{flag} holds {problem[0]}; {problem[1]}")
             parser.error(f"--{flag} holds bytes that are not UTF-8 text; give it in UTF-8, the terminal's encoding")
     if args.instruction is None and not args.records:
         parser.error("give --instruction (and --input) or --records")
