@@ -39,7 +39,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from errors import Parser, UserError, at_a_terminal, exit_with, run_script
+from errors import Parser, UserError, at_a_terminal, ctrl_c_held, exit_with, run_script
 from files import (
     TOO_DEEP,
     blocked_parent,
@@ -309,7 +309,8 @@ def _map_ordered(fn, jobs, workers, tokenizer_path):
     try:
         pending = deque()
         for job in jobs:
-            pending.append(pool.submit(fn, job))
+            with ctrl_c_held():  # a worker it starts never sees a Ctrl-C, which is prepare's to take (_init_worker)
+                pending.append(pool.submit(fn, job))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:

@@ -1,7 +1,8 @@
 """The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
 model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; each script's
-entry, run_script (and start_script, which each script calls before its imports); and Parser, the argparse of the
-scripts with flags (train.py and study.py read theirs with configurator.py)."""
+entry, run_script (and start_script, which each script calls before its imports, and ctrl_c_held, for the processes a
+script starts); and Parser, the argparse of the scripts with flags (train.py and study.py read theirs with
+configurator.py)."""
 import argparse
 import ast
 import contextlib
@@ -106,19 +107,42 @@ class Parser(argparse.ArgumentParser):
 
 def start_script():
     """For a script run as one, before its imports. A standard stream the shell closed (`2>&-`) is opened on
-    os.devnull, as a file descriptor only: else the next file opened (a .lock, a checkpoint's temporary) takes its
-    number, and what torch's C++ code writes to stderr goes into that file. And a Ctrl-C while torch imports (a second
-    or more, before run_script can take it) ends the script as run_script ends it, by SIGINT without a traceback:
-    Python itself still ends so after one, and its hook, which would print the traceback, prints none for it."""
-    for fd in (0, 1, 2):  # sys.stdout and the others stay None (argparse's help, say, goes to stderr then)
+    os.devnull, and the script runs as with `2>/dev/null`: else the next file opened (a .lock, a checkpoint's
+    temporary) takes its number, and what torch's C++ code writes to stderr goes into that file; and Python leaves
+    sys.stderr (sys.stdout, sys.stdin) None, whose flush fails (machine.leave's under torchrun, bench.py's), and
+    print(..., file=sys.stderr) then writes to stdout. And a Ctrl-C while torch imports (a second or more, before
+    run_script can take it) ends the script as run_script ends it, by SIGINT without a traceback: Python itself still
+    ends so after one, and its hook, which would print the traceback, prints none for it."""
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
         try:
             os.fstat(fd)
         except OSError:  # closed: the lowest free number is fd's, the ones below it are open by now
             os.dup2(null := os.open(os.devnull, os.O_RDWR), fd)
             if null != fd:
                 os.close(null)
+        if getattr(sys, name) is None:  # closed when Python started: a stream that takes any text, read by nobody
+            stream = open(fd, "w" if fd else "r", encoding="utf-8", errors="backslashreplace" if fd else None,
+                          closefd=False)
+            setattr(sys, name, stream)
+            setattr(sys, f"__{name}__", stream)
     shown = sys.excepthook
     sys.excepthook = lambda kind, value, tb: None if issubclass(kind, KeyboardInterrupt) else shown(kind, value, tb)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """For the duration, this thread holds a Ctrl-C back (its SIGINT blocked: it arrives as the block ends, and is not
+    lost), and a process started meanwhile inherits the block for good. So data.py's prepare starts its workers: one
+    that a Ctrl-C reached while it imported (a second or more, before it can ignore SIGINT) printed a
+    KeyboardInterrupt's traceback under prepare's quiet end. CPython starts its resource tracker so (bpo-33613)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def run_script(main):
@@ -127,7 +151,7 @@ def run_script(main):
     main does not take it (train.py takes it in its loop and its scoring) ends the script without a traceback, by
     SIGINT as Python ends, so that a shell loop running it stops too. Output to a full disk is one sentence (exit code
     2), as exit_with ends."""
-    flush = lambda: sys.stdout and sys.stdout.flush()  # None: started with no stdout (>&-)
+    flush = lambda: sys.stdout and sys.stdout.flush()  # None: no stdout (>&-) and no start_script
     if hasattr(sys.stdout, "reconfigure"):  # a stdout not in UTF-8 (PYTHONIOENCODING=ascii, a Windows file): the
         sys.stdout.reconfigure(errors="backslashreplace")  # table's bars and ± as escapes, not a traceback
     try:

@@ -7,6 +7,7 @@ themselves are the benchmark's, never a test's.
 
 import inspect
 import math
+import os
 import re
 import subprocess
 import sys
@@ -105,6 +106,17 @@ def test_full7b_stack_checkpoints_activations_unless_told_not_to(monkeypatch, ca
             eval_batch_size=1, adapter="lora" if v == "LoRA" else "teamlora", targets="w1,w2,w3",
             activation_checkpointing=checkpointing), 1, st.batch)["total"]
         assert rows[v][-1] == pytest.approx(est / 1000, abs=0.006), v
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file descriptors closed before the program starts, as `2>&-`")
+def test_peak_bytes_on_the_cpu_runs_with_stderr_closed():
+    """`python bench.py ... 2>&-`: quiet_stderr flushed sys.stderr, which Python leaves None for a stream closed at
+    its start, and the benchmark ended at its first peak memory in an AttributeError nobody saw (exit code 1)."""
+    code = ("import errors\nerrors.start_script()\nimport torch\nimport bench\n"
+            "print(bench.peak_bytes(lambda: torch.ones(1000), 0, torch.device('cpu')) >= 4000)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(bench.__file__).parent, preexec_fn=lambda: os.close(2))
+    assert (done.returncode, done.stdout) == (0, "True\n")
 
 
 def test_no_checkpointing_without_full7b_is_a_usage_error(capsys):

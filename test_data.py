@@ -1339,6 +1339,44 @@ def test_worker_processes_leave_ctrl_c_to_prepare(tiny_spm):
     assert handlers == [signal.SIG_IGN] * 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+CTRL_C_AT_WORKER_START = """import sys
+import errors
+errors.start_script()
+import data
+
+data.cores = lambda: 2
+flags = ["--input", sys.argv[1], "--tokenizer", sys.argv[2], "--out", sys.argv[3], "--workers", "2"]
+errors.run_script(lambda: data.main(["prepare", *flags]))
+"""
+# numpy, ahead of the real one on the path: in a worker (not the leader of the process group that prepare leads), a
+# terminal's Ctrl-C, to every process of the group, while the worker imports data.py, then the real numpy
+CTRL_C_IN_A_WORKERS_IMPORT = """import importlib.machinery, importlib.util, os, signal, sys
+if os.getpid() != os.getpgrp():
+    os.killpg(os.getpgrp(), signal.SIGINT)
+path = [p for p in sys.path if os.path.realpath(p) != os.path.dirname(os.path.realpath(__file__))]
+spec = importlib.machinery.PathFinder.find_spec("numpy", path)
+sys.modules["numpy"] = numpy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(numpy)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="a process group's Ctrl-C, as a terminal sends it")
+def test_ctrl_c_while_a_worker_starts_ends_prepare_by_sigint_without_the_workers_traceback(tmp_path, tiny_spm):
+    """A worker's first second or more is its imports, before _init_worker has it ignore SIGINT: a Ctrl-C there,
+    which reaches every process of the job, printed the worker's KeyboardInterrupt traceback under prepare's quiet
+    end (errors.run_script)."""
+    source = write_records(tmp_path / "d.jsonl", 3)
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "numpy.py").write_text(CTRL_C_IN_A_WORKERS_IMPORT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "shim"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", CTRL_C_AT_WORKER_START, str(source), str(tiny_spm),
+                           str(tmp_path / "out")], cwd=HERE, env=env, capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "shim"]
+
+
 def test_cores_are_the_ones_this_process_may_run_on_not_the_machines(monkeypatch):
     """Under SLURM or a container's cpuset a process may run on a few of a machine's cores: prepare's workers and
     study.py's runs count those, not os.cpu_count(), else a 128-core node's job of 8 would start 128 workers."""

@@ -2120,6 +2120,19 @@ def test_under_torchrun_what_a_process_wrote_before_it_leaves_reaches_its_log(tm
     assert (done.returncode, done.stdout, done.stderr) == (130, "checkpoint written\n", "no line end yet")
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file descriptors closed before the program starts, as `>&-` does")
+@pytest.mark.parametrize("closed", [1, 2])
+def test_under_torchrun_a_process_started_with_stdout_or_stderr_closed_ends_with_its_own_code(closed):
+    """`torchrun ... train.py >&-` (or `2>&-`): machine.leave flushed sys.stdout, which Python leaves None for a stream
+    closed at its start: a refusal under torchrun ended in an AttributeError, exit code 1, not its sentence's 2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID")} | {"RANK": "0"}
+    done = subprocess.run([sys.executable, "train.py", "--max_iters=abc"], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300, preexec_fn=lambda: os.close(closed))
+    assert done.returncode == 2, done.stderr
+    said = "train.py: error: config key 'max_iters' in flag --max_iters=abc must be of type int, got 'abc'.\n"
+    assert (done.stdout, done.stderr) == ("", "" if closed == 2 else said)
+
+
 def test_a_runtime_error_that_only_mentions_memory_is_not_called_out_of_memory(capsys, monkeypatch):
     """Exit code 3 and "lower batch_size" are for an allocation that failed; a CUDA fault that names memory (an
     illegal access, a bug) must surface as itself, not be hidden behind advice that cannot fix it."""
