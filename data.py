@@ -43,6 +43,7 @@ from errors import Parser, UserError, at_a_terminal, ctrl_c_held, exit_with, run
 from files import (
     TOO_DEEP,
     blocked_parent,
+    ends_in_a_long_integer,
     file_sha256,
     flag_path,
     json_kind,
@@ -175,8 +176,9 @@ def _iter_json_list(path):
                         fail(e.pos, f"record {index} is not valid JSON ({e.msg})")
                 except RecursionError:  # too deep in what was read already: more text cannot help
                     fail(pos, f"record {index} {TOO_DEEP}")
-                except ValueError:  # a number of thousands of digits: more text cannot make it shorter
-                    fail(pos, f"record {index} {too_long()}")
+                except ValueError:  # an integer of thousands of digits; cut by the buffer's end, maybe a float's
+                    if not ends_in_a_long_integer(buf) or not fill():  # else more text cannot make it shorter
+                        fail(pos, f"record {index} {too_long()}")
             yield index, record
             index, pos = index + 1, end
             char = peek()

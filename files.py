@@ -303,6 +303,15 @@ def too_long():  # json raises a ValueError (not a JSONDecodeError) on an intege
     return f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long to read"
 
 
+def ends_in_a_long_integer(text):
+    """Whether text ends in an integer of more digits than Python converts (too_long), or in one and the "." or "e"
+    that may begin its fraction or exponent: the text after it may make it a float's, which json reads (as inf)."""
+    limit = sys.get_int_max_str_digits()
+    backwards = text[:-limit - 4:-1]  # its last limit + 3 characters, last first: re.match is linear, re.search not
+    digits = re.match(r"(\.|[-+]?[eE])?([0-9]*)", backwards).group(2)
+    return 0 < limit < len(digits)
+
+
 def json_kind(value):
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
             type(None): "null"}.get(type(value), "a number")

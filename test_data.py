@@ -26,7 +26,6 @@ import torch
 import data
 from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, named_pipe, needs_fixtures, script_error
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
-from tokenizer import MAX_VOCAB
 
 EDGE_CASES = [
     {"instruction": "Trailing whitespace", "input": "inp  \n\n", "output": "out \n"},
@@ -329,6 +328,31 @@ def test_streamed_json_list_parser_agrees_with_json_load(tmp_path, monkeypatch):
         assert [r for _, r in data._iter_json_list(path)] == records
     path.write_text("[]")
     assert list(data._iter_json_list(path)) == []
+
+
+@pytest.mark.parametrize("number", ["-{digits}.5e3", "{digits}e-3", "{digits}E+2", "{digits}.0", "{digits}",
+                                    "-{digits}", "{digits}.", "1.{digits}"])
+def test_a_number_of_thousands_of_digits_reads_as_json_reads_the_file_wherever_the_reads_cut_it(tmp_path, monkeypatch,
+                                                                                                  number):
+    """A float literal of more digits than Python converts to an integer is a float to json (inf): cut by the end of a
+    read after those digits, it was an integer too long to read, refused; whole, it read as inf."""
+    limit = sys.get_int_max_str_digits()
+    literal = number.format(digits="7" * (limit + 3))
+    text = '[{"x": ' + literal + ', "y": "z"},\n{"x": ' + literal + "}]"
+    path = tmp_path / "numbers.json"
+    path.write_text(text)
+    try:
+        expected = json.loads(text)
+    except ValueError:  # an integer too long: refused in one sentence, whatever the reads
+        expected = None
+    start = text.index(literal)
+    for read in [*range(start + limit - 3, start + len(literal) + 3), 2 * start + limit, 1 << 20]:
+        monkeypatch.setattr(data, "_READ", read)  # the first read ends at `read`, in, or after, the first number
+        if expected is None:
+            with pytest.raises(UserError, match=f"numbers.json line 1: record 0 holds a number of more than {limit:,}"):
+                list(data._iter_json_list(path))
+        else:
+            assert [r for _, r in data._iter_json_list(path)] == expected, read
 
 
 @pytest.fixture(scope="module")
@@ -1553,6 +1577,36 @@ def test_a_tiktoken_file_with_a_bom_or_blank_lines_before_its_first_token_reads_
     assert saved.encode("hello world héllo", bos=True) == clean.encode("hello world héllo", bos=True)
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
+def test_a_tokenizer_json_with_a_bom_reads_as_the_clean_file(tmp_path, name):
+    """The tokenizers package refuses a UTF-8 byte-order mark (as an editor may save one) as "expected value at line 1
+    column 1": the file was called not a valid tokenizer.json, and under another name not a tokenizer at all. Its
+    tokenizer_config.json with one reads too (read_json's), as a tiktoken file with one does."""
+    clean = Tokenizer(hf_tokenizer_folder(tmp_path / "clean", bos="<|im_start|>", eos="<|im_end|>"))
+    folder = hf_tokenizer_folder(tmp_path / "bom", bos="<|im_start|>", eos="<|im_end|>")
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / file).write_bytes(b"\xef\xbb\xbf" + (folder / file).read_bytes())
+    os.replace(folder / "tokenizer.json", folder / name)
+    saved = Tokenizer(folder / name)
+    assert (saved.kind, saved.vocab_size, saved.bos_id, saved.eos_id, saved.pad_id) == (
+        "tokenizers", clean.vocab_size, clean.bos_id, clean.eos_id, clean.pad_id)
+    text = TEXTS[1] + " ünïcödé <|im_end|> </s>"
+    for special in (False, True):
+        assert saved.encode(text, bos=True, special=special) == clean.encode(text, bos=True, special=special)
+    assert saved.decode(clean.encode(text)) == clean.decode(clean.encode(text)) == text
+
+
+def test_a_tokenizer_json_that_is_not_utf8_is_named_as_such(tmp_path):
+    """Said in the codec's words or the package's ("stream did not contain valid UTF-8"), not as other files are."""
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    (folder / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes().replace(b"<|im_end|>",
+                                                                                             b"<|im_\xffend|>", 1))
+    with pytest.raises(UserError) as error:
+        Tokenizer(folder)
+    assert str(error.value) == (f"{folder / 'tokenizer.json'} is not UTF-8 text (invalid start byte), so not a "
+                                "tokenizer.json; pass the checkpoint's unmodified tokenizer.json")
+
+
 def test_hf_tokenizer_config_may_give_its_tokens_as_added_token_objects(tmp_path):
     plain = Tokenizer(hf_tokenizer_folder(tmp_path / "plain", bos="<|im_start|>", eos="<|im_end|>"))
     folder = hf_tokenizer_folder(tmp_path / "objects")
@@ -2465,21 +2519,25 @@ def test_a_long_text_a_tokenizer_json_cannot_encode_is_quoted_by_its_start_in_th
 
 def test_a_tokenizer_json_numbering_a_token_past_any_real_vocabulary_is_refused_as_it_loads(tmp_path):
     """An id of 10**9 gave a vocab_size of 10**9 + 1: the dry run passed, and a run from scratch built its embedding
-    and ended out of memory, with advice to lower batch_size."""
+    and ended out of memory, with advice to lower batch_size. The bound is the one the message states: 64 times
+    2**18 (262,144, about the largest real vocabulary), so 2**24 ids, 0 to 16,777,215."""
     tokenizers = pytest.importorskip("tokenizers")
     folder = hf_tokenizer_folder(tmp_path / "t")
     word = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")).encode(TEXTS[0]).tokens[0]
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    for largest in (MAX_VOCAB - 1, MAX_VOCAB, 10**9):
+    bound = 64 * 2**18
+    for largest in (2**18, bound - 1, bound, 10**9):
         tokenizer_json["model"]["vocab"][word] = largest
         (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-        if largest < MAX_VOCAB:  # sparse ids, as a real tokenizer may have: kept
+        if largest < bound:  # sparse ids, as a real tokenizer may have: kept
             assert Tokenizer(folder).vocab_size == largest + 1
             continue
-        with pytest.raises(UserError, match=f"tokenizer.json numbers a token {largest:,}, past any real vocabulary "
-                                            f".+ would need {largest + 1:,} embedding rows; pass the checkpoint's "
-                                            "unmodified tokenizer.json, or number its tokens from 0 without gaps$"):
+        with pytest.raises(UserError) as error:
             Tokenizer(folder)
+        assert str(error.value) == (
+            f"{folder / 'tokenizer.json'} numbers a token {largest:,}, where this reads ids below 16,777,216 (64 times "
+            f"the largest real vocabulary, of about 262,000 tokens), and a model would need {largest + 1:,} embedding "
+            "rows; pass the checkpoint's unmodified tokenizer.json, or number its tokens from 0 without gaps")
 
 
 def test_an_input_path_of_spaces_alone_is_named_as_empty_not_as_a_missing_file():

@@ -4,6 +4,7 @@
 """
 import argparse
 import contextlib
+import difflib
 import errno
 import os
 import signal
@@ -347,6 +348,19 @@ def test_a_flag_is_taken_by_its_whole_name_only_and_one_that_is_not_a_flag_is_na
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith("did you mean --max_len?")
+
+
+@pytest.mark.parametrize("typo, meant", [("--tmpr", "--temperature"), ("--ovw", "--overwrite"), ("--tpr", None),
+                                         ("--force", None)])
+def test_a_flag_at_least_60_percent_like_the_one_given_is_suggested_and_a_less_like_one_is_not(capsys, typo, meant):
+    """difflib's similarity (twice the characters in common over both lengths, "--" included): --tmpr is 0.632 like
+    --temperature, --ovw 0.625 like --overwrite; --tpr and --force, 0.556 like their closest, are too far to be what was
+    meant, and --help lists the flags instead."""
+    flags = [flag for flag in _parser().flags() if flag.startswith("--")]
+    similarity = max(difflib.SequenceMatcher(None, typo, flag).ratio() for flag in flags)
+    assert (similarity >= 0.6) == (meant is not None)  # what the cases were chosen for
+    hint = f"did you mean {meant}?" if meant else "--help lists them"
+    assert _refused([f"{typo}=1"], capsys) == f"x.py: error: {typo} is not a flag of this script; {hint}"
 
 
 def test_a_switch_takes_only_true_or_false_and_a_negative_number_or_spaced_abbreviation_is_read_as_argparse_would(

@@ -2,6 +2,7 @@
 
     python -m pytest -q
 """
+import difflib
 import json
 import math
 import os
@@ -139,6 +140,20 @@ def test_configuration_errors_name_the_key_in_one_sentence(argv, message, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("train.py: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("typo, meant", [("iter", "max_iters"), ("exp", "experts"), ("dro", "dropout"),
+                                         ("size", None), ("evl", None)])
+def test_a_key_at_least_60_percent_like_a_misspelt_one_is_suggested_and_a_less_like_one_is_not(typo, meant):
+    """difflib's similarity (twice the characters in common over both lengths): iter is 0.615 like max_iters, exp and
+    dro 0.6 like experts and dropout; size (0.571 like batch_size) and evl (0.545 like eval_dir) are too far to be
+    what was meant, and naming a key for them would mislead."""
+    similarity = max(difflib.SequenceMatcher(None, typo, key).ratio() for key in train.DEFAULTS)
+    assert (similarity >= 0.6) == (meant is not None)  # what the cases were chosen for
+    with pytest.raises(train.UserError) as error:
+        train.parse_config([f"--{typo}=1"])
+    hint = f"; did you mean '{meant}'?" if meant else "."
+    assert str(error.value) == f"unknown config key '{typo}' in flag --{typo}=1{hint}"
 
 
 def test_a_refusal_of_train_py_starts_with_its_name_as_every_scripts_does(monkeypatch, capsys):
@@ -1024,6 +1039,36 @@ def test_the_demos_dry_run_plans_for_the_one_process_that_python_train_py_runs(b
     train.train(cfg)
     out = capsys.readouterr().out
     assert f"per GPU with 1 GPU, micro-batch {batch_size // grad_accum} x {cfg['max_len']} tokens, one process" in out
+
+
+def test_the_demos_dry_run_under_a_tokenizer_of_ones_own_describes_the_base_the_demo_pretrains_with_its_own(
+        tmp_path, monkeypatch, capsys):
+    """Before the demo's base is built, the run pretrains it with the demo's own tokenizer (minicme.PRETRAIN), whatever
+    --tokenizer says: the dry run describes that base, of the demo tokenizer's vocabulary, never one sized by the
+    user's tokenizer (which sizes a base from scratch alone), and names the file that sized it."""
+    monkeypatch.chdir(tmp_path)  # no data/mini_cme: the demo's files are not built
+    folder = hf_tokenizer_folder(tmp_path / "mine")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer_json["model"]["vocab"][next(iter(tokenizer_json["model"]["vocab"]))] = 4999  # a vocabulary of 5,000
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    assert train.Tokenizer(folder).vocab_size == 5000 != minicme.VOCAB_SIZE
+    demo = train.train(train.parse_config(["--dry_run=True"]))
+    capsys.readouterr()
+    mine = train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}"]))
+    assert f", vocabulary {minicme.VOCAB_SIZE:,} (that of the tokenizer the demo builds first)\n" in \
+        capsys.readouterr().out
+    assert (mine["base_params"], mine["trainable_params"]) == (demo["base_params"], demo["trainable_params"])
+    # the demo's tokenizer built (here another tokenizer.json in its place), its base not yet: that tokenizer sizes it
+    (tmp_path / "data").mkdir()
+    built = hf_tokenizer_folder(tmp_path / "data" / "mini_cme")
+    os.replace(built / "tokenizer.json", minicme.DEMO["tokenizer"])
+    train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}"]))
+    vocab = train.Tokenizer(minicme.DEMO["tokenizer"]).vocab_size
+    assert f", vocabulary {vocab:,} (that of {minicme.DEMO['tokenizer']})\n" in capsys.readouterr().out
+    scratch = ["--dry_run=True", f"--tokenizer={folder}", "--init_from=scratch"]  # from scratch: the user's sizes it
+    train.train(train.parse_config(scratch))
+    assert f", vocabulary 5,000 (that of {folder})\n" in capsys.readouterr().out
+    assert not os.path.exists(minicme.DEMO["init_from"]) and not os.path.exists("out")  # a dry run builds nothing
 
 
 def test_a_hugging_face_tokenizer_folder_prepares_trains_and_evaluates(tmp_path):

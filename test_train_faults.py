@@ -1032,7 +1032,8 @@ def test_a_dry_run_from_scratch_sizes_the_embedding_by_the_tokenizer_as_the_run_
     vocab, preset = train.Tokenizer(run_data / "tokenizer.model").vocab_size, model.ModelArgs.from_name("tiny")
     assert vocab != preset.vocab_size
     dry = train.train(train.parse_config([*flags, "--dry_run=True"]))
-    assert f"FFN {preset.ffn_hidden_dim}, vocabulary {vocab:,} (the tokenizer's)\n" in capsys.readouterr().out
+    assert f"FFN {preset.ffn_hidden_dim}, vocabulary {vocab:,} (that of {run_data / 'tokenizer.model'})\n" in \
+        capsys.readouterr().out
     run = train.train(train.parse_config(flags))
     assert (dry["base_params"], dry["trainable_params"]) == (run["base_params"], run["trainable_params"])
     missing = tmp_path / "new" / "tokenizer.model"
@@ -1132,7 +1133,7 @@ def test_the_demos_dry_run_before_its_base_is_built_describes_the_base_the_run_p
     assert (built["base_params"], built["trainable_params"]) == (run["base_params"], run["trainable_params"])
     os.remove(minicme.DEMO["init_from"])  # the tokenizer is there, the base is not (yet)
     again = train.train(train.parse_config([*flags, "--dry_run=True"]))
-    assert f"vocabulary {minicme.VOCAB_SIZE:,} (the tokenizer's)" in capsys.readouterr().out
+    assert f"vocabulary {minicme.VOCAB_SIZE:,} (that of {minicme.DEMO['tokenizer']})" in capsys.readouterr().out
     assert (again["base_params"], again["trainable_params"]) == (run["base_params"], run["trainable_params"])
 
 

@@ -219,6 +219,23 @@ def saved_tiny_model(path, layout):
 
 
 @pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_configuration_files_with_a_bom_load_as_the_clean_files(tmp_path, layout):
+    """A UTF-8 byte-order mark (as an editor may save one) in config.json, params.json or a weight index was "not valid
+    JSON (line 1: Unexpected UTF-8 BOM ...)", where files.read_json (the tokenizer_config.json beside the same
+    checkpoint) and the tokenizer's readers take one."""
+    model = saved_tiny_model(tmp_path, layout)
+    clean = Transformer.from_pretrained(tmp_path).args
+    marked = sorted(tmp_path.glob("*.json"))
+    assert len(marked) == (2 if layout == "hf" else 1)
+    for file in marked:
+        file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.args == clean
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
 def test_from_pretrained_converts_dtype(tmp_path, layout):
     model = saved_tiny_model(tmp_path, layout)
     loaded = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)

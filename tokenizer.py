@@ -37,7 +37,7 @@ def _looks_like_tiktoken(path):
 
 def _looks_like_json(path):  # a tokenizer.json saved under another name (a SentencePiece model starts with 0x0a)
     with open(path, "rb") as f:
-        return f.read(64).lstrip().startswith(b"{")
+        return f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{")
 
 
 def _bpe_problem(ranks):
@@ -147,8 +147,12 @@ class Tokenizer:
         except ImportError:
             raise UserError(f"{self.path} is a Hugging Face tokenizer.json; reading it needs the tokenizers package: "
                             "pip install tokenizers") from None
-        try:
-            self.hf = tokenizers.Tokenizer.from_file(self.path)
+        try:  # from the text, past a UTF-8 BOM (as an editor may save it), which the package refuses as not JSON
+            with open(self.path, encoding="utf-8-sig") as f:
+                self.hf = tokenizers.Tokenizer.from_str(f.read())
+        except UnicodeDecodeError as e:
+            raise UserError(f"{self.path} is not UTF-8 text ({e.reason}), so not a tokenizer.json; pass the "
+                            "checkpoint's unmodified tokenizer.json") from None
         except Exception as e:  # the Rust side raises Exception with its own message
             raise UserError(f"{self.path} is not a valid tokenizer.json ({str(e)[:100]}); pass the checkpoint's "
                             "unmodified tokenizer.json") from None
@@ -158,9 +162,10 @@ class Tokenizer:
             raise UserError(f"{self.path} gives two tokens the same id {twice}; pass the checkpoint's unmodified "
                             "tokenizer.json")
         if numbers[-1] >= MAX_VOCAB:  # sparse ids are fine, but the model gets an embedding row for every number
-            raise UserError(f"{self.path} numbers a token {numbers[-1]:,}, past any real vocabulary (the largest "
-                            f"hold about 262,000 tokens), and a model would need {numbers[-1] + 1:,} embedding rows; "
-                            "pass the checkpoint's unmodified tokenizer.json, or number its tokens from 0 without gaps")
+            raise UserError(f"{self.path} numbers a token {numbers[-1]:,}, where this reads ids below {MAX_VOCAB:,} "
+                            "(64 times the largest real vocabulary, of about 262,000 tokens), and a model would need "
+                            f"{numbers[-1] + 1:,} embedding rows; pass the checkpoint's unmodified tokenizer.json, or "
+                            "number its tokens from 0 without gaps")
         if isinstance(self.hf.model, tokenizers.models.BPE) and self.hf.model.unk_token is None:
             # a BPE model without an unknown token drops a character it has no token for (and no byte token, under
             # byte fallback) without a word; an unknown token that is not in the vocabulary makes it raise instead,

@@ -780,7 +780,7 @@ def check_full_config(cfg, say=print):
     if src == "scratch" or demo:  # as in a run, the keyword, never a folder so named; sized by the tokenizer
         tok = os.path.exists(made["tokenizer"]) and Tokenizer(made["tokenizer"]).vocab_size
         args = scratch_args(made, tok or (minicme.VOCAB_SIZE if demo else ModelArgs.from_name(name).vocab_size))
-        why = "the tokenizer's" if tok else "that of the tokenizer the demo builds first" if demo else \
+        why = f"that of {made['tokenizer']}" if tok else "that of the tokenizer the demo builds first" if demo else \
             f"the preset's, until the tokenizer {cfg['tokenizer']} is there"
         vocab = f", vocabulary {args.vocab_size:,} ({why})"
         name = f"{name} (the demo's base, pretrained first)" if demo else name

@@ -109,7 +109,7 @@ def _read_json(file):  # not files.read_json: model.py and weights.py are copied
     again = "download it again from the checkpoint's source"
     _check_regular(file)
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:  # past a UTF-8 BOM, as files.read_json and an editor take it
             value = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON (line {e.lineno}: {e.msg}); {again}") from None
