@@ -2,9 +2,10 @@
 Checkpoints of train.py: what a run saves and how it loads it back, on one process or sharded (FSDP).
 
     out_dir/ckpt.pt      {"state", "optimizer", "iter", "validated", "config", "rng", "model_args", "base", "data",
-                         "tokenizer"}: an exact resume; validated is False where a stop cut the step's validation
-                         short (the resume runs it first); the last three are fingerprints of the base, the shards and
-                         the tokenizer
+                         "tokenizer", "train_seconds"}: an exact resume; validated is False where a stop cut the step's
+                         validation short (the resume runs it first); base, data and tokenizer are fingerprints of the
+                         base, the shards and the tokenizer; train_seconds the run's training time up to the step, over
+                         all its sessions (Clock), or None where not known
     out_dir/adapter.pt   the adapter tensors by name (teamlora.load_adapter_state_dict reads it)
     out_dir/model.pt     full training: {"model_args", "model"}, a base for another run's init_from
 
@@ -19,6 +20,7 @@ import os
 import pickle
 import random
 import textwrap
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -107,10 +109,44 @@ def load_checkpoint(path):
                         "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
     if not (isinstance(ckpt["config"], dict) and type(ckpt["iter"]) is int and ckpt["iter"] >= 0
             and isinstance(ckpt["rng"], list) and ckpt["rng"] and isinstance(ckpt.get("base"), (str, type(None)))
-            and isinstance(ckpt["state"], dict) and all(isinstance(t, torch.Tensor) for t in ckpt["state"].values())):
-        raise UserError(f"{path} is damaged: its weights, config, step, random state or base fingerprint is not what "
-                        "train.py writes; resume from a copy, or start the run again.")
+            and isinstance(ckpt["state"], dict) and all(isinstance(t, torch.Tensor) for t in ckpt["state"].values())
+            and type(ckpt.get("train_seconds")) in (float, int, type(None))):  # a re-scoring writes it to results.json
+        raise UserError(f"{path} is damaged: its weights, config, step, random state, base fingerprint or training "
+                        "time is not what train.py writes; resume from a copy, or start the run again.")
     return ckpt
+
+
+def trained(ckpt, out_dir):
+    """{"step", "train_seconds"} of the run whose ckpt.pt this is (None: an adapter.pt alone), which a re-scoring's
+    results.json holds as the run's own did: its step, and its training time over all its sessions (Clock). A ckpt.pt
+    of an older train.py records no time: the results.json beside it then gives it where it is of the same step. What
+    is not known is None, never the re-scoring's own time (study.py's report says it is not known)."""
+    if ckpt is None:
+        return {"step": None, "train_seconds": None}
+    seconds = ckpt.get("train_seconds")
+    if seconds is None:
+        try:
+            results = files.read_json(os.path.join(out_dir, "results.json"), fix="")
+        except ValueError:  # none there, or unreadable (read_json's UserError is a ValueError)
+            results = {}
+        if results.get("step") == ckpt["iter"] and type(results.get("train_seconds")) in (float, int):
+            seconds = results["train_seconds"]
+    return {"step": ckpt["iter"], "train_seconds": seconds}
+
+
+class Clock:
+    """A run's training time in seconds, over all its sessions: what its ckpt.pt recorded (trained; 0 for a new run,
+    None where not known) plus the time since this session's loop started. So a resume reports the run's time, and one
+    with no step left to train (a run stopped while it was scored) not its own few milliseconds. The time a killed
+    session (kill -9) trained past its last checkpoint is not counted: the resume trains those steps again."""
+    now = staticmethod(time.monotonic)  # not the wall clock, which may be set back or forth meanwhile
+
+    def __init__(self, ckpt, out_dir):
+        self.before = 0.0 if ckpt is None else trained(ckpt, out_dir)["train_seconds"]
+        self.start = self.now()
+
+    def seconds(self):
+        return None if self.before is None else self.before + self.now() - self.start
 
 
 def gather_state(model, cfg):
@@ -276,6 +312,19 @@ def set_optimizer_state(model, opt, state, is_sharded):
         opt.load_state_dict(state)
 
 
+def set_training_state(raw, opt, ckpt, r, path):
+    """A checkpoint's optimizer state, and the random state of this rank (a resume on more processes than the run had:
+    rank 0's for the new ones); one that does not load is a damaged ckpt.pt, said in one sentence."""
+    try:
+        set_optimizer_state(raw, opt, ckpt["optimizer"], sharded(r.cfg))
+        set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
+    except UserError:
+        raise
+    except (KeyError, TypeError, IndexError, ValueError) as e:  # a file edited by hand, or another program's
+        raise UserError(f"{path} is damaged: its optimizer or random state does not load ({type(e).__name__}: {e}); "
+                        "resume from a copy, or start the run again.") from None
+
+
 def rng_state(dev):
     """Every generator's state as tensors and plain values (what weights_only=True can load back). The
     CUDA generator only for a CUDA run: asking for it would start CUDA in a CPU run (a GPU context, and
@@ -327,7 +376,8 @@ def save_checkpoint(r, raw, opt, step, validated=True):
             files.fsync_file(os.path.join(cfg["out_dir"], "log.jsonl"))  # the steps it covers survive a power cut
             save_atomic({"state": state, "optimizer": opt_state, "iter": step, "validated": validated, "config": cfg,
                          "rng": rngs, "model_args": asdict(r.args), "base": r.base, "data": r.data,
-                         "tokenizer": None if r.tok is None else files.file_sha256(r.tok.path)}, path)
+                         "tokenizer": None if r.tok is None else files.file_sha256(r.tok.path),
+                         "train_seconds": None if r.clock is None else r.clock.seconds()}, path)
             r.written = step  # the run's checkpoint now, though a second Ctrl-C may yet stop adapter.pt's write
             save_weights(r, state)
         except OSError as e:  # a full disk or a folder made read-only: each file stays as it was

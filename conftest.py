@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import machine
 import teamlora
 import train
@@ -82,6 +83,19 @@ def train_flags(run_data, out, *flags):
 
 def train_cfg(run_data, out, *flags):
     return train.parse_config(train_flags(run_data, out, *flags))
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """The training clock (checkpoint.Clock) turned by hand: each training step takes 100 s, and nothing else any time,
+    so that every train_seconds is known exactly."""
+    now, real = [0.0], train.train_step
+    monkeypatch.setattr(checkpoint.Clock, "now", staticmethod(lambda: now[0]))
+
+    def step(*args):
+        now[0] += 100.0
+        return real(*args)
+    monkeypatch.setattr(train, "train_step", step)
 
 
 @pytest.fixture(autouse=True)

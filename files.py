@@ -275,14 +275,29 @@ def check_openable_by_torch(cfg, keys, read_by_python=()):
                             "path.") from None
 
 
-def check_run_paths(cfg, keys, script="train.py"):
+def check_run_paths(cfg, keys, script="train.py", ran_in=None):
     """Resume, re-scoring and sample.py take the run's tokenizer and base from its config: a missing one is refused,
-    saying where to put it back (an absolute path) or where to run `script` from (a relative one)."""
+    saying where to put it back (an absolute path) or where to run `script` from (a relative one): the folder that
+    train.py ran in, named (ran_in, see folder_ran_in) where the path is found from there."""
     for key in keys:
         if cfg[key] != "scratch" and not os.path.exists(cfg[key]):
+            there = ran_in is not None and os.path.exists(os.path.join(ran_in, cfg[key]))
+            folder = f"{ran_in}, the folder that train.py ran in" if there else "the folder that train.py ran in"
             fix = ("it was moved or deleted since the run: put it back there" if os.path.isabs(cfg[key]) else
-                   f"run {script} in the folder that train.py ran in (the run's paths are relative to it)")
+                   f"run {script} in {folder} (the run's paths are relative to it)")
             raise UserError(f"the run's {key} {cfg[key]} is not found from here; {fix}.")
+
+
+def folder_ran_in(out_dir, ran_with):
+    """The folder that train.py ran in, where the run's relative paths lead from: the run's folder as found from here
+    (out_dir) less the out_dir that the run was given there (ran_with), e.g. ../proj for ../proj/out/x given out/x.
+    None where ran_with is absolute or climbs out (..), or the two do not end alike (the run's folder was renamed)."""
+    then, now = os.path.normpath(ran_with), os.path.abspath(out_dir)
+    if os.path.isabs(then) or then.split(os.sep)[0] == os.pardir:
+        return None
+    if then == os.curdir:
+        return now
+    return (now[:-len(then) - 1] or os.sep) if now.endswith(os.sep + then) else None
 
 
 def flag_path(text):

@@ -306,17 +306,18 @@ class StopAfterStep:
     stops; a step cut short could leave half an update (or FSDP half a backward) to save. A validation under way ends
     at its next batch (evaluation.val_loss), and a resume runs it again. A second Ctrl-C stops at once, keeping the
     last checkpoint; not under torchrun, which passes the terminal's Ctrl-C on to its processes (each gets two), and
-    never a SIGTERM."""
+    never a SIGTERM. Once trained() (the loop wrote its last step's checkpoint, or resumed from it) no step is left to
+    end: a stop is then told by what it stops, the loop (train.stop_run) or the scoring (evaluation.score), alone."""
 
-    def __init__(self, master):
-        self.master, self.asked, self.forced = master, False, False
+    def __init__(self, master, trained=lambda: False):
+        self.master, self.asked, self.forced, self.trained = master, False, False, trained
         self.forcible, self.old = "RANK" not in os.environ, {}  # old: the handlers install() replaced
 
     def __call__(self, signum, frame):
         if self.asked and signum == signal.SIGINT and self.forcible:
             self.forced = True
             raise KeyboardInterrupt
-        if not self.asked and self.master:
+        if not self.asked and self.master and not self.trained():
             again = " (Ctrl-C again: at once, keeping the last one)" if self.forcible else ""
             print(f"\nstopping after this step, with a checkpoint{again}", file=sys.stderr, flush=True)
         self.asked = True

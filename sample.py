@@ -52,7 +52,7 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
     if max_new_tokens and context is not None:
         prompt_room(max_new_tokens, context)
     cfg = {**saved, "device": device, **LOADING}
-    files.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py")
+    files.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py", files.folder_ran_in(out_dir, saved["out_dir"]))
     r = train.Run(cfg, device=torch.device(machine.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
     checkpoint.check_tokenizer(ckpt, r.tok, path)  # as train.restore does (a resume, a re-scoring)
     model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)

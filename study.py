@@ -435,7 +435,11 @@ def read_results(folder, steps=None):
         with open(os.path.join(folder, "log.jsonl"), encoding="utf-8") as f:
             res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
         average(res)
-        for value in (res["trainable_params"], res["base_params"], res["train_seconds"], res["config"]["seed"]):
+        if res["config"].get("eval_only") is True:  # a re-scoring by hand: an older train.py wrote no training time
+            res.setdefault("train_seconds", None)
+        seconds = res["train_seconds"]  # None: not known (seconds_cell)
+        for value in (res["trainable_params"], res["base_params"], 0 if seconds is None else seconds,
+                      res["config"]["seed"]):
             if not isinstance(value, (int, float)):  # what the tables read (float() would take "8" and fail there)
                 raise TypeError(f"{value!r} is not a number")
         for task, value in res["scores"].items():  # a nan would win choose_lr's max and make every interval nan
@@ -542,12 +546,22 @@ def table(title, rows, results, tasks, chosen, seeds=()):
             continue
         pct = 100 * runs[0]["trainable_params"] / runs[0]["base_params"]
         cells = [fmt([r["scores"][t] for r in runs]) for t in tasks]
-        secs = fmt([r["train_seconds"] for r in runs])
+        secs = seconds_cell([r["train_seconds"] for r in runs])
         lr = chosen[METHOD_OF[name]][0]
         label += f" ({len(runs)} of {len(seeds)} seeds)" if len(runs) < len(seeds) else ""
         lines.append(f"| {label} | {lr:g} | {pct:.2f} | " + " | ".join(cells) +
                      f" | **{fmt([average(r) for r in runs])}** | {secs} |")
     return lines
+
+
+def seconds_cell(seconds):
+    """The training time of a table's row over the runs that know theirs. None is not known: a run re-scored by hand
+    (train.py --eval_only=True) from its adapter.pt alone, or resumed or re-scored from a ckpt.pt of an older train.py
+    (checkpoint.trained)."""
+    known = [s for s in seconds if s is not None]
+    if not known:
+        return "not known"
+    return fmt(known) + (f" ({len(known)} of {len(seconds)} runs known)" if len(known) < len(seconds) else "")
 
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom

@@ -2239,7 +2239,7 @@ def test_only_the_master_rank_writes_a_checkpoint_and_every_rank_waits_for_it(tm
     monkeypatch.setattr(checkpoint.dist, "barrier", lambda: barriers.append(1))
     cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}
     r = types.SimpleNamespace(cfg=cfg, world=2, device=torch.device("cpu"), master=master, args=m.args, base=None,
-                              data=None, tok=None)
+                              data=None, tok=None, clock=None)
     checkpoint.save_checkpoint(r, m, opt, 5)
     assert sorted(os.listdir(tmp_path)) == (["adapter.pt", "ckpt.pt"] if master else [])
     assert barriers == [1]

@@ -265,6 +265,41 @@ DAMAGED_RESULTS = {"cut results": '{"scores": {"a": 5', "no scores": '{"scores":
                       for v in (math.nan, math.inf, True)}}
 
 
+def test_a_run_of_the_study_re_scored_by_hand_is_read_as_the_whole_run_it_is(run_data, tmp_path, monkeypatch,
+                                                                            step_clock):
+    """A user may score one of the study's runs again by hand (train.py --out_dir=RUN --eval_only=True: on the run's
+    own sets its results.json is replaced). That results.json held neither step nor train_seconds, and the report
+    called the run damaged; it holds the run's own, as the run's first scoring did."""
+    train_in_this_process(monkeypatch)
+    opts, extra, _ = study.parse(small_study_flags(monkeypatch, run_data, tmp_path, "--runs=lora32"))
+    out = study.run_dir(opts, "lora32", 1e-3, 1)
+    assert study.launch(study.run_flags("lora32", 1, 1e-3, opts, extra), 1)[0] == "done"
+    first = study.read_results(out, opts["steps"])
+    train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))
+    again = study.read_results(out, opts["steps"])
+    assert again["config"]["eval_only"] and again["scores"] == first["scores"]
+    assert (again["step"], again["train_seconds"]) == (first["step"], first["train_seconds"]) == (3, 300.0)
+
+
+@pytest.mark.parametrize("results", [COMPLETE | {"train_seconds": None},  # a re-scoring that could not know it
+                                     # an older train.py's re-scoring, which wrote none
+                                     {**{k: v for k, v in COMPLETE.items() if k != "train_seconds"},
+                                      "config": {"seed": 0, "eval_only": True}}])
+def test_a_training_time_that_is_not_known_is_said_so_in_the_table_not_called_damage(tmp_path, results):
+    """A run re-scored by hand from its adapter.pt alone, or from a ckpt.pt of an older train.py with no results.json
+    of its step beside it, has a training time that is not known (None): the report reads the run, and its table says
+    so of that time, averaging the runs that know theirs."""
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    res = study.read_results(tmp_path)
+    assert res["train_seconds"] is None and res["scores"] == COMPLETE["scores"]
+    known = {**COMPLETE, "chance": {}}
+    for runs, cell in (([res], "not known"), ([known, res, {**known, "train_seconds": 3}],
+                                              f"{study.fmt([1, 3])} (2 of 3 runs known)"), ([known], "1.0")):
+        line = study.table("T", [("LoRA r=32", "lora32")], {"lora32": runs}, ["a"], {"lora": (1e-3, {})})[-1]
+        assert line.strip("| ").split(" | ")[-1] == cell
+
+
 @pytest.mark.parametrize("damage", DAMAGED_RESULTS)
 def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, capsys, damage):
     """--report reads every run's results.json and log.jsonl: one edited by hand, or cut by a full disk, is one

@@ -1780,7 +1780,7 @@ def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step
         return real_fsync(fd)
     monkeypatch.setattr(os, "fsync", fsync)
     r = types.SimpleNamespace(cfg=cfg, world=1, device=torch.device("cpu"), master=True, args=a.args, base=None,
-                              data=None, tok=None)
+                              data=None, tok=None, clock=None)
     checkpoint.save_checkpoint(r, a, opt_a, 2)
     assert order == ["fsync log.jsonl", "ckpt.pt", "adapter.pt"]
     step(a, opt_a)  # the uninterrupted run's step 3
@@ -1909,7 +1909,7 @@ def test_a_checkpoint_the_disk_cannot_take_says_what_to_run_and_keeps_the_last_o
     opt = torch.optim.AdamW(train.trainable(m), lr=1e-2)
     r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}, world=1,
                               device=torch.device("cpu"), master=True, args=m.args, base=None, data=None, tok=None,
-                              resume_with="the same command")
+                              clock=None, resume_with="the same command")
     save, full = torch.save, set()  # full: the files the disk has no room for
 
     def save_unless_full(obj, f, *args, **kwargs):
@@ -2065,7 +2065,7 @@ def test_a_one_process_cuda_runs_checkpoint_keeps_its_cuda_generator(tmp_path, m
     a = _tiny_adapter_model(seed=1)
     dev = torch.device("cuda", 0)
     r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False}, world=1,
-                              device=dev, master=True, args=a.args, base=None, data=None, tok=None)
+                              device=dev, master=True, args=a.args, base=None, data=None, tok=None, clock=None)
     checkpoint.save_checkpoint(r, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), 3)
     rng = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))["rng"]
     assert asked == [dev] and len(rng) == 1 and torch.equal(rng[0]["cuda"], cuda_state)
@@ -2120,7 +2120,7 @@ def test_only_rank_0_writes_the_checkpoint_and_every_rank_waits_until_it_is_writ
         monkeypatch.setattr(checkpoint.dist, "barrier", lambda out=out: at_barrier.append(sorted(os.listdir(out))))
         r = types.SimpleNamespace(cfg={"adapter": "teamlora", "out_dir": str(out), "fsdp": False}, world=2,
                                   device=torch.device("cpu"), master=rank == 0, args=a.args, base=None, data=None,
-                                  tok=None)
+                                  tok=None, clock=None)
         checkpoint.save_checkpoint(r, a, opt, 3)
     assert at_barrier == [[], ["adapter.pt", "ckpt.pt"]]  # rank 1 wrote nothing; rank 0 waited with both written
     assert len(checkpoint.load_checkpoint(str(tmp_path / "rank0" / "ckpt.pt"))["rng"]) == 2
@@ -2257,6 +2257,44 @@ def test_a_re_scored_runs_results_json_keeps_its_validation_loss(run_data, tmp_p
     train.train(train.parse_config([f"--out_dir={tmp_path / 'o'}", again]))
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     assert results["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+
+
+def test_train_seconds_are_the_runs_over_its_resumes_and_a_re_scoring_or_resume_with_no_step_left_keeps_them(
+        run_data, tmp_path, step_clock):
+    """results.json's train_seconds is the run's training time: that of a resume counted the resume's steps alone,
+    and a resume with nothing left to train (a run stopped while it was scored) its own few milliseconds; a
+    re-scoring (eval_only) wrote neither train_seconds nor step, and study.py called the run damaged."""
+    out = tmp_path / "o"
+    train.train(train_cfg(run_data, out, "--max_iters=2", "--eval_interval=2", "--eval_limit=1"))
+    for again, step, seconds in (("--eval_only=True", 2, 200.0), ("--init_from=resume", 2, 200.0),
+                                 ("--max_iters=4", 4, 400.0), ("--eval_only=True", 4, 400.0)):
+        more = ["--init_from=resume"] if again == "--max_iters=4" else []
+        train.train(train.parse_config([f"--out_dir={out}", again, *more]))
+        results = json.loads((out / "results.json").read_text())
+        assert (results.get("step"), results.get("train_seconds")) == (step, seconds), again
+    assert torch.load(out / "ckpt.pt", weights_only=True)["train_seconds"] == 400.0  # where a resume finds it
+
+
+def test_a_re_scoring_of_a_checkpoint_that_records_no_training_time_keeps_its_results_or_says_it_is_not_known(
+        run_data, tmp_path, step_clock):
+    """A ckpt.pt of an older train.py records no training time: a re-scoring keeps the one of the results.json beside
+    it where that is of the same step, and otherwise writes None (not known), never its own time."""
+    out = tmp_path / "o"
+    train.train(train_cfg(run_data, out, "--max_iters=2", "--eval_interval=2", "--eval_limit=1"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["train_seconds"]
+    torch.save(ckpt, out / "ckpt.pt")
+    train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))
+    results = json.loads((out / "results.json").read_text())
+    assert (results["step"], results["train_seconds"]) == (2, 200.0)
+    (out / "results.json").write_text(json.dumps({**results, "step": 1}))  # another step's: not this checkpoint's
+    train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))
+    results = json.loads((out / "results.json").read_text())
+    assert (results["step"], results["train_seconds"]) == (2, None)
+    (out / "ckpt.pt").unlink()  # an adapter.pt alone (scored by the flags): neither is known
+    train.train(train_cfg(run_data, out, "--eval_only=True", "--eval_limit=1"))
+    results = json.loads((out / "results.json").read_text())
+    assert (results["step"], results["train_seconds"]) == (None, None) and results["scores"]
 
 
 def test_long_prompts_are_cut_to_the_room_left_for_the_answer_keeping_bos_and_the_end(run_data, tmp_path):
@@ -2573,7 +2611,8 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
     opt = torch.optim.AdamW(train.trainable(a), lr=1e-2)
-    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args, base=None, data=None, tok=None)
+    r = types.SimpleNamespace(cfg=cfg, world=2, device=dev, master=True, args=a.args, base=None, data=None, tok=None,
+                              clock=None)
     checkpoint.save_checkpoint(r, a, opt, 7)
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
     for rank, seed in ((1, 11), (0, 10)):

@@ -28,6 +28,7 @@ import files
 import machine
 import minicme
 import model
+import sample
 import train
 from conftest import (
     LLAMA2,
@@ -39,6 +40,7 @@ from conftest import (
     named_pipe,
     needs_fixtures,
     non_ascii_names,
+    script_error,
     train_flags,
 )
 from data import prepare
@@ -464,6 +466,7 @@ def test_nan_at_the_first_step_says_nothing_was_saved_rather_than_offering_a_res
     (lambda c: {**c, "iter": -1}, ("is damaged",)),
     (lambda c: {**c, "rng": []}, ("is damaged",)),
     (lambda c: {**c, "base": 5}, ("is damaged", "base fingerprint")),
+    (lambda c: {**c, "train_seconds": "1.5"}, ("is damaged", "training time")),  # results.json would hold it
     (lambda c: {**c, "state": {n: 0 for n in c["state"]}}, ("is damaged", "its weights")),  # was AttributeError
     (lambda c: {**c, "rng": [{**c["rng"][0], "torch": c["rng"][0]["torch"][:8]}]}, ("is damaged", "random state")),
     (lambda c: {**c, "rng": [{**c["rng"][0], "numpy": [c["rng"][0]["numpy"][0], 5, *c["rng"][0]["numpy"][2:]]}]},
@@ -1547,8 +1550,9 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint_not_half_a_
     assert resumed["interrupted"] and resumed["step"] == 3
     out = capsys.readouterr().out
     assert "stopped at once: the checkpoint of step 3 in" in out and "--overwrite" not in out
-    monkeypatch.setattr(machine.StopAfterStep, "__init__", lambda self, master: (
-        setattr(self, "__dict__", dict(master=master, asked=False, forced=False, forcible=False))))  # as torchrun's
+    real_init = machine.StopAfterStep.__init__
+    monkeypatch.setattr(machine.StopAfterStep, "__init__", lambda self, *args, **kwargs: (
+        real_init(self, *args, **kwargs), setattr(self, "forcible", False))[0])  # as torchrun's
     assert train.train(train.parse_config(train_flags(run_data, tmp_path / "tr", "--eval_dir=")))["step"] == 5
 
 
@@ -2334,13 +2338,36 @@ def test_a_stop_anywhere_between_the_last_step_and_results_json_says_how_to_scor
     flags = train_flags(run_data, out, "--max_iters=2", "--eval_iters=0", "--threads=1")
     stop(monkeypatch)
     assert main_exit_code(flags) == machine.INTERRUPTED
-    assert capsys.readouterr().out.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score "
-                                            "them with the same command plus --eval_only=True\n")
+    printed = capsys.readouterr()
+    assert printed.out.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score them with "
+                                "the same command plus --eval_only=True\n")
+    assert "stopping after this step" not in printed.err  # the loop's notice, then the scoring's: two stories
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2 and not (out / "results.json").exists()
     monkeypatch.undo()
     assert main_exit_code(flags + ["--eval_only=True"]) == 0
     assert json.loads((out / "results.json").read_text())["scores"].keys() == evaluation.load_eval_sets(
         {"eval_dir": str(run_data / "test"), "eval_limit": 0}).keys()
+
+
+def test_a_stop_before_a_resume_with_no_step_left_scores_is_told_as_a_stop_while_scoring_alone(run_data, tmp_path,
+                                                                                                monkeypatch, capsys):
+    """A resume with no step left to train (a run stopped while it was scored) holds the loop's handlers until the
+    scoring begins: a stop then printed the loop's "stopping after this step, with a checkpoint", though no step was
+    under way, before the scoring's own line."""
+    out = tmp_path / "run"
+    flags = train_flags(run_data, out, "--max_iters=2", "--eval_iters=0", "--threads=1")
+    _stop_once_the_table_is_printed(monkeypatch)
+    assert main_exit_code(flags) == machine.INTERRUPTED
+    monkeypatch.undo()
+    capsys.readouterr()
+    real = evaluation.score
+    monkeypatch.setattr(evaluation, "score", lambda *a: os.kill(os.getpid(), signal.SIGTERM) or real(*a))
+    assert main_exit_code([f"--out_dir={out}", "--init_from=resume"]) == machine.INTERRUPTED
+    printed = capsys.readouterr()
+    assert "at step 2, its last: nothing to train" in printed.out
+    assert printed.out.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score them with "
+                                "the same command plus --eval_only=True\n")
+    assert "stopping after this step" not in printed.err and not (out / "results.json").exists()
 
 
 def test_every_rank_keeps_the_scores_in_its_summary_and_rank_0_alone_prints_them_and_writes_results_json(
@@ -2494,6 +2521,40 @@ def test_a_runs_relative_path_that_is_not_found_says_to_run_in_the_folder_train_
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "tok.model").write_text("found")
     files.check_run_paths(cfg, ["tokenizer", "init_from"])  # scratch is no path
+
+
+def test_a_run_resumed_or_sampled_from_another_folder_is_told_the_folder_it_ran_in(run_data, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The run's relative paths lead from the folder train.py ran in, which the sentence named only as "the folder
+    that train.py ran in": it names it, found from where the run is now and the out_dir it was given there, and
+    what it says works."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(run_data / "tokenizer.model", proj / "tok.model")
+    monkeypatch.chdir(proj)
+    train.train(train.parse_config(train_flags(run_data, "out/x", "--max_iters=2", "--eval_dir=",
+                                               "--tokenizer=tok.model")))
+    monkeypatch.chdir(tmp_path / "proj" / "out")
+    for script, argv in (("train.py", ["--out_dir=x", "--init_from=resume", "--max_iters=3"]),
+                         ("sample.py", ["--out_dir=x", "--instruction=q"])):
+        module = train if script == "train.py" else sample
+        err = script_error(module.main, argv, capsys)
+        assert err == (f"{script}: error: the run's tokenizer tok.model is not found from here; run {script} in "
+                       f"{proj}, the folder that train.py ran in (the run's paths are relative to it).")
+    monkeypatch.chdir(proj)
+    assert train.train(train.parse_config(["--out_dir=out/x", "--init_from=resume", "--max_iters=3"]))["step"] == 3
+
+
+@pytest.mark.parametrize("found_at,given,ran_in", [
+    ("proj/out/x", "out/x", "proj"), ("proj/out/x", "./out//x/", "proj"), ("proj/out/x", ".", "proj/out/x"),
+    ("proj/out/x", "x", "proj/out"), ("out/x", "out/x", "."),
+    ("proj/out/x", "other/x", None), ("proj/bout/x", "out/x", None), ("proj/out/x", "/abs/out/x", None),
+    ("proj/out/x", "../out/x", None)])
+def test_folder_ran_in_is_where_the_run_is_now_less_the_out_dir_it_was_given(tmp_path, monkeypatch, found_at, given,
+                                                                               ran_in):
+    monkeypatch.chdir(tmp_path)
+    want = None if ran_in is None else os.path.normpath(tmp_path / ran_in)
+    assert files.folder_ran_in(found_at, given) == want
 
 
 def test_eval_only_of_a_demo_run_on_an_out_dir_that_cannot_be_written_is_refused_before_the_base_is_pretrained_again(

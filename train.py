@@ -195,6 +195,7 @@ class Run:
     data: str = None  # checkpoint.data_fingerprint of the token shards, recorded in ckpt.pt
     written: int = None  # the step of the last ckpt.pt written (checkpoint.save_checkpoint); adapter.pt may lag it
     unvalidated: int = None  # the step whose validation a stop cut short (validate): its ckpt.pt says so
+    clock: checkpoint.Clock = None  # the run's training time over its sessions (run), recorded in each ckpt.pt
 
     @property
     def master(self):
@@ -375,7 +376,8 @@ def resume_config(cfg):
         raise UserError(f"{', '.join(fixed)} cannot change when resuming or re-scoring (the run was {was}); "
                         f"only {', '.join(RESUME_MAY_CHANGE)} can.")
     cfg = {**saved, **{k: cfg[k] for k in changed}}
-    files.check_run_paths(cfg, [k for k in ("tokenizer", "init_from") if cfg[k] != minicme.DEMO[k]])  # demo's: rebuilt
+    files.check_run_paths(cfg, [k for k in ("tokenizer", "init_from") if cfg[k] != minicme.DEMO[k]],  # demo's: rebuilt
+                          ran_in=files.folder_ran_in(cfg["out_dir"], saved["out_dir"]))
     check_combination(cfg, "lower --max_iters (a resume keeps its run's batch_size)")
     if cfg["max_iters"] < ckpt["iter"] and not cfg["eval_only"]:
         raise UserError(f"{path} is at step {ckpt['iter']}, past max_iters={cfg['max_iters']}: raise --max_iters to "
@@ -575,14 +577,7 @@ def restore(r, raw, opt, ckpt):
         checkpoint.check_data(ckpt, r.data, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
     checkpoint.check_tokenizer(ckpt, r.tok, f"{r.cfg['out_dir']}/ckpt.pt")
     checkpoint.load_state(raw, ckpt["state"], r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
-    try:
-        checkpoint.set_optimizer_state(raw, opt, ckpt["optimizer"], checkpoint.sharded(r.cfg))
-        checkpoint.set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
-    except UserError:
-        raise
-    except (KeyError, TypeError, IndexError, ValueError) as e:  # a file edited by hand, or another program's
-        raise UserError(f"{r.cfg['out_dir']}/ckpt.pt is damaged: its optimizer or random state does not load "
-                        f"({type(e).__name__}: {e}); resume from a copy, or start the run again.") from None
+    checkpoint.set_training_state(raw, opt, ckpt, r, f"{r.cfg['out_dir']}/ckpt.pt")
     if r.master and not r.cfg["eval_only"]:  # a kill between the two writes left the adapter (or model.pt) behind
         checkpoint.save_weights(r, ckpt["state"])
     step, last = ckpt["iter"], r.cfg["max_iters"]
@@ -690,13 +685,14 @@ def run(r, ckpt=None):
     if cfg["eval_only"]:
         if ckpt is None:
             load_trained_adapter(r, raw)
-        return finish(r, model, summary, val_ds)
+        return finish(r, model, summary | checkpoint.trained(ckpt, cfg["out_dir"]), val_ds)  # the run's step and time
 
     log = checkpoint.open_log(cfg["out_dir"], step, ckpt and ckpt.get("validated") is False) if r.master else None
     interactive = r.master and at_a_terminal()  # a SLURM or nohup log gets one line per log_interval instead
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=not interactive, dynamic_ncols=True, desc="train")
-    losses, train_start = [], time.time()
-    stop, saved = machine.StopAfterStep(r.master).install(), step if ckpt else None  # saved: the last checkpoint's step
+    losses, r.clock = [], checkpoint.Clock(ckpt, cfg["out_dir"])
+    saved = step if ckpt else None  # the last checkpoint's step; the last step's: no step left for a stop to end
+    stop = machine.StopAfterStep(r.master, trained=lambda: saved == cfg["max_iters"]).install()
     try:
         if ckpt is not None and ckpt.get("validated") is False:  # cut short by a stop: first, as the run had it
             summary["val_loss"] = validate(r, model, val_ds, step, stop, log)
@@ -727,7 +723,7 @@ def run(r, ckpt=None):
                 since, tokens, saved = time.time(), 0, step
             if stop.agreed(r.device, r.world):  # Ctrl-C or SIGTERM on any process: all stop after this same step
                 raise KeyboardInterrupt  # and save it below
-        summary.update(train_losses=losses, step=step, train_seconds=time.time() - train_start)
+        summary.update(train_losses=losses, step=step, train_seconds=r.clock.seconds())
         bar.close()
         return finish(r, model, summary, val_ds, stop)  # the scoring gives the signals back: a stop now is its own
     except KeyboardInterrupt:  # a stop in the loop (or a second Ctrl-C before the scoring gave the signals back)
