@@ -240,8 +240,9 @@ def score(model, r, val_ds, summary, stop=None):
                 raise UserError(f"could not write {path} ({e.strerror or e}); {saved}: free space there, then score "
                                 f"them again with {again}.") from None
         return True
-    except KeyboardInterrupt:
-        r.say(f"\nstopped while scoring: {saved}; score them with {again}")
+    except KeyboardInterrupt:  # said once, by whichever process was stopped first (a SIGTERM may reach one alone)
+        if machine.stopped_first(r.master):
+            print(f"\nstopped while scoring: {saved}; score them with {again}")
         return False
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not machine.out_of_memory(e):

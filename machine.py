@@ -206,8 +206,12 @@ def _torchrun_store():
         return None
 
 
-def _failure_key():  # a restart of the processes (torchrun --max_restarts) starts without the last one's failure
-    return f"teamlora/failed_with/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+def _store_key(name):  # a restart of the processes (torchrun --max_restarts) starts without the last one's keys
+    return f"teamlora/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _failure_key():
+    return _store_key("failed_with")
 
 
 def tell_failure(code):
@@ -216,6 +220,19 @@ def tell_failure(code):
     with suppress(RuntimeError):
         if (store := _torchrun_store()) is not None:
             store.compare_set(_failure_key(), "", str(code))
+
+
+def stopped_first(master):
+    """Whether this process, stopped where its processes cannot agree to stop together (the scoring, whose collectives
+    are not the loop's), is the one to say so: under torchrun the first process stopped, which also tells the others
+    INTERRUPTED (tell_failure): they leave with it, not 143. A SIGTERM to one process other than rank 0 (a
+    scheduler's, the kernel's) ended it alone, saying nothing, and rank 0, in a collective that lost it, was ended by
+    torchrun before it could. Rank 0 says it where there is no store to ask (not under torchrun, one process)."""
+    with suppress(RuntimeError):
+        if (store := _torchrun_store()) is not None:
+            store.compare_set(_failure_key(), "", str(INTERRUPTED))
+            return store.add(_store_key("stop_said"), 1) == 1
+    return master
 
 
 def first_failure():
@@ -290,7 +307,9 @@ def end_with_study():
 @contextmanager
 def sigterm_as_ctrl_c():
     """For the duration, SIGTERM stops the run as Ctrl-C does (a KeyboardInterrupt): outside the training loop,
-    where StopAfterStep takes both."""
+    where StopAfterStep takes both. train takes it once its processes have joined: a Python handler does not run while
+    init_process_group waits for the others (a process stopped there waited on for a minute and more, until they came
+    or the wait timed out), where SIGTERM's own action ends it at once, before anything is written."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, interrupt) if takes_signal(signal.SIGTERM) else None

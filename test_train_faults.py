@@ -38,6 +38,7 @@ from conftest import (
     assert_same_adapters,
     held_by_another_process,
     named_pipe,
+    needs_distributed_torch,
     needs_fixtures,
     non_ascii_names,
     script_error,
@@ -2368,6 +2369,75 @@ def test_a_stop_before_a_resume_with_no_step_left_scores_is_told_as_a_stop_while
     assert printed.out.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score them with "
                                 "the same command plus --eval_only=True\n")
     assert "stopping after this step" not in printed.err and not (out / "results.json").exists()
+
+
+def test_a_stop_while_scoring_is_said_once_by_the_first_process_stopped_which_tells_the_others_to_leave_with_130(
+        tmp_path, monkeypatch, capsys):
+    """Under torchrun a SIGTERM may reach one process alone (a scheduler's, the kernel's) while it scores its share:
+    that one says how to score the run, and tells the others in torchrun's store, so that rank 0, whose collective
+    lost it, leaves with 130 too, silent (machine.wait_to_be_stopped). Where every process is stopped, the first says
+    it; a restart of the processes says it again; with no store to ask, rank 0 alone."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(store.port)), ("TORCHELASTIC_RESTART_COUNT", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, r: (_ for _ in ()).throw(KeyboardInterrupt()))
+    said = []
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        r = train.Run({**train.DEFAULTS, "out_dir": str(tmp_path)}, rank=rank, world=2)
+        assert evaluation.score(None, r, None, {"val_loss": 1.0}) is False
+        said.append(capsys.readouterr().out)
+    assert said == [f"\nstopped while scoring: the trained adapters are saved in {tmp_path}; score them with the "
+                    "same command plus --eval_only=True\n", ""]
+    assert machine.first_failure() == machine.INTERRUPTED
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert [machine.stopped_first(master) for master in (False, True)] == [True, False]
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    assert [machine.stopped_first(master) for master in (False, True)] == [False, True]
+
+
+# rank 1 is stopped alone (SIGTERM) while scoring, once rank 0 waits in a collective of the scoring for it
+RANK_1_STOPPED_WHILE_RANK_0_WAITS = """import os, signal, time
+import evaluation
+import train
+
+if os.environ["RANK"] == "0":
+    gather = evaluation.dist.all_gather_object
+    evaluation.dist.all_gather_object = lambda *a: open({flag!r}, "w").close() or gather(*a)
+else:
+    real = evaluation.evaluate
+
+    def evaluate(model, r):
+        while not os.path.exists({flag!r}):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, r)
+    evaluation.evaluate = evaluate
+train.main()
+"""
+
+
+@needs_distributed_torch
+def test_under_torchrun_a_sigterm_to_another_rank_while_scoring_says_how_to_score_once_and_every_rank_exits_130(
+        run_data, tmp_path):
+    """A SIGTERM to rank 1 alone while rank 0 waits for it in a collective of the scoring: rank 1 left with 130, saying
+    nothing (rank 0 said it), and rank 0, its collective broken, was ended by torchrun with 143, silent too: the run
+    ended without the command that scores it."""
+    out, script = tmp_path / "run", tmp_path / "rank_1_stopped.py"
+    script.write_text(RANK_1_STOPPED_WHILE_RANK_0_WAITS.format(flag=str(tmp_path / "rank 0 waits")))
+    flags = train_flags(run_data, out, "--max_iters=2", "--eval_interval=2", "--eval_iters=0", "--eval_limit=1",
+                        "--device=cpu")
+    with tempfile.TemporaryDirectory() as tmp:  # torchrun leaves a log folder (torchelastic_*) in TMPDIR at every run
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": tmp}
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), "--", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert done.stdout.count("stopped while scoring") == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.endswith(f"\nstopped while scoring: the trained adapters are saved in {out}; score them with "
+                                "the same command plus --eval_only=True\n"), done.stdout[-2000:]
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", done.stderr)) == {"130"}, done.stderr[-3000:]
+    assert (out / "adapter.pt").is_file() and not (out / "results.json").exists()
 
 
 def test_every_rank_keeps_the_scores_in_its_summary_and_rank_0_alone_prints_them_and_writes_results_json(
