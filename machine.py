@@ -227,11 +227,12 @@ def stopped_first(master):
     are not the loop's), is the one to say so: under torchrun the first process stopped, which also tells the others
     INTERRUPTED (tell_failure): they leave with it, not 143. A SIGTERM to one process other than rank 0 (a
     scheduler's, the kernel's) ended it alone, saying nothing, and rank 0, in a collective that lost it, was ended by
-    torchrun before it could. Rank 0 says it where there is no store to ask (not under torchrun, one process)."""
+    torchrun before it could. None says it where another process failed first (torchrun's SIGTERM stopped this one):
+    that one said why. Rank 0 says it where there is no store to ask (not under torchrun, one process)."""
     with suppress(RuntimeError):
         if (store := _torchrun_store()) is not None:
-            store.compare_set(_failure_key(), "", str(INTERRUPTED))
-            return store.add(_store_key("stop_said"), 1) == 1
+            first = store.compare_set(_failure_key(), "", str(INTERRUPTED))
+            return first == str(INTERRUPTED).encode() and store.add(_store_key("stop_said"), 1) == 1
     return master
 
 

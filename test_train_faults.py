@@ -2397,6 +2397,28 @@ def test_a_stop_while_scoring_is_said_once_by_the_first_process_stopped_which_te
     assert [machine.stopped_first(master) for master in (False, True)] == [False, True]
 
 
+def test_a_process_stopped_while_scoring_after_another_failed_says_nothing_and_leaves_with_the_failures_code(
+        tmp_path, monkeypatch, capsys):
+    """torchrun stops every process (SIGTERM) once one has failed, say out of memory in its share of the scoring
+    (exit code 3, said by that one): rank 0, stopped so in its own share, printed "stopped while scoring" and left with
+    130, naming a stop nobody asked for, and torchrun's summary a code beside the failure's."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(store.port)), ("TORCHELASTIC_RESTART_COUNT", "0"), ("WORLD_SIZE", "2"),
+                        ("RANK", "0")):
+        monkeypatch.setenv(name, value)
+    machine.tell_failure(3)
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, r: (_ for _ in ()).throw(KeyboardInterrupt()))
+    r = train.Run({**train.DEFAULTS, "out_dir": str(tmp_path)}, rank=0, world=2)
+    assert evaluation.score(None, r, None, {"val_loss": 1.0}) is False
+    assert capsys.readouterr().out == "" and machine.first_failure() == 3
+    monkeypatch.setattr(train, "train", lambda cfg: {"interrupted": True})
+    left = []
+    monkeypatch.setattr(machine, "leave", left.append)
+    train.main(["--max_iters=1"])
+    assert left == [3]
+
+
 # rank 1 is stopped alone (SIGTERM) while scoring, once rank 0 waits in a collective of the scoring for it
 RANK_1_STOPPED_WHILE_RANK_0_WAITS = """import os, signal, time
 import evaluation

@@ -822,7 +822,7 @@ def main(argv=None):
     machine.end_with_study()  # a run of a study that was killed stops with it
     try:
         cfg = parse_config(sys.argv[1:] if argv is None else argv)
-        code = machine.INTERRUPTED if train(cfg).get("interrupted") else 0
+        code = (machine.first_failure() or machine.INTERRUPTED) if train(cfg).get("interrupted") else 0
     except (UserError, ValueError, FileNotFoundError) as e:
         if os.environ.get("TEAMLORA_DEBUG"):
             raise
