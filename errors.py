@@ -87,7 +87,9 @@ class Parser(argparse.ArgumentParser):
             if arg.startswith("--") and action is None and " " not in arg:  # with a space, argparse takes it as a value
                 names = [f for f in flags if f.startswith("--")]
                 close = [f for f in names if f.startswith(name)]  # an abbreviation: its flag, if only one
-                close = close if len(close) == 1 else difflib.get_close_matches(name, names, n=1)
+                if len(close) != 1:  # the closest by name, without the "--" every flag shares (as configurator.py
+                    bare = {f[2:]: f for f in names}  # compares config keys): with it, --pr was 60% like --help
+                    close = [bare[b] for b in difflib.get_close_matches(name[2:], bare, n=1)]
                 self.error(f"{name} is not a flag of this script; " +
                            (f"did you mean {close[0]}?" if close else "--help lists them"))
             if eq and action is not None and action.nargs == 0 and isinstance(action.default, bool):  # a switch

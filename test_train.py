@@ -1045,29 +1045,43 @@ def test_the_demos_dry_run_under_a_tokenizer_of_ones_own_describes_the_base_the_
         tmp_path, monkeypatch, capsys):
     """Before the demo's base is built, the run pretrains it with the demo's own tokenizer (minicme.PRETRAIN), whatever
     --tokenizer says: the dry run describes that base, of the demo tokenizer's vocabulary, never one sized by the
-    user's tokenizer (which sizes a base from scratch alone), and names the file that sized it."""
+    user's tokenizer (which sizes a base from scratch alone), and names the file that sized it. A tokenizer that base
+    can not have been trained with (5,000 tokens) is refused in the run's sentence (preflight's), where the dry run
+    described the base and passed."""
     monkeypatch.chdir(tmp_path)  # no data/mini_cme: the demo's files are not built
-    folder = hf_tokenizer_folder(tmp_path / "mine")
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    tokenizer_json["model"]["vocab"][next(iter(tokenizer_json["model"]["vocab"]))] = 4999  # a vocabulary of 5,000
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    assert train.Tokenizer(folder).vocab_size == 5000 != minicme.VOCAB_SIZE
+
+    def sized(folder, vocab):  # the tokenizer.json in folder, its vocabulary made `vocab` tokens
+        tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        tokenizer_json["model"]["vocab"][next(iter(tokenizer_json["model"]["vocab"]))] = vocab - 1
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+        assert train.Tokenizer(folder).vocab_size == vocab
+        return folder
+
+    folder = sized(hf_tokenizer_folder(tmp_path / "mine"), 1500)  # within VOCAB_PADDING below the demo's 2,000
+    far = sized(hf_tokenizer_folder(tmp_path / "far"), 5000)
     demo = train.train(train.parse_config(["--dry_run=True"]))
     capsys.readouterr()
     mine = train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}"]))
     assert f", vocabulary {minicme.VOCAB_SIZE:,} (that of the tokenizer the demo builds first)\n" in \
         capsys.readouterr().out
     assert (mine["base_params"], mine["trainable_params"]) == (demo["base_params"], demo["trainable_params"])
+    sentence = "the tokenizer has 5,000 tokens but the base model {:,}, so it is not the tokenizer the base model " \
+        "was trained with: pass that one."
+    with pytest.raises(train.UserError) as refused:
+        train.train(train.parse_config(["--dry_run=True", f"--tokenizer={far}"]))
+    assert str(refused.value) == sentence.format(minicme.VOCAB_SIZE)
     # the demo's tokenizer built (here another tokenizer.json in its place), its base not yet: that tokenizer sizes it
     (tmp_path / "data").mkdir()
-    built = hf_tokenizer_folder(tmp_path / "data" / "mini_cme")
+    built = sized(hf_tokenizer_folder(tmp_path / "data" / "mini_cme"), 1800)
     os.replace(built / "tokenizer.json", minicme.DEMO["tokenizer"])
     train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}"]))
-    vocab = train.Tokenizer(minicme.DEMO["tokenizer"]).vocab_size
-    assert f", vocabulary {vocab:,} (that of {minicme.DEMO['tokenizer']})\n" in capsys.readouterr().out
-    scratch = ["--dry_run=True", f"--tokenizer={folder}", "--init_from=scratch"]  # from scratch: the user's sizes it
+    assert f", vocabulary 1,800 (that of {minicme.DEMO['tokenizer']})\n" in capsys.readouterr().out
+    with pytest.raises(train.UserError) as refused:
+        train.train(train.parse_config(["--dry_run=True", f"--tokenizer={far}"]))
+    assert str(refused.value) == sentence.format(1800)
+    scratch = ["--dry_run=True", f"--tokenizer={far}", "--init_from=scratch"]  # from scratch: the user's sizes it
     train.train(train.parse_config(scratch))
-    assert f", vocabulary 5,000 (that of {folder})\n" in capsys.readouterr().out
+    assert f", vocabulary 5,000 (that of {far})\n" in capsys.readouterr().out
     assert not os.path.exists(minicme.DEMO["init_from"]) and not os.path.exists("out")  # a dry run builds nothing
 
 

@@ -29,6 +29,7 @@ import machine
 import minicme
 import model
 import sample
+import tokenizer
 import train
 from conftest import (
     LLAMA2,
@@ -45,6 +46,7 @@ from conftest import (
     train_flags,
 )
 from data import prepare
+from test_weights import saved_tiny_model
 
 REPO = Path(__file__).resolve().parent
 
@@ -484,7 +486,7 @@ def test_a_checkpoint_edited_by_hand_is_refused_on_resume_in_one_sentence(run_da
 def test_a_tokenizer_far_smaller_than_the_base_models_vocabulary_is_refused_before_step_1(run_data, tmp_path, capsys):
     """LLaMA-2's tokenizer with Chinese-LLaMA-2 (55,296 rows) would train on the wrong ids without a word."""
     saved = torch.load(run_data / "base.pt", weights_only=True)["model_args"]
-    args = train.ModelArgs(**{**saved, "vocab_size": saved["vocab_size"] + train.VOCAB_PADDING})
+    args = train.ModelArgs(**{**saved, "vocab_size": saved["vocab_size"] + tokenizer.VOCAB_PADDING})
     torch.save({"model_args": saved | {"vocab_size": args.vocab_size}, "model": train.Transformer(args).state_dict()},
                tmp_path / "wide.pt")
     fails(train_flags(run_data, tmp_path / "a", f"--init_from={tmp_path / 'wide.pt'}", "--eval_dir="), capsys,
@@ -1096,6 +1098,27 @@ def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
     n_base = sum(t.numel() for t in base["model"].values())
     out = capsys.readouterr().out
     assert summary["base_params"] == n_base and f"model {run_data / 'base.pt'}: {n_base:,} base parameters" in out
+
+
+@pytest.mark.parametrize("layout", ["pt", "hf", "meta"])
+def test_the_dry_run_refuses_a_tokenizer_the_base_was_not_trained_with_in_the_runs_own_sentence(run_data, tmp_path,
+                                                                                                capsys, layout):
+    """A base of ours (model.pt), a Hugging Face or a Meta folder whose embedding does not fit the tokenizer (here
+    tiny's 512 rows, the suite's 2,000 tokens): the dry run described it and passed, and the run was then refused
+    before step 1 (preflight). The dry run now refuses it in the run's own sentence, from the vocabulary it reads."""
+    base = tmp_path / ("model.pt" if layout == "pt" else layout)
+    if layout == "pt":
+        tiny = model.Transformer(model.ModelArgs.from_name("tiny"))
+        torch.save({"model_args": asdict(tiny.args), "model": tiny.state_dict()}, base)
+    else:
+        base.mkdir()
+        tiny = saved_tiny_model(base, layout)
+    vocab = train.Tokenizer(run_data / "tokenizer.model").vocab_size
+    assert not tiny.args.vocab_size - tokenizer.VOCAB_PADDING < vocab <= tiny.args.vocab_size  # what it was chosen for
+    flags = train_flags(run_data, tmp_path / "run", f"--init_from={base}", "--eval_dir=")
+    run = fails(flags, capsys, f"the tokenizer has {vocab:,} tokens but the base model {tiny.args.vocab_size:,}")
+    assert fails([*flags, "--dry_run=True"], capsys) == run
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,7 @@ LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_spec
 LLAMA3_PAD = "<|reserved_special_token_2|>"  # LLaMA-3.1 renamed it <|finetune_right_pad_id|>
 MAX_VOCAB = 2**24  # 64 times the largest real vocabulary: past it, an id is a damaged file's, not a token's
 NO_TOKEN = "\x00no token"  # the unknown token given to a BPE model that has none: no vocabulary holds it
+VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
 
 
 def _looks_like_tiktoken(path):
@@ -204,6 +205,13 @@ class Tokenizer:
         self.specials = {**added, PROMPT_EOS: added.get(PROMPT_EOS, self.eos_id)}  # its own "</s>", else EOS
         # transformers adds the config's tokens as special tokens, so they are never split (a token they already are)
         self.hf_special.add_special_tokens([token(name) for name in ids if token(name)])
+
+    def check_base_vocabulary(self, vocab_size):
+        """Refuse a base model of vocab_size embedding rows that was not trained with this tokenizer, as train.py's run
+        (preflight) and its dry run do, before step 1."""
+        if not vocab_size - VOCAB_PADDING < self.vocab_size <= vocab_size:
+            raise UserError(f"the tokenizer has {self.vocab_size:,} tokens but the base model {vocab_size:,}, so it is "
+                            "not the tokenizer the base model was trained with: pass that one.")
 
     def _encode_plain(self, text):
         if self.kind == "tiktoken":

@@ -501,19 +501,14 @@ def claim_out_dir(r, resuming, take=False):
         os.remove(os.path.join(out, f))
 
 
-VOCAB_PADDING = 1024  # base models round their embedding up past the tokenizer's vocabulary by less than this
-
-
 def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
-    cfg, vocab = r.cfg, r.args.vocab_size
+    cfg = r.cfg
     if not len(train_ds):
         raise UserError(f"{cfg['data_dir']} has no training records; prepare it with a smaller --val_fraction or "
                         "more records.")
     train_ds.check_tokenizer(r.tok)
-    if not vocab - VOCAB_PADDING < r.tok.vocab_size <= vocab:
-        raise UserError(f"the tokenizer has {r.tok.vocab_size:,} tokens but the base model {vocab:,}, so it is not "
-                        "the tokenizer the base model was trained with: pass that one.")
+    r.tok.check_base_vocabulary(r.args.vocab_size)
     for ds, name in ((train_ds, "training"), (val_ds, "validation")):  # no answer token: a val loss of 0 / 0
         if ds is not None and not ds.answered(cfg["max_len"]).any():
             raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every {name} record (the shortest "
@@ -787,6 +782,10 @@ def check_full_config(cfg, say=print):
             args = from_pretrained(src, device="meta").args
     else:  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
         args = base_weights(cfg, None)[0]
+    # the tokenizer against the base's vocabulary, as preflight checks it (not a preset's: it stands in for a base not
+    # on disk); before it preflight checks the shards' tokenizer, which the dry run does not read
+    if src != "scratch" and (demo or os.path.exists(src)) and os.path.exists(cfg["tokenizer"]):
+        Tokenizer(cfg["tokenizer"]).check_base_vocabulary(args.vocab_size)
     check_rows_fit(cfg, args.context, longest=0)  # packed rows; padded ones depend on records the dry run has not
     with torch.device("meta"):
         model = Transformer(args)
