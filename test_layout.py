@@ -241,16 +241,19 @@ def script_options(module):
     return options, commands
 
 
+def code_snippets(text):
+    """A Markdown text's code: each line of its code blocks, then each inline `code` outside them."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
+    return [line for b in blocks for line in b.splitlines()] + \
+        re.findall(r"`([^`]+)`", re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.M | re.S))
+
+
 def documented_commands():
     """(file, script, its first word, the flags after it as (name, "=value" or "")) for each command of a script of
     ours (train.py, study.py and the argparse ones) in the README and RESULTS.md: code blocks' lines and inline code,
     without shell comments."""
     for name in DOCS:
-        text = (REPO / name).read_text(encoding="utf-8")
-        blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.M | re.S)
-        code = [line for b in blocks for line in b.splitlines()]
-        code += re.findall(r"`([^`]+)`", re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.M | re.S))
-        for snippet in code:
+        for snippet in code_snippets((REPO / name).read_text(encoding="utf-8")):
             scripts = "|".join(("train", "study") + ARGPARSE_SCRIPTS)
             command = re.search(rf"(?<![\w/.])({scripts})\.py\b(.*)", snippet.split("#")[0], flags=re.S)
             if command:
@@ -283,6 +286,179 @@ def test_every_command_in_the_readme_and_results_uses_flags_and_names_that_exist
                     (script, flag) == ("study", "runs") and values - runs:
                 stale.append(f"{name}: {script}.py --{flag}{given}")
     assert stale == []
+
+
+def recipe_comments(path):
+    """A recipe's comment lines, without their "#" and indent (its prepare and torchrun lines among them)."""
+    return [line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+
+
+RECIPES = sorted(f"config/{p.name}" for p in (REPO / "config").glob("*.py"))
+
+
+def train_commands():
+    """(where, the words after train.py, up to a shell operator) for each train.py command that the README,
+    RESULTS.md, train.py's docstring and the recipes' comments show."""
+    sources = {name: code_snippets((REPO / name).read_text(encoding="utf-8")) for name in DOCS}
+    sources["train.py"] = module_docstring("train").splitlines()
+    sources |= {recipe: recipe_comments(REPO / recipe) for recipe in RECIPES}
+    for where, snippets in sources.items():
+        for snippet in snippets:
+            command = re.search(r"(?<![\w/.])train\.py\b(.*)", snippet.split("#")[0], flags=re.S)
+            if command:
+                words = command.group(1).split()
+                yield where, words[:next((i for i, w in enumerate(words) if re.match(r"[&|;>]", w)), len(words))]
+
+
+def test_every_train_py_command_shown_is_a_configuration_train_py_accepts(monkeypatch):
+    """The test above holds the flags' names; this one their values and the config files they name. Each train.py
+    command of the README, RESULTS.md, train.py's docstring and the recipes' comments, read from the repository's
+    root as train.py reads it (configurator.py, then train.py's checks of every key), is accepted: `--dtype=bf16`,
+    `--adapter=moelora --competition=True` once moelora refused competition, or a recipe renamed would be refused."""
+    import train
+    from errors import UserError
+    monkeypatch.chdir(REPO)
+    shown, refused = [], []
+    for where, words in train_commands():
+        if {"--help", "-h"} & set(words):
+            continue
+        shown.append(words)
+        try:
+            train.parse_config(words)
+        except UserError as e:
+            refused.append(f"{where}: train.py {' '.join(words)}: {e}")
+    assert refused == []
+    assert {w[0] for w in shown if w and w[0].startswith("config/")} == set(RECIPES)  # each recipe, as it is run
+
+
+def test_every_recipe_the_readme_names_exists():
+    """The README names recipes in prose too (`config/cme_{qwen2.5_7b,qwen3_8b,llama3.1_8b}.py`, as the shell
+    expands it), where no command runs them: each is a file of config/."""
+    named = set()
+    for stem in re.findall(r"config/([\w.{},-]+?)\.py", (REPO / "README.md").read_text(encoding="utf-8")):
+        head, _, rest = stem.partition("{")
+        choices, _, tail = rest.partition("}")
+        named |= {f"config/{head}{c}{tail}.py" for c in choices.split(",")} if rest else {f"config/{stem}.py"}
+    assert named and sorted(named - set(RECIPES)) == []
+
+
+def recipe_blocks():
+    """(where, recipe, lines): the lines that go with a recipe, each recipe's own comments and each README code
+    block that runs one under torchrun (the 7B block: prepare, tasks.py, the dry runs, torchrun)."""
+    for recipe in RECIPES:
+        yield recipe, recipe, recipe_comments(REPO / recipe)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for block in re.findall(r"^```bash\n(.*?)^```", readme, flags=re.M | re.S):
+        for recipe in sorted(set(re.findall(r"^torchrun .*?train\.py (config/\S+\.py)", block, flags=re.M))):
+            yield "README.md", recipe, block.splitlines()
+
+
+def flag_words(line, script):
+    """{flag: the words after it} of the argparse-style command of script in line (`--raw a b --out c`)."""
+    found, key = {}, None
+    for word in line.split("#")[0].split(script, 1)[1].split():
+        if word.startswith("--"):
+            key, eq, value = word[2:].partition("=")
+            found[key] = [value] if eq else []
+            key = None if eq else key  # --key=value takes no more words after it
+        elif key:
+            found[key].append(word)
+    return found
+
+
+def test_each_recipes_lines_prepare_and_score_what_it_trains_on(monkeypatch):
+    """A recipe's `data.py prepare` line (in its comments, and in the README's 7B block) writes the data_dir it trains
+    on, with its tokenizer and max_len; the README's tasks.py lines write <task>.jsonl into its eval_dir; its torchrun
+    line starts the processes its dry run plans for (dry_run_world_size). A path changed on one side only leaves
+    a user who copies the lines with shards or sets the run does not find, or shards of another tokenizer."""
+    import train
+    monkeypatch.chdir(REPO)
+    wrong, prepared = [], set()
+    for where, recipe, lines in recipe_blocks():
+        cfg = train.parse_config([recipe])
+        for line in lines:
+            if "data.py prepare" in line:
+                prepared.add(recipe)
+                f = flag_words(line, "data.py prepare")
+                got = [f.get(k) for k in ("tokenizer", "out", "max_len")]
+                if got != [[cfg["tokenizer"]], [cfg["data_dir"]], [str(cfg["max_len"])]]:
+                    wrong.append(f"{where}: prepare's --tokenizer, --out, --max_len {got} for {recipe}")
+            if "tasks.py --task" in line:
+                f = flag_words(line, "tasks.py")
+                if f["out"] != [f"{cfg['eval_dir']}/{f['task'][0]}.jsonl"]:
+                    wrong.append(f"{where}: tasks.py --out {f['out']}, not in {recipe}'s eval_dir {cfg['eval_dir']}")
+            if re.match(rf"torchrun .*train\.py {re.escape(recipe)}", line):
+                if flag_words(line, "torchrun")["nproc_per_node"] != [str(cfg["dry_run_world_size"])]:
+                    wrong.append(f"{where}: {line} against dry_run_world_size={cfg['dry_run_world_size']}")
+    assert wrong == [] and prepared == set(RECIPES)
+
+
+def test_what_the_readme_and_the_llama2_recipe_say_of_its_setting_is_its_values(monkeypatch):
+    """The README's paragraph on config/cme_llama2_7b.py and the recipe's own header give its setting in words
+    (4 experts of rank 32, lr 2e-4, alpha 32, dropout 0.05, one epoch, 3% warmup, bf16, 1024 tokens, global batch
+    128 over 8 GPUs x 4 x 4): a value changed in the recipe leaves them stale."""
+    import train
+    monkeypatch.chdir(REPO)
+    cfg = train.parse_config(["config/cme_llama2_7b.py"])
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    records = float(re.search(r"\(([\d.]+)M records from", readme).group(1)) * 1e6  # the mixture, one epoch of it
+    said = readme[readme.index("`config/cme_llama2_7b.py` is the paper's setting"):].split(";")[0]
+    comments = recipe_comments(REPO / "config/cme_llama2_7b.py")
+    header = " ".join(comments[:comments.index("")])
+    for text in (said, header):
+        experts, rank = map(int, re.search(r"(\d+) experts of rank (\d+)", text).groups())
+        assert (experts, rank) == (cfg["experts"], cfg["r"] // cfg["experts"]), text
+        assert float(re.search(r"\blr ([\d.e-]+)", text).group(1)) == cfg["learning_rate"], text
+        assert float(re.search(r"\balpha ([\d.]+)", text).group(1)) == cfg["alpha"], text
+        assert float(re.search(r"\bdropout ([\d.]+)", text).group(1)) == cfg["dropout"], text
+        assert int(int(re.search(r"(\d+)% warmup", text).group(1)) / 100 * cfg["max_iters"]) == cfg["warmup_iters"]
+        assert int(re.search(r"(?:max length|at most) (\d+)", text).group(1)) == cfg["max_len"], text
+        assert "one epoch" in text and cfg["max_iters"] == records // cfg["batch_size"], text
+        assert "bf16" in text and cfg["dtype"] == "bfloat16" and cfg["targets"] == "w1,w2,w3", text
+    assert re.search(rf"global batch {cfg['batch_size']}, FSDP with activation checkpointing", said)
+    assert cfg["fsdp"] and cfg["activation_checkpointing"]
+    gpus, micro, accum = map(int, re.search(rf"global batch {cfg['batch_size']} \((\d+) GPUs x (\d+) per micro-batch "
+                                            r"x (\d+) accumulation steps\)", " ".join(comments)).groups())
+    assert (gpus * micro * accum, gpus, accum) == (cfg["batch_size"], cfg["dry_run_world_size"], cfg["grad_accum"])
+
+
+def test_the_other_recipes_are_the_llama2_one_with_another_base(monkeypatch):
+    """The README: config/cme_llama3_8b.py "is the same on LLaMA-3-8B", the others are "run as the LLaMA-2 one", and
+    each says it is "the LLaMA-2 recipe with" its base's model and tokenizer: none sets the training otherwise."""
+    import train
+    monkeypatch.chdir(REPO)
+    llama2 = train.parse_config(["config/cme_llama2_7b.py"])
+    base = {"out_dir", "init_from", "model", "tokenizer", "data_dir", "eval_dir", "_explicit"}
+    for recipe in set(RECIPES) - {"config/cme_llama2_7b.py"}:
+        assert "the LLaMA-2 recipe with" in " ".join(recipe_comments(REPO / recipe)), recipe
+        cfg = train.parse_config([recipe])
+        assert sorted(k for k in cfg if cfg[k] != llama2[k] and k not in base) == [], recipe
+
+
+def test_the_llama2_recipes_word_on_activation_checkpointing_is_what_its_dry_runs_print(monkeypatch):
+    """config/cme_llama2_7b.py says what activation_checkpointing=False would cost a GPU against the dry run's
+    estimate with it on (the README prints that one): both are the dry run's numbers today."""
+    import train
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # the dry run would plan for torchrun's processes
+    line = next(l for l in (REPO / "config/cme_llama2_7b.py").read_text(encoding="utf-8").splitlines()
+                if l.startswith("activation_checkpointing"))
+    off, on = re.search(r"False: .*?about ([\d.]+) GiB a GPU, not ([\d.]+)", line).groups()
+    for checkpointing, gib in ((False, off), (True, on)):
+        printed = []
+        cfg = train.parse_config(["config/cme_llama2_7b.py", f"--activation_checkpointing={checkpointing}"])
+        train.check_full_config(cfg, say=printed.append)
+        assert f"activation checkpointing {'on' if checkpointing else 'off'}: about {gib} GiB (" in printed[2]
+
+
+def test_the_readmes_word_on_train_pys_defaults_is_theirs():
+    """The README gives defaults of train.py in words, the demo's "600 steps at lr 1e-3" and the balance loss's
+    "`balance_coef` (0.01)": a default changed in train.py leaves them stale."""
+    import train
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    steps, lr = re.search(r"\((\d+) steps at lr ([\d.e-]+)", readme).groups()
+    assert (int(steps), float(lr)) == (train.DEFAULTS["max_iters"], train.DEFAULTS["learning_rate"])
+    assert float(re.search(r"`balance_coef` \(([\d.]+)\)", readme).group(1)) == train.DEFAULTS["balance_coef"]
 
 
 def test_the_readmes_demo_table_is_what_the_demo_prints_for_the_scores_it_shows(capsys):
