@@ -238,6 +238,16 @@ def hf_tokenizer_folder(path, bos=None, eos="<|endoftext|>"):
     return path
 
 
+def with_vocabulary(folder, vocab):
+    """The tokenizer.json in folder (hf_tokenizer_folder's), its vocabulary made `vocab` tokens: its first token's id
+    moved to vocab - 1, as a tokenizer of that size reads (its ids may skip numbers)."""
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer_json["model"]["vocab"][next(iter(tokenizer_json["model"]["vocab"]))] = vocab - 1
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    assert train.Tokenizer(folder).vocab_size == vocab
+    return folder
+
+
 def reference_task_load(model, prompts, n_layers, load_layers, k):
     """The experts' shares over a task's prompt tokens, from each prompt run alone (no padding at all):
     omega of every adapted layer in the last load_layers blocks, pooled over all prompt tokens, over k,

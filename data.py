@@ -590,7 +590,7 @@ def write_jsonl(path, records):
 # -----------------------------------------------------------------------------
 # Batches
 
-def _read_summary(path):
+def read_summary(path):
     """summary.json of a prepare output, checked for what TokenDataset needs; a UserError naming it if not."""
     summary_path = os.path.join(path, "summary.json")
     if not os.path.isdir(path):  # a file here is no output of prepare, which would refuse it as its --out
@@ -616,6 +616,30 @@ def _read_summary(path):
     return summary
 
 
+def check_made_with(path, summary, tok, tokens=()):
+    """Refuse a tokenizer other than the one the shards in path (summary: their summary.json) were made with, before
+    any id reaches the model: by its SHA-256, or where summary.json lacks it (older outputs) by its vocabulary size, or
+    by the shards' largest id (tokens: none where the dry run reads no shard); and one whose BOS or EOS differs."""
+    made = summary.get("tokenizer") if isinstance(summary.get("tokenizer"), dict) else {}
+    size, theirs = summary.get("vocab_size"), str(made.get("path", "path unknown"))
+    theirs += f", {size:,} tokens" if type(size) is int else ""
+    if made.get("sha256"):
+        same = made["sha256"] == file_sha256(tok.path)
+    elif type(size) is int:
+        same = size == tok.vocab_size
+    else:
+        top = int(tokens.max()) if len(tokens) else -1
+        same, theirs = top < tok.vocab_size, f"{theirs}; the shards hold the id {top:,}"
+    if not same:
+        raise UserError(f"tokenizer {tok.path} ({tok.vocab_size:,} tokens) is not the one {path} was made with "
+                        f"({theirs}); pass that one, or run data.py prepare again with this one.")
+    for key in ("bos_id", "eos_id"):  # the same tokenizer.json, beside a tokenizer_config.json that changed them
+        if made.get("sha256") and key in summary and summary[key] != getattr(tok, key):
+            raise UserError(f"{path} was made with the {key[:3].upper()} id {summary[key]}, but tokenizer {tok.path} "
+                            f"gives {getattr(tok, key)} (its tokenizer_config.json changed?); pass the files it was "
+                            "made with, or run data.py prepare again with these.")
+
+
 class TokenDataset:
     """The records of one split of a prepare output: ds[i] -> (ids, prompt_len), ids a uint array view.
     Opening checks every shard against summary.json, so a truncated or foreign file stops with its name
@@ -623,7 +647,7 @@ class TokenDataset:
 
     def __init__(self, path, split="train"):
         self.path = path = os.fspath(path)
-        self.summary = _read_summary(path)
+        self.summary = read_summary(path)
         if split not in self.summary["splits"]:
             raise UserError(f"{path} has no split {split!r}; the splits are {list(self.summary['splits'])}")
         self.max_len, self.pad_id = self.summary["max_len"], self.summary["pad_id"]
@@ -672,27 +696,8 @@ class TokenDataset:
                     f"--max_len {max_len}.")
         return None
 
-    def check_tokenizer(self, tok):
-        """Refuse a tokenizer other than the one the shards were made with, before any id reaches the model: by
-        its SHA-256, or where summary.json lacks it (older outputs) by its vocabulary size, or by the shards' largest
-        id; and one whose BOS or EOS id differs from the shards'."""
-        made = self.summary.get("tokenizer") if isinstance(self.summary.get("tokenizer"), dict) else {}
-        size, theirs = self.summary.get("vocab_size"), str(made.get("path", "path unknown"))
-        if made.get("sha256"):
-            same = made["sha256"] == file_sha256(tok.path)
-        elif type(size) is int:
-            same, theirs = size == tok.vocab_size, f"{theirs}, {size:,} tokens"
-        else:
-            top = int(self.tokens.max()) if len(self.tokens) else -1
-            same, theirs = top < tok.vocab_size, f"{theirs}; the shards hold the id {top:,}"
-        if not same:
-            raise UserError(f"tokenizer {tok.path} ({tok.vocab_size:,} tokens) is not the one {self.path} was made "
-                            f"with ({theirs}); pass that one, or run data.py prepare again with this one.")
-        for key in ("bos_id", "eos_id"):  # the same tokenizer.json, beside a tokenizer_config.json that changed them
-            if made.get("sha256") and key in self.summary and self.summary[key] != getattr(tok, key):
-                raise UserError(f"{self.path} was made with the {key[:3].upper()} id {self.summary[key]}, but "
-                                f"tokenizer {tok.path} gives {getattr(tok, key)} (its tokenizer_config.json changed?); "
-                                "pass the files it was made with, or run data.py prepare again with these.")
+    def check_tokenizer(self, tok):  # check_made_with; the largest id in the shards decides where summary.json can not
+        check_made_with(self.path, self.summary, tok, self.tokens)
 
     def __len__(self):
         return len(self.lengths)

@@ -36,10 +36,21 @@ import sys
 
 import sentencepiece as spm
 
-from data import UserError, prepare, write_jsonl
+from data import UserError, prepare, read_summary, write_jsonl
 from errors import Parser, exit_with, run_script
-from files import LOCK, blocked_parent, flag_path, hold, let_go, read_json, remove_stale_temporaries, write_atomic
+from files import (
+    LOCK,
+    blocked_parent,
+    file_sha256,
+    flag_path,
+    hold,
+    let_go,
+    read_json,
+    remove_stale_temporaries,
+    write_atomic,
+)
 from tasks import LETTERS, TEMPLATES, Task, make_record, qa_record
+from tokenizer import Tokenizer
 
 N_CITIES, N_PEOPLE, N_DIRECTORS, N_FILMS = 40, 100, 20, 60
 VOCAB_SIZE = 2000  # the suite's tokenizer: SentencePiece makes exactly this many pieces, or refuses
@@ -673,6 +684,23 @@ def build_demo_data(cfg):
         raise Busy(f"the demo's base is being pretrained by {busy} (in {PRETRAIN['out_dir']}); wait for it to end, "
                    "then run again.")
     return dict(PRETRAIN)
+
+
+def shards_made_with(data_dir):
+    """The summary.json of data_dir's shards, which train.py's dry run checks the tokenizer against
+    (data.check_made_with) without making or reading a shard; for the demo's shards not yet prepared, what
+    build_demo_data will record: the demo tokenizer's SHA-256 once the suite is built, before that its size alone (the
+    same seed builds the same bytes: a copy of an earlier build's tokenizer passes the run, and so here); None where
+    nothing is known."""
+    if os.path.exists(os.path.join(data_dir, "summary.json")):
+        return read_summary(data_dir)  # what the run's TokenDataset reads first, refusing it in the same sentence
+    if data_dir != DEMO["data_dir"]:
+        return None
+    if not os.path.exists(DEMO["tokenizer"]):
+        return dict(vocab_size=VOCAB_SIZE, tokenizer=dict(path=DEMO["tokenizer"]))
+    tok = Tokenizer(DEMO["tokenizer"])  # as prepare records it
+    return dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                tokenizer=dict(path=tok.path, sha256=file_sha256(tok.path)))
 
 
 def main(argv=None):

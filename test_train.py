@@ -30,7 +30,17 @@ import model
 import teamlora
 import train
 from baselines import HydraLoRALinear
-from conftest import TEXTS, adapters_of, assert_same_adapters, cuda_fp32_matmuls, hf_tokenizer_folder, train_cfg
+from conftest import (
+    LLAMA2,
+    TEXTS,
+    adapters_of,
+    assert_same_adapters,
+    cuda_fp32_matmuls,
+    hf_tokenizer_folder,
+    needs_fixtures,
+    train_cfg,
+    with_vocabulary,
+)
 from data import UserError
 from minicme import SYNTHETIC_TASKS
 from model import Transformer
@@ -876,6 +886,18 @@ def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsy
     assert f"= {pct}% of the base" in capsys.readouterr().out
 
 
+@needs_fixtures
+@pytest.mark.usefixtures("at_the_root")
+def test_the_dry_run_of_a_preset_leaves_its_vocabulary_to_the_base_the_run_will_read(capsys):
+    """The README's step 3 sizes the paper's base, Chinese-LLaMA-2-7B (55,296 tokens), by its preset beside the
+    recipe's LLaMA-2 tokenizer (32,000) while that base is not on disk: a run never reads the preset (the base's own
+    files size it), so the dry run describes it and leaves the pair alone; a base on disk is checked (test_train_faults:
+    the run's own sentence)."""
+    flags = ["config/cme_llama2_7b.py", "--dry_run=True", "--model=chinese-llama2-7b", "--init_from=nowhere"]
+    train.train(train.parse_config([*flags, f"--tokenizer={LLAMA2}"]))
+    assert "model chinese-llama2-7b: " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("recipe", ["config/cme_qwen2.5_7b.py", "config/cme_llama3_8b.py", "config/cme_qwen3_8b.py",
                                     "config/cme_llama3.1_8b.py"])
 def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys, tmp_path, monkeypatch):
@@ -1047,39 +1069,33 @@ def test_the_demos_dry_run_under_a_tokenizer_of_ones_own_describes_the_base_the_
     --tokenizer says: the dry run describes that base, of the demo tokenizer's vocabulary, never one sized by the
     user's tokenizer (which sizes a base from scratch alone), and names the file that sized it. A tokenizer that base
     can not have been trained with (5,000 tokens) is refused in the run's sentence (preflight's), where the dry run
-    described the base and passed."""
+    described the base and passed. The user's tokenizer comes with shards of one's own: the demo's are made with its
+    tokenizer, which refuses any other (test_train_faults)."""
     monkeypatch.chdir(tmp_path)  # no data/mini_cme: the demo's files are not built
-
-    def sized(folder, vocab):  # the tokenizer.json in folder, its vocabulary made `vocab` tokens
-        tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        tokenizer_json["model"]["vocab"][next(iter(tokenizer_json["model"]["vocab"]))] = vocab - 1
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-        assert train.Tokenizer(folder).vocab_size == vocab
-        return folder
-
-    folder = sized(hf_tokenizer_folder(tmp_path / "mine"), 1500)  # within VOCAB_PADDING below the demo's 2,000
-    far = sized(hf_tokenizer_folder(tmp_path / "far"), 5000)
+    folder = with_vocabulary(hf_tokenizer_folder(tmp_path / "mine"), 1500)  # within VOCAB_PADDING below its 2,000
+    far = with_vocabulary(hf_tokenizer_folder(tmp_path / "far"), 5000)
     demo = train.train(train.parse_config(["--dry_run=True"]))
     capsys.readouterr()
-    mine = train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}"]))
+    own = f"--data_dir={tmp_path / 'shards'}"  # made with one's tokenizer (the demo's are made with its own), not yet
+    mine = train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}", own]))
     assert f", vocabulary {minicme.VOCAB_SIZE:,} (that of the tokenizer the demo builds first)\n" in \
         capsys.readouterr().out
     assert (mine["base_params"], mine["trainable_params"]) == (demo["base_params"], demo["trainable_params"])
     sentence = "the tokenizer has 5,000 tokens but the base model {:,}, so it is not the tokenizer the base model " \
         "was trained with: pass that one."
     with pytest.raises(train.UserError) as refused:
-        train.train(train.parse_config(["--dry_run=True", f"--tokenizer={far}"]))
+        train.train(train.parse_config(["--dry_run=True", f"--tokenizer={far}", own]))
     assert str(refused.value) == sentence.format(minicme.VOCAB_SIZE)
     # the demo's tokenizer built (here another tokenizer.json in its place), its base not yet: that tokenizer sizes it
     (tmp_path / "data").mkdir()
-    built = sized(hf_tokenizer_folder(tmp_path / "data" / "mini_cme"), 1800)
+    built = with_vocabulary(hf_tokenizer_folder(tmp_path / "data" / "mini_cme"), 1800)
     os.replace(built / "tokenizer.json", minicme.DEMO["tokenizer"])
-    train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}"]))
+    train.train(train.parse_config(["--dry_run=True", f"--tokenizer={folder}", own]))
     assert f", vocabulary 1,800 (that of {minicme.DEMO['tokenizer']})\n" in capsys.readouterr().out
     with pytest.raises(train.UserError) as refused:
-        train.train(train.parse_config(["--dry_run=True", f"--tokenizer={far}"]))
+        train.train(train.parse_config(["--dry_run=True", f"--tokenizer={far}", own]))
     assert str(refused.value) == sentence.format(1800)
-    scratch = ["--dry_run=True", f"--tokenizer={far}", "--init_from=scratch"]  # from scratch: the user's sizes it
+    scratch = ["--dry_run=True", f"--tokenizer={far}", own, "--init_from=scratch"]  # from scratch: the user's sizes it
     train.train(train.parse_config(scratch))
     assert f", vocabulary 5,000 (that of {far})\n" in capsys.readouterr().out
     assert not os.path.exists(minicme.DEMO["init_from"]) and not os.path.exists("out")  # a dry run builds nothing

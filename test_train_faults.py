@@ -38,12 +38,14 @@ from conftest import (
     adapters_of,
     assert_same_adapters,
     held_by_another_process,
+    hf_tokenizer_folder,
     named_pipe,
     needs_distributed_torch,
     needs_fixtures,
     non_ascii_names,
     script_error,
     train_flags,
+    with_vocabulary,
 )
 from data import prepare
 from test_weights import saved_tiny_model
@@ -1119,6 +1121,59 @@ def test_the_dry_run_refuses_a_tokenizer_the_base_was_not_trained_with_in_the_ru
     run = fails(flags, capsys, f"the tokenizer has {vocab:,} tokens but the base model {tiny.args.vocab_size:,}")
     assert fails([*flags, "--dry_run=True"], capsys) == run
     assert not (tmp_path / "run").exists()
+
+
+def test_the_dry_run_refuses_a_tokenizer_other_than_the_shards_in_the_runs_own_sentence(run_data, tmp_path, capsys):
+    """A tokenizer of the shards' size (so one the base's embedding fits) that is not the one they were made with: the
+    run refuses it before step 1 (preflight: summary.json's SHA-256), where the dry run, which read nothing of data_dir,
+    passed. It now reads their summary.json (never the shards) and refuses it as the run does, first, in the run's own
+    sentence, making nothing; whatever the base: from scratch, ours, or a preset standing in for one not on disk."""
+    vocab = train.Tokenizer(run_data / "tokenizer.model").vocab_size
+    other = with_vocabulary(hf_tokenizer_folder(tmp_path / "other"), vocab)
+    before = contents(run_data / "tokens")
+    flags = train_flags(run_data, tmp_path / "run", f"--tokenizer={other}", "--eval_dir=")
+    run = fails(flags, capsys, f"tokenizer {other / 'tokenizer.json'} ({vocab:,} tokens) is not the one",
+                f"({run_data / 'tokenizer.model'}, {vocab:,} tokens)")
+    assert fails([*flags, f"--init_from={run_data / 'base.pt'}"], capsys) == run  # the shards' first, as in preflight
+    for base in ("scratch", run_data / "base.pt", tmp_path / "Llama-2-7b"):  # the last: a preset's (tiny), not there
+        assert fails([*flags, f"--init_from={base}", "--dry_run=True"], capsys) == run
+    assert not (tmp_path / "run").exists() and contents(run_data / "tokens") == before
+    assert train.main([*flags, f"--tokenizer={run_data / 'tokenizer.model'}", "--dry_run=True"]) is None  # theirs
+
+
+def test_the_demos_shards_refuse_a_tokenizer_of_ones_own_in_the_dry_run_as_in_the_run(run_data, tmp_path,
+                                                                                      monkeypatch):
+    """The demo's shards (data/mini_cme/tokens) are prepared with the demo's own tokenizer, so a first run with a
+    tokenizer of one's own is refused before step 1 (preflight) once it has built them, where its dry run passed. The
+    dry run now refuses it in the run's own sentence and builds nothing: by the demo tokenizer's SHA-256 once the suite
+    is built, before that by its size. A copy of the demo's tokenizer (the same seed builds the same bytes) passes."""
+    monkeypatch.chdir(tmp_path)  # no data/mini_cme
+    mine = hf_tokenizer_folder(tmp_path / "mine")
+    copy = tmp_path / "copy.model"
+    shutil.copy(run_data / "tokenizer.model", copy)
+    flags = ["--init_from=scratch", "--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8"]
+
+    def refusal(*more):
+        with pytest.raises(train.UserError) as refused:
+            train.train(train.parse_config([*flags, f"--tokenizer={mine}", *more]))
+        return str(refused.value)
+
+    unbuilt = refusal("--dry_run=True")
+    train.train(train.parse_config([*flags, f"--tokenizer={copy}", "--dry_run=True"]))
+    assert sorted(os.listdir(tmp_path)) == ["copy.model", "mine"]
+    os.makedirs(minicme.ROOT)  # the demo's suite built (here the session's small one), its shards not yet
+    for name in ("suite.json", "train.jsonl", "tokenizer.model"):
+        shutil.copy(run_data / name, minicme.ROOT)
+    built = refusal("--dry_run=True")
+    train.train(train.parse_config([*flags, f"--tokenizer={copy}", "--dry_run=True"]))
+    assert not os.path.exists(minicme.DEMO["data_dir"]) and not os.path.exists("out")
+    ran = refusal()  # the run: it prepares the demo's shards with the demo's tokenizer, then refuses
+    assert os.path.isfile(os.path.join(minicme.DEMO["data_dir"], "summary.json")) and not os.path.exists("out")
+    assert unbuilt == built == ran == (
+        f"tokenizer {mine / 'tokenizer.json'} ({train.Tokenizer(mine).vocab_size:,} tokens) is not the one "
+        f"{minicme.DEMO['data_dir']} was made with ({minicme.DEMO['tokenizer']}, {minicme.VOCAB_SIZE:,} tokens); pass "
+        "that one, or run data.py prepare again with this one.")
+    assert refusal("--dry_run=True") == ran  # now from the shards' summary.json
 
 
 def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):

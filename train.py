@@ -769,9 +769,9 @@ def check_full_config(cfg, say=print):
     made = {**cfg, **minicme.PRETRAIN} if demo else cfg  # the settings of a base made from scratch
     name = made["model"] if src == "scratch" or not os.path.exists(src) else src  # a preset: a base not on disk
     if src == "scratch" or demo:  # as in a run, the keyword, never a folder so named; sized by the tokenizer
-        tok = os.path.exists(made["tokenizer"]) and Tokenizer(made["tokenizer"]).vocab_size
-        args = scratch_args(made, tok or (minicme.VOCAB_SIZE if demo else ModelArgs.from_name(name).vocab_size))
-        why = f"that of {made['tokenizer']}" if tok else "that of the tokenizer the demo builds first" if demo else \
+        size = os.path.exists(made["tokenizer"]) and Tokenizer(made["tokenizer"]).vocab_size
+        args = scratch_args(made, size or (minicme.VOCAB_SIZE if demo else ModelArgs.from_name(name).vocab_size))
+        why = f"that of {made['tokenizer']}" if size else "that of the tokenizer the demo builds first" if demo else \
             f"the preset's, until the tokenizer {cfg['tokenizer']} is there"
         vocab = f", vocabulary {args.vocab_size:,} ({why})"
         name = f"{name} (the demo's base, pretrained first)" if demo else name
@@ -782,10 +782,14 @@ def check_full_config(cfg, say=print):
             args = from_pretrained(src, device="meta").args
     else:  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
         args = base_weights(cfg, None)[0]
-    # the tokenizer against the base's vocabulary, as preflight checks it (not a preset's: it stands in for a base not
-    # on disk); before it preflight checks the shards' tokenizer, which the dry run does not read
-    if src != "scratch" and (demo or os.path.exists(src)) and os.path.exists(cfg["tokenizer"]):
-        Tokenizer(cfg["tokenizer"]).check_base_vocabulary(args.vocab_size)
+    # the tokenizer as preflight checks it: against the shards' (their summary.json, or the demo's to be made), then the
+    # base's vocabulary; not a preset's (a base not on disk, model="small" unless set): a run never reads it, the base's
+    # own files size it, and the README's step 3 sizes Chinese-LLaMA-2 by its preset beside the LLaMA-2 tokenizer
+    tok = Tokenizer(cfg["tokenizer"]) if os.path.exists(cfg["tokenizer"]) else None
+    if tok and (made_with := minicme.shards_made_with(cfg["data_dir"])):
+        data.check_made_with(cfg["data_dir"], made_with, tok)
+    if tok and src != "scratch" and (demo or os.path.exists(src)):
+        tok.check_base_vocabulary(args.vocab_size)
     check_rows_fit(cfg, args.context, longest=0)  # packed rows; padded ones depend on records the dry run has not
     with torch.device("meta"):
         model = Transformer(args)
