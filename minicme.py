@@ -36,7 +36,7 @@ import sys
 
 import sentencepiece as spm
 
-from data import UserError, prepare, read_summary, write_jsonl
+from data import UserError, check_made_with, prepare, read_summary, write_jsonl
 from errors import Parser, exit_with, run_script
 from files import (
     LOCK,
@@ -701,6 +701,15 @@ def shards_made_with(data_dir):
     tok = Tokenizer(DEMO["tokenizer"])  # as prepare records it
     return dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
                 tokenizer=dict(path=tok.path, sha256=file_sha256(tok.path)))
+
+
+def check_own_tokenizer(cfg):
+    """A tokenizer of one's own with the demo's shards, which are the demo tokenizer's: refused before anything is
+    built for the run (the suite, the shards), in the sentence of its dry run and of preflight
+    (data.check_made_with)."""
+    own = cfg["tokenizer"] != DEMO["tokenizer"] and os.path.exists(cfg["tokenizer"])
+    if own and cfg["data_dir"] == DEMO["data_dir"]:
+        check_made_with(cfg["data_dir"], shards_made_with(cfg["data_dir"]), Tokenizer(cfg["tokenizer"]))
 
 
 def main(argv=None):

@@ -1144,9 +1144,10 @@ def test_the_dry_run_refuses_a_tokenizer_other_than_the_shards_in_the_runs_own_s
 def test_the_demos_shards_refuse_a_tokenizer_of_ones_own_in_the_dry_run_as_in_the_run(run_data, tmp_path,
                                                                                       monkeypatch):
     """The demo's shards (data/mini_cme/tokens) are prepared with the demo's own tokenizer, so a first run with a
-    tokenizer of one's own is refused before step 1 (preflight) once it has built them, where its dry run passed. The
-    dry run now refuses it in the run's own sentence and builds nothing: by the demo tokenizer's SHA-256 once the suite
-    is built, before that by its size. A copy of the demo's tokenizer (the same seed builds the same bytes) passes."""
+    tokenizer of one's own was refused before step 1 (preflight) once it had built them, where its dry run passed. The
+    dry run and the run now refuse it in preflight's sentence before building anything: by the demo tokenizer's SHA-256
+    once the suite is built, before that by its size. A copy of the demo's tokenizer (the same seed builds the same
+    bytes) passes."""
     monkeypatch.chdir(tmp_path)  # no data/mini_cme
     mine = hf_tokenizer_folder(tmp_path / "mine")
     copy = tmp_path / "copy.model"
@@ -1161,19 +1162,22 @@ def test_the_demos_shards_refuse_a_tokenizer_of_ones_own_in_the_dry_run_as_in_th
     unbuilt = refusal("--dry_run=True")
     train.train(train.parse_config([*flags, f"--tokenizer={copy}", "--dry_run=True"]))
     assert sorted(os.listdir(tmp_path)) == ["copy.model", "mine"]
+    assert refusal() == unbuilt and sorted(os.listdir(tmp_path)) == ["copy.model", "mine"]  # no suite built for it
     os.makedirs(minicme.ROOT)  # the demo's suite built (here the session's small one), its shards not yet
     for name in ("suite.json", "train.jsonl", "tokenizer.model"):
         shutil.copy(run_data / name, minicme.ROOT)
     built = refusal("--dry_run=True")
     train.train(train.parse_config([*flags, f"--tokenizer={copy}", "--dry_run=True"]))
     assert not os.path.exists(minicme.DEMO["data_dir"]) and not os.path.exists("out")
-    ran = refusal()  # the run: it prepares the demo's shards with the demo's tokenizer, then refuses
-    assert os.path.isfile(os.path.join(minicme.DEMO["data_dir"], "summary.json")) and not os.path.exists("out")
+    ran = refusal()  # the run: before it prepares the demo's shards with the demo's tokenizer
+    assert not os.path.exists(minicme.DEMO["data_dir"]) and not os.path.exists("out")
     assert unbuilt == built == ran == (
         f"tokenizer {mine / 'tokenizer.json'} ({train.Tokenizer(mine).vocab_size:,} tokens) is not the one "
         f"{minicme.DEMO['data_dir']} was made with ({minicme.DEMO['tokenizer']}, {minicme.VOCAB_SIZE:,} tokens); pass "
         "that one, or run data.py prepare again with this one.")
-    assert refusal("--dry_run=True") == ran  # now from the shards' summary.json
+    data.prepare([f"{minicme.ROOT}/train.jsonl"], minicme.DEMO["tokenizer"], minicme.DEMO["data_dir"], max_len=256,
+                 val_fraction=0.03, quiet=True)  # the shards, as the demo's first run makes them
+    assert refusal("--dry_run=True") == refusal() == ran  # now from the shards' summary.json
 
 
 def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):

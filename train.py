@@ -388,6 +388,7 @@ def resume_config(cfg):
 def build_demo(cfg, resuming=False):
     """The demo's suite, shards and base, made before the run that uses them (the first `python train.py` builds
     them, later ones reuse them): nothing is downloaded. Returns the pretraining's summary if it was interrupted."""
+    minicme.check_own_tokenizer(cfg)  # which the demo's shards, made with its own, would refuse once made
     try:
         pretrain = minicme.build_demo_data(cfg)
         for key in ("tokenizer", "eval_dir"):
