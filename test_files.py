@@ -595,3 +595,40 @@ def test_lost_says_whether_the_lock_file_this_process_holds_a_folder_by_is_gone_
         files.let_go(held)
         shutil.rmtree(held)
         assert not files.lost(held) and not files.lost(asked)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors in /proc")
+def test_fsync_file_closes_what_it_opens(tmp_path):
+    """fsync_file runs after every write_atomic and for each file move_into moves: a descriptor it left open on each
+    would run a long run (a checkpoint a step) out of descriptors."""
+    (tmp_path / "f").write_text("x")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        files.fsync_file(str(tmp_path / "f"))
+        files.fsync_file(str(tmp_path))
+        files.fsync_file(str(tmp_path / "missing"))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_fsync_file_of_a_named_pipe_returns_without_waiting_for_a_writer(tmp_path):
+    """A named pipe opened to be read waits for a writer: fsync_file opens it non-blocking and returns."""
+    import threading
+    fifo = str(tmp_path / "pipe")
+    os.mkfifo(fifo)
+    done = threading.Thread(target=files.fsync_file, args=(fifo,), daemon=True)
+    done.start()
+    done.join(10)
+    if done.is_alive():  # a writer lets the waiting open go, so that the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert not done.is_alive(), "fsync_file waited for a writer of the named pipe"
+
+
+@pytest.mark.skipif(sys.getfilesystemencoding() != "utf-8", reason="a name's bytes as Python gives them under UTF-8")
+def test_a_name_only_python_reads_may_hold_bytes_that_are_not_utf8_text(tmp_path):
+    """A Latin-1 name gives lone surrogates under UTF-8: torch and the tokenizers can not open it, so it is refused
+    among `keys`, but Python itself opens it, so among `read_by_python` (data_dir, eval_dir) it passes."""
+    name = os.fsdecode(b"data\xe9")  # "data\udce9"
+    files.check_openable_by_torch({"out_dir": "out", "data_dir": name}, ("out_dir",), ("data_dir",))
+    with pytest.raises(UserError, match="torch and the tokenizers cannot open such a path"):
+        files.check_openable_by_torch({"out_dir": name, "data_dir": "data"}, ("out_dir",), ("data_dir",))

@@ -2776,6 +2776,39 @@ def test_generate_all_runs_a_forward_on_every_rank_even_with_fewer_prompts_than_
     assert [n for n, _, _ in models[0].calls] == [n for n, _, _ in models[1].calls] == [1]
 
 
+def test_generate_all_under_fsdp_shards_the_model_again_after_generating_or_failing(run_data, tmp_path, monkeypatch):
+    """Under FSDP generate_all gathers the root's parameters (unshard) for generate: it shards them again (reshard)
+    once done, and where generation fails too, so that the full parameters do not stay gathered on every rank."""
+    cfg = train_cfg(run_data, tmp_path / "o", "--eval_batch_size=2")
+    tok = data.Tokenizer(cfg["tokenizer"])
+    monkeypatch.setattr(evaluation.checkpoint, "sharded", lambda cfg: True)
+
+    class Sharded(_EchoModel):
+        def __init__(self, eos_id, fail):
+            super().__init__(eos_id)
+            self.gathered, self.fail = [], fail
+
+        def unshard(self):
+            self.gathered.append(True)
+
+        def reshard(self):
+            self.gathered.append(False)
+
+        def generate(self, prompts, max_new_tokens, eos_id=None):
+            if self.fail:
+                raise RuntimeError("generation failed")
+            return super().generate(prompts, max_new_tokens, eos_id)
+    prompts = [[tok.bos_id, 5, 6], [tok.bos_id, 7, 8, 9]]
+    model = Sharded(tok.eos_id, False)
+    assert evaluation.generate_all(model, prompts, 4, train.Run(cfg, 0, 1, torch.device("cpu"), tok)) == \
+        [tok.decode(p[1:]) for p in prompts]
+    assert model.gathered == [True, False]
+    model = Sharded(tok.eos_id, True)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        evaluation.generate_all(model, prompts, 4, train.Run(cfg, 0, 1, torch.device("cpu"), tok))
+    assert model.gathered == [True, False]
+
+
 def test_generate_all_batches_prompts_of_similar_length_together(run_data, tmp_path):
     """A batch is left-padded to its longest prompt: generate_all sorts the prompts by length before batching, so
     each batch holds neighbours in length and pads little (a long prompt beside a short one pads the short). A

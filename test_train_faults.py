@@ -643,7 +643,8 @@ def test_a_damaged_results_json_is_replaced_by_a_re_scoring_which_is_then_the_on
 
 
 @pytest.mark.parametrize("damage", ["", "[1, 2]", '{"scores": {}}', '{"config": {}}', '{"config": {"eval_dir": 3}}',
-                                    '{"config": {"eval_dir": ""}}', '{"config": {"eval_dir": "a\\u0000b"}}'])
+                                    '{"config": {"eval_dir": ""}}', '{"config": {"eval_dir": "a\\u0000b"}}',
+                                    '{"config": ["sets"]}', '{"config": "sets"}'])
 def test_a_results_json_that_names_no_evaluation_sets_is_replaced(tmp_path, damage):
     """Only a results.json that names the folder it was scored on is kept from a re-scoring on another one."""
     (tmp_path / "results.json").write_text(damage)
@@ -671,6 +672,18 @@ def test_re_scored_sets_are_told_apart_by_folder_and_else_by_normalised_path(tmp
     (tmp_path / "out" / "results.json").write_text(json.dumps({"config": {"eval_dir": str(tmp_path / "moved")}}))
     assert evaluation.results_path({"out_dir": "out", "eval_only": True, "eval_dir": "moved/"}) == "out/results.json"
     assert evaluation.results_path({"out_dir": "out", "eval_only": True, "eval_dir": "sets"}) == "out/results_sets.json"
+
+
+def test_a_re_scorings_file_name_neither_starts_nor_ends_its_folders_part_with_a_dot_or_an_underscore(tmp_path):
+    """The folder's name, its odd characters made underscores, is cut of the dots and underscores at its ends: a
+    hidden folder (.sets) or one named "sets." gives no "results_.sets.json" or "results_sets..json"."""
+    (tmp_path / "results.json").write_text(json.dumps({"config": {"eval_dir": str(tmp_path / "sets")}}))
+    for folder in (".sets", "sets.", "_sets_", "sets é", "é sets", "..sets.."):
+        path = evaluation.results_path({"out_dir": str(tmp_path), "eval_only": True, "eval_dir": folder})
+        name = os.path.basename(path)
+        assert name.startswith("results_") and name.endswith(".json"), folder
+        part = name[len("results_"):-len(".json")]
+        assert part and "sets" in part and part[0] not in "._" and part[-1] not in "._", (folder, name)
 
 
 def test_overwrite_replaces_a_runs_re_scorings_with_it_and_without_it_they_hold_the_folder(run_data, tmp_path, capsys):
