@@ -1,8 +1,8 @@
 """The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
 model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; each script's
-entry, run_script (and start_script, which each script calls before its imports, and ctrl_c_held, for the processes a
-script starts); and Parser, the argparse of the scripts with flags (train.py and study.py read theirs with
-configurator.py)."""
+entry, run_script (and start_script, which each script calls before its imports, ctrl_c_held, for the processes a
+script starts, and output_lost, its end where stdout cannot be written, which machine.leave shares); and Parser, the
+argparse of the scripts with flags (train.py and study.py read theirs with configurator.py)."""
 import argparse
 import ast
 import contextlib
@@ -170,19 +170,32 @@ def run_script(main):
             flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
-    except BrokenPipeError:
-        if not hasattr(select, "poll"):  # Windows: the traceback stays
+    except OSError as e:  # stdout's reader gone, or its disk full; any other fault shows its traceback
+        if (code := output_lost(e)) is None:
             raise
+        sys.exit(code)
+
+
+def output_lost(error):
+    """The exit code of a script whose write to stdout raised `error`, as run_script ends it (and machine.leave under
+    torchrun): 1, quiet, where the reader of its output has gone (`| head -3`), as Python's documentation does it; 2,
+    with one sentence, where its disk is full (`> log`, /dev/full), as exit_with ends. Stdout is os.devnull then: what
+    it still holds is lost, not met again in the interpreter's flush at exit. None for another fault, to show."""
+    if isinstance(error, BrokenPipeError):
+        if not hasattr(select, "poll"):  # Windows: the traceback stays
+            return None
         stdout = select.poll()
         stdout.register(1, select.POLLOUT)
         if not any(event & select.POLLERR for _, event in stdout.poll(0)):  # POLLERR: no reader left on that pipe
-            raise  # another pipe's (a process's of ours, say): a fault to show
+            return None  # another pipe's (a process's of ours, say): a fault to show
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # else the interpreter's flush at exit meets the pipe again
-        sys.exit(1)
-    except OSError as e:  # stdout's to a full disk (`> log`, /dev/full): main names any file of its own it cannot write
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or e.filename is not None:
-            raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what stdout still holds is lost: not a second error at exit
-        print(f"error: the output could not be written ({e.strerror}); free space where it goes, or send it "
+        return 1
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or error.filename is not None:
+        return None  # main names any file of its own it cannot write
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    try:
+        print(f"error: the output could not be written ({error.strerror}); free space where it goes, or send it "
               "elsewhere, then run it again", file=sys.stderr)
-        sys.exit(2)
+    except OSError:  # stderr's disk is full too (`> log 2>&1`): the exit code alone says it, not a traceback at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    return 2

@@ -10,13 +10,14 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager, suppress
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from errors import UserError, printable
+from errors import UserError, output_lost, printable
 
 
 def resolve_device(cfg):
@@ -186,9 +187,17 @@ def leave(code):
     the GIL, and the process aborts ("terminate called without an active exception", once in CI). Every file is
     closed by now: leave without the interpreter's shutdown."""
     if "RANK" in os.environ:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        try:
+            sys.stdout.flush()
+        except OSError as e:  # a reader gone, a full disk: the code (and sentence) run_script ends with outside
+            code = output_lost(e)  # torchrun, where sys.exit's SystemExit meets the same failed flush
+            if code is None:  # another fault: its traceback and 1, as Python ends on an exception
+                with suppress(OSError):
+                    traceback.print_exc()
+                code = 1
+        with suppress(OSError):  # stderr's own reader gone, or its disk full: nothing left to tell anyone
+            sys.stderr.flush()
+        os._exit(code)  # whatever the flushes met: never the interpreter's shutdown
     if code:
         sys.exit(code)
 

@@ -117,6 +117,16 @@ def test_output_to_a_full_disk_is_one_sentence_not_a_traceback_or_silence(argv, 
                                                     "run it again\n"), done.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux has one) to stand for a full disk")
+def test_output_and_errors_both_to_a_full_disk_still_end_with_a_full_disks_code():
+    """`python tasks.py --help > log 2>&1` on a full disk: the sentence meant for stderr failed too, and the script
+    ended in the interpreter's failed flush of stderr at exit, code 120. Nothing can be said there: exit code 2 says
+    it, as where only stdout's disk is full."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "tasks.py", "--help"], stdout=full, stderr=full, cwd=REPO, timeout=300)
+    assert done.returncode == 2
+
+
 @pytest.mark.skipif(os.name != "posix", reason="a POSIX shell's ulimit and a disk quota's errno")
 def test_output_past_the_largest_file_allowed_or_a_disk_quota_is_the_same_one_sentence(tmp_path):
     """`ulimit -f` (EFBIG) and a user's disk quota (EDQUOT) stop stdout's writes as a full disk does, and must end

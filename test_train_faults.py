@@ -2221,6 +2221,78 @@ def test_under_torchrun_what_a_process_wrote_before_it_leaves_reaches_its_log(tm
     assert (done.returncode, done.stdout, done.stderr) == (130, "checkpoint written\n", "no line end yet")
 
 
+class _Unwritable:
+    """A stream whose flush raises `error`, as stdout's on a full disk or stderr's with its reader gone."""
+    def __init__(self, error):
+        self.error = error
+
+    def flush(self):
+        raise self.error
+
+
+def test_under_torchrun_a_flush_that_fails_still_leaves_by_os_exit_with_run_scripts_code(monkeypatch, capsys):
+    """machine.leave's flush raised before os._exit where stdout's disk was full: the process went on into the
+    interpreter's shutdown that os._exit is there to avoid (gloo's threads), and ended with whatever caught the error.
+    It leaves by os._exit now whatever the flushes met, with the code run_script gives a failed write to stdout
+    outside torchrun: 2 with its sentence for a full disk, 1 and the traceback for a fault it does not know; a stderr
+    that cannot be flushed, where nothing more can be said, keeps the code asked for."""
+    class Left(Exception):
+        pass
+    exits, moved = [], []
+
+    def _exit(code):
+        exits.append(code)
+        raise Left
+
+    def leave(code, stream, error):  # leave(code) with that stream's flush raising error
+        kept = getattr(sys, stream)
+        monkeypatch.setattr(sys, stream, _Unwritable(error))
+        with pytest.raises(Left):
+            machine.leave(code)
+        monkeypatch.setattr(sys, stream, kept)
+        return capsys.readouterr().err
+    monkeypatch.setattr(machine.os, "_exit", _exit)
+    monkeypatch.setattr(machine.os, "dup2", lambda fd, to: moved.append(to))  # stdout onto os.devnull: not pytest's
+    monkeypatch.setenv("RANK", "0")
+    full, broken = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), OSError(errno.EIO, os.strerror(errno.EIO))
+    for code in (0, machine.INTERRUPTED):
+        assert leave(code, "stdout", full) == (f"error: the output could not be written ({full.strerror}); free "
+                                               "space where it goes, or send it elsewhere, then run it again\n")
+    assert exits == [2, 2] and moved == [1, 1]
+    assert leave(machine.INTERRUPTED, "stdout", broken).rstrip().endswith(f"OSError: [Errno {errno.EIO}] "
+                                                                          f"{broken.strerror}")
+    assert leave(machine.INTERRUPTED, "stderr", BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))) == ""
+    assert exits[2:] == [1, machine.INTERRUPTED] and moved == [1, 1]
+
+
+LEAVES_AFTER_A_LINE = ("import atexit, os, errors, machine\n"
+                       "atexit.register(lambda: os.write(2, b'the interpreter shut down'))\n"
+                       "def main():\n    print('checkpoint written')\n    machine.leave(130)\n"
+                       "errors.run_script(main)\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not hasattr(__import__("select"), "poll"),
+                    reason="no /dev/full (Linux has one) to stand for a full disk, or no poll (Windows)")
+def test_under_torchrun_a_process_whose_output_cannot_be_written_still_leaves_without_the_interpreters_shutdown():
+    """`torchrun ... train.py > log` on a full disk, or `| head -3`: leave's flush raised, and the process went
+    through the interpreter's shutdown (its atexit here) before run_script ended it. It leaves by os._exit with
+    run_script's code: 2 and one sentence for the full disk, 1 and silence for a reader gone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "WORLD_SIZE")} | {"RANK": "0"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", LEAVES_AFTER_A_LINE], stdout=full, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env=env, timeout=120)
+    assert (done.returncode, done.stderr) == (2, "error: the output could not be written (No space left on device); "
+                                              "free space where it goes, or send it elsewhere, then run it again\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-c", LEAVES_AFTER_A_LINE], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (1, "")
+
+
 @pytest.mark.skipif(os.name != "posix", reason="file descriptors closed before the program starts, as `>&-` does")
 @pytest.mark.parametrize("closed", [1, 2])
 def test_under_torchrun_a_process_started_with_stdout_or_stderr_closed_ends_with_its_own_code(closed):
