@@ -590,8 +590,9 @@ def write_jsonl(path, records):
 # -----------------------------------------------------------------------------
 # Batches
 
-def read_summary(path):
-    """summary.json of a prepare output, checked for what TokenDataset needs; a UserError naming it if not."""
+def read_summary(path, split=None):
+    """summary.json of a prepare output, checked for what TokenDataset needs (split: one it holds, "train" with
+    records); else a UserError."""
     summary_path = os.path.join(path, "summary.json")
     if not os.path.isdir(path):  # a file here is no output of prepare, which would refuse it as its --out
         what = "is a file, not a folder of token shards" if os.path.exists(path) else "does not exist"
@@ -609,10 +610,14 @@ def read_summary(path):
             raise UserError(f'{summary_path} has no "{key}"; {again}')
         if not ok(summary[key]):
             raise UserError(f'{summary_path} has "{key}": {summary[key]!r} where {want} belongs; {again}')
-    for split, counts in summary["splits"].items():
+    for name, counts in summary["splits"].items():
         for key in ("records", "tokens"):
             if not isinstance(counts, dict) or type(counts.get(key)) is not int or counts[key] < 0:
-                raise UserError(f'{summary_path} gives no record and token counts for the split "{split}"; {again}')
+                raise UserError(f'{summary_path} gives no record and token counts for the split "{name}"; {again}')
+    if split is not None and split not in summary["splits"]:
+        raise UserError(f"{path} has no split {split!r}; the splits are {list(summary['splits'])}")
+    if split == "train" and not summary["splits"]["train"]["records"]:  # before step 1, and in train.py's dry run
+        raise UserError(f"{path} has no training records; prepare it with a smaller --val_fraction or more records.")
     return summary
 
 
@@ -647,9 +652,7 @@ class TokenDataset:
 
     def __init__(self, path, split="train"):
         self.path = path = os.fspath(path)
-        self.summary = read_summary(path)
-        if split not in self.summary["splits"]:
-            raise UserError(f"{path} has no split {split!r}; the splits are {list(self.summary['splits'])}")
+        self.summary = read_summary(path, split)
         self.max_len, self.pad_id = self.summary["max_len"], self.summary["pad_id"]
         self.split_name = {"train": "training", "val": "validation"}.get(split, split)
         records, tokens = self.summary["splits"][split]["records"], self.summary["splits"][split]["tokens"]

@@ -688,12 +688,13 @@ def build_demo_data(cfg):
 
 def shards_made_with(data_dir):
     """The summary.json of data_dir's shards, which train.py's dry run checks the tokenizer against
-    (data.check_made_with) without making or reading a shard; for the demo's shards not yet prepared, what
-    build_demo_data will record: the demo tokenizer's SHA-256 once the suite is built, before that its size alone (the
-    same seed builds the same bytes: a copy of an earlier build's tokenizer passes the run, and so here); None where
-    nothing is known."""
-    if os.path.exists(os.path.join(data_dir, "summary.json")):
-        return read_summary(data_dir)  # what the run's TokenDataset reads first, refusing it in the same sentence
+    (data.check_made_with) without making or reading a shard, refusing first what the run refuses from it alone; for
+    the demo's shards not yet prepared, what build_demo_data will record: the demo tokenizer's SHA-256 once the suite is
+    built, before that its size alone (the same seed builds the same bytes: a copy of an earlier build's tokenizer
+    passes the run, and so here); None where nothing is known (a data_dir not there yet: the README's recipe may be
+    dry-run before its step 1 prepares the data)."""
+    if data_dir != DEMO["data_dir"] and os.path.exists(data_dir) or os.path.exists(f"{data_dir}/summary.json"):
+        return read_summary(data_dir, "train")  # as the run's TokenDataset reads it first, in the same sentences
     if data_dir != DEMO["data_dir"]:
         return None
     if not os.path.exists(DEMO["tokenizer"]):
@@ -701,6 +702,25 @@ def shards_made_with(data_dir):
     tok = Tokenizer(DEMO["tokenizer"])  # as prepare records it
     return dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
                 tokenizer=dict(path=tok.path, sha256=file_sha256(tok.path)))
+
+
+def incomplete(e):
+    """The refusal of the demo's files where one could not be read or made (data.py's messages name its flags, the
+    tokenizer's a checkpoint; the demo's files are ours): deleted, train.py builds them anew."""
+    return UserError(f"the demo's files in {ROOT} are incomplete ({str(e).split(';')[0].rstrip('.')}); "
+                     f"delete {ROOT} and run again to build them anew (a few minutes).")
+
+
+def check_demo_tokenizer(cfg):
+    """The demo's tokenizer.model, read before a run builds or reads anything with it (train.py's build_demo, and its
+    dry run): a damaged one is refused as the demo's damaged files are (incomplete), not in the tokenizer's words."""
+    pretrained = cfg["init_from"] == DEMO["init_from"] and not os.path.exists(DEMO["init_from"])  # first, with it
+    uses = pretrained or any(cfg[key] == DEMO[key] for key in ("tokenizer", "data_dir"))
+    if uses and os.path.exists(DEMO["tokenizer"]):  # not there: made with the suite, or refused by build_demo
+        try:
+            Tokenizer(DEMO["tokenizer"])
+        except UserError as e:
+            raise incomplete(e) from None
 
 
 def check_own_tokenizer(cfg):

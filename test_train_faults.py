@@ -76,6 +76,11 @@ def contents(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def every_file(folder):
+    """What folder holds, all the way down: each path under it, and a file's bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
 class RunsCode:
     """Unpickling this calls os.system: what a crafted checkpoint would do with weights_only=False."""
 
@@ -1191,6 +1196,70 @@ def test_the_demos_shards_refuse_a_tokenizer_of_ones_own_in_the_dry_run_as_in_th
     data.prepare([f"{minicme.ROOT}/train.jsonl"], minicme.DEMO["tokenizer"], minicme.DEMO["data_dir"], max_len=256,
                  val_fraction=0.03, quiet=True)  # the shards, as the demo's first run makes them
     assert refusal("--dry_run=True") == refusal() == ran  # now from the shards' summary.json
+
+
+def test_the_dry_run_refuses_shards_the_run_refuses_from_their_summary_json_in_the_runs_own_sentence(
+        run_data, tmp_path, capsys):
+    """The run refuses a data_dir from its summary.json alone, before step 1: no such folder of shards (a file, no
+    summary.json), no split "train", no training records; the dry run, which read summary.json only for the tokenizer,
+    passed all four. It now refuses each in the run's own sentence, reading no shard and making nothing. A data_dir not
+    there at all still passes it: the README's recipe may be dry-run before its step 1 prepares the data."""
+    shards = tmp_path / "tokens"
+    shutil.copytree(run_data / "tokens", shards)
+    summary = json.loads((shards / "summary.json").read_text())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "file").write_text("not shards")
+    for part in ("tokens", "prompt_lens", "offsets"):  # the dry run reads none of them: gone, it never saw them
+        os.remove(shards / f"train.{part}.bin")
+    for data_dir, splits, needle in [
+            (tmp_path / "file", None, "is a file, not a folder of token shards"),
+            (empty, None, "has no summary.json"),
+            (shards, {"val": summary["splits"]["val"]}, "has no split 'train'; the splits are ['val']"),
+            (shards, {**summary["splits"], "train": {"records": 0, "tokens": 0}}, "has no training records")]:
+        if splits is not None:
+            (shards / "summary.json").write_text(json.dumps({**summary, "splits": splits}))
+        if needle == "has no training records":  # the split's shards as prepare leaves them (neither reads them)
+            for part in ("tokens", "prompt_lens"):
+                (shards / f"train.{part}.bin").write_bytes(b"")
+            (shards / "train.offsets.bin").write_bytes(bytes(8))  # one offset: 0
+        before = every_file(tmp_path)
+        flags = train_flags(run_data, tmp_path / "out", f"--data_dir={data_dir}", "--eval_dir=")
+        run = fails(flags, capsys, f"{data_dir} {needle}")
+        for base in ("scratch", run_data / "base.pt", tmp_path / "Llama-2-7b"):  # the last: a preset's, not there
+            assert fails([*flags, f"--init_from={base}", "--dry_run=True"], capsys) == run
+        assert every_file(tmp_path) == before and not (tmp_path / "out").exists()
+    flags = train_flags(run_data, tmp_path / "out", f"--data_dir={tmp_path / 'absent'}", "--eval_dir=")
+    fails(flags, capsys, f"{tmp_path / 'absent'} does not exist")
+    assert train.main([*flags, "--dry_run=True"]) is None
+
+
+@pytest.mark.parametrize("built", ["suite", "all but the base", "all"])
+def test_a_damaged_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence(run_data, tmp_path, monkeypatch,
+                                                                                 capsys, built):
+    """The run refused the demo's damaged tokenizer.model as the demo's incomplete files (delete them, run again)
+    where it prepared the demo's shards with it, and in the tokenizer's own words (pass the checkpoint's
+    tokenizer.model) where they were prepared; the dry run always in the tokenizer's words. Both now say the demo's
+    sentence, first, whatever of the demo is built; the dry run making nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    os.makedirs(minicme.ROOT)  # the demo's suite built (here the session's small one)
+    for name in ("suite.json", "train.jsonl", "tokenizer.model"):
+        shutil.copy(run_data / name, minicme.ROOT)
+    if built != "suite":
+        shutil.copytree(run_data / "tokens", minicme.DEMO["data_dir"])
+        shutil.copytree(run_data / "corpus", minicme.PRETRAIN["data_dir"])
+    if built == "all":
+        shutil.copy(run_data / "base.pt", minicme.DEMO["init_from"])
+    tokenizer = tmp_path / minicme.DEMO["tokenizer"]
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])  # truncated
+    before = every_file(tmp_path)
+    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8"]
+    run = fails(flags, capsys, f"the demo's files in {minicme.ROOT} are incomplete ({minicme.DEMO['tokenizer']} is "
+                "neither a SentencePiece model", f"delete {minicme.ROOT} and run again")
+    assert every_file(tmp_path) == before and not os.path.exists("out")
+    assert fails([*flags, "--dry_run=True"], capsys) == run
+    assert every_file(tmp_path) == before
 
 
 def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):

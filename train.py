@@ -388,6 +388,7 @@ def resume_config(cfg):
 def build_demo(cfg, resuming=False):
     """The demo's suite, shards and base, made before the run that uses them (the first `python train.py` builds
     them, later ones reuse them): nothing is downloaded. Returns the pretraining's summary if it was interrupted."""
+    minicme.check_demo_tokenizer(cfg)  # damaged: the demo's files are refused as incomplete, before it is read below
     minicme.check_own_tokenizer(cfg)  # which the demo's shards, made with its own, would refuse once made
     try:
         pretrain = minicme.build_demo_data(cfg)
@@ -397,8 +398,7 @@ def build_demo(cfg, resuming=False):
     except (minicme.Busy, minicme.Unwritable):  # another first run builds them now, or none can: deleting is no fix
         raise
     except (UserError, FileNotFoundError) as e:  # data.py's messages name its flags; the demo's files are ours
-        raise UserError(f"the demo's files in {minicme.ROOT} are incomplete ({str(e).split(';')[0].rstrip('.')}); "
-                        f"delete {minicme.ROOT} and run again to build them anew (a few minutes).") from None
+        raise minicme.incomplete(e) from None
     if pretrain:
         check_before_pretraining(cfg, pretrain, resuming)
         print(f"no base model yet: pretraining a tiny LLaMA on {minicme.ROOT}/corpus.txt first "
@@ -505,9 +505,6 @@ def claim_out_dir(r, resuming, take=False):
 def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
     cfg = r.cfg
-    if not len(train_ds):
-        raise UserError(f"{cfg['data_dir']} has no training records; prepare it with a smaller --val_fraction or "
-                        "more records.")
     train_ds.check_tokenizer(r.tok)
     r.tok.check_base_vocabulary(r.args.vocab_size)
     for ds, name in ((train_ds, "training"), (val_ds, "validation")):  # no answer token: a val loss of 0 / 0
@@ -765,6 +762,7 @@ def finish(r, model, summary, val_ds=None, stop=None):
 
 
 def check_full_config(cfg, say=print):
+    minicme.check_demo_tokenizer(cfg)  # as build_demo does first: damaged, in the run's sentence
     src, vocab = cfg["init_from"], ""  # vocab: from scratch, what sized the embedding
     demo = src == minicme.DEMO["init_from"] and not os.path.exists(src)  # the run pretrains it first (build_demo)
     made = {**cfg, **minicme.PRETRAIN} if demo else cfg  # the settings of a base made from scratch
@@ -783,11 +781,13 @@ def check_full_config(cfg, say=print):
             args = from_pretrained(src, device="meta").args
     else:  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
         args = base_weights(cfg, None)[0]
-    # the tokenizer as preflight checks it: against the shards' (their summary.json, or the demo's to be made), then the
-    # base's vocabulary; not a preset's (a base not on disk, model="small" unless set): a run never reads it, the base's
-    # own files size it, and the README's step 3 sizes Chinese-LLaMA-2 by its preset beside the LLaMA-2 tokenizer
+    # the shards' summary.json as the run's datasets and preflight refuse it (if there: the README's recipe may be
+    # dry-run before step 1 prepares them); the tokenizer as preflight checks it: against the shards' (or the demo's to
+    # be made), then the base's vocabulary; not a preset's (a base not on disk, model="small" unless set): a run never
+    # reads it, the base's own files size it, and the README's step 3 sizes Chinese-LLaMA-2 by its preset
     tok = Tokenizer(cfg["tokenizer"]) if os.path.exists(cfg["tokenizer"]) else None
-    if tok and (made_with := minicme.shards_made_with(cfg["data_dir"])):
+    made_with = minicme.shards_made_with(cfg["data_dir"])
+    if tok and made_with:
         data.check_made_with(cfg["data_dir"], made_with, tok)
     if tok and src != "scratch" and (demo or os.path.exists(src)):
         tok.check_base_vocabulary(args.vocab_size)
