@@ -320,7 +320,7 @@ def set_training_state(raw, opt, ckpt, r, path):
         set_rng_state(ckpt["rng"][r.rank] if r.rank < len(ckpt["rng"]) else ckpt["rng"][0], r.device)
     except UserError:
         raise
-    except (KeyError, TypeError, IndexError, ValueError) as e:  # a file edited by hand, or another program's
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:  # edited by hand, another program's
         raise UserError(f"{path} is damaged: its optimizer or random state does not load ({type(e).__name__}: {e}); "
                         "resume from a copy, or start the run again.") from None
 

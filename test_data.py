@@ -355,6 +355,16 @@ def test_a_number_of_thousands_of_digits_reads_as_json_reads_the_file_wherever_t
             assert [r for _, r in data._iter_json_list(path)] == expected, read
 
 
+def test_an_integer_too_long_to_read_in_a_json_list_is_named_without_reading_the_rest_of_the_file(tmp_path):
+    """A whole integer too long to read cannot be made readable by the text after it: the file's first fault is named,
+    and not a later one in text read on for nothing (the rest of a file of millions of records)."""
+    limit = sys.get_int_max_str_digits()
+    path = tmp_path / "numbers.json"
+    path.write_bytes(b'[{"x": ' + b"7" * (limit + 1) + b"},\n" + (GOOD.encode() + b",\n") * 40_000 + b'"\xff"]')
+    with pytest.raises(UserError, match=f"numbers.json line 1: record 0 holds a number of more than {limit:,}"):
+        list(data._iter_json_list(path))
+
+
 @pytest.fixture(scope="module")
 def tiny_spm(tmp_path_factory):
     """A SentencePiece model trained in a second, so the error tests need no fixtures."""
@@ -935,6 +945,8 @@ def test_shards_refuse_a_tokenizer_other_than_theirs_even_without_its_sha256(tmp
     ds.check_tokenizer(types.SimpleNamespace(path="t.model", vocab_size=top + 1))
     with pytest.raises(UserError, match=f"the shards hold the id {top:,}"):
         ds.check_tokenizer(types.SimpleNamespace(path="t.model", vocab_size=top))
+    # the dry run reads no shard (tokens: none): such a summary.json refuses no tokenizer there, the run decides
+    data.check_made_with(ds.path, ds.summary, types.SimpleNamespace(path="t.model", vocab_size=1))
 
 
 def test_shards_refuse_the_same_tokenizer_json_beside_a_config_that_changed_its_eos(tmp_path):

@@ -245,6 +245,14 @@ def test_a_broken_pipe_that_is_not_stdouts_still_shows_its_traceback():
         done.stderr
 
 
+def test_a_broken_pipe_where_there_is_no_poll_to_ask_whose_pipe_it_was_is_a_fault_to_show(monkeypatch):
+    """Windows has no select.poll: output_lost cannot tell stdout's reader going from another pipe's breaking, so the
+    BrokenPipeError stays a traceback (None), not an AttributeError raised while run_script handles it."""
+    import errors
+    monkeypatch.delattr("select.poll")
+    assert errors.output_lost(BrokenPipeError(errno.EPIPE, "Broken pipe")) is None
+
+
 def test_another_fault_while_stdouts_reader_is_gone_still_shows_its_traceback():
     """Only a BrokenPipeError is the reader's going: a file not found meanwhile is a fault to see, reader or not."""
     code = "import errors\ndef main():\n    raise FileNotFoundError(2, 'a shard')\nerrors.run_script(main)\n"
@@ -299,6 +307,18 @@ def test_start_script_gives_a_stream_the_shell_closed_a_text_stream_on_os_devnul
     assert done.returncode == 0, done.stderr
     assert done.stdout == ("" if 1 in closed else "to stdout\n")
     assert done.stderr == ("" if 2 in closed else "to stderr\n''\n")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file descriptors closed before the program starts, as `2>&-` does")
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_stream_the_shell_closed_takes_any_text_as_the_stream_it_stands_for_does(closed):
+    """What a script writes to a stream nobody reads is never its fault: a file name of bytes that are not UTF-8 (a
+    lone surrogate to Python), which sys.stderr escapes, is no UnicodeEncodeError on the stream start_script opens."""
+    stream = "sys.stdout" if closed == 1 else "sys.stderr"
+    code = f"import sys\nimport errors\nerrors.start_script()\nprint('a name \\udcff', file={stream}, flush=True)\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=60, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, preexec_fn=lambda: os.close(closed))
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="Windows has no signal mask")

@@ -632,3 +632,19 @@ def test_a_name_only_python_reads_may_hold_bytes_that_are_not_utf8_text(tmp_path
     files.check_openable_by_torch({"out_dir": "out", "data_dir": name}, ("out_dir",), ("data_dir",))
     with pytest.raises(UserError, match="torch and the tokenizers cannot open such a path"):
         files.check_openable_by_torch({"out_dir": name, "data_dir": "data"}, ("out_dir",), ("data_dir",))
+
+
+def test_ends_in_a_long_integer_only_past_the_digits_python_converts_and_never_without_a_limit():
+    """Python converts an integer of up to the limit's digits (and any, with limit 0): only more is too long, and more
+    text may yet make it a float's only where it ends in its digits, or in a "." or an exponent's start after them."""
+    limit = sys.get_int_max_str_digits()
+    cases = [("[1, " + "7" * limit, False), ("[1, " + "7" * (limit + 1), True), ("7" * (limit + 1) + ".", True),
+             ("7" * (limit + 1) + "e-", True), ("7" * (limit + 1) + "E", True), ("7" * (limit + 1) + "}", False),
+             ("7" * (limit + 1) + ".5", False)]
+    for text, want in cases:
+        assert files.ends_in_a_long_integer(text) is want, text[-3:]
+    sys.set_int_max_str_digits(0)  # no limit: every integer converts
+    try:
+        assert not files.ends_in_a_long_integer("7" * (limit + 1))
+    finally:
+        sys.set_int_max_str_digits(limit)

@@ -1242,3 +1242,24 @@ def test_blank_names_are_story_names_and_summaries_come_in_both_moods():
         assert {a, b} <= set(world["story_names"]) and not {a, b} & people, r
     moods = [_summary_polarity(r["output"]) for r in _draw("summary")[1]]
     assert 0.4 < moods.count(1) / len(moods) < 0.6, moods
+
+
+def test_the_demos_shards_not_yet_made_are_said_made_with_the_built_demo_tokenizer_by_its_sha256(tmp_path,
+                                                                                                   monkeypatch):
+    """Once the suite is built, what shards_made_with says of the demo's shards is what prepare will record: the demo
+    tokenizer's SHA-256 (so one of its size but other tokens is refused) and its BOS and EOS; a data_dir of one's own
+    not prepared yet is left to the run (nothing is known of it), with any tokenizer."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(minicme.ROOT)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the quick brown fox {i} jumps over the lazy dog\n" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), vocab_size=300,
+                                   byte_fallback=True, minloglevel=2)
+    os.replace(tmp_path / "tok.model", minicme.DEMO["tokenizer"])
+    made = minicme.shards_made_with(minicme.DEMO["data_dir"])
+    tok = minicme.Tokenizer(minicme.DEMO["tokenizer"])
+    assert made["tokenizer"]["sha256"] == files.file_sha256(minicme.DEMO["tokenizer"])
+    assert (made["vocab_size"], made["bos_id"], made["eos_id"]) == (tok.vocab_size, tok.bos_id, tok.eos_id)
+    assert minicme.shards_made_with("mine") is None
+    (tmp_path / "mine.model").write_bytes((tmp_path / minicme.DEMO["tokenizer"]).read_bytes())  # one's own copy
+    minicme.check_own_tokenizer({"tokenizer": "mine.model", "data_dir": "mine"})

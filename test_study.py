@@ -300,6 +300,12 @@ def test_a_training_time_that_is_not_known_is_said_so_in_the_table_not_called_da
         assert line.strip("| ").split(" | ")[-1] == cell
 
 
+def test_a_training_time_of_0_seconds_is_known():
+    """Only None is not known: a run that trained for 0 seconds (no step left to train, a clock too coarse) knows it."""
+    assert study.seconds_cell([0.0, 2.0]) == study.fmt([0.0, 2.0])
+    assert study.seconds_cell([0, None]) == f"{study.fmt([0])} (1 of 2 runs known)"
+
+
 @pytest.mark.parametrize("damage", DAMAGED_RESULTS)
 def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, capsys, damage):
     """--report reads every run's results.json and log.jsonl: one edited by hand, or cut by a full disk, is one

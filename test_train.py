@@ -2327,6 +2327,17 @@ def test_a_re_scoring_of_a_checkpoint_that_records_no_training_time_keeps_its_re
     assert (results["step"], results["train_seconds"]) == (None, None) and results["scores"]
 
 
+def test_a_clock_counts_on_from_the_checkpoints_training_time_and_says_none_where_that_is_not_known(tmp_path,
+                                                                                                    monkeypatch):
+    """A new run's time starts at 0 and a resume's at its ckpt.pt's; a ckpt.pt of an older train.py, with no
+    results.json of its step beside it, gives a resume None (not known), never this session's time alone."""
+    ticks = iter([10.0, 17.5] * 3)
+    monkeypatch.setattr(checkpoint.Clock, "now", staticmethod(lambda: next(ticks)))
+    assert checkpoint.Clock(None, str(tmp_path)).seconds() == 7.5
+    assert checkpoint.Clock({"iter": 3, "train_seconds": 40.0}, str(tmp_path)).seconds() == 47.5
+    assert checkpoint.Clock({"iter": 3}, str(tmp_path)).seconds() is None
+
+
 def test_long_prompts_are_cut_to_the_room_left_for_the_answer_keeping_bos_and_the_end(run_data, tmp_path):
     r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--eval_batch_size=2")
     long = {"instruction": " ".join(f"word{i}" for i in range(400)), "input": "tail", "output": "positive"}
@@ -2652,6 +2663,22 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
         run = train.Run(cfg, rank, 2, dev)
         assert train.restore(run, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), ckpt) == 7
         assert torch.equal(torch.rand(4), want), rank
+
+
+@pytest.mark.parametrize("damage", [{"rng": None}, {"rng": []}, {"rng": [{"torch": 5}]}, {"rng": [{}]},
+                                    {"optimizer": None}, {"optimizer": {"state": {}}}])
+def test_a_checkpoints_optimizer_or_random_state_that_does_not_load_is_one_sentence(damage):
+    """Whatever a hand edit or another program left in ckpt.pt's optimizer or random state (not a list, an empty
+    one, a value of another type, a key missing), its resume says the file is damaged, not a traceback."""
+    import types
+    a = _tiny_adapter_model(seed=1)
+    opt = torch.optim.AdamW(train.trainable(a), lr=1e-2)
+    dev = torch.device("cpu")
+    ckpt = {"optimizer": opt.state_dict(), "rng": [checkpoint.rng_state(dev)]}
+    r = types.SimpleNamespace(cfg={"fsdp": False}, rank=0, device=dev)
+    checkpoint.set_training_state(a, opt, ckpt, r, "out/ckpt.pt")  # undamaged: it loads
+    with pytest.raises(UserError, match=r"^out/ckpt\.pt is damaged: its optimizer or random state does not load \("):
+        checkpoint.set_training_state(a, opt, ckpt | damage, r, "out/ckpt.pt")
 
 
 def test_the_optimizer_gets_the_configured_betas_weight_decay_and_the_schedules_lr(run_data, tmp_path):

@@ -2167,6 +2167,26 @@ def test_under_torchrun_a_failed_collective_waits_for_torchrun_to_stop_it_and_le
     assert left == [128 + signal.SIGTERM] and capsys.readouterr().err == ""
 
 
+def test_a_process_whose_loop_stopped_after_another_failed_first_leaves_with_that_ones_code(monkeypatch, capsys):
+    """A SIGTERM from torchrun that the loop takes (it writes its checkpoint and returns interrupted) stopped the
+    process because another failed first: it leaves with that one's code, as a process stopped anywhere else does."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(store.port)), ("TORCHELASTIC_RESTART_COUNT", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train, "train", lambda cfg: {"interrupted": True})
+    left = _torchrun_rank(monkeypatch, 1, stopped=False)
+    with pytest.raises(SystemExit):
+        train.main([])
+    assert left == [machine.INTERRUPTED]  # a stop with no failure told: a Ctrl-C's 130
+    _torchrun_rank(monkeypatch, 0, stopped=False)
+    assert machine.fail("error: x.", 3) == 3 and capsys.readouterr().err == "error: x.\n"
+    left = _torchrun_rank(monkeypatch, 1, stopped=False)
+    with pytest.raises(SystemExit):
+        train.main([])
+    assert left == [3]
+
+
 def test_a_process_torchrun_stops_leaves_with_the_code_of_the_first_failure_told_in_torchruns_store(monkeypatch,
                                                                                                      capsys):
     """torchrun's agent holds a key-value store that outlives the run's processes: the process that fails and says
@@ -2849,6 +2869,30 @@ def test_a_runs_relative_path_that_is_not_found_says_to_run_in_the_folder_train_
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "tok.model").write_text("found")
     files.check_run_paths(cfg, ["tokenizer", "init_from"])  # scratch is no path
+
+
+def test_a_runs_relative_path_names_the_folder_train_py_ran_in_only_where_the_path_is_found_there(tmp_path,
+                                                                                                  monkeypatch):
+    """The folder ran_in is named where the path is there, so running the script in it finds the path; where it is not
+    there either (moved since), naming it would send the user to a folder where the same sentence comes again."""
+    monkeypatch.chdir(tmp_path)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    cfg = {"tokenizer": "data/tok.model", "init_from": "scratch"}
+    unnamed = "not found from here; run sample.py in the folder that train.py ran in "
+    with pytest.raises(train.UserError, match=unnamed) as e:
+        files.check_run_paths(cfg, ["tokenizer", "init_from"], "sample.py", ran_in=str(proj))
+    assert str(proj) not in str(e.value)
+    (proj / "data").mkdir()
+    (proj / "data" / "tok.model").write_text("found")
+    with pytest.raises(train.UserError, match=f"run sample.py in {re.escape(str(proj))}, the folder that train.py ran"):
+        files.check_run_paths(cfg, ["tokenizer", "init_from"], "sample.py", ran_in=str(proj))
+
+
+def test_folder_ran_in_may_be_the_root_folder():
+    """A run given out_dir=out in / (a container's working folder) ran in /, not in the empty string."""
+    assert files.folder_ran_in(os.sep + "out", "out") == os.sep
+    assert files.folder_ran_in(os.sep + os.path.join("out", "x"), os.path.join("out", "x")) == os.sep
 
 
 def test_a_run_resumed_or_sampled_from_another_folder_is_told_the_folder_it_ran_in(run_data, tmp_path, monkeypatch,
