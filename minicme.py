@@ -693,7 +693,7 @@ def shards_made_with(data_dir):
     built, before that its size alone (the same seed builds the same bytes: a copy of an earlier build's tokenizer
     passes the run, and so here); None where nothing is known (a data_dir not there yet: the README's recipe may be
     dry-run before its step 1 prepares the data)."""
-    if data_dir != DEMO["data_dir"] and os.path.exists(data_dir) or os.path.exists(f"{data_dir}/summary.json"):
+    if (data_dir != DEMO["data_dir"] and os.path.exists(data_dir)) or os.path.exists(f"{data_dir}/summary.json"):
         return read_summary(data_dir, "train")  # as the run's TokenDataset reads it first, in the same sentences
     if data_dir != DEMO["data_dir"]:
         return None
