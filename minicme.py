@@ -711,16 +711,34 @@ def incomplete(e):
                      f"delete {ROOT} and run again to build them anew (a few minutes).")
 
 
-def check_demo_tokenizer(cfg):
-    """The demo's tokenizer.model, read before a run builds or reads anything with it (train.py's build_demo, and its
-    dry run): a damaged one is refused as the demo's damaged files are (incomplete), not in the tokenizer's words."""
+def check_demo_files(cfg):
+    """The demo's files a run reads or builds in, checked before it does (train.py's build_demo, and its dry run), in
+    build_demo_data's order: its tokenizer.model damaged, a folder it prepares shards in not a folder, or (once the
+    folders it writes first are found writable) its tokenizer.model missing where the suite is built and the run reads
+    it (to prepare shards, or as its tokenizer) are refused as the demo's damaged files are (incomplete), not in the
+    tokenizer's or data.py's words nor as a current folder that can not be written."""
     pretrained = cfg["init_from"] == DEMO["init_from"] and not os.path.exists(DEMO["init_from"])  # first, with it
     uses = pretrained or any(cfg[key] == DEMO[key] for key in ("tokenizer", "data_dir"))
-    if uses and os.path.exists(DEMO["tokenizer"]):  # not there: made with the suite, or refused by build_demo
-        try:
+    prepared = [DEMO["data_dir"]] if cfg["data_dir"] == DEMO["data_dir"] else []
+    prepared += [PRETRAIN["data_dir"]] if pretrained else []  # the base's corpus, before it is pretrained
+    prepared = [folder for folder in prepared if not os.path.isfile(f"{folder}/summary.json")]  # not prepared yet
+    try:
+        if uses and os.path.exists(DEMO["tokenizer"]):  # not there before the suite: made with it
             Tokenizer(DEMO["tokenizer"])
-        except UserError as e:
-            raise incomplete(e) from None
+        for folder in prepared:
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                raise UserError(f"{folder} is not a folder")
+        if (cfg["tokenizer"] == DEMO["tokenizer"] or prepared) and os.path.isfile(f"{ROOT}/suite.json"):
+            if DEMO["data_dir"] in prepared:  # what build_demo_data writes before it first reads the tokenizer
+                _check_writable(f"{DEMO['data_dir']}/summary.json")
+            elif pretrained:
+                _check_writable(f"{PRETRAIN['out_dir']}/ckpt.pt")
+                _check_writable(DEMO["init_from"])
+            Tokenizer(DEMO["tokenizer"])  # missing: the suite is incomplete
+    except Unwritable:  # running elsewhere is the fix, not deleting
+        raise
+    except UserError as e:
+        raise incomplete(e) from None
 
 
 def check_own_tokenizer(cfg):

@@ -1262,6 +1262,59 @@ def test_a_damaged_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence
     assert every_file(tmp_path) == before
 
 
+@pytest.mark.parametrize("built", ["suite", "all but the base", "all"])
+def test_a_missing_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence(run_data, tmp_path, monkeypatch,
+                                                                                  capsys, built):
+    """The demo's suite built but its tokenizer.model deleted: the run refused it as the demo's incomplete files
+    (delete them, run again); the dry run passed, sizing the base by the size the demo's tokenizer will have. Both
+    now refuse it in the run's sentence, whatever of the demo is built; the dry run making nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    os.makedirs(minicme.ROOT)  # the demo's suite built (here the session's small one), less its tokenizer.model
+    for name in ("suite.json", "train.jsonl"):
+        shutil.copy(run_data / name, minicme.ROOT)
+    if built != "suite":
+        shutil.copytree(run_data / "tokens", minicme.DEMO["data_dir"])
+        shutil.copytree(run_data / "corpus", minicme.PRETRAIN["data_dir"])
+    if built == "all":
+        shutil.copy(run_data / "base.pt", minicme.DEMO["init_from"])
+    before = every_file(tmp_path)
+    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8"]
+    run = fails(flags, capsys, f"the demo's files in {minicme.ROOT} are incomplete (", minicme.DEMO["tokenizer"],
+                f"delete {minicme.ROOT} and run again")
+    assert every_file(tmp_path) == before and not os.path.exists("out")
+    assert fails([*flags, "--dry_run=True"], capsys) == run
+    assert every_file(tmp_path) == before
+
+
+@pytest.mark.parametrize("folder", ["data_dir", "the base's corpus"])
+def test_a_demo_shard_folder_that_is_a_file_is_refused_by_the_dry_run_in_the_runs_sentence(run_data, tmp_path,
+                                                                                           monkeypatch, capsys, folder):
+    """The demo's data_dir (data/mini_cme/tokens) a file, or its base's corpus shards' folder where the base is still
+    to be pretrained: the run refused the first as a current folder that can not be written (run elsewhere: no fix),
+    the second in prepare's words (choose another --out: no flag of train.py's); the dry run passed both. Now both
+    refuse them as the demo's incomplete files, in one sentence, the dry run making nothing and the file kept."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    os.makedirs(minicme.ROOT)  # the demo's suite built (here the session's small one)
+    for name in ("suite.json", "train.jsonl", "tokenizer.model", "corpus.txt"):
+        shutil.copy(run_data / name, minicme.ROOT)
+    if folder == "data_dir":
+        shutil.copy(run_data / "base.pt", minicme.DEMO["init_from"])
+        path = minicme.DEMO["data_dir"]
+    else:  # the base pretrained first, on the corpus prepared there
+        shutil.copytree(run_data / "tokens", minicme.DEMO["data_dir"])
+        path = minicme.PRETRAIN["data_dir"]
+    (tmp_path / path).write_text("not the shards")
+    before = every_file(tmp_path)
+    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8"]
+    run = fails(flags, capsys, f"the demo's files in {minicme.ROOT} are incomplete ({path} is not a folder); "
+                f"delete {minicme.ROOT} and run again")
+    assert every_file(tmp_path) == before and not os.path.exists("out")
+    assert fails([*flags, "--dry_run=True"], capsys) == run
+    assert every_file(tmp_path) == before
+
+
 def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):
     """The first `python train.py` pretrains the demo's base (minutes) before it fine-tunes: the run's own
     checks come first, on a meta model of that base's shape."""
@@ -1467,7 +1520,7 @@ def test_a_demo_run_while_another_builds_the_demos_files_is_told_to_wait_not_to_
 
 
 def test_a_demo_run_while_another_pretrains_the_demos_base_is_told_to_wait_not_to_choose_another_out_dir(
-        tmp_path, monkeypatch, capsys):
+        run_data, tmp_path, monkeypatch, capsys):
     """Two first runs minutes apart: the second found the pretraining's folder held by the first, and was told to
     choose another --out_dir, where its own out_dir was not in the way."""
     monkeypatch.chdir(tmp_path)
@@ -1476,6 +1529,7 @@ def test_a_demo_run_while_another_pretrains_the_demos_base_is_told_to_wait_not_t
         (root / made).mkdir(parents=True)
         (root / made / "summary.json").write_text("{}")
     (root / "suite.json").write_text(json.dumps({"version": minicme.VERSION}))
+    shutil.copy(run_data / "tokenizer.model", root)  # made with the suite (missing: its files are incomplete)
     live = held_by_another_process(tmp_path / minicme.PRETRAIN["out_dir"])
     try:
         err = fails(["--model=tiny", "--out_dir=out/second"], capsys,

@@ -388,7 +388,7 @@ def resume_config(cfg):
 def build_demo(cfg, resuming=False):
     """The demo's suite, shards and base, made before the run that uses them (the first `python train.py` builds
     them, later ones reuse them): nothing is downloaded. Returns the pretraining's summary if it was interrupted."""
-    minicme.check_demo_tokenizer(cfg)  # damaged: the demo's files are refused as incomplete, before it is read below
+    minicme.check_demo_files(cfg)  # damaged: the demo's files are refused as incomplete, before they are read below
     minicme.check_own_tokenizer(cfg)  # which the demo's shards, made with its own, would refuse once made
     try:
         pretrain = minicme.build_demo_data(cfg)
@@ -762,7 +762,7 @@ def finish(r, model, summary, val_ds=None, stop=None):
 
 
 def check_full_config(cfg, say=print):
-    minicme.check_demo_tokenizer(cfg)  # as build_demo does first: damaged, in the run's sentence
+    minicme.check_demo_files(cfg)  # as build_demo does first: damaged, in the run's sentence
     src, vocab = cfg["init_from"], ""  # vocab: from scratch, what sized the embedding
     demo = src == minicme.DEMO["init_from"] and not os.path.exists(src)  # the run pretrains it first (build_demo)
     made = {**cfg, **minicme.PRETRAIN} if demo else cfg  # the settings of a base made from scratch
