@@ -770,7 +770,6 @@ def test_a_ctrl_c_while_the_runs_under_way_finish_after_a_failure_still_names_th
         if any(a.endswith(failing_dir) for a in cmd):
             started.wait(30)  # the other run is under way (a run not started when one fails no longer starts)
             log.write("step 1: loss 2.00\nerror: the data is bad; fix it\n")
-            failed.set()
             return 2
         started.set()
         failed.wait(30)  # the other run, still under way when the first fails: the user presses Ctrl-C while the
@@ -782,7 +781,16 @@ def test_a_ctrl_c_while_the_runs_under_way_finish_after_a_failure_still_names_th
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         study.STOPPING.wait(10)
         return study.machine.INTERRUPTED  # the terminal's Ctrl-C reached it: its checkpoint is written
+    real_noting = study.launch_noting_failure
+
+    def noting(i, job, *rest):  # failed: once the study has noted the failure (the Ctrl-C must come after it)
+        try:
+            return real_noting(i, job, *rest)
+        finally:
+            if any(a.endswith(failing_dir) for a in job[1]):
+                failed.set()
     monkeypatch.setattr(study, "run_child", run)
+    monkeypatch.setattr(study, "launch_noting_failure", noting)
     argv = small_study_flags(monkeypatch, run_data, tmp_path, "--runs=lora32", "--seeds=1", "--workers=2")
     code = study_stopped(argv)
     err = capsys.readouterr().err
