@@ -1234,6 +1234,32 @@ def test_the_dry_run_refuses_shards_the_run_refuses_from_their_summary_json_in_t
     assert train.main([*flags, "--dry_run=True"]) is None
 
 
+def demo_built_in(tmp_path, monkeypatch, run_data, built, suite_files):
+    """The current folder tmp_path, holding the demo's suite (`suite_files` of the session's small one) and, as
+    `built` says, its shards and corpus shards ("all but the base") and base ("all")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
+    os.makedirs(minicme.ROOT)
+    for name in suite_files:
+        shutil.copy(run_data / name, minicme.ROOT)
+    if built != "suite":
+        shutil.copytree(run_data / "tokens", minicme.DEMO["data_dir"])
+        shutil.copytree(run_data / "corpus", minicme.PRETRAIN["data_dir"])
+    if built == "all":
+        shutil.copy(run_data / "base.pt", minicme.DEMO["init_from"])
+
+
+def run_and_dry_run_refuse_alike(tmp_path, capsys, *needles):
+    """The demo's run is refused in a sentence holding every needle and telling to delete the demo's files, its dry
+    run in the same sentence; neither changes a file in tmp_path or makes out/."""
+    before = every_file(tmp_path)
+    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8"]
+    run = fails(flags, capsys, *needles, f"delete {minicme.ROOT} and run again")
+    assert every_file(tmp_path) == before and not os.path.exists("out")
+    assert fails([*flags, "--dry_run=True"], capsys) == run
+    assert every_file(tmp_path) == before
+
+
 @pytest.mark.parametrize("built", ["suite", "all but the base", "all"])
 def test_a_damaged_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence(run_data, tmp_path, monkeypatch,
                                                                                  capsys, built):
@@ -1241,25 +1267,11 @@ def test_a_damaged_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence
     where it prepared the demo's shards with it, and in the tokenizer's own words (pass the checkpoint's
     tokenizer.model) where they were prepared; the dry run always in the tokenizer's words. Both now say the demo's
     sentence, first, whatever of the demo is built; the dry run making nothing."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
-    os.makedirs(minicme.ROOT)  # the demo's suite built (here the session's small one)
-    for name in ("suite.json", "train.jsonl", "tokenizer.model"):
-        shutil.copy(run_data / name, minicme.ROOT)
-    if built != "suite":
-        shutil.copytree(run_data / "tokens", minicme.DEMO["data_dir"])
-        shutil.copytree(run_data / "corpus", minicme.PRETRAIN["data_dir"])
-    if built == "all":
-        shutil.copy(run_data / "base.pt", minicme.DEMO["init_from"])
+    demo_built_in(tmp_path, monkeypatch, run_data, built, ("suite.json", "train.jsonl", "tokenizer.model"))
     tokenizer = tmp_path / minicme.DEMO["tokenizer"]
     tokenizer.write_bytes(tokenizer.read_bytes()[:100])  # truncated
-    before = every_file(tmp_path)
-    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8"]
-    run = fails(flags, capsys, f"the demo's files in {minicme.ROOT} are incomplete ({minicme.DEMO['tokenizer']} is "
-                "neither a SentencePiece model", f"delete {minicme.ROOT} and run again")
-    assert every_file(tmp_path) == before and not os.path.exists("out")
-    assert fails([*flags, "--dry_run=True"], capsys) == run
-    assert every_file(tmp_path) == before
+    run_and_dry_run_refuse_alike(tmp_path, capsys, f"the demo's files in {minicme.ROOT} are incomplete "
+                                 f"({minicme.DEMO['tokenizer']} is neither a SentencePiece model")
 
 
 @pytest.mark.parametrize("built", ["suite", "all but the base", "all"])
@@ -1268,23 +1280,9 @@ def test_a_missing_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence
     """The demo's suite built but its tokenizer.model deleted: the run refused it as the demo's incomplete files
     (delete them, run again); the dry run passed, sizing the base by the size the demo's tokenizer will have. Both
     now refuse it in the run's sentence, whatever of the demo is built; the dry run making nothing."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(minicme.PRETRAIN, "model", "tiny")
-    os.makedirs(minicme.ROOT)  # the demo's suite built (here the session's small one), less its tokenizer.model
-    for name in ("suite.json", "train.jsonl"):
-        shutil.copy(run_data / name, minicme.ROOT)
-    if built != "suite":
-        shutil.copytree(run_data / "tokens", minicme.DEMO["data_dir"])
-        shutil.copytree(run_data / "corpus", minicme.PRETRAIN["data_dir"])
-    if built == "all":
-        shutil.copy(run_data / "base.pt", minicme.DEMO["init_from"])
-    before = every_file(tmp_path)
-    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8"]
-    run = fails(flags, capsys, f"the demo's files in {minicme.ROOT} are incomplete (", minicme.DEMO["tokenizer"],
-                f"delete {minicme.ROOT} and run again")
-    assert every_file(tmp_path) == before and not os.path.exists("out")
-    assert fails([*flags, "--dry_run=True"], capsys) == run
-    assert every_file(tmp_path) == before
+    demo_built_in(tmp_path, monkeypatch, run_data, built, ("suite.json", "train.jsonl"))  # less its tokenizer.model
+    run_and_dry_run_refuse_alike(tmp_path, capsys, f"the demo's files in {minicme.ROOT} are incomplete (",
+                                 minicme.DEMO["tokenizer"])
 
 
 @pytest.mark.parametrize("folder", ["data_dir", "the base's corpus"])
