@@ -14,6 +14,11 @@ import signal
 import sys
 import unicodedata
 
+if sys.version_info < (3, 9):  # every script imports this file first: an older Python would fail later, in a traceback
+    print(f"error: this project needs Python 3.9 or newer (as torch 2.6 does), not {sys.version.split()[0]}; run it "
+          "with a newer python", file=sys.stderr)
+    sys.exit(2)
+
 
 class UserError(ValueError):
     """A problem the user can fix (a file, a record, a setting): every script of the project prints

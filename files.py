@@ -314,14 +314,18 @@ def file_sha256(path):
 TOO_DEEP = "is nested too deeply to read (a thousand or more [ or { inside each other)"
 
 
+def int_digits_limit():  # 0: none, as on Python before 3.9.14 and 3.10.7, which convert an integer of any length
+    return getattr(sys, "get_int_max_str_digits", lambda: 0)()
+
+
 def too_long():  # json raises a ValueError (not a JSONDecodeError) on an integer longer than Python converts
-    return f"holds a number of more than {sys.get_int_max_str_digits():,} digits, too long to read"
+    return f"holds a number of more than {int_digits_limit():,} digits, too long to read"
 
 
 def ends_in_a_long_integer(text):
     """Whether text ends in an integer of more digits than Python converts (too_long), or in one and the "." or "e"
     that may begin its fraction or exponent: the text after it may make it a float's, which json reads (as inf)."""
-    limit = sys.get_int_max_str_digits()
+    limit = int_digits_limit()
     backwards = text[:-limit - 4:-1]  # its last limit + 3 characters, last first: re.match is linear, re.search not
     digits = re.match(r"(\.|[-+]?[eE])?([0-9]*)", backwards).group(2)
     return 0 < limit < len(digits)

@@ -572,7 +572,9 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 def paired_difference(a, b):
     """(mean of a - b, half-width of its 95% interval) over paired values: Student's t with n - 1 degrees of
     freedom on the n differences (from 31 pairs on, the 30 degrees' quantile: a little wider, 4% at 1000)."""
-    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(a) != len(b):  # zip(strict=True) says so only from Python 3.10
+        raise ValueError(f"paired values need as many of each, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
     if len(d) < 2:  # one pair has no spread to estimate: an interval of width 0 would call any difference
         raise ValueError(f"a paired interval needs at least 2 pairs, got {len(d)}")
     m, s = mean_std(d)

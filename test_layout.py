@@ -5,9 +5,11 @@ heading, and the commands they show use flags, sections and run names that exist
     python -m pytest -q test_layout.py
 """
 import ast
+import io
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -554,3 +556,115 @@ def test_the_readmes_signature_of_the_layer_is_the_codes():
     code = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
                      for p in params if p.name != "self")
     assert shown == code
+
+
+OLDEST_PYTHON = (3, 9)  # the README's "Python 3.9 or newer", torch 2.6's oldest; errors.py refuses an older one
+PRODUCT_FILES = [f"{m}.py" for m in MODULES] + RECIPES  # the tests may use newer Python: CI runs them on its own
+NEWER_NAMES = {  # the standard library's names newer than OLDEST_PYTHON, used as module.name or from module import
+    "sys.get_int_max_str_digits": "3.9.14", "sys.set_int_max_str_digits": "3.9.14", "sys.stdlib_module_names": "3.10",
+    "sys.orig_argv": "3.10", "itertools.pairwise": "3.10", "contextlib.aclosing": "3.10", "dataclasses.KW_ONLY": "3.10",
+    "inspect.get_annotations": "3.10", "typing.TypeAlias": "3.10", "typing.ParamSpec": "3.10", "datetime.UTC": "3.11",
+    "contextlib.chdir": "3.11", "hashlib.file_digest": "3.11", "enum.StrEnum": "3.11", "typing.Self": "3.11",
+    "sys.exception": "3.11", "operator.call": "3.11", "math.cbrt": "3.11", "math.exp2": "3.11",
+    "asyncio.TaskGroup": "3.11", "itertools.batched": "3.12", "math.sumprod": "3.12", "typing.override": "3.12",
+    "os.path.splitroot": "3.12", "os.process_cpu_count": "3.13", "copy.replace": "3.13", "warnings.deprecated": "3.13"}
+NEWER_MODULES = {"tomllib": "3.11"}
+NEWER_BUILTINS = {"anext": "3.10", "aiter": "3.10", "EncodingWarning": "3.10", "ExceptionGroup": "3.11",
+                  "BaseExceptionGroup": "3.11", "PythonFinalizationError": "3.13"}
+NEWER_METHODS = {"bit_count": "3.10", "add_note": "3.11"}  # of int and of an exception
+NEWER_KEYWORDS = {  # (the function's name, a keyword it takes only from that Python on)
+    ("zip", "strict"): "3.10", ("dataclass", "kw_only"): "3.10", ("dataclass", "slots"): "3.10",
+    ("field", "kw_only"): "3.10", ("glob", "root_dir"): "3.10", ("realpath", "strict"): "3.10",
+    ("Popen", "pipesize"): "3.10", ("glob", "include_hidden"): "3.11", ("Popen", "process_group"): "3.11",
+    ("rmtree", "onexc"): "3.12", ("TemporaryDirectory", "delete"): "3.12", ("NamedTemporaryFile", "delete_on_close"):
+    "3.12"}
+
+
+def dotted(node):
+    return f"{dotted(node.value)}.{node.attr}" if isinstance(node, ast.Attribute) else getattr(node, "id", "?")
+
+
+def newer_python_uses(tree):
+    """The uses in tree of what OLDEST_PYTHON lacks at run time, as "line: what (version)": ast.parse's
+    feature_version sees syntax alone."""
+    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body)
+    found = []
+    for node in ast.walk(tree):
+        uses = []
+        if isinstance(node, ast.Attribute):
+            uses += [(dotted(node), NEWER_NAMES.get(dotted(node))), (f".{node.attr}", NEWER_METHODS.get(node.attr))]
+        elif isinstance(node, ast.ImportFrom):
+            uses += [(f"{node.module}.{a.name}", NEWER_NAMES.get(f"{node.module}.{a.name}")) for a in node.names]
+            uses.append((node.module, NEWER_MODULES.get(node.module)))
+        elif isinstance(node, ast.Import):
+            uses += [(a.name, NEWER_MODULES.get(a.name)) for a in node.names]
+        elif isinstance(node, ast.Name):
+            uses.append((node.id, NEWER_BUILTINS.get(node.id)))
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            uses += [(f"{name}({k.arg}=)", NEWER_KEYWORDS.get((name, k.arg))) for k in node.keywords]
+            uses += [('encoding="locale"', "3.10") for k in node.keywords
+                     if k.arg == "encoding" and getattr(k.value, "value", None) == "locale"]
+            if name in ("isinstance", "issubclass") and len(node.args) == 2:
+                uses.append(("X | Y as a type", "3.10" if isinstance(node.args[1], ast.BinOp) else None))
+        elif isinstance(node, (ast.arg, ast.FunctionDef, ast.AnnAssign)) and not future:
+            hint = node.returns if isinstance(node, ast.FunctionDef) else node.annotation  # run as the def runs
+            union = hint is not None and any(isinstance(n, ast.BinOp) for n in ast.walk(hint))
+            uses.append(("X | Y in an annotation", "3.10" if union else None))
+        found += [f"{node.lineno}: {what} ({version})" for what, version in uses if version]
+    return found
+
+
+def fstring_fields_older_pythons_refuse(src):
+    """Python 3.12's f-strings (PEP 701) take in a {} field a string in the f-string's own quotes, a backslash or a
+    comment; older ones refuse them (ast.parse of the Python the tests run on, where that is 3.11 or older)."""
+    if not hasattr(tokenize, "FSTRING_START"):
+        return []
+    quotes, found = [], []
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        inner = tok.string.lstrip("rRbBfFuU")[:3] if tok.type in (tokenize.STRING, tokenize.FSTRING_START) else ""
+        clash = inner and any(inner.startswith(q) if len(q) == 1 else q in tok.string for q in quotes)
+        nested = quotes and (tok.type != tokenize.FSTRING_MIDDLE or len(quotes) > 1)
+        if nested and (clash or tok.type == tokenize.COMMENT or "\\" in tok.string):
+            found.append(f"{tok.start[0]}: {tok.string}")
+        if tok.type == tokenize.FSTRING_START:
+            quotes.append(inner if inner in ('"""', "'''") else inner[:1])
+        elif tok.type == tokenize.FSTRING_END:
+            quotes.pop()
+    return found
+
+
+def test_every_product_file_runs_on_the_oldest_python_the_readme_names():
+    """torch 2.6 runs on Python 3.9, and so must the product: study.py's zip(strict=True) (3.10) ended --report in a
+    TypeError there, and files.py's sys.get_int_max_str_digits (3.9.14) a number too long to read in an
+    AttributeError on 3.9.0 to 3.9.13. Each name on the lists above fails this test where a product file uses it."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8").split("## Quick start")[1]
+    assert f"Python {OLDEST_PYTHON[0]}.{OLDEST_PYTHON[1]} or newer" in readme
+    newer = []
+    for path in PRODUCT_FILES:
+        src = (REPO / path).read_text(encoding="utf-8")
+        try:
+            tree = ast.parse(src, path, feature_version=OLDEST_PYTHON)
+        except SyntaxError as e:
+            newer.append(f"{path}:{e.lineno}: {e.msg}")
+            continue
+        newer += [f"{path}:{use}" for use in newer_python_uses(tree) + fstring_fields_older_pythons_refuse(src)]
+    assert newer == []
+
+
+SCRIPTS = sorted(m for m in MODULES if "__main__" in (REPO / f"{m}.py").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_python_older_than_the_oldest_is_told_so_in_one_line(script):
+    """Each script imports errors.py first, whose check says what to do where an older Python would fail later in a
+    traceback (an AttributeError of functools.cache on 3.8; torch>=2.6 does not install there)."""
+    major, minor = OLDEST_PYTHON[0], OLDEST_PYTHON[1] - 1
+    old = f"{major}.{minor}.18"
+    code = (f"import runpy, sys\nsys.version_info, sys.version = ({major}, {minor}, 18, 'final', 0), '{old} (main)'\n"
+            f"sys.argv = ['{script}.py', '--help']\nrunpy.run_path('{script}.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and done.stdout == "" and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and f"{OLDEST_PYTHON[0]}.{OLDEST_PYTHON[1]} or newer" in lines[0]
+    assert f"not {old};" in lines[0]
