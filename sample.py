@@ -131,7 +131,7 @@ def check_args(parser, args):
         parser.error("--input goes with --instruction; a --records file gives each record's own \"input\"")
     if args.max_new_tokens <= 0 or args.limit < 0:
         parser.error("--max_new_tokens must be positive and --limit at least 0")
-    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN fails both, as in model.generate
+    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN fails both, as in Transformer.generate
         parser.error("--temperature must be a finite number >= 0 and --top_p in (0, 1]")
     if args.temperature == 0 and (args.top_p != 1 or args.seed is not None):  # greedy decoding would ignore it
         flag = "--top_p" if args.top_p != 1 else "--seed"

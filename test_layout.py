@@ -1,6 +1,7 @@
 """The layout a reader relies on: the README names every file, and the files import one another one way
 (no cycles), so each can be read knowing only the ones it imports; the README's and RESULTS.md's links reach a
-heading, and the commands they show use flags, sections and run names that exist.
+heading (a ratio or percentage given beside one stands in the section it reaches), and the commands they show use
+flags, sections and run names that exist.
 
     python -m pytest -q test_layout.py
 """
@@ -93,16 +94,32 @@ def test_the_layer_is_under_200_lines_and_it_and_model_py_need_only_torch():
 DOCS = ("README.md", "RESULTS.md")
 
 
-def heading_anchors(text):
-    """The anchors GitHub gives a Markdown file's headings: lowercase, punctuation but hyphens and underscores dropped,
-    spaces to hyphens, a repeated one suffixed -1, -2, ...; a line in a code block is no heading."""
-    slugs, fenced = [], False
-    for line in text.splitlines():
+def headings(text):
+    """[(anchor, level, line number)] of a Markdown file's headings, the anchors as GitHub gives them: lowercase,
+    punctuation but hyphens and underscores dropped, spaces to hyphens, a repeated one suffixed -1, -2, ...; a line
+    in a code block is no heading."""
+    found, fenced = [], False
+    for number, line in enumerate(text.splitlines()):
         fenced ^= line.startswith("```")
-        heading = None if fenced else re.match(r"#{1,6} (.+)", line)
+        heading = None if fenced else re.match(r"(#{1,6}) (.+)", line)
         if heading:
-            slugs.append(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
-    return {s if not slugs[:i].count(s) else f"{s}-{slugs[:i].count(s)}" for i, s in enumerate(slugs)}
+            found.append((re.sub(r"[^\w\- ]", "", heading.group(2).strip().lower()).replace(" ", "-"),
+                          len(heading.group(1)), number))
+    slugs = [s for s, _, _ in found]
+    return [(s if not slugs[:i].count(s) else f"{s}-{slugs[:i].count(s)}", level, number)
+            for i, (s, level, number) in enumerate(found)]
+
+
+def heading_anchors(text):
+    return {anchor for anchor, _, _ in headings(text)}
+
+
+def section(text, anchor):
+    """The text under the heading `anchor` (its subsections included), up to the next heading of its level or above."""
+    lines, found = text.splitlines(), headings(text)
+    i = next(i for i, (a, _, _) in enumerate(found) if a == anchor)
+    end = next((n for _, level, n in found[i + 1:] if level <= found[i][1]), len(lines))
+    return "\n".join(lines[found[i][2]:end])
 
 
 def test_every_link_between_the_readme_and_results_reaches_a_heading():
@@ -118,6 +135,29 @@ def test_every_link_between_the_readme_and_results_reaches_a_heading():
             if not (REPO / path).exists() or anchor and anchor not in anchors.get(path, ()):
                 dangling.append(f"{name}: ({target})")
     assert dangling == []
+
+
+FIGURE = r"(?<![\w.])\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?[x%](?!\w)"  # 0.73x, 0.47-0.63x, 5%, 6-18%
+
+
+def test_each_figure_given_beside_a_link_is_in_the_section_it_links_to():
+    """A ratio or percentage the README or RESULTS.md gives in the words before a link into the other file (from the
+    sentence's start or the link before) stands in the section linked: "1.37x faster on one H200, CPU steps 6-18%
+    ([measured](RESULTS.md#efficiency-python-benchpy))" sent the reader to a section without the 1.37x (the H200's
+    step time is in "GPU measurements", as 0.73x eager's)."""
+    texts = {name: (REPO / name).read_text(encoding="utf-8") for name in DOCS}
+    missing = []
+    for name, text in texts.items():
+        prose, done = " ".join(re.sub(r"^```[^\n]*\n.*?^```", ". ", text, flags=re.M | re.S).split()), 0  # no code
+        for link in re.finditer(r"\[([^\]]*)\]\(((README|RESULTS)\.md)#([^)\s]+)\)", prose):
+            before = prose[done:link.start()]
+            words, done = before[before.rfind(". ") + 1:], link.end()
+            if link.group(2) == name:
+                continue
+            linked = " ".join(section(texts[link.group(2)], link.group(4)).split())
+            missing += [f"{name}: {f} before ({link.group(2)}#{link.group(4)})" for f in re.findall(FIGURE, words)
+                        if f not in linked]
+    assert missing == []
 
 
 FILE_ENDINGS = ("py", "pt", "json", "jsonl", "model", "sh", "md", "txt")  # `model.pt` names a file, not a name
@@ -190,6 +230,45 @@ def test_every_name_a_files_docstring_gives_is_defined_where_it_says():
         steps = [re.match(r"\s*(\w+)", step).group(1) for step in order.split("->")] if order else []
         functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
         wrong += [f"{m}.py: reading order's {step}" for step in steps if step not in functions]
+    assert wrong == []
+
+
+def class_members():
+    """Class -> the names its instances answer to, for every class of ours: methods, class-level names and dataclass
+    fields, and what its methods assign to self."""
+    members = {}
+    for m in MODULES:
+        for node in ast.parse((REPO / f"{m}.py").read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                names = members.setdefault(node.name, set())
+                for n in ast.walk(node):
+                    if isinstance(n, (ast.FunctionDef, ast.ClassDef)) or \
+                            (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)):
+                        names.add(getattr(n, "name", None) or n.id)
+                    elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and \
+                            getattr(n.value, "id", "") == "self":
+                        names.add(n.attr)
+    return members
+
+
+def test_every_module_or_class_member_a_docstring_or_comment_names_exists():
+    """The test above reads the files' own docstrings; the docstrings of their functions and classes and the comments
+    send a reader on too: a `module.name` there (sample.py's "as in model.generate", a method of model.Transformer,
+    not of the module) or `Class.member` renamed, moved or never there leaves the reader looking for nothing."""
+    import io
+    import tokenize
+    defined, members, wrong = {m: defined_names(m) for m in MODULES}, class_members(), []
+    for m in MODULES:
+        source = (REPO / f"{m}.py").read_text(encoding="utf-8")
+        texts = [(n.lineno, ast.get_docstring(n)) for n in ast.walk(ast.parse(source))
+                 if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n)]
+        texts += [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                  if tok.type == tokenize.COMMENT]
+        for line, text in texts:
+            for head, tail in re.findall(r"\b(\w+)\.(\w+)\b", text):
+                if (head in MODULES and tail not in FILE_ENDINGS and tail not in defined[head]) or \
+                        (head in members and tail not in members[head]):
+                    wrong.append(f"{m}.py:{line}: {head}.{tail}")
     assert wrong == []
 
 
@@ -489,6 +568,23 @@ def test_the_readmes_demo_table_is_what_the_demo_prints_for_the_scores_it_shows(
                 assert a == b, (want, got)
 
 
+def test_the_readmes_demo_scores_are_results_mds_column_marked_readme():
+    """The README's demo table was printed by "a 2-core Intel Xeon (2 threads)"; RESULTS.md's table of the demo on
+    other CPUs records that run in its column marked (README): each task's score and the average are the same
+    numbers there, under the machine and thread count the README names, or one of the two was edited alone."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = readme[readme.index("```\ntask ") + 4:].split("```")[0].splitlines()[1:]
+    shown = shown[:next(i for i, row in enumerate(shown) if row.startswith("average")) + 1]
+    scores = {row.split()[0]: float(row.split()[-3]) for row in shown}  # task, [metric,] score, chance, lift
+    machine, threads = re.search(r"A \d+-core (.+?) printed this \((\d+) threads\)", " ".join(readme.split())).groups()
+    table = section((REPO / "RESULTS.md").read_text(encoding="utf-8"), "the-demo-on-other-cpus")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    header = next(row for row in rows if row[0] == "task")
+    column = next(i for i, h in enumerate(header) if h.endswith(" (README)"))
+    assert machine.split()[-1] in header[column] and f"{threads} threads" in header[column], header[column]
+    body = [row for row in rows[rows.index(header) + 1:] if set(row[0]) - {"-"}]  # not the |---| line
+    assert {row[0]: float(row[column]) for row in body} == scores
+
 
 class _Called(Exception):
     pass
@@ -668,3 +764,40 @@ def test_a_python_older_than_the_oldest_is_told_so_in_one_line(script):
     assert done.returncode == 2 and done.stdout == "" and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and f"{OLDEST_PYTHON[0]}.{OLDEST_PYTHON[1]} or newer" in lines[0]
     assert f"not {old};" in lines[0]
+
+
+def test_the_readmes_method_screen_says_which_tensor_of_the_layer_is_which_symbol_and_its_shape():
+    """The README's "method in one screen" maps the equations onto the layer (A is `lora_A`, B = [B_1 ... B_k] is
+    `lora_B`, ..., alpha / r_B is `scaling`) and gives each matrix's shape (A: r x d_in, B_i: d_out x r_B, ...), as
+    teamlora.py's docstring does: a reader checks the code against the paper by them, so each must be the layer's."""
+    import torch
+
+    import teamlora
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    screen = readme[readme.index("## The method in one screen"):readme.index("**Why it is fast.**")]
+    said = " ".join(screen[screen.index("In `teamlora.py`: "):].split()).split(";")[0]
+    names = dict(re.findall(r"((?:\w+ / )?\S+)(?: = \[[^\]]*\]| \([^)]*\))? is `(\w+)`", said))
+    d_in, d_out, r, k, alpha = 12, 10, 6, 3, 5.0  # all sizes apart, so that no two shapes can be confused
+    layer = teamlora.TeamLoRALinear(torch.nn.Linear(d_in, d_out), r=r, experts=k, alpha=alpha)
+    size = {"r": r, "d_in": d_in, "d_out": d_out, "k": k, "r_B": r // k}
+    assert (getattr(layer, names["k"]), getattr(layer, names["r"])) == (k, r), said
+    assert getattr(layer, names["alpha / r_B"]) == alpha / (r // k), said
+    tensor = {"A": names["A"], "B_i": names["B"], "W_r": names["W_r"], "M": names["M"]}  # B: [B_1 ... B_k]
+    code = re.search(r"```\n(.*?)```", screen, flags=re.S).group(1)
+    for where, text in (("README.md", code), ("teamlora.py", module_docstring("teamlora"))):
+        shapes = re.findall(r"\b(A|B_i|W_r|M):? \(?(\w+) x (\w+)\b", text)
+        assert where != "README.md" or {s for s, _, _ in shapes} == set(tensor), shapes
+        for symbol, rows, cols in shapes:
+            shape = tuple(getattr(layer, tensor[symbol]).shape)
+            if symbol == "B_i":  # B_1 ... B_k side by side in lora_B
+                shape = (shape[0], shape[1] // k)
+            assert shape == (size[rows], size[cols]), f"{where}: {symbol}: {rows} x {cols}"
+
+
+def test_the_readmes_guard_on_the_row_sum_is_the_layers():
+    """DESIGN.md asks the README to say how a near-zero row sum of phi (I + M) cannot divide by zero: the magnitude it
+    gives is teamlora.EPS, the one the layer keeps."""
+    import teamlora
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    said = re.search(r"the row sum of `phi \(I \+ M\)` keeps a magnitude of at least ([\d.e-]+)", readme).group(1)
+    assert float(said) == teamlora.EPS

@@ -609,9 +609,9 @@ def check_finite(what, value, step, cfg):
 
 
 def train_step(r, model, raw, opt, dataset, step):
-    """One optimizer step on global batch `step`, cut into processes x grad_accum equal slices (the
-    same slices and dropout masks, so the same result, for 1 process with accumulation as for several without).
-    Returns (loss over the batch's answer tokens, learning rate, real tokens of the batch over all ranks)."""
+    """One optimizer step on global batch `step`, cut into processes x grad_accum equal slices (the same slices and
+    dropout masks, so the same result, for 1 process with accumulation as for several without). Returns (the mean
+    cross-entropy over the batch's answer tokens, balance loss aside; learning rate; real tokens over all ranks)."""
     cfg, accum = r.cfg, r.cfg["grad_accum"]
     lr = get_lr(step, cfg)
     for group in opt.param_groups:
@@ -630,8 +630,8 @@ def train_step(r, model, raw, opt, dataset, step):
             model.set_requires_gradient_sync(last)
         elif r.world > 1:
             model.require_backward_grad_sync = last
-        with autocast:  # the output layer on answer positions only; full training keeps every position (on text,
-            # as in the demo's pretraining, nearly all are labelled, and its weight's gradient would round otherwise)
+        with autocast:  # the output layer on answer positions only, unless adapted (evaluation.loss_only); full
+            # training keeps all (on text, as in pretraining, nearly all are labelled; its gradient rounds otherwise)
             ce = model(b["tokens"], b["labels"], seq_ids=b.get("seq_ids"), reduction="sum",
                        loss_only=evaluation.loss_only(cfg))[1]  # not the logits: held, they would outlive backward
         loss = ce * r.world / max(b["n_answer_global"], 1)  # slices summed, processes averaged: the batch's mean
