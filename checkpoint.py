@@ -32,6 +32,13 @@ import teamlora
 from errors import UserError
 
 
+def init_adapters(model, seed):
+    """The adapters' initial values, from one seed on the CPU in module order: the same on any device or sharding."""
+    torch.manual_seed(seed)
+    return {f"{name}.{n}": t for name, m in model.named_modules() if isinstance(m, teamlora.TeamLoRALinear)
+            for n, t in m.initial_lora_state().items()}
+
+
 def copy_into(model, state):
     """Copy full tensors into the model's parameters; a sharded (DTensor) parameter takes its own
     slice of the tensor, so no rank ever holds the whole model."""

@@ -750,6 +750,13 @@ def check_own_tokenizer(cfg):
         check_made_with(cfg["data_dir"], shards_made_with(cfg["data_dir"]), Tokenizer(cfg["tokenizer"]))
 
 
+def check_demo(cfg):
+    """What train.py's build_demo (and its dry run) refuses first, before the demo's files are built or read: the
+    demo's files damaged (check_demo_files), then a tokenizer of one's own with its shards (check_own_tokenizer)."""
+    check_demo_files(cfg)
+    check_own_tokenizer(cfg)
+
+
 def main(argv=None):
     parser = Parser(prog="minicme.py", description="Write the synthetic mini-CME suite (deterministic from the seed).")
     parser.add_argument("--out", required=True, type=flag_path, help="output directory")

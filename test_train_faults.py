@@ -1063,7 +1063,8 @@ def test_a_dry_run_from_scratch_sizes_the_embedding_by_the_tokenizer_as_the_run_
     run = train.train(train.parse_config(flags))
     assert (dry["base_params"], dry["trainable_params"]) == (run["base_params"], run["trainable_params"])
     missing = tmp_path / "new" / "tokenizer.model"
-    alone = train.train(train.parse_config([*flags, "--dry_run=True", f"--tokenizer={missing}"]))
+    alone = train.train(train.parse_config([*flags, "--dry_run=True", f"--tokenizer={missing}",
+                                            f"--out_dir={tmp_path / 'dry'}"]))  # the run's is refused, as by a run
     with torch.device("meta"):
         assert alone["base_params"] == model.Transformer(preset).num_params()
     assert f"vocabulary {preset.vocab_size} (the preset's, until the tokenizer {missing} is there)" in \
@@ -1313,6 +1314,98 @@ def test_a_demo_shard_folder_that_is_a_file_is_refused_by_the_dry_run_in_the_run
     assert every_file(tmp_path) == before
 
 
+def a_fault(name, run_data, tmp_path):
+    """One of a user's realistic faults, made in tmp_path: (its flags, what the run's refusal of it alone says)."""
+    if name.startswith("out_dir"):  # the flags' --out_dir, tmp_path / "out"
+        if name == "out_dir holds a run":
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out" / "results.json").write_text("{}")
+            return [], "already holds a run"
+        (tmp_path / "out").write_text("not a folder")
+        return [], "is a file, not a folder; choose another --out_dir"
+    if name.startswith("data_dir"):
+        if name == "data_dir is a file":
+            (tmp_path / "shards").write_text("not shards")
+        else:
+            (tmp_path / "shards").mkdir()
+        return [f"--data_dir={tmp_path / 'shards'}"], "not a folder of token shards" if "file" in name else \
+            "has no summary.json"
+    if name == "tokenizer not the shards'":  # of their size: the base's embedding fits it
+        vocab = train.Tokenizer(run_data / "tokenizer.model").vocab_size
+        return [f"--tokenizer={with_vocabulary(hf_tokenizer_folder(tmp_path / 'other'), vocab)}"], "is not the one"
+    if name == "tokenizer damaged":
+        (tmp_path / "cut.model").write_bytes((run_data / "tokenizer.model").read_bytes()[:100])
+        return [f"--tokenizer={tmp_path / 'cut.model'}"], "is neither a SentencePiece model"
+    if name == "init_from a folder without weights":
+        (tmp_path / "Llama-2-7b").mkdir()
+        return [f"--init_from={tmp_path / 'Llama-2-7b'}"], "holds neither params.json"
+    if name == "init_from not a checkpoint":
+        (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+        return [f"--init_from={tmp_path / 'model.pt'}"], "is not a readable base model"
+    if name == "a base of another vocabulary":
+        saved = torch.load(run_data / "base.pt", weights_only=True)["model_args"]
+        args = train.ModelArgs(**{**saved, "vocab_size": saved["vocab_size"] + tokenizer.VOCAB_PADDING})
+        torch.save({"model_args": asdict(args), "model": train.Transformer(args).state_dict()}, tmp_path / "wide.pt")
+        return [f"--init_from={tmp_path / 'wide.pt'}"], "not the tokenizer the base model was trained with"
+    if name.startswith("eval_dir"):
+        (tmp_path / "eval").mkdir()
+        (tmp_path / "eval" / "qa.json").write_text("[]")  # tasks.py's JSON list, not JSONL
+        (tmp_path / "eval.jsonl").write_text("")
+        folder = tmp_path / ("eval.jsonl" if name == "eval_dir a file" else "eval")
+        return [f"--eval_dir={folder}"], "is a file, not a folder of <task>.jsonl" if folder.is_file() else \
+            "evaluation sets are JSONL"
+    return {"targets not linear": (["--targets=layers.1"], "not a linear layer"),
+            "r wider than a target": (["--r=4096"], "is more than target"),
+            "rows past the base's context": (["--batch_mode=pack", "--max_len=300"], "makes rows longer than"),
+            "load_layers past the layers": (["--load_layers=99"], "load_layers=99 but the model has")}[name]
+
+
+TWO_FAULTS = [("mini-CME", first, second) for first, second in [
+    ("out_dir holds a run", "data_dir without summary.json"),
+    ("out_dir a file", "tokenizer not the shards'"),
+    ("data_dir without summary.json", "init_from a folder without weights"),
+    ("data_dir is a file", "init_from not a checkpoint"),
+    ("tokenizer damaged", "init_from a folder without weights"),
+    ("tokenizer not the shards'", "targets not linear"),
+    ("tokenizer not the shards'", "eval_dir holding a JSON list"),
+    ("a base of another vocabulary", "r wider than a target"),
+    ("init_from not a checkpoint", "eval_dir a file"),
+    ("targets not linear", "rows past the base's context"),
+    ("eval_dir a file", "load_layers past the layers"),
+    ("out_dir holds a run", "load_layers past the layers")]] + [
+    ("the demo's", "tokenizer not the shards'", "init_from a folder without weights"),
+    ("the demo's without its base", "data_dir without summary.json", "targets not linear"),
+    pytest.param("the official records'", "out_dir a file", "targets not linear", marks=needs_fixtures)]
+
+
+@pytest.mark.parametrize("shards, first, second", TWO_FAULTS)
+def test_a_configuration_with_two_faults_is_refused_by_the_dry_run_in_the_sentence_the_run_says_first(
+        run_data, tmp_path, monkeypatch, capsys, shards, first, second):
+    """The dry run met the run's checks in another order: out_dir, the evaluation sets and load_layers not at all, the
+    base before the tokenizer and the shards, the base's vocabulary and its context before the targets; and the run
+    checked the tokenizer against the shards only once it had read the base, the demo's pretraining its targets before
+    the shards. So with two faults the dry run named one and the run the other. Now the run meets them in one order
+    (out_dir, tokenizer, shards, evaluation sets, base, targets, the base's vocabulary and context), and the dry run in
+    the same: its first sentence is the run's, naming one of the two faults."""
+    out = tmp_path / "out"
+    if shards == "mini-CME":  # a base of ours, on the shards of the small suite
+        flags = train_flags(run_data, out, f"--init_from={run_data / 'base.pt'}", "--max_iters=1")
+    elif shards == "the official records'":  # prepared with LLaMA-2's tokenizer, trained from scratch
+        prepare([OFFICIAL], LLAMA2, tmp_path / "llama2_tokens", max_len=1024, quiet=True)
+        capsys.readouterr()  # prepare's warning about a record too long for max_len
+        flags = train_flags(run_data, out, f"--tokenizer={LLAMA2}", f"--data_dir={tmp_path / 'llama2_tokens'}",
+                            "--eval_dir=", "--max_len=512", "--batch_size=2", "--max_iters=1")
+    else:  # the demo's suite and shards, its base built or still to be pretrained
+        demo_built_in(tmp_path, monkeypatch, run_data, "all" if shards == "the demo's" else "all but the base",
+                      ("suite.json", "train.jsonl", "tokenizer.model"))
+        flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8", f"--out_dir={out}"]
+    (more, said), (more_2, said_2) = a_fault(first, run_data, tmp_path), a_fault(second, run_data, tmp_path)
+    flags = [*flags, *more, *more_2]
+    run = fails(flags, capsys)
+    assert said in run or said_2 in run, run
+    assert fails([*flags, "--dry_run=True"], capsys) == run
+
+
 def test_a_mistake_in_a_first_runs_settings_is_found_before_the_demo_pretrains_its_base(tmp_path, monkeypatch, capsys):
     """The first `python train.py` pretrains the demo's base (minutes) before it fine-tunes: the run's own
     checks come first, on a meta model of that base's shape."""
@@ -1346,6 +1439,7 @@ def test_the_demos_dry_run_before_its_base_is_built_describes_the_base_the_run_p
     run = train.train(train.parse_config(flags))
     assert (dry["base_params"], dry["trainable_params"]) == (run["base_params"], run["trainable_params"])
     capsys.readouterr()
+    flags.append("--out_dir=out/dry")  # not the run's, which holds it: the dry run refuses that out_dir, as a run
     built = train.train(train.parse_config([*flags, "--dry_run=True"]))  # the base is there: described as it is
     out = capsys.readouterr().out
     assert f"model {minicme.DEMO['init_from']}: " in out and "pretrained first" not in out and "vocabulary" not in out

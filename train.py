@@ -269,13 +269,6 @@ def from_pretrained(src, **kw):
         raise UserError(str(e)) from None
 
 
-def init_adapters(model, seed):
-    """The adapters' initial values, from one seed on the CPU in module order: the same on any device or sharding."""
-    torch.manual_seed(seed)
-    return {f"{name}.{n}": t for name, m in model.named_modules() if isinstance(m, teamlora.TeamLoRALinear)
-            for n, t in m.initial_lora_state().items()}
-
-
 def inject_targets(model, cfg):
     """The adapters on cfg's targets, each target's name and width checked before any of its adapters is made."""
     linear = dict.fromkeys(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
@@ -316,7 +309,7 @@ def build_model(cfg, dev, vocab_size, world):
     model.to_empty(device=dev)  # uninitialised memory, each parameter filled below (the base was checked complete)
     checkpoint.copy_into(model, weights)
     if not full:
-        checkpoint.copy_into(model, init_adapters(model, cfg["seed"] + 1))  # + 1: not the draws of a scratch base
+        checkpoint.copy_into(model, checkpoint.init_adapters(model, cfg["seed"] + 1))  # + 1: not a scratch base's draws
     return model, args, checkpoint.fingerprint(weights)
 
 
@@ -388,8 +381,7 @@ def resume_config(cfg):
 def build_demo(cfg, resuming=False):
     """The demo's suite, shards and base, made before the run that uses them (the first `python train.py` builds
     them, later ones reuse them): nothing is downloaded. Returns the pretraining's summary if it was interrupted."""
-    minicme.check_demo_files(cfg)  # damaged: the demo's files are refused as incomplete, before they are read below
-    minicme.check_own_tokenizer(cfg)  # which the demo's shards, made with its own, would refuse once made
+    minicme.check_demo(cfg)  # damaged files, a tokenizer of one's own with the demo's shards: before anything is built
     try:
         pretrain = minicme.build_demo_data(cfg)
         for key in ("tokenizer", "eval_dir"):
@@ -424,15 +416,14 @@ def build_demo(cfg, resuming=False):
 
 def check_before_pretraining(cfg, pre, resuming):
     """setup's checks on a meta model shaped as the demo's base (`pre`): a bad setting costs seconds, not minutes."""
-    r = Run(cfg, device=torch.device("meta"), tok=Tokenizer(cfg["tokenizer"]))
-    claim_out_dir(r, resuming)
+    r = Run(cfg, device=torch.device("meta"))
+    train_ds, val_ds = read_inputs(r, resuming)
     r.args = scratch_args(pre, Tokenizer(pre["tokenizer"]).vocab_size)
     with torch.device("meta"):
         model = Transformer(r.args)
         if cfg["adapter"] != "none":
             inject_targets(model, cfg)
-    r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}
-    preflight(r, *datasets(cfg))
+    preflight(r, train_ds, val_ds)
     if cfg["eval_only"] and not resuming:  # scored by out_dir's adapter.pt: it must be there, and fit
         load_trained_adapter(r, model)
 
@@ -447,7 +438,7 @@ def train(cfg):
     try:
         with machine.sigterm_as_ctrl_c():  # the loop (run) takes it over: StopAfterStep
             if cfg["dry_run"]:  # on every rank, as a run's checks are: a refusal is each one's exit code; rank 0 says
-                return check_full_config(cfg, Run(cfg, rank).say)
+                return check_full_config(cfg, Run(cfg, rank).say, resuming=ckpt is not None)
             machine.check_batch_split(cfg, world)
             if rank == 0 and (stopped := build_demo(cfg, resuming=ckpt is not None)):
                 return stopped  # the demo's pretraining, interrupted
@@ -505,18 +496,25 @@ def claim_out_dir(r, resuming, take=False):
 def preflight(r, train_ds, val_ds):
     """What the run will need, checked before step 1 rather than hours into it."""
     cfg = r.cfg
-    train_ds.check_tokenizer(r.tok)
     r.tok.check_base_vocabulary(r.args.vocab_size)
     for ds, name in ((train_ds, "training"), (val_ds, "validation")):  # no answer token: a val loss of 0 / 0
         if ds is not None and not ds.answered(cfg["max_len"]).any():
             raise UserError(f"max_len={cfg['max_len']} cuts away the answer of every {name} record (the shortest "
                             f"prompt has {int(ds.prompt_lens.min())} tokens): raise --max_len"
                             + (" or set --eval_iters=0." if ds is val_ds else "."))
-    context = r.args.context
-    check_rows_fit(cfg, context, max([int(ds.lengths.max(initial=0)) for ds in (train_ds, val_ds) if ds is not None]))
-    if r.multi_expert and cfg["load_layers"] > r.args.n_layers:
-        raise UserError(f"load_layers={cfg['load_layers']} but the model has {r.args.n_layers} layers; set "
-                        f"--load_layers={r.args.n_layers} or less.")
+    check_fits(r, r.args, max([int(ds.lengths.max(initial=0)) for ds in (train_ds, val_ds) if ds is not None]))
+
+
+def check_fits(r, args, longest):
+    """What must fit the base (args): a row, max_len tokens packed or the longest record's padded (cut to max_len);
+    load_layers, the blocks whose expert load is shown; each evaluation set's prompts beside its answers."""
+    cfg, context = r.cfg, args.context
+    if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
+        raise UserError(f"max_len={cfg['max_len']} makes rows longer than the {context} tokens the base model "
+                        f"attends over: set --max_len={context} or less.")
+    if r.multi_expert and cfg["load_layers"] > args.n_layers:
+        raise UserError(f"load_layers={cfg['load_layers']} but the model has {args.n_layers} layers; set "
+                        f"--load_layers={args.n_layers} or less.")
     for name, (task, _) in r.eval_sets.items():
         if task.max_new_tokens > context - 2:  # a prompt cut to 1 token would be BOS alone, without its "</s>"
             raise UserError(f"evaluation set {name} generates up to {task.max_new_tokens} tokens, which leaves no room "
@@ -524,27 +522,27 @@ def preflight(r, train_ds, val_ds):
                             "tokens; leave it out of --eval_dir.")
 
 
-def check_rows_fit(cfg, context, longest):
-    """A row, max_len tokens packed or the longest record's padded (cut to max_len), fits what the base attends over."""
-    if min(longest if cfg["batch_mode"] == "pad" else cfg["max_len"], cfg["max_len"]) > context:
-        raise UserError(f"max_len={cfg['max_len']} makes rows longer than the {context} tokens the base model "
-                        f"attends over: set --max_len={context} or less.")
-
-
-def datasets(cfg):  # (training split, validation split or None: prepared without one, or eval_iters=0)
+def datasets(cfg, tok):  # (training split, validation split or None: prepared without one, or eval_iters=0)
     train_ds = data.TokenDataset(cfg["data_dir"], "train")
+    train_ds.check_tokenizer(tok)  # the shards' own: refused in seconds, not after minutes of reading a base
     has_val = train_ds.summary["splits"].get("val", {}).get("records") and cfg["eval_iters"] > 0
     return train_ds, data.TokenDataset(cfg["data_dir"], "val") if has_val else None
+
+
+def read_inputs(r, resuming):
+    """setup's first checks, in the order the demo's pretraining and the dry run (check_full_config) meet them too."""
+    claim_out_dir(r, resuming)  # a re-scoring's refusal too comes now, not after the scoring
+    r.tok = Tokenizer(r.cfg["tokenizer"])
+    train_ds, val_ds = datasets(r.cfg, r.tok)
+    r.eval_sets = evaluation.load_eval_sets(r.cfg) if r.cfg["eval_dir"] else {}  # before a 7B base's minutes
+    return train_ds, val_ds
 
 
 def setup(r, resuming):
     """Tokenizer, data, model and optimizer of a run: model (for forward and backward) is raw, the Transformer, or
     raw in DDP under torchrun without FSDP; adapters, state dicts and the optimizer read raw."""
     cfg = r.cfg
-    claim_out_dir(r, resuming)  # a re-scoring's refusal too comes now, not after the scoring
-    r.tok = Tokenizer(cfg["tokenizer"])
-    train_ds, val_ds = datasets(cfg)
-    r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] else {}  # before the model: minutes for a 7B base
+    train_ds, val_ds = read_inputs(r, resuming)
     r.data = checkpoint.data_fingerprint(cfg["data_dir"])
     raw, r.args, r.base = build_model(cfg, r.device, r.tok.vocab_size, r.world)
     preflight(r, train_ds, val_ds)
@@ -761,8 +759,20 @@ def finish(r, model, summary, val_ds=None, stop=None):
 # dry run: a full configuration checked on the meta device, without weights or GPUs
 
 
-def check_full_config(cfg, say=print):
-    minicme.check_demo_files(cfg)  # as build_demo does first: damaged, in the run's sentence
+def check_full_config(cfg, say=print, resuming=False):
+    """The run's checks in the order the run meets them (check_batch_split, build_demo, read_inputs, build_model,
+    preflight), of what is there without weights: a configuration with two faults is told the same one first."""
+    world, micro = machine.dry_run_split(cfg)
+    minicme.check_demo(cfg)  # as build_demo does first, in the run's sentences
+    r = Run(cfg)
+    claim_out_dir(r, resuming)
+    # as read_inputs, of what is there (the README's recipe may be dry-run before its steps 1 and 2 make the shards and
+    # the evaluation sets); as preflight, the tokenizer against the base's vocabulary: not a preset's, no run reads it
+    tok = Tokenizer(cfg["tokenizer"]) if os.path.exists(cfg["tokenizer"]) else None
+    made_with = minicme.shards_made_with(cfg["data_dir"])
+    if tok and made_with:
+        data.check_made_with(cfg["data_dir"], made_with, tok)
+    r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] and os.path.exists(cfg["eval_dir"]) else {}
     src, vocab = cfg["init_from"], ""  # vocab: from scratch, what sized the embedding
     demo = src == minicme.DEMO["init_from"] and not os.path.exists(src)  # the run pretrains it first (build_demo)
     made = {**cfg, **minicme.PRETRAIN} if demo else cfg  # the settings of a base made from scratch
@@ -781,24 +791,15 @@ def check_full_config(cfg, say=print):
             args = from_pretrained(src, device="meta").args
     else:  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
         args = base_weights(cfg, None)[0]
-    # the shards' summary.json as the run's datasets and preflight refuse it (if there: the README's recipe may be
-    # dry-run before step 1 prepares them); the tokenizer as preflight checks it: against the shards' (or the demo's to
-    # be made), then the base's vocabulary; not a preset's (a base not on disk, model="small" unless set): a run never
-    # reads it, the base's own files size it, and the README's step 3 sizes Chinese-LLaMA-2 by its preset
-    tok = Tokenizer(cfg["tokenizer"]) if os.path.exists(cfg["tokenizer"]) else None
-    made_with = minicme.shards_made_with(cfg["data_dir"])
-    if tok and made_with:
-        data.check_made_with(cfg["data_dir"], made_with, tok)
-    if tok and src != "scratch" and (demo or os.path.exists(src)):
-        tok.check_base_vocabulary(args.vocab_size)
-    check_rows_fit(cfg, args.context, longest=0)  # packed rows; padded ones depend on records the dry run has not
     with torch.device("meta"):
         model = Transformer(args)
     n_base = model.num_params()
     if cfg["adapter"] != "none":
         inject_targets(model, cfg)
+    if tok and src != "scratch" and (demo or os.path.exists(src)):
+        tok.check_base_vocabulary(args.vocab_size)
+    check_fits(r, args, longest=0)  # packed rows; padded ones depend on records the dry run has not read
     n_train = sum(p.numel() for p in trainable(model))
-    world, micro = machine.dry_run_split(cfg)
     est = memory.addressable(memory.estimate(args, n_base, n_train, cfg, world, micro), cfg, micro)
     say(f"model {name}: {n_base:,} base parameters, "
         f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}{vocab}")
