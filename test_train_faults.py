@@ -1036,6 +1036,17 @@ def test_the_dry_run_refuses_an_init_from_that_is_a_file_but_not_a_checkpoint_as
           f"init_from '{tmp_path / 'tokenizer.model'}' is a file; give a model.pt written by train.py")
 
 
+@pytest.mark.parametrize("typo, meant", [("scrach", "scratch"), ("resum", "resume")])
+def test_the_dry_run_refuses_a_misspelt_init_from_keyword_as_the_run_does(typo, meant, tmp_path, monkeypatch, capsys):
+    """A path not on disk is described by its preset (a recipe may be dry-run before its base is downloaded), so a
+    misspelt 'scratch' or 'resume' passed the dry run that the run refused with "did you mean"."""
+    monkeypatch.chdir(tmp_path)
+    flags = [f"--init_from={typo}", f"--out_dir={tmp_path / 'out'}", "--eval_dir="]
+    said = fails(flags, capsys, f"did you mean '{meant}'?")
+    assert fails(flags + ["--dry_run=True"], capsys) == said
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_dry_run_takes_init_from_scratch_as_the_keyword_beside_a_folder_named_scratch(tmp_path, monkeypatch,
                                                                                               capsys):
     """The dry run looked for a folder before the keyword: one named scratch in the working directory was read as a

@@ -784,7 +784,7 @@ def check_full_config(cfg, say=print, resuming=False):
             f"the preset's, until the tokenizer {cfg['tokenizer']} is there"
         vocab = f", vocabulary {args.vocab_size:,} ({why})"
         name = f"{name} (the demo's base, pretrained first)" if demo else name
-    elif not os.path.exists(src):
+    elif not os.path.exists(src) and not difflib.get_close_matches(src, ("scratch", "resume"), n=1):  # a typo: below
         args = ModelArgs.from_name(name)
     elif os.path.isdir(src):
         with torch.device("meta"):
