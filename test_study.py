@@ -126,6 +126,8 @@ def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them()
     assert study.parse(["--quick", "--out=out/mine"])[0]["out"] == "out/mine"  # a user's own folder, as given
     smallest = study.parse(["--steps=2", "--quick", "--seeds=3"])[0]  # the user's own win over --quick's, in any order
     assert (smallest["steps"], smallest["seeds"], smallest["grid"]) == (2, (1, 2, 3), study.QUICK["grid"])
+    for accepted in ([], ["--seeds=3"], ["--seeds=11,12,13"], ["--quick"]):  # the selection runs' seed is none of them
+        assert study.SELECTION_SEED not in study.parse(accepted)[0]["seeds"]
     for bad in ("--seeds=three", "--seeds=0", "--seeds=0,1", "--seeds=1.5,2", "--seeds=True,2"):
         with pytest.raises(study.data.UserError, match="--seeds must be a count or a comma-separated list"):
             study.parse([bad])
@@ -1143,6 +1145,7 @@ def test_the_protocol_selects_with_seed_0_on_validation_then_runs_and_reads_ever
     capsys.readouterr()
     select, final = jobs[:2 * len(study.GRID)], jobs[2 * len(study.GRID):]
     assert all(c["seed"] == study.SELECTION_SEED and c["eval_dir"] == str(tmp_path / "val") for c in select)
+    assert not {c["seed"] for c in select} & {c["seed"] for c in final}  # no final run shares its seed with a selection
     assert sorted(c["learning_rate"] for c in select) == sorted(2 * study.GRID)
     chosen = {"lora32": study.GRID[2], "lora8": study.GRID[2], "teamlora": study.GRID[1]}  # not GRID[0]
     assert sorted((c["out_dir"].rpartition("/")[2], c["learning_rate"], c["seed"], c["eval_dir"]) for c in final) == \
