@@ -108,6 +108,18 @@ def check_adapter_settings(path, cfg, computes):
         raise UserError(f"{path} was trained with {flags} (says the results.json beside it); score it with those.")
 
 
+def load_trained_adapter(cfg, model, computes):
+    """eval_only without a checkpoint: out_dir's adapter.pt, the finished run's, into model (a meta model: checked
+    only, by train.py's dry run); computes as for check_adapter_settings."""
+    path = os.path.join(cfg["out_dir"], "adapter.pt")
+    if cfg["adapter"] != "none":  # train.resume_config made sure it is there
+        state = load_pt(path, "adapter")
+        if not is_adapter_file(state):
+            raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
+        check_adapter_settings(path, cfg, computes)
+        load_state(model, state, cfg, path)
+
+
 def load_checkpoint(path):
     ckpt = load_pt(path, "training checkpoint")
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CKPT_KEYS):
@@ -214,6 +226,15 @@ def check_tokenizer(ckpt, tok, path):
     if ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != files.file_sha256(tok.path):
         raise UserError(f"the tokenizer at {tok.path} is not the one this run was trained with (its SHA-256 differs "
                         f"from the one {path} records); put that tokenizer back there.")
+
+
+def check_resumed_base_and_tokenizer(ckpt, weights, tok, path, cfg):
+    """A resume's checks of what it reads besides the shards (train.py's dry run): the base's weights (None: not read)
+    and the tokenizer (None: not there yet) are those the run's ckpt.pt at path recorded, as train.restore checks."""
+    if weights is not None:
+        check_base(ckpt, fingerprint(weights), cfg, path)
+    if tok is not None:
+        check_tokenizer(ckpt, tok, path)
 
 
 def load_state(model, state, cfg, path):

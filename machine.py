@@ -171,9 +171,15 @@ def check_batch_split(cfg, world):
     return cfg["batch_size"] // (world * cfg["grad_accum"])
 
 
+def dry_run_world(cfg):
+    """The processes a dry run plans for: torchrun's, else dry_run_world_size (a resume's slices are kept for them,
+    keep_slices, as a run on that many would)."""
+    return int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
+
+
 def dry_run_split(cfg):
-    """(processes, micro-batch) a dry run plans for: torchrun's processes, else dry_run_world_size."""
-    world = int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
+    """(processes, micro-batch) a dry run plans for (dry_run_world)."""
+    world = dry_run_world(cfg)
     return world, check_batch_split(cfg, world)
 
 

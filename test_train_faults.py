@@ -1132,6 +1132,94 @@ def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
     assert summary["base_params"] == n_base and f"model {run_data / 'base.pt'}: {n_base:,} base parameters" in out
 
 
+@pytest.mark.parametrize("how", ["--init_from=resume --max_iters=6", "--eval_only=True",
+                                 "--init_from=resume --max_iters=6 --dry_run_world_size=2"])
+def test_a_resume_or_a_rescoring_can_be_dry_run(run_data, tmp_path, capsys, how):
+    """dry_run and dry_run_world_size are no settings of the run: a resume or a re-scoring takes them as it takes
+    max_iters, where it refused them as changes of the run's settings ("dry_run cannot change when resuming"), so
+    that no resume could be dry-run. The dry run describes the run's model and leaves its files as they were."""
+    out = finished_run(run_data, tmp_path / "run")
+    before = every_file(out)
+    summary = train.train(train.parse_config(train_flags(run_data, out, *how.split(), "--dry_run=True")))
+    assert summary["trainable_params"] > 0 and "adapter teamlora (r=8, experts=4" in capsys.readouterr().out
+    assert every_file(out) == before
+
+
+@pytest.mark.parametrize("processes", [4, 3])
+def test_the_dry_run_of_a_resume_on_other_processes_keeps_the_runs_slices_as_the_run_does(run_data, tmp_path, capsys,
+                                                                                          processes):
+    """A run of one process with grad_accum=4, resumed on 4 processes, goes on with grad_accum=1 (keep_slices), and on
+    3 is refused in keep_slices' sentence. Its dry run for those processes (dry_run_world_size) split the batch with
+    the run's grad_accum instead: it refused the first (8 is no multiple of 4 x 4) and named another fault in the
+    second. It now keeps the slices as the run on that many processes does."""
+    out = finished_run(run_data, tmp_path / "run", "--grad_accum=4")
+    flags = train_flags(run_data, out, "--init_from=resume", "--max_iters=6", "--eval_dir=",
+                        f"--dry_run_world_size={processes}", "--dry_run=True")
+    if processes == 4:
+        assert train.train(train.parse_config(flags))["trainable_params"] > 0
+        assert "per GPU with 4 GPUs, micro-batch 2 x" in capsys.readouterr().out
+    else:  # the run's refusal on 3 processes (train.train under torchrun), from the function it calls
+        cfg, ckpt = train.resume_config(train.parse_config(flags))
+        with pytest.raises(train.UserError) as run:
+            machine.keep_slices(cfg, ckpt, processes, True)
+        assert fails(flags, capsys) == f"train.py: error: {run.value}\n"
+
+
+@pytest.mark.parametrize("fault", ["--r=16", "--adapter=lora", "damaged", "a ckpt.pt", None])
+def test_the_dry_run_of_a_rescoring_refuses_an_adapter_the_run_cannot_load_in_the_runs_sentence(run_data, tmp_path,
+                                                                                               capsys, fault):
+    """eval_only on a run without its ckpt.pt scores its adapter.pt: the run refused one that is damaged, not an
+    adapter, or made with other settings than the flags, where the dry run, which never read it, passed. The dry run
+    now reads it into its meta model as the run does, refusing it in the run's own sentence, and passes one that
+    fits; it changes no file."""
+    out = finished_run(run_data, tmp_path / "run")
+    ckpt = (out / "ckpt.pt").read_bytes()
+    os.remove(out / "ckpt.pt")
+    flags = train_flags(run_data, out, "--eval_only=True", "--eval_limit=1")
+    if fault in ("damaged", "a ckpt.pt"):
+        (out / "adapter.pt").write_bytes(os.urandom(4096) if fault == "damaged" else ckpt)
+    elif fault:
+        flags.append(fault)
+    before = every_file(out)
+    if fault is None:
+        assert train.train(train.parse_config([*flags, "--dry_run=True"]))["trainable_params"] > 0
+        assert every_file(out) == before
+    else:
+        dry = fails([*flags, "--dry_run=True"], capsys)
+        assert every_file(out) == before
+        assert dry == fails(flags, capsys)
+
+
+@pytest.mark.parametrize("replaced, how", [("base", "--init_from=resume --max_iters=4"), ("base", "--eval_only=True"),
+                                           ("tokenizer", "--eval_only=True")])
+def test_the_dry_run_of_a_resume_refuses_a_base_or_tokenizer_replaced_since_in_the_runs_sentence(run_data, tmp_path,
+                                                                                                capsys, replaced, how):
+    """A resume or a re-scoring is refused when the base, or the tokenizer, at the run's path is no longer the one its
+    ckpt.pt records (restore), where its dry run passed. It now checks both as restore does (the base of ours it
+    reads; a Meta or Hugging Face folder's weights it does not), in the run's sentence, changing no file."""
+    base, tok, out, shards = tmp_path / "base.pt", tmp_path / "tok.model", tmp_path / "run", tmp_path / "tokens"
+    shutil.copy(run_data / "base.pt", base)
+    shutil.copy(run_data / "tokenizer.model", tok)
+    data.prepare([str(run_data / "train.jsonl")], str(tok), str(shards), max_len=128, val_fraction=0.1, quiet=True)
+    train.train(train.parse_config(train_flags(run_data, out, f"--init_from={base}", f"--tokenizer={tok}",
+                                               f"--data_dir={shards}", "--eval_dir=", "--max_iters=2")))
+    if replaced == "base":
+        original = torch.load(base, weights_only=True)
+        torch.save({**original, "model": {n: t + 1e-4 for n, t in original["model"].items()}}, base)
+    else:  # another world's text: another tokenizer of the same vocab_size, the shards prepared again with it
+        minicme.make_suite(str(tmp_path / "other"), seed=1, n_train_per_task=4, n_test_per_task=2, n_val_per_task=2,
+                           corpus_docs=400)
+        shutil.copy(tmp_path / "other" / "tokenizer.model", tok)
+        shutil.rmtree(shards)
+        data.prepare([str(run_data / "train.jsonl")], str(tok), str(shards), max_len=128, val_fraction=0.1,
+                     quiet=True)
+    flags = [f"--out_dir={out}", f"--eval_dir={run_data / 'test'}", *how.split()]
+    before = every_file(tmp_path)
+    dry = fails([*flags, "--dry_run=True"], capsys, f"the {replaced}", "is not the one this run")
+    assert every_file(tmp_path) == before
+    assert dry == fails(flags, capsys)
+
+
 @pytest.mark.parametrize("layout", ["pt", "hf", "meta"])
 def test_the_dry_run_refuses_a_tokenizer_the_base_was_not_trained_with_in_the_runs_own_sentence(run_data, tmp_path,
                                                                                                 capsys, layout):

@@ -336,7 +336,8 @@ def get_lr(step, cfg):
 
 RESUME_MAY_CHANGE = ("threads", "max_iters", "eval_only", "eval_limit", "eval_interval", "eval_batch_size",
                      "log_interval", "device", "fsdp", "activation_checkpointing", "compile", "tf32", "out_dir",
-                     "learning_rate", "eval_dir", "load_layers")  # load_layers: which blocks' expert load is shown
+                     "learning_rate", "eval_dir", "load_layers",  # load_layers: which blocks' expert load is shown
+                     "dry_run", "dry_run_world_size")  # not the run's: a resume is dry-run, for any process count
 
 
 def saved_config(path):
@@ -432,13 +433,13 @@ def train(cfg):
     """Run one configuration, under torchrun or not; returns a summary dict (also what tests read)."""
     cfg, ckpt = resume_config(cfg)
     rank, world, dev = machine.setup_distributed(cfg)
-    cfg = machine.keep_slices(cfg, ckpt, world, rank == 0)
+    cfg = machine.keep_slices(cfg, ckpt, machine.dry_run_world(cfg) if cfg["dry_run"] else world, rank == 0)
     threads = torch.get_num_threads()  # the caller's (a notebook's, a test's): given back when the run ends
     cfg = machine.use_cpu_threads(cfg, dev)
     try:
         with machine.sigterm_as_ctrl_c():  # the loop (run) takes it over: StopAfterStep
             if cfg["dry_run"]:  # on every rank, as a run's checks are: a refusal is each one's exit code; rank 0 says
-                return check_full_config(cfg, Run(cfg, rank).say, resuming=ckpt is not None)
+                return check_full_config(cfg, Run(cfg, rank).say, ckpt)
             machine.check_batch_split(cfg, world)
             if rank == 0 and (stopped := build_demo(cfg, resuming=ckpt is not None)):
                 return stopped  # the demo's pretraining, interrupted
@@ -581,14 +582,8 @@ def restore(r, raw, opt, ckpt):
 
 
 def load_trained_adapter(r, raw):
-    """eval_only without a checkpoint: the finished run's adapter.pt."""
-    path = os.path.join(r.cfg["out_dir"], "adapter.pt")
-    if r.cfg["adapter"] != "none":  # resume_config made sure it is there
-        state = checkpoint.load_pt(path, "adapter")
-        if not checkpoint.is_adapter_file(state):
-            raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
-        checkpoint.check_adapter_settings(path, r.cfg, lambda c: (adapter_kwargs(c), c["targets"]))
-        checkpoint.load_state(raw, state, r.cfg, path)
+    """eval_only without a checkpoint: the finished run's adapter.pt (into a meta model: checked only)."""
+    checkpoint.load_trained_adapter(r.cfg, raw, lambda c: (adapter_kwargs(c), c["targets"]))
 
 
 def slice_seed(seed, step, part):
@@ -759,13 +754,13 @@ def finish(r, model, summary, val_ds=None, stop=None):
 # dry run: a full configuration checked on the meta device, without weights or GPUs
 
 
-def check_full_config(cfg, say=print, resuming=False):
+def check_full_config(cfg, say=print, ckpt=None):
     """The run's checks in the order the run meets them (check_batch_split, build_demo, read_inputs, build_model,
-    preflight), of what is there without weights: a configuration with two faults is told the same one first."""
+    preflight, restore: ckpt is a resume's), of what is there without weights: with two faults, the run's first."""
     world, micro = machine.dry_run_split(cfg)
     minicme.check_demo(cfg)  # as build_demo does first, in the run's sentences
     r = Run(cfg)
-    claim_out_dir(r, resuming)
+    claim_out_dir(r, ckpt is not None)
     # as read_inputs, of what is there (the README's recipe may be dry-run before its steps 1 and 2 make the shards and
     # the evaluation sets); as preflight, the tokenizer against the base's vocabulary: not a preset's, no run reads it
     tok = Tokenizer(cfg["tokenizer"]) if os.path.exists(cfg["tokenizer"]) else None
@@ -773,7 +768,7 @@ def check_full_config(cfg, say=print, resuming=False):
     if tok and made_with:
         data.check_made_with(cfg["data_dir"], made_with, tok)
     r.eval_sets = evaluation.load_eval_sets(cfg) if cfg["eval_dir"] and os.path.exists(cfg["eval_dir"]) else {}
-    src, vocab = cfg["init_from"], ""  # vocab: from scratch, what sized the embedding
+    src, vocab, weights = cfg["init_from"], "", None  # vocab: from scratch, what sized the embedding
     demo = src == minicme.DEMO["init_from"] and not os.path.exists(src)  # the run pretrains it first (build_demo)
     made = {**cfg, **minicme.PRETRAIN} if demo else cfg  # the settings of a base made from scratch
     name = made["model"] if src == "scratch" or not os.path.exists(src) else src  # a preset: a base not on disk
@@ -790,7 +785,7 @@ def check_full_config(cfg, say=print, resuming=False):
         with torch.device("meta"):
             args = from_pretrained(src, device="meta").args
     else:  # ours: its model_args (weights mapped, read once: NaN check); else refused, as by a run
-        args = base_weights(cfg, None)[0]
+        args, weights = base_weights(cfg, None)
     with torch.device("meta"):
         model = Transformer(args)
     n_base = model.num_params()
@@ -799,6 +794,10 @@ def check_full_config(cfg, say=print, resuming=False):
     if tok and src != "scratch" and (demo or os.path.exists(src)):
         tok.check_base_vocabulary(args.vocab_size)
     check_fits(r, args, longest=0)  # packed rows; padded ones depend on records the dry run has not read
+    if cfg["eval_only"] and ckpt is None and (src == "scratch" or demo or os.path.exists(src)):  # not a preset's
+        load_trained_adapter(r, model)  # as a run scores it: out_dir's adapter.pt, read and fitted to the model
+    if ckpt is not None:  # as restore: the base (ours; a folder's weights go unread) and tokenizer its ckpt.pt recorded
+        checkpoint.check_resumed_base_and_tokenizer(ckpt, weights, tok, f"{cfg['out_dir']}/ckpt.pt", cfg)
     n_train = sum(p.numel() for p in trainable(model))
     est = memory.addressable(memory.estimate(args, n_base, n_train, cfg, world, micro), cfg, micro)
     say(f"model {name}: {n_base:,} base parameters, "
