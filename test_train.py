@@ -117,7 +117,8 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     (["--init_from="], r"config key 'init_from' is empty; give it a path"),
     (["--data_dir= "], r"config key 'data_dir' is empty; give it a path"),
     (["--dropout=2.0"], r"config key 'dropout' must be in \[0, 1\), got 2.0"),
-    (["--learning_rate=-1"], r"config key 'learning_rate' must be 0 or more, got -1.0"),
+    (["--learning_rate=-1"], r"config key 'learning_rate' must be in \[0, 1\] \(an AdamW step moves each weight by "
+                             r"about that much\), got -1.0"),
     (["--min_lr_ratio=1.5"], r"config key 'min_lr_ratio' must be in \[0, 1\], got 1.5"),
     (["--eval_iters=-1"], r"config key 'eval_iters' must be 0 or more, got -1"),
     (["--learning_rate=True"],
@@ -183,7 +184,7 @@ def test_a_refusal_of_train_py_starts_with_its_name_as_every_scripts_does(monkey
 
 POSITIVE_KEYS = ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts", "eval_interval", "log_interval",
                  "eval_batch_size", "alpha", "grad_clip", "dry_run_world_size", "load_layers")
-NON_NEGATIVE_KEYS = ("learning_rate", "warmup_iters", "eval_iters", "eval_limit", "balance_coef", "weight_decay")
+NON_NEGATIVE_KEYS = ("warmup_iters", "eval_iters", "eval_limit", "balance_coef", "weight_decay")
 # threads: 100,000 OpenMP threads crash the process; seed: numpy takes no negative one, torch none of 2**64 or more
 BOUNDED_KEYS = {"threads": (0, 1024, "[0, 1024]"), "seed": (0, 2**63 - 1, "[0, 2**63)")}
 
@@ -198,6 +199,11 @@ def test_every_numeric_key_refuses_values_out_of_its_range_and_takes_its_boundar
         with pytest.raises(UserError, match=rf"config key '{key}' must be 0 or more, got -1"):
             train.parse_config([f"--{key}=-1"])
         assert train.parse_config([f"--{key}=0"])[key] == 0
+    for bad in (-1e-9, 1.5, 2e4, 1e300):  # 2e4 for 2e-4 diverges; past float32's range AdamW's step raised
+        shown = re.escape(str(bad))
+        with pytest.raises(UserError, match=rf"config key 'learning_rate' must be in \[0, 1\] .*, got {shown}"):
+            train.parse_config([f"--learning_rate={bad}"])
+    assert [train.parse_config([f"--learning_rate={v}"])["learning_rate"] for v in (0, 1)] == [0, 1]
     for key, (low, high, shown) in BOUNDED_KEYS.items():
         for bad in (low - 1, high + 1):
             with pytest.raises(UserError, match=rf"config key '{key}' must be in {re.escape(shown)}, got {bad}"):

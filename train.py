@@ -118,10 +118,11 @@ _positive, _non_negative, _fraction = (lambda v: v > 0), (lambda v: v >= 0), (la
 RANGES = [(k, _positive, "positive") for k in ("batch_size", "grad_accum", "max_iters", "max_len", "r", "experts",
                                                "eval_interval", "log_interval", "eval_batch_size", "alpha",
                                                "grad_clip", "dry_run_world_size", "load_layers")] + \
-         [(k, _non_negative, "0 or more") for k in ("learning_rate", "warmup_iters", "eval_iters", "eval_limit",
-                                                    "balance_coef", "weight_decay")] + \
+         [(k, _non_negative, "0 or more") for k in ("warmup_iters", "eval_iters", "eval_limit", "balance_coef",
+                                                    "weight_decay")] + \
          [(k, _fraction, "in [0, 1)") for k in ("dropout", "beta1", "beta2")] + \
          [("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"), ("threads", lambda v: 0 <= v <= 1024, "in [0, 1024]"),
+          ("learning_rate", lambda v: 0 <= v <= 1, "in [0, 1] (an AdamW step moves each weight by about that much)"),
           ("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
           ("lr_decay_iters", lambda v: v is None or (type(v) is int and v > 0), "None or a positive integer")]
 
