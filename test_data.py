@@ -1457,6 +1457,16 @@ def test_hf_tokenizer_with_a_bos_puts_it_in_front(tmp_path):
     assert data._encode_parts(tok, {"instruction": "a", "output": "b"})[1][-1] == tok.hf.token_to_id("<|im_end|>")
 
 
+def test_a_bos_numbered_0_starts_prompts_and_documents_as_any_other_bos(tmp_path):
+    """Id 0 is a token like any other: a BOS numbered 0 (the first special token a tokenizer was trained with) goes in
+    front of every prompt and starts every document, never taken for "no BOS" (and a document then for EOS)."""
+    tok = Tokenizer(hf_tokenizer_folder(tmp_path / "t", bos="<|endoftext|>", eos="<|im_end|>"))
+    assert tok.bos_id == 0 == tok.hf.token_to_id("<|endoftext|>") and tok.eos_id != 0
+    assert tok.encode("hi", bos=True) == [0] + tok.encode("hi")
+    assert data._encode_parts(tok, {"instruction": "a", "output": "b"})[0][0] == 0
+    assert data._encode_parts(tok, {"text": "a document"})[0] == [0]
+
+
 def test_hf_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
     """A tokenizer_config.json without a pad_token (Qwen, Mistral) pads with the EOS it names, a token of the model's
     own, never with whatever token has id 0 (in a real vocabulary, a piece of text)."""

@@ -852,10 +852,10 @@ def test_cached_generation_works_in_the_models_dtype(dtype, monkeypatch):
     assert [len(row) for row in got] == [10, 10]
 
 
-def test_generation_stops_once_every_row_has_emitted_eos(monkeypatch):
+@pytest.mark.parametrize("eos", [9, 0])  # 0: an EOS numbered 0 stops decoding too (not read as "no EOS")
+def test_generation_stops_once_every_row_has_emitted_eos(monkeypatch, eos):
     """A scripted sampler: row 0 emits EOS at step 1 then goes on, row 1 at step 3. Decoding stops after
     step 3 (one prefill and three decode passes through the trunk), each row cut before its EOS."""
-    eos = 9
     script = torch.tensor([[5, eos, 6, 7, 8, 5, 6, 7], [5, 6, 7, eos, 8, 5, 6, 7]])  # (B, steps)
     steps = iter(script.T)
     monkeypatch.setattr("model.sample", lambda logits, temperature, top_p, generator=None: next(steps))

@@ -174,6 +174,16 @@ def test_chance_levels_on_hand_made_records():
         chance_level(nli, [])
 
 
+@pytest.mark.parametrize("text, first", [
+    ("Prices rose 3.5%, then fell; analysts: wary. Next year, more.", "Prices rose 3.5%, then fell; analysts: wary."),
+    ("One, two, three. Four.", "One, two, three."),
+    ("No end here, nor here; nor: here", "No end here, nor here; nor: here")])
+def test_first_sentence_runs_on_past_commas_semicolons_colons_and_decimal_points(text, first):
+    """Only . ! ? before a space, or a line break, end ROUGE-L's baseline sentence: a cut at a comma would change the
+    trivial baseline's score, and with it the chance level that every ROUGE-L task's gain is read against."""
+    assert first_sentence(text) == first
+
+
 def test_rouge_l_on_a_hand_computed_case():
     # prediction "the cat on mat" (4 tokens), reference "a cat sat on the red mat" (7 tokens):
     # LCS = "cat on mat" = 3 ("the ... mat" is only 2), so P = 3/4, R = 3/7,
