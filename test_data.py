@@ -156,6 +156,22 @@ def test_tiktoken_file_is_detected_and_encodes_with_llama3_specials(tmp_path):
     assert tok.eos_id not in tok.encode("a</s>b")  # plain text stays text
 
 
+def test_tiktoken_specials_are_numbered_as_in_metas_llama3_tokenizer(tmp_path):
+    """Meta's tokenizer.py numbers its 256 specials after the ranks in this order: a chat template's header and
+    end-of-turn tokens must get the ids the base was trained on."""
+    pytest.importorskip("tiktoken")
+    n = write_tiktoken_file(tmp_path / "tokenizer.model")
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    metas = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+             "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>",
+             "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    metas += [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
+    assert len(metas) == 256
+    for i, special in enumerate(metas):
+        assert tok.encode(special, special=True) == [n + i], special
+        assert tok.decode([n + i]) == special
+
+
 def test_decode_gives_ids_past_the_vocabulary_no_text_with_every_tokenizer_kind(tmp_path, tiny_spm):
     """A base may pad its embedding past its tokenizer's vocabulary, and generation draw those ids: SentencePiece and
     tiktoken raised on them (IndexError, KeyError); they have no text, as Hugging Face tokenizers' decode gives."""
@@ -964,6 +980,22 @@ def test_shards_refuse_the_same_tokenizer_json_beside_a_config_that_changed_its_
         ds.check_tokenizer(tok)
 
 
+def test_shards_refuse_the_same_tokenizer_json_beside_a_config_that_changed_its_bos(tmp_path):
+    """As for the EOS: shards made without a BOS, trained on with one (or the other way), would give the model
+    prompts that start otherwise than the ones it is scored on."""
+    folder = hf_tokenizer_folder(tmp_path / "tok")
+    (tmp_path / "d.jsonl").write_text(GOOD + "\n")
+    prepare([tmp_path / "d.jsonl"], folder, tmp_path / "out", workers=1, quiet=True)
+    ds = TokenDataset(tmp_path / "out")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>",
+                                                              "eos_token": "<|endoftext|>"}))
+    tok = Tokenizer(folder)
+    assert tok.eos_id == ds.summary["eos_id"] and tok.bos_id is not None
+    with pytest.raises(UserError, match=f"{ds.path} was made with the BOS id None, but tokenizer "
+                                        f"{re.escape(tok.path)} gives {tok.bos_id} "):
+        ds.check_tokenizer(tok)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 
@@ -1472,6 +1504,22 @@ def test_hf_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
     own, never with whatever token has id 0 (in a real vocabulary, a piece of text)."""
     tok = Tokenizer(hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>"))
     assert tok.eos_id != 0 and tok.pad_id == tok.eos_id == tok.hf.token_to_id("<|im_end|>")
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "<|im_start|>"])
+def test_hf_tokenizer_with_a_pad_token_of_its_own_pads_with_it_and_ends_answers_with_the_eos(tmp_path, pad_token):
+    """Qwen2.5-Instruct's config names the pad <|endoftext|> and the EOS <|im_end|>: each id is the token its key
+    names (whatever its number), so answers end with the EOS that generation stops at, never with the pad."""
+    import tokenizers
+    folder = hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>",
+                                                              "pad_token": pad_token}))
+    package = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos, pad = package.token_to_id("<|im_end|>"), package.token_to_id(pad_token)
+    tok = Tokenizer(folder)
+    assert eos != pad and (tok.eos_id, tok.pad_id) == (eos, pad)
+    ids, labels = encode_example(tok, {"instruction": "hello", "input": "", "output": "world"})
+    assert ids[-1] == labels[-1] == eos and ids[labels.count(-100) - 1] == eos and pad not in ids
 
 
 @pytest.mark.parametrize("damage", ["a folder", "a list", "a 5000-digit number", "not UTF-8"])

@@ -89,6 +89,17 @@ def test_write_atomic_keeps_the_old_file_until_the_new_one_is_on_disk(tmp_path, 
     assert path.read_bytes() == new and os.listdir(path.parent) == ["results.json"]
 
 
+def test_write_atomic_writes_text_as_utf8_and_bytes_as_given(tmp_path):
+    """results.json and the summaries are read back as UTF-8 (files.read_json): text with any character is written
+    as UTF-8, not in a locale's encoding, and bytes go to disk unchanged."""
+    text = "héllo wörld 🙂 日本語 ünïcode\n"
+    files.write_atomic(str(tmp_path / "a.json"), text)
+    assert (tmp_path / "a.json").read_bytes() == text.encode("utf-8")
+    raw = bytes(range(256))
+    files.write_atomic(str(tmp_path / "b.bin"), raw)
+    assert (tmp_path / "b.bin").read_bytes() == raw
+
+
 def test_a_write_atomic_cut_short_leaves_the_old_file_and_a_temporary_that_is_cleaned_once_its_process_is_gone(
         tmp_path, monkeypatch):
     path = tmp_path / "report.md"

@@ -550,6 +550,15 @@ def test_imdb_loader_reads_aclimdb_folders_and_the_fastnlp_tsv():
     assert "<br /><br />" in tsv[0]["input"]  # kept, as the official IMDB-style records keep them
 
 
+def test_imdb_tsv_reviews_are_the_text_after_the_tab_without_the_line_break(tmp_path):
+    """fastNLP's file holds one review a line: the line break (LF or CRLF, the last line's or none) is the file's,
+    not the review's, whose inner tabs stay."""
+    (tmp_path / "dev.txt").write_bytes(b"pos\tgreat film\r\nneg\tdull,\tlong film\npos\t<br />fine")
+    records = CME_TASKS["imdb"].load(str(tmp_path / "dev.txt"))
+    want = [("positive", "great film"), ("negative", "dull,\tlong film"), ("positive", "<br />fine")]
+    assert records == [make_record("sentiment", label, text=text) for label, text in want]
+
+
 @needs_cme_fixtures
 def test_write_eval_set_writes_a_json_list_or_jsonl_in_the_official_format(tmp_path):
     rounds = [os.path.join(CME_DIR, "anli", f"R{k}", "test.jsonl") for k in (1, 2, 3)]

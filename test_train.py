@@ -1784,6 +1784,31 @@ def _tiny_adapter_model(seed):
     return m.train()
 
 
+@pytest.mark.parametrize("name, what", [("ckpt.pt", "training checkpoint"), ("adapter.pt", "adapter")])
+def test_an_empty_checkpoint_file_is_named_as_empty_not_as_corrupt(tmp_path, name, what):
+    """A copy or a save that did not finish leaves 0 bytes: the one sentence says so, not torch's zip complaint."""
+    import checkpoint
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / name))} is empty \(a copy or a save that did "
+                                        rf"not finish\), not a {what}; restore it"):
+        checkpoint.load_pt(str(tmp_path / name), what)
+
+
+def test_an_adapter_state_naming_a_base_weight_in_place_of_an_adapter_tensor_is_refused_and_nothing_copied():
+    """A checkpoint's adapter must hold the model's adapter tensors by name, not only as many: one that holds a base
+    weight in place of one of them (a damaged or foreign file) would overwrite the frozen base and leave that
+    adapter tensor at its start, unsaid."""
+    import checkpoint
+    m = _tiny_adapter_model(seed=1)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    state = {n: p.detach().clone() + 1 for n, p in m.named_parameters() if teamlora.is_adapter(n)}
+    state.pop(next(iter(state)))
+    state["norm.weight"] = torch.zeros_like(before["norm.weight"])
+    with pytest.raises(UserError, match="does not fit this model"):
+        checkpoint.load_state(m, state, {"adapter": "teamlora"}, "ckpt.pt")
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
 def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step(tmp_path, monkeypatch):
     """ckpt.pt is written before adapter.pt (a kill between them leaves the adapter behind, never ahead), after
     log.jsonl's lines are on disk (after a power cut a resume would log from the checkpoint on, leaving a gap), and

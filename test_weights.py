@@ -1237,6 +1237,24 @@ def test_an_untied_hf_checkpoint_whose_lm_head_equals_the_embedding_stays_untied
     assert not loaded.args.tie_embeddings and loaded.output is not None
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_a_config_without_tie_word_embeddings_is_untied_as_transformers_defaults_it(tmp_path, model_type):
+    """LlamaConfig, Qwen2Config and MistralConfig default tie_word_embeddings to false: an lm_head equal to the
+    embedding stays a weight of its own, and a folder without one lacks it (not tied in silence)."""
+    model = tiny_model(qkv_bias=model_type == "qwen2")
+    sd = hf_state_dict(model)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    config = {k: v for k, v in hf_config(model, model_type).items() if k != "tie_word_embeddings"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    args, state = read(tmp_path)
+    assert args["tie_embeddings"] is False and torch.equal(state["output.weight"], sd["lm_head.weight"])
+    del sd["lm_head.weight"]
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="lacks weights the model needs: output.weight"):
+        Transformer.from_pretrained(tmp_path)
+
+
 def test_meta_params_json_with_use_scaled_rope_false_loads_and_unknown_fields_are_refused(tmp_path):
     model = tiny_model()
     write_meta_dir(model, tmp_path, 0)
@@ -1407,6 +1425,43 @@ def test_an_index_names_the_weight_files_and_others_beside_it_are_not_read(tmp_p
         weight_map.update(dict.fromkeys(half, file))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     write_safetensors({n: torch.zeros_like(t) for n, t in sd.items()}, tmp_path / "model-00003-of-00003.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_a_null_num_key_value_heads_is_one_kv_head_per_query_head_as_transformers_reads_it(tmp_path, model_type):
+    """LlamaConfig and MistralConfig take num_key_value_heads=None as num_attention_heads (Mistral's default of 8 is
+    for an absent key): plain multi-head attention, its k rows un-permuted per head like q's."""
+    model = tiny_model(n_kv_heads=None)
+    config = hf_config(model, model_type) | {"num_key_value_heads": None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.args.n_kv_heads == loaded.args.n_heads == model.args.n_heads
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12))
+    assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
+
+
+def test_with_both_indexes_the_safetensors_index_and_its_shards_are_read_not_the_bin_ones(tmp_path):
+    """As transformers prefers them: a download holding both sharded formats (another model's .bin shards here)
+    reads model.safetensors.index.json and its files, never the pickles."""
+    pytest.importorskip("safetensors")
+    model, other = tiny_model(), hf_state_dict(tiny_model(seed=1))
+    sd = hf_state_dict(model)
+    names = list(sd)
+    maps = {"safetensors": {}, "bin": {}}
+    for i, half in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        write_safetensors({n: sd[n] for n in half}, tmp_path / file)
+        maps["safetensors"].update(dict.fromkeys(half, file))
+        file = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({n: other[n] for n in half}, tmp_path / file)
+        maps["bin"].update(dict.fromkeys(half, file))
+    for index, weight_map in (("model.safetensors.index.json", maps["safetensors"]),
+                              ("pytorch_model.bin.index.json", maps["bin"])):
+        (tmp_path / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (tmp_path / "config.json").write_text(json.dumps(hf_config(model)))
     tokens = torch.randint(0, model.args.vocab_size, (2, 12))
     assert torch.equal(logits_of(Transformer.from_pretrained(tmp_path), tokens), logits_of(model, tokens))
