@@ -173,6 +173,17 @@ def test_a_paired_interval_needs_two_pairs_of_the_same_count():
             study.paired_difference(a, b)
 
 
+@pytest.mark.parametrize("extra", ["a", "b"])
+def test_a_paired_interval_refuses_a_value_without_its_pair_rather_than_dropping_it(extra):
+    """zip would pair the first n values and drop the rest: with 2 pairs left, an interval over fewer runs than were
+    given, without a word. Either side longer is refused, naming both counts."""
+    a, b = [3.0, 4.0, 5.0], [2.0, 2.0]
+    if extra == "b":
+        a, b = b, a
+    with pytest.raises(ValueError, match=rf"as many of each, got {len(a)} and {len(b)}"):
+        study.paired_difference(a, b)
+
+
 def test_runs_scored_on_other_tasks_are_refused_not_averaged_over_fewer(tmp_path):
     """A seed missing a task was averaged over the tasks it had (and paired with TeamLoRA's average over all), or
     the table stopped with a KeyError; selection compared means over other tasks than the test runs'."""

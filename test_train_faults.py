@@ -402,6 +402,40 @@ def test_rows_or_answers_longer_than_the_base_models_context_are_refused_before_
                                                "--max_len=4096", "--max_iters=1")))
 
 
+def test_an_evaluation_set_leaving_room_for_exactly_bos_and_its_end_of_prompt_is_taken(run_data, tmp_path, capsys):
+    """The fewest tokens a prompt keeps is 2 (BOS and "</s>"): a set generating up to context - 2 tokens fits, one
+    token more is refused, by the run's check_fits (here in its dry run, which reads a base of ours' context)."""
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "summary.jsonl").write_text('{"instruction": "Summarise: a b c", "output": "a"}\n')
+    new = evaluation.task_of("summary").max_new_tokens
+    for context, refused in ((new + 2, False), (new + 1, True)):
+        base = base_with(run_data, tmp_path / f"{context}.pt", max_seq_len=context)
+        flags = train_flags(run_data, tmp_path / "out", f"--init_from={base}", "--max_len=40", f"--eval_dir={evals}",
+                            "--dry_run=True")
+        if refused:
+            fails(flags, capsys, f"summary generates up to {new} tokens", "leaves no room")
+        else:
+            assert train.train(train.parse_config(flags))["trainable_params"] > 0
+
+
+def test_padded_rows_are_sized_by_the_longest_record_of_either_split(run_data, tmp_path, capsys):
+    """pad mode cuts each split's rows at its longest record: a base whose context holds one split's longest record
+    but not the other's is refused before step 1, whichever split holds the longer one."""
+    records = [{"instruction": f"Say {w}.", "output": w} for w in "abcdefghijklmnop"]
+    records.append({"instruction": "Repeat: " + " ".join(["word"] * 60), "output": "word"})
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shards = tmp_path / "tokens"
+    data.prepare([str(tmp_path / "records.jsonl")], str(run_data / "tokenizer.model"), str(shards), max_len=256,
+                 val_fraction=0.5, quiet=True)
+    longest = sorted(int(data.TokenDataset(shards, split).lengths.max()) for split in ("train", "val"))
+    assert longest[0] < longest[1]  # the long record in one split, short ones in both
+    base = base_with(run_data, tmp_path / "base.pt", max_seq_len=longest[0])
+    fails(train_flags(run_data, tmp_path / "a", f"--init_from={base}", f"--data_dir={shards}", "--eval_dir=",
+                      "--batch_mode=pad", "--max_len=256"), capsys, f"longer than the {longest[0]} tokens")
+    assert not (tmp_path / "a").exists()
+
+
 def test_pack_rows_past_the_context_are_refused_even_when_every_record_fits_it(run_data, tmp_path, capsys):
     """pack mode fills each row up to max_len with several records: a max_len past the base's context is refused
     before step 1 even where every record alone fits in it (pad mode's rows end at the longest record instead)."""
@@ -1165,6 +1199,56 @@ def test_the_dry_run_of_a_resume_on_other_processes_keeps_the_runs_slices_as_the
         assert fails(flags, capsys) == f"train.py: error: {run.value}\n"
 
 
+@pytest.mark.parametrize("adapter_pt", ["missing", "stale"])
+def test_the_dry_run_of_a_rescoring_from_a_checkpoint_leaves_adapter_pt_unread_as_the_run_does(run_data, tmp_path,
+                                                                                               capsys, adapter_pt):
+    """eval_only on a run with its ckpt.pt scores the checkpoint's adapter (restore): an adapter.pt beside it that a
+    kill left unwritten, or one of other settings, is not read by the run, so not by its dry run either."""
+    out = finished_run(run_data, tmp_path / "run")
+    if adapter_pt == "missing":
+        os.remove(out / "adapter.pt")
+    else:  # not an adapter at all: read, it would be refused
+        (out / "adapter.pt").write_bytes(os.urandom(4096))
+    before = every_file(out)
+    flags = train_flags(run_data, out, "--eval_only=True", "--eval_limit=1", "--dry_run=True")
+    assert train.train(train.parse_config(flags))["trainable_params"] > 0
+    assert every_file(out) == before
+
+
+def test_the_dry_run_of_a_rescoring_whose_base_is_not_on_disk_fits_no_adapter_to_the_preset_standing_in_for_it(
+        run_data, tmp_path, capsys):
+    """A base not on disk (not downloaded yet) is described by the `model` preset, which is not its shape: the
+    re-scoring's dry run leaves adapter.pt unfitted to it, where fitting refused an adapter that fits its own base."""
+    saved = torch.load(run_data / "base.pt", weights_only=True)["model_args"]
+    args = train.ModelArgs(**{**saved, "dim": saved["dim"] // 2, "ffn_dim_multiplier": None, "hidden_dim": None})
+    base = tmp_path / "narrow.pt"
+    torch.save({"model_args": asdict(args), "model": train.Transformer(args).state_dict()}, base)
+    out = finished_run(run_data, tmp_path / "run", f"--init_from={base}")
+    os.remove(out / "ckpt.pt")
+    os.remove(base)
+    assert train.ModelArgs.from_name("tiny").dim != args.dim  # the preset's adapter shapes are not the run's
+    flags = train_flags(run_data, out, f"--init_from={base}", "--eval_only=True", "--eval_limit=1", "--dry_run=True")
+    assert train.train(train.parse_config(flags))["trainable_params"] > 0
+    assert "model tiny" in capsys.readouterr().out
+
+
+def test_a_resume_given_dry_run_world_size_but_not_dry_run_trains_as_one_without_it(run_data, tmp_path, capsys):
+    """dry_run_world_size is what a dry run plans for, no setting of the run: a real resume given it keeps the slices
+    for the processes it runs on (here one, as the run had), its grad_accum and so its training those of a resume
+    without it."""
+    first = finished_run(run_data, tmp_path / "a", "--grad_accum=2")
+    shutil.copytree(first, tmp_path / "b")
+    capsys.readouterr()
+    for out, more in ((tmp_path / "a", []), (tmp_path / "b", ["--dry_run_world_size=2"])):
+        train.main(train_flags(run_data, out, "--grad_accum=2", "--init_from=resume", "--max_iters=6", "--eval_dir=",
+                               *more))
+    assert "resuming a run of" not in capsys.readouterr().out
+    configs = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["config"] for d in "ab"]
+    assert [c["grad_accum"] for c in configs] == [2, 2]
+    a, b = (torch.load(tmp_path / d / "adapter.pt", weights_only=True) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
 @pytest.mark.parametrize("fault", ["--r=16", "--adapter=lora", "damaged", "a ckpt.pt", None])
 def test_the_dry_run_of_a_rescoring_refuses_an_adapter_the_run_cannot_load_in_the_runs_sentence(run_data, tmp_path,
                                                                                                capsys, fault):
@@ -1374,6 +1458,38 @@ def test_a_damaged_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence
                                  f"({minicme.DEMO['tokenizer']} is neither a SentencePiece model")
 
 
+def test_a_batch_that_does_not_split_is_said_before_the_demos_damaged_files_by_the_dry_run_as_by_the_run(
+        run_data, tmp_path, monkeypatch, capsys):
+    """The run checks the batch's split for its processes (check_batch_split) before it builds or reads anything of
+    the demo's: with both faults, the dry run for that many processes names the split too, in the run's sentence."""
+    demo_built_in(tmp_path, monkeypatch, run_data, "suite", ("suite.json", "train.jsonl", "tokenizer.model"))
+    tokenizer = tmp_path / minicme.DEMO["tokenizer"]
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])  # truncated
+    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=6", "--grad_accum=2"]
+    with pytest.raises(train.UserError) as run:  # the run's check, on 2 processes under torchrun
+        machine.check_batch_split(train.parse_config(flags), 2)
+    assert fails([*flags, "--dry_run=True", "--dry_run_world_size=2"], capsys) == f"train.py: error: {run.value}\n"
+    assert "the demo's files" in fails(flags, capsys)  # the other fault, which one process meets
+
+
+def test_a_damaged_demo_tokenizer_is_named_as_the_demos_damage_before_a_tokenizer_of_ones_own_is_compared_with_it(
+        run_data, tmp_path, monkeypatch, capsys):
+    """With a tokenizer of one's own on the demo's shards still to be prepared, the demo's own tokenizer.model is what
+    those shards will be made with: check_own_tokenizer reads it to compare. Damaged, it is the demo's damage (delete
+    the demo's files, run again), said before the comparison could say it in the tokenizer's words, by the run and its
+    dry run alike."""
+    demo_built_in(tmp_path, monkeypatch, run_data, "suite", ("suite.json", "train.jsonl", "tokenizer.model"))
+    tokenizer = tmp_path / minicme.DEMO["tokenizer"]
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])  # truncated
+    mine = tmp_path / "mine.model"
+    shutil.copy(run_data / "tokenizer.model", mine)
+    before = every_file(tmp_path)
+    flags = ["--model=tiny", "--eval_dir=", "--max_iters=1", "--batch_size=8", f"--tokenizer={mine}"]
+    run = fails(flags, capsys, f"the demo's files in {minicme.ROOT} are incomplete", f"delete {minicme.ROOT}")
+    assert fails([*flags, "--dry_run=True"], capsys) == run
+    assert every_file(tmp_path) == before and not os.path.exists("out")
+
+
 @pytest.mark.parametrize("built", ["suite", "all but the base", "all"])
 def test_a_missing_demo_tokenizer_is_refused_by_the_dry_run_in_the_runs_sentence(run_data, tmp_path, monkeypatch,
                                                                                   capsys, built):
@@ -1468,6 +1584,7 @@ TWO_FAULTS = [("mini-CME", first, second) for first, second in [
     ("tokenizer not the shards'", "targets not linear"),
     ("tokenizer not the shards'", "eval_dir holding a JSON list"),
     ("a base of another vocabulary", "r wider than a target"),
+    ("a base of another vocabulary", "rows past the base's context"),
     ("init_from not a checkpoint", "eval_dir a file"),
     ("targets not linear", "rows past the base's context"),
     ("eval_dir a file", "load_layers past the layers"),
