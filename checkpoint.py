@@ -108,15 +108,30 @@ def check_adapter_settings(path, cfg, computes):
         raise UserError(f"{path} was trained with {flags} (says the results.json beside it); score it with those.")
 
 
-def load_trained_adapter(cfg, model, computes):
+def check_adapter_base(path, base, cfg):
+    """eval_only of an adapter.pt alone: it is only right on the base its run trained on, whose fingerprint the
+    results.json beside it records (as ckpt.pt does: check_base). One of an older train.py records none, and the dry
+    run (base None) knows none: not checked."""
+    try:
+        saved = files.read_json(os.path.join(os.path.dirname(path), "results.json"), fix="").get("base")
+    except ValueError:  # none, or unreadable (read_json's UserError): the flags alone
+        return
+    if base is not None and isinstance(saved, str) and saved != base:
+        raise UserError(f"the base model at {cfg['init_from']} is not the one {path} was trained on (its weights "
+                        "differ from those the results.json beside it records); point --init_from at that base.")
+
+
+def load_trained_adapter(cfg, model, computes, base=None):
     """eval_only without a checkpoint: out_dir's adapter.pt, the finished run's, into model (a meta model: checked
-    only, by train.py's dry run); computes as for check_adapter_settings."""
+    only, by train.py's dry run); computes as for check_adapter_settings; base: the fingerprint of the base it meets
+    (check_adapter_base), None where not known."""
     path = os.path.join(cfg["out_dir"], "adapter.pt")
     if cfg["adapter"] != "none":  # train.resume_config made sure it is there
         state = load_pt(path, "adapter")
         if not is_adapter_file(state):
             raise UserError(f"{path} is not an adapter written by train.py; point --out_dir at a finished run.")
         check_adapter_settings(path, cfg, computes)
+        check_adapter_base(path, base, cfg)
         load_state(model, state, cfg, path)
 
 

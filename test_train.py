@@ -2164,6 +2164,24 @@ def test_a_changed_base_is_refused_for_an_adapter_but_not_for_full_training_whos
         checkpoint.check_base({"base": "aaaa"}, "bbbb", adapter, "ckpt.pt")
 
 
+@pytest.mark.parametrize("text", ['{"base": "aaaa"}', '{"config": {}}', '{"base": null}', "[]", None])
+def test_an_adapter_alone_is_refused_only_on_a_base_other_than_the_one_its_results_json_records(tmp_path, text):
+    """check_adapter_base: an adapter.pt alone meets the base whose fingerprint the results.json beside it records;
+    one of an older train.py (no key), none, a damaged one, or a base not known (the dry run's None) pass."""
+    import checkpoint
+    path, cfg = str(tmp_path / "adapter.pt"), {"init_from": "b.pt"}
+    if text is not None:
+        (tmp_path / "results.json").write_text(text)
+    for base in ("aaaa", None):
+        assert checkpoint.check_adapter_base(path, base, cfg) is None
+    if text != '{"base": "aaaa"}':
+        assert checkpoint.check_adapter_base(path, "bbbb", cfg) is None
+        return
+    with pytest.raises(UserError, match=r"^the base model at b\.pt is not the one .*adapter\.pt was trained on .*; "
+                                        r"point --init_from at that base\.$"):
+        checkpoint.check_adapter_base(path, "bbbb", cfg)
+
+
 def test_only_rank_0_writes_the_checkpoint_and_every_rank_waits_until_it_is_written(tmp_path, monkeypatch):
     """Under torchrun every rank gathers the state (a collective), rank 0 alone writes the files (two writers of one
     file would race), and all of them wait at a barrier until it has: no rank goes on, or exits, before it is whole."""

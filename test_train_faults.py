@@ -1731,6 +1731,57 @@ def test_a_run_resumed_or_sampled_on_another_base_is_refused_and_on_its_own_goes
     sample.load_run(str(out))
 
 
+def scored_run_on_a_base_of_its_own(run_data, tmp_path):
+    """(out, base, the base's weights, the same shape's other weights): a finished, scored run on a copy of the
+    session's base, its ckpt.pt deleted (its adapter.pt and results.json kept, as one keeps or shares a run)."""
+    base, out = tmp_path / "base.pt", tmp_path / "run"
+    shutil.copy(run_data / "base.pt", base)
+    train.train(train.parse_config(train_flags(run_data, out, f"--init_from={base}", "--max_iters=2",
+                                               "--eval_interval=2", "--eval_limit=1")))
+    results = json.loads((out / "results.json").read_text())
+    assert results["base"] == torch.load(out / "ckpt.pt", weights_only=True)["base"]  # the string ckpt.pt records
+    (out / "ckpt.pt").unlink()
+    original = torch.load(base, weights_only=True)
+    other = {**original, "model": {n: t + 1e-4 if n.startswith("layers.0.") else t
+                                   for n, t in original["model"].items()}}
+    return out, base, original, other
+
+
+def test_an_adapter_alone_rescored_on_another_base_is_refused_and_on_its_own_is_scored_keeping_its_base(
+        run_data, tmp_path, capsys):
+    """A run kept as its adapter.pt and results.json alone was re-scored on any base of the same shape without a word
+    (only ckpt.pt recorded the base): noise scores. results.json records the base's fingerprint, and keeps it."""
+    out, base, original, other = scored_run_on_a_base_of_its_own(run_data, tmp_path)
+    rescore = train_flags(run_data, out, f"--init_from={base}", "--eval_only=True", "--eval_limit=1")
+    recorded = json.loads((out / "results.json").read_text())["base"]
+    torch.save(other, base)
+    before = every_file(tmp_path)
+    fails(rescore, capsys, f"the base model at {base} is not the one {out}/adapter.pt was trained on (its weights "
+          "differ from those the results.json beside it records); point --init_from at that base.")
+    assert every_file(tmp_path) == before  # nothing written
+    torch.save(original, base)  # its own: scored, and the rewritten results.json still records it
+    train.train(train.parse_config(rescore))
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["eval_only"] is True and results["base"] == recorded
+
+
+def test_an_adapter_alone_whose_results_json_of_an_older_train_py_records_no_base_is_scored_and_records_it(
+        run_data, tmp_path, capsys):
+    """A results.json written before it recorded the base: the adapter is scored on the base given, as before, and
+    the results.json rewritten records that base from then on (the run's own is then the other one)."""
+    out, base, original, other = scored_run_on_a_base_of_its_own(run_data, tmp_path)
+    rescore = train_flags(run_data, out, f"--init_from={base}", "--eval_only=True", "--eval_limit=1")
+    results = json.loads((out / "results.json").read_text())
+    own = results.pop("base")
+    (out / "results.json").write_text(json.dumps(results))
+    torch.save(other, base)
+    train.train(train.parse_config(rescore))
+    rescored = json.loads((out / "results.json").read_text())
+    assert rescored["config"]["eval_only"] is True and isinstance(rescored["base"], str) and rescored["base"] != own
+    torch.save(original, base)
+    fails(rescore, capsys, f"the base model at {base} is not the one {out}/adapter.pt was trained on")
+
+
 def test_a_checkpoint_or_adapter_holding_nan_or_inf_is_refused_by_resume_eval_only_and_sample(run_data, tmp_path,
                                                                                                capsys):
     """train.py never saves a diverged step, so a NaN or an infinity in ckpt.pt or adapter.pt is damage: it was

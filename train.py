@@ -584,7 +584,7 @@ def restore(r, raw, opt, ckpt):
 
 def load_trained_adapter(r, raw):
     """eval_only without a checkpoint: the finished run's adapter.pt (into a meta model: checked only)."""
-    checkpoint.load_trained_adapter(r.cfg, raw, lambda c: (adapter_kwargs(c), c["targets"]))
+    checkpoint.load_trained_adapter(r.cfg, raw, lambda c: (adapter_kwargs(c), c["targets"]), base=r.base)
 
 
 def slice_seed(seed, step, part):
@@ -668,7 +668,7 @@ def run(r, ckpt=None):
           f"of the base), {len(train_ds):,} training records, {r.world} process(es) on {r.device}"
           + (f" ({torch.get_num_threads()} thread(s))" if r.device.type == "cpu" else ""))
     step = restore(r, raw, opt, ckpt) if ckpt is not None else 0
-    summary = {"config": cfg, "model": raw, "trainable_params": n_train, "base_params": n_base}
+    summary = {"config": cfg, "model": raw, "trainable_params": n_train, "base_params": n_base, "base": r.base}
     if cfg["eval_only"]:
         if ckpt is None:
             load_trained_adapter(r, raw)
