@@ -1510,7 +1510,7 @@ def test_hf_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
 def test_hf_tokenizer_with_a_pad_token_of_its_own_pads_with_it_and_ends_answers_with_the_eos(tmp_path, pad_token):
     """Qwen2.5-Instruct's config names the pad <|endoftext|> and the EOS <|im_end|>: each id is the token its key
     names (whatever its number), so answers end with the EOS that generation stops at, never with the pad."""
-    import tokenizers
+    tokenizers = pytest.importorskip("tokenizers")  # an extra, as every Hugging Face tokenizer test's
     folder = hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>")
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>",
                                                               "pad_token": pad_token}))

@@ -237,10 +237,12 @@ def test_every_count_past_int64_is_refused_by_its_key():
 
 @pytest.mark.parametrize("key,value,flags", [("r", 4 * 10**18, []), ("r", 260, ["--experts=4"]),
                                              ("experts", 10**18, ["--adapter=hydralora"])])
-def test_a_rank_or_experts_past_a_target_width_is_refused_before_anything_is_allocated(key, value, flags, capsys):
+def test_a_rank_or_experts_past_a_target_width_is_refused_before_anything_is_allocated(key, value, flags, tmp_path,
+                                                                                        capsys):
     """A (r x d_in), B (d_out x r) or the router (k x d_in) larger than the weight it adapts: the dry run built them
     on the meta device and crashed ("Storage size calculation overflowed") or ran out of memory (exit 3)."""
-    argv = ["--dry_run=True", "--model=small", "--init_from=scratch", "--targets=w1,wq"]  # w1 and wq: 256 wide
+    argv = ["--dry_run=True", "--model=small", "--init_from=scratch", "--targets=w1,wq",  # w1 and wq: 256 wide
+            f"--out_dir={tmp_path / 'out'}"]  # not the demo's out/demo, which holds a run once the demo has run
     assert conftest.script_error(train.main, [*argv, f"--{key}={value}", *flags], capsys) == (
         f"train.py: error: {key}={value} is more than target w1's width of 256 features, where A, B or the router "
         f"alone would outgrow the weight it adapts; set --{key}=256 or less.")
@@ -1057,12 +1059,13 @@ def test_each_recipes_dry_run_describes_the_published_config_of_its_base(recipe,
 
 @pytest.mark.parametrize("batch_size, grad_accum", [(12, 1), (15, 3), (16, 1), (12, 3)])
 def test_the_demos_dry_run_plans_for_the_one_process_that_python_train_py_runs(batch_size, grad_accum, monkeypatch,
-                                                                                capsys):
+                                                                                tmp_path, capsys):
     """`python train.py --dry_run=True` plans the demo's own run, one process: it accepts every batch that run accepts
     and prints that run's micro-batch. It planned for 8 GPUs under DDP (micro-batch 2 of the demo's 16) and refused
     --batch_size=12, which `python train.py` trains, as not a multiple of "processes x grad_accum = 8"."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    cfg = train.parse_config(["--dry_run=True", f"--batch_size={batch_size}", f"--grad_accum={grad_accum}"])
+    cfg = train.parse_config(["--dry_run=True", f"--batch_size={batch_size}", f"--grad_accum={grad_accum}",
+                              f"--out_dir={tmp_path / 'out'}"])  # out/demo holds a run once the demo has run
     machine.check_batch_split(cfg, 1)  # the real run, one process, takes this batch
     train.train(cfg)
     out = capsys.readouterr().out

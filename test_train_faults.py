@@ -1066,7 +1066,7 @@ def test_the_dry_run_refuses_an_init_from_that_is_a_file_but_not_a_checkpoint_as
     """A preset stood in for it, as for a base not on disk, and the dry run passed a configuration that the run
     then refused (on 8 GPUs, after the launch)."""
     (tmp_path / "tokenizer.model").write_text("not a base\n")
-    fails([f"--init_from={tmp_path / 'tokenizer.model'}", "--dry_run=True"], capsys,
+    fails([f"--init_from={tmp_path / 'tokenizer.model'}", "--dry_run=True", f"--out_dir={tmp_path / 'out'}"], capsys,
           f"init_from '{tmp_path / 'tokenizer.model'}' is a file; give a model.pt written by train.py")
 
 
@@ -1158,9 +1158,10 @@ def test_a_non_ascii_out_dir_under_the_c_locale_is_refused_at_once_naming_the_lo
         assert train.parse_config([f"--{key}={tmp_path}/\udce9"])[key] == f"{tmp_path}/\udce9"
 
 
-def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
+def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, tmp_path, capsys):
     base = torch.load(run_data / "base.pt", weights_only=True)
-    summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True"]))
+    summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True",
+                                              f"--out_dir={tmp_path / 'out'}"]))
     n_base = sum(t.numel() for t in base["model"].values())
     out = capsys.readouterr().out
     assert summary["base_params"] == n_base and f"model {run_data / 'base.pt'}: {n_base:,} base parameters" in out
