@@ -21,6 +21,7 @@ import pickle
 import random
 import textwrap
 import time
+from contextlib import suppress
 from dataclasses import asdict
 
 import numpy as np
@@ -245,7 +246,7 @@ def check_tokenizer(ckpt, tok, path):
 
 def check_resumed_base_and_tokenizer(ckpt, weights, tok, path, cfg):
     """A resume's checks of what it reads besides the shards (train.py's dry run): the base's weights (None: not read)
-    and the tokenizer (None: not there yet) are those the run's ckpt.pt at path recorded, as train.restore checks."""
+    and the tokenizer (None: not there yet) are those the run's ckpt.pt at path recorded, as restore checks."""
     if weights is not None:
         check_base(ckpt, fingerprint(weights), cfg, path)
     if tok is not None:
@@ -368,6 +369,26 @@ def set_training_state(raw, opt, ckpt, r, path):
                         "resume from a copy, or start the run again.") from None
 
 
+def restore(r, raw, opt, ckpt):
+    """Put a checkpoint's adapter (or weights), optimizer and RNG state back (r: train.Run); returns its step."""
+    path = f"{r.cfg['out_dir']}/ckpt.pt"
+    check_base(ckpt, r.base, r.cfg, path)
+    if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards (whose tokenizer preflight checks)
+        check_data(ckpt, r.data, r.cfg, path)
+    check_tokenizer(ckpt, r.tok, path)
+    load_state(raw, ckpt["state"], r.cfg, path)
+    set_training_state(raw, opt, ckpt, r, path)
+    if r.master and not r.cfg["eval_only"]:  # a kill between the two writes left the adapter (or model.pt) behind
+        save_weights(r, ckpt["state"])
+    step, last = ckpt["iter"], r.cfg["max_iters"]
+    if r.cfg["eval_only"]:
+        note = f", before its last ({last}): the run stopped, or is still training" if step < last else ""
+    else:  # a run stopped while it was scored resumes to be scored
+        note = ", its last: nothing to train, scoring it (raise --max_iters to train on)" if step == last else ""
+    r.say(f"resumed from {path} at step {step}{note}")
+    return step
+
+
 def rng_state(dev):
     """Every generator's state as tensors and plain values (what weights_only=True can load back). The
     CUDA generator only for a CUDA run: asking for it would start CUDA in a CPU run (a GPU context, and
@@ -430,3 +451,23 @@ def save_checkpoint(r, raw, opt, step, validated=True):
                             f"({e.strerror or e}); free space there (or make it writable), then {then}.") from None
     if r.world > 1:
         dist.barrier()
+
+
+def stop_run(r, raw, opt, stop, step, saved):
+    """After Ctrl-C or SIGTERM: the checkpoint of step `step`, the last finished, unless a second Ctrl-C stopped a step,
+    or a save before its ckpt.pt was written (atomically: step `saved`'s stands). Returns the run's checkpoint step."""
+    if not stop.forced and saved != step:
+        with suppress(KeyboardInterrupt):
+            save_checkpoint(r, raw, opt, step, validated=r.unvalidated != step)
+            saved = step
+    saved = step if r.written == step else saved  # a save cut short after ckpt.pt: a resume writes adapter.pt again
+    if r.written == step:
+        r.say(f"\ninterrupted: checkpoint of step {step} written to {r.cfg['out_dir']}; continue with {r.resume_with}")
+    elif saved is not None:  # the one resumed from, its validation again cut short; or a second Ctrl-C's
+        r.say(f"\n{'stopped at once' if stop.forced else 'interrupted'}: the checkpoint of step {saved} in "
+              f"{r.cfg['out_dir']} is kept; continue with {r.resume_with}")
+    else:  # a new run stopped before its first checkpoint: its log.jsonl is there, in the way if a step is in it
+        same = r.resume_with == "the same command" or logged_nothing(r.cfg["out_dir"])
+        again = "the same command" if same else "the run with --overwrite=True"
+        r.say(f"\nstopped at once, before the run wrote a checkpoint: start {again}")
+    return saved or 0

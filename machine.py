@@ -342,7 +342,7 @@ class StopAfterStep:
     at its next batch (evaluation.val_loss), and a resume runs it again. A second Ctrl-C stops at once, keeping the
     last checkpoint; not under torchrun, which passes the terminal's Ctrl-C on to its processes (each gets two), and
     never a SIGTERM. Once trained() (the loop wrote its last step's checkpoint, or resumed from it) no step is left to
-    end: a stop is then told by what it stops, the loop (train.stop_run) or the scoring (evaluation.score), alone."""
+    end: a stop is told by what it stops, the loop (checkpoint.stop_run) or the scoring (evaluation.score), alone."""
 
     def __init__(self, master, trained=lambda: False):
         self.master, self.asked, self.forced, self.trained = master, False, False, trained

@@ -54,7 +54,7 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
     cfg = {**saved, "device": device, **LOADING}
     files.check_run_paths(cfg, ("tokenizer", "init_from"), "sample.py", files.folder_ran_in(out_dir, saved["out_dir"]))
     r = train.Run(cfg, device=torch.device(machine.resolve_device(cfg)), tok=Tokenizer(cfg["tokenizer"]))
-    checkpoint.check_tokenizer(ckpt, r.tok, path)  # as train.restore does (a resume, a re-scoring)
+    checkpoint.check_tokenizer(ckpt, r.tok, path)  # as checkpoint.restore does (a resume, a re-scoring)
     model, r.args, base = train.build_model(cfg, r.device, r.tok.vocab_size, world=1)
     checkpoint.check_base(ckpt, base, cfg, path)
     checkpoint.load_state(model, ckpt["state"], cfg, path)

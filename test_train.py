@@ -228,6 +228,72 @@ def test_every_numeric_key_refuses_values_out_of_its_range_and_takes_its_boundar
     assert train.parse_config(["--lr_decay_iters=5"])["lr_decay_iters"] == 5
 
 
+def test_adamw_weight_decay_of_one_over_the_learning_rate_or_more_is_refused_before_training(run_data, tmp_path):
+    """AdamW's decay is decoupled, each weight times 1 - learning_rate * weight_decay every step: from a product of 1 on
+    it zeroes every weight or flips its sign whatever the data. weight_decay=1e300 trained into a nan loss told to lower
+    the learning rate; it is refused by the config's check, so by the dry run too, and by a resume raising the rate."""
+    for wd, want in ((2.0, [0.0, 0.0]), (3.0, [-1.0, 1.5])):  # lr 0.5, no gradient: the decay alone (Adam's step is 0)
+        p = nn.Parameter(torch.tensor([2.0, -3.0]))
+        p.grad = torch.zeros(2)
+        torch.optim.AdamW([p], lr=0.5, weight_decay=wd).step()
+        assert p.tolist() == want
+    refused = r"learning_rate=.* with weight_decay=.* zeroes every weight or flips its sign .* product is below 1\.$"
+    for flags in (["--weight_decay=1000"], ["--weight_decay=1e300"], ["--learning_rate=1", "--weight_decay=1"],
+                  ["--learning_rate=0.5", "--weight_decay=2", "--dry_run=True"]):
+        with pytest.raises(UserError, match=refused):
+            train.parse_config(["--learning_rate=1e-3", *flags])
+    for lr, wd in ((1e-3, 999.0), (0.0, 1e300), (1.0, 0.5)):  # a product below 1 (none at a rate of 0) is no error
+        assert train.parse_config([f"--learning_rate={lr}", f"--weight_decay={wd}"])["weight_decay"] == wd
+    out = tmp_path / "run"
+    train.train(train_cfg(run_data, out, "--max_iters=1", "--eval_dir=", "--weight_decay=2.0"))
+    for more in ([], ["--dry_run=True"]):
+        with pytest.raises(UserError, match=refused):
+            train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2",
+                                            "--learning_rate=0.5", *more]))
+
+
+@pytest.mark.parametrize("adapter", ["teamlora", "moelora", "hydralora", "lora"])
+def test_an_alpha_whose_scaling_is_past_float32_is_refused_as_the_layers_compute_it(adapter):
+    """Each adapter layer multiplies its float32 update by its scaling (alpha / r_B; MoELoRA's alpha / k over r_B,
+    HydraLoRA's alpha / k over heads of width r): past float32's largest number that is inf and every output nan from
+    the first step (alpha=1e39 was told to lower the learning rate). Refused exactly where the layers train.py builds
+    overflow, for each method's own scaling; full training has no alpha."""
+    x, seen = torch.randn(3, 16), set()
+    for alpha in (1e36, 1e38, 1e39, 1e40, 1e41, 1e300):
+        flags = [f"--adapter={adapter}", "--r=8", "--experts=4", f"--alpha={alpha}"]
+        kw = train.adapter_kwargs(dict(train.DEFAULTS, adapter=adapter, r=8, experts=4, alpha=alpha))
+        layer = kw.pop("cls", TeamLoRALinear)(nn.Linear(16, 16), dropout=0.0, **kw)
+        overflows = bool(torch.tensor(layer.scaling, dtype=torch.float32).isinf())
+        seen.add(overflows)
+        if overflows:
+            assert not torch.isfinite(layer(x)).all()  # B is zero at the start: inf times 0
+            said = re.escape(f"alpha={alpha:g} makes the adapters' scaling ")
+            with pytest.raises(UserError, match=f"^{said}.* past float32's largest number, so the first step would be "
+                                                "nan; lower --alpha"):
+                train.parse_config(flags)
+        else:
+            assert train.parse_config(flags)["alpha"] == alpha
+        assert train.parse_config([*flags, "--adapter=none"])["alpha"] == alpha
+    assert seen == {True, False}  # each method's threshold lies among the alphas tried
+
+
+def test_a_balance_coef_past_float32_is_refused_where_a_balance_loss_is_computed():
+    """The loss adds balance_coef times the balance loss in float32: past float32's largest number the first step's
+    gradient is inf or nan, even where the experts are balanced (inf * 0). Refused where a router's balance loss is
+    computed; LoRA, one expert and full training have none."""
+    assert (torch.tensor(0.0) * 1e39).isnan() and (torch.tensor(0.1) * 1e39).isinf()
+    for flags, computed in ((["--adapter=teamlora"], True), (["--adapter=moelora"], True),
+                            (["--adapter=hydralora"], True), (["--adapter=lora"], False),
+                            (["--adapter=teamlora", "--experts=1", "--r=8"], False), (["--adapter=none"], False)):
+        for coef in (1e38, 1e39, 1e300):
+            if coef > 1e38 and computed:
+                said = re.escape(f"balance_coef={coef:g} makes the balance loss's weight ")
+                with pytest.raises(UserError, match=f"^{said}.* past float32's largest number.*; lower --balance_coef"):
+                    train.parse_config([*flags, f"--balance_coef={coef}"])
+            else:
+                assert train.parse_config([*flags, f"--balance_coef={coef}"])["balance_coef"] == coef
+
+
 def test_every_count_past_int64_is_refused_by_its_key():
     """numpy and torch count sizes, positions and steps in int64: past it, a count failed deep inside them."""
     for key in [k for k, v in train.DEFAULTS.items() if type(v) is int or k == "lr_decay_iters"]:
@@ -2713,7 +2779,7 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
         want = torch.rand(4)
         torch.manual_seed(99)
         run = train.Run(cfg, rank, 2, dev)
-        assert train.restore(run, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), ckpt) == 7
+        assert checkpoint.restore(run, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), ckpt) == 7
         assert torch.equal(torch.rand(4), want), rank
 
 

@@ -836,6 +836,40 @@ def test_a_diverged_run_stops_before_its_step_or_checkpoint_and_resumes_at_a_low
     assert resumed["step"] == 4 and resumed["config"]["learning_rate"] == 1e-4
 
 
+@pytest.mark.parametrize("flag, named, innocent", [
+    ("--alpha=1e30", "--alpha (the adapters' scaling is 5e+29, usually 1 to 8)", "--balance_coef"),
+    ("--balance_coef=1e30", "--balance_coef (the balance loss's weight is 1e+30, usually 0.01 to 1)", "--alpha")])
+def test_a_run_diverged_by_a_setting_far_past_its_usual_values_names_it_beside_the_learning_rate(
+        run_data, tmp_path, capsys, flag, named, innocent):
+    """alpha=1e30 or balance_coef=1e30 (within float32, so not refused before training) made the first step's gradient
+    norm inf, and the run said only to lower the learning rate: the sentence names the setting too, not a usual one."""
+    err = fails(train_flags(run_data, tmp_path / "a", "--eval_dir=", flag), capsys, "became inf at step 0",
+                f"nothing was saved yet: start again with a lower --learning_rate or {named}.")
+    assert innocent not in err and not (tmp_path / "a" / "ckpt.pt").exists()
+
+
+def test_a_diverged_run_names_what_a_resume_keeps_apart_and_never_a_usual_setting(run_data, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A resume may lower learning_rate, not alpha: a run far past alpha's usual values that diverged after its
+    checkpoint says to start again for that. The demo's, the recipes' and every study run's settings are usual: their
+    divergence names the learning rate alone."""
+    out = finished_run(run_data, tmp_path / "run", "--max_iters=2", "--alpha=400.0")  # scaling 200, trained finite
+    monkeypatch.setattr(train.evaluation, "val_loss", lambda *a: float("nan"))
+    fails(train_flags(run_data, out, "--init_from=resume", "--max_iters=4"), capsys, "validation loss became nan at "
+          f"step 3; the last good checkpoint in {out} is kept: resume it with --init_from=resume and a lower "
+          "--learning_rate, or start again in another --out_dir with a lower --alpha (the adapters' scaling is 200, "
+          "usually 1 to 8).\n")
+    import study
+    recipes = sorted((Path(train.__file__).parent / "config").glob("*.py"))
+    assert recipes
+    usual = [train.parse_config([]), *[train.parse_config([str(p)]) for p in recipes],
+             *[{**train.DEFAULTS, **study.COMMON, **settings} for _, settings in study.RUNS.values()]]
+    alone = r"nothing was saved yet: start again with a lower --learning_rate\.$"
+    for cfg in usual:
+        with pytest.raises(train.UserError, match=alone):
+            train.check_finite("loss", float("nan"), 0, {**cfg, "out_dir": str(tmp_path / "none")})
+
+
 def test_an_evaluation_set_that_is_a_named_pipe_is_refused_before_step_1(run_data, tmp_path, capsys):
     """A <task>.jsonl in eval_dir that is a named pipe was opened and waited on forever, for a writer that never
     came; a folder of that name was an IsADirectoryError's traceback."""
@@ -3234,16 +3268,16 @@ def test_a_stop_writes_only_the_checkpoint_it_lacks_and_names_the_one_a_stop_at_
         r.written = step
     monkeypatch.setattr(train.checkpoint, "save_checkpoint", save_checkpoint)
     r, stop = train.Run({"out_dir": str(tmp_path)}, written=3), machine.StopAfterStep(True)  # the loop's, just now
-    assert train.stop_run(r, None, None, stop, 3, 3) == 3 and saves == []
+    assert train.checkpoint.stop_run(r, None, None, stop, 3, 3) == 3 and saves == []
     assert f"checkpoint of step 3 written to {tmp_path}" in capsys.readouterr().out
-    assert train.stop_run(r, None, None, stop, 4, 3) == 4 and saves == [4]
+    assert train.checkpoint.stop_run(r, None, None, stop, 4, 3) == 4 and saves == [4]
     stop.forced = True  # a second Ctrl-C, one step after the resume of a checkpoint of step 0
-    assert train.stop_run(r, None, None, stop, 1, 0) == 0 and saves == [4]
+    assert train.checkpoint.stop_run(r, None, None, stop, 1, 0) == 0 and saves == [4]
     out = capsys.readouterr().out
     assert f"stopped at once: the checkpoint of step 0 in {tmp_path} is kept" in out and "--overwrite" not in out
     # the demo's pretraining, stopped before its first checkpoint: the same command starts it again by itself
     r = train.Run({"out_dir": str(tmp_path)}, resume_with="the same command")
-    assert train.stop_run(r, None, None, stop, 1, None) == 0
+    assert train.checkpoint.stop_run(r, None, None, stop, 1, None) == 0
     out = capsys.readouterr().out
     assert "before the run wrote a checkpoint: start the same command" in out and "--overwrite" not in out
 

@@ -7,8 +7,8 @@ laptop to 8-GPU FSDP. One plain loop, nanoGPT-style:
     torchrun --standalone --nproc_per_node=8 train.py config/cme_llama2_7b.py
 
 Configuration: the defaults below, then config files (plain Python assignments), then --key=value flags, read by
-configurator.py (an unknown key or a wrong type is an error naming the key). Reading order: main -> train (resume
-config, processes, the demo's files) -> run (setup, restore, train_step's loop) -> finish (scores: evaluation.py).
+configurator.py (an unknown key or a wrong type is an error naming it). Reading order: main -> train (resume config,
+processes, the demo's files) -> run (setup, checkpoint.restore, train_step's loop) -> finish (scores: evaluation.py).
 """
 if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +175,36 @@ def check_combination(cfg, fix="lower --batch_size"):
                         "set r = experts * (rank per expert).")
     if cfg["batch_size"] % cfg["grad_accum"]:
         raise UserError(f"batch_size={cfg['batch_size']} must be a multiple of grad_accum={cfg['grad_accum']}.")
+    if cfg["learning_rate"] * cfg["weight_decay"] >= 1:  # AdamW's decoupled decay: p *= 1 - lr * weight_decay
+        raise UserError(f"learning_rate={cfg['learning_rate']:g} with weight_decay={cfg['weight_decay']:g} zeroes "
+                        "every weight or flips its sign at each step (AdamW multiplies them by 1 - learning_rate * "
+                        "weight_decay); lower --weight_decay (usually 0 to 0.1) or --learning_rate until their product "
+                        "is below 1.")
+    for key, (value, what) in multipliers(cfg).items():
+        if value > torch.finfo(torch.float32).max:
+            raise UserError(f"{key}={cfg[key]:g} makes {what} {value:.3g}, past float32's largest number, so the first "
+                            f"step would be nan; lower --{key} ({what} is usually {USUAL[key][1]}).")
+
+
+# Besides learning_rate, alpha and balance_coef set how large a step's numbers grow: the adapters' output is scaled by
+# alpha / r_B, the balance loss by balance_coef. Past float32's largest number (the adapters compute in float32, under
+# a bf16 base too) the first step is nan, which check_combination refuses; 10 times past their usual values they are
+# named beside learning_rate when a run diverges (check_finite). Usual: a scaling of 1 (the paper's alpha 32 over r_B
+# 32) to 4 (the demo's, r_B 8) or 8 (the study's k=8, r_B 4), LoRA's alpha = r or 2 r giving 1 or 2; balance_coef 0.01
+# (ours) to 1 (the authors' harness). weight_decay is no suspect: below 1 / learning_rate it only shrinks weights.
+USUAL = {"alpha": (8.0, "1 to 8"), "balance_coef": (1.0, "0.01 to 1")}
+
+
+def multipliers(cfg):
+    """key -> (the factor it sets, what that factor is), for each key of USUAL that the run uses."""
+    found, kw = {}, adapter_kwargs(cfg)
+    if cfg["adapter"] == "hydralora":  # each layer's `scaling`: k heads of width r, weighted alpha / k
+        found["alpha"] = (cfg["alpha"] / cfg["experts"] / cfg["r"], "the adapters' scaling")
+    elif cfg["adapter"] != "none":  # alpha / r_B (moelora: alpha / k, as baselines.moelora_fused_kwargs gives it)
+        found["alpha"] = (kw["alpha"] / (kw["r"] // kw["experts"]), "the adapters' scaling")
+    if Run(cfg).multi_expert:  # the balance loss
+        found["balance_coef"] = (cfg["balance_coef"], "the balance loss's weight")
+    return found
 
 
 # -------------------------------------------------------------------------------------------------
@@ -563,25 +593,6 @@ def setup(r, resuming):
     return train_ds, val_ds, model, raw, opt
 
 
-def restore(r, raw, opt, ckpt):
-    """Put a checkpoint's adapter (or weights), optimizer and RNG state back; returns its step."""
-    checkpoint.check_base(ckpt, r.base, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
-    if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards (whose tokenizer preflight checks)
-        checkpoint.check_data(ckpt, r.data, r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
-    checkpoint.check_tokenizer(ckpt, r.tok, f"{r.cfg['out_dir']}/ckpt.pt")
-    checkpoint.load_state(raw, ckpt["state"], r.cfg, f"{r.cfg['out_dir']}/ckpt.pt")
-    checkpoint.set_training_state(raw, opt, ckpt, r, f"{r.cfg['out_dir']}/ckpt.pt")
-    if r.master and not r.cfg["eval_only"]:  # a kill between the two writes left the adapter (or model.pt) behind
-        checkpoint.save_weights(r, ckpt["state"])
-    step, last = ckpt["iter"], r.cfg["max_iters"]
-    if r.cfg["eval_only"]:
-        note = f", before its last ({last}): the run stopped, or is still training" if step < last else ""
-    else:  # a run stopped while it was scored resumes to be scored
-        note = ", its last: nothing to train, scoring it (raise --max_iters to train on)" if step == last else ""
-    r.say(f"resumed from {r.cfg['out_dir']}/ckpt.pt at step {step}{note}")
-    return step
-
-
 def load_trained_adapter(r, raw):
     """eval_only without a checkpoint: the finished run's adapter.pt (into a meta model: checked only)."""
     checkpoint.load_trained_adapter(r.cfg, raw, lambda c: (adapter_kwargs(c), c["targets"]), base=r.base)
@@ -594,11 +605,17 @@ def slice_seed(seed, step, part):
 
 
 def check_finite(what, value, step, cfg):
-    """Stop a run that diverged before its next optimizer step or checkpoint: the last one saved stays good."""
+    """Stop a run that diverged before its next optimizer step or checkpoint: the last one saved stays good. Named
+    besides learning_rate: the settings far past their usual values (USUAL), which a resume keeps."""
     if not math.isfinite(value):
-        kept = (f"the last good checkpoint in {cfg['out_dir']} is kept: resume it with --init_from=resume and a lower "
-                "--learning_rate" if os.path.isfile(os.path.join(cfg["out_dir"], "ckpt.pt")) else
-                "nothing was saved yet: start again with a lower --learning_rate")
+        far = " or ".join(f"--{k} ({named} is {v:.3g}, usually {USUAL[k][1]})" for k, (v, named)
+                          in multipliers(cfg).items() if v > 10 * USUAL[k][0])
+        if os.path.isfile(os.path.join(cfg["out_dir"], "ckpt.pt")):  # a resume keeps all of them but learning_rate
+            anew = f", or start again in another --out_dir with a lower {far}" if far else ""
+            kept = (f"the last good checkpoint in {cfg['out_dir']} is kept: resume it with --init_from=resume and a "
+                    f"lower --learning_rate{anew}")
+        else:
+            kept = "nothing was saved yet: start again with a lower --learning_rate" + (f" or {far}" if far else "")
         raise UserError(f"the {what} became {value} at step {step}; {kept}.")
 
 
@@ -645,7 +662,7 @@ def train_step(r, model, raw, opt, dataset, step):
 
 def validate(r, model, val_ds, step, stop, log, train_loss=None):
     """Step `step`'s validation loss, printed and logged. A stop ends it between batches (evaluation.val_loss): the
-    run stops with the step's checkpoint, which says so (stop_run), and a resume validates the step first (run)."""
+    run stops with the step's checkpoint, which says so (checkpoint.stop_run), and a resume validates it first (run)."""
     vl = evaluation.val_loss(model, val_ds, r, stop)
     if vl is None:
         r.unvalidated = step
@@ -667,7 +684,7 @@ def run(r, ckpt=None):
     r.say(f"{cfg['adapter']}: {n_train:,} trainable parameters ({100 * n_train / n_base:.2f}% of the {n_base:,} "
           f"of the base), {len(train_ds):,} training records, {r.world} process(es) on {r.device}"
           + (f" ({torch.get_num_threads()} thread(s))" if r.device.type == "cpu" else ""))
-    step = restore(r, raw, opt, ckpt) if ckpt is not None else 0
+    step = checkpoint.restore(r, raw, opt, ckpt) if ckpt is not None else 0
     summary = {"config": cfg, "model": raw, "trainable_params": n_train, "base_params": n_base, "base": r.base}
     if cfg["eval_only"]:
         if ckpt is None:
@@ -715,32 +732,12 @@ def run(r, ckpt=None):
         return finish(r, model, summary, val_ds, stop)  # the scoring gives the signals back: a stop now is its own
     except KeyboardInterrupt:  # a stop in the loop (or a second Ctrl-C before the scoring gave the signals back)
         bar.close()
-        return {**summary, "interrupted": True, "step": stop_run(r, raw, opt, stop, step, saved)}
+        return {**summary, "interrupted": True, "step": checkpoint.stop_run(r, raw, opt, stop, step, saved)}
     finally:
         stop.restore()
         bar.close()
         if log:
             log.close()
-
-
-def stop_run(r, raw, opt, stop, step, saved):
-    """After Ctrl-C or SIGTERM: the checkpoint of step `step`, the last finished, unless a second Ctrl-C stopped a step,
-    or a save before its ckpt.pt was written (atomically: step `saved`'s stands). Returns the run's checkpoint step."""
-    if not stop.forced and saved != step:
-        with suppress(KeyboardInterrupt):
-            checkpoint.save_checkpoint(r, raw, opt, step, validated=r.unvalidated != step)
-            saved = step
-    saved = step if r.written == step else saved  # a save cut short after ckpt.pt: a resume writes adapter.pt again
-    if r.written == step:
-        r.say(f"\ninterrupted: checkpoint of step {step} written to {r.cfg['out_dir']}; continue with {r.resume_with}")
-    elif saved is not None:  # the one resumed from, its validation again cut short; or a second Ctrl-C's
-        r.say(f"\n{'stopped at once' if stop.forced else 'interrupted'}: the checkpoint of step {saved} in "
-              f"{r.cfg['out_dir']} is kept; continue with {r.resume_with}")
-    else:  # a new run stopped before its first checkpoint: its log.jsonl is there, in the way if a step is in it
-        same = r.resume_with == "the same command" or checkpoint.logged_nothing(r.cfg["out_dir"])
-        again = "the same command" if same else "the run with --overwrite=True"
-        r.say(f"\nstopped at once, before the run wrote a checkpoint: start {again}")
-    return saved or 0
 
 
 def finish(r, model, summary, val_ds=None, stop=None):
@@ -756,8 +753,8 @@ def finish(r, model, summary, val_ds=None, stop=None):
 
 
 def check_full_config(cfg, say=print, ckpt=None):
-    """The run's checks in the order the run meets them (check_batch_split, build_demo, read_inputs, build_model,
-    preflight, restore: ckpt is a resume's), of what is there without weights: with two faults, the run's first."""
+    """The run's checks in the order it meets them (check_batch_split, build_demo, read_inputs, build_model, preflight,
+    checkpoint.restore: ckpt is a resume's), of what is there without weights: with two faults, the run's first."""
     world, micro = machine.dry_run_split(cfg)
     minicme.check_demo(cfg)  # as build_demo does first, in the run's sentences
     r = Run(cfg)
@@ -797,7 +794,7 @@ def check_full_config(cfg, say=print, ckpt=None):
     check_fits(r, args, longest=0)  # packed rows; padded ones depend on records the dry run has not read
     if cfg["eval_only"] and ckpt is None and (src == "scratch" or demo or os.path.exists(src)):  # not a preset's
         load_trained_adapter(r, model)  # as a run scores it: out_dir's adapter.pt, read and fitted to the model
-    if ckpt is not None:  # as restore: the base (ours; a folder's weights go unread) and tokenizer its ckpt.pt recorded
+    if ckpt is not None:  # as checkpoint.restore: the base (ours: a folder's is unread) and tokenizer ckpt.pt recorded
         checkpoint.check_resumed_base_and_tokenizer(ckpt, weights, tok, f"{cfg['out_dir']}/ckpt.pt", cfg)
     n_train = sum(p.numel() for p in trainable(model))
     est = memory.addressable(memory.estimate(args, n_base, n_train, cfg, world, micro), cfg, micro)
