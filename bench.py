@@ -606,6 +606,9 @@ def main(argv=None):
         parser.error("--no-checkpointing applies to --full7b only (the 4-block stack never checkpoints)")
     if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
         parser.error(f"--peak_tflops must be a positive number (the GPU's bf16 peak), got {args.peak_tflops}")
+    if args.peak_tflops is not None and ("cuda7b" not in sections or args.device != "cuda" and not args.quick):
+        parser.error("--peak_tflops applies to section cuda7b's MFU, which runs on --device=cuda (or tiny, as "
+                     "--quick's test); give --device=cuda, or leave --peak_tflops out")  # was ignored, minutes later
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"skipped: --device=cuda asks for a GPU but CUDA is not available to this torch ({torch.__version__}); "
               "run without --device=cuda for the CPU benchmark.")

@@ -13,6 +13,8 @@ import types
 from errors import UserError
 from files import flag_path
 
+CONFIG_BYTES = 2**20  # a config holds lines of key = value, a few kB: a larger file is data given in its place
+
 
 def parse_flag(arg, defaults=None):
     """'--key=value' -> (key, value): a Python literal where the text reads as one (8, 2e-3, True,
@@ -36,7 +38,8 @@ def parse_flag(arg, defaults=None):
 def typed(key, value, defaults, origin):
     """value for defaults[key], checked against the default's type (an int may stand for a float)."""
     if key not in defaults:
-        close = difflib.get_close_matches(key, defaults, n=1)
+        # another case first: difflib's ratio is case-sensitive, so --R=16 or --LEARNING_RATE=1e-3 was named with none
+        close = [k for k in defaults if k.lower() == key.lower()] or difflib.get_close_matches(key, defaults, n=1)
         raise UserError(f"unknown config key '{key}' in {origin}" + (f"; did you mean '{close[0]}'?" if close else "."))
     if isinstance(value, int) and value.bit_length() > 1023:  # str() of it fails past 4300 digits
         raise UserError(f"config key '{key}' in {origin} is too large for a float or any setting "
@@ -60,10 +63,17 @@ def read(argv, defaults):
     for arg in (a for a in argv if not a.startswith("--")):  # the files in their order, then the flags
         if arg.startswith(("-", "\u2013", "\u2014")) and not os.path.exists(arg):  # -r=16, or a dash a web page typeset
             raise UserError(f"argument '{arg}' is not of the form --key=value (two hyphens).")
+        ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), arg)  # config/x.py, run from another folder
+        if not os.path.lexists(arg) and os.path.isfile(ours):  # was "does not exist; the configs are in config/."
+            raise UserError(f"config file '{arg}' does not exist in the current folder; the project's is {ours}: "
+                            "pass that path.")
         if not os.path.isfile(arg):
             what = ("is a folder, not a file" if os.path.isdir(arg) else "does not exist" if not os.path.exists(arg)
                     else "is a named pipe or a device, not a file")  # <(...) of bash, /dev/stdin
             raise UserError(f"config file '{arg}' {what}; the configs are in config/.")
+        if (size := os.path.getsize(arg)) > CONFIG_BYTES:  # a data file: compiled as Python, 3 MB of JSONL took 100 MB
+            raise UserError(f"config file '{arg}' holds {size:,} bytes, too many for a config of key = value lines; "
+                            "give the run its data as --data_dir, a folder that python data.py prepare wrote.")
         namespace = {"__file__": arg}  # a config may start from another beside it, wherever it is run from
         try:  # bytes: a BOM or coding line is honoured, as python reads a script
             with open(arg, "rb") as f:
@@ -83,8 +93,10 @@ def read(argv, defaults):
         if not keys:  # JSON ({"r": 16}) and YAML (r: 16) run as Python too, setting nothing without a word
             raise UserError(f"config file '{arg}' sets no key; write it as plain Python, key = value lines (run as "
                             "Python, a JSON or YAML file sets nothing).")
-        for key in keys:
-            cfg[key] = typed(key, namespace[key], defaults, f"config file {arg}")
+        for key in keys:  # out_dir = "~/runs/x": the home folder, as in a flag (it was a folder named "~" here)
+            value = namespace[key]
+            cfg[key] = typed(key, flag_path(value) if isinstance(value, str) and value.startswith("~") else value,
+                             defaults, f"config file {arg}")
             explicit.add(key)
     for arg, key, value in flags:
         cfg[key] = typed(key, value, defaults, f"flag {arg}")

@@ -48,6 +48,7 @@ from files import (
     flag_path,
     json_kind,
     move_into,
+    not_a_folder,
     process_is_running,
     read_json,
     special_file,
@@ -344,8 +345,8 @@ def _write_shards(tmp, inputs, kinds, tok, max_len, val_fraction, seed, workers,
     """Tokenise every record into tmp/{train,val}.*.bin, appending chunk by chunk; returns the counts."""
     from tqdm import tqdm
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    files = [dict(path=p, format=k, records=0, kept=0, tokens=0, truncated=0, dropped_no_answer=0)
-             for p, k in zip(inputs, kinds)]
+    files = [dict(path=os.fsencode(p).decode("utf-8", "backslashreplace"), format=k, records=0, kept=0, tokens=0,
+                  truncated=0, dropped_no_answer=0) for p, k in zip(inputs, kinds)]  # Latin-1's é: \xe9
     splits = {s: dict(records=0, tokens=0) for s in ("train", "val")}
     with ExitStack() as stack:
         out = {(s, part): stack.enter_context(open(os.path.join(tmp, f"{s}.{part}.bin"), "wb"))
@@ -464,10 +465,10 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
         if os.path.exists(path) and _inside(path, out_dir):
             raise UserError(f"the {what} {path} is inside --out {out_dir}, whose files prepare replaces; keep the "
                             "inputs and the tokenizer elsewhere or choose another --out")
-    if not os.path.exists(out_dir):
-        return
+    if (kind := not_a_folder(out_dir)) not in (None, "a link to nothing"):  # that one is made at its target
+        raise UserError(f"--out {out_dir} is {kind}, not a folder; choose another --out")
     if not os.path.isdir(out_dir):
-        raise UserError(f"--out {out_dir} is a file, not a folder; choose another --out")
+        return
     if os.path.ismount(os.path.realpath(out_dir)):  # OUT.tmp-PID, beside it, is on another filesystem: no rename
         raise UserError(f"--out {out_dir} is a mount point, and prepare builds its output beside it, on another "
                         f"filesystem; give a folder inside it, e.g. --out {os.path.join(out_dir, 'shards')}")

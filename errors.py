@@ -94,7 +94,8 @@ class Parser(argparse.ArgumentParser):
                 close = [f for f in names if f.startswith(name)]  # an abbreviation: its flag, if only one
                 if len(close) != 1:  # the closest by name, without the "--" every flag shares (as configurator.py
                     bare = {f[2:]: f for f in names}  # compares config keys): with it, --pr was 60% like --help
-                    close = [bare[b] for b in difflib.get_close_matches(name[2:], bare, n=1)]
+                    close = [f for f in names if f.lower() == name.lower()] or \
+                        [bare[b] for b in difflib.get_close_matches(name[2:], bare, n=1)]  # --TOP_P: none, by case
                 self.error(f"{name} is not a flag of this script; " +
                            (f"did you mean {close[0]}?" if close else "--help lists them"))
             if eq and action is not None and action.nargs == 0 and isinstance(action.default, bool):  # a switch
@@ -132,6 +133,14 @@ def start_script():
                           closefd=False)
             setattr(sys, name, stream)
             setattr(sys, f"__{name}__", stream)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # removed (rm -rf, a checkout made again): torch's import aborted the process ("Intel
+        # oneMKL FATAL ERROR"), and the first relative path failed as a full disk does, with advice to free space
+        print(f"{os.path.basename(sys.argv[0])}: error: the current folder was removed after the shell entered it (a "
+              'folder made again under its name is another one); cd into one that exists (cd "$PWD"), then run it '
+              "again", file=sys.stderr)
+        sys.exit(2)
     shown = sys.excepthook
     sys.excepthook = lambda kind, value, tb: None if issubclass(kind, KeyboardInterrupt) else shown(kind, value, tb)
 

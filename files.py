@@ -138,8 +138,8 @@ def blocked_parent(path):
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is {'a file' if os.path.exists(parent) else 'a link to nothing'}, not a folder"
+    if kind := not_a_folder(parent):
+        return f"{parent} is {kind}, not a folder"
     limit = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255  # bytes; Windows: no pathconf
     names = os.path.relpath(os.path.abspath(path), parent).split(os.sep)  # those the writer would make
     if long := [name for name in names if 0 < limit < len(os.fsencode(name))]:  # pathconf's -1: no limit
@@ -149,6 +149,22 @@ def blocked_parent(path):
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         return f"{parent} is not writable ({e.strerror or e})"
+
+
+def not_a_folder(path):
+    """What stands at path where a folder belongs, "a file", "a loop of links" or "a link to nothing", or None where
+    a folder or nothing is there. A loop was called a link to nothing, or a file; prepare's --out on one failed only
+    once every record was encoded."""
+    if os.path.isdir(path) or not os.path.lexists(path):
+        return None
+    if os.path.exists(path):
+        return "a file"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a loop of links"
+    return "a link to nothing"
 
 
 LOCK = ".lock"
@@ -301,8 +317,9 @@ def folder_ran_in(out_dir, ran_with):
 
 
 def flag_path(text):
-    """A path given as a flag's value, ~ expanded: the shell does it in `--out ~/x` but not in --out=~/x, which
-    would make a folder named ~ here (and the `rm -rf ~` that removes it would wipe the home folder)."""
+    """A path given as a flag's value (or in a config file), ~ expanded: the shell does it in `--out ~/x` but not in
+    --out=~/x, which would make a folder named ~ here (and the `rm -rf ~` that removes it would wipe the home
+    folder)."""
     return os.path.expanduser(text)
 
 

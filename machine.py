@@ -72,7 +72,7 @@ def cpu_threads(cfg):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # a node's processes share its cores (torchrun itself sets OMP_NUM_THREADS=1 for several, unless it is set)
-    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores //= process_count("LOCAL_WORLD_SIZE", 1)
     return max(1, cores - others_running())
 
 
@@ -174,7 +174,24 @@ def check_batch_split(cfg, world):
 def dry_run_world(cfg):
     """The processes a dry run plans for: torchrun's, else dry_run_world_size (a resume's slices are kept for them,
     keep_slices, as a run on that many would)."""
-    return int(os.environ.get("WORLD_SIZE", cfg["dry_run_world_size"]))
+    return process_count("WORLD_SIZE", cfg["dry_run_world_size"])
+
+
+def process_count(name, default):
+    """The count of processes the environment variable `name` gives (torchrun's WORLD_SIZE, LOCAL_WORLD_SIZE), else
+    default where it is unset or empty. One that a shell or a launcher of its own set to 0, to text or below 0 was a
+    ZeroDivisionError's traceback, or a dry run's plan for -1 GPUs with a negative micro-batch and memory."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        count = int(text)
+    except ValueError:  # text ("two"), or nothing int() reads
+        count = 0
+    if count < 1:
+        raise UserError(f"the environment sets {name}={text!r}, not a number of processes (1 or more) as torchrun "
+                        f"sets it; unset {name}, or run under torchrun.")
+    return count
 
 
 def dry_run_split(cfg):

@@ -764,13 +764,20 @@ def main(argv=None):
                                      "learning rates would be chosen on the test sets; give the validation sets a "
                                      "folder of their own.")
             check_runs(opts, extra, names)
+            sets = (("val_dir", opts["val_dir"]), ("eval_dir", cfg["eval_dir"]))
+            # sets of one's own are read before the demo's suite and base are built (minutes: a typo was found after
+            # them); the demo's own sets are made by build_demo, and read below
+            demo = {os.path.normpath(OPTIONS["val_dir"]), os.path.normpath(train.DEFAULTS["eval_dir"])}
+            for key, folder in sets:
+                if os.path.normpath(folder) not in demo:
+                    evaluation.load_eval_sets({key: folder, "eval_limit": 0}, key)
             if stopped := train.build_demo(cfg):  # the suite, its shards and the base, when the demo defaults are used
                 kept = f"its checkpoint of step {stopped['step']} is kept" if stopped.get("step") else "before its " \
                     "first checkpoint"
                 raise data.UserError(f"pretraining the demo's base was interrupted ({kept}); run the study again to "
                                      "continue it.")
             # the sets the runs score, read now: a fault in eval_dir stopped the final runs, after hours of selection
-            for key, folder in (("val_dir", opts["val_dir"]), ("eval_dir", cfg["eval_dir"])):
+            for key, folder in sets:
                 evaluation.load_eval_sets({key: folder, "eval_limit": 0}, key)
             if busy := files.hold(opts["out"]):  # a second study there would truncate the live one's run logs
                 raise data.UserError(f"--out {opts['out']} is in use by {busy}, a study still running; wait for it to "

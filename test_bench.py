@@ -894,6 +894,22 @@ def test_full7b_on_the_cpu_is_a_usage_error_not_ignored(monkeypatch, capsys):
             capsys.readouterr().err
 
 
+def test_a_peak_tflops_that_no_section_uses_is_a_usage_error_not_ignored(monkeypatch, capsys):
+    """Only section cuda7b's MFU reads it, and that section skips a CPU unless --quick: on the CPU, or without it, the
+    peak went unused and unsaid, once every other section was timed (several minutes)."""
+    monkeypatch.setattr(bench, "run_sections", lambda *a: pytest.fail("bench.py measured with a peak it ignores"))
+    for argv in (["--peak_tflops=989"], ["--peak_tflops=989", "--section=cuda7b"],
+                 ["--peak_tflops=989", "--quick", "--section=layer,model"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2 and "--peak_tflops applies to section cuda7b's MFU, which runs on --device=cuda" in \
+            capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(bench, "run_sections", lambda cfg, sections, device, dtype, peak: seen.append(peak) or [])
+    bench.main(["--peak_tflops=989", "--quick", "--section=cuda7b"])  # the tiny stack's MFU on the CPU uses it
+    assert seen == [989.0]
+
+
 def _main_cfg(monkeypatch, argv, targets=()):
     """The cfg bench.main hands to run_sections, which returns `targets` instead of measuring anything."""
     seen = []

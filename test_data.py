@@ -1250,6 +1250,25 @@ def run_prepare(capsys, *args):
     return script_error(data.main, ["prepare", *args], capsys)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are not UTF-8, which Linux takes")
+def test_a_file_name_that_is_not_utf8_is_an_input_prepare_records_and_a_tokenizer_named_in_one_sentence(tmp_path,
+                                                                                                        tiny_spm):
+    """A Latin-1 é in a name reaches Python as a lone surrogate: an --input so named was encoded whole, then the write
+    of summary.json (UTF-8) was a UnicodeEncodeError's traceback; a --tokenizer so named, which SentencePiece cannot
+    open, was "neither a SentencePiece model (LLaMA-2) nor a tiktoken BPE file", as train.py refuses it."""
+    source = write_records(tmp_path / os.fsdecode(b"caf\xe9.jsonl"), 3)
+    summary = prepare([str(source)], str(tiny_spm), str(tmp_path / "out"), max_len=64, workers=1, quiet=True)
+    assert summary["records"] == 3 and summary["files"][0]["path"] == str(tmp_path / "caf\\xe9.jsonl")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8")) == summary
+    tok = tmp_path / os.fsdecode(b"tok\xe9.model")
+    shutil.copy(tiny_spm, tok)
+    with pytest.raises(UserError, match=rf"^tokenizer {re.escape(str(tok))} holds bytes that are not UTF-8 text, and "
+                       r"torch and the tokenizers cannot open such a path; name it in UTF-8, or give --tokenizer an "
+                       r"ASCII path\.$"):
+        prepare([str(source)], str(tok), str(tmp_path / "out2"), max_len=64, workers=1, quiet=True)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_prepare_on_the_command_line_defaults_to_the_settings_of_the_prepare_function(tmp_path, tiny_spm, capsys):
     source, out = write_records(tmp_path / "d.jsonl", 3), tmp_path / "out"
     data.main(["prepare", "--input", str(source), "--tokenizer", str(tiny_spm), "--out", str(out), "--workers", "1"])
@@ -1276,13 +1295,15 @@ def test_a_full_disk_while_prepare_writes_is_one_sentence_and_leaves_no_temporar
 
 @pytest.mark.parametrize("case", ["workers 0", "workers -3", "out empty", "out root", "out is an input",
                                   "out is the tokenizer", "parent is a file", "parent is a dead link", "input twice",
-                                  "input twice by another path", "out is an input by another path", "input empty"])
+                                  "input twice by another path", "out is an input by another path", "input empty",
+                                  "out is a loop of links", "parent is a loop of links"])
 def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_nothing(tmp_path, tiny_spm, capsys,
                                                                                      case):
     source = write_records(tmp_path / "d.jsonl", 3)
     (tmp_path / "notes").write_text("keep me")
     (tmp_path / "sub").mkdir()
     os.symlink(tmp_path / "gone", tmp_path / "link")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")  # a link to itself: it was refused by the move into it, at the end
     again = tmp_path / "sub" / ".." / "d.jsonl"
     out, inputs, flags, message = {  # case -> --out, --input, more flags, the start of the sentence
         "workers 0": (tmp_path / "out", [source], ["--workers", "0"],
@@ -1303,6 +1324,10 @@ def test_prepare_refuses_settings_that_cannot_work_in_one_sentence_and_writes_no
         "out is an input by another path": (again, [source], [], f"--out {again} is the input file {source}; choose"),
         "input empty": (tmp_path / "out", [source, ""], [], "an --input path is empty; give the records' file, e.g. "
                         "--input data/train.jsonl"),  # --input= was "input file  not found"
+        "out is a loop of links": (tmp_path / "loop", [source], [], f"--out {tmp_path}/loop is a loop of links, not a "
+                                   "folder; choose another --out"),  # was "Not a directory (...tmp-PID)", at the end
+        "parent is a loop of links": (tmp_path / "loop" / "shards", [source], [], f"--out {tmp_path}/loop/shards can "
+                                      f"not be made: {tmp_path}/loop is a loop of links, not a folder"),
     }[case]
     before = {str(p): p.read_bytes() if p.is_file() else None for p in [*tmp_path.rglob("*"), tiny_spm]}
     error = run_prepare(capsys, "--input", *inputs, "--tokenizer", tiny_spm, "--out", out, *flags)

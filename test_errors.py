@@ -216,6 +216,22 @@ def test_a_stream_the_shell_closed_is_not_the_number_of_the_next_file_opened(tmp
     assert (b"printed" in done.stdout) == (1 not in closed)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a current folder removed while a shell is in it")
+@pytest.mark.parametrize("script", ["train.py", "data.py", "tasks.py"])
+def test_a_current_folder_removed_since_the_shell_entered_it_is_one_sentence(tmp_path, script):
+    """`rm -rf run && mkdir run` in another terminal, then the script in the first: torch's import aborted the process
+    ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"), and data.py's and tasks.py's first relative path failed
+    with advice to free space. --help: a script that reached its own work would print it and end with code 0."""
+    gone = tmp_path / "run"
+    gone.mkdir()
+    done = subprocess.run(["bash", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3" --help', "-", str(gone),
+                           sys.executable, str(REPO / script)], timeout=120, capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (2, ""), done
+    assert done.stderr == (f"{script}: error: the current folder was removed after the shell entered it (a folder made "
+                           'again under its name is another one); cd into one that exists (cd "$PWD"), then run it '
+                           "again\n")
+
+
 def test_start_script_hides_a_keyboard_interrupts_traceback_alone_and_passes_any_other_to_the_hook_it_replaced(
         monkeypatch):
     """Only a KeyboardInterrupt (or a kind of one) goes unprinted: any other error that nothing catches while a script
@@ -380,6 +396,13 @@ def test_a_flag_is_taken_by_its_whole_name_only_and_one_that_is_not_a_flag_is_na
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith("did you mean --max_len?")
+
+
+@pytest.mark.parametrize("typo, meant", [("--TEMPERATURE", "--temperature"), ("--TF32", "--tf32"),
+                                         ("--OVERWRITE", "--overwrite")])
+def test_a_flag_given_in_another_case_is_suggested_as_its_flag(capsys, typo, meant):
+    """difflib's similarity counts T and t as unlike: --TEMPERATURE=1 or --TF32=1 was "--help lists them"."""
+    assert _refused([f"{typo}=1"], capsys) == f"x.py: error: {typo} is not a flag of this script; did you mean {meant}?"
 
 
 @pytest.mark.parametrize("typo, meant", [("--tempr", "--temperature"), ("--owrt", "--overwrite"),

@@ -174,6 +174,9 @@ def test_blocked_parent_names_the_nearest_existing_folder_above_the_path_and_why
         f"{tmp_path / 'a_file'} is a file, not a folder"
     assert files.blocked_parent(str(tmp_path / "dangling" / "x.pt")) == \
         f"{tmp_path / 'dangling'} is a link to nothing, not a folder"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # was called a link to nothing
+    assert files.blocked_parent(str(tmp_path / "loop" / "x.pt")) == \
+        f"{tmp_path / 'loop'} is a loop of links, not a folder"
     assert files.blocked_parent(str(locked / "new" / "x.pt")) == f"{locked} is not writable (Permission denied)"
     assert (tmp_path / "a_file").read_text() == "mine" and os.listdir(locked) == []
 

@@ -1641,6 +1641,23 @@ def test_validation_or_test_sets_that_cannot_be_scored_are_refused_before_anythi
     assert not (tmp_path / "study" / "select").exists()
 
 
+def test_sets_of_ones_own_that_cannot_be_scored_are_refused_before_the_demo_is_built(tmp_path, capsys, monkeypatch):
+    """--val_dir=typo in a fresh checkout built the mini-CME suite and pretrained its base (minutes) before its
+    refusal; the demo's own folders, which build_demo makes, are still read after it."""
+    monkeypatch.chdir(tmp_path)
+    sets_in(tmp_path / "VAL", tmp_path / "TEST")
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    for key, sets in (("val_dir", ["--val_dir=gone", "--eval_dir=TEST"]), ("eval_dir", ["--val_dir=VAL",
+                                                                                        "--eval_dir=gone"])):
+        assert script_error(study.main, ["--out=study", *sets], capsys) == (
+            f"study.py: error: {key} 'gone' does not exist; write one with python tasks.py, or set --{key}.")
+    built = []
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: built.append(cfg["eval_dir"]) or {"interrupted": True})
+    assert "pretraining the demo's base was interrupted" in script_error(study.main, ["--out=study"], capsys)
+    assert built == [study.train.DEFAULTS["eval_dir"]]  # the demo's sets, not there yet: built first
+
+
 def test_a_failed_runs_sentence_is_quoted_into_the_studys_without_its_full_stop(tmp_path, monkeypatch):
     def fails(cmd, log, env):
         log.write("step 0\ntrain.py: error: max_len=8 cuts away the answer of every training record: raise "

@@ -67,6 +67,50 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
     assert train.parse_config([])["adapter"] == "teamlora"
 
 
+def test_a_recipe_named_as_the_readme_names_it_from_another_folder_is_named_with_its_path(tmp_path, monkeypatch):
+    """`python ~/teamlora/train.py config/cme_llama2_7b.py` in one's data folder: it was "config file
+    'config/cme_llama2_7b.py' does not exist; the configs are in config/.", though config/ was what the user named. A
+    config/ of the user's own in that folder is theirs to run."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(train.UserError, match=rf"^config file 'config/cme_llama2_7b\.py' does not exist in the current "
+                       rf"folder; the project's is {re.escape(str(REPO / 'config' / 'cme_llama2_7b.py'))}: pass that "
+                       r"path\.$"):
+        train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True"])
+    with pytest.raises(train.UserError, match=r"^config file 'config/nothing\.py' does not exist; the configs are in"):
+        train.parse_config(["config/nothing.py"])  # a name the project has not either
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "cme_llama2_7b.py").write_text("r = 8\nexperts = 2\n")
+    assert train.parse_config(["config/cme_llama2_7b.py"])["experts"] == 2
+
+
+def test_a_path_in_a_config_file_written_with_a_tilde_is_the_home_folder_as_in_a_flag(tmp_path, monkeypatch):
+    """out_dir = "~/runs/lora" in a recipe trained into a folder named "~" in the current one (whose removal, rm -rf ~,
+    is the home folder's); a flag's ~ was the home folder already. A ~ inside a path stays as written."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = tmp_path / "c.py"
+    config.write_text('out_dir = "~/runs/lora"\ntokenizer = "~"\ndata_dir = "data/~/x"\n')
+    cfg = train.parse_config([str(config)])
+    assert (cfg["out_dir"], cfg["tokenizer"], cfg["data_dir"]) == (str(tmp_path / "home" / "runs" / "lora"),
+                                                                   str(tmp_path / "home"), "data/~/x")
+    assert train.parse_config([str(config), "--out_dir=~/b"])["out_dir"] == str(tmp_path / "home" / "b")
+
+
+def test_a_data_file_given_as_the_config_is_refused_unrun(tmp_path):
+    """`python train.py cme/train.jsonl`: each record ran as Python (a dict expression), which for the CME's gigabytes
+    took tens of GB before "sets no key"; a config is a few kB of key = value lines, comments and all."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("r = 16\n" + '{"instruction": "q", "input": "", "output": "a"}\n' * 25_000)
+    size = data.stat().st_size
+    assert size > train.configurator.CONFIG_BYTES
+    with pytest.raises(train.UserError, match=rf"^config file '{re.escape(str(data))}' holds {size:,} bytes, too many "
+                       r"for a config of key = value lines; give the run its data as --data_dir, a folder that python "
+                       r"data\.py prepare wrote\.$"):
+        train.parse_config([str(data)])
+    config = tmp_path / "c.py"
+    config.write_text("# a comment of a recipe\n" * 2000 + "r = 16\n")
+    assert train.parse_config([str(config)])["r"] == 16
+
+
 def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_python(tmp_path):
     """--out_dir=5 or --out_dir=2024.12 name folders: a text key keeps the flag's text, which would otherwise read
     as a number and be refused as one (a quoted text still reads as Python does). A config file is Python: there
@@ -165,6 +209,16 @@ def test_a_key_at_least_60_percent_like_a_misspelt_one_is_suggested_and_a_less_l
         train.parse_config([f"--{typo}=1"])
     hint = f"; did you mean '{meant}'?" if meant else "."
     assert str(error.value) == f"unknown config key '{typo}' in flag --{typo}=1{hint}"
+
+
+@pytest.mark.parametrize("typo, meant", [("R", "r"), ("LEARNING_RATE", "learning_rate"), ("Out_Dir", "out_dir"),
+                                         ("DRY_RUN", "dry_run")])
+def test_a_key_given_in_another_case_is_suggested_as_its_key(typo, meant):
+    """difflib's similarity counts R and r as unlike: --R=16, or a key written as an environment variable's name
+    (--LEARNING_RATE=1e-3), was named with no key, or with a wrong one."""
+    with pytest.raises(train.UserError) as error:
+        train.parse_config([f"--{typo}=1"])
+    assert str(error.value) == f"unknown config key '{typo}' in flag --{typo}=1; did you mean '{meant}'?"
 
 
 def test_a_refusal_of_train_py_starts_with_its_name_as_every_scripts_does(monkeypatch, capsys):

@@ -1062,6 +1062,8 @@ def test_paths_of_the_wrong_kind_are_named_for_what_they_are(run_data, tmp_path,
     fails(train_flags(run_data, tmp_path / "b", f"--eval_dir={REPO / 'README.md'}"), capsys, "is a file, not a folder")
     (tmp_path / "empty.pt").write_bytes(b"")
     fails(train_flags(run_data, tmp_path / "c", f"--init_from={tmp_path / 'empty.pt'}"), capsys, "empty.pt is empty")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a link to itself was called a file
+    fails(train_flags(run_data, tmp_path / "loop"), capsys, "out_dir", "loop is a loop of links, not a folder")
     fails([REPO / "config/cme_llama2_7b.py", "--dry_run=True", "--batch_size=4"], capsys,
           "batch_size=4 must be a multiple of processes x grad_accum")
 
@@ -1079,6 +1081,23 @@ def test_torchrun_variables_set_partly_or_wrongly_are_one_sentence_not_a_hang(ru
         monkeypatch.setenv(name, value)
     with pytest.raises(train.UserError, match=r"run under torchrun, or unset RANK"):
         train.train(train.parse_config(train_flags(run_data, tmp_path / "a", "--eval_dir=")))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_a_process_count_in_the_environment_that_counts_none_is_one_sentence(capsys, monkeypatch, value):
+    """WORLD_SIZE or LOCAL_WORLD_SIZE set without torchrun (a shell's export, a launcher of one's own): 0 was a
+    ZeroDivisionError's traceback, -1 a dry run's plan for -1 GPUs with a micro-batch of -16, text a bare int()'s."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", value)
+    fails([REPO / "config/cme_llama2_7b.py", "--dry_run=True"], capsys, f"WORLD_SIZE='{value}', not a number of "
+          "processes", "unset WORLD_SIZE")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", value)  # the CPU threads a run takes, shared by a node's processes
+    with pytest.raises(train.UserError, match=f"LOCAL_WORLD_SIZE='{value}', not a number of processes"):
+        machine.cpu_threads({"threads": 0})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "")  # empty, as unset: the machine's own cores
+    assert machine.cpu_threads({"threads": 0}) >= 1
 
 
 def test_data_without_training_records_is_refused_before_step_1(run_data, tmp_path, capsys):

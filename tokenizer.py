@@ -10,7 +10,7 @@ import os
 import re
 
 from errors import UserError
-from files import read_json
+from files import check_openable_by_torch, read_json
 
 PROMPT_EOS = "</s>"  # build_dataset.py's PROMPT_TEMPLATE is "{instruction}</s>", whatever the tokenizer
 
@@ -76,6 +76,9 @@ class Tokenizer:
                             "of your checkpoint")
         if not os.path.isfile(self.path):
             raise UserError(f"tokenizer file {self.path} not found; pass the tokenizer.model of your checkpoint")
+        # SentencePiece and tokenizers take the path as UTF-8 text: a name of other bytes (Latin-1's é) was "neither a
+        # SentencePiece model nor a tiktoken BPE file" in data.py prepare, which train.py's check_config refuses before
+        check_openable_by_torch({"tokenizer": self.path}, ("tokenizer",))
         try:
             tiktoken_file = _looks_like_tiktoken(self.path)
             json_file = self.path.endswith(".json") or _looks_like_json(self.path)

@@ -496,8 +496,8 @@ def claim_out_dir(r, resuming, take=False):
     if take and (busy := files.hold(out, RUN_FILES + evaluation.rescorings(out))):  # held before any check or removal
         raise UserError(f"out_dir {out} is in use by {busy}; wait for that run to end"
                         f"{'' if r.cfg['eval_only'] else ', or choose another --out_dir'}.")
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise UserError(f"out_dir {out} is a file, not a folder; choose another --out_dir.")
+    if kind := files.not_a_folder(out):
+        raise UserError(f"out_dir {out} is {kind}, not a folder; choose another --out_dir.")
     for key, what in (("data_dir", "token shards"), ("eval_dir", "evaluation sets")):  # the run's files would mix in
         if r.cfg[key] and os.path.isdir(out) and os.path.isdir(r.cfg[key]) and os.path.samefile(out, r.cfg[key]):
             raise UserError(f"out_dir {out} is the {key}, and the run's files would land among its {what}; choose "
