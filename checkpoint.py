@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import random
+import shlex
 import textwrap
 import time
 from contextlib import suppress
@@ -136,12 +137,35 @@ def load_trained_adapter(cfg, model, computes, base=None):
         load_state(model, state, cfg, path)
 
 
-def load_checkpoint(path):
+def is_checkpoint_file(obj):
+    """Whether obj (a loaded .pt) is a ckpt.pt of train.py: the run's state, optimizer, step and RNG."""
+    return isinstance(obj, dict) and all(k in obj for k in CKPT_KEYS)
+
+
+def not_a_base(src, obj):
+    """The sentence for an init_from .pt (obj, as loaded) that is not a base model.pt: a run's ckpt.pt or adapter.pt
+    is named as what it is, with how to go on with that run (in its folder, where the file has its own name there)."""
+    def out(name):
+        folder = shlex.quote(os.path.dirname(src) or ".")
+        return f"--out_dir={folder}" if os.path.basename(src) == name else f"--out_dir=<a folder holding it as {name}>"
+    if is_checkpoint_file(obj):  # it has model_args, but the run's weights and optimizer, not a base's weights
+        return (f"init_from '{src}' is a run's training checkpoint (ckpt.pt), not a base model; continue that run "
+                f"with --init_from=resume {out('ckpt.pt')}, or score it with --eval_only=True {out('ckpt.pt')}.")
+    if is_adapter_file(obj):
+        return (f"init_from '{src}' is an adapter, not a base model; give the base it was trained on (the model.pt "
+                "of a full training run, or a Meta or Hugging Face folder), and score the adapter with "
+                f"--eval_only=True {out('adapter.pt')}.")
+    return (f"init_from '{src}' is not a base model written by train.py (it has no model_args and model); give the "
+            "model.pt of a full training run, or a Meta or Hugging Face folder.")
+
+
+def load_checkpoint(path, use="a resume"):
+    """use: what reads it, named if it is not a checkpoint (a resume, a re-scoring, sample.py)."""
     ckpt = load_pt(path, "training checkpoint")
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CKPT_KEYS):
+    if not is_checkpoint_file(ckpt):
         what = "an adapter (adapter.pt)" if is_adapter_file(ckpt) else "not a training checkpoint"
-        raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; resume needs that "
-                        "ckpt.pt (an adapter alone can be evaluated with --eval_only=True).")
+        raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; {use} needs that "
+                        "ckpt.pt (an adapter alone can be evaluated with python train.py --eval_only=True).")
     if not (isinstance(ckpt["config"], dict) and type(ckpt["iter"]) is int and ckpt["iter"] >= 0
             and isinstance(ckpt["rng"], list) and ckpt["rng"] and isinstance(ckpt.get("base"), (str, type(None)))
             and isinstance(ckpt["state"], dict) and all(isinstance(t, torch.Tensor) for t in ckpt["state"].values())

@@ -25,7 +25,8 @@ def parse_flag(arg, defaults=None):
     if not eq:
         if defaults is not None and key not in defaults:  # misspelt: named with its closest, not given a value to fail
             typed(key, None, defaults, f"flag {arg}")
-        raise UserError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
+        value = "True" if isinstance((defaults or {}).get(key), bool) else "VALUE"  # a switch: --dry_run alone meant on
+        raise UserError(f"flag '{arg}' needs a value: write --{key}={value}.")
     if text.startswith("~"):  # --out_dir=~/x: the home folder, as the shell gives --out_dir ~/x
         text = flag_path(text)
     try:

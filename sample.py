@@ -44,7 +44,7 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
         what = (f"{out_dir} is a file, not a folder" if os.path.isfile(out_dir) else
                 f"{path} is {kind}, not a checkpoint" if kind else f"{path} does not exist")
         raise UserError(f"{what}; point --out_dir at the folder of a run of train.py.")
-    saved, ckpt = train.saved_config(path)  # checked again, as a resume checks it
+    saved, ckpt = train.saved_config(path, "sample.py")  # checked again, as a resume checks it
     try:  # the shape the model will have; a damaged one is left out: the model is built from the run's base
         context = train.ModelArgs(**ckpt["model_args"]).context
     except (TypeError, ValueError):

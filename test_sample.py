@@ -423,6 +423,16 @@ def test_a_run_whose_tokenizer_was_replaced_by_another_of_its_size_is_refused_no
     assert sample.load_run(str(tmp_path), device="cpu")[1].tok.path.endswith("other/tokenizer.model")
 
 
+def test_a_ckpt_pt_that_is_an_adapter_is_named_as_sample_pys_not_a_resumes(runs, tmp_path):
+    """load_checkpoint's sentence said "resume needs that ckpt.pt" to sample.py too, which resumes nothing."""
+    (tmp_path / "ckpt.pt").write_bytes((runs["lora"][0] / "adapter.pt").read_bytes())
+    with pytest.raises(sample.UserError) as error:
+        sample.load_run(str(tmp_path), device="cpu")
+    assert "is an adapter (adapter.pt), not the ckpt.pt" in str(error.value) and "resume" not in str(error.value)
+    assert "; sample.py needs that ckpt.pt (an adapter alone can be evaluated with python train.py --eval_only=True)" \
+        in str(error.value)
+
+
 def test_a_run_stopped_before_max_iters_answers_with_a_note_of_its_step_and_a_finished_one_without(runs, tmp_path,
                                                                                                 capsys):
     ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)

@@ -139,10 +139,11 @@ def test_a_text_setting_takes_a_flags_text_as_written_and_a_config_file_stays_py
     (["--r=10", "--experts=4"], r"r=10 is not a multiple of experts=4"),
     (["--adapter=moelora", "--r=10", "--experts=4"], r"r=10 is not a multiple of experts=4"),
     (["--batch_size=10", "--grad_accum=4"], r"batch_size=10 must be a multiple of grad_accum=4"),
-    (["--eval_only"], r"flag '--eval_only' needs a value: write --eval_only=VALUE"),
+    (["--eval_only"], r"flag '--eval_only' needs a value: write --eval_only=True\.$"),  # a switch: its value named
+    (["--dry_run", "--r=8"], r"^flag '--dry_run' needs a value: write --dry_run=True\.$"),
     # a misspelt key without a value is named as misspelt, not sent back for a value only to be refused again
     (["--lerning_rate"], r"unknown config key 'lerning_rate' in flag --lerning_rate; did you mean 'learning_rate'\?"),
-    (["--adapter", "lora"], r"flag '--adapter' needs a value: write --adapter=VALUE"),  # not "config file 'lora'"
+    (["--adapter", "lora"], r"flag '--adapter' needs a value: write --adapter=VALUE\.$"),  # not "config file 'lora'"
     (["config/cme_llama2_7b.py", "--adapter", "lora"], r"flag '--adapter' needs a value"),  # before any file runs
     (["--dtype=float16"], r"'dtype' must be one of float32, bfloat16"),
     # a misspelt preset: ignored without a word where init_from was not "scratch" (the demo's base.pt, a folder)

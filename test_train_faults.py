@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -109,8 +110,10 @@ def test_a_damaged_or_wrong_checkpoint_names_itself(run_data, tmp_path, capsys, 
            "adapter": (out / "adapter.pt").read_bytes()}[damage]
     ckpt.write_bytes(new)
     err = fails(train_flags(run_data, out, "--init_from=resume"), capsys, ckpt)
-    if damage == "adapter":
-        assert "is an adapter (adapter.pt), not the ckpt.pt" in err
+    if damage == "adapter":  # what reads it is named: a resume here, a re-scoring with --eval_only=True
+        assert "is an adapter (adapter.pt), not the ckpt.pt" in err and "; a resume needs that ckpt.pt" in err
+        fails(train_flags(run_data, out, "--eval_only=True"), capsys, ckpt,
+              "; a re-scoring (--eval_only=True) needs that ckpt.pt (an adapter alone")
     assert ckpt.read_bytes() == new  # left as it was, for the user to look at
 
 
@@ -136,10 +139,27 @@ def test_a_bad_init_from_names_itself(run_data, tmp_path, capsys, what):
     else:
         path.write_bytes({"garbage": os.urandom(2048), "truncated": base[:len(base) // 3], "not_pt": b"hello"}[what])
     needle = {"garbage": "is not a readable base model", "truncated": "is not a readable base model",
-              "adapter": "is an adapter", "checkpoint": "is not a base model written by train.py",
+              "adapter": "is an adapter, not a base model; give the base it was trained on",
+              "checkpoint": "is a run's training checkpoint (ckpt.pt), not a base model; continue that run with "
+                            "--init_from=resume --out_dir=<a folder holding it as ckpt.pt>",  # named base.pt here
               "not_pt": "is a file; give a model.pt written by train.py"}[what]
     fails(train_flags(run_data, tmp_path / "o", f"--init_from={path}"), capsys, path, needle)
     assert not (tmp_path / "o" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["ckpt.pt", "adapter.pt"])
+def test_a_runs_own_ckpt_or_adapter_given_as_init_from_says_how_to_go_on_with_that_run(run_data, tmp_path, capsys,
+                                                                                      name):
+    """A ckpt.pt has model_args: it was called "not a base model written by train.py (it has no model_args and
+    model)". The sentence names it as the run's, and the --out_dir it gives, as the shell reads it, is its folder."""
+    run = finished_run(run_data, tmp_path / "my run")  # a space: the folder is quoted for the shell
+    before = every_file(run)
+    err = fails(train_flags(run_data, tmp_path / "o", f"--init_from={run / name}"), capsys,
+                *(["is a run's training checkpoint (ckpt.pt), not a base model", "--init_from=resume --out_dir="]
+                  if name == "ckpt.pt" else ["is an adapter, not a base model"]), "--eval_only=True --out_dir=")
+    given = [shlex.split(rest)[0].rstrip(",.") for rest in err.split("--out_dir=")[1:]]
+    assert given and all(os.path.samefile(os.path.join(folder, name), run / name) for folder in given), given
+    assert every_file(run) == before and not (tmp_path / "o" / "ckpt.pt").exists()
 
 
 @pytest.mark.parametrize("name", ["base", "base.pt", os.devnull])

@@ -279,9 +279,7 @@ def base_weights(cfg, vocab_size):
             raise UserError(f"base checkpoint '{src}' {what}; train one (adapter='none') or use init_from='scratch'.")
         ckpt = checkpoint.load_pt(src, "base model")
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-            what = "an adapter" if checkpoint.is_adapter_file(ckpt) else "not a base model written by train.py"
-            raise UserError(f"init_from '{src}' is {what} (it has no model_args and model); give the model.pt of a "
-                            "full training run, or a Meta or Hugging Face folder.")
+            raise UserError(checkpoint.not_a_base(src, ckpt))  # a run's ckpt.pt or adapter.pt: how to go on with it
         return saved_model(ckpt["model_args"], ckpt["model"], src)
     if not os.path.isdir(src):  # a named pipe or a device (/dev/null) too: from_pretrained reads folders only
         what = f"is {files.special_file(src) or 'a file'}" if os.path.exists(src) else "does not exist"
@@ -371,9 +369,10 @@ RESUME_MAY_CHANGE = ("threads", "max_iters", "eval_only", "eval_limit", "eval_in
                      "dry_run", "dry_run_world_size")  # not the run's: a resume is dry-run, for any process count
 
 
-def saved_config(path):
-    """(config, checkpoint) of the ckpt.pt at path: the config checked again as if typed (a file edited by hand)."""
-    ckpt = checkpoint.load_checkpoint(path)
+def saved_config(path, use="a resume"):
+    """(config, checkpoint) of the ckpt.pt at path: the config checked again as if typed (a file edited by hand);
+    use: what reads it (checkpoint.load_checkpoint)."""
+    ckpt = checkpoint.load_checkpoint(path, use)
     saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the run was saved takes its default
     saved.update((k, configurator.typed(k, saved[k], DEFAULTS, path)) for k in DEFAULTS)
     check_config(saved)
@@ -393,7 +392,7 @@ def resume_config(cfg):
         return cfg, None
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume: {checkpoint.why_none(path, RUN_FILES)}.")
-    saved, ckpt = saved_config(path)
+    saved, ckpt = saved_config(path, "a re-scoring (--eval_only=True)" if cfg["eval_only"] else "a resume")
     changed = [k for k in cfg.get("_explicit", ()) if k != "init_from" and cfg[k] != saved[k]]
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE]
     if fixed:
