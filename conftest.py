@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,55 @@ def ctrl_c_as_at_a_terminal():
     yield
     if before is not None:  # None: a handler set outside Python, which cannot be put back
         signal.signal(signal.SIGINT, before)
+
+
+RUN_PATHS = ("out_dir", "data_dir", "eval_dir", "tokenizer", "init_from")  # a run's folders and the files it reads
+
+
+@pytest.fixture(scope="session")
+def users_folders():
+    """The repository's folders that a user's own runs fill: the first folder of each relative path that the demo
+    (train.py's defaults) and the recipes name: out/ (each run's out_dir), data/ (shards, evaluation sets) and
+    checkpoints/ (the bases a recipe trains). A recipe naming another folder adds it."""
+    recipes = [train.parse_config([str(p)]) for p in sorted((HERE / "config").glob("*.py"))]
+    return {HERE / Path(cfg[key]).parts[0] for cfg in [train.DEFAULTS, *recipes] for key in RUN_PATHS
+            if cfg[key] and not os.path.isabs(cfg[key]) and cfg[key] not in ("scratch", "resume")}
+
+
+@pytest.fixture(autouse=True)
+def no_run_in_the_users_folders(users_folders, tmp_path_factory, monkeypatch):
+    """A test's run or dry run (each claims its out_dir first: train.claim_out_dir) uses folders of its own, never
+    the repository's out/, data/ or checkpoints/: in a clone where the user has run the demo or a recipe, out/demo or
+    out/cme_llama2_7b holds a run, which the run and the dry run refuse, and a dry run reads the base, the tokenizer,
+    the shards and the evaluation sets it finds in place of the preset. Run from the repository's root, as CI runs
+    the tests, a test that forgets fails here whatever those folders hold."""
+    real, basetemp = train.claim_out_dir, tmp_path_factory.getbasetemp().resolve()  # --basetemp may be in the repo
+
+    def claim_out_dir(r, *args, **kwargs):
+        for key in RUN_PATHS:
+            if r.cfg.get(key) in (None, "", "scratch", "resume"):  # none, or init_from's keywords
+                continue
+            path = Path(os.path.realpath(r.cfg[key]))
+            mine = path == basetemp or basetemp in path.parents
+            if not mine and (folder := next((f for f in users_folders if f == path or f in path.parents), None)):
+                pytest.fail(f"the test runs with {key}={r.cfg[key]}, in the repository's {folder.name}/ that a "
+                            "user's runs fill; give it a path under tmp_path, or use the at_a_fresh_root fixture.")
+        return real(r, *args, **kwargs)
+    monkeypatch.setattr(train, "claim_out_dir", claim_out_dir)
+
+
+@pytest.fixture
+def at_a_fresh_root(tmp_path, monkeypatch):
+    """A run's relative paths taken as in a fresh clone: the working directory is a folder of the test's own that
+    holds a copy of the repository's config/, so the recipes are named as the README names them (config/...) and
+    their paths and the demo's (out/, data/, checkpoints/) are the test's. Not the repository's root, where out/demo
+    or out/cme_llama2_7b holds a run once the user has run the demo or the recipe (the run and its dry run refuse
+    it), and data/ and checkpoints/ the shards, evaluation sets, tokenizer and base that a dry run would read in
+    place of the preset. pytest may be started in another folder too, where config/cme_llama2_7b.py is not."""
+    root = tmp_path / "root"
+    shutil.copytree(HERE / "config", root / "config", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(root)
+    return root
 
 
 @pytest.fixture

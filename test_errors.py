@@ -70,7 +70,7 @@ def test_a_script_ends_as_its_main_does_where_its_output_is_read(capsys):
 REPO = Path(__file__).resolve().parent
 
 
-def _with_its_reader_gone(argv, buffered=True):
+def _with_its_reader_gone(argv, buffered=True, cwd=REPO):
     """(exit code, stderr) of a command whose stdout is a pipe that nobody reads any more, as after `| head -1`;
     buffered: as Python writes to a pipe unless PYTHONUNBUFFERED is set (as it may be where the tests run)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | ({} if buffered else
@@ -78,7 +78,7 @@ def _with_its_reader_gone(argv, buffered=True):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        done = subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        done = subprocess.run([sys.executable, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=cwd,
                               env=env, timeout=300)
     finally:
         os.close(write_end)
@@ -93,12 +93,13 @@ def test_a_script_whose_output_is_no_longer_read_ends_without_a_traceback(argv, 
     """`python train.py --help | head -3` printed a BrokenPipeError's traceback under the lines wanted; and with
     stdout buffered, as it is, what was left in the buffer met the pipe in the interpreter's flush at exit, which
     printed 'Exception ignored ... BrokenPipeError' and ended with code 120."""
-    if argv[1:] == ["--dry_run=True"]:  # not the demo's out/demo, which holds a run once the demo has run
-        argv = [*argv, f"--out_dir={tmp_path / 'out'}"]
-    code, err = _with_its_reader_gone(argv)
+    cwd = REPO
+    if argv[1:] == ["--dry_run=True"]:  # the demo's, from a folder of its own as from a fresh clone: in the repository
+        argv, cwd = [str(REPO / argv[0]), *argv[1:]], tmp_path  # out/demo holds a run once the demo has run (refused)
+    code, err = _with_its_reader_gone(argv, cwd=cwd)
     assert err == "" and code == 1, err
     if argv[1] == "--dry_run=True":  # unbuffered, each print meets the pipe in main
-        code, err = _with_its_reader_gone(argv, buffered=False)
+        code, err = _with_its_reader_gone(argv, buffered=False, cwd=cwd)
         assert err == "" and code == 1, err
 
 

@@ -516,11 +516,10 @@ def test_the_other_recipes_are_the_llama2_one_with_another_base(monkeypatch):
         assert sorted(k for k in cfg if cfg[k] != llama2[k] and k not in base) == [], recipe
 
 
-def test_the_llama2_recipes_word_on_activation_checkpointing_is_what_its_dry_runs_print(monkeypatch):
+def test_the_llama2_recipes_word_on_activation_checkpointing_is_what_its_dry_runs_print(at_a_fresh_root, monkeypatch):
     """config/cme_llama2_7b.py says what activation_checkpointing=False would cost a GPU against the dry run's
     estimate with it on (the README prints that one): both are the dry run's numbers today."""
     import train
-    monkeypatch.chdir(REPO)
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # the dry run would plan for torchrun's processes
     line = next(l for l in (REPO / "config/cme_llama2_7b.py").read_text(encoding="utf-8").splitlines()
                 if l.startswith("activation_checkpointing"))

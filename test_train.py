@@ -49,13 +49,6 @@ from teamlora import TeamLoRALinear
 REPO = Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def at_the_root(monkeypatch):
-    """The recipes named as the README names them (config/...), from the repository's root: pytest may be started in
-    another folder, where config/cme_llama2_7b.py is not found."""
-    monkeypatch.chdir(REPO)
-
-
 def test_config_file_then_flags_override_the_defaults(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text("r = 16\nexperts = 8\nlearning_rate = 1  # an int where a float is expected is fine\n"
@@ -358,12 +351,11 @@ def test_every_count_past_int64_is_refused_by_its_key():
 
 @pytest.mark.parametrize("key,value,flags", [("r", 4 * 10**18, []), ("r", 260, ["--experts=4"]),
                                              ("experts", 10**18, ["--adapter=hydralora"])])
-def test_a_rank_or_experts_past_a_target_width_is_refused_before_anything_is_allocated(key, value, flags, tmp_path,
-                                                                                        capsys):
+@pytest.mark.usefixtures("at_a_fresh_root")
+def test_a_rank_or_experts_past_a_target_width_is_refused_before_anything_is_allocated(key, value, flags, capsys):
     """A (r x d_in), B (d_out x r) or the router (k x d_in) larger than the weight it adapts: the dry run built them
     on the meta device and crashed ("Storage size calculation overflowed") or ran out of memory (exit 3)."""
-    argv = ["--dry_run=True", "--model=small", "--init_from=scratch", "--targets=w1,wq",  # w1 and wq: 256 wide
-            f"--out_dir={tmp_path / 'out'}"]  # not the demo's out/demo, which holds a run once the demo has run
+    argv = ["--dry_run=True", "--model=small", "--init_from=scratch", "--targets=w1,wq"]  # w1 and wq: 256 wide
     assert conftest.script_error(train.main, [*argv, f"--{key}={value}", *flags], capsys) == (
         f"train.py: error: {key}={value} is more than target w1's width of 256 features, where A, B or the router "
         f"alone would outgrow the weight it adapts; set --{key}=256 or less.")
@@ -1006,7 +998,7 @@ def test_competition_none_means_each_methods_own_choice(adapter, competition, ha
 
 
 @pytest.mark.parametrize("adapter,r,pct", [("lora", 32, "0.67"), ("lora", 128, "2.68"), ("teamlora", 128, "2.71")])
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsys):
     """Table 2 of the paper, Chinese-LLaMA-2-7B with FFN adapters, counted on the meta device."""
     out = train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--model=chinese-llama2-7b",
@@ -1016,7 +1008,7 @@ def test_dry_run_reproduces_the_papers_params_percentages(adapter, r, pct, capsy
 
 
 @needs_fixtures
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_dry_run_of_a_preset_leaves_its_vocabulary_to_the_base_the_run_will_read(capsys):
     """The README's step 3 sizes the paper's base, Chinese-LLaMA-2-7B (55,296 tokens), by its preset beside the
     recipe's LLaMA-2 tokenizer (32,000) while that base is not on disk: a run never reads the preset (the base's own
@@ -1042,7 +1034,7 @@ def test_other_families_recipes_dry_run_with_params_and_memory(recipe, capsys, t
     assert f"{args.n_layers * per_layer:,} trainable parameters" in printed, printed
 
 
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_readmes_dry_run_output_is_what_the_dry_run_prints(monkeypatch, capsys):
     readme = (Path(train.__file__).parent / "README.md").read_text(encoding="utf-8")
     command = "$ python train.py config/cme_llama2_7b.py --dry_run=True\n"
@@ -1052,7 +1044,7 @@ def test_the_readmes_dry_run_output_is_what_the_dry_run_prints(monkeypatch, caps
     assert capsys.readouterr().out == shown
 
 
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_dry_run_estimates_results_md_sets_beside_the_h200_measurement_are_what_it_prints(monkeypatch, capsys):
     """RESULTS.md's GPU section compares the measured 7B peak with the dry run's estimate, giving the command: that
     command, run today (and with --adapter=lora), prints the GiB the text quotes."""
@@ -1067,7 +1059,7 @@ def test_the_dry_run_estimates_results_md_sets_beside_the_h200_measurement_are_w
 
 
 @pytest.mark.parametrize("world", [4, 8])
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(world, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", f"--dry_run_world_size={world}"])
@@ -1078,7 +1070,7 @@ def test_dry_run_estimates_per_gpu_with_the_micro_batch_of_dry_run_world_size(wo
     assert f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about" in out
 
 
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_a_dry_run_under_torchrun_plans_for_its_processes_not_for_dry_run_world_size(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", "--dry_run_world_size=8"])
@@ -1089,7 +1081,7 @@ def test_a_dry_run_under_torchrun_plans_for_its_processes_not_for_dry_run_world_
         train.check_full_config({**cfg, "batch_size": 8})  # as the run on those processes refuses it
 
 
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_a_dry_run_under_torchrun_checks_on_every_rank_and_rank_0_alone_prints_it(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True"])
@@ -1102,7 +1094,7 @@ def test_a_dry_run_under_torchrun_checks_on_every_rank_and_rank_0_alone_prints_i
     assert "per GPU with 4 GPUs" in said[0] and said[1] == ""
 
 
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_dry_run_refuses_packed_rows_past_a_presets_context_and_describes_one_gpu_and_full_training(
         monkeypatch, capsys):
     """A preset stands in for the base (LLaMA-2: 4,096 tokens), so packed rows of 8,192 are refused as a real run
@@ -1148,7 +1140,7 @@ RECIPE_BASES = {
 
 
 @pytest.mark.parametrize("recipe", list(RECIPE_BASES))
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_each_recipes_dry_run_describes_the_published_config_of_its_base(recipe, monkeypatch, capsys):
     """The preset a recipe's dry run stands in for its base with is that base's config.json, field by field (the
     Qwen2.5-7B preset had 32768 positions, and the Qwen3 recipe the post-trained Qwen3-8B's 40960: a dry run then
@@ -1178,15 +1170,31 @@ def test_each_recipes_dry_run_describes_the_published_config_of_its_base(recipe,
     assert "per GPU with 8 GPUs, micro-batch 4 x 1024 tokens, FSDP" in printed  # 8 x 4 x 4 accumulation = 128
 
 
+@pytest.mark.usefixtures("at_a_fresh_root")
+def test_no_test_runs_in_the_folders_that_a_users_runs_fill(users_folders):
+    """conftest's guard: a test whose run or dry run has its out_dir, or a path it reads, in the repository's out/,
+    data/ or checkpoints/ fails as it claims out_dir, whatever those folders hold (a fresh clone's hold nothing),
+    so a recipe's or the demo's dry run that forgets at_a_fresh_root or a tmp_path fails in CI too, not only in a
+    clone where the user has run it. The same run from a fresh root is the test's own."""
+    assert {f.relative_to(REPO).as_posix() for f in users_folders} == {"out", "data", "checkpoints"}
+    train.claim_out_dir(train.Run(train.parse_config(["config/cme_llama2_7b.py"])), resuming=False)
+    train.claim_out_dir(train.Run(train.parse_config([])), resuming=False)  # the demo's
+    for key, path in (("out_dir", "out/cme_llama2_7b"), ("out_dir", "out/demo"), ("data_dir", "data/cme"),
+                      ("tokenizer", "checkpoints/Llama-2-7b/tokenizer.model"), ("init_from", "checkpoints/Llama-2-7b")):
+        r = train.Run(train.parse_config(["config/cme_llama2_7b.py", f"--{key}={REPO / path}"]))
+        with pytest.raises(pytest.fail.Exception, match=rf"with {key}=.* in the repository's {path.split('/')[0]}/"):
+            train.claim_out_dir(r, resuming=False)
+
+
 @pytest.mark.parametrize("batch_size, grad_accum", [(12, 1), (15, 3), (16, 1), (12, 3)])
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_demos_dry_run_plans_for_the_one_process_that_python_train_py_runs(batch_size, grad_accum, monkeypatch,
-                                                                                tmp_path, capsys):
+                                                                                capsys):
     """`python train.py --dry_run=True` plans the demo's own run, one process: it accepts every batch that run accepts
     and prints that run's micro-batch. It planned for 8 GPUs under DDP (micro-batch 2 of the demo's 16) and refused
     --batch_size=12, which `python train.py` trains, as not a multiple of "processes x grad_accum = 8"."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    cfg = train.parse_config(["--dry_run=True", f"--batch_size={batch_size}", f"--grad_accum={grad_accum}",
-                              f"--out_dir={tmp_path / 'out'}"])  # out/demo holds a run once the demo has run
+    cfg = train.parse_config(["--dry_run=True", f"--batch_size={batch_size}", f"--grad_accum={grad_accum}"])
     machine.check_batch_split(cfg, 1)  # the real run, one process, takes this batch
     train.train(cfg)
     out = capsys.readouterr().out
@@ -2375,7 +2383,7 @@ def test_the_keys_a_config_file_or_a_flag_sets_are_the_explicit_ones_a_resume_ke
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-@pytest.mark.usefixtures("at_the_root")
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_help_prints_the_docstring_and_every_default_with_its_comment_and_exits_0(capsys, flag):
     with pytest.raises(SystemExit) as stop:
         train.main(["config/cme_llama2_7b.py", flag, "--r=8"])
@@ -3180,6 +3188,7 @@ def test_re_scoring_without_an_adapter_scores_the_base_and_asks_for_no_adapter_p
 
 
 @pytest.mark.parametrize("kept", [("ckpt.pt",), ("adapter.pt",), ("adapter.pt", "results.json")])
+@pytest.mark.usefixtures("at_a_fresh_root")  # the demo's data_dir, compared with out_dir: not the user's
 def test_a_run_in_out_dir_is_offered_a_resume_only_where_it_has_a_ckpt_pt(tmp_path, kept):
     """A run stopped before adapter.pt holds ckpt.pt alone and can go on; one kept as its adapter.pt cannot."""
     for f in kept:

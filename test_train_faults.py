@@ -1135,11 +1135,12 @@ def test_data_without_training_records_is_refused_before_step_1(run_data, tmp_pa
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_dry_run_refuses_an_init_from_that_is_a_file_but_not_a_checkpoint_as_the_run_does(tmp_path, capsys):
     """A preset stood in for it, as for a base not on disk, and the dry run passed a configuration that the run
     then refused (on 8 GPUs, after the launch)."""
     (tmp_path / "tokenizer.model").write_text("not a base\n")
-    fails([f"--init_from={tmp_path / 'tokenizer.model'}", "--dry_run=True", f"--out_dir={tmp_path / 'out'}"], capsys,
+    fails([f"--init_from={tmp_path / 'tokenizer.model'}", "--dry_run=True"], capsys,
           f"init_from '{tmp_path / 'tokenizer.model'}' is a file; give a model.pt written by train.py")
 
 
@@ -1231,10 +1232,10 @@ def test_a_non_ascii_out_dir_under_the_c_locale_is_refused_at_once_naming_the_lo
         assert train.parse_config([f"--{key}={tmp_path}/\udce9"])[key] == f"{tmp_path}/\udce9"
 
 
-def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, tmp_path, capsys):
+@pytest.mark.usefixtures("at_a_fresh_root")
+def test_the_dry_run_reads_the_shape_of_a_base_pt_of_ours(run_data, capsys):
     base = torch.load(run_data / "base.pt", weights_only=True)
-    summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True",
-                                              f"--out_dir={tmp_path / 'out'}"]))
+    summary = train.train(train.parse_config([f"--init_from={run_data / 'base.pt'}", "--dry_run=True"]))
     n_base = sum(t.numel() for t in base["model"].values())
     out = capsys.readouterr().out
     assert summary["base_params"] == n_base and f"model {run_data / 'base.pt'}: {n_base:,} base parameters" in out
@@ -3445,6 +3446,7 @@ def test_a_run_on_an_out_dir_that_holds_another_run_is_refused_before_its_data_i
     assert (out / "adapter.pt").read_bytes() == b"another run's"
 
 
+@pytest.mark.usefixtures("at_a_fresh_root")  # the demo's data_dir, compared with out_dir: not the user's
 def test_a_re_scoring_of_a_full_run_by_its_own_model_pt_is_not_refused_as_a_run_it_would_replace(tmp_path):
     """eval_only replaces nothing in out_dir: init_from naming the model.pt there (a full run kept without its
     ckpt.pt, scored as it is) is not "the run in out_dir that overwrite=True would replace"."""
