@@ -2647,3 +2647,19 @@ def test_an_abbreviated_flag_is_named_before_any_file_is_read(tmp_path, monkeypa
     with pytest.raises(SystemExit) as e:
         data.main(["prepare", f"--input={tmp_path / 'a.jsonl'}", f"--tok={tmp_path / 't.model'}", f"--out={tmp_path}"])
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("did you mean --tokenizer?")
+
+
+@pytest.mark.parametrize("left_out", ["command", "--input", "--tokenizer", "--out"])
+def test_a_command_or_required_flag_left_out_is_named_before_anything_is_read(tmp_path, monkeypatch, capsys,
+                                                                                left_out):
+    """data.py with no command, or prepare without one of its required flags, names what is missing in its usage
+    error (exit code 2) and reads and writes nothing: prepare would meet the missing flag as None."""
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("data.py ran without a required flag"))
+    flags = {"--input": tmp_path / "a.jsonl", "--tokenizer": tmp_path / "t.model", "--out": tmp_path / "out"}
+    argv = [] if left_out == "command" else ["prepare"] + [f"{k}={v}" for k, v in flags.items() if k != left_out]
+    with pytest.raises(SystemExit) as stop:
+        data.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().endswith(f"error: the following arguments are required: {left_out}"), err
+    assert os.listdir(tmp_path) == []

@@ -1375,6 +1375,37 @@ def test_loss_png_is_drawn_only_where_a_run_of_the_study_has_a_loss_curve(tmp_pa
     assert saved == ["png"] and os.listdir(tmp_path) == ["loss.png"]
 
 
+def test_expert_load_png_draws_each_tasks_load_averaged_over_the_seeds_as_the_row_its_task_labels(tmp_path,
+                                                                                                 monkeypatch):
+    """The heatmap of expert_load.png holds the text chart's numbers: one row per task, in the order of the row
+    labels, each the task's expert shares averaged over the seeds. A stand-in for matplotlib records what is drawn."""
+    drawn = {}
+
+    class Drawing:  # a figure or its axes: any call is taken, the heatmap and the labels recorded
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def imshow(self, rows, **k):
+            drawn["rows"] = rows
+
+        def set(self, **k):
+            drawn.update(k)
+
+        def savefig(self, f, format=None, **k):
+            f.write(b"PNG")
+    pyplot = SimpleNamespace(subplots=lambda **k: (Drawing(), Drawing()))
+    monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    runs = [{"curve": [], "config": {"seed": 1}, "expert_load": {"qa": [0.5, 0.2, 0.3], "nli": [0.1, 0.9, 0.0]}},
+            {"curve": [], "config": {"seed": 2}, "expert_load": {"qa": [0.7, 0.1, 0.2], "nli": [0.3, 0.5, 0.2]}}]
+    assert study.pngs({"teamlora": runs}, str(tmp_path)) == [str(tmp_path / "expert_load.png")]
+    labels = list(drawn["yticklabels"])
+    assert sorted(labels) == ["nli", "qa"] and list(drawn["yticks"]) == [0, 1] and len(drawn["rows"]) == 2
+    for task, row in zip(labels, drawn["rows"]):
+        assert list(row) == pytest.approx([(runs[0]["expert_load"][task][e] + runs[1]["expert_load"][task][e]) / 2
+                                           for e in range(3)])
+
+
 def test_a_study_of_zero_steps_is_refused_and_one_step_is_taken():
     """The sentence names the steps alone (it spoke of seed 0 too, which --seeds already refuses)."""
     with pytest.raises(study.data.UserError, match=r"^--steps must be a positive number of training steps per run, "

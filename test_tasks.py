@@ -1403,3 +1403,28 @@ def test_references_a_metric_can_read_are_loaded_however_short_or_foreign_and_re
         blanked = {**record, "output": " ", "answers": [" "] * len(record.get("answers", []))}
         with pytest.raises(UserError, match="r.jsonl line 1 can not be scored"):
             evaluation.check_eval_record(blanked, "r.jsonl line 1", task)
+
+
+@pytest.mark.parametrize("left_out", ["--task", "--raw", "--out"])
+def test_a_required_flag_left_out_is_named_before_anything_is_read(tmp_path, monkeypatch, capsys, left_out):
+    """tasks.py without one of its required flags names it in its usage error (exit code 2), and reads
+    and writes nothing: write_eval_set would meet the missing flag as None ("unknown task None")."""
+    monkeypatch.setattr(tasks, "write_eval_set", lambda *a, **k: pytest.fail("tasks.py ran without a required flag"))
+    flags = {"--task": "mmlu", "--raw": tmp_path / "x_test.csv", "--out": tmp_path / "out.jsonl"}
+    argv = [f"{k}={v}" for k, v in flags.items() if k != left_out]
+    with pytest.raises(SystemExit) as stop:
+        tasks.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().endswith(f"error: the following arguments are required: {left_out}"), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_raw_file_named_twice_is_the_one_the_sentence_names_wherever_it_comes(tmp_path, capsys):
+    """The sentence names the file given twice, not merely the first --raw file: here a file named once comes first."""
+    raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "anli.jsonl")
+    first = write_anli(tmp_path / "dev1.jsonl", 2)
+    again = os.path.join(os.path.dirname(raw), ".", os.path.basename(raw))
+    assert script_error(tasks.main, ["--task", "anli", "--raw", first, raw, again, "--out", out], capsys) == (
+        f"tasks.py: error: --raw names {raw} more than once; give each raw file once.")
+    assert not os.path.exists(out)

@@ -944,6 +944,16 @@ def test_eval_only_reloads_the_adapter_and_reproduces_the_scores(run_data, tmp_p
     assert_same_adapters(adapters_of(first["model"]), adapters_of(again["model"]))
 
 
+def test_eval_only_of_an_adapter_pt_alone_reloads_it_and_reproduces_the_scores(run_data, tmp_path):
+    """A run kept as its adapter.pt and results.json alone (its ckpt.pt deleted, as one keeps or shares a run) is
+    re-scored with the adapter it trained: the same adapters, so the same scores, as the run's own."""
+    first = train.train(train_cfg(run_data, tmp_path / "o", "--max_iters=8", "--eval_interval=8"))
+    (tmp_path / "o" / "ckpt.pt").unlink()
+    again = train.train(train_cfg(run_data, tmp_path / "o", "--eval_only=True"))
+    assert_same_adapters(adapters_of(first["model"]), adapters_of(again["model"]))
+    assert again["scores"] == first["scores"]
+
+
 def test_moelora_hydralora_and_lora_configurations_build_the_right_layers():
     cfg = dict(train.DEFAULTS, r=12, experts=3, alpha=24.0)
     moe = TeamLoRALinear(nn.Linear(6, 5), dropout=0.0, **train.adapter_kwargs({**cfg, "adapter": "moelora"}))

@@ -2459,6 +2459,15 @@ def test_a_resumes_trim_of_its_log_keeps_every_line_that_names_no_later_step_byt
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 1, "loss": 1.5}\n'
 
 
+def test_a_resume_whose_log_was_deleted_logs_its_steps_in_a_new_one(tmp_path):
+    """A log.jsonl deleted by hand (to tidy the folder) beside the checkpoint: the resume has no lines to trim, and
+    logs its steps from the checkpoint's on in a new log.jsonl rather than failing."""
+    import checkpoint
+    with checkpoint.open_log(str(tmp_path), 2) as log:
+        log.write('{"step": 3, "loss": 1.2}\n')
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [3]
+
+
 def test_a_resumes_log_loses_a_last_line_cut_short_so_the_next_line_is_not_glued_to_it(tmp_path):
     """A kill mid-write leaves a last line without its newline, even one of a step up to the checkpoint's: the resume
     drops it (it logs that step again), else its first line would be glued to it and the log could not be read."""
