@@ -378,6 +378,19 @@ def test_peak_bytes_adds_the_largest_rise_during_the_call_to_what_was_resident()
     assert 4 * mib <= rise < 5 * mib, rise
 
 
+def test_peak_bytes_counts_every_allocation_alive_at_the_peak_not_the_largest_one():
+    """Two tensors alive together peak at their sum: the largest single allocation would under-count a step's peak
+    (its activations are alive together until the backward frees them)."""
+    mib = 2**20
+
+    def step():
+        a = torch.ones(4 * mib // 4)
+        b = torch.ones(2 * mib // 4)  # both alive: 6 MiB
+        del a, b
+    rise = bench.peak_bytes(step, 0, CPU)
+    assert 6 * mib <= rise < 7 * mib, rise
+
+
 def test_peak_bytes_on_cuda_counts_from_the_allocation_before_the_call(monkeypatch):
     mem = SimpleNamespace(allocated=700, peak=5000)  # an earlier peak of 5000 must not count
 

@@ -662,3 +662,12 @@ def test_ends_in_a_long_integer_only_past_the_digits_python_converts_and_never_w
         assert not files.ends_in_a_long_integer("7" * (limit + 1))
     finally:
         sys.set_int_max_str_digits(limit)
+
+
+def test_blocked_parent_names_a_read_only_filesystem_as_a_folder_that_can_not_be_written(tmp_path, monkeypatch):
+    """A read-only mount refuses the trial file with EROFS, not a PermissionError: it is named, not raised."""
+    def read_only_filesystem(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only_filesystem)
+    assert files.blocked_parent(str(tmp_path / "out" / "ckpt.pt")) == \
+        f"{tmp_path} is not writable ({os.strerror(errno.EROFS)})"

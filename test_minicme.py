@@ -650,6 +650,7 @@ def test_suite_qa_and_choice_evaluation_sets_ask_only_held_out_facts_and_answer_
             name, attr = asked[question]
             options = dict(o.split(".", 1) for o in re.split(r", (?=[B-D]\.)", choices))
             assert options[r["output"]] == w["by_name"][name][attr], r
+            assert len({o.strip() for o in options.values()}) == 4, r  # no distractor repeats the answer or another
             assert ((name, attr) in w["held"]) == (split != "train"), r
 
 

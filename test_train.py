@@ -1550,8 +1550,8 @@ def test_cuda_bfloat16_training_learns_and_scores(run_data, tmp_path):
     assert set(out["scores"]) == set(SYNTHETIC_TASKS)
 
 
-@pytest.mark.parametrize("threads, cores, others, want", [(3, 2, 5, 3), (0, 2, 0, 2), (0, 2, 1, 1), (0, 2, 7, 1),
-                                                          (0, 16, 3, 13)])
+@pytest.mark.parametrize("threads, cores, others, want", [(3, 2, 5, 3), (1, 16, 0, 1), (0, 2, 0, 2), (0, 2, 1, 1),
+                                                          (0, 2, 7, 1), (0, 16, 3, 13)])
 def test_cpu_threads_leave_the_cores_other_jobs_run_on(threads, cores, others, want, monkeypatch):
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(machine, "others_running", lambda: others)
@@ -1642,6 +1642,8 @@ def test_keep_slices_changes_and_says_nothing_unless_a_resume_runs_on_another_nu
     and print nothing; a resume on other processes changes it, and rank 0 alone says so."""
     cfg, two = {"grad_accum": 1, "batch_size": 8, "eval_only": False}, {"rng": [None] * 2}
     assert machine.keep_slices(cfg, None, 1, True) == cfg
+    for world, accum in ((2, 2), (4, 1)):  # a new run under torchrun: its own processes, whatever their count
+        assert machine.keep_slices({**cfg, "grad_accum": accum}, None, world, True) == {**cfg, "grad_accum": accum}
     assert machine.keep_slices(cfg, two, 2, True) == cfg
     assert machine.keep_slices({**cfg, "eval_only": True}, two, 1, True) == {**cfg, "eval_only": True}
     assert machine.keep_slices(cfg, two, 1, False) == {**cfg, "grad_accum": 2}
@@ -3207,3 +3209,24 @@ def test_a_run_in_out_dir_is_offered_a_resume_only_where_it_has_a_ckpt_pt(tmp_pa
     with pytest.raises(UserError, match="already holds a run") as e:
         train.claim_out_dir(r, resuming=False)
     assert ("--init_from=resume" in str(e.value)) == ("ckpt.pt" in kept)
+
+
+def test_ctrl_c_while_a_config_file_runs_stops_the_script_and_is_not_called_a_broken_config(tmp_path):
+    """A config file may compute for a while (or wait on input()): a Ctrl-C then stops the script as it stops a run,
+    not as a config file that "failed to run"."""
+    import configurator
+    slow = tmp_path / "slow.py"
+    slow.write_text("r = 8\nraise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        configurator.read([str(slow)], train.DEFAULTS)
+
+
+def test_out_of_memory_tells_a_new_run_to_lower_its_batch_and_a_resume_or_re_scoring_only_what_it_can_change():
+    """A resume and a re-scoring keep the run's batch_size and grad_accum (keep_slices): their sentence offers
+    activation checkpointing and FSDP alone, where a new run's offers a smaller batch first."""
+    new, resume, rescore = ({"init_from": "base.pt", "eval_only": False}, {"init_from": "resume", "eval_only": False},
+                            {"init_from": "base.pt", "eval_only": True})
+    assert "lower batch_size" in machine.out_of_memory_fix(new)
+    for cfg in (resume, rescore):
+        fix = machine.out_of_memory_fix(cfg)
+        assert "batch_size" not in fix and "activation_checkpointing=True" in fix and "fsdp=True" in fix
