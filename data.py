@@ -52,7 +52,8 @@ from files import (
     process_is_running,
     read_json,
     special_file,
-    too_long,
+    unique_keys,
+    value_problem,
     write_atomic,
 )
 from tokenizer import PROMPT_EOS, Tokenizer
@@ -130,7 +131,7 @@ _READ = 1 << 20  # characters read at a time from a JSON list
 def _iter_json_list(path):
     """Yield (index, record) from a file holding one JSON list, a piece at a time: memory is
     bounded by the largest record, not by the file (the CME's 2.5M records would not fit)."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=unique_keys)  # a key given twice: DuplicateKey, a ValueError
     with open(path, encoding="utf-8-sig") as f:
         buf, pos, line0 = "", 0, 1  # line0: line number of buf[0]
 
@@ -177,9 +178,9 @@ def _iter_json_list(path):
                         fail(e.pos, f"record {index} is not valid JSON ({e.msg})")
                 except RecursionError:  # too deep in what was read already: more text cannot help
                     fail(pos, f"record {index} {TOO_DEEP}")
-                except ValueError:  # an integer of thousands of digits; cut by the buffer's end, maybe a float's
-                    if not ends_in_a_long_integer(buf) or not fill():  # else more text cannot make it shorter
-                        fail(pos, f"record {index} {too_long()}")
+                except ValueError as e:  # a key given twice, or an integer of thousands of digits
+                    if not ends_in_a_long_integer(buf) or not fill():  # cut by the buffer's end, maybe a float's
+                        fail(pos, f"record {index} {value_problem(e)}")
             yield index, record
             index, pos = index + 1, end
             char = peek()
@@ -272,7 +273,7 @@ def _encode_chunk(job):
         try:
             if isinstance(payload, bytes):
                 try:
-                    payload = json.loads(payload)
+                    payload = json.loads(payload, object_pairs_hook=unique_keys)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); each line of a "
                                     "JSONL file must be one whole JSON object") from None
@@ -280,8 +281,8 @@ def _encode_chunk(job):
                     raise UserError(f"{where} {TOO_DEEP}; fix or remove that record") from None
                 except UnicodeDecodeError:
                     raise
-                except ValueError:
-                    raise UserError(f"{where} {too_long()}; fix or remove that record") from None
+                except ValueError as e:  # a key given twice, or an integer of thousands of digits
+                    raise UserError(f"{where} {value_problem(e)}; fix or remove that record") from None
             source, target = _encode_parts(_WORKER_TOKENIZER, payload, where)
         except UserError as e:
             return ("error", str(e))
@@ -529,11 +530,10 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
             print(f"warning: {dropped} of {records} records {'was' if dropped == 1 else 'were'} dropped because "
                   f"max_len {max_len} cut their answer away entirely; raise --max_len to keep them", file=sys.stderr)
         sha256 = file_sha256(tok.path)
-        summary = dict(
-            format=FORMAT, max_len=max_len, val_fraction=val_fraction, seed=seed, dtype=dtype,
-            vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-            tokenizer=dict(path=tok.path, kind=tok.kind, sha256=sha256), splits=splits, files=files,
-            **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
+        summary = dict(format=FORMAT, max_len=max_len, val_fraction=val_fraction, seed=seed, dtype=dtype,
+                       vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       tokenizer=dict(path=tok.path, kind=tok.kind, sha256=sha256), splits=splits, files=files,
+                       **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
             f.write(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         move_into(tmp, real, PREPARE_FILES)  # summary.json last, once the shards are on disk
@@ -562,13 +562,13 @@ def read_jsonl(path):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line, object_pairs_hook=unique_keys)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix or remove that line.") from None
                 except RecursionError:
                     raise UserError(f"{path} line {n} {TOO_DEEP}; fix or remove that line.") from None
-                except ValueError:
-                    raise UserError(f"{path} line {n} {too_long()}; fix or remove that line.") from None
+                except ValueError as e:  # a key given twice, or an integer of thousands of digits
+                    raise UserError(f"{path} line {n} {value_problem(e)}; fix or remove that line.") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{path} line {n} is not a JSON object; each line must hold one record.")
                 yield f"{path} line {n}", obj

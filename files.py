@@ -339,6 +339,45 @@ def too_long():  # json raises a ValueError (not a JSONDecodeError) on an intege
     return f"holds a number of more than {int_digits_limit():,} digits, too long to read"
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that gives one key twice: json would keep its last value alone, the other lost unseen."""
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook for records: their object, or DuplicateKey naming the first key given twice."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def value_problem(e):
+    """What a ValueError out of json (not a JSONDecodeError) says is wrong, as the words after a record's name."""
+    if isinstance(e, DuplicateKey):
+        return f"gives the key {e.args[0]!r} twice (JSON would keep only the last value)"
+    return too_long()
+
+
+def duplicate_key_line(text):
+    """The line on which the innermost object that gives a key twice begins in the JSON text: parsed again in pure
+    Python (slow, but only for a message), whose scanner, unlike C's, lets parse_object see where each object is."""
+    starts, decoder = [], json.JSONDecoder(object_pairs_hook=unique_keys)
+
+    def parse_object(s_and_end, *args):
+        starts.append(s_and_end[1] - 1)  # the "{" (s_and_end[1] is just past it)
+        value = json.decoder.JSONObject(s_and_end, *args)
+        starts.pop()
+        return value
+
+    decoder.parse_object = parse_object
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    with suppress(ValueError, RecursionError):
+        decoder.decode(text)
+    return text.count("\n", 0, starts[-1]) + 1 if starts else 1
+
+
 def ends_in_a_long_integer(text):
     """Whether text ends in an integer of more digits than Python converts (too_long), or in one and the "." or "e"
     that may begin its fraction or exponent: the text after it may make it a float's, which json reads (as inf)."""
@@ -353,15 +392,17 @@ def json_kind(value):
             type(None): "null"}.get(type(value), "a number")
 
 
-def read_json(path, fix, any_value=False, lines_too=False):
+def read_json(path, fix, any_value=False, lines_too=False, records=False):
     """The JSON object in the file at path (any JSON value with any_value), UTF-8 with or without a byte-order mark;
-    with lines_too, None for JSON lines (a second value after the first). Anything else is a UserError "<path> <what
-    is wrong>; <fix>", never a decoder's own error: its traceback would name no file."""
+    with lines_too, None for JSON lines (a second value after the first); with records (a task's raw file), an
+    object giving a key twice is refused. Anything else is a UserError "<path> <what is wrong>; <fix>", never a
+    decoder's own error: its traceback would name no file."""
     if what := special_file(path):  # a named pipe would wait for a writer forever, a device never end
         raise UserError(f"{path} is {what}, not a file; {fix}")
     try:
         with open(path, encoding="utf-8-sig") as f:
-            value = json.load(f)
+            text = f.read()
+        value = json.loads(text, object_pairs_hook=unique_keys if records else None)
     except OSError as e:  # missing, not ours to read, a loop of links
         raise UserError(f"{path} can not be read ({e.strerror or e}); {fix}") from None
     except json.JSONDecodeError as e:
@@ -372,6 +413,8 @@ def read_json(path, fix, any_value=False, lines_too=False):
         raise UserError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8 or {fix}") from None
     except RecursionError:
         raise UserError(f"{path} {TOO_DEEP}; {fix}") from None
+    except DuplicateKey as e:
+        raise UserError(f"{path} line {duplicate_key_line(text)} {value_problem(e)}; {fix}") from None
     except ValueError:  # a number of thousands of digits
         raise UserError(f"{path} {too_long()}; {fix}") from None
     if not any_value and not isinstance(value, dict):

@@ -341,7 +341,7 @@ def _json(path, lines_too=False):
     if os.path.isdir(path):  # write_eval_set names the raw file that the task needs
         raise IsADirectoryError(path)
     return read_json(path, "pass the task's raw file as downloaded, whole and readable by this user.", any_value=True,
-                     lines_too=lines_too)
+                     lines_too=lines_too, records=True)
 
 
 def _tsv(path, need):
@@ -389,8 +389,17 @@ def load_qqp(path):
 def load_winogrande(path):
     """WinoGrande jsonl: sentence with "_" for the blank, option1, option2, answer "1"/"2" -> A/B."""
     return [make_record("blank", _label(row.get("answer"), {"1": "A", "2": "B"}, where),
-                        sentence=_get(row, "sentence", where), option1=_get(row, "option1", where),
+                        sentence=_blank_sentence(row, where), option1=_get(row, "option1", where),
                         option2=_get(row, "option2", where)) for where, row in _jsonl(path)]
+
+
+def _blank_sentence(row, where):
+    """A WinoGrande sentence, which must hold the "_" that the options fill: without it the prompt asks nothing."""
+    sentence = _get(row, "sentence", where)
+    if "_" not in sentence:
+        raise UserError(f'{where} has a sentence with no "_" for the options to fill ({_show(sentence)}); put the '
+                        '"_" where the blank belongs, or check that the file is WinoGrande\'s.')
+    return sentence
 
 
 def load_arc(path):

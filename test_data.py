@@ -825,6 +825,27 @@ def test_broken_jsonl_line_is_named_by_file_and_line(tmp_path, tiny_spm, workers
     assert os.listdir(tmp_path) == ["broken.jsonl"]
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "list"])
+def test_a_record_giving_a_key_twice_is_named_by_prepare_and_by_read_records_not_read_as_its_last_value(tmp_path,
+                                                                                                       tiny_spm, kind):
+    """json.loads keeps the last of two values of a key and drops the other unseen: a record that gives
+    "instruction" twice is refused, naming the file, the line and the key, by the workers and by every reader."""
+    twice = '{"instruction": "a", "input": "", "instruction": "b", "output": "c"}'
+    path = tmp_path / f"twice.{'json' if kind == 'list' else 'jsonl'}"
+    path.write_text(f"{GOOD}\n{twice}\n" if kind == "jsonl" else f"[{GOOD},\n{twice}]\n")
+    where = f"{path} line 2" if kind == "jsonl" else f"{path} line 2: record 1"
+    says = f"{where} gives the key 'instruction' twice \\(JSON would keep only the last value\\)"
+    for workers in (1, 2):
+        with pytest.raises(UserError, match=says):
+            prepare([path], tiny_spm, tmp_path / "out", workers=workers)
+    with pytest.raises(UserError, match=says):
+        list(data.read_records(path))
+    if kind == "jsonl":  # evaluation sets are read by read_jsonl
+        with pytest.raises(UserError, match=says):
+            list(data.read_jsonl(path))
+    assert sorted(os.listdir(tmp_path)) == [path.name]
+
+
 def test_deep_nesting_is_one_sentence_from_worker_processes_and_read_jsonl(tmp_path, tiny_spm):
     path = tmp_path / "deep.jsonl"
     path.write_text(f"{GOOD}\n{GOOD}\n{DEEP}\n")

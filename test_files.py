@@ -474,6 +474,20 @@ def test_read_json_names_every_damaged_file_and_the_fix_in_one_sentence(tmp_path
     assert error.value.__context__ is None or error.value.__suppress_context__  # no decoder's traceback above it
 
 
+def test_read_json_refuses_a_key_given_twice_in_records_naming_its_line_and_reads_config_files_as_json_does(tmp_path):
+    """A task's raw file (records=True) that gives a key twice in one object is refused on the line where that object
+    begins, however deep; a config file (tokenizer.json, config.json) is read as json reads it, the last value kept."""
+    path = tmp_path / "x.json"
+    path.write_text('{"Data": [\n {"a": 1},\n {"a": 2, "b": {"c": 3,\n  "c": 4}}]}')
+    with pytest.raises(UserError) as error:
+        files.read_json(path, FIX, records=True)
+    assert str(error.value) == f"{path} line 3 gives the key 'c' twice (JSON would keep only the last value); {FIX}"
+    assert files.read_json(path, FIX) == {"Data": [{"a": 1}, {"a": 2, "b": {"c": 4}}]}
+    path.write_text('{"a": 1,\n "a": 2}')
+    with pytest.raises(UserError, match=f"^{path} line 1 gives the key 'a' twice "):
+        files.read_json(path, FIX, records=True)
+
+
 def test_read_json_reads_a_byte_order_mark_any_value_and_tells_json_lines_apart(tmp_path):
     """A byte-order mark is read past, as the raw files of the tasks have it; any_value gives what is not an object
     too, and lines_too None for JSON lines (one value per line), whose second value json calls "Extra data"."""

@@ -687,6 +687,16 @@ MALFORMED_RAW = [  # task, file name, content, what the message must say
      '"A"}]}, "answerKey": "A"}\n', r"arc.jsonl line 1 labels two of its choices alike \(\['A', 'A'\]\)"),
     ("winogrande", "dev.jsonl", '{"sentence": "_ x", "option1": "a", "answer": "1"}\n',
      r"dev.jsonl line 1 has no 'option2' field"),
+    # a sentence with no blank would be a prompt that asks nothing; a key given twice would keep its last value alone
+    ("winogrande", "dev.jsonl", '{"sentence": "a _ b", "option1": "a", "option2": "b", "answer": "1"}\n'
+     '{"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}\n',
+     r'dev.jsonl line 2 has a sentence with no "_" for the options to fill \("no blank"\); put the "_" where'),
+    ("anli", "dev.jsonl", '{"context": "a", "hypothesis": "b", "label": "e"}\n'
+     '{"context": "a", "hypothesis": "b", "label": "e", "label": "c"}\n',
+     r"dev.jsonl line 2 gives the key 'label' twice \(JSON would keep only the last value\); fix or remove that line"),
+    ("webqa", "q.json", '[{"utterance": "q", "targetValue": "(list (description a))"},\n'
+     ' {"utterance": "q",\n  "utterance": "r", "targetValue": "(list (description a))"}]',
+     r"q.json line 2 gives the key 'utterance' twice \(JSON would keep only the last value\); pass the task's raw"),
     ("webqa", "q.json", '[{"utterance": "q", "targetValue": "Paris"}]', r"q.json record 0 has the targetValue 'Paris'"),
     ("webqa", "q.json", '[{"utterance": "q",\n "targetValue": }]', r"q.json line 2 is not valid JSON"),
     ("imdb", "train.txt", "pos\tgreat film\nmaybe\tso-so\n", r"train.txt line 2 is not 'pos<TAB>review'"),
