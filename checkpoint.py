@@ -149,8 +149,15 @@ def not_a_base(src, obj):
         folder = shlex.quote(os.path.dirname(src) or ".")
         return f"--out_dir={folder}" if os.path.basename(src) == name else f"--out_dir=<a folder holding it as {name}>"
     if is_checkpoint_file(obj):  # it has model_args, but the run's weights and optimizer, not a base's weights
+        base = os.path.join(os.path.dirname(src), "model.pt")  # a full training run's weights, written beside it
+        full = isinstance(obj["config"], dict) and obj["config"].get("adapter") == "none"
+        rest = f"score it with --eval_only=True {out('ckpt.pt')}"
+        if full and os.path.basename(src) == "ckpt.pt" and os.path.isfile(base):
+            rest = f"{rest}, or train on its weights with --init_from={shlex.quote(base)}"
+        else:
+            rest = f"or {rest}"
         return (f"init_from '{src}' is a run's training checkpoint (ckpt.pt), not a base model; continue that run "
-                f"with --init_from=resume {out('ckpt.pt')}, or score it with --eval_only=True {out('ckpt.pt')}.")
+                f"with --init_from=resume {out('ckpt.pt')}, {rest}.")
     if is_adapter_file(obj):
         return (f"init_from '{src}' is an adapter, not a base model; give the base it was trained on (the model.pt "
                 "of a full training run, or a Meta or Hugging Face folder), and score the adapter with "

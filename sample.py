@@ -129,7 +129,9 @@ def check_args(parser, args):
         parser.error("give --instruction (and --input) or --records")
     if args.input and args.instruction is None:  # records_of would drop it: each record has its own input
         parser.error("--input goes with --instruction; a --records file gives each record's own \"input\"")
-    if args.max_new_tokens <= 0 or args.limit < 0:
+    if args.limit is not None and not args.records:  # records_of counts only --records' records: it would be ignored
+        parser.error("--limit counts the records of --records; give --records with it, or leave --limit out")
+    if args.max_new_tokens <= 0 or (args.limit or 0) < 0:
         parser.error("--max_new_tokens must be positive and --limit at least 0")
     if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN fails both, as in Transformer.generate
         parser.error("--temperature must be a finite number >= 0 and --top_p in (0, 1]")
@@ -147,7 +149,7 @@ def main(argv=None):
     parser.add_argument("--input", default="", help="the record's input, appended to the instruction after a newline")
     parser.add_argument("--records", type=data.flag_path,
                         help="a JSONL (or JSON list) file of {instruction, input, output} records")
-    parser.add_argument("--limit", type=int, default=10, help="answer the first this many of --records (0: all)")
+    parser.add_argument("--limit", type=int, help="answer the first this many of --records (default 10; 0: all)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
     parser.add_argument("--top_p", type=float, default=1.0, help="sampling only (temperature > 0)")
@@ -156,6 +158,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(parser, args)
     args.seed = 0 if args.seed is None else args.seed  # sampling's seed when none is given
+    args.limit = 10 if args.limit is None else args.limit  # None: not given, which --records alone may be
     threads = torch.get_num_threads()  # the caller's (a notebook's, a test's): given back when main returns
     try:
         # as train.py checks them: an empty --out_dir would read a ckpt.pt in the current folder

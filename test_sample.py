@@ -201,6 +201,19 @@ def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path
         assert e.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), (flag, err)
 
 
+def test_a_limit_without_records_is_refused_not_ignored(tmp_path, capsys, monkeypatch):
+    """--limit counts the records of --records: beside --instruction alone it was silently ignored, even at its
+    default's value (10), which is the default still when only --records is given."""
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was read"))
+    for flags in (["--instruction=hi", "--limit=3"], ["--limit=10", "--instruction=hi"], ["--instruction=x",
+                                                                                           "--limit=0"]):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--out_dir", str(tmp_path / "none"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].endswith("--limit counts the records of --records; give --records with "
+                                                      "it, or leave --limit out"), (flags, err)
+
+
 def test_an_empty_records_flag_is_refused_not_taken_for_no_records(tmp_path, capsys, monkeypatch):
     """--records= (a shell variable left empty) is refused before any run is read, alone or beside --instruction:
     that one record was answered, and the file's records silently not; records_of itself takes "" as none."""

@@ -162,6 +162,23 @@ def test_a_runs_own_ckpt_or_adapter_given_as_init_from_says_how_to_go_on_with_th
     assert every_file(run) == before and not (tmp_path / "o" / "ckpt.pt").exists()
 
 
+def test_a_full_training_runs_ckpt_given_as_init_from_also_names_the_model_pt_beside_it_as_a_base(run_data, tmp_path,
+                                                                                                    capsys):
+    """A full training run (adapter=none) writes model.pt beside its ckpt.pt: a base, which the sentence for the
+    ckpt.pt names too, as the shell reads it, while it is there; the flag it gives trains."""
+    run = finished_run(run_data, tmp_path / "my run", "--adapter=none")  # a space: the path is quoted for the shell
+    flags = train_flags(run_data, tmp_path / "o", f"--init_from={run / 'ckpt.pt'}")
+    err = fails(flags, capsys, "continue that run with --init_from=resume", "or train on its weights with --init_from=")
+    given = shlex.split(err.split("or train on its weights with --init_from=")[1])[0].rstrip(".")
+    assert os.path.samefile(given, run / "model.pt"), err
+    before = every_file(run)
+    assert train.main(train_flags(run_data, tmp_path / "on", f"--init_from={given}", "--max_iters=1", "--eval_dir=",
+                                  "--eval_interval=1")) is None and (tmp_path / "on" / "adapter.pt").is_file()
+    assert every_file(run) == before
+    os.remove(run / "model.pt")  # gone: only the run itself is left to go on with
+    assert "train on its weights" not in fails(flags, capsys, "--eval_only=True --out_dir=")
+
+
 @pytest.mark.parametrize("name", ["base", "base.pt", os.devnull])
 def test_an_init_from_that_is_a_named_pipe_or_a_device_is_refused_unread_by_the_run_and_the_dry_run(
         run_data, tmp_path, capsys, name):
