@@ -234,6 +234,16 @@ def script_error(main, argv, capsys):
     return err.rstrip("\n")
 
 
+def usage_error(main, argv, capsys):
+    """A script's main(argv) ends on argparse's usage error (its usage lines, then the error) with exit code 2 and no
+    traceback: the error's line, the last."""
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
 class FullDisk(io.RawIOBase):
     """A file f on a disk that fills up after `room` more bytes: a write past them raises ENOSPC, as the disk's
     does (torch.save(obj, FullDisk(f)) then raises its RuntimeError over that OSError, as on a full disk)."""

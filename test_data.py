@@ -24,7 +24,17 @@ import sentencepiece as spm
 import torch
 
 import data
-from conftest import FIXTURES, LLAMA2, OFFICIAL, TEXTS, hf_tokenizer_folder, named_pipe, needs_fixtures, script_error
+from conftest import (
+    FIXTURES,
+    LLAMA2,
+    OFFICIAL,
+    TEXTS,
+    hf_tokenizer_folder,
+    named_pipe,
+    needs_fixtures,
+    script_error,
+    usage_error,
+)
 from data import TokenDataset, Tokenizer, UserError, encode_example, get_batch, global_batch, prepare
 
 EDGE_CASES = [
@@ -2678,9 +2688,5 @@ def test_a_command_or_required_flag_left_out_is_named_before_anything_is_read(tm
     monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("data.py ran without a required flag"))
     flags = {"--input": tmp_path / "a.jsonl", "--tokenizer": tmp_path / "t.model", "--out": tmp_path / "out"}
     argv = [] if left_out == "command" else ["prepare"] + [f"{k}={v}" for k, v in flags.items() if k != left_out]
-    with pytest.raises(SystemExit) as stop:
-        data.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "Traceback" not in err, err
-    assert err.strip().endswith(f"error: the following arguments are required: {left_out}"), err
+    assert usage_error(data.main, argv, capsys).endswith(f"error: the following arguments are required: {left_out}")
     assert os.listdir(tmp_path) == []

@@ -18,7 +18,16 @@ import pytest
 import evaluation
 import files
 import tasks
-from conftest import CME_DIR, FIXTURES, LLAMA2, hf_tokenizer_folder, named_pipe, needs_cme_fixtures, script_error
+from conftest import (
+    CME_DIR,
+    FIXTURES,
+    LLAMA2,
+    hf_tokenizer_folder,
+    named_pipe,
+    needs_cme_fixtures,
+    script_error,
+    usage_error,
+)
 from data import UserError
 from tasks import (
     CME_TASKS,
@@ -915,12 +924,15 @@ def test_a_folder_given_as_a_json_raw_file_is_named_with_the_tasks_raw_file(tmp_
                                     f"({tasks.CME_TASKS[task].source}).")
 
 
-def test_a_raw_file_named_twice_is_refused_not_counted_twice(tmp_path, capsys):
-    """`--raw dev.jsonl ./dev.jsonl` (or a glob that matches a file also named) would hold every record twice."""
+@pytest.mark.parametrize("first", [True, False], ids=["named-first", "named-after-another"])
+def test_a_raw_file_named_twice_is_refused_not_counted_twice(tmp_path, capsys, first):
+    """`--raw dev.jsonl ./dev.jsonl` (or a glob that matches a file also named) would hold every record twice; the
+    sentence names the file given twice, not merely the first --raw file, wherever it comes."""
     raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "anli.jsonl")
     other = write_anli(tmp_path / "dev2.jsonl", 2)
     again = os.path.join(os.path.dirname(raw), ".", os.path.basename(raw))
-    assert script_error(tasks.main, ["--task", "anli", "--raw", raw, other, again, "--out", out], capsys) == (
+    files = [raw, other, again] if first else [other, raw, again]
+    assert script_error(tasks.main, ["--task", "anli", "--raw", *files, "--out", out], capsys) == (
         f"tasks.py: error: --raw names {raw} more than once; give each raw file once.")
     assert not os.path.exists(out) and write_eval_set("anli", [raw, other], out) == 5
 
@@ -1422,19 +1434,5 @@ def test_a_required_flag_left_out_is_named_before_anything_is_read(tmp_path, mon
     monkeypatch.setattr(tasks, "write_eval_set", lambda *a, **k: pytest.fail("tasks.py ran without a required flag"))
     flags = {"--task": "mmlu", "--raw": tmp_path / "x_test.csv", "--out": tmp_path / "out.jsonl"}
     argv = [f"{k}={v}" for k, v in flags.items() if k != left_out]
-    with pytest.raises(SystemExit) as stop:
-        tasks.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and "Traceback" not in err, err
-    assert err.strip().endswith(f"error: the following arguments are required: {left_out}"), err
+    assert usage_error(tasks.main, argv, capsys).endswith(f"error: the following arguments are required: {left_out}")
     assert os.listdir(tmp_path) == []
-
-
-def test_the_raw_file_named_twice_is_the_one_the_sentence_names_wherever_it_comes(tmp_path, capsys):
-    """The sentence names the file given twice, not merely the first --raw file: here a file named once comes first."""
-    raw, out = write_anli(tmp_path / "dev.jsonl", 3), str(tmp_path / "anli.jsonl")
-    first = write_anli(tmp_path / "dev1.jsonl", 2)
-    again = os.path.join(os.path.dirname(raw), ".", os.path.basename(raw))
-    assert script_error(tasks.main, ["--task", "anli", "--raw", first, raw, again, "--out", out], capsys) == (
-        f"tasks.py: error: --raw names {raw} more than once; give each raw file once.")
-    assert not os.path.exists(out)
