@@ -1,8 +1,9 @@
-"""The one exception of the project, raised by every file but the torch-only ones (teamlora.py, baselines.py,
-model.py and weights.py raise its base class, ValueError) and printed by every script as one sentence; each script's
-entry, run_script (and start_script, which each script calls before its imports, ctrl_c_held, for the processes a
-script starts, and output_lost, its end where stdout cannot be written, which machine.leave shares); and Parser, the
-argparse of the scripts with flags (train.py and study.py read theirs with configurator.py)."""
+"""The one exception of the project, raised by every file but the ones that import no errors.py (teamlora.py,
+baselines.py, model.py, weights.py and memory.py raise its base class, ValueError; bench.py refuses through Parser)
+and printed by every script as one sentence; each script's entry, run_script (and start_script, which each script
+calls before its imports, ctrl_c_held, for the processes a script starts, and output_lost, its end where stdout
+cannot be written, which machine.leave shares); and Parser, the argparse of the scripts with flags (train.py and
+study.py read theirs with configurator.py)."""
 import argparse
 import ast
 import contextlib

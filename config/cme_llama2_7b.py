@@ -14,7 +14,7 @@ eval_dir = "data/cme_eval"  # <task>.jsonl files written by `python tasks.py`
 dtype = "bfloat16"
 fsdp = True
 activation_checkpointing = True  # False: no recomputed forward, about 30.5 GiB a GPU, not 6.4 (the dry run's estimate)
-compile = False  # True: 1.37x faster steps on one H200 at this shape (RESULTS.md); not yet run with FSDP on nccl
+compile = False  # True: 0.73x the eager step time on one H200 at this shape (RESULTS.md); not yet run with FSDP on nccl
 max_len = 1024
 batch_mode = "pad"
 
