@@ -20,6 +20,7 @@ import os
 import pickle
 import random
 import shlex
+import sys
 import textwrap
 import time
 from contextlib import suppress
@@ -112,8 +113,8 @@ def check_adapter_settings(path, cfg, computes):
 
 def check_adapter_base(path, base, cfg):
     """eval_only of an adapter.pt alone: it is only right on the base its run trained on, whose fingerprint the
-    results.json beside it records (as ckpt.pt does: check_base). One of an older train.py records none, and the dry
-    run (base None) knows none: not checked."""
+    results.json beside it records (as ckpt.pt does: check_base). One of an older train.py records none, and a base
+    not known (None: the dry run's, but for a model.pt of ours) is not checked."""
     try:
         saved = files.read_json(os.path.join(os.path.dirname(path), "results.json"), fix="").get("base")
     except ValueError:  # none, or unreadable (read_json's UserError): the flags alone
@@ -169,10 +170,12 @@ def not_a_base(src, obj):
 def load_checkpoint(path, use="a resume"):
     """use: what reads it, named if it is not a checkpoint (a resume, a re-scoring, sample.py)."""
     ckpt = load_pt(path, "training checkpoint")
+    if is_adapter_file(ckpt):
+        raise UserError(f"{path} is an adapter (adapter.pt), not the ckpt.pt that train.py writes beside it; {use} "
+                        f"needs that ckpt.pt; {adapter_alone(path)}")
     if not is_checkpoint_file(ckpt):
-        what = "an adapter (adapter.pt)" if is_adapter_file(ckpt) else "not a training checkpoint"
-        raise UserError(f"{path} is {what}, not the ckpt.pt that train.py writes beside it; {use} needs that "
-                        "ckpt.pt (an adapter alone can be evaluated with python train.py --eval_only=True).")
+        raise UserError(f"{path} is not a training checkpoint, not the ckpt.pt that train.py writes beside it; {use} "
+                        "needs that ckpt.pt (an adapter alone can be evaluated with python train.py --eval_only=True).")
     if not (isinstance(ckpt["config"], dict) and type(ckpt["iter"]) is int and ckpt["iter"] >= 0
             and isinstance(ckpt["rng"], list) and ckpt["rng"] and isinstance(ckpt.get("base"), (str, type(None)))
             and isinstance(ckpt["state"], dict) and all(isinstance(t, torch.Tensor) for t in ckpt["state"].values())
@@ -180,6 +183,18 @@ def load_checkpoint(path, use="a resume"):
         raise UserError(f"{path} is damaged: its weights, config, step, random state, base fingerprint or training "
                         "time is not what train.py writes; resume from a copy, or start the run again.")
     return ckpt
+
+
+def adapter_alone(path):
+    """How to score the adapter held by the ckpt.pt at path: as out_dir's adapter.pt (train.py --eval_only=True reads a
+    ckpt.pt there first), never by replacing an adapter.pt already there."""
+    folder = os.path.dirname(path) or "."
+    if os.path.lexists(os.path.join(folder, "adapter.pt")):
+        return ("to score it alone, move it to a folder of its own as adapter.pt (the adapter.pt here is another "
+                "file) and run python train.py --eval_only=True --out_dir=<that folder> with the flags it was "
+                "trained with.")
+    return (f"to score it alone, rename it to adapter.pt and run python train.py --eval_only=True "
+            f"--out_dir={shlex.quote(folder)} with the flags it was trained with.")
 
 
 def trained(ckpt, out_dir):
@@ -409,6 +424,8 @@ def restore(r, raw, opt, ckpt):
     check_tokenizer(ckpt, r.tok, path)
     load_state(raw, ckpt["state"], r.cfg, path)
     set_training_state(raw, opt, ckpt, r, path)
+    if r.cfg["eval_only"] and r.master:
+        note_other_adapter(r, ckpt, path)
     if r.master and not r.cfg["eval_only"]:  # a kill between the two writes left the adapter (or model.pt) behind
         save_weights(r, ckpt["state"])
     step, last = ckpt["iter"], r.cfg["max_iters"]
@@ -418,6 +435,24 @@ def restore(r, raw, opt, ckpt):
         note = ", its last: nothing to train, scoring it (raise --max_iters to train on)" if step == last else ""
     r.say(f"resumed from {path} at step {step}{note}")
     return step
+
+
+def note_other_adapter(r, ckpt, path):
+    """A re-scoring scores ckpt.pt's adapter (checked against the base ckpt.pt records). An adapter.pt beside it that
+    differs (left behind by a save a stop cut short, or copied in from another run, of another base perhaps) is not
+    what is scored: said, so that its scores are not taken for that file's; it is left as it is."""
+    other = os.path.join(r.cfg["out_dir"], "adapter.pt")
+    if r.cfg["adapter"] == "none" or not os.path.isfile(other):
+        return
+    try:
+        state = load_pt(other, "adapter")
+        same = state.keys() == ckpt["state"].keys() and all(torch.equal(t, ckpt["state"][n]) for n, t in state.items())
+    except (UserError, AttributeError, TypeError, RuntimeError):  # unreadable, or not tensors by name
+        same = False
+    if not same:
+        r.say(f"note: scoring the adapter in {path} (step {ckpt['iter']}), not the {other} beside it, which differs "
+              "(left behind by a stopped save, or copied in from another run); to score that adapter.pt alone, move "
+              f"ckpt.pt out of {r.cfg['out_dir']}", file=sys.stderr)
 
 
 def rng_state(dev):

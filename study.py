@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -381,10 +382,28 @@ def run_all(jobs, opts, later=0):
                 statuses.append(status)
         finally:
             pool.shutdown(cancel_futures=True)  # after a failure or Ctrl-C, start nothing new
-    except KeyboardInterrupt as stop:  # one while the runs under way finish after a failure too: main names it
+    except (KeyboardInterrupt, data.UserError, OSError) as stop:  # a Ctrl-C after a failure: main names the failure
         stop.failed = failures[0][1] if failures else None
+        runs_left(jobs, {j for j, _ in failures}, later, opts)
         raise
     return statuses
+
+
+def runs_left(jobs, failed, later, opts):
+    """After a stop or a failure (whose sentence main says): each run not finished, as its progress line names it,
+    in the state it is left in (failed: the indexes of jobs that did), and the command that continues the study."""
+    lines = []
+    for i, (label, flags) in enumerate(jobs):
+        out = next((f.partition("=")[2] for f in reversed(flags) if f.startswith("--out_dir=")), "")
+        there = set(os.listdir(out)) if out and os.path.isdir(out) else set()
+        if not there & {"results.json", DIVERGED}:  # finished, or diverged: not run again
+            state = "failed" if i in failed else "stopped, resumes from its checkpoint" if "ckpt.pt" in there else \
+                "stopped before its first checkpoint, starts again" if "stdout.txt" in there else "not started"
+            lines.append(f"[{i + 1}/{len(jobs)}] {label}: {state}")
+    if later:
+        lines.append(f"and the {later} final run{'s' * (later > 1)}, after the selection: not started")
+    if lines and opts.get("command"):
+        print("\n".join(lines + [f"continue the study with: {opts['command']}"]), flush=True)
 
 
 FAILING = threading.Lock()  # run_all's workers note a failure and the runs under way under it
@@ -752,6 +771,7 @@ def main(argv=None):
                 if machine.takes_signal(s)}
     try:
         opts, extra, names = parse(argv)
+        opts["command"] = f"python {shlex.quote(os.path.relpath(__file__))} {shlex.join(argv)}"  # as given here
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
         if not opts["report"]:
             files.check_openable_by_torch(opts, ("out",), ("val_dir",))  # its runs' out_dir and eval_dir, as train.py

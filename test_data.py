@@ -1501,6 +1501,54 @@ def test_ctrl_c_while_a_worker_starts_ends_prepare_by_sigint_without_the_workers
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "shim"]
 
 
+# prepare with 2 workers whose chunk of 2 records is encoded by shim.encode (a worker imports it by name): the first
+# chunk that a worker starts sends a terminal's Ctrl-C to the whole process group, mid-encoding; each chunk is noted
+CTRL_C_WHILE_WORKERS_ENCODE = """import functools, sys
+import errors
+errors.start_script()
+import data, shim
+
+data.cores = lambda: 2
+data._chunks = functools.partial(data._chunks, size=2)
+data._encode_chunk = shim.encode
+flags = ["--input", sys.argv[1], "--tokenizer", sys.argv[2], "--out", sys.argv[3], "--workers", "2"]
+errors.run_script(lambda: data.main(["prepare", *flags]))
+"""
+ENCODE_THEN_CTRL_C = """import os, signal
+import data
+
+def encode(job):
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "chunks"), "a") as f:
+        f.write("chunk\\n")
+    try:
+        os.close(os.open(os.path.join(here, "ctrl_c"), os.O_CREAT | os.O_EXCL))
+        os.killpg(os.getpgrp(), signal.SIGINT)
+    except FileExistsError:
+        pass
+    return data._encode_chunk(job)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="a process group's Ctrl-C, as a terminal sends it")
+def test_ctrl_c_while_workers_encode_stops_prepare_at_once_quietly_leaving_no_shard(tmp_path, tiny_spm):
+    """Ctrl-C while the workers encode (they ignore SIGINT: it is prepare's to take) stops prepare before the chunks it
+    has not sent them, ends it as a Ctrl-C ends a script (by SIGINT, quietly), and leaves no shard behind, under its
+    final name or a temporary one."""
+    source = write_records(tmp_path / "d.jsonl", 400)
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "shim.py").write_text(ENCODE_THEN_CTRL_C)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "shim"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_WORKERS_ENCODE, str(source), str(tiny_spm),
+                           str(tmp_path / "out")], cwd=HERE, env=env, capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "shim"]  # no out, no OUT.tmp-PID
+    encoded = (tmp_path / "shim" / "chunks").read_text().count("chunk")
+    assert 1 <= encoded <= 2 * 2 + 2, encoded  # those in flight (2 a worker) at most, of 200
+
+
 def test_cores_are_the_ones_this_process_may_run_on_not_the_machines(monkeypatch):
     """Under SLURM or a container's cpuset a process may run on a few of a machine's cores: prepare's workers and
     study.py's runs count those, not os.cpu_count(), else a 128-core node's job of 8 would start 128 workers."""

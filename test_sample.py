@@ -442,8 +442,8 @@ def test_a_ckpt_pt_that_is_an_adapter_is_named_as_sample_pys_not_a_resumes(runs,
     with pytest.raises(sample.UserError) as error:
         sample.load_run(str(tmp_path), device="cpu")
     assert "is an adapter (adapter.pt), not the ckpt.pt" in str(error.value) and "resume" not in str(error.value)
-    assert "; sample.py needs that ckpt.pt (an adapter alone can be evaluated with python train.py --eval_only=True)" \
-        in str(error.value)
+    assert "; sample.py needs that ckpt.pt; to score it alone, rename it to adapter.pt and run python train.py " \
+        f"--eval_only=True --out_dir={tmp_path} with the flags it was trained with." in str(error.value)
 
 
 def test_a_run_stopped_before_max_iters_answers_with_a_note_of_its_step_and_a_finished_one_without(runs, tmp_path,

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -858,6 +859,47 @@ def test_a_failed_run_is_said_at_once_while_the_runs_under_way_end_and_no_furthe
     assert study.launch_noting_failure(0, ("a", []), 1, failures, set(), str(out)) == ("done", 1.0)  # however late
     with pytest.raises(study.data.UserError, match="^b was not started, as a run had failed.$"):
         study.launch_noting_failure(2, ("b", []), 1, failures, set(), str(out))
+
+
+@pytest.mark.parametrize("how", ["stopped", "failed"])
+def test_a_study_stopped_or_failed_part_way_lists_its_runs_left_and_the_command_that_continues_it(tmp_path, capsys,
+                                                                                               monkeypatch, how):
+    """A study stopped (Ctrl-C) or failed part-way said one line: which runs were left undone, and in what state, was
+    for the user to piece together from its folders. It lists each run not finished, as its progress line names it,
+    and the command that continues it, which, run, does."""
+    monkeypatch.setattr(study, "GRID", (1e-3, 4e-3))
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
+    sets_in(tmp_path / "val", tmp_path / "test")
+    first = ["select lora32 lr 0.001"]  # the run that is stopped or fails, the first time only
+
+    def run(cmd, log, env):
+        cfg = train.parse_config(cmd[2:])
+        if first and cfg["out_dir"].endswith("lora32-lr0.001"):
+            first.clear()
+            if how == "failed":
+                log.write("error: the data is bad; fix it\n")
+                return 2
+            open(os.path.join(cfg["out_dir"], "ckpt.pt"), "wb").close()  # its checkpoint, then the Ctrl-C
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            study.STOPPING.wait(10)
+            return study.machine.INTERRUPTED
+        with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
+            json.dump({"scores": {"a": 50.0}, "config": {"seed": cfg["seed"], "learning_rate": cfg["learning_rate"]},
+                       "trainable_params": 1, "base_params": 100, "train_seconds": 1.0}, f)
+        open(os.path.join(cfg["out_dir"], "log.jsonl"), "w").close()
+        return 0
+    monkeypatch.setattr(study, "run_child", run)
+    argv = [f"--out={tmp_path / 'my study'}", "--runs=lora32", "--seeds=1", "--workers=1",  # a space: quoted
+            f"--val_dir={tmp_path / 'val'}", f"--eval_dir={tmp_path / 'test'}"]
+    assert study_stopped(argv) == (2 if how == "failed" else study.machine.INTERRUPTED)
+    out = capsys.readouterr().out
+    state = "failed" if how == "failed" else "stopped, resumes from its checkpoint"
+    assert f"[1/2] select lora32 lr 0.001: {state}\n[2/2] select lora32 lr 0.004: not started\n" \
+           "and the 1 final run, after the selection: not started\n" in out, out
+    command = shlex.split(out.split("continue the study with: ")[1].splitlines()[0])
+    assert command[0] == "python" and os.path.samefile(command[1], study.__file__) and command[2:] == argv
+    results = study.main(command[2:])
+    assert [r["config"]["seed"] for r in results["lora32"]] == [1] and first == []
 
 
 def test_a_study_whose_out_was_deleted_while_it_ran_starts_no_further_run_beside_a_second_study(tmp_path, capsys,

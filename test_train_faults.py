@@ -113,8 +113,52 @@ def test_a_damaged_or_wrong_checkpoint_names_itself(run_data, tmp_path, capsys, 
     if damage == "adapter":  # what reads it is named: a resume here, a re-scoring with --eval_only=True
         assert "is an adapter (adapter.pt), not the ckpt.pt" in err and "; a resume needs that ckpt.pt" in err
         fails(train_flags(run_data, out, "--eval_only=True"), capsys, ckpt,
-              "; a re-scoring (--eval_only=True) needs that ckpt.pt (an adapter alone")
+              "; a re-scoring (--eval_only=True) needs that ckpt.pt; to score it alone")
     assert ckpt.read_bytes() == new  # left as it was, for the user to look at
+
+
+def test_a_rescoring_with_ckpt_pt_names_an_adapter_pt_beside_it_that_differs_and_leaves_it_as_it_was(
+        run_data, tmp_path, capsys):
+    """A re-scoring of a run with a ckpt.pt scores ckpt.pt's adapter; an adapter.pt beside it from another run (copied
+    in, perhaps of another base) was passed over without a word, as if it had been scored. It is named, and kept."""
+    out, other = finished_run(run_data, tmp_path / "run"), finished_run(run_data, tmp_path / "other", "--seed=7")
+    rescore = train_flags(run_data, out, "--max_iters=4", "--eval_interval=2", "--eval_only=True", "--eval_limit=1")
+    capsys.readouterr()
+    train.main(rescore)  # its own adapter.pt: nothing to say
+    assert "adapter.pt" not in capsys.readouterr().err
+    shutil.copy(other / "adapter.pt", out / "adapter.pt")
+    copied = (out / "adapter.pt").read_bytes()
+    train.main(rescore)
+    err = capsys.readouterr().err
+    assert f"scoring the adapter in {out}/ckpt.pt (step 4), not the {out}/adapter.pt beside it" in err, err
+    assert "move ckpt.pt out of" in err and (out / "adapter.pt").read_bytes() == copied
+
+
+@pytest.mark.parametrize("beside", [False, True])
+def test_the_way_to_score_an_adapter_saved_as_ckpt_pt_that_the_refusal_gives_scores_it(run_data, tmp_path, capsys,
+                                                                                       beside):
+    """An adapter saved as ckpt.pt was refused with "an adapter alone can be evaluated with --eval_only=True": which,
+    in that folder, read the same ckpt.pt and refused again. The way given, followed, scores it, and never by
+    replacing an adapter.pt already there (beside: one is)."""
+    out = finished_run(run_data, tmp_path / "my run")  # a space: the folder is quoted for the shell
+    adapter = (out / "adapter.pt").read_bytes()
+    os.replace(out / "adapter.pt", out / "ckpt.pt")
+    if beside:  # another file that the way given must leave alone
+        (out / "adapter.pt").write_bytes(b"another adapter")
+    flags = train_flags(run_data, out, "--eval_only=True", "--eval_limit=1")
+    err = fails(flags, capsys, out / "ckpt.pt", "is an adapter (adapter.pt)", "--eval_only=True --out_dir=")
+    if beside:
+        assert "move it to a folder of its own as adapter.pt" in err and "--out_dir=<that folder> with" in err, err
+        given = tmp_path / "own"
+        given.mkdir()
+        os.replace(out / "ckpt.pt", given / "adapter.pt")
+    else:
+        given = shlex.split(err.split("--out_dir=")[1])[0]
+        assert "rename it to adapter.pt" in err and os.path.samefile(given, out), err
+        os.replace(out / "ckpt.pt", out / "adapter.pt")
+    train.main([f for f in flags if not f.startswith("--out_dir=")] + [f"--out_dir={given}"])
+    assert (Path(given) / "adapter.pt").read_bytes() == adapter and (Path(given) / "results.json").is_file()
+    assert (out / "adapter.pt").read_bytes() == (b"another adapter" if beside else adapter)
 
 
 def test_a_base_folder_without_its_weight_files_is_one_sentence_not_a_traceback(run_data, tmp_path, capsys):
@@ -1855,6 +1899,20 @@ def test_an_adapter_alone_rescored_on_another_base_is_refused_and_on_its_own_is_
     train.train(train.parse_config(rescore))
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["eval_only"] is True and results["base"] == recorded
+
+
+def test_the_dry_run_refuses_an_adapter_alone_on_another_base_in_the_sentence_of_the_run(run_data, tmp_path, capsys):
+    """A dry run of an adapter.pt's re-scoring on a base other than its own passed, which the run then refused: the
+    dry run reads a base model.pt of ours anyway, so it checks it too, in the same sentence, writing nothing."""
+    out, base, original, other = scored_run_on_a_base_of_its_own(run_data, tmp_path)
+    rescore = train_flags(run_data, out, f"--init_from={base}", "--eval_only=True", "--eval_limit=1")
+    train.main([*rescore, "--dry_run=True"])  # its own base: passes
+    capsys.readouterr()
+    torch.save(other, base)
+    before = every_file(tmp_path)
+    run = fails(rescore, capsys, f"the base model at {base} is not the one {out}/adapter.pt was trained on")
+    assert fails([*rescore, "--dry_run=True"], capsys) == run
+    assert every_file(tmp_path) == before
 
 
 def test_an_adapter_alone_whose_results_json_of_an_older_train_py_records_no_base_is_scored_and_records_it(

@@ -792,7 +792,8 @@ def check_full_config(cfg, say=print, ckpt=None):
         tok.check_base_vocabulary(args.vocab_size)
     check_fits(r, args, longest=0)  # packed rows; padded ones depend on records the dry run has not read
     if cfg["eval_only"] and ckpt is None and (src == "scratch" or demo or os.path.exists(src)):  # not a preset's
-        load_trained_adapter(r, model)  # as a run scores it: out_dir's adapter.pt, read and fitted to the model
+        r.base = None if weights is None else checkpoint.fingerprint(weights)  # ours, read: a folder's is unread
+        load_trained_adapter(r, model)  # as a run scores it: out_dir's adapter.pt, read, fitted to the model, its base
     if ckpt is not None:  # as checkpoint.restore: the base (ours: a folder's is unread) and tokenizer ckpt.pt recorded
         checkpoint.check_resumed_base_and_tokenizer(ckpt, weights, tok, f"{cfg['out_dir']}/ckpt.pt", cfg)
     n_train = sum(p.numel() for p in trainable(model))
