@@ -464,7 +464,10 @@ class Transformer(nn.Module):
         dtype (e.g. torch.bfloat16 for 7B) defaults to the checkpoint's own (float32 where its weights mix dtypes)."""
         path = os.fspath(path)
         config, state = weights.read(path, dtype, device)
-        args = ModelArgs(**config)
+        try:  # fields each of the right kind (weights.read checked them) that do not fit together: say which folder
+            args = ModelArgs(**config)
+        except ValueError as e:
+            raise ValueError(f"the configuration in {path!r} does not fit together: {e}") from None
         if max_seq_len is not None:
             args = replace(args, max_seq_len=max_seq_len)
         model = _meta_model(cls, args, state, path)
@@ -474,7 +477,7 @@ class Transformer(nn.Module):
 
 def _meta_model(cls, args, state, path):
     """cls(args) on the meta device, which state (name -> tensor) fills exactly; a ValueError naming path when a
-    weight is missing, unknown or of another shape. Nothing is allocated before the state is known to fit."""
+    weight is missing, unknown or misshapen, or rotary angles pass float32. Nothing is allocated before all fits."""
     try:
         with torch.device("meta"):
             model = cls(args)
@@ -493,6 +496,10 @@ def _meta_model(cls, args, state, path):
         if state[name].shape != expected[name]:
             raise ValueError(f"weight {name} has shape {tuple(state[name].shape)} in the checkpoint but the model "
                              f"expects {tuple(expected[name])}; the configuration in {path!r} does not fit its weights")
+    ends = torch.tensor([[0, args.context - 1]], device="cpu")  # head_dim fits the weights: no huge arange
+    if not rope_cos_sin(ends, args.head_dim, args.rope_theta, args.rope_scaling)[0].isfinite().all():
+        raise ValueError(f"the configuration in {path!r} has rope_theta={args.rope_theta} and rope_scaling="
+                         f"{args.rope_scaling}, whose rotation angles pass float32 (a NaN loss at once); fix them")
     return model
 
 

@@ -2571,6 +2571,19 @@ def test_a_tokenizer_json_giving_two_tokens_one_id_is_refused_not_read_at_random
             Tokenizer(folder)
 
 
+def test_a_tokenizer_json_without_any_token_is_one_sentence_not_an_index_error(tmp_path):
+    """An empty vocabulary (and no added tokens) was an IndexError's traceback, from its largest id taken as the
+    vocabulary's size."""
+    pytest.importorskip("tokenizers")
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer_json.update(added_tokens=[], model=tokenizer_json["model"] | {"vocab": {}, "merges": []})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(UserError, match=f"^{re.escape(str(folder / 'tokenizer.json'))} has no tokens at all; pass the "
+                                        "checkpoint's unmodified tokenizer.json$"):
+        Tokenizer(folder)
+
+
 def test_a_tokenizer_json_whose_ids_skip_numbers_has_a_vocab_size_past_its_largest_id(tmp_path):
     """vocab_size was the count of tokens: an id past it was dropped by decode, and past 65,535 prepare wrote it to
     uint16 shards, as another id."""

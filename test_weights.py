@@ -606,6 +606,13 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
                                                            "high_freq_factor": 4.0,
                                                            "original_max_position_embeddings": 10**30}},
      f"has original_max_position_embeddings={10**30} where a positive integer"),
+    # json keeps a key's last value: a config giving a key twice loaded silently, the first value dropped unseen
+    ("bin", "config.json", lambda c: json.dumps(c)[:-1] + ', "rope_theta": 500000.0}',
+     "gives the key 'rope_theta' twice; keep one of them or download it again"),
+    ("meta", "params.json", lambda c: '{"dim": 64, ' + json.dumps(c)[1:], "gives the key 'dim' twice"),
+    ("bin index", "pytorch_model.bin.index.json",  # a weight mapped to two files, inside the object weight_map
+     lambda c: json.dumps(c)[:-2] + ', "model.norm.weight": "pytorch_model-00001-of-00002.bin"}}',
+     "gives the key 'model.norm.weight' twice"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: "{", "is not valid JSON"),
     ("bin index", "pytorch_model.bin.index.json", lambda c: {"metadata": {}}, 'has no "weight_map"'),
     ("bin index", "pytorch_model.bin.index.json", lambda c: {"weight_map": {"model.norm.weight": None}},
@@ -892,6 +899,27 @@ def test_a_weight_that_shows_more_values_than_it_stores_is_refused_before_they_a
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
     assert_one_sentence(error, f"weight {names[0]} in {file} shows more values than it stores")
+
+
+@pytest.mark.parametrize("layout", ["bin", "bin index", "meta", "model.pt"])
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_a_weight_without_dense_values_is_refused_naming_tensor_and_file(tmp_path, layout, kind):
+    """torch.load gives back a sparse tensor, and one of a model built on the meta device (a save of no values): the
+    checks' first look at its storage was NotImplementedError's traceback, or RuntimeError's (Tensor.item() on meta)."""
+    def spoil(sd):
+        name = next(n for n in sd if "freq" not in n)
+        return sd | {name: sd[name].to_sparse() if kind == "sparse" else torch.empty_like(sd[name], device="meta")}
+    if layout == "model.pt":
+        model_args, state = saved_tiny()
+        with pytest.raises(ValueError) as error:
+            saved_model(model_args, spoil(state), "model.pt")
+        return assert_one_sentence(error, f"weight {next(iter(state))} in model.pt is a sparse or meta tensor")
+    file = write_single_file_dir(tmp_path, layout)
+    names = []
+    rewrite_weight_file(file, lambda sd: names.append(next(n for n in sd if "freq" not in n)) or spoil(sd))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"weight {names[0]} in {file} is a sparse or meta tensor, without values; save dense")
 
 
 @pytest.mark.parametrize("layout", ["bin", "meta"])
@@ -1612,7 +1640,8 @@ def test_read_gives_model_args_fields_and_the_models_own_tensors_without_model_p
 def test_a_hugging_face_config_without_heads_of_even_width_is_refused_in_model_args_sentence(tmp_path, width, heads,
                                                                                              head_dim, message):
     """weights.read leaves q and k as stored where a head's rows cannot be un-permuted in pairs, so weights shaped as
-    the config says reach ModelArgs, which refuses the config in its sentence, not a reshape's RuntimeError."""
+    the config says reach ModelArgs, which refuses the config in its sentence, not a reshape's RuntimeError; the
+    sentence names the folder (it named none: under train.py it read as if about a setting of the run)."""
     hd, kv = head_dim or width // heads, heads // 2
     layer = {"self_attn.q_proj": (heads * hd, width), "self_attn.k_proj": (kv * hd, width),
              "self_attn.v_proj": (kv * hd, width), "self_attn.o_proj": (width, heads * hd),
@@ -1626,7 +1655,53 @@ def test_a_hugging_face_config_without_heads_of_even_width_is_refused_in_model_a
         head_dim=head_dim, intermediate_size=48, vocab_size=32)))
     with pytest.raises(ValueError) as error:
         Transformer.from_pretrained(tmp_path)
-    assert_one_sentence(error, message)
+    assert_one_sentence(error, f"the configuration in {str(tmp_path)!r} does not fit together: {message}")
+
+
+def test_a_config_json_whose_head_counts_do_not_fit_together_is_refused_naming_the_folder(tmp_path):
+    """ModelArgs' sentence alone named no file: under train.py it read as if about a setting of the run."""
+    write_single_file_dir(tmp_path, "bin")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"num_key_value_heads": 3}))
+    with pytest.raises(ValueError) as error:
+        Transformer.from_pretrained(tmp_path)
+    assert_one_sentence(error, f"the configuration in {str(tmp_path)!r} does not fit together: n_heads=4 is not a "
+                        "multiple of n_kv_heads=3")
+
+
+@pytest.mark.parametrize("layout", ["bin", "model.pt"])
+@pytest.mark.parametrize("changes", [dict(rope_theta=1e-300),  # 0 in float32: theta^(-2i/hd) is inf
+                                     dict(rope_scaling=(1e-300, 1.0, 4.0, 64)),  # inv_freq / factor: inf
+                                     dict(rope_theta=1e-30, max_seq_len=2**62)])  # finite, but not times 2**62
+def test_rotary_settings_whose_angles_pass_float32_are_refused_naming_the_checkpoint(tmp_path, layout, changes):
+    """Positive, so of the right kind, but the rotation's angles were NaN: the first loss was NaN, blamed on the
+    learning rate. Refused once the weights' shapes fit (head_dim is then the weights': no huge arange), where
+    rope_cos_sin itself gives NaN at the first or last position; the published bases' settings pass."""
+    model = tiny_model()
+    args = replace(model.args, **changes)
+    ends = torch.tensor([[0, args.max_seq_len - 1]])
+    assert rope_cos_sin(ends, args.head_dim, args.rope_theta, args.rope_scaling)[0].isnan().any()
+    if layout == "model.pt":
+        with pytest.raises(ValueError) as error:
+            saved_model(asdict(args), dict(model.state_dict()), "model.pt")
+        where = "'model.pt'"
+    else:
+        write_single_file_dir(tmp_path, layout)
+        config = json.loads((tmp_path / "config.json").read_text())
+        factor, low, high, context = args.rope_scaling or (None,) * 4
+        (tmp_path / "config.json").write_text(json.dumps(config | {
+            "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len, "rope_scaling": factor and {
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                "original_max_position_embeddings": context}}))
+        with pytest.raises(ValueError) as error:
+            Transformer.from_pretrained(tmp_path)
+        where = repr(str(tmp_path))
+    assert_one_sentence(error, f"the configuration in {where} has rope_theta={args.rope_theta} and rope_scaling="
+                        f"{args.rope_scaling}, whose rotation angles pass float32")
+    for name in ("llama3.1-8b", "qwen3-8b", "mistral-7b", "llama2-7b"):
+        a = ModelArgs.from_name(name, max_seq_len=2**62)
+        cos = rope_cos_sin(torch.tensor([[0, a.context - 1]]), a.head_dim, a.rope_theta, a.rope_scaling)[0]
+        assert cos.isfinite().all(), name
 
 
 @pytest.mark.parametrize("changes, message", [

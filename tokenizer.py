@@ -161,6 +161,8 @@ class Tokenizer:
             raise UserError(f"{self.path} is not a valid tokenizer.json ({str(e)[:100]}); pass the checkpoint's "
                             "unmodified tokenizer.json") from None
         numbers = sorted(self.hf.get_vocab(with_added_tokens=True).values())
+        if not numbers:  # an empty vocabulary: no token to give any text, nor an id for the EOS
+            raise UserError(f"{self.path} has no tokens at all; pass the checkpoint's unmodified tokenizer.json")
         twice = next((a for a, b in zip(numbers, numbers[1:]) if a == b), None)
         if twice is not None:  # the package keeps one of the two at random, for decode and for to_str below
             raise UserError(f"{self.path} gives two tokens the same id {twice}; pass the checkpoint's unmodified "

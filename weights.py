@@ -104,19 +104,28 @@ def _check_regular(file):
         raise ValueError(f"{file} is {what}, not a file; put the checkpoint's own {os.path.basename(file)} there")
 
 
+def _unique_keys(pairs):  # json's object_pairs_hook: the object, or a KeyError naming a key it gives twice
+    value = dict(pairs)  # its keys in the order they first appear: the first pair out of step with them repeats one
+    if len(value) < len(pairs):
+        raise KeyError(next(key for (key, _), first in zip(pairs, [*value, None]) if key != first))
+    return value
+
+
 def _read_json(file):  # not files.read_json: model.py and weights.py are copied alone, with torch their one import
     """The JSON object in a checkpoint's configuration file; a ValueError naming the file if it is not one."""
     again = "download it again from the checkpoint's source"
     _check_regular(file)
     try:
         with open(file, encoding="utf-8-sig") as f:  # past a UTF-8 BOM, as files.read_json and an editor take it
-            value = json.load(f)
+            value = json.load(f, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON (line {e.lineno}: {e.msg}); {again}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{file} is not UTF-8 text; {again}") from None
     except RecursionError:
         raise ValueError(f"{file} is nested too deeply to read; {again}") from None
+    except KeyError as e:  # _unique_keys': json alone would keep the last value and drop the first unseen
+        raise ValueError(f"{file} gives the key {e.args[0]!r} twice; keep one of them or {again}") from None
     except ValueError:  # json's own, not a JSONDecodeError
         raise ValueError(f"{file} holds a number too long to read; {again}") from None
     except PermissionError as e:
@@ -432,8 +441,10 @@ def _open_weights(file):
 
 
 def _checked(name, t, file):
-    """t; a ValueError naming the file and the tensor when it is not floating point or is float8 (a quantised
-    checkpoint: no CPU matmul takes float8, its scales live elsewhere), shows more values than it stores, or NaN/inf."""
+    """t; a ValueError naming the file and the tensor when it is sparse or meta (no values), not floating point or
+    float8 (quantised: no CPU matmul takes it, its scales are elsewhere), shows more values than stored, or NaN/inf."""
+    if t.layout != torch.strided or t.is_meta:  # torch.load gives both back: a save of a model built on meta
+        raise ValueError(f"weight {name} in {file} is a sparse or meta tensor, without values; save dense weights")
     if not t.is_floating_point() or t.element_size() == 1:
         raise ValueError(f"weight {name} in {file} holds {t.dtype} values, which this model does not take "
                          "(quantised checkpoints are not supported); use the checkpoint's floating-point weights")
@@ -456,5 +467,4 @@ def _read_safetensors(file):
         with safe_open(file, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # SafetensorError: a cut or foreign file
-        raise ValueError(f"{file} is truncated or not a safetensors file ({describe(e)}); "
-                         "download it again") from None
+        raise ValueError(f"{file} is truncated or not a safetensors file ({describe(e)}); download it again") from None
