@@ -389,13 +389,14 @@ def _is_summary(path):
         return False
 
 
-def _foreign_files(folder):
+def _foreign_files(folder, pid=None):
     """The names in `folder` that prepare does not write: folders, links, other names, and a summary.json that
-    is not prepare's (one that a user wrote is never replaced)."""
+    is not prepare's (one that a user wrote is never replaced); pid: that of a killed prepare's OUT.tmp-PID, where
+    the summary.json.tmpPID of a write the kill cut short (files.write_atomic) is prepare's too."""
     def own(name):
         path = os.path.join(folder, name)
-        return (name in PREPARE_FILES and os.path.isfile(path) and not os.path.islink(path)
-                and (name != "summary.json" or _is_summary(path)))
+        return ((name in PREPARE_FILES or pid and name == f"summary.json.tmp{pid}") and os.path.isfile(path)
+                and not os.path.islink(path) and (name != "summary.json" or _is_summary(path)))
     return sorted(name for name in os.listdir(folder) if not own(name))
 
 
@@ -420,8 +421,8 @@ def _remove_stale_prepare_folders(out_dir, keep):
     for name in sorted(names):
         match = pattern.fullmatch(name)
         folder = os.path.join(parent, name)
-        if not match or process_is_running(int(match.group(1))) or os.path.islink(folder) \
-                or not os.path.isdir(folder) or _foreign_files(folder) or any(_inside(p, folder) for p in keep):
+        if not match or process_is_running(int(match.group(1))) or os.path.islink(folder) or not os.path.isdir(folder) \
+                or _foreign_files(folder, match.group(1)) or any(_inside(p, folder) for p in keep):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         if not os.path.exists(folder):
@@ -534,8 +535,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
                        vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        tokenizer=dict(path=tok.path, kind=tok.kind, sha256=sha256), splits=splits, files=files,
                        **{k: sum(f[k] for f in files) for k in ("records", "truncated", "dropped_no_answer")})
-        with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as f:
-            f.write(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        write_atomic(os.path.join(tmp, "summary.json"), json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         move_into(tmp, real, PREPARE_FILES)  # summary.json last, once the shards are on disk
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -940,6 +940,47 @@ def test_prepare_removes_what_killed_prepares_left_and_nothing_else(tmp_path, ti
     assert all((folder / name).read_text() == "keep me" for folder, name in kept.items())
 
 
+KILLED_WRITING_THE_SUMMARY = """import json, os, signal, sys
+import data
+
+if sys.argv[4] == "before its bytes":  # killed as the summary becomes text, the shards written
+    dumps = json.dumps
+
+    def killed(obj, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("format") == data.FORMAT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return dumps(obj, *args, **kwargs)
+    json.dumps = killed
+else:  # killed halfway through the write of its bytes, under write_atomic's temporary name
+
+    def killed(path, text):
+        with open(f"{path}.tmp{os.getpid()}", "w", encoding="utf-8") as f:
+            f.write(text[:len(text) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    data.write_atomic = killed
+data.prepare([sys.argv[1]], sys.argv[2], sys.argv[3], workers=1, quiet=True)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+@pytest.mark.parametrize("when", ["before its bytes", "halfway"])
+def test_a_prepare_killed_while_it_writes_its_summary_leaves_a_folder_the_next_prepare_removes(tmp_path, tiny_spm,
+                                                                                              capsys, when):
+    """A kill as summary.json is written (all the shards in OUT.tmp-PID) left that folder for good: its summary.json,
+    empty or cut short, is no summary of prepare's and might be a user's, so no later prepare removed the folder, and
+    the user was left a copy of every shard (gigabytes for CME) that nothing named. Written under a temporary name
+    (files.write_atomic), it is prepare's own to remove."""
+    out, source = tmp_path / "out", write_records(tmp_path / "d.jsonl", 3)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITING_THE_SUMMARY, str(source), str(tiny_spm), str(out),
+                             when], cwd=HERE, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith("out.tmp-") and not out.exists()
+    assert prepare([source], tiny_spm, out, workers=1)["records"] == 3
+    assert f"removed a leftover temporary folder {tmp_path / stale[0]} of a prepare" in capsys.readouterr().err
+    assert leftovers(tmp_path) == [] and len(TokenDataset(out)) == 3
+
+
 def test_a_vocabulary_of_exactly_65536_ids_is_stored_as_uint16(tmp_path):
     """Its ids, 0 to 65535, all fit 16 bits: the shards take half the space of uint32's."""
     tokenizers = pytest.importorskip("tokenizers")

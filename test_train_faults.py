@@ -2119,6 +2119,42 @@ def test_a_run_stopped_before_its_first_step_resumes_from_its_checkpoint_of_step
     assert resumed["step"] == 2 and not resumed.get("interrupted")
 
 
+KILLED_IN_A_WRITE = """import os, signal, sys, files
+real = files.write_atomic
+
+def killed(path, content):  # kill -9 in the middle of the write of this file: its temporary stays
+    if os.path.basename(path) == sys.argv[1]:
+        with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+            f.write(b"the first bytes")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, content)
+
+files.write_atomic = killed
+import train
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_a_resume_killed_while_it_rewrites_the_log_leaves_no_temporary_once_resumed_again(run_data, tmp_path):
+    """A resume first rewrites log.jsonl without the steps a kill logged past the checkpoint (checkpoint.open_log,
+    through files.write_atomic). Killed in that write, it leaves log.jsonl.tmpPID beside the old log: the next run
+    in out_dir removes it, as it does a killed checkpoint's, rather than leave it there for good."""
+    out = finished_run(run_data, tmp_path / "run", "--log_interval=1")
+    log = out / "log.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 5, "loss": -1.0}) + "\n")  # past the checkpoint of step 4
+    logged = log.read_bytes()
+    resume = [f"--out_dir={out}", "--init_from=resume", "--max_iters=6"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_A_WRITE, "log.jsonl", *resume], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list(out.glob("log.jsonl.tmp*"))) == 1 and log.read_bytes() == logged  # the old log, whole
+    assert train.main(resume) is None
+    assert not list(out.glob("*.tmp*"))
+    trained = [(e["step"], e["loss"]) for e in map(json.loads, log.read_text().splitlines()) if "loss" in e]
+    assert [step for step, _ in trained] == list(range(1, 7)) and trained[4][1] > 0  # the killed session's step 5 went
+
+
 def test_a_users_files_named_like_temporaries_in_out_dir_are_kept_byte_for_byte(run_data, tmp_path):
     """A run removes what its own killed writes left (ckpt.pt.tmpPID of a process that no longer runs), never a
     user's file in out_dir that only looks like one: another name, or one of ours with more after the PID."""

@@ -492,7 +492,8 @@ def claim_out_dir(r, resuming, take=False):
     must be writable. take (rank 0, once the run is sure to start) first holds out_dir until the run ends (files.hold;
     train lets go), checks it again, then removes the old run's files that overwrite=True replaces."""
     out, src, own = r.cfg["out_dir"], r.cfg["init_from"], resuming or r.cfg["eval_only"]  # own: out_dir's run is this
-    if take and (busy := files.hold(out, RUN_FILES + evaluation.rescorings(out))):  # held before any check or removal
+    # held before any check or removal; hold removes the temporaries of writes a kill cut short, the log's too
+    if take and (busy := files.hold(out, RUN_FILES + ("log.jsonl",) + evaluation.rescorings(out))):
         raise UserError(f"out_dir {out} is in use by {busy}; wait for that run to end"
                         f"{'' if r.cfg['eval_only'] else ', or choose another --out_dir'}.")
     if kind := files.not_a_folder(out):
