@@ -272,3 +272,11 @@ def test_baselines_on_a_bf16_base_run_their_float32_adapter_and_return_bf16(cls)
     out = layer(x)
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("cls, kw", [(MoELoRALoop, {}), (HydraLoRALinear, dict(competition=False))])
+def test_a_baselines_adapters_are_made_on_its_base_layers_device(cls, kw):
+    """A base on the meta device (a 7B built before its weights are read) gets adapters there too: none is
+    allocated on the CPU beside it."""
+    layer = cls(nn.Linear(12, 8, device="meta"), r=4, experts=2, **kw)
+    assert {p.device.type for p in layer.parameters()} == {"meta"}

@@ -838,6 +838,15 @@ def test_sharing_section_times_each_thread_count_alone_then_beside_a_busy_proces
     assert rows == {"alone": [200.0, 200.0], "one busy neighbour": [500.0, 1000.0]}
 
 
+def test_sharing_section_measures_nothing_off_the_cpu(monkeypatch, capsys):
+    """Threads sharing a CPU's cores is a CPU question: on a GPU the section prints, starts and times nothing."""
+    import subprocess
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a busy neighbour was started"))
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("something was timed"))
+    assert bench.section_sharing(quick_cfg(), torch.device("cuda"), torch.float32) is None
+    assert capsys.readouterr().out == ""
+
+
 def test_sharing_section_on_one_thread_times_that_one_count_once_per_machine_state(monkeypatch, capsys):
     import subprocess
 
@@ -905,6 +914,22 @@ def test_full7b_on_the_cpu_is_a_usage_error_not_ignored(monkeypatch, capsys):
             bench.main(argv)
         assert e.value.code == 2 and "--full7b applies to section cuda7b, which runs on --device=cuda" in \
             capsys.readouterr().err
+
+
+def test_full7b_and_peak_tflops_on_cuda_reach_the_sections(monkeypatch):
+    """`python bench.py --device=cuda --section=cuda7b --full7b` (gpu_check.sh's step bench7b), with or without the
+    GPU's --peak_tflops, is refused on the CPU only: on CUDA (stood in for, the sections not run) it runs."""
+    ran = []
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(bench, "run_sections", lambda *a: ran.append(a) or [])
+    threads = torch.get_num_threads()
+    try:
+        for flags in (["--full7b"], ["--peak_tflops=989"], ["--full7b", "--peak_tflops=989"]):
+            bench.main(["--device=cuda", "--section=cuda7b", f"--threads={threads}", *flags])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(ran) == 3
 
 
 def test_a_peak_tflops_that_no_section_uses_is_a_usage_error_not_ignored(monkeypatch, capsys):

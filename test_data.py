@@ -1279,6 +1279,18 @@ def test_val_loss_is_measured_without_dropout_or_autograd_and_hands_the_model_ba
     assert graphs == [False] * 6
 
 
+def test_val_loss_over_batches_without_an_answer_token_is_0_not_a_division_by_zero(tmp_path, tiny_spm):
+    """preflight refuses a validation split none of whose answers fits max_len; one where some do can still give
+    eval_iters batches with no answer token among them: their loss is 0 over 0 tokens, not a ZeroDivisionError."""
+    from types import SimpleNamespace
+
+    import evaluation
+    prepare([write_records(tmp_path / "d.jsonl", 8, long=4)], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    r = SimpleNamespace(cfg=dict(eval_iters=2, batch_size=4, grad_accum=1, batch_mode="pad", max_len=2,
+                                 adapter="teamlora", targets="w1,w2,w3"), rank=0, world=1, device="cpu")
+    assert evaluation.val_loss(_DropoutLM(Tokenizer(tiny_spm).vocab_size), TokenDataset(tmp_path / "out"), r) == 0.0
+
+
 def test_documents_are_trained_on_from_their_first_token_after_bos(tmp_path, tiny_spm):
     """A {"text"} record's prompt is its BOS alone (prompt_len 1): position 0 already predicts the first token,
     so every token of the document but the BOS is a target, in both batch modes."""

@@ -923,6 +923,36 @@ def test_initialisation_zeroes_the_qkv_biases():
     assert all(torch.equal(p, torch.zeros_like(p)) for p in biases)
 
 
+def test_init_weights_after_to_empty_sets_every_parameter_as_a_fresh_build_does():
+    """init_weights is what its docstring says to call after to_empty(): there RMSNorm's own ones are gone, so it
+    must set the norms to 1 itself, the biases to 0, and leave nothing as to_empty found it."""
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name("tiny", qkv_bias=True))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # whatever memory to_empty left, made visible
+    model.init_weights()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith(".bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+
+
+def test_model_args_defaults_are_the_llama2_7b_preset():
+    """A field a Meta params.json leaves out takes ModelArgs' default, which is LLaMA-2-7B's, as in Meta's own
+    ModelArgs: the defaults and the preset are one configuration."""
+    assert ModelArgs() == ModelArgs.from_name("llama2-7b")
+
+
+def test_each_presets_norm_eps_is_its_familys():
+    """Qwen's config.json files say rms_norm_eps 1e-6; LLaMA's and Mistral's, 1e-5 (ModelArgs' default)."""
+    for name in PRESETS:
+        assert ModelArgs.from_name(name).norm_eps == (1e-6 if name.startswith("qwen") else 1e-5), name
+
+
 # ---------------------------------------------------------------------------------------------------
 # checkpoint.py (train.py's checkpoints; the rest of its tests are in test_train.py and test_data.py)
 

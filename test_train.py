@@ -398,6 +398,24 @@ def test_bad_config_file_and_missing_paths_give_one_sentence(tmp_path, run_data)
         train.train(train_cfg(run_data, tmp_path / "o", f"--data_dir={tmp_path}"))
 
 
+def test_a_run_from_a_hugging_face_folder_fine_tunes_that_folders_weights(run_data, tmp_path):
+    """init_from a Hugging Face folder, as a published base comes: the run's frozen base is the folder's weights (here
+    run_data's base.pt written as one), which only adapters are trained beside."""
+    from test_weights import hf_config, hf_state_dict
+    saved = torch.load(run_data / "base.pt", weights_only=True)
+    base = model.Transformer(model.ModelArgs(**saved["model_args"]))
+    base.load_state_dict(saved["model"])
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save(hf_state_dict(base), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(hf_config(base)))
+    out = train.train(train_cfg(run_data, tmp_path / "run", f"--init_from={folder}", "--max_iters=1", "--eval_dir="))
+    trained = out["model"].state_dict()
+    for name, weight in base.state_dict().items():
+        assert torch.equal(trained[name], weight), name
+    assert all(".lora_" in n or "router" in n for n, p in out["model"].named_parameters() if p.requires_grad)
+
+
 def test_loss_falls_and_only_adapters_change(run_data, tmp_path, capsys, monkeypatch):
     base = run_data / "base.pt"
     cfg = train_cfg(run_data, tmp_path / "out", f"--init_from={base}", "--max_iters=30",
@@ -2404,6 +2422,19 @@ def test_help_prints_the_docstring_and_every_default_with_its_comment_and_exits_
     for key, value in train.DEFAULTS.items():  # each default as train.py states it
         assert re.search(rf"^{key}(, \w+)* = ", out, re.M) or re.search(rf"^\w+, {key} = ", out, re.M), key
     assert "learning_rate = 1e-3  # chosen for the demo" in out
+
+
+def test_help_prints_the_defaults_line_for_line_from_their_heading_as_train_py_states_them(capsys):
+    """After the docstring, --help shows train.py's own lines, from the "# defaults" heading on, none cut."""
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out, doc = capsys.readouterr().out, train.docstring(train.__file__)
+    assert out.startswith(doc + "\n\n")
+    shown = out[len(doc) + 2:].rstrip("\n").split("\n")
+    lines = open(train.__file__, encoding="utf-8").read().split("\n")
+    assert shown[0].startswith("# defaults") and shown[0] in lines
+    start = lines.index(shown[0])
+    assert shown == lines[start:start + len(shown)]
 
 
 def test_a_huge_number_or_an_error_of_several_lines_in_a_config_file_is_one_sentence_naming_it(tmp_path, capsys):
