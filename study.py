@@ -273,7 +273,8 @@ def wait_for_folder(out):
     if not os.path.isdir(out):  # nothing can hold it
         return False
     deadline = time.time() + HOLD_WAIT
-    busy = waited = files.hold(out, ())  # (): the temporaries there are the run's to clean up, once it holds it
+    # the study removes its own temporaries (a DIVERGED a kill cut short); the run's are its own, once it holds it
+    busy = waited = files.hold(out, (DIVERGED,))
     if busy:
         print(f"waiting up to {HOLD_WAIT:g} s for {busy} to let go of {out}: a run of an earlier study, which stops "
               "after its step and its checkpoint", flush=True)

@@ -653,6 +653,22 @@ def test_a_run_of_a_killed_study_stops_with_a_checkpoint_and_lets_its_folder_go(
     assert 0 < step < 100000 and f"checkpoint of step {step} written" in (out / "stdout.txt").read_text()
 
 
+def test_a_diverged_json_a_killed_study_left_half_written_is_removed_and_the_runs_temporaries_left_to_it(tmp_path,
+                                                                                                         capsys):
+    """A study killed while it wrote a run's diverged.json left diverged.json.tmpPID there for good: train.py does
+    not know that name, and the study held the folder with no names. It removes its own now, when it first holds
+    the folder; a temporary of the run's own files stays for train.py, which cleans those once it holds it."""
+    from test_data import dead_pid
+    out = tmp_path / "run"
+    out.mkdir()
+    ours, runs = out / f"{study.DIVERGED}.tmp{dead_pid()}", out / f"ckpt.pt.tmp{dead_pid()}"
+    ours.write_text('{"config": {')
+    runs.write_bytes(b"half a checkpoint")
+    assert study.wait_for_folder(str(out)) is False  # nobody held it: no wait
+    assert not ours.exists() and runs.exists()
+    assert f"removed a leftover temporary file {ours}" in capsys.readouterr().err
+
+
 def test_a_run_folder_still_held_by_a_stopping_run_is_waited_for_and_its_log_kept_meanwhile(run_data, tmp_path,
                                                                                            monkeypatch, capsys):
     """A study run again at once after a kill -9 met its runs still stopping (their step, their checkpoint): launch
