@@ -171,6 +171,20 @@ def generate_all(model, prompts, max_new, r):
 
 
 @torch.no_grad()
+def run_checked(model, tokens, r):
+    """model(tokens) for its side effects (the adapters' omega), stopped where its outputs are NaN or infinite. The
+    weights were checked finite when read (checkpoint.load_state), but values large enough to overflow pass that
+    check, and then every greedy answer is token 0 (" ⁇ "), sampling fails in torch.multinomial, and every score is
+    0 beside an expert load of NaN: said instead, before anything is answered or scored."""
+    with eager():  # compiled blocks: no compile for each width of prompts (the answers' decoding runs eagerly too)
+        logits, _ = model(tokens, logits_to_keep=1)  # no (prompts, width, vocab) logits: the last position's suffice
+    if not torch.isfinite(logits).all():
+        raise UserError(f"the run in {r.cfg['out_dir']} gives NaN or infinite outputs, though its weights are finite: "
+                        "some are so large that they overflow, so its checkpoint or its base is damaged; restore "
+                        "them from a copy, or train again.")
+
+
+@torch.no_grad()
 def task_expert_load(model, prompts, r):
     """Mean expert share over the prompt tokens of every prompt of a task, averaged over the adapted layers of the
     last `load_layers` blocks: which experts each task recruits (the paper's Figure 5). The prompts run eval_batch_size
@@ -189,7 +203,7 @@ def task_expert_load(model, prompts, r):
         for i, p in enumerate(part):
             tokens[i, :len(p)] = torch.tensor(p)
             valid[i, :len(p)] = True
-        model(tokens, logits_to_keep=1)  # run for the adapters' omega: no (prompts, width, vocab) logits
+        run_checked(model, tokens, r)  # run for the adapters' omega
         loads = [v for block in blocks for v in teamlora.expert_load(block, valid).values()]
         if not loads:  # no adapted layer in those blocks (--targets=output): none in any batch
             break
@@ -259,6 +273,7 @@ def evaluate(model, r):
     for name, (task, records) in r.eval_sets.items():
         room = r.args.context - task.max_new_tokens  # a sliding-window model runs no longer sequences
         prompts = [prompt_ids(r.tok, rec, room) for rec in records]
+        run_checked(model, torch.tensor(prompts[:1], device=r.device), r)  # before hours of generating
         scores[name] = tasks.evaluate(task, generate_all(model, prompts, task.max_new_tokens, r), records)
         if r.multi_expert:  # every process runs the same prompts (FSDP needs each in the forward): the same load
             load = task_expert_load(model, prompts, r)

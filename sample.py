@@ -82,6 +82,8 @@ def answer(model, r, record, max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
     top_p = max(top_p, torch.finfo(torch.float32).tiny)
     # on CUDA, float32 matmuls as the run's own scoring ran them (train.py: TF32 unless tf32=False), not torch's IEEE
     with machine.cuda_matmul_precision(r.cfg["tf32"]) if r.device.type == "cuda" else contextlib.nullcontext():
+        where = model.tok_embeddings.weight.device  # the model's, as generate takes it
+        evaluation.run_checked(model, torch.tensor([ids], device=where), r)  # NaN outputs: said, not answered
         new = model.generate([ids], max_new_tokens, eos_id=r.tok.eos_id, temperature=temperature, top_p=top_p,
                              seed=seed)[0]
         load = evaluation.task_expert_load(model, [ids], r) if r.multi_expert else None

@@ -1954,6 +1954,29 @@ def test_a_checkpoint_or_adapter_holding_nan_or_inf_is_refused_by_resume_eval_on
     train.main(train_flags(run_data, out, "--eval_only=True", "--eval_limit=1"))
 
 
+@pytest.mark.parametrize("adapter", ["teamlora", "lora"])
+def test_a_checkpoint_whose_finite_weights_overflow_is_refused_by_sample_and_eval_only_not_answered_in_nan(
+        run_data, tmp_path, capsys, adapter):
+    """Weights too large to multiply (finite, so loading passes them) made NaN logits: sample.py answered " ⁇ " with
+    expert shares of nan greedily and a traceback from torch.multinomial when sampling; eval_only scored every task
+    0 and then failed on the NaN load. Each is one sentence now, before anything is answered, and the run unchanged."""
+    import sample
+    out = finished_run(run_data, tmp_path / "run", f"--adapter={adapter}")
+    ckpt, adapter = torch.load(out / "ckpt.pt", weights_only=True), torch.load(out / "adapter.pt", weights_only=True)
+    big = {n: torch.full_like(t, 3e38) if n.endswith(("lora_A", "lora_B")) else t for n, t in ckpt["state"].items()}
+    assert all(torch.isfinite(t).all() for t in big.values() if t.is_floating_point())
+    torch.save({**ckpt, "state": big}, out / "ckpt.pt")
+    torch.save({n: big[n] for n in adapter}, out / "adapter.pt")  # the same weights: scored without a note
+    before = contents(out)
+    sentence = f"the run in {out} gives NaN or infinite outputs, though its weights are finite"
+    for flags in ([], ["--temperature=1"]):
+        err = script_error(sample.main, ["--out_dir", out, "--instruction", "hi", "--max_new_tokens=3", *flags],
+                           capsys)
+        assert sentence in err and "nan" not in err.replace("NaN", ""), err
+    fails(train_flags(run_data, out, "--eval_only=True"), capsys, sentence)
+    assert contents(out) == before  # no results.json of scores on NaN
+
+
 def test_a_checkpoint_holding_nan_or_inf_in_several_tensors_names_the_first_three_of_them():
     """The message shows how far the damage goes (a few names, in the checkpoint's order), and only damaged tensors:
     a finite one, or an integer one, is not named."""
