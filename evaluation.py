@@ -96,6 +96,9 @@ def check_eval_record(record, where, task=None):
     if task is not None and (why := task.blank_reference(record)):  # a blank reference scored 100 or 0 unsaid
         raise UserError(f"{where} can not be scored as {task.name}: {why}; give it a reference that {task.metric} "
                         "reads, or remove the record.")
+    if task is not None and (why := task.stray_label(record)):  # a typo scored, and counted in the chance level
+        raise UserError(f'{where} can not be scored as {task.name}: {why}; write the label meant, one of those, '
+                        'as its "output", or remove the record.')
     return record
 
 

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from errors import UserError, output_lost, printable
 
+DEVICES = r"auto|cpu|cuda(:\d+)?"  # the devices train.py's and sample.py's --device take
+
 
 def resolve_device(cfg):
     """cfg's device as "cpu" or "cuda[:N]" ("auto": a GPU if one is visible), checked against this machine."""

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 
 import torch
@@ -133,10 +134,25 @@ def check_args(parser, args):
         parser.error("--input goes with --instruction; a --records file gives each record's own \"input\"")
     if args.limit is not None and not args.records:  # records_of counts only --records' records: it would be ignored
         parser.error("--limit counts the records of --records; give --records with it, or leave --limit out")
-    if args.max_new_tokens <= 0 or (args.limit or 0) < 0:
-        parser.error("--max_new_tokens must be positive and --limit at least 0")
-    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):  # NaN fails both, as in Transformer.generate
-        parser.error("--temperature must be a finite number >= 0 and --top_p in (0, 1]")
+    if not args.out_dir.strip():  # os.path.join("", "ckpt.pt") would read the ckpt.pt of the current folder
+        parser.error(f"--out_dir is empty; give the folder of a run of train.py, such as "
+                     f"--out_dir={train.DEFAULTS['out_dir']}")
+    if args.max_new_tokens <= 0:
+        parser.error(f"--max_new_tokens={args.max_new_tokens} is not positive; give the number of tokens to generate "
+                     "for each answer, e.g. 64")
+    if (args.limit or 0) < 0:
+        parser.error(f"--limit={args.limit} is negative; give the number of records to answer, or 0 to answer them all")
+    if not 0 <= args.temperature < math.inf:  # NaN fails it too, as in Transformer.generate
+        parser.error(f"--temperature={args.temperature} is not a finite number >= 0; give 0 for greedy decoding, or a "
+                     "positive number such as 0.7 to sample")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top_p={args.top_p} is outside (0, 1]; give the share of probability to sample from, such as "
+                     "0.9, or 1 for every token")
+    if args.seed is not None and not 0 <= args.seed < 2**63:  # torch.manual_seed's range
+        parser.error(f"--seed={args.seed} is outside [0, 2**63), the seeds torch takes; give one from 0 to 2**63 - 1")
+    if not re.fullmatch(machine.DEVICES, args.device):
+        parser.error(f"--device={printable(args.device)} is not a device; give auto, cpu, cuda or cuda:N (N: the "
+                     "GPU's number)")
     if args.temperature == 0 and (args.top_p != 1 or args.seed is not None):  # greedy decoding would ignore it
         flag = "--top_p" if args.top_p != 1 else "--seed"
         parser.error(f"{flag} applies to sampling only: give --temperature > 0 with it (temperature 0 is greedy)")
@@ -163,8 +179,7 @@ def main(argv=None):
     args.limit = 10 if args.limit is None else args.limit  # None: not given, which --records alone may be
     threads = torch.get_num_threads()  # the caller's (a notebook's, a test's): given back when main returns
     try:
-        # as train.py checks them: an empty --out_dir would read a ckpt.pt in the current folder
-        train.check_config({**train.DEFAULTS, "device": args.device, "seed": args.seed, "out_dir": args.out_dir})
+        files.check_openable_by_torch({"out_dir": args.out_dir}, ("out_dir",))  # a name torch.load can open
         records = records_of(args)
         model, r = load_run(args.out_dir, args.device, args.max_new_tokens)
         if r.device.type == "cpu":

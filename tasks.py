@@ -124,6 +124,13 @@ def rouge_l(prediction, reference):
     return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))  # F1 of precision lcs/|p| and recall lcs/|r|
 
 
+def _label_key(text):
+    """A label or reference as accuracy reads it: an option letter in upper case (" b" is "B"), else its words
+    ("Entailment." and "entailment" are one label)."""
+    letter = re.fullmatch(r"\s*([A-Za-z])\s*", text)
+    return letter.group(1).upper() if letter else tuple(_words(text))
+
+
 @dataclass
 class Task:
     """An evaluation task: how many tokens to generate and how to score them against a record."""
@@ -146,6 +153,14 @@ class Task:
             # the authors' Chinese QA records answer "<short answer>。<explanation>": score the answer
             return exact_match(prediction.split("。", 1)[0], record.get("answers") or [reference])
         return rouge_l(prediction, reference)
+
+    def stray_label(self, record):
+        """Why a classification task's reference is none of its labels as accuracy reads them, or None: a typo
+        ("entailmnet") was scored without a word, the answer naming the label meant wrong, and chance_level counted it
+        as a label of its own."""
+        if self.labels is None or _label_key(record["output"]) in map(_label_key, self.labels):
+            return None
+        return f"its reference {record['output']!r} is none of {self.name}'s labels ({', '.join(self.labels)})"
 
     def blank_reference(self, record):
         """Why the metric reads a record's reference as nothing, or None: then every answer scores alike (an empty
@@ -184,9 +199,7 @@ def chance_level(task, records):
         return 100.0 * sum(rouge_l(first_sentence(r.get("input") or r["instruction"]), r["output"])
                            for r in records) / len(records)
     counts = {}
-    for r in records:  # labels as the metric reads them: "Entailment." and "entailment" are one label
-        letter = re.fullmatch(r"\s*([A-Za-z])\s*", r["output"])
-        key = letter.group(1).upper() if letter else tuple(_words(r["output"]))
+    for key in (_label_key(r["output"]) for r in records):
         counts[key] = counts.get(key, 0) + 1
     return 100.0 * max(counts.values()) / len(records)
 
@@ -599,7 +612,8 @@ CME_TASKS = {t.name: t for t in [
     CMETask("rte", "accuracy", 8, ("entailment", "not entailment"), load_rte,
             "GLUE RTE/{train,dev,test}.tsv or SuperGLUE RTE/{train,val,test}.jsonl"),
     CMETask("winogrande", "accuracy", 4, ("A", "B"), load_winogrande, "winogrande_1.1/{train_*,dev,test}.jsonl"),
-    CMETask("arc", "accuracy", 4, tuple("ABCDE"), load_arc, "ARC-V1-Feb2018/ARC-*/ARC-*-{Train,Dev,Test}.jsonl"),
+    CMETask("arc", "accuracy", 4, tuple(LETTERS), load_arc,  # every letter its prompt can show (load_arc)
+            "ARC-V1-Feb2018/ARC-*/ARC-*-{Train,Dev,Test}.jsonl"),
     CMETask("mmlu", "accuracy", 4, tuple("ABCD"), load_mmlu, "data/{dev,test}/<subject>_<split>.csv"),
     CMETask("webqa", "exact_match", 64, None, load_webqa, "WebQA.v1.0/*.ann.json or webquestions.examples.*.json"),
     CMETask("nq", "exact_match", 32, None, load_nq, "nq_open/NQ-open.{train,dev}.jsonl"),

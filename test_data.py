@@ -2187,6 +2187,7 @@ def test_evaluation_records_are_checked_when_loaded_with_file_and_line(tmp_path,
     after training."""
     import evaluation
     good = {"instruction": "q", "input": "", "output": "b", "answers": ["b", "bee"]}
+    good["output"] = "negative" if name == "sentiment" else "b"  # one of sentiment's labels: the label check
     (tmp_path / f"{name}.jsonl").write_text(f"{json.dumps(good)}\n{json.dumps(dict(good, **record))}\n")
     with pytest.raises(UserError, match=f'{tmp_path / name}.jsonl line 2: {re.escape(message)}') as failure:
         evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
@@ -2214,8 +2215,8 @@ def test_an_eval_dir_without_any_task_file_is_refused_and_tasks_load_in_name_ord
     with pytest.raises(UserError, match=f"eval_dir '{tmp_path}' holds no <task>.jsonl files"):
         evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
     names = ["nli", "qa", "sentiment", "summary"]
-    for name in names:
-        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    for name, output in zip(names, ["neutral", "a", "positive", "a"]):  # nli and sentiment: one of their labels
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"instruction": "q", "output": output}) + "\n")
     listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda path: sorted(listdir(path), reverse=True))
     assert list(evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})) == names

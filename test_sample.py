@@ -21,6 +21,7 @@ from conftest import (
     reference_task_load,
     script_error,
     train_cfg,
+    usage_error,
 )
 from minicme import make_suite
 from tokenizer import Tokenizer
@@ -150,8 +151,8 @@ def test_user_errors_are_one_sentence_and_exit_2(runs, tmp_path, capsys):
              (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl")], 'line 1 has no "instruction"; give'),
              (["--out_dir", good, "--instruction", "x", "--max_new_tokens=300"], "lower --max_new_tokens"),
              (["--out_dir", good], "give --instruction"),
-             (["--out_dir", good, "--instruction", "x", "--max_new_tokens=0"], "must be positive"),
-             (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl"), "--limit=-1"], "--limit at least 0")]
+             (["--out_dir", good, "--instruction", "x", "--max_new_tokens=0"], "--max_new_tokens=0 is not positive"),
+             (["--out_dir", good, "--records", str(tmp_path / "bad.jsonl"), "--limit=-1"], "--limit=-1 is negative")]
     moved = tmp_path / "moved"
     moved.mkdir()
     ckpt = torch.load(runs["lora"][0] / "ckpt.pt", weights_only=True)
@@ -183,22 +184,31 @@ def test_a_records_file_of_no_records_is_refused_before_the_run_is_read(tmp_path
         "records.")
 
 
-def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path, capsys):
+def test_decoding_flags_out_of_range_are_refused_before_the_run_is_read(tmp_path, capsys, monkeypatch):
     """An infinite or NaN temperature, --top_p or --seed under greedy decoding (they would be ignored), a seed outside
-    torch's range and a device train.py does not know: one sentence each (train's own for the last two), before
-    sample.py reads any run."""
-    seed = "config key 'seed' must be in [0, 2**63)"
-    cases = [("--temperature=inf", "--temperature must be a finite number"), ("--temperature=nan", "finite number"),
-             ("--top_p=0.5", "--top_p applies to sampling only"), ("--seed=3", "--seed applies to sampling only"),
-             (f"--temperature=1 --seed={10 ** 23}", seed), ("--temperature=1 --seed=-1", seed),
-             ("--device=tpu", "config key 'device' must be auto, cpu, cuda or cuda:N"),
-             ("--top_p=0", "--top_p in (0, 1]"), ("--top_p=1.5", "--top_p in (0, 1]"),
-             ("--temperature=1 --top_p=1.0001", "--top_p in (0, 1]")]
+    torch's range and a device train.py does not know: one sentence each, naming sample.py's own flag, its value and
+    the fix, before sample.py reads any run. The last two named train.py's config keys ("config key 'seed' must be in
+    [0, 2**63)")."""
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("the run was read"))
+    seeds = "is outside [0, 2**63), the seeds torch takes; give one from 0 to 2**63 - 1"
+    finite = "is not a finite number >= 0; give 0 for greedy decoding, or a positive number such as 0.7 to sample"
+    greedy = "applies to sampling only: give --temperature > 0 with it (temperature 0 is greedy)"
+    top_p = "is outside (0, 1]; give the share of probability to sample from, such as 0.9, or 1 for every token"
+    cases = [("--temperature=inf", f"--temperature=inf {finite}"), ("--temperature=nan", f"--temperature=nan {finite}"),
+             ("--temperature=-1", f"--temperature=-1.0 {finite}"),
+             ("--top_p=0.5", f"--top_p {greedy}"), ("--seed=3", f"--seed {greedy}"),
+             (f"--temperature=1 --seed={10 ** 23}", f"--seed={10 ** 23} {seeds}"),
+             ("--temperature=1 --seed=-1", f"--seed=-1 {seeds}"),
+             (f"--temperature=1 --seed={2 ** 63}", f"--seed=9223372036854775808 {seeds}"),
+             ("--device=tpu", "--device=tpu is not a device; give auto, cpu, cuda or cuda:N (N: the GPU's number)"),
+             ("--top_p=0", f"--top_p=0.0 {top_p}"), ("--top_p=1.5", f"--top_p=1.5 {top_p}"),
+             ("--temperature=1 --top_p=1.0001", f"--top_p=1.0001 {top_p}")]
     for flag, message in cases:
-        with pytest.raises(SystemExit) as e:
-            sample.main(["--out_dir", str(tmp_path / "none"), "--instruction", "x", *flag.split()])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and message in err[-1] and "Traceback" not in "\n".join(err), (flag, err)
+        assert usage_error(sample.main, ["--out_dir", tmp_path / "none", "--instruction", "x", *flag.split()],
+                           capsys) == f"sample.py: error: {message}", flag
+    for flag in ("--seed=0", f"--seed={2 ** 63 - 1}", "--device=cuda:1", "--device=cpu"):  # in range: the run is read
+        with pytest.raises(pytest.fail.Exception, match="the run was read"):
+            sample.main(["--out_dir", str(tmp_path / "none"), "--instruction", "x", "--temperature=1", flag])
 
 
 def test_a_limit_without_records_is_refused_not_ignored(tmp_path, capsys, monkeypatch):
@@ -558,8 +568,9 @@ def test_an_out_dir_or_records_of_the_wrong_kind_is_named_for_what_it_is(tmp_pat
         f"sample.py: error: --records file {tmp_path / 'pipe.jsonl'} is a named pipe, not a file; give a JSONL or JSON "
         "list of records.")
     monkeypatch.chdir(tmp_path)
-    assert script_error(sample.main, ["--out_dir=", "--instruction", "x"], capsys).startswith(
-        "sample.py: error: config key 'out_dir' is empty")
+    for empty in ("--out_dir=", "--out_dir= "):  # named as sample.py's flag, not as train.py's config key 'out_dir'
+        assert usage_error(sample.main, [empty, "--instruction", "x"], capsys) == (
+            "sample.py: error: --out_dir is empty; give the folder of a run of train.py, such as --out_dir=out/demo")
 
 
 @pytest.mark.parametrize("flags", [["--instruction=\udcff\udcfe"], ["--instruction=x", "--input=a\udcff"]])

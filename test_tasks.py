@@ -17,6 +17,7 @@ import pytest
 
 import evaluation
 import files
+import minicme
 import tasks
 from conftest import (
     CME_DIR,
@@ -1403,7 +1404,8 @@ def test_an_evaluation_record_whose_reference_its_metric_reads_as_nothing_is_ref
     record = {"instruction": "q", "input": "", **reference}
     alike = ([""], 100.0) if task.metric != "rouge_l" else (["this film is good", ""], 0.0)
     assert all(evaluate(task, [answer], [record]) == alike[1] for answer in alike[0])  # what the table would show
-    good = {"instruction": "q", "input": "", "output": {"qa": "Paris", "summary": "a fine film"}.get(name, "neutral")}
+    good = {"instruction": "q", "input": "", "output": {"qa": "Paris", "summary": "a fine film"}.get(name) or
+            task.labels[0]}  # a label of the task: the label check refuses "neutral" for sentiment
     (tmp_path / f"{name}.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(UserError) as refused:
         evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
@@ -1425,6 +1427,73 @@ def test_references_a_metric_can_read_are_loaded_however_short_or_foreign_and_re
         blanked = {**record, "output": " ", "answers": [" "] * len(record.get("answers", []))}
         with pytest.raises(UserError, match="r.jsonl line 1 can not be scored"):
             evaluation.check_eval_record(blanked, "r.jsonl line 1", task)
+
+
+STRAY_LABELS = [  # task, a reference that is none of its labels: a typo, a label it lacks, a raw file's own spelling
+    ("anli", "entailmnet"), ("anli", "maybe"), ("nli", "not entailment"), ("rte", "neutral"), ("qqp", "1"),
+    ("imdb", "yes"), ("sentiment", "Positive review"), ("paraphrase", "duplicates"), ("mmlu", "E"), ("choice", "Q"),
+    ("blank", "C"), ("winogrande", "option1"), ("arc", "(B)"), ("nli", "A"),
+]
+
+
+@pytest.mark.parametrize("name, reference", STRAY_LABELS)
+def test_a_reference_that_is_none_of_its_tasks_labels_is_refused_when_loaded_naming_line_and_labels(
+        tmp_path, name, reference):
+    """An accuracy task's reference outside its label set (a typo as "entailmnet", a raw file's "1") was scored without
+    a word: the answer that names the label meant scored wrong, and the chance level counted the typo as a label of its
+    own. Loading the set now refuses it before any training or scoring, naming file, line, reference and labels."""
+    task = evaluation.task_of(name)
+    meant = task.labels[0]
+    assert evaluate(task, [meant], [{"output": reference}]) == 0.0  # what the table would have shown
+    good = {"instruction": "q", "input": "", "output": meant}
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(dict(good, output=reference)) + "\n")
+    with pytest.raises(UserError) as refused:
+        evaluation.load_eval_sets({"eval_dir": str(tmp_path), "eval_limit": 0})
+    labels = ", ".join(task.labels)
+    assert str(refused.value) == (f"{tmp_path / name}.jsonl line 2 can not be scored as {name}: its reference "
+                                  f"{reference!r} is none of {name}'s labels ({labels}); write the label meant, one "
+                                  'of those, as its "output", or remove the record.')
+
+
+def test_every_spelling_of_a_label_that_accuracy_reads_as_it_loads_and_counts_as_that_label():
+    """The label check refuses only what accuracy reads as no label: any case, punctuation and underscores around a
+    label word ("Not_entailment." is "not entailment"), a lower-case or spaced option letter (" b" is "B"), and every
+    letter ARC's prompt can show (load_arc writes up to H) load; chance_level counts each as the label it spells."""
+    spellings = {"anli": ["Entailment.", "NEUTRAL", " contradiction\n"], "rte": ["Not_entailment.", "not entailment"],
+                 "qqp": ["Not duplicate", "duplicate!"], "imdb": ["Positive", "negative."], "mmlu": ["d", " A "],
+                 "winogrande": ["b"], "arc": list("ABCDEFGH") + ["h"], "blank": ["a", "B"], "choice": ["c", "D"],
+                 "nli": ["neutral."], "paraphrase": ["Duplicate"], "sentiment": ["POSITIVE"]}
+    for name, outputs in spellings.items():
+        task = evaluation.task_of(name)
+        for output in outputs:
+            record = {"instruction": "q", "input": "", "output": output}
+            assert evaluation.check_eval_record(record, "r.jsonl line 1", task) is record, (name, output)
+            meant = [label for label in task.labels if accuracy(label, output, task.labels) == 1.0]
+            assert len(meant) == 1, (name, output)  # one label answers it right: the label it spells
+            assert chance_level(task, [record, {"output": meant[0]}]) == 100.0, (name, output)
+    assert evaluation.check_eval_record({"instruction": "q", "output": "Paris"}, "qa.jsonl line 1",
+                                        evaluation.task_of("qa")) is not None  # exact match has no label set
+
+
+@needs_cme_fixtures
+def test_the_evaluation_sets_tasks_py_and_minicme_write_load_without_a_record_refused(tmp_path, capsys):
+    """Every labelled public sample of each CME task, written by tasks.py, and the synthetic suite's sets load whole:
+    the label check refuses nothing that the project's own writers produce."""
+    raw = {**CME_SAMPLES, "oai_sum": [_tldr_example(tmp_path)[0]],
+           "arc": ["arc/ARC-Challenge-Dev.jsonl", "arc/ARC-Challenge-Train.jsonl"],
+           "mmlu": [f"mmlu/{s}_{split}.csv" for s in ("abstract_algebra", "high_school_geography", "professional_law")
+                    for split in ("dev", "test")]}
+    written = {name: write_eval_set(name, [os.path.join(CME_DIR, p) for p in paths], str(tmp_path / "cme" /
+                                    f"{name}.jsonl")) for name, paths in raw.items()}
+    assert "left out" not in capsys.readouterr().out
+    loaded = evaluation.load_eval_sets({"eval_dir": str(tmp_path / "cme"), "eval_limit": 0})
+    assert {name: len(records) for name, (_, records) in loaded.items()} == written
+    minicme.make_suite(str(tmp_path / "suite"), seed=0, n_train_per_task=8, n_test_per_task=60, n_val_per_task=60,
+                       corpus_docs=400)
+    for split in ("test", "val"):
+        loaded = evaluation.load_eval_sets({"eval_dir": str(tmp_path / "suite" / split), "eval_limit": 0})
+        assert {name: len(records) for name, (_, records) in loaded.items()} == dict.fromkeys(minicme.SYNTHETIC_TASKS,
+                                                                                              60)
 
 
 @pytest.mark.parametrize("left_out", ["--task", "--raw", "--out"])

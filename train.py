@@ -151,7 +151,7 @@ def check_config(cfg):
     for key, value in cfg.items():  # past int64, numpy and torch cannot count it (sizes, positions, steps)
         if type(value) is int and value >= 2**63:
             raise UserError(f"config key '{key}' must be below 2**63, got {value}.")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
+    if not re.fullmatch(machine.DEVICES, cfg["device"]):
         raise UserError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {cfg['device']!r}.")
     if cfg["init_from"] != "resume":  # a resume's unset keys are its run's, not the defaults: resume_config checks
         check_combination(cfg)  # them with its run's (a run of batch_size=12 resumed with --grad_accum=3 is no error)
