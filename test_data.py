@@ -940,6 +940,23 @@ def test_prepare_removes_what_killed_prepares_left_and_nothing_else(tmp_path, ti
     assert all((folder / name).read_text() == "keep me" for folder, name in kept.items())
 
 
+def test_a_file_or_link_named_as_a_killed_prepares_folder_is_left_as_it_is(tmp_path, tiny_spm, capsys):
+    """Only a folder of a prepare that no longer runs is removed: a file of that name is not looked into (it has no
+    names to list) and a link to a folder of prepare's files is not followed; prepare runs beside both."""
+    out, source = tmp_path / "out", write_records(tmp_path / "d.jsonl", 3)
+    prepare([source], tiny_spm, out, workers=1)
+    file, link = tmp_path / f"out.tmp-{dead_pid()}", tmp_path / f"out.tmp-{dead_pid()}.old"
+    file.write_text("keep me")
+    if os.name != "nt":
+        link.symlink_to(out)  # prepare's own files, through a link
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert prepare([source], tiny_spm, out, workers=1)["records"] == 3
+    assert "removed a leftover" not in capsys.readouterr().err
+    assert file.read_text() == "keep me" and (os.name == "nt" or link.resolve() == out.resolve())
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 KILLED_WRITING_THE_SUMMARY = """import json, os, signal, sys
 import data
 

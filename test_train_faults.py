@@ -134,6 +134,27 @@ def test_a_rescoring_with_ckpt_pt_names_an_adapter_pt_beside_it_that_differs_and
     assert "move ckpt.pt out of" in err and (out / "adapter.pt").read_bytes() == copied
 
 
+def test_a_rescoring_with_ckpt_pt_notes_an_unreadable_adapter_pt_beside_it_and_nothing_where_there_is_none(
+        run_data, tmp_path, capsys):
+    """The adapter.pt beside a re-scored ckpt.pt that cannot be compared with it (not a torch file, or its names not
+    holding tensors) differs as well: named, and kept as it is. Where there is no adapter.pt, nothing is said."""
+    out = finished_run(run_data, tmp_path / "run")
+    state = torch.load(out / "adapter.pt", weights_only=True)
+    rescore = train_flags(run_data, out, "--max_iters=4", "--eval_interval=2", "--eval_only=True", "--eval_limit=1")
+    (out / "adapter.pt").unlink()
+    capsys.readouterr()
+    train.main(rescore)
+    assert "adapter.pt" not in capsys.readouterr().err and not (out / "adapter.pt").exists()
+    lists = tmp_path / "lists.pt"
+    torch.save({n: t.tolist() for n, t in state.items()}, lists)  # ckpt.pt's names, each a list, not a tensor
+    for other in (b"not a torch file", lists.read_bytes()):
+        (out / "adapter.pt").write_bytes(other)
+        train.main(rescore)
+        err = capsys.readouterr().err
+        assert f"scoring the adapter in {out}/ckpt.pt (step 4), not the {out}/adapter.pt beside it" in err, err
+        assert (out / "adapter.pt").read_bytes() == other
+
+
 @pytest.mark.parametrize("beside", [False, True])
 def test_the_way_to_score_an_adapter_saved_as_ckpt_pt_that_the_refusal_gives_scores_it(run_data, tmp_path, capsys,
                                                                                        beside):
@@ -275,6 +296,7 @@ def test_resume_below_the_checkpoints_step_and_a_stale_adapter(run_data, tmp_pat
     train.main(train_flags(run_data, out, "--init_from=resume", "--eval_dir=", "--max_iters=4"))
     captured = capsys.readouterr()
     assert "removed" in captured.out + captured.err
+    assert "scoring the adapter" not in captured.err  # a resume rewrites it: nothing to note
     assert not (out / "ckpt.pt.tmp999999").exists()
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     for n, t in torch.load(out / "adapter.pt", weights_only=True).items():
