@@ -1554,19 +1554,26 @@ spec.loader.exec_module(numpy)
 """
 
 
+def prepare_in_its_own_group(script, shims, source, tokenizer, tmp_path):
+    """Run script (data.py prepare of source into tmp_path/out) in a process group of its own, as a terminal's job,
+    with the modules shims (file name -> code) in tmp_path/shim first on its path: its workers import them too."""
+    (tmp_path / "shim").mkdir()
+    for name, code in shims.items():
+        (tmp_path / "shim" / name).write_text(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "shim"),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", script, str(source), str(tokenizer), str(tmp_path / "out")],
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="a process group's Ctrl-C, as a terminal sends it")
 def test_ctrl_c_while_a_worker_starts_ends_prepare_by_sigint_without_the_workers_traceback(tmp_path, tiny_spm):
     """A worker's first second or more is its imports, before _init_worker has it ignore SIGINT: a Ctrl-C there,
     which reaches every process of the job, printed the worker's KeyboardInterrupt traceback under prepare's quiet
     end (errors.run_script)."""
     source = write_records(tmp_path / "d.jsonl", 3)
-    (tmp_path / "shim").mkdir()
-    (tmp_path / "shim" / "numpy.py").write_text(CTRL_C_IN_A_WORKERS_IMPORT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "shim"),
-                                                                      os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", CTRL_C_AT_WORKER_START, str(source), str(tiny_spm),
-                           str(tmp_path / "out")], cwd=HERE, env=env, capture_output=True, text=True, timeout=120,
-                          start_new_session=True)
+    done = prepare_in_its_own_group(CTRL_C_AT_WORKER_START, {"numpy.py": CTRL_C_IN_A_WORKERS_IMPORT}, source,
+                                    tiny_spm, tmp_path)
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "shim"]
 
@@ -1606,17 +1613,14 @@ def test_ctrl_c_while_workers_encode_stops_prepare_at_once_quietly_leaving_no_sh
     has not sent them, ends it as a Ctrl-C ends a script (by SIGINT, quietly), and leaves no shard behind, under its
     final name or a temporary one."""
     source = write_records(tmp_path / "d.jsonl", 400)
-    (tmp_path / "shim").mkdir()
-    (tmp_path / "shim" / "shim.py").write_text(ENCODE_THEN_CTRL_C)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "shim"),
-                                                                      os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_WORKERS_ENCODE, str(source), str(tiny_spm),
-                           str(tmp_path / "out")], cwd=HERE, env=env, capture_output=True, text=True, timeout=120,
-                          start_new_session=True)
+    done = prepare_in_its_own_group(CTRL_C_WHILE_WORKERS_ENCODE, {"shim.py": ENCODE_THEN_CTRL_C}, source, tiny_spm,
+                                    tmp_path)
     assert (done.returncode, done.stdout, done.stderr) == (-signal.SIGINT, "", "")
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "shim"]  # no out, no OUT.tmp-PID
     encoded = (tmp_path / "shim" / "chunks").read_text().count("chunk")
-    assert 1 <= encoded <= 2 * 2 + 2, encoded  # those in flight (2 a worker) at most, of 200
+    # of 200: those in flight (3-4 on a quiet machine), and any that finish while a busy machine keeps prepare from
+    # taking its Ctrl-C; a prepare that went on would encode them all
+    assert 1 <= encoded <= 200 // 4, encoded
 
 
 def test_cores_are_the_ones_this_process_may_run_on_not_the_machines(monkeypatch):
