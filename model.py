@@ -1,10 +1,10 @@
 """
 LLaMA 2, 3, 3.1 and 3.2, Qwen2 / Qwen2.5 / Qwen3 and Mistral in one file: the base model that TeamLoRA adapts.
 
-Module names follow Meta's reference code (tok_embeddings, layers.N.attention.wq, ...), so Meta's
-consolidated.*.pth checkpoints load with no renaming; Hugging Face checkpoints are renamed and their
-q/k rows un-permuted on the way in (weights.py reads both). Every projection is a plain nn.Linear (bias-free but
-for Qwen2's q, k and v) that is only ever called, so an adapter library can swap it for a subclass by name.
+Module names follow Meta's reference code (tok_embeddings, layers.N.attention.wq, ...), so Meta's consolidated.*.pth
+checkpoints load with no renaming; Hugging Face checkpoints are renamed and their q/k rows un-permuted on the way in
+(weights.py reads both). Every projection is a plain nn.Linear (bias-free but for Qwen2's q, k and v), only ever
+called, so an adapter library can swap it for a subclass by name; a tied output is the embedding's matrix, no Linear.
 
 The architecture in one breath: token embedding -> n_layers x [RMSNorm -> attention with rotary
 position embeddings and grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -> residual] ->

@@ -21,12 +21,12 @@ EPS = 1e-6  # smallest magnitude allowed for the row sum of phi (I + M), sign ke
 
 
 def expert_weights_t(logits_t, M):
-    """omega^T (k, N) from logits^T (k, N): tokens on the fast axis (a softmax over a last axis of k: 15-30x slower)."""
-    phi = logits_t.to(torch.promote_types(logits_t.dtype, torch.float32)).softmax(0)  # Eq. 11
-    if M is None:  # collaboration only (Table 4)
+    """omega^T from router logits^T = W_r x^T, both (k, N): tokens last (as (N, k), the softmax is 15-30x slower)."""
+    phi = logits_t.to(torch.promote_types(logits_t.dtype, torch.float32)).softmax(0)  # Eq. 11: phi^T (k, N)
+    if M is None:  # no M: collaboration only (Table 4), or MoELoRA
         return phi * phi.shape[0]
     with torch.autocast("cpu" if phi.is_meta else phi.device.type, enabled=False):  # meta has no autocast
-        adj = torch.addmm(phi, M.t().to(phi.dtype), phi)  # Eq. 12 as (phi + phi M)^T: one GEMM, kept float32
+        adj = torch.addmm(phi, M.t().to(phi.dtype), phi)  # Eq. 12, P^T = (phi + phi M)^T: one GEMM, kept float32
     s = adj.sum(0, keepdim=True)  # a learned M can push it through 0: a magnitude under EPS becomes EPS, sign kept
     return adj / torch.where(s.abs() < EPS, torch.where(s < 0, -EPS, EPS), s) * phi.shape[0]  # 0 -> +EPS
 
@@ -73,7 +73,7 @@ class TeamLoRALinear(nn.Linear):
     """nn.Linear plus a TeamLoRA adapter, on the base's `weight` and `bias` (never copied): base checkpoints load."""
 
     def __init__(self, base: nn.Linear, r=8, experts=4, alpha=16.0, dropout=0.05, competition=True,
-                 adapter_dtype=torch.float32, compile=False):
+                 adapter_dtype=torch.float32, compile=False):  # compile: the fused path (inlined in a compiled model)
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second base weight
         if (k := max(experts, 1)) != experts or r <= 0 or r % k:  # k >= 1: the message's r // k must not divide by 0
             raise ValueError(f"TeamLoRA needs experts >= 1 and r to be a positive multiple of experts, got r={r}, "
@@ -116,7 +116,7 @@ class TeamLoRALinear(nn.Linear):
             raise ValueError(f"TeamLoRALinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
         if self.merged:  # for inference: the adapter is inside weight
             return F.linear(x, self.weight, self.bias)
-        fused = _fused_compiled(x.device.type) if self.compile else team_lora_delta
+        fused = team_lora_delta if not self.compile or torch.compiler.is_compiling() else _fused_compiled(x.device.type)
         delta, self.last_omega = fused(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
                                        self.lora_M, self.scaling, self.dropout if self.training else 0.0)
         out = F.linear(x, self.weight, self.bias)  # after the adapter, so backward computes the base's grad x
@@ -131,7 +131,7 @@ class TeamLoRALinear(nn.Linear):
 
 def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cls=None, **kw):
     """Replace every nn.Linear whose name ends with one of `targets` (e.g. ("w1", "w2", "w3") or ("gate_proj",
-    "up_proj", "down_proj")) by a TeamLoRALinear (or `cls`), freeze all else. experts=1 is plain LoRA."""
+    "up_proj", "down_proj")) by TeamLoRALinear(it, r, ..., **kw) (or `cls`), freeze all else. experts=1: LoRA."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     matched = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
     if not matched:
@@ -195,5 +195,5 @@ def balance_loss(model, mask=None, reduction="mean"):
 
 @torch.no_grad()
 def expert_load(model, mask=None):
-    """name -> share of the k experts (mean omega / k, sums to 1) over the last forward's tokens."""
+    """name -> share of the k experts (mean omega / k, sums to 1) over the last forward's tokens (mask: real ones)."""
     return {n: om.mean(0) / om.shape[-1] for n, om in _omegas(model, mask)}

@@ -354,6 +354,30 @@ def test_compile_falls_back_to_eager_with_one_warning_without_compiler(monkeypat
     assert eager.shape == out1.shape
 
 
+@pytest.mark.parametrize("experts", [1, 4])
+def test_layers_made_with_compile_trace_whole_inside_a_compiled_model(experts, fresh_compile_cache):
+    """A copier's model built with inject(..., compile=True) and then compiled whole: Dynamo traces the layers' plain
+    fused path with the rest, one graph (fullgraph=True; it used to stop at the layer's own compile, its C++ compiler
+    check and its cache), with the eager model's outputs and gradients. The eager backend: no C++ compiler needed."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10)), ("0", "2"), r=8, experts=experts,
+                   alpha=16, dropout=0.0, compile=True)
+    layers = [randomize(m, seed=i) for i, m in enumerate(model.modules()) if isinstance(m, TeamLoRALinear)]
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for length in (5, 7):
+        x = torch.randn(2, length, 12)
+        out_c, gx_c, g_c = _grads(compiled, model, x)
+        for layer in layers:
+            layer.compile = False  # the reference: the fused path run eagerly
+        out_e, gx_e, g_e = _grads(model, model, x)
+        for layer in layers:
+            layer.compile = True
+        torch.testing.assert_close(out_c, out_e)
+        torch.testing.assert_close(gx_c, gx_e)
+        assert g_c.keys() == g_e.keys() and all(torch.allclose(g_c[n], g_e[n]) for n in g_e)
+
+
 def test_the_compiled_path_is_asked_for_the_inputs_device_type(monkeypatch):
     """One compiled function per device type: a GPU's input gets Triton's graph, never the CPU's (nor the CPU's
     no-compiler fallback and its warning). Shown on the meta device, which every machine has."""
@@ -1460,6 +1484,37 @@ def readme_recipe():
     readme = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Use TeamLoRA in your own project"):]
     return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+
+
+def test_the_readmes_word_on_torchs_own_transformer_layers_keeps_their_adapters_on():
+    """torch's nn.TransformerEncoderLayer adapted on out_proj, linear1 and linear2: nn.MultiheadAttention never calls
+    out_proj (its adapter gets no gradient), and in eval mode the layer's fast path skips linear1 and linear2, so the
+    adapted model scores as the base did, silently; the README names both, and its line turns the fast path off."""
+    readme = " ".join((Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8").split())
+    section = readme[readme.index("## Use TeamLoRA in your own project"):readme.index("**Activation checkpointing.**")]
+    said = re.search(r"`nn\.MultiheadAttention` reads `out_proj`'s.*?`(torch\.backends\.mha\.[^`]*)`", section)
+    assert said and "`nn.TransformerEncoderLayer`" in said.group(0), "the README does not warn of torch's layers"
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        base = model.eval()(x)
+    inject(model, ("out_proj", "linear1", "linear2"), r=4, experts=2, alpha=8, dropout=0.0)
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, TeamLoRALinear)):
+        randomize(m, seed=i)
+    trained = model.train()(x)
+    trained.sum().backward()
+    got_grad = {n.rpartition(".lora_")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert got_grad == {f"layers.{i}.{name}" for i in range(2) for name in ("linear1", "linear2")}
+    was = torch.backends.mha.get_fastpath_enabled()
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.eval()(x), base)  # the fast path: the adapters are off
+            exec(said.group(1), {"torch": torch})  # the README's line, as written
+            torch.testing.assert_close(model.eval()(x), trained.detach())
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 @pytest.mark.parametrize("make_model", [HFStyleLM, qwen2_lm], ids=["hf-style", "qwen2"])

@@ -197,12 +197,12 @@ USUAL = {"alpha": (8.0, "1 to 8"), "balance_coef": (1.0, "0.01 to 1")}
 
 def multipliers(cfg):
     """key -> (the factor it sets, what that factor is), for each key of USUAL that the run uses."""
-    found, kw = {}, adapter_kwargs(cfg)
+    found, kw = {}, adapter_kwargs(cfg)  # teamlora.inject's keywords for the adapter (below)
     if cfg["adapter"] == "hydralora":  # each layer's `scaling`: k heads of width r, weighted alpha / k
         found["alpha"] = (cfg["alpha"] / cfg["experts"] / cfg["r"], "the adapters' scaling")
     elif cfg["adapter"] != "none":  # alpha / r_B (moelora: alpha / k, as baselines.moelora_fused_kwargs gives it)
         found["alpha"] = (kw["alpha"] / (kw["r"] // kw["experts"]), "the adapters' scaling")
-    if Run(cfg).multi_expert:  # the balance loss
+    if Run(cfg).multi_expert:  # a router, so a balance loss (Run: below)
         found["balance_coef"] = (cfg["balance_coef"], "the balance loss's weight")
     return found
 
@@ -213,7 +213,8 @@ def multipliers(cfg):
 
 @dataclass
 class Run:
-    """What a run's functions share: its configuration, its place among the processes, and what setup() fills in."""
+    """What a run's functions share: its configuration, its place among the processes (rank, world), and what setup()
+    fills in. Passed around as `r`, which is not the adapter's rank (that is cfg["r"]) nor this process's (r.rank)."""
     cfg: dict
     rank: int = 0
     world: int = 1
