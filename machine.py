@@ -26,7 +26,13 @@ def resolve_device(cfg):
     """cfg's device as "cpu" or "cuda[:N]" ("auto": a GPU if one is visible), checked against this machine."""
     dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device='cuda' but no CUDA GPU is visible; use --device=cpu.")
+        raise UserError(f"device={dev!r} but no CUDA GPU is visible; use --device=cpu.")
+    # a GPU past the visible ones: torch's own error came later, from deep inside the run
+    if dev.startswith("cuda:") and int(dev[len("cuda:"):]) >= (count := torch.cuda.device_count()):
+        gpus = "1 CUDA GPU is visible (cuda:0)" if count == 1 else \
+            f"{count} CUDA GPUs are visible (cuda:0 to cuda:{count - 1})"
+        raise UserError(f"device={dev!r} but only {gpus}; use --device=cuda:N with N below {count}, or "
+                        "--device=cuda for the first.")
     if dev == "cpu" and cfg["compile"] and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++")
                                                    if c):
         raise UserError("compile=True on the CPU needs a C++ compiler and none was found: install g++ (or set CXX), "

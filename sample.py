@@ -45,7 +45,13 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
         what = (f"{out_dir} is a file, not a folder" if os.path.isfile(out_dir) else
                 f"{path} is {kind}, not a checkpoint" if kind else f"{path} does not exist")
         raise UserError(f"{what}; point --out_dir at the folder of a run of train.py.")
-    saved, ckpt = train.saved_config(path, "sample.py")  # checked again, as a resume checks it
+    ckpt = checkpoint.load_checkpoint(path, "sample.py")
+    try:  # checked again, as a resume checks it
+        saved, ckpt = train.saved_config(path, ckpt=ckpt)
+    except UserError as e:  # worded for train.py's flags and config files, which sample.py does not take
+        problem = str(e).replace(f" in {path}", "").partition("; ")[0].rstrip(".")  # the problem, without that fix
+        raise UserError(f"{path} holds a run config that train.py refuses ({problem}); if it was edited, put back "
+                        "the run's own value, else train the run again.") from None
     try:  # the shape the model will have; a damaged one is left out: the model is built from the run's base
         context = train.ModelArgs(**ckpt["model_args"]).context
     except (TypeError, ValueError):

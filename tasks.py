@@ -198,6 +198,10 @@ def chance_level(task, records):
     if task.metric == "rouge_l":
         return 100.0 * sum(rouge_l(first_sentence(r.get("input") or r["instruction"]), r["output"])
                            for r in records) / len(records)
+    stray = next(filter(None, map(task.stray_label, records)), None)  # a typo was counted as a class
+    if stray:
+        raise UserError(f"{task.name}: a record can not count toward the chance level: {stray}; write the label meant "
+                        'as its "output", or remove the record.')
     counts = {}
     for key in (_label_key(r["output"]) for r in records):
         counts[key] = counts.get(key, 0) + 1

@@ -291,7 +291,8 @@ def test_an_input_without_an_instruction_is_refused_not_dropped(tmp_path, capsys
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"r": "abc"}, "config key 'r' in {ckpt} must be of type int, got 'abc'."),
+    ({"r": "abc"}, "{ckpt} holds a run config that train.py refuses (config key 'r' must be of type int, got 'abc'); "
+                   "if it was edited, put back the run's own value, else train the run again."),
     ({"adapter": "dora"}, "config key 'adapter' must be one of"),
     ({"tokenizer": "/nowhere/tokenizer.model"}, "/nowhere/tokenizer.model is not found from here; it was moved or "
                                                  "deleted since the run: put it back there."),
@@ -307,6 +308,26 @@ def test_a_hand_edited_or_moved_run_config_is_checked_as_a_resume_checks_it(runs
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and message.format(ckpt=tmp_path / "ckpt.pt") in err[-1], err
     assert "Traceback" not in "\n".join(err) and "relative" not in err[-1]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"batch_size": 12, "grad_accum": 5}, "batch_size=12 must be a multiple of grad_accum=5"),
+    ({"learning_rate": 0.5, "weight_decay": 4.0}, "learning_rate=0.5 with weight_decay=4 zeroes every weight or flips "
+                                                  "its sign at each step (AdamW multiplies them by 1 - learning_rate "
+                                                  "* weight_decay)"),
+    ({"targets": " , "}, "config key 'targets' is empty"),
+    ({"adapter": "lora", "competition": True}, "competition=True mixes experts' weights by a learned matrix, which "
+                                               "adapter=lora does not have"),
+    ({"dropout": 1.5}, "config key 'dropout' must be in [0, 1), got 1.5")])
+def test_a_ckpt_pts_config_that_train_py_refuses_is_named_as_the_runs_not_fixed_with_train_pys_flags(
+        runs, tmp_path, capsys, edit, problem):
+    """check_config's sentences end in train.py's fix ("lower --batch_size", "use --adapter=lora"): flags that
+    sample.py does not take, for a config the user did not type but the run's ckpt.pt holds."""
+    ckpt = torch.load(runs["teamlora"][0] / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], **edit}}, tmp_path / "ckpt.pt")
+    err = script_error(sample.main, ["--out_dir", tmp_path, "--instruction", "x", "--max_new_tokens=4"], capsys)
+    assert err == (f"sample.py: error: {tmp_path / 'ckpt.pt'} holds a run config that train.py refuses ({problem}); "
+                   "if it was edited, put back the run's own value, else train the run again.")
 
 
 def test_a_base_folder_whose_weights_are_gone_is_one_sentence(runs, tmp_path, capsys):

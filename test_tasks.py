@@ -169,7 +169,7 @@ def test_chance_levels_on_hand_made_records():
     nli = Task("nli", "accuracy", 8, ("entailment", "neutral", "contradiction"))
     records = [{"output": o} for o in ("entailment", "Entailment.", "neutral", "contradiction")]
     assert chance_level(nli, records) == 50.0  # two of four name the same label, as the metric reads it
-    letters = Task("blank", "accuracy", 4, ("A", "B"))
+    letters = Task("blank", "accuracy", 4, ("A", "B", "C"))
     assert chance_level(letters, [{"output": o} for o in ("A", "b", " B", "C", "B")]) == 60.0
     assert chance_level(Task("qa", "exact_match", 16), [{"output": "Paris"}]) == 0.0
     summary = Task("summary", "rouge_l", 48)
@@ -182,6 +182,19 @@ def test_chance_levels_on_hand_made_records():
     assert first_sentence("Why? Because.") == "Why?"
     with pytest.raises(UserError, match="no records"):
         chance_level(nli, [])
+
+
+def test_a_reference_that_is_none_of_the_tasks_labels_is_refused_not_counted_as_a_class():
+    """The evaluation-set loader refuses such a record; chance_level, called on records of its own, counted a typo
+    ("entailmnet") as a label: three of them made a majority class that no answer can name."""
+    nli = Task("nli", "accuracy", 8, ("entailment", "neutral", "contradiction"))
+    records = [{"output": o} for o in ("entailmnet", "entailmnet", "entailmnet", "neutral", "contradiction")]
+    with pytest.raises(UserError) as error:
+        chance_level(nli, records)
+    assert str(error.value) == ("nli: a record can not count toward the chance level: its reference 'entailmnet' is "
+                                "none of nli's labels (entailment, neutral, contradiction); write the label meant as "
+                                'its "output", or remove the record.')
+    assert chance_level(nli, [{"output": "Entailment."}, *records[3:]]) == pytest.approx(100 / 3)  # labels: counted
 
 
 @pytest.mark.parametrize("text, first", [

@@ -1607,13 +1607,34 @@ def test_others_running_is_the_median_of_five_samples_of_the_running_tasks_less_
 def test_device_auto_is_a_visible_gpu_else_the_cpu_and_cuda_without_one_is_one_sentence(monkeypatch):
     cfg = {"device": "auto", "compile": False}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert [machine.resolve_device({**cfg, "device": d}) for d in ("auto", "cpu", "cuda:1")] == ["cuda", "cpu",
                                                                                                 "cuda:1"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert machine.resolve_device(cfg) == "cpu"
-    for dev in ("cuda", "cuda:1"):
-        with pytest.raises(UserError, match=r"device='cuda' but no CUDA GPU is visible; use --device=cpu\."):
+    for dev in ("cuda", "cuda:1"):  # the device as the user wrote it (cuda:1 was named "cuda")
+        with pytest.raises(UserError, match=rf"^device='{dev}' but no CUDA GPU is visible; use --device=cpu\.$"):
             machine.resolve_device({**cfg, "device": dev})
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_gpu_number_past_the_visible_gpus_is_one_sentence_naming_the_count(run_data, tmp_path, monkeypatch, count):
+    """--device=cuda:5 on a machine of fewer GPUs was taken, and failed later inside torch; now train.py refuses it
+    before it writes anything."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    cfg = {"device": "cuda", "compile": False}
+    assert [machine.resolve_device({**cfg, "device": f"cuda:{n}"}) for n in range(count)] == \
+        [f"cuda:{n}" for n in range(count)]
+    visible = "1 CUDA GPU is visible (cuda:0)" if count == 1 else "2 CUDA GPUs are visible (cuda:0 to cuda:1)"
+    for n in (count, 5):
+        with pytest.raises(UserError) as error:
+            machine.resolve_device({**cfg, "device": f"cuda:{n}"})
+        assert str(error.value) == (f"device='cuda:{n}' but only {visible}; use --device=cuda:N with N below {count}, "
+                                    "or --device=cuda for the first.")
+    with pytest.raises(UserError, match=re.escape(f"device='cuda:{count}' but only {visible};")):
+        train.train(train_cfg(run_data, tmp_path / "c", f"--device=cuda:{count}"))
+    assert not (tmp_path / "c").exists()
 
 
 def test_torchrun_on_a_torch_older_than_2_7_is_refused_in_one_sentence_before_joining(monkeypatch):

@@ -410,7 +410,7 @@ def test_unknown_weights_are_named_five_at_most_and_the_rest_counted(tmp_path, n
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model-00001-of-00002.bin", "consolidated.00.pth"])
-def test_a_weight_file_whose_link_leads_nowhere_is_named_as_missing(tmp_path, name):
+def test_a_weight_file_whose_link_leads_nowhere_is_named_as_a_broken_link(tmp_path, name):
     """Hugging Face's cache links each file of a snapshot to a blob: a blob gone (an interrupted download) leaves a
     link that the folder lists and that cannot be opened, which is a missing file, not a damaged one (a .bin's or a
     .pth's was torch's bare "[Errno 2] No such file or directory")."""
@@ -423,7 +423,8 @@ def test_a_weight_file_whose_link_leads_nowhere_is_named_as_missing(tmp_path, na
     (tmp_path / name).symlink_to(tmp_path / "blobs" / "0123abcd")
     with pytest.raises(FileNotFoundError) as error:
         Transformer.from_pretrained(tmp_path)
-    assert_one_sentence(error, f"weight file {tmp_path / name} does not exist; download it")
+    assert_one_sentence(error, f"{tmp_path / name} is a broken link ({tmp_path / 'blobs' / '0123abcd'} does not "
+                               "exist); download it again")
 
 
 def test_a_config_json_without_model_type_is_read_as_llamas(tmp_path):
@@ -642,6 +643,51 @@ def test_an_integer_configuration_value_up_to_the_largest_int64_loads(tmp_path):
     config = json.loads((tmp_path / "params.json").read_text())
     (tmp_path / "params.json").write_text(json.dumps(config | {"rope_theta": 2**63 - 1}))
     assert Transformer.from_pretrained(tmp_path).args.rope_theta == 2**63 - 1
+
+
+@pytest.mark.parametrize("eps", [0, -1e-5, math.nan, math.inf, 1, 1.0, 2.5])
+def test_a_norm_eps_that_is_not_a_small_positive_number_is_one_sentence_naming_the_file_and_key(tmp_path, eps):
+    """A norm's epsilon is added to its input's mean square: at 1 or more it outweighs that of any activations of a
+    size below 1, which then pass unnormalised; this was loaded without a word (0 or less, NaN and inf were refused
+    already, not said to be out of (0, 1)). Refused in params.json, config.json, a model.pt and ModelArgs."""
+    for layout, name, key in (("meta", "params.json", "norm_eps"), ("bin", "config.json", "rms_norm_eps")):
+        folder = tmp_path / layout
+        folder.mkdir()
+        write_single_file_dir(folder, layout)
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(config | {key: eps}))  # NaN and Infinity: as json and Python write them
+        with pytest.raises(ValueError) as error:
+            Transformer.from_pretrained(folder)
+        assert_one_sentence(error, f"{folder / name} has {key}={eps!r} where a positive number below 1 belongs")
+    with pytest.raises(ValueError) as error:
+        saved_model(*saved_tiny(norm_eps=eps), "model.pt")
+    assert_one_sentence(error, f"the model_args of model.pt has norm_eps={eps!r} where a positive number below 1")
+    with pytest.raises(ValueError, match=re.escape(f"ModelArgs has norm_eps={eps!r} where a positive number below 1")):
+        replace(tiny_model().args, norm_eps=eps)
+
+
+def test_a_norm_eps_below_1_loads_and_a_float_past_int64_is_not_called_an_int64():
+    """The bound is 1 for an epsilon alone; an infinite float is named as not a positive number, not as past int64."""
+    assert replace(tiny_model().args, norm_eps=0.5).norm_eps == 0.5
+    assert replace(tiny_model().args, rope_theta=1e30).rope_theta == 1e30
+    with pytest.raises(ValueError) as error:
+        replace(tiny_model().args, rope_theta=math.inf)
+    assert str(error.value) == "ModelArgs has rope_theta=inf where a positive number belongs; pass one"
+
+
+def test_a_config_json_or_params_json_whose_link_leads_nowhere_is_named_as_a_broken_link(tmp_path):
+    """Hugging Face's cache links each file to a blob: a config.json whose blob is gone was "holds neither params.json
+    nor config.json", as if the file were not there."""
+    for layout, name in (("bin", "config.json"), ("meta", "params.json")):
+        folder = tmp_path / layout
+        folder.mkdir()
+        write_single_file_dir(folder, layout)
+        (folder / name).unlink()
+        (folder / name).symlink_to(tmp_path / "blobs" / "0123abcd")
+        with pytest.raises(FileNotFoundError) as error:
+            Transformer.from_pretrained(folder)
+        assert_one_sentence(error, f"{folder / name} is a broken link ({tmp_path / 'blobs' / '0123abcd'} does not "
+                                   "exist); download it again")
 
 
 @pytest.mark.parametrize("layout, name", [("bin", "config.json"), ("meta", "params.json"), ("meta", "weights"),

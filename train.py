@@ -370,10 +370,10 @@ RESUME_MAY_CHANGE = ("threads", "max_iters", "eval_only", "eval_limit", "eval_in
                      "dry_run", "dry_run_world_size")  # not the run's: a resume is dry-run, for any process count
 
 
-def saved_config(path, use="a resume"):
+def saved_config(path, use="a resume", ckpt=None):
     """(config, checkpoint) of the ckpt.pt at path: the config checked again as if typed (a file edited by hand);
-    use: what reads it (checkpoint.load_checkpoint)."""
-    ckpt = checkpoint.load_checkpoint(path, use)
+    use: what reads it (checkpoint.load_checkpoint); ckpt: the checkpoint, where the caller has read it already."""
+    ckpt = ckpt if ckpt is not None else checkpoint.load_checkpoint(path, use)
     saved = {**DEFAULTS, **ckpt["config"]}  # a key added since the run was saved takes its default
     saved.update((k, configurator.typed(k, saved[k], DEFAULTS, path)) for k in DEFAULTS)
     check_config(saved)

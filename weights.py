@@ -33,9 +33,9 @@ def read(path, dtype=None, device=None):
                                                                                            "does not exist")
         raise error(f"checkpoint directory {path!r} {what}; pass the folder that holds params.json (Meta) or "
                     "config.json (Hugging Face).")
-    hf = os.path.exists(os.path.join(path, "config.json"))
+    hf = os.path.lexists(os.path.join(path, "config.json"))  # a broken link: named as one, not as no config
     # Mistral's Hugging Face folders also hold its own params.json (beside consolidated.safetensors, not .pth)
-    if os.path.exists(os.path.join(path, "params.json")) and (
+    if os.path.lexists(os.path.join(path, "params.json")) and (
             not hf or glob.glob(os.path.join(path, "consolidated.*.pth"))):
         return _read_meta(path, dtype, device)
     if hf:
@@ -49,7 +49,7 @@ def read(path, dtype=None, device=None):
 _ARGS = {"dim": ("positive int", False), "n_layers": ("positive int", False), "n_heads": ("positive int", False),
          "vocab_size": ("positive int", False)}
 _ARGS_OPTIONAL = {"n_kv_heads": ("positive int", True), "multiple_of": ("positive int", False),
-                  "ffn_dim_multiplier": ("positive", True), "norm_eps": ("positive", False),
+                  "ffn_dim_multiplier": ("positive", True), "norm_eps": ("positive below 1", False),
                   "rope_theta": ("positive", False), "max_seq_len": ("positive int", False),
                   "hidden_dim": ("positive int", True), "qkv_bias": ("bool", False), "tie_embeddings": ("bool", False),
                   "sliding_window": ("positive int", True), "head_dim": ("positive int", True),
@@ -71,7 +71,7 @@ def _check_rope_scaling(scaling, where, fix):
     _check_fields(dict(zip(_LLAMA3_ROPE, scaling or ())), where, _LLAMA3_ROPE if scaling else {}, {}, fix)
     if scaling and scaling[1] >= scaling[2]:  # the rotation's smoothing would divide by zero or less
         raise ValueError(f"{where} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in its "
-                         f"rope_scaling; {fix}")
+                         f"rotary scaling; {fix}")
 
 
 def check_saved(model_args, state, path, known):
@@ -99,6 +99,8 @@ def check_saved(model_args, state, path, known):
 
 def _check_regular(file):
     """A ValueError naming file when it is there but not a regular file: a pipe waits forever, /dev/zero never ends."""
+    if os.path.islink(file) and not os.path.exists(file):  # a cache's deleted blob: the loaders said only errno's
+        raise FileNotFoundError(f"{file} is a broken link ({os.readlink(file)} does not exist); download it again")
     if os.path.exists(file) and not os.path.isfile(file):
         what = "a folder" if os.path.isdir(file) else "a named pipe or a device"
         raise ValueError(f"{file} is {what}, not a file; put the checkpoint's own {os.path.basename(file)} there")
@@ -135,13 +137,15 @@ def _read_json(file):  # not files.read_json: model.py and weights.py are copied
     return value
 
 
-# what the readers take from a configuration file: key -> (kind, may be null). "positive int", "positive" (a number):
-# > 0, finite, below 2**63 if an integer (torch's int64); "int": any integer (Meta's vocab_size is -1); "bool": a bool.
-# The Meta tables list every key params.json may have: others are refused, not passed to ModelArgs unchecked.
+# what the readers take from a configuration file: key -> (kind, may be null), each kind as its errors word it. The
+# "positive" kinds are also finite and, if integers, below 2**63 (torch's int64); "int": any integer (Meta's vocab_size
+# is -1). The Meta tables list every key params.json may have: others are refused, not passed to ModelArgs unchecked.
+_KINDS = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number",
+          "positive below 1": "a positive number below 1", "bool": "true or false"}  # below 1: a norm's epsilon
 _META_PARAMS = {"dim": ("positive int", False), "n_layers": ("positive int", False), "n_heads": ("positive int", False)}
 _META_OPTIONAL = {"n_kv_heads": ("positive int", True), "vocab_size": ("int", False),
                   "multiple_of": ("positive int", False), "ffn_dim_multiplier": ("positive", True),
-                  "norm_eps": ("positive", False), "rope_theta": ("positive", False),
+                  "norm_eps": ("positive below 1", False), "rope_theta": ("positive", False),
                   "max_seq_len": ("positive int", False), "hidden_dim": ("positive int", True),
                   "use_scaled_rope": ("bool", False)}
 # what transformers' Mistral, Qwen2 and Qwen3 configs assume for a key config.json leaves out, where LlamaConfig differs
@@ -153,7 +157,7 @@ _HF_CONFIG = {"hidden_size": ("positive int", False), "num_hidden_layers": ("pos
               "intermediate_size": ("positive int", False)}
 _LLAMA3_ROPE = {"factor": ("positive", False), "low_freq_factor": ("positive", False),
                 "high_freq_factor": ("positive", False), "original_max_position_embeddings": ("positive int", False)}
-_HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": ("positive", True),
+_HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": ("positive below 1", True),
                 "rope_theta": ("positive", True), "max_position_embeddings": ("positive int", True),
                 "head_dim": ("positive int", True), "tie_word_embeddings": ("bool", True)}
 
@@ -170,11 +174,11 @@ def _check_fields(config, file, required, optional, fix="fix it or download the 
         if value is None and nullable:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        top = 1 if kind == "positive below 1" else math.inf if isinstance(value, float) else 2**63
         if (not isinstance(value, bool) if kind == "bool" else not number
                 or (kind.endswith("int") and not isinstance(value, int))
-                or (kind.startswith("positive") and not 0 < value < (math.inf if isinstance(value, float) else 2**63))):
-            want = {"positive int": "a positive integer", "int": "an integer", "positive": "a positive number",
-                    "bool": "true or false"}[kind] + (" below 2**63 (int64)" if number and value >= 2**63 else "")
+                or (kind.startswith("positive") and not 0 < value < top)):
+            want = _KINDS[kind] + (" below 2**63 (int64)" if number and top == 2**63 <= value else "")
             raise ValueError(f"{file} has {key}={value!r} where {want} belongs; {fix}")
 
 
@@ -316,9 +320,7 @@ def _hf_rope(config, config_file, path):
     _check_fields(config, config_file, _HF_CONFIG, _HF_OPTIONAL)
     _check_fields(rope, config_file, _LLAMA3_ROPE if kind == "llama3" else {}, {"rope_theta": ("positive", True)})
     scaling = tuple(rope[k] for k in _LLAMA3_ROPE) if kind == "llama3" else None
-    if scaling and scaling[1] >= scaling[2]:
-        raise ValueError(f"{config_file} has low_freq_factor={scaling[1]} not below high_freq_factor={scaling[2]} in "
-                         "its rotary scaling; fix it or download the file again")
+    _check_rope_scaling(scaling, config_file, "fix it or download the file again")
     return rope, scaling
 
 
@@ -435,8 +437,6 @@ def _check_layer_count(n_layers, shards, config_file, key, path):
 def _open_weights(file):
     """name -> tensor of one weight file, memory-mapped where the format allows: its names, with no data read yet."""
     _check_regular(file)
-    if not os.path.isfile(file):  # a broken link (a cache's deleted blob): the loaders' own errors say only errno's
-        raise FileNotFoundError(f"weight file {file} does not exist; download it into the checkpoint folder")
     return _read_safetensors(file) if file.endswith(".safetensors") else _torch_load(file)
 
 
