@@ -318,6 +318,33 @@ def results_path(cfg):
     return path
 
 
+def results_problem(res, more=()):
+    """Why the numbers of a results.json (score's, and the run's counts that train.py adds) and `more` read beside
+    them (study.py: the loss curve) are not what its readers can compute with, or None (a KeyError where one is
+    missing): one edited by hand, whose 1e308 or "50" failed study.py's tables with a traceback."""
+    seconds = res["train_seconds"]  # None: not known (a re-scoring that could not know it)
+    for value in (res["trainable_params"], res["base_params"], 0 if seconds is None else seconds,
+                  res["config"]["seed"], *more):  # float() would take "8"; a nan or 10**400 overflowed
+        if type(value) not in (int, float) or not 0 <= value < 2**63:
+            return f"{value!r} is not a number from 0 to 2**63"
+    if not res["base_params"]:  # the tables divide by it
+        return "its base model has 0 parameters"
+    percent = lambda v: type(v) in (int, float) and 0 <= v <= 100  # a nan fails both comparisons, a huge int too
+    scores, chance, loads = res["scores"], res.get("chance", {}), res.get("expert_load") or {}
+    if not isinstance(scores, dict) or not scores or not isinstance(chance, dict) or not isinstance(loads, dict):
+        return "its scores, chance levels or expert loads are not a table of tasks"
+    for what, table in (("score", scores), ("chance level", chance)):
+        for task, value in table.items():
+            if not percent(value):
+                return f"the {what} of {task} is {value!r}, not a percentage from 0 to 100"
+    if missing := [task for task in scores if chance and task not in chance]:
+        return f"it has no chance level of {', '.join(missing)}"
+    for task, load in loads.items():  # each expert's share of the task's tokens
+        if not (isinstance(load, list) and load and all(type(v) in (int, float) and 0 <= v <= 1 for v in load)):
+            return f"the expert load of {task} is {str(load)[:40]}, not a list of shares from 0 to 1"
+    return None
+
+
 def rescorings(out_dir):
     """The names of the files that re-scorings on other evaluation sets wrote in out_dir (results_path), or were
     writing when they were killed (files.write_atomic's NAME.tmpPID is there), told by their config (eval_only): a

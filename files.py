@@ -5,10 +5,11 @@ a folder that can not be written is found before any work (blocked_parent), not 
 that one process writes is refused to a second one while the first runs (hold; lost tells the first that its lock
 file was deleted), a named pipe or a device given as a file to read is named (special_file) instead of read forever,
 a set of files goes into a folder with the one that says the set is complete last, once the others are on disk
-(move_into), and every script reads a JSON file one way (read_json): whatever is wrong with it is one sentence naming
-the file and the fix. A run's paths are checked before it starts: a name torch can not open, not being UTF-8 text
-(check_openable_by_torch), and the tokenizer or base of a run resumed, re-scored or sampled that is gone since it ran
-(check_run_paths).
+(move_into), a file a script writes again at each run (a report) replaces only the one it wrote, never a user's own
+or one edited since (write_own, kept), and every script reads a JSON file one way (read_json): whatever is wrong with
+it is one sentence naming the file and the fix. A run's paths are checked before it starts: a name torch can not
+open, not being UTF-8 text (check_openable_by_torch), and the tokenizer or base of a run resumed, re-scored or sampled
+that is gone since it ran (check_run_paths).
 """
 import codecs
 import errno
@@ -53,6 +54,34 @@ def write_atomic(path, content):
         if not isinstance(e, OSError) and isinstance(e.__context__, OSError):  # torch.save's RuntimeError ("unexpected
             raise e.__context__ from None  # pos 704 vs 598") over the write that failed: the disk's own error
         raise
+
+
+def write_own(path, text):
+    """write_atomic text to path, and its sha256 to .NAME.sha256 beside it: the record by which `kept` knows the file
+    there as the one this wrote, unchanged since (a report that a script writes again at each run)."""
+    write_atomic(_own_record(path), hashlib.sha256(text.encode("utf-8")).hexdigest() + "\n")
+    write_atomic(path, text)
+
+
+def kept(path):
+    """Why write_own must not replace what is at path, or None: nothing there, or the file it wrote there, unchanged.
+    A file a user wrote or edited there is kept (a report written again at each run took the notes a user had added to
+    it), as is a folder, a named pipe or a device of that name."""
+    if what := special_file(path):
+        return f"{path} is {what}, not a file"
+    if not os.path.lexists(path):
+        return None
+    record = _own_record(path)
+    with suppress(OSError, UnicodeDecodeError):  # no record, or none of ours: not known to be ours
+        if not special_file(record):  # a named pipe would wait for a writer forever
+            with open(record, encoding="utf-8") as f:
+                if f.read().strip() == file_sha256(path):
+                    return None
+    return f"{path} is not the file this script wrote there (it was edited since, or is another's)"
+
+
+def _own_record(path):
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.sha256")
 
 
 def fsync_file(path):

@@ -62,7 +62,8 @@ GRID = (2.5e-4, 6.3e-4, 1.6e-3, 4e-3)  # one grid for every method: x2.5 apart, 
 SELECTION_SEED = 0
 MAX_SEEDS = 1000  # a typo guard: each seed is a run of every configuration
 QUICK = dict(steps=60, seeds=(1, 2), grid=(6.3e-4, 4e-3), eval_limit=30)  # --quick: the protocol, smaller
-COMMON = dict(eval_limit=0, log_interval=10, targets="w1,w2,w3", r=32, experts=4, alpha=32.0)
+COMMON = dict(eval_limit=0, log_interval=10, targets="w1,w2,w3", r=32, experts=4, alpha=32.0,
+              dry_run=False, eval_only=False)  # each run trains: a --dry_run=True "finished" every run with no score
 
 # run name -> (label, train.py settings). One base, one data order per seed, the paper's FFN
 # targets; r_A = 32 split into k = 4 experts. The learning rate is the run's method's (METHODS).
@@ -102,9 +103,11 @@ TABLES = {
 }
 INSTEAD = dict(seed="seeds", max_iters="steps", eval_interval="steps", out_dir="out")  # a run's key -> the study's
 NOT_A_CHANGE = ("device", "threads", "fsdp", "activation_checkpointing", "compile", "tf32", "eval_batch_size",
-                "log_interval", "out_dir", "overwrite")  # what a run may have had otherwise and still be this study's
+                "log_interval", "out_dir", "overwrite",
+                "eval_only")  # what a run may have had otherwise and still be this study's (eval_only: re-scored)
 DIVERGED = "diverged.json"  # launch's record of a run whose loss diverged: its settings and train.py's error
 PATHS = ("data_dir", "eval_dir", "tokenizer", "init_from")  # compared as the files they name
+KEPT_FIX = "rename it, then run the study again with --report to write the report and charts"  # files.kept's
 CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "full": "F"}  # Figure 4b: run -> mark
 
 
@@ -194,26 +197,35 @@ def check_out(out):
     if names and "select" not in names:
         raise data.UserError(f"--out {out} holds files that are not a study's ({', '.join(names[:3])}); choose a new "
                              "or empty folder, or the --out of an earlier study to continue it.")
-    blocker = files.blocked_parent(os.path.join(out, "report.md"))
-    if blocker:
+    report_md = os.path.join(out, "report.md")
+    if blocker := files.blocked_parent(report_md):
         raise data.UserError(f"--out {out} can not be written: {blocker}; choose another --out.")
+    if kept := files.kept(report_md):  # a user's, or a folder (which failed the study at its end): said again there
+        print(f"note: {kept}, and is kept; {KEPT_FIX}.", file=sys.stderr)
 
 
-def check_settings(flags):
+def check_settings(flags, report=False):
     """The run folder of `flags`; a finished, stopped or diverged run there made with other settings is refused (a
-    study rerun with other --steps or flags in the same --out would report that run as its own), and so is a stdout.txt
-    there that is no file (launch opened a named pipe there for the run's output, and waited for a reader forever)."""
+    study rerun with other --steps or flags in the same --out would report that run as its own; a --report compares
+    only the settings its flags give), and so is a stdout.txt there that is no file (launch opened a named pipe there
+    for the run's output, and waited for a reader forever), or a run folder still to write that can not be written."""
+    train.parse_config(flags)  # train.py's refusals of what goes with the run's own (weight_decay at its rate): now
     out = next(f.partition("=")[2] for f in reversed(flags) if f.startswith("--out_dir="))
     log = os.path.join(out, "stdout.txt")
     if what := files.special_file(log):  # launch appends to it: a named pipe waits for a reader forever
         raise data.UserError(f"{log} is {what}, not a file, and the run's output is written there; remove it and run "
                              "the study again.")
     finished = os.path.isfile(os.path.join(out, "results.json"))  # then its ckpt.pt is the same run's: not read
+    done = report or finished or os.path.isfile(os.path.join(out, DIVERGED))  # (a file where the folder belongs
+    if not done and (blocker := files.blocked_parent(log)):  # failed at the run, hours later: "File exists")
+        raise data.UserError(f"the run folder {out} can not be written: {blocker}; choose another --out.")
     for name, state in (("results.json", "finished"), ("ckpt.pt", "stopped"), (DIVERGED, "diverged")):
-        changed = "" if finished and name == "ckpt.pt" else changed_settings(flags, os.path.join(out, name))
+        changed = "" if finished and name == "ckpt.pt" else changed_settings(flags, os.path.join(out, name), report)
         if changed:
-            raise data.UserError(f"the {state} run in {out} was made with {changed}; pass another --out for a study "
-                                 "with these settings, or delete that folder to redo the run.")
+            fix = "give --report the --steps, --quick and flags of its study" if report else \
+                "pass another --out for a study with these settings"
+            raise data.UserError(f"the {state} run in {out} was made with {changed}; {fix}, or delete that folder to "
+                                 "redo the run.")
     return out
 
 
@@ -224,7 +236,8 @@ def check_runs(opts, extra, names):
     for name, seed, eval_dir in [(METHODS[m][0], SELECTION_SEED, opts["val_dir"]) for m in methods] + \
             [(n, s, None) for n in names for s in opts["seeds"]]:
         for lr in opts["grid"]:  # a final run's rate is chosen later: each rate's folder
-            read_results(check_settings(run_flags(name, seed, lr, opts, extra, eval_dir=eval_dir)), opts["steps"])
+            read_results(check_settings(run_flags(name, seed, lr, opts, extra, eval_dir), opts["report"]),
+                         opts["steps"])
 
 
 RUNNING, STOPPING = set(), threading.Event()  # the train.py processes under way; set once the study is stopped
@@ -345,22 +358,22 @@ def last_attempt(path):
     return lines[starts[-1] + 1:] if starts else lines
 
 
-def changed_settings(flags, path):
-    """'key=saved (now value)' for each setting that `flags` make and that the run saved at `path` (its
-    results.json or ckpt.pt) had otherwise, "" if none or no such file. Settings that move only rounding or speed
-    are no change, nor paths to the same file; a damaged file is the report's or the resume's to name."""
+def changed_settings(flags, path, given_only=False):
+    """'key=saved (now value)' for each setting that `flags` make (given_only: that they give) and that the run saved
+    at `path` (its results.json or ckpt.pt) had otherwise, "" if none or no such file. Settings that move only rounding
+    or speed are no change, nor paths to the same file; a damaged file is the report's or the resume's to name."""
     try:
         if files.special_file(path):  # a named pipe would wait for a writer forever
             return ""
         if path.endswith(".pt"):
             saved = train.saved_config(path)[0]
         else:
-            saved = files.read_json(path, fix="")["config"]
+            saved = dict(files.read_json(path, fix="")["config"])  # a config that is no object: damage, not a traceback
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # UserError is a ValueError
         return ""
     cfg, real = train.parse_config(flags), lambda v: os.path.realpath(v) if isinstance(v, str) and v else v
     same = lambda k: real(saved[k]) == real(cfg[k]) if k in PATHS else saved[k] == cfg[k]
-    return ", ".join(f"{k}={saved[k]!r} (now {cfg[k]!r})" for k in cfg
+    return ", ".join(f"{k}={saved[k]!r} (now {cfg[k]!r})" for k in (cfg["_explicit"] if given_only else cfg)
                      if not k.startswith("_") and k in saved and k not in NOT_A_CHANGE and not same(k))
 
 
@@ -454,17 +467,11 @@ def read_results(folder, steps=None):
             raise OSError(f"log.jsonl is {what}")
         with open(os.path.join(folder, "log.jsonl"), encoding="utf-8") as f:
             res["curve"] = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
-        average(res)
         if res["config"].get("eval_only") is True:  # a re-scoring by hand: an older train.py wrote no training time
-            res.setdefault("train_seconds", None)
-        seconds = res["train_seconds"]  # None: not known (seconds_cell)
-        for value in (res["trainable_params"], res["base_params"], 0 if seconds is None else seconds,
-                      res["config"]["seed"]):
-            if not isinstance(value, (int, float)):  # what the tables read (float() would take "8" and fail there)
-                raise TypeError(f"{value!r} is not a number")
-        for task, value in res["scores"].items():  # a nan would win choose_lr's max and make every interval nan
-            if type(value) not in (int, float) or not math.isfinite(value):
-                raise ValueError(f"the score of {task} is {value!r}, not a finite number")
+            res.setdefault("train_seconds", None)  # None: not known (seconds_cell)
+        # what the tables and charts read: a nan score won choose_lr's max, a 1e308 overflowed the means
+        if problem := evaluation.results_problem(res, [v for point in res["curve"] for v in point]):
+            raise ValueError(problem)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, RecursionError) as e:
         raise data.UserError(f"the run in {folder} is damaged ({type(e).__name__}: {str(e)[:80]}); delete that folder "
                              "and run the study again to redo the run.") from None
@@ -672,7 +679,7 @@ def loss_chart(results, width=64, height=14):
         return []
     top = max(max(v) for _, v in series.values())
     low = min(min(v) for _, v in series.values())
-    last = max(s[-1] for s, _ in series.values())
+    last = max(max(s[-1] for s, _ in series.values()), 1)  # runs that logged only step 0 (a hand-edited log)
     grid = [[" "] * width for _ in range(height)]
     for name, (steps, values) in series.items():
         for s, v in zip(steps, values):
@@ -752,11 +759,14 @@ def report(opts, names, chosen):
             lines += [f"### {title}", "", "```"] + chart + ["```", ""]
     text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
-    blocker = files.blocked_parent(os.path.join(opts["out"], "report.md"))
+    report_md = os.path.join(opts["out"], "report.md")
+    blocker = files.blocked_parent(report_md)
+    if not blocker and (kept := files.kept(report_md)):  # a report.md the user wrote or edited
+        blocker = f"{kept}; {KEPT_FIX}"
     if blocker:  # a study kept read-only still reports
         print(f"note: report.md and the charts are not written, as {blocker}.", file=sys.stderr)
         return results
-    files.write_atomic(os.path.join(opts["out"], "report.md"), text)
+    files.write_own(report_md, text)  # with the record by which the next report knows it as the study's (files.kept)
     for p in pngs(results, opts["out"]):
         print(f"wrote {p}")
     return results
@@ -806,6 +816,8 @@ def main(argv=None):
         elif not os.path.isdir(os.path.join(opts["out"], "select")):  # before the report's headline
             raise data.UserError(f"--report found no study in {opts['out']}/ (no select/ folder): run python study.py "
                                  "first, or pass the --out (and --quick) of the study to report on.")
+        else:  # a run of another seed, rate or configuration there (a folder copied or linked in) was reported as one
+            check_runs(opts, extra, names)
         n_final = len(names) * len(opts["seeds"])
         n_select = len({METHOD_OF[n] for n in names}) * len(opts["grid"])
         runs = f"{n_select} selection runs, then {n_final} final runs ({len(names)} configurations x " \

@@ -117,6 +117,34 @@ def test_a_write_atomic_cut_short_leaves_the_old_file_and_a_temporary_that_is_cl
     assert os.listdir(tmp_path) == ["report.md"]
 
 
+def test_a_file_write_own_wrote_is_replaceable_and_one_written_or_edited_by_a_user_is_kept(tmp_path):
+    """kept: only nothing, or the file write_own wrote unchanged since, may be replaced; a user's own file, one edited
+    since (even to the same length), one whose record is gone or damaged, and a folder are kept, each said why."""
+    path = tmp_path / "report.md"
+    assert files.kept(str(path)) is None  # nothing there
+    files.write_own(str(path), "## tables\n")
+    assert path.read_text() == "## tables\n" and files.kept(str(path)) is None
+    files.write_own(str(path), "## new tables\n")  # replaced by its writer, and still known as its own
+    assert path.read_text() == "## new tables\n" and files.kept(str(path)) is None
+    user = f"{path} is not the file this script wrote there (it was edited since, or is another's)"
+    path.write_text("## new Tables\n")  # edited by hand
+    assert files.kept(str(path)) == user
+    path.write_text("## new tables\n")  # as written again: its own once more
+    assert files.kept(str(path)) is None
+    record = tmp_path / ".report.md.sha256"
+    for damage in ("gone", "text", "a named pipe"):
+        record.unlink(missing_ok=True)
+        if damage == "text":
+            record.write_bytes(b"\xff not a hash")
+        with named_pipe(record, b"x") if damage == "a named pipe" else contextlib.nullcontext():
+            assert files.kept(str(path)) == user  # not known to be its own
+    (tmp_path / "mine.md").write_text("my notes\n")
+    assert files.kept(str(tmp_path / "mine.md")) == f"{tmp_path / 'mine.md'} is not the file this script wrote " \
+                                                    "there (it was edited since, or is another's)"
+    (tmp_path / "folder.md").mkdir()
+    assert files.kept(str(tmp_path / "folder.md")) == f"{tmp_path / 'folder.md'} is a folder, not a file"
+
+
 @pytest.mark.parametrize("fault", ["content raises", "content of the wrong type", "rename fails"])
 def test_a_failed_write_atomic_removes_its_temporary_and_keeps_the_old_file(tmp_path, fault):
     path = tmp_path / "report.md"

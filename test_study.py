@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,7 +277,17 @@ DAMAGED_RESULTS = {"cut results": '{"scores": {"a": 5', "no scores": '{"scores":
                    "a time as text": json.dumps(COMPLETE | {"train_seconds": "1.5"}),
                    # a score that is no finite number: a nan won choose_lr's max and made every interval nan
                    **{f"a score of {v}": json.dumps(COMPLETE | {"scores": {"a": v, "b": 50.0}})
-                      for v in (math.nan, math.inf, True)}}
+                      for v in (math.nan, math.inf, True)},
+                   # a score no percentage: 1e308 and 10**400 overflowed the means in a traceback, -1 was averaged
+                   **{f"a score of {name}": json.dumps(COMPLETE | {"scores": {"a": v, "b": 50.0}})
+                      for name, v in (("1e308", 1e308), ("10**400", 10**400), ("-1", -1))},
+                   "a base of 0 parameters": json.dumps(COMPLETE | {"base_params": 0}),  # the tables divide by it
+                   # the chance row of the tables: a traceback for each
+                   "chance levels as a list": json.dumps(COMPLETE | {"chance": [25.0]}),
+                   "a chance level missing": json.dumps(COMPLETE | {"chance": {"b": 25.0}}),
+                   "a chance level as text": json.dumps(COMPLETE | {"chance": {"a": "25"}}),
+                   "an expert load as text": json.dumps(COMPLETE | {"expert_load": {"a": "0.5"}}),
+                   "a parameter count of 10**400": json.dumps(COMPLETE | {"trainable_params": 10**400})}
 
 
 def test_a_run_of_the_study_re_scored_by_hand_is_read_as_the_whole_run_it_is(run_data, tmp_path, monkeypatch,
@@ -339,6 +350,35 @@ def test_a_damaged_run_folder_is_named_with_its_fix_not_a_traceback(tmp_path, ca
     else:
         assert err.startswith(f"study.py: error: the run in {folder} is damaged")
         assert "delete that folder and run the study again" in err
+
+
+@pytest.mark.parametrize("line", ['{"step": 1, "loss": NaN}', '{"step": 1, "loss": "2.0"}',
+                                  '{"step": "1", "loss": 2.0}', '{"step": 1, "loss": 1e400}'])
+def test_a_log_whose_loss_curve_is_no_numbers_is_a_damaged_run_not_a_traceback_in_the_chart(tmp_path, line):
+    """The loss chart reads each logged step and loss: a nan, or a number as text, in a log edited by hand failed it
+    with a traceback after every run had been read."""
+    (tmp_path / "results.json").write_text(json.dumps(COMPLETE))
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n' + line + "\n")
+    with pytest.raises(study.data.UserError, match=f"^the run in {tmp_path} is damaged .*delete that folder"):
+        study.read_results(str(tmp_path))
+
+
+def test_a_loss_chart_of_runs_that_logged_only_step_0_is_drawn():
+    """The chart's x axis runs to the last logged step: one of 0 divided by zero."""
+    chart = "\n".join(study.loss_chart({"lora32": [{"curve": [(0, 2.0)]}], "teamlora": [{"curve": [(0, 1.0)]}]}))
+    assert "|L " in chart and "|T " in chart  # each at step 0, the left edge
+    assert "L = LoRA r=32: 2.00 at the end" in chart and "T = TeamLoRA 4x8: 1.00 at the end" in chart
+
+
+def test_a_saved_config_that_is_no_json_object_is_left_to_the_report_to_name(tmp_path):
+    """changed_settings took a results.json whose config is null for a config and failed with a traceback, before
+    anything trained; the report names it damaged."""
+    flags = ["--seed=1", f"--out_dir={tmp_path}", "--max_iters=2"]
+    for config in (None, 3, "text", [1, 2]):
+        (tmp_path / "results.json").write_text(json.dumps({**COMPLETE, "config": config}))
+        assert study.changed_settings(flags, str(tmp_path / "results.json")) == ""
+        with pytest.raises(study.data.UserError, match="is damaged"):
+            study.read_results(str(tmp_path))
 
 
 @pytest.mark.parametrize("damage", ["a folder", "a named pipe"])
@@ -1941,3 +1981,136 @@ def test_report_on_a_folder_without_a_study_says_so_too(tmp_path, capsys):
         study.main(["--report", f"--out={tmp_path}"])
     out, err = capsys.readouterr()
     assert f"--report found no study in {tmp_path}/" in err and out == ""
+
+
+def stubbed_study(monkeypatch, tmp_path, *more):
+    """The flags of a small study whose runs a stub trains at once (its results from each run's own flags, as
+    train.py writes them), with its validation and test sets made; the stub's runs, flags each, are listed."""
+    ran = []
+
+    def run(cmd, log, env):
+        cfg = train.parse_config(cmd[2:])
+        ran.append(cmd[2:])
+        config = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        folder = tmp_path / cfg["out_dir"]  # an absolute path under tmp_path / "study"
+        (folder / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+        (folder / "results.json").write_text(json.dumps(
+            {"scores": {"qa": 50.0 + 1000 * cfg["learning_rate"]}, "config": config, "trainable_params": 8,
+             "base_params": 800, "train_seconds": 1.0, "chance": {"qa": 25.0}}))
+        return 0
+    monkeypatch.setattr(study, "run_child", run)
+    monkeypatch.setattr(study, "GRID", (1e-3, 4e-3))
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: None)
+    sets_in(tmp_path / "val", tmp_path / "test")
+    return ran, [f"--val_dir={tmp_path / 'val'}", f"--eval_dir={tmp_path / 'test'}", f"--out={tmp_path / 'study'}",
+                 "--runs=lora32", "--seeds=1", "--steps=3", "--workers=1", *more]
+
+
+def test_a_report_md_the_user_wrote_or_edited_is_kept_and_the_tables_are_printed(tmp_path, capsys, monkeypatch):
+    """The study wrote report.md again at each run and each --report: notes a user had added to it, or a report.md
+    of the user's own in a study's folder, were replaced without a word. The study's own is replaced as before."""
+    _, flags = stubbed_study(monkeypatch, tmp_path)
+    report_md = tmp_path / "study" / "report.md"
+    study.main(flags)
+    first = report_md.read_text(encoding="utf-8")
+    assert first in capsys.readouterr().out
+    report_md.write_text(first.replace("LoRA r=32", "LoRA r=32 (our best)"), encoding="utf-8")  # the user's notes
+    mine = report_md.read_text(encoding="utf-8")
+    fix = "rename it, then run the study again with --report to write the report and charts."
+    for argv, notes in ((flags + ["--report"], 1), (flags, 2)):  # the study says it before its runs too
+        study.main(argv)
+        out, err = capsys.readouterr()
+        assert first in out and report_md.read_text(encoding="utf-8") == mine
+        assert err.count(f"{report_md} is not the file this script wrote there (it was edited since, or is "
+                         "another's)") == notes and err.count(fix) == notes and err.count("\n") == notes
+    report_md.rename(tmp_path / "study" / "mine.md")  # renamed, as the note says: the report is written again
+    study.main(flags + ["--report"])
+    assert report_md.read_text(encoding="utf-8") == first and capsys.readouterr().err == ""
+    report_md.unlink()
+    report_md.mkdir()  # a folder: the study ended, after every run, on "Is a directory"
+    study.main(flags + ["--report"])
+    out, err = capsys.readouterr()
+    assert first in out and err == f"note: report.md and the charts are not written, as {report_md} is a folder, " \
+                                   f"not a file; {fix}\n"
+
+
+@pytest.mark.parametrize("where", ["a run's folder", "select/"])
+@pytest.mark.parametrize("what", ["a file", "a link to nothing"])
+def test_a_file_where_a_run_folder_belongs_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, where,
+                                                                           what):
+    """A file, or a link to nothing, where a run's folder is to be made failed at that run, after the demo's base and
+    every run before it, as "File exists (...); ... free space there or make it writable"."""
+    _, flags = stubbed_study(monkeypatch, tmp_path)
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    (tmp_path / "study" / "select").mkdir(parents=True)  # a study stopped before its first run
+    path = tmp_path / "study" / ("lora32-lr0.004-seed1" if where == "a run's folder" else "select")
+    if where == "select/":
+        path.rmdir()
+    if what == "a file":
+        path.write_text("mine\n")
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    run = path if where == "a run's folder" else path / "lora32-lr0.001"
+    assert script_error(study.main, flags, capsys) == (f"study.py: error: the run folder {run} can not be written: "
+                                                       f"{path} is {what}, not a folder; choose another --out.")
+    assert what == "a link to nothing" or path.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("change", ["seed", "learning_rate", "adapter", "a link to another seed's folder"])
+def test_a_report_refuses_a_run_of_another_seed_rate_or_configuration_in_a_runs_folder(tmp_path, capsys,
+                                                                                      monkeypatch, change):
+    """--report, given no train.py flags, compared only a run's steps: a run of another seed, rate or configuration in
+    a run's folder (copied or linked there) was averaged and paired as this one's; the study itself refused it."""
+    _, flags = stubbed_study(monkeypatch, tmp_path, "--seeds=2")
+    study.main(flags)
+    capsys.readouterr()
+    lr = study.choose_lr({lr: study.read_results(study.run_dir(study.parse(flags)[0], "lora32", lr))
+                          for lr in study.GRID})
+    folder = tmp_path / "study" / f"lora32-lr{lr:g}-seed1"
+    if change == "a link to another seed's folder":
+        shutil.rmtree(folder)
+        folder.symlink_to(tmp_path / "study" / f"lora32-lr{lr:g}-seed2")
+        changed = "seed=2 (now 1)"
+    else:
+        res = json.loads((folder / "results.json").read_text())
+        other, now = {"seed": (7, 1), "learning_rate": (0.5, lr), "adapter": ("teamlora", "lora")}[change]
+        res["config"][change] = other
+        (folder / "results.json").write_text(json.dumps(res))
+        changed = f"{change}={other!r} (now {now!r})"
+    for argv, fix in ((flags + ["--report"], "give --report the --steps, --quick and flags of its study"),
+                      (flags, "pass another --out for a study with these settings")):
+        assert script_error(study.main, argv, capsys) == \
+            f"study.py: error: the finished run in {folder} was made with {changed}; {fix}, or delete that folder to " \
+            "redo the run."
+
+
+def test_settings_a_run_of_the_study_refuses_are_found_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """train.py refuses some settings only beside a run's own (weight_decay=300 at the grid's highest rate, 4e-3: every
+    weight flips its sign; a seed past 2**63): each was found at the first run it failed, after the demo's base and
+    the runs before it; and --dry_run=True "finished" every run with no score, then blamed the grid."""
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    out = f"--out={tmp_path / 'study'}"
+    assert script_error(study.main, [out, "--weight_decay=300"], capsys).startswith(
+        f"study.py: error: learning_rate={max(study.GRID):g} with weight_decay=300 zeroes every weight")
+    assert script_error(study.main, [out, f"--seeds=1,{2**70}"], capsys) == \
+        f"study.py: error: config key 'seed' must be in [0, 2**63), got {2**70}."
+    for flag in ("--dry_run=True", "--eval_only=True"):
+        assert script_error(study.main, [out, flag], capsys) == \
+            f"study.py: error: {flag.partition('=')[0]} is set by the study for each of its runs; remove it " \
+            "(study.py's RUNS, COMMON and GRID fix it)."
+
+
+def test_a_run_re_scored_by_hand_is_still_the_studys_when_it_is_run_again(tmp_path, capsys, monkeypatch):
+    """A run re-scored by hand (train.py --out_dir=RUN --eval_only=True: its results.json's config says eval_only) was
+    refused by the study run again as one "made with eval_only=True (now False)"."""
+    ran, flags = stubbed_study(monkeypatch, tmp_path)
+    study.main(flags)
+    capsys.readouterr()
+    folder = tmp_path / "study" / "select" / "lora32-lr0.001"
+    res = json.loads((folder / "results.json").read_text())
+    (folder / "results.json").write_text(json.dumps({**res, "config": {**res["config"], "eval_only": True}}))
+    del ran[:]
+    study.main(flags)
+    assert ran == [] and capsys.readouterr().out.count("done before") == 3
