@@ -428,6 +428,7 @@ def restore(r, raw, opt, ckpt):
         note_other_adapter(r, ckpt, path)
     if r.master and not r.cfg["eval_only"]:  # a kill between the two writes left the adapter (or model.pt) behind
         save_weights(r, ckpt["state"])
+        warn_older_masks(r, ckpt, path)
     step, last = ckpt["iter"], r.cfg["max_iters"]
     if r.cfg["eval_only"]:
         note = f", before its last ({last}): the run stopped, or is still training" if step < last else ""
@@ -435,6 +436,19 @@ def restore(r, raw, opt, ckpt):
         note = ", its last: nothing to train, scoring it (raise --max_iters to train on)" if step == last else ""
     r.say(f"resumed from {path} at step {step}{note}")
     return step
+
+
+def warn_older_masks(r, ckpt, path):
+    """A train.py older than 4 December drew a resumed run's dropout masks on from the random state ckpt.pt holds;
+    this one draws each slice's from (seed, step, slice). Such a run trains on soundly, but not as that version's
+    would have (nor as an uninterrupted run): said, as keep_slices says it of other process counts. Its ckpt.pt is
+    known by its config, which lacks tf32 (a key added late on 3 December, two hours before the change)."""
+    training = r.cfg["adapter"] != "none" and r.cfg["dropout"] > 0 and ckpt["iter"] < r.cfg["max_iters"]
+    if training and "tf32" not in ckpt["config"]:
+        r.say(f"warning: {path} was written by a train.py older than 4 December, which drew dropout masks on from the "
+              "random state it saved; this one draws them from (seed, step), so the run goes on with other dropout "
+              "masks than that version's would (train it again from the start to match an uninterrupted run).",
+              file=sys.stderr)
 
 
 def note_other_adapter(r, ckpt, path):

@@ -1337,6 +1337,43 @@ def test_a_resume_or_a_rescoring_can_be_dry_run(run_data, tmp_path, capsys, how)
     assert every_file(out) == before
 
 
+@pytest.mark.parametrize("how", ["--init_from=resume --max_iters=6", "--eval_only=True"])
+def test_the_dry_run_of_a_run_saved_before_dry_run_world_size_was_1_plans_for_one_process(run_data, tmp_path, capsys,
+                                                                                         how):
+    """A train.py before 5 Dec saved its default dry_run_world_size=8 in ckpt.pt's config. The dry run of a resume or
+    a re-scoring of such a run planned for 8 GPUs unasked (and refused a batch that 8 cannot split); the processes a
+    dry run plans for are the command's, never the run's: 1 by default, as for any other dry run."""
+    out = finished_run(run_data, tmp_path / "run")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"]["dry_run_world_size"] = 8  # as that version wrote it
+    torch.save(ckpt, out / "ckpt.pt")
+    before = every_file(out)
+    capsys.readouterr()
+    summary = train.train(train.parse_config(train_flags(run_data, out, *how.split(), "--dry_run=True")))
+    assert summary["trainable_params"] > 0
+    out_text = capsys.readouterr().out
+    assert "per GPU with 1 GPU," in out_text and "8 GPUs" not in out_text
+    assert every_file(out) == before
+
+
+def test_a_resume_of_a_run_saved_before_masks_were_seeded_by_step_says_its_dropout_masks_differ(run_data, tmp_path,
+                                                                                                 capsys):
+    """A train.py older than 4 December (its config has no tf32) drew a resumed run's dropout masks on from the saved
+    random state; this one seeds them from (seed, step), so such a run goes on unlike that version's: said, once, on
+    stderr, where a run of this version's resumes with no such word. Its ckpt.pt is kept until the next save."""
+    for name, old in (("now", False), ("old", True)):
+        out = finished_run(run_data, tmp_path / name)
+        if old:  # as that version wrote it
+            ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+            del ckpt["config"]["tf32"]
+            torch.save(ckpt, out / "ckpt.pt")
+        capsys.readouterr()
+        train.main(train_flags(run_data, out, "--init_from=resume", "--max_iters=6", "--eval_dir="))
+        err = capsys.readouterr().err
+        assert ("train.py older than 4 December" in err) == old, err
+        assert not old or err.count("warning:") == 1 and f"{out / 'ckpt.pt'} was written by" in err
+
+
 @pytest.mark.parametrize("processes", [4, 3])
 def test_the_dry_run_of_a_resume_on_other_processes_keeps_the_runs_slices_as_the_run_does(run_data, tmp_path, capsys,
                                                                                           processes):

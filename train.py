@@ -400,7 +400,7 @@ def resume_config(cfg):
         was = ", ".join(f"{k}={saved[k]!r}" for k in fixed)
         raise UserError(f"{', '.join(fixed)} cannot change when resuming or re-scoring (the run was {was}); "
                         f"only {', '.join(RESUME_MAY_CHANGE)} can.")
-    cfg = {**saved, **{k: cfg[k] for k in changed}}
+    cfg = {**saved, **{k: cfg[k] for k in changed + ["dry_run", "dry_run_world_size"]}}  # this command's, not a run's
     files.check_run_paths(cfg, [k for k in ("tokenizer", "init_from") if cfg[k] != minicme.DEMO[k]],  # demo's: rebuilt
                           ran_in=files.folder_ran_in(cfg["out_dir"], saved["out_dir"]))
     check_combination(cfg, "lower --max_iters (a resume keeps its run's batch_size)")
