@@ -41,6 +41,24 @@ needs_distributed_torch = pytest.mark.skipif(  # machine.setup_distributed refus
     reason=f"torch {torch.__version__}: torchrun and FSDP2 on the CPU need torch >= {machine.DISTRIBUTED_TORCH}")
 
 
+def repository_files(pattern, root=HERE):
+    """The repository's files that match pattern (a glob from its root, as "*.py" or "config/*.py"): in a git checkout
+    those git tracks, so that a user's own files beside them (a config of their own in the root or in config/, a copy
+    of train.py to try things in) are not taken for the repository's; elsewhere (no .git, no git) every file that
+    matches."""
+    found = sorted(root.glob(pattern))
+    if not (root / ".git").exists():  # an unpacked archive, or a copy inside another repository: git knows none of it
+        return found
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True)
+    except OSError:  # no git
+        return found
+    if listed.returncode != 0:
+        return found
+    tracked = set(listed.stdout.split("\0"))
+    return [p for p in found if p.relative_to(root).as_posix() in tracked]
+
+
 def _file_names_hold(text):
     try:
         text.encode(sys.getfilesystemencoding())
@@ -123,14 +141,26 @@ def ctrl_c_as_at_a_terminal():
 RUN_PATHS = ("out_dir", "data_dir", "eval_dir", "tokenizer", "init_from")  # a run's folders and the files it reads
 
 
+def folders_named(configs):
+    """The first folder of each relative path that the configs (train.py config dicts) name for a run (RUN_PATHS)."""
+    return {HERE / Path(cfg[key]).parts[0] for cfg in configs for key in RUN_PATHS
+            if cfg[key] and not os.path.isabs(cfg[key]) and cfg[key] not in ("scratch", "resume")}
+
+
 @pytest.fixture(scope="session")
 def users_folders():
     """The repository's folders that a user's own runs fill: the first folder of each relative path that the demo
     (train.py's defaults) and the recipes name: out/ (each run's out_dir), data/ (shards, evaluation sets) and
-    checkpoints/ (the bases a recipe trains). A recipe naming another folder adds it."""
-    recipes = [train.parse_config([str(p)]) for p in sorted((HERE / "config").glob("*.py"))]
-    return {HERE / Path(cfg[key]).parts[0] for cfg in [train.DEFAULTS, *recipes] for key in RUN_PATHS
-            if cfg[key] and not os.path.isabs(cfg[key]) and cfg[key] not in ("scratch", "resume")}
+    checkpoints/ (the bases a recipe trains). A recipe naming another folder adds it, a user's own in config/ too;
+    one of theirs that train.py refuses (unfinished, say) runs nothing, and ended every test in an error here."""
+    ours, recipes = repository_files("config/*.py"), []
+    for path in sorted((HERE / "config").glob("*.py")):
+        try:
+            recipes.append(train.parse_config([str(path)]))
+        except Exception:
+            if path in ours:
+                raise
+    return folders_named([train.DEFAULTS, *recipes])
 
 
 @pytest.fixture(autouse=True)

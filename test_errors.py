@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import repository_files
 from errors import Parser, UserError, at_a_terminal, ctrl_c_held, exit_with, printable, run_script, start_script
 
 
@@ -183,7 +184,7 @@ SCRIPTS = ("bench.py", "data.py", "minicme.py", "sample.py", "study.py", "tasks.
 
 
 def test_every_script_is_among_those_whose_ctrl_c_while_importing_is_tested():
-    scripts = {p.name for p in REPO.glob("*.py") if "\n    run_script(main)\n" in p.read_text(encoding="utf-8")}
+    scripts = {p.name for p in repository_files("*.py") if "\n    run_script(main)\n" in p.read_text(encoding="utf-8")}
     assert scripts == set(SCRIPTS)
 
 

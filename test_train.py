@@ -36,8 +36,10 @@ from conftest import (
     adapters_of,
     assert_same_adapters,
     cuda_fp32_matmuls,
+    folders_named,
     hf_tokenizer_folder,
     needs_fixtures,
+    repository_files,
     train_cfg,
     with_vocabulary,
 )
@@ -1204,7 +1206,9 @@ def test_no_test_runs_in_the_folders_that_a_users_runs_fill(users_folders):
     data/ or checkpoints/ fails as it claims out_dir, whatever those folders hold (a fresh clone's hold nothing),
     so a recipe's or the demo's dry run that forgets at_a_fresh_root or a tmp_path fails in CI too, not only in a
     clone where the user has run it. The same run from a fresh root is the test's own."""
-    assert {f.relative_to(REPO).as_posix() for f in users_folders} == {"out", "data", "checkpoints"}
+    ours = folders_named([train.DEFAULTS, *[train.parse_config([str(p)]) for p in repository_files("config/*.py")]])
+    assert {f.relative_to(REPO).as_posix() for f in ours} == {"out", "data", "checkpoints"}
+    assert ours <= users_folders  # and the folders that a user's own recipe in config/ names, if any
     train.claim_out_dir(train.Run(train.parse_config(["config/cme_llama2_7b.py"])), resuming=False)
     train.claim_out_dir(train.Run(train.parse_config([])), resuming=False)  # the demo's
     for key, path in (("out_dir", "out/cme_llama2_7b"), ("out_dir", "out/demo"), ("data_dir", "data/cme"),

@@ -44,6 +44,7 @@ from conftest import (
     needs_distributed_torch,
     needs_fixtures,
     non_ascii_names,
+    repository_files,
     script_error,
     train_flags,
     with_vocabulary,
@@ -963,7 +964,7 @@ def test_a_diverged_run_names_what_a_resume_keeps_apart_and_never_a_usual_settin
           "--learning_rate, or start again in another --out_dir with a lower --alpha (the adapters' scaling is 200, "
           "usually 1 to 8).\n")
     import study
-    recipes = sorted((Path(train.__file__).parent / "config").glob("*.py"))
+    recipes = repository_files("config/*.py")
     assert recipes
     usual = [train.parse_config([]), *[train.parse_config([str(p)]) for p in recipes],
              *[{**train.DEFAULTS, **study.COMMON, **settings} for _, settings in study.RUNS.values()]]
