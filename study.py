@@ -148,7 +148,7 @@ def parse(argv):
         opts.update({k: v for k, v in QUICK.items() if k not in given | {"eval_limit"}})
         if "out" not in given:  # the full study's default folder is left to it; a user's own --out is taken as given
             opts["out"] += "_quick"
-    names = list(RUNS) if opts["runs"] == "all" else list(dict.fromkeys(n for n in opts["runs"].split(",") if n))
+    names = list(RUNS) if opts["runs"] == "all" else list(dict.fromkeys(re.findall(r"[^,\s]+", opts["runs"])))
     if not names:
         raise data.UserError(f"--runs={opts['runs']} names no run; give run names separated by commas, or leave "
                              "--runs out for all of them.")

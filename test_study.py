@@ -245,6 +245,10 @@ def test_train_keys_that_the_study_sets_for_its_runs_and_an_empty_selection_are_
         with pytest.raises(study.data.UserError, match="names no run"):
             study.parse([runs])
     assert study.parse(["--runs=lora8,lora8"])[2] == ["lora8"]  # a run listed twice is run (and averaged) once
+    assert study.parse(["--runs=lora32, teamlora ,"])[2] == ["lora32", "teamlora"]  # spaces were a run's name
+    for runs in ("--runs= ", "--runs= , "):
+        with pytest.raises(study.data.UserError, match="names no run"):
+            study.parse([runs])
     opts, extra, names = study.parse([f"--out={tmp_path}", "--eval_dir=TEST", "--device=cpu"])
     assert names == list(study.RUNS) and extra == ["--eval_dir=TEST", "--device=cpu"]
     folders = set()
