@@ -713,3 +713,41 @@ def test_blocked_parent_names_a_read_only_filesystem_as_a_folder_that_can_not_be
     monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only_filesystem)
     assert files.blocked_parent(str(tmp_path / "out" / "ckpt.pt")) == \
         f"{tmp_path} is not writable ({os.strerror(errno.EROFS)})"
+
+
+@pytest.mark.parametrize("there", [False, True], ids=["a new folder", "a folder with an older set"])
+def test_move_into_puts_each_name_on_disk_before_the_next_step_and_the_last_name_back_last(tmp_path, monkeypatch,
+                                                                                           there):
+    """move_into fsyncs each file before it moves, and the folder after each change of its names (the new folder's
+    parent where tmp simply becomes it), so that a power cut can not leave the last name (prepare's summary.json)
+    beside files not on disk: it is removed before any other is replaced and put back after them all. A file of the
+    folder not among the names stays; tmp is gone."""
+    tmp, folder = tmp_path / "tmp", tmp_path / "data"
+    names = ["train.bin", "val.bin", "summary.json"]
+    tmp.mkdir()
+    for name in names:
+        (tmp / name).write_text("new " + name)
+    if there:
+        folder.mkdir()
+        for name in names + ["notes.txt"]:
+            (folder / name).write_text("old " + name)
+    events, real = [], {f: getattr(os, f) for f in ("rename", "replace", "remove")}
+    monkeypatch.setattr(files, "fsync_file", lambda path: events.append(("fsync", os.path.normpath(path))))
+    for f in real:
+        monkeypatch.setattr(os, f, lambda *a, f=f: (events.append((f,) + a), real[f](*a))[1])
+    files.move_into(str(tmp), str(folder), names)
+    assert not tmp.exists()
+    assert {name: (folder / name).read_text() for name in names} == {name: "new " + name for name in names}
+    if there:
+        assert (folder / "notes.txt").read_text() == "old notes.txt"
+    changes = [i for i, e in enumerate(events) if e[0] != "fsync"]
+    for name in names:  # each file's bytes, then tmp's names, are on disk before anything moves
+        assert events.index(("fsync", str(tmp / name))) < events.index(("fsync", str(tmp))) < changes[0]
+    synced, last = (str(folder) if there else str(tmp_path)), str(folder / names[-1])
+    for i, j in zip(changes, changes[1:] + [len(events)]):  # the folder's names on disk before the next change
+        batch = j < len(events) and events[i][0] == events[j][0] == "replace" and events[j][2] != last
+        assert batch or ("fsync", synced) in events[i + 1:j], events[i:j + 1]
+    if there:
+        moved = [os.path.basename(e[1]) for e in events if e[0] == "replace"]
+        assert events[changes[0]] == ("remove", last) and moved[-1] == names[-1]
+        assert sorted(moved) == sorted(names)

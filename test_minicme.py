@@ -838,6 +838,25 @@ def test_demo_data_is_built_when_a_config_uses_any_of_the_demo_paths(tmp_path, m
         assert 0 < options[0].get("val_fraction", 0) < 1, options
 
 
+@pytest.mark.parametrize("demo_keys, refused", [((), False), (("eval_dir",), False), (("tokenizer",), True),
+                                                (("data_dir",), True), (("init_from",), True)])
+def test_a_damaged_demo_tokenizer_is_refused_only_where_the_config_reads_it(tmp_path, monkeypatch, demo_keys,
+                                                                            refused):
+    """check_demo_files reads the demo's tokenizer.model where the run does (as its tokenizer, to prepare the demo's
+    shards, to pretrain the demo's base not built yet): damaged, it is the demo's damage, in the demo's sentence. A
+    config that reads none of it is not refused for it."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(minicme.ROOT)
+    with open(minicme.DEMO["tokenizer"], "wb") as f:
+        f.write(b"not a SentencePiece model")
+    cfg = {k: (v if k in demo_keys else f"mine/{k}") for k, v in minicme.DEMO.items()}
+    if refused:
+        with pytest.raises(UserError, match=f"the demo's files in {minicme.ROOT} are incomplete"):
+            minicme.check_demo_files(cfg)
+    else:
+        assert minicme.check_demo_files(cfg) is None
+
+
 def test_the_demo_base_is_pretrained_on_the_corpus_documents_each_cut_in_halves(tmp_path, monkeypatch):
     """A config using the demo base that is not there yet: the corpus documents become {"text"} records, each cut
     once by </s> (halves), prepared at the pretraining run's max_len, and the pretraining settings come back."""

@@ -1545,9 +1545,9 @@ def test_run_all_gives_each_run_its_share_of_the_cores_and_counts_only_the_runs_
         monkeypatch, capsys):
     """workers runs at a time share the cores (cores // workers threads each); the estimate of the time left is
     the minutes per run actually run (a run finished before costs nothing) times the runs still to come,
-    `later` ones included. A fake clock (each run that runs takes one minute) and a pool that runs each job when
-    run_all reaches it."""
-    clock, threads = [0.0], []
+    `later` ones included; the minutes so far are those since run_all started. A fake clock (each run that runs
+    takes one minute), at a time since 1970 as time.time's, and a pool that runs each job when run_all reaches it."""
+    clock, threads = [1.7e9], []
 
     def launch(flags, n_threads):
         threads.append(n_threads)
@@ -1566,6 +1566,7 @@ def test_run_all_gives_each_run_its_share_of_the_cores_and_counts_only_the_runs_
     lines = capsys.readouterr().out.splitlines()
     # after b: 1 minute for 1 run, 1 + 2 runs to come; after c: 2 minutes for 2 runs, 0 + 2 to come
     assert [re.search(r"about (\d+) min left", line).group(1) for line in lines] == ["0", "3", "2"]
+    assert [re.search(r"\(([\d.]+) min so far", line).group(1) for line in lines] == ["0.0", "1.0", "2.0"]
 
 
 def test_short_help_prints_the_protocol_as_long_help_does(capsys):

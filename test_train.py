@@ -1693,6 +1693,8 @@ def test_keep_slices_changes_and_says_nothing_unless_a_resume_runs_on_another_nu
     assert capsys.readouterr() == ("", "")
     assert machine.keep_slices(cfg, two, 1, True) == {**cfg, "grad_accum": 2}
     assert "resuming a run of 2 process(es) on 1: grad_accum 1 -> 2" in capsys.readouterr().out
+    assert machine.keep_slices(cfg, {"rng": [None] * 4}, 2, True) == {**cfg, "grad_accum": 2}  # 4 slices on 2
+    assert "resuming a run of 4 process(es) on 2: grad_accum 1 -> 2," in capsys.readouterr().out
 
 
 def test_keep_slices_refuses_a_resume_whose_batch_the_new_processes_cannot_cut_with_the_runs_grad_accum():
