@@ -899,6 +899,40 @@ def test_more_threads_than_torch_can_take_are_a_usage_error_not_a_crash():
         "thread per core" and done.stdout == ""
 
 
+def test_the_teamlora_loop_is_the_fused_layers_function_dropping_out_in_training_only():
+    """The loop bench.py times against the fused path computes its function: the same output in eval mode (no
+    dropout there, so its inference timings run what the fused layer's do), and random masks in training only."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24)
+    fused = TeamLoRALinear(base, 8, 4, 32.0, 0.5, True)
+    torch.nn.init.normal_(fused.lora_B)
+    loop = bench.TeamLoRALoop(base, 8, 4, 32.0, 0.5, True)
+    loop.load_state_dict(fused.state_dict())
+    x = torch.randn(5, 16)
+    for _ in range(2):
+        torch.testing.assert_close(loop.eval()(x), fused.eval()(x))
+    assert not torch.equal(loop.train()(x), loop.train()(x))  # dropout 0.5: two masks
+
+
+def test_no_checkpointing_without_full7b_is_a_usage_error_under_quick_too_and_is_taken_with_it(monkeypatch, capsys):
+    """--quick runs section cuda7b's tiny stack: --no-checkpointing still applies to --full7b only, with it or not."""
+    monkeypatch.setattr(bench, "run_sections", lambda *args: [])
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--section=cuda7b", "--no-checkpointing"])
+    assert e.value.code == 2 and "--no-checkpointing applies to --full7b only" in capsys.readouterr().err
+    bench.main(["--quick", "--section=cuda7b", "--full7b", "--no-checkpointing"])
+    assert "error" not in capsys.readouterr().err
+
+
+def test_1024_threads_the_most_that_bench_takes_are_set_not_refused(monkeypatch, capsys):
+    """1024 is the limit, not past it: that many threads are set (set_num_threads and the sections faked)."""
+    set_to = []
+    monkeypatch.setattr(bench.torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(bench, "run_sections", lambda *args: [])
+    bench.main(["--quick", "--section=layer", "--threads=1024"])
+    assert set_to == [1024] and "error" not in capsys.readouterr().err
+
+
 def test_full7b_without_its_section_is_a_usage_error_not_ignored(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--quick", "--full7b", "--section=layer"])

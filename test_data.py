@@ -1261,6 +1261,18 @@ def test_a_split_without_records_is_a_clear_error_not_a_crash(tmp_path, tiny_spm
             get_batch(empty, 0, 4, seed=0, mode=mode)
 
 
+def test_a_summary_without_training_records_is_refused_for_training_when_read(tmp_path, tiny_spm):
+    """read_summary refuses a train split of no records (train.py's dry run reads no shard, so it is the one check
+    there), naming the fix, where another split of none is read as it is."""
+    prepare([write_records(tmp_path / "d.jsonl", 3)], tiny_spm, tmp_path / "out", workers=1, quiet=True)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary["splits"]["train"] = {"records": 0, "tokens": 0}
+    (tmp_path / "out" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError, match="has no training records; prepare it with a smaller --val_fraction"):
+        data.read_summary(str(tmp_path / "out"), "train")
+    assert data.read_summary(str(tmp_path / "out"), "val")["splits"]["val"]["records"] == 0
+
+
 class _DropoutLM(torch.nn.Module):
     """The model interface val_loss uses, with dropout: in training mode two passes give two losses."""
 
@@ -2540,6 +2552,15 @@ def test_hf_plain_encode_adds_no_special_token_even_where_the_tokenizer_json_has
     tok = Tokenizer(folder)
     plain = hf.encode(TEXTS[0], add_special_tokens=False).ids
     assert tok.encode(TEXTS[0]) == plain and tok.encode(TEXTS[0], bos=True) == [bos] + plain
+
+
+def test_hf_plain_encode_keeps_the_text_of_an_added_token_as_text_as_every_kind_does(tmp_path):
+    """encode(text) treats all text as text, with a tokenizer.json as with the other kinds: its EOS written in a
+    record's text is characters, not the EOS id, unless special=True."""
+    pytest.importorskip("tokenizers")
+    tok = Tokenizer(hf_tokenizer_folder(tmp_path / "t", eos="<|im_end|>"))
+    plain, special = tok.encode("a<|im_end|>b"), tok.encode("a<|im_end|>b", special=True)
+    assert tok.eos_id not in plain and special.count(tok.eos_id) == 1 and len(plain) > len(special)
 
 
 @pytest.mark.parametrize("special", [True, False])

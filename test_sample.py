@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import evaluation
 import sample
 import train
 from conftest import (
@@ -91,6 +92,17 @@ def test_sampling_repeats_with_its_seed_and_a_long_prompt_is_cut_to_fit(runs, ca
     assert answers(capsys.readouterr().out)[0][2] == texts[0]  # no --seed: seed 0
     sample.main(["--out_dir", out, "--instruction", "word " * 400, "--max_new_tokens=4"])
     assert "(the prompt was cut to its start and end: the model has 256 positions)" in capsys.readouterr().out
+
+
+def test_a_cut_prompts_expert_load_is_over_the_prompt_the_model_answered(runs):
+    """The expert load beside an answer is over the prompt the model ran: the cut one, where the record's is longer
+    than the positions the answer leaves, not the whole record's, which the model never saw."""
+    model, r = sample.load_run(str(runs["teamlora"][0]))
+    record = {"instruction": "word " * 400}
+    _, load, cut = sample.answer(model, r, record, 4)
+    ids = evaluation.prompt_ids(r.tok, record, r.args.context - 4)
+    assert cut and len(ids) == r.args.context - 4 < len(data.encode_prompt(r.tok, record))
+    torch.testing.assert_close(load, evaluation.task_expert_load(model, [ids], r), rtol=0, atol=0)
 
 
 def test_a_sampled_answer_is_the_models_own_at_that_temperature_top_p_and_seed(run_data, runs, capsys):

@@ -76,6 +76,9 @@ def test_a_recipe_named_as_the_readme_names_it_from_another_folder_is_named_with
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "cme_llama2_7b.py").write_text("r = 8\nexperts = 2\n")
     assert train.parse_config(["config/cme_llama2_7b.py"])["experts"] == 2
+    (tmp_path / "config" / "cme_llama3_8b.py").mkdir()  # the user's own, a folder: named as one, not as missing
+    with pytest.raises(train.UserError, match=r"^config file 'config/cme_llama3_8b\.py' is a folder, not a file"):
+        train.parse_config(["config/cme_llama3_8b.py"])
 
 
 def test_a_path_in_a_config_file_written_with_a_tilde_is_the_home_folder_as_in_a_flag(tmp_path, monkeypatch):
@@ -509,7 +512,7 @@ def test_train_step_keeps_no_logits_through_backward(run_data, tmp_path, flags):
 def test_the_output_layer_runs_on_answer_positions_only_exactly_when_the_targets_leave_it_unadapted(targets):
     """loss_only reads the targets as inject_targets does (spaces around a name and empty names ignored): an output
     layer that inject_targets adapts must see every position, whatever the spelling of the list."""
-    for adapter in ("teamlora", "none"):
+    for adapter in ("teamlora", "moelora", "hydralora", "lora", "none"):  # every adapter, not TeamLoRA's alone
         cfg = dict(train.DEFAULTS, adapter=adapter, targets=targets)
         m = Transformer(model.ModelArgs.from_name("tiny", n_layers=1))
         if adapter != "none":

@@ -2037,6 +2037,18 @@ def test_a_checkpoint_whose_finite_weights_overflow_is_refused_by_sample_and_eva
     assert contents(out) == before  # no results.json of scores on NaN
 
 
+def test_outputs_with_one_nan_or_infinite_value_among_finite_ones_are_refused_as_wholly_nan_ones_are():
+    """One overflowing logit (a single weight large enough) damages the answers of its prompt as all of them would:
+    refused too, and finite outputs pass."""
+    r, tokens = train.Run({"out_dir": "run"}), torch.zeros(2, 3, dtype=torch.long)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        logits = torch.zeros(2, 1, 5)
+        logits[1, 0, 3] = bad
+        with pytest.raises(train.UserError, match="^the run in run gives NaN or infinite outputs, though its weights"):
+            evaluation.run_checked(lambda t, logits_to_keep, out=logits: (out, None), tokens, r)
+    evaluation.run_checked(lambda t, logits_to_keep: (torch.zeros(2, 1, 5), None), tokens, r)
+
+
 def test_a_checkpoint_holding_nan_or_inf_in_several_tensors_names_the_first_three_of_them():
     """The message shows how far the damage goes (a few names, in the checkpoint's order), and only damaged tensors:
     a finite one, or an integer one, is not named."""

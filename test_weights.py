@@ -1772,3 +1772,14 @@ def test_check_saved_knows_the_fields_it_is_given_not_a_list_of_its_own():
     with pytest.raises(ValueError) as error:
         check_saved(model_args, state, "model.pt", set(model_args) - {"qk_norm"})
     assert_one_sentence(error, "the model_args of model.pt has fields this model does not know: ['qk_norm']")
+
+
+@pytest.mark.parametrize("field", ["dim", "n_layers", "n_heads", "vocab_size"])
+def test_a_saved_model_without_a_field_that_has_no_default_is_refused_naming_it(field):
+    """ModelArgs has no default for these four: a model.pt without one is one sentence naming the field from
+    check_saved, not a KeyError, nor a model built from ModelArgs' defaults."""
+    model_args, state = saved_tiny()
+    del model_args[field]
+    with pytest.raises(ValueError) as error:
+        check_saved(model_args, state, "model.pt", set(model_args) | {field})
+    assert_one_sentence(error, f"the model_args of model.pt has no '{field}', which the model needs")
