@@ -2894,7 +2894,8 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
 
     import checkpoint
     a = _tiny_adapter_model(seed=1)
-    cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False, "eval_only": False, "max_iters": 10}
+    cfg = {"adapter": "teamlora", "out_dir": str(tmp_path), "fsdp": False, "eval_only": False, "max_iters": 10,
+           "dropout": 0.0}
     dev = torch.device("cpu")
     states = []
     for seed in (10, 11):  # what rank 0 and rank 1 hold when the checkpoint is written
