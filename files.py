@@ -423,9 +423,9 @@ def json_kind(value):
 
 def read_json(path, fix, any_value=False, lines_too=False, records=False):
     """The JSON object in the file at path (any JSON value with any_value), UTF-8 with or without a byte-order mark;
-    with lines_too, None for JSON lines (a second value after the first); with records (a task's raw file), an
-    object giving a key twice is refused. Anything else is a UserError "<path> <what is wrong>; <fix>", never a
-    decoder's own error: its traceback would name no file."""
+    with lines_too, None for JSON lines (a second value after the first); with records (a task's raw file, a study
+    run's records), an object giving a key twice is refused. Anything else is a UserError "<path> <what is wrong>;
+    <fix>", never a decoder's own error: its traceback would name no file."""
     if what := special_file(path):  # a named pipe would wait for a writer forever, a device never end
         raise UserError(f"{path} is {what}, not a file; {fix}")
     try:

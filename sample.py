@@ -49,7 +49,7 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
     try:  # checked again, as a resume checks it
         saved, ckpt = train.saved_config(path, ckpt=ckpt)
     except UserError as e:  # worded for train.py's flags and config files, which sample.py does not take
-        problem = str(e).replace(f" in {path}", "").partition("; ")[0].rstrip(".")  # the problem, without that fix
+        problem = without_fix(str(e).replace(f" in {path}", ""), ckpt["config"].values())
         raise UserError(f"{path} holds a run config that train.py refuses ({problem}); if it was edited, put back "
                         "the run's own value, else train the run again.") from None
     try:  # the shape the model will have; a damaged one is left out: the model is built from the run's base
@@ -69,6 +69,15 @@ def load_run(out_dir, device="auto", max_new_tokens=0):
         print(f"note: the run in {out_dir} is at step {ckpt['iter']} of its {cfg['max_iters']} (it stopped, or is "
               "still training); these are that step's answers.", file=sys.stderr)
     return model.eval(), r
+
+
+def without_fix(sentence, values):
+    """The problem that train.py's refusal `sentence` names, without the fix after its first "; ": that "; " is looked
+    for outside the config `values` that it quotes, whose own "; " cut a value short."""
+    masked = sentence
+    for text in {t for v in values for t in (repr(v), str(v)) if "; " in t and t.strip("; ")}:
+        masked = masked.replace(text, "\0" * len(text))  # as long as it was: a cut in it is one in the sentence
+    return sentence[:masked.find("; ") if "; " in masked else len(sentence)].rstrip(".")
 
 
 def prompt_room(max_new_tokens, context):

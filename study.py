@@ -30,7 +30,8 @@ for them; a finished, stopped or diverged run made with other --steps or flags i
 give such a study its own --out).
 The tables, charts and comparisons are printed and written to out/study/report.md (PNG charts too
 when matplotlib is installed). Any other --key=value goes to every run (e.g. --device=cuda), except the
-keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused.
+keys the study sets itself (seed, learning_rate, max_iters, out_dir, the runs' settings): those are refused, as
+are --init_from=resume (the study resumes its runs when its command is run again) and --overwrite=True.
 """
 if __name__ == "__main__":  # before the imports: see errors.start_script (closed streams, Ctrl-C while importing)
     import errors
@@ -103,18 +104,23 @@ TABLES = {
 }
 INSTEAD = dict(seed="seeds", max_iters="steps", eval_interval="steps", out_dir="out")  # a run's key -> the study's
 NOT_A_CHANGE = ("device", "threads", "fsdp", "activation_checkpointing", "compile", "tf32", "eval_batch_size",
-                "log_interval", "out_dir", "overwrite",
-                "eval_only")  # what a run may have had otherwise and still be this study's (eval_only: re-scored)
+                "log_interval", "out_dir", "overwrite", "eval_only")  # no change to a run (eval_only: re-scored)
 DIVERGED = "diverged.json"  # launch's record of a run whose loss diverged: its settings and train.py's error
 PATHS = ("data_dir", "eval_dir", "tokenizer", "init_from")  # compared as the files they name
+REDO = "delete {} and run the study again to redo the run."  # the fix of a damaged run in that folder
 KEPT_FIX = "rename it, then run the study again with --report to write the report and charts"  # files.kept's
+ONE_RUN = {("init_from", "resume"): "a study resumes its own: to continue a stopped study, run its command again "
+           "without --init_from (each stopped run resumes from its checkpoint)",  # train.py's, not for a study's runs
+           ("overwrite", True): "a study keeps its finished and diverged runs: to redo one, delete its folder"}
+CHARTS = ("loss.png", "expert_load.png")  # pngs': the training loss, TeamLoRA's expert load
 CURVES = {"lora32": "L", "moelora": "M", "hydralora": "H", "teamlora": "T", "full": "F"}  # Figure 4b: run -> mark
 
 
 def parse(argv):
     """(study options, train.py flags, run names) from --key=value arguments, read as train.py reads them."""
     cores = data.cores()
-    opts, extra, given = dict(OPTIONS, workers=min(OPTIONS["workers"], cores)), [], set()
+    opts = dict(OPTIONS, workers=min(OPTIONS["workers"], cores), seeds=tuple(range(1, OPTIONS["seeds"] + 1)))
+    extra, given = [], set()
     for arg in argv:
         flag = f"{arg}=True" if arg in ("--report", "--quick") else arg
         key, value = configurator.parse_flag(flag, {**train.DEFAULTS, **OPTIONS})  # all known: a misspelt one is named
@@ -129,8 +135,8 @@ def parse(argv):
             elif not (isinstance(value, tuple) and value and all(type(v) is int and v > 0 for v in value)):
                 raise data.UserError(f"--seeds must be a count or a comma-separated list of positive seeds, "
                                      f"got {arg.partition('=')[2]!r}.")
-            repeated = sorted({s for s in value if value.count(s) > 1})
-            if repeated:  # the same seed is the same run: it would count twice in the means and the t intervals
+            # the same seed is the same run: it would count twice in the means and the t intervals
+            if repeated := sorted({s for s in value if value.count(s) > 1}):
                 raise data.UserError(f"--seeds repeats {'seeds' if len(repeated) > 1 else 'seed'} "
                                      f"{', '.join(map(str, repeated))}; give each seed once.")
             opts[key] = value
@@ -138,8 +144,6 @@ def parse(argv):
             opts[key] = configurator.typed(key, value, OPTIONS, f"flag {arg}")
         else:
             extra.append(arg)  # a train.py key: checked below (not one a run sets) and by train.parse_config
-    if type(opts["seeds"]) is int:
-        opts["seeds"] = tuple(range(1, opts["seeds"] + 1))
     if not opts["out"].strip():  # "": every run's folder, select/ and report.md would land in the current folder
         raise data.UserError("--out is empty; give the study a folder of its own, e.g. --out=out/study.")
     opts["grid"] = GRID
@@ -152,8 +156,7 @@ def parse(argv):
     if not names:
         raise data.UserError(f"--runs={opts['runs']} names no run; give run names separated by commas, or leave "
                              "--runs out for all of them.")
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
+    if unknown := [n for n in names if n not in RUNS]:
         raise data.UserError(f"unknown run(s) {', '.join(unknown)}; runs are: {', '.join(RUNS)}.")
     for arg in extra:  # train.py would suggest only its own keys: --step=3 is a near miss of --steps
         key = configurator.parse_flag(arg)[0]
@@ -200,8 +203,11 @@ def check_out(out):
     report_md = os.path.join(out, "report.md")
     if blocker := files.blocked_parent(report_md):
         raise data.UserError(f"--out {out} can not be written: {blocker}; choose another --out.")
-    if kept := files.kept(report_md):  # a user's, or a folder (which failed the study at its end): said again there
-        print(f"note: {kept}, and is kept; {KEPT_FIX}.", file=sys.stderr)
+    # a user's report.md, or a folder of its name or a chart's (which failed the study at its end): said again there
+    charts = [os.path.join(out, name) for name in CHARTS] if pyplot() else []  # drawn only with matplotlib
+    for kept in [files.kept(report_md)] + [f"{p} is {w}, not a file" for p in charts if (w := files.special_file(p))]:
+        if kept:
+            print(f"note: {kept}, and is kept; {KEPT_FIX}.", file=sys.stderr)
 
 
 def check_settings(flags, report=False):
@@ -236,8 +242,11 @@ def check_runs(opts, extra, names):
     for name, seed, eval_dir in [(METHODS[m][0], SELECTION_SEED, opts["val_dir"]) for m in methods] + \
             [(n, s, None) for n in names for s in opts["seeds"]]:
         for lr in opts["grid"]:  # a final run's rate is chosen later: each rate's folder
-            read_results(check_settings(run_flags(name, seed, lr, opts, extra, eval_dir), opts["report"]),
-                         opts["steps"])
+            folder = check_settings(run_flags(name, seed, lr, opts, extra, eval_dir), opts["report"])
+            path = os.path.join(folder, DIVERGED)  # taken as diverged, not run again: one not JSON too, before
+            if read_results(folder, opts["steps"]) is None and os.path.lexists(path) and not isinstance(
+                    files.read_json(path, REDO.format(folder), records=True).get("config"), dict):
+                raise data.UserError(f"{path} is no diverged run's record (no \"config\"); {REDO.format(folder)}")
 
 
 RUNNING, STOPPING = set(), threading.Event()  # the train.py processes under way; set once the study is stopped
@@ -309,10 +318,9 @@ def launch(flags, threads):
     if wait_for_folder(out):  # before anything there is read again or emptied
         with PARSING:  # the checkpoint that run wrote meanwhile
             check_settings(flags)
-    if os.path.isfile(os.path.join(out, "results.json")):
-        return "done before", 0.0
-    if os.path.isfile(os.path.join(out, DIVERGED)):
-        return "diverged before", 0.0
+    for name, status in (("results.json", "done before"), (DIVERGED, "diverged before")):  # not run again
+        if os.path.isfile(os.path.join(out, name)):
+            return status, 0.0
     how = "train.py starts the run"
     if os.path.isfile(os.path.join(out, "ckpt.pt")):  # stopped by Ctrl-C: continue it exactly
         flags, how = flags + ["--init_from=resume"], "train.py resumes the run from its checkpoint"
@@ -368,7 +376,7 @@ def changed_settings(flags, path, given_only=False):
         if path.endswith(".pt"):
             saved = train.saved_config(path)[0]
         else:
-            saved = dict(files.read_json(path, fix="")["config"])  # a config that is no object: damage, not a traceback
+            saved = dict(files.read_json(path, "", records=True)["config"])  # no object: damage, not a traceback
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # UserError is a ValueError
         return ""
     cfg, real = train.parse_config(flags), lambda v: os.path.realpath(v) if isinstance(v, str) and v else v
@@ -461,7 +469,7 @@ def read_results(folder, steps=None):
     if not os.path.exists(path):  # a folder or a named pipe of that name is read_json's to name
         return None
     # train.py writes both atomically: a damaged one was edited, or its disk failed
-    res = files.read_json(path, f"delete {folder} and run the study again to redo the run.")
+    res = files.read_json(path, REDO.format(folder), records=True)  # records: a key given twice is refused
     try:
         if what := files.special_file(os.path.join(folder, "log.jsonl")):  # opening a named pipe waits forever
             raise OSError(f"log.jsonl is {what}")
@@ -488,14 +496,9 @@ def average(res):
 def check_tasks(runs):
     """Refuse runs ({folder: results or None}) not all scored on the same tasks: an average over other tasks is
     no score of the same thing (a task file added to or removed from eval_dir or val_dir while a study resumed)."""
-    first = None
-    for folder, res in runs.items():
-        if res is None:
-            continue
-        tasks = sorted(res["scores"])
-        if first is None:
-            first = folder, tasks
-        elif tasks != first[1]:
+    scored = [(folder, sorted(res["scores"])) for folder, res in runs.items() if res is not None]
+    for folder, tasks in scored[1:]:
+        if tasks != (first := scored[0])[1]:
             raise data.UserError(f"the run in {folder} was scored on the tasks {', '.join(tasks)}, the run in "
                                  f"{first[0]} on {', '.join(first[1])}; a study averages and compares the same tasks "
                                  "in every run: delete the run(s) scored on other tasks and run the study again with "
@@ -504,8 +507,7 @@ def check_tasks(runs):
 
 def choose_lr(by_lr):
     """The learning rate whose selection run has the best mean validation score; {lr: results or None}."""
-    scored = {lr: average(res) for lr, res in by_lr.items() if res is not None}
-    if not scored:
+    if not (scored := {lr: average(res) for lr, res in by_lr.items() if res is not None}):
         raise data.UserError("every selection run diverged or is missing; widen GRID towards smaller rates, or with "
                              "--report name only the runs the study ran (--runs).")
     return max(scored, key=lambda lr: (scored[lr], -lr))  # a tie goes to the smaller rate
@@ -567,16 +569,14 @@ def table(title, rows, results, tasks, chosen, seeds=()):
         lines.append("| chance | | | " + " | ".join(f"{chance[t]:.1f}" for t in tasks) +
                      f" | {sum(chance[t] for t in tasks) / len(tasks):.1f} | |")
     for label, name in rows:
-        runs = results.get(name)
-        if not runs:
+        if not (runs := results.get(name)):
             lines.append(f"| {label} | (not run) |" + " |" * (len(tasks) + 3))
             continue
         pct = 100 * runs[0]["trainable_params"] / runs[0]["base_params"]
         cells = [fmt([r["scores"][t] for r in runs]) for t in tasks]
         secs = seconds_cell([r["train_seconds"] for r in runs])
-        lr = chosen[METHOD_OF[name]][0]
         label += f" ({len(runs)} of {len(seeds)} seeds)" if len(runs) < len(seeds) else ""
-        lines.append(f"| {label} | {lr:g} | {pct:.2f} | " + " | ".join(cells) +
+        lines.append(f"| {label} | {chosen[METHOD_OF[name]][0]:g} | {pct:.2f} | " + " | ".join(cells) +
                      f" | **{fmt([average(r) for r in runs])}** | {secs} |")
     return lines
 
@@ -585,8 +585,7 @@ def seconds_cell(seconds):
     """The training time of a table's row over the runs that know theirs. None is not known: a run re-scored by hand
     (train.py --eval_only=True) from its adapter.pt alone, or resumed or re-scored from a ckpt.pt of an older train.py
     (checkpoint.trained)."""
-    known = [s for s in seconds if s is not None]
-    if not known:
+    if not (known := [s for s in seconds if s is not None]):
         return "not known"
     return fmt(known) + (f" ({len(known)} of {len(seconds)} runs known)" if len(known) < len(seconds) else "")
 
@@ -650,8 +649,7 @@ def selection_table(chosen, opts):
 
 def mean_curve(results, name):
     """(steps, training loss averaged over the seeds) of a run, or None if it has no log."""
-    runs = [r["curve"] for r in results.get(name, []) if r["curve"]]
-    if not runs:
+    if not (runs := [r["curve"] for r in results.get(name, []) if r["curve"]]):
         return None
     n = min(len(c) for c in runs)
     return [runs[0][i][0] for i in range(n)], [sum(c[i][1] for c in runs) / len(runs) for i in range(n)]
@@ -659,8 +657,7 @@ def mean_curve(results, name):
 
 def mean_loads(results, name):
     """(number of seeds, task -> expert shares averaged over the seeds) of a run, or None."""
-    runs = [r for r in results.get(name, []) if r.get("expert_load")]
-    if not runs:
+    if not (runs := [r for r in results.get(name, []) if r.get("expert_load")]):
         return None
     return len(runs), {t: [sum(r["expert_load"][t][i] for r in runs) / len(runs) for i in range(len(load))]
                        for t, load in sorted(runs[0]["expert_load"].items())}
@@ -670,8 +667,7 @@ def loss_chart(results, width=64, height=14):
     """Training loss (mean over seeds, smoothed over 5 logged points) against step, in text."""
     series = {}
     for name in CURVES:
-        curve = mean_curve(results, name)
-        if curve:
+        if curve := mean_curve(results, name):
             steps, mean = curve
             window = [mean[max(0, i - 4):i + 1] for i in range(len(mean))]
             series[name] = (steps, [sum(w) / len(w) for w in window])
@@ -697,8 +693,7 @@ def loss_chart(results, width=64, height=14):
 
 def load_chart(results, name="teamlora"):
     """Each task's mean expert share (last layers, mean over seeds): the paper's Figure 5."""
-    loads = mean_loads(results, name)
-    if not loads:
+    if not (loads := mean_loads(results, name)):
         return []
     seeds, per_task = loads
     k, layers = len(next(iter(per_task.values()))), results[name][0]["config"].get("load_layers", 2)  # the study's
@@ -709,39 +704,44 @@ def load_chart(results, name="teamlora"):
     return lines
 
 
-def pngs(results, out):
-    """loss.png and expert_load.png when matplotlib is installed (never required); the paths written."""
+def pyplot():
+    """matplotlib's pyplot, drawing into files, or None where matplotlib is not installed (never required)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
-    written, curves = [], {name: c for name in CURVES if (c := mean_curve(results, name))}
-    if curves:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, curve in curves.items():
-            ax.plot(*curve, label=RUNS[name][0])
-        ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log")
-        ax.legend()
-        fig.tight_layout()
-        written.append(os.path.join(out, "loss.png"))
-        files.write_atomic(written[-1], lambda f: fig.savefig(f, format="png", dpi=120))  # a Ctrl-C keeps the old one
-    loads = mean_loads(results, "teamlora")
-    if loads:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        im = ax.imshow(list(loads[1].values()), cmap="viridis")
-        ax.set(yticks=range(len(loads[1])), yticklabels=list(loads[1]), xlabel="expert", title="TeamLoRA expert load")
-        fig.colorbar(im)
-        fig.tight_layout()
-        written.append(os.path.join(out, "expert_load.png"))
-        files.write_atomic(written[-1], lambda f: fig.savefig(f, format="png", dpi=120))  # a Ctrl-C keeps the old one
+        return None
+    return plt
+
+
+def pngs(results, out):
+    """loss.png and expert_load.png, when matplotlib is installed; the paths written. A folder (or other non-file) of
+    a chart's name is kept, and said so, as check_out said before the runs: the study failed on it after report.md."""
+    plt, written = pyplot(), []
+    curves, loads = {name: c for name in CURVES if (c := mean_curve(results, name))}, mean_loads(results, "teamlora")
+    for name, drawn in zip(CHARTS, (curves, loads) if plt else ()):
+        if what := drawn and files.special_file(path := os.path.join(out, name)):
+            print(f"note: {name} is not written, as {path} is {what}, not a file; {KEPT_FIX}.", file=sys.stderr)
+        elif drawn:
+            fig, ax = plt.subplots(figsize=(7, 4) if drawn is curves else (5, 4))
+            if drawn is curves:
+                for run, curve in curves.items():
+                    ax.plot(*curve, label=RUNS[run][0])
+                ax.set(xlabel="step", ylabel="training loss (mean over seeds)", yscale="log")
+                ax.legend()
+            else:
+                fig.colorbar(ax.imshow(list(loads[1].values()), cmap="viridis"))
+                ax.set(yticks=range(len(loads[1])), yticklabels=list(loads[1]), xlabel="expert",
+                       title="TeamLoRA expert load")
+            fig.tight_layout()
+            written.append(path)
+            files.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a Ctrl-C keeps the old one
     return written
 
 
 def report(opts, names, chosen):
-    results = load(opts, names, chosen)
-    if not results:
+    if not (results := load(opts, names, chosen)):
         raise data.UserError(f"no finished runs in {opts['out']}; run python study.py first.")
     tasks = sorted(next(iter(results.values()))[0]["scores"])
     seeds = ",".join(map(str, opts["seeds"]))
@@ -759,11 +759,8 @@ def report(opts, names, chosen):
             lines += [f"### {title}", "", "```"] + chart + ["```", ""]
     text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
-    report_md = os.path.join(opts["out"], "report.md")
-    blocker = files.blocked_parent(report_md)
-    if not blocker and (kept := files.kept(report_md)):  # a report.md the user wrote or edited
-        blocker = f"{kept}; {KEPT_FIX}"
-    if blocker:  # a study kept read-only still reports
+    report_md = os.path.join(opts["out"], "report.md")  # a user's is kept; a read-only study still reports
+    if blocker := files.blocked_parent(report_md) or (f"{k}; {KEPT_FIX}" if (k := files.kept(report_md)) else None):
         print(f"note: report.md and the charts are not written, as {blocker}.", file=sys.stderr)
         return results
     files.write_own(report_md, text)  # with the record by which the next report knows it as the study's (files.kept)
@@ -784,6 +781,9 @@ def main(argv=None):
         opts, extra, names = parse(argv)
         opts["command"] = f"python {shlex.quote(os.path.relpath(__file__))} {shlex.join(argv)}"  # as given here
         cfg = train.parse_config(extra)  # checks the extra keys once, before anything runs
+        for (key, value), fix in ONE_RUN.items():  # one failed the first run, after the demo's base; one did nothing
+            if cfg[key] == value:
+                raise data.UserError(f"--{key}={value} is train.py's, for the one run in its --out_dir, and {fix}.")
         if not opts["report"]:
             files.check_openable_by_torch(opts, ("out",), ("val_dir",))  # its runs' out_dir and eval_dir, as train.py
             check_out(opts["out"])

@@ -330,7 +330,11 @@ def test_a_hand_edited_or_moved_run_config_is_checked_as_a_resume_checks_it(runs
     ({"targets": " , "}, "config key 'targets' is empty"),
     ({"adapter": "lora", "competition": True}, "competition=True mixes experts' weights by a learned matrix, which "
                                                "adapter=lora does not have"),
-    ({"dropout": 1.5}, "config key 'dropout' must be in [0, 1), got 1.5")])
+    ({"dropout": 1.5}, "config key 'dropout' must be in [0, 1), got 1.5"),
+    # a value that holds "; " (where train.py's sentence turns to its fix) is quoted whole: it was cut there
+    ({"adapter": "lora; none"}, "config key 'adapter' must be one of teamlora, moelora, hydralora, lora, none, got "
+                                "'lora; none'"),
+    ({"r": "8; 16"}, "config key 'r' must be of type int, got '8; 16'")])
 def test_a_ckpt_pts_config_that_train_py_refuses_is_named_as_the_runs_not_fixed_with_train_pys_flags(
         runs, tmp_path, capsys, edit, problem):
     """check_config's sentences end in train.py's fix ("lower --batch_size", "use --adapter=lora"): flags that

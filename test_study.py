@@ -1456,9 +1456,9 @@ def test_a_report_puts_each_chart_fenced_under_its_own_heading(tmp_path):
     assert "### Expert load (the paper's Figure 5)\n\n```\n" + "\n".join(load) + "\n```\n" in text
 
 
-def test_loss_png_is_drawn_only_where_a_run_of_the_study_has_a_loss_curve(tmp_path, monkeypatch):
-    """As the report's text chart: no loss.png of empty axes for a study whose runs draw no curve (LoRA r=8).
-    matplotlib is optional (and absent here): a stand-in records what would be saved."""
+def stand_in_matplotlib(monkeypatch):
+    """matplotlib is optional (and absent here): a stand-in in its place, which records the format of each figure
+    saved (into the list returned) and writes b"PNG" for it."""
     saved = []
 
     class Drawing:  # a figure or its axes: any call is taken, savefig recorded
@@ -1471,6 +1471,13 @@ def test_loss_png_is_drawn_only_where_a_run_of_the_study_has_a_loss_curve(tmp_pa
     pyplot = SimpleNamespace(subplots=lambda **k: (Drawing(), Drawing()))
     monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(use=lambda backend: None, pyplot=pyplot))
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    return saved
+
+
+def test_loss_png_is_drawn_only_where_a_run_of_the_study_has_a_loss_curve(tmp_path, monkeypatch):
+    """As the report's text chart: no loss.png of empty axes for a study whose runs draw no curve (LoRA r=8).
+    matplotlib is optional (and absent here): a stand-in records what would be saved."""
+    saved = stand_in_matplotlib(monkeypatch)
     run = {"curve": [(1, 2.0), (2, 1.5)], "config": {"seed": 1}}
     assert study.pngs({"lora8": [run]}, str(tmp_path)) == [] and saved == []
     assert study.pngs({"lora8": [run], "lora32": [run]}, str(tmp_path)) == [str(tmp_path / "loss.png")]
@@ -2119,3 +2126,97 @@ def test_a_run_re_scored_by_hand_is_still_the_studys_when_it_is_run_again(tmp_pa
     del ran[:]
     study.main(flags)
     assert ran == [] and capsys.readouterr().out.count("done before") == 3
+
+
+@pytest.mark.parametrize("flag, fix", [
+    ("--init_from=resume", "a study resumes its own: to continue a stopped study, run its command again without "
+                           "--init_from (each stopped run resumes from its checkpoint)"),
+    ("--overwrite=True", "a study keeps its finished and diverged runs: to redo one, delete its folder")])
+def test_train_py_flags_for_the_one_run_in_its_out_dir_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch,
+                                                                                      flag, fix):
+    """--init_from=resume went to every run and failed the first ("nothing to resume"), after the demo's base was built:
+    a study resumes its runs itself. --overwrite=True redid no finished run, unsaid."""
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    out = tmp_path / "study"
+    for more in ([], ["--report"]):
+        assert script_error(study.main, [f"--out={out}", flag, *more], capsys) == \
+            f"study.py: error: {flag} is train.py's, for the one run in its --out_dir, and {fix}."
+    assert not out.exists()
+
+
+def test_a_folder_named_as_a_chart_is_said_before_the_runs_and_kept_not_failed_on_after_the_report(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """With matplotlib, a folder named loss.png failed the study after every run, and after its report.md ("Is a
+    directory"): it is said before the runs, as a report.md that is a folder is, and kept; without matplotlib no chart
+    is drawn, and none is said."""
+    saved = stand_in_matplotlib(monkeypatch)
+    ran, flags = stubbed_study(monkeypatch, tmp_path)
+    chart = tmp_path / "study" / "loss.png"
+    chart.mkdir(parents=True)
+    (tmp_path / "study" / "select").mkdir()  # a study's folder
+    notes = []
+    monkeypatch.setattr(study, "run_all", lambda *a, real=study.run_all, **k: notes.append(capsys.readouterr().err)
+                        or real(*a, **k))
+    fix = "rename it, then run the study again with --report to write the report and charts."
+    results = study.main(flags)
+    assert len(ran) == 3 and results["lora32"] and (tmp_path / "study" / "report.md").is_file()
+    assert notes[0] == f"note: {chart} is a folder, not a file, and is kept; {fix}\n"  # before the first run
+    assert capsys.readouterr().err == f"note: loss.png is not written, as {chart} is a folder, not a file; {fix}\n"
+    assert chart.is_dir() and not any(chart.iterdir()) and saved == []
+    chart.rmdir()  # renamed, as the note says: the chart is drawn
+    study.main(flags + ["--report"])
+    assert saved == ["png"] and chart.read_bytes() == b"PNG" and capsys.readouterr().err == ""
+    chart.unlink()
+    chart.mkdir()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: no chart, and nothing to say of one
+    study.main(flags)
+    assert capsys.readouterr().err == "" and saved == ["png"] and chart.is_dir()
+
+
+@pytest.mark.parametrize("case", ["a results.json giving a key twice", "a diverged.json giving a key twice",
+                                  "an empty diverged.json", "a diverged.json of a list",
+                                  "a diverged.json whose config is no object", "a diverged.json that is a folder"])
+def test_a_key_given_twice_or_a_damaged_diverged_json_is_refused_before_anything_trains(tmp_path, capsys, monkeypatch,
+                                                                                       case):
+    """json keeps a repeated key's last value unsaid: a results.json giving "scores" twice was averaged on one of them
+    (config.json and a task's records refuse it). A damaged diverged.json was taken as a diverged run: not run again,
+    and named "diverged" in the report."""
+    monkeypatch.setattr(study.train, "build_demo", lambda cfg: pytest.fail("the demo was built before the refusal"))
+    monkeypatch.setattr(study, "run_all", lambda *a, **k: pytest.fail("a run started before the refusal"))
+    out = tmp_path / "study"
+    argv = [f"--out={out}", "--runs=teamlora", "--seeds=1", "--steps=60"]
+    opts, extra, _ = study.parse(argv)
+    folder = out / f"teamlora-lr{study.GRID[3]:g}-seed1"
+    config = train.parse_config(study.run_flags("teamlora", 1, study.GRID[3], opts, extra))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    fake_run(folder, study.GRID[3], {"a": 50.0}, seed=1)
+    (out / "select").mkdir()
+    finished = json.dumps(json.loads((folder / "results.json").read_text()) | {"config": config})
+    diverged = json.dumps({"config": config, "error": "train.py: error: the loss became nan at step 3"})
+    name, text, problem = {
+        "a results.json giving a key twice": ("results.json", '{"scores": {"a": 99.0}, ' + finished[1:],
+                                              "line 1 gives the key 'scores' twice (JSON would keep only the last "
+                                              "value)"),
+        "a diverged.json giving a key twice": (study.DIVERGED, '{"config": {}, ' + diverged[1:],
+                                               "line 1 gives the key 'config' twice (JSON would keep only the last "
+                                               "value)"),
+        "an empty diverged.json": (study.DIVERGED, "", "line 1 is not valid JSON (Expecting value)"),
+        "a diverged.json of a list": (study.DIVERGED, "[]", "holds a list, not a JSON object"),
+        "a diverged.json whose config is no object": (study.DIVERGED, '{"config": "teamlora"}',
+                                                      'is no diverged run\'s record (no "config")'),
+        "a diverged.json that is a folder": (study.DIVERGED, None, "is a folder, not a file"),
+    }[case]
+    if name == study.DIVERGED:  # a run of this study that diverged: taken as such
+        (folder / "results.json").unlink()
+        (folder / name).write_text(diverged)
+    else:  # a run of this study that finished: taken as done
+        (folder / name).write_text(finished)
+    study.check_runs(opts, extra, ["teamlora"])
+    if text is None:
+        (folder / name).unlink()
+        (folder / name).mkdir()
+    else:
+        (folder / name).write_text(text)
+    assert script_error(study.main, argv, capsys) == \
+        f"study.py: error: {folder / name} {problem}; delete {folder} and run the study again to redo the run."

@@ -677,8 +677,9 @@ def test_a_norm_eps_below_1_loads_and_a_float_past_int64_is_not_called_an_int64(
 
 def test_a_config_json_or_params_json_whose_link_leads_nowhere_is_named_as_a_broken_link(tmp_path):
     """Hugging Face's cache links each file to a blob: a config.json whose blob is gone was "holds neither params.json
-    nor config.json", as if the file were not there."""
-    for layout, name in (("bin", "config.json"), ("meta", "params.json")):
+    nor config.json", as if the file were not there; a shards' index whose blob is gone was passed over unsaid."""
+    for layout, name in (("bin", "config.json"), ("meta", "params.json"),
+                         ("bin index", "pytorch_model.bin.index.json")):
         folder = tmp_path / layout
         folder.mkdir()
         write_single_file_dir(folder, layout)

@@ -395,7 +395,7 @@ def _read_hf(path, dtype, device):
 def _hf_weight_files(path):
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(path, index)
-        if os.path.exists(index):
+        if os.path.lexists(index):  # a broken link too (a cache's deleted blob): named, not read past to the shards
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise ValueError(f"{index} has no \"weight_map\" of weight names to file names; download it again "
