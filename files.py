@@ -421,13 +421,16 @@ def json_kind(value):
             type(None): "null"}.get(type(value), "a number")
 
 
-def read_json(path, fix, any_value=False, lines_too=False, records=False):
+def read_json(path, fix, any_value=False, lines_too=False, records=False, limit=None):
     """The JSON object in the file at path (any JSON value with any_value), UTF-8 with or without a byte-order mark;
     with lines_too, None for JSON lines (a second value after the first); with records (a task's raw file, a study
-    run's records), an object giving a key twice is refused. Anything else is a UserError "<path> <what is wrong>;
-    <fix>", never a decoder's own error: its traceback would name no file."""
+    run's records, a configuration), an object giving a key twice is refused; a file over limit bytes is refused
+    unread. Anything else is a UserError "<path> <what is wrong>; <fix>", never a decoder's own error: its traceback
+    would name no file."""
     if what := special_file(path):  # a named pipe would wait for a writer forever, a device never end
         raise UserError(f"{path} is {what}, not a file; {fix}")
+    if limit and os.path.isfile(path) and os.path.getsize(path) > limit:  # read whole: a wrong file's gigabytes
+        raise UserError(f"{path} is over {limit >> 20} MiB, far more than a configuration file holds; {fix}")
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()

@@ -120,6 +120,10 @@ def setup_distributed(cfg):
         raise UserError(f"torchrun's processes (DDP, FSDP2) need torch >= {DISTRIBUTED_TORCH}, "
                         f"this is {torch.__version__}; upgrade torch, or run one process without torchrun.")
     if dev.startswith("cuda"):
+        if local_rank >= (count := torch.cuda.device_count()):  # set_device named neither LOCAL_RANK nor a fix
+            raise UserError(f"LOCAL_RANK={local_rank} but this node shows {count} CUDA GPU{'s' * (count != 1)}; run "
+                            f"at most {count} process{'es' * (count != 1)} a node (torchrun --nproc_per_node={count}), "
+                            "or make more GPUs visible (CUDA_VISIBLE_DEVICES).")
         torch.cuda.set_device(local_rank)
         dev = f"cuda:{local_rank}"
     dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")

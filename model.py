@@ -464,20 +464,20 @@ class Transformer(nn.Module):
         dtype (e.g. torch.bfloat16 for 7B) defaults to the checkpoint's own (float32 where its weights mix dtypes)."""
         path = os.fspath(path)
         config, state = weights.read(path, dtype, device)
-        try:  # fields each of the right kind (weights.read checked them) that do not fit together: say which folder
-            args = ModelArgs(**config)
-        except ValueError as e:
-            raise ValueError(f"the configuration in {path!r} does not fit together: {e}") from None
-        if max_seq_len is not None:
-            args = replace(args, max_seq_len=max_seq_len)
-        model = _meta_model(cls, args, state, path)
+        model = _meta_model(cls, config, state, path, max_seq_len)
         model.load_state_dict(state, assign=True)
         return model if len({t.dtype for t in state.values()}) == 1 else model.float()  # a matmul takes one dtype
 
 
-def _meta_model(cls, args, state, path):
-    """cls(args) on the meta device, which state (name -> tensor) fills exactly; a ValueError naming path when a
-    weight is missing, unknown or misshapen, or rotary angles pass float32. Nothing is allocated before all fits."""
+def _meta_model(cls, config, state, path, max_seq_len=None):
+    """cls(ModelArgs(**config)) on the meta device, which state (name -> tensor) fills exactly; a ValueError naming path
+    when the fields do not fit together, a weight is missing, unknown or misshapen, or rotary angles pass float32.
+    Nothing is allocated before all fits."""
+    try:  # fields each of the right kind (weights.py checked them) that do not fit together: say which file or folder
+        args = ModelArgs(**config)
+    except ValueError as e:
+        raise ValueError(f"the configuration in {path!r} does not fit together: {e}") from None
+    args = args if max_seq_len is None else replace(args, max_seq_len=max_seq_len)
     try:
         with torch.device("meta"):
             model = cls(args)
@@ -506,12 +506,11 @@ def _meta_model(cls, args, state, path):
 def saved_model(model_args, state, path):
     """(ModelArgs, state) of a model saved as {"model_args": asdict(args), "model": name -> tensor} (train.py's
     model.pt), checked as from_pretrained checks a checkpoint folder, before any memory is allocated: a ValueError
-    naming path for a field of the wrong kind or a weight not floating point or holding NaN or inf (check_saved), or
-    a weight missing (a model built without it would train on whatever memory to_empty left), unknown or misshapen."""
+    naming path for a field of the wrong kind or a weight not floating point or holding NaN or inf (check_saved), for
+    fields that do not fit together, or a weight missing (a model built without it would train on whatever memory
+    to_empty left), unknown or misshapen."""
     weights.check_saved(model_args, state, path, {f.name for f in fields(ModelArgs)})
-    args = ModelArgs(**model_args)
-    _meta_model(Transformer, args, state, path)
-    return args, state
+    return _meta_model(Transformer, model_args, state, path).args, state
 
 
 def sample(logits, temperature, top_p, generator=None):

@@ -32,17 +32,19 @@ from files import blocked_parent, flag_path, read_json, remove_stale_temporaries
 # Metrics
 
 
-def normalize_answer(s):
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces. Unicode
+def normalize_answer(s, articles=False):
+    """SQuAD's normalisation: lower case, no punctuation, no articles (unless articles=True), single spaces. Unicode
     punctuation ("。") goes too; SQuAD's ASCII list would keep it."""
     s = "".join(c for c in s.lower() if c not in string.punctuation and not unicodedata.category(c).startswith("P"))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+    return " ".join((s if articles else re.sub(r"\b(a|an|the)\b", " ", s)).split())
 
 
 def exact_match(prediction, answers):
-    """1.0 if the prediction equals any answer alias after normalisation, else 0.0."""
+    """1.0 if the prediction equals any answer alias after normalisation, else 0.0. An alias of articles alone (the
+    band "The The") keeps them, as does a prediction of articles alone: SQuAD's "" would match an empty answer."""
     answers = [answers] if isinstance(answers, str) else answers
-    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+    key = lambda s: normalize_answer(s) or normalize_answer(s, articles=True)
+    return float(any(key(prediction) == key(a) for a in answers))
 
 
 # "Answer: B", "The correct option is B", "label: entailment" -> what follows the prefix

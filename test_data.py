@@ -1734,6 +1734,28 @@ def test_a_damaged_hf_tokenizer_config_is_named_as_such(tmp_path, damage):
     assert str(error.value).startswith(f"{config} {says}") and str(error.value).endswith(f" {fix}")
 
 
+def test_a_tokenizer_config_giving_a_key_twice_or_over_64_mib_is_refused_as_config_json_is(tmp_path, monkeypatch):
+    """json keeps the last of a repeated key: an eos_token given twice set the EOS without a word (config.json and
+    params.json refuse it); and a file of gigabytes (a wrong file saved under the name) was read whole into memory."""
+    folder = hf_tokenizer_folder(tmp_path / "t")
+    config = folder / "tokenizer_config.json"
+    fix = "put the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json"
+    config.write_text('{"bos_token": null,\n "eos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}')
+    with pytest.raises(UserError) as error:
+        Tokenizer(folder)
+    assert str(error.value) == (f"{config} line 1 gives the key 'eos_token' twice (JSON would keep only the last "
+                                f"value); {fix}")
+    config.write_text('{"bos_token": null, "eos_token": "<|im_end|>", "added": {"eos_token": "<|endoftext|>"}}')
+    assert Tokenizer(folder).eos_id == Tokenizer(folder).specials["<|im_end|>"]  # one key in each of two objects
+    read, load = [], json.loads
+    monkeypatch.setattr(json, "loads", lambda text, **kw: (read.append(len(text)), load(text, **kw))[1])
+    os.truncate(config, (64 << 20) + 1)  # sparse: nothing written
+    with pytest.raises(UserError) as error:
+        Tokenizer(folder)
+    assert str(error.value) == f"{config} is over 64 MiB, far more than a configuration file holds; {fix}"
+    assert all(n < 1 << 20 for n in read)  # tokenizer.json's text, not the config's 64 MiB
+
+
 def test_an_unreadable_summary_json_is_named_not_a_traceback(tmp_path, tiny_spm):
     """TokenDataset opened summary.json without catching open's own error: PermissionError's traceback."""
     out = tmp_path / "out"

@@ -76,6 +76,25 @@ def test_exact_match_takes_the_best_alias_after_normalisation():
     assert exact_match("Paris", "paris") == 1.0
 
 
+def test_an_answer_of_articles_alone_is_matched_by_itself_not_by_an_empty_or_other_answer():
+    """SQuAD's normalisation leaves nothing of "The The" (a band) or "A" (vitamin A), so an empty answer, or "the",
+    matched them; such an alias keeps its articles. Every other alias is compared as SQuAD compares it."""
+    qa = CME_TASKS["triviaqa"]
+    for alias, right, wrong in (("The The", ["The The.", "the the", " THE  THE! "], ["", "the", "The", "a an", "."]),
+                                ("A", ["A", "a.", "(a)"], ["", "the", "an", "B", "A A"]),
+                                ("an", ["An"], ["", "a"])):
+        record = qa_record("Name it.", [alias])
+        for answer in right:
+            assert exact_match(answer, [alias]) == qa.score(answer, record) == 1.0, (alias, answer)
+        for answer in wrong:
+            assert exact_match(answer, [alias]) == qa.score(answer, record) == 0.0, (alias, answer)
+    assert exact_match("", ["The The", "the"]) == 0.0 and exact_match("The", ["Paris", "The"]) == 1.0
+    for prediction, alias in (("The Indian Ocean", "indian ocean"), ("the", "Paris"), ("", "Paris"),
+                              ("a Paris", "Paris"), ("the the", "The Who"), ("Who", "The Who"), ("an", "an apple")):
+        squad = float(squad_normalize_answer(prediction) == squad_normalize_answer(alias))
+        assert exact_match(prediction, [alias]) == squad, (prediction, alias)
+
+
 @pytest.mark.parametrize("prediction", ["B", "b", "(B)", "(b)", "[B]", "B.", "B)", "B. Paris", "B) Paris",
                                         "B.cellular telephone", "Answer: B", "answer: (B)", "The answer is B",
                                         "The correct option is B.", " B\n", "b. Paris", "b: Paris",

@@ -1673,6 +1673,7 @@ def test_torchrun_processes_take_their_nodes_own_gpu_over_nccl_and_join_over_glo
     GPUs join over NCCL, CPU processes over gloo. Nothing is started: CUDA and the process group are stood in for."""
     devices, backends = [], []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     monkeypatch.setattr(machine.dist, "init_process_group", lambda backend: backends.append(backend))
     for name, value in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4").items():
@@ -1681,6 +1682,33 @@ def test_torchrun_processes_take_their_nodes_own_gpu_over_nccl_and_join_over_glo
     assert machine.setup_distributed(cfg) == (3, 4, torch.device("cuda", 1))
     assert machine.setup_distributed({**cfg, "device": "cpu"}) == (3, 4, torch.device("cpu"))
     assert devices == [1] and backends == ["nccl", "gloo"]
+
+
+@conftest.needs_distributed_torch
+@pytest.mark.parametrize("visible", [1, 2])
+def test_a_local_rank_past_the_visible_gpus_is_one_sentence_before_a_gpu_is_taken(monkeypatch, visible):
+    """torchrun --nproc_per_node=4 on a node that shows fewer GPUs (or CUDA_VISIBLE_DEVICES too short): the process
+    with LOCAL_RANK past them got torch's "invalid device ordinal" from set_device. Now one sentence names LOCAL_RANK,
+    the count and both fixes, before any GPU is chosen, any group joined or any model built; CPU processes need none."""
+    devices, backends = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(machine.dist, "init_process_group", lambda backend: backends.append(backend))
+    for name, value in dict(RANK="2", LOCAL_RANK="2", WORLD_SIZE="4").items():
+        monkeypatch.setenv(name, value)
+    gpus, processes = ("1 CUDA GPU", "1 process") if visible == 1 else (f"{visible} CUDA GPUs", f"{visible} processes")
+    for device in ("auto", "cuda"):
+        with pytest.raises(UserError) as error:
+            machine.setup_distributed({"device": device, "compile": False})
+        assert str(error.value) == (f"LOCAL_RANK=2 but this node shows {gpus}; run at most {processes} a node "
+                                    f"(torchrun --nproc_per_node={visible}), or make more GPUs visible "
+                                    "(CUDA_VISIBLE_DEVICES).")
+    assert devices == [] and backends == []
+    assert machine.setup_distributed({"device": "cpu", "compile": False}) == (2, 4, torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_RANK", str(visible - 1))  # the node's last GPU is its own
+    assert machine.setup_distributed({"device": "auto", "compile": False}) == (2, 4, torch.device("cuda", visible - 1))
+    assert devices == [visible - 1] and backends == ["gloo", "nccl"]
 
 
 def test_keep_slices_changes_and_says_nothing_unless_a_resume_runs_on_another_number_of_processes(capsys):

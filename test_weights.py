@@ -691,6 +691,24 @@ def test_a_config_json_or_params_json_whose_link_leads_nowhere_is_named_as_a_bro
                                    "exist); download it again")
 
 
+def test_a_configuration_file_over_64_mib_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """json reads a file whole: a weight file saved as config.json (gigabytes) filled memory before it was found not to
+    be JSON. Real configuration files hold kilobytes; one over 64 MiB (here sparse: nothing written) is named unread."""
+    read, load = [], json.load
+    monkeypatch.setattr(json, "load", lambda f, **kw: (read.append(f.name), load(f, **kw))[1])
+    for layout, name in (("bin", "config.json"), ("meta", "params.json"),
+                         ("bin index", "pytorch_model.bin.index.json")):
+        folder = tmp_path / layout
+        folder.mkdir()
+        write_single_file_dir(folder, layout)
+        os.truncate(folder / name, (64 << 20) + 1)  # its own text, then zero bytes, as a cut-off copy holds
+        with pytest.raises(ValueError) as error:
+            Transformer.from_pretrained(folder)
+        assert_one_sentence(error, f"{folder / name} is over 64 MiB, far more than a configuration file holds; "
+                                   "download it again from the checkpoint's source")
+    assert read == [str(tmp_path / "bin index" / "config.json")]  # the index's folder: its config.json, of kilobytes
+
+
 @pytest.mark.parametrize("layout, name", [("bin", "config.json"), ("meta", "params.json"), ("meta", "weights"),
                                           ("bin index", "pytorch_model.bin.index.json"), ("safetensors", "weights")])
 @pytest.mark.parametrize("kind", ["named pipe", "folder"])
@@ -1714,6 +1732,17 @@ def test_a_config_json_whose_head_counts_do_not_fit_together_is_refused_naming_t
         Transformer.from_pretrained(tmp_path)
     assert_one_sentence(error, f"the configuration in {str(tmp_path)!r} does not fit together: n_heads=4 is not a "
                         "multiple of n_kv_heads=3")
+
+
+@pytest.mark.parametrize("changes, message", [(dict(n_kv_heads=3), "n_heads=4 is not a multiple of n_kv_heads=3"),
+                                             (dict(dim=26, head_dim=None), "dim=26 must split into n_heads=4 heads")])
+def test_a_saved_model_whose_fields_do_not_fit_together_is_refused_naming_the_file(changes, message):
+    """Each field of the right kind, together refused by ModelArgs: its sentence alone named no file (a model.pt given
+    as init_from read as if about a setting of the run), as a folder's config.json is named above."""
+    with pytest.raises(ValueError) as error:
+        saved_model(*saved_tiny(**changes), os.path.join("runs", "base", "model.pt"))
+    where = repr(os.path.join("runs", "base", "model.pt"))
+    assert_one_sentence(error, f"the configuration in {where} does not fit together: {message}")
 
 
 @pytest.mark.parametrize("layout", ["bin", "model.pt"])

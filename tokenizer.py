@@ -184,7 +184,8 @@ class Tokenizer:
         self.hf.encode_special_tokens = True
         config_file = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
         fix = "put the checkpoint's unmodified tokenizer_config.json next to its tokenizer.json"
-        config = read_json(config_file, fix) if os.path.exists(config_file) else {}  # a folder or a pipe is named
+        # a folder or a pipe is named; a key given twice (json keeps the last) or a file of gigabytes is refused
+        config = read_json(config_file, fix, records=True, limit=64 << 20) if os.path.exists(config_file) else {}
 
         def token(key):  # a string, an AddedToken dict ({"content": ...}) or null
             value = config.get(key)

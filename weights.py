@@ -117,6 +117,8 @@ def _read_json(file):  # not files.read_json: model.py and weights.py are copied
     """The JSON object in a checkpoint's configuration file; a ValueError naming the file if it is not one."""
     again = "download it again from the checkpoint's source"
     _check_regular(file)
+    if os.path.isfile(file) and os.path.getsize(file) > 64 << 20:  # json reads it whole: a wrong file's gigabytes
+        raise ValueError(f"{file} is over 64 MiB, far more than a configuration file holds; {again}")
     try:
         with open(file, encoding="utf-8-sig") as f:  # past a UTF-8 BOM, as files.read_json and an editor take it
             value = json.load(f, object_pairs_hook=_unique_keys)
@@ -267,11 +269,9 @@ def _meta_split_dim(name, part, dim):
     # Meta's model-parallel shards (fairscale): column-parallel layers (wq, wk, wv, w1, w3, output)
     # split their output rows, row-parallel ones (wo, w2) their input columns. The embedding is
     # split along the embedding dim in LLaMA 2 and along the vocabulary in LLaMA 3.
-    if name.endswith(("wo.weight", "w2.weight")):
-        return 1
     if name == "tok_embeddings.weight":
         return 0 if part.shape[1] == dim else 1
-    return 0
+    return 1 if name.endswith(("wo.weight", "w2.weight")) else 0
 
 
 def hf_to_meta_qk(w, n_heads):
@@ -461,8 +461,7 @@ def _read_safetensors(file):
         from safetensors import safe_open
     except ImportError:
         raise ImportError(f"reading {file} needs the safetensors package: pip install safetensors (or load Meta's "
-                          "consolidated.*.pth files, e.g. the original/ folder of a Hugging Face "
-                          "download)") from None
+                          "consolidated.*.pth files, e.g. the original/ folder of a Hugging Face download)") from None
     try:
         with safe_open(file, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
