@@ -27,6 +27,10 @@ import train
 from data import prepare
 from minicme import make_suite
 
+# torch.compile's C++ compiled in this process, not in a pool of worker processes that each import torch first: for the
+# tests' few small graphs the pool costs more than it saves (the same code is generated either way). Read when inductor
+# is first imported (not by `import torch`); one set outside wins.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 HERE = Path(__file__).resolve().parent
 _candidates = [os.environ.get("TEAMLORA_FIXTURES", ""), HERE / "shared" / "fixtures",
                HERE.parent / "shared" / "fixtures"]

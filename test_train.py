@@ -1308,24 +1308,31 @@ def _flags(run_data, out, *more):
             "--eval_interval=2", "--eval_iters=1", "--r=8", "--dropout=0.0", "--device=cpu", f"--out_dir={out}", *more]
 
 
+@pytest.fixture(scope="module")
+def one_process_run(run_data, tmp_path_factory):
+    """The adapters of one process with 2 accumulation steps: the reference every torchrun run below must equal (the
+    same run for each, made once; read only)."""
+    out = tmp_path_factory.mktemp("one") / "one"
+    one = _run([sys.executable, "train.py", *_flags(run_data, out, "--grad_accum=2", "--dropout=0.1")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    return torch.load(out / "adapter.pt", weights_only=True)
+
+
 @conftest.needs_distributed_torch
 @pytest.mark.parametrize("mode, nproc", [("ddp", 2), ("fsdp", 2), ("fsdp", 1)])
-def test_torchrun_equals_one_process(run_data, tmp_path, mode, nproc):
+def test_torchrun_equals_one_process(run_data, one_process_run, tmp_path, mode, nproc):
     """The global batch is cut the same way for 2 processes as for 1 process with 2 accumulation
     steps, dropout masks too, so the adapters must agree to float rounding (gloo on CPU). FSDP2 also shards under
     torchrun with one process (what a one-GPU machine can check of it), there with activation checkpointing, as the
     7B recipes run: each block recomputed in backward, its dropout masks and the balance loss's gradient too."""
-    one = _run([sys.executable, "train.py", *_flags(run_data, tmp_path / "one", "--grad_accum=2", "--dropout=0.1")])
-    assert one.returncode == 0, one.stderr[-2000:]
     # "--": torchrun would eat --r=8
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
                 "--", *_flags(run_data, tmp_path / "two", f"--fsdp={mode == 'fsdp'}", f"--grad_accum={3 - nproc}",
                               "--dropout=0.1", f"--activation_checkpointing={nproc == 1}")])
     assert two.returncode == 0, two.stdout[-1000:] + two.stderr[-3000:]
     assert "step 4/4: loss" in two.stdout  # printed before the processes leave with os._exit
-    a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=True)
-    assert_same_adapters(a, b, atol=1e-6)
+    assert_same_adapters(one_process_run, b, atol=1e-6)
     assert any(t.abs().sum() > 0 for n, t in b.items() if n.endswith("lora_B"))  # it trained
     keys = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["optimizer"]["state"].keys()
     assert keys and (all(isinstance(k, str) for k in keys) == (mode == "fsdp"))  # FSDP2 keys by name: it sharded
@@ -1824,7 +1831,6 @@ def test_compile_without_a_cpu_compiler_is_one_sentence_before_anything_runs(run
     assert machine.resolve_device({"device": "cuda", "compile": True}) == "cuda"
 
 
-@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "clang++")), reason="needs a C++ compiler")
 class _GradRecorder(torch.optim.SGD):
     """An optimizer for train_step that changes nothing and keeps the gradients it was handed."""
     def __init__(self, params):
@@ -1835,6 +1841,7 @@ class _GradRecorder(torch.optim.SGD):
         self.grads = [p.grad.clone() for p in self.param_groups[0]["params"]]
 
 
+@pytest.mark.skipif(not any(__import__("shutil").which(c) for c in ("g++", "clang++")), reason="needs a C++ compiler")
 def test_compile_compiles_each_block_and_trains_like_eager(run_data, tmp_path):
     """Compiled blocks give eager's losses over a run and eager's gradients in a step (every adapter tensor to 1e-4
     of its largest gradient). The adapters after AdamW steps are not compared element by element: AdamW's first
