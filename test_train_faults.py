@@ -1015,6 +1015,19 @@ def test_run_files_that_are_folders_and_settings_that_would_be_ignored_are_refus
     assert not any((tmp_path / d).exists() for d in "bcdef") and os.listdir(tmp_path / "a") == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("how", [[], ["--init_from=resume"], ["--dry_run=True"]])
+def test_re_scoring_a_run_trained_without_eval_dir_asks_for_one_rather_than_scoring_nothing(run_data, tmp_path, capsys,
+                                                                                            how):
+    """A re-scoring takes the run's eval_dir, empty for a run trained with --eval_dir=: it then exited 0 having printed
+    and written nothing (no score, no validation loss, no results.json). Refused like --eval_dir= typed with it."""
+    out = finished_run(run_data, tmp_path / "run")
+    before = contents(out)
+    fails([f"--out_dir={out}", "--eval_only=True", *how], capsys, "eval_only=True", "set --eval_dir")
+    assert contents(out) == before
+    train.main([f"--out_dir={out}", "--eval_only=True", f"--eval_dir={run_data / 'test'}", "--eval_limit=1", *how])
+    assert "per GPU" in capsys.readouterr().out if how == ["--dry_run=True"] else (out / "results.json").is_file()
+
+
 def test_flags_override_config_files_wherever_they_stand(tmp_path):
     (tmp_path / "c.py").write_text("max_iters = 5\nr = 16\n")
     cfg = train.parse_config(["--max_iters=7", str(tmp_path / "c.py")])

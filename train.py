@@ -135,8 +135,6 @@ def check_config(cfg):
         if not str(cfg[key]).strip():
             raise UserError(f"config key '{key}' is empty; give it a path (see the defaults in train.py).")
     files.check_openable_by_torch(cfg, ("out_dir", "tokenizer", "init_from"), ("data_dir", "eval_dir"))
-    if cfg["eval_only"] and not cfg["eval_dir"]:  # command line only: a run trained without one re-scores its val loss
-        raise UserError("eval_only=True scores the run on eval_dir, which is empty; set --eval_dir.")
     choices = {"adapter": ("teamlora", "moelora", "hydralora", "lora", "none"), "dtype": ("float32", "bfloat16"),
                "batch_mode": ("pad", "pack"), "balance_reduction": ("mean", "sum"), "model": tuple(PRESETS)}
     if not (cfg["competition"] is None or type(cfg["competition"]) is bool):  # 0 == False, yet `0 is not False`
@@ -159,6 +157,8 @@ def check_config(cfg):
 
 def check_combination(cfg, fix="lower --batch_size"):
     """The refusals of settings that do not go together: a resume's are checked once merged with its run's."""
+    if cfg["eval_only"] and not cfg["eval_dir"]:  # here: a resume's is its run's, unless --eval_dir says otherwise
+        raise UserError("eval_only=True scores the run on eval_dir, which is empty; set --eval_dir.")
     if cfg["adapter"] != "none" and not cfg["targets"].strip(" ,"):
         raise UserError("config key 'targets' is empty; name the linear layers to adapt, e.g. --targets=w1,w2,w3.")
     if cfg["competition"] and cfg["adapter"] in ("lora", "none", "hydralora"):
