@@ -1754,6 +1754,8 @@ def test_a_tokenizer_config_giving_a_key_twice_or_over_64_mib_is_refused_as_conf
         Tokenizer(folder)
     assert str(error.value) == f"{config} is over 64 MiB, far more than a configuration file holds; {fix}"
     assert all(n < 1 << 20 for n in read)  # tokenizer.json's text, not the config's 64 MiB
+    config.write_text('{"bos_token": null, "eos_token": "<|im_end|>"}'.ljust(64 << 20))  # 64 MiB exactly: not over
+    assert Tokenizer(folder).eos_id == Tokenizer(folder).specials["<|im_end|>"]
 
 
 def test_an_unreadable_summary_json_is_named_not_a_traceback(tmp_path, tiny_spm):

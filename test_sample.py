@@ -346,6 +346,15 @@ def test_a_ckpt_pts_config_that_train_py_refuses_is_named_as_the_runs_not_fixed_
                    "if it was edited, put back the run's own value, else train the run again.")
 
 
+def test_without_fix_cuts_at_the_first_semicolon_outside_the_config_values_that_the_sentence_quotes():
+    """train.py's refusals that quote a value holding "; " give no fix after it, so the test above cuts nowhere: here
+    sentences of a problem, then a fix, check where the cut falls."""
+    assert sample.without_fix("got 'a; b'; use c.", ["a; b", 3]) == "got 'a; b'"  # not inside the value
+    assert sample.without_fix("got 'a\\\\; b'; use c.", ["a\\; b"]) == "got 'a\\\\; b'"  # quoted as repr escapes it
+    assert sample.without_fix("got '; '; use c.", ["; "]) == "got '; '"  # a "; " alone is no value to skip elsewhere
+    assert sample.without_fix("got 'a; b'.", ["a; b"]) == "got 'a; b'" and sample.without_fix("x; y", []) == "x"
+
+
 def test_a_base_folder_whose_weights_are_gone_is_one_sentence(runs, tmp_path, capsys):
     """weights.py says a missing weight file with a FileNotFoundError, which train.py prints as one sentence and
     sample.py printed as a traceback."""

@@ -2174,9 +2174,31 @@ def test_a_folder_named_as_a_chart_is_said_before_the_runs_and_kept_not_failed_o
     assert capsys.readouterr().err == "" and saved == ["png"] and chart.is_dir()
 
 
+def test_each_chart_of_a_folder_is_said_before_the_runs_and_a_chart_not_drawn_is_not_said_after(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """check_out names expert_load.png as it does loss.png; pngs says a folder of a chart's name only for a chart it
+    would draw (no TeamLoRA run: no expert load), and has matplotlib draw into files (Agg), not onto a screen."""
+    saved, backends = stand_in_matplotlib(monkeypatch), []
+    monkeypatch.setattr(sys.modules["matplotlib"], "use", backends.append)
+    fix = "rename it, then run the study again with --report to write the report and charts."
+    out = tmp_path / "study"
+    charts = [out / name for name in study.CHARTS]
+    for chart in charts + [out / "select"]:  # select/: a study's folder
+        chart.mkdir(parents=True)
+    study.check_out(str(out))
+    assert capsys.readouterr().err == "".join(f"note: {c} is a folder, not a file, and is kept; {fix}\n"
+                                              for c in charts)
+    charts[0].rmdir()
+    run = {"curve": [(1, 2.0)], "config": {"seed": 1}}
+    assert study.pngs({"lora32": [run]}, str(out)) == [str(charts[0])] and saved == ["png"]
+    assert capsys.readouterr().err == "" and charts[1].is_dir() and backends and set(backends) == {"Agg"}
+
+
 @pytest.mark.parametrize("case", ["a results.json giving a key twice", "a diverged.json giving a key twice",
                                   "an empty diverged.json", "a diverged.json of a list",
-                                  "a diverged.json whose config is no object", "a diverged.json that is a folder"])
+                                  "a diverged.json whose config is no object", "a diverged.json that is a folder",
+                                  "a diverged.json whose link leads nowhere",
+                                  "a results.json giving its config twice, the last of other settings"])
 def test_a_key_given_twice_or_a_damaged_diverged_json_is_refused_before_anything_trains(tmp_path, capsys, monkeypatch,
                                                                                        case):
     """json keeps a repeated key's last value unsaid: a results.json giving "scores" twice was averaged on one of them
@@ -2206,6 +2228,12 @@ def test_a_key_given_twice_or_a_damaged_diverged_json_is_refused_before_anything
         "a diverged.json whose config is no object": (study.DIVERGED, '{"config": "teamlora"}',
                                                       'is no diverged run\'s record (no "config")'),
         "a diverged.json that is a folder": (study.DIVERGED, None, "is a folder, not a file"),
+        "a diverged.json whose link leads nowhere": (study.DIVERGED, ..., "can not be read (No such file or "
+                                                                          "directory)"),
+        # not compared by its last config (json's): "was made with seed=7" would name a setting the run never had
+        "a results.json giving its config twice, the last of other settings": (
+            "results.json", finished[:-1] + ', "config": ' + json.dumps(config | {"seed": 7}) + "}",
+            "line 1 gives the key 'config' twice (JSON would keep only the last value)"),
     }[case]
     if name == study.DIVERGED:  # a run of this study that diverged: taken as such
         (folder / "results.json").unlink()
@@ -2216,6 +2244,9 @@ def test_a_key_given_twice_or_a_damaged_diverged_json_is_refused_before_anything
     if text is None:
         (folder / name).unlink()
         (folder / name).mkdir()
+    elif text is ...:  # os.path.exists calls it missing: the run was trained again
+        (folder / name).unlink()
+        (folder / name).symlink_to(tmp_path / "gone")
     else:
         (folder / name).write_text(text)
     assert script_error(study.main, argv, capsys) == \

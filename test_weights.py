@@ -707,6 +707,11 @@ def test_a_configuration_file_over_64_mib_is_refused_before_it_is_read(tmp_path,
         assert_one_sentence(error, f"{folder / name} is over 64 MiB, far more than a configuration file holds; "
                                    "download it again from the checkpoint's source")
     assert read == [str(tmp_path / "bin index" / "config.json")]  # the index's folder: its config.json, of kilobytes
+    folder = tmp_path / "exactly"
+    folder.mkdir()
+    write_single_file_dir(folder, "bin")
+    (folder / "config.json").write_text((folder / "config.json").read_text().ljust(64 << 20))  # 64 MiB: not over
+    assert isinstance(Transformer.from_pretrained(folder), Transformer)
 
 
 @pytest.mark.parametrize("layout, name", [("bin", "config.json"), ("meta", "params.json"), ("meta", "weights"),
