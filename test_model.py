@@ -427,8 +427,9 @@ def test_grouped_query_attention_matches_naive_attention_over_repeated_heads():
     assert not torch.allclose(w[0], w[1])
 
 
-def test_transformer_and_cached_generation_match_a_naive_llama_with_grouped_query_heads():
-    model = tiny_model(seed=7)
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])  # LLaMA 2's and 3's: each rotates q and k by its own
+def test_transformer_and_cached_generation_match_a_naive_llama_with_grouped_query_heads(theta):
+    model = tiny_model(seed=7, rope_theta=theta)
     assert model.args.n_kv_heads < model.args.n_heads
     tokens = torch.randint(0, model.args.vocab_size, (2, 11))
     torch.testing.assert_close(logits_of(model, tokens), naive_llama(model, tokens), atol=1e-4, rtol=1e-4)

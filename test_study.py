@@ -367,6 +367,16 @@ def test_a_log_whose_loss_curve_is_no_numbers_is_a_damaged_run_not_a_traceback_i
         study.read_results(str(tmp_path))
 
 
+def test_the_loss_curve_is_the_logged_training_losses_alone_not_the_validation_lines_between_them(tmp_path):
+    """train.py's log.jsonl holds training lines (step, loss, lr, ...) and validation lines (step, val_loss) of the
+    same steps: the curve, which the chart and its mean over seeds read step by step, is the training losses alone."""
+    (tmp_path / "results.json").write_text(json.dumps(COMPLETE))
+    lines = [{"step": 10, "loss": 3.0, "lr": 1e-3}, {"step": 20, "loss": 2.0, "lr": 1e-3},
+             {"step": 20, "val_loss": 9.0}, {"step": 30, "loss": 1.0, "lr": 1e-3}, {"step": 30, "val_loss": 8.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert study.read_results(str(tmp_path))["curve"] == [(10, 3.0), (20, 2.0), (30, 1.0)]
+
+
 def test_a_loss_chart_of_runs_that_logged_only_step_0_is_drawn():
     """The chart's x axis runs to the last logged step: one of 0 divided by zero."""
     chart = "\n".join(study.loss_chart({"lora32": [{"curve": [(0, 2.0)]}], "teamlora": [{"curve": [(0, 1.0)]}]}))
