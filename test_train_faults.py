@@ -3158,6 +3158,18 @@ def test_resuming_a_finished_run_at_its_own_max_iters_trains_nothing_and_is_not_
     assert contents(out)["ckpt.pt"] == before
 
 
+def test_resuming_a_run_past_a_lower_max_iters_is_refused_in_one_sentence_and_leaves_its_files(run_data, tmp_path,
+                                                                                                capsys):
+    """A resume whose --max_iters is below the step its ckpt.pt is at has no step to train and would end where
+    max_iters says it had not reached: it is refused before anything is written, naming both ways on."""
+    out = finished_run(run_data, tmp_path / "run")
+    before = contents(out)
+    fails(train_flags(run_data, out, "--max_iters=2", "--eval_interval=2", "--eval_dir=", "--init_from=resume"),
+          capsys, f"{out / 'ckpt.pt'} is at step 4, past max_iters=2: raise --max_iters to train on, or pass "
+          "--eval_only=True to score it.")
+    assert contents(out) == before
+
+
 def test_an_init_from_that_does_not_exist_is_one_sentence_with_the_word_it_was_likely_meant_to_be(run_data, tmp_path,
                                                                                                      capsys):
     fails(train_flags(run_data, tmp_path / "a", "--init_from=resum"), capsys, "init_from 'resum' does not exist; did "
