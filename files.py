@@ -1,13 +1,13 @@
 """
-Files every script writes, written so that nothing is lost: a file is whole or absent (write_atomic), the
-temporary names of a killed process are cleaned up only when that process is gone (remove_stale_temporaries),
-a folder that can not be written is found before any work (blocked_parent), not at the first write, a folder
-that one process writes is refused to a second one while the first runs (hold; lost tells the first that its lock
-file was deleted), a named pipe or a device given as a file to read is named (special_file) instead of read forever,
-a set of files goes into a folder with the one that says the set is complete last, once the others are on disk
-(move_into), a file a script writes again at each run (a report) replaces only the one it wrote, never a user's own
-or one edited since (write_own, kept), and every script reads a JSON file one way (read_json): whatever is wrong with
-it is one sentence naming the file and the fix. A run's paths are checked before it starts: a name torch can not
+Files every script writes, written so that nothing is lost: a file is whole or absent (write_atomic), the temporary
+names of a killed process are cleaned up only when that process is gone (remove_stale_temporaries), a folder that can
+not be written is found before any work (blocked_parent), not at the first write, a folder that one process writes is
+refused to a second one while the first runs (hold; held_by names the first without holding the folder; lost tells the
+first that its lock file was deleted), a named pipe or a device given as a file to read is named (special_file) instead
+of read forever, a set of files goes into a folder with the one that says the set is complete last, once the others are
+on disk (move_into), a file a script writes again at each run (a report) replaces only the one it wrote, never a user's
+own or one edited since (write_own, kept), and every script reads a JSON file one way (read_json): whatever is wrong
+with it is one sentence naming the file and the fix. A run's paths are checked before it starts: a name torch can not
 open, not being UTF-8 text (check_openable_by_torch), and the tokenizer or base of a run resumed, re-scored or sampled
 that is gone since it ran (check_run_paths).
 """
@@ -237,6 +237,31 @@ def hold(folder, names=None):
                     return f"process {pid}" if pid else "another process"
     remove_stale_temporaries(folder, names)
     return None
+
+
+def held_by(folder):
+    """Who holds folder now, as hold would refuse it ("process PID" or "another process"), else None (this process,
+    nobody, no lock file): seen without holding it, so nothing is made or removed (a dry run's note). Linux's
+    /proc/locks names the holder without touching the lock; elsewhere a shared lock is tried and let go at once."""
+    if fcntl is None:  # Windows: folders are not held (and os has no O_NOFOLLOW)
+        return None
+    try:  # O_NONBLOCK: a named pipe of that name is not waited on
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in _held:
+            return None
+        if pid := lock_holder(st):
+            return f"process {pid}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go with the descriptor, below
+        except OSError as e:
+            return "another process" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+        return None
+    finally:
+        os.close(fd)
 
 
 def let_go(folder):

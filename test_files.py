@@ -274,6 +274,34 @@ def test_let_go_lets_another_process_hold_the_folder_and_a_finished_run_has_let_
     other.wait()
 
 
+def test_held_by_names_a_live_holder_without_holding_the_folder_nor_making_anything(tmp_path, monkeypatch):
+    """A dry run asks who holds its out_dir: the live holder's process, as hold's refusal names it, also where only
+    the lock itself says so (no /proc/locks); the holder keeps the folder (a third process is refused) and once it
+    ends the next one holds it. A folder nobody holds, one not there, and this process's own are None, and asking
+    makes neither the folder nor its lock file."""
+    folder, nowhere = tmp_path / "run", tmp_path / "nowhere"
+    assert files.held_by(str(nowhere)) is None and not nowhere.exists()
+    other = held_by_another_process(folder)
+    try:
+        assert files.held_by(str(folder)) == f"process {other.pid}"
+        with monkeypatch.context() as m:
+            m.setattr(files, "lock_holder", lambda st: None)
+            assert files.held_by(str(folder)) == "another process"
+        third = subprocess.run([sys.executable, "-c", "import sys, files; print(files.hold(sys.argv[1]))", str(folder)],
+                               cwd=os.path.dirname(files.__file__), capture_output=True, text=True)
+        assert third.stdout == f"process {other.pid}\n"
+    finally:
+        other.kill()
+        other.wait()
+    monkeypatch.setattr(files, "lock_holder", lambda st: None)  # the lock tried: let go at once
+    assert files.held_by(str(folder)) is None
+    next_one = held_by_another_process(folder)  # asserts it holds it
+    next_one.kill()
+    next_one.wait()
+    assert files.hold(str(folder)) is None and files.held_by(str(folder)) is None
+    files.let_go(str(folder))
+
+
 def test_hold_makes_the_folder_and_never_writes_its_lock_file_nor_follows_a_link_of_that_name(tmp_path):
     assert files.hold(str(tmp_path / "new" / "run")) is None and os.listdir(tmp_path / "new" / "run") == [files.LOCK]
     mine = tmp_path / "mine"

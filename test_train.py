@@ -24,6 +24,7 @@ import checkpoint
 import conftest
 import data
 import evaluation
+import files
 import machine
 import minicme
 import model
@@ -1075,6 +1076,28 @@ def test_the_readmes_dry_run_output_is_what_the_dry_run_prints(monkeypatch, caps
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True"]))
     assert capsys.readouterr().out == shown
+
+
+@pytest.mark.usefixtures("at_a_fresh_root")
+def test_a_dry_run_of_an_out_dir_a_live_run_holds_plans_it_and_adds_that_the_run_itself_would_be_refused(
+        tmp_path, monkeypatch, capsys):
+    """The dry run holds no folder (it writes nothing), so it planned a live run's out_dir as if it were free, though
+    the run itself is refused there: it prints the same plan and one line more naming the live process, which keeps
+    the folder. A free out_dir gets no such line and is not made."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    recipe, free, out = ["config/cme_llama2_7b.py", "--dry_run=True"], tmp_path / "free", tmp_path / "live"
+    train.train(train.parse_config([*recipe, f"--out_dir={free}"]))
+    plan = capsys.readouterr().out
+    assert "in use" not in plan and not free.exists()
+    other = conftest.held_by_another_process(out)
+    try:
+        train.train(train.parse_config([*recipe, f"--out_dir={out}"]))
+        assert capsys.readouterr().out == plan + f"note: out_dir {out} is in use by process {other.pid}: the run " \
+            "itself is refused until that one ends\n"
+        assert files.held_by(str(out)) == f"process {other.pid}"
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.usefixtures("at_a_fresh_root")

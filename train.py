@@ -62,7 +62,7 @@ init_from = "data/mini_cme/base.pt"  # "scratch", "resume", a .pt written by tra
 model = "small"  # the ModelArgs preset of init_from="scratch" and of a dry run's base not on disk (the demo's excepted)
 activation_checkpointing = False  # recompute each block in backward: activation memory traded for a second forward
 compile = False  # torch.compile each transformer block (adapters inside); see bench.py for what it pays
-threads = 0  # CPU threads for torch; 0: the cores not already busy when the run starts (at least 1)
+threads = 0  # CPU threads for torch; 0: OMP_NUM_THREADS if set, else the cores not busy at the start (at least 1)
 tf32 = True  # CUDA: float32 matmuls (the adapters' under a bf16 base) on TF32 tensor cores; False: IEEE float32
 # adapter
 adapter = "teamlora"  # "teamlora", "moelora", "hydralora", "lora", or "none" (full training)
@@ -802,9 +802,8 @@ def check_full_config(cfg, say=print, ckpt=None):
     est = memory.addressable(memory.estimate(args, n_base, n_train, cfg, world, micro), cfg, micro)
     say(f"model {name}: {n_base:,} base parameters, "
         f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_hidden_dim}{vocab}")
-    experts = f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else ""
-    what = "none (full training)" if cfg["adapter"] == "none" else \
-        f"{cfg['adapter']} (r={cfg['r']}{experts}, targets={cfg['targets']})"
+    what = "none (full training)" if cfg["adapter"] == "none" else f"{cfg['adapter']} (r={cfg['r']}" + \
+        (f", experts={cfg['experts']}" if cfg["adapter"] in MULTI_EXPERT else "") + f", targets={cfg['targets']})"
     say(f"adapter {what}: {n_train:,} trainable parameters = {100 * n_train / n_base:.2f}% of the base (the paper's "
         "Params%)")
     gib = {k: f"{v / 2**30:.1f}" for k, v in est.items()}
@@ -815,6 +814,8 @@ def check_full_config(cfg, say=print, ckpt=None):
         f"logits up to {est['logits'] / 2**30:.1f}); a rough estimate, not a measurement")
     say(f"scoring, eval_batch_size {cfg['eval_batch_size']} x up to {cfg['max_len']} tokens: about {gib['scoring']} "
         f"GiB per GPU, {gib['kv_cache']} of it the KV cache; lower eval_batch_size where a GPU holds less")
+    if busy := files.held_by(cfg["out_dir"]):  # as claim_out_dir's hold would refuse it, seen without holding it
+        say(f"note: out_dir {cfg['out_dir']} is in use by {busy}: the run itself is refused until that one ends")
     return {"base_params": n_base, "trainable_params": n_train, "params_pct": 100 * n_train / n_base, "memory": est}
 
 
