@@ -2708,9 +2708,13 @@ def test_the_last_step_is_logged_and_checkpointed_and_a_resume_appends_to_the_lo
     assert_same_adapters(torch.load(out / "adapter.pt", weights_only=True), adapters_of(first["model"]))
     train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=5"]))
     assert logged("loss") == [2, 3, 4, 5] and logged("val_loss") == [2, 3, 4, 5]  # the curve of the whole run
-    # a finished run can be scored again with a max_iters below its step: eval_only trains nothing
-    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2", "--eval_only=True"]))
+    # a finished run can be scored again with a max_iters below its step: eval_only trains nothing (trained without
+    # an eval_dir, it is given one: a re-scoring on none is refused, test_train_faults)
+    assert not (out / "results.json").exists()
+    train.train(train.parse_config([f"--out_dir={out}", "--init_from=resume", "--max_iters=2", "--eval_only=True",
+                                    f"--eval_dir={run_data / 'test'}"]))
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 5 and logged("loss") == [2, 3, 4, 5]
+    assert json.loads((out / "results.json").read_text())["scores"]  # it scored
 
 
 
