@@ -199,6 +199,7 @@ def not_a_folder(path):
 LOCK = ".lock"
 _held = {}  # (device, inode) of each lock file this process holds -> its open descriptor, open until let_go or exit
 _taken = {}  # the path of each lock file this process took (hold) -> its (device, inode), for lost
+HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's errors for a lock another holds (else: no locks)
 
 
 def hold(folder, names=None):
@@ -232,7 +233,7 @@ def hold(folder, names=None):
                 _taken[os.path.abspath(path)] = (st.st_dev, st.st_ino)
             except OSError as e:
                 os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # else a filesystem without locks
+                if e.errno in HELD:  # else a filesystem without locks
                     pid = lock_holder(st)
                     return f"process {pid}" if pid else "another process"
     remove_stale_temporaries(folder, names)
@@ -258,7 +259,7 @@ def held_by(folder):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go with the descriptor, below
         except OSError as e:
-            return "another process" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+            return "another process" if e.errno in HELD else None
         return None
     finally:
         os.close(fd)
