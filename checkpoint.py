@@ -290,13 +290,16 @@ def check_tokenizer(ckpt, tok, path):
                         f"from the one {path} records); put that tokenizer back there.")
 
 
-def check_resumed_base_and_tokenizer(ckpt, weights, tok, path, cfg):
+def check_resumed_base_and_tokenizer(ckpt, weights, tok, path, cfg, say=print):
     """A resume's checks of what it reads besides the shards (train.py's dry run): the base's weights (None: not read)
-    and the tokenizer (None: not there yet) are those the run's ckpt.pt at path recorded, as restore checks."""
+    and the tokenizer (None: not there yet) are those the run's ckpt.pt at path recorded, as restore checks; a
+    re-scoring's note of a differing adapter.pt beside ckpt.pt, as restore gives it (say: the dry run's print)."""
     if weights is not None:
         check_base(ckpt, fingerprint(weights), cfg, path)
     if tok is not None:
         check_tokenizer(ckpt, tok, path)
+    if cfg["eval_only"]:
+        note_other_adapter(cfg, ckpt, path, say)
 
 
 def load_state(model, state, cfg, path):
@@ -425,7 +428,7 @@ def restore(r, raw, opt, ckpt):
     load_state(raw, ckpt["state"], r.cfg, path)
     set_training_state(raw, opt, ckpt, r, path)
     if r.cfg["eval_only"] and r.master:
-        note_other_adapter(r, ckpt, path)
+        note_other_adapter(r.cfg, ckpt, path, r.say)
     if r.master and not r.cfg["eval_only"]:  # a kill between the two writes left the adapter (or model.pt) behind
         save_weights(r, ckpt["state"])
         warn_older_masks(r, ckpt, path)
@@ -451,12 +454,12 @@ def warn_older_masks(r, ckpt, path):
               file=sys.stderr)
 
 
-def note_other_adapter(r, ckpt, path):
+def note_other_adapter(cfg, ckpt, path, say):
     """A re-scoring scores ckpt.pt's adapter (checked against the base ckpt.pt records). An adapter.pt beside it that
     differs (left behind by a save a stop cut short, or copied in from another run, of another base perhaps) is not
     what is scored: said, so that its scores are not taken for that file's; it is left as it is."""
-    other = os.path.join(r.cfg["out_dir"], "adapter.pt")
-    if r.cfg["adapter"] == "none" or not os.path.isfile(other):
+    other = os.path.join(cfg["out_dir"], "adapter.pt")
+    if cfg["adapter"] == "none" or not os.path.isfile(other):
         return
     try:
         state = load_pt(other, "adapter")
@@ -464,9 +467,9 @@ def note_other_adapter(r, ckpt, path):
     except (UserError, AttributeError, TypeError, RuntimeError):  # unreadable, or not tensors by name
         same = False
     if not same:
-        r.say(f"note: scoring the adapter in {path} (step {ckpt['iter']}), not the {other} beside it, which differs "
-              "(left behind by a stopped save, or copied in from another run); to score that adapter.pt alone, move "
-              f"ckpt.pt out of {r.cfg['out_dir']}", file=sys.stderr)
+        say(f"note: scoring the adapter in {path} (step {ckpt['iter']}), not the {other} beside it, which differs "
+            "(left behind by a stopped save, or copied in from another run); to score that adapter.pt alone, move "
+            f"ckpt.pt out of {cfg['out_dir']}", file=sys.stderr)
 
 
 def rng_state(dev):

@@ -39,13 +39,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from errors import Parser, UserError, at_a_terminal, ctrl_c_held, exit_with, run_script
+from errors import Parser, UserError, at_a_terminal, ctrl_c_held, exit_with, listed, run_script
 from files import (
     TOO_DEEP,
     blocked_parent,
     ends_in_a_long_integer,
     file_sha256,
     flag_path,
+    inside,
     json_kind,
     move_into,
     not_a_folder,
@@ -73,9 +74,9 @@ def _field(example, key, where, required=True, fix=_FIX):
     if not isinstance(example, dict):
         raise UserError(f"{where} is {json_kind(example)}, not an object; {fix}")
     if required and key not in example:
-        listed = [k for k, v in example.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
-        if listed:  # {"data": [records]}: the file holds one JSON object, not a list of records
-            raise UserError(f'{where} is one JSON object holding a list of records (under "{listed[0]}"), not a '
+        lists = [k for k, v in example.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if lists:  # {"data": [records]}: the file holds one JSON object, not a list of records
+            raise UserError(f'{where} is one JSON object holding a list of records (under "{lists[0]}"), not a '
                             "record; save that list itself as the file (a JSON list of records) or as JSONL")
         raise UserError(f'{where} has no "{key}"; {fix}')
     value = example.get(key)
@@ -251,6 +252,7 @@ def _chunks(paths, kinds, max_len, size=512):
 # prepare: records -> token shards
 
 _WORKER_TOKENIZER = None
+NO_MAIN_GUARD = 86  # the exit code of a worker whose start re-ran a script that calls prepare (see prepare)
 
 
 def _init_worker(tokenizer_path, worker_process=False):
@@ -320,9 +322,14 @@ def _map_ordered(fn, jobs, workers, tokenizer_path):
         while pending:
             yield pending.popleft().result()
     except BrokenProcessPool:
-        raise UserError("a worker process of prepare ended before its records were encoded (killed, or by the "
-                        "system for want of memory); run prepare again, with fewer --workers if memory is short") \
-            from None
+        started = pool._processes  # its workers by pid, ended ones too, which shutdown forgets but first reaps:
+        pool.shutdown(wait=True, cancel_futures=True)  # each one's exit code is known, and tells why the pool broke
+        unguarded = any(p.exitcode == NO_MAIN_GUARD for p in list(started.values()))
+        raise UserError(f"{getattr(sys.modules['__main__'], '__file__', 'the script')} runs data.prepare again in "
+                        "each worker process of prepare as the worker starts (Python's spawn imports the script anew); "
+                        "put the script's work under `if __name__ == \"__main__\":`" if unguarded else "a worker "
+                        "process of prepare ended before its records were encoded (killed, or by the system for want "
+                        "of memory); run prepare again, with fewer --workers if memory is short") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -400,15 +407,6 @@ def _foreign_files(folder, pid=None):
     return sorted(name for name in os.listdir(folder) if not own(name))
 
 
-def _inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _listed(names, most=3):
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
 def _remove_stale_prepare_folders(out_dir, keep):
     """Remove OUT.tmp-PID (and an older version's OUT.tmp-PID.old) folders that a killed prepare left,
     when that process no longer runs and the folder holds nothing but prepare's own files."""
@@ -422,7 +420,7 @@ def _remove_stale_prepare_folders(out_dir, keep):
         match = pattern.fullmatch(name)
         folder = os.path.join(parent, name)
         if not match or process_is_running(int(match.group(1))) or os.path.islink(folder) or not os.path.isdir(folder) \
-                or _foreign_files(folder, match.group(1)) or any(_inside(p, folder) for p in keep):
+                or _foreign_files(folder, match.group(1)) or any(inside(p, folder) for p in keep):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         if not os.path.exists(folder):
@@ -464,7 +462,7 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
         if os.path.exists(path) and os.path.realpath(path) == os.path.realpath(out_dir):
             raise UserError(f"--out {out_dir} is the {what} {'folder' if os.path.isdir(path) else 'file'} {path}; "
                             "choose another --out, a folder for the shards")
-        if os.path.exists(path) and _inside(path, out_dir):
+        if os.path.exists(path) and inside(path, out_dir):
             raise UserError(f"the {what} {path} is inside --out {out_dir}, whose files prepare replaces; keep the "
                             "inputs and the tokenizer elsewhere or choose another --out")
     if (kind := not_a_folder(out_dir)) not in (None, "a link to nothing"):  # that one is made at its target
@@ -476,12 +474,12 @@ def _check_out_dir(out_dir, inputs, tokenizer_path):
                         f"filesystem; give a folder inside it, e.g. --out {os.path.join(out_dir, 'shards')}")
     foreign = _foreign_files(out_dir)
     if foreign and "summary.json" not in foreign and os.path.isfile(os.path.join(out_dir, "summary.json")):
-        raise UserError(f"{out_dir} holds files that prepare did not write ({_listed(foreign)}) beside a previous "
+        raise UserError(f"{out_dir} holds files that prepare did not write ({listed(foreign)}) beside a previous "
                         "prepare's output; move them out or choose another --out")
     if foreign:
         theirs = f'; its summary.json is not prepare\'s (no "format": "{FORMAT}")' if "summary.json" in foreign else ""
         raise UserError(f"{out_dir} exists and is not the output of a previous prepare (it holds "
-                        f"{_listed(foreign)}{theirs}); choose another --out")
+                        f"{listed(foreign)}{theirs}); choose another --out")
     blocker = blocked_parent(os.path.join(out_dir, "summary.json"))  # found now, not once every record is encoded
     if blocker:
         raise UserError(f"--out {out_dir} can not be written: {blocker}; choose another --out")
@@ -501,6 +499,8 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
     inputs = [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     tokenizer_path, out_dir = str(tokenizer_path), str(out_dir)
     _check_args(inputs, out_dir, max_len, val_fraction, workers)
+    if (workers or cores()) > 1 and getattr(__import__("multiprocessing").current_process(), "_inheriting", False):
+        os._exit(NO_MAIN_GUARD)  # a worker re-running a script with no main guard as it starts: _map_ordered says so
     out_dir = out_dir.rstrip("/\\")
     real = os.path.realpath(out_dir)  # a link's target (made or not): the output is built beside it, where a rename
     # into it can reach (beside the link, on another disk, every rename would fail at the end)
@@ -523,7 +523,7 @@ def prepare(inputs, tokenizer_path, out_dir, max_len=1024, val_fraction=0.0, see
             if records:
                 raise UserError(f"no records left to train on: max_len {max_len} cut away the answer of all "
                                 f"{records} records; raise --max_len")
-            raise UserError(f"no records in {_listed(inputs)}; check the inputs")
+            raise UserError(f"no records in {listed(inputs)}; check the inputs")
         if splits["train"]["records"] == 0:
             raise UserError(f"--val_fraction {val_fraction} put all {splits['val']['records']} records in val, "
                             "leaving none to train on; lower --val_fraction or add records")

@@ -46,6 +46,11 @@ def printable(text, keep="\t"):
     return "".join(repr(c)[1:-1] if c not in keep and unicodedata.category(c) == "Cc" else c for c in text)
 
 
+def listed(names, most=3):
+    """names for a sentence: the first `most`, then how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def at_a_terminal():
     """Whether stderr, where the progress bars go, is a terminal: not a log file, nor a pipe, nor closed (`2>&-`, where
     Python's sys.stderr is None and a tqdm left to decide would write to it)."""

@@ -180,6 +180,12 @@ def blocked_parent(path):
         return f"{parent} is not writable ({e.strerror or e})"
 
 
+def inside(path, folder):
+    """Whether path is folder or lies inside it, links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def not_a_folder(path):
     """What stands at path where a folder belongs, "a file", "a loop of links" or "a link to nothing", or None where
     a folder or nothing is there. A loop was called a link to nothing, or a file; prepare's --out on one failed only

@@ -673,7 +673,7 @@ def test_prepare_puts_summary_json_in_place_only_once_the_shards_are_on_disk(tmp
 def another_filesystem(monkeypatch, disk):
     """disk (a folder) behaves as the root of a filesystem of its own: a rename into or out of it fails as it does
     across filesystems, and it is a mount point."""
-    inside = lambda p: data._inside(p, disk)
+    inside = lambda p: data.inside(p, disk)
     real = {name: getattr(os, name) for name in ("rename", "replace")}
     ismount = os.path.ismount
 
@@ -1503,6 +1503,30 @@ def test_a_worker_process_that_dies_stops_prepare_in_one_sentence_instead_of_wai
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
 
 
+NO_MAIN_GUARD = """import sys
+import data
+
+try:  # at the top level, with no `if __name__ == "__main__":`: each spawned worker runs this file again as it starts
+    data.prepare(sys.argv[1], sys.argv[2], sys.argv[3], workers=2, quiet=True)
+except data.UserError as e:
+    sys.exit(str(e))
+"""
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one_not_that_a_worker_was_killed(tmp_path, tiny_spm):
+    """Python's spawn imports the calling script again in each worker of prepare; where the script calls prepare at
+    its top level the workers ended in their start-up, and prepare blamed a killed worker or a want of memory."""
+    source, script = write_records(tmp_path / "d.jsonl", 3), tmp_path / "unguarded.py"
+    script.write_text(NO_MAIN_GUARD)
+    result = subprocess.run([sys.executable, str(script), str(source), str(tiny_spm), str(tmp_path / "out")],
+                            cwd=HERE, env={**os.environ, "PYTHONPATH": HERE}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and result.stderr == (
+        f"{script} runs data.prepare again in each worker process of prepare as the worker starts (Python's spawn "
+        "imports the script anew); put the script's work under `if __name__ == \"__main__\":`\n"), result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "unguarded.py"]
+
+
 ORPHANS = """import multiprocessing, sys, threading, time
 import data
 
@@ -2106,7 +2130,7 @@ def test_an_out_that_links_to_a_folder_on_another_disk_gets_the_shards(tmp_path,
 
     def across_disks(move):  # a rename into or out of the disk fails, as between two mounted file systems
         def moved(src, dst):
-            if data._inside(src, disk) != data._inside(dst, disk):
+            if data.inside(src, disk) != data.inside(dst, disk):
                 raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), src)
             return move(src, dst)
         return moved

@@ -125,14 +125,18 @@ def test_a_rescoring_with_ckpt_pt_names_an_adapter_pt_beside_it_that_differs_and
     out, other = finished_run(run_data, tmp_path / "run"), finished_run(run_data, tmp_path / "other", "--seed=7")
     rescore = train_flags(run_data, out, "--max_iters=4", "--eval_interval=2", "--eval_only=True", "--eval_limit=1")
     capsys.readouterr()
-    train.main(rescore)  # its own adapter.pt: nothing to say
-    assert "adapter.pt" not in capsys.readouterr().err
+    for how in ([], ["--dry_run=True"]):  # its own adapter.pt: nothing to say, by the run or its dry run
+        train.main(rescore + how)
+        assert "adapter.pt" not in capsys.readouterr().err
     shutil.copy(other / "adapter.pt", out / "adapter.pt")
     copied = (out / "adapter.pt").read_bytes()
     train.main(rescore)
     err = capsys.readouterr().err
     assert f"scoring the adapter in {out}/ckpt.pt (step 4), not the {out}/adapter.pt beside it" in err, err
     assert "move ckpt.pt out of" in err and (out / "adapter.pt").read_bytes() == copied
+    note = next(line for line in err.splitlines() if line.startswith("note: scoring the adapter"))
+    train.main(rescore + ["--dry_run=True"])  # the dry run says what the re-scoring will
+    assert note in capsys.readouterr().err.splitlines() and (out / "adapter.pt").read_bytes() == copied
 
 
 def test_a_rescoring_with_ckpt_pt_notes_an_unreadable_adapter_pt_beside_it_and_nothing_where_there_is_none(

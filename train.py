@@ -797,7 +797,7 @@ def check_full_config(cfg, say=print, ckpt=None):
         r.base = None if weights is None else checkpoint.fingerprint(weights)  # ours, read: a folder's is unread
         load_trained_adapter(r, model)  # as a run scores it: out_dir's adapter.pt, read, fitted to the model, its base
     if ckpt is not None:  # as checkpoint.restore: the base (ours: a folder's is unread) and tokenizer ckpt.pt recorded
-        checkpoint.check_resumed_base_and_tokenizer(ckpt, weights, tok, f"{cfg['out_dir']}/ckpt.pt", cfg)
+        checkpoint.check_resumed_base_and_tokenizer(ckpt, weights, tok, f"{cfg['out_dir']}/ckpt.pt", cfg, say)
     n_train = sum(p.numel() for p in trainable(model))
     est = memory.addressable(memory.estimate(args, n_base, n_train, cfg, world, micro), cfg, micro)
     say(f"model {name}: {n_base:,} base parameters, "
