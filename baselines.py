@@ -58,9 +58,10 @@ class MoELoRALoop(nn.Module):
     def __init__(self, base, r=8, experts=4, alpha=16.0, dropout=0.05, competition=False,
                  adapter_dtype=torch.float32):
         super().__init__()
-        if competition or r % experts:
-            raise ValueError(f"MoELoRA has no interaction matrix and needs r a multiple of experts "
-                             f"(got r={r}, experts={experts}, competition={competition}).")
+        if competition or experts < 1 or r < experts or r % experts:  # experts first: r % 0 would divide by 0
+            raise ValueError(f"MoELoRA has no interaction matrix and needs r a multiple of experts (got r={r}, "
+                             f"experts={experts}, competition={competition}): use competition=False, experts >= 1 "
+                             "and r = experts * r_B with r_B >= 1.")
         r_B, kw = r // experts, dict(device=base.weight.device, dtype=adapter_dtype)
         self.weight, self.bias, self.in_features = base.weight, base.bias, base.in_features
         self.r, self.experts, self.scaling, self.dropout = r, experts, alpha / r_B, nn.Dropout(dropout)
@@ -71,6 +72,8 @@ class MoELoRALoop(nn.Module):
             nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
     def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"MoELoRALoop expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
         out = F.linear(x, self.weight, self.bias)
         x = x.to(self.lora_A.dtype)
         weights = F.linear(x, self.lora_router).softmax(-1)  # (..., k)

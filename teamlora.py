@@ -79,10 +79,9 @@ class TeamLoRALinear(nn.Linear):
             raise ValueError(f"TeamLoRA needs experts >= 1 and r to be a positive multiple of experts, got r={r}, "
                              f"experts={experts}: choose r = experts * r_B (e.g. r={k * max(1, r // k)}).")
         self.in_features, self.out_features, self.training = base.in_features, base.out_features, base.training
-        self.weight, self.bias = base.weight, base.bias
+        self.weight, self.bias, kw = base.weight, base.bias, dict(device=base.weight.device, dtype=adapter_dtype)
         self.r, self.experts, self.competition = r, experts, competition and experts > 1
         self.scaling, self.dropout, self.compile = alpha / (r // experts), dropout, compile  # the authors' alpha / r_B
-        kw = dict(device=self.weight.device, dtype=adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))  # [B_1 ... B_k]
         self.lora_router = nn.Parameter(torch.empty(experts, self.in_features, **kw)) if experts > 1 else None
@@ -114,7 +113,9 @@ class TeamLoRALinear(nn.Linear):
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TeamLoRALinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}.")
-        if self.merged:  # for inference: the adapter is inside weight
+        if self.merged:  # for inference: the adapter is inside weight, where training (no gradient, no dropout) is lost
+            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+                raise ValueError("a merged LoRA would not train: merge(False) to train it, or eval() to serve it.")
             return F.linear(x, self.weight, self.bias)
         fused = team_lora_delta if not self.compile or torch.compiler.is_compiling() else _fused_compiled(x.device.type)
         delta, self.last_omega = fused(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.lora_router,
@@ -133,12 +134,11 @@ def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cl
     """Replace every nn.Linear whose name ends with one of `targets` (e.g. ("w1", "w2", "w3") or ("gate_proj",
     "up_proj", "down_proj")) by TeamLoRALinear(it, r, ..., **kw) (or `cls`), freeze all else. experts=1: LoRA."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    matched = [n for n, _ in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    matched = {n: m for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
     if not matched:
         raise ValueError(f"no module name ends with any of targets={list(targets)}; linear layers of this model are "
                          f"named like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]}.")
-    for name in matched:  # every target checked before any is replaced: a refusal leaves the model as it was
-        module = model.get_submodule(name)
+    for name, module in matched.items():  # all checked before any is replaced: a refusal leaves the model as it was
         odd = [n for n, t in module.state_dict().items() if n not in ("weight", "bias") or not t.is_floating_point()]
         if odd or not isinstance(module, nn.Linear):  # TeamLoRALinear keeps a float weight and bias, nothing else
             what = "already has an adapter" if isinstance(module, TeamLoRALinear) else f"is a {type(module).__name__}"

@@ -280,3 +280,151 @@ def test_a_baselines_adapters_are_made_on_its_base_layers_device(cls, kw):
     allocated on the CPU beside it."""
     layer = cls(nn.Linear(12, 8, device="meta"), r=4, experts=2, **kw)
     assert {p.device.type for p in layer.parameters()} == {"meta"}
+
+
+def adapter_of(kind, base, r_b, k, alpha, dtype=torch.float64):
+    """One layer of each kind over `base`, dropout off; r_b: each expert's rank (HydraLoRA: its shared A's)."""
+    kw = dict(dropout=0.0, adapter_dtype=dtype)
+    if kind == "moelora loop":
+        return MoELoRALoop(base, r=k * r_b, experts=k, alpha=alpha, **kw)
+    if kind == "moelora fused":
+        return TeamLoRALinear(base, **kw, **moelora_fused_kwargs(k * r_b, k, alpha))
+    return HydraLoRALinear(base, r=r_b, experts=k, alpha=alpha, **kw)
+
+
+def test_each_baseline_matches_its_equation_written_as_a_plain_per_expert_loop_gradients_included():
+    """A seeded fuzz over k, ranks, widths, alphas, biases and train or eval mode (dropout off): MoELoRA (as a loop
+    and fused, as train.py runs it) against Eq. 7 and HydraLoRA against its equation, each written here as a loop
+    over experts on plain tensors, in float64: the outputs, and the gradients of the input and of every adapter
+    tensor (A_i, B_i and the router of the fused MoELoRA taken as the slices of its stacked A and B)."""
+    import random
+    rng = random.Random(0)
+    for case in range(60):
+        kind = ("moelora loop", "moelora fused", "hydralora")[case % 3]
+        k, r_b, d_in, d_out = rng.randint(2, 6), rng.randint(1, 4), rng.randint(1, 20), rng.randint(1, 20)
+        alpha, g = rng.choice([1.0, 7.5, 16.0]), torch.Generator().manual_seed(case)
+        torch.manual_seed(case)
+        base = nn.Linear(d_in, d_out, bias=rng.random() < 0.5, dtype=torch.float64)
+        layer = adapter_of(kind, base, r_b, k, alpha).train(rng.random() < 0.5)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.4)  # B too: a fresh B is zero
+        x = torch.randn(2, rng.randint(1, 4), d_in, dtype=torch.float64, generator=g, requires_grad=True)
+        mine = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters() if "lora_" in n}
+        xr, W = x.detach().clone().requires_grad_(True), base.weight.detach()
+        b = 0.0 if base.bias is None else base.bias.detach()
+        A, B, router = mine["lora_A"], mine["lora_B"], mine["lora_router"]
+        if kind == "moelora loop":  # A (k, r_B, d_in), B (k, d_out, r_B)
+            want = moelora_reference(xr, W, A, B, router, alpha) + b
+        elif kind == "moelora fused":  # A = [A_1; ...; A_k] (k r_B, d_in), B = [B_1 ... B_k] (d_out, k r_B)
+            want = moelora_reference(xr, W, A.view(k, r_b, d_in), B.view(d_out, k, r_b).transpose(0, 1), router,
+                                     alpha) + b
+        else:
+            want = hydralora_reference(xr, W, b, A, B, router, alpha)
+        got = layer(x)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{case} {kind}: {m}")
+        weights = torch.randn(got.shape, dtype=torch.float64, generator=g)
+        (got * weights).sum().backward()
+        (want * weights).sum().backward()
+        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-9, atol=1e-9)
+        for n, p in layer.named_parameters():
+            if "lora_" in n:
+                torch.testing.assert_close(p.grad, mine[n].grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{n}: {m}")
+
+
+KINDS = ("teamlora", "moelora", "hydralora", "lora", "moelora loop")
+
+
+def model_of(kind, r=8, k=4, seed=0):
+    """Two adapted layers of `kind`, injected as train.py injects its adapters (MoELoRALoop: as bench.py does)."""
+    import train
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 16))
+    if kind == "moelora loop":
+        return teamlora.inject(model, ("0", "1"), r=r, experts=k, alpha=8.0, dropout=0.0, competition=False,
+                               cls=MoELoRALoop)
+    kw = train.adapter_kwargs({"adapter": kind, "r": r, "experts": k, "alpha": 8.0, "competition": None})
+    return teamlora.inject(model, ("0", "1"), dropout=0.0, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_adapter_kind_round_trips_through_its_state_dict_and_train_pys_checkpoint(kind):
+    """adapter_state_dict into load_adapter_state_dict, and train.py's gather_state into load_state (a resume): a
+    model built alike (another seed) computes the saved one's function exactly."""
+    import checkpoint
+    model, x = model_of(kind).eval(), torch.randn(3, 16)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if "lora_" in n):
+            p.add_(torch.randn_like(p) * 0.3)  # B != 0: a fresh B would hide a tensor not loaded
+        want = model(x)
+    for load in (lambda m: teamlora.load_adapter_state_dict(m, teamlora.adapter_state_dict(model)),
+                 lambda m: checkpoint.load_state(m, checkpoint.gather_state(model, {"adapter": kind}),
+                                                 {"adapter": kind}, "ckpt.pt")):
+        twin = model_of(kind, seed=1).eval()
+        twin.load_state_dict({n: t for n, t in model.state_dict().items() if "lora_" not in n}, strict=False)
+        with torch.no_grad():
+            assert not torch.equal(twin(x), want)
+        load(twin)
+        with torch.no_grad():
+            assert torch.equal(twin(x), want)
+
+
+@pytest.mark.parametrize("saved,built", [(a, b) for a in KINDS for b in KINDS if a != b])
+def test_an_adapter_of_one_kind_is_refused_by_a_model_built_for_another_in_one_sentence(saved, built):
+    """Same r and experts: each pair of kinds differs in a tensor's name or shape, which the library's loader and a
+    resume's (checkpoint.load_state) name in one sentence with the fix, copying nothing."""
+    import checkpoint
+    from errors import UserError
+    state = teamlora.adapter_state_dict(model_of(saved, seed=1))
+    model = model_of(built)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^the adapter does not fit this model \(.*\): inject as in training"):
+        teamlora.load_adapter_state_dict(model, state)
+    with pytest.raises(UserError, match=r"^the checkpoint's .* does not fit this model .*: (resume|load it) ") as e:
+        checkpoint.load_state(model, state, {"adapter": built}, "ckpt.pt")
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")  # one sentence
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("adapter,r,k,competition", [("lora", 32, 4, None), ("teamlora", 64, 8, False),
+                                                     ("moelora", 128, 4, None), ("moelora", 96, 3, True),
+                                                     ("hydralora", 32, 4, None), ("hydralora", 16, 2, None)])
+@pytest.mark.usefixtures("at_a_fresh_root")
+def test_the_dry_runs_trainable_parameters_are_each_adapters_own_count(adapter, r, k, competition, capsys):
+    """The dry run (meta device) of the LLaMA-2-7B recipe with FFN adapters of each kind prints the parameters of its
+    equations, counted here by hand: A, B, the router and M where the method has them (HydraLoRA: B is k heads of
+    rank r); and a model built on the CPU with the same keywords holds as many per layer."""
+    import train
+    from model import ModelArgs
+    flags = ["config/cme_llama2_7b.py", "--dry_run=True", "--init_from=nowhere", f"--adapter={adapter}", f"--r={r}",
+             f"--experts={k}"] + ([] if competition is None else [f"--competition={competition}"])
+    cfg = train.parse_config(flags)
+    out = train.train(cfg)
+    args = ModelArgs.from_name(cfg["model"])
+    k = 1 if adapter == "lora" else k
+    m = k * k if adapter == "teamlora" and competition is not False or adapter == "moelora" and competition else 0
+
+    def per(d_in, d_out):  # one adapted linear d_in -> d_out
+        if adapter == "hydralora":
+            return r * d_in + k * r * d_out + k * d_in
+        return r * (d_in + d_out) + (k * d_in if k > 1 else 0) + m
+    d, f = args.dim, args.ffn_hidden_dim
+    assert out["trainable_params"] == args.n_layers * (2 * per(d, f) + per(f, d))
+    assert f"{out['trainable_params']:,} trainable parameters" in capsys.readouterr().out
+    small = teamlora.inject(nn.Sequential(nn.Linear(24, 40)), "0", dropout=0.0, **train.adapter_kwargs(cfg))
+    assert sum(p.numel() for p in small.parameters() if p.requires_grad) == per(24, 40)
+
+
+@pytest.mark.parametrize("r,experts", [(4, 0), (4, -2), (0, 2), (-4, 2), (1, 2)])
+def test_moelora_loop_refuses_experts_or_ranks_below_one_in_one_sentence(r, experts):
+    """Not a ZeroDivisionError (r % 0, alpha / 0) or torch's negative-dimension error: one sentence with the fix."""
+    with pytest.raises(ValueError, match=rf"^MoELoRA has no interaction matrix and needs r a multiple of experts \(got "
+                                         rf"r={r}, experts={experts}, competition=False\): use competition=False, "
+                                         r"experts >= 1 and r = experts \* r_B with r_B >= 1\.$"):
+        MoELoRALoop(nn.Linear(4, 4), r=r, experts=experts)
+
+
+def test_moelora_loop_refuses_an_input_of_another_width_in_one_sentence():
+    """As TeamLoRALinear and HydraLoRALinear do, not torch's matrix-shape error from inside the loop."""
+    with pytest.raises(ValueError, match=r"^MoELoRALoop expects inputs \(\.\.\., 4\), got \(2, 5\)\.$"):
+        MoELoRALoop(nn.Linear(4, 4), r=4, experts=2)(torch.randn(2, 5))

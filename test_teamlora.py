@@ -1841,3 +1841,126 @@ def test_an_adapter_saved_with_a_wrappers_prefix_is_refused_naming_the_prefixed_
         with pytest.raises(ValueError, match=rf"missing \['0\.lora_A'.*unexpected \['{re.escape(prefix)}0\.lora_A"):
             teamlora.load_adapter_state_dict(model, {prefix + n: t for n, t in saved.items()})
     assert all(torch.equal(t, before[n]) for n, t in teamlora.adapter_state_dict(model).items())
+
+
+def test_merge_and_unmerge_across_dtypes_shapes_alphas_and_biases_keep_the_function_and_give_the_base_back():
+    """A seeded fuzz of LoRA's serving path: over float32, bfloat16, float16 and float64 bases, adapters of the base's
+    dtype or float32, any widths, ranks, alphas, with and without bias, the merged layer computes the float64
+    reference base + scaling B A to the base's precision; merge() twice, merge(False) twice and merge(False) without a
+    merge change nothing (bit for bit); merge(False) gives each weight back within one step of its dtype; and the
+    adapter saved while merged reloads into a fresh layer (unmerged) that computes what the layer did unmerged."""
+    import random
+    rng, bits = random.Random(0), {torch.float64: 52, torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+    for case in range(48):
+        dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[case % 4]
+        d_in, d_out, r, bias = rng.randint(1, 40), rng.randint(1, 40), rng.randint(1, 12), rng.random() < 0.5
+        kw = dict(r=r, experts=1, alpha=rng.choice([0.5, 3.7, 16.0, 64.0]), dropout=rng.choice([0.0, 0.1]),
+                  adapter_dtype=rng.choice([torch.float32, dtype]))
+        torch.manual_seed(case)
+        layer = TeamLoRALinear(nn.Linear(d_in, d_out, bias=bias).to(dtype), **kw).train(rng.random() < 0.5)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.02)
+        x, w0 = torch.randn(2, rng.randint(1, 5), d_in).to(dtype), layer.weight.detach().clone()
+        with torch.no_grad():
+            unmerged = layer.eval()(x)
+        layer.train(case % 2 == 0)
+        want = x.double() @ (w0.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()).T
+        want = want + (layer.bias.double() if bias else 0)
+        layer.merge(False)
+        assert torch.equal(layer.weight, w0) and not layer.merged, case  # nothing to take out
+        layer.merge()
+        merged_weight = layer.weight.detach().clone()
+        layer.merge()
+        assert torch.equal(layer.weight, merged_weight) and layer.merged, case
+        with torch.no_grad():
+            served = layer(x)
+        assert served.dtype == dtype, case
+        tol = 2.0 ** -bits[dtype] * 8 * d_in ** 0.5 * (1 + want.abs().max().item())  # a few roundings per product
+        assert (served.double() - want).abs().max() <= tol, (case, dtype)
+        fresh = TeamLoRALinear(nn.Linear(d_in, d_out, bias=bias).to(dtype), **kw).eval()
+        with torch.no_grad():
+            fresh.weight.copy_(w0)
+            fresh.bias is None or fresh.bias.copy_(layer.bias)
+        teamlora.load_adapter_state_dict(fresh, {n: t.clone() for n, t in teamlora.adapter_state_dict(layer).items()})
+        with torch.no_grad():
+            assert torch.equal(fresh(x), unmerged), case
+        layer.merge(False)
+        back = layer.weight.detach().clone()
+        layer.merge(False)
+        assert torch.equal(layer.weight, back) and not layer.merged, case
+        larger = torch.maximum(w0.double().abs(), merged_weight.double().abs()).float()
+        step = torch.ldexp(torch.ones_like(larger), torch.frexp(larger).exponent - bits[dtype]).double()
+        assert ((back.double() - w0.double()).abs() <= step).all(), (case, dtype)  # one rounding of the larger
+
+
+def test_training_a_merged_lora_is_refused_in_one_sentence_while_serving_it_merged_works_in_any_mode():
+    """A merged layer's forward is the base GEMM alone: a training step through it would give the adapter no gradient
+    (AdamW skips it: the loss, silently, does not move) and drop no dropout, so a training-mode forward with gradients
+    is refused; serving (eval(), no_grad, inference_mode, a frozen adapter) runs merged, and unmerged it trains."""
+    layer, x = make_layer(d_in=24, d_out=20, r=8, experts=1, dtype=torch.float32), torch.randn(5, 24)
+    with torch.no_grad():
+        want = layer.eval()(x)
+    layer.train().merge()
+    with pytest.raises(ValueError, match=r"^a merged LoRA would not train: merge\(False\) to train it, or eval\(\) to "
+                                         r"serve it\.$"):
+        layer(x)
+    for serve in (torch.no_grad, torch.inference_mode):
+        with serve():
+            torch.testing.assert_close(layer(x), want)
+    torch.testing.assert_close(layer.eval()(x), want)
+    layer.lora_A.requires_grad_(False)
+    torch.testing.assert_close(layer.train()(x), want)  # the adapter frozen: only the merged base could be trained
+    layer.lora_A.requires_grad_(True)
+    layer.merge(False)
+    layer(x).square().sum().backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_greedy_generation_merged_equals_unmerged_and_unmerged_again(dtype):
+    """model.py's KV-cache generation with LoRA on various targets (a tied head among the bases), merged for serving:
+    the same greedy tokens as unmerged, and again after merge(False); a model left in training mode too (generate
+    decodes in eval mode, in inference mode, where a merged layer serves)."""
+    import random
+
+    from model import ModelArgs, Transformer
+    rng = random.Random(dtype.itemsize)
+    for case in range(4):
+        torch.manual_seed(case)
+        args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, max_seq_len=64,
+                         tie_embeddings=case % 2 == 0)
+        model = Transformer(args).to(dtype)
+        targets = (("w1", "w2", "w3"), ("wq", "wv"), ("wo",), ("w1", "wq", "wk", "wv", "wo", "w2", "w3"))[case % 4]
+        inject(model, targets, r=rng.choice([2, 4, 8]), experts=1, alpha=rng.choice([4.0, 16.0]), dropout=0.1)
+        layers = [randomize(m, seed=i) for i, m in enumerate(model.modules()) if isinstance(m, TeamLoRALinear)]
+        model.train(case % 3 == 0)
+        prompts = [[rng.randrange(50) for _ in range(rng.randint(1, 6))] for _ in range(3)]
+        unmerged = model.generate(prompts, 8)
+        for layer in layers:
+            layer.merge()
+        assert model.generate(prompts, 8) == unmerged, case
+        for layer in layers:
+            layer.merge(False)
+        assert model.generate(prompts, 8) == unmerged, case
+
+
+def test_a_checkpoint_gathered_from_a_merged_model_resumes_into_a_fresh_one_computing_the_unmerged_function():
+    """train.py's checkpoint of a model whose LoRA layers are merged (checkpoint.gather_state: the lora_ tensors, not
+    the merged weights) loads (checkpoint.load_state) into a freshly injected model over the same base, which then
+    computes what the unmerged model did."""
+    import checkpoint
+    model = inject(Stack(dtype=torch.float64), ("w1", "w2", "w3"), r=4, experts=1, alpha=8.0, dropout=0.0)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not teamlora.is_adapter(n)}
+    layers = [randomize(m, seed=i) for i, m in enumerate(model.modules()) if isinstance(m, TeamLoRALinear)]
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.eval()(x)
+    for layer in layers:
+        layer.merge()
+    state = checkpoint.gather_state(model, {"adapter": "lora"})
+    assert set(state) == set(teamlora.adapter_state_dict(model))  # the adapter only, never the merged weights
+    fresh = inject(Stack(dtype=torch.float64), ("w1", "w2", "w3"), r=4, experts=1, alpha=8.0, dropout=0.0)
+    fresh.load_state_dict(base, strict=False)
+    checkpoint.load_state(fresh, state, {"adapter": "lora"}, "ckpt.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), want, rtol=1e-12, atol=1e-12)
