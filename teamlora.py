@@ -34,10 +34,10 @@ def expert_weights_t(logits_t, M):
 class _RouterInA(torch.autograd.Function):
     """z^T, logits^T = [A; W_r] x^T: one GEMM reads x, one writes grad x. Plain autograd would keep the concatenation
     [A; W_r] until backward (+2% peak memory at 11008 -> 4096, k = 8); this backward builds it again instead."""
+    generate_vmap_rule, setup_context = True, staticmethod(lambda ctx, inputs, out: ctx.save_for_backward(*inputs))
 
     @staticmethod
-    def forward(ctx, x2, A, router):
-        ctx.save_for_backward(x2, A, router)
+    def forward(x2, A, router):  # no ctx (setup_context saves x2, A, router): torch.func's grad and vmap can run it
         return torch.cat([A, router]).mm(x2.t())  # (r + k, N): a GEMM to (N, r + k) pads r + k to the SIMD width
 
     @staticmethod
@@ -75,17 +75,17 @@ class TeamLoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r=8, experts=4, alpha=16.0, dropout=0.05, competition=True,
                  adapter_dtype=torch.float32, compile=False):  # compile: the fused path (inlined in a compiled model)
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second base weight
-        if (k := max(experts, 1)) != experts or r <= 0 or r % k:  # k >= 1: the message's r // k must not divide by 0
+        if (k := max(experts, 1)) != experts or r <= 0 or r % k or k % 1:  # k >= 1: the message divides r by it
             raise ValueError(f"TeamLoRA needs experts >= 1 and r to be a positive multiple of experts, got r={r}, "
-                             f"experts={experts}: choose r = experts * r_B (e.g. r={k * max(1, r // k)}).")
+                             f"experts={experts}: choose integers r = experts * r_B (e.g. r={k * max(1, r // k)}).")
         self.in_features, self.out_features, self.training = base.in_features, base.out_features, base.training
         self.weight, self.bias, kw = base.weight, base.bias, dict(device=base.weight.device, dtype=adapter_dtype)
-        self.r, self.experts, self.competition = r, experts, competition and experts > 1
+        self.r, self.experts, self.competition = int(r), int(experts), competition and experts > 1  # whole: 8.0 is 8
         self.scaling, self.dropout, self.compile = alpha / (r // experts), dropout, compile  # the authors' alpha / r_B
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))  # [B_1 ... B_k]
-        self.lora_router = nn.Parameter(torch.empty(experts, self.in_features, **kw)) if experts > 1 else None
-        self.lora_M = nn.Parameter(torch.empty(experts, experts, **kw)) if self.competition else None
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **kw))  # [B_1 ... B_k]
+        self.lora_router = nn.Parameter(torch.empty(self.experts, self.in_features, **kw)) if experts > 1 else None
+        self.lora_M = nn.Parameter(torch.empty(self.experts, self.experts, **kw)) if self.competition else None
         self.last_omega, self.merged = None, False  # omega (..., k) of the last forward: balance loss, load
         self.reset_lora_parameters()
 
@@ -134,19 +134,20 @@ def inject(model, targets, r, experts, alpha, dropout=0.05, competition=True, cl
     """Replace every nn.Linear whose name ends with one of `targets` (e.g. ("w1", "w2", "w3") or ("gate_proj",
     "up_proj", "down_proj")) by TeamLoRALinear(it, r, ..., **kw) (or `cls`), freeze all else. experts=1: LoRA."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    matched = {n: m for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)}
-    if not matched:
+    every = list(model.named_modules(remove_duplicate=False))  # a module used in two places: under both names
+    found = {id(m): (n, m) for n, m in every if any(n == t or n.endswith("." + t) for t in targets)}  # each once
+    if not found:
         raise ValueError(f"no module name ends with any of targets={list(targets)}; linear layers of this model are "
                          f"named like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:6]}.")
-    for name, module in matched.items():  # all checked before any is replaced: a refusal leaves the model as it was
+    for name, module in found.values():  # every target checked before any is replaced: a refusal changes nothing
         odd = [n for n, t in module.state_dict().items() if n not in ("weight", "bias") or not t.is_floating_point()]
         if odd or not isinstance(module, nn.Linear):  # TeamLoRALinear keeps a float weight and bias, nothing else
             what = "already has an adapter" if isinstance(module, TeamLoRALinear) else f"is a {type(module).__name__}"
             raise ValueError(f"target module '{name}' {what}, not a plain nn.Linear (its tensors besides a float "
                              f"weight and bias: {odd[:3]}): leave it out of targets (dequantise a quantised one).")
-    for name in matched:
-        layer = (cls or TeamLoRALinear)(model.get_submodule(name), r, experts, alpha, dropout, competition, **kw)
-        model.set_submodule(name, layer.train(model.get_submodule(name).training))  # keeps the replaced layer's mode
+    new = {i: (cls or TeamLoRALinear)(m, r, experts, alpha, dropout, competition, **kw) for i, (_, m) in found.items()}
+    for name, m in [(n, m) for n, m in every if id(m) in new]:  # each place of each, targeted or not: one adapter
+        model.set_submodule(name, new[id(m)].train(m.training))  # keeps the replaced layer's mode
     for n, p in model.named_parameters():
         p.requires_grad_(is_adapter(n))
     return model
@@ -166,8 +167,7 @@ def load_adapter_state_dict(model, state):
     """Copy adapter tensors into an injected model, wrapped or not; names and shapes must match exactly."""
     if merged := [n or "the layer" for n, m in model.named_modules() if isinstance(m, TeamLoRALinear) and m.merged]:
         raise ValueError(f"{merged[:3]} hold a merged adapter: call merge(False) on them before loading another.")
-    own = adapter_state_dict(model)
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    missing, unexpected = sorted((own := adapter_state_dict(model)).keys() - state), sorted(state.keys() - own)
     shapes = [f"{n} {tuple(state[n].shape)} vs model {tuple(own[n].shape)}"
               for n in sorted(own.keys() & state.keys()) if state[n].shape != own[n].shape]
     if missing or unexpected or shapes:

@@ -196,6 +196,32 @@ def test_the_fused_path_keeps_x_and_the_parameters_for_backward_never_a_concaten
     assert big and big <= {(5, 64), (10, 64), (8, 64), (4, 64)}, big  # x, W0, A, W_r: no (12, 64)
 
 
+@pytest.mark.parametrize("experts", [1, 4])
+def test_torch_func_grad_and_vmap_give_autograds_gradients_per_sample_balance_loss_included(experts):
+    """torch.func.functional_call ran, but torch.func.grad and vmap (per-sample gradients, meta-learning) refused the
+    fused path's autograd.Function ("it must override the setup_context staticmethod"). Each sample's gradient of
+    its loss plus balance loss must equal plain autograd's on that sample alone."""
+    torch.manual_seed(0)
+    model = inject(Stack(n=1, dim=12, dtype=torch.float64), ("w1", "w2"), r=8, experts=experts, alpha=16, dropout=0.0,
+                   adapter_dtype=torch.float64)
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=len(m.lora_B))
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p, xb):
+        return torch.func.functional_call(model, p, (xb,)).pow(2).mean() + teamlora.balance_loss(model)
+
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    whole = torch.func.grad(loss)(params, x)
+    for xs, want in [(x[i], {n: g[i] for n, g in per_sample.items()}) for i in range(len(x))] + [(x, whole)]:
+        model.zero_grad()
+        (model(xs).pow(2).mean() + teamlora.balance_loss(model)).backward()
+        for n, p in params.items():
+            torch.testing.assert_close(want[n], model.get_parameter(n).grad, rtol=1e-10, atol=1e-12)
+
+
 def test_activation_checkpointing_recomputes_the_fused_path_exactly_dropout_included():
     """train.py's activation_checkpointing: each block (adapters, _RouterInA and dropout inside) runs again in
     backward; the loss and every adapter gradient equal those of a run without it."""
@@ -1270,6 +1296,23 @@ def test_a_rank_that_is_no_positive_multiple_of_experts_is_refused_and_the_rank_
     assert layer.lora_A.shape[0] == suggested > 0 and suggested % experts == 0
 
 
+def test_a_rank_or_expert_count_given_as_a_whole_float_builds_the_int_layer_and_a_fraction_is_refused():
+    """r=8.0 (a computed or parsed rank) passed the check and failed inside torch.empty with "empty() takes 1
+    positional argument but 2 were given", naming neither r nor the fix; experts=2.5 with r=5 passed r % k == 0."""
+    base = nn.Linear(12, 10, dtype=torch.float64)
+    torch.manual_seed(0)
+    want = randomize(TeamLoRALinear(base, r=8, experts=2, alpha=4, dropout=0.0, adapter_dtype=torch.float64))
+    torch.manual_seed(0)
+    got = randomize(TeamLoRALinear(base, r=8.0, experts=2.0, alpha=4, dropout=0.0, adapter_dtype=torch.float64))
+    assert (got.r, got.experts, repr(got)) == (8, 2, repr(want)) and type(got.r) is type(got.experts) is int
+    x = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)
+    for r, experts in [(5, 2.5), (8.5, 1), (8.0, 0.5)]:
+        with pytest.raises(ValueError, match=f"^TeamLoRA needs experts >= 1 and r to be a positive multiple of "
+                                             f"experts, got r={r}, experts={experts}: choose integers"):
+            TeamLoRALinear(nn.Linear(4, 4), r=r, experts=experts)
+
+
 class Int8Linear(nn.Linear):
     """A quantised layer as bitsandbytes' are nn.Linear subclasses: an int8 weight, a scale, a forward of its own."""
 
@@ -1331,6 +1374,41 @@ def test_a_refused_inject_leaves_every_target_as_it_was_so_a_corrected_retry_wor
     assert all(p.requires_grad for p in model.parameters())
     inject(model, ("q_proj",), r=4, experts=2, alpha=8)
     assert all(isinstance(layer["q_proj"], TeamLoRALinear) for layer in model["layers"])
+
+
+class SharedLinear(nn.Module):
+    """One nn.Linear used in two places (weight sharing, a recurrent or cross-layer shared projection)."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Linear(8, 8)
+        self.enc, self.dec = nn.Sequential(shared, nn.Tanh()), nn.ModuleDict({"proj": shared, "out": nn.Linear(8, 3)})
+
+    def forward(self, x):
+        return self.dec["out"](self.dec["proj"](self.enc(x)))
+
+
+@pytest.mark.parametrize("targets", [("0",), ("proj",), ("0", "proj")])
+def test_a_layer_shared_by_two_places_gets_one_adapter_in_both_whichever_place_targets_name(targets):
+    """named_modules() lists a shared module once, under its first name: inject used to adapt that place only, so the
+    other ran the bare, frozen base (silently, for ("0",)), and a target naming the second place ("proj") was
+    refused as matching nothing. A shared layer keeps one adapter, trained by both of its uses."""
+    torch.manual_seed(0)
+    model = inject(SharedLinear(), targets, r=4, experts=2, alpha=8, dropout=0.0)
+    layer = model.enc[0]
+    assert isinstance(layer, TeamLoRALinear) and model.dec["proj"] is layer
+    randomize(layer)
+    x = torch.randn(5, 8)
+    want = model.dec["out"](layer(torch.tanh(layer(x))))  # both uses through the one adapted layer, by hand
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    assert not layer(x).equal(F.linear(x, layer.weight, layer.bias))  # the adapter acts, in both places
+    assert sorted(teamlora.adapter_state_dict(model)) == [f"enc.0.{n}" for n in ("lora_A", "lora_B", "lora_M",
+                                                                                 "lora_router")]
+    model(x).sum().backward()  # each use adds to the one adapter's gradient; the base stays frozen
+    assert all((p.grad is not None) == teamlora.is_adapter(n) for n, p in model.named_parameters())
+    fresh = inject(SharedLinear(), targets, r=4, experts=2, alpha=8, dropout=0.0)
+    fresh.load_state_dict(model.state_dict())  # strict: both places' keys, the same tensors
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
 def test_gpt2s_conv1d_is_refused_at_inject_by_its_name():
