@@ -580,7 +580,8 @@ def main(argv=None):
     parser.add_argument("--section", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's bf16 peak, for MFU")
     parser.add_argument("--full7b", action="store_true", help="section cuda7b at LLaMA-2-7B's full depth: 32 "
-                        "blocks, micro-batch 4 x 1024, activation checkpointing, fp32 adapters (about 60 GiB)")
+                        "blocks, micro-batch 4 x 1024, activation checkpointing, fp32 adapters (about 18.6 GiB, by the "
+                        "dry run's arithmetic)")
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="--full7b: activation checkpointing, as the 7B recipes run; --no-checkpointing: none, "
                         "no recomputed forward (about 24 GiB more activations in a step, by the dry run's "

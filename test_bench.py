@@ -20,7 +20,9 @@ import torch
 
 import bench
 import memory
+import teamlora
 from conftest import cuda_fp32_matmuls
+from model import ModelArgs, Transformer
 from teamlora import TeamLoRALinear
 
 
@@ -117,6 +119,27 @@ def test_peak_bytes_on_the_cpu_runs_with_stderr_closed():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(bench.__file__).parent, preexec_fn=lambda: os.close(2))
     assert (done.returncode, done.stdout) == (0, "True\n")
+
+
+def test_the_full7b_flags_help_gives_the_dry_runs_arithmetic_for_the_stack_it_runs(capsys):
+    """--help says what --full7b's step needs ("about N GiB") and what --no-checkpointing adds to it ("about N GiB
+    more activations"): memory.py's arithmetic (the dry run's, which the 7B table prints over each measured peak) for
+    that stack, 32 blocks of LLaMA-2-7B in bf16, micro-batch 4 x 1024, TeamLoRA 4 x 32 on the FFN. It said 60 GiB, a
+    guess from before any run: the arithmetic gives 18.6, and an H200 measured 17.7."""
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    total = float(re.search(r"--full7b section cuda7b[^()]*\(about ([\d.]+) GiB", said).group(1))
+    more = float(re.search(r"about ([\d.]+) GiB more activations", said).group(1))
+    args = ModelArgs.from_name("llama2-7b", max_seq_len=1024)
+    with torch.device("meta"):
+        model = teamlora.inject(Transformer(args), ("w1", "w2", "w3"), r=128, experts=4, alpha=32.0)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    est = {on: memory.estimate(args, model.num_params() - n_train, n_train, dict(
+        dtype="bfloat16", fsdp=False, max_len=1024, r=128, experts=4, eval_batch_size=1, adapter="teamlora",
+        targets="w1,w2,w3", activation_checkpointing=on), 1, 4) for on in (True, False)}
+    assert abs(total - est[True]["total"] / 2**30) <= 0.05 * total, (total, est[True]["total"] / 2**30)
+    assert abs(more - (est[False]["activations"] - est[True]["activations"]) / 2**30) <= 0.05 * more
 
 
 def test_no_checkpointing_without_full7b_is_a_usage_error(capsys):

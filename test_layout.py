@@ -638,6 +638,26 @@ def test_the_readmes_word_on_train_pys_defaults_is_theirs():
     assert float(re.search(r"`balance_coef` \(([\d.]+)\)", readme).group(1)) == train.DEFAULTS["balance_coef"]
 
 
+def test_the_readmes_other_words_on_train_pys_defaults_are_theirs():
+    """More defaults the README gives in words, each beside the flag that changes it: the demo's files and adapter,
+    the folder its commands continue, re-score and sample, HydraLoRA's head count (the default experts), the balance
+    loss's reduction, threads, compile, tf32 and DDP. A default changed in train.py leaves them stale."""
+    import minicme
+    import train
+    readme, d = " ".join((REPO / "README.md").read_text(encoding="utf-8").split()), train.DEFAULTS
+    root = re.search(r"The demo builds the synthetic .*? in `([^`]+)`, pretrains", readme).group(1)
+    assert all(d[k] == v and v.startswith(root) for k, v in minicme.DEMO.items())
+    assert re.search(r"fine-tunes (\w+) on the task mixture", readme).group(1).lower() == d["adapter"]
+    said = re.findall(r"# (?:continue|re-score) (out/\w+)|# (out/\w+)'s answers|# ask (out/\w+)", readme)
+    assert len(said) == 4 and all("".join(s) == d["out_dir"] for s in said), said
+    assert int(re.search(r"HydraLoRA: one A of rank 12, (\d+) heads", readme).group(1)) == d["experts"]
+    assert re.search(r"`balance_coef` \([\d.]+\) times its \*\*(\w+)\*\*", readme).group(1) == d["balance_reduction"]
+    assert int(re.search(r"\(`threads=(\d+)`: threads that share a core", readme).group(1)) == d["threads"]
+    assert "`--compile=True` compiles each block" in readme and "so it is off by default" in readme and not d["compile"]
+    assert "on TF32 (`--tf32=False`: IEEE)" in readme and d["tf32"] is True
+    assert "Under `torchrun` the default is DDP" in readme and d["fsdp"] is False
+
+
 def test_the_readmes_demo_table_is_what_the_demo_prints_for_the_scores_it_shows(capsys):
     """evaluation.print_results, given the README table's scores and chance levels and train.py's defaults, prints the
     table again: the same tasks and metrics, footers (eval_limit, load_layers, experts) and lifts and averages (to the

@@ -3354,3 +3354,19 @@ def test_out_of_memory_tells_a_new_run_to_lower_its_batch_and_a_resume_or_re_sco
     for cfg in (resume, rescore):
         fix = machine.out_of_memory_fix(cfg)
         assert "batch_size" not in fix and "activation_checkpointing=True" in fix and "fsdp=True" in fix
+
+
+def test_every_file_a_run_writes_but_the_ones_the_readme_excepts_is_written_under_a_temporary_name(run_data, tmp_path,
+                                                                                                  monkeypatch):
+    """The README: "Nothing is lost: each file but the appended `log.jsonl` is written under a temporary name and
+    renamed". Every file a run leaves in out_dir (but `.lock`, which holds nothing) went through files.write_atomic,
+    except the ones named there. It said "each file", and the log is appended line by line."""
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    excepted = set(re.search(r"Nothing is lost: each file but the appended `([^`]+)` is written under a temporary "
+                             r"name and renamed", readme).groups())
+    atomic, write = [], files.write_atomic
+    monkeypatch.setattr(files, "write_atomic", lambda path, *a, **kw: (atomic.append(os.path.basename(path)),
+                                                                        write(path, *a, **kw))[1])
+    train.train(train_cfg(run_data, tmp_path / "run", "--max_iters=2", "--eval_interval=1"))
+    left = {f for f in os.listdir(tmp_path / "run") if not f.startswith(".")}
+    assert {"ckpt.pt", "adapter.pt", "results.json"} <= set(atomic) and left - set(atomic) == excepted, (left, atomic)
