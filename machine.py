@@ -290,21 +290,32 @@ def first_failure():
     return None
 
 
-def wait_to_be_stopped(seconds, code=None):
-    """torchrun stops every process (SIGTERM) once one has failed. Waits up to `seconds` for that: if it comes, or
-    another process has failed already, that one failed first and says why, and this one leaves saying nothing, with
-    the first failure's code (first_failure), else `code`, else the shell's 128 + the signal's number. No wait outside
-    torchrun or without other processes."""
-    if not os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("WORLD_SIZE", "1") == "1" or \
-            not _in_main_thread():
-        return
+def _with_others():
+    """Whether this process is one of torchrun's several, which it stops (SIGTERM) once one has failed, and runs in the
+    main thread, where a handler for that can be set."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and os.environ.get("WORLD_SIZE", "1") != "1" and \
+        _in_main_thread()
 
+
+def _leaving(code=None):
+    """The handler that ends a process of torchrun's, stopped (SIGTERM) because another failed first and said why: it
+    leaves saying nothing, with the first failure's code (first_failure), else `code`, else the shell's 128 + the
+    signal's number."""
     def stopped(signum, frame):
         leave(first_failure() or code or 128 + signum)
+    return stopped
+
+
+def wait_to_be_stopped(seconds, code=None):
+    """torchrun stops every process (SIGTERM) once one has failed. Waits up to `seconds` for that: if it comes, or
+    another process has failed already, that one failed first, and this one leaves as _leaving has it. No wait outside
+    torchrun or without other processes."""
+    if not _with_others():
+        return
+    for s in (signal.SIGTERM, signal.SIGINT):  # before the store is asked: a SIGTERM meanwhile ended it with -15
+        signal.signal(s, _leaving(code))
     if first := first_failure():  # a collective that lost that process, or the same mistake: no need to wait
         leave(first)
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, stopped)
     time.sleep(seconds)
 
 
@@ -354,15 +365,17 @@ def sigterm_as_ctrl_c():
     """For the duration, SIGTERM stops the run as Ctrl-C does (a KeyboardInterrupt): outside the training loop,
     where StopAfterStep takes both. train takes it once its processes have joined: a Python handler does not run while
     init_process_group waits for the others (a process stopped there waited on for a minute and more, until they came
-    or the wait timed out), where SIGTERM's own action ends it at once, before anything is written."""
+    or the wait timed out), where SIGTERM's own action ends it at once, before anything is written. Under torchrun
+    SIGTERM then leaves as _leaving has it, not by that action: the process is on its way out (train's teardown, main's
+    exit code), and torchrun's SIGTERM once another had ended (stopped while scoring, say: 130) ended it as -15."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, interrupt) if takes_signal(signal.SIGTERM) else None
     try:
         yield
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        if old is not None:  # a handler of the caller's is given back
+            signal.signal(signal.SIGTERM, _leaving() if old == signal.SIG_DFL and _with_others() else old)
 
 
 class StopAfterStep:

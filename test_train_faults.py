@@ -2844,6 +2844,23 @@ def test_wait_to_be_stopped_leaves_with_the_signals_shell_code_and_does_not_wait
         assert left == []
 
 
+def test_a_sigterm_while_a_rank_asks_torchruns_store_for_a_failure_leaves_with_that_failures_code(monkeypatch):
+    """wait_to_be_stopped asked torchrun's store whether another process had failed before it took SIGTERM: torchrun's
+    SIGTERM meanwhile, sent as that process (code 2) ended, ended this one with -15 beside it."""
+    left, handlers, asked = _torchrun_rank(monkeypatch, 1, stopped=False), {}, []
+    monkeypatch.setattr(machine.signal, "signal", lambda s, h: handlers.__setitem__(s, h))
+
+    def first_failure():  # torchrun's SIGTERM comes while the first ask is under way
+        asked.append(signal.SIGTERM in handlers)
+        if len(asked) == 1 and asked[0]:
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+        return 2 if len(asked) > 1 else None
+    monkeypatch.setattr(machine, "first_failure", first_failure)
+    with contextlib.suppress(SystemExit):
+        machine.wait_to_be_stopped(2)
+    assert asked[0] and left == [2]
+
+
 def test_another_rank_gives_torchrun_10_seconds_to_stop_it_before_it_says_why(monkeypatch, capsys):
     """torchrun needs a moment to stop the others once rank 0 has failed: without the wait every rank would print
     rank 0's mistake again."""
@@ -3415,6 +3432,9 @@ import train
 if os.environ["RANK"] == "0":
     gather = evaluation.dist.all_gather_object
     evaluation.dist.all_gather_object = lambda *a: open({flag!r}, "w").close() or gather(*a)
+    if {slowed}:  # torchrun's SIGTERM, sent once rank 1 has left, then reaches rank 0 in its teardown
+        destroy = train.dist.destroy_process_group
+        train.dist.destroy_process_group = lambda: time.sleep(3) or destroy()
 else:
     real = evaluation.evaluate
 
@@ -3429,13 +3449,15 @@ train.main()
 
 
 @needs_distributed_torch
+@pytest.mark.parametrize("slowed", [False, True])
 def test_under_torchrun_a_sigterm_to_another_rank_while_scoring_says_how_to_score_once_and_every_rank_exits_130(
-        run_data, tmp_path):
+        run_data, tmp_path, slowed):
     """A SIGTERM to rank 1 alone while rank 0 waits for it in a collective of the scoring: rank 1 left with 130, saying
     nothing (rank 0 said it), and rank 0, its collective broken, was ended by torchrun with 143, silent too: the run
-    ended without the command that scores it."""
+    ended without the command that scores it. Or torchrun's SIGTERM reached rank 0 once it had left the scoring, in its
+    teardown (slowed: always), and ended it with -15 (see below)."""
     out, script = tmp_path / "run", tmp_path / "rank_1_stopped.py"
-    script.write_text(RANK_1_STOPPED_WHILE_RANK_0_WAITS.format(flag=str(tmp_path / "rank 0 waits")))
+    script.write_text(RANK_1_STOPPED_WHILE_RANK_0_WAITS.format(flag=str(tmp_path / "rank 0 waits"), slowed=slowed))
     flags = train_flags(run_data, out, "--max_iters=2", "--eval_interval=2", "--eval_iters=0", "--eval_limit=1",
                         "--device=cpu")
     with tempfile.TemporaryDirectory() as tmp:  # torchrun leaves a log folder (torchelastic_*) in TMPDIR at every run
@@ -3448,6 +3470,38 @@ def test_under_torchrun_a_sigterm_to_another_rank_while_scoring_says_how_to_scor
                                 "the same command plus --eval_only=True\n"), done.stdout[-2000:]
     assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", done.stderr)) == {"130"}, done.stderr[-3000:]
     assert (out / "adapter.pt").is_file() and not (out / "results.json").exists()
+
+
+def test_under_torchrun_a_sigterm_once_the_run_has_ended_leaves_with_the_first_failures_code(monkeypatch):
+    """Once train's sigterm_as_ctrl_c ends, the process is on its way out (train's teardown, main's exit code): SIGTERM
+    went back to its own action there, so torchrun's, sent once another rank stopped while scoring had left with 130,
+    ended rank 0 with -15 (the test above, one run in 3 on a busy machine). Under torchrun it leaves with the first
+    failure's code; a caller's own handler is given back, and outside torchrun SIGTERM's own action."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in (("TORCHELASTIC_USE_AGENT_STORE", "True"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", str(store.port)), ("TORCHELASTIC_RESTART_COUNT", "0"), ("WORLD_SIZE", "2"),
+                        ("TORCHELASTIC_RUN_ID", "x"), ("RANK", "0")):
+        monkeypatch.setenv(name, value)
+    left, own = [], lambda signum, frame: None
+    monkeypatch.setattr(machine, "leave", left.append)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as torchrun starts its processes
+    try:
+        with machine.sigterm_as_ctrl_c():
+            machine.tell_failure(machine.INTERRUPTED)  # the other rank, stopped while scoring
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "torchrun's SIGTERM now ends it with -15"
+        signal.raise_signal(signal.SIGTERM)  # torchrun's
+        assert left == [machine.INTERRUPTED]
+        signal.signal(signal.SIGTERM, own)
+        with machine.sigterm_as_ctrl_c():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is own
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with machine.sigterm_as_ctrl_c():
+            pass
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_every_rank_keeps_the_scores_in_its_summary_and_rank_0_alone_prints_them_and_writes_results_json(
