@@ -455,6 +455,23 @@ def test_a_decoding_loop_of_ones_own_through_trunk_with_caches_and_no_mask_is_ca
     torch.testing.assert_close(torch.cat(got, 1), want, atol=1e-4, rtol=1e-4)
 
 
+def test_caches_are_filled_and_read_with_gradient_checkpointing_on_in_training_mode_with_grad():
+    """checkpoint() calls a block without its cache: trunk must run each block plainly whenever caches are given,
+    or a checkpointing model decoding with grad on (a policy's own rollout) would neither fill nor read them."""
+    model, calls = tiny_model(seed=8), []
+    a = model.args
+    tokens = torch.randint(0, a.vocab_size, (2, 8))
+    want = logits_of(model, tokens)
+    model.train().gradient_checkpointing = True
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda m, args: calls.append(len(args)))  # 5: the cache passed on
+    caches = [KVCache(2, 8, a.n_kv_heads, a.head_dim, torch.float32, "cpu") for _ in model.layers]
+    got = torch.cat([model.head(model.trunk(tokens[:, s:e], torch.arange(s, e)[None], caches=caches))
+                     for s, e in ((0, 5), (5, 6), (6, 8))], 1)
+    assert got.requires_grad and all(c.length == 8 for c in caches) and set(calls) == {5}
+    torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_a_kv_cache_asked_to_hold_more_than_its_length_says_so_in_one_sentence():
     cache = KVCache(1, 4, 2, 8, torch.float32, "cpu")
     cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
