@@ -1051,6 +1051,9 @@ def test_the_seed_reaches_every_split_generator_not_only_the_world(tmp_path, mon
     train = [{t: [r for r in _read_jsonl(tmp_path / s / "train.jsonl") if r["task"] == t] for t in SYNTHETIC_TASKS}
              for s in ("0", "1")]
     assert all(train[0][t] != train[1][t] for t in SYNTHETIC_TASKS)
+    # and the tasks' mix is the seed's too: a fixed shuffle put each task at the same lines under every seed
+    order = [[r["task"] for r in _read_jsonl(tmp_path / s / "train.jsonl")] for s in ("0", "1")]
+    assert order[0] != order[1] and sorted(order[0]) == sorted(order[1])
 
 
 def test_nli_hypotheses_restate_or_deny_a_premise_fact_in_other_words_never_in_its_own():

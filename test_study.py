@@ -111,6 +111,8 @@ def test_selection_reads_the_validation_runs_and_never_the_test_runs(tmp_path):
     flags = study.run_flags("teamlora", 0, 6.3e-4, opts, ["--eval_dir=TEST"], eval_dir="VAL")
     assert train.parse_config(flags)["eval_dir"] == "VAL" and train.parse_config(flags)["seed"] == 0
     assert study.choose_lr({1e-3: None, 2e-3: {"scores": {"a": 1.0}}}) == 2e-3  # a diverged run scores nothing
+    # a tie goes to the smaller rate whatever order the runs are read in, not to the first read
+    assert study.choose_lr({2e-3: {"scores": {"a": 5.0}}, 1e-3: {"scores": {"a": 5.0}}}) == 1e-3
     with pytest.raises(study.data.UserError, match="every selection run diverged"):
         study.choose_lr({1e-3: None})
 
@@ -218,6 +220,14 @@ def test_runs_scored_on_other_tasks_are_refused_not_averaged_over_fewer(tmp_path
         {"scores": {"a": 90.0, "b": 90.0}, "config": {"seed": 0}, "trainable_params": 8, "base_params": 800,
          "train_seconds": 1.0}))  # a selection run over other tasks: not compared with the others' means
     with pytest.raises(study.data.UserError, match=f"select/lora32-lr{study.GRID[2]:g} was scored on the tasks a, b"):
+        study.selection(opts, extra, names)
+    opts, extra, names, out = study_with("ab", "ab")  # one method's every selection run on other tasks than another's:
+    for lr in study.GRID:  # refused at the selection, before the final runs train, not at the report after them
+        (out / "select" / f"lora32-lr{lr:g}" / "results.json").write_text(json.dumps(
+            {"scores": {"a": 50.0}, "config": {"learning_rate": lr, "seed": 0}, "trainable_params": 8,
+             "base_params": 800, "train_seconds": 1.0}))
+    with pytest.raises(study.data.UserError, match="select/teamlora-lr.* was scored on the tasks a, b, the run in "
+                                                   ".*select/lora32-lr.* on a;"):
         study.selection(opts, extra, names)
 
 

@@ -2120,6 +2120,14 @@ def test_by_name_keys_an_unsharded_optimizer_state_by_name_even_before_its_first
     opt.step()
     named = checkpoint.by_name(m, opt, opt.state_dict())
     assert set(named["state"]) == {"1.weight", "1.bias"} and checkpoint.by_name(m, opt, named) is named
+    # a position is the optimizer's, not the model's: parameters given in another order keep their own moments
+    params = dict(m.named_parameters())
+    backwards = torch.optim.AdamW([params["1.bias"], params["1.weight"]])
+    m(torch.ones(1, 2)).sum().backward()
+    backwards.step()
+    named = checkpoint.by_name(m, backwards, backwards.state_dict())
+    assert named["param_groups"][0]["params"] == ["1.bias", "1.weight"]
+    assert all(named["state"][n]["exp_avg"].shape == params[n].shape for n in ("1.weight", "1.bias"))
 
 
 def test_an_unsharded_runs_optimizer_state_loads_sharded_and_back_with_its_moments(tmp_path):
@@ -2951,7 +2959,8 @@ def test_only_full_bfloat16_training_runs_under_autocast_adapters_compute_in_flo
 
 def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
     """save_checkpoint keeps every rank's generator state (gathered) and restore gives rank i its own:
-    with dropout, rank 1 resuming on rank 0's state would drop other units than the run it continues."""
+    with dropout, rank 1 resuming on rank 0's state would drop other units than the run it continues. A resume on
+    more processes than the run had gives the new ranks rank 0's (not the last rank's, nor a failure)."""
     import types
 
     import checkpoint
@@ -2973,11 +2982,11 @@ def test_each_rank_resumes_its_own_rng_state(tmp_path, monkeypatch):
                               clock=None)
     checkpoint.save_checkpoint(r, a, opt, 7)
     ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    for rank, seed in ((1, 11), (0, 10)):
+    for rank, world, seed in ((1, 2, 11), (0, 2, 10), (2, 3, 10)):
         torch.manual_seed(seed)
         want = torch.rand(4)
         torch.manual_seed(99)
-        run = train.Run(cfg, rank, 2, dev)
+        run = train.Run(cfg, rank, world, dev)
         assert checkpoint.restore(run, a, torch.optim.AdamW(train.trainable(a), lr=1e-2), ckpt) == 7
         assert torch.equal(torch.rand(4), want), rank
 
@@ -3103,6 +3112,18 @@ def test_generate_all_answers_every_prompt_in_its_order_in_batches_and_over_rank
     for rank in (0, 1):
         assert evaluation.generate_all(_EchoModel(tok.eos_id), prompts, 20,
                                        train.Run(cfg, rank, 2, torch.device("cpu"), tok)) == want
+
+
+def test_an_answer_ends_before_the_eos_token_which_some_tokenizers_decode_to_text():
+    """A Hugging Face or tiktoken tokenizer decodes its EOS id to text ("</s>", "<|end_of_text|>"), SentencePiece to
+    nothing: an answer is what the model wrote before its EOS, nothing of it or after it (under FSDP on several ranks
+    generation runs on to the full length), and all it wrote where it wrote none."""
+    import types
+    tok = types.SimpleNamespace(eos_id=2, decode=lambda ids: " ".join(f"t{i}" for i in ids))
+    model = types.SimpleNamespace(generate=lambda prompts, max_new, eos_id: [[5, 6, 2, 7], [8, 9]][:len(prompts)])
+    r = types.SimpleNamespace(tok=tok, cfg={"eval_batch_size": 4, "fsdp": False}, rank=0, world=1,
+                              device=torch.device("cpu"))
+    assert evaluation.generate_all(model, [[1, 3], [1, 4]], 4, r) == ["t5 t6", "t8 t9"]
 
 
 def test_generate_all_runs_a_forward_on_every_rank_even_with_fewer_prompts_than_ranks(run_data, tmp_path,

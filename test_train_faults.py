@@ -2448,6 +2448,25 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_keeps_the_last_on
     assert "the checkpoint of step 3 in" in capsys.readouterr().out
 
 
+def test_a_second_ctrl_c_while_ckpt_pt_itself_is_written_names_the_last_one_kept_not_that_step_as_written(
+        run_data, tmp_path, monkeypatch, capsys):
+    """The run's checkpoint is the step whose ckpt.pt was written (r.written), not the one whose write began: a second
+    Ctrl-C inside the stop's ckpt.pt write keeps step 3's, and the stop says so, not that step 5's was written."""
+    _signals_at(monkeypatch, 4, signal.SIGINT)
+    real = train.checkpoint.save_atomic
+
+    def save_atomic(obj, path):
+        if os.path.basename(path) == "ckpt.pt" and obj["iter"] == 5:  # the stop's own ckpt.pt: Ctrl-C again
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(obj, path)
+    monkeypatch.setattr(train.checkpoint, "save_atomic", save_atomic)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--eval_dir=")))
+    assert stopped["interrupted"] and stopped["step"] == 3
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
+    out = capsys.readouterr().out
+    assert "the checkpoint of step 3 in" in out and "step 5 written" not in out, out
+
+
 def test_a_second_ctrl_c_after_the_checkpoints_ckpt_pt_is_written_names_it_and_a_resume_goes_on_from_it(
         run_data, tmp_path, monkeypatch, capsys):
     """Cut short while adapter.pt is written, a new run's first checkpoint stands in ckpt.pt: the stop must offer to
