@@ -24,6 +24,7 @@ import sentencepiece as spm
 import torch
 
 import data
+import tokenizer
 from conftest import (
     FIXTURES,
     LLAMA2,
@@ -203,6 +204,15 @@ def test_decode_gives_negative_ids_no_text_with_every_tokenizer_kind(tmp_path, t
         ids = tok.encode("hello world")
         assert tok.decode([-1] + ids + [-100, -tok.vocab_size, tok.vocab_size]) == tok.decode(ids), tok.kind
         assert tok.decode(torch.tensor([-1, *ids])) == tok.decode(ids), tok.kind
+
+
+def test_a_sentencepiece_vocab_text_file_is_not_taken_for_a_tiktoken_file(tmp_path):
+    """SentencePiece's tokenizer.vocab, beside its tokenizer.model, has lines of two fields and a number too ("<unk>",
+    a tab, "0"): only a base64 first field makes a tiktoken line."""
+    (tmp_path / "tokenizer.vocab").write_text("<unk>\t0\n<s>\t0\n</s>\t0\n\u2581the\t-3.1\n", encoding="utf-8")
+    write_tiktoken_file(tmp_path / "tokenizer.model")
+    assert not tokenizer._looks_like_tiktoken(str(tmp_path / "tokenizer.vocab"))
+    assert tokenizer._looks_like_tiktoken(str(tmp_path / "tokenizer.model"))
 
 
 def test_tiktoken_file_without_the_package_names_pip_install(tmp_path, monkeypatch):
@@ -2383,6 +2393,17 @@ def test_many_chunks_over_worker_processes_come_out_in_input_order(tmp_path, tin
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
     records = shard_records(tmp_path / "w1") + shard_records(tmp_path / "w1", "val")
     assert len(records) == 70
+
+
+def test_chunks_hold_size_records_each_but_a_files_last_and_keep_files_apart(tmp_path):
+    """A worker's job is `size` records (the last of a file fewer), not one record a job: each job costs a round trip
+    between processes. A file's records never share a job with the next file's."""
+    for name, n in (("a.jsonl", 5), ("b.jsonl", 2)):
+        (tmp_path / name).write_text("".join(json.dumps({"instruction": f"{name} {i}"}) + "\n" for i in range(n)))
+    jobs = list(data._chunks([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], ["jsonl", "jsonl"], 64, size=2))
+    assert [(i, len(items), max_len) for i, items, max_len in jobs] == [(0, 2, 64), (0, 2, 64), (0, 1, 64), (1, 2, 64)]
+    assert [json.loads(payload)["instruction"] for _, items, _ in jobs for _, payload in items] == \
+        [f"a.jsonl {i}" for i in range(5)] + [f"b.jsonl {i}" for i in range(2)]
 
 
 @pytest.mark.parametrize("vocab_size, dtype", [(65536, "uint16"), (65537, "uint32")])

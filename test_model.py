@@ -74,6 +74,7 @@ def test_published_parameter_counts_on_meta_device():
         assert Transformer(ModelArgs.from_name("llama3.2-1b")).num_params() == 1_235_814_400
         assert Transformer(ModelArgs.from_name("qwen3-0.6b")).num_params() == 596_049_920
         assert Transformer(ModelArgs.from_name("qwen3-8b")).num_params() == 8_190_735_360
+        assert Transformer(ModelArgs.from_name("mistral-7b")).num_params() == 7_241_732_096  # Mistral-7B-v0.1
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -122,6 +122,13 @@ def test_paired_difference_has_a_students_t_interval():
     assert m == pytest.approx(2.0) and h == pytest.approx(4.303 * 1 / math.sqrt(3))
 
 
+def test_without_flags_the_study_runs_and_only_report_writes_the_report_alone():
+    """`python study.py` (README: 1 to 2 hours) trains the study's runs; --report only reads the runs there are."""
+    opts, _, names = study.parse([])
+    assert opts["report"] is False and opts["quick"] is False and names == list(study.RUNS)
+    assert study.parse(["--report"])[0]["report"] is True
+
+
 def test_seeds_are_a_count_or_a_list_and_the_selection_seed_is_not_one_of_them():
     assert study.parse(["--seeds=3"])[0]["seeds"] == (1, 2, 3)
     assert study.parse(["--seeds=11,12,13"])[0]["seeds"] == (11, 12, 13)

@@ -970,6 +970,15 @@ def test_a_raw_file_named_twice_is_refused_not_counted_twice(tmp_path, capsys, f
     assert not os.path.exists(out) and write_eval_set("anli", [raw, other], out) == 5
 
 
+def test_a_raw_file_named_twice_by_relative_paths_is_named_as_given(tmp_path, capsys, monkeypatch):
+    """The sentence names the path as the user typed it (here relative, so unlike its real path), not crashes on it."""
+    monkeypatch.chdir(tmp_path)
+    write_anli(tmp_path / "dev.jsonl", 3)
+    assert script_error(tasks.main, ["--task", "anli", "--raw", "dev.jsonl", "./dev.jsonl", "--out", "anli.jsonl"],
+                        capsys) == "tasks.py: error: --raw names dev.jsonl more than once; give each raw file once."
+    assert not os.path.exists("anli.jsonl")
+
+
 def test_a_full_disk_is_one_sentence_naming_the_out_file_and_the_old_one_stays(tmp_path, capsys, monkeypatch):
     """A write that fails on a full disk names the --out it was writing (not its temporary name) and what to do,
     in one line, and the file that was there is kept whole."""

@@ -1317,6 +1317,8 @@ def test_a_base_from_scratch_attends_past_short_rows_so_longer_answers_are_score
     out = train.train(train_cfg(run_data, tmp_path / "o", f"--max_len={answer}", "--max_iters=1", "--eval_iters=0",
                                 "--eval_limit=1"))
     assert out["model"].args.context > answer + 2 and "summary" in out["scores"]
+    # eval_iters=0: no validation batch, so no validation loss (not the 0 of an empty sum), here or in results.json
+    assert "val_loss" not in out and "val_loss" not in json.loads((tmp_path / "o" / "results.json").read_text())
 
 
 def _run(cmd, **kw):

@@ -2328,10 +2328,12 @@ def test_ctrl_c_or_sigterm_mid_step_ends_that_step_then_checkpoints_it_as_an_uni
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back after the loop
 
 
-def test_a_re_scoring_refuses_a_tokenizer_replaced_in_place_by_another_of_its_size(run_data, tmp_path):
+@pytest.mark.parametrize("flags", [["--eval_only=True"], ["--init_from=resume", "--dry_run=True"]], ids=" ".join)
+def test_a_re_scoring_or_a_dry_run_refuses_a_tokenizer_replaced_in_place_by_another_of_its_size(run_data, tmp_path,
+                                                                                                  flags):
     """A re-scoring reads no shards, against which a resume checks the tokenizer: one replaced at the run's path by
     another of the same size (shards prepared again with it) scored the adapter in ids it never saw, without a word.
-    ckpt.pt's SHA-256 of it is checked, as sample.py checks it."""
+    ckpt.pt's SHA-256 of it is checked, as sample.py checks it; and by a resume's dry run, which loads no weights."""
     tok, out, shards = tmp_path / "tok.model", tmp_path / "run", tmp_path / "tokens"
     shutil.copy(run_data / "tokenizer.model", tok)
     data.prepare([str(run_data / "train.jsonl")], str(tok), str(shards), max_len=128, val_fraction=0.1, quiet=True)
@@ -2346,7 +2348,7 @@ def test_a_re_scoring_refuses_a_tokenizer_replaced_in_place_by_another_of_its_si
     data.prepare([str(run_data / "train.jsonl")], str(tok), str(shards), max_len=128, val_fraction=0.1, quiet=True)
     with pytest.raises(train.UserError, match=rf"^the tokenizer at {tok} is not the one this run was trained with "
                                               rf"\(its SHA-256 differs from the one {out}/ckpt.pt records\)"):
-        train.train(train.parse_config([f"--out_dir={out}", "--eval_only=True"]))
+        train.train(train.parse_config([f"--out_dir={out}", *flags]))
 
 
 def test_a_run_that_failed_before_it_logged_a_step_is_not_in_the_way_of_the_next(run_data, tmp_path, monkeypatch):

@@ -1785,6 +1785,21 @@ def test_rotary_settings_whose_angles_pass_float32_are_refused_naming_the_checkp
         assert cos.isfinite().all(), name
 
 
+def test_rotary_settings_finite_up_to_the_last_position_are_accepted_though_one_past_it_is_not():
+    """The check reads the positions a model uses, 0 to context - 1, not one past: rope_theta is bisected (in log
+    space) to the boundary where the angle at max_seq_len - 1 is finite and the one at max_seq_len passes float32."""
+    model, context = tiny_model(), 2**20  # float32 holds every position below 2**24 exactly
+    finite = lambda theta, pos: rope_cos_sin(torch.tensor([[pos]]), model.args.head_dim, theta)[0].isfinite().all()
+    low, high = 1e-300, 1.0  # low's angles overflow at context - 1; high's (1: angle = position) do not
+    for _ in range(200):
+        mid = math.sqrt(low) * math.sqrt(high)
+        low, high = (low, mid) if finite(mid, context - 1) else (mid, high)
+    assert finite(high, context - 1) and not finite(high, context)
+    args, _ = saved_model(asdict(replace(model.args, rope_theta=high, max_seq_len=context)),
+                          dict(model.state_dict()), "model.pt")
+    assert args.rope_theta == high and args.context == context
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(n_heads=6, head_dim=None), "dim=64 must split into n_heads=6 heads of even width"),
     (dict(n_kv_heads=3), "n_heads=4 is not a multiple of n_kv_heads=3"),
