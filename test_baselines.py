@@ -428,3 +428,10 @@ def test_moelora_loop_refuses_an_input_of_another_width_in_one_sentence():
     """As TeamLoRALinear and HydraLoRALinear do, not torch's matrix-shape error from inside the loop."""
     with pytest.raises(ValueError, match=r"^MoELoRALoop expects inputs \(\.\.\., 4\), got \(2, 5\)\.$"):
         MoELoRALoop(nn.Linear(4, 4), r=4, experts=2)(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("width", [0, 3])
+def test_moelora_loop_refuses_a_narrower_input_in_one_sentence_too(width):
+    """A narrower input is as wrong as a wider one (a check of `>` alone let it reach torch's matrix-shape error)."""
+    with pytest.raises(ValueError, match=rf"^MoELoRALoop expects inputs \(\.\.\., 4\), got \(2, {width}\)\.$"):
+        MoELoRALoop(nn.Linear(4, 4), r=4, experts=2)(torch.randn(2, width))

@@ -2916,3 +2916,19 @@ def test_a_command_or_required_flag_left_out_is_named_before_anything_is_read(tm
     argv = [] if left_out == "command" else ["prepare"] + [f"{k}={v}" for k, v in flags.items() if k != left_out]
     assert usage_error(data.main, argv, capsys).endswith(f"error: the following arguments are required: {left_out}")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 6])
+def test_an_out_holding_other_files_names_the_first_three_and_counts_the_rest(tmp_path, tiny_spm, n):
+    """errors.listed: up to three names in full; past three, the first three and how many more (n - 3), never "and 0
+    more". The files are left as they were."""
+    source, out = write_records(tmp_path / "d.jsonl", 3), tmp_path / "out"
+    out.mkdir()
+    names = [f"f{i}.txt" for i in range(n)]
+    for name in names:
+        (out / name).write_text(name)
+    shown = ", ".join(names[:3]) + (f" and {n - 3} more" if n > 3 else "")
+    with pytest.raises(UserError, match=rf"^{out} exists and is not the output of a previous prepare \(it holds "
+                                        rf"{re.escape(shown)}\); choose another --out$"):
+        prepare([source], tiny_spm, out, workers=1)
+    assert sorted(os.listdir(out)) == names and all((out / name).read_text() == name for name in names)

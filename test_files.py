@@ -779,3 +779,17 @@ def test_move_into_puts_each_name_on_disk_before_the_next_step_and_the_last_name
         moved = [os.path.basename(e[1]) for e in events if e[0] == "replace"]
         assert events[changes[0]] == ("remove", last) and moved[-1] == names[-1]
         assert sorted(moved) == sorted(names)
+
+
+def test_inside_holds_a_folder_itself_its_contents_and_links_into_it_but_not_a_sibling_sharing_its_name(tmp_path):
+    """files.inside (prepare's check that no input or tokenizer lies in --out, and that no stale folder it removes holds
+    one): the folder itself counts, with or without a trailing separator; a sibling whose name merely begins with the
+    folder's does not; links are followed both ways."""
+    out, sibling = tmp_path / "out", tmp_path / "out2"
+    (out / "sub").mkdir(parents=True), sibling.mkdir()
+    (tmp_path / "link").symlink_to(out / "sub")
+    for path in (out, f"{out}{os.sep}", out / "sub", out / "sub" / "f.jsonl", tmp_path / "link"):
+        assert files.inside(path, out) and files.inside(path, f"{out}{os.sep}"), path
+    for path in (sibling, sibling / "f.jsonl", tmp_path):
+        assert not files.inside(path, out), path
+    assert files.inside(out / "sub", tmp_path / "link") and not files.inside(out, tmp_path / "link")

@@ -628,6 +628,20 @@ def test_an_adapter_placed_in_a_model_in_eval_mode_stays_in_eval_mode_so_its_dro
     assert TeamLoRALinear(nn.Linear(16, 8), r=8, experts=4).training
 
 
+def test_each_new_layer_takes_the_mode_of_the_layer_it_replaces_not_the_models_shared_ones_included():
+    """A model in training mode with one block in eval mode (frozen, say): its layers' adapters start in eval mode,
+    the other block's in training mode; a layer shared by a training and an eval place keeps its own mode."""
+    model = Stack(n=2).train()
+    model.layers[0].eval()
+    model.layers[1]["feed_forward"].w3 = model.layers[0]["feed_forward"].w1  # an eval layer, now in two places
+    inject(model, ("w1", "w2", "w3"), r=8, experts=4, alpha=16)
+    modes = {n: m.training for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, TeamLoRALinear)}
+    assert modes == {"layers.0.feed_forward.w1": False, "layers.0.feed_forward.w2": False,
+                     "layers.0.feed_forward.w3": False, "layers.1.feed_forward.w1": True,
+                     "layers.1.feed_forward.w2": True, "layers.1.feed_forward.w3": False}, modes
+    assert model.training and model.layers[1].training
+
+
 def test_interaction_matrix_off_its_diagonal_is_uniform_on_minus_to_plus_0_1():
     """The official M ~ U(-0.1, 0.1): centred, so no expert starts favoured by the others. A bound check alone
     passes a one-sided U(0, 0.1) draw; 16 experts give 240 draws, whose mean lies within 0.0037 (1 sd) of 0."""

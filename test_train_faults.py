@@ -139,6 +139,41 @@ def test_a_rescoring_with_ckpt_pt_names_an_adapter_pt_beside_it_that_differs_and
     assert note in capsys.readouterr().err.splitlines() and (out / "adapter.pt").read_bytes() == copied
 
 
+def test_a_rescorings_dry_run_gives_its_note_of_another_adapter_pt_through_rank_0s_say_alone(run_data, tmp_path,
+                                                                                            capsys, monkeypatch):
+    """The dry run runs on every rank of a torchrun and says things through rank 0's say alone: the note of a differing
+    adapter.pt beside ckpt.pt goes that way too (a plain print would repeat it once per process)."""
+    out, other = finished_run(run_data, tmp_path / "run"), finished_run(run_data, tmp_path / "other", "--seed=7")
+    shutil.copy(other / "adapter.pt", out / "adapter.pt")
+    said = []
+    monkeypatch.setattr(train.Run, "say", lambda self, *a, **kw: said.append((self.rank, " ".join(map(str, a)))))
+    capsys.readouterr()
+    train.main(train_flags(run_data, out, "--max_iters=4", "--eval_interval=2", "--eval_only=True", "--dry_run=True"))
+    notes = [(rank, line) for rank, line in said if line.startswith("note: scoring the adapter")]
+    assert notes == [(0, f"note: scoring the adapter in {out}/ckpt.pt (step 4), not the {out}/adapter.pt beside it, "
+                         "which differs (left behind by a stopped save, or copied in from another run); to score "
+                         f"that adapter.pt alone, move ckpt.pt out of {out}")], said
+    assert "adapter.pt" not in capsys.readouterr().err
+
+
+def test_the_note_of_another_adapter_pt_is_a_rescorings_alone_not_a_resumes_nor_a_full_runs(run_data, tmp_path,
+                                                                                          capsys):
+    """A resume writes ckpt.pt's adapter over the adapter.pt beside it (restore), and a full run (adapter=none) scores
+    no adapter: neither, nor its dry run, says "scoring the adapter in ckpt.pt, not the adapter.pt beside it"."""
+    out, other = finished_run(run_data, tmp_path / "run"), finished_run(run_data, tmp_path / "other", "--seed=7")
+    full = finished_run(run_data, tmp_path / "full", "--adapter=none")
+    for folder in (out, full):
+        shutil.copy(other / "adapter.pt", folder / "adapter.pt")
+    capsys.readouterr()
+    train.main(train_flags(run_data, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2", "--dry_run=True"))
+    assert "note: scoring the adapter" not in capsys.readouterr().err
+    for how in (["--dry_run=True"], []):
+        train.main(train_flags(run_data, full, "--adapter=none", "--max_iters=4", "--eval_interval=2",
+                               "--eval_only=True", "--eval_limit=1", *how))
+        assert "note: scoring the adapter" not in capsys.readouterr().err
+    assert (full / "adapter.pt").read_bytes() == (other / "adapter.pt").read_bytes()
+
+
 def test_a_rescoring_with_ckpt_pt_notes_an_unreadable_adapter_pt_beside_it_and_nothing_where_there_is_none(
         run_data, tmp_path, capsys):
     """The adapter.pt beside a re-scored ckpt.pt that cannot be compared with it (not a torch file, or its names not
