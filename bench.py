@@ -603,6 +603,8 @@ def main(argv=None):
         parser.error(f"--full7b applies to section cuda7b, which --section={args.section} leaves out")
     if args.full7b and args.device != "cuda" and not args.quick:  # section cuda7b skips the CPU: it would be ignored
         parser.error("--full7b applies to section cuda7b, which runs on --device=cuda (or tiny, as --quick's test)")
+    if args.device == "cuda" and set(sections) == {"sharing"}:  # it measured nothing and printed nothing there
+        parser.error("section sharing times threads sharing a CPU's cores; run it without --device=cuda")
     if not args.checkpointing and not args.full7b:
         parser.error("--no-checkpointing applies to --full7b only (the 4-block stack never checkpoints)")
     if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):

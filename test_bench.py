@@ -870,6 +870,17 @@ def test_sharing_section_measures_nothing_off_the_cpu(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("section", ["sharing", "sharing,sharing"])
+def test_the_sharing_section_alone_on_the_gpu_is_a_usage_error_not_a_run_that_prints_nothing(capsys, section):
+    """Off the CPU section_sharing measures nothing (above): asked for alone on --device=cuda, the run printed its
+    headline and nothing else. Refused before CUDA is looked for, so this runs on a machine without one."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device=cuda", f"--section={section}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "section sharing times threads sharing a CPU's cores" in err
+    assert "run it without --device=cuda" in err
+
+
 def test_sharing_section_on_one_thread_times_that_one_count_once_per_machine_state(monkeypatch, capsys):
     import subprocess
 
