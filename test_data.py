@@ -127,7 +127,8 @@ def test_raw_encode_keeps_special_text_as_text_and_special_encode_does_not(tok):
 
 
 def test_tokenizer_reports_missing_and_unreadable_files(tmp_path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match=rf"^tokenizer file {re.escape(str(tmp_path / 'nope.model'))} not found; pass "
+                                        "the tokenizer.model of your checkpoint$"):  # the fix too, not the fault alone
         Tokenizer(tmp_path / "nope.model")
     junk = tmp_path / "junk.model"
     junk.write_bytes(bytes(range(256)) * 10)
@@ -192,6 +193,20 @@ def test_decode_gives_ids_past_the_vocabulary_no_text_with_every_tokenizer_kind(
     for tok in (Tokenizer(tmp_path / "tokenizer.model"), Tokenizer(tiny_spm), Tokenizer(folder)):
         ids = tok.encode("hello world")
         assert tok.decode([tok.vocab_size + 3] + ids + [tok.vocab_size, tok.vocab_size + 1000]) == tok.decode(ids)
+
+
+def test_a_base_vocabulary_is_taken_from_the_tokenizers_own_size_up_to_its_padding(tiny_spm):
+    """A base trained with this tokenizer has as many embedding rows as it has tokens, or up to VOCAB_PADDING - 1 more
+    (rounded up); fewer rows, or VOCAB_PADDING more, is another tokenizer's base, refused in one sentence."""
+    tok = Tokenizer(tiny_spm)
+    n, pad = tok.vocab_size, tokenizer.VOCAB_PADDING
+    for rows in (n - 1, n, n + 1, n + pad - 1, n + pad, n + 5 * pad):
+        if n <= rows < n + pad:  # the bound, written out
+            tok.check_base_vocabulary(rows)
+        else:
+            with pytest.raises(UserError, match=rf"^the tokenizer has {n:,} tokens but the base model {rows:,}, so "
+                                                r"it is not the tokenizer the base model was trained with: pass that"):
+                tok.check_base_vocabulary(rows)
 
 
 def test_decode_gives_negative_ids_no_text_with_every_tokenizer_kind(tmp_path, tiny_spm):
@@ -1250,6 +1265,18 @@ def test_each_epoch_visits_every_example_once(dataset):
     pad = np.concatenate([global_batch(dataset, s, batch_size, 9, "pad") for s in range(group)])
     pack = np.concatenate([global_batch(dataset, s, batch_size, 9, "pack") for s in range(group)])
     assert sorted(pad) == sorted(pack)  # pad mode only reorders within a window
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_the_batch_order_is_a_function_of_the_seed_alone_across_processes(tmp_path, tiny_spm, mode):
+    """A resumed run (a new process, so empty caches) must see the batches the first run would have: the epochs'
+    shuffles come from the seed, not from fresh entropy, and another seed gives another order."""
+    dataset = dog_records(tmp_path, tiny_spm, 40, 8)
+    order = lambda seed: np.concatenate([global_batch(dataset, s, 4, seed, mode) for s in range(25)])  # 2.5 epochs
+    first = order(7)
+    data._epoch_permutation.cache_clear(), data._sorted_window.cache_clear()  # what a new process starts with
+    assert np.array_equal(order(7), first)
+    assert not np.array_equal(order(8), first)
 
 
 def test_batch_size_must_divide_over_ranks_and_rank_and_mode_must_exist(dataset):

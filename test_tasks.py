@@ -1144,7 +1144,8 @@ BYTES = [bytes([b]) for b in range(256)]
 def test_a_damaged_tiktoken_file_is_refused_when_loaded(tmp_path, tokens, message):
     pytest.importorskip("tiktoken")
     (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in tokens))
-    with pytest.raises(UserError, match=f"tokenizer.model is a damaged tiktoken BPE file: .*{re.escape(message)}"):
+    with pytest.raises(UserError, match=f"tokenizer.model is a damaged tiktoken BPE file: .*{re.escape(message)}.*; "
+                                        "pass the checkpoint's unmodified tokenizer.model$"):  # and the fix
         Tokenizer(tmp_path / "tokenizer.model")
 
 
