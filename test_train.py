@@ -3393,3 +3393,40 @@ def test_every_file_a_run_writes_but_the_ones_the_readme_excepts_is_written_unde
     train.train(train_cfg(run_data, tmp_path / "run", "--max_iters=2", "--eval_interval=1"))
     left = {f for f in os.listdir(tmp_path / "run") if not f.startswith(".")}
     assert {"ckpt.pt", "adapter.pt", "results.json"} <= set(atomic) and left - set(atomic) == excepted, (left, atomic)
+
+
+def test_config_files_run_in_the_order_given_a_later_files_value_winning_and_flags_winning_over_all(tmp_path):
+    first, second = tmp_path / "first.py", tmp_path / "second.py"
+    first.write_text("r = 4\nexperts = 2\n")
+    second.write_text("r = 16\n")
+    for order, want in (([first, second], 16), ([second, first], 4)):  # each order: its last file's value
+        cfg, explicit = train.configurator.read([str(f) for f in order], train.DEFAULTS)
+        assert (cfg["r"], cfg["experts"], explicit) == (want, 2, {"r", "experts"})
+    assert train.configurator.read(["--r=8", str(first), str(second)], train.DEFAULTS)[0]["r"] == 8  # wherever
+
+
+@pytest.mark.usefixtures("at_a_fresh_root")
+def test_dry_runs_fsdp_estimate_is_of_the_shards_of_its_world_size_fewer_gpus_holding_more_each(monkeypatch, capsys):
+    """The estimate is computed for the processes the line names: FSDP's shards of the weights and of the adapter's
+    float32 state are a 1/world each, so each of 4 GPUs holds more than each of 8 (it was estimated for 1 process)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    terms = {}
+    for world in (4, 8):
+        train.train(train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True", f"--dry_run_world_size={world}"]))
+        out = capsys.readouterr().out
+        assert f"per GPU with {world} GPUs" in out
+        terms[world] = [float(x) for x in re.search(r"\(weights ([\d.]+), adapter \+ AdamW ([\d.]+),", out).groups()]
+    assert terms[4][0] > terms[8][0] and terms[4][1] >= terms[8][1], terms
+
+
+def test_a_non_finite_gradient_norm_stops_train_step_before_adamw_steps_leaving_the_weights_as_they_were(
+        run_data, tmp_path, monkeypatch):
+    """A diverged gradient is caught before opt.step: stepped first, the weights a stop or a caller still holds are
+    already NaN (the check after the step raised the same sentence)."""
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, "--dropout=0.0")
+    before = [p.detach().clone() for p in train.trainable(model)]
+    opt = _RecordingAdamW(train.trainable(model), lr=r.cfg["learning_rate"])
+    monkeypatch.setattr(train.torch.nn.utils, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
+    with pytest.raises(train.UserError, match=r"^the gradient norm became inf at step 0;"):
+        train.train_step(r, model, model, opt, data.TokenDataset(r.cfg["data_dir"], "train"), 0)
+    assert opt.seen == [] and all(torch.equal(p, q) for p, q in zip(train.trainable(model), before))
