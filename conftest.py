@@ -2,6 +2,7 @@
 the CME samples of ../shared/fixtures; set TEAMLORA_FIXTURES to point elsewhere; tests that need them
 skip without them), and a small mini-CME suite with a tiny base that train.py pretrained, built once
 per session for the train and study tests."""
+import ast
 import errno
 import io
 import json
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +46,59 @@ needs_distributed_torch = pytest.mark.skipif(  # machine.setup_distributed refus
     reason=f"torch {torch.__version__}: torchrun and FSDP2 on the CPU need torch >= {machine.DISTRIBUTED_TORCH}")
 
 
+def _git_files(root, *options):
+    """The files git lists in root with these `git ls-files` options (paths from root), or None: not a git checkout
+    of its own (an unpacked archive, or a copy inside another repository: git knows none of it), or no git."""
+    if not (root / ".git").exists():
+        return None
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", *options], cwd=root, capture_output=True, text=True)
+    except OSError:  # no git
+        return None
+    return set(listed.stdout.split("\0")) - {""} if listed.returncode == 0 else None
+
+
+def imported_modules(path, names):
+    """Which of names the Python file at path imports (in functions too; none if it does not parse)."""
+    try:  # a tracked file deleted and not yet committed is not there
+        text = path.read_text(encoding="utf-8", errors="replace")
+        tree = ast.parse(text) if any(n in text for n in names) else None  # most files: no need to parse them
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    if tree is None:
+        return set()
+    return names & ({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} |
+                    {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module})
+
+
+def _repositorys_own(root):
+    """git's tracked files in root, the test files not yet `git add`-ed (nor ignored; pytest runs them all the same),
+    and the top-level modules not yet added that these import, directly or through one another: a developer's new
+    module is checked before its commit as CI checks it after, a user's own script beside them is not; or None where
+    git does not know root."""
+    tracked = _git_files(root)
+    if tracked is None:
+        return None
+    # the root's untracked .py files; --directory: an untracked folder (a venv of the user's own, say) is not walked
+    new = _git_files(root, "--others", "--exclude-standard", "--directory", ":(glob)*.py") or set()
+    tests = {n for n in new if n.startswith("test_") or n == "conftest.py"}
+    waiting = {Path(n).stem: n for n in new - tests}
+    ours, reading = tracked | tests, [n for n in tracked | tests if "/" not in n and n.endswith(".py")]
+    while reading and waiting:
+        for name in imported_modules(root / reading.pop(), set(waiting)):
+            ours.add(waiting[name])
+            reading.append(waiting.pop(name))
+    return ours
+
+
 def repository_files(pattern, root=HERE):
     """The repository's files that match pattern (a glob from its root, as "*.py" or "config/*.py"): in a git checkout
-    those git tracks, so that a user's own files beside them (a config of their own in the root or in config/, a copy
-    of train.py to try things in) are not taken for the repository's; elsewhere (no .git, no git) every file that
-    matches."""
-    found = sorted(root.glob(pattern))
-    if not (root / ".git").exists():  # an unpacked archive, or a copy inside another repository: git knows none of it
-        return found
-    try:
-        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True)
-    except OSError:  # no git
-        return found
-    if listed.returncode != 0:
-        return found
-    tracked = set(listed.stdout.split("\0"))
-    return [p for p in found if p.relative_to(root).as_posix() in tracked]
+    those git tracks and the new modules they import (_repositorys_own), so that a user's own files beside them (a
+    config of their own in the root or in config/, a copy of train.py to try things in) are not taken for the
+    repository's; elsewhere (no .git, no git) every file that matches."""
+    found, ours = sorted(root.glob(pattern)), _repositorys_own(root)
+    return found if ours is None else [p for p in found if p.relative_to(root).as_posix() in ours]
 
 
 def _file_names_hold(text):
@@ -173,20 +211,42 @@ def no_run_in_the_users_folders(users_folders, tmp_path_factory, monkeypatch):
     the repository's out/, data/ or checkpoints/: in a clone where the user has run the demo or a recipe, out/demo or
     out/cme_llama2_7b holds a run, which the run and the dry run refuse, and a dry run reads the base, the tokenizer,
     the shards and the evaluation sets it finds in place of the preset. Run from the repository's root, as CI runs
-    the tests, a test that forgets fails here whatever those folders hold."""
+    the tests, a test that forgets fails here whatever those folders hold. A train.py that a test starts as a process
+    of its own (study.py's runs, say), which this guard does not reach, is checked as it starts, from its flags: the
+    arguments after train.py given to Python or torchrun."""
     real, basetemp = train.claim_out_dir, tmp_path_factory.getbasetemp().resolve()  # --basetemp may be in the repo
 
-    def claim_out_dir(r, *args, **kwargs):
-        for key in RUN_PATHS:
-            if r.cfg.get(key) in (None, "", "scratch", "resume"):  # none, or init_from's keywords
+    def refuse(cfg, cwd, keys=RUN_PATHS):
+        for key in keys:
+            if cfg.get(key) in (None, "", "scratch", "resume"):  # none, or init_from's keywords
                 continue
-            path = Path(os.path.realpath(r.cfg[key]))
+            path = Path(os.path.realpath(os.path.join(cwd, cfg[key])))
             mine = path == basetemp or basetemp in path.parents
             if not mine and (folder := next((f for f in users_folders if f == path or f in path.parents), None)):
-                pytest.fail(f"the test runs with {key}={r.cfg[key]}, in the repository's {folder.name}/ that a "
+                pytest.fail(f"the test runs with {key}={cfg[key]}, in the repository's {folder.name}/ that a "
                             "user's runs fill; give it a path under tmp_path, or use the at_a_fresh_root fixture.")
+
+    def claim_out_dir(r, *args, **kwargs):
+        refuse(r.cfg, os.getcwd())
         return real(r, *args, **kwargs)
     monkeypatch.setattr(train, "claim_out_dir", claim_out_dir)
+
+    class Popen(subprocess.Popen):
+        def __init__(self, args, *more, **kwargs):
+            argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else []  # str, not shell=True
+            if argv and not os.path.basename(argv[0]).startswith(("python", "torchrun")) and argv[0] != sys.executable:
+                argv = []  # a shell's train.py may run elsewhere, with other flags: `cd "$1" && exec python train.py`
+            if (at := next((i for i, a in enumerate(argv) if os.path.basename(a) == "train.py"), None)) is not None:
+                try:  # its flags as the process reads them; ones it refuses are its to name
+                    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                        cfg = train.parse_config(argv[at + 1:])
+                except (Exception, SystemExit):
+                    cfg = None
+                if cfg is not None:  # a resume or a re-scoring reads the paths its ckpt.pt saved, not these flags
+                    refuse(cfg, os.fspath(kwargs.get("cwd") or os.getcwd()),
+                           ("out_dir",) if cfg["init_from"] == "resume" or cfg["eval_only"] else RUN_PATHS)
+            super().__init__(args, *more, **kwargs)
+    monkeypatch.setattr(subprocess, "Popen", Popen)
 
 
 @pytest.fixture

@@ -57,6 +57,26 @@ def test_a_users_own_files_beside_the_repositorys_are_not_taken_for_its_own(tmp_
     assert repository_files("config/*.py", tmp_path) == [tmp_path / "config" / n for n in ("cme.py", "mine.py")]
 
 
+def test_a_new_module_is_the_repositorys_before_it_is_added(tmp_path):
+    """A module a developer adds, and runs the tests on before `git add`, is checked as CI checks it once committed:
+    the untracked top-level modules that the tracked files or a new test file import, directly or through one
+    another, are the repository's; a user's own script that imports them is not, nor what git ignores, nor the
+    modules in a folder git does not track."""
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    (tmp_path / "venv").mkdir()
+    files = {"train.py": "import files\nimport scratch\n", "files.py": "def f():\n    from helper import x\n",
+             "helper.py": "x = 1\n", "test_new.py": "import new\n", "new.py": "", "my_train.py": "import train\n",
+             "scratch.py": "import mine\n", "mine.py": "", ".gitignore": "scratch.py\n", "venv/site.py": "import new\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert subprocess.run(["git", "init", "-q"], cwd=tmp_path).returncode == 0
+    assert subprocess.run(["git", "add", "train.py", ".gitignore"], cwd=tmp_path).returncode == 0
+    assert repository_files("*.py", tmp_path) == [tmp_path / n for n in
+                                                  ("files.py", "helper.py", "new.py", "test_new.py", "train.py")]
+    assert repository_files("*/*.py", tmp_path) == []
+
+
 def test_the_readme_names_every_file_that_is_not_python():
     """The recipes, the requirements, CI's script and the GPU checks are files a reader meets too."""
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)

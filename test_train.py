@@ -1244,6 +1244,27 @@ def test_no_test_runs_in_the_folders_that_a_users_runs_fill(users_folders):
             train.claim_out_dir(r, resuming=False)
 
 
+def test_no_train_py_that_a_test_starts_as_a_process_runs_in_the_folders_that_a_users_runs_fill(at_a_fresh_root):
+    """conftest's guard reaches a train.py that a test starts as a process of its own, as study.py starts its runs,
+    where the patched train.claim_out_dir is not: one whose out_dir, or a path it reads, is in the repository's out/,
+    data/ or checkpoints/, taken from the folder it starts in, fails as it starts (a resume or a re-scoring reads its
+    other paths from its checkpoint: its out_dir alone is checked). Here the process is `python -c pass`
+    given train.py and its flags, so nothing runs even where the guard let it through."""
+    train_py, own = [sys.executable, "-c", "pass", str(REPO / "train.py")], f"--out_dir={at_a_fresh_root / 'out'}"
+    for flags, cwd, key in (([f"--out_dir={REPO / 'out' / 'demo'}"], None, "out_dir"), ([], REPO, "out_dir"),
+                            (["config/cme_llama2_7b.py", own], REPO, "data_dir")):
+        with pytest.raises(pytest.fail.Exception, match=f"with {key}=.*, in the repository's (out|data)/ that a user"):
+            subprocess.run(train_py + flags, cwd=cwd, timeout=60)
+    with pytest.raises(pytest.fail.Exception, match="with data_dir=data/cme, in the repository's data/"):
+        subprocess.Popen(train_py + ["--data_dir=data/cme", own], cwd=REPO)
+    for flags in (["--data_dir=data/cme"], ["config/cme_llama2_7b.py"], ["--no_such_flag=1"]):  # the fresh root's
+        assert subprocess.run(train_py + flags, timeout=60).returncode == 0  # a flag it refuses is its to name
+    for flags in (["--init_from=resume"], ["--eval_only=True", "--eval_dir=x"]):  # the paths its ckpt.pt saved
+        assert subprocess.run(train_py + [own, *flags], cwd=REPO, timeout=60).returncode == 0
+        with pytest.raises(pytest.fail.Exception, match="with out_dir=out/demo, in the repository's out/"):
+            subprocess.run(train_py + flags, cwd=REPO, timeout=60)
+
+
 @pytest.mark.parametrize("batch_size, grad_accum", [(12, 1), (15, 3), (16, 1), (12, 3)])
 @pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_demos_dry_run_plans_for_the_one_process_that_python_train_py_runs(batch_size, grad_accum, monkeypatch,
