@@ -1265,6 +1265,37 @@ def test_logits_equal_transformers_llama31_rope_scaling_written_by_transformers(
     assert (logits_of(unscaled.eval(), tokens) - want).abs().max().item() > 1e-2  # the scaling is what agrees
 
 
+@pytest.mark.parametrize("model_type, top_level, in_scaling, want", [
+    ("llama", 32, 16, 32), ("qwen2", 32, None, 32), ("mistral", None, None, 48), ("qwen3", None, 16, 16)])
+def test_llama3_rope_takes_its_original_context_where_transformers_does(tmp_path, model_type, top_level, in_scaling,
+                                                                        want):
+    """transformers 5 sets a "llama3" scaling's original_max_position_embeddings from a top-level key of that name
+    (Phi-3's place) over the scaling's own, and from max_position_embeddings where neither gives it: the first was
+    read from the scaling (other logits, no error), the second refused as a damaged file."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[model_type]
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=61, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=48, initializer_range=0.1)
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{family}ForCausalLM")(config)
+    with torch.no_grad():  # sharp attention: the rotation's frequencies show in the logits
+        for name, p in hf.named_parameters():
+            p.mul_(5.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0)
+    hf.save_pretrained(tmp_path)
+    rope = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    given = {"rope_parameters": rope | ({"original_max_position_embeddings": in_scaling} if in_scaling else {})}
+    given |= {"original_max_position_embeddings": top_level} if top_level else {}
+    (tmp_path / "config.json").write_text(json.dumps(json.loads((tmp_path / "config.json").read_text()) | given))
+    ours = Transformer.from_pretrained(tmp_path).eval()
+    assert ours.args.rope_scaling == (8.0, 1.0, 4.0, want)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 61, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (logits_of(ours, tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------
 # added from mutation testing
 

@@ -84,8 +84,7 @@ def check_saved(model_args, state, path, known):
         raise ValueError(f"{path} holds no model_args dict beside a dict of named tensors, so it is not a model.pt "
                          "written by train.py; give one, or a Meta or Hugging Face folder")
     where = f"the model_args of {path}"
-    unknown = model_args.keys() - known
-    if unknown:
+    if unknown := model_args.keys() - known:
         raise ValueError(f"{where} has fields this model does not know: {sorted(unknown, key=str)[:5]}; give a "
                          "model.pt written by train.py")
     _check_fields(model_args, where, _ARGS, _ARGS_OPTIONAL)
@@ -167,13 +166,11 @@ _HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": (
 def _check_fields(config, file, required, optional, fix="fix it or download the file again"):
     """A ValueError naming the file and the key when a needed key is absent or a value is not of the right kind."""
     for key, (kind, nullable) in {**required, **optional}.items():
-        if key not in config:
-            if key in required:
-                raise ValueError(f"{file} has no {key!r}, which the model needs; download the complete file again "
-                                 "from the checkpoint's source")
-            continue
-        value = config[key]
-        if value is None and nullable:
+        if key not in config and key in required:
+            raise ValueError(f"{file} has no {key!r}, which the model needs; download the complete file again from "
+                             "the checkpoint's source")
+        value = config.get(key)
+        if key not in config or value is None and nullable:
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         top = 1 if kind == "positive below 1" else math.inf if isinstance(value, float) else 2**63
@@ -318,6 +315,10 @@ def _hf_rope(config, config_file, path):
         raise ValueError(f"config.json in {path!r} asks for rotary scaling {rope!r}{read}, which this model does not "
                          "implement (only LLaMA 3.1's \"llama3\"); use a checkpoint without it")
     _check_fields(config, config_file, _HF_CONFIG, _HF_OPTIONAL)
+    if kind == "llama3":  # as transformers 5 reads it: a top-level original_max_position_embeddings (Phi-3's place)
+        # wins over the scaling's own, and the context length stands in where neither gives one
+        rope = {**rope, "original_max_position_embeddings": config.get("original_max_position_embeddings", rope.get(
+            "original_max_position_embeddings", config.get("max_position_embeddings") or 2048))}
     _check_fields(rope, config_file, _LLAMA3_ROPE if kind == "llama3" else {}, {"rope_theta": ("positive", True)})
     scaling = tuple(rope[k] for k in _LLAMA3_ROPE) if kind == "llama3" else None
     _check_rope_scaling(scaling, config_file, "fix it or download the file again")
