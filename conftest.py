@@ -1,12 +1,13 @@
 """What the test files share: where the fixtures are (the authors' records, the LLaMA-2 tokenizer and
-the CME samples of ../shared/fixtures; set TEAMLORA_FIXTURES to point elsewhere; tests that need them
-skip without them), and a small mini-CME suite with a tiny base that train.py pretrained, built once
-per session for the train and study tests."""
+the CME samples: the first of $TEAMLORA_FIXTURES, shared/fixtures and ../shared/fixtures that holds
+official/; tests that need them skip without them), and a small mini-CME suite with a tiny base that
+train.py pretrained, built once per session for the train and study tests."""
 import ast
 import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,8 +34,8 @@ from minicme import make_suite
 # is first imported (not by `import torch`); one set outside wins.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 HERE = Path(__file__).resolve().parent
-_candidates = [os.environ.get("TEAMLORA_FIXTURES", ""), HERE / "shared" / "fixtures",
-               HERE.parent / "shared" / "fixtures"]
+FIXTURE_PLACES = ("TEAMLORA_FIXTURES", "shared/fixtures", "../shared/fixtures")  # a variable, then paths from HERE
+_candidates = [os.environ.get(FIXTURE_PLACES[0], ""), *(os.path.normpath(HERE / p) for p in FIXTURE_PLACES[1:])]
 FIXTURES = next((Path(p) for p in _candidates if p and (Path(p) / "official").is_dir()), None)
 needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason="shared/fixtures not found (set TEAMLORA_FIXTURES)")
 LLAMA2 = FIXTURES / "tokenizer" / "llama2_tokenizer.model" if FIXTURES else None
@@ -72,19 +73,39 @@ def imported_modules(path, names):
                      if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module})
 
 
+def readme_names(root):
+    """The .py files that root's README.md names as the repository's: each `name.py` of its file table (before "## Quick
+    start"; the prose names others', the authors' `build_dataset.py`) and each recipe `config/....py` it names, a brace
+    list as the shell expands it (`config/cme_{a,b}.py`)."""
+    try:
+        readme = (root / "README.md").read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    named = set(re.findall(r"`(\w+\.py)`", readme.split("## Quick start")[0]))
+    for stem in re.findall(r"config/([\w.{},-]+?)\.py", readme):
+        head, _, rest = stem.partition("{")
+        choices, _, tail = rest.partition("}")
+        named |= {f"config/{head}{c}{tail}.py" for c in choices.split(",")} if rest else {f"config/{stem}.py"}
+    return named
+
+
 def _repositorys_own(root):
     """git's tracked files in root, the test files not yet `git add`-ed (nor ignored; pytest runs them all the same),
-    and the top-level modules not yet added that these import, directly or through one another: a developer's new
-    module is checked before its commit as CI checks it after, a user's own script beside them is not; or None where
-    git does not know root."""
+    the files not yet added that the README names as the repository's (readme_names), and the top-level modules not
+    yet added that these import, directly or through one another: a developer's new module, script or recipe is
+    checked before its commit as CI checks it after (a script once the README's table names it, as CI demands; a
+    recipe once the README names it), a user's own script or recipe beside them is not (a developer's the README does
+    not name yet looks the same: CI's run sees it); or None where git does not know root."""
     tracked = _git_files(root)
     if tracked is None:
         return None
-    # the root's untracked .py files; --directory: an untracked folder (a venv of the user's own, say) is not walked
-    new = _git_files(root, "--others", "--exclude-standard", "--directory", ":(glob)*.py") or set()
-    tests = {n for n in new if n.startswith("test_") or n == "conftest.py"}
-    waiting = {Path(n).stem: n for n in new - tests}
-    ours, reading = tracked | tests, [n for n in tracked | tests if "/" not in n and n.endswith(".py")]
+    # the untracked .py files of the root and config/; --directory: an untracked folder (a venv of the user's own,
+    # say) is not walked
+    new = _git_files(root, "--others", "--exclude-standard", "--directory", ":(glob)*.py",
+                     ":(glob)config/*.py") or set()
+    added = {n for n in new if n.startswith("test_") or n == "conftest.py"} | (new & readme_names(root))
+    waiting = {Path(n).stem: n for n in new - added if "/" not in n}  # config/'s are no modules
+    ours, reading = tracked | added, [n for n in tracked | added if "/" not in n and n.endswith(".py")]
     while reading and waiting:
         for name in imported_modules(root / reading.pop(), set(waiting)):
             ours.add(waiting[name])
@@ -181,6 +202,7 @@ def ctrl_c_as_at_a_terminal():
 
 
 RUN_PATHS = ("out_dir", "data_dir", "eval_dir", "tokenizer", "init_from")  # a run's folders and the files it reads
+CHILD_RUN = re.compile(r"\b(?:train\.main|study\.launch)\(sys\.argv\[(\d+):\]")  # a `python -c` child's run, its flags
 
 
 def folders_named(configs):
@@ -213,7 +235,9 @@ def no_run_in_the_users_folders(users_folders, tmp_path_factory, monkeypatch):
     the shards and the evaluation sets it finds in place of the preset. Run from the repository's root, as CI runs
     the tests, a test that forgets fails here whatever those folders hold. A train.py that a test starts as a process
     of its own (study.py's runs, say), which this guard does not reach, is checked as it starts, from its flags: the
-    arguments after train.py given to Python or torchrun."""
+    arguments after train.py given to Python or torchrun, or those from K on given to a `python -c` child whose code
+    runs `train.main(sys.argv[K:])` or `study.launch(sys.argv[K:], ...)` (which starts train.py with them). A child
+    that runs train otherwise (the flags spelt in its code, read from a file) is not reached: start it so."""
     real, basetemp = train.claim_out_dir, tmp_path_factory.getbasetemp().resolve()  # --basetemp may be in the repo
 
     def refuse(cfg, cwd, keys=RUN_PATHS):
@@ -236,6 +260,8 @@ def no_run_in_the_users_folders(users_folders, tmp_path_factory, monkeypatch):
             argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else []  # str, not shell=True
             if argv and not os.path.basename(argv[0]).startswith(("python", "torchrun")) and argv[0] != sys.executable:
                 argv = []  # a shell's train.py may run elsewhere, with other flags: `cd "$1" && exec python train.py`
+            if len(argv) > 2 and argv[1] == "-c" and (run := CHILD_RUN.search(argv[2])):  # sys.argv[K] is argv[K + 2]
+                argv = ["train.py", *argv[int(run.group(1)) + 2:]]
             if (at := next((i for i, a in enumerate(argv) if os.path.basename(a) == "train.py"), None)) is not None:
                 try:  # its flags as the process reads them; ones it refuses are its to name
                     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):

@@ -1564,6 +1564,30 @@ def test_a_script_without_a_main_guard_is_told_to_add_one_not_that_a_worker_was_
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "unguarded.py"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a worker ended by SIGTERM")
+@pytest.mark.parametrize("code, sentence", [(data.NO_MAIN_GUARD, "runs data.prepare again in each worker process"),
+                                            (1, "a worker process of prepare ended before its records were encoded")])
+def test_one_worker_ended_by_a_missing_main_guard_names_the_guard_whatever_the_other_workers_exit_codes(
+        code, sentence, tiny_spm, monkeypatch):
+    """One worker's exit code NO_MAIN_GUARD names the main guard though the pool ended the others itself (SIGTERM, as
+    it does once one has died): prepare reads the workers' codes as a mix. A mix without NO_MAIN_GUARD is a killed
+    worker. The jobs (eval's): one sleeps, the other leaves with `code`, and the pool ends the worker left (its death
+    may go unseen until the sleep ends: the pool watches a worker it started after its last wake-up only from then)."""
+    import concurrent.futures
+    codes, real = [], concurrent.futures.ProcessPoolExecutor
+
+    class Pool(real):  # the real pool, its workers' exit codes written down as prepare's shutdown reaps them
+        def shutdown(self, *args, **kwargs):
+            workers = dict(self._processes or {})
+            super().shutdown(*args, **kwargs)
+            codes.extend(p.exitcode for p in workers.values())
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+    jobs = iter(["__import__('time').sleep(2)", f"__import__('os')._exit({code})"])
+    with pytest.raises(UserError, match=sentence):
+        list(data._map_ordered(eval, jobs, 2, str(tiny_spm)))
+    assert sorted(codes) == sorted([-signal.SIGTERM, code])  # the mix: one code of its own, one ended by the pool
+
+
 ORPHANS = """import multiprocessing, sys, threading, time
 import data
 

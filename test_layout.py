@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import repository_files
+from conftest import readme_names, repository_files
 
 REPO = Path(__file__).resolve().parent
 MODULES = [p.stem for p in repository_files("*.py") if not p.stem.startswith("test_") and p.stem != "conftest"]
@@ -75,6 +75,40 @@ def test_a_new_module_is_the_repositorys_before_it_is_added(tmp_path):
     assert repository_files("*.py", tmp_path) == [tmp_path / n for n in
                                                   ("files.py", "helper.py", "new.py", "test_new.py", "train.py")]
     assert repository_files("*/*.py", tmp_path) == []
+
+
+def test_a_new_script_or_recipe_is_the_repositorys_before_it_is_added_once_the_readme_names_it(tmp_path):
+    """A stand-alone script (a new bench.py) or a recipe that nothing imports, not yet `git add`-ed, is checked before
+    its commit once the README names it: a script in the file table (which CI demands of every module), a recipe
+    anywhere (a brace list as the shell expands it); the modules such a script imports are the repository's too. A
+    user's own script or recipe, which the README does not name, is not, nor a file it names outside its table (the
+    authors' build_dataset.py, fetched beside ours)."""
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    (tmp_path / "config").mkdir()
+    readme = ("| `train.py` | the loop |\n| `profile.py` | a new script |\n\n## Quick start\n\nThe authors' "
+              "`build_dataset.py`; the recipes `config/cme.py`, `config/cme_{a,b.1}.py` (`config/*.py`).\n")
+    files = {"README.md": readme, "train.py": "", "profile.py": "import timer\n", "timer.py": "", "mine.py": "",
+             "my_script.py": "import train\nimport mine\n", "build_dataset.py": "", "config/cme.py": "",
+             "config/cme_a.py": "", "config/cme_b.1.py": "", "config/mine.py": ""}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert subprocess.run(["git", "init", "-q"], cwd=tmp_path).returncode == 0
+    assert subprocess.run(["git", "add", "README.md", "train.py", "config/cme.py"], cwd=tmp_path).returncode == 0
+    assert repository_files("*.py", tmp_path) == [tmp_path / n for n in ("profile.py", "timer.py", "train.py")]
+    assert repository_files("config/*.py", tmp_path) == [tmp_path / "config" / n for n in
+                                                         ("cme.py", "cme_a.py", "cme_b.1.py")]
+
+
+def test_the_readme_names_every_place_the_tests_look_for_the_fixtures():
+    """The README's "Tests skip without ..." names the places conftest looks for the fixtures, in its order: it named
+    `../shared/fixtures` and TEAMLORA_FIXTURES, not the repository's own shared/fixtures, where conftest looks too."""
+    import conftest
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    said = re.search(r"Tests skip without [^.]*? the fixtures \(the first of (.*?), from the repository's root, that "
+                     r"holds `official/`\)", readme)
+    assert said, "the README does not say where the tests look for the fixtures"
+    assert tuple(re.findall(r"`([^`]+)`", said.group(1))) == conftest.FIXTURE_PLACES
 
 
 def test_the_readme_names_every_file_that_is_not_python():
@@ -532,11 +566,7 @@ def test_every_train_py_command_shown_is_a_configuration_train_py_accepts(monkey
 def test_every_recipe_the_readme_names_exists():
     """The README names recipes in prose too (`config/cme_{qwen2.5_7b,qwen3_8b,llama3.1_8b}.py`, as the shell
     expands it), where no command runs them: each is a file of config/."""
-    named = set()
-    for stem in re.findall(r"config/([\w.{},-]+?)\.py", (REPO / "README.md").read_text(encoding="utf-8")):
-        head, _, rest = stem.partition("{")
-        choices, _, tail = rest.partition("}")
-        named |= {f"config/{head}{c}{tail}.py" for c in choices.split(",")} if rest else {f"config/{stem}.py"}
+    named = {n for n in readme_names(REPO) if n.startswith("config/")}
     assert named and sorted(named - set(RECIPES)) == []
 
 

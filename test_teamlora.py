@@ -1747,7 +1747,9 @@ def test_a_merged_lora_in_a_llama_saves_a_checkpoint_the_plain_model_serves_and_
 def test_generate_with_a_kv_cache_applies_the_adapters_at_every_step_and_leaves_the_last_steps_omega():
     """Hugging Face's generate() on an adapted LLaMA: the prompt's forward, then one token per forward on the KV cache.
     Every step's scores equal a forward over the whole sequence; afterwards last_omega (so the balance loss and the
-    expert load) is the last decoded token's, (batch, 1, k), and generate's (batch, all tokens) mask is refused."""
+    expert load) is the last step's, (batch, 1, k): that of the last token fed in, the one before the last generated
+    (test_after_generate_each_layer_keeps_the_omega_of_the_last_token_fed_in), and generate's (batch, all tokens)
+    mask is refused."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
@@ -1774,6 +1776,35 @@ def test_generate_with_a_kv_cache_applies_the_adapters_at_every_step_and_leaves_
         logits = model(out.sequences).logits
     for step, scores in enumerate(out.scores):
         torch.testing.assert_close(scores, logits[:, 4 + step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 4])
+def test_after_generate_each_layer_keeps_the_omega_of_the_last_token_fed_in(new_tokens):
+    """The README: after generate() on a KV cache, balance_loss and expert_load read the omega of the last token fed in,
+    the one before the last generated (which is sampled from the last step's logits and never run), or the whole
+    prompt's where it generated one token; it said "the last decoded token's", which reads as the last generated.
+    model.py's generate against one forward over the prompt and the answer: each layer's kept omega is that forward's
+    at those positions."""
+    from model import ModelArgs, Transformer
+    readme = " ".join((Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8").split())
+    assert ("(after `generate()` on a KV cache, the omega of the last token it fed in, the one before the last "
+            "generated, which is never run; of the whole prompt where it generated one token)") in readme
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
+                                  max_seq_len=64)).double()
+    layers = [randomize(m, seed=i) for i, m in enumerate(inject(model, ("wq", "w1", "w2"), r=8, experts=4, alpha=16.0,
+                                                                  dropout=0.0).modules())
+              if isinstance(m, TeamLoRALinear)]
+    prompt = [3, 14, 15, 9, 2]
+    answer = model.generate([prompt], new_tokens)[0]
+    kept = [layer.last_omega for layer in layers]
+    with torch.no_grad():
+        model(torch.tensor([prompt + answer]))
+    last_fed = len(prompt) + new_tokens - 2  # the answer's last token is at len(prompt) + new_tokens - 1
+    fed = slice(0, len(prompt)) if new_tokens == 1 else slice(last_fed, last_fed + 1)
+    assert len(answer) == new_tokens and len(layers) == 6
+    for layer, omega in zip(layers, kept):  # omega is float32 (the router's softmax), the cache's rounding its own
+        torch.testing.assert_close(omega, layer.last_omega[:, fed], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

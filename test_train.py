@@ -1265,6 +1265,23 @@ def test_no_train_py_that_a_test_starts_as_a_process_runs_in_the_folders_that_a_
             subprocess.run(train_py + flags, cwd=REPO, timeout=60)
 
 
+def test_no_run_that_a_python_c_child_starts_runs_in_the_folders_that_a_users_runs_fill(at_a_fresh_root):
+    """conftest's guard reaches a `python -c` child whose code runs train.main(sys.argv[K:]) (a run killed in a write,
+    say) or study.launch(sys.argv[K:], ...), which starts train.py with those flags as a grandchild the guard never
+    sees: the child's arguments from K on are checked as train.py's as it starts. Each child here leaves before its
+    run, so nothing runs even where the guard let it through."""
+    own = f"--out_dir={at_a_fresh_root / 'out'}"
+    for run, before in (("train.main(sys.argv[1:])", []), ("train.main(sys.argv[2:])", ["log.jsonl"]),
+                        ("study.launch(sys.argv[1:], 1)", [])):
+        child = [sys.executable, "-c", f"import sys\nsys.exit()\n{run}\n", *before]
+        with pytest.raises(pytest.fail.Exception, match="with out_dir=out/demo, in the repository's out/"):
+            subprocess.run(child, cwd=REPO, timeout=60)  # the demo's
+        with pytest.raises(pytest.fail.Exception, match="with data_dir=data/cme, in the repository's data/"):
+            subprocess.Popen(child + ["--data_dir=data/cme", own], cwd=REPO)
+        assert subprocess.run(child + ["--data_dir=data/cme", own], timeout=60).returncode == 0  # the fresh root's
+        assert subprocess.run(child + [own, "--init_from=resume"], cwd=REPO, timeout=60).returncode == 0
+
+
 @pytest.mark.parametrize("batch_size, grad_accum", [(12, 1), (15, 3), (16, 1), (12, 3)])
 @pytest.mark.usefixtures("at_a_fresh_root")
 def test_the_demos_dry_run_plans_for_the_one_process_that_python_train_py_runs(batch_size, grad_accum, monkeypatch,
