@@ -506,11 +506,12 @@ def check_tasks(runs):
 
 
 def choose_lr(by_lr):
-    """The learning rate whose selection run has the best mean validation score; {lr: results or None}."""
+    """The learning rate whose selection run has the best mean validation score; {lr: results or None}. A tie goes to
+    the smaller rate, as do means 1e-9 apart: equal ones summed in another order differ in their last bits."""
     if not (scored := {lr: average(res) for lr, res in by_lr.items() if res is not None}):
         raise data.UserError("every selection run diverged or is missing; widen GRID towards smaller rates, or with "
                              "--report name only the runs the study ran (--runs).")
-    return max(scored, key=lambda lr: (scored[lr], -lr))  # a tie goes to the smaller rate
+    return min(lr for lr, mean in scored.items() if mean >= max(scored.values()) - 1e-9)
 
 
 def selection(opts, extra, names, later=0):
@@ -518,8 +519,7 @@ def selection(opts, extra, names, later=0):
     {lr: mean validation score or None})}."""
     methods = sorted({METHOD_OF[n] for n in names}, key=list(METHODS).index)
     jobs = [(f"select {METHODS[m][0]} lr {lr:g}", run_flags(METHODS[m][0], SELECTION_SEED, lr, opts, extra,
-                                                            eval_dir=opts["val_dir"]))
-            for m in methods for lr in opts["grid"]]
+                                                            opts["val_dir"])) for m in methods for lr in opts["grid"]]
     if not opts["report"]:
         run_all(jobs, opts, later)
     chosen, runs = {}, {}
