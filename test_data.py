@@ -261,6 +261,17 @@ def test_prompt_is_masked_and_truncation_is_a_prefix(tok, official):
 
 
 @needs_fixtures
+def test_a_record_is_cut_at_the_authors_max_seq_length_of_1024_by_default_in_encode_example_and_prepare(tok):
+    """build_dataset.py's max_seq_length defaults to 1024: a longer record is cut there unless max_len says otherwise,
+    by encode_example and by prepare (whose command line takes prepare's default: tested below)."""
+    example = {"instruction": "Repeat the word.", "input": "", "output": " ".join(["word"] * 1500)}
+    full_ids, full_labels = encode_example(tok, example, 10**6)
+    assert len(full_ids) > 1024
+    assert encode_example(tok, example) == (full_ids[:1024], full_labels[:1024])
+    assert inspect.signature(prepare).parameters["max_len"].default == 1024
+
+
+@needs_fixtures
 def test_encode_prompt_is_the_masked_part_of_the_training_example(tok, official):
     for example in official[:20] + EDGE_CASES:
         ids, labels = encode_example(tok, example, 10**6)

@@ -141,6 +141,23 @@ def test_the_files_import_one_another_one_way():
     assert graph["teamlora"] == set()  # the layer is copied alone into other projects
 
 
+def test_no_function_of_the_training_loop_calls_the_loop_again():
+    """train.py's loop is run(), called by train() once the demo's data and base are built (build_demo, whose
+    pretraining is a run() of its own, before the loop): nothing run() calls in train.py, however indirectly, calls
+    run(), train() or build_demo() again."""
+    tree = ast.parse((REPO / "train.py").read_text(encoding="utf-8"))
+    calls = {f.name: {c.func.id for c in ast.walk(f) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+             for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert {"run", "train", "build_demo"} <= calls.keys() and "run" in calls["train"]
+    reached, todo = set(), set(calls["run"])
+    while todo:
+        name = todo.pop()
+        if name in calls and name not in reached:
+            reached.add(name)
+            todo |= calls[name]
+    assert not reached & {"run", "train", "build_demo"}, sorted(reached & {"run", "train", "build_demo"})
+
+
 def test_the_readmes_import_list_is_each_files_own_imports():
     """The README's "Imports flow one way" line lists, for every file, exactly the files it imports."""
     line = next(l for l in (REPO / "README.md").read_text(encoding="utf-8").splitlines()

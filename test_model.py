@@ -69,6 +69,7 @@ def test_ffn_width_is_metas_width_rounded_up_to_the_next_multiple(multiplier):
 def test_published_parameter_counts_on_meta_device():
     with torch.device("meta"):
         assert Transformer(ModelArgs.from_name("llama2-7b")).num_params() == 6_738_415_616
+        assert Transformer(ModelArgs.from_name("llama2-13b")).num_params() == 13_015_864_320
         assert Transformer(ModelArgs.from_name("llama3-8b")).num_params() == 8_030_261_248
         assert Transformer(ModelArgs.from_name("llama3.1-8b")).num_params() == 8_030_261_248
         assert Transformer(ModelArgs.from_name("llama3.2-1b")).num_params() == 1_235_814_400

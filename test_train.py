@@ -63,6 +63,15 @@ def test_config_file_then_flags_override_the_defaults(tmp_path):
     assert train.parse_config([])["adapter"] == "teamlora"
 
 
+def test_by_default_train_py_adapts_the_papers_ffn_with_the_authors_dropout():
+    """The paper adapts the FFN only (Meta's w1, w2, w3) for every method, with the authors' dropout: the layer's own
+    default (0.05, which test_layout.py holds to the README's signature), so a run without flags is the paper's."""
+    import inspect
+    assert sorted(train.DEFAULTS["targets"].split(",")) == ["w1", "w2", "w3"]
+    assert train.DEFAULTS["dropout"] == inspect.signature(TeamLoRALinear).parameters["dropout"].default
+    assert train.DEFAULTS["dropout"] == inspect.signature(teamlora.inject).parameters["dropout"].default
+
+
 def test_a_recipe_named_as_the_readme_names_it_from_another_folder_is_named_with_its_path(tmp_path, monkeypatch):
     """`python ~/teamlora/train.py config/cme_llama2_7b.py` in one's data folder: it was "config file
     'config/cme_llama2_7b.py' does not exist; the configs are in config/.", though config/ was what the user named. A
