@@ -556,6 +556,14 @@ def test_layer_section_ratios_and_targets_compare_fused_with_lora(monkeypatch, c
             assert rows[v][5] == pytest.approx(1e3 * sorted(infer[v])[1], abs=0.006)
             assert rows[v][6] == pytest.approx(sorted(i)[1], abs=0.006)
             assert rows[v][7:] == [mib[v], pytest.approx(mib[v] / 100, abs=0.006)]
+    # Figure 4a (training) and the inference table after it: each variant's median per-repeat ratio to LoRA, each k
+    figure, inference = out.split("Figure 4a: training step")[1].split("Inference forward relative to LoRA")
+    for text, times in ((figure, train), (inference, infer)):
+        header = re.split(r"\s{2,}", text.split("\n")[1].strip())
+        assert header == ["k", *train], header  # the variants, in the order of the columns
+        for cells in table_rows(text, [f"k={k}" for k in cfg.ks]).values():
+            assert cells == [pytest.approx(bench.statistics.median(a / b for a, b in zip(times[v], times["LoRA"])),
+                                           abs=0.006) for v in train], (text, cells)
     want = {"fused train / LoRA": ("1.50", "<= 1.05", "MISSED"),  # the issue's targets: peak memory 1.02
             "fused / MoELoRA loop vs LoRA / loop": ("1.50", "<= 1.03", "MISSED"),
             "fused infer / LoRA": ("0.50", "<= 1.05", "met"), "fused peak memory / LoRA": ("1.03", "<= 1.02", "MISSED")}
@@ -775,7 +783,15 @@ def test_layer7b_section_ratios_spread_and_targets_compare_fused_with_lora_and_t
                         (100 if module.experts == 1 else 101) * 2**20)
     targets = []
     bench.section_layer7b(cfg, CPU, torch.float32, targets)
-    rows = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines() if line.startswith("N=")]
+    out = capsys.readouterr().out
+    rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if line.startswith("N=")]
+    header = re.split(r"\s{2,}", next(line for line in out.splitlines() if line.startswith("shape")).strip())
+    med = lambda a, b: f"{bench.statistics.median(x / y for x, y in zip(times[a], times[b])):.2f}"  # noqa: E731
+    for name, (a, b) in {"fused/LoRA": ("TeamLoRA fused", "LoRA"), "MoELoRA/LoRA": ("MoELoRA loop", "LoRA"),
+                         "fused/MoELoRA": ("TeamLoRA fused", "MoELoRA loop")}.items():  # each label over its ratio
+        assert all(row[header.index(name)] == med(a, b) for row in rows), (name, header)
+    for name, v in {"LoRA ms": "LoRA", "MoELoRA ms": "MoELoRA loop", "fused ms": "TeamLoRA fused"}.items():
+        assert all(float(row[header.index(name)]) == 1e3 * sorted(times[v])[1] for row in rows), (name, header)
     assert [row[1] for row in rows] == ["2", "4", "8"] * len(cfg.big_shapes)
     for row in rows:  # ms of LoRA, MoELoRA, fused; fused/LoRA, middle half, MoELoRA/LoRA, fused/MoELoRA, middle
         # half, peak mem/LoRA
@@ -1059,3 +1075,42 @@ def test_an_abbreviated_flag_is_named_not_taken_as_its_flag(monkeypatch, capsys)
     with pytest.raises(SystemExit) as e:
         bench.main(["--quic"])
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("did you mean --quick?")
+
+
+def test_peak_bytes_sums_the_cpu_profilers_memory_events_in_time_order_as_it_lists_them_in_any(monkeypatch):
+    """The profiler's events come per thread, not in time order: the live bytes are summed by start time. Summed as
+    listed, a free listed before its allocation would hide the peak (here: 0 instead of 4 MiB)."""
+    mib = 2**20
+    timeline = [(1, 4 * mib), (2, -4 * mib), (3, 2 * mib), (4, -2 * mib), (5, 1)]  # (start ns, bytes): peak 4 MiB
+    event = lambda t, n, name="[memory]": SimpleNamespace(start_ns=lambda: t, nbytes=lambda: n, name=lambda: name)  # noqa: E731
+    listed = [event(t, n) for t, n in reversed(timeline)] + [event(0, 10**9, "aten::ones")]  # not memory: not counted
+
+    class Profile:  # torch.profiler.profile as peak_bytes reads it
+        def __init__(self, **kwargs):
+            self.profiler = SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: listed))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(bench.torch.profiler, "profile", Profile)
+    live = [sum(n for _, n in timeline[:i + 1]) for i in range(len(timeline))]  # the running sum in time order
+    assert bench.peak_bytes(lambda: None, 1000, CPU) == 1000 + max(live) == 1000 + 4 * mib
+
+
+def test_quiet_stderr_silences_file_descriptor_2_for_the_block_alone_and_closes_what_it_opened(capfd):
+    """The profiler's C++ lines are hidden inside the block; after it, stderr is the one it was (bench's own lines
+    and a failure's traceback reach the reader), and no descriptor is left open, block after block."""
+    def open_fds():
+        return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    before = open_fds()
+    for _ in range(3):
+        with bench.quiet_stderr():
+            os.write(2, b"hidden\n")
+        os.write(2, b"shown\n")
+    with pytest.raises(ZeroDivisionError), bench.quiet_stderr():
+        1 / 0
+    os.write(2, b"after a failure\n")
+    assert capfd.readouterr().err == "shown\n" * 3 + "after a failure\n"
+    assert open_fds() == before

@@ -3477,3 +3477,14 @@ def test_a_non_finite_gradient_norm_stops_train_step_before_adamw_steps_leaving_
     with pytest.raises(train.UserError, match=r"^the gradient norm became inf at step 0;"):
         train.train_step(r, model, model, opt, data.TokenDataset(r.cfg["data_dir"], "train"), 0)
     assert opt.seen == [] and all(torch.equal(p, q) for p, q in zip(train.trainable(model), before))
+
+
+def test_cuda_matmul_precision_gives_the_setting_back_when_its_block_fails():
+    """A run that fails (a UserError, out of memory, a Ctrl-C) inside the setting leaves it as it found it: a notebook
+    or the tests that go on in the same process run their float32 matmuls as before."""
+    before = cuda_fp32_matmuls()
+    for tf32 in (True, False):
+        with pytest.raises(KeyboardInterrupt), machine.cuda_matmul_precision(tf32):
+            assert cuda_fp32_matmuls() == ("tf32" if tf32 else "ieee")
+            raise KeyboardInterrupt
+        assert cuda_fp32_matmuls() == before
