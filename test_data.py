@@ -487,6 +487,8 @@ def test_prepare_runs_with_stderr_closed(tmp_path, tiny_spm, monkeypatch):
     ("object.json", f'{{"data": [{GOOD}]}}',
      r'object.json line 1 is one JSON object holding a list of records \(under "data"\)'),
     ("pretty.json", f'{{\n "data": [{GOOD}]\n}}\n', r"pretty.json holds one JSON object spread over lines, not a list"),
+    ("fields.jsonl", '{"instruction": "a", "tags": ["x"], "history": [], "meta": {"k": 1}, "n": 3}\n',  # lists,
+     r'fields.jsonl line 1 has no "output"'),  # but none of records: a record lacking a field, not a wrapper of records
     ("huge.jsonl", f'{GOOD}\n{HUGE}\n', r"huge.jsonl line 2 holds a number of more than [\d,]+ digits, too long"),
     ("huge.json", f"[{GOOD},\n{HUGE}]", r"huge.json line 2: record 1 holds a number of more than [\d,]+ digits"),
 ])

@@ -2,6 +2,7 @@
 
     python -m pytest -q
 """
+import inspect
 import json
 import os
 import random
@@ -986,6 +987,8 @@ def test_the_corpus_stories_and_prose_name_world_people_never_the_blank_tasks_st
         assert consequences[consequence][0] == word and meant == (a if consequences[consequence][1] else b), story
         usage = minicme._usage(w, rng)
         assert not set(re.findall(r"\w+", usage)) & story_names, usage
+        sentences = re.split(r"(?<=\.) ", usage)  # three whole sentences, none empty
+        assert len(sentences) == 3 and all(s[:1].isupper() and s.endswith(".") for s in sentences), usage
 
 
 def test_the_corpus_restates_true_facts_and_calls_only_false_claims_wrong():
@@ -1286,3 +1289,12 @@ def test_the_demos_shards_not_yet_made_are_said_made_with_the_built_demo_tokeniz
     assert minicme.shards_made_with("mine") is None
     (tmp_path / "mine.model").write_bytes((tmp_path / minicme.DEMO["tokenizer"]).read_bytes())  # one's own copy
     minicme.check_own_tokenizer({"tokenizer": "mine.model", "data_dir": "mine"})
+
+
+def test_the_command_lines_default_seed_is_make_suites_the_demos_suite(tmp_path, monkeypatch):
+    """`python minicme.py --out DIR` without --seed writes the suite of make_suite's default seed, the demo's."""
+    asked = []
+    monkeypatch.setattr(minicme, "make_suite", lambda out, seed: asked.append(seed) or
+                        {"train": 0, "tasks": [], "corpus_docs": 0, "vocab_size": 0})
+    minicme.main(["--out", str(tmp_path / "suite")])
+    assert asked == [inspect.signature(make_suite).parameters["seed"].default]

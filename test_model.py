@@ -706,6 +706,11 @@ def test_generate_refuses_prompts_that_are_not_lists_of_whole_token_ids():
             model.generate(prompts, 3)
     with pytest.raises(ValueError, match="not a whole number"):  # was silently truncated to token 1
         model.generate([[1.7, 2]], 3)
+    V = model.args.vocab_size  # the first and last ids are tokens (greedy: the logits' argmax), one past either is not
+    assert model.generate([[0, V - 1]], 1) == [[logits_of(model, torch.tensor([[0, V - 1]]))[0, -1].argmax().item()]]
+    for outside in (-1, V):
+        with pytest.raises(ValueError, match=rf"token id outside \[0, {V}\)"):
+            model.generate([[1, outside]], 3)
     import numpy as np
     expected = model.generate([[1, 2, 3]], 3)
     assert model.generate(((1, 2, 3),), 3) == model.generate([np.array([1, 2, 3])], 3) == expected

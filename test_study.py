@@ -1887,6 +1887,8 @@ def test_a_report_names_the_seeds_missing_from_each_mean(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| LoRA r=8 "))
     assert row.startswith(f"| LoRA r=8 (2 of 4 seeds) | {lr:g} | ") and f"| {np.mean([40, 46]):.1f}±" in row
     assert [r["config"]["seed"] for r in results["lora8"]] == [1, 2]
+    heading = re.match(r"## mini-CME study: \d+ steps, seeds ([\d,]+), scores", text).group(1)  # names every seed
+    assert [int(seed) for seed in heading.split(",")] == list(opts["seeds"]) == [1, 2, 3, 4]
     assert "| LoRA r=32 (3 of 4 seeds) |" in text
     assert "### Runs missing from the means above\n\n- LoRA r=8: seed 3 diverged, seed 4 not finished\n" \
            "- LoRA r=32: seed 3 not finished\n" in text
