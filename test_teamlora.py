@@ -1652,7 +1652,7 @@ def test_the_readmes_checkpointing_recipe_keeps_the_first_forwards_omega_in_a_hu
     start = readme.index("`model.activation_checkpointing_enable(") + 1
     recipe = readme[start:readme.index("`", start)]  # the README's line, run as written
     if form == "gradient":  # the README's older form with the same {...}: gradient_checkpointing_kwargs={...}
-        older = readme[readme.index("(older transformers: `") + 22:].split("`")[0]
+        older = readme.split("(older transformers: `", 1)[1].split("`")[0]
         recipe = "model." + older.replace("{...}", recipe[recipe.index("(") + 1:-1])
     torch.manual_seed(0)
     model = make_model()
