@@ -7,6 +7,7 @@ flags, sections and run names that exist.
 """
 import ast
 import io
+import os
 import re
 import shlex
 import shutil
@@ -452,14 +453,21 @@ def documented_commands():
 SWITCHES = {"train": {"help"}, "study": {"help", "report", "quick"}}  # their only flags without =value
 
 
+def accepted_flags():
+    """{script: the flags it accepts}: train.py's keys, study.py's options and train.py's keys (passed through), each
+    argparse script's options."""
+    keys = train_keys() | {"help"}
+    return {"train": keys, "study": names_in("OPTIONS", "study") | keys,
+            **{m: script_options(m)[0] for m in ARGPARSE_SCRIPTS}}
+
+
 def test_every_command_in_the_readme_and_results_uses_flags_and_names_that_exist():
     """A flag, bench.py section or study run renamed in the code leaves the command printed beside a number stale:
     train.py keys, study.py's options (train.py keys pass through) and --runs names, bench.py's --section names, and
     the options and subcommands (data.py prepare) of every argparse script. train.py and study.py read --key=value
     only (configurator.py): `--compile` or `--out_dir out/x` would be refused, so a flag of theirs shows its value."""
-    keys, sections, runs = train_keys() | {"help"}, names_in("SECTIONS", "bench"), names_in("RUNS", "study") | {"all"}
-    parsed = {m: script_options(m) for m in ARGPARSE_SCRIPTS}
-    allowed = {"train": keys, "study": names_in("OPTIONS", "study") | keys, **{m: o for m, (o, _) in parsed.items()}}
+    sections, runs = names_in("SECTIONS", "bench"), names_in("RUNS", "study") | {"all"}
+    parsed, allowed = {m: script_options(m) for m in ARGPARSE_SCRIPTS}, accepted_flags()
     stale = []
     for name, script, first, flags in documented_commands():
         commands = parsed[script][1] if script in parsed else set()
@@ -475,12 +483,20 @@ def test_every_command_in_the_readme_and_results_uses_flags_and_names_that_exist
     assert stale == []
 
 
+def shell_lines(path):
+    """A shell script's lines but its comments, each continued line (ending in a backslash) joined to the next: the
+    commands `bash gpu_check.sh` runs."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text(encoding="utf-8"))
+    return [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+
+
 def script_commands(scripts):
-    """(where, script, its words) for each command of one of scripts that the README, RESULTS.md or the script's own
-    docstring shows with a flag: the words up to a shell operator, quotes undone as the shell does. A mention without
-    a flag (`data.py`) or with a placeholder (`--task ...`) or --help runs nothing."""
+    """(where, script, its words) for each command of one of scripts that the README, RESULTS.md, the script's own
+    docstring or gpu_check.sh shows with a flag: the words up to a shell operator, quotes undone as the shell does.
+    A mention without a flag (`data.py`) or with a placeholder (`--task ...`) or --help runs nothing."""
     sources = {name: code_snippets((REPO / name).read_text(encoding="utf-8")) for name in DOCS}
     sources |= {f"{m}.py": module_docstring(m).splitlines() for m in scripts}
+    sources["gpu_check.sh"] = shell_lines(REPO / "gpu_check.sh")
     for where, snippets in sources.items():
         for snippet in snippets:
             command = re.search(rf"(?<![\w/.])({'|'.join(scripts)})\.py\b(.*)", snippet.split("#")[0], flags=re.S)
@@ -547,9 +563,10 @@ RECIPES = [f"config/{p.name}" for p in repository_files("config/*.py")]
 
 def train_commands():
     """(where, the words after train.py, up to a shell operator) for each train.py command that the README,
-    RESULTS.md, train.py's docstring and the recipes' comments show."""
+    RESULTS.md, train.py's docstring, the recipes' comments and gpu_check.sh show."""
     sources = {name: code_snippets((REPO / name).read_text(encoding="utf-8")) for name in DOCS}
     sources["train.py"] = module_docstring("train").splitlines()
+    sources["gpu_check.sh"] = shell_lines(REPO / "gpu_check.sh")
     sources |= {recipe: recipe_comments(REPO / recipe) for recipe in RECIPES}
     for where, snippets in sources.items():
         for snippet in snippets:
@@ -578,6 +595,77 @@ def test_every_train_py_command_shown_is_a_configuration_train_py_accepts(monkey
             refused.append(f"{where}: train.py {' '.join(words)}: {e}")
     assert refused == []
     assert {w[0] for w in shown if w and w[0].startswith("config/")} == set(RECIPES)  # each recipe, as it is run
+
+
+def other_commands():
+    """(where, words) for each code line and inline code of the README and RESULTS.md, and each line gpu_check.sh runs,
+    that is no command of a script of ours: flags given alone (`--eval_batch_size=16`, bench.py's `--no-tf32`, the
+    prose names the script), torchrun's and pytest's command lines, `bash gpu_check.sh`."""
+    sources = {name: code_snippets((REPO / name).read_text(encoding="utf-8")) for name in DOCS}
+    sources["gpu_check.sh"] = shell_lines(REPO / "gpu_check.sh")
+    for where, snippets in sources.items():
+        for snippet in snippets:
+            words = snippet.split("#")[0].split()
+            if words and (words[0].startswith("--") or {"torchrun", "pytest", "bash"} & set(words)):
+                yield where, words
+
+
+PLACEHOLDER = r"[A-Z]+|value|\.\.\."  # `--threads=N`, `--key=value`: a flag's form, not a value
+
+
+def pytest_options(tmp_path):
+    """pytest's options, with its installed plugins' (`--lf` is the cache plugin's), read from its --help."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # a `-p no:cacheprovider` there drops --lf
+    run = subprocess.run([sys.executable, "-m", "pytest", "--help", "--noconftest"], cwd=tmp_path, timeout=120,
+                         capture_output=True, text=True, env=env)
+    return set(re.findall(r"(?<![\w-])--([a-z][\w-]*)", run.stdout))
+
+
+def test_every_flag_given_alone_or_to_torchrun_or_pytest_exists_and_every_file_run_is_there(tmp_path, monkeypatch):
+    """The tests above read our scripts' commands; the docs give flags alone too, the prose naming their script
+    (`--eval_batch_size=16`, `--no-tf32`): each is a flag one of our scripts accepts (train.py's, with their values,
+    as train.py reads them), else pytest's (`--lf`); the prose is not parsed for its script, so a name two scripts
+    share (`--workers`, data.py's and study.py's) holds while either has it. torchrun's flags before the script are
+    ones torchrun accepts, with their values, and every script, recipe or test file a command runs (`pytest ...
+    test_bench.py`) is there: a flag renamed or a file moved leaves the reader with a command that is refused."""
+    from torch.distributed.run import get_args_parser
+
+    import train
+    from errors import UserError
+    monkeypatch.chdir(REPO)
+    ours, keys, wrong, seen = set().union(*accepted_flags().values()), train_keys(), [], set()
+    pytests = pytest_options(tmp_path)
+    assert "lf" in pytests
+    for where, words in other_commands():
+        if words[0].startswith("--"):  # flags alone
+            seen.add("alone")
+            flags = [re.fullmatch(r"--([a-z][\w-]*)(?:=(.*))?", w) for w in words]
+            for word, flag in zip(words, flags):
+                if not flag:
+                    wrong.append(f"{where}: `{' '.join(words)}`: {word} is no flag")
+                elif flag.group(1) not in ours | pytests and word != "--key=value":  # the README's form of a flag
+                    wrong.append(f"{where}: {word}, a flag of none of our scripts")
+            if all(f and f.group(1) in keys and f.group(2) and not re.fullmatch(PLACEHOLDER, f.group(2))
+                   for f in flags):
+                try:
+                    train.parse_config(words)
+                except UserError as e:
+                    wrong.append(f"{where}: `{' '.join(words)}`: {e}")
+        after = words[words.index("torchrun") + 1:] if "torchrun" in words else []
+        script = next((i for i, w in enumerate(after) if w.endswith(".py")), None)  # `torchrun` alone runs nothing
+        if script is not None:
+            seen.add("torchrun")
+            try:
+                get_args_parser().parse_args(after[:script + 1])
+            except SystemExit:
+                wrong.append(f"{where}: torchrun {' '.join(after[:script])}, refused by torchrun")
+        if "pytest" in words:
+            seen.add("pytest")
+            wrong += [f"{where}: pytest {w}, no option of pytest" for w in words[words.index("pytest") + 1:]
+                      if w.startswith("--") and w[2:].partition("=")[0] not in pytests]
+        run = [w for w in words if re.fullmatch(r"[\w./-]+\.(py|sh)", w) and not w.startswith("/")]
+        wrong += [f"{where}: `{' '.join(words)}` runs {w}, which is not there" for w in run if not (REPO / w).is_file()]
+    assert wrong == [] and seen == {"alone", "torchrun", "pytest"}
 
 
 def test_every_recipe_the_readme_names_exists():
