@@ -82,6 +82,11 @@ class MoELoRALoop(nn.Module):
             out = out + (expert * self.scaling * weights[..., i:i + 1]).to(out.dtype)
         return out
 
+    def merge(self, merged=True):
+        """Refused, as TeamLoRALinear.merge refuses several experts: no single B A folds into the weight."""
+        raise ValueError("MoELoRA cannot merge: its router weighs the experts per token (only one expert, LoRA in "
+                         "TeamLoRALinear, merges); serve it unmerged.")
+
 
 class HydraLoRALinear(TeamLoRALinear):
     """HydraLoRA: one A (r x d_in) shared by k heads B_i (d_out x r each, stored side by side as B,

@@ -44,7 +44,12 @@ def init_adapters(model, seed):
 
 def copy_into(model, state):
     """Copy full tensors into the model's parameters; a sharded (DTensor) parameter takes its own
-    slice of the tensor, so no rank ever holds the whole model."""
+    slice of the tensor, so no rank ever holds the whole model. Refused into merged layers: the update merged into
+    their weight would stay there, stale, and merge(False) would take the loaded one out of it instead."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, teamlora.TeamLoRALinear)]
+    if merged := [n or "the model" for n, m in layers if m.merged]:
+        raise UserError(f"{merged[:3]} hold a merged adapter, which a load would leave in their weight: call "
+                        "merge(False) on them before loading a checkpoint into the model.")
     params = dict(model.named_parameters())
     for n, t in state.items():  # p.copy_ would broadcast a smaller tensor without a word
         if n not in params or tuple(t.shape) != tuple(params[n].shape):

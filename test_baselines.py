@@ -435,3 +435,56 @@ def test_moelora_loop_refuses_a_narrower_input_in_one_sentence_too(width):
     """A narrower input is as wrong as a wider one (a check of `>` alone let it reach torch's matrix-shape error)."""
     with pytest.raises(ValueError, match=rf"^MoELoRALoop expects inputs \(\.\.\., 4\), got \(2, {width}\)\.$"):
         MoELoRALoop(nn.Linear(4, 4), r=4, experts=2)(torch.randn(2, width))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_moelora_loop_refuses_to_merge_in_one_sentence_as_teamloras_layer_refuses_several_experts(k):
+    """No single B A folds MoELoRA into its weight (the router weighs the experts per token): merge() and merge(False)
+    are a ValueError with the fix, as TeamLoRALinear's with several experts (train.py's fused MoELoRA) is, not an
+    AttributeError; nothing changes."""
+    loop, x = model_of("moelora loop", k=k).eval(), torch.randn(3, 16)
+    with torch.no_grad():
+        want, before = loop(x), {n: t.clone() for n, t in loop.state_dict().items()}
+    for merged in (True, False):
+        with pytest.raises(ValueError, match=r"^MoELoRA cannot merge: its router weighs the experts per token \(only "
+                                             r"one expert, LoRA in TeamLoRALinear, merges\); serve it unmerged\.$"):
+            loop[0].merge(merged)
+        if k > 1:
+            with pytest.raises(ValueError, match=r"^only one expert \(LoRA\) can merge"):
+                model_of("moelora", k=k)[0].merge(merged)
+    assert all(torch.equal(t, before[n]) for n, t in loop.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(loop(x), want)
+
+
+def test_a_teamlora_adapter_without_competition_is_scored_as_moelora_only_where_it_computes_the_same(tmp_path):
+    """adapter.pt holds tensors only (TeamLoRA without competition and train.py's fused MoELoRA have the same names
+    and shapes); the results.json beside it records the method. Scored as MoELoRA at the alpha it was trained with
+    (MoELoRA's update is alpha / k), a function of its own, it is refused naming the method it was trained with; at k
+    times that alpha the two are the same function, which a model of each computes from the same tensors: scored."""
+    import json
+
+    import checkpoint
+    import train
+    from errors import UserError
+    computes = lambda c: (train.adapter_kwargs(c), c["targets"])  # as train.py's eval_only passes it
+    ran = {**train.DEFAULTS, "adapter": "teamlora", "competition": False}
+    other = {**ran, "adapter": "moelora", "competition": None}
+    same = {**other, "alpha": ran["alpha"] * ran["experts"]}
+    (tmp_path / "results.json").write_text(json.dumps({"config": ran}))
+    path = str(tmp_path / "adapter.pt")
+    with pytest.raises(UserError, match=r" was trained with --adapter=teamlora --competition=False \(says the "
+                                        r"results.json beside it\); score it with those\.$"):
+        checkpoint.check_adapter_settings(path, other, computes)
+    assert checkpoint.check_adapter_settings(path, same, computes) is None
+    x, state, outputs = torch.randn(3, 16), model_of("moelora", seed=1)[:1].state_dict(), []
+    for t in state.values():
+        t.add_(torch.randn_like(t) * 0.3)  # B != 0
+    for cfg in (ran, other, same):
+        kw = train.adapter_kwargs({**cfg, "r": 8, "experts": 4})
+        model = teamlora.inject(nn.Sequential(nn.Linear(16, 12)), "0", dropout=0.0, **kw).eval()
+        model.load_state_dict(state)  # the same base and adapter in each
+        with torch.no_grad():
+            outputs.append(model(x))
+    assert not torch.allclose(outputs[0], outputs[1], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(outputs[0], outputs[2], rtol=1e-6, atol=1e-6)

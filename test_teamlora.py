@@ -2098,3 +2098,54 @@ def test_a_checkpoint_gathered_from_a_merged_model_resumes_into_a_fresh_one_comp
     checkpoint.load_state(fresh, state, {"adapter": "lora"}, "ckpt.pt")
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_checkpoint_loaded_into_a_merged_model_is_refused_naming_the_merged_layers_until_they_unmerge():
+    """checkpoint.copy_into (load_state: train.py's resume, sample.py) into a merged LoRA would leave the merged update
+    in the weight and merge(False) would then take the loaded one out: the base wrong for good. Refused in one
+    sentence, adapter-only or whole, as load_adapter_state_dict refuses it, copying nothing; after merge(False) the
+    same state loads and the model computes the loaded adapter over its base."""
+    import checkpoint
+    from errors import UserError
+    lora = lambda: inject(Stack(dtype=torch.float64), ("w1", "w2", "w3"), r=4, experts=1, alpha=8.0, dropout=0.0)
+    model, twin, x = lora().eval(), lora().eval(), torch.randn(3, 16, dtype=torch.float64)
+    layers = {n: randomize(m, i) for i, (n, m) in enumerate(model.named_modules()) if isinstance(m, TeamLoRALinear)}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not teamlora.is_adapter(n)}
+    other = {n: torch.randn_like(t) * 0.3 for n, t in teamlora.adapter_state_dict(model).items()}
+    twin.load_state_dict({**base, **other})  # the base with the other adapter: what the load must give
+    merged = list(layers)[1::2]
+    for n in merged:
+        layers[n].merge()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    for state, cfg in ((other, {"adapter": "lora"}), ({**base, **other}, {"adapter": "none"})):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(merged[:3]))} hold a merged adapter, which a load "
+                                            r"would leave in their weight: call merge\(False\) on them before"):
+            checkpoint.load_state(model, state, cfg, "ckpt.pt")
+        assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    for n in merged:
+        layers[n].merge(False)
+    checkpoint.load_state(model, other, {"adapter": "lora"}, "ckpt.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin(x), rtol=1e-12, atol=1e-12)
+    for n, p in model.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p.detach(), base[n], rtol=1e-12, atol=1e-12)
+
+
+def test_a_merged_models_state_dict_serves_in_the_plain_base_and_counts_the_update_twice_in_an_adapted_one():
+    """The README: a merged layer's state_dict() holds the merged weight: loaded into the plain base it computes the
+    adapted function (only the lora_ tensors unexpected); loaded into an adapted, unmerged model (every name fits, so
+    nothing warns) the update counts twice: the base's output plus twice the adapter's."""
+    x, plain = torch.randn(5, 12, dtype=torch.float64), nn.Sequential(nn.Linear(12, 10, dtype=torch.float64))
+    model = nn.Sequential(make_layer(d_in=12, d_out=10, r=4, experts=1, seed=1)).eval()
+    with torch.no_grad():
+        base, adapted = F.linear(x, model[0].weight, model[0].bias), model(x)
+    assert (adapted - base).abs().max() > 1e-2  # a real update
+    model[0].merge()
+    state = model.state_dict()
+    assert set(plain.load_state_dict(state, strict=False).unexpected_keys) == set(teamlora.adapter_state_dict(model))
+    fresh = nn.Sequential(make_layer(d_in=12, d_out=10, r=4, experts=1, seed=2)).eval()
+    fresh.load_state_dict(state)  # strict: the names and shapes all fit
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), adapted, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fresh(x), base + 2 * (adapted - base), rtol=1e-12, atol=1e-12)
