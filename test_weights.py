@@ -586,7 +586,7 @@ CONFIG_FAULTS = [  # layout, file, how it is broken, what the message names
     ("bin", "config.json", lambda c: c | {"tie_word_embeddings": "false"},  # bool("false"): lm_head dropped
      "has tie_word_embeddings='false' where true or false"),
     ("bin", "config.json", lambda c: c | {"rope_theta": math.inf}, "has rope_theta=inf where a positive number"),
-    ("bin", "config.json", lambda c: c | {"sliding_window": True},  # True == 1: a window of one token
+    ("bin", "config.json", lambda c: c | {"model_type": "mistral", "sliding_window": True},  # True == 1: a window of 1
      "has sliding_window=True where a positive integer or null belongs"),
     ("bin", "config.json", lambda c: c | {"rope_scaling": [8.0, 1.0]},
      "has rotary settings [8.0, 1.0] where an object"),
@@ -1151,23 +1151,31 @@ def test_qwen_and_mistral_folders_round_trip_to_identical_logits(tmp_path, model
     assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
 
-@pytest.mark.parametrize("key, value", [("model_type", "qwen3_moe"), ("use_sliding_window", True),
-                                        ("hidden_act", "gelu"), ("sliding_window", "wide"), ("sliding_window", 0),
-                                        ("attention_bias", True), ("mlp_bias", True)])
-def test_what_qwen2_and_mistral_configs_need_beyond_this_model_is_refused(tmp_path, key, value):
+@pytest.mark.parametrize("model_type, key, value", [
+    ("qwen2", "model_type", "qwen3_moe"), ("qwen2", "use_sliding_window", True), ("qwen3", "use_sliding_window", True),
+    ("qwen2", "hidden_act", "gelu"), ("mistral", "sliding_window", "wide"), ("mistral", "sliding_window", 0),
+    ("qwen2", "use_sliding_window", "yes"), ("qwen2", "max_window_layers", None),
+    ("llama", "attention_bias", True), ("qwen3", "attention_bias", True), ("llama", "mlp_bias", True)])
+def test_what_hf_configs_ask_beyond_this_model_is_refused(tmp_path, model_type, key, value):
+    """Each key where transformers' class of that model type reads it: a bias in LLaMA's attention (its o_proj too)
+    or MLP, or Qwen3's attention, and Qwen's window where it covers a layer (max_window_layers 0: every layer);
+    where the class ignores the key, so does this model (test_config_keys_that_transformers_ignores_...)."""
     model = tiny_model(qkv_bias=True)
     write_hf_bin_dir(model, tmp_path)
-    config = {**hf_config(model, "qwen2" if key != "sliding_window" else "mistral"), key: value}
+    config = {**hf_config(model, model_type), "sliding_window": 16, "max_window_layers": 0, key: value}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}")):
         Transformer.from_pretrained(tmp_path)
 
 
-def _transformers_model(transformers, model_type, tmp_path, tie=False, window=None):
-    """A small random checkpoint written by transformers itself, biases and norms made non-trivial."""
+def _transformers_model(transformers, model_type, tmp_path, tie=False, window=None, **extra):
+    """A small random checkpoint written by transformers itself, biases and norms made non-trivial; extra: more keys
+    for its config (config.json keeps them)."""
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie)
-    if model_type == "qwen2":
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie, **extra)
+    if model_type == "llama":
+        config, cls = transformers.LlamaConfig(**kw), transformers.LlamaForCausalLM
+    elif model_type == "qwen2":
         config, cls = transformers.Qwen2Config(rope_theta=1e6, **kw), transformers.Qwen2ForCausalLM
     elif model_type == "qwen3":  # a head width of its own: 4 heads of 32 over a width of 64
         config, cls = transformers.Qwen3Config(rope_theta=1e6, head_dim=32, **kw), transformers.Qwen3ForCausalLM
@@ -1199,6 +1207,62 @@ def test_logits_equal_transformers_qwen_and_mistral_written_by_transformers(tmp_
     got = logits_of(ours, tokens)
     assert (got - want).abs().max().item() < 1e-4
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("llama", dict(sliding_window=8)),  # LlamaAttention passes no window on: not Mistral's
+    ("qwen2", dict(attention_bias=True)),  # Qwen2's q, k and v are biased (o is not) whatever the key says
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),  # the window from layer 2 on
+    ("qwen3", dict(use_sliding_window=True, sliding_window=8)),  # max_window_layers' default, 28: no layer windowed
+    ("qwen2", dict(mlp_bias=True)), ("qwen3", dict(mlp_bias=True)),  # their MLPs: never a bias
+    ("mistral", dict(attention_bias=True, mlp_bias=True)),
+], ids=lambda v: "-".join(v) if isinstance(v, dict) else v)
+def test_config_keys_that_transformers_ignores_for_a_model_type_are_ignored_here_too(tmp_path, model_type, extra):
+    """A key transformers' class of that model type does not read, or reads to no effect, was refused (a LLaMA's
+    sliding_window was taken as Mistral's, refusing sequences past it): the logits are transformers', for sequences
+    longer than any window named, with and without the layer_types transformers 5 writes (older configs have none)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    hf = _transformers_model(transformers, model_type, tmp_path, **extra)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert all(config[k] == v for k, v in extra.items())  # the keys reach config.json, as in a published folder
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+    for kept in (config, {k: v for k, v in config.items() if k != "layer_types"}):
+        (tmp_path / "config.json").write_text(json.dumps(kept))
+        ours = Transformer.from_pretrained(tmp_path).eval()
+        assert ours.args.sliding_window is None and ours.args.qkv_bias == (model_type == "qwen2")
+        assert (logits_of(ours, tokens) - want).abs().max().item() < 1e-4
+        assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_a_qwen_window_is_refused_exactly_where_transformers_puts_one_on_a_layer(tmp_path, model_type):
+    """use_sliding_window windows the layers from max_window_layers on, or those a given layer_types names (it wins),
+    and none without a sliding_window: refused where transformers' config windows a layer, else full attention."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3")  # 4 layers
+    torch.save(hf_state_dict(model), tmp_path / "pytorch_model.bin")
+    config_class = transformers.Qwen2Config if model_type == "qwen2" else transformers.Qwen3Config
+    full, sliding = ["full_attention"] * 4, ["full_attention"] * 3 + ["sliding_attention"]
+    for changes in (dict(max_window_layers=3), dict(max_window_layers=4), dict(max_window_layers=-1),
+                    dict(max_window_layers=0, sliding_window=None), dict(max_window_layers=0, layer_types=full),
+                    dict(max_window_layers=4, layer_types=sliding), dict(use_sliding_window=False, max_window_layers=0),
+                    dict(max_window_layers=28), dict(sliding_window=...)):  # ...: left out (4096 from layer 28 on)
+        config = hf_config(model, model_type) | {"use_sliding_window": True, "sliding_window": 8} | changes
+        config = {k: v for k, v in config.items() if v is not ...}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        hf = config_class(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})
+        if "sliding_attention" in hf.layer_types:
+            with pytest.raises(ValueError) as error:
+                Transformer.from_pretrained(tmp_path)
+            assert_one_sentence(error, "has use_sliding_window=True with a window on some layers")
+        else:
+            loaded = Transformer.from_pretrained(tmp_path)
+            assert loaded.args.sliding_window is None, changes
+            tokens = torch.randint(0, model.args.vocab_size, (1, 12))  # longer than the window of 8
+            assert torch.equal(logits_of(loaded, tokens), logits_of(model, tokens))
 
 
 def test_a_mistral_folder_that_also_holds_its_own_params_json_and_consolidated_weights_loads_its_hf_weights(tmp_path):

@@ -150,9 +150,9 @@ _META_OPTIONAL = {"n_kv_heads": ("positive int", True), "vocab_size": ("int", Fa
                   "max_seq_len": ("positive int", False), "hidden_dim": ("positive int", True),
                   "use_scaled_rope": ("bool", False)}
 # what transformers' Mistral, Qwen2 and Qwen3 configs assume for a key config.json leaves out, where LlamaConfig differs
+_QWEN = {"num_key_value_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096, "max_window_layers": 28}
 _HF_TYPE_DEFAULTS = {"mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
-                     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
-                     "qwen3": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "head_dim": 128}}
+                     "qwen2": _QWEN, "qwen3": {**_QWEN, "head_dim": 128}}
 _HF_CONFIG = {"hidden_size": ("positive int", False), "num_hidden_layers": ("positive int", False),
               "num_attention_heads": ("positive int", False), "vocab_size": ("positive int", False),
               "intermediate_size": ("positive int", False)}
@@ -161,6 +161,7 @@ _LLAMA3_ROPE = {"factor": ("positive", False), "low_freq_factor": ("positive", F
 _HF_OPTIONAL = {"num_key_value_heads": ("positive int", True), "rms_norm_eps": ("positive below 1", True),
                 "rope_theta": ("positive", True), "max_position_embeddings": ("positive int", True),
                 "head_dim": ("positive int", True), "tie_word_embeddings": ("bool", True)}
+_QWEN_WINDOW = {"use_sliding_window": ("bool", True), "max_window_layers": ("int", False)}  # Qwen2Config's (strict)
 
 
 def _check_fields(config, file, required, optional, fix="fix it or download the file again"):
@@ -224,13 +225,11 @@ def _read_meta(path, dtype, device):
     if params.pop("use_scaled_rope", False):
         raise ValueError(f"{path!r} is a LLaMA 3.1+ checkpoint (use_scaled_rope), whose params.json does not give its "
                          "rotary scaling; load its Hugging Face folder (config.json) instead")
-    unknown = params.keys() - _META_PARAMS.keys() - _META_OPTIONAL.keys()
-    if unknown:
+    if unknown := params.keys() - _META_PARAMS.keys() - _META_OPTIONAL.keys():
         raise ValueError(f"params.json in {path!r} has fields this model does not know: {sorted(unknown)}; only the "
                          "keys of Meta's LLaMA 2 and LLaMA 3 params.json are supported (for others load the Hugging "
                          "Face folder)")
-    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    if not files:
+    if not (files := sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))):
         raise FileNotFoundError(f"{path!r} has params.json but no consolidated.*.pth weight files; put the weights in "
                                 "the same folder")
     shards = [_open_weights(f) for f in files]
@@ -246,10 +245,8 @@ def _read_meta(path, dtype, device):
             raise ValueError(f"weight {name} is not split into equal slices of at least one dimension across the "
                              f"shards in {path!r} ({shapes}); download the consolidated.*.pth files again")
         parts = [_checked(name, p, f) for f, p in zip(files, parts)]
-        if len(parts) == 1 or parts[0].dim() == 1:  # a single shard, or a norm (replicated on every shard)
-            t = parts[0]
-        else:
-            t = torch.cat(parts, dim=_meta_split_dim(name, parts[0], params["dim"]))
+        t = parts[0] if len(parts) == 1 or parts[0].dim() == 1 else torch.cat(  # a single shard, or a norm
+            parts, dim=_meta_split_dim(name, parts[0], params["dim"]))  # (norms are replicated on every shard)
         state[name] = t.to(device=device, dtype=dtype)
     if params.get("vocab_size", -1) <= 0:  # -1 in Meta's files: the embedding's row count says it
         if "tok_embeddings.weight" not in state:
@@ -281,17 +278,14 @@ def hf_to_meta_qk(w, n_heads):
 
 _HF_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
 _HF_LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",  # Qwen3
-}
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm"}  # the last two: Qwen3's
 
 
 def _hf_to_meta_name(name):
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m and m.group(2) in _HF_LAYER_NAMES:
+    if (m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)) and m.group(2) in _HF_LAYER_NAMES:
         return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     if name.endswith(".weight") and name[:-len(".weight")] in _HF_NAMES:
         return _HF_NAMES[name[:-len(".weight")]] + ".weight"
@@ -327,24 +321,32 @@ def _hf_rope(config, config_file, path):
 
 def _read_hf(path, dtype, device):
     config_file = os.path.join(path, "config.json")
-    config = _read_json(config_file)
+    kind = (config := _read_json(config_file)).get("model_type")
     unsupported = {"model_type": ("llama", "mistral", "qwen2", "qwen3", None), "hidden_act": ("silu", "swish", None),
-                   "attention_bias": (False, None), "mlp_bias": (False, None), "use_sliding_window": (False, None)}
-    for key, allowed in unsupported.items():
-        if config.get(key) not in allowed:
+                   "attention_bias": (False, None), "mlp_bias": (False, None)}
+    read_by = {"attention_bias": ("llama", "qwen3", None), "mlp_bias": ("llama", None)}  # transformers 5's classes
+    for key, allowed in unsupported.items():  # that read the key: others have no bias there (Qwen2's q, k, v: always)
+        if config.get(key) not in allowed and kind in read_by.get(key, (kind,)):
             raise ValueError(f"config.json in {path!r} has {key}={config[key]!r}, which this model does not implement; "
                              "LLaMA 2/3/3.1/3.2, Qwen2/Qwen2.5/Qwen3 and Mistral checkpoints are supported")
     # keys a config leaves out take transformers' defaults for its model type (LLaMA's: in the code below); a null
     # context length too (transformers 5 refuses it, 4 left it unused): the type's, not LLaMA's 2048 for a Mistral
     given = {k: v for k, v in config.items() if not (k == "max_position_embeddings" and v is None)}
-    config = {**_HF_TYPE_DEFAULTS.get(config.get("model_type"), {}), **given}
-    qwen2 = config.get("model_type") == "qwen2"  # q, k, v with biases
-    qwen3 = config.get("model_type") == "qwen3"  # q and k normalised per head
-    window = None if qwen2 or qwen3 else config.get("sliding_window")  # Qwen's: off (use_sliding_window, above)
+    config = {**_HF_TYPE_DEFAULTS.get(kind, {}), **given}
+    qwen2, qwen3 = kind == "qwen2", kind == "qwen3"  # q, k, v with biases; q and k normalised per head
+    if qwen := qwen2 or qwen3:
+        _check_fields(config, config_file, {}, _QWEN_WINDOW)
+    window = config.get("sliding_window") if kind == "mistral" else None  # LLaMA's: none (LlamaAttention takes none)
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
         raise ValueError(f"{config_file} has sliding_window={window!r} where a positive integer or null belongs; "
                          "fix it or download the file again")
     rope, scaling = _hf_rope(config, config_file, path)
+    if qwen and config.get("use_sliding_window") and config["sliding_window"] is not None:  # Qwen2Config's window:
+        types = config.get("layer_types") or ["sliding_attention"] * (  # on the layers from max_window_layers on, or
+            config["max_window_layers"] < config["num_hidden_layers"])  # as layer_types says; on none: full attention
+        if not isinstance(types, list) or "sliding_attention" in types:
+            raise ValueError(f"config.json in {path!r} has use_sliding_window=True with a window on some layers (by "
+                             "max_window_layers or layer_types), which this model does not implement; use one without")
     n_heads = config["num_attention_heads"]
     # LlamaConfig's defaults where a key is absent (rms_norm_eps 1e-6, max_position_embeddings 2048)
     args = dict(dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=n_heads,
@@ -380,8 +382,7 @@ def _read_hf(path, dtype, device):
                 t = hf_to_meta_qk(t[:, None], 1).reshape(t.shape)  # a head's components, moved as its rows are
             state[name] = t.to(device=device, dtype=dtype)
     if unknown:  # Meta-layout names would otherwise be taken as they stand, their q/k rows permuted as HF's
-        names = sorted(unknown)
-        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        listed = ", ".join(sorted(unknown)[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ValueError(f"the checkpoint in {path!r} has weights this model does not know: {listed} (in "
                          f"{', '.join(sorted(set(unknown.values())))}); keep only the Hugging Face weight files of a "
                          "LLaMA, Qwen or Mistral model in that folder")
@@ -406,8 +407,7 @@ def _hf_weight_files(path):
                 raise ValueError(f"{index} maps {outside[0]} to {outside[1]!r}, which is not a plain file name in its "
                                  "folder; download the index again from the checkpoint's source")
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-            if missing:
+            if missing := [f for f in files if not os.path.isfile(os.path.join(path, f))]:
                 raise FileNotFoundError(f"{index} names weight files that are not in {path!r}: {', '.join(missing)}; "
                                         "download them into the same folder")
             return files
