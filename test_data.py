@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -1927,6 +1928,182 @@ def test_hf_tokenizer_config_naming_a_token_its_tokenizer_lacks_is_refused_not_d
                                                               "pad_token": "<|endoftext|>"}))
     tok = Tokenizer(folder)
     assert tok.pad_id == tok.hf.token_to_id("<|endoftext|>") == 0 != tok.eos_id  # id 0 is a pad token too
+
+
+# ---------------------------------------------------------------------------------------------
+# A differential fuzz: each kind of tokenizer file against an independent reference, on seeded random text
+
+FUZZ_PIECES = [" ", "  ", "   ", "\t", "\n", "\r\n", "\r", "\u00a0", "\u3000", "\u200b", "\ufeff", "\x00", "\x1b",
+               "\x85", "\u2028", "e\u0301", "\u0301", "🙂", "👩\u200d💻", "🇺🇸", "\U00020000", "\U0010fffd", "\ue000",
+               "ﬁ", "ｆｕｌｌ", "1234567", "3.14", "don't", "I'M", "we'LL", "中文", "한국어", "עברית", "Hello",
+               " world", "▁", "▁▁x", "<0x41>", "{instruction}", "</s>", "<s>", "<unk>", "</s", "s>", "<|eot_id|>",
+               "<|eot_id", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|endoftext|>",
+               "<|reserved_special_token_7|>"]
+
+
+def fuzz_texts(seed, n):
+    """n seeded random strings: the pieces above (white space runs, "\\r\\n", combining marks, emoji, control
+    characters, special tokens' strings and near misses) and Latin runs, code points from every plane, long words."""
+    rng = random.Random(seed)
+
+    def one():
+        if rng.random() < 0.15:  # any code point but a lone surrogate (records refuse those)
+            return "".join(chr(c) for c in (rng.randrange(0x110000) for _ in range(rng.randrange(25)))
+                           if not 0xD800 <= c < 0xE000)
+        if rng.random() < 0.06:
+            return rng.choice(["", " ", "x" * 1500, "a" + "\u0301" * 30, "9" * 40, " " * 20 + "y" + " " * 20])
+        return "".join(rng.choice(FUZZ_PIECES) if rng.random() < 0.7 else
+                       chr(rng.randrange(0x20, 0x250)) * rng.randrange(1, 4) for _ in range(rng.randrange(1, 12)))
+    return [one() for _ in range(n)]
+
+
+def fuzz_records(seed, n):
+    """n records of fuzz_texts, their "input" a text, empty, null or (one in 7) absent."""
+    rng, texts = random.Random(seed), fuzz_texts(seed, 3 * n)
+    records = [{"instruction": texts[i], "input": rng.choice([texts[i + 1], "", None]), "output": texts[i + 2]}
+               for i in range(0, 3 * n, 3)]
+    for record in records[::7]:
+        del record["input"]
+    return records
+
+
+def llama2_tokenizer_json(sp, folder, legacy=True):
+    """The folder of Llama-2-7b-hf's tokenizer.json and tokenizer_config.json, from its SentencePiece model as
+    transformers' LlamaConverter writes them: the pieces as a byte-fallback BPE whose merges follow the merged piece's
+    score, <unk> <s> </s> as special tokens; legacy: a "▁" before each stretch of text between special tokens and for
+    each space (Llama-2-7b-hf's, Mistral-7B-v0.1's); else Metaspace's "▁" before the text's first stretch only."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    normal = [i for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+    merges = [(-sp.get_score(i), -k, k - len(piece), piece[:k], piece[k:]) for i in normal
+              for piece in [sp.id_to_piece(i)] for k in range(1, len(piece)) if {piece[:k], piece[k:]} <= vocab.keys()]
+    tok = tokenizers.Tokenizer(models.BPE(vocab, [m[3:] for m in sorted(merges)], unk_token="<unk>", fuse_unk=True,
+                                          byte_fallback=True))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ("<unk>", "<s>", "</s>")])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>", "legacy": legacy}))
+    return folder
+
+
+@needs_fixtures
+def test_fuzz_llama2_sentencepiece_against_sentencepiece_and_the_reconstruction_of_transformers_430(tok, sp):
+    """Seeded random text, as Meta's SentencePiece encodes and decodes it, and as the authors' transformers 4.30 split
+    it on <s>, </s> and <unk> (DESIGN.md); random records, cut at random lengths, as their build_dataset.py encoded."""
+    for text in fuzz_texts(0, 300):
+        ids = tok.encode(text)
+        assert ids == sp.encode(text) and tok.decode(ids) == sp.decode(ids), repr(text)
+        assert tok.encode(text, special=True) == reference_llama_tokenizer_430(sp, text, False), repr(text)
+    rng = random.Random(1)
+    for example in fuzz_records(1, 150):
+        max_len = rng.choice([1, 9, 64, 10**6])
+        assert encode_example(tok, example, max_len) == reference_build_dataset(sp, example, max_len), example
+
+
+@needs_fixtures
+def test_fuzz_llama2s_tokenizer_json_gives_its_sentencepiece_models_ids_and_transformers_fast_ids(tmp_path, tok, sp):
+    """Llama-2-7b-hf's folder (its tokenizer.json, legacy) encodes every record as the authors did with the
+    tokenizer.model; a Metaspace tokenizer.json (Mistral-7B-v0.3's form) as transformers' fast tokenizer does, which
+    puts no "▁" after a special token: the text between them is not encoded piece by piece."""
+    legacy = Tokenizer(llama2_tokenizer_json(sp, tmp_path / "legacy"))
+    texts = fuzz_texts(2, 200)
+    for text in texts:
+        for special in (False, True):
+            assert legacy.encode(text, bos=True, special=special) == tok.encode(text, bos=True, special=special), text
+    for example in fuzz_records(3, 100):
+        assert encode_example(legacy, example, 10**6) == encode_example(tok, example, 10**6), example
+    transformers = pytest.importorskip("transformers")
+    for folder in (tmp_path / "legacy", llama2_tokenizer_json(sp, tmp_path / "first", legacy=False)):
+        ours = Tokenizer(folder)
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+        for text in texts:
+            assert ours.encode(text) == fast(text, add_special_tokens=False, split_special_tokens=True).input_ids, text
+            ids = ours.encode(text, special=True)
+            assert ids == fast(text, add_special_tokens=False).input_ids and ours.decode(ids) == fast.decode(ids), text
+
+
+def llama3_files(folder, texts):
+    """A LLaMA-3 tokenizer.model (tiktoken: base64 bytes, rank) of a byte-level BPE trained on texts, and beside it in
+    folder/hf the tokenizer.json transformers' TikTokenConverter makes of it (merges from each token's splits into
+    two tokens, by rank), with Meta's 256 specials numbered after the ranks and LLaMA-3's tokenizer_config.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tokenizer.LLAMA3_PATTERN), "isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trained = tokenizers.Tokenizer(models.BPE())
+    trained.pre_tokenizer = split
+    trained.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes_to_unicode: those shown as themselves
+    to_char = {b: chr(b) for b in shown} | {b: chr(256 + n) for n, b in enumerate(sorted(set(range(256)) - set(shown)))}
+    to_byte = {c: b for b, c in to_char.items()}
+    ranks = {bytes(to_byte[c] for c in token): i for token, i in trained.get_vocab().items()}
+    assert sorted(ranks.values()) == list(range(len(ranks)))
+    (folder / "hf").mkdir(parents=True)
+    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for t, i in ranks.items()))
+    chars = lambda t: "".join(to_char[b] for b in t)  # noqa: E731
+    merges = sorted((i, ranks[t[:k]], ranks[t[k:]], chars(t[:k]), chars(t[k:])) for t, i in ranks.items()
+                    for k in range(1, len(t)) if t[:k] in ranks and t[k:] in ranks)
+    hf = tokenizers.Tokenizer(models.BPE({chars(t): i for t, i in ranks.items()}, [m[3:] for m in merges],
+                                         ignore_merges=True))
+    hf.pre_tokenizer, hf.decoder = split, decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in tokenizer.LLAMA3_SPECIALS])
+    hf.save(str(folder / "hf" / "tokenizer.json"))
+    (folder / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                                     "eos_token": "<|end_of_text|>"}))
+    return folder / "tokenizer.model", folder / "hf"
+
+
+def test_fuzz_llama3s_tiktoken_file_and_its_tokenizer_json_give_the_same_ids_and_text(tmp_path):
+    """LLaMA-3's two files (Meta's tiktoken tokenizer.model, Hugging Face's tokenizer.json) give every text and record
+    the same ids, BOS and EOS included, and decode any ids (partial UTF-8 too) to the same text."""
+    pytest.importorskip("tiktoken")
+    tiktoken_file, folder = llama3_files(tmp_path, TEXTS + fuzz_texts(4, 200))
+    meta, hf = Tokenizer(tiktoken_file), Tokenizer(folder)
+    assert (meta.kind, hf.kind) == ("tiktoken", "tokenizers")
+    assert (meta.vocab_size, meta.bos_id, meta.eos_id) == (hf.vocab_size, hf.bos_id, hf.eos_id)
+    rng = random.Random(5)
+    for text in fuzz_texts(5, 300):
+        for special in (False, True):
+            ids = meta.encode(text, bos=True, special=special)
+            assert ids == hf.encode(text, bos=True, special=special), repr(text)
+        assert meta.decode(meta.encode(text)) == text == hf.decode(meta.encode(text)), repr(text)  # no normalizer
+        ids = [rng.randrange(meta.vocab_size) for _ in range(rng.randrange(8))]
+        assert meta.decode(ids) == hf.decode(ids), ids
+    for example in fuzz_records(6, 150):
+        assert encode_example(meta, example, 10**6) == encode_example(hf, example, 10**6), example
+
+
+def test_fuzz_hf_tokenizer_json_and_its_records_against_transformers_fast_tokenizer(tmp_path):
+    """A Qwen-like tokenizer.json (a non-special added token too, as Qwen3's <think>) against transformers' fast
+    tokenizer: plain text keeps special tokens' strings as text, special=True makes them ids, and a record is BOS
+    (none here) + fast(instruction [\\n input] + EOS) then fast(output + EOS), the prompt's "</s>" being the EOS."""
+    transformers = pytest.importorskip("transformers")
+    folder = hf_tokenizer_folder(tmp_path / "qwen", eos="<|im_end|>")
+    package = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    package["added_tokens"].append({"id": max(package["model"]["vocab"].values()) + 1, "content": "<think>",
+                                    "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                                    "special": False})
+    (folder / "tokenizer.json").write_text(json.dumps(package), encoding="utf-8")
+    ours = Tokenizer(folder)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|im_end|>")
+    ids_of = lambda text: fast(text.replace("</s>", "<|im_end|>"), add_special_tokens=False).input_ids  # noqa: E731
+    for text in fuzz_texts(7, 300) + ["a <think> b"]:
+        assert ours.encode(text) == fast(text, add_special_tokens=False, split_special_tokens=True).input_ids, text
+        ids = ours.encode(text, special=True)
+        assert ids == ids_of(text) and ours.decode(ids) == fast.decode(ids), repr(text)
+    for example in fuzz_records(8, 150):
+        prompt = example["instruction"] + ("\n" + example["input"] if example.get("input") else "")
+        source, target = ids_of(prompt + "</s>"), ids_of(example["output"] + "<|im_end|>")
+        assert encode_example(ours, example, 10**6) == (source + target, [-100] * len(source) + target), example
 
 
 # ---------------------------------------------------------------------------------------------
