@@ -130,9 +130,9 @@ def check_adapter_base(path, base, cfg):
 
 
 def load_trained_adapter(cfg, model, computes, base=None):
-    """eval_only without a checkpoint: out_dir's adapter.pt, the finished run's, into model (a meta model: checked
-    only, by train.py's dry run); computes as for check_adapter_settings; base: the fingerprint of the base it meets
-    (check_adapter_base), None where not known."""
+    """eval_only without a checkpoint: out_dir's adapter.pt, the finished run's, into model (only checked where model
+    is meta: train.py's dry run, its checks before the demo's pretraining); computes as for check_adapter_settings;
+    base: the fingerprint of the base it meets (check_adapter_base), None where not known."""
     path = os.path.join(cfg["out_dir"], "adapter.pt")
     if cfg["adapter"] != "none":  # train.resume_config made sure it is there
         state = load_pt(path, "adapter")
@@ -427,7 +427,7 @@ def restore(r, raw, opt, ckpt):
     """Put a checkpoint's adapter (or weights), optimizer and RNG state back (r: train.Run); returns its step."""
     path = f"{r.cfg['out_dir']}/ckpt.pt"
     check_base(ckpt, r.base, r.cfg, path)
-    if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards (whose tokenizer preflight checks)
+    if not r.cfg["eval_only"]:  # scoring reads the evaluation sets, not the shards (their tokenizer: train.datasets)
         check_data(ckpt, r.data, r.cfg, path)
     check_tokenizer(ckpt, r.tok, path)
     load_state(raw, ckpt["state"], r.cfg, path)

@@ -743,7 +743,7 @@ def check_demo_files(cfg):
 
 def check_own_tokenizer(cfg):
     """A tokenizer of one's own with the demo's shards, which are the demo tokenizer's: refused before anything is
-    built for the run (the suite, the shards), in the sentence of its dry run and of preflight
+    built for the run (the suite, the shards), in the sentence of its dry run and of the run's train.datasets
     (data.check_made_with)."""
     own = cfg["tokenizer"] != DEMO["tokenizer"] and os.path.exists(cfg["tokenizer"])
     if own and cfg["data_dir"] == DEMO["data_dir"]:

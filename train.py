@@ -595,7 +595,7 @@ def setup(r, resuming):
 
 
 def load_trained_adapter(r, raw):
-    """eval_only without a checkpoint: the finished run's adapter.pt (into a meta model: checked only)."""
+    """eval_only without a checkpoint: the finished run's adapter.pt into raw (only checked where raw is meta)."""
     checkpoint.load_trained_adapter(r.cfg, raw, lambda c: (adapter_kwargs(c), c["targets"]), base=r.base)
 
 
