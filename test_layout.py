@@ -783,6 +783,88 @@ def test_the_llama2_recipes_word_on_activation_checkpointing_is_what_its_dry_run
         assert f"activation checkpointing {'on' if checkpointing else 'off'}: about {gib} GiB (" in printed[2]
 
 
+def test_the_readmes_dry_run_of_the_llama2_recipe_is_what_it_prints_and_its_96_adapted_layers_are_the_recipes(
+        at_a_fresh_root, monkeypatch):
+    """The README shows `python train.py config/cme_llama2_7b.py --dry_run=True`'s lines (base and adapter parameters,
+    the training and scoring memory estimates) and counts "96" adapted layers "in a 7B model with FFN adapters": a
+    change to the recipe, the model's presets, the adapter or memory.py's arithmetic leaves them stale."""
+    import model
+    import train
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # the dry run would plan for torchrun's processes
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("$ python train.py config/cme_llama2_7b.py --dry_run=True\n", 1)[1].split("```")[0]
+    printed, cfg = [], train.parse_config(["config/cme_llama2_7b.py", "--dry_run=True"])
+    train.check_full_config(cfg, say=printed.append)
+    assert printed == block.rstrip("\n").splitlines()
+    layers = re.search(r"\((\d+) in a 7B model with FFN adapters\)", " ".join(readme.split())).group(1)
+    targets = [t for t in cfg["targets"].split(",") if t.strip()]
+    assert int(layers) == model.ModelArgs.from_name(cfg["model"]).n_layers * len(targets) and set(targets) == \
+        {"w1", "w2", "w3"}  # the FFN: gate, down and up in Meta's names
+
+
+def test_the_readmes_count_of_the_studys_seeds_is_its_default():
+    """The README's study.py row: "each method's learning rate chosen on validation data, then 5 seeds"."""
+    import study
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert int(re.search(r"chosen on validation data, then (\d+) seeds", readme).group(1)) == study.OPTIONS["seeds"]
+
+
+def test_ci_runs_the_readmes_tests_on_the_torch_it_pins_with_optional_packages_the_readme_names():
+    """The README's `.ci/run` row: "a fresh venv, torch 2.13, the extras the tests cover, then the tests": the torch
+    the Quick start pins (and says it is tested on), only extras its "Optional packages" name, and its test line."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = [line.split("#")[0].split() for line in (REPO / ".ci/run").read_text(encoding="utf-8").splitlines()]
+    pinned = re.search(r"^pip install (torch==[\d.]+) && pip install -r requirements.txt", readme, re.M).group(1)
+    assert re.search(rf"torch {pinned.split('==')[1].rsplit('.', 1)[0]}, the extras the tests cover", readme)
+    installs = [words[words.index("install") + 1:] for words in ci if words[:4] == ["python", "-m", "pip", "install"]]
+    assert [w for w in installs[0] if not w.startswith("-")] == [pinned]  # torch first, on its own
+    extras = {w.split("==")[0] for w in installs[1] if not w.startswith("-")} - {"requirements.txt", "pytest"}
+    optional = " ".join(readme.split("Optional packages: ", 1)[1].split("Tests skip")[0].split())
+    assert extras and all(f"`{name}`" in optional for name in extras), extras
+    test_line = re.search(r"^pip install pytest && (python -m pytest[^#]*?)\s*#", readme, re.M).group(1).split()
+    assert ci[-1] == test_line
+
+
+def test_requirements_txt_holds_the_runtime_packages_and_every_other_import_is_an_optional_one_the_readme_names():
+    """The README: `pip install -r requirements.txt` installs "the runtime packages" (from the oldest torch it names),
+    and its "Optional packages" are the others: a package imported at a module's top is a requirement (else a fresh
+    install fails at import), one imported inside a function a requirement or an optional one, and each requirement is
+    imported somewhere."""
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    lines = [l.split("#")[0].strip() for l in (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines()]
+    required = {re.split(r"[<>=!~\[; ]", l, maxsplit=1)[0].lower().replace("-", "_"): l for l in lines if l}
+    oldest = re.search(r"Python [\d.]+ or newer, as torch ([\d.]+) needs", readme).group(1)
+    assert required["torch"] == f"torch>={oldest}"
+    optional = readme.split("Optional packages: ", 1)[1].split("Tests skip")[0]
+    optional = {name.replace("-", "_") for name in re.findall(r"`([\w-]+)` \(", optional)}
+    top, anywhere = set(), set()
+    for name in MODULES:
+        tree = ast.parse((REPO / f"{name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            names = {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - set(MODULES)
+            anywhere |= names
+            top |= names if node in tree.body else set()
+    assert top <= set(required) and anywhere <= set(required) | optional and set(required) <= anywhere, \
+        (sorted(top - set(required)), sorted(anywhere - set(required) - optional), sorted(set(required) - anywhere))
+    assert optional & anywhere and not optional & set(required)
+
+
+def test_every_torch_load_of_the_scripts_reads_weights_only_as_the_readme_says_every_pt_is_loaded():
+    """The README: "every `.pt` is loaded with `weights_only=True`" (no file can run code): each torch.load call in
+    our modules passes weights_only=True itself (torch's default has changed between releases)."""
+    calls = []
+    for name in MODULES:
+        for node in ast.walk(ast.parse((REPO / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" and \
+                    isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{name}.py:{node.lineno}", safe))
+    assert calls and all(safe for _, safe in calls), [where for where, safe in calls if not safe]
+
+
 def test_the_readmes_word_on_train_pys_defaults_is_theirs():
     """The README gives defaults of train.py in words, the demo's "600 steps at lr 1e-3" and the balance loss's
     "`balance_coef` (0.01)": a default changed in train.py leaves them stale."""

@@ -580,6 +580,37 @@ def test_moelora_equals_teamlora_with_stacked_A_without_competition_and_alpha_ov
     torch.testing.assert_close(team(x), moe(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k,competition", [(2, True), (4, True), (4, False), (8, False)])
+def test_at_equal_alpha_the_update_is_k_times_a_same_rank_loras_and_alpha_over_k_gives_the_loras(k, competition):
+    """The README's scale: omega sums to k and the scaling is alpha / r_B, so at equal alpha TeamLoRA's update is k
+    times that of a LoRA of the same total rank (an even router, M = 0: every omega_i is 1), and alpha / k keeps
+    LoRA's update size. A scaling of alpha / r, or an omega normalised to sum to 1, would make the two equal."""
+    team, lora = make_layer(r=2 * k, experts=k, competition=competition), make_layer(r=2 * k, experts=1)
+    with torch.no_grad():
+        team.lora_A.copy_(lora.lora_A), team.lora_B.copy_(lora.lora_B), team.lora_router.zero_()
+        if competition:
+            team.lora_M.zero_()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    base = F.linear(x, lora.weight, lora.bias)
+    torch.testing.assert_close(team(x) - base, k * (lora(x) - base), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(team.last_omega.sum(-1), torch.full((3, 5), float(k), dtype=torch.float64))
+    team.scaling = 16.0 / k / 2  # alpha / k over r_B = 2: as a layer made with alpha / k
+    torch.testing.assert_close(team(x), lora(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_hook_registered_before_inject_stays_on_the_replaced_layer_and_one_after_it_runs():
+    """The README: "Hooks on a replaced layer stay on it, not on its replacement: register them after `inject`"."""
+    model, seen = Stack(n=1), []
+    before = model.layers[0]["feed_forward"].w1
+    before.register_forward_hook(lambda m, args, out: seen.append("before"))
+    inject(model, ("w1",), r=4, experts=2, alpha=8)
+    model(torch.randn(2, 16))
+    assert seen == [] and model.layers[0]["feed_forward"].w1 is not before
+    model.layers[0]["feed_forward"].w1.register_forward_hook(lambda m, args, out: seen.append("after"))
+    model(torch.randn(2, 16))
+    assert seen == ["after"]
+
+
 def test_inject_trains_only_adapters_and_the_base_never_moves():
     torch.manual_seed(0)
     model = Stack(n=2)
@@ -871,6 +902,24 @@ def test_balance_loss_mean_and_sum_over_layers():
     torch.testing.assert_close(teamlora.balance_loss(model), torch.stack(per_layer).mean())
     torch.testing.assert_close(teamlora.balance_loss(model, reduction="sum"), torch.stack(per_layer).sum())
     assert teamlora.balance_loss(nn.Linear(2, 2)).item() == 0.0  # no adapters: nothing to balance
+
+
+@pytest.mark.parametrize("slices", [2, 4])
+def test_the_balance_loss_of_equal_slices_averages_to_at_least_the_whole_batchs(slices):
+    """The README: each of a batch's processes x grad_accum slices computes the balance loss on its own tokens, and
+    "smaller slices give a somewhat larger value": per expert, the mean over slices of (mean_tokens omega_f - 1)^2 is
+    at least the square of their mean (Jensen). So the slices' average is no lower than the whole batch's."""
+    torch.manual_seed(slices)
+    model = inject(Stack(n=2), ("w1", "w2", "w3"), r=8, experts=4, alpha=16, dropout=0.0)  # each token's omega fixed
+    for m in model.modules():
+        if isinstance(m, TeamLoRALinear):
+            randomize(m, seed=m.lora_B.shape[0])  # a router that does not balance the experts
+    x = torch.randn(8, 4, 16)
+    with torch.no_grad():
+        model(x)
+        whole = teamlora.balance_loss(model)
+        parts = [(model(part), teamlora.balance_loss(model))[1] for part in x.chunk(slices)]
+    assert whole > 0 and torch.stack(parts).mean() >= whole and torch.stack(parts).mean() > whole * (1 + 1e-6)
 
 
 def test_balance_loss_over_no_token_is_zero_not_nan():
@@ -1423,6 +1472,41 @@ def test_a_layer_shared_by_two_places_gets_one_adapter_in_both_whichever_place_t
     fresh = inject(SharedLinear(), targets, r=4, experts=2, alpha=8, dropout=0.0)
     fresh.load_state_dict(model.state_dict())  # strict: both places' keys, the same tensors
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_a_layer_called_twice_in_one_forward_keeps_its_last_calls_omega_for_the_balance_loss_and_load():
+    """The README: "a layer called twice in one forward (shared, or in a loop) keeps its last call's" omega, so the
+    balance loss and the expert load describe that call's tokens, not both calls'."""
+    torch.manual_seed(0)
+    model = inject(SharedLinear(), ("0",), r=4, experts=2, alpha=8, dropout=0.0)
+    layer = randomize(model.enc[0])
+    x = torch.randn(5, 8)
+    second = baselines.expert_weights(torch.tanh(layer(x)), layer.lora_router, layer.lora_M)  # the dec call's input
+    model(x)
+    torch.testing.assert_close(layer.last_omega, second, rtol=0, atol=0)
+    assert not torch.allclose(second, baselines.expert_weights(x, layer.lora_router, layer.lora_M))  # not the first
+    torch.testing.assert_close(teamlora.balance_loss(model), ((second.mean(0) - 1) ** 2).mean())
+    torch.testing.assert_close(teamlora.expert_load(model)["enc.0"], second.mean(0) / 2)
+
+
+class OwnForwardLinear(nn.Linear):
+    """An nn.Linear subclass holding only `weight` and `bias` with a forward of its own (Falcon's computes
+    nn.Linear's; this one, to tell them apart, doubles it)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_linear_subclass_with_only_its_own_forward_is_adapted_and_runs_nn_linears_forward():
+    """The README: "a subclass with only its own `forward` (Falcon's) runs nn.Linear's, so leave out one whose
+    `forward` computes something else": inject accepts it, and the adapted layer computes x W^T + b + the update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OwnForwardLinear(8, 6))
+    x = torch.randn(3, 8)
+    weight, bias = model[0].weight, model[0].bias
+    inject(model, ("0",), r=4, experts=2, alpha=8)
+    assert isinstance(model[0], TeamLoRALinear) and model[0].weight is weight and model[0].bias is bias
+    torch.testing.assert_close(model(x), F.linear(x, weight, bias), rtol=0, atol=0)  # B = 0: nn.Linear's, not 2x
 
 
 def test_gpt2s_conv1d_is_refused_at_inject_by_its_name():

@@ -2888,6 +2888,19 @@ def test_under_torchrun_rank_0_says_why_and_another_rank_only_when_torchrun_does
     assert machine.fail("error: x.", 2) == 2 and capsys.readouterr().err == "error: x.\n" and left == []
 
 
+def test_a_rank_but_0_says_its_mistake_after_the_seconds_the_readme_gives_torchrun_to_stop_it(monkeypatch, capsys):
+    """The README: "A mistake is one sentence and exit code 2 (rank 0's, or after 10 s that of a process that alone
+    hit it)": rank 0 prints at once, another rank waits that long for torchrun's SIGTERM first."""
+    readme = " ".join((Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8").split())
+    said = int(re.search(r"exit code 2 \(rank 0's, or after (\d+) s that of a process that alone hit it\)",
+                         readme).group(1))
+    for rank, wait in ((0, 0), (1, said)):
+        waited = []
+        _torchrun_rank(monkeypatch, rank, stopped=False)
+        monkeypatch.setattr(machine.time, "sleep", waited.append)
+        assert machine.fail("error: x.", 2) == 2 and capsys.readouterr().err == "error: x.\n" and sum(waited) == wait
+
+
 def test_wait_to_be_stopped_leaves_with_the_signals_shell_code_and_does_not_wait_alone(monkeypatch):
     left = _torchrun_rank(monkeypatch, 1, stopped=True)
     with pytest.raises(SystemExit):
