@@ -238,7 +238,7 @@ def model_steps(model, tokens, targets, device, loss_only=False):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return train, lambda: step_memory(train, model, opt, [tokens], device)
+    return train, lambda: step_memory(train, model, opt, [tokens, targets], device)
 
 
 def step_memory(train, module, opt, inputs, device):

@@ -451,6 +451,24 @@ def test_step_memory_counts_parameters_optimizer_state_and_inputs_as_resident(mo
     assert floor <= seen[0] <= floor + 8 * len(trainable)  # + a scalar step count per parameter
 
 
+def test_model_step_memory_counts_the_tokens_and_targets_as_resident(monkeypatch):
+    """A model's training step holds its token ids and its targets throughout, as a layer's holds x and grad_out."""
+    torch.manual_seed(0)
+    args = bench.ModelArgs.from_name("tiny", max_seq_len=8)
+    model = bench.adapt_ffn(bench.Transformer(args), "TeamLoRA fused", 4, 2, torch.float32)
+    tokens = torch.randint(args.vocab_size, (64, 8))
+    targets = tokens.roll(-1, 1)  # a tensor of its own, as every section passes it
+    train, memory = bench.model_steps(model, tokens, targets, CPU)
+    train()  # AdamW's state exists from the first step on
+    seen = []
+    monkeypatch.setattr(bench, "peak_bytes", lambda fn, resident, device: seen.append(resident) or resident)
+    memory()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    floor = nbytes(model.parameters()) + nbytes(model.buffers()) + 2 * nbytes(trainable) + nbytes([tokens, targets])
+    assert floor <= seen[0] <= floor + 8 * len(trainable)  # + a scalar step count per parameter
+
+
 @pytest.mark.parametrize("variant", ["LoRA", "MoELoRA loop", "TeamLoRA loop", "TeamLoRA fused"])
 def test_layer_training_step_is_forward_backward_adamw_and_clears_the_gradients(variant):
     torch.manual_seed(0)

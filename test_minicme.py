@@ -474,6 +474,27 @@ def _draw(name, n=300, seed=7):
     return world, [minicme._GENERATORS[name](world, rng, i, "train") for i in range(n)]
 
 
+def test_every_task_draws_its_instruction_from_all_of_its_phrasings():
+    """The synthetic suite samples each kind's phrasings (a CME evaluation set uses its first alone): over many
+    records, every phrasing of each task's kind is an instruction, and no other text is."""
+    for name in (n for n in minicme._GENERATORS if n != "qa"):  # qa's instruction is its question
+        _, records = _draw(name)
+        phrasings = set(minicme.TEMPLATES[name][0])
+        assert {r["instruction"] for r in records} == phrasings, name
+
+
+def test_a_summary_posts_city_is_never_the_one_its_film_was_shot_in():
+    """The post's city gives no hint of where the film was shot (a fact a qa or blank item may ask)."""
+    world, records = _draw("summary", n=400)
+    shot = {f["name"]: f["city"] for f in world["films"]}
+    seen = 0
+    for r in records:
+        if m := re.fullmatch(r"Saw (.+) with my \w+ in (.+) and (loved it|did not like it)\.", r["output"]):
+            seen += 1
+            assert m.group(1) in shot and m.group(2) != shot[m.group(1)], r
+    assert seen > 100  # about half the posts are of a film
+
+
 def test_blank_answer_is_the_person_the_consequence_points_to():
     rng = random.Random(0)
     for word, does_more, does_less in minicme.COMPARISONS:

@@ -78,6 +78,17 @@ def test_published_parameter_counts_on_meta_device():
         assert Transformer(ModelArgs.from_name("mistral-7b")).num_params() == 7_241_732_096  # Mistral-7B-v0.1
 
 
+def test_every_preset_rotates_with_its_familys_published_rope_theta():
+    """A model's weights learned its family's rotary base (the config.json or params.json it was published with):
+    Qwen2.5 and Qwen3 1e6, LLaMA 3.x 5e5, LLaMA 2 and Mistral-7B-v0.1 1e4. A preset off its family's rotates every
+    position at other frequencies, and its logits are wrong without an error."""
+    families = {"qwen": 1e6, "llama3": 5e5, "llama2": 1e4, "chinese-llama2": 1e4, "mistral": 1e4}
+    for name in PRESETS:
+        if name not in ("tiny", "small"):  # ours, trained from scratch
+            family = next(f for f in families if name.startswith(f))
+            assert ModelArgs.from_name(name).rope_theta == families[family], name
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_counts_parameters_by_closed_form(name):
     a = ModelArgs.from_name(name)

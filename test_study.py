@@ -757,6 +757,23 @@ def test_a_diverged_json_a_killed_study_left_half_written_is_removed_and_the_run
     assert f"removed a leftover temporary file {ours}" in capsys.readouterr().err
 
 
+def test_wait_for_folder_says_it_waited_where_another_process_held_the_folder_for_a_while(tmp_path, capsys):
+    """launch checks a run's settings again after a wait (the stopping run wrote its checkpoint meanwhile): so
+    wait_for_folder is True where it waited for a holder to let go, False where nobody held the folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    assert study.wait_for_folder(str(out)) is False
+    holder = held_by_another_process(out)
+    letting_go = threading.Timer(0.5, holder.stdin.close)
+    letting_go.start()
+    try:
+        assert study.wait_for_folder(str(out)) is True
+    finally:
+        letting_go.join()
+        holder.wait()
+    assert study.wait_for_folder(str(out)) is False  # let go: no wait
+
+
 def test_a_run_folder_still_held_by_a_stopping_run_is_waited_for_and_its_log_kept_meanwhile(run_data, tmp_path,
                                                                                            monkeypatch, capsys):
     """A study run again at once after a kill -9 met its runs still stopping (their step, their checkpoint): launch
@@ -1373,6 +1390,20 @@ def test_a_finished_run_made_with_other_settings_is_refused_not_reported_as_this
     with pytest.raises(study.data.UserError, match=rf"the run in {folder} trained 60 steps, not this study's 2: "
                                                    r"pass the --steps \(and --quick\) of its study"):
         study.read_results(folder, 2)
+
+
+def test_a_report_refuses_a_run_that_trained_fewer_steps_than_the_studys_as_one_that_trained_more(tmp_path):
+    """A --quick study's runs (fewer steps) are not this study's either: read_results refuses both directions."""
+    folder = tmp_path / "lora8-lr0.004-seed1"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"scores": {"a": 50.0}, "trainable_params": 8, "base_params": 800,
+                                                     "train_seconds": 1.0, "config": {"max_iters": 60, "seed": 1}}))
+    (folder / "log.jsonl").write_text('{"step": 60, "loss": 2.0}\n')
+    assert study.read_results(folder, 60)["scores"] == {"a": 50.0}
+    for steps in (2, 600):
+        with pytest.raises(study.data.UserError, match=rf"the run in {folder} trained 60 steps, not this study's "
+                                                       rf"{steps}: pass the --steps"):
+            study.read_results(folder, steps)
 
 
 def test_a_stopped_run_is_unfinished_not_damaged_for_the_report(tmp_path):

@@ -815,13 +815,16 @@ def test_the_balance_loss_gets_each_batchs_padding_mask_and_the_configured_reduc
     assert any(not mask.all() for mask, _, _ in calls)  # padding there to leave out
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path):
+def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path, capsys):
     # threads pinned: the default follows the machine's load, and another thread count rounds differently
     flags = ("--dropout=0.1", "--eval_dir=", "--max_iters=6", "--eval_interval=3", "--threads=1")
     whole = train.train(train_cfg(run_data, tmp_path / "whole", *flags))
     train.train(train_cfg(run_data, tmp_path / "part", *flags, "--max_iters=3", "--lr_decay_iters=6"))
+    capsys.readouterr()
     resumed = train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--max_iters=6"]))
     assert resumed["step"] == 6
+    # the run's last step was 3, the resume's max_iters raises it to 6: steps are left to train, none is said not to be
+    assert f"resumed from {tmp_path / 'part'}/ckpt.pt at step 3\n" in capsys.readouterr().out
     assert_same_adapters(adapters_of(whole["model"]), adapters_of(resumed["model"]))
     (tmp_path / "r16.py").write_text("r = 16\n")  # a config file's keys are set by the user as much as flags
     with pytest.raises(train.UserError,
@@ -2266,6 +2269,56 @@ def test_a_sharded_checkpoint_after_validation_holds_the_optimizers_state_of_the
     assert out.returncode == 0 and "saved" in out.stdout, out.stderr[-2000:]
 
 
+@conftest.needs_distributed_torch
+def test_a_sharded_runs_checkpoint_gives_a_sharded_resume_its_optimizers_moments_and_step(tmp_path):
+    """A resume under FSDP2 (torchrun, fsdp=True) loads the optimizer state its ckpt.pt holds (keyed by name, as a
+    sharded run saves it) into its sharded optimizer: every trained parameter's moments and step come back, and the
+    next step is the uninterrupted run's."""
+    script = tmp_path / "resume.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch, torch.distributed as dist
+        import checkpoint, train
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+        out = os.path.join("{tmp_path}", "run")
+        cfg = train.parse_config(["--init_from=scratch", "--model=tiny", "--fsdp=True", "--out_dir=" + out])
+        def built():
+            torch.manual_seed(0)
+            raw, args, _ = train.build_model(cfg, torch.device("cpu"), 512, 1)
+            return raw, args, torch.optim.AdamW(train.trainable(raw), lr=1e-2)
+        raw, args, opt = built()
+        tokens = torch.randint(0, 512, (2, 16))
+        for _ in range(2):
+            raw(tokens, tokens)[1].backward()
+            opt.step()
+            opt.zero_grad()
+        os.makedirs(out)
+        r = train.Run(cfg, args=args)
+        checkpoint.save_checkpoint(r, raw, opt, 2)
+        ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
+        raw2, _, opt2 = built()
+        checkpoint.load_state(raw2, ckpt["state"], cfg, os.path.join(out, "ckpt.pt"))
+        checkpoint.set_training_state(raw2, opt2, ckpt, r, os.path.join(out, "ckpt.pt"))
+        trained = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
+        resumed = dict(raw2.named_parameters())
+        assert trained
+        for n, p in trained:
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                want, got = opt.state[p][k], opt2.state[resumed[n]][k]
+                want, got = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (want, got))
+                assert torch.equal(want, got), (n, k)
+        for m, o in ((raw, opt), (raw2, opt2)):  # and the next step is the uninterrupted run's
+            torch.manual_seed(1)  # the same dropout masks
+            m(tokens, tokens)[1].backward()
+            o.step()
+        for n, p in trained:
+            assert torch.equal(p.full_tensor(), resumed[n].full_tensor()), n
+        dist.destroy_process_group()
+        print("resumed")
+    """))
+    out = _run([sys.executable, str(script)])
+    assert out.returncode == 0 and "resumed" in out.stdout, out.stderr[-2000:]
+
+
 def test_a_checkpoint_the_disk_cannot_take_says_what_to_run_and_keeps_the_last_one(tmp_path, monkeypatch):
     """A full disk at the first checkpoint leaves nothing to continue from: start again. At a later one, at ckpt.pt or
     at adapter.pt (a resume writes the adapter of its ckpt.pt again), continue from the last ckpt.pt written, with the
@@ -2705,6 +2758,27 @@ def test_a_clock_counts_on_from_the_checkpoints_training_time_and_says_none_wher
     assert checkpoint.Clock(None, str(tmp_path)).seconds() == 7.5
     assert checkpoint.Clock({"iter": 3, "train_seconds": 40.0}, str(tmp_path)).seconds() == 47.5
     assert checkpoint.Clock({"iter": 3}, str(tmp_path)).seconds() is None
+
+
+def test_a_wall_clock_set_back_during_a_session_takes_no_time_off_the_runs_training_time():
+    """The Clock counts on a clock that setting the date (NTP, a user) does not move: here the wall clock goes back an
+    hour at each reading, from before checkpoint.py is imported, and the session's time stays a few seconds."""
+    code = ("import time\nwall = [2e9]\ndef back():\n    wall[0] -= 3600\n    return wall[0]\ntime.time = back\n"
+            "import checkpoint\nprint(checkpoint.Clock(None, '.').seconds())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 0 <= float(done.stdout) < 60
+
+
+def test_a_checkpoint_of_step_0_is_a_known_step_and_training_time(tmp_path, monkeypatch):
+    """A stop during step 1 writes ckpt.pt at step 0 (checkpoint.stop_run): its step and time are known, 0 and what it
+    recorded (or its results.json of step 0 gave), as any other step's are."""
+    assert checkpoint.trained({"iter": 0, "train_seconds": 2.5}, str(tmp_path)) == {"step": 0, "train_seconds": 2.5}
+    (tmp_path / "results.json").write_text(json.dumps({"step": 0, "train_seconds": 1.5}))
+    assert checkpoint.trained({"iter": 0}, str(tmp_path)) == {"step": 0, "train_seconds": 1.5}
+    ticks = iter([10.0, 17.5])
+    monkeypatch.setattr(checkpoint.Clock, "now", staticmethod(lambda: next(ticks)))
+    assert checkpoint.Clock({"iter": 0, "train_seconds": 2.5}, str(tmp_path)).seconds() == 10.0
 
 
 def test_long_prompts_are_cut_to_the_room_left_for_the_answer_keeping_bos_and_the_end(run_data, tmp_path):

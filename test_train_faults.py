@@ -3160,6 +3160,31 @@ def test_under_torchrun_a_flush_that_fails_still_leaves_by_os_exit_with_run_scri
     assert exits[2:] == [1, machine.INTERRUPTED] and moved == [1, 1]
 
 
+class _Gone(_Unwritable):
+    """A stream that takes nothing: its write raises too, as stderr's with its reader gone."""
+    def write(self, text):
+        raise self.error
+
+
+def test_under_torchrun_a_fault_whose_traceback_cannot_be_written_either_still_leaves_by_os_exit_with_1(monkeypatch):
+    """stdout's flush meets a fault leave does not know (EIO) and stderr, where its traceback goes, is gone too: nothing
+    can be said, and the process still leaves by os._exit (never the interpreter's shutdown), with 1."""
+    class Left(Exception):
+        pass
+    exits = []
+
+    def _exit(code):
+        exits.append(code)
+        raise Left
+    monkeypatch.setattr(machine.os, "_exit", _exit)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sys, "stdout", _Unwritable(OSError(errno.EIO, os.strerror(errno.EIO))))
+    monkeypatch.setattr(sys, "stderr", _Gone(BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))))
+    with pytest.raises(Left):
+        machine.leave(machine.INTERRUPTED)
+    assert exits == [1]
+
+
 LEAVES_AFTER_A_LINE = ("import atexit, os, errors, machine\n"
                        "atexit.register(lambda: os.write(2, b'the interpreter shut down'))\n"
                        "def main():\n    print('checkpoint written')\n    machine.leave(130)\n"
