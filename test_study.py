@@ -593,6 +593,16 @@ def test_comparisons_pair_runs_by_seed_and_call_a_difference_only_when_its_inter
         ["(comparisons need at least 2 seeds of TeamLoRA and of another run)"]
 
 
+def test_comparisons_do_not_depend_on_the_order_teamloras_runs_are_read_in_nor_on_which_seeds_they_are():
+    """--seeds=11,12,13 pairs as --seeds=3 does, and TeamLoRA's runs read in any order pair by their own seeds."""
+    team, other = [(1, 50.0), (2, 60.0), (3, 55.0), (4, 70.0)], [(4, 60.0), (2, 51.0), (3, 44.0)]
+    want = study.comparisons({"teamlora": fake_results(team), "lora32": fake_results(other)})
+    shifted = lambda runs: [(seed + 10, score) for seed, score in runs]
+    assert len(want) == 3 and want[2].startswith(f"| {study.RUNS['lora32'][0]} | 3 |")
+    assert study.comparisons({"teamlora": fake_results(shifted(team)[::-1]),
+                              "lora32": fake_results(shifted(other))}) == want
+
+
 def test_a_difference_whose_interval_holds_0_cannot_be_told_on_either_side_of_0():
     """The verdict is symmetric: mirrored differences (the run above TeamLoRA, then below it by as much) that the
     interval does not resolve are "cannot tell" both times, not "lower" for a mean that is merely below 0."""

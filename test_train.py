@@ -592,6 +592,31 @@ def test_val_loss_cuts_each_validation_example_to_the_runs_max_len_as_training_d
     assert evaluation.val_loss(model, val, r) == pytest.approx(total / labelled, rel=1e-4)
 
 
+def test_training_cuts_each_example_to_the_runs_max_len_and_its_loss_is_over_the_answer_tokens_left(run_data, tmp_path):
+    """A run with a max_len below the one its data was prepared with trains on each example's first max_len tokens:
+    the loss train_step reports is the cross-entropy over the answer tokens within them, each example run alone."""
+    max_len, batch_size = 54, 8  # the mini suite's answers are 2 or 3 tokens after prompts of 8 to 63
+    r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, f"--batch_size={batch_size}",
+                                                   f"--max_len={max_len}", "--dropout=0.0", "--learning_rate=0.0")
+    ds, opt = data.TokenDataset(r.cfg["data_dir"], "train"), _RecordingAdamW(train.trainable(model), lr=0.0)
+    cut = answered = 0
+    for step in range(6):
+        total, labelled = 0.0, 0
+        with torch.no_grad():
+            for example in data.global_batch(ds, step, batch_size, r.cfg["seed"], "pad"):
+                ids, prompt_len = ds[example]
+                cut += len(ids) > max_len
+                ids = torch.from_numpy(ids[:max_len].astype(np.int64))
+                if len(ids) > prompt_len:  # else the cut left no answer token
+                    logits = model(ids[None])[0][0]
+                    total += F.cross_entropy(logits[prompt_len - 1:-1], ids[prompt_len:], reduction="sum").item()
+                    labelled += len(ids) - prompt_len
+        assert train.train_step(r, model, model, opt, ds, step)[0] == pytest.approx(total / max(labelled, 1),
+                                                                                   rel=1e-4), step
+        answered += labelled > 0
+    assert cut and answered
+
+
 @pytest.mark.parametrize("mode", ["pad", "pack"])
 def test_validation_runs_in_the_training_micro_batches_with_the_same_loss(run_data, tmp_path, mode):
     """A 7B run on one GPU validates batch_size = 128 sequences of 1024 tokens: in one forward that alone would
@@ -831,6 +856,10 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path, ca
                        match=r"dropout, r cannot change when resuming or re-scoring \(the run was dropout=0.1, r=8\)"):
         train.train(train.parse_config([str(tmp_path / "r16.py"), f"--out_dir={tmp_path / 'part'}",
                                         "--init_from=resume", "--dropout=0.2"]))
+    # the batches and the schedule of the steps left: another batch_size or warmup would not end as the whole run
+    with pytest.raises(train.UserError, match=r"^batch_size, warmup_iters cannot change when resuming or re-scoring"):
+        train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--batch_size=4",
+                                        "--warmup_iters=2"]))
 
 
 def test_a_resume_on_another_number_of_processes_keeps_each_batchs_slices_and_dropout_masks(run_data, tmp_path,
@@ -2111,6 +2140,30 @@ def test_an_adapter_state_naming_a_base_weight_in_place_of_an_adapter_tensor_is_
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
 
 
+def test_an_adapter_state_missing_one_of_the_models_adapter_tensors_is_refused_and_nothing_copied():
+    """A checkpoint's adapter must hold every adapter tensor of the model: one without one of them (a damaged file, or
+    one of a run with fewer targets) would resume with that tensor at its start, unsaid."""
+    import checkpoint
+    m = _tiny_adapter_model(seed=1)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    state = {n: p.detach().clone() + 1 for n, p in m.named_parameters() if teamlora.is_adapter(n)}
+    state.pop(next(iter(state)))
+    with pytest.raises(UserError, match="does not fit this model"):
+        checkpoint.load_state(m, state, {"adapter": "teamlora"}, "ckpt.pt")
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
+def test_a_checkpoint_recording_no_shards_resumes_on_any_and_one_recording_others_is_refused():
+    """A ckpt.pt of a train.py that recorded no fingerprint of its shards (older ones) resumes on the shards there;
+    one that records them resumes on those alone."""
+    import checkpoint
+    cfg = {"data_dir": "data/x"}
+    checkpoint.check_data({}, "f1", cfg, "ckpt.pt")
+    checkpoint.check_data({"data": "f1"}, "f1", cfg, "ckpt.pt")
+    with pytest.raises(UserError, match="are not those this run trained on"):
+        checkpoint.check_data({"data": "f0"}, "f1", cfg, "ckpt.pt")
+
+
 def test_save_checkpoint_writes_ckpt_pt_first_and_restores_to_the_same_next_step(tmp_path, monkeypatch):
     """ckpt.pt is written before adapter.pt (a kill between them leaves the adapter behind, never ahead), after
     log.jsonl's lines are on disk (after a power cut a resume would log from the checkpoint on, leaving a gap), and
@@ -3037,6 +3090,24 @@ def test_each_slice_of_each_step_draws_dropout_masks_of_its_own():
         torch.manual_seed(train.slice_seed(7, 3, part))
         masks.append(F.dropout(torch.ones(256), 0.5))
     assert not torch.equal(*masks)
+
+
+def test_two_steps_of_the_same_rows_draw_dropout_masks_of_their_own(run_data, tmp_path, monkeypatch):
+    """train_step seeds a slice's masks from its step as well as its slice: handed the same rows at steps 0 and 1, with
+    the weights unchanged between them, dropout gives two gradients (one mask for every step would drop out the same
+    features all run long); without dropout the two are one."""
+    real = data.get_batch
+    monkeypatch.setattr(data, "get_batch", lambda ds, step, *a, **k: real(ds, 0, *a, **k))  # batch 0's rows each step
+    change = {}
+    for dropout in (0.3, 0.0):
+        r, model = _run_with_a_trained_looking_adapter(run_data, tmp_path, f"--dropout={dropout}", "--grad_accum=2",
+                                                       "--learning_rate=0.0", "--grad_clip=1e6")
+        ds, opt = data.TokenDataset(r.cfg["data_dir"], "train"), _RecordingAdamW(train.trainable(model), lr=0.0)
+        for step in (0, 1):
+            train.train_step(r, model, model, opt, ds, step)
+        (first, _), (second, _) = opt.seen
+        change[dropout] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(first, second))
+    assert change[0.0] <= 1e-6 and change[0.3] > 0.01
 
 
 def test_full_training_keeps_float32_weights_under_dtype_bfloat16_and_adapters_are_float32(run_data, tmp_path):
