@@ -944,6 +944,20 @@ def test_validation_uses_the_same_records_for_every_seed(run_data, tmp_path):
     assert loss["train"] != pytest.approx(loss["val"], rel=1e-3)  # the splits' losses tell them apart
 
 
+def test_validation_draws_its_batches_with_seed_0_where_they_cover_only_part_of_the_split(run_data, tmp_path):
+    """The test above validates over every record, whose mean no order changes; here one small batch is a sample of
+    the split, so a validation drawn with the run's seed would give each seed its own loss."""
+    out = train.train(train_cfg(run_data, tmp_path / "o", "--eval_dir=", "--max_iters=1", "--learning_rate=0.0",
+                                f"--init_from={run_data / 'base.pt'}"))
+    val = data.TokenDataset(out["config"]["data_dir"], "val")
+    cfg = {**out["config"], "eval_iters": 1, "batch_size": 2, "grad_accum": 1}
+    batches = [data.get_batch(val, 0, 2, seed, mode=cfg["batch_mode"], max_len=cfg["max_len"])["tokens"]
+               for seed in (0, 1, 2)]
+    assert not torch.equal(batches[0], batches[1]) or not torch.equal(batches[0], batches[2])  # seeds draw apart
+    losses = [evaluation.val_loss(out["model"], val, train.Run({**cfg, "seed": seed})) for seed in (0, 1, 2)]
+    assert losses[1] == losses[0] and losses[2] == losses[0]
+
+
 def test_the_seed_draws_the_adapters_initial_values_whatever_the_processs_random_state(run_data, tmp_path):
     """Runs that differ only in --seed (study.py's repeats) start from adapters of their own on the same base, and
     one seed draws the same adapters whatever random state the process is in: lora_A, the router and M."""
