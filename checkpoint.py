@@ -23,6 +23,7 @@ import shlex
 import sys
 import textwrap
 import time
+import zipfile
 from contextlib import suppress
 from dataclasses import asdict
 
@@ -72,14 +73,18 @@ def save_atomic(obj, path):
 
 
 def load_pt(path, what):
-    """torch.load with weights_only=True, so that no file can run code; a truncated or foreign file is
+    """torch.load with weights_only=True, so that no file can run code; a truncated, damaged or foreign file is
     one sentence naming it. Memory-mapped: tensors are read when copied to their place."""
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise UserError(f"{path} is empty (a copy or a save that did not finish), not a {what}; restore it or start "
                         "from another checkpoint.")
+    damaged = (f"{path} is damaged: {{}} (a bit changed on disk or in a copy), so this {what} is not loaded; restore "
+               "it from a good copy or start from another checkpoint.")
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickle it
+        if damage := damaged_zip(path):  # a bit flipped in the pickle of a checkpoint of plain tensors
+            raise UserError(damaged.format(damage)) from None
         raise UserError(f"{path} holds Python objects beyond tensors and plain values, which could run code when "
                         f"loaded, so it is not loaded as a {what} (a checkpoint of a train.py before weights_only, "
                         "or a crafted file); start the run anew, or resume it with the version that wrote it."
@@ -88,6 +93,29 @@ def load_pt(path, what):
         reason = textwrap.shorten(str(e).strip().splitlines()[0], 120) if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable {what} (truncated, corrupt, or not written by train.py: "
                         f"{reason}); restore it or start from another checkpoint.") from None
+    if damage := damaged_zip(path):
+        raise UserError(damaged.format(damage))
+    return state
+
+
+def damaged_zip(path):
+    """What is wrong with a torch.save file (a zip) that torch.load read, else None: a record whose bytes differ from
+    the CRC-32 saved with them, or a zip directory that only torch's lenient reader gets past. torch.load checks
+    neither: a flipped bit in a tensor, or in the directory and a tensor, loaded silently as other weights."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.CRC:  # saved without checksums (torch's config.save.compute_crc32 = False): none to check
+                    continue
+                try:
+                    with z.open(info) as f:  # read once, in 1 MiB chunks (bounded memory); checked at its end
+                        while f.read(1 << 20):
+                            pass
+                except zipfile.BadZipFile:
+                    return f"its record {info.filename} does not match the checksum saved with it"
+    except Exception as e:  # torch.save writes a zip that any reader reads whole
+        return f"its zip directory is not whole ({textwrap.shorten(str(e) or type(e).__name__, 80)})"
+    return None
 
 
 def is_adapter_file(obj):
