@@ -69,7 +69,12 @@ def copy_into(model, state):
 
 
 def save_atomic(obj, path):
-    files.write_atomic(path, lambda f: torch.save(obj, f))
+    try:
+        files.write_atomic(path, lambda f: torch.save(obj, f))
+    except RuntimeError as e:  # a Ctrl-C inside torch.save's write: its zip writer, closed, fails and hides it
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None
+        raise
 
 
 def load_pt(path, what):

@@ -865,6 +865,31 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(run_data, tmp_path, ca
                                         "--warmup_iters=2"]))
 
 
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_optimizer_state_and_logs_its_losses(run_data, tmp_path):
+    """Beyond the adapters: AdamW's moments and step counts, the torch generator and every logged loss and learning
+    rate after the resume, here for packed rows, accumulation, the balance loss, weight decay and a floor on the
+    cosine, on MoELoRA with competition (the stop at step 3 validates there; the whole run does not)."""
+    flags = ("--adapter=moelora", "--competition=True", "--batch_mode=pack", "--grad_accum=2", "--balance_coef=0.5",
+             "--weight_decay=0.01", "--min_lr_ratio=0.1", "--warmup_iters=2", "--dropout=0.1", "--eval_dir=",
+             "--max_iters=5", "--eval_interval=2", "--log_interval=1", "--threads=1")
+    train.train(train_cfg(run_data, tmp_path / "whole", *flags))
+    train.train(train_cfg(run_data, tmp_path / "part", *flags, "--max_iters=3", "--lr_decay_iters=5"))
+    train.train(train.parse_config([f"--out_dir={tmp_path / 'part'}", "--init_from=resume", "--max_iters=5"]))
+    whole, part = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("whole", "part"))
+    assert whole["iter"] == part["iter"] == 5 and whole["optimizer"]["state"]
+    assert_same_adapters(whole["state"], part["state"])
+    leaves = [torch.utils._pytree.tree_leaves([c["optimizer"], c["rng"][0]["torch"]]) for c in (whole, part)]
+    assert len(leaves[0]) == len(leaves[1])
+    for a, b in zip(*leaves):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    def logged(run):  # every line but its clock's: (step, loss and lr, or val_loss)
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_s")}
+                for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+    extra = [e for e in logged("part") if e["step"] == 3 and "val_loss" in e]  # the part run's last step validated
+    assert len(extra) == 1 and logged("whole") == [e for e in logged("part") if e not in extra]
+
+
 def test_a_resume_on_another_number_of_processes_keeps_each_batchs_slices_and_dropout_masks(run_data, tmp_path,
                                                                                              capsys):
     """2 processes or 1 with grad_accum=2 cut each batch into the same 2 slices: a 2-process run resumed by one

@@ -2504,6 +2504,39 @@ def test_a_second_ctrl_c_while_ckpt_pt_itself_is_written_names_the_last_one_kept
     assert "the checkpoint of step 3 in" in out and "step 5 written" not in out, out
 
 
+def test_a_second_ctrl_c_inside_torch_saves_own_write_is_a_stop_at_once_not_a_traceback(run_data, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Found by a fuzz of signals sent to train.py: a KeyboardInterrupt raised while torch.save's zip writer writes
+    made its closing fail ("RuntimeError: [enforce fail at inline_container.cc] unexpected pos"), which hid the
+    Ctrl-C: a traceback and exit code 1 instead of a stop at once keeping the last checkpoint."""
+    _signals_at(monkeypatch, 4, signal.SIGINT)
+    real, writes = train.checkpoint.files.write_atomic, []
+
+    class CtrlCAgain:  # the file torch.save writes into: Ctrl-C again at its second write
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += 1
+            if self.n == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def write_atomic(path, content):
+        writes.append(os.path.basename(path))
+        stops = writes.count("ckpt.pt") == 2 and writes[-1] == "ckpt.pt"  # step 5's, the stop's: step 3's was first
+        return real(path, (lambda f: content(CtrlCAgain(f))) if stops else content)
+    monkeypatch.setattr(train.checkpoint.files, "write_atomic", write_atomic)
+    stopped = train.train(train.parse_config(train_flags(run_data, tmp_path / "run", "--eval_dir=")))
+    assert stopped["interrupted"] and stopped["step"] == 3
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter"] == 3
+    assert not [n for n in os.listdir(tmp_path / "run") if ".tmp" in n]  # the cut write left no temporary
+    assert "the checkpoint of step 3 in" in capsys.readouterr().out
+
+
 def test_a_second_ctrl_c_after_the_checkpoints_ckpt_pt_is_written_names_it_and_a_resume_goes_on_from_it(
         run_data, tmp_path, monkeypatch, capsys):
     """Cut short while adapter.pt is written, a new run's first checkpoint stands in ckpt.pt: the stop must offer to
