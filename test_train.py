@@ -580,19 +580,26 @@ def test_val_loss_cuts_each_validation_example_to_the_runs_max_len_as_training_d
                                                    f"--max_len={max_len}")
     val = data.TokenDataset(r.cfg["data_dir"], "val")
     model.eval()
-    total, labelled, cut = 0.0, 0, 0
-    with torch.no_grad():
-        for i in range(r.cfg["eval_iters"]):
-            for example in data.global_batch(val, i, batch_size, 0, "pad"):  # seed 0
-                ids, prompt_len = val[example]
-                cut += len(ids) > max_len
-                ids = torch.from_numpy(ids[:max_len].astype(np.int64))
-                if len(ids) > prompt_len:  # else the cut left no answer token
-                    logits = model(ids[None])[0][0]
-                    total += F.cross_entropy(logits[prompt_len - 1:-1], ids[prompt_len:], reduction="sum").item()
-                    labelled += len(ids) - prompt_len
+    examples = [e for i in range(r.cfg["eval_iters"]) for e in data.global_batch(val, i, batch_size, 0, "pad")]
+    total, labelled, cut = _answer_loss_of_each_alone(model, val, examples, max_len)  # batches of seed 0
     assert cut and labelled
     assert evaluation.val_loss(model, val, r) == pytest.approx(total / labelled, rel=1e-4)
+
+
+def _answer_loss_of_each_alone(model, ds, examples, max_len):
+    """(summed cross-entropy over the answer tokens, their count, how many examples were cut) of ds's examples, each
+    cut to max_len and run alone through model: a reference for the batched losses."""
+    total, labelled, cut = 0.0, 0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids, prompt_len = ds[example]
+            cut += len(ids) > max_len
+            ids = torch.from_numpy(ids[:max_len].astype(np.int64))
+            if len(ids) > prompt_len:  # else the cut left no answer token
+                logits = model(ids[None])[0][0]
+                total += F.cross_entropy(logits[prompt_len - 1:-1], ids[prompt_len:], reduction="sum").item()
+                labelled += len(ids) - prompt_len
+    return total, labelled, cut
 
 
 def test_training_cuts_each_example_to_the_runs_max_len_and_its_loss_is_over_the_answer_tokens_left(run_data, tmp_path):
@@ -604,16 +611,9 @@ def test_training_cuts_each_example_to_the_runs_max_len_and_its_loss_is_over_the
     ds, opt = data.TokenDataset(r.cfg["data_dir"], "train"), _RecordingAdamW(train.trainable(model), lr=0.0)
     cut = answered = 0
     for step in range(6):
-        total, labelled = 0.0, 0
-        with torch.no_grad():
-            for example in data.global_batch(ds, step, batch_size, r.cfg["seed"], "pad"):
-                ids, prompt_len = ds[example]
-                cut += len(ids) > max_len
-                ids = torch.from_numpy(ids[:max_len].astype(np.int64))
-                if len(ids) > prompt_len:  # else the cut left no answer token
-                    logits = model(ids[None])[0][0]
-                    total += F.cross_entropy(logits[prompt_len - 1:-1], ids[prompt_len:], reduction="sum").item()
-                    labelled += len(ids) - prompt_len
+        total, labelled, cuts = _answer_loss_of_each_alone(
+            model, ds, data.global_batch(ds, step, batch_size, r.cfg["seed"], "pad"), max_len)
+        cut += cuts
         assert train.train_step(r, model, model, opt, ds, step)[0] == pytest.approx(total / max(labelled, 1),
                                                                                    rel=1e-4), step
         answered += labelled > 0
