@@ -2973,27 +2973,36 @@ def test_another_rank_gives_torchrun_10_seconds_to_stop_it_before_it_says_why(mo
         assert machine.fail("error: x.", 2) == 2 and waits == [10] and capsys.readouterr().err == "error: x.\n"
 
 
-def test_under_torchrun_a_process_leaves_without_the_interpreters_shutdown_and_outside_it_by_sys_exit(monkeypatch):
-    """Under torchrun gloo's worker threads outlive the process group: os._exit, with the code, after the output is
-    flushed. Outside it an exit code of 0 returns (tests and callers go on) and another is SystemExit."""
-    class Left(Exception):
-        pass
+class _Left(Exception):
+    """What os._exit raises in these tests instead of ending pytest."""
+
+
+@pytest.fixture
+def os_exits(monkeypatch):
+    """Under torchrun (RANK set), with os._exit recording its code and raising _Left: the codes, in order."""
     exits = []
 
     def _exit(code):
         exits.append(code)
-        raise Left
+        raise _Left
     monkeypatch.setattr(machine.os, "_exit", _exit)
     monkeypatch.setenv("RANK", "0")
+    return exits
+
+
+def test_under_torchrun_a_process_leaves_without_the_interpreters_shutdown_and_outside_it_by_sys_exit(monkeypatch,
+                                                                                                     os_exits):
+    """Under torchrun gloo's worker threads outlive the process group: os._exit, with the code, after the output is
+    flushed. Outside it an exit code of 0 returns (tests and callers go on) and another is SystemExit."""
     for code in (0, machine.INTERRUPTED):
-        with pytest.raises(Left):
+        with pytest.raises(_Left):
             machine.leave(code)
-    assert exits == [0, machine.INTERRUPTED]
+    assert os_exits == [0, machine.INTERRUPTED]
     monkeypatch.delenv("RANK")
     assert machine.leave(0) is None
     with pytest.raises(SystemExit) as e:
         machine.leave(2)
-    assert e.value.code == 2 and exits == [0, machine.INTERRUPTED]
+    assert e.value.code == 2 and os_exits == [0, machine.INTERRUPTED]
 
 
 def test_under_torchrun_a_failed_collective_waits_for_torchrun_to_stop_it_and_leaves_silently(monkeypatch, capsys):
@@ -3158,30 +3167,23 @@ class _Unwritable:
         raise self.error
 
 
-def test_under_torchrun_a_flush_that_fails_still_leaves_by_os_exit_with_run_scripts_code(monkeypatch, capsys):
+def test_under_torchrun_a_flush_that_fails_still_leaves_by_os_exit_with_run_scripts_code(monkeypatch, capsys,
+                                                                                         os_exits):
     """machine.leave's flush raised before os._exit where stdout's disk was full: the process went on into the
     interpreter's shutdown that os._exit is there to avoid (gloo's threads), and ended with whatever caught the error.
     It leaves by os._exit now whatever the flushes met, with the code run_script gives a failed write to stdout
     outside torchrun: 2 with its sentence for a full disk, 1 and the traceback for a fault it does not know; a stderr
     that cannot be flushed, where nothing more can be said, keeps the code asked for."""
-    class Left(Exception):
-        pass
-    exits, moved = [], []
-
-    def _exit(code):
-        exits.append(code)
-        raise Left
+    exits, moved = os_exits, []
 
     def leave(code, stream, error):  # leave(code) with that stream's flush raising error
         kept = getattr(sys, stream)
         monkeypatch.setattr(sys, stream, _Unwritable(error))
-        with pytest.raises(Left):
+        with pytest.raises(_Left):
             machine.leave(code)
         monkeypatch.setattr(sys, stream, kept)
         return capsys.readouterr().err
-    monkeypatch.setattr(machine.os, "_exit", _exit)
     monkeypatch.setattr(machine.os, "dup2", lambda fd, to: moved.append(to))  # stdout onto os.devnull: not pytest's
-    monkeypatch.setenv("RANK", "0")
     full, broken = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), OSError(errno.EIO, os.strerror(errno.EIO))
     for code in (0, machine.INTERRUPTED):
         assert leave(code, "stdout", full) == (f"error: the output could not be written ({full.strerror}); free "
@@ -3199,23 +3201,15 @@ class _Gone(_Unwritable):
         raise self.error
 
 
-def test_under_torchrun_a_fault_whose_traceback_cannot_be_written_either_still_leaves_by_os_exit_with_1(monkeypatch):
+def test_under_torchrun_a_fault_whose_traceback_cannot_be_written_either_still_leaves_by_os_exit_with_1(monkeypatch,
+                                                                                                      os_exits):
     """stdout's flush meets a fault leave does not know (EIO) and stderr, where its traceback goes, is gone too: nothing
     can be said, and the process still leaves by os._exit (never the interpreter's shutdown), with 1."""
-    class Left(Exception):
-        pass
-    exits = []
-
-    def _exit(code):
-        exits.append(code)
-        raise Left
-    monkeypatch.setattr(machine.os, "_exit", _exit)
-    monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(sys, "stdout", _Unwritable(OSError(errno.EIO, os.strerror(errno.EIO))))
     monkeypatch.setattr(sys, "stderr", _Gone(BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))))
-    with pytest.raises(Left):
+    with pytest.raises(_Left):
         machine.leave(machine.INTERRUPTED)
-    assert exits == [1]
+    assert os_exits == [1]
 
 
 LEAVES_AFTER_A_LINE = ("import atexit, os, errors, machine\n"
